@@ -1,0 +1,98 @@
+//! The reference interpreter: runs any IR graph on concrete tensors, node by node in
+//! topological order, freeing each value after its last use. It is the oracle every back end
+//! is compared against, so it favours clarity and exactness; heavy ops still use real GEMMs.
+
+use crate::error::{IrError, Result};
+use crate::graph::{Graph, NodeId, ValueRef};
+use crate::ops::Op;
+use crate::tensor::Tensor;
+use std::collections::HashMap;
+
+/// A graph prepared for repeated runs (execution order and value lifetimes computed once).
+pub struct Interpreter<'g> {
+    g: &'g Graph,
+    order: Vec<NodeId>,
+    /// For each value, the position in `order` after which it is dead.
+    last_use: HashMap<ValueRef, usize>,
+}
+
+impl<'g> Interpreter<'g> {
+    pub fn new(g: &'g Graph) -> Result<Interpreter<'g>> {
+        let order = g.topo_order()?;
+        let mut last_use = HashMap::new();
+        for (pos, &n) in order.iter().enumerate() {
+            for v in g.inputs_of(n).into_iter().flatten() {
+                last_use.insert(v, pos);
+            }
+        }
+        for o in &g.outputs {
+            last_use.insert(*o, usize::MAX);
+        }
+        Ok(Interpreter { g, order, last_use })
+    }
+
+    /// Runs the graph; `feeds` maps input names to tensors. Returns the outputs in signature order.
+    pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
+        let g = self.g;
+        let mut env: HashMap<ValueRef, Tensor> = HashMap::new();
+        for &i in &g.inputs {
+            let v = &g.node(i).outputs[0];
+            let t = feeds
+                .get(&v.name)
+                .ok_or_else(|| IrError::Invalid(format!("no value fed for graph input `{}` ({})", v.name, v.ty)))?;
+            if !v.ty.admits(t.dtype(), &t.shape) {
+                return Err(IrError::Invalid(format!(
+                    "graph input `{}` expects {}, got {}{:?}",
+                    v.name,
+                    v.ty,
+                    t.dtype(),
+                    t.shape
+                )));
+            }
+        }
+        for name in feeds.keys() {
+            if !g.inputs.iter().any(|&i| g.node(i).outputs[0].name == *name) {
+                return Err(IrError::Invalid(format!("`{name}` is not an input of the graph")));
+            }
+        }
+        for (pos, &n) in self.order.iter().enumerate() {
+            let node = g.node(n);
+            let outs = match &node.op {
+                Op::Input => vec![feeds[&node.outputs[0].name].clone()],
+                op => {
+                    let ins = g.inputs_of(n);
+                    let args: Vec<Option<&Tensor>> = ins.iter().map(|v| v.map(|v| &env[&v])).collect();
+                    let r = op
+                        .eval(&args, node.outputs.len())
+                        .map_err(|e| e.context(format!("evaluating {}", g.describe(n))))?;
+                    if r.len() < node.outputs.len() {
+                        return Err(IrError::Internal(format!(
+                            "{} produced {} outputs, expected {}",
+                            g.describe(n),
+                            r.len(),
+                            node.outputs.len()
+                        )));
+                    }
+                    r
+                }
+            };
+            for (slot, t) in outs.into_iter().enumerate().take(node.outputs.len()) {
+                let v = ValueRef { node: n, slot };
+                if self.last_use.contains_key(&v) {
+                    env.insert(v, t);
+                }
+            }
+            for v in g.inputs_of(n).into_iter().flatten() {
+                if self.last_use.get(&v) == Some(&pos) {
+                    env.remove(&v);
+                }
+            }
+        }
+        Ok(g.outputs.iter().map(|o| env[o].clone()).collect())
+    }
+}
+
+/// Runs `g` once; see [`Interpreter::run`].
+pub fn run(g: &Graph, feeds: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
+    Interpreter::new(g)?.run(feeds)
+}

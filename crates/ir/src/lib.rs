@@ -1,0 +1,23 @@
+//! sqil's graph IR: the one representation that import, every pass, training (the backward
+//! graph is IR too), the reference interpreter and code generation share.
+
+pub mod attrs;
+pub mod dtype;
+pub mod error;
+pub mod graph;
+pub mod interp;
+pub mod ops;
+pub mod shape;
+pub mod tensor;
+pub mod text;
+pub mod verify;
+
+pub use attrs::{Attr, AttrMap};
+pub use dtype::DType;
+pub use error::{IrError, Result};
+pub use graph::{graphs_equal, Edge, Graph, Node, NodeId, Value, ValueRef};
+pub use ops::Op;
+pub use shape::{Dim, ValueType};
+pub use tensor::{Data, Tensor};
+pub use text::{parse_graph, print_graph, PrintOptions};
+pub use verify::verify;

@@ -1,0 +1,154 @@
+//! Numpy-style broadcasting of concrete shapes, as flat index maps.
+
+use crate::error::{IrError, Result};
+use crate::shape::broadcast_shapes;
+use crate::tensor::strides_of;
+
+/// The broadcast of several input shapes, able to list for each output element the flat index
+/// of the corresponding element in each input.
+pub struct Broadcast {
+    pub out_shape: Vec<usize>,
+    shapes: Vec<Vec<usize>>,
+}
+
+impl Broadcast {
+    pub fn new(shapes: &[&[usize]]) -> Result<Broadcast> {
+        let out_shape =
+            broadcast_shapes(shapes).ok_or_else(|| IrError::Invalid(format!("shapes {shapes:?} do not broadcast")))?;
+        Ok(Broadcast { out_shape, shapes: shapes.iter().map(|s| s.to_vec()).collect() })
+    }
+
+    pub fn out_len(&self) -> usize {
+        self.out_shape.iter().product()
+    }
+
+    /// True if input `k` already has the output's shape (its index map is the identity).
+    pub fn is_identity(&self, k: usize) -> bool {
+        self.shapes[k].iter().product::<usize>() == self.out_len()
+            && self.shapes[k].len() <= self.out_shape.len()
+            && self.shapes[k].iter().rev().zip(self.out_shape.iter().rev()).all(|(a, b)| a == b)
+    }
+
+    /// For each output element (row-major), the flat index into input `k`.
+    pub fn indices(&self, k: usize) -> Vec<usize> {
+        broadcast_indices(&self.shapes[k], &self.out_shape)
+    }
+}
+
+/// Flat indices into a tensor of `shape` for every element of its broadcast to `out`.
+/// `shape` must broadcast unidirectionally to `out`.
+pub fn broadcast_indices(shape: &[usize], out: &[usize]) -> Vec<usize> {
+    let n: usize = out.iter().product();
+    let rank = out.len();
+    let off = rank - shape.len();
+    let st = strides_of(shape);
+    // Stride of each output axis in the input; 0 where the input is broadcast.
+    let s: Vec<usize> = (0..rank).map(|d| if d < off || shape[d - off] == 1 { 0 } else { st[d - off] }).collect();
+    let mut idx = Vec::with_capacity(n);
+    if n == 0 {
+        return idx;
+    }
+    if rank == 0 {
+        idx.push(0);
+        return idx;
+    }
+    let inner = out[rank - 1];
+    let si = s[rank - 1];
+    let mut pos = vec![0usize; rank];
+    let mut base = 0usize;
+    loop {
+        for j in 0..inner {
+            idx.push(base + j * si);
+        }
+        // advance the outer axes
+        let mut d = rank - 1;
+        loop {
+            if d == 0 {
+                return idx;
+            }
+            d -= 1;
+            pos[d] += 1;
+            base += s[d];
+            if pos[d] < out[d] {
+                break;
+            }
+            base -= s[d] * pos[d];
+            pos[d] = 0;
+        }
+    }
+}
+
+/// Applies `f` elementwise over two broadcast slices.
+pub fn zip2<A: Copy, B: Copy, R>(
+    a: &[A],
+    ash: &[usize],
+    b: &[B],
+    bsh: &[usize],
+    f: impl Fn(A, B) -> R,
+) -> Result<(Vec<usize>, Vec<R>)> {
+    let bc = Broadcast::new(&[ash, bsh])?;
+    let out = if ash == bsh {
+        a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+    } else if b.len() == 1 && bc.is_identity(0) {
+        let y = b[0];
+        a.iter().map(|&x| f(x, y)).collect()
+    } else if a.len() == 1 && bc.is_identity(1) {
+        let x = a[0];
+        b.iter().map(|&y| f(x, y)).collect()
+    } else {
+        let (ia, ib) = (bc.indices(0), bc.indices(1));
+        ia.iter().zip(&ib).map(|(&i, &j)| f(a[i], b[j])).collect()
+    };
+    Ok((bc.out_shape, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_broadcast_rows_and_columns() {
+        assert_eq!(broadcast_indices(&[3], &[2, 3]), vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(broadcast_indices(&[2, 1], &[2, 3]), vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(broadcast_indices(&[], &[2, 2]), vec![0, 0, 0, 0]);
+        assert_eq!(broadcast_indices(&[2, 1, 2], &[2, 2, 2]), vec![0, 1, 0, 1, 2, 3, 2, 3]);
+    }
+}
+
+/// Flat indices of a strided view: for each element of `out_shape` (row-major), the offset
+/// `base + sum(pos[d] * strides[d])`. Strides may be negative (reversed slices) or zero
+/// (broadcast); every produced offset must be non-negative.
+pub fn strided_indices(out_shape: &[usize], strides: &[isize], base: isize) -> Vec<usize> {
+    let n: usize = out_shape.iter().product();
+    let mut idx = Vec::with_capacity(n);
+    if n == 0 {
+        return idx;
+    }
+    let rank = out_shape.len();
+    if rank == 0 {
+        idx.push(base as usize);
+        return idx;
+    }
+    let mut pos = vec![0usize; rank];
+    let mut off = base;
+    let (inner, si) = (out_shape[rank - 1], strides[rank - 1]);
+    loop {
+        for j in 0..inner as isize {
+            idx.push((off + j * si) as usize);
+        }
+        let mut d = rank - 1;
+        loop {
+            if d == 0 {
+                return idx;
+            }
+            d -= 1;
+            pos[d] += 1;
+            off += strides[d];
+            if pos[d] < out_shape[d] {
+                break;
+            }
+            off -= strides[d] * pos[d] as isize;
+            pos[d] = 0;
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! Elementwise ops: unary float functions, broadcast arithmetic, Where, Clip, PRelu, Gelu.
+//!
+//! Float math is evaluated in f64 and rounded once to the value's type, so f32 results are
+//! correctly rounded for + - * / and within an ulp for transcendental functions.
+
+use super::broadcast::{zip2, Broadcast};
+use super::{BinaryOp, Cx, UnaryOp};
+use crate::error::{IrError, Result};
+use crate::shape::{broadcast_dims, ValueType};
+use crate::tensor::{Data, Tensor};
+use half::{bf16, f16};
+
+/// Type rule of broadcast ops: inputs `idx` broadcast, dtype taken from input `dtype_from`.
+pub(crate) fn infer_broadcast(cx: &Cx, idx: &[usize], dtype_from: usize) -> Result<Vec<ValueType>> {
+    let tys = idx.iter().map(|&i| cx.ty(i)).collect::<Result<Vec<_>>>()?;
+    let shapes: Vec<&[crate::shape::Dim]> = tys.iter().map(|t| t.shape.as_slice()).collect();
+    let shape = broadcast_dims(&shapes).ok_or_else(|| {
+        IrError::Invalid(format!(
+            "input shapes {} do not broadcast",
+            tys.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    Ok(vec![ValueType::new(cx.ty(dtype_from)?.dtype, shape)])
+}
+
+/// Applies an f64 function to every element of a float tensor, keeping its type.
+pub(crate) fn map_float(t: &Tensor, op: &str, f: impl Fn(f64) -> f64) -> Result<Tensor> {
+    let data = match &t.data {
+        Data::F32(v) => Data::F32(v.iter().map(|&x| f(x as f64) as f32).collect()),
+        Data::F64(v) => Data::F64(v.iter().map(|&x| f(x)).collect()),
+        Data::F16(v) => Data::F16(v.iter().map(|x| f16::from_f64(f(x.to_f64()))).collect()),
+        Data::BF16(v) => Data::BF16(v.iter().map(|x| bf16::from_f64(f(x.to_f64()))).collect()),
+        d => return Err(IrError::Unsupported(format!("{op} on {}", d.dtype()))),
+    };
+    Ok(Tensor { shape: t.shape.clone(), data })
+}
+
+fn map_int(t: &Tensor, f: impl Fn(i64) -> i64) -> Tensor {
+    let v = t.data.to_i64_vec();
+    Tensor { shape: t.shape.clone(), data: Data::from_i64(t.dtype(), v.into_iter().map(f)) }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+fn softplus(x: f64) -> f64 {
+    // log(1 + e^x), stable for large |x|
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
+    if t.dtype().is_integer() {
+        match u {
+            UnaryOp::Neg => return Ok(map_int(t, i64::wrapping_neg)),
+            UnaryOp::Abs => return Ok(map_int(t, i64::wrapping_abs)),
+            UnaryOp::Relu => return Ok(map_int(t, |x| x.max(0))),
+            _ => {}
+        }
+    }
+    let f: fn(f64) -> f64 = match u {
+        UnaryOp::Neg => |x| -x,
+        UnaryOp::Abs => f64::abs,
+        UnaryOp::Relu => |x| if x < 0.0 { 0.0 } else { x },
+        UnaryOp::Tanh => f64::tanh,
+        UnaryOp::Sigmoid => sigmoid,
+        UnaryOp::Softplus => softplus,
+        UnaryOp::Exp => f64::exp,
+        UnaryOp::Log => f64::ln,
+        UnaryOp::Sqrt => f64::sqrt,
+        UnaryOp::Erf => libm::erf,
+        UnaryOp::Reciprocal => |x| 1.0 / x,
+    };
+    map_float(t, &format!("{u:?}"), f)
+}
+
+pub(crate) fn gelu(t: &Tensor, tanh: bool) -> Result<Tensor> {
+    if tanh {
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        map_float(t, "Gelu", |x| 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()))
+    } else {
+        map_float(t, "Gelu", |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)))
+    }
+}
+
+/// Integer and float arithmetic with the semantics of ONNX: integers wrap, integer division
+/// truncates toward zero (division by zero gives 0 rather than trapping).
+trait Arith: Copy {
+    fn add(self, o: Self) -> Self;
+    fn sub(self, o: Self) -> Self;
+    fn mul(self, o: Self) -> Self;
+    fn div(self, o: Self) -> Self;
+}
+
+macro_rules! arith_int {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            fn add(self, o: Self) -> Self { self.wrapping_add(o) }
+            fn sub(self, o: Self) -> Self { self.wrapping_sub(o) }
+            fn mul(self, o: Self) -> Self { self.wrapping_mul(o) }
+            fn div(self, o: Self) -> Self { self.checked_div(o).unwrap_or(0) }
+        }
+    )*};
+}
+arith_int!(i64, i32, i16, i8, u64, u32, u16, u8);
+
+macro_rules! arith_float {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            fn add(self, o: Self) -> Self { self + o }
+            fn sub(self, o: Self) -> Self { self - o }
+            fn mul(self, o: Self) -> Self { self * o }
+            fn div(self, o: Self) -> Self { self / o }
+        }
+    )*};
+}
+arith_float!(f32, f64);
+
+macro_rules! arith_half {
+    ($($t:ty),*) => {$(
+        impl Arith for $t {
+            fn add(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() + o.to_f32()) }
+            fn sub(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() - o.to_f32()) }
+            fn mul(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() * o.to_f32()) }
+            fn div(self, o: Self) -> Self { <$t>::from_f32(self.to_f32() / o.to_f32()) }
+        }
+    )*};
+}
+arith_half!(f16, bf16);
+
+fn arith<T: Arith>(o: BinaryOp, a: &[T], ash: &[usize], b: &[T], bsh: &[usize]) -> Result<(Vec<usize>, Vec<T>)> {
+    match o {
+        BinaryOp::Add => zip2(a, ash, b, bsh, T::add),
+        BinaryOp::Sub => zip2(a, ash, b, bsh, T::sub),
+        BinaryOp::Mul => zip2(a, ash, b, bsh, T::mul),
+        BinaryOp::Div => zip2(a, ash, b, bsh, T::div),
+        BinaryOp::Pow => unreachable!("Pow is computed in f64"),
+    }
+}
+
+pub(crate) fn binary(o: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if o == BinaryOp::Pow {
+        return pow(a, b);
+    }
+    macro_rules! go {
+        ($($v:ident),*) => {
+            match (&a.data, &b.data) {
+                $((Data::$v(x), Data::$v(y)) => {
+                    let (shape, v) = arith(o, x, &a.shape, y, &b.shape)?;
+                    Tensor { shape, data: Data::$v(v) }
+                })*
+                _ => {
+                    return Err(if a.dtype() == b.dtype() {
+                        IrError::Unsupported(format!("{o:?} on {}", a.dtype()))
+                    } else {
+                        IrError::Invalid(format!("{o:?} of mixed types {} and {}", a.dtype(), b.dtype()))
+                    })
+                }
+            }
+        };
+    }
+    Ok(go!(F32, F64, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8))
+}
+
+/// `a ^ b` for any numeric base and exponent types; the result has the base's type.
+fn pow(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.dtype() == crate::DType::F32 && b.dtype() == crate::DType::F32 {
+        let (shape, v) =
+            zip2(a.as_f32()?, &a.shape, b.as_f32()?, &b.shape, |x: f32, y: f32| (x as f64).powf(y as f64) as f32)?;
+        return Tensor::from_f32(shape, v);
+    }
+    let (x, y) = (a.data.to_f64_vec(), b.data.to_f64_vec());
+    let (shape, v) = zip2(&x, &a.shape, &y, &b.shape, f64::powf)?;
+    let data = if a.dtype().is_integer() {
+        Data::from_i64(a.dtype(), v.into_iter().map(|r| r as i64))
+    } else {
+        Data::from_f64(a.dtype(), v.into_iter())
+    };
+    Tensor::new(shape, data)
+}
+
+pub(crate) fn prelu(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
+    let (xs, ss) = (x.data.to_f64_vec(), slope.data.to_f64_vec());
+    let (shape, v) = zip2(&xs, &x.shape, &ss, &slope.shape, |v, s| if v < 0.0 { v * s } else { v })?;
+    if shape != x.shape {
+        return Err(IrError::Invalid(format!(
+            "PRelu slope {:?} does not broadcast to input {:?}",
+            slope.shape, x.shape
+        )));
+    }
+    data_like(x.dtype(), shape, v)
+}
+
+fn data_like(dtype: crate::DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tensor> {
+    let data = if dtype.is_integer() {
+        Data::from_i64(dtype, v.into_iter().map(|r| r as i64))
+    } else {
+        Data::from_f64(dtype, v.into_iter())
+    };
+    Tensor::new(shape, data)
+}
+
+pub(crate) fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let Data::Bool(cond) = &c.data else {
+        return Err(IrError::Invalid(format!("Where condition must be bool, got {}", c.dtype())));
+    };
+    let bc = Broadcast::new(&[&c.shape, &x.shape, &y.shape])?;
+    let (ic, ix, iy) = (bc.indices(0), bc.indices(1), bc.indices(2));
+    let both = Data::concat(&[&x.data, &y.data])?;
+    let off = x.len();
+    let idx: Vec<usize> = (0..bc.out_len()).map(|o| if cond[ic[o]] { ix[o] } else { off + iy[o] }).collect();
+    Tensor::new(bc.out_shape.clone(), both.gather(&idx))
+}
+
+pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Result<Tensor> {
+    let bound = |t: Option<&Tensor>, what: &str| -> Result<Option<Tensor>> {
+        match t {
+            None => Ok(None),
+            Some(t) if t.is_empty() => Ok(None),
+            Some(t) if t.len() == 1 => Ok(Some(t.clone())),
+            Some(t) => Err(IrError::Invalid(format!("Clip {what} must be a scalar, has shape {:?}", t.shape))),
+        }
+    };
+    let (lo, hi) = (bound(min, "min")?, bound(max, "max")?);
+    if x.dtype().is_integer() {
+        let lo = lo.map_or(i64::MIN, |t| t.data.to_i64_vec()[0]);
+        let hi = hi.map_or(i64::MAX, |t| t.data.to_i64_vec()[0]);
+        return Ok(map_int(x, |v| v.max(lo).min(hi)));
+    }
+    let lo = lo.map_or(f64::NEG_INFINITY, |t| t.data.to_f64_vec()[0]);
+    let hi = hi.map_or(f64::INFINITY, |t| t.data.to_f64_vec()[0]);
+    // numpy's order: raise to `min`, then cap at `max` (so min > max gives max everywhere).
+    map_float(x, "Clip", |v| {
+        let v = if v < lo { lo } else { v };
+        if v > hi {
+            hi
+        } else {
+            v
+        }
+    })
+}

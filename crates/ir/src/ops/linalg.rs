@@ -1,0 +1,486 @@
+//! MatMul, Gemm, Conv and ConvTranspose. Float work is done by the GEMM kernels of
+//! `sqil-kernels-cpu` (f32, or f64 for f64 tensors); f16/bf16 are computed in f32.
+
+use super::broadcast::broadcast_indices;
+use super::Cx;
+use crate::attrs::{Attr, AttrMap};
+use crate::dtype::DType;
+use crate::error::{IrError, Result};
+use crate::shape::broadcast_shapes;
+use crate::shape::{broadcast_dims, Dim, ValueType};
+use crate::tensor::{Data, Tensor};
+use sqil_kernels_cpu::{dgemm, im2col, sgemm, ConvGeometry};
+
+/// Padding policy of convolutions and pools (ONNX `auto_pad`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AutoPad {
+    NotSet,
+    SameUpper,
+    SameLower,
+    Valid,
+}
+
+impl AutoPad {
+    pub fn parse(s: &str) -> Result<AutoPad> {
+        Ok(match s {
+            "NOTSET" | "" => AutoPad::NotSet,
+            "SAME_UPPER" => AutoPad::SameUpper,
+            "SAME_LOWER" => AutoPad::SameLower,
+            "VALID" => AutoPad::Valid,
+            o => {
+                return Err(IrError::Invalid(format!("auto_pad `{o}` is not NOTSET, SAME_UPPER, SAME_LOWER or VALID")))
+            }
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            AutoPad::NotSet => "NOTSET",
+            AutoPad::SameUpper => "SAME_UPPER",
+            AutoPad::SameLower => "SAME_LOWER",
+            AutoPad::Valid => "VALID",
+        }
+    }
+}
+
+/// Attributes of Conv and ConvTranspose. Empty lists mean the ONNX default (ones, zeros, or
+/// taken from the weight's shape).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ConvAttrs {
+    pub auto_pad: AutoPad,
+    pub dilations: Vec<i64>,
+    pub group: i64,
+    pub kernel_shape: Vec<i64>,
+    /// `[begin..., end...]`.
+    pub pads: Vec<i64>,
+    pub strides: Vec<i64>,
+    /// ConvTranspose only.
+    pub output_padding: Vec<i64>,
+    /// ConvTranspose only.
+    pub output_shape: Vec<i64>,
+}
+
+impl ConvAttrs {
+    pub fn from_attrs(a: &AttrMap) -> Result<ConvAttrs> {
+        let c = ConvAttrs {
+            auto_pad: AutoPad::parse(&a.string("auto_pad", "NOTSET")?)?,
+            dilations: a.ints("dilations")?,
+            group: a.int("group", 1)?,
+            kernel_shape: a.ints("kernel_shape")?,
+            pads: a.ints("pads")?,
+            strides: a.ints("strides")?,
+            output_padding: a.ints("output_padding")?,
+            output_shape: a.ints("output_shape")?,
+        };
+        if c.group < 1 {
+            return Err(IrError::Invalid(format!("group must be >= 1, got {}", c.group)));
+        }
+        Ok(c)
+    }
+
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        let mut v = vec![
+            ("auto_pad", Attr::Str(self.auto_pad.name().into())),
+            ("dilations", Attr::Ints(self.dilations.clone())),
+            ("group", Attr::Int(self.group)),
+            ("kernel_shape", Attr::Ints(self.kernel_shape.clone())),
+            ("pads", Attr::Ints(self.pads.clone())),
+            ("strides", Attr::Ints(self.strides.clone())),
+        ];
+        if !self.output_padding.is_empty() {
+            v.push(("output_padding", Attr::Ints(self.output_padding.clone())));
+        }
+        if !self.output_shape.is_empty() {
+            v.push(("output_shape", Attr::Ints(self.output_shape.clone())));
+        }
+        v
+    }
+
+    fn list(v: &[i64], n: usize, default: i64, what: &str) -> Result<Vec<i64>> {
+        if v.is_empty() {
+            Ok(vec![default; n])
+        } else if v.len() == n {
+            Ok(v.to_vec())
+        } else {
+            Err(IrError::Invalid(format!("{what} has {} entries, expected {n}", v.len())))
+        }
+    }
+
+    /// Spatial geometry of a convolution (or, with `transpose`, of a transposed convolution)
+    /// for one input of spatial extent `input` and kernel `kernel`. Returns
+    /// `(pads_begin, pads_end, output)`; a `None` input dimension gives a `None` output.
+    pub fn geometry(
+        &self,
+        input: &[Option<usize>],
+        kernel: &[usize],
+        transpose: bool,
+    ) -> Result<(Vec<i64>, Vec<i64>, Vec<Option<usize>>)> {
+        let n = kernel.len();
+        let strides = Self::list(&self.strides, n, 1, "strides")?;
+        let dil = Self::list(&self.dilations, n, 1, "dilations")?;
+        let pads = Self::list(&self.pads, 2 * n, 0, "pads")?;
+        let opad = Self::list(&self.output_padding, n, 0, "output_padding")?;
+        if strides.iter().chain(&dil).any(|&s| s < 1) {
+            return Err(IrError::Invalid("strides and dilations must be >= 1".into()));
+        }
+        let mut pb = pads[..n].to_vec();
+        let mut pe = pads[n..].to_vec();
+        let mut out = Vec::with_capacity(n);
+        for d in 0..n {
+            let ext = dil[d] * (kernel[d] as i64 - 1) + 1;
+            let Some(i) = input[d].map(|i| i as i64) else {
+                out.push(None);
+                continue;
+            };
+            let o = if !transpose {
+                match self.auto_pad {
+                    AutoPad::NotSet => (i + pb[d] + pe[d] - ext).div_euclid(strides[d]) + 1,
+                    AutoPad::Valid => {
+                        pb[d] = 0;
+                        pe[d] = 0;
+                        (i - ext).div_euclid(strides[d]) + 1
+                    }
+                    AutoPad::SameUpper | AutoPad::SameLower => {
+                        let o = (i + strides[d] - 1) / strides[d];
+                        let total = ((o - 1) * strides[d] + ext - i).max(0);
+                        let small = total / 2;
+                        (pb[d], pe[d]) = if self.auto_pad == AutoPad::SameUpper {
+                            (small, total - small)
+                        } else {
+                            (total - small, small)
+                        };
+                        o
+                    }
+                }
+            } else {
+                // Follows the ONNX reference: explicit pads win; SAME splits the padding needed
+                // for `output_shape` (default: input * stride); VALID pads nothing.
+                let full = strides[d] * (i - 1) + opad[d] + ext;
+                let given = (!self.output_shape.is_empty()).then(|| {
+                    let os = &self.output_shape;
+                    os[os.len() - n + d]
+                });
+                let same = matches!(self.auto_pad, AutoPad::SameUpper | AutoPad::SameLower);
+                if self.pads.is_empty() && same {
+                    let o = given.unwrap_or(i * strides[d]);
+                    let total = full - o;
+                    let small = total.div_euclid(2);
+                    (pb[d], pe[d]) = if self.auto_pad == AutoPad::SameUpper {
+                        (small, total - small)
+                    } else {
+                        (total - small, small)
+                    };
+                    o
+                } else {
+                    if self.auto_pad == AutoPad::Valid {
+                        pb[d] = 0;
+                        pe[d] = 0;
+                    }
+                    given.unwrap_or(full - pb[d] - pe[d])
+                }
+            };
+            if o < 1 {
+                return Err(IrError::Invalid(format!(
+                    "spatial axis {d}: input {i}, kernel extent {ext} and padding give an empty output"
+                )));
+            }
+            out.push(Some(o as usize));
+        }
+        Ok((pb, pe, out))
+    }
+}
+
+pub(crate) fn infer_matmul(cx: &Cx) -> Result<Vec<ValueType>> {
+    let (a, b) = (cx.ty(0)?, cx.ty(1)?);
+    if a.rank() == 0 || b.rank() == 0 {
+        return Err(IrError::Invalid("MatMul inputs must have rank >= 1".into()));
+    }
+    let (ash, bsh) = (&a.shape, &b.shape);
+    let (m, k1) = if a.rank() == 1 { (None, &ash[0]) } else { (Some(&ash[a.rank() - 2]), &ash[a.rank() - 1]) };
+    let (k2, n) = if b.rank() == 1 { (&bsh[0], None) } else { (&bsh[b.rank() - 2], Some(&bsh[b.rank() - 1])) };
+    if let (Some(x), Some(y)) = (k1.known(), k2.known()) {
+        if x != y {
+            return Err(IrError::Invalid(format!("MatMul inner dimensions differ: {a} @ {b}")));
+        }
+    }
+    let ab = &ash[..a.rank().saturating_sub(2)];
+    let bb = &bsh[..b.rank().saturating_sub(2)];
+    let mut shape = broadcast_dims(&[ab, bb])
+        .ok_or_else(|| IrError::Invalid(format!("MatMul batch dimensions do not broadcast: {a} @ {b}")))?;
+    shape.extend(m.cloned());
+    shape.extend(n.cloned());
+    Ok(vec![ValueType::new(a.dtype, shape)])
+}
+
+pub(crate) fn infer_gemm(cx: &Cx, ta: bool, tb: bool) -> Result<Vec<ValueType>> {
+    let (a, b) = (cx.ty(0)?, cx.ty(1)?);
+    if a.rank() != 2 || b.rank() != 2 {
+        return Err(IrError::Invalid(format!("Gemm needs 2-D inputs, got {a} and {b}")));
+    }
+    let m = a.shape[if ta { 1 } else { 0 }].clone();
+    let n = b.shape[if tb { 0 } else { 1 }].clone();
+    let (ka, kb) = (&a.shape[if ta { 0 } else { 1 }], &b.shape[if tb { 1 } else { 0 }]);
+    if let (Some(x), Some(y)) = (ka.known(), kb.known()) {
+        if x != y {
+            return Err(IrError::Invalid(format!("Gemm inner dimensions differ: {a}, {b}")));
+        }
+    }
+    Ok(vec![ValueType::new(a.dtype, vec![m, n])])
+}
+
+pub(crate) fn infer_conv(cx: &Cx, c: &ConvAttrs, transpose: bool) -> Result<Vec<ValueType>> {
+    let (x, w) = (cx.ty(0)?, cx.ty(1)?);
+    if x.rank() < 3 || w.rank() != x.rank() {
+        return Err(IrError::Invalid(format!("Conv needs X of rank >= 3 and W of the same rank, got {x} and {w}")));
+    }
+    let kernel = kernel_of(c, &w.shape[2..])?;
+    let input: Vec<Option<usize>> = x.shape[2..].iter().map(Dim::known).collect();
+    let (_, _, out) = c.geometry(&input, &kernel, transpose)?;
+    let channels = if transpose {
+        w.shape[1].known().map_or(Dim::Unknown, |m| Dim::Known(m * c.group as usize))
+    } else {
+        w.shape[0].clone()
+    };
+    let mut shape = vec![x.shape[0].clone(), channels];
+    shape.extend(out.into_iter().map(|o| o.map_or(Dim::Unknown, Dim::Known)));
+    Ok(vec![ValueType::new(x.dtype, shape)])
+}
+
+fn kernel_of(c: &ConvAttrs, w_spatial: &[Dim]) -> Result<Vec<usize>> {
+    if !c.kernel_shape.is_empty() {
+        return Ok(c.kernel_shape.iter().map(|&k| k as usize).collect());
+    }
+    w_spatial.iter().map(|d| d.known().ok_or_else(|| IrError::Invalid("kernel shape must be known".into()))).collect()
+}
+
+/// Runs `f` on f32 views of float tensors and converts the result back to `dtype`.
+fn via_f32(dtype: DType, shape: Vec<usize>, v: Vec<f32>) -> Result<Tensor> {
+    let data = match dtype {
+        DType::F32 => Data::F32(v),
+        DType::F16 => Data::F16(v.into_iter().map(half::f16::from_f32).collect()),
+        DType::BF16 => Data::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+        d => return Err(IrError::Unsupported(format!("{d} result from an f32 kernel"))),
+    };
+    Tensor::new(shape, data)
+}
+
+fn float_input(t: &Tensor, op: &str) -> Result<()> {
+    if t.dtype().is_float() {
+        Ok(())
+    } else {
+        Err(IrError::Unsupported(format!("{op} on {}", t.dtype())))
+    }
+}
+
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    float_input(a, "MatMul")?;
+    if a.dtype() != b.dtype() {
+        return Err(IrError::Invalid(format!("MatMul of mixed types {} and {}", a.dtype(), b.dtype())));
+    }
+    if a.rank() == 0 || b.rank() == 0 {
+        return Err(IrError::Invalid("MatMul inputs must have rank >= 1".into()));
+    }
+    let ash: Vec<usize> = if a.rank() == 1 { vec![1, a.shape[0]] } else { a.shape.clone() };
+    let bsh: Vec<usize> = if b.rank() == 1 { vec![b.shape[0], 1] } else { b.shape.clone() };
+    let (m, k) = (ash[ash.len() - 2], ash[ash.len() - 1]);
+    let (k2, n) = (bsh[bsh.len() - 2], bsh[bsh.len() - 1]);
+    if k != k2 {
+        return Err(IrError::Invalid(format!("MatMul inner dimensions differ: {:?} @ {:?}", a.shape, b.shape)));
+    }
+    let (ab, bb) = (&ash[..ash.len() - 2], &bsh[..bsh.len() - 2]);
+    let batch = broadcast_shapes(&[ab, bb]).ok_or_else(|| {
+        IrError::Invalid(format!("MatMul batch dims do not broadcast: {:?} @ {:?}", a.shape, b.shape))
+    })?;
+    let nb: usize = batch.iter().product();
+    let mut out_shape = batch.clone();
+    if a.rank() > 1 {
+        out_shape.push(m);
+    }
+    if b.rank() > 1 {
+        out_shape.push(n);
+    }
+    // A [batch.., M, K] with a shared 2-D B is one GEMM of M' = batch * M rows.
+    let fold = bb.iter().product::<usize>() == 1 && ab == batch.as_slice();
+    let (ia, ib) = (broadcast_indices(ab, &batch), broadcast_indices(bb, &batch));
+    macro_rules! run {
+        ($x:expr, $y:expr, $gemm:ident, $zero:expr) => {{
+            let (x, y) = ($x, $y);
+            let mut out = vec![$zero; nb * m * n];
+            if fold {
+                $gemm(nb * m, k, n, 1.0, &x, (k, 1), &y, (n, 1), 0.0, &mut out, (n, 1));
+            } else {
+                for i in 0..nb {
+                    let xa = &x[ia[i] * m * k..(ia[i] + 1) * m * k];
+                    let yb = &y[ib[i] * k * n..(ib[i] + 1) * k * n];
+                    $gemm(m, k, n, 1.0, xa, (k, 1), yb, (n, 1), 0.0, &mut out[i * m * n..(i + 1) * m * n], (n, 1));
+                }
+            }
+            out
+        }};
+    }
+    if let (Data::F64(x), Data::F64(y)) = (&a.data, &b.data) {
+        let out = run!(x, y, dgemm, 0.0f64);
+        return Tensor::new(out_shape, Data::F64(out));
+    }
+    let out = run!(a.data.to_f32_vec(), b.data.to_f32_vec(), sgemm, 0.0f32);
+    via_f32(a.dtype(), out_shape, out)
+}
+
+pub(crate) fn gemm(
+    a: &Tensor,
+    b: &Tensor,
+    c: Option<&Tensor>,
+    alpha: f32,
+    beta: f32,
+    ta: bool,
+    tb: bool,
+) -> Result<Tensor> {
+    float_input(a, "Gemm")?;
+    if a.rank() != 2 || b.rank() != 2 {
+        return Err(IrError::Invalid(format!("Gemm needs 2-D inputs, got {:?} and {:?}", a.shape, b.shape)));
+    }
+    let (m, k) = if ta { (a.shape[1], a.shape[0]) } else { (a.shape[0], a.shape[1]) };
+    let (k2, n) = if tb { (b.shape[1], b.shape[0]) } else { (b.shape[0], b.shape[1]) };
+    if k != k2 {
+        return Err(IrError::Invalid(format!("Gemm inner dimensions differ: A {:?}, B {:?}", a.shape, b.shape)));
+    }
+    let sa = if ta { (1, m) } else { (k, 1) };
+    let sb = if tb { (1, k) } else { (n, 1) };
+    let init = |out_len: usize| -> Result<Vec<f64>> {
+        let Some(c) = c.filter(|_| beta != 0.0) else { return Ok(vec![0.0; out_len]) };
+        if broadcast_shapes(&[&c.shape, &[m, n]]).as_deref() != Some(&[m, n][..]) {
+            return Err(IrError::Invalid(format!("Gemm C {:?} does not broadcast to [{m}, {n}]", c.shape)));
+        }
+        let cv = c.data.to_f64_vec();
+        Ok(broadcast_indices(&c.shape, &[m, n]).into_iter().map(|i| beta as f64 * cv[i]).collect())
+    };
+    if let (Data::F64(x), Data::F64(y)) = (&a.data, &b.data) {
+        let mut out = init(m * n)?;
+        dgemm(m, k, n, alpha as f64, x, sa, y, sb, 1.0, &mut out, (n, 1));
+        return Tensor::new(vec![m, n], Data::F64(out));
+    }
+    let mut out: Vec<f32> = init(m * n)?.into_iter().map(|v| v as f32).collect();
+    sgemm(m, k, n, alpha, &a.data.to_f32_vec(), sa, &b.data.to_f32_vec(), sb, 1.0, &mut out, (n, 1));
+    via_f32(a.dtype(), vec![m, n], out)
+}
+
+struct ConvPlan {
+    n: usize,
+    c: usize,
+    m: usize,
+    group: usize,
+    geo: ConvGeometry,
+}
+
+fn conv_plan(x: &Tensor, w: &Tensor, c: &ConvAttrs, transpose: bool) -> Result<ConvPlan> {
+    float_input(x, if transpose { "ConvTranspose" } else { "Conv" })?;
+    if x.rank() < 3 || w.rank() != x.rank() {
+        return Err(IrError::Invalid(format!(
+            "Conv needs X of rank >= 3 and W of the same rank, got {:?} and {:?}",
+            x.shape, w.shape
+        )));
+    }
+    let kernel: Vec<usize> = w.shape[2..].to_vec();
+    if !c.kernel_shape.is_empty() && c.kernel_shape.iter().map(|&k| k as usize).ne(kernel.iter().copied()) {
+        return Err(IrError::Invalid(format!("kernel_shape {:?} disagrees with W {:?}", c.kernel_shape, w.shape)));
+    }
+    let group = c.group as usize;
+    let spatial: Vec<Option<usize>> = x.shape[2..].iter().map(|&d| Some(d)).collect();
+    let (pb, _, out) = c.geometry(&spatial, &kernel, transpose)?;
+    let out: Vec<usize> = out.into_iter().map(|o| o.expect("known input")).collect();
+    let (n, ch) = (x.shape[0], x.shape[1]);
+    let m = if transpose { w.shape[1] * group } else { w.shape[0] };
+    let (cg_w, per) = if transpose { (w.shape[0], ch) } else { (w.shape[1] * group, ch) };
+    if ch % group != 0 || m % group != 0 || cg_w != per {
+        return Err(IrError::Invalid(format!(
+            "channels do not match: X {:?}, W {:?}, group {group}",
+            x.shape, w.shape
+        )));
+    }
+    let dil = ConvAttrs::list(&c.dilations, kernel.len(), 1, "dilations")?;
+    let st = ConvAttrs::list(&c.strides, kernel.len(), 1, "strides")?;
+    let (input, output) = if transpose { (out, x.shape[2..].to_vec()) } else { (x.shape[2..].to_vec(), out) };
+    let geo = ConvGeometry {
+        input,
+        kernel,
+        strides: st.iter().map(|&s| s as usize).collect(),
+        dilations: dil.iter().map(|&d| d as usize).collect(),
+        pads_begin: pb.iter().map(|&p| p as isize).collect(),
+        output,
+    };
+    Ok(ConvPlan { n, c: ch, m, group, geo })
+}
+
+fn bias_of(b: Option<&Tensor>, m: usize) -> Result<Option<Vec<f32>>> {
+    match b {
+        None => Ok(None),
+        Some(b) if b.len() == m => Ok(Some(b.data.to_f32_vec())),
+        Some(b) => Err(IrError::Invalid(format!("bias has shape {:?}, expected [{m}]", b.shape))),
+    }
+}
+
+pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
+    let p = conv_plan(x, w, c, false)?;
+    let bias = bias_of(b, p.m)?;
+    let (xv, wv) = (x.data.to_f32_vec(), w.data.to_f32_vec());
+    let (cg, mg) = (p.c / p.group, p.m / p.group);
+    let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
+    let table = p.geo.gather_table();
+    let mut cols = vec![0f32; cg * kl * ol];
+    let mut out = vec![0f32; p.n * p.m * ol];
+    for n in 0..p.n {
+        for g in 0..p.group {
+            let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
+            im2col(xs, cg, &table, &p.geo, &mut cols);
+            let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
+            let o = &mut out[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
+            sgemm(mg, cg * kl, ol, 1.0, wg, (cg * kl, 1), &cols, (ol, 1), 0.0, o, (ol, 1));
+        }
+        if let Some(bias) = &bias {
+            for (mi, bv) in bias.iter().enumerate() {
+                out[(n * p.m + mi) * ol..(n * p.m + mi + 1) * ol].iter_mut().for_each(|v| *v += bv);
+            }
+        }
+    }
+    let mut shape = vec![p.n, p.m];
+    shape.extend(&p.geo.output);
+    via_f32(x.dtype(), shape, out)
+}
+
+pub(crate) fn conv_transpose(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
+    let p = conv_plan(x, w, c, true)?;
+    let bias = bias_of(b, p.m)?;
+    let (xv, wv) = (x.data.to_f32_vec(), w.data.to_f32_vec());
+    let (cg, mg) = (p.c / p.group, p.m / p.group);
+    // Here geo.input is the output image and geo.output the input image (roles swapped).
+    let (kl, il, ol) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
+    let table = p.geo.gather_table();
+    let mut cols = vec![0f32; mg * kl * il];
+    let mut out = vec![0f32; p.n * p.m * ol];
+    for n in 0..p.n {
+        for g in 0..p.group {
+            let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
+            let wg = &wv[g * cg * mg * kl..(g + 1) * cg * mg * kl];
+            // cols [mg*kl, il] = Wg^T [mg*kl, cg] @ X [cg, il]
+            sgemm(mg * kl, cg, il, 1.0, wg, (1, mg * kl), xs, (il, 1), 0.0, &mut cols, (il, 1));
+            for mi in 0..mg {
+                let o = &mut out[(n * p.m + g * mg + mi) * ol..(n * p.m + g * mg + mi + 1) * ol];
+                for (r, taps) in table.chunks_exact(il).enumerate() {
+                    let row = &cols[(mi * kl + r) * il..(mi * kl + r + 1) * il];
+                    for (v, t) in row.iter().zip(taps) {
+                        if let Some(t) = t {
+                            o[*t] += v;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(bias) = &bias {
+            for (mi, bv) in bias.iter().enumerate() {
+                out[(n * p.m + mi) * ol..(n * p.m + mi + 1) * ol].iter_mut().for_each(|v| *v += bv);
+            }
+        }
+    }
+    let mut shape = vec![p.n, p.m];
+    shape.extend(&p.geo.input);
+    via_f32(x.dtype(), shape, out)
+}

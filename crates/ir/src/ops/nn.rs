@@ -1,0 +1,446 @@
+//! Neural-network ops: pooling, softmax, layer and batch normalisation. Accumulation is in f64.
+
+use super::broadcast::broadcast_indices;
+use super::linalg::AutoPad;
+use super::{norm_axis, Cx, Ex};
+use crate::attrs::{Attr, AttrMap};
+use crate::dtype::DType;
+use crate::error::{IrError, Result};
+use crate::shape::{Dim, ValueType};
+use crate::tensor::{Data, Tensor};
+use sqil_kernels_cpu::ConvGeometry;
+
+/// Attributes of MaxPool and AveragePool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolAttrs {
+    pub auto_pad: AutoPad,
+    pub ceil_mode: bool,
+    /// AveragePool only: divide by the window size including padding.
+    pub count_include_pad: bool,
+    pub dilations: Vec<i64>,
+    pub kernel_shape: Vec<i64>,
+    pub pads: Vec<i64>,
+    pub strides: Vec<i64>,
+    /// MaxPool only: 1 = column-major indices.
+    pub storage_order: i64,
+}
+
+impl PoolAttrs {
+    pub fn from_attrs(a: &AttrMap) -> Result<PoolAttrs> {
+        let p = PoolAttrs {
+            auto_pad: AutoPad::parse(&a.string("auto_pad", "NOTSET")?)?,
+            ceil_mode: a.int("ceil_mode", 0)? != 0,
+            count_include_pad: a.int("count_include_pad", 0)? != 0,
+            dilations: a.ints("dilations")?,
+            kernel_shape: a.ints("kernel_shape")?,
+            pads: a.ints("pads")?,
+            strides: a.ints("strides")?,
+            storage_order: a.int("storage_order", 0)?,
+        };
+        if p.kernel_shape.is_empty() || p.kernel_shape.iter().any(|&k| k < 1) {
+            return Err(IrError::Invalid(format!("pooling needs a positive kernel_shape, got {:?}", p.kernel_shape)));
+        }
+        Ok(p)
+    }
+
+    pub fn attrs(&self) -> Vec<(&'static str, Attr)> {
+        vec![
+            ("auto_pad", Attr::Str(self.auto_pad.name().into())),
+            ("ceil_mode", Attr::Int(self.ceil_mode as i64)),
+            ("count_include_pad", Attr::Int(self.count_include_pad as i64)),
+            ("dilations", Attr::Ints(self.dilations.clone())),
+            ("kernel_shape", Attr::Ints(self.kernel_shape.clone())),
+            ("pads", Attr::Ints(self.pads.clone())),
+            ("strides", Attr::Ints(self.strides.clone())),
+            ("storage_order", Attr::Int(self.storage_order)),
+        ]
+    }
+
+    fn list(v: &[i64], n: usize, default: i64, what: &str) -> Result<Vec<i64>> {
+        match v.len() {
+            0 => Ok(vec![default; n]),
+            l if l == n => Ok(v.to_vec()),
+            l => Err(IrError::Invalid(format!("{what} has {l} entries, expected {n}"))),
+        }
+    }
+
+    /// `(pads_begin, pads_end, output)` per spatial axis, following the ONNX reference
+    /// (ceil mode drops a last window that would start in the end padding).
+    pub fn geometry(&self, input: &[Option<usize>]) -> Result<(Vec<i64>, Vec<i64>, Vec<Option<usize>>)> {
+        let n = self.kernel_shape.len();
+        if input.len() != n {
+            return Err(IrError::Invalid(format!("kernel_shape has {n} axes, input has {} spatial axes", input.len())));
+        }
+        let s = Self::list(&self.strides, n, 1, "strides")?;
+        let dil = Self::list(&self.dilations, n, 1, "dilations")?;
+        let pads = Self::list(&self.pads, 2 * n, 0, "pads")?;
+        let (mut pb, mut pe) = (pads[..n].to_vec(), pads[n..].to_vec());
+        let mut out = vec![];
+        for d in 0..n {
+            let k = self.kernel_shape[d];
+            let ext = dil[d] * (k - 1) + 1;
+            let Some(i) = input[d].map(|i| i as i64) else {
+                out.push(None);
+                continue;
+            };
+            let o = match self.auto_pad {
+                AutoPad::NotSet => {
+                    let num = i + pb[d] + pe[d] - ext;
+                    if self.ceil_mode {
+                        let mut o = num.div_euclid(s[d]) + 1 + (num.rem_euclid(s[d]) != 0) as i64;
+                        if (o - 1) * s[d] >= i + pb[d] {
+                            o -= 1;
+                        }
+                        o
+                    } else {
+                        num.div_euclid(s[d]) + 1
+                    }
+                }
+                AutoPad::Valid => {
+                    pb[d] = 0;
+                    pe[d] = 0;
+                    (i - ext).div_euclid(s[d]) + 1
+                }
+                AutoPad::SameUpper | AutoPad::SameLower => {
+                    let o = (i - 1).div_euclid(s[d]) + 1;
+                    let total = ((o - 1) * s[d] + ext - i).max(0);
+                    let small = total / 2;
+                    (pb[d], pe[d]) = if self.auto_pad == AutoPad::SameUpper {
+                        (small, total - small)
+                    } else {
+                        (total - small, small)
+                    };
+                    o
+                }
+            };
+            if o < 1 {
+                return Err(IrError::Invalid(format!(
+                    "pooling axis {d}: input {i} with kernel extent {ext} gives an empty output"
+                )));
+            }
+            out.push(Some(o as usize));
+        }
+        Ok((pb, pe, out))
+    }
+
+    fn conv_geometry(&self, input: &[usize]) -> Result<(ConvGeometry, Vec<i64>)> {
+        let n = input.len();
+        let spatial: Vec<Option<usize>> = input.iter().map(|&d| Some(d)).collect();
+        let (pb, pe, out) = self.geometry(&spatial)?;
+        let geo = ConvGeometry {
+            input: input.to_vec(),
+            kernel: self.kernel_shape.iter().map(|&k| k as usize).collect(),
+            strides: Self::list(&self.strides, n, 1, "strides")?.iter().map(|&v| v as usize).collect(),
+            dilations: Self::list(&self.dilations, n, 1, "dilations")?.iter().map(|&v| v as usize).collect(),
+            pads_begin: pb.iter().map(|&p| p as isize).collect(),
+            output: out.into_iter().map(|o| o.expect("known input")).collect(),
+        };
+        Ok((geo, pe))
+    }
+}
+
+pub(crate) fn infer_pool(cx: &Cx, p: &PoolAttrs, outputs: usize) -> Result<Vec<ValueType>> {
+    let x = cx.ty(0)?;
+    if x.rank() < 3 {
+        return Err(IrError::Invalid(format!("pooling needs rank >= 3, got {x}")));
+    }
+    let input: Vec<Option<usize>> = x.shape[2..].iter().map(Dim::known).collect();
+    let (_, _, out) = p.geometry(&input)?;
+    let mut shape = x.shape[..2].to_vec();
+    shape.extend(out.into_iter().map(|o| o.map_or(Dim::Unknown, Dim::Known)));
+    let mut v = vec![ValueType::new(x.dtype, shape.clone())];
+    if outputs > 1 {
+        v.push(ValueType::new(DType::I64, shape));
+    }
+    Ok(v)
+}
+
+pub(crate) fn infer_global_pool(cx: &Cx) -> Result<Vec<ValueType>> {
+    let x = cx.ty(0)?;
+    if x.rank() < 3 {
+        return Err(IrError::Invalid(format!("GlobalAveragePool needs rank >= 3, got {x}")));
+    }
+    let mut shape = x.shape[..2].to_vec();
+    shape.extend(std::iter::repeat_n(Dim::Known(1), x.rank() - 2));
+    Ok(vec![ValueType::new(x.dtype, shape)])
+}
+
+fn float_vec(t: &Tensor, op: &str) -> Result<Vec<f64>> {
+    if !t.dtype().is_float() {
+        return Err(IrError::Unsupported(format!("{op} on {}", t.dtype())));
+    }
+    Ok(t.data.to_f64_vec())
+}
+
+fn pool_out_shape(x: &Tensor, geo: &ConvGeometry) -> Vec<usize> {
+    let mut s = x.shape[..2].to_vec();
+    s.extend(&geo.output);
+    s
+}
+
+pub(crate) fn max_pool(x: &Tensor, p: &PoolAttrs, outputs: usize) -> Result<Vec<Tensor>> {
+    if x.rank() < 3 {
+        return Err(IrError::Invalid(format!("MaxPool needs rank >= 3, got {:?}", x.shape)));
+    }
+    let (geo, _) = p.conv_geometry(&x.shape[2..])?;
+    let table = geo.gather_table();
+    let (il, ol) = (geo.input_len(), geo.output_len());
+    let planes = x.shape[0] * x.shape[1];
+    let spatial = &x.shape[2..];
+    // Column-major index of a row-major flat position within one plane.
+    let col_major = |flat: usize| -> usize {
+        let mut rem = flat;
+        let mut pos = vec![0; spatial.len()];
+        for d in (0..spatial.len()).rev() {
+            pos[d] = rem % spatial[d];
+            rem /= spatial[d];
+        }
+        let mut idx = 0;
+        for d in (0..spatial.len()).rev() {
+            idx = idx * spatial[d] + pos[d];
+        }
+        idx
+    };
+    let mut vals = Vec::with_capacity(planes * ol);
+    let mut idxs = Vec::with_capacity(planes * ol);
+    let pick = |getv: &dyn Fn(usize) -> f64, vals: &mut Vec<f64>, idxs: &mut Vec<i64>| {
+        for pl in 0..planes {
+            for o in 0..ol {
+                let mut best: Option<(f64, usize)> = None;
+                for k in 0..geo.kernel_len() {
+                    if let Some(i) = table[k * ol + o] {
+                        let v = getv(pl * il + i);
+                        if best.is_none_or(|(b, _)| v > b) {
+                            best = Some((v, i));
+                        }
+                    }
+                }
+                let (v, i) = best.unwrap_or((f64::NEG_INFINITY, 0));
+                vals.push(v);
+                let within = if p.storage_order == 1 { col_major(i) } else { i };
+                idxs.push((pl * il + within) as i64);
+            }
+        }
+    };
+    let data = match &x.data {
+        Data::F32(v) => {
+            pick(&|i| v[i] as f64, &mut vals, &mut idxs);
+            Data::F32(vals.into_iter().map(|v| v as f32).collect())
+        }
+        Data::I8(v) => {
+            pick(&|i| v[i] as f64, &mut vals, &mut idxs);
+            Data::I8(vals.into_iter().map(|v| v as i8).collect())
+        }
+        Data::U8(v) => {
+            pick(&|i| v[i] as f64, &mut vals, &mut idxs);
+            Data::U8(vals.into_iter().map(|v| v as u8).collect())
+        }
+        d => {
+            let v = float_vec(x, "MaxPool").map_err(|_| IrError::Unsupported(format!("MaxPool on {}", d.dtype())))?;
+            pick(&|i| v[i], &mut vals, &mut idxs);
+            Data::from_f64(d.dtype(), vals.into_iter())
+        }
+    };
+    let shape = pool_out_shape(x, &geo);
+    let mut out = vec![Tensor::new(shape.clone(), data)?];
+    if outputs > 1 {
+        out.push(Tensor::new(shape, Data::I64(idxs))?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn average_pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
+    if x.rank() < 3 {
+        return Err(IrError::Invalid(format!("AveragePool needs rank >= 3, got {:?}", x.shape)));
+    }
+    let v = float_vec(x, "AveragePool")?;
+    let (geo, pe) = p.conv_geometry(&x.shape[2..])?;
+    let table = geo.gather_table();
+    let (il, ol, kl) = (geo.input_len(), geo.output_len(), geo.kernel_len());
+    // Divisors when padding counts: taps inside [-pads_begin, input + pads_end).
+    let counts: Vec<usize> = if p.count_include_pad {
+        let padded = ConvGeometry {
+            input: geo
+                .input
+                .iter()
+                .enumerate()
+                .map(|(d, &i)| (i as isize + geo.pads_begin[d] + pe[d] as isize) as usize)
+                .collect(),
+            pads_begin: vec![0; geo.input.len()],
+            ..geo.clone()
+        };
+        let t = padded.gather_table();
+        (0..ol).map(|o| (0..kl).filter(|k| t[k * ol + o].is_some()).count()).collect()
+    } else {
+        (0..ol).map(|o| (0..kl).filter(|k| table[k * ol + o].is_some()).count()).collect()
+    };
+    let planes = x.shape[0] * x.shape[1];
+    let mut out = Vec::with_capacity(planes * ol);
+    for pl in 0..planes {
+        for o in 0..ol {
+            let s: f64 = (0..kl).filter_map(|k| table[k * ol + o]).map(|i| v[pl * il + i]).sum();
+            out.push(s / counts[o].max(1) as f64);
+        }
+    }
+    Tensor::new(pool_out_shape(x, &geo), Data::from_f64(x.dtype(), out.into_iter()))
+}
+
+pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
+    if x.rank() < 3 {
+        return Err(IrError::Invalid(format!("GlobalAveragePool needs rank >= 3, got {:?}", x.shape)));
+    }
+    let v = float_vec(x, "GlobalAveragePool")?;
+    let il: usize = x.shape[2..].iter().product();
+    let out = v.chunks(il.max(1)).map(|c| c.iter().sum::<f64>() / il as f64);
+    let mut shape = x.shape[..2].to_vec();
+    shape.extend(std::iter::repeat_n(1, x.rank() - 2));
+    Tensor::new(shape, Data::from_f64(x.dtype(), out))
+}
+
+pub(crate) fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Result<Tensor> {
+    let v = float_vec(x, "Softmax")?;
+    let ax = norm_axis(axis, x.rank())?;
+    let (dim, inner) = if coerce_2d || x.rank() == 0 {
+        (x.shape[ax..].iter().product::<usize>(), 1)
+    } else {
+        (x.shape[ax], x.shape[ax + 1..].iter().product::<usize>())
+    };
+    let mut out = vec![0f64; v.len()];
+    let outer = if dim * inner == 0 { 0 } else { v.len() / (dim * inner) };
+    for o in 0..outer {
+        for i in 0..inner {
+            let at = |j: usize| o * dim * inner + j * inner + i;
+            let m = (0..dim).map(|j| v[at(j)]).fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = (0..dim).map(|j| (v[at(j)] - m).exp()).sum();
+            for j in 0..dim {
+                out[at(j)] = if log { v[at(j)] - m - s.ln() } else { (v[at(j)] - m).exp() / s };
+            }
+        }
+    }
+    Tensor::new(x.shape.clone(), Data::from_f64(x.dtype(), out.into_iter()))
+}
+
+pub(crate) fn infer_layer_norm(cx: &Cx, axis: i64, outputs: usize) -> Result<Vec<ValueType>> {
+    let x = cx.ty(0)?;
+    let ax = norm_axis(axis, x.rank())?;
+    let mut v = vec![x.clone()];
+    let mut stat = x.shape[..ax].to_vec();
+    stat.extend(std::iter::repeat_n(Dim::Known(1), x.rank() - ax));
+    for _ in 1..outputs {
+        v.push(ValueType::new(DType::F32, stat.clone()));
+    }
+    Ok(v)
+}
+
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    scale: &Tensor,
+    b: Option<&Tensor>,
+    axis: i64,
+    eps: f32,
+    outputs: usize,
+) -> Result<Vec<Tensor>> {
+    let v = float_vec(x, "LayerNormalization")?;
+    let ax = norm_axis(axis, x.rank())?;
+    let norm_shape = &x.shape[ax..];
+    let inner: usize = norm_shape.iter().product();
+    let fit = |t: &Tensor, what: &str| -> Result<Vec<f64>> {
+        if crate::shape::broadcast_shapes(&[&t.shape, norm_shape]).as_deref() != Some(norm_shape) {
+            return Err(IrError::Invalid(format!(
+                "LayerNormalization {what} {:?} does not broadcast to {norm_shape:?}",
+                t.shape
+            )));
+        }
+        let tv = t.data.to_f64_vec();
+        Ok(broadcast_indices(&t.shape, norm_shape).into_iter().map(|i| tv[i]).collect())
+    };
+    let s = fit(scale, "scale")?;
+    let bias = b.map(|b| fit(b, "bias")).transpose()?;
+    let outer = if inner == 0 { 0 } else { v.len() / inner };
+    let (mut y, mut means, mut inv) = (vec![0f64; v.len()], vec![], vec![]);
+    for o in 0..outer {
+        let row = &v[o * inner..(o + 1) * inner];
+        let mean = row.iter().sum::<f64>() / inner as f64;
+        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / inner as f64;
+        let r = 1.0 / (var + eps as f64).sqrt();
+        for j in 0..inner {
+            y[o * inner + j] = (row[j] - mean) * r * s[j] + bias.as_ref().map_or(0.0, |b| b[j]);
+        }
+        means.push(mean);
+        inv.push(r);
+    }
+    let mut stat_shape = x.shape[..ax].to_vec();
+    stat_shape.extend(std::iter::repeat_n(1, x.rank() - ax));
+    let mut out = vec![Tensor::new(x.shape.clone(), Data::from_f64(x.dtype(), y.into_iter()))?];
+    for stat in [means, inv].into_iter().take(outputs.saturating_sub(1)) {
+        out.push(Tensor::new(stat_shape.clone(), Data::from_f64(DType::F32, stat.into_iter()))?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn infer_batch_norm(cx: &Cx, outputs: usize) -> Result<Vec<ValueType>> {
+    let x = cx.ty(0)?;
+    if x.rank() < 2 {
+        return Err(IrError::Invalid(format!("BatchNormalization needs rank >= 2, got {x}")));
+    }
+    let mut v = vec![x.clone()];
+    for i in 1..outputs {
+        let t = cx.ty(2 + i)?;
+        v.push(t.clone());
+    }
+    Ok(v)
+}
+
+pub(crate) fn batch_norm(x: &Ex, eps: f32, momentum: f32, training: bool, outputs: usize) -> Result<Vec<Tensor>> {
+    let xt = x.get(0)?;
+    let v = float_vec(xt, "BatchNormalization")?;
+    if xt.rank() < 2 {
+        return Err(IrError::Invalid(format!("BatchNormalization needs rank >= 2, got {:?}", xt.shape)));
+    }
+    let c = xt.shape[1];
+    let chan = |i: usize, what: &str| -> Result<Vec<f64>> {
+        let t = x.get(i)?;
+        if t.len() != c {
+            return Err(IrError::Invalid(format!("BatchNormalization {what} has {} elements, expected {c}", t.len())));
+        }
+        Ok(t.data.to_f64_vec())
+    };
+    let (scale, bias, mut mean, mut var) = (chan(1, "scale")?, chan(2, "B")?, chan(3, "mean")?, chan(4, "var")?);
+    let inner: usize = xt.shape[2..].iter().product();
+    let n = xt.shape[0];
+    let mut running = None;
+    if training {
+        let cnt = (n * inner) as f64;
+        let mut bm = vec![0f64; c];
+        let mut bv = vec![0f64; c];
+        for ci in 0..c {
+            let vals = (0..n).flat_map(|ni| v[(ni * c + ci) * inner..(ni * c + ci + 1) * inner].iter());
+            bm[ci] = vals.clone().sum::<f64>() / cnt;
+            bv[ci] = vals.map(|x| (x - bm[ci]) * (x - bm[ci])).sum::<f64>() / cnt;
+        }
+        let m = momentum as f64;
+        let rm: Vec<f64> = mean.iter().zip(&bm).map(|(r, b)| r * m + b * (1.0 - m)).collect();
+        let rv: Vec<f64> = var.iter().zip(&bv).map(|(r, b)| r * m + b * (1.0 - m)).collect();
+        running = Some((rm, rv));
+        mean = bm;
+        var = bv;
+    }
+    let mut y = vec![0f64; v.len()];
+    for ni in 0..n {
+        for ci in 0..c {
+            let k = scale[ci] / (var[ci] + eps as f64).sqrt();
+            let base = (ni * c + ci) * inner;
+            for j in 0..inner {
+                y[base + j] = (v[base + j] - mean[ci]) * k + bias[ci];
+            }
+        }
+    }
+    let mut out = vec![Tensor::new(xt.shape.clone(), Data::from_f64(xt.dtype(), y.into_iter()))?];
+    if let Some((rm, rv)) = running {
+        for (i, r) in [rm, rv].into_iter().enumerate().take(outputs.saturating_sub(1)) {
+            let like = x.get(3 + i)?;
+            out.push(Tensor::new(like.shape.clone(), Data::from_f64(like.dtype(), r.into_iter()))?);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,175 @@
+//! QuantizeLinear, DequantizeLinear and the IR's FakeQuant, with exact integer semantics:
+//! `x / scale` in f32, rounding half to even, saturation to the target range.
+
+use super::{norm_axis, Cx};
+use crate::dtype::DType;
+use crate::error::{IrError, Result};
+use crate::shape::ValueType;
+use crate::tensor::{Data, Tensor};
+
+/// For every element of `x_shape`, the flat index of its scale / zero point: one for the whole
+/// tensor (a one-element scale), one per index along `axis` (a 1-D scale), or one per block of
+/// `block` consecutive indices along `axis` (a scale of x's rank).
+pub fn param_index(x_shape: &[usize], p_shape: &[usize], axis: i64, block: i64) -> Result<Vec<usize>> {
+    let n: usize = x_shape.iter().product();
+    let plen: usize = p_shape.iter().product();
+    if plen == 1 && block == 0 {
+        return Ok(vec![0; n]);
+    }
+    let ax = norm_axis(axis, x_shape.len())?;
+    let inner: usize = x_shape[ax + 1..].iter().product();
+    let dim = x_shape[ax];
+    if block <= 0 {
+        if p_shape.len() != 1 || p_shape[0] != dim {
+            return Err(IrError::Invalid(format!(
+                "per-axis scale {p_shape:?} does not match axis {ax} of {x_shape:?}"
+            )));
+        }
+        return Ok((0..n).map(|i| (i / inner) % dim).collect());
+    }
+    let b = block as usize;
+    let mut want = x_shape.to_vec();
+    want[ax] = dim.div_ceil(b);
+    if p_shape != want.as_slice() {
+        return Err(IrError::Invalid(format!(
+            "blocked scale {p_shape:?} should be {want:?} for {x_shape:?} with block {b} on axis {ax}"
+        )));
+    }
+    Ok((0..n)
+        .map(|i| {
+            let (outer, rest) = (i / (dim * inner), i % (dim * inner));
+            let (k, j) = (rest / inner, rest % inner);
+            (outer * want[ax] + k / b) * inner + j
+        })
+        .collect())
+}
+
+pub(crate) fn infer_quantize(cx: &Cx, output_dtype: Option<DType>) -> Result<Vec<ValueType>> {
+    let x = cx.ty(0)?;
+    let dtype = quant_dtype(cx.opt_ty(2).map(|t| t.dtype), output_dtype)?;
+    Ok(vec![ValueType::new(dtype, x.shape.clone())])
+}
+
+fn quant_dtype(zp: Option<DType>, output_dtype: Option<DType>) -> Result<DType> {
+    let d = match (zp, output_dtype) {
+        (Some(z), Some(o)) if z != o => {
+            return Err(IrError::Invalid(format!("QuantizeLinear: zero point is {z} but output_dtype is {o}")))
+        }
+        (Some(z), _) => z,
+        (None, Some(o)) => o,
+        (None, None) => DType::U8,
+    };
+    if !d.is_integer() || d.bits() > 16 {
+        return Err(IrError::Unsupported(format!("quantization to {d}")));
+    }
+    Ok(d)
+}
+
+pub(crate) fn infer_dequantize(cx: &Cx) -> Result<Vec<ValueType>> {
+    Ok(vec![ValueType::new(cx.ty(1)?.dtype, cx.ty(0)?.shape.clone())])
+}
+
+fn f32_or_f64(t: &Tensor, what: &str) -> Result<Vec<f64>> {
+    match &t.data {
+        Data::F64(v) => Ok(v.clone()),
+        d if d.dtype().is_float() => Ok(d.to_f32_vec().into_iter().map(|x| x as f64).collect()),
+        d => Err(IrError::Invalid(format!("{what} must be float, got {}", d.dtype()))),
+    }
+}
+
+pub(crate) fn quantize(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    axis: i64,
+    block: i64,
+    output_dtype: Option<DType>,
+) -> Result<Tensor> {
+    let dtype = quant_dtype(zp.map(Tensor::dtype), output_dtype)?;
+    let (lo, hi) = dtype.int_range().expect("integer");
+    let idx = param_index(&x.shape, &scale.shape, axis, block)?;
+    let zps = zp.map(|z| z.data.to_i64_vec());
+    if let Some(z) = zp {
+        param_index(&x.shape, &z.shape, axis, block)?;
+    }
+    let xv = f32_or_f64(x, "QuantizeLinear input")?;
+    let sv = f32_or_f64(scale, "QuantizeLinear scale")?;
+    let wide = x.dtype() == DType::F64;
+    let q = xv.iter().zip(&idx).map(|(&v, &i)| {
+        // The division happens in the input's precision (f32 unless the input is f64).
+        let r = if wide { (v / sv[i]).round_ties_even() } else { (v as f32 / sv[i] as f32).round_ties_even() as f64 };
+        let z = zps.as_ref().map_or(0, |z| z[i]);
+        (r + z as f64).clamp(lo as f64, hi as f64) as i64
+    });
+    Tensor::new(x.shape.clone(), Data::from_i64(dtype, q))
+}
+
+pub(crate) fn dequantize(x: &Tensor, scale: &Tensor, zp: Option<&Tensor>, axis: i64, block: i64) -> Result<Tensor> {
+    if !x.dtype().is_integer() {
+        return Err(IrError::Unsupported(format!("DequantizeLinear of {}", x.dtype())));
+    }
+    if let Some(z) = zp {
+        if z.dtype() != x.dtype() {
+            return Err(IrError::Invalid(format!(
+                "DequantizeLinear: zero point is {} but input is {}",
+                z.dtype(),
+                x.dtype()
+            )));
+        }
+    }
+    let idx = param_index(&x.shape, &scale.shape, axis, block)?;
+    let zps = zp.map(|z| z.data.to_i64_vec());
+    if let Some(z) = zp {
+        param_index(&x.shape, &z.shape, axis, block)?;
+    }
+    let xv = x.data.to_i64_vec();
+    let sv = f32_or_f64(scale, "DequantizeLinear scale")?;
+    let wide = scale.dtype() == DType::F64;
+    let y = xv.iter().zip(&idx).map(|(&q, &i)| {
+        let d = q - zps.as_ref().map_or(0, |z| z[i]);
+        if wide {
+            d as f64 * sv[i]
+        } else {
+            (d as f32 * sv[i] as f32) as f64
+        }
+    });
+    Tensor::new(x.shape.clone(), Data::from_f64(scale.dtype(), y))
+}
+
+/// The integer range of a FakeQuant with `bits` bits.
+pub fn fake_quant_range(bits: u8, signed: bool) -> (i64, i64) {
+    if signed {
+        (-(1i64 << (bits - 1)), (1i64 << (bits - 1)) - 1)
+    } else {
+        (0, (1i64 << bits) - 1)
+    }
+}
+
+pub(crate) fn fake_quant(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    bits: u8,
+    signed: bool,
+    axis: i64,
+    block: i64,
+) -> Result<Tensor> {
+    if !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Err(IrError::Unsupported(format!("FakeQuant on {}", x.dtype())));
+    }
+    let (lo, hi) = fake_quant_range(bits, signed);
+    let (lo, hi) = (lo as f32, hi as f32);
+    let idx = param_index(&x.shape, &scale.shape, axis, block)?;
+    let sv = scale.data.to_f32_vec();
+    let zv = zp.map(|z| z.data.to_f32_vec());
+    if let Some(z) = zp {
+        param_index(&x.shape, &z.shape, axis, block)?;
+    }
+    let xv = x.data.to_f32_vec();
+    let y = xv.iter().zip(&idx).map(|(&v, &i)| {
+        let z = zv.as_ref().map_or(0.0, |z| z[i]);
+        let q = ((v / sv[i]).round_ties_even() + z).clamp(lo, hi);
+        ((q - z) * sv[i]) as f64
+    });
+    Tensor::new(x.shape.clone(), Data::from_f64(x.dtype(), y))
+}
