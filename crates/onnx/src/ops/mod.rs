@@ -118,6 +118,7 @@ pub(crate) fn table() -> HashMap<&'static str, Importer> {
     t.insert("Softmax", |cx| softmax(cx, "Softmax"));
     t.insert("LogSoftmax", |cx| softmax(cx, "LogSoftmax"));
     t.insert("Cast", cast);
+    t.insert("CastLike", cast_like);
     t.insert("QuantizeLinear", quantize);
     t.insert("Dropout", dropout);
     t
@@ -189,6 +190,20 @@ fn softmax(cx: &mut NodeCx, op: &str) -> Result<Op> {
 
 fn cast(cx: &mut NodeCx) -> Result<Op> {
     cx.dtype_attr("to")?;
+    cx.same("Cast")
+}
+
+/// CastLike(x, like) is Cast to like's element type.
+fn cast_like(cx: &mut NodeCx) -> Result<Op> {
+    let like = cx
+        .inputs
+        .get(1)
+        .copied()
+        .flatten()
+        .ok_or_else(|| IrError::Invalid("CastLike needs its `target_type` input".into()))?;
+    let to = cx.g.value(like).ty.dtype;
+    cx.inputs.truncate(1);
+    cx.attrs.insert("to", Attr::DType(to));
     cx.same("Cast")
 }
 

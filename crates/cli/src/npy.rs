@@ -1,0 +1,66 @@
+//! .npy input and output for `sqil run`; writes are atomic (temporary file, then rename).
+
+use ndarray::ArrayD;
+use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+use sqil_ir::{Data, Tensor};
+use std::io::BufWriter;
+use std::path::Path;
+
+fn open(path: &Path) -> Result<std::fs::File, String> {
+    std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn to_tensor<T: Clone>(a: ArrayD<T>, wrap: fn(Vec<T>) -> Data) -> Result<Tensor, String> {
+    let shape = a.shape().to_vec();
+    let v = a.as_standard_layout().iter().cloned().collect::<Vec<T>>();
+    Tensor::new(shape, wrap(v)).map_err(|e| e.to_string())
+}
+
+/// Reads an .npy array of f32, f64, i64, i32, u8 or bool elements.
+pub fn read(path: &Path) -> Result<Tensor, String> {
+    macro_rules! attempt {
+        ($t:ty, $wrap:expr) => {
+            if let Ok(a) = ArrayD::<$t>::read_npy(open(path)?) {
+                return to_tensor(a, $wrap);
+            }
+        };
+    }
+    attempt!(f32, Data::F32);
+    attempt!(f64, Data::F64);
+    attempt!(i64, Data::I64);
+    attempt!(i32, Data::I32);
+    attempt!(u8, Data::U8);
+    attempt!(bool, Data::Bool);
+    Err(format!(
+        "{}: not an .npy file of f32, f64, i64, i32, u8 or bool elements in C or Fortran order",
+        path.display()
+    ))
+}
+
+/// Writes a tensor as .npy (f32, f64, i64, i32, u8, i8 or bool), atomically.
+pub fn write(path: &Path, t: &Tensor) -> Result<(), String> {
+    let tmp = path.with_extension("npy.tmp");
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    {
+        let f = BufWriter::new(std::fs::File::create(&tmp).map_err(|e| err(&e))?);
+        macro_rules! put {
+            ($v:expr) => {
+                ArrayD::from_shape_vec(t.shape.clone(), $v.clone())
+                    .map_err(|e| err(&e))?
+                    .write_npy(f)
+                    .map_err(|e| err(&e))?
+            };
+        }
+        match &t.data {
+            Data::F32(v) => put!(v),
+            Data::F64(v) => put!(v),
+            Data::I64(v) => put!(v),
+            Data::I32(v) => put!(v),
+            Data::U8(v) => put!(v),
+            Data::I8(v) => put!(v),
+            Data::Bool(v) => put!(v),
+            d => return Err(format!("{}: cannot write {} arrays as .npy", path.display(), d.dtype())),
+        }
+    }
+    std::fs::rename(&tmp, path).map_err(|e| err(&e))
+}

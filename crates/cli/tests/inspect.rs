@@ -1,0 +1,64 @@
+//! `sqil inspect` reports the parameter counts PyTorch reports for every testdata policy
+//! (numbers recorded by tools/make_testdata.py in testdata/policies/manifest.json).
+
+use std::path::PathBuf;
+
+fn policies() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies")
+}
+
+#[test]
+fn parameter_counts_match_pytorch() {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(policies().join("manifest.json")).unwrap()).unwrap();
+    let models = manifest["models"].as_array().unwrap();
+    assert!(models.len() >= 9, "manifest lists {} models", models.len());
+    for m in models {
+        let file = m["file"].as_str().unwrap();
+        let want = m["pytorch_parameters"].as_u64().unwrap() as usize;
+        let g = sqil_onnx::load_model(&policies().join(file)).unwrap();
+        let s = sqil::inspect::summarise(&g).unwrap();
+        assert_eq!(s.params, want, "{file}: sqil counts {} parameters, PyTorch {want}", s.params);
+        assert!(s.flops > 0, "{file}: no FLOPs counted");
+    }
+}
+
+#[test]
+fn cli_reports_bad_files_in_one_line() {
+    let exe = env!("CARGO_BIN_EXE_sqil");
+    let dir = std::env::temp_dir().join(format!("sqil-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A truncated model: the first 1000 bytes of a real one.
+    let bytes = std::fs::read(policies().join("hopper_mlp.onnx")).unwrap();
+    let cut = dir.join("truncated.onnx");
+    std::fs::write(&cut, &bytes[..1000]).unwrap();
+    for (path, needle) in [(cut.clone(), "truncated.onnx"), (dir.join("missing.onnx"), "missing.onnx")] {
+        let out = std::process::Command::new(exe).arg("inspect").arg(&path).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+        assert!(err.starts_with("error: ") && err.contains(needle), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn run_writes_outputs_matching_onnxruntime() {
+    let exe = env!("CARGO_BIN_EXE_sqil");
+    let out = std::env::temp_dir().join(format!("sqil-run-{}.npy", std::process::id()));
+    let st = std::process::Command::new(exe)
+        .args(["run", policies().join("hopper_mlp.onnx").to_str().unwrap(), "--input"])
+        .arg(policies().join("hopper_mlp.input0.npy"))
+        .arg("--output")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let got = sqil::npy::read(&out).unwrap();
+    let want = sqil::npy::read(&policies().join("hopper_mlp.ort0.npy")).unwrap();
+    assert_eq!(got.shape, want.shape);
+    for (a, b) in got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()) {
+        assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+    }
+    std::fs::remove_file(&out).ok();
+}
