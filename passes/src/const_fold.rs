@@ -67,6 +67,7 @@ impl Pass for ConstFold {
             g.remove_node(n);
             // The folded node is gone: its constants take over the value names.
             for (c, name) in consts {
+                g.node_mut(c.node).name = name.clone();
                 g.value_mut(c).name = name;
             }
             folded += 1;

@@ -9,6 +9,7 @@ pub mod interp;
 pub mod ops;
 pub mod shape;
 pub mod tensor;
+pub mod testing;
 pub mod text;
 pub mod verify;
 

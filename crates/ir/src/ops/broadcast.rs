@@ -102,19 +102,6 @@ pub fn zip2<A: Copy, B: Copy, R>(
     Ok((bc.out_shape, out))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn indices_broadcast_rows_and_columns() {
-        assert_eq!(broadcast_indices(&[3], &[2, 3]), vec![0, 1, 2, 0, 1, 2]);
-        assert_eq!(broadcast_indices(&[2, 1], &[2, 3]), vec![0, 0, 0, 1, 1, 1]);
-        assert_eq!(broadcast_indices(&[], &[2, 2]), vec![0, 0, 0, 0]);
-        assert_eq!(broadcast_indices(&[2, 1, 2], &[2, 2, 2]), vec![0, 1, 0, 1, 2, 3, 2, 3]);
-    }
-}
-
 /// Flat indices of a strided view: for each element of `out_shape` (row-major), the offset
 /// `base + sum(pos[d] * strides[d])`. Strides may be negative (reversed slices) or zero
 /// (broadcast); every produced offset must be non-negative.
@@ -150,5 +137,18 @@ pub fn strided_indices(out_shape: &[usize], strides: &[isize], base: isize) -> V
             off -= strides[d] * pos[d] as isize;
             pos[d] = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_broadcast_rows_and_columns() {
+        assert_eq!(broadcast_indices(&[3], &[2, 3]), vec![0, 1, 2, 0, 1, 2]);
+        assert_eq!(broadcast_indices(&[2, 1], &[2, 3]), vec![0, 0, 0, 1, 1, 1]);
+        assert_eq!(broadcast_indices(&[], &[2, 2]), vec![0, 0, 0, 0]);
+        assert_eq!(broadcast_indices(&[2, 1, 2], &[2, 2, 2]), vec![0, 1, 0, 1, 2, 3, 2, 3]);
     }
 }

@@ -42,6 +42,10 @@ impl AutoPad {
     }
 }
 
+/// Resolved spatial geometry: `(pads_begin, pads_end, output)`; an output is `None` where the
+/// input dimension is not known.
+pub type Geometry = (Vec<i64>, Vec<i64>, Vec<Option<usize>>);
+
 /// Attributes of Conv and ConvTranspose. Empty lists mean the ONNX default (ones, zeros, or
 /// taken from the weight's shape).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -108,12 +112,7 @@ impl ConvAttrs {
     /// Spatial geometry of a convolution (or, with `transpose`, of a transposed convolution)
     /// for one input of spatial extent `input` and kernel `kernel`. Returns
     /// `(pads_begin, pads_end, output)`; a `None` input dimension gives a `None` output.
-    pub fn geometry(
-        &self,
-        input: &[Option<usize>],
-        kernel: &[usize],
-        transpose: bool,
-    ) -> Result<(Vec<i64>, Vec<i64>, Vec<Option<usize>>)> {
+    pub fn geometry(&self, input: &[Option<usize>], kernel: &[usize], transpose: bool) -> Result<Geometry> {
         let n = kernel.len();
         let strides = Self::list(&self.strides, n, 1, "strides")?;
         let dil = Self::list(&self.dilations, n, 1, "dilations")?;

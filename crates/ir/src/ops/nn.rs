@@ -66,7 +66,7 @@ impl PoolAttrs {
 
     /// `(pads_begin, pads_end, output)` per spatial axis, following the ONNX reference
     /// (ceil mode drops a last window that would start in the end padding).
-    pub fn geometry(&self, input: &[Option<usize>]) -> Result<(Vec<i64>, Vec<i64>, Vec<Option<usize>>)> {
+    pub fn geometry(&self, input: &[Option<usize>]) -> Result<super::linalg::Geometry> {
         let n = self.kernel_shape.len();
         if input.len() != n {
             return Err(IrError::Invalid(format!("kernel_shape has {n} axes, input has {} spatial axes", input.len())));
@@ -306,7 +306,7 @@ pub(crate) fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Resu
         (x.shape[ax], x.shape[ax + 1..].iter().product::<usize>())
     };
     let mut out = vec![0f64; v.len()];
-    let outer = if dim * inner == 0 { 0 } else { v.len() / (dim * inner) };
+    let outer = v.len().checked_div(dim * inner).unwrap_or(0);
     for o in 0..outer {
         for i in 0..inner {
             let at = |j: usize| o * dim * inner + j * inner + i;
@@ -356,7 +356,7 @@ pub(crate) fn layer_norm(
     };
     let s = fit(scale, "scale")?;
     let bias = b.map(|b| fit(b, "bias")).transpose()?;
-    let outer = if inner == 0 { 0 } else { v.len() / inner };
+    let outer = v.len().checked_div(inner).unwrap_or(0);
     let (mut y, mut means, mut inv) = (vec![0f64; v.len()], vec![], vec![]);
     for o in 0..outer {
         let row = &v[o * inner..(o + 1) * inner];

@@ -65,7 +65,7 @@ pub(crate) fn reduce(op: ReduceOp, x: &Tensor, axes: Option<&Tensor>, keepdims: 
     let slot = |flat: usize| -> usize {
         (0..x.rank()).filter(|&d| !mask[d]).map(|d| (flat / xs[d]) % x.shape[d] * ks[d]).sum()
     };
-    let count = if out_len == 0 { 0 } else { x.len() / out_len };
+    let count = x.len().checked_div(out_len).unwrap_or(0);
     let data = if (x.dtype().is_integer() || x.dtype() == crate::DType::Bool) && op != ReduceOp::Mean {
         let v = x.data.to_i64_vec();
         let init = if op == ReduceOp::Max { i64::MIN } else { 0 };

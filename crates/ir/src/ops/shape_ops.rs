@@ -71,7 +71,7 @@ fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Result<Ve
     }
     if let Some(i) = infer {
         let rest: usize = out.iter().product();
-        if rest == 0 || total % rest != 0 {
+        if rest == 0 || !total.is_multiple_of(rest) {
             return Err(IrError::Invalid(format!("Reshape: cannot reshape {input:?} into {target:?}")));
         }
         out[i] = total / rest;
@@ -268,15 +268,15 @@ pub(crate) fn infer_concat(cx: &Cx, axis: i64) -> Result<Vec<ValueType>> {
         if t.rank() != first.rank() || t.dtype != first.dtype {
             return Err(IrError::Invalid(format!("Concat inputs differ: {first} and {t}")));
         }
-        for d in 0..t.rank() {
+        for (d, (have, new)) in shape.iter_mut().zip(&t.shape).enumerate() {
             if d == ax {
-                sum = sum.zip(t.shape[d].known()).map(|(a, b)| a + b);
-            } else if let (Some(a), Some(b)) = (shape[d].known(), t.shape[d].known()) {
+                sum = sum.zip(new.known()).map(|(a, b)| a + b);
+            } else if let (Some(a), Some(b)) = (have.known(), new.known()) {
                 if a != b {
                     return Err(IrError::Invalid(format!("Concat inputs differ off the axis: {first} and {t}")));
                 }
-            } else if shape[d] == Dim::Unknown {
-                shape[d] = t.shape[d].clone();
+            } else if *have == Dim::Unknown {
+                *have = new.clone();
             }
         }
     }

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Makes the Python environment the tests need: .venv-ci with the onnx==1.22.0 wheel, whose
+# node tests the conformance suite runs. Idempotent; no PyTorch (that is tools/setup-dev.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv-ci/bin/python ]; then
+  python3 -m venv .venv-ci
+fi
+.venv-ci/bin/python -m pip install -q --disable-pip-version-check -r tools/requirements-ci.txt
+.venv-ci/bin/python -c "import onnx, os; d = os.path.join(os.path.dirname(onnx.__file__), 'backend/test/data/node'); assert os.path.isdir(d), d; print('onnx', onnx.__version__, 'node tests:', len(os.listdir(d)))"

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command (README, and .ci/run): sets up what the tests need, checks formatting and
+# lints, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+bash tools/setup-ci.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+echo "tools/test.sh: all checks passed in $((SECONDS - start)) s"
