@@ -29,35 +29,27 @@ fn read_npy(p: &Path) -> Tensor {
 }
 
 fn cases() -> Vec<Case> {
-    let manifest: String = std::fs::read_to_string(dir().join("manifest.json")).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap();
     let mut out = vec![];
-    // The manifest is JSON; the few fields needed here are found by a line scan.
-    let mut file = None;
-    for line in manifest.lines() {
-        let line = line.trim();
-        if let Some(f) = line.strip_prefix("\"file\": \"") {
-            file = Some(f.trim_end_matches("\",").to_string());
-        }
-        if line.starts_with("\"sha256\"") {
-            let f = file.take().unwrap();
-            let name = f.trim_end_matches(".onnx").to_string();
-            let graph = sqil_onnx::load_model(&dir().join(&f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-            let inputs: Vec<Tensor> = (0..)
-                .map(|k| dir().join(format!("{name}.input{k}.npy")))
+    for m in manifest["models"].as_array().unwrap() {
+        let f = m["file"].as_str().unwrap();
+        let name = f.trim_end_matches(".onnx").to_string();
+        let graph = sqil_onnx::load_model(&dir().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        let npys = |kind: &str| -> Vec<Tensor> {
+            (0..)
+                .map(|k| dir().join(format!("{name}.{kind}{k}.npy")))
                 .take_while(|p| p.exists())
                 .map(|p| read_npy(&p))
-                .collect();
-            let ort: Vec<Tensor> = (0..)
-                .map(|k| dir().join(format!("{name}.ort{k}.npy")))
-                .take_while(|p| p.exists())
-                .map(|p| read_npy(&p))
-                .collect();
-            let names: Vec<String> = graph.inputs.iter().map(|&i| graph.node(i).outputs[0].name.clone()).collect();
-            assert_eq!(names.len(), inputs.len(), "{name}: inputs");
-            let feeds = names.into_iter().zip(inputs.iter().cloned()).collect();
-            let int4 = manifest.contains(&format!("\"file\": \"{f}\"")) && f.contains("w4");
-            out.push(Case { name, graph, feeds, inputs, ort, int4 });
-        }
+                .collect()
+        };
+        let (inputs, ort) = (npys("input"), npys("ort"));
+        let names: Vec<String> = graph.inputs.iter().map(|&i| graph.node(i).outputs[0].name.clone()).collect();
+        assert_eq!(names.len(), inputs.len(), "{name}: inputs");
+        assert!(!ort.is_empty(), "{name}: no onnxruntime reference outputs");
+        let feeds = names.into_iter().zip(inputs.iter().cloned()).collect();
+        let int4 = m["int4"].as_bool().unwrap_or(false);
+        out.push(Case { name, graph, feeds, inputs, ort, int4 });
     }
     assert!(out.len() >= 9, "found {} policies", out.len());
     out

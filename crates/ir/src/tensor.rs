@@ -169,6 +169,14 @@ impl Data {
         }
     }
 
+    /// The elements as f32, borrowed when they already are (no copy on the hot path).
+    pub fn f32_cow(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Data::F32(v) => std::borrow::Cow::Borrowed(v),
+            other => std::borrow::Cow::Owned(other.to_f32_vec()),
+        }
+    }
+
     /// Every element as f32; floats round, integers convert.
     pub fn to_f32_vec(&self) -> Vec<f32> {
         match self {

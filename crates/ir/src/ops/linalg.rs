@@ -320,7 +320,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let out = run!(x, y, dgemm, 0.0f64);
         return Tensor::new(out_shape, Data::F64(out));
     }
-    let out = run!(a.data.to_f32_vec(), b.data.to_f32_vec(), sgemm, 0.0f32);
+    let out = run!(a.data.f32_cow(), b.data.f32_cow(), sgemm, 0.0f32);
     via_f32(a.dtype(), out_shape, out)
 }
 
@@ -358,7 +358,7 @@ pub(crate) fn gemm(
         return Tensor::new(vec![m, n], Data::F64(out));
     }
     let mut out: Vec<f32> = init(m * n)?.into_iter().map(|v| v as f32).collect();
-    sgemm(m, k, n, alpha, &a.data.to_f32_vec(), sa, &b.data.to_f32_vec(), sb, 1.0, &mut out, (n, 1));
+    sgemm(m, k, n, alpha, &a.data.f32_cow(), sa, &b.data.f32_cow(), sb, 1.0, &mut out, (n, 1));
     via_f32(a.dtype(), vec![m, n], out)
 }
 
@@ -420,7 +420,7 @@ fn bias_of(b: Option<&Tensor>, m: usize) -> Result<Option<Vec<f32>>> {
 pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
     let p = conv_plan(x, w, c, false)?;
     let bias = bias_of(b, p.m)?;
-    let (xv, wv) = (x.data.to_f32_vec(), w.data.to_f32_vec());
+    let (xv, wv) = (x.data.f32_cow(), w.data.f32_cow());
     let (cg, mg) = (p.c / p.group, p.m / p.group);
     let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
     let table = p.geo.gather_table();
@@ -448,7 +448,7 @@ pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) ->
 pub(crate) fn conv_transpose(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
     let p = conv_plan(x, w, c, true)?;
     let bias = bias_of(b, p.m)?;
-    let (xv, wv) = (x.data.to_f32_vec(), w.data.to_f32_vec());
+    let (xv, wv) = (x.data.f32_cow(), w.data.f32_cow());
     let (cg, mg) = (p.c / p.group, p.m / p.group);
     // Here geo.input is the output image and geo.output the input image (roles swapped).
     let (kl, il, ol) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
