@@ -11,7 +11,6 @@ with graph optimisations disabled), and an entry in manifest.json with the param
 PyTorch reports. Run: tools/.venv-dev/bin/python tools/make_testdata.py
 """
 
-import ast
 import hashlib
 import json
 import os
@@ -23,25 +22,12 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from sqil_tools.hopper import hopper_weights
+
 torch.set_num_threads(1)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "testdata" / "policies"
 MANIFEST = []
-
-
-def hopper_weights():
-    """Reads the weight arrays out of the pybullet example without importing it (it needs gym)."""
-    import importlib.util
-
-    # Locate the package without importing it (its __init__ imports gym).
-    pkg = pathlib.Path(importlib.util.find_spec("pybullet_envs").submodule_search_locations[0])
-    src = pkg / "examples" / "enjoy_TF_HopperBulletEnv_v0_2017may.py"
-    tree = ast.parse(src.read_text())
-    env = {"np": np}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) and t.id.startswith("weights_") for t in node.targets):
-            exec(compile(ast.Module([node], []), str(src), "exec"), env)
-    return {k: np.asarray(v, dtype=np.float32) for k, v in env.items() if k.startswith("weights_")}, src
 
 
 class HopperMLP(torch.nn.Module):
@@ -274,7 +260,8 @@ def pack_int4(q):
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     for f in OUT.iterdir():
-        f.unlink()
+        if not f.name.startswith("bc_") and f.name != "manifest.json":
+            f.unlink()
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     w, src = hopper_weights()
@@ -317,9 +304,11 @@ def main():
     export("transformer", tf, (hist,), (["history"], ["actions"]), "torch.onnx TorchScript exporter, random weights (seed 3)")
     export("transformer_dynamo", tf, (hist,), (["history"], ["actions"]), "torch.onnx dynamo exporter with external data, random weights (seed 3)", dynamo=True)
 
-    (OUT / "manifest.json").write_text(json.dumps({"generator": "tools/make_testdata.py", "torch": torch.__version__,
-                                                     "onnx": onnx.__version__, "onnxruntime": ort.__version__,
-                                                     "models": MANIFEST}, indent=2) + "\n")
+    old = json.loads((OUT / "manifest.json").read_text())["models"] if (OUT / "manifest.json").exists() else []
+    keep = [e for e in old if e["file"].startswith("bc_")]  # made by tools/make_tasks.py
+    (OUT / "manifest.json").write_text(json.dumps({"generator": "tools/make_testdata.py (bc_*: tools/make_tasks.py)",
+                                                     "torch": torch.__version__, "onnx": onnx.__version__,
+                                                     "onnxruntime": ort.__version__, "models": MANIFEST + keep}, indent=2) + "\n")
     for f in sorted(OUT.iterdir()):
         print(f"{f.stat().st_size:>9}  {f.name}")
 

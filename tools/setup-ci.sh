@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes the Python environment the tests need: .venv-ci with the onnx==1.22.0 wheel, whose
-# node tests the conformance suite runs. Idempotent; no PyTorch (that is tools/setup-dev.sh).
+# node tests the conformance suite runs, plus onnxruntime and the simulators for the short
+# closed-loop tests. Idempotent; no PyTorch (that is tools/setup-dev.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv-ci/bin/python ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README, and .ci/run): sets up what the tests need, checks formatting and
-# lints, then runs every test of the workspace.
+# lints, then runs every test of the workspace, then the Python tests (binding, short
+# closed-loop evaluations) in tools/tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -8,4 +9,6 @@ bash tools/setup-ci.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+bash tools/build_binding.sh
+.venv-ci/bin/python -m pytest -q -p no:cacheprovider tools/tests
 echo "tools/test.sh: all checks passed in $((SECONDS - start)) s"

@@ -1,5 +1,6 @@
 //! `sqil inspect` reports the parameter counts PyTorch reports for every testdata policy
-//! (numbers recorded by tools/make_testdata.py in testdata/policies/manifest.json).
+//! (numbers recorded by tools/make_testdata.py and tools/make_tasks.py in
+//! testdata/policies/manifest.json).
 
 use std::path::PathBuf;
 
@@ -15,10 +16,16 @@ fn parameter_counts_match_pytorch() {
     assert!(models.len() >= 9, "manifest lists {} models", models.len());
     for m in models {
         let file = m["file"].as_str().unwrap();
-        let want = m["pytorch_parameters"].as_u64().unwrap() as usize;
+        // Constant buffers (a BC policy's observation mean and std) are initializers in ONNX,
+        // indistinguishable from parameters: the manifest records them separately.
+        let want = (m["pytorch_parameters"].as_u64().unwrap() + m["pytorch_buffers"].as_u64().unwrap_or(0)) as usize;
         let g = sqil_onnx::load_model(&policies().join(file)).unwrap();
         let s = sqil::inspect::summarise(&g).unwrap();
-        assert_eq!(s.params, want, "{file}: sqil counts {} parameters, PyTorch {want}", s.params);
+        assert_eq!(
+            s.params, want,
+            "{file}: sqil counts {} parameters, PyTorch {want} (parameters + buffers)",
+            s.params
+        );
         assert!(s.flops > 0, "{file}: no FLOPs counted");
     }
 }

@@ -1,0 +1,118 @@
+//! Demonstration datasets in the `sqil-demos/1` layout (docs/demos-format.md): loading with
+//! every rule checked, so later stages (calibration, saliency, fine-tuning) can trust them.
+
+use ndarray::{Array1, Array2, Ix1, Ix2};
+use ndarray_npy::{NpzReader, ReadableElement};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// A bad demonstration file; the message names the file and the field.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {msg}")]
+pub struct DemosError {
+    pub path: PathBuf,
+    pub msg: String,
+}
+
+/// Expert demonstrations: steps of several episodes back to back.
+#[derive(Clone, Debug)]
+pub struct Demos {
+    /// [T, obs_dim]
+    pub observations: Array2<f32>,
+    /// [T, act_dim]
+    pub actions: Array2<f32>,
+    /// [T], true at each episode's first step.
+    pub episode_starts: Vec<bool>,
+    /// [T]
+    pub rewards: Vec<f32>,
+    /// [E]
+    pub success: Vec<bool>,
+    /// [E]
+    pub episode_returns: Vec<f64>,
+    /// The JSON metadata (task, env, expert, seeds, versions).
+    pub metadata: serde_json::Value,
+}
+
+impl Demos {
+    /// Loads and validates a `.npz` demonstration file.
+    pub fn load(path: &Path) -> Result<Demos, DemosError> {
+        let err = |msg: String| DemosError { path: path.to_path_buf(), msg };
+        let f = File::open(path).map_err(|e| err(e.to_string()))?;
+        let mut z = NpzReader::new(f).map_err(|e| err(format!("not an .npz archive: {e}")))?;
+        let names = z.names().map_err(|e| err(e.to_string()))?;
+        let mut get1 =
+            |key: &str| -> Result<Array1<u8>, DemosError> { read::<u8, Ix1>(&mut z, &names, key).map_err(err) };
+        let meta_bytes = get1("metadata")?;
+        let metadata: serde_json::Value = serde_json::from_slice(meta_bytes.as_slice().unwrap_or_default())
+            .map_err(|e| err(format!("field `metadata`: not UTF-8 JSON: {e}")))?;
+        if metadata["format"] != "sqil-demos/1" {
+            return Err(err(format!("field `metadata`: format is {}, expected \"sqil-demos/1\"", metadata["format"])));
+        }
+        let observations: Array2<f32> = read::<f32, Ix2>(&mut z, &names, "observations").map_err(err)?;
+        let actions: Array2<f32> = read::<f32, Ix2>(&mut z, &names, "actions").map_err(err)?;
+        let episode_starts = read::<bool, Ix1>(&mut z, &names, "episode_starts").map_err(err)?.to_vec();
+        let rewards = read::<f32, Ix1>(&mut z, &names, "rewards").map_err(err)?.to_vec();
+        let success = read::<bool, Ix1>(&mut z, &names, "success").map_err(err)?.to_vec();
+        let episode_returns = read::<f64, Ix1>(&mut z, &names, "episode_returns").map_err(err)?.to_vec();
+        let t = observations.nrows();
+        if t == 0 {
+            return Err(err("field `observations`: no steps".into()));
+        }
+        for (field, len) in
+            [("actions", actions.nrows()), ("episode_starts", episode_starts.len()), ("rewards", rewards.len())]
+        {
+            if len != t {
+                return Err(err(format!("field `{field}` has {len} steps, `observations` has {t}")));
+            }
+        }
+        if !episode_starts[0] {
+            return Err(err("field `episode_starts`: the first step does not start an episode".into()));
+        }
+        let e = episode_starts.iter().filter(|&&s| s).count();
+        for (field, len) in [("success", success.len()), ("episode_returns", episode_returns.len())] {
+            if len != e {
+                return Err(err(format!("field `{field}` has {len} entries for {e} episodes")));
+            }
+        }
+        finite("observations", observations.iter().copied(), observations.ncols()).map_err(err)?;
+        finite("actions", actions.iter().copied(), actions.ncols()).map_err(err)?;
+        finite("rewards", rewards.iter().copied(), 1).map_err(err)?;
+        Ok(Demos { observations, actions, episode_starts, rewards, success, episode_returns, metadata })
+    }
+
+    pub fn len(&self) -> usize {
+        self.observations.nrows()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Step ranges of the episodes.
+    pub fn episodes(&self) -> Vec<Range<usize>> {
+        let starts: Vec<usize> = self.episode_starts.iter().enumerate().filter(|(_, &s)| s).map(|(i, _)| i).collect();
+        starts.iter().enumerate().map(|(k, &s)| s..starts.get(k + 1).copied().unwrap_or(self.len())).collect()
+    }
+}
+
+fn read<A: ReadableElement, D: ndarray::Dimension>(
+    z: &mut NpzReader<File>,
+    names: &[String],
+    key: &str,
+) -> Result<ndarray::Array<A, D>, String> {
+    let name = names
+        .iter()
+        .find(|n| n.as_str() == key || n.as_str() == format!("{key}.npy"))
+        .ok_or_else(|| format!("missing field `{key}` (has: {})", names.join(", ")))?;
+    z.by_name(name).map_err(|e| format!("field `{key}`: wrong type or shape ({e}); see docs/demos-format.md"))
+}
+
+fn finite(field: &str, v: impl Iterator<Item = f32>, cols: usize) -> Result<(), String> {
+    for (i, x) in v.enumerate() {
+        if !x.is_finite() {
+            return Err(format!("field `{field}`: {x} at step {}, column {}", i / cols.max(1), i % cols.max(1)));
+        }
+    }
+    Ok(())
+}

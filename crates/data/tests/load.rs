@@ -1,0 +1,77 @@
+//! The committed demonstration subsets load; broken files are refused with the field named.
+
+use ndarray::{Array1, Array2};
+use ndarray_npy::NpzWriter;
+use sqil_data::Demos;
+use std::path::PathBuf;
+
+fn demos(task: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/demos").join(format!("{task}.npz"))
+}
+
+#[test]
+fn committed_demos_load() {
+    for (task, obs, act) in [("hopper", 15, 3), ("lander", 8, 2)] {
+        let d = Demos::load(&demos(task)).unwrap();
+        assert_eq!((d.observations.ncols(), d.actions.ncols()), (obs, act), "{task}");
+        assert_eq!(d.metadata["task"], task);
+        let eps = d.episodes();
+        assert_eq!(eps.len(), d.success.len());
+        assert_eq!(eps.last().unwrap().end, d.len());
+        // Returns recorded per episode equal the sum of that episode's rewards.
+        for (r, e) in eps.iter().zip(&d.episode_returns) {
+            let s: f64 = d.rewards[r.clone()].iter().map(|&x| x as f64).sum();
+            assert!((s - e).abs() < 1e-2 * e.abs().max(1.0), "{task}: {s} vs {e}");
+        }
+    }
+}
+
+fn write(path: &PathBuf, obs: Array2<f32>, starts: Vec<bool>, meta: &str, skip: Option<&str>) {
+    let t = obs.nrows();
+    let e = starts.iter().filter(|&&s| s).count();
+    let mut w = NpzWriter::new(std::fs::File::create(path).unwrap());
+    let keep = |k: &str| skip != Some(k);
+    if keep("observations") {
+        w.add_array("observations", &obs).unwrap();
+    }
+    if keep("actions") {
+        w.add_array("actions", &Array2::<f32>::zeros((t, 2))).unwrap();
+    }
+    w.add_array("episode_starts", &Array1::from(starts)).unwrap();
+    w.add_array("rewards", &Array1::<f32>::zeros(t)).unwrap();
+    w.add_array("success", &Array1::from(vec![true; e])).unwrap();
+    w.add_array("episode_returns", &Array1::<f64>::zeros(e)).unwrap();
+    w.add_array("metadata", &Array1::from(meta.as_bytes().to_vec())).unwrap();
+    w.finish().unwrap();
+}
+
+#[test]
+fn broken_files_name_the_field() {
+    let dir = std::env::temp_dir().join(format!("sqil-demos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("d.npz");
+    let meta = r#"{"format": "sqil-demos/1", "task": "t"}"#;
+    let ok = Array2::<f32>::zeros((4, 3));
+    write(&p, ok.clone(), vec![true, false, true, false], meta, None);
+    assert_eq!(Demos::load(&p).unwrap().episodes(), vec![0..2, 2..4]);
+
+    let mut nan = ok.clone();
+    nan[[2, 1]] = f32::NAN;
+    write(&p, nan, vec![true, false, true, false], meta, None);
+    let e = Demos::load(&p).unwrap_err().to_string();
+    assert!(e.contains("d.npz") && e.contains("`observations`") && e.contains("step 2, column 1"), "{e}");
+
+    write(&p, ok.clone(), vec![true, false, true, false], meta, Some("actions"));
+    let e = Demos::load(&p).unwrap_err().to_string();
+    assert!(e.contains("missing field `actions`"), "{e}");
+
+    write(&p, ok.clone(), vec![false, false, true, false], meta, None);
+    assert!(Demos::load(&p).unwrap_err().to_string().contains("episode_starts"));
+
+    write(&p, ok, vec![true, false, true, false], r#"{"format": "other"}"#, None);
+    assert!(Demos::load(&p).unwrap_err().to_string().contains("sqil-demos/1"));
+
+    std::fs::write(&p, b"not a zip").unwrap();
+    assert!(Demos::load(&p).unwrap_err().to_string().contains("not an .npz"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,116 @@
+"""Builds every task's artefacts and docs/tasks.md, reproducibly:
+
+1. records expert demonstrations (50 episodes, reset seeds 1000-1049) into demos/<task>.npz
+   (git-ignored; the first episodes also go to testdata/demos/<task>.npz for tests),
+2. trains the behaviour-cloned MLP (tools/train_bc.py) -> testdata/policies/bc_<task>.onnx,
+3. evaluates expert and BC policy closed loop on 50 episodes with seeds 0-49 (disjoint from the
+   demonstrations) and writes the table to docs/tasks.md and the JSON to docs/tasks.json.
+
+    tools/.venv-dev/bin/python tools/make_tasks.py [--tasks hopper lander]
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from eval import evaluate  # noqa: E402
+
+TEST_EPISODES = {"hopper": 4, "lander": 20}
+
+
+def sh(*args):
+    print("+", " ".join(map(str, args)), flush=True)
+    subprocess.run([sys.executable, *map(str, args)], check=True)
+
+
+def subset(src, dst, episodes):
+    """The first `episodes` episodes of a demo file, same layout."""
+    d = dict(np.load(src))
+    starts = np.flatnonzero(d["episode_starts"])
+    end = starts[episodes] if episodes < len(starts) else len(d["episode_starts"])
+    out = {k: d[k][:end] for k in ("observations", "actions", "episode_starts", "rewards")}
+    out.update(success=d["success"][:episodes], episode_returns=d["episode_returns"][:episodes])
+    meta = json.loads(bytes(d["metadata"]))
+    meta["seeds"] = meta["seeds"][:episodes]
+    out["metadata"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    tmp = dst.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **out)
+    os.replace(tmp, dst)
+
+
+def register(policy: pathlib.Path, demos: pathlib.Path):
+    """Adds the BC policy to testdata/policies/manifest.json with onnxruntime reference outputs
+    on 8 demonstration states, so every cross-check covers it."""
+    sys.path.insert(0, str(HERE))
+    from make_testdata import save_refs, sha  # noqa: E402
+
+    info = json.loads(pathlib.Path(str(policy) + ".json").read_text())
+    obs = np.load(demos)["observations"][::997][:8].astype(np.float32)
+    name = policy.name[: -len(".onnx")]
+    outs = save_refs(name, policy, {"obs": obs})
+    mpath = policy.parent / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["models"] = [e for e in m["models"] if e["file"] != policy.name]
+    m["models"].append({
+        "file": policy.name,
+        "made_by": f"tools/train_bc.py on {info['demo_states']} expert states of task {info['task']} ({info['epochs']} epochs, seed {info['seed']}), torch.onnx TorchScript exporter",
+        "opset": 17,
+        "pytorch_parameters": info["pytorch_parameters"],
+        "pytorch_buffers": info["pytorch_buffers"],
+        "inputs": {"obs": list(obs.shape)},
+        "outputs": outs,
+        "sha256": sha(policy),
+    })
+    mpath.write_text(json.dumps(m, indent=2) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", nargs="+", default=["hopper", "lander"])
+    ap.add_argument("--episodes", type=int, default=50)
+    a = ap.parse_args()
+    (ROOT / "demos").mkdir(exist_ok=True)
+    (ROOT / "testdata" / "demos").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for t in a.tasks:
+        demos = ROOT / "demos" / f"{t}.npz"
+        policy = ROOT / "testdata" / "policies" / f"bc_{t}.onnx"
+        sh(HERE / "record_demos.py", "--task", t, "--episodes", 50, "--seed", 1000, "-o", demos)
+        subset(demos, ROOT / "testdata" / "demos" / f"{t}.npz", TEST_EPISODES[t])
+        sh(HERE / "train_bc.py", "--demos", demos, "-o", policy)
+        register(policy, demos)
+        for spec in ("expert", str(policy.relative_to(ROOT))):
+            r = evaluate(t, spec if spec == "expert" else str(ROOT / spec), a.episodes, 0)
+            r["policy"] = spec
+            rows.append(r)
+            print(f"{t:<8} {spec:<36} success {r['success_rate']:.2f} return {r['return_mean']:.1f}", flush=True)
+    (ROOT / "docs" / "tasks.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [
+        "# Benchmark tasks",
+        "",
+        "Made by `tools/.venv-dev/bin/python tools/make_tasks.py` (expert demonstrations with reset seeds",
+        f"1000-1049, evaluation with seeds 0-{a.episodes - 1}); machine: {platform.processor() or platform.machine()}, 2 cores.",
+        "Per-episode results are in `docs/tasks.json`. Success: hopper return >= 1800, lander return > 200.",
+        "",
+        "| task | policy | episodes | success rate (95% CI) | return mean +- std | steps/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["success_ci95"]
+        lines.append(f"| {r['task']} | {r['policy']} | {r['episodes']} | {r['success_rate']:.2f} ({lo:.2f}-{hi:.2f}) | "
+                     f"{r['return_mean']:.1f} +- {r['return_std']:.1f} | {r['steps_per_s']:.0f} |")
+    (ROOT / "docs" / "tasks.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Records expert demonstrations into the .npz layout of docs/demos-format.md.
+
+    tools/.venv-dev/bin/python tools/record_demos.py --task hopper --episodes 50 --seed 1000 -o demos/hopper.npz
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+from importlib.metadata import version
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from sqil_tools import tasks  # noqa: E402
+from sqil_tools.rollout import run_episodes  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True)
+    ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1000)
+    ap.add_argument("-o", "--out", required=True)
+    a = ap.parse_args()
+    task = tasks.get(a.task)
+    eps, sps = run_episodes(task, task.make_expert(), a.episodes, a.seed, record=True)
+    obs = np.concatenate([np.stack(e["trajectory"]["observations"]) for e in eps]).astype(np.float32)
+    act = np.concatenate([np.stack(e["trajectory"]["actions"]) for e in eps]).astype(np.float32)
+    rew = np.concatenate([np.asarray(e["trajectory"]["rewards"]) for e in eps]).astype(np.float32)
+    starts = np.zeros(len(obs), dtype=bool)
+    starts[np.cumsum([0] + [e["steps"] for e in eps[:-1]])] = True
+    meta = {
+        "format": "sqil-demos/1",
+        "task": task.name,
+        "env_id": task.env_id,
+        "env_kwargs": task.env_kwargs,
+        "expert": task.expert_name,
+        "seeds": [e["seed"] for e in eps],
+        "success_return": task.success_return,
+        "versions": {p: version(p) for p in ["gymnasium", "numpy"] + (["pybullet"] if task.name == "hopper" else ["box2d"])},
+    }
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez_compressed(
+        tmp,
+        observations=obs,
+        actions=act,
+        episode_starts=starts,
+        rewards=rew,
+        success=np.array([e["success"] for e in eps]),
+        episode_returns=np.array([e["return"] for e in eps], dtype=np.float64),
+        metadata=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+    )
+    os.replace(tmp, out)
+    rets = [e["return"] for e in eps]
+    print(f"{task.name}: {len(eps)} episodes, {len(obs)} states, success {np.mean([e['success'] for e in eps]):.2f}, "
+          f"return {np.mean(rets):.1f} +- {np.std(rets):.1f}, {sps:.0f} steps/s -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Python edges of sqil: benchmark tasks, experts, demonstrations, BC training, evaluation."""

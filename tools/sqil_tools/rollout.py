@@ -1,0 +1,49 @@
+"""Seeded closed-loop rollouts shared by demonstration recording and evaluation."""
+
+import time
+
+import numpy as np
+
+
+def run_episodes(task, policy, episodes: int, seed: int, record: bool = False):
+    """Runs `episodes` episodes with reset seeds seed, seed+1, ...; `policy(obs, env)` returns an
+    action. Returns per-episode dicts (return, steps, success, and the trajectory if `record`)
+    and the wall-clock steps per second."""
+    env = task.make_env()
+    low, high = env.action_space.low, env.action_space.high
+    out, steps, t0 = [], 0, time.perf_counter()
+    for i in range(episodes):
+        obs, info = env.reset(seed=seed + i)
+        ep = {"seed": seed + i, "return": 0.0, "steps": 0}
+        traj = {"observations": [], "actions": [], "rewards": []}
+        while True:
+            act = np.asarray(policy(np.asarray(obs, dtype=np.float32), env), dtype=np.float32).reshape(-1)
+            act = np.clip(act, low, high)
+            nxt, r, term, trunc, info = env.step(act)
+            if record:
+                traj["observations"].append(np.asarray(obs, dtype=np.float32))
+                traj["actions"].append(act)
+                traj["rewards"].append(np.float32(r))
+            ep["return"] += float(r)
+            ep["steps"] += 1
+            obs = nxt
+            if term or trunc:
+                break
+        ep["success"] = task.success(ep["return"], info)
+        if record:
+            ep["trajectory"] = traj
+        steps += ep["steps"]
+        out.append(ep)
+    env.close()
+    return out, steps / max(time.perf_counter() - t0, 1e-9)
+
+
+def wilson(successes: int, n: int, z: float = 1.96):
+    """95% Wilson score interval of a success rate."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
