@@ -22,14 +22,21 @@ import numpy as np
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from eval import evaluate  # noqa: E402
+from sqil_tools import tasks  # noqa: E402
 
-TEST_EPISODES = {"hopper": 4, "lander": 20}
+TEST_EPISODES = {"hopper": 4, "lander": 20, "pickplace": 3}
 
 
-def sh(*args):
+def sh(*args, python=None):
     print("+", " ".join(map(str, args)), flush=True)
-    subprocess.run([sys.executable, *map(str, args)], check=True)
+    subprocess.run([python or sys.executable, *map(str, args)], check=True)
+
+
+def evaluate_in(python, task, spec, episodes):
+    """Runs tools/eval.py under the simulator's Python and reads its JSON."""
+    out = ROOT / "demos" / f"eval_{task}_{pathlib.Path(spec).stem}.json"
+    sh(HERE / "eval.py", "--task", task, "--policy", spec, "--episodes", episodes, "--seed", 0, "-o", out, python=python)
+    return json.loads(out.read_text())
 
 
 def subset(src, dst, episodes):
@@ -75,21 +82,24 @@ def register(policy: pathlib.Path, demos: pathlib.Path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=["hopper", "lander"])
+    ap.add_argument("--tasks", nargs="+", default=["hopper", "lander", "pickplace"])
     ap.add_argument("--episodes", type=int, default=50)
     a = ap.parse_args()
     (ROOT / "demos").mkdir(exist_ok=True)
     (ROOT / "testdata" / "demos").mkdir(parents=True, exist_ok=True)
-    rows = []
+    # Rows of tasks not rerun now are kept from the last run.
+    old = ROOT / "docs" / "tasks.json"
+    rows = [r for r in (json.loads(old.read_text()) if old.exists() else []) if r["task"] not in a.tasks]
     for t in a.tasks:
         demos = ROOT / "demos" / f"{t}.npz"
         policy = ROOT / "testdata" / "policies" / f"bc_{t}.onnx"
-        sh(HERE / "record_demos.py", "--task", t, "--episodes", 50, "--seed", 1000, "-o", demos)
+        sim = str(ROOT / tasks.SIM_PYTHON[t]) if t in tasks.SIM_PYTHON else sys.executable
+        sh(HERE / "record_demos.py", "--task", t, "--episodes", 50, "--seed", 1000, "-o", demos, python=sim)
         subset(demos, ROOT / "testdata" / "demos" / f"{t}.npz", TEST_EPISODES[t])
         sh(HERE / "train_bc.py", "--demos", demos, "-o", policy)
         register(policy, demos)
         for spec in ("expert", str(policy.relative_to(ROOT))):
-            r = evaluate(t, spec if spec == "expert" else str(ROOT / spec), a.episodes, 0)
+            r = evaluate_in(sim, t, spec if spec == "expert" else str(ROOT / spec), a.episodes)
             r["policy"] = spec
             rows.append(r)
             print(f"{t:<8} {spec:<36} success {r['success_rate']:.2f} return {r['return_mean']:.1f}", flush=True)
@@ -99,11 +109,13 @@ def main():
         "",
         "Made by `tools/.venv-dev/bin/python tools/make_tasks.py` (expert demonstrations with reset seeds",
         f"1000-1049, evaluation with seeds 0-{a.episodes - 1}); machine: {platform.processor() or platform.machine()}, 2 cores.",
-        "Per-episode results are in `docs/tasks.json`. Success: hopper return >= 1800, lander return > 200.",
+        "Per-episode results are in `docs/tasks.json`. Success: hopper return >= 1800, lander return > 200, pickplace the env's success flag.",
         "",
         "| task | policy | episodes | success rate (95% CI) | return mean +- std | steps/s |",
         "|---|---|---|---|---|---|",
     ]
+    order = ["hopper", "lander", "pickplace"]
+    rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else 99, r["policy"] != "expert"))
     for r in rows:
         lo, hi = r["success_ci95"]
         lines.append(f"| {r['task']} | {r['policy']} | {r['episodes']} | {r['success_rate']:.2f} ({lo:.2f}-{hi:.2f}) | "

@@ -39,7 +39,7 @@ def main():
         "expert": task.expert_name,
         "seeds": [e["seed"] for e in eps],
         "success_return": task.success_return,
-        "versions": {p: version(p) for p in ["gymnasium", "numpy"] + (["pybullet"] if task.name == "hopper" else ["box2d"])},
+        "versions": {p: version(p) for p in ["gymnasium", "numpy"] + {"hopper": ["pybullet"], "lander": ["box2d"], "pickplace": ["metaworld", "mujoco"]}[task.name]},
     }
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

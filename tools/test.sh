@@ -10,5 +10,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 bash tools/build_binding.sh
-.venv-ci/bin/python -m pytest -q -p no:cacheprovider tools/tests
+.venv-ci/bin/python -m pytest -q -rs -p no:cacheprovider tools/tests
+tools/.venv-mw/bin/python -m pytest -q -rs -p no:cacheprovider tools/tests -k pickplace
 echo "tools/test.sh: all checks passed in $((SECONDS - start)) s"

@@ -15,6 +15,7 @@ def run_episodes(task, policy, episodes: int, seed: int, record: bool = False):
     for i in range(episodes):
         obs, info = env.reset(seed=seed + i)
         ep = {"seed": seed + i, "return": 0.0, "steps": 0}
+        flagged = False
         traj = {"observations": [], "actions": [], "rewards": []}
         while True:
             act = np.asarray(policy(np.asarray(obs, dtype=np.float32), env), dtype=np.float32).reshape(-1)
@@ -25,11 +26,12 @@ def run_episodes(task, policy, episodes: int, seed: int, record: bool = False):
                 traj["actions"].append(act)
                 traj["rewards"].append(np.float32(r))
             ep["return"] += float(r)
+            flagged = flagged or bool(info.get("success", False))
             ep["steps"] += 1
             obs = nxt
             if term or trunc:
                 break
-        ep["success"] = task.success(ep["return"], info)
+        ep["success"] = task.success(ep["return"], flagged)
         if record:
             ep["trajectory"] = traj
         steps += ep["steps"]

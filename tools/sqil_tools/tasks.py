@@ -5,6 +5,10 @@
   seeds 0-2). The critical moments are the touchdowns.
 - lander: LunarLander-v3 continuous (gymnasium[box2d]); expert: gymnasium's `heuristic`;
   success: return > 200 (the environment's own "solved" bar). The touchdown is critical.
+- pickplace: Meta-World pick-place-v3 (metaworld 3.1.1, its own venv tools/.venv-mw since it pins
+  mujoco 3.3.0), 39-d state observations; expert: Meta-World's scripted SawyerPickPlaceV3Policy;
+  success: the environment's `success` flag at any step of the 500-step episode. The grasp is
+  the critical moment.
 """
 
 from dataclasses import dataclass
@@ -28,9 +32,14 @@ class Task:
     def make_env(self):
         if self.name == "hopper":
             import pybullet_envs_gymnasium  # noqa: F401  (registers the Bullet envs)
+        if self.name == "pickplace":
+            import metaworld  # noqa: F401  (registers Meta-World/MT1)
         return gym.make(self.env_id, **self.env_kwargs)
 
-    def success(self, ep_return: float, info: dict) -> bool:
+    def success(self, ep_return: float, flagged: bool) -> bool:
+        """`flagged`: the environment reported `info["success"]` at some step."""
+        if self.name == "pickplace":
+            return bool(flagged)
         return bool(ep_return >= self.success_return)
 
 
@@ -49,12 +58,24 @@ def _lander_expert():
     return act
 
 
+def _pickplace_expert():
+    from metaworld.policies.sawyer_pick_place_v3_policy import SawyerPickPlaceV3Policy
+
+    pol = SawyerPickPlaceV3Policy()
+    return lambda obs, env: np.asarray(pol.get_action(obs), dtype=np.float32)
+
+
 TASKS = {
     "hopper": Task("hopper", "HopperBulletEnv-v0", {}, 15, 3, 1800.0,
                    "pretrained MLP from the pybullet wheel (enjoy_TF_HopperBulletEnv_v0_2017may.py)", _hopper_expert),
     "lander": Task("lander", "LunarLander-v3", {"continuous": True}, 8, 2, 200.0,
                    "gymnasium.envs.box2d.lunar_lander.heuristic", _lander_expert),
+    "pickplace": Task("pickplace", "Meta-World/MT1", {"env_name": "pick-place-v3", "seed": 0}, 39, 4, float("nan"),
+                      "metaworld.policies.SawyerPickPlaceV3Policy (scripted)", _pickplace_expert),
 }
+
+# The Python that can run each task's simulator (Meta-World pins its own mujoco).
+SIM_PYTHON = {"pickplace": "tools/.venv-mw/bin/python"}
 
 
 def get(name: str) -> Task:
