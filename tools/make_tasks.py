@@ -25,6 +25,9 @@ sys.path.insert(0, str(HERE))
 from sqil_tools import tasks  # noqa: E402
 
 TEST_EPISODES = {"hopper": 4, "lander": 20, "pickplace": 3}
+# BC architectures per task: the MLP everywhere, plus a transformer (history 4 -> chunk of 4
+# actions) on pickplace so attention, LayerNorm and GELU are covered.
+ARCHS = {"pickplace": ["mlp", "transformer"]}
 
 
 def sh(*args, python=None):
@@ -61,19 +64,27 @@ def register(policy: pathlib.Path, demos: pathlib.Path):
     from make_testdata import save_refs, sha  # noqa: E402
 
     info = json.loads(pathlib.Path(str(policy) + ".json").read_text())
-    obs = np.load(demos)["observations"][::997][:8].astype(np.float32)
+    d = np.load(demos)
+    pick = np.arange(0, len(d["observations"]), 997)[:8]
+    if info.get("arch") == "transformer":
+        from train_bc import windows
+
+        x, _ = windows(d["observations"], d["actions"], d["episode_starts"], 4, 4)
+        feeds = {"history": x[pick].astype(np.float32)}
+    else:
+        feeds = {"obs": d["observations"][pick].astype(np.float32)}
     name = policy.name[: -len(".onnx")]
-    outs = save_refs(name, policy, {"obs": obs})
+    outs = save_refs(name, policy, feeds)
     mpath = policy.parent / "manifest.json"
     m = json.loads(mpath.read_text())
     m["models"] = [e for e in m["models"] if e["file"] != policy.name]
     m["models"].append({
         "file": policy.name,
-        "made_by": f"tools/train_bc.py on {info['demo_states']} expert states of task {info['task']} ({info['epochs']} epochs, seed {info['seed']}), torch.onnx TorchScript exporter",
+        "made_by": f"tools/train_bc.py --arch {info.get('arch', 'mlp')} on {info['demo_states']} expert states of task {info['task']} ({info['epochs']} epochs, seed {info['seed']}), torch.onnx TorchScript exporter",
         "opset": 17,
         "pytorch_parameters": info["pytorch_parameters"],
         "pytorch_buffers": info["pytorch_buffers"],
-        "inputs": {"obs": list(obs.shape)},
+        "inputs": {k: list(v.shape) for k, v in feeds.items()},
         "outputs": outs,
         "sha256": sha(policy),
     })
@@ -84,6 +95,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["hopper", "lander", "pickplace"])
     ap.add_argument("--episodes", type=int, default=50)
+    ap.add_argument("--reuse-demos", action="store_true", help="keep existing demos/<task>.npz (same seeds, same content)")
     a = ap.parse_args()
     (ROOT / "demos").mkdir(exist_ok=True)
     (ROOT / "testdata" / "demos").mkdir(parents=True, exist_ok=True)
@@ -92,13 +104,18 @@ def main():
     rows = [r for r in (json.loads(old.read_text()) if old.exists() else []) if r["task"] not in a.tasks]
     for t in a.tasks:
         demos = ROOT / "demos" / f"{t}.npz"
-        policy = ROOT / "testdata" / "policies" / f"bc_{t}.onnx"
         sim = str(ROOT / tasks.SIM_PYTHON[t]) if t in tasks.SIM_PYTHON else sys.executable
-        sh(HERE / "record_demos.py", "--task", t, "--episodes", 50, "--seed", 1000, "-o", demos, python=sim)
+        if not (a.reuse_demos and demos.exists()):
+            sh(HERE / "record_demos.py", "--task", t, "--episodes", 50, "--seed", 1000, "-o", demos, python=sim)
         subset(demos, ROOT / "testdata" / "demos" / f"{t}.npz", TEST_EPISODES[t])
-        sh(HERE / "train_bc.py", "--demos", demos, "-o", policy)
-        register(policy, demos)
-        for spec in ("expert", str(policy.relative_to(ROOT))):
+        specs = ["expert"]
+        for arch in ARCHS.get(t, ["mlp"]):
+            policy = ROOT / "testdata" / "policies" / (f"bc_{t}.onnx" if arch == "mlp" else f"bc_{t}_{arch}.onnx")
+            extra = ["--arch", arch] + (["--epochs", 20] if arch == "transformer" else [])
+            sh(HERE / "train_bc.py", "--demos", demos, "-o", policy, *extra)
+            register(policy, demos)
+            specs.append(str(policy.relative_to(ROOT)))
+        for spec in specs:
             r = evaluate_in(sim, t, spec if spec == "expert" else str(ROOT / spec), a.episodes)
             r["policy"] = spec
             rows.append(r)

@@ -4,6 +4,24 @@ optimisations off, one thread), or an ONNX / IR file run by sqil's Python bindin
 import numpy as np
 
 
+class HistoryPolicy:
+    """Closed-loop driver of a history -> action-chunk policy ([B, H, obs] -> [B, C, act]):
+    keeps the episode's last H observations (the first one repeated until there are H) and
+    executes the first action of each predicted chunk (receding horizon)."""
+
+    def __init__(self, run, hist):
+        self.run, self.hist, self.buf = run, hist, []
+
+    def reset(self):
+        self.buf = []
+
+    def __call__(self, obs, env):
+        if not self.buf:
+            self.buf = [obs] * self.hist
+        self.buf = self.buf[1:] + [obs]
+        return self.run(np.stack(self.buf)[None].astype(np.float32))[0][0]
+
+
 def load(spec: str, task):
     if spec == "expert":
         return task.make_expert()
@@ -13,6 +31,9 @@ def load(spec: str, task):
         except ImportError as e:
             raise SystemExit(f"policy `{spec}`: the sqil Python binding is not importable ({e})")
         p = sqil.Policy(spec[5:])
+        rank = len(p.input_shape(0))
+        if rank == 3:
+            return HistoryPolicy(lambda x: p.act(x), p.input_shape(0)[1])
         return lambda obs, env: p.act(obs[None])[0]
     import onnxruntime as ort
 
@@ -20,5 +41,7 @@ def load(spec: str, task):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.intra_op_num_threads = 1
     s = ort.InferenceSession(spec, so, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    return lambda obs, env: s.run(None, {name: obs[None].astype(np.float32)})[0][0]
+    inp = s.get_inputs()[0]
+    if len(inp.shape) == 3:
+        return HistoryPolicy(lambda x: s.run(None, {inp.name: x})[0], inp.shape[1])
+    return lambda obs, env: s.run(None, {inp.name: obs[None].astype(np.float32)})[0][0]

@@ -14,6 +14,8 @@ def run_episodes(task, policy, episodes: int, seed: int, record: bool = False):
     out, steps, t0 = [], 0, time.perf_counter()
     for i in range(episodes):
         obs, info = env.reset(seed=seed + i)
+        if hasattr(policy, "reset"):
+            policy.reset()
         ep = {"seed": seed + i, "return": 0.0, "steps": 0}
         flagged = False
         traj = {"observations": [], "actions": [], "rewards": []}

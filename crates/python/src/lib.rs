@@ -42,6 +42,12 @@ impl Policy {
         self.graph.inputs.iter().map(|&i| self.graph.node(i).outputs[0].name.clone()).collect()
     }
 
+    /// Declared shape of input `k`: an int per known dimension, None for symbolic ones.
+    fn input_shape(&self, k: usize) -> PyResult<Vec<Option<usize>>> {
+        let n = *self.graph.inputs.get(k).ok_or_else(|| err(format!("the policy has no input {k}")))?;
+        Ok(self.graph.node(n).outputs[0].ty.shape.iter().map(|d| d.known()).collect())
+    }
+
     #[getter]
     fn output_names(&self) -> Vec<String> {
         self.graph.outputs.iter().map(|&v| self.graph.value(v).name.clone()).collect()
