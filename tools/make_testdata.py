@@ -23,6 +23,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from sqil_tools.hopper import hopper_weights
+from sqil_tools.models import Block
 
 torch.set_num_threads(1)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -90,25 +91,6 @@ class CNN(torch.nn.Module):
         x = torch.nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)
         x = self.prelu(self.fc(torch.cat([x, proprio], dim=1)))
         return torch.sigmoid(self.head(x)) * 2 - 1
-
-
-class Block(torch.nn.Module):
-    def __init__(self, d, heads, ff):
-        super().__init__()
-        self.h, self.dk = heads, d // heads
-        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.qkv = torch.nn.Linear(d, 3 * d)
-        self.proj = torch.nn.Linear(d, d)
-        self.ff1, self.ff2 = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (z.reshape(b, t, self.h, self.dk).transpose(1, 2) for z in (q, k, v))
-        att = torch.softmax(q @ k.transpose(-2, -1) / self.dk**0.5, dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        return x + self.ff2(torch.nn.functional.gelu(self.ff1(self.ln2(x))))
 
 
 class Transformer(torch.nn.Module):

@@ -11,9 +11,13 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from sqil_tools.models import Block  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -30,23 +34,6 @@ class BCPolicy(torch.nn.Module):
 
     def forward(self, obs):
         return self.net((obs - self.mean) / self.std)
-
-
-class Block(torch.nn.Module):
-    def __init__(self, d, heads, ff):
-        super().__init__()
-        self.h, self.dk = heads, d // heads
-        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-        self.ff1, self.ff2 = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (z.reshape(b, t, self.h, self.dk).transpose(1, 2) for z in (q, k, v))
-        att = torch.softmax(q @ k.transpose(-2, -1) / self.dk**0.5, dim=-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
-        return x + self.ff2(torch.nn.functional.gelu(self.ff1(self.ln2(x))))
 
 
 class TransformerPolicy(torch.nn.Module):
