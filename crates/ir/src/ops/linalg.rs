@@ -99,7 +99,8 @@ impl ConvAttrs {
         v
     }
 
-    fn list(v: &[i64], n: usize, default: i64, what: &str) -> Result<Vec<i64>> {
+    /// `v`, or `n` copies of `default` when `v` is empty (the ONNX convention for optional lists).
+    pub(crate) fn list(v: &[i64], n: usize, default: i64, what: &str) -> Result<Vec<i64>> {
         if v.is_empty() {
             Ok(vec![default; n])
         } else if v.len() == n {

@@ -1,7 +1,7 @@
 //! Neural-network ops: pooling, softmax, layer and batch normalisation. Accumulation is in f64.
 
 use super::broadcast::broadcast_indices;
-use super::linalg::AutoPad;
+use super::linalg::{AutoPad, ConvAttrs};
 use super::{norm_axis, Cx, Ex};
 use crate::attrs::{Attr, AttrMap};
 use crate::dtype::DType;
@@ -56,14 +56,6 @@ impl PoolAttrs {
         ]
     }
 
-    fn list(v: &[i64], n: usize, default: i64, what: &str) -> Result<Vec<i64>> {
-        match v.len() {
-            0 => Ok(vec![default; n]),
-            l if l == n => Ok(v.to_vec()),
-            l => Err(IrError::Invalid(format!("{what} has {l} entries, expected {n}"))),
-        }
-    }
-
     /// `(pads_begin, pads_end, output)` per spatial axis, following the ONNX reference
     /// (ceil mode drops a last window that would start in the end padding).
     pub fn geometry(&self, input: &[Option<usize>]) -> Result<super::linalg::Geometry> {
@@ -71,9 +63,9 @@ impl PoolAttrs {
         if input.len() != n {
             return Err(IrError::Invalid(format!("kernel_shape has {n} axes, input has {} spatial axes", input.len())));
         }
-        let s = Self::list(&self.strides, n, 1, "strides")?;
-        let dil = Self::list(&self.dilations, n, 1, "dilations")?;
-        let pads = Self::list(&self.pads, 2 * n, 0, "pads")?;
+        let s = ConvAttrs::list(&self.strides, n, 1, "strides")?;
+        let dil = ConvAttrs::list(&self.dilations, n, 1, "dilations")?;
+        let pads = ConvAttrs::list(&self.pads, 2 * n, 0, "pads")?;
         let (mut pb, mut pe) = (pads[..n].to_vec(), pads[n..].to_vec());
         let mut out = vec![];
         for d in 0..n {
@@ -130,8 +122,8 @@ impl PoolAttrs {
         let geo = ConvGeometry {
             input: input.to_vec(),
             kernel: self.kernel_shape.iter().map(|&k| k as usize).collect(),
-            strides: Self::list(&self.strides, n, 1, "strides")?.iter().map(|&v| v as usize).collect(),
-            dilations: Self::list(&self.dilations, n, 1, "dilations")?.iter().map(|&v| v as usize).collect(),
+            strides: ConvAttrs::list(&self.strides, n, 1, "strides")?.iter().map(|&v| v as usize).collect(),
+            dilations: ConvAttrs::list(&self.dilations, n, 1, "dilations")?.iter().map(|&v| v as usize).collect(),
             pads_begin: pb.iter().map(|&p| p as isize).collect(),
             output: out.into_iter().map(|o| o.expect("known input")).collect(),
         };
