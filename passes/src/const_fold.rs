@@ -33,13 +33,8 @@ impl Pass for ConstFold {
             let ins = g.inputs_of(n);
             let outs: Vec<Tensor> = if let (Op::Shape { start, end }, Some(Some(x))) = (&node.op, ins.first()) {
                 let Some(shape) = g.value(*x).ty.known_shape() else { continue };
-                let r = shape.len() as i64;
-                let fix = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
-                let (s, e) = (fix(*start), fix(end.unwrap_or(r)));
-                vec![Tensor::new(
-                    vec![e.saturating_sub(s)],
-                    Data::I64(shape[s..e.max(s)].iter().map(|&d| d as i64).collect()),
-                )?]
+                let (s, e) = sqil_ir::ops::shape_range(shape.len(), *start, *end);
+                vec![Tensor::new(vec![e - s], Data::I64(shape[s..e].iter().map(|&d| d as i64).collect()))?]
             } else {
                 let consts: Option<Vec<Option<&Tensor>>> =
                     ins.iter().map(|v| v.map(|v| g.const_value(v)).map_or(Some(None), |c| c.map(Some))).collect();

@@ -17,6 +17,7 @@ mod shape_ops;
 pub use broadcast::Broadcast;
 pub use linalg::ConvAttrs;
 pub use nn::PoolAttrs;
+pub use shape_ops::shape_range;
 
 use crate::attrs::{Attr, AttrMap};
 use crate::dtype::DType;

@@ -525,7 +525,9 @@ pub(crate) fn gather(x: &Tensor, indices: &Tensor, axis: i64) -> Result<Tensor> 
     Tensor::new(shape, x.data.gather(&idx))
 }
 
-fn shape_range(rank: usize, start: i64, end: Option<i64>) -> (usize, usize) {
+/// The `[start, end)` dimension range a Shape op with these attributes reads from a value of
+/// rank `rank` (negative bounds count from the end; both are clamped).
+pub fn shape_range(rank: usize, start: i64, end: Option<i64>) -> (usize, usize) {
     let r = rank as i64;
     let fix = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
     let (s, e) = (fix(start), fix(end.unwrap_or(r)));
