@@ -26,7 +26,12 @@ def main():
     a = ap.parse_args()
     task = tasks.get(a.task)
     eps, sps = run_episodes(task, task.make_expert(), a.episodes, a.seed, record=True)
-    obs = np.concatenate([np.stack(e["trajectory"]["observations"]) for e in eps]).astype(np.float32)
+    steps = [o for e in eps for o in e["trajectory"]["observations"]]
+    images = None
+    if isinstance(steps[0], dict):  # pixel task: proprioception as `observations`, frames as `images`
+        images = np.stack([o["image"] for o in steps]).astype(np.uint8)
+        steps = [o["proprio"] for o in steps]
+    obs = np.stack(steps).astype(np.float32)
     act = np.concatenate([np.stack(e["trajectory"]["actions"]) for e in eps]).astype(np.float32)
     rew = np.concatenate([np.asarray(e["trajectory"]["rewards"]) for e in eps]).astype(np.float32)
     starts = np.zeros(len(obs), dtype=bool)
@@ -39,8 +44,10 @@ def main():
         "expert": task.expert_name,
         "seeds": [e["seed"] for e in eps],
         "success_return": task.success_return,
-        "versions": {p: version(p) for p in ["gymnasium", "numpy"] + {"hopper": ["pybullet"], "lander": ["box2d"], "pickplace": ["metaworld", "mujoco"]}[task.name]},
+        "versions": {p: version(p) for p in ["gymnasium", "numpy"] + {"hopper": ["pybullet"], "lander": ["box2d"], "pickplace": ["metaworld", "mujoco"], "pickplace-pixels": ["metaworld", "mujoco"]}[task.name]},
     }
+    if images is not None:
+        meta["inputs"] = {"image": "images / 255 (uint8 [T, 3, H, W] -> float32)", "proprio": "observations"}
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
@@ -53,6 +60,7 @@ def main():
         success=np.array([e["success"] for e in eps]),
         episode_returns=np.array([e["return"] for e in eps], dtype=np.float64),
         metadata=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        **({"images": images} if images is not None else {}),
     )
     os.replace(tmp, out)
     rets = [e["return"] for e in eps]

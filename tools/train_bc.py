@@ -58,6 +58,39 @@ class TransformerPolicy(torch.nn.Module):
         return self.head(self.norm(x[:, -1])).reshape(-1, self.chunk, self.act_dim)
 
 
+class CNNPolicy(torch.nn.Module):
+    """Camera image (float [0, 1], [B, 3, 84, 84]) + proprioception [B, p] -> action: four
+    3x3 convolutions (32, 32, 64, 64 channels; strides 2, 2, 2, 1) with ReLU, a 256-unit
+    image embedding, concatenated with the normalised proprioception, then a 256-unit ReLU head."""
+
+    def __init__(self, mean, std, act_dim, hidden=256):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean))
+        self.register_buffer("std", torch.as_tensor(std))
+        c = torch.nn.Conv2d
+        self.enc = torch.nn.Sequential(c(3, 32, 3, 2), torch.nn.ReLU(), c(32, 32, 3, 2), torch.nn.ReLU(),
+                                       c(32, 64, 3, 2), torch.nn.ReLU(), c(64, 64, 3, 1), torch.nn.ReLU(),
+                                       torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, hidden), torch.nn.ReLU())
+        self.head = torch.nn.Sequential(torch.nn.Linear(hidden + len(mean), hidden), torch.nn.ReLU(),
+                                        torch.nn.Linear(hidden, act_dim))
+
+    def forward(self, image, proprio):
+        z = self.enc(image - 0.5)
+        return self.head(torch.cat([z, (proprio - self.mean) / self.std], dim=1))
+
+
+def random_shift(img, pad, g):
+    """DrQ-style augmentation: pad by replicating edges, crop back at a random offset per image."""
+    b, _, h, w = img.shape
+    x = torch.nn.functional.pad(img, (pad, pad, pad, pad), mode="replicate")
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(img.device)
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g).to(img.device)
+    rows = (dy[:, None] + torch.arange(h, device=img.device)[None])[:, None, :, None].expand(b, img.shape[1], h, w + 2 * pad)
+    x = torch.gather(x, 2, rows)
+    cols = (dx[:, None] + torch.arange(w, device=img.device)[None])[:, None, None, :].expand(b, img.shape[1], h, w)
+    return torch.gather(x, 3, cols)
+
+
 def windows(obs, act, starts, hist, chunk):
     """Training pairs for the transformer: per step, the last `hist` observations of its
     episode (padded with the first) and the next `chunk` actions (padded with the last)."""
@@ -78,8 +111,11 @@ def main():
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--arch", choices=["mlp", "transformer"], default="mlp")
+    ap.add_argument("--arch", choices=["mlp", "transformer", "cnn"], default="mlp")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="torch device for training (cuda on a GPU machine); export runs on CPU")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     d = np.load(a.demos)
     meta = json.loads(bytes(d["metadata"]))
@@ -89,31 +125,48 @@ def main():
         model = TransformerPolicy(mean, std, act.shape[1])
         x, y = windows(d["observations"], d["actions"], d["episode_starts"], model.hist, model.chunk)
         obs, act = torch.from_numpy(x), torch.from_numpy(y)
+    elif a.arch == "cnn":
+        model = CNNPolicy(mean, std, act.shape[1])
+        images = torch.from_numpy(d["images"])  # uint8, converted per batch
     else:
         model = BCPolicy(mean, std, act.shape[1])
+    dev = torch.device(a.device)
+    model.to(dev)
+    obs, act = obs.to(dev), act.to(dev)
+    if a.arch == "cnn":
+        images = images.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=a.lr)
     steps = a.epochs * ((len(obs) + a.batch - 1) // a.batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(a.seed)
     for ep in range(a.epochs):
-        perm = torch.randperm(len(obs), generator=g)
+        perm = torch.randperm(len(obs), generator=g).to(dev)
         total = 0.0
         for i in range(0, len(obs), a.batch):
             idx = perm[i : i + a.batch]
-            loss = torch.nn.functional.mse_loss(model(obs[idx]), act[idx])
+            if a.arch == "cnn":
+                img = random_shift(images[idx].float() / 255.0, 4, g)
+                loss = torch.nn.functional.mse_loss(model(img, obs[idx]), act[idx])
+            else:
+                loss = torch.nn.functional.mse_loss(model(obs[idx]), act[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        if ep % 10 == 9 or ep == a.epochs - 1:
+        if ep % 10 == 9 or ep == a.epochs - 1 or a.arch == "cnn":
             print(f"epoch {ep + 1}: mse {total / len(obs):.5f}")
     model.eval()
+    model.to("cpu")
+    obs, act = obs.cpu(), act.cpu()
+    if a.arch == "cnn":
+        images = images.cpu()
     out = pathlib.Path(a.out)
     tmp = out.with_suffix(".tmp.onnx")
-    names = (["history"], ["actions"]) if a.arch == "transformer" else (["obs"], ["action"])
-    torch.onnx.export(model, (obs[:4],), str(tmp), input_names=names[0], output_names=names[1], opset_version=17,
-                      dynamo=False, dynamic_axes={names[0][0]: {0: "batch"}, names[1][0]: {0: "batch"}})
+    names = {"transformer": (["history"], ["actions"]), "cnn": (["image", "proprio"], ["action"])}.get(a.arch, (["obs"], ["action"]))
+    args = (images[:4].float() / 255.0, obs[:4]) if a.arch == "cnn" else (obs[:4],)
+    torch.onnx.export(model, args, str(tmp), input_names=names[0], output_names=names[1], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "batch"} for n in names[0] + names[1]})
     os.replace(tmp, out)
     info = {
         "task": meta["task"],

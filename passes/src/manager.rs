@@ -45,7 +45,7 @@ impl PassManager {
         let passes = names
             .iter()
             .map(|n| {
-                crate::pass_by_name(n.trim()).ok_or_else(|| {
+                crate::pass_by_name(n.trim())?.ok_or_else(|| {
                     let known: Vec<&str> = crate::registry().iter().map(|p| p.name()).collect();
                     IrError::Invalid(format!("unknown pass `{n}` (known: {})", known.join(", ")))
                 })

@@ -22,6 +22,11 @@ class HistoryPolicy:
         return self.run(np.stack(self.buf)[None].astype(np.float32))[0][0]
 
 
+def _pixels(run):
+    """Driver of an (image, proprio) -> action policy on the pixel task's dict observations."""
+    return lambda obs, env: run(obs["image"][None].astype(np.float32) / 255.0, obs["proprio"][None])[0]
+
+
 def load(spec: str, task):
     if spec == "expert":
         return task.make_expert()
@@ -31,6 +36,8 @@ def load(spec: str, task):
         except ImportError as e:
             raise SystemExit(f"policy `{spec}`: the sqil Python binding is not importable ({e})")
         p = sqil.Policy(spec[5:])
+        if p.input_names() == ["image", "proprio"]:
+            return _pixels(lambda i, q: p.run(i, q)[0])
         rank = len(p.input_shape(0))
         if rank == 3:
             return HistoryPolicy(lambda x: p.act(x), p.input_shape(0)[1])
@@ -42,6 +49,8 @@ def load(spec: str, task):
     so.intra_op_num_threads = 1
     s = ort.InferenceSession(spec, so, providers=["CPUExecutionProvider"])
     inp = s.get_inputs()[0]
+    if [i.name for i in s.get_inputs()] == ["image", "proprio"]:
+        return _pixels(lambda i, q: s.run(None, {"image": i, "proprio": q})[0])
     if len(inp.shape) == 3:
         return HistoryPolicy(lambda x: s.run(None, {inp.name: x})[0], inp.shape[1])
     return lambda obs, env: s.run(None, {inp.name: obs[None].astype(np.float32)})[0][0]

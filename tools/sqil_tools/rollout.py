@@ -20,11 +20,13 @@ def run_episodes(task, policy, episodes: int, seed: int, record: bool = False):
         flagged = False
         traj = {"observations": [], "actions": [], "rewards": []}
         while True:
-            act = np.asarray(policy(np.asarray(obs, dtype=np.float32), env), dtype=np.float32).reshape(-1)
+            if not isinstance(obs, dict):
+                obs = np.asarray(obs, dtype=np.float32)
+            act = np.asarray(policy(obs, env), dtype=np.float32).reshape(-1)
             act = np.clip(act, low, high)
             nxt, r, term, trunc, info = env.step(act)
             if record:
-                traj["observations"].append(np.asarray(obs, dtype=np.float32))
+                traj["observations"].append(obs)
                 traj["actions"].append(act)
                 traj["rewards"].append(np.float32(r))
             ep["return"] += float(r)

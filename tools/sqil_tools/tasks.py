@@ -9,6 +9,8 @@
   mujoco 3.3.0), 39-d state observations; expert: Meta-World's scripted SawyerPickPlaceV3Policy;
   success: the environment's `success` flag at any step of the 500-step episode. The grasp is
   the critical moment.
+- pickplace-pixels: the same task and expert, but the policy sees an 84x84 RGB camera image plus
+  proprioception and the goal (sqil_tools/pixels.py); the object's position is only in the image.
 """
 
 from dataclasses import dataclass
@@ -32,13 +34,18 @@ class Task:
     def make_env(self):
         if self.name == "hopper":
             import pybullet_envs_gymnasium  # noqa: F401  (registers the Bullet envs)
-        if self.name == "pickplace":
+        if self.name.startswith("pickplace"):
             import metaworld  # noqa: F401  (registers Meta-World/MT1)
-        return gym.make(self.env_id, **self.env_kwargs)
+        env = gym.make(self.env_id, **self.env_kwargs)
+        if self.name == "pickplace-pixels":
+            from .pixels import PixelObs
+
+            env = PixelObs(env)
+        return env
 
     def success(self, ep_return: float, flagged: bool) -> bool:
         """`flagged`: the environment reported `info["success"]` at some step."""
-        if self.name == "pickplace":
+        if self.name.startswith("pickplace"):
             return bool(flagged)
         return bool(ep_return >= self.success_return)
 
@@ -65,6 +72,11 @@ def _pickplace_expert():
     return lambda obs, env: np.asarray(pol.get_action(obs), dtype=np.float32)
 
 
+def _pickplace_pixels_expert():
+    act = _pickplace_expert()
+    return lambda obs, env: act(env.state, env)
+
+
 TASKS = {
     "hopper": Task("hopper", "HopperBulletEnv-v0", {}, 15, 3, 1800.0,
                    "pretrained MLP from the pybullet wheel (enjoy_TF_HopperBulletEnv_v0_2017may.py)", _hopper_expert),
@@ -72,10 +84,13 @@ TASKS = {
                    "gymnasium.envs.box2d.lunar_lander.heuristic", _lander_expert),
     "pickplace": Task("pickplace", "Meta-World/MT1", {"env_name": "pick-place-v3", "seed": 0}, 39, 4, float("nan"),
                       "metaworld.policies.SawyerPickPlaceV3Policy (scripted)", _pickplace_expert),
+    "pickplace-pixels": Task("pickplace-pixels", "Meta-World/MT1", {"env_name": "pick-place-v3", "seed": 0}, 7, 4,
+                             float("nan"), "metaworld.policies.SawyerPickPlaceV3Policy (scripted, on the full state)",
+                             _pickplace_pixels_expert),
 }
 
 # The Python that can run each task's simulator (Meta-World pins its own mujoco).
-SIM_PYTHON = {"pickplace": "tools/.venv-mw/bin/python"}
+SIM_PYTHON = {"pickplace": "tools/.venv-mw/bin/python", "pickplace-pixels": "tools/.venv-mw/bin/python"}
 
 
 def get(name: str) -> Task:

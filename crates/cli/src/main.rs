@@ -1,9 +1,11 @@
 //! `sqil`: the command line of the sqil compiler.
 
 use clap::{Parser, Subcommand};
-use sqil::{inspect, npy};
+use sqil::quantize::{quantize_cmd, render, QuantizeArgs};
+use sqil::{inspect, load_model as load, npy};
 use sqil_ir::interp::Interpreter;
-use sqil_ir::{print_graph, Graph, PrintOptions};
+use sqil_ir::{print_graph, PrintOptions};
+use sqil_passes::quant::{QuantConfig, Recipe};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,6 +17,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Summarise a model: per-layer op, shapes, parameters, FLOPs and size at f32 and int4.
@@ -44,18 +48,48 @@ enum Cmd {
         #[arg(long = "output", required = true)]
         outputs: Vec<PathBuf>,
     },
-}
-
-/// Loads an ONNX model or IR text, by extension.
-fn load(path: &Path) -> Result<Graph, String> {
-    let g = if path.extension().is_some_and(|e| e == "sqil") {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        sqil_ir::parse_graph(&text).map_err(|e| format!("{}: {e}", path.display()))?
-    } else {
-        sqil_onnx::load_model(path).map_err(|e| e.to_string())?
-    };
-    sqil_ir::verify(&g).map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(g)
+    /// Post-training quantization with a named recipe, calibrated on demonstrations; writes
+    /// QDQ ONNX (opset 21) and prints a per-layer report.
+    Quantize {
+        model: PathBuf,
+        /// rtn (min-max round to nearest), mse (MSE-clipped), awq (activation-aware scaling), gptq.
+        #[arg(long, default_value = "rtn")]
+        recipe: String,
+        /// A quantization config (.json or .toml); the flags below override its fields.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Weight bits: 2, 3, 4 or 8.
+        #[arg(long)]
+        wbits: Option<u8>,
+        /// Activation bits: 4, 8, or `float` (16 = float).
+        #[arg(long)]
+        abits: Option<String>,
+        /// Weight scale groups along the reduction axis: a size (32, 64, 128), `channel` or `tensor`.
+        #[arg(long)]
+        group: Option<String>,
+        /// Activation calibration: minmax, percentile or mse.
+        #[arg(long)]
+        act_calib: Option<String>,
+        /// Extra config settings, `key=value` separated by commas (see QuantConfig).
+        #[arg(long)]
+        set: Option<String>,
+        /// Demonstrations (.npz, sqil-demos/1) whose states calibrate the quantizers, or .npy
+        /// batches, one per graph input (repeat the flag).
+        #[arg(long, required = true)]
+        calib: Vec<PathBuf>,
+        /// Number of demonstration states used (spread evenly over the file).
+        #[arg(long, default_value_t = 2048)]
+        calib_states: usize,
+        /// Output: QDQ ONNX.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also write the FakeQuant IR (the exact simulation) as text.
+        #[arg(long)]
+        ir: Option<PathBuf>,
+        /// Also write the report as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
 }
 
 fn run(cmd: Cmd) -> Result<(), String> {
@@ -72,6 +106,46 @@ fn run(cmd: Cmd) -> Result<(), String> {
             } else {
                 print!("{}", inspect::render(&inspect::summarise(&g)?, &model.display().to_string()));
             }
+            Ok(())
+        }
+        Cmd::Quantize {
+            model,
+            recipe,
+            config,
+            wbits,
+            abits,
+            group,
+            act_calib,
+            set,
+            calib,
+            calib_states,
+            output,
+            ir,
+            report,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => QuantConfig::load(p).map_err(|e| e.to_string())?,
+                None => QuantConfig::default(),
+            };
+            let mut settings = vec![];
+            settings.extend(wbits.map(|b| format!("wbits={b}")));
+            settings.extend(abits.map(|b| format!("abits={b}")));
+            settings.extend(group.map(|g| format!("group={g}")));
+            settings.extend(act_calib.map(|c| format!("calib={c}")));
+            settings.extend(set);
+            cfg.apply_settings(&settings.join(",")).map_err(|e| e.to_string())?;
+            let args = QuantizeArgs {
+                recipe: Recipe::parse(&recipe).map_err(|e| e.to_string())?,
+                config: cfg,
+                calib,
+                calib_states,
+                out: output.clone(),
+                ir_out: ir,
+                report_out: report,
+            };
+            let r = quantize_cmd(&model, &args)?;
+            print!("{}", render(&r));
+            println!("wrote {}", output.display());
             Ok(())
         }
         Cmd::Run { model, inputs, outputs } => {

@@ -1,7 +1,7 @@
 //! Demonstration datasets in the `sqil-demos/1` layout (docs/demos-format.md): loading with
 //! every rule checked, so later stages (calibration, saliency, fine-tuning) can trust them.
 
-use ndarray::{Array1, Array2, Ix1, Ix2};
+use ndarray::{Array1, Array2, Array4, Ix1, Ix2, Ix4};
 use ndarray_npy::{NpzReader, ReadableElement};
 use std::fs::File;
 use std::ops::Range;
@@ -32,6 +32,8 @@ pub struct Demos {
     pub episode_returns: Vec<f64>,
     /// The JSON metadata (task, env, expert, seeds, versions).
     pub metadata: serde_json::Value,
+    /// Pixel tasks: camera frames, uint8 `[T, 3, H, W]` (the policy sees them divided by 255).
+    pub images: Option<Array4<u8>>,
 }
 
 impl Demos {
@@ -75,10 +77,19 @@ impl Demos {
                 return Err(err(format!("field `{field}` has {len} entries for {e} episodes")));
             }
         }
+        let images = if names.iter().any(|n| n == "images" || n == "images.npy") {
+            let im = read::<u8, Ix4>(&mut z, &names, "images").map_err(err)?;
+            if im.shape()[0] != t {
+                return Err(err(format!("field `images` has {} steps, `observations` has {t}", im.shape()[0])));
+            }
+            Some(im)
+        } else {
+            None
+        };
         finite("observations", observations.iter().copied(), observations.ncols()).map_err(err)?;
         finite("actions", actions.iter().copied(), actions.ncols()).map_err(err)?;
         finite("rewards", rewards.iter().copied(), 1).map_err(err)?;
-        Ok(Demos { observations, actions, episode_starts, rewards, success, episode_returns, metadata })
+        Ok(Demos { observations, actions, episode_starts, rewards, success, episode_returns, metadata, images })
     }
 
     pub fn len(&self) -> usize {
@@ -87,6 +98,20 @@ impl Demos {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// For each step, the steps of a history window of length `h` ending at it (oldest first;
+    /// the episode's first step repeated before the episode starts).
+    pub fn history_indices(&self, h: usize) -> Vec<Vec<usize>> {
+        let mut first = 0;
+        (0..self.len())
+            .map(|i| {
+                if self.episode_starts[i] {
+                    first = i;
+                }
+                (0..h).map(|j| (i + j + 1).saturating_sub(h).max(first)).collect()
+            })
+            .collect()
     }
 
     /// Step ranges of the episodes.

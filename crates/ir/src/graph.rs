@@ -197,6 +197,16 @@ impl Graph {
         }
     }
 
+    /// Makes input `slot` of node `n` read `v` (replacing whatever it read before).
+    pub fn set_input(&mut self, n: NodeId, slot: usize, v: ValueRef) {
+        let old: Vec<_> =
+            self.g.edges_directed(n, Direction::Incoming).filter(|e| e.weight().to == slot).map(|e| e.id()).collect();
+        for id in old {
+            self.g.remove_edge(id);
+        }
+        self.g.add_edge(v.node, n, Edge { from: v.slot, to: slot });
+    }
+
     /// Removes a node and its edges; its values must have no remaining readers.
     pub fn remove_node(&mut self, n: NodeId) {
         self.inputs.retain(|&i| i != n);

@@ -33,7 +33,14 @@ impl<'g> Interpreter<'g> {
 
     /// Runs the graph; `feeds` maps input names to tensors. Returns the outputs in signature order.
     pub fn run(&self, feeds: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
+        Ok(self.run_keep(feeds, &[])?.0)
+    }
+
+    /// Runs the graph and also returns the values in `keep` (intermediate results a caller
+    /// observes, e.g. for calibration), in the order given.
+    pub fn run_keep(&self, feeds: &HashMap<String, Tensor>, keep: &[ValueRef]) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
         let g = self.g;
+        let mut kept: HashMap<ValueRef, Tensor> = HashMap::new();
         let mut env: HashMap<ValueRef, Tensor> = HashMap::new();
         for &i in &g.inputs {
             let v = &g.node(i).outputs[0];
@@ -78,6 +85,9 @@ impl<'g> Interpreter<'g> {
             };
             for (slot, t) in outs.into_iter().enumerate().take(node.outputs.len()) {
                 let v = ValueRef { node: n, slot };
+                if keep.contains(&v) {
+                    kept.insert(v, t.clone());
+                }
                 if self.last_use.contains_key(&v) {
                     env.insert(v, t);
                 }
@@ -88,7 +98,12 @@ impl<'g> Interpreter<'g> {
                 }
             }
         }
-        Ok(g.outputs.iter().map(|o| env[o].clone()).collect())
+        let outs = g.outputs.iter().map(|o| env[o].clone()).collect();
+        let kept = keep
+            .iter()
+            .map(|v| kept.get(v).cloned().ok_or_else(|| IrError::Invalid(format!("kept value {v:?} was not computed"))))
+            .collect::<Result<_>>()?;
+        Ok((outs, kept))
     }
 }
 

@@ -371,34 +371,38 @@ struct ConvPlan {
     geo: ConvGeometry,
 }
 
-fn conv_plan(x: &Tensor, w: &Tensor, c: &ConvAttrs, transpose: bool) -> Result<ConvPlan> {
-    float_input(x, if transpose { "ConvTranspose" } else { "Conv" })?;
-    if x.rank() < 3 || w.rank() != x.rank() {
+impl ConvAttrs {
+    /// The im2col geometry of this convolution (not transposed) over one image of an input of
+    /// shape `x` (`[N, C, spatial...]`) with weights of shape `w`.
+    pub fn input_geometry(&self, x: &[usize], w: &[usize]) -> Result<ConvGeometry> {
+        Ok(conv_plan(x, w, self, false)?.geo)
+    }
+}
+
+fn conv_plan(x: &[usize], w: &[usize], c: &ConvAttrs, transpose: bool) -> Result<ConvPlan> {
+    if x.len() < 3 || w.len() != x.len() {
         return Err(IrError::Invalid(format!(
             "Conv needs X of rank >= 3 and W of the same rank, got {:?} and {:?}",
-            x.shape, w.shape
+            x, w
         )));
     }
-    let kernel: Vec<usize> = w.shape[2..].to_vec();
+    let kernel: Vec<usize> = w[2..].to_vec();
     if !c.kernel_shape.is_empty() && c.kernel_shape.iter().map(|&k| k as usize).ne(kernel.iter().copied()) {
-        return Err(IrError::Invalid(format!("kernel_shape {:?} disagrees with W {:?}", c.kernel_shape, w.shape)));
+        return Err(IrError::Invalid(format!("kernel_shape {:?} disagrees with W {:?}", c.kernel_shape, w)));
     }
     let group = c.group as usize;
-    let spatial: Vec<Option<usize>> = x.shape[2..].iter().map(|&d| Some(d)).collect();
+    let spatial: Vec<Option<usize>> = x[2..].iter().map(|&d| Some(d)).collect();
     let (pb, _, out) = c.geometry(&spatial, &kernel, transpose)?;
     let out: Vec<usize> = out.into_iter().map(|o| o.expect("known input")).collect();
-    let (n, ch) = (x.shape[0], x.shape[1]);
-    let m = if transpose { w.shape[1] * group } else { w.shape[0] };
-    let (cg_w, per) = if transpose { (w.shape[0], ch) } else { (w.shape[1] * group, ch) };
+    let (n, ch) = (x[0], x[1]);
+    let m = if transpose { w[1] * group } else { w[0] };
+    let (cg_w, per) = if transpose { (w[0], ch) } else { (w[1] * group, ch) };
     if ch % group != 0 || m % group != 0 || cg_w != per {
-        return Err(IrError::Invalid(format!(
-            "channels do not match: X {:?}, W {:?}, group {group}",
-            x.shape, w.shape
-        )));
+        return Err(IrError::Invalid(format!("channels do not match: X {:?}, W {:?}, group {group}", x, w)));
     }
     let dil = ConvAttrs::list(&c.dilations, kernel.len(), 1, "dilations")?;
     let st = ConvAttrs::list(&c.strides, kernel.len(), 1, "strides")?;
-    let (input, output) = if transpose { (out, x.shape[2..].to_vec()) } else { (x.shape[2..].to_vec(), out) };
+    let (input, output) = if transpose { (out, x[2..].to_vec()) } else { (x[2..].to_vec(), out) };
     let geo = ConvGeometry {
         input,
         kernel,
@@ -419,7 +423,8 @@ fn bias_of(b: Option<&Tensor>, m: usize) -> Result<Option<Vec<f32>>> {
 }
 
 pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
-    let p = conv_plan(x, w, c, false)?;
+    float_input(x, "Conv")?;
+    let p = conv_plan(&x.shape, &w.shape, c, false)?;
     let bias = bias_of(b, p.m)?;
     let (xv, wv) = (x.data.f32_cow(), w.data.f32_cow());
     let (cg, mg) = (p.c / p.group, p.m / p.group);
@@ -447,7 +452,8 @@ pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) ->
 }
 
 pub(crate) fn conv_transpose(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
-    let p = conv_plan(x, w, c, true)?;
+    float_input(x, "ConvTranspose")?;
+    let p = conv_plan(&x.shape, &w.shape, c, true)?;
     let bias = bias_of(b, p.m)?;
     let (xv, wv) = (x.data.f32_cow(), w.data.f32_cow());
     let (cg, mg) = (p.c / p.group, p.m / p.group);

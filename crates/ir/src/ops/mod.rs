@@ -10,7 +10,7 @@ mod broadcast;
 mod elementwise;
 mod linalg;
 mod nn;
-mod quant;
+pub mod quant;
 mod reduce;
 mod shape_ops;
 

@@ -104,6 +104,18 @@ pub(crate) fn quantize(
     Tensor::new(x.shape.clone(), Data::from_i64(dtype, q))
 }
 
+/// QuantizeLinear of `x` to `dtype` (integer, saturating, round half to even).
+pub fn quantize_values(
+    x: &Tensor,
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    axis: i64,
+    block: i64,
+    dtype: DType,
+) -> Result<Tensor> {
+    quantize(x, scale, zp, axis, block, Some(dtype))
+}
+
 pub(crate) fn dequantize(x: &Tensor, scale: &Tensor, zp: Option<&Tensor>, axis: i64, block: i64) -> Result<Tensor> {
     if !x.dtype().is_integer() {
         return Err(IrError::Unsupported(format!("DequantizeLinear of {}", x.dtype())));

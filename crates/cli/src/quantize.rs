@@ -1,0 +1,116 @@
+//! `sqil quantize`: PTQ of an ONNX policy with a named recipe, calibrated on demonstration
+//! states; writes the QDQ ONNX model, optionally the FakeQuant IR (the exact simulation) and a
+//! JSON report, and prints a per-layer table.
+
+use crate::feeds::{policy_feeds, spread};
+use sqil_ir::{print_graph, Graph, PrintOptions};
+use sqil_passes::quant::{quantize, Feeds, QuantConfig, QuantReport, Recipe};
+use sqil_passes::{PassCtx, PassManager};
+use std::path::{Path, PathBuf};
+
+pub struct QuantizeArgs {
+    pub recipe: Recipe,
+    pub config: QuantConfig,
+    /// A demonstration file (.npz), or one .npy batch per graph input.
+    pub calib: Vec<PathBuf>,
+    pub calib_states: usize,
+    pub out: PathBuf,
+    pub ir_out: Option<PathBuf>,
+    pub report_out: Option<PathBuf>,
+}
+
+/// Writes `bytes` to `path` atomically.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The float graph cleaned up, quantized, and its QDQ lowering.
+pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> Result<(Graph, Graph, QuantReport), String> {
+    let mut fp = fp.clone();
+    sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default()).map_err(|e| e.to_string())?;
+    let feeds = calibration_feeds(&fp, &a.calib, a.calib_states)?;
+    let (sim, report) = quantize(&fp, &a.config, a.recipe, &feeds).map_err(|e| e.to_string())?;
+    let mut lowered = sim.clone();
+    PassManager::from_names(&["lower-quant", "dce"])
+        .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))
+        .map_err(|e| e.to_string())?;
+    Ok((sim, lowered, report))
+}
+
+/// Calibration batches from a demonstration file (`.npz`, `n` states spread over it) or from
+/// `.npy` files, one per graph input (one batch).
+pub fn calibration_feeds(g: &Graph, paths: &[PathBuf], n: usize) -> Result<Vec<Feeds>, String> {
+    match paths {
+        [] => Err("no calibration data given (--calib)".into()),
+        [p] if p.extension().is_some_and(|e| e == "npz") => {
+            let demos = sqil_data::Demos::load(p).map_err(|e| e.to_string())?;
+            let steps = spread(demos.len(), n);
+            policy_feeds(g, &demos, &steps, 256).map_err(|e| format!("{}: {e}", p.display()))
+        }
+        _ => {
+            if paths.len() != g.inputs.len() {
+                return Err(format!("{} calibration .npy file(s) for {} graph input(s)", paths.len(), g.inputs.len()));
+            }
+            let mut f = Feeds::new();
+            for (p, &i) in paths.iter().zip(&g.inputs) {
+                f.insert(g.node(i).outputs[0].name.clone(), crate::npy::read(p)?);
+            }
+            Ok(vec![f])
+        }
+    }
+}
+
+/// Runs `sqil quantize` and writes its files.
+pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> Result<QuantReport, String> {
+    let fp = crate::load_model(model)?;
+    let (sim, lowered, report) = run_quantize(&fp, a)?;
+    sqil_codegen::onnx::save(&lowered, &a.out).map_err(|e| e.to_string())?;
+    if let Some(p) = &a.ir_out {
+        let text = print_graph(&sim, &PrintOptions::default()).map_err(|e| e.to_string())?;
+        write_atomic(p, text.as_bytes())?;
+    }
+    if let Some(p) = &a.report_out {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        write_atomic(p, text.as_bytes())?;
+    }
+    Ok(report)
+}
+
+/// The per-layer table.
+pub fn render(r: &QuantReport) -> String {
+    let mut s = format!(
+        "recipe {} ({}), {} calibration states\n{:<28} {:<6} {:>8} {:>3} {:>3} {:>21} {:>11} {:>11} {:>19}\n",
+        r.recipe,
+        r.label,
+        r.calibration_states,
+        "layer",
+        "op",
+        "params",
+        "W",
+        "A",
+        "scales",
+        "W rel mse",
+        "out rel mse",
+        "act range"
+    );
+    for l in &r.layers {
+        let bits = |b: Option<u8>| b.map_or("fp".to_string(), |b| b.to_string());
+        let act = l.act_range.map_or("-".to_string(), |(lo, hi)| format!("[{lo:.3}, {hi:.3}]"));
+        s += &format!(
+            "{:<28} {:<6} {:>8} {:>3} {:>3} {:>21} {:>11.3e} {:>11.3e} {:>19}\n",
+            l.name,
+            l.op,
+            l.params,
+            bits(l.wbits),
+            bits(l.abits),
+            format!("{:.2e}..{:.2e}", l.scale_min, l.scale_max),
+            l.weight_rel_mse,
+            l.output_rel_mse,
+            act
+        );
+    }
+    s += &format!("action mse vs float: {:.4e} (relative {:.4e})\n", r.action_mse, r.action_mse_rel);
+    s
+}

@@ -1,0 +1,236 @@
+//! Post-training quantization: the config, the quantizable layers, FakeQuant placement, weight
+//! recipes (RTN, MSE, AWQ, GPTQ) and activation calibration, and [`quantize`], which runs them
+//! on calibration states and reports per layer.
+
+pub mod calibrate;
+pub mod config;
+pub mod insert;
+pub mod layers;
+pub mod weights;
+
+pub use config::{ActCalib, Granularity, QuantConfig};
+pub use weights::Recipe;
+
+use insert::{insert_act_quant, insert_weight_quant};
+use layers::{input_matrix, LayerKind};
+use serde::Serialize;
+use sqil_ir::interp::Interpreter;
+use sqil_ir::{Graph, IrError, Op, Result, Tensor, Value, ValueRef, ValueType};
+use std::collections::HashMap;
+use weights::{awq, gptq, round_to_nearest, Quantizer};
+
+/// Rows of a layer's input used by AWQ's search and GPTQ's Hessian.
+const MAX_ROWS: usize = 4096;
+
+/// Calibration inputs: one feed per batch, graph input name -> tensor.
+pub type Feeds = HashMap<String, Tensor>;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub op: String,
+    pub params: usize,
+    /// `None`: kept in float.
+    pub wbits: Option<u8>,
+    pub abits: Option<u8>,
+    pub scale_min: f32,
+    pub scale_max: f32,
+    /// `||W - W_q||^2 / ||W||^2` of the effective weights (AWQ scaling undone).
+    pub weight_rel_mse: f64,
+    /// `||X W_q^T - X W^T||^2 / ||X W^T||^2` on calibration inputs (float inputs).
+    pub output_rel_mse: f64,
+    /// AWQ: range of the input-channel factors.
+    pub awq_factor_range: Option<(f32, f32)>,
+    pub act_range: Option<(f32, f32)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct QuantReport {
+    pub recipe: String,
+    pub config: QuantConfig,
+    pub label: String,
+    pub calibration_states: usize,
+    pub layers: Vec<LayerReport>,
+    /// Mean squared difference of the first output (actions) vs the float model, on the
+    /// calibration states.
+    pub action_mse: f64,
+    pub action_mse_rel: f64,
+}
+
+fn concat_batches(parts: Vec<Tensor>) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.into_iter().next().expect("one"));
+    }
+    let mut shape = parts[0].shape.clone();
+    shape[0] = parts.iter().map(|t| t.shape[0]).sum();
+    let data: Vec<f32> = parts.iter().flat_map(|t| t.data.to_f32_vec()).collect();
+    Tensor::from_f32(shape, data)
+}
+
+/// Runs `g` on every batch, returning the first output and the `keep` values, each
+/// concatenated along axis 0.
+pub fn observe(g: &Graph, calib: &[Feeds], keep: &[ValueRef]) -> Result<(Tensor, Vec<Tensor>)> {
+    let it = Interpreter::new(g)?;
+    let mut outs = vec![];
+    let mut kept: Vec<Vec<Tensor>> = vec![vec![]; keep.len()];
+    for f in calib {
+        let (o, k) = it.run_keep(f, keep)?;
+        outs.push(o.into_iter().next().ok_or_else(|| IrError::Invalid("graph has no outputs".into()))?);
+        for (slot, t) in k.into_iter().enumerate() {
+            kept[slot].push(t);
+        }
+    }
+    Ok((concat_batches(outs)?, kept.into_iter().map(concat_batches).collect::<Result<_>>()?))
+}
+
+fn rel(num: f64, den: f64) -> f64 {
+    if den > 0.0 {
+        num / den
+    } else {
+        num
+    }
+}
+
+/// Quantizes a float graph (already cleaned up) with `recipe` under `cfg`, calibrating on
+/// `calib`: weights first (from the float layer inputs), then activation ranges on the
+/// weight-quantized graph. Returns the FakeQuant graph (the exact simulation) and a report.
+pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) -> Result<(Graph, QuantReport)> {
+    cfg.validate()?;
+    if calib.is_empty() {
+        return Err(IrError::Invalid("quantize: no calibration states".into()));
+    }
+    let mut g = fp.clone();
+    let wsites = insert_weight_quant(&mut g, cfg)?;
+    // Float inputs of every quantized layer, observed on the float graph.
+    let xs: Vec<ValueRef> = wsites.iter().map(|s| s.layer.x).collect();
+    let (fp_out, fp_x) = observe(fp, calib, &xs)?;
+    let mut reports = vec![];
+    for (site, x) in wsites.iter().zip(&fp_x) {
+        let q = site.quantizer;
+        let needs_rows = matches!(recipe, Recipe::Awq | Recipe::Gptq);
+        let grouped_conv = matches!(site.layer.kind, LayerKind::Conv { group } if group != 1);
+        let (rows, xm) =
+            input_matrix(&g, &site.layer, x, MAX_ROWS)
+                .or_else(|e| if grouped_conv { Ok((0, vec![])) } else { Err(e) })?;
+        let wq = match recipe {
+            _ if needs_rows && rows == 0 => round_to_nearest(&site.view, q, true),
+            Recipe::Rtn => round_to_nearest(&site.view, q, false),
+            Recipe::Mse => round_to_nearest(&site.view, q, true),
+            Recipe::Awq => awq(&site.view, q, &xm, rows, &site.layer.channel_of_k()),
+            Recipe::Gptq => {
+                gptq(&site.view, q, &xm, rows, true).map_err(|e| e.context(format!("layer `{}`", site.layer.name)))?
+            }
+        };
+        site.set(&mut g, &wq)?;
+        // Effective weights (AWQ factors undone) against the float ones.
+        let chan = site.layer.channel_of_k();
+        let k = site.view.k;
+        let mut eff = weights::simulated(&site.view, q, &wq);
+        if let Some(s) = &wq.act_scale {
+            eff.iter_mut().enumerate().for_each(|(i, v)| *v /= s[chan[i % k]]);
+            insert_input_scale(&mut g, &site.layer, s)?;
+        }
+        let w2: f64 = site.view.w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / site.view.w.len() as f64;
+        let out_err = if rows > 0 {
+            let y = layer_out(&xm, rows, &site.view.w, site.view.n, k);
+            let yq = layer_out(&xm, rows, &eff, site.view.n, k);
+            let y2 = y.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / y.len() as f64;
+            rel(weights::mse(&y, &yq), y2)
+        } else {
+            f64::NAN
+        };
+        let (smin, smax) = wq.scale.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
+        reports.push(LayerReport {
+            name: site.layer.name.clone(),
+            op: g.node(site.layer.node).op.name().to_string(),
+            params: site.view.w.len(),
+            wbits: Some(site.bits),
+            abits: None,
+            scale_min: smin,
+            scale_max: smax,
+            weight_rel_mse: rel(weights::mse(&site.view.w, &eff), w2),
+            output_rel_mse: out_err,
+            awq_factor_range: wq
+                .act_scale
+                .as_ref()
+                .map(|s| s.iter().fold((f32::INFINITY, 0f32), |(a, b), &v| (a.min(v), b.max(v)))),
+            act_range: None,
+        });
+    }
+    // Activation ranges on the weight-quantized graph (activations still float).
+    let act_inputs = act_inputs(&g, cfg)?;
+    let (_, observed) = observe(&g, calib, &act_inputs.iter().map(|a| a.0).collect::<Vec<_>>())?;
+    let mut params = HashMap::new();
+    let mut ranges = HashMap::new();
+    for ((v, bits), t) in act_inputs.iter().zip(&observed) {
+        let q = Quantizer { bits: *bits, symmetric: cfg.act_symmetric };
+        let (s, z) = calibrate::calibrate(&t.data.to_f32_vec(), q, cfg.act_calib, cfg.percentile);
+        let (qmin, qmax) = q.range();
+        params.insert(*v, (s, z));
+        ranges.insert(*v, ((qmin - z) * s, (qmax - z) * s));
+    }
+    let asites = insert_act_quant(&mut g, cfg, &params)?;
+    for a in &asites {
+        for l in &a.layers {
+            if let Some(r) = reports.iter_mut().find(|r| &r.name == l) {
+                r.abits = Some(a.bits);
+                r.act_range = ranges.get(&a.input).copied();
+            }
+        }
+    }
+    let (q_out, _) = observe(&g, calib, &[])?;
+    let (a, b) = (fp_out.data.to_f32_vec(), q_out.data.to_f32_vec());
+    let action_mse = weights::mse(&a, &b);
+    let a2 = a.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64;
+    let report = QuantReport {
+        recipe: recipe.name().into(),
+        config: cfg.clone(),
+        label: cfg.label(),
+        calibration_states: fp_out.shape.first().copied().unwrap_or(0),
+        layers: reports,
+        action_mse,
+        action_mse_rel: rel(action_mse, a2),
+    };
+    Ok((g, report))
+}
+
+fn layer_out(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * n];
+    sqil_kernels_cpu::sgemm(rows, k, n, 1.0, x, (k, 1), w, (1, k), 0.0, &mut y, (n, 1));
+    y
+}
+
+/// The values that will get activation FakeQuants (with their bits), in graph order.
+fn act_inputs(g: &Graph, cfg: &QuantConfig) -> Result<Vec<(ValueRef, u8)>> {
+    let mut g2 = g.clone();
+    let sites = insert_act_quant(&mut g2, cfg, &HashMap::new())?;
+    Ok(sites.iter().map(|s| (s.input, s.bits)).collect())
+}
+
+/// AWQ: divides the layer's input by per-channel factors `s` (a `Mul` by `1/s` in front of it).
+fn insert_input_scale(g: &mut Graph, layer: &layers::Layer, s: &[f32]) -> Result<()> {
+    let x = g.inputs_of(layer.node)[0].expect("layer input");
+    let rank = g.value(x).ty.rank();
+    let shape = match layer.kind {
+        LayerKind::Conv { .. } => {
+            let mut v = vec![1; rank];
+            v[1] = s.len();
+            v
+        }
+        LayerKind::Gemm { trans_a: true, .. } => vec![s.len(), 1],
+        _ => vec![s.len()],
+    };
+    let inv = g.add_const(
+        format!("{}.awq.inv_scale", layer.name),
+        Tensor::from_f32(shape, s.iter().map(|v| 1.0 / v).collect())?,
+    );
+    let ty: ValueType = g.value(x).ty.clone();
+    let n = g.add_node(
+        format!("{}.awq", layer.name),
+        Op::Binary(sqil_ir::ops::BinaryOp::Mul),
+        &[Some(x), Some(inv)],
+        vec![Value { name: format!("{}.awq.x", layer.name), ty }],
+    );
+    g.set_input(layer.node, 0, ValueRef { node: n, slot: 0 });
+    Ok(())
+}
