@@ -59,24 +59,31 @@ class TransformerPolicy(torch.nn.Module):
 
 
 class CNNPolicy(torch.nn.Module):
-    """Camera image (float [0, 1], [B, 3, 84, 84]) + proprioception [B, p] -> action: four
-    3x3 convolutions (32, 32, 64, 64 channels; strides 2, 2, 2, 1) with ReLU, a 256-unit
-    image embedding, concatenated with the normalised proprioception, then a 256-unit ReLU head."""
+    """Camera image (float [0, 1], [B, 3, 84, 84]) + proprioception [B, p] -> action. Encoder:
+    3x3 convolutions (32 channels; strides 2, 1, 1, 1) with ReLU, then a spatial softmax that
+    turns each of the 32 feature maps into the expected (x, y) of its activation (a keypoint,
+    as in robomimic's image encoders: precise positions are what grasping needs), concatenated
+    with the normalised proprioception, then two 256-unit ReLU layers."""
 
-    def __init__(self, mean, std, act_dim, hidden=256):
+    def __init__(self, mean, std, act_dim, hidden=256, ch=32, size=84):
         super().__init__()
         self.register_buffer("mean", torch.as_tensor(mean))
         self.register_buffer("std", torch.as_tensor(std))
         c = torch.nn.Conv2d
-        self.enc = torch.nn.Sequential(c(3, 32, 3, 2), torch.nn.ReLU(), c(32, 32, 3, 2), torch.nn.ReLU(),
-                                       c(32, 64, 3, 2), torch.nn.ReLU(), c(64, 64, 3, 1), torch.nn.ReLU(),
-                                       torch.nn.Flatten(), torch.nn.Linear(64 * 7 * 7, hidden), torch.nn.ReLU())
-        self.head = torch.nn.Sequential(torch.nn.Linear(hidden + len(mean), hidden), torch.nn.ReLU(),
-                                        torch.nn.Linear(hidden, act_dim))
+        self.enc = torch.nn.Sequential(c(3, ch, 3, 2), torch.nn.ReLU(), c(ch, ch, 3, 1), torch.nn.ReLU(),
+                                       c(ch, ch, 3, 1), torch.nn.ReLU(), c(ch, ch, 3, 1))
+        side = (size - 3) // 2 + 1 - 6
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, side), torch.linspace(-1, 1, side), indexing="ij")
+        self.register_buffer("grid", torch.stack([xs.reshape(-1), ys.reshape(-1)], dim=1))  # [side*side, 2]
+        self.ch, self.side = ch, side
+        self.head = torch.nn.Sequential(torch.nn.Linear(2 * ch + len(mean), hidden), torch.nn.ReLU(),
+                                        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, act_dim))
 
     def forward(self, image, proprio):
-        z = self.enc(image - 0.5)
-        return self.head(torch.cat([z, (proprio - self.mean) / self.std], dim=1))
+        f = self.enc(image - 0.5)
+        att = torch.softmax(f.reshape(-1, self.ch, self.side * self.side), dim=-1)
+        keypoints = (att @ self.grid).reshape(-1, 2 * self.ch)
+        return self.head(torch.cat([keypoints, (proprio - self.mean) / self.std], dim=1))
 
 
 def random_shift(img, pad, g):

@@ -4,17 +4,20 @@
 //! Needs: a verified graph. Keeps: value names (the constant takes the folded value's name),
 //! graph outputs, numerics (folding uses the same op semantics as the interpreter). Results
 //! larger than `max_elements` are left unfolded, so a fold never bloats the model.
+//! DequantizeLinear of constant integers (a quantized weight) is kept unless
+//! `fold_dequantize` is set: folding it would undo the quantization.
 
 use crate::manager::{Pass, PassCtx};
 use sqil_ir::{Data, Graph, Op, Result, Tensor, ValueRef};
 
 pub struct ConstFold {
     pub max_elements: usize,
+    pub fold_dequantize: bool,
 }
 
 impl Default for ConstFold {
     fn default() -> Self {
-        ConstFold { max_elements: 1 << 20 }
+        ConstFold { max_elements: 1 << 20, fold_dequantize: false }
     }
 }
 
@@ -27,7 +30,7 @@ impl Pass for ConstFold {
         let mut folded = 0;
         for n in g.topo_order()? {
             let node = g.node(n);
-            if !node.op.is_foldable() {
+            if !node.op.is_foldable() || (matches!(node.op, Op::DequantizeLinear { .. }) && !self.fold_dequantize) {
                 continue;
             }
             let ins = g.inputs_of(n);

@@ -2,8 +2,11 @@
 //! changes and which invariants it needs and keeps; every pass is listed once in [`registry`],
 //! so tools can list, select or skip passes by name.
 
+pub mod canonicalize;
 pub mod const_fold;
 pub mod dce;
+pub mod fold_batchnorm;
+pub mod fuse;
 pub mod insert_fake_quant;
 pub mod lower_quant;
 pub mod manager;
@@ -18,13 +21,19 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(shape_infer::ShapeInfer),
         Box::new(const_fold::ConstFold::default()),
         Box::new(dce::Dce),
+        Box::new(fold_batchnorm::FoldBatchNorm),
+        Box::new(canonicalize::Canonicalize),
         Box::new(insert_fake_quant::InsertFakeQuant::default()),
         Box::new(lower_quant::LowerQuant),
+        Box::new(fuse::Fuse::default()),
     ]
 }
 
 /// The clean-up passes (the default pipeline after import).
 const CLEANUP: [&str; 3] = ["shape-infer", "const-fold", "dce"];
+
+/// Canonicalisation: clean-up, BatchNorm folding, canonical forms, clean-up again.
+pub const CANONICALIZE: [&str; 6] = ["shape-infer", "const-fold", "dce", "fold-batchnorm", "canonicalize", "dce"];
 
 /// The pass named by `spec`: a name, or `name(settings)` for a configurable pass
 /// (`insert-fake-quant(wbits=4 abits=8 group=64)`).

@@ -34,9 +34,13 @@ enum Cmd {
         /// Run the clean-up passes (shape inference, constant folding, dead code) first.
         #[arg(long)]
         optimize: bool,
-        /// Print the IR before and after every pass (with --optimize).
+        /// Print the IR before and after every pass (with --optimize or --passes).
         #[arg(long)]
         dump_ir: bool,
+        /// Run these passes (comma-separated names, e.g. `const-fold,dce,fuse` or
+        /// `insert-fake-quant(wbits=4 abits=8),lower-quant`) after --optimize; prints their notes.
+        #[arg(long)]
+        passes: Option<String>,
     },
     /// Run a model on a batch with the reference interpreter.
     Run {
@@ -94,12 +98,23 @@ enum Cmd {
 
 fn run(cmd: Cmd) -> Result<(), String> {
     match cmd {
-        Cmd::Inspect { model, ir, elide, optimize, dump_ir } => {
+        Cmd::Inspect { model, ir, elide, optimize, dump_ir, passes } => {
             let mut g = load(&model)?;
             if optimize {
                 let mut pm = sqil_passes::cleanup_pipeline();
                 pm.dump_ir = dump_ir;
                 pm.run(&mut g, &mut sqil_passes::PassCtx::default()).map_err(|e| e.to_string())?;
+            }
+            if let Some(list) = passes {
+                let names = split_passes(&list);
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let mut pm = sqil_passes::PassManager::from_names(&names).map_err(|e| e.to_string())?;
+                pm.dump_ir = dump_ir;
+                let mut cx = sqil_passes::PassCtx::default();
+                pm.run(&mut g, &mut cx).map_err(|e| e.to_string())?;
+                for n in &cx.notes {
+                    eprintln!("note: {n}");
+                }
             }
             if ir {
                 print!("{}", print_graph(&g, &PrintOptions { elide_over: elide }).map_err(|e| e.to_string())?);
@@ -183,6 +198,25 @@ fn run(cmd: Cmd) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Splits a pass list on commas outside parentheses.
+fn split_passes(list: &str) -> Vec<String> {
+    let (mut out, mut cur, mut depth) = (vec![], String::new(), 0);
+    for c in list.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    out.push(cur);
+    out.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
 }
 
 fn main() -> ExitCode {

@@ -29,7 +29,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 /// The float graph cleaned up, quantized, and its QDQ lowering.
 pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> Result<(Graph, Graph, QuantReport), String> {
     let mut fp = fp.clone();
-    sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default()).map_err(|e| e.to_string())?;
+    // A model that is already QDQ is dequantized to float first, then quantized afresh.
+    let dequantize = sqil_passes::const_fold::ConstFold { fold_dequantize: true, ..Default::default() };
+    PassManager::new(vec![
+        Box::new(sqil_passes::shape_infer::ShapeInfer),
+        Box::new(dequantize),
+        Box::new(sqil_passes::dce::Dce),
+    ])
+    .run(&mut fp, &mut PassCtx::default())
+    .map_err(|e| e.to_string())?;
     let feeds = calibration_feeds(&fp, &a.calib, a.calib_states)?;
     let (sim, report) = quantize(&fp, &a.config, a.recipe, &feeds).map_err(|e| e.to_string())?;
     let mut lowered = sim.clone();

@@ -76,7 +76,7 @@ pub fn random_graph(seed: u64) -> (Graph, HashMap<String, Tensor>) {
         let (v, d) = vals[r.below(vals.len())];
         let nm = name(&mut r, "v");
         let node = name(&mut r, "n");
-        let op_kind = r.below(12);
+        let op_kind = r.below(13);
         let out = match op_kind {
             0 => {
                 let u = UNARY[r.below(UNARY.len())];
@@ -154,6 +154,23 @@ pub fn random_graph(seed: u64) -> (Graph, HashMap<String, Tensor>) {
                 let op =
                     if r.below(2) == 0 { Op::from_attrs("LeakyRelu", &a, 1) } else { Op::from_attrs("Elu", &a, 1) };
                 (g.add_inferred(node, op.unwrap(), &[Some(v)], nm).unwrap(), d)
+            }
+            11 => {
+                // Inference BatchNorm over features (for BatchNorm folding).
+                let p = |r: &mut Rng, g: &mut Graph, what: &str, lo: f32| {
+                    let t = r.tensor(vec![d], 0.5);
+                    let t = Tensor::new(vec![d], Data::F32(t.data.to_f32_vec().iter().map(|v| v.abs() + lo).collect()))
+                        .expect("sized");
+                    g.add_const(what.to_string() + &r.next_u64().to_string(), t)
+                };
+                let (sc, bi, me, va) = (
+                    p(&mut r, &mut g, "s", 0.5),
+                    p(&mut r, &mut g, "b", -0.2),
+                    p(&mut r, &mut g, "m", -0.3),
+                    p(&mut r, &mut g, "var", 0.1),
+                );
+                let op = Op::BatchNorm { epsilon: 1e-5, momentum: 0.9, training: false };
+                (g.add_inferred(node, op, &[Some(v), Some(sc), Some(bi), Some(me), Some(va)], nm).unwrap(), d)
             }
             _ => {
                 // A dead branch, for dead-code elimination.

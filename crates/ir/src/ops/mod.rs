@@ -8,6 +8,7 @@
 
 mod broadcast;
 mod elementwise;
+pub mod fused;
 mod linalg;
 mod nn;
 pub mod quant;
@@ -190,6 +191,8 @@ pub enum Op {
         axis: i64,
         block_size: i64,
     },
+    /// Several ops run as one kernel (see [`fused`]).
+    Fused(Box<fused::Fused>),
 }
 
 const UNARY: [(&str, UnaryOp); 11] = [
@@ -259,6 +262,7 @@ pub fn op_names() -> Vec<&'static str> {
         "QuantizeLinear",
         "DequantizeLinear",
         "FakeQuant",
+        "Fused",
     ]);
     v
 }
@@ -310,6 +314,7 @@ impl Op {
             Op::QuantizeLinear { .. } => "QuantizeLinear",
             Op::DequantizeLinear { .. } => "DequantizeLinear",
             Op::FakeQuant { .. } => "FakeQuant",
+            Op::Fused(_) => "Fused",
         }
     }
 
@@ -406,6 +411,11 @@ impl Op {
                     block_size: a.int("block_size", 0)?,
                 }
             }
+            "Fused" => {
+                let kernel = a.string("kernel", "fused")?;
+                let stages = a.string("stages", "")?;
+                Op::Fused(Box::new(fused::Fused::decode(&kernel, &stages)?))
+            }
             other => return Err(IrError::Unsupported(format!("op `{other}`"))),
         })
     }
@@ -471,6 +481,11 @@ impl Op {
                 ("axis", Attr::Int(*axis)),
                 ("block_size", Attr::Int(*block_size)),
             ],
+            Op::Fused(f) => vec![
+                ("kernel", Attr::Str(f.kernel.clone())),
+                // Encoding fails only for stages `decode` would not have built.
+                ("stages", Attr::Str(f.encode().expect("fused stages encode"))),
+            ],
             _ => vec![],
         }
     }
@@ -533,6 +548,7 @@ impl Op {
             Op::QuantizeLinear { output_dtype, .. } => quant::infer_quantize(&cx, *output_dtype),
             Op::DequantizeLinear { .. } => quant::infer_dequantize(&cx),
             Op::FakeQuant { .. } => Ok(vec![cx.ty(0)?.clone()]),
+            Op::Fused(f) => f.infer(inputs, consts),
         }
     }
 
@@ -599,6 +615,7 @@ impl Op {
             Op::FakeQuant { bits, signed, axis, block_size } => {
                 one(quant::fake_quant(x.get(0)?, x.get(1)?, x.opt(2), *bits, *signed, *axis, *block_size)?)
             }
+            Op::Fused(f) => f.eval(inputs),
         }
     }
 
