@@ -43,7 +43,8 @@ def main():
         "env_kwargs": task.env_kwargs,
         "expert": task.expert_name,
         "seeds": [e["seed"] for e in eps],
-        "success_return": task.success_return,
+        # JSON has no NaN: tasks judged by a success flag have no return threshold.
+        "success_return": None if np.isnan(task.success_return) else task.success_return,
         "versions": {p: version(p) for p in ["gymnasium", "numpy"] + {"hopper": ["pybullet"], "lander": ["box2d"], "pickplace": ["metaworld", "mujoco"], "pickplace-pixels": ["metaworld", "mujoco"]}[task.name]},
     }
     if images is not None:

@@ -9,6 +9,11 @@ if [ ! -x .venv-ci/bin/python ]; then
 fi
 .venv-ci/bin/python -m pip install -q --disable-pip-version-check -r tools/requirements-ci.txt
 .venv-ci/bin/python -c "import onnx, os; d = os.path.join(os.path.dirname(onnx.__file__), 'backend/test/data/node'); assert os.path.isdir(d), d; print('onnx', onnx.__version__, 'node tests:', len(os.listdir(d)))"
+# pickplace-pixels renders MuJoCo offscreen with OSMesa (no GPU in CI).
+if ! ldconfig -p | grep -q libOSMesa; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -q && $SUDO apt-get install -y -q libosmesa6
+fi
 # Meta-World pins its own mujoco: a venv of its own.
 if [ ! -x tools/.venv-mw/bin/python ]; then
   python3 -m venv tools/.venv-mw

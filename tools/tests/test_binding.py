@@ -59,3 +59,12 @@ def test_bad_paths_raise_value_error():
     p = sqil.Policy(str(POLICIES / "hopper_mlp.onnx"))
     with pytest.raises(ValueError, match="takes 1 input"):
         p.run()
+
+
+def test_pixel_policy_binding_equals_onnxruntime_in_closed_loop():
+    pytest.importorskip("metaworld", reason="pickplace-pixels' simulator is not in this venv")
+    policy = POLICIES / "bc_pickplace_pixels.onnx"
+    a = evaluate("pickplace-pixels", str(policy), 1, 0)
+    b = evaluate("pickplace-pixels", f"sqil:{policy}", 1, 0)
+    assert a["per_episode"][0]["success"] == b["per_episode"][0]["success"]
+    assert abs(a["return_mean"] - b["return_mean"]) <= 0.02 * abs(a["return_mean"]) + 1.0

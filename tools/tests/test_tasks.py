@@ -15,14 +15,15 @@ from eval import evaluate  # noqa: E402
 from sqil_tools.rollout import wilson  # noqa: E402
 
 
-SIM_MODULE = {"hopper": "pybullet_envs_gymnasium", "lander": "Box2D", "pickplace": "metaworld"}
+SIM_MODULE = {"hopper": "pybullet_envs_gymnasium", "lander": "Box2D", "pickplace": "metaworld",
+              "pickplace-pixels": "metaworld"}
 
 
-@pytest.mark.parametrize("task,episodes", [("hopper", 2), ("lander", 5), ("pickplace", 2)])
+@pytest.mark.parametrize("task,episodes", [("hopper", 2), ("lander", 5), ("pickplace", 2), ("pickplace-pixels", 1)])
 def test_expert_and_bc_succeed(task, episodes):
     # Meta-World lives in its own venv (tools/.venv-mw); tools/test.sh runs this file in both.
     pytest.importorskip(SIM_MODULE[task], reason=f"{task}'s simulator is not in this venv")
-    for spec in ("expert", str(ROOT / "testdata" / "policies" / f"bc_{task}.onnx")):
+    for spec in ("expert", str(ROOT / "testdata" / "policies" / f"bc_{task.replace('-', '_')}.onnx")):
         r = evaluate(task, spec, episodes, 0)
         assert r["success_rate"] >= 0.8, r
         assert len(r["per_episode"]) == episodes and r["per_episode"][0]["seed"] == 0
@@ -37,8 +38,14 @@ def test_wilson_interval():
 
 
 def test_demos_subsets_follow_the_format():
-    for task, od, ad in [("hopper", 15, 3), ("lander", 8, 2), ("pickplace", 39, 4)]:
+    for task, od, ad in [("hopper", 15, 3), ("lander", 8, 2), ("pickplace", 39, 4), ("pickplace-pixels", 7, 4)]:
         d = np.load(ROOT / "testdata" / "demos" / f"{task}.npz")
         assert d["observations"].dtype == np.float32 and d["observations"].shape[1] == od
         assert d["actions"].shape == (len(d["observations"]), ad)
         assert d["episode_starts"][0] and d["episode_starts"].sum() == len(d["success"])
+
+
+def test_pixel_demos_hold_frames():
+    d = np.load(ROOT / "testdata" / "demos" / "pickplace-pixels.npz")
+    assert d["images"].dtype == np.uint8 and d["images"].shape == (len(d["observations"]), 3, 84, 84)
+    assert 20 < d["images"].mean() < 235  # a rendered scene, not a blank frame

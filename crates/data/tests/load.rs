@@ -11,7 +11,7 @@ fn demos(task: &str) -> PathBuf {
 
 #[test]
 fn committed_demos_load() {
-    for (task, obs, act) in [("hopper", 15, 3), ("lander", 8, 2)] {
+    for (task, obs, act) in [("hopper", 15, 3), ("lander", 8, 2), ("pickplace", 39, 4), ("pickplace-pixels", 7, 4)] {
         let d = Demos::load(&demos(task)).unwrap();
         assert_eq!((d.observations.ncols(), d.actions.ncols()), (obs, act), "{task}");
         assert_eq!(d.metadata["task"], task);
@@ -24,6 +24,21 @@ fn committed_demos_load() {
             assert!((s - e).abs() < 1e-2 * e.abs().max(1.0), "{task}: {s} vs {e}");
         }
     }
+}
+
+#[test]
+fn pixel_demos_carry_frames_and_history_windows_stay_in_episodes() {
+    let d = Demos::load(&demos("pickplace-pixels")).unwrap();
+    let im = d.images.as_ref().expect("frames");
+    assert_eq!(im.shape(), &[d.len(), 3, 84, 84]);
+    assert!(Demos::load(&demos("hopper")).unwrap().images.is_none());
+    let h = Demos::load(&demos("hopper")).unwrap();
+    let w = h.history_indices(4);
+    let starts: Vec<usize> = h.episodes().iter().map(|r| r.start).collect();
+    assert_eq!(w[0], vec![0, 0, 0, 0]);
+    assert_eq!(w[2], vec![0, 0, 1, 2]);
+    let s1 = starts[1];
+    assert_eq!(w[s1 + 1], vec![s1, s1, s1, s1 + 1], "a window never reaches into the previous episode");
 }
 
 fn write(path: &PathBuf, obs: Array2<f32>, starts: Vec<bool>, meta: &str, skip: Option<&str>) {
