@@ -12,5 +12,5 @@ cargo test --workspace --locked
 cargo build -p sqil --locked  # the CLI the Python tests drive (SQIL_BIN)
 bash tools/build_binding.sh
 .venv-ci/bin/python -m pytest -q -rs -p no:cacheprovider tools/tests
-tools/.venv-mw/bin/python -m pytest -q -rs -p no:cacheprovider tools/tests -k 'pickplace and not qdq'
+tools/.venv-mw/bin/python -m pytest -q -rs -p no:cacheprovider tools/tests -k '(pickplace or pixel) and not qdq'
 echo "tools/test.sh: all checks passed in $((SECONDS - start)) s"

@@ -7,6 +7,7 @@ pub mod const_fold;
 pub mod dce;
 pub mod fold_batchnorm;
 pub mod fuse;
+pub mod grad;
 pub mod insert_fake_quant;
 pub mod lower_quant;
 pub mod manager;

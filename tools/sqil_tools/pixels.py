@@ -8,8 +8,6 @@ entries 0-3 and 36-38 of the 39-d state. The object's position is only in the im
 must see where to grasp. The scripted expert acts on the full state, kept as `env.state`.
 """
 
-import os
-
 import gymnasium as gym
 import numpy as np
 
@@ -21,8 +19,7 @@ PROPRIO = [0, 1, 2, 3, 36, 37, 38]
 class PixelObs(gym.Wrapper):
     def __init__(self, env):
         super().__init__(env)
-        os.environ.setdefault("MUJOCO_GL", "osmesa")
-        import mujoco
+        import mujoco  # its GL platform was chosen on import (sqil_tools sets MUJOCO_GL)
 
         self._mj = mujoco
         m = env.unwrapped.model

@@ -36,7 +36,7 @@ def load(spec: str, task):
         except ImportError as e:
             raise SystemExit(f"policy `{spec}`: the sqil Python binding is not importable ({e})")
         p = sqil.Policy(spec[5:])
-        if p.input_names() == ["image", "proprio"]:
+        if p.input_names == ["image", "proprio"]:
             return _pixels(lambda i, q: p.run(i, q)[0])
         rank = len(p.input_shape(0))
         if rank == 3:

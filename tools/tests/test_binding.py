@@ -53,6 +53,13 @@ def test_bc_policy_binding_equals_onnxruntime_in_closed_loop(task):
         assert abs(x["return"] - y["return"]) <= 0.02 * abs(x["return"]) + 1.0, (x, y)
 
 
+def test_load_and_call():
+    p = sqil.load(str(POLICIES / "bc_pickplace_pixels.onnx"))
+    assert p.input_names == ["image", "proprio"]
+    x = [np.load(POLICIES / f"bc_pickplace_pixels.input{k}.npy") for k in range(2)]
+    assert np.abs(p(*x) - np.load(POLICIES / "bc_pickplace_pixels.ort0.npy")).max() < 1e-5
+
+
 def test_bad_paths_raise_value_error():
     with pytest.raises(ValueError, match="missing.onnx"):
         sqil.Policy("missing.onnx")

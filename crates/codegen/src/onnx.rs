@@ -117,6 +117,13 @@ fn onnx_attrs(g: &Graph, n: sqil_ir::NodeId) -> Result<Vec<AttributeProto>> {
                 }
             }
         }
+        Op::Fused(_) | Op::Vjp { .. } => {
+            return Err(IrError::Unsupported(format!(
+                "{}: {} is internal to sqil and has no ONNX form (export before fusion)",
+                g.describe(n),
+                node.op.name()
+            )))
+        }
         Op::FakeQuant { .. } => {
             return Err(IrError::Unsupported(format!(
                 "{}: FakeQuant has no ONNX form; run the lower-quant pass first",

@@ -85,6 +85,17 @@ impl Policy {
             .collect()
     }
 
+    /// `policy(obs)` or `policy(image, proprio)`: the first output for a batch of inputs.
+    #[pyo3(signature = (*inputs))]
+    fn __call__<'py>(
+        &self,
+        py: Python<'py>,
+        inputs: Vec<PyReadonlyArrayDyn<'py, f32>>,
+    ) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
+        let mut outs = self.run(py, inputs)?;
+        Ok(outs.remove(0))
+    }
+
     /// The first output for a batch of observations (a float32 array for the first input).
     fn act<'py>(&self, py: Python<'py>, obs: PyReadonlyArrayDyn<'py, f32>) -> PyResult<Bound<'py, PyArrayDyn<f32>>> {
         let mut outs = self.run(py, vec![obs])?;
@@ -92,9 +103,16 @@ impl Policy {
     }
 }
 
+/// `sqil.load(path)`: a policy from an ONNX model (float or QDQ) or IR text (`.sqil`).
+#[pyfunction]
+fn load(path: &str) -> PyResult<Policy> {
+    Policy::new(path)
+}
+
 #[pymodule]
 fn sqil(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Policy>()?;
+    m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

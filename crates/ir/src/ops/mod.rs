@@ -9,6 +9,7 @@
 mod broadcast;
 mod elementwise;
 pub mod fused;
+pub mod grad;
 mod linalg;
 mod nn;
 pub mod quant;
@@ -193,6 +194,13 @@ pub enum Op {
     },
     /// Several ops run as one kernel (see [`fused`]).
     Fused(Box<fused::Fused>),
+    /// The gradient of a loss with respect to input `wrt` of `op` (see [`grad`]). Inputs: the
+    /// forward op's `arity` inputs (absent ones absent), then the output gradient.
+    Vjp {
+        op: Box<Op>,
+        wrt: usize,
+        arity: usize,
+    },
 }
 
 const UNARY: [(&str, UnaryOp); 11] = [
@@ -263,6 +271,7 @@ pub fn op_names() -> Vec<&'static str> {
         "DequantizeLinear",
         "FakeQuant",
         "Fused",
+        "Vjp",
     ]);
     v
 }
@@ -315,6 +324,7 @@ impl Op {
             Op::DequantizeLinear { .. } => "DequantizeLinear",
             Op::FakeQuant { .. } => "FakeQuant",
             Op::Fused(_) => "Fused",
+            Op::Vjp { .. } => "Vjp",
         }
     }
 
@@ -411,6 +421,11 @@ impl Op {
                     block_size: a.int("block_size", 0)?,
                 }
             }
+            "Vjp" => {
+                let f = fused::Fused::decode("vjp", &a.string("op", "")?)?;
+                let op = f.stages.into_iter().next().expect("one stage").op;
+                Op::Vjp { op: Box::new(op), wrt: a.int("wrt", 0)? as usize, arity: a.int("arity", 1)? as usize }
+            }
             "Fused" => {
                 let kernel = a.string("kernel", "fused")?;
                 let stages = a.string("stages", "")?;
@@ -481,6 +496,17 @@ impl Op {
                 ("axis", Attr::Int(*axis)),
                 ("block_size", Attr::Int(*block_size)),
             ],
+            Op::Vjp { op, wrt, arity } => {
+                let f = fused::Fused {
+                    kernel: "vjp".into(),
+                    stages: vec![fused::Stage { op: (**op).clone(), args: vec![] }],
+                };
+                vec![
+                    ("op", Attr::Str(f.encode().expect("vjp op encodes"))),
+                    ("wrt", Attr::Int(*wrt as i64)),
+                    ("arity", Attr::Int(*arity as i64)),
+                ]
+            }
             Op::Fused(f) => vec![
                 ("kernel", Attr::Str(f.kernel.clone())),
                 // Encoding fails only for stages `decode` would not have built.
@@ -549,6 +575,12 @@ impl Op {
             Op::DequantizeLinear { .. } => quant::infer_dequantize(&cx),
             Op::FakeQuant { .. } => Ok(vec![cx.ty(0)?.clone()]),
             Op::Fused(f) => f.infer(inputs, consts),
+            Op::Vjp { wrt, arity, .. } => {
+                let t =
+                    cx.opt_ty(*wrt).ok_or_else(|| IrError::Invalid(format!("Vjp: forward input {wrt} is absent")))?;
+                cx.ty(*arity)?;
+                Ok(vec![ValueType::new(DType::F32, t.shape.clone())])
+            }
         }
     }
 
@@ -616,6 +648,10 @@ impl Op {
                 one(quant::fake_quant(x.get(0)?, x.get(1)?, x.opt(2), *bits, *signed, *axis, *block_size)?)
             }
             Op::Fused(f) => f.eval(inputs),
+            Op::Vjp { op, wrt, arity } => {
+                let dy = x.get(*arity)?;
+                one(grad::vjp(op, &inputs[..*arity.min(&inputs.len())], dy, *wrt)?)
+            }
         }
     }
 

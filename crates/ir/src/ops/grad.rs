@@ -1,0 +1,322 @@
+//! Vector-Jacobian products: for an op, its inputs, and the gradient `dy` of a loss with respect
+//! to its (first) output, the gradient with respect to input `wrt`. The `grad` pass writes the
+//! backward graph as `Vjp` nodes that call these rules, so the interpreter (and later the back
+//! ends) run training with the same op semantics as inference.
+//!
+//! FakeQuant follows LSQ (Esser et al. 2020): straight-through rounding for `x` (zero gradient
+//! where the value is clamped), and for the step size `s` the gradient `round(v) - v` inside the
+//! range (`v = x / s`), the clamp bound `qmin - z` / `qmax - z` outside, scaled by
+//! `1 / sqrt(n * qmax)` with `n` the number of elements sharing the step.
+//!
+//! Math in f64, results in f32.
+
+use super::broadcast::broadcast_indices;
+use super::quant::{fake_quant_range, param_index};
+use super::{norm_axis, BinaryOp, Op, ReduceOp, UnaryOp};
+use crate::error::{IrError, Result};
+use crate::tensor::Tensor;
+
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.data.to_f64_vec()
+}
+
+fn out(shape: &[usize], v: Vec<f64>) -> Result<Tensor> {
+    Tensor::from_f32(shape.to_vec(), v.into_iter().map(|x| x as f32).collect())
+}
+
+fn get<'a>(ins: &[Option<&'a Tensor>], i: usize) -> Result<&'a Tensor> {
+    ins.get(i).copied().flatten().ok_or_else(|| IrError::Invalid(format!("Vjp: missing forward input {i}")))
+}
+
+/// Sums a gradient over the axes along which `shape` was broadcast to `g`'s shape.
+pub fn unbroadcast(g: &[f64], gshape: &[usize], shape: &[usize]) -> Vec<f64> {
+    let n: usize = shape.iter().product();
+    if gshape == shape {
+        return g.to_vec();
+    }
+    let idx = broadcast_indices(shape, gshape);
+    let mut acc = vec![0f64; n];
+    for (v, &i) in g.iter().zip(&idx) {
+        acc[i] += v;
+    }
+    acc
+}
+
+/// Row-major matrix product `a [m, k] @ b [k, n]`, either operand possibly transposed in storage.
+fn mm(a: &[f64], ta: bool, b: &[f64], tb: bool, m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut c = vec![0f64; m * n];
+    let (sa, sb) = (if ta { (1, m) } else { (k, 1) }, if tb { (1, k) } else { (n, 1) });
+    sqil_kernels_cpu::dgemm(m, k, n, 1.0, a, sa, b, sb, 0.0, &mut c, (n, 1));
+    c
+}
+
+/// The gradient with respect to input `wrt` of `op` at `inputs`, given the output gradient `dy`.
+pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<Tensor> {
+    let g = f64s(dy);
+    let x = get(ins, 0)?;
+    let xs = &x.shape;
+    let ew = |f: &dyn Fn(f64) -> f64| -> Result<Tensor> {
+        let xv = f64s(x);
+        out(xs, xv.iter().zip(&g).map(|(&a, &d)| d * f(a)).collect())
+    };
+    match op {
+        Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze if wrt == 0 => out(xs, g),
+        Op::Unary(u) => {
+            let f: fn(f64) -> f64 = match u {
+                UnaryOp::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
+                UnaryOp::Tanh => |x| 1.0 - x.tanh().powi(2),
+                UnaryOp::Sigmoid => |x| {
+                    let s = 1.0 / (1.0 + (-x).exp());
+                    s * (1.0 - s)
+                },
+                UnaryOp::Neg => |_| -1.0,
+                UnaryOp::Abs => |x| {
+                    if x > 0.0 {
+                        1.0
+                    } else if x < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    }
+                },
+                UnaryOp::Softplus => |x| 1.0 / (1.0 + (-x).exp()),
+                UnaryOp::Exp => f64::exp,
+                UnaryOp::Log => |x| 1.0 / x,
+                UnaryOp::Sqrt => |x| 0.5 / x.sqrt(),
+                UnaryOp::Erf => |x| 2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp(),
+                UnaryOp::Reciprocal => |x| -1.0 / (x * x),
+            };
+            ew(&f)
+        }
+        Op::LeakyRelu { alpha } => {
+            let a = *alpha as f64;
+            ew(&|x| if x < 0.0 { a } else { 1.0 })
+        }
+        Op::Elu { alpha } => {
+            let a = *alpha as f64;
+            ew(&|x| if x < 0.0 { a * x.exp() } else { 1.0 })
+        }
+        Op::Gelu { tanh: false } => ew(&|x| {
+            let cdf = 0.5 * (1.0 + libm::erf(x / std::f64::consts::SQRT_2));
+            cdf + x * (-x * x / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt()
+        }),
+        Op::Gelu { tanh: true } => ew(&|x| {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let u = c * (x + 0.044715 * x.powi(3));
+            let t = u.tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * x * x)
+        }),
+        Op::Clip if wrt == 0 => {
+            let lo = ins.get(1).copied().flatten().map(|t| t.data.to_f64_vec()[0]).unwrap_or(f64::NEG_INFINITY);
+            let hi = ins.get(2).copied().flatten().map(|t| t.data.to_f64_vec()[0]).unwrap_or(f64::INFINITY);
+            ew(&|x| if x >= lo && x <= hi { 1.0 } else { 0.0 })
+        }
+        Op::Binary(b) => {
+            let (a, c) = (get(ins, 0)?, get(ins, 1)?);
+            let shape = dy.shape.clone();
+            let (ia, ic) = (broadcast_indices(&a.shape, &shape), broadcast_indices(&c.shape, &shape));
+            let (av, cv) = (f64s(a), f64s(c));
+            let full: Vec<f64> = (0..g.len())
+                .map(|i| {
+                    let (p, q) = (av[ia[i]], cv[ic[i]]);
+                    g[i] * match (b, wrt) {
+                        (BinaryOp::Add, _) => 1.0,
+                        (BinaryOp::Sub, 0) => 1.0,
+                        (BinaryOp::Sub, _) => -1.0,
+                        (BinaryOp::Mul, 0) => q,
+                        (BinaryOp::Mul, _) => p,
+                        (BinaryOp::Div, 0) => 1.0 / q,
+                        (BinaryOp::Div, _) => -p / (q * q),
+                        (BinaryOp::Pow, 0) => q * p.powf(q - 1.0),
+                        (BinaryOp::Pow, _) => p.powf(q) * p.ln(),
+                    }
+                })
+                .collect();
+            let target = if wrt == 0 { &a.shape } else { &c.shape };
+            out(target, unbroadcast(&full, &shape, target))
+        }
+        Op::Gemm { alpha, beta, trans_a, trans_b } => {
+            let (a, b) = (get(ins, 0)?, get(ins, 1)?);
+            let (m, n) = (dy.shape[0], dy.shape[1]);
+            let k = if *trans_a { a.shape[0] } else { a.shape[1] };
+            let al = *alpha as f64;
+            match wrt {
+                // dA = alpha dY op(B)^T, stored as A is.
+                0 => {
+                    let bv = f64s(b);
+                    let v = if *trans_a {
+                        // A^T [m,k] -> dA [k,m] = alpha op(B) dY^T
+                        mm(&bv, *trans_b, &g, true, k, n, m)
+                    } else {
+                        mm(&g, false, &bv, !*trans_b, m, n, k)
+                    };
+                    out(&a.shape, v.into_iter().map(|x| x * al).collect())
+                }
+                1 => {
+                    let av = f64s(a);
+                    let v = if *trans_b {
+                        // B [n,k]: dB = alpha dY^T op(A)
+                        mm(&g, true, &av, *trans_a, n, m, k)
+                    } else {
+                        mm(&av, !*trans_a, &g, false, k, m, n)
+                    };
+                    out(&b.shape, v.into_iter().map(|x| x * al).collect())
+                }
+                _ => {
+                    let c = get(ins, 2)?;
+                    out(&c.shape, unbroadcast(&g, &dy.shape, &c.shape).into_iter().map(|x| x * *beta as f64).collect())
+                }
+            }
+        }
+        Op::MatMul => {
+            let (a, b) = (get(ins, 0)?, get(ins, 1)?);
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(IrError::Unsupported("Vjp of MatMul with 1-D operands".into()));
+            }
+            let (m, k, n) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1], b.shape[b.rank() - 1]);
+            let batch: Vec<usize> = dy.shape[..dy.rank() - 2].to_vec();
+            let nb: usize = batch.iter().product();
+            let mut ash = batch.clone();
+            ash.extend([m, k]);
+            let mut bsh = batch.clone();
+            bsh.extend([k, n]);
+            let (ai, bi) = (broadcast_indices(&a.shape, &ash), broadcast_indices(&b.shape, &bsh));
+            let (av, bv) = (f64s(a), f64s(b));
+            let mut full = vec![0f64; if wrt == 0 { nb * m * k } else { nb * k * n }];
+            for t in 0..nb {
+                let gt = &g[t * m * n..(t + 1) * m * n];
+                if wrt == 0 {
+                    let bt: Vec<f64> = (0..k * n).map(|i| bv[bi[t * k * n + i]]).collect();
+                    full[t * m * k..(t + 1) * m * k].copy_from_slice(&mm(gt, false, &bt, true, m, n, k));
+                } else {
+                    let at: Vec<f64> = (0..m * k).map(|i| av[ai[t * m * k + i]]).collect();
+                    full[t * k * n..(t + 1) * k * n].copy_from_slice(&mm(&at, true, gt, false, k, m, n));
+                }
+            }
+            let (sh, target) = if wrt == 0 { (ash, &a.shape) } else { (bsh, &b.shape) };
+            out(target, unbroadcast(&full, &sh, target))
+        }
+        Op::Reduce { op: r @ (ReduceOp::Mean | ReduceOp::Sum), keepdims, noop_with_empty_axes } if wrt == 0 => {
+            let axes: Vec<usize> = match ins.get(1).copied().flatten() {
+                Some(t) => t.data.to_i64_vec().iter().map(|&a| norm_axis(a, xs.len())).collect::<Result<_>>()?,
+                None if *noop_with_empty_axes => return out(xs, g),
+                None => (0..xs.len()).collect(),
+            };
+            let count: usize = axes.iter().map(|&a| xs[a]).product();
+            let scale = if *r == ReduceOp::Mean { 1.0 / count.max(1) as f64 } else { 1.0 };
+            // The reduced shape with kept (size-1) axes, broadcast back over x.
+            let kept: Vec<usize> = (0..xs.len()).map(|d| if axes.contains(&d) { 1 } else { xs[d] }).collect();
+            let _ = keepdims;
+            let idx = broadcast_indices(&kept, xs);
+            out(xs, idx.iter().map(|&i| g[i] * scale).collect())
+        }
+        Op::Softmax { axis, coerce_2d: false } if wrt == 0 => {
+            let ax = norm_axis(*axis, xs.len())?;
+            let (d, inner) = (xs[ax], xs[ax + 1..].iter().product::<usize>());
+            let outer: usize = xs[..ax].iter().product();
+            let xv = f64s(x);
+            let mut r = vec![0f64; xv.len()];
+            for o in 0..outer {
+                for j in 0..inner {
+                    let at = |i: usize| (o * d + i) * inner + j;
+                    let mx = (0..d).map(|i| xv[at(i)]).fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = (0..d).map(|i| (xv[at(i)] - mx).exp()).collect();
+                    let s: f64 = e.iter().sum();
+                    let dot: f64 = (0..d).map(|i| g[at(i)] * e[i] / s).sum();
+                    for i in 0..d {
+                        r[at(i)] = e[i] / s * (g[at(i)] - dot);
+                    }
+                }
+            }
+            out(xs, r)
+        }
+        Op::LayerNorm { axis, epsilon } => {
+            let ax = norm_axis(*axis, xs.len())?;
+            let d: usize = xs[ax..].iter().product();
+            let rows = x.len() / d.max(1);
+            let xv = f64s(x);
+            let sc = get(ins, 1)?;
+            let scv = f64s(sc);
+            let si = broadcast_indices(&sc.shape, &xs[ax..]);
+            let mut r = vec![0f64; if wrt == 0 { xv.len() } else { d }];
+            for row in 0..rows {
+                let xr = &xv[row * d..(row + 1) * d];
+                let gr = &g[row * d..(row + 1) * d];
+                let mean = xr.iter().sum::<f64>() / d as f64;
+                let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+                let inv = 1.0 / (var + *epsilon as f64).sqrt();
+                let xhat: Vec<f64> = xr.iter().map(|v| (v - mean) * inv).collect();
+                match wrt {
+                    0 => {
+                        let dxh: Vec<f64> = (0..d).map(|i| gr[i] * scv[si[i]]).collect();
+                        let m1 = dxh.iter().sum::<f64>() / d as f64;
+                        let m2 = dxh.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / d as f64;
+                        for i in 0..d {
+                            r[row * d + i] = inv * (dxh[i] - m1 - xhat[i] * m2);
+                        }
+                    }
+                    1 => (0..d).for_each(|i| r[i] += gr[i] * xhat[i]),
+                    _ => (0..d).for_each(|i| r[i] += gr[i]),
+                }
+            }
+            match wrt {
+                0 => out(xs, r),
+                1 => out(&sc.shape, unbroadcast(&r, &xs[ax..], &sc.shape)),
+                _ => {
+                    let b = get(ins, 2)?;
+                    out(&b.shape, unbroadcast(&r, &xs[ax..], &b.shape))
+                }
+            }
+        }
+        Op::FakeQuant { bits, signed, axis, block_size } => {
+            let s = get(ins, 1)?;
+            let idx = param_index(xs, &s.shape, *axis, *block_size)?;
+            let sv = s.data.to_f32_vec();
+            let zv = ins.get(2).copied().flatten().map(|z| z.data.to_f32_vec());
+            let (lo, hi) = fake_quant_range(*bits, *signed);
+            let (lo, hi) = (lo as f32, hi as f32);
+            let xv = x.data.to_f32_vec();
+            match wrt {
+                0 => out(
+                    xs,
+                    xv.iter()
+                        .zip(&idx)
+                        .zip(&g)
+                        .map(|((&v, &i), &d)| {
+                            let z = zv.as_ref().map_or(0.0, |z| z[i]);
+                            let q = (v / sv[i]).round_ties_even() + z;
+                            if q >= lo && q <= hi {
+                                d
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect(),
+                ),
+                1 => {
+                    let mut acc = vec![0f64; sv.len()];
+                    let mut count = vec![0usize; sv.len()];
+                    for ((&v, &i), &d) in xv.iter().zip(&idx).zip(&g) {
+                        let z = zv.as_ref().map_or(0.0, |z| z[i]);
+                        let u = v / sv[i];
+                        let q = u.round_ties_even() + z;
+                        let dq = if q < lo {
+                            (lo - z) as f64
+                        } else if q > hi {
+                            (hi - z) as f64
+                        } else {
+                            (u.round_ties_even() - u) as f64
+                        };
+                        acc[i] += d * dq;
+                        count[i] += 1;
+                    }
+                    let qp = hi.max(1.0) as f64;
+                    let v = acc.iter().zip(&count).map(|(a, &n)| a / (n.max(1) as f64 * qp).sqrt()).collect();
+                    out(&s.shape, v)
+                }
+                _ => Err(IrError::Unsupported("Vjp of FakeQuant with respect to its zero point".into())),
+            }
+        }
+        _ => Err(IrError::Unsupported(format!("the gradient of {} with respect to input {wrt}", op.name()))),
+    }
+}
