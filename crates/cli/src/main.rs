@@ -52,6 +52,57 @@ enum Cmd {
         #[arg(long = "output", required = true)]
         outputs: Vec<PathBuf>,
     },
+    /// The whole pipeline: PTQ initialisation, SIS, QRD fine-tuning (LSQ), lowering, fusion.
+    /// Writes OUT/model.sqil (simulation), OUT/model.onnx (QDQ), OUT/model.fused.sqil and
+    /// OUT/report.json; checkpoints to OUT/checkpoint.json (--resume continues).
+    Compile {
+        model: PathBuf,
+        /// Demonstrations (.npz, sqil-demos/1): training states, actions, and SIS.
+        #[arg(long)]
+        demos: PathBuf,
+        /// sqil (QRD with SIS top-p weighting), qat (BC only), distill (alpha = 1), sis-weighted.
+        #[arg(long, default_value = "sqil")]
+        recipe: String,
+        /// PTQ recipe that initialises the quantizers: rtn, mse, awq, gptq.
+        #[arg(long, default_value = "mse")]
+        init: String,
+        #[arg(long, default_value_t = 4)]
+        wbits: u8,
+        /// 4, 8 or float.
+        #[arg(long, default_value = "8")]
+        abits: String,
+        #[arg(long, default_value = "64")]
+        group: String,
+        /// Extra quant config settings (key=value, comma separated).
+        #[arg(long)]
+        set: Option<String>,
+        /// QRD: weight of the distillation term on critical states.
+        #[arg(long, default_value_t = 2.0)]
+        beta: f64,
+        /// QRD: fraction of states (by SIS) that are critical.
+        #[arg(long, default_value_t = 0.2)]
+        top: f64,
+        /// SIS: occlusion patch size for image inputs.
+        #[arg(long, default_value_t = 12)]
+        patch: usize,
+        /// Training states (spread evenly over the demonstrations).
+        #[arg(long, default_value_t = 20000)]
+        states: usize,
+        #[arg(long, default_value_t = 1500)]
+        steps: usize,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
     /// Post-training quantization with a named recipe, calibrated on demonstrations; writes
     /// QDQ ONNX (opset 21) and prints a per-layer report.
     Quantize {
@@ -160,6 +211,59 @@ fn run(cmd: Cmd) -> Result<(), String> {
             };
             let r = quantize_cmd(&model, &args)?;
             print!("{}", render(&r));
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        Cmd::Compile {
+            model,
+            demos,
+            recipe,
+            init,
+            wbits,
+            abits,
+            group,
+            set,
+            beta,
+            top,
+            patch,
+            states,
+            steps,
+            batch,
+            lr,
+            seed,
+            threads,
+            output,
+            resume,
+        } => {
+            let mut cfg = QuantConfig::default();
+            let mut settings = vec![format!("wbits={wbits}"), format!("abits={abits}"), format!("group={group}")];
+            settings.extend(set);
+            cfg.apply_settings(&settings.join(",")).map_err(|e| e.to_string())?;
+            if !(0.0..=1.0).contains(&top) || beta < 0.0 {
+                return Err(format!("--top must be in [0, 1] and --beta >= 0 (got {top}, {beta})"));
+            }
+            let args = sqil::compile::CompileArgs {
+                demos,
+                config: cfg,
+                init: Recipe::parse(&init).map_err(|e| e.to_string())?,
+                recipe: sqil::compile::FtRecipe::parse(&recipe)?,
+                beta,
+                top,
+                patch,
+                max_states: states,
+                train: sqil_train::trainer::TrainConfig {
+                    steps,
+                    batch,
+                    lr,
+                    seed,
+                    threads,
+                    warmup: (steps / 20).max(1),
+                    ..Default::default()
+                },
+                out: output.clone(),
+                resume,
+            };
+            sqil::compile::compile(&model, &args)?;
             println!("wrote {}", output.display());
             Ok(())
         }

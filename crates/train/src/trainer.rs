@@ -1,0 +1,291 @@
+//! The fine-tuning loop: seeded shuffled mini-batches, each split over threads (one
+//! interpreter run of the trainable graph per slice, gradients averaged by slice size), AdamW,
+//! progress with loss and ETA on stderr, and atomic JSON checkpoints every N steps that
+//! `resume` continues from exactly.
+
+use crate::model::{Param, TrainGraph};
+use crate::optim::AdamW;
+use serde::{Deserialize, Serialize};
+use sqil_ir::interp::Interpreter;
+use sqil_ir::testing::Rng;
+use sqil_ir::{IrError, Result, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup: usize,
+    pub clip: f64,
+    pub seed: u64,
+    pub threads: usize,
+    pub log_every: usize,
+    pub checkpoint_every: usize,
+    /// Stop (after a checkpoint) once this many steps are done; a later `resume` continues.
+    #[serde(default)]
+    pub stop_after: Option<usize>,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 1000,
+            batch: 256,
+            lr: 1e-4,
+            weight_decay: 0.0,
+            warmup: 50,
+            clip: 1.0,
+            seed: 0,
+            threads: 2,
+            log_every: 100,
+            checkpoint_every: 200,
+            stop_after: None,
+        }
+    }
+}
+
+/// Training data: the policy inputs of every state (batch axis first), the demonstrated
+/// actions, the float policy's actions (the teacher, computed once) and the QRD weights.
+pub struct Dataset {
+    pub inputs: Vec<(String, Tensor)>,
+    pub target: Tensor,
+    pub teacher: Tensor,
+    pub alpha: Vec<f32>,
+}
+
+impl Dataset {
+    pub fn len(&self) -> usize {
+        self.target.shape[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Rows `idx` of a tensor (batch axis 0).
+pub fn take_rows(t: &Tensor, idx: &[usize]) -> Tensor {
+    let per: usize = t.shape[1..].iter().product();
+    let v = t.data.f32_cow();
+    let mut out = Vec::with_capacity(idx.len() * per);
+    for &i in idx {
+        out.extend_from_slice(&v[i * per..(i + 1) * per]);
+    }
+    let mut shape = t.shape.clone();
+    shape[0] = idx.len();
+    Tensor::from_f32(shape, out).expect("sized")
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainLog {
+    /// (step, mean loss over the logging window, learning rate)
+    pub loss: Vec<(usize, f64, f64)>,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    step: usize,
+    params: Vec<(String, Vec<usize>, Vec<f32>)>,
+    opt: AdamW,
+    log: TrainLog,
+    rng_draws: u64,
+    perm: Vec<usize>,
+    pos: usize,
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| IrError::Invalid(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// One slice's loss, gradients (one per parameter) and row count.
+type SliceResult = Result<(f64, Vec<Vec<f32>>, usize)>;
+
+/// Loss and gradients on rows `idx`, with the rows split over threads.
+fn step_grads(
+    it: &Interpreter,
+    tg: &TrainGraph,
+    data: &Dataset,
+    idx: &[usize],
+    threads: usize,
+) -> Result<(f64, Vec<Vec<f32>>)> {
+    let chunks: Vec<&[usize]> = idx.chunks(idx.len().div_ceil(threads.max(1))).collect();
+    let results: Vec<SliceResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = chunks
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    let mut feeds: HashMap<String, Tensor> = HashMap::new();
+                    for (n, t) in &data.inputs {
+                        feeds.insert(n.clone(), take_rows(t, c));
+                    }
+                    feeds.insert("train.target".into(), take_rows(&data.target, c));
+                    feeds.insert("train.teacher".into(), take_rows(&data.teacher, c));
+                    let mut ashape = vec![c.len()];
+                    ashape.extend(std::iter::repeat_n(1, data.target.rank() - 1));
+                    feeds.insert(
+                        "train.alpha".into(),
+                        Tensor::from_f32(ashape, c.iter().map(|&i| data.alpha[i]).collect())?,
+                    );
+                    for p in &tg.params {
+                        feeds.insert(p.name.clone(), p.value.clone());
+                    }
+                    let outs = it.run(&feeds)?;
+                    let loss = outs[0].data.to_f64_vec()[0];
+                    let grads = outs[1..].iter().map(|t| t.data.to_f32_vec()).collect();
+                    Ok((loss, grads, c.len()))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("training thread")).collect()
+    });
+    let mut loss = 0.0;
+    let mut grads: Vec<Vec<f32>> = tg.params.iter().map(|p| vec![0f32; p.value.len()]).collect();
+    for r in results {
+        let (l, g, n) = r?;
+        let w = n as f64 / idx.len() as f64;
+        loss += l * w;
+        for (acc, gi) in grads.iter_mut().zip(g) {
+            for (a, b) in acc.iter_mut().zip(gi) {
+                *a += b * w as f32;
+            }
+        }
+    }
+    Ok((loss, grads))
+}
+
+/// Trains `tg.params` in place. With `checkpoint`, writes it every `checkpoint_every` steps and
+/// at the end; with `resume`, continues from it.
+pub fn train(
+    tg: &mut TrainGraph,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    checkpoint: Option<&PathBuf>,
+    resume: bool,
+) -> Result<TrainLog> {
+    let n = data.len();
+    if n == 0 {
+        return Err(IrError::Invalid("no training states".into()));
+    }
+    let mut opt = AdamW::new(&tg.params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.clip);
+    let mut log = TrainLog::default();
+    let mut start = 0;
+    let mut rng = Rng::new(cfg.seed);
+    let mut draws = 0u64;
+    let mut perm: Vec<usize> = (0..n).collect();
+    let mut pos = n; // forces a shuffle at the first step
+    if let (true, Some(path)) = (resume, checkpoint) {
+        if path.exists() {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))?;
+            let ck: Checkpoint = serde_json::from_str(&text)
+                .map_err(|e| IrError::Invalid(format!("{}: bad checkpoint: {e}", path.display())))?;
+            for (p, (name, shape, v)) in tg.params.iter_mut().zip(ck.params) {
+                if p.name != name || p.value.shape != shape {
+                    return Err(IrError::Invalid(format!(
+                        "{}: checkpoint parameter `{name}` does not match `{}`",
+                        path.display(),
+                        p.name
+                    )));
+                }
+                p.value = Tensor::from_f32(shape, v)?;
+            }
+            opt = ck.opt;
+            log = ck.log;
+            start = ck.step;
+            for _ in 0..ck.rng_draws {
+                rng.next_u64();
+            }
+            draws = ck.rng_draws;
+            if ck.perm.len() == n {
+                perm = ck.perm;
+                pos = ck.pos;
+            }
+            eprintln!("resumed from {} at step {start}", path.display());
+        }
+    }
+    let it = Interpreter::new(&tg.graph)?;
+    let save = |tg: &TrainGraph,
+                opt: &AdamW,
+                log: &TrainLog,
+                step: usize,
+                draws: u64,
+                perm: &[usize],
+                pos: usize|
+     -> Result<()> {
+        if let Some(path) = checkpoint {
+            let ck = Checkpoint {
+                step,
+                params: tg
+                    .params
+                    .iter()
+                    .map(|p: &Param| (p.name.clone(), p.value.shape.clone(), p.value.data.to_f32_vec()))
+                    .collect(),
+                opt: opt.clone(),
+                log: log.clone(),
+                rng_draws: draws,
+                perm: perm.to_vec(),
+                pos,
+            };
+            write_atomic(path, &serde_json::to_string(&ck).map_err(|e| IrError::Internal(e.to_string()))?)?;
+        }
+        Ok(())
+    };
+    let t0 = Instant::now();
+    let mut window = (0.0, 0usize);
+    for step in start..cfg.steps {
+        let mut idx = Vec::with_capacity(cfg.batch);
+        while idx.len() < cfg.batch.min(n) {
+            if pos >= n {
+                for i in (1..n).rev() {
+                    let j = rng.below(i + 1);
+                    draws += 1;
+                    perm.swap(i, j);
+                }
+                pos = 0;
+            }
+            idx.push(perm[pos]);
+            pos += 1;
+        }
+        let (loss, grads) = step_grads(&it, tg, data, &idx, cfg.threads)?;
+        if !loss.is_finite() {
+            return Err(IrError::Invalid(format!("training diverged at step {step} (loss {loss})")));
+        }
+        opt.update(&mut tg.params, &grads);
+        window.0 += loss;
+        window.1 += 1;
+        let done = step + 1;
+        if done % cfg.log_every == 0 || done == cfg.steps {
+            let mean = window.0 / window.1 as f64;
+            log.loss.push((done, mean, opt.lr_at(step)));
+            let el = t0.elapsed().as_secs_f64();
+            let eta = el / (done - start) as f64 * (cfg.steps - done) as f64;
+            eprintln!(
+                "step {done}/{}  loss {mean:.5}  lr {:.2e}  {:.0} samples/s  ETA {eta:.0}s",
+                cfg.steps,
+                opt.lr_at(step),
+                ((done - start) * cfg.batch) as f64 / el
+            );
+            window = (0.0, 0);
+        }
+        if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 {
+            save(tg, &opt, &log, done, draws, &perm, pos)?;
+        }
+        if cfg.stop_after == Some(done) && done < cfg.steps {
+            save(tg, &opt, &log, done, draws, &perm, pos)?;
+            log.seconds += t0.elapsed().as_secs_f64();
+            return Ok(log);
+        }
+    }
+    log.seconds += t0.elapsed().as_secs_f64();
+    log.samples_per_s = ((cfg.steps - start) * cfg.batch) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    save(tg, &opt, &log, cfg.steps, draws, &perm, pos)?;
+    Ok(log)
+}
