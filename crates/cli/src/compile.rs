@@ -55,6 +55,8 @@ pub struct CompileArgs {
     pub train: TrainConfig,
     pub out: PathBuf,
     pub resume: bool,
+    /// Learn the activation quantizers' steps too (else they keep their calibrated ranges).
+    pub act_steps: bool,
 }
 
 #[derive(Serialize)]
@@ -74,6 +76,7 @@ struct Report {
     sis_histogram: Vec<(f64, usize)>,
     top: f64,
     beta: f64,
+    act_steps: bool,
     train: TrainConfig,
     log: TrainLog,
     /// Action MSE against the float policy, on all training states and on the top-SIS ones.
@@ -183,7 +186,7 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
     }
     let before = run_all(&sim, &batches)?;
     let data = Dataset { inputs, target, teacher: teacher.clone(), alpha };
-    let mut tg = train_graph(&sim).map_err(|e| e.to_string())?;
+    let mut tg = train_graph(&sim, a.act_steps).map_err(|e| e.to_string())?;
     let ck = a.out.join("checkpoint.json");
     let log = train(&mut tg, &data, &a.train, Some(&ck), a.resume).map_err(|e| e.to_string())?;
     let tuned = with_params(&sim, &tg.params);
@@ -225,6 +228,7 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
         sis_histogram: hist,
         top: a.top,
         beta: a.beta,
+        act_steps: a.act_steps,
         train: a.train.clone(),
         log,
         action_mse_before: ErrorStats {

@@ -102,6 +102,9 @@ enum Cmd {
         output: PathBuf,
         #[arg(long)]
         resume: bool,
+        /// Keep the activation quantizers' calibrated steps fixed (learn weights, weight steps, biases).
+        #[arg(long)]
+        freeze_act_steps: bool,
     },
     /// Post-training quantization with a named recipe, calibrated on demonstrations; writes
     /// QDQ ONNX (opset 21) and prints a per-layer report.
@@ -234,6 +237,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             threads,
             output,
             resume,
+            freeze_act_steps,
         } => {
             let mut cfg = QuantConfig::default();
             let mut settings = vec![format!("wbits={wbits}"), format!("abits={abits}"), format!("group={group}")];
@@ -262,6 +266,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 },
                 out: output.clone(),
                 resume,
+                act_steps: !freeze_act_steps,
             };
             sqil::compile::compile(&model, &args)?;
             println!("wrote {}", output.display());

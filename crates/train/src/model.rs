@@ -39,8 +39,9 @@ fn make_input(g: &mut Graph, n: NodeId) {
 }
 
 /// The parameters of a FakeQuant graph: each quantized weight with its step, each activation
-/// step, and the bias of each layer with a quantized weight.
-pub fn find_params(g: &Graph) -> Vec<Param> {
+/// step (unless `act_steps` is false: they keep their calibrated ranges), and the bias of each
+/// layer with a quantized weight.
+pub fn find_params(g: &Graph, act_steps: bool) -> Vec<Param> {
     let mut out = vec![];
     let mut seen = std::collections::HashSet::new();
     let order = g.topo_order().unwrap_or_default();
@@ -55,10 +56,13 @@ pub fn find_params(g: &Graph) -> Vec<Param> {
         if let Op::FakeQuant { .. } = g.node(n).op {
             let ins = g.inputs_of(n);
             let (x, s) = (ins[0].expect("x"), ins[1].expect("scale"));
-            if g.const_value(x).is_some() {
+            let weight = g.const_value(x).is_some();
+            if weight {
                 push(g, x, ParamKind::Weight, &mut out);
             }
-            push(g, s, ParamKind::Step, &mut out);
+            if weight || act_steps {
+                push(g, s, ParamKind::Step, &mut out);
+            }
         }
     }
     for &n in &order {
@@ -73,14 +77,15 @@ pub fn find_params(g: &Graph) -> Vec<Param> {
     out
 }
 
-/// Builds the trainable graph of a FakeQuant graph with one output (the action).
-pub fn train_graph(sim: &Graph) -> Result<TrainGraph> {
+/// Builds the trainable graph of a FakeQuant graph with one output (the action); `act_steps`:
+/// also learn the activation quantizers' steps.
+pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
     let mut g = sim.clone();
     if g.outputs.len() != 1 {
         return Err(IrError::Unsupported(format!("training a graph with {} outputs", g.outputs.len())));
     }
     let policy_inputs: Vec<String> = g.inputs.iter().map(|&i| g.node(i).outputs[0].name.clone()).collect();
-    let params = find_params(&g);
+    let params = find_params(&g, act_steps);
     if params.is_empty() {
         return Err(IrError::Invalid("nothing to train: the graph has no FakeQuant weights".into()));
     }

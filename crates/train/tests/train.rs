@@ -70,7 +70,7 @@ fn fine_tuning_lowers_the_loss_and_resume_is_exact() {
         checkpoint_every: 30,
         ..Default::default()
     };
-    let mut tg = train_graph(&sim).unwrap();
+    let mut tg = train_graph(&sim, true).unwrap();
     let log = train(&mut tg, &data, &cfg, None, false).unwrap();
     assert!(log.loss.last().unwrap().1 < 0.7 * log.loss[0].1, "loss {:?}", log.loss);
 
@@ -78,11 +78,11 @@ fn fine_tuning_lowers_the_loss_and_resume_is_exact() {
     std::fs::create_dir_all(&dir).unwrap();
     let ck = dir.join("ck.json");
     // Interrupted after 37 steps (checkpoint written there), then a fresh trainer resumes to 60.
-    let mut a = train_graph(&sim).unwrap();
+    let mut a = train_graph(&sim, true).unwrap();
     train(&mut a, &data, &TrainConfig { stop_after: Some(37), ..cfg.clone() }, Some(&ck), false).unwrap();
-    let mut b = train_graph(&sim).unwrap();
+    let mut b = train_graph(&sim, true).unwrap();
     train(&mut b, &data, &cfg, Some(&ck), true).unwrap();
-    let mut c = train_graph(&sim).unwrap();
+    let mut c = train_graph(&sim, true).unwrap();
     train(&mut c, &data, &cfg, None, false).unwrap();
     for (p, q) in b.params.iter().zip(&c.params) {
         assert_eq!(p.value.data.to_f32_vec(), q.value.data.to_f32_vec(), "{}", p.name);
