@@ -1,0 +1,112 @@
+"""Fine-tuning throughput: sqil against PyTorch CPU on the same LSQ-QAT step (forward, backward,
+AdamW) of the same model and batch, with the same thread count, in one run.
+
+    tools/.venv-dev/bin/python tools/bench_qat.py [--threads 2] [--steps 300]
+
+The model is the hopper BC policy (testdata/policies/bc_hopper.onnx: normalisation, 15-256-256-3
+MLP) at W4A8: weights 4-bit in groups of 64 along the input axis, layer inputs 8-bit per tensor
+(asymmetric), LSQ steps for both, QRD loss (BC + distillation). sqil runs `sqil compile --steps N`
+and reports its training-loop samples/s; PyTorch runs the same step written with its autograd.
+"""
+
+import argparse
+import json
+import pathlib
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+class LSQ(torch.nn.Module):
+    """LSQ fake quantizer: scale per group of `group` along the last axis (or per tensor)."""
+
+    def __init__(self, bits, shape, group, zero=False):
+        super().__init__()
+        self.lo, self.hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.group = group
+        n = shape[-1] // group if group else 1
+        self.s = torch.nn.Parameter(torch.full((shape[0], n) if group else (1,), 0.05))
+        self.z = torch.zeros_like(self.s) if not zero else torch.full_like(self.s, -128.0)
+        self.g = 1.0 / np.sqrt((group if group else int(np.prod(shape))) * self.hi)
+
+    def forward(self, x):
+        s = self.s * self.g + (self.s - self.s * self.g).detach()  # gradient scaling
+        if self.group:
+            s = s.repeat_interleave(self.group, dim=1)
+            z = self.z.repeat_interleave(self.group, dim=1)
+        else:
+            z = self.z
+        v = x / s
+        q = torch.clamp(v + (v.round() - v).detach() + z, self.lo, self.hi)
+        return (q - z) * s
+
+
+class QMLP(torch.nn.Module):
+    def __init__(self, ws, bs, mean, std):
+        super().__init__()
+        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
+        self.w = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(w)) for w in ws])
+        self.b = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor(b)) for b in bs])
+        self.wq = torch.nn.ModuleList([LSQ(4, w.shape, 64 if w.shape[1] % 64 == 0 else w.shape[1]) for w in ws])
+        self.aq = torch.nn.ModuleList([LSQ(8, (1, w.shape[1]), 0, zero=True) for w in ws])
+
+    def forward(self, x):
+        h = (x - self.mean) / self.std
+        for i in range(len(self.w)):
+            h = torch.nn.functional.linear(self.aq[i](h), self.wq[i](self.w[i]), self.b[i])
+            if i + 1 < len(self.w):
+                h = torch.relu(h)
+        return h
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=256)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    m = onnx.load(ROOT / "testdata/policies/bc_hopper.onnx")
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
+    ws = [init[n.input[1]].astype(np.float32) for n in gemms]
+    bs = [init[n.input[2]].astype(np.float32) for n in gemms]
+    d = np.load(ROOT / "demos/hopper.npz")
+    obs, act = d["observations"][:20000].astype(np.float32), d["actions"][:20000].astype(np.float32)
+    model = QMLP(ws, bs, init.get("mean", obs.mean(0)), init.get("std", obs.std(0)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    x, y = torch.tensor(obs), torch.tensor(act)
+    teacher = y.clone()
+    g = torch.Generator().manual_seed(0)
+    for warm in (True, False):
+        t0 = time.perf_counter()
+        for _ in range(20 if warm else a.steps):
+            idx = torch.randint(0, len(x), (a.batch,), generator=g)
+            out = model(x[idx])
+            loss = ((out - y[idx]) ** 2).mean() + ((out - teacher[idx]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        dt = time.perf_counter() - t0
+    torch_sps = a.steps * a.batch / dt
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([str(ROOT / "target/release/sqil"), "compile", str(ROOT / "testdata/policies/bc_hopper.onnx"), "--demos",
+                        str(ROOT / "demos/hopper.npz"), "--wbits", "4", "--abits", "8", "--group", "64", "--init", "rtn",
+                        "--recipe", "distill", "--steps", str(a.steps), "--batch", str(a.batch), "--threads", str(a.threads),
+                        "-o", tmp], check=True, capture_output=True)
+        rep = json.loads((pathlib.Path(tmp) / "report.json").read_text())
+    sqil_sps = rep["log"]["samples_per_s"]
+    print(f"LSQ-QAT step, bc_hopper W4A8 g64, batch {a.batch}, {a.threads} threads: "
+          f"sqil {sqil_sps:.0f} samples/s, PyTorch {torch.__version__} {torch_sps:.0f} samples/s, ratio sqil/PyTorch {sqil_sps / torch_sps:.2f}")
+
+
+if __name__ == "__main__":
+    main()
