@@ -4,8 +4,8 @@
 //! twice summed with `Add` — and returns the gradient values, in `wrt`'s order. The backward
 //! graph is ordinary IR: the interpreter (and later the back ends) run it.
 //!
-//! Needs: a verified graph; nodes on the differentiated path have one output. Keeps: every
-//! existing node and value.
+//! Needs: a verified graph. Keeps: every existing node and value. Only float values carry
+//! gradients; a multi-output node (Split) gets one output gradient per output.
 
 use sqil_ir::ops::BinaryOp;
 use sqil_ir::{Graph, IrError, Op, Result, Tensor, ValueRef};
@@ -16,10 +16,13 @@ pub fn grad(g: &mut Graph, loss: ValueRef, wrt: &[ValueRef]) -> Result<Vec<Value
     let order = g.topo_order()?;
     // Values that depend on some `wrt`.
     let mut live: HashSet<ValueRef> = wrt.iter().copied().collect();
+    // Only float values carry gradients (shapes and indices computed from a live value do not).
     for &n in &order {
         if g.inputs_of(n).iter().flatten().any(|v| live.contains(v)) {
             for slot in 0..g.node(n).outputs.len() {
-                live.insert(ValueRef { node: n, slot });
+                if g.node(n).outputs[slot].ty.dtype.is_float() {
+                    live.insert(ValueRef { node: n, slot });
+                }
             }
         }
     }
@@ -38,10 +41,9 @@ pub fn grad(g: &mut Graph, loss: ValueRef, wrt: &[ValueRef]) -> Result<Vec<Value
         if grads_out.is_empty() {
             continue;
         }
-        if grads_out.iter().any(|(s, _)| *s > 0) {
-            return Err(IrError::Unsupported(format!("grad through output {} of {}", grads_out[0].0, g.describe(n))));
-        }
-        let dy = grads_out[0].1;
+        // One output gradient per output slot (absent where that output does not reach the loss).
+        let dys: Vec<Option<ValueRef>> =
+            (0..node.outputs.len()).map(|s| grads_out.iter().find(|(t, _)| *t == s).map(|(_, a)| *a)).collect();
         let op = node.op.clone();
         let ins = g.inputs_of(n);
         let label = if node.name.is_empty() { node.outputs[0].name.clone() } else { node.name.clone() };
@@ -51,7 +53,7 @@ pub fn grad(g: &mut Graph, loss: ValueRef, wrt: &[ValueRef]) -> Result<Vec<Value
                 continue;
             }
             let mut args: Vec<Option<ValueRef>> = ins.clone();
-            args.push(Some(dy));
+            args.extend(dys.iter().copied());
             k += 1;
             let vjp = Op::Vjp { op: Box::new(op.clone()), wrt: i, arity: ins.len() };
             let d = g

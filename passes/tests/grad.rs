@@ -15,20 +15,36 @@ fn t64(r: &mut Rng, shape: Vec<usize>, lo: f64) -> Tensor {
     Tensor::new(shape, Data::F64((0..n).map(|_| r.unit() as f64 * 1.5 + lo).collect())).unwrap()
 }
 
+/// Conv runs in f32 only; it is linear in each input, so wide central differences are exact up
+/// to f32 rounding of the loss.
+fn f32_feeds(feeds: &mut HashMap<String, Tensor>) {
+    for t in feeds.values_mut() {
+        *t = t.cast(DType::F32);
+    }
+}
+
 /// `loss = sum(op(inputs) * c)` with a random `c`; checks d loss / d input for every input.
 fn check(op: Op, shapes: &[Vec<usize>], seed: u64, lo: &[f64]) {
+    check_in(op, shapes, seed, lo, DType::F64)
+}
+
+fn check_in(op: Op, shapes: &[Vec<usize>], seed: u64, lo: &[f64], dt: DType) {
+    let (h, tol) = if dt == DType::F64 { (1e-5, 1e-4) } else { (1e-1, 2e-3) };
     let mut r = Rng::new(seed);
     let mut g = Graph::new("check");
     let mut feeds = HashMap::new();
     let mut xs: Vec<ValueRef> = vec![];
     for (i, s) in shapes.iter().enumerate() {
         let name = format!("x{i}");
-        xs.push(g.add_input(&name, ValueType::new(DType::F64, s.iter().map(|&d| Dim::Known(d)).collect())));
+        xs.push(g.add_input(&name, ValueType::new(dt, s.iter().map(|&d| Dim::Known(d)).collect())));
         feeds.insert(name, t64(&mut r, s.clone(), lo.get(i).copied().unwrap_or(0.0)));
     }
     let y = g.add_inferred("op", op.clone(), &xs.iter().map(|v| Some(*v)).collect::<Vec<_>>(), "y").unwrap();
     let yshape = g.value(y).ty.known_shape().unwrap().to_vec();
-    let c = g.add_const("c", t64(&mut r, yshape, 0.0));
+    let c = g.add_const("c", t64(&mut r, yshape, 0.0).cast(dt));
+    if dt == DType::F32 {
+        f32_feeds(&mut feeds);
+    }
     let p = g.add_inferred("mul", Op::Binary(BinaryOp::Mul), &[Some(y), Some(c)], "p").unwrap();
     let red = Op::Reduce { op: ReduceOp::Sum, keepdims: false, noop_with_empty_axes: false };
     let loss = g.add_inferred("sum", red, &[Some(p), None], "loss").unwrap();
@@ -44,14 +60,13 @@ fn check(op: Op, shapes: &[Vec<usize>], seed: u64, lo: &[f64]) {
         let base = feeds[&name].data.to_f64_vec();
         let gv = gi.data.to_f64_vec();
         for j in 0..base.len() {
-            let h = 1e-5;
             let mut plus = feeds.clone();
             let mut v = base.clone();
             v[j] += h;
-            plus.insert(name.clone(), Tensor::new(feeds[&name].shape.clone(), Data::F64(v.clone())).unwrap());
+            plus.insert(name.clone(), Tensor::new(feeds[&name].shape.clone(), Data::F64(v.clone())).unwrap().cast(dt));
             let mut minus = feeds.clone();
             v[j] -= 2.0 * h;
-            minus.insert(name.clone(), Tensor::new(feeds[&name].shape.clone(), Data::F64(v)).unwrap());
+            minus.insert(name.clone(), Tensor::new(feeds[&name].shape.clone(), Data::F64(v)).unwrap().cast(dt));
             let fd = (f(&plus) - f(&minus)) / (2.0 * h);
             // Backward values are f32: relative 1e-4 plus a little absolute slack.
             assert!(
@@ -127,4 +142,96 @@ fn lsq_fake_quant_gradients_follow_the_formula() {
     // round(0.6) - 0.6 = 0.4, round(3.2) - 3.2 = -0.2, qmin = -8, qmax = 7; scale 1/sqrt(4 * 7).
     let want = (0.4 - 0.2 - 8.0 + 7.0) / (4.0f32 * 7.0).sqrt();
     assert!((ds - want).abs() < 1e-6, "{ds} vs {want}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn layout_and_conv_grads(seed in any::<u64>(), m in 1usize..3, n in 2usize..5) {
+        check(Op::Transpose { perm: Some(vec![1, 0, 2]) }, &[vec![m, n, 3]], seed, &[0.0]);
+        check(Op::Transpose { perm: None }, &[vec![m, n]], seed, &[0.0]);
+        check(Op::Concat { axis: 1 }, &[vec![m, n], vec![m, 2]], seed, &[0.0, 0.0]);
+        for axis in [1i64, -1] {
+            gather_check(axis, m, n, seed);
+        }
+        let mut a = sqil_ir::AttrMap::new();
+        a.insert("strides", sqil_ir::Attr::Ints(vec![2, 1]));
+        a.insert("pads", sqil_ir::Attr::Ints(vec![1, 0, 0, 1]));
+        a.insert("kernel_shape", sqil_ir::Attr::Ints(vec![3, 2]));
+        let conv = Op::from_attrs("Conv", &a, 1).unwrap();
+        check_in(conv, &[vec![m, 2, n + 3, 4], vec![3, 2, 3, 2], vec![3]], seed, &[0.0; 3], DType::F32);
+        a.insert("group", sqil_ir::Attr::Int(2));
+        let grouped = Op::from_attrs("Conv", &a, 1).unwrap();
+        check_in(grouped, &[vec![1, 4, n + 2, 3], vec![2, 2, 3, 2], vec![2]], seed, &[0.0; 3], DType::F32);
+    }
+}
+
+/// Gather with constant indices (one repeated, one negative): the gradient with respect to the data.
+fn gather_check(axis: i64, m: usize, n: usize, seed: u64) {
+    let mut r = Rng::new(seed);
+    let mut g = Graph::new("gather");
+    let x = g.add_input("x", ValueType::new(DType::F64, vec![Dim::Known(m), Dim::Known(n), Dim::Known(2)]));
+    let idx = g.add_const("i", Tensor::from_i64(vec![3], vec![0, -1, 0]).unwrap());
+    let y = g.add_inferred("gather", Op::Gather { axis }, &[Some(x), Some(idx)], "y").unwrap();
+    let red = Op::Reduce { op: ReduceOp::Sum, keepdims: false, noop_with_empty_axes: false };
+    let sq = g.add_inferred("sq", Op::Binary(BinaryOp::Mul), &[Some(y), Some(y)], "sq").unwrap();
+    let loss = g.add_inferred("sum", red, &[Some(sq), None], "loss").unwrap();
+    let xt = t64(&mut r, vec![m, n, 2], 0.0);
+    let grads = grad(&mut g, loss, &[x]).unwrap();
+    g.outputs = grads;
+    let dx = run(&g, &HashMap::from([("x".to_string(), xt.clone())])).unwrap()[0].data.to_f64_vec();
+    // d/dx sum(y^2) = 2 x times how often each element was gathered.
+    let xv = xt.data.to_f64_vec();
+    let ax = if axis < 0 { 2 } else { 1 };
+    let dims = [m, n, 2];
+    for (i, (&d, &v)) in dx.iter().zip(&xv).enumerate() {
+        let pos = (i / [n * 2, 2, 1][ax]) % dims[ax];
+        let count = if pos == 0 && dims[ax] - 1 == 0 {
+            3.0
+        } else if pos == 0 {
+            2.0
+        } else if pos == dims[ax] - 1 {
+            1.0
+        } else {
+            0.0
+        };
+        assert!(
+            (d - 2.0 * v * count).abs() < 1e-4 * (1.0 + v.abs()),
+            "gather axis {axis} element {i}: {d} vs {}",
+            2.0 * v * count
+        );
+    }
+}
+
+#[test]
+fn split_gradient_reaches_through_the_used_outputs() {
+    // y = Split(x)[0] * c0 + Split(x)[2] * c2 (output 1 unused): dx = [c0, 0, c2] slabs.
+    let mut g = Graph::new("split");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![Dim::Known(2), Dim::Known(6)]));
+    let n = g.add_node(
+        "split",
+        Op::Split { axis: 1, outputs: 3 },
+        &[Some(x)],
+        (0..3)
+            .map(|k| sqil_ir::Value {
+                name: format!("s{k}"),
+                ty: ValueType::new(DType::F32, vec![Dim::Known(2), Dim::Known(2)]),
+            })
+            .collect(),
+    );
+    let c0 = g.add_const("c0", Tensor::from_f32(vec![2], vec![1.0, 2.0]).unwrap());
+    let c2 = g.add_const("c2", Tensor::from_f32(vec![2], vec![3.0, 4.0]).unwrap());
+    let a =
+        g.add_inferred("m0", Op::Binary(BinaryOp::Mul), &[Some(ValueRef { node: n, slot: 0 }), Some(c0)], "a").unwrap();
+    let b =
+        g.add_inferred("m2", Op::Binary(BinaryOp::Mul), &[Some(ValueRef { node: n, slot: 2 }), Some(c2)], "b").unwrap();
+    let s = g.add_inferred("add", Op::Binary(BinaryOp::Add), &[Some(a), Some(b)], "s").unwrap();
+    let red = Op::Reduce { op: ReduceOp::Sum, keepdims: false, noop_with_empty_axes: false };
+    let loss = g.add_inferred("sum", red, &[Some(s), None], "loss").unwrap();
+    let grads = grad(&mut g, loss, &[x]).unwrap();
+    g.outputs = grads;
+    let feeds = HashMap::from([("x".to_string(), Tensor::from_f32(vec![2, 6], vec![0.5; 12]).unwrap())]);
+    let dx = run(&g, &feeds).unwrap()[0].data.to_f32_vec();
+    assert_eq!(dx, vec![1.0, 2.0, 0.0, 0.0, 3.0, 4.0, 1.0, 2.0, 0.0, 0.0, 3.0, 4.0]);
 }

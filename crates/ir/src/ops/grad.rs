@@ -50,6 +50,54 @@ fn mm(a: &[f64], ta: bool, b: &[f64], tb: bool, m: usize, k: usize, n: usize) ->
     c
 }
 
+/// The gradient with respect to input `wrt` of a multi-output op (Split), given the gradient of
+/// each output (`None`: that output does not reach the loss).
+pub fn vjp_multi(op: &Op, ins: &[Option<&Tensor>], dys: &[Option<&Tensor>], wrt: usize) -> Result<Tensor> {
+    let x = get(ins, 0)?;
+    match op {
+        Op::Split { axis, .. } if wrt == 0 => {
+            // Output k is the k-th slab along `axis`; its sizes come from the output gradients'
+            // shapes, or the split input.
+            let ax = norm_axis(*axis, x.rank())?;
+            let sizes: Vec<usize> = match ins.get(1).copied().flatten() {
+                Some(s) => s.data.to_i64_vec().iter().map(|&v| v as usize).collect(),
+                None => {
+                    let k = dys.len();
+                    let base = x.shape[ax].div_ceil(k);
+                    (0..k).map(|i| base.min(x.shape[ax].saturating_sub(i * base))).collect()
+                }
+            };
+            let inner: usize = x.shape[ax + 1..].iter().product();
+            let outer: usize = x.shape[..ax].iter().product();
+            let d = x.shape[ax];
+            let mut r = vec![0f64; x.len()];
+            let mut start = 0;
+            for (k, &sz) in sizes.iter().enumerate() {
+                if let Some(Some(g)) = dys.get(k) {
+                    let gv = f64s(g);
+                    for o in 0..outer {
+                        for i in 0..sz {
+                            for j in 0..inner {
+                                r[(o * d + start + i) * inner + j] = gv[(o * sz + i) * inner + j];
+                            }
+                        }
+                    }
+                }
+                start += sz;
+            }
+            out(&x.shape, r)
+        }
+        _ => {
+            let dy =
+                dys.first().copied().flatten().ok_or_else(|| IrError::Invalid("Vjp: no output gradient".into()))?;
+            if dys.len() > 1 && dys[1..].iter().any(Option::is_some) {
+                return Err(IrError::Unsupported(format!("the gradient through extra outputs of {}", op.name())));
+            }
+            vjp(op, ins, dy, wrt)
+        }
+    }
+}
+
 /// The gradient with respect to input `wrt` of `op` at `inputs`, given the output gradient `dy`.
 pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<Tensor> {
     let g = f64s(dy);
@@ -61,6 +109,64 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
     };
     match op {
         Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze if wrt == 0 => out(xs, g),
+        Op::Transpose { perm } if wrt == 0 => {
+            let r = xs.len();
+            let perm: Vec<usize> =
+                perm.as_ref().map_or((0..r).rev().collect(), |p| p.iter().map(|&a| a as usize).collect());
+            // y[i] = x[perm-gathered]: scatter dy back through the same index map.
+            let ys: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
+            let xst = crate::tensor::strides_of(xs);
+            let mut res = vec![0f64; x.len()];
+            let mut pos = vec![0usize; r];
+            for gv in g.iter() {
+                let src: usize = (0..r).map(|d| pos[d] * xst[perm[d]]).sum();
+                res[src] = *gv;
+                for d in (0..r).rev() {
+                    pos[d] += 1;
+                    if pos[d] < ys[d] {
+                        break;
+                    }
+                    pos[d] = 0;
+                }
+            }
+            out(xs, res)
+        }
+        Op::Concat { axis } => {
+            let ax = norm_axis(*axis, xs.len())?;
+            let sizes: Vec<usize> = ins.iter().map(|t| t.map_or(0, |t| t.shape[ax])).collect();
+            let start: usize = sizes[..wrt].iter().sum();
+            let t = get(ins, wrt)?;
+            let (d, sz) = (dy.shape[ax], sizes[wrt]);
+            let inner: usize = dy.shape[ax + 1..].iter().product();
+            let outer: usize = dy.shape[..ax].iter().product();
+            let mut r = vec![0f64; t.len()];
+            for o in 0..outer {
+                for i in 0..sz {
+                    for j in 0..inner {
+                        r[(o * sz + i) * inner + j] = g[(o * d + start + i) * inner + j];
+                    }
+                }
+            }
+            out(&t.shape, r)
+        }
+        Op::Gather { axis } if wrt == 0 => {
+            // y[o, idx..., i] = x[o, indices[idx], i]: scatter-add dy back.
+            let ax = norm_axis(*axis, xs.len())?;
+            let ind = get(ins, 1)?.data.to_i64_vec();
+            let (outer, d, inner) =
+                (xs[..ax].iter().product::<usize>(), xs[ax], xs[ax + 1..].iter().product::<usize>());
+            let mut r = vec![0f64; x.len()];
+            for o in 0..outer {
+                for (k, &ix) in ind.iter().enumerate() {
+                    let ix = if ix < 0 { ix + d as i64 } else { ix } as usize;
+                    for j in 0..inner {
+                        r[(o * d + ix) * inner + j] += g[(o * ind.len() + k) * inner + j];
+                    }
+                }
+            }
+            out(xs, r)
+        }
+        Op::Conv(c) if wrt <= 2 => super::linalg::conv_vjp(x, get(ins, 1)?, dy, c, wrt),
         Op::Unary(u) => {
             let f: fn(f64) -> f64 = match u {
                 UnaryOp::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },

@@ -490,3 +490,63 @@ pub(crate) fn conv_transpose(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &Con
     shape.extend(&p.geo.input);
     via_f32(x.dtype(), shape, out)
 }
+
+/// Gradient of Conv with respect to input `wrt` (0: X, 1: W, 2: B), in f64 accumulations:
+/// `dW_g += dY_g cols^T`, `dX = col2im(W_g^T dY_g)`, `dB = sum dY`.
+pub(crate) fn conv_vjp(x: &Tensor, w: &Tensor, dy: &Tensor, c: &ConvAttrs, wrt: usize) -> Result<Tensor> {
+    let p = conv_plan(&x.shape, &w.shape, c, false)?;
+    let (cg, mg) = (p.c / p.group, p.m / p.group);
+    let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
+    let table = p.geo.gather_table();
+    let (xv, wv, gv) = (x.data.f32_cow(), w.data.f32_cow(), dy.data.f32_cow());
+    match wrt {
+        2 => {
+            let mut db = vec![0f64; p.m];
+            for n in 0..p.n {
+                for (mi, acc) in db.iter_mut().enumerate() {
+                    *acc += gv[(n * p.m + mi) * ol..(n * p.m + mi + 1) * ol].iter().map(|&v| v as f64).sum::<f64>();
+                }
+            }
+            Tensor::from_f32(vec![p.m], db.into_iter().map(|v| v as f32).collect())
+        }
+        1 => {
+            let mut dw = vec![0f32; w.len()];
+            let mut cols = vec![0f32; cg * kl * ol];
+            for n in 0..p.n {
+                for g in 0..p.group {
+                    let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
+                    im2col(xs, cg, &table, &p.geo, &mut cols);
+                    let gy = &gv[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
+                    let dwg = &mut dw[g * mg * cg * kl..(g + 1) * mg * cg * kl];
+                    // dWg [mg, cg*kl] += dY [mg, ol] @ cols^T [ol, cg*kl]
+                    sgemm(mg, ol, cg * kl, 1.0, gy, (ol, 1), &cols, (1, ol), 1.0, dwg, (cg * kl, 1));
+                }
+            }
+            Tensor::from_f32(w.shape.clone(), dw)
+        }
+        _ => {
+            let mut dx = vec![0f32; x.len()];
+            let mut dcols = vec![0f32; cg * kl * ol];
+            for n in 0..p.n {
+                for g in 0..p.group {
+                    let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
+                    let gy = &gv[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
+                    // dcols [cg*kl, ol] = Wg^T [cg*kl, mg] @ dY [mg, ol]
+                    sgemm(cg * kl, mg, ol, 1.0, wg, (1, cg * kl), gy, (ol, 1), 0.0, &mut dcols, (ol, 1));
+                    let base = (n * p.c + g * cg) * il;
+                    for ch in 0..cg {
+                        for (r, taps) in table.chunks_exact(ol).enumerate() {
+                            let row = &dcols[(ch * kl + r) * ol..(ch * kl + r + 1) * ol];
+                            for (v, t) in row.iter().zip(taps) {
+                                if let Some(i) = t {
+                                    dx[base + ch * il + i] += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            Tensor::from_f32(x.shape.clone(), dx)
+        }
+    }
+}

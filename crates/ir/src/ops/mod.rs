@@ -649,8 +649,8 @@ impl Op {
             }
             Op::Fused(f) => f.eval(inputs),
             Op::Vjp { op, wrt, arity } => {
-                let dy = x.get(*arity)?;
-                one(grad::vjp(op, &inputs[..*arity.min(&inputs.len())], dy, *wrt)?)
+                let split = (*arity).min(inputs.len());
+                one(grad::vjp_multi(op, &inputs[..split], &inputs[split..], *wrt)?)
             }
         }
     }
