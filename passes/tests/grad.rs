@@ -70,7 +70,7 @@ fn check_in(op: Op, shapes: &[Vec<usize>], seed: u64, lo: &[f64], dt: DType) {
             let fd = (f(&plus) - f(&minus)) / (2.0 * h);
             // Backward values are f32: relative 1e-4 plus a little absolute slack.
             assert!(
-                (fd - gv[j]).abs() <= 1e-4 * fd.abs().max(1.0),
+                (fd - gv[j]).abs() <= tol * fd.abs().max(1.0),
                 "{} input {i}[{j}]: analytic {} vs numeric {fd}",
                 op.name(),
                 gv[j]
