@@ -39,7 +39,10 @@ pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> Result<(Graph, Graph, Quant
     .run(&mut fp, &mut PassCtx::default())
     .map_err(|e| e.to_string())?;
     let feeds = calibration_feeds(&fp, &a.calib, a.calib_states)?;
-    let (sim, report) = quantize(&fp, &a.config, a.recipe, &feeds).map_err(|e| e.to_string())?;
+    let (mut sim, report) = quantize(&fp, &a.config, a.recipe, &feeds).map_err(|e| e.to_string())?;
+    PassManager::from_names(&["dce"])
+        .and_then(|mut pm| pm.run(&mut sim, &mut PassCtx::default()))
+        .map_err(|e| e.to_string())?;
     let mut lowered = sim.clone();
     PassManager::from_names(&["lower-quant", "dce"])
         .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))
