@@ -12,7 +12,8 @@ cargo fmt --all -- --check
 # `cargo clippy --workspace --all-targets` before committing.
 cargo clippy --workspace --exclude sqil-conformance --all-targets --locked -- -D warnings
 cargo test --workspace --locked
-cargo build -p sqil --locked  # the CLI the Python tests drive (SQIL_BIN)
+# The Python tests drive target/debug/sqil (SQIL_BIN), which `cargo test` built for the CLI's tests.
+test -x target/debug/sqil
 bash tools/build_binding.sh
 .venv-ci/bin/python -m pytest -q -rs -p no:cacheprovider tools/tests
 tools/.venv-mw/bin/python -m pytest -q -rs -p no:cacheprovider tools/tests -k '(pickplace or pixel) and not qdq'
