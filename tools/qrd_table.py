@@ -83,12 +83,12 @@ FINDINGS = [
     "  after fine-tuning (action MSE 0.30 -> 0.047), pickplace moves from 0.52 (best PTQ) to 0.54-0.60.",
     "- Lander W4A4 gets *worse* in closed loop (0.98 best PTQ -> 0.38-0.46) although fine-tuning cuts its action",
     "  error 10x and its engine-decision flips on demonstration states (main engine sign: 17% -> 1.4%; side engines,",
-    "  |a1| > 0.5: 38% -> 7.5%). Keeping the activation steps at their calibrated ranges (`--freeze-act-steps`) gives",
-    "  the same 0.38. So the fine-tuned policy fits the expert's state distribution and fails on the states its own",
+    "  |a1| > 0.5: 38% -> 7.5%). Keeping the activation steps at their calibrated ranges (`--freeze-act-steps`, one SQIL",
+    "  run) gives the same 0.38. So the fine-tuned policy fits the expert's state distribution and fails on the states its own",
     "  errors lead to (covariate shift); demonstration-state metrics, SIS included, do not see those states.",
     "- Next: SIS and the QRD loss on states from the quantized policy's own rollouts (DAgger-style relabelling",
     "  with the float policy as the teacher), finer activation granularity at W4A4, more seeds per cell, and the",
-    "  CNN/transformer policies once Conv, Gather, Split/Slice/Concat/Transpose have gradients.",
+    "  transformer and pixel-CNN rows (their graphs differentiate now; interpreter training speed is the limit).",
 ]
 
 
