@@ -9,7 +9,7 @@ use serde::Serialize;
 use sqil_data::Demos;
 use sqil_ir::interp::Interpreter;
 use sqil_ir::{print_graph, Graph, PrintOptions, Tensor};
-use sqil_passes::quant::{QuantConfig, QuantReport, Recipe};
+use sqil_passes::quant::{concat_batches, QuantConfig, QuantReport, Recipe};
 use sqil_passes::{PassCtx, PassManager};
 use sqil_train::model::{train_graph, with_params};
 use sqil_train::sis::{qrd_alpha, sis};
@@ -87,12 +87,6 @@ struct Report {
     fused_kernels: Vec<String>,
 }
 
-fn concat(parts: Vec<Tensor>) -> Result<Tensor, String> {
-    let mut shape = parts[0].shape.clone();
-    shape[0] = parts.iter().map(|t| t.shape[0]).sum();
-    Tensor::from_f32(shape, parts.iter().flat_map(|t| t.data.to_f32_vec()).collect()).map_err(|e| e.to_string())
-}
-
 /// Demonstrated actions for the policy's output layout: `[B, A]`, or `[B, C, A]` chunks of the
 /// next C actions (the episode's last action repeated past its end).
 fn targets(demos: &Demos, steps: &[usize], out_rank: usize, chunk: usize) -> Result<Tensor, String> {
@@ -129,7 +123,7 @@ fn run_all(g: &Graph, batches: &[sqil_passes::quant::Feeds]) -> Result<Tensor, S
         .map(|b| it.run(b).map(|mut o| o.remove(0)))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
-    concat(outs)
+    concat_batches(outs).map_err(|e| e.to_string())
 }
 
 fn mse_rows(a: &Tensor, b: &Tensor, rows: Option<&[usize]>) -> f64 {
@@ -181,7 +175,7 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
     let mut inputs = vec![];
     for &i in &fp.inputs {
         let n = fp.node(i).outputs[0].name.clone();
-        let t = concat(batches.iter().map(|b| b[&n].clone()).collect())?;
+        let t = concat_batches(batches.iter().map(|b| b[&n].clone()).collect()).map_err(|e| e.to_string())?;
         inputs.push((n, t));
     }
     let before = run_all(&sim, &batches)?;

@@ -157,15 +157,18 @@ pub fn leaf_symbol(n: NodeId, slot: usize) -> Symbol {
     Symbol::from(format!("v:{}:{slot}", n.index()))
 }
 
+/// The op held by an attribute class (its `a:` leaf).
+pub fn attr_op(eg: &EGraph, a: Id) -> Option<Op> {
+    eg[a].nodes.iter().find_map(|n| match n {
+        FuseLang::Leaf(s) => symbol_op(*s),
+        _ => None,
+    })
+}
+
 /// The op and stage inputs an e-node stands for (structured nodes only): the op from its
 /// attribute leaf, and its children as inputs.
 pub fn as_stage(eg: &EGraph, node: &FuseLang) -> Option<(Op, Vec<Id>)> {
-    let attr_op = |a: Id| {
-        eg[a].nodes.iter().find_map(|n| match n {
-            FuseLang::Leaf(s) => symbol_op(*s),
-            _ => None,
-        })
-    };
+    let attr_op = |a: Id| attr_op(eg, a);
     Some(match node {
         FuseLang::Gemm([a, x, w, c]) => (attr_op(*a)?, vec![*x, *w, *c]),
         FuseLang::MatMul([a, x, w]) => (attr_op(*a)?, vec![*x, *w]),

@@ -5,7 +5,7 @@
 //! QuantizeLinear. A kernel only absorbs a consumer of a value nothing else reads, so no value
 //! is ever computed twice.
 
-use super::lang::{as_stage, fused_symbol, stage_args, symbol_fused, symbol_op, EGraph, FuseLang, Info};
+use super::lang::{as_stage, attr_op, fused_symbol, stage_args, symbol_fused, EGraph, FuseLang, Info};
 use egg::{Applier, Id, Pattern, PatternAst, Rewrite, Subst, Symbol, Var};
 use sqil_ir::ops::fused::{Arg, Fused, Stage};
 use sqil_ir::ops::{BinaryOp, UnaryOp};
@@ -17,14 +17,6 @@ fn var(s: &str) -> Var {
 
 fn pat(s: &str) -> Pattern<FuseLang> {
     s.parse().expect("valid pattern")
-}
-
-/// The leaf op of an attribute class.
-fn attr_op(eg: &EGraph, a: Id) -> Option<Op> {
-    eg[a].nodes.iter().find_map(|n| match n {
-        FuseLang::Leaf(s) => symbol_op(*s),
-        _ => None,
-    })
 }
 
 fn kernel_tag(op: &Op) -> &'static str {

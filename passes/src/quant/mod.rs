@@ -57,7 +57,8 @@ pub struct QuantReport {
     pub action_mse_rel: f64,
 }
 
-fn concat_batches(parts: Vec<Tensor>) -> Result<Tensor> {
+/// Tensors concatenated along axis 0 (batches of one value), as f32.
+pub fn concat_batches(parts: Vec<Tensor>) -> Result<Tensor> {
     if parts.len() == 1 {
         return Ok(parts.into_iter().next().expect("one"));
     }
@@ -132,8 +133,8 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
         }
         let w2: f64 = site.view.w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / site.view.w.len() as f64;
         let out_err = if rows > 0 {
-            let y = layer_out(&xm, rows, &site.view.w, site.view.n, k);
-            let yq = layer_out(&xm, rows, &eff, site.view.n, k);
+            let y = weights::matmul_nt(&xm, rows, &site.view.w, site.view.n, k);
+            let yq = weights::matmul_nt(&xm, rows, &eff, site.view.n, k);
             let y2 = y.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / y.len() as f64;
             rel(weights::mse(&y, &yq), y2)
         } else {
@@ -192,12 +193,6 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
         action_mse_rel: rel(action_mse, a2),
     };
     Ok((g, report))
-}
-
-fn layer_out(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let mut y = vec![0f32; rows * n];
-    sqil_kernels_cpu::sgemm(rows, k, n, 1.0, x, (k, 1), w, (1, k), 0.0, &mut y, (n, 1));
-    y
 }
 
 /// The values that will get activation FakeQuants (with their bits), in graph order.

@@ -132,7 +132,7 @@ pub fn round_to_nearest(v: &WeightView, q: Quantizer, mse: bool) -> WeightQuant 
 }
 
 /// `y[r, n] = sum_k x[r, k] * w[n, k]` for `rows` rows.
-fn matmul_nt(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+pub fn matmul_nt(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
     let mut y = vec![0f32; rows * n];
     sqil_kernels_cpu::sgemm(rows, k, n, 1.0, x, (k, 1), w, (1, k), 0.0, &mut y, (n, 1));
     y
