@@ -7,10 +7,14 @@ The model is the hopper BC policy (testdata/policies/bc_hopper.onnx: normalisati
 MLP) at W4A8: weights 4-bit in groups of 64 along the input axis, layer inputs 8-bit per tensor
 (asymmetric), LSQ steps for both, QRD loss (BC + distillation). sqil runs `sqil compile --steps N`
 and reports its training-loop samples/s; PyTorch runs the same step written with its autograd.
+Each side runs in its own process, so the peak resident memory of each (`wait4`'s ru_maxrss: the
+whole process, data loading included) is measured the same way.
 """
 
 import argparse
 import json
+import os
+import sys
 import pathlib
 import subprocess
 import tempfile
@@ -66,12 +70,8 @@ class QMLP(torch.nn.Module):
         return h
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--batch", type=int, default=256)
-    a = ap.parse_args()
+def torch_run(a):
+    """The PyTorch side (a child process): prints its samples/s as JSON."""
     torch.set_num_threads(a.threads)
     m = onnx.load(ROOT / "testdata/policies/bc_hopper.onnx")
     init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
@@ -96,16 +96,45 @@ def main():
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         dt = time.perf_counter() - t0
-    torch_sps = a.steps * a.batch / dt
+    print(json.dumps({"samples_per_s": a.steps * a.batch / dt}))
+
+
+def measured(cmd):
+    """Runs `cmd`; returns (stdout, peak RSS in MiB) of that process alone (its own wait4 rusage)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            raise SystemExit(f"{cmd[0]} failed ({p.returncode}):\n{err.read()[-2000:]}")
+        return out.read(), ru.ru_maxrss / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.torch_child:
+        return torch_run(a)
+    common = ["--threads", str(a.threads), "--steps", str(a.steps), "--batch", str(a.batch)]
+    out, torch_mib = measured([sys.executable, __file__, "--torch-child", *common])
+    torch_sps = json.loads(out)["samples_per_s"]
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([str(ROOT / "target/release/sqil"), "compile", str(ROOT / "testdata/policies/bc_hopper.onnx"), "--demos",
-                        str(ROOT / "demos/hopper.npz"), "--wbits", "4", "--abits", "8", "--group", "64", "--init", "rtn",
-                        "--recipe", "distill", "--steps", str(a.steps), "--batch", str(a.batch), "--threads", str(a.threads),
-                        "-o", tmp], check=True, capture_output=True)
+        _, sqil_mib = measured([str(ROOT / "target/release/sqil"), "compile", str(ROOT / "testdata/policies/bc_hopper.onnx"),
+                                "--demos", str(ROOT / "demos/hopper.npz"), "--wbits", "4", "--abits", "8", "--group", "64",
+                                "--init", "rtn", "--recipe", "distill", *common, "-o", tmp])
         rep = json.loads((pathlib.Path(tmp) / "report.json").read_text())
     sqil_sps = rep["log"]["samples_per_s"]
-    print(f"LSQ-QAT step, bc_hopper W4A8 g64, batch {a.batch}, {a.threads} threads: "
-          f"sqil {sqil_sps:.0f} samples/s, PyTorch {torch.__version__} {torch_sps:.0f} samples/s, ratio sqil/PyTorch {sqil_sps / torch_sps:.2f}")
+    print(f"LSQ-QAT step, bc_hopper W4A8 g64, batch {a.batch}, {a.threads} threads, {os.uname().machine}:")
+    print(f"  throughput: sqil {sqil_sps:.0f} samples/s, PyTorch {torch.__version__} {torch_sps:.0f} samples/s, "
+          f"ratio sqil/PyTorch {sqil_sps / torch_sps:.2f}")
+    print(f"  peak RSS (whole process): sqil {sqil_mib:.0f} MiB, PyTorch {torch_mib:.0f} MiB, "
+          f"ratio sqil/PyTorch {sqil_mib / torch_mib:.2f}")
 
 
 if __name__ == "__main__":

@@ -23,23 +23,44 @@ fn f32_feeds(feeds: &mut HashMap<String, Tensor>) {
     }
 }
 
+/// A positional input of the op under test: a fed f64 value (shape, lower bound of its random
+/// values), whose gradient is checked, or a constant (indices, conditions, shapes).
+enum Arg {
+    In(Vec<usize>, f64),
+    Const(Tensor),
+}
+
 /// `loss = sum(op(inputs) * c)` with a random `c`; checks d loss / d input for every input.
 fn check(op: Op, shapes: &[Vec<usize>], seed: u64, lo: &[f64]) {
     check_in(op, shapes, seed, lo, DType::F64)
 }
 
 fn check_in(op: Op, shapes: &[Vec<usize>], seed: u64, lo: &[f64], dt: DType) {
+    let args: Vec<Arg> =
+        shapes.iter().enumerate().map(|(i, s)| Arg::In(s.clone(), lo.get(i).copied().unwrap_or(0.0))).collect();
+    check_args(op, &args, seed, dt)
+}
+
+fn check_args(op: Op, args: &[Arg], seed: u64, dt: DType) {
     let (h, tol) = if dt == DType::F64 { (1e-5, 1e-4) } else { (1e-1, 2e-3) };
     let mut r = Rng::new(seed);
     let mut g = Graph::new("check");
     let mut feeds = HashMap::new();
     let mut xs: Vec<ValueRef> = vec![];
-    for (i, s) in shapes.iter().enumerate() {
-        let name = format!("x{i}");
-        xs.push(g.add_input(&name, ValueType::new(dt, s.iter().map(|&d| Dim::Known(d)).collect())));
-        feeds.insert(name, t64(&mut r, s.clone(), lo.get(i).copied().unwrap_or(0.0)));
+    let mut operands: Vec<Option<ValueRef>> = vec![];
+    for (i, a) in args.iter().enumerate() {
+        match a {
+            Arg::In(s, lo) => {
+                let name = format!("x{}", xs.len());
+                let v = g.add_input(&name, ValueType::new(dt, s.iter().map(|&d| Dim::Known(d)).collect()));
+                feeds.insert(name, t64(&mut r, s.clone(), *lo));
+                xs.push(v);
+                operands.push(Some(v));
+            }
+            Arg::Const(t) => operands.push(Some(g.add_const(format!("k{i}"), t.clone()))),
+        }
     }
-    let y = g.add_inferred("op", op.clone(), &xs.iter().map(|v| Some(*v)).collect::<Vec<_>>(), "y").unwrap();
+    let y = g.add_inferred("op", op.clone(), &operands, "y").unwrap();
     let yshape = g.value(y).ty.known_shape().unwrap().to_vec();
     let c = g.add_const("c", t64(&mut r, yshape, 0.0).cast(dt));
     if dt == DType::F32 {
@@ -164,6 +185,40 @@ proptest! {
         a.insert("group", sqil_ir::Attr::Int(2));
         let grouped = Op::from_attrs("Conv", &a, 1).unwrap();
         check_in(grouped, &[vec![1, 4, n + 2, 3], vec![2, 2, 3, 2], vec![2]], seed, &[0.0; 3], DType::F32);
+    }
+}
+
+fn ints(v: &[i64]) -> Tensor {
+    Tensor::from_i64(vec![v.len()], v.to_vec()).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+
+    #[test]
+    fn pooling_slicing_and_selection_grads(seed in any::<u64>(), m in 1usize..3, n in 3usize..6) {
+        let pool = |name: &str, pads: Vec<i64>, include_pad: i64| {
+            let mut a = sqil_ir::AttrMap::new();
+            a.insert("kernel_shape", sqil_ir::Attr::Ints(vec![2, 3]));
+            a.insert("strides", sqil_ir::Attr::Ints(vec![1, 2]));
+            a.insert("pads", sqil_ir::Attr::Ints(pads));
+            a.insert("count_include_pad", sqil_ir::Attr::Int(include_pad));
+            Op::from_attrs(name, &a, 1).unwrap()
+        };
+        let img = vec![Arg::In(vec![m, 2, n, n + 1], 0.0)];
+        check_args(pool("MaxPool", vec![0, 1, 1, 0], 0), &img, seed, DType::F64);
+        check_args(pool("AveragePool", vec![0, 1, 1, 0], 0), &img, seed, DType::F64);
+        check_args(pool("AveragePool", vec![1, 1, 1, 1], 1), &img, seed, DType::F64);
+        check_args(Op::GlobalAveragePool, &img, seed, DType::F64);
+        // Slice with negative start, step 2 and a reversed axis.
+        let slice = [Arg::In(vec![m, n, 4], 0.0), Arg::Const(ints(&[1 - n as i64, 3])), Arg::Const(ints(&[i64::MAX, 0])),
+            Arg::Const(ints(&[1, 2])), Arg::Const(ints(&[2, -1]))];
+        check_args(Op::Slice, &slice, seed, DType::F64);
+        check_args(Op::Expand, &[Arg::In(vec![n, 1], 0.0), Arg::Const(ints(&[m as i64, n as i64, 3]))], seed, DType::F64);
+        let cond = Tensor::new(vec![n], Data::Bool((0..n).map(|i| !(i as u64).wrapping_add(seed).is_multiple_of(3)).collect())).unwrap();
+        check_args(Op::Where, &[Arg::Const(cond), Arg::In(vec![m, n], 0.0), Arg::In(vec![n], 0.0)], seed, DType::F64);
+        check(Op::PRelu, &[vec![m, n], vec![n]], seed, &[-0.75, 0.0]);
+        check(Op::LogSoftmax { axis: -1, coerce_2d: false }, &[vec![m, n]], seed, &[0.0]);
     }
 }
 

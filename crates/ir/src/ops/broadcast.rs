@@ -29,6 +29,15 @@ impl Broadcast {
             && self.shapes[k].iter().rev().zip(self.out_shape.iter().rev()).all(|(a, b)| a == b)
     }
 
+    /// True if input `k`, leading 1s dropped, equals the output's trailing dimensions: its
+    /// elements repeat as whole rows (a bias against a batch).
+    pub fn is_tiled(&self, k: usize) -> bool {
+        let s = &self.shapes[k];
+        let lead = s.iter().take_while(|&&d| d == 1).count();
+        let t = &s[lead..];
+        t.len() <= self.out_shape.len() && self.out_shape[self.out_shape.len() - t.len()..] == *t
+    }
+
     /// For each output element (row-major), the flat index into input `k`.
     pub fn indices(&self, k: usize) -> Vec<usize> {
         broadcast_indices(&self.shapes[k], &self.out_shape)
@@ -95,6 +104,10 @@ pub fn zip2<A: Copy, B: Copy, R>(
     } else if a.len() == 1 && bc.is_identity(1) {
         let x = a[0];
         b.iter().map(|&y| f(x, y)).collect()
+    } else if bc.is_identity(0) && bc.is_tiled(1) && !b.is_empty() {
+        a.chunks(b.len()).flat_map(|r| r.iter().zip(b).map(|(&x, &y)| f(x, y))).collect()
+    } else if bc.is_identity(1) && bc.is_tiled(0) && !a.is_empty() {
+        b.chunks(a.len()).flat_map(|r| a.iter().zip(r).map(|(&x, &y)| f(x, y))).collect()
     } else {
         let (ia, ib) = (bc.indices(0), bc.indices(1));
         ia.iter().zip(&ib).map(|(&i, &j)| f(a[i], b[j])).collect()

@@ -11,10 +11,10 @@
 //! Math in f64, results in f32.
 
 use super::broadcast::broadcast_indices;
-use super::quant::{fake_quant_range, param_index};
+use super::quant::{fake_quant_range, param_index, round_even};
 use super::{norm_axis, BinaryOp, Op, ReduceOp, UnaryOp};
 use crate::error::{IrError, Result};
-use crate::tensor::Tensor;
+use crate::tensor::{Data, Tensor};
 
 fn f64s(t: &Tensor) -> Vec<f64> {
     t.data.to_f64_vec()
@@ -48,6 +48,29 @@ fn mm(a: &[f64], ta: bool, b: &[f64], tb: bool, m: usize, k: usize, n: usize) ->
     let (sa, sb) = (if ta { (1, m) } else { (k, 1) }, if tb { (1, k) } else { (n, 1) });
     sqil_kernels_cpu::dgemm(m, k, n, 1.0, a, sa, b, sb, 0.0, &mut c, (n, 1));
     c
+}
+
+/// `alpha * a [m, k] @ b [k, n]` as a tensor of `shape`: in f32 (sgemm) when both operands are
+/// f32, as PyTorch computes these gradients, else in f64.
+#[allow(clippy::too_many_arguments)]
+fn mm_t(
+    a: &Tensor,
+    ta: bool,
+    b: &Tensor,
+    tb: bool,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f64,
+    shape: &[usize],
+) -> Result<Tensor> {
+    if let (Data::F32(av), Data::F32(bv)) = (&a.data, &b.data) {
+        let mut c = vec![0f32; m * n];
+        let (sa, sb) = (if ta { (1, m) } else { (k, 1) }, if tb { (1, k) } else { (n, 1) });
+        sqil_kernels_cpu::sgemm(m, k, n, alpha as f32, av, sa, bv, sb, 0.0, &mut c, (n, 1));
+        return Tensor::from_f32(shape.to_vec(), c);
+    }
+    out(shape, mm(&f64s(a), ta, &f64s(b), tb, m, k, n).into_iter().map(|x| x * alpha).collect())
 }
 
 /// The gradient with respect to input `wrt` of a multi-output op (Split), given the gradient of
@@ -167,6 +190,73 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
             out(xs, r)
         }
         Op::Conv(c) if wrt <= 2 => super::linalg::conv_vjp(x, get(ins, 1)?, dy, c, wrt),
+        Op::MaxPool(_) | Op::AveragePool(_) | Op::GlobalAveragePool if wrt == 0 => {
+            out(xs, super::nn::pool_vjp(op, x, &g)?)
+        }
+        Op::Slice | Op::Expand if wrt == 0 => {
+            // Pure data movement: run the op on the element indices of x to learn where each
+            // output element came from, then scatter-add dy back.
+            let ids = Tensor::from_i64(xs.clone(), (0..x.len() as i64).collect())?;
+            let mut moved = ins.to_vec();
+            moved[0] = Some(&ids);
+            let src = op.eval(&moved, 1)?.remove(0).data.to_i64_vec();
+            let mut r = vec![0f64; x.len()];
+            for (&i, &d) in src.iter().zip(&g) {
+                r[i as usize] += d;
+            }
+            out(xs, r)
+        }
+        Op::Where if wrt == 1 || wrt == 2 => {
+            // dy flows to x where the condition holds, to y elsewhere.
+            let t = get(ins, wrt)?;
+            let cond = x.data.to_f64_vec();
+            let ci = broadcast_indices(xs, &dy.shape);
+            let take = |i: usize| (cond[ci[i]] != 0.0) == (wrt == 1);
+            let masked: Vec<f64> = g.iter().enumerate().map(|(i, &d)| if take(i) { d } else { 0.0 }).collect();
+            out(&t.shape, unbroadcast(&masked, &dy.shape, &t.shape))
+        }
+        Op::PRelu => {
+            // y = x where x >= 0, else slope * x (slope broadcast to x).
+            let slope = get(ins, 1)?;
+            let (xv, sv) = (f64s(x), f64s(slope));
+            let si = broadcast_indices(&slope.shape, xs);
+            if wrt == 0 {
+                out(xs, (0..xv.len()).map(|i| if xv[i] < 0.0 { g[i] * sv[si[i]] } else { g[i] }).collect())
+            } else {
+                let mut acc = vec![0f64; sv.len()];
+                for i in 0..xv.len() {
+                    if xv[i] < 0.0 {
+                        acc[si[i]] += g[i] * xv[i];
+                    }
+                }
+                out(&slope.shape, acc)
+            }
+        }
+        Op::LogSoftmax { axis, coerce_2d: false } if wrt == 0 => {
+            // dx = dy - softmax(x) * sum(dy) along the axis.
+            let ax = norm_axis(*axis, xs.len())?;
+            let (d, inner) = (xs[ax], xs[ax + 1..].iter().product::<usize>());
+            let outer: usize = xs[..ax].iter().product();
+            let xv = f64s(x);
+            let mut r = vec![0f64; xv.len()];
+            for o in 0..outer {
+                for j in 0..inner {
+                    let at = |i: usize| (o * d + i) * inner + j;
+                    let mx = (0..d).map(|i| xv[at(i)]).fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = (0..d).map(|i| (xv[at(i)] - mx).exp()).collect();
+                    let s: f64 = e.iter().sum();
+                    let gs: f64 = (0..d).map(|i| g[at(i)]).sum();
+                    for i in 0..d {
+                        r[at(i)] = g[at(i)] - e[i] / s * gs;
+                    }
+                }
+            }
+            out(xs, r)
+        }
+        Op::Unary(UnaryOp::Relu) if wrt == 0 && matches!((&x.data, &dy.data), (Data::F32(_), Data::F32(_))) => {
+            let (Data::F32(xv), Data::F32(dv)) = (&x.data, &dy.data) else { unreachable!() };
+            Tensor::from_f32(xs.clone(), xv.iter().zip(dv).map(|(&v, &d)| if v > 0.0 { d } else { 0.0 }).collect())
+        }
         Op::Unary(u) => {
             let f: fn(f64) -> f64 = match u {
                 UnaryOp::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
@@ -248,26 +338,10 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
             let al = *alpha as f64;
             match wrt {
                 // dA = alpha dY op(B)^T, stored as A is.
-                0 => {
-                    let bv = f64s(b);
-                    let v = if *trans_a {
-                        // A^T [m,k] -> dA [k,m] = alpha op(B) dY^T
-                        mm(&bv, *trans_b, &g, true, k, n, m)
-                    } else {
-                        mm(&g, false, &bv, !*trans_b, m, n, k)
-                    };
-                    out(&a.shape, v.into_iter().map(|x| x * al).collect())
-                }
-                1 => {
-                    let av = f64s(a);
-                    let v = if *trans_b {
-                        // B [n,k]: dB = alpha dY^T op(A)
-                        mm(&g, true, &av, *trans_a, n, m, k)
-                    } else {
-                        mm(&av, !*trans_a, &g, false, k, m, n)
-                    };
-                    out(&b.shape, v.into_iter().map(|x| x * al).collect())
-                }
+                0 if *trans_a => mm_t(b, *trans_b, dy, true, k, n, m, al, &a.shape), // dA [k,m] = op(B) dY^T
+                0 => mm_t(dy, false, b, !*trans_b, m, n, k, al, &a.shape),
+                1 if *trans_b => mm_t(dy, true, a, *trans_a, n, m, k, al, &b.shape), // dB [n,k] = dY^T op(A)
+                1 => mm_t(a, !*trans_a, dy, false, k, m, n, al, &b.shape),
                 _ => {
                     let c = get(ins, 2)?;
                     out(&c.shape, unbroadcast(&g, &dy.shape, &c.shape).into_iter().map(|x| x * *beta as f64).collect())
@@ -390,7 +464,7 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
                         .zip(&g)
                         .map(|((&v, &i), &d)| {
                             let z = zv.as_ref().map_or(0.0, |z| z[i]);
-                            let q = (v / sv[i]).round_ties_even() + z;
+                            let q = round_even(v / sv[i]) + z;
                             if q >= lo && q <= hi {
                                 d
                             } else {
@@ -405,13 +479,13 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
                     for ((&v, &i), &d) in xv.iter().zip(&idx).zip(&g) {
                         let z = zv.as_ref().map_or(0.0, |z| z[i]);
                         let u = v / sv[i];
-                        let q = u.round_ties_even() + z;
+                        let q = round_even(u) + z;
                         let dq = if q < lo {
                             (lo - z) as f64
                         } else if q > hi {
                             (hi - z) as f64
                         } else {
-                            (u.round_ties_even() - u) as f64
+                            (round_even(u) - u) as f64
                         };
                         acc[i] += d * dq;
                         count[i] += 1;

@@ -358,7 +358,14 @@ pub(crate) fn gemm(
         dgemm(m, k, n, alpha as f64, x, sa, y, sb, 1.0, &mut out, (n, 1));
         return Tensor::new(vec![m, n], Data::F64(out));
     }
-    let mut out: Vec<f32> = init(m * n)?.into_iter().map(|v| v as f32).collect();
+    let mut out: Vec<f32> = match c.filter(|_| beta != 0.0).map(|c| (c, &c.data)) {
+        // A bias row ([n] or [1, n]) in f32: beta * c is exact in f64 and rounded once, as below.
+        Some((c, Data::F32(cv))) if cv.len() == n && c.shape.last() == Some(&n) => {
+            let row: Vec<f32> = cv.iter().map(|&v| (beta as f64 * v as f64) as f32).collect();
+            row.repeat(m)
+        }
+        _ => init(m * n)?.into_iter().map(|v| v as f32).collect(),
+    };
     sgemm(m, k, n, alpha, &a.data.f32_cow(), sa, &b.data.f32_cow(), sb, 1.0, &mut out, (n, 1));
     via_f32(a.dtype(), vec![m, n], out)
 }

@@ -249,8 +249,23 @@ pub(crate) fn average_pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
     let (geo, pe) = p.conv_geometry(&x.shape[2..])?;
     let table = geo.gather_table();
     let (il, ol, kl) = (geo.input_len(), geo.output_len(), geo.kernel_len());
-    // Divisors when padding counts: taps inside [-pads_begin, input + pads_end).
-    let counts: Vec<usize> = if p.count_include_pad {
+    let counts = average_pool_counts(p, &geo, &pe, &table);
+    let planes = x.shape[0] * x.shape[1];
+    let mut out = Vec::with_capacity(planes * ol);
+    for pl in 0..planes {
+        for o in 0..ol {
+            let s: f64 = (0..kl).filter_map(|k| table[k * ol + o]).map(|i| v[pl * il + i]).sum();
+            out.push(s / counts[o].max(1) as f64);
+        }
+    }
+    Tensor::new(pool_out_shape(x, &geo), Data::from_f64(x.dtype(), out.into_iter()))
+}
+
+/// AveragePool's divisor per output position: the taps inside the input, or, when padding
+/// counts, inside `[-pads_begin, input + pads_end)`.
+fn average_pool_counts(p: &PoolAttrs, geo: &ConvGeometry, pe: &[i64], table: &[Option<usize>]) -> Vec<usize> {
+    let (ol, kl) = (geo.output_len(), geo.kernel_len());
+    if p.count_include_pad {
         let padded = ConvGeometry {
             input: geo
                 .input
@@ -265,16 +280,45 @@ pub(crate) fn average_pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
         (0..ol).map(|o| (0..kl).filter(|k| t[k * ol + o].is_some()).count()).collect()
     } else {
         (0..ol).map(|o| (0..kl).filter(|k| table[k * ol + o].is_some()).count()).collect()
-    };
-    let planes = x.shape[0] * x.shape[1];
-    let mut out = Vec::with_capacity(planes * ol);
-    for pl in 0..planes {
-        for o in 0..ol {
-            let s: f64 = (0..kl).filter_map(|k| table[k * ol + o]).map(|i| v[pl * il + i]).sum();
-            out.push(s / counts[o].max(1) as f64);
-        }
     }
-    Tensor::new(pool_out_shape(x, &geo), Data::from_f64(x.dtype(), out.into_iter()))
+}
+
+/// The gradient of a pooling op with respect to its input, given the output gradient `g`:
+/// MaxPool routes each output's gradient to the (first) maximum of its window, AveragePool
+/// spreads it over the window's taps, GlobalAveragePool over the whole plane.
+pub(crate) fn pool_vjp(op: &super::Op, x: &Tensor, g: &[f64]) -> Result<Vec<f64>> {
+    let mut r = vec![0f64; x.len()];
+    match op {
+        super::Op::MaxPool(p) => {
+            let row_major = PoolAttrs { storage_order: 0, ..p.clone() };
+            let idx = max_pool(x, &row_major, 2)?.pop().expect("MaxPool indices").data.to_i64_vec();
+            for (&i, &d) in idx.iter().zip(g) {
+                r[i as usize] += d;
+            }
+        }
+        super::Op::AveragePool(p) => {
+            let (geo, pe) = p.conv_geometry(&x.shape[2..])?;
+            let table = geo.gather_table();
+            let (il, ol, kl) = (geo.input_len(), geo.output_len(), geo.kernel_len());
+            let counts = average_pool_counts(p, &geo, &pe, &table);
+            for pl in 0..x.shape[0] * x.shape[1] {
+                for o in 0..ol {
+                    let d = g[pl * ol + o] / counts[o].max(1) as f64;
+                    for i in (0..kl).filter_map(|k| table[k * ol + o]) {
+                        r[pl * il + i] += d;
+                    }
+                }
+            }
+        }
+        super::Op::GlobalAveragePool => {
+            let il: usize = x.shape[2..].iter().product();
+            for (pl, c) in r.chunks_mut(il.max(1)).enumerate() {
+                c.iter_mut().for_each(|v| *v = g[pl] / il as f64);
+            }
+        }
+        _ => return Err(IrError::Internal(format!("pool_vjp of {}", op.name()))),
+    }
+    Ok(r)
 }
 
 pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {

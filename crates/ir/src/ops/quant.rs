@@ -25,7 +25,11 @@ pub fn param_index(x_shape: &[usize], p_shape: &[usize], axis: i64, block: i64) 
                 "per-axis scale {p_shape:?} does not match axis {ax} of {x_shape:?}"
             )));
         }
-        return Ok((0..n).map(|i| (i / inner) % dim).collect());
+        let mut idx = Vec::with_capacity(n);
+        for _ in 0..n / (dim * inner).max(1) {
+            (0..dim).for_each(|k| idx.extend(std::iter::repeat_n(k, inner)));
+        }
+        return Ok(idx);
     }
     let b = block as usize;
     let mut want = x_shape.to_vec();
@@ -35,13 +39,14 @@ pub fn param_index(x_shape: &[usize], p_shape: &[usize], axis: i64, block: i64) 
             "blocked scale {p_shape:?} should be {want:?} for {x_shape:?} with block {b} on axis {ax}"
         )));
     }
-    Ok((0..n)
-        .map(|i| {
-            let (outer, rest) = (i / (dim * inner), i % (dim * inner));
-            let (k, j) = (rest / inner, rest % inner);
-            (outer * want[ax] + k / b) * inner + j
-        })
-        .collect())
+    let mut idx = Vec::with_capacity(n);
+    for outer in 0..n / (dim * inner).max(1) {
+        for k in 0..dim {
+            let base = (outer * want[ax] + k / b) * inner;
+            idx.extend(base..base + inner);
+        }
+    }
+    Ok(idx)
 }
 
 pub(crate) fn infer_quantize(cx: &Cx, output_dtype: Option<DType>) -> Result<Vec<ValueType>> {
@@ -97,7 +102,7 @@ pub(crate) fn quantize(
     let wide = x.dtype() == DType::F64;
     let q = xv.iter().zip(&idx).map(|(&v, &i)| {
         // The division happens in the input's precision (f32 unless the input is f64).
-        let r = if wide { (v / sv[i]).round_ties_even() } else { (v as f32 / sv[i] as f32).round_ties_even() as f64 };
+        let r = if wide { (v / sv[i]).round_ties_even() } else { round_even(v as f32 / sv[i] as f32) as f64 };
         let z = zps.as_ref().map_or(0, |z| z[i]);
         (r + z as f64).clamp(lo as f64, hi as f64) as i64
     });
@@ -180,8 +185,48 @@ pub(crate) fn fake_quant(
     let xv = x.data.to_f32_vec();
     let y = xv.iter().zip(&idx).map(|(&v, &i)| {
         let z = zv.as_ref().map_or(0.0, |z| z[i]);
-        let q = ((v / sv[i]).round_ties_even() + z).clamp(lo, hi);
-        ((q - z) * sv[i]) as f64
+        let q = (round_even(v / sv[i]) + z).clamp(lo, hi);
+        (q - z) * sv[i]
     });
-    Tensor::new(x.shape.clone(), Data::from_f64(x.dtype(), y))
+    let data = match x.dtype() {
+        DType::F32 => Data::F32(y.collect()),
+        dt => Data::from_f64(dt, y.map(f64::from)),
+    };
+    Tensor::new(x.shape.clone(), data)
+}
+
+/// Round half to even, as `f32::round_ties_even`, without the libm call that the baseline x86-64
+/// target (no SSE4.1 `roundps`) makes for it: adding and subtracting 1.5 * 2^23 leaves the
+/// nearest integer under the default rounding mode for |x| < 2^22; larger values are integers
+/// already or take the slow path. The sign is restored so -0.3 rounds to -0.0.
+#[inline]
+pub fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let a = x.abs();
+    if a < 4_194_304.0 {
+        ((a + MAGIC) - MAGIC).copysign(x)
+    } else {
+        x.round_ties_even()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_even;
+
+    #[test]
+    fn round_even_matches_the_standard_library_bit_for_bit() {
+        let special = [0.5f32, 1.5, 2.5, -0.5, -2.5, -0.3, 0.0, -0.0, 4_194_303.5, 4_194_304.5, 8_388_607.5, 1e9, -1e9];
+        let mut x = 0x1234_5678u32;
+        let random = (0..200_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            f32::from_bits(x)
+        });
+        for v in special.into_iter().chain(random).filter(|v| !v.is_nan()) {
+            assert_eq!(round_even(v).to_bits(), v.round_ties_even().to_bits(), "{v}");
+        }
+        assert!(round_even(f32::NAN).is_nan());
+    }
 }
