@@ -5,6 +5,7 @@
 
 use crate::model::{Param, TrainGraph};
 use crate::optim::AdamW;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sqil_ir::interp::Interpreter;
 use sqil_ir::testing::Rng;
@@ -240,6 +241,12 @@ pub fn train(
     };
     let t0 = Instant::now();
     let mut window = (0.0, 0usize);
+    // A live bar on a terminal; elsewhere (logs, CI) one line every `log_every` steps.
+    let bar = ProgressBar::new(cfg.steps as u64).with_position(start as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  {per_sec}  ETA {eta}")
+            .expect("valid progress template"),
+    );
     for step in start..cfg.steps {
         let mut idx = Vec::with_capacity(cfg.batch);
         while idx.len() < cfg.batch.min(n) {
@@ -262,17 +269,21 @@ pub fn train(
         window.0 += loss;
         window.1 += 1;
         let done = step + 1;
+        bar.set_position(done as u64);
         if done % cfg.log_every == 0 || done == cfg.steps {
             let mean = window.0 / window.1 as f64;
             log.loss.push((done, mean, opt.lr_at(step)));
             let el = t0.elapsed().as_secs_f64();
             let eta = el / (done - start) as f64 * (cfg.steps - done) as f64;
-            eprintln!(
-                "step {done}/{}  loss {mean:.5}  lr {:.2e}  {:.0} samples/s  ETA {eta:.0}s",
-                cfg.steps,
-                opt.lr_at(step),
-                ((done - start) * cfg.batch) as f64 / el
-            );
+            bar.set_message(format!("loss {mean:.5}  lr {:.2e}", opt.lr_at(step)));
+            if bar.is_hidden() {
+                eprintln!(
+                    "step {done}/{}  loss {mean:.5}  lr {:.2e}  {:.0} samples/s  ETA {eta:.0}s",
+                    cfg.steps,
+                    opt.lr_at(step),
+                    ((done - start) * cfg.batch) as f64 / el
+                );
+            }
             window = (0.0, 0);
         }
         if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 {
@@ -284,6 +295,7 @@ pub fn train(
             return Ok(log);
         }
     }
+    bar.finish_and_clear();
     log.seconds += t0.elapsed().as_secs_f64();
     log.samples_per_s = ((cfg.steps - start) * cfg.batch) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
     save(tg, &opt, &log, cfg.steps, draws, &perm, pos)?;
