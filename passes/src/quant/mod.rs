@@ -2,6 +2,7 @@
 //! recipes (RTN, MSE, AWQ, GPTQ) and activation calibration, and [`quantize`], which runs them
 //! on calibration states and reports per layer.
 
+pub mod allocate;
 pub mod calibrate;
 pub mod config;
 pub mod insert;
