@@ -15,12 +15,11 @@ import pathlib
 import platform
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from sqil_tools import tasks  # noqa: E402
+from sqil_tools import evaljobs  # noqa: E402
 
 OUT = ROOT / "demos" / "qrd"
 POLICIES = {"hopper": ["bc_hopper"], "lander": ["bc_lander"], "pickplace": ["bc_pickplace"]}
@@ -51,25 +50,8 @@ def compile_all(task_names):
 
 
 def evaluate(task_names, episodes, jobs, python):
-    work = []
-    for t in task_names:
-        py = python or (str(ROOT / tasks.SIM_PYTHON[t]) if t in tasks.SIM_PYTHON else sys.executable)
-        for p in POLICIES[t]:
-            for cfg in CONFIGS:
-                for r in RECIPES:
-                    d = OUT / f"{p}__{cfg}__{r}"
-                    if (d / "model.onnx").exists() and not (d / "eval.json").exists():
-                        work.append((py, t, d))
-
-    def one(job):
-        py, t, d = job
-        cmd = [py, str(HERE / "eval.py"), "--task", t, "--policy", str(d / "model.onnx"), "--episodes", str(episodes),
-               "--seed", "0", "-o", str(d / "eval.json")]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        print(r.stdout.strip().splitlines()[-1] if r.returncode == 0 else f"FAILED {d}: {r.stderr[-2000:]}", flush=True)
-
-    with ThreadPoolExecutor(jobs) as ex:
-        list(ex.map(one, work))
+    work = [(t, OUT / f"{p}__{cfg}__{r}") for t in task_names for p in POLICIES[t] for cfg in CONFIGS for r in RECIPES]
+    evaljobs.evaluate_dirs(work, episodes, jobs, python)
 
 
 FINDINGS = [

@@ -1,5 +1,6 @@
 //! Library side of the `sqil` command line: the pieces its subcommands share with tests.
 
+pub mod allocate;
 pub mod compile;
 pub mod feeds;
 pub mod inspect;

@@ -105,6 +105,49 @@ enum Cmd {
         /// Keep the activation quantizers' calibrated steps fixed (learn weights, weight steps, biases).
         #[arg(long)]
         freeze_act_steps: bool,
+        /// A quantization config (.toml/.json, e.g. from `sqil allocate`); --wbits/--abits/--group
+        /// then apply only where given explicitly via --set.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Allocate per-layer bits under this budget (as `sqil allocate --budget`) before fine-tuning.
+        #[arg(long)]
+        budget: Option<String>,
+        #[command(flatten)]
+        alloc: AllocFlags,
+    },
+    /// Per-layer bit widths under a budget (saliency-guided by default): measures each layer's
+    /// sensitivity, solves the knapsack exactly, writes a quantization config (.toml or .json)
+    /// for `sqil quantize --config` / `sqil compile --config`, a JSON report and an SVG plot.
+    Allocate {
+        model: PathBuf,
+        #[arg(long)]
+        demos: PathBuf,
+        /// Average weight bits (`3.5bits`), model size (`2MB`, `512KiB`, `90000B`) or estimated
+        /// batch-1 latency (`50us`, `1.2ms`).
+        #[arg(long)]
+        budget: String,
+        #[command(flatten)]
+        alloc: AllocFlags,
+        /// Base config (granularity, calibration, kept layers); the flags below override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "8")]
+        abits: String,
+        #[arg(long, default_value = "64")]
+        group: String,
+        #[arg(long)]
+        set: Option<String>,
+        /// PTQ recipe used to quantize each layer while measuring: rtn, mse, awq, gptq.
+        #[arg(long, default_value = "mse")]
+        recipe: String,
+        /// The config to write (.toml or .json).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Budget against predicted error, SVG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Post-training quantization with a named recipe, calibrated on demonstrations; writes
     /// QDQ ONNX (opset 21) and prints a per-layer report.
@@ -148,6 +191,64 @@ enum Cmd {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+}
+
+/// Options of bit allocation shared by `allocate` and `compile --budget`.
+#[derive(clap::Args)]
+struct AllocFlags {
+    /// sqil (SIS-weighted action error), uniform (unweighted action error), hawq (Hessian trace).
+    #[arg(long = "alloc-method", default_value = "sqil")]
+    method: String,
+    /// Candidate weight widths.
+    #[arg(long, default_value = "2,3,4,8", value_delimiter = ',')]
+    wbits_choices: Vec<u8>,
+    /// Candidate activation widths (4, 8, 16 = float); default: the config's activation width.
+    #[arg(long, value_delimiter = ',')]
+    abits_choices: Vec<u8>,
+    /// States used to measure sensitivity (spread evenly over the demonstrations).
+    #[arg(long, default_value_t = 1024)]
+    alloc_states: usize,
+    /// Rounds of greedy refinement with re-measurement after the exact solve.
+    #[arg(long, default_value_t = 0)]
+    refine: usize,
+    /// Hutchinson probes for --alloc-method hawq.
+    #[arg(long, default_value_t = 32)]
+    probes: usize,
+    /// Cost model for latency budgets (JSON: bytes_per_s, int_macs_per_s, float_macs_per_s, overhead_s).
+    #[arg(long)]
+    cost_model: Option<PathBuf>,
+}
+
+impl AllocFlags {
+    fn args(
+        &self,
+        demos: &std::path::Path,
+        base: &QuantConfig,
+        recipe: Recipe,
+        budget: &str,
+    ) -> Result<sqil::allocate::AllocateArgs, String> {
+        let cost_model = match &self.cost_model {
+            Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?)
+                .map_err(|e| format!("{}: {e}", p.display()))?,
+            None => Default::default(),
+        };
+        Ok(sqil::allocate::AllocateArgs {
+            demos: demos.to_path_buf(),
+            base: base.clone(),
+            recipe,
+            budget: sqil_passes::quant::sensitivity::Budget::parse(budget).map_err(|e| e.to_string())?,
+            method: sqil::allocate::Method::parse(&self.method)?,
+            wbits: self.wbits_choices.clone(),
+            abits: self.abits_choices.iter().map(|&b| if b >= 16 { 0 } else { b }).collect(),
+            states: self.alloc_states,
+            top: 0.2,
+            beta: 2.0,
+            patch: 12,
+            refine: self.refine,
+            probes: self.probes,
+            cost_model,
+        })
+    }
 }
 
 fn run(cmd: Cmd) -> Result<(), String> {
@@ -238,18 +339,41 @@ fn run(cmd: Cmd) -> Result<(), String> {
             output,
             resume,
             freeze_act_steps,
+            config,
+            budget,
+            alloc,
         } => {
-            let mut cfg = QuantConfig::default();
-            let mut settings = vec![format!("wbits={wbits}"), format!("abits={abits}"), format!("group={group}")];
-            settings.extend(set);
-            cfg.apply_settings(&settings.join(",")).map_err(|e| e.to_string())?;
+            let mut cfg = match &config {
+                Some(p) => QuantConfig::load(p).map_err(|e| e.to_string())?,
+                None => {
+                    let mut c = QuantConfig::default();
+                    c.apply_settings(&format!("wbits={wbits},abits={abits},group={group}"))
+                        .map_err(|e| e.to_string())?;
+                    c
+                }
+            };
+            cfg.apply_settings(set.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
             if !(0.0..=1.0).contains(&top) || beta < 0.0 {
                 return Err(format!("--top must be in [0, 1] and --beta >= 0 (got {top}, {beta})"));
+            }
+            let init_recipe = Recipe::parse(&init).map_err(|e| e.to_string())?;
+            if let Some(b) = &budget {
+                let mut aa = alloc.args(&demos, &cfg, init_recipe, b)?;
+                aa.top = top;
+                aa.beta = beta;
+                aa.patch = patch;
+                let (c, rep) = sqil::allocate::run_allocate(&model, &aa)?;
+                eprint!("{}", sqil::allocate::render(&rep));
+                std::fs::create_dir_all(&output).map_err(|e| format!("{}: {e}", output.display()))?;
+                sqil::allocate::save_config(&c, &output.join("allocation.toml"))?;
+                let json = serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?;
+                sqil::quantize::write_atomic(&output.join("allocation.json"), json.as_bytes())?;
+                cfg = c;
             }
             let args = sqil::compile::CompileArgs {
                 demos,
                 config: cfg,
-                init: Recipe::parse(&init).map_err(|e| e.to_string())?,
+                init: init_recipe,
                 recipe: sqil::compile::FtRecipe::parse(&recipe)?,
                 beta,
                 top,
@@ -269,6 +393,31 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 act_steps: !freeze_act_steps,
             };
             sqil::compile::compile(&model, &args)?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        Cmd::Allocate { model, demos, budget, alloc, config, abits, group, set, recipe, output, report, plot } => {
+            let mut cfg = match &config {
+                Some(p) => QuantConfig::load(p).map_err(|e| e.to_string())?,
+                None => QuantConfig::default(),
+            };
+            let mut settings = vec![];
+            if config.is_none() {
+                settings.extend([format!("abits={abits}"), format!("group={group}")]);
+            }
+            settings.extend(set);
+            cfg.apply_settings(&settings.join(",")).map_err(|e| e.to_string())?;
+            let aa = alloc.args(&demos, &cfg, Recipe::parse(&recipe).map_err(|e| e.to_string())?, &budget)?;
+            let (c, rep) = sqil::allocate::run_allocate(&model, &aa)?;
+            print!("{}", sqil::allocate::render(&rep));
+            sqil::allocate::save_config(&c, &output)?;
+            if let Some(p) = &report {
+                let json = serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?;
+                sqil::quantize::write_atomic(p, json.as_bytes())?;
+            }
+            if let Some(p) = &plot {
+                sqil::quantize::write_atomic(p, sqil::allocate::plot_svg(&rep).as_bytes())?;
+            }
             println!("wrote {}", output.display());
             Ok(())
         }

@@ -33,7 +33,7 @@ pub struct TrainGraph {
     pub policy_inputs: Vec<String>,
 }
 
-fn make_input(g: &mut Graph, n: NodeId) {
+pub(crate) fn make_input(g: &mut Graph, n: NodeId) {
     g.node_mut(n).op = Op::Input;
     g.inputs.push(n);
 }
@@ -91,12 +91,9 @@ pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
     }
     let y = g.outputs[0];
     let yty = g.value(y).ty.clone();
-    let rank = yty.rank();
     let target = g.add_input("train.target", yty.clone());
     let teacher = g.add_input("train.teacher", yty.clone());
-    let mut ashape = vec![yty.shape[0].clone()];
-    ashape.extend(std::iter::repeat_n(Dim::Known(1), rank - 1));
-    let alpha = g.add_input("train.alpha", ValueType::new(DType::F32, ashape));
+    let alpha = g.add_input("train.alpha", alpha_type(&yty));
     let bin = |g: &mut Graph, o: BinaryOp, a: ValueRef, b: ValueRef, n: &str| {
         g.add_inferred(format!("loss.{n}"), Op::Binary(o), &[Some(a), Some(b)], format!("loss.{n}"))
     };
@@ -114,11 +111,7 @@ pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
     let d1 = bin(&mut g, BinaryOp::Sub, y, target, "bc_diff")?;
     let s1 = bin(&mut g, BinaryOp::Mul, d1, d1, "bc_sq")?;
     let l_bc = mean(&mut g, s1, None, "bc")?;
-    let d2 = bin(&mut g, BinaryOp::Sub, y, teacher, "kd_diff")?;
-    let s2 = bin(&mut g, BinaryOp::Mul, d2, d2, "kd_sq")?;
-    let per = if rank > 1 { mean(&mut g, s2, Some((1..rank as i64).collect()), "kd_per_state")? } else { s2 };
-    let w = bin(&mut g, BinaryOp::Mul, per, alpha, "kd_weighted")?;
-    let l_kd = mean(&mut g, w, None, "kd")?;
+    let l_kd = weighted_distance(&mut g, y, teacher, alpha)?;
     let loss = bin(&mut g, BinaryOp::Add, l_bc, l_kd, "total")?;
     for p in &params {
         make_input(&mut g, p.node);
@@ -128,6 +121,34 @@ pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
     g.outputs = std::iter::once(loss).chain(grads).collect();
     sqil_ir::verify(&g).map_err(|e| e.context("the trainable graph"))?;
     Ok(TrainGraph { graph: g, params, policy_inputs })
+}
+
+/// Appends `mean_b(alpha_b * mean((y_b - teacher_b)^2))` (the QRD distance term) to `g`.
+pub fn weighted_distance(g: &mut Graph, y: ValueRef, teacher: ValueRef, alpha: ValueRef) -> Result<ValueRef> {
+    let rank = g.value(y).ty.rank();
+    let bin = |g: &mut Graph, o: BinaryOp, a: ValueRef, b: ValueRef, n: &str| {
+        g.add_inferred(format!("loss.{n}"), Op::Binary(o), &[Some(a), Some(b)], format!("loss.{n}"))
+    };
+    let mean = |g: &mut Graph, x: ValueRef, axes: Option<Vec<i64>>, n: &str| -> Result<ValueRef> {
+        let a = match axes {
+            Some(ax) => Some(g.add_const(format!("loss.{n}.axes"), Tensor::from_i64(vec![ax.len()], ax)?)),
+            None => None,
+        };
+        let op = Op::Reduce { op: ReduceOp::Mean, keepdims: true, noop_with_empty_axes: false };
+        g.add_inferred(format!("loss.{n}"), op, &[Some(x), a], format!("loss.{n}"))
+    };
+    let d2 = bin(g, BinaryOp::Sub, y, teacher, "kd_diff")?;
+    let s2 = bin(g, BinaryOp::Mul, d2, d2, "kd_sq")?;
+    let per = if rank > 1 { mean(g, s2, Some((1..rank as i64).collect()), "kd_per_state")? } else { s2 };
+    let w = bin(g, BinaryOp::Mul, per, alpha, "kd_weighted")?;
+    mean(g, w, None, "kd")
+}
+
+/// The input `alpha` of a loss over `y`: `[batch, 1, ...]` of `y`'s rank.
+pub fn alpha_type(y: &ValueType) -> ValueType {
+    let mut ashape = vec![y.shape[0].clone()];
+    ashape.extend(std::iter::repeat_n(Dim::Known(1), y.rank() - 1));
+    ValueType::new(DType::F32, ashape)
 }
 
 /// The inference graph with trained parameter values written back.

@@ -94,11 +94,15 @@ impl QuantConfig {
     /// Reads a config from a `.json` or `.toml` file; unknown fields are errors.
     pub fn load(path: &Path) -> Result<QuantConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
-        let cfg: QuantConfig = if path.extension().is_some_and(|e| e == "toml") {
+        let mut cfg: QuantConfig = if path.extension().is_some_and(|e| e == "toml") {
             toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?
         } else {
             serde_json::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?
         };
+        // TOML has no null: float activations are written as 16 (or 0).
+        if matches!(cfg.abits, Some(0 | 16)) {
+            cfg.abits = None;
+        }
         cfg.validate().map_err(|e| e.context(path.display().to_string()))?;
         Ok(cfg)
     }

@@ -7,6 +7,7 @@ pub mod calibrate;
 pub mod config;
 pub mod insert;
 pub mod layers;
+pub mod sensitivity;
 pub mod weights;
 
 pub use config::{ActCalib, Granularity, QuantConfig};
