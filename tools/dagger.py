@@ -43,8 +43,8 @@ def save_demos(path, obs, act, starts, meta):
     os.replace(tmp, path)
 
 
-def evaluate(task, model, out, episodes):
-    py = str(ROOT / tasks.SIM_PYTHON[task]) if task in tasks.SIM_PYTHON else sys.executable
+def evaluate(task, model, out, episodes, python=None):
+    py = python or (str(ROOT / tasks.SIM_PYTHON[task]) if task in tasks.SIM_PYTHON else sys.executable)
     subprocess.run([py, str(HERE / "eval.py"), "--task", task, "--policy", str(model), "--episodes", str(episodes),
                     "--seed", "0", "-o", str(out)], check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     r = json.loads(out.read_text())
@@ -79,12 +79,12 @@ def run(a):
         save_demos(npz, obs, act, starts, m)
         out = work / f"round{k}"
         cmd = [sqil_bin(), "compile", str(fp), "--demos", str(npz), *CONFIGS[a.config], "--group", "64", "--init", "gptq",
-               "--recipe", a.recipe, "--steps", str(STEPS), "--states", str(STATES), "-o", str(out)]
+               "--recipe", a.recipe, "--steps", str(STEPS), "--states", str(STATES), "--threads", str(a.threads), "-o", str(out)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
         student = out / "model.onnx"
-        sr, ret = evaluate(a.task, student, out / "eval.json", a.eval_episodes)
+        sr, ret = evaluate(a.task, student, out / "eval.json", a.eval_episodes, a.python)
         row = {"round": k, "states": int(len(obs)), "rollout_states": int(len(new)),
                "rollout_success": m["dagger"]["rollout_success"], "success": sr, "return": ret}
         summary["rounds"].append(row)
@@ -114,6 +114,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--episodes", type=int, default=50, help="rollout episodes per round")
     ap.add_argument("--eval-episodes", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2, help="sqil compile threads")
+    ap.add_argument("--python", help="interpreter for evaluation (default: the task's venv)")
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args()
     if a.table:

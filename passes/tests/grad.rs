@@ -151,6 +151,29 @@ proptest! {
 }
 
 #[test]
+fn f32_products_in_matmul_and_gemm_vjps_match_f64() {
+    // f32 operands take the sgemm path; the same values in f64 take the f64 one.
+    let mut r = Rng::new(9);
+    let cases: Vec<(Op, Vec<usize>, Vec<usize>, Vec<usize>)> = vec![
+        (Op::MatMul, vec![2, 3, 5], vec![5, 4], vec![2, 3, 4]),
+        (Op::MatMul, vec![2, 3, 5], vec![2, 5, 4], vec![2, 3, 4]),
+        (Op::Gemm { alpha: 0.5, beta: 1.0, trans_a: true, trans_b: true }, vec![5, 3], vec![4, 5], vec![3, 4]),
+        (Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: false }, vec![3, 5], vec![5, 4], vec![3, 4]),
+    ];
+    for (op, a, b, y) in cases {
+        let (a64, b64, dy64) = (t64(&mut r, a, -0.7), t64(&mut r, b, -0.7), t64(&mut r, y, -0.7));
+        let (a32, b32, dy32) = (a64.cast(DType::F32), b64.cast(DType::F32), dy64.cast(DType::F32));
+        for wrt in 0..2 {
+            let want = sqil_ir::ops::grad::vjp(&op, &[Some(&a64), Some(&b64)], &dy64, wrt).unwrap().data.to_f64_vec();
+            let got = sqil_ir::ops::grad::vjp(&op, &[Some(&a32), Some(&b32)], &dy32, wrt).unwrap().data.to_f64_vec();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "{} wrt {wrt}: f32 {g} vs f64 {w}", op.name());
+            }
+        }
+    }
+}
+
+#[test]
 fn lsq_fake_quant_gradients_follow_the_formula() {
     // x in three regimes around a 4-bit signed grid with step 0.5: inside, below, above.
     let x = Tensor::from_f32(vec![1, 4], vec![0.3, 1.6, -9.0, 9.0]).unwrap();

@@ -218,3 +218,88 @@ mod tests {
         assert_eq!(out, vec![0.0, 0.0, 0.0, 1.0]);
     }
 }
+
+/// Activations quantized to int8 for the W4A8 kernels: `q` (`k_pad` values, zero-padded),
+/// the zero point and scale (`x ~ (q - zero) * scale`), and per group of the weight's layout
+/// the sum of `q`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantizedInput {
+    pub q: Vec<i8>,
+    pub zero: i32,
+    pub scale: f32,
+    pub sums: Vec<i32>,
+}
+
+/// Quantizes `x` as FakeQuant does (divide in f32, round half to even, add the zero point,
+/// clamp to [-128, 127]), padded to the packed weight's `k_pad`, with group sums.
+pub fn quantize_input(x: &[f32], scale: f32, zero: i32, w: &crate::packed::PackedQ4) -> QuantizedInput {
+    let mut q = vec![0i8; w.k_pad];
+    for (d, &v) in q.iter_mut().zip(x) {
+        *d = (round_even(v / scale) + zero as f32).clamp(-128.0, 127.0) as i8;
+    }
+    // Padding holds q = 0 against zero weights: it adds nothing to any sum the kernels use
+    // (they subtract zero * the group's weight sum, which excludes padding).
+    let sums = q.chunks(w.group).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+    QuantizedInput { q, zero, scale, sums }
+}
+
+/// Round half to even without the libm call of `f32::round_ties_even` on baseline x86-64
+/// (exact for |x| < 2^22, larger values are integers or take the slow path).
+#[inline]
+pub fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    let a = x.abs();
+    if a < 4_194_304.0 {
+        ((a + MAGIC) - MAGIC).copysign(x)
+    } else {
+        x.round_ties_even()
+    }
+}
+
+/// The float epilogue shared by every W4A8 kernel, so that they agree bit for bit: per row,
+/// `(sum_g isum[g] * scale[g]) * x_scale + bias`, groups in order, in f32.
+#[inline]
+pub fn q4q8_epilogue(isums: &[i32], scales: &[f32], x_scale: f32, bias: f32) -> f32 {
+    let mut acc = 0f32;
+    for (&s, &w) in isums.iter().zip(scales) {
+        acc += s as f32 * w;
+    }
+    acc * x_scale + bias
+}
+
+/// Reference W4A8 GEMV: `y[r] = sum_k (qx[k] - zero) * qw[r, k] * sw[r, g(k)] * sx + bias[r]`,
+/// integer sums per group (exact), then [`q4q8_epilogue`].
+pub fn generic_gemv_q4q8(w: &crate::packed::PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut [f32]) {
+    let groups = w.groups();
+    let bpg = w.group / crate::packed::QK4;
+    let mut isums = vec![0i32; groups];
+    for (r, out) in y.iter_mut().enumerate().take(w.n) {
+        for (g, s) in isums.iter_mut().enumerate() {
+            let mut acc = 0i32;
+            for b in 0..bpg {
+                let blk = w.blocks[r * w.k_pad / crate::packed::QK4 + g * bpg + b].unpack();
+                let xs = &x.q[(g * bpg + b) * crate::packed::QK4..];
+                acc += blk.iter().zip(xs).map(|(&a, &c)| a as i32 * c as i32).sum::<i32>();
+            }
+            *s = acc - x.zero * w.sums[r * groups + g];
+        }
+        *out = q4q8_epilogue(&isums, &w.scales[r * groups..(r + 1) * groups], x.scale, bias.map_or(0.0, |b| b[r]));
+    }
+}
+
+/// Reference weight-only W4 GEMV on float activations: `y[r] = sum_g sw[r, g] * sum_{k in g}
+/// x[k] * qw[r, k] + bias[r]`, in f32.
+pub fn generic_gemv_q4f32(w: &crate::packed::PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
+    let groups = w.groups();
+    for (r, out) in y.iter_mut().enumerate().take(w.n) {
+        let mut acc = 0f32;
+        for g in 0..groups {
+            let mut s = 0f32;
+            for k in g * w.group..((g + 1) * w.group).min(w.k) {
+                s += x[k] * w.get(r, k) as f32;
+            }
+            acc += s * w.scales[r * groups + g];
+        }
+        *out = acc + bias.map_or(0.0, |b| b[r]);
+    }
+}

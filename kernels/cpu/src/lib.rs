@@ -4,5 +4,77 @@
 //! row and column strides, the layout convention of BLAS and of `matrixmultiply`.
 
 pub mod generic;
+pub mod packed;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
 
-pub use generic::{dgemm, im2col, sgemm, ConvGeometry};
+pub use generic::{dgemm, im2col, quantize_input, sgemm, ConvGeometry, QuantizedInput};
+pub use packed::{BlockQ4, PackedQ4};
+
+/// The best kernel family this CPU runs, chosen once at run time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Generic,
+    Avx2,
+}
+
+/// The instruction set the dispatchers use on this CPU (`SQIL_ISA=generic` forces the reference).
+pub fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("SQIL_ISA").is_ok_and(|v| v == "generic") {
+            return Isa::Generic;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+        Isa::Generic
+    })
+}
+
+/// Output channels per thread below which a GEMV stays on one thread.
+pub const ROWS_PER_THREAD: usize = 256;
+
+/// Splits rows over up to `threads` scoped threads when the layer is large enough.
+fn split_rows(n: usize, threads: usize, y: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+    let t = threads.min(n / ROWS_PER_THREAD).max(1);
+    if t == 1 {
+        return f(0..n, &mut y[..n]);
+    }
+    let chunk = n.div_ceil(t);
+    std::thread::scope(|s| {
+        for (i, part) in y[..n].chunks_mut(chunk).enumerate() {
+            let f = &f;
+            s.spawn(move || f(i * chunk..i * chunk + part.len(), part));
+        }
+    });
+}
+
+/// W4A8 GEMV `y = W x + bias` with the best kernel for this CPU, over `threads` threads for
+/// large layers. Every variant equals `generic::generic_gemv_q4q8` bit for bit.
+pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
+    assert!(x.q.len() >= w.k_pad && y.len() >= w.n && bias.is_none_or(|b| b.len() >= w.n));
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
+        Isa::Avx2 => split_rows(w.n, threads, y, |rows, out| unsafe {
+            x86_64::avx2::avx2_gemv_q4q8_rows(w, x, bias, rows, out)
+        }),
+        _ => generic::generic_gemv_q4q8(w, x, bias, y),
+    }
+}
+
+/// Weight-only W4 GEMV on f32 activations (`x` at least `w.k_pad` long, zero-padded), with the
+/// best kernel for this CPU; agrees with `generic::generic_gemv_q4f32` within f32 summation order.
+pub fn gemv_q4f32(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
+    assert!(x.len() >= w.k_pad && y.len() >= w.n && bias.is_none_or(|b| b.len() >= w.n));
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
+        Isa::Avx2 => split_rows(w.n, threads, y, |rows, out| unsafe {
+            x86_64::avx2::avx2_gemv_q4f32_rows(w, x, bias, rows, out)
+        }),
+        _ => generic::generic_gemv_q4f32(w, x, bias, y),
+    }
+}

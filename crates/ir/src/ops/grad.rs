@@ -361,6 +361,25 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
             let mut bsh = batch.clone();
             bsh.extend([k, n]);
             let (ai, bi) = (broadcast_indices(&a.shape, &ash), broadcast_indices(&b.shape, &bsh));
+            if let (Data::F32(av), Data::F32(bv), Data::F32(gv)) = (&a.data, &b.data, &dy.data) {
+                // f32 products (sgemm per batch item), as PyTorch computes them.
+                let mut full = vec![0f32; if wrt == 0 { nb * m * k } else { nb * k * n }];
+                for t in 0..nb {
+                    let gt = &gv[t * m * n..(t + 1) * m * n];
+                    if wrt == 0 {
+                        let bt: Vec<f32> = (0..k * n).map(|i| bv[bi[t * k * n + i]]).collect();
+                        let c = &mut full[t * m * k..(t + 1) * m * k];
+                        sqil_kernels_cpu::sgemm(m, n, k, 1.0, gt, (n, 1), &bt, (1, n), 0.0, c, (k, 1));
+                    } else {
+                        let at: Vec<f32> = (0..m * k).map(|i| av[ai[t * m * k + i]]).collect();
+                        let c = &mut full[t * k * n..(t + 1) * k * n];
+                        sqil_kernels_cpu::sgemm(k, m, n, 1.0, &at, (1, k), gt, (n, 1), 0.0, c, (n, 1));
+                    }
+                }
+                let (sh, target) = if wrt == 0 { (&ash, &a.shape) } else { (&bsh, &b.shape) };
+                let full64: Vec<f64> = full.iter().map(|&v| v as f64).collect();
+                return out(target, unbroadcast(&full64, sh, target));
+            }
             let (av, bv) = (f64s(a), f64s(b));
             let mut full = vec![0f64; if wrt == 0 { nb * m * k } else { nb * k * n }];
             for t in 0..nb {

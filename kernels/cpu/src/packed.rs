@@ -1,0 +1,178 @@
+//! Packed low-bit weight formats, defined once. The C header the firmware back end and the CUDA
+//! kernels include (`kernels/c/sqil_packed.h`) is generated from these definitions by
+//! [`c_header`]; a test fails if the committed header drifts.
+//!
+//! **Q4 block**: 32 consecutive weights of one output channel along the reduction axis, 4 bits
+//! each, in 16 bytes. Byte `i` holds element `i` in its low nibble and element `i + 16` in its
+//! high nibble, so one AND and one shift unpack 32 values into two 16-byte halves in order.
+//! A nibble stores `q + 8` for a signed weight `q` in [-8, 7] (2- and 3-bit weights use the same
+//! layout with `q` in [-2, 1] or [-4, 3]).
+//!
+//! **Packed layer**: `n` output channels, reduction length `k` padded with zero weights to
+//! `k_pad`, a multiple of 32; blocks row-major (`n` rows of `k_pad / 32` blocks); one f32 scale
+//! per `(channel, group)` with `group` a multiple of 32 (or the whole row); and per `(channel,
+//! group)` the sum of the signed weights, which integer kernels use to apply an activation zero
+//! point once per group instead of per element.
+
+/// 32 4-bit weights: byte `i` = `(q[i] + 8) | (q[i + 16] + 8) << 4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockQ4 {
+    pub qs: [u8; 16],
+}
+
+/// Weights per [`BlockQ4`].
+pub const QK4: usize = 32;
+
+const _: () = assert!(std::mem::size_of::<BlockQ4>() == 16);
+const _: () = assert!(std::mem::align_of::<BlockQ4>() == 1);
+
+impl BlockQ4 {
+    /// Packs 32 signed values in [-8, 7].
+    pub fn pack(q: &[i8; QK4]) -> BlockQ4 {
+        let mut qs = [0u8; 16];
+        for i in 0..16 {
+            debug_assert!((-8..=7).contains(&q[i]) && (-8..=7).contains(&q[i + 16]));
+            qs[i] = ((q[i] + 8) as u8) | (((q[i + 16] + 8) as u8) << 4);
+        }
+        BlockQ4 { qs }
+    }
+
+    /// The 32 signed values.
+    pub fn unpack(&self) -> [i8; QK4] {
+        let mut q = [0i8; QK4];
+        for i in 0..16 {
+            q[i] = (self.qs[i] & 0x0f) as i8 - 8;
+            q[i + 16] = (self.qs[i] >> 4) as i8 - 8;
+        }
+        q
+    }
+}
+
+/// A layer's weight `[n, k]` in Q4 blocks with group-wise scales.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedQ4 {
+    pub n: usize,
+    pub k: usize,
+    /// `k` rounded up to a multiple of [`QK4`].
+    pub k_pad: usize,
+    /// Weights per scale along `k` (a multiple of [`QK4`]); `k_pad` for one scale per channel.
+    pub group: usize,
+    /// `n * k_pad / 32` blocks, row-major.
+    pub blocks: Vec<BlockQ4>,
+    /// `n * groups` scales, row-major.
+    pub scales: Vec<f32>,
+    /// `n * groups` sums of the signed weights of each group.
+    pub sums: Vec<i32>,
+}
+
+impl PackedQ4 {
+    pub fn groups(&self) -> usize {
+        self.k_pad / self.group
+    }
+
+    /// Packs integer weights `q` (`[n, k]` row-major, each in [-8, 7]) with scales `[n, ceil(k /
+    /// group)]`. `group` must be a multiple of 32, or 0 for one scale per channel.
+    pub fn pack(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) -> Result<PackedQ4, String> {
+        if q.len() != n * k {
+            return Err(format!("pack: {} weights for [{n}, {k}]", q.len()));
+        }
+        let k_pad = k.div_ceil(QK4) * QK4;
+        let group = if group == 0 { k_pad } else { group };
+        if group % QK4 != 0 || (group != k_pad && k % group != 0) {
+            return Err(format!("pack: group {group} must be a multiple of {QK4} that divides k = {k}"));
+        }
+        let groups = k_pad / group;
+        if scales.len() != n * groups {
+            return Err(format!("pack: {} scales for {n} channels x {groups} groups", scales.len()));
+        }
+        if let Some(v) = q.iter().find(|v| !(-8..=7).contains(*v)) {
+            return Err(format!("pack: weight {v} outside [-8, 7]"));
+        }
+        let mut blocks = Vec::with_capacity(n * k_pad / QK4);
+        let mut sums = vec![0i32; n * groups];
+        for r in 0..n {
+            let row = &q[r * k..(r + 1) * k];
+            for b in 0..k_pad / QK4 {
+                let mut vals = [0i8; QK4];
+                for (i, v) in vals.iter_mut().enumerate() {
+                    *v = row.get(b * QK4 + i).copied().unwrap_or(0);
+                }
+                sums[r * groups + b * QK4 / group] += vals.iter().map(|&v| v as i32).sum::<i32>();
+                blocks.push(BlockQ4::pack(&vals));
+            }
+        }
+        Ok(PackedQ4 { n, k, k_pad, group, blocks, scales: scales.to_vec(), sums })
+    }
+
+    /// The signed weight at `(row, col)`.
+    pub fn get(&self, row: usize, col: usize) -> i8 {
+        let b = &self.blocks[row * self.k_pad / QK4 + col / QK4];
+        b.unpack()[col % QK4]
+    }
+
+    /// Bytes of the packed weights, scales and sums.
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<BlockQ4>() + 4 * self.scales.len() + 4 * self.sums.len()
+    }
+}
+
+/// The C declaration of every packed format (kernels/c/sqil_packed.h).
+pub fn c_header() -> String {
+    format!(
+        "/* Generated from kernels/cpu/src/packed.rs by `sqil_kernels_cpu::packed::c_header`: do not edit.\n\
+         \x20* A test fails if this file and the Rust definitions drift. */\n\
+         #ifndef SQIL_PACKED_H\n#define SQIL_PACKED_H\n\n#include <stdint.h>\n\n\
+         /* 32 4-bit weights of one output channel along the reduction axis. Byte i holds element i\n\
+         \x20* in its low nibble and element i + 16 in its high nibble; a nibble stores q + 8, q in [-8, 7]. */\n\
+         #define SQIL_QK4 {QK4}\n\
+         typedef struct {{\n    uint8_t qs[{half}];\n}} sqil_block_q4;\n\n\
+         /* Does not compile if the size differs (C99 has no static_assert). */\n\
+         typedef char sqil_block_q4_size_check[(sizeof(sqil_block_q4) == {size}) ? 1 : -1];\n\n\
+         #endif /* SQIL_PACKED_H */\n",
+        half = QK4 / 2,
+        size = std::mem::size_of::<BlockQ4>(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_round_trip_and_follow_the_documented_nibble_order() {
+        let mut q: [i8; QK4] = std::array::from_fn(|i| (i as i8 % 16) - 8);
+        (q[0], q[16]) = (3, -5);
+        let b = BlockQ4::pack(&q);
+        assert_eq!(b.unpack(), q);
+        // Element 0 (3 -> 11) in the low nibble of byte 0, element 16 (-5 -> 3) in its high nibble.
+        assert_eq!(b.qs[0], 0x3b);
+    }
+
+    #[test]
+    fn packing_pads_k_and_sums_groups() {
+        let (n, k) = (3, 40);
+        let q: Vec<i8> = (0..n * k).map(|i| ((i * 7) % 16) as i8 - 8).collect();
+        let p = PackedQ4::pack(&q, &[1.0; 3], n, k, 0).unwrap();
+        assert_eq!((p.k_pad, p.group, p.blocks.len()), (64, 64, 6));
+        for r in 0..n {
+            for c in 0..k {
+                assert_eq!(p.get(r, c), q[r * k + c]);
+            }
+            assert_eq!(p.get(r, 50), 0, "padding is zero");
+            assert_eq!(p.sums[r], q[r * k..(r + 1) * k].iter().map(|&v| v as i32).sum::<i32>());
+        }
+        assert!(PackedQ4::pack(&q, &[1.0; 3], n, k, 48).is_err());
+    }
+
+    #[test]
+    fn the_committed_c_header_matches_the_rust_definitions() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../c/sqil_packed.h");
+        let want = c_header();
+        if std::env::var_os("BLESS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let got = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(got, want, "{} drifted from packed.rs (BLESS=1 regenerates it)", path.display());
+    }
+}

@@ -1,0 +1,106 @@
+//! AVX2 + FMA kernels for packed Q4 weights (see `packed`): W4A8 GEMV with `vpmaddubsw`
+//! (unsigned nibbles x signed int8 activations, exact int32 sums per group, then the shared
+//! float epilogue, so results equal the generic kernel bit for bit) and weight-only W4 GEMV on
+//! f32 activations (nibbles widened to f32 in registers, FMA accumulation).
+
+use crate::generic::{q4q8_epilogue, QuantizedInput};
+use crate::packed::{PackedQ4, QK4};
+use std::arch::x86_64::*;
+
+/// The 32 nibbles of a block as unsigned bytes in element order (0-15 low lane, 16-31 high).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unpack_u8(p: *const u8) -> __m256i {
+    let raw = _mm_loadu_si128(p as *const __m128i);
+    let mask = _mm_set1_epi8(0x0f);
+    let lo = _mm_and_si128(raw, mask);
+    let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    _mm256_set_m128i(hi, lo)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum_f32(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
+    _mm_cvtss_f32(s)
+}
+
+/// W4A8 GEMV rows `rows` of `w` (see `generic_gemv_q4q8`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.q` holds `w.k_pad` values, `y` `rows.len()` outputs.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_gemv_q4q8_rows(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, rows: std::ops::Range<usize>, y: &mut [f32]) {
+    let groups = w.groups();
+    let bpg = w.group / QK4;
+    let bpr = w.k_pad / QK4;
+    let ones = _mm256_set1_epi16(1);
+    let mut isums = vec![0i32; groups];
+    let xp = x.q.as_ptr();
+    for (out, r) in y.iter_mut().zip(rows) {
+        let row = w.blocks.as_ptr().add(r * bpr) as *const u8;
+        for (g, s) in isums.iter_mut().enumerate() {
+            let mut acc = _mm256_setzero_si256();
+            for b in 0..bpg {
+                let i = g * bpg + b;
+                let wv = unpack_u8(row.add(i * 16));
+                let xv = _mm256_loadu_si256(xp.add(i * QK4) as *const __m256i);
+                // (q + 8) * x in i16 pairs: |15 * 128 * 2| fits, no saturation.
+                let p = _mm256_maddubs_epi16(wv, xv);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+            }
+            // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
+            *s = hsum_i32(acc) - 8 * x.sums[g] - x.zero * w.sums[r * groups + g];
+        }
+        *out = q4q8_epilogue(&isums, &w.scales[r * groups..(r + 1) * groups], x.scale, bias.map_or(0.0, |b| b[r]));
+    }
+}
+
+/// Weight-only W4 GEMV on f32 activations, rows `rows` (see `generic_gemv_q4f32`); `x` holds
+/// at least `w.k_pad` values (zero-padded).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_gemv_q4f32_rows(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, rows: std::ops::Range<usize>, y: &mut [f32]) {
+    let groups = w.groups();
+    let bpg = w.group / QK4;
+    let bpr = w.k_pad / QK4;
+    let eight = _mm256_set1_epi32(8);
+    let xp = x.as_ptr();
+    for (out, r) in y.iter_mut().zip(rows) {
+        let row = w.blocks.as_ptr().add(r * bpr) as *const u8;
+        let mut total = _mm256_setzero_ps();
+        for g in 0..groups {
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..bpg {
+                let i = g * bpg + b;
+                let raw = _mm_loadu_si128(row.add(i * 16) as *const __m128i);
+                let mask = _mm_set1_epi8(0x0f);
+                let lo = _mm_and_si128(raw, mask); // elements 0..16
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask); // elements 16..32
+                for (half, bytes) in [(0usize, lo), (16, hi)] {
+                    let q0 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), eight);
+                    let q1 = _mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)), eight);
+                    let x0 = _mm256_loadu_ps(xp.add(i * QK4 + half));
+                    let x1 = _mm256_loadu_ps(xp.add(i * QK4 + half + 8));
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q0), x0, acc);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q1), x1, acc);
+                }
+            }
+            total = _mm256_fmadd_ps(acc, _mm256_set1_ps(w.scales[r * groups + g]), total);
+        }
+        *out = hsum_f32(total) + bias.map_or(0.0, |b| b[r]);
+    }
+}

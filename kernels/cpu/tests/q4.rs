@@ -1,0 +1,88 @@
+//! Every Q4 kernel against its scalar reference, over random shapes, groups, zero points and
+//! thread counts: W4A8 bit for bit (integer sums are exact and the float epilogue is shared),
+//! W4 on f32 activations within `F32_ORDER_TOL` (only the summation order differs).
+
+use proptest::prelude::*;
+use sqil_kernels_cpu::generic::{generic_gemv_q4f32, generic_gemv_q4q8};
+use sqil_kernels_cpu::{gemv_q4f32, gemv_q4q8, isa, quantize_input, PackedQ4};
+
+/// Relative tolerance of f32 dot products summed in a different order (k <= 4096 here).
+const F32_ORDER_TOL: f32 = 1e-5;
+
+struct Lcg(u64);
+impl Lcg {
+    fn next(&mut self) -> u32 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (self.0 >> 33) as u32
+    }
+    fn unit(&mut self) -> f32 {
+        self.next() as f32 / (1u64 << 31) as f32 * 2.0 - 1.0
+    }
+}
+
+fn layer(seed: u64, n: usize, k: usize, group: usize, bits: u32) -> PackedQ4 {
+    let mut r = Lcg(seed);
+    let half = 1i32 << (bits - 1);
+    let q: Vec<i8> = (0..n * k).map(|_| (r.next() as i32 % (2 * half) - half) as i8).collect();
+    let groups = if group == 0 { 1 } else { k.div_ceil(32) * 32 / group };
+    let scales: Vec<f32> = (0..n * groups).map(|_| 0.01 + r.unit().abs() * 0.1).collect();
+    PackedQ4::pack(&q, &scales, n, k, group).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn q4q8_kernels_equal_the_reference(seed in any::<u64>(), n in 1usize..600, kb in 1usize..12, per_group in 0usize..3,
+                                        zero in -20i32..20, bits in 2u32..5, threads in 1usize..4) {
+        let k = kb * 64;
+        let group = [0, 32, 64][per_group];
+        let w = layer(seed, n, k, group, bits);
+        let mut r = Lcg(seed ^ 7);
+        let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
+        let xq = quantize_input(&x, 0.02, zero, &w);
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+        generic_gemv_q4q8(&w, &xq, Some(&bias), &mut want);
+        gemv_q4q8(&w, &xq, Some(&bias), &mut got, threads);
+        prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "isa {:?}", isa());
+    }
+
+    #[test]
+    fn q4f32_kernels_match_the_reference(seed in any::<u64>(), n in 1usize..600, k in 1usize..700, per_group in 0usize..2, threads in 1usize..4) {
+        let group = if per_group == 0 || k % 32 != 0 { 0 } else { 32 };
+        let w = layer(seed, n, k, group, 4);
+        let mut r = Lcg(seed ^ 3);
+        let mut x: Vec<f32> = (0..k).map(|_| r.unit()).collect();
+        x.resize(w.k_pad, 0.0);
+        let (mut want, mut got) = (vec![0f32; n], vec![0f32; n]);
+        generic_gemv_q4f32(&w, &x, None, &mut want);
+        gemv_q4f32(&w, &x, None, &mut got, threads);
+        let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        for (g, e) in got.iter().zip(&want) {
+            prop_assert!((g - e).abs() <= F32_ORDER_TOL * scale * (k as f32).sqrt(), "{} vs {} ({:?})", g, e, isa());
+        }
+    }
+}
+
+#[test]
+fn q4q8_matches_dequantized_float_math() {
+    // The integer kernel against the float definition it implements (FakeQuant semantics):
+    // sum_k ((qx - zero) * sx) * (qw * sw) + bias, in f64.
+    let (n, k) = (17, 128);
+    let w = layer(5, n, k, 64, 4);
+    let mut r = Lcg(11);
+    let x: Vec<f32> = (0..k).map(|_| r.unit() * 2.0).collect();
+    let xq = quantize_input(&x, 0.017, 3, &w);
+    let mut y = vec![0f32; n];
+    gemv_q4q8(&w, &xq, None, &mut y, 1);
+    for row in 0..n {
+        let want: f64 = (0..k)
+            .map(|c| {
+                let xd = (xq.q[c] as f64 - 3.0) * 0.017f32 as f64;
+                xd * w.get(row, c) as f64 * w.scales[row * 2 + c / 64] as f64
+            })
+            .sum();
+        assert!((y[row] as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "row {row}: {} vs {want}", y[row]);
+    }
+}
