@@ -154,7 +154,9 @@ proptest! {
 fn f32_products_in_matmul_and_gemm_vjps_match_f64() {
     // f32 operands take the sgemm path; the same values in f64 take the f64 one.
     let mut r = Rng::new(9);
-    let cases: Vec<(Op, Vec<usize>, Vec<usize>, Vec<usize>)> = vec![
+    // (op, A shape, B shape, dY shape)
+    type Case = (Op, Vec<usize>, Vec<usize>, Vec<usize>);
+    let cases: Vec<Case> = vec![
         (Op::MatMul, vec![2, 3, 5], vec![5, 4], vec![2, 3, 4]),
         (Op::MatMul, vec![2, 3, 5], vec![2, 5, 4], vec![2, 3, 4]),
         (Op::Gemm { alpha: 0.5, beta: 1.0, trans_a: true, trans_b: true }, vec![5, 3], vec![4, 5], vec![3, 4]),

@@ -295,8 +295,9 @@ pub fn generic_gemv_q4f32(w: &crate::packed::PackedQ4, x: &[f32], bias: Option<&
         let mut acc = 0f32;
         for g in 0..groups {
             let mut s = 0f32;
-            for k in g * w.group..((g + 1) * w.group).min(w.k) {
-                s += x[k] * w.get(r, k) as f32;
+            let ks = g * w.group..((g + 1) * w.group).min(w.k);
+            for (k, &xv) in ks.clone().zip(&x[ks]) {
+                s += xv * w.get(r, k) as f32;
             }
             acc += s * w.scales[r * groups + g];
         }

@@ -58,9 +58,9 @@ pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx2 => split_rows(w.n, threads, y, |rows, out| unsafe {
-            x86_64::avx2::avx2_gemv_q4q8_rows(w, x, bias, rows, out)
-        }),
+        Isa::Avx2 => {
+            split_rows(w.n, threads, y, |rows, out| unsafe { x86_64::avx2::avx2_gemv_q4q8_rows(w, x, bias, rows, out) })
+        }
         _ => generic::generic_gemv_q4q8(w, x, bias, y),
     }
 }

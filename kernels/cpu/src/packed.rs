@@ -79,7 +79,7 @@ impl PackedQ4 {
         }
         let k_pad = k.div_ceil(QK4) * QK4;
         let group = if group == 0 { k_pad } else { group };
-        if group % QK4 != 0 || (group != k_pad && k % group != 0) {
+        if !group.is_multiple_of(QK4) || (group != k_pad && !k.is_multiple_of(group)) {
             return Err(format!("pack: group {group} must be a multiple of {QK4} that divides k = {k}"));
         }
         let groups = k_pad / group;

@@ -24,7 +24,7 @@ fn layer(seed: u64, n: usize, k: usize, group: usize, bits: u32) -> PackedQ4 {
     let mut r = Lcg(seed);
     let half = 1i32 << (bits - 1);
     let q: Vec<i8> = (0..n * k).map(|_| (r.next() as i32 % (2 * half) - half) as i8).collect();
-    let groups = if group == 0 { 1 } else { k.div_ceil(32) * 32 / group };
+    let groups = (k.div_ceil(32) * 32).checked_div(group).unwrap_or(1);
     let scales: Vec<f32> = (0..n * groups).map(|_| 0.01 + r.unit().abs() * 0.1).collect();
     PackedQ4::pack(&q, &scales, n, k, group).unwrap()
 }
@@ -76,13 +76,13 @@ fn q4q8_matches_dequantized_float_math() {
     let xq = quantize_input(&x, 0.017, 3, &w);
     let mut y = vec![0f32; n];
     gemv_q4q8(&w, &xq, None, &mut y, 1);
-    for row in 0..n {
+    for (row, &got) in y.iter().enumerate() {
         let want: f64 = (0..k)
             .map(|c| {
                 let xd = (xq.q[c] as f64 - 3.0) * 0.017f32 as f64;
                 xd * w.get(row, c) as f64 * w.scales[row * 2 + c / 64] as f64
             })
             .sum();
-        assert!((y[row] as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "row {row}: {} vs {want}", y[row]);
+        assert!((got as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "row {row}: {got} vs {want}");
     }
 }

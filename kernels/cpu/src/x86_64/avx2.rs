@@ -41,7 +41,13 @@ unsafe fn hsum_f32(v: __m256) -> f32 {
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.q` holds `w.k_pad` values, `y` `rows.len()` outputs.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_gemv_q4q8_rows(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, rows: std::ops::Range<usize>, y: &mut [f32]) {
+pub unsafe fn avx2_gemv_q4q8_rows(
+    w: &PackedQ4,
+    x: &QuantizedInput,
+    bias: Option<&[f32]>,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
     let groups = w.groups();
     let bpg = w.group / QK4;
     let bpr = w.k_pad / QK4;
@@ -73,7 +79,13 @@ pub unsafe fn avx2_gemv_q4q8_rows(w: &PackedQ4, x: &QuantizedInput, bias: Option
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_gemv_q4f32_rows(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, rows: std::ops::Range<usize>, y: &mut [f32]) {
+pub unsafe fn avx2_gemv_q4f32_rows(
+    w: &PackedQ4,
+    x: &[f32],
+    bias: Option<&[f32]>,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
     let groups = w.groups();
     let bpg = w.group / QK4;
     let bpr = w.k_pad / QK4;
