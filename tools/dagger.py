@@ -94,15 +94,17 @@ def run(a):
         os.replace(tmp, work / "summary.json")
 
 
-def table():
-    print("| policy | config | recipe | round | training states | rollout success (student) | closed loop: success / return |")
-    print("|---|---|---|---|---|---|---|")
+def table_lines():
+    """The markdown table of every run under demos/dagger."""
+    lines = ["| policy | config | recipe | round | training states | rollout success (student) | closed loop: success / return |",
+             "|---|---|---|---|---|---|---|"]
     for f in sorted(OUT.glob("*/summary.json")):
         s = json.loads(f.read_text())
         for r in s["rounds"]:
             ro = f"{r['rollout_success']:.2f}" if "rollout_success" in r else "-"
-            print(f"| {s['policy']} | {s['config']} | {s['recipe']} | {r['round']} | {r['states']} | {ro} | "
-                  f"{r['success']:.2f} / {r['return']:.0f} |")
+            lines.append(f"| {s['policy']} | {s['config']} | {s['recipe']} | {r['round']} | {r['states']} | {ro} | "
+                         f"{r['success']:.2f} / {r['return']:.0f} |")
+    return lines
 
 
 def main():
@@ -119,7 +121,7 @@ def main():
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args()
     if a.table:
-        return table()
+        return print("\n".join(table_lines()))
     if not (a.task and a.policy and a.config):
         ap.error("--task, --policy and --config are required")
     run(a)

@@ -16,7 +16,7 @@ use sqil_passes::quant::sensitivity::{
 use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_passes::PassCtx;
 use sqil_train::hessian::{hessian_traces, Traces};
-use sqil_train::sis::{qrd_alpha, sis};
+use sqil_train::sis::{qrd_alpha, sis_with, SisConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -56,7 +56,7 @@ pub struct AllocateArgs {
     pub states: usize,
     pub top: f64,
     pub beta: f64,
-    pub patch: usize,
+    pub sis: SisConfig,
     pub refine: usize,
     pub probes: usize,
     pub cost_model: CostModel,
@@ -143,7 +143,7 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> Result<(QuantConfig, Allo
         eprintln!("SIS of {} states...", steps.len());
         let image = batches[0].values().any(|t| t.rank() == 4);
         let sb = policy_feeds(&fp, &demos, &steps, if image { 8 } else { 64 })?;
-        let scores = sis(&fp, &sb, a.patch).map_err(|e| e.to_string())?;
+        let scores = sis_with(&fp, &sb, &a.sis).map_err(|e| e.to_string())?;
         let (w, thr) = qrd_alpha(&scores, a.top, a.beta);
         (w, Some(thr))
     } else {

@@ -12,7 +12,7 @@ use sqil_ir::{print_graph, Graph, PrintOptions, Tensor};
 use sqil_passes::quant::{concat_batches, QuantConfig, QuantReport, Recipe};
 use sqil_passes::{PassCtx, PassManager};
 use sqil_train::model::{train_graph, with_params};
-use sqil_train::sis::{qrd_alpha, sis};
+use sqil_train::sis::{qrd_alpha, sis_with, SisConfig};
 use sqil_train::trainer::{train, Dataset, TrainConfig, TrainLog};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -50,7 +50,7 @@ pub struct CompileArgs {
     pub recipe: FtRecipe,
     pub beta: f64,
     pub top: f64,
-    pub patch: usize,
+    pub sis: SisConfig,
     pub max_states: usize,
     pub train: TrainConfig,
     pub out: PathBuf,
@@ -162,7 +162,7 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
     eprintln!("SIS of {} states...", steps.len());
     let sis_batches =
         policy_feeds(&fp, &demos, &steps, if batches[0].values().any(|t| t.rank() == 4) { 8 } else { 64 })?;
-    let scores = sis(&fp, &sis_batches, a.patch).map_err(|e| e.to_string())?;
+    let scores = sis_with(&fp, &sis_batches, &a.sis).map_err(|e| e.to_string())?;
     let (top_alpha, thr) = qrd_alpha(&scores, a.top, a.beta);
     let critical: Vec<usize> = (0..scores.len()).filter(|&i| scores[i] >= thr).collect();
     let mean_sis = scores.iter().sum::<f64>() / scores.len() as f64;

@@ -82,9 +82,8 @@ enum Cmd {
         /// QRD: fraction of states (by SIS) that are critical.
         #[arg(long, default_value_t = 0.2)]
         top: f64,
-        /// SIS: occlusion patch size for image inputs.
-        #[arg(long, default_value_t = 12)]
-        patch: usize,
+        #[command(flatten)]
+        sis: SisFlags,
         /// Training states (spread evenly over the demonstrations).
         #[arg(long, default_value_t = 20000)]
         states: usize,
@@ -193,6 +192,47 @@ enum Cmd {
     },
 }
 
+/// How SIS perturbs states (`sqil compile`).
+#[derive(clap::Args)]
+struct SisFlags {
+    /// SIS: side of the square image patches.
+    #[arg(long, default_value_t = 12)]
+    patch: usize,
+    /// SIS for images: `occlude` (per-channel dataset mean) or `blur`.
+    #[arg(long, default_value = "occlude")]
+    sis_image: String,
+    /// SIS blur: Gaussian sigma in pixels.
+    #[arg(long, default_value_t = 2.0)]
+    sis_blur_sigma: f32,
+    /// SIS for vectors: `mean` (dataset mean) or `noise` (x + scale * std * z, seeded).
+    #[arg(long, default_value = "mean")]
+    sis_vector: String,
+    #[arg(long, default_value_t = 0.5)]
+    sis_noise_scale: f32,
+    /// SIS: vector dimensions perturbed together, e.g. `0-2,3-5` (one position per group).
+    #[arg(long, default_value = "")]
+    sis_groups: String,
+}
+
+impl SisFlags {
+    fn config(&self) -> Result<sqil_train::sis::SisConfig, String> {
+        use sqil_train::sis::{parse_groups, ImagePerturb, SisConfig, VectorPerturb};
+        let image = match self.sis_image.as_str() {
+            "occlude" => ImagePerturb::Occlude,
+            "blur" if self.sis_blur_sigma > 0.0 => ImagePerturb::Blur { sigma: self.sis_blur_sigma },
+            "blur" => return Err("--sis-blur-sigma must be > 0".into()),
+            o => return Err(format!("--sis-image `{o}`: expected occlude or blur")),
+        };
+        let vector = match self.sis_vector.as_str() {
+            "mean" => VectorPerturb::Mean,
+            "noise" => VectorPerturb::Noise { scale: self.sis_noise_scale, seed: 0 },
+            o => return Err(format!("--sis-vector `{o}`: expected mean or noise")),
+        };
+        let groups = parse_groups(&self.sis_groups).map_err(|e| e.to_string())?;
+        Ok(SisConfig { patch: self.patch, image, vector, groups })
+    }
+}
+
 /// Options of bit allocation shared by `allocate` and `compile --budget`.
 #[derive(clap::Args)]
 struct AllocFlags {
@@ -243,7 +283,7 @@ impl AllocFlags {
             states: self.alloc_states,
             top: 0.2,
             beta: 2.0,
-            patch: 12,
+            sis: Default::default(),
             refine: self.refine,
             probes: self.probes,
             cost_model,
@@ -329,7 +369,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             set,
             beta,
             top,
-            patch,
+            sis,
             states,
             steps,
             batch,
@@ -361,7 +401,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 let mut aa = alloc.args(&demos, &cfg, init_recipe, b)?;
                 aa.top = top;
                 aa.beta = beta;
-                aa.patch = patch;
+                aa.sis = sis.config()?;
                 let (c, rep) = sqil::allocate::run_allocate(&model, &aa)?;
                 eprint!("{}", sqil::allocate::render(&rep));
                 std::fs::create_dir_all(&output).map_err(|e| format!("{}: {e}", output.display()))?;
@@ -377,7 +417,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 recipe: sqil::compile::FtRecipe::parse(&recipe)?,
                 beta,
                 top,
-                patch,
+                sis: sis.config()?,
                 max_states: states,
                 train: sqil_train::trainer::TrainConfig {
                     steps,

@@ -1,9 +1,12 @@
 //! The state-importance score (SQIL): `S(s, k) = 1/2 ||pi(s) - pi(phi(s, k))||^2` and
-//! `SIS(s) = mean_k S(s, k)`, with the full-precision policy. Perturbations `phi(s, k)`:
-//! - a vector input `[B, D]` (or a history `[B, H, D]`): dimension k replaced by its dataset
-//!   mean (in every history step);
-//! - an image input `[B, C, H, W]`: the k-th `patch x patch` square occluded with the dataset's
-//!   per-channel mean.
+//! `SIS(s) = mean_k S(s, k)`, with the full-precision policy. Perturbations `phi(s, k)`
+//! ([`SisConfig`]):
+//! - a vector input `[B, D]` (or a history `[B, H, D]`): position k is one dimension, or one named
+//!   group of dimensions (`groups`), replaced by its dataset mean (default), or shifted by seeded
+//!   Gaussian noise `scale * std_k * z` (`VectorPerturb::Noise`), in every history step;
+//! - an image input `[B, C, H, W]`: position k is the k-th `patch x patch` square, occluded with
+//!   the dataset's per-channel mean (default) or replaced by the same square of the image blurred
+//!   with a Gaussian of `sigma` pixels (`ImagePerturb::Blur`).
 //!
 //! For a multi-input policy the positions of all inputs are enumerated in turn. All
 //! perturbations of a batch of states run in one interpreter call.
@@ -14,40 +17,156 @@ use std::collections::HashMap;
 
 pub type Feeds = HashMap<String, Tensor>;
 
+/// What replaces an image patch.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub enum ImagePerturb {
+    /// The dataset's per-channel mean.
+    Occlude,
+    /// The patch of the image blurred by a Gaussian of `sigma` pixels (separable, clamped edges).
+    Blur { sigma: f32 },
+}
+
+/// What replaces a vector dimension (or group).
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub enum VectorPerturb {
+    /// The dataset mean of each dimension.
+    Mean,
+    /// `x_k + scale * std_k * z`, `z` standard normal from a generator seeded by `seed` (one draw
+    /// per state and position, the same on every run).
+    Noise { scale: f32, seed: u64 },
+}
+
+/// How SIS perturbs states.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SisConfig {
+    /// Side of the square image patches.
+    pub patch: usize,
+    pub image: ImagePerturb,
+    pub vector: VectorPerturb,
+    /// Groups of vector dimensions perturbed together (each group one position); dimensions in
+    /// no group are their own position. Empty: every dimension alone.
+    pub groups: Vec<Vec<usize>>,
+}
+
+impl Default for SisConfig {
+    fn default() -> Self {
+        SisConfig { patch: 12, image: ImagePerturb::Occlude, vector: VectorPerturb::Mean, groups: vec![] }
+    }
+}
+
+/// Parses vector groups such as `0-2,3,4-6` (inclusive ranges, comma separated; `;` also separates).
+pub fn parse_groups(spec: &str) -> Result<Vec<Vec<usize>>> {
+    let mut out = vec![];
+    for part in spec.split([',', ';']).map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || IrError::Invalid(format!("SIS groups: `{part}` is not an index or a range like 3-5"));
+        let g: Vec<usize> = match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                if b < a {
+                    return Err(bad());
+                }
+                (a..=b).collect()
+            }
+            None => vec![part.parse().map_err(|_| bad())?],
+        };
+        out.push(g);
+    }
+    Ok(out)
+}
+
 /// How one input is perturbed.
 #[derive(Clone, Debug)]
 enum Perturb {
-    /// Columns of the last axis; `mean` per column.
-    Columns { mean: Vec<f32> },
+    /// Groups of columns of the last axis; `mean` and `std` per column.
+    Columns { groups: Vec<Vec<usize>>, mean: Vec<f32>, std: Vec<f32>, how: VectorPerturb },
     /// Square patches of an image; `mean` per channel.
-    Patches { mean: Vec<f32>, patch: usize },
+    Patches { mean: Vec<f32>, patch: usize, how: ImagePerturb },
+}
+
+/// A standard normal draw from `(seed, a, b)` (Box-Muller on a splitmix64 hash).
+fn normal(seed: u64, a: u64, b: u64) -> f32 {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let h = mix(seed ^ mix(a ^ mix(b)));
+    let u1 = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    let u2 = ((mix(h) >> 11) as f64) / (1u64 << 53) as f64;
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// The image blurred by a separable Gaussian of `sigma` pixels per channel, edges clamped.
+fn blur(img: &[f32], c: usize, h: usize, w: usize, sigma: f32) -> Vec<f32> {
+    let r = (3.0 * sigma).ceil().max(1.0) as isize;
+    let taps: Vec<f32> = (-r..=r).map(|i| (-(i * i) as f32 / (2.0 * sigma * sigma)).exp()).collect();
+    let norm: f32 = taps.iter().sum();
+    let taps: Vec<f32> = taps.iter().map(|t| t / norm).collect();
+    let mut tmp = vec![0f32; img.len()];
+    let mut out = vec![0f32; img.len()];
+    for ch in 0..c {
+        let base = ch * h * w;
+        for y in 0..h {
+            for x in 0..w {
+                tmp[base + y * w + x] = (-r..=r)
+                    .map(|i| {
+                        taps[(i + r) as usize] * img[base + y * w + (x as isize + i).clamp(0, w as isize - 1) as usize]
+                    })
+                    .sum();
+            }
+        }
+        for y in 0..h {
+            for x in 0..w {
+                out[base + y * w + x] = (-r..=r)
+                    .map(|i| {
+                        taps[(i + r) as usize] * tmp[base + (y as isize + i).clamp(0, h as isize - 1) as usize * w + x]
+                    })
+                    .sum();
+            }
+        }
+    }
+    out
 }
 
 impl Perturb {
     fn positions(&self, shape: &[usize]) -> usize {
         match self {
-            Perturb::Columns { mean } => mean.len(),
+            Perturb::Columns { groups, .. } => groups.len(),
             Perturb::Patches { patch, .. } => shape[2].div_ceil(*patch) * shape[3].div_ceil(*patch),
         }
     }
 
-    /// Applies perturbation `k` to sample row `row` (a flat slice of one sample).
-    fn apply(&self, shape: &[usize], k: usize, row: &mut [f32]) {
+    /// Applies perturbation `k` to state `state` (`row`: a flat slice of one sample; `blurred`:
+    /// the blurred sample, for `Blur`).
+    fn apply(&self, shape: &[usize], k: usize, state: u64, row: &mut [f32], blurred: Option<&[f32]>) {
         match self {
-            Perturb::Columns { mean } => {
+            Perturb::Columns { groups, mean, std, how } => {
                 let d = mean.len();
                 for h in 0..row.len() / d {
-                    row[h * d + k] = mean[k];
+                    for &j in &groups[k] {
+                        row[h * d + j] = match how {
+                            VectorPerturb::Mean => mean[j],
+                            VectorPerturb::Noise { scale, seed } => {
+                                row[h * d + j] + scale * std[j] * normal(*seed, state, (k * d + j) as u64)
+                            }
+                        };
+                    }
                 }
             }
-            Perturb::Patches { mean, patch } => {
+            Perturb::Patches { mean, patch, how } => {
                 let (c, hh, ww) = (shape[1], shape[2], shape[3]);
                 let per_row = ww.div_ceil(*patch);
                 let (py, px) = (k / per_row * patch, k % per_row * patch);
-                for ch in 0..c {
+                for (ch, &m) in mean.iter().enumerate().take(c) {
                     for y in py..(py + patch).min(hh) {
                         for x in px..(px + patch).min(ww) {
-                            row[(ch * hh + y) * ww + x] = mean[ch];
+                            let i = (ch * hh + y) * ww + x;
+                            row[i] = match (how, blurred) {
+                                (ImagePerturb::Blur { .. }, Some(b)) => b[i],
+                                _ => m,
+                            };
                         }
                     }
                 }
@@ -60,10 +179,16 @@ fn sample_len(t: &Tensor) -> usize {
     t.shape[1..].iter().product()
 }
 
-/// SIS of every state of `batches` (in order). `patch`: occlusion size for image inputs.
+/// SIS of every state of `batches` (in order) with the default perturbations (means, occlusion)
+/// and `patch`-pixel image patches.
 pub fn sis(fp: &Graph, batches: &[Feeds], patch: usize) -> Result<Vec<f64>> {
+    sis_with(fp, batches, &SisConfig { patch, ..SisConfig::default() })
+}
+
+/// SIS of every state of `batches` (in order) under `cfg`.
+pub fn sis_with(fp: &Graph, batches: &[Feeds], cfg: &SisConfig) -> Result<Vec<f64>> {
     let names: Vec<String> = fp.inputs.iter().map(|&i| fp.node(i).outputs[0].name.clone()).collect();
-    // Dataset means per input.
+    // Dataset means (and standard deviations of vector dimensions) per input.
     let mut perturb = vec![];
     for n in &names {
         let first = &batches.first().ok_or_else(|| IrError::Invalid("SIS: no states".into()))?[n];
@@ -73,21 +198,39 @@ pub fn sis(fp: &Graph, batches: &[Feeds], patch: usize) -> Result<Vec<f64>> {
         } else {
             (*first.shape.last().expect("rank >= 1"), 1)
         };
-        let mut sum = vec![0f64; groups];
+        let (mut sum, mut sq) = (vec![0f64; groups], vec![0f64; groups]);
         let mut count = 0f64;
         for b in batches {
             let v = b[n].data.to_f32_vec();
             for (i, x) in v.iter().enumerate() {
                 let gidx = if image { (i / inner) % groups } else { i % groups };
                 sum[gidx] += *x as f64;
+                sq[gidx] += (*x as f64).powi(2);
             }
             count += (v.len() / groups) as f64;
         }
-        let mean: Vec<f32> = sum.iter().map(|s| (s / count.max(1.0)) as f32).collect();
-        perturb.push(if image { Perturb::Patches { mean, patch } } else { Perturb::Columns { mean } });
+        let c = count.max(1.0);
+        let mean: Vec<f32> = sum.iter().map(|s| (s / c) as f32).collect();
+        let std: Vec<f32> =
+            sum.iter().zip(&sq).map(|(s, q)| ((q / c - (s / c).powi(2)).max(0.0).sqrt()) as f32).collect();
+        perturb.push(if image {
+            Perturb::Patches { mean, patch: cfg.patch.max(1), how: cfg.image }
+        } else {
+            let d = mean.len();
+            if let Some(bad) = cfg.groups.iter().flatten().find(|&&j| j >= d) {
+                return Err(IrError::Invalid(format!(
+                    "SIS groups: dimension {bad} of input `{n}` with {d} dimensions"
+                )));
+            }
+            let mut gs: Vec<Vec<usize>> = cfg.groups.clone();
+            let grouped: std::collections::HashSet<usize> = gs.iter().flatten().copied().collect();
+            gs.extend((0..d).filter(|j| !grouped.contains(j)).map(|j| vec![j]));
+            Perturb::Columns { groups: gs, mean, std, how: cfg.vector }
+        });
     }
     let it = Interpreter::new(fp)?;
     let mut out = vec![];
+    let mut state0 = 0u64;
     for b in batches {
         let bsz = b[&names[0]].shape[0];
         let base = it.run(b)?.remove(0);
@@ -100,12 +243,19 @@ pub fn sis(fp: &Graph, batches: &[Feeds], patch: usize) -> Result<Vec<f64>> {
             let len = sample_len(t);
             let v = t.data.to_f32_vec();
             let mut big = Vec::with_capacity(bsz * total * len);
+            let offset: usize = positions[..ni].iter().sum();
             for i in 0..bsz {
-                let offset: usize = positions[..ni].iter().sum();
+                let sample = &v[i * len..(i + 1) * len];
+                let blurred = match (&perturb[ni], cfg.image) {
+                    (Perturb::Patches { .. }, ImagePerturb::Blur { sigma }) => {
+                        Some(blur(sample, t.shape[1], t.shape[2], t.shape[3], sigma))
+                    }
+                    _ => None,
+                };
                 for k in 0..total {
-                    let mut row = v[i * len..(i + 1) * len].to_vec();
+                    let mut row = sample.to_vec();
                     if k >= offset && k < offset + positions[ni] {
-                        perturb[ni].apply(&t.shape, k - offset, &mut row);
+                        perturb[ni].apply(&t.shape, k - offset, state0 + i as u64, &mut row, blurred.as_deref());
                     }
                     big.extend(row);
                 }
@@ -125,6 +275,7 @@ pub fn sis(fp: &Graph, batches: &[Feeds], patch: usize) -> Result<Vec<f64>> {
             }
             out.push(s / total as f64);
         }
+        state0 += bsz as u64;
     }
     Ok(out)
 }

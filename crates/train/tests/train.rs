@@ -5,7 +5,7 @@ use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueType};
 use sqil_passes::quant::{quantize, QuantConfig, Recipe};
 use sqil_train::model::train_graph;
-use sqil_train::sis::{qrd_alpha, sis};
+use sqil_train::sis::{parse_groups, qrd_alpha, sis, sis_with, ImagePerturb, SisConfig, VectorPerturb};
 use sqil_train::trainer::{train, Dataset, TrainConfig};
 use std::collections::HashMap;
 
@@ -33,6 +33,61 @@ fn sis_matches_closed_form_on_a_linear_policy() {
     let (a, thr) = qrd_alpha(&[0.1, 0.5, 0.2, 0.9, 0.3], 0.2, 2.0);
     assert_eq!(a, vec![1.0, 1.0, 1.0, 2.0, 1.0]);
     assert_eq!(thr, 0.9);
+}
+
+#[test]
+fn sis_groups_noise_and_blur_follow_their_definitions() {
+    // Linear policy y = x @ w, w = [1, 0, -2, 3].
+    let mut g = Graph::new("lin");
+    let x = input(&mut g, 4);
+    let wv = [1.0f64, 0.0, -2.0, 3.0];
+    let w = g.add_const("w", Tensor::from_f32(vec![4, 1], wv.iter().map(|&v| v as f32).collect()).unwrap());
+    let y = g.add_inferred("mm", Op::MatMul, &[Some(x), Some(w)], "y").unwrap();
+    g.outputs.push(y);
+    let mut r = Rng::new(4);
+    let n = 4000;
+    let xs = r.tensor(vec![n, 4], 1.0).data.to_f32_vec();
+    let feeds: Vec<_> = xs
+        .chunks(400 * 4)
+        .map(|c| HashMap::from([("obs".to_string(), Tensor::from_f32(vec![c.len() / 4, 4], c.to_vec()).unwrap())]))
+        .collect();
+    let col = |k: usize| xs.iter().skip(k).step_by(4).map(|&v| v as f64).collect::<Vec<_>>();
+    let mean: Vec<f64> = (0..4).map(|k| col(k).iter().sum::<f64>() / n as f64).collect();
+    let var: Vec<f64> = (0..4).map(|k| col(k).iter().map(|v| (v - mean[k]).powi(2)).sum::<f64>() / n as f64).collect();
+    // Groups {0, 1, 2} and {3}: S(s, g) = 1/2 (sum_{k in g} w_k (x_k - mean_k))^2, two positions.
+    let cfg = SisConfig { groups: parse_groups("0-2").unwrap(), ..SisConfig::default() };
+    let s = sis_with(&g, &feeds, &cfg).unwrap();
+    for i in [0, 1, 1999] {
+        let d = |k: usize| wv[k] * (xs[i * 4 + k] as f64 - mean[k]);
+        let want = (0.5 * (d(0) + d(1) + d(2)).powi(2) + 0.5 * d(3).powi(2)) / 2.0;
+        assert!((s[i] - want).abs() < 1e-4 * want.max(1.0), "state {i}: {} vs {want}", s[i]);
+    }
+    assert!(parse_groups("3-1").is_err() && parse_groups("a").is_err());
+    assert!(sis_with(&g, &feeds, &SisConfig { groups: vec![vec![7]], ..SisConfig::default() }).is_err());
+    // Noise: E[S(s, k)] = 1/2 w_k^2 scale^2 var_k; the mean over states matches, and runs repeat.
+    let noise = SisConfig { vector: VectorPerturb::Noise { scale: 0.5, seed: 3 }, ..SisConfig::default() };
+    let s1 = sis_with(&g, &feeds, &noise).unwrap();
+    assert_eq!(s1, sis_with(&g, &feeds, &noise).unwrap(), "seeded noise repeats");
+    let want: f64 = (0..4).map(|k| 0.5 * wv[k] * wv[k] * 0.25 * var[k]).sum::<f64>() / 4.0;
+    let got = s1.iter().sum::<f64>() / n as f64;
+    assert!((got - want).abs() < 0.1 * want, "mean noise SIS {got} vs expected {want}");
+    // Blur: a constant image blurs to itself (SIS 0); an edge does not.
+    let mut gi = Graph::new("img");
+    let im = gi.add_input(
+        "img",
+        sqil_ir::ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(1), Dim::Known(8), Dim::Known(8)]),
+    );
+    let flat = gi.add_inferred("flat", Op::Flatten { axis: 1 }, &[Some(im)], "f").unwrap();
+    let wi = gi.add_const("w", Tensor::from_f32(vec![64, 1], (0..64).map(|i| (i % 7) as f32 - 3.0).collect()).unwrap());
+    let yi = gi.add_inferred("mm", Op::MatMul, &[Some(flat), Some(wi)], "y").unwrap();
+    gi.outputs.push(yi);
+    let blur = SisConfig { patch: 4, image: ImagePerturb::Blur { sigma: 1.0 }, ..SisConfig::default() };
+    let constant =
+        vec![HashMap::from([("img".to_string(), Tensor::from_f32(vec![1, 1, 8, 8], vec![0.7; 64]).unwrap())])];
+    assert!(sis_with(&gi, &constant, &blur).unwrap()[0] < 1e-10);
+    let edge: Vec<f32> = (0..64).map(|i| if i % 8 < 4 { 0.0 } else { 1.0 }).collect();
+    let edged = vec![HashMap::from([("img".to_string(), Tensor::from_f32(vec![1, 1, 8, 8], edge).unwrap())])];
+    assert!(sis_with(&gi, &edged, &blur).unwrap()[0] > 1e-3);
 }
 
 fn setup(seed: u64) -> (Graph, Dataset) {
