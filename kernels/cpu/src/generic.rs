@@ -257,14 +257,22 @@ pub fn round_even(x: f32) -> f32 {
 }
 
 /// The float epilogue shared by every W4A8 kernel, so that they agree bit for bit: per row,
-/// `(sum_g isum[g] * scale[g]) * x_scale + bias`, groups in order, in f32.
+/// `isum[g] * scale[g]` (product rounded, then added) accumulated in 8 lanes (lane `g mod 8`,
+/// groups in order), the lanes reduced by [`reduce_lanes`], then `* x_scale + bias` (no FMA).
+/// The lane layout is what an 8-wide SIMD kernel computes naturally.
 #[inline]
 pub fn q4q8_epilogue(isums: &[i32], scales: &[f32], x_scale: f32, bias: f32) -> f32 {
-    let mut acc = 0f32;
-    for (&s, &w) in isums.iter().zip(scales) {
-        acc += s as f32 * w;
+    let mut lanes = [0f32; 8];
+    for (g, (&s, &w)) in isums.iter().zip(scales).enumerate() {
+        lanes[g % 8] += s as f32 * w;
     }
-    acc * x_scale + bias
+    reduce_lanes(lanes) * x_scale + bias
+}
+
+/// The fixed reduction order of 8 accumulator lanes used by the W4A8 epilogue.
+#[inline]
+pub fn reduce_lanes(l: [f32; 8]) -> f32 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 }
 
 /// Reference W4A8 GEMV: `y[r] = sum_k (qx[k] - zero) * qw[r, k] * sw[r, g(k)] * sx + bias[r]`,

@@ -3,7 +3,7 @@
 //! float epilogue, so results equal the generic kernel bit for bit) and weight-only W4 GEMV on
 //! f32 activations (nibbles widened to f32 in registers, FMA accumulation).
 
-use crate::generic::{q4q8_epilogue, QuantizedInput};
+use crate::generic::{reduce_lanes, QuantizedInput};
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
 
@@ -52,11 +52,10 @@ pub unsafe fn avx2_gemv_q4q8_rows(
     let bpg = w.group / QK4;
     let bpr = w.k_pad / QK4;
     let ones = _mm256_set1_epi16(1);
-    let mut isums = vec![0i32; groups];
     let xp = x.q.as_ptr();
     for (out, r) in y.iter_mut().zip(rows) {
         let row = w.blocks.as_ptr().add(r * bpr) as *const u8;
-        for (g, s) in isums.iter_mut().enumerate() {
+        let group_acc = |g: usize| -> __m256i {
             let mut acc = _mm256_setzero_si256();
             for b in 0..bpg {
                 let i = g * bpg + b;
@@ -66,10 +65,37 @@ pub unsafe fn avx2_gemv_q4q8_rows(
                 let p = _mm256_maddubs_epi16(wv, xv);
                 acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
             }
-            // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
-            *s = hsum_i32(acc) - 8 * x.sums[g] - x.zero * w.sums[r * groups + g];
+            acc
+        };
+        // Eight groups at a time: their accumulators reduce together with one hadd tree, and
+        // the corrections `- 8 sum(x) - zero sum(q)` apply as vectors.
+        let full = groups / 8 * 8;
+        let zero = _mm256_set1_epi32(x.zero);
+        let scales = w.scales.as_ptr().add(r * groups);
+        let mut accf = _mm256_setzero_ps();
+        let mut g = 0;
+        while g < full {
+            let a: [__m256i; 8] = std::array::from_fn(|j| group_acc(g + j));
+            let h12 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+            let h34 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+            let sums =
+                _mm256_add_epi32(_mm256_permute2x128_si256(h12, h34, 0x20), _mm256_permute2x128_si256(h12, h34, 0x31));
+            let xs = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.as_ptr().add(g) as *const __m256i), 3);
+            let ws =
+                _mm256_mullo_epi32(zero, _mm256_loadu_si256(w.sums.as_ptr().add(r * groups + g) as *const __m256i));
+            let v = _mm256_sub_epi32(_mm256_sub_epi32(sums, xs), ws);
+            // Lane l accumulates groups l, l + 8, ...: the epilogue's order (mul, then add).
+            accf = _mm256_add_ps(accf, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scales.add(g))));
+            g += 8;
         }
-        *out = q4q8_epilogue(&isums, &w.scales[r * groups..(r + 1) * groups], x.scale, bias.map_or(0.0, |b| b[r]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), accf);
+        for g in full..groups {
+            // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
+            let s = hsum_i32(group_acc(g)) - 8 * x.sums[g] - x.zero * w.sums[r * groups + g];
+            lanes[g % 8] += s as f32 * *scales.add(g);
+        }
+        *out = reduce_lanes(lanes) * x.scale + bias.map_or(0.0, |b| b[r]);
     }
 }
 
