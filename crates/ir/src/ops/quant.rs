@@ -195,20 +195,9 @@ pub(crate) fn fake_quant(
     Tensor::new(x.shape.clone(), data)
 }
 
-/// Round half to even, as `f32::round_ties_even`, without the libm call that the baseline x86-64
-/// target (no SSE4.1 `roundps`) makes for it: adding and subtracting 1.5 * 2^23 leaves the
-/// nearest integer under the default rounding mode for |x| < 2^22; larger values are integers
-/// already or take the slow path. The sign is restored so -0.3 rounds to -0.0.
-#[inline]
-pub fn round_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    let a = x.abs();
-    if a < 4_194_304.0 {
-        ((a + MAGIC) - MAGIC).copysign(x)
-    } else {
-        x.round_ties_even()
-    }
-}
+/// Round half to even, as `f32::round_ties_even` but without its libm call on baseline x86-64
+/// (shared with the CPU kernels, so simulation and kernels round alike).
+pub use sqil_kernels_cpu::generic::round_even;
 
 #[cfg(test)]
 mod tests {
