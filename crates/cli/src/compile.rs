@@ -85,6 +85,10 @@ struct Report {
     ptq: QuantReport,
     seconds: f64,
     fused_kernels: Vec<String>,
+    /// Steps of the CPU plan (policy.bin) and its largest difference from the simulation on the
+    /// first batch of states, relative to the largest |action|.
+    cpu_plan: Vec<String>,
+    cpu_rel_diff: f32,
 }
 
 /// Demonstrated actions for the policy's output layout: `[B, A]`, or `[B, C, A]` chunks of the
@@ -204,6 +208,27 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
         &a.out.join("model.fused.sqil"),
         print_graph(&fused, &PrintOptions::default()).map_err(|e| e.to_string())?.as_bytes(),
     )?;
+    // The CPU artifact (plan + packed int4 weights), checked against the simulation on the
+    // first batch of training states.
+    let plan = sqil_runtime::Plan::new(&tuned).map_err(|e| e.to_string())?;
+    let cpu_plan = plan.describe();
+    let text = print_graph(&tuned, &PrintOptions::default()).map_err(|e| e.to_string())?;
+    sqil_runtime::artifact::save(&a.out.join("policy.bin"), &sqil_runtime::artifact::encode(&text, &plan))
+        .map_err(|e| e.to_string())?;
+    let cpu_rel_diff = {
+        let feeds: Vec<Tensor> =
+            tuned.inputs.iter().map(|&i| batches[0][&tuned.node(i).outputs[0].name].clone()).collect();
+        let got = plan.run(&feeds, a.train.threads).map_err(|e| e.to_string())?.remove(0).data.to_f32_vec();
+        let want = run_all(&tuned, &batches[..1])?.data.to_f32_vec();
+        let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+    };
+    if cpu_rel_diff > sqil_runtime::PLAN_TOL {
+        return Err(format!(
+            "the CPU plan differs from the simulation by {cpu_rel_diff:.2e} (budget {:.0e}): a back-end bug",
+            sqil_runtime::PLAN_TOL
+        ));
+    }
     let hist = {
         let mx = scores.iter().cloned().fold(0.0, f64::max).max(1e-12);
         let mut h = vec![0usize; 20];
@@ -236,6 +261,8 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
         ptq,
         seconds: t0.elapsed().as_secs_f64(),
         fused_kernels: f.kernels,
+        cpu_plan,
+        cpu_rel_diff,
     };
     eprintln!(
         "action MSE vs float: all {:.3e} -> {:.3e}, top-SIS {:.3e} -> {:.3e} ({:.0} s)",

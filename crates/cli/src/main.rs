@@ -42,9 +42,13 @@ enum Cmd {
         #[arg(long)]
         passes: Option<String>,
     },
-    /// Run a model on a batch with the reference interpreter.
+    /// Run a model on a batch: ONNX or IR text with the reference interpreter, a compiled CPU
+    /// artifact (`policy.bin` from `sqil compile`) with the runtime's int4 kernels.
     Run {
         model: PathBuf,
+        /// Threads for large layers (artifacts).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         /// Input arrays (.npy), in the model's input order, or as NAME=PATH.
         #[arg(long = "input", required = true)]
         inputs: Vec<String>,
@@ -53,7 +57,8 @@ enum Cmd {
         outputs: Vec<PathBuf>,
     },
     /// The whole pipeline: PTQ initialisation, SIS, QRD fine-tuning (LSQ), lowering, fusion.
-    /// Writes OUT/model.sqil (simulation), OUT/model.onnx (QDQ), OUT/model.fused.sqil and
+    /// Writes OUT/model.sqil (simulation), OUT/model.onnx (QDQ), OUT/model.fused.sqil,
+    /// OUT/policy.bin (the CPU artifact: plan + packed int4 weights, run by `sqil run`) and
     /// OUT/report.json; checkpoints to OUT/checkpoint.json (--resume continues).
     Compile {
         model: PathBuf,
@@ -461,9 +466,26 @@ fn run(cmd: Cmd) -> Result<(), String> {
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Run { model, inputs, outputs } => {
-            let g = load(&model)?;
-            let names: Vec<String> = g.inputs.iter().map(|&i| g.node(i).outputs[0].name.clone()).collect();
+        Cmd::Run { model, inputs, outputs, threads } => {
+            // A compiled CPU artifact runs on the runtime; a model (ONNX or IR) on the interpreter.
+            let is_artifact = std::fs::File::open(&model)
+                .and_then(|mut f| {
+                    let mut m = [0u8; 8];
+                    std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == sqil_runtime::artifact::MAGIC)
+                })
+                .unwrap_or(false);
+            let (g, policy) = if is_artifact {
+                let mut p = sqil_runtime::Policy::load(&model).map_err(|e| e.to_string())?;
+                p.threads = threads;
+                (None, Some(p))
+            } else {
+                (Some(load(&model)?), None)
+            };
+            let names: Vec<String> = match (&g, &policy) {
+                (Some(g), _) => g.inputs.iter().map(|&i| g.node(i).outputs[0].name.clone()).collect(),
+                (_, Some(p)) => p.plan.inputs.iter().map(|(n, _)| n.clone()).collect(),
+                _ => unreachable!("a model or an artifact"),
+            };
             if inputs.len() != names.len() {
                 return Err(format!(
                     "{} takes {} input(s) ({}), {} given",
@@ -481,7 +503,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 };
                 feeds.insert(name, npy::read(Path::new(path))?);
             }
-            let outs = Interpreter::new(&g).and_then(|i| i.run(&feeds)).map_err(|e| e.to_string())?;
+            let outs = match (&g, &policy) {
+                (Some(g), _) => Interpreter::new(g).and_then(|i| i.run(&feeds)).map_err(|e| e.to_string())?,
+                (_, Some(p)) => {
+                    let ordered = names
+                        .iter()
+                        .map(|n| feeds.remove(n).ok_or_else(|| format!("no input named `{n}`")))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    p.run(&ordered).map_err(|e| e.to_string())?
+                }
+                _ => unreachable!("a model or an artifact"),
+            };
             if outputs.len() != outs.len() {
                 return Err(format!(
                     "{} has {} output(s), {} --output path(s) given",

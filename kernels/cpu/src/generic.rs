@@ -233,9 +233,21 @@ pub struct QuantizedInput {
 /// Quantizes `x` as FakeQuant does (divide in f32, round half to even, add the zero point,
 /// clamp to [-128, 127]), padded to the packed weight's `k_pad`, with group sums.
 pub fn quantize_input(x: &[f32], scale: f32, zero: i32, w: &crate::packed::PackedQ4) -> QuantizedInput {
+    quantize_input_range(x, scale, zero, -128, 127, w)
+}
+
+/// [`quantize_input`] clamped to `[lo, hi]` (a sub-range of int8: 4-bit activations use [-8, 7]).
+pub fn quantize_input_range(
+    x: &[f32],
+    scale: f32,
+    zero: i32,
+    lo: i32,
+    hi: i32,
+    w: &crate::packed::PackedQ4,
+) -> QuantizedInput {
     let mut q = vec![0i8; w.k_pad];
     for (d, &v) in q.iter_mut().zip(x) {
-        *d = (round_even(v / scale) + zero as f32).clamp(-128.0, 127.0) as i8;
+        *d = (round_even(v / scale) + zero as f32).clamp(lo.max(-128) as f32, hi.min(127) as f32) as i8;
     }
     // Padding holds q = 0 against zero weights: it adds nothing to any sum the kernels use
     // (they subtract zero * the group's weight sum, which excludes padding).

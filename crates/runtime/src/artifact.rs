@@ -1,0 +1,157 @@
+//! The compiled CPU artifact (`policy.sqil` from `sqil compile --target cpu`): one file holding
+//! the policy's simulation graph (IR text, which the plan is built from and which keeps the
+//! float constants of the steps that are not int4 kernels) and the pre-packed int4 weights of
+//! every Q4 layer, behind a versioned header and a checksum.
+//!
+//! Layout, little-endian:
+//! ```text
+//! magic  "SQILCPU\0"          8 bytes
+//! version u32 (= VERSION)     flags u32 (0)
+//! payload_len u64             checksum u64 (FNV-1a 64 of the payload)
+//! payload:
+//!   ir_len u64, IR text (UTF-8)
+//!   layers u32, then per layer:
+//!     name_len u32, name, n u64, k u64, k_pad u64, group u64,
+//!     blocks (n * k_pad / 2 bytes, the BlockQ4 layout), scales f32[n * groups], sums i32[n * groups]
+//! ```
+
+use crate::plan::{Plan, Step};
+use sqil_ir::{IrError, Result};
+use sqil_kernels_cpu::{BlockQ4, PackedQ4};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const MAGIC: &[u8; 8] = b"SQILCPU\0";
+pub const VERSION: u32 = 1;
+
+/// FNV-1a, 64 bit.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// The artifact bytes of a simulation graph and its plan.
+pub fn encode(ir_text: &str, plan: &Plan) -> Vec<u8> {
+    let mut p = vec![];
+    p.extend((ir_text.len() as u64).to_le_bytes());
+    p.extend(ir_text.as_bytes());
+    let layers: Vec<(&String, &PackedQ4)> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Q4Linear { layer, w, .. } => Some((layer, w)),
+            _ => None,
+        })
+        .collect();
+    p.extend((layers.len() as u32).to_le_bytes());
+    for (name, w) in layers {
+        p.extend((name.len() as u32).to_le_bytes());
+        p.extend(name.as_bytes());
+        for v in [w.n, w.k, w.k_pad, w.group] {
+            p.extend((v as u64).to_le_bytes());
+        }
+        for b in &w.blocks {
+            p.extend(b.qs);
+        }
+        for s in &w.scales {
+            p.extend(s.to_le_bytes());
+        }
+        for s in &w.sums {
+            p.extend(s.to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(p.len() + 32);
+    out.extend(MAGIC);
+    out.extend(VERSION.to_le_bytes());
+    out.extend(0u32.to_le_bytes());
+    out.extend((p.len() as u64).to_le_bytes());
+    out.extend(checksum(&p).to_le_bytes());
+    out.extend(p);
+    out
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+    what: &'a str,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end.ok_or_else(|| IrError::Invalid(format!("{}: truncated at byte {}", self.what, self.at)))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn len(&mut self, limit: usize) -> Result<usize> {
+        let v = self.u64()?;
+        if v as usize > limit {
+            return Err(IrError::Invalid(format!(
+                "{}: size field {v} at byte {} is out of range",
+                self.what,
+                self.at - 8
+            )));
+        }
+        Ok(v as usize)
+    }
+}
+
+/// Decodes an artifact: the IR text and the packed weights by layer name. `what` names the
+/// source in errors.
+pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, PackedQ4>)> {
+    let mut r = Reader { b: bytes, at: 0, what };
+    if r.take(8)? != MAGIC {
+        return Err(IrError::Invalid(format!("{what}: not a sqil CPU artifact (bad magic)")));
+    }
+    let version = r.u32()?;
+    if version != VERSION {
+        return Err(IrError::Unsupported(format!("{what}: artifact version {version}, this runtime reads {VERSION}")));
+    }
+    let _flags = r.u32()?;
+    let len = r.len(bytes.len())?;
+    let sum = r.u64()?;
+    let payload = r.take(len)?;
+    if checksum(payload) != sum {
+        return Err(IrError::Invalid(format!("{what}: checksum mismatch (the file is corrupt)")));
+    }
+    let mut r = Reader { b: payload, at: 0, what };
+    let ir_len = r.len(payload.len())?;
+    let ir =
+        std::str::from_utf8(r.take(ir_len)?).map_err(|_| IrError::Invalid(format!("{what}: IR text is not UTF-8")))?;
+    let mut packed = HashMap::new();
+    for _ in 0..r.u32()? {
+        let nl = r.u32()? as usize;
+        let name =
+            String::from_utf8(r.take(nl)?.to_vec()).map_err(|_| IrError::Invalid(format!("{what}: bad layer name")))?;
+        let cap = payload.len();
+        let (n, k, k_pad, group) = (r.len(cap)?, r.len(cap)?, r.len(cap)?, r.len(cap)?);
+        if k_pad % 32 != 0 || k_pad < k || group == 0 || k_pad % group != 0 {
+            return Err(IrError::Invalid(format!("{what}: layer `{name}` has an invalid layout")));
+        }
+        let groups = k_pad / group;
+        let blocks =
+            r.take(n * k_pad / 2)?.chunks_exact(16).map(|c| BlockQ4 { qs: c.try_into().expect("16") }).collect();
+        let scales =
+            r.take(4 * n * groups)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+        let sums =
+            r.take(4 * n * groups)?.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4"))).collect();
+        packed.insert(name, PackedQ4 { n, k, k_pad, group, blocks, scales, sums });
+    }
+    if r.at != payload.len() {
+        return Err(IrError::Invalid(format!("{what}: {} trailing bytes", payload.len() - r.at)));
+    }
+    Ok((ir.to_string(), packed))
+}
+
+/// Writes an artifact atomically (temporary file, then rename).
+pub fn save(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| IrError::Invalid(format!("{}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))
+}

@@ -1,0 +1,64 @@
+//! sqil's runtime: loads a compiled policy and runs it. Today the CPU back end: an execution
+//! plan (`plan`) with packed int4 layers on the best kernels the CPU has and reference
+//! semantics for every other op, stored as a checksummed artifact (`artifact`), usable from
+//! Rust ([`Policy`]) and C (`capi`, header `crates/runtime/include/sqil.h`).
+
+pub mod artifact;
+pub mod capi;
+pub mod plan;
+
+pub use plan::{Plan, Step, PLAN_TOL};
+use sqil_ir::{IrError, Result, Tensor};
+use std::path::Path;
+
+/// A loaded policy: its plan and the threads its large layers may use.
+pub struct Policy {
+    pub plan: Plan,
+    pub threads: usize,
+    input_shapes: Vec<Vec<sqil_ir::Dim>>,
+}
+
+impl Policy {
+    /// Plans a simulation graph directly (no artifact).
+    pub fn from_graph(g: &sqil_ir::Graph) -> Result<Policy> {
+        let input_shapes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.shape.clone()).collect();
+        Ok(Policy { plan: Plan::new(g)?, threads: 1, input_shapes })
+    }
+
+    /// Loads an artifact written by `sqil compile --target cpu`.
+    pub fn load(path: &Path) -> Result<Policy> {
+        let bytes = std::fs::read(path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))?;
+        let what = path.display().to_string();
+        let (ir, packed) = artifact::decode(&bytes, &what)?;
+        let g = sqil_ir::parse_graph(&ir).map_err(|e| e.context(what.clone()))?;
+        sqil_ir::verify(&g).map_err(|e| e.context(what.clone()))?;
+        let input_shapes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.shape.clone()).collect();
+        Ok(Policy { plan: Plan::with_packed(&g, &packed)?, threads: 1, input_shapes })
+    }
+
+    /// Per-sample sizes of the inputs (all dimensions but the batch).
+    pub fn input_sizes(&self) -> Vec<usize> {
+        self.input_shapes.iter().map(|s| s.iter().skip(1).map(|d| d.known().unwrap_or(1)).product()).collect()
+    }
+
+    /// Runs on tensors in the policy's input order; returns the outputs.
+    pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        self.plan.run(inputs, self.threads)
+    }
+
+    /// Actions for `batch` states of a single-input vector policy: `obs` is `[batch, d]`
+    /// row-major; returns the first output's values.
+    pub fn act(&self, obs: &[f32], batch: usize) -> Result<Vec<f32>> {
+        let sizes = self.input_sizes();
+        if sizes.len() != 1 {
+            return Err(IrError::Invalid(format!("act: the policy takes {} inputs; use run", sizes.len())));
+        }
+        if obs.len() != batch * sizes[0] {
+            return Err(IrError::Invalid(format!("act: {} values for {batch} states of {} each", obs.len(), sizes[0])));
+        }
+        let mut shape = vec![batch];
+        shape.extend(self.input_shapes[0].iter().skip(1).map(|d| d.known().unwrap_or(1)));
+        let out = self.run(&[Tensor::from_f32(shape, obs.to_vec())?])?;
+        Ok(out.into_iter().next().map(|t| t.data.to_f32_vec()).unwrap_or_default())
+    }
+}

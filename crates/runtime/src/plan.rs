@@ -1,0 +1,406 @@
+//! The CPU execution plan of a quantized policy: a static list of steps over numbered value
+//! slots, built once from the FakeQuant simulation graph (the form `sqil quantize` and
+//! `sqil compile` write).
+//!
+//! Layers whose weight is a FakeQuant of a constant at 2-4 bits (per channel, or in groups that
+//! divide the reduction length) become [`Step::Q4Linear`]: packed int4 weights, and either an
+//! int8/int4 activation quantizer folded into the step (W4A8, W4A4: integer GEMV) or float
+//! activations (W4A16: weight-only GEMV), with the bias and a following ReLU fused into the
+//! epilogue. The FakeQuant nodes they absorb disappear. Every other node runs as a
+//! [`Step::Op`] with the reference semantics of the IR op.
+//!
+//! Agreement with the simulation: the integer kernels sum exactly where the simulation sums
+//! dequantized f32 products, so outputs differ by f32 summation error ([`PLAN_TOL`] names the
+//! budget the tests hold every policy to).
+
+use sqil_ir::ops::quant::{fake_quant_range, param_index};
+use sqil_ir::ops::{Op, UnaryOp};
+use sqil_ir::{Graph, IrError, NodeId, Result, Tensor, ValueRef};
+use sqil_kernels_cpu::generic::round_even;
+use sqil_kernels_cpu::PackedQ4;
+use std::collections::HashMap;
+
+/// Largest |plan - simulation| on an action, relative to the largest |action| of the batch, that
+/// the tests accept. Observed on every testdata policy and config: 1e-8 to 9e-7 (f32 summation
+/// order: the kernels sum integers exactly, the simulation sums dequantized f32 products). A
+/// requantized activation landing on the other side of a rounding boundary would exceed it by
+/// one quantization step of that activation; that has not occurred on the test inputs, and a
+/// test failure there would name the policy and config.
+pub const PLAN_TOL: f32 = 1e-5;
+
+/// How a Q4 layer's input is treated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ActQuant {
+    /// Quantized in the step: `q = clamp(round(x / scale) + zero, lo, hi)` (FakeQuant semantics).
+    Int { scale: f32, zero: i32, lo: i32, hi: i32 },
+    /// Float activations (weight-only quantization).
+    Float,
+}
+
+#[derive(Clone, Debug)]
+pub enum Step {
+    Q4Linear {
+        name: String,
+        /// The layer's output value name: the key of its packed weights in an artifact.
+        layer: String,
+        x: usize,
+        y: usize,
+        act: ActQuant,
+        w: PackedQ4,
+        bias: Option<Vec<f32>>,
+        relu: bool,
+    },
+    Op {
+        node: NodeId,
+        op: Op,
+        inputs: Vec<Option<usize>>,
+        outputs: Vec<usize>,
+    },
+}
+
+/// A planned policy: slots for every live value, constants preloaded, steps in order.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub inputs: Vec<(String, usize)>,
+    pub outputs: Vec<usize>,
+    pub output_names: Vec<String>,
+    pub consts: Vec<(usize, Tensor)>,
+    pub slots: usize,
+    pub steps: Vec<Step>,
+}
+
+/// A weight a Q4 step can absorb: signed ints `[n, k]` row-major, scales, n, k, group.
+type Q4Weight = (Vec<i8>, Vec<f32>, usize, usize, usize);
+
+/// The weight FakeQuant a Q4 step can absorb, or `None` (`shape_only`: no ints or scales).
+fn q4_weight(g: &Graph, w: ValueRef, trans_b: bool, shape_only: bool) -> Result<Option<Q4Weight>> {
+    let Op::FakeQuant { bits, signed: true, axis, block_size } = g.node(w.node).op else { return Ok(None) };
+    if bits > 4 {
+        return Ok(None);
+    }
+    let ins = g.inputs_of(w.node);
+    let (Some(wt), Some(st)) = (ins[0].and_then(|v| g.const_value(v)), ins[1].and_then(|v| g.const_value(v))) else {
+        return Ok(None);
+    };
+    if ins.get(2).copied().flatten().is_some() || wt.rank() != 2 {
+        return Ok(None);
+    }
+    // Layout as [n, k]: Gemm trans_b stores [n, k]; MatMul / Gemm without trans_b store [k, n].
+    let (n, k) = if trans_b { (wt.shape[0], wt.shape[1]) } else { (wt.shape[1], wt.shape[0]) };
+    let (red_axis, chan_axis) = if trans_b { (1, 0) } else { (0, 1) };
+    let ax = if axis < 0 { axis + 2 } else { axis } as usize;
+    let group = match (st.len(), block_size) {
+        (len, 0) if len == n && ax == chan_axis => 0,
+        (len, b) if b > 0 && ax == red_axis && len == n * k.div_ceil(b as usize) => {
+            let b = b as usize;
+            if k.div_ceil(b) == 1 {
+                0
+            } else if k.is_multiple_of(b) && b.is_multiple_of(32) {
+                b
+            } else {
+                return Ok(None);
+            }
+        }
+        _ => return Ok(None),
+    };
+    if shape_only {
+        return Ok(Some((vec![], vec![], n, k, group)));
+    }
+    let idx = param_index(&wt.shape, &st.shape, axis, block_size)?;
+    let (lo, hi) = fake_quant_range(bits, true);
+    let (wv, sv) = (wt.data.to_f32_vec(), st.data.to_f32_vec());
+    let mut q = vec![0i8; n * k];
+    let mut scales = vec![0f32; (n * k).checked_div(group).unwrap_or(n)];
+    for (i, (&v, &si)) in wv.iter().zip(&idx).enumerate() {
+        let (r, c) = if trans_b { (i / k, i % k) } else { (i % n, i / n) };
+        q[r * k + c] = round_even(v / sv[si]).clamp(lo as f32, hi as f32) as i8;
+        let gi = match group {
+            0 => r,
+            g => r * (k / g) + c / g,
+        };
+        scales[gi] = sv[si];
+    }
+    Ok(Some((q, scales, n, k, group)))
+}
+
+/// An activation FakeQuant a Q4 step can fold in: per-tensor, constant scale and zero.
+fn act_quant(g: &Graph, x: ValueRef) -> Option<(ValueRef, ActQuant)> {
+    let Op::FakeQuant { bits, signed: true, .. } = g.node(x.node).op else { return None };
+    if bits > 8 {
+        return None;
+    }
+    let ins = g.inputs_of(x.node);
+    let s = ins[1].and_then(|v| g.const_value(v))?;
+    if s.len() != 1 {
+        return None;
+    }
+    let z = match ins.get(2).copied().flatten() {
+        Some(v) => {
+            let z = g.const_value(v)?;
+            if z.len() != 1 {
+                return None;
+            }
+            z.data.to_f32_vec()[0]
+        }
+        None => 0.0,
+    };
+    if z.fract() != 0.0 {
+        return None;
+    }
+    let (lo, hi) = fake_quant_range(bits, true);
+    Some((ins[0]?, ActQuant::Int { scale: s.data.to_f32_vec()[0], zero: z as i32, lo: lo as i32, hi: hi as i32 }))
+}
+
+/// A Q4-eligible layer: input value before any activation quantizer, its quantizer, packed
+/// weight, bias.
+type Q4Layer = (ValueRef, ActQuant, PackedQ4, Option<Vec<f32>>);
+
+/// The Q4 layer at node `n`, if it is one.
+fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
+    let ins = g.inputs_of(n);
+    let (trans_b, bias) = match g.node(n).op {
+        Op::Gemm { alpha, beta, trans_a: false, trans_b }
+            if alpha == 1.0 && (beta == 1.0 || ins.get(2).copied().flatten().is_none()) =>
+        {
+            let bias = match ins.get(2).copied().flatten() {
+                Some(b) => match g.const_value(b) {
+                    Some(t) => Some(t.data.to_f32_vec()),
+                    None => return Ok(None),
+                },
+                None => None,
+            };
+            (trans_b, bias)
+        }
+        Op::MatMul => (false, None),
+        _ => return Ok(None),
+    };
+    let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
+    if g.value(x).ty.rank() != 2 {
+        return Ok(None);
+    }
+    let Some((q, scales, nn, k, group)) = q4_weight(g, w, trans_b, stored)? else { return Ok(None) };
+    if bias.as_ref().is_some_and(|b| b.len() != nn) {
+        return Ok(None);
+    }
+    // With stored weights only the shape is needed here (the caller swaps them in).
+    let packed = if stored {
+        PackedQ4 {
+            n: nn,
+            k,
+            k_pad: k.div_ceil(32) * 32,
+            group: if group == 0 { k.div_ceil(32) * 32 } else { group },
+            blocks: vec![],
+            scales: vec![],
+            sums: vec![],
+        }
+    } else {
+        PackedQ4::pack(&q, &scales, nn, k, group).map_err(IrError::Internal)?
+    };
+    let (x, act) = act_quant(g, x).unwrap_or((x, ActQuant::Float));
+    Ok(Some((x, act, packed, bias)))
+}
+
+impl Plan {
+    /// Plans `g` (a verified FakeQuant simulation graph), packing its int4 weights.
+    pub fn new(g: &Graph) -> Result<Plan> {
+        Plan::with_packed(g, &HashMap::new())
+    }
+
+    /// Plans `g`, taking the packed weights of Q4 layers from `packed` (by layer node name, as an
+    /// artifact stores them) where present; they must match the layer's shape and grouping.
+    pub fn with_packed(g: &Graph, packed: &HashMap<String, PackedQ4>) -> Result<Plan> {
+        let order = g.topo_order()?;
+        let mut slot: HashMap<ValueRef, usize> = HashMap::new();
+        let mut next = 0usize;
+        let mut slot_of = |v: ValueRef, slot: &mut HashMap<ValueRef, usize>| -> usize {
+            *slot.entry(v).or_insert_with(|| {
+                next += 1;
+                next - 1
+            })
+        };
+        // Which nodes become Q4 steps, and which ReLUs they absorb.
+        let mut q4: HashMap<NodeId, Q4Layer> = HashMap::new();
+        for &n in &order {
+            let key = &g.node(n).outputs[0].name;
+            if let Some(mut l) = q4_layer(g, n, packed.contains_key(key))? {
+                if let Some(p) = packed.get(key) {
+                    if (p.n, p.k, p.group) != (l.2.n, l.2.k, l.2.group) {
+                        return Err(IrError::Invalid(format!(
+                            "layer `{key}`: stored weights are [{} x {}] g{}, the graph's [{} x {}] g{}",
+                            p.n, p.k, p.group, l.2.n, l.2.k, l.2.group
+                        )));
+                    }
+                    l.2 = p.clone();
+                }
+                q4.insert(n, l);
+            }
+        }
+        let mut fused_relu: HashMap<NodeId, NodeId> = HashMap::new(); // relu node -> layer node
+        for &n in q4.keys() {
+            let y = ValueRef { node: n, slot: 0 };
+            let uses = g.uses_of(y);
+            if let [(u, 0)] = uses.as_slice() {
+                if matches!(g.node(*u).op, Op::Unary(UnaryOp::Relu)) && !g.outputs.contains(&y) {
+                    fused_relu.insert(*u, n);
+                }
+            }
+        }
+        // Steps, built backwards from the outputs so absorbed quantizers are never computed.
+        let mut needed: std::collections::HashSet<NodeId> = g.outputs.iter().map(|v| v.node).collect();
+        let mut steps_rev = vec![];
+        let mut consts = vec![];
+        for &n in order.iter().rev() {
+            if !needed.contains(&n) {
+                continue;
+            }
+            let node = g.node(n);
+            match &node.op {
+                Op::Input => continue,
+                Op::Const(t) => {
+                    consts.push((slot_of(ValueRef { node: n, slot: 0 }, &mut slot), t.clone()));
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some(&layer) = fused_relu.get(&n) {
+                // The layer writes the ReLU's output directly.
+                needed.insert(layer);
+                let (x, act, w, bias) = q4[&layer].clone();
+                needed.insert(x.node);
+                steps_rev.push(Step::Q4Linear {
+                    name: g.node(layer).name.clone(),
+                    layer: g.node(layer).outputs[0].name.clone(),
+                    x: slot_of(x, &mut slot),
+                    y: slot_of(ValueRef { node: n, slot: 0 }, &mut slot),
+                    act,
+                    w,
+                    bias,
+                    relu: true,
+                });
+                continue;
+            }
+            if let Some((x, act, w, bias)) = q4.get(&n) {
+                if fused_relu.values().any(|&l| l == n) {
+                    continue; // emitted with its ReLU
+                }
+                needed.insert(x.node);
+                steps_rev.push(Step::Q4Linear {
+                    name: node.name.clone(),
+                    layer: node.outputs[0].name.clone(),
+                    x: slot_of(*x, &mut slot),
+                    y: slot_of(ValueRef { node: n, slot: 0 }, &mut slot),
+                    act: act.clone(),
+                    w: w.clone(),
+                    bias: bias.clone(),
+                    relu: false,
+                });
+                continue;
+            }
+            let ins = g.inputs_of(n);
+            for v in ins.iter().flatten() {
+                needed.insert(v.node);
+            }
+            steps_rev.push(Step::Op {
+                node: n,
+                op: node.op.clone(),
+                inputs: ins.iter().map(|v| v.map(|v| slot_of(v, &mut slot))).collect(),
+                outputs: (0..node.outputs.len()).map(|s| slot_of(ValueRef { node: n, slot: s }, &mut slot)).collect(),
+            });
+        }
+        steps_rev.reverse();
+        let inputs = g
+            .inputs
+            .iter()
+            .map(|&i| (g.node(i).outputs[0].name.clone(), slot_of(ValueRef { node: i, slot: 0 }, &mut slot)))
+            .collect();
+        let outputs = g.outputs.iter().map(|&o| slot_of(o, &mut slot)).collect();
+        let output_names = g.outputs.iter().map(|&o| g.value(o).name.clone()).collect();
+        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps: steps_rev })
+    }
+
+    /// Names and kinds of the steps (for reports).
+    pub fn describe(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .map(|s| match s {
+                Step::Q4Linear { name, act, w, relu, .. } => format!(
+                    "{name}: q4 {} [{} x {}] g{}{}",
+                    if matches!(act, ActQuant::Float) { "x f32" } else { "x int" },
+                    w.n,
+                    w.k,
+                    w.group,
+                    if *relu { " +relu" } else { "" }
+                ),
+                Step::Op { op, .. } => op.name().to_string(),
+            })
+            .collect()
+    }
+
+    /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers.
+    pub fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
+        if feeds.len() != self.inputs.len() {
+            return Err(IrError::Invalid(format!(
+                "{} inputs given, the policy takes {}",
+                feeds.len(),
+                self.inputs.len()
+            )));
+        }
+        let mut env: Vec<Option<Tensor>> = vec![None; self.slots];
+        for (s, t) in &self.consts {
+            env[*s] = Some(t.clone());
+        }
+        for ((_, s), t) in self.inputs.iter().zip(feeds) {
+            env[*s] = Some(t.clone());
+        }
+        for step in &self.steps {
+            match step {
+                Step::Q4Linear { name, x, y, act, w, bias, relu, .. } => {
+                    let xt =
+                        env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
+                    if xt.rank() != 2 || xt.shape[1] != w.k {
+                        return Err(IrError::Invalid(format!(
+                            "{name}: input {:?}, expected [batch, {}]",
+                            xt.shape, w.k
+                        )));
+                    }
+                    let rows = xt.shape[0];
+                    let xv = xt.data.f32_cow();
+                    let mut out = vec![0f32; rows * w.n];
+                    let mut padded = vec![0f32; w.k_pad];
+                    for r in 0..rows {
+                        let xr = &xv[r * w.k..(r + 1) * w.k];
+                        let yr = &mut out[r * w.n..(r + 1) * w.n];
+                        match act {
+                            ActQuant::Int { scale, zero, lo, hi } => {
+                                let xq =
+                                    sqil_kernels_cpu::generic::quantize_input_range(xr, *scale, *zero, *lo, *hi, w);
+                                sqil_kernels_cpu::gemv_q4q8(w, &xq, bias.as_deref(), yr, threads);
+                            }
+                            ActQuant::Float => {
+                                padded[..w.k].copy_from_slice(xr);
+                                sqil_kernels_cpu::gemv_q4f32(w, &padded, bias.as_deref(), yr, threads);
+                            }
+                        }
+                        if *relu {
+                            yr.iter_mut().for_each(|v| *v = v.max(0.0));
+                        }
+                    }
+                    env[*y] = Some(Tensor::from_f32(vec![rows, w.n], out)?);
+                }
+                Step::Op { node, op, inputs, outputs } => {
+                    let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
+                    let res = op
+                        .eval(&args, outputs.len())
+                        .map_err(|e| e.context(format!("node {node:?} ({})", op.name())))?;
+                    for (s, t) in outputs.iter().zip(res) {
+                        env[*s] = Some(t);
+                    }
+                }
+            }
+        }
+        self.outputs
+            .iter()
+            .map(|&s| env[s].take().ok_or_else(|| IrError::Internal("output not computed".into())))
+            .collect()
+    }
+}
