@@ -152,6 +152,7 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
         out: a.out.join("unused.onnx"),
         ir_out: None,
         report_out: None,
+        artifact_out: None,
     };
     let (sim, _, ptq) = run_quantize(&fp_in, &qa)?;
     // The float policy as quantize saw it (same canonical form, same value names).

@@ -1,6 +1,7 @@
 //! Library side of the `sqil` command line: the pieces its subcommands share with tests.
 
 pub mod allocate;
+pub mod bench;
 pub mod compile;
 pub mod feeds;
 pub mod inspect;

@@ -194,6 +194,21 @@ enum Cmd {
         /// Also write the report as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Also write the CPU artifact (plan + packed int4 weights; `sqil run`, `sqil bench`).
+        #[arg(long)]
+        artifact: Option<PathBuf>,
+    },
+    /// Time a model or CPU artifact on random inputs: batch latency and throughput, one line of
+    /// JSON per batch size (artifacts on the runtime's kernels, models on the interpreter).
+    Bench {
+        model: PathBuf,
+        #[arg(long, default_value = "1,64", value_delimiter = ',')]
+        batch: Vec<usize>,
+        /// Timed runs per batch size (after 10% warm-up runs).
+        #[arg(long, default_value_t = 200)]
+        iters: usize,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
     },
 }
 
@@ -337,6 +352,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             output,
             ir,
             report,
+            artifact,
         } => {
             let mut cfg = match &config {
                 Some(p) => QuantConfig::load(p).map_err(|e| e.to_string())?,
@@ -357,6 +373,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 out: output.clone(),
                 ir_out: ir,
                 report_out: report,
+                artifact_out: artifact,
             };
             let r = quantize_cmd(&model, &args)?;
             print!("{}", render(&r));
@@ -466,6 +483,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             println!("wrote {}", output.display());
             Ok(())
         }
+        Cmd::Bench { model, batch, iters, threads } => sqil::bench::bench(&model, &batch, iters, threads),
         Cmd::Run { model, inputs, outputs, threads } => {
             // A compiled CPU artifact runs on the runtime; a model (ONNX or IR) on the interpreter.
             let is_artifact = std::fs::File::open(&model)

@@ -17,6 +17,8 @@ pub struct QuantizeArgs {
     pub out: PathBuf,
     pub ir_out: Option<PathBuf>,
     pub report_out: Option<PathBuf>,
+    /// Also write the CPU artifact (plan + packed int4 weights).
+    pub artifact_out: Option<PathBuf>,
 }
 
 /// Writes `bytes` to `path` atomically.
@@ -85,6 +87,11 @@ pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> Result<QuantReport, Strin
     if let Some(p) = &a.report_out {
         let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
         write_atomic(p, text.as_bytes())?;
+    }
+    if let Some(p) = &a.artifact_out {
+        let plan = sqil_runtime::Plan::new(&sim).map_err(|e| e.to_string())?;
+        let text = print_graph(&sim, &PrintOptions::default()).map_err(|e| e.to_string())?;
+        sqil_runtime::artifact::save(p, &sqil_runtime::artifact::encode(&text, &plan)).map_err(|e| e.to_string())?;
     }
     Ok(report)
 }

@@ -50,6 +50,7 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
                 out: PathBuf::new(),
                 ir_out: None,
                 report_out: None,
+                artifact_out: None,
             };
             let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
             let named: std::collections::HashMap<String, sqil_ir::Tensor> =

@@ -36,6 +36,11 @@ impl Policy {
         Ok(Policy { plan: Plan::with_packed(&g, &packed)?, threads: 1, input_shapes })
     }
 
+    /// The inputs' shapes as the graph declares them (the first dimension is the batch).
+    pub fn input_shapes(&self) -> &[Vec<sqil_ir::Dim>] {
+        &self.input_shapes
+    }
+
     /// Per-sample sizes of the inputs (all dimensions but the batch).
     pub fn input_sizes(&self) -> Vec<usize> {
         self.input_shapes.iter().map(|s| s.iter().skip(1).map(|d| d.known().unwrap_or(1)).product()).collect()

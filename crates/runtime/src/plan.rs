@@ -366,24 +366,26 @@ impl Plan {
                     let rows = xt.shape[0];
                     let xv = xt.data.f32_cow();
                     let mut out = vec![0f32; rows * w.n];
-                    let mut padded = vec![0f32; w.k_pad];
-                    for r in 0..rows {
-                        let xr = &xv[r * w.k..(r + 1) * w.k];
-                        let yr = &mut out[r * w.n..(r + 1) * w.n];
-                        match act {
-                            ActQuant::Int { scale, zero, lo, hi } => {
-                                let xq =
-                                    sqil_kernels_cpu::generic::quantize_input_range(xr, *scale, *zero, *lo, *hi, w);
-                                sqil_kernels_cpu::gemv_q4q8(w, &xq, bias.as_deref(), yr, threads);
-                            }
-                            ActQuant::Float => {
+                    match act {
+                        ActQuant::Int { scale, zero, lo, hi } => {
+                            let xs: Vec<_> = xv
+                                .chunks(w.k)
+                                .map(|xr| {
+                                    sqil_kernels_cpu::generic::quantize_input_range(xr, *scale, *zero, *lo, *hi, w)
+                                })
+                                .collect();
+                            sqil_kernels_cpu::gemm_q4q8(w, &xs, bias.as_deref(), &mut out, threads);
+                        }
+                        ActQuant::Float => {
+                            let mut padded = vec![0f32; w.k_pad];
+                            for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {
                                 padded[..w.k].copy_from_slice(xr);
                                 sqil_kernels_cpu::gemv_q4f32(w, &padded, bias.as_deref(), yr, threads);
                             }
                         }
-                        if *relu {
-                            yr.iter_mut().for_each(|v| *v = v.max(0.0));
-                        }
+                    }
+                    if *relu {
+                        out.iter_mut().for_each(|v| *v = v.max(0.0));
                     }
                     env[*y] = Some(Tensor::from_f32(vec![rows, w.n], out)?);
                 }

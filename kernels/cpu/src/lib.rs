@@ -65,6 +65,38 @@ pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut
     }
 }
 
+/// W4A8 for a batch of quantized inputs: `y` is `[xs.len(), w.n]` row-major. Columns are split
+/// over `threads` threads (each reads every weight row once for its columns); every variant
+/// equals per-column `generic::generic_gemv_q4q8` bit for bit.
+pub fn gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
+    assert!(xs.iter().all(|x| x.q.len() >= w.k_pad) && y.len() >= xs.len() * w.n);
+    assert!(bias.is_none_or(|b| b.len() >= w.n));
+    if xs.len() == 1 {
+        return gemv_q4q8(w, &xs[0], bias, y, threads);
+    }
+    let t = threads.clamp(1, xs.len());
+    let per = xs.len().div_ceil(t);
+    let run = |xs: &[QuantizedInput], y: &mut [f32]| match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
+        Isa::Avx2 => unsafe { x86_64::avx2::avx2_gemm_q4q8(w, xs, bias, y) },
+        _ => {
+            for (x, yc) in xs.iter().zip(y.chunks_mut(w.n)) {
+                generic::generic_gemv_q4q8(w, x, bias, yc);
+            }
+        }
+    };
+    if t == 1 {
+        return run(xs, &mut y[..xs.len() * w.n]);
+    }
+    std::thread::scope(|s| {
+        for (xc, yc) in xs.chunks(per).zip(y.chunks_mut(per * w.n)) {
+            let run = &run;
+            s.spawn(move || run(xc, yc));
+        }
+    });
+}
+
 /// Weight-only W4 GEMV on f32 activations (`x` at least `w.k_pad` long, zero-padded), with the
 /// best kernel for this CPU; agrees with `generic::generic_gemv_q4f32` within f32 summation order.
 pub fn gemv_q4f32(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], threads: usize) {

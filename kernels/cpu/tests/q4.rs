@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use sqil_kernels_cpu::generic::{generic_gemv_q4f32, generic_gemv_q4q8};
-use sqil_kernels_cpu::{gemv_q4f32, gemv_q4q8, isa, quantize_input, PackedQ4};
+use sqil_kernels_cpu::{gemm_q4q8, gemv_q4f32, gemv_q4q8, isa, quantize_input, PackedQ4};
 
 /// Relative tolerance of f32 dot products summed in a different order (k <= 4096 here).
 const F32_ORDER_TOL: f32 = 1e-5;
@@ -46,6 +46,25 @@ proptest! {
         generic_gemv_q4q8(&w, &xq, Some(&bias), &mut want);
         gemv_q4q8(&w, &xq, Some(&bias), &mut got, threads);
         prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "isa {:?}", isa());
+    }
+
+    #[test]
+    fn q4q8_batched_kernels_equal_the_reference(seed in any::<u64>(), n in 1usize..300, kb in 1usize..6, batch in 1usize..9,
+                                                threads in 1usize..4) {
+        let k = kb * 64;
+        let w = layer(seed, n, k, 64, 4);
+        let mut r = Lcg(seed ^ 5);
+        let xs: Vec<_> = (0..batch).map(|c| {
+            let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
+            quantize_input(&x, 0.02, c as i32 - 3, &w)
+        }).collect();
+        let mut want = vec![0f32; batch * n];
+        for (x, yc) in xs.iter().zip(want.chunks_mut(n)) {
+            generic_gemv_q4q8(&w, x, None, yc);
+        }
+        let mut got = vec![0f32; batch * n];
+        gemm_q4q8(&w, &xs, None, &mut got, threads);
+        prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     }
 
     #[test]

@@ -36,6 +36,58 @@ unsafe fn hsum_f32(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// One output of the W4A8 GEMV: row `r` of `w` against `x` (see `generic_gemv_q4q8`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q4q8(w: &PackedQ4, r: usize, x: &QuantizedInput, bias: f32) -> f32 {
+    let groups = w.groups();
+    let bpg = w.group / QK4;
+    let bpr = w.k_pad / QK4;
+    let ones = _mm256_set1_epi16(1);
+    let xp = x.q.as_ptr();
+    let row = w.blocks.as_ptr().add(r * bpr) as *const u8;
+    let group_acc = |g: usize| -> __m256i {
+        let mut acc = _mm256_setzero_si256();
+        for b in 0..bpg {
+            let i = g * bpg + b;
+            let wv = unpack_u8(row.add(i * 16));
+            let xv = _mm256_loadu_si256(xp.add(i * QK4) as *const __m256i);
+            // (q + 8) * x in i16 pairs: |15 * 128 * 2| fits, no saturation.
+            let p = _mm256_maddubs_epi16(wv, xv);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+        }
+        acc
+    };
+    // Eight groups at a time: their accumulators reduce together with one hadd tree, and
+    // the corrections `- 8 sum(x) - zero sum(q)` apply as vectors.
+    let full = groups / 8 * 8;
+    let zero = _mm256_set1_epi32(x.zero);
+    let scales = w.scales.as_ptr().add(r * groups);
+    let mut accf = _mm256_setzero_ps();
+    let mut g = 0;
+    while g < full {
+        let a: [__m256i; 8] = std::array::from_fn(|j| group_acc(g + j));
+        let h12 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+        let h34 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
+        let sums =
+            _mm256_add_epi32(_mm256_permute2x128_si256(h12, h34, 0x20), _mm256_permute2x128_si256(h12, h34, 0x31));
+        let xs = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.as_ptr().add(g) as *const __m256i), 3);
+        let ws = _mm256_mullo_epi32(zero, _mm256_loadu_si256(w.sums.as_ptr().add(r * groups + g) as *const __m256i));
+        let v = _mm256_sub_epi32(_mm256_sub_epi32(sums, xs), ws);
+        // Lane l accumulates groups l, l + 8, ...: the epilogue's order (mul, then add).
+        accf = _mm256_add_ps(accf, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scales.add(g))));
+        g += 8;
+    }
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), accf);
+    for g in full..groups {
+        // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
+        let s = hsum_i32(group_acc(g)) - 8 * x.sums[g] - x.zero * w.sums[r * groups + g];
+        lanes[g % 8] += s as f32 * *scales.add(g);
+    }
+    reduce_lanes(lanes) * x.scale + bias
+}
+
 /// W4A8 GEMV rows `rows` of `w` (see `generic_gemv_q4q8`).
 ///
 /// # Safety
@@ -48,54 +100,24 @@ pub unsafe fn avx2_gemv_q4q8_rows(
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
-    let groups = w.groups();
-    let bpg = w.group / QK4;
-    let bpr = w.k_pad / QK4;
-    let ones = _mm256_set1_epi16(1);
-    let xp = x.q.as_ptr();
     for (out, r) in y.iter_mut().zip(rows) {
-        let row = w.blocks.as_ptr().add(r * bpr) as *const u8;
-        let group_acc = |g: usize| -> __m256i {
-            let mut acc = _mm256_setzero_si256();
-            for b in 0..bpg {
-                let i = g * bpg + b;
-                let wv = unpack_u8(row.add(i * 16));
-                let xv = _mm256_loadu_si256(xp.add(i * QK4) as *const __m256i);
-                // (q + 8) * x in i16 pairs: |15 * 128 * 2| fits, no saturation.
-                let p = _mm256_maddubs_epi16(wv, xv);
-                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-            }
-            acc
-        };
-        // Eight groups at a time: their accumulators reduce together with one hadd tree, and
-        // the corrections `- 8 sum(x) - zero sum(q)` apply as vectors.
-        let full = groups / 8 * 8;
-        let zero = _mm256_set1_epi32(x.zero);
-        let scales = w.scales.as_ptr().add(r * groups);
-        let mut accf = _mm256_setzero_ps();
-        let mut g = 0;
-        while g < full {
-            let a: [__m256i; 8] = std::array::from_fn(|j| group_acc(g + j));
-            let h12 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
-            let h34 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
-            let sums =
-                _mm256_add_epi32(_mm256_permute2x128_si256(h12, h34, 0x20), _mm256_permute2x128_si256(h12, h34, 0x31));
-            let xs = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.as_ptr().add(g) as *const __m256i), 3);
-            let ws =
-                _mm256_mullo_epi32(zero, _mm256_loadu_si256(w.sums.as_ptr().add(r * groups + g) as *const __m256i));
-            let v = _mm256_sub_epi32(_mm256_sub_epi32(sums, xs), ws);
-            // Lane l accumulates groups l, l + 8, ...: the epilogue's order (mul, then add).
-            accf = _mm256_add_ps(accf, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scales.add(g))));
-            g += 8;
+        *out = dot_q4q8(w, r, x, bias.map_or(0.0, |b| b[r]));
+    }
+}
+
+/// W4A8 on a batch: `y[c * w.n + r]` for every input `xs[c]` and every row, rows outer so each
+/// weight row is read from memory once for the whole batch.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values and `y` has
+/// `xs.len() * w.n` entries.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32]) {
+    for r in 0..w.n {
+        let b = bias.map_or(0.0, |b| b[r]);
+        for (c, x) in xs.iter().enumerate() {
+            y[c * w.n + r] = dot_q4q8(w, r, x, b);
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), accf);
-        for g in full..groups {
-            // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
-            let s = hsum_i32(group_acc(g)) - 8 * x.sums[g] - x.zero * w.sums[r * groups + g];
-            lanes[g % 8] += s as f32 * *scales.add(g);
-        }
-        *out = reduce_lanes(lanes) * x.scale + bias.map_or(0.0, |b| b[r]);
     }
 }
 

@@ -1,0 +1,80 @@
+//! `sqil bench`: latency and throughput of a model (reference interpreter) or a compiled CPU
+//! artifact (runtime kernels) on seeded random inputs, one JSON line per batch size.
+
+use sqil_ir::interp::Interpreter;
+use sqil_ir::testing::Rng;
+use sqil_ir::{Dim, Graph, Tensor};
+use std::path::Path;
+use std::time::Instant;
+
+fn is_artifact(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .and_then(|mut f| {
+            let mut m = [0u8; 8];
+            std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == sqil_runtime::artifact::MAGIC)
+        })
+        .unwrap_or(false)
+}
+
+/// Random inputs for `shapes` with the batch dimension set to `batch`.
+fn inputs(shapes: &[Vec<Dim>], batch: usize, r: &mut Rng) -> Vec<Tensor> {
+    shapes
+        .iter()
+        .map(|s| {
+            let shape: Vec<usize> =
+                s.iter().enumerate().map(|(i, d)| if i == 0 { batch } else { d.known().unwrap_or(1) }).collect();
+            r.tensor(shape, 1.0)
+        })
+        .collect()
+}
+
+pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize) -> Result<(), String> {
+    let artifact = is_artifact(model);
+    let (policy, graph): (Option<sqil_runtime::Policy>, Option<Graph>) = if artifact {
+        let mut p = sqil_runtime::Policy::load(model).map_err(|e| e.to_string())?;
+        p.threads = threads;
+        (Some(p), None)
+    } else {
+        (None, Some(crate::load_model(model)?))
+    };
+    let (shapes, names): (Vec<Vec<Dim>>, Vec<String>) = match (&policy, &graph) {
+        (Some(p), _) => (p.input_shapes().to_vec(), p.plan.inputs.iter().map(|(n, _)| n.clone()).collect()),
+        (_, Some(g)) => {
+            g.inputs.iter().map(|&i| (g.node(i).outputs[0].ty.shape.clone(), g.node(i).outputs[0].name.clone())).unzip()
+        }
+        _ => unreachable!("a model or an artifact"),
+    };
+    let interp = graph.as_ref().map(Interpreter::new).transpose().map_err(|e| e.to_string())?;
+    let mut r = Rng::new(0);
+    for &b in batches {
+        let x = inputs(&shapes, b, &mut r);
+        let feeds: std::collections::HashMap<String, Tensor> = names.iter().cloned().zip(x.iter().cloned()).collect();
+        let once = || -> Result<(), String> {
+            match (&policy, &interp) {
+                (Some(p), _) => p.run(&x).map(|_| ()).map_err(|e| e.to_string()),
+                (_, Some(it)) => it.run(&feeds).map(|_| ()).map_err(|e| e.to_string()),
+                _ => unreachable!(),
+            }
+        };
+        for _ in 0..(iters / 10).max(1) {
+            once()?;
+        }
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters.max(1) {
+            let t = Instant::now();
+            once()?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        println!(
+            "{{\"model\": {:?}, \"engine\": {:?}, \"batch\": {b}, \"threads\": {threads}, \"mean_us\": {:.2}, \"p50_us\": {:.2}, \"samples_per_s\": {:.1}}}",
+            model.display().to_string(),
+            if artifact { "sqil-runtime" } else { "sqil-interpreter" },
+            mean * 1e6,
+            times[times.len() / 2] * 1e6,
+            b as f64 / mean
+        );
+    }
+    Ok(())
+}

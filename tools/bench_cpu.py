@@ -1,0 +1,147 @@
+"""CPU inference benchmark, one run, same machine and thread count for every engine: batch-1
+latency and batch-64 throughput of the hopper BC policy and a 4x1024 MLP, for
+
+- sqil-runtime int4: W4A8 and W4A16 artifacts (`sqil quantize --artifact`, GPTQ, groups of 64),
+  timed by `sqil bench` (Rust, no Python in the loop);
+- onnxruntime 1 thread: f32, int8 dynamic quantization (`quantize_dynamic`), int4 weights
+  (`MatMulNBitsQuantizer`, block 64), timed from Python around `InferenceSession.run`
+  (the Python call adds about 2-5 us per run, noted in the output).
+
+    tools/.venv-dev/bin/python tools/bench_cpu.py [--iters 2000]      # writes docs/bench-cpu.json
+
+The CNN policy and tract are not in it yet (the runtime runs convolutions with reference ops).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SQIL = os.environ.get("SQIL_BIN", str(ROOT / "target" / "release" / "sqil"))
+
+
+def mlp_4x1024(path):
+    """obs [N, 64] -> 4 x (Gemm 1024 + ReLU) -> Gemm 16: a 3.2M-parameter MLP policy."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev, dim = [], [], "obs", 64
+    for i, out in enumerate([1024, 1024, 1024, 1024, 16]):
+        w = (rng.standard_normal((out, dim)) / np.sqrt(dim)).astype(np.float32)
+        b = (rng.standard_normal(out) * 0.01).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"h{i}"], transB=1))
+        prev, dim = f"h{i}", out
+        if i < 4:
+            nodes.append(helper.make_node("Relu", [prev], [f"a{i}"]))
+            prev = f"a{i}"
+    g = helper.make_graph(nodes, "mlp4x1024", [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 16])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def gemm_to_matmul(src, dst):
+    """Gemm(x, W^T, b) -> MatMul + Add, the form MatMulNBits quantizes."""
+    m = onnx.load(src)
+    inits = {i.name: i for i in m.graph.initializer}
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type == "Gemm" and n.input[1] in inits:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            if any(a.name == "transB" and a.i == 1 for a in n.attribute):
+                w = w.T
+            inits[n.input[1]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w), n.input[1]))
+            nodes.append(helper.make_node("MatMul", [n.input[0], n.input[1]], [n.output[0] + "_mm"]))
+            nodes.append(helper.make_node("Add", [n.output[0] + "_mm", n.input[2]], [n.output[0]]))
+        else:
+            nodes.append(n)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    onnx.save(m, dst)
+
+
+def ort_time(path, obs_dim, batch, iters, opt=True):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    if not opt:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = s.get_inputs()[0].name
+    x = np.random.default_rng(1).standard_normal((batch, obs_dim)).astype(np.float32)
+    for _ in range(max(iters // 10, 1)):
+        s.run(None, {name: x})
+    t = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        s.run(None, {name: x})
+        t.append(time.perf_counter() - t0)
+    return float(np.mean(t) * 1e6), float(np.median(t) * 1e6)
+
+
+def sqil_time(artifact, batch, iters):
+    r = subprocess.run([SQIL, "bench", str(artifact), "--batch", str(batch), "--iters", str(iters)],
+                       capture_output=True, text=True, check=True)
+    j = json.loads(r.stdout.strip().splitlines()[-1])
+    return j["mean_us"], j["p50_us"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=2000)
+    a = ap.parse_args()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        mlp_4x1024(tmp / "mlp4x1024.onnx")
+        models = {"bc_hopper": (ROOT / "testdata/policies/bc_hopper.onnx", 15, ROOT / "testdata/demos/hopper.npz"),
+                  "mlp4x1024": (tmp / "mlp4x1024.onnx", 64, None)}
+        for name, (path, dim, demos) in models.items():
+            if demos is None:
+                np.save(tmp / "calib.npy", np.random.default_rng(2).standard_normal((256, dim)).astype(np.float32))
+            calib = str(demos or tmp / "calib.npy")
+            engines = {}
+            for label, abits in [("sqil W4A8", "8"), ("sqil W4A16", "float")]:
+                art = tmp / f"{name}_{abits}.bin"
+                subprocess.run([SQIL, "quantize", str(path), "--recipe", "gptq", "--wbits", "4", "--abits", abits, "--group", "64",
+                                "--calib", calib, "-o", str(tmp / "q.onnx"), "--artifact", str(art)], check=True, capture_output=True)
+                engines[label] = ("sqil", art)
+            engines["ort f32"] = ("ort", path)
+            quantize_dynamic(str(path), str(tmp / f"{name}_int8.onnx"), weight_type=QuantType.QInt8)
+            engines["ort int8 dynamic"] = ("ort", tmp / f"{name}_int8.onnx")
+            gemm_to_matmul(path, tmp / f"{name}_mm.onnx")
+            q = MatMulNBitsQuantizer(onnx.load(tmp / f"{name}_mm.onnx"), block_size=64, is_symmetric=True)
+            q.process()
+            q.model.save_model_to_file(str(tmp / f"{name}_int4.onnx"))
+            engines["ort int4 MatMulNBits"] = ("ort", tmp / f"{name}_int4.onnx")
+            for batch in (1, 64):
+                iters = a.iters if batch == 1 else max(a.iters // 10, 50)
+                for label, (kind, p) in engines.items():
+                    mean, p50 = sqil_time(p, batch, iters) if kind == "sqil" else ort_time(p, dim, batch, iters)
+                    rows.append({"model": name, "engine": label, "batch": batch, "mean_us": mean, "p50_us": p50,
+                                 "samples_per_s": batch / mean * 1e6})
+                    print(f"{name:10} batch {batch:3}  {label:22} mean {mean:9.1f} us  p50 {p50:9.1f} us  {batch / mean * 1e6:10.0f} samples/s", flush=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    out = {"cpu": cpu, "threads": 1, "onnxruntime": ort.__version__, "rows": rows}
+    (ROOT / "docs" / "bench-cpu.json").write_text(json.dumps(out, indent=1) + "\n")
+    for m in ("bc_hopper", "mlp4x1024"):
+        for b in (1, 64):
+            r = {x["engine"]: x["mean_us"] for x in rows if x["model"] == m and x["batch"] == b}
+            fp = r["ort f32"]
+            print(f"{m} batch {b}: sqil W4A8 vs ort f32 {fp / r['sqil W4A8']:.2f}x, vs ort int8 {r['ort int8 dynamic'] / r['sqil W4A8']:.2f}x, "
+                  f"vs ort int4 {r['ort int4 MatMulNBits'] / r['sqil W4A8']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
