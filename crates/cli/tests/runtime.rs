@@ -89,3 +89,94 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
     }
     assert!(q4_layers >= 40, "only {q4_layers} layers ran on int4 kernels");
 }
+
+/// The C ABI end to end: a C99 program (compiled `-Wall -Wextra -Werror`) loads an artifact
+/// through `sqil.h` and libsqil_runtime, and its actions equal the Rust runtime's bit for bit.
+#[test]
+fn the_c_abi_runs_an_artifact() {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    let lib = deps.join("libsqil_runtime.so");
+    let cc = std::process::Command::new("cc").arg("--version").output();
+    if cc.is_err() || !lib.exists() {
+        eprintln!("skipping: needs a C compiler (`cc`) and {} (built with the runtime's cdylib)", lib.display());
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sqil-capi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fp = sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap();
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
+    let input = policies().join("bc_hopper.input0.npy");
+    let qa = QuantizeArgs {
+        recipe: Recipe::Rtn,
+        config: cfg,
+        calib: vec![input.clone()],
+        calib_states: 256,
+        out: PathBuf::new(),
+        ir_out: None,
+        report_out: None,
+        artifact_out: None,
+    };
+    let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
+    let pol = Policy::from_graph(&sim).unwrap();
+    let text = sqil_ir::print_graph(&sim, &Default::default()).unwrap();
+    artifact::save(&dir.join("policy.bin"), &artifact::encode(&text, &pol.plan)).unwrap();
+    let obs = sqil::npy::read(&input).unwrap();
+    let batch = obs.shape[0];
+    let want = pol.act(&obs.data.to_f32_vec(), batch).unwrap();
+    let raw: Vec<u8> = obs.data.to_f32_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(dir.join("obs.f32"), raw).unwrap();
+    let src = r#"#include <stdio.h>
+#include <stdlib.h>
+#include "sqil.h"
+int main(int argc, char **argv) {
+    (void)argc;
+    SqilPolicy *p = sqil_policy_load(argv[1]);
+    if (!p) { fprintf(stderr, "%s\n", sqil_last_error()); return 1; }
+    size_t d = sqil_policy_obs_size(p), batch = (size_t)atoi(argv[3]);
+    float *obs = malloc(sizeof(float) * d * batch), act[4096];
+    FILE *f = fopen(argv[2], "rb");
+    if (!f || fread(obs, sizeof(float), d * batch, f) != d * batch) return 2;
+    fclose(f);
+    int n = sqil_policy_act(p, obs, batch, act, 4096);
+    if (n < 0) { fprintf(stderr, "%s\n", sqil_last_error()); return 3; }
+    fwrite(act, sizeof(float), (size_t)n, stdout);
+    sqil_policy_free(p);
+    free(obs);
+    return 0;
+}
+"#;
+    std::fs::write(dir.join("main.c"), src).unwrap();
+    let include = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runtime/include");
+    let out = std::process::Command::new("cc")
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(&include)
+        .arg(dir.join("main.c"))
+        .arg("-L")
+        .arg(&deps)
+        .arg("-lsqil_runtime")
+        .arg(format!("-Wl,-rpath,{}", deps.display()))
+        .arg("-o")
+        .arg(dir.join("main"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    let run = std::process::Command::new(dir.join("main"))
+        .arg(dir.join("policy.bin"))
+        .arg(dir.join("obs.f32"))
+        .arg(batch.to_string())
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "C program: {}", String::from_utf8_lossy(&run.stderr));
+    let got: Vec<f32> = run.stdout.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    // A missing file is an error message through sqil_last_error, not a crash.
+    let bad =
+        std::process::Command::new(dir.join("main")).arg(dir.join("nope.bin")).arg("x").arg("1").output().unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.bin"));
+    std::fs::remove_dir_all(&dir).ok();
+}
