@@ -27,9 +27,42 @@ def _pixels(run):
     return lambda obs, env: run(obs["image"][None].astype(np.float32) / 255.0, obs["proprio"][None])[0]
 
 
+class RuntimePolicy:
+    """A compiled CPU artifact (`policy.bin`) run by libsqil_runtime through its C ABI (ctypes).
+    The library is target/release/libsqil_runtime.so unless SQIL_RUNTIME_LIB names another."""
+
+    def __init__(self, path):
+        import ctypes
+        import os
+        import pathlib
+
+        lib = os.environ.get("SQIL_RUNTIME_LIB") or str(pathlib.Path(__file__).resolve().parents[2] / "target/release/libsqil_runtime.so")
+        self.lib = ctypes.CDLL(lib)
+        self.lib.sqil_policy_load.restype = ctypes.c_void_p
+        self.lib.sqil_policy_obs_size.argtypes = [ctypes.c_void_p]
+        self.lib.sqil_policy_obs_size.restype = ctypes.c_size_t
+        self.lib.sqil_policy_act.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t]
+        self.lib.sqil_policy_act.restype = ctypes.c_int
+        self.lib.sqil_last_error.restype = ctypes.c_char_p
+        self.p = self.lib.sqil_policy_load(str(path).encode())
+        if not self.p:
+            raise SystemExit(f"{path}: {self.lib.sqil_last_error().decode()}")
+        self.d = self.lib.sqil_policy_obs_size(self.p)
+        self.out = np.zeros(4096, dtype=np.float32)
+
+    def __call__(self, obs, env):
+        x = np.ascontiguousarray(obs, dtype=np.float32).reshape(-1)
+        n = self.lib.sqil_policy_act(self.p, x.ctypes.data, 1, self.out.ctypes.data, self.out.size)
+        if n < 0:
+            raise RuntimeError(self.lib.sqil_last_error().decode())
+        return self.out[:n].copy()
+
+
 def load(spec: str, task):
     if spec == "expert":
         return task.make_expert()
+    if spec.startswith("sqilrt:"):
+        return RuntimePolicy(spec[7:])
     if spec.startswith("sqil:"):
         try:
             import sqil  # the binding built from crates/python

@@ -198,6 +198,15 @@ enum Cmd {
         #[arg(long)]
         artifact: Option<PathBuf>,
     },
+    /// Build a quantized simulation graph (IR text or QDQ-free FakeQuant model, e.g. OUT/model.sqil)
+    /// for a target: `cpu` writes the CPU artifact (plan + packed int4 weights).
+    Build {
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Time a model or CPU artifact on random inputs: batch latency and throughput, one line of
     /// JSON per batch size (artifacts on the runtime's kernels, models on the interpreter).
     Bench {
@@ -479,6 +488,21 @@ fn run(cmd: Cmd) -> Result<(), String> {
             }
             if let Some(p) = &plot {
                 sqil::quantize::write_atomic(p, sqil::allocate::plot_svg(&rep).as_bytes())?;
+            }
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        Cmd::Build { model, target, output } => {
+            if target != "cpu" {
+                return Err(format!("--target `{target}`: only `cpu` (the runtime artifact) is built so far"));
+            }
+            let g = load(&model)?;
+            let plan = sqil_runtime::Plan::new(&g).map_err(|e| format!("{}: {e}", model.display()))?;
+            let text = print_graph(&g, &PrintOptions::default()).map_err(|e| e.to_string())?;
+            sqil_runtime::artifact::save(&output, &sqil_runtime::artifact::encode(&text, &plan))
+                .map_err(|e| e.to_string())?;
+            for d in plan.describe() {
+                println!("  {d}");
             }
             println!("wrote {}", output.display());
             Ok(())
