@@ -253,9 +253,17 @@ pub fn render(r: &AllocReport) -> String {
         }
         s += "\n";
     }
+    let amount = |v: f64| match r.budget {
+        Budget::Bits(_) => format!("{v:.3} bits"),
+        Budget::Bytes(_) => format!("{v:.0} B"),
+        Budget::Seconds(_) => format!("{:.2} us", v * 1e6),
+    };
     s += &format!(
-        "used {:.4} of {:?}; predicted error {:.4e}, measured {:.4e}\n",
-        r.used, r.budget, r.predicted_error, r.measured_error
+        "used {} of {}; predicted error {:.4e}, measured {:.4e}\n",
+        amount(r.used),
+        amount(r.budget.value()),
+        r.predicted_error,
+        r.measured_error
     );
     s
 }
