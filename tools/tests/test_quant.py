@@ -1,7 +1,9 @@
 """Quantized ONNX export against sqil's own simulation: for every testdata policy at W8A8, W4A8
 and W4A16 (and W3A8, W4A4 g32 for coverage), `sqil quantize` writes QDQ ONNX (opset 21) and the
 FakeQuant IR; onnxruntime (graph optimisations off) on the ONNX must match sqil's interpreter on
-the IR within 1e-5. Needs the sqil CLI (SQIL_BIN, default target/debug/sqil) and the binding."""
+the IR within 1e-5, and the compiled CPU artifact (`--artifact`, loaded by the binding onto the
+runtime's int4 kernels) must match it within 1e-5 of the action scale. Needs the sqil CLI (SQIL_BIN,
+default target/debug/sqil) and the binding."""
 
 import json
 import os
@@ -45,10 +47,10 @@ def ort_run(path, inputs):
 def test_qdq_export_matches_simulation(file, config, tmp_path):
     name = file[: -len(".onnx")]
     inputs = sorted(POLICIES.glob(f"{name}.input*.npy"))
-    out, ir = tmp_path / "q.onnx", tmp_path / "q.sqil"
+    out, ir, art = tmp_path / "q.onnx", tmp_path / "q.sqil", tmp_path / "policy.bin"
     calib = [a for p in inputs for a in ("--calib", str(p))]
     r = subprocess.run([SQIL, "quantize", str(POLICIES / file), "--recipe", RECIPE[config], *CONFIGS[config], *calib,
-                        "-o", str(out), "--ir", str(ir)], capture_output=True, text=True)
+                        "-o", str(out), "--ir", str(ir), "--artifact", str(art)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     xs = [np.load(p) for p in inputs]
     sim = sqil.Policy(str(ir)).run(*xs)
@@ -57,6 +59,11 @@ def test_qdq_export_matches_simulation(file, config, tmp_path):
     for a, b in zip(sim, got):
         assert a.shape == b.shape
         assert np.abs(a - b).max() < 1e-5, f"{file} {config}: max |sim - ort| = {np.abs(a - b).max():.3g}"
+    # The compiled CPU artifact, through the binding, runs the same policy (int4 kernels).
+    compiled = sqil.Policy(str(art))
+    assert compiled.compiled
+    for a, b in zip(sim, compiled.run(*xs)):
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(a).max(), 1e-6), f"{file} {config}: artifact vs simulation"
     # The quantized model must differ from the float one (a test that can fail).
     fp = ort_run(POLICIES / file, xs)[0]
     assert np.abs(sim[0] - fp).max() > 0

@@ -1,5 +1,6 @@
-//! `import sqil`: run policies from Python with sqil's reference interpreter, so closed-loop
-//! evaluation (tools/eval.py) can use sqil itself rather than a peer runtime.
+//! `import sqil`: run policies from Python with sqil's reference interpreter (ONNX, IR text), or a
+//! compiled CPU artifact (`policy.bin`) with the runtime's int4 kernels, so closed-loop evaluation
+//! (tools/eval.py) can use sqil itself rather than a peer runtime.
 //!
 //! Built by `tools/build_binding.sh` into `tools/.binding/sqil.so`.
 
@@ -15,18 +16,27 @@ fn err(e: impl std::fmt::Display) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
-/// A loaded policy graph.
+/// A loaded policy: its graph, and for a compiled artifact the runtime plan that runs it.
 #[pyclass(module = "sqil")]
 struct Policy {
     graph: Graph,
+    plan: Option<sqil_runtime::Plan>,
 }
 
 #[pymethods]
 impl Policy {
-    /// Loads an ONNX model or IR text (`.sqil`).
+    /// Loads an ONNX model, IR text (`.sqil`) or a compiled CPU artifact (by its magic bytes).
     #[new]
     fn new(path: &str) -> PyResult<Policy> {
         let p = Path::new(path);
+        let bytes = std::fs::read(p).map_err(|e| err(format!("{path}: {e}")))?;
+        if bytes.starts_with(sqil_runtime::artifact::MAGIC) {
+            let (ir, packed) = sqil_runtime::artifact::decode(&bytes, path).map_err(err)?;
+            let graph = sqil_ir::parse_graph(&ir).map_err(|e| err(format!("{path}: {e}")))?;
+            sqil_ir::verify(&graph).map_err(|e| err(format!("{path}: {e}")))?;
+            let plan = sqil_runtime::Plan::with_packed(&graph, &packed).map_err(err)?;
+            return Ok(Policy { graph, plan: Some(plan) });
+        }
         let graph = if p.extension().is_some_and(|e| e == "sqil") {
             let text = std::fs::read_to_string(p).map_err(|e| err(format!("{path}: {e}")))?;
             sqil_ir::parse_graph(&text).map_err(|e| err(format!("{path}: {e}")))?
@@ -34,7 +44,7 @@ impl Policy {
             sqil_onnx::load_model(p).map_err(err)?
         };
         sqil_ir::verify(&graph).map_err(|e| err(format!("{path}: {e}")))?;
-        Ok(Policy { graph })
+        Ok(Policy { graph, plan: None })
     }
 
     #[getter]
@@ -46,6 +56,12 @@ impl Policy {
     fn input_shape(&self, k: usize) -> PyResult<Vec<Option<usize>>> {
         let n = *self.graph.inputs.get(k).ok_or_else(|| err(format!("the policy has no input {k}")))?;
         Ok(self.graph.node(n).outputs[0].ty.shape.iter().map(|d| d.known()).collect())
+    }
+
+    /// True when the policy runs on the compiled CPU runtime (an artifact), not the interpreter.
+    #[getter]
+    fn compiled(&self) -> bool {
+        self.plan.is_some()
     }
 
     #[getter]
@@ -69,13 +85,18 @@ impl Policy {
                 inputs.len()
             )));
         }
-        let mut feeds = HashMap::new();
-        for (n, a) in names.into_iter().zip(&inputs) {
+        let mut tensors = vec![];
+        for a in &inputs {
             let a = a.as_array();
-            let t = Tensor::new(a.shape().to_vec(), Data::F32(a.iter().copied().collect())).map_err(err)?;
-            feeds.insert(n, t);
+            tensors.push(Tensor::new(a.shape().to_vec(), Data::F32(a.iter().copied().collect())).map_err(err)?);
         }
-        let outs = py.detach(|| Interpreter::new(&self.graph).and_then(|i| i.run(&feeds))).map_err(err)?;
+        let outs = match &self.plan {
+            Some(plan) => py.detach(|| plan.run(&tensors, 1)).map_err(err)?,
+            None => {
+                let feeds: HashMap<String, Tensor> = names.into_iter().zip(tensors).collect();
+                py.detach(|| Interpreter::new(&self.graph).and_then(|i| i.run(&feeds))).map_err(err)?
+            }
+        };
         outs.into_iter()
             .map(|t| {
                 let v = t.data.to_f32_vec();
@@ -103,7 +124,8 @@ impl Policy {
     }
 }
 
-/// `sqil.load(path)`: a policy from an ONNX model (float or QDQ) or IR text (`.sqil`).
+/// `sqil.load(path)`: a policy from an ONNX model (float or QDQ), IR text (`.sqil`) or a compiled
+/// CPU artifact (`policy.bin`).
 #[pyfunction]
 fn load(path: &str) -> PyResult<Policy> {
     Policy::new(path)
