@@ -18,14 +18,13 @@ import pathlib
 import platform
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from sqil_tools import tasks  # noqa: E402
+from sqil_tools import evaljobs  # noqa: E402
 
 OUT = ROOT / "demos" / "ptq"
 POLICIES = {
@@ -108,27 +107,13 @@ def quantize(task_names):
 
 
 def evaluate(task_names, episodes, jobs, python):
-    jobs_list = []
+    work = []
     for t in task_names:
-        py = python or (str(ROOT / tasks.SIM_PYTHON[t]) if t in tasks.SIM_PYTHON else sys.executable)
         for p in POLICIES[t]:
             specs = [("FP", "-", ROOT / "testdata" / "policies" / f"{p}.onnx")]
             specs += [(c, r, OUT / f"{p}__{c}__{r}.onnx") for c in CONFIGS for r in RECIPES]
-            for cfg, r, path in specs:
-                out = OUT / f"{p}__{cfg}__{r}.eval.json"
-                if out.exists():
-                    continue
-                jobs_list.append((py, t, path, out))
-
-    def one(job):
-        py, t, path, out = job
-        cmd = [py, str(HERE / "eval.py"), "--task", t, "--policy", str(path), "--episodes", str(episodes), "--seed", "0",
-               "-o", str(out)]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        print(r.stdout.strip().splitlines()[-1] if r.returncode == 0 else f"FAILED {path}: {r.stderr[-2000:]}", flush=True)
-
-    with ThreadPoolExecutor(jobs) as ex:
-        list(ex.map(one, jobs_list))
+            work += [(t, path, OUT / f"{p}__{cfg}__{r}.eval.json") for cfg, r, path in specs]
+    evaljobs.evaluate(work, episodes, jobs, python)
 
 
 def table():

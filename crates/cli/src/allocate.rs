@@ -154,9 +154,8 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> Result<(QuantConfig, Allo
     if layers.is_empty() {
         return Err(format!("{}: no layer to allocate (all kept in float?)", model.display()));
     }
-    let abits = if a.abits.is_empty() { vec![] } else { a.abits.clone() };
     let mut done = 0;
-    let sens = sensitivity(&m, &layers, &a.wbits, &abits, |name| {
+    let sens = sensitivity(&m, &layers, &a.wbits, &a.abits, |name| {
         done += 1;
         eprintln!("sensitivity {done}/{}: {name}", layers.len());
     })

@@ -7,15 +7,6 @@ use sqil_ir::{Dim, Graph, Tensor};
 use std::path::Path;
 use std::time::Instant;
 
-fn is_artifact(path: &Path) -> bool {
-    std::fs::File::open(path)
-        .and_then(|mut f| {
-            let mut m = [0u8; 8];
-            std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == sqil_runtime::artifact::MAGIC)
-        })
-        .unwrap_or(false)
-}
-
 /// Random inputs for `shapes` with the batch dimension set to `batch`.
 fn inputs(shapes: &[Vec<Dim>], batch: usize, r: &mut Rng) -> Vec<Tensor> {
     shapes
@@ -29,7 +20,7 @@ fn inputs(shapes: &[Vec<Dim>], batch: usize, r: &mut Rng) -> Vec<Tensor> {
 }
 
 pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize) -> Result<(), String> {
-    let artifact = is_artifact(model);
+    let artifact = sqil_runtime::artifact::is_artifact(model);
     let (policy, graph): (Option<sqil_runtime::Policy>, Option<Graph>) = if artifact {
         let mut p = sqil_runtime::Policy::load(model).map_err(|e| e.to_string())?;
         p.threads = threads;

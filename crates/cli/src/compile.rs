@@ -211,16 +211,14 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
     )?;
     // The CPU artifact (plan + packed int4 weights), checked against the simulation on the
     // first batch of training states.
-    let plan = sqil_runtime::Plan::new(&tuned).map_err(|e| e.to_string())?;
+    let plan = crate::quantize::write_artifact(&tuned, model, &a.out.join("policy.bin"))?;
     let cpu_plan = plan.describe();
-    let text = print_graph(&tuned, &PrintOptions::default()).map_err(|e| e.to_string())?;
-    sqil_runtime::artifact::save(&a.out.join("policy.bin"), &sqil_runtime::artifact::encode(&text, &plan))
-        .map_err(|e| e.to_string())?;
     let cpu_rel_diff = {
         let feeds: Vec<Tensor> =
             tuned.inputs.iter().map(|&i| batches[0][&tuned.node(i).outputs[0].name].clone()).collect();
         let got = plan.run(&feeds, a.train.threads).map_err(|e| e.to_string())?.remove(0).data.to_f32_vec();
-        let want = run_all(&tuned, &batches[..1])?.data.to_f32_vec();
+        // The simulation's actions on that batch: the first rows of `after`.
+        let want = &after.data.to_f32_vec()[..got.len()];
         let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
         want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
     };

@@ -496,11 +496,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             if target != "cpu" {
                 return Err(format!("--target `{target}`: only `cpu` (the runtime artifact) is built so far"));
             }
-            let g = load(&model)?;
-            let plan = sqil_runtime::Plan::new(&g).map_err(|e| format!("{}: {e}", model.display()))?;
-            let text = print_graph(&g, &PrintOptions::default()).map_err(|e| e.to_string())?;
-            sqil_runtime::artifact::save(&output, &sqil_runtime::artifact::encode(&text, &plan))
-                .map_err(|e| e.to_string())?;
+            let plan = sqil::quantize::write_artifact(&load(&model)?, &model, &output)?;
             for d in plan.describe() {
                 println!("  {d}");
             }
@@ -510,13 +506,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Bench { model, batch, iters, threads } => sqil::bench::bench(&model, &batch, iters, threads),
         Cmd::Run { model, inputs, outputs, threads } => {
             // A compiled CPU artifact runs on the runtime; a model (ONNX or IR) on the interpreter.
-            let is_artifact = std::fs::File::open(&model)
-                .and_then(|mut f| {
-                    let mut m = [0u8; 8];
-                    std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == sqil_runtime::artifact::MAGIC)
-                })
-                .unwrap_or(false);
-            let (g, policy) = if is_artifact {
+            let (g, policy) = if sqil_runtime::artifact::is_artifact(&model) {
                 let mut p = sqil_runtime::Policy::load(&model).map_err(|e| e.to_string())?;
                 p.threads = threads;
                 (None, Some(p))

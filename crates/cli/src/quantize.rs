@@ -23,9 +23,7 @@ pub struct QuantizeArgs {
 
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
-    std::fs::write(&tmp, bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    sqil_ir::write_atomic(path, bytes).map_err(|e| e.to_string())
 }
 
 /// The float graph cleaned up, quantized, and its QDQ lowering.
@@ -89,11 +87,18 @@ pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> Result<QuantReport, Strin
         write_atomic(p, text.as_bytes())?;
     }
     if let Some(p) = &a.artifact_out {
-        let plan = sqil_runtime::Plan::new(&sim).map_err(|e| e.to_string())?;
-        let text = print_graph(&sim, &PrintOptions::default()).map_err(|e| e.to_string())?;
-        sqil_runtime::artifact::save(p, &sqil_runtime::artifact::encode(&text, &plan)).map_err(|e| e.to_string())?;
+        write_artifact(&sim, model, p)?;
     }
     Ok(report)
+}
+
+/// Plans a quantized simulation graph for the CPU runtime and writes the artifact (IR text and
+/// packed weights) to `out`; returns the plan. `source` names the model in errors.
+pub fn write_artifact(sim: &Graph, source: &Path, out: &Path) -> Result<sqil_runtime::Plan, String> {
+    let plan = sqil_runtime::Plan::new(sim).map_err(|e| format!("{}: {e}", source.display()))?;
+    let text = print_graph(sim, &PrintOptions::default()).map_err(|e| e.to_string())?;
+    sqil_runtime::artifact::save(out, &sqil_runtime::artifact::encode(&text, &plan)).map_err(|e| e.to_string())?;
+    Ok(plan)
 }
 
 /// The per-layer table.

@@ -195,7 +195,5 @@ pub fn save(g: &Graph, path: &Path) -> Result<()> {
     let bytes = to_model(g)?
         .write_to_bytes()
         .map_err(|e| IrError::Internal(format!("serialising ONNX for {}: {e}", path.display())))?;
-    let tmp = path.with_extension("onnx.tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| IrError::Invalid(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))
+    sqil_ir::write_atomic(path, &bytes)
 }

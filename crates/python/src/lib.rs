@@ -29,12 +29,8 @@ impl Policy {
     #[new]
     fn new(path: &str) -> PyResult<Policy> {
         let p = Path::new(path);
-        let bytes = std::fs::read(p).map_err(|e| err(format!("{path}: {e}")))?;
-        if bytes.starts_with(sqil_runtime::artifact::MAGIC) {
-            let (ir, packed) = sqil_runtime::artifact::decode(&bytes, path).map_err(err)?;
-            let graph = sqil_ir::parse_graph(&ir).map_err(|e| err(format!("{path}: {e}")))?;
-            sqil_ir::verify(&graph).map_err(|e| err(format!("{path}: {e}")))?;
-            let plan = sqil_runtime::Plan::with_packed(&graph, &packed).map_err(err)?;
+        if sqil_runtime::artifact::is_artifact(p) {
+            let (graph, plan) = sqil_runtime::load_artifact(p).map_err(err)?;
             return Ok(Policy { graph, plan: Some(plan) });
         }
         let graph = if p.extension().is_some_and(|e| e == "sqil") {

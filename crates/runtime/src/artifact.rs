@@ -151,7 +151,15 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, Packe
 
 /// Writes an artifact atomically (temporary file, then rename).
 pub fn save(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| IrError::Invalid(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))
+    sqil_ir::write_atomic(path, bytes)
+}
+
+/// True if `path` starts with the artifact magic (a compiled policy, not a model).
+pub fn is_artifact(path: &Path) -> bool {
+    std::fs::File::open(path)
+        .and_then(|mut f| {
+            let mut m = [0u8; 8];
+            std::io::Read::read_exact(&mut f, &mut m).map(|_| &m == MAGIC)
+        })
+        .unwrap_or(false)
 }

@@ -11,6 +11,17 @@ pub use plan::{Plan, Step, PLAN_TOL};
 use sqil_ir::{IrError, Result, Tensor};
 use std::path::Path;
 
+/// Reads an artifact: its verified simulation graph and the plan over its stored packed weights.
+pub fn load_artifact(path: &Path) -> Result<(sqil_ir::Graph, Plan)> {
+    let bytes = std::fs::read(path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))?;
+    let what = path.display().to_string();
+    let (ir, packed) = artifact::decode(&bytes, &what)?;
+    let g = sqil_ir::parse_graph(&ir).map_err(|e| e.context(what.clone()))?;
+    sqil_ir::verify(&g).map_err(|e| e.context(what))?;
+    let plan = Plan::with_packed(&g, &packed)?;
+    Ok((g, plan))
+}
+
 /// A loaded policy: its plan and the threads its large layers may use.
 pub struct Policy {
     pub plan: Plan,
@@ -25,15 +36,11 @@ impl Policy {
         Ok(Policy { plan: Plan::new(g)?, threads: 1, input_shapes })
     }
 
-    /// Loads an artifact written by `sqil compile --target cpu`.
+    /// Loads an artifact written by `sqil compile` (`policy.bin`).
     pub fn load(path: &Path) -> Result<Policy> {
-        let bytes = std::fs::read(path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))?;
-        let what = path.display().to_string();
-        let (ir, packed) = artifact::decode(&bytes, &what)?;
-        let g = sqil_ir::parse_graph(&ir).map_err(|e| e.context(what.clone()))?;
-        sqil_ir::verify(&g).map_err(|e| e.context(what.clone()))?;
+        let (g, plan) = load_artifact(path)?;
         let input_shapes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.shape.clone()).collect();
-        Ok(Policy { plan: Plan::with_packed(&g, &packed)?, threads: 1, input_shapes })
+        Ok(Policy { plan, threads: 1, input_shapes })
     }
 
     /// The inputs' shapes as the graph declares them (the first dimension is the batch).

@@ -11,7 +11,7 @@ use sqil_ir::interp::Interpreter;
 use sqil_ir::testing::Rng;
 use sqil_ir::{IrError, Result, Tensor};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -98,12 +98,6 @@ struct Checkpoint {
     rng_draws: u64,
     perm: Vec<usize>,
     pos: usize,
-}
-
-fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| IrError::Invalid(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))
 }
 
 /// One slice's loss, gradients (one per parameter) and row count.
@@ -235,7 +229,10 @@ pub fn train(
                 perm: perm.to_vec(),
                 pos,
             };
-            write_atomic(path, &serde_json::to_string(&ck).map_err(|e| IrError::Internal(e.to_string()))?)?;
+            sqil_ir::write_atomic(
+                path,
+                serde_json::to_string(&ck).map_err(|e| IrError::Internal(e.to_string()))?.as_bytes(),
+            )?;
         }
         Ok(())
     };

@@ -205,7 +205,11 @@ pub fn sensitivity(
         let mut act = vec![];
         let quantized_acts: Vec<u8> = abits.iter().copied().filter(|&a| a != 0).collect();
         if !quantized_acts.is_empty() {
-            let (w8, _) = m.error(&only(m.base, &all, &l.name, 8, 0))?;
+            // The 8-bit-weights-only error: measured above when 8 is a candidate width.
+            let w8 = match weight.iter().find(|w| w.0 == 8) {
+                Some(w) => w.1,
+                None => m.error(&only(m.base, &all, &l.name, 8, 0))?.0,
+            };
             for &a in abits {
                 let e = if a == 0 { 0.0 } else { (m.error(&only(m.base, &all, &l.name, 8, a))?.0 - w8).max(0.0) };
                 act.push((a, e));

@@ -73,6 +73,87 @@ fn mm_t(
     out(shape, mm(&f64s(a), ta, &f64s(b), tb, m, k, n).into_iter().map(|x| x * alpha).collect())
 }
 
+/// A float type with a GEMM: `c = a [m, k] @ b [k, n]` with explicit (row, column) strides.
+trait Gemm: Copy + Default {
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        sa: (usize, usize),
+        b: &[Self],
+        sb: (usize, usize),
+        c: &mut [Self],
+    );
+}
+
+impl Gemm for f32 {
+    fn gemm(m: usize, k: usize, n: usize, a: &[f32], sa: (usize, usize), b: &[f32], sb: (usize, usize), c: &mut [f32]) {
+        sqil_kernels_cpu::sgemm(m, k, n, 1.0, a, sa, b, sb, 0.0, c, (n, 1));
+    }
+}
+
+impl Gemm for f64 {
+    fn gemm(m: usize, k: usize, n: usize, a: &[f64], sa: (usize, usize), b: &[f64], sb: (usize, usize), c: &mut [f64]) {
+        sqil_kernels_cpu::dgemm(m, k, n, 1.0, a, sa, b, sb, 0.0, c, (n, 1));
+    }
+}
+
+/// Batched MatMul gradient before unbroadcasting: per batch item `t`, `dA_t = dY_t B_t^T`
+/// (`wrt` 0) or `dB_t = A_t^T dY_t`, with `ai`/`bi` mapping the broadcast operands' elements.
+#[allow(clippy::too_many_arguments)]
+fn matmul_grad<T: Gemm>(
+    av: &[T],
+    bv: &[T],
+    gv: &[T],
+    ai: &[usize],
+    bi: &[usize],
+    nb: usize,
+    (m, k, n): (usize, usize, usize),
+    wrt: usize,
+) -> Vec<T> {
+    let mut full = vec![T::default(); if wrt == 0 { nb * m * k } else { nb * k * n }];
+    for t in 0..nb {
+        let gt = &gv[t * m * n..(t + 1) * m * n];
+        if wrt == 0 {
+            let bt: Vec<T> = (0..k * n).map(|i| bv[bi[t * k * n + i]]).collect();
+            T::gemm(m, n, k, gt, (n, 1), &bt, (1, n), &mut full[t * m * k..(t + 1) * m * k]);
+        } else {
+            let at: Vec<T> = (0..m * k).map(|i| av[ai[t * m * k + i]]).collect();
+            T::gemm(k, m, n, &at, (1, k), gt, (n, 1), &mut full[t * k * n..(t + 1) * k * n]);
+        }
+    }
+    full
+}
+
+/// Softmax (`log` false) or LogSoftmax gradient along `axis`, with `p = softmax(x)`:
+/// `p * (dy - sum(dy * p))`, or `dy - p * sum(dy)`.
+fn softmax_grad(x: &Tensor, g: &[f64], axis: i64, log: bool) -> Result<Vec<f64>> {
+    let xs = &x.shape;
+    let ax = norm_axis(axis, xs.len())?;
+    let (d, inner) = (xs[ax], xs[ax + 1..].iter().product::<usize>());
+    let outer: usize = xs[..ax].iter().product();
+    let xv = f64s(x);
+    let mut r = vec![0f64; xv.len()];
+    for o in 0..outer {
+        for j in 0..inner {
+            let at = |i: usize| (o * d + i) * inner + j;
+            let mx = (0..d).map(|i| xv[at(i)]).fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = (0..d).map(|i| (xv[at(i)] - mx).exp()).collect();
+            let s: f64 = e.iter().sum();
+            if log {
+                let gs: f64 = (0..d).map(|i| g[at(i)]).sum();
+                (0..d).for_each(|i| r[at(i)] = g[at(i)] - e[i] / s * gs);
+            } else {
+                let dot: f64 = (0..d).map(|i| g[at(i)] * e[i] / s).sum();
+                (0..d).for_each(|i| r[at(i)] = e[i] / s * (g[at(i)] - dot));
+            }
+        }
+    }
+    Ok(r)
+}
+
 /// The gradient with respect to input `wrt` of a multi-output op (Split), given the gradient of
 /// each output (`None`: that output does not reach the loss).
 pub fn vjp_multi(op: &Op, ins: &[Option<&Tensor>], dys: &[Option<&Tensor>], wrt: usize) -> Result<Tensor> {
@@ -232,27 +313,7 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
                 out(&slope.shape, acc)
             }
         }
-        Op::LogSoftmax { axis, coerce_2d: false } if wrt == 0 => {
-            // dx = dy - softmax(x) * sum(dy) along the axis.
-            let ax = norm_axis(*axis, xs.len())?;
-            let (d, inner) = (xs[ax], xs[ax + 1..].iter().product::<usize>());
-            let outer: usize = xs[..ax].iter().product();
-            let xv = f64s(x);
-            let mut r = vec![0f64; xv.len()];
-            for o in 0..outer {
-                for j in 0..inner {
-                    let at = |i: usize| (o * d + i) * inner + j;
-                    let mx = (0..d).map(|i| xv[at(i)]).fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = (0..d).map(|i| (xv[at(i)] - mx).exp()).collect();
-                    let s: f64 = e.iter().sum();
-                    let gs: f64 = (0..d).map(|i| g[at(i)]).sum();
-                    for i in 0..d {
-                        r[at(i)] = g[at(i)] - e[i] / s * gs;
-                    }
-                }
-            }
-            out(xs, r)
-        }
+        Op::LogSoftmax { axis, coerce_2d: false } if wrt == 0 => out(xs, softmax_grad(x, &g, *axis, true)?),
         Op::Unary(UnaryOp::Relu) if wrt == 0 && matches!((&x.data, &dy.data), (Data::F32(_), Data::F32(_))) => {
             let (Data::F32(xv), Data::F32(dv)) = (&x.data, &dy.data) else { unreachable!() };
             Tensor::from_f32(xs.clone(), xv.iter().zip(dv).map(|(&v, &d)| if v > 0.0 { d } else { 0.0 }).collect())
@@ -361,37 +422,13 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
             let mut bsh = batch.clone();
             bsh.extend([k, n]);
             let (ai, bi) = (broadcast_indices(&a.shape, &ash), broadcast_indices(&b.shape, &bsh));
-            if let (Data::F32(av), Data::F32(bv), Data::F32(gv)) = (&a.data, &b.data, &dy.data) {
-                // f32 products (sgemm per batch item), as PyTorch computes them.
-                let mut full = vec![0f32; if wrt == 0 { nb * m * k } else { nb * k * n }];
-                for t in 0..nb {
-                    let gt = &gv[t * m * n..(t + 1) * m * n];
-                    if wrt == 0 {
-                        let bt: Vec<f32> = (0..k * n).map(|i| bv[bi[t * k * n + i]]).collect();
-                        let c = &mut full[t * m * k..(t + 1) * m * k];
-                        sqil_kernels_cpu::sgemm(m, n, k, 1.0, gt, (n, 1), &bt, (1, n), 0.0, c, (k, 1));
-                    } else {
-                        let at: Vec<f32> = (0..m * k).map(|i| av[ai[t * m * k + i]]).collect();
-                        let c = &mut full[t * k * n..(t + 1) * k * n];
-                        sqil_kernels_cpu::sgemm(k, m, n, 1.0, &at, (1, k), gt, (n, 1), 0.0, c, (n, 1));
-                    }
+            // f32 products (sgemm) when the values are f32, as PyTorch computes them; else f64.
+            let full: Vec<f64> = match (&a.data, &b.data, &dy.data) {
+                (Data::F32(av), Data::F32(bv), Data::F32(gv)) => {
+                    matmul_grad(av, bv, gv, &ai, &bi, nb, (m, k, n), wrt).into_iter().map(f64::from).collect()
                 }
-                let (sh, target) = if wrt == 0 { (&ash, &a.shape) } else { (&bsh, &b.shape) };
-                let full64: Vec<f64> = full.iter().map(|&v| v as f64).collect();
-                return out(target, unbroadcast(&full64, sh, target));
-            }
-            let (av, bv) = (f64s(a), f64s(b));
-            let mut full = vec![0f64; if wrt == 0 { nb * m * k } else { nb * k * n }];
-            for t in 0..nb {
-                let gt = &g[t * m * n..(t + 1) * m * n];
-                if wrt == 0 {
-                    let bt: Vec<f64> = (0..k * n).map(|i| bv[bi[t * k * n + i]]).collect();
-                    full[t * m * k..(t + 1) * m * k].copy_from_slice(&mm(gt, false, &bt, true, m, n, k));
-                } else {
-                    let at: Vec<f64> = (0..m * k).map(|i| av[ai[t * m * k + i]]).collect();
-                    full[t * k * n..(t + 1) * k * n].copy_from_slice(&mm(&at, true, gt, false, k, m, n));
-                }
-            }
+                _ => matmul_grad(&f64s(a), &f64s(b), &g, &ai, &bi, nb, (m, k, n), wrt),
+            };
             let (sh, target) = if wrt == 0 { (ash, &a.shape) } else { (bsh, &b.shape) };
             out(target, unbroadcast(&full, &sh, target))
         }
@@ -409,26 +446,7 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
             let idx = broadcast_indices(&kept, xs);
             out(xs, idx.iter().map(|&i| g[i] * scale).collect())
         }
-        Op::Softmax { axis, coerce_2d: false } if wrt == 0 => {
-            let ax = norm_axis(*axis, xs.len())?;
-            let (d, inner) = (xs[ax], xs[ax + 1..].iter().product::<usize>());
-            let outer: usize = xs[..ax].iter().product();
-            let xv = f64s(x);
-            let mut r = vec![0f64; xv.len()];
-            for o in 0..outer {
-                for j in 0..inner {
-                    let at = |i: usize| (o * d + i) * inner + j;
-                    let mx = (0..d).map(|i| xv[at(i)]).fold(f64::NEG_INFINITY, f64::max);
-                    let e: Vec<f64> = (0..d).map(|i| (xv[at(i)] - mx).exp()).collect();
-                    let s: f64 = e.iter().sum();
-                    let dot: f64 = (0..d).map(|i| g[at(i)] * e[i] / s).sum();
-                    for i in 0..d {
-                        r[at(i)] = e[i] / s * (g[at(i)] - dot);
-                    }
-                }
-            }
-            out(xs, r)
-        }
+        Op::Softmax { axis, coerce_2d: false } if wrt == 0 => out(xs, softmax_grad(x, &g, *axis, false)?),
         Op::LayerNorm { axis, epsilon } => {
             let ax = norm_axis(*axis, xs.len())?;
             let d: usize = xs[ax..].iter().product();
