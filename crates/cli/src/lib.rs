@@ -2,6 +2,7 @@
 
 pub mod allocate;
 pub mod bench;
+pub mod build;
 pub mod compile;
 pub mod feeds;
 pub mod inspect;

@@ -199,13 +199,24 @@ enum Cmd {
         artifact: Option<PathBuf>,
     },
     /// Build a quantized simulation graph (IR text or QDQ-free FakeQuant model, e.g. OUT/model.sqil)
-    /// for a target: `cpu` writes the CPU artifact (plan + packed int4 weights).
+    /// for a target: `cpu` writes the CPU artifact (plan + packed int4 weights); `c` writes C99
+    /// source for firmware into the output directory (`PREFIX.c`, `PREFIX.h`, `c_report.json`,
+    /// and with `--selftest` a `selftest.c` checking the code against the runtime).
     Build {
         model: PathBuf,
         #[arg(long, default_value = "cpu")]
         target: String,
         #[arg(short, long)]
         output: PathBuf,
+        /// C target: the API's name (`PREFIX_act`, `PREFIX.h`).
+        #[arg(long, default_value = "policy")]
+        prefix: String,
+        /// C target: .npy states (one file per policy input) for `selftest.c`.
+        #[arg(long)]
+        selftest: Vec<PathBuf>,
+        /// C target: how many of those states the self-test runs.
+        #[arg(long, default_value_t = 8)]
+        selftest_states: usize,
     },
     /// Time a model or CPU artifact on random inputs: batch latency and throughput, one line of
     /// JSON per batch size (artifacts on the runtime's kernels, models on the interpreter).
@@ -492,9 +503,27 @@ fn run(cmd: Cmd) -> Result<(), String> {
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Build { model, target, output } => {
+        Cmd::Build { model, target, output, prefix, selftest, selftest_states } => {
+            if target == "c" {
+                let a = sqil::build::BuildC { prefix, selftest, states: selftest_states };
+                let r = sqil::build::build_c(&model, &output, &a)?;
+                for d in &r.steps {
+                    println!("  {d}");
+                }
+                println!(
+                    "packed weights {} B, other constants {} B, arena {} B, int8 buffer {} B; {}{}",
+                    r.packed_weight_bytes,
+                    r.const_bytes,
+                    r.arena_bytes,
+                    r.qbuf_bytes,
+                    if r.bit_exact { "bit-exact with the runtime" } else { "within C_TOL of the runtime" },
+                    if r.needs_libm { "; needs math.h (link -lm)" } else { "" }
+                );
+                println!("wrote {}", output.display());
+                return Ok(());
+            }
             if target != "cpu" {
-                return Err(format!("--target `{target}`: only `cpu` (the runtime artifact) is built so far"));
+                return Err(format!("--target `{target}`: expected `cpu` (runtime artifact) or `c` (C99 source)"));
             }
             let plan = sqil::quantize::write_artifact(&load(&model)?, &model, &output)?;
             for d in plan.describe() {

@@ -52,6 +52,8 @@ pub enum Step {
     },
     Op {
         node: NodeId,
+        /// The node's name (for reports and errors).
+        name: String,
         op: Op,
         inputs: Vec<Option<usize>>,
         outputs: Vec<usize>,
@@ -302,6 +304,7 @@ impl Plan {
             }
             steps_rev.push(Step::Op {
                 node: n,
+                name: node.name.clone(),
                 op: node.op.clone(),
                 inputs: ins.iter().map(|v| v.map(|v| slot_of(v, &mut slot))).collect(),
                 outputs: (0..node.outputs.len()).map(|s| slot_of(ValueRef { node: n, slot: s }, &mut slot)).collect(),
@@ -331,6 +334,7 @@ impl Plan {
                     w.group,
                     if *relu { " +relu" } else { "" }
                 ),
+                Step::Op { name, op, .. } if !name.is_empty() => format!("{name}: {}", op.name()),
                 Step::Op { op, .. } => op.name().to_string(),
             })
             .collect()
@@ -338,6 +342,16 @@ impl Plan {
 
     /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers.
     pub fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
+        let mut env = self.trace(feeds, threads)?;
+        self.outputs
+            .iter()
+            .map(|&s| env[s].take().ok_or_else(|| IrError::Internal("output not computed".into())))
+            .collect()
+    }
+
+    /// Runs the plan and returns every slot's value (constants, inputs, step results; `None`
+    /// for slots no step wrote): the shapes and values code generators and tests need.
+    pub fn trace(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Option<Tensor>>> {
         if feeds.len() != self.inputs.len() {
             return Err(IrError::Invalid(format!(
                 "{} inputs given, the policy takes {}",
@@ -389,20 +403,17 @@ impl Plan {
                     }
                     env[*y] = Some(Tensor::from_f32(vec![rows, w.n], out)?);
                 }
-                Step::Op { node, op, inputs, outputs } => {
+                Step::Op { node, name, op, inputs, outputs } => {
                     let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
                     let res = op
                         .eval(&args, outputs.len())
-                        .map_err(|e| e.context(format!("node {node:?} ({})", op.name())))?;
+                        .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
                     for (s, t) in outputs.iter().zip(res) {
                         env[*s] = Some(t);
                     }
                 }
             }
         }
-        self.outputs
-            .iter()
-            .map(|&s| env[s].take().ok_or_else(|| IrError::Internal("output not computed".into())))
-            .collect()
+        Ok(env)
     }
 }

@@ -16,7 +16,7 @@ pub mod quant;
 mod reduce;
 mod shape_ops;
 
-pub use broadcast::Broadcast;
+pub use broadcast::{broadcast_indices, Broadcast};
 pub use linalg::ConvAttrs;
 pub use nn::PoolAttrs;
 pub use shape_ops::shape_range;

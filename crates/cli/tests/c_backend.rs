@@ -1,0 +1,271 @@
+//! The C firmware back end against the runtime: every MLP testdata policy x config generated,
+//! compiled warning-free as C99 (`-Wall -Wextra -Werror -pedantic`), run, and compared with the
+//! runtime's outputs (bit for bit where the report says the code is exact, else within
+//! `C_TOL`); then the same code cross-compiled for aarch64 (NEON, and the dot-product
+//! instructions) under qemu-aarch64, and for Cortex-M3 / M4 / M7 firmware under QEMU's MPS2
+//! boards. Tools that are missing make the cross tests skip with a message, unless
+//! `SQIL_REQUIRE_CROSS=1` (set by tools/test.sh, which installs them) makes that a failure.
+
+use sqil::build::selftest_vectors;
+use sqil::quantize::{run_quantize, QuantizeArgs};
+use sqil_codegen::c::{emit, selftest, C_TOL};
+use sqil_passes::quant::{QuantConfig, Recipe};
+use sqil_runtime::Policy;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn policies() -> PathBuf {
+    root().join("testdata/policies")
+}
+
+/// The quantized policy and its test states (first input file).
+fn quantized(name: &str, spec: &str) -> (Policy, sqil_ir::Tensor) {
+    let model = policies().join(format!("{name}.onnx"));
+    let fp = sqil::load_model(&model).unwrap();
+    let input = policies().join(format!("{name}.input0.npy"));
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings(spec).unwrap();
+    let qa = QuantizeArgs {
+        recipe: Recipe::Rtn,
+        config: cfg,
+        calib: vec![input.clone()],
+        calib_states: 256,
+        out: PathBuf::new(),
+        ir_out: None,
+        report_out: None,
+        artifact_out: None,
+    };
+    let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
+    (Policy::from_graph(&sim).unwrap(), sqil::npy::read(&input).unwrap())
+}
+
+/// Writes policy.c / policy.h / selftest.c for `name` x `spec` into a fresh directory.
+fn generate(name: &str, spec: &str, tag: &str) -> (PathBuf, bool, Vec<Vec<u32>>) {
+    let (policy, states) = quantized(name, spec);
+    let prog = emit(&policy, "policy").unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
+    let (ins, want) = selftest_vectors(&policy, &[states], 8).unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("sqil-c-{}-{tag}-{name}-{}", std::process::id(), spec.replace(',', "_")));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("policy.h"), &prog.header).unwrap();
+    std::fs::write(dir.join("policy.c"), &prog.source).unwrap();
+    std::fs::write(dir.join("selftest.c"), selftest("policy", &ins, &want, C_TOL).unwrap()).unwrap();
+    let bits = want.iter().map(|o| o[0].iter().map(|v| v.to_bits()).collect()).collect();
+    (dir, prog.report.bit_exact, bits)
+}
+
+/// Parses the self-test's `out S J BITS` lines into per-state output bits.
+fn parse(stdout: &str) -> Vec<Vec<u32>> {
+    let mut rows: Vec<Vec<u32>> = vec![];
+    for l in stdout.lines().filter(|l| l.starts_with("out ")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let s: usize = f[1].parse().unwrap();
+        if rows.len() <= s {
+            rows.resize(s + 1, vec![]);
+        }
+        rows[s].push(u32::from_str_radix(f[3], 16).unwrap());
+    }
+    rows
+}
+
+/// Checks a self-test run: bit for bit if `exact`, else within C_TOL of the largest |output|.
+fn check(what: &str, stdout: &str, exact: bool, want: &[Vec<u32>]) {
+    let got = parse(stdout);
+    assert_eq!(got.len(), want.len(), "{what}: {} states printed, {} expected\n{stdout}", got.len(), want.len());
+    let f = |b: u32| f32::from_bits(b);
+    let scale = want.iter().flatten().fold(1e-6f32, |m, &b| m.max(f(b).abs()));
+    let (mut same, mut total, mut worst) = (0, 0, 0f32);
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len(), "{what}: output size");
+        for (&a, &b) in g.iter().zip(w) {
+            same += (a == b) as usize;
+            total += 1;
+            worst = worst.max((f(a) - f(b)).abs() / scale);
+        }
+    }
+    eprintln!("{what:<60} {same:>3}/{total:<3} bit-identical, max rel diff {worst:.1e}");
+    if exact {
+        assert_eq!(same, total, "{what}: the report says bit-exact, {same}/{total} outputs are");
+    }
+    assert!(worst <= C_TOL, "{what}: {worst:.2e} > C_TOL");
+    assert!(stdout.contains("selftest: "), "{what}: no summary line");
+}
+
+fn run(cmd: &mut Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{what}: {}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+const STRICT: [&str; 8] = ["-std=c99", "-pedantic", "-O2", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wconversion"];
+
+const POLICIES: [&str; 5] = ["bc_hopper", "bc_lander", "bc_pickplace", "hopper_mlp", "mlp"];
+const CONFIGS: [&str; 5] = [
+    "wbits=4,abits=8,group=64",
+    "wbits=4,abits=float,group=64",
+    "wbits=4,abits=4,group=channel",
+    "wbits=3,abits=8,group=32",
+    "wbits=2,abits=8,group=channel",
+];
+
+#[test]
+fn generated_c_matches_the_runtime_on_every_mlp_policy() {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let mut exact_runs = 0;
+    for name in POLICIES {
+        for spec in CONFIGS {
+            let (dir, exact, want) = generate(name, spec, "host");
+            let exe = dir.join("selftest");
+            run(
+                Command::new(&cc)
+                    .args(STRICT)
+                    .arg(dir.join("policy.c"))
+                    .arg(dir.join("selftest.c"))
+                    .arg("-o")
+                    .arg(&exe)
+                    .arg("-lm"),
+                &format!("{name} {spec}: cc"),
+            );
+            check(&format!("host {name} {spec}"), &run(&mut Command::new(&exe), "selftest"), exact, &want);
+            exact_runs += exact as usize;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    // The int8-activation configs of the plain MLPs are the bit-exact ones.
+    assert!(exact_runs >= 12, "only {exact_runs} bit-exact policy x config pairs");
+}
+
+#[test]
+fn unsupported_policies_are_refused_with_the_node_named() {
+    for name in ["transformer", "cnn"] {
+        let model = policies().join(format!("{name}.onnx"));
+        let fp = sqil::load_model(&model).unwrap();
+        let inputs: Vec<PathBuf> =
+            (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
+        let qa = QuantizeArgs {
+            recipe: Recipe::Rtn,
+            config: QuantConfig::default(),
+            calib: inputs,
+            calib_states: 64,
+            out: PathBuf::new(),
+            ir_out: None,
+            report_out: None,
+            artifact_out: None,
+        };
+        let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
+        let err = emit(&Policy::from_graph(&sim).unwrap(), "policy").unwrap_err().to_string();
+        assert!(err.contains('`') && err.contains("C back end"), "{name}: {err}");
+        eprintln!("{name}: {err}");
+    }
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("SQIL_REQUIRE_CROSS").as_deref() != Ok("1"),
+            "{tool} is missing and SQIL_REQUIRE_CROSS=1"
+        );
+        eprintln!("skipping: {tool} not found (apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi gcc-aarch64-linux-gnu qemu-user qemu-system-arm)");
+    }
+    ok
+}
+
+const CROSS_CASES: [(&str, &str); 3] = [
+    ("bc_hopper", "wbits=4,abits=8,group=64"),
+    ("bc_lander", "wbits=4,abits=4,group=channel"),
+    ("mlp", "wbits=4,abits=8,group=64"),
+];
+
+#[test]
+fn aarch64_neon_and_dotprod_under_qemu() {
+    if !have("aarch64-linux-gnu-gcc") || !have("qemu-aarch64") {
+        return;
+    }
+    for (name, spec) in CROSS_CASES {
+        let (dir, exact, want) = generate(name, spec, "a64");
+        for (march, cpu) in [("armv8-a", "cortex-a53"), ("armv8.2-a+dotprod", "max")] {
+            let exe = dir.join(format!("selftest-{cpu}"));
+            run(
+                Command::new("aarch64-linux-gnu-gcc")
+                    .args(STRICT)
+                    .arg(format!("-march={march}"))
+                    .arg("-static")
+                    .arg(dir.join("policy.c"))
+                    .arg(dir.join("selftest.c"))
+                    .arg("-o")
+                    .arg(&exe)
+                    .arg("-lm"),
+                "aarch64-linux-gnu-gcc",
+            );
+            let out = run(Command::new("qemu-aarch64").args(["-cpu", cpu]).arg(&exe), "qemu-aarch64");
+            check(&format!("aarch64 {march} {name} {spec}"), &out, exact, &want);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Builds `policy.c` + `selftest.c` as Cortex-M firmware and runs it on QEMU's MPS2 board.
+fn cortex_m(dir: &Path, cpu: &str, fpu: &[&str], board: &str) -> String {
+    let fw = root().join("tools/firmware");
+    let elf = dir.join(format!("fw-{cpu}.elf"));
+    let mut flags = vec![format!("-mcpu={cpu}"), "-mthumb".into()];
+    flags.extend(fpu.iter().map(|s| s.to_string()));
+    run(
+        Command::new("arm-none-eabi-gcc")
+            .args(&flags)
+            .args(STRICT)
+            .arg("-c")
+            .arg(dir.join("policy.c"))
+            .arg("-o")
+            .arg(dir.join("policy.o")),
+        "arm-none-eabi-gcc policy.c",
+    );
+    let size = run(Command::new("arm-none-eabi-size").arg(dir.join("policy.o")), "arm-none-eabi-size");
+    eprintln!("{cpu} policy.o (text = flash, bss = RAM):\n{size}");
+    run(
+        Command::new("arm-none-eabi-gcc")
+            .args(&flags)
+            .args(["-O2", "--specs=rdimon.specs", "-T"])
+            .arg(fw.join("mps2.ld"))
+            .arg(fw.join("startup.c"))
+            .arg(dir.join("policy.o"))
+            .arg(dir.join("selftest.c"))
+            .arg("-o")
+            .arg(&elf)
+            .arg("-lm"),
+        "arm-none-eabi-gcc link",
+    );
+    run(
+        Command::new("timeout")
+            .args(["120", "qemu-system-arm", "-M", board, "-nographic", "-monitor", "none"])
+            .args(["-semihosting-config", "enable=on,target=native", "-kernel"])
+            .arg(&elf),
+        &format!("qemu-system-arm -M {board}"),
+    )
+}
+
+#[test]
+fn cortex_m_firmware_under_qemu() {
+    if !have("arm-none-eabi-gcc") || !have("qemu-system-arm") {
+        return;
+    }
+    let boards: [(&str, &[&str], &str); 3] = [
+        ("cortex-m3", &["-mfloat-abi=soft"], "mps2-an385"),
+        ("cortex-m4", &["-mfloat-abi=hard", "-mfpu=fpv4-sp-d16"], "mps2-an386"),
+        ("cortex-m7", &["-mfloat-abi=hard", "-mfpu=fpv5-d16"], "mps2-an500"),
+    ];
+    for (name, spec) in CROSS_CASES {
+        let (dir, exact, want) = generate(name, spec, "m");
+        for (cpu, fpu, board) in boards {
+            let out = cortex_m(&dir, cpu, fpu, board);
+            check(&format!("{cpu} ({board}) {name} {spec}"), &out, exact, &want);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

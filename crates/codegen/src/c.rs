@@ -1,0 +1,745 @@
+//! The C back end for firmware: a CPU plan becomes `policy.c` / `policy.h` in C99, for one
+//! state at a time (batch 1).
+//!
+//! What the generated code is:
+//! - weights as `static const` arrays: int4 layers in the packed block layout
+//!   (`sqil_packed.h`, generated from the Rust definition) with their group scales and weight
+//!   sums; other constants as f32;
+//! - every buffer static: one float arena whose offsets are planned here from the values'
+//!   lifetimes (first fit), one int8 buffer for quantized activations; no `malloc`, and no libc
+//!   beyond `string.h` (`memcpy`) unless the policy has transcendental ops (`tanh`, `exp`, ...),
+//!   which take `math.h`;
+//! - int4 layers on the portable kernels of `kernels/c/sqil_q4.h` (copied in): W4A8 and W4A4 as
+//!   int8 x int4 integer dot products with int32 sums per group and the runtime's float
+//!   requantizing epilogue (bias and ReLU fused), with NEON paths behind `__ARM_NEON`.
+//!
+//! Agreement: the kernels repeat the runtime's reference kernels operation for operation, and
+//! every other op repeats the IR's reference semantics (f32 arithmetic where the IR uses f32,
+//! double where it uses f64), so with IEEE single precision and no FMA contraction (GCC's
+//! default under `-std=c99`) a policy of int4 layers and exact f32 ops gives the runtime's bits.
+//! Float matrix products (layers kept in float or at 8 bits) sum in k order where the runtime
+//! uses a blocked GEMM, and the C library's `tanh`/`exp` may differ from Rust's by an ulp, so
+//! those policies are held to [`C_TOL`].
+
+use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
+use sqil_ir::{IrError, Result, Tensor};
+use sqil_runtime::plan::{ActQuant, Step};
+use sqil_runtime::Policy;
+use std::collections::HashMap;
+use std::fmt::Write;
+
+/// The kernels every generated file contains.
+pub const KERNELS: &str = include_str!("../../../kernels/c/sqil_q4.h");
+
+/// Largest |C - runtime| on an output, relative to the largest |output|, for policies with float
+/// matrix products or transcendental functions (see the module docs); policies of int4 layers
+/// and exact f32 element-wise ops agree bit for bit.
+pub const C_TOL: f32 = 1e-5;
+
+/// A generated policy.
+#[derive(Clone, Debug)]
+pub struct CProgram {
+    pub header: String,
+    pub source: String,
+    pub report: CReport,
+}
+
+/// Sizes of what the generated code holds.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CReport {
+    /// Packed int4 weights, their scales and weight sums (bytes).
+    pub packed_weight_bytes: usize,
+    /// Other constants (f32 bytes).
+    pub const_bytes: usize,
+    /// The static float arena (bytes) and int8 activation buffer (bytes).
+    pub arena_bytes: usize,
+    pub qbuf_bytes: usize,
+    pub input_sizes: Vec<usize>,
+    pub output_sizes: Vec<usize>,
+    /// Whether the policy only uses ops the C code reproduces bit for bit.
+    pub bit_exact: bool,
+    /// Whether the code needs `math.h`.
+    pub needs_libm: bool,
+    pub steps: Vec<String>,
+}
+
+/// A C float literal that parses back to exactly `v`.
+fn flit(v: f32, what: &str) -> Result<String> {
+    if !v.is_finite() {
+        return Err(IrError::Unsupported(format!("{what}: constant {v} has no C99 literal without math.h")));
+    }
+    Ok(format!("{v:e}f"))
+}
+
+fn dlit(v: f64) -> String {
+    format!("{v:e}")
+}
+
+/// Where a value lives in the generated code.
+#[derive(Clone, Debug)]
+enum Loc {
+    Input(usize),
+    Arena(usize),
+}
+
+impl Loc {
+    fn expr(&self) -> String {
+        match self {
+            Loc::Input(i) => format!("input{i}"),
+            Loc::Arena(o) => format!("(sqil_arena + {o})"),
+        }
+    }
+}
+
+/// Lifetimes to offsets: first fit in one arena. `bufs`: (size, first step, last step).
+fn plan_arena(bufs: &[(usize, usize, usize)]) -> (Vec<usize>, usize) {
+    let mut order: Vec<usize> = (0..bufs.len()).collect();
+    order.sort_by_key(|&i| (bufs[i].1, std::cmp::Reverse(bufs[i].0)));
+    let mut placed: Vec<(usize, usize, usize, usize)> = vec![]; // offset, size, first, last
+    let mut offs = vec![0usize; bufs.len()];
+    let mut total = 0;
+    for i in order {
+        let (size, first, last) = bufs[i];
+        let mut live: Vec<(usize, usize)> =
+            placed.iter().filter(|p| p.2 <= last && first <= p.3).map(|p| (p.0, p.0 + p.1)).collect();
+        live.sort();
+        let mut at = 0;
+        for (s, e) in live {
+            if at + size <= s {
+                break;
+            }
+            at = at.max(e);
+        }
+        offs[i] = at;
+        total = total.max(at + size);
+        placed.push((at, size, first, last));
+    }
+    (offs, total)
+}
+
+fn c_ident(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+}
+
+struct Emitter {
+    consts: String,
+    body: String,
+    const_bytes: usize,
+    packed_bytes: usize,
+    next_const: usize,
+    exact: bool,
+    libm: bool,
+    /// The kernels used (`SQIL_USE_*` macros).
+    uses: std::collections::BTreeSet<&'static str>,
+}
+
+impl Emitter {
+    fn const_array(&mut self, v: &[f32], what: &str) -> Result<String> {
+        let name = format!("sqil_c{}", self.next_const);
+        self.next_const += 1;
+        let _ = write!(self.consts, "static const float {name}[{}] = {{", v.len().max(1));
+        for (i, x) in v.iter().enumerate() {
+            if i % 8 == 0 {
+                self.consts.push_str("\n    ");
+            }
+            let _ = write!(self.consts, "{}, ", flit(*x, what)?);
+        }
+        if v.is_empty() {
+            self.consts.push_str("0.0f");
+        }
+        self.consts.push_str("\n};\n");
+        self.const_bytes += 4 * v.len();
+        Ok(name)
+    }
+}
+
+/// The values of `t` broadcast to `shape` (numpy rules).
+fn broadcast_to(t: &Tensor, shape: &[usize]) -> Vec<f32> {
+    let v = t.data.to_f32_vec();
+    sqil_ir::ops::broadcast_indices(&t.shape, shape).into_iter().map(|i| v[i]).collect()
+}
+
+/// Generates C for `policy` at batch 1; `prefix` names the API (`{prefix}_act`, `PREFIX_...`).
+pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
+    let plan = &policy.plan;
+    let prefix = c_ident(prefix);
+    let upper = prefix.to_uppercase();
+    // Shapes (and folded constants) from one traced run at batch 1.
+    let mut feeds = vec![];
+    for (i, shape) in policy.input_shapes().iter().enumerate() {
+        let dims: Vec<usize> = shape
+            .iter()
+            .enumerate()
+            .map(|(d, x)| if d == 0 { Some(1) } else { x.known() })
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                IrError::Unsupported(format!(
+                    "input `{}`: the C back end needs every dimension but the batch known",
+                    plan.inputs[i].0
+                ))
+            })?;
+        let n = dims.iter().product();
+        feeds.push(Tensor::from_f32(dims, vec![0.0; n])?);
+    }
+    let env = plan.trace(&feeds, 1)?;
+    let mut is_const = vec![false; plan.slots];
+    for (s, _) in &plan.consts {
+        is_const[*s] = true;
+    }
+    // Steps whose inputs are all constant are folded (their traced value becomes a constant).
+    let mut live_steps = vec![];
+    for (i, st) in plan.steps.iter().enumerate() {
+        if let Step::Op { inputs, outputs, .. } = st {
+            if inputs.iter().flatten().all(|&s| is_const[s]) {
+                outputs.iter().for_each(|&s| is_const[s] = true);
+                continue;
+            }
+        }
+        live_steps.push(i);
+    }
+    let shape_of = |s: usize| -> Result<&Tensor> {
+        env[s].as_ref().ok_or_else(|| IrError::Internal(format!("slot {s} was not computed")))
+    };
+    // Buffers: every value a live step writes, live from its step to its last use.
+    let n_steps = live_steps.len();
+    let mut first_last: HashMap<usize, (usize, usize)> = HashMap::new();
+    let mut writer: HashMap<usize, usize> = HashMap::new();
+    for (pos, &i) in live_steps.iter().enumerate() {
+        let (ins, outs): (Vec<usize>, Vec<usize>) = match &plan.steps[i] {
+            Step::Q4Linear { x, y, .. } => (vec![*x], vec![*y]),
+            Step::Op { inputs, outputs, .. } => (inputs.iter().flatten().copied().collect(), outputs.clone()),
+        };
+        for s in outs {
+            first_last.insert(s, (pos, pos));
+            writer.insert(s, i);
+        }
+        for s in ins {
+            if let Some(e) = first_last.get_mut(&s) {
+                e.1 = pos;
+            }
+        }
+    }
+    for s in &plan.outputs {
+        if let Some(e) = first_last.get_mut(s) {
+            e.1 = n_steps;
+        }
+    }
+    let mut slots: Vec<usize> = first_last.keys().copied().collect();
+    slots.sort();
+    let mut bufs = vec![];
+    for &s in &slots {
+        let t = shape_of(s)?;
+        if t.dtype() != sqil_ir::DType::F32 {
+            return Err(IrError::Unsupported(format!(
+                "step `{}` computes a {} value from the inputs: the C back end computes in f32 only",
+                plan.describe()[writer[&s]],
+                t.dtype()
+            )));
+        }
+        let (a, b) = first_last[&s];
+        bufs.push((t.len(), a, b));
+    }
+    let (offs, arena) = plan_arena(&bufs);
+    let mut loc: HashMap<usize, Loc> = slots.iter().zip(&offs).map(|(&s, &o)| (s, Loc::Arena(o))).collect();
+    for (i, (_, s)) in plan.inputs.iter().enumerate() {
+        loc.insert(*s, Loc::Input(i));
+    }
+    let mut em = Emitter {
+        consts: String::new(),
+        body: String::new(),
+        const_bytes: 0,
+        packed_bytes: 0,
+        next_const: 0,
+        exact: true,
+        libm: false,
+        uses: Default::default(),
+    };
+    let mut qbuf = 0usize;
+    let mut described = vec![];
+    for &i in &live_steps {
+        let step = &plan.steps[i];
+        match step {
+            Step::Q4Linear { name, layer, x, y, act, w, bias, relu } => {
+                let id = c_ident(layer);
+                let _ = writeln!(em.consts, "/* {name}: [{} x {}] int4, groups of {} */", w.n, w.k, w.group);
+                let _ = write!(em.consts, "static const sqil_block_q4 sqil_w_{id}[{}] = {{", w.blocks.len());
+                for (bi, b) in w.blocks.iter().enumerate() {
+                    em.consts.push_str(if bi % 2 == 0 { "\n    " } else { " " });
+                    em.consts.push_str("{{");
+                    em.consts.push_str(&b.qs.iter().map(|q| format!("{q:#04x}")).collect::<Vec<_>>().join(","));
+                    em.consts.push_str("}},");
+                }
+                em.consts.push_str("\n};\n");
+                let _ = write!(em.consts, "static const float sqil_s_{id}[{}] = {{", w.scales.len());
+                for (j, s) in w.scales.iter().enumerate() {
+                    em.consts.push_str(if j % 8 == 0 { "\n    " } else { " " });
+                    let _ = write!(em.consts, "{},", flit(*s, name)?);
+                }
+                em.consts.push_str("\n};\n");
+                em.packed_bytes += w.blocks.len() * 16 + w.scales.len() * 4;
+                let bias_expr = match bias {
+                    Some(b) => em.const_array(b, name)?,
+                    None => "0".into(),
+                };
+                let xe = loc[x].expr();
+                let ye = loc[y].expr();
+                match act {
+                    ActQuant::Int { scale, zero, lo, hi } => {
+                        let _ = write!(em.consts, "static const int32_t sqil_ws_{id}[{}] = {{", w.sums.len());
+                        for (j, s) in w.sums.iter().enumerate() {
+                            em.consts.push_str(if j % 12 == 0 { "\n    " } else { " " });
+                            let _ = write!(em.consts, "{s},");
+                        }
+                        em.consts.push_str("\n};\n");
+                        em.packed_bytes += w.sums.len() * 4;
+                        qbuf = qbuf.max(w.k_pad);
+                        em.uses.insert("SQIL_USE_Q4Q8");
+                        let sc = flit(*scale, name)?;
+                        let _ = writeln!(
+                            em.body,
+                            "    /* {name} */\n    sqil_quantize({xe}, {}, {}, {sc}, {zero}, {lo}, {hi}, sqil_qbuf);\n    \
+                             sqil_gemv_q4q8(sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, sqil_qbuf, {zero}, {sc}, \
+                             {bias_expr}, {}, {ye});",
+                            w.k,
+                            w.k_pad,
+                            w.n,
+                            w.k_pad,
+                            w.group,
+                            *relu as i32
+                        );
+                    }
+                    ActQuant::Float => {
+                        // The runtime's AVX2 weight-only kernel sums in another order.
+                        em.exact = false;
+                        em.uses.insert("SQIL_USE_Q4F32");
+                        let _ = writeln!(
+                            em.body,
+                            "    /* {name} */\n    sqil_gemv_q4f32(sqil_w_{id}, sqil_s_{id}, {}, {}, {}, {}, {xe}, {bias_expr}, \
+                             {}, {ye});",
+                            w.n,
+                            w.k,
+                            w.k_pad,
+                            w.group,
+                            *relu as i32
+                        );
+                    }
+                }
+            }
+            Step::Op { name, op, inputs, outputs, .. } => {
+                emit_op(&mut em, &env, &is_const, &loc, name, op, inputs, outputs)?;
+            }
+        }
+        described.push(plan.describe()[i].clone());
+    }
+    // Outputs: copy out of the arena (or from wherever they are).
+    let mut out_sizes = vec![];
+    for (j, &s) in plan.outputs.iter().enumerate() {
+        let t = shape_of(s)?;
+        out_sizes.push(t.len());
+        let src = match loc.get(&s) {
+            Some(l) => l.expr(),
+            None => em.const_array(&t.data.to_f32_vec(), "output")?,
+        };
+        let _ = writeln!(em.body, "    memcpy(output{j}, {src}, sizeof(float) * {});", t.len());
+    }
+    let in_sizes: Vec<usize> = feeds.iter().map(|t| t.len()).collect();
+    let params: Vec<String> = (0..in_sizes.len())
+        .map(|i| format!("const float *input{i}"))
+        .chain((0..out_sizes.len()).map(|j| format!("float *output{j}")))
+        .collect();
+    let mut h = String::new();
+    let guard = format!("{upper}_H");
+    let _ = writeln!(h, "/* Generated by sqil (C back end): do not edit. */\n#ifndef {guard}\n#define {guard}\n");
+    let _ = writeln!(h, "#define {upper}_INPUTS {}\n#define {upper}_OUTPUTS {}", in_sizes.len(), out_sizes.len());
+    for (i, (n, _)) in in_sizes.iter().zip(&plan.inputs).enumerate() {
+        let _ = writeln!(h, "#define {upper}_INPUT{i}_SIZE {n} /* {} */", plan.inputs[i].0);
+    }
+    for (j, n) in out_sizes.iter().enumerate() {
+        let _ = writeln!(h, "#define {upper}_OUTPUT{j}_SIZE {n} /* {} */", plan.output_names[j]);
+    }
+    let _ = writeln!(
+        h,
+        "\n/* One state in, its actions out (f32, row-major). Uses static buffers: not reentrant. */\n\
+         void {prefix}_act({});\n\n#endif /* {guard} */",
+        params.join(", ")
+    );
+    let mut c = String::new();
+    let _ = writeln!(
+        c,
+        "/* Generated by sqil (C back end): do not edit. C99; build with -std=c99 (GCC then does not\n \
+         * contract a * b + c into FMA, which would change the results' last bits). */\n\
+         #if defined(__clang__)\n#pragma STDC FP_CONTRACT OFF\n#endif\n#include <stdint.h>\n#include <string.h>"
+    );
+    if em.libm {
+        c.push_str("#include <math.h>\n");
+    }
+    let _ = writeln!(c, "#include \"{prefix}.h\"\n");
+    let packed_h = sqil_kernels_cpu::packed::c_header();
+    // The packed-layout definitions without the include guard's own #include (already above).
+    c.push_str(&packed_h);
+    c.push('\n');
+    for u in &em.uses {
+        let _ = writeln!(c, "#define {u}");
+    }
+    c.push_str(KERNELS);
+    c.push('\n');
+    c.push_str(&em.consts);
+    let _ = writeln!(c, "\nstatic float sqil_arena[{}];", arena.max(1));
+    if qbuf > 0 {
+        let _ = writeln!(c, "static int8_t sqil_qbuf[{qbuf}];");
+    }
+    let _ = writeln!(c, "\nvoid {prefix}_act({})\n{{", params.join(", "));
+    for i in 0..in_sizes.len() {
+        if !loc.values().any(|l| matches!(l, Loc::Input(j) if *j == i)) || !em.body.contains(&format!("input{i}")) {
+            let _ = writeln!(c, "    (void)input{i};");
+        }
+    }
+    c.push_str(&em.body);
+    c.push_str("}\n");
+    Ok(CProgram {
+        header: h,
+        source: c,
+        report: CReport {
+            packed_weight_bytes: em.packed_bytes,
+            const_bytes: em.const_bytes,
+            arena_bytes: 4 * arena,
+            qbuf_bytes: qbuf,
+            input_sizes: in_sizes,
+            output_sizes: out_sizes,
+            bit_exact: em.exact,
+            needs_libm: em.libm,
+            steps: described,
+        },
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emit_op(
+    em: &mut Emitter,
+    env: &[Option<Tensor>],
+    is_const: &[bool],
+    loc: &HashMap<usize, Loc>,
+    node: &str,
+    op: &Op,
+    inputs: &[Option<usize>],
+    outputs: &[usize],
+) -> Result<()> {
+    let what = format!("node `{node}` ({})", op.name());
+    let unsupported = |why: &str| {
+        IrError::Unsupported(format!(
+            "{what}: not supported by the C back end ({why}); it handles int4 layers, float Gemm/MatMul with \
+             constant weights, element-wise ops, Clip, LayerNormalization over the last axis, per-tensor \
+             FakeQuant, Concat of whole states and reshapes"
+        ))
+    };
+    let val = |s: usize| -> Result<&Tensor> {
+        env[s].as_ref().ok_or_else(|| IrError::Internal(format!("{what}: slot {s} not computed")))
+    };
+    let y = outputs[0];
+    let yt = val(y)?;
+    let n = yt.len();
+    let ye = loc[&y].expr();
+    // A dynamic input of the output's own shape (element-wise operand), by position.
+    let dyn_in = |j: usize| -> Result<String> {
+        let s = inputs.get(j).copied().flatten().ok_or_else(|| unsupported("missing input"))?;
+        if is_const[s] {
+            return Err(unsupported("constant operand where a computed one was expected"));
+        }
+        Ok(loc[&s].expr())
+    };
+    let const_of = |j: usize| -> Option<&Tensor> {
+        let s = inputs.get(j).copied().flatten()?;
+        if is_const[s] {
+            env[s].as_ref()
+        } else {
+            None
+        }
+    };
+    let _ = writeln!(em.body, "    /* {what} */");
+    let unary_f32 = |em: &mut Emitter, x: &str, f: &str| {
+        let _ = writeln!(
+            em.body,
+            "    {{\n        int32_t i;\n        for (i = 0; i < {n}; i++) {{\n            float v = {x}[i];\n            \
+             {ye}[i] = {f};\n        }}\n    }}"
+        );
+    };
+    match op {
+        Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => {
+            let x = dyn_in(0)?;
+            let _ = writeln!(em.body, "    memmove({ye}, {x}, sizeof(float) * {n});");
+        }
+        Op::Unary(u) => {
+            let x = dyn_in(0)?;
+            let f: String = match u {
+                UnaryOp::Relu => "v < 0.0f ? 0.0f : v".into(),
+                UnaryOp::Neg => "-v".into(),
+                UnaryOp::Abs => "v < 0.0f ? -v : (v == 0.0f ? 0.0f : v)".into(),
+                other => {
+                    em.libm = true;
+                    em.exact = false;
+                    let d = "(double)v";
+                    match other {
+                        UnaryOp::Tanh => format!("(float)tanh({d})"),
+                        UnaryOp::Sigmoid => {
+                            format!("(float)(v >= 0.0f ? 1.0 / (1.0 + exp(-{d})) : exp({d}) / (1.0 + exp({d})))")
+                        }
+                        UnaryOp::Softplus => format!("(float)((v > 0.0f ? {d} : 0.0) + log1p(exp(-fabs({d}))))"),
+                        UnaryOp::Exp => format!("(float)exp({d})"),
+                        UnaryOp::Log => format!("(float)log({d})"),
+                        UnaryOp::Sqrt => format!("(float)sqrt({d})"),
+                        UnaryOp::Erf => format!("(float)erf({d})"),
+                        UnaryOp::Reciprocal => format!("(float)(1.0 / {d})"),
+                        _ => unreachable!("f32 unary ops handled above"),
+                    }
+                }
+            };
+            unary_f32(em, &x, &f);
+        }
+        Op::LeakyRelu { alpha } => {
+            let x = dyn_in(0)?;
+            unary_f32(em, &x, &format!("v < 0.0f ? (float)({} * (double)v) : v", dlit(*alpha as f64)));
+        }
+        Op::Elu { alpha } => {
+            em.libm = true;
+            em.exact = false;
+            let x = dyn_in(0)?;
+            unary_f32(em, &x, &format!("v < 0.0f ? (float)({} * (exp((double)v) - 1.0)) : v", dlit(*alpha as f64)));
+        }
+        Op::Gelu { tanh } => {
+            em.libm = true;
+            em.exact = false;
+            let x = dyn_in(0)?;
+            let f = if *tanh {
+                let c = dlit((2.0 / std::f64::consts::PI).sqrt());
+                format!("(float)(0.5 * (double)v * (1.0 + tanh({c} * ((double)v + 0.044715 * (double)v * (double)v * (double)v))))")
+            } else {
+                format!("(float)(0.5 * (double)v * (1.0 + erf((double)v / {})))", dlit(std::f64::consts::SQRT_2))
+            };
+            unary_f32(em, &x, &f);
+        }
+        Op::Binary(b) => {
+            let sym = match b {
+                BinaryOp::Add => "+",
+                BinaryOp::Sub => "-",
+                BinaryOp::Mul => "*",
+                BinaryOp::Div => "/",
+                BinaryOp::Pow => return Err(unsupported("Pow")),
+            };
+            let mut ops = vec![];
+            for inp in &inputs[..2] {
+                let s = inp.ok_or_else(|| unsupported("missing input"))?;
+                let t = val(s)?;
+                ops.push(if is_const[s] {
+                    if t.len() == 1 {
+                        format!("({})", flit(t.data.to_f32_vec()[0], &what)?)
+                    } else {
+                        format!("{}[i]", em.const_array(&broadcast_to(t, &yt.shape), &what)?)
+                    }
+                } else if t.len() == n {
+                    format!("{}[i]", loc[&s].expr())
+                } else {
+                    return Err(unsupported("broadcast between two computed values"));
+                });
+            }
+            let _ = writeln!(
+                em.body,
+                "    {{\n        int32_t i;\n        for (i = 0; i < {n}; i++) {{\n            {ye}[i] = {} {sym} {};\n        }}\n    }}",
+                ops[0], ops[1]
+            );
+        }
+        Op::Clip => {
+            let x = dyn_in(0)?;
+            let bound = |j: usize| -> Result<Option<f32>> {
+                match inputs.get(j).copied().flatten() {
+                    None => Ok(None),
+                    Some(_) => match const_of(j) {
+                        Some(t) if t.len() == 1 => Ok(Some(t.data.to_f32_vec()[0])),
+                        Some(t) if t.is_empty() => Ok(None),
+                        _ => Err(unsupported("Clip bounds must be constant scalars")),
+                    },
+                }
+            };
+            let mut f = "v".to_string();
+            if let Some(lo) = bound(1)? {
+                let l = flit(lo, &what)?;
+                f = format!("(v < {l} ? {l} : v)");
+            }
+            if let Some(hi) = bound(2)? {
+                let h = flit(hi, &what)?;
+                f = format!("({f} > {h} ? {h} : {f})");
+            }
+            unary_f32(em, &x, &f);
+        }
+        Op::FakeQuant { bits, signed, .. } => {
+            let x = dyn_in(0)?;
+            let (Some(s), z) = (const_of(1), const_of(2)) else { return Err(unsupported("computed scale")) };
+            if s.len() != 1 || z.is_some_and(|z| z.len() != 1) {
+                return Err(unsupported("only per-tensor activation quantizers"));
+            }
+            let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
+            let sc = flit(s.data.to_f32_vec()[0], &what)?;
+            let zp = flit(z.map_or(0.0, |z| z.data.to_f32_vec()[0]), &what)?;
+            let f = format!(
+                "(sqil_clampf(sqil_round_even(v / {sc}) + {zp}, {}, {}) - {zp}) * {sc}",
+                flit(lo as f32, &what)?,
+                flit(hi as f32, &what)?
+            );
+            em.uses.insert("SQIL_USE_FAKEQUANT");
+            if !em.consts.contains("sqil_clampf") {
+                em.consts.push_str(
+                    "static float sqil_clampf(float v, float lo, float hi)\n{\n    \
+                     if (v != v) {\n        return v;\n    }\n    return v < lo ? lo : (v > hi ? hi : v);\n}\n",
+                );
+            }
+            unary_f32(em, &x, &f);
+        }
+        Op::Gemm { .. } | Op::MatMul => {
+            let (trans_b, bias, alpha, beta) = match op {
+                Op::Gemm { alpha, beta, trans_a: false, trans_b } => (*trans_b, const_of(2), *alpha, *beta),
+                Op::Gemm { .. } => return Err(unsupported("transposed A")),
+                _ => (false, None, 1.0, 1.0),
+            };
+            if inputs.get(2).copied().flatten().is_some() && bias.is_none() {
+                return Err(unsupported("computed bias"));
+            }
+            let x = dyn_in(0)?;
+            let Some(w) = const_of(1) else { return Err(unsupported("computed weight")) };
+            if w.rank() != 2 {
+                return Err(unsupported("weight of rank other than 2"));
+            }
+            em.exact = false;
+            em.uses.insert("SQIL_USE_F32");
+            let (k, nn) = if trans_b { (w.shape[1], w.shape[0]) } else { (w.shape[0], w.shape[1]) };
+            let wv = w.data.to_f32_vec();
+            // Stored [k][n], alpha folded in (alpha = 1 in every exported policy).
+            let wk: Vec<f32> =
+                (0..k * nn).map(|i| alpha * if trans_b { wv[(i % nn) * k + i / nn] } else { wv[i] }).collect();
+            let wname = em.const_array(&wk, &what)?;
+            let bname = match bias {
+                Some(b) => {
+                    let bb: Vec<f32> = broadcast_to(b, &[nn]).iter().map(|v| v * beta).collect();
+                    em.const_array(&bb, &what)?
+                }
+                None => "0".into(),
+            };
+            let rows = n / nn;
+            let _ = writeln!(
+                em.body,
+                "    {{\n        int32_t r;\n        for (r = 0; r < {rows}; r++) {{\n            \
+                 sqil_gemv_f32({wname}, {nn}, {k}, {x} + r * {k}, {bname}, {ye} + r * {nn});\n        }}\n    }}"
+            );
+        }
+        Op::LayerNorm { axis, epsilon } => {
+            if outputs.len() > 1 {
+                return Err(unsupported("mean / inverse std outputs"));
+            }
+            let x = dyn_in(0)?;
+            let xt = val(inputs[0].expect("checked"))?;
+            let rank = xt.rank() as i64;
+            if !(*axis == -1 || *axis == rank - 1) {
+                return Err(unsupported("normalisation over more than the last axis"));
+            }
+            let inner = *xt.shape.last().unwrap_or(&1);
+            let Some(scale) = const_of(1) else { return Err(unsupported("computed scale")) };
+            let sname = em.const_array(&broadcast_to(scale, &[inner]), &what)?;
+            let bterm = match const_of(2) {
+                Some(b) => format!(" + (double){}[j]", em.const_array(&broadcast_to(b, &[inner]), &what)?),
+                None if inputs.get(2).copied().flatten().is_some() => return Err(unsupported("computed bias")),
+                None => " + 0.0".into(),
+            };
+            em.libm = true;
+            em.exact = false;
+            let _ = writeln!(
+                em.body,
+                "    {{\n        int32_t o, j;\n        for (o = 0; o < {}; o++) {{\n            \
+                 const float *row = {x} + o * {inner};\n            double mean = 0.0, var = 0.0, r;\n            \
+                 for (j = 0; j < {inner}; j++) mean += (double)row[j];\n            mean = mean / {inner}.0;\n            \
+                 for (j = 0; j < {inner}; j++) var += ((double)row[j] - mean) * ((double)row[j] - mean);\n            \
+                 var = var / {inner}.0;\n            r = 1.0 / sqrt(var + (double){});\n            \
+                 for (j = 0; j < {inner}; j++) {ye}[o * {inner} + j] = (float)(((double)row[j] - mean) * r * \
+                 (double){sname}[j]{bterm});\n        }}\n    }}",
+                n / inner,
+                flit(*epsilon, &what)?
+            );
+        }
+        Op::Concat { axis } => {
+            let rank = yt.rank() as i64;
+            let ax = if *axis < 0 { axis + rank } else { *axis } as usize;
+            if yt.shape[..ax].iter().product::<usize>() != 1 {
+                return Err(unsupported("concatenation inside a state"));
+            }
+            let mut at = 0;
+            for s in inputs.iter().flatten() {
+                let t = val(*s)?;
+                let src = if is_const[*s] { em.const_array(&t.data.to_f32_vec(), &what)? } else { loc[s].expr() };
+                let _ = writeln!(em.body, "    memmove({ye} + {at}, {src}, sizeof(float) * {});", t.len());
+                at += t.len();
+            }
+        }
+        _ => return Err(unsupported("op")),
+    }
+    Ok(())
+}
+
+/// A self-test program for a generated policy: `states` (per state, per input, the values) run
+/// through `{prefix}_act`, each output printed as hex bits on its own line (`out S J BITS`), and
+/// compared with `expected` (the runtime's outputs): a summary line with the count of
+/// bit-identical values and the largest difference relative to the largest |expected|; exit
+/// status 1 if that exceeds `tol`. Uses `stdio.h` (hosted or semihosted targets).
+pub fn selftest(prefix: &str, states: &[Vec<Vec<f32>>], expected: &[Vec<Vec<f32>>], tol: f32) -> Result<String> {
+    let prefix = c_ident(prefix);
+    let upper = prefix.to_uppercase();
+    let (Some(s0), Some(e0)) = (states.first(), expected.first()) else {
+        return Err(IrError::Invalid("selftest: no states".into()));
+    };
+    let (ni, no) = (s0.len(), e0.len());
+    let mut c = String::new();
+    let _ = writeln!(
+        c,
+        "/* Generated by sqil: self-test of {prefix}_act against the runtime's outputs. */\n\
+         #include <stdint.h>\n#include <stdio.h>\n#include <string.h>\n#include \"{prefix}.h\"\n\n#define STATES {}\n",
+        states.len()
+    );
+    for i in 0..ni {
+        let _ = writeln!(c, "static const float in{i}[STATES][{upper}_INPUT{i}_SIZE] = {{");
+        for s in states {
+            let vals: Vec<String> = s[i].iter().map(|v| flit(*v, "selftest state")).collect::<Result<_>>()?;
+            let _ = writeln!(c, "    {{{}}},", vals.join(", "));
+        }
+        c.push_str("};\n");
+    }
+    for j in 0..no {
+        let _ = writeln!(c, "static const uint32_t want{j}[STATES][{upper}_OUTPUT{j}_SIZE] = {{");
+        for e in expected {
+            let vals: Vec<String> = e[j].iter().map(|v| format!("{:#010x}u", v.to_bits())).collect();
+            let _ = writeln!(c, "    {{{}}},", vals.join(", "));
+        }
+        c.push_str("};\n");
+        let _ = writeln!(c, "static float out{j}[{upper}_OUTPUT{j}_SIZE];");
+    }
+    let args: Vec<String> = (0..ni).map(|i| format!("in{i}[s]")).chain((0..no).map(|j| format!("out{j}"))).collect();
+    let _ = writeln!(
+        c,
+        "\nstatic float absf(float v)\n{{\n    return v < 0.0f ? -v : v;\n}}\n\nint main(void)\n{{\n    \
+         int s, j, same = 0, total = 0;\n    float maxdiff = 0.0f, maxabs = 1e-6f;\n    \
+         for (s = 0; s < STATES; s++) {{\n        {prefix}_act({});",
+        args.join(", ")
+    );
+    for j in 0..no {
+        let _ = writeln!(
+            c,
+            "        for (j = 0; j < {upper}_OUTPUT{j}_SIZE; j++) {{\n            uint32_t bits;\n            float w;\n            \
+             memcpy(&bits, &out{j}[j], 4);\n            memcpy(&w, &want{j}[s][j], 4);\n            \
+             printf(\"out %d {j} %08lx\\n\", s, (unsigned long)bits);\n            same += bits == want{j}[s][j];\n            \
+             total++;\n            if (absf(w) > maxabs) maxabs = absf(w);\n            \
+             if (!(absf(out{j}[j] - w) <= maxdiff)) maxdiff = absf(out{j}[j] - w);\n        }}"
+        );
+    }
+    let _ = writeln!(
+        c,
+        "    }}\n    printf(\"selftest: %d/%d outputs bit-identical, max rel diff %.3e\\n\", same, total, \
+         (double)(maxdiff / maxabs));\n    return maxdiff / maxabs <= {} ? 0 : 1;\n}}",
+        flit(tol, "tolerance")?
+    );
+    Ok(c)
+}

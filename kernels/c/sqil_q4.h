@@ -1,0 +1,185 @@
+/* sqil portable C99 kernels for packed int4 layers: the firmware back end's kernels, copied
+ * into every generated policy.c (`sqil build --target c`). Semantics mirror the Rust reference
+ * kernels in kernels/cpu/src/generic.rs operation for operation, so that with IEEE single
+ * precision, FLT_EVAL_METHOD 0 and no FMA contraction (GCC's default with -std=c99) the results
+ * equal the CPU runtime's bit for bit. The block layout is sqil_block_q4 (sqil_packed.h).
+ *
+ * Integer parts (int8 x int4 dot products, int32 accumulation per group) have a NEON path
+ * behind __ARM_NEON (and the dot-product instructions behind __ARM_FEATURE_DOTPROD); integer
+ * sums are exact, so every path gives the same bits.
+ *
+ * Each kernel is compiled only when the including file defines its SQIL_USE_* macro, so that a
+ * policy carries (and -Wunused-function sees) only what it calls. */
+
+#if defined(SQIL_USE_Q4Q8) || defined(SQIL_USE_FAKEQUANT)
+
+/* Round half to even for |x| < 2^22 (the add-magic trick, as the Rust kernels do); larger
+ * values only reach a clamp. */
+static float sqil_round_even(float x)
+{
+    float a = x < 0.0f ? -x : x;
+    float r;
+    if (!(a < 4194304.0f)) {
+        return x;
+    }
+    r = (a + 12582912.0f) - 12582912.0f;
+    return x < 0.0f ? -r : r;
+}
+#endif
+
+#if defined(SQIL_USE_Q4Q8)
+
+/* q[i] = clamp(round_even(x[i] / scale) + zero, lo, hi) for i < k, 0 up to k_pad (FakeQuant's
+ * quantizer; NaN gives 0 as Rust's saturating cast does). */
+static void sqil_quantize(const float *x, int32_t k, int32_t k_pad, float scale, int32_t zero, int32_t lo,
+                          int32_t hi, int8_t *q)
+{
+    int32_t i;
+    for (i = 0; i < k_pad; i++) {
+        float v;
+        if (i >= k) {
+            q[i] = 0;
+            continue;
+        }
+        v = sqil_round_even(x[i] / scale) + (float)zero;
+        if (v != v) {
+            q[i] = 0;
+        } else if (v < (float)lo) {
+            q[i] = (int8_t)lo;
+        } else if (v > (float)hi) {
+            q[i] = (int8_t)hi;
+        } else {
+            q[i] = (int8_t)v;
+        }
+    }
+}
+
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+/* Sum over `nb` blocks of (w - 8) * x, w the stored nibbles. */
+static int32_t sqil_dot_q4q8(const sqil_block_q4 *b, const int8_t *x, int32_t nb)
+{
+    const uint8x16_t m4 = vdupq_n_u8(15);
+    const int8x16_t eight = vdupq_n_s8(8);
+    int32x4_t acc = vdupq_n_s32(0);
+    int32_t j;
+    for (j = 0; j < nb; j++) {
+        uint8x16_t v = vld1q_u8(b[j].qs);
+        int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, m4)), eight);
+        int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight);
+        int8x16_t x0 = vld1q_s8(x + 32 * j);
+        int8x16_t x1 = vld1q_s8(x + 32 * j + 16);
+#if defined(__ARM_FEATURE_DOTPROD)
+        acc = vdotq_s32(acc, lo, x0);
+        acc = vdotq_s32(acc, hi, x1);
+#else
+        /* |w * x| <= 8 * 128, two products per int16 lane: no overflow. */
+        int16x8_t p = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
+        p = vmlal_s8(p, vget_high_s8(lo), vget_high_s8(x0));
+        acc = vpadalq_s16(acc, p);
+        p = vmull_s8(vget_low_s8(hi), vget_low_s8(x1));
+        p = vmlal_s8(p, vget_high_s8(hi), vget_high_s8(x1));
+        acc = vpadalq_s16(acc, p);
+#endif
+    }
+#if defined(__aarch64__)
+    return vaddvq_s32(acc);
+#else
+    {
+        int32x2_t s = vadd_s32(vget_low_s32(acc), vget_high_s32(acc));
+        return vget_lane_s32(vpadd_s32(s, s), 0);
+    }
+#endif
+}
+#else
+/* Sum over `nb` blocks of (w - 8) * x, w the stored nibbles. */
+static int32_t sqil_dot_q4q8(const sqil_block_q4 *b, const int8_t *x, int32_t nb)
+{
+    int32_t acc = 0, j, i;
+    for (j = 0; j < nb; j++) {
+        const uint8_t *qs = b[j].qs;
+        const int8_t *xj = x + 32 * j;
+        for (i = 0; i < 16; i++) {
+            acc += ((int32_t)(qs[i] & 15) - 8) * xj[i] + ((int32_t)(qs[i] >> 4) - 8) * xj[i + 16];
+        }
+    }
+    return acc;
+}
+#endif
+
+/* W4A8: y[r] = epilogue over groups g of (sum_k w[r,k] * q[k] - zero * wsum[r,g]) * scale[r,g],
+ * accumulated in 8 lanes (lane g mod 8), lanes reduced in a fixed tree, then * xscale + bias,
+ * then ReLU if asked. */
+static void sqil_gemv_q4q8(const sqil_block_q4 *w, const float *scales, const int32_t *wsums, int32_t n,
+                           int32_t k_pad, int32_t group, const int8_t *q, int32_t zero, float xscale,
+                           const float *bias, int relu, float *y)
+{
+    const int32_t groups = k_pad / group, bpg = group / 32, bpr = k_pad / 32;
+    int32_t r, g;
+    for (r = 0; r < n; r++) {
+        float l[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        float v;
+        for (g = 0; g < groups; g++) {
+            int32_t s = sqil_dot_q4q8(w + r * bpr + g * bpg, q + g * group, bpg) - zero * wsums[r * groups + g];
+            float p = (float)s * scales[r * groups + g];
+            l[g & 7] += p;
+        }
+        v = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) * xscale;
+        v = v + (bias ? bias[r] : 0.0f);
+        if (relu) {
+            v = v > 0.0f ? v : 0.0f;
+        }
+        y[r] = v;
+    }
+}
+
+#endif /* SQIL_USE_Q4Q8 */
+
+#if defined(SQIL_USE_Q4F32)
+/* Weight-only W4 on float activations: y[r] = sum_g scale[r,g] * sum_{k in g} x[k] * w[r,k]
+ * + bias[r], in float, in order. */
+static void sqil_gemv_q4f32(const sqil_block_q4 *w, const float *scales, int32_t n, int32_t k, int32_t k_pad,
+                            int32_t group, const float *x, const float *bias, int relu, float *y)
+{
+    const int32_t groups = k_pad / group, bpr = k_pad / 32;
+    int32_t r, g, i;
+    for (r = 0; r < n; r++) {
+        float acc = 0.0f, v;
+        for (g = 0; g < groups; g++) {
+            float s = 0.0f, p;
+            int32_t end = (g + 1) * group < k ? (g + 1) * group : k;
+            for (i = g * group; i < end; i++) {
+                uint8_t byte = w[r * bpr + i / 32].qs[i % 16];
+                int32_t nib = (i % 32) < 16 ? (byte & 15) : (byte >> 4);
+                float t = x[i] * (float)(nib - 8);
+                s += t;
+            }
+            p = s * scales[r * groups + g];
+            acc += p;
+        }
+        v = acc + (bias ? bias[r] : 0.0f);
+        if (relu) {
+            v = v > 0.0f ? v : 0.0f;
+        }
+        y[r] = v;
+    }
+}
+
+#endif /* SQIL_USE_Q4F32 */
+
+#if defined(SQIL_USE_F32)
+/* Float layer with float weights w[k][n] (row-major, the layer's constant): y = x @ w + bias,
+ * summed in k order. */
+static void sqil_gemv_f32(const float *w, int32_t n, int32_t k, const float *x, const float *bias, float *y)
+{
+    int32_t r, i;
+    for (r = 0; r < n; r++) {
+        float acc = 0.0f, t;
+        for (i = 0; i < k; i++) {
+            t = x[i] * w[i * n + r];
+            acc += t;
+        }
+        y[r] = acc + (bias ? bias[r] : 0.0f);
+    }
+}
+#endif /* SQIL_USE_F32 */
