@@ -63,7 +63,11 @@ impl PassManager {
         let mut any = false;
         for p in &self.passes {
             if self.dump_ir {
-                eprintln!("; IR before pass {}\n{}", p.name(), print_graph(g, &PrintOptions { elide_over: Some(16) })?);
+                eprintln!(
+                    "; IR before pass {}\n{}",
+                    p.name(),
+                    print_graph(g, &PrintOptions { elide_over: Some(16), splat: false })?
+                );
             }
             let t = Instant::now();
             let changed = p.run(g, cx).map_err(|e| e.context(format!("in pass {}", p.name())))?;
@@ -75,7 +79,7 @@ impl PassManager {
                 eprintln!(
                     "; IR after pass {} (changed: {changed})\n{}",
                     p.name(),
-                    print_graph(g, &PrintOptions { elide_over: Some(16) })?
+                    print_graph(g, &PrintOptions { elide_over: Some(16), splat: false })?
                 );
             }
             self.stats.push(PassStat { name: p.name(), changed, elapsed });

@@ -73,3 +73,63 @@ pub fn selftest_vectors(
     }
     Ok((states, want))
 }
+
+/// The trailer `sqil-policy` looks for at the end of its own executable.
+pub const EXE_MAGIC: &[u8; 8] = b"SQILEXE\0";
+
+/// The artifact bytes of a model: a CPU artifact as is (checked), else the planned simulation.
+pub fn artifact_bytes(model: &Path) -> Result<Vec<u8>, String> {
+    if sqil_runtime::artifact::is_artifact(model) {
+        let bytes = std::fs::read(model).map_err(|e| format!("{}: {e}", model.display()))?;
+        sqil_runtime::load_artifact_bytes(&bytes, &model.display().to_string()).map_err(|e| e.to_string())?;
+        return Ok(bytes);
+    }
+    let g = crate::load_model(model)?;
+    let plan = sqil_runtime::Plan::new(&g).map_err(|e| format!("{}: {e}", model.display()))?;
+    sqil_runtime::artifact::encode(&g, &plan).map_err(|e| e.to_string())
+}
+
+/// `sqil build --target exe`: a copy of the `sqil-policy` runner (next to this executable unless
+/// `runner` names one) with the policy's artifact appended; returns the sizes (runner, artifact).
+pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> Result<(usize, usize), String> {
+    let runner = match runner {
+        Some(r) => r.to_path_buf(),
+        None => {
+            let me = std::env::current_exe().map_err(|e| format!("cannot locate sqil: {e}"))?;
+            me.with_file_name(format!("sqil-policy{}", std::env::consts::EXE_SUFFIX))
+        }
+    };
+    let mut bytes = std::fs::read(&runner).map_err(|e| {
+        format!(
+            "{}: {e} (the runner is built with sqil: `cargo build --release -p sqil`; or pass --runner)",
+            runner.display()
+        )
+    })?;
+    // Debug information is most of the runner's size (39 MB -> 2.4 MB): drop it with binutils'
+    // `strip` where there is one (before the artifact goes on: strip rewrites the file).
+    let tmp = out.with_extension("runner.tmp");
+    if std::fs::write(&tmp, &bytes).is_ok()
+        && std::process::Command::new("strip").arg(&tmp).output().is_ok_and(|o| o.status.success())
+    {
+        if let Ok(b) = std::fs::read(&tmp) {
+            bytes = b;
+        }
+    }
+    let _ = std::fs::remove_file(&tmp);
+    if bytes.len() >= 16 && &bytes[bytes.len() - 8..] == EXE_MAGIC {
+        return Err(format!("{}: already carries a policy; use the plain sqil-policy runner", runner.display()));
+    }
+    let runner_len = bytes.len();
+    let art = artifact_bytes(model)?;
+    bytes.extend(&art);
+    bytes.extend((art.len() as u64).to_le_bytes());
+    bytes.extend(EXE_MAGIC);
+    crate::quantize::write_atomic(out, &bytes)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    Ok((runner_len, art.len()))
+}

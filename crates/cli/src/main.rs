@@ -199,7 +199,8 @@ enum Cmd {
         artifact: Option<PathBuf>,
     },
     /// Build a quantized simulation graph (IR text or QDQ-free FakeQuant model, e.g. OUT/model.sqil)
-    /// for a target: `cpu` writes the CPU artifact (plan + packed int4 weights); `c` writes C99
+    /// for a target: `cpu` writes the CPU artifact (plan + packed int4 weights); `exe` a standalone
+    /// executable (the sqil-policy runner with the artifact inside); `c` writes C99
     /// source for firmware into the output directory (`PREFIX.c`, `PREFIX.h`, `c_report.json`,
     /// and with `--selftest` a `selftest.c` checking the code against the runtime).
     Build {
@@ -217,6 +218,9 @@ enum Cmd {
         /// C target: how many of those states the self-test runs.
         #[arg(long, default_value_t = 8)]
         selftest_states: usize,
+        /// exe target: the `sqil-policy` runner to copy (default: the one next to `sqil`).
+        #[arg(long)]
+        runner: Option<PathBuf>,
     },
     /// Time a model or CPU artifact on random inputs: batch latency and throughput, one line of
     /// JSON per batch size (artifacts on the runtime's kernels, models on the interpreter).
@@ -352,7 +356,10 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 }
             }
             if ir {
-                print!("{}", print_graph(&g, &PrintOptions { elide_over: elide }).map_err(|e| e.to_string())?);
+                print!(
+                    "{}",
+                    print_graph(&g, &PrintOptions { elide_over: elide, splat: false }).map_err(|e| e.to_string())?
+                );
             } else {
                 print!("{}", inspect::render(&inspect::summarise(&g)?, &model.display().to_string()));
             }
@@ -503,7 +510,13 @@ fn run(cmd: Cmd) -> Result<(), String> {
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Build { model, target, output, prefix, selftest, selftest_states } => {
+        Cmd::Build { model, target, output, prefix, selftest, selftest_states, runner } => {
+            if target == "exe" {
+                let (r, a) = sqil::build::build_exe(&model, &output, runner.as_deref())?;
+                println!("runner {r} B + policy {a} B");
+                println!("wrote {} (run it with --info, --input OBS.npy, or states on stdin)", output.display());
+                return Ok(());
+            }
             if target == "c" {
                 let a = sqil::build::BuildC { prefix, selftest, states: selftest_states };
                 let r = sqil::build::build_c(&model, &output, &a)?;
@@ -523,7 +536,9 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 return Ok(());
             }
             if target != "cpu" {
-                return Err(format!("--target `{target}`: expected `cpu` (runtime artifact) or `c` (C99 source)"));
+                return Err(format!(
+                    "--target `{target}`: expected `cpu` (runtime artifact), `exe` (standalone executable) or `c` (C99 source)"
+                ));
             }
             let plan = sqil::quantize::write_artifact(&load(&model)?, &model, &output)?;
             for d in plan.describe() {

@@ -96,8 +96,8 @@ pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> Result<QuantReport, Strin
 /// packed weights) to `out`; returns the plan. `source` names the model in errors.
 pub fn write_artifact(sim: &Graph, source: &Path, out: &Path) -> Result<sqil_runtime::Plan, String> {
     let plan = sqil_runtime::Plan::new(sim).map_err(|e| format!("{}: {e}", source.display()))?;
-    let text = print_graph(sim, &PrintOptions::default()).map_err(|e| e.to_string())?;
-    sqil_runtime::artifact::save(out, &sqil_runtime::artifact::encode(&text, &plan)).map_err(|e| e.to_string())?;
+    let bytes = sqil_runtime::artifact::encode(sim, &plan).map_err(|e| e.to_string())?;
+    sqil_runtime::artifact::save(out, &bytes).map_err(|e| e.to_string())?;
     Ok(plan)
 }
 

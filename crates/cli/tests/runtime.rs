@@ -66,8 +66,7 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             eprintln!("{name:<26} {spec:<30} int4 steps {q4:>2}/{:<3} max rel diff {err:.1e}", pol.plan.steps.len());
             q4_layers += q4;
             // Artifact round trip: identical results from the stored packed weights.
-            let text = sqil_ir::print_graph(&sim, &Default::default()).unwrap();
-            let bytes = artifact::encode(&text, &pol.plan);
+            let bytes = artifact::encode(&sim, &pol.plan).unwrap();
             let dir = std::env::temp_dir().join(format!("sqil-rt-{}-{name}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("policy.bin");
@@ -78,6 +77,31 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
                 again[0].data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "{name} {spec}: artifact result differs"
+            );
+            // The stored graph, its int4 weights put back from the packed ones, is still the exact
+            // simulation: the interpreter gives the same bits as on the original graph.
+            let (stored, _) = sqil_runtime::load_artifact(&path).unwrap();
+            let named: std::collections::HashMap<String, sqil_ir::Tensor> = stored
+                .inputs
+                .iter()
+                .zip(&feeds)
+                .map(|(&i, t)| (stored.node(i).outputs[0].name.clone(), t.clone()))
+                .collect();
+            let resim = sqil_ir::interp::run(&stored, &named).unwrap();
+            assert_eq!(
+                resim[0].data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{name} {spec}: the artifact's graph no longer simulates the policy exactly"
+            );
+            let params: usize =
+                pol.plan.steps.iter().map(|s| if let Step::Q4Linear { w, .. } = s { w.n * w.k } else { 0 }).sum();
+            // Without the float copies the file is smaller than the full IR text alone by more
+            // than the layers' f32 bytes (each printed weight takes over 4 characters).
+            let full = sqil_ir::print_graph(&sim, &Default::default()).unwrap().len();
+            assert!(
+                bytes.len() + 4 * params < full,
+                "{name} {spec}: artifact {} B, full IR text {full} B",
+                bytes.len()
             );
             // A flipped payload byte is caught by the checksum.
             let mut bad = bytes.clone();
@@ -119,8 +143,7 @@ fn the_c_abi_runs_an_artifact() {
     };
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
     let pol = Policy::from_graph(&sim).unwrap();
-    let text = sqil_ir::print_graph(&sim, &Default::default()).unwrap();
-    artifact::save(&dir.join("policy.bin"), &artifact::encode(&text, &pol.plan)).unwrap();
+    artifact::save(&dir.join("policy.bin"), &artifact::encode(&sim, &pol.plan).unwrap()).unwrap();
     let obs = sqil::npy::read(&input).unwrap();
     let batch = obs.shape[0];
     let want = pol.act(&obs.data.to_f32_vec(), batch).unwrap();
@@ -178,5 +201,87 @@ int main(int argc, char **argv) {
         std::process::Command::new(dir.join("main")).arg(dir.join("nope.bin")).arg("x").arg("1").output().unwrap();
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("nope.bin"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `sqil build --target exe`: the standalone executable gives the runtime's actions bit for bit,
+/// from .npy and from stdin lines, and names the bad line of malformed input.
+#[test]
+fn standalone_executable_runs_the_policy() {
+    let dir = std::env::temp_dir().join(format!("sqil-exe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fp = sqil::load_model(&policies().join("bc_lander.onnx")).unwrap();
+    let input = policies().join("bc_lander.input0.npy");
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
+    let qa = QuantizeArgs {
+        recipe: Recipe::Rtn,
+        config: cfg,
+        calib: vec![input.clone()],
+        calib_states: 256,
+        out: PathBuf::new(),
+        ir_out: None,
+        report_out: None,
+        artifact_out: None,
+    };
+    let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
+    let ir = dir.join("model.sqil");
+    std::fs::write(&ir, sqil_ir::print_graph(&sim, &Default::default()).unwrap()).unwrap();
+    let exe = dir.join("policy_bin");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sqil"))
+        .args(["build", "--target", "exe", "--runner", env!("CARGO_BIN_EXE_sqil-policy"), "-o"])
+        .arg(&exe)
+        .arg(&ir)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let obs = sqil::npy::read(&input).unwrap();
+    let want = Policy::from_graph(&sim).unwrap().run(std::slice::from_ref(&obs)).unwrap()[0].data.to_f32_vec();
+    // From .npy to .npy.
+    let out = dir.join("actions.npy");
+    let st = std::process::Command::new(&exe).arg("--input").arg(&input).arg("--output").arg(&out).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let got = sqil::npy::read(&out).unwrap().data.to_f32_vec();
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    // From stdin, one state per line, to stdout lines (shortest round-trip decimals: exact).
+    let d = obs.shape[1];
+    let lines: String = obs
+        .data
+        .to_f32_vec()
+        .chunks(d)
+        .map(|r| r.iter().map(|v| format!("{v:?}")).collect::<Vec<_>>().join(", ") + "\n")
+        .collect();
+    let mut child = std::process::Command::new(&exe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), lines.as_bytes()).unwrap();
+    let res = child.wait_with_output().unwrap();
+    assert!(res.status.success());
+    let printed: Vec<f32> =
+        String::from_utf8(res.stdout).unwrap().split_whitespace().map(|s| s.parse().unwrap()).collect();
+    assert_eq!(
+        printed.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    // A short line is refused with its number.
+    let mut child = std::process::Command::new(&exe)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        child.stdin.as_mut().unwrap(),
+        format!("{}1 2 3\n", &lines[..lines.find('\n').unwrap() + 1]).as_bytes(),
+    )
+    .unwrap();
+    let res = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(!res.status.success() && err.contains("line 2") && err.contains("3 numbers"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -21,10 +21,12 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 /// How to print: `elide_over` replaces the elements of tensors larger than that with `...`
-/// (for people; such text does not parse back).
+/// (for people; such text does not parse back); `splat` prints a tensor of two or more equal
+/// elements as `{splat V}` (parses back; compact for placeholders and zero biases).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PrintOptions {
     pub elide_over: Option<usize>,
+    pub splat: bool,
 }
 
 fn value_name(s: &str) -> String {
@@ -41,23 +43,20 @@ fn fmt_tensor(t: &Tensor, o: &PrintOptions, out: &mut String) {
         out.push_str("{...}");
         return;
     }
+    let items: Vec<String> = match &t.data {
+        Data::F32(v) => v.iter().map(|x| format!("{x:?}")).collect(),
+        Data::F64(v) => v.iter().map(|x| format!("{x:?}")).collect(),
+        Data::F16(v) => v.iter().map(|x| format!("{:?}", x.to_f32())).collect(),
+        Data::BF16(v) => v.iter().map(|x| format!("{:?}", x.to_f32())).collect(),
+        Data::Bool(v) => v.iter().map(|x| x.to_string()).collect(),
+        d => d.to_i64_vec().iter().map(|x| x.to_string()).collect(),
+    };
+    if o.splat && items.len() > 1 && items.iter().all(|x| *x == items[0]) {
+        write!(out, "{{splat {}}}", items[0]).expect("string write");
+        return;
+    }
     out.push('{');
-    fn items<T>(v: &[T], out: &mut String, f: impl Fn(&T) -> String) {
-        for (i, x) in v.iter().enumerate() {
-            if i > 0 {
-                out.push_str(", ");
-            }
-            out.push_str(&f(x));
-        }
-    }
-    match &t.data {
-        Data::F32(v) => items(v, out, |x| format!("{x:?}")),
-        Data::F64(v) => items(v, out, |x| format!("{x:?}")),
-        Data::F16(v) => items(v, out, |x| format!("{:?}", x.to_f32())),
-        Data::BF16(v) => items(v, out, |x| format!("{:?}", x.to_f32())),
-        Data::Bool(v) => items(v, out, |x| x.to_string()),
-        d => items(&d.to_i64_vec(), out, |x| x.to_string()),
-    }
+    out.push_str(&items.join(", "));
     out.push('}');
 }
 
@@ -308,7 +307,11 @@ impl Parser<'_> {
             return self.err("this constant was elided when printed; print without elision to parse it back");
         }
         let mut items = vec![];
-        if !self.eat("}") {
+        if self.eat("splat") {
+            let v = self.number()?;
+            self.expect("}")?;
+            items = vec![v; shape.iter().product()];
+        } else if !self.eat("}") {
             loop {
                 items.push(self.number()?);
                 if self.eat("}") {

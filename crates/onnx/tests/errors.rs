@@ -71,7 +71,7 @@ fn opsets_out_of_range_are_refused() {
 #[test]
 fn imports_keep_node_names_and_symbolic_batch() {
     let g = sqil_onnx::load_model(&policies().join("cnn.onnx")).unwrap();
-    let text = sqil_ir::print_graph(&g, &sqil_ir::PrintOptions { elide_over: Some(8) }).unwrap();
+    let text = sqil_ir::print_graph(&g, &sqil_ir::PrintOptions { elide_over: Some(8), splat: false }).unwrap();
     assert!(text.contains("@\"/c1/Conv\""), "node names kept");
     assert!(text.contains("%image: f32[batch,64,64,3]"), "symbolic batch kept: {}", &text[..200]);
     assert!(text.contains("= Transpose[perm=[0, 3, 1, 2]]"), "NHWC input transposed");

@@ -1,7 +1,13 @@
-//! The compiled CPU artifact (`policy.sqil` from `sqil compile --target cpu`): one file holding
-//! the policy's simulation graph (IR text, which the plan is built from and which keeps the
-//! float constants of the steps that are not int4 kernels) and the pre-packed int4 weights of
-//! every Q4 layer, behind a versioned header and a checksum.
+//! The compiled CPU artifact (`policy.bin` from `sqil compile`, `sqil build --target cpu`): one
+//! file holding the policy's simulation graph (IR text, which the plan is built from and which
+//! keeps the float constants of the steps that are not int4 kernels) and the pre-packed int4
+//! weights of every Q4 layer, behind a versioned header and a checksum.
+//!
+//! Since version 2 the float weights of the int4 layers are not stored twice: in the IR text
+//! they are zero placeholders (`{splat 0.0}`), and loading puts back their dequantized values
+//! `q * scale` from the packed weights, which the graph's FakeQuant maps to the same values as
+//! the original weights, so the loaded graph is still the exact simulation. (A weight constant
+//! that anything else also reads is kept in full.) Version 1 files, with full weights, load too.
 //!
 //! Layout, little-endian:
 //! ```text
@@ -15,14 +21,14 @@
 //!     blocks (n * k_pad / 2 bytes, the BlockQ4 layout), scales f32[n * groups], sums i32[n * groups]
 //! ```
 
-use crate::plan::{Plan, Step};
-use sqil_ir::{IrError, Result};
+use crate::plan::{dequantized_weight, layer_weight, Plan, Step};
+use sqil_ir::{Graph, IrError, Op, Result, Tensor};
 use sqil_kernels_cpu::{BlockQ4, PackedQ4};
 use std::collections::HashMap;
 use std::path::Path;
 
 pub const MAGIC: &[u8; 8] = b"SQILCPU\0";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// FNV-1a, 64 bit.
 pub fn checksum(bytes: &[u8]) -> u64 {
@@ -30,7 +36,18 @@ pub fn checksum(bytes: &[u8]) -> u64 {
 }
 
 /// The artifact bytes of a simulation graph and its plan.
-pub fn encode(ir_text: &str, plan: &Plan) -> Vec<u8> {
+pub fn encode(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
+    let mut g = g.clone();
+    for s in &plan.steps {
+        if let Step::Q4Linear { layer, .. } = s {
+            if let Some((c, _)) = layer_weight(&g, layer) {
+                if let Op::Const(t) = &mut g.node_mut(c).op {
+                    *t = Tensor::zeros(t.dtype(), t.shape.clone());
+                }
+            }
+        }
+    }
+    let ir_text = sqil_ir::print_graph(&g, &sqil_ir::PrintOptions { elide_over: None, splat: true })?;
     let mut p = vec![];
     p.extend((ir_text.len() as u64).to_le_bytes());
     p.extend(ir_text.as_bytes());
@@ -66,7 +83,21 @@ pub fn encode(ir_text: &str, plan: &Plan) -> Vec<u8> {
     out.extend((p.len() as u64).to_le_bytes());
     out.extend(checksum(&p).to_le_bytes());
     out.extend(p);
-    out
+    Ok(out)
+}
+
+/// Puts the dequantized int4 weights back into the placeholders `encode` left (see the module
+/// docs); constants that are not all-zero placeholders are left alone.
+pub fn restore_weights(g: &mut Graph, packed: &HashMap<String, PackedQ4>) -> Result<()> {
+    for (layer, w) in packed {
+        let Some((c, trans_b)) = layer_weight(g, layer) else { continue };
+        if let Op::Const(t) = &mut g.node_mut(c).op {
+            if t.len() == w.n * w.k && t.data.to_f32_vec().iter().all(|&v| v == 0.0) {
+                *t = Tensor::from_f32(t.shape.clone(), dequantized_weight(w, trans_b))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 struct Reader<'a> {
@@ -110,8 +141,10 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, Packe
         return Err(IrError::Invalid(format!("{what}: not a sqil CPU artifact (bad magic)")));
     }
     let version = r.u32()?;
-    if version != VERSION {
-        return Err(IrError::Unsupported(format!("{what}: artifact version {version}, this runtime reads {VERSION}")));
+    if !(1..=VERSION).contains(&version) {
+        return Err(IrError::Unsupported(format!(
+            "{what}: artifact version {version}, this runtime reads versions 1 to {VERSION}"
+        )));
     }
     let _flags = r.u32()?;
     let len = r.len(bytes.len())?;

@@ -14,10 +14,15 @@ use std::path::Path;
 /// Reads an artifact: its verified simulation graph and the plan over its stored packed weights.
 pub fn load_artifact(path: &Path) -> Result<(sqil_ir::Graph, Plan)> {
     let bytes = std::fs::read(path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))?;
-    let what = path.display().to_string();
-    let (ir, packed) = artifact::decode(&bytes, &what)?;
-    let g = sqil_ir::parse_graph(&ir).map_err(|e| e.context(what.clone()))?;
-    sqil_ir::verify(&g).map_err(|e| e.context(what))?;
+    load_artifact_bytes(&bytes, &path.display().to_string())
+}
+
+/// [`load_artifact`] from bytes in memory; `what` names the source in errors.
+pub fn load_artifact_bytes(bytes: &[u8], what: &str) -> Result<(sqil_ir::Graph, Plan)> {
+    let (ir, packed) = artifact::decode(bytes, what)?;
+    let mut g = sqil_ir::parse_graph(&ir).map_err(|e| e.context(what.to_string()))?;
+    artifact::restore_weights(&mut g, &packed)?;
+    sqil_ir::verify(&g).map_err(|e| e.context(what.to_string()))?;
     let plan = Plan::with_packed(&g, &packed)?;
     Ok((g, plan))
 }
@@ -39,8 +44,18 @@ impl Policy {
     /// Loads an artifact written by `sqil compile` (`policy.bin`).
     pub fn load(path: &Path) -> Result<Policy> {
         let (g, plan) = load_artifact(path)?;
+        Ok(Policy::with_plan(&g, plan))
+    }
+
+    /// An artifact's bytes (e.g. embedded in an executable); `what` names them in errors.
+    pub fn from_bytes(bytes: &[u8], what: &str) -> Result<Policy> {
+        let (g, plan) = load_artifact_bytes(bytes, what)?;
+        Ok(Policy::with_plan(&g, plan))
+    }
+
+    fn with_plan(g: &sqil_ir::Graph, plan: Plan) -> Policy {
         let input_shapes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.shape.clone()).collect();
-        Ok(Policy { plan, threads: 1, input_shapes })
+        Policy { plan, threads: 1, input_shapes }
     }
 
     /// The inputs' shapes as the graph declares them (the first dimension is the batch).

@@ -202,6 +202,38 @@ fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
     Ok(Some((x, act, packed, bias)))
 }
 
+/// The float weight behind a planned int4 layer (named by its output value): the Const node
+/// feeding the layer's weight FakeQuant and whether it is stored `[n, k]` (Gemm `trans_b`), if
+/// that constant serves only this layer (so an artifact may store it packed only).
+pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, bool)> {
+    let n = g.find_value(layer)?.node;
+    let trans_b = match g.node(n).op {
+        Op::Gemm { trans_b, .. } => trans_b,
+        Op::MatMul => false,
+        _ => return None,
+    };
+    let fq = g.inputs_of(n).get(1).copied().flatten()?;
+    if !matches!(g.node(fq.node).op, Op::FakeQuant { .. }) || g.uses_of(fq).len() != 1 {
+        return None;
+    }
+    let c = g.inputs_of(fq.node).first().copied().flatten()?;
+    (matches!(g.node(c.node).op, Op::Const(_)) && g.uses_of(c).len() == 1).then_some((c.node, trans_b))
+}
+
+/// The dequantized weights `q * scale` of a packed layer in the graph's layout: FakeQuant of them
+/// gives back exactly the same values (|q| <= 8, so `q * s / s` rounds to `q`).
+pub fn dequantized_weight(w: &PackedQ4, trans_b: bool) -> Vec<f32> {
+    let groups = w.groups();
+    let mut out = vec![0f32; w.n * w.k];
+    for r in 0..w.n {
+        for c in 0..w.k {
+            let v = w.get(r, c) as f32 * w.scales[r * groups + c / w.group];
+            out[if trans_b { r * w.k + c } else { c * w.n + r }] = v;
+        }
+    }
+    out
+}
+
 impl Plan {
     /// Plans `g` (a verified FakeQuant simulation graph), packing its int4 weights.
     pub fn new(g: &Graph) -> Result<Plan> {
