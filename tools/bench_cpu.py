@@ -1,15 +1,18 @@
-"""CPU inference benchmark, one run, same machine and thread count for every engine: batch-1
-latency and batch-64 throughput of the hopper BC policy and a 4x1024 MLP, for
+"""CPU inference benchmark, one run, same machine, one core for every engine (the process pins
+itself to the last CPU; children inherit it): batch-1 latency and batch-64 throughput of the
+hopper BC policy, a 4x1024 MLP and the pixel CNN policy (bc_pickplace_pixels), for
 
 - sqil-runtime int4: W4A8 and W4A16 artifacts (`sqil quantize --artifact`, GPTQ, groups of 64),
   timed by `sqil bench` (Rust, no Python in the loop);
 - onnxruntime 1 thread: f32, int8 dynamic quantization (`quantize_dynamic`), int4 weights
   (`MatMulNBitsQuantizer`, block 64), timed from Python around `InferenceSession.run`
-  (the Python call adds about 2-5 us per run, noted in the output).
+  (the Python call adds about 2-5 us per run, noted in the output);
+- tract f32 (its optimized plan), timed in Rust by `crates/conformance/examples/tract_bench.rs`
+  (`cargo build --release -p sqil-conformance --example tract_bench`; skipped if not built).
 
     tools/.venv-dev/bin/python tools/bench_cpu.py [--iters 2000]      # writes docs/bench-cpu.json
 
-The CNN policy and tract are not in it yet (the runtime runs convolutions with reference ops).
+Ratios are of medians (p50): this 2-core VM's steal time makes means jump between runs.
 """
 
 import argparse
@@ -28,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SQIL = os.environ.get("SQIL_BIN", str(ROOT / "target" / "release" / "sqil"))
+TRACT = ROOT / "target" / "release" / "examples" / "tract_bench"
 
 
 def mlp_4x1024(path):
@@ -68,30 +72,43 @@ def gemm_to_matmul(src, dst):
     onnx.save(m, dst)
 
 
-def ort_time(path, obs_dim, batch, iters, opt=True):
+def feeds_for(shapes, batch):
+    """Random inputs for declared shapes (the first dimension is the batch)."""
+    rng = np.random.default_rng(1)
+    return [rng.standard_normal([batch] + [d if isinstance(d, int) else 1 for d in sh[1:]]).astype(np.float32)
+            for sh in shapes]
+
+
+def ort_time(path, shapes, batch, iters, opt=True):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
     if not opt:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = s.get_inputs()[0].name
-    x = np.random.default_rng(1).standard_normal((batch, obs_dim)).astype(np.float32)
+    feed = dict(zip([i.name for i in s.get_inputs()], feeds_for(shapes, batch)))
     for _ in range(max(iters // 10, 1)):
-        s.run(None, {name: x})
+        s.run(None, feed)
     t = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        s.run(None, {name: x})
+        s.run(None, feed)
         t.append(time.perf_counter() - t0)
-    return float(np.mean(t) * 1e6), float(np.median(t) * 1e6)
+    return float(np.mean(t) * 1e6), float(np.median(t) * 1e6), float(np.min(t) * 1e6)
+
+
+def tract_time(path, batch, iters):
+    r = subprocess.run([str(TRACT), str(path), "--batch", str(batch), "--iters", str(iters)],
+                       capture_output=True, text=True, check=True)
+    j = json.loads(r.stdout.strip().splitlines()[-1])
+    return j["mean_us"], j["p50_us"], j["min_us"]
 
 
 def sqil_time(artifact, batch, iters):
     r = subprocess.run([SQIL, "bench", str(artifact), "--batch", str(batch), "--iters", str(iters)],
                        capture_output=True, text=True, check=True)
     j = json.loads(r.stdout.strip().splitlines()[-1])
-    return j["mean_us"], j["p50_us"]
+    return j["mean_us"], j["p50_us"], j["min_us"]
 
 
 def main():
@@ -101,46 +118,64 @@ def main():
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     rows = []
+    pol = ROOT / "testdata/policies"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         mlp_4x1024(tmp / "mlp4x1024.onnx")
-        models = {"bc_hopper": (ROOT / "testdata/policies/bc_hopper.onnx", 15, ROOT / "testdata/demos/hopper.npz"),
-                  "mlp4x1024": (tmp / "mlp4x1024.onnx", 64, None)}
-        for name, (path, dim, demos) in models.items():
-            if demos is None:
-                np.save(tmp / "calib.npy", np.random.default_rng(2).standard_normal((256, dim)).astype(np.float32))
-            calib = str(demos or tmp / "calib.npy")
+        np.save(tmp / "calib.npy", np.random.default_rng(2).standard_normal((256, 64)).astype(np.float32))
+        models = {"bc_hopper": (ROOT / "testdata/policies/bc_hopper.onnx", [ROOT / "testdata/demos/hopper.npz"]),
+                  "mlp4x1024": (tmp / "mlp4x1024.onnx", [tmp / "calib.npy"]),
+                  "cnn (pickplace pixels)": (pol / "bc_pickplace_pixels.onnx",
+                                             [pol / "bc_pickplace_pixels.input0.npy", pol / "bc_pickplace_pixels.input1.npy"])}
+        for name, (path, calib) in models.items():
+            shapes = [[d.dim_value if d.dim_value else d.dim_param for d in i.type.tensor_type.shape.dim]
+                      for i in onnx.load(path).graph.input]
             engines = {}
             for label, abits in [("sqil W4A8", "8"), ("sqil W4A16", "float")]:
-                art = tmp / f"{name}_{abits}.bin"
+                art = tmp / f"{name}_{abits}.bin".replace(" ", "_")
+                cal = [x for c in calib for x in ("--calib", str(c))]
                 subprocess.run([SQIL, "quantize", str(path), "--recipe", "gptq", "--wbits", "4", "--abits", abits, "--group", "64",
-                                "--calib", calib, "-o", str(tmp / "q.onnx"), "--artifact", str(art)], check=True, capture_output=True)
+                                *cal, "-o", str(tmp / "q.onnx"), "--artifact", str(art)], check=True, capture_output=True)
                 engines[label] = ("sqil", art)
+            if TRACT.exists():
+                engines["tract f32"] = ("tract", path)
             engines["ort f32"] = ("ort", path)
-            quantize_dynamic(str(path), str(tmp / f"{name}_int8.onnx"), weight_type=QuantType.QInt8)
-            engines["ort int8 dynamic"] = ("ort", tmp / f"{name}_int8.onnx")
-            gemm_to_matmul(path, tmp / f"{name}_mm.onnx")
-            q = MatMulNBitsQuantizer(onnx.load(tmp / f"{name}_mm.onnx"), block_size=64, is_symmetric=True)
+            stem = name.split()[0]
+            quantize_dynamic(str(path), str(tmp / f"{stem}_int8.onnx"), weight_type=QuantType.QInt8)
+            engines["ort int8 dynamic"] = ("ort", tmp / f"{stem}_int8.onnx")
+            gemm_to_matmul(path, tmp / f"{stem}_mm.onnx")
+            q = MatMulNBitsQuantizer(onnx.load(tmp / f"{stem}_mm.onnx"), block_size=64, is_symmetric=True)
             q.process()
-            q.model.save_model_to_file(str(tmp / f"{name}_int4.onnx"))
-            engines["ort int4 MatMulNBits"] = ("ort", tmp / f"{name}_int4.onnx")
+            q.model.save_model_to_file(str(tmp / f"{stem}_int4.onnx"))
+            engines["ort int4 MatMulNBits"] = ("ort", tmp / f"{stem}_int4.onnx")
             for batch in (1, 64):
                 iters = a.iters if batch == 1 else max(a.iters // 10, 50)
+                if name.startswith("cnn"):
+                    iters = max(iters // 10, 20)
                 for label, (kind, p) in engines.items():
-                    mean, p50 = sqil_time(p, batch, iters) if kind == "sqil" else ort_time(p, dim, batch, iters)
+                    if kind == "sqil":
+                        mean, p50, mn = sqil_time(p, batch, iters)
+                    elif kind == "tract":
+                        mean, p50, mn = tract_time(p, batch, iters)
+                    else:
+                        mean, p50, mn = ort_time(p, shapes, batch, iters)
                     rows.append({"model": name, "engine": label, "batch": batch, "mean_us": mean, "p50_us": p50,
-                                 "samples_per_s": batch / mean * 1e6})
-                    print(f"{name:10} batch {batch:3}  {label:22} mean {mean:9.1f} us  p50 {p50:9.1f} us  {batch / mean * 1e6:10.0f} samples/s", flush=True)
+                                 "min_us": mn, "samples_per_s": batch / p50 * 1e6})
+                    print(f"{name:22} batch {batch:3}  {label:22} mean {mean:10.1f} us  p50 {p50:10.1f} us  min {mn:10.1f} us  "
+                          f"{batch / p50 * 1e6:10.0f} samples/s", flush=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     out = {"cpu": cpu, "threads": 1, "onnxruntime": ort.__version__, "rows": rows}
     (ROOT / "docs" / "bench-cpu.json").write_text(json.dumps(out, indent=1) + "\n")
-    for m in ("bc_hopper", "mlp4x1024"):
+    print(f"CPU: {cpu}; ratios of p50 latencies")
+    for m in models:
         for b in (1, 64):
-            r = {x["engine"]: x["mean_us"] for x in rows if x["model"] == m and x["batch"] == b}
-            fp = r["ort f32"]
-            print(f"{m} batch {b}: sqil W4A8 vs ort f32 {fp / r['sqil W4A8']:.2f}x, vs ort int8 {r['ort int8 dynamic'] / r['sqil W4A8']:.2f}x, "
-                  f"vs ort int4 {r['ort int4 MatMulNBits'] / r['sqil W4A8']:.2f}x")
+            r = {x["engine"]: x["p50_us"] for x in rows if x["model"] == m and x["batch"] == b}
+            fp = min(v for k, v in r.items() if k in ("ort f32", "tract f32"))
+            me = r["sqil W4A8"]
+            print(f"{m} batch {b}: sqil W4A8 vs fastest f32 peer {fp / me:.2f}x, vs ort int8 {r['ort int8 dynamic'] / me:.2f}x, "
+                  f"vs ort int4 {r['ort int4 MatMulNBits'] / me:.2f}x")
 
 
 if __name__ == "__main__":

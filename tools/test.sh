@@ -11,8 +11,10 @@ cargo fmt --all -- --check
 # second time (its tests build it anyway), about 5 minutes on 2 cores. Developers lint it with
 # `cargo clippy --workspace --all-targets` before committing.
 cargo clippy --workspace --exclude sqil-conformance --all-targets --locked -- -D warnings
-# setup-ci.sh installed the cross compilers and QEMU: their tests must run, not skip.
-SQIL_REQUIRE_CROSS=1 cargo test --workspace --locked
+# setup-ci.sh installed the cross compilers, QEMU and the NVRTC wheel: their tests must run, not
+# skip (NVRTC compiles every CUDA kernel with no GPU; GPU tests skip with a reason).
+NVRTC_LIB=$(echo "$PWD"/.venv-ci/lib/python3*/site-packages/nvidia/cu13/lib)
+SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --workspace --locked
 # The Python tests drive target/debug/sqil (SQIL_BIN), which `cargo test` built for the CLI's tests.
 test -x target/debug/sqil
 bash tools/build_binding.sh

@@ -59,11 +59,12 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize) -> R
         times.sort_by(f64::total_cmp);
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         println!(
-            "{{\"model\": {:?}, \"engine\": {:?}, \"batch\": {b}, \"threads\": {threads}, \"mean_us\": {:.2}, \"p50_us\": {:.2}, \"samples_per_s\": {:.1}}}",
+            "{{\"model\": {:?}, \"engine\": {:?}, \"batch\": {b}, \"threads\": {threads}, \"mean_us\": {:.2}, \"p50_us\": {:.2}, \"min_us\": {:.2}, \"samples_per_s\": {:.1}}}",
             model.display().to_string(),
             if artifact { "sqil-runtime" } else { "sqil-interpreter" },
             mean * 1e6,
             times[times.len() / 2] * 1e6,
+            times[0] * 1e6,
             b as f64 / mean
         );
     }

@@ -16,8 +16,10 @@
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::{Op, UnaryOp};
 use sqil_ir::{Graph, IrError, NodeId, Result, Tensor, ValueRef};
-use sqil_kernels_cpu::generic::round_even;
+use sqil_kernels_cpu::generic::{quantize_input_into, round_even, QuantizedInput};
 use sqil_kernels_cpu::PackedQ4;
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Largest |plan - simulation| on an action, relative to the largest |action| of the batch, that
@@ -58,6 +60,11 @@ pub enum Step {
         inputs: Vec<Option<usize>>,
         outputs: Vec<usize>,
     },
+}
+
+thread_local! {
+    /// Quantized activations of the int4 steps, reused from call to call on each thread.
+    static SCRATCH: RefCell<Vec<QuantizedInput>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A planned policy: slots for every live value, constants preloaded, steps in order.
@@ -374,16 +381,22 @@ impl Plan {
 
     /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers.
     pub fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
-        let mut env = self.trace(feeds, threads)?;
+        let mut env = self.exec(feeds, threads)?;
         self.outputs
             .iter()
-            .map(|&s| env[s].take().ok_or_else(|| IrError::Internal("output not computed".into())))
+            .map(|&s| env[s].take().map(Cow::into_owned).ok_or_else(|| IrError::Internal("output not computed".into())))
             .collect()
     }
 
     /// Runs the plan and returns every slot's value (constants, inputs, step results; `None`
     /// for slots no step wrote): the shapes and values code generators and tests need.
     pub fn trace(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Option<Tensor>>> {
+        Ok(self.exec(feeds, threads)?.into_iter().map(|t| t.map(Cow::into_owned)).collect())
+    }
+
+    /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
+    /// buffers reused from the previous call on this thread.
+    fn exec<'a>(&'a self, feeds: &'a [Tensor], threads: usize) -> Result<Vec<Option<Cow<'a, Tensor>>>> {
         if feeds.len() != self.inputs.len() {
             return Err(IrError::Invalid(format!(
                 "{} inputs given, the policy takes {}",
@@ -391,12 +404,12 @@ impl Plan {
                 self.inputs.len()
             )));
         }
-        let mut env: Vec<Option<Tensor>> = vec![None; self.slots];
+        let mut env: Vec<Option<Cow<'a, Tensor>>> = vec![None; self.slots];
         for (s, t) in &self.consts {
-            env[*s] = Some(t.clone());
+            env[*s] = Some(Cow::Borrowed(t));
         }
         for ((_, s), t) in self.inputs.iter().zip(feeds) {
-            env[*s] = Some(t.clone());
+            env[*s] = Some(Cow::Borrowed(t));
         }
         for step in &self.steps {
             match step {
@@ -413,15 +426,20 @@ impl Plan {
                     let xv = xt.data.f32_cow();
                     let mut out = vec![0f32; rows * w.n];
                     match act {
-                        ActQuant::Int { scale, zero, lo, hi } => {
-                            let xs: Vec<_> = xv
-                                .chunks(w.k)
-                                .map(|xr| {
-                                    sqil_kernels_cpu::generic::quantize_input_range(xr, *scale, *zero, *lo, *hi, w)
-                                })
-                                .collect();
-                            sqil_kernels_cpu::gemm_q4q8(w, &xs, bias.as_deref(), &mut out, threads);
-                        }
+                        ActQuant::Int { scale, zero, lo, hi } => SCRATCH.with_borrow_mut(|xs| {
+                            if xs.len() < rows {
+                                xs.resize_with(rows, || QuantizedInput {
+                                    q: vec![],
+                                    zero: 0,
+                                    scale: 1.0,
+                                    sums: vec![],
+                                });
+                            }
+                            for (xr, q) in xv.chunks(w.k).zip(xs.iter_mut()) {
+                                quantize_input_into(xr, *scale, *zero, *lo, *hi, w, q);
+                            }
+                            sqil_kernels_cpu::gemm_q4q8(w, &xs[..rows], bias.as_deref(), &mut out, threads);
+                        }),
                         ActQuant::Float => {
                             let mut padded = vec![0f32; w.k_pad];
                             for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {
@@ -433,15 +451,15 @@ impl Plan {
                     if *relu {
                         out.iter_mut().for_each(|v| *v = v.max(0.0));
                     }
-                    env[*y] = Some(Tensor::from_f32(vec![rows, w.n], out)?);
+                    env[*y] = Some(Cow::Owned(Tensor::from_f32(vec![rows, w.n], out)?));
                 }
                 Step::Op { node, name, op, inputs, outputs } => {
-                    let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
+                    let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
                     let res = op
                         .eval(&args, outputs.len())
                         .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
                     for (s, t) in outputs.iter().zip(res) {
-                        env[*s] = Some(t);
+                        env[*s] = Some(Cow::Owned(t));
                     }
                 }
             }

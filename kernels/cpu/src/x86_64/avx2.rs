@@ -3,7 +3,7 @@
 //! float epilogue, so results equal the generic kernel bit for bit) and weight-only W4 GEMV on
 //! f32 activations (nibbles widened to f32 in registers, FMA accumulation).
 
-use crate::generic::{reduce_lanes, QuantizedInput};
+use crate::generic::QuantizedInput;
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
 
@@ -19,15 +19,6 @@ unsafe fn unpack_u8(p: *const u8) -> __m256i {
 }
 
 #[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
-
-#[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hsum_f32(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -36,59 +27,148 @@ unsafe fn hsum_f32(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// One output of the W4A8 GEMV: row `r` of `w` against `x` (see `generic_gemv_q4q8`).
+/// Sums of four rows' int32 accumulators: lane j of the result is the total of `a[j]`.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q4q8(w: &PackedQ4, r: usize, x: &QuantizedInput, bias: f32) -> f32 {
+#[target_feature(enable = "avx2")]
+unsafe fn reduce4(a: &[__m256i; 4]) -> __m128i {
+    let h = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1))
+}
+
+/// The int32 accumulators (eight lanes to be summed) of blocks `i..end` of four rows against
+/// `NC` inputs.
+#[inline(always)]
+unsafe fn group_sums<const NC: usize>(
+    rp: [*const u8; 4],
+    xp: [*const i8; NC],
+    mut i: usize,
+    end: usize,
+    m4: __m256i,
+    ones: __m256i,
+) -> [[__m256i; 4]; NC] {
+    let mut acc = [[_mm256_setzero_si256(); 4]; NC];
+    while i + 2 <= end {
+        let mut xl = [_mm256_setzero_si256(); NC];
+        let mut xh = [_mm256_setzero_si256(); NC];
+        for c in 0..NC {
+            let a = _mm256_loadu_si256(xp[c].add(i * QK4) as *const __m256i);
+            let b = _mm256_loadu_si256(xp[c].add(i * QK4 + QK4) as *const __m256i);
+            xl[c] = _mm256_permute2x128_si256(a, b, 0x20);
+            xh[c] = _mm256_permute2x128_si256(a, b, 0x31);
+        }
+        for j in 0..4 {
+            let raw = _mm256_loadu_si256(rp[j].add(i * 16) as *const __m256i);
+            let lo = _mm256_and_si256(raw, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            for c in 0..NC {
+                let p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl[c]), _mm256_maddubs_epi16(hi, xh[c]));
+                acc[c][j] = _mm256_add_epi32(acc[c][j], _mm256_madd_epi16(p, ones));
+            }
+        }
+        i += 2;
+    }
+    if i < end {
+        let xv: [__m256i; NC] = std::array::from_fn(|c| _mm256_loadu_si256(xp[c].add(i * QK4) as *const __m256i));
+        for j in 0..4 {
+            let wv = unpack_u8(rp[j].add(i * 16));
+            for c in 0..NC {
+                acc[c][j] = _mm256_add_epi32(acc[c][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[c]), ones));
+            }
+        }
+    }
+    acc
+}
+
+/// W4A8 for a tile of four weight rows (`rows`, repeats allowed) against `NC` inputs: per
+/// group the exact integer sums `sum_k (x[k] - zero) q[r, k]` of the four rows (one pass over
+/// the weights serves every input), then the shared float epilogue in vector form. Returns the
+/// four outputs per input, equal bit for bit to `generic_gemv_q4q8`.
+///
+/// Blocks go in pairs: one 32-byte load holds two blocks' nibbles, whose low halves pair with
+/// elements 0-15 of both blocks and high halves with 16-31 (the inputs are permuted to match
+/// once per pair, for all four rows); two `vpmaddubsw` products are added in i16 (each at most
+/// 2 * 15 * 128, so the sum fits) before one `vpmaddwd` widens them.
+#[inline(always)]
+unsafe fn tile_q4q8<const NC: usize>(
+    w: &PackedQ4,
+    rows: [usize; 4],
+    xs: [&QuantizedInput; NC],
+    bias: Option<&[f32]>,
+) -> [[f32; 4]; NC] {
     let groups = w.groups();
     let bpg = w.group / QK4;
     let bpr = w.k_pad / QK4;
     let ones = _mm256_set1_epi16(1);
-    let xp = x.q.as_ptr();
-    let row = w.blocks.as_ptr().add(r * bpr) as *const u8;
-    let group_acc = |g: usize| -> __m256i {
-        let mut acc = _mm256_setzero_si256();
-        for b in 0..bpg {
-            let i = g * bpg + b;
-            let wv = unpack_u8(row.add(i * 16));
-            let xv = _mm256_loadu_si256(xp.add(i * QK4) as *const __m256i);
-            // (q + 8) * x in i16 pairs: |15 * 128 * 2| fits, no saturation.
-            let p = _mm256_maddubs_epi16(wv, xv);
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    let m4 = _mm256_set1_epi8(0x0f);
+    let rp: [*const u8; 4] = std::array::from_fn(|j| w.blocks.as_ptr().add(rows[j] * bpr) as *const u8);
+    let xp: [*const i8; NC] = std::array::from_fn(|c| xs[c].q.as_ptr());
+    let mut lanes = [[_mm_setzero_ps(); 8]; NC];
+    // Groups in rounds of eight, group base + j into lane j: the epilogue's lane order, with the
+    // lane index known at compile time so the accumulators stay in registers.
+    let mut base = 0;
+    while base < groups {
+        macro_rules! lane {
+            ($j:literal) => {
+                let g = base + $j;
+                if g < groups {
+                    let acc = group_sums::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones);
+                    // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q, four rows at once.
+                    let ws = _mm_set_epi32(
+                        w.sums[rows[3] * groups + g],
+                        w.sums[rows[2] * groups + g],
+                        w.sums[rows[1] * groups + g],
+                        w.sums[rows[0] * groups + g],
+                    );
+                    let sc = _mm_set_ps(
+                        w.scales[rows[3] * groups + g],
+                        w.scales[rows[2] * groups + g],
+                        w.scales[rows[1] * groups + g],
+                        w.scales[rows[0] * groups + g],
+                    );
+                    for c in 0..NC {
+                        let v = _mm_sub_epi32(
+                            _mm_sub_epi32(reduce4(&acc[c]), _mm_set1_epi32(8 * xs[c].sums[g])),
+                            _mm_mullo_epi32(_mm_set1_epi32(xs[c].zero), ws),
+                        );
+                        // The epilogue's order: product rounded, then added to the lane.
+                        lanes[c][$j] = _mm_add_ps(lanes[c][$j], _mm_mul_ps(_mm_cvtepi32_ps(v), sc));
+                    }
+                }
+            };
         }
-        acc
+        lane!(0);
+        lane!(1);
+        lane!(2);
+        lane!(3);
+        lane!(4);
+        lane!(5);
+        lane!(6);
+        lane!(7);
+        base += 8;
+    }
+    let b = match bias {
+        Some(b) => _mm_set_ps(b[rows[3]], b[rows[2]], b[rows[1]], b[rows[0]]),
+        None => _mm_setzero_ps(),
     };
-    // Eight groups at a time: their accumulators reduce together with one hadd tree, and
-    // the corrections `- 8 sum(x) - zero sum(q)` apply as vectors.
-    let full = groups / 8 * 8;
-    let zero = _mm256_set1_epi32(x.zero);
-    let scales = w.scales.as_ptr().add(r * groups);
-    let mut accf = _mm256_setzero_ps();
-    let mut g = 0;
-    while g < full {
-        let a: [__m256i; 8] = std::array::from_fn(|j| group_acc(g + j));
-        let h12 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
-        let h34 = _mm256_hadd_epi32(_mm256_hadd_epi32(a[4], a[5]), _mm256_hadd_epi32(a[6], a[7]));
-        let sums =
-            _mm256_add_epi32(_mm256_permute2x128_si256(h12, h34, 0x20), _mm256_permute2x128_si256(h12, h34, 0x31));
-        let xs = _mm256_slli_epi32(_mm256_loadu_si256(x.sums.as_ptr().add(g) as *const __m256i), 3);
-        let ws = _mm256_mullo_epi32(zero, _mm256_loadu_si256(w.sums.as_ptr().add(r * groups + g) as *const __m256i));
-        let v = _mm256_sub_epi32(_mm256_sub_epi32(sums, xs), ws);
-        // Lane l accumulates groups l, l + 8, ...: the epilogue's order (mul, then add).
-        accf = _mm256_add_ps(accf, _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scales.add(g))));
-        g += 8;
-    }
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), accf);
-    for g in full..groups {
-        // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
-        let s = hsum_i32(group_acc(g)) - 8 * x.sums[g] - x.zero * w.sums[r * groups + g];
-        lanes[g % 8] += s as f32 * *scales.add(g);
-    }
-    reduce_lanes(lanes) * x.scale + bias
+    std::array::from_fn(|c| {
+        let l = &lanes[c];
+        let t = _mm_add_ps(
+            _mm_add_ps(_mm_add_ps(l[0], l[4]), _mm_add_ps(l[2], l[6])),
+            _mm_add_ps(_mm_add_ps(l[1], l[5]), _mm_add_ps(l[3], l[7])),
+        );
+        let mut out = [0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(_mm_mul_ps(t, _mm_set1_ps(xs[c].scale)), b));
+        out
+    })
 }
 
-/// W4A8 GEMV rows `rows` of `w` (see `generic_gemv_q4q8`).
+/// The four rows of the tile starting at `r` (the last one repeated past `end`).
+#[inline]
+fn tile_rows(r: usize, end: usize) -> [usize; 4] {
+    std::array::from_fn(|j| (r + j).min(end - 1))
+}
+
+/// W4A8 GEMV rows `rows` of `w` (see `generic_gemv_q4q8`), in tiles of four rows.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.q` holds `w.k_pad` values, `y` `rows.len()` outputs.
@@ -100,24 +180,42 @@ pub unsafe fn avx2_gemv_q4q8_rows(
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
-    for (out, r) in y.iter_mut().zip(rows) {
-        *out = dot_q4q8(w, r, x, bias.map_or(0.0, |b| b[r]));
+    let (start, end) = (rows.start, rows.end);
+    let mut r = start;
+    while r < end {
+        let [out] = tile_q4q8::<1>(w, tile_rows(r, end), [x], bias);
+        let n = (end - r).min(4);
+        y[r - start..r - start + n].copy_from_slice(&out[..n]);
+        r += 4;
     }
 }
 
-/// W4A8 on a batch: `y[c * w.n + r]` for every input `xs[c]` and every row, rows outer so each
-/// weight row is read from memory once for the whole batch.
+/// W4A8 on a batch: `y[c * w.n + r]` for every input `xs[c]` and every row. Tiles of four rows
+/// outer, inputs inner in pairs: each weight tile is read from memory once for the whole batch
+/// and unpacked once per pair of inputs.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values and `y` has
 /// `xs.len() * w.n` entries.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32]) {
-    for r in 0..w.n {
-        let b = bias.map_or(0.0, |b| b[r]);
-        for (c, x) in xs.iter().enumerate() {
-            y[c * w.n + r] = dot_q4q8(w, r, x, b);
+    let mut r = 0;
+    while r < w.n {
+        let rows = tile_rows(r, w.n);
+        let n = (w.n - r).min(4);
+        let mut c = 0;
+        while c + 2 <= xs.len() {
+            let out = tile_q4q8::<2>(w, rows, [&xs[c], &xs[c + 1]], bias);
+            for (k, o) in out.iter().enumerate() {
+                y[(c + k) * w.n + r..(c + k) * w.n + r + n].copy_from_slice(&o[..n]);
+            }
+            c += 2;
         }
+        if c < xs.len() {
+            let [o] = tile_q4q8::<1>(w, rows, [&xs[c]], bias);
+            y[c * w.n + r..c * w.n + r + n].copy_from_slice(&o[..n]);
+        }
+        r += 4;
     }
 }
 

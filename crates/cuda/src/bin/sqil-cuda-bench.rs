@@ -1,0 +1,254 @@
+//! `sqil-cuda-bench`: correctness and speed of sqil's CUDA int4 kernels, in one run.
+//!
+//! ```text
+//! sqil-cuda-bench check [--small]  # every kernel instance vs the CPU reference (exit 1 on failure)
+//! sqil-cuda-bench gemv [--iters N] # int4 GEMV vs cuBLAS FP16, batch 1/4/16, L2 flushed: JSON lines
+//! sqil-cuda-bench vla [--layers L] # Llama-style decoder linears (hidden 4096, MLP 11008), batch 1
+//! ```
+//! Without a driver or device it prints why and exits 0 (nothing to measure here).
+
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+use half::f16;
+use sqil_cuda::{dequantize, pack, DeviceQ4, Gpu, HostQ4, GROUP};
+
+/// Vendor peak HBM bandwidth (bytes/s) by device name, for the "fraction of peak" column.
+fn peak_bw(name: &str) -> f64 {
+    if name.contains("H200") {
+        4.8e12
+    } else if name.contains("H100") {
+        3.35e12
+    } else {
+        f64::NAN
+    }
+}
+
+/// A small deterministic generator (xorshift), so runs are repeatable.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    }
+}
+
+fn random_q4(n: usize, k: usize, seed: u64) -> HostQ4 {
+    let mut r = Rng(seed | 1);
+    let q: Vec<i8> = (0..n * k).map(|_| (r.next() % 16) as i8 - 8).collect();
+    let s: Vec<f32> = (0..n * k.div_ceil(GROUP)).map(|_| 0.01 + 0.02 * r.uniform().abs()).collect();
+    pack(&q, &s, n, k)
+}
+
+fn err<E: std::fmt::Debug>(e: E) -> String {
+    format!("{e:?}")
+}
+
+fn check(gpu: &Gpu, small: bool) -> Result<bool, String> {
+    let mut ok = true;
+    let shapes: &[(usize, usize)] = if small {
+        &[(1, 128), (3, 256), (37, 200), (256, 15)]
+    } else {
+        &[(1, 128), (3, 256), (37, 200), (256, 15), (4096, 4096), (1000, 11008)]
+    };
+    for &(n, k) in shapes {
+        let w = random_q4(n, k, (n * 31 + k) as u64);
+        let wd = dequantize(&w);
+        let dw = gpu.upload(&w)?;
+        let mut r = Rng(7);
+        let bias: Vec<f16> = (0..n).map(|_| f16::from_f32(r.uniform())).collect();
+        let db = gpu.stream.clone_htod(&bias).map_err(err)?;
+        for batch in 1..=16usize {
+            let x: Vec<f16> = (0..batch * w.k)
+                .map(|i| if i % w.k < k { f16::from_f32(r.uniform() * 4.0) } else { f16::ZERO })
+                .collect();
+            let dx = gpu.stream.clone_htod(&x).map_err(err)?;
+            let mut dy = gpu.stream.alloc_zeros::<f16>(batch * n).map_err(err)?;
+            gpu.q4_gemv(&dw, &dx, Some(&db), &mut dy, batch)?;
+            let y = gpu.stream.clone_dtoh(&dy).map_err(err)?;
+            let mut worst = 0f32;
+            let mut scale = 1e-6f32;
+            for b in 0..batch {
+                for row in 0..n {
+                    let want: f32 =
+                        (0..w.k).map(|c| x[b * w.k + c].to_f32() * wd[row * w.k + c]).sum::<f32>() + bias[row].to_f32();
+                    scale = scale.max(want.abs());
+                    worst = worst.max((y[b * n + row].to_f32() - want).abs());
+                }
+            }
+            let rel = worst / scale;
+            // fp16 output (2^-11 relative) and half2 partial sums of eight products.
+            let pass = rel <= 2e-3;
+            ok &= pass;
+            if !pass || batch == 1 || batch == 16 {
+                println!(
+                    "{{\"check\": \"q4_gemv\", \"n\": {n}, \"k\": {k}, \"batch\": {batch}, \"max_rel_err\": {rel:.2e}, \"pass\": {pass}}}"
+                );
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// Times `f` `iters` times with CUDA events, the L2 flushed (a 512 MiB memset) before each.
+fn time_flushed(
+    gpu: &Gpu,
+    flush: &mut CudaSlice<u8>,
+    iters: usize,
+    mut f: impl FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
+    let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(err)?;
+    let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(err)?;
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut times = vec![];
+    for _ in 0..iters {
+        gpu.stream.memset_zeros(flush).map_err(err)?;
+        start.record(&gpu.stream).map_err(err)?;
+        f()?;
+        end.record(&gpu.stream).map_err(err)?;
+        end.synchronize().map_err(err)?;
+        times.push(start.elapsed_ms(&end).map_err(err)? as f64 * 1e-3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn cublas_gemv(
+    blas: &CudaBlas,
+    w: &CudaSlice<f16>,
+    x: &CudaSlice<f16>,
+    y: &mut CudaSlice<f16>,
+    n: usize,
+    k: usize,
+    batch: usize,
+) -> Result<(), String> {
+    // y[b, n] = x[b, :] . W[n, :]: column-major C (n x batch) = W^T(k x n as stored)^T x X (k x batch).
+    let cfg = GemmConfig {
+        transa: cublasOperation_t::CUBLAS_OP_T,
+        transb: cublasOperation_t::CUBLAS_OP_N,
+        m: n as i32,
+        n: batch as i32,
+        k: k as i32,
+        alpha: f16::ONE,
+        lda: k as i32,
+        ldb: k as i32,
+        beta: f16::ZERO,
+        ldc: n as i32,
+    };
+    // SAFETY: the buffers hold n*k, batch*k and batch*n values, as the config says.
+    unsafe { blas.gemm(cfg, w, x, y) }.map_err(err)
+}
+
+fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
+    let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
+    let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
+    let peak = peak_bw(&gpu.name);
+    for &(n, k) in &[(4096usize, 4096usize), (11008, 4096), (4096, 11008), (8192, 8192)] {
+        // Shapes as (out, in): "4096x11008" in the issue is in=4096 -> out=11008 and the reverse.
+        let w = random_q4(n, k, 42);
+        let dw: DeviceQ4 = gpu.upload(&w)?;
+        let wf: Vec<f16> = dequantize(&w).iter().map(|&v| f16::from_f32(v)).collect();
+        let dwf = gpu.stream.clone_htod(&wf).map_err(err)?;
+        for batch in [1usize, 4, 16] {
+            let x: Vec<f16> =
+                (0..batch * k).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
+            let dx = gpu.stream.clone_htod(&x).map_err(err)?;
+            let mut dy = gpu.stream.alloc_zeros::<f16>(batch * n).map_err(err)?;
+            let t4 = time_flushed(gpu, &mut flush, iters, || gpu.q4_gemv(&dw, &dx, None, &mut dy, batch))?;
+            let t16 = time_flushed(gpu, &mut flush, iters, || cublas_gemv(&blas, &dwf, &dx, &mut dy, n, k, batch))?;
+            let bytes4 = (n * k / 2 + n * k / GROUP * 2 + batch * (k + n) * 2) as f64;
+            let bytes16 = (n * k * 2 + batch * (k + n) * 2) as f64;
+            println!(
+                "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": {batch}, \"q4_us\": {:.2}, \"q4_gbs\": {:.0}, \"q4_peak_frac\": {:.3}, \"cublas_f16_us\": {:.2}, \"cublas_gbs\": {:.0}, \"speedup\": {:.2}}}",
+                gpu.name,
+                t4 * 1e6,
+                bytes4 / t4 / 1e9,
+                bytes4 / t4 / peak,
+                t16 * 1e6,
+                bytes16 / t16 / 1e9,
+                t16 / t4
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bench_vla(gpu: &Gpu, layers: usize, iters: usize) -> Result<(), String> {
+    let (h, m) = (4096usize, 11008usize);
+    // Per layer: q, k, v, o (h -> h), gate, up (h -> m), down (m -> h).
+    let shapes = [(h, h), (h, h), (h, h), (h, h), (m, h), (m, h), (h, m)];
+    let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
+    let mut q4 = vec![];
+    let mut f16w = vec![];
+    for l in 0..layers {
+        for (i, &(n, k)) in shapes.iter().enumerate() {
+            let w = random_q4(n, k, (l * 7 + i) as u64 + 1);
+            q4.push(gpu.upload(&w)?);
+            // The FP16 baseline's weights (values do not matter for timing).
+            f16w.push(gpu.stream.alloc_zeros::<f16>(n * k).map_err(err)?);
+        }
+    }
+    let xin = gpu.stream.alloc_zeros::<f16>(m).map_err(err)?;
+    let mut yout = gpu.stream.alloc_zeros::<f16>(m).map_err(err)?;
+    let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
+    let t4 = time_flushed(gpu, &mut flush, iters, || {
+        for w in &q4 {
+            gpu.q4_gemv(w, &xin, None, &mut yout, 1)?;
+        }
+        Ok(())
+    })?;
+    let t16 = time_flushed(gpu, &mut flush, iters, || {
+        for (w, &(n, k)) in f16w.iter().zip(shapes.iter().cycle()) {
+            cublas_gemv(&blas, w, &xin, &mut yout, n, k, 1)?;
+        }
+        Ok(())
+    })?;
+    let params: usize = shapes.iter().map(|(n, k)| n * k).sum::<usize>() * layers;
+    let bytes4 = params as f64 * (0.5 + 2.0 / GROUP as f64);
+    let peak = peak_bw(&gpu.name);
+    println!(
+        "{{\"gpu\": {:?}, \"vla_layers\": {layers}, \"params\": {params}, \"q4_ms_per_token\": {:.3}, \"cublas_f16_ms_per_token\": {:.3}, \"speedup\": {:.2}, \"q4_bandwidth_limit_ms\": {:.3}, \"q4_frac_of_limit\": {:.3}}}",
+        gpu.name,
+        t4 * 1e3,
+        t16 * 1e3,
+        t16 / t4,
+        bytes4 / peak * 1e3,
+        bytes4 / peak / t4
+    );
+    Ok(())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let opt = |name: &str, d: usize| {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(d)
+    };
+    let gpu = match Gpu::new() {
+        Ok(g) => g,
+        Err(e) => {
+            println!("skipping: {e}");
+            return;
+        }
+    };
+    eprintln!("GPU: {} (compute capability {}.{})", gpu.name, gpu.cc.0, gpu.cc.1);
+    let res = match args.first().map(String::as_str) {
+        Some("check") | None => check(&gpu, args.iter().any(|a| a == "--small")).map(|ok| {
+            if !ok {
+                std::process::exit(1)
+            }
+        }),
+        Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
+        Some("vla") => bench_vla(&gpu, opt("--layers", 32), opt("--iters", 10)),
+        Some(other) => Err(format!("unknown mode `{other}`: check, gemv or vla")),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,233 @@
+//! sqil's CUDA back end (started): int4 weight-only GEMV / small-batch GEMM kernels written as
+//! `.cu` sources in `kernels/cuda`, embedded here and compiled at run time with NVRTC (the PTX
+//! is cached on disk, keyed by source hash and GPU architecture), launched through cudarc, with
+//! cuBLAS FP16 as the baseline.
+//!
+//! Everything loads the CUDA libraries dynamically: binaries build and run on machines without
+//! CUDA; [`Gpu::new`] returns an error that says why (no driver, no device) instead of
+//! panicking, and [`nvrtc_present`] tells whether kernels can be compiled here.
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use half::f16;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Every kernel source, by file name (each compiles on its own).
+pub const SOURCES: &[(&str, &str)] = &[("q4_gemv.cu", include_str!("../../../kernels/cuda/q4_gemv.cu"))];
+
+/// Group size of the CUDA int4 layout (fp16 scales per 128 weights of a row).
+pub const GROUP: usize = 128;
+
+/// Batches the GEMV kernel has instances for (`sqil_q4_gemv_b{B}`).
+pub const BATCHES: [usize; 5] = [1, 2, 4, 8, 16];
+
+/// Whether the NVRTC library can be loaded (kernels can be compiled on this machine).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// FNV-1a of a source, for the PTX cache key.
+fn hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Compiles one kernel source to PTX for `arch` (e.g. `compute_90`), or reads it from the cache
+/// (`$SQIL_CACHE` or `~/.cache/sqil/ptx`, file `NAME-ARCH-HASH.ptx`, written atomically).
+pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, String> {
+    let dir = std::env::var_os("SQIL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sqil")))
+        .map(|d| d.join("ptx"));
+    let file = dir.as_ref().map(|d| d.join(format!("{name}-{arch}-{:016x}.ptx", hash(src))));
+    if let Some(text) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+        return Ok(text);
+    }
+    if !nvrtc_present() {
+        return Err(format!("{name}: NVRTC is not installed (libnvrtc not found), kernels cannot be compiled"));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["-std=c++17".into(), "-lineinfo".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| format!("{name}: {e:?}"))?;
+    let text = ptx.to_src();
+    if let (Some(d), Some(f)) = (dir, file) {
+        // A cache that cannot be written only costs a recompile next time.
+        if std::fs::create_dir_all(&d).is_ok() {
+            let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &text).is_ok() {
+                let _ = std::fs::rename(&tmp, &f);
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// The NVRTC architecture name for a compute capability (PTX for that virtual architecture).
+pub fn arch_for(cc: (i32, i32)) -> &'static str {
+    match cc {
+        (9, _) => "compute_90",
+        (8, 9) => "compute_89",
+        (8, 6) => "compute_86",
+        (8, _) => "compute_80",
+        (10, _) => "compute_100",
+        (12, _) => "compute_120",
+        _ => "compute_75",
+    }
+}
+
+/// int4 weights in the CUDA layout (see `kernels/cuda/q4_gemv.cu`), on the host.
+#[derive(Clone, Debug)]
+pub struct HostQ4 {
+    pub n: usize,
+    /// Padded to a multiple of [`GROUP`].
+    pub k: usize,
+    pub words: Vec<u32>,
+    pub scales: Vec<f16>,
+}
+
+/// Packs signed ints `q` (`[n, k]` row-major, in [-8, 7]) with per-group scales (`[n, k/128]`,
+/// k rounded up) into the CUDA layout: k padded with zeros to a multiple of 128, each word's
+/// nibbles interleaved for the half2 unpack.
+pub fn pack(q: &[i8], scales: &[f32], n: usize, k: usize) -> HostQ4 {
+    let kp = k.div_ceil(GROUP) * GROUP;
+    assert_eq!(q.len(), n * k, "pack: q has {} values for [{n}, {k}]", q.len());
+    assert_eq!(scales.len(), n * kp / GROUP, "pack: scales");
+    let mut words = vec![0u32; n * kp / 8];
+    for r in 0..n {
+        for i in 0..kp / 8 {
+            let mut wd = 0u32;
+            for e in 0..8 {
+                let c = i * 8 + e;
+                let v = if c < k { q[r * k + c] } else { 0 };
+                assert!((-8..=7).contains(&v), "pack: weight {v} out of int4 range");
+                let nib = (v + 8) as u32;
+                let shift = if e % 2 == 0 { 4 * (e / 2) } else { 16 + 4 * (e / 2) };
+                wd |= nib << shift;
+            }
+            words[r * kp / 8 + i] = wd;
+        }
+    }
+    HostQ4 { n, k: kp, words, scales: scales.iter().map(|&s| f16::from_f32(s)).collect() }
+}
+
+/// The float weights the CUDA layout holds (`[n, k]`, padded k): the reference the kernels are
+/// checked against.
+pub fn dequantize(w: &HostQ4) -> Vec<f32> {
+    let mut out = vec![0f32; w.n * w.k];
+    for r in 0..w.n {
+        for c in 0..w.k {
+            let wd = w.words[r * w.k / 8 + c / 8];
+            let e = c % 8;
+            let shift = if e % 2 == 0 { 4 * (e / 2) } else { 16 + 4 * (e / 2) };
+            let q = ((wd >> shift) & 15) as i32 - 8;
+            out[r * w.k + c] = q as f32 * w.scales[r * w.k / GROUP + c / GROUP].to_f32();
+        }
+    }
+    out
+}
+
+/// A GPU with sqil's kernels loaded.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub cc: (i32, i32),
+    module: Arc<CudaModule>,
+}
+
+/// int4 weights on the device.
+pub struct DeviceQ4 {
+    pub n: usize,
+    pub k: usize,
+    pub words: CudaSlice<u32>,
+    pub scales: CudaSlice<f16>,
+}
+
+impl Gpu {
+    /// Device 0 with the kernels compiled (or read from the cache); an error, not a panic, when
+    /// there is no driver or no device.
+    pub fn new() -> Result<Gpu, String> {
+        if !driver_present() {
+            return Err("no CUDA driver (libcuda not found)".into());
+        }
+        let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e:?}"))?;
+        if count < 1 {
+            return Err("the CUDA driver reports no devices".into());
+        }
+        let ctx = CudaContext::new(0).map_err(|e| format!("CUDA context: {e:?}"))?;
+        let name = ctx.name().map_err(|e| format!("{e:?}"))?;
+        let cc = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
+        let (file, src) = SOURCES[0];
+        let ptx = compile(file, src, arch_for(cc))?;
+        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| format!("{file}: load: {e:?}"))?;
+        let stream = ctx.default_stream();
+        Ok(Gpu { ctx, stream, name, cc, module })
+    }
+
+    pub fn function(&self, name: &str) -> Result<CudaFunction, String> {
+        self.module.load_function(name).map_err(|e| format!("kernel {name}: {e:?}"))
+    }
+
+    pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4, String> {
+        Ok(DeviceQ4 {
+            n: w.n,
+            k: w.k,
+            words: self.stream.clone_htod(&w.words).map_err(|e| format!("{e:?}"))?,
+            scales: self.stream.clone_htod(&w.scales).map_err(|e| format!("{e:?}"))?,
+        })
+    }
+
+    /// `y[b, n] = sum_k x[b, k] w[n, k] (+ bias[n])` for `batch` <= 16 rows of fp16 activations
+    /// (`x` is `[batch, w.k]`), on the stream (asynchronous).
+    pub fn q4_gemv(
+        &self,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+    ) -> Result<(), String> {
+        let b = *BATCHES
+            .iter()
+            .find(|&&b| b >= batch)
+            .ok_or_else(|| format!("q4_gemv: batch {batch} > {}", BATCHES[BATCHES.len() - 1]))?;
+        if x.len() < batch * w.k || y.len() < batch * w.n {
+            return Err(format!("q4_gemv: buffers too small for [{batch}, {}] x [{}, {}]", w.k, w.n, w.k));
+        }
+        // Batches 2 to 4: four rows per warp with x in registers (measured faster on an H200);
+        // batch 1 and 5-16: one row per warp, four chunks in flight per lane.
+        let multi = (2..=4).contains(&b);
+        let f = if multi {
+            self.function(&format!("sqil_q4_gemv_r4_b{b}"))?
+        } else {
+            self.function(&format!("sqil_q4_gemv_b{b}"))?
+        };
+        let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
+        let rows_per_block = if multi { 16u32 } else { 4u32 };
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let null = 0u64;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&w.words).arg(&w.scales).arg(x);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&n).arg(&k).arg(&bt);
+        // SAFETY: the kernel's parameters match (pointers, then three ints); buffer sizes are
+        // checked above and every access is bounded by n, k and batch.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q4_gemv launch: {e:?}"))
+    }
+}

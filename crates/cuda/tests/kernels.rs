@@ -1,0 +1,69 @@
+//! The CUDA kernels without a GPU and with one.
+//!
+//! - Every `.cu` source compiles with NVRTC for Hopper and Ampere (CI points LD_LIBRARY_PATH at
+//!   the `nvidia-cuda-nvrtc` wheel; `SQIL_REQUIRE_NVRTC=1` makes a missing NVRTC a failure).
+//! - The host-side packing round-trips (the CUDA layout holds exactly the given weights).
+//! - With a driver and a device: every kernel instance against the CPU reference; without,
+//!   the test prints why it skips.
+
+use sqil_cuda::{compile, dequantize, pack, Gpu, GROUP, SOURCES};
+
+#[test]
+fn every_kernel_source_compiles_with_nvrtc() {
+    if !sqil_cuda::nvrtc_present() {
+        assert!(
+            std::env::var("SQIL_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "NVRTC missing and SQIL_REQUIRE_NVRTC=1 (LD_LIBRARY_PATH should hold the nvidia-cuda-nvrtc wheel's lib)"
+        );
+        eprintln!(
+            "skipping: libnvrtc not found (pip install nvidia-cuda-nvrtc==13.0.*; LD_LIBRARY_PATH=.../nvidia/cu13/lib)"
+        );
+        return;
+    }
+    let cache = std::env::temp_dir().join(format!("sqil-ptx-{}", std::process::id()));
+    std::env::set_var("SQIL_CACHE", &cache);
+    for (name, src) in SOURCES {
+        for arch in ["compute_90", "compute_80"] {
+            let ptx = compile(name, src, arch).unwrap_or_else(|e| panic!("{name} for {arch}: {e}"));
+            for b in sqil_cuda::BATCHES {
+                assert!(ptx.contains(&format!("sqil_q4_gemv_b{b}")), "{name}: no entry point for batch {b}");
+            }
+            // The second call reads the cache.
+            assert_eq!(compile(name, src, arch).unwrap(), ptx);
+        }
+    }
+    // A kernel that does not compile is an error naming the file, not a panic.
+    let e = compile("broken.cu", "extern \"C\" __global__ void k() { undefined_thing(); }", "compute_90").unwrap_err();
+    assert!(e.contains("broken.cu"), "{e}");
+    std::fs::remove_dir_all(&cache).ok();
+}
+
+#[test]
+fn packing_holds_the_weights() {
+    let (n, k) = (5usize, 200usize);
+    let q: Vec<i8> = (0..n * k).map(|i| ((i * 7) % 16) as i8 - 8).collect();
+    let s: Vec<f32> = (0..n * k.div_ceil(GROUP)).map(|i| 0.5 + i as f32 * 0.25).collect();
+    let w = pack(&q, &s, n, k);
+    assert_eq!(w.k, 256);
+    let d = dequantize(&w);
+    for r in 0..n {
+        for c in 0..w.k {
+            let want = if c < k { q[r * k + c] as f32 * s[r * 2 + c / GROUP] } else { 0.0 };
+            assert_eq!(d[r * w.k + c], want, "row {r} col {c}");
+        }
+    }
+}
+
+#[test]
+fn kernels_agree_with_the_cpu_reference_on_a_gpu() {
+    let gpu = match Gpu::new() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("skipping: {e}");
+            return;
+        }
+    };
+    let exe = env!("CARGO_BIN_EXE_sqil-cuda-bench");
+    let out = std::process::Command::new(exe).arg("check").output().unwrap();
+    assert!(out.status.success(), "{} failed on {}:\n{}", exe, gpu.name, String::from_utf8_lossy(&out.stdout));
+}

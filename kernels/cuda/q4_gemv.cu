@@ -1,0 +1,241 @@
+// sqil CUDA kernels: weight-only int4 GEMV / small-batch GEMM (W4A16), compiled at run time
+// with NVRTC (crates/cuda embeds this file).
+//
+// Weights, pre-shuffled on the host (sqil_cuda::pack): row-major [n][k / 8] 32-bit words; word
+// i of a row holds elements 8i..8i+7 as q + 8 (q in [-8, 7]), element 8i + 2s in bits 4s..4s+3
+// and element 8i + 2s + 1 in bits 16 + 4s..16 + 4s + 3, so that `(word >> 4s) & 0x000F000F`
+// OR 0x6400_6400 is the half2 (1024 + q0 + 8, 1024 + q1 + 8): one mask, one OR and one half2
+// subtraction dequantize two weights exactly. Scales: fp16 [n][k / 128] (groups of 128).
+// Activations: fp16 [batch][k]; outputs fp16 [batch][n] (+ optional fp16 bias [n]).
+//
+// One warp per output row; each lane loads 16 bytes (32 weights, one quarter of a group) per
+// step, so a warp reads 512 contiguous bytes per step (coalesced, 128-bit loads). Products are
+// summed per word in half2 (8 products: at most 64 * max|x| before fp16 overflow), each word's
+// sum widened to fp32 and scaled, so accuracy holds for activations up to about 1000.
+// k must be a multiple of 128 (the host pads).
+//
+// Self-contained: fp16 arithmetic through PTX (no cuda_fp16.h), so NVRTC compiles it with no
+// include paths (CI compiles it with only the nvidia-cuda-nvrtc wheel).
+
+typedef unsigned short sqil_half;   // IEEE binary16 bits
+typedef unsigned int sqil_half2;    // two binary16 values, element 0 in the low half
+
+__device__ __forceinline__ sqil_half2 h2_sub(sqil_half2 a, sqil_half2 b)
+{
+    sqil_half2 r;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+__device__ __forceinline__ sqil_half2 h2_mul(sqil_half2 a, sqil_half2 b)
+{
+    sqil_half2 r;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+    return r;
+}
+__device__ __forceinline__ sqil_half2 h2_fma(sqil_half2 a, sqil_half2 b, sqil_half2 c)
+{
+    sqil_half2 r;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+__device__ __forceinline__ float h_to_f(sqil_half h)
+{
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ sqil_half f_to_h(float f)
+{
+    sqil_half h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// One 16-byte chunk (32 weights, scale s) of a row against the batch's activations.
+template <int B>
+__device__ __forceinline__ void q4_chunk(const uint4 q, const float s, const sqil_half *__restrict__ x, int k, int c,
+                                         int batch, float (&acc)[B])
+{
+    const sqil_half2 magic = 0x64086408u; // (1032, 1032) = 1024 + 8
+    const unsigned int words[4] = {q.x, q.y, q.z, q.w};
+    sqil_half2 wv[16];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            wv[i * 4 + t] = h2_sub(((words[i] >> (4 * t)) & 0x000F000Fu) | 0x64006400u, magic);
+        }
+    }
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+        if (b < batch) {
+            const uint4 *xp = reinterpret_cast<const uint4 *>(x + (size_t)b * k + (size_t)c * 32);
+            float part = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const uint4 xv = __ldg(xp + i);
+                sqil_half2 a = h2_mul(wv[i * 4], xv.x);
+                a = h2_fma(wv[i * 4 + 1], xv.y, a);
+                a = h2_fma(wv[i * 4 + 2], xv.z, a);
+                a = h2_fma(wv[i * 4 + 3], xv.w, a);
+                part += h_to_f((sqil_half)(a & 0xffffu)) + h_to_f((sqil_half)(a >> 16));
+            }
+            acc[b] += part * s;
+        }
+    }
+}
+
+template <int B>
+__device__ __forceinline__ void q4_gemv_impl(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
+                                             const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
+                                             sqil_half *__restrict__ y, int n, int k, int batch)
+{
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= n) {
+        return;
+    }
+    const int chunks = k >> 5; // 16-byte chunks (32 weights) per row
+    const uint4 *wr = w + (size_t)row * chunks;
+    const sqil_half *sr = scales + (size_t)row * (k >> 7);
+    float acc[B];
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+        acc[b] = 0.0f;
+    }
+    // One chunk per lane per step. (Issuing four chunks' loads before use was measured 5-15%
+    // slower on an H200 at batch 1, so bytes in flight are not the limit; about 90 instructions
+    // per 16 weight bytes suggest instruction issue is, unconfirmed by counters.)
+    int c = lane;
+    for (; c < chunks; c += 32) {
+        q4_chunk<B>(__ldg(wr + c), h_to_f(sr[c >> 2]), x, k, c, batch, acc);
+    }
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+        float v = acc[b];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        }
+        if (lane == 0 && b < batch) {
+            if (bias != nullptr) {
+                v += h_to_f(bias[row]);
+            }
+            y[(size_t)b * n + row] = f_to_h(v);
+        }
+    }
+}
+
+// Batches up to 1, 2, 4, 8, 16: the host picks the smallest instance that holds the batch.
+#define SQIL_Q4_GEMV(B)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) sqil_q4_gemv_b##B(                                            \
+        const uint4 *__restrict__ w, const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,            \
+        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch)                        \
+    {                                                                                                              \
+        q4_gemv_impl<B>(w, scales, x, bias, y, n, k, batch);                                                       \
+    }
+
+SQIL_Q4_GEMV(1)
+SQIL_Q4_GEMV(2)
+SQIL_Q4_GEMV(4)
+SQIL_Q4_GEMV(8)
+SQIL_Q4_GEMV(16)
+
+// The small-batch variant (batches up to 4): each warp computes R rows, each lane keeps its
+// slice of x in registers for all R rows and issues the R rows' 16-byte weight loads together
+// (more bytes in flight per warp: the kernel is memory-bound at batch 1). Same arithmetic per
+// (row, batch) as q4_gemv_impl, so the same results.
+template <int B, int R>
+__device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
+                                                  const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
+                                                  sqil_half *__restrict__ y, int n, int k, int batch)
+{
+    const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const int row0 = warp * R;
+    if (row0 >= n) {
+        return;
+    }
+    const int chunks = k >> 5;
+    const sqil_half2 magic = 0x64086408u;
+    float acc[R][B];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            acc[r][b] = 0.0f;
+        }
+    }
+    for (int c = lane; c < chunks; c += 32) {
+        uint4 q[R];
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = min(row0 + r, n - 1);
+            q[r] = __ldg(w + (size_t)row * chunks + c);
+            s[r] = h_to_f(scales[(size_t)row * (k >> 7) + (c >> 2)]);
+        }
+        uint4 xv[B][4];
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                xv[b][i] = b < batch ? __ldg(reinterpret_cast<const uint4 *>(x + (size_t)b * k + (size_t)c * 32) + i)
+                                     : make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const unsigned int words[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
+#pragma unroll
+            for (int b = 0; b < B; b++) {
+                float part = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    sqil_half2 wv[4];
+#pragma unroll
+                    for (int t = 0; t < 4; t++) {
+                        wv[t] = h2_sub(((words[i] >> (4 * t)) & 0x000F000Fu) | 0x64006400u, magic);
+                    }
+                    sqil_half2 a = h2_mul(wv[0], xv[b][i].x);
+                    a = h2_fma(wv[1], xv[b][i].y, a);
+                    a = h2_fma(wv[2], xv[b][i].z, a);
+                    a = h2_fma(wv[3], xv[b][i].w, a);
+                    part += h_to_f((sqil_half)(a & 0xffffu)) + h_to_f((sqil_half)(a >> 16));
+                }
+                acc[r][b] += part * s[r];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            float v = acc[r][b];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            }
+            const int row = row0 + r;
+            if (lane == 0 && b < batch && row < n) {
+                if (bias != nullptr) {
+                    v += h_to_f(bias[row]);
+                }
+                y[(size_t)b * n + row] = f_to_h(v);
+            }
+        }
+    }
+}
+
+// Rows per warp R = 4: batches up to 1, 2, 4.
+#define SQIL_Q4_GEMV_ROWS(B)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(128) sqil_q4_gemv_r4_b##B(                                         \
+        const uint4 *__restrict__ w, const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,      \
+        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch)                  \
+    {                                                                                                              \
+        q4_gemv_rows_impl<B, 4>(w, scales, x, bias, y, n, k, batch);                                               \
+    }
+
+SQIL_Q4_GEMV_ROWS(1)
+SQIL_Q4_GEMV_ROWS(2)
+SQIL_Q4_GEMV_ROWS(4)

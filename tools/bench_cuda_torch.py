@@ -1,0 +1,71 @@
+"""PyTorch FP16 peer for `sqil-cuda-bench` (run on the GPU machine, same shapes and method):
+`F.linear` on fp16 weights at batch 1/4/16 with the L2 flushed (a 512 MiB zero fill) before each
+timed call, CUDA events, median; and the Llama-style decoder linears (hidden 4096, MLP 11008) per
+token, eager and replayed from a CUDA graph. One JSON line per measurement.
+
+    python3 tools/bench_cuda_torch.py [--iters 50] [--layers 32]
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+
+def timed(fn, iters, flush):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(iters):
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        ts.append(start.elapsed_time(end) * 1e-3)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--layers", type=int, default=32)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    flush = torch.empty(512 << 20, dtype=torch.uint8, device=dev)
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192)]:
+        w = torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
+        for b in (1, 4, 16):
+            x = torch.randn(b, k, device=dev, dtype=torch.float16)
+            t = timed(lambda: F.linear(x, w), a.iters, flush)
+            print(json.dumps({"gpu": name, "engine": "torch f16", "shape": f"{k}->{n}", "batch": b, "us": round(t * 1e6, 2),
+                              "gbs": round((n * k * 2 + b * (n + k) * 2) / t / 1e9)}), flush=True)
+    h, m = 4096, 11008
+    shapes = [(h, h)] * 4 + [(m, h), (m, h), (h, m)]
+    ws = [torch.zeros(n, k, device=dev, dtype=torch.float16) for _ in range(a.layers) for (n, k) in shapes]
+    x = torch.zeros(1, m, device=dev, dtype=torch.float16)
+
+    def token():
+        for w in ws:
+            F.linear(x[:, : w.shape[1]], w)
+
+    t = timed(token, 10, flush)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        token()
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        token()
+    tg = timed(g.replay, 10, flush)
+    params = sum(n * k for (n, k) in shapes) * a.layers
+    print(json.dumps({"gpu": name, "engine": "torch f16", "vla_layers": a.layers, "params": params,
+                      "ms_per_token": round(t * 1e3, 3), "graph_ms_per_token": round(tg * 1e3, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
