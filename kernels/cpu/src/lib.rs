@@ -16,17 +16,28 @@ pub use packed::{BlockQ4, PackedQ4};
 pub enum Isa {
     Generic,
     Avx2,
+    /// AVX-512 F/BW/VNNI (the W4A8 kernels; the rest uses AVX2).
+    Avx512Vnni,
 }
 
-/// The instruction set the dispatchers use on this CPU (`SQIL_ISA=generic` forces the reference).
+/// The instruction set the dispatchers use on this CPU (`SQIL_ISA=generic` forces the
+/// reference, `SQIL_ISA=avx2` caps it at AVX2).
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("SQIL_ISA").is_ok_and(|v| v == "generic") {
+        let cap = std::env::var("SQIL_ISA").unwrap_or_default();
+        if cap == "generic" {
             return Isa::Generic;
         }
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            if cap != "avx2"
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                return Isa::Avx512Vnni;
+            }
             return Isa::Avx2;
         }
         Isa::Generic
@@ -61,6 +72,11 @@ pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut
         Isa::Avx2 => {
             split_rows(w.n, threads, y, |rows, out| unsafe { x86_64::avx2::avx2_gemv_q4q8_rows(w, x, bias, rows, out) })
         }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the lengths are asserted above.
+        Isa::Avx512Vnni => split_rows(w.n, threads, y, |rows, out| unsafe {
+            x86_64::avx512::avx512_gemv_q4q8_rows(w, x, bias, rows, out)
+        }),
         _ => generic::generic_gemv_q4q8(w, x, bias, y),
     }
 }
@@ -80,6 +96,9 @@ pub fn gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
         Isa::Avx2 => unsafe { x86_64::avx2::avx2_gemm_q4q8(w, xs, bias, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the lengths are asserted above.
+        Isa::Avx512Vnni => unsafe { x86_64::avx512::avx512_gemm_q4q8(w, xs, bias, y) },
         _ => {
             for (x, yc) in xs.iter().zip(y.chunks_mut(w.n)) {
                 generic::generic_gemv_q4q8(w, x, bias, yc);
@@ -104,7 +123,7 @@ pub fn gemv_q4f32(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], 
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx2 => split_rows(w.n, threads, y, |rows, out| unsafe {
+        Isa::Avx2 | Isa::Avx512Vnni => split_rows(w.n, threads, y, |rows, out| unsafe {
             x86_64::avx2::avx2_gemv_q4f32_rows(w, x, bias, rows, out)
         }),
         _ => generic::generic_gemv_q4f32(w, x, bias, y),

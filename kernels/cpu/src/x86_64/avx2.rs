@@ -10,7 +10,7 @@ use std::arch::x86_64::*;
 /// The 32 nibbles of a block as unsigned bytes in element order (0-15 low lane, 16-31 high).
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn unpack_u8(p: *const u8) -> __m256i {
+pub(crate) unsafe fn unpack_u8(p: *const u8) -> __m256i {
     let raw = _mm_loadu_si128(p as *const __m128i);
     let mask = _mm_set1_epi8(0x0f);
     let lo = _mm_and_si128(raw, mask);
@@ -38,7 +38,7 @@ unsafe fn reduce4(a: &[__m256i; 4]) -> __m128i {
 /// The int32 accumulators (eight lanes to be summed) of blocks `i..end` of four rows against
 /// `NC` inputs.
 #[inline(always)]
-unsafe fn group_sums<const NC: usize>(
+pub(crate) unsafe fn group_sums<const NC: usize>(
     rp: [*const u8; 4],
     xp: [*const i8; NC],
     mut i: usize,
@@ -89,7 +89,7 @@ unsafe fn group_sums<const NC: usize>(
 /// once per pair, for all four rows); two `vpmaddubsw` products are added in i16 (each at most
 /// 2 * 15 * 128, so the sum fits) before one `vpmaddwd` widens them.
 #[inline(always)]
-unsafe fn tile_q4q8<const NC: usize>(
+pub(crate) unsafe fn tile_q4q8<const NC: usize, const VNNI: bool>(
     w: &PackedQ4,
     rows: [usize; 4],
     xs: [&QuantizedInput; NC],
@@ -111,7 +111,11 @@ unsafe fn tile_q4q8<const NC: usize>(
             ($j:literal) => {
                 let g = base + $j;
                 if g < groups {
-                    let acc = group_sums::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones);
+                    let acc = if VNNI {
+                        super::avx512::group_sums_vnni::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones)
+                    } else {
+                        group_sums::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones)
+                    };
                     // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q, four rows at once.
                     let ws = _mm_set_epi32(
                         w.sums[rows[3] * groups + g],
@@ -164,8 +168,55 @@ unsafe fn tile_q4q8<const NC: usize>(
 
 /// The four rows of the tile starting at `r` (the last one repeated past `end`).
 #[inline]
-fn tile_rows(r: usize, end: usize) -> [usize; 4] {
+pub(crate) fn tile_rows(r: usize, end: usize) -> [usize; 4] {
     std::array::from_fn(|j| (r + j).min(end - 1))
+}
+
+/// W4A8 GEMV rows `rows` of `w`, in tiles of four rows (`VNNI`: the AVX-512 VNNI group sums).
+#[inline(always)]
+pub(crate) unsafe fn gemv_rows_impl<const VNNI: bool>(
+    w: &PackedQ4,
+    x: &QuantizedInput,
+    bias: Option<&[f32]>,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
+    let (start, end) = (rows.start, rows.end);
+    let mut r = start;
+    while r < end {
+        let [out] = tile_q4q8::<1, VNNI>(w, tile_rows(r, end), [x], bias);
+        let n = (end - r).min(4);
+        y[r - start..r - start + n].copy_from_slice(&out[..n]);
+        r += 4;
+    }
+}
+
+/// W4A8 on a batch, tiles of four rows outer, inputs inner in pairs (see [`avx2_gemm_q4q8`]).
+#[inline(always)]
+pub(crate) unsafe fn gemm_impl<const VNNI: bool>(
+    w: &PackedQ4,
+    xs: &[QuantizedInput],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let mut r = 0;
+    while r < w.n {
+        let rows = tile_rows(r, w.n);
+        let n = (w.n - r).min(4);
+        let mut c = 0;
+        while c + 2 <= xs.len() {
+            let out = tile_q4q8::<2, VNNI>(w, rows, [&xs[c], &xs[c + 1]], bias);
+            for (k, o) in out.iter().enumerate() {
+                y[(c + k) * w.n + r..(c + k) * w.n + r + n].copy_from_slice(&o[..n]);
+            }
+            c += 2;
+        }
+        if c < xs.len() {
+            let [o] = tile_q4q8::<1, VNNI>(w, rows, [&xs[c]], bias);
+            y[c * w.n + r..c * w.n + r + n].copy_from_slice(&o[..n]);
+        }
+        r += 4;
+    }
 }
 
 /// W4A8 GEMV rows `rows` of `w` (see `generic_gemv_q4q8`), in tiles of four rows.
@@ -180,14 +231,7 @@ pub unsafe fn avx2_gemv_q4q8_rows(
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
-    let (start, end) = (rows.start, rows.end);
-    let mut r = start;
-    while r < end {
-        let [out] = tile_q4q8::<1>(w, tile_rows(r, end), [x], bias);
-        let n = (end - r).min(4);
-        y[r - start..r - start + n].copy_from_slice(&out[..n]);
-        r += 4;
-    }
+    gemv_rows_impl::<false>(w, x, bias, rows, y)
 }
 
 /// W4A8 on a batch: `y[c * w.n + r]` for every input `xs[c]` and every row. Tiles of four rows
@@ -199,24 +243,7 @@ pub unsafe fn avx2_gemv_q4q8_rows(
 /// `xs.len() * w.n` entries.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32]) {
-    let mut r = 0;
-    while r < w.n {
-        let rows = tile_rows(r, w.n);
-        let n = (w.n - r).min(4);
-        let mut c = 0;
-        while c + 2 <= xs.len() {
-            let out = tile_q4q8::<2>(w, rows, [&xs[c], &xs[c + 1]], bias);
-            for (k, o) in out.iter().enumerate() {
-                y[(c + k) * w.n + r..(c + k) * w.n + r + n].copy_from_slice(&o[..n]);
-            }
-            c += 2;
-        }
-        if c < xs.len() {
-            let [o] = tile_q4q8::<1>(w, rows, [&xs[c]], bias);
-            y[c * w.n + r..c * w.n + r + n].copy_from_slice(&o[..n]);
-        }
-        r += 4;
-    }
+    gemm_impl::<false>(w, xs, bias, y)
 }
 
 /// Weight-only W4 GEMV on f32 activations, rows `rows` (see `generic_gemv_q4f32`); `x` holds

@@ -2,3 +2,4 @@
 //! crate root, which check the CPU at run time.
 
 pub mod avx2;
+pub mod avx512;

@@ -1,0 +1,82 @@
+//! AVX-512 VNNI W4A8 kernels: the AVX2 kernels' tiles and epilogue with the integer part on
+//! 512-bit registers, `vpdpbusd` (unsigned nibbles x signed int8, summed four to an int32 lane)
+//! in place of `vpmaddubsw` + `vpmaddwd`. Integer sums are exact, so the results equal the generic
+//! kernel bit for bit. Compiled everywhere; dispatched only where the CPU has AVX-512 F, BW and
+//! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
+
+use super::avx2::{gemm_impl, gemv_rows_impl, unpack_u8};
+use crate::generic::QuantizedInput;
+use crate::packed::{PackedQ4, QK4};
+use std::arch::x86_64::*;
+
+/// [`super::avx2::group_sums`] with the block pairs on 512-bit registers: the two blocks' 32
+/// nibble bytes unpack to one 64-byte vector `[b0 0-15, b1 0-15, b0 16-31, b1 16-31]` and the
+/// inputs' 128-bit lanes are reordered to match; the 16 lanes fold to the AVX2 form (8 lanes)
+/// for the shared reduction.
+#[inline(always)]
+pub(crate) unsafe fn group_sums_vnni<const NC: usize>(
+    rp: [*const u8; 4],
+    xp: [*const i8; NC],
+    mut i: usize,
+    end: usize,
+    m4: __m256i,
+    ones: __m256i,
+) -> [[__m256i; 4]; NC] {
+    let mut acc = [[_mm512_setzero_si512(); 4]; NC];
+    while i + 2 <= end {
+        let xv: [__m512i; NC] = std::array::from_fn(|c| {
+            let x = _mm512_loadu_si512(xp[c].add(i * QK4) as *const __m512i);
+            _mm512_shuffle_i64x2::<0b11_01_10_00>(x, x)
+        });
+        for j in 0..4 {
+            let raw = _mm256_loadu_si256(rp[j].add(i * 16) as *const __m256i);
+            let lo = _mm256_and_si256(raw, m4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            let wv = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+            for c in 0..NC {
+                acc[c][j] = _mm512_dpbusd_epi32(acc[c][j], wv, xv[c]);
+            }
+        }
+        i += 2;
+    }
+    let mut out: [[__m256i; 4]; NC] = std::array::from_fn(|c| {
+        std::array::from_fn(|j| {
+            _mm256_add_epi32(_mm512_castsi512_si256(acc[c][j]), _mm512_extracti64x4_epi64::<1>(acc[c][j]))
+        })
+    });
+    if i < end {
+        let xv: [__m256i; NC] = std::array::from_fn(|c| _mm256_loadu_si256(xp[c].add(i * QK4) as *const __m256i));
+        for j in 0..4 {
+            let wv = unpack_u8(rp[j].add(i * 16));
+            for c in 0..NC {
+                out[c][j] = _mm256_add_epi32(out[c][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[c]), ones));
+            }
+        }
+    }
+    out
+}
+
+/// W4A8 GEMV rows `rows` of `w` with VNNI (see `generic_gemv_q4q8`).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI, AVX2 and FMA; `x.q` holds `w.k_pad` values, `y`
+/// `rows.len()` outputs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub unsafe fn avx512_gemv_q4q8_rows(
+    w: &PackedQ4,
+    x: &QuantizedInput,
+    bias: Option<&[f32]>,
+    rows: std::ops::Range<usize>,
+    y: &mut [f32],
+) {
+    gemv_rows_impl::<true>(w, x, bias, rows, y)
+}
+
+/// W4A8 on a batch with VNNI (see `avx2_gemm_q4q8`).
+///
+/// # Safety
+/// As [`avx512_gemv_q4q8_rows`]; every `xs[c].q` holds `w.k_pad` values, `y` `xs.len() * w.n`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub unsafe fn avx512_gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32]) {
+    gemm_impl::<true>(w, xs, bias, y)
+}
