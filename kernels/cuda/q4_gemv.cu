@@ -5,7 +5,9 @@
 // i of a row holds elements 8i..8i+7 as q + 8 (q in [-8, 7]), element 8i + 2s in bits 4s..4s+3
 // and element 8i + 2s + 1 in bits 16 + 4s..16 + 4s + 3, so that `(word >> 4s) & 0x000F000F`
 // OR 0x6400_6400 is the half2 (1024 + q0 + 8, 1024 + q1 + 8): one mask, one OR and one half2
-// subtraction dequantize two weights exactly. Scales: fp16 [n][k / 128] (groups of 128).
+// subtraction dequantize two weights exactly. Scales: fp16 [n][k / group], group = 32 << gshift
+// (128 for the benchmark layouts; policies' groups of 32 or 64, and per-channel scales expanded
+// to 32, use smaller shifts). `relu` applies max(0, .) after the bias.
 // Activations: fp16 [batch][k]; outputs fp16 [batch][n] (+ optional fp16 bias [n]).
 //
 // One warp per output row; each lane loads 16 bytes (32 weights, one quarter of a group) per
@@ -14,42 +16,7 @@
 // sum widened to fp32 and scaled, so accuracy holds for activations up to about 1000.
 // k must be a multiple of 128 (the host pads).
 //
-// Self-contained: fp16 arithmetic through PTX (no cuda_fp16.h), so NVRTC compiles it with no
-// include paths (CI compiles it with only the nvidia-cuda-nvrtc wheel).
-
-typedef unsigned short sqil_half;   // IEEE binary16 bits
-typedef unsigned int sqil_half2;    // two binary16 values, element 0 in the low half
-
-__device__ __forceinline__ sqil_half2 h2_sub(sqil_half2 a, sqil_half2 b)
-{
-    sqil_half2 r;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-}
-__device__ __forceinline__ sqil_half2 h2_mul(sqil_half2 a, sqil_half2 b)
-{
-    sqil_half2 r;
-    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
-    return r;
-}
-__device__ __forceinline__ sqil_half2 h2_fma(sqil_half2 a, sqil_half2 b, sqil_half2 c)
-{
-    sqil_half2 r;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-    return r;
-}
-__device__ __forceinline__ float h_to_f(sqil_half h)
-{
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ sqil_half f_to_h(float f)
-{
-    sqil_half h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+// fp16 helpers: fp16.cuh, which the host prepends to every source.
 
 // One 16-byte chunk (32 weights, scale s) of a row against the batch's activations.
 template <int B>
@@ -88,7 +55,7 @@ __device__ __forceinline__ void q4_chunk(const uint4 q, const float s, const sqi
 template <int B>
 __device__ __forceinline__ void q4_gemv_impl(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
                                              const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
-                                             sqil_half *__restrict__ y, int n, int k, int batch)
+                                             sqil_half *__restrict__ y, int n, int k, int batch, int gshift, int relu)
 {
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -97,7 +64,7 @@ __device__ __forceinline__ void q4_gemv_impl(const uint4 *__restrict__ w, const 
     }
     const int chunks = k >> 5; // 16-byte chunks (32 weights) per row
     const uint4 *wr = w + (size_t)row * chunks;
-    const sqil_half *sr = scales + (size_t)row * (k >> 7);
+    const sqil_half *sr = scales + (size_t)row * (k >> (5 + gshift));
     float acc[B];
 #pragma unroll
     for (int b = 0; b < B; b++) {
@@ -108,7 +75,7 @@ __device__ __forceinline__ void q4_gemv_impl(const uint4 *__restrict__ w, const 
     // per 16 weight bytes suggest instruction issue is, unconfirmed by counters.)
     int c = lane;
     for (; c < chunks; c += 32) {
-        q4_chunk<B>(__ldg(wr + c), h_to_f(sr[c >> 2]), x, k, c, batch, acc);
+        q4_chunk<B>(__ldg(wr + c), h_to_f(sr[c >> gshift]), x, k, c, batch, acc);
     }
 #pragma unroll
     for (int b = 0; b < B; b++) {
@@ -121,6 +88,9 @@ __device__ __forceinline__ void q4_gemv_impl(const uint4 *__restrict__ w, const 
             if (bias != nullptr) {
                 v += h_to_f(bias[row]);
             }
+            if (relu && v < 0.0f) {
+                v = 0.0f;
+            }
             y[(size_t)b * n + row] = f_to_h(v);
         }
     }
@@ -130,9 +100,10 @@ __device__ __forceinline__ void q4_gemv_impl(const uint4 *__restrict__ w, const 
 #define SQIL_Q4_GEMV(B)                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) sqil_q4_gemv_b##B(                                            \
         const uint4 *__restrict__ w, const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,            \
-        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch)                        \
+        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch, int gshift,       \
+        int relu)                                                                                                  \
     {                                                                                                              \
-        q4_gemv_impl<B>(w, scales, x, bias, y, n, k, batch);                                                       \
+        q4_gemv_impl<B>(w, scales, x, bias, y, n, k, batch, gshift, relu);                                        \
     }
 
 SQIL_Q4_GEMV(1)
@@ -148,7 +119,8 @@ SQIL_Q4_GEMV(16)
 template <int B, int R>
 __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
                                                   const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
-                                                  sqil_half *__restrict__ y, int n, int k, int batch)
+                                                  sqil_half *__restrict__ y, int n, int k, int batch, int gshift,
+                                                  int relu)
 {
     const int warp = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -173,7 +145,7 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
         for (int r = 0; r < R; r++) {
             const int row = min(row0 + r, n - 1);
             q[r] = __ldg(w + (size_t)row * chunks + c);
-            s[r] = h_to_f(scales[(size_t)row * (k >> 7) + (c >> 2)]);
+            s[r] = h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (c >> gshift)]);
         }
         uint4 xv[B][4];
 #pragma unroll
@@ -221,6 +193,9 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
                 if (bias != nullptr) {
                     v += h_to_f(bias[row]);
                 }
+                if (relu && v < 0.0f) {
+                    v = 0.0f;
+                }
                 y[(size_t)b * n + row] = f_to_h(v);
             }
         }
@@ -231,9 +206,10 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
 #define SQIL_Q4_GEMV_ROWS(B)                                                                                       \
     extern "C" __global__ void __launch_bounds__(128) sqil_q4_gemv_r4_b##B(                                         \
         const uint4 *__restrict__ w, const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,      \
-        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch)                  \
+        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch, int gshift,      \
+        int relu)                                                                                                  \
     {                                                                                                              \
-        q4_gemv_rows_impl<B, 4>(w, scales, x, bias, y, n, k, batch);                                               \
+        q4_gemv_rows_impl<B, 4>(w, scales, x, bias, y, n, k, batch, gshift, relu);                                 \
     }
 
 SQIL_Q4_GEMV_ROWS(1)

@@ -12,8 +12,20 @@ use half::f16;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub mod policy;
+
 /// Every kernel source, by file name (each compiles on its own).
-pub const SOURCES: &[(&str, &str)] = &[("q4_gemv.cu", include_str!("../../../kernels/cuda/q4_gemv.cu"))];
+/// (The host prepends `fp16.cuh`, the PTX fp16 helpers, to each: NVRTC then needs no include path.)
+pub const SOURCES: &[(&str, &str)] = &[
+    (
+        "q4_gemv.cu",
+        concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/q4_gemv.cu")),
+    ),
+    (
+        "policy_ops.cu",
+        concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/policy_ops.cu")),
+    ),
+];
 
 /// Group size of the CUDA int4 layout (fp16 scales per 128 weights of a row).
 pub const GROUP: usize = 128;
@@ -90,6 +102,8 @@ pub struct HostQ4 {
     pub n: usize,
     /// Padded to a multiple of [`GROUP`].
     pub k: usize,
+    /// Weights per scale: 32, 64 or 128.
+    pub group: usize,
     pub words: Vec<u32>,
     pub scales: Vec<f16>,
 }
@@ -98,9 +112,16 @@ pub struct HostQ4 {
 /// k rounded up) into the CUDA layout: k padded with zeros to a multiple of 128, each word's
 /// nibbles interleaved for the half2 unpack.
 pub fn pack(q: &[i8], scales: &[f32], n: usize, k: usize) -> HostQ4 {
+    pack_grouped(q, scales, n, k, GROUP)
+}
+
+/// [`pack`] with `group` (32, 64 or 128) weights per scale; `scales` is `[n, ceil(k / 128) * 128
+/// / group]`.
+pub fn pack_grouped(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) -> HostQ4 {
+    assert!(matches!(group, 32 | 64 | 128), "pack: group {group}");
     let kp = k.div_ceil(GROUP) * GROUP;
     assert_eq!(q.len(), n * k, "pack: q has {} values for [{n}, {k}]", q.len());
-    assert_eq!(scales.len(), n * kp / GROUP, "pack: scales");
+    assert_eq!(scales.len(), n * kp / group, "pack: scales");
     let mut words = vec![0u32; n * kp / 8];
     for r in 0..n {
         for i in 0..kp / 8 {
@@ -116,7 +137,7 @@ pub fn pack(q: &[i8], scales: &[f32], n: usize, k: usize) -> HostQ4 {
             words[r * kp / 8 + i] = wd;
         }
     }
-    HostQ4 { n, k: kp, words, scales: scales.iter().map(|&s| f16::from_f32(s)).collect() }
+    HostQ4 { n, k: kp, group, words, scales: scales.iter().map(|&s| f16::from_f32(s)).collect() }
 }
 
 /// The float weights the CUDA layout holds (`[n, k]`, padded k): the reference the kernels are
@@ -129,7 +150,7 @@ pub fn dequantize(w: &HostQ4) -> Vec<f32> {
             let e = c % 8;
             let shift = if e % 2 == 0 { 4 * (e / 2) } else { 16 + 4 * (e / 2) };
             let q = ((wd >> shift) & 15) as i32 - 8;
-            out[r * w.k + c] = q as f32 * w.scales[r * w.k / GROUP + c / GROUP].to_f32();
+            out[r * w.k + c] = q as f32 * w.scales[r * w.k / w.group + c / w.group].to_f32();
         }
     }
     out
@@ -141,13 +162,17 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub cc: (i32, i32),
-    module: Arc<CudaModule>,
+    modules: Vec<Arc<CudaModule>>,
+    /// Kernel name -> index of the module whose PTX has that `.entry`.
+    entries: std::collections::HashMap<String, usize>,
+    loaded: std::sync::Mutex<std::collections::HashMap<String, CudaFunction>>,
 }
 
 /// int4 weights on the device.
 pub struct DeviceQ4 {
     pub n: usize,
     pub k: usize,
+    pub group: usize,
     pub words: CudaSlice<u32>,
     pub scales: CudaSlice<f16>,
 }
@@ -166,21 +191,40 @@ impl Gpu {
         let ctx = CudaContext::new(0).map_err(|e| format!("CUDA context: {e:?}"))?;
         let name = ctx.name().map_err(|e| format!("{e:?}"))?;
         let cc = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
-        let (file, src) = SOURCES[0];
-        let ptx = compile(file, src, arch_for(cc))?;
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| format!("{file}: load: {e:?}"))?;
+        let mut modules = vec![];
+        let mut entries = std::collections::HashMap::new();
+        for (file, src) in SOURCES {
+            let ptx = compile(file, src, arch_for(cc))?;
+            for line in ptx.lines() {
+                if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
+                    let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    entries.insert(name, modules.len());
+                }
+            }
+            modules
+                .push(ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| format!("{file}: load: {e:?}"))?);
+        }
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, name, cc, module })
+        Ok(Gpu { ctx, stream, name, cc, modules, entries, loaded: Default::default() })
     }
 
+    /// A kernel by name (looked up once, from the module whose PTX defines it).
     pub fn function(&self, name: &str) -> Result<CudaFunction, String> {
-        self.module.load_function(name).map_err(|e| format!("kernel {name}: {e:?}"))
+        let mut loaded = self.loaded.lock().map_err(|_| "kernel cache poisoned".to_string())?;
+        if let Some(f) = loaded.get(name) {
+            return Ok(f.clone());
+        }
+        let m = self.entries.get(name).ok_or_else(|| format!("kernel {name}: no such entry point"))?;
+        let f = self.modules[*m].load_function(name).map_err(|e| format!("kernel {name}: {e:?}"))?;
+        loaded.insert(name.to_string(), f.clone());
+        Ok(f)
     }
 
     pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4, String> {
         Ok(DeviceQ4 {
             n: w.n,
             k: w.k,
+            group: w.group,
             words: self.stream.clone_htod(&w.words).map_err(|e| format!("{e:?}"))?,
             scales: self.stream.clone_htod(&w.scales).map_err(|e| format!("{e:?}"))?,
         })
@@ -195,6 +239,21 @@ impl Gpu {
         bias: Option<&CudaSlice<f16>>,
         y: &mut CudaSlice<f16>,
         batch: usize,
+    ) -> Result<(), String> {
+        self.q4_gemv_on(&self.stream, w, x, bias, y, batch, false)
+    }
+
+    /// [`Gpu::q4_gemv`] on `stream`, with an optional fused ReLU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn q4_gemv_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        relu: bool,
     ) -> Result<(), String> {
         let b = *BATCHES
             .iter()
@@ -212,6 +271,8 @@ impl Gpu {
             self.function(&format!("sqil_q4_gemv_b{b}"))?
         };
         let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
+        let gshift = (w.group / 32).trailing_zeros() as i32;
+        let relu = relu as i32;
         let rows_per_block = if multi { 16u32 } else { 4u32 };
         let cfg = LaunchConfig {
             grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
@@ -219,14 +280,14 @@ impl Gpu {
             shared_mem_bytes: 0,
         };
         let null = 0u64;
-        let mut l = self.stream.launch_builder(&f);
+        let mut l = stream.launch_builder(&f);
         l.arg(&w.words).arg(&w.scales).arg(x);
         match bias {
             Some(b) => l.arg(b),
             None => l.arg(&null),
         };
-        l.arg(y).arg(&n).arg(&k).arg(&bt);
-        // SAFETY: the kernel's parameters match (pointers, then three ints); buffer sizes are
+        l.arg(y).arg(&n).arg(&k).arg(&bt).arg(&gshift).arg(&relu);
+        // SAFETY: the kernel's parameters match (pointers, then five ints); buffer sizes are
         // checked above and every access is bounded by n, k and batch.
         unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q4_gemv launch: {e:?}"))
     }

@@ -4,6 +4,8 @@
 //! sqil-cuda-bench check [--small]  # every kernel instance vs the CPU reference (exit 1 on failure)
 //! sqil-cuda-bench gemv [--iters N] # int4 GEMV vs cuBLAS FP16, batch 1/4/16, L2 flushed: JSON lines
 //! sqil-cuda-bench vla [--layers L] # Llama-style decoder linears (hidden 4096, MLP 11008), batch 1
+//! sqil-cuda-bench policy ARTIFACT STATES.npy [--iters N]
+//!                                  # a compiled policy on the GPU (CUDA graph) vs the CPU runtime
 //! ```
 //! Without a driver or device it prints why and exits 0 (nothing to measure here).
 
@@ -224,6 +226,68 @@ fn bench_vla(gpu: &Gpu, layers: usize, iters: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// A compiled policy on the GPU: agreement with the CPU runtime on the given states, then
+/// per-action latency (copy in, steps, copy out) eager and from the CUDA graph, and the CPU
+/// runtime's, in one run.
+fn bench_policy(gpu: &Gpu, artifact: &str, states: &str, iters: usize) -> Result<(), String> {
+    use ndarray_npy::ReadNpyExt;
+    let policy = sqil_runtime::Policy::load(std::path::Path::new(artifact)).map_err(|e| e.to_string())?;
+    let f = std::fs::File::open(states).map_err(|e| format!("{states}: {e}"))?;
+    let a = ndarray::ArrayD::<f32>::read_npy(f).map_err(|e| format!("{states}: {e}"))?;
+    let d = policy.input_sizes()[0];
+    let obs: Vec<f32> = a.iter().copied().collect();
+    let rows = (obs.len() / d).min(64);
+    let mut gp = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
+    let eager_first: Vec<f32> = gp.act(gpu, &obs[..d])?;
+    gp.capture(gpu)?;
+    let (mut worst, mut scale) = (0f32, 1e-6f32);
+    for r in 0..rows {
+        let s = &obs[r * d..(r + 1) * d];
+        let want = policy.act(s, 1).map_err(|e| e.to_string())?;
+        let got = gp.act(gpu, s)?;
+        if r == 0 {
+            // Graph replay and eager launches compute the same thing.
+            assert_eq!(got, eager_first, "graph replay differs from eager launches");
+        }
+        for (g, w) in got.iter().zip(&want) {
+            scale = scale.max(w.abs());
+            worst = worst.max((g - w).abs());
+        }
+    }
+    let rel = worst / scale;
+    let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+        for _ in 0..20 {
+            f()?;
+        }
+        let mut t = vec![];
+        for _ in 0..iters {
+            let t0 = std::time::Instant::now();
+            f()?;
+            t.push(t0.elapsed().as_secs_f64());
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    };
+    let s0 = obs[..d].to_vec();
+    let t_graph = time(&mut || gp.act(gpu, &s0).map(|_| ()))?;
+    let mut eager = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
+    let t_eager = time(&mut || eager.act(gpu, &s0).map(|_| ()))?;
+    let t_cpu = time(&mut || policy.act(&s0, 1).map(|_| ()).map_err(|e| e.to_string()))?;
+    println!(
+        "{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"steps\": {}, \"states\": {rows}, \"max_rel_err_vs_cpu\": {rel:.2e}, \"pass\": {}, \"graph_us\": {:.2}, \"eager_us\": {:.2}, \"cpu_runtime_us\": {:.2}}}",
+        gpu.name,
+        gp.describe.len(),
+        rel <= sqil_cuda::policy::GPU_TOL,
+        t_graph * 1e6,
+        t_eager * 1e6,
+        t_cpu * 1e6
+    );
+    if rel > sqil_cuda::policy::GPU_TOL {
+        return Err(format!("{artifact}: GPU vs CPU {rel:.2e} > GPU_TOL"));
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |name: &str, d: usize| {
@@ -245,7 +309,8 @@ fn main() {
         }),
         Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
         Some("vla") => bench_vla(&gpu, opt("--layers", 32), opt("--iters", 10)),
-        Some(other) => Err(format!("unknown mode `{other}`: check, gemv or vla")),
+        Some("policy") if args.len() >= 3 => bench_policy(&gpu, &args[1], &args[2], opt("--iters", 500)),
+        Some(other) => Err(format!("unknown mode `{other}`: check, gemv, vla or policy ARTIFACT STATES.npy")),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");
