@@ -133,3 +133,23 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> Result<(usi
     }
     Ok((runner_len, art.len()))
 }
+
+/// `sqil build --target cuda`: one standalone `.cu` file (see `sqil_cuda::emit`), with the
+/// first `states` rows of `selftest` (one .npy, single-input policies) and the CPU runtime's
+/// actions for them as its `--selftest` data.
+pub fn build_cuda(model: &Path, out: &Path, selftest: &[PathBuf], states: usize) -> Result<usize, String> {
+    let policy = load_policy(model)?;
+    let (ins, want) = match selftest {
+        [] => (vec![], vec![]),
+        [one] => {
+            let t = crate::npy::read(one)?;
+            let (s, w) = selftest_vectors(&policy, &[t], states)?;
+            (s.into_iter().map(|mut v| v.remove(0)).collect(), w.into_iter().map(|mut v| v.remove(0)).collect())
+        }
+        _ => return Err("--selftest: the CUDA target takes single-input policies (one .npy)".into()),
+    };
+    let src = sqil_cuda::emit::emit_cu(&policy, &ins, &want, sqil_cuda::policy::GPU_TOL)
+        .map_err(|e| format!("{}: {e}", model.display()))?;
+    crate::quantize::write_atomic(out, src.as_bytes())?;
+    Ok(src.len())
+}

@@ -200,7 +200,8 @@ enum Cmd {
     },
     /// Build a quantized simulation graph (IR text or QDQ-free FakeQuant model, e.g. OUT/model.sqil)
     /// for a target: `cpu` writes the CPU artifact (plan + packed int4 weights); `exe` a standalone
-    /// executable (the sqil-policy runner with the artifact inside); `c` writes C99
+    /// executable (the sqil-policy runner with the artifact inside); `cuda` one standalone .cu file
+    /// (kernels, weights, host code with a CUDA graph; nvcc builds it); `c` writes C99
     /// source for firmware into the output directory (`PREFIX.c`, `PREFIX.h`, `c_report.json`,
     /// and with `--selftest` a `selftest.c` checking the code against the runtime).
     Build {
@@ -212,7 +213,7 @@ enum Cmd {
         /// C target: the API's name (`PREFIX_act`, `PREFIX.h`).
         #[arg(long, default_value = "policy")]
         prefix: String,
-        /// C target: .npy states (one file per policy input) for `selftest.c`.
+        /// C and CUDA targets: .npy states (one file per policy input) for the self-test.
         #[arg(long)]
         selftest: Vec<PathBuf>,
         /// C target: how many of those states the self-test runs.
@@ -511,6 +512,11 @@ fn run(cmd: Cmd) -> Result<(), String> {
             Ok(())
         }
         Cmd::Build { model, target, output, prefix, selftest, selftest_states, runner } => {
+            if target == "cuda" {
+                let n = sqil::build::build_cuda(&model, &output, &selftest, selftest_states)?;
+                println!("wrote {} ({n} bytes; build with: nvcc -O2 -o policy {})", output.display(), output.display());
+                return Ok(());
+            }
             if target == "exe" {
                 let (r, a) = sqil::build::build_exe(&model, &output, runner.as_deref())?;
                 println!("runner {r} B + policy {a} B");
@@ -537,7 +543,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             }
             if target != "cpu" {
                 return Err(format!(
-                    "--target `{target}`: expected `cpu` (runtime artifact), `exe` (standalone executable) or `c` (C99 source)"
+                    "--target `{target}`: expected `cpu` (runtime artifact), `exe` (standalone executable), `c` (C99 source) or `cuda` (standalone .cu)"
                 ));
             }
             let plan = sqil::quantize::write_artifact(&load(&model)?, &model, &output)?;

@@ -12,6 +12,7 @@ use half::f16;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub mod emit;
 pub mod policy;
 
 /// Every kernel source, by file name (each compiles on its own).
@@ -26,6 +27,11 @@ pub const SOURCES: &[(&str, &str)] = &[
         concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/policy_ops.cu")),
     ),
 ];
+
+/// The kernel files as written (for the standalone `.cu` emitter, which includes each once).
+pub const FP16_CUH: &str = include_str!("../../../kernels/cuda/fp16.cuh");
+pub const Q4_GEMV_CU: &str = include_str!("../../../kernels/cuda/q4_gemv.cu");
+pub const POLICY_OPS_CU: &str = include_str!("../../../kernels/cuda/policy_ops.cu");
 
 /// Group size of the CUDA int4 layout (fp16 scales per 128 weights of a row).
 pub const GROUP: usize = 128;

@@ -10,7 +10,7 @@
 //! the other side of a rounding boundary than on the CPU, which the tolerance covers for the
 //! policies tested.
 
-use crate::{pack_grouped, DeviceQ4, Gpu};
+use crate::{pack_grouped, DeviceQ4, Gpu, HostQ4};
 use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::f16;
 use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
@@ -23,51 +23,35 @@ use std::sync::Arc;
 /// accepts (fp16 activations: 2^-11 relative per rounding, over a few layers).
 pub const GPU_TOL: f32 = 2e-2;
 
-enum GStep {
-    Q4 {
-        w: DeviceQ4,
-        bias: Option<CudaSlice<f16>>,
-        relu: bool,
-        x: usize,
-        y: usize,
-    },
-    Quant {
-        x: usize,
-        y: usize,
-        n: usize,
-        s: f32,
-        z: f32,
-        lo: f32,
-        hi: f32,
-    },
-    Binary {
-        x: usize,
-        y: usize,
-        c: CudaSlice<f32>,
-        n: usize,
-        op: i32,
-    },
+/// A lowered step; `W`, `B`, `C` are the int4 weights, fp16 bias and fp32 constant as stored on
+/// the host ([`Lowered`]) or on the device ([`GpuPolicy`]).
+pub enum LStep<W, B, C> {
+    /// int4 layer on buffer `x` into `y`.
+    Q4 { w: W, bias: Option<B>, relu: bool, x: usize, y: usize },
+    /// Activation quantizer `x` -> `y`.
+    Quant { x: usize, y: usize, n: usize, s: f32, z: f32, lo: f32, hi: f32 },
+    /// `y = x op c` (op 0 add, 1 sub, 2 mul, 3 div).
+    Binary { x: usize, y: usize, c: C, n: usize, op: i32 },
     /// A binary step on the fp32 input.
-    BinaryIn {
-        y: usize,
-        c: CudaSlice<f32>,
-        n: usize,
-        op: i32,
-    },
+    BinaryIn { y: usize, c: C, n: usize, op: i32 },
     /// The fp32 input cast to fp16 (into buffer `y`).
-    CastIn {
-        y: usize,
-        n: usize,
-    },
-    Unary {
-        x: usize,
-        y: usize,
-        n: usize,
-        op: i32,
-        lo: f32,
-        hi: f32,
-    },
+    CastIn { y: usize, n: usize },
+    /// `y = clamp(f(x), lo, hi)` (op 0 relu, 1 tanh, 2 sigmoid, 3 neg, 4 identity).
+    Unary { x: usize, y: usize, n: usize, op: i32, lo: f32, hi: f32 },
 }
+
+/// A policy lowered for the GPU, independent of any device: fp16 buffers (sizes padded to 128),
+/// the steps over them, the fp32 input's length and the output buffer.
+pub struct Lowered {
+    pub bufs: Vec<usize>,
+    pub steps: Vec<LStep<HostQ4, Vec<f16>, Vec<f32>>>,
+    pub in_len: usize,
+    pub output: usize,
+    pub out_len: usize,
+    pub describe: Vec<String>,
+}
+
+type GStep = LStep<DeviceQ4, CudaSlice<f16>, CudaSlice<f32>>;
 
 pub struct GpuPolicy {
     stream: Arc<CudaStream>,
@@ -91,155 +75,192 @@ fn cfg(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n as u32).div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Lowers `policy` (single input, single output, every dimension but the batch known) for the
+/// GPU: the plan's steps over fp16 buffers, int4 layers repacked in the CUDA layout.
+pub fn lower(policy: &Policy) -> Result<Lowered, String> {
+    let plan = &policy.plan;
+    if plan.inputs.len() != 1 || plan.outputs.len() != 1 {
+        return Err("the GPU policy takes one input and one output".into());
+    }
+    let dims: Vec<usize> = policy.input_shapes()[0]
+        .iter()
+        .enumerate()
+        .map(|(d, x)| if d == 0 { Some(1) } else { x.known() })
+        .collect::<Option<_>>()
+        .ok_or("the input's dimensions must be known")?;
+    let n_in: usize = dims.iter().product();
+    let env = plan.trace(&[Tensor::from_f32(dims, vec![0.0; n_in]).map_err(err)?], 1).map_err(err)?;
+    let mut slot_buf = vec![usize::MAX; plan.slots];
+    let mut bufs: Vec<usize> = vec![];
+    let mut buf_for = |s: usize, bufs: &mut Vec<usize>| -> Result<usize, String> {
+        if slot_buf[s] == usize::MAX {
+            let len = env[s].as_ref().ok_or("a value was not computed")?.len();
+            // Padded to 128 with zeros: the int4 kernels read whole groups of 128.
+            bufs.push(len.div_ceil(128) * 128);
+            slot_buf[s] = bufs.len() - 1;
+        }
+        Ok(slot_buf[s])
+    };
+    let is_const: Vec<bool> = {
+        let mut c = vec![false; plan.slots];
+        for (s, _) in &plan.consts {
+            c[*s] = true;
+        }
+        c
+    };
+    let in_slot = plan.inputs[0].1;
+    let mut cast_done = false;
+    let mut steps = vec![];
+    let mut describe = vec![];
+    for (st, d) in plan.steps.iter().zip(plan.describe()) {
+        let unsupported = || format!("step `{d}`: not supported by the GPU policy yet");
+        match st {
+            Step::Q4Linear { x, y, act, w, bias, relu, .. } => {
+                let mut xb = buf_for(*x, &mut bufs)?;
+                if *x == in_slot && !cast_done {
+                    steps.push(LStep::CastIn { y: xb, n: n_in });
+                    cast_done = true;
+                }
+                if let ActQuant::Int { scale, zero, lo, hi } = act {
+                    let n = env[*x].as_ref().map_or(0, |t| t.len());
+                    bufs.push(n.div_ceil(128) * 128);
+                    let qb = bufs.len() - 1;
+                    let (s, z, lo, hi) = (*scale, *zero as f32, *lo as f32, *hi as f32);
+                    steps.push(LStep::Quant { x: xb, y: qb, n, s, z, lo, hi });
+                    xb = qb;
+                }
+                let yb = buf_for(*y, &mut bufs)?;
+                // The packed ints and scales in the CUDA layout; groups that are not 32, 64 or 128
+                // (per-channel scales) expand to 32.
+                let q: Vec<i8> = (0..w.n * w.k).map(|i| w.get(i / w.k, i % w.k)).collect();
+                let kp = w.k.div_ceil(128) * 128;
+                let group = if matches!(w.group, 32 | 64 | 128) { w.group } else { 32 };
+                let groups = w.groups();
+                let scales: Vec<f32> = (0..w.n * kp / group)
+                    .map(|i| {
+                        let (r, g) = (i / (kp / group), i % (kp / group));
+                        w.scales[r * groups + ((g * group) / w.group).min(groups - 1)]
+                    })
+                    .collect();
+                let bias = bias.as_ref().map(|b| b.iter().map(|&v| f16::from_f32(v)).collect());
+                steps.push(LStep::Q4 {
+                    w: pack_grouped(&q, &scales, w.n, w.k, group),
+                    bias,
+                    relu: *relu,
+                    x: xb,
+                    y: yb,
+                });
+            }
+            Step::Op { op, inputs, outputs, .. } => {
+                let y = outputs[0];
+                let n = env[y].as_ref().map_or(0, |t| t.len());
+                let dynamic: Vec<usize> = inputs.iter().flatten().copied().filter(|&s| !is_const[s]).collect();
+                if dynamic.len() != 1 {
+                    return Err(unsupported());
+                }
+                let x = buf_for(dynamic[0], &mut bufs)?;
+                let yb = buf_for(y, &mut bufs)?;
+                let from_input = dynamic[0] == in_slot;
+                let is_binary = matches!(op, Op::Binary(b) if *b != BinaryOp::Pow);
+                if from_input && !is_binary && !cast_done {
+                    steps.push(LStep::CastIn { y: x, n: n_in });
+                    cast_done = true;
+                }
+                let cval =
+                    |j: usize| inputs.get(j).copied().flatten().filter(|&s| is_const[s]).and_then(|s| env[s].as_ref());
+                let all = (f32::NEG_INFINITY, f32::INFINITY);
+                match op {
+                    Op::Binary(b) if *b != BinaryOp::Pow && inputs[0] == Some(dynamic[0]) => {
+                        let c = cval(1).ok_or_else(unsupported)?;
+                        let yt = env[y].as_ref().ok_or("not computed")?;
+                        let cv = c.data.to_f32_vec();
+                        let full: Vec<f32> =
+                            sqil_ir::ops::broadcast_indices(&c.shape, &yt.shape).into_iter().map(|i| cv[i]).collect();
+                        let op = match b {
+                            BinaryOp::Add => 0,
+                            BinaryOp::Sub => 1,
+                            BinaryOp::Mul => 2,
+                            _ => 3,
+                        };
+                        steps.push(if from_input {
+                            LStep::BinaryIn { y: yb, c: full, n, op }
+                        } else {
+                            LStep::Binary { x, y: yb, c: full, n, op }
+                        });
+                    }
+                    Op::Unary(u @ (UnaryOp::Relu | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Neg)) => {
+                        let op = match u {
+                            UnaryOp::Relu => 0,
+                            UnaryOp::Tanh => 1,
+                            UnaryOp::Sigmoid => 2,
+                            _ => 3,
+                        };
+                        steps.push(LStep::Unary { x, y: yb, n, op, lo: all.0, hi: all.1 });
+                    }
+                    Op::Clip => {
+                        let b = |j| cval(j).map(|t: &Tensor| t.data.to_f32_vec()[0]);
+                        steps.push(LStep::Unary {
+                            x,
+                            y: yb,
+                            n,
+                            op: 4,
+                            lo: b(1).unwrap_or(all.0),
+                            hi: b(2).unwrap_or(all.1),
+                        });
+                    }
+                    Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => {
+                        steps.push(LStep::Unary { x, y: yb, n, op: 4, lo: all.0, hi: all.1 });
+                    }
+                    _ => return Err(unsupported()),
+                }
+            }
+        }
+        describe.push(d);
+    }
+    if plan.outputs[0] == in_slot {
+        return Err("the policy's output is its input".into());
+    }
+    let output = buf_for(plan.outputs[0], &mut bufs)?;
+    let out_len = env[plan.outputs[0]].as_ref().map_or(0, |t| t.len());
+    Ok(Lowered { bufs, steps, in_len: n_in, output, out_len, describe })
+}
+
 impl GpuPolicy {
-    /// Uploads `policy` (single input, single output, every dimension but the batch known).
+    /// Uploads `policy` (see [`lower`]).
     pub fn new(gpu: &Gpu, policy: &Policy) -> Result<GpuPolicy, String> {
-        let plan = &policy.plan;
-        if plan.inputs.len() != 1 || plan.outputs.len() != 1 {
-            return Err("the GPU policy takes one input and one output".into());
-        }
-        let dims: Vec<usize> = policy.input_shapes()[0]
-            .iter()
-            .enumerate()
-            .map(|(d, x)| if d == 0 { Some(1) } else { x.known() })
-            .collect::<Option<_>>()
-            .ok_or("the input's dimensions must be known")?;
-        let n_in: usize = dims.iter().product();
-        let env = plan.trace(&[Tensor::from_f32(dims, vec![0.0; n_in]).map_err(err)?], 1).map_err(err)?;
+        let l = lower(policy)?;
         let stream = gpu.ctx.new_stream().map_err(err)?;
-        let mut slot_buf = vec![usize::MAX; plan.slots];
-        let mut bufs: Vec<CudaSlice<f16>> = vec![];
-        let mut buf_for = |s: usize, bufs: &mut Vec<CudaSlice<f16>>| -> Result<usize, String> {
-            if slot_buf[s] == usize::MAX {
-                let len = env[s].as_ref().ok_or("a value was not computed")?.len();
-                // Padded to 128 with zeros: the int4 kernels read whole groups of 128.
-                bufs.push(stream.alloc_zeros::<f16>(len.div_ceil(128) * 128).map_err(err)?);
-                slot_buf[s] = bufs.len() - 1;
-            }
-            Ok(slot_buf[s])
-        };
-        let is_const: Vec<bool> = {
-            let mut c = vec![false; plan.slots];
-            for (s, _) in &plan.consts {
-                c[*s] = true;
-            }
-            c
-        };
-        let in_slot = plan.inputs[0].1;
-        let input = stream.alloc_zeros::<f32>(n_in.max(1)).map_err(err)?;
-        let mut cast_done = false;
-        let mut steps = vec![];
-        let mut describe = vec![];
-        for (st, d) in plan.steps.iter().zip(plan.describe()) {
-            let unsupported = || format!("step `{d}`: not supported by the GPU policy yet");
-            match st {
-                Step::Q4Linear { x, y, act, w, bias, relu, .. } => {
-                    let mut xb = buf_for(*x, &mut bufs)?;
-                    if *x == in_slot && !cast_done {
-                        steps.push(GStep::CastIn { y: xb, n: n_in });
-                        cast_done = true;
-                    }
-                    if let ActQuant::Int { scale, zero, lo, hi } = act {
-                        let n = env[*x].as_ref().map_or(0, |t| t.len());
-                        bufs.push(stream.alloc_zeros::<f16>(n.div_ceil(128) * 128).map_err(err)?);
-                        let qb = bufs.len() - 1;
-                        let (s, z, lo, hi) = (*scale, *zero as f32, *lo as f32, *hi as f32);
-                        steps.push(GStep::Quant { x: xb, y: qb, n, s, z, lo, hi });
-                        xb = qb;
-                    }
-                    let yb = buf_for(*y, &mut bufs)?;
-                    // The packed ints and scales in the CUDA layout; groups that are not 32, 64
-                    // or 128 (per-channel scales) expand to 32.
-                    let q: Vec<i8> = (0..w.n * w.k).map(|i| w.get(i / w.k, i % w.k)).collect();
-                    let kp = w.k.div_ceil(128) * 128;
-                    let group = if matches!(w.group, 32 | 64 | 128) { w.group } else { 32 };
-                    let groups = w.groups();
-                    let scales: Vec<f32> = (0..w.n * kp / group)
-                        .map(|i| {
-                            let (r, g) = (i / (kp / group), i % (kp / group));
-                            w.scales[r * groups + ((g * group) / w.group).min(groups - 1)]
-                        })
-                        .collect();
-                    let dw = gpu.upload(&pack_grouped(&q, &scales, w.n, w.k, group))?;
-                    let bias = match bias {
-                        Some(b) => Some(
-                            stream.clone_htod(&b.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()).map_err(err)?,
-                        ),
-                        None => None,
-                    };
-                    steps.push(GStep::Q4 { w: dw, bias, relu: *relu, x: xb, y: yb });
-                }
-                Step::Op { op, inputs, outputs, .. } => {
-                    let y = outputs[0];
-                    let n = env[y].as_ref().map_or(0, |t| t.len());
-                    let dynamic: Vec<usize> = inputs.iter().flatten().copied().filter(|&s| !is_const[s]).collect();
-                    if dynamic.len() != 1 {
-                        return Err(unsupported());
-                    }
-                    let x = buf_for(dynamic[0], &mut bufs)?;
-                    let yb = buf_for(y, &mut bufs)?;
-                    let from_input = dynamic[0] == in_slot;
-                    let is_binary = matches!(op, Op::Binary(b) if *b != BinaryOp::Pow);
-                    if from_input && !is_binary && !cast_done {
-                        steps.push(GStep::CastIn { y: x, n: n_in });
-                        cast_done = true;
-                    }
-                    let cval = |j: usize| {
-                        inputs.get(j).copied().flatten().filter(|&s| is_const[s]).and_then(|s| env[s].as_ref())
-                    };
-                    match op {
-                        Op::Binary(b) if *b != BinaryOp::Pow && inputs[0] == Some(dynamic[0]) => {
-                            let c = cval(1).ok_or_else(unsupported)?;
-                            let yt = env[y].as_ref().ok_or("not computed")?;
-                            let cv = c.data.to_f32_vec();
-                            let full: Vec<f32> = sqil_ir::ops::broadcast_indices(&c.shape, &yt.shape)
-                                .into_iter()
-                                .map(|i| cv[i])
-                                .collect();
-                            let opn = match b {
-                                BinaryOp::Add => 0,
-                                BinaryOp::Sub => 1,
-                                BinaryOp::Mul => 2,
-                                _ => 3,
-                            };
-                            let c = stream.clone_htod(&full).map_err(err)?;
-                            if from_input {
-                                steps.push(GStep::BinaryIn { y: yb, c, n, op: opn });
-                            } else {
-                                steps.push(GStep::Binary { x, y: yb, c, n, op: opn });
-                            }
-                        }
-                        Op::Unary(u @ (UnaryOp::Relu | UnaryOp::Tanh | UnaryOp::Sigmoid | UnaryOp::Neg)) => {
-                            let opn = match u {
-                                UnaryOp::Relu => 0,
-                                UnaryOp::Tanh => 1,
-                                UnaryOp::Sigmoid => 2,
-                                _ => 3,
-                            };
-                            steps.push(GStep::Unary { x, y: yb, n, op: opn, lo: f32::NEG_INFINITY, hi: f32::INFINITY });
-                        }
-                        Op::Clip => {
-                            let b = |j| {
-                                cval(j).map_or(Ok(None), |t: &Tensor| Ok::<_, String>(Some(t.data.to_f32_vec()[0])))
-                            };
-                            let (lo, hi) = (b(1)?.unwrap_or(f32::NEG_INFINITY), b(2)?.unwrap_or(f32::INFINITY));
-                            steps.push(GStep::Unary { x, y: yb, n, op: 4, lo, hi });
-                        }
-                        Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => {
-                            steps.push(GStep::Unary { x, y: yb, n, op: 4, lo: f32::NEG_INFINITY, hi: f32::INFINITY });
-                        }
-                        _ => return Err(unsupported()),
-                    }
-                }
-            }
-            describe.push(d);
+        let bufs = l.bufs.iter().map(|&n| stream.alloc_zeros::<f16>(n)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+        let up = |c: &Vec<f32>| stream.clone_htod(c).map_err(err);
+        let mut steps: Vec<GStep> = vec![];
+        for st in l.steps {
+            steps.push(match st {
+                LStep::Q4 { w, bias, relu, x, y } => LStep::Q4 {
+                    w: gpu.upload(&w)?,
+                    bias: bias.map(|b| stream.clone_htod(&b)).transpose().map_err(err)?,
+                    relu,
+                    x,
+                    y,
+                },
+                LStep::Quant { x, y, n, s, z, lo, hi } => LStep::Quant { x, y, n, s, z, lo, hi },
+                LStep::Binary { x, y, c, n, op } => LStep::Binary { x, y, c: up(&c)?, n, op },
+                LStep::BinaryIn { y, c, n, op } => LStep::BinaryIn { y, c: up(&c)?, n, op },
+                LStep::CastIn { y, n } => LStep::CastIn { y, n },
+                LStep::Unary { x, y, n, op, lo, hi } => LStep::Unary { x, y, n, op, lo, hi },
+            });
         }
-        if plan.outputs[0] == in_slot {
-            return Err("the policy's output is its input".into());
-        }
-        let output = buf_for(plan.outputs[0], &mut bufs)?;
-        let out_len = env[plan.outputs[0]].as_ref().map_or(0, |t| t.len());
-        Ok(GpuPolicy { stream, steps, bufs, input, in_len: n_in, output, out_len, graph: None, describe })
+        let input = stream.alloc_zeros::<f32>(l.in_len.max(1)).map_err(err)?;
+        Ok(GpuPolicy {
+            stream,
+            steps,
+            bufs,
+            input,
+            in_len: l.in_len,
+            output: l.output,
+            out_len: l.out_len,
+            graph: None,
+            describe: l.describe,
+        })
     }
 
     /// Launches every step on the policy's stream (no copies).
@@ -251,25 +272,25 @@ impl GpuPolicy {
         let un = gpu.function("sqil_unary")?;
         for st in &self.steps {
             match st {
-                GStep::Q4 { w, bias, relu, x, y } => {
+                LStep::Q4 { w, bias, relu, x, y } => {
                     let (xs, ys) = two(&mut self.bufs, *x, *y);
                     gpu.q4_gemv_on(&self.stream, w, xs, bias.as_ref(), ys, 1, *relu)?;
                 }
-                GStep::BinaryIn { y, c, n, op } => {
+                LStep::BinaryIn { y, c, n, op } => {
                     let (n32, m32) = (*n as i32, *n as i32);
                     let mut l = self.stream.launch_builder(&bin_in);
                     l.arg(&self.input).arg(&mut self.bufs[*y]).arg(c).arg(&n32).arg(&m32).arg(op);
                     // SAFETY: (x f32, y, c, n, m, op); x, y and c hold n values.
                     unsafe { l.launch(cfg(*n)) }.map_err(err)?;
                 }
-                GStep::CastIn { y, n } => {
+                LStep::CastIn { y, n } => {
                     let n32 = *n as i32;
                     let mut l = self.stream.launch_builder(&cast);
                     l.arg(&self.input).arg(&mut self.bufs[*y]).arg(&n32);
                     // SAFETY: (x f32, y, n); both hold n values.
                     unsafe { l.launch(cfg(*n)) }.map_err(err)?;
                 }
-                GStep::Quant { x, y, n, s, z, lo, hi } => {
+                LStep::Quant { x, y, n, s, z, lo, hi } => {
                     let (xs, ys) = two(&mut self.bufs, *x, *y);
                     let n32 = *n as i32;
                     let mut l = self.stream.launch_builder(&quant);
@@ -277,7 +298,7 @@ impl GpuPolicy {
                     // SAFETY: (x, y, n, s, z, lo, hi) as the kernel declares; both buffers hold n.
                     unsafe { l.launch(cfg(*n)) }.map_err(err)?;
                 }
-                GStep::Binary { x, y, c, n, op } => {
+                LStep::Binary { x, y, c, n, op } => {
                     let (xs, ys) = two(&mut self.bufs, *x, *y);
                     let (n32, m32) = (*n as i32, *n as i32);
                     let mut l = self.stream.launch_builder(&bin);
@@ -285,7 +306,7 @@ impl GpuPolicy {
                     // SAFETY: (x, y, c, n, m, op); x, y and c hold n values.
                     unsafe { l.launch(cfg(*n)) }.map_err(err)?;
                 }
-                GStep::Unary { x, y, n, op, lo, hi } => {
+                LStep::Unary { x, y, n, op, lo, hi } => {
                     let (xs, ys) = two(&mut self.bufs, *x, *y);
                     let n32 = *n as i32;
                     let mut l = self.stream.launch_builder(&un);
