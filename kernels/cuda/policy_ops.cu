@@ -1,6 +1,17 @@
 // sqil CUDA: the element-wise steps of a policy plan (the int4 layers are q4_gemv.cu), on fp16
 // activations with fp32 arithmetic. One thread per element.
 
+// a op b: op 0 add, 1 sub, 2 mul, 3 div.
+__device__ __forceinline__ float sqil_binop(float a, float b, int op)
+{
+    switch (op) {
+    case 0: return a + b;
+    case 1: return a - b;
+    case 2: return a * b;
+    default: return a / b;
+    }
+}
+
 // y[i] = x[i] op c[i % m]: op 0 add, 1 sub, 2 mul, 3 div; c in fp32 (the plan's constant).
 extern "C" __global__ void sqil_binary_const(const sqil_half *__restrict__ x, sqil_half *__restrict__ y,
                                              const float *__restrict__ c, int n, int m, int op)
@@ -9,16 +20,7 @@ extern "C" __global__ void sqil_binary_const(const sqil_half *__restrict__ x, sq
     if (i >= n) {
         return;
     }
-    const float a = h_to_f(x[i]);
-    const float b = c[i % m];
-    float v;
-    switch (op) {
-    case 0: v = a + b; break;
-    case 1: v = a - b; break;
-    case 2: v = a * b; break;
-    default: v = a / b; break;
-    }
-    y[i] = f_to_h(v);
+    y[i] = f_to_h(sqil_binop(h_to_f(x[i]), c[i % m], op));
 }
 
 // The policy's input arrives in fp32: its first element-wise step (typically the observation
@@ -31,16 +33,7 @@ extern "C" __global__ void sqil_binary_const_f32in(const float *__restrict__ x, 
     if (i >= n) {
         return;
     }
-    const float a = x[i];
-    const float b = c[i % m];
-    float v;
-    switch (op) {
-    case 0: v = a + b; break;
-    case 1: v = a - b; break;
-    case 2: v = a * b; break;
-    default: v = a / b; break;
-    }
-    y[i] = f_to_h(v);
+    y[i] = f_to_h(sqil_binop(x[i], c[i % m], op));
 }
 
 extern "C" __global__ void sqil_cast_f32_f16(const float *__restrict__ x, sqil_half *__restrict__ y, int n)

@@ -18,6 +18,17 @@
 //
 // fp16 helpers: fp16.cuh, which the host prepends to every source.
 
+// Eight weights (four half2) against eight activations (a uint4 of halves): products summed in
+// half2, the two halves widened and added in fp32.
+__device__ __forceinline__ float q4_dot8(const sqil_half2 *w, const uint4 xv)
+{
+    sqil_half2 a = h2_mul(w[0], xv.x);
+    a = h2_fma(w[1], xv.y, a);
+    a = h2_fma(w[2], xv.z, a);
+    a = h2_fma(w[3], xv.w, a);
+    return h_to_f((sqil_half)(a & 0xffffu)) + h_to_f((sqil_half)(a >> 16));
+}
+
 // One 16-byte chunk (32 weights, scale s) of a row against the batch's activations.
 template <int B>
 __device__ __forceinline__ void q4_chunk(const uint4 q, const float s, const sqil_half *__restrict__ x, int k, int c,
@@ -41,11 +52,7 @@ __device__ __forceinline__ void q4_chunk(const uint4 q, const float s, const sqi
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 const uint4 xv = __ldg(xp + i);
-                sqil_half2 a = h2_mul(wv[i * 4], xv.x);
-                a = h2_fma(wv[i * 4 + 1], xv.y, a);
-                a = h2_fma(wv[i * 4 + 2], xv.z, a);
-                a = h2_fma(wv[i * 4 + 3], xv.w, a);
-                part += h_to_f((sqil_half)(a & 0xffffu)) + h_to_f((sqil_half)(a >> 16));
+                part += q4_dot8(wv + i * 4, xv);
             }
             acc[b] += part * s;
         }
@@ -169,11 +176,7 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
                     for (int t = 0; t < 4; t++) {
                         wv[t] = h2_sub(((words[i] >> (4 * t)) & 0x000F000Fu) | 0x64006400u, magic);
                     }
-                    sqil_half2 a = h2_mul(wv[0], xv[b][i].x);
-                    a = h2_fma(wv[1], xv[b][i].y, a);
-                    a = h2_fma(wv[2], xv[b][i].z, a);
-                    a = h2_fma(wv[3], xv[b][i].w, a);
-                    part += h_to_f((sqil_half)(a & 0xffffu)) + h_to_f((sqil_half)(a >> 16));
+                    part += q4_dot8(wv, xv[b][i]);
                 }
                 acc[r][b] += part * s[r];
             }

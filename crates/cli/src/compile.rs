@@ -144,16 +144,7 @@ pub fn compile(model: &std::path::Path, a: &CompileArgs) -> Result<(), String> {
     let t0 = Instant::now();
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let fp_in = crate::load_model(model)?;
-    let qa = QuantizeArgs {
-        recipe: a.init,
-        config: a.config.clone(),
-        calib: vec![a.demos.clone()],
-        calib_states: 2048,
-        out: a.out.join("unused.onnx"),
-        ir_out: None,
-        report_out: None,
-        artifact_out: None,
-    };
+    let qa = QuantizeArgs::in_memory(a.init, a.config.clone(), vec![a.demos.clone()], 2048);
     let (sim, _, ptq) = run_quantize(&fp_in, &qa)?;
     // The float policy as quantize saw it (same canonical form, same value names).
     let mut fp = fp_in.clone();

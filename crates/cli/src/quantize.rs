@@ -21,6 +21,23 @@ pub struct QuantizeArgs {
     pub artifact_out: Option<PathBuf>,
 }
 
+impl QuantizeArgs {
+    /// Arguments for the simulation graph alone (nothing written): `recipe` and `config`,
+    /// calibrated on the first `calib_states` states of `calib`.
+    pub fn in_memory(recipe: Recipe, config: QuantConfig, calib: Vec<PathBuf>, calib_states: usize) -> QuantizeArgs {
+        QuantizeArgs {
+            recipe,
+            config,
+            calib,
+            calib_states,
+            out: PathBuf::new(),
+            ir_out: None,
+            report_out: None,
+            artifact_out: None,
+        }
+    }
+}
+
 /// Writes `bytes` to `path` atomically.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
     sqil_ir::write_atomic(path, bytes).map_err(|e| e.to_string())

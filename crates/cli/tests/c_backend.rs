@@ -29,16 +29,7 @@ fn quantized(name: &str, spec: &str) -> (Policy, sqil_ir::Tensor) {
     let input = policies().join(format!("{name}.input0.npy"));
     let mut cfg = QuantConfig::default();
     cfg.apply_settings(spec).unwrap();
-    let qa = QuantizeArgs {
-        recipe: Recipe::Rtn,
-        config: cfg,
-        calib: vec![input.clone()],
-        calib_states: 256,
-        out: PathBuf::new(),
-        ir_out: None,
-        report_out: None,
-        artifact_out: None,
-    };
+    let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
     (Policy::from_graph(&sim).unwrap(), sqil::npy::read(&input).unwrap())
 }
@@ -147,16 +138,7 @@ fn unsupported_policies_are_refused_with_the_node_named() {
         let fp = sqil::load_model(&model).unwrap();
         let inputs: Vec<PathBuf> =
             (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
-        let qa = QuantizeArgs {
-            recipe: Recipe::Rtn,
-            config: QuantConfig::default(),
-            calib: inputs,
-            calib_states: 64,
-            out: PathBuf::new(),
-            ir_out: None,
-            report_out: None,
-            artifact_out: None,
-        };
+        let qa = QuantizeArgs::in_memory(Recipe::Rtn, QuantConfig::default(), inputs, 64);
         let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
         let err = emit(&Policy::from_graph(&sim).unwrap(), "policy").unwrap_err().to_string();
         assert!(err.contains('`') && err.contains("C back end"), "{name}: {err}");

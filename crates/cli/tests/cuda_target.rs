@@ -14,16 +14,7 @@ fn quantized(name: &str) -> Policy {
     let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
     let mut config = QuantConfig::default();
     config.apply_settings("wbits=4,abits=8,group=64").unwrap();
-    let qa = QuantizeArgs {
-        recipe: Recipe::Rtn,
-        config,
-        calib,
-        calib_states: 64,
-        out: PathBuf::new(),
-        ir_out: None,
-        report_out: None,
-        artifact_out: None,
-    };
+    let qa = QuantizeArgs::in_memory(Recipe::Rtn, config, calib, 64);
     Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
 }
 

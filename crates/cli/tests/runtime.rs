@@ -42,16 +42,7 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
         for spec in configs {
             let mut cfg = QuantConfig::default();
             cfg.apply_settings(spec).unwrap();
-            let qa = QuantizeArgs {
-                recipe: Recipe::Rtn,
-                config: cfg,
-                calib: inputs.clone(),
-                calib_states: 256,
-                out: PathBuf::new(),
-                ir_out: None,
-                report_out: None,
-                artifact_out: None,
-            };
+            let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 256);
             let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
             let named: std::collections::HashMap<String, sqil_ir::Tensor> =
                 sim.inputs.iter().zip(&feeds).map(|(&i, t)| (sim.node(i).outputs[0].name.clone(), t.clone())).collect();
@@ -131,16 +122,7 @@ fn the_c_abi_runs_an_artifact() {
     let mut cfg = QuantConfig::default();
     cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
     let input = policies().join("bc_hopper.input0.npy");
-    let qa = QuantizeArgs {
-        recipe: Recipe::Rtn,
-        config: cfg,
-        calib: vec![input.clone()],
-        calib_states: 256,
-        out: PathBuf::new(),
-        ir_out: None,
-        report_out: None,
-        artifact_out: None,
-    };
+    let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
     let pol = Policy::from_graph(&sim).unwrap();
     artifact::save(&dir.join("policy.bin"), &artifact::encode(&sim, &pol.plan).unwrap()).unwrap();
@@ -214,16 +196,7 @@ fn standalone_executable_runs_the_policy() {
     let input = policies().join("bc_lander.input0.npy");
     let mut cfg = QuantConfig::default();
     cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
-    let qa = QuantizeArgs {
-        recipe: Recipe::Rtn,
-        config: cfg,
-        calib: vec![input.clone()],
-        calib_states: 256,
-        out: PathBuf::new(),
-        ir_out: None,
-        report_out: None,
-        artifact_out: None,
-    };
+    let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
     let ir = dir.join("model.sqil");
     std::fs::write(&ir, sqil_ir::print_graph(&sim, &Default::default()).unwrap()).unwrap();

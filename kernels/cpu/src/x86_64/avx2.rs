@@ -68,15 +68,27 @@ pub(crate) unsafe fn group_sums<const NC: usize>(
         i += 2;
     }
     if i < end {
-        let xv: [__m256i; NC] = std::array::from_fn(|c| _mm256_loadu_si256(xp[c].add(i * QK4) as *const __m256i));
-        for j in 0..4 {
-            let wv = unpack_u8(rp[j].add(i * 16));
-            for c in 0..NC {
-                acc[c][j] = _mm256_add_epi32(acc[c][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[c]), ones));
-            }
-        }
+        single_block::<NC>(rp, xp, i, ones, &mut acc);
     }
     acc
+}
+
+/// Adds block `i` alone (a group's odd last block) of four rows against `NC` inputs to `acc`.
+#[inline(always)]
+pub(crate) unsafe fn single_block<const NC: usize>(
+    rp: [*const u8; 4],
+    xp: [*const i8; NC],
+    i: usize,
+    ones: __m256i,
+    acc: &mut [[__m256i; 4]; NC],
+) {
+    let xv: [__m256i; NC] = std::array::from_fn(|c| _mm256_loadu_si256(xp[c].add(i * QK4) as *const __m256i));
+    for j in 0..4 {
+        let wv = unpack_u8(rp[j].add(i * 16));
+        for c in 0..NC {
+            acc[c][j] = _mm256_add_epi32(acc[c][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[c]), ones));
+        }
+    }
 }
 
 /// W4A8 for a tile of four weight rows (`rows`, repeats allowed) against `NC` inputs: per

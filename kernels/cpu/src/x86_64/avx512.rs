@@ -4,7 +4,7 @@
 //! kernel bit for bit. Compiled everywhere; dispatched only where the CPU has AVX-512 F, BW and
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
-use super::avx2::{gemm_impl, gemv_rows_impl, unpack_u8};
+use super::avx2::{gemm_impl, gemv_rows_impl, single_block};
 use crate::generic::QuantizedInput;
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
@@ -45,13 +45,7 @@ pub(crate) unsafe fn group_sums_vnni<const NC: usize>(
         })
     });
     if i < end {
-        let xv: [__m256i; NC] = std::array::from_fn(|c| _mm256_loadu_si256(xp[c].add(i * QK4) as *const __m256i));
-        for j in 0..4 {
-            let wv = unpack_u8(rp[j].add(i * 16));
-            for c in 0..NC {
-                out[c][j] = _mm256_add_epi32(out[c][j], _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv[c]), ones));
-            }
-        }
+        single_block::<NC>(rp, xp, i, ones, &mut out);
     }
     out
 }
