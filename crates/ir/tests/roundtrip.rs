@@ -18,7 +18,27 @@ proptest! {
         prop_assert!(graphs_equal(&g, &back).unwrap(), "graphs differ:\n{}", text);
         prop_assert_eq!(print_graph(&back, &PrintOptions::default()).unwrap(), text);
         prop_assert!(bitwise_equal(&run(&g, &feeds).unwrap(), &run(&back, &feeds).unwrap()));
+        // The same with uniform constants printed as `{splat V}`.
+        let splat = PrintOptions { splat: true, ..Default::default() };
+        let text = print_graph(&g, &splat).unwrap();
+        let back = parse_graph(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        prop_assert!(graphs_equal(&g, &back).unwrap(), "splat graphs differ:\n{}", text);
     }
+}
+
+#[test]
+fn splat_constants_print_compactly_and_parse_back() {
+    let mut g = sqil_ir::Graph::new("g");
+    let x = g.add_input(
+        "x",
+        sqil_ir::ValueType::new(sqil_ir::DType::F32, vec![sqil_ir::Dim::Known(1), sqil_ir::Dim::Known(4)]),
+    );
+    let z = g.add_const("z", sqil_ir::Tensor::zeros(sqil_ir::DType::F32, vec![1, 4]));
+    let y = g.add_inferred("add", sqil_ir::Op::Binary(sqil_ir::ops::BinaryOp::Add), &[Some(x), Some(z)], "y").unwrap();
+    g.outputs.push(y);
+    let text = print_graph(&g, &PrintOptions { splat: true, ..Default::default() }).unwrap();
+    assert!(text.contains("{splat 0.0}"), "{text}");
+    assert!(graphs_equal(&g, &parse_graph(&text).unwrap()).unwrap());
 }
 
 #[test]
