@@ -15,6 +15,9 @@ cargo clippy --workspace --exclude sqil-conformance --all-targets --locked -- -D
 # skip (NVRTC compiles every CUDA kernel with no GPU; GPU tests skip with a reason).
 NVRTC_LIB=$(echo "$PWD"/.venv-ci/lib/python3*/site-packages/nvidia/cu13/lib)
 SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --workspace --locked
+# The README's main command, in the dev profile `cargo test` just built (it broke once when a
+# second binary joined the package: `default-run` keeps `cargo run -p sqil` unambiguous).
+cargo run --locked -q -p sqil -- inspect testdata/policies/hopper_mlp.onnx > /dev/null
 # The Python tests drive target/debug/sqil (SQIL_BIN), which `cargo test` built for the CLI's tests.
 test -x target/debug/sqil
 bash tools/build_binding.sh
