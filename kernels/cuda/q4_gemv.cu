@@ -29,20 +29,46 @@ __device__ __forceinline__ float q4_dot8(const sqil_half2 *w, const uint4 xv)
     return h_to_f((sqil_half)(a & 0xffffu)) + h_to_f((sqil_half)(a >> 16));
 }
 
+// The eight weights of one packed word as four half2 (see the layout above).
+__device__ __forceinline__ void q4_unpack_word(unsigned int word, sqil_half2 *wv)
+{
+    const sqil_half2 magic = 0x64086408u; // (1032, 1032) = 1024 + 8
+#pragma unroll
+    for (int t = 0; t < 4; t++) {
+        wv[t] = h2_sub(((word >> (4 * t)) & 0x000F000Fu) | 0x64006400u, magic);
+    }
+}
+
+// A lane's partial sum of one output: reduced over the warp, then lane 0 adds the bias, applies
+// the ReLU and stores it.
+__device__ __forceinline__ void q4_store(float v, int lane, const sqil_half *__restrict__ bias, int relu,
+                                         sqil_half *__restrict__ y, int row, size_t at)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    if (lane == 0) {
+        if (bias != nullptr) {
+            v += h_to_f(bias[row]);
+        }
+        if (relu && v < 0.0f) {
+            v = 0.0f;
+        }
+        y[at] = f_to_h(v);
+    }
+}
+
 // One 16-byte chunk (32 weights, scale s) of a row against the batch's activations.
 template <int B>
 __device__ __forceinline__ void q4_chunk(const uint4 q, const float s, const sqil_half *__restrict__ x, int k, int c,
                                          int batch, float (&acc)[B])
 {
-    const sqil_half2 magic = 0x64086408u; // (1032, 1032) = 1024 + 8
     const unsigned int words[4] = {q.x, q.y, q.z, q.w};
     sqil_half2 wv[16];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            wv[i * 4 + t] = h2_sub(((words[i] >> (4 * t)) & 0x000F000Fu) | 0x64006400u, magic);
-        }
+        q4_unpack_word(words[i], wv + i * 4);
     }
 #pragma unroll
     for (int b = 0; b < B; b++) {
@@ -80,25 +106,13 @@ __device__ __forceinline__ void q4_gemv_impl(const uint4 *__restrict__ w, const 
     // One chunk per lane per step. (Issuing four chunks' loads before use was measured 5-15%
     // slower on an H200 at batch 1, so bytes in flight are not the limit; about 90 instructions
     // per 16 weight bytes suggest instruction issue is, unconfirmed by counters.)
-    int c = lane;
-    for (; c < chunks; c += 32) {
+    for (int c = lane; c < chunks; c += 32) {
         q4_chunk<B>(__ldg(wr + c), h_to_f(sr[c >> gshift]), x, k, c, batch, acc);
     }
 #pragma unroll
     for (int b = 0; b < B; b++) {
-        float v = acc[b];
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            v += __shfl_xor_sync(0xffffffffu, v, o);
-        }
-        if (lane == 0 && b < batch) {
-            if (bias != nullptr) {
-                v += h_to_f(bias[row]);
-            }
-            if (relu && v < 0.0f) {
-                v = 0.0f;
-            }
-            y[(size_t)b * n + row] = f_to_h(v);
+        if (b < batch) {
+            q4_store(acc[b], lane, bias, relu, y, row, (size_t)b * n + row);
         }
     }
 }
@@ -119,10 +133,10 @@ SQIL_Q4_GEMV(4)
 SQIL_Q4_GEMV(8)
 SQIL_Q4_GEMV(16)
 
-// The small-batch variant (batches up to 4): each warp computes R rows, each lane keeps its
-// slice of x in registers for all R rows and issues the R rows' 16-byte weight loads together
-// (more bytes in flight per warp: the kernel is memory-bound at batch 1). Same arithmetic per
-// (row, batch) as q4_gemv_impl, so the same results.
+// The small-batch variant (batches 2 to 4): each warp computes R rows, each lane keeps its slice
+// of x in registers for all R rows and issues the R rows' 16-byte weight loads together, so the
+// activations are loaded once per R rows (measured faster than q4_gemv_impl at batch 4 on an
+// H200, slower at batch 1). Same arithmetic per (row, batch) as q4_gemv_impl, so the same results.
 template <int B, int R>
 __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
                                                   const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
@@ -136,7 +150,6 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
         return;
     }
     const int chunks = k >> 5;
-    const sqil_half2 magic = 0x64086408u;
     float acc[R][B];
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -172,10 +185,7 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     sqil_half2 wv[4];
-#pragma unroll
-                    for (int t = 0; t < 4; t++) {
-                        wv[t] = h2_sub(((words[i] >> (4 * t)) & 0x000F000Fu) | 0x64006400u, magic);
-                    }
+                    q4_unpack_word(words[i], wv);
                     part += q4_dot8(wv, xv[b][i]);
                 }
                 acc[r][b] += part * s[r];
@@ -186,26 +196,15 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
     for (int r = 0; r < R; r++) {
 #pragma unroll
         for (int b = 0; b < B; b++) {
-            float v = acc[r][b];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) {
-                v += __shfl_xor_sync(0xffffffffu, v, o);
-            }
             const int row = row0 + r;
-            if (lane == 0 && b < batch && row < n) {
-                if (bias != nullptr) {
-                    v += h_to_f(bias[row]);
-                }
-                if (relu && v < 0.0f) {
-                    v = 0.0f;
-                }
-                y[(size_t)b * n + row] = f_to_h(v);
+            if (b < batch && row < n) {
+                q4_store(acc[r][b], lane, bias, relu, y, row, (size_t)b * n + row);
             }
         }
     }
 }
 
-// Rows per warp R = 4: batches up to 1, 2, 4.
+// Rows per warp R = 4: batches up to 2 and 4 (the host uses these for batches 2-4).
 #define SQIL_Q4_GEMV_ROWS(B)                                                                                       \
     extern "C" __global__ void __launch_bounds__(128) sqil_q4_gemv_r4_b##B(                                         \
         const uint4 *__restrict__ w, const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,      \
@@ -215,6 +214,5 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
         q4_gemv_rows_impl<B, 4>(w, scales, x, bias, y, n, k, batch, gshift, relu);                                 \
     }
 
-SQIL_Q4_GEMV_ROWS(1)
 SQIL_Q4_GEMV_ROWS(2)
 SQIL_Q4_GEMV_ROWS(4)

@@ -28,7 +28,7 @@ pub fn build_c(model: &Path, dir: &Path, a: &BuildC) -> Result<CReport, String> 
     let policy = load_policy(model)?;
     let prog = emit(&policy, &a.prefix).map_err(|e| format!("{}: {e}", model.display()))?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let prefix: String = a.prefix.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let prefix = sqil_codegen::c::c_ident(&a.prefix);
     crate::quantize::write_atomic(&dir.join(format!("{prefix}.h")), prog.header.as_bytes())?;
     crate::quantize::write_atomic(&dir.join(format!("{prefix}.c")), prog.source.as_bytes())?;
     if !a.selftest.is_empty() {
@@ -84,9 +84,7 @@ pub fn artifact_bytes(model: &Path) -> Result<Vec<u8>, String> {
         sqil_runtime::load_artifact_bytes(&bytes, &model.display().to_string()).map_err(|e| e.to_string())?;
         return Ok(bytes);
     }
-    let g = crate::load_model(model)?;
-    let plan = sqil_runtime::Plan::new(&g).map_err(|e| format!("{}: {e}", model.display()))?;
-    sqil_runtime::artifact::encode(&g, &plan).map_err(|e| e.to_string())
+    crate::quantize::encode_artifact(&crate::load_model(model)?, model).map(|(_, bytes)| bytes)
 }
 
 /// `sqil build --target exe`: a copy of the `sqil-policy` runner (next to this executable unless
@@ -134,7 +132,7 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> Result<(usi
     Ok((runner_len, art.len()))
 }
 
-/// `sqil build --target cuda`: one standalone `.cu` file (see `sqil_cuda::emit`), with the
+/// `sqil build --target cuda`: one standalone `.cu` file (see `sqil_codegen::cuda`), with the
 /// first `states` rows of `selftest` (one .npy, single-input policies) and the CPU runtime's
 /// actions for them as its `--selftest` data.
 pub fn build_cuda(model: &Path, out: &Path, selftest: &[PathBuf], states: usize) -> Result<usize, String> {
@@ -148,7 +146,7 @@ pub fn build_cuda(model: &Path, out: &Path, selftest: &[PathBuf], states: usize)
         }
         _ => return Err("--selftest: the CUDA target takes single-input policies (one .npy)".into()),
     };
-    let src = sqil_cuda::emit::emit_cu(&policy, &ins, &want, sqil_cuda::policy::GPU_TOL)
+    let src = sqil_codegen::cuda::emit_cu(&policy, &ins, &want, sqil_cuda::policy::GPU_TOL)
         .map_err(|e| format!("{}: {e}", model.display()))?;
     crate::quantize::write_atomic(out, src.as_bytes())?;
     Ok(src.len())

@@ -112,10 +112,16 @@ pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> Result<QuantReport, Strin
 /// Plans a quantized simulation graph for the CPU runtime and writes the artifact (IR text and
 /// packed weights) to `out`; returns the plan. `source` names the model in errors.
 pub fn write_artifact(sim: &Graph, source: &Path, out: &Path) -> Result<sqil_runtime::Plan, String> {
-    let plan = sqil_runtime::Plan::new(sim).map_err(|e| format!("{}: {e}", source.display()))?;
-    let bytes = sqil_runtime::artifact::encode(sim, &plan).map_err(|e| e.to_string())?;
+    let (plan, bytes) = encode_artifact(sim, source)?;
     sqil_runtime::artifact::save(out, &bytes).map_err(|e| e.to_string())?;
     Ok(plan)
+}
+
+/// The plan of a simulation graph and its CPU artifact bytes (`source` names it in errors).
+pub fn encode_artifact(sim: &Graph, source: &Path) -> Result<(sqil_runtime::Plan, Vec<u8>), String> {
+    let plan = sqil_runtime::Plan::new(sim).map_err(|e| format!("{}: {e}", source.display()))?;
+    let bytes = sqil_runtime::artifact::encode(sim, &plan).map_err(|e| e.to_string())?;
+    Ok((plan, bytes))
 }
 
 /// The per-layer table.

@@ -24,7 +24,7 @@ fn standalone_cu_for_an_mlp_policy() {
     let l = sqil_cuda::policy::lower(&p).unwrap();
     let states = vec![vec![0.5f32; 15]];
     let want = vec![p.act(&states[0], 1).unwrap()];
-    let src = sqil_cuda::emit::emit_cu(&p, &states, &want, 0.02).unwrap();
+    let src = sqil_codegen::cuda::emit_cu(&p, &states, &want, 0.02).unwrap();
     assert_eq!(src.matches("extern \"C\" __global__ void __launch_bounds__(128) sqil_q4_gemv_b##B(").count(), 1);
     assert_eq!(src.matches("<<<").count(), l.steps.len(), "one launch per step");
     // Sub on the fp32 observation, Div, then three int4 layers each behind its activation quantizer.

@@ -63,12 +63,28 @@ pub struct CReport {
     pub steps: Vec<String>,
 }
 
-/// A C float literal that parses back to exactly `v`.
-fn flit(v: f32, what: &str) -> Result<String> {
-    if !v.is_finite() {
-        return Err(IrError::Unsupported(format!("{what}: constant {v} has no C99 literal without math.h")));
+/// A C float literal that parses back to exactly `v` (`None` for inf and NaN, which C99 spells
+/// only through `math.h`).
+pub fn float_literal(v: f32) -> Option<String> {
+    v.is_finite().then(|| format!("{v:e}f"))
+}
+
+/// `static const TY NAME[n] = { items };`, `per_line` items to a line (a single 0 when empty:
+/// C has no zero-length arrays).
+pub fn c_array(out: &mut String, ty: &str, name: &str, items: &[String], per_line: usize) {
+    let _ = write!(out, "static const {ty} {name}[{}] = {{", items.len().max(1));
+    for line in items.chunks(per_line.max(1)) {
+        let _ = write!(out, "\n    {},", line.join(", "));
     }
-    Ok(format!("{v:e}f"))
+    if items.is_empty() {
+        out.push('0');
+    }
+    out.push_str("\n};\n");
+}
+
+fn flit(v: f32, what: &str) -> Result<String> {
+    float_literal(v)
+        .ok_or_else(|| IrError::Unsupported(format!("{what}: constant {v} has no C99 literal without math.h")))
 }
 
 fn dlit(v: f64) -> String {
@@ -117,7 +133,8 @@ fn plan_arena(bufs: &[(usize, usize, usize)]) -> (Vec<usize>, usize) {
     (offs, total)
 }
 
-fn c_ident(s: &str) -> String {
+/// `s` as a C identifier (every other character becomes `_`).
+pub fn c_ident(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }
 
@@ -137,17 +154,8 @@ impl Emitter {
     fn const_array(&mut self, v: &[f32], what: &str) -> Result<String> {
         let name = format!("sqil_c{}", self.next_const);
         self.next_const += 1;
-        let _ = write!(self.consts, "static const float {name}[{}] = {{", v.len().max(1));
-        for (i, x) in v.iter().enumerate() {
-            if i % 8 == 0 {
-                self.consts.push_str("\n    ");
-            }
-            let _ = write!(self.consts, "{}, ", flit(*x, what)?);
-        }
-        if v.is_empty() {
-            self.consts.push_str("0.0f");
-        }
-        self.consts.push_str("\n};\n");
+        let items = v.iter().map(|x| flit(*x, what)).collect::<Result<Vec<_>>>()?;
+        c_array(&mut self.consts, "float", &name, &items, 8);
         self.const_bytes += 4 * v.len();
         Ok(name)
     }
@@ -182,6 +190,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
         feeds.push(Tensor::from_f32(dims, vec![0.0; n])?);
     }
     let env = plan.trace(&feeds, 1)?;
+    let step_names = plan.describe();
     let mut is_const = vec![false; plan.slots];
     for (s, _) in &plan.consts {
         is_const[*s] = true;
@@ -232,7 +241,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
         if t.dtype() != sqil_ir::DType::F32 {
             return Err(IrError::Unsupported(format!(
                 "step `{}` computes a {} value from the inputs: the C back end computes in f32 only",
-                plan.describe()[writer[&s]],
+                step_names[writer[&s]],
                 t.dtype()
             )));
         }
@@ -262,20 +271,16 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
             Step::Q4Linear { name, layer, x, y, act, w, bias, relu } => {
                 let id = c_ident(layer);
                 let _ = writeln!(em.consts, "/* {name}: [{} x {}] int4, groups of {} */", w.n, w.k, w.group);
-                let _ = write!(em.consts, "static const sqil_block_q4 sqil_w_{id}[{}] = {{", w.blocks.len());
-                for (bi, b) in w.blocks.iter().enumerate() {
-                    em.consts.push_str(if bi % 2 == 0 { "\n    " } else { " " });
-                    em.consts.push_str("{{");
-                    em.consts.push_str(&b.qs.iter().map(|q| format!("{q:#04x}")).collect::<Vec<_>>().join(","));
-                    em.consts.push_str("}},");
-                }
-                em.consts.push_str("\n};\n");
-                let _ = write!(em.consts, "static const float sqil_s_{id}[{}] = {{", w.scales.len());
-                for (j, s) in w.scales.iter().enumerate() {
-                    em.consts.push_str(if j % 8 == 0 { "\n    " } else { " " });
-                    let _ = write!(em.consts, "{},", flit(*s, name)?);
-                }
-                em.consts.push_str("\n};\n");
+                let blocks: Vec<String> = w
+                    .blocks
+                    .iter()
+                    .map(|b| {
+                        format!("{{{{{}}}}}", b.qs.iter().map(|q| format!("{q:#04x}")).collect::<Vec<_>>().join(","))
+                    })
+                    .collect();
+                c_array(&mut em.consts, "sqil_block_q4", &format!("sqil_w_{id}"), &blocks, 2);
+                let scales = w.scales.iter().map(|v| flit(*v, name)).collect::<Result<Vec<_>>>()?;
+                c_array(&mut em.consts, "float", &format!("sqil_s_{id}"), &scales, 8);
                 em.packed_bytes += w.blocks.len() * 16 + w.scales.len() * 4;
                 let bias_expr = match bias {
                     Some(b) => em.const_array(b, name)?,
@@ -285,12 +290,8 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                 let ye = loc[y].expr();
                 match act {
                     ActQuant::Int { scale, zero, lo, hi } => {
-                        let _ = write!(em.consts, "static const int32_t sqil_ws_{id}[{}] = {{", w.sums.len());
-                        for (j, s) in w.sums.iter().enumerate() {
-                            em.consts.push_str(if j % 12 == 0 { "\n    " } else { " " });
-                            let _ = write!(em.consts, "{s},");
-                        }
-                        em.consts.push_str("\n};\n");
+                        let sums: Vec<String> = w.sums.iter().map(|v| v.to_string()).collect();
+                        c_array(&mut em.consts, "int32_t", &format!("sqil_ws_{id}"), &sums, 12);
                         em.packed_bytes += w.sums.len() * 4;
                         qbuf = qbuf.max(w.k_pad);
                         em.uses.insert("SQIL_USE_Q4Q8");
@@ -329,7 +330,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                 emit_op(&mut em, &env, &is_const, &loc, name, op, inputs, outputs)?;
             }
         }
-        described.push(plan.describe()[i].clone());
+        described.push(step_names[i].clone());
     }
     // Outputs: copy out of the arena (or from wherever they are).
     let mut out_sizes = vec![];
@@ -390,7 +391,13 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
     }
     let _ = writeln!(c, "\nvoid {prefix}_act({})\n{{", params.join(", "));
     for i in 0..in_sizes.len() {
-        if !loc.values().any(|l| matches!(l, Loc::Input(j) if *j == i)) || !em.body.contains(&format!("input{i}")) {
+        // `inputI` not followed by a digit (`input1` is not a use of `input10`).
+        let name = format!("input{i}");
+        let used = em
+            .body
+            .match_indices(&name)
+            .any(|(p, _)| !em.body[p + name.len()..].starts_with(|c: char| c.is_ascii_digit()));
+        if !used {
             let _ = writeln!(c, "    (void)input{i};");
         }
     }

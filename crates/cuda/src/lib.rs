@@ -12,7 +12,6 @@ use half::f16;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub mod emit;
 pub mod policy;
 
 /// Every kernel source, by file name (each compiles on its own).
@@ -28,7 +27,8 @@ pub const SOURCES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The kernel files as written (for the standalone `.cu` emitter, which includes each once).
+/// The kernel files as written (for the standalone `.cu` emitter in sqil-codegen, which includes
+/// each once).
 pub const FP16_CUH: &str = include_str!("../../../kernels/cuda/fp16.cuh");
 pub const Q4_GEMV_CU: &str = include_str!("../../../kernels/cuda/q4_gemv.cu");
 pub const POLICY_OPS_CU: &str = include_str!("../../../kernels/cuda/policy_ops.cu");

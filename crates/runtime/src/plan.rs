@@ -428,12 +428,7 @@ impl Plan {
                     match act {
                         ActQuant::Int { scale, zero, lo, hi } => SCRATCH.with_borrow_mut(|xs| {
                             if xs.len() < rows {
-                                xs.resize_with(rows, || QuantizedInput {
-                                    q: vec![],
-                                    zero: 0,
-                                    scale: 1.0,
-                                    sums: vec![],
-                                });
+                                xs.resize_with(rows, QuantizedInput::default);
                             }
                             for (xr, q) in xv.chunks(w.k).zip(xs.iter_mut()) {
                                 quantize_input_into(xr, *scale, *zero, *lo, *hi, w, q);

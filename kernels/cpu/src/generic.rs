@@ -222,7 +222,7 @@ mod tests {
 /// Activations quantized to int8 for the W4A8 kernels: `q` (`k_pad` values, zero-padded),
 /// the zero point and scale (`x ~ (q - zero) * scale`), and per group of the weight's layout
 /// the sum of `q`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct QuantizedInput {
     pub q: Vec<i8>,
     pub zero: i32,
@@ -245,7 +245,7 @@ pub fn quantize_input_range(
     hi: i32,
     w: &crate::packed::PackedQ4,
 ) -> QuantizedInput {
-    let mut out = QuantizedInput { q: vec![], zero, scale, sums: vec![] };
+    let mut out = QuantizedInput::default();
     quantize_input_into(x, scale, zero, lo, hi, w, &mut out);
     out
 }
@@ -283,10 +283,8 @@ pub fn quantize_input_into(
 /// (exact for |x| < 2^22, larger values are integers or take the slow path).
 #[inline]
 pub fn round_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    let a = x.abs();
-    if a < 4_194_304.0 {
-        ((a + MAGIC) - MAGIC).copysign(x)
+    if x.abs() < 4_194_304.0 {
+        round_even_small(x)
     } else {
         x.round_ties_even()
     }

@@ -1,34 +1,22 @@
-//! `sqil build --target cuda`: a compiled policy as one standalone `.cu` file (kernels, weights
+//! The CUDA source back end, `sqil build --target cuda`: a compiled policy as one standalone `.cu` file (kernels, weights
 //! as static arrays, host code with a CUDA graph) that `nvcc -O2 -o policy policy.cu` builds into
 //! an executable: states on stdin (one per line) -> actions on stdout, `--selftest` (the states
 //! and CPU-runtime actions embedded at build time; exit 1 beyond the tolerance) and `--bench N`
 //! (per-action latency).
 
-use crate::policy::{lower, LStep};
-use crate::{FP16_CUH, POLICY_OPS_CU, Q4_GEMV_CU};
+use crate::c::{c_array, float_literal};
+use sqil_cuda::policy::{lower, LStep};
+use sqil_cuda::{FP16_CUH, POLICY_OPS_CU, Q4_GEMV_CU};
 use sqil_runtime::Policy;
 use std::fmt::Write;
 
 fn arr<T: std::fmt::Display>(out: &mut String, ty: &str, name: &str, v: &[T]) {
-    let _ = write!(out, "static const {ty} {name}[{}] = {{", v.len().max(1));
-    for (i, x) in v.iter().enumerate() {
-        if i % 12 == 0 {
-            out.push_str("\n    ");
-        }
-        let _ = write!(out, "{x}, ");
-    }
-    if v.is_empty() {
-        out.push('0');
-    }
-    out.push_str("\n};\n");
+    c_array(out, ty, name, &v.iter().map(|x| x.to_string()).collect::<Vec<_>>(), 12);
 }
 
-/// A float literal that reads back exactly (C++ `float`).
+/// A float literal that reads back exactly (C++ `float`; +-inf through `cmath`'s INFINITY).
 fn f(v: f32) -> String {
-    if v.is_infinite() {
-        return if v > 0.0 { "INFINITY".into() } else { "-INFINITY".into() };
-    }
-    format!("{v:e}f")
+    float_literal(v).unwrap_or_else(|| if v > 0.0 { "INFINITY".into() } else { "-INFINITY".into() })
 }
 
 /// The `.cu` source for `policy`; `states` / `expected` (per state: input values / CPU-runtime
