@@ -107,9 +107,9 @@ static int32_t sqil_dot_q4q8(const sqil_block_q4 *b, const int8_t *x, int32_t nb
 }
 #endif
 
-/* W4A8: y[r] = epilogue over groups g of (sum_k w[r,k] * q[k] - zero * wsum[r,g]) * scale[r,g],
- * accumulated in 8 lanes (lane g mod 8), lanes reduced in a fixed tree, then * xscale + bias,
- * then ReLU if asked. */
+/* W4A8: y[r] = sum over groups g in order of (sum_k w[r,k] * q[k] - zero * wsum[r,g]) * scale[r,g]
+ * (product rounded, then added), then * xscale + bias, then ReLU if asked: the runtime's
+ * epilogue, operation for operation. */
 static void sqil_gemv_q4q8(const sqil_block_q4 *w, const float *scales, const int32_t *wsums, int32_t n,
                            int32_t k_pad, int32_t group, const int8_t *q, int32_t zero, float xscale,
                            const float *bias, int relu, float *y)
@@ -117,14 +117,13 @@ static void sqil_gemv_q4q8(const sqil_block_q4 *w, const float *scales, const in
     const int32_t groups = k_pad / group, bpg = group / 32, bpr = k_pad / 32;
     int32_t r, g;
     for (r = 0; r < n; r++) {
-        float l[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        float v;
+        float acc = 0.0f, v;
         for (g = 0; g < groups; g++) {
             int32_t s = sqil_dot_q4q8(w + r * bpr + g * bpg, q + g * group, bpg) - zero * wsums[r * groups + g];
             float p = (float)s * scales[r * groups + g];
-            l[g & 7] += p;
+            acc += p;
         }
-        v = (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) * xscale;
+        v = acc * xscale;
         v = v + (bias ? bias[r] : 0.0f);
         if (relu) {
             v = v > 0.0f ? v : 0.0f;

@@ -174,7 +174,7 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, Packe
             r.take(4 * n * groups)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
         let sums =
             r.take(4 * n * groups)?.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4"))).collect();
-        packed.insert(name, PackedQ4 { n, k, k_pad, group, blocks, scales, sums });
+        packed.insert(name, PackedQ4::from_parts(n, k, k_pad, group, blocks, scales, sums));
     }
     if r.at != payload.len() {
         return Err(IrError::Invalid(format!("{what}: {} trailing bytes", payload.len() - r.at)));

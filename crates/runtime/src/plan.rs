@@ -193,15 +193,8 @@ fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
     }
     // With stored weights only the shape is needed here (the caller swaps them in).
     let packed = if stored {
-        PackedQ4 {
-            n: nn,
-            k,
-            k_pad: k.div_ceil(32) * 32,
-            group: if group == 0 { k.div_ceil(32) * 32 } else { group },
-            blocks: vec![],
-            scales: vec![],
-            sums: vec![],
-        }
+        let k_pad = k.div_ceil(32) * 32;
+        PackedQ4::from_parts(nn, k, k_pad, if group == 0 { k_pad } else { group }, vec![], vec![], vec![])
     } else {
         PackedQ4::pack(&q, &scales, nn, k, group).map_err(IrError::Internal)?
     };

@@ -297,42 +297,49 @@ pub fn round_even_small(x: f32) -> f32 {
     ((x.abs() + MAGIC) - MAGIC).copysign(x)
 }
 
-/// The float epilogue shared by every W4A8 kernel, so that they agree bit for bit: per row,
-/// `isum[g] * scale[g]` (product rounded, then added) accumulated in 8 lanes (lane `g mod 8`,
-/// groups in order), the lanes reduced by [`reduce_lanes`], then `* x_scale + bias` (no FMA).
-/// The lane layout is what an 8-wide SIMD kernel computes naturally.
-#[inline]
-pub fn q4q8_epilogue(isums: &[i32], scales: &[f32], x_scale: f32, bias: f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    for (g, (&s, &w)) in isums.iter().zip(scales).enumerate() {
-        lanes[g % 8] += s as f32 * w;
+/// One input of the W4A8 kernels, borrowed: `q` (at least the weight's `k_pad` values), the
+/// sums of `q` per group of the weight's layout, zero point and scale. A [`QuantizedInput`] is
+/// one; so is a row of an int8 im2col matrix (convolutions).
+#[derive(Clone, Copy, Debug)]
+pub struct QRow<'a> {
+    pub q: &'a [i8],
+    pub sums: &'a [i32],
+    pub zero: i32,
+    pub scale: f32,
+}
+
+impl QuantizedInput {
+    pub fn row(&self) -> QRow<'_> {
+        QRow { q: &self.q, sums: &self.sums, zero: self.zero, scale: self.scale }
     }
-    reduce_lanes(lanes) * x_scale + bias
 }
 
-/// The fixed reduction order of 8 accumulator lanes used by the W4A8 epilogue.
-#[inline]
-pub fn reduce_lanes(l: [f32; 8]) -> f32 {
-    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
-}
-
-/// Reference W4A8 GEMV: `y[r] = sum_k (qx[k] - zero) * qw[r, k] * sw[r, g(k)] * sx + bias[r]`,
-/// integer sums per group (exact), then [`q4q8_epilogue`].
-pub fn generic_gemv_q4q8(w: &crate::packed::PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut [f32]) {
+/// Reference W4A8 output of row `r`: `sum_k (qx[k] - zero) * qw[r, k] * sw[r, g(k)] * sx +
+/// bias[r]`. The integer sum of each group is exact; the float epilogue, which every W4A8 kernel
+/// shares so that they agree bit for bit, is `isum[g] * scale[g]` (product rounded, then added)
+/// accumulated over the groups in order, then `* x_scale + bias` (no FMA). SIMD kernels
+/// vectorise it across rows, never across groups.
+pub fn generic_q4q8_row(w: &crate::packed::PackedQ4, x: QRow, bias: Option<&[f32]>, r: usize) -> f32 {
     let groups = w.groups();
     let bpg = w.group / crate::packed::QK4;
-    let mut isums = vec![0i32; groups];
-    for (r, out) in y.iter_mut().enumerate().take(w.n) {
-        for (g, s) in isums.iter_mut().enumerate() {
-            let mut acc = 0i32;
-            for b in 0..bpg {
-                let blk = w.blocks[r * w.k_pad / crate::packed::QK4 + g * bpg + b].unpack();
-                let xs = &x.q[(g * bpg + b) * crate::packed::QK4..];
-                acc += blk.iter().zip(xs).map(|(&a, &c)| a as i32 * c as i32).sum::<i32>();
-            }
-            *s = acc - x.zero * w.sums[r * groups + g];
+    let mut acc = 0f32;
+    for g in 0..groups {
+        let mut s = 0i32;
+        for b in 0..bpg {
+            let blk = w.blocks[r * w.k_pad / crate::packed::QK4 + g * bpg + b].unpack();
+            let xs = &x.q[(g * bpg + b) * crate::packed::QK4..];
+            s += blk.iter().zip(xs).map(|(&a, &c)| a as i32 * c as i32).sum::<i32>();
         }
-        *out = q4q8_epilogue(&isums, &w.scales[r * groups..(r + 1) * groups], x.scale, bias.map_or(0.0, |b| b[r]));
+        s -= x.zero * w.sums[r * groups + g];
+        acc += s as f32 * w.scales[r * groups + g];
+    }
+    acc * x.scale + bias.map_or(0.0, |b| b[r])
+}
+
+/// Reference W4A8 GEMV (see [`generic_q4q8_row`]).
+pub fn generic_gemv_q4q8(w: &crate::packed::PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut [f32]) {
+    for (r, out) in y.iter_mut().enumerate().take(w.n) {
+        *out = generic_q4q8_row(w, x.row(), bias, r);
     }
 }
 

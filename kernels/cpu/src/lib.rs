@@ -8,7 +8,7 @@ pub mod packed;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
-pub use generic::{dgemm, im2col, quantize_input, sgemm, ConvGeometry, QuantizedInput};
+pub use generic::{dgemm, im2col, quantize_input, sgemm, ConvGeometry, QRow, QuantizedInput};
 pub use packed::{BlockQ4, PackedQ4};
 
 /// The best kernel family this CPU runs, chosen once at run time.
@@ -47,17 +47,25 @@ pub fn isa() -> Isa {
 /// Output channels per thread below which a GEMV stays on one thread.
 pub const ROWS_PER_THREAD: usize = 256;
 
-/// Splits rows over up to `threads` scoped threads when the layer is large enough.
-fn split_rows(n: usize, threads: usize, y: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
-    let t = threads.min(n / ROWS_PER_THREAD).max(1);
+/// Splits rows over up to `threads` scoped threads when the layer is large enough, in chunks of
+/// a multiple of four rows (the SIMD kernels' tiles); `y` holds `stride` outputs per row.
+fn split_rows(
+    n: usize,
+    threads: usize,
+    min_rows: usize,
+    stride: usize,
+    y: &mut [f32],
+    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) {
+    let t = threads.min(n / min_rows.max(1)).max(1);
     if t == 1 {
-        return f(0..n, &mut y[..n]);
+        return f(0..n, &mut y[..n * stride]);
     }
-    let chunk = n.div_ceil(t);
+    let chunk = n.div_ceil(t).next_multiple_of(4);
     std::thread::scope(|s| {
-        for (i, part) in y[..n].chunks_mut(chunk).enumerate() {
+        for (i, part) in y[..n * stride].chunks_mut(chunk * stride).enumerate() {
             let f = &f;
-            s.spawn(move || f(i * chunk..i * chunk + part.len(), part));
+            s.spawn(move || f(i * chunk..i * chunk + part.len() / stride, part));
         }
     });
 }
@@ -65,55 +73,93 @@ fn split_rows(n: usize, threads: usize, y: &mut [f32], f: impl Fn(std::ops::Rang
 /// W4A8 GEMV `y = W x + bias` with the best kernel for this CPU, over `threads` threads for
 /// large layers. Every variant equals `generic::generic_gemv_q4q8` bit for bit.
 pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
-    assert!(x.q.len() >= w.k_pad && y.len() >= w.n && bias.is_none_or(|b| b.len() >= w.n));
+    assert!(x.q.len() >= w.k_pad && x.sums.len() >= w.groups() && y.len() >= w.n);
+    assert!(bias.is_none_or(|b| b.len() >= w.n));
+    let x = x.row();
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx2 => {
-            split_rows(w.n, threads, y, |rows, out| unsafe { x86_64::avx2::avx2_gemv_q4q8_rows(w, x, bias, rows, out) })
-        }
+        Isa::Avx2 => split_rows(w.n, threads, ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
+            x86_64::avx2::avx2_gemv_q4q8_rows(w, x, bias, rows, out)
+        }),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx512Vnni => split_rows(w.n, threads, y, |rows, out| unsafe {
+        Isa::Avx512Vnni => split_rows(w.n, threads, ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
             x86_64::avx512::avx512_gemv_q4q8_rows(w, x, bias, rows, out)
         }),
-        _ => generic::generic_gemv_q4q8(w, x, bias, y),
+        _ => {
+            for (r, out) in y[..w.n].iter_mut().enumerate() {
+                *out = generic::generic_q4q8_row(w, x, bias, r);
+            }
+        }
     }
 }
 
-/// W4A8 for a batch of quantized inputs: `y` is `[xs.len(), w.n]` row-major. Columns are split
-/// over `threads` threads (each reads every weight row once for its columns); every variant
-/// equals per-column `generic::generic_gemv_q4q8` bit for bit.
+/// W4A8 for a batch of quantized inputs: `y` is `[xs.len(), w.n]` row-major; see
+/// [`gemm_q4q8_rows`].
 pub fn gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
-    assert!(xs.iter().all(|x| x.q.len() >= w.k_pad) && y.len() >= xs.len() * w.n);
-    assert!(bias.is_none_or(|b| b.len() >= w.n));
     if xs.len() == 1 {
         return gemv_q4q8(w, &xs[0], bias, y, threads);
     }
-    let t = threads.clamp(1, xs.len());
-    let per = xs.len().div_ceil(t);
-    let run = |xs: &[QuantizedInput], y: &mut [f32]| match isa() {
+    let rows: Vec<QRow> = xs.iter().map(QuantizedInput::row).collect();
+    gemm_q4q8_rows(w, &rows, bias, y, Layout::InputMajor, threads)
+}
+
+/// Where a batched W4A8 kernel writes output `(input c, channel r)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// `y[c * n + r]`: one row of outputs per input (a batch of GEMVs).
+    InputMajor,
+    /// `y[r * inputs + c]`: one row per output channel (a convolution's `[C, H * W]` output).
+    ChannelMajor,
+}
+
+/// W4A8 on a batch of inputs with the best kernel for this CPU; every variant equals
+/// `generic::generic_q4q8_row` bit for bit. Threads split the inputs (`InputMajor`: each thread
+/// reads every weight for its inputs) or the output channels (`ChannelMajor`).
+pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [f32], layout: Layout, threads: usize) {
+    assert!(xs.iter().all(|x| x.q.len() >= w.k_pad && x.sums.len() >= w.groups()) && y.len() >= xs.len() * w.n);
+    assert!(bias.is_none_or(|b| b.len() >= w.n));
+    let strides = match layout {
+        Layout::InputMajor => (w.n, 1),
+        Layout::ChannelMajor => (1, xs.len()),
+    };
+    let run = |rows: std::ops::Range<usize>, xs: &[QRow], y: &mut [f32]| match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx2 => unsafe { x86_64::avx2::avx2_gemm_q4q8(w, xs, bias, y) },
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above, and every caller
+        // passes `y` holding each output index of its rows and inputs.
+        Isa::Avx2 => unsafe { x86_64::avx2::avx2_gemm_q4q8(w, rows, xs, bias, y, strides) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx512Vnni => unsafe { x86_64::avx512::avx512_gemm_q4q8(w, xs, bias, y) },
+        // SAFETY: as above, with AVX-512 F/BW/VNNI checked by isa().
+        Isa::Avx512Vnni => unsafe { x86_64::avx512::avx512_gemm_q4q8(w, rows, xs, bias, y, strides) },
         _ => {
-            for (x, yc) in xs.iter().zip(y.chunks_mut(w.n)) {
-                generic::generic_gemv_q4q8(w, x, bias, yc);
+            for (c, &x) in xs.iter().enumerate() {
+                for r in rows.clone() {
+                    y[c * strides.0 + (r - rows.start) * strides.1] = generic::generic_q4q8_row(w, x, bias, r);
+                }
             }
         }
     };
-    if t == 1 {
-        return run(xs, &mut y[..xs.len() * w.n]);
-    }
-    std::thread::scope(|s| {
-        for (xc, yc) in xs.chunks(per).zip(y.chunks_mut(per * w.n)) {
-            let run = &run;
-            s.spawn(move || run(xc, yc));
+    match layout {
+        Layout::InputMajor => {
+            let t = threads.clamp(1, xs.len().max(1));
+            let per = xs.len().div_ceil(t).max(1);
+            if t == 1 {
+                return run(0..w.n, xs, &mut y[..xs.len() * w.n]);
+            }
+            std::thread::scope(|s| {
+                for (xc, yc) in xs.chunks(per).zip(y.chunks_mut(per * w.n)) {
+                    let run = &run;
+                    s.spawn(move || run(0..w.n, xc, yc));
+                }
+            });
         }
-    });
+        // Threads on channels only when each gets a few tiles and enough work.
+        Layout::ChannelMajor => {
+            let min_rows = (65536 / (xs.len() * w.k_pad).max(1)).max(8);
+            split_rows(w.n, threads, min_rows, xs.len(), y, |rows, yc| run(rows, xs, yc))
+        }
+    }
 }
 
 /// Weight-only W4 GEMV on f32 activations (`x` at least `w.k_pad` long, zero-padded), with the
@@ -123,7 +169,7 @@ pub fn gemv_q4f32(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], 
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx2 | Isa::Avx512Vnni => split_rows(w.n, threads, y, |rows, out| unsafe {
+        Isa::Avx2 | Isa::Avx512Vnni => split_rows(w.n, threads, ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
             x86_64::avx2::avx2_gemv_q4f32_rows(w, x, bias, rows, out)
         }),
         _ => generic::generic_gemv_q4f32(w, x, bias, y),

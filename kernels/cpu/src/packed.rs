@@ -64,6 +64,12 @@ pub struct PackedQ4 {
     pub scales: Vec<f32>,
     /// `n * groups` sums of the signed weights of each group.
     pub sums: Vec<i32>,
+    /// Derived from `scales` for the SIMD kernels' tiles of four rows: tile `t` (rows `4t..4t+4`,
+    /// the last row repeated past `n`), group `g` at `[(t * groups + g) * 4..][..4]`, so one
+    /// load fetches a tile's four scales of a group.
+    pub tile_scales: Vec<f32>,
+    /// `sums` in the layout of `tile_scales`.
+    pub tile_sums: Vec<i32>,
 }
 
 impl PackedQ4 {
@@ -102,7 +108,34 @@ impl PackedQ4 {
                 blocks.push(BlockQ4::pack(&vals));
             }
         }
-        Ok(PackedQ4 { n, k, k_pad, group, blocks, scales: scales.to_vec(), sums })
+        Ok(PackedQ4::from_parts(n, k, k_pad, group, blocks, scales.to_vec(), sums))
+    }
+
+    /// A packed layer from its stored parts (an artifact, or a shape with no data yet: empty
+    /// `scales` give empty tile arrays), with the tile arrays derived.
+    pub fn from_parts(
+        n: usize,
+        k: usize,
+        k_pad: usize,
+        group: usize,
+        blocks: Vec<BlockQ4>,
+        scales: Vec<f32>,
+        sums: Vec<i32>,
+    ) -> PackedQ4 {
+        let groups = k_pad.checked_div(group).unwrap_or(0);
+        let (mut tile_scales, mut tile_sums) = (vec![], vec![]);
+        if n > 0 && scales.len() == n * groups && sums.len() == n * groups {
+            for t in 0..n.div_ceil(4) {
+                for g in 0..groups {
+                    for j in 0..4 {
+                        let r = (4 * t + j).min(n - 1);
+                        tile_scales.push(scales[r * groups + g]);
+                        tile_sums.push(sums[r * groups + g]);
+                    }
+                }
+            }
+        }
+        PackedQ4 { n, k, k_pad, group, blocks, scales, sums, tile_scales, tile_sums }
     }
 
     /// The signed weight at `(row, col)`.
@@ -163,6 +196,8 @@ mod tests {
             assert_eq!(p.sums[r], q[r * k..(r + 1) * k].iter().map(|&v| v as i32).sum::<i32>());
         }
         assert!(PackedQ4::pack(&q, &[1.0; 3], n, k, 48).is_err());
+        // Tiles of four rows, the last row repeated: tile 0 = rows 0, 1, 2, 2.
+        assert_eq!(p.tile_sums, vec![p.sums[0], p.sums[1], p.sums[2], p.sums[2]]);
     }
 
     #[test]

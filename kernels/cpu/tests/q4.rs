@@ -4,7 +4,7 @@
 
 use proptest::prelude::*;
 use sqil_kernels_cpu::generic::{generic_gemv_q4f32, generic_gemv_q4q8};
-use sqil_kernels_cpu::{gemm_q4q8, gemv_q4f32, gemv_q4q8, isa, quantize_input, PackedQ4};
+use sqil_kernels_cpu::{gemm_q4q8, gemm_q4q8_rows, gemv_q4f32, gemv_q4q8, isa, quantize_input, Layout, PackedQ4};
 
 /// Relative tolerance of f32 dot products summed in a different order (k <= 4096 here).
 const F32_ORDER_TOL: f32 = 1e-5;
@@ -50,9 +50,9 @@ proptest! {
 
     #[test]
     fn q4q8_batched_kernels_equal_the_reference(seed in any::<u64>(), n in 1usize..300, kb in 1usize..6, batch in 1usize..9,
-                                                threads in 1usize..4) {
+                                                per_group in 0usize..3, threads in 1usize..4) {
         let k = kb * 64;
-        let w = layer(seed, n, k, 64, 4);
+        let w = layer(seed, n, k, [0, 32, 64][per_group], 4);
         let mut r = Lcg(seed ^ 5);
         let xs: Vec<_> = (0..batch).map(|c| {
             let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
@@ -65,6 +65,15 @@ proptest! {
         let mut got = vec![0f32; batch * n];
         gemm_q4q8(&w, &xs, None, &mut got, threads);
         prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        // Channel-major output (a convolution's layout), threads over channels.
+        let rows: Vec<_> = xs.iter().map(|x| x.row()).collect();
+        let mut t = vec![0f32; batch * n];
+        gemm_q4q8_rows(&w, &rows, None, &mut t, Layout::ChannelMajor, threads);
+        for c in 0..batch {
+            for r in 0..n {
+                prop_assert_eq!(t[r * batch + c].to_bits(), want[c * n + r].to_bits(), "input {} channel {}", c, r);
+            }
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! float epilogue, so results equal the generic kernel bit for bit) and weight-only W4 GEMV on
 //! f32 activations (nibbles widened to f32 in registers, FMA accumulation).
 
-use crate::generic::QuantizedInput;
+use crate::generic::QRow;
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
 
@@ -91,10 +91,11 @@ pub(crate) unsafe fn single_block<const NC: usize>(
     }
 }
 
-/// W4A8 for a tile of four weight rows (`rows`, repeats allowed) against `NC` inputs: per
-/// group the exact integer sums `sum_k (x[k] - zero) q[r, k]` of the four rows (one pass over
-/// the weights serves every input), then the shared float epilogue in vector form. Returns the
-/// four outputs per input, equal bit for bit to `generic_gemv_q4q8`.
+/// W4A8 for tile `t` of `w` (rows `4t..4t+4`, the last row repeated past `n`) against `NC`
+/// inputs: per group the exact integer sums `sum_k (x[k] - zero) q[r, k]` of the four rows (one
+/// pass over the weights serves every input), then the shared float epilogue on the four rows
+/// at once (group scales and weight sums from the tile-major copies, one load each). Returns
+/// the four outputs per input, equal bit for bit to `generic_q4q8_row`.
 ///
 /// Blocks go in pairs: one 32-byte load holds two blocks' nibbles, whose low halves pair with
 /// elements 0-15 of both blocks and high halves with 16-31 (the inputs are permuted to match
@@ -103,8 +104,8 @@ pub(crate) unsafe fn single_block<const NC: usize>(
 #[inline(always)]
 pub(crate) unsafe fn tile_q4q8<const NC: usize, const VNNI: bool>(
     w: &PackedQ4,
-    rows: [usize; 4],
-    xs: [&QuantizedInput; NC],
+    t: usize,
+    xs: [QRow; NC],
     bias: Option<&[f32]>,
 ) -> [[f32; 4]; NC] {
     let groups = w.groups();
@@ -112,68 +113,38 @@ pub(crate) unsafe fn tile_q4q8<const NC: usize, const VNNI: bool>(
     let bpr = w.k_pad / QK4;
     let ones = _mm256_set1_epi16(1);
     let m4 = _mm256_set1_epi8(0x0f);
+    let rows = tile_rows(4 * t, w.n);
     let rp: [*const u8; 4] = std::array::from_fn(|j| w.blocks.as_ptr().add(rows[j] * bpr) as *const u8);
     let xp: [*const i8; NC] = std::array::from_fn(|c| xs[c].q.as_ptr());
-    let mut lanes = [[_mm_setzero_ps(); 8]; NC];
-    // Groups in rounds of eight, group base + j into lane j: the epilogue's lane order, with the
-    // lane index known at compile time so the accumulators stay in registers.
-    let mut base = 0;
-    while base < groups {
-        macro_rules! lane {
-            ($j:literal) => {
-                let g = base + $j;
-                if g < groups {
-                    let acc = if VNNI {
-                        super::avx512::group_sums_vnni::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones)
-                    } else {
-                        group_sums::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones)
-                    };
-                    // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q, four rows at once.
-                    let ws = _mm_set_epi32(
-                        w.sums[rows[3] * groups + g],
-                        w.sums[rows[2] * groups + g],
-                        w.sums[rows[1] * groups + g],
-                        w.sums[rows[0] * groups + g],
-                    );
-                    let sc = _mm_set_ps(
-                        w.scales[rows[3] * groups + g],
-                        w.scales[rows[2] * groups + g],
-                        w.scales[rows[1] * groups + g],
-                        w.scales[rows[0] * groups + g],
-                    );
-                    for c in 0..NC {
-                        let v = _mm_sub_epi32(
-                            _mm_sub_epi32(reduce4(&acc[c]), _mm_set1_epi32(8 * xs[c].sums[g])),
-                            _mm_mullo_epi32(_mm_set1_epi32(xs[c].zero), ws),
-                        );
-                        // The epilogue's order: product rounded, then added to the lane.
-                        lanes[c][$j] = _mm_add_ps(lanes[c][$j], _mm_mul_ps(_mm_cvtepi32_ps(v), sc));
-                    }
-                }
-            };
+    let zeros: [__m128i; NC] = std::array::from_fn(|c| _mm_set1_epi32(xs[c].zero));
+    let ts = w.tile_scales.as_ptr().add(t * groups * 4);
+    let tw = w.tile_sums.as_ptr().add(t * groups * 4);
+    let mut accf = [_mm_setzero_ps(); NC];
+    for g in 0..groups {
+        let acc = if VNNI {
+            super::avx512::group_sums_vnni::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones)
+        } else {
+            group_sums::<NC>(rp, xp, g * bpg, (g + 1) * bpg, m4, ones)
+        };
+        let ws = _mm_loadu_si128(tw.add(g * 4) as *const __m128i);
+        let sc = _mm_loadu_ps(ts.add(g * 4));
+        for c in 0..NC {
+            // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q, four rows at once.
+            let v = _mm_sub_epi32(
+                _mm_sub_epi32(reduce4(&acc[c]), _mm_set1_epi32(8 * *xs[c].sums.get_unchecked(g))),
+                _mm_mullo_epi32(zeros[c], ws),
+            );
+            // The epilogue's order: product rounded, then added.
+            accf[c] = _mm_add_ps(accf[c], _mm_mul_ps(_mm_cvtepi32_ps(v), sc));
         }
-        lane!(0);
-        lane!(1);
-        lane!(2);
-        lane!(3);
-        lane!(4);
-        lane!(5);
-        lane!(6);
-        lane!(7);
-        base += 8;
     }
     let b = match bias {
         Some(b) => _mm_set_ps(b[rows[3]], b[rows[2]], b[rows[1]], b[rows[0]]),
         None => _mm_setzero_ps(),
     };
     std::array::from_fn(|c| {
-        let l = &lanes[c];
-        let t = _mm_add_ps(
-            _mm_add_ps(_mm_add_ps(l[0], l[4]), _mm_add_ps(l[2], l[6])),
-            _mm_add_ps(_mm_add_ps(l[1], l[5]), _mm_add_ps(l[3], l[7])),
-        );
         let mut out = [0f32; 4];
-        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(_mm_mul_ps(t, _mm_set1_ps(xs[c].scale)), b));
+        _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(_mm_mul_ps(accf[c], _mm_set1_ps(xs[c].scale)), b));
         out
     })
 }
@@ -184,48 +155,61 @@ pub(crate) fn tile_rows(r: usize, end: usize) -> [usize; 4] {
     std::array::from_fn(|j| (r + j).min(end - 1))
 }
 
-/// W4A8 GEMV rows `rows` of `w`, in tiles of four rows (`VNNI`: the AVX-512 VNNI group sums).
+/// W4A8 GEMV rows `rows` of `w` (`rows.start` a multiple of four), tile by tile (`VNNI`: the
+/// AVX-512 VNNI group sums).
 #[inline(always)]
 pub(crate) unsafe fn gemv_rows_impl<const VNNI: bool>(
     w: &PackedQ4,
-    x: &QuantizedInput,
+    x: QRow,
     bias: Option<&[f32]>,
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
+    debug_assert!(rows.start.is_multiple_of(4));
     let (start, end) = (rows.start, rows.end);
     let mut r = start;
     while r < end {
-        let [out] = tile_q4q8::<1, VNNI>(w, tile_rows(r, end), [x], bias);
+        let [out] = tile_q4q8::<1, VNNI>(w, r / 4, [x], bias);
         let n = (end - r).min(4);
         y[r - start..r - start + n].copy_from_slice(&out[..n]);
         r += 4;
     }
 }
 
-/// W4A8 on a batch, tiles of four rows outer, inputs inner in pairs (see [`avx2_gemm_q4q8`]).
+/// W4A8 of rows `rows` (start a multiple of four) on `n_in` inputs (`x(c)` the `c`-th): output
+/// `(c, r)` goes to `y[c * cs + (r - rows.start) * rs]`. Tiles of four rows outer, inputs inner
+/// in pairs: each weight tile is read from memory once for all the inputs and unpacked once per
+/// pair.
 #[inline(always)]
-pub(crate) unsafe fn gemm_impl<const VNNI: bool>(
+pub(crate) unsafe fn gemm_impl<'a, const VNNI: bool>(
     w: &PackedQ4,
-    xs: &[QuantizedInput],
+    rows: std::ops::Range<usize>,
+    n_in: usize,
+    x: impl Fn(usize) -> QRow<'a>,
     bias: Option<&[f32]>,
     y: &mut [f32],
+    (cs, rs): (usize, usize),
 ) {
-    let mut r = 0;
-    while r < w.n {
-        let rows = tile_rows(r, w.n);
-        let n = (w.n - r).min(4);
-        let mut c = 0;
-        while c + 2 <= xs.len() {
-            let out = tile_q4q8::<2, VNNI>(w, rows, [&xs[c], &xs[c + 1]], bias);
-            for (k, o) in out.iter().enumerate() {
-                y[(c + k) * w.n + r..(c + k) * w.n + r + n].copy_from_slice(&o[..n]);
+    debug_assert!(rows.start.is_multiple_of(4));
+    let mut r = rows.start;
+    while r < rows.end {
+        let n = (rows.end - r).min(4);
+        let at = r - rows.start;
+        let mut put = |c: usize, o: &[f32; 4]| {
+            for (j, &v) in o[..n].iter().enumerate() {
+                y[c * cs + (at + j) * rs] = v;
             }
+        };
+        let mut c = 0;
+        while c + 2 <= n_in {
+            let [o0, o1] = tile_q4q8::<2, VNNI>(w, r / 4, [x(c), x(c + 1)], bias);
+            put(c, &o0);
+            put(c + 1, &o1);
             c += 2;
         }
-        if c < xs.len() {
-            let [o] = tile_q4q8::<1, VNNI>(w, rows, [&xs[c]], bias);
-            y[c * w.n + r..c * w.n + r + n].copy_from_slice(&o[..n]);
+        if c < n_in {
+            let [o] = tile_q4q8::<1, VNNI>(w, r / 4, [x(c)], bias);
+            put(c, &o);
         }
         r += 4;
     }
@@ -238,7 +222,7 @@ pub(crate) unsafe fn gemm_impl<const VNNI: bool>(
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_gemv_q4q8_rows(
     w: &PackedQ4,
-    x: &QuantizedInput,
+    x: QRow,
     bias: Option<&[f32]>,
     rows: std::ops::Range<usize>,
     y: &mut [f32],
@@ -246,16 +230,23 @@ pub unsafe fn avx2_gemv_q4q8_rows(
     gemv_rows_impl::<false>(w, x, bias, rows, y)
 }
 
-/// W4A8 on a batch: `y[c * w.n + r]` for every input `xs[c]` and every row. Tiles of four rows
-/// outer, inputs inner in pairs: each weight tile is read from memory once for the whole batch
-/// and unpacked once per pair of inputs.
+/// W4A8 of rows `rows` of `w` (start a multiple of four) on a batch of inputs: output `(c, r)`
+/// goes to `y[c * cs + (r - rows.start) * rs]` (`(w.n, 1)`: one row of outputs per input;
+/// `(1, xs.len())`: one row per output channel, as a convolution writes its `[C, H, W]` output).
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values and `y` has
-/// `xs.len() * w.n` entries.
+/// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values and every
+/// `xs[c].sums` `w.groups()`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32]) {
-    gemm_impl::<false>(w, xs, bias, y)
+pub unsafe fn avx2_gemm_q4q8(
+    w: &PackedQ4,
+    rows: std::ops::Range<usize>,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+) {
+    gemm_impl::<false>(w, rows, xs.len(), |c| xs[c], bias, y, strides)
 }
 
 /// Weight-only W4 GEMV on f32 activations, rows `rows` (see `generic_gemv_q4f32`); `x` holds

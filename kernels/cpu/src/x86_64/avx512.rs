@@ -5,7 +5,7 @@
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
 use super::avx2::{gemm_impl, gemv_rows_impl, single_block};
-use crate::generic::QuantizedInput;
+use crate::generic::QRow;
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
 
@@ -58,7 +58,7 @@ pub(crate) unsafe fn group_sums_vnni<const NC: usize>(
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 pub unsafe fn avx512_gemv_q4q8_rows(
     w: &PackedQ4,
-    x: &QuantizedInput,
+    x: QRow,
     bias: Option<&[f32]>,
     rows: std::ops::Range<usize>,
     y: &mut [f32],
@@ -69,8 +69,15 @@ pub unsafe fn avx512_gemv_q4q8_rows(
 /// W4A8 on a batch with VNNI (see `avx2_gemm_q4q8`).
 ///
 /// # Safety
-/// As [`avx512_gemv_q4q8_rows`]; every `xs[c].q` holds `w.k_pad` values, `y` `xs.len() * w.n`.
+/// As [`avx512_gemv_q4q8_rows`] and `avx2_gemm_q4q8`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-pub unsafe fn avx512_gemm_q4q8(w: &PackedQ4, xs: &[QuantizedInput], bias: Option<&[f32]>, y: &mut [f32]) {
-    gemm_impl::<true>(w, xs, bias, y)
+pub unsafe fn avx512_gemm_q4q8(
+    w: &PackedQ4,
+    rows: std::ops::Range<usize>,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+) {
+    gemm_impl::<true>(w, rows, xs.len(), |c| xs[c], bias, y, strides)
 }
