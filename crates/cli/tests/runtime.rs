@@ -32,7 +32,7 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
         "wbits=3,abits=8,group=32",
         "wbits=2,abits=8,group=channel",
     ];
-    let mut q4_layers = 0;
+    let (mut q4_layers, mut q4_convs) = (0, 0);
     for name in names {
         let model = policies().join(format!("{name}.onnx"));
         let fp = sqil::load_model(&model).unwrap();
@@ -54,8 +54,13 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             let err = w.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
             assert!(err <= PLAN_TOL, "{name} {spec}: plan vs simulation {err:.2e} (relative to max |action|)");
             let q4 = pol.plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { .. })).count();
-            eprintln!("{name:<26} {spec:<30} int4 steps {q4:>2}/{:<3} max rel diff {err:.1e}", pol.plan.steps.len());
+            let convs = pol.plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { conv: Some(_), .. })).count();
+            eprintln!(
+                "{name:<26} {spec:<30} int4 steps {q4:>2}/{:<3} (convolutions {convs}) max rel diff {err:.1e}",
+                pol.plan.steps.len()
+            );
             q4_layers += q4;
+            q4_convs += convs;
             // Artifact round trip: identical results from the stored packed weights.
             let bytes = artifact::encode(&sim, &pol.plan).unwrap();
             let dir = std::env::temp_dir().join(format!("sqil-rt-{}-{name}", std::process::id()));
@@ -103,6 +108,7 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
         }
     }
     assert!(q4_layers >= 40, "only {q4_layers} layers ran on int4 kernels");
+    assert!(q4_convs >= 8, "only {q4_convs} convolutions ran on int4 kernels");
 }
 
 /// The C ABI end to end: a C99 program (compiled `-Wall -Wextra -Werror`) loads an artifact

@@ -148,6 +148,8 @@ struct Emitter {
     libm: bool,
     /// The kernels used (`SQIL_USE_*` macros).
     uses: std::collections::BTreeSet<&'static str>,
+    /// Whether a layer loops over rows (`sqil_r` is declared).
+    row_loops: bool,
 }
 
 impl Emitter {
@@ -262,13 +264,20 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
         exact: true,
         libm: false,
         uses: Default::default(),
+        row_loops: false,
     };
     let mut qbuf = 0usize;
     let mut described = vec![];
     for &i in &live_steps {
         let step = &plan.steps[i];
         match step {
-            Step::Q4Linear { name, layer, x, y, act, w, bias, relu } => {
+            Step::Q4Linear { conv: Some(_), .. } => {
+                return Err(IrError::Unsupported(format!(
+                    "step `{}`: int4 convolutions (im2col) are not in the C back end yet",
+                    step_names[i]
+                )))
+            }
+            Step::Q4Linear { name, layer, x, y, act, w, bias, relu, conv: None } => {
                 let id = c_ident(layer);
                 let _ = writeln!(em.consts, "/* {name}: [{} x {}] int4, groups of {} */", w.n, w.k, w.group);
                 let blocks: Vec<String> = w
@@ -288,6 +297,20 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                 };
                 let xe = loc[x].expr();
                 let ye = loc[y].expr();
+                // A MatMul over [..., rows, k] (a transformer's tokens): the kernels once per row.
+                let rows = shape_of(*x)?.len() / w.k.max(1);
+                let (open, ind, close, xoff, yoff) = if rows == 1 {
+                    (String::new(), "", "", String::new(), String::new())
+                } else {
+                    (
+                        format!("for (sqil_r = 0; sqil_r < {rows}; sqil_r++) {{\n        "),
+                        "    ",
+                        "\n    }",
+                        format!(" + sqil_r * {}", w.k),
+                        format!(" + sqil_r * {}", w.n),
+                    )
+                };
+                em.row_loops |= rows > 1;
                 match act {
                     ActQuant::Int { scale, zero, lo, hi } => {
                         let sums: Vec<String> = w.sums.iter().map(|v| v.to_string()).collect();
@@ -298,9 +321,9 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         let sc = flit(*scale, name)?;
                         let _ = writeln!(
                             em.body,
-                            "    /* {name} */\n    sqil_quantize({xe}, {}, {}, {sc}, {zero}, {lo}, {hi}, sqil_qbuf);\n    \
-                             sqil_gemv_q4q8(sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, sqil_qbuf, {zero}, {sc}, \
-                             {bias_expr}, {}, {ye});",
+                            "    /* {name} */\n    {open}sqil_quantize({xe}{xoff}, {}, {}, {sc}, {zero}, {lo}, {hi}, sqil_qbuf);\n    \
+                             {ind}sqil_gemv_q4q8(sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, sqil_qbuf, {zero}, {sc}, \
+                             {bias_expr}, {}, {ye}{yoff});{close}",
                             w.k,
                             w.k_pad,
                             w.n,
@@ -315,8 +338,8 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         em.uses.insert("SQIL_USE_Q4F32");
                         let _ = writeln!(
                             em.body,
-                            "    /* {name} */\n    sqil_gemv_q4f32(sqil_w_{id}, sqil_s_{id}, {}, {}, {}, {}, {xe}, {bias_expr}, \
-                             {}, {ye});",
+                            "    /* {name} */\n    {open}sqil_gemv_q4f32(sqil_w_{id}, sqil_s_{id}, {}, {}, {}, {}, {xe}{xoff}, \
+                             {bias_expr}, {}, {ye}{yoff});{close}",
                             w.n,
                             w.k,
                             w.k_pad,
@@ -390,6 +413,9 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
         let _ = writeln!(c, "static int8_t sqil_qbuf[{qbuf}];");
     }
     let _ = writeln!(c, "\nvoid {prefix}_act({})\n{{", params.join(", "));
+    if em.row_loops {
+        c.push_str("    int32_t sqil_r;\n");
+    }
     for i in 0..in_sizes.len() {
         // `inputI` not followed by a digit (`input1` is not a use of `input10`).
         let name = format!("input{i}");

@@ -115,7 +115,13 @@ pub fn lower(policy: &Policy) -> Result<Lowered, String> {
     for (st, d) in plan.steps.iter().zip(plan.describe()) {
         let unsupported = || format!("step `{d}`: not supported by the GPU policy yet");
         match st {
-            Step::Q4Linear { x, y, act, w, bias, relu, .. } => {
+            Step::Q4Linear { conv: Some(_), .. } => return Err(unsupported()),
+            Step::Q4Linear { x, y, act, w, bias, relu, conv: None, .. } => {
+                if env[*x].as_ref().is_some_and(|t| t.len() != w.k) {
+                    return Err(format!(
+                        "step `{d}`: int4 layers over several rows (tokens) are not in the GPU policy yet"
+                    ));
+                }
                 let mut xb = buf_for(*x, &mut bufs)?;
                 if *x == in_slot && !cast_done {
                     steps.push(LStep::CastIn { y: xb, n: n_in });

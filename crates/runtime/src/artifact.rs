@@ -90,10 +90,10 @@ pub fn encode(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
 /// docs); constants that are not all-zero placeholders are left alone.
 pub fn restore_weights(g: &mut Graph, packed: &HashMap<String, PackedQ4>) -> Result<()> {
     for (layer, w) in packed {
-        let Some((c, trans_b)) = layer_weight(g, layer) else { continue };
+        let Some((c, layout)) = layer_weight(g, layer) else { continue };
         if let Op::Const(t) = &mut g.node_mut(c).op {
             if t.len() == w.n * w.k && t.data.to_f32_vec().iter().all(|&v| v == 0.0) {
-                *t = Tensor::from_f32(t.shape.clone(), dequantized_weight(w, trans_b))?;
+                *t = Tensor::from_f32(t.shape.clone(), dequantized_weight(w, layout))?;
             }
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod artifact;
 pub mod capi;
+pub mod conv;
 pub mod plan;
 
 pub use plan::{Plan, Step, PLAN_TOL};

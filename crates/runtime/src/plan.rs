@@ -13,6 +13,7 @@
 //! dequantized f32 products, so outputs differ by f32 summation error ([`PLAN_TOL`] names the
 //! budget the tests hold every policy to).
 
+use crate::conv::{conv_geometry, conv_weight, Im2col};
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::{Op, UnaryOp};
 use sqil_ir::{Graph, IrError, NodeId, Result, Tensor, ValueRef};
@@ -41,6 +42,8 @@ pub enum ActQuant {
 
 #[derive(Clone, Debug)]
 pub enum Step {
+    /// A linear map on packed int4 weights: a GEMV (GEMM for a batch), or with `conv` a
+    /// convolution lowered through int8 im2col (`conv.rs`; int8 activations only).
     Q4Linear {
         name: String,
         /// The layer's output value name: the key of its packed weights in an artifact.
@@ -51,6 +54,7 @@ pub enum Step {
         w: PackedQ4,
         bias: Option<Vec<f32>>,
         relu: bool,
+        conv: Option<Box<Im2col>>,
     },
     Op {
         node: NodeId,
@@ -161,30 +165,72 @@ fn act_quant(g: &Graph, x: ValueRef) -> Option<(ValueRef, ActQuant)> {
 }
 
 /// A Q4-eligible layer: input value before any activation quantizer, its quantizer, packed
-/// weight, bias.
-type Q4Layer = (ValueRef, ActQuant, PackedQ4, Option<Vec<f32>>);
+/// weight, bias, and for a convolution its im2col.
+#[derive(Clone)]
+struct Q4Layer {
+    x: ValueRef,
+    act: ActQuant,
+    w: PackedQ4,
+    bias: Option<Vec<f32>>,
+    conv: Option<Box<Im2col>>,
+}
+
+/// A packed layer's shape with no data (the caller swaps in stored weights).
+fn shape_only(n: usize, k: usize, group: usize) -> PackedQ4 {
+    let k_pad = k.div_ceil(32) * 32;
+    PackedQ4::from_parts(n, k, k_pad, if group == 0 { k_pad } else { group }, vec![], vec![], vec![])
+}
+
+/// The constant bias at input 2 of node `n`: `Ok(None)` when absent, `Err(())` when not constant.
+fn const_bias(g: &Graph, n: NodeId) -> std::result::Result<Option<Vec<f32>>, ()> {
+    match g.inputs_of(n).get(2).copied().flatten() {
+        Some(b) => g.const_value(b).map(|t| Some(t.data.to_f32_vec())).ok_or(()),
+        None => Ok(None),
+    }
+}
+
+/// The Q4 convolution at Conv node `n`, if it is one: int8 activations (per-tensor, zero point
+/// inside int8), a 2-4 bit weight whose scales fit the packed groups, static geometry.
+fn q4_conv(g: &Graph, n: NodeId, c: &sqil_ir::ops::ConvAttrs, stored: bool) -> Result<Option<Q4Layer>> {
+    let ins = g.inputs_of(n);
+    let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
+    let Ok(bias) = const_bias(g, n) else { return Ok(None) };
+    let Some((xq, act)) = act_quant(g, x) else { return Ok(None) };
+    if !matches!(act, ActQuant::Int { zero, .. } if (-128..=127).contains(&zero)) {
+        return Ok(None);
+    }
+    let Some(im) = conv_geometry(g, c, x, w) else { return Ok(None) };
+    let Some((q, scales, nn, k, group)) = conv_weight(g, w, stored)? else { return Ok(None) };
+    if bias.as_ref().is_some_and(|b| b.len() != nn) || k != im.taps * im.channels {
+        return Ok(None);
+    }
+    let packed = if stored {
+        shape_only(nn, k, group)
+    } else {
+        PackedQ4::pack(&q, &scales, nn, k, group).map_err(IrError::Internal)?
+    };
+    Ok(Some(Q4Layer { x: xq, act, w: packed, bias, conv: Some(Box::new(im)) }))
+}
 
 /// The Q4 layer at node `n`, if it is one.
 fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
     let ins = g.inputs_of(n);
-    let (trans_b, bias) = match g.node(n).op {
-        Op::Gemm { alpha, beta, trans_a: false, trans_b }
+    let (trans_b, bias) = match &g.node(n).op {
+        Op::Conv(c) => return q4_conv(g, n, c, stored),
+        &Op::Gemm { alpha, beta, trans_a: false, trans_b }
             if alpha == 1.0 && (beta == 1.0 || ins.get(2).copied().flatten().is_none()) =>
         {
-            let bias = match ins.get(2).copied().flatten() {
-                Some(b) => match g.const_value(b) {
-                    Some(t) => Some(t.data.to_f32_vec()),
-                    None => return Ok(None),
-                },
-                None => None,
-            };
+            let Ok(bias) = const_bias(g, n) else { return Ok(None) };
             (trans_b, bias)
         }
         Op::MatMul => (false, None),
         _ => return Ok(None),
     };
     let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
-    if g.value(x).ty.rank() != 2 {
+    // Gemm takes [rows, k]; MatMul any [..., rows, k] (a transformer's [batch, tokens, d]),
+    // run as one batch of rows.
+    let rank = g.value(x).ty.rank();
+    if rank < 2 || (rank != 2 && !matches!(g.node(n).op, Op::MatMul)) {
         return Ok(None);
     }
     let Some((q, scales, nn, k, group)) = q4_weight(g, w, trans_b, stored)? else { return Ok(None) };
@@ -193,23 +239,37 @@ fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
     }
     // With stored weights only the shape is needed here (the caller swaps them in).
     let packed = if stored {
-        let k_pad = k.div_ceil(32) * 32;
-        PackedQ4::from_parts(nn, k, k_pad, if group == 0 { k_pad } else { group }, vec![], vec![], vec![])
+        shape_only(nn, k, group)
     } else {
         PackedQ4::pack(&q, &scales, nn, k, group).map_err(IrError::Internal)?
     };
     let (x, act) = act_quant(g, x).unwrap_or((x, ActQuant::Float));
-    Ok(Some((x, act, packed, bias)))
+    Ok(Some(Q4Layer { x, act, w: packed, bias, conv: None }))
+}
+
+/// How a planned int4 layer's packed rows map to its float weight constant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[n, k]` (Gemm `trans_b`).
+    Nk,
+    /// `[k, n]` (MatMul, Gemm without `trans_b`).
+    Kn,
+    /// A Conv weight `[n, channels, kernel...]`, packed in `(tap, channel)` order.
+    Conv { channels: usize },
 }
 
 /// The float weight behind a planned int4 layer (named by its output value): the Const node
-/// feeding the layer's weight FakeQuant and whether it is stored `[n, k]` (Gemm `trans_b`), if
-/// that constant serves only this layer (so an artifact may store it packed only).
-pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, bool)> {
+/// feeding the layer's weight FakeQuant and its layout, if that constant serves only this layer
+/// (so an artifact may store it packed only).
+pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, WeightLayout)> {
     let n = g.find_value(layer)?.node;
-    let trans_b = match g.node(n).op {
-        Op::Gemm { trans_b, .. } => trans_b,
-        Op::MatMul => false,
+    let layout = match g.node(n).op {
+        Op::Gemm { trans_b: true, .. } => WeightLayout::Nk,
+        Op::Gemm { trans_b: false, .. } | Op::MatMul => WeightLayout::Kn,
+        Op::Conv(_) => {
+            let w = g.inputs_of(n).get(1).copied().flatten()?;
+            WeightLayout::Conv { channels: g.value(w).ty.shape.get(1)?.known()? }
+        }
         _ => return None,
     };
     let fq = g.inputs_of(n).get(1).copied().flatten()?;
@@ -217,12 +277,16 @@ pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, bool)> {
         return None;
     }
     let c = g.inputs_of(fq.node).first().copied().flatten()?;
-    (matches!(g.node(c.node).op, Op::Const(_)) && g.uses_of(c).len() == 1).then_some((c.node, trans_b))
+    (matches!(g.node(c.node).op, Op::Const(_)) && g.uses_of(c).len() == 1).then_some((c.node, layout))
 }
 
 /// The dequantized weights `q * scale` of a packed layer in the graph's layout: FakeQuant of them
 /// gives back exactly the same values (|q| <= 8, so `q * s / s` rounds to `q`).
-pub fn dequantized_weight(w: &PackedQ4, trans_b: bool) -> Vec<f32> {
+pub fn dequantized_weight(w: &PackedQ4, layout: WeightLayout) -> Vec<f32> {
+    let trans_b = match layout {
+        WeightLayout::Conv { channels } => return crate::conv::dequantized_conv_weight(w, channels),
+        l => l == WeightLayout::Nk,
+    };
     let groups = w.groups();
     let mut out = vec![0f32; w.n * w.k];
     for r in 0..w.n {
@@ -232,6 +296,42 @@ pub fn dequantized_weight(w: &PackedQ4, trans_b: bool) -> Vec<f32> {
         }
     }
     out
+}
+
+/// A plan's constants by slot.
+type Consts = Vec<(usize, Tensor)>;
+
+/// Evaluates once, at planning time, every reference step whose inputs are all constants (the
+/// FakeQuant of a weight no int4 kernel absorbed, a shape computation): their results become
+/// constants and the steps disappear. Constants no remaining step reads are dropped.
+fn fold_constants(steps: Vec<Step>, consts: Consts, outputs: &[usize]) -> Result<(Vec<Step>, Consts)> {
+    let mut known: HashMap<usize, Tensor> = consts.into_iter().collect();
+    let mut kept = vec![];
+    for step in steps {
+        if let Step::Op { node, name, op, inputs, outputs } = &step {
+            if inputs.iter().flatten().all(|s| known.contains_key(s)) {
+                let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| known.get(&s))).collect();
+                let res = op
+                    .eval(&args, outputs.len())
+                    .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
+                known.extend(outputs.iter().copied().zip(res));
+                continue;
+            }
+        }
+        kept.push(step);
+    }
+    let mut read: std::collections::HashSet<usize> = outputs.iter().copied().collect();
+    for step in &kept {
+        match step {
+            Step::Q4Linear { x, .. } => {
+                read.insert(*x);
+            }
+            Step::Op { inputs, .. } => read.extend(inputs.iter().flatten()),
+        }
+    }
+    let mut consts: Consts = known.into_iter().filter(|(s, _)| read.contains(s)).collect();
+    consts.sort_by_key(|(s, _)| *s);
+    Ok((kept, consts))
 }
 
 impl Plan {
@@ -258,13 +358,13 @@ impl Plan {
             let key = &g.node(n).outputs[0].name;
             if let Some(mut l) = q4_layer(g, n, packed.contains_key(key))? {
                 if let Some(p) = packed.get(key) {
-                    if (p.n, p.k, p.group) != (l.2.n, l.2.k, l.2.group) {
+                    if (p.n, p.k, p.group) != (l.w.n, l.w.k, l.w.group) {
                         return Err(IrError::Invalid(format!(
                             "layer `{key}`: stored weights are [{} x {}] g{}, the graph's [{} x {}] g{}",
-                            p.n, p.k, p.group, l.2.n, l.2.k, l.2.group
+                            p.n, p.k, p.group, l.w.n, l.w.k, l.w.group
                         )));
                     }
-                    l.2 = p.clone();
+                    l.w = p.clone();
                 }
                 q4.insert(n, l);
             }
@@ -299,34 +399,37 @@ impl Plan {
             if let Some(&layer) = fused_relu.get(&n) {
                 // The layer writes the ReLU's output directly.
                 needed.insert(layer);
-                let (x, act, w, bias) = q4[&layer].clone();
-                needed.insert(x.node);
+                let l = q4[&layer].clone();
+                needed.insert(l.x.node);
                 steps_rev.push(Step::Q4Linear {
                     name: g.node(layer).name.clone(),
                     layer: g.node(layer).outputs[0].name.clone(),
-                    x: slot_of(x, &mut slot),
+                    x: slot_of(l.x, &mut slot),
                     y: slot_of(ValueRef { node: n, slot: 0 }, &mut slot),
-                    act,
-                    w,
-                    bias,
+                    act: l.act,
+                    w: l.w,
+                    bias: l.bias,
                     relu: true,
+                    conv: l.conv,
                 });
                 continue;
             }
-            if let Some((x, act, w, bias)) = q4.get(&n) {
+            if let Some(l) = q4.get(&n) {
                 if fused_relu.values().any(|&l| l == n) {
                     continue; // emitted with its ReLU
                 }
-                needed.insert(x.node);
+                let l = l.clone();
+                needed.insert(l.x.node);
                 steps_rev.push(Step::Q4Linear {
                     name: node.name.clone(),
                     layer: node.outputs[0].name.clone(),
-                    x: slot_of(*x, &mut slot),
+                    x: slot_of(l.x, &mut slot),
                     y: slot_of(ValueRef { node: n, slot: 0 }, &mut slot),
-                    act: act.clone(),
-                    w: w.clone(),
-                    bias: bias.clone(),
+                    act: l.act,
+                    w: l.w,
+                    bias: l.bias,
                     relu: false,
+                    conv: l.conv,
                 });
                 continue;
             }
@@ -348,9 +451,10 @@ impl Plan {
             .iter()
             .map(|&i| (g.node(i).outputs[0].name.clone(), slot_of(ValueRef { node: i, slot: 0 }, &mut slot)))
             .collect();
-        let outputs = g.outputs.iter().map(|&o| slot_of(o, &mut slot)).collect();
+        let outputs: Vec<usize> = g.outputs.iter().map(|&o| slot_of(o, &mut slot)).collect();
+        let (steps, consts) = fold_constants(steps_rev, consts, &outputs)?;
         let output_names = g.outputs.iter().map(|&o| g.value(o).name.clone()).collect();
-        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps: steps_rev })
+        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps })
     }
 
     /// Names and kinds of the steps (for reports).
@@ -358,8 +462,9 @@ impl Plan {
         self.steps
             .iter()
             .map(|s| match s {
-                Step::Q4Linear { name, act, w, relu, .. } => format!(
-                    "{name}: q4 {} [{} x {}] g{}{}",
+                Step::Q4Linear { name, act, w, relu, conv, .. } => format!(
+                    "{name}: q4 {}{} [{} x {}] g{}{}",
+                    if conv.is_some() { "conv im2col " } else { "" },
                     if matches!(act, ActQuant::Float) { "x f32" } else { "x int" },
                     w.n,
                     w.k,
@@ -406,16 +511,44 @@ impl Plan {
         }
         for step in &self.steps {
             match step {
-                Step::Q4Linear { name, x, y, act, w, bias, relu, .. } => {
+                Step::Q4Linear { name, x, y, act, w, bias, relu, conv: Some(im), .. } => {
                     let xt =
                         env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
-                    if xt.rank() != 2 || xt.shape[1] != w.k {
+                    let per = im.channels * im.input_len();
+                    let ActQuant::Int { scale, zero, lo, hi } = *act else {
+                        return Err(IrError::Internal(format!("{name}: a Q4 convolution needs int activations")));
+                    };
+                    if xt.rank() != im.input.len() + 2 || xt.shape[1..] != [&[im.channels][..], &im.input].concat() {
                         return Err(IrError::Invalid(format!(
-                            "{name}: input {:?}, expected [batch, {}]",
+                            "{name}: input {:?}, expected [batch, {}, {:?}]",
+                            xt.shape, im.channels, im.input
+                        )));
+                    }
+                    let images = xt.len() / per.max(1);
+                    let out = crate::conv::run(
+                        im,
+                        w,
+                        &xt.data.f32_cow(),
+                        images,
+                        (scale, zero, lo, hi),
+                        bias.as_deref(),
+                        *relu,
+                        threads,
+                    );
+                    let mut shape = vec![images, w.n];
+                    shape.extend(&im.output);
+                    env[*y] = Some(Cow::Owned(Tensor::from_f32(shape, out)?));
+                }
+                Step::Q4Linear { name, x, y, act, w, bias, relu, conv: None, .. } => {
+                    let xt =
+                        env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
+                    if xt.rank() < 2 || xt.shape[xt.rank() - 1] != w.k {
+                        return Err(IrError::Invalid(format!(
+                            "{name}: input {:?}, expected [..., rows, {}]",
                             xt.shape, w.k
                         )));
                     }
-                    let rows = xt.shape[0];
+                    let rows = xt.len() / w.k.max(1);
                     let xv = xt.data.f32_cow();
                     let mut out = vec![0f32; rows * w.n];
                     match act {
@@ -439,7 +572,9 @@ impl Plan {
                     if *relu {
                         out.iter_mut().for_each(|v| *v = v.max(0.0));
                     }
-                    env[*y] = Some(Cow::Owned(Tensor::from_f32(vec![rows, w.n], out)?));
+                    let mut shape = xt.shape.clone();
+                    *shape.last_mut().expect("rank >= 2") = w.n;
+                    env[*y] = Some(Cow::Owned(Tensor::from_f32(shape, out)?));
                 }
                 Step::Op { node, name, op, inputs, outputs } => {
                     let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();

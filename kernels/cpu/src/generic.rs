@@ -265,11 +265,7 @@ pub fn quantize_input_into(
     out.q.resize(w.k_pad, 0);
     let (lo, hi) = (lo.max(-128) as f32, hi.min(127) as f32);
     for (d, &v) in out.q.iter_mut().zip(x) {
-        // Values beyond 2^22 clamp to lo or hi whatever their rounding: bounding them first keeps
-        // the loop on the add-magic rounding (the fallback's libm call vectorizes into one call
-        // per lane, half the time of a batch-64 run). NaN stays NaN and casts to 0, as before.
-        let t = (v / scale).clamp(-4_194_304.0, 4_194_304.0);
-        *d = (round_even_small(t) + zero as f32).clamp(lo, hi) as i8;
+        *d = quantize_i8(v, scale, zero as f32, lo, hi);
     }
     // Padding holds q = 0 against zero weights: it adds nothing to any sum the kernels use
     // (they subtract zero * the group's weight sum, which excludes padding).
@@ -277,6 +273,17 @@ pub fn quantize_input_into(
     out.sums.extend(out.q.chunks(w.group).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
     out.zero = zero;
     out.scale = scale;
+}
+
+/// One value quantized as FakeQuant does: `clamp(round_half_even(v / scale) + zero, lo, hi)`,
+/// `lo` and `hi` within int8.
+#[inline]
+pub fn quantize_i8(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> i8 {
+    // Values beyond 2^22 clamp to lo or hi whatever their rounding: bounding them first keeps
+    // the loop on the add-magic rounding (the fallback's libm call vectorizes into one call per
+    // lane, half the time of a batch-64 run). NaN stays NaN and casts to 0.
+    let t = (v / scale).clamp(-4_194_304.0, 4_194_304.0);
+    (round_even_small(t) + zero).clamp(lo, hi) as i8
 }
 
 /// Round half to even without the libm call of `f32::round_ties_even` on baseline x86-64
