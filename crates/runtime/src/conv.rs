@@ -163,10 +163,29 @@ struct Scratch {
     rows: Vec<i8>,
     /// Their group sums, `[out positions, groups]`.
     sums: Vec<i32>,
+    /// Per input position, sums of its channels in blocks of the group size.
+    bsums: Vec<i32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// `dst.copy_from_slice(src)`, with the usual channel counts at a length known when compiled
+/// (a few vector moves instead of a `memcpy` call per run).
+#[inline]
+fn copy_run(dst: &mut [i8], src: &[i8]) {
+    fn fixed<const N: usize>(dst: &mut [i8], src: &[i8]) {
+        for (d, s) in dst.chunks_exact_mut(N).zip(src.chunks_exact(N)) {
+            let d: &mut [i8; N] = d.try_into().expect("N");
+            *d = s.try_into().expect("N");
+        }
+    }
+    match dst.len() {
+        n if n % 32 == 0 => fixed::<32>(dst, src),
+        n if n % 16 == 0 => fixed::<16>(dst, src),
+        _ => dst.copy_from_slice(src),
+    }
 }
 
 /// Runs a Q4 convolution on `images` images `x` (`[N, C, input...]`, f32) with the int8 input
@@ -190,6 +209,7 @@ pub(crate) fn run(
         s.image.resize(il * ch, 0);
         s.rows.resize(ol * w.k_pad, 0);
         s.sums.resize(ol * groups, 0);
+        s.bsums.resize(il * ch, 0);
         let (zf, lof, hif) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
         for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
             // Quantize once (plane by plane, contiguous), then transpose to channels innermost.
@@ -201,24 +221,48 @@ pub(crate) fn run(
                     *d = s.planes[c * il + p];
                 }
             }
-            // Gather each output position's window: `taps` runs of C bytes, padding = zero
-            // point (adds nothing: the kernels sum (x - zero) * w), k_pad tail = 0 against zero
-            // weights.
-            let pad = zero.clamp(-128, 127) as i8;
-            for (o, row) in s.rows.chunks_exact_mut(w.k_pad).enumerate() {
-                for t in 0..im.taps {
-                    let dst = &mut row[t * ch..(t + 1) * ch];
-                    match im.table[t * ol + o] {
-                        u32::MAX => dst.fill(pad),
-                        p => dst.copy_from_slice(&s.image[p as usize * ch..(p as usize + 1) * ch]),
-                    }
-                }
-                row[w.k..].fill(0);
-            }
-            for (row, sums) in s.rows.chunks_exact(w.k_pad).zip(s.sums.chunks_exact_mut(groups)) {
-                for (sum, part) in sums.iter_mut().zip(row.chunks_exact(w.group)) {
+            // Sums of each position's channels in blocks of the group size (the whole row's
+            // channels when the weight has one scale per output channel).
+            let gs = if w.group >= w.k_pad { ch } else { w.group };
+            let nb = ch / gs;
+            for (px, bs) in s.image.chunks_exact(ch).zip(s.bsums.chunks_exact_mut(nb)) {
+                for (sum, part) in bs.iter_mut().zip(px.chunks_exact(gs)) {
                     *sum = part.iter().map(|&v| v as i32).sum();
                 }
+            }
+            // Gather each output position's window: `taps` runs of C bytes, padding = zero
+            // point (adds nothing: the kernels sum (x - zero) * w), k_pad tail = 0 against zero
+            // weights. The group sums come from the position sums (the tail adds nothing).
+            let pad = zero.clamp(-128, 127) as i8;
+            let per_channel = groups == 1 && nb * im.taps > 1;
+            for (o, (row, sums)) in s.rows.chunks_exact_mut(w.k_pad).zip(s.sums.chunks_exact_mut(groups)).enumerate() {
+                let mut total = 0;
+                for t in 0..im.taps {
+                    let dst = &mut row[t * ch..(t + 1) * ch];
+                    let blocks = match im.table[t * ol + o] {
+                        u32::MAX => {
+                            dst.fill(pad);
+                            None
+                        }
+                        p => {
+                            let p = p as usize;
+                            copy_run(dst, &s.image[p * ch..(p + 1) * ch]);
+                            Some(&s.bsums[p * nb..(p + 1) * nb])
+                        }
+                    };
+                    for b in 0..nb {
+                        let v = blocks.map_or(pad as i32 * gs as i32, |bs| bs[b]);
+                        if per_channel {
+                            total += v;
+                        } else {
+                            sums[t * nb + b] = v;
+                        }
+                    }
+                }
+                if per_channel {
+                    sums[0] = total;
+                }
+                row[w.k..].fill(0);
             }
             let xs: Vec<QRow> = s
                 .rows

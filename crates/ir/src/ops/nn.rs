@@ -347,9 +347,15 @@ pub(crate) fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Resu
         for i in 0..inner {
             let at = |j: usize| o * dim * inner + j * inner + i;
             let m = (0..dim).map(|j| v[at(j)]).fold(f64::NEG_INFINITY, f64::max);
-            let s: f64 = (0..dim).map(|j| (v[at(j)] - m).exp()).sum();
+            // Each exponential once: kept in `out`, then divided by their sum.
+            let mut s = 0f64;
             for j in 0..dim {
-                out[at(j)] = if log { v[at(j)] - m - s.ln() } else { (v[at(j)] - m).exp() / s };
+                let e = (v[at(j)] - m).exp();
+                out[at(j)] = e;
+                s += e;
+            }
+            for j in 0..dim {
+                out[at(j)] = if log { v[at(j)] - m - s.ln() } else { out[at(j)] / s };
             }
         }
     }
