@@ -216,3 +216,117 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
 
 SQIL_Q4_GEMV_ROWS(2)
 SQIL_Q4_GEMV_ROWS(4)
+
+// Split-K over the warps of a block: the block's S warps share R rows, warp s taking every S-th
+// step of 32 chunks, so each lane keeps R weight loads in flight (one per row) and loads its
+// activations once for the R rows, while the launch still has about one warp per row in total.
+// Partial sums meet in shared memory and warp 0 adds them in warp order (a fixed order, so
+// results repeat bit for bit; they differ from the one-row kernels' by summation order only).
+template <int B, int R, int S>
+__device__ __forceinline__ void q4_gemv_split_impl(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
+                                                   const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
+                                                   sqil_half *__restrict__ y, int n, int k, int batch, int gshift,
+                                                   int relu)
+{
+    __shared__ float part[S][R][B];
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * R;
+    const int chunks = k >> 5;
+    float acc[R][B];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            acc[r][b] = 0.0f;
+        }
+    }
+    for (int c = lane + 32 * warp; c < chunks; c += 32 * S) {
+        uint4 q[R];
+        float sc[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = min(row0 + r, n - 1);
+            q[r] = __ldg(w + (size_t)row * chunks + c);
+            sc[r] = h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (c >> gshift)]);
+        }
+        uint4 xv[B][4];
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                xv[b][i] = b < batch ? __ldg(reinterpret_cast<const uint4 *>(x + (size_t)b * k + (size_t)c * 32) + i)
+                                     : make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const unsigned int words[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
+#pragma unroll
+            for (int b = 0; b < B; b++) {
+                float p = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    sqil_half2 wv[4];
+                    q4_unpack_word(words[i], wv);
+                    p += q4_dot8(wv, xv[b][i]);
+                }
+                acc[r][b] += p * sc[r];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            float v = acc[r][b];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            }
+            if (lane == 0) {
+                part[warp][r][b] = v;
+            }
+        }
+    }
+    __syncthreads();
+    if (warp == 0 && lane < R * B) {
+        const int r = lane / B, b = lane % B;
+        const int row = row0 + r;
+        if (row < n && b < batch) {
+            float v = 0.0f;
+#pragma unroll
+            for (int s = 0; s < S; s++) {
+                v += part[s][r][b];
+            }
+            if (bias != nullptr) {
+                v += h_to_f(bias[row]);
+            }
+            if (relu && v < 0.0f) {
+                v = 0.0f;
+            }
+            y[(size_t)b * n + row] = f_to_h(v);
+        }
+    }
+}
+
+// Instances sqil_q4_gemv_s{S}_r{R}_b{B}: S warps per block (32 * S threads) on R rows.
+#define SQIL_Q4_GEMV_SPLIT(B, R, S)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * S) sqil_q4_gemv_s##S##_r##R##_b##B(                          \
+        const uint4 *__restrict__ w, const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,      \
+        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch, int gshift,      \
+        int relu)                                                                                                  \
+    {                                                                                                              \
+        q4_gemv_split_impl<B, R, S>(w, scales, x, bias, y, n, k, batch, gshift, relu);                             \
+    }
+
+// The host's picks (four warps; four rows, or two for batch-1 rows longer than 4096), and the
+// shapes `sqil-cuda-bench explore` compares them with.
+SQIL_Q4_GEMV_SPLIT(1, 4, 4)
+SQIL_Q4_GEMV_SPLIT(1, 2, 4)
+SQIL_Q4_GEMV_SPLIT(2, 4, 4)
+SQIL_Q4_GEMV_SPLIT(4, 4, 4)
+SQIL_Q4_GEMV_SPLIT(1, 4, 2)
+SQIL_Q4_GEMV_SPLIT(1, 8, 4)
+SQIL_Q4_GEMV_SPLIT(1, 4, 8)
+SQIL_Q4_GEMV_SPLIT(4, 2, 4)

@@ -25,6 +25,7 @@ pub const SOURCES: &[(&str, &str)] = &[
         "policy_ops.cu",
         concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/policy_ops.cu")),
     ),
+    ("bench.cu", include_str!("../../../kernels/cuda/bench.cu")),
 ];
 
 /// The kernel files as written (for the standalone `.cu` emitter in sqil-codegen, which includes
@@ -268,21 +269,26 @@ impl Gpu {
         if x.len() < batch * w.k || y.len() < batch * w.n {
             return Err(format!("q4_gemv: buffers too small for [{batch}, {}] x [{}, {}]", w.k, w.n, w.k));
         }
-        // Batches 2 to 4: four rows per warp with x in registers (measured faster on an H200);
-        // batch 1 and 5-16: one row per warp, four chunks in flight per lane.
-        let multi = (2..=4).contains(&b);
-        let f = if multi {
-            self.function(&format!("sqil_q4_gemv_r4_b{b}"))?
+        // Measured on an H200 (docs/cuda.md, `sqil-cuda-bench explore`): rows of at least 4096
+        // weights run split-K over the four warps of a block, four rows per block (two when k >
+        // 4096), batches up to 4; shorter rows, batches 2 to 4: four rows per warp with x in
+        // registers; otherwise (and batches 5-16) one row per warp.
+        let split = w.k >= 4096 && b <= 4;
+        let (name, rows_per_block, threads) = if split {
+            let r = if w.k <= 4096 || b > 1 { 4 } else { 2 };
+            (format!("sqil_q4_gemv_s4_r{r}_b{b}"), r as u32, 128)
+        } else if (2..=4).contains(&b) {
+            (format!("sqil_q4_gemv_r4_b{b}"), 16, 128)
         } else {
-            self.function(&format!("sqil_q4_gemv_b{b}"))?
+            (format!("sqil_q4_gemv_b{b}"), 4, 128)
         };
+        let f = self.function(&name)?;
         let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
         let gshift = (w.group / 32).trailing_zeros() as i32;
         let relu = relu as i32;
-        let rows_per_block = if multi { 16u32 } else { 4u32 };
         let cfg = LaunchConfig {
             grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         let null = 0u64;

@@ -3,6 +3,9 @@
 //! ```text
 //! sqil-cuda-bench check [--small]  # every kernel instance vs the CPU reference (exit 1 on failure)
 //! sqil-cuda-bench gemv [--iters N] # int4 GEMV vs cuBLAS FP16, batch 1/4/16, L2 flushed: JSON lines
+//! sqil-cuda-bench explore [--iters N]
+//!                                  # batch-1 GEMV variants (chunks in flight, L1 policy, rows per
+//!                                  # warp, block size) and cuBLAS, L2 flushed by memset and by reads
 //! sqil-cuda-bench vla [--layers L] # Llama-style decoder linears (hidden 4096, MLP 11008), batch 1
 //! sqil-cuda-bench policy ARTIFACT STATES.npy [--iters N]
 //!                                  # a compiled policy on the GPU (CUDA graph) vs the CPU runtime
@@ -10,7 +13,7 @@
 //! Without a driver or device it prints why and exits 0 (nothing to measure here).
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
 use sqil_cuda::{dequantize, pack, DeviceQ4, Gpu, HostQ4, GROUP};
 
@@ -53,7 +56,7 @@ fn err<E: std::fmt::Debug>(e: E) -> String {
 fn check(gpu: &Gpu, small: bool) -> Result<bool, String> {
     let mut ok = true;
     let shapes: &[(usize, usize)] = if small {
-        &[(1, 128), (3, 256), (37, 200), (256, 15)]
+        &[(1, 128), (3, 256), (37, 200), (256, 15), (5, 4096), (3, 8192)]
     } else {
         &[(1, 128), (3, 256), (37, 200), (256, 15), (4096, 4096), (1000, 11008)]
     };
@@ -96,13 +99,36 @@ fn check(gpu: &Gpu, small: bool) -> Result<bool, String> {
     Ok(ok)
 }
 
+/// How the L2 is emptied of a kernel's data before each timed call.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Flush {
+    /// A 512 MiB memset: the L2 is left full of dirty lines, whose write-back competes with the
+    /// timed kernel's reads.
+    Memset,
+    /// A kernel reading 512 MiB: the L2 is left holding clean lines.
+    Read,
+}
+
 /// Times `f` `iters` times with CUDA events, the L2 flushed (a 512 MiB memset) before each.
 fn time_flushed(
     gpu: &Gpu,
     flush: &mut CudaSlice<u8>,
     iters: usize,
+    f: impl FnMut() -> Result<(), String>,
+) -> Result<f64, String> {
+    time_with(gpu, flush, Flush::Memset, iters, f)
+}
+
+/// [`time_flushed`] with a choice of flush.
+fn time_with(
+    gpu: &Gpu,
+    flush: &mut CudaSlice<u8>,
+    how: Flush,
+    iters: usize,
     mut f: impl FnMut() -> Result<(), String>,
 ) -> Result<f64, String> {
+    let reader = gpu.function("sqil_flush_read")?;
+    let mut sink = gpu.stream.alloc_zeros::<u32>(1).map_err(err)?;
     let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(err)?;
     let end = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(err)?;
     for _ in 0..3 {
@@ -110,7 +136,17 @@ fn time_flushed(
     }
     let mut times = vec![];
     for _ in 0..iters {
-        gpu.stream.memset_zeros(flush).map_err(err)?;
+        match how {
+            Flush::Memset => gpu.stream.memset_zeros(flush).map_err(err)?,
+            Flush::Read => {
+                let words = (flush.len() / 16) as u64;
+                let cfg = LaunchConfig { grid_dim: (132 * 8, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let mut l = gpu.stream.launch_builder(&reader);
+                l.arg(&*flush).arg(&words).arg(&mut sink);
+                // SAFETY: the kernel reads `words` 16-byte words of `flush` and may write one u32.
+                unsafe { l.launch(cfg) }.map_err(err)?;
+            }
+        }
         start.record(&gpu.stream).map_err(err)?;
         f()?;
         end.record(&gpu.stream).map_err(err)?;
@@ -176,6 +212,98 @@ fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
                 bytes16 / t16 / 1e9,
                 t16 / t4
             );
+        }
+    }
+    Ok(())
+}
+
+/// Launches a GEMV instance by name on `batch` inputs: `rows_per_block` rows per block of
+/// `threads` threads.
+#[allow(clippy::too_many_arguments)]
+fn launch_variant(
+    gpu: &Gpu,
+    name: &str,
+    rows_per_block: u32,
+    threads: u32,
+    w: &DeviceQ4,
+    x: &CudaSlice<f16>,
+    y: &mut CudaSlice<f16>,
+    batch: usize,
+) -> Result<(), String> {
+    let f = gpu.function(name)?;
+    let (n, k, bt, relu) = (w.n as i32, w.k as i32, batch as i32, 0i32);
+    let gshift = (w.group / 32).trailing_zeros() as i32;
+    let cfg = LaunchConfig {
+        grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let null = 0u64;
+    let mut l = gpu.stream.launch_builder(&f);
+    l.arg(&w.words).arg(&w.scales).arg(x).arg(&null).arg(y).arg(&n).arg(&k).arg(&bt).arg(&gshift).arg(&relu);
+    // SAFETY: every GEMV instance takes these parameters; x holds k values, y n.
+    unsafe { l.launch(cfg) }.map(|_| ()).map_err(err)
+}
+
+/// Batch-1 GEMV variants against the default kernel and cuBLAS, under both flushes: one JSON
+/// line per (shape, flush, variant), each variant's outputs checked equal to the default's.
+fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), String> {
+    let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
+    let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
+    let peak = peak_bw(&gpu.name);
+    // (entry point, rows per block, threads per block, batch)
+    let variants: &[(&str, u32, u32, usize)] = &[
+        ("sqil_q4_gemv_b1", 4, 128, 1),
+        ("sqil_q4_gemv_s4_r4_b1", 4, 128, 1),
+        ("sqil_q4_gemv_s2_r4_b1", 4, 64, 1),
+        ("sqil_q4_gemv_s4_r2_b1", 2, 128, 1),
+        ("sqil_q4_gemv_s4_r8_b1", 8, 128, 1),
+        ("sqil_q4_gemv_s8_r4_b1", 4, 256, 1),
+        ("sqil_q4_gemv_r4_b4", 16, 128, 4),
+        ("sqil_q4_gemv_s4_r4_b4", 4, 128, 4),
+        ("sqil_q4_gemv_s4_r2_b4", 2, 128, 4),
+    ];
+    for &(n, k) in &[(4096usize, 4096usize), (11008, 4096), (4096, 11008), (8192, 8192)] {
+        let w = random_q4(n, k, 42);
+        let dw: DeviceQ4 = gpu.upload(&w)?;
+        let dwf = gpu.stream.alloc_zeros::<f16>(n * k).map_err(err)?;
+        let x: Vec<f16> = (0..4 * k).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
+        let dx = gpu.stream.clone_htod(&x).map_err(err)?;
+        let mut dy = gpu.stream.alloc_zeros::<f16>(4 * n).map_err(err)?;
+        // The CPU reference of every variant's outputs (batch 4; batch 1 is its first row).
+        let wd = dequantize(&w);
+        let want: Vec<f32> = (0..4 * n)
+            .map(|i| {
+                let (b, r) = (i / n, i % n);
+                (0..k).map(|c| wd[r * k + c] * x[b * k + c].to_f32()).sum()
+            })
+            .collect();
+        let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        for how in [Flush::Memset, Flush::Read] {
+            let tb = time_with(gpu, &mut flush, how, iters, || cublas_gemv(&blas, &dwf, &dx, &mut dy, n, k, 1))?;
+            println!(
+                "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"flush\": \"{how:?}\", \"kernel\": \"cublas_f16\", \"us\": {:.2}, \"gbs\": {:.0}}}",
+                gpu.name,
+                tb * 1e6,
+                (n * k * 2) as f64 / tb / 1e9
+            );
+            for &(name, rpb, threads, batch) in variants {
+                let t = time_with(gpu, &mut flush, how, iters, || {
+                    launch_variant(gpu, name, rpb, threads, &dw, &dx, &mut dy, batch)
+                })?;
+                let got = gpu.stream.clone_dtoh(&dy).map_err(err)?;
+                let diff = got[..batch * n].iter().zip(&want).map(|(a, b)| (a.to_f32() - b).abs()).fold(0f32, f32::max)
+                    / scale;
+                let bytes = (n * k / 2 + n * k / GROUP * 2 + batch * (k + n) * 2) as f64;
+                println!(
+                    "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"flush\": \"{how:?}\", \"kernel\": \"{name}\", \"batch\": {batch}, \"threads\": {threads}, \"us\": {:.2}, \"gbs\": {:.0}, \"peak_frac\": {:.3}, \"vs_cublas_b1\": {:.2}, \"max_rel_diff\": {diff:.1e}}}",
+                    gpu.name,
+                    t * 1e6,
+                    bytes / t / 1e9,
+                    bytes / t / peak,
+                    tb / t
+                );
+            }
         }
     }
     Ok(())
@@ -308,9 +436,10 @@ fn main() {
             }
         }),
         Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
+        Some("explore") => bench_explore(&gpu, opt("--iters", 50)),
         Some("vla") => bench_vla(&gpu, opt("--layers", 32), opt("--iters", 10)),
         Some("policy") if args.len() >= 3 => bench_policy(&gpu, &args[1], &args[2], opt("--iters", 500)),
-        Some(other) => Err(format!("unknown mode `{other}`: check, gemv, vla or policy ARTIFACT STATES.npy")),
+        Some(other) => Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy")),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");
