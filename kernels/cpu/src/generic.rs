@@ -251,8 +251,41 @@ pub fn quantize_input_range(
 }
 
 /// [`quantize_input_range`] into `out`, reusing its buffers (no allocation once they are big
-/// enough).
+/// enough). Compiled for AVX2 too and dispatched at run time (the same IEEE operations lane by
+/// lane, so the same bytes).
 pub fn quantize_input_into(
+    x: &[f32],
+    scale: f32,
+    zero: i32,
+    lo: i32,
+    hi: i32,
+    w: &crate::packed::PackedQ4,
+    out: &mut QuantizedInput,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA.
+        return unsafe { quantize_input_avx2(x, scale, zero, lo, hi, w, out) };
+    }
+    quantize_input_body(x, scale, zero, lo, hi, w, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_input_avx2(
+    x: &[f32],
+    scale: f32,
+    zero: i32,
+    lo: i32,
+    hi: i32,
+    w: &crate::packed::PackedQ4,
+    out: &mut QuantizedInput,
+) {
+    quantize_input_body(x, scale, zero, lo, hi, w, out)
+}
+
+#[inline(always)]
+fn quantize_input_body(
     x: &[f32],
     scale: f32,
     zero: i32,
