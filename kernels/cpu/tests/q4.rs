@@ -114,3 +114,24 @@ fn q4q8_matches_dequantized_float_math() {
         assert!((got as f64 - want).abs() < 1e-5 * want.abs().max(1.0), "row {row}: {got} vs {want}");
     }
 }
+
+#[test]
+fn input_quantization_matches_fake_quant_per_element() {
+    // The dispatched (AVX2 where present) quantizer against the scalar definition, on values
+    // that hit ties, the clamp bounds, huge magnitudes and NaN.
+    let w = layer(3, 4, 160, 32, 4);
+    let mut r = Lcg(17);
+    let mut x: Vec<f32> = (0..160).map(|_| r.unit() * 4.0).collect();
+    x[..6].copy_from_slice(&[0.25, -0.75, 1e30, -1e30, f32::NAN, 2.5 * 0.02]);
+    for zero in [-5, 0, 9] {
+        let q = quantize_input(&x, 0.02, zero, &w);
+        for (i, &v) in x.iter().enumerate() {
+            let want = sqil_kernels_cpu::generic::quantize_i8(v, 0.02, zero as f32, -128.0, 127.0);
+            assert_eq!(q.q[i], want, "x[{i}] = {v}, zero {zero}");
+        }
+        assert!(q.q[160..].iter().all(|&v| v == 0), "padding");
+        for (g, s) in q.sums.iter().enumerate() {
+            assert_eq!(*s, q.q[g * 32..(g + 1) * 32].iter().map(|&v| v as i32).sum::<i32>());
+        }
+    }
+}
