@@ -330,3 +330,339 @@ SQIL_Q4_GEMV_SPLIT(1, 4, 2)
 SQIL_Q4_GEMV_SPLIT(1, 8, 4)
 SQIL_Q4_GEMV_SPLIT(1, 4, 8)
 SQIL_Q4_GEMV_SPLIT(4, 2, 4)
+
+// Batches 5 to 16 on the tensor cores: mma.sync m16n8k16, fp16 inputs, fp32 accumulation. The
+// batch's tokens are the mma's M (rows past `batch` read as zero), eight weight rows its N.
+// Weights come in a second layout made for the B fragments (`sqil_cuda::mma_words`): per row
+// and group of 128, lane `tig` of a quad loads one uint4 whose word w holds the four fp16 pairs
+// it feeds to the two k16 steps of the w-th 32 weights (pair p: b0 (p even) or b1 (p odd) of
+// step 2w + p / 2, its elements at bits 4p and 16 + 4p: one shift, mask, OR and half2
+// subtraction each, as in the GEMV layout). Each 32 weights' products are scaled by their
+// group's scale into fp32 accumulators; the S warps of a block split the groups of a row and
+// meet in shared memory (added in warp order), T tiles of eight rows per warp share the
+// activation fragments.
+// (mma.sync m16n8k16 / m16n8k32 need sm_80; compiled for older targets, e.g. nvcc's default
+// for a standalone build, they trap, and the host never launches them there.)
+__device__ __forceinline__ void mma_16816(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ sqil_half2 q4_pair(unsigned int word, int p)
+{
+    return h2_sub(((word >> (4 * p)) & 0x000F000Fu) | 0x64006400u, 0x64086408u);
+}
+
+template <int T, int S, int P>
+__device__ __forceinline__ void q4_mma_impl(const uint4 *__restrict__ wm, const sqil_half *__restrict__ scales,
+                                            const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
+                                            sqil_half *__restrict__ y, int n, int k, int batch, int gshift, int relu)
+{
+    __shared__ float part[S][T][4][32];
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int row0 = blockIdx.x * 8 * T;
+    const int groups = k >> 7;
+    const int spr = k >> (5 + gshift);
+    const unsigned int *x32 = reinterpret_cast<const unsigned int *>(x);
+    const int k2 = k >> 1;
+    const bool lo_ok = g < batch, hi_ok = g + 8 < batch;
+    float acc[T][4];
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            acc[t][i] = 0.0f;
+        }
+    }
+    // P = 1: the next group's weights are loaded before this group's are used (two loads per
+    // tile in flight).
+    uint4 qn[T];
+    if (P) {
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            qn[t] = warp < groups ? __ldg(wm + ((size_t)min(row0 + t * 8 + g, n - 1) * groups + warp) * 4 + tig)
+                                  : make_uint4(0, 0, 0, 0);
+        }
+    }
+    for (int j = warp; j < groups; j += S) {
+        uint4 q[T];
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            if (P) {
+                q[t] = qn[t];
+                if (j + S < groups) {
+                    qn[t] = __ldg(wm + ((size_t)min(row0 + t * 8 + g, n - 1) * groups + j + S) * 4 + tig);
+                }
+            } else {
+                q[t] = __ldg(wm + ((size_t)min(row0 + t * 8 + g, n - 1) * groups + j) * 4 + tig);
+            }
+        }
+#pragma unroll
+        for (int w4 = 0; w4 < 4; w4++) {
+            float cc[T][4];
+#pragma unroll
+            for (int t = 0; t < T; t++) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    cc[t][i] = 0.0f;
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int kk = ((j * 128 + w4 * 32 + h * 16) >> 1) + tig;
+                unsigned int a[4];
+                a[0] = lo_ok ? __ldg(x32 + (size_t)g * k2 + kk) : 0u;
+                a[1] = hi_ok ? __ldg(x32 + (size_t)(g + 8) * k2 + kk) : 0u;
+                a[2] = lo_ok ? __ldg(x32 + (size_t)g * k2 + kk + 4) : 0u;
+                a[3] = hi_ok ? __ldg(x32 + (size_t)(g + 8) * k2 + kk + 4) : 0u;
+#pragma unroll
+                for (int t = 0; t < T; t++) {
+                    const unsigned int word = w4 == 0 ? q[t].x : w4 == 1 ? q[t].y : w4 == 2 ? q[t].z : q[t].w;
+                    mma_16816(cc[t], a, q4_pair(word, 2 * h), q4_pair(word, 2 * h + 1));
+                }
+            }
+            const int gi = (j * 128 + w4 * 32) >> (5 + gshift);
+#pragma unroll
+            for (int t = 0; t < T; t++) {
+                const int r0 = min(row0 + t * 8 + tig * 2, n - 1), r1 = min(row0 + t * 8 + tig * 2 + 1, n - 1);
+                const float s0 = h_to_f(scales[(size_t)r0 * spr + gi]);
+                const float s1 = h_to_f(scales[(size_t)r1 * spr + gi]);
+                acc[t][0] += cc[t][0] * s0;
+                acc[t][1] += cc[t][1] * s1;
+                acc[t][2] += cc[t][2] * s0;
+                acc[t][3] += cc[t][3] * s1;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            part[warp][t][i][lane] = acc[t][i];
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int token = g + (i >= 2 ? 8 : 0);
+                const int row = row0 + t * 8 + tig * 2 + (i & 1);
+                if (token < batch && row < n) {
+                    float v = 0.0f;
+#pragma unroll
+                    for (int s = 0; s < S; s++) {
+                        v += part[s][t][i][lane];
+                    }
+                    if (bias != nullptr) {
+                        v += h_to_f(bias[row]);
+                    }
+                    if (relu && v < 0.0f) {
+                        v = 0.0f;
+                    }
+                    y[(size_t)token * n + row] = f_to_h(v);
+                }
+            }
+        }
+    }
+}
+
+// Instances sqil_q4_mma_t{T}_s{S}[_p]: S warps per block (32 * S threads), 8 * T rows per block,
+// `_p` with the next group's weights prefetched.
+#define SQIL_Q4_MMA(T, S, P, SUFFIX)                                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * S) sqil_q4_mma_t##T##_s##S##SUFFIX(                          \
+        const uint4 *__restrict__ wm, const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,     \
+        const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n, int k, int batch, int gshift,      \
+        int relu)                                                                                                  \
+    {                                                                                                              \
+        q4_mma_impl<T, S, P>(wm, scales, x, bias, y, n, k, batch, gshift, relu);                                   \
+    }
+
+// The host's pick (t2_s8_p) and the variants `explore` compares it with.
+SQIL_Q4_MMA(2, 8, 1, _p)
+SQIL_Q4_MMA(2, 8, 0, )
+SQIL_Q4_MMA(4, 8, 1, _p)
+
+// W4A8 on the int8 tensor cores (batches up to 16): activations quantized per token to int8
+// (sqil_quant_tokens: symmetric, scale = max |x| / 127, round half to even), weights as unsigned
+// nibbles q + 8 in a third layout (`sqil_cuda::mma8_words`): per row and group of 128, lane
+// `tig`'s uint4 holds, in word w, the B fragments of the w-th 32 weights: byte i's low nibble is
+// element 32w + 4tig + i, its high nibble element 32w + 16 + 4tig + i, so one AND gives b0 and one
+// shift and AND b1. mma.sync m16n8k32 s8 x u8 sums (x, q + 8) exactly in int32; each 32
+// weights' sum, less 8 x the tokens' sums of those 32 activations, is scaled by the weight group's
+// scale into fp32, and the token's activation scale is applied at the end.
+extern "C" __global__ void __launch_bounds__(256) sqil_quant_tokens(const sqil_half *__restrict__ x, int batch, int k,
+                                                                    signed char *__restrict__ xq,
+                                                                    float *__restrict__ xs, int *__restrict__ xsum)
+{
+    __shared__ float red[8];
+    const int token = blockIdx.x;
+    const int tid = threadIdx.x;
+    const bool live = token < batch;
+    float m = 0.0f;
+    if (live) {
+        for (int i = tid; i < k; i += blockDim.x) {
+            m = fmaxf(m, fabsf(h_to_f(x[(size_t)token * k + i])));
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    if ((tid & 31) == 0) {
+        red[tid >> 5] = m;
+    }
+    __syncthreads();
+    m = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
+        m = fmaxf(m, red[w]);
+    }
+    const float scale = m > 0.0f ? m / 127.0f : 1.0f;
+    if (tid == 0) {
+        xs[token] = scale;
+    }
+    // One warp per 32 activations: quantize, store, and sum them.
+    for (int c = tid >> 5; c < (k >> 5); c += blockDim.x >> 5) {
+        const int i = c * 32 + (tid & 31);
+        int q = 0;
+        if (live) {
+            q = __float2int_rn(h_to_f(x[(size_t)token * k + i]) / scale);
+            q = max(-127, min(127, q));
+        }
+        xq[(size_t)token * k + i] = (signed char)q;
+        int s = q;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            s += __shfl_xor_sync(0xffffffffu, s, o);
+        }
+        if ((tid & 31) == 0) {
+            xsum[token * (k >> 5) + c] = s;
+        }
+    }
+}
+
+__device__ __forceinline__ void mma_16832_s8u8(int (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+template <int T, int S>
+__device__ __forceinline__ void q4_mma8_impl(const uint4 *__restrict__ wm, const sqil_half *__restrict__ scales,
+                                             const signed char *__restrict__ xq, const float *__restrict__ xs,
+                                             const int *__restrict__ xsum, const sqil_half *__restrict__ bias,
+                                             sqil_half *__restrict__ y, int n, int k, int batch, int gshift, int relu)
+{
+    __shared__ float part[S][T][4][32];
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int row0 = blockIdx.x * 8 * T;
+    const int groups = k >> 7;
+    const int spr = k >> (5 + gshift);
+    const int k32 = k >> 5;
+    const unsigned int *x32 = reinterpret_cast<const unsigned int *>(xq);
+    const int kw = k >> 2; // 32-bit words per token row
+    float acc[T][4];
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            acc[t][i] = 0.0f;
+        }
+    }
+    for (int j = warp; j < groups; j += S) {
+        uint4 q[T];
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            q[t] = __ldg(wm + ((size_t)min(row0 + t * 8 + g, n - 1) * groups + j) * 4 + tig);
+        }
+#pragma unroll
+        for (int w4 = 0; w4 < 4; w4++) {
+            const int kk = ((j * 128 + w4 * 32) >> 2) + tig;
+            unsigned int a[4];
+            a[0] = __ldg(x32 + (size_t)g * kw + kk);
+            a[1] = __ldg(x32 + (size_t)(g + 8) * kw + kk);
+            a[2] = __ldg(x32 + (size_t)g * kw + kk + 4);
+            a[3] = __ldg(x32 + (size_t)(g + 8) * kw + kk + 4);
+            const int c32 = j * 4 + w4;
+            const int corr_lo = 8 * __ldg(xsum + g * k32 + c32), corr_hi = 8 * __ldg(xsum + (g + 8) * k32 + c32);
+            const int gi = (j * 128 + w4 * 32) >> (5 + gshift);
+#pragma unroll
+            for (int t = 0; t < T; t++) {
+                const unsigned int word = w4 == 0 ? q[t].x : w4 == 1 ? q[t].y : w4 == 2 ? q[t].z : q[t].w;
+                int cc[4] = {0, 0, 0, 0};
+                mma_16832_s8u8(cc, a, word & 0x0F0F0F0Fu, (word >> 4) & 0x0F0F0F0Fu);
+                const int r0 = min(row0 + t * 8 + tig * 2, n - 1), r1 = min(row0 + t * 8 + tig * 2 + 1, n - 1);
+                const float s0 = h_to_f(scales[(size_t)r0 * spr + gi]);
+                const float s1 = h_to_f(scales[(size_t)r1 * spr + gi]);
+                acc[t][0] += (float)(cc[0] - corr_lo) * s0;
+                acc[t][1] += (float)(cc[1] - corr_lo) * s1;
+                acc[t][2] += (float)(cc[2] - corr_hi) * s0;
+                acc[t][3] += (float)(cc[3] - corr_hi) * s1;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            part[warp][t][i][lane] = acc[t][i];
+        }
+    }
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int token = g + (i >= 2 ? 8 : 0);
+                const int row = row0 + t * 8 + tig * 2 + (i & 1);
+                if (token < batch && row < n) {
+                    float v = 0.0f;
+#pragma unroll
+                    for (int s = 0; s < S; s++) {
+                        v += part[s][t][i][lane];
+                    }
+                    v *= xs[token];
+                    if (bias != nullptr) {
+                        v += h_to_f(bias[row]);
+                    }
+                    if (relu && v < 0.0f) {
+                        v = 0.0f;
+                    }
+                    y[(size_t)token * n + row] = f_to_h(v);
+                }
+            }
+        }
+    }
+}
+
+// Instances sqil_q4_mma8_t{T}_s{S}: S warps per block (32 * S threads), 8 * T rows per block.
+#define SQIL_Q4_MMA8(T, S)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(32 * S) sqil_q4_mma8_t##T##_s##S(                                 \
+        const uint4 *__restrict__ wm, const sqil_half *__restrict__ scales, const signed char *__restrict__ xq,  \
+        const float *__restrict__ xs, const int *__restrict__ xsum, const sqil_half *__restrict__ bias,          \
+        sqil_half *__restrict__ y, int n, int k, int batch, int gshift, int relu)                                  \
+    {                                                                                                              \
+        q4_mma8_impl<T, S>(wm, scales, xq, xs, xsum, bias, y, n, k, batch, gshift, relu);                          \
+    }
+
+SQIL_Q4_MMA8(2, 8)
+SQIL_Q4_MMA8(4, 8)

@@ -115,6 +115,23 @@ pub struct HostQ4 {
     pub scales: Vec<f16>,
 }
 
+/// Where element `e` of a word's eight sits: element `2s` at bits `4s`, `2s + 1` at `16 + 4s`.
+fn nibble_shift(e: usize) -> u32 {
+    let i = (e % 8) as u32;
+    if i.is_multiple_of(2) {
+        2 * i
+    } else {
+        16 + 2 * (i - 1)
+    }
+}
+
+impl HostQ4 {
+    /// The stored nibble (`q + 8`) of row `r`, element `e`.
+    pub fn nibble(&self, r: usize, e: usize) -> u32 {
+        (self.words[r * self.k / 8 + e / 8] >> nibble_shift(e)) & 15
+    }
+}
+
 /// Packs signed ints `q` (`[n, k]` row-major, in [-8, 7]) with per-group scales (`[n, k/128]`,
 /// k rounded up) into the CUDA layout: k padded with zeros to a multiple of 128, each word's
 /// nibbles interleaved for the half2 unpack.
@@ -137,9 +154,7 @@ pub fn pack_grouped(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) 
                 let c = i * 8 + e;
                 let v = if c < k { q[r * k + c] } else { 0 };
                 assert!((-8..=7).contains(&v), "pack: weight {v} out of int4 range");
-                let nib = (v + 8) as u32;
-                let shift = if e % 2 == 0 { 4 * (e / 2) } else { 16 + 4 * (e / 2) };
-                wd |= nib << shift;
+                wd |= ((v + 8) as u32) << nibble_shift(e);
             }
             words[r * kp / 8 + i] = wd;
         }
@@ -153,14 +168,70 @@ pub fn dequantize(w: &HostQ4) -> Vec<f32> {
     let mut out = vec![0f32; w.n * w.k];
     for r in 0..w.n {
         for c in 0..w.k {
-            let wd = w.words[r * w.k / 8 + c / 8];
-            let e = c % 8;
-            let shift = if e % 2 == 0 { 4 * (e / 2) } else { 16 + 4 * (e / 2) };
-            let q = ((wd >> shift) & 15) as i32 - 8;
+            let q = w.nibble(r, c) as i32 - 8;
             out[r * w.k + c] = q as f32 * w.scales[r * w.k / w.group + c / w.group].to_f32();
         }
     }
     out
+}
+
+/// The weights of `w` in the tensor-core kernels' layout (see `sqil_q4_mma_*` in
+/// `kernels/cuda/q4_gemv.cu`): `[n][k / 128][4 lanes][4 words]`; word `w` of lane `tig` holds pair
+/// `p` (elements `e = 128 j + 16 (2w + p / 2) + 8 (p % 2) + 2 tig` and `e + 1`) at bits `4p` and
+/// `16 + 4p`.
+pub fn mma_words(w: &HostQ4) -> Vec<u32> {
+    let nib = |r: usize, e: usize| w.nibble(r, e);
+    let groups = w.k / 128;
+    let mut out = Vec::with_capacity(w.n * w.k / 8);
+    for r in 0..w.n {
+        for j in 0..groups {
+            for tig in 0..4 {
+                for wd in 0..4 {
+                    let mut v = 0u32;
+                    for p in 0..4 {
+                        let e = 128 * j + 16 * (2 * wd + p / 2) + 8 * (p % 2) + 2 * tig;
+                        v |= nib(r, e) << (4 * p) | nib(r, e + 1) << (16 + 4 * p);
+                    }
+                    out.push(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The weights of `w` in the int8 tensor-core kernels' layout (see `sqil_q4_mma8_*` in
+/// `kernels/cuda/q4_gemv.cu`): `[n][k / 128][4 lanes][4 words]`; byte `i` of word `w` of lane
+/// `tig` holds element `128 j + 32 w + 4 tig + i` (as `q + 8`) in its low nibble and element
+/// `128 j + 32 w + 16 + 4 tig + i` in its high nibble.
+pub fn mma8_words(w: &HostQ4) -> Vec<u32> {
+    let nib = |r: usize, e: usize| w.nibble(r, e);
+    let groups = w.k / 128;
+    let mut out = Vec::with_capacity(w.n * w.k / 8);
+    for r in 0..w.n {
+        for j in 0..groups {
+            for tig in 0..4 {
+                for wd in 0..4 {
+                    let mut v = 0u32;
+                    for i in 0..4 {
+                        let e = 128 * j + 32 * wd + 4 * tig + i;
+                        v |= (nib(r, e) | nib(r, e + 16) << 4) << (8 * i);
+                    }
+                    out.push(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Scratch for [`Gpu::q4_gemm_w4a8`]: the batch's int8 activations, scales and sums (16 tokens of
+/// up to `k` values).
+pub struct W4a8Scratch {
+    pub k: usize,
+    pub xq: CudaSlice<i8>,
+    pub xs: CudaSlice<f32>,
+    pub xsum: CudaSlice<i32>,
 }
 
 /// A GPU with sqil's kernels loaded.
@@ -175,12 +246,17 @@ pub struct Gpu {
     loaded: std::sync::Mutex<std::collections::HashMap<String, CudaFunction>>,
 }
 
-/// int4 weights on the device.
+/// int4 weights on the device: the GEMV layout (batches 1-4), the fp16 tensor-core layout
+/// (batches 5-16) and the int8 tensor-core layout (W4A8): the same weights rearranged three
+/// times (see [`mma_words`], [`mma8_words`]), 1.5 bytes per weight in all.
 pub struct DeviceQ4 {
     pub n: usize,
     pub k: usize,
     pub group: usize,
     pub words: CudaSlice<u32>,
+    pub mma: CudaSlice<u32>,
+    /// The int8 tensor-core layout (W4A8, [`mma8_words`]).
+    pub mma8: CudaSlice<u32>,
     pub scales: CudaSlice<f16>,
 }
 
@@ -233,6 +309,8 @@ impl Gpu {
             k: w.k,
             group: w.group,
             words: self.stream.clone_htod(&w.words).map_err(|e| format!("{e:?}"))?,
+            mma: self.stream.clone_htod(&mma_words(w)).map_err(|e| format!("{e:?}"))?,
+            mma8: self.stream.clone_htod(&mma8_words(w)).map_err(|e| format!("{e:?}"))?,
             scales: self.stream.clone_htod(&w.scales).map_err(|e| format!("{e:?}"))?,
         })
     }
@@ -248,6 +326,81 @@ impl Gpu {
         batch: usize,
     ) -> Result<(), String> {
         self.q4_gemv_on(&self.stream, w, x, bias, y, batch, false)
+    }
+
+    /// Scratch for [`Gpu::q4_gemm_w4a8`] on rows of up to `k` weights.
+    pub fn w4a8_scratch(&self, k: usize) -> Result<W4a8Scratch, String> {
+        let e = |e| format!("{e:?}");
+        Ok(W4a8Scratch {
+            k,
+            xq: self.stream.alloc_zeros::<i8>(16 * k).map_err(e)?,
+            xs: self.stream.alloc_zeros::<f32>(16).map_err(e)?,
+            xsum: self.stream.alloc_zeros::<i32>(16 * k.div_ceil(32)).map_err(e)?,
+        })
+    }
+
+    /// W4A8 on the int8 tensor cores: the batch's fp16 activations (`[batch, w.k]`, batch <= 16)
+    /// quantized per token to int8 (`max |x| / 127`), then `y = (x_q * s_x) w^T (+ bias)` with
+    /// exact int32 sums per 32 weights (two launches, on the stream).
+    pub fn q4_gemm_w4a8(
+        &self,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        scratch: &mut W4a8Scratch,
+    ) -> Result<(), String> {
+        self.q4_gemm_w4a8_instance(w, x, bias, y, batch, scratch, ("sqil_q4_mma8_t2_s8", 16, 256))
+    }
+
+    /// [`Gpu::q4_gemm_w4a8`] with a chosen instance: (entry point, rows per block, threads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn q4_gemm_w4a8_instance(
+        &self,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        scratch: &mut W4a8Scratch,
+        (name, rows_per_block, threads): (&str, u32, u32),
+    ) -> Result<(), String> {
+        if self.cc.0 < 8 {
+            return Err(format!(
+                "q4_gemm_w4a8: int8 mma needs compute capability 8.0, {} has {}.{}",
+                self.name, self.cc.0, self.cc.1
+            ));
+        }
+        if batch == 0 || batch > 16 || scratch.k < w.k || x.len() < batch * w.k || y.len() < batch * w.n {
+            return Err(format!("q4_gemm_w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k));
+        }
+        let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
+        let quant = self.function("sqil_quant_tokens")?;
+        let mut l = self.stream.launch_builder(&quant);
+        l.arg(x).arg(&bt).arg(&k).arg(&mut scratch.xq).arg(&mut scratch.xs).arg(&mut scratch.xsum);
+        let cfg = LaunchConfig { grid_dim: (16, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x holds batch * k halves; the scratch holds 16 tokens of k values (checked).
+        unsafe { l.launch(cfg) }.map_err(|e| format!("quant launch: {e:?}"))?;
+        let f = self.function(name)?;
+        let gshift = (w.group / 32).trailing_zeros() as i32;
+        let relu = 0i32;
+        let null = 0u64;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&w.mma8).arg(&w.scales).arg(&scratch.xq).arg(&scratch.xs).arg(&scratch.xsum);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&n).arg(&k).arg(&bt).arg(&gshift).arg(&relu);
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: parameters as the kernel declares them; accesses bounded by n, k, batch and
+        // the 16-token scratch.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q4_mma8 launch: {e:?}"))
     }
 
     /// [`Gpu::q4_gemv`] on `stream`, with an optional fused ReLU.
@@ -269,12 +422,16 @@ impl Gpu {
         if x.len() < batch * w.k || y.len() < batch * w.n {
             return Err(format!("q4_gemv: buffers too small for [{batch}, {}] x [{}, {}]", w.k, w.n, w.k));
         }
-        // Measured on an H200 (docs/cuda.md, `sqil-cuda-bench explore`): rows of at least 4096
-        // weights run split-K over the four warps of a block, four rows per block (two when k >
-        // 4096), batches up to 4; shorter rows, batches 2 to 4: four rows per warp with x in
-        // registers; otherwise (and batches 5-16) one row per warp.
+        // Measured on an H200 (docs/cuda.md, `sqil-cuda-bench explore`): batches 5-16 on the
+        // tensor cores (compute capability 8.0 and up); rows of at least 4096 weights run split-K over the four warps of a block,
+        // four rows per block (two when k > 4096), batches up to 4; shorter rows, batches 2 to 4:
+        // four rows per warp with x in registers; otherwise one row per warp.
         let split = w.k >= 4096 && b <= 4;
-        let (name, rows_per_block, threads) = if split {
+        let tensor_cores = self.cc.0 >= 8;
+        let (name, rows_per_block, threads) = if b > 4 && tensor_cores {
+            // Tensor cores: 16 rows per block of eight warps, next weights prefetched.
+            ("sqil_q4_mma_t2_s8_p".to_string(), 16, 256)
+        } else if split {
             let r = if w.k <= 4096 || b > 1 { 4 } else { 2 };
             (format!("sqil_q4_gemv_s4_r{r}_b{b}"), r as u32, 128)
         } else if (2..=4).contains(&b) {
@@ -293,7 +450,7 @@ impl Gpu {
         };
         let null = 0u64;
         let mut l = stream.launch_builder(&f);
-        l.arg(&w.words).arg(&w.scales).arg(x);
+        l.arg(if b > 4 && tensor_cores { &w.mma } else { &w.words }).arg(&w.scales).arg(x);
         match bias {
             Some(b) => l.arg(b),
             None => l.arg(&null),

@@ -59,6 +59,40 @@ fn packing_holds_the_weights() {
             assert_eq!(d[r * w.k + c], want, "row {r} col {c}");
         }
     }
+    // The tensor-core layout holds every weight once, where the B fragments expect it: lane tig,
+    // word wd, pair p -> elements 128 j + 16 (2 wd + p / 2) + 8 (p % 2) + 2 tig (+ 1).
+    let m = sqil_cuda::mma_words(&w);
+    assert_eq!(m.len(), w.words.len());
+    let mut seen = vec![false; n * w.k];
+    for (i, &v) in m.iter().enumerate() {
+        let (wd, tig, j, r) = (i % 4, i / 4 % 4, i / 16 % (w.k / 128), i / 16 / (w.k / 128));
+        for p in 0..4 {
+            let e = 128 * j + 16 * (2 * wd + p / 2) + 8 * (p % 2) + 2 * tig;
+            for (off, shift) in [(0, 4 * p), (1, 16 + 4 * p)] {
+                let want = if e + off < k { q[r * k + e + off] } else { 0 };
+                assert_eq!(((v >> shift) & 15) as i8 - 8, want, "row {r} element {}", e + off);
+                assert!(!std::mem::replace(&mut seen[r * w.k + e + off], true), "element {} twice", e + off);
+            }
+        }
+    }
+    assert!(seen.iter().all(|&s| s));
+    // The int8 tensor-core layout: byte i of word wd of lane tig holds elements 128 j + 32 wd +
+    // 4 tig + i (low nibble) and that + 16 (high nibble).
+    let m8 = sqil_cuda::mma8_words(&w);
+    assert_eq!(m8.len(), w.words.len());
+    let mut seen = vec![false; n * w.k];
+    for (i, &v) in m8.iter().enumerate() {
+        let (wd, tig, j, r) = (i % 4, i / 4 % 4, i / 16 % (w.k / 128), i / 16 / (w.k / 128));
+        for b in 0..4 {
+            let e = 128 * j + 32 * wd + 4 * tig + b;
+            for (off, shift) in [(0, 8 * b), (16, 8 * b + 4)] {
+                let want = if e + off < k { q[r * k + e + off] } else { 0 };
+                assert_eq!(((v >> shift) & 15) as i8 - 8, want, "row {r} element {}", e + off);
+                assert!(!std::mem::replace(&mut seen[r * w.k + e + off], true), "element {} twice", e + off);
+            }
+        }
+    }
+    assert!(seen.iter().all(|&s| s));
 }
 
 #[test]

@@ -94,6 +94,32 @@ fn check(gpu: &Gpu, small: bool) -> Result<bool, String> {
                     "{{\"check\": \"q4_gemv\", \"n\": {n}, \"k\": {k}, \"batch\": {batch}, \"max_rel_err\": {rel:.2e}, \"pass\": {pass}}}"
                 );
             }
+            // W4A8 on the int8 tensor cores, against the same math on the CPU: each token
+            // quantized to int8 (max |x| / 127, round half to even), exact products.
+            let mut scratch = gpu.w4a8_scratch(w.k)?;
+            gpu.q4_gemm_w4a8(&dw, &dx, Some(&db), &mut dy, batch, &mut scratch)?;
+            let y8 = gpu.stream.clone_dtoh(&dy).map_err(err)?;
+            let (mut worst8, mut scale8) = (0f32, 1e-6f32);
+            for b in 0..batch {
+                let xr = &x[b * w.k..(b + 1) * w.k];
+                let m = xr.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+                let sx = if m > 0.0 { m / 127.0 } else { 1.0 };
+                let xq: Vec<f32> =
+                    xr.iter().map(|v| (v.to_f32() / sx).round_ties_even().clamp(-127.0, 127.0) * sx).collect();
+                for row in 0..n {
+                    let want: f32 = (0..w.k).map(|c| xq[c] * wd[row * w.k + c]).sum::<f32>() + bias[row].to_f32();
+                    scale8 = scale8.max(want.abs());
+                    worst8 = worst8.max((y8[b * n + row].to_f32() - want).abs());
+                }
+            }
+            let rel8 = worst8 / scale8;
+            let pass8 = rel8 <= 2e-3;
+            ok &= pass8;
+            if !pass8 || batch == 1 || batch == 16 {
+                println!(
+                    "{{\"check\": \"q4_gemm_w4a8\", \"n\": {n}, \"k\": {k}, \"batch\": {batch}, \"max_rel_err\": {rel8:.2e}, \"pass\": {pass8}}}"
+                );
+            }
         }
     }
     Ok(ok)
@@ -187,6 +213,7 @@ fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
     let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
     let peak = peak_bw(&gpu.name);
+    let mut scratch = gpu.w4a8_scratch(11008usize.div_ceil(GROUP) * GROUP)?;
     for &(n, k) in &[(4096usize, 4096usize), (11008, 4096), (4096, 11008), (8192, 8192)] {
         // Shapes as (out, in): "4096x11008" in the issue is in=4096 -> out=11008 and the reverse.
         let w = random_q4(n, k, 42);
@@ -200,17 +227,22 @@ fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
             let mut dy = gpu.stream.alloc_zeros::<f16>(batch * n).map_err(err)?;
             let t4 = time_flushed(gpu, &mut flush, iters, || gpu.q4_gemv(&dw, &dx, None, &mut dy, batch))?;
             let t16 = time_flushed(gpu, &mut flush, iters, || cublas_gemv(&blas, &dwf, &dx, &mut dy, n, k, batch))?;
+            let t8 = time_flushed(gpu, &mut flush, iters, || {
+                gpu.q4_gemm_w4a8(&dw, &dx, None, &mut dy, batch, &mut scratch)
+            })?;
             let bytes4 = (n * k / 2 + n * k / GROUP * 2 + batch * (k + n) * 2) as f64;
             let bytes16 = (n * k * 2 + batch * (k + n) * 2) as f64;
             println!(
-                "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": {batch}, \"q4_us\": {:.2}, \"q4_gbs\": {:.0}, \"q4_peak_frac\": {:.3}, \"cublas_f16_us\": {:.2}, \"cublas_gbs\": {:.0}, \"speedup\": {:.2}}}",
+                "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": {batch}, \"q4_us\": {:.2}, \"q4_gbs\": {:.0}, \"q4_peak_frac\": {:.3}, \"cublas_f16_us\": {:.2}, \"cublas_gbs\": {:.0}, \"speedup\": {:.2}, \"w4a8_us\": {:.2}, \"w4a8_speedup\": {:.2}}}",
                 gpu.name,
                 t4 * 1e6,
                 bytes4 / t4 / 1e9,
                 bytes4 / t4 / peak,
                 t16 * 1e6,
                 bytes16 / t16 / 1e9,
-                t16 / t4
+                t16 / t4,
+                t8 * 1e6,
+                t16 / t8
             );
         }
     }
@@ -240,7 +272,16 @@ fn launch_variant(
     };
     let null = 0u64;
     let mut l = gpu.stream.launch_builder(&f);
-    l.arg(&w.words).arg(&w.scales).arg(x).arg(&null).arg(y).arg(&n).arg(&k).arg(&bt).arg(&gshift).arg(&relu);
+    l.arg(if name.contains("mma") { &w.mma } else { &w.words })
+        .arg(&w.scales)
+        .arg(x)
+        .arg(&null)
+        .arg(y)
+        .arg(&n)
+        .arg(&k)
+        .arg(&bt)
+        .arg(&gshift)
+        .arg(&relu);
     // SAFETY: every GEMV instance takes these parameters; x holds k values, y n.
     unsafe { l.launch(cfg) }.map(|_| ()).map_err(err)
 }
@@ -262,17 +303,24 @@ fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), String> {
         ("sqil_q4_gemv_r4_b4", 16, 128, 4),
         ("sqil_q4_gemv_s4_r4_b4", 4, 128, 4),
         ("sqil_q4_gemv_s4_r2_b4", 2, 128, 4),
+        ("sqil_q4_gemv_b16", 4, 128, 16),
+        ("sqil_q4_mma_t2_s8", 16, 256, 16),
+        ("sqil_q4_mma_t2_s8_p", 16, 256, 16),
+        ("sqil_q4_mma_t4_s8_p", 32, 256, 16),
+        ("sqil_q4_mma_t2_s8", 16, 256, 8),
+        ("sqil_q4_mma_t2_s8_p", 16, 256, 8),
     ];
     for &(n, k) in &[(4096usize, 4096usize), (11008, 4096), (4096, 11008), (8192, 8192)] {
         let w = random_q4(n, k, 42);
         let dw: DeviceQ4 = gpu.upload(&w)?;
         let dwf = gpu.stream.alloc_zeros::<f16>(n * k).map_err(err)?;
-        let x: Vec<f16> = (0..4 * k).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
+        let x: Vec<f16> = (0..16 * k).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
         let dx = gpu.stream.clone_htod(&x).map_err(err)?;
-        let mut dy = gpu.stream.alloc_zeros::<f16>(4 * n).map_err(err)?;
-        // The CPU reference of every variant's outputs (batch 4; batch 1 is its first row).
+        let mut dy = gpu.stream.alloc_zeros::<f16>(16 * n).map_err(err)?;
+        // The CPU reference of every variant's outputs (batch 16; smaller batches are its first
+        // rows).
         let wd = dequantize(&w);
-        let want: Vec<f32> = (0..4 * n)
+        let want: Vec<f32> = (0..16 * n)
             .map(|i| {
                 let (b, r) = (i / n, i % n);
                 (0..k).map(|c| wd[r * k + c] * x[b * k + c].to_f32()).sum()
@@ -301,6 +349,20 @@ fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), String> {
                     t * 1e6,
                     bytes / t / 1e9,
                     bytes / t / peak,
+                    tb / t
+                );
+            }
+            let mut scratch = gpu.w4a8_scratch(k)?;
+            let batch = 16;
+            for inst in [("sqil_q4_mma8_t2_s8", 16, 256), ("sqil_q4_mma8_t4_s8", 32, 256)] {
+                let t = time_with(gpu, &mut flush, how, iters, || {
+                    gpu.q4_gemm_w4a8_instance(&dw, &dx, None, &mut dy, batch, &mut scratch, inst)
+                })?;
+                println!(
+                    "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"flush\": \"{how:?}\", \"kernel\": \"{} (w4a8, with quantization)\", \"batch\": {batch}, \"us\": {:.2}, \"vs_cublas_b1\": {:.2}}}",
+                    gpu.name,
+                    inst.0,
+                    t * 1e6,
                     tb / t
                 );
             }
