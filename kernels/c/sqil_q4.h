@@ -29,28 +29,28 @@ static float sqil_round_even(float x)
 
 #if defined(SQIL_USE_Q4Q8)
 
-/* q[i] = clamp(round_even(x[i] / scale) + zero, lo, hi) for i < k, 0 up to k_pad (FakeQuant's
- * quantizer; NaN gives 0 as Rust's saturating cast does). */
+/* One value as FakeQuant's quantizer maps it: clamp(round_half_even(v / scale) + zero, lo, hi);
+ * NaN gives 0 as Rust's saturating cast does. */
+static int8_t sqil_quant1(float x, float scale, int32_t zero, int32_t lo, int32_t hi)
+{
+    float v = sqil_round_even(x / scale) + (float)zero;
+    if (v != v) {
+        return 0;
+    } else if (v < (float)lo) {
+        return (int8_t)lo;
+    } else if (v > (float)hi) {
+        return (int8_t)hi;
+    }
+    return (int8_t)v;
+}
+
+/* q[i] = sqil_quant1(x[i]) for i < k, 0 up to k_pad. */
 static void sqil_quantize(const float *x, int32_t k, int32_t k_pad, float scale, int32_t zero, int32_t lo,
                           int32_t hi, int8_t *q)
 {
     int32_t i;
     for (i = 0; i < k_pad; i++) {
-        float v;
-        if (i >= k) {
-            q[i] = 0;
-            continue;
-        }
-        v = sqil_round_even(x[i] / scale) + (float)zero;
-        if (v != v) {
-            q[i] = 0;
-        } else if (v < (float)lo) {
-            q[i] = (int8_t)lo;
-        } else if (v > (float)hi) {
-            q[i] = (int8_t)hi;
-        } else {
-            q[i] = (int8_t)v;
-        }
+        q[i] = i < k ? sqil_quant1(x[i], scale, zero, lo, hi) : (int8_t)0;
     }
 }
 
@@ -132,6 +132,53 @@ static void sqil_gemv_q4q8(const sqil_block_q4 *w, const float *scales, const in
     }
 }
 
+#if defined(SQIL_USE_CONV_Q4Q8)
+/* Int4 2-D convolution of one image x [c][h][w]: the image quantized once, channels innermost
+ * (qimg), each output position's window gathered in (tap, channel) order into row (padding: the
+ * zero point, which adds nothing; k_pad tail: 0 against zero weights), the position's W4A8 GEMV
+ * into tmp, written channel-major to y [n][oh][ow]: the runtime's arithmetic per (channel,
+ * position). */
+static void sqil_conv_q4q8(const float *x, const int32_t *geo, const sqil_block_q4 *w, const float *scales,
+                           const int32_t *wsums, int32_t n, int32_t k_pad, int32_t group, float xscale, int32_t zero,
+                           int32_t lo, int32_t hi, const float *bias, int relu, int8_t *qimg, int8_t *row,
+                           float *tmp, float *y)
+{
+    /* geo: c, h, w, kh, kw, stride h, stride w, dilation h, dilation w, pad top, pad left, oh, ow */
+    const int32_t c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
+    int32_t i, ch, oy, ox, ty, tx, o, at;
+    for (ch = 0; ch < c; ch++) {
+        for (i = 0; i < h * wd; i++) {
+            qimg[i * c + ch] = sqil_quant1(x[ch * h * wd + i], xscale, zero, lo, hi);
+        }
+    }
+    for (oy = 0; oy < oh; oy++) {
+        for (ox = 0; ox < ow; ox++) {
+            at = 0;
+            for (ty = 0; ty < kh; ty++) {
+                for (tx = 0; tx < kw; tx++) {
+                    const int32_t iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
+                    if (iy < 0 || iy >= h || ix < 0 || ix >= wd) {
+                        for (i = 0; i < c; i++) {
+                            row[at + i] = (int8_t)zero;
+                        }
+                    } else {
+                        memcpy(row + at, qimg + (iy * wd + ix) * c, (size_t)c);
+                    }
+                    at += c;
+                }
+            }
+            for (; at < k_pad; at++) {
+                row[at] = 0;
+            }
+            sqil_gemv_q4q8(w, scales, wsums, n, k_pad, group, row, zero, xscale, bias, relu, tmp);
+            for (o = 0; o < n; o++) {
+                y[(o * oh + oy) * ow + ox] = tmp[o];
+            }
+        }
+    }
+}
+#endif /* SQIL_USE_CONV_Q4Q8 */
+
 #endif /* SQIL_USE_Q4Q8 */
 
 #if defined(SQIL_USE_Q4F32)
@@ -182,3 +229,33 @@ static void sqil_gemv_f32(const float *w, int32_t n, int32_t k, const float *x, 
     }
 }
 #endif /* SQIL_USE_F32 */
+
+#if defined(SQIL_USE_CONV_F32)
+/* Float 2-D convolution of one image (groups of channels allowed), summed in (channel, tap)
+ * order; geo as for sqil_conv_q4q8, plus groups at geo[13]. w is [n][c / groups][kh][kw]. */
+static void sqil_conv_f32(const float *x, const int32_t *geo, const float *w, int32_t n, const float *bias, float *y)
+{
+    const int32_t c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
+    const int32_t cg = c / geo[13], ng = n / geo[13];
+    int32_t o, oy, ox, ch, ty, tx;
+    for (o = 0; o < n; o++) {
+        const int32_t c0 = (o / ng) * cg;
+        for (oy = 0; oy < oh; oy++) {
+            for (ox = 0; ox < ow; ox++) {
+                float acc = 0.0f;
+                for (ch = 0; ch < cg; ch++) {
+                    for (ty = 0; ty < kh; ty++) {
+                        for (tx = 0; tx < kw; tx++) {
+                            const int32_t iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
+                            if (iy >= 0 && iy < h && ix >= 0 && ix < wd) {
+                                acc += x[((c0 + ch) * h + iy) * wd + ix] * w[((o * cg + ch) * kh + ty) * kw + tx];
+                            }
+                        }
+                    }
+                }
+                y[(o * oh + oy) * ow + ox] = acc + (bias ? bias[o] : 0.0f);
+            }
+        }
+    }
+}
+#endif /* SQIL_USE_CONV_F32 */

@@ -22,23 +22,24 @@ fn policies() -> PathBuf {
     root().join("testdata/policies")
 }
 
-/// The quantized policy and its test states (first input file).
-fn quantized(name: &str, spec: &str) -> (Policy, sqil_ir::Tensor) {
+/// The quantized policy and its test states (one tensor per input file).
+fn quantized(name: &str, spec: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     let model = policies().join(format!("{name}.onnx"));
     let fp = sqil::load_model(&model).unwrap();
-    let input = policies().join(format!("{name}.input0.npy"));
+    let inputs: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
     let mut cfg = QuantConfig::default();
     cfg.apply_settings(spec).unwrap();
-    let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
+    let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
-    (Policy::from_graph(&sim).unwrap(), sqil::npy::read(&input).unwrap())
+    (Policy::from_graph(&sim).unwrap(), inputs.iter().map(|p| sqil::npy::read(p).unwrap()).collect())
 }
 
-/// Writes policy.c / policy.h / selftest.c for `name` x `spec` into a fresh directory.
-fn generate(name: &str, spec: &str, tag: &str) -> (PathBuf, bool, Vec<Vec<u32>>) {
-    let (policy, states) = quantized(name, spec);
+/// Writes policy.c / policy.h / selftest.c for `name` x `spec` (its first `states` test states)
+/// into a fresh directory.
+fn generate_n(name: &str, spec: &str, tag: &str, states: usize) -> (PathBuf, bool, Vec<Vec<u32>>) {
+    let (policy, inputs) = quantized(name, spec);
     let prog = emit(&policy, "policy").unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
-    let (ins, want) = selftest_vectors(&policy, &[states], 8).unwrap();
+    let (ins, want) = selftest_vectors(&policy, &inputs, states).unwrap();
     let dir =
         std::env::temp_dir().join(format!("sqil-c-{}-{tag}-{name}-{}", std::process::id(), spec.replace(',', "_")));
     std::fs::create_dir_all(&dir).unwrap();
@@ -47,6 +48,10 @@ fn generate(name: &str, spec: &str, tag: &str) -> (PathBuf, bool, Vec<Vec<u32>>)
     std::fs::write(dir.join("selftest.c"), selftest("policy", &ins, &want, C_TOL).unwrap()).unwrap();
     let bits = want.iter().map(|o| o[0].iter().map(|v| v.to_bits()).collect()).collect();
     (dir, prog.report.bit_exact, bits)
+}
+
+fn generate(name: &str, spec: &str, tag: &str) -> (PathBuf, bool, Vec<Vec<u32>>) {
+    generate_n(name, spec, tag, 8)
 }
 
 /// Parses the self-test's `out S J BITS` lines into per-state output bits.
@@ -129,6 +134,51 @@ fn generated_c_matches_the_runtime_on_every_mlp_policy() {
     }
     // The int8-activation configs of the plain MLPs are the bit-exact ones.
     assert!(exact_runs >= 12, "only {exact_runs} bit-exact policy x config pairs");
+}
+
+/// The pixel CNN policy (84x84 image + proprioception): int4 convolutions through int8 im2col,
+/// the first (3-channel) convolution and the spatial softmax in float, on the host and on aarch64
+/// under QEMU. Bit for bit wherever the int4 layers decide it (the float convolution sums in
+/// another order than the runtime's GEMM, so the report is not exact: C_TOL applies).
+#[test]
+fn generated_c_runs_the_pixel_cnn() {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
+    for spec in ["wbits=4,abits=8,group=64", "wbits=4,abits=4,group=channel"] {
+        let name = "bc_pickplace_pixels";
+        let (dir, exact, want) = generate_n(name, spec, "cnn", 3);
+        let src = std::fs::read_to_string(dir.join("policy.c")).unwrap();
+        assert!(src.contains("sqil_conv_q4q8(") && src.contains("sqil_conv_f32("), "{spec}: no int4 convolution");
+        let exe = dir.join("selftest");
+        run(
+            Command::new(&cc)
+                .args(STRICT)
+                .arg(dir.join("policy.c"))
+                .arg(dir.join("selftest.c"))
+                .arg("-o")
+                .arg(&exe)
+                .arg("-lm"),
+            &format!("{name} {spec}: cc"),
+        );
+        check(&format!("host {name} {spec}"), &run(&mut Command::new(&exe), "selftest"), exact, &want);
+        if aarch64 {
+            let exe = dir.join("selftest-a64");
+            run(
+                Command::new("aarch64-linux-gnu-gcc")
+                    .args(STRICT)
+                    .args(["-march=armv8.2-a+dotprod", "-static"])
+                    .arg(dir.join("policy.c"))
+                    .arg(dir.join("selftest.c"))
+                    .arg("-o")
+                    .arg(&exe)
+                    .arg("-lm"),
+                "aarch64-linux-gnu-gcc",
+            );
+            let out = run(Command::new("qemu-aarch64").args(["-cpu", "max"]).arg(&exe), "qemu-aarch64");
+            check(&format!("aarch64 dotprod {name} {spec}"), &out, exact, &want);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]

@@ -150,6 +150,10 @@ struct Emitter {
     uses: std::collections::BTreeSet<&'static str>,
     /// Whether a layer loops over rows (`sqil_r` is declared).
     row_loops: bool,
+    /// Bytes of the int8 image buffer of the int4 convolutions, and floats of their per-position
+    /// output buffer.
+    qimg: usize,
+    ctmp: usize,
 }
 
 impl Emitter {
@@ -265,19 +269,28 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
         libm: false,
         uses: Default::default(),
         row_loops: false,
+        qimg: 0,
+        ctmp: 0,
     };
     let mut qbuf = 0usize;
     let mut described = vec![];
     for &i in &live_steps {
         let step = &plan.steps[i];
         match step {
-            Step::Q4Linear { conv: Some(_), .. } => {
-                return Err(IrError::Unsupported(format!(
-                    "step `{}`: int4 convolutions (im2col) are not in the C back end yet",
-                    step_names[i]
-                )))
-            }
-            Step::Q4Linear { name, layer, x, y, act, w, bias, relu, conv: None } => {
+            Step::Q4Linear { name, layer, x, y, act, w, bias, relu, conv } => {
+                // Int4 convolutions: 2-D, int8 activations (the plan makes no others).
+                let conv_geo = match conv {
+                    None => None,
+                    Some(im) => match (im.geo.input.len(), act) {
+                        (2, ActQuant::Int { .. }) => Some(im),
+                        _ => {
+                            return Err(IrError::Unsupported(format!(
+                                "step `{}`: the C back end runs 2-D int4 convolutions only",
+                                step_names[i]
+                            )))
+                        }
+                    },
+                };
                 let id = c_ident(layer);
                 let _ = writeln!(em.consts, "/* {name}: [{} x {}] int4, groups of {} */", w.n, w.k, w.group);
                 let blocks: Vec<String> = w
@@ -310,7 +323,47 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         format!(" + sqil_r * {}", w.n),
                     )
                 };
-                em.row_loops |= rows > 1;
+                em.row_loops |= rows > 1 && conv_geo.is_none();
+                if let (Some(im), ActQuant::Int { scale, zero, lo, hi }) = (conv_geo, act) {
+                    let sums: Vec<String> = w.sums.iter().map(|v| v.to_string()).collect();
+                    c_array(&mut em.consts, "int32_t", &format!("sqil_ws_{id}"), &sums, 12);
+                    em.packed_bytes += w.sums.len() * 4;
+                    let g = &im.geo;
+                    let geo: Vec<String> = [
+                        im.channels,
+                        g.input[0],
+                        g.input[1],
+                        g.kernel[0],
+                        g.kernel[1],
+                        g.strides[0],
+                        g.strides[1],
+                        g.dilations[0],
+                        g.dilations[1],
+                    ]
+                    .iter()
+                    .map(|v| v.to_string())
+                    .chain(g.pads_begin.iter().map(|v| v.to_string()))
+                    .chain(g.output.iter().map(|v| v.to_string()))
+                    .collect();
+                    c_array(&mut em.consts, "int32_t", &format!("sqil_g_{id}"), &geo, 13);
+                    qbuf = qbuf.max(w.k_pad);
+                    em.qimg = em.qimg.max(im.channels * im.input_len());
+                    em.ctmp = em.ctmp.max(w.n);
+                    em.uses.insert("SQIL_USE_Q4Q8");
+                    em.uses.insert("SQIL_USE_CONV_Q4Q8");
+                    let sc = flit(*scale, name)?;
+                    let _ = writeln!(
+                        em.body,
+                        "    /* {name} */\n    sqil_conv_q4q8({xe}, sqil_g_{id}, sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, \
+                         {sc}, {zero}, {lo}, {hi}, {bias_expr}, {}, sqil_qimg, sqil_qbuf, sqil_ctmp, {ye});",
+                        w.n,
+                        w.k_pad,
+                        w.group,
+                        *relu as i32
+                    );
+                    described.push(step_names[i].clone());
+                    continue;
+                }
                 match act {
                     ActQuant::Int { scale, zero, lo, hi } => {
                         let sums: Vec<String> = w.sums.iter().map(|v| v.to_string()).collect();
@@ -409,6 +462,9 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
     c.push('\n');
     c.push_str(&em.consts);
     let _ = writeln!(c, "\nstatic float sqil_arena[{}];", arena.max(1));
+    if em.qimg > 0 {
+        let _ = writeln!(c, "static int8_t sqil_qimg[{}];\nstatic float sqil_ctmp[{}];", em.qimg, em.ctmp);
+    }
     if qbuf > 0 {
         let _ = writeln!(c, "static int8_t sqil_qbuf[{qbuf}];");
     }
@@ -436,7 +492,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
             packed_weight_bytes: em.packed_bytes,
             const_bytes: em.const_bytes,
             arena_bytes: 4 * arena,
-            qbuf_bytes: qbuf,
+            qbuf_bytes: qbuf + em.qimg + 4 * em.ctmp,
             input_sizes: in_sizes,
             output_sizes: out_sizes,
             bit_exact: em.exact,
@@ -708,6 +764,58 @@ fn emit_op(
                 let _ = writeln!(em.body, "    memmove({ye} + {at}, {src}, sizeof(float) * {});", t.len());
                 at += t.len();
             }
+        }
+        Op::Conv(c) => {
+            let x = dyn_in(0)?;
+            let xt = val(inputs[0].expect("checked"))?;
+            let Some(w) = const_of(1) else { return Err(unsupported("computed weight")) };
+            if xt.rank() != 4 || xt.shape[0] != 1 {
+                return Err(unsupported("convolutions other than 2-D on one image"));
+            }
+            let g = c.input_geometry(&xt.shape, &w.shape)?;
+            let geo: Vec<String> = [xt.shape[1], g.input[0], g.input[1], g.kernel[0], g.kernel[1]]
+                .iter()
+                .chain(&g.strides)
+                .chain(&g.dilations)
+                .map(|v| v.to_string())
+                .chain(g.pads_begin.iter().map(|v| v.to_string()))
+                .chain(g.output.iter().map(|v| v.to_string()))
+                .chain(std::iter::once(c.group.to_string()))
+                .collect();
+            let gname = format!("sqil_c{}", em.next_const);
+            em.next_const += 1;
+            c_array(&mut em.consts, "int32_t", &gname, &geo, 14);
+            let wname = em.const_array(&w.data.to_f32_vec(), &what)?;
+            let bname = match const_of(2) {
+                Some(b) => em.const_array(&b.data.to_f32_vec(), &what)?,
+                None if inputs.get(2).copied().flatten().is_some() => return Err(unsupported("computed bias")),
+                None => "0".into(),
+            };
+            // The runtime's reference convolution sums through im2col and a GEMM: another order.
+            em.exact = false;
+            em.uses.insert("SQIL_USE_CONV_F32");
+            let _ = writeln!(em.body, "    sqil_conv_f32({x}, {gname}, {wname}, {}, {bname}, {ye});", w.shape[0]);
+        }
+        Op::Softmax { axis, .. } => {
+            // Over the last axis (with opset < 13's coercion that is the same rows), in double as
+            // the runtime: max, exponentials, their sum in order, each divided by it.
+            let x = dyn_in(0)?;
+            let rank = yt.rank() as i64;
+            if !(*axis == -1 || *axis == rank - 1) {
+                return Err(unsupported("softmax over other than the last axis"));
+            }
+            let dim = *yt.shape.last().unwrap_or(&1);
+            em.libm = true;
+            em.exact = false;
+            let _ = writeln!(
+                em.body,
+                "    {{\n        int32_t o, j;\n        for (o = 0; o < {}; o++) {{\n            \
+                 const float *row = {x} + o * {dim};\n            double m = -HUGE_VAL, s = 0.0;\n            \
+                 for (j = 0; j < {dim}; j++) if ((double)row[j] > m) m = (double)row[j];\n            \
+                 for (j = 0; j < {dim}; j++) s += exp((double)row[j] - m);\n            \
+                 for (j = 0; j < {dim}; j++) {ye}[o * {dim} + j] = (float)(exp((double)row[j] - m) / s);\n        }}\n    }}",
+                n / dim.max(1)
+            );
         }
         _ => return Err(unsupported("op")),
     }

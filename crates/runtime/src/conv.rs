@@ -14,7 +14,7 @@ use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::ConvAttrs;
 use sqil_ir::{Graph, Op, Result, ValueRef};
 use sqil_kernels_cpu::generic::{quantize_i8, round_even, QRow};
-use sqil_kernels_cpu::{Layout, PackedQ4};
+use sqil_kernels_cpu::{ConvGeometry, Layout, PackedQ4};
 use std::cell::RefCell;
 
 /// How a convolution's input becomes the rows of a Q4 step.
@@ -30,6 +30,9 @@ pub struct Im2col {
     pub taps: usize,
     /// Per (tap, output position) the flat input position, or `u32::MAX` in padding.
     pub table: Vec<u32>,
+    /// The window geometry the table was made from (kernel, strides, dilations, padding), for
+    /// code generators.
+    pub geo: ConvGeometry,
 }
 
 impl Im2col {
@@ -70,6 +73,7 @@ pub(crate) fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) 
         output: geo.output.clone(),
         taps: geo.kernel_len(),
         table: table.into_iter().map(|t| t.map_or(u32::MAX, |i| i as u32)).collect(),
+        geo,
     })
 }
 
