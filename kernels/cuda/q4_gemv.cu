@@ -137,6 +137,48 @@ SQIL_Q4_GEMV(16)
 // of x in registers for all R rows and issues the R rows' 16-byte weight loads together, so the
 // activations are loaded once per R rows (measured faster than q4_gemv_impl at batch 4 on an
 // H200, slower at batch 1). Same arithmetic per (row, batch) as q4_gemv_impl, so the same results.
+// Chunk c (32 weights) of R rows from row0 (clamped to n - 1) against the batch: the R rows'
+// 16-byte loads issued together, the activations loaded once for all R rows.
+template <int B, int R>
+__device__ __forceinline__ void q4_rows_chunk(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
+                                              const sqil_half *__restrict__ x, int n, int k, int batch, int gshift,
+                                              int row0, int c, float (&acc)[R][B])
+{
+    const int chunks = k >> 5;
+    uint4 q[R];
+    float s[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int row = min(row0 + r, n - 1);
+        q[r] = __ldg(w + (size_t)row * chunks + c);
+        s[r] = h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (c >> gshift)]);
+    }
+    uint4 xv[B][4];
+#pragma unroll
+    for (int b = 0; b < B; b++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            xv[b][i] = b < batch ? __ldg(reinterpret_cast<const uint4 *>(x + (size_t)b * k + (size_t)c * 32) + i)
+                                 : make_uint4(0, 0, 0, 0);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const unsigned int words[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
+#pragma unroll
+        for (int b = 0; b < B; b++) {
+            float part = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                sqil_half2 wv[4];
+                q4_unpack_word(words[i], wv);
+                part += q4_dot8(wv, xv[b][i]);
+            }
+            acc[r][b] += part * s[r];
+        }
+    }
+}
+
 template <int B, int R>
 __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, const sqil_half *__restrict__ scales,
                                                   const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
@@ -159,38 +201,7 @@ __device__ __forceinline__ void q4_gemv_rows_impl(const uint4 *__restrict__ w, c
         }
     }
     for (int c = lane; c < chunks; c += 32) {
-        uint4 q[R];
-        float s[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int row = min(row0 + r, n - 1);
-            q[r] = __ldg(w + (size_t)row * chunks + c);
-            s[r] = h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (c >> gshift)]);
-        }
-        uint4 xv[B][4];
-#pragma unroll
-        for (int b = 0; b < B; b++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                xv[b][i] = b < batch ? __ldg(reinterpret_cast<const uint4 *>(x + (size_t)b * k + (size_t)c * 32) + i)
-                                     : make_uint4(0, 0, 0, 0);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const unsigned int words[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
-#pragma unroll
-            for (int b = 0; b < B; b++) {
-                float part = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    sqil_half2 wv[4];
-                    q4_unpack_word(words[i], wv);
-                    part += q4_dot8(wv, xv[b][i]);
-                }
-                acc[r][b] += part * s[r];
-            }
-        }
+        q4_rows_chunk<B, R>(w, scales, x, n, k, batch, gshift, row0, c, acc);
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -242,38 +253,7 @@ __device__ __forceinline__ void q4_gemv_split_impl(const uint4 *__restrict__ w, 
         }
     }
     for (int c = lane + 32 * warp; c < chunks; c += 32 * S) {
-        uint4 q[R];
-        float sc[R];
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int row = min(row0 + r, n - 1);
-            q[r] = __ldg(w + (size_t)row * chunks + c);
-            sc[r] = h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (c >> gshift)]);
-        }
-        uint4 xv[B][4];
-#pragma unroll
-        for (int b = 0; b < B; b++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                xv[b][i] = b < batch ? __ldg(reinterpret_cast<const uint4 *>(x + (size_t)b * k + (size_t)c * 32) + i)
-                                     : make_uint4(0, 0, 0, 0);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const unsigned int words[4] = {q[r].x, q[r].y, q[r].z, q[r].w};
-#pragma unroll
-            for (int b = 0; b < B; b++) {
-                float p = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    sqil_half2 wv[4];
-                    q4_unpack_word(words[i], wv);
-                    p += q4_dot8(wv, xv[b][i]);
-                }
-                acc[r][b] += p * sc[r];
-            }
-        }
+        q4_rows_chunk<B, R>(w, scales, x, n, k, batch, gshift, row0, c, acc);
     }
 #pragma unroll
     for (int r = 0; r < R; r++) {
@@ -360,6 +340,56 @@ __device__ __forceinline__ sqil_half2 q4_pair(unsigned int word, int p)
     return h2_sub(((word >> (4 * p)) & 0x000F000Fu) | 0x64006400u, 0x64086408u);
 }
 
+// The end of the tensor-core kernels: each warp's fp32 accumulators of T tiles (the mma C
+// layout: tokens g and g + 8, rows 2 tig and 2 tig + 1 of each tile of eight) through shared
+// memory, summed in warp order by warp 0, times the token's activation scale (xs, if given), plus
+// the bias, ReLU if asked, stored as fp16.
+template <int T, int S>
+__device__ __forceinline__ void mma_reduce_store(float (&part)[S][T][4][32], const float (&acc)[T][4],
+                                                 const float *__restrict__ xs, const sqil_half *__restrict__ bias,
+                                                 sqil_half *__restrict__ y, int n, int batch, int relu, int row0)
+{
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2, tig = lane & 3;
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            part[warp][t][i][lane] = acc[t][i];
+        }
+    }
+    __syncthreads();
+    if (warp != 0) {
+        return;
+    }
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int token = g + (i >= 2 ? 8 : 0);
+            const int row = row0 + t * 8 + tig * 2 + (i & 1);
+            if (token < batch && row < n) {
+                float v = 0.0f;
+#pragma unroll
+                for (int s = 0; s < S; s++) {
+                    v += part[s][t][i][lane];
+                }
+                if (xs != nullptr) {
+                    v *= xs[token];
+                }
+                if (bias != nullptr) {
+                    v += h_to_f(bias[row]);
+                }
+                if (relu && v < 0.0f) {
+                    v = 0.0f;
+                }
+                y[(size_t)token * n + row] = f_to_h(v);
+            }
+        }
+    }
+}
+
 template <int T, int S, int P>
 __device__ __forceinline__ void q4_mma_impl(const uint4 *__restrict__ wm, const sqil_half *__restrict__ scales,
                                             const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
@@ -443,38 +473,7 @@ __device__ __forceinline__ void q4_mma_impl(const uint4 *__restrict__ wm, const 
             }
         }
     }
-#pragma unroll
-    for (int t = 0; t < T; t++) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            part[warp][t][i][lane] = acc[t][i];
-        }
-    }
-    __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-        for (int t = 0; t < T; t++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int token = g + (i >= 2 ? 8 : 0);
-                const int row = row0 + t * 8 + tig * 2 + (i & 1);
-                if (token < batch && row < n) {
-                    float v = 0.0f;
-#pragma unroll
-                    for (int s = 0; s < S; s++) {
-                        v += part[s][t][i][lane];
-                    }
-                    if (bias != nullptr) {
-                        v += h_to_f(bias[row]);
-                    }
-                    if (relu && v < 0.0f) {
-                        v = 0.0f;
-                    }
-                    y[(size_t)token * n + row] = f_to_h(v);
-                }
-            }
-        }
-    }
+    mma_reduce_store<T, S>(part, acc, nullptr, bias, y, n, batch, relu, row0);
 }
 
 // Instances sqil_q4_mma_t{T}_s{S}[_p]: S warps per block (32 * S threads), 8 * T rows per block,
@@ -619,39 +618,7 @@ __device__ __forceinline__ void q4_mma8_impl(const uint4 *__restrict__ wm, const
             }
         }
     }
-#pragma unroll
-    for (int t = 0; t < T; t++) {
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            part[warp][t][i][lane] = acc[t][i];
-        }
-    }
-    __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-        for (int t = 0; t < T; t++) {
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int token = g + (i >= 2 ? 8 : 0);
-                const int row = row0 + t * 8 + tig * 2 + (i & 1);
-                if (token < batch && row < n) {
-                    float v = 0.0f;
-#pragma unroll
-                    for (int s = 0; s < S; s++) {
-                        v += part[s][t][i][lane];
-                    }
-                    v *= xs[token];
-                    if (bias != nullptr) {
-                        v += h_to_f(bias[row]);
-                    }
-                    if (relu && v < 0.0f) {
-                        v = 0.0f;
-                    }
-                    y[(size_t)token * n + row] = f_to_h(v);
-                }
-            }
-        }
-    }
+    mma_reduce_store<T, S>(part, acc, xs, bias, y, n, batch, relu, row0);
 }
 
 // Instances sqil_q4_mma8_t{T}_s{S}: S warps per block (32 * S threads), 8 * T rows per block.

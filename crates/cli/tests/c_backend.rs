@@ -100,6 +100,27 @@ fn run(cmd: &mut Command, what: &str) -> String {
 
 const STRICT: [&str; 8] = ["-std=c99", "-pedantic", "-O2", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wconversion"];
 
+/// Compiles `dir`'s policy.c + selftest.c with `compiler` (strict flags plus `flags`) and runs the
+/// program, through `runner` if given; returns its output.
+fn build_and_run(dir: &Path, compiler: &str, flags: &[&str], runner: &[&str], what: &str) -> String {
+    let exe = dir.join(format!("selftest-{}", what.replace([' ', '/', ',', '='], "_")));
+    run(
+        Command::new(compiler)
+            .args(STRICT)
+            .args(flags)
+            .arg(dir.join("policy.c"))
+            .arg(dir.join("selftest.c"))
+            .arg("-o")
+            .arg(&exe)
+            .arg("-lm"),
+        &format!("{what}: {compiler}"),
+    );
+    match runner.split_first() {
+        Some((r, args)) => run(Command::new(r).args(args).arg(&exe), &format!("{what}: {r}")),
+        None => run(&mut Command::new(&exe), &format!("{what}: selftest")),
+    }
+}
+
 const POLICIES: [&str; 5] = ["bc_hopper", "bc_lander", "bc_pickplace", "hopper_mlp", "mlp"];
 const CONFIGS: [&str; 5] = [
     "wbits=4,abits=8,group=64",
@@ -116,18 +137,8 @@ fn generated_c_matches_the_runtime_on_every_mlp_policy() {
     for name in POLICIES {
         for spec in CONFIGS {
             let (dir, exact, want) = generate(name, spec, "host");
-            let exe = dir.join("selftest");
-            run(
-                Command::new(&cc)
-                    .args(STRICT)
-                    .arg(dir.join("policy.c"))
-                    .arg(dir.join("selftest.c"))
-                    .arg("-o")
-                    .arg(&exe)
-                    .arg("-lm"),
-                &format!("{name} {spec}: cc"),
-            );
-            check(&format!("host {name} {spec}"), &run(&mut Command::new(&exe), "selftest"), exact, &want);
+            let what = format!("host {name} {spec}");
+            check(&what, &build_and_run(&dir, &cc, &[], &[], &what), exact, &want);
             exact_runs += exact as usize;
             let _ = std::fs::remove_dir_all(&dir);
         }
@@ -149,33 +160,12 @@ fn generated_c_runs_the_pixel_cnn() {
         let (dir, exact, want) = generate_n(name, spec, "cnn", 3);
         let src = std::fs::read_to_string(dir.join("policy.c")).unwrap();
         assert!(src.contains("sqil_conv_q4q8(") && src.contains("sqil_conv_f32("), "{spec}: no int4 convolution");
-        let exe = dir.join("selftest");
-        run(
-            Command::new(&cc)
-                .args(STRICT)
-                .arg(dir.join("policy.c"))
-                .arg(dir.join("selftest.c"))
-                .arg("-o")
-                .arg(&exe)
-                .arg("-lm"),
-            &format!("{name} {spec}: cc"),
-        );
-        check(&format!("host {name} {spec}"), &run(&mut Command::new(&exe), "selftest"), exact, &want);
+        let what = format!("host {name} {spec}");
+        check(&what, &build_and_run(&dir, &cc, &[], &[], &what), exact, &want);
         if aarch64 {
-            let exe = dir.join("selftest-a64");
-            run(
-                Command::new("aarch64-linux-gnu-gcc")
-                    .args(STRICT)
-                    .args(["-march=armv8.2-a+dotprod", "-static"])
-                    .arg(dir.join("policy.c"))
-                    .arg(dir.join("selftest.c"))
-                    .arg("-o")
-                    .arg(&exe)
-                    .arg("-lm"),
-                "aarch64-linux-gnu-gcc",
-            );
-            let out = run(Command::new("qemu-aarch64").args(["-cpu", "max"]).arg(&exe), "qemu-aarch64");
-            check(&format!("aarch64 dotprod {name} {spec}"), &out, exact, &want);
+            let what = format!("aarch64 dotprod {name} {spec}");
+            let (flags, qemu) = (["-march=armv8.2-a+dotprod", "-static"], ["qemu-aarch64", "-cpu", "max"]);
+            check(&what, &build_and_run(&dir, "aarch64-linux-gnu-gcc", &flags, &qemu, &what), exact, &want);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -222,21 +212,16 @@ fn aarch64_neon_and_dotprod_under_qemu() {
     for (name, spec) in CROSS_CASES {
         let (dir, exact, want) = generate(name, spec, "a64");
         for (march, cpu) in [("armv8-a", "cortex-a53"), ("armv8.2-a+dotprod", "max")] {
-            let exe = dir.join(format!("selftest-{cpu}"));
-            run(
-                Command::new("aarch64-linux-gnu-gcc")
-                    .args(STRICT)
-                    .arg(format!("-march={march}"))
-                    .arg("-static")
-                    .arg(dir.join("policy.c"))
-                    .arg(dir.join("selftest.c"))
-                    .arg("-o")
-                    .arg(&exe)
-                    .arg("-lm"),
+            let what = format!("aarch64 {march} {name} {spec}");
+            let march = format!("-march={march}");
+            let out = build_and_run(
+                &dir,
                 "aarch64-linux-gnu-gcc",
+                &[&march, "-static"],
+                &["qemu-aarch64", "-cpu", cpu],
+                &what,
             );
-            let out = run(Command::new("qemu-aarch64").args(["-cpu", cpu]).arg(&exe), "qemu-aarch64");
-            check(&format!("aarch64 {march} {name} {spec}"), &out, exact, &want);
+            check(&what, &out, exact, &want);
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

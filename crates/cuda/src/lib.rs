@@ -175,24 +175,18 @@ pub fn dequantize(w: &HostQ4) -> Vec<f32> {
     out
 }
 
-/// The weights of `w` in the tensor-core kernels' layout (see `sqil_q4_mma_*` in
-/// `kernels/cuda/q4_gemv.cu`): `[n][k / 128][4 lanes][4 words]`; word `w` of lane `tig` holds pair
-/// `p` (elements `e = 128 j + 16 (2w + p / 2) + 8 (p % 2) + 2 tig` and `e + 1`) at bits `4p` and
-/// `16 + 4p`.
-pub fn mma_words(w: &HostQ4) -> Vec<u32> {
-    let nib = |r: usize, e: usize| w.nibble(r, e);
+/// Rearranges `w` for the tensor-core kernels: per row, group of 128 and lane `tig` of a quad,
+/// four words, word `wd` built by `word(nibble, 128 j, tig, wd)` from the stored nibbles of the
+/// row (`nibble(e)`: element `e`'s `q + 8`).
+fn per_lane_words(w: &HostQ4, word: impl Fn(&dyn Fn(usize) -> u32, usize, usize, usize) -> u32) -> Vec<u32> {
     let groups = w.k / 128;
     let mut out = Vec::with_capacity(w.n * w.k / 8);
     for r in 0..w.n {
+        let nib = |e: usize| w.nibble(r, e);
         for j in 0..groups {
             for tig in 0..4 {
                 for wd in 0..4 {
-                    let mut v = 0u32;
-                    for p in 0..4 {
-                        let e = 128 * j + 16 * (2 * wd + p / 2) + 8 * (p % 2) + 2 * tig;
-                        v |= nib(r, e) << (4 * p) | nib(r, e + 1) << (16 + 4 * p);
-                    }
-                    out.push(v);
+                    out.push(word(&nib, 128 * j, tig, wd));
                 }
             }
         }
@@ -200,29 +194,29 @@ pub fn mma_words(w: &HostQ4) -> Vec<u32> {
     out
 }
 
-/// The weights of `w` in the int8 tensor-core kernels' layout (see `sqil_q4_mma8_*` in
-/// `kernels/cuda/q4_gemv.cu`): `[n][k / 128][4 lanes][4 words]`; byte `i` of word `w` of lane
-/// `tig` holds element `128 j + 32 w + 4 tig + i` (as `q + 8`) in its low nibble and element
-/// `128 j + 32 w + 16 + 4 tig + i` in its high nibble.
+/// The weights of `w` in the fp16 tensor-core kernels' layout (see `sqil_q4_mma_*` in
+/// `kernels/cuda/q4_gemv.cu`): `[n][k / 128][4 lanes][4 words]`; word `wd` of lane `tig` holds
+/// pair `p` (elements `e = 128 j + 16 (2 wd + p / 2) + 8 (p % 2) + 2 tig` and `e + 1`) at bits
+/// `4p` and `16 + 4p`.
+pub fn mma_words(w: &HostQ4) -> Vec<u32> {
+    per_lane_words(w, |nib, base, tig, wd| {
+        (0..4).fold(0u32, |v, p| {
+            let e = base + 16 * (2 * wd + p / 2) + 8 * (p % 2) + 2 * tig;
+            v | nib(e) << (4 * p) | nib(e + 1) << (16 + 4 * p)
+        })
+    })
+}
+
+/// The weights of `w` in the int8 tensor-core kernels' layout (see `sqil_q4_mma8_*`): as
+/// [`mma_words`], byte `i` of word `wd` of lane `tig` holding element `128 j + 32 wd + 4 tig + i`
+/// (as `q + 8`) in its low nibble and that element + 16 in its high nibble.
 pub fn mma8_words(w: &HostQ4) -> Vec<u32> {
-    let nib = |r: usize, e: usize| w.nibble(r, e);
-    let groups = w.k / 128;
-    let mut out = Vec::with_capacity(w.n * w.k / 8);
-    for r in 0..w.n {
-        for j in 0..groups {
-            for tig in 0..4 {
-                for wd in 0..4 {
-                    let mut v = 0u32;
-                    for i in 0..4 {
-                        let e = 128 * j + 32 * wd + 4 * tig + i;
-                        v |= (nib(r, e) | nib(r, e + 16) << 4) << (8 * i);
-                    }
-                    out.push(v);
-                }
-            }
-        }
-    }
-    out
+    per_lane_words(w, |nib, base, tig, wd| {
+        (0..4).fold(0u32, |v, i| {
+            let e = base + 32 * wd + 4 * tig + i;
+            v | (nib(e) | nib(e + 16) << 4) << (8 * i)
+        })
+    })
 }
 
 /// Scratch for [`Gpu::q4_gemm_w4a8`]: the batch's int8 activations, scales and sums (16 tokens of

@@ -10,9 +10,10 @@
 //! and tap, `[O, C / b, kh, kw]`) becomes contiguous groups of the packed row. Scales that vary
 //! within a group of a multiple of 32 are not representable: such a Conv stays a reference op.
 
+use crate::plan::{weight_quant, WeightQuant};
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::ConvAttrs;
-use sqil_ir::{Graph, Op, Result, ValueRef};
+use sqil_ir::{Graph, Result, ValueRef};
 use sqil_kernels_cpu::generic::{quantize_i8, round_even, QRow};
 use sqil_kernels_cpu::{ConvGeometry, Layout, PackedQ4};
 use std::cell::RefCell;
@@ -80,15 +81,8 @@ pub(crate) fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) 
 /// The int4 weight of a convolution (weight `w` = FakeQuant of a constant `[O, C, kernel...]`),
 /// with the reduction axis in `(tap, channel)` order; see [`ConvWeight`].
 pub(crate) fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Option<ConvWeight>> {
-    let Op::FakeQuant { bits, signed: true, axis, block_size } = g.node(w.node).op else { return Ok(None) };
-    if bits > 4 {
-        return Ok(None);
-    }
-    let ins = g.inputs_of(w.node);
-    let (Some(wt), Some(st)) = (ins[0].and_then(|v| g.const_value(v)), ins[1].and_then(|v| g.const_value(v))) else {
-        return Ok(None);
-    };
-    if ins.get(2).copied().flatten().is_some() || wt.rank() < 3 {
+    let Some(WeightQuant { bits, axis, block_size, w: wt, scales: st }) = weight_quant(g, w) else { return Ok(None) };
+    if wt.rank() < 3 {
         return Ok(None);
     }
     let (o, ch) = (wt.shape[0], wt.shape[1]);

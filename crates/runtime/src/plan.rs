@@ -85,17 +85,35 @@ pub struct Plan {
 /// A weight a Q4 step can absorb: signed ints `[n, k]` row-major, scales, n, k, group.
 type Q4Weight = (Vec<i8>, Vec<f32>, usize, usize, usize);
 
-/// The weight FakeQuant a Q4 step can absorb, or `None` (`shape_only`: no ints or scales).
-fn q4_weight(g: &Graph, w: ValueRef, trans_b: bool, shape_only: bool) -> Result<Option<Q4Weight>> {
-    let Op::FakeQuant { bits, signed: true, axis, block_size } = g.node(w.node).op else { return Ok(None) };
-    if bits > 4 {
-        return Ok(None);
-    }
+/// A signed 2-4 bit FakeQuant of a constant with constant scales and no zero point (a weight an
+/// int4 step can absorb): bits, axis, block size, the float weight and the scales.
+pub(crate) struct WeightQuant<'g> {
+    pub bits: u8,
+    pub axis: i64,
+    pub block_size: i64,
+    pub w: &'g Tensor,
+    pub scales: &'g Tensor,
+}
+
+pub(crate) fn weight_quant(g: &Graph, w: ValueRef) -> Option<WeightQuant<'_>> {
+    let Op::FakeQuant { bits, signed: true, axis, block_size } = g.node(w.node).op else { return None };
     let ins = g.inputs_of(w.node);
     let (Some(wt), Some(st)) = (ins[0].and_then(|v| g.const_value(v)), ins[1].and_then(|v| g.const_value(v))) else {
-        return Ok(None);
+        return None;
     };
-    if ins.get(2).copied().flatten().is_some() || wt.rank() != 2 {
+    (bits <= 4 && ins.get(2).copied().flatten().is_none()).then_some(WeightQuant {
+        bits,
+        axis,
+        block_size,
+        w: wt,
+        scales: st,
+    })
+}
+
+/// The weight FakeQuant a Q4 step can absorb, or `None` (`shape_only`: no ints or scales).
+fn q4_weight(g: &Graph, w: ValueRef, trans_b: bool, shape_only: bool) -> Result<Option<Q4Weight>> {
+    let Some(WeightQuant { bits, axis, block_size, w: wt, scales: st }) = weight_quant(g, w) else { return Ok(None) };
+    if wt.rank() != 2 {
         return Ok(None);
     }
     // Layout as [n, k]: Gemm trans_b stores [n, k]; MatMul / Gemm without trans_b store [k, n].
