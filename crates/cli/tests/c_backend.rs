@@ -171,6 +171,44 @@ fn generated_c_runs_the_pixel_cnn() {
     }
 }
 
+/// An int4 MatMul over `[batch, tokens, d]` (a transformer's projection): the C code runs the
+/// kernels once per token, bit for bit with the runtime's batched kernel.
+#[test]
+fn generated_c_runs_int4_layers_over_tokens() {
+    use sqil_ir::ops::UnaryOp;
+    use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueType};
+    let (t, d, o) = (5usize, 64usize, 24usize);
+    let mut g = Graph::new("tokens");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(t), Dim::Known(d)]));
+    let wv: Vec<f32> = (0..d * o).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 0.3).collect();
+    let w = g.add_const("w", Tensor::from_f32(vec![d, o], wv).unwrap());
+    let h = g.add_inferred("proj", Op::MatMul, &[Some(x), Some(w)], "h").unwrap();
+    let y = g.add_inferred("relu", Op::Unary(UnaryOp::Relu), &[Some(h)], "y").unwrap();
+    g.outputs.push(y);
+    let dir = std::env::temp_dir().join(format!("sqil-c-tokens-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let states: Vec<f32> = (0..8 * t * d).map(|i| ((i * 7919 % 997) as f32 / 498.5 - 1.0) * 2.0).collect();
+    let input = dir.join("x.npy");
+    sqil::npy::write(&input, &Tensor::from_f32(vec![8, t, d], states).unwrap()).unwrap();
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings("wbits=4,abits=8,group=32").unwrap();
+    let (sim, _, _) = run_quantize(&g, &QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256)).unwrap();
+    let policy = Policy::from_graph(&sim).unwrap();
+    assert!(policy.plan.describe().iter().any(|s| s.contains("q4 x int")), "{:?}", policy.plan.describe());
+    let prog = emit(&policy, "policy").unwrap();
+    assert!(prog.source.contains("for (sqil_r = 0; sqil_r < 5;"), "no loop over the tokens");
+    let (ins, want) = selftest_vectors(&policy, &[sqil::npy::read(&input).unwrap()], 4).unwrap();
+    std::fs::write(dir.join("policy.h"), &prog.header).unwrap();
+    std::fs::write(dir.join("policy.c"), &prog.source).unwrap();
+    std::fs::write(dir.join("selftest.c"), selftest("policy", &ins, &want, C_TOL).unwrap()).unwrap();
+    let bits: Vec<Vec<u32>> = want.iter().map(|o| o[0].iter().map(|v| v.to_bits()).collect()).collect();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let what = "host int4 MatMul over 5 tokens";
+    check(what, &build_and_run(&dir, &cc, &[], &[], what), prog.report.bit_exact, &bits);
+    assert!(prog.report.bit_exact);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn unsupported_policies_are_refused_with_the_node_named() {
     for name in ["transformer", "cnn"] {
