@@ -14,7 +14,7 @@ use crate::plan::{weight_quant, WeightQuant};
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::ConvAttrs;
 use sqil_ir::{Graph, Result, ValueRef};
-use sqil_kernels_cpu::generic::{quantize_i8, round_even, QRow};
+use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, QRow};
 use sqil_kernels_cpu::{ConvGeometry, Layout, PackedQ4};
 use std::cell::RefCell;
 
@@ -208,12 +208,9 @@ pub(crate) fn run(
         s.rows.resize(ol * w.k_pad, 0);
         s.sums.resize(ol * groups, 0);
         s.bsums.resize(il * ch, 0);
-        let (zf, lof, hif) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
         for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
             // Quantize once (plane by plane, contiguous), then transpose to channels innermost.
-            for (q, &v) in s.planes.iter_mut().zip(img) {
-                *q = quantize_i8(v, scale, zf, lof, hif);
-            }
+            quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
             for (p, px) in s.image.chunks_exact_mut(ch).enumerate() {
                 for (c, d) in px.iter_mut().enumerate() {
                     *d = s.planes[c * il + p];

@@ -308,6 +308,29 @@ fn quantize_input_body(
     out.scale = scale;
 }
 
+/// [`quantize_i8`] over a slice (`out[i]` for `x[i]`), compiled for AVX2 too and dispatched at
+/// run time (the same IEEE operations lane by lane, so the same bytes).
+pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
+    #[inline(always)]
+    fn body(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
+        let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
+        for (d, &v) in out.iter_mut().zip(x) {
+            *d = quantize_i8(v, scale, z, lo, hi);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
+        body(x, scale, zero, lo, hi, out)
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA.
+        return unsafe { avx2(x, scale, zero, lo, hi, out) };
+    }
+    body(x, scale, zero, lo, hi, out)
+}
+
 /// One value quantized as FakeQuant does: `clamp(round_half_even(v / scale) + zero, lo, hi)`,
 /// `lo` and `hi` within int8.
 #[inline]

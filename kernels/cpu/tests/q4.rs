@@ -130,6 +130,9 @@ fn input_quantization_matches_fake_quant_per_element() {
             assert_eq!(q.q[i], want, "x[{i}] = {v}, zero {zero}");
         }
         assert!(q.q[160..].iter().all(|&v| v == 0), "padding");
+        let mut flat = vec![0i8; x.len()];
+        sqil_kernels_cpu::generic::quantize_i8_into(&x, 0.02, zero, -128, 127, &mut flat);
+        assert_eq!(flat, q.q[..160], "the slice quantizer");
         for (g, s) in q.sums.iter().enumerate() {
             assert_eq!(*s, q.q[g * 32..(g + 1) * 32].iter().map(|&v| v as i32).sum::<i32>());
         }
