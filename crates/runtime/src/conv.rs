@@ -229,7 +229,7 @@ pub(crate) fn run(
             // point (adds nothing: the kernels sum (x - zero) * w), k_pad tail = 0 against zero
             // weights. The group sums come from the position sums (the tail adds nothing).
             let pad = zero.clamp(-128, 127) as i8;
-            let per_channel = groups == 1 && nb * im.taps > 1;
+            let per_channel = groups == 1;
             for (o, (row, sums)) in s.rows.chunks_exact_mut(w.k_pad).zip(s.sums.chunks_exact_mut(groups)).enumerate() {
                 let mut total = 0;
                 for t in 0..im.taps {
