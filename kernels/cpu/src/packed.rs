@@ -49,8 +49,9 @@ impl BlockQ4 {
     }
 }
 
-/// A layer's weight `[n, k]` in Q4 blocks with group-wise scales.
-#[derive(Clone, Debug, PartialEq)]
+/// A layer's weight `[n, k]` in Q4 blocks with group-wise scales. (Equality compares the stored
+/// parts; the derived layouts follow from them.)
+#[derive(Clone, Debug)]
 pub struct PackedQ4 {
     pub n: usize,
     pub k: usize,
@@ -70,6 +71,34 @@ pub struct PackedQ4 {
     pub tile_scales: Vec<f32>,
     /// `sums` in the layout of `tile_scales`.
     pub tile_sums: Vec<i32>,
+    /// The weights again for the batch kernel that vectorises over output channels, made on
+    /// first use (see [`ChannelTiles`]).
+    pub channel_tiles: std::sync::OnceLock<ChannelTiles>,
+}
+
+/// A layer's signed weights one byte each, for kernels that keep eight output channels in one
+/// vector: per block of 32 channels (padded with zero rows), per group, per four consecutive k,
+/// 128 bytes: for each of the 32 channels its 4 weights (`data[((cb * groups + g) * (group / 4) +
+/// quad) * 128 + 4 c + i]`); scales and weight sums per (channel, group) likewise channel-minor
+/// (zero for padding rows).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChannelTiles {
+    /// Blocks of 32 channels.
+    pub blocks: usize,
+    pub data: Vec<i8>,
+    /// `[blocks][groups][32]`.
+    pub scales: Vec<f32>,
+    /// `[blocks][groups][32]`.
+    pub sums: Vec<i32>,
+}
+
+impl PartialEq for PackedQ4 {
+    fn eq(&self, o: &PackedQ4) -> bool {
+        (self.n, self.k, self.k_pad, self.group) == (o.n, o.k, o.k_pad, o.group)
+            && self.blocks == o.blocks
+            && self.scales == o.scales
+            && self.sums == o.sums
+    }
 }
 
 impl PackedQ4 {
@@ -135,7 +164,33 @@ impl PackedQ4 {
                 }
             }
         }
-        PackedQ4 { n, k, k_pad, group, blocks, scales, sums, tile_scales, tile_sums }
+        PackedQ4 { n, k, k_pad, group, blocks, scales, sums, tile_scales, tile_sums, channel_tiles: Default::default() }
+    }
+
+    /// [`ChannelTiles`] of this layer (built once).
+    pub fn channel_tiles(&self) -> &ChannelTiles {
+        self.channel_tiles.get_or_init(|| {
+            let groups = self.groups();
+            let blocks = self.n.div_ceil(32);
+            let quads = self.group / 4;
+            let mut data = vec![0i8; blocks * groups * quads * 128];
+            let mut scales = vec![0f32; blocks * groups * 32];
+            let mut sums = vec![0i32; blocks * groups * 32];
+            for r in 0..self.n {
+                let (cb, c) = (r / 32, r % 32);
+                for g in 0..groups {
+                    scales[(cb * groups + g) * 32 + c] = self.scales[r * groups + g];
+                    sums[(cb * groups + g) * 32 + c] = self.sums[r * groups + g];
+                    for quad in 0..quads {
+                        for i in 0..4 {
+                            let col = g * self.group + quad * 4 + i;
+                            data[((cb * groups + g) * quads + quad) * 128 + 4 * c + i] = self.get(r, col);
+                        }
+                    }
+                }
+            }
+            ChannelTiles { blocks, data, scales, sums }
+        })
     }
 
     /// The signed weight at `(row, col)`.

@@ -49,7 +49,7 @@ proptest! {
     }
 
     #[test]
-    fn q4q8_batched_kernels_equal_the_reference(seed in any::<u64>(), n in 1usize..300, kb in 1usize..6, batch in 1usize..9,
+    fn q4q8_batched_kernels_equal_the_reference(seed in any::<u64>(), n in 1usize..300, kb in 1usize..6, batch in 1usize..20,
                                                 per_group in 0usize..3, threads in 1usize..4) {
         let k = kb * 64;
         let w = layer(seed, n, k, [0, 32, 64][per_group], 4);

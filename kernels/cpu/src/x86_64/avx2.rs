@@ -4,7 +4,7 @@
 //! f32 activations (nibbles widened to f32 in registers, FMA accumulation).
 
 use crate::generic::QRow;
-use crate::packed::{PackedQ4, QK4};
+use crate::packed::{ChannelTiles, PackedQ4, QK4};
 use std::arch::x86_64::*;
 
 /// The 32 nibbles of a block as unsigned bytes in element order (0-15 low lane, 16-31 high).
@@ -290,5 +290,110 @@ pub unsafe fn avx2_gemv_q4f32_rows(
             total = _mm256_fmadd_ps(acc, _mm256_set1_ps(w.scales[r * groups + g]), total);
         }
         *out = hsum_f32(total) + bias.map_or(0.0, |b| b[r]);
+    }
+}
+
+/// W4A8 of one block of 32 output channels against `NP` inputs with the channels in vector lanes
+/// (weights from [`ChannelTiles`]): each input's four bytes at a time broadcast, made unsigned by
+/// flipping the sign bit (`x + 128`), `vpmaddubsw` against the 32 channels' four weights; i16
+/// sums over up to eight quads (at most 8 * 2 * 255 * 8 = 32640, so they fit), widened per eight
+/// quads; per group the exact sum less `(128 + zero) * sum(q)` is `sum (x - zero) q`, scaled in
+/// the shared epilogue's order. No horizontal reductions: every lane is one channel.
+#[inline(always)]
+unsafe fn channel_block<const NP: usize>(
+    w: &PackedQ4,
+    t: &ChannelTiles,
+    cb: usize,
+    xs: [QRow; NP],
+) -> [[__m256; 4]; NP] {
+    let groups = w.groups();
+    let quads = w.group / 4;
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128i8);
+    let mut accf = [[_mm256_setzero_ps(); 4]; NP];
+    for g in 0..groups {
+        let mut acc = [[_mm256_setzero_si256(); 4]; NP];
+        let base = t.data.as_ptr().add((cb * groups + g) * quads * 128);
+        let mut quad = 0;
+        while quad < quads {
+            let end = (quad + 8).min(quads);
+            let mut acc16 = [[_mm256_setzero_si256(); 4]; NP];
+            while quad < end {
+                let wp = base.add(quad * 128);
+                let wv: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
+                for c in 0..NP {
+                    let x4 = std::ptr::read_unaligned(xs[c].q.as_ptr().add(g * w.group + quad * 4) as *const i32);
+                    let xb = _mm256_xor_si256(_mm256_set1_epi32(x4), flip);
+                    for j in 0..4 {
+                        acc16[c][j] = _mm256_add_epi16(acc16[c][j], _mm256_maddubs_epi16(xb, wv[j]));
+                    }
+                }
+                quad += 1;
+            }
+            for c in 0..NP {
+                for j in 0..4 {
+                    acc[c][j] = _mm256_add_epi32(acc[c][j], _mm256_madd_epi16(acc16[c][j], ones));
+                }
+            }
+        }
+        let at = (cb * groups + g) * 32;
+        for c in 0..NP {
+            let zc = _mm256_set1_epi32(128 + xs[c].zero);
+            for j in 0..4 {
+                let ws = _mm256_loadu_si256(t.sums.as_ptr().add(at + 8 * j) as *const __m256i);
+                let sc = _mm256_loadu_ps(t.scales.as_ptr().add(at + 8 * j));
+                let v = _mm256_sub_epi32(acc[c][j], _mm256_mullo_epi32(zc, ws));
+                // The epilogue's order: product rounded, then added.
+                accf[c][j] = _mm256_add_ps(accf[c][j], _mm256_mul_ps(_mm256_cvtepi32_ps(v), sc));
+            }
+        }
+    }
+    accf
+}
+
+/// W4A8 of every row of `w` on a batch of inputs with the channels in vector lanes (see
+/// [`channel_block`]); output `(c, r)` goes to `y[c * cs + r * rs]`. Equal bit for bit to
+/// `generic_q4q8_row`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_gemm_q4q8_channels(
+    w: &PackedQ4,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    (cs, rs): (usize, usize),
+) {
+    let t = w.channel_tiles();
+    let mut b = [0f32; 32];
+    for cb in 0..t.blocks {
+        let rows = (w.n - 32 * cb).min(32);
+        b.fill(0.0);
+        if let Some(bias) = bias {
+            b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
+        }
+        let mut put = |c: usize, acc: &[__m256; 4], x: QRow| {
+            let mut out = [0f32; 32];
+            for (j, a) in acc.iter().enumerate() {
+                let v =
+                    _mm256_add_ps(_mm256_mul_ps(*a, _mm256_set1_ps(x.scale)), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
+                _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
+            }
+            for (l, &v) in out[..rows].iter().enumerate() {
+                y[c * cs + (32 * cb + l) * rs] = v;
+            }
+        };
+        let mut c = 0;
+        while c + 2 <= xs.len() {
+            let [a0, a1] = channel_block::<2>(w, t, cb, [xs[c], xs[c + 1]]);
+            put(c, &a0, xs[c]);
+            put(c + 1, &a1, xs[c + 1]);
+            c += 2;
+        }
+        if c < xs.len() {
+            let [a0] = channel_block::<1>(w, t, cb, [xs[c]]);
+            put(c, &a0, xs[c]);
+        }
     }
 }
