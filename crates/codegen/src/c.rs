@@ -133,6 +133,21 @@ fn plan_arena(bufs: &[(usize, usize, usize)]) -> (Vec<usize>, usize) {
     (offs, total)
 }
 
+/// The 2-D convolution geometry the C kernels take (`geo` of `sqil_conv_q4q8` /
+/// `sqil_conv_f32`): channels, input h and w, kernel h and w, strides, dilations, padding at the
+/// start, output h and w.
+fn conv_geometry_items(channels: usize, g: &sqil_kernels_cpu::ConvGeometry) -> Vec<String> {
+    std::iter::once(channels)
+        .chain(g.input.iter().copied())
+        .chain(g.kernel.iter().copied())
+        .chain(g.strides.iter().copied())
+        .chain(g.dilations.iter().copied())
+        .map(|v| v.to_string())
+        .chain(g.pads_begin.iter().map(|v| v.to_string()))
+        .chain(g.output.iter().map(|v| v.to_string()))
+        .collect()
+}
+
 /// `s` as a C identifier (every other character becomes `_`).
 pub fn c_ident(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
@@ -324,53 +339,32 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                     )
                 };
                 em.row_loops |= rows > 1 && conv_geo.is_none();
-                if let (Some(im), ActQuant::Int { scale, zero, lo, hi }) = (conv_geo, act) {
+                if let ActQuant::Int { .. } = act {
                     let sums: Vec<String> = w.sums.iter().map(|v| v.to_string()).collect();
                     c_array(&mut em.consts, "int32_t", &format!("sqil_ws_{id}"), &sums, 12);
                     em.packed_bytes += w.sums.len() * 4;
-                    let g = &im.geo;
-                    let geo: Vec<String> = [
-                        im.channels,
-                        g.input[0],
-                        g.input[1],
-                        g.kernel[0],
-                        g.kernel[1],
-                        g.strides[0],
-                        g.strides[1],
-                        g.dilations[0],
-                        g.dilations[1],
-                    ]
-                    .iter()
-                    .map(|v| v.to_string())
-                    .chain(g.pads_begin.iter().map(|v| v.to_string()))
-                    .chain(g.output.iter().map(|v| v.to_string()))
-                    .collect();
-                    c_array(&mut em.consts, "int32_t", &format!("sqil_g_{id}"), &geo, 13);
                     qbuf = qbuf.max(w.k_pad);
-                    em.qimg = em.qimg.max(im.channels * im.input_len());
-                    em.ctmp = em.ctmp.max(w.n);
                     em.uses.insert("SQIL_USE_Q4Q8");
-                    em.uses.insert("SQIL_USE_CONV_Q4Q8");
-                    let sc = flit(*scale, name)?;
-                    let _ = writeln!(
-                        em.body,
-                        "    /* {name} */\n    sqil_conv_q4q8({xe}, sqil_g_{id}, sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, \
-                         {sc}, {zero}, {lo}, {hi}, {bias_expr}, {}, sqil_qimg, sqil_qbuf, sqil_ctmp, {ye});",
-                        w.n,
-                        w.k_pad,
-                        w.group,
-                        *relu as i32
-                    );
-                    described.push(step_names[i].clone());
-                    continue;
                 }
-                match act {
-                    ActQuant::Int { scale, zero, lo, hi } => {
-                        let sums: Vec<String> = w.sums.iter().map(|v| v.to_string()).collect();
-                        c_array(&mut em.consts, "int32_t", &format!("sqil_ws_{id}"), &sums, 12);
-                        em.packed_bytes += w.sums.len() * 4;
-                        qbuf = qbuf.max(w.k_pad);
-                        em.uses.insert("SQIL_USE_Q4Q8");
+                match (act, conv_geo) {
+                    (ActQuant::Int { scale, zero, lo, hi }, Some(im)) => {
+                        let gname = format!("sqil_g_{id}");
+                        c_array(&mut em.consts, "int32_t", &gname, &conv_geometry_items(im.channels, &im.geo), 13);
+                        em.qimg = em.qimg.max(im.channels * im.geo.input_len());
+                        em.ctmp = em.ctmp.max(w.n);
+                        em.uses.insert("SQIL_USE_CONV_Q4Q8");
+                        let sc = flit(*scale, name)?;
+                        let _ = writeln!(
+                            em.body,
+                            "    /* {name} */\n    sqil_conv_q4q8({xe}, {gname}, sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, \
+                             {}, {sc}, {zero}, {lo}, {hi}, {bias_expr}, {}, sqil_qimg, sqil_qbuf, sqil_ctmp, {ye});",
+                            w.n,
+                            w.k_pad,
+                            w.group,
+                            *relu as i32
+                        );
+                    }
+                    (ActQuant::Int { scale, zero, lo, hi }, None) => {
                         let sc = flit(*scale, name)?;
                         let _ = writeln!(
                             em.body,
@@ -385,7 +379,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                             *relu as i32
                         );
                     }
-                    ActQuant::Float => {
+                    (ActQuant::Float, _) => {
                         // The runtime's AVX2 weight-only kernel sums in another order.
                         em.exact = false;
                         em.uses.insert("SQIL_USE_Q4F32");
@@ -773,15 +767,8 @@ fn emit_op(
                 return Err(unsupported("convolutions other than 2-D on one image"));
             }
             let g = c.input_geometry(&xt.shape, &w.shape)?;
-            let geo: Vec<String> = [xt.shape[1], g.input[0], g.input[1], g.kernel[0], g.kernel[1]]
-                .iter()
-                .chain(&g.strides)
-                .chain(&g.dilations)
-                .map(|v| v.to_string())
-                .chain(g.pads_begin.iter().map(|v| v.to_string()))
-                .chain(g.output.iter().map(|v| v.to_string()))
-                .chain(std::iter::once(c.group.to_string()))
-                .collect();
+            let mut geo = conv_geometry_items(xt.shape[1], &g);
+            geo.push(c.group.to_string());
             let gname = format!("sqil_c{}", em.next_const);
             em.next_const += 1;
             c_array(&mut em.consts, "int32_t", &gname, &geo, 14);

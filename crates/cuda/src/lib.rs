@@ -413,19 +413,15 @@ impl Gpu {
             .iter()
             .find(|&&b| b >= batch)
             .ok_or_else(|| format!("q4_gemv: batch {batch} > {}", BATCHES[BATCHES.len() - 1]))?;
-        if x.len() < batch * w.k || y.len() < batch * w.n {
-            return Err(format!("q4_gemv: buffers too small for [{batch}, {}] x [{}, {}]", w.k, w.n, w.k));
-        }
         // Measured on an H200 (docs/cuda.md, `sqil-cuda-bench explore`): batches 5-16 on the
-        // tensor cores (compute capability 8.0 and up); rows of at least 4096 weights run split-K over the four warps of a block,
-        // four rows per block (two when k > 4096), batches up to 4; shorter rows, batches 2 to 4:
-        // four rows per warp with x in registers; otherwise one row per warp.
-        let split = w.k >= 4096 && b <= 4;
-        let tensor_cores = self.cc.0 >= 8;
-        let (name, rows_per_block, threads) = if b > 4 && tensor_cores {
+        // tensor cores (compute capability 8.0 and up); rows of at least 4096 weights run
+        // split-K over the four warps of a block, four rows per block (two when k > 4096),
+        // batches up to 4; shorter rows, batches 2 to 4: four rows per warp with x in
+        // registers; otherwise one row per warp.
+        let instance = if b > 4 && self.cc.0 >= 8 {
             // Tensor cores: 16 rows per block of eight warps, next weights prefetched.
             ("sqil_q4_mma_t2_s8_p".to_string(), 16, 256)
-        } else if split {
+        } else if w.k >= 4096 && b <= 4 {
             let r = if w.k <= 4096 || b > 1 { 4 } else { 2 };
             (format!("sqil_q4_gemv_s4_r{r}_b{b}"), r as u32, 128)
         } else if (2..=4).contains(&b) {
@@ -433,7 +429,28 @@ impl Gpu {
         } else {
             (format!("sqil_q4_gemv_b{b}"), 4, 128)
         };
-        let f = self.function(&name)?;
+        self.q4_gemv_instance(stream, w, x, bias, y, batch, relu, (&instance.0, instance.1, instance.2))
+    }
+
+    /// Launches GEMV instance `name` (any `sqil_q4_gemv_*` or `sqil_q4_mma_*` entry point:
+    /// those take the tensor-core layout) with `rows_per_block` rows per block of `threads`
+    /// threads; `batch` must not exceed the instance's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn q4_gemv_instance(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        relu: bool,
+        (name, rows_per_block, threads): (&str, u32, u32),
+    ) -> Result<(), String> {
+        if batch == 0 || batch > 16 || x.len() < batch * w.k || y.len() < batch * w.n {
+            return Err(format!("q4_gemv: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k));
+        }
+        let f = self.function(name)?;
         let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
         let gshift = (w.group / 32).trailing_zeros() as i32;
         let relu = relu as i32;
@@ -444,7 +461,7 @@ impl Gpu {
         };
         let null = 0u64;
         let mut l = stream.launch_builder(&f);
-        l.arg(if b > 4 && tensor_cores { &w.mma } else { &w.words }).arg(&w.scales).arg(x);
+        l.arg(if name.starts_with("sqil_q4_mma_") { &w.mma } else { &w.words }).arg(&w.scales).arg(x);
         match bias {
             Some(b) => l.arg(b),
             None => l.arg(&null),

@@ -23,26 +23,11 @@ use std::cell::RefCell;
 pub struct Im2col {
     /// Input channels.
     pub channels: usize,
-    /// Input spatial extent (static: known when the plan is built).
-    pub input: Vec<usize>,
-    /// Output spatial extent.
-    pub output: Vec<usize>,
-    /// Kernel taps (the product of the kernel extent).
-    pub taps: usize,
+    /// The window geometry (input and output spatial extent, static when the plan is built;
+    /// kernel, strides, dilations, padding).
+    pub geo: ConvGeometry,
     /// Per (tap, output position) the flat input position, or `u32::MAX` in padding.
     pub table: Vec<u32>,
-    /// The window geometry the table was made from (kernel, strides, dilations, padding), for
-    /// code generators.
-    pub geo: ConvGeometry,
-}
-
-impl Im2col {
-    pub fn input_len(&self) -> usize {
-        self.input.iter().product()
-    }
-    pub fn output_len(&self) -> usize {
-        self.output.iter().product()
-    }
 }
 
 /// A Q4 convolution's weight, ints `[n, taps * C]` in `(tap, channel)` order, its scales
@@ -68,14 +53,7 @@ pub(crate) fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) 
     if geo.input_len() >= u32::MAX as usize {
         return None;
     }
-    Some(Im2col {
-        channels: xs[0],
-        input: geo.input.clone(),
-        output: geo.output.clone(),
-        taps: geo.kernel_len(),
-        table: table.into_iter().map(|t| t.map_or(u32::MAX, |i| i as u32)).collect(),
-        geo,
-    })
+    Some(Im2col { channels: xs[0], table: table.into_iter().map(|t| t.map_or(u32::MAX, |i| i as u32)).collect(), geo })
 }
 
 /// The int4 weight of a convolution (weight `w` = FakeQuant of a constant `[O, C, kernel...]`),
@@ -199,7 +177,7 @@ pub(crate) fn run(
     relu: bool,
     threads: usize,
 ) -> Vec<f32> {
-    let (ch, il, ol) = (im.channels, im.input_len(), im.output_len());
+    let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());
     let groups = w.groups();
     let mut out = vec![0f32; images * w.n * ol];
     SCRATCH.with_borrow_mut(|s| {
@@ -232,7 +210,7 @@ pub(crate) fn run(
             let per_channel = groups == 1;
             for (o, (row, sums)) in s.rows.chunks_exact_mut(w.k_pad).zip(s.sums.chunks_exact_mut(groups)).enumerate() {
                 let mut total = 0;
-                for t in 0..im.taps {
+                for t in 0..taps {
                     let dst = &mut row[t * ch..(t + 1) * ch];
                     let blocks = match im.table[t * ol + o] {
                         u32::MAX => {

@@ -193,10 +193,13 @@ struct Q4Layer {
     conv: Option<Box<Im2col>>,
 }
 
-/// A packed layer's shape with no data (the caller swaps in stored weights).
-fn shape_only(n: usize, k: usize, group: usize) -> PackedQ4 {
-    let k_pad = k.div_ceil(32) * 32;
-    PackedQ4::from_parts(n, k, k_pad, if group == 0 { k_pad } else { group }, vec![], vec![], vec![])
+/// The packed layer, or with `stored` (the caller swaps in an artifact's weights) only its shape.
+fn packed(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize, stored: bool) -> Result<PackedQ4> {
+    if stored {
+        let k_pad = k.div_ceil(32) * 32;
+        return Ok(PackedQ4::from_parts(n, k, k_pad, if group == 0 { k_pad } else { group }, vec![], vec![], vec![]));
+    }
+    PackedQ4::pack(q, scales, n, k, group).map_err(IrError::Internal)
 }
 
 /// The constant bias at input 2 of node `n`: `Ok(None)` when absent, `Err(())` when not constant.
@@ -219,15 +222,11 @@ fn q4_conv(g: &Graph, n: NodeId, c: &sqil_ir::ops::ConvAttrs, stored: bool) -> R
     }
     let Some(im) = conv_geometry(g, c, x, w) else { return Ok(None) };
     let Some((q, scales, nn, k, group)) = conv_weight(g, w, stored)? else { return Ok(None) };
-    if bias.as_ref().is_some_and(|b| b.len() != nn) || k != im.taps * im.channels {
+    if bias.as_ref().is_some_and(|b| b.len() != nn) || k != im.geo.kernel_len() * im.channels {
         return Ok(None);
     }
-    let packed = if stored {
-        shape_only(nn, k, group)
-    } else {
-        PackedQ4::pack(&q, &scales, nn, k, group).map_err(IrError::Internal)?
-    };
-    Ok(Some(Q4Layer { x: xq, act, w: packed, bias, conv: Some(Box::new(im)) }))
+    let w = packed(&q, &scales, nn, k, group, stored)?;
+    Ok(Some(Q4Layer { x: xq, act, w, bias, conv: Some(Box::new(im)) }))
 }
 
 /// The Q4 layer at node `n`, if it is one.
@@ -255,14 +254,9 @@ fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
     if bias.as_ref().is_some_and(|b| b.len() != nn) {
         return Ok(None);
     }
-    // With stored weights only the shape is needed here (the caller swaps them in).
-    let packed = if stored {
-        shape_only(nn, k, group)
-    } else {
-        PackedQ4::pack(&q, &scales, nn, k, group).map_err(IrError::Internal)?
-    };
+    let w = packed(&q, &scales, nn, k, group, stored)?;
     let (x, act) = act_quant(g, x).unwrap_or((x, ActQuant::Float));
-    Ok(Some(Q4Layer { x, act, w: packed, bias, conv: None }))
+    Ok(Some(Q4Layer { x, act, w, bias, conv: None }))
 }
 
 /// How a planned int4 layer's packed rows map to its float weight constant.
@@ -414,8 +408,18 @@ impl Plan {
                 }
                 _ => {}
             }
-            if let Some(&layer) = fused_relu.get(&n) {
-                // The layer writes the ReLU's output directly.
+            // A Q4 layer is one step, written where its ReLU (if fused) would write.
+            let (layer, relu) = match fused_relu.get(&n) {
+                Some(&layer) => (Some(layer), true),
+                None if q4.contains_key(&n) => {
+                    if fused_relu.values().any(|&l| l == n) {
+                        continue; // emitted with its ReLU
+                    }
+                    (Some(n), false)
+                }
+                None => (None, false),
+            };
+            if let Some(layer) = layer {
                 needed.insert(layer);
                 let l = q4[&layer].clone();
                 needed.insert(l.x.node);
@@ -427,26 +431,7 @@ impl Plan {
                     act: l.act,
                     w: l.w,
                     bias: l.bias,
-                    relu: true,
-                    conv: l.conv,
-                });
-                continue;
-            }
-            if let Some(l) = q4.get(&n) {
-                if fused_relu.values().any(|&l| l == n) {
-                    continue; // emitted with its ReLU
-                }
-                let l = l.clone();
-                needed.insert(l.x.node);
-                steps_rev.push(Step::Q4Linear {
-                    name: node.name.clone(),
-                    layer: node.outputs[0].name.clone(),
-                    x: slot_of(l.x, &mut slot),
-                    y: slot_of(ValueRef { node: n, slot: 0 }, &mut slot),
-                    act: l.act,
-                    w: l.w,
-                    bias: l.bias,
-                    relu: false,
+                    relu,
                     conv: l.conv,
                 });
                 continue;
@@ -532,14 +517,16 @@ impl Plan {
                 Step::Q4Linear { name, x, y, act, w, bias, relu, conv: Some(im), .. } => {
                     let xt =
                         env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
-                    let per = im.channels * im.input_len();
+                    let per = im.channels * im.geo.input_len();
                     let ActQuant::Int { scale, zero, lo, hi } = *act else {
                         return Err(IrError::Internal(format!("{name}: a Q4 convolution needs int activations")));
                     };
-                    if xt.rank() != im.input.len() + 2 || xt.shape[1..] != [&[im.channels][..], &im.input].concat() {
+                    if xt.rank() != im.geo.input.len() + 2
+                        || xt.shape[1..] != [&[im.channels][..], &im.geo.input].concat()
+                    {
                         return Err(IrError::Invalid(format!(
                             "{name}: input {:?}, expected [batch, {}, {:?}]",
-                            xt.shape, im.channels, im.input
+                            xt.shape, im.channels, im.geo.input
                         )));
                     }
                     let images = xt.len() / per.max(1);
@@ -554,7 +541,7 @@ impl Plan {
                         threads,
                     );
                     let mut shape = vec![images, w.n];
-                    shape.extend(&im.output);
+                    shape.extend(&im.geo.output);
                     env[*y] = Some(Cow::Owned(Tensor::from_f32(shape, out)?));
                 }
                 Step::Q4Linear { name, x, y, act, w, bias, relu, conv: None, .. } => {

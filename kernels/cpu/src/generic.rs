@@ -251,41 +251,8 @@ pub fn quantize_input_range(
 }
 
 /// [`quantize_input_range`] into `out`, reusing its buffers (no allocation once they are big
-/// enough). Compiled for AVX2 too and dispatched at run time (the same IEEE operations lane by
-/// lane, so the same bytes).
+/// enough); the values through [`quantize_i8_into`] (AVX2 where the CPU has it).
 pub fn quantize_input_into(
-    x: &[f32],
-    scale: f32,
-    zero: i32,
-    lo: i32,
-    hi: i32,
-    w: &crate::packed::PackedQ4,
-    out: &mut QuantizedInput,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
-        // SAFETY: isa() checked AVX2 and FMA.
-        return unsafe { quantize_input_avx2(x, scale, zero, lo, hi, w, out) };
-    }
-    quantize_input_body(x, scale, zero, lo, hi, w, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_input_avx2(
-    x: &[f32],
-    scale: f32,
-    zero: i32,
-    lo: i32,
-    hi: i32,
-    w: &crate::packed::PackedQ4,
-    out: &mut QuantizedInput,
-) {
-    quantize_input_body(x, scale, zero, lo, hi, w, out)
-}
-
-#[inline(always)]
-fn quantize_input_body(
     x: &[f32],
     scale: f32,
     zero: i32,
@@ -296,10 +263,8 @@ fn quantize_input_body(
 ) {
     out.q.clear();
     out.q.resize(w.k_pad, 0);
-    let (lo, hi) = (lo.max(-128) as f32, hi.min(127) as f32);
-    for (d, &v) in out.q.iter_mut().zip(x) {
-        *d = quantize_i8(v, scale, zero as f32, lo, hi);
-    }
+    let k = x.len().min(w.k_pad);
+    quantize_i8_into(&x[..k], scale, zero, lo, hi, &mut out.q[..k]);
     // Padding holds q = 0 against zero weights: it adds nothing to any sum the kernels use
     // (they subtract zero * the group's weight sum, which excludes padding).
     out.sums.clear();

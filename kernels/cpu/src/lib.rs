@@ -141,44 +141,32 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
         }
     };
     // Batches of four inputs or more with the output channels in vector lanes (no horizontal
-    // reductions); a channel-major layout only on one thread (threads split inputs there).
+    // reductions); a channel-major layout only on one thread (threads split channels there).
     let lanes = xs.len() >= 4 && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni);
-    let lanes_run = |xs: &[QRow], y: &mut [f32]| {
+    let inputs_run = |xs: &[QRow], y: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() checked AVX2 and FMA; lengths asserted above; `y` holds every index of
-        // these inputs' outputs.
-        unsafe {
-            x86_64::avx2::avx2_gemm_q4q8_channels(w, xs, bias, y, strides)
+        if lanes {
+            // SAFETY: isa() checked AVX2 and FMA; lengths asserted above; `y` holds every index
+            // of these inputs' outputs.
+            return unsafe { x86_64::avx2::avx2_gemm_q4q8_channels(w, xs, bias, y, strides) };
         }
+        run(0..w.n, xs, y)
     };
     match layout {
-        Layout::InputMajor if lanes => {
-            let t = threads.clamp(1, xs.len());
-            let per = xs.len().div_ceil(t);
-            if t == 1 {
-                return lanes_run(xs, &mut y[..xs.len() * w.n]);
-            }
-            std::thread::scope(|s| {
-                for (xc, yc) in xs.chunks(per).zip(y.chunks_mut(per * w.n)) {
-                    let lanes_run = &lanes_run;
-                    s.spawn(move || lanes_run(xc, yc));
-                }
-            });
-        }
-        Layout::ChannelMajor if lanes && threads <= 1 => lanes_run(xs, y),
         Layout::InputMajor => {
             let t = threads.clamp(1, xs.len().max(1));
             let per = xs.len().div_ceil(t).max(1);
             if t == 1 {
-                return run(0..w.n, xs, &mut y[..xs.len() * w.n]);
+                return inputs_run(xs, &mut y[..xs.len() * w.n]);
             }
             std::thread::scope(|s| {
                 for (xc, yc) in xs.chunks(per).zip(y.chunks_mut(per * w.n)) {
-                    let run = &run;
-                    s.spawn(move || run(0..w.n, xc, yc));
+                    let inputs_run = &inputs_run;
+                    s.spawn(move || inputs_run(xc, yc));
                 }
             });
         }
+        Layout::ChannelMajor if lanes && threads <= 1 => inputs_run(xs, y),
         // Threads on channels only when each gets a few tiles and enough work.
         Layout::ChannelMajor => {
             let min_rows = (65536 / (xs.len() * w.k_pad).max(1)).max(8);

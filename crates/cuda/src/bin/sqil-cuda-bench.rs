@@ -249,43 +249,6 @@ fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Launches a GEMV instance by name on `batch` inputs: `rows_per_block` rows per block of
-/// `threads` threads.
-#[allow(clippy::too_many_arguments)]
-fn launch_variant(
-    gpu: &Gpu,
-    name: &str,
-    rows_per_block: u32,
-    threads: u32,
-    w: &DeviceQ4,
-    x: &CudaSlice<f16>,
-    y: &mut CudaSlice<f16>,
-    batch: usize,
-) -> Result<(), String> {
-    let f = gpu.function(name)?;
-    let (n, k, bt, relu) = (w.n as i32, w.k as i32, batch as i32, 0i32);
-    let gshift = (w.group / 32).trailing_zeros() as i32;
-    let cfg = LaunchConfig {
-        grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let null = 0u64;
-    let mut l = gpu.stream.launch_builder(&f);
-    l.arg(if name.contains("mma") { &w.mma } else { &w.words })
-        .arg(&w.scales)
-        .arg(x)
-        .arg(&null)
-        .arg(y)
-        .arg(&n)
-        .arg(&k)
-        .arg(&bt)
-        .arg(&gshift)
-        .arg(&relu);
-    // SAFETY: every GEMV instance takes these parameters; x holds k values, y n.
-    unsafe { l.launch(cfg) }.map(|_| ()).map_err(err)
-}
-
 /// Batch-1 GEMV variants against the default kernel and cuBLAS, under both flushes: one JSON
 /// line per (shape, flush, variant), each variant's outputs checked equal to the default's.
 fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), String> {
@@ -337,7 +300,7 @@ fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), String> {
             );
             for &(name, rpb, threads, batch) in variants {
                 let t = time_with(gpu, &mut flush, how, iters, || {
-                    launch_variant(gpu, name, rpb, threads, &dw, &dx, &mut dy, batch)
+                    gpu.q4_gemv_instance(&gpu.stream, &dw, &dx, None, &mut dy, batch, false, (name, rpb, threads))
                 })?;
                 let got = gpu.stream.clone_dtoh(&dy).map_err(err)?;
                 let diff = got[..batch * n].iter().zip(&want).map(|(a, b)| (a.to_f32() - b).abs()).fold(0f32, f32::max)

@@ -156,7 +156,7 @@ pub(crate) fn tile_rows(r: usize, end: usize) -> [usize; 4] {
 }
 
 /// W4A8 GEMV rows `rows` of `w` (`rows.start` a multiple of four), tile by tile (`VNNI`: the
-/// AVX-512 VNNI group sums).
+/// AVX-512 VNNI group sums): the batch kernel on one input.
 #[inline(always)]
 pub(crate) unsafe fn gemv_rows_impl<const VNNI: bool>(
     w: &PackedQ4,
@@ -165,15 +165,7 @@ pub(crate) unsafe fn gemv_rows_impl<const VNNI: bool>(
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
-    debug_assert!(rows.start.is_multiple_of(4));
-    let (start, end) = (rows.start, rows.end);
-    let mut r = start;
-    while r < end {
-        let [out] = tile_q4q8::<1, VNNI>(w, r / 4, [x], bias);
-        let n = (end - r).min(4);
-        y[r - start..r - start + n].copy_from_slice(&out[..n]);
-        r += 4;
-    }
+    gemm_impl::<VNNI>(w, rows, 1, |_| x, bias, y, (0, 1))
 }
 
 /// W4A8 of rows `rows` (start a multiple of four) on `n_in` inputs (`x(c)` the `c`-th): output
