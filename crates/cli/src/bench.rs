@@ -19,7 +19,7 @@ fn inputs(shapes: &[Vec<Dim>], batch: usize, r: &mut Rng) -> Vec<Tensor> {
         .collect()
 }
 
-pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize) -> Result<(), String> {
+pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, profile: bool) -> Result<(), String> {
     let artifact = sqil_runtime::artifact::is_artifact(model);
     let (policy, graph): (Option<sqil_runtime::Policy>, Option<Graph>) = if artifact {
         let mut p = sqil_runtime::Policy::load(model).map_err(|e| e.to_string())?;
@@ -67,6 +67,24 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize) -> R
             times[0] * 1e6,
             b as f64 / mean
         );
+        if profile {
+            let Some(p) = &policy else {
+                return Err(format!(
+                    "{}: --profile needs a compiled artifact (sqil compile/quantize --artifact)",
+                    model.display()
+                ));
+            };
+            let t = p.plan.profile(&x, threads, iters).map_err(|e| e.to_string())?;
+            let total: f64 = t.iter().map(|s| s.0).sum();
+            for (step, (mean, min)) in p.plan.describe().iter().zip(&t) {
+                println!(
+                    "{{\"batch\": {b}, \"step\": {step:?}, \"mean_us\": {:.2}, \"min_us\": {:.2}, \"share\": {:.3}}}",
+                    mean * 1e6,
+                    min * 1e6,
+                    mean / total.max(f64::MIN_POSITIVE)
+                );
+            }
+        }
     }
     Ok(())
 }

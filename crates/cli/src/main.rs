@@ -234,6 +234,9 @@ enum Cmd {
         iters: usize,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// Also print each step's share of the time (artifacts only), one JSON line per step.
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -553,7 +556,9 @@ fn run(cmd: Cmd) -> Result<(), String> {
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Bench { model, batch, iters, threads } => sqil::bench::bench(&model, &batch, iters, threads),
+        Cmd::Bench { model, batch, iters, threads, profile } => {
+            sqil::bench::bench(&model, &batch, iters, threads, profile)
+        }
         Cmd::Run { model, inputs, outputs, threads } => {
             // A compiled CPU artifact runs on the runtime; a model (ONNX or IR) on the interpreter.
             let (g, policy) = if sqil_runtime::artifact::is_artifact(&model) {

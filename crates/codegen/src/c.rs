@@ -784,23 +784,64 @@ fn emit_op(
             let _ = writeln!(em.body, "    sqil_conv_f32({x}, {gname}, {wname}, {}, {bname}, {ye});", w.shape[0]);
         }
         Op::Softmax { axis, .. } => {
-            // Over the last axis (with opset < 13's coercion that is the same rows), in double as
-            // the runtime: max, exponentials, their sum in order, each divided by it.
+            // Over the last axis (with opset < 13's coercion that is the same rows), as the
+            // runtime defines it: in double, max, sqil's exponential (`sqil_exp_nonpos`, the same
+            // IEEE operations as the runtime's, no libm), four interleaved partial sums, each
+            // exponential divided by their total.
             let x = dyn_in(0)?;
             let rank = yt.rank() as i64;
             if !(*axis == -1 || *axis == rank - 1) {
                 return Err(unsupported("softmax over other than the last axis"));
             }
             let dim = *yt.shape.last().unwrap_or(&1);
-            em.libm = true;
-            em.exact = false;
+            if !em.consts.contains("sqil_exp_nonpos") {
+                use sqil_kernels_cpu::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_TAYLOR};
+                let taylor: Vec<String> = EXP_TAYLOR.iter().map(|c| format!("{c:?}")).collect();
+                let _ = write!(
+                    em.consts,
+                    "/* e^x for x <= 0: x = n ln 2 + r, a degree-13 Taylor polynomial of e^r, times 2^n
+                      * from its bits; 0 at or below -708; NaN stays NaN (sqil_kernels_cpu::exp_nonpos). */
+                     static double sqil_exp_nonpos(double x)
+{{
+                         static const double c[14] = {{{}}};
+                         double t, n, r, p, s;
+    uint64_t b;
+    int k;
+                         if (!(x > -708.0)) {{
+        return x != x ? x : 0.0;
+    }}
+                         t = x * {:?} + {:?};
+    n = t - {:?};
+    r = (x - n * {:?}) - n * {:?};
+                         p = c[13];
+    for (k = 12; k >= 0; k--) {{
+        p = p * r + c[k];
+    }}
+                         memcpy(&b, &t, sizeof b);
+    b = ((b - UINT64_C({:#x})) + 1023u) << 52;
+                         memcpy(&s, &b, sizeof s);
+    return p * s;
+}}
+",
+                    taylor.join(", "),
+                    std::f64::consts::LOG2_E,
+                    EXP_MAGIC,
+                    EXP_MAGIC,
+                    EXP_LN2_HI,
+                    EXP_LN2_LO,
+                    EXP_MAGIC.to_bits()
+                );
+            }
             let _ = writeln!(
                 em.body,
                 "    {{\n        int32_t o, j;\n        for (o = 0; o < {}; o++) {{\n            \
-                 const float *row = {x} + o * {dim};\n            double m = -HUGE_VAL, s = 0.0;\n            \
-                 for (j = 0; j < {dim}; j++) if ((double)row[j] > m) m = (double)row[j];\n            \
-                 for (j = 0; j < {dim}; j++) s += exp((double)row[j] - m);\n            \
-                 for (j = 0; j < {dim}; j++) {ye}[o * {dim} + j] = (float)(exp((double)row[j] - m) / s);\n        }}\n    }}",
+                 const float *row = {x} + o * {dim};\n            double m = 0.0, s[4] = {{0.0, 0.0, 0.0, 0.0}}, tot;\n            \
+                 int seen = 0;\n            \
+                 /* The maximum, NaN skipped (a row of NaN gives NaN whatever m is). */\n            \
+                 for (j = 0; j < {dim}; j++) if (row[j] == row[j] && (!seen || (double)row[j] > m)) {{ m = (double)row[j]; seen = 1; }}\n            \
+                 for (j = 0; j < {dim}; j++) s[j & 3] += sqil_exp_nonpos((double)row[j] - m);\n            \
+                 tot = (s[0] + s[1]) + (s[2] + s[3]);\n            \
+                 for (j = 0; j < {dim}; j++) {ye}[o * {dim} + j] = (float)(sqil_exp_nonpos((double)row[j] - m) / tot);\n        }}\n    }}",
                 n / dim.max(1)
             );
         }

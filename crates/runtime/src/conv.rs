@@ -14,7 +14,7 @@ use crate::plan::{weight_quant, WeightQuant};
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::ConvAttrs;
 use sqil_ir::{Graph, Result, ValueRef};
-use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, QRow};
+use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, transpose_i8, QRow, QWindow};
 use sqil_kernels_cpu::{ConvGeometry, Layout, PackedQ4};
 use std::cell::RefCell;
 
@@ -26,7 +26,8 @@ pub struct Im2col {
     /// The window geometry (input and output spatial extent, static when the plan is built;
     /// kernel, strides, dilations, padding).
     pub geo: ConvGeometry,
-    /// Per (tap, output position) the flat input position, or `u32::MAX` in padding.
+    /// Per (output position, tap) the flat input position, or `u32::MAX` in padding (position
+    /// major: one window's entries are adjacent).
     pub table: Vec<u32>,
 }
 
@@ -53,7 +54,22 @@ pub(crate) fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) 
     if geo.input_len() >= u32::MAX as usize {
         return None;
     }
-    Some(Im2col { channels: xs[0], table: table.into_iter().map(|t| t.map_or(u32::MAX, |i| i as u32)).collect(), geo })
+    let (taps, ol) = (geo.kernel_len(), geo.output_len());
+    let table = (0..ol * taps).map(|i| table[(i % taps) * ol + i / taps].map_or(u32::MAX, |p| p as u32)).collect();
+    Some(Im2col { channels: xs[0], table, geo })
+}
+
+/// The im2col gather table of a float Conv node on input `x` with weight `w` over static
+/// spatial dimensions (the reference op builds it on every call; a plan keeps it).
+pub(crate) fn float_conv_table(
+    g: &Graph,
+    c: &ConvAttrs,
+    x: ValueRef,
+    w: ValueRef,
+) -> Option<Box<crate::plan::ConvTable>> {
+    let xs = g.value(x).ty.shape.iter().skip(1).map(|d| d.known()).collect::<Option<Vec<usize>>>()?;
+    let geo = c.input_geometry(&[&[1], &xs[..]].concat(), &g.value(w).ty.known_shape()?).ok()?;
+    Some(Box::new((xs, geo.gather_table())))
 }
 
 /// The int4 weight of a convolution (weight `w` = FakeQuant of a constant `[O, C, kernel...]`),
@@ -147,22 +163,83 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// `dst.copy_from_slice(src)`, with the usual channel counts at a length known when compiled
-/// (a few vector moves instead of a `memcpy` call per run).
-#[inline]
-fn copy_run(dst: &mut [i8], src: &[i8]) {
-    fn fixed<const N: usize>(dst: &mut [i8], src: &[i8]) {
-        for (d, s) in dst.chunks_exact_mut(N).zip(src.chunks_exact(N)) {
-            let d: &mut [i8; N] = d.try_into().expect("N");
-            *d = s.try_into().expect("N");
-        }
+/// Copies `n` bytes in 32- and 8-byte moves (a window's runs are a few dozen bytes: a `memcpy`
+/// call each costs more than the copy).
+///
+/// # Safety
+/// `src` and `dst` valid for `n` bytes, not overlapping.
+#[inline(always)]
+unsafe fn copy_bytes(src: *const i8, dst: *mut i8, n: usize) {
+    let mut i = 0;
+    while i + 32 <= n {
+        (dst.add(i) as *mut [u8; 32]).write_unaligned((src.add(i) as *const [u8; 32]).read_unaligned());
+        i += 32;
     }
-    match dst.len() {
-        n if n % 32 == 0 => fixed::<32>(dst, src),
-        n if n % 16 == 0 => fixed::<16>(dst, src),
-        _ => dst.copy_from_slice(src),
+    while i + 8 <= n {
+        (dst.add(i) as *mut u64).write_unaligned((src.add(i) as *const u64).read_unaligned());
+        i += 8;
+    }
+    while i < n {
+        *dst.add(i) = *src.add(i);
+        i += 1;
     }
 }
+
+/// Gathers every output position's window of the int8 image (`[positions, C]`) as a row of
+/// `rows` (`k_pad` bytes: `taps` runs of C bytes in tap order, padding = `pad`, the zero point,
+/// the tail past `k` zero) and its group sums into `sums` from the per-position channel-block
+/// sums `bsums` (`nb` blocks of `gs` channels; one group per row when `per_row`).
+#[allow(clippy::too_many_arguments)]
+fn gather(
+    im: &Im2col,
+    windows: &[u32],
+    image: &[i8],
+    (bsums, nb, gs): (&[i32], usize, usize),
+    pad: i8,
+    (k, k_pad, groups, per_row): (usize, usize, usize, bool),
+    rows: &mut [i8],
+    sums: &mut [i32],
+) {
+    let (ch, taps, il) = (im.channels, im.geo.kernel_len(), im.geo.input_len());
+    let pad_sum = pad as i32 * gs as i32;
+    assert!(rows.len() >= windows.len() / taps * k_pad && sums.len() >= windows.len() / taps * groups);
+    assert!(k == taps * ch && groups == if per_row { 1 } else { taps * nb });
+    assert!(image.len() >= im.geo.input_len() * ch);
+    for ((row, sums), window) in
+        rows.chunks_exact_mut(k_pad).zip(sums.chunks_exact_mut(groups)).zip(windows.chunks_exact(taps))
+    {
+        let mut total = 0;
+        for (t, &at) in window.iter().enumerate() {
+            let dst = &mut row[t * ch..(t + 1) * ch];
+            let blocks = if at == u32::MAX {
+                dst.fill(pad);
+                None
+            } else {
+                let p = at as usize;
+                assert!(p < il, "gather table entry {p} beyond the input's {il} positions");
+                // SAFETY: p < il and the image holds il * C bytes (asserted); dst is C bytes.
+                unsafe { copy_bytes(image.as_ptr().add(p * ch), dst.as_mut_ptr(), ch) };
+                Some(&bsums[p * nb..(p + 1) * nb])
+            };
+            for b in 0..nb {
+                let v = blocks.map_or(pad_sum, |bs| bs[b]);
+                if per_row {
+                    total += v;
+                } else {
+                    sums[t * nb + b] = v;
+                }
+            }
+        }
+        if per_row {
+            sums[0] = total;
+        }
+        row[k..].fill(0);
+    }
+}
+
+/// Output positions per block on one thread: a block's int8 rows (`BLOCK * k_pad` bytes) stay
+/// in the L1/L2 cache between the gather and the kernel.
+const BLOCK: usize = 64;
 
 /// Runs a Q4 convolution on `images` images `x` (`[N, C, input...]`, f32) with the int8 input
 /// quantizer `(scale, zero, lo, hi)`; returns `[N, O, output...]` values (ReLU applied if asked).
@@ -178,76 +255,91 @@ pub(crate) fn run(
     threads: usize,
 ) -> Vec<f32> {
     let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());
-    let groups = w.groups();
+    let pad = zero.clamp(-128, 127) as i8;
     let mut out = vec![0f32; images * w.n * ol];
+    // On one thread with AVX2 the kernel reads each window in place from the image (no
+    // gathering): per window the byte offsets of its taps' runs, padding taps at a run of C
+    // zero-point bytes kept past the image.
+    let in_place = threads <= 1
+        && w.k == w.k_pad
+        && ch.is_multiple_of(4)
+        && (w.group.is_multiple_of(ch) || ch.is_multiple_of(w.group))
+        && sqil_kernels_cpu::isa() != sqil_kernels_cpu::Isa::Generic;
+    let offsets: Vec<u32> = if in_place {
+        im.table.iter().map(|&p| if p == u32::MAX { (il * ch) as u32 } else { p * ch as u32 }).collect()
+    } else {
+        vec![]
+    };
     SCRATCH.with_borrow_mut(|s| {
         s.planes.resize(il * ch, 0);
-        s.image.resize(il * ch, 0);
-        s.rows.resize(ol * w.k_pad, 0);
-        s.sums.resize(ol * groups, 0);
-        s.bsums.resize(il * ch, 0);
+        s.image.resize((il + 1) * ch, 0);
         for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
             // Quantize once (plane by plane, contiguous), then transpose to channels innermost.
             quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
-            for (p, px) in s.image.chunks_exact_mut(ch).enumerate() {
-                for (c, d) in px.iter_mut().enumerate() {
-                    *d = s.planes[c * il + p];
-                }
+            transpose_i8(&s.planes, ch, il, &mut s.image);
+            if in_place {
+                s.image[il * ch..].fill(pad);
+                let xs: Vec<QWindow> = offsets
+                    .chunks_exact(taps)
+                    .map(|offsets| QWindow { image: &s.image, offsets, run: ch, zero, scale })
+                    .collect();
+                let done = sqil_kernels_cpu::conv_q4q8_windows(w, &xs, bias, y, Layout::ChannelMajor);
+                assert!(done, "the in-place convolution kernel needs AVX2");
+                continue;
             }
-            // Sums of each position's channels in blocks of the group size (the whole row's
-            // channels when the weight has one scale per output channel).
-            let gs = if w.group >= w.k_pad { ch } else { w.group };
-            let nb = ch / gs;
-            for (px, bs) in s.image.chunks_exact(ch).zip(s.bsums.chunks_exact_mut(nb)) {
-                for (sum, part) in bs.iter_mut().zip(px.chunks_exact(gs)) {
-                    *sum = part.iter().map(|&v| v as i32).sum();
-                }
-            }
-            // Gather each output position's window: `taps` runs of C bytes, padding = zero
-            // point (adds nothing: the kernels sum (x - zero) * w), k_pad tail = 0 against zero
-            // weights. The group sums come from the position sums (the tail adds nothing).
-            let pad = zero.clamp(-128, 127) as i8;
-            let per_channel = groups == 1;
-            for (o, (row, sums)) in s.rows.chunks_exact_mut(w.k_pad).zip(s.sums.chunks_exact_mut(groups)).enumerate() {
-                let mut total = 0;
-                for t in 0..taps {
-                    let dst = &mut row[t * ch..(t + 1) * ch];
-                    let blocks = match im.table[t * ol + o] {
-                        u32::MAX => {
-                            dst.fill(pad);
-                            None
-                        }
-                        p => {
-                            let p = p as usize;
-                            copy_run(dst, &s.image[p * ch..(p + 1) * ch]);
-                            Some(&s.bsums[p * nb..(p + 1) * nb])
-                        }
-                    };
-                    for b in 0..nb {
-                        let v = blocks.map_or(pad as i32 * gs as i32, |bs| bs[b]);
-                        if per_channel {
-                            total += v;
-                        } else {
-                            sums[t * nb + b] = v;
-                        }
-                    }
-                }
-                if per_channel {
-                    sums[0] = total;
-                }
-                row[w.k..].fill(0);
-            }
-            let xs: Vec<QRow> = s
-                .rows
-                .chunks_exact(w.k_pad)
-                .zip(s.sums.chunks_exact(groups))
-                .map(|(q, sums)| QRow { q, sums, zero, scale })
-                .collect();
-            sqil_kernels_cpu::gemm_q4q8_rows(w, &xs, bias, y, Layout::ChannelMajor, threads);
+            gathered(im, w, s, y, (scale, zero, pad), bias, threads);
         }
     });
     if relu {
         out.iter_mut().for_each(|v| *v = v.max(0.0));
     }
     out
+}
+
+/// One image of a Q4 convolution through gathered im2col rows (the portable path, and the
+/// threaded one): the image already quantized in `s.image` (`[positions, C]`); output
+/// channel-major into `y`.
+fn gathered(
+    im: &Im2col,
+    w: &PackedQ4,
+    s: &mut Scratch,
+    y: &mut [f32],
+    (scale, zero, pad): (f32, i32, i8),
+    bias: Option<&[f32]>,
+    threads: usize,
+) {
+    let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());
+    let groups = w.groups();
+    let rows = if threads <= 1 { BLOCK.min(ol) } else { ol };
+    s.rows.resize(rows * w.k_pad, 0);
+    s.sums.resize(rows * groups, 0);
+    // Sums of each position's channels in blocks of the group size (the whole row's channels
+    // when the weight has one scale per output channel).
+    let gs = if w.group >= w.k_pad { ch } else { w.group };
+    let nb = ch / gs;
+    s.bsums.resize(il * nb, 0);
+    for (px, bs) in s.image[..il * ch].chunks_exact(ch).zip(s.bsums.chunks_exact_mut(nb)) {
+        for (sum, part) in bs.iter_mut().zip(px.chunks_exact(gs)) {
+            *sum = part.iter().map(|&v| v as i32).sum();
+        }
+    }
+    // Each output position's window: padding = zero point (adds nothing: the kernels sum
+    // (x - zero) * w), k_pad tail = 0 against zero weights; the group sums from the position
+    // sums. One thread: blocks of positions, each gathered and multiplied while its rows are in
+    // cache, written into the channel rows of the output at their offset. Threads: all
+    // positions gathered, then threads over the output channels.
+    let block = if threads <= 1 { BLOCK } else { ol };
+    for start in (0..ol).step_by(block.max(1)) {
+        let end = (start + block).min(ol);
+        let windows = &im.table[start * taps..end * taps];
+        let geo = (w.k, w.k_pad, groups, groups == 1);
+        gather(im, windows, &s.image, (&s.bsums, nb, gs), pad, geo, &mut s.rows, &mut s.sums);
+        let xs: Vec<QRow> = s.rows[..(end - start) * w.k_pad]
+            .chunks_exact(w.k_pad)
+            .zip(s.sums.chunks_exact(groups))
+            .map(|(q, sums)| QRow { q, sums, zero, scale })
+            .collect();
+        let layout = if block >= ol { Layout::ChannelMajor } else { Layout::ChannelStride(ol) };
+        sqil_kernels_cpu::gemm_q4q8_rows(w, &xs, bias, &mut y[start..], layout, threads);
+    }
 }

@@ -40,6 +40,10 @@ pub enum ActQuant {
     Float,
 }
 
+/// A float Conv's per-image input shape (`[C, spatial...]`) and the im2col gather table of its
+/// geometry for that shape.
+pub type ConvTable = (Vec<usize>, Vec<Option<usize>>);
+
 #[derive(Clone, Debug)]
 pub enum Step {
     /// A linear map on packed int4 weights: a GEMV (GEMM for a batch), or with `conv` a
@@ -63,6 +67,9 @@ pub enum Step {
         op: Op,
         inputs: Vec<Option<usize>>,
         outputs: Vec<usize>,
+        /// A float Conv's im2col gather table, built once, and the per-image input shape
+        /// (`[C, spatial...]`) it was built for.
+        table: Option<Box<ConvTable>>,
     },
 }
 
@@ -320,7 +327,7 @@ fn fold_constants(steps: Vec<Step>, consts: Consts, outputs: &[usize]) -> Result
     let mut known: HashMap<usize, Tensor> = consts.into_iter().collect();
     let mut kept = vec![];
     for step in steps {
-        if let Step::Op { node, name, op, inputs, outputs } = &step {
+        if let Step::Op { node, name, op, inputs, outputs, .. } = &step {
             if inputs.iter().flatten().all(|s| known.contains_key(s)) {
                 let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| known.get(&s))).collect();
                 let res = op
@@ -440,10 +447,15 @@ impl Plan {
             for v in ins.iter().flatten() {
                 needed.insert(v.node);
             }
+            let table = match (&node.op, ins.as_slice()) {
+                (Op::Conv(c), [Some(x), Some(w), ..]) => crate::conv::float_conv_table(g, c, *x, *w),
+                _ => None,
+            };
             steps_rev.push(Step::Op {
                 node: n,
                 name: node.name.clone(),
                 op: node.op.clone(),
+                table,
                 inputs: ins.iter().map(|v| v.map(|v| slot_of(v, &mut slot))).collect(),
                 outputs: (0..node.outputs.len()).map(|s| slot_of(ValueRef { node: n, slot: s }, &mut slot)).collect(),
             });
@@ -482,7 +494,7 @@ impl Plan {
 
     /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers.
     pub fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
-        let mut env = self.exec(feeds, threads)?;
+        let mut env = self.exec(feeds, threads, None)?;
         self.outputs
             .iter()
             .map(|&s| env[s].take().map(Cow::into_owned).ok_or_else(|| IrError::Internal("output not computed".into())))
@@ -492,12 +504,35 @@ impl Plan {
     /// Runs the plan and returns every slot's value (constants, inputs, step results; `None`
     /// for slots no step wrote): the shapes and values code generators and tests need.
     pub fn trace(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Option<Tensor>>> {
-        Ok(self.exec(feeds, threads)?.into_iter().map(|t| t.map(Cow::into_owned)).collect())
+        Ok(self.exec(feeds, threads, None)?.into_iter().map(|t| t.map(Cow::into_owned)).collect())
+    }
+
+    /// Runs the plan `runs` times and returns each step's mean and minimum wall time in seconds
+    /// (in the order of [`Plan::describe`]): where a policy's time goes (`sqil bench --profile`;
+    /// the minimum is the steadier figure on a shared machine).
+    pub fn profile(&self, feeds: &[Tensor], threads: usize, runs: usize) -> Result<Vec<(f64, f64)>> {
+        let mut stats = vec![(0.0, f64::INFINITY); self.steps.len()];
+        let mut times = vec![0.0; self.steps.len()];
+        for _ in 0..runs.max(1) {
+            times.fill(0.0);
+            self.exec(feeds, threads, Some(&mut times))?;
+            for (st, t) in stats.iter_mut().zip(&times) {
+                st.0 += t / runs.max(1) as f64;
+                st.1 = st.1.min(*t);
+            }
+        }
+        Ok(stats)
     }
 
     /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
-    /// buffers reused from the previous call on this thread.
-    fn exec<'a>(&'a self, feeds: &'a [Tensor], threads: usize) -> Result<Vec<Option<Cow<'a, Tensor>>>> {
+    /// buffers reused from the previous call on this thread; with `times`, adds each step's
+    /// wall time to its entry.
+    fn exec<'a>(
+        &'a self,
+        feeds: &'a [Tensor],
+        threads: usize,
+        mut times: Option<&mut [f64]>,
+    ) -> Result<Vec<Option<Cow<'a, Tensor>>>> {
         if feeds.len() != self.inputs.len() {
             return Err(IrError::Invalid(format!(
                 "{} inputs given, the policy takes {}",
@@ -512,7 +547,8 @@ impl Plan {
         for ((_, s), t) in self.inputs.iter().zip(feeds) {
             env[*s] = Some(Cow::Borrowed(t));
         }
-        for step in &self.steps {
+        for (i, step) in self.steps.iter().enumerate() {
+            let start = times.is_some().then(std::time::Instant::now);
             match step {
                 Step::Q4Linear { name, x, y, act, w, bias, relu, conv: Some(im), .. } => {
                     let xt =
@@ -581,15 +617,24 @@ impl Plan {
                     *shape.last_mut().expect("rank >= 2") = w.n;
                     env[*y] = Some(Cow::Owned(Tensor::from_f32(shape, out)?));
                 }
-                Step::Op { node, name, op, inputs, outputs } => {
+                Step::Op { node, name, op, inputs, outputs, table } => {
                     let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
-                    let res = op
-                        .eval(&args, outputs.len())
-                        .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
+                    let res = match (op, table, args.as_slice()) {
+                        // The reference Conv with its gather table kept (same arithmetic).
+                        (Op::Conv(c), Some(t), [Some(x), Some(w), b @ ..]) if x.rank() > 1 && x.shape[1..] == t.0 => {
+                            sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, Some(&t.1))
+                                .map(|y| vec![y])
+                        }
+                        _ => op.eval(&args, outputs.len()),
+                    }
+                    .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
                     for (s, t) in outputs.iter().zip(res) {
                         env[*s] = Some(Cow::Owned(t));
                     }
                 }
+            }
+            if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {
+                t[i] += start.elapsed().as_secs_f64();
             }
         }
         Ok(env)

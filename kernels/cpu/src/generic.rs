@@ -273,27 +273,162 @@ pub fn quantize_input_into(
     out.scale = scale;
 }
 
-/// [`quantize_i8`] over a slice (`out[i]` for `x[i]`), compiled for AVX2 too and dispatched at
-/// run time (the same IEEE operations lane by lane, so the same bytes).
+/// [`quantize_i8`] over a slice (`out[i]` for `x[i]`), with AVX2 intrinsics where the CPU has
+/// them (the same IEEE operations lane by lane, so the same bytes).
 pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
-    #[inline(always)]
-    fn body(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
-        let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
-        for (d, &v) in out.iter_mut().zip(x) {
-            *d = quantize_i8(v, scale, z, lo, hi);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
-        body(x, scale, zero, lo, hi, out)
-    }
     #[cfg(target_arch = "x86_64")]
     if crate::isa() != crate::Isa::Generic {
         // SAFETY: isa() checked AVX2 and FMA.
-        return unsafe { avx2(x, scale, zero, lo, hi, out) };
+        return unsafe { crate::x86_64::avx2::avx2_quantize_i8(x, scale, zero, lo, hi, out) };
     }
-    body(x, scale, zero, lo, hi, out)
+    let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
+    for (d, &v) in out.iter_mut().zip(x) {
+        *d = quantize_i8(v, scale, z, lo, hi);
+    }
+}
+
+/// FakeQuant with one scale and zero point, `out[i] = (clamp(round_half_even(x[i] / scale) + zero,
+/// lo, hi) - zero) * scale` in f32 (`|lo|, |hi| <= 2^16`; NaN stays NaN), with AVX2 intrinsics
+/// where the CPU has them: the same IEEE operations lane by lane, so the same bits.
+pub fn fake_quant_into(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA.
+        return unsafe { crate::x86_64::avx2::avx2_fake_quant(x, scale, zero, lo, hi, out) };
+    }
+    for (d, &v) in out.iter_mut().zip(x) {
+        *d = fake_quant_one(v, scale, zero, lo, hi);
+    }
+}
+
+/// One value of [`fake_quant_into`]. Quotients beyond 2^22 saturate to lo or hi whatever their
+/// rounding, so they are bounded first and rounded without the libm fallback.
+#[inline]
+pub fn fake_quant_one(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> f32 {
+    let t = round_even_small((v / scale).clamp(-4_194_304.0, 4_194_304.0));
+    ((t + zero).clamp(lo, hi) - zero) * scale
+}
+
+/// `1.5 * 2^52`: adding it rounds an f64 of magnitude below 2^51 to an integer (to nearest,
+/// ties to even), which then sits in the low bits of the sum's representation.
+pub const EXP_MAGIC: f64 = 6_755_399_441_055_744.0;
+/// ln 2 split so that `n * EXP_LN2_HI` is exact for |n| < 2^11 (fdlibm's constants).
+pub const EXP_LN2_HI: f64 = f64::from_bits(0x3fe6_2e42_fee0_0000);
+pub const EXP_LN2_LO: f64 = f64::from_bits(0x3dea_39ef_3579_3c76);
+/// `1 / k!` for k = 0..=13: the Taylor polynomial of e^r on |r| <= ln 2 / 2 (truncation error
+/// below 5e-18 relative).
+pub const EXP_TAYLOR: [f64; 14] = [
+    1.0,
+    1.0,
+    1.0 / 2.0,
+    1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 120.0,
+    1.0 / 720.0,
+    1.0 / 5040.0,
+    1.0 / 40320.0,
+    1.0 / 362880.0,
+    1.0 / 3628800.0,
+    1.0 / 39916800.0,
+    1.0 / 479001600.0,
+    1.0 / 6227020800.0,
+];
+
+/// sqil's exponential of softmax, e^x for x <= 0 (softmax subtracts the row's maximum first):
+/// x = n ln 2 + r by Cody and Waite's two-constant reduction, e^r by a degree-13 Taylor
+/// polynomial in Horner form, times 2^n built from its bits; 0 below -708 (beneath f64's normal
+/// range, and every f32 output's); NaN stays NaN. Within an ulp or so of the true value and, being
+/// a fixed sequence of IEEE double operations with no FMA, the same bits in the interpreter, the
+/// runtime's vector code and the generated C (libm's `exp` differs from libc to libc).
+#[inline]
+pub fn exp_nonpos(x: f64) -> f64 {
+    if x.is_nan() || x <= -708.0 {
+        return if x.is_nan() { x } else { 0.0 };
+    }
+    let t = x * std::f64::consts::LOG2_E + EXP_MAGIC;
+    let n = t - EXP_MAGIC;
+    let r = (x - n * EXP_LN2_HI) - n * EXP_LN2_LO;
+    let mut p = EXP_TAYLOR[13];
+    for c in EXP_TAYLOR[..13].iter().rev() {
+        p = p * r + c;
+    }
+    p * f64::from_bits(t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()).wrapping_add(1023) << 52)
+}
+
+/// Softmax of `rows` contiguous rows of `dim` values (`out` the same shape), as sqil defines it:
+/// in f64, the row maximum (NaN ignored), `e_j = exp_nonpos(x_j - max)`, their sum in four
+/// interleaved partial sums (element j into sum j mod 4, in order) added as `(s0 + s1) + (s2 +
+/// s3)`, each `e_j / sum` rounded to f32. With AVX2 where the CPU has it: the same operations.
+pub fn softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    if dim == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_softmax_rows(x, dim, out) };
+    }
+    generic_softmax_rows(x, dim, out)
+}
+
+/// [`softmax_rows`] in plain Rust (the definition the SIMD variant is tested against).
+pub fn generic_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    if dim == 0 {
+        return;
+    }
+    let mut e = vec![0f64; dim];
+    for (row, y) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let mut s = [0f64; 4];
+        for (j, (d, &v)) in e.iter_mut().zip(row).enumerate() {
+            *d = exp_nonpos(v as f64 - m);
+            s[j % 4] += *d;
+        }
+        let s = (s[0] + s[1]) + (s[2] + s[3]);
+        for (d, &v) in y.iter_mut().zip(&e) {
+            *d = (v / s) as f32;
+        }
+    }
+}
+
+/// `dst[c * rows + r] = src[r * cols + c]`: a `rows x cols` byte matrix transposed (the int8
+/// image of a convolution from `[C, positions]` planes to channels innermost), in 8 x 8 tiles
+/// transposed in 64-bit registers (three rounds of masked swaps), the edges byte by byte.
+pub fn transpose_i8(src: &[i8], rows: usize, cols: usize, dst: &mut [i8]) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    let word = |r: usize, c: usize| {
+        let b: [i8; 8] = src[r * cols + c..r * cols + c + 8].try_into().expect("8 bytes");
+        u64::from_le_bytes(b.map(|v| v as u8))
+    };
+    for r in (0..r8).step_by(8) {
+        for c in (0..c8).step_by(8) {
+            let mut x: [u64; 8] = std::array::from_fn(|i| word(r + i, c));
+            // Rounds swap 1-, 2- and 4-byte elements between rows 1, 2 and 4 apart: afterwards
+            // byte j of x[i] is byte i of the original x[j].
+            for (shift, mask, d) in
+                [(8, 0x00ff_00ff_00ff_00ffu64, 1), (16, 0x0000_ffff_0000_ffff, 2), (32, 0x0000_0000_ffff_ffff, 4)]
+            {
+                for i in (0..8).filter(|i| i & d == 0) {
+                    let t = ((x[i] >> shift) ^ x[i + d]) & mask;
+                    x[i + d] ^= t;
+                    x[i] ^= t << shift;
+                }
+            }
+            for (i, v) in x.iter().enumerate() {
+                let at = (c + i) * rows + r;
+                dst[at..at + 8].copy_from_slice(&v.to_le_bytes().map(|b| b as i8));
+            }
+        }
+    }
+    for r in 0..rows {
+        let cs = if r < r8 { c8 } else { 0 };
+        for c in cs..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
 }
 
 /// One value quantized as FakeQuant does: `clamp(round_half_even(v / scale) + zero, lo, hi)`,
@@ -332,6 +467,19 @@ pub fn round_even_small(x: f32) -> f32 {
 pub struct QRow<'a> {
     pub q: &'a [i8],
     pub sums: &'a [i32],
+    pub zero: i32,
+    pub scale: f32,
+}
+
+/// One input of a convolution read in place from its int8 image (`[positions, C]`, channels
+/// innermost, with one extra run of C zero-point bytes for padding): the window's `taps` runs of
+/// `run` (= C) bytes start at `image[offsets[t]..]`. Equal to the im2col row of the window
+/// without gathering it (the batched W4A8 kernel with channels in lanes reads it directly).
+#[derive(Clone, Copy, Debug)]
+pub struct QWindow<'a> {
+    pub image: &'a [i8],
+    pub offsets: &'a [u32],
+    pub run: usize,
     pub zero: i32,
     pub scale: f32,
 }

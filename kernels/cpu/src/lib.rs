@@ -112,18 +112,30 @@ pub enum Layout {
     InputMajor,
     /// `y[r * inputs + c]`: one row per output channel (a convolution's `[C, H * W]` output).
     ChannelMajor,
+    /// `y[r * stride + c]`: one row per output channel of `stride` values, the inputs filling the
+    /// first of them (a block of a convolution's output positions); one thread.
+    ChannelStride(usize),
 }
 
 /// W4A8 on a batch of inputs with the best kernel for this CPU; every variant equals
 /// `generic::generic_q4q8_row` bit for bit. Threads split the inputs (`InputMajor`: each thread
 /// reads every weight for its inputs) or the output channels (`ChannelMajor`).
 pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [f32], layout: Layout, threads: usize) {
-    assert!(xs.iter().all(|x| x.q.len() >= w.k_pad && x.sums.len() >= w.groups()) && y.len() >= xs.len() * w.n);
+    assert!(xs.iter().all(|x| x.q.len() >= w.k_pad && x.sums.len() >= w.groups()));
     assert!(bias.is_none_or(|b| b.len() >= w.n));
     let strides = match layout {
         Layout::InputMajor => (w.n, 1),
         Layout::ChannelMajor => (1, xs.len()),
+        Layout::ChannelStride(stride) => (1, stride),
     };
+    let need = match layout {
+        Layout::ChannelStride(stride) => {
+            assert!(stride >= xs.len(), "channel stride {stride} below {} inputs", xs.len());
+            (w.n.max(1) - 1) * stride + xs.len()
+        }
+        _ => xs.len() * w.n,
+    };
+    assert!(y.len() >= need);
     let run = |rows: std::ops::Range<usize>, xs: &[QRow], y: &mut [f32]| match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above, and every caller
@@ -167,11 +179,49 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
             });
         }
         Layout::ChannelMajor if lanes && threads <= 1 => inputs_run(xs, y),
+        Layout::ChannelStride(_) if lanes => inputs_run(xs, y),
+        Layout::ChannelStride(_) => run(0..w.n, xs, y),
         // Threads on channels only when each gets a few tiles and enough work.
         Layout::ChannelMajor => {
             let min_rows = (65536 / (xs.len() * w.k_pad).max(1)).max(8);
             split_rows(w.n, threads, min_rows, xs.len(), y, |rows, yc| run(rows, xs, yc))
         }
+    }
+}
+
+/// W4A8 of convolution windows read in place from their int8 image (see [`generic::QWindow`])
+/// with the output channels in vector lanes, on one thread; `y` as [`gemm_q4q8_rows`] writes it
+/// for `layout`. Runs on CPUs with AVX2 and returns true; elsewhere returns false having done
+/// nothing (the caller gathers im2col rows instead). Equal bit for bit to the kernels on the
+/// gathered rows.
+pub fn conv_q4q8_windows(
+    w: &PackedQ4,
+    xs: &[generic::QWindow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    layout: Layout,
+) -> bool {
+    for x in xs {
+        assert!(x.run > 0 && x.run.is_multiple_of(4) && x.offsets.len() * x.run == w.k_pad, "window runs");
+        assert!(w.group.is_multiple_of(x.run) || x.run.is_multiple_of(w.group), "runs against groups of {}", w.group);
+        assert!(x.offsets.iter().all(|&o| o as usize + x.run <= x.image.len()), "window offset beyond the image");
+    }
+    assert!(bias.is_none_or(|b| b.len() >= w.n));
+    let strides = match layout {
+        Layout::InputMajor => (w.n, 1),
+        Layout::ChannelMajor => (1, xs.len()),
+        Layout::ChannelStride(stride) => (1, stride),
+    };
+    assert!(strides.1 >= xs.len() || layout == Layout::InputMajor);
+    assert!(xs.is_empty() || y.len() > (xs.len() - 1) * strides.0 + (w.n.max(1) - 1) * strides.1);
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX2 and FMA; windows and output extent asserted above.
+        Isa::Avx2 | Isa::Avx512Vnni => {
+            unsafe { x86_64::avx2::avx2_conv_q4q8_channels(w, xs, bias, y, strides) };
+            true
+        }
+        _ => false,
     }
 }
 

@@ -74,6 +74,15 @@ proptest! {
                 prop_assert_eq!(t[r * batch + c].to_bits(), want[c * n + r].to_bits(), "input {} channel {}", c, r);
             }
         }
+        // Channel rows of a wider stride (a block of a convolution's positions), untouched gaps.
+        let stride = batch + 3;
+        let mut s = vec![-1f32; (n - 1) * stride + batch];
+        gemm_q4q8_rows(&w, &rows, None, &mut s, Layout::ChannelStride(stride), threads);
+        for (i, v) in s.iter().enumerate() {
+            let (r, c) = (i / stride, i % stride);
+            let want = if c < batch { want[c * n + r] } else { -1.0 };
+            prop_assert_eq!(v.to_bits(), want.to_bits(), "strided: input {} channel {}", c, r);
+        }
     }
 
     #[test]
@@ -133,8 +142,77 @@ fn input_quantization_matches_fake_quant_per_element() {
         let mut flat = vec![0i8; x.len()];
         sqil_kernels_cpu::generic::quantize_i8_into(&x, 0.02, zero, -128, 127, &mut flat);
         assert_eq!(flat, q.q[..160], "the slice quantizer");
+        // Sub-ranges (4-bit activations), lengths off the 32-value steps, and more specials.
+        let mut y = x.clone();
+        y[40..48].copy_from_slice(&[f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.01, -0.01, 0.03, -0.05, 8.4e6]);
+        for (lo, hi) in [(-128, 127), (-8, 7), (0, 15)] {
+            for len in [160, 77, 31, 1] {
+                let mut out = vec![0i8; len];
+                sqil_kernels_cpu::generic::quantize_i8_into(&y[..len], 0.02, zero, lo, hi, &mut out);
+                for (i, (&v, &o)) in y.iter().zip(&out).enumerate() {
+                    let want = sqil_kernels_cpu::generic::quantize_i8(v, 0.02, zero as f32, lo as f32, hi as f32);
+                    assert_eq!(o, want, "y[{i}] = {v}, zero {zero}, range [{lo}, {hi}], length {len}");
+                }
+            }
+        }
         for (g, s) in q.sums.iter().enumerate() {
             assert_eq!(*s, q.q[g * 32..(g + 1) * 32].iter().map(|&v| v as i32).sum::<i32>());
+        }
+    }
+}
+
+#[test]
+fn byte_transpose_matches_the_definition() {
+    let mut r = Lcg(5);
+    for (rows, cols) in [(1, 1), (8, 8), (32, 1681), (3, 7056), (17, 9), (64, 40), (9, 16)] {
+        let src: Vec<i8> = (0..rows * cols).map(|_| (r.unit() * 127.0) as i8).collect();
+        let mut dst = vec![0i8; rows * cols];
+        sqil_kernels_cpu::generic::transpose_i8(&src, rows, cols, &mut dst);
+        for i in 0..rows {
+            for j in 0..cols {
+                assert_eq!(dst[j * rows + i], src[i * cols + j], "[{rows} x {cols}] at ({i}, {j})");
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Convolution windows read in place equal the same windows gathered as im2col rows (the
+    /// reference kernel), with padding taps at the image's zero-point run, for groups smaller
+    /// than, equal to and larger than the channel count and one scale per channel.
+    #[test]
+    fn conv_windows_equal_gathered_rows(seed in any::<u64>(), n in 1usize..70, cs in 0usize..3, taps_m in 1usize..4,
+                                        per_group in 0usize..3, zero in -9i32..9, positions in 1usize..40) {
+        let ch = [4, 32, 64][cs];
+        let taps = if ch == 4 { 8 * taps_m } else { taps_m + 2 };
+        let k = taps * ch;
+        let group = [0, 32, 64][per_group];
+        prop_assume!(group == 0 || (k % group == 0 && (group % ch == 0 || ch % group == 0)));
+        let w = layer(seed, n, k, group, 4);
+        let mut r = Lcg(seed ^ 11);
+        let il = 50;
+        let pad = zero as i8;
+        let mut image: Vec<i8> = (0..il * ch).map(|_| (r.next() % 256) as u8 as i8).collect();
+        image.extend(std::iter::repeat_n(pad, ch));
+        let offsets: Vec<u32> = (0..positions * taps)
+            .map(|_| if r.next().is_multiple_of(7) { (il * ch) as u32 } else { (r.next() as usize % il * ch) as u32 })
+            .collect();
+        let windows: Vec<_> = offsets.chunks(taps).map(|o| sqil_kernels_cpu::generic::QWindow { image: &image, offsets: o, run: ch, zero, scale: 0.03 }).collect();
+        let rows: Vec<Vec<i8>> = offsets.chunks(taps).map(|o| o.iter().flat_map(|&at| image[at as usize..at as usize + ch].to_vec()).collect()).collect();
+        let sums: Vec<Vec<i32>> = rows.iter().map(|q| q.chunks(if group == 0 { k } else { group }).map(|c| c.iter().map(|&v| v as i32).sum()).collect()).collect();
+        let qrows: Vec<_> = rows.iter().zip(&sums).map(|(q, s)| sqil_kernels_cpu::generic::QRow { q, sums: s, zero, scale: 0.03 }).collect();
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let mut want = vec![0f32; n * positions];
+        for (c, x) in qrows.iter().enumerate() {
+            for row in 0..n {
+                want[row * positions + c] = sqil_kernels_cpu::generic::generic_q4q8_row(&w, *x, Some(&bias), row);
+            }
+        }
+        let mut got = vec![0f32; n * positions];
+        if sqil_kernels_cpu::conv_q4q8_windows(&w, &windows, Some(&bias), &mut got, Layout::ChannelMajor) {
+            prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
         }
     }
 }

@@ -430,19 +430,41 @@ fn bias_of(b: Option<&Tensor>, m: usize) -> Result<Option<Vec<f32>>> {
 }
 
 pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
+    conv_with_table(x, w, b, c, None)
+}
+
+/// Conv with the im2col gather table of its geometry given (`ConvGeometry::gather_table` for
+/// one image of `x` and `w`; a plan keeps it from run to run): the same arithmetic as the op.
+pub fn conv_with_table(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    c: &ConvAttrs,
+    table: Option<&[Option<usize>]>,
+) -> Result<Tensor> {
     float_input(x, "Conv")?;
     let p = conv_plan(&x.shape, &w.shape, c, false)?;
     let bias = bias_of(b, p.m)?;
     let (xv, wv) = (x.data.f32_cow(), w.data.f32_cow());
     let (cg, mg) = (p.c / p.group, p.m / p.group);
     let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
-    let table = p.geo.gather_table();
+    let owned;
+    let table = match table {
+        Some(t) if t.len() == kl * ol => t,
+        Some(t) => {
+            return Err(IrError::Internal(format!("Conv: a gather table of {} entries for {} x {kl}", t.len(), ol)))
+        }
+        None => {
+            owned = p.geo.gather_table();
+            &owned
+        }
+    };
     let mut cols = vec![0f32; cg * kl * ol];
     let mut out = vec![0f32; p.n * p.m * ol];
     for n in 0..p.n {
         for g in 0..p.group {
             let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
-            im2col(xs, cg, &table, &p.geo, &mut cols);
+            im2col(xs, cg, table, &p.geo, &mut cols);
             let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
             let o = &mut out[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
             sgemm(mg, cg * kl, ol, 1.0, wg, (cg * kl, 1), &cols, (ol, 1), 0.0, o, (ol, 1));

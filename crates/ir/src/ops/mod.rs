@@ -17,7 +17,7 @@ mod reduce;
 mod shape_ops;
 
 pub use broadcast::{broadcast_indices, Broadcast};
-pub use linalg::ConvAttrs;
+pub use linalg::{conv_with_table, ConvAttrs};
 pub use nn::PoolAttrs;
 pub use shape_ops::shape_range;
 

@@ -333,14 +333,25 @@ pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
     Tensor::new(shape, Data::from_f64(x.dtype(), out))
 }
 
+/// Softmax / LogSoftmax in f64 with sqil's exponential (`exp_nonpos`, the same bits on every
+/// back end) and its summation order (four interleaved partial sums, see `softmax_rows`).
 pub(crate) fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Result<Tensor> {
-    let v = float_vec(x, "Softmax")?;
+    if !x.dtype().is_float() {
+        return Err(IrError::Unsupported(format!("Softmax on {}", x.dtype())));
+    }
     let ax = norm_axis(axis, x.rank())?;
     let (dim, inner) = if coerce_2d || x.rank() == 0 {
         (x.shape[ax..].iter().product::<usize>(), 1)
     } else {
         (x.shape[ax], x.shape[ax + 1..].iter().product::<usize>())
     };
+    if let (Data::F32(v), 1, false) = (&x.data, inner, log) {
+        // Contiguous f32 rows: the kernels' loop (AVX2 where the CPU has it), same operations.
+        let mut out = vec![0f32; v.len()];
+        sqil_kernels_cpu::generic::softmax_rows(v, dim, &mut out);
+        return Tensor::new(x.shape.clone(), Data::F32(out));
+    }
+    let v = float_vec(x, "Softmax")?;
     let mut out = vec![0f64; v.len()];
     let outer = v.len().checked_div(dim * inner).unwrap_or(0);
     for o in 0..outer {
@@ -348,12 +359,13 @@ pub(crate) fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Resu
             let at = |j: usize| o * dim * inner + j * inner + i;
             let m = (0..dim).map(|j| v[at(j)]).fold(f64::NEG_INFINITY, f64::max);
             // Each exponential once: kept in `out`, then divided by their sum.
-            let mut s = 0f64;
+            let mut s = [0f64; 4];
             for j in 0..dim {
-                let e = (v[at(j)] - m).exp();
+                let e = sqil_kernels_cpu::generic::exp_nonpos(v[at(j)] - m);
                 out[at(j)] = e;
-                s += e;
+                s[j % 4] += e;
             }
+            let s = (s[0] + s[1]) + (s[2] + s[3]);
             for j in 0..dim {
                 out[at(j)] = if log { v[at(j)] - m - s.ln() } else { out[at(j)] / s };
             }

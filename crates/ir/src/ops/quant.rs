@@ -176,6 +176,18 @@ pub(crate) fn fake_quant(
     }
     let (lo, hi) = fake_quant_range(bits, signed);
     let (lo, hi) = (lo as f32, hi as f32);
+    if let (Data::F32(xv), 1, true) =
+        (&x.data, scale.len(), block == 0 && zp.is_none_or(|z| z.len() == 1) && bits <= 16)
+    {
+        // One scale and zero point: the kernels' loop (AVX2 where the CPU has it), the same
+        // IEEE operations as below (quotients beyond 2^22 saturate to lo or hi whatever their
+        // rounding, since |lo|, |hi| <= 2^16).
+        let s = scale.data.to_f32_vec()[0];
+        let z = zp.map_or(0.0, |z| z.data.to_f32_vec()[0]);
+        let mut y = vec![0f32; xv.len()];
+        sqil_kernels_cpu::generic::fake_quant_into(xv, s, z, lo, hi, &mut y);
+        return Tensor::new(x.shape.clone(), Data::F32(y));
+    }
     let idx = param_index(&x.shape, &scale.shape, axis, block)?;
     let sv = scale.data.to_f32_vec();
     let zv = zp.map(|z| z.data.to_f32_vec());
@@ -217,5 +229,33 @@ mod tests {
             assert_eq!(round_even(v).to_bits(), v.round_ties_even().to_bits(), "{v}");
         }
         assert!(round_even(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn per_tensor_fake_quant_equals_the_general_path() {
+        use crate::tensor::{Data, Tensor};
+        // The one-scale loop against the indexed loop (a per-axis scale of equal values).
+        let mut x = 0x9e37_79b9u32;
+        let mut vals: Vec<f32> = (0..4001)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32 - 0.5) * 20.0
+            })
+            .collect();
+        let special = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.05, -0.15, 1e30, -1e30, 5e5, 8.4e6];
+        vals[..special.len()].copy_from_slice(&special);
+        vals[4000] = 0.25;
+        let t = Tensor::new(vec![4001], Data::F32(vals)).unwrap();
+        for (bits, signed, zero) in [(8, true, 3.0f32), (4, true, 0.0), (8, false, 128.0), (16, true, -7.0)] {
+            let one = |v: f32, n: usize| Tensor::new(vec![n], Data::F32(vec![v; n])).unwrap();
+            let fast = super::fake_quant(&t, &one(0.1, 1), Some(&one(zero, 1)), bits, signed, 0, 0).unwrap();
+            let slow = super::fake_quant(&t, &one(0.1, 4001), Some(&one(zero, 4001)), bits, signed, 0, 0).unwrap();
+            let (f, s) = (fast.data.to_f32_vec(), slow.data.to_f32_vec());
+            for (i, (a, b)) in f.iter().zip(&s).enumerate() {
+                assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "bits {bits} at {i}: {a} vs {b}");
+            }
+        }
     }
 }

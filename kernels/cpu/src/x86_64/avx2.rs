@@ -285,23 +285,200 @@ pub unsafe fn avx2_gemv_q4f32_rows(
     }
 }
 
+/// `quantize_i8` over a slice, 32 values per step: divide, round half to even (`vroundps`; the
+/// scalar code's add-magic rounding after bounding to 2^22 gives the same integers), add the
+/// zero point, clamp with NaN kept (`vminps`/`vmaxps` return their second operand, the value,
+/// when it is NaN), NaN to 0 as `as i8` does, then packed to bytes in order.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
+    let n = x.len().min(out.len());
+    let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
+    let (vs, vz, vlo, vhi) = (_mm256_set1_ps(scale), _mm256_set1_ps(z), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let q = |p: *const f32| {
+        let t = _mm256_div_ps(_mm256_loadu_ps(p), vs);
+        let y = _mm256_add_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+        let y = _mm256_max_ps(vlo, _mm256_min_ps(vhi, y));
+        _mm256_cvtps_epi32(_mm256_and_ps(y, _mm256_cmp_ps(y, y, _CMP_ORD_Q)))
+    };
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut i = 0;
+    while i + 32 <= n {
+        let p = x.as_ptr().add(i);
+        let a = _mm256_packs_epi32(q(p), q(p.add(8)));
+        let b = _mm256_packs_epi32(q(p.add(16)), q(p.add(24)));
+        let v = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
+        _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, v);
+        i += 32;
+    }
+    for (d, &v) in out[i..n].iter_mut().zip(&x[i..n]) {
+        *d = crate::generic::quantize_i8(v, scale, z, lo, hi);
+    }
+}
+
+/// `fake_quant_into` eight lanes at a time (see `avx2_quantize_i8` for the rounding and the
+/// NaN-keeping clamp).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_fake_quant(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
+    let n = x.len().min(out.len());
+    let (vs, vz, vlo, vhi) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let mut i = 0;
+    while i + 8 <= n {
+        let t = _mm256_div_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vs);
+        let y = _mm256_add_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+        let y = _mm256_max_ps(vlo, _mm256_min_ps(vhi, y));
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_sub_ps(y, vz), vs));
+        i += 8;
+    }
+    for (d, &v) in out[i..n].iter_mut().zip(&x[i..n]) {
+        *d = crate::generic::fake_quant_one(v, scale, zero, lo, hi);
+    }
+}
+
+/// `exp_nonpos` on four lanes: the same operations (the 2^n bits by 64-bit integer lanes).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_nonpos4(x: __m256d) -> __m256d {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_TAYLOR};
+    let magic = _mm256_set1_pd(EXP_MAGIC);
+    let t = _mm256_add_pd(_mm256_mul_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E)), magic);
+    let n = _mm256_sub_pd(t, magic);
+    let r = _mm256_sub_pd(
+        _mm256_sub_pd(x, _mm256_mul_pd(n, _mm256_set1_pd(EXP_LN2_HI))),
+        _mm256_mul_pd(n, _mm256_set1_pd(EXP_LN2_LO)),
+    );
+    let mut p = _mm256_set1_pd(EXP_TAYLOR[13]);
+    for &c in EXP_TAYLOR[..13].iter().rev() {
+        p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(c));
+    }
+    let bits = _mm256_add_epi64(
+        _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
+        _mm256_set1_epi64x(1023),
+    );
+    let y = _mm256_mul_pd(p, _mm256_castsi256_pd(_mm256_slli_epi64(bits, 52)));
+    // Lanes at or below -708 are 0; NaN lanes (unordered: kept) carry NaN through p.
+    _mm256_and_pd(y, _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_NLE_UQ))
+}
+
+/// `softmax_rows` with the maximum, exponentials and division four or eight lanes at a time; the
+/// four partial sums are the four lanes of one vector (element j into lane j mod 4).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`, `dim > 0`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    let mut e = vec![0f64; dim.next_multiple_of(4)];
+    let d4 = dim / 4 * 4;
+    for (row, y) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        // The maximum: vmaxps returns its second operand, the running maximum, for a NaN value.
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        let mut j = 0;
+        while j + 8 <= dim {
+            mv = _mm256_max_ps(_mm256_loadu_ps(row.as_ptr().add(j)), mv);
+            j += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        let m = lanes.iter().chain(&row[j..]).fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let vm = _mm256_set1_pd(m);
+        let mut sum = _mm256_setzero_pd();
+        let mut j = 0;
+        while j < d4 {
+            let v = exp_nonpos4(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j))), vm));
+            _mm256_storeu_pd(e.as_mut_ptr().add(j), v);
+            sum = _mm256_add_pd(sum, v);
+            j += 4;
+        }
+        let mut s = [0f64; 4];
+        _mm256_storeu_pd(s.as_mut_ptr(), sum);
+        for (j, &v) in row.iter().enumerate().skip(d4) {
+            e[j] = crate::generic::exp_nonpos(v as f64 - m);
+            s[j % 4] += e[j];
+        }
+        let total = (s[0] + s[1]) + (s[2] + s[3]);
+        let vt = _mm256_set1_pd(total);
+        let mut j = 0;
+        while j < d4 {
+            let q = _mm256_div_pd(_mm256_loadu_pd(e.as_ptr().add(j)), vt);
+            _mm_storeu_ps(y.as_mut_ptr().add(j), _mm256_cvtpd_ps(q));
+            j += 4;
+        }
+        for j in d4..dim {
+            y[j] = (e[j] / total) as f32;
+        }
+    }
+}
+
+/// An input of the channel-lane kernel: its int8 values as runs of equal length (a row: one run;
+/// a convolution window: one run of C values per tap).
+pub(crate) trait LaneInput: Copy {
+    /// Values per run (a multiple of four); `usize::MAX` for one unbounded run.
+    fn run(&self) -> usize;
+    /// The first value of run `t`.
+    fn run_ptr(&self, t: usize) -> *const i8;
+    fn zero(&self) -> i32;
+    fn scale(&self) -> f32;
+}
+
+impl LaneInput for QRow<'_> {
+    fn run(&self) -> usize {
+        usize::MAX
+    }
+    fn run_ptr(&self, _: usize) -> *const i8 {
+        self.q.as_ptr()
+    }
+    fn zero(&self) -> i32 {
+        self.zero
+    }
+    fn scale(&self) -> f32 {
+        self.scale
+    }
+}
+
+impl LaneInput for crate::generic::QWindow<'_> {
+    fn run(&self) -> usize {
+        self.run
+    }
+    fn run_ptr(&self, t: usize) -> *const i8 {
+        // In bounds: `avx2_conv_q4q8_channels` checks every offset against the image.
+        self.image.as_ptr().wrapping_add(self.offsets[t] as usize)
+    }
+    fn zero(&self) -> i32 {
+        self.zero
+    }
+    fn scale(&self) -> f32 {
+        self.scale
+    }
+}
+
 /// W4A8 of one block of 32 output channels against `NP` inputs with the channels in vector lanes
 /// (weights from [`ChannelTiles`]): each input's four bytes at a time broadcast, made unsigned by
 /// flipping the sign bit (`x + 128`), `vpmaddubsw` against the 32 channels' four weights; i16
 /// sums over up to eight quads (at most 8 * 2 * 255 * 8 = 32640, so they fit), widened per eight
 /// quads; per group the exact sum less `(128 + zero) * sum(q)` is `sum (x - zero) q`, scaled in
-/// the shared epilogue's order. No horizontal reductions: every lane is one channel.
+/// the shared epilogue's order. No horizontal reductions: every lane is one channel. The inputs'
+/// values are read run by run ([`LaneInput`]; runs of a multiple of four values never split a
+/// quad), so a convolution window needs no gathering.
 #[inline(always)]
-unsafe fn channel_block<const NP: usize>(
+unsafe fn channel_block<const NP: usize, X: LaneInput>(
     w: &PackedQ4,
     t: &ChannelTiles,
     cb: usize,
-    xs: [QRow; NP],
+    xs: [X; NP],
 ) -> [[__m256; 4]; NP] {
     let groups = w.groups();
     let quads = w.group / 4;
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128i8);
+    let run = xs[0].run();
+    // The position in the runs (the same for every input): run `tap`, value `off` of it.
+    let (mut tap, mut off) = (0usize, 0usize);
+    let mut xp: [*const i8; NP] = std::array::from_fn(|c| xs[c].run_ptr(0));
     let mut accf = [[_mm256_setzero_ps(); 4]; NP];
     for g in 0..groups {
         let mut acc = [[_mm256_setzero_si256(); 4]; NP];
@@ -311,15 +488,21 @@ unsafe fn channel_block<const NP: usize>(
             let end = (quad + 8).min(quads);
             let mut acc16 = [[_mm256_setzero_si256(); 4]; NP];
             while quad < end {
+                if off == run {
+                    tap += 1;
+                    off = 0;
+                    xp = std::array::from_fn(|c| xs[c].run_ptr(tap));
+                }
                 let wp = base.add(quad * 128);
                 let wv: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
                 for c in 0..NP {
-                    let x4 = std::ptr::read_unaligned(xs[c].q.as_ptr().add(g * w.group + quad * 4) as *const i32);
+                    let x4 = std::ptr::read_unaligned(xp[c].add(off) as *const i32);
                     let xb = _mm256_xor_si256(_mm256_set1_epi32(x4), flip);
                     for j in 0..4 {
                         acc16[c][j] = _mm256_add_epi16(acc16[c][j], _mm256_maddubs_epi16(xb, wv[j]));
                     }
                 }
+                off += 4;
                 quad += 1;
             }
             for c in 0..NP {
@@ -330,7 +513,7 @@ unsafe fn channel_block<const NP: usize>(
         }
         let at = (cb * groups + g) * 32;
         for c in 0..NP {
-            let zc = _mm256_set1_epi32(128 + xs[c].zero);
+            let zc = _mm256_set1_epi32(128 + xs[c].zero());
             for j in 0..4 {
                 let ws = _mm256_loadu_si256(t.sums.as_ptr().add(at + 8 * j) as *const __m256i);
                 let sc = _mm256_loadu_ps(t.scales.as_ptr().add(at + 8 * j));
@@ -344,15 +527,11 @@ unsafe fn channel_block<const NP: usize>(
 }
 
 /// W4A8 of every row of `w` on a batch of inputs with the channels in vector lanes (see
-/// [`channel_block`]); output `(c, r)` goes to `y[c * cs + r * rs]`. Equal bit for bit to
-/// `generic_q4q8_row`.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_gemm_q4q8_channels(
+/// [`channel_block`]); output `(c, r)` goes to `y[c * cs + r * rs]`.
+#[inline(always)]
+unsafe fn channels_impl<X: LaneInput>(
     w: &PackedQ4,
-    xs: &[QRow],
+    xs: &[X],
     bias: Option<&[f32]>,
     y: &mut [f32],
     (cs, rs): (usize, usize),
@@ -365,27 +544,59 @@ pub unsafe fn avx2_gemm_q4q8_channels(
         if let Some(bias) = bias {
             b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
         }
-        let mut put = |c: usize, acc: &[__m256; 4], x: QRow| {
-            let mut out = [0f32; 32];
-            for (j, a) in acc.iter().enumerate() {
-                let v =
-                    _mm256_add_ps(_mm256_mul_ps(*a, _mm256_set1_ps(x.scale)), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
-            }
-            for (l, &v) in out[..rows].iter().enumerate() {
-                y[c * cs + (32 * cb + l) * rs] = v;
-            }
-        };
         let mut c = 0;
-        while c + 2 <= xs.len() {
-            let [a0, a1] = channel_block::<2>(w, t, cb, [xs[c], xs[c + 1]]);
-            put(c, &a0, xs[c]);
-            put(c + 1, &a1, xs[c + 1]);
-            c += 2;
-        }
-        if c < xs.len() {
-            let [a0] = channel_block::<1>(w, t, cb, [xs[c]]);
-            put(c, &a0, xs[c]);
+        while c < xs.len() {
+            // Two inputs at a time, the last alone.
+            let (acc, np) = if c + 2 <= xs.len() {
+                (channel_block::<2, X>(w, t, cb, [xs[c], xs[c + 1]]), 2)
+            } else {
+                let [a0] = channel_block::<1, X>(w, t, cb, [xs[c]]);
+                ([a0, [_mm256_setzero_ps(); 4]], 1)
+            };
+            for (i, acc) in acc[..np].iter().enumerate() {
+                let mut out = [0f32; 32];
+                let scale = _mm256_set1_ps(xs[c + i].scale());
+                for (j, a) in acc.iter().enumerate() {
+                    let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
+                }
+                for (l, &v) in out[..rows].iter().enumerate() {
+                    y[(c + i) * cs + (32 * cb + l) * rs] = v;
+                }
+            }
+            c += np;
         }
     }
+}
+
+/// W4A8 of every row of `w` on a batch of inputs with the channels in vector lanes; output
+/// `(c, r)` goes to `y[c * cs + r * rs]`. Equal bit for bit to `generic_q4q8_row`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_gemm_q4q8_channels(
+    w: &PackedQ4,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+) {
+    channels_impl(w, xs, bias, y, strides)
+}
+
+/// [`avx2_gemm_q4q8_channels`] on convolution windows read in place (see `QWindow`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every window has `w.k_pad / run` offsets, each at most
+/// `image.len() - run`, and `run` divides `w.group` or is a multiple of it, a multiple of four.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_conv_q4q8_channels(
+    w: &PackedQ4,
+    xs: &[crate::generic::QWindow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+) {
+    channels_impl(w, xs, bias, y, strides)
 }
