@@ -87,6 +87,10 @@ pub struct Plan {
     pub consts: Vec<(usize, Tensor)>,
     pub slots: usize,
     pub steps: Vec<Step>,
+    /// Per slot, the last step that reads it (`usize::MAX`: kept to the end, as outputs are):
+    /// a step's dead inputs are dropped after it, and a ReLU or Reshape takes over its input's
+    /// buffer when the input dies there (no copy, no fresh pages).
+    pub last_use: Vec<usize>,
 }
 
 /// A weight a Q4 step can absorb: signed ints `[n, k]` row-major, scales, n, k, group.
@@ -469,7 +473,20 @@ impl Plan {
         let outputs: Vec<usize> = g.outputs.iter().map(|&o| slot_of(o, &mut slot)).collect();
         let (steps, consts) = fold_constants(steps_rev, consts, &outputs)?;
         let output_names = g.outputs.iter().map(|&o| g.value(o).name.clone()).collect();
-        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps })
+        let mut last_use = vec![usize::MAX; next];
+        for (i, step) in steps.iter().enumerate() {
+            let read: Vec<usize> = match step {
+                Step::Q4Linear { x, .. } => vec![*x],
+                Step::Op { inputs, .. } => inputs.iter().flatten().copied().collect(),
+            };
+            for s in read {
+                last_use[s] = i;
+            }
+        }
+        for &s in &outputs {
+            last_use[s] = usize::MAX;
+        }
+        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps, last_use })
     }
 
     /// Names and kinds of the steps (for reports).
@@ -494,7 +511,7 @@ impl Plan {
 
     /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers.
     pub fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
-        let mut env = self.exec(feeds, threads, None)?;
+        let mut env = self.exec(feeds, threads, None, false)?;
         self.outputs
             .iter()
             .map(|&s| env[s].take().map(Cow::into_owned).ok_or_else(|| IrError::Internal("output not computed".into())))
@@ -504,7 +521,7 @@ impl Plan {
     /// Runs the plan and returns every slot's value (constants, inputs, step results; `None`
     /// for slots no step wrote): the shapes and values code generators and tests need.
     pub fn trace(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Option<Tensor>>> {
-        Ok(self.exec(feeds, threads, None)?.into_iter().map(|t| t.map(Cow::into_owned)).collect())
+        Ok(self.exec(feeds, threads, None, true)?.into_iter().map(|t| t.map(Cow::into_owned)).collect())
     }
 
     /// Runs the plan `runs` times and returns each step's mean and minimum wall time in seconds
@@ -515,7 +532,7 @@ impl Plan {
         let mut times = vec![0.0; self.steps.len()];
         for _ in 0..runs.max(1) {
             times.fill(0.0);
-            self.exec(feeds, threads, Some(&mut times))?;
+            self.exec(feeds, threads, Some(&mut times), false)?;
             for (st, t) in stats.iter_mut().zip(&times) {
                 st.0 += t / runs.max(1) as f64;
                 st.1 = st.1.min(*t);
@@ -524,14 +541,31 @@ impl Plan {
         Ok(stats)
     }
 
+    /// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: a ReLU of
+    /// f32 values or a Reshape, whose input dies at this step and is owned (not a constant or a
+    /// caller's tensor). The result equals the op's (ReLU is exact in f32; Reshape moves data).
+    fn in_place(&self, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Option<Cow<Tensor>>]) -> bool {
+        let Some(Some(x)) = inputs.first() else { return false };
+        if self.last_use[*x] != i || inputs.iter().skip(1).flatten().any(|s| s == x) {
+            return false;
+        }
+        let Some(Cow::Owned(t)) = &env[*x] else { return false };
+        match op {
+            Op::Unary(UnaryOp::Relu) => matches!(t.data, sqil_ir::tensor::Data::F32(_)),
+            Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
+            _ => false,
+        }
+    }
+
     /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
     /// buffers reused from the previous call on this thread; with `times`, adds each step's
-    /// wall time to its entry.
+    /// wall time to its entry; `keep_all` keeps every value (no in-place steps, nothing dropped).
     fn exec<'a>(
         &'a self,
         feeds: &'a [Tensor],
         threads: usize,
         mut times: Option<&mut [f64]>,
+        keep_all: bool,
     ) -> Result<Vec<Option<Cow<'a, Tensor>>>> {
         if feeds.len() != self.inputs.len() {
             return Err(IrError::Invalid(format!(
@@ -617,6 +651,24 @@ impl Plan {
                     *shape.last_mut().expect("rank >= 2") = w.n;
                     env[*y] = Some(Cow::Owned(Tensor::from_f32(shape, out)?));
                 }
+                Step::Op { op, inputs, outputs, .. } if !keep_all && self.in_place(op, inputs, i, &env) => {
+                    let x = inputs[0].and_then(|s| env[s].take()).expect("checked by in_place").into_owned();
+                    let y = match op {
+                        Op::Reshape { allowzero } => {
+                            let spec = inputs[1].and_then(|s| env[s].as_deref()).expect("checked by in_place");
+                            let shape = sqil_ir::ops::reshape_target(&x.shape, &spec.data.to_i64_vec(), *allowzero)?;
+                            Tensor::new(shape, x.data)?
+                        }
+                        _ => {
+                            let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
+                                unreachable!("checked by in_place")
+                            };
+                            v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e });
+                            Tensor::from_f32(shape, v)?
+                        }
+                    };
+                    env[outputs[0]] = Some(Cow::Owned(y));
+                }
                 Step::Op { node, name, op, inputs, outputs, table } => {
                     let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
                     let res = match (op, table, args.as_slice()) {
@@ -631,6 +683,16 @@ impl Plan {
                     for (s, t) in outputs.iter().zip(res) {
                         env[*s] = Some(Cow::Owned(t));
                     }
+                }
+            }
+            // Values no later step reads are dropped now, so their memory is reused soon.
+            let read: &[Option<usize>] = match step {
+                Step::Q4Linear { x, .. } => &[Some(*x)],
+                Step::Op { inputs, .. } => inputs,
+            };
+            for &s in read.iter().flatten() {
+                if !keep_all && self.last_use[s] == i {
+                    env[s] = None;
                 }
             }
             if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {

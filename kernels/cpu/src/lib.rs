@@ -47,11 +47,23 @@ pub fn isa() -> Isa {
 /// Output channels per thread below which a GEMV stays on one thread.
 pub const ROWS_PER_THREAD: usize = 256;
 
+/// Layers whose one-byte-per-weight copy (`ChannelTiles`) stays within this many bytes run the
+/// channel-lane W4A8 kernel at every batch size: it needs no horizontal reductions and about half
+/// the instructions per weight of the tile kernel, reading a weight as one byte from the cache.
+/// Larger layers, whose weights stream from memory, keep the half-byte tile kernel below batch 4.
+pub const LANES_MAX_BYTES: usize = 4 << 20;
+
+/// Whether the channel-lane kernel runs `w` at batches below four (see [`LANES_MAX_BYTES`]).
+pub fn lanes_at_small_batch(w: &PackedQ4) -> bool {
+    w.n.next_multiple_of(32) * w.k_pad <= LANES_MAX_BYTES
+}
+
 /// Splits rows over up to `threads` scoped threads when the layer is large enough, in chunks of
-/// a multiple of four rows (the SIMD kernels' tiles); `y` holds `stride` outputs per row.
+/// a multiple of `align` rows (the SIMD kernels' tiles: 4 rows, or 32 channels in lanes); `y`
+/// holds `stride` outputs per row.
 fn split_rows(
     n: usize,
-    threads: usize,
+    (threads, align): (usize, usize),
     min_rows: usize,
     stride: usize,
     y: &mut [f32],
@@ -61,7 +73,7 @@ fn split_rows(
     if t == 1 {
         return f(0..n, &mut y[..n * stride]);
     }
-    let chunk = n.div_ceil(t).next_multiple_of(4);
+    let chunk = n.div_ceil(t).next_multiple_of(align);
     std::thread::scope(|s| {
         for (i, part) in y[..n * stride].chunks_mut(chunk * stride).enumerate() {
             let f = &f;
@@ -78,13 +90,21 @@ pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut
     let x = x.row();
     match isa() {
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above; every chunk of
+        // rows starts at a multiple of 32.
+        Isa::Avx2 | Isa::Avx512Vnni if lanes_at_small_batch(w) => {
+            split_rows(w.n, (threads, 32), ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
+                x86_64::avx2::avx2_gemm_q4q8_channels(w, &[x], bias, out, (w.n, 1), rows)
+            })
+        }
+        #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx2 => split_rows(w.n, threads, ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
+        Isa::Avx2 => split_rows(w.n, (threads, 4), ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
             x86_64::avx2::avx2_gemv_q4q8_rows(w, x, bias, rows, out)
         }),
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx512Vnni => split_rows(w.n, threads, ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
+        Isa::Avx512Vnni => split_rows(w.n, (threads, 4), ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
             x86_64::avx512::avx512_gemv_q4q8_rows(w, x, bias, rows, out)
         }),
         _ => {
@@ -154,13 +174,13 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
     };
     // Batches of four inputs or more with the output channels in vector lanes (no horizontal
     // reductions); a channel-major layout only on one thread (threads split channels there).
-    let lanes = xs.len() >= 4 && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni);
+    let lanes = (xs.len() >= 4 || lanes_at_small_batch(w)) && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni);
     let inputs_run = |xs: &[QRow], y: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
         if lanes {
             // SAFETY: isa() checked AVX2 and FMA; lengths asserted above; `y` holds every index
             // of these inputs' outputs.
-            return unsafe { x86_64::avx2::avx2_gemm_q4q8_channels(w, xs, bias, y, strides) };
+            return unsafe { x86_64::avx2::avx2_gemm_q4q8_channels(w, xs, bias, y, strides, 0..w.n) };
         }
         run(0..w.n, xs, y)
     };
@@ -184,7 +204,7 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
         // Threads on channels only when each gets a few tiles and enough work.
         Layout::ChannelMajor => {
             let min_rows = (65536 / (xs.len() * w.k_pad).max(1)).max(8);
-            split_rows(w.n, threads, min_rows, xs.len(), y, |rows, yc| run(rows, xs, yc))
+            split_rows(w.n, (threads, 4), min_rows, xs.len(), y, |rows, yc| run(rows, xs, yc))
         }
     }
 }
@@ -232,7 +252,7 @@ pub fn gemv_q4f32(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], 
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
-        Isa::Avx2 | Isa::Avx512Vnni => split_rows(w.n, threads, ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
+        Isa::Avx2 | Isa::Avx512Vnni => split_rows(w.n, (threads, 4), ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
             x86_64::avx2::avx2_gemv_q4f32_rows(w, x, bias, rows, out)
         }),
         _ => generic::generic_gemv_q4f32(w, x, bias, y),

@@ -216,3 +216,34 @@ proptest! {
         }
     }
 }
+
+/// Layers past `LANES_MAX_BYTES` keep the half-byte tile kernel at batches 1-3 (the lane kernel
+/// takes the smaller ones the property tests draw): both against the reference, with threads.
+#[test]
+fn large_layers_take_the_tile_kernel_and_equal_the_reference() {
+    let (n, k) = (1060, 4160);
+    let w = layer(3, n, k, 64, 4);
+    assert!(
+        !sqil_kernels_cpu::lanes_at_small_batch(&w)
+            && sqil_kernels_cpu::lanes_at_small_batch(&layer(3, 64, 256, 64, 4))
+    );
+    let mut r = Lcg(9);
+    let xs: Vec<_> = (0..3)
+        .map(|c| {
+            let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
+            quantize_input(&x, 0.02, 2 - c, &w)
+        })
+        .collect();
+    let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+    for batch in 1..=3 {
+        let mut want = vec![0f32; batch * n];
+        for (x, yc) in xs[..batch].iter().zip(want.chunks_mut(n)) {
+            generic_gemv_q4q8(&w, x, Some(&bias), yc);
+        }
+        for threads in [1, 2] {
+            let mut got = vec![0f32; batch * n];
+            gemm_q4q8(&w, &xs[..batch], Some(&bias), &mut got, threads);
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "batch {batch}, {threads} threads");
+        }
+    }
+}

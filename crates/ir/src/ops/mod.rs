@@ -19,7 +19,7 @@ mod shape_ops;
 pub use broadcast::{broadcast_indices, Broadcast};
 pub use linalg::{conv_with_table, ConvAttrs};
 pub use nn::PoolAttrs;
-pub use shape_ops::shape_range;
+pub use shape_ops::{reshape_target, shape_range};
 
 use crate::attrs::{Attr, AttrMap};
 use crate::dtype::DType;

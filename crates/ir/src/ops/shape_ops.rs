@@ -52,7 +52,8 @@ pub(crate) fn flatten(x: &Tensor, axis: i64) -> Result<Tensor> {
 }
 
 /// Resolves a Reshape target against a concrete input shape.
-fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Result<Vec<usize>> {
+/// The output shape of Reshape on `input` with the shape operand `target`.
+pub fn reshape_target(input: &[usize], target: &[i64], allowzero: bool) -> Result<Vec<usize>> {
     let total: usize = input.iter().product();
     let mut out = Vec::with_capacity(target.len());
     let mut infer = None;

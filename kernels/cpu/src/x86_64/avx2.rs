@@ -526,8 +526,9 @@ unsafe fn channel_block<const NP: usize, X: LaneInput>(
     accf
 }
 
-/// W4A8 of every row of `w` on a batch of inputs with the channels in vector lanes (see
-/// [`channel_block`]); output `(c, r)` goes to `y[c * cs + r * rs]`.
+/// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of inputs with the channels
+/// in vector lanes (see [`channel_block`]); output `(c, r)` goes to `y[c * cs + (r -
+/// rows_in.start) * rs]`.
 #[inline(always)]
 unsafe fn channels_impl<X: LaneInput>(
     w: &PackedQ4,
@@ -535,11 +536,14 @@ unsafe fn channels_impl<X: LaneInput>(
     bias: Option<&[f32]>,
     y: &mut [f32],
     (cs, rs): (usize, usize),
+    rows_in: std::ops::Range<usize>,
 ) {
+    debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
     let t = w.channel_tiles();
+    let r0 = rows_in.start;
     let mut b = [0f32; 32];
-    for cb in 0..t.blocks {
-        let rows = (w.n - 32 * cb).min(32);
+    for cb in r0 / 32..rows_in.end.div_ceil(32) {
+        let rows = (rows_in.end - 32 * cb).min(32);
         b.fill(0.0);
         if let Some(bias) = bias {
             b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
@@ -561,7 +565,7 @@ unsafe fn channels_impl<X: LaneInput>(
                     _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
                 }
                 for (l, &v) in out[..rows].iter().enumerate() {
-                    y[(c + i) * cs + (32 * cb + l) * rs] = v;
+                    y[(c + i) * cs + (32 * cb + l - r0) * rs] = v;
                 }
             }
             c += np;
@@ -569,8 +573,9 @@ unsafe fn channels_impl<X: LaneInput>(
     }
 }
 
-/// W4A8 of every row of `w` on a batch of inputs with the channels in vector lanes; output
-/// `(c, r)` goes to `y[c * cs + r * rs]`. Equal bit for bit to `generic_q4q8_row`.
+/// W4A8 of rows `rows` of `w` (start a multiple of 32) on a batch of inputs with the channels in
+/// vector lanes; output `(c, r)` goes to `y[c * cs + (r - rows.start) * rs]`. Equal bit for bit
+/// to `generic_q4q8_row`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values.
@@ -581,8 +586,9 @@ pub unsafe fn avx2_gemm_q4q8_channels(
     bias: Option<&[f32]>,
     y: &mut [f32],
     strides: (usize, usize),
+    rows: std::ops::Range<usize>,
 ) {
-    channels_impl(w, xs, bias, y, strides)
+    channels_impl(w, xs, bias, y, strides, rows)
 }
 
 /// [`avx2_gemm_q4q8_channels`] on convolution windows read in place (see `QWindow`).
@@ -598,5 +604,5 @@ pub unsafe fn avx2_conv_q4q8_channels(
     y: &mut [f32],
     strides: (usize, usize),
 ) {
-    channels_impl(w, xs, bias, y, strides)
+    channels_impl(w, xs, bias, y, strides, 0..w.n)
 }
