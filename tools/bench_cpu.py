@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SQIL = os.environ.get("SQIL_BIN", str(ROOT / "target" / "release" / "sqil"))
-TRACT = ROOT / "target" / "release" / "examples" / "tract_bench"
+TRACT = pathlib.Path(os.environ.get("TRACT_BIN", str(ROOT / "target" / "release" / "examples" / "tract_bench")))
 
 
 def mlp_4x1024(path):
@@ -49,7 +49,8 @@ def mlp_4x1024(path):
             prev = f"a{i}"
     g = helper.make_graph(nodes, "mlp4x1024", [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["N", 64])],
                           [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", 16])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    # IR version 9 whatever onnx makes by default (1.23 writes 14, which sqil refuses by name).
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
 
 
 def gemm_to_matmul(src, dst):
@@ -114,6 +115,8 @@ def sqil_time(artifact, batch, iters):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=2000)
+    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "bench-cpu.json",
+                    help="where the JSON rows go (another machine's run: not the committed file)")
     a = ap.parse_args()
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -136,8 +139,11 @@ def main():
             for label, abits in [("sqil W4A8", "8"), ("sqil W4A16", "float")]:
                 art = tmp / f"{name}_{abits}.bin".replace(" ", "_")
                 cal = [x for c in calib for x in ("--calib", str(c))]
-                subprocess.run([SQIL, "quantize", str(path), "--recipe", "gptq", "--wbits", "4", "--abits", abits, "--group", "64",
-                                *cal, "-o", str(tmp / "q.onnx"), "--artifact", str(art)], check=True, capture_output=True)
+                r = subprocess.run([SQIL, "quantize", str(path), "--recipe", "gptq", "--wbits", "4", "--abits", abits,
+                                    "--group", "64", *cal, "-o", str(tmp / "q.onnx"), "--artifact", str(art)],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise SystemExit(f"sqil quantize {path.name} failed:\n{r.stderr}")
                 engines[label] = ("sqil", art)
             if TRACT.exists():
                 engines["tract f32"] = ("tract", path)
@@ -167,7 +173,7 @@ def main():
                           f"{batch / p50 * 1e6:10.0f} samples/s", flush=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     out = {"cpu": cpu, "threads": 1, "onnxruntime": ort.__version__, "rows": rows}
-    (ROOT / "docs" / "bench-cpu.json").write_text(json.dumps(out, indent=1) + "\n")
+    a.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"CPU: {cpu}; ratios of p50 latencies")
     for m in models:
         for b in (1, 64):

@@ -16,3 +16,46 @@ extern "C" __global__ void sqil_flush_read(const uint4 *__restrict__ p, unsigned
         *sink = v;
     }
 }
+
+// Probes of where a GEMV's time goes (sqil-cuda-bench probe). The launch floor: a grid of the
+// GEMV's shape doing nothing.
+extern "C" __global__ void sqil_probe_empty(unsigned int *sink)
+{
+    if (threadIdx.x == 4096) {
+        *sink = 1;
+    }
+}
+
+// The weight reads of the split-K GEMV alone (R rows per block, lane every 32 * S-th 16-byte
+// chunk, blockDim = 32 * S; a chunk's R loads issued together as the GEMV issues them),
+// XOR-reduced and kept as sqil_flush_read keeps its loads.
+template <int R>
+__device__ __forceinline__ void probe_rows(const uint4 *__restrict__ w, int n, int k, unsigned int *sink)
+{
+    const int chunks = k >> 5;
+    unsigned int v = 0;
+    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
+        uint4 q[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            q[r] = __ldg(w + (size_t)min((int)blockIdx.x * R + r, n - 1) * chunks + c);
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            v ^= q[r].x ^ q[r].y ^ q[r].z ^ q[r].w;
+        }
+    }
+    if (v == 0x9e3779b9u) {
+        *sink = v;
+    }
+}
+
+extern "C" __global__ void sqil_probe_rows_r2(const uint4 *__restrict__ w, int n, int k, unsigned int *sink)
+{
+    probe_rows<2>(w, n, k, sink);
+}
+
+extern "C" __global__ void sqil_probe_rows_r4(const uint4 *__restrict__ w, int n, int k, unsigned int *sink)
+{
+    probe_rows<4>(w, n, k, sink);
+}

@@ -441,6 +441,86 @@ fn bench_policy(gpu: &Gpu, artifact: &str, states: &str, iters: usize) -> Result
     Ok(())
 }
 
+/// Where a batch-1 GEMV's time goes, per benchmark shape and kind of L2 flush: the launch floor
+/// (the split-K grid doing nothing), the split-K GEMV's weight reads alone (R = 2, 4 rows per
+/// block), a grid-stride streaming read of the same bytes, the split-K GEMVs, and cuBLAS. The
+/// weight reads bound any int4 GEMV of these weights from below.
+fn bench_probe(gpu: &Gpu, iters: usize) -> Result<(), String> {
+    let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
+    let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
+    let mut sink = gpu.stream.alloc_zeros::<u32>(1).map_err(err)?;
+    let peak = peak_bw(&gpu.name);
+    let cfg = |grid: u32, threads: u32| LaunchConfig {
+        grid_dim: (grid, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    for &(n, k) in &[(4096usize, 4096usize), (11008, 4096), (4096, 11008), (8192, 8192)] {
+        let w = random_q4(n, k, 42);
+        let dw: DeviceQ4 = gpu.upload(&w)?;
+        let dwf = gpu.stream.alloc_zeros::<f16>(n * k).map_err(err)?;
+        let x: Vec<f16> = (0..k).map(|i| f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5)).collect();
+        let dx = gpu.stream.clone_htod(&x).map_err(err)?;
+        let mut dy = gpu.stream.alloc_zeros::<f16>(n).map_err(err)?;
+        let bytes = (n * k / 2) as f64;
+        let (ni, ki) = (n as i32, k as i32);
+        let words = (n * k / 32) as u64;
+        for how in [Flush::Memset, Flush::Read] {
+            let mut rows: Vec<(String, f64)> = vec![];
+            rows.push((
+                "cublas_f16".into(),
+                time_with(gpu, &mut flush, how, iters, || cublas_gemv(&blas, &dwf, &dx, &mut dy, n, k, 1))?,
+            ));
+            let (empty, reader) = (gpu.function("sqil_probe_empty")?, gpu.function("sqil_flush_read")?);
+            for r in [2u32, 4] {
+                let grid = (n as u32).div_ceil(r);
+                let t = time_with(gpu, &mut flush, how, iters, || {
+                    let mut l = gpu.stream.launch_builder(&empty);
+                    l.arg(&mut sink);
+                    // SAFETY: the kernel writes at most one u32 to `sink`.
+                    unsafe { l.launch(cfg(grid, 128)) }.map(|_| ()).map_err(err)
+                })?;
+                rows.push((format!("empty grid ({grid} x 128)"), t));
+                let rows_fn = gpu.function(&format!("sqil_probe_rows_r{r}"))?;
+                let t = time_with(gpu, &mut flush, how, iters, || {
+                    let mut l = gpu.stream.launch_builder(&rows_fn);
+                    l.arg(&dw.words).arg(&ni).arg(&ki).arg(&mut sink);
+                    // SAFETY: the kernel reads the n x k / 8 words of `dw.words` and may write `sink`.
+                    unsafe { l.launch(cfg(grid, 128)) }.map(|_| ()).map_err(err)
+                })?;
+                rows.push((format!("weight reads alone, r{r}"), t));
+            }
+            for blocks in [132u32 * 4, 132 * 16] {
+                let t = time_with(gpu, &mut flush, how, iters, || {
+                    let mut l = gpu.stream.launch_builder(&reader);
+                    l.arg(&dw.words).arg(&words).arg(&mut sink);
+                    // SAFETY: reads `words` 16-byte words of `dw.words` (its n x k / 2 bytes).
+                    unsafe { l.launch(cfg(blocks, 256)) }.map(|_| ()).map_err(err)
+                })?;
+                rows.push((format!("streaming read ({blocks} x 256)"), t));
+            }
+            for (name, rpb) in [("sqil_q4_gemv_s4_r2_b1", 2), ("sqil_q4_gemv_s4_r4_b1", 4)] {
+                let t = time_with(gpu, &mut flush, how, iters, || {
+                    gpu.q4_gemv_instance(&gpu.stream, &dw, &dx, None, &mut dy, 1, false, (name, rpb, 128))
+                })?;
+                rows.push((name.to_string(), t));
+            }
+            let tb = rows[0].1;
+            for (what, t) in rows {
+                println!(
+                "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"flush\": \"{how:?}\", \"probe\": {what:?}, \"us\": {:.2}, \"weight_gbs\": {:.0}, \"peak_frac\": {:.3}, \"vs_cublas\": {:.2}}}",
+                gpu.name,
+                t * 1e6,
+                bytes / t / 1e9,
+                bytes / t / peak,
+                tb / t
+            );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |name: &str, d: usize| {
@@ -462,6 +542,7 @@ fn main() {
         }),
         Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
         Some("explore") => bench_explore(&gpu, opt("--iters", 50)),
+        Some("probe") => bench_probe(&gpu, opt("--iters", 50)),
         Some("vla") => bench_vla(&gpu, opt("--layers", 32), opt("--iters", 10)),
         Some("policy") if args.len() >= 3 => bench_policy(&gpu, &args[1], &args[2], opt("--iters", 500)),
         Some(other) => Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy")),
