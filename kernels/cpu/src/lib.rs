@@ -58,6 +58,26 @@ pub fn lanes_at_small_batch(w: &PackedQ4) -> bool {
     w.n.next_multiple_of(32) * w.k_pad <= LANES_MAX_BYTES
 }
 
+/// The channel-lane W4A8 kernel for this CPU (AVX-512 VNNI sums where present, else AVX2).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; as `avx2_gemm_q4q8_channels`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn lanes_kernel(
+    w: &PackedQ4,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+    rows: std::ops::Range<usize>,
+) {
+    if isa() == Isa::Avx512Vnni {
+        x86_64::avx512::avx512_gemm_q4q8_channels(w, xs, bias, y, strides, rows)
+    } else {
+        x86_64::avx2::avx2_gemm_q4q8_channels(w, xs, bias, y, strides, rows)
+    }
+}
+
 /// Splits rows over up to `threads` scoped threads when the layer is large enough, in chunks of
 /// a multiple of `align` rows (the SIMD kernels' tiles: 4 rows, or 32 channels in lanes); `y`
 /// holds `stride` outputs per row.
@@ -94,7 +114,7 @@ pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut
         // rows starts at a multiple of 32.
         Isa::Avx2 | Isa::Avx512Vnni if lanes_at_small_batch(w) => {
             split_rows(w.n, (threads, 32), ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
-                x86_64::avx2::avx2_gemm_q4q8_channels(w, &[x], bias, out, (w.n, 1), rows)
+                lanes_kernel(w, &[x], bias, out, (w.n, 1), rows)
             })
         }
         #[cfg(target_arch = "x86_64")]
@@ -180,7 +200,7 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
         if lanes {
             // SAFETY: isa() checked AVX2 and FMA; lengths asserted above; `y` holds every index
             // of these inputs' outputs.
-            return unsafe { x86_64::avx2::avx2_gemm_q4q8_channels(w, xs, bias, y, strides, 0..w.n) };
+            return unsafe { lanes_kernel(w, xs, bias, y, strides, 0..w.n) };
         }
         run(0..w.n, xs, y)
     };
@@ -237,8 +257,14 @@ pub fn conv_q4q8_windows(
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; windows and output extent asserted above.
-        Isa::Avx2 | Isa::Avx512Vnni => {
+        Isa::Avx2 => {
             unsafe { x86_64::avx2::avx2_conv_q4q8_channels(w, xs, bias, y, strides) };
+            true
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; as above.
+        Isa::Avx512Vnni => {
+            unsafe { x86_64::avx512::avx512_conv_q4q8_channels(w, xs, bias, y, strides) };
             true
         }
         _ => false,

@@ -465,7 +465,7 @@ impl LaneInput for crate::generic::QWindow<'_> {
 /// values are read run by run ([`LaneInput`]; runs of a multiple of four values never split a
 /// quad), so a convolution window needs no gathering.
 #[inline(always)]
-unsafe fn channel_block<const NP: usize, X: LaneInput>(
+pub(crate) unsafe fn channel_block<const NP: usize, X: LaneInput, const VNNI: bool>(
     w: &PackedQ4,
     t: &ChannelTiles,
     cb: usize,
@@ -484,6 +484,10 @@ unsafe fn channel_block<const NP: usize, X: LaneInput>(
         let mut acc = [[_mm256_setzero_si256(); 4]; NP];
         let base = t.data.as_ptr().add((cb * groups + g) * quads * 128);
         let mut quad = 0;
+        if VNNI {
+            acc = super::avx512::lane_group_vnni::<NP, X>(base, quads, &xs, (&mut tap, &mut off, &mut xp));
+            quad = quads;
+        }
         while quad < quads {
             let end = (quad + 8).min(quads);
             let mut acc16 = [[_mm256_setzero_si256(); 4]; NP];
@@ -530,7 +534,7 @@ unsafe fn channel_block<const NP: usize, X: LaneInput>(
 /// in vector lanes (see [`channel_block`]); output `(c, r)` goes to `y[c * cs + (r -
 /// rows_in.start) * rs]`.
 #[inline(always)]
-unsafe fn channels_impl<X: LaneInput>(
+pub(crate) unsafe fn channels_impl<X: LaneInput, const VNNI: bool>(
     w: &PackedQ4,
     xs: &[X],
     bias: Option<&[f32]>,
@@ -552,9 +556,9 @@ unsafe fn channels_impl<X: LaneInput>(
         while c < xs.len() {
             // Two inputs at a time, the last alone.
             let (acc, np) = if c + 2 <= xs.len() {
-                (channel_block::<2, X>(w, t, cb, [xs[c], xs[c + 1]]), 2)
+                (channel_block::<2, X, VNNI>(w, t, cb, [xs[c], xs[c + 1]]), 2)
             } else {
-                let [a0] = channel_block::<1, X>(w, t, cb, [xs[c]]);
+                let [a0] = channel_block::<1, X, VNNI>(w, t, cb, [xs[c]]);
                 ([a0, [_mm256_setzero_ps(); 4]], 1)
             };
             for (i, acc) in acc[..np].iter().enumerate() {
@@ -588,7 +592,7 @@ pub unsafe fn avx2_gemm_q4q8_channels(
     strides: (usize, usize),
     rows: std::ops::Range<usize>,
 ) {
-    channels_impl(w, xs, bias, y, strides, rows)
+    channels_impl::<_, false>(w, xs, bias, y, strides, rows)
 }
 
 /// [`avx2_gemm_q4q8_channels`] on convolution windows read in place (see `QWindow`).
@@ -604,5 +608,5 @@ pub unsafe fn avx2_conv_q4q8_channels(
     y: &mut [f32],
     strides: (usize, usize),
 ) {
-    channels_impl(w, xs, bias, y, strides, 0..w.n)
+    channels_impl::<_, false>(w, xs, bias, y, strides, 0..w.n)
 }

@@ -4,8 +4,8 @@
 //! kernel bit for bit. Compiled everywhere; dispatched only where the CPU has AVX-512 F, BW and
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
-use super::avx2::{gemm_impl, gemv_rows_impl, single_block};
-use crate::generic::QRow;
+use super::avx2::{channels_impl, gemm_impl, gemv_rows_impl, single_block, LaneInput};
+use crate::generic::{QRow, QWindow};
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
 
@@ -80,4 +80,79 @@ pub unsafe fn avx512_gemm_q4q8(
     strides: (usize, usize),
 ) {
     gemm_impl::<true>(w, rows, xs.len(), |c| xs[c], bias, y, strides)
+}
+
+/// The exact int32 sums of one group (`quads` quads at `base` in the `ChannelTiles` layout: 32
+/// channels x 4 bytes per quad) of 32 channels against `NP` inputs with `vpdpbusd` on 512-bit
+/// registers (16 channels' four products summed into each int32 lane; no int16 stage), walking
+/// the inputs' runs as `avx2::channel_block` does (`pos`: its run, offset and pointers). Returned
+/// in the AVX2 kernel's form, four vectors of eight channels per input, for its epilogue.
+#[inline(always)]
+pub(crate) unsafe fn lane_group_vnni<const NP: usize, X: LaneInput>(
+    base: *const i8,
+    quads: usize,
+    xs: &[X; NP],
+    (tap, off, xp): (&mut usize, &mut usize, &mut [*const i8; NP]),
+) -> [[__m256i; 4]; NP] {
+    let flip = _mm512_set1_epi8(-128i8);
+    let run = xs[0].run();
+    let mut acc = [[_mm512_setzero_si512(); 2]; NP];
+    for quad in 0..quads {
+        if *off == run {
+            *tap += 1;
+            *off = 0;
+            *xp = std::array::from_fn(|c| xs[c].run_ptr(*tap));
+        }
+        let wp = base.add(quad * 128);
+        let w0 = _mm512_loadu_si512(wp as *const __m512i);
+        let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
+        for c in 0..NP {
+            let x4 = std::ptr::read_unaligned(xp[c].add(*off) as *const i32);
+            let xb = _mm512_xor_si512(_mm512_set1_epi32(x4), flip);
+            acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], xb, w0);
+            acc[c][1] = _mm512_dpbusd_epi32(acc[c][1], xb, w1);
+        }
+        *off += 4;
+    }
+    std::array::from_fn(|c| {
+        let [a, b] = acc[c];
+        [
+            _mm512_castsi512_si256(a),
+            _mm512_extracti64x4_epi64::<1>(a),
+            _mm512_castsi512_si256(b),
+            _mm512_extracti64x4_epi64::<1>(b),
+        ]
+    })
+}
+
+/// `avx2_gemm_q4q8_channels` with the integer sums by `vpdpbusd` (the same int32 sums, the same
+/// epilogue: equal bit for bit).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI, AVX2 and FMA; as `avx2_gemm_q4q8_channels`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub unsafe fn avx512_gemm_q4q8_channels(
+    w: &PackedQ4,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+    rows: std::ops::Range<usize>,
+) {
+    channels_impl::<_, true>(w, xs, bias, y, strides, rows)
+}
+
+/// `avx2_conv_q4q8_channels` with the integer sums by `vpdpbusd`.
+///
+/// # Safety
+/// As [`avx512_gemm_q4q8_channels`] and `avx2_conv_q4q8_channels`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+pub unsafe fn avx512_conv_q4q8_channels(
+    w: &PackedQ4,
+    xs: &[QWindow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+) {
+    channels_impl::<_, true>(w, xs, bias, y, strides, 0..w.n)
 }
