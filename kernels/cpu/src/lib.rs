@@ -61,20 +61,20 @@ pub fn lanes_at_small_batch(w: &PackedQ4) -> bool {
 /// The channel-lane W4A8 kernel for this CPU (AVX-512 VNNI sums where present, else AVX2).
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; as `avx2_gemm_q4q8_channels`.
+/// The CPU must support AVX2 and FMA; as `x86_64::avx2::avx2_channels`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn lanes_kernel(
+unsafe fn lanes_kernel<X: x86_64::avx2::LaneInput>(
     w: &PackedQ4,
-    xs: &[QRow],
+    xs: &[X],
     bias: Option<&[f32]>,
     y: &mut [f32],
     strides: (usize, usize),
     rows: std::ops::Range<usize>,
 ) {
     if isa() == Isa::Avx512Vnni {
-        x86_64::avx512::avx512_gemm_q4q8_channels(w, xs, bias, y, strides, rows)
+        x86_64::avx512::avx512_channels(w, xs, bias, y, strides, rows)
     } else {
-        x86_64::avx2::avx2_gemm_q4q8_channels(w, xs, bias, y, strides, rows)
+        x86_64::avx2::avx2_channels(w, xs, bias, y, strides, rows)
     }
 }
 
@@ -257,14 +257,8 @@ pub fn conv_q4q8_windows(
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; windows and output extent asserted above.
-        Isa::Avx2 => {
-            unsafe { x86_64::avx2::avx2_conv_q4q8_channels(w, xs, bias, y, strides) };
-            true
-        }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; as above.
-        Isa::Avx512Vnni => {
-            unsafe { x86_64::avx512::avx512_conv_q4q8_channels(w, xs, bias, y, strides) };
+        Isa::Avx2 | Isa::Avx512Vnni => {
+            unsafe { lanes_kernel(w, xs, bias, y, strides, 0..w.n) };
             true
         }
         _ => false,

@@ -445,7 +445,7 @@ impl LaneInput for crate::generic::QWindow<'_> {
         self.run
     }
     fn run_ptr(&self, t: usize) -> *const i8 {
-        // In bounds: `avx2_conv_q4q8_channels` checks every offset against the image.
+        // In bounds: `conv_q4q8_windows` checks every offset against the image.
         self.image.as_ptr().wrapping_add(self.offsets[t] as usize)
     }
     fn zero(&self) -> i32 {
@@ -577,36 +577,23 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, const VNNI: bool>(
     }
 }
 
-/// W4A8 of rows `rows` of `w` (start a multiple of 32) on a batch of inputs with the channels in
-/// vector lanes; output `(c, r)` goes to `y[c * cs + (r - rows.start) * rs]`. Equal bit for bit
-/// to `generic_q4q8_row`.
+/// W4A8 of rows `rows` of `w` (start a multiple of 32) on a batch of inputs (`QRow`s, or
+/// convolution windows read in place: `QWindow`s) with the channels in vector lanes; output
+/// `(c, r)` goes to `y[c * cs + (r - rows.start) * rs]`. Equal bit for bit to
+/// `generic_q4q8_row`.
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; every `xs[c].q` holds `w.k_pad` values.
+/// The CPU must support AVX2 and FMA; every input holds `w.k_pad` values (a window: `w.k_pad /
+/// run` offsets, each at most `image.len() - run`, `run` a multiple of four that divides
+/// `w.group` or is a multiple of it).
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_gemm_q4q8_channels(
+pub(crate) unsafe fn avx2_channels<X: LaneInput>(
     w: &PackedQ4,
-    xs: &[QRow],
+    xs: &[X],
     bias: Option<&[f32]>,
     y: &mut [f32],
     strides: (usize, usize),
     rows: std::ops::Range<usize>,
 ) {
-    channels_impl::<_, false>(w, xs, bias, y, strides, rows)
-}
-
-/// [`avx2_gemm_q4q8_channels`] on convolution windows read in place (see `QWindow`).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; every window has `w.k_pad / run` offsets, each at most
-/// `image.len() - run`, and `run` divides `w.group` or is a multiple of it, a multiple of four.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_conv_q4q8_channels(
-    w: &PackedQ4,
-    xs: &[crate::generic::QWindow],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    strides: (usize, usize),
-) {
-    channels_impl::<_, false>(w, xs, bias, y, strides, 0..w.n)
+    channels_impl::<X, false>(w, xs, bias, y, strides, rows)
 }

@@ -5,7 +5,7 @@
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
 use super::avx2::{channels_impl, gemm_impl, gemv_rows_impl, single_block, LaneInput};
-use crate::generic::{QRow, QWindow};
+use crate::generic::QRow;
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
 
@@ -125,34 +125,19 @@ pub(crate) unsafe fn lane_group_vnni<const NP: usize, X: LaneInput>(
     })
 }
 
-/// `avx2_gemm_q4q8_channels` with the integer sums by `vpdpbusd` (the same int32 sums, the same
-/// epilogue: equal bit for bit).
+/// `avx2_channels` with the integer sums by `vpdpbusd` (the same int32 sums, the same epilogue:
+/// equal bit for bit).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F/BW/VNNI, AVX2 and FMA; as `avx2_gemm_q4q8_channels`.
+/// The CPU must support AVX-512 F/BW/VNNI, AVX2 and FMA; as `avx2_channels`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-pub unsafe fn avx512_gemm_q4q8_channels(
+pub(crate) unsafe fn avx512_channels<X: LaneInput>(
     w: &PackedQ4,
-    xs: &[QRow],
+    xs: &[X],
     bias: Option<&[f32]>,
     y: &mut [f32],
     strides: (usize, usize),
     rows: std::ops::Range<usize>,
 ) {
-    channels_impl::<_, true>(w, xs, bias, y, strides, rows)
-}
-
-/// `avx2_conv_q4q8_channels` with the integer sums by `vpdpbusd`.
-///
-/// # Safety
-/// As [`avx512_gemm_q4q8_channels`] and `avx2_conv_q4q8_channels`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-pub unsafe fn avx512_conv_q4q8_channels(
-    w: &PackedQ4,
-    xs: &[QWindow],
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    strides: (usize, usize),
-) {
-    channels_impl::<_, true>(w, xs, bias, y, strides, 0..w.n)
+    channels_impl::<X, true>(w, xs, bias, y, strides, rows)
 }
