@@ -557,9 +557,11 @@ fn run(cmd: Cmd) -> Result<(), String> {
             Ok(())
         }
         Cmd::Bench { model, batch, iters, threads, profile } => {
+            sqil_runtime::keep_freed_memory();
             sqil::bench::bench(&model, &batch, iters, threads, profile)
         }
         Cmd::Run { model, inputs, outputs, threads } => {
+            sqil_runtime::keep_freed_memory();
             // A compiled CPU artifact runs on the runtime; a model (ONNX or IR) on the interpreter.
             let (g, policy) = if sqil_runtime::artifact::is_artifact(&model) {
                 let mut p = sqil_runtime::Policy::load(&model).map_err(|e| e.to_string())?;

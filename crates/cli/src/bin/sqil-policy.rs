@@ -133,6 +133,7 @@ fn main_inner() -> Result<(), String> {
 }
 
 fn main() {
+    sqil_runtime::keep_freed_memory();
     if let Err(e) = main_inner() {
         eprintln!("error: {e}");
         std::process::exit(2);
