@@ -126,7 +126,7 @@ static void sqil_gemv_q4q8(const sqil_block_q4 *w, const float *scales, const in
         v = acc * xscale;
         v = v + (bias ? bias[r] : 0.0f);
         if (relu) {
-            v = v > 0.0f ? v : 0.0f;
+            v = v < 0.0f ? 0.0f : v; /* the IR ReLU: NaN and -0 pass */
         }
         y[r] = v;
     }
@@ -205,7 +205,7 @@ static void sqil_gemv_q4f32(const sqil_block_q4 *w, const float *scales, int32_t
         }
         v = acc + (bias ? bias[r] : 0.0f);
         if (relu) {
-            v = v > 0.0f ? v : 0.0f;
+            v = v < 0.0f ? 0.0f : v; /* the IR ReLU: NaN and -0 pass */
         }
         y[r] = v;
     }

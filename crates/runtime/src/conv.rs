@@ -291,7 +291,7 @@ pub(crate) fn run(
         }
     });
     if relu {
-        out.iter_mut().for_each(|v| *v = v.max(0.0));
+        out.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v }); // the IR ReLU: NaN and -0 pass
     }
     out
 }

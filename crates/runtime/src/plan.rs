@@ -645,7 +645,8 @@ impl Plan {
                         }
                     }
                     if *relu {
-                        out.iter_mut().for_each(|v| *v = v.max(0.0));
+                        out.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
+                        // the IR ReLU: NaN and -0 pass
                     }
                     let mut shape = xt.shape.clone();
                     *shape.last_mut().expect("rank >= 2") = w.n;
