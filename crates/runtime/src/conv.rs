@@ -278,7 +278,9 @@ pub(crate) fn run(
             quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
             transpose_i8(&s.planes, ch, il, &mut s.image);
             if in_place {
+                // The lane kernel's form: sign bits flipped once here (x + 128 as unsigned).
                 s.image[il * ch..].fill(pad);
+                s.image.iter_mut().for_each(|v| *v ^= i8::MIN);
                 let xs: Vec<QWindow> = offsets
                     .chunks_exact(taps)
                     .map(|offsets| QWindow { image: &s.image, offsets, run: ch, zero, scale })

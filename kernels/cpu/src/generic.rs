@@ -472,9 +472,10 @@ pub struct QRow<'a> {
 }
 
 /// One input of a convolution read in place from its int8 image (`[positions, C]`, channels
-/// innermost, with one extra run of C zero-point bytes for padding): the window's `taps` runs of
-/// `run` (= C) bytes start at `image[offsets[t]..]`. Equal to the im2col row of the window
-/// without gathering it (the batched W4A8 kernel with channels in lanes reads it directly).
+/// innermost, with one extra run of C zero-point bytes for padding), **stored with the sign bit
+/// flipped** (each byte `x + 128` as unsigned: the form the lane kernel multiplies, flipped once
+/// per image rather than once per use): the window's `taps` runs of `run` (= C) bytes start at
+/// `image[offsets[t]..]`. Equal to the im2col row of the window without gathering it.
 #[derive(Clone, Copy, Debug)]
 pub struct QWindow<'a> {
     pub image: &'a [i8],

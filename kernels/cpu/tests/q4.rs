@@ -199,7 +199,8 @@ proptest! {
         let offsets: Vec<u32> = (0..positions * taps)
             .map(|_| if r.next().is_multiple_of(7) { (il * ch) as u32 } else { (r.next() as usize % il * ch) as u32 })
             .collect();
-        let windows: Vec<_> = offsets.chunks(taps).map(|o| sqil_kernels_cpu::generic::QWindow { image: &image, offsets: o, run: ch, zero, scale: 0.03 }).collect();
+        let flipped: Vec<i8> = image.iter().map(|&v| v ^ i8::MIN).collect();
+        let windows: Vec<_> = offsets.chunks(taps).map(|o| sqil_kernels_cpu::generic::QWindow { image: &flipped, offsets: o, run: ch, zero, scale: 0.03 }).collect();
         let rows: Vec<Vec<i8>> = offsets.chunks(taps).map(|o| o.iter().flat_map(|&at| image[at as usize..at as usize + ch].to_vec()).collect()).collect();
         let sums: Vec<Vec<i32>> = rows.iter().map(|q| q.chunks(if group == 0 { k } else { group }).map(|c| c.iter().map(|&v| v as i32).sum()).collect()).collect();
         let qrows: Vec<_> = rows.iter().zip(&sums).map(|(q, s)| sqil_kernels_cpu::generic::QRow { q, sums: s, zero, scale: 0.03 }).collect();

@@ -417,6 +417,8 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
 /// An input of the channel-lane kernel: its int8 values as runs of equal length (a row: one run;
 /// a convolution window: one run of C values per tap).
 pub(crate) trait LaneInput: Copy {
+    /// Whether the values are stored with the sign bit flipped (`x + 128` as unsigned bytes).
+    const FLIPPED: bool;
     /// Values per run (a multiple of four); `usize::MAX` for one unbounded run.
     fn run(&self) -> usize;
     /// The first value of run `t`.
@@ -426,6 +428,7 @@ pub(crate) trait LaneInput: Copy {
 }
 
 impl LaneInput for QRow<'_> {
+    const FLIPPED: bool = false;
     fn run(&self) -> usize {
         usize::MAX
     }
@@ -441,6 +444,7 @@ impl LaneInput for QRow<'_> {
 }
 
 impl LaneInput for crate::generic::QWindow<'_> {
+    const FLIPPED: bool = true;
     fn run(&self) -> usize {
         self.run
     }
@@ -501,7 +505,8 @@ pub(crate) unsafe fn channel_block<const NP: usize, X: LaneInput, const VNNI: bo
                 let wv: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
                 for c in 0..NP {
                     let x4 = std::ptr::read_unaligned(xp[c].add(off) as *const i32);
-                    let xb = _mm256_xor_si256(_mm256_set1_epi32(x4), flip);
+                    let xb =
+                        if X::FLIPPED { _mm256_set1_epi32(x4) } else { _mm256_xor_si256(_mm256_set1_epi32(x4), flip) };
                     for j in 0..4 {
                         acc16[c][j] = _mm256_add_epi16(acc16[c][j], _mm256_maddubs_epi16(xb, wv[j]));
                     }

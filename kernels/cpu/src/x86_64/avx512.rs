@@ -108,7 +108,7 @@ pub(crate) unsafe fn lane_group_vnni<const NP: usize, X: LaneInput>(
         let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
         for c in 0..NP {
             let x4 = std::ptr::read_unaligned(xp[c].add(*off) as *const i32);
-            let xb = _mm512_xor_si512(_mm512_set1_epi32(x4), flip);
+            let xb = if X::FLIPPED { _mm512_set1_epi32(x4) } else { _mm512_xor_si512(_mm512_set1_epi32(x4), flip) };
             acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], xb, w0);
             acc[c][1] = _mm512_dpbusd_epi32(acc[c][1], xb, w1);
         }
