@@ -132,6 +132,21 @@ static void sqil_gemv_q4q8(const sqil_block_q4 *w, const float *scales, const in
     }
 }
 
+/* Outputs of a layer whose input row x (k values) holds a NaN become that NaN, as in the
+ * simulation (FakeQuant keeps a NaN and every output sums it), which int8 cannot hold. */
+static void sqil_nan_rows(const float *x, int32_t k, float *y, int32_t n)
+{
+    int32_t i, r;
+    for (i = 0; i < k; i++) {
+        if (x[i] != x[i]) {
+            for (r = 0; r < n; r++) {
+                y[r] = x[i];
+            }
+            return;
+        }
+    }
+}
+
 #if defined(SQIL_USE_CONV_Q4Q8)
 /* Int4 2-D convolution of one image x [c][h][w]: the image quantized once, channels innermost
  * (qimg), each output position's window gathered in (tap, channel) order into row (padding: the
@@ -146,9 +161,11 @@ static void sqil_conv_q4q8(const float *x, const int32_t *geo, const sqil_block_
     /* geo: c, h, w, kh, kw, stride h, stride w, dilation h, dilation w, pad top, pad left, oh, ow */
     const int32_t c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
     int32_t i, ch, oy, ox, ty, tx, o, at;
+    int any_nan = 0;
     for (ch = 0; ch < c; ch++) {
         for (i = 0; i < h * wd; i++) {
             qimg[i * c + ch] = sqil_quant1(x[ch * h * wd + i], xscale, zero, lo, hi);
+            any_nan |= x[ch * h * wd + i] != x[ch * h * wd + i];
         }
     }
     for (oy = 0; oy < oh; oy++) {
@@ -171,6 +188,21 @@ static void sqil_conv_q4q8(const float *x, const int32_t *geo, const sqil_block_
                 row[at] = 0;
             }
             sqil_gemv_q4q8(w, scales, wsums, n, k_pad, group, row, zero, xscale, bias, relu, tmp);
+            /* A NaN in the window (rare: only scanned for when the image has one) makes every
+             * output at this position NaN, as in the simulation. */
+            for (ty = 0; any_nan && ty < kh; ty++) {
+                for (tx = 0; tx < kw; tx++) {
+                    const int32_t iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
+                    for (ch = 0; iy >= 0 && iy < h && ix >= 0 && ix < wd && ch < c; ch++) {
+                        const float v = x[(ch * h + iy) * wd + ix];
+                        if (v != v) {
+                            for (o = 0; o < n; o++) {
+                                tmp[o] = v;
+                            }
+                        }
+                    }
+                }
+            }
             for (o = 0; o < n; o++) {
                 y[(o * oh + oy) * ow + ox] = tmp[o];
             }

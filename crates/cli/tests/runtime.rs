@@ -53,6 +53,23 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             let scale = w.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
             let err = w.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
             assert!(err <= PLAN_TOL, "{name} {spec}: plan vs simulation {err:.2e} (relative to max |action|)");
+            // A NaN in the first state's observation: the same actions are NaN as in the
+            // simulation (FakeQuant keeps NaN; the int8 kernels cannot, so the plan marks them).
+            let mut bad = feeds.clone();
+            if let sqil_ir::tensor::Data::F32(v) = &mut bad[0].data {
+                v[1] = f32::NAN;
+            }
+            let named_bad: std::collections::HashMap<String, sqil_ir::Tensor> =
+                sim.inputs.iter().zip(&bad).map(|(&i, t)| (sim.node(i).outputs[0].name.clone(), t.clone())).collect();
+            let want_bad = sqil_ir::interp::run(&sim, &named_bad).unwrap()[0].data.to_f32_vec();
+            let got_bad = pol.run(&bad).unwrap()[0].data.to_f32_vec();
+            let nan_mask = |v: &[f32]| v.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+            assert!(want_bad.iter().any(|v| v.is_nan()), "{name} {spec}: the NaN did not reach an action");
+            assert_eq!(
+                nan_mask(&want_bad),
+                nan_mask(&got_bad),
+                "{name} {spec}: NaN actions differ from the simulation"
+            );
             let q4 = pol.plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { .. })).count();
             let convs = pol.plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { conv: Some(_), .. })).count();
             eprintln!(

@@ -370,13 +370,15 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                             em.body,
                             "    /* {name} */\n    {open}sqil_quantize({xe}{xoff}, {}, {}, {sc}, {zero}, {lo}, {hi}, sqil_qbuf);\n    \
                              {ind}sqil_gemv_q4q8(sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, sqil_qbuf, {zero}, {sc}, \
-                             {bias_expr}, {}, {ye}{yoff});{close}",
+                             {bias_expr}, {}, {ye}{yoff});\n    {ind}sqil_nan_rows({xe}{xoff}, {}, {ye}{yoff}, {});{close}",
                             w.k,
                             w.k_pad,
                             w.n,
                             w.k_pad,
                             w.group,
-                            *relu as i32
+                            *relu as i32,
+                            w.k,
+                            w.n
                         );
                     }
                     (ActQuant::Float, _) => {

@@ -292,10 +292,29 @@ pub(crate) fn run(
             gathered(im, w, s, y, (scale, zero, pad), bias, threads);
         }
     });
+    nan_windows(im, w.n, x, images, &mut out);
     if relu {
         out.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v }); // the IR ReLU: NaN and -0 pass
     }
     out
+}
+
+/// Outputs whose window holds a NaN input become NaN, as in the simulation (FakeQuant keeps a
+/// NaN, and NaN x 0 is NaN), which the int8 quantizer cannot represent. One scan when there is
+/// none.
+fn nan_windows(im: &Im2col, n: usize, x: &[f32], images: usize, out: &mut [f32]) {
+    if !x.iter().any(|v| v.is_nan()) {
+        return;
+    }
+    let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());
+    for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(n * ol)).take(images) {
+        let bad: Vec<bool> = (0..il).map(|p| (0..ch).any(|c| img[c * il + p].is_nan())).collect();
+        for (o, window) in im.table.chunks_exact(taps).enumerate() {
+            if window.iter().any(|&p| p != u32::MAX && bad[p as usize]) {
+                (0..n).for_each(|r| y[r * ol + o] = f32::NAN);
+            }
+        }
+    }
 }
 
 /// One image of a Q4 convolution through gathered im2col rows (the portable path, and the

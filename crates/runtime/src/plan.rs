@@ -635,6 +635,13 @@ impl Plan {
                                 quantize_input_into(xr, *scale, *zero, *lo, *hi, w, q);
                             }
                             sqil_kernels_cpu::gemm_q4q8(w, &xs[..rows], bias.as_deref(), &mut out, threads);
+                            // The simulation's FakeQuant keeps a NaN input, and every output
+                            // sums it (NaN x 0 is NaN); the int8 quantizer cannot hold one.
+                            for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {
+                                if xr.iter().any(|v| v.is_nan()) {
+                                    yr.fill(f32::NAN);
+                                }
+                            }
                         }),
                         ActQuant::Float => {
                             let mut padded = vec![0f32; w.k_pad];
