@@ -294,7 +294,7 @@ pub(crate) fn run(
     });
     nan_windows(im, w.n, x, images, &mut out);
     if relu {
-        out.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v }); // the IR ReLU: NaN and -0 pass
+        crate::plan::relu_in_place(&mut out);
     }
     out
 }

@@ -73,6 +73,22 @@ pub enum Step {
     },
 }
 
+impl Step {
+    /// The slots this step reads.
+    pub fn reads(&self) -> impl Iterator<Item = usize> + '_ {
+        let (x, inputs): (Option<usize>, &[Option<usize>]) = match self {
+            Step::Q4Linear { x, .. } => (Some(*x), &[]),
+            Step::Op { inputs, .. } => (None, inputs),
+        };
+        x.into_iter().chain(inputs.iter().flatten().copied())
+    }
+}
+
+/// ReLU in place with the IR's semantics (`x < 0 ? 0 : x`: NaN and -0 pass).
+pub(crate) fn relu_in_place(v: &mut [f32]) {
+    v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e });
+}
+
 thread_local! {
     /// Quantized activations of the int4 steps, reused from call to call on each thread.
     static SCRATCH: RefCell<Vec<QuantizedInput>> = const { RefCell::new(Vec::new()) };
@@ -345,12 +361,7 @@ fn fold_constants(steps: Vec<Step>, consts: Consts, outputs: &[usize]) -> Result
     }
     let mut read: std::collections::HashSet<usize> = outputs.iter().copied().collect();
     for step in &kept {
-        match step {
-            Step::Q4Linear { x, .. } => {
-                read.insert(*x);
-            }
-            Step::Op { inputs, .. } => read.extend(inputs.iter().flatten()),
-        }
+        read.extend(step.reads());
     }
     let mut consts: Consts = known.into_iter().filter(|(s, _)| read.contains(s)).collect();
     consts.sort_by_key(|(s, _)| *s);
@@ -475,13 +486,7 @@ impl Plan {
         let output_names = g.outputs.iter().map(|&o| g.value(o).name.clone()).collect();
         let mut last_use = vec![usize::MAX; next];
         for (i, step) in steps.iter().enumerate() {
-            let read: Vec<usize> = match step {
-                Step::Q4Linear { x, .. } => vec![*x],
-                Step::Op { inputs, .. } => inputs.iter().flatten().copied().collect(),
-            };
-            for s in read {
-                last_use[s] = i;
-            }
+            step.reads().for_each(|s| last_use[s] = i);
         }
         for &s in &outputs {
             last_use[s] = usize::MAX;
@@ -652,8 +657,7 @@ impl Plan {
                         }
                     }
                     if *relu {
-                        out.iter_mut().for_each(|v| *v = if *v < 0.0 { 0.0 } else { *v });
-                        // the IR ReLU: NaN and -0 pass
+                        relu_in_place(&mut out);
                     }
                     let mut shape = xt.shape.clone();
                     *shape.last_mut().expect("rank >= 2") = w.n;
@@ -671,7 +675,7 @@ impl Plan {
                             let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
                                 unreachable!("checked by in_place")
                             };
-                            v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e });
+                            relu_in_place(&mut v);
                             Tensor::from_f32(shape, v)?
                         }
                     };
@@ -694,11 +698,7 @@ impl Plan {
                 }
             }
             // Values no later step reads are dropped now, so their memory is reused soon.
-            let read: &[Option<usize>] = match step {
-                Step::Q4Linear { x, .. } => &[Some(*x)],
-                Step::Op { inputs, .. } => inputs,
-            };
-            for &s in read.iter().flatten() {
+            for s in step.reads() {
                 if !keep_all && self.last_use[s] == i {
                     env[s] = None;
                 }

@@ -305,8 +305,7 @@ pub fn fake_quant_into(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: 
 /// rounding, so they are bounded first and rounded without the libm fallback.
 #[inline]
 pub fn fake_quant_one(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> f32 {
-    let t = round_even_small((v / scale).clamp(-4_194_304.0, 4_194_304.0));
-    ((t + zero).clamp(lo, hi) - zero) * scale
+    (quantize_level(v, scale, zero, lo, hi) - zero) * scale
 }
 
 /// `1.5 * 2^52`: adding it rounds an f64 of magnitude below 2^51 to an integer (to nearest,
@@ -435,11 +434,18 @@ pub fn transpose_i8(src: &[i8], rows: usize, cols: usize, dst: &mut [i8]) {
 /// `lo` and `hi` within int8.
 #[inline]
 pub fn quantize_i8(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> i8 {
-    // Values beyond 2^22 clamp to lo or hi whatever their rounding: bounding them first keeps
-    // the loop on the add-magic rounding (the fallback's libm call vectorizes into one call per
-    // lane, half the time of a batch-64 run). NaN stays NaN and casts to 0.
+    // NaN stays NaN and casts to 0.
+    quantize_level(v, scale, zero, lo, hi) as i8
+}
+
+/// FakeQuant's integer level of `v` as an f32: `clamp(round_half_even(v / scale) + zero, lo,
+/// hi)` (`|lo|, |hi| <= 2^16`; NaN stays NaN). Values beyond 2^22 clamp to lo or hi whatever
+/// their rounding: bounding them first keeps the loop on the add-magic rounding (the fallback's
+/// libm call vectorizes into one call per lane, half the time of a batch-64 run).
+#[inline]
+pub fn quantize_level(v: f32, scale: f32, zero: f32, lo: f32, hi: f32) -> f32 {
     let t = (v / scale).clamp(-4_194_304.0, 4_194_304.0);
-    (round_even_small(t) + zero).clamp(lo, hi) as i8
+    (round_even_small(t) + zero).clamp(lo, hi)
 }
 
 /// Round half to even without the libm call of `f32::round_ties_even` on baseline x86-64

@@ -157,25 +157,30 @@ pub enum Layout {
     ChannelStride(usize),
 }
 
+impl Layout {
+    /// The strides `(per input, per output channel)` of this layout for `n` channels and `inputs`
+    /// inputs, having checked that `y_len` outputs hold them all.
+    fn strides(self, n: usize, inputs: usize, y_len: usize) -> (usize, usize) {
+        let (strides, need) = match self {
+            Layout::InputMajor => ((n, 1), inputs * n),
+            Layout::ChannelMajor => ((1, inputs), inputs * n),
+            Layout::ChannelStride(stride) => {
+                assert!(stride >= inputs, "channel stride {stride} below {inputs} inputs");
+                ((1, stride), (n.max(1) - 1) * stride + inputs)
+            }
+        };
+        assert!(y_len >= need, "{y_len} outputs for {inputs} inputs x {n} channels in {self:?}");
+        strides
+    }
+}
+
 /// W4A8 on a batch of inputs with the best kernel for this CPU; every variant equals
 /// `generic::generic_q4q8_row` bit for bit. Threads split the inputs (`InputMajor`: each thread
 /// reads every weight for its inputs) or the output channels (`ChannelMajor`).
 pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [f32], layout: Layout, threads: usize) {
     assert!(xs.iter().all(|x| x.q.len() >= w.k_pad && x.sums.len() >= w.groups()));
     assert!(bias.is_none_or(|b| b.len() >= w.n));
-    let strides = match layout {
-        Layout::InputMajor => (w.n, 1),
-        Layout::ChannelMajor => (1, xs.len()),
-        Layout::ChannelStride(stride) => (1, stride),
-    };
-    let need = match layout {
-        Layout::ChannelStride(stride) => {
-            assert!(stride >= xs.len(), "channel stride {stride} below {} inputs", xs.len());
-            (w.n.max(1) - 1) * stride + xs.len()
-        }
-        _ => xs.len() * w.n,
-    };
-    assert!(y.len() >= need);
+    let strides = layout.strides(w.n, xs.len(), y.len());
     let run = |rows: std::ops::Range<usize>, xs: &[QRow], y: &mut [f32]| match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above, and every caller
@@ -247,13 +252,7 @@ pub fn conv_q4q8_windows(
         assert!(x.offsets.iter().all(|&o| o as usize + x.run <= x.image.len()), "window offset beyond the image");
     }
     assert!(bias.is_none_or(|b| b.len() >= w.n));
-    let strides = match layout {
-        Layout::InputMajor => (w.n, 1),
-        Layout::ChannelMajor => (1, xs.len()),
-        Layout::ChannelStride(stride) => (1, stride),
-    };
-    assert!(strides.1 >= xs.len() || layout == Layout::InputMajor);
-    assert!(xs.is_empty() || y.len() > (xs.len() - 1) * strides.0 + (w.n.max(1) - 1) * strides.1);
+    let strides = layout.strides(w.n, xs.len(), y.len());
     match isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; windows and output extent asserted above.

@@ -285,10 +285,20 @@ pub unsafe fn avx2_gemv_q4f32_rows(
     }
 }
 
-/// `quantize_i8` over a slice, 32 values per step: divide, round half to even (`vroundps`; the
-/// scalar code's add-magic rounding after bounding to 2^22 gives the same integers), add the
-/// zero point, clamp with NaN kept (`vminps`/`vmaxps` return their second operand, the value,
-/// when it is NaN), NaN to 0 as `as i8` does, then packed to bytes in order.
+/// `quantize_level` on eight lanes `(scale, zero, lo, hi)`: divide, round half to even
+/// (`vroundps`; the scalar add-magic rounding after bounding to 2^22 gives the same integers), add
+/// the zero point, clamp with NaN kept (`vminps`/`vmaxps` return their second operand, the value,
+/// when it is NaN).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn level8(x: __m256, (vs, vz, vlo, vhi): (__m256, __m256, __m256, __m256)) -> __m256 {
+    let t = _mm256_div_ps(x, vs);
+    let y = _mm256_add_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+    _mm256_max_ps(vlo, _mm256_min_ps(vhi, y))
+}
+
+/// `quantize_i8` over a slice, 32 values per step: the levels ([`level8`]), NaN to 0 as `as i8`
+/// does, then packed to bytes in order.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
@@ -296,11 +306,9 @@ pub unsafe fn avx2_gemv_q4f32_rows(
 pub unsafe fn avx2_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
     let n = x.len().min(out.len());
     let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
-    let (vs, vz, vlo, vhi) = (_mm256_set1_ps(scale), _mm256_set1_ps(z), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let v = (_mm256_set1_ps(scale), _mm256_set1_ps(z), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
     let q = |p: *const f32| {
-        let t = _mm256_div_ps(_mm256_loadu_ps(p), vs);
-        let y = _mm256_add_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
-        let y = _mm256_max_ps(vlo, _mm256_min_ps(vhi, y));
+        let y = level8(_mm256_loadu_ps(p), v);
         _mm256_cvtps_epi32(_mm256_and_ps(y, _mm256_cmp_ps(y, y, _CMP_ORD_Q)))
     };
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -318,20 +326,17 @@ pub unsafe fn avx2_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i3
     }
 }
 
-/// `fake_quant_into` eight lanes at a time (see `avx2_quantize_i8` for the rounding and the
-/// NaN-keeping clamp).
+/// `fake_quant_into` eight lanes at a time: the levels ([`level8`]) back to values.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_fake_quant(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
     let n = x.len().min(out.len());
-    let (vs, vz, vlo, vhi) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let v @ (vs, vz, _, _) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
     let mut i = 0;
     while i + 8 <= n {
-        let t = _mm256_div_ps(_mm256_loadu_ps(x.as_ptr().add(i)), vs);
-        let y = _mm256_add_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
-        let y = _mm256_max_ps(vlo, _mm256_min_ps(vhi, y));
+        let y = level8(_mm256_loadu_ps(x.as_ptr().add(i)), v);
         _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_sub_ps(y, vz), vs));
         i += 8;
     }
