@@ -291,3 +291,50 @@ static void sqil_conv_f32(const float *x, const int32_t *geo, const float *w, in
     }
 }
 #endif /* SQIL_USE_CONV_F32 */
+
+#if defined(SQIL_USE_POOL)
+/* 2-D max or average pooling of `planes` planes; geo as sqil_conv_f32's (geo[0] unused). Taps
+ * in (row, column) order, those in the padding skipped, values in double as the reference ops
+ * take them. Max: the first tap, then each strictly greater one (a NaN first tap stays); -inf
+ * for a window wholly in the padding. Average: the taps summed from `zero` (the reference sum's
+ * start, whose sign an all-zero window keeps), divided by div[position], or by div0 when div is
+ * 0. */
+static void sqil_pool2d(const float *x, const int32_t *geo, int32_t planes, int32_t is_max, const int32_t *div,
+                        int32_t div0, double zero, float *y)
+{
+    const int32_t h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
+    const uint32_t ninf_bits = 0xff800000u;
+    float ninf;
+    int32_t p, oy, ox, ty, tx;
+    memcpy(&ninf, &ninf_bits, sizeof ninf);
+    for (p = 0; p < planes; p++) {
+        const float *xp = x + p * h * wd;
+        for (oy = 0; oy < oh; oy++) {
+            for (ox = 0; ox < ow; ox++) {
+                const int32_t o = oy * ow + ox;
+                double s = zero, best = 0.0;
+                int seen = 0;
+                for (ty = 0; ty < kh; ty++) {
+                    for (tx = 0; tx < kw; tx++) {
+                        const int32_t iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
+                        if (iy >= 0 && iy < h && ix >= 0 && ix < wd) {
+                            const double v = (double)xp[iy * wd + ix];
+                            if (!is_max) {
+                                s += v;
+                            } else if (!seen || v > best) {
+                                best = v;
+                                seen = 1;
+                            }
+                        }
+                    }
+                }
+                if (is_max) {
+                    y[p * oh * ow + o] = seen ? (float)best : ninf;
+                } else {
+                    y[p * oh * ow + o] = (float)(s / (double)(div ? div[o] : div0));
+                }
+            }
+        }
+    }
+}
+#endif /* SQIL_USE_POOL */

@@ -209,19 +209,42 @@ fn generated_c_runs_int4_layers_over_tokens() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The policies with convolutions, pooling, BatchNormalization and layout ops (`cnn`: Transpose,
+/// MaxPool, AveragePool, GlobalAveragePool, PRelu) and the transformers (shape arithmetic folded
+/// at the fixed state shape; Split, Gather, Transpose, attention's MatMul of two computed
+/// operands, Softmax, LayerNorm, erf-GELU): on the host, and on aarch64 under QEMU.
 #[test]
-fn unsupported_policies_are_refused_with_the_node_named() {
-    for name in ["transformer", "cnn"] {
-        let model = policies().join(format!("{name}.onnx"));
-        let fp = sqil::load_model(&model).unwrap();
-        let inputs: Vec<PathBuf> =
-            (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
-        let qa = QuantizeArgs::in_memory(Recipe::Rtn, QuantConfig::default(), inputs, 64);
-        let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
-        let err = emit(&Policy::from_graph(&sim).unwrap(), "policy").unwrap_err().to_string();
-        assert!(err.contains('`') && err.contains("C back end"), "{name}: {err}");
-        eprintln!("{name}: {err}");
+fn generated_c_runs_the_cnn_and_the_transformers() {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
+    for name in ["cnn", "transformer", "bc_pickplace_transformer", "transformer_dynamo"] {
+        let spec = "wbits=4,abits=8,group=32";
+        let (dir, exact, want) = generate_n(name, spec, "layout", 4);
+        let what = format!("host {name} {spec}");
+        check(&what, &build_and_run(&dir, &cc, &[], &[], &what), exact, &want);
+        if aarch64 {
+            let what = format!("aarch64 {name} {spec}");
+            let (flags, qemu) = (["-march=armv8.2-a+dotprod", "-static"], ["qemu-aarch64", "-cpu", "max"]);
+            check(&what, &build_and_run(&dir, "aarch64-linux-gnu-gcc", &flags, &qemu, &what), exact, &want);
+        }
+        // A transformer as Cortex-M7 firmware.
+        if name == "bc_pickplace_transformer" && have("arm-none-eabi-gcc") && have("qemu-system-arm") {
+            let out = cortex_m(&dir, "cortex-m7", &["-mfloat-abi=hard", "-mfpu=fpv5-d16"], "mps2-an500");
+            check(&format!("cortex-m7 (mps2-an500) {name} {spec}"), &out, exact, &want);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+#[test]
+fn unsupported_ops_are_refused_with_the_node_named() {
+    use sqil_ir::{DType, Dim, Graph, Op, ValueType};
+    let mut g = Graph::new("logsoftmax");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(6)]));
+    let y = g.add_inferred("/head/LogSoftmax", Op::LogSoftmax { axis: -1, coerce_2d: false }, &[Some(x)], "y").unwrap();
+    g.outputs.push(y);
+    let err = emit(&Policy::from_graph(&g).unwrap(), "policy").unwrap_err().to_string();
+    assert!(err.contains("`/head/LogSoftmax`") && err.contains("C back end"), "{err}");
 }
 
 fn have(tool: &str) -> bool {

@@ -21,6 +21,9 @@
 //! uses a blocked GEMM, and the C library's `tanh`/`exp` may differ from Rust's by an ulp, so
 //! those policies are held to [`C_TOL`].
 
+mod moves;
+
+use moves::Nest;
 use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
 use sqil_ir::{IrError, Result, Tensor};
 use sqil_runtime::plan::{ActQuant, Step};
@@ -171,7 +174,26 @@ struct Emitter {
     ctmp: usize,
 }
 
+/// The value Rust's `f64` sum starts from (`-0.0` since Rust 1.81, `0.0` before): the reference
+/// pooling ops sum with `Iterator::sum`, and an all-zero window's sign depends on it.
+fn sum_start() -> &'static str {
+    if std::iter::empty::<f64>().sum::<f64>().is_sign_negative() {
+        "-0.0"
+    } else {
+        "0.0"
+    }
+}
+
 impl Emitter {
+    fn const_array_f64(&mut self, v: &[f64]) -> String {
+        let name = format!("sqil_c{}", self.next_const);
+        self.next_const += 1;
+        let items: Vec<String> = v.iter().map(|x| dlit(*x)).collect();
+        c_array(&mut self.consts, "double", &name, &items, 6);
+        self.const_bytes += 8 * v.len();
+        name
+    }
+
     fn const_array(&mut self, v: &[f32], what: &str) -> Result<String> {
         let name = format!("sqil_c{}", self.next_const);
         self.next_const += 1;
@@ -216,11 +238,13 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
     for (s, _) in &plan.consts {
         is_const[*s] = true;
     }
-    // Steps whose inputs are all constant are folded (their traced value becomes a constant).
+    // Steps whose inputs are all constant are folded (their traced value becomes a constant), and
+    // so is Shape: the code runs one state of known shape, so shape arithmetic (a transformer's
+    // reshapes to heads) is all constant.
     let mut live_steps = vec![];
     for (i, st) in plan.steps.iter().enumerate() {
-        if let Step::Op { inputs, outputs, .. } = st {
-            if inputs.iter().flatten().all(|&s| is_const[s]) {
+        if let Step::Op { op, inputs, outputs, .. } = st {
+            if inputs.iter().flatten().all(|&s| is_const[s]) || matches!(op, Op::Shape { .. }) {
                 outputs.iter().for_each(|&s| is_const[s] = true);
                 continue;
             }
@@ -512,9 +536,10 @@ fn emit_op(
     let what = format!("node `{node}` ({})", op.name());
     let unsupported = |why: &str| {
         IrError::Unsupported(format!(
-            "{what}: not supported by the C back end ({why}); it handles int4 layers, float Gemm/MatMul with \
-             constant weights, element-wise ops, Clip, LayerNormalization over the last axis, per-tensor \
-             FakeQuant, Concat of whole states and reshapes"
+            "{what}: not supported by the C back end ({why}); it handles int4 layers and convolutions, float \
+             Gemm/MatMul/Conv, element-wise ops with broadcasting, Clip, Softmax and LayerNormalization over the \
+             last axis, inference BatchNormalization, 2-D pooling, per-tensor FakeQuant, and data movement \
+             (Transpose, Split, Slice, Gather, Expand, Concat, reshapes)"
         ))
     };
     let val = |s: usize| -> Result<&Tensor> {
@@ -610,27 +635,48 @@ fn emit_op(
                 BinaryOp::Div => "/",
                 BinaryOp::Pow => return Err(unsupported("Pow")),
             };
-            let mut ops = vec![];
+            // Each operand a literal (constant scalars) or an array read through its broadcast
+            // strides (constants at their own shape, not expanded).
+            let mut terms: Vec<Result<String, usize>> = vec![];
+            let mut arrays = vec![ye.clone()];
+            let mut strides = vec![moves::strides(&yt.shape)];
             for inp in &inputs[..2] {
                 let s = inp.ok_or_else(|| unsupported("missing input"))?;
                 let t = val(s)?;
-                ops.push(if is_const[s] {
-                    if t.len() == 1 {
-                        format!("({})", flit(t.data.to_f32_vec()[0], &what)?)
-                    } else {
-                        format!("{}[i]", em.const_array(&broadcast_to(t, &yt.shape), &what)?)
-                    }
-                } else if t.len() == n {
-                    format!("{}[i]", loc[&s].expr())
+                if is_const[s] && t.len() == 1 {
+                    terms.push(Ok(format!("({})", flit(t.data.to_f32_vec()[0], &what)?)));
                 } else {
-                    return Err(unsupported("broadcast between two computed values"));
-                });
+                    let arr = if is_const[s] { em.const_array(&t.data.to_f32_vec(), &what)? } else { loc[&s].expr() };
+                    terms.push(Err(arrays.len()));
+                    arrays.push(arr);
+                    strides.push(moves::broadcast_strides(&t.shape, &yt.shape));
+                }
             }
-            let _ = writeln!(
-                em.body,
-                "    {{\n        int32_t i;\n        for (i = 0; i < {n}; i++) {{\n            {ye}[i] = {} {sym} {};\n        }}\n    }}",
-                ops[0], ops[1]
-            );
+            let term = |t: &Result<String, usize>, idx: &[String]| match t {
+                Ok(lit) => lit.clone(),
+                Err(k) => format!("{}[{}]", arrays[*k], idx[*k]),
+            };
+            Nest::over(&yt.shape, strides).emit(&mut em.body, &|idx| {
+                format!("{ye}[{}] = {} {sym} {};", idx[0], term(&terms[0], idx), term(&terms[1], idx))
+            });
+        }
+        Op::PRelu => {
+            // The IR's f64 product of two f32 values is exact: one rounding to f32, as here.
+            let x = dyn_in(0)?;
+            let s = inputs.get(1).copied().flatten().ok_or_else(|| unsupported("missing slope"))?;
+            let st = val(s)?;
+            let sarr = if is_const[s] { em.const_array(&st.data.to_f32_vec(), &what)? } else { loc[&s].expr() };
+            let strides = vec![
+                moves::strides(&yt.shape),
+                moves::strides(&yt.shape),
+                moves::broadcast_strides(&st.shape, &yt.shape),
+            ];
+            Nest::over(&yt.shape, strides).emit(&mut em.body, &|i| {
+                format!(
+                    "{ye}[{0}] = {x}[{1}] < 0.0f ? (float)((double){x}[{1}] * (double){sarr}[{2}]) : {x}[{1}];",
+                    i[0], i[1], i[2]
+                )
+            });
         }
         Op::Clip => {
             let x = dyn_in(0)?;
@@ -677,6 +723,41 @@ fn emit_op(
                 );
             }
             unary_f32(em, &x, &f);
+        }
+        Op::MatMul if const_of(1).is_none() => {
+            // Two computed operands (attention's scores and mixing): per broadcast batch, each
+            // output summed in k order in f32 (the IR's GEMM sums in another order: C_TOL).
+            let (a, b) = (val(inputs[0].expect("MatMul A"))?, val(inputs[1].expect("MatMul B"))?);
+            let arr = |j: usize, t: &Tensor, em: &mut Emitter| -> Result<String> {
+                match const_of(j) {
+                    Some(_) => em.const_array(&t.data.to_f32_vec(), &what),
+                    None => Ok(loc[&inputs[j].expect("checked")].expr()),
+                }
+            };
+            let (ae, be) = (arr(0, a, em)?, arr(1, b, em)?);
+            if a.rank() < 2 || b.rank() < 2 {
+                return Err(unsupported("a computed vector operand"));
+            }
+            let (m, k, nn) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1], b.shape[b.rank() - 1]);
+            let (ab, bb) = (&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2]);
+            let batch = &yt.shape[..yt.rank() - 2];
+            let (ia, ib) = (sqil_ir::ops::broadcast_indices(ab, batch), sqil_ir::ops::broadcast_indices(bb, batch));
+            let name = format!("sqil_c{}", em.next_const);
+            em.next_const += 1;
+            let items: Vec<String> =
+                ia.iter().zip(&ib).flat_map(|(x, y)| [(x * m * k).to_string(), (y * k * nn).to_string()]).collect();
+            c_array(&mut em.consts, "int32_t", &name, &items, 12);
+            em.const_bytes += 4 * items.len();
+            em.exact = false;
+            let _ = writeln!(
+                em.body,
+                "    {{\n        int32_t q, i, j, t;\n        for (q = 0; q < {}; q++) {{\n            \
+                 const float *qa = {ae} + {name}[2 * q], *qb = {be} + {name}[2 * q + 1];\n            \
+                 for (i = 0; i < {m}; i++) {{\n                for (j = 0; j < {nn}; j++) {{\n                    float acc = 0.0f, p;\n                    \
+                 for (t = 0; t < {k}; t++) {{\n                        p = qa[i * {k} + t] * qb[t * {nn} + j];\n                        acc += p;\n                    }}\n                    \
+                 {ye}[(q * {m} + i) * {nn} + j] = acc;\n                }}\n            }}\n        }}\n    }}",
+                ia.len()
+            );
         }
         Op::Gemm { .. } | Op::MatMul => {
             let (trans_b, bias, alpha, beta) = match op {
@@ -747,19 +828,77 @@ fn emit_op(
                 flit(*epsilon, &what)?
             );
         }
-        Op::Concat { axis } => {
-            let rank = yt.rank() as i64;
-            let ax = if *axis < 0 { axis + rank } else { *axis } as usize;
-            if yt.shape[..ax].iter().product::<usize>() != 1 {
-                return Err(unsupported("concatenation inside a state"));
+        Op::Concat { .. } | Op::Transpose { .. } | Op::Split { .. } | Op::Slice | Op::Gather { .. } | Op::Expand => {
+            let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
+            let exprs: Vec<Option<String>> =
+                inputs.iter().map(|s| s.filter(|&s| !is_const[s]).map(|s| loc[&s].expr())).collect();
+            let outs = outputs.iter().map(|&o| Ok((loc[&o].expr(), val(o)?))).collect::<Result<Vec<_>>>()?;
+            moves::emit_movement(em, &what, op, &args, &exprs, &outs)?;
+        }
+        Op::BatchNorm { epsilon, training: false, .. } if outputs.len() == 1 => {
+            // Inference: y = (x - mean) * (scale / sqrt(var + eps)) + B per channel, in double as
+            // the IR computes it; the per-channel factor is computed here, with the IR's operations.
+            let x = dyn_in(0)?;
+            let xt = val(inputs[0].expect("checked"))?;
+            let chans = xt.shape.get(1).copied().unwrap_or(1);
+            let per_channel = |j: usize| -> Result<Vec<f64>> {
+                match const_of(j) {
+                    Some(t) if t.len() == chans => Ok(t.data.to_f64_vec()),
+                    _ => Err(unsupported("computed or mis-sized statistics")),
+                }
+            };
+            let (scale, bias, mean, var) = (per_channel(1)?, per_channel(2)?, per_channel(3)?, per_channel(4)?);
+            let k: Vec<f64> = scale.iter().zip(&var).map(|(s, v)| s / (v + *epsilon as f64).sqrt()).collect();
+            let [m, k, b] = [mean, k, bias].map(|v| em.const_array_f64(&v));
+            let inner = n / (xt.shape[0] * chans).max(1);
+            let _ = writeln!(
+                em.body,
+                "    {{\n        int32_t c, j;\n        for (c = 0; c < {}; c++) {{\n            for (j = 0; j < {inner}; j++) {{\n                \
+                 {ye}[c * {inner} + j] = (float)(((double){x}[c * {inner} + j] - {m}[c % {chans}]) * {k}[c % {chans}] + {b}[c % {chans}]);\n            \
+                 }}\n        }}\n    }}",
+                xt.shape[0] * chans
+            );
+        }
+        Op::MaxPool(p) | Op::AveragePool(p) if outputs.len() == 1 => {
+            let x = dyn_in(0)?;
+            let xt = val(inputs[0].expect("checked"))?;
+            if xt.rank() != 4 {
+                return Err(unsupported("pooling other than 2-D"));
             }
-            let mut at = 0;
-            for s in inputs.iter().flatten() {
-                let t = val(*s)?;
-                let src = if is_const[*s] { em.const_array(&t.data.to_f32_vec(), &what)? } else { loc[s].expr() };
-                let _ = writeln!(em.body, "    memmove({ye} + {at}, {src}, sizeof(float) * {});", t.len());
-                at += t.len();
-            }
+            let (geo, counts) = p.windows(&xt.shape[2..])?;
+            let gname = format!("sqil_c{}", em.next_const);
+            em.next_const += 1;
+            c_array(&mut em.consts, "int32_t", &gname, &conv_geometry_items(xt.shape[1], &geo), 13);
+            let is_max = matches!(op, Op::MaxPool(_));
+            let (div, div0) = if is_max || counts.iter().all(|&c| c == counts[0]) {
+                ("0".to_string(), counts.first().copied().unwrap_or(1).max(1))
+            } else {
+                let name = format!("sqil_c{}", em.next_const);
+                em.next_const += 1;
+                let items: Vec<String> = counts.iter().map(|c| c.max(&1).to_string()).collect();
+                c_array(&mut em.consts, "int32_t", &name, &items, 16);
+                em.const_bytes += 4 * items.len();
+                (name, 1)
+            };
+            em.uses.insert("SQIL_USE_POOL");
+            let _ = writeln!(
+                em.body,
+                "    sqil_pool2d({x}, {gname}, {}, {}, {div}, {div0}, {}, {ye});",
+                xt.shape[0] * xt.shape[1],
+                is_max as i32,
+                sum_start()
+            );
+        }
+        Op::GlobalAveragePool => {
+            let x = dyn_in(0)?;
+            let xt = val(inputs[0].expect("checked"))?;
+            let inner = xt.len() / n.max(1);
+            let _ = writeln!(
+                em.body,
+                "    {{\n        int32_t p, j;\n        for (p = 0; p < {n}; p++) {{\n            double s = {};\n            \
+                 for (j = 0; j < {inner}; j++) s += (double){x}[p * {inner} + j];\n            {ye}[p] = (float)(s / {inner}.0);\n        }}\n    }}",
+                sum_start()
+            );
         }
         Op::Conv(c) => {
             let x = dyn_in(0)?;

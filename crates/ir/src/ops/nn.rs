@@ -115,6 +115,14 @@ impl PoolAttrs {
         Ok((pb, pe, out))
     }
 
+    /// The window geometry over the `spatial` input dims, and AveragePool's divisor per output
+    /// position (the taps it averages), as the reference ops use them: for code generators.
+    pub fn windows(&self, spatial: &[usize]) -> Result<(ConvGeometry, Vec<usize>)> {
+        let (geo, pe) = self.conv_geometry(spatial)?;
+        let counts = average_pool_counts(self, &geo, &pe, &geo.gather_table());
+        Ok((geo, counts))
+    }
+
     fn conv_geometry(&self, input: &[usize]) -> Result<(ConvGeometry, Vec<i64>)> {
         let n = input.len();
         let spatial: Vec<Option<usize>> = input.iter().map(|&d| Some(d)).collect();
