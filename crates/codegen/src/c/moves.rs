@@ -1,15 +1,14 @@
 //! Loop nests for the C back end: ops that only move values (Transpose, Split, Slice, Gather,
 //! Expand, Concat) and operands broadcast to an element-wise op's output.
 //!
-//! A movement op's loops are found by running the IR's own implementation of the op on probe
-//! inputs: every computed input filled with NaN shows which outputs come from constants, then each
-//! computed input in turn filled with its element indices (exact in f32 below 2^24) shows which of
-//! its elements every output copies. The index arithmetic of each op is thus written once, in the
-//! reference op, and the generated code repeats whatever it does. Each (output, source) map is
-//! then recognised as an affine box (nested loops with strides, `memcpy` for contiguous runs) or,
+//! What each output element of a movement op copies comes from probing the IR's own op
+//! (`sqil_ir::ops::movement`): the index arithmetic of each op is written once, in the reference
+//! op, and the generated code repeats whatever it does. Each (output, source) map is then
+//! recognised as an affine box (nested loops with strides, `memcpy` for contiguous runs) or,
 //! where it is not affine (a Gather with scattered indices), written as an index table.
 
 use super::{c_array, Emitter};
+use sqil_ir::ops::movement::{copy_sources, CopySrc};
 use sqil_ir::ops::Op;
 use sqil_ir::{DType, IrError, Result, Tensor};
 use std::fmt::Write;
@@ -169,69 +168,6 @@ fn affine(shape: &[usize], pairs: &[(usize, usize)]) -> Option<Nest> {
     Some(Nest { extents: ext, operands: vec![(dst0, os), (src0, st)] }.merged())
 }
 
-/// Where an output element of a movement op comes from.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Src {
-    None,
-    Const,
-    /// (input position, element)
-    Input(usize, usize),
-}
-
-/// Runs `op` on probes to find what each output element copies. `args`: the traced inputs;
-/// `computed[j]`: whether input j is computed at run time (probed) or a constant (kept).
-fn probe(op: &Op, args: &[Option<&Tensor>], computed: &[bool], outputs: usize, what: &str) -> Result<Vec<Vec<Src>>> {
-    let fill = |only: Option<usize>| -> Result<Vec<Option<Tensor>>> {
-        args.iter()
-            .enumerate()
-            .map(|(j, a)| match a {
-                Some(t) if computed[j] => {
-                    let v = (0..t.len()).map(|i| if only == Some(j) { i as f32 } else { f32::NAN }).collect();
-                    Tensor::from_f32(t.shape.clone(), v).map(Some)
-                }
-                Some(t) => Ok(Some((*t).clone())),
-                None => Ok(None),
-            })
-            .collect()
-    };
-    let run = |probe: &[Option<Tensor>]| -> Result<Vec<Vec<f32>>> {
-        let refs: Vec<Option<&Tensor>> = probe.iter().map(|t| t.as_ref()).collect();
-        Ok(op.eval(&refs, outputs)?.iter().map(|t| t.data.to_f32_vec()).collect())
-    };
-    let mut src: Vec<Vec<Src>> = run(&fill(None)?)?
-        .into_iter()
-        .map(|o| o.into_iter().map(|v| if v.is_nan() { Src::None } else { Src::Const }).collect())
-        .collect();
-    for (j, a) in args.iter().enumerate() {
-        let Some(t) = a.filter(|_| computed[j]) else { continue };
-        if t.len() >= 1 << 24 {
-            return Err(IrError::Unsupported(format!(
-                "{what}: input {j} has {} elements (probes stop at 2^24)",
-                t.len()
-            )));
-        }
-        for (o, vals) in run(&fill(Some(j))?)?.into_iter().enumerate() {
-            for (i, v) in vals.into_iter().enumerate() {
-                if v.is_nan() || src[o][i] == Src::Const {
-                    continue;
-                }
-                if src[o][i] != Src::None || v.fract() != 0.0 || v < 0.0 || v as usize >= t.len() {
-                    return Err(IrError::Unsupported(format!(
-                        "{what}: output {o} element {i} is not a copy of one input element"
-                    )));
-                }
-                src[o][i] = Src::Input(j, v as usize);
-            }
-        }
-    }
-    if let Some((o, i)) =
-        src.iter().enumerate().find_map(|(o, s)| s.iter().position(|x| *x == Src::None).map(|i| (o, i)))
-    {
-        return Err(IrError::Unsupported(format!("{what}: output {o} element {i} is computed, not copied")));
-    }
-    Ok(src)
-}
-
 /// Emits a movement op: `args` its traced inputs, `exprs[j]` the C expression of computed input
 /// j (`None` for constants), `outs` each output's expression and traced value.
 pub(super) fn emit_movement(
@@ -248,11 +184,11 @@ pub(super) fn emit_movement(
         }
     }
     let computed: Vec<bool> = exprs.iter().map(Option::is_some).collect();
-    let src = probe(op, args, &computed, outs.len(), what)?;
+    let src = copy_sources(op, args, &computed, outs.len(), what)?;
     for (o, (ye, yt)) in outs.iter().enumerate() {
         let consts: Vec<f32> = yt.data.to_f32_vec();
         // Constant elements first (in output order, into one array), then each input's.
-        let cpairs: Vec<usize> = (0..consts.len()).filter(|&i| src[o][i] == Src::Const).collect();
+        let cpairs: Vec<usize> = (0..consts.len()).filter(|&i| src[o][i] == CopySrc::Const).collect();
         if !cpairs.is_empty() {
             let vals: Vec<f32> = cpairs.iter().map(|&i| consts[i]).collect();
             let name = em.const_array(&vals, what)?;
@@ -265,7 +201,7 @@ pub(super) fn emit_movement(
                 .iter()
                 .enumerate()
                 .filter_map(|(i, s)| match *s {
-                    Src::Input(jj, k) if jj == j => Some((i, k)),
+                    CopySrc::Input(jj, k) if jj == j => Some((i, k)),
                     _ => None,
                 })
                 .collect();
@@ -305,12 +241,12 @@ mod tests {
         let x = Tensor::from_f32(vec![2, 3, 4], vec![0.0; 24]).unwrap();
         let op = Op::Transpose { perm: Some(vec![1, 0, 2]) };
         let y = op.eval(&[Some(&x)], 1).unwrap().remove(0);
-        let src = probe(&op, &[Some(&x)], &[true], 1, "t").unwrap();
+        let src = copy_sources(&op, &[Some(&x)], &[true], 1, "t").unwrap();
         let pairs: Vec<(usize, usize)> = src[0]
             .iter()
             .enumerate()
             .map(|(i, s)| match s {
-                Src::Input(0, k) => (i, *k),
+                CopySrc::Input(0, k) => (i, *k),
                 _ => panic!("{s:?}"),
             })
             .collect();
@@ -323,20 +259,20 @@ mod tests {
         // perm [2, 1, 0]: nothing contiguous, element loops.
         let op = Op::Transpose { perm: Some(vec![2, 1, 0]) };
         let y = op.eval(&[Some(&x)], 1).unwrap().remove(0);
-        let src = probe(&op, &[Some(&x)], &[true], 1, "t").unwrap();
-        let pairs: Vec<(usize, usize)> =
-            src[0].iter().enumerate().map(|(i, s)| if let Src::Input(_, k) = s { (i, *k) } else { panic!() }).collect();
+        let src = copy_sources(&op, &[Some(&x)], &[true], 1, "t").unwrap();
+        let pairs: Vec<(usize, usize)> = src[0]
+            .iter()
+            .enumerate()
+            .map(|(i, s)| if let CopySrc::Input(_, k) = s { (i, *k) } else { panic!() })
+            .collect();
         let nest = affine(&y.shape, &pairs).unwrap();
         assert_eq!(nest.operands[1].1, vec![1, 4, 12]);
     }
 
     #[test]
-    fn scattered_maps_are_not_affine_and_non_copies_are_refused() {
+    fn scattered_maps_are_not_affine() {
         assert!(affine(&[4], &[(0, 3), (1, 0), (2, 2), (3, 1)]).is_none());
         assert!(affine(&[4], &[(0, 0), (1, 1), (3, 3)]).is_none(), "not a box");
-        let x = Tensor::from_f32(vec![4], vec![0.0; 4]).unwrap();
-        let err = probe(&Op::Unary(sqil_ir::ops::UnaryOp::Neg), &[Some(&x)], &[true], 1, "neg").unwrap_err();
-        assert!(err.to_string().contains("not a copy"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod elementwise;
 pub mod fused;
 pub mod grad;
 mod linalg;
+pub mod movement;
 mod nn;
 pub mod quant;
 mod reduce;
