@@ -6,9 +6,9 @@ token, eager and replayed from a CUDA graph. One JSON line per measurement.
     python3 tools/bench_cuda_torch.py [--iters 50] [--layers 32]
     python3 tools/bench_cuda_torch.py --policy bc_hopper.onnx    # per-action latency of a policy
 
-With --policy: the ONNX graph (Gemm/MatMul, Relu/Tanh/Sigmoid, Add/Sub/Mul/Div with constants,
-Clip) rebuilt as torch ops, FP32 and FP16, eager and replayed from a CUDA graph, each call
-copying one state in from the host and its actions out (what `sqil-cuda-bench policy` times).
+With --policy: the ONNX graph rebuilt as torch ops (sqil_tools/onnx_torch.py: MLPs, CNNs,
+transformers), FP32 and FP16, eager and replayed from a CUDA graph, each call copying one state
+(each input) in from the host and its actions out (what `sqil-cuda-bench policy` times).
 """
 import argparse
 import json
@@ -34,72 +34,43 @@ def timed(fn, iters, flush):
 
 
 def policy_bench(path, iters):
+    import os
+    import sys
     import time
 
-    import numpy as np
     import onnx
-    from onnx import numpy_helper
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from sqil_tools.onnx_torch import build
 
     m = onnx.load(path)
-    consts = {i.name: torch.tensor(numpy_helper.to_array(i)).cuda() for i in m.graph.initializer}
-    for n in m.graph.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = torch.tensor(numpy_helper.to_array(n.attribute[0].t)).cuda()
-    dim = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim][1:]
-
-    def build(dtype):
-        c = {k: v.to(dtype) if v.is_floating_point() else v for k, v in consts.items()}
-
-        def run(x):
-            env = dict(c)
-            env[m.graph.input[0].name] = x
-            for n in m.graph.node:
-                i = [env[a] if a else None for a in n.input]
-                at = {a.name: a for a in n.attribute}
-                t = n.op_type
-                if t == "Constant":
-                    continue
-                if t == "Gemm":
-                    b = i[1].T if "transB" in at and at["transB"].i else i[1]
-                    y = i[0] @ b + (i[2] if len(i) > 2 else 0)
-                elif t == "MatMul":
-                    y = i[0] @ i[1]
-                elif t in ("Add", "Sub", "Mul", "Div"):
-                    y = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[t](i[0], i[1])
-                elif t in ("Relu", "Tanh", "Sigmoid"):
-                    y = {"Relu": torch.relu, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid}[t](i[0])
-                elif t == "Clip":
-                    y = torch.clamp(i[0], i[1] if len(i) > 1 else None, i[2] if len(i) > 2 else None)
-                elif t in ("Identity", "Flatten", "Reshape"):
-                    y = i[0]
-                else:
-                    raise SystemExit(f"{path}: op {t} not in this script's MLP subset")
-                env[n.output[0]] = y
-            return env[m.graph.output[0].name]
-        return run
-
+    dims = [[d.dim_value for d in vi.type.tensor_type.shape.dim][1:] for vi in m.graph.input]
     name = torch.cuda.get_device_name(0)
-    host = torch.randn(1, *dim).pin_memory()
+    hosts = [torch.randn(1, *d).pin_memory() for d in dims]
     for dtype, label in ((torch.float32, "torch f32"), (torch.float16, "torch f16")):
-        f = build(dtype)
-        xin = torch.zeros(1, *dim, device="cuda", dtype=dtype)
+        f = build(m, dtype, "cuda")
+        xin = [torch.zeros(1, *d, device="cuda", dtype=dtype) for d in dims]
+
+        def copy_in():
+            for x, h in zip(xin, hosts):
+                x.copy_(h.to(dtype), non_blocking=True)
 
         def eager():
-            xin.copy_(host.to(dtype), non_blocking=True)
-            return f(xin).float().cpu()
+            copy_in()
+            return f(*xin)[0].float().cpu()
 
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):
-                out = f(xin)
+                out = f(*xin)[0]
         torch.cuda.current_stream().wait_stream(s)
         with torch.cuda.graph(g):
-            out = f(xin)
+            out = f(*xin)[0]
 
         def graph():
-            xin.copy_(host.to(dtype), non_blocking=True)
+            copy_in()
             g.replay()
             return out.float().cpu()
 

@@ -77,3 +77,344 @@ extern "C" __global__ void sqil_fake_quant(const sqil_half *__restrict__ x, sqil
     q = q < lo ? lo : (q > hi ? hi : q);
     y[i] = f_to_h((q - z) * s);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The other ops of convolutional and transformer policies (`crates/cuda/src/policy.rs`, generic
+// kernel steps): fp16 buffers, fp32 arithmetic, fp32 constants. Simple one-thread-per-output (or
+// one-warp-per-row) kernels: these policies are small, and their time is launch-bound.
+
+// y[pairs[2i]] = x[pairs[2i + 1]]: one source's part of a data-movement op's output.
+extern "C" __global__ void sqil_copy_pairs(const sqil_half *__restrict__ x, sqil_half *__restrict__ y,
+                                           const int *__restrict__ pairs, int m)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < m) {
+        y[pairs[2 * i]] = x[pairs[2 * i + 1]];
+    }
+}
+
+// y[idx[i]] = v[i]: a movement op's elements that come from constants.
+extern "C" __global__ void sqil_set_consts(sqil_half *__restrict__ y, const int *__restrict__ idx,
+                                           const float *__restrict__ v, int m)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < m) {
+        y[idx[i]] = f_to_h(v[i]);
+    }
+}
+
+// y[i] = a op b, each operand fp16 (ah) or fp32 (af, a constant), read at ia[i] (or i when ia is
+// null): numpy broadcasting as index tables. op 0 add, 1 sub, 2 mul, 3 div, 4 PRelu (a < 0 ? a * b : a).
+extern "C" __global__ void sqil_binary_bcast(const sqil_half *__restrict__ ah, const float *__restrict__ af,
+                                             const int *__restrict__ ia, const sqil_half *__restrict__ bh,
+                                             const float *__restrict__ bf, const int *__restrict__ ib,
+                                             sqil_half *__restrict__ y, int n, int op)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) {
+        return;
+    }
+    const int ja = ia ? ia[i] : i, jb = ib ? ib[i] : i;
+    const float a = ah ? h_to_f(ah[ja]) : af[ja];
+    const float b = bh ? h_to_f(bh[jb]) : bf[jb];
+    y[i] = f_to_h(op == 4 ? (a < 0.0f ? a * b : a) : sqil_binop(a, b, op));
+}
+
+// y = f(x) for the ops sqil_unary lacks: 0 exp, 1 log, 2 sqrt, 3 erf, 4 softplus, 5 GELU (erf),
+// 6 GELU (tanh), 7 LeakyRelu(alpha), 8 Elu(alpha), 9 abs, 10 reciprocal.
+extern "C" __global__ void sqil_unary_more(const sqil_half *__restrict__ x, sqil_half *__restrict__ y, int n, int op,
+                                           float alpha)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) {
+        return;
+    }
+    float v = h_to_f(x[i]);
+    switch (op) {
+    case 0: v = expf(v); break;
+    case 1: v = logf(v); break;
+    case 2: v = sqrtf(v); break;
+    case 3: v = erff(v); break;
+    case 4: v = (v > 0.0f ? v : 0.0f) + log1pf(expf(-fabsf(v))); break;
+    case 5: v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); break;
+    case 6: v = 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v))); break;
+    case 7: v = v < 0.0f ? alpha * v : v; break;
+    case 8: v = v < 0.0f ? alpha * (expf(v) - 1.0f) : v; break;
+    case 9: v = fabsf(v); break;
+    default: v = 1.0f / v; break;
+    }
+    y[i] = f_to_h(v);
+}
+
+// Softmax over rows of `dim`: one warp per row, fp32.
+extern "C" __global__ void sqil_softmax_rows(const sqil_half *__restrict__ x, sqil_half *__restrict__ y, int rows,
+                                             int dim)
+{
+    const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) {
+        return;
+    }
+    const sqil_half *xr = x + (long)r * dim;
+    float m = -3.0e38f, s = 0.0f;
+    for (int j = lane; j < dim; j += 32) {
+        m = fmaxf(m, h_to_f(xr[j]));
+    }
+    for (int o = 16; o > 0; o /= 2) {
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    }
+    for (int j = lane; j < dim; j += 32) {
+        s += expf(h_to_f(xr[j]) - m);
+    }
+    for (int o = 16; o > 0; o /= 2) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    }
+    for (int j = lane; j < dim; j += 32) {
+        y[(long)r * dim + j] = f_to_h(expf(h_to_f(xr[j]) - m) / s);
+    }
+}
+
+// LayerNormalization over rows of `dim` (scale, and bias unless null, fp32 per column): one warp
+// per row, two passes in fp32.
+extern "C" __global__ void sqil_layernorm_rows(const sqil_half *__restrict__ x, sqil_half *__restrict__ y,
+                                               const float *__restrict__ scale, const float *__restrict__ bias,
+                                               int rows, int dim, float eps)
+{
+    const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) {
+        return;
+    }
+    const sqil_half *xr = x + (long)r * dim;
+    float s = 0.0f, v = 0.0f;
+    for (int j = lane; j < dim; j += 32) {
+        s += h_to_f(xr[j]);
+    }
+    for (int o = 16; o > 0; o /= 2) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    }
+    const float mean = s / (float)dim;
+    for (int j = lane; j < dim; j += 32) {
+        const float d = h_to_f(xr[j]) - mean;
+        v += d * d;
+    }
+    for (int o = 16; o > 0; o /= 2) {
+        v += __shfl_xor_sync(0xffffffffu, v, o);
+    }
+    const float inv = rsqrtf(v / (float)dim + eps);
+    for (int j = lane; j < dim; j += 32) {
+        y[(long)r * dim + j] = f_to_h((h_to_f(xr[j]) - mean) * inv * scale[j] + (bias ? bias[j] : 0.0f));
+    }
+}
+
+// Batched MatMul of two computed operands (attention): y[q] = a[offs[2q]] @ b[offs[2q + 1]],
+// [m, k] @ [k, n] per batch; one thread per output, fp32 sums.
+extern "C" __global__ void sqil_bmm(const sqil_half *__restrict__ a, const sqil_half *__restrict__ b,
+                                    sqil_half *__restrict__ y, const int *__restrict__ offs, int batches, int m, int k,
+                                    int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= batches * m * n) {
+        return;
+    }
+    const int q = i / (m * n), r = (i / n) % m, c = i % n;
+    const sqil_half *qa = a + offs[2 * q] + r * k, *qb = b + offs[2 * q + 1] + c;
+    float s = 0.0f;
+    for (int t = 0; t < k; t++) {
+        s += h_to_f(qa[t]) * h_to_f(qb[t * n]);
+    }
+    y[i] = f_to_h(s);
+}
+
+// A float layer with constant fp32 weights w[k][n]: y[r, c] = x[r] . w[:, c] + bias[c] (bias may
+// be null); one warp per output (the lanes split k: a spatial softmax's keypoint MatMul has
+// thousands of terms and a handful of outputs).
+extern "C" __global__ void sqil_linear_f32w(const sqil_half *__restrict__ x, const float *__restrict__ w,
+                                            const float *__restrict__ bias, sqil_half *__restrict__ y, int rows, int k,
+                                            int n)
+{
+    const int i = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (i >= rows * n) {
+        return;
+    }
+    const int r = i / n, c = i % n;
+    float s = 0.0f;
+    for (int t = lane; t < k; t += 32) {
+        s += h_to_f(x[(long)r * k + t]) * w[(long)t * n + c];
+    }
+    for (int o = 16; o > 0; o /= 2) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    }
+    if (lane == 0) {
+        y[i] = f_to_h(s + (bias ? bias[c] : 0.0f));
+    }
+}
+
+// The per-tensor activation quantizer (FakeQuant) on one value, as sqil_fake_quant; s = 0: none.
+__device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, float hi)
+{
+    if (s == 0.0f) {
+        return v;
+    }
+    float q = rintf(v / s) + z;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    return (q - z) * s;
+}
+
+// Where element e of a packed int4 word sits (q4_gemv.cu's interleaved layout: element 2s at bits
+// 4s, 2s + 1 at 16 + 4s) and its signed value.
+__device__ __forceinline__ int sqil_q4_at(const unsigned *__restrict__ words, int kp, int r, int e)
+{
+    const int i = e % 8, sh = (i % 2 == 0) ? 2 * i : 16 + 2 * (i - 1);
+    return (int)((words[r * (kp / 8) + e / 8] >> sh) & 15u) - 8;
+}
+
+// An int4 layer over many rows (a transformer's tokens, a convolution's output positions):
+// y = fq(x) w^T (+ bias), w in the GEMV layout (rows of kp packed weights, fp16 scales per
+// `group`), fq the layer's activation quantizer (s = 0: none); x is [rows, k] (row stride k);
+// channel_major writes y as [n, rows] (a convolution's layout), else [rows, n]. One thread per
+// output, eight weights per word load, fp32 sums per group.
+extern "C" __global__ void sqil_q4_rows(const unsigned *__restrict__ words, const sqil_half *__restrict__ scales,
+                                        const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
+                                        sqil_half *__restrict__ y, int rows, int n, int k, int kp, int group,
+                                        int relu, int channel_major, float qs, float qz, float qlo, float qhi)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows * n) {
+        return;
+    }
+    // Consecutive threads take consecutive channels of one row: x is read once per warp.
+    const int r = i / n, c = i % n;
+    const sqil_half *xr = x + (long)r * k;
+    const unsigned *wr = words + (long)c * (kp / 8);
+    float s = 0.0f;
+    for (int g0 = 0; g0 < k; g0 += group) {
+        float part = 0.0f;
+        const int g1 = g0 + group < k ? g0 + group : k;
+        int e = g0;
+        for (; e + 8 <= g1; e += 8) {
+            const unsigned wd = wr[e / 8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                const int sh = (j % 2 == 0) ? 2 * j : 16 + 2 * (j - 1);
+                part += (float)((int)((wd >> sh) & 15u) - 8) * sqil_fq(h_to_f(xr[e + j]), qs, qz, qlo, qhi);
+            }
+        }
+        for (; e < g1; e++) {
+            part += (float)sqil_q4_at(words, kp, c, e) * sqil_fq(h_to_f(xr[e]), qs, qz, qlo, qhi);
+        }
+        s += part * h_to_f(scales[c * (kp / group) + g0 / group]);
+    }
+    if (bias) {
+        s += h_to_f(bias[c]);
+    }
+    if (relu) {
+        s = s < 0.0f ? 0.0f : s;
+    }
+    y[channel_major ? (long)c * rows + r : (long)r * n + c] = f_to_h(s);
+}
+
+// im2col for an int4 convolution: cols[p, t * C + ch] = fq(x[ch, table[p * taps + t]]) (0 where
+// the table says padding, 0xffffffff): the (tap, channel) order of the packed rows, the layer's
+// activation quantizer fq applied on the way (s = 0: none; the padding is the zero point, 0).
+extern "C" __global__ void sqil_im2col(const sqil_half *__restrict__ x, const unsigned *__restrict__ table,
+                                       sqil_half *__restrict__ cols, int positions, int taps, int channels,
+                                       int plane, float qs, float qz, float qlo, float qhi)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= positions * taps * channels) {
+        return;
+    }
+    const int ch = i % channels, t = (i / channels) % taps, p = i / (channels * taps);
+    const unsigned src = table[p * taps + t];
+    cols[i] = src == 0xffffffffu ? (sqil_half)0 : f_to_h(sqil_fq(h_to_f(x[(long)ch * plane + src]), qs, qz, qlo, qhi));
+}
+
+// A float 2-D convolution of one image (groups allowed): geo as the C back end's (channels, in h,
+// w, kernel h, w, strides, dilations, pads at the start, out h, w, groups); w fp32
+// [n][c / groups][kh][kw]; one thread per output.
+extern "C" __global__ void sqil_conv2d_f32(const sqil_half *__restrict__ x, const int *__restrict__ geo,
+                                           const float *__restrict__ w, const float *__restrict__ bias,
+                                           sqil_half *__restrict__ y, int n)
+{
+    const int c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n * oh * ow) {
+        return;
+    }
+    const int o = i / (oh * ow), oy = (i / ow) % oh, ox = i % ow;
+    const int cg = c / geo[13], ng = n / geo[13], c0 = (o / ng) * cg;
+    float s = bias ? bias[o] : 0.0f;
+    for (int ch = 0; ch < cg; ch++) {
+        for (int ty = 0; ty < kh; ty++) {
+            const int iy = oy * geo[5] + ty * geo[7] - geo[9];
+            if (iy < 0 || iy >= h) {
+                continue;
+            }
+            for (int tx = 0; tx < kw; tx++) {
+                const int ix = ox * geo[6] + tx * geo[8] - geo[10];
+                if (ix >= 0 && ix < wd) {
+                    s += h_to_f(x[((c0 + ch) * h + iy) * wd + ix]) * w[((o * cg + ch) * kh + ty) * kw + tx];
+                }
+            }
+        }
+    }
+    y[i] = f_to_h(s);
+}
+
+// 2-D max or average pooling of `planes` planes (geo as sqil_conv2d_f32's); average divides by
+// div[position], or div0 when div is null; one thread per output.
+extern "C" __global__ void sqil_pool2d(const sqil_half *__restrict__ x, const int *__restrict__ geo,
+                                       sqil_half *__restrict__ y, int planes, int is_max, const int *__restrict__ div,
+                                       int div0)
+{
+    const int h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= planes * oh * ow) {
+        return;
+    }
+    const int p = i / (oh * ow), o = i % (oh * ow), oy = o / ow, ox = o % ow;
+    float s = 0.0f, best = __int_as_float(0xff800000);
+    for (int ty = 0; ty < kh; ty++) {
+        for (int tx = 0; tx < kw; tx++) {
+            const int iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
+            if (iy >= 0 && iy < h && ix >= 0 && ix < wd) {
+                const float v = h_to_f(x[((long)p * h + iy) * wd + ix]);
+                s += v;
+                best = fmaxf(best, v);
+            }
+        }
+    }
+    y[i] = f_to_h(is_max ? best : s / (float)(div ? div[o] : div0));
+}
+
+// y[r] = mean of x[r, 0..inner) (GlobalAveragePool); one warp per row.
+extern "C" __global__ void sqil_mean_rows(const sqil_half *__restrict__ x, sqil_half *__restrict__ y, int rows,
+                                          int inner)
+{
+    const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    if (r >= rows) {
+        return;
+    }
+    float s = 0.0f;
+    for (int j = lane; j < inner; j += 32) {
+        s += h_to_f(x[(long)r * inner + j]);
+    }
+    for (int o = 16; o > 0; o /= 2) {
+        s += __shfl_xor_sync(0xffffffffu, s, o);
+    }
+    if (lane == 0) {
+        y[r] = f_to_h(s / (float)inner);
+    }
+}
+
+// y = x * a[ch] + b[ch] with ch = (i / inner) % chans (inference BatchNormalization folded to one
+// multiply-add per element).
+extern "C" __global__ void sqil_channel_affine(const sqil_half *__restrict__ x, sqil_half *__restrict__ y,
+                                               const float *__restrict__ a, const float *__restrict__ b, int chans,
+                                               int inner, int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const int ch = (i / inner) % chans;
+        y[i] = f_to_h(h_to_f(x[i]) * a[ch] + b[ch]);
+    }
+}

@@ -133,19 +133,15 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> Result<(usi
 }
 
 /// `sqil build --target cuda`: one standalone `.cu` file (see `sqil_codegen::cuda`), with the
-/// first `states` rows of `selftest` (one .npy, single-input policies) and the CPU runtime's
-/// actions for them as its `--selftest` data.
+/// first `states` rows of `selftest` (one .npy per policy input; a state's inputs are
+/// concatenated) and the CPU runtime's actions for them as its `--selftest` data.
 pub fn build_cuda(model: &Path, out: &Path, selftest: &[PathBuf], states: usize) -> Result<usize, String> {
     let policy = load_policy(model)?;
-    let (ins, want) = match selftest {
-        [] => (vec![], vec![]),
-        [one] => {
-            let t = crate::npy::read(one)?;
-            let (s, w) = selftest_vectors(&policy, &[t], states)?;
-            (s.into_iter().map(|mut v| v.remove(0)).collect(), w.into_iter().map(|mut v| v.remove(0)).collect())
-        }
-        _ => return Err("--selftest: the CUDA target takes single-input policies (one .npy)".into()),
-    };
+    // Per state, the inputs concatenated (the program reads them as one vector).
+    let ts = selftest.iter().map(|p| crate::npy::read(p)).collect::<Result<Vec<_>, _>>()?;
+    let (s, w) = if ts.is_empty() { (vec![], vec![]) } else { selftest_vectors(&policy, &ts, states)? };
+    let (ins, want): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
+        (s.into_iter().map(|v| v.concat()).collect(), w.into_iter().map(|v| v.concat()).collect());
     let src = sqil_codegen::cuda::emit_cu(&policy, &ins, &want, sqil_cuda::policy::GPU_TOL)
         .map_err(|e| format!("{}: {e}", model.display()))?;
     crate::quantize::write_atomic(out, src.as_bytes())?;

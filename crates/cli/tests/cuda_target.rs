@@ -1,6 +1,7 @@
 //! `sqil build --target cuda` without a GPU: the standalone `.cu` for an MLP policy holds each
-//! kernel once, one launch per lowered step, the weights and the self-test data; policies with
-//! steps the GPU path lacks are refused with the step named. (nvcc builds and runs these files
+//! kernel once, one launch per lowered step, the weights and the self-test data; the CNN and
+//! transformer policies lower to generic kernel steps; ops the GPU path lacks are refused with
+//! the step named. (nvcc builds and runs these files
 //! on the GPU machine: docs/cuda.md.)
 
 use sqil::quantize::{run_quantize, QuantizeArgs};
@@ -34,8 +35,42 @@ fn standalone_cu_for_an_mlp_policy() {
     assert!(src.contains("#define STATES 1") && src.contains("static const float ST_OUT[3]"));
 }
 
+/// The convolutional and transformer policies lower too: int4 convolutions as im2col + the
+/// many-row int4 kernel, tokens through the same kernel, data movement as copy tables, attention,
+/// LayerNorm, pooling; the standalone `.cu` launches each generic step with its arrays.
+#[test]
+fn cnn_and_transformer_policies_lower_and_emit() {
+    for name in ["cnn", "bc_pickplace_pixels", "transformer", "transformer_dynamo", "bc_pickplace_transformer"] {
+        let p = quantized(name);
+        let l = sqil_cuda::policy::lower(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let kernels: Vec<&str> = l
+            .steps
+            .iter()
+            .filter_map(|s| if let sqil_cuda::policy::LStep::Kernel { name, .. } = s { Some(*name) } else { None })
+            .collect();
+        assert_eq!(l.in_lens.len(), p.input_sizes().len(), "{name}");
+        let states = vec![vec![0.25f32; l.in_len]];
+        let src = sqil_codegen::cuda::emit_cu(&p, &states, &[vec![0.0; l.out_len]], 0.02).unwrap();
+        assert_eq!(src.matches("<<<").count(), l.steps.len(), "{name}: one launch per step");
+        let want: &[&str] = match name {
+            "cnn" | "bc_pickplace_pixels" => &["sqil_im2col", "sqil_q4_rows"],
+            _ => &["sqil_q4_rows", "sqil_copy_pairs", "sqil_bmm", "sqil_softmax_rows", "sqil_layernorm_rows"],
+        };
+        for k in want {
+            assert!(kernels.contains(k), "{name}: no {k} step in {kernels:?}");
+            assert!(src.contains(&format!("{k}<<<")), "{name}: {k} not launched");
+        }
+        eprintln!("{name}: {} steps ({} generic kernels)", l.steps.len(), kernels.len());
+    }
+}
+
 #[test]
 fn unsupported_steps_are_named() {
-    let e = sqil_cuda::policy::lower(&quantized("transformer")).err().expect("the transformer is not lowered yet");
-    assert!(e.contains("step `"), "{e}");
+    use sqil_ir::{DType, Dim, Graph, Op, ValueType};
+    let mut g = Graph::new("logsoftmax");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(6)]));
+    let y = g.add_inferred("/head/LogSoftmax", Op::LogSoftmax { axis: -1, coerce_2d: false }, &[Some(x)], "y").unwrap();
+    g.outputs.push(y);
+    let e = sqil_cuda::policy::lower(&Policy::from_graph(&g).unwrap()).err().expect("LogSoftmax is not lowered");
+    assert!(e.contains("step `/head/LogSoftmax"), "{e}");
 }

@@ -5,7 +5,7 @@
 //! (per-action latency).
 
 use crate::c::{c_array, float_literal};
-use sqil_cuda::policy::{lower, LStep};
+use sqil_cuda::policy::{lower, HostArr, KArg, LStep};
 use sqil_cuda::{FP16_CUH, POLICY_OPS_CU, Q4_GEMV_CU};
 use sqil_runtime::Policy;
 use std::fmt::Write;
@@ -43,6 +43,18 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
         l.bufs.len()
     );
     arr(&mut c, "size_t", "BUF_LEN", &l.bufs);
+    // Device arrays: three slots per int4 layer (words, scales, bias), one per constant.
+    let mut slot0 = vec![];
+    let mut slots = 0usize;
+    for st in &l.steps {
+        slot0.push(slots);
+        slots += match st {
+            LStep::Q4 { .. } => 3,
+            LStep::Binary { .. } | LStep::BinaryIn { .. } => 1,
+            LStep::Kernel { args, .. } => args.iter().filter(|a| matches!(a, KArg::Arr(_))).count(),
+            _ => 0,
+        };
+    }
     // Weights and constants.
     for (i, st) in l.steps.iter().enumerate() {
         match st {
@@ -56,12 +68,26 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
             LStep::Binary { c: k, .. } | LStep::BinaryIn { c: k, .. } => {
                 arr(&mut c, "float", &format!("C{i}"), &k.iter().map(|v| f(*v)).collect::<Vec<_>>());
             }
+            LStep::Kernel { args, .. } => {
+                for (j, a) in args.iter().filter_map(|a| if let KArg::Arr(a) = a { Some(a) } else { None }).enumerate()
+                {
+                    let name = format!("K{i}_{j}");
+                    match a {
+                        HostArr::F32(v) => arr(&mut c, "float", &name, &v.iter().map(|x| f(*x)).collect::<Vec<_>>()),
+                        HostArr::I32(v) => arr(&mut c, "int", &name, v),
+                        HostArr::U32(v) => arr(&mut c, "unsigned", &name, v),
+                        HostArr::F16(v) => {
+                            arr(&mut c, "uint16_t", &name, &v.iter().map(|h| h.to_bits()).collect::<Vec<_>>())
+                        }
+                    }
+                }
+            }
             _ => {}
         }
     }
     // Device state and the step list.
     c.push_str("\nstruct Policy {\n    cudaStream_t s;\n    cudaGraphExec_t exec;\n    float *in;\n    sqil_half *buf[NBUF];\n    void *dev[");
-    let _ = writeln!(c, "{}];\n}};\n", l.steps.len() * 3 + 1);
+    let _ = writeln!(c, "{}];\n}};\n", slots + 1);
     c.push_str(
         "template <typename T> static T *upload(const T *h, size_t n)\n{\n    T *d;\n    CK(cudaMalloc(&d, n * sizeof(T)));\n    \
          CK(cudaMemcpy(d, h, n * sizeof(T), cudaMemcpyHostToDevice));\n    return d;\n}\n\nstatic void launch(Policy &p)\n{\n",
@@ -74,9 +100,9 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                 "    sqil_q4_gemv_b1<<<{}, 128, 0, p.s>>>((const uint4 *)p.dev[{}], (const sqil_half *)p.dev[{}], p.buf[{x}], {}, \
                  p.buf[{y}], {}, {}, 1, {}, {});",
                 w.n.div_ceil(4),
-                3 * i,
-                3 * i + 1,
-                if bias.is_some() { format!("(const sqil_half *)p.dev[{}]", 3 * i + 2) } else { "nullptr".into() },
+                slot0[i],
+                slot0[i] + 1,
+                if bias.is_some() { format!("(const sqil_half *)p.dev[{}]", slot0[i] + 2) } else { "nullptr".into() },
                 w.n,
                 w.k,
                 (w.group / 32).trailing_zeros(),
@@ -95,15 +121,40 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                 c,
                 "    sqil_binary_const<<<{}, 256, 0, p.s>>>(p.buf[{x}], p.buf[{y}], (const float *)p.dev[{}], {n}, {n}, {op});",
                 g(*n),
-                3 * i
+                slot0[i]
             ),
-            LStep::BinaryIn { y, n, op, .. } => writeln!(
+            LStep::BinaryIn { off, y, n, op, .. } => writeln!(
                 c,
-                "    sqil_binary_const_f32in<<<{}, 256, 0, p.s>>>(p.in, p.buf[{y}], (const float *)p.dev[{}], {n}, {n}, {op});",
+                "    sqil_binary_const_f32in<<<{}, 256, 0, p.s>>>(p.in + {off}, p.buf[{y}], (const float *)p.dev[{}], {n}, {n}, {op});",
                 g(*n),
-                3 * i
+                slot0[i]
             ),
-            LStep::CastIn { y, n } => writeln!(c, "    sqil_cast_f32_f16<<<{}, 256, 0, p.s>>>(p.in, p.buf[{y}], {n});", g(*n)),
+            LStep::CastIn { off, y, n } => {
+                writeln!(c, "    sqil_cast_f32_f16<<<{}, 256, 0, p.s>>>(p.in + {off}, p.buf[{y}], {n});", g(*n))
+            }
+            LStep::Kernel { name, args, threads } => {
+                let mut slot = slot0[i];
+                let a: Vec<String> = args
+                    .iter()
+                    .map(|a| match a {
+                        KArg::Buf(b) => format!("p.buf[{b}]"),
+                        KArg::Arr(h) => {
+                            let ty = match h {
+                                HostArr::F32(_) => "const float",
+                                HostArr::I32(_) => "const int",
+                                HostArr::U32(_) => "const unsigned",
+                                HostArr::F16(_) => "const sqil_half",
+                            };
+                            slot += 1;
+                            format!("({ty} *)p.dev[{}]", slot - 1)
+                        }
+                        KArg::Null => "nullptr".into(),
+                        KArg::I32(v) => v.to_string(),
+                        KArg::F32(v) => f(*v),
+                    })
+                    .collect();
+                writeln!(c, "    {name}<<<{}, 256, 0, p.s>>>({});", g(*threads).max(1), a.join(", "))
+            }
             LStep::Unary { x, y, n, op, lo, hi } => writeln!(
                 c,
                 "    sqil_unary<<<{}, 256, 0, p.s>>>(p.buf[{x}], p.buf[{y}], {n}, {op}, {}, {});",
@@ -122,15 +173,25 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                 let _ = writeln!(
                     c,
                     "    p.dev[{}] = upload(W{i}, sizeof(W{i}) / 4);\n    p.dev[{}] = upload(S{i}, sizeof(S{i}) / 2);",
-                    3 * i,
-                    3 * i + 1
+                    slot0[i],
+                    slot0[i] + 1
                 );
                 if bias.is_some() {
-                    let _ = writeln!(c, "    p.dev[{}] = upload(B{i}, sizeof(B{i}) / 2);", 3 * i + 2);
+                    let _ = writeln!(c, "    p.dev[{}] = upload(B{i}, sizeof(B{i}) / 2);", slot0[i] + 2);
                 }
             }
             LStep::Binary { .. } | LStep::BinaryIn { .. } => {
-                let _ = writeln!(c, "    p.dev[{}] = upload(C{i}, sizeof(C{i}) / 4);", 3 * i);
+                let _ = writeln!(c, "    p.dev[{}] = upload(C{i}, sizeof(C{i}) / 4);", slot0[i]);
+            }
+            LStep::Kernel { args, .. } => {
+                let arrays = args.iter().filter(|a| matches!(a, KArg::Arr(_))).count();
+                for j in 0..arrays {
+                    let _ = writeln!(
+                        c,
+                        "    p.dev[{}] = upload(K{i}_{j}, sizeof(K{i}_{j}) / sizeof(K{i}_{j}[0]));",
+                        slot0[i] + j
+                    );
+                }
             }
             _ => {}
         }

@@ -7,7 +7,7 @@
 //!                                  # batch-1 GEMV variants (chunks in flight, L1 policy, rows per
 //!                                  # warp, block size) and cuBLAS, L2 flushed by memset and by reads
 //! sqil-cuda-bench vla [--layers L] # Llama-style decoder linears (hidden 4096, MLP 11008), batch 1
-//! sqil-cuda-bench policy ARTIFACT STATES.npy [--iters N]
+//! sqil-cuda-bench policy ARTIFACT STATES.npy [STATES1.npy ...] [--iters N] [--profile]
 //!                                  # a compiled policy on the GPU (CUDA graph) vs the CPU runtime
 //! ```
 //! Without a driver or device it prints why and exits 0 (nothing to measure here).
@@ -382,22 +382,46 @@ fn bench_vla(gpu: &Gpu, layers: usize, iters: usize) -> Result<(), String> {
 /// A compiled policy on the GPU: agreement with the CPU runtime on the given states, then
 /// per-action latency (copy in, steps, copy out) eager and from the CUDA graph, and the CPU
 /// runtime's, in one run.
-fn bench_policy(gpu: &Gpu, artifact: &str, states: &str, iters: usize) -> Result<(), String> {
+fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, profile: bool) -> Result<(), String> {
     use ndarray_npy::ReadNpyExt;
     let policy = sqil_runtime::Policy::load(std::path::Path::new(artifact)).map_err(|e| e.to_string())?;
-    let f = std::fs::File::open(states).map_err(|e| format!("{states}: {e}"))?;
-    let a = ndarray::ArrayD::<f32>::read_npy(f).map_err(|e| format!("{states}: {e}"))?;
-    let d = policy.input_sizes()[0];
-    let obs: Vec<f32> = a.iter().copied().collect();
-    let rows = (obs.len() / d).min(64);
+    let sizes = policy.input_sizes();
+    if states.len() != sizes.len() {
+        return Err(format!("{artifact}: {} inputs, {} state files", sizes.len(), states.len()));
+    }
+    let mut per_input = vec![];
+    for p in states {
+        let f = std::fs::File::open(p).map_err(|e| format!("{p}: {e}"))?;
+        let a = ndarray::ArrayD::<f32>::read_npy(f).map_err(|e| format!("{p}: {e}"))?;
+        per_input.push(a.iter().copied().collect::<Vec<f32>>());
+    }
+    let rows = per_input.iter().zip(&sizes).map(|(v, d)| v.len() / d).min().unwrap_or(0).min(64);
+    // Per state: its inputs concatenated (the GPU policy's one copy in) and as CPU feeds.
+    let state = |r: usize| -> Vec<f32> {
+        per_input.iter().zip(&sizes).flat_map(|(v, &d)| v[r * d..(r + 1) * d].iter().copied()).collect()
+    };
+    let cpu = |r: usize| -> Result<Vec<f32>, String> {
+        let feeds = per_input
+            .iter()
+            .zip(policy.input_shapes())
+            .zip(&sizes)
+            .map(|((v, shape), &d)| {
+                let dims: Vec<usize> =
+                    shape.iter().enumerate().map(|(i, x)| if i == 0 { 1 } else { x.known().unwrap_or(1) }).collect();
+                sqil_ir::Tensor::from_f32(dims, v[r * d..(r + 1) * d].to_vec())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        Ok(policy.run(&feeds).map_err(|e| e.to_string())?.remove(0).data.to_f32_vec())
+    };
     let mut gp = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
-    let eager_first: Vec<f32> = gp.act(gpu, &obs[..d])?;
+    let eager_first: Vec<f32> = gp.act(gpu, &state(0))?;
     gp.capture(gpu)?;
     let (mut worst, mut scale) = (0f32, 1e-6f32);
     for r in 0..rows {
-        let s = &obs[r * d..(r + 1) * d];
-        let want = policy.act(s, 1).map_err(|e| e.to_string())?;
-        let got = gp.act(gpu, s)?;
+        let s = state(r);
+        let want = cpu(r)?;
+        let got = gp.act(gpu, &s)?;
         if r == 0 {
             // Graph replay and eager launches compute the same thing.
             assert_eq!(got, eager_first, "graph replay differs from eager launches");
@@ -421,11 +445,17 @@ fn bench_policy(gpu: &Gpu, artifact: &str, states: &str, iters: usize) -> Result
         t.sort_by(f64::total_cmp);
         Ok(t[t.len() / 2])
     };
-    let s0 = obs[..d].to_vec();
+    let s0 = state(0);
+    if profile {
+        let mut p = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
+        for (label, us) in p.profile(gpu, &s0, 50)? {
+            println!("{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"step\": {label:?}, \"us\": {us:.2}}}", gpu.name);
+        }
+    }
     let t_graph = time(&mut || gp.act(gpu, &s0).map(|_| ()))?;
     let mut eager = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
     let t_eager = time(&mut || eager.act(gpu, &s0).map(|_| ()))?;
-    let t_cpu = time(&mut || policy.act(&s0, 1).map(|_| ()).map_err(|e| e.to_string()))?;
+    let t_cpu = time(&mut || cpu(0).map(|_| ()))?;
     println!(
         "{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"steps\": {}, \"states\": {rows}, \"max_rel_err_vs_cpu\": {rel:.2e}, \"pass\": {}, \"graph_us\": {:.2}, \"eager_us\": {:.2}, \"cpu_runtime_us\": {:.2}}}",
         gpu.name,
@@ -544,7 +574,10 @@ fn main() {
         Some("explore") => bench_explore(&gpu, opt("--iters", 50)),
         Some("probe") => bench_probe(&gpu, opt("--iters", 50)),
         Some("vla") => bench_vla(&gpu, opt("--layers", 32), opt("--iters", 10)),
-        Some("policy") if args.len() >= 3 => bench_policy(&gpu, &args[1], &args[2], opt("--iters", 500)),
+        Some("policy") if args.len() >= 3 => {
+            let states: Vec<String> = args[2..].iter().take_while(|a| !a.starts_with("--")).cloned().collect();
+            bench_policy(&gpu, &args[1], &states, opt("--iters", 500), args.iter().any(|a| a == "--profile"))
+        }
         Some(other) => Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy")),
     };
     if let Err(e) = res {
