@@ -28,8 +28,11 @@ fn standalone_cu_for_an_mlp_policy() {
     let src = sqil_codegen::cuda::emit_cu(&p, &states, &want, 0.02).unwrap();
     assert_eq!(src.matches("extern \"C\" __global__ void __launch_bounds__(128) sqil_q4_gemv_b##B(").count(), 1);
     assert_eq!(src.matches("<<<").count(), l.steps.len(), "one launch per step");
-    // Sub on the fp32 observation, Div, then three int4 layers each behind its activation quantizer.
-    assert_eq!(l.steps.len(), 8);
+    // Three int4 layers, each behind a generated kernel: the first one fuses the observation's
+    // normalisation (Sub, Div on the fp32 input) with the activation quantizer.
+    assert_eq!(l.steps.len(), 6);
+    assert_eq!(l.sources.len(), 3, "one generated kernel per quantizer (scales are literals)");
+    assert!(l.sources[0].1.contains("rintf("), "{}", l.sources[0].1);
     assert_eq!(src.matches("sqil_q4_gemv_b1<<<").count(), 3);
     assert!(src.contains("cudaStreamBeginCapture") && src.contains("cudaGraphLaunch"));
     assert!(src.contains("#define STATES 1") && src.contains("static const float ST_OUT[3]"));
@@ -46,21 +49,38 @@ fn cnn_and_transformer_policies_lower_and_emit() {
         let kernels: Vec<&str> = l
             .steps
             .iter()
-            .filter_map(|s| if let sqil_cuda::policy::LStep::Kernel { name, .. } = s { Some(*name) } else { None })
+            .filter_map(
+                |s| if let sqil_cuda::policy::LStep::Kernel { name, .. } = s { Some(name.as_str()) } else { None },
+            )
             .collect();
         assert_eq!(l.in_lens.len(), p.input_sizes().len(), "{name}");
         let states = vec![vec![0.25f32; l.in_len]];
         let src = sqil_codegen::cuda::emit_cu(&p, &states, &[vec![0.0; l.out_len]], 0.02).unwrap();
         assert_eq!(src.matches("<<<").count(), l.steps.len(), "{name}: one launch per step");
         let want: &[&str] = match name {
-            "cnn" | "bc_pickplace_pixels" => &["sqil_im2col", "sqil_q4_rows"],
+            "cnn" | "bc_pickplace_pixels" => &["sqil_im2col", "sqil_q4_conv"],
             _ => &["sqil_q4_rows", "sqil_copy_pairs", "sqil_bmm", "sqil_softmax_rows", "sqil_layernorm_rows"],
         };
+        assert!(kernels.iter().any(|k| k.starts_with("sqil_ew_")), "{name}: no fused element-wise kernel");
         for k in want {
             assert!(kernels.contains(k), "{name}: no {k} step in {kernels:?}");
             assert!(src.contains(&format!("{k}<<<")), "{name}: {k} not launched");
         }
-        eprintln!("{name}: {} steps ({} generic kernels)", l.steps.len(), kernels.len());
+        // The kernels generated for the policy (fused element-wise chains) compile with NVRTC.
+        if sqil_cuda::nvrtc_present() {
+            for (k, src) in &l.sources {
+                let full = format!("{}{src}", sqil_cuda::FP16_CUH);
+                let ptx = sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
+                assert!(ptx.contains(&format!(".visible .entry {k}(")), "{name}: {k}");
+            }
+        } else {
+            assert!(
+                std::env::var("SQIL_REQUIRE_NVRTC").as_deref() != Ok("1"),
+                "NVRTC missing and SQIL_REQUIRE_NVRTC=1"
+            );
+            eprintln!("skipping the NVRTC compile of {name}'s generated kernels: libnvrtc not found");
+        }
+        eprintln!("{name}: {} steps ({} generic kernels, {} generated)", l.steps.len(), kernels.len(), l.sources.len());
     }
 }
 

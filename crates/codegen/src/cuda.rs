@@ -34,6 +34,10 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
     c.push_str(FP16_CUH);
     c.push_str(Q4_GEMV_CU);
     c.push_str(POLICY_OPS_CU);
+    // Kernels generated for this policy (fused element-wise chains).
+    for (_, src) in &l.sources {
+        c.push_str(src);
+    }
     let _ = writeln!(
         c,
         "\n#define CK(x) do {{ cudaError_t e_ = (x); if (e_ != cudaSuccess) {{ fprintf(stderr, \"%s:%d: %s\\n\", __FILE__, \
@@ -50,7 +54,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
         slot0.push(slots);
         slots += match st {
             LStep::Q4 { .. } => 3,
-            LStep::Binary { .. } | LStep::BinaryIn { .. } => 1,
             LStep::Kernel { args, .. } => args.iter().filter(|a| matches!(a, KArg::Arr(_))).count(),
             _ => 0,
         };
@@ -64,9 +67,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                 if let Some(b) = bias {
                     arr(&mut c, "uint16_t", &format!("B{i}"), &b.iter().map(|h| h.to_bits()).collect::<Vec<_>>());
                 }
-            }
-            LStep::Binary { c: k, .. } | LStep::BinaryIn { c: k, .. } => {
-                arr(&mut c, "float", &format!("C{i}"), &k.iter().map(|v| f(*v)).collect::<Vec<_>>());
             }
             LStep::Kernel { args, .. } => {
                 for (j, a) in args.iter().filter_map(|a| if let KArg::Arr(a) = a { Some(a) } else { None }).enumerate()
@@ -117,18 +117,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                 f(*lo),
                 f(*hi)
             ),
-            LStep::Binary { x, y, n, op, .. } => writeln!(
-                c,
-                "    sqil_binary_const<<<{}, 256, 0, p.s>>>(p.buf[{x}], p.buf[{y}], (const float *)p.dev[{}], {n}, {n}, {op});",
-                g(*n),
-                slot0[i]
-            ),
-            LStep::BinaryIn { off, y, n, op, .. } => writeln!(
-                c,
-                "    sqil_binary_const_f32in<<<{}, 256, 0, p.s>>>(p.in + {off}, p.buf[{y}], (const float *)p.dev[{}], {n}, {n}, {op});",
-                g(*n),
-                slot0[i]
-            ),
             LStep::CastIn { off, y, n } => {
                 writeln!(c, "    sqil_cast_f32_f16<<<{}, 256, 0, p.s>>>(p.in + {off}, p.buf[{y}], {n});", g(*n))
             }
@@ -149,6 +137,7 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                             format!("({ty} *)p.dev[{}]", slot - 1)
                         }
                         KArg::Null => "nullptr".into(),
+                        KArg::In(o) => format!("p.in + {o}"),
                         KArg::I32(v) => v.to_string(),
                         KArg::F32(v) => f(*v),
                     })
@@ -179,9 +168,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                 if bias.is_some() {
                     let _ = writeln!(c, "    p.dev[{}] = upload(B{i}, sizeof(B{i}) / 2);", slot0[i] + 2);
                 }
-            }
-            LStep::Binary { .. } | LStep::BinaryIn { .. } => {
-                let _ = writeln!(c, "    p.dev[{}] = upload(C{i}, sizeof(C{i}) / 4);", slot0[i]);
             }
             LStep::Kernel { args, .. } => {
                 let arrays = args.iter().filter(|a| matches!(a, KArg::Arr(_))).count();

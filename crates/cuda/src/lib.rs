@@ -297,6 +297,30 @@ impl Gpu {
         Ok(f)
     }
 
+    /// Compiles generated kernel source `src` (fp16.cuh is prepended; PTX cached like the
+    /// embedded sources) and makes its entry points available to [`Gpu::function`]. Sources
+    /// already loaded under `name` are not compiled again.
+    pub fn load_source(&self, name: &str, src: &str) -> Result<(), String> {
+        if self.function(name).is_ok() {
+            return Ok(());
+        }
+        let full = format!("{FP16_CUH}{src}");
+        let ptx = compile(&format!("{name}.cu"), &full, arch_for(self.cc))?;
+        let m = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))
+            .map_err(|e| format!("{name}: load: {e:?}"))?;
+        let mut loaded = self.loaded.lock().map_err(|_| "kernel cache poisoned".to_string())?;
+        for line in ptx.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
+                let entry: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let f = m.load_function(&entry).map_err(|e| format!("kernel {entry}: {e:?}"))?;
+                loaded.insert(entry, f);
+            }
+        }
+        Ok(())
+    }
+
     pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4, String> {
         Ok(DeviceQ4 {
             n: w.n,
