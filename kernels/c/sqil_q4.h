@@ -107,19 +107,67 @@ static int32_t sqil_dot_q4q8(const sqil_block_q4 *b, const int8_t *x, int32_t nb
 }
 #endif
 
-/* W4A8: y[r] = sum over groups g in order of (sum_k w[r,k] * q[k] - zero * wsum[r,g]) * scale[r,g]
- * (product rounded, then added), then * xscale + bias, then ReLU if asked: the runtime's
- * epilogue, operation for operation. */
-static void sqil_gemv_q4q8(const sqil_block_q4 *w, const float *scales, const int32_t *wsums, int32_t n,
+/* Sum over `nb` 2-bit blocks of w * x (w = stored - 2; byte j holds elements j + 8s at bits 2s). */
+static int32_t sqil_dot_q2q8(const sqil_block_q2 *b, const int8_t *x, int32_t nb)
+{
+    int32_t acc = 0, j, i, s;
+    for (j = 0; j < nb; j++) {
+        const int8_t *xj = x + 32 * j;
+        for (s = 0; s < 4; s++) {
+            for (i = 0; i < 8; i++) {
+                acc += ((int32_t)((b[j].qs[i] >> (2 * s)) & 3) - 2) * xj[8 * s + i];
+            }
+        }
+    }
+    return acc;
+}
+
+/* Sum over `nb` 3-bit blocks of w * x (w = stored - 4: low bits as in sqil_block_q2, high bit i
+ * of the little-endian word qh for element i). */
+static int32_t sqil_dot_q3q8(const sqil_block_q3 *b, const int8_t *x, int32_t nb)
+{
+    int32_t acc = 0, j, i, s;
+    for (j = 0; j < nb; j++) {
+        const int8_t *xj = x + 32 * j;
+        const uint32_t qh = (uint32_t)b[j].qh[0] | ((uint32_t)b[j].qh[1] << 8) | ((uint32_t)b[j].qh[2] << 16) |
+                            ((uint32_t)b[j].qh[3] << 24);
+        for (s = 0; s < 4; s++) {
+            for (i = 0; i < 8; i++) {
+                const int32_t v = (int32_t)((b[j].ql[i] >> (2 * s)) & 3) | (int32_t)(((qh >> (8 * s + i)) & 1u) << 2);
+                acc += (v - 4) * xj[8 * s + i];
+            }
+        }
+    }
+    return acc;
+}
+
+/* The dot product of `nb` blocks of `bits`-bit weights (bytes of sqil_block_q2, _q3 or _q4). */
+static int32_t sqil_dot_qx(int32_t bits, const uint8_t *w, const int8_t *x, int32_t nb)
+{
+    switch (bits) {
+    case 2:
+        return sqil_dot_q2q8((const sqil_block_q2 *)(const void *)w, x, nb);
+    case 3:
+        return sqil_dot_q3q8((const sqil_block_q3 *)(const void *)w, x, nb);
+    default:
+        return sqil_dot_q4q8((const sqil_block_q4 *)(const void *)w, x, nb);
+    }
+}
+
+/* W4A8 (and W3A8, W2A8 on dense blocks of `bits` bits: 4 * bits bytes per 32 weights): y[r] = sum
+ * over groups g in order of (sum_k w[r,k] * q[k] - zero * wsum[r,g]) * scale[r,g] (product
+ * rounded, then added), then * xscale + bias, then ReLU if asked: the runtime's epilogue,
+ * operation for operation (the integer sums are exact whatever the packing). */
+static void sqil_gemv_q4q8(const uint8_t *w, int32_t bits, const float *scales, const int32_t *wsums, int32_t n,
                            int32_t k_pad, int32_t group, const int8_t *q, int32_t zero, float xscale,
                            const float *bias, int relu, float *y)
 {
-    const int32_t groups = k_pad / group, bpg = group / 32, bpr = k_pad / 32;
+    const int32_t groups = k_pad / group, bpg = group / 32, bpr = k_pad / 32, bb = 4 * bits;
     int32_t r, g;
     for (r = 0; r < n; r++) {
         float acc = 0.0f, v;
         for (g = 0; g < groups; g++) {
-            int32_t s = sqil_dot_q4q8(w + r * bpr + g * bpg, q + g * group, bpg) - zero * wsums[r * groups + g];
+            int32_t s = sqil_dot_qx(bits, w + (r * bpr + g * bpg) * bb, q + g * group, bpg) - zero * wsums[r * groups + g];
             float p = (float)s * scales[r * groups + g];
             acc += p;
         }
@@ -153,7 +201,7 @@ static void sqil_nan_rows(const float *x, int32_t k, float *y, int32_t n)
  * zero point, which adds nothing; k_pad tail: 0 against zero weights), the position's W4A8 GEMV
  * into tmp, written channel-major to y [n][oh][ow]: the runtime's arithmetic per (channel,
  * position). */
-static void sqil_conv_q4q8(const float *x, const int32_t *geo, const sqil_block_q4 *w, const float *scales,
+static void sqil_conv_q4q8(const float *x, const int32_t *geo, const uint8_t *w, int32_t bits, const float *scales,
                            const int32_t *wsums, int32_t n, int32_t k_pad, int32_t group, float xscale, int32_t zero,
                            int32_t lo, int32_t hi, const float *bias, int relu, int8_t *qimg, int8_t *row,
                            float *tmp, float *y)
@@ -187,7 +235,7 @@ static void sqil_conv_q4q8(const float *x, const int32_t *geo, const sqil_block_
             for (; at < k_pad; at++) {
                 row[at] = 0;
             }
-            sqil_gemv_q4q8(w, scales, wsums, n, k_pad, group, row, zero, xscale, bias, relu, tmp);
+            sqil_gemv_q4q8(w, bits, scales, wsums, n, k_pad, group, row, zero, xscale, bias, relu, tmp);
             /* A NaN in the window (rare: only scanned for when the image has one) makes every
              * output at this position NaN, as in the simulation. */
             for (ty = 0; any_nan && ty < kh; ty++) {

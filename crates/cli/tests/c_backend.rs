@@ -39,6 +39,12 @@ fn quantized(name: &str, spec: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
 fn generate_n(name: &str, spec: &str, tag: &str, states: usize) -> (PathBuf, bool, Vec<Vec<u32>>) {
     let (policy, inputs) = quantized(name, spec);
     let prog = emit(&policy, "policy").unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
+    // Integer layers of 2 and 3 bits are stored densely (the float-activation kernel reads Q4).
+    for (bits, block) in [(2, "sqil_block_q2"), (3, "sqil_block_q3")] {
+        let chosen = spec.contains(&format!("wbits={bits}")) && !spec.contains("abits=float");
+        assert_eq!(prog.report.weight_bits.contains(&bits), chosen, "{name} {spec}: {:?}", prog.report.weight_bits);
+        assert_eq!(prog.source.contains(&format!("int{bits} ({block})")), chosen, "{name} {spec}: {block}");
+    }
     let (ins, want) = selftest_vectors(&policy, &inputs, states).unwrap();
     let dir =
         std::env::temp_dir().join(format!("sqil-c-{}-{tag}-{name}-{}", std::process::id(), spec.replace(',', "_")));
@@ -259,10 +265,12 @@ fn have(tool: &str) -> bool {
     ok
 }
 
-const CROSS_CASES: [(&str, &str); 3] = [
+const CROSS_CASES: [(&str, &str); 5] = [
     ("bc_hopper", "wbits=4,abits=8,group=64"),
     ("bc_lander", "wbits=4,abits=4,group=channel"),
     ("mlp", "wbits=4,abits=8,group=64"),
+    ("bc_hopper", "wbits=3,abits=8,group=32"),
+    ("bc_lander", "wbits=2,abits=8,group=channel"),
 ];
 
 #[test]

@@ -63,6 +63,8 @@ pub struct CReport {
     pub bit_exact: bool,
     /// Whether the code needs `math.h`.
     pub needs_libm: bool,
+    /// The widths the integer layers' weights are stored at (2, 3: dense blocks; 4).
+    pub weight_bits: Vec<u32>,
     pub steps: Vec<String>,
 }
 
@@ -172,6 +174,8 @@ struct Emitter {
     /// output buffer.
     qimg: usize,
     ctmp: usize,
+    /// The weight widths the integer layers are stored at.
+    bits: std::collections::BTreeSet<u32>,
 }
 
 /// The value Rust's `f64` sum starts from (`-0.0` since Rust 1.81, `0.0` before): the reference
@@ -310,6 +314,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
         row_loops: false,
         qimg: 0,
         ctmp: 0,
+        bits: Default::default(),
     };
     let mut qbuf = 0usize;
     let mut described = vec![];
@@ -331,18 +336,25 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                     },
                 };
                 let id = c_ident(layer);
-                let _ = writeln!(em.consts, "/* {name}: [{} x {}] int4, groups of {} */", w.n, w.k, w.group);
-                let blocks: Vec<String> = w
-                    .blocks
-                    .iter()
-                    .map(|b| {
-                        format!("{{{{{}}}}}", b.qs.iter().map(|q| format!("{q:#04x}")).collect::<Vec<_>>().join(","))
-                    })
-                    .collect();
-                c_array(&mut em.consts, "sqil_block_q4", &format!("sqil_w_{id}"), &blocks, 2);
+                // Integer-activation layers at the fewest bits that hold their weights (dense
+                // sqil_block_q2 / _q3 for 2- and 3-bit layers); the float-activation kernel
+                // reads Q4 blocks.
+                let bits = match act {
+                    ActQuant::Int { .. } => sqil_kernels_cpu::packed::narrowest_bits(w),
+                    ActQuant::Float => 4,
+                };
+                let _ = writeln!(
+                    em.consts,
+                    "/* {name}: [{} x {}] int{bits} (sqil_block_q{bits}), groups of {} */",
+                    w.n, w.k, w.group
+                );
+                let bytes = sqil_kernels_cpu::packed::dense_bytes(w, bits);
+                let items: Vec<String> = bytes.iter().map(|q| format!("{q:#04x}")).collect();
+                c_array(&mut em.consts, "uint8_t", &format!("sqil_w_{id}"), &items, 16);
                 let scales = w.scales.iter().map(|v| flit(*v, name)).collect::<Result<Vec<_>>>()?;
                 c_array(&mut em.consts, "float", &format!("sqil_s_{id}"), &scales, 8);
-                em.packed_bytes += w.blocks.len() * 16 + w.scales.len() * 4;
+                em.packed_bytes += bytes.len() + w.scales.len() * 4;
+                em.bits.insert(bits);
                 let bias_expr = match bias {
                     Some(b) => em.const_array(b, name)?,
                     None => "0".into(),
@@ -380,7 +392,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         let sc = flit(*scale, name)?;
                         let _ = writeln!(
                             em.body,
-                            "    /* {name} */\n    sqil_conv_q4q8({xe}, {gname}, sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, \
+                            "    /* {name} */\n    sqil_conv_q4q8({xe}, {gname}, sqil_w_{id}, {bits}, sqil_s_{id}, sqil_ws_{id}, {}, {}, \
                              {}, {sc}, {zero}, {lo}, {hi}, {bias_expr}, {}, sqil_qimg, sqil_qbuf, sqil_ctmp, {ye});",
                             w.n,
                             w.k_pad,
@@ -393,7 +405,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         let _ = writeln!(
                             em.body,
                             "    /* {name} */\n    {open}sqil_quantize({xe}{xoff}, {}, {}, {sc}, {zero}, {lo}, {hi}, sqil_qbuf);\n    \
-                             {ind}sqil_gemv_q4q8(sqil_w_{id}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, sqil_qbuf, {zero}, {sc}, \
+                             {ind}sqil_gemv_q4q8(sqil_w_{id}, {bits}, sqil_s_{id}, sqil_ws_{id}, {}, {}, {}, sqil_qbuf, {zero}, {sc}, \
                              {bias_expr}, {}, {ye}{yoff});\n    {ind}sqil_nan_rows({xe}{xoff}, {}, {ye}{yoff}, {});{close}",
                             w.k,
                             w.k_pad,
@@ -411,7 +423,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         em.uses.insert("SQIL_USE_Q4F32");
                         let _ = writeln!(
                             em.body,
-                            "    /* {name} */\n    {open}sqil_gemv_q4f32(sqil_w_{id}, sqil_s_{id}, {}, {}, {}, {}, {xe}{xoff}, \
+                            "    /* {name} */\n    {open}sqil_gemv_q4f32((const sqil_block_q4 *)(const void *)sqil_w_{id}, sqil_s_{id}, {}, {}, {}, {}, {xe}{xoff}, \
                              {bias_expr}, {}, {ye}{yoff});{close}",
                             w.n,
                             w.k,
@@ -517,6 +529,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
             output_sizes: out_sizes,
             bit_exact: em.exact,
             needs_libm: em.libm,
+            weight_bits: em.bits.iter().copied().collect(),
             steps: described,
         },
     })

@@ -5,8 +5,17 @@
 //! **Q4 block**: 32 consecutive weights of one output channel along the reduction axis, 4 bits
 //! each, in 16 bytes. Byte `i` holds element `i` in its low nibble and element `i + 16` in its
 //! high nibble, so one AND and one shift unpack 32 values into two 16-byte halves in order.
-//! A nibble stores `q + 8` for a signed weight `q` in [-8, 7] (2- and 3-bit weights use the same
-//! layout with `q` in [-2, 1] or [-4, 3]).
+//! A nibble stores `q + 8` for a signed weight `q` in [-8, 7]. The CPU runtime keeps 2- and 3-bit
+//! weights in this layout too (`q` in [-2, 1] or [-4, 3]); the firmware back end stores them
+//! densely:
+//!
+//! **Q2 block**: 32 2-bit weights in 8 bytes. Byte `j` holds elements `j`, `j + 8`, `j + 16`,
+//! `j + 24` at bits 0, 2, 4, 6, each as `q + 2`: one shift and one AND per two bits give a run of
+//! 8 consecutive elements from all 8 bytes.
+//!
+//! **Q3 block**: 32 3-bit weights in 12 bytes: `ql`, the low two bits of `q + 4` in the Q2
+//! layout, then `qh`, the high bits, bit `i` of the little-endian 32-bit word for element `i`:
+//! `v = ((ql[j] >> 2s) & 3) | (((qh >> (j + 8s)) & 1) << 2)` for element `j + 8s`.
 //!
 //! **Packed layer**: `n` output channels, reduction length `k` padded with zero weights to
 //! `k_pad`, a multiple of 32; blocks row-major (`n` rows of `k_pad / 32` blocks); one f32 scale
@@ -47,6 +56,93 @@ impl BlockQ4 {
         }
         q
     }
+}
+
+/// 32 2-bit weights: byte `j` = `sum over s of (q[j + 8 s] + 2) << 2 s`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockQ2 {
+    pub qs: [u8; 8],
+}
+
+/// 32 3-bit weights: the low two bits of `q + 4` as in [`BlockQ2`], the high bits as one
+/// little-endian 32-bit word (bit `i` for element `i`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockQ3 {
+    pub ql: [u8; 8],
+    pub qh: [u8; 4],
+}
+
+const _: () = assert!(std::mem::size_of::<BlockQ2>() == 8);
+const _: () = assert!(std::mem::size_of::<BlockQ3>() == 12);
+const _: () = assert!(std::mem::align_of::<BlockQ3>() == 1);
+
+impl BlockQ2 {
+    /// Packs 32 signed values in [-2, 1].
+    pub fn pack(q: &[i8; QK4]) -> BlockQ2 {
+        let mut qs = [0u8; 8];
+        for (i, &v) in q.iter().enumerate() {
+            debug_assert!((-2..=1).contains(&v));
+            qs[i % 8] |= ((v + 2) as u8 & 3) << (2 * (i / 8));
+        }
+        BlockQ2 { qs }
+    }
+
+    pub fn unpack(&self) -> [i8; QK4] {
+        std::array::from_fn(|i| ((self.qs[i % 8] >> (2 * (i / 8))) & 3) as i8 - 2)
+    }
+}
+
+impl BlockQ3 {
+    /// Packs 32 signed values in [-4, 3].
+    pub fn pack(q: &[i8; QK4]) -> BlockQ3 {
+        let (mut ql, mut qh) = ([0u8; 8], 0u32);
+        for (i, &v) in q.iter().enumerate() {
+            debug_assert!((-4..=3).contains(&v));
+            let u = (v + 4) as u8;
+            ql[i % 8] |= (u & 3) << (2 * (i / 8));
+            qh |= ((u >> 2) as u32 & 1) << i;
+        }
+        BlockQ3 { ql, qh: qh.to_le_bytes() }
+    }
+
+    pub fn unpack(&self) -> [i8; QK4] {
+        let qh = u32::from_le_bytes(self.qh);
+        std::array::from_fn(|i| (((self.ql[i % 8] >> (2 * (i / 8))) & 3) | (((qh >> i) & 1) << 2) as u8) as i8 - 4)
+    }
+}
+
+/// The fewest bits (2, 3 or 4) whose signed range holds every weight of `p`: the width the
+/// firmware back end stores it at (lossless: a layer allocated 3 bits fits 3).
+pub fn narrowest_bits(p: &PackedQ4) -> u32 {
+    let (lo, hi) = p.blocks.iter().flat_map(|b| b.unpack()).fold((0i8, 0i8), |(l, h), v| (l.min(v), h.max(v)));
+    if (-2..=1).contains(&lo) && (-2..=1).contains(&hi) {
+        2
+    } else if (-4..=3).contains(&lo) && (-4..=3).contains(&hi) {
+        3
+    } else {
+        4
+    }
+}
+
+/// `p`'s blocks at `bits` (2, 3 or 4; every weight must fit) as bytes, row-major like
+/// `p.blocks`: [`BlockQ2`], [`BlockQ3`] or [`BlockQ4`] each.
+pub fn dense_bytes(p: &PackedQ4, bits: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(p.blocks.len() * 4 * bits as usize);
+    for b in &p.blocks {
+        let q = b.unpack();
+        match bits {
+            2 => out.extend(BlockQ2::pack(&q).qs),
+            3 => {
+                let d = BlockQ3::pack(&q);
+                out.extend(d.ql);
+                out.extend(d.qh);
+            }
+            _ => out.extend(b.qs),
+        }
+    }
+    out
 }
 
 /// A layer's weight `[n, k]` in Q4 blocks with group-wise scales. (Equality compares the stored
@@ -217,9 +313,20 @@ pub fn c_header() -> String {
          typedef struct {{\n    uint8_t qs[{half}];\n}} sqil_block_q4;\n\n\
          /* Does not compile if the size differs (C99 has no static_assert). */\n\
          typedef char sqil_block_q4_size_check[(sizeof(sqil_block_q4) == {size}) ? 1 : -1];\n\n\
+         /* 32 2-bit weights: byte j holds elements j, j + 8, j + 16, j + 24 at bits 0, 2, 4, 6, each\n\
+         \x20* as q + 2, q in [-2, 1]. */\n\
+         typedef struct {{\n    uint8_t qs[{q2}];\n}} sqil_block_q2;\n\n\
+         typedef char sqil_block_q2_size_check[(sizeof(sqil_block_q2) == {q2}) ? 1 : -1];\n\n\
+         /* 32 3-bit weights, v = q + 4, q in [-4, 3]: ql holds v's low two bits as sqil_block_q2 does,\n\
+         \x20* qh the high bits, bit i of the little-endian 32-bit word for element i. */\n\
+         typedef struct {{\n    uint8_t ql[{q2}];\n    uint8_t qh[{qh}];\n}} sqil_block_q3;\n\n\
+         typedef char sqil_block_q3_size_check[(sizeof(sqil_block_q3) == {q3}) ? 1 : -1];\n\n\
          #endif /* SQIL_PACKED_H */\n",
         half = QK4 / 2,
         size = std::mem::size_of::<BlockQ4>(),
+        q2 = std::mem::size_of::<BlockQ2>(),
+        qh = QK4 / 8,
+        q3 = std::mem::size_of::<BlockQ3>(),
     )
 }
 
@@ -235,6 +342,37 @@ mod tests {
         assert_eq!(b.unpack(), q);
         // Element 0 (3 -> 11) in the low nibble of byte 0, element 16 (-5 -> 3) in its high nibble.
         assert_eq!(b.qs[0], 0x3b);
+    }
+
+    #[test]
+    fn dense_blocks_round_trip_in_the_documented_order() {
+        let q2: [i8; QK4] = std::array::from_fn(|i| ((i * 5) % 4) as i8 - 2);
+        let b = BlockQ2::pack(&q2);
+        assert_eq!(b.unpack(), q2);
+        // Byte 0: elements 0, 8, 16, 24 at bits 0, 2, 4, 6 (each q + 2).
+        let want = (0..4).map(|s| ((q2[8 * s] + 2) as u8) << (2 * s)).fold(0, |a, v| a | v);
+        assert_eq!(b.qs[0], want);
+        let q3: [i8; QK4] = std::array::from_fn(|i| ((i * 3) % 8) as i8 - 4);
+        let b = BlockQ3::pack(&q3);
+        assert_eq!(b.unpack(), q3);
+        let qh = u32::from_le_bytes(b.qh);
+        assert!((0..QK4).all(|i| ((qh >> i) & 1) as i8 == (q3[i] + 4) >> 2), "bit i of qh is element i's high bit");
+        // A layer: narrowest width and its bytes.
+        let (n, k) = (2, 64);
+        let q: Vec<i8> = (0..n * k).map(|i| (i % 8) as i8 - 4).collect();
+        let p = PackedQ4::pack(&q, &[1.0; 2], n, k, 0).unwrap();
+        assert_eq!(narrowest_bits(&p), 3);
+        let d = dense_bytes(&p, 3);
+        assert_eq!(d.len(), p.blocks.len() * 12);
+        for (j, blk) in p.blocks.iter().enumerate() {
+            let b3 = BlockQ3 {
+                ql: d[12 * j..12 * j + 8].try_into().unwrap(),
+                qh: d[12 * j + 8..12 * j + 12].try_into().unwrap(),
+            };
+            assert_eq!(b3.unpack(), blk.unpack());
+        }
+        let q: Vec<i8> = (0..n * k).map(|i| (i % 16) as i8 - 8).collect();
+        assert_eq!(narrowest_bits(&PackedQ4::pack(&q, &[1.0; 2], n, k, 0).unwrap()), 4);
     }
 
     #[test]
