@@ -633,3 +633,76 @@ __device__ __forceinline__ void q4_mma8_impl(const uint4 *__restrict__ wm, const
 
 SQIL_Q4_MMA8(2, 8)
 SQIL_Q4_MMA8(4, 8)
+
+// ---------------------------------------------------------------------------------------------
+// Dense 3- and 2-bit weight-only GEMV, batch 1 (the widths a bit allocation may choose; see
+// sqil_cuda::pack_dense). Per row, chunks of 64 weights: `lo`, a uint4 of four words, word i
+// holding elements 16i + 2t (bits 2t, 2t + 1) and 16i + 2t + 1 (bits 16 + 2t, 17 + 2t), t < 8, as
+// the low two bits of q + 2^(bits-1); for 3 bits also `hi`, a uint2 of high bits, word i / 2 with
+// element 16i + 2t at bit 8 (i % 2) + t and 16i + 2t + 1 at bit 16 + 8 (i % 2) + t. One shift and
+// mask (and for 3 bits one more shift, mask and OR) place a pair at bits (0-2, 16-18): OR
+// 0x6400_6400 and one half2 subtraction of 1024 + 2^(bits-1) give the two weights exactly.
+// 3 bits: 24 bytes per 64 weights; 2 bits: 16. One warp per row, each lane one chunk per step
+// (warp reads 768 or 512 contiguous bytes); fp16 scales per group of 32 << gshift; k a multiple
+// of 128 (the host pads).
+template <int BITS>
+__device__ __forceinline__ void qd_gemv_b1_impl(const uint4 *__restrict__ lo, const uint2 *__restrict__ hi,
+                                                const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,
+                                                const sqil_half *__restrict__ bias, sqil_half *__restrict__ y, int n,
+                                                int k, int gshift, int relu)
+{
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= n) {
+        return;
+    }
+    const int chunks = k >> 6;
+    const sqil_half2 magic = BITS == 3 ? 0x64046404u : 0x64026402u;
+    float acc = 0.0f;
+    for (int c = lane; c < chunks; c += 32) {
+        const uint4 q = __ldg(lo + (size_t)row * chunks + c);
+        uint2 h = make_uint2(0, 0);
+        if (BITS == 3) {
+            h = __ldg(hi + (size_t)row * chunks + c);
+        }
+        const unsigned int words[4] = {q.x, q.y, q.z, q.w};
+        const uint4 *xv = reinterpret_cast<const uint4 *>(x + (size_t)c * 64);
+#pragma unroll
+        for (int half32 = 0; half32 < 2; half32++) {
+            float part = 0.0f;
+#pragma unroll
+            for (int i = 2 * half32; i < 2 * half32 + 2; i++) {
+                const unsigned int hw = i < 2 ? h.x : h.y;
+                sqil_half2 wv[8];
+#pragma unroll
+                for (int t = 0; t < 8; t++) {
+                    unsigned int pair = (words[i] >> (2 * t)) & 0x00030003u;
+                    if (BITS == 3) {
+                        pair |= ((hw >> (8 * (i % 2) + t)) & 0x00010001u) << 2;
+                    }
+                    wv[t] = h2_sub(pair | 0x64006400u, magic);
+                }
+                part += q4_dot8(wv, __ldg(xv + 2 * i)) + q4_dot8(wv + 4, __ldg(xv + 2 * i + 1));
+            }
+            const int e = c * 64 + half32 * 32;
+            acc += part * h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (e >> (5 + gshift))]);
+        }
+    }
+    q4_store(acc, lane, bias, relu, y, row, row);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sqil_q3_gemv_b1(const uint4 *__restrict__ lo, const uint2 *__restrict__ hi, const sqil_half *__restrict__ scales,
+                    const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias, sqil_half *__restrict__ y,
+                    int n, int k, int gshift, int relu)
+{
+    qd_gemv_b1_impl<3>(lo, hi, scales, x, bias, y, n, k, gshift, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sqil_q2_gemv_b1(const uint4 *__restrict__ lo, const uint2 *__restrict__ hi, const sqil_half *__restrict__ scales,
+                    const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias, sqil_half *__restrict__ y,
+                    int n, int k, int gshift, int relu)
+{
+    qd_gemv_b1_impl<2>(lo, hi, scales, x, bias, y, n, k, gshift, relu);
+}

@@ -162,6 +162,55 @@ pub fn pack_grouped(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) 
     HostQ4 { n, k: kp, group, words, scales: scales.iter().map(|&s| f16::from_f32(s)).collect() }
 }
 
+/// 3- or 2-bit weights in the dense CUDA layout (`kernels/cuda/q4_gemv.cu`, `sqil_q3_gemv_b1` /
+/// `sqil_q2_gemv_b1`), on the host: per row, chunks of 64 weights as four words of low bits
+/// (`lo`) and, for 3 bits, two words of high bits (`hi`); fp16 scales per `group`.
+#[derive(Clone, Debug)]
+pub struct HostQd {
+    pub n: usize,
+    /// Padded to a multiple of [`GROUP`].
+    pub k: usize,
+    pub group: usize,
+    pub bits: u32,
+    pub lo: Vec<u32>,
+    pub hi: Vec<u32>,
+    pub scales: Vec<f16>,
+}
+
+/// Packs signed ints `q` (`[n, k]`, in the signed range of `bits` = 2 or 3) with per-group
+/// scales (`[n, ceil(k / 128) * 128 / group]`, group 32, 64 or 128) in the dense layout: in chunk
+/// word `i`, element `16 i + 2 t` at bits `2 t` (low bits of `q + 2^(bits-1)`) and `16 i + 2 t + 1`
+/// at `16 + 2 t`; its high bit (3 bits) in high word `i / 2` at bit `8 (i % 2) + t` and `16 + 8 (i %
+/// 2) + t`.
+pub fn pack_dense(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize, bits: u32) -> HostQd {
+    assert!(matches!(bits, 2 | 3) && matches!(group, 32 | 64 | 128), "pack_dense: {bits} bits, group {group}");
+    let kp = k.div_ceil(GROUP) * GROUP;
+    assert_eq!(q.len(), n * k, "pack_dense: q");
+    assert_eq!(scales.len(), n * kp / group, "pack_dense: scales");
+    let off = 1i32 << (bits - 1);
+    let chunks = kp / 64;
+    let (mut lo, mut hi) = (vec![0u32; n * chunks * 4], vec![0u32; if bits == 3 { n * chunks * 2 } else { 0 }]);
+    for r in 0..n {
+        for c in 0..chunks {
+            for i in 0..4 {
+                for t in 0..8 {
+                    for j in 0..2 {
+                        let e = c * 64 + 16 * i + 2 * t + j;
+                        let v = if e < k { q[r * k + e] as i32 } else { 0 };
+                        assert!((-off..off).contains(&v), "pack_dense: weight {v} out of {bits}-bit range");
+                        let u = (v + off) as u32;
+                        lo[(r * chunks + c) * 4 + i] |= (u & 3) << (16 * j + 2 * t);
+                        if bits == 3 {
+                            hi[(r * chunks + c) * 2 + i / 2] |= ((u >> 2) & 1) << (16 * j + 8 * (i % 2) + t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    HostQd { n, k: kp, group, bits, lo, hi, scales: scales.iter().map(|&s| f16::from_f32(s)).collect() }
+}
+
 /// The float weights the CUDA layout holds (`[n, k]`, padded k): the reference the kernels are
 /// checked against.
 pub fn dequantize(w: &HostQ4) -> Vec<f32> {
@@ -226,6 +275,18 @@ pub struct W4a8Scratch {
     pub xq: CudaSlice<i8>,
     pub xs: CudaSlice<f32>,
     pub xsum: CudaSlice<i32>,
+}
+
+/// [`HostQd`] on the device.
+pub struct DeviceQd {
+    pub n: usize,
+    pub k: usize,
+    pub group: usize,
+    pub bits: u32,
+    pub lo: CudaSlice<u32>,
+    /// One zero word for 2 bits (the kernel does not read it).
+    pub hi: CudaSlice<u32>,
+    pub scales: CudaSlice<f16>,
 }
 
 /// A GPU with sqil's kernels loaded.
@@ -319,6 +380,54 @@ impl Gpu {
             }
         }
         Ok(())
+    }
+
+    pub fn upload_dense(&self, w: &HostQd) -> Result<DeviceQd, String> {
+        let e = |e| format!("{e:?}");
+        let hi = if w.hi.is_empty() { vec![0u32; 2] } else { w.hi.clone() };
+        Ok(DeviceQd {
+            n: w.n,
+            k: w.k,
+            group: w.group,
+            bits: w.bits,
+            lo: self.stream.clone_htod(&w.lo).map_err(e)?,
+            hi: self.stream.clone_htod(&hi).map_err(e)?,
+            scales: self.stream.clone_htod(&w.scales).map_err(e)?,
+        })
+    }
+
+    /// `y = x w^T (+ bias)`, ReLU if asked, for one row of fp16 activations (`x` is `[w.k]`) on
+    /// dense 3- or 2-bit weights, on `stream` (asynchronous).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qd_gemv_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQd,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        relu: bool,
+    ) -> Result<(), String> {
+        if x.len() < w.k || y.len() < w.n {
+            return Err(format!("q{}_gemv: buffers do not fit [{}, {}]", w.bits, w.n, w.k));
+        }
+        let f = self.function(if w.bits == 3 { "sqil_q3_gemv_b1" } else { "sqil_q2_gemv_b1" })?;
+        let (n, k) = (w.n as i32, w.k as i32);
+        let gshift = (w.group / 32).trailing_zeros() as i32;
+        let relu = relu as i32;
+        let null = 0u64;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&w.lo).arg(&w.hi).arg(&w.scales).arg(x);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&n).arg(&k).arg(&gshift).arg(&relu);
+        let cfg =
+            LaunchConfig { grid_dim: ((w.n as u32).div_ceil(4), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: parameters as the kernel declares them; buffer sizes checked above, every
+        // access bounded by n and k (a multiple of 128).
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q{}_gemv launch: {e:?}", w.bits))
     }
 
     pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4, String> {

@@ -95,6 +95,30 @@ fn packing_holds_the_weights() {
     assert!(seen.iter().all(|&s| s));
 }
 
+/// The dense 3- and 2-bit layout holds exactly the given weights, read back as its doc says.
+#[test]
+fn dense_packing_follows_the_documented_layout() {
+    for bits in [3u32, 2] {
+        let (n, k) = (3, 200);
+        let off = 1i32 << (bits - 1);
+        let q: Vec<i8> = (0..n * k).map(|i| ((i * 7 + i / 5) % (2 * off as usize)) as i8 - off as i8).collect();
+        let kp = k.div_ceil(GROUP) * GROUP;
+        let w = sqil_cuda::pack_dense(&q, &vec![1.0; n * kp / 32], n, k, 32, bits);
+        assert_eq!((w.k, w.lo.len(), w.hi.len()), (256, n * 4 * 4, if bits == 3 { n * 4 * 2 } else { 0 }));
+        for r in 0..n {
+            for e in 0..kp {
+                let (c, i, t, j) = (e / 64, (e % 64) / 16, (e % 16) / 2, e % 2);
+                let mut u = (w.lo[(r * kp / 64 + c) * 4 + i] >> (16 * j + 2 * t)) & 3;
+                if bits == 3 {
+                    u |= ((w.hi[(r * kp / 64 + c) * 2 + i / 2] >> (16 * j + 8 * (i % 2) + t)) & 1) << 2;
+                }
+                let want = if e < k { q[r * k + e] as i32 } else { 0 };
+                assert_eq!(u as i32 - off, want, "{bits} bits, row {r}, element {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn kernels_agree_with_the_cpu_reference_on_a_gpu() {
     let gpu = match Gpu::new() {

@@ -15,7 +15,7 @@
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
-use sqil_cuda::{dequantize, pack, DeviceQ4, Gpu, HostQ4, GROUP};
+use sqil_cuda::{dequantize, pack, pack_dense, DeviceQ4, Gpu, HostQ4, HostQd, GROUP};
 
 /// Vendor peak HBM bandwidth (bytes/s) by device name, for the "fraction of peak" column.
 fn peak_bw(name: &str) -> f64 {
@@ -49,12 +49,63 @@ fn random_q4(n: usize, k: usize, seed: u64) -> HostQ4 {
     pack(&q, &s, n, k)
 }
 
+/// Random `bits`-bit weights `[n, k]` with scales per `group`, packed densely, and the float
+/// weights they stand for (`[n, k padded]`, from the ints and scales, not from the packing).
+fn random_dense(n: usize, k: usize, bits: u32, group: usize, seed: u64) -> (HostQd, Vec<f32>) {
+    let mut r = Rng(seed | 1);
+    let levels = 1u64 << bits;
+    let q: Vec<i8> = (0..n * k).map(|_| (r.next() % levels) as i8 - (levels / 2) as i8).collect();
+    let kp = k.div_ceil(GROUP) * GROUP;
+    let s: Vec<f32> = (0..n * kp / group).map(|_| 0.01 + 0.02 * r.uniform().abs()).collect();
+    let wf = (0..n * kp)
+        .map(|i| {
+            let (row, c) = (i / kp, i % kp);
+            if c < k {
+                q[row * k + c] as f32 * s[row * (kp / group) + c / group]
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    (pack_dense(&q, &s, n, k, group, bits), wf)
+}
+
 fn err<E: std::fmt::Debug>(e: E) -> String {
     format!("{e:?}")
 }
 
 fn check(gpu: &Gpu, small: bool) -> Result<bool, String> {
     let mut ok = true;
+    // Dense 3- and 2-bit GEMV (batch 1) against the float weights the ints and scales stand for.
+    for &(n, k) in &[(1usize, 128usize), (37, 200), (256, 15), (300, 4096), (64, 11008)] {
+        for bits in [3u32, 2] {
+            for group in [32usize, 128] {
+                let (w, wf) = random_dense(n, k, bits, group, (n * 7 + k + bits as usize) as u64);
+                let dw = gpu.upload_dense(&w)?;
+                let mut r = Rng(11);
+                let x: Vec<f16> =
+                    (0..w.k).map(|i| if i < k { f16::from_f32(r.uniform() * 4.0) } else { f16::ZERO }).collect();
+                let bias: Vec<f16> = (0..n).map(|_| f16::from_f32(r.uniform())).collect();
+                let (dx, db) = (gpu.stream.clone_htod(&x).map_err(err)?, gpu.stream.clone_htod(&bias).map_err(err)?);
+                let mut dy = gpu.stream.alloc_zeros::<f16>(n).map_err(err)?;
+                gpu.qd_gemv_on(&gpu.stream, &dw, &dx, Some(&db), &mut dy, false)?;
+                let y = gpu.stream.clone_dtoh(&dy).map_err(err)?;
+                let (mut worst, mut scale) = (0f32, 1e-6f32);
+                for row in 0..n {
+                    let want: f32 =
+                        (0..w.k).map(|c| x[c].to_f32() * wf[row * w.k + c]).sum::<f32>() + bias[row].to_f32();
+                    scale = scale.max(want.abs());
+                    worst = worst.max((y[row].to_f32() - want).abs());
+                }
+                let rel = worst / scale;
+                let pass = rel <= 2e-3;
+                ok &= pass;
+                println!(
+                    "{{\"check\": \"q{bits}_gemv\", \"n\": {n}, \"k\": {k}, \"group\": {group}, \"max_rel_err\": {rel:.2e}, \"pass\": {pass}}}"
+                );
+            }
+        }
+    }
     let shapes: &[(usize, usize)] = if small {
         &[(1, 128), (3, 256), (37, 200), (256, 15), (5, 4096), (3, 8192)]
     } else {
@@ -232,6 +283,27 @@ fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
             })?;
             let bytes4 = (n * k / 2 + n * k / GROUP * 2 + batch * (k + n) * 2) as f64;
             let bytes16 = (n * k * 2 + batch * (k + n) * 2) as f64;
+            if batch == 1 {
+                // Dense 3- and 2-bit weights (groups of 128) in the same run.
+                for bits in [3u32, 2] {
+                    let (wd, _) = random_dense(n, k, bits, GROUP, 42);
+                    let dwd = gpu.upload_dense(&wd)?;
+                    let t = time_flushed(gpu, &mut flush, iters, || {
+                        gpu.qd_gemv_on(&gpu.stream, &dwd, &dx, None, &mut dy, false)
+                    })?;
+                    let tb = time_flushed(gpu, &mut flush, iters, || cublas_gemv(&blas, &dwf, &dx, &mut dy, n, k, 1))?;
+                    let bytes = (n * k * bits as usize / 8 + n * k / GROUP * 2 + (k + n) * 2) as f64;
+                    println!(
+                        "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": 1, \"bits\": {bits}, \"us\": {:.2}, \"gbs\": {:.0}, \"peak_frac\": {:.3}, \"cublas_f16_us\": {:.2}, \"speedup\": {:.2}}}",
+                        gpu.name,
+                        t * 1e6,
+                        bytes / t / 1e9,
+                        bytes / t / peak,
+                        tb * 1e6,
+                        tb / t
+                    );
+                }
+            }
             println!(
                 "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": {batch}, \"q4_us\": {:.2}, \"q4_gbs\": {:.0}, \"q4_peak_frac\": {:.3}, \"cublas_f16_us\": {:.2}, \"cublas_gbs\": {:.0}, \"speedup\": {:.2}, \"w4a8_us\": {:.2}, \"w4a8_speedup\": {:.2}}}",
                 gpu.name,
