@@ -645,6 +645,119 @@ SQIL_Q4_MMA8(4, 8)
 // 3 bits: 24 bytes per 64 weights; 2 bits: 16. One warp per row, each lane one chunk per step
 // (warp reads 768 or 512 contiguous bytes); fp16 scales per group of 32 << gshift; k a multiple
 // of 128 (the host pads).
+// Half `half32` (32 weights) of a dense chunk (low words q, high words h) against its activations
+// xv (eight uint4 for the chunk's 64 fp16 values): the sum of products in fp32.
+template <int BITS>
+__device__ __forceinline__ float qd_half_dot(const uint4 q, const uint2 h, const uint4 (&xv)[8], int half32)
+{
+    const unsigned int words[4] = {q.x, q.y, q.z, q.w};
+    const sqil_half2 magic = BITS == 3 ? 0x64046404u : 0x64026402u;
+    float part = 0.0f;
+#pragma unroll
+    for (int i = 2 * half32; i < 2 * half32 + 2; i++) {
+        const unsigned int hw = i < 2 ? h.x : h.y;
+        sqil_half2 wv[8];
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            unsigned int pair = (words[i] >> (2 * t)) & 0x00030003u;
+            if (BITS == 3) {
+                pair |= ((hw >> (8 * (i % 2) + t)) & 0x00010001u) << 2;
+            }
+            wv[t] = h2_sub(pair | 0x64006400u, magic);
+        }
+        part += q4_dot8(wv, xv[2 * i]) + q4_dot8(wv + 4, xv[2 * i + 1]);
+    }
+    return part;
+}
+
+// Split-K over the S warps of a block, R rows per block: each lane loads a chunk's activations
+// once for the R rows (the int4 split-K kernel's structure, sqil_q4_gemv_s*); partial sums meet
+// in shared memory and are added in warp order.
+template <int BITS, int R, int S>
+__device__ __forceinline__ void qd_gemv_split_impl(const uint4 *__restrict__ lo, const uint2 *__restrict__ hi,
+                                                   const sqil_half *__restrict__ scales,
+                                                   const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias,
+                                                   sqil_half *__restrict__ y, int n, int k, int gshift, int relu)
+{
+    __shared__ float part[S][R];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * R;
+    const int chunks = k >> 6;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        acc[r] = 0.0f;
+    }
+    for (int c = warp * 32 + lane; c < chunks; c += 32 * S) {
+        uint4 xv[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            xv[i] = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)c * 64) + i);
+        }
+        uint4 q[R];
+        uint2 h[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = min(row0 + r, n - 1);
+            q[r] = __ldg(lo + (size_t)row * chunks + c);
+            h[r] = BITS == 3 ? __ldg(hi + (size_t)row * chunks + c) : make_uint2(0, 0);
+        }
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = min(row0 + r, n - 1);
+#pragma unroll
+            for (int half32 = 0; half32 < 2; half32++) {
+                const int e = c * 64 + half32 * 32;
+                acc[r] += qd_half_dot<BITS>(q[r], h[r], xv, half32) *
+                          h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (e >> (5 + gshift))]);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float v = acc[r];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            v += __shfl_xor_sync(0xffffffffu, v, o);
+        }
+        if (lane == 0) {
+            part[warp][r] = v;
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x < R && row0 + (int)threadIdx.x < n) {
+        const int r = threadIdx.x, row = row0 + r;
+        float v = 0.0f;
+#pragma unroll
+        for (int w = 0; w < S; w++) {
+            v += part[w][r];
+        }
+        if (bias != nullptr) {
+            v += h_to_f(bias[row]);
+        }
+        if (relu && v < 0.0f) {
+            v = 0.0f;
+        }
+        y[row] = f_to_h(v);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sqil_q3_gemv_s4_r4(const uint4 *__restrict__ lo, const uint2 *__restrict__ hi, const sqil_half *__restrict__ scales,
+                       const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias, sqil_half *__restrict__ y,
+                       int n, int k, int gshift, int relu)
+{
+    qd_gemv_split_impl<3, 4, 4>(lo, hi, scales, x, bias, y, n, k, gshift, relu);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    sqil_q2_gemv_s4_r4(const uint4 *__restrict__ lo, const uint2 *__restrict__ hi, const sqil_half *__restrict__ scales,
+                       const sqil_half *__restrict__ x, const sqil_half *__restrict__ bias, sqil_half *__restrict__ y,
+                       int n, int k, int gshift, int relu)
+{
+    qd_gemv_split_impl<2, 4, 4>(lo, hi, scales, x, bias, y, n, k, gshift, relu);
+}
+
 template <int BITS>
 __device__ __forceinline__ void qd_gemv_b1_impl(const uint4 *__restrict__ lo, const uint2 *__restrict__ hi,
                                                 const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,
@@ -657,35 +770,19 @@ __device__ __forceinline__ void qd_gemv_b1_impl(const uint4 *__restrict__ lo, co
         return;
     }
     const int chunks = k >> 6;
-    const sqil_half2 magic = BITS == 3 ? 0x64046404u : 0x64026402u;
     float acc = 0.0f;
     for (int c = lane; c < chunks; c += 32) {
         const uint4 q = __ldg(lo + (size_t)row * chunks + c);
-        uint2 h = make_uint2(0, 0);
-        if (BITS == 3) {
-            h = __ldg(hi + (size_t)row * chunks + c);
+        const uint2 h = BITS == 3 ? __ldg(hi + (size_t)row * chunks + c) : make_uint2(0, 0);
+        uint4 xv[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            xv[i] = __ldg(reinterpret_cast<const uint4 *>(x + (size_t)c * 64) + i);
         }
-        const unsigned int words[4] = {q.x, q.y, q.z, q.w};
-        const uint4 *xv = reinterpret_cast<const uint4 *>(x + (size_t)c * 64);
 #pragma unroll
         for (int half32 = 0; half32 < 2; half32++) {
-            float part = 0.0f;
-#pragma unroll
-            for (int i = 2 * half32; i < 2 * half32 + 2; i++) {
-                const unsigned int hw = i < 2 ? h.x : h.y;
-                sqil_half2 wv[8];
-#pragma unroll
-                for (int t = 0; t < 8; t++) {
-                    unsigned int pair = (words[i] >> (2 * t)) & 0x00030003u;
-                    if (BITS == 3) {
-                        pair |= ((hw >> (8 * (i % 2) + t)) & 0x00010001u) << 2;
-                    }
-                    wv[t] = h2_sub(pair | 0x64006400u, magic);
-                }
-                part += q4_dot8(wv, __ldg(xv + 2 * i)) + q4_dot8(wv + 4, __ldg(xv + 2 * i + 1));
-            }
             const int e = c * 64 + half32 * 32;
-            acc += part * h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (e >> (5 + gshift))]);
+            acc += qd_half_dot<BITS>(q, h, xv, half32) * h_to_f(scales[(size_t)row * (k >> (5 + gshift)) + (e >> (5 + gshift))]);
         }
     }
     q4_store(acc, lane, bias, relu, y, row, row);

@@ -408,10 +408,28 @@ impl Gpu {
         y: &mut CudaSlice<f16>,
         relu: bool,
     ) -> Result<(), String> {
+        let name = if w.bits == 3 { "sqil_q3_gemv_s4_r4" } else { "sqil_q2_gemv_s4_r4" };
+        self.qd_gemv_instance(stream, w, x, bias, y, relu, (name, 4))
+    }
+
+    /// [`Gpu::qd_gemv_on`] with a chosen instance: `sqil_q{3,2}_gemv_s4_r4` (four warps split
+    /// k over four rows) or `sqil_q{3,2}_gemv_b1` (a warp per row), and its rows per 128-thread
+    /// block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qd_gemv_instance(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQd,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        relu: bool,
+        (name, rows_per_block): (&str, u32),
+    ) -> Result<(), String> {
         if x.len() < w.k || y.len() < w.n {
             return Err(format!("q{}_gemv: buffers do not fit [{}, {}]", w.bits, w.n, w.k));
         }
-        let f = self.function(if w.bits == 3 { "sqil_q3_gemv_b1" } else { "sqil_q2_gemv_b1" })?;
+        let f = self.function(name)?;
         let (n, k) = (w.n as i32, w.k as i32);
         let gshift = (w.group / 32).trailing_zeros() as i32;
         let relu = relu as i32;
@@ -423,8 +441,11 @@ impl Gpu {
             None => l.arg(&null),
         };
         l.arg(y).arg(&n).arg(&k).arg(&gshift).arg(&relu);
-        let cfg =
-            LaunchConfig { grid_dim: ((w.n as u32).div_ceil(4), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: parameters as the kernel declares them; buffer sizes checked above, every
         // access bounded by n and k (a multiple of 128).
         unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q{}_gemv launch: {e:?}", w.bits))

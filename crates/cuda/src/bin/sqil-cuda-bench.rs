@@ -87,22 +87,24 @@ fn check(gpu: &Gpu, small: bool) -> Result<bool, String> {
                     (0..w.k).map(|i| if i < k { f16::from_f32(r.uniform() * 4.0) } else { f16::ZERO }).collect();
                 let bias: Vec<f16> = (0..n).map(|_| f16::from_f32(r.uniform())).collect();
                 let (dx, db) = (gpu.stream.clone_htod(&x).map_err(err)?, gpu.stream.clone_htod(&bias).map_err(err)?);
-                let mut dy = gpu.stream.alloc_zeros::<f16>(n).map_err(err)?;
-                gpu.qd_gemv_on(&gpu.stream, &dw, &dx, Some(&db), &mut dy, false)?;
-                let y = gpu.stream.clone_dtoh(&dy).map_err(err)?;
-                let (mut worst, mut scale) = (0f32, 1e-6f32);
-                for row in 0..n {
-                    let want: f32 =
-                        (0..w.k).map(|c| x[c].to_f32() * wf[row * w.k + c]).sum::<f32>() + bias[row].to_f32();
-                    scale = scale.max(want.abs());
-                    worst = worst.max((y[row].to_f32() - want).abs());
-                }
-                let rel = worst / scale;
-                let pass = rel <= 2e-3;
-                ok &= pass;
-                println!(
-                    "{{\"check\": \"q{bits}_gemv\", \"n\": {n}, \"k\": {k}, \"group\": {group}, \"max_rel_err\": {rel:.2e}, \"pass\": {pass}}}"
+                for inst in [format!("sqil_q{bits}_gemv_s4_r4"), format!("sqil_q{bits}_gemv_b1")] {
+                    let mut dy = gpu.stream.alloc_zeros::<f16>(n).map_err(err)?;
+                    gpu.qd_gemv_instance(&gpu.stream, &dw, &dx, Some(&db), &mut dy, false, (&inst, 4))?;
+                    let y = gpu.stream.clone_dtoh(&dy).map_err(err)?;
+                    let (mut worst, mut scale) = (0f32, 1e-6f32);
+                    for row in 0..n {
+                        let want: f32 =
+                            (0..w.k).map(|c| x[c].to_f32() * wf[row * w.k + c]).sum::<f32>() + bias[row].to_f32();
+                        scale = scale.max(want.abs());
+                        worst = worst.max((y[row].to_f32() - want).abs());
+                    }
+                    let rel = worst / scale;
+                    let pass = rel <= 2e-3;
+                    ok &= pass;
+                    println!(
+                    "{{\"check\": \"{inst}\", \"n\": {n}, \"k\": {k}, \"group\": {group}, \"max_rel_err\": {rel:.2e}, \"pass\": {pass}}}"
                 );
+                }
             }
         }
     }
@@ -288,20 +290,22 @@ fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
                 for bits in [3u32, 2] {
                     let (wd, _) = random_dense(n, k, bits, GROUP, 42);
                     let dwd = gpu.upload_dense(&wd)?;
-                    let t = time_flushed(gpu, &mut flush, iters, || {
-                        gpu.qd_gemv_on(&gpu.stream, &dwd, &dx, None, &mut dy, false)
-                    })?;
                     let tb = time_flushed(gpu, &mut flush, iters, || cublas_gemv(&blas, &dwf, &dx, &mut dy, n, k, 1))?;
                     let bytes = (n * k * bits as usize / 8 + n * k / GROUP * 2 + (k + n) * 2) as f64;
-                    println!(
-                        "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": 1, \"bits\": {bits}, \"us\": {:.2}, \"gbs\": {:.0}, \"peak_frac\": {:.3}, \"cublas_f16_us\": {:.2}, \"speedup\": {:.2}}}",
-                        gpu.name,
-                        t * 1e6,
-                        bytes / t / 1e9,
-                        bytes / t / peak,
-                        tb * 1e6,
-                        tb / t
-                    );
+                    for inst in [format!("sqil_q{bits}_gemv_s4_r4"), format!("sqil_q{bits}_gemv_b1")] {
+                        let t = time_flushed(gpu, &mut flush, iters, || {
+                            gpu.qd_gemv_instance(&gpu.stream, &dwd, &dx, None, &mut dy, false, (&inst, 4))
+                        })?;
+                        println!(
+                            "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": 1, \"bits\": {bits}, \"kernel\": \"{inst}\", \"us\": {:.2}, \"gbs\": {:.0}, \"peak_frac\": {:.3}, \"cublas_f16_us\": {:.2}, \"speedup\": {:.2}}}",
+                            gpu.name,
+                            t * 1e6,
+                            bytes / t / 1e9,
+                            bytes / t / peak,
+                            tb * 1e6,
+                            tb / t
+                        );
+                    }
                 }
             }
             println!(
