@@ -218,21 +218,14 @@ __device__ __forceinline__ int sqil_q4_at(const unsigned *__restrict__ words, in
     return (int)((words[r * (kp / 8) + e / 8] >> sh) & 15u) - 8;
 }
 
-// An int4 layer over many rows (a transformer's tokens):
-// y = fq(x) w^T (+ bias, fp32), w in the GEMV layout (rows of kp packed weights, fp16 scales per
-// `group`), fq the layer's activation quantizer (s = 0: none); x is [rows, k] (row stride k);
-// y is [rows, n]. One thread per output, eight weights per word load, fp32 sums per group.
-extern "C" __global__ void sqil_q4_rows(const unsigned *__restrict__ words, const sqil_half *__restrict__ scales,
-                                        const sqil_half *__restrict__ x, const float *__restrict__ bias,
-                                        sqil_half *__restrict__ y, int rows, int n, int k, int kp, int group,
-                                        int relu, float qs, float qz, float qlo, float qhi)
+// Row `r` of x ([*, k], row stride k) against output channel `c` of an int4 layer in the GEMV
+// layout (rows of kp packed weights, fp16 scales per `group`), x read through the activation
+// quantizer fq (s = 0: none): fp32 sums per group, eight weights per word load.
+__device__ __forceinline__ float sqil_q4_row_dot(const unsigned *__restrict__ words,
+                                                 const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,
+                                                 int r, int c, int k, int kp, int group, float qs, float qz, float qlo,
+                                                 float qhi)
 {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= rows * n) {
-        return;
-    }
-    // Consecutive threads take consecutive channels of one row: x is read once per warp.
-    const int r = i / n, c = i % n;
     const sqil_half *xr = x + (long)r * k;
     const unsigned *wr = words + (long)c * (kp / 8);
     float s = 0.0f;
@@ -253,13 +246,32 @@ extern "C" __global__ void sqil_q4_rows(const unsigned *__restrict__ words, cons
         }
         s += part * h_to_f(scales[c * (kp / group) + g0 / group]);
     }
+    return s;
+}
+
+// The epilogue of the many-row int4 kernels: bias (fp32, may be null), then ReLU if asked.
+__device__ __forceinline__ float sqil_rows_epilogue(float s, const float *__restrict__ bias, int c, int relu)
+{
     if (bias) {
         s += bias[c];
     }
-    if (relu) {
-        s = s < 0.0f ? 0.0f : s;
+    return relu && s < 0.0f ? 0.0f : s;
+}
+
+// An int4 layer over many rows (a transformer's tokens): y = fq(x) w^T (+ bias), y [rows, n]. One
+// thread per output, consecutive threads on consecutive channels of one row (x read once per
+// warp, the channels' weights from L1).
+extern "C" __global__ void sqil_q4_rows(const unsigned *__restrict__ words, const sqil_half *__restrict__ scales,
+                                        const sqil_half *__restrict__ x, const float *__restrict__ bias,
+                                        sqil_half *__restrict__ y, int rows, int n, int k, int kp, int group,
+                                        int relu, float qs, float qz, float qlo, float qhi)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < rows * n) {
+        const int r = i / n, c = i % n;
+        const float s = sqil_q4_row_dot(words, scales, x, r, c, k, kp, group, qs, qz, qlo, qhi);
+        y[(long)r * n + c] = f_to_h(sqil_rows_epilogue(s, bias, c, relu));
     }
-    y[(long)r * n + c] = f_to_h(s);
 }
 
 // A float 2-D convolution of one image (groups allowed): geo as the C back end's (channels, in h,
@@ -359,48 +371,22 @@ extern "C" __global__ void sqil_im2col(const sqil_half *__restrict__ x, const un
     cols[i] = src == 0xffffffffu ? (sqil_half)0 : f_to_h(sqil_fq(h_to_f(x[(long)ch * plane + src]), qs, qz, qlo, qhi));
 }
 
-// An int4 convolution over im2col rows: y[c, p] = sum_k w[c, k] cols[p, k] (+ bias, ReLU), w in
-// the GEMV layout, y channel-major (the plan's layout). Consecutive threads take consecutive
-// channels of one position: the warp reads the position's row once (a broadcast) and its
-// channels' weights from L1 (on an H200, 20 us per 32 x 288 convolution over 1681 positions
-// against 27 us with positions innermost, whose columns every channel re-reads from L2).
+// An int4 convolution over im2col rows (`sqil_im2col`, which applied the quantizer): y[c, p] =
+// sum_k w[c, k] cols[p, k] (+ bias, ReLU), y channel-major (the plan's layout); the same thread
+// mapping as sqil_q4_rows, channels innermost (on an H200, 20 us per 32 x 288 convolution over
+// 1681 positions against 27 us with positions innermost, whose columns every channel re-reads
+// from L2).
 extern "C" __global__ void sqil_q4_conv(const unsigned *__restrict__ words, const sqil_half *__restrict__ scales,
                                         const sqil_half *__restrict__ cols, const float *__restrict__ bias,
                                         sqil_half *__restrict__ y, int positions, int n, int k, int kp, int group,
                                         int relu)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= positions * n) {
-        return;
+    if (i < positions * n) {
+        const int p = i / n, c = i % n;
+        const float s = sqil_q4_row_dot(words, scales, cols, p, c, k, kp, group, 0.0f, 0.0f, 0.0f, 0.0f);
+        y[(long)c * positions + p] = f_to_h(sqil_rows_epilogue(s, bias, c, relu));
     }
-    const int c = i % n, p = i / n;
-    const unsigned *wr = words + (long)c * (kp / 8);
-    const sqil_half *xr = cols + (long)p * k;
-    float s = 0.0f;
-    for (int g0 = 0; g0 < k; g0 += group) {
-        float part = 0.0f;
-        const int g1 = g0 + group < k ? g0 + group : k;
-        int e = g0;
-        for (; e + 8 <= g1; e += 8) {
-            const unsigned wd = wr[e / 8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const int sh = (j % 2 == 0) ? 2 * j : 16 + 2 * (j - 1);
-                part += (float)((int)((wd >> sh) & 15u) - 8) * h_to_f(xr[e + j]);
-            }
-        }
-        for (; e < g1; e++) {
-            part += (float)sqil_q4_at(words, kp, c, e) * h_to_f(xr[e]);
-        }
-        s += part * h_to_f(scales[c * (kp / group) + g0 / group]);
-    }
-    if (bias) {
-        s += bias[c];
-    }
-    if (relu) {
-        s = s < 0.0f ? 0.0f : s;
-    }
-    y[(long)c * positions + p] = f_to_h(s);
 }
 
 // Softmax over long rows: one block of 256 threads per row (a spatial softmax over an image's

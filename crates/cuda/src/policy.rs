@@ -484,48 +484,14 @@ impl<'a> Lowerer<'a> {
                     KArg::F32(qhi),
                 ],
             ));
-            self.steps.push(kernel(
-                "sqil_q4_conv",
-                rows * w.n,
-                vec![
-                    KArg::Arr(HostArr::U32(h.words.clone())),
-                    KArg::Arr(HostArr::F16(h.scales.clone())),
-                    KArg::Buf(cols),
-                    bias.map_or(KArg::Null, |b| f32_arr(b.to_vec())),
-                    KArg::Buf(yb),
-                    int(rows),
-                    int(w.n),
-                    int(w.k),
-                    int(h.k),
-                    int(h.group),
-                    KArg::I32(relu as i32),
-                ],
-            ));
+            let args = rows_args(&h, w, cols, bias, yb, rows, relu);
+            self.steps.push(kernel("sqil_q4_conv", rows * w.n, args));
             return Ok(());
         }
-        // Many rows: a transformer's tokens.
-        let [qs, qz, qlo, qhi] = quant;
-        self.steps.push(kernel(
-            "sqil_q4_rows",
-            rows * w.n,
-            vec![
-                KArg::Arr(HostArr::U32(h.words.clone())),
-                KArg::Arr(HostArr::F16(h.scales.clone())),
-                KArg::Buf(xb),
-                bias.map_or(KArg::Null, |b| f32_arr(b.to_vec())),
-                KArg::Buf(yb),
-                int(rows),
-                int(w.n),
-                int(w.k),
-                int(h.k),
-                int(h.group),
-                KArg::I32(relu as i32),
-                KArg::F32(qs),
-                KArg::F32(qz),
-                KArg::F32(qlo),
-                KArg::F32(qhi),
-            ],
-        ));
+        // Many rows: a transformer's tokens, the quantizer applied as x is read.
+        let mut args = rows_args(&h, w, xb, bias, yb, rows, relu);
+        args.extend(quant.map(KArg::F32));
+        self.steps.push(kernel("sqil_q4_rows", rows * w.n, args));
         Ok(())
     }
 
@@ -638,6 +604,32 @@ impl<'a> Lowerer<'a> {
         self.slot_buf[y] = hb;
         Ok(true)
     }
+}
+
+/// The arguments `sqil_q4_rows` and `sqil_q4_conv` share: weights, scales, input rows, fp32 bias,
+/// output, rows, n, k, padded k, group, ReLU.
+fn rows_args(
+    h: &HostQ4,
+    w: &sqil_kernels_cpu::PackedQ4,
+    x: usize,
+    bias: Option<&[f32]>,
+    y: usize,
+    rows: usize,
+    relu: bool,
+) -> Vec<KArg<HostArr>> {
+    vec![
+        KArg::Arr(HostArr::U32(h.words.clone())),
+        KArg::Arr(HostArr::F16(h.scales.clone())),
+        KArg::Buf(x),
+        bias.map_or(KArg::Null, |b| f32_arr(b.to_vec())),
+        KArg::Buf(y),
+        int(rows),
+        int(w.n),
+        int(w.k),
+        int(h.k),
+        int(h.group),
+        KArg::I32(relu as i32),
+    ]
 }
 
 fn binary_code(b: BinaryOp) -> i32 {
