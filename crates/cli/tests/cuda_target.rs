@@ -94,3 +94,20 @@ fn unsupported_steps_are_named() {
     let e = sqil_cuda::policy::lower(&Policy::from_graph(&g).unwrap()).err().expect("LogSoftmax is not lowered");
     assert!(e.contains("step `/head/LogSoftmax"), "{e}");
 }
+
+/// A QDQ model as exported (per-tensor QuantizeLinear / DequantizeLinear around float layers):
+/// the pairs become statements of generated kernels (integers carried exactly in fp16), which
+/// compile with NVRTC.
+#[test]
+fn qdq_models_lower_with_their_quantizers_fused() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
+    let g = sqil::load_model(&dir.join("hopper_w4a8_qdq.onnx")).unwrap();
+    let l = sqil_cuda::policy::lower(&Policy::from_graph(&g).unwrap()).unwrap();
+    assert!(l.sources.iter().any(|(_, src)| src.contains("rintf(")), "no quantizer in the generated kernels");
+    if sqil_cuda::nvrtc_present() {
+        for (k, src) in &l.sources {
+            let full = format!("{}{src}", sqil_cuda::FP16_CUH);
+            sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{k}: {e}"));
+        }
+    }
+}

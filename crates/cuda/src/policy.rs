@@ -699,6 +699,13 @@ impl<'a> Lowerer<'a> {
             | Op::Gelu { .. } => 1,
             Op::Clip if scalar(self, 1).is_some() && scalar(self, 2).is_some() => 1,
             Op::FakeQuant { .. } if scalar(self, 1).flatten().is_some() && scalar(self, 2).is_some() => 1,
+            // A QDQ model's per-tensor QuantizeLinear / DequantizeLinear: the integers travel as
+            // exact fp16 values (at most 16 bits) between them.
+            Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. }
+                if scalar(self, 1).flatten().is_some() && scalar(self, 2).is_some() =>
+            {
+                1
+            }
             Op::BatchNorm { epsilon, training: false, .. } if inputs.len() == 5 && yt.rank() >= 2 => {
                 // Inference: one multiply-add per element with per-channel factors (computed here
                 // in double, as the IR does), expanded to the output's shape.
@@ -745,7 +752,11 @@ impl<'a> Lowerer<'a> {
                 }
             }
         }
-        if computed == 0 || self.val(inputs[0].expect("checked"))?.dtype() != sqil_ir::DType::F32 {
+        let dtype_ok = match op {
+            Op::DequantizeLinear { .. } => true,
+            _ => self.val(inputs[0].expect("checked"))?.dtype() == sqil_ir::DType::F32,
+        };
+        if computed == 0 || !dtype_ok {
             return Ok(false);
         }
         let mut e = Expr { stmts: vec![], result: String::new(), args: vec![] };
@@ -819,6 +830,23 @@ impl<'a> Lowerer<'a> {
                 let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
                 e.stmts.push(fake_quant_stmts(&t, a, [sc, z, lo as f32, hi as f32]).0);
                 fake_quant_stmts(&t, a, [sc, z, lo as f32, hi as f32]).1
+            }
+            Op::QuantizeLinear { .. } => {
+                // The integer range of the output type (the zero point's, else the declared one).
+                let (lo, hi): (f32, f32) = match yt.dtype() {
+                    sqil_ir::DType::I8 => (-128.0, 127.0),
+                    sqil_ir::DType::U8 => (0.0, 255.0),
+                    sqil_ir::DType::I4 => (-8.0, 7.0),
+                    sqil_ir::DType::U4 => (0.0, 15.0),
+                    _ => return Ok(false),
+                };
+                let (sc, z) = (scalar(self, 1).flatten().expect("checked"), scalar(self, 2).flatten().unwrap_or(0.0));
+                e.stmts.push(format!("float {t}_q = rintf({a} / {}) + {};", f(sc), f(z)));
+                format!("float {t} = {t}_q < {0} ? {0} : ({t}_q > {1} ? {1} : {t}_q);", f(lo), f(hi))
+            }
+            Op::DequantizeLinear { .. } => {
+                let (sc, z) = (scalar(self, 1).flatten().expect("checked"), scalar(self, 2).flatten().unwrap_or(0.0));
+                format!("float {t} = ({a} - {}) * {};", f(z), f(sc))
             }
             _ => return Ok(false),
         };
