@@ -107,6 +107,54 @@ static int32_t sqil_dot_q4q8(const sqil_block_q4 *b, const int8_t *x, int32_t nb
 }
 #endif
 
+#if defined(__ARM_NEON)
+/* Runs s = 0..3 of eight consecutive weights (w - off, w = low two bits at 2s of the block's eight
+ * bytes, plus for 3 bits the high bits of byte s of qh) against x: exact int32 sums, as the
+ * scalar loops below. */
+static int32_t sqil_dot_q23_neon(const uint8_t *lo, const uint8_t *qh, int32_t off, const int8_t *x)
+{
+    static const uint8_t bit_of[8] = {1, 2, 4, 8, 16, 32, 64, 128};
+    const uint8x8_t q = vld1_u8(lo), three = vdup_n_u8(3), bits = vld1_u8(bit_of);
+    const int8x8_t o = vdup_n_s8((int8_t)off);
+    int32x4_t acc = vdupq_n_s32(0);
+    int32_t s;
+    for (s = 0; s < 4; s++) {
+        uint8x8_t v = vand_u8(vshl_u8(q, vdup_n_s8((int8_t)(-2 * s))), three);
+        if (qh) {
+            v = vorr_u8(v, vand_u8(vtst_u8(vdup_n_u8(qh[s]), bits), vdup_n_u8(4)));
+        }
+        acc = vpadalq_s16(acc, vmull_s8(vsub_s8(vreinterpret_s8_u8(v), o), vld1_s8(x + 8 * s)));
+    }
+#if defined(__aarch64__)
+    return vaddvq_s32(acc);
+#else
+    {
+        int32x2_t t = vadd_s32(vget_low_s32(acc), vget_high_s32(acc));
+        return vget_lane_s32(vpadd_s32(t, t), 0);
+    }
+#endif
+}
+
+/* Sum over `nb` 2-bit blocks of w * x (w = stored - 2; byte j holds elements j + 8s at bits 2s). */
+static int32_t sqil_dot_q2q8(const sqil_block_q2 *b, const int8_t *x, int32_t nb)
+{
+    int32_t acc = 0, j;
+    for (j = 0; j < nb; j++) {
+        acc += sqil_dot_q23_neon(b[j].qs, 0, 2, x + 32 * j);
+    }
+    return acc;
+}
+
+/* Sum over `nb` 3-bit blocks of w * x (w = stored - 4; high bit of element 8s + i: bit i of qh[s]). */
+static int32_t sqil_dot_q3q8(const sqil_block_q3 *b, const int8_t *x, int32_t nb)
+{
+    int32_t acc = 0, j;
+    for (j = 0; j < nb; j++) {
+        acc += sqil_dot_q23_neon(b[j].ql, b[j].qh, 4, x + 32 * j);
+    }
+    return acc;
+}
+#else
 /* Sum over `nb` 2-bit blocks of w * x (w = stored - 2; byte j holds elements j + 8s at bits 2s). */
 static int32_t sqil_dot_q2q8(const sqil_block_q2 *b, const int8_t *x, int32_t nb)
 {
@@ -140,6 +188,7 @@ static int32_t sqil_dot_q3q8(const sqil_block_q3 *b, const int8_t *x, int32_t nb
     }
     return acc;
 }
+#endif /* __ARM_NEON */
 
 /* The dot product of `nb` blocks of `bits`-bit weights (bytes of sqil_block_q2, _q3 or _q4). */
 static int32_t sqil_dot_qx(int32_t bits, const uint8_t *w, const int8_t *x, int32_t nb)
