@@ -1,5 +1,6 @@
-// sqil CUDA: the element-wise steps of a policy plan (the int4 layers are q4_gemv.cu), on fp16
-// activations with fp32 arithmetic. One thread per element.
+// sqil CUDA: a policy plan's steps other than the one-row int4 layers (q4_gemv.cu) and the
+// element-wise chains (kernels generated per policy, crates/cuda/src/policy.rs), on fp16
+// activations with fp32 arithmetic.
 
 // a op b: op 0 add, 1 sub, 2 mul, 3 div.
 __device__ __forceinline__ float sqil_binop(float a, float b, int op)
@@ -10,48 +11,6 @@ __device__ __forceinline__ float sqil_binop(float a, float b, int op)
     case 2: return a * b;
     default: return a / b;
     }
-}
-
-extern "C" __global__ void sqil_cast_f32_f16(const float *__restrict__ x, sqil_half *__restrict__ y, int n)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) {
-        y[i] = f_to_h(x[i]);
-    }
-}
-
-// y = f(x): op 0 relu, 1 tanh, 2 sigmoid, 3 neg; then clamped to [lo, hi] (Clip; +-inf for none).
-extern "C" __global__ void sqil_unary(const sqil_half *__restrict__ x, sqil_half *__restrict__ y, int n, int op,
-                                      float lo, float hi)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) {
-        return;
-    }
-    float v = h_to_f(x[i]);
-    switch (op) {
-    case 0: v = v < 0.0f ? 0.0f : v; break;
-    case 1: v = tanhf(v); break;
-    case 2: v = 1.0f / (1.0f + expf(-v)); break;
-    case 3: v = -v; break;
-    default: break;
-    }
-    v = v < lo ? lo : v;
-    v = v > hi ? hi : v;
-    y[i] = f_to_h(v);
-}
-
-// Per-tensor activation quantizer (FakeQuant): q = clamp(rint(x / s) + z, lo, hi), y = (q - z) * s.
-extern "C" __global__ void sqil_fake_quant(const sqil_half *__restrict__ x, sqil_half *__restrict__ y, int n, float s,
-                                           float z, float lo, float hi)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) {
-        return;
-    }
-    float q = rintf(h_to_f(x[i]) / s) + z;
-    q = q < lo ? lo : (q > hi ? hi : q);
-    y[i] = f_to_h((q - z) * s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -276,11 +235,10 @@ extern "C" __global__ void sqil_q4_rows(const unsigned *__restrict__ words, cons
 
 // A float 2-D convolution of one image (groups allowed): geo as the C back end's (channels, in h,
 // w, kernel h, w, strides, dilations, pads at the start, out h, w, groups); w fp32
-// [n][c / groups][kh][kw]; the input read through the activation quantizer fq (s = 0: none); one
-// thread per output.
+// [n][c / groups][kh][kw]; one thread per output.
 extern "C" __global__ void sqil_conv2d_f32(const sqil_half *__restrict__ x, const int *__restrict__ geo,
                                            const float *__restrict__ w, const float *__restrict__ bias,
-                                           sqil_half *__restrict__ y, int n, float qs, float qz, float qlo, float qhi)
+                                           sqil_half *__restrict__ y, int n)
 {
     const int c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -299,8 +257,7 @@ extern "C" __global__ void sqil_conv2d_f32(const sqil_half *__restrict__ x, cons
             for (int tx = 0; tx < kw; tx++) {
                 const int ix = ox * geo[6] + tx * geo[8] - geo[10];
                 if (ix >= 0 && ix < wd) {
-                    s += sqil_fq(h_to_f(x[((c0 + ch) * h + iy) * wd + ix]), qs, qz, qlo, qhi) *
-                         w[((o * cg + ch) * kh + ty) * kw + tx];
+                    s += h_to_f(x[((c0 + ch) * h + iy) * wd + ix]) * w[((o * cg + ch) * kh + ty) * kw + tx];
                 }
             }
         }

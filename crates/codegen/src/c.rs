@@ -138,19 +138,9 @@ fn plan_arena(bufs: &[(usize, usize, usize)]) -> (Vec<usize>, usize) {
     (offs, total)
 }
 
-/// The 2-D convolution geometry the C kernels take (`geo` of `sqil_conv_q4q8` /
-/// `sqil_conv_f32`): channels, input h and w, kernel h and w, strides, dilations, padding at the
-/// start, output h and w.
+/// The 2-D window geometry the C kernels take (`ConvGeometry::kernel_params`), as C literals.
 fn conv_geometry_items(channels: usize, g: &sqil_kernels_cpu::ConvGeometry) -> Vec<String> {
-    std::iter::once(channels)
-        .chain(g.input.iter().copied())
-        .chain(g.kernel.iter().copied())
-        .chain(g.strides.iter().copied())
-        .chain(g.dilations.iter().copied())
-        .map(|v| v.to_string())
-        .chain(g.pads_begin.iter().map(|v| v.to_string()))
-        .chain(g.output.iter().map(|v| v.to_string()))
-        .collect()
+    g.kernel_params(channels).iter().map(|v| v.to_string()).collect()
 }
 
 /// `s` as a C identifier (every other character becomes `_`).
@@ -189,6 +179,15 @@ fn sum_start() -> &'static str {
 }
 
 impl Emitter {
+    /// A `static const int32_t` array of `items` (C literals), `per_line` to a line.
+    fn int_array(&mut self, items: &[String], per_line: usize) -> String {
+        let name = format!("sqil_c{}", self.next_const);
+        self.next_const += 1;
+        c_array(&mut self.consts, "int32_t", &name, items, per_line);
+        self.const_bytes += 4 * items.len();
+        name
+    }
+
     fn const_array_f64(&mut self, v: &[f64]) -> String {
         let name = format!("sqil_c{}", self.next_const);
         self.next_const += 1;
@@ -755,12 +754,9 @@ fn emit_op(
             let (ab, bb) = (&a.shape[..a.rank() - 2], &b.shape[..b.rank() - 2]);
             let batch = &yt.shape[..yt.rank() - 2];
             let (ia, ib) = (sqil_ir::ops::broadcast_indices(ab, batch), sqil_ir::ops::broadcast_indices(bb, batch));
-            let name = format!("sqil_c{}", em.next_const);
-            em.next_const += 1;
             let items: Vec<String> =
                 ia.iter().zip(&ib).flat_map(|(x, y)| [(x * m * k).to_string(), (y * k * nn).to_string()]).collect();
-            c_array(&mut em.consts, "int32_t", &name, &items, 12);
-            em.const_bytes += 4 * items.len();
+            let name = em.int_array(&items, 12);
             em.exact = false;
             let _ = writeln!(
                 em.body,
@@ -788,17 +784,11 @@ fn emit_op(
             }
             em.exact = false;
             em.uses.insert("SQIL_USE_F32");
-            let (k, nn) = if trans_b { (w.shape[1], w.shape[0]) } else { (w.shape[0], w.shape[1]) };
-            let wv = w.data.to_f32_vec();
             // Stored [k][n], alpha folded in (alpha = 1 in every exported policy).
-            let wk: Vec<f32> =
-                (0..k * nn).map(|i| alpha * if trans_b { wv[(i % nn) * k + i / nn] } else { wv[i] }).collect();
+            let (k, nn, wk, bb) = sqil_ir::ops::dense_weight_kn(w, trans_b, alpha, bias, beta);
             let wname = em.const_array(&wk, &what)?;
-            let bname = match bias {
-                Some(b) => {
-                    let bb: Vec<f32> = broadcast_to(b, &[nn]).iter().map(|v| v * beta).collect();
-                    em.const_array(&bb, &what)?
-                }
+            let bname = match bb {
+                Some(bb) => em.const_array(&bb, &what)?,
                 None => "0".into(),
             };
             let rows = n / nn;
@@ -879,19 +869,13 @@ fn emit_op(
                 return Err(unsupported("pooling other than 2-D"));
             }
             let (geo, counts) = p.windows(&xt.shape[2..])?;
-            let gname = format!("sqil_c{}", em.next_const);
-            em.next_const += 1;
-            c_array(&mut em.consts, "int32_t", &gname, &conv_geometry_items(xt.shape[1], &geo), 13);
+            let gname = em.int_array(&conv_geometry_items(xt.shape[1], &geo), 13);
             let is_max = matches!(op, Op::MaxPool(_));
             let (div, div0) = if is_max || counts.iter().all(|&c| c == counts[0]) {
                 ("0".to_string(), counts.first().copied().unwrap_or(1).max(1))
             } else {
-                let name = format!("sqil_c{}", em.next_const);
-                em.next_const += 1;
                 let items: Vec<String> = counts.iter().map(|c| c.max(&1).to_string()).collect();
-                c_array(&mut em.consts, "int32_t", &name, &items, 16);
-                em.const_bytes += 4 * items.len();
-                (name, 1)
+                (em.int_array(&items, 16), 1)
             };
             em.uses.insert("SQIL_USE_POOL");
             let _ = writeln!(
@@ -923,9 +907,7 @@ fn emit_op(
             let g = c.input_geometry(&xt.shape, &w.shape)?;
             let mut geo = conv_geometry_items(xt.shape[1], &g);
             geo.push(c.group.to_string());
-            let gname = format!("sqil_c{}", em.next_const);
-            em.next_const += 1;
-            c_array(&mut em.consts, "int32_t", &gname, &geo, 14);
+            let gname = em.int_array(&geo, 14);
             let wname = em.const_array(&w.data.to_f32_vec(), &what)?;
             let bname = match const_of(2) {
                 Some(b) => em.const_array(&b.data.to_f32_vec(), &what)?,

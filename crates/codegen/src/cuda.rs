@@ -55,7 +55,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
         slots += match st {
             LStep::Q4 { .. } => 3,
             LStep::Kernel { args, .. } => args.iter().filter(|a| matches!(a, KArg::Arr(_))).count(),
-            _ => 0,
         };
     }
     // Weights and constants.
@@ -82,7 +81,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                     }
                 }
             }
-            _ => {}
         }
     }
     // Device state and the step list.
@@ -108,18 +106,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                 (w.group / 32).trailing_zeros(),
                 *relu as i32
             ),
-            LStep::Quant { x, y, n, s, z, lo, hi } => writeln!(
-                c,
-                "    sqil_fake_quant<<<{}, 256, 0, p.s>>>(p.buf[{x}], p.buf[{y}], {n}, {}, {}, {}, {});",
-                g(*n),
-                f(*s),
-                f(*z),
-                f(*lo),
-                f(*hi)
-            ),
-            LStep::CastIn { off, y, n } => {
-                writeln!(c, "    sqil_cast_f32_f16<<<{}, 256, 0, p.s>>>(p.in + {off}, p.buf[{y}], {n});", g(*n))
-            }
             LStep::Kernel { name, args, threads } => {
                 let mut slot = slot0[i];
                 let a: Vec<String> = args
@@ -144,13 +130,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                     .collect();
                 writeln!(c, "    {name}<<<{}, 256, 0, p.s>>>({});", g(*threads).max(1), a.join(", "))
             }
-            LStep::Unary { x, y, n, op, lo, hi } => writeln!(
-                c,
-                "    sqil_unary<<<{}, 256, 0, p.s>>>(p.buf[{x}], p.buf[{y}], {n}, {op}, {}, {});",
-                g(*n),
-                f(*lo),
-                f(*hi)
-            ),
         };
     }
     c.push_str("}\n\nstatic void policy_init(Policy &p)\n{\n    CK(cudaStreamCreateWithFlags(&p.s, cudaStreamNonBlocking));\n    \
@@ -179,7 +158,6 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
                     );
                 }
             }
-            _ => {}
         }
     }
     let _ = writeln!(

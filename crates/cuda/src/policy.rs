@@ -28,14 +28,8 @@ pub const GPU_TOL: f32 = 2e-2;
 pub enum LStep<W, B, A> {
     /// int4 layer on buffer `x` into `y` (one row: the GEMV kernels).
     Q4 { w: W, bias: Option<B>, relu: bool, x: usize, y: usize },
-    /// Activation quantizer `x` -> `y`.
-    Quant { x: usize, y: usize, n: usize, s: f32, z: f32, lo: f32, hi: f32 },
-    /// The fp32 input values at `off` cast to fp16 (into buffer `y`).
-    CastIn { off: usize, y: usize, n: usize },
-    /// `y = clamp(f(x), lo, hi)` (op 0 relu, 1 tanh, 2 sigmoid, 3 neg, 4 identity).
-    Unary { x: usize, y: usize, n: usize, op: i32, lo: f32, hi: f32 },
-    /// Any other kernel of `policy_ops.cu`: its arguments in order, `threads` threads in blocks
-    /// of 256.
+    /// Any other kernel (`policy_ops.cu`, or generated for the policy): its arguments in order,
+    /// `threads` threads in blocks of 256.
     Kernel { name: String, args: Vec<KArg<A>>, threads: usize },
 }
 
@@ -318,7 +312,12 @@ impl<'a> Lowerer<'a> {
         if let Some(p) = self.pending.remove(&s) {
             let y = self.out_buf(s)?;
             match p {
-                Pending::Quant(x, n, [qs, z, lo, hi]) => self.steps.push(LStep::Quant { x, y, n, s: qs, z, lo, hi }),
+                Pending::Quant(x, n, q) => {
+                    let mut e = Expr::default();
+                    let a = e.arg(EArg::Buf(x));
+                    e.fake_quant(&a, q, &mut self.next_t);
+                    self.emit_expr(e, y, n);
+                }
                 Pending::Copy(elems) => self.emit_copy(&elems, y),
                 Pending::Expr(e) => {
                     let n = self.val(s)?.len();
@@ -330,7 +329,10 @@ impl<'a> Lowerer<'a> {
         let b = self.out_buf(s)?;
         if let Some(i) = self.input_of(s) {
             if !self.cast_done[i] {
-                self.steps.push(LStep::CastIn { off: self.in_offs[i], y: b, n: self.in_lens[i] });
+                // The fp32 input cast to fp16: a generated kernel of one read.
+                let mut e = Expr::default();
+                e.result = e.arg(EArg::In(self.in_offs[i]));
+                self.emit_expr(e, b, self.in_lens[i]);
                 self.cast_done[i] = true;
             }
         }
@@ -426,13 +428,9 @@ impl<'a> Lowerer<'a> {
         if let (ActQuant::Int { scale, zero, lo, hi }, None, true) = (act, conv, xlen == w.k) {
             // A GEMV behind its activation quantizer: the quantizer ends the element-wise chain
             // before it (an observation's normalisation, the cast of an input) in one kernel.
-            let mut e = Expr { stmts: vec![], result: String::new(), args: vec![] };
+            let mut e = Expr::default();
             let a = self.operand_expr(&mut e, x)?;
-            let t = format!("t{}", self.next_t);
-            self.next_t += 1;
-            let (q, r) = fake_quant_stmts(&t, &a, [*scale, *zero as f32, *lo as f32, *hi as f32]);
-            e.stmts.extend([q, r]);
-            e.result = t;
+            e.fake_quant(&a, [*scale, *zero as f32, *lo as f32, *hi as f32], &mut self.next_t);
             let qb = self.new_buf(xlen);
             self.emit_expr(e, qb, xlen);
             let yb = self.out_buf(y)?;
@@ -501,11 +499,10 @@ impl<'a> Lowerer<'a> {
         let n = yt.len();
         let dynamic: Vec<usize> = inputs.iter().flatten().copied().filter(|&s| !self.is_const[s]).collect();
         let cval = |l: &Self, j: usize| l.constant(inputs.get(j).copied().flatten());
-        let all = (f32::NEG_INFINITY, f32::INFINITY);
         match op {
             // Reshapes alias their input (a deferred copy stays deferred).
             Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze
-                if dynamic.len() == 1 && self.input_of(dynamic[0]).is_none() =>
+                if dynamic.len() == 1 =>
             {
                 let x = dynamic[0];
                 match self.pending.get(&x).cloned() {
@@ -562,16 +559,6 @@ impl<'a> Lowerer<'a> {
             Op::Binary(BinaryOp::Add) if self.bias_into_rows(inputs, y, &yt)? => {}
             // Element-wise steps: deferred and chained into one generated kernel.
             _ if self.elementwise(op, inputs, y, &yt)? => {}
-            Op::Clip | Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze
-                if dynamic.len() == 1 && inputs.iter().skip(1).flatten().all(|&s| self.is_const[s]) =>
-            {
-                let x = self.dyn_buf(dynamic[0])?;
-                let b = |j| cval(self, j).map(|t: &Tensor| t.data.to_f32_vec()[0]);
-                let (lo, hi) =
-                    if matches!(op, Op::Clip) { (b(1).unwrap_or(all.0), b(2).unwrap_or(all.1)) } else { all };
-                let yb = self.out_buf(y)?;
-                self.steps.push(LStep::Unary { x, y: yb, n, op: 4, lo, hi });
-            }
             _ => self.generic(op, inputs, outputs, &yt)?,
         }
         Ok(())
@@ -645,9 +632,6 @@ fn binary_code(b: BinaryOp) -> i32 {
 fn step_kernel<W, B, A>(s: &LStep<W, B, A>) -> &str {
     match s {
         LStep::Q4 { .. } => "sqil_q4_gemv",
-        LStep::Quant { .. } => "sqil_fake_quant",
-        LStep::CastIn { .. } => "sqil_cast_f32_f16",
-        LStep::Unary { .. } => "sqil_unary",
         LStep::Kernel { name, .. } => name,
     }
 }
@@ -730,7 +714,7 @@ impl<'a> Lowerer<'a> {
                         (per[1][c] - per[2][c] * k[c]) as f32
                     })
                     .collect();
-                let mut e = Expr { stmts: vec![], result: String::new(), args: vec![] };
+                let mut e = Expr::default();
                 let v = self.operand_expr(&mut e, x)?;
                 let (ka, kb) = (e.arg(EArg::Const(a)), e.arg(EArg::Const(b)));
                 let t = format!("t{}", self.next_t);
@@ -759,7 +743,7 @@ impl<'a> Lowerer<'a> {
         if computed == 0 || !dtype_ok {
             return Ok(false);
         }
-        let mut e = Expr { stmts: vec![], result: String::new(), args: vec![] };
+        let mut e = Expr::default();
         let mut v: Vec<String> = vec![];
         for s in inputs.iter().take(arity) {
             let s = s.expect("checked");
@@ -905,18 +889,8 @@ impl<'a> Lowerer<'a> {
                 args.extend([KArg::Buf(yb[0]), int(n), KArg::I32(4)]);
                 self.steps.push(kernel("sqil_binary_bcast", n, args));
             }
-            Op::FakeQuant { bits, signed, .. } => {
-                let (Some(s), z) = (self.iconst(inputs, 1), self.iconst(inputs, 2)) else {
-                    return Err(self.err("computed scale"));
-                };
-                if s.len() != 1 || z.is_some_and(|z| z.len() != 1) {
-                    return Err(self.err("only per-tensor activation quantizers"));
-                }
-                let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
-                let z = z.map_or(0.0, |z| z.data.to_f32_vec()[0]);
-                let (x, y) = (x0()?, yb[0]);
-                self.steps.push(LStep::Quant { x, y, n, s: s.data.to_f32_vec()[0], z, lo: lo as f32, hi: hi as f32 });
-            }
+            // Per-tensor quantizers with constant scales were lowered as element-wise steps.
+            Op::FakeQuant { .. } => return Err(self.err("only per-tensor activation quantizers with constant scales")),
             Op::Softmax { axis, .. } | Op::LayerNorm { axis, .. } => {
                 let rank = yt.rank() as i64;
                 if !(*axis == -1 || *axis == rank - 1) {
@@ -993,20 +967,11 @@ impl<'a> Lowerer<'a> {
                 if w.rank() != 2 {
                     return Err(self.err("weight of rank other than 2"));
                 }
-                let (k, nn) = if trans_b { (w.shape[1], w.shape[0]) } else { (w.shape[0], w.shape[1]) };
-                let wv = w.data.to_f32_vec();
-                let wk: Vec<f32> =
-                    (0..k * nn).map(|i| alpha * if trans_b { wv[(i % nn) * k + i / nn] } else { wv[i] }).collect();
-                let b = match bias {
-                    Some(b) => {
-                        let v = b.data.to_f32_vec();
-                        f32_arr(
-                            sqil_ir::ops::broadcast_indices(&b.shape, &[nn]).into_iter().map(|i| v[i] * beta).collect(),
-                        )
-                    }
-                    None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
-                    None => KArg::Null,
-                };
+                if bias.is_none() && inputs.get(2).copied().flatten().is_some() {
+                    return Err(self.err("computed bias"));
+                }
+                let (k, nn, wk, bb) = sqil_ir::ops::dense_weight_kn(w, trans_b, alpha, bias, beta);
+                let b = bb.map_or(KArg::Null, f32_arr);
                 let rows = n / nn.max(1);
                 let mut args = vec![KArg::Buf(x0()?), f32_arr(wk), b, KArg::Buf(yb[0]), int(rows), int(k), int(nn)];
                 args.extend(qargs);
@@ -1026,7 +991,7 @@ impl<'a> Lowerer<'a> {
                     None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
                     None => KArg::Null,
                 };
-                let mut args = vec![
+                let args = vec![
                     KArg::Buf(x0()?),
                     KArg::Arr(HostArr::I32(items)),
                     f32_arr(w.data.to_f32_vec()),
@@ -1034,7 +999,6 @@ impl<'a> Lowerer<'a> {
                     KArg::Buf(yb[0]),
                     int(w.shape[0]),
                 ];
-                args.extend(qargs);
                 self.steps.push(kernel("sqil_conv2d_f32", n, args));
             }
             Op::MaxPool(p) | Op::AveragePool(p) if outputs.len() == 1 => {
@@ -1074,18 +1038,9 @@ impl<'a> Lowerer<'a> {
     }
 }
 
-/// A 2-D window geometry as the kernels take it: channels, input h and w, kernel h and w,
-/// strides, dilations, padding at the start, output h and w.
+/// A 2-D window geometry as the kernels take it (`ConvGeometry::kernel_params`).
 fn geo_items(channels: usize, g: &sqil_kernels_cpu::ConvGeometry) -> Vec<i32> {
-    std::iter::once(channels)
-        .chain(g.input.iter().copied())
-        .chain(g.kernel.iter().copied())
-        .chain(g.strides.iter().copied())
-        .chain(g.dilations.iter().copied())
-        .map(|v| v as i32)
-        .chain(g.pads_begin.iter().map(|&v| v as i32))
-        .chain(g.output.iter().map(|&v| v as i32))
-        .collect()
+    g.kernel_params(channels).into_iter().map(|v| v as i32).collect()
 }
 
 impl GpuPolicy {
@@ -1107,9 +1062,6 @@ impl GpuPolicy {
                     x,
                     y,
                 },
-                LStep::Quant { x, y, n, s, z, lo, hi } => LStep::Quant { x, y, n, s, z, lo, hi },
-                LStep::CastIn { off, y, n } => LStep::CastIn { off, y, n },
-                LStep::Unary { x, y, n, op, lo, hi } => LStep::Unary { x, y, n, op, lo, hi },
                 LStep::Kernel { name, args, threads } => {
                     let args = args
                         .into_iter()
@@ -1186,39 +1138,12 @@ impl GpuPolicy {
 
     /// Launches steps `range` on the policy's stream (no copies).
     fn launch_steps(&mut self, gpu: &Gpu, range: std::ops::Range<usize>) -> Result<(), String> {
-        let quant = gpu.function("sqil_fake_quant")?;
-        let cast = gpu.function("sqil_cast_f32_f16")?;
-        let un = gpu.function("sqil_unary")?;
         let input_ptr = self.input.device_ptr(&self.stream).0;
         for st in &self.steps[range] {
             match st {
                 LStep::Q4 { w, bias, relu, x, y } => {
                     let (xs, ys) = two(&mut self.bufs, *x, *y);
                     gpu.q4_gemv_on(&self.stream, w, xs, bias.as_ref(), ys, 1, *relu)?;
-                }
-                LStep::CastIn { off, y, n } => {
-                    let n32 = *n as i32;
-                    let xin = input_ptr + 4 * *off as u64;
-                    let mut l = self.stream.launch_builder(&cast);
-                    l.arg(&xin).arg(&mut self.bufs[*y]).arg(&n32);
-                    // SAFETY: (x f32, y, n); both hold n values.
-                    unsafe { l.launch(cfg(*n)) }.map_err(err)?;
-                }
-                LStep::Quant { x, y, n, s, z, lo, hi } => {
-                    let (xs, ys) = two(&mut self.bufs, *x, *y);
-                    let n32 = *n as i32;
-                    let mut l = self.stream.launch_builder(&quant);
-                    l.arg(xs).arg(ys).arg(&n32).arg(s).arg(z).arg(lo).arg(hi);
-                    // SAFETY: (x, y, n, s, z, lo, hi) as the kernel declares; both buffers hold n.
-                    unsafe { l.launch(cfg(*n)) }.map_err(err)?;
-                }
-                LStep::Unary { x, y, n, op, lo, hi } => {
-                    let (xs, ys) = two(&mut self.bufs, *x, *y);
-                    let n32 = *n as i32;
-                    let mut l = self.stream.launch_builder(&un);
-                    l.arg(xs).arg(ys).arg(&n32).arg(op).arg(lo).arg(hi);
-                    // SAFETY: (x, y, n, op, lo, hi); both buffers hold n values.
-                    unsafe { l.launch(cfg(*n)) }.map_err(err)?;
                 }
                 LStep::Kernel { name, args, threads } => {
                     let f = gpu.function(name)?;
@@ -1312,7 +1237,7 @@ fn two(b: &mut [CudaSlice<f16>], x: usize, y: usize) -> (&CudaSlice<f16>, &mut C
 /// An element-wise computation deferred so that a chain of element-wise steps runs as one
 /// generated kernel: statements over `float` locals (`tN`, unique in the lowering), each reading
 /// operands through `$k$` placeholders for `args[k]` at the thread's element `i`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct Expr {
     stmts: Vec<String>,
     result: String,
@@ -1349,6 +1274,15 @@ fn fake_quant_stmts(t: &str, a: &str, [s, z, lo, hi]: [f32; 4]) -> (String, Stri
 }
 
 impl Expr {
+    /// Ends the chain with `fq(a)` (scale, zero, lo, hi), a fresh local from `next_t`.
+    fn fake_quant(&mut self, a: &str, q: [f32; 4], next_t: &mut usize) {
+        let t = format!("t{next_t}");
+        *next_t += 1;
+        let (st_q, st) = fake_quant_stmts(&t, a, q);
+        self.stmts.extend([st_q, st]);
+        self.result = t;
+    }
+
     /// Argument `a` (a buffer or input once), as a placeholder.
     fn arg(&mut self, a: EArg) -> String {
         let k = match self.args.iter().position(|b| *b == a && !matches!(a, EArg::Const(_))) {
@@ -1463,7 +1397,7 @@ mod tests {
 
     fn chain(t0: usize, buf: usize) -> Expr {
         // erf-GELU over one buffer, with locals numbered from t0.
-        let mut e = Expr { stmts: vec![], result: String::new(), args: vec![] };
+        let mut e = Expr::default();
         let x = e.arg(EArg::Buf(buf));
         e.stmts.push(format!("float t{t0} = {x} / 1.4142135e0f;"));
         e.stmts.push(format!("float t{} = erff(t{t0});", t0 + 1));

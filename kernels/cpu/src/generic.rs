@@ -116,6 +116,20 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// The window as the C and CUDA kernels take it (`geo` of `sqil_conv_q4q8`, `sqil_conv_f32`,
+    /// `sqil_pool2d`, `sqil_conv2d_f32`): `channels`, then per axis the input extent, kernel
+    /// extent, stride, dilation, padding at the start, output extent (each group axis-major).
+    pub fn kernel_params(&self, channels: usize) -> Vec<i64> {
+        std::iter::once(channels as i64)
+            .chain(self.input.iter().map(|&v| v as i64))
+            .chain(self.kernel.iter().map(|&v| v as i64))
+            .chain(self.strides.iter().map(|&v| v as i64))
+            .chain(self.dilations.iter().map(|&v| v as i64))
+            .chain(self.pads_begin.iter().map(|&v| v as i64))
+            .chain(self.output.iter().map(|&v| v as i64))
+            .collect()
+    }
+
     pub fn kernel_len(&self) -> usize {
         self.kernel.iter().product()
     }

@@ -7,7 +7,7 @@
 //! recognised as an affine box (nested loops with strides, `memcpy` for contiguous runs) or,
 //! where it is not affine (a Gather with scattered indices), written as an index table.
 
-use super::{c_array, Emitter};
+use super::Emitter;
 use sqil_ir::ops::movement::{copy_sources, CopySrc};
 use sqil_ir::ops::Op;
 use sqil_ir::{DType, IrError, Result, Tensor};
@@ -219,11 +219,8 @@ fn copy(em: &mut Emitter, yt: &Tensor, pairs: &[(usize, usize)], dst: &str, src:
         nest.emit_copy(&mut em.body, dst, src);
         return;
     }
-    let name = format!("sqil_c{}", em.next_const);
-    em.next_const += 1;
     let items: Vec<String> = pairs.iter().flat_map(|&(d, s)| [d.to_string(), s.to_string()]).collect();
-    c_array(&mut em.consts, "int32_t", &name, &items, 12);
-    em.const_bytes += 4 * items.len();
+    let name = em.int_array(&items, 12);
     let _ = writeln!(
         em.body,
         "    {{\n        int32_t i;\n        for (i = 0; i < {}; i++) {{\n            {dst}[{name}[2 * i]] = {src}[{name}[2 * i + 1]];\n        }}\n    }}",

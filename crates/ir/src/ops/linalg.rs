@@ -271,6 +271,26 @@ fn float_input(t: &Tensor, op: &str) -> Result<()> {
     }
 }
 
+/// A Gemm / MatMul layer's constant rank-2 weight as code generators store it: `(k, n, w)` with
+/// `w` row-major `[k][n]` (`trans_b` undone, `alpha` folded in), and its constant bias broadcast
+/// to `[n]` times `beta`.
+pub fn dense_weight_kn(
+    w: &Tensor,
+    trans_b: bool,
+    alpha: f32,
+    bias: Option<&Tensor>,
+    beta: f32,
+) -> (usize, usize, Vec<f32>, Option<Vec<f32>>) {
+    let (k, n) = if trans_b { (w.shape[1], w.shape[0]) } else { (w.shape[0], w.shape[1]) };
+    let wv = w.data.to_f32_vec();
+    let wk = (0..k * n).map(|i| alpha * if trans_b { wv[(i % n) * k + i / n] } else { wv[i] }).collect();
+    let b = bias.map(|b| {
+        let v = b.data.to_f32_vec();
+        super::broadcast_indices(&b.shape, &[n]).into_iter().map(|i| v[i] * beta).collect()
+    });
+    (k, n, wk, b)
+}
+
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     float_input(a, "MatMul")?;
     if a.dtype() != b.dtype() {
