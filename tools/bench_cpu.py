@@ -12,7 +12,8 @@ hopper BC policy, a 4x1024 MLP and the pixel CNN policy (bc_pickplace_pixels), f
 
     tools/.venv-dev/bin/python tools/bench_cpu.py [--iters 2000]      # writes docs/bench-cpu.json
 
-Ratios are of medians (p50): this 2-core VM's steal time makes means jump between runs.
+Ratios are of medians (p50): this 2-core VM's speed drifts, so the engines run in interleaved
+rounds (`--rounds`) and each reports the median of its rounds' medians.
 """
 
 import argparse
@@ -80,6 +81,26 @@ def feeds_for(shapes, batch):
             for sh in shapes]
 
 
+def conv_macs(path):
+    """Multiply-accumulates per sample of each Conv node (name -> MACs), from inferred shapes."""
+    m = onnx.shape_inference.infer_shapes(onnx.load(path))
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)}
+    inits = {i.name: list(i.dims) for i in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type == "Conv" and n.input[1] in inits and n.output[0] in dims:
+            w = inits[n.input[1]]
+            out[n.name] = int(np.prod(dims[n.output[0]][1:])) * int(np.prod(w[1:]))
+    return out
+
+
+def peaks():
+    """This core's int8 and f32 multiply-accumulate ceilings (GMAC/s), measured by `sqil bench --peaks`."""
+    r = subprocess.run([SQIL, "bench", "--peaks"], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])["peaks"]
+
+
 def ort_time(path, shapes, batch, iters, opt=True):
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -115,8 +136,11 @@ def sqil_time(artifact, batch, iters):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=2000)
-    ap.add_argument("--out", type=pathlib.Path, default=ROOT / "docs" / "bench-cpu.json",
-                    help="where the JSON rows go (another machine's run: not the committed file)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of every engine per batch size")
+    ap.add_argument("--models", default="", help="only the models whose name contains this (e.g. cnn)")
+    ap.add_argument("--out", type=pathlib.Path, default=None,
+                    help="where the JSON rows go (default docs/bench-cpu.json for a run of every model; "
+                         "another machine's run: not the committed file)")
     a = ap.parse_args()
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -132,6 +156,10 @@ def main():
                   "mlp4x1024": (tmp / "mlp4x1024.onnx", [tmp / "calib.npy"]),
                   "cnn (pickplace pixels)": (pol / "bc_pickplace_pixels.onnx",
                                              [pol / "bc_pickplace_pixels.input0.npy", pol / "bc_pickplace_pixels.input1.npy"])}
+        models = {k: v for k, v in models.items() if a.models in k}
+        pk = peaks()
+        print(f"this core's ceilings: int8 (vpmaddubsw) {pk['int8_gmacs']} GMAC/s, f32 (FMA) {pk['f32_gmacs']} GMAC/s",
+              flush=True)
         for name, (path, calib) in models.items():
             shapes = [[d.dim_value if d.dim_value else d.dim_param for d in i.type.tensor_type.shape.dim]
                       for i in onnx.load(path).graph.input]
@@ -160,21 +188,48 @@ def main():
                 iters = a.iters if batch == 1 else max(a.iters // 10, 50)
                 if name.startswith("cnn"):
                     iters = max(iters // 10, 20)
-                for label, (kind, p) in engines.items():
-                    if kind == "sqil":
-                        mean, p50, mn = sqil_time(p, batch, iters)
-                    elif kind == "tract":
-                        mean, p50, mn = tract_time(p, batch, iters)
-                    else:
-                        mean, p50, mn = ort_time(p, shapes, batch, iters)
+                # Rounds interleave the engines, so a stretch of a slower host (this VM's speed
+                # drifts by up to 1.4x within minutes) falls on every engine alike: per engine the
+                # median of its rounds' medians and the minimum of their minima.
+                got = {label: [] for label in engines}
+                for _ in range(a.rounds):
+                    for label, (kind, p) in engines.items():
+                        n = max(iters // a.rounds, 10)
+                        if kind == "sqil":
+                            got[label].append(sqil_time(p, batch, n))
+                        elif kind == "tract":
+                            got[label].append(tract_time(p, batch, n))
+                        else:
+                            got[label].append(ort_time(p, shapes, batch, n))
+                for label, r in got.items():
+                    mean = float(np.mean([x[0] for x in r]))
+                    p50 = float(np.median([x[1] for x in r]))
+                    mn = float(min(x[2] for x in r))
                     rows.append({"model": name, "engine": label, "batch": batch, "mean_us": mean, "p50_us": p50,
-                                 "min_us": mn, "samples_per_s": batch / p50 * 1e6})
+                                 "min_us": mn, "samples_per_s": batch / p50 * 1e6, "rounds": a.rounds})
                     print(f"{name:22} batch {batch:3}  {label:22} mean {mean:10.1f} us  p50 {p50:10.1f} us  min {mn:10.1f} us  "
                           f"{batch / p50 * 1e6:10.0f} samples/s", flush=True)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    out = {"cpu": cpu, "threads": 1, "onnxruntime": ort.__version__, "rows": rows}
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
+    out = {"cpu": cpu, "threads": 1, "onnxruntime": ort.__version__, "peaks": pk, "rows": rows}
     print(f"CPU: {cpu}; ratios of p50 latencies")
+    if any(m.startswith("cnn") for m in models) and pk["int8_gmacs"]:
+        # The CNN's floor at this core's measured ceilings: its int4 convolutions at the int8
+        # ceiling and the float first convolution at the f32 ceiling, everything else free.
+        macs = conv_macs(pol / "bc_pickplace_pixels.onnx")
+        first = next(iter(macs))
+        floor_us = (sum(v for k, v in macs.items() if k != first) / pk["int8_gmacs"] + macs[first] / pk["f32_gmacs"]) / 1e3
+        m = next(m for m in models if m.startswith("cnn"))
+        r = {x["engine"]: x for x in rows if x["model"] == m and x["batch"] == 1}
+        fp = min(r[k]["p50_us"] for k in r if k in ("ort f32", "tract f32"))
+        fp_min = min(r[k]["min_us"] for k in r if k in ("ort f32", "tract f32"))
+        out["cnn_floor"] = {"conv_macs": macs, "floor_us": floor_us, "best_ratio_p50": fp / floor_us,
+                            "best_ratio_min": fp_min / floor_us}
+        print(f"CNN floor at these ceilings ({sum(macs.values()) / 1e6:.1f} M conv MACs; int4 convolutions at the int8 "
+              f"ceiling, the float first one at the f32 ceiling, nothing else): {floor_us:.0f} us, i.e. at most "
+              f"{fp / floor_us:.2f}x the fastest f32 peer by medians ({fp_min / floor_us:.2f}x by minima)")
+    dest = a.out or (None if a.models else ROOT / "docs" / "bench-cpu.json")
+    if dest:
+        dest.write_text(json.dumps(out, indent=1) + "\n")
     for m in models:
         for b in (1, 64):
             r = {x["engine"]: x["p50_us"] for x in rows if x["model"] == m and x["batch"] == b}

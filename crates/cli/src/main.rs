@@ -226,7 +226,8 @@ enum Cmd {
     /// Time a model or CPU artifact on random inputs: batch latency and throughput, one line of
     /// JSON per batch size (artifacts on the runtime's kernels, models on the interpreter).
     Bench {
-        model: PathBuf,
+        #[arg(required_unless_present = "peaks")]
+        model: Option<PathBuf>,
         #[arg(long, default_value = "1,64", value_delimiter = ',')]
         batch: Vec<usize>,
         /// Timed runs per batch size (after 10% warm-up runs).
@@ -237,6 +238,10 @@ enum Cmd {
         /// Also print each step's share of the time (artifacts only), one JSON line per step.
         #[arg(long)]
         profile: bool,
+        /// First print this core's measured int8 (`vpmaddubsw`) and f32 (FMA) multiply-accumulate
+        /// ceilings, one JSON line: what kernel rates are held against in the same run.
+        #[arg(long)]
+        peaks: bool,
     },
 }
 
@@ -556,9 +561,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Bench { model, batch, iters, threads, profile } => {
+        Cmd::Bench { model, batch, iters, threads, profile, peaks } => {
             sqil_runtime::keep_freed_memory();
-            sqil::bench::bench(&model, &batch, iters, threads, profile)
+            if peaks {
+                let g = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
+                let (i8, f32) = (sqil_kernels_cpu::peak::int8_gmacs(), sqil_kernels_cpu::peak::f32_gmacs());
+                println!("{{\"peaks\": {{\"int8_gmacs\": {}, \"f32_gmacs\": {}, \"threads\": 1}}}}", g(i8), g(f32));
+            }
+            match model {
+                Some(model) => sqil::bench::bench(&model, &batch, iters, threads, profile),
+                None => Ok(()),
+            }
         }
         Cmd::Run { model, inputs, outputs, threads } => {
             sqil_runtime::keep_freed_memory();

@@ -53,6 +53,19 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             let scale = w.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
             let err = w.iter().zip(&g).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
             assert!(err <= PLAN_TOL, "{name} {spec}: plan vs simulation {err:.2e} (relative to max |action|)");
+            // A convolutional policy's batch runs sample by sample, with the same bits as the whole
+            // batch at once; the others keep their batch together (batched GEMMs).
+            let convolutional = matches!(name, "cnn" | "bc_pickplace_pixels");
+            assert_eq!(pol.plan.per_sample, convolutional, "{name} {spec}: per-sample execution");
+            assert!(feeds[0].shape[0] > 1, "{name}: the test states are one sample");
+            if convolutional {
+                let whole = pol.plan.run_whole(&feeds, 1).unwrap();
+                assert_eq!(
+                    whole[0].data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    g.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{name} {spec}: sample by sample differs from the whole batch"
+                );
+            }
             // A NaN in the first state's observation: the same actions are NaN as in the
             // simulation (FakeQuant keeps NaN; the int8 kernels cannot, so the plan marks them).
             let mut bad = feeds.clone();
@@ -280,4 +293,30 @@ fn standalone_executable_runs_the_policy() {
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success() && err.contains("line 2") && err.contains("3 numbers"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Per-sample execution is decided from the graph: a convolutional policy qualifies; the same
+/// policy with an op that mixes samples (a softmax over the batch axis) or without a symbolic
+/// batch does not, and neither does a policy without convolutions.
+#[test]
+fn per_sample_execution_needs_independent_samples() {
+    use sqil_ir::ops::Op;
+    let cnn = sqil::load_model(&policies().join("cnn.onnx")).unwrap();
+    assert!(sqil_runtime::plan::per_sample(&cnn));
+    let mut mixed = cnn.clone();
+    let y = mixed.outputs[0];
+    let s = mixed.add_inferred("mix", Op::Softmax { axis: 0, coerce_2d: false }, &[Some(y)], "mixed").unwrap();
+    mixed.outputs = vec![s];
+    assert!(!sqil_runtime::plan::per_sample(&mixed), "a softmax over the batch axis");
+    let mut same_axis_ok = cnn.clone();
+    let s = same_axis_ok.add_inferred("rows", Op::Softmax { axis: -1, coerce_2d: false }, &[Some(y)], "rows").unwrap();
+    same_axis_ok.outputs = vec![s];
+    assert!(sqil_runtime::plan::per_sample(&same_axis_ok), "a softmax over the last axis");
+    let mut fixed = cnn.clone();
+    for &i in &fixed.inputs.clone() {
+        let shape = &mut fixed.node_mut(i).outputs[0].ty.shape;
+        shape[0] = sqil_ir::Dim::Known(4);
+    }
+    assert!(!sqil_runtime::plan::per_sample(&fixed), "no symbolic batch");
+    assert!(!sqil_runtime::plan::per_sample(&sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap()));
 }

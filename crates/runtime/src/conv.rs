@@ -29,6 +29,10 @@ pub struct Im2col {
     /// Per (output position, tap) the flat input position, or `u32::MAX` in padding (position
     /// major: one window's entries are adjacent).
     pub table: Vec<u32>,
+    /// `table` as byte offsets into the channels-innermost image (`position * C`), padding at
+    /// the zero-point run kept past the image (`input_len * C`): the in-place kernel's windows
+    /// (empty if they overflow u32).
+    pub offsets: Vec<u32>,
 }
 
 /// A Q4 convolution's weight, ints `[n, taps * C]` in `(tap, channel)` order, its scales
@@ -55,8 +59,16 @@ pub(crate) fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) 
         return None;
     }
     let (taps, ol) = (geo.kernel_len(), geo.output_len());
-    let table = (0..ol * taps).map(|i| table[(i % taps) * ol + i / taps].map_or(u32::MAX, |p| p as u32)).collect();
-    Some(Im2col { channels: xs[0], table, geo })
+    let table: Vec<u32> =
+        (0..ol * taps).map(|i| table[(i % taps) * ol + i / taps].map_or(u32::MAX, |p| p as u32)).collect();
+    // Empty when the image's bytes overflow u32 (then the windows are gathered).
+    let (ch, il) = (xs[0] as u64, geo.input_len() as u64);
+    let offsets = if (il + 1) * ch <= u32::MAX as u64 {
+        table.iter().map(|&p| (if p == u32::MAX { il * ch } else { p as u64 * ch }) as u32).collect()
+    } else {
+        vec![]
+    };
+    Some(Im2col { channels: xs[0], table, geo, offsets })
 }
 
 /// The im2col gather table of a float Conv node on input `x` with weight `w` over static
@@ -261,15 +273,11 @@ pub(crate) fn run(
     // gathering): per window the byte offsets of its taps' runs, padding taps at a run of C
     // zero-point bytes kept past the image.
     let in_place = threads <= 1
+        && !im.offsets.is_empty()
         && w.k == w.k_pad
         && ch.is_multiple_of(4)
         && (w.group.is_multiple_of(ch) || ch.is_multiple_of(w.group))
         && sqil_kernels_cpu::isa() != sqil_kernels_cpu::Isa::Generic;
-    let offsets: Vec<u32> = if in_place {
-        im.table.iter().map(|&p| if p == u32::MAX { (il * ch) as u32 } else { p * ch as u32 }).collect()
-    } else {
-        vec![]
-    };
     SCRATCH.with_borrow_mut(|s| {
         s.planes.resize(il * ch, 0);
         s.image.resize((il + 1) * ch, 0);
@@ -281,7 +289,8 @@ pub(crate) fn run(
                 // The lane kernel's form: sign bits flipped once here (x + 128 as unsigned).
                 s.image[il * ch..].fill(pad);
                 s.image.iter_mut().for_each(|v| *v ^= i8::MIN);
-                let xs: Vec<QWindow> = offsets
+                let xs: Vec<QWindow> = im
+                    .offsets
                     .chunks_exact(taps)
                     .map(|offsets| QWindow { image: &s.image, offsets, run: ch, zero, scale })
                     .collect();
@@ -303,7 +312,7 @@ pub(crate) fn run(
 /// NaN, and NaN x 0 is NaN), which the int8 quantizer cannot represent. One scan when there is
 /// none.
 fn nan_windows(im: &Im2col, n: usize, x: &[f32], images: usize, out: &mut [f32]) {
-    if !x.iter().any(|v| v.is_nan()) {
+    if !sqil_kernels_cpu::has_nan(x) {
         return;
     }
     let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());

@@ -16,7 +16,7 @@
 use crate::conv::{conv_geometry, conv_weight, Im2col};
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::{Op, UnaryOp};
-use sqil_ir::{Graph, IrError, NodeId, Result, Tensor, ValueRef};
+use sqil_ir::{Data, Dim, Graph, IrError, NodeId, Result, Tensor, ValueRef};
 use sqil_kernels_cpu::generic::{quantize_input_into, round_even, QuantizedInput};
 use sqil_kernels_cpu::PackedQ4;
 use std::borrow::Cow;
@@ -107,6 +107,92 @@ pub struct Plan {
     /// a step's dead inputs are dropped after it, and a ReLU or Reshape takes over its input's
     /// buffer when the input dies there (no copy, no fresh pages).
     pub last_use: Vec<usize>,
+    /// Whether a batch runs sample by sample through the whole plan (see [`per_sample`]): a
+    /// convolutional policy whose every value keeps the batch as its leading dimension and whose
+    /// every op treats the leading index independently. One image's activations then stay in
+    /// the core's cache from layer to layer (a layer at a time, a batch of 64 images' outputs
+    /// spill to memory between layers). The same kernels, so the same bits.
+    pub per_sample: bool,
+}
+
+/// Whether graph `g`'s batch can run one sample at a time: it has a convolution, every input's
+/// leading dimension is one symbol (the batch), every value a computed node produces has that
+/// symbol as its leading dimension (those computed from constants alone aside), and every op is on a list of ops that treat the leading index
+/// independently when it is the batch (element-wise ops, convolutions, pools, row-wise linear
+/// algebra, normalizations and reshuffles along other axes). Anything else (a Shape, a reduction,
+/// an axis-0 softmax, an unknown leading dimension) keeps the whole batch together.
+pub fn per_sample(g: &Graph) -> bool {
+    let lead = |v: ValueRef| g.value(v).ty.shape.first().cloned();
+    let Some(Some(sym @ Dim::Sym(_))) = g.inputs.first().map(|&i| lead(ValueRef { node: i, slot: 0 })) else {
+        return false;
+    };
+    if !g.inputs.iter().all(|&i| lead(ValueRef { node: i, slot: 0 }).as_ref() == Some(&sym)) {
+        return false;
+    }
+    let mut conv = false;
+    let Ok(order) = g.topo_order() else { return false };
+    // Nodes computed from constants only (a weight's quantizer): folded when planned.
+    let mut fixed = std::collections::HashSet::new();
+    for n in order {
+        let node = g.node(n);
+        let ins = g.inputs_of(n);
+        if matches!(node.op, Op::Const(_))
+            || (!matches!(node.op, Op::Input) && ins.iter().flatten().all(|v| fixed.contains(&v.node)))
+        {
+            fixed.insert(n);
+            continue;
+        }
+        if matches!(node.op, Op::Input) {
+            continue;
+        }
+        if (0..node.outputs.len()).any(|s| lead(ValueRef { node: n, slot: s }).as_ref() != Some(&sym)) {
+            return false;
+        }
+        let rank = g.inputs_of(n).first().copied().flatten().map_or(0, |x| g.value(x).ty.shape.len() as i64);
+        // An axis attribute names the batch axis if it normalizes to 0.
+        let off0 = |axis: i64| axis.rem_euclid(rank.max(1)) != 0;
+        let ok = match &node.op {
+            Op::Conv(_) | Op::MaxPool(_) | Op::AveragePool(_) | Op::GlobalAveragePool => {
+                conv |= matches!(node.op, Op::Conv(_));
+                true
+            }
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::LeakyRelu { .. }
+            | Op::Elu { .. }
+            | Op::Gelu { .. }
+            | Op::PRelu
+            | Op::Where
+            | Op::Clip
+            | Op::MatMul
+            | Op::Reshape { .. }
+            | Op::Squeeze
+            | Op::Unsqueeze
+            | Op::Identity
+            | Op::Cast { .. }
+            | Op::Expand => true,
+            Op::Gemm { trans_a, .. } => !trans_a,
+            Op::BatchNorm { training, .. } => !training,
+            Op::Softmax { axis, .. } | Op::LogSoftmax { axis, .. } | Op::LayerNorm { axis, .. } => off0(*axis),
+            Op::Flatten { axis } => *axis != 0,
+            Op::Concat { axis } | Op::Split { axis, .. } | Op::Gather { axis } => off0(*axis),
+            Op::Transpose { perm } => perm.as_ref().is_some_and(|p| p.first() == Some(&0)),
+            Op::FakeQuant { axis, block_size, .. } | Op::QuantizeLinear { axis, block_size, .. } => {
+                // Per tensor (constant parameters), or per channel on another axis.
+                g.inputs_of(n).get(1).copied().flatten().is_some_and(|s| g.value(s).ty.shape.is_empty())
+                    || (off0(*axis) && *block_size == 0)
+            }
+            Op::DequantizeLinear { axis, block_size } => {
+                g.inputs_of(n).get(1).copied().flatten().is_some_and(|s| g.value(s).ty.shape.is_empty())
+                    || (off0(*axis) && *block_size == 0)
+            }
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    conv
 }
 
 /// A weight a Q4 step can absorb: signed ints `[n, k]` row-major, scales, n, k, group.
@@ -491,7 +577,7 @@ impl Plan {
         for &s in &outputs {
             last_use[s] = usize::MAX;
         }
-        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps, last_use })
+        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps, last_use, per_sample: per_sample(g) })
     }
 
     /// Names and kinds of the steps (for reports).
@@ -514,8 +600,43 @@ impl Plan {
             .collect()
     }
 
-    /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers.
+    /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers. A batch
+    /// of a [`Plan::per_sample`] plan runs one sample at a time.
     pub fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
+        let batch = feeds.first().and_then(|t| t.shape.first().copied()).unwrap_or(0);
+        if self.per_sample && batch > 1 && feeds.iter().all(|t| t.shape.first() == Some(&batch)) {
+            let mut parts: Vec<Vec<Tensor>> = vec![vec![]; self.outputs.len()];
+            for i in 0..batch {
+                let one: Vec<Tensor> = feeds
+                    .iter()
+                    .map(|t| {
+                        let per = t.len() / batch;
+                        let mut shape = t.shape.clone();
+                        shape[0] = 1;
+                        Tensor::new(shape, t.data.gather(&(i * per..(i + 1) * per).collect::<Vec<_>>()))
+                    })
+                    .collect::<Result<_>>()?;
+                for (part, y) in parts.iter_mut().zip(self.run_whole(&one, threads)?) {
+                    if y.shape.first() != Some(&1) {
+                        return Err(IrError::Internal(format!("per-sample run gave an output of shape {:?}", y.shape)));
+                    }
+                    part.push(y);
+                }
+            }
+            return parts
+                .into_iter()
+                .map(|p| {
+                    let mut shape = p[0].shape.clone();
+                    shape[0] = batch;
+                    Tensor::new(shape, Data::concat(&p.iter().map(|t| &t.data).collect::<Vec<_>>())?)
+                })
+                .collect();
+        }
+        self.run_whole(feeds, threads)
+    }
+
+    /// Runs the plan on the whole batch at once.
+    pub fn run_whole(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
         let mut env = self.exec(feeds, threads, None, false)?;
         self.outputs
             .iter()
@@ -643,7 +764,7 @@ impl Plan {
                             // The simulation's FakeQuant keeps a NaN input, and every output
                             // sums it (NaN x 0 is NaN); the int8 quantizer cannot hold one.
                             for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {
-                                if xr.iter().any(|v| v.is_nan()) {
+                                if sqil_kernels_cpu::has_nan(xr) {
                                     yr.fill(f32::NAN);
                                 }
                             }

@@ -5,11 +5,18 @@
 
 pub mod generic;
 pub mod packed;
+pub mod peak;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
 pub use generic::{dgemm, im2col, quantize_input, sgemm, ConvGeometry, QRow, QuantizedInput};
 pub use packed::{BlockQ4, PackedQ4};
+
+/// Whether `x` holds a NaN: blocks of 64 folded without an early exit, so the compiler vectorizes
+/// the comparisons (a per-element `any` is a scalar loop with a branch per value).
+pub fn has_nan(x: &[f32]) -> bool {
+    x.chunks(64).any(|c| c.iter().fold(false, |a, v| a | v.is_nan()))
+}
 
 /// The best kernel family this CPU runs, chosen once at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

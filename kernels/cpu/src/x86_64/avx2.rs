@@ -393,6 +393,18 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
         let vm = _mm256_set1_pd(m);
         let mut sum = _mm256_setzero_pd();
         let mut j = 0;
+        // Four independent exponentials at a time (their long dependency chains overlap), added
+        // into the sum in element order.
+        while j + 16 <= d4 {
+            let v: [__m256d; 4] = std::array::from_fn(|i| {
+                exp_nonpos4(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j + 4 * i))), vm))
+            });
+            for (i, v) in v.iter().enumerate() {
+                _mm256_storeu_pd(e.as_mut_ptr().add(j + 4 * i), *v);
+                sum = _mm256_add_pd(sum, *v);
+            }
+            j += 16;
+        }
         while j < d4 {
             let v = exp_nonpos4(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j))), vm));
             _mm256_storeu_pd(e.as_mut_ptr().add(j), v);
@@ -540,6 +552,63 @@ pub(crate) unsafe fn channel_block<const NP: usize, X: LaneInput, const VNNI: bo
     accf
 }
 
+/// [`channel_block`] for groups of eight quads (32 values) that lie within one run (the run a
+/// multiple of the group: a convolution's per-tap scales, or a row): each group's i16 sums are
+/// widened straight into its float update, so no int32 accumulators stay live, and a group's
+/// quads run without a run check. Same arithmetic, so the same bits.
+#[inline(always)]
+pub(crate) unsafe fn channel_block_short<const NP: usize, X: LaneInput>(
+    w: &PackedQ4,
+    t: &ChannelTiles,
+    cb: usize,
+    xs: [X; NP],
+) -> [[__m256; 4]; NP] {
+    let groups = w.groups();
+    const QUADS: usize = 8;
+    debug_assert!(w.group == 4 * QUADS && (xs[0].run() == usize::MAX || xs[0].run().is_multiple_of(w.group)));
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128i8);
+    let run = xs[0].run();
+    let zc: [__m256i; NP] = std::array::from_fn(|c| _mm256_set1_epi32(128 + xs[c].zero()));
+    let same_zero = xs.iter().all(|x| x.zero() == xs[0].zero());
+    let mut accf = [[_mm256_setzero_ps(); 4]; NP];
+    let (mut tap, mut off) = (0usize, 0usize);
+    for g in 0..groups {
+        if off == run {
+            tap += 1;
+            off = 0;
+        }
+        let xp: [*const i8; NP] = std::array::from_fn(|c| xs[c].run_ptr(tap).add(off));
+        off += w.group;
+        let base = t.data.as_ptr().add((cb * groups + g) * QUADS * 128);
+        let mut acc16 = [[_mm256_setzero_si256(); 4]; NP];
+        for quad in 0..QUADS {
+            let wp = base.add(quad * 128);
+            let wv: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
+            for c in 0..NP {
+                let x4 = std::ptr::read_unaligned(xp[c].add(4 * quad) as *const i32);
+                let xb = if X::FLIPPED { _mm256_set1_epi32(x4) } else { _mm256_xor_si256(_mm256_set1_epi32(x4), flip) };
+                for j in 0..4 {
+                    acc16[c][j] = _mm256_add_epi16(acc16[c][j], _mm256_maddubs_epi16(xb, wv[j]));
+                }
+            }
+        }
+        let at = (cb * groups + g) * 32;
+        for j in 0..4 {
+            let ws = _mm256_loadu_si256(t.sums.as_ptr().add(at + 8 * j) as *const __m256i);
+            let sc = _mm256_loadu_ps(t.scales.as_ptr().add(at + 8 * j));
+            let zw0 = _mm256_mullo_epi32(zc[0], ws);
+            for c in 0..NP {
+                let zw = if same_zero { zw0 } else { _mm256_mullo_epi32(zc[c], ws) };
+                let v = _mm256_sub_epi32(_mm256_madd_epi16(acc16[c][j], ones), zw);
+                // The epilogue's order: product rounded, then added.
+                accf[c][j] = _mm256_add_ps(accf[c][j], _mm256_mul_ps(_mm256_cvtepi32_ps(v), sc));
+            }
+        }
+    }
+    accf
+}
+
 /// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of inputs with the channels
 /// in vector lanes (see [`channel_block`]); output `(c, r)` goes to `y[c * cs + (r -
 /// rows_in.start) * rs]`.
@@ -555,6 +624,10 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, const VNNI: bool>(
     debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
     let t = w.channel_tiles();
     let r0 = rows_in.start;
+    // Groups of eight quads inside one run take the short form (not under VNNI, whose
+    // group sums have no i16 stage).
+    let short =
+        !VNNI && w.group == 32 && xs.first().is_some_and(|x| x.run() == usize::MAX || x.run().is_multiple_of(w.group));
     let mut b = [0f32; 32];
     for cb in r0 / 32..rows_in.end.div_ceil(32) {
         let rows = (rows_in.end - 32 * cb).min(32);
@@ -562,27 +635,52 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, const VNNI: bool>(
         if let Some(bias) = bias {
             b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
         }
-        let mut c = 0;
-        while c < xs.len() {
-            // Two inputs at a time, the last alone.
-            let (acc, np) = if c + 2 <= xs.len() {
-                (channel_block::<2, X, VNNI>(w, t, cb, [xs[c], xs[c + 1]]), 2)
-            } else {
-                let [a0] = channel_block::<1, X, VNNI>(w, t, cb, [xs[c]]);
-                ([a0, [_mm256_setzero_ps(); 4]], 1)
-            };
-            for (i, acc) in acc[..np].iter().enumerate() {
-                let mut out = [0f32; 32];
-                let scale = _mm256_set1_ps(xs[c + i].scale());
-                for (j, a) in acc.iter().enumerate() {
-                    let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
-                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
+        // Eight inputs at a time into a tile, then each channel's eight outputs written together
+        // (contiguous when inputs are adjacent in `y`: a convolution's channel-major output).
+        const TILE: usize = 9;
+        let mut tile = [[0f32; TILE]; 32];
+        for c0 in (0..xs.len()).step_by(TILE) {
+            let np_all = (xs.len() - c0).min(TILE);
+            let mut c = c0;
+            while c < c0 + np_all {
+                // Two inputs at a time, the last alone.
+                let (acc, np) = if short && c + 3 <= c0 + np_all {
+                    let [a0, a1, a2] = channel_block_short::<3, X>(w, t, cb, [xs[c], xs[c + 1], xs[c + 2]]);
+                    ([a0, a1, a2], 3)
+                } else if short && c + 2 <= c0 + np_all {
+                    let [a0, a1] = channel_block_short::<2, X>(w, t, cb, [xs[c], xs[c + 1]]);
+                    ([a0, a1, [_mm256_setzero_ps(); 4]], 2)
+                } else if c + 2 <= c0 + np_all {
+                    let [a0, a1] = channel_block::<2, X, VNNI>(w, t, cb, [xs[c], xs[c + 1]]);
+                    ([a0, a1, [_mm256_setzero_ps(); 4]], 2)
+                } else {
+                    let [a0] = channel_block::<1, X, VNNI>(w, t, cb, [xs[c]]);
+                    ([a0, [_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]], 1)
+                };
+                for (i, acc) in acc[..np].iter().enumerate() {
+                    let mut out = [0f32; 32];
+                    let scale = _mm256_set1_ps(xs[c + i].scale());
+                    for (j, a) in acc.iter().enumerate() {
+                        let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
+                    }
+                    for (l, &v) in out.iter().enumerate() {
+                        tile[l][c + i - c0] = v;
+                    }
                 }
-                for (l, &v) in out[..rows].iter().enumerate() {
-                    y[(c + i) * cs + (32 * cb + l - r0) * rs] = v;
+                c += np;
+            }
+            for (l, row) in tile[..rows].iter().enumerate() {
+                let at = (32 * cb + l - r0) * rs + c0 * cs;
+                if cs == 1 && np_all == TILE {
+                    // A fixed length: inlined moves, not a call.
+                    y[at..at + TILE].copy_from_slice(row);
+                } else {
+                    for (i, &v) in row[..np_all].iter().enumerate() {
+                        y[at + i * cs] = v;
+                    }
                 }
             }
-            c += np;
         }
     }
 }
