@@ -1,6 +1,6 @@
 //! One W4A8 convolution read in place (the pixel CNN's int4 layers: 32 channels in and out, 3x3,
 //! one scale per output channel and tap) against this core's int8 and f32 ceilings measured in
-//! the same run (`sqil_kernels_cpu::peak`), on one thread.
+//! the same run (`sqil_kernels_cpu::peak`), and the CNN's spatial softmax, on one thread.
 //!
 //!     cargo bench -p sqil-kernels-cpu --bench conv [-- --side 39 --channels 32 --reps 200]
 
@@ -60,5 +60,17 @@ fn main() {
         100.0 * rate / i8_peak
     );
     println!("  int8 ceiling (vpmaddubsw + vpaddw): {i8_peak:6.1} GMAC/s; f32 FMA ceiling {f32_peak:6.1} GMAC/s");
+    // The CNN's spatial softmax: 32 rows of 35 x 35 (sqil's exact f64 exponential).
+    let x: Vec<f32> = (0..32 * 1225).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0).collect();
+    let mut out = vec![0f32; x.len()];
+    let ts = (0..reps)
+        .map(|_| {
+            let t = Instant::now();
+            sqil_kernels_cpu::generic::softmax_rows(&x, 1225, &mut out);
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    println!("  softmax 32 x 1225:  {:8.1} us  {:5.2} ns per element", ts * 1e6, ts * 1e9 / x.len() as f64);
+    std::hint::black_box(&out);
     std::hint::black_box(&y);
 }

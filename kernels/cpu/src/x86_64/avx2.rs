@@ -370,6 +370,39 @@ unsafe fn exp_nonpos4(x: __m256d) -> __m256d {
     _mm256_and_pd(y, _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_NLE_UQ))
 }
 
+/// [`exp_nonpos4`] on `K` vectors at once, each step for all of them before the next (the
+/// polynomial's chains of dependent multiplies and adds interleave). The same operations per lane.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_nonpos4xk<const K: usize>(x: [__m256d; K]) -> [__m256d; K] {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_TAYLOR};
+    let magic = _mm256_set1_pd(EXP_MAGIC);
+    let t: [__m256d; K] =
+        std::array::from_fn(|i| _mm256_add_pd(_mm256_mul_pd(x[i], _mm256_set1_pd(std::f64::consts::LOG2_E)), magic));
+    let r: [__m256d; K] = std::array::from_fn(|i| {
+        let n = _mm256_sub_pd(t[i], magic);
+        _mm256_sub_pd(
+            _mm256_sub_pd(x[i], _mm256_mul_pd(n, _mm256_set1_pd(EXP_LN2_HI))),
+            _mm256_mul_pd(n, _mm256_set1_pd(EXP_LN2_LO)),
+        )
+    });
+    let mut p = [_mm256_set1_pd(EXP_TAYLOR[13]); K];
+    for &c in EXP_TAYLOR[..13].iter().rev() {
+        let c = _mm256_set1_pd(c);
+        for i in 0..K {
+            p[i] = _mm256_add_pd(_mm256_mul_pd(p[i], r[i]), c);
+        }
+    }
+    std::array::from_fn(|i| {
+        let bits = _mm256_add_epi64(
+            _mm256_sub_epi64(_mm256_castpd_si256(t[i]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
+            _mm256_set1_epi64x(1023),
+        );
+        let y = _mm256_mul_pd(p[i], _mm256_castsi256_pd(_mm256_slli_epi64(bits, 52)));
+        _mm256_and_pd(y, _mm256_cmp_pd(x[i], _mm256_set1_pd(-708.0), _CMP_NLE_UQ))
+    })
+}
+
 /// `softmax_rows` with the maximum, exponentials and division four or eight lanes at a time; the
 /// four partial sums are the four lanes of one vector (element j into lane j mod 4).
 ///
@@ -396,9 +429,9 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
         // Four independent exponentials at a time (their long dependency chains overlap), added
         // into the sum in element order.
         while j + 16 <= d4 {
-            let v: [__m256d; 4] = std::array::from_fn(|i| {
-                exp_nonpos4(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j + 4 * i))), vm))
-            });
+            let v = exp_nonpos4xk::<4>(std::array::from_fn(|i| {
+                _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j + 4 * i))), vm)
+            }));
             for (i, v) in v.iter().enumerate() {
                 _mm256_storeu_pd(e.as_mut_ptr().add(j + 4 * i), *v);
                 sum = _mm256_add_pd(sum, *v);
@@ -557,12 +590,12 @@ pub(crate) unsafe fn channel_block<const NP: usize, X: LaneInput, const VNNI: bo
 /// widened straight into its float update, so no int32 accumulators stay live, and a group's
 /// quads run without a run check. Same arithmetic, so the same bits.
 #[inline(always)]
-pub(crate) unsafe fn channel_block_short<const NP: usize, X: LaneInput>(
+pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: LaneInput>(
     w: &PackedQ4,
     t: &ChannelTiles,
-    cb: usize,
+    (cb, j0): (usize, usize),
     xs: [X; NP],
-) -> [[__m256; 4]; NP] {
+) -> [[__m256; J]; NP] {
     let groups = w.groups();
     const QUADS: usize = 8;
     debug_assert!(w.group == 4 * QUADS && (xs[0].run() == usize::MAX || xs[0].run().is_multiple_of(w.group)));
@@ -571,7 +604,7 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, X: LaneInput>(
     let run = xs[0].run();
     let zc: [__m256i; NP] = std::array::from_fn(|c| _mm256_set1_epi32(128 + xs[c].zero()));
     let same_zero = xs.iter().all(|x| x.zero() == xs[0].zero());
-    let mut accf = [[_mm256_setzero_ps(); 4]; NP];
+    let mut accf = [[_mm256_setzero_ps(); J]; NP];
     let (mut tap, mut off) = (0usize, 0usize);
     for g in 0..groups {
         if off == run {
@@ -581,20 +614,20 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, X: LaneInput>(
         let xp: [*const i8; NP] = std::array::from_fn(|c| xs[c].run_ptr(tap).add(off));
         off += w.group;
         let base = t.data.as_ptr().add((cb * groups + g) * QUADS * 128);
-        let mut acc16 = [[_mm256_setzero_si256(); 4]; NP];
+        let mut acc16 = [[_mm256_setzero_si256(); J]; NP];
         for quad in 0..QUADS {
-            let wp = base.add(quad * 128);
-            let wv: [__m256i; 4] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
+            let wp = base.add(quad * 128 + 32 * j0);
+            let wv: [__m256i; J] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
             for c in 0..NP {
                 let x4 = std::ptr::read_unaligned(xp[c].add(4 * quad) as *const i32);
                 let xb = if X::FLIPPED { _mm256_set1_epi32(x4) } else { _mm256_xor_si256(_mm256_set1_epi32(x4), flip) };
-                for j in 0..4 {
+                for j in 0..J {
                     acc16[c][j] = _mm256_add_epi16(acc16[c][j], _mm256_maddubs_epi16(xb, wv[j]));
                 }
             }
         }
-        let at = (cb * groups + g) * 32;
-        for j in 0..4 {
+        let at = (cb * groups + g) * 32 + 8 * j0;
+        for j in 0..J {
             let ws = _mm256_loadu_si256(t.sums.as_ptr().add(at + 8 * j) as *const __m256i);
             let sc = _mm256_loadu_ps(t.scales.as_ptr().add(at + 8 * j));
             let zw0 = _mm256_mullo_epi32(zc[0], ws);
@@ -607,6 +640,70 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, X: LaneInput>(
         }
     }
     accf
+}
+
+/// The short form's block of 32 channels on every input: half the block (16 channels, two
+/// registers) at a time against up to six inputs (twelve i16 accumulators, two weight registers
+/// and a broadcast: no spills), the outputs staged per twelve inputs so each channel's are
+/// written together (contiguous when the inputs are adjacent in `y`: a convolution's
+/// channel-major output).
+#[inline(always)]
+unsafe fn short_block<X: LaneInput>(
+    w: &PackedQ4,
+    t: &ChannelTiles,
+    xs: &[X],
+    b: &[f32; 32],
+    y: &mut [f32],
+    (cs, rs): (usize, usize),
+    (cb, rows, r0): (usize, usize, usize),
+) {
+    const TILE: usize = 12;
+    let mut tile = [[0f32; TILE]; 32];
+    for c0 in (0..xs.len()).step_by(TILE) {
+        let np_all = (xs.len() - c0).min(TILE);
+        for h in 0..2 {
+            let mut c = c0;
+            while c < c0 + np_all {
+                let np = (c0 + np_all - c).min(6);
+                let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+                macro_rules! run {
+                    ($($n:literal => [$($i:literal),*]),*) => {
+                        match np {
+                            $($n => {
+                                let a = channel_block_short::<$n, 2, X>(w, t, (cb, 2 * h), [$(xs[c + $i]),*]);
+                                acc[..$n].copy_from_slice(&a);
+                            })*
+                            _ => unreachable!("1 to 6 inputs"),
+                        }
+                    };
+                }
+                run!(6 => [0, 1, 2, 3, 4, 5], 5 => [0, 1, 2, 3, 4], 4 => [0, 1, 2, 3], 3 => [0, 1, 2], 2 => [0, 1], 1 => [0]);
+                for (i, acc) in acc[..np].iter().enumerate() {
+                    let scale = _mm256_set1_ps(xs[c + i].scale());
+                    let mut out = [0f32; 16];
+                    for (j, a) in acc.iter().enumerate() {
+                        let bj = _mm256_loadu_ps(b.as_ptr().add(16 * h + 8 * j));
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), _mm256_add_ps(_mm256_mul_ps(*a, scale), bj));
+                    }
+                    for (l, &v) in out.iter().enumerate() {
+                        tile[16 * h + l][c + i - c0] = v;
+                    }
+                }
+                c += np;
+            }
+        }
+        for (l, row) in tile[..rows].iter().enumerate() {
+            let at = (32 * cb + l - r0) * rs + c0 * cs;
+            if cs == 1 && np_all == TILE {
+                // A fixed length: inlined moves, not a call.
+                y[at..at + TILE].copy_from_slice(row);
+            } else {
+                for (i, &v) in row[..np_all].iter().enumerate() {
+                    y[at + i * cs] = v;
+                }
+            }
+        }
+    }
 }
 
 /// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of inputs with the channels
@@ -635,52 +732,31 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, const VNNI: bool>(
         if let Some(bias) = bias {
             b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
         }
-        // Eight inputs at a time into a tile, then each channel's eight outputs written together
-        // (contiguous when inputs are adjacent in `y`: a convolution's channel-major output).
-        const TILE: usize = 9;
-        let mut tile = [[0f32; TILE]; 32];
-        for c0 in (0..xs.len()).step_by(TILE) {
-            let np_all = (xs.len() - c0).min(TILE);
-            let mut c = c0;
-            while c < c0 + np_all {
-                // Two inputs at a time, the last alone.
-                let (acc, np) = if short && c + 3 <= c0 + np_all {
-                    let [a0, a1, a2] = channel_block_short::<3, X>(w, t, cb, [xs[c], xs[c + 1], xs[c + 2]]);
-                    ([a0, a1, a2], 3)
-                } else if short && c + 2 <= c0 + np_all {
-                    let [a0, a1] = channel_block_short::<2, X>(w, t, cb, [xs[c], xs[c + 1]]);
-                    ([a0, a1, [_mm256_setzero_ps(); 4]], 2)
-                } else if c + 2 <= c0 + np_all {
-                    let [a0, a1] = channel_block::<2, X, VNNI>(w, t, cb, [xs[c], xs[c + 1]]);
-                    ([a0, a1, [_mm256_setzero_ps(); 4]], 2)
-                } else {
-                    let [a0] = channel_block::<1, X, VNNI>(w, t, cb, [xs[c]]);
-                    ([a0, [_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]], 1)
-                };
-                for (i, acc) in acc[..np].iter().enumerate() {
-                    let mut out = [0f32; 32];
-                    let scale = _mm256_set1_ps(xs[c + i].scale());
-                    for (j, a) in acc.iter().enumerate() {
-                        let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
-                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
-                    }
-                    for (l, &v) in out.iter().enumerate() {
-                        tile[l][c + i - c0] = v;
-                    }
+        if short {
+            short_block::<X>(w, t, xs, &b, y, (cs, rs), (cb, rows, r0));
+            continue;
+        }
+        let mut c = 0;
+        while c < xs.len() {
+            // Two inputs at a time, the last alone.
+            let (acc, np) = if c + 2 <= xs.len() {
+                (channel_block::<2, X, VNNI>(w, t, cb, [xs[c], xs[c + 1]]), 2)
+            } else {
+                let [a0] = channel_block::<1, X, VNNI>(w, t, cb, [xs[c]]);
+                ([a0, [_mm256_setzero_ps(); 4]], 1)
+            };
+            for (i, acc) in acc[..np].iter().enumerate() {
+                let mut out = [0f32; 32];
+                let scale = _mm256_set1_ps(xs[c + i].scale());
+                for (j, a) in acc.iter().enumerate() {
+                    let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
                 }
-                c += np;
-            }
-            for (l, row) in tile[..rows].iter().enumerate() {
-                let at = (32 * cb + l - r0) * rs + c0 * cs;
-                if cs == 1 && np_all == TILE {
-                    // A fixed length: inlined moves, not a call.
-                    y[at..at + TILE].copy_from_slice(row);
-                } else {
-                    for (i, &v) in row[..np_all].iter().enumerate() {
-                        y[at + i * cs] = v;
-                    }
+                for (l, &v) in out[..rows].iter().enumerate() {
+                    y[(c + i) * cs + (32 * cb + l - r0) * rs] = v;
                 }
             }
+            c += np;
         }
     }
 }
