@@ -14,7 +14,7 @@ use crate::plan::{weight_quant, WeightQuant};
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::ConvAttrs;
 use sqil_ir::{Graph, Result, ValueRef};
-use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, transpose_i8, QRow, QWindow};
+use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, transpose_i8, transpose_i8_xor, QRow, QWindow};
 use sqil_kernels_cpu::{ConvGeometry, Layout, PackedQ4};
 use std::cell::RefCell;
 
@@ -284,20 +284,24 @@ pub(crate) fn run(
         for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
             // Quantize once (plane by plane, contiguous), then transpose to channels innermost.
             quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
-            transpose_i8(&s.planes, ch, il, &mut s.image);
             if in_place {
-                // The lane kernel's form: sign bits flipped once here (x + 128 as unsigned).
-                s.image[il * ch..].fill(pad);
-                s.image.iter_mut().for_each(|v| *v ^= i8::MIN);
+                // The lane kernel's form: sign bits flipped on the way (x + 128 as unsigned).
+                transpose_i8_xor(&s.planes, ch, il, &mut s.image, 0x80);
+                s.image[il * ch..].fill(pad ^ i8::MIN);
                 let xs: Vec<QWindow> = im
                     .offsets
                     .chunks_exact(taps)
                     .map(|offsets| QWindow { image: &s.image, offsets, run: ch, zero, scale })
                     .collect();
-                let done = sqil_kernels_cpu::conv_q4q8_windows(w, &xs, bias, y, Layout::ChannelMajor);
+                debug_assert!(im.offsets.iter().all(|&o| o as usize + ch <= s.image.len()));
+                // SAFETY: the offsets are positions times C, at most the padding run's
+                // `il * C` (built with the geometry), and the image holds `(il + 1) * C` bytes.
+                let done =
+                    unsafe { sqil_kernels_cpu::conv_q4q8_windows_unchecked(w, &xs, bias, y, Layout::ChannelMajor) };
                 assert!(done, "the in-place convolution kernel needs AVX2");
                 continue;
             }
+            transpose_i8(&s.planes, ch, il, &mut s.image);
             gathered(im, w, s, y, (scale, zero, pad), bias, threads);
         }
     });

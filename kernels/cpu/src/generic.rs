@@ -25,6 +25,62 @@ pub fn sgemm(
     check_bounds(m, k, a.len(), rsa, csa, "a");
     check_bounds(k, n, b.len(), rsb, csb, "b");
     check_bounds(m, n, c.len(), rsc, csc, "c");
+    // A plain product (alpha 1, beta 0) over at most SGEMM_DIRECT_K terms with contiguous rows of
+    // b and c: each output is matrixmultiply's own arithmetic there, one FMA chain over k from
+    // zero (its packed kernel with a single k block), computed without packing either operand.
+    #[cfg(target_arch = "x86_64")]
+    if alpha == 1.0 && beta == 0.0 && k <= SGEMM_DIRECT_K && csb == 1 && csc == 1 && crate::isa() != crate::Isa::Generic
+    {
+        // SAFETY: isa() checked AVX2 and FMA; the bounds were checked above.
+        return unsafe { crate::x86_64::avx2::avx2_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc) };
+    }
+    // SAFETY: the bounds of every operand were checked above against its slice length.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        )
+    }
+}
+
+/// The longest reduction [`sgemm`] computes directly: matrixmultiply's f32 k-block (`kc`), below
+/// which its FMA kernel sums each output in one chain (a property test checks the two agree bit
+/// for bit).
+pub const SGEMM_DIRECT_K: usize = 256;
+
+/// [`sgemm`] always through matrixmultiply (the reference the direct path is tested against).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_packed(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    check_bounds(m, k, a.len(), rsa, csa, "a");
+    check_bounds(k, n, b.len(), rsb, csb, "b");
+    check_bounds(m, n, c.len(), rsc, csc, "c");
     // SAFETY: the bounds of every operand were checked above against its slice length.
     unsafe {
         matrixmultiply::sgemm(
@@ -410,11 +466,30 @@ pub fn generic_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
 /// image of a convolution from `[C, positions]` planes to channels innermost), in 8 x 8 tiles
 /// transposed in 64-bit registers (three rounds of masked swaps), the edges byte by byte.
 pub fn transpose_i8(src: &[i8], rows: usize, cols: usize, dst: &mut [i8]) {
+    generic_transpose_i8_xor(src, rows, cols, dst, 0)
+}
+
+/// [`transpose_i8`] with every byte XORed with `xor` on the way (`0x80`: the sign bits flipped,
+/// the channel-lane kernels' unsigned form), with AVX2 where the CPU has it (four tiles per
+/// register, the same rounds).
+pub fn transpose_i8_xor(src: &[i8], rows: usize, cols: usize, dst: &mut [i8], xor: u8) {
     assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2; the lengths are asserted above.
+        return unsafe { crate::x86_64::avx2::avx2_transpose_i8_xor(src, rows, cols, dst, xor) };
+    }
+    generic_transpose_i8_xor(src, rows, cols, dst, xor)
+}
+
+/// [`transpose_i8_xor`] in plain Rust.
+pub fn generic_transpose_i8_xor(src: &[i8], rows: usize, cols: usize, dst: &mut [i8], xor: u8) {
+    assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    let splat = u64::from_le_bytes([xor; 8]);
     let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
     let word = |r: usize, c: usize| {
         let b: [i8; 8] = src[r * cols + c..r * cols + c + 8].try_into().expect("8 bytes");
-        u64::from_le_bytes(b.map(|v| v as u8))
+        u64::from_le_bytes(b.map(|v| v as u8)) ^ splat
     };
     for r in (0..r8).step_by(8) {
         for c in (0..c8).step_by(8) {
@@ -439,7 +514,7 @@ pub fn transpose_i8(src: &[i8], rows: usize, cols: usize, dst: &mut [i8]) {
     for r in 0..rows {
         let cs = if r < r8 { c8 } else { 0 };
         for c in cs..cols {
-            dst[c * rows + r] = src[r * cols + c];
+            dst[c * rows + r] = src[r * cols + c] ^ xor as i8;
         }
     }
 }

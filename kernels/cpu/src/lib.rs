@@ -254,15 +254,33 @@ pub fn conv_q4q8_windows(
     layout: Layout,
 ) -> bool {
     for x in xs {
+        assert!(x.offsets.iter().all(|&o| o as usize + x.run <= x.image.len()), "window offset beyond the image");
+    }
+    // SAFETY: every window's offsets were checked against its image just above.
+    unsafe { conv_q4q8_windows_unchecked(w, xs, bias, y, layout) }
+}
+
+/// [`conv_q4q8_windows`] without the per-offset bounds check (the other checks stay).
+///
+/// # Safety
+/// Every window's offsets are at most `image.len() - run` (a caller that built them from the
+/// convolution's geometry once, as the runtime's plan does).
+pub unsafe fn conv_q4q8_windows_unchecked(
+    w: &PackedQ4,
+    xs: &[generic::QWindow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    layout: Layout,
+) -> bool {
+    for x in xs {
         assert!(x.run > 0 && x.run.is_multiple_of(4) && x.offsets.len() * x.run == w.k_pad, "window runs");
         assert!(w.group.is_multiple_of(x.run) || x.run.is_multiple_of(w.group), "runs against groups of {}", w.group);
-        assert!(x.offsets.iter().all(|&o| o as usize + x.run <= x.image.len()), "window offset beyond the image");
     }
     assert!(bias.is_none_or(|b| b.len() >= w.n));
     let strides = layout.strides(w.n, xs.len(), y.len());
     match isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: isa() checked AVX2 and FMA; windows and output extent asserted above.
+        // SAFETY: isa() checked AVX2 and FMA; windows (by the caller) and output extent asserted.
         Isa::Avx2 | Isa::Avx512Vnni => {
             unsafe { lanes_kernel(w, xs, bias, y, strides, 0..w.n) };
             true

@@ -164,13 +164,23 @@ fn input_quantization_matches_fake_quant_per_element() {
 #[test]
 fn byte_transpose_matches_the_definition() {
     let mut r = Lcg(5);
-    for (rows, cols) in [(1, 1), (8, 8), (32, 1681), (3, 7056), (17, 9), (64, 40), (9, 16)] {
+    for (rows, cols) in [(1, 1), (8, 8), (32, 1681), (3, 7056), (17, 9), (64, 40), (9, 16), (16, 64), (40, 100)] {
         let src: Vec<i8> = (0..rows * cols).map(|_| (r.unit() * 127.0) as i8).collect();
         let mut dst = vec![0i8; rows * cols];
         sqil_kernels_cpu::generic::transpose_i8(&src, rows, cols, &mut dst);
         for i in 0..rows {
             for j in 0..cols {
                 assert_eq!(dst[j * rows + i], src[i * cols + j], "[{rows} x {cols}] at ({i}, {j})");
+            }
+        }
+        // With the sign bits flipped on the way, dispatched (AVX2 here) and plain.
+        let mut generic = vec![0i8; rows * cols];
+        sqil_kernels_cpu::generic::transpose_i8_xor(&src, rows, cols, &mut dst, 0x80);
+        sqil_kernels_cpu::generic::generic_transpose_i8_xor(&src, rows, cols, &mut generic, 0x80);
+        assert_eq!(dst, generic, "[{rows} x {cols}] flipped");
+        for i in 0..rows {
+            for j in 0..cols {
+                assert_eq!(dst[j * rows + i], src[i * cols + j] ^ i8::MIN, "[{rows} x {cols}] flipped at ({i}, {j})");
             }
         }
     }

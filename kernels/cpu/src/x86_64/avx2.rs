@@ -345,6 +345,143 @@ pub unsafe fn avx2_fake_quant(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32
     }
 }
 
+/// `c = a @ b` with each output one FMA chain over k from zero (`sgemm`'s direct path): tiles of
+/// four rows by 16 columns (eight accumulators; per k two loads of b's row, four broadcasts of
+/// a), then 8-column and single-column edges with the same chain per output.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every accessed element of `a` (`i * rsa + p * csa`), `b`
+/// (`p * rsb + j`) and `c` (`i * rsc + j`) is in bounds.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn avx2_sgemm_direct(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    rsb: usize,
+    c: &mut [f32],
+    rsc: usize,
+) {
+    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    /// Rows `i..i + R`, columns `j..j + 8 V`.
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const V: usize>(
+        (ap, rsa, csa): (*const f32, usize, usize),
+        (bp, rsb): (*const f32, usize),
+        (cp, rsc): (*mut f32, usize),
+        k: usize,
+        (i, j): (usize, usize),
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for p in 0..k {
+            let bv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(bp.add(p * rsb + j + 8 * v)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*ap.add((i + r) * rsa + p * csa));
+                for v in 0..V {
+                    acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(cp.add((i + r) * rsc + j + 8 * v), *a);
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn rows<const V: usize>(
+        a: (*const f32, usize, usize),
+        b: (*const f32, usize),
+        c: (*mut f32, usize),
+        (m, k): (usize, usize),
+        j: usize,
+    ) {
+        let mut i = 0;
+        while i + 4 <= m {
+            tile::<4, V>(a, b, c, k, (i, j));
+            i += 4;
+        }
+        match m - i {
+            3 => tile::<3, V>(a, b, c, k, (i, j)),
+            2 => tile::<2, V>(a, b, c, k, (i, j)),
+            1 => tile::<1, V>(a, b, c, k, (i, j)),
+            _ => {}
+        }
+    }
+    let (av, bv, cv) = ((ap, rsa, csa), (bp, rsb), (cp, rsc));
+    // Column panels outermost: a panel of b (k x 16) stays in L1 while every row block uses it.
+    let mut j = 0;
+    while j + 16 <= n {
+        rows::<2>(av, bv, cv, (m, k), j);
+        j += 16;
+    }
+    if j + 8 <= n {
+        rows::<1>(av, bv, cv, (m, k), j);
+        j += 8;
+    }
+    for j in j..n {
+        for i in 0..m {
+            let mut acc = 0f32;
+            for p in 0..k {
+                acc = (*ap.add(i * rsa + p * csa)).mul_add(*bp.add(p * rsb + j), acc);
+            }
+            *cp.add(i * rsc + j) = acc;
+        }
+    }
+}
+
+/// `generic_transpose_i8_xor` with four 8 x 8 tiles (32 columns) per register: eight rows of 32
+/// bytes loaded, the same three rounds of masked swaps on 64-bit lanes, each lane's eight bytes
+/// stored to its column; the edges (rows past a multiple of 8, columns past a multiple of 32) by
+/// the plain version's byte loop.
+///
+/// # Safety
+/// The CPU must support AVX2; `src` and `dst` hold at least `rows * cols` bytes.
+#[target_feature(enable = "avx2")]
+pub unsafe fn avx2_transpose_i8_xor(src: &[i8], rows: usize, cols: usize, dst: &mut [i8], xor: u8) {
+    debug_assert!(src.len() >= rows * cols && dst.len() >= rows * cols);
+    let (r8, c32) = (rows / 8 * 8, cols / 32 * 32);
+    let splat = _mm256_set1_epi8(xor as i8);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for r in (0..r8).step_by(8) {
+        for c in (0..c32).step_by(32) {
+            let mut x: [__m256i; 8] = std::array::from_fn(|i| {
+                _mm256_xor_si256(_mm256_loadu_si256(sp.add((r + i) * cols + c) as *const __m256i), splat)
+            });
+            macro_rules! round {
+                ($shift:literal, $mask:expr, $d:literal) => {
+                    let mask = _mm256_set1_epi64x($mask);
+                    for i in (0..8).filter(|i| i & $d == 0) {
+                        let t = _mm256_and_si256(_mm256_xor_si256(_mm256_srli_epi64::<$shift>(x[i]), x[i + $d]), mask);
+                        x[i + $d] = _mm256_xor_si256(x[i + $d], t);
+                        x[i] = _mm256_xor_si256(x[i], _mm256_slli_epi64::<$shift>(t));
+                    }
+                };
+            }
+            round!(8, 0x00ff_00ff_00ff_00ff, 1);
+            round!(16, 0x0000_ffff_0000_ffff, 2);
+            round!(32, 0x0000_0000_ffff_ffff, 4);
+            // Lane k of x[i] is column c + 8k + i, rows r..r + 8.
+            for (i, v) in x.iter().enumerate() {
+                let mut lanes = [0u64; 4];
+                _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, *v);
+                for (k, l) in lanes.iter().enumerate() {
+                    std::ptr::write_unaligned(dp.add((c + 8 * k + i) * rows + r) as *mut u64, *l);
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        let cs = if r < r8 { c32 } else { 0 };
+        for c in cs..cols {
+            *dp.add(c * rows + r) = *sp.add(r * cols + c) ^ xor as i8;
+        }
+    }
+}
+
 /// `exp_nonpos` on four lanes: the same operations (the 2^n bits by 64-bit integer lanes).
 #[inline]
 #[target_feature(enable = "avx2,fma")]

@@ -1,0 +1,38 @@
+//! `sgemm`'s direct path (no packing, alpha 1, beta 0, k <= SGEMM_DIRECT_K) against matrixmultiply
+//! itself, bit for bit: its FMA kernel sums each output in one chain over k from zero there.
+
+use proptest::prelude::*;
+use sqil_kernels_cpu::generic::{sgemm_packed, SGEMM_DIRECT_K};
+use sqil_kernels_cpu::sgemm;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn direct_sgemm_equals_matrixmultiply(seed in any::<u64>(), m in 1usize..13, k in 0usize..SGEMM_DIRECT_K + 1,
+                                          n in 1usize..70, a_transposed in any::<bool>(), pad in 0usize..3) {
+        let mut s = seed | 1;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Now and then a signed zero or an infinity among ordinary values.
+            match s % 97 {
+                0 => -0.0,
+                1 => f32::INFINITY,
+                _ => ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0,
+            }
+        };
+        let (rsa, csa) = if a_transposed { (1, m) } else { (k + pad, 1) };
+        let a: Vec<f32> = (0..(m * k + pad * m).max(1)).map(|_| r()).collect();
+        let rsb = n + pad;
+        let b: Vec<f32> = (0..(k * rsb).max(1)).map(|_| r()).collect();
+        let rsc = n + pad;
+        let mut want = vec![7f32; m * rsc];
+        let mut got = want.clone();
+        sgemm_packed(m, k, n, 1.0, &a, (rsa, csa), &b, (rsb, 1), 0.0, &mut want, (rsc, 1));
+        sgemm(m, k, n, 1.0, &a, (rsa, csa), &b, (rsb, 1), 0.0, &mut got, (rsc, 1));
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}
