@@ -158,8 +158,8 @@ def main():
                                              [pol / "bc_pickplace_pixels.input0.npy", pol / "bc_pickplace_pixels.input1.npy"])}
         models = {k: v for k, v in models.items() if a.models in k}
         pk = peaks()
-        print(f"this core's ceilings: int8 (vpmaddubsw) {pk['int8_gmacs']} GMAC/s, f32 (FMA) {pk['f32_gmacs']} GMAC/s",
-              flush=True)
+        print(f"this core's ceilings: int8 ({pk['int8_instruction']}) {pk['int8_gmacs']} GMAC/s, "
+              f"f32 (FMA) {pk['f32_gmacs']} GMAC/s", flush=True)
         for name, (path, calib) in models.items():
             shapes = [[d.dim_value if d.dim_value else d.dim_param for d in i.type.tensor_type.shape.dim]
                       for i in onnx.load(path).graph.input]

@@ -566,7 +566,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
             if peaks {
                 let g = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
                 let (i8, f32) = (sqil_kernels_cpu::peak::int8_gmacs(), sqil_kernels_cpu::peak::f32_gmacs());
-                println!("{{\"peaks\": {{\"int8_gmacs\": {}, \"f32_gmacs\": {}, \"threads\": 1}}}}", g(i8), g(f32));
+                println!(
+                    "{{\"peaks\": {{\"int8_gmacs\": {}, \"int8_instruction\": \"{}\", \"f32_gmacs\": {}, \"threads\": 1}}}}",
+                    g(i8),
+                    sqil_kernels_cpu::peak::int8_instruction(),
+                    g(f32)
+                );
             }
             match model {
                 Some(model) => sqil::bench::bench(&model, &batch, iters, threads, profile),

@@ -59,7 +59,10 @@ fn main() {
         rate,
         100.0 * rate / i8_peak
     );
-    println!("  int8 ceiling (vpmaddubsw + vpaddw): {i8_peak:6.1} GMAC/s; f32 FMA ceiling {f32_peak:6.1} GMAC/s");
+    println!(
+        "  int8 ceiling ({}): {i8_peak:6.1} GMAC/s; f32 FMA ceiling {f32_peak:6.1} GMAC/s",
+        peak::int8_instruction()
+    );
     // The CNN's spatial softmax: 32 rows of 35 x 35 (sqil's exact f64 exponential).
     let x: Vec<f32> = (0..32 * 1225).map(|i| ((i * 7919) % 1000) as f32 * 0.01 - 5.0).collect();
     let mut out = vec![0f32; x.len()];

@@ -17,10 +17,19 @@ fn best(f: impl Fn() -> u64) -> f64 {
 
 const ROUNDS: usize = 200_000;
 
-/// Int8 multiply-accumulates per second (in G) of AVX2 `vpmaddubsw` (32 unsigned x signed byte
-/// products summed in pairs) with an i16 `vpaddw` accumulate, the weights loaded from L1 and the
-/// inputs broadcast: the inner step of the W4A8 kernels. `None` without AVX2.
+/// Int8 multiply-accumulates per second (in G) of the W4A8 kernels' inner step on the
+/// instructions they dispatch to here: with AVX-512 VNNI `vpdpbusd` on 512-bit registers (64
+/// unsigned x signed byte products summed four to an int32 lane), else AVX2 `vpmaddubsw` (32
+/// products summed in pairs) with an i16 `vpaddw` accumulate; weights loaded from L1, inputs
+/// broadcast. `None` without AVX2.
 pub fn int8_gmacs() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx512Vnni {
+        let w: Vec<i8> = (0..4096).map(|i| (i % 15) as i8 - 7).collect();
+        // SAFETY: isa() checked AVX-512 F/BW/VNNI; `w` holds 64 vectors of 64 bytes.
+        let t = best(|| unsafe { x86::dpbusd(&w, ROUNDS) });
+        return Some((ROUNDS * 64 * 64) as f64 / t / 1e9);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         let w: Vec<i8> = (0..2048).map(|i| (i % 15) as i8 - 7).collect();
@@ -31,9 +40,25 @@ pub fn int8_gmacs() -> Option<f64> {
     None
 }
 
-/// f32 multiply-accumulates per second (in G) of 256-bit FMA (`vfmadd`, 8 per instruction) on
-/// independent chains. `None` without AVX2 and FMA.
+/// The instructions [`int8_gmacs`] measures here, for reports.
+pub fn int8_instruction() -> &'static str {
+    if crate::isa() == crate::Isa::Avx512Vnni {
+        "vpdpbusd (512-bit)"
+    } else {
+        "vpmaddubsw (256-bit)"
+    }
+}
+
+/// f32 multiply-accumulates per second (in G) of FMA on independent chains at the widest
+/// vectors the CPU has (512-bit with AVX-512 F: what a peer's f32 kernels use there; else 256-bit,
+/// 8 per instruction). `None` without AVX2 and FMA.
 pub fn f32_gmacs() -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512 F detected above.
+        let t = best(|| unsafe { x86::fma512(ROUNDS * 8) });
+        return Some((ROUNDS * 8 * 12 * 16) as f64 / t / 1e9);
+    }
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: AVX2 and FMA detected above.
@@ -65,6 +90,38 @@ mod x86 {
         }
         let s = acc.iter().fold(_mm256_setzero_si256(), |s, a| _mm256_add_epi16(s, *a));
         _mm256_extract_epi64::<0>(s) as u64
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn dpbusd(w: &[i8], rounds: usize) -> u64 {
+        assert!(w.len() >= 64 * 64);
+        let mut acc = [_mm512_setzero_si512(); 16];
+        let (mut a, mut b) = (_mm512_set1_epi32(0x0102_0304), _mm512_set1_epi32(0x0506_0708));
+        for _ in 0..rounds {
+            std::arch::asm!("/* {0} {1} */", inout(zmm_reg) a, inout(zmm_reg) b, options(nomem, nostack));
+            for k in 0..4 {
+                for (j, acc) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_loadu_si512(w.as_ptr().add(64 * (16 * k + j)) as *const __m512i);
+                    *acc = _mm512_dpbusd_epi32(*acc, if j % 2 == 0 { a } else { b }, wv);
+                }
+            }
+        }
+        let s = acc.iter().fold(_mm512_setzero_si512(), |s, a| _mm512_add_epi32(s, *a));
+        _mm512_reduce_add_epi32(s) as u64
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn fma512(rounds: usize) -> u64 {
+        let mut acc: [__m512; 12] = std::array::from_fn(|i| _mm512_set1_ps(i as f32 * 1e-3));
+        let (mut m, mut c) = (_mm512_set1_ps(0.999), _mm512_set1_ps(1e-4));
+        for _ in 0..rounds {
+            std::arch::asm!("/* {0} {1} */", inout(zmm_reg) m, inout(zmm_reg) c, options(nomem, nostack));
+            for a in acc.iter_mut() {
+                *a = _mm512_fmadd_ps(*a, m, c);
+            }
+        }
+        let s = acc.iter().fold(_mm512_setzero_ps(), |s, a| _mm512_add_ps(s, *a));
+        _mm512_reduce_add_ps(s).to_bits() as u64
     }
 
     #[target_feature(enable = "avx2,fma")]

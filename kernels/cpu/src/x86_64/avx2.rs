@@ -781,11 +781,11 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: Lan
 
 /// The short form's block of 32 channels on every input: half the block (16 channels, two
 /// registers) at a time against up to six inputs (twelve i16 accumulators, two weight registers
-/// and a broadcast: no spills), the outputs staged per twelve inputs so each channel's are
-/// written together (contiguous when the inputs are adjacent in `y`: a convolution's
-/// channel-major output).
+/// and a broadcast: no spills; with VNNI the whole block on 512-bit registers), the outputs
+/// staged per twelve inputs so each channel's are written together (contiguous when the inputs
+/// are adjacent in `y`: a convolution's channel-major output).
 #[inline(always)]
-unsafe fn short_block<X: LaneInput>(
+unsafe fn short_block<X: LaneInput, const VNNI: bool>(
     w: &PackedQ4,
     t: &ChannelTiles,
     xs: &[X],
@@ -798,7 +798,39 @@ unsafe fn short_block<X: LaneInput>(
     let mut tile = [[0f32; TILE]; 32];
     for c0 in (0..xs.len()).step_by(TILE) {
         let np_all = (xs.len() - c0).min(TILE);
-        for h in 0..2 {
+        if VNNI {
+            // All 32 channels at once on 512-bit registers, up to six inputs.
+            let mut c = c0;
+            while c < c0 + np_all {
+                let np = (c0 + np_all - c).min(6);
+                let mut acc = [[_mm256_setzero_ps(); 4]; 6];
+                macro_rules! run {
+                    ($($n:literal => [$($i:literal),*]),*) => {
+                        match np {
+                            $($n => {
+                                let a = super::avx512::lane_short_vnni::<$n, X>(w, t, cb, [$(xs[c + $i]),*]);
+                                acc[..$n].copy_from_slice(&a);
+                            })*
+                            _ => unreachable!("1 to 6 inputs"),
+                        }
+                    };
+                }
+                run!(6 => [0, 1, 2, 3, 4, 5], 5 => [0, 1, 2, 3, 4], 4 => [0, 1, 2, 3], 3 => [0, 1, 2], 2 => [0, 1], 1 => [0]);
+                for (i, acc) in acc[..np].iter().enumerate() {
+                    let scale = _mm256_set1_ps(xs[c + i].scale());
+                    let mut out = [0f32; 32];
+                    for (j, a) in acc.iter().enumerate() {
+                        let bj = _mm256_loadu_ps(b.as_ptr().add(8 * j));
+                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), _mm256_add_ps(_mm256_mul_ps(*a, scale), bj));
+                    }
+                    for (l, &v) in out.iter().enumerate() {
+                        tile[l][c + i - c0] = v;
+                    }
+                }
+                c += np;
+            }
+        }
+        for h in 0..if VNNI { 0 } else { 2 } {
             let mut c = c0;
             while c < c0 + np_all {
                 let np = (c0 + np_all - c).min(6);
@@ -858,10 +890,8 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, const VNNI: bool>(
     debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
     let t = w.channel_tiles();
     let r0 = rows_in.start;
-    // Groups of eight quads inside one run take the short form (not under VNNI, whose
-    // group sums have no i16 stage).
-    let short =
-        !VNNI && w.group == 32 && xs.first().is_some_and(|x| x.run() == usize::MAX || x.run().is_multiple_of(w.group));
+    // Groups of eight quads inside one run take the short form (with VNNI its 512-bit variant).
+    let short = w.group == 32 && xs.first().is_some_and(|x| x.run() == usize::MAX || x.run().is_multiple_of(w.group));
     let mut b = [0f32; 32];
     for cb in r0 / 32..rows_in.end.div_ceil(32) {
         let rows = (rows_in.end - 32 * cb).min(32);
@@ -870,7 +900,7 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, const VNNI: bool>(
             b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
         }
         if short {
-            short_block::<X>(w, t, xs, &b, y, (cs, rs), (cb, rows, r0));
+            short_block::<X, VNNI>(w, t, xs, &b, y, (cs, rs), (cb, rows, r0));
             continue;
         }
         let mut c = 0;

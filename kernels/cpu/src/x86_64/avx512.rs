@@ -125,6 +125,73 @@ pub(crate) unsafe fn lane_group_vnni<const NP: usize, X: LaneInput>(
     })
 }
 
+/// The short lane form (`avx2::channel_block_short`: groups of eight quads inside one run) with
+/// VNNI: per quad two 512-bit weight vectors (the block's 32 channels), each input's four bytes
+/// broadcast and `vpdpbusd` into int32 lanes, then per group the epilogue on 16 lanes at a time
+/// (the same per-lane operations as the AVX2 form: equal bit for bit). Up to six inputs: twelve
+/// int32 and twelve float accumulators fit the 32 registers.
+#[inline(always)]
+pub(crate) unsafe fn lane_short_vnni<const NP: usize, X: LaneInput>(
+    w: &PackedQ4,
+    t: &crate::packed::ChannelTiles,
+    cb: usize,
+    xs: [X; NP],
+) -> [[__m256; 4]; NP] {
+    const QUADS: usize = 8;
+    debug_assert!(w.group == 4 * QUADS && (xs[0].run() == usize::MAX || xs[0].run().is_multiple_of(w.group)));
+    let groups = w.groups();
+    let flip = _mm512_set1_epi8(-128i8);
+    let run = xs[0].run();
+    let zc: [__m512i; NP] = std::array::from_fn(|c| _mm512_set1_epi32(128 + xs[c].zero()));
+    let same_zero = xs.iter().all(|x| x.zero() == xs[0].zero());
+    let mut accf = [[_mm512_setzero_ps(); 2]; NP];
+    let (mut tap, mut off) = (0usize, 0usize);
+    for g in 0..groups {
+        if off == run {
+            tap += 1;
+            off = 0;
+        }
+        let xp: [*const i8; NP] = std::array::from_fn(|c| xs[c].run_ptr(tap).add(off));
+        off += w.group;
+        let base = t.data.as_ptr().add((cb * groups + g) * QUADS * 128);
+        let mut acc = [[_mm512_setzero_si512(); 2]; NP];
+        for quad in 0..QUADS {
+            let wp = base.add(quad * 128);
+            let w0 = _mm512_loadu_si512(wp as *const __m512i);
+            let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
+            for c in 0..NP {
+                let x4 = std::ptr::read_unaligned(xp[c].add(4 * quad) as *const i32);
+                let xb = if X::FLIPPED { _mm512_set1_epi32(x4) } else { _mm512_xor_si512(_mm512_set1_epi32(x4), flip) };
+                acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], xb, w0);
+                acc[c][1] = _mm512_dpbusd_epi32(acc[c][1], xb, w1);
+            }
+        }
+        let at = (cb * groups + g) * 32;
+        for h in 0..2 {
+            let ws = _mm512_loadu_si512(t.sums.as_ptr().add(at + 16 * h) as *const __m512i);
+            let sc = _mm512_loadu_ps(t.scales.as_ptr().add(at + 16 * h));
+            let zw0 = _mm512_mullo_epi32(zc[0], ws);
+            for c in 0..NP {
+                let zw = if same_zero { zw0 } else { _mm512_mullo_epi32(zc[c], ws) };
+                let v = _mm512_sub_epi32(acc[c][h], zw);
+                // The epilogue's order: product rounded, then added.
+                accf[c][h] = _mm512_add_ps(accf[c][h], _mm512_mul_ps(_mm512_cvtepi32_ps(v), sc));
+            }
+        }
+    }
+    let half = |v: __m512, hi: bool| {
+        if hi {
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+        } else {
+            _mm512_castps512_ps256(v)
+        }
+    };
+    std::array::from_fn(|c| {
+        let [a, b] = accf[c];
+        [half(a, false), half(a, true), half(b, false), half(b, true)]
+    })
+}
+
 /// `avx2_channels` with the integer sums by `vpdpbusd` (the same int32 sums, the same epilogue:
 /// equal bit for bit).
 ///
