@@ -31,28 +31,17 @@ pub fn sgemm(
     #[cfg(target_arch = "x86_64")]
     if alpha == 1.0 && beta == 0.0 && k <= SGEMM_DIRECT_K && csb == 1 && csc == 1 && crate::isa() != crate::Isa::Generic
     {
-        // SAFETY: isa() checked AVX2 and FMA; the bounds were checked above.
-        return unsafe { crate::x86_64::avx2::avx2_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc) };
+        // SAFETY: isa() checked AVX2 and FMA (and AVX-512 F for the wide form); the bounds were
+        // checked above.
+        return unsafe {
+            if crate::isa() == crate::Isa::Avx512Vnni {
+                crate::x86_64::avx512::avx512_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
+            } else {
+                crate::x86_64::avx2::avx2_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
+            }
+        };
     }
-    // SAFETY: the bounds of every operand were checked above against its slice length.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            csc as isize,
-        )
-    }
+    sgemm_packed(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, (rsc, csc))
 }
 
 /// The longest reduction [`sgemm`] computes directly: matrixmultiply's f32 k-block (`kc`), below
@@ -434,9 +423,12 @@ pub fn softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_softmax_rows(x, dim, out) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx2::avx2_softmax_rows(x, dim, out) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_softmax_rows(x, dim, out) },
+        crate::Isa::Generic => {}
     }
     generic_softmax_rows(x, dim, out)
 }

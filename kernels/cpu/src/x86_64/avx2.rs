@@ -547,6 +547,14 @@ unsafe fn exp_nonpos4xk<const K: usize>(x: [__m256d; K]) -> [__m256d; K] {
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`, `dim > 0`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    softmax_rows_impl::<false>(x, dim, out)
+}
+
+/// [`avx2_softmax_rows`]; with `WIDE` (AVX-512 F) the exponentials and divisions eight lanes at a
+/// time, each vector's two halves added into the four partial sums in element order (the same
+/// operations per element, the same sums: the same bits).
+#[inline(always)]
+pub(crate) unsafe fn softmax_rows_impl<const WIDE: bool>(x: &[f32], dim: usize, out: &mut [f32]) {
     let mut e = vec![0f64; dim.next_multiple_of(4)];
     let d4 = dim / 4 * 4;
     for (row, y) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
@@ -563,6 +571,19 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
         let vm = _mm256_set1_pd(m);
         let mut sum = _mm256_setzero_pd();
         let mut j = 0;
+        if WIDE {
+            while j + 32 <= d4 {
+                let v = super::avx512::exp_nonpos8xk::<4>(std::array::from_fn(|i| {
+                    _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(row.as_ptr().add(j + 8 * i))), _mm512_set1_pd(m))
+                }));
+                for (i, v) in v.iter().enumerate() {
+                    _mm512_storeu_pd(e.as_mut_ptr().add(j + 8 * i), *v);
+                    sum = _mm256_add_pd(sum, _mm512_castpd512_pd256(*v));
+                    sum = _mm256_add_pd(sum, _mm512_extractf64x4_pd::<1>(*v));
+                }
+                j += 32;
+            }
+        }
         // Four independent exponentials at a time (their long dependency chains overlap), added
         // into the sum in element order.
         while j + 16 <= d4 {
@@ -590,6 +611,14 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
         let total = (s[0] + s[1]) + (s[2] + s[3]);
         let vt = _mm256_set1_pd(total);
         let mut j = 0;
+        if WIDE {
+            let vt8 = _mm512_set1_pd(total);
+            while j + 8 <= d4 {
+                let q = _mm512_div_pd(_mm512_loadu_pd(e.as_ptr().add(j)), vt8);
+                _mm256_storeu_ps(y.as_mut_ptr().add(j), _mm512_cvtpd_ps(q));
+                j += 8;
+            }
+        }
         while j < d4 {
             let q = _mm256_div_pd(_mm256_loadu_pd(e.as_ptr().add(j)), vt);
             _mm_storeu_ps(y.as_mut_ptr().add(j), _mm256_cvtpd_ps(q));
@@ -722,6 +751,23 @@ pub(crate) unsafe fn channel_block<const NP: usize, X: LaneInput, const VNNI: bo
     accf
 }
 
+/// The short forms' walk over the inputs' runs (`walk`: the run and the offset in it): the first
+/// value of the next group (`group` values, within one run) of each input.
+#[inline(always)]
+pub(crate) unsafe fn short_group_inputs<const NP: usize, X: LaneInput>(
+    xs: &[X; NP],
+    group: usize,
+    (tap, off): &mut (usize, usize),
+) -> [*const i8; NP] {
+    if *off == xs[0].run() {
+        *tap += 1;
+        *off = 0;
+    }
+    let xp = std::array::from_fn(|c| xs[c].run_ptr(*tap).add(*off));
+    *off += group;
+    xp
+}
+
 /// [`channel_block`] for groups of eight quads (32 values) that lie within one run (the run a
 /// multiple of the group: a convolution's per-tap scales, or a row): each group's i16 sums are
 /// widened straight into its float update, so no int32 accumulators stay live, and a group's
@@ -738,18 +784,12 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: Lan
     debug_assert!(w.group == 4 * QUADS && (xs[0].run() == usize::MAX || xs[0].run().is_multiple_of(w.group)));
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128i8);
-    let run = xs[0].run();
     let zc: [__m256i; NP] = std::array::from_fn(|c| _mm256_set1_epi32(128 + xs[c].zero()));
     let same_zero = xs.iter().all(|x| x.zero() == xs[0].zero());
     let mut accf = [[_mm256_setzero_ps(); J]; NP];
-    let (mut tap, mut off) = (0usize, 0usize);
+    let mut walk = (0usize, 0usize);
     for g in 0..groups {
-        if off == run {
-            tap += 1;
-            off = 0;
-        }
-        let xp: [*const i8; NP] = std::array::from_fn(|c| xs[c].run_ptr(tap).add(off));
-        off += w.group;
+        let xp = short_group_inputs(&xs, w.group, &mut walk);
         let base = t.data.as_ptr().add((cb * groups + g) * QUADS * 128);
         let mut acc16 = [[_mm256_setzero_si256(); J]; NP];
         for quad in 0..QUADS {
@@ -779,6 +819,59 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: Lan
     accf
 }
 
+/// Channels `8 j0 .. 8 (j0 + J)` of block `cb` on `xs` (the short form, up to six inputs at a time;
+/// with `VNNI` the whole block, `J` = 4, on 512-bit registers), scaled, biased and staged into
+/// `tile` (column `c` for input `c` of `xs`).
+#[inline(always)]
+unsafe fn stage_part<X: LaneInput, const J: usize, const VNNI: bool>(
+    w: &PackedQ4,
+    t: &ChannelTiles,
+    (cb, j0): (usize, usize),
+    xs: &[X],
+    b: &[f32; 32],
+    tile: &mut [[f32; SHORT_TILE]; 32],
+) {
+    let mut c = 0;
+    while c < xs.len() {
+        let np = (xs.len() - c).min(6);
+        let mut acc = [[_mm256_setzero_ps(); J]; 6];
+        macro_rules! run {
+            ($($n:literal => [$($i:literal),*]),*) => {
+                match np {
+                    $($n => {
+                        if VNNI {
+                            let a = super::avx512::lane_short_vnni::<$n, X>(w, t, cb, [$(xs[c + $i]),*]);
+                            for (o, a) in acc.iter_mut().zip(&a) {
+                                o.copy_from_slice(&a[..J]);
+                            }
+                        } else {
+                            let a = channel_block_short::<$n, J, X>(w, t, (cb, j0), [$(xs[c + $i]),*]);
+                            acc[..$n].copy_from_slice(&a);
+                        }
+                    })*
+                    _ => unreachable!("1 to 6 inputs"),
+                }
+            };
+        }
+        run!(6 => [0, 1, 2, 3, 4, 5], 5 => [0, 1, 2, 3, 4], 4 => [0, 1, 2, 3], 3 => [0, 1, 2], 2 => [0, 1], 1 => [0]);
+        for (i, acc) in acc[..np].iter().enumerate() {
+            let scale = _mm256_set1_ps(xs[c + i].scale());
+            for (j, a) in acc.iter().enumerate() {
+                let mut out = [0f32; 8];
+                let bj = _mm256_loadu_ps(b.as_ptr().add(8 * (j0 + j)));
+                _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(_mm256_mul_ps(*a, scale), bj));
+                for (l, &v) in out.iter().enumerate() {
+                    tile[8 * (j0 + j) + l][c + i] = v;
+                }
+            }
+        }
+        c += np;
+    }
+}
+
+/// Inputs staged per block by the short form before each channel's outputs are written.
+const SHORT_TILE: usize = 12;
+
 /// The short form's block of 32 channels on every input: half the block (16 channels, two
 /// registers) at a time against up to six inputs (twelve i16 accumulators, two weight registers
 /// and a broadcast: no spills; with VNNI the whole block on 512-bit registers), the outputs
@@ -794,71 +887,16 @@ unsafe fn short_block<X: LaneInput, const VNNI: bool>(
     (cs, rs): (usize, usize),
     (cb, rows, r0): (usize, usize, usize),
 ) {
-    const TILE: usize = 12;
+    const TILE: usize = SHORT_TILE;
     let mut tile = [[0f32; TILE]; 32];
     for c0 in (0..xs.len()).step_by(TILE) {
         let np_all = (xs.len() - c0).min(TILE);
         if VNNI {
-            // All 32 channels at once on 512-bit registers, up to six inputs.
-            let mut c = c0;
-            while c < c0 + np_all {
-                let np = (c0 + np_all - c).min(6);
-                let mut acc = [[_mm256_setzero_ps(); 4]; 6];
-                macro_rules! run {
-                    ($($n:literal => [$($i:literal),*]),*) => {
-                        match np {
-                            $($n => {
-                                let a = super::avx512::lane_short_vnni::<$n, X>(w, t, cb, [$(xs[c + $i]),*]);
-                                acc[..$n].copy_from_slice(&a);
-                            })*
-                            _ => unreachable!("1 to 6 inputs"),
-                        }
-                    };
-                }
-                run!(6 => [0, 1, 2, 3, 4, 5], 5 => [0, 1, 2, 3, 4], 4 => [0, 1, 2, 3], 3 => [0, 1, 2], 2 => [0, 1], 1 => [0]);
-                for (i, acc) in acc[..np].iter().enumerate() {
-                    let scale = _mm256_set1_ps(xs[c + i].scale());
-                    let mut out = [0f32; 32];
-                    for (j, a) in acc.iter().enumerate() {
-                        let bj = _mm256_loadu_ps(b.as_ptr().add(8 * j));
-                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), _mm256_add_ps(_mm256_mul_ps(*a, scale), bj));
-                    }
-                    for (l, &v) in out.iter().enumerate() {
-                        tile[l][c + i - c0] = v;
-                    }
-                }
-                c += np;
-            }
-        }
-        for h in 0..if VNNI { 0 } else { 2 } {
-            let mut c = c0;
-            while c < c0 + np_all {
-                let np = (c0 + np_all - c).min(6);
-                let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-                macro_rules! run {
-                    ($($n:literal => [$($i:literal),*]),*) => {
-                        match np {
-                            $($n => {
-                                let a = channel_block_short::<$n, 2, X>(w, t, (cb, 2 * h), [$(xs[c + $i]),*]);
-                                acc[..$n].copy_from_slice(&a);
-                            })*
-                            _ => unreachable!("1 to 6 inputs"),
-                        }
-                    };
-                }
-                run!(6 => [0, 1, 2, 3, 4, 5], 5 => [0, 1, 2, 3, 4], 4 => [0, 1, 2, 3], 3 => [0, 1, 2], 2 => [0, 1], 1 => [0]);
-                for (i, acc) in acc[..np].iter().enumerate() {
-                    let scale = _mm256_set1_ps(xs[c + i].scale());
-                    let mut out = [0f32; 16];
-                    for (j, a) in acc.iter().enumerate() {
-                        let bj = _mm256_loadu_ps(b.as_ptr().add(16 * h + 8 * j));
-                        _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), _mm256_add_ps(_mm256_mul_ps(*a, scale), bj));
-                    }
-                    for (l, &v) in out.iter().enumerate() {
-                        tile[16 * h + l][c + i - c0] = v;
-                    }
-                }
-                c += np;
+            // All 32 channels at once on 512-bit registers.
+            stage_part::<X, 4, true>(w, t, (cb, 0), &xs[c0..c0 + np_all], b, &mut tile);
+        } else {
+            for h in 0..2 {
+                stage_part::<X, 2, false>(w, t, (cb, 2 * h), &xs[c0..c0 + np_all], b, &mut tile);
             }
         }
         for (l, row) in tile[..rows].iter().enumerate() {

@@ -141,18 +141,12 @@ pub(crate) unsafe fn lane_short_vnni<const NP: usize, X: LaneInput>(
     debug_assert!(w.group == 4 * QUADS && (xs[0].run() == usize::MAX || xs[0].run().is_multiple_of(w.group)));
     let groups = w.groups();
     let flip = _mm512_set1_epi8(-128i8);
-    let run = xs[0].run();
     let zc: [__m512i; NP] = std::array::from_fn(|c| _mm512_set1_epi32(128 + xs[c].zero()));
     let same_zero = xs.iter().all(|x| x.zero() == xs[0].zero());
     let mut accf = [[_mm512_setzero_ps(); 2]; NP];
-    let (mut tap, mut off) = (0usize, 0usize);
+    let mut walk = (0usize, 0usize);
     for g in 0..groups {
-        if off == run {
-            tap += 1;
-            off = 0;
-        }
-        let xp: [*const i8; NP] = std::array::from_fn(|c| xs[c].run_ptr(tap).add(off));
-        off += w.group;
+        let xp = super::avx2::short_group_inputs(&xs, w.group, &mut walk);
         let base = t.data.as_ptr().add((cb * groups + g) * QUADS * 128);
         let mut acc = [[_mm512_setzero_si512(); 2]; NP];
         for quad in 0..QUADS {
@@ -190,6 +184,131 @@ pub(crate) unsafe fn lane_short_vnni<const NP: usize, X: LaneInput>(
         let [a, b] = accf[c];
         [half(a, false), half(a, true), half(b, false), half(b, true)]
     })
+}
+
+/// `avx2_sgemm_direct` with 16-lane FMAs: tiles of up to four rows by 32 columns (two 512-bit
+/// accumulators per row), then 16 columns; the remaining columns (fewer than 16) by the AVX2
+/// form. Each output is the same FMA chain over k from zero, so the same bits.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; as `avx2_sgemm_direct`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn avx512_sgemm_direct(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    rsb: usize,
+    c: &mut [f32],
+    rsc: usize,
+) {
+    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    /// Rows `i..i + R`, columns `j..j + 16 V`.
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const V: usize>(
+        (ap, rsa, csa): (*const f32, usize, usize),
+        (bp, rsb): (*const f32, usize),
+        (cp, rsc): (*mut f32, usize),
+        k: usize,
+        (i, j): (usize, usize),
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); V]; R];
+        for p in 0..k {
+            let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(p * rsb + j + 16 * v)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*ap.add((i + r) * rsa + p * csa));
+                for v in 0..V {
+                    acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(cp.add((i + r) * rsc + j + 16 * v), *a);
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn rows<const V: usize>(
+        a: (*const f32, usize, usize),
+        b: (*const f32, usize),
+        c: (*mut f32, usize),
+        (m, k): (usize, usize),
+        j: usize,
+    ) {
+        let mut i = 0;
+        while i + 4 <= m {
+            tile::<4, V>(a, b, c, k, (i, j));
+            i += 4;
+        }
+        match m - i {
+            3 => tile::<3, V>(a, b, c, k, (i, j)),
+            2 => tile::<2, V>(a, b, c, k, (i, j)),
+            1 => tile::<1, V>(a, b, c, k, (i, j)),
+            _ => {}
+        }
+    }
+    let (av, bv, cv) = ((ap, rsa, csa), (bp, rsb), (cp, rsc));
+    // Column panels outermost: a panel of b (k x 32) stays in L1 while every row block uses it.
+    let mut j = 0;
+    while j + 32 <= n {
+        rows::<2>(av, bv, cv, (m, k), j);
+        j += 32;
+    }
+    if j + 16 <= n {
+        rows::<1>(av, bv, cv, (m, k), j);
+        j += 16;
+    }
+    if j < n {
+        // The last columns: the same chains on 8 lanes and one.
+        let b_rest = b.get(j..).unwrap_or(&[]); // empty when k is 0
+        super::avx2::avx2_sgemm_direct(m, k, n - j, a, (rsa, csa), b_rest, rsb, &mut c[j..], rsc);
+    }
+}
+
+/// `exp_nonpos` on eight lanes, `K` vectors at once step by step (`avx2::exp_nonpos4xk` on
+/// 512-bit registers: the same operations per lane).
+#[inline(always)]
+pub(crate) unsafe fn exp_nonpos8xk<const K: usize>(x: [__m512d; K]) -> [__m512d; K] {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_TAYLOR};
+    let magic = _mm512_set1_pd(EXP_MAGIC);
+    let t: [__m512d; K] =
+        std::array::from_fn(|i| _mm512_add_pd(_mm512_mul_pd(x[i], _mm512_set1_pd(std::f64::consts::LOG2_E)), magic));
+    let r: [__m512d; K] = std::array::from_fn(|i| {
+        let n = _mm512_sub_pd(t[i], magic);
+        _mm512_sub_pd(
+            _mm512_sub_pd(x[i], _mm512_mul_pd(n, _mm512_set1_pd(EXP_LN2_HI))),
+            _mm512_mul_pd(n, _mm512_set1_pd(EXP_LN2_LO)),
+        )
+    });
+    let mut p = [_mm512_set1_pd(EXP_TAYLOR[13]); K];
+    for &c in EXP_TAYLOR[..13].iter().rev() {
+        let c = _mm512_set1_pd(c);
+        for i in 0..K {
+            p[i] = _mm512_add_pd(_mm512_mul_pd(p[i], r[i]), c);
+        }
+    }
+    std::array::from_fn(|i| {
+        let bits = _mm512_add_epi64(
+            _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
+            _mm512_set1_epi64(1023),
+        );
+        let y = _mm512_mul_pd(p[i], _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits)));
+        // Lanes at or below -708 are 0; NaN lanes (unordered: kept) carry NaN through p.
+        _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_NLE_UQ>(x[i], _mm512_set1_pd(-708.0)), y)
+    })
+}
+
+/// `avx2_softmax_rows` with eight-lane exponentials and divisions (equal bit for bit).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`, `dim > 0`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    super::avx2::softmax_rows_impl::<true>(x, dim, out)
 }
 
 /// `avx2_channels` with the integer sums by `vpdpbusd` (the same int32 sums, the same epilogue:
