@@ -308,6 +308,15 @@ fn per_sample_execution_needs_independent_samples() {
     let s = mixed.add_inferred("mix", Op::Softmax { axis: 0, coerce_2d: false }, &[Some(y)], "mixed").unwrap();
     mixed.outputs = vec![s];
     assert!(!sqil_runtime::plan::per_sample(&mixed), "a softmax over the batch axis");
+    // Gathering each sample's values by every sample's indices: [batch, batch, 4].
+    let mut paired = cnn.clone();
+    let idx =
+        paired.add_inferred("idx", Op::Cast { to: sqil_ir::DType::I64, saturate: false }, &[Some(y)], "idx").unwrap();
+    let gathered = paired.add_inferred("pairs", Op::Gather { axis: 1 }, &[Some(y), Some(idx)], "pairs").unwrap();
+    let batch = paired.value(y).ty.shape[0].clone();
+    assert_eq!(paired.value(gathered).ty.shape[..2], [batch.clone(), batch]);
+    paired.outputs = vec![gathered];
+    assert!(!sqil_runtime::plan::per_sample(&paired), "a value with the batch twice");
     let mut same_axis_ok = cnn.clone();
     let s = same_axis_ok.add_inferred("rows", Op::Softmax { axis: -1, coerce_2d: false }, &[Some(y)], "rows").unwrap();
     same_axis_ok.outputs = vec![s];

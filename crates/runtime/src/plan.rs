@@ -117,7 +117,8 @@ pub struct Plan {
 
 /// Whether graph `g`'s batch can run one sample at a time: it has a convolution, every input's
 /// leading dimension is one symbol (the batch), every value a computed node produces has that
-/// symbol as its leading dimension (those computed from constants alone aside), and every op is on a list of ops that treat the leading index
+/// symbol as its leading dimension and nowhere else (those computed from constants alone aside),
+/// and every op is on a list of ops that treat the leading index
 /// independently when it is the batch (element-wise ops, convolutions, pools, row-wise linear
 /// algebra, normalizations and reshuffles along other axes). Anything else (a Shape, a reduction,
 /// an axis-0 softmax, an unknown leading dimension) keeps the whole batch together.
@@ -145,7 +146,13 @@ pub fn per_sample(g: &Graph) -> bool {
         if matches!(node.op, Op::Input) {
             continue;
         }
-        if (0..node.outputs.len()).any(|s| lead(ValueRef { node: n, slot: s }).as_ref() != Some(&sym)) {
+        // The batch leads every computed value and appears nowhere else (a [batch, batch] value
+        // pairs samples: a Gather by batched indices, a product with a transposed batch).
+        let batch_only_first = |s: usize| {
+            let shape = &g.value(ValueRef { node: n, slot: s }).ty.shape;
+            shape.first() == Some(&sym) && !shape[1..].contains(&sym)
+        };
+        if !(0..node.outputs.len()).all(batch_only_first) {
             return false;
         }
         let rank = g.inputs_of(n).first().copied().flatten().map_or(0, |x| g.value(x).ty.shape.len() as i64);
