@@ -345,6 +345,115 @@ pub unsafe fn avx2_fake_quant(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32
     }
 }
 
+/// An f32 vector `sgemm`'s direct path runs on: 8 lanes here, 16 with AVX-512 (`avx512.rs`).
+/// Inlined into callers that enable the instructions.
+pub(crate) trait F32Lanes: Copy {
+    const LANES: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    /// `a * b + c`, rounded once.
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn store(self, p: *mut f32);
+}
+
+impl F32Lanes for __m256 {
+    const LANES: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self)
+    }
+}
+
+/// `c = a @ b` with each output one FMA chain over k from zero (`sgemm`'s direct path), on
+/// vectors `F`: tiles of up to four rows by `2 F::LANES` columns (per k, two loads of b's row and
+/// a broadcast of a per row), then `F::LANES` columns; returns the first column not done (the
+/// caller finishes the edge on narrower vectors or one output at a time). Column panels are
+/// outermost: a panel of b (k x 2 lanes) stays in L1 while every row block uses it.
+///
+/// # Safety
+/// As [`avx2_sgemm_direct`], and the CPU has `F`'s instructions.
+#[inline(always)]
+pub(crate) unsafe fn sgemm_direct_panels<F: F32Lanes>(
+    (m, k, n): (usize, usize, usize),
+    (ap, rsa, csa): (*const f32, usize, usize),
+    (bp, rsb): (*const f32, usize),
+    (cp, rsc): (*mut f32, usize),
+) -> usize {
+    /// Rows `i..i + R`, columns `j..j + V F::LANES`.
+    #[inline(always)]
+    unsafe fn tile<F: F32Lanes, const R: usize, const V: usize>(
+        (ap, rsa, csa): (*const f32, usize, usize),
+        (bp, rsb): (*const f32, usize),
+        (cp, rsc): (*mut f32, usize),
+        k: usize,
+        (i, j): (usize, usize),
+    ) {
+        let mut acc = [[F::zero(); V]; R];
+        for p in 0..k {
+            let bv: [F; V] = std::array::from_fn(|v| F::load(bp.add(p * rsb + j + F::LANES * v)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = F::splat(*ap.add((i + r) * rsa + p * csa));
+                for v in 0..V {
+                    acc[v] = F::fmadd(av, bv[v], acc[v]);
+                }
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (v, a) in acc.iter().enumerate() {
+                a.store(cp.add((i + r) * rsc + j + F::LANES * v));
+            }
+        }
+    }
+    #[inline(always)]
+    unsafe fn rows<F: F32Lanes, const V: usize>(
+        a: (*const f32, usize, usize),
+        b: (*const f32, usize),
+        c: (*mut f32, usize),
+        (m, k): (usize, usize),
+        j: usize,
+    ) {
+        let mut i = 0;
+        while i + 4 <= m {
+            tile::<F, 4, V>(a, b, c, k, (i, j));
+            i += 4;
+        }
+        match m - i {
+            3 => tile::<F, 3, V>(a, b, c, k, (i, j)),
+            2 => tile::<F, 2, V>(a, b, c, k, (i, j)),
+            1 => tile::<F, 1, V>(a, b, c, k, (i, j)),
+            _ => {}
+        }
+    }
+    let (av, bv, cv) = ((ap, rsa, csa), (bp, rsb), (cp, rsc));
+    let mut j = 0;
+    while j + 2 * F::LANES <= n {
+        rows::<F, 2>(av, bv, cv, (m, k), j);
+        j += 2 * F::LANES;
+    }
+    if j + F::LANES <= n {
+        rows::<F, 1>(av, bv, cv, (m, k), j);
+        j += F::LANES;
+    }
+    j
+}
+
 /// `c = a @ b` with each output one FMA chain over k from zero (`sgemm`'s direct path): tiles of
 /// four rows by 16 columns (eight accumulators; per k two loads of b's row, four broadcasts of
 /// a), then 8-column and single-column edges with the same chain per output.
@@ -366,62 +475,7 @@ pub unsafe fn avx2_sgemm_direct(
     rsc: usize,
 ) {
     let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    /// Rows `i..i + R`, columns `j..j + 8 V`.
-    #[inline(always)]
-    unsafe fn tile<const R: usize, const V: usize>(
-        (ap, rsa, csa): (*const f32, usize, usize),
-        (bp, rsb): (*const f32, usize),
-        (cp, rsc): (*mut f32, usize),
-        k: usize,
-        (i, j): (usize, usize),
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); V]; R];
-        for p in 0..k {
-            let bv: [__m256; V] = std::array::from_fn(|v| _mm256_loadu_ps(bp.add(p * rsb + j + 8 * v)));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm256_set1_ps(*ap.add((i + r) * rsa + p * csa));
-                for v in 0..V {
-                    acc[v] = _mm256_fmadd_ps(av, bv[v], acc[v]);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (v, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(cp.add((i + r) * rsc + j + 8 * v), *a);
-            }
-        }
-    }
-    #[inline(always)]
-    unsafe fn rows<const V: usize>(
-        a: (*const f32, usize, usize),
-        b: (*const f32, usize),
-        c: (*mut f32, usize),
-        (m, k): (usize, usize),
-        j: usize,
-    ) {
-        let mut i = 0;
-        while i + 4 <= m {
-            tile::<4, V>(a, b, c, k, (i, j));
-            i += 4;
-        }
-        match m - i {
-            3 => tile::<3, V>(a, b, c, k, (i, j)),
-            2 => tile::<2, V>(a, b, c, k, (i, j)),
-            1 => tile::<1, V>(a, b, c, k, (i, j)),
-            _ => {}
-        }
-    }
-    let (av, bv, cv) = ((ap, rsa, csa), (bp, rsb), (cp, rsc));
-    // Column panels outermost: a panel of b (k x 16) stays in L1 while every row block uses it.
-    let mut j = 0;
-    while j + 16 <= n {
-        rows::<2>(av, bv, cv, (m, k), j);
-        j += 16;
-    }
-    if j + 8 <= n {
-        rows::<1>(av, bv, cv, (m, k), j);
-        j += 8;
-    }
+    let j = sgemm_direct_panels::<__m256>((m, k, n), (ap, rsa, csa), (bp, rsb), (cp, rsc));
     for j in j..n {
         for i in 0..m {
             let mut acc = 0f32;

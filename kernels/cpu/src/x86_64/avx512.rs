@@ -4,7 +4,7 @@
 //! kernel bit for bit. Compiled everywhere; dispatched only where the CPU has AVX-512 F, BW and
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
-use super::avx2::{channels_impl, gemm_impl, gemv_rows_impl, single_block, LaneInput};
+use super::avx2::{channels_impl, gemm_impl, gemv_rows_impl, sgemm_direct_panels, single_block, F32Lanes, LaneInput};
 use crate::generic::QRow;
 use crate::packed::{PackedQ4, QK4};
 use std::arch::x86_64::*;
@@ -186,9 +186,33 @@ pub(crate) unsafe fn lane_short_vnni<const NP: usize, X: LaneInput>(
     })
 }
 
-/// `avx2_sgemm_direct` with 16-lane FMAs: tiles of up to four rows by 32 columns (two 512-bit
-/// accumulators per row), then 16 columns; the remaining columns (fewer than 16) by the AVX2
-/// form. Each output is the same FMA chain over k from zero, so the same bits.
+impl F32Lanes for __m512 {
+    const LANES: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm512_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self)
+    }
+}
+
+/// `avx2_sgemm_direct` with 16-lane FMAs (`sgemm_direct_panels` on 512-bit vectors: tiles of up
+/// to four rows by 32 columns, then 16); the remaining columns (fewer than 16) by the AVX2 form.
+/// Each output is the same FMA chain over k from zero, so the same bits.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, AVX2 and FMA; as `avx2_sgemm_direct`.
@@ -205,63 +229,7 @@ pub unsafe fn avx512_sgemm_direct(
     c: &mut [f32],
     rsc: usize,
 ) {
-    let (ap, bp, cp) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    /// Rows `i..i + R`, columns `j..j + 16 V`.
-    #[inline(always)]
-    unsafe fn tile<const R: usize, const V: usize>(
-        (ap, rsa, csa): (*const f32, usize, usize),
-        (bp, rsb): (*const f32, usize),
-        (cp, rsc): (*mut f32, usize),
-        k: usize,
-        (i, j): (usize, usize),
-    ) {
-        let mut acc = [[_mm512_setzero_ps(); V]; R];
-        for p in 0..k {
-            let bv: [__m512; V] = std::array::from_fn(|v| _mm512_loadu_ps(bp.add(p * rsb + j + 16 * v)));
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*ap.add((i + r) * rsa + p * csa));
-                for v in 0..V {
-                    acc[v] = _mm512_fmadd_ps(av, bv[v], acc[v]);
-                }
-            }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            for (v, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(cp.add((i + r) * rsc + j + 16 * v), *a);
-            }
-        }
-    }
-    #[inline(always)]
-    unsafe fn rows<const V: usize>(
-        a: (*const f32, usize, usize),
-        b: (*const f32, usize),
-        c: (*mut f32, usize),
-        (m, k): (usize, usize),
-        j: usize,
-    ) {
-        let mut i = 0;
-        while i + 4 <= m {
-            tile::<4, V>(a, b, c, k, (i, j));
-            i += 4;
-        }
-        match m - i {
-            3 => tile::<3, V>(a, b, c, k, (i, j)),
-            2 => tile::<2, V>(a, b, c, k, (i, j)),
-            1 => tile::<1, V>(a, b, c, k, (i, j)),
-            _ => {}
-        }
-    }
-    let (av, bv, cv) = ((ap, rsa, csa), (bp, rsb), (cp, rsc));
-    // Column panels outermost: a panel of b (k x 32) stays in L1 while every row block uses it.
-    let mut j = 0;
-    while j + 32 <= n {
-        rows::<2>(av, bv, cv, (m, k), j);
-        j += 32;
-    }
-    if j + 16 <= n {
-        rows::<1>(av, bv, cv, (m, k), j);
-        j += 16;
-    }
+    let j = sgemm_direct_panels::<__m512>((m, k, n), (a.as_ptr(), rsa, csa), (b.as_ptr(), rsb), (c.as_mut_ptr(), rsc));
     if j < n {
         // The last columns: the same chains on 8 lanes and one.
         let b_rest = b.get(j..).unwrap_or(&[]); // empty when k is 0
