@@ -26,6 +26,7 @@ def main():
     a = ap.parse_args()
     task = tasks.get(a.task)
     eps, sps = run_episodes(task, task.make_expert(), a.episodes, a.seed, record=True)
+    space = task.make_env().action_space
     steps = [o for e in eps for o in e["trajectory"]["observations"]]
     images = None
     if isinstance(steps[0], dict):  # pixel task: proprioception as `observations`, frames as `images`
@@ -45,7 +46,11 @@ def main():
         "seeds": [e["seed"] for e in eps],
         # JSON has no NaN: tasks judged by a success flag have no return threshold.
         "success_return": None if np.isnan(task.success_return) else task.success_return,
-        "versions": {p: version(p) for p in ["gymnasium", "numpy"] + {"hopper": ["pybullet"], "lander": ["box2d"], "pickplace": ["metaworld", "mujoco"], "pickplace-pixels": ["metaworld", "mujoco"]}[task.name]},
+        "versions": {p: version(p) for p in ["gymnasium", "numpy"] + (["pybullet", "pybullet-envs-gymnasium"] if task.env_id.endswith("BulletEnv-v0") else {"lander": ["box2d"], "pickplace": ["metaworld", "mujoco"], "pickplace-pixels": ["metaworld", "mujoco"]}[task.name])},
+        # The action space: the environment clips every executed action to it (and so did the
+        # recording), so sqil compares actions after clipping.
+        "action_low": [float(v) for v in space.low],
+        "action_high": [float(v) for v in space.high],
     }
     if images is not None:
         meta["inputs"] = {"image": "images / 255 (uint8 [T, 3, H, W] -> float32)", "proprio": "observations"}

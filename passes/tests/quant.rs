@@ -152,3 +152,44 @@ fn quantize_then_lower_is_bit_exact() {
         }
     }
 }
+
+/// The input FakeQuants of a quantized graph: (the value they read, bits).
+fn act_quants(g: &Graph) -> Vec<(String, u8)> {
+    g.topo_order()
+        .unwrap()
+        .into_iter()
+        .filter_map(|n| match g.node(n).op {
+            Op::FakeQuant { bits, .. } => {
+                let x = g.inputs_of(n)[0].unwrap();
+                g.const_value(x).is_none().then(|| (g.value(x).name.clone(), bits))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_raw_vector_input_stays_float_unless_asked() {
+    let mut r = Rng::new(11);
+    let mut g = mlp(&mut r, 6, 4);
+    // A second layer reads the first's output: its input is not raw.
+    let w2 = g.add_const("w2", r.tensor(vec![3, 4], 0.5));
+    let op = Op::Gemm { alpha: 1.0, beta: 0.0, trans_a: false, trans_b: true };
+    let y2 = g.add_inferred("fc2", op, &[Some(g.outputs[0]), Some(w2), None], "y2").unwrap();
+    g.outputs = vec![y2];
+    let x = Tensor::from_f32(vec![32, 6], inputs(&mut r, 32, 6)).unwrap();
+    let calib = vec![HashMap::from([("x".to_string(), x)])];
+    let (sim, rep) = quantize(&g, &QuantConfig::default(), Recipe::Rtn, &calib).unwrap();
+    assert_eq!(act_quants(&sim), vec![("y".to_string(), 8)]);
+    assert_eq!(rep.layers.iter().map(|l| l.abits).collect::<Vec<_>>(), vec![None, Some(8)]);
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings("raw_input=quant").unwrap();
+    let (sim, _) = quantize(&g, &cfg, Recipe::Rtn, &calib).unwrap();
+    assert_eq!(act_quants(&sim), vec![("x".to_string(), 8), ("y".to_string(), 8)]);
+    // A layer's own override wins over the default.
+    let mut cfg = QuantConfig::default();
+    cfg.layers.insert("fc".into(), sqil_passes::quant::config::LayerOverride { abits: Some(4), ..Default::default() });
+    let (sim, _) = quantize(&g, &cfg, Recipe::Rtn, &calib).unwrap();
+    assert_eq!(act_quants(&sim), vec![("x".to_string(), 4), ("y".to_string(), 8)]);
+    assert!(cfg.clone().apply_settings("raw_input=maybe").is_err());
+}

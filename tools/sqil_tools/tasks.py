@@ -9,6 +9,10 @@
   mujoco 3.3.0), 39-d state observations; expert: Meta-World's scripted SawyerPickPlaceV3Policy;
   success: the environment's `success` flag at any step of the 500-step episode. The grasp is
   the critical moment.
+- halfcheetah, walker2d, humanoid: HalfCheetahBulletEnv-v0, Walker2DBulletEnv-v0 and
+  HumanoidBulletEnv-v0, each with the pretrained MLP its example in the pybullet wheel ships
+  (sqil_tools/pybullet_mlp.py); success: return >= about 80% of the expert's mean return over the
+  demonstration episodes (rounded; docs/tasks.md).
 - pickplace-pixels: the same task and expert, but the policy sees an 84x84 RGB camera image plus
   proprioception and the goal (sqil_tools/pixels.py); the object's position is only in the image.
 """
@@ -32,7 +36,7 @@ class Task:
     make_expert: Callable
 
     def make_env(self):
-        if self.name == "hopper":
+        if self.env_id.endswith("BulletEnv-v0"):
             import pybullet_envs_gymnasium  # noqa: F401  (registers the Bullet envs)
         if self.name.startswith("pickplace"):
             import metaworld  # noqa: F401  (registers Meta-World/MT1)
@@ -54,6 +58,15 @@ def _hopper_expert():
     from .hopper import HopperExpert
 
     return HopperExpert()
+
+
+def _pybullet_expert(env_id):
+    def make():
+        from .pybullet_mlp import PretrainedMLP
+
+        return PretrainedMLP(env_id)
+
+    return make
 
 
 def _lander_expert():
@@ -87,6 +100,15 @@ TASKS = {
     "pickplace-pixels": Task("pickplace-pixels", "Meta-World/MT1", {"env_name": "pick-place-v3", "seed": 0}, 7, 4,
                              float("nan"), "metaworld.policies.SawyerPickPlaceV3Policy (scripted, on the full state)",
                              _pickplace_pixels_expert),
+    "halfcheetah": Task("halfcheetah", "HalfCheetahBulletEnv-v0", {}, 26, 6, 2000.0,
+                        "pretrained MLP from the pybullet wheel (enjoy_TF_HalfCheetahBulletEnv_v0_2017may.py)",
+                        _pybullet_expert("HalfCheetahBulletEnv-v0")),
+    "walker2d": Task("walker2d", "Walker2DBulletEnv-v0", {}, 22, 6, 1700.0,
+                     "pretrained MLP from the pybullet wheel (enjoy_TF_Walker2DBulletEnv_v0_2017may.py)",
+                     _pybullet_expert("Walker2DBulletEnv-v0")),
+    "humanoid": Task("humanoid", "HumanoidBulletEnv-v0", {}, 44, 17, 2000.0,
+                     "pretrained MLP from the pybullet wheel (enjoy_TF_HumanoidBulletEnv_v0_2017may.py)",
+                     _pybullet_expert("HumanoidBulletEnv-v0")),
 }
 
 # The Python that can run each task's simulator (Meta-World pins its own mujoco).

@@ -56,7 +56,9 @@ enum Cmd {
         #[arg(long = "output", required = true)]
         outputs: Vec<PathBuf>,
     },
-    /// The whole pipeline: PTQ initialisation, SIS, QRD fine-tuning (LSQ), lowering, fusion.
+    /// The whole pipeline, chosen on held-out demonstration episodes: every PTQ recipe, SIS, QRD
+    /// fine-tuning (LSQ) from the best one with best-so-far checkpoints, the best candidate
+    /// shipped (never worse than the best PTQ on the held-out states), lowering, fusion.
     /// Writes OUT/model.sqil (simulation), OUT/model.onnx (QDQ), OUT/model.fused.sqil,
     /// OUT/policy.bin (the CPU artifact: plan + packed int4 weights, run by `sqil run`) and
     /// OUT/report.json; checkpoints to OUT/checkpoint.json (--resume continues).
@@ -68,8 +70,9 @@ enum Cmd {
         /// sqil (QRD with SIS top-p weighting), qat (BC only), distill (alpha = 1), sis-weighted.
         #[arg(long, default_value = "sqil")]
         recipe: String,
-        /// PTQ recipe that initialises the quantizers: rtn, mse, awq, gptq.
-        #[arg(long, default_value = "mse")]
+        /// PTQ recipe that initialises fine-tuning: `all` (rtn, mse, awq and gptq, each scored on
+        /// the held-out episodes, the best kept) or one of them.
+        #[arg(long, default_value = "all")]
         init: String,
         #[arg(long, default_value_t = 4)]
         wbits: u8,
@@ -81,6 +84,26 @@ enum Cmd {
         /// Extra quant config settings (key=value, comma separated).
         #[arg(long)]
         set: Option<String>,
+        /// Fraction of the demonstration episodes held out to choose the candidate (at least one).
+        #[arg(long, default_value_t = 0.1)]
+        val_frac: f64,
+        /// At most this many held-out states (spread evenly over the held-out episodes).
+        #[arg(long, default_value_t = 5000)]
+        val_states: usize,
+        /// Score the fine-tuned weights on the held-out states every N steps (0: 20 times a run).
+        #[arg(long, default_value_t = 0)]
+        val_every: usize,
+        /// Stop fine-tuning after this many scorings without improvement (0: never).
+        #[arg(long, default_value_t = 8)]
+        patience: usize,
+        /// The action space's box `LOW,HIGH` (the environment clips actions to it), `none`, or
+        /// `auto`: the demonstrations' metadata (action_low / action_high) if it has them.
+        #[arg(long, default_value = "auto", allow_hyphen_values = true)]
+        action_box: String,
+        /// Budget of the final check (the CPU artifact against the simulation on the held-out
+        /// states), relative to the largest |action|.
+        #[arg(long, default_value_t = sqil_runtime::PLAN_TOL, allow_hyphen_values = true)]
+        plan_tol: f32,
         /// QRD: weight of the distillation term on critical states.
         #[arg(long, default_value_t = 2.0)]
         beta: f64,
@@ -425,6 +448,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
             abits,
             group,
             set,
+            val_frac,
+            val_states,
+            val_every,
+            patience,
+            action_box,
+            plan_tol,
             beta,
             top,
             sis,
@@ -454,9 +483,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
             if !(0.0..=1.0).contains(&top) || beta < 0.0 {
                 return Err(format!("--top must be in [0, 1] and --beta >= 0 (got {top}, {beta})"));
             }
-            let init_recipe = Recipe::parse(&init).map_err(|e| e.to_string())?;
+            let init_recipe = if init == "all" { None } else { Some(Recipe::parse(&init).map_err(|e| e.to_string())?) };
+            if steps == 0 || batch == 0 || threads == 0 {
+                return Err(format!("--steps, --batch and --threads must be > 0 (got {steps}, {batch}, {threads})"));
+            }
             if let Some(b) = &budget {
-                let mut aa = alloc.args(&demos, &cfg, init_recipe, b)?;
+                let mut aa = alloc.args(&demos, &cfg, init_recipe.unwrap_or(Recipe::Gptq), b)?;
                 aa.top = top;
                 aa.beta = beta;
                 aa.sis = sis.config()?;
@@ -472,6 +504,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 demos,
                 config: cfg,
                 init: init_recipe,
+                val_frac,
+                val_states,
+                val_every,
+                patience,
+                action_box: match action_box.as_str() {
+                    "auto" => sqil::compile::BoxSource::Metadata,
+                    "none" => sqil::compile::BoxSource::None,
+                    s => sqil::compile::BoxSource::Given(s.to_string()),
+                },
+                split_seed: seed,
+                plan_tol,
                 recipe: sqil::compile::FtRecipe::parse(&recipe)?,
                 beta,
                 top,

@@ -14,7 +14,7 @@ fn quantized(name: &str) -> Policy {
     let fp = sqil::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
     let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
     let mut config = QuantConfig::default();
-    config.apply_settings("wbits=4,abits=8,group=64").unwrap();
+    config.apply_settings("wbits=4,abits=8,group=64,raw_input=quant").unwrap();
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, config, calib, 64);
     Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
 }

@@ -41,6 +41,8 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
         let feeds: Vec<sqil_ir::Tensor> = inputs.iter().map(|p| sqil::npy::read(p).unwrap()).collect();
         for spec in configs {
             let mut cfg = QuantConfig::default();
+            // Integer inputs everywhere: these tests check the int8 activation paths.
+            cfg.raw_input = sqil_passes::quant::RawInput::Quant;
             cfg.apply_settings(spec).unwrap();
             let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 256);
             let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
@@ -156,6 +158,8 @@ fn the_c_abi_runs_an_artifact() {
     std::fs::create_dir_all(&dir).unwrap();
     let fp = sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap();
     let mut cfg = QuantConfig::default();
+    // Integer inputs everywhere: these tests check the int8 activation paths.
+    cfg.raw_input = sqil_passes::quant::RawInput::Quant;
     cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
     let input = policies().join("bc_hopper.input0.npy");
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
@@ -231,6 +235,8 @@ fn standalone_executable_runs_the_policy() {
     let fp = sqil::load_model(&policies().join("bc_lander.onnx")).unwrap();
     let input = policies().join("bc_lander.input0.npy");
     let mut cfg = QuantConfig::default();
+    // Integer inputs everywhere: these tests check the int8 activation paths.
+    cfg.raw_input = sqil_passes::quant::RawInput::Quant;
     cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap();

@@ -114,10 +114,79 @@ impl Demos {
             .collect()
     }
 
+    /// The action space's bounds from the metadata (`action_low`, `action_high`: one number, or
+    /// one per action dimension), if it gives them; an error names the field if they are malformed.
+    pub fn action_box(&self) -> Result<Option<ActionBox>, String> {
+        let (lo, hi) = (&self.metadata["action_low"], &self.metadata["action_high"]);
+        if lo.is_null() && hi.is_null() {
+            return Ok(None);
+        }
+        let nums = |v: &serde_json::Value, key: &str| -> Result<Vec<f32>, String> {
+            let list = match v {
+                serde_json::Value::Array(a) => a.clone(),
+                serde_json::Value::Number(_) => vec![v.clone()],
+                _ => return Err(format!("field `metadata`: `{key}` must be a number or a list of numbers")),
+            };
+            list.iter()
+                .map(|x| x.as_f64().map(|f| f as f32).ok_or_else(|| format!("field `metadata`: `{key}` holds {x}")))
+                .collect()
+        };
+        ActionBox::new(nums(lo, "action_low")?, nums(hi, "action_high")?, self.actions.ncols())
+            .map(Some)
+            .map_err(|e| format!("field `metadata`: {e}"))
+    }
+
     /// Step ranges of the episodes.
     pub fn episodes(&self) -> Vec<Range<usize>> {
         let starts: Vec<usize> = self.episode_starts.iter().enumerate().filter(|(_, &s)| s).map(|(i, _)| i).collect();
         starts.iter().enumerate().map(|(k, &s)| s..starts.get(k + 1).copied().unwrap_or(self.len())).collect()
+    }
+}
+
+/// An action space's box: the environment clips every executed action to it, so two actions
+/// that clip to the same point are the same action.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ActionBox {
+    /// Per action dimension, `low[i] < high[i]`, both finite.
+    pub low: Vec<f32>,
+    pub high: Vec<f32>,
+}
+
+impl ActionBox {
+    /// A box over `dims` action dimensions from one bound per dimension, or one for all.
+    pub fn new(low: Vec<f32>, high: Vec<f32>, dims: usize) -> Result<ActionBox, String> {
+        let widen = |v: Vec<f32>, what: &str| match v.len() {
+            1 => Ok(vec![v[0]; dims]),
+            n if n == dims => Ok(v),
+            n => Err(format!("`{what}` has {n} entries for {dims} action dimensions")),
+        };
+        let (low, high) = (widen(low, "action_low")?, widen(high, "action_high")?);
+        for (i, (l, h)) in low.iter().zip(&high).enumerate() {
+            if !(l.is_finite() && h.is_finite() && l < h) {
+                return Err(format!("action dimension {i}: bounds [{l}, {h}] are not finite with low < high"));
+            }
+        }
+        Ok(ActionBox { low, high })
+    }
+
+    /// Parses `LOW,HIGH` (the same bounds on every dimension) for `dims` dimensions.
+    pub fn parse(s: &str, dims: usize) -> Result<ActionBox, String> {
+        let v: Vec<f32> = s
+            .split(',')
+            .map(|x| x.trim().parse::<f32>().map_err(|_| format!("action box `{s}`: `{x}` is not a number")))
+            .collect::<Result<_, _>>()?;
+        match v.as_slice() {
+            [l, h] => ActionBox::new(vec![*l], vec![*h], dims),
+            _ => Err(format!("action box `{s}`: expected LOW,HIGH")),
+        }
+    }
+
+    /// Clips `v` (rows of `low.len()` actions, or chunks of them) to the box in place.
+    pub fn clip(&self, v: &mut [f32]) {
+        let a = self.low.len();
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = x.clamp(self.low[i % a], self.high[i % a]);
+        }
     }
 }
 

@@ -2,8 +2,16 @@
 //! activations) and biases become graph inputs, with the QRD loss
 //! `L = mean((y - a_demo)^2) + mean_b(alpha_b * mean((y_b - a_fp_b)^2))` appended and its
 //! gradients (the `grad` pass) as outputs.
+//!
+//! With an action box (the environment clips every executed action to it), targets become
+//! intervals: an action the environment clips to the box's upper bound is reached by every
+//! `y >= high`, so the distance of `y` to a target is its distance to the interval `[lo, hi]`
+//! of outputs that execute as the same action: `relu(y - hi) - relu(lo - y)` (`lo = hi = t`
+//! inside the box, `[high, +big]` at the upper bound, `[-big, low]` at the lower). It is zero
+//! exactly when the two actions execute the same, and its gradient never vanishes while they
+//! differ (clipping `y` itself would stop the gradient of an output stuck outside the box).
 
-use sqil_ir::ops::{BinaryOp, ReduceOp};
+use sqil_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
 use sqil_ir::{DType, Dim, Graph, IrError, NodeId, Op, Result, Tensor, ValueRef, ValueType};
 use sqil_passes::grad::grad;
 
@@ -80,6 +88,13 @@ pub fn find_params(g: &Graph, act_steps: bool) -> Vec<Param> {
 /// Builds the trainable graph of a FakeQuant graph with one output (the action); `act_steps`:
 /// also learn the activation quantizers' steps.
 pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
+    train_graph_with(sim, act_steps, false)
+}
+
+/// [`train_graph`]; with `intervals`, the targets are intervals (see the module header): the
+/// inputs `train.target` / `train.teacher` hold their low ends and `train.target_hi` /
+/// `train.teacher_hi` their high ends.
+pub fn train_graph_with(sim: &Graph, act_steps: bool, intervals: bool) -> Result<TrainGraph> {
     let mut g = sim.clone();
     if g.outputs.len() != 1 {
         return Err(IrError::Unsupported(format!("training a graph with {} outputs", g.outputs.len())));
@@ -94,6 +109,11 @@ pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
     let target = g.add_input("train.target", yty.clone());
     let teacher = g.add_input("train.teacher", yty.clone());
     let alpha = g.add_input("train.alpha", alpha_type(&yty));
+    let his = if intervals {
+        Some((g.add_input("train.target_hi", yty.clone()), g.add_input("train.teacher_hi", yty.clone())))
+    } else {
+        None
+    };
     let bin = |g: &mut Graph, o: BinaryOp, a: ValueRef, b: ValueRef, n: &str| {
         g.add_inferred(format!("loss.{n}"), Op::Binary(o), &[Some(a), Some(b)], format!("loss.{n}"))
     };
@@ -108,10 +128,19 @@ pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
         let op = Op::Reduce { op: ReduceOp::Mean, keepdims: true, noop_with_empty_axes: false };
         g.add_inferred(format!("loss.{n}"), op, &[Some(x), a], format!("loss.{n}"))
     };
-    let d1 = bin(&mut g, BinaryOp::Sub, y, target, "bc_diff")?;
+    let d1 = match his {
+        Some((target_hi, _)) => interval_diff(&mut g, y, target, target_hi, "bc")?,
+        None => bin(&mut g, BinaryOp::Sub, y, target, "bc_diff")?,
+    };
     let s1 = bin(&mut g, BinaryOp::Mul, d1, d1, "bc_sq")?;
     let l_bc = mean(&mut g, s1, None, "bc")?;
-    let l_kd = weighted_distance(&mut g, y, teacher, alpha)?;
+    let l_kd = match his {
+        Some((_, teacher_hi)) => {
+            let d2 = interval_diff(&mut g, y, teacher, teacher_hi, "kd")?;
+            weighted_square(&mut g, d2, alpha)?
+        }
+        None => weighted_distance(&mut g, y, teacher, alpha)?,
+    };
     let loss = bin(&mut g, BinaryOp::Add, l_bc, l_kd, "total")?;
     for p in &params {
         make_input(&mut g, p.node);
@@ -123,9 +152,29 @@ pub fn train_graph(sim: &Graph, act_steps: bool) -> Result<TrainGraph> {
     Ok(TrainGraph { graph: g, params, policy_inputs })
 }
 
+/// Appends `relu(y - hi) - relu(lo - y)`: the signed distance of `y` to the interval `[lo, hi]`
+/// (`y - t` when `lo = hi = t`).
+fn interval_diff(g: &mut Graph, y: ValueRef, lo: ValueRef, hi: ValueRef, n: &str) -> Result<ValueRef> {
+    let node = |g: &mut Graph, op: Op, ins: &[ValueRef], what: &str| {
+        let ins: Vec<Option<ValueRef>> = ins.iter().copied().map(Some).collect();
+        g.add_inferred(format!("loss.{n}_{what}"), op, &ins, format!("loss.{n}_{what}"))
+    };
+    let above = node(g, Op::Binary(BinaryOp::Sub), &[y, hi], "above")?;
+    let above = node(g, Op::Unary(UnaryOp::Relu), &[above], "above_relu")?;
+    let below = node(g, Op::Binary(BinaryOp::Sub), &[lo, y], "below")?;
+    let below = node(g, Op::Unary(UnaryOp::Relu), &[below], "below_relu")?;
+    node(g, Op::Binary(BinaryOp::Sub), &[above, below], "diff")
+}
+
 /// Appends `mean_b(alpha_b * mean((y_b - teacher_b)^2))` (the QRD distance term) to `g`.
 pub fn weighted_distance(g: &mut Graph, y: ValueRef, teacher: ValueRef, alpha: ValueRef) -> Result<ValueRef> {
-    let rank = g.value(y).ty.rank();
+    let d2 = g.add_inferred("loss.kd_diff", Op::Binary(BinaryOp::Sub), &[Some(y), Some(teacher)], "loss.kd_diff")?;
+    weighted_square(g, d2, alpha)
+}
+
+/// Appends `mean_b(alpha_b * mean(d_b^2))` for per-state differences `d`.
+fn weighted_square(g: &mut Graph, d2: ValueRef, alpha: ValueRef) -> Result<ValueRef> {
+    let rank = g.value(d2).ty.rank();
     let bin = |g: &mut Graph, o: BinaryOp, a: ValueRef, b: ValueRef, n: &str| {
         g.add_inferred(format!("loss.{n}"), Op::Binary(o), &[Some(a), Some(b)], format!("loss.{n}"))
     };
@@ -137,7 +186,6 @@ pub fn weighted_distance(g: &mut Graph, y: ValueRef, teacher: ValueRef, alpha: V
         let op = Op::Reduce { op: ReduceOp::Mean, keepdims: true, noop_with_empty_axes: false };
         g.add_inferred(format!("loss.{n}"), op, &[Some(x), a], format!("loss.{n}"))
     };
-    let d2 = bin(g, BinaryOp::Sub, y, teacher, "kd_diff")?;
     let s2 = bin(g, BinaryOp::Mul, d2, d2, "kd_sq")?;
     let per = if rank > 1 { mean(g, s2, Some((1..rank as i64).collect()), "kd_per_state")? } else { s2 };
     let w = bin(g, BinaryOp::Mul, per, alpha, "kd_weighted")?;

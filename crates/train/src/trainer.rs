@@ -1,7 +1,10 @@
 //! The fine-tuning loop: seeded shuffled mini-batches, each split over threads (one
 //! interpreter run of the trainable graph per slice, gradients averaged by slice size), AdamW,
 //! progress with loss and ETA on stderr, and atomic JSON checkpoints every N steps that
-//! `resume` continues from exactly.
+//! `resume` continues from exactly. With a [`Validation`], the parameters are scored on held-out
+//! states every `every` steps (and before the first): the best-scoring ones are kept (in the
+//! checkpoint too) and returned, and training stops early after `patience` evaluations without
+//! improvement.
 
 use crate::model::{Param, TrainGraph};
 use crate::optim::AdamW;
@@ -51,11 +54,33 @@ impl Default for TrainConfig {
 
 /// Training data: the policy inputs of every state (batch axis first), the demonstrated
 /// actions, the float policy's actions (the teacher, computed once) and the QRD weights.
+/// With an action box, `target` and `teacher` are the low ends of intervals whose high ends
+/// are `target_hi` and `teacher_hi` (see `model::train_graph_with`).
 pub struct Dataset {
     pub inputs: Vec<(String, Tensor)>,
     pub target: Tensor,
     pub teacher: Tensor,
     pub alpha: Vec<f32>,
+    pub target_hi: Option<Tensor>,
+    pub teacher_hi: Option<Tensor>,
+}
+
+/// Scoring on held-out states during training (lower is better).
+pub struct Validation<'a> {
+    /// Evaluate every this many steps (and before the first step, and after the last).
+    pub every: usize,
+    /// Stop after this many evaluations in a row without a better score (0: never stop early).
+    pub patience: usize,
+    /// The score of a set of parameter values (in `TrainGraph::params` order).
+    pub score: &'a (dyn Fn(&[Tensor]) -> Result<f64> + Sync),
+}
+
+/// The best-scoring parameters seen by a [`Validation`].
+#[derive(Clone, Debug)]
+pub struct Best {
+    pub step: usize,
+    pub score: f64,
+    pub params: Vec<Tensor>,
 }
 
 impl Dataset {
@@ -87,6 +112,21 @@ pub struct TrainLog {
     pub loss: Vec<(usize, f64, f64)>,
     pub seconds: f64,
     pub samples_per_s: f64,
+    /// (step, validation score), when validated.
+    #[serde(default)]
+    pub val: Vec<(usize, f64)>,
+    /// The step of the best validation score.
+    #[serde(default)]
+    pub best_step: Option<usize>,
+    /// Where training stopped early (no better validation score for `patience` evaluations).
+    #[serde(default)]
+    pub stopped_at: Option<usize>,
+}
+
+type SavedParams = Vec<(String, Vec<usize>, Vec<f32>)>;
+
+fn save_params<'a>(names: impl Iterator<Item = &'a str>, values: &[Tensor]) -> SavedParams {
+    names.zip(values).map(|(n, t)| (n.to_string(), t.shape.clone(), t.data.to_f32_vec())).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -98,6 +138,15 @@ struct Checkpoint {
     rng_draws: u64,
     perm: Vec<usize>,
     pos: usize,
+    /// The best validated parameters so far: (step, score, values).
+    #[serde(default)]
+    best: Option<(usize, f64, SavedParams)>,
+    /// Evaluations since the best one.
+    #[serde(default)]
+    since_best: usize,
+    /// Training stopped early here; a resume returns at once.
+    #[serde(default)]
+    stopped: bool,
 }
 
 /// One slice's loss, gradients (one per parameter) and row count.
@@ -123,6 +172,12 @@ fn step_grads(
                     }
                     feeds.insert("train.target".into(), take_rows(&data.target, c));
                     feeds.insert("train.teacher".into(), take_rows(&data.teacher, c));
+                    if let Some(t) = &data.target_hi {
+                        feeds.insert("train.target_hi".into(), take_rows(t, c));
+                    }
+                    if let Some(t) = &data.teacher_hi {
+                        feeds.insert("train.teacher_hi".into(), take_rows(t, c));
+                    }
                     let mut ashape = vec![c.len()];
                     ashape.extend(std::iter::repeat_n(1, data.target.rank() - 1));
                     feeds.insert(
@@ -156,18 +211,49 @@ fn step_grads(
     Ok((loss, grads))
 }
 
+/// Loads parameter values saved in a checkpoint into `params`, checking names and shapes.
+fn load_params(params: &mut [Param], saved: SavedParams, path: &std::path::Path) -> Result<()> {
+    if saved.len() != params.len() {
+        return Err(IrError::Invalid(format!(
+            "{}: checkpoint has {} parameters, the model {}",
+            path.display(),
+            saved.len(),
+            params.len()
+        )));
+    }
+    for (p, (name, shape, v)) in params.iter_mut().zip(saved) {
+        if p.name != name || p.value.shape != shape {
+            return Err(IrError::Invalid(format!(
+                "{}: checkpoint parameter `{name}` does not match `{}`",
+                path.display(),
+                p.name
+            )));
+        }
+        p.value = Tensor::from_f32(shape, v)?;
+    }
+    Ok(())
+}
+
 /// Trains `tg.params` in place. With `checkpoint`, writes it every `checkpoint_every` steps and
-/// at the end; with `resume`, continues from it.
+/// at the end; with `resume`, continues from it. With `val`, also returns the best-scoring
+/// parameters (see [`Validation`]); `tg.params` end as the last step's either way.
 pub fn train(
     tg: &mut TrainGraph,
     data: &Dataset,
     cfg: &TrainConfig,
     checkpoint: Option<&PathBuf>,
     resume: bool,
-) -> Result<TrainLog> {
+    val: Option<&Validation>,
+) -> Result<(TrainLog, Option<Best>)> {
     let n = data.len();
     if n == 0 {
         return Err(IrError::Invalid("no training states".into()));
+    }
+    if cfg.batch == 0 || cfg.steps == 0 {
+        return Err(IrError::Invalid(format!(
+            "training needs steps > 0 and batch > 0 (got {} and {})",
+            cfg.steps, cfg.batch
+        )));
     }
     let mut opt = AdamW::new(&tg.params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.clip);
     let mut log = TrainLog::default();
@@ -176,22 +262,22 @@ pub fn train(
     let mut draws = 0u64;
     let mut perm: Vec<usize> = (0..n).collect();
     let mut pos = n; // forces a shuffle at the first step
+    let mut best: Option<Best> = None;
+    let mut since_best = 0usize;
+    let names: Vec<String> = tg.params.iter().map(|p| p.name.clone()).collect();
     if let (true, Some(path)) = (resume, checkpoint) {
         if path.exists() {
             let text =
                 std::fs::read_to_string(path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))?;
             let ck: Checkpoint = serde_json::from_str(&text)
                 .map_err(|e| IrError::Invalid(format!("{}: bad checkpoint: {e}", path.display())))?;
-            for (p, (name, shape, v)) in tg.params.iter_mut().zip(ck.params) {
-                if p.name != name || p.value.shape != shape {
-                    return Err(IrError::Invalid(format!(
-                        "{}: checkpoint parameter `{name}` does not match `{}`",
-                        path.display(),
-                        p.name
-                    )));
-                }
-                p.value = Tensor::from_f32(shape, v)?;
+            load_params(&mut tg.params, ck.params, path)?;
+            if let Some((step, score, saved)) = ck.best {
+                let mut tmp = tg.params.clone();
+                load_params(&mut tmp, saved, path)?;
+                best = Some(Best { step, score, params: tmp.into_iter().map(|p| p.value).collect() });
             }
+            since_best = ck.since_best;
             opt = ck.opt;
             log = ck.log;
             start = ck.step;
@@ -204,16 +290,23 @@ pub fn train(
                 pos = ck.pos;
             }
             eprintln!("resumed from {} at step {start}", path.display());
+            if ck.stopped {
+                return Ok((log, best));
+            }
         }
     }
     let it = Interpreter::new(&tg.graph)?;
+    #[allow(clippy::too_many_arguments)]
     let save = |tg: &TrainGraph,
                 opt: &AdamW,
                 log: &TrainLog,
                 step: usize,
                 draws: u64,
                 perm: &[usize],
-                pos: usize|
+                pos: usize,
+                best: &Option<Best>,
+                since_best: usize,
+                stopped: bool|
      -> Result<()> {
         if let Some(path) = checkpoint {
             let ck = Checkpoint {
@@ -228,6 +321,11 @@ pub fn train(
                 rng_draws: draws,
                 perm: perm.to_vec(),
                 pos,
+                best: best
+                    .as_ref()
+                    .map(|b| (b.step, b.score, save_params(names.iter().map(|s| s.as_str()), &b.params))),
+                since_best,
+                stopped,
             };
             sqil_ir::write_atomic(
                 path,
@@ -236,6 +334,30 @@ pub fn train(
         }
         Ok(())
     };
+    // Scores the current parameters; returns whether training should stop (patience spent).
+    let validate = |tg: &TrainGraph,
+                    step: usize,
+                    log: &mut TrainLog,
+                    best: &mut Option<Best>,
+                    since: &mut usize|
+     -> Result<bool> {
+        let Some(v) = val else { return Ok(false) };
+        let values: Vec<Tensor> = tg.params.iter().map(|p| p.value.clone()).collect();
+        let score = (v.score)(&values)?;
+        log.val.push((step, score));
+        if best.as_ref().is_none_or(|b| score < b.score) {
+            *best = Some(Best { step, score, params: values });
+            log.best_step = Some(step);
+            *since = 0;
+        } else {
+            *since += 1;
+        }
+        Ok(v.patience > 0 && *since >= v.patience)
+    };
+    let every = val.map_or(0, |v| v.every.max(1));
+    if val.is_some() && start == 0 && log.val.is_empty() {
+        validate(tg, 0, &mut log, &mut best, &mut since_best)?;
+    }
     let t0 = Instant::now();
     let mut window = (0.0, 0usize);
     // A live bar on a terminal; elsewhere (logs, CI) one line every `log_every` steps.
@@ -283,18 +405,36 @@ pub fn train(
             }
             window = (0.0, 0);
         }
+        let stop = if every > 0 && (done % every == 0 || done == cfg.steps) {
+            validate(tg, done, &mut log, &mut best, &mut since_best)?
+        } else {
+            false
+        };
+        if stop && done < cfg.steps {
+            bar.finish_and_clear();
+            log.stopped_at = Some(done);
+            log.seconds += t0.elapsed().as_secs_f64();
+            log.samples_per_s = ((done - start) * cfg.batch) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+            eprintln!(
+                "stopped early at step {done}: no better validation score in {} evaluations (best at step {})",
+                since_best,
+                log.best_step.unwrap_or(0)
+            );
+            save(tg, &opt, &log, done, draws, &perm, pos, &best, since_best, true)?;
+            return Ok((log, best));
+        }
         if cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0 {
-            save(tg, &opt, &log, done, draws, &perm, pos)?;
+            save(tg, &opt, &log, done, draws, &perm, pos, &best, since_best, false)?;
         }
         if cfg.stop_after == Some(done) && done < cfg.steps {
-            save(tg, &opt, &log, done, draws, &perm, pos)?;
+            save(tg, &opt, &log, done, draws, &perm, pos, &best, since_best, false)?;
             log.seconds += t0.elapsed().as_secs_f64();
-            return Ok(log);
+            return Ok((log, best));
         }
     }
     bar.finish_and_clear();
     log.seconds += t0.elapsed().as_secs_f64();
     log.samples_per_s = ((cfg.steps - start) * cfg.batch) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
-    save(tg, &opt, &log, cfg.steps, draws, &perm, pos)?;
-    Ok(log)
+    save(tg, &opt, &log, cfg.steps, draws, &perm, pos, &best, since_best, false)?;
+    Ok((log, best))
 }

@@ -4,9 +4,9 @@
 use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueType};
 use sqil_passes::quant::{quantize, QuantConfig, Recipe};
-use sqil_train::model::train_graph;
+use sqil_train::model::{train_graph, train_graph_with};
 use sqil_train::sis::{parse_groups, qrd_alpha, sis, sis_with, ImagePerturb, SisConfig, VectorPerturb};
-use sqil_train::trainer::{train, Dataset, TrainConfig};
+use sqil_train::trainer::{train, Dataset, TrainConfig, Validation};
 use std::collections::HashMap;
 
 fn input(g: &mut Graph, d: usize) -> sqil_ir::ValueRef {
@@ -109,7 +109,14 @@ fn setup(seed: u64) -> (Graph, Dataset) {
     let mut cfg = QuantConfig::default();
     cfg.apply_settings("wbits=3 abits=8 group=channel").unwrap();
     let (sim, _) = quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
-    let data = Dataset { inputs: vec![("obs".into(), obs)], target: teacher.clone(), teacher, alpha: vec![1.0; n] };
+    let data = Dataset {
+        inputs: vec![("obs".into(), obs)],
+        target: teacher.clone(),
+        teacher,
+        alpha: vec![1.0; n],
+        target_hi: None,
+        teacher_hi: None,
+    };
     (sim, data)
 }
 
@@ -126,7 +133,7 @@ fn fine_tuning_lowers_the_loss_and_resume_is_exact() {
         ..Default::default()
     };
     let mut tg = train_graph(&sim, true).unwrap();
-    let log = train(&mut tg, &data, &cfg, None, false).unwrap();
+    let (log, _) = train(&mut tg, &data, &cfg, None, false, None).unwrap();
     assert!(log.loss.last().unwrap().1 < 0.7 * log.loss[0].1, "loss {:?}", log.loss);
 
     let dir = std::env::temp_dir().join(format!("sqil-train-{}", std::process::id()));
@@ -134,13 +141,107 @@ fn fine_tuning_lowers_the_loss_and_resume_is_exact() {
     let ck = dir.join("ck.json");
     // Interrupted after 37 steps (checkpoint written there), then a fresh trainer resumes to 60.
     let mut a = train_graph(&sim, true).unwrap();
-    train(&mut a, &data, &TrainConfig { stop_after: Some(37), ..cfg.clone() }, Some(&ck), false).unwrap();
+    train(&mut a, &data, &TrainConfig { stop_after: Some(37), ..cfg.clone() }, Some(&ck), false, None).unwrap();
     let mut b = train_graph(&sim, true).unwrap();
-    train(&mut b, &data, &cfg, Some(&ck), true).unwrap();
+    train(&mut b, &data, &cfg, Some(&ck), true, None).unwrap();
     let mut c = train_graph(&sim, true).unwrap();
-    train(&mut c, &data, &cfg, None, false).unwrap();
+    train(&mut c, &data, &cfg, None, false, None).unwrap();
     for (p, q) in b.params.iter().zip(&c.params) {
         assert_eq!(p.value.data.to_f32_vec(), q.value.data.to_f32_vec(), "{}", p.name);
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn validation_keeps_the_best_parameters_stops_early_and_resumes_stopped() {
+    let (sim, data) = setup(2);
+    let cfg = TrainConfig { steps: 100, batch: 64, lr: 3e-3, warmup: 5, checkpoint_every: 10, ..Default::default() };
+    let tg0 = train_graph(&sim, true).unwrap();
+    let init: Vec<Vec<f32>> = tg0.params.iter().map(|p| p.value.data.to_f32_vec()).collect();
+    // A score that only grows as the parameters move: the best is the start (step 0), and with
+    // patience 3 training stops at the third evaluation after it.
+    let drift = |v: &[Tensor]| -> sqil_ir::Result<f64> {
+        Ok(v.iter()
+            .zip(&init)
+            .flat_map(|(t, i)| t.data.to_f32_vec().into_iter().zip(i.clone()))
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum())
+    };
+    let val = Validation { every: 10, patience: 3, score: &drift };
+    let dir = std::env::temp_dir().join(format!("sqil-val-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = dir.join("ck.json");
+    let mut tg = train_graph(&sim, true).unwrap();
+    let (log, best) = train(&mut tg, &data, &cfg, Some(&ck), false, Some(&val)).unwrap();
+    let best = best.unwrap();
+    assert_eq!((best.step, best.score), (0, 0.0));
+    assert_eq!(log.stopped_at, Some(30), "{:?}", log.val);
+    assert_eq!(log.val.iter().map(|v| v.0).collect::<Vec<_>>(), vec![0, 10, 20, 30]);
+    for (b, i) in best.params.iter().zip(&init) {
+        assert_eq!(&b.data.to_f32_vec(), i);
+    }
+    // A resume of a stopped run trains nothing more and returns the same best.
+    let mut again = train_graph(&sim, true).unwrap();
+    let (log2, best2) = train(&mut again, &data, &cfg, Some(&ck), true, Some(&val)).unwrap();
+    assert_eq!(log2.stopped_at, Some(30));
+    assert_eq!(best2.unwrap().step, 0);
+    // The opposite score (the parameters' movement rewarded), no early stop: the best is the
+    // lowest score logged, the evaluations run to the last step.
+    let neg = |v: &[Tensor]| drift(v).map(|d| -d);
+    let mut tg = train_graph(&sim, true).unwrap();
+    let (log, best) =
+        train(&mut tg, &data, &cfg, None, false, Some(&Validation { every: 25, patience: 0, score: &neg })).unwrap();
+    let best = best.unwrap();
+    let min = log.val.iter().cloned().fold((0, f64::INFINITY), |a, b| if b.1 < a.1 { b } else { a });
+    assert_eq!((best.step, best.score), min);
+    assert!(best.step > 0);
+    assert_eq!(log.val.last().unwrap().0, 100);
+    assert_eq!(neg(&best.params).unwrap(), best.score);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn interval_targets_measure_the_executed_action() {
+    // A target clipped to the box's upper bound is met by every output above it; one inside
+    // the box only by itself; the gradient is zero exactly when the executed actions agree.
+    let (sim, data) = setup(3);
+    let tg = train_graph_with(&sim, false, true).unwrap();
+    let n = 4;
+    let y = sqil_ir::interp::run(&sim, &HashMap::from([("obs".to_string(), take(&data.inputs[0].1, n))]))
+        .unwrap()
+        .remove(0);
+    let yv = y.data.to_f32_vec();
+    // Target: row 0 at the upper bound below y (interval [y - 1, BIG]: met), row 1 at the lower
+    // bound above y (interval [-BIG, y + 0.5]: met), rows 2-3 inside the box at y + 0.25.
+    let mut lo = vec![0f32; yv.len()];
+    let mut hi = vec![0f32; yv.len()];
+    for (i, &v) in yv.iter().enumerate() {
+        let (l, h) = match i / 2 {
+            0 => (v - 1.0, 1e30),
+            1 => (-1e30, v + 0.5),
+            _ => (v + 0.25, v + 0.25),
+        };
+        lo[i] = l;
+        hi[i] = h;
+    }
+    let t = |v: Vec<f32>| Tensor::from_f32(y.shape.clone(), v).unwrap();
+    let mut feeds = HashMap::from([("obs".to_string(), take(&data.inputs[0].1, n))]);
+    feeds.insert("train.target".into(), t(lo.clone()));
+    feeds.insert("train.target_hi".into(), t(hi.clone()));
+    feeds.insert("train.teacher".into(), t(lo));
+    feeds.insert("train.teacher_hi".into(), t(hi));
+    feeds.insert("train.alpha".into(), Tensor::from_f32(vec![n, 1], vec![0.0; n]).unwrap());
+    for p in &tg.params {
+        feeds.insert(p.name.clone(), p.value.clone());
+    }
+    let loss = sqil_ir::interp::run(&tg.graph, &feeds).unwrap()[0].data.to_f64_vec()[0];
+    // Only rows 2-3 contribute: mean over 8 entries of 4 * 0.25^2.
+    assert!((loss - 4.0 * 0.0625 / 8.0).abs() < 1e-6, "loss {loss}");
+}
+
+fn take(t: &Tensor, n: usize) -> Tensor {
+    let per = t.len() / t.shape[0];
+    let mut shape = t.shape.clone();
+    shape[0] = n;
+    Tensor::from_f32(shape, t.data.to_f32_vec()[..n * per].to_vec()).unwrap()
 }

@@ -29,6 +29,17 @@ pub enum ActCalib {
     Mse,
 }
 
+/// What happens to a policy's raw vector input (an observation read by a layer with no layer
+/// before it: features whose ranges can differ by orders of magnitude).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawInput {
+    /// Kept in float: the layers that read it run with float inputs (W4A16 for that layer).
+    Float,
+    /// Quantized like any activation (one scale per tensor).
+    Quant,
+}
+
 /// Per-layer overrides (by layer name, as `sqil inspect` prints it).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,6 +75,10 @@ pub struct QuantConfig {
     pub keep_last: bool,
     /// Layers kept in float, by name.
     pub keep_fp: Vec<String>,
+    /// The raw vector input (rank <= 3: `[B, obs]` or `[B, H, obs]`) of the first layers; image
+    /// inputs are quantized either way (their pixels are 8-bit already). A per-layer `abits`
+    /// override wins.
+    pub raw_input: RawInput,
     pub layers: BTreeMap<String, LayerOverride>,
 }
 
@@ -81,6 +96,7 @@ impl Default for QuantConfig {
             keep_first: false,
             keep_last: false,
             keep_fp: vec![],
+            raw_input: RawInput::Float,
             layers: BTreeMap::new(),
         }
     }
@@ -139,7 +155,8 @@ impl QuantConfig {
 
     /// Applies `key=value` settings separated by spaces or commas (the pass-spec and CLI form):
     /// wbits, abits (a number, or `float`/`16`), group (a number, `channel` or `tensor`), wsym,
-    /// asym (true/false), calib (minmax/percentile/mse), percentile, keep_first, keep_last.
+    /// asym (true/false), calib (minmax/percentile/mse), percentile, keep_first, keep_last,
+    /// raw_input (float/quant).
     pub fn apply_settings(&mut self, spec: &str) -> Result<()> {
         for kv in spec.split([' ', ',']).filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("quant setting `{kv}` is not key=value")))?;
@@ -176,9 +193,16 @@ impl QuantConfig {
                 }
                 "keep_first" => self.keep_first = flag(v)?,
                 "keep_last" => self.keep_last = flag(v)?,
+                "raw_input" => {
+                    self.raw_input = match v {
+                        "float" => RawInput::Float,
+                        "quant" => RawInput::Quant,
+                        _ => return Err(bad(format!("raw_input: `{v}` (known: float, quant)"))),
+                    }
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown quant setting `{k}` (known: wbits, abits, group, wsym, asym, calib, percentile, keep_first, keep_last)"
+                        "unknown quant setting `{k}` (known: wbits, abits, group, wsym, asym, calib, percentile, keep_first, keep_last, raw_input)"
                     )))
                 }
             }
@@ -208,6 +232,16 @@ impl QuantConfig {
             Some(b) => Some(b),
             None => self.abits,
         }
+    }
+
+    /// Activation bits of `layer`'s input when that input is the policy's raw vector input
+    /// (`raw`): float under `raw_input = float` unless the layer's own override says otherwise.
+    pub fn act_bits_at(&self, layer: &str, raw: bool) -> Option<u8> {
+        let explicit = self.layers.get(layer).and_then(|o| o.abits).is_some();
+        if raw && !explicit && self.raw_input == RawInput::Float {
+            return None;
+        }
+        self.act_bits(layer)
     }
 
     /// A short label such as `W4A8 g64` or `W3A16 per-channel`.

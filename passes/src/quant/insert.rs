@@ -111,7 +111,7 @@ pub fn insert_act_quant(
     let mut by_input: HashMap<(ValueRef, u8), usize> = HashMap::new();
     let mut sites: Vec<ActSite> = vec![];
     for (node, name, x) in layers {
-        let Some(bits) = cfg.act_bits(&name) else { continue };
+        let Some(bits) = cfg.act_bits_at(&name, is_raw_vector_input(g, x)) else { continue };
         if let Some(&i) = by_input.get(&(x, bits)) {
             sites[i].layers.push(name);
             g.set_input(node, 0, ValueRef { node: sites[i].fq, slot: 0 });
@@ -136,6 +136,31 @@ pub fn insert_act_quant(
         });
     }
     Ok(sites)
+}
+
+/// Whether `x` is a policy's raw vector input: computed from graph inputs of rank <= 3 (and
+/// constants) with no layer (MatMul, Gemm, Conv) on the way.
+pub fn is_raw_vector_input(g: &Graph, x: ValueRef) -> bool {
+    let mut stack = vec![x.node];
+    let mut seen = std::collections::HashSet::new();
+    let mut reaches_input = false;
+    while let Some(n) = stack.pop() {
+        if !seen.insert(n) {
+            continue;
+        }
+        match &g.node(n).op {
+            Op::Input => {
+                if g.node(n).outputs[0].ty.rank() > 3 {
+                    return false;
+                }
+                reaches_input = true;
+            }
+            Op::Const(_) => {}
+            Op::MatMul | Op::Gemm { .. } | Op::Conv(_) => return false,
+            _ => stack.extend(g.inputs_of(n).into_iter().flatten().map(|v| v.node)),
+        }
+    }
+    reaches_input
 }
 
 /// Layers whose weight is a FakeQuant of a constant or a float constant, whose input is not yet

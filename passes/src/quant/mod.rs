@@ -10,7 +10,7 @@ pub mod layers;
 pub mod sensitivity;
 pub mod weights;
 
-pub use config::{ActCalib, Granularity, QuantConfig};
+pub use config::{ActCalib, Granularity, QuantConfig, RawInput};
 pub use weights::Recipe;
 
 use insert::{insert_act_quant, insert_weight_quant};

@@ -1,0 +1,110 @@
+//! `sqil compile` end to end on the bundled bc_hopper policy and its demonstrations: held-out
+//! episodes choose among every PTQ recipe and the fine-tuned checkpoints, what ships scores no
+//! worse on them than the best PTQ candidate, the report lists every candidate; a final check
+//! that finds a difference still writes every output and the report, then fails naming the
+//! state and the layer.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn compile(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "compile",
+        "testdata/policies/bc_hopper.onnx",
+        "--demos",
+        "testdata/demos/hopper.npz",
+        "--steps",
+        "40",
+        "--batch",
+        "64",
+        "--states",
+        "600",
+        "--val-states",
+        "200",
+        "--val-every",
+        "10",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Command::new(env!("CARGO_BIN_EXE_sqil")).args(&args).current_dir(root()).output().expect("run sqil")
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn compile_ships_the_best_held_out_candidate() {
+    let dir = std::env::temp_dir().join(format!("sqil-compile-{}", std::process::id()));
+    let out = dir.join("ok");
+    let o = compile(&out, &[]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let r = report(&out);
+    let cands = r["candidates"].as_array().unwrap();
+    let names: Vec<&str> = cands.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    for p in ["ptq:rtn", "ptq:mse", "ptq:awq", "ptq:gptq"] {
+        assert!(names.contains(&p), "{names:?}");
+    }
+    assert!(names.iter().any(|n| n.starts_with("sqil@")), "{names:?}");
+    let score = |c: &serde_json::Value| c["heldout"]["score"].as_f64().unwrap();
+    let best_ptq = cands
+        .iter()
+        .filter(|c| c["name"].as_str().unwrap().starts_with("ptq:"))
+        .map(score)
+        .fold(f64::INFINITY, f64::min);
+    let shipped: Vec<_> = cands.iter().filter(|c| c["chosen"] == true).collect();
+    assert_eq!(shipped.len(), 1, "{cands:?}");
+    assert_eq!(shipped[0]["name"], r["shipped"]);
+    assert!(score(shipped[0]) <= best_ptq, "shipped {} vs best PTQ {best_ptq}", score(shipped[0]));
+    // The artifact that shipped is what the report scored.
+    assert!(
+        (r["heldout_after"]["score"].as_f64().unwrap() - score(shipped[0])).abs() <= 1e-12 * score(shipped[0]).max(1.0)
+    );
+    // Held-out episodes are whole and disjoint from training; the demos' box was used.
+    assert!(!r["split"]["validation_episodes"].as_array().unwrap().is_empty());
+    assert_eq!(r["action_box"]["low"].as_array().unwrap().len(), 3);
+    assert!(r["log"]["val"].as_array().unwrap().len() >= 2);
+    for f in ["model.sqil", "model.onnx", "model.fused.sqil", "policy.bin", "report.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    assert!(err.contains("shipped"), "the candidates table is printed: {err}");
+
+    // A final check that fails (a budget nothing meets): every output is still written, and
+    // the one-line error names the state and the layer.
+    let bad = dir.join("bad");
+    let o = compile(&bad, &["--plan-tol=-1", "--init", "gptq"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    let last = err.lines().last().unwrap_or("");
+    assert!(last.contains("demonstration step") && last.contains("layer `"), "{last}");
+    for f in ["model.sqil", "model.onnx", "model.fused.sqil", "policy.bin", "report.json", "checkpoint.json"] {
+        assert!(bad.join(f).exists(), "{f}");
+    }
+    assert!(report(&bad)["cpu_mismatch"].is_string());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn compile_rejects_bad_split_and_box_flags() {
+    let dir = std::env::temp_dir().join(format!("sqil-compile-flags-{}", std::process::id()));
+    for (flags, want) in [
+        (&["--val-frac", "0"][..], "--val-frac"),
+        (&["--action-box", "1,-1"][..], "--action-box"),
+        (&["--action-box", "x"][..], "--action-box"),
+        (&["--steps", "0"][..], "--steps"),
+        (&["--batch", "0"][..], "--batch"),
+        (&["--states", "0"][..], "--states"),
+    ] {
+        let o = compile(&dir.join("f"), flags);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{flags:?}: {err}");
+        assert!(!err.contains("panicked"), "{flags:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
