@@ -27,9 +27,8 @@ fn quantized(name: &str, spec: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     let model = policies().join(format!("{name}.onnx"));
     let fp = sqil::load_model(&model).unwrap();
     let inputs: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
-    let mut cfg = QuantConfig::default();
     // Integer inputs everywhere: these tests check the int8 activation paths.
-    cfg.raw_input = sqil_passes::quant::RawInput::Quant;
+    let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
     cfg.apply_settings(spec).unwrap();
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
@@ -198,9 +197,8 @@ fn generated_c_runs_int4_layers_over_tokens() {
     let states: Vec<f32> = (0..8 * t * d).map(|i| ((i * 7919 % 997) as f32 / 498.5 - 1.0) * 2.0).collect();
     let input = dir.join("x.npy");
     sqil::npy::write(&input, &Tensor::from_f32(vec![8, t, d], states).unwrap()).unwrap();
-    let mut cfg = QuantConfig::default();
     // Integer inputs everywhere: these tests check the int8 activation paths.
-    cfg.raw_input = sqil_passes::quant::RawInput::Quant;
+    let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
     cfg.apply_settings("wbits=4,abits=8,group=32").unwrap();
     let (sim, _, _) = run_quantize(&g, &QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256)).unwrap();
     let policy = Policy::from_graph(&sim).unwrap();

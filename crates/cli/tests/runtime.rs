@@ -40,9 +40,8 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
         let feeds: Vec<sqil_ir::Tensor> = inputs.iter().map(|p| sqil::npy::read(p).unwrap()).collect();
         for spec in configs {
-            let mut cfg = QuantConfig::default();
             // Integer inputs everywhere: these tests check the int8 activation paths.
-            cfg.raw_input = sqil_passes::quant::RawInput::Quant;
+            let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
             cfg.apply_settings(spec).unwrap();
             let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 256);
             let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
@@ -157,9 +156,8 @@ fn the_c_abi_runs_an_artifact() {
     let dir = std::env::temp_dir().join(format!("sqil-capi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let fp = sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap();
-    let mut cfg = QuantConfig::default();
     // Integer inputs everywhere: these tests check the int8 activation paths.
-    cfg.raw_input = sqil_passes::quant::RawInput::Quant;
+    let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
     cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
     let input = policies().join("bc_hopper.input0.npy");
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
@@ -234,9 +232,8 @@ fn standalone_executable_runs_the_policy() {
     std::fs::create_dir_all(&dir).unwrap();
     let fp = sqil::load_model(&policies().join("bc_lander.onnx")).unwrap();
     let input = policies().join("bc_lander.input0.npy");
-    let mut cfg = QuantConfig::default();
     // Integer inputs everywhere: these tests check the int8 activation paths.
-    cfg.raw_input = sqil_passes::quant::RawInput::Quant;
+    let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
     cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
