@@ -49,6 +49,17 @@ impl FtRecipe {
     }
 }
 
+/// What compile ships.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ship {
+    /// The best candidate on the held-out states: fine-tuned if it beats the best PTQ one.
+    Best,
+    /// The best fine-tuned checkpoint, even if a PTQ candidate scores better (recipe studies).
+    Finetuned,
+    /// The best PTQ candidate, without fine-tuning.
+    Ptq,
+}
+
 /// Where the action box comes from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum BoxSource {
@@ -89,6 +100,7 @@ pub struct CompileArgs {
     pub split_seed: u64,
     /// Budget of the CPU plan's difference from the simulation, relative to the largest |action|.
     pub plan_tol: f32,
+    pub ship: Ship,
 }
 
 /// Action error (mean squared, per action dimension, after clipping to the action box) against
@@ -420,66 +432,71 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
     }
     let (sim, ptq, ptq_score) = best_ptq.ok_or("no PTQ recipe to try")?;
     let ptq_name = format!("ptq:{}", ptq.recipe);
-    // Fine-tuning from the best PTQ candidate.
-    let mut inputs = vec![];
-    for &i in &fp.inputs {
-        let n = fp.node(i).outputs[0].name.clone();
-        let t = concat_batches(batches.iter().map(|b| b[&n].clone()).collect()).map_err(|e| e.to_string())?;
-        inputs.push((n, t));
-    }
     let before = run_all(&sim, &batches)?;
-    let data = match &abox {
-        Some(b) => {
-            let (tl, th) = intervals(&target, b)?;
-            let (fl, fh) = intervals(&teacher, b)?;
-            Dataset { inputs, target: tl, teacher: fl, alpha, target_hi: Some(th), teacher_hi: Some(fh) }
-        }
-        None => Dataset { inputs, target, teacher: teacher.clone(), alpha, target_hi: None, teacher_hi: None },
-    };
-    let mut tg = train_graph_with(&sim, a.act_steps, abox.is_some()).map_err(|e| e.to_string())?;
-    let proto: Vec<Param> = tg.params.clone();
-    let with_values = |values: &[Tensor]| -> Graph {
-        let ps: Vec<Param> = proto.iter().zip(values).map(|(p, v)| Param { value: v.clone(), ..p.clone() }).collect();
-        with_params(&sim, &ps)
-    };
-    let score_fn = |values: &[Tensor]| -> sqil_ir::Result<f64> {
-        val.score(&with_values(values)).map(|s| s.score).map_err(sqil_ir::IrError::Invalid)
-    };
-    let every = if a.val_every > 0 { a.val_every } else { (a.train.steps / 20).max(1) };
-    let validation = Validation { every, patience: a.patience, score: &score_fn };
-    let ck = a.out.join("checkpoint.json");
-    let (log, best) =
-        train(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation)).map_err(|e| e.to_string())?;
-    let best = best.ok_or("fine-tuning gave no validated parameters")?;
-    let ft_name = format!(
-        "{}@{}",
-        serde_json::to_value(a.recipe).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-        best.step
-    );
-    let tuned_best = with_values(&best.params);
-    let ft_score = val.score(&tuned_best)?;
-    candidates.push(Candidate { name: ft_name.clone(), heldout: ft_score, chosen: false });
-    let last_step = log.stopped_at.unwrap_or(a.train.steps);
-    if best.step != last_step {
-        let last = val.score(&with_params(&sim, &tg.params))?;
-        candidates.push(Candidate {
-            name: format!("{}@{last_step} (last)", ft_name.split('@').next().unwrap_or("")),
-            heldout: last,
-            chosen: false,
-        });
-    }
-    let (tuned, shipped, decision) = if best.step > 0 && ft_score.score < ptq_score.score {
-        let d = format!(
-            "fine-tuning ({ft_name}) beat the best PTQ candidate ({ptq_name}) on the held-out states: score {:.3e} vs {:.3e}",
-            ft_score.score, ptq_score.score
-        );
-        (tuned_best, ft_name, d)
+    // Fine-tuning from the best PTQ candidate (unless only PTQ is asked for).
+    let (tuned, shipped, decision, log) = if a.ship == Ship::Ptq {
+        let d = format!("--ship ptq: the best PTQ candidate on the held-out states, {ptq_name}, without fine-tuning");
+        (sim.clone(), ptq_name.clone(), d, TrainLog::default())
     } else {
-        let d = format!(
-            "fine-tuning did not beat the best PTQ candidate on the held-out states (score {:.3e} vs {:.3e}): shipping {ptq_name}",
-            ft_score.score, ptq_score.score
-        );
-        (sim.clone(), ptq_name.clone(), d)
+        let mut inputs = vec![];
+        for &i in &fp.inputs {
+            let n = fp.node(i).outputs[0].name.clone();
+            let t = concat_batches(batches.iter().map(|b| b[&n].clone()).collect()).map_err(|e| e.to_string())?;
+            inputs.push((n, t));
+        }
+        let data = match &abox {
+            Some(b) => {
+                let (tl, th) = intervals(&target, b)?;
+                let (fl, fh) = intervals(&teacher, b)?;
+                Dataset { inputs, target: tl, teacher: fl, alpha, target_hi: Some(th), teacher_hi: Some(fh) }
+            }
+            None => Dataset { inputs, target, teacher: teacher.clone(), alpha, target_hi: None, teacher_hi: None },
+        };
+        let mut tg = train_graph_with(&sim, a.act_steps, abox.is_some()).map_err(|e| e.to_string())?;
+        let proto: Vec<Param> = tg.params.clone();
+        let with_values = |values: &[Tensor]| -> Graph {
+            let ps: Vec<Param> =
+                proto.iter().zip(values).map(|(p, v)| Param { value: v.clone(), ..p.clone() }).collect();
+            with_params(&sim, &ps)
+        };
+        let score_fn = |values: &[Tensor]| -> sqil_ir::Result<f64> {
+            val.score(&with_values(values)).map(|s| s.score).map_err(sqil_ir::IrError::Invalid)
+        };
+        let every = if a.val_every > 0 { a.val_every } else { (a.train.steps / 20).max(1) };
+        let validation = Validation { every, patience: a.patience, score: &score_fn };
+        let ck = a.out.join("checkpoint.json");
+        let (log, best) =
+            train(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation)).map_err(|e| e.to_string())?;
+        let best = best.ok_or("fine-tuning gave no validated parameters")?;
+        let recipe = serde_json::to_value(a.recipe).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let ft_name = format!("{recipe}@{}", best.step);
+        let tuned_best = with_values(&best.params);
+        let ft_score = val.score(&tuned_best)?;
+        candidates.push(Candidate { name: ft_name.clone(), heldout: ft_score, chosen: false });
+        let last_step = log.stopped_at.unwrap_or(a.train.steps);
+        if best.step != last_step {
+            let last = val.score(&with_params(&sim, &tg.params))?;
+            candidates.push(Candidate { name: format!("{recipe}@{last_step} (last)"), heldout: last, chosen: false });
+        }
+        if a.ship == Ship::Finetuned {
+            let d = format!(
+                "--ship finetuned: the best fine-tuned checkpoint on the held-out states, {ft_name} (score {:.3e}; best PTQ {ptq_name} {:.3e})",
+                ft_score.score, ptq_score.score
+            );
+            (tuned_best, ft_name, d, log)
+        } else if best.step > 0 && ft_score.score < ptq_score.score {
+            let d = format!(
+                "fine-tuning ({ft_name}) beat the best PTQ candidate ({ptq_name}) on the held-out states: score {:.3e} vs {:.3e}",
+                ft_score.score, ptq_score.score
+            );
+            (tuned_best, ft_name, d, log)
+        } else {
+            let d = format!(
+                "fine-tuning did not beat the best PTQ candidate on the held-out states (score {:.3e} vs {:.3e}): shipping {ptq_name}",
+                ft_score.score, ptq_score.score
+            );
+            (sim.clone(), ptq_name.clone(), d, log)
+        }
     };
     for c in &mut candidates {
         c.chosen = c.name == shipped;
@@ -628,15 +645,21 @@ fn check_plan(
         .collect();
     let feeds: Vec<Tensor> = names.iter().map(|n| one[n].clone()).collect();
     let trace = plan.trace(&feeds, 1).map_err(|e| e.to_string())?;
-    let mut layer = None;
+    let (mut first, mut layer) = (None, None);
     for s in &plan.steps {
-        if let sqil_runtime::plan::Step::Q4Linear { layer: lname, y, .. } = s {
+        if let sqil_runtime::plan::Step::Q4Linear { layer: lname, y, relu, .. } = s {
             let Some(v) = sim.find_value(lname) else { continue };
             let (_, kept) = it.run_keep(&one, &[v]).map_err(|e| e.to_string())?;
             let (Some(Some(got)), Some(want)) = (trace.get(*y), kept.first()) else { continue };
-            let (g, w) = (got.data.to_f32_vec(), want.data.to_f32_vec());
+            // The step's output has the fused ReLU applied; the layer's value does not.
+            let g = got.data.to_f32_vec();
+            let w: Vec<f32> =
+                want.data.to_f32_vec().into_iter().map(|v| if *relu && v < 0.0 { 0.0 } else { v }).collect();
             let scale = w.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
             let d = g.iter().zip(&w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+            if d > 0.0 && first.is_none() {
+                first = Some(format!("layer `{lname}` (relative {d:.2e})"));
+            }
             if d > tol {
                 layer = Some(format!("layer `{lname}` (relative {d:.2e})"));
                 break;
@@ -647,8 +670,9 @@ fn check_plan(
     Ok((
         worst,
         Some(format!(
-            "at demonstration step {step}, first at {}",
-            layer.unwrap_or_else(|| "a step after the last int4 layer".into())
+            "at demonstration step {step}: the int4 layers' outputs first differ at {}, beyond the budget at {}",
+            first.unwrap_or_else(|| "none of them".into()),
+            layer.unwrap_or_else(|| "none of them (a later step)".into())
         )),
     ))
 }

@@ -104,6 +104,10 @@ enum Cmd {
         /// states), relative to the largest |action|.
         #[arg(long, default_value_t = sqil_runtime::PLAN_TOL, allow_hyphen_values = true)]
         plan_tol: f32,
+        /// What ships: `best` (the best candidate on the held-out episodes), `finetuned` (the best
+        /// fine-tuned checkpoint, for recipe studies) or `ptq` (the best PTQ recipe, no fine-tuning).
+        #[arg(long, default_value = "best")]
+        ship: String,
         /// QRD: weight of the distillation term on critical states.
         #[arg(long, default_value_t = 2.0)]
         beta: f64,
@@ -121,6 +125,9 @@ enum Cmd {
         batch: usize,
         #[arg(long, default_value_t = 1e-4)]
         lr: f64,
+        /// Learning rate of the LSQ step sizes relative to --lr.
+        #[arg(long, default_value_t = 1.0)]
+        step_lr: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         #[arg(long, default_value_t = 2)]
@@ -454,6 +461,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             patience,
             action_box,
             plan_tol,
+            ship,
             beta,
             top,
             sis,
@@ -461,6 +469,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             steps,
             batch,
             lr,
+            step_lr,
             seed,
             threads,
             output,
@@ -515,6 +524,12 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 },
                 split_seed: seed,
                 plan_tol,
+                ship: match ship.as_str() {
+                    "best" => sqil::compile::Ship::Best,
+                    "finetuned" => sqil::compile::Ship::Finetuned,
+                    "ptq" => sqil::compile::Ship::Ptq,
+                    s => return Err(format!("--ship `{s}`: expected best, finetuned or ptq")),
+                },
                 recipe: sqil::compile::FtRecipe::parse(&recipe)?,
                 beta,
                 top,
@@ -524,6 +539,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                     steps,
                     batch,
                     lr,
+                    step_lr_scale: step_lr,
                     seed,
                     threads,
                     warmup: (steps / 20).max(1),

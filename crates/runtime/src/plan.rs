@@ -349,8 +349,19 @@ fn q4_conv(g: &Graph, n: NodeId, c: &sqil_ir::ops::ConvAttrs, stored: bool) -> R
     Ok(Some(Q4Layer { x: xq, act, w, bias, conv: Some(Box::new(im)) }))
 }
 
-/// The Q4 layer at node `n`, if it is one.
-fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
+/// Whether `g` quantizes any activation to integers (a FakeQuant of a computed value).
+fn has_int_activations(g: &Graph, order: &[NodeId]) -> bool {
+    order.iter().any(|&n| {
+        matches!(g.node(n).op, Op::FakeQuant { .. })
+            && g.inputs_of(n).first().copied().flatten().is_some_and(|x| g.const_value(x).is_none())
+    })
+}
+
+/// The Q4 layer at node `n`, if it is one. With `exact_float`, a layer with float inputs is
+/// not one: it stays the reference Gemm / MatMul on its dequantized weights (folded once), the
+/// simulation's own arithmetic, because a later integer activation quantizer would turn the
+/// W4 x f32 kernel's last-bit differences into whole quantization steps.
+fn q4_layer(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Layer>> {
     let ins = g.inputs_of(n);
     let (trans_b, bias) = match &g.node(n).op {
         Op::Conv(c) => return q4_conv(g, n, c, stored),
@@ -374,8 +385,11 @@ fn q4_layer(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
     if bias.as_ref().is_some_and(|b| b.len() != nn) {
         return Ok(None);
     }
-    let w = packed(&q, &scales, nn, k, group, stored)?;
     let (x, act) = act_quant(g, x).unwrap_or((x, ActQuant::Float));
+    if exact_float && matches!(act, ActQuant::Float) {
+        return Ok(None);
+    }
+    let w = packed(&q, &scales, nn, k, group, stored)?;
     Ok(Some(Q4Layer { x, act, w, bias, conv: None }))
 }
 
@@ -481,9 +495,10 @@ impl Plan {
         };
         // Which nodes become Q4 steps, and which ReLUs they absorb.
         let mut q4: HashMap<NodeId, Q4Layer> = HashMap::new();
+        let exact_float = has_int_activations(g, &order);
         for &n in &order {
             let key = &g.node(n).outputs[0].name;
-            if let Some(mut l) = q4_layer(g, n, packed.contains_key(key))? {
+            if let Some(mut l) = q4_layer(g, n, packed.contains_key(key), exact_float)? {
                 if let Some(p) = packed.get(key) {
                     if (p.n, p.k, p.group) != (l.w.n, l.w.k, l.w.group) {
                         return Err(IrError::Invalid(format!(

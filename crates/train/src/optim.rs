@@ -14,15 +14,37 @@ pub struct AdamW {
     pub warmup: usize,
     pub total: usize,
     pub clip: f64,
+    /// The learning rate of LSQ step sizes relative to `lr` (weights and biases get `lr`):
+    /// Adam moves every parameter by about the learning rate per update whatever its size, and
+    /// step sizes are 10-100x smaller than the weights they scale.
+    #[serde(default = "one")]
+    pub step_lr_scale: f64,
     pub step: usize,
     pub m: Vec<Vec<f32>>,
     pub v: Vec<Vec<f32>>,
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 impl AdamW {
     pub fn new(params: &[Param], lr: f64, weight_decay: f64, warmup: usize, total: usize, clip: f64) -> AdamW {
         let z = || params.iter().map(|p| vec![0f32; p.value.len()]).collect();
-        AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, warmup, total, clip, step: 0, m: z(), v: z() }
+        AdamW {
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            warmup,
+            total,
+            clip,
+            step_lr_scale: 1.0,
+            step: 0,
+            m: z(),
+            v: z(),
+        }
     }
 
     /// Learning rate at step `t` (0-based): linear warm-up, then cosine decay to 0.
@@ -43,6 +65,7 @@ impl AdamW {
         let (b1, b2) = (self.beta1, self.beta2);
         let (c1, c2) = (1.0 - b1.powi(self.step as i32), 1.0 - b2.powi(self.step as i32));
         for (k, p) in params.iter_mut().enumerate() {
+            let lr = if p.kind == ParamKind::Step { lr * self.step_lr_scale } else { lr };
             let mut v = p.value.data.to_f32_vec();
             for (i, x) in v.iter_mut().enumerate() {
                 let g = grads[k][i] as f64 * scale;

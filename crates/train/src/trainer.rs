@@ -17,6 +17,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+fn one() -> f64 {
+    1.0
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub steps: usize,
@@ -29,6 +33,9 @@ pub struct TrainConfig {
     pub threads: usize,
     pub log_every: usize,
     pub checkpoint_every: usize,
+    /// The learning rate of LSQ step sizes relative to `lr`.
+    #[serde(default = "one")]
+    pub step_lr_scale: f64,
     /// Stop (after a checkpoint) once this many steps are done; a later `resume` continues.
     #[serde(default)]
     pub stop_after: Option<usize>,
@@ -47,6 +54,7 @@ impl Default for TrainConfig {
             threads: 2,
             log_every: 100,
             checkpoint_every: 200,
+            step_lr_scale: 1.0,
             stop_after: None,
         }
     }
@@ -256,6 +264,7 @@ pub fn train(
         )));
     }
     let mut opt = AdamW::new(&tg.params, cfg.lr, cfg.weight_decay, cfg.warmup, cfg.steps, cfg.clip);
+    opt.step_lr_scale = cfg.step_lr_scale;
     let mut log = TrainLog::default();
     let mut start = 0;
     let mut rng = Rng::new(cfg.seed);
