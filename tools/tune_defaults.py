@@ -3,10 +3,12 @@
 For every policy below and every width in WIDTHS, `sqil compile` runs with each candidate setting
 (stage 1: learning rate x LSQ step learning rate x steps; stage 2: beta, then top-p, one at a
 time, at stage 1's choice). Each run holds out whole demonstration episodes (compile's own split, seed 0) and
-reports, on those held-out states, the score of the best PTQ recipe and of the best fine-tuned
-checkpoint (SIS-weighted action MSE after the action box's clip). A setting's figure is the
-geometric mean over (policy, width) of best fine-tuned score / best PTQ score; the lowest wins
-(ties within 1%: fewer steps). Closed-loop evaluation seeds are never run here.
+reports, on those held-out states, the errors of the best PTQ recipe and of the best fine-tuned
+checkpoint (action MSE after the action box's clip). A setting's figure is the geometric mean over
+(policy, width) of best fine-tuned error / best PTQ error; the lowest wins (ties within 1%: fewer
+steps). The error is compile's selection score (critical states weighted by beta = 2, top 20%) in
+stage 1, where beta and top-p are fixed; in stage 2, which varies them, that score would change
+with what it compares, so there the error is the unweighted one over all held-out states. Closed-loop evaluation seeds are never run here.
 
     tools/.venv-dev/bin/python tools/tune_defaults.py            # runs what is missing, writes docs/data/defaults-protocol.json
 """
@@ -59,21 +61,21 @@ def run(bin_, pol, width, s, work):
     return json.loads(rep.read_text())
 
 
-def ratio(rep):
+def ratio(rep, key):
     c = rep["candidates"]
-    ptq = min(x["heldout"]["score"] for x in c if x["name"].startswith("ptq:"))
-    ft = [x["heldout"]["score"] for x in c if not x["name"].startswith("ptq:") and "(last)" not in x["name"]]
+    ptq = min(x["heldout"][key] for x in c if x["name"].startswith("ptq:"))
+    ft = [x["heldout"][key] for x in c if not x["name"].startswith("ptq:") and "(last)" not in x["name"]]
     return ft[0] / max(ptq, 1e-30)
 
 
-def figure(bin_, pols, s, work, rows):
+def figure(bin_, pols, s, work, rows, key):
     rs = []
     for pol in pols:
         for width in WIDTHS:
             rep = run(bin_, pol, width, s, work)
             if rep is None:
                 continue
-            r = ratio(rep)
+            r = ratio(rep, key)
             rs.append(r)
             rows.append({"setting": s, "policy": pol[0], "width": width, "ratio": r, "ptq": rep["ptq"]["recipe"],
                          "heldout_ft": [x["heldout"] for x in rep["candidates"] if not x["name"].startswith("ptq:")][0],
@@ -102,21 +104,21 @@ def main():
     res1 = []
     for vals in itertools.product(*STAGE1.values()):
         s = dict(BASE, **dict(zip(STAGE1, vals)))
-        f, n = figure(a.bin, pols, s, work, rows)
+        f, n = figure(a.bin, pols, s, work, rows, "score")
         res1.append((s, f, n))
         print(f"stage 1 {key(s)}: {f:.3f} over {n} runs", flush=True)
     s1 = choose(res1)
     res2 = []
     for change in STAGE2:
         s = dict(s1, **change)
-        f, n = figure(a.bin, pols, s, work, rows)
+        f, n = figure(a.bin, pols, s, work, rows, "all")
         res2.append((s, f, n))
         print(f"stage 2 {key(s)}: {f:.3f} over {n} runs", flush=True)
     s2 = choose(res2)
     stages = [{"stage": 1, "results": [{"setting": s, "figure": f, "runs": n} for s, f, n in res1], "chosen": s1},
               {"stage": 2, "results": [{"setting": s, "figure": f, "runs": n} for s, f, n in res2], "chosen": s2}]
     out = {"protocol": __doc__.strip().splitlines()[0], "policies": [p[0] for p in pols], "widths": WIDTHS,
-           "criterion": "geometric mean over (policy, width) of best fine-tuned held-out score / best PTQ held-out score",
+           "criterion": "geometric mean over (policy, width) of best fine-tuned held-out error / best PTQ held-out error (stage 1: compile's score; stage 2: all-state MSE)",
            "stages": stages, "chosen": s2, "runs": rows}
     tmp = pathlib.Path(a.out + ".tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")

@@ -119,14 +119,16 @@ enum Cmd {
         /// Training states (spread evenly over the demonstrations).
         #[arg(long, default_value_t = 20000)]
         states: usize,
-        #[arg(long, default_value_t = 1500)]
+        /// Fine-tuning steps (the default, like --lr, --step-lr, --beta and --top, was chosen on
+        /// held-out demonstrations by tools/tune_defaults.py: docs/training.md).
+        #[arg(long, default_value_t = 4000)]
         steps: usize,
         #[arg(long, default_value_t = 256)]
         batch: usize,
-        #[arg(long, default_value_t = 1e-4)]
+        #[arg(long, default_value_t = 3e-4)]
         lr: f64,
         /// Learning rate of the LSQ step sizes relative to --lr.
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 0.1)]
         step_lr: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,

@@ -210,3 +210,38 @@ fn finite(field: &str, v: impl Iterator<Item = f32>, cols: usize) -> Result<(), 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_boxes_parse_clip_and_name_their_errors() {
+        let b = ActionBox::parse("-1,1", 3).unwrap();
+        assert_eq!((b.low.clone(), b.high.clone()), (vec![-1.0; 3], vec![1.0; 3]));
+        let mut v = vec![-2.0, 0.5, 3.0, 1.0, -1.0, f32::MIN];
+        b.clip(&mut v);
+        assert_eq!(v, vec![-1.0, 0.5, 1.0, 1.0, -1.0, -1.0]);
+        let per = ActionBox::new(vec![0.0, -2.0], vec![1.0, 2.0], 2).unwrap();
+        let mut w = vec![5.0, 5.0];
+        per.clip(&mut w);
+        assert_eq!(w, vec![1.0, 2.0]);
+        for (s, want) in [("1,-1", "low < high"), ("x,1", "not a number"), ("1", "LOW,HIGH"), ("nan,1", "finite")] {
+            let e = ActionBox::parse(s, 2).unwrap_err();
+            assert!(e.contains(want), "{s}: {e}");
+        }
+        assert!(ActionBox::new(vec![0.0; 3], vec![1.0; 3], 2).unwrap_err().contains("3 entries for 2"));
+    }
+
+    #[test]
+    fn the_box_comes_from_the_metadata() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/demos/hopper.npz");
+        let mut d = Demos::load(&root).unwrap();
+        assert_eq!(d.action_box().unwrap(), Some(ActionBox::parse("-1,1", 3).unwrap()));
+        d.metadata["action_high"] = serde_json::json!("big");
+        assert!(d.action_box().unwrap_err().contains("action_high"));
+        d.metadata.as_object_mut().unwrap().remove("action_low");
+        d.metadata.as_object_mut().unwrap().remove("action_high");
+        assert_eq!(d.action_box().unwrap(), None);
+    }
+}
