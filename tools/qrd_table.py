@@ -13,7 +13,7 @@ returns only report; nothing here chooses a setting from them.
 
     tools/.venv-dev/bin/python tools/qrd_table.py compile [--tasks hopper ...]
     tools/.venv-dev/bin/python tools/qrd_table.py eval --jobs 2 [--tasks ...]
-    tools/.venv-dev/bin/python tools/qrd_table.py table        # docs/sqil.md, docs/sqil.json
+    tools/.venv-dev/bin/python tools/qrd_table.py table        # docs/sqil.md (+ docs/sqil-findings.md), docs/sqil.json
 """
 
 import argparse
@@ -63,7 +63,26 @@ def compile_all(task_names, variants):
                     print(f"{p} {cfg} {v}: {last[:200]}", flush=True)
 
 
+def same_model(task_names, variants):
+    """Compile's default ships one of the other variants' models when its candidates match theirs
+    (same split, same seeds): its evaluation is then that model's, copied, not run again."""
+    for t in task_names:
+        for p in POLICIES[t]:
+            for c in CONFIGS:
+                d = OUT / f"{p}__{c}__default"
+                if "default" not in variants or not (d / "model.onnx").exists() or (d / "eval.json").exists():
+                    continue
+                for v in ("sqil", "ptq"):
+                    o = OUT / f"{p}__{c}__{v}"
+                    if (o / "eval.json").exists() and (o / "model.onnx").read_bytes() == (d / "model.onnx").read_bytes():
+                        ev = json.loads((o / "eval.json").read_text())
+                        ev["policy"], ev["same_model_as"] = str(d / "model.onnx"), v
+                        (d / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
+                        break
+
+
 def evaluate(task_names, episodes, jobs, variants):
+    same_model(task_names, variants)
     work = []
     for t in task_names:
         for p in POLICIES[t]:
@@ -71,6 +90,9 @@ def evaluate(task_names, episodes, jobs, variants):
             fp.mkdir(parents=True, exist_ok=True)
             work.append((t, ROOT / "testdata" / "policies" / f"{p}.onnx", fp / "eval.json"))
             work += [(t, OUT / f"{p}__{c}__{v}" / "model.onnx", OUT / f"{p}__{c}__{v}" / "eval.json") for c in CONFIGS for v in variants]
+    evaljobs.evaluate([w for w in work if w[1].parent.name.endswith("__default") is False or "sqil" not in variants], episodes, jobs)
+    same_model(task_names, variants)
+    # What was not the same model as another variant's.
     evaljobs.evaluate(work, episodes, jobs)
 
 
@@ -156,7 +178,10 @@ def table():
         "",
         f"Compiles ran on this machine ({platform.machine()}, 2 cores); closed-loop evaluation here too.",
     ]
-    (ROOT / "docs" / "sqil-table.md").write_text("\n".join(lines) + "\n")
+    findings = ROOT / "docs" / "sqil-findings.md"
+    if findings.exists():
+        lines += ["", findings.read_text().rstrip()]
+    (ROOT / "docs" / "sqil.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
