@@ -193,3 +193,27 @@ fn the_raw_vector_input_stays_float_unless_asked() {
     assert_eq!(act_quants(&sim), vec![("x".to_string(), 4), ("y".to_string(), 8)]);
     assert!(cfg.clone().apply_settings("raw_input=maybe").is_err());
 }
+
+#[test]
+fn per_feature_scales_rescue_a_raw_input_of_mixed_ranges() {
+    // Features spanning four orders of magnitude: one 8-bit scale per tensor rounds the small
+    // ones to zero; per-feature scales folded into the weights keep them.
+    let mut r = Rng::new(5);
+    let g = mlp(&mut r, 6, 8);
+    let ranges = [100.0f32, 0.01, 1.0, 30.0, 0.05, 3.0];
+    let x: Vec<f32> = (0..256 * 6).map(|i| r.unit() * ranges[i % 6]).collect();
+    let calib = vec![HashMap::from([("x".to_string(), Tensor::from_f32(vec![256, 6], x).unwrap())])];
+    let mse = |setting: &str| {
+        let mut cfg = QuantConfig::default();
+        cfg.apply_settings(&format!("wbits=8,abits=8,group=channel,raw_input={setting}")).unwrap();
+        let (sim, rep) = quantize(&g, &cfg, Recipe::Rtn, &calib).unwrap();
+        (rep.action_mse, sim)
+    };
+    let (quant, _) = mse("quant");
+    let (scaled, sim) = mse("scaled");
+    let (float, _) = mse("float");
+    assert!(scaled < quant / 2.0, "scaled {scaled} vs per-tensor {quant}");
+    assert!(float <= scaled, "float {float} vs scaled {scaled}");
+    // The input is divided by the factors in front of an 8-bit quantizer.
+    assert_eq!(act_quants(&sim), vec![("fc.awq.x".to_string(), 8)]);
+}

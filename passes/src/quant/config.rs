@@ -38,6 +38,9 @@ pub enum RawInput {
     Float,
     /// Quantized like any activation (one scale per tensor).
     Quant,
+    /// Quantized per tensor after per-feature scales folded into the layer's weights
+    /// (SmoothQuant's migration, alpha 0.5: `x / s`, `W * s` with `s_f = sqrt(max|x_f| / max|W_f|)`).
+    Scaled,
 }
 
 /// Per-layer overrides (by layer name, as `sqil inspect` prints it).
@@ -156,7 +159,7 @@ impl QuantConfig {
     /// Applies `key=value` settings separated by spaces or commas (the pass-spec and CLI form):
     /// wbits, abits (a number, or `float`/`16`), group (a number, `channel` or `tensor`), wsym,
     /// asym (true/false), calib (minmax/percentile/mse), percentile, keep_first, keep_last,
-    /// raw_input (float/quant).
+    /// raw_input (float/quant/scaled).
     pub fn apply_settings(&mut self, spec: &str) -> Result<()> {
         for kv in spec.split([' ', ',']).filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').ok_or_else(|| bad(format!("quant setting `{kv}` is not key=value")))?;
@@ -197,7 +200,8 @@ impl QuantConfig {
                     self.raw_input = match v {
                         "float" => RawInput::Float,
                         "quant" => RawInput::Quant,
-                        _ => return Err(bad(format!("raw_input: `{v}` (known: float, quant)"))),
+                        "scaled" => RawInput::Scaled,
+                        _ => return Err(bad(format!("raw_input: `{v}` (known: float, quant, scaled)"))),
                     }
                 }
                 _ => {

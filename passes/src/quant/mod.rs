@@ -115,15 +115,37 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
         let (rows, xm) =
             input_matrix(&g, &site.layer, x, MAX_ROWS)
                 .or_else(|e| if grouped_conv { Ok((0, vec![])) } else { Err(e) })?;
-        let wq = match recipe {
-            _ if needs_rows && rows == 0 => round_to_nearest(&site.view, q, true),
-            Recipe::Rtn => round_to_nearest(&site.view, q, false),
-            Recipe::Mse => round_to_nearest(&site.view, q, true),
-            Recipe::Awq => awq(&site.view, q, &xm, rows, &site.layer.channel_of_k()),
+        // The raw observation with per-feature scales: the recipe quantizes `W * s` for inputs `x / s`.
+        let smooth = (cfg.raw_input == config::RawInput::Scaled
+            && rows > 0
+            && matches!(site.layer.kind, LayerKind::Gemm { .. } | LayerKind::MatMul)
+            && insert::is_raw_vector_input(&g, site.layer.x))
+        .then(|| smooth_scales(&site.view, &xm, rows, &site.layer.channel_of_k()));
+        let (view, xs) = match &smooth {
+            Some(s) => {
+                let chan = site.layer.channel_of_k();
+                let k = site.view.k;
+                let mut v = site.view.clone();
+                v.w.iter_mut().enumerate().for_each(|(i, w)| *w *= s[chan[i % k]]);
+                (std::borrow::Cow::Owned(v), xm.iter().enumerate().map(|(i, x)| x / s[chan[i % k]]).collect())
+            }
+            None => (std::borrow::Cow::Borrowed(&site.view), xm.clone()),
+        };
+        let mut wq = match recipe {
+            _ if needs_rows && rows == 0 => round_to_nearest(&view, q, true),
+            Recipe::Rtn => round_to_nearest(&view, q, false),
+            Recipe::Mse => round_to_nearest(&view, q, true),
+            Recipe::Awq => awq(&view, q, &xs, rows, &site.layer.channel_of_k()),
             Recipe::Gptq => {
-                gptq(&site.view, q, &xm, rows, true).map_err(|e| e.context(format!("layer `{}`", site.layer.name)))?
+                gptq(&view, q, &xs, rows, true).map_err(|e| e.context(format!("layer `{}`", site.layer.name)))?
             }
         };
+        if let Some(s) = smooth {
+            wq.act_scale = Some(match wq.act_scale.take() {
+                Some(a) => s.iter().zip(&a).map(|(x, y)| x * y).collect(),
+                None => s,
+            });
+        }
         site.set(&mut g, &wq)?;
         // Effective weights (AWQ factors undone) against the float ones.
         let chan = site.layer.channel_of_k();
@@ -195,6 +217,27 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
         action_mse_rel: rel(action_mse, a2),
     };
     Ok((g, report))
+}
+
+/// SmoothQuant's per-input-channel factors at alpha 0.5: `s_c = sqrt(max|x_c| / max|W_c|)` over the
+/// calibration rows and the weight's column, normalised to geometric mean 1 and kept in [1e-4, 1e4].
+fn smooth_scales(v: &layers::WeightView, x: &[f32], rows: usize, chan: &[usize]) -> Vec<f32> {
+    let (n, k) = (v.n, v.k);
+    let channels = chan.iter().max().map_or(0, |c| c + 1);
+    let (mut ax, mut aw) = (vec![0f32; channels], vec![0f32; channels]);
+    for r in 0..rows {
+        for kk in 0..k {
+            ax[chan[kk]] = ax[chan[kk]].max(x[r * k + kk].abs());
+        }
+    }
+    for r in 0..n {
+        for kk in 0..k {
+            aw[chan[kk]] = aw[chan[kk]].max(v.w[r * k + kk].abs());
+        }
+    }
+    let s: Vec<f64> = ax.iter().zip(&aw).map(|(&a, &w)| ((a.max(1e-8) / w.max(1e-8)) as f64).sqrt()).collect();
+    let geo = (s.iter().map(|v| v.ln()).sum::<f64>() / s.len().max(1) as f64).exp();
+    s.iter().map(|v| (v / geo).clamp(1e-4, 1e4) as f32).collect()
 }
 
 /// The values that will get activation FakeQuants (with their bits), in graph order.
