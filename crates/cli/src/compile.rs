@@ -621,8 +621,8 @@ fn check_plan(
         let scale = w.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
         for (i, (x, y)) in g.iter().zip(&w).enumerate() {
             let d = (x - y).abs() / scale;
-            if d > worst {
-                worst = d;
+            if d > worst || at.is_none() {
+                worst = worst.max(d);
                 at = Some((row0 + i / per.max(1), b, i / per.max(1)));
             }
         }
@@ -631,8 +631,8 @@ fn check_plan(
     if worst <= tol {
         return Ok((worst, None));
     }
-    let (row, b, local) = at.expect("a worst state");
-    // The state alone through both, every layer output compared.
+    let Some((row, b, local)) = at else { return Ok((worst, None)) }; // no states
+                                                                      // The state alone through both, every layer output compared.
     let one: Feeds = b
         .iter()
         .map(|(n, t)| {

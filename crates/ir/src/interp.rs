@@ -14,6 +14,9 @@ pub struct Interpreter<'g> {
     order: Vec<NodeId>,
     /// For each value, the position in `order` after which it is dead.
     last_use: HashMap<ValueRef, usize>,
+    /// Gemm / MatMul nodes that are int4 linear steps, evaluated with the step's one arithmetic
+    /// definition (`crate::lowered`), as every back end runs them.
+    lowered: HashMap<NodeId, crate::lowered::Q4Linear>,
 }
 
 impl<'g> Interpreter<'g> {
@@ -28,7 +31,21 @@ impl<'g> Interpreter<'g> {
         for o in &g.outputs {
             last_use.insert(*o, usize::MAX);
         }
-        Ok(Interpreter { g, order, last_use })
+        let exact_float = crate::lowered::has_int_activations(g, &order);
+        let mut lowered = HashMap::new();
+        for (pos, &n) in order.iter().enumerate() {
+            if !matches!(g.node(n).op, Op::Gemm { .. } | Op::MatMul) {
+                continue;
+            }
+            // A weight the packed format cannot hold stays the reference Gemm (as in the plan).
+            if let Ok(Some(l)) = crate::lowered::q4_linear(g, n, false, exact_float) {
+                // The step reads the value before the activation quantizer.
+                let e = last_use.entry(l.x).or_insert(pos);
+                *e = (*e).max(pos);
+                lowered.insert(n, l);
+            }
+        }
+        Ok(Interpreter { g, order, last_use, lowered })
     }
 
     /// Runs the graph; `feeds` maps input names to tensors. Returns the outputs in signature order.
@@ -66,6 +83,17 @@ impl<'g> Interpreter<'g> {
             let node = g.node(n);
             let outs = match &node.op {
                 Op::Input => vec![feeds[&node.outputs[0].name].clone()],
+                _ if self.lowered.contains_key(&n) => {
+                    let l = &self.lowered[&n];
+                    let x = env
+                        .get(&l.x)
+                        .ok_or_else(|| IrError::Internal(format!("{}: input not computed", g.describe(n))))?;
+                    let y = crate::lowered::run_q4_linear(&g.describe(n), &l.act, &l.w, l.bias.as_deref(), x, 1)?;
+                    if self.last_use.get(&l.x) == Some(&pos) {
+                        env.remove(&l.x);
+                    }
+                    vec![y]
+                }
                 op => {
                     let ins = g.inputs_of(n);
                     let args: Vec<Option<&Tensor>> = ins.iter().map(|v| v.map(|v| &env[&v])).collect();

@@ -7,6 +7,7 @@ pub mod error;
 pub mod graph;
 pub mod interp;
 pub mod io;
+pub mod lowered;
 pub mod ops;
 pub mod shape;
 pub mod tensor;

@@ -10,7 +10,7 @@
 //! and tap, `[O, C / b, kh, kw]`) becomes contiguous groups of the packed row. Scales that vary
 //! within a group of a multiple of 32 are not representable: such a Conv stays a reference op.
 
-use crate::plan::{weight_quant, WeightQuant};
+use sqil_ir::lowered::{weight_quant, WeightQuant};
 use sqil_ir::ops::quant::{fake_quant_range, param_index};
 use sqil_ir::ops::ConvAttrs;
 use sqil_ir::{Graph, Result, ValueRef};

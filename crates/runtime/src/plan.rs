@@ -14,13 +14,11 @@
 //! budget the tests hold every policy to).
 
 use crate::conv::{conv_geometry, conv_weight, Im2col};
-use sqil_ir::ops::quant::{fake_quant_range, param_index};
+use sqil_ir::lowered::{act_quant, const_bias, has_int_activations, packed, q4_linear, run_q4_linear};
 use sqil_ir::ops::{Op, UnaryOp};
 use sqil_ir::{Data, Dim, Graph, IrError, NodeId, Result, Tensor, ValueRef};
-use sqil_kernels_cpu::generic::{quantize_input_into, round_even, QuantizedInput};
 use sqil_kernels_cpu::PackedQ4;
 use std::borrow::Cow;
-use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Largest |plan - simulation| on an action, relative to the largest |action| of the batch, that
@@ -31,14 +29,7 @@ use std::collections::HashMap;
 /// test failure there would name the policy and config.
 pub const PLAN_TOL: f32 = 1e-5;
 
-/// How a Q4 layer's input is treated.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ActQuant {
-    /// Quantized in the step: `q = clamp(round(x / scale) + zero, lo, hi)` (FakeQuant semantics).
-    Int { scale: f32, zero: i32, lo: i32, hi: i32 },
-    /// Float activations (weight-only quantization).
-    Float,
-}
+pub use sqil_ir::lowered::ActQuant;
 
 /// A float Conv's per-image input shape (`[C, spatial...]`) and the im2col gather table of its
 /// geometry for that shape.
@@ -87,11 +78,6 @@ impl Step {
 /// ReLU in place with the IR's semantics (`x < 0 ? 0 : x`: NaN and -0 pass).
 pub(crate) fn relu_in_place(v: &mut [f32]) {
     v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e });
-}
-
-thread_local! {
-    /// Quantized activations of the int4 steps, reused from call to call on each thread.
-    static SCRATCH: RefCell<Vec<QuantizedInput>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A planned policy: slots for every live value, constants preloaded, steps in order.
@@ -202,106 +188,6 @@ pub fn per_sample(g: &Graph) -> bool {
     conv
 }
 
-/// A weight a Q4 step can absorb: signed ints `[n, k]` row-major, scales, n, k, group.
-type Q4Weight = (Vec<i8>, Vec<f32>, usize, usize, usize);
-
-/// A signed 2-4 bit FakeQuant of a constant with constant scales and no zero point (a weight an
-/// int4 step can absorb): bits, axis, block size, the float weight and the scales.
-pub(crate) struct WeightQuant<'g> {
-    pub bits: u8,
-    pub axis: i64,
-    pub block_size: i64,
-    pub w: &'g Tensor,
-    pub scales: &'g Tensor,
-}
-
-pub(crate) fn weight_quant(g: &Graph, w: ValueRef) -> Option<WeightQuant<'_>> {
-    let Op::FakeQuant { bits, signed: true, axis, block_size } = g.node(w.node).op else { return None };
-    let ins = g.inputs_of(w.node);
-    let (Some(wt), Some(st)) = (ins[0].and_then(|v| g.const_value(v)), ins[1].and_then(|v| g.const_value(v))) else {
-        return None;
-    };
-    (bits <= 4 && ins.get(2).copied().flatten().is_none()).then_some(WeightQuant {
-        bits,
-        axis,
-        block_size,
-        w: wt,
-        scales: st,
-    })
-}
-
-/// The weight FakeQuant a Q4 step can absorb, or `None` (`shape_only`: no ints or scales).
-fn q4_weight(g: &Graph, w: ValueRef, trans_b: bool, shape_only: bool) -> Result<Option<Q4Weight>> {
-    let Some(WeightQuant { bits, axis, block_size, w: wt, scales: st }) = weight_quant(g, w) else { return Ok(None) };
-    if wt.rank() != 2 {
-        return Ok(None);
-    }
-    // Layout as [n, k]: Gemm trans_b stores [n, k]; MatMul / Gemm without trans_b store [k, n].
-    let (n, k) = if trans_b { (wt.shape[0], wt.shape[1]) } else { (wt.shape[1], wt.shape[0]) };
-    let (red_axis, chan_axis) = if trans_b { (1, 0) } else { (0, 1) };
-    let ax = if axis < 0 { axis + 2 } else { axis } as usize;
-    let group = match (st.len(), block_size) {
-        (len, 0) if len == n && ax == chan_axis => 0,
-        (len, b) if b > 0 && ax == red_axis && len == n * k.div_ceil(b as usize) => {
-            let b = b as usize;
-            if k.div_ceil(b) == 1 {
-                0
-            } else if k.is_multiple_of(b) && b.is_multiple_of(32) {
-                b
-            } else {
-                return Ok(None);
-            }
-        }
-        _ => return Ok(None),
-    };
-    if shape_only {
-        return Ok(Some((vec![], vec![], n, k, group)));
-    }
-    let idx = param_index(&wt.shape, &st.shape, axis, block_size)?;
-    let (lo, hi) = fake_quant_range(bits, true);
-    let (wv, sv) = (wt.data.to_f32_vec(), st.data.to_f32_vec());
-    let mut q = vec![0i8; n * k];
-    let mut scales = vec![0f32; (n * k).checked_div(group).unwrap_or(n)];
-    for (i, (&v, &si)) in wv.iter().zip(&idx).enumerate() {
-        let (r, c) = if trans_b { (i / k, i % k) } else { (i % n, i / n) };
-        q[r * k + c] = round_even(v / sv[si]).clamp(lo as f32, hi as f32) as i8;
-        let gi = match group {
-            0 => r,
-            g => r * (k / g) + c / g,
-        };
-        scales[gi] = sv[si];
-    }
-    Ok(Some((q, scales, n, k, group)))
-}
-
-/// An activation FakeQuant a Q4 step can fold in: per-tensor, constant scale and zero.
-fn act_quant(g: &Graph, x: ValueRef) -> Option<(ValueRef, ActQuant)> {
-    let Op::FakeQuant { bits, signed: true, .. } = g.node(x.node).op else { return None };
-    if bits > 8 {
-        return None;
-    }
-    let ins = g.inputs_of(x.node);
-    let s = ins[1].and_then(|v| g.const_value(v))?;
-    if s.len() != 1 {
-        return None;
-    }
-    let z = match ins.get(2).copied().flatten() {
-        Some(v) => {
-            let z = g.const_value(v)?;
-            if z.len() != 1 {
-                return None;
-            }
-            z.data.to_f32_vec()[0]
-        }
-        None => 0.0,
-    };
-    if z.fract() != 0.0 {
-        return None;
-    }
-    let (lo, hi) = fake_quant_range(bits, true);
-    Some((ins[0]?, ActQuant::Int { scale: s.data.to_f32_vec()[0], zero: z as i32, lo: lo as i32, hi: hi as i32 }))
-}
-
 /// A Q4-eligible layer: input value before any activation quantizer, its quantizer, packed
 /// weight, bias, and for a convolution its im2col.
 #[derive(Clone)]
@@ -313,29 +199,12 @@ struct Q4Layer {
     conv: Option<Box<Im2col>>,
 }
 
-/// The packed layer, or with `stored` (the caller swaps in an artifact's weights) only its shape.
-fn packed(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize, stored: bool) -> Result<PackedQ4> {
-    if stored {
-        let k_pad = k.div_ceil(32) * 32;
-        return Ok(PackedQ4::from_parts(n, k, k_pad, if group == 0 { k_pad } else { group }, vec![], vec![], vec![]));
-    }
-    PackedQ4::pack(q, scales, n, k, group).map_err(IrError::Internal)
-}
-
-/// The constant bias at input 2 of node `n`: `Ok(None)` when absent, `Err(())` when not constant.
-fn const_bias(g: &Graph, n: NodeId) -> std::result::Result<Option<Vec<f32>>, ()> {
-    match g.inputs_of(n).get(2).copied().flatten() {
-        Some(b) => g.const_value(b).map(|t| Some(t.data.to_f32_vec())).ok_or(()),
-        None => Ok(None),
-    }
-}
-
 /// The Q4 convolution at Conv node `n`, if it is one: int8 activations (per-tensor, zero point
 /// inside int8), a 2-4 bit weight whose scales fit the packed groups, static geometry.
 fn q4_conv(g: &Graph, n: NodeId, c: &sqil_ir::ops::ConvAttrs, stored: bool) -> Result<Option<Q4Layer>> {
     let ins = g.inputs_of(n);
     let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
-    let Ok(bias) = const_bias(g, n) else { return Ok(None) };
+    let Some(bias) = const_bias(g, n) else { return Ok(None) };
     let Some((xq, act)) = act_quant(g, x) else { return Ok(None) };
     if !matches!(act, ActQuant::Int { zero, .. } if (-128..=127).contains(&zero)) {
         return Ok(None);
@@ -349,48 +218,13 @@ fn q4_conv(g: &Graph, n: NodeId, c: &sqil_ir::ops::ConvAttrs, stored: bool) -> R
     Ok(Some(Q4Layer { x: xq, act, w, bias, conv: Some(Box::new(im)) }))
 }
 
-/// Whether `g` quantizes any activation to integers (a FakeQuant of a computed value).
-fn has_int_activations(g: &Graph, order: &[NodeId]) -> bool {
-    order.iter().any(|&n| {
-        matches!(g.node(n).op, Op::FakeQuant { .. })
-            && g.inputs_of(n).first().copied().flatten().is_some_and(|x| g.const_value(x).is_none())
-    })
-}
-
-/// The Q4 layer at node `n`, if it is one. With `exact_float`, a layer with float inputs is
-/// not one: it stays the reference Gemm / MatMul on its dequantized weights (folded once), the
-/// simulation's own arithmetic, because a later integer activation quantizer would turn the
-/// W4 x f32 kernel's last-bit differences into whole quantization steps.
+/// The Q4 layer at node `n`, if it is one (a convolution here; a Gemm / MatMul as
+/// `sqil_ir::lowered::q4_linear` defines it, with `exact_float` as there).
 fn q4_layer(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Layer>> {
-    let ins = g.inputs_of(n);
-    let (trans_b, bias) = match &g.node(n).op {
-        Op::Conv(c) => return q4_conv(g, n, c, stored),
-        &Op::Gemm { alpha, beta, trans_a: false, trans_b }
-            if alpha == 1.0 && (beta == 1.0 || ins.get(2).copied().flatten().is_none()) =>
-        {
-            let Ok(bias) = const_bias(g, n) else { return Ok(None) };
-            (trans_b, bias)
-        }
-        Op::MatMul => (false, None),
-        _ => return Ok(None),
-    };
-    let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
-    // Gemm takes [rows, k]; MatMul any [..., rows, k] (a transformer's [batch, tokens, d]),
-    // run as one batch of rows.
-    let rank = g.value(x).ty.rank();
-    if rank < 2 || (rank != 2 && !matches!(g.node(n).op, Op::MatMul)) {
-        return Ok(None);
+    if let Op::Conv(c) = &g.node(n).op {
+        return q4_conv(g, n, c, stored);
     }
-    let Some((q, scales, nn, k, group)) = q4_weight(g, w, trans_b, stored)? else { return Ok(None) };
-    if bias.as_ref().is_some_and(|b| b.len() != nn) {
-        return Ok(None);
-    }
-    let (x, act) = act_quant(g, x).unwrap_or((x, ActQuant::Float));
-    if exact_float && matches!(act, ActQuant::Float) {
-        return Ok(None);
-    }
-    let w = packed(&q, &scales, nn, k, group, stored)?;
-    Ok(Some(Q4Layer { x, act, w, bias, conv: None }))
+    Ok(q4_linear(g, n, stored, exact_float)?.map(|l| Q4Layer { x: l.x, act: l.act, w: l.w, bias: l.bias, conv: None }))
 }
 
 /// How a planned int4 layer's packed rows map to its float weight constant.
@@ -765,46 +599,13 @@ impl Plan {
                 Step::Q4Linear { name, x, y, act, w, bias, relu, conv: None, .. } => {
                     let xt =
                         env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
-                    if xt.rank() < 2 || xt.shape[xt.rank() - 1] != w.k {
-                        return Err(IrError::Invalid(format!(
-                            "{name}: input {:?}, expected [..., rows, {}]",
-                            xt.shape, w.k
-                        )));
-                    }
-                    let rows = xt.len() / w.k.max(1);
-                    let xv = xt.data.f32_cow();
-                    let mut out = vec![0f32; rows * w.n];
-                    match act {
-                        ActQuant::Int { scale, zero, lo, hi } => SCRATCH.with_borrow_mut(|xs| {
-                            if xs.len() < rows {
-                                xs.resize_with(rows, QuantizedInput::default);
-                            }
-                            for (xr, q) in xv.chunks(w.k).zip(xs.iter_mut()) {
-                                quantize_input_into(xr, *scale, *zero, *lo, *hi, w, q);
-                            }
-                            sqil_kernels_cpu::gemm_q4q8(w, &xs[..rows], bias.as_deref(), &mut out, threads);
-                            // The simulation's FakeQuant keeps a NaN input, and every output
-                            // sums it (NaN x 0 is NaN); the int8 quantizer cannot hold one.
-                            for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {
-                                if sqil_kernels_cpu::has_nan(xr) {
-                                    yr.fill(f32::NAN);
-                                }
-                            }
-                        }),
-                        ActQuant::Float => {
-                            let mut padded = vec![0f32; w.k_pad];
-                            for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {
-                                padded[..w.k].copy_from_slice(xr);
-                                sqil_kernels_cpu::gemv_q4f32(w, &padded, bias.as_deref(), yr, threads);
-                            }
+                    let mut out = run_q4_linear(name, act, w, bias.as_deref(), xt, threads)?;
+                    if *relu {
+                        if let Data::F32(v) = &mut out.data {
+                            relu_in_place(v);
                         }
                     }
-                    if *relu {
-                        relu_in_place(&mut out);
-                    }
-                    let mut shape = xt.shape.clone();
-                    *shape.last_mut().expect("rank >= 2") = w.n;
-                    env[*y] = Some(Cow::Owned(Tensor::from_f32(shape, out)?));
+                    env[*y] = Some(Cow::Owned(out));
                 }
                 Step::Op { op, inputs, outputs, .. } if !keep_all && self.in_place(op, inputs, i, &env) => {
                     let x = inputs[0].and_then(|s| env[s].take()).expect("checked by in_place").into_owned();
