@@ -592,29 +592,27 @@ fn emit_op(
         }
         Op::Unary(u) => {
             let x = dyn_in(0)?;
-            let f: String = match u {
-                UnaryOp::Relu => "v < 0.0f ? 0.0f : v".into(),
-                UnaryOp::Neg => "-v".into(),
-                UnaryOp::Abs => "v < 0.0f ? -v : (v == 0.0f ? 0.0f : v)".into(),
-                other => {
-                    em.libm = true;
-                    em.exact = false;
-                    let d = "(double)v";
-                    match other {
-                        UnaryOp::Tanh => format!("(float)tanh({d})"),
-                        UnaryOp::Sigmoid => {
-                            format!("(float)(v >= 0.0f ? 1.0 / (1.0 + exp(-{d})) : exp({d}) / (1.0 + exp({d})))")
-                        }
-                        UnaryOp::Softplus => format!("(float)((v > 0.0f ? {d} : 0.0) + log1p(exp(-fabs({d}))))"),
-                        UnaryOp::Exp => format!("(float)exp({d})"),
-                        UnaryOp::Log => format!("(float)log({d})"),
-                        UnaryOp::Sqrt => format!("(float)sqrt({d})"),
-                        UnaryOp::Erf => format!("(float)erf({d})"),
-                        UnaryOp::Reciprocal => format!("(float)(1.0 / {d})"),
-                        _ => unreachable!("f32 unary ops handled above"),
-                    }
+            let d = "(double)v";
+            // Exact in f32 (no libm), or through libm in f64 like the interpreter: every op named.
+            let (f, libm): (String, bool) = match u {
+                UnaryOp::Relu => ("v < 0.0f ? 0.0f : v".into(), false),
+                UnaryOp::Neg => ("-v".into(), false),
+                UnaryOp::Abs => ("v < 0.0f ? -v : (v == 0.0f ? 0.0f : v)".into(), false),
+                UnaryOp::Tanh => (format!("(float)tanh({d})"), true),
+                UnaryOp::Sigmoid => {
+                    (format!("(float)(v >= 0.0f ? 1.0 / (1.0 + exp(-{d})) : exp({d}) / (1.0 + exp({d})))"), true)
                 }
+                UnaryOp::Softplus => (format!("(float)((v > 0.0f ? {d} : 0.0) + log1p(exp(-fabs({d}))))"), true),
+                UnaryOp::Exp => (format!("(float)exp({d})"), true),
+                UnaryOp::Log => (format!("(float)log({d})"), true),
+                UnaryOp::Sqrt => (format!("(float)sqrt({d})"), true),
+                UnaryOp::Erf => (format!("(float)erf({d})"), true),
+                UnaryOp::Reciprocal => (format!("(float)(1.0 / {d})"), true),
             };
+            if libm {
+                em.libm = true;
+                em.exact = false;
+            }
             unary_f32(em, &x, &f);
         }
         Op::LeakyRelu { alpha } => {

@@ -770,7 +770,9 @@ impl<'a> Lowerer<'a> {
                     BinaryOp::Add => "+",
                     BinaryOp::Sub => "-",
                     BinaryOp::Mul => "*",
-                    _ => "/",
+                    BinaryOp::Div => "/",
+                    // Not an element-wise statement here (the chain's arity check keeps it out).
+                    BinaryOp::Pow => return Ok(false),
                 };
                 format!("float {t} = {a} {sym} {};", v[1])
             }
@@ -787,7 +789,7 @@ impl<'a> Lowerer<'a> {
                     UnaryOp::Erf => format!("erff({a})"),
                     UnaryOp::Softplus => format!("({a} > 0.0f ? {a} : 0.0f) + log1pf(expf(-fabsf({a})))"),
                     UnaryOp::Abs => format!("fabsf({a})"),
-                    _ => format!("1.0f / {a}"),
+                    UnaryOp::Reciprocal => format!("1.0f / {a}"),
                 };
                 format!("float {t} = {r};")
             }
