@@ -1,4 +1,4 @@
-//! sqil's CUDA back end (started): int4 weight-only GEMV / small-batch GEMM kernels written as
+//! sqil's CUDA back end: int4 weight-only GEMV / small-batch GEMM kernels written as
 //! `.cu` sources in `kernels/cuda`, embedded here and compiled at run time with NVRTC (the PTX
 //! is cached on disk, keyed by source hash and GPU architecture), launched through cudarc, with
 //! cuBLAS FP16 as the baseline.

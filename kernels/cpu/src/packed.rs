@@ -1,5 +1,5 @@
-//! Packed low-bit weight formats, defined once. The C header the firmware back end and the CUDA
-//! kernels include (`kernels/c/sqil_packed.h`) is generated from these definitions by
+//! Packed low-bit weight formats, defined once. The C header the firmware back end includes
+//! (`kernels/c/sqil_packed.h`) is generated from these definitions by
 //! [`c_header`]; a test fails if the committed header drifts.
 //!
 //! **Q4 block**: 32 consecutive weights of one output channel along the reduction axis, 4 bits
