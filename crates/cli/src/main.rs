@@ -238,8 +238,8 @@ enum Cmd {
     /// and with `--selftest` a `selftest.c` checking the code against the runtime).
     Build {
         model: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        target: String,
+        #[arg(long, value_enum, default_value_t = Target::Cpu)]
+        target: Target,
         #[arg(short, long)]
         output: PathBuf,
         /// C target: the API's name (`PREFIX_act`, `PREFIX.h`).
@@ -275,6 +275,19 @@ enum Cmd {
         #[arg(long)]
         peaks: bool,
     },
+}
+
+/// What `sqil build` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Target {
+    /// The CPU artifact (plan + packed int4 weights), run by `sqil run` / `sqil bench` / the C ABI.
+    Cpu,
+    /// A standalone executable: the sqil-policy runner with the artifact inside.
+    Exe,
+    /// C99 source for firmware.
+    C,
+    /// One standalone .cu file (kernels, weights, host code with a CUDA graph).
+    Cuda,
 }
 
 /// How SIS perturbs states (`sqil compile`).
@@ -580,19 +593,19 @@ fn run(cmd: Cmd) -> Result<(), String> {
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Build { model, target, output, prefix, selftest, selftest_states, runner } => {
-            if target == "cuda" {
+        Cmd::Build { model, target, output, prefix, selftest, selftest_states, runner } => match target {
+            Target::Cuda => {
                 let n = sqil::build::build_cuda(&model, &output, &selftest, selftest_states)?;
                 println!("wrote {} ({n} bytes; build with: nvcc -O2 -o policy {})", output.display(), output.display());
-                return Ok(());
+                Ok(())
             }
-            if target == "exe" {
+            Target::Exe => {
                 let (r, a) = sqil::build::build_exe(&model, &output, runner.as_deref())?;
                 println!("runner {r} B + policy {a} B");
                 println!("wrote {} (run it with --info, --input OBS.npy, or states on stdin)", output.display());
-                return Ok(());
+                Ok(())
             }
-            if target == "c" {
+            Target::C => {
                 let a = sqil::build::BuildC { prefix, selftest, states: selftest_states };
                 let r = sqil::build::build_c(&model, &output, &a)?;
                 for d in &r.steps {
@@ -608,20 +621,17 @@ fn run(cmd: Cmd) -> Result<(), String> {
                     if r.needs_libm { "; needs math.h (link -lm)" } else { "" }
                 );
                 println!("wrote {}", output.display());
-                return Ok(());
+                Ok(())
             }
-            if target != "cpu" {
-                return Err(format!(
-                    "--target `{target}`: expected `cpu` (runtime artifact), `exe` (standalone executable), `c` (C99 source) or `cuda` (standalone .cu)"
-                ));
+            Target::Cpu => {
+                let plan = sqil::quantize::write_artifact(&load(&model)?, &model, &output)?;
+                for d in plan.describe() {
+                    println!("  {d}");
+                }
+                println!("wrote {}", output.display());
+                Ok(())
             }
-            let plan = sqil::quantize::write_artifact(&load(&model)?, &model, &output)?;
-            for d in plan.describe() {
-                println!("  {d}");
-            }
-            println!("wrote {}", output.display());
-            Ok(())
-        }
+        },
         Cmd::Bench { model, batch, iters, threads, profile, peaks } => {
             sqil_runtime::keep_freed_memory();
             if peaks {
