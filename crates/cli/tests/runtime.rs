@@ -57,6 +57,13 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             // A convolutional policy's batch runs sample by sample, with the same bits as the whole
             // batch at once; the others keep their batch together (batched GEMMs).
             let convolutional = matches!(name, "cnn" | "bc_pickplace_pixels");
+            // Int4 linear steps have one arithmetic definition (sqil_ir::lowered) that the
+            // simulation runs too: MLPs and transformers agree bit for bit (int4 convolutions keep
+            // their own arithmetic for now).
+            if !convolutional {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&g), bits(&w), "{name} {spec}: plan vs simulation, bit for bit");
+            }
             assert_eq!(pol.plan.per_sample, convolutional, "{name} {spec}: per-sample execution");
             assert!(feeds[0].shape[0] > 1, "{name}: the test states are one sample");
             if convolutional {
