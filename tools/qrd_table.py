@@ -82,7 +82,6 @@ def same_model(task_names, variants):
 
 
 def evaluate(task_names, episodes, jobs, variants):
-    same_model(task_names, variants)
     work = []
     for t in task_names:
         for p in POLICIES[t]:
@@ -90,9 +89,10 @@ def evaluate(task_names, episodes, jobs, variants):
             fp.mkdir(parents=True, exist_ok=True)
             work.append((t, ROOT / "testdata" / "policies" / f"{p}.onnx", fp / "eval.json"))
             work += [(t, OUT / f"{p}__{c}__{v}" / "model.onnx", OUT / f"{p}__{c}__{v}" / "eval.json") for c in CONFIGS for v in variants]
-    evaljobs.evaluate([w for w in work if w[1].parent.name.endswith("__default") is False or "sqil" not in variants], episodes, jobs)
+    # The other variants first; then compile's defaults, each copied where it is one of their
+    # models and evaluated where it is not.
+    evaljobs.evaluate([w for w in work if not w[1].parent.name.endswith("__default")], episodes, jobs)
     same_model(task_names, variants)
-    # What was not the same model as another variant's.
     evaljobs.evaluate(work, episodes, jobs)
 
 

@@ -273,7 +273,18 @@ struct Scorer<'a> {
     abox: Option<&'a ActionBox>,
 }
 
-impl Scorer<'_> {
+impl<'a> Scorer<'a> {
+    /// Scores against `teacher`'s actions (clipped to `abox`) on `batches`.
+    fn new(
+        batches: &'a [Feeds],
+        teacher: &Tensor,
+        critical: Vec<bool>,
+        beta: f64,
+        abox: Option<&'a ActionBox>,
+    ) -> Self {
+        Scorer { batches, teacher: clipped(teacher, abox), critical, beta, abox }
+    }
+
     fn stats(&self, out: &Tensor) -> ErrorStats {
         let y = clipped(out, self.abox);
         let n = self.critical.len();
@@ -302,20 +313,6 @@ impl Scorer<'_> {
     }
 }
 
-/// The float graph as `sqil quantize` prepares it (shapes inferred, QDQ models dequantized).
-fn prepare_float(fp: &Graph) -> Result<Graph, String> {
-    let mut fp = fp.clone();
-    let dequantize = sqil_passes::const_fold::ConstFold { fold_dequantize: true, ..Default::default() };
-    PassManager::new(vec![
-        Box::new(sqil_passes::shape_infer::ShapeInfer),
-        Box::new(dequantize),
-        Box::new(sqil_passes::dce::Dce),
-    ])
-    .run(&mut fp, &mut PassCtx::default())
-    .map_err(|e| e.to_string())?;
-    Ok(fp)
-}
-
 fn fmt_stats(s: &ErrorStats) -> String {
     format!("{:>10.3e} {:>10.3e} {:>10.3e}", s.all, s.critical, s.score)
 }
@@ -339,7 +336,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
     }
     std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let fp_in = crate::load_model(model)?;
-    let fp_q = prepare_float(&fp_in)?;
+    let fp_q = crate::quantize::prepare_float(&fp_in)?;
     // The float policy as quantize saw it (same canonical form, same value names).
     let mut fp = fp_in.clone();
     sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default()).map_err(|e| e.to_string())?;
@@ -396,20 +393,9 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
         FtRecipe::Distill => vec![1.0; scores.len()],
         FtRecipe::SisWeighted => scores.iter().map(|&s| ((s / mean_sis.max(1e-12)) as f32).min(10.0)).collect(),
     };
-    let val = Scorer {
-        batches: &vbatches,
-        teacher: clipped(&vteacher, abox.as_ref()),
-        critical: vcritical.clone(),
-        beta: a.beta,
-        abox: abox.as_ref(),
-    };
-    let trs = Scorer {
-        batches: &batches,
-        teacher: clipped(&teacher, abox.as_ref()),
-        critical: critical.clone(),
-        beta: a.beta,
-        abox: abox.as_ref(),
-    };
+    let critical_vals = vcritical.iter().filter(|&&c| c).count();
+    let val = Scorer::new(&vbatches, &vteacher, vcritical, a.beta, abox.as_ref());
+    let trs = Scorer::new(&batches, &teacher, critical, a.beta, abox.as_ref());
     // PTQ candidates, calibrated on training states, scored on validation states.
     let recipes: Vec<Recipe> = match a.init {
         Some(r) => vec![r],
@@ -550,7 +536,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
             validation_episodes: val_eps,
             training_states: steps.len(),
             validation_states: vsteps.len(),
-            critical_validation_states: vcritical.iter().filter(|&&c| c).count(),
+            critical_validation_states: critical_vals,
         },
         action_box: abox.clone(),
         states: steps.len(),
@@ -645,25 +631,33 @@ fn check_plan(
         .collect();
     let feeds: Vec<Tensor> = names.iter().map(|n| one[n].clone()).collect();
     let trace = plan.trace(&feeds, 1).map_err(|e| e.to_string())?;
+    // Every int4 layer's output in the simulation, from one run.
+    let layers: Vec<(&str, usize, bool, sqil_ir::ValueRef)> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            sqil_runtime::plan::Step::Q4Linear { layer, y, relu, .. } => {
+                sim.find_value(layer).map(|v| (layer.as_str(), *y, *relu, v))
+            }
+            _ => None,
+        })
+        .collect();
+    let keep: Vec<sqil_ir::ValueRef> = layers.iter().map(|l| l.3).collect();
+    let (_, kept) = it.run_keep(&one, &keep).map_err(|e| e.to_string())?;
     let (mut first, mut layer) = (None, None);
-    for s in &plan.steps {
-        if let sqil_runtime::plan::Step::Q4Linear { layer: lname, y, relu, .. } = s {
-            let Some(v) = sim.find_value(lname) else { continue };
-            let (_, kept) = it.run_keep(&one, &[v]).map_err(|e| e.to_string())?;
-            let (Some(Some(got)), Some(want)) = (trace.get(*y), kept.first()) else { continue };
-            // The step's output has the fused ReLU applied; the layer's value does not.
-            let g = got.data.to_f32_vec();
-            let w: Vec<f32> =
-                want.data.to_f32_vec().into_iter().map(|v| if *relu && v < 0.0 { 0.0 } else { v }).collect();
-            let scale = w.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
-            let d = g.iter().zip(&w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
-            if d > 0.0 && first.is_none() {
-                first = Some(format!("layer `{lname}` (relative {d:.2e})"));
-            }
-            if d > tol {
-                layer = Some(format!("layer `{lname}` (relative {d:.2e})"));
-                break;
-            }
+    for (&(lname, y, relu, _), want) in layers.iter().zip(&kept) {
+        let Some(Some(got)) = trace.get(y) else { continue };
+        // The step's output has the fused ReLU applied; the layer's value does not.
+        let g = got.data.to_f32_vec();
+        let w: Vec<f32> = want.data.to_f32_vec().into_iter().map(|v| if relu && v < 0.0 { 0.0 } else { v }).collect();
+        let scale = w.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let d = g.iter().zip(&w).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale;
+        if d > 0.0 && first.is_none() {
+            first = Some(format!("layer `{lname}` (relative {d:.2e})"));
+        }
+        if d > tol {
+            layer = Some(format!("layer `{lname}` (relative {d:.2e})"));
+            break;
         }
     }
     let step = steps.get(row).copied().unwrap_or(row);

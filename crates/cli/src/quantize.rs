@@ -45,16 +45,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
 
 /// The float graph cleaned up, quantized, and its QDQ lowering.
 pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> Result<(Graph, Graph, QuantReport), String> {
-    let mut fp = fp.clone();
-    // A model that is already QDQ is dequantized to float first, then quantized afresh.
-    let dequantize = sqil_passes::const_fold::ConstFold { fold_dequantize: true, ..Default::default() };
-    PassManager::new(vec![
-        Box::new(sqil_passes::shape_infer::ShapeInfer),
-        Box::new(dequantize),
-        Box::new(sqil_passes::dce::Dce),
-    ])
-    .run(&mut fp, &mut PassCtx::default())
-    .map_err(|e| e.to_string())?;
+    let fp = prepare_float(fp)?;
     let feeds = calibration_feeds(&fp, &a.calib, a.calib_states)?;
     let (mut sim, report) = quantize(&fp, &a.config, a.recipe, &feeds).map_err(|e| e.to_string())?;
     PassManager::from_names(&["dce"])
@@ -65,6 +56,21 @@ pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> Result<(Graph, Graph, Quant
         .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))
         .map_err(|e| e.to_string())?;
     Ok((sim, lowered, report))
+}
+
+/// The float graph as quantization takes it: shapes inferred, and a model that is already QDQ
+/// dequantized to float (it is quantized afresh).
+pub fn prepare_float(fp: &Graph) -> Result<Graph, String> {
+    let mut fp = fp.clone();
+    let dequantize = sqil_passes::const_fold::ConstFold { fold_dequantize: true, ..Default::default() };
+    PassManager::new(vec![
+        Box::new(sqil_passes::shape_infer::ShapeInfer),
+        Box::new(dequantize),
+        Box::new(sqil_passes::dce::Dce),
+    ])
+    .run(&mut fp, &mut PassCtx::default())
+    .map_err(|e| e.to_string())?;
+    Ok(fp)
 }
 
 /// Calibration batches from a demonstration file (`.npz`, `n` states spread over it) or from

@@ -133,8 +133,8 @@ pub struct TrainLog {
 
 type SavedParams = Vec<(String, Vec<usize>, Vec<f32>)>;
 
-fn save_params<'a>(names: impl Iterator<Item = &'a str>, values: &[Tensor]) -> SavedParams {
-    names.zip(values).map(|(n, t)| (n.to_string(), t.shape.clone(), t.data.to_f32_vec())).collect()
+fn save_params<'a>(params: impl Iterator<Item = (&'a str, &'a Tensor)>) -> SavedParams {
+    params.map(|(n, t)| (n.to_string(), t.shape.clone(), t.data.to_f32_vec())).collect()
 }
 
 #[derive(Serialize, Deserialize)]
@@ -320,11 +320,7 @@ pub fn train(
         if let Some(path) = checkpoint {
             let ck = Checkpoint {
                 step,
-                params: tg
-                    .params
-                    .iter()
-                    .map(|p: &Param| (p.name.clone(), p.value.shape.clone(), p.value.data.to_f32_vec()))
-                    .collect(),
+                params: save_params(tg.params.iter().map(|p: &Param| (p.name.as_str(), &p.value))),
                 opt: opt.clone(),
                 log: log.clone(),
                 rng_draws: draws,
@@ -332,7 +328,7 @@ pub fn train(
                 pos,
                 best: best
                     .as_ref()
-                    .map(|b| (b.step, b.score, save_params(names.iter().map(|s| s.as_str()), &b.params))),
+                    .map(|b| (b.step, b.score, save_params(names.iter().map(|s| s.as_str()).zip(&b.params)))),
                 since_best,
                 stopped,
             };
