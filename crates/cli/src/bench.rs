@@ -4,6 +4,7 @@
 use sqil_ir::interp::Interpreter;
 use sqil_ir::testing::Rng;
 use sqil_ir::{Dim, Graph, Tensor};
+use sqil_runtime::Execute;
 use std::path::Path;
 use std::time::Instant;
 

@@ -17,6 +17,7 @@ use sqil_ir::testing::Rng;
 use sqil_ir::{print_graph, Graph, PrintOptions, Tensor};
 use sqil_passes::quant::{concat_batches, Feeds, QuantConfig, QuantReport, Recipe};
 use sqil_passes::{PassCtx, PassManager};
+use sqil_runtime::Execute;
 use sqil_train::model::{train_graph_with, with_params, Param};
 use sqil_train::sis::{qrd_alpha, sis_with, SisConfig};
 use sqil_train::trainer::{train, Dataset, TrainConfig, TrainLog, Validation};
@@ -636,7 +637,7 @@ fn check_plan(
         .steps
         .iter()
         .filter_map(|s| match s {
-            sqil_runtime::plan::Step::Q4Linear { layer, y, relu, .. } => {
+            sqil_lower::Step::Q4Linear { layer, y, relu, .. } => {
                 sim.find_value(layer).map(|v| (layer.as_str(), *y, *relu, v))
             }
             _ => None,

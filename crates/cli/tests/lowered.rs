@@ -7,8 +7,9 @@
 use sqil_ir::ops::{BinaryOp, UnaryOp};
 use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueType};
+use sqil_lower::Step;
 use sqil_passes::quant::{quantize, QuantConfig, Recipe};
-use sqil_runtime::plan::Step;
+use sqil_runtime::Execute;
 use sqil_runtime::Plan;
 use std::collections::HashMap;
 

@@ -3,8 +3,9 @@
 //! interpreter within `PLAN_TOL`, and an artifact written and read back runs bit-identically.
 
 use sqil::quantize::{run_quantize, QuantizeArgs};
+use sqil_lower::Step;
 use sqil_passes::quant::{QuantConfig, Recipe};
-use sqil_runtime::plan::Step;
+use sqil_runtime::Execute;
 use sqil_runtime::{artifact, Policy, PLAN_TOL};
 use std::path::PathBuf;
 
@@ -57,13 +58,10 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             // A convolutional policy's batch runs sample by sample, with the same bits as the whole
             // batch at once; the others keep their batch together (batched GEMMs).
             let convolutional = matches!(name, "cnn" | "bc_pickplace_pixels");
-            // Int4 linear steps have one arithmetic definition (sqil_ir::lowered) that the
-            // simulation runs too: MLPs and transformers agree bit for bit (int4 convolutions keep
-            // their own arithmetic for now).
-            if !convolutional {
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&g), bits(&w), "{name} {spec}: plan vs simulation, bit for bit");
-            }
+            // Int4 steps (linear maps and convolutions) have one arithmetic definition
+            // (sqil_ir::lowered) that the simulation runs too: every policy agrees bit for bit.
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&g), bits(&w), "{name} {spec}: plan vs simulation, bit for bit");
             assert_eq!(pol.plan.per_sample, convolutional, "{name} {spec}: per-sample execution");
             assert!(feeds[0].shape[0] > 1, "{name}: the test states are one sample");
             if convolutional {
@@ -312,12 +310,12 @@ fn standalone_executable_runs_the_policy() {
 fn per_sample_execution_needs_independent_samples() {
     use sqil_ir::ops::Op;
     let cnn = sqil::load_model(&policies().join("cnn.onnx")).unwrap();
-    assert!(sqil_runtime::plan::per_sample(&cnn));
+    assert!(sqil_lower::per_sample(&cnn));
     let mut mixed = cnn.clone();
     let y = mixed.outputs[0];
     let s = mixed.add_inferred("mix", Op::Softmax { axis: 0, coerce_2d: false }, &[Some(y)], "mixed").unwrap();
     mixed.outputs = vec![s];
-    assert!(!sqil_runtime::plan::per_sample(&mixed), "a softmax over the batch axis");
+    assert!(!sqil_lower::per_sample(&mixed), "a softmax over the batch axis");
     // Gathering each sample's values by every sample's indices: [batch, batch, 4].
     let mut paired = cnn.clone();
     let idx =
@@ -326,16 +324,16 @@ fn per_sample_execution_needs_independent_samples() {
     let batch = paired.value(y).ty.shape[0].clone();
     assert_eq!(paired.value(gathered).ty.shape[..2], [batch.clone(), batch]);
     paired.outputs = vec![gathered];
-    assert!(!sqil_runtime::plan::per_sample(&paired), "a value with the batch twice");
+    assert!(!sqil_lower::per_sample(&paired), "a value with the batch twice");
     let mut same_axis_ok = cnn.clone();
     let s = same_axis_ok.add_inferred("rows", Op::Softmax { axis: -1, coerce_2d: false }, &[Some(y)], "rows").unwrap();
     same_axis_ok.outputs = vec![s];
-    assert!(sqil_runtime::plan::per_sample(&same_axis_ok), "a softmax over the last axis");
+    assert!(sqil_lower::per_sample(&same_axis_ok), "a softmax over the last axis");
     let mut fixed = cnn.clone();
     for &i in &fixed.inputs.clone() {
         let shape = &mut fixed.node_mut(i).outputs[0].ty.shape;
         shape[0] = sqil_ir::Dim::Known(4);
     }
-    assert!(!sqil_runtime::plan::per_sample(&fixed), "no symbolic batch");
-    assert!(!sqil_runtime::plan::per_sample(&sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap()));
+    assert!(!sqil_lower::per_sample(&fixed), "no symbolic batch");
+    assert!(!sqil_lower::per_sample(&sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap()));
 }

@@ -15,7 +15,8 @@ use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchCon
 use half::f16;
 use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
 use sqil_ir::Tensor;
-use sqil_runtime::plan::{ActQuant, Step};
+use sqil_lower::{ActQuant, Step};
+use sqil_runtime::Execute;
 use sqil_runtime::Policy;
 use std::sync::Arc;
 
@@ -251,7 +252,7 @@ enum Elem {
 
 /// The lowering's state: buffers per plan slot, the steps so far, deferred values.
 struct Lowerer<'a> {
-    plan: &'a sqil_runtime::plan::Plan,
+    plan: &'a sqil_lower::Plan,
     env: &'a [Option<Tensor>],
     is_const: Vec<bool>,
     /// Steps (and the output) reading each slot.
@@ -422,7 +423,7 @@ impl<'a> Lowerer<'a> {
         w: &sqil_kernels_cpu::PackedQ4,
         bias: Option<&[f32]>,
         relu: bool,
-        conv: Option<&sqil_runtime::conv::Im2col>,
+        conv: Option<&sqil_ir::lowered::conv::Im2col>,
     ) -> Result<(), String> {
         let xlen = self.val(x)?.len();
         if let (ActQuant::Int { scale, zero, lo, hi }, None, true) = (act, conv, xlen == w.k) {

@@ -14,9 +14,9 @@ pub struct Interpreter<'g> {
     order: Vec<NodeId>,
     /// For each value, the position in `order` after which it is dead.
     last_use: HashMap<ValueRef, usize>,
-    /// Gemm / MatMul nodes that are int4 linear steps, evaluated with the step's one arithmetic
+    /// Gemm / MatMul / Conv nodes that are int4 steps, evaluated with the step's one arithmetic
     /// definition (`crate::lowered`), as every back end runs them.
-    lowered: HashMap<NodeId, crate::lowered::Q4Linear>,
+    lowered: HashMap<NodeId, crate::lowered::Q4Layer>,
 }
 
 impl<'g> Interpreter<'g> {
@@ -34,11 +34,11 @@ impl<'g> Interpreter<'g> {
         let exact_float = crate::lowered::has_int_activations(g, &order);
         let mut lowered = HashMap::new();
         for (pos, &n) in order.iter().enumerate() {
-            if !matches!(g.node(n).op, Op::Gemm { .. } | Op::MatMul) {
+            if !matches!(g.node(n).op, Op::Gemm { .. } | Op::MatMul | Op::Conv(_)) {
                 continue;
             }
-            // A weight the packed format cannot hold stays the reference Gemm (as in the plan).
-            if let Ok(Some(l)) = crate::lowered::q4_linear(g, n, false, exact_float) {
+            // A weight the packed format cannot hold stays the reference op (as in the plan).
+            if let Ok(Some(l)) = crate::lowered::q4_layer(g, n, false, exact_float) {
                 // The step reads the value before the activation quantizer.
                 let e = last_use.entry(l.x).or_insert(pos);
                 *e = (*e).max(pos);
@@ -88,7 +88,8 @@ impl<'g> Interpreter<'g> {
                     let x = env
                         .get(&l.x)
                         .ok_or_else(|| IrError::Internal(format!("{}: input not computed", g.describe(n))))?;
-                    let y = crate::lowered::run_q4_linear(&g.describe(n), &l.act, &l.w, l.bias.as_deref(), x, 1)?;
+                    let (name, conv) = (g.describe(n), l.conv.as_deref());
+                    let y = crate::lowered::run_q4_layer(&name, &l.act, &l.w, l.bias.as_deref(), conv, false, x, 1)?;
                     if self.last_use.get(&l.x) == Some(&pos) {
                         env.remove(&l.x);
                     }

@@ -9,6 +9,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use sqil_ir::interp::Interpreter;
 use sqil_ir::{Data, Graph, Tensor};
+use sqil_runtime::Execute;
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -21,9 +21,9 @@
 //!     blocks (n * k_pad / 2 bytes, the BlockQ4 layout), scales f32[n * groups], sums i32[n * groups]
 //! ```
 
-use crate::plan::{dequantized_weight, layer_weight, Plan, Step};
 use sqil_ir::{Graph, IrError, Op, Result, Tensor};
 use sqil_kernels_cpu::{BlockQ4, PackedQ4};
+use sqil_lower::{dequantized_weight, layer_weight, Plan, Step};
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -1,15 +1,15 @@
-//! sqil's runtime: loads a compiled policy and runs it. Today the CPU back end: an execution
-//! plan (`plan`) with packed int4 layers on the best kernels the CPU has and reference
-//! semantics for every other op, stored as a checksummed artifact (`artifact`), usable from
-//! Rust ([`Policy`]) and C (`capi`, header `crates/runtime/include/sqil.h`).
+//! sqil's CPU runtime: loads a compiled policy and runs it. It executes a lowered plan
+//! (`sqil_lower::Plan`, run by [`Execute`]) with packed int4 layers on the best kernels the CPU has
+//! and reference semantics for every other op, stored as a checksummed artifact (`artifact`),
+//! usable from Rust ([`Policy`]) and C (`capi`, header `crates/runtime/include/sqil.h`).
 
 pub mod artifact;
 pub mod capi;
-pub mod conv;
-pub mod plan;
+pub mod exec;
 
-pub use plan::{Plan, Step, PLAN_TOL};
+pub use exec::Execute;
 use sqil_ir::{IrError, Result, Tensor};
+pub use sqil_lower::{Plan, Step, PLAN_TOL};
 use std::path::Path;
 
 /// Reads an artifact: its verified simulation graph and the plan over its stored packed weights.

@@ -10,13 +10,18 @@
 //! and tap, `[O, C / b, kh, kw]`) becomes contiguous groups of the packed row. Scales that vary
 //! within a group of a multiple of 32 are not representable: such a Conv stays a reference op.
 
-use sqil_ir::lowered::{weight_quant, WeightQuant};
-use sqil_ir::ops::quant::{fake_quant_range, param_index};
-use sqil_ir::ops::ConvAttrs;
-use sqil_ir::{Graph, Result, ValueRef};
+use super::{weight_quant, WeightQuant};
+use crate::graph::{Graph, ValueRef};
+use crate::ops::quant::{fake_quant_range, param_index};
+use crate::ops::ConvAttrs;
+use crate::Result;
 use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, transpose_i8, transpose_i8_xor, QRow, QWindow};
 use sqil_kernels_cpu::{ConvGeometry, Layout, PackedQ4};
 use std::cell::RefCell;
+
+/// A float Conv's per-image input shape (`[C, spatial...]`) and the im2col gather table of its
+/// geometry for that shape.
+pub type ConvTable = (Vec<usize>, Vec<Option<usize>>);
 
 /// How a convolution's input becomes the rows of a Q4 step.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,11 +43,11 @@ pub struct Im2col {
 /// A Q4 convolution's weight, ints `[n, taps * C]` in `(tap, channel)` order, its scales
 /// `[n, groups]`, `n`, `k`, `group` (0: one scale per output channel), or `None` when the
 /// quantizer's scales are not constant over such groups.
-pub(crate) type ConvWeight = (Vec<i8>, Vec<f32>, usize, usize, usize);
+pub type ConvWeight = (Vec<i8>, Vec<f32>, usize, usize, usize);
 
 /// The geometry of Conv node `n` on input `x` and weight FakeQuant `w`, if it is a plain
 /// (ungrouped) convolution over static spatial dimensions.
-pub(crate) fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) -> Option<Im2col> {
+pub fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) -> Option<Im2col> {
     if c.group != 1 {
         return None;
     }
@@ -73,12 +78,7 @@ pub(crate) fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) 
 
 /// The im2col gather table of a float Conv node on input `x` with weight `w` over static
 /// spatial dimensions (the reference op builds it on every call; a plan keeps it).
-pub(crate) fn float_conv_table(
-    g: &Graph,
-    c: &ConvAttrs,
-    x: ValueRef,
-    w: ValueRef,
-) -> Option<Box<crate::plan::ConvTable>> {
+pub fn float_conv_table(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) -> Option<Box<ConvTable>> {
     let xs = g.value(x).ty.shape.iter().skip(1).map(|d| d.known()).collect::<Option<Vec<usize>>>()?;
     let geo = c.input_geometry(&[&[1], &xs[..]].concat(), &g.value(w).ty.known_shape()?).ok()?;
     Some(Box::new((xs, geo.gather_table())))
@@ -86,7 +86,7 @@ pub(crate) fn float_conv_table(
 
 /// The int4 weight of a convolution (weight `w` = FakeQuant of a constant `[O, C, kernel...]`),
 /// with the reduction axis in `(tap, channel)` order; see [`ConvWeight`].
-pub(crate) fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Option<ConvWeight>> {
+pub fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Option<ConvWeight>> {
     let Some(WeightQuant { bits, axis, block_size, w: wt, scales: st }) = weight_quant(g, w) else { return Ok(None) };
     if wt.rank() < 3 {
         return Ok(None);
@@ -142,7 +142,7 @@ pub(crate) fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Op
 }
 
 /// `q * scale` of a packed convolution weight back in the ONNX `[O, C, taps]` layout.
-pub(crate) fn dequantized_conv_weight(w: &PackedQ4, channels: usize) -> Vec<f32> {
+pub fn dequantized_conv_weight(w: &PackedQ4, channels: usize) -> Vec<f32> {
     let taps = w.k / channels;
     let groups = w.groups();
     let mut out = vec![0f32; w.n * w.k];
@@ -256,7 +256,7 @@ const BLOCK: usize = 64;
 /// Runs a Q4 convolution on `images` images `x` (`[N, C, input...]`, f32) with the int8 input
 /// quantizer `(scale, zero, lo, hi)`; returns `[N, O, output...]` values (ReLU applied if asked).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn run(
+pub fn run(
     im: &Im2col,
     w: &PackedQ4,
     x: &[f32],
@@ -307,7 +307,7 @@ pub(crate) fn run(
     });
     nan_windows(im, w.n, x, images, &mut out);
     if relu {
-        crate::plan::relu_in_place(&mut out);
+        super::relu_in_place(&mut out);
     }
     out
 }

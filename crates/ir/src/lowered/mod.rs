@@ -1,21 +1,29 @@
-//! Lowered integer linear steps, defined once: which Gemm / MatMul nodes of a FakeQuant graph run
-//! as one int4 step (a 2-4 bit symmetric weight FakeQuant of a constant, per channel or in groups
+//! Lowered integer steps, defined once: which Gemm / MatMul / Conv nodes of a FakeQuant graph run
+//! as one int4 step (convolutions: `conv`, int8 im2col) (a 2-4 bit symmetric weight FakeQuant of a constant, per channel or in groups
 //! of a multiple of 32 along K, an optional constant bias, and a per-tensor activation FakeQuant
 //! with constant parameters, or float inputs), and that step's one arithmetic definition
 //! ([`run_q4_linear`]): the input quantized as FakeQuant does, exact int32 sums per group, then the
 //! f32 epilogue `(sum_g float(s_g) * scale_g) * x_scale + bias` in group order, through the int4
 //! kernels (every SIMD kernel is bit-identical to the generic one). The reference interpreter
-//! evaluates such nodes with it, and the CPU plan executes it, so the simulation and the artifact
-//! agree bit for bit on these steps by construction.
+//! evaluates such nodes with it ([`run_q4_layer`]), and the CPU plan executes it, so the
+//! simulation and the artifact agree bit for bit on these steps by construction.
+
+pub mod conv;
 
 use crate::graph::{Graph, NodeId, ValueRef};
 use crate::ops::quant::{fake_quant_range, param_index};
 use crate::ops::Op;
 use crate::tensor::Tensor;
 use crate::{IrError, Result};
+use conv::{conv_geometry, conv_weight, Im2col};
 use sqil_kernels_cpu::generic::{quantize_input_into, round_even, QuantizedInput};
 use sqil_kernels_cpu::PackedQ4;
 use std::cell::RefCell;
+
+/// ReLU in place with the IR's semantics (`x < 0 ? 0 : x`: NaN and -0 pass).
+pub fn relu_in_place(v: &mut [f32]) {
+    v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e });
+}
 
 /// How a Q4 layer's input is treated.
 #[derive(Clone, Debug, PartialEq)]
@@ -245,5 +253,84 @@ pub fn run_q4_linear(
     }
     let mut shape = xt.shape.clone();
     *shape.last_mut().expect("rank >= 2") = w.n;
+    Tensor::from_f32(shape, out)
+}
+
+/// An int4 step: a linear map ([`Q4Linear`]) or, with `conv`, a convolution through int8 im2col.
+#[derive(Clone, Debug)]
+pub struct Q4Layer {
+    pub x: ValueRef,
+    pub act: ActQuant,
+    pub w: PackedQ4,
+    pub bias: Option<Vec<f32>>,
+    pub conv: Option<Box<Im2col>>,
+}
+
+/// The Q4 convolution at Conv node `n`, if it is one: int8 activations (per-tensor, zero point
+/// inside int8), a 2-4 bit weight whose scales fit the packed groups, static geometry.
+pub fn q4_conv(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
+    let Op::Conv(c) = &g.node(n).op else { return Ok(None) };
+    let ins = g.inputs_of(n);
+    let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
+    let Some(bias) = const_bias(g, n) else { return Ok(None) };
+    let Some((xq, act)) = act_quant(g, x) else { return Ok(None) };
+    if !matches!(act, ActQuant::Int { zero, .. } if (-128..=127).contains(&zero)) {
+        return Ok(None);
+    }
+    let Some(im) = conv_geometry(g, c, x, w) else { return Ok(None) };
+    let Some((q, scales, nn, k, group)) = conv_weight(g, w, stored)? else { return Ok(None) };
+    if bias.as_ref().is_some_and(|b| b.len() != nn) || k != im.geo.kernel_len() * im.channels {
+        return Ok(None);
+    }
+    let w = packed(&q, &scales, nn, k, group, stored)?;
+    Ok(Some(Q4Layer { x: xq, act, w, bias, conv: Some(Box::new(im)) }))
+}
+
+/// The int4 step at node `n` (a Conv as [`q4_conv`], a Gemm / MatMul as [`q4_linear`], with
+/// `stored` and `exact_float` as there), if it is one.
+pub fn q4_layer(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Layer>> {
+    if let Op::Conv(_) = &g.node(n).op {
+        return q4_conv(g, n, stored);
+    }
+    Ok(q4_linear(g, n, stored, exact_float)?.map(|l| Q4Layer { x: l.x, act: l.act, w: l.w, bias: l.bias, conv: None }))
+}
+
+/// An int4 step on input `xt`, its ReLU (if fused) applied: a convolution's `[N, C, in...]`
+/// to `[N, O, out...]`, a linear map as [`run_q4_linear`]. The one arithmetic definition every
+/// back end runs; `name` is for errors.
+#[allow(clippy::too_many_arguments)]
+pub fn run_q4_layer(
+    name: &str,
+    act: &ActQuant,
+    w: &PackedQ4,
+    bias: Option<&[f32]>,
+    conv: Option<&Im2col>,
+    relu: bool,
+    xt: &Tensor,
+    threads: usize,
+) -> Result<Tensor> {
+    let Some(im) = conv else {
+        let mut out = run_q4_linear(name, act, w, bias, xt, threads)?;
+        if relu {
+            if let crate::tensor::Data::F32(v) = &mut out.data {
+                relu_in_place(v);
+            }
+        }
+        return Ok(out);
+    };
+    let per = im.channels * im.geo.input_len();
+    let ActQuant::Int { scale, zero, lo, hi } = *act else {
+        return Err(IrError::Internal(format!("{name}: a Q4 convolution needs int activations")));
+    };
+    if xt.rank() != im.geo.input.len() + 2 || xt.shape[1..] != [&[im.channels][..], &im.geo.input].concat() {
+        return Err(IrError::Invalid(format!(
+            "{name}: input {:?}, expected [batch, {}, {:?}]",
+            xt.shape, im.channels, im.geo.input
+        )));
+    }
+    let images = xt.len() / per.max(1);
+    let out = conv::run(im, w, &xt.data.f32_cow(), images, (scale, zero, lo, hi), bias, relu, threads);
+    let mut shape = vec![images, w.n];
+    shape.extend(&im.geo.output);
     Tensor::from_f32(shape, out)
 }

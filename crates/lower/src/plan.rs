@@ -13,12 +13,11 @@
 //! dequantized f32 products, so outputs differ by f32 summation error ([`PLAN_TOL`] names the
 //! budget the tests hold every policy to).
 
-use crate::conv::{conv_geometry, conv_weight, Im2col};
-use sqil_ir::lowered::{act_quant, const_bias, has_int_activations, packed, q4_linear, run_q4_linear};
+use sqil_ir::lowered::conv::{float_conv_table, Im2col};
+use sqil_ir::lowered::{has_int_activations, q4_layer, Q4Layer};
 use sqil_ir::ops::{Op, UnaryOp};
-use sqil_ir::{Data, Dim, Graph, IrError, NodeId, Result, Tensor, ValueRef};
+use sqil_ir::{Dim, Graph, IrError, NodeId, Result, Tensor, ValueRef};
 use sqil_kernels_cpu::PackedQ4;
-use std::borrow::Cow;
 use std::collections::HashMap;
 
 /// Largest |plan - simulation| on an action, relative to the largest |action| of the batch, that
@@ -31,14 +30,13 @@ pub const PLAN_TOL: f32 = 1e-5;
 
 pub use sqil_ir::lowered::ActQuant;
 
-/// A float Conv's per-image input shape (`[C, spatial...]`) and the im2col gather table of its
-/// geometry for that shape.
-pub type ConvTable = (Vec<usize>, Vec<Option<usize>>);
+pub use sqil_ir::lowered::conv::ConvTable;
 
 #[derive(Clone, Debug)]
 pub enum Step {
     /// A linear map on packed int4 weights: a GEMV (GEMM for a batch), or with `conv` a
-    /// convolution lowered through int8 im2col (`conv.rs`; int8 activations only).
+    /// convolution lowered through int8 im2col (`sqil_ir::lowered::conv`; int8 activations
+    /// only). Its arithmetic is `sqil_ir::lowered::run_q4_layer`, the simulation's.
     Q4Linear {
         name: String,
         /// The layer's output value name: the key of its packed weights in an artifact.
@@ -73,11 +71,6 @@ impl Step {
         };
         x.into_iter().chain(inputs.iter().flatten().copied())
     }
-}
-
-/// ReLU in place with the IR's semantics (`x < 0 ? 0 : x`: NaN and -0 pass).
-pub(crate) fn relu_in_place(v: &mut [f32]) {
-    v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e });
 }
 
 /// A planned policy: slots for every live value, constants preloaded, steps in order.
@@ -188,45 +181,6 @@ pub fn per_sample(g: &Graph) -> bool {
     conv
 }
 
-/// A Q4-eligible layer: input value before any activation quantizer, its quantizer, packed
-/// weight, bias, and for a convolution its im2col.
-#[derive(Clone)]
-struct Q4Layer {
-    x: ValueRef,
-    act: ActQuant,
-    w: PackedQ4,
-    bias: Option<Vec<f32>>,
-    conv: Option<Box<Im2col>>,
-}
-
-/// The Q4 convolution at Conv node `n`, if it is one: int8 activations (per-tensor, zero point
-/// inside int8), a 2-4 bit weight whose scales fit the packed groups, static geometry.
-fn q4_conv(g: &Graph, n: NodeId, c: &sqil_ir::ops::ConvAttrs, stored: bool) -> Result<Option<Q4Layer>> {
-    let ins = g.inputs_of(n);
-    let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
-    let Some(bias) = const_bias(g, n) else { return Ok(None) };
-    let Some((xq, act)) = act_quant(g, x) else { return Ok(None) };
-    if !matches!(act, ActQuant::Int { zero, .. } if (-128..=127).contains(&zero)) {
-        return Ok(None);
-    }
-    let Some(im) = conv_geometry(g, c, x, w) else { return Ok(None) };
-    let Some((q, scales, nn, k, group)) = conv_weight(g, w, stored)? else { return Ok(None) };
-    if bias.as_ref().is_some_and(|b| b.len() != nn) || k != im.geo.kernel_len() * im.channels {
-        return Ok(None);
-    }
-    let w = packed(&q, &scales, nn, k, group, stored)?;
-    Ok(Some(Q4Layer { x: xq, act, w, bias, conv: Some(Box::new(im)) }))
-}
-
-/// The Q4 layer at node `n`, if it is one (a convolution here; a Gemm / MatMul as
-/// `sqil_ir::lowered::q4_linear` defines it, with `exact_float` as there).
-fn q4_layer(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Layer>> {
-    if let Op::Conv(c) = &g.node(n).op {
-        return q4_conv(g, n, c, stored);
-    }
-    Ok(q4_linear(g, n, stored, exact_float)?.map(|l| Q4Layer { x: l.x, act: l.act, w: l.w, bias: l.bias, conv: None }))
-}
-
 /// How a planned int4 layer's packed rows map to its float weight constant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightLayout {
@@ -264,7 +218,7 @@ pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, WeightLayout)> {
 /// gives back exactly the same values (|q| <= 8, so `q * s / s` rounds to `q`).
 pub fn dequantized_weight(w: &PackedQ4, layout: WeightLayout) -> Vec<f32> {
     let trans_b = match layout {
-        WeightLayout::Conv { channels } => return crate::conv::dequantized_conv_weight(w, channels),
+        WeightLayout::Conv { channels } => return sqil_ir::lowered::conv::dequantized_conv_weight(w, channels),
         l => l == WeightLayout::Nk,
     };
     let groups = w.groups();
@@ -405,7 +359,7 @@ impl Plan {
                 needed.insert(v.node);
             }
             let table = match (&node.op, ins.as_slice()) {
-                (Op::Conv(c), [Some(x), Some(w), ..]) => crate::conv::float_conv_table(g, c, *x, *w),
+                (Op::Conv(c), [Some(x), Some(w), ..]) => float_conv_table(g, c, *x, *w),
                 _ => None,
             };
             steps_rev.push(Step::Op {
@@ -454,203 +408,5 @@ impl Plan {
                 Step::Op { op, .. } => op.name().to_string(),
             })
             .collect()
-    }
-
-    /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers. A batch
-    /// of a [`Plan::per_sample`] plan runs one sample at a time.
-    pub fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
-        let batch = feeds.first().and_then(|t| t.shape.first().copied()).unwrap_or(0);
-        if self.per_sample && batch > 1 && feeds.iter().all(|t| t.shape.first() == Some(&batch)) {
-            let mut parts: Vec<Vec<Tensor>> = vec![vec![]; self.outputs.len()];
-            for i in 0..batch {
-                let one: Vec<Tensor> = feeds
-                    .iter()
-                    .map(|t| {
-                        let per = t.len() / batch;
-                        let mut shape = t.shape.clone();
-                        shape[0] = 1;
-                        Tensor::new(shape, t.data.gather(&(i * per..(i + 1) * per).collect::<Vec<_>>()))
-                    })
-                    .collect::<Result<_>>()?;
-                for (part, y) in parts.iter_mut().zip(self.run_whole(&one, threads)?) {
-                    if y.shape.first() != Some(&1) {
-                        return Err(IrError::Internal(format!("per-sample run gave an output of shape {:?}", y.shape)));
-                    }
-                    part.push(y);
-                }
-            }
-            return parts
-                .into_iter()
-                .map(|p| {
-                    let mut shape = p[0].shape.clone();
-                    shape[0] = batch;
-                    Tensor::new(shape, Data::concat(&p.iter().map(|t| &t.data).collect::<Vec<_>>())?)
-                })
-                .collect();
-        }
-        self.run_whole(feeds, threads)
-    }
-
-    /// Runs the plan on the whole batch at once.
-    pub fn run_whole(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
-        let mut env = self.exec(feeds, threads, None, false)?;
-        self.outputs
-            .iter()
-            .map(|&s| env[s].take().map(Cow::into_owned).ok_or_else(|| IrError::Internal("output not computed".into())))
-            .collect()
-    }
-
-    /// Runs the plan and returns every slot's value (constants, inputs, step results; `None`
-    /// for slots no step wrote): the shapes and values code generators and tests need.
-    pub fn trace(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Option<Tensor>>> {
-        Ok(self.exec(feeds, threads, None, true)?.into_iter().map(|t| t.map(Cow::into_owned)).collect())
-    }
-
-    /// Runs the plan `runs` times and returns each step's mean and minimum wall time in seconds
-    /// (in the order of [`Plan::describe`]): where a policy's time goes (`sqil bench --profile`;
-    /// the minimum is the steadier figure on a shared machine).
-    pub fn profile(&self, feeds: &[Tensor], threads: usize, runs: usize) -> Result<Vec<(f64, f64)>> {
-        let mut stats = vec![(0.0, f64::INFINITY); self.steps.len()];
-        let mut times = vec![0.0; self.steps.len()];
-        for _ in 0..runs.max(1) {
-            times.fill(0.0);
-            self.exec(feeds, threads, Some(&mut times), false)?;
-            for (st, t) in stats.iter_mut().zip(&times) {
-                st.0 += t / runs.max(1) as f64;
-                st.1 = st.1.min(*t);
-            }
-        }
-        Ok(stats)
-    }
-
-    /// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: a ReLU of
-    /// f32 values or a Reshape, whose input dies at this step and is owned (not a constant or a
-    /// caller's tensor). The result equals the op's (ReLU is exact in f32; Reshape moves data).
-    fn in_place(&self, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Option<Cow<Tensor>>]) -> bool {
-        let Some(Some(x)) = inputs.first() else { return false };
-        if self.last_use[*x] != i || inputs.iter().skip(1).flatten().any(|s| s == x) {
-            return false;
-        }
-        let Some(Cow::Owned(t)) = &env[*x] else { return false };
-        match op {
-            Op::Unary(UnaryOp::Relu) => matches!(t.data, sqil_ir::tensor::Data::F32(_)),
-            Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
-            _ => false,
-        }
-    }
-
-    /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
-    /// buffers reused from the previous call on this thread; with `times`, adds each step's
-    /// wall time to its entry; `keep_all` keeps every value (no in-place steps, nothing dropped).
-    fn exec<'a>(
-        &'a self,
-        feeds: &'a [Tensor],
-        threads: usize,
-        mut times: Option<&mut [f64]>,
-        keep_all: bool,
-    ) -> Result<Vec<Option<Cow<'a, Tensor>>>> {
-        if feeds.len() != self.inputs.len() {
-            return Err(IrError::Invalid(format!(
-                "{} inputs given, the policy takes {}",
-                feeds.len(),
-                self.inputs.len()
-            )));
-        }
-        let mut env: Vec<Option<Cow<'a, Tensor>>> = vec![None; self.slots];
-        for (s, t) in &self.consts {
-            env[*s] = Some(Cow::Borrowed(t));
-        }
-        for ((_, s), t) in self.inputs.iter().zip(feeds) {
-            env[*s] = Some(Cow::Borrowed(t));
-        }
-        for (i, step) in self.steps.iter().enumerate() {
-            let start = times.is_some().then(std::time::Instant::now);
-            match step {
-                Step::Q4Linear { name, x, y, act, w, bias, relu, conv: Some(im), .. } => {
-                    let xt =
-                        env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
-                    let per = im.channels * im.geo.input_len();
-                    let ActQuant::Int { scale, zero, lo, hi } = *act else {
-                        return Err(IrError::Internal(format!("{name}: a Q4 convolution needs int activations")));
-                    };
-                    if xt.rank() != im.geo.input.len() + 2
-                        || xt.shape[1..] != [&[im.channels][..], &im.geo.input].concat()
-                    {
-                        return Err(IrError::Invalid(format!(
-                            "{name}: input {:?}, expected [batch, {}, {:?}]",
-                            xt.shape, im.channels, im.geo.input
-                        )));
-                    }
-                    let images = xt.len() / per.max(1);
-                    let out = crate::conv::run(
-                        im,
-                        w,
-                        &xt.data.f32_cow(),
-                        images,
-                        (scale, zero, lo, hi),
-                        bias.as_deref(),
-                        *relu,
-                        threads,
-                    );
-                    let mut shape = vec![images, w.n];
-                    shape.extend(&im.geo.output);
-                    env[*y] = Some(Cow::Owned(Tensor::from_f32(shape, out)?));
-                }
-                Step::Q4Linear { name, x, y, act, w, bias, relu, conv: None, .. } => {
-                    let xt =
-                        env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
-                    let mut out = run_q4_linear(name, act, w, bias.as_deref(), xt, threads)?;
-                    if *relu {
-                        if let Data::F32(v) = &mut out.data {
-                            relu_in_place(v);
-                        }
-                    }
-                    env[*y] = Some(Cow::Owned(out));
-                }
-                Step::Op { op, inputs, outputs, .. } if !keep_all && self.in_place(op, inputs, i, &env) => {
-                    let x = inputs[0].and_then(|s| env[s].take()).expect("checked by in_place").into_owned();
-                    let y = match op {
-                        Op::Reshape { allowzero } => {
-                            let spec = inputs[1].and_then(|s| env[s].as_deref()).expect("checked by in_place");
-                            let shape = sqil_ir::ops::reshape_target(&x.shape, &spec.data.to_i64_vec(), *allowzero)?;
-                            Tensor::new(shape, x.data)?
-                        }
-                        _ => {
-                            let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
-                                unreachable!("checked by in_place")
-                            };
-                            relu_in_place(&mut v);
-                            Tensor::from_f32(shape, v)?
-                        }
-                    };
-                    env[outputs[0]] = Some(Cow::Owned(y));
-                }
-                Step::Op { node, name, op, inputs, outputs, table } => {
-                    let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
-                    let res = match (op, table, args.as_slice()) {
-                        // The reference Conv with its gather table kept (same arithmetic).
-                        (Op::Conv(c), Some(t), [Some(x), Some(w), b @ ..]) if x.rank() > 1 && x.shape[1..] == t.0 => {
-                            sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, Some(&t.1))
-                                .map(|y| vec![y])
-                        }
-                        _ => op.eval(&args, outputs.len()),
-                    }
-                    .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
-                    for (s, t) in outputs.iter().zip(res) {
-                        env[*s] = Some(Cow::Owned(t));
-                    }
-                }
-            }
-            // Values no later step reads are dropped now, so their memory is reused soon.
-            for s in step.reads() {
-                if !keep_all && self.last_use[s] == i {
-                    env[s] = None;
-                }
-            }
-            if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {
-                t[i] += start.elapsed().as_secs_f64();
-            }
-        }
-        Ok(env)
     }
 }

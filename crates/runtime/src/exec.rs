@@ -1,0 +1,185 @@
+//! Executes a lowered CPU plan ([`sqil_lower::Plan`]): slots filled step by step, int4 steps by
+//! their one arithmetic definition (`sqil_ir::lowered::run_q4_layer`, the simulation's), every
+//! other step by the IR op's reference semantics.
+
+use sqil_ir::lowered::{relu_in_place, run_q4_layer};
+use sqil_ir::ops::{Op, UnaryOp};
+use sqil_ir::{Data, IrError, Result, Tensor};
+use sqil_lower::{Plan, Step};
+use std::borrow::Cow;
+
+/// Running a [`Plan`] on the CPU.
+pub trait Execute {
+    /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers. A batch
+    /// of a [`Plan::per_sample`] plan runs one sample at a time.
+    fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>>;
+    /// Runs the plan on the whole batch at once.
+    fn run_whole(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>>;
+    /// Runs the plan and returns every slot's value (constants, inputs, step results; `None`
+    /// for slots no step wrote): the shapes and values code generators and tests need.
+    fn trace(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Option<Tensor>>>;
+    /// Runs the plan `runs` times and returns each step's mean and minimum wall time in seconds
+    /// (in the order of [`Plan::describe`]): where a policy's time goes (`sqil bench --profile`;
+    /// the minimum is the steadier figure on a shared machine).
+    fn profile(&self, feeds: &[Tensor], threads: usize, runs: usize) -> Result<Vec<(f64, f64)>>;
+}
+
+impl Execute for Plan {
+    /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers. A batch
+    /// of a [`Plan::per_sample`] plan runs one sample at a time.
+    fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
+        let batch = feeds.first().and_then(|t| t.shape.first().copied()).unwrap_or(0);
+        if self.per_sample && batch > 1 && feeds.iter().all(|t| t.shape.first() == Some(&batch)) {
+            let mut parts: Vec<Vec<Tensor>> = vec![vec![]; self.outputs.len()];
+            for i in 0..batch {
+                let one: Vec<Tensor> = feeds
+                    .iter()
+                    .map(|t| {
+                        let per = t.len() / batch;
+                        let mut shape = t.shape.clone();
+                        shape[0] = 1;
+                        Tensor::new(shape, t.data.gather(&(i * per..(i + 1) * per).collect::<Vec<_>>()))
+                    })
+                    .collect::<Result<_>>()?;
+                for (part, y) in parts.iter_mut().zip(self.run_whole(&one, threads)?) {
+                    if y.shape.first() != Some(&1) {
+                        return Err(IrError::Internal(format!("per-sample run gave an output of shape {:?}", y.shape)));
+                    }
+                    part.push(y);
+                }
+            }
+            return parts
+                .into_iter()
+                .map(|p| {
+                    let mut shape = p[0].shape.clone();
+                    shape[0] = batch;
+                    Tensor::new(shape, Data::concat(&p.iter().map(|t| &t.data).collect::<Vec<_>>())?)
+                })
+                .collect();
+        }
+        self.run_whole(feeds, threads)
+    }
+
+    /// Runs the plan on the whole batch at once.
+    fn run_whole(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
+        let mut env = exec(self, feeds, threads, None, false)?;
+        self.outputs
+            .iter()
+            .map(|&s| env[s].take().map(Cow::into_owned).ok_or_else(|| IrError::Internal("output not computed".into())))
+            .collect()
+    }
+
+    /// Runs the plan and returns every slot's value (constants, inputs, step results; `None`
+    /// for slots no step wrote): the shapes and values code generators and tests need.
+    fn trace(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Option<Tensor>>> {
+        Ok(exec(self, feeds, threads, None, true)?.into_iter().map(|t| t.map(Cow::into_owned)).collect())
+    }
+
+    /// Runs the plan `runs` times and returns each step's mean and minimum wall time in seconds
+    /// (in the order of [`Plan::describe`]): where a policy's time goes (`sqil bench --profile`;
+    /// the minimum is the steadier figure on a shared machine).
+    fn profile(&self, feeds: &[Tensor], threads: usize, runs: usize) -> Result<Vec<(f64, f64)>> {
+        let mut stats = vec![(0.0, f64::INFINITY); self.steps.len()];
+        let mut times = vec![0.0; self.steps.len()];
+        for _ in 0..runs.max(1) {
+            times.fill(0.0);
+            exec(self, feeds, threads, Some(&mut times), false)?;
+            for (st, t) in stats.iter_mut().zip(&times) {
+                st.0 += t / runs.max(1) as f64;
+                st.1 = st.1.min(*t);
+            }
+        }
+        Ok(stats)
+    }
+}
+
+/// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: a ReLU of
+/// f32 values or a Reshape, whose input dies at this step and is owned (not a constant or a
+/// caller's tensor). The result equals the op's (ReLU is exact in f32; Reshape moves data).
+fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Option<Cow<Tensor>>]) -> bool {
+    let Some(Some(x)) = inputs.first() else { return false };
+    if plan.last_use[*x] != i || inputs.iter().skip(1).flatten().any(|s| s == x) {
+        return false;
+    }
+    let Some(Cow::Owned(t)) = &env[*x] else { return false };
+    match op {
+        Op::Unary(UnaryOp::Relu) => matches!(t.data, sqil_ir::tensor::Data::F32(_)),
+        Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
+        _ => false,
+    }
+}
+
+/// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
+/// buffers reused from the previous call on this thread; with `times`, adds each step's
+/// wall time to its entry; `keep_all` keeps every value (no in-place steps, nothing dropped).
+fn exec<'a>(
+    plan: &'a Plan,
+    feeds: &'a [Tensor],
+    threads: usize,
+    mut times: Option<&mut [f64]>,
+    keep_all: bool,
+) -> Result<Vec<Option<Cow<'a, Tensor>>>> {
+    if feeds.len() != plan.inputs.len() {
+        return Err(IrError::Invalid(format!("{} inputs given, the policy takes {}", feeds.len(), plan.inputs.len())));
+    }
+    let mut env: Vec<Option<Cow<'a, Tensor>>> = vec![None; plan.slots];
+    for (s, t) in &plan.consts {
+        env[*s] = Some(Cow::Borrowed(t));
+    }
+    for ((_, s), t) in plan.inputs.iter().zip(feeds) {
+        env[*s] = Some(Cow::Borrowed(t));
+    }
+    for (i, step) in plan.steps.iter().enumerate() {
+        let start = times.is_some().then(std::time::Instant::now);
+        match step {
+            Step::Q4Linear { name, x, y, act, w, bias, relu, conv, .. } => {
+                let xt = env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
+                let out = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), *relu, xt, threads)?;
+                env[*y] = Some(Cow::Owned(out));
+            }
+            Step::Op { op, inputs, outputs, .. } if !keep_all && in_place(plan, op, inputs, i, &env) => {
+                let x = inputs[0].and_then(|s| env[s].take()).expect("checked by in_place").into_owned();
+                let y = match op {
+                    Op::Reshape { allowzero } => {
+                        let spec = inputs[1].and_then(|s| env[s].as_deref()).expect("checked by in_place");
+                        let shape = sqil_ir::ops::reshape_target(&x.shape, &spec.data.to_i64_vec(), *allowzero)?;
+                        Tensor::new(shape, x.data)?
+                    }
+                    _ => {
+                        let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
+                            unreachable!("checked by in_place")
+                        };
+                        relu_in_place(&mut v);
+                        Tensor::from_f32(shape, v)?
+                    }
+                };
+                env[outputs[0]] = Some(Cow::Owned(y));
+            }
+            Step::Op { node, name, op, inputs, outputs, table } => {
+                let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
+                let res = match (op, table, args.as_slice()) {
+                    // The reference Conv with its gather table kept (same arithmetic).
+                    (Op::Conv(c), Some(t), [Some(x), Some(w), b @ ..]) if x.rank() > 1 && x.shape[1..] == t.0 => {
+                        sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, Some(&t.1))
+                            .map(|y| vec![y])
+                    }
+                    _ => op.eval(&args, outputs.len()),
+                }
+                .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
+                for (s, t) in outputs.iter().zip(res) {
+                    env[*s] = Some(Cow::Owned(t));
+                }
+            }
+        }
+        // Values no later step reads are dropped now, so their memory is reused soon.
+        for s in step.reads() {
+            if !keep_all && plan.last_use[s] == i {
+                env[s] = None;
+            }
+        }
+        if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {
+            t[i] += start.elapsed().as_secs_f64();
+        }
+    }
+    Ok(env)
+}
