@@ -44,6 +44,7 @@ static int8_t sqil_quant1(float x, float scale, int32_t zero, int32_t lo, int32_
     return (int8_t)v;
 }
 
+#if defined(SQIL_USE_Q4Q8_ROWS)
 /* q[i] = sqil_quant1(x[i]) for i < k, 0 up to k_pad. */
 static void sqil_quantize(const float *x, int32_t k, int32_t k_pad, float scale, int32_t zero, int32_t lo,
                           int32_t hi, int8_t *q)
@@ -53,6 +54,7 @@ static void sqil_quantize(const float *x, int32_t k, int32_t k_pad, float scale,
         q[i] = i < k ? sqil_quant1(x[i], scale, zero, lo, hi) : (int8_t)0;
     }
 }
+#endif /* SQIL_USE_Q4Q8_ROWS */
 
 #if defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -229,6 +231,7 @@ static void sqil_gemv_q4q8(const uint8_t *w, int32_t bits, const float *scales, 
     }
 }
 
+#if defined(SQIL_USE_Q4Q8_ROWS)
 /* Outputs of a layer whose input row x (k values) holds a NaN become that NaN, as in the
  * simulation (FakeQuant keeps a NaN and every output sums it), which int8 cannot hold. */
 static void sqil_nan_rows(const float *x, int32_t k, float *y, int32_t n)
@@ -243,6 +246,7 @@ static void sqil_nan_rows(const float *x, int32_t k, float *y, int32_t n)
         }
     }
 }
+#endif /* SQIL_USE_Q4Q8_ROWS */
 
 #if defined(SQIL_USE_CONV_Q4Q8)
 /* Int4 2-D convolution of one image x [c][h][w]: the image quantized once, channels innermost
@@ -311,28 +315,40 @@ static void sqil_conv_q4q8(const float *x, const int32_t *geo, const uint8_t *w,
 #endif /* SQIL_USE_Q4Q8 */
 
 #if defined(SQIL_USE_Q4F32)
-/* Weight-only W4 on float activations: y[r] = sum_g scale[r,g] * sum_{k in g} x[k] * w[r,k]
- * + bias[r], in float, in order. */
+/* Weight-only W4 on float activations, the arithmetic of sqil_kernels_cpu's q4f32 kernels: eight
+ * lanes, lane l summing by fmaf, per group from +0, elements l, l + 8, l + 16, l + 24 of each
+ * block of 32 in order (elements past k add an exact zero: skipped); per group the lanes fmaf'd
+ * into their totals with the group's scale; the totals summed (t0 + t4) + (t2 + t6) plus
+ * (t1 + t5) + (t3 + t7); then the bias added, then ReLU if asked. */
 static void sqil_gemv_q4f32(const sqil_block_q4 *w, const float *scales, int32_t n, int32_t k, int32_t k_pad,
                             int32_t group, const float *x, const float *bias, int relu, float *y)
 {
-    const int32_t groups = k_pad / group, bpr = k_pad / 32;
-    int32_t r, g, i;
+    const int32_t groups = k_pad / group, bpr = k_pad / 32, bpg = group / 32;
+    int32_t r, g, b, j, l, i;
     for (r = 0; r < n; r++) {
-        float acc = 0.0f, v;
+        float total[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, v;
         for (g = 0; g < groups; g++) {
-            float s = 0.0f, p;
-            int32_t end = (g + 1) * group < k ? (g + 1) * group : k;
-            for (i = g * group; i < end; i++) {
-                uint8_t byte = w[r * bpr + i / 32].qs[i % 16];
-                int32_t nib = (i % 32) < 16 ? (byte & 15) : (byte >> 4);
-                float t = x[i] * (float)(nib - 8);
-                s += t;
+            float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+            for (b = g * bpg; b < (g + 1) * bpg; b++) {
+                for (j = 0; j < 32; j += 8) {
+                    for (l = 0; l < 8; l++) {
+                        i = b * 32 + j + l;
+                        if (i < k) {
+                            uint8_t byte = w[r * bpr + b].qs[i % 16];
+                            int32_t nib = (i % 32) < 16 ? (byte & 15) : (byte >> 4);
+                            acc[l] = fmaf((float)(nib - 8), x[i], acc[l]);
+                        }
+                    }
+                }
             }
-            p = s * scales[r * groups + g];
-            acc += p;
+            for (l = 0; l < 8; l++) {
+                total[l] = fmaf(acc[l], scales[r * groups + g], total[l]);
+            }
         }
-        v = acc + (bias ? bias[r] : 0.0f);
+        v = ((total[0] + total[4]) + (total[2] + total[6])) + ((total[1] + total[5]) + (total[3] + total[7]));
+        if (bias) {
+            v = v + bias[r];
+        }
         if (relu) {
             v = v < 0.0f ? 0.0f : v; /* the IR ReLU: NaN and -0 pass */
         }
@@ -343,25 +359,27 @@ static void sqil_gemv_q4f32(const sqil_block_q4 *w, const float *scales, int32_t
 #endif /* SQIL_USE_Q4F32 */
 
 #if defined(SQIL_USE_F32)
-/* Float layer with float weights w[k][n] (row-major, the layer's constant): y = x @ w + bias,
- * summed in k order. */
+/* Float layer with float weights w[k][n] (row-major, the layer's constant): y = x @ w (+ bias),
+ * each output one fused multiply-add chain over k in order from +0 (the IR's policy GEMM,
+ * sqil_kernels_cpu::sgemm_chain), then the bias added once. */
 static void sqil_gemv_f32(const float *w, int32_t n, int32_t k, const float *x, const float *bias, float *y)
 {
     int32_t r, i;
     for (r = 0; r < n; r++) {
-        float acc = 0.0f, t;
+        float acc = 0.0f;
         for (i = 0; i < k; i++) {
-            t = x[i] * w[i * n + r];
-            acc += t;
+            acc = fmaf(x[i], w[i * n + r], acc);
         }
-        y[r] = acc + (bias ? bias[r] : 0.0f);
+        y[r] = bias ? acc + bias[r] : acc;
     }
 }
 #endif /* SQIL_USE_F32 */
 
 #if defined(SQIL_USE_CONV_F32)
-/* Float 2-D convolution of one image (groups of channels allowed), summed in (channel, tap)
- * order; geo as for sqil_conv_q4q8, plus groups at geo[13]. w is [n][c / groups][kh][kw]. */
+/* Float 2-D convolution of one image (groups of channels allowed): each output one fused
+ * multiply-add chain in (channel, tap) order from +0, padding taps skipped (they add an exact
+ * zero), then the bias: the IR's convolution (im2col, then the policy GEMM). geo as for
+ * sqil_conv_q4q8, plus groups at geo[13]. w is [n][c / groups][kh][kw]. */
 static void sqil_conv_f32(const float *x, const int32_t *geo, const float *w, int32_t n, const float *bias, float *y)
 {
     const int32_t c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
@@ -377,12 +395,12 @@ static void sqil_conv_f32(const float *x, const int32_t *geo, const float *w, in
                         for (tx = 0; tx < kw; tx++) {
                             const int32_t iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
                             if (iy >= 0 && iy < h && ix >= 0 && ix < wd) {
-                                acc += x[((c0 + ch) * h + iy) * wd + ix] * w[((o * cg + ch) * kh + ty) * kw + tx];
+                                acc = fmaf(x[((c0 + ch) * h + iy) * wd + ix], w[((o * cg + ch) * kh + ty) * kw + tx], acc);
                             }
                         }
                     }
                 }
-                y[(o * oh + oy) * ow + ox] = acc + (bias ? bias[o] : 0.0f);
+                y[(o * oh + oy) * ow + ox] = bias ? acc + bias[o] : acc;
             }
         }
     }

@@ -14,6 +14,9 @@ use sqil_runtime::Policy;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+use common::{build_and_run, check, have, run, STRICT};
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -59,73 +62,6 @@ fn generate_n(name: &str, spec: &str, tag: &str, states: usize) -> (PathBuf, boo
 
 fn generate(name: &str, spec: &str, tag: &str) -> (PathBuf, bool, Vec<Vec<u32>>) {
     generate_n(name, spec, tag, 8)
-}
-
-/// Parses the self-test's `out S J BITS` lines into per-state output bits.
-fn parse(stdout: &str) -> Vec<Vec<u32>> {
-    let mut rows: Vec<Vec<u32>> = vec![];
-    for l in stdout.lines().filter(|l| l.starts_with("out ")) {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        let s: usize = f[1].parse().unwrap();
-        if rows.len() <= s {
-            rows.resize(s + 1, vec![]);
-        }
-        rows[s].push(u32::from_str_radix(f[3], 16).unwrap());
-    }
-    rows
-}
-
-/// Checks a self-test run: bit for bit if `exact`, else within C_TOL of the largest |output|.
-fn check(what: &str, stdout: &str, exact: bool, want: &[Vec<u32>]) {
-    let got = parse(stdout);
-    assert_eq!(got.len(), want.len(), "{what}: {} states printed, {} expected\n{stdout}", got.len(), want.len());
-    let f = |b: u32| f32::from_bits(b);
-    let scale = want.iter().flatten().fold(1e-6f32, |m, &b| m.max(f(b).abs()));
-    let (mut same, mut total, mut worst) = (0, 0, 0f32);
-    for (g, w) in got.iter().zip(want) {
-        assert_eq!(g.len(), w.len(), "{what}: output size");
-        for (&a, &b) in g.iter().zip(w) {
-            same += (a == b) as usize;
-            total += 1;
-            worst = worst.max((f(a) - f(b)).abs() / scale);
-        }
-    }
-    eprintln!("{what:<60} {same:>3}/{total:<3} bit-identical, max rel diff {worst:.1e}");
-    if exact {
-        assert_eq!(same, total, "{what}: the report says bit-exact, {same}/{total} outputs are");
-    }
-    assert!(worst <= C_TOL, "{what}: {worst:.2e} > C_TOL");
-    assert!(stdout.contains("selftest: "), "{what}: no summary line");
-}
-
-fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(out.status.success(), "{what}: {}\n{text}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    text
-}
-
-const STRICT: [&str; 8] = ["-std=c99", "-pedantic", "-O2", "-Wall", "-Wextra", "-Werror", "-Wshadow", "-Wconversion"];
-
-/// Compiles `dir`'s policy.c + selftest.c with `compiler` (strict flags plus `flags`) and runs the
-/// program, through `runner` if given; returns its output.
-fn build_and_run(dir: &Path, compiler: &str, flags: &[&str], runner: &[&str], what: &str) -> String {
-    let exe = dir.join(format!("selftest-{}", what.replace([' ', '/', ',', '='], "_")));
-    run(
-        Command::new(compiler)
-            .args(STRICT)
-            .args(flags)
-            .arg(dir.join("policy.c"))
-            .arg(dir.join("selftest.c"))
-            .arg("-o")
-            .arg(&exe)
-            .arg("-lm"),
-        &format!("{what}: {compiler}"),
-    );
-    match runner.split_first() {
-        Some((r, args)) => run(Command::new(r).args(args).arg(&exe), &format!("{what}: {r}")),
-        None => run(&mut Command::new(&exe), &format!("{what}: selftest")),
-    }
 }
 
 const POLICIES: [&str; 5] = ["bc_hopper", "bc_lander", "bc_pickplace", "hopper_mlp", "mlp"];
@@ -253,18 +189,6 @@ fn unsupported_ops_are_refused_with_the_node_named() {
     g.outputs.push(y);
     let err = emit(&Policy::from_graph(&g).unwrap(), "policy").unwrap_err().to_string();
     assert!(err.contains("`/head/LogSoftmax`") && err.contains("C back end"), "{err}");
-}
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--version").output().is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("SQIL_REQUIRE_CROSS").as_deref() != Ok("1"),
-            "{tool} is missing and SQIL_REQUIRE_CROSS=1"
-        );
-        eprintln!("skipping: {tool} not found (apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi gcc-aarch64-linux-gnu qemu-user qemu-system-arm)");
-    }
-    ok
 }
 
 const CROSS_CASES: [(&str, &str); 5] = [

@@ -401,6 +401,7 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         );
                     }
                     (ActQuant::Int { scale, zero, lo, hi }, None) => {
+                        em.uses.insert("SQIL_USE_Q4Q8_ROWS");
                         let sc = flit(*scale, name)?;
                         let _ = writeln!(
                             em.body,
@@ -418,8 +419,8 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                         );
                     }
                     (ActQuant::Float, _) => {
-                        // The runtime's AVX2 weight-only kernel sums in another order.
-                        em.exact = false;
+                        // The kernels' eight-lane fmaf arithmetic (`generic_gemv_q4f32`).
+                        em.libm = true;
                         em.uses.insert("SQIL_USE_Q4F32");
                         let _ = writeln!(
                             em.body,
@@ -737,7 +738,7 @@ fn emit_op(
         }
         Op::MatMul if const_of(1).is_none() => {
             // Two computed operands (attention's scores and mixing): per broadcast batch, each
-            // output summed in k order in f32 (the IR's GEMM sums in another order: C_TOL).
+            // output one fmaf chain over k from +0, the IR's policy GEMM (`sgemm_chain`).
             let (a, b) = (val(inputs[0].expect("MatMul A"))?, val(inputs[1].expect("MatMul B"))?);
             let arr = |j: usize, t: &Tensor, em: &mut Emitter| -> Result<String> {
                 match const_of(j) {
@@ -756,13 +757,13 @@ fn emit_op(
             let items: Vec<String> =
                 ia.iter().zip(&ib).flat_map(|(x, y)| [(x * m * k).to_string(), (y * k * nn).to_string()]).collect();
             let name = em.int_array(&items, 12);
-            em.exact = false;
+            em.libm = true; // fmaf
             let _ = writeln!(
                 em.body,
                 "    {{\n        int32_t q, i, j, t;\n        for (q = 0; q < {}; q++) {{\n            \
                  const float *qa = {ae} + {name}[2 * q], *qb = {be} + {name}[2 * q + 1];\n            \
-                 for (i = 0; i < {m}; i++) {{\n                for (j = 0; j < {nn}; j++) {{\n                    float acc = 0.0f, p;\n                    \
-                 for (t = 0; t < {k}; t++) {{\n                        p = qa[i * {k} + t] * qb[t * {nn} + j];\n                        acc += p;\n                    }}\n                    \
+                 for (i = 0; i < {m}; i++) {{\n                for (j = 0; j < {nn}; j++) {{\n                    float acc = 0.0f;\n                    \
+                 for (t = 0; t < {k}; t++) {{\n                        acc = fmaf(qa[i * {k} + t], qb[t * {nn} + j], acc);\n                    }}\n                    \
                  {ye}[(q * {m} + i) * {nn} + j] = acc;\n                }}\n            }}\n        }}\n    }}",
                 ia.len()
             );
@@ -781,7 +782,10 @@ fn emit_op(
             if w.rank() != 2 {
                 return Err(unsupported("weight of rank other than 2"));
             }
-            em.exact = false;
+            // The IR's arithmetic (`alpha * chain + beta * c`) when alpha and beta are 1, as in
+            // every exported policy; otherwise they are folded into the weights and bias.
+            em.exact &= alpha == 1.0 && beta == 1.0;
+            em.libm = true; // fmaf
             em.uses.insert("SQIL_USE_F32");
             // Stored [k][n], alpha folded in (alpha = 1 in every exported policy).
             let (k, nn, wk, bb) = sqil_ir::ops::dense_weight_kn(w, trans_b, alpha, bias, beta);
@@ -913,8 +917,8 @@ fn emit_op(
                 None if inputs.get(2).copied().flatten().is_some() => return Err(unsupported("computed bias")),
                 None => "0".into(),
             };
-            // The runtime's reference convolution sums through im2col and a GEMM: another order.
-            em.exact = false;
+            // The IR's convolution: im2col, then the policy GEMM's chain (`sgemm_chain`).
+            em.libm = true; // fmaf
             em.uses.insert("SQIL_USE_CONV_F32");
             let _ = writeln!(em.body, "    sqil_conv_f32({x}, {gname}, {wname}, {}, {bname}, {ye});", w.shape[0]);
         }

@@ -263,6 +263,33 @@ fn fold_constants(steps: Vec<Step>, consts: Consts, outputs: &[usize]) -> Result
     Ok((kept, consts))
 }
 
+/// A float Gemm's constant `trans_b` weight stored transposed (`[k, n]`, `trans_b` off): the
+/// policy GEMM reads rows of its B operand (`sgemm_chain`; a transposed B is copied to rows on
+/// every call), and the arithmetic, one chain per output over k, is the same either way.
+fn weights_as_rows(steps: &mut [Step], consts: &mut Consts, next: &mut usize, outputs: &[usize]) {
+    for step in steps.iter_mut() {
+        let Step::Op { op: Op::Gemm { trans_a: false, trans_b: tb @ true, .. }, inputs, .. } = step else { continue };
+        let Some(Some(ws)) = inputs.get(1).copied() else { continue };
+        let Some(w) = consts.iter().find(|(s, _)| *s == ws).map(|(_, t)| t) else { continue };
+        let sqil_ir::Data::F32(v) = &w.data else { continue };
+        if w.rank() != 2 {
+            continue;
+        }
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let rows: Vec<f32> = (0..k * n).map(|i| v[(i % n) * k + i / n]).collect();
+        let Ok(t) = Tensor::from_f32(vec![k, n], rows) else { continue };
+        consts.push((*next, t));
+        inputs[1] = Some(*next);
+        *next += 1;
+        *tb = false;
+    }
+    let mut read: std::collections::HashSet<usize> = outputs.iter().copied().collect();
+    for step in steps.iter() {
+        read.extend(step.reads());
+    }
+    consts.retain(|(s, _)| read.contains(s));
+}
+
 impl Plan {
     /// Plans `g` (a verified FakeQuant simulation graph), packing its int4 weights.
     pub fn new(g: &Graph) -> Result<Plan> {
@@ -378,7 +405,8 @@ impl Plan {
             .map(|&i| (g.node(i).outputs[0].name.clone(), slot_of(ValueRef { node: i, slot: 0 }, &mut slot)))
             .collect();
         let outputs: Vec<usize> = g.outputs.iter().map(|&o| slot_of(o, &mut slot)).collect();
-        let (steps, consts) = fold_constants(steps_rev, consts, &outputs)?;
+        let (mut steps, mut consts) = fold_constants(steps_rev, consts, &outputs)?;
+        weights_as_rows(&mut steps, &mut consts, &mut next, &outputs);
         let output_names = g.outputs.iter().map(|&o| g.value(o).name.clone()).collect();
         let mut last_use = vec![usize::MAX; next];
         for (i, step) in steps.iter().enumerate() {

@@ -44,6 +44,60 @@ pub fn sgemm(
     sgemm_packed(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, (rsc, csc))
 }
 
+/// The policy GEMM, one arithmetic definition on every CPU: `c[i, j]` is one fused multiply-add
+/// chain over `p = 0..k` in order from +0, `acc = fma(a[i, p], b[p, j], acc)` (one rounding per
+/// step, `f32::mul_add`). The SIMD kernels vectorize over `j`, each lane its own chain, so every
+/// ISA gives these bits; the C back end prints the same chain with `fmaf`. (A chain from +0 never
+/// ends at -0, so a term that is exactly zero, such as a padding tap, may be skipped.) Any strides;
+/// `b` with non-unit column stride is copied to rows first on the SIMD path.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_chain(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    check_bounds(m, k, a.len(), rsa, csa, "a");
+    check_bounds(k, n, b.len(), rsb, csb, "b");
+    check_bounds(m, n, c.len(), rsc, csc, "c");
+    #[cfg(target_arch = "x86_64")]
+    if csc == 1 && crate::isa() != crate::Isa::Generic {
+        let rows;
+        let (b, rsb) = if csb == 1 || n == 1 {
+            (b, rsb)
+        } else {
+            rows = (0..k * n).map(|i| b[(i / n) * rsb + (i % n) * csb]).collect::<Vec<f32>>();
+            (&rows[..], n)
+        };
+        // SAFETY: isa() checked AVX2 and FMA (and AVX-512 F for the wide form); the bounds were
+        // checked above (a copied b is k x n with rows of n).
+        return unsafe {
+            if crate::isa() == crate::Isa::Avx512Vnni {
+                crate::x86_64::avx512::avx512_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
+            } else {
+                crate::x86_64::avx2::avx2_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
+            }
+        };
+    }
+    for i in 0..m {
+        for j in 0..n {
+            let mut acc = 0f32;
+            for p in 0..k {
+                acc = a[i * rsa + p * csa].mul_add(b[p * rsb + j * csb], acc);
+            }
+            c[i * rsc + j * csc] = acc;
+        }
+    }
+}
+
 /// The longest reduction [`sgemm`] computes directly: matrixmultiply's f32 k-block (`kc`), below
 /// which its FMA kernel sums each output in one chain (a property test checks the two agree bit
 /// for bit).
@@ -607,20 +661,32 @@ pub fn generic_gemv_q4q8(w: &crate::packed::PackedQ4, x: &QuantizedInput, bias: 
     }
 }
 
-/// Reference weight-only W4 GEMV on float activations: `y[r] = sum_g sw[r, g] * sum_{k in g}
-/// x[k] * qw[r, k] + bias[r]`, in f32.
+/// Reference weight-only W4 GEMV on float activations, the one arithmetic of every q4f32 kernel
+/// (the AVX2 kernel's, lane for lane): eight lanes; per group, lane `l` sums from +0 by fused
+/// multiply-add the elements `l, l + 8, l + 16, l + 24` of each block of 32 in order (`q * x`);
+/// each lane's group sum is fused-multiply-added with the group's scale into the lane's total;
+/// the totals are summed `((t0 + t4) + (t2 + t6)) + ((t1 + t5) + (t3 + t7))`; then the bias is
+/// added (when there is one). `x` holds `w.k_pad` values, zero past `k`.
 pub fn generic_gemv_q4f32(w: &crate::packed::PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-    let groups = w.groups();
+    let (groups, bpg) = (w.groups(), w.group / crate::packed::QK4);
     for (r, out) in y.iter_mut().enumerate().take(w.n) {
-        let mut acc = 0f32;
+        let mut total = [0f32; 8];
         for g in 0..groups {
-            let mut s = 0f32;
-            let ks = g * w.group..((g + 1) * w.group).min(w.k);
-            for (k, &xv) in ks.clone().zip(&x[ks]) {
-                s += xv * w.get(r, k) as f32;
+            let mut acc = [0f32; 8];
+            for b in g * bpg..(g + 1) * bpg {
+                let q = w.blocks[r * (w.k_pad / crate::packed::QK4) + b].unpack();
+                for j in (0..32).step_by(8) {
+                    for (l, a) in acc.iter_mut().enumerate() {
+                        *a = (q[j + l] as f32).mul_add(x[b * 32 + j + l], *a);
+                    }
+                }
             }
-            acc += s * w.scales[r * groups + g];
+            for (t, a) in total.iter_mut().zip(acc) {
+                *t = a.mul_add(w.scales[r * groups + g], *t);
+            }
         }
-        *out = acc + bias.map_or(0.0, |b| b[r]);
+        let t = total;
+        let h = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+        *out = bias.map_or(h, |b| h + b[r]);
     }
 }

@@ -9,7 +9,7 @@ pub mod peak;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
-pub use generic::{dgemm, im2col, quantize_input, sgemm, ConvGeometry, QRow, QuantizedInput};
+pub use generic::{dgemm, im2col, quantize_input, sgemm, sgemm_chain, ConvGeometry, QRow, QuantizedInput};
 pub use packed::{BlockQ4, PackedQ4};
 
 /// Whether `x` holds a NaN: blocks of 64 folded without an early exit, so the compiler vectorizes
@@ -290,7 +290,7 @@ pub unsafe fn conv_q4q8_windows_unchecked(
 }
 
 /// Weight-only W4 GEMV on f32 activations (`x` at least `w.k_pad` long, zero-padded), with the
-/// best kernel for this CPU; agrees with `generic::generic_gemv_q4f32` within f32 summation order.
+/// best kernel for this CPU; bit for bit `generic::generic_gemv_q4f32` (one arithmetic on every CPU).
 pub fn gemv_q4f32(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
     assert!(x.len() >= w.k_pad && y.len() >= w.n && bias.is_none_or(|b| b.len() >= w.n));
     match isa() {

@@ -1,9 +1,10 @@
 //! `sgemm`'s direct path (no packing, alpha 1, beta 0, k <= SGEMM_DIRECT_K) against matrixmultiply
-//! itself, bit for bit: its FMA kernel sums each output in one chain over k from zero there.
+//! itself, bit for bit: its FMA kernel sums each output in one chain over k from zero there; and the
+//! policy GEMM (`sgemm_chain`) against its definition.
 
 use proptest::prelude::*;
 use sqil_kernels_cpu::generic::{sgemm_packed, SGEMM_DIRECT_K};
-use sqil_kernels_cpu::sgemm;
+use sqil_kernels_cpu::{sgemm, sgemm_chain};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
@@ -33,6 +34,37 @@ proptest! {
         sgemm_packed(m, k, n, 1.0, &a, (rsa, csa), &b, (rsb, 1), 0.0, &mut want, (rsc, 1));
         sgemm(m, k, n, 1.0, &a, (rsa, csa), &b, (rsb, 1), 0.0, &mut got, (rsc, 1));
         let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+
+    /// The policy GEMM on this CPU's kernels against its definition (one `mul_add` chain per
+    /// output over k from +0), any k and any strides (b transposed included): bit for bit.
+    #[test]
+    fn policy_gemm_is_one_fma_chain_per_output(seed in any::<u64>(), m in 1usize..9, k in 0usize..600,
+                                               n in 1usize..40, b_transposed in any::<bool>()) {
+        let mut s = seed | 1;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0
+        };
+        let a: Vec<f32> = (0..(m * k).max(1)).map(|_| r()).collect();
+        let b: Vec<f32> = (0..(k * n).max(1)).map(|_| r()).collect();
+        let sb = if b_transposed { (1, k.max(1)) } else { (n, 1) };
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for p in 0..k {
+                    acc = a[i * k + p].mul_add(b[p * sb.0 + j * sb.1], acc);
+                }
+                want[i * n + j] = acc;
+            }
+        }
+        let mut got = vec![7f32; m * n];
+        sgemm_chain(m, k, n, &a, (k, 1), &b, sb, &mut got, (n, 1));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want));
     }
 }

@@ -74,6 +74,8 @@ pub fn q4_weight(g: &Graph, w: ValueRef, trans_b: bool, shape_only: bool) -> Res
     let ax = if axis < 0 { axis + 2 } else { axis } as usize;
     let group = match (st.len(), block_size) {
         (len, 0) if len == n && ax == chan_axis => 0,
+        // One scale for the whole tensor: per channel, every channel's the same.
+        (1, 0) => 0,
         (len, b) if b > 0 && ax == red_axis && len == n * k.div_ceil(b as usize) => {
             let b = b as usize;
             if k.div_ceil(b) == 1 {

@@ -9,7 +9,7 @@ use crate::error::{IrError, Result};
 use crate::shape::broadcast_shapes;
 use crate::shape::{broadcast_dims, Dim, ValueType};
 use crate::tensor::{Data, Tensor};
-use sqil_kernels_cpu::{dgemm, im2col, sgemm, ConvGeometry};
+use sqil_kernels_cpu::{dgemm, im2col, sgemm, sgemm_chain, ConvGeometry};
 
 /// Padding policy of convolutions and pools (ONNX `auto_pad`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -341,7 +341,11 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let out = run!(x, y, dgemm, 0.0f64);
         return Tensor::new(out_shape, Data::F64(out));
     }
-    let out = run!(a.data.f32_cow(), b.data.f32_cow(), sgemm, 0.0f32);
+    // f32: the policy GEMM (one FMA chain per output; see `sgemm_chain`).
+    let chain = |m, k, n, _: f32, a: &[f32], sa, b: &[f32], sb, _: f32, c: &mut [f32], sc| {
+        sgemm_chain(m, k, n, a, sa, b, sb, c, sc)
+    };
+    let out = run!(a.data.f32_cow(), b.data.f32_cow(), chain, 0.0f32);
     via_f32(a.dtype(), out_shape, out)
 }
 
@@ -378,15 +382,25 @@ pub(crate) fn gemm(
         dgemm(m, k, n, alpha as f64, x, sa, y, sb, 1.0, &mut out, (n, 1));
         return Tensor::new(vec![m, n], Data::F64(out));
     }
-    let mut out: Vec<f32> = match c.filter(|_| beta != 0.0).map(|c| (c, &c.data)) {
-        // A bias row ([n] or [1, n]) in f32: beta * c is exact in f64 and rounded once, as below.
+    // f32: `y = alpha * chain + beta * c`, each product rounded once, the chain the policy GEMM's
+    // (`sgemm_chain`); `alpha * chain` only when alpha is not 1, `+ beta * c` only with a C.
+    let mut out = vec![0f32; m * n];
+    sgemm_chain(m, k, n, &a.data.f32_cow(), sa, &b.data.f32_cow(), sb, &mut out, (n, 1));
+    if alpha != 1.0 {
+        out.iter_mut().for_each(|v| *v *= alpha);
+    }
+    match c.filter(|_| beta != 0.0).map(|c| (c, &c.data)) {
+        // A bias row ([n] or [1, n]): beta * c is exact in f64 and rounded once, as below.
         Some((c, Data::F32(cv))) if cv.len() == n && c.shape.last() == Some(&n) => {
             let row: Vec<f32> = cv.iter().map(|&v| (beta as f64 * v as f64) as f32).collect();
-            row.repeat(m)
+            out.chunks_mut(n).for_each(|r| r.iter_mut().zip(&row).for_each(|(y, b)| *y += b));
         }
-        _ => init(m * n)?.into_iter().map(|v| v as f32).collect(),
-    };
-    sgemm(m, k, n, alpha, &a.data.f32_cow(), sa, &b.data.f32_cow(), sb, 1.0, &mut out, (n, 1));
+        Some(_) => {
+            let cterm = init(m * n)?;
+            out.iter_mut().zip(cterm).for_each(|(y, t)| *y += t as f32);
+        }
+        None => {}
+    }
     via_f32(a.dtype(), vec![m, n], out)
 }
 
@@ -487,7 +501,7 @@ pub fn conv_with_table(
             im2col(xs, cg, table, &p.geo, &mut cols);
             let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
             let o = &mut out[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
-            sgemm(mg, cg * kl, ol, 1.0, wg, (cg * kl, 1), &cols, (ol, 1), 0.0, o, (ol, 1));
+            sgemm_chain(mg, cg * kl, ol, wg, (cg * kl, 1), &cols, (ol, 1), o, (ol, 1));
         }
         if let Some(bias) = &bias {
             for (mi, bv) in bias.iter().enumerate() {

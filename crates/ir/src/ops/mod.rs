@@ -18,7 +18,7 @@ mod reduce;
 mod shape_ops;
 
 pub use broadcast::{broadcast_indices, Broadcast};
-pub use linalg::{conv_with_table, dense_weight_kn, ConvAttrs};
+pub use linalg::{conv_with_table, dense_weight_kn, AutoPad, ConvAttrs};
 pub use nn::PoolAttrs;
 pub use shape_ops::{reshape_target, shape_range};
 

@@ -241,7 +241,8 @@ pub unsafe fn avx2_gemm_q4q8(
     gemm_impl::<false>(w, rows, xs.len(), |c| xs[c], bias, y, strides)
 }
 
-/// Weight-only W4 GEMV on f32 activations, rows `rows` (see `generic_gemv_q4f32`); `x` holds
+/// Weight-only W4 GEMV on f32 activations, rows `rows`, bit for bit `generic_gemv_q4f32` (whose
+/// arithmetic is this kernel's, lane for lane); `x` holds
 /// at least `w.k_pad` values (zero-padded).
 ///
 /// # Safety
@@ -281,7 +282,8 @@ pub unsafe fn avx2_gemv_q4f32_rows(
             }
             total = _mm256_fmadd_ps(acc, _mm256_set1_ps(w.scales[r * groups + g]), total);
         }
-        *out = hsum_f32(total) + bias.map_or(0.0, |b| b[r]);
+        let h = hsum_f32(total);
+        *out = bias.map_or(h, |b| h + b[r]);
     }
 }
 

@@ -1,0 +1,247 @@
+//! One arithmetic definition per lowered step, checked differentially: random graphs of three
+//! families (MLPs with Gemm and MatMul + Add layers, CNNs with int4 convolutions, attention
+//! blocks with Softmax and LayerNorm) x quantization configs (W2/W3/W4/W8; A4/A8/float;
+//! per tensor, per channel, groups; raw observations quantized, in float or per-feature scaled)
+//! x seeds x inputs (random, and on the input quantizer's rounding boundaries `x / s = m + 0.5`).
+//!
+//! - The simulation (the reference interpreter on the FakeQuant graph) and the CPU plan agree
+//!   bit for bit on every output, with one and two threads, over a batch and one sample at a
+//!   time: zero differing values in every run.
+//! - The generated C (x86 here; aarch64 NEON + dot product under qemu-aarch64) agrees bit for bit
+//!   on every output of every program. Its report promises it (by construction: int4 steps, the
+//!   float GEMM / convolution chains, the weight-only kernel's lanes) for every program without
+//!   libm functions, and every plan whose linear maps are all int4 steps must be such a program;
+//!   programs with libm (Softmax's exp, erf) are checked bit for bit all the same.
+
+use sqil::build::selftest_vectors;
+use sqil_codegen::c::{emit, selftest, C_TOL};
+use sqil_ir::ops::{AutoPad, BinaryOp, ConvAttrs, UnaryOp};
+use sqil_ir::testing::Rng;
+use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueRef, ValueType};
+use sqil_lower::Step;
+use sqil_passes::quant::{quantize, QuantConfig, Recipe};
+use sqil_runtime::{Execute, Policy};
+use std::collections::HashMap;
+
+mod common;
+use common::{build_and_run, check, have};
+
+fn batch() -> Dim {
+    Dim::Sym("N".into())
+}
+
+/// k -> 64 (Gemm, ReLU) -> 48 (MatMul + Add, ReLU) -> 5 (Gemm).
+fn mlp(r: &mut Rng, k: usize) -> Graph {
+    let mut g = Graph::new("mlp");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(k)]));
+    let gemm = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+    let (w1, b1) = (g.add_const("w1", r.tensor(vec![64, k], 0.4)), g.add_const("b1", r.tensor(vec![64], 0.1)));
+    let h = g.add_inferred("fc1", gemm.clone(), &[Some(x), Some(w1), Some(b1)], "h").unwrap();
+    let h = g.add_inferred("relu1", Op::Unary(UnaryOp::Relu), &[Some(h)], "a").unwrap();
+    let w2 = g.add_const("w2", r.tensor(vec![64, 48], 0.3));
+    let m = g.add_inferred("fc2", Op::MatMul, &[Some(h), Some(w2)], "m").unwrap();
+    let b2 = g.add_const("b2", r.tensor(vec![48], 0.1));
+    let m = g.add_inferred("fc2.bias", Op::Binary(BinaryOp::Add), &[Some(m), Some(b2)], "mb").unwrap();
+    let m = g.add_inferred("relu2", Op::Unary(UnaryOp::Relu), &[Some(m)], "a2").unwrap();
+    let (w3, b3) = (g.add_const("w3", r.tensor(vec![5, 48], 0.3)), g.add_const("b3", r.tensor(vec![5], 0.1)));
+    let y = g.add_inferred("fc3", gemm, &[Some(m), Some(w3), Some(b3)], "y").unwrap();
+    g.outputs.push(y);
+    g
+}
+
+fn conv_attrs(k: i64, stride: i64, pad: i64) -> Op {
+    Op::Conv(ConvAttrs {
+        auto_pad: AutoPad::NotSet,
+        dilations: vec![1, 1],
+        group: 1,
+        kernel_shape: vec![k, k],
+        pads: vec![pad; 4],
+        strides: vec![stride, stride],
+        output_padding: vec![],
+        output_shape: vec![],
+    })
+}
+
+/// [N, c, s, s] -> Conv 3x3 to 32 + ReLU -> Conv 3x3 stride 2 to 32 + ReLU -> Flatten -> Gemm 6.
+fn cnn(r: &mut Rng, c: usize, s: usize) -> Graph {
+    let mut g = Graph::new("cnn");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(c), Dim::Known(s), Dim::Known(s)]));
+    let (w1, b1) = (g.add_const("w1", r.tensor(vec![32, c, 3, 3], 0.3)), g.add_const("b1", r.tensor(vec![32], 0.1)));
+    let h = g.add_inferred("conv1", conv_attrs(3, 1, 1), &[Some(x), Some(w1), Some(b1)], "h1").unwrap();
+    let h = g.add_inferred("relu1", Op::Unary(UnaryOp::Relu), &[Some(h)], "a1").unwrap();
+    let (w2, b2) = (g.add_const("w2", r.tensor(vec![32, 32, 3, 3], 0.1)), g.add_const("b2", r.tensor(vec![32], 0.1)));
+    let h = g.add_inferred("conv2", conv_attrs(3, 2, 1), &[Some(h), Some(w2), Some(b2)], "h2").unwrap();
+    let h = g.add_inferred("relu2", Op::Unary(UnaryOp::Relu), &[Some(h)], "a2").unwrap();
+    let f = g.add_inferred("flat", Op::Flatten { axis: 1 }, &[Some(h)], "f").unwrap();
+    let k = 32 * s.div_ceil(2) * s.div_ceil(2);
+    let (w3, b3) = (g.add_const("w3", r.tensor(vec![6, k], 0.05)), g.add_const("b3", r.tensor(vec![6], 0.1)));
+    let gemm = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+    let y = g.add_inferred("head", gemm, &[Some(f), Some(w3), Some(b3)], "y").unwrap();
+    g.outputs.push(y);
+    g
+}
+
+/// One attention block on [N, t, d]: Q, K, V projections, softmax(Q K^T * c) V, output
+/// projection, residual, LayerNorm, a 4-action head per token.
+fn attention(r: &mut Rng, t: usize, d: usize) -> Graph {
+    let mut g = Graph::new("attention");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(t), Dim::Known(d)]));
+    let proj = |g: &mut Graph, r: &mut Rng, name: &str, x: ValueRef, n: usize| {
+        let w = g.add_const(format!("{name}.w"), r.tensor(vec![d, n], 0.4));
+        g.add_inferred(name, Op::MatMul, &[Some(x), Some(w)], format!("{name}.y")).unwrap()
+    };
+    let (q, k, v) = (proj(&mut g, r, "q", x, d), proj(&mut g, r, "k", x, d), proj(&mut g, r, "v", x, d));
+    let kt = g.add_inferred("kT", Op::Transpose { perm: Some(vec![0, 2, 1]) }, &[Some(k)], "kt").unwrap();
+    let s = g.add_inferred("scores", Op::MatMul, &[Some(q), Some(kt)], "s").unwrap();
+    let c = g.add_const("c", Tensor::from_f32(vec![], vec![1.0 / (d as f32).sqrt()]).unwrap());
+    let s = g.add_inferred("scale", Op::Binary(BinaryOp::Mul), &[Some(s), Some(c)], "sc").unwrap();
+    let p = g.add_inferred("softmax", Op::Softmax { axis: -1, coerce_2d: false }, &[Some(s)], "p").unwrap();
+    let a = g.add_inferred("mix", Op::MatMul, &[Some(p), Some(v)], "a").unwrap();
+    let o = proj(&mut g, r, "out", a, d);
+    let res = g.add_inferred("residual", Op::Binary(BinaryOp::Add), &[Some(o), Some(x)], "res").unwrap();
+    let (gamma, beta) = (g.add_const("ln.g", r.tensor(vec![d], 1.0)), g.add_const("ln.b", r.tensor(vec![d], 0.1)));
+    let ln = Op::LayerNorm { axis: -1, epsilon: 1e-5 };
+    let n = g.add_inferred("ln", ln, &[Some(res), Some(gamma), Some(beta)], "n").unwrap();
+    let y = proj(&mut g, r, "head", n, 4);
+    g.outputs.push(y);
+    g
+}
+
+/// The scale and zero point of the first activation quantizer reading a graph input, if any.
+fn input_quantizer(g: &Graph) -> Option<(f32, f32)> {
+    g.topo_order().unwrap().into_iter().find_map(|n| match g.node(n).op {
+        Op::FakeQuant { .. } => {
+            let ins = g.inputs_of(n);
+            let x = ins[0]?;
+            matches!(g.node(x.node).op, Op::Input).then(|| {
+                let s = g.const_value(ins[1].unwrap()).unwrap().data.to_f32_vec()[0];
+                let z = ins.get(2).copied().flatten().map_or(0.0, |z| g.const_value(z).unwrap().data.to_f32_vec()[0]);
+                (s, z)
+            })
+        }
+        _ => None,
+    })
+}
+
+const CONFIGS: [&str; 10] = [
+    "wbits=4,abits=8,group=32",
+    "wbits=4,abits=8,group=64,raw_input=quant",
+    "wbits=3,abits=8,group=channel,raw_input=quant",
+    "wbits=2,abits=4,group=32,raw_input=quant",
+    "wbits=4,abits=4,group=channel,raw_input=scaled",
+    "wbits=4,abits=float,group=32",
+    "wbits=3,abits=8,group=32,asym=true,raw_input=quant",
+    "wbits=4,abits=8,group=tensor,raw_input=quant",
+    "wbits=8,abits=8,group=channel,raw_input=quant",
+    "wbits=2,abits=8,group=channel",
+];
+
+/// Whether a config makes every linear map's input an integer.
+fn all_int(spec: &str) -> bool {
+    spec.contains("raw_input=quant") && !spec.contains("abits=float")
+}
+
+/// Whether every linear map of a plan is an integer int4 step (no float Gemm, MatMul or Conv left:
+/// a weight the packed format cannot hold, e.g. 48 columns in groups of 32, stays float).
+fn integer_plan(plan: &sqil_lower::Plan) -> bool {
+    plan.steps.iter().all(|s| match s {
+        Step::Q4Linear { act, .. } => matches!(act, sqil_lower::ActQuant::Int { .. }),
+        Step::Op { op, .. } => !matches!(op, Op::Gemm { .. } | Op::MatMul | Op::Conv(_)),
+    })
+}
+
+#[test]
+fn simulation_plan_and_c_agree_bit_for_bit() {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let host_c = have(&cc);
+    let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
+    let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
+    for family in ["mlp", "cnn", "attention"] {
+        for (ci, spec) in CONFIGS.iter().enumerate() {
+            for seed in 0..2u64 {
+                let mut r = Rng::new(seed * 131 + ci as u64 * 7 + family.len() as u64);
+                let (g, sample): (Graph, Vec<usize>) = match family {
+                    "mlp" => {
+                        let k = [24, 64, 96][(seed as usize + ci) % 3];
+                        (mlp(&mut r, k), vec![k])
+                    }
+                    "cnn" => {
+                        let (c, s) = ([4, 8][ci % 2], [6, 7][seed as usize % 2]);
+                        (cnn(&mut r, c, s), vec![c, s, s])
+                    }
+                    _ => (attention(&mut r, 5, 32), vec![5, 32]),
+                };
+                let per: usize = sample.iter().product();
+                let shaped = |n: usize, v: Vec<f32>| Tensor::from_f32([&[n][..], &sample].concat(), v).unwrap();
+                // Features of very different ranges, as raw observations are.
+                let ranges: Vec<f32> = (0..per).map(|j| [0.05f32, 1.0, 20.0][j % 3]).collect();
+                let calib: Vec<f32> = (0..128 * per).map(|i| r.unit() * ranges[i % per]).collect();
+                let feeds = vec![HashMap::from([("x".to_string(), shaped(128, calib))])];
+                let mut cfg = QuantConfig::default();
+                cfg.apply_settings(spec).unwrap();
+                let recipe = [Recipe::Rtn, Recipe::Gptq, Recipe::Mse][(seed as usize + ci) % 3];
+                let what = format!("{family} seed {seed} `{spec}` {recipe:?}");
+                let (sim, _) = quantize(&g, &cfg, recipe, &feeds).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let policy = Policy::from_graph(&sim).unwrap();
+                let plan = &policy.plan;
+                int_steps += plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { .. })).count();
+                conv_steps += plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { conv: Some(_), .. })).count();
+                // Random rows, and rows on the input quantizer's rounding boundaries.
+                let mut rows: Vec<f32> = (0..24 * per).map(|i| r.unit() * ranges[i % per] * 1.5).collect();
+                if let Some((s, z)) = input_quantizer(&sim) {
+                    rows.extend((0..24 * per).map(|i| ((((i * 7919) % 200) as f32 - 100.0 - z) + 0.5) * s));
+                }
+                let n = rows.len() / per;
+                let x = shaped(n, rows);
+                let want =
+                    sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap().remove(0);
+                let bits = |t: &Tensor| t.data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                for threads in [1, 2] {
+                    let got = plan.run(std::slice::from_ref(&x), threads).unwrap().remove(0);
+                    let differ = bits(&got).iter().zip(bits(&want)).filter(|(a, b)| **a != *b).count();
+                    assert_eq!(differ, 0, "{what} threads {threads}: {differ} of {} outputs differ", got.len());
+                }
+                // One sample at a time gives the batch's bits.
+                let one = plan.run(&[shaped(1, x.data.to_f32_vec()[..per].to_vec())], 1).unwrap().remove(0);
+                assert_eq!(bits(&one), bits(&want)[..one.len()].to_vec(), "{what}: batch of one");
+                runs += 1;
+                // The C back end: the first seed of every family x config, eight states.
+                if seed != 0 || !host_c {
+                    continue;
+                }
+                let prog = emit(&policy, "policy").unwrap_or_else(|e| panic!("{what}: {e}"));
+                let exact = prog.report.bit_exact;
+                if integer_plan(plan) {
+                    assert!(exact, "{what}: an integer plan must be bit-exact in C: {:?}", plan.describe());
+                    c_integer += 1;
+                }
+                let (ins, outs) = selftest_vectors(&policy, std::slice::from_ref(&x), 8).unwrap();
+                let dir = std::env::temp_dir().join(format!("sqil-diff-{}-{family}-{ci}", std::process::id()));
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(dir.join("policy.h"), &prog.header).unwrap();
+                std::fs::write(dir.join("policy.c"), &prog.source).unwrap();
+                std::fs::write(dir.join("selftest.c"), selftest("policy", &ins, &outs, C_TOL).unwrap()).unwrap();
+                let want_c: Vec<Vec<u32>> = outs.iter().map(|o| o[0].iter().map(|v| v.to_bits()).collect()).collect();
+                // The self-test's expected values are the plan's; they are the simulation's too.
+                assert_eq!(want_c.concat(), bits(&want)[..want_c.concat().len()].to_vec(), "{what}: plan per state");
+                // Every program bit for bit, also those whose report cannot promise it (libm's exp
+                // in double rounds to the interpreter's f32 here; the float layers are exact).
+                let host = format!("host {what}");
+                check(&host, &build_and_run(&dir, &cc, &[], &[], &host), true, &want_c);
+                // aarch64: the integer configs (NEON dot product), every family.
+                if aarch64 && all_int(spec) && ci % 2 == 1 {
+                    let a64 = format!("aarch64 {what}");
+                    let (flags, qemu) = (["-march=armv8.2-a+dotprod", "-static"], ["qemu-aarch64", "-cpu", "max"]);
+                    let out = build_and_run(&dir, "aarch64-linux-gnu-gcc", &flags, &qemu, &a64);
+                    check(&a64, &out, true, &want_c);
+                }
+                c_runs += 1;
+                c_exact += exact as usize;
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+    }
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions); C: {c_exact}/{c_runs} bit-exact programs");
+    assert!(int_steps > 100 && conv_steps > 10, "only {int_steps} int4 steps, {conv_steps} convolutions planned");
+    assert!(!host_c || c_integer >= 8, "only {c_integer} integer plans reached the C back end");
+}
