@@ -24,7 +24,7 @@
 mod moves;
 
 use moves::Nest;
-use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
+use sqil_ir::ops::{BinaryOp, Op};
 use sqil_ir::{IrError, Result, Tensor};
 use sqil_lower::{ActQuant, Step};
 use sqil_runtime::Execute;
@@ -593,29 +593,15 @@ fn emit_op(
             let _ = writeln!(em.body, "    memmove({ye}, {x}, sizeof(float) * {n});");
         }
         Op::Unary(u) => {
+            // The op table's C expression: exact in f32, or through libm in f64 like the
+            // interpreter (`sqil_ir::ops::unary`).
             let x = dyn_in(0)?;
-            let d = "(double)v";
-            // Exact in f32 (no libm), or through libm in f64 like the interpreter: every op named.
-            let (f, libm): (String, bool) = match u {
-                UnaryOp::Relu => ("v < 0.0f ? 0.0f : v".into(), false),
-                UnaryOp::Neg => ("-v".into(), false),
-                UnaryOp::Abs => ("v < 0.0f ? -v : (v == 0.0f ? 0.0f : v)".into(), false),
-                UnaryOp::Tanh => (format!("(float)tanh({d})"), true),
-                UnaryOp::Sigmoid => {
-                    (format!("(float)(v >= 0.0f ? 1.0 / (1.0 + exp(-{d})) : exp({d}) / (1.0 + exp({d})))"), true)
-                }
-                UnaryOp::Softplus => (format!("(float)((v > 0.0f ? {d} : 0.0) + log1p(exp(-fabs({d}))))"), true),
-                UnaryOp::Exp => (format!("(float)exp({d})"), true),
-                UnaryOp::Log => (format!("(float)log({d})"), true),
-                UnaryOp::Sqrt => (format!("(float)sqrt({d})"), true),
-                UnaryOp::Erf => (format!("(float)erf({d})"), true),
-                UnaryOp::Reciprocal => (format!("(float)(1.0 / {d})"), true),
-            };
-            if libm {
+            let def = u.def();
+            if def.libm {
                 em.libm = true;
                 em.exact = false;
             }
-            unary_f32(em, &x, &f);
+            unary_f32(em, &x, &def.c_expr("v"));
         }
         Op::LeakyRelu { alpha } => {
             let x = dyn_in(0)?;

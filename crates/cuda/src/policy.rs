@@ -13,7 +13,7 @@
 use crate::{pack_grouped, DeviceQ4, Gpu, HostQ4};
 use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use half::f16;
-use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
+use sqil_ir::ops::{BinaryOp, Op};
 use sqil_ir::Tensor;
 use sqil_lower::{ActQuant, Step};
 use sqil_runtime::Execute;
@@ -666,22 +666,7 @@ impl<'a> Lowerer<'a> {
         let arity = match op {
             Op::Binary(b) if *b != BinaryOp::Pow => 2,
             Op::PRelu => 2,
-            Op::Unary(
-                UnaryOp::Relu
-                | UnaryOp::Tanh
-                | UnaryOp::Sigmoid
-                | UnaryOp::Neg
-                | UnaryOp::Exp
-                | UnaryOp::Log
-                | UnaryOp::Sqrt
-                | UnaryOp::Erf
-                | UnaryOp::Softplus
-                | UnaryOp::Abs
-                | UnaryOp::Reciprocal,
-            )
-            | Op::LeakyRelu { .. }
-            | Op::Elu { .. }
-            | Op::Gelu { .. } => 1,
+            Op::Unary(_) | Op::LeakyRelu { .. } | Op::Elu { .. } | Op::Gelu { .. } => 1,
             Op::Clip if scalar(self, 1).is_some() && scalar(self, 2).is_some() => 1,
             Op::FakeQuant { .. } if scalar(self, 1).flatten().is_some() && scalar(self, 2).is_some() => 1,
             // A QDQ model's per-tensor QuantizeLinear / DequantizeLinear: the integers travel as
@@ -778,22 +763,7 @@ impl<'a> Lowerer<'a> {
                 format!("float {t} = {a} {sym} {};", v[1])
             }
             Op::PRelu => format!("float {t} = {a} < 0.0f ? {a} * {} : {a};", v[1]),
-            Op::Unary(u) => {
-                let r = match u {
-                    UnaryOp::Relu => format!("{a} < 0.0f ? 0.0f : {a}"),
-                    UnaryOp::Tanh => format!("tanhf({a})"),
-                    UnaryOp::Sigmoid => format!("1.0f / (1.0f + expf(-{a}))"),
-                    UnaryOp::Neg => format!("-{a}"),
-                    UnaryOp::Exp => format!("expf({a})"),
-                    UnaryOp::Log => format!("logf({a})"),
-                    UnaryOp::Sqrt => format!("sqrtf({a})"),
-                    UnaryOp::Erf => format!("erff({a})"),
-                    UnaryOp::Softplus => format!("({a} > 0.0f ? {a} : 0.0f) + log1pf(expf(-fabsf({a})))"),
-                    UnaryOp::Abs => format!("fabsf({a})"),
-                    UnaryOp::Reciprocal => format!("1.0f / {a}"),
-                };
-                format!("float {t} = {r};")
-            }
+            Op::Unary(u) => format!("float {t} = {};", u.def().cuda_expr(a)),
             Op::LeakyRelu { alpha } => format!("float {t} = {a} < 0.0f ? {} * {a} : {a};", f(*alpha)),
             Op::Elu { alpha } => format!("float {t} = {a} < 0.0f ? {} * (expf({a}) - 1.0f) : {a};", f(*alpha)),
             Op::Gelu { tanh: false } => format!("float {t} = 0.5f * {a} * (1.0f + erff({a} * 0.70710678118654752f));"),

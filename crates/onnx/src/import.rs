@@ -218,7 +218,7 @@ fn import_node(
     let inputs: Vec<Option<ValueRef>> =
         n.input.iter().map(|i| if i.is_empty() { None } else { Some(values[i]) }).collect();
     let label = if n.name.is_empty() { n.output.first().cloned().unwrap_or_default() } else { n.name.clone() };
-    let mut cx = NodeCx { g, opset, attrs, inputs, n_out, name: label.clone() };
+    let mut cx = NodeCx { g, opset, attrs, inputs, n_out, name: label.clone(), op_type: n.op_type.clone() };
     let op = importers[n.op_type.as_str()](&mut cx)?;
     let NodeCx { g, inputs, n_out, .. } = cx;
     let tys: Vec<Option<ValueType>> = inputs.iter().map(|v| v.map(|v| g.value(v).ty.clone())).collect();

@@ -40,20 +40,6 @@ fn map_int(t: &Tensor, f: impl Fn(i64) -> i64) -> Tensor {
     Tensor { shape: t.shape.clone(), data: Data::from_i64(t.dtype(), v.into_iter().map(f)) }
 }
 
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
-
-fn softplus(x: f64) -> f64 {
-    // log(1 + e^x), stable for large |x|
-    x.max(0.0) + (-x.abs()).exp().ln_1p()
-}
-
 pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
     if t.dtype().is_integer() {
         match u {
@@ -72,20 +58,7 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         };
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(data) });
     }
-    let f: fn(f64) -> f64 = match u {
-        UnaryOp::Neg => |x| -x,
-        UnaryOp::Abs => f64::abs,
-        UnaryOp::Relu => |x| if x < 0.0 { 0.0 } else { x },
-        UnaryOp::Tanh => f64::tanh,
-        UnaryOp::Sigmoid => sigmoid,
-        UnaryOp::Softplus => softplus,
-        UnaryOp::Exp => f64::exp,
-        UnaryOp::Log => f64::ln,
-        UnaryOp::Sqrt => f64::sqrt,
-        UnaryOp::Erf => libm::erf,
-        UnaryOp::Reciprocal => |x| 1.0 / x,
-    };
-    map_float(t, &format!("{u:?}"), f)
+    map_float(t, u.def().name, u.def().f)
 }
 
 pub(crate) fn gelu(t: &Tensor, tanh: bool) -> Result<Tensor> {

@@ -318,33 +318,7 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
             let (Data::F32(xv), Data::F32(dv)) = (&x.data, &dy.data) else { unreachable!() };
             Tensor::from_f32(xs.clone(), xv.iter().zip(dv).map(|(&v, &d)| if v > 0.0 { d } else { 0.0 }).collect())
         }
-        Op::Unary(u) => {
-            let f: fn(f64) -> f64 = match u {
-                UnaryOp::Relu => |x| if x > 0.0 { 1.0 } else { 0.0 },
-                UnaryOp::Tanh => |x| 1.0 - x.tanh().powi(2),
-                UnaryOp::Sigmoid => |x| {
-                    let s = 1.0 / (1.0 + (-x).exp());
-                    s * (1.0 - s)
-                },
-                UnaryOp::Neg => |_| -1.0,
-                UnaryOp::Abs => |x| {
-                    if x > 0.0 {
-                        1.0
-                    } else if x < 0.0 {
-                        -1.0
-                    } else {
-                        0.0
-                    }
-                },
-                UnaryOp::Softplus => |x| 1.0 / (1.0 + (-x).exp()),
-                UnaryOp::Exp => f64::exp,
-                UnaryOp::Log => |x| 1.0 / x,
-                UnaryOp::Sqrt => |x| 0.5 / x.sqrt(),
-                UnaryOp::Erf => |x| 2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp(),
-                UnaryOp::Reciprocal => |x| -1.0 / (x * x),
-            };
-            ew(&f)
-        }
+        Op::Unary(u) => ew(&u.def().df),
         Op::LeakyRelu { alpha } => {
             let a = *alpha as f64;
             ew(&|x| if x < 0.0 { a } else { 1.0 })

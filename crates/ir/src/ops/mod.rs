@@ -16,33 +16,19 @@ mod nn;
 pub mod quant;
 mod reduce;
 mod shape_ops;
+pub mod unary;
 
 pub use broadcast::{broadcast_indices, Broadcast};
 pub use linalg::{conv_with_table, dense_weight_kn, AutoPad, ConvAttrs};
 pub use nn::PoolAttrs;
 pub use shape_ops::{reshape_target, shape_range};
+pub use unary::{UnaryDef, UnaryOp, UNARY_OPS};
 
 use crate::attrs::{Attr, AttrMap};
 use crate::dtype::DType;
 use crate::error::{IrError, Result};
 use crate::shape::ValueType;
 use crate::tensor::Tensor;
-
-/// Elementwise functions of one float input.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum UnaryOp {
-    Neg,
-    Abs,
-    Relu,
-    Tanh,
-    Sigmoid,
-    Softplus,
-    Exp,
-    Log,
-    Sqrt,
-    Erf,
-    Reciprocal,
-}
 
 /// Elementwise functions of two broadcast inputs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -204,20 +190,6 @@ pub enum Op {
     },
 }
 
-const UNARY: [(&str, UnaryOp); 11] = [
-    ("Neg", UnaryOp::Neg),
-    ("Abs", UnaryOp::Abs),
-    ("Relu", UnaryOp::Relu),
-    ("Tanh", UnaryOp::Tanh),
-    ("Sigmoid", UnaryOp::Sigmoid),
-    ("Softplus", UnaryOp::Softplus),
-    ("Exp", UnaryOp::Exp),
-    ("Log", UnaryOp::Log),
-    ("Sqrt", UnaryOp::Sqrt),
-    ("Erf", UnaryOp::Erf),
-    ("Reciprocal", UnaryOp::Reciprocal),
-];
-
 const BINARY: [(&str, BinaryOp); 5] = [
     ("Add", BinaryOp::Add),
     ("Sub", BinaryOp::Sub),
@@ -231,7 +203,7 @@ const REDUCE: [(&str, ReduceOp); 3] =
 
 /// Every op name `from_attrs` accepts (the IR's op set, by ONNX name where one exists).
 pub fn op_names() -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = UNARY.iter().map(|p| p.0).collect();
+    let mut v: Vec<&'static str> = UNARY_OPS.iter().map(|d| d.name).collect();
     v.extend(BINARY.iter().map(|p| p.0));
     v.extend(REDUCE.iter().map(|p| p.0));
     v.extend([
@@ -287,7 +259,7 @@ impl Op {
         match self {
             Op::Input => "Input",
             Op::Const(_) => "Const",
-            Op::Unary(u) => UNARY.iter().find(|p| p.1 == *u).expect("listed").0,
+            Op::Unary(u) => u.def().name,
             Op::Binary(o) => BINARY.iter().find(|p| p.1 == *o).expect("listed").0,
             Op::Reduce { op, .. } => REDUCE.iter().find(|p| p.1 == *op).expect("listed").0,
             Op::LeakyRelu { .. } => "LeakyRelu",
@@ -332,8 +304,8 @@ impl Op {
     /// Builds an op from its name and attributes, filling in ONNX defaults. `outputs` is the
     /// node's number of outputs (needed by Split). Unknown names are `Unsupported`.
     pub fn from_attrs(name: &str, a: &AttrMap, outputs: usize) -> Result<Op> {
-        if let Some((_, u)) = UNARY.iter().find(|p| p.0 == name) {
-            return Ok(Op::Unary(*u));
+        if let Some(u) = UNARY_OPS.iter().find(|d| d.name == name).map(|d| d.op) {
+            return Ok(Op::Unary(u));
         }
         if let Some((_, o)) = BINARY.iter().find(|p| p.0 == name) {
             return Ok(Op::Binary(*o));

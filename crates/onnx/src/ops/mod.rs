@@ -14,6 +14,7 @@ pub(crate) struct NodeCx<'a> {
     pub inputs: Vec<Option<ValueRef>>,
     pub n_out: usize,
     pub name: String,
+    pub op_type: String,
 }
 
 pub(crate) type Importer = fn(&mut NodeCx) -> Result<Op>;
@@ -22,6 +23,12 @@ impl NodeCx<'_> {
     /// The IR op of the same name, from the node's attributes.
     fn same(&mut self, op_type: &str) -> Result<Op> {
         Op::from_attrs(op_type, &self.attrs, self.n_out)
+    }
+
+    /// The IR op named as the node's op_type (the element-wise ops of `sqil_ir::ops::unary`).
+    fn same_as_node(&mut self) -> Result<Op> {
+        let op_type = std::mem::take(&mut self.op_type);
+        self.same(&op_type)
     }
 
     /// Moves an ints attribute into input slot `slot` as an i64 constant.
@@ -64,23 +71,14 @@ macro_rules! same {
 
 pub(crate) fn table() -> HashMap<&'static str, Importer> {
     let mut t: HashMap<&'static str, Importer> = HashMap::new();
+    // Every element-wise function of the op table, attribute-free.
+    t.extend(sqil_ir::ops::UNARY_OPS.iter().map(|d| (d.name, (|cx: &mut NodeCx| cx.same_as_node()) as Importer)));
     t.extend(same!(
         "Add",
         "Sub",
         "Mul",
         "Div",
         "Pow",
-        "Neg",
-        "Abs",
-        "Relu",
-        "Tanh",
-        "Sigmoid",
-        "Softplus",
-        "Exp",
-        "Log",
-        "Sqrt",
-        "Erf",
-        "Reciprocal",
         "LeakyRelu",
         "PRelu",
         "Elu",

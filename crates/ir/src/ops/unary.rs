@@ -1,0 +1,144 @@
+//! The element-wise functions of one float input, defined once: each op's IR / ONNX name, its
+//! f64 semantics (the interpreter evaluates in f64 and rounds once to the value's type), its
+//! derivative (the gradient pass), and its C and CUDA expressions. Adding an op is one entry in
+//! [`unary_ops!`] below (plus its ONNX node tests in `testdata/onnx-node-tests.txt` and, for the
+//! PyTorch peer, `tools/sqil_tools/onnx_torch.py`); every back end reads the table, so none can
+//! miss it (docs/ir.md, "Adding an op").
+
+/// One element-wise function of one input: everything a pass or back end needs to know.
+#[derive(Clone, Copy, Debug)]
+pub struct UnaryDef {
+    pub op: UnaryOp,
+    /// The IR text and ONNX op_type name.
+    pub name: &'static str,
+    /// Reference semantics in f64 (rounded once to the value's type by the interpreter).
+    pub f: fn(f64) -> f64,
+    /// The derivative `dy/dx` at `x`, in f64.
+    pub df: fn(f64) -> f64,
+    /// C99 expression of one f32 value: `{v}` is the float, `{d}` the same as double. With
+    /// `libm`, computed through libm in double and rounded once, like the interpreter (libm
+    /// functions may differ in the last bit: the C report does not promise bit-exactness);
+    /// without, exact in f32.
+    pub c: &'static str,
+    pub libm: bool,
+    /// CUDA expression of one f32 value `{a}` (f32 device functions).
+    pub cuda: &'static str,
+}
+
+impl UnaryDef {
+    /// The C expression on float variable `v`.
+    pub fn c_expr(&self, v: &str) -> String {
+        self.c.replace("{d}", &format!("(double){v}")).replace("{v}", v)
+    }
+
+    /// The CUDA expression on float operand `a`.
+    pub fn cuda_expr(&self, a: &str) -> String {
+        self.cuda.replace("{a}", a)
+    }
+}
+
+fn sigmoid(x: f64) -> f64 {
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+fn softplus(x: f64) -> f64 {
+    // log(1 + e^x), stable for large |x|
+    x.max(0.0) + (-x.abs()).exp().ln_1p()
+}
+
+macro_rules! unary_ops {
+    ($($(#[$doc:meta])* $v:ident = $name:literal { f: $f:expr, df: $df:expr, c: $c:expr, libm: $libm:expr, cuda: $cuda:expr $(,)? }),* $(,)?) => {
+        /// Element-wise functions of one float input (see [`UNARY_OPS`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum UnaryOp {
+            $($(#[$doc])* $v),*
+        }
+
+        /// Every [`UnaryOp`] with its definition, in declaration order.
+        pub const UNARY_OPS: &[UnaryDef] = &[
+            $(UnaryDef { op: UnaryOp::$v, name: $name, f: $f, df: $df, c: $c, libm: $libm, cuda: $cuda }),*
+        ];
+
+        impl UnaryOp {
+            /// This op's definition.
+            pub fn def(self) -> &'static UnaryDef {
+                &UNARY_OPS[self as usize]
+            }
+        }
+    };
+}
+
+unary_ops! {
+    Neg = "Neg" { f: |x| -x, df: |_| -1.0, c: "-{v}", libm: false, cuda: "-{a}" },
+    Abs = "Abs" {
+        f: f64::abs,
+        df: |x| if x > 0.0 { 1.0 } else if x < 0.0 { -1.0 } else { 0.0 },
+        c: "{v} < 0.0f ? -{v} : ({v} == 0.0f ? 0.0f : {v})",
+        libm: false,
+        cuda: "fabsf({a})",
+    },
+    /// `x < 0 ? 0 : x`: NaN and -0 pass.
+    Relu = "Relu" {
+        f: |x| if x < 0.0 { 0.0 } else { x },
+        df: |x| if x > 0.0 { 1.0 } else { 0.0 },
+        c: "{v} < 0.0f ? 0.0f : {v}",
+        libm: false,
+        cuda: "{a} < 0.0f ? 0.0f : {a}",
+    },
+    Tanh = "Tanh" { f: f64::tanh, df: |x| 1.0 - x.tanh().powi(2), c: "(float)tanh({d})", libm: true, cuda: "tanhf({a})" },
+    Sigmoid = "Sigmoid" {
+        f: sigmoid,
+        df: |x| sigmoid(x) * (1.0 - sigmoid(x)),
+        c: "(float)({v} >= 0.0f ? 1.0 / (1.0 + exp(-{d})) : exp({d}) / (1.0 + exp({d})))",
+        libm: true,
+        cuda: "1.0f / (1.0f + expf(-{a}))",
+    },
+    Softplus = "Softplus" {
+        f: softplus,
+        df: |x| 1.0 / (1.0 + (-x).exp()),
+        c: "(float)(({v} > 0.0f ? {d} : 0.0) + log1p(exp(-fabs({d}))))",
+        libm: true,
+        cuda: "({a} > 0.0f ? {a} : 0.0f) + log1pf(expf(-fabsf({a})))",
+    },
+    Exp = "Exp" { f: f64::exp, df: f64::exp, c: "(float)exp({d})", libm: true, cuda: "expf({a})" },
+    Log = "Log" { f: f64::ln, df: |x| 1.0 / x, c: "(float)log({d})", libm: true, cuda: "logf({a})" },
+    Sqrt = "Sqrt" { f: f64::sqrt, df: |x| 0.5 / x.sqrt(), c: "(float)sqrt({d})", libm: true, cuda: "sqrtf({a})" },
+    Erf = "Erf" {
+        f: libm::erf,
+        df: |x| 2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp(),
+        c: "(float)erf({d})",
+        libm: true,
+        cuda: "erff({a})",
+    },
+    Reciprocal = "Reciprocal" { f: |x| 1.0 / x, df: |x| -1.0 / (x * x), c: "(float)(1.0 / {d})", libm: true, cuda: "1.0f / {a}" },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_is_indexed_by_the_enum() {
+        for (i, d) in UNARY_OPS.iter().enumerate() {
+            assert_eq!(d.op as usize, i);
+            assert_eq!(d.op.def().name, d.name);
+        }
+    }
+
+    #[test]
+    fn derivatives_match_finite_differences() {
+        for d in UNARY_OPS {
+            for x in [-2.3, -0.7, 0.4, 1.9] {
+                let x: f64 = if matches!(d.op, UnaryOp::Log | UnaryOp::Sqrt) { f64::abs(x) } else { x };
+                let h = 1e-6;
+                let fd = ((d.f)(x + h) - (d.f)(x - h)) / (2.0 * h);
+                assert!((fd - (d.df)(x)).abs() < 1e-5 * (1.0 + fd.abs()), "{} at {x}: {fd} vs {}", d.name, (d.df)(x));
+            }
+        }
+    }
+}
