@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+# The element-wise functions of one input (sqil_ir::ops::unary), by ONNX name.
+UNARY = {"Relu": torch.relu, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Erf": torch.erf, "Exp": torch.exp,
+         "Sqrt": torch.sqrt, "Abs": torch.abs, "Neg": torch.neg, "Softplus": F.softplus, "Log": torch.log,
+         "Reciprocal": torch.reciprocal}
+
 
 def _attrs(node):
     out = {}
@@ -79,10 +84,8 @@ def build(model, dtype, device):
                 y = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}[t](x, i[1])
                 if t == "Div" and not x.is_floating_point():
                     y = torch.div(x, i[1], rounding_mode="trunc")
-            elif t in ("Relu", "Tanh", "Sigmoid", "Erf", "Exp", "Sqrt", "Abs", "Neg", "Softplus"):
-                y = {"Relu": torch.relu, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Erf": torch.erf,
-                     "Exp": torch.exp, "Sqrt": torch.sqrt, "Abs": torch.abs, "Neg": torch.neg,
-                     "Softplus": F.softplus}[t](x)
+            elif t in UNARY:
+                y = UNARY[t](x)
             elif t == "LeakyRelu":
                 y = F.leaky_relu(x, at.get("alpha", 0.01))
             elif t == "PRelu":
