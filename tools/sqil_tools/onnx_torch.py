@@ -16,7 +16,7 @@ from onnx import numpy_helper
 # The element-wise functions of one input (sqil_ir::ops::unary), by ONNX name.
 UNARY = {"Relu": torch.relu, "Tanh": torch.tanh, "Sigmoid": torch.sigmoid, "Erf": torch.erf, "Exp": torch.exp,
          "Sqrt": torch.sqrt, "Abs": torch.abs, "Neg": torch.neg, "Softplus": F.softplus, "Log": torch.log,
-         "Reciprocal": torch.reciprocal}
+         "Reciprocal": torch.reciprocal, "HardSwish": F.hardswish}
 
 
 def _attrs(node):

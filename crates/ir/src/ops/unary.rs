@@ -51,6 +51,18 @@ fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()
 }
 
+/// ONNX HardSwish: `x * max(0, min(1, x / 6 + 1 / 2))`.
+fn hard_swish(x: f64) -> f64 {
+    let t = x / 6.0 + 0.5;
+    x * if t < 0.0 {
+        0.0
+    } else if t > 1.0 {
+        1.0
+    } else {
+        t
+    }
+}
+
 macro_rules! unary_ops {
     ($($(#[$doc:meta])* $v:ident = $name:literal { f: $f:expr, df: $df:expr, c: $c:expr, libm: $libm:expr, cuda: $cuda:expr $(,)? }),* $(,)?) => {
         /// Element-wise functions of one float input (see [`UNARY_OPS`]).
@@ -116,6 +128,14 @@ unary_ops! {
         cuda: "erff({a})",
     },
     Reciprocal = "Reciprocal" { f: |x| 1.0 / x, df: |x| -1.0 / (x * x), c: "(float)(1.0 / {d})", libm: true, cuda: "1.0f / {a}" },
+    /// `x * max(0, min(1, x / 6 + 1/2))` (MobileNetV3's activation).
+    HardSwish = "HardSwish" {
+        f: hard_swish,
+        df: |x| if x < -3.0 { 0.0 } else if x > 3.0 { 1.0 } else { x / 3.0 + 0.5 },
+        c: "(float)({d} * ({d} / 6.0 + 0.5 < 0.0 ? 0.0 : ({d} / 6.0 + 0.5 > 1.0 ? 1.0 : {d} / 6.0 + 0.5)))",
+        libm: false,
+        cuda: "{a} * fminf(fmaxf({a} / 6.0f + 0.5f, 0.0f), 1.0f)",
+    },
 }
 
 #[cfg(test)]
