@@ -142,7 +142,7 @@ pub fn build_cuda(model: &Path, out: &Path, selftest: &[PathBuf], states: usize)
     let (s, w) = if ts.is_empty() { (vec![], vec![]) } else { selftest_vectors(&policy, &ts, states)? };
     let (ins, want): (Vec<Vec<f32>>, Vec<Vec<f32>>) =
         (s.into_iter().map(|v| v.concat()).collect(), w.into_iter().map(|v| v.concat()).collect());
-    let src = sqil_codegen::cuda::emit_cu(&policy, &ins, &want, sqil_cuda::policy::GPU_TOL)
+    let src = sqil_codegen::cuda::emit_cu(&policy, &ins, &want, sqil_cuda::lower::GPU_TOL)
         .map_err(|e| format!("{}: {e}", model.display()))?;
     crate::quantize::write_atomic(out, src.as_bytes())?;
     Ok(src.len())

@@ -22,7 +22,7 @@ fn quantized(name: &str) -> Policy {
 #[test]
 fn standalone_cu_for_an_mlp_policy() {
     let p = quantized("bc_hopper");
-    let l = sqil_cuda::policy::lower(&p).unwrap();
+    let l = sqil_cuda::lower::lower(&p).unwrap();
     let states = vec![vec![0.5f32; 15]];
     let want = vec![p.act(&states[0], 1).unwrap()];
     let src = sqil_codegen::cuda::emit_cu(&p, &states, &want, 0.02).unwrap();
@@ -45,12 +45,12 @@ fn standalone_cu_for_an_mlp_policy() {
 fn cnn_and_transformer_policies_lower_and_emit() {
     for name in ["cnn", "bc_pickplace_pixels", "transformer", "transformer_dynamo", "bc_pickplace_transformer"] {
         let p = quantized(name);
-        let l = sqil_cuda::policy::lower(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let l = sqil_cuda::lower::lower(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
         let kernels: Vec<&str> = l
             .steps
             .iter()
             .filter_map(
-                |s| if let sqil_cuda::policy::LStep::Kernel { name, .. } = s { Some(name.as_str()) } else { None },
+                |s| if let sqil_cuda::lower::LStep::Kernel { name, .. } = s { Some(name.as_str()) } else { None },
             )
             .collect();
         assert_eq!(l.in_lens.len(), p.input_sizes().len(), "{name}");
@@ -91,7 +91,7 @@ fn unsupported_steps_are_named() {
     let x = g.add_input("x", ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(6)]));
     let y = g.add_inferred("/head/LogSoftmax", Op::LogSoftmax { axis: -1, coerce_2d: false }, &[Some(x)], "y").unwrap();
     g.outputs.push(y);
-    let e = sqil_cuda::policy::lower(&Policy::from_graph(&g).unwrap()).err().expect("LogSoftmax is not lowered");
+    let e = sqil_cuda::lower::lower(&Policy::from_graph(&g).unwrap()).err().expect("LogSoftmax is not lowered");
     assert!(e.contains("step `/head/LogSoftmax"), "{e}");
 }
 
@@ -102,7 +102,7 @@ fn unsupported_steps_are_named() {
 fn qdq_models_lower_with_their_quantizers_fused() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
     let g = sqil::load_model(&dir.join("hopper_w4a8_qdq.onnx")).unwrap();
-    let l = sqil_cuda::policy::lower(&Policy::from_graph(&g).unwrap()).unwrap();
+    let l = sqil_cuda::lower::lower(&Policy::from_graph(&g).unwrap()).unwrap();
     assert!(l.sources.iter().any(|(_, src)| src.contains("rintf(")), "no quantizer in the generated kernels");
     if sqil_cuda::nvrtc_present() {
         for (k, src) in &l.sources {

@@ -5,7 +5,7 @@
 //! (per-action latency).
 
 use crate::c::{c_array, float_literal};
-use sqil_cuda::policy::{lower, HostArr, KArg, LStep};
+use sqil_cuda::lower::{lower, HostArr, KArg, LStep};
 use sqil_cuda::{FP16_CUH, POLICY_OPS_CU, Q4_GEMV_CU};
 use sqil_runtime::Policy;
 use std::fmt::Write;

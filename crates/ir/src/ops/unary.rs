@@ -53,14 +53,8 @@ fn softplus(x: f64) -> f64 {
 
 /// ONNX HardSwish: `x * max(0, min(1, x / 6 + 1 / 2))`.
 fn hard_swish(x: f64) -> f64 {
-    let t = x / 6.0 + 0.5;
-    x * if t < 0.0 {
-        0.0
-    } else if t > 1.0 {
-        1.0
-    } else {
-        t
-    }
+    // clamp keeps NaN, as the C expression's comparisons do.
+    x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
 }
 
 macro_rules! unary_ops {

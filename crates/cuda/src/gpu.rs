@@ -1,0 +1,417 @@
+//! The device half of the CUDA back end (feature `driver`): NVRTC compilation with a PTX cache,
+//! the GPU context with the kernels loaded, weights on the device, launches (cudarc).
+
+use crate::*;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use half::f16;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Whether the NVRTC library can be loaded (kernels can be compiled on this machine).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Whether the CUDA driver library can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the library.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// FNV-1a of a source, for the PTX cache key.
+fn hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Compiles one kernel source to PTX for `arch` (e.g. `compute_90`), or reads it from the cache
+/// (`$SQIL_CACHE` or `~/.cache/sqil/ptx`, file `NAME-ARCH-HASH.ptx`, written atomically).
+pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, String> {
+    let dir = std::env::var_os("SQIL_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sqil")))
+        .map(|d| d.join("ptx"));
+    let file = dir.as_ref().map(|d| d.join(format!("{name}-{arch}-{:016x}.ptx", hash(src))));
+    if let Some(text) = file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+        return Ok(text);
+    }
+    if !nvrtc_present() {
+        return Err(format!("{name}: NVRTC is not installed (libnvrtc not found), kernels cannot be compiled"));
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["-std=c++17".into(), "-lineinfo".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| format!("{name}: {e:?}"))?;
+    let text = ptx.to_src();
+    if let (Some(d), Some(f)) = (dir, file) {
+        // A cache that cannot be written only costs a recompile next time.
+        if std::fs::create_dir_all(&d).is_ok() {
+            let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &text).is_ok() {
+                let _ = std::fs::rename(&tmp, &f);
+            }
+        }
+    }
+    Ok(text)
+}
+
+/// Scratch for [`Gpu::q4_gemm_w4a8`]: the batch's int8 activations, scales and sums (16 tokens of
+/// up to `k` values).
+pub struct W4a8Scratch {
+    pub k: usize,
+    pub xq: CudaSlice<i8>,
+    pub xs: CudaSlice<f32>,
+    pub xsum: CudaSlice<i32>,
+}
+
+/// [`HostQd`] on the device.
+pub struct DeviceQd {
+    pub n: usize,
+    pub k: usize,
+    pub group: usize,
+    pub bits: u32,
+    pub lo: CudaSlice<u32>,
+    /// One zero word for 2 bits (the kernel does not read it).
+    pub hi: CudaSlice<u32>,
+    pub scales: CudaSlice<f16>,
+}
+
+/// A GPU with sqil's kernels loaded.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub cc: (i32, i32),
+    modules: Vec<Arc<CudaModule>>,
+    /// Kernel name -> index of the module whose PTX has that `.entry`.
+    entries: std::collections::HashMap<String, usize>,
+    loaded: std::sync::Mutex<std::collections::HashMap<String, CudaFunction>>,
+}
+
+/// int4 weights on the device: the GEMV layout (batches 1-4), the fp16 tensor-core layout
+/// (batches 5-16) and the int8 tensor-core layout (W4A8): the same weights rearranged three
+/// times (see [`mma_words`], [`mma8_words`]), 1.5 bytes per weight in all.
+pub struct DeviceQ4 {
+    pub n: usize,
+    pub k: usize,
+    pub group: usize,
+    pub words: CudaSlice<u32>,
+    pub mma: CudaSlice<u32>,
+    /// The int8 tensor-core layout (W4A8, [`mma8_words`]).
+    pub mma8: CudaSlice<u32>,
+    pub scales: CudaSlice<f16>,
+}
+
+impl Gpu {
+    /// Device 0 with the kernels compiled (or read from the cache); an error, not a panic, when
+    /// there is no driver or no device.
+    pub fn new() -> Result<Gpu, String> {
+        if !driver_present() {
+            return Err("no CUDA driver (libcuda not found)".into());
+        }
+        let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e:?}"))?;
+        if count < 1 {
+            return Err("the CUDA driver reports no devices".into());
+        }
+        let ctx = CudaContext::new(0).map_err(|e| format!("CUDA context: {e:?}"))?;
+        let name = ctx.name().map_err(|e| format!("{e:?}"))?;
+        let cc = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
+        let mut modules = vec![];
+        let mut entries = std::collections::HashMap::new();
+        for (file, src) in SOURCES {
+            let ptx = compile(file, src, arch_for(cc))?;
+            for line in ptx.lines() {
+                if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
+                    let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    entries.insert(name, modules.len());
+                }
+            }
+            modules
+                .push(ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| format!("{file}: load: {e:?}"))?);
+        }
+        let stream = ctx.default_stream();
+        Ok(Gpu { ctx, stream, name, cc, modules, entries, loaded: Default::default() })
+    }
+
+    /// A kernel by name (looked up once, from the module whose PTX defines it).
+    pub fn function(&self, name: &str) -> Result<CudaFunction, String> {
+        let mut loaded = self.loaded.lock().map_err(|_| "kernel cache poisoned".to_string())?;
+        if let Some(f) = loaded.get(name) {
+            return Ok(f.clone());
+        }
+        let m = self.entries.get(name).ok_or_else(|| format!("kernel {name}: no such entry point"))?;
+        let f = self.modules[*m].load_function(name).map_err(|e| format!("kernel {name}: {e:?}"))?;
+        loaded.insert(name.to_string(), f.clone());
+        Ok(f)
+    }
+
+    /// Compiles generated kernel source `src` (fp16.cuh is prepended; PTX cached like the
+    /// embedded sources) and makes its entry points available to [`Gpu::function`]. Sources
+    /// already loaded under `name` are not compiled again.
+    pub fn load_source(&self, name: &str, src: &str) -> Result<(), String> {
+        if self.function(name).is_ok() {
+            return Ok(());
+        }
+        let full = format!("{FP16_CUH}{src}");
+        let ptx = compile(&format!("{name}.cu"), &full, arch_for(self.cc))?;
+        let m = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))
+            .map_err(|e| format!("{name}: load: {e:?}"))?;
+        let mut loaded = self.loaded.lock().map_err(|_| "kernel cache poisoned".to_string())?;
+        for line in ptx.lines() {
+            if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
+                let entry: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                let f = m.load_function(&entry).map_err(|e| format!("kernel {entry}: {e:?}"))?;
+                loaded.insert(entry, f);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn upload_dense(&self, w: &HostQd) -> Result<DeviceQd, String> {
+        let e = |e| format!("{e:?}");
+        let hi = if w.hi.is_empty() { vec![0u32; 2] } else { w.hi.clone() };
+        Ok(DeviceQd {
+            n: w.n,
+            k: w.k,
+            group: w.group,
+            bits: w.bits,
+            lo: self.stream.clone_htod(&w.lo).map_err(e)?,
+            hi: self.stream.clone_htod(&hi).map_err(e)?,
+            scales: self.stream.clone_htod(&w.scales).map_err(e)?,
+        })
+    }
+
+    /// `y = x w^T (+ bias)`, ReLU if asked, for one row of fp16 activations (`x` is `[w.k]`) on
+    /// dense 3- or 2-bit weights, on `stream` (asynchronous).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qd_gemv_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQd,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        relu: bool,
+    ) -> Result<(), String> {
+        let name = if w.bits == 3 { "sqil_q3_gemv_s4_r4" } else { "sqil_q2_gemv_s4_r4" };
+        self.qd_gemv_instance(stream, w, x, bias, y, relu, (name, 4))
+    }
+
+    /// [`Gpu::qd_gemv_on`] with a chosen instance: `sqil_q{3,2}_gemv_s4_r4` (four warps split
+    /// k over four rows) or `sqil_q{3,2}_gemv_b1` (a warp per row), and its rows per 128-thread
+    /// block.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qd_gemv_instance(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQd,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        relu: bool,
+        (name, rows_per_block): (&str, u32),
+    ) -> Result<(), String> {
+        if x.len() < w.k || y.len() < w.n {
+            return Err(format!("q{}_gemv: buffers do not fit [{}, {}]", w.bits, w.n, w.k));
+        }
+        let f = self.function(name)?;
+        let (n, k) = (w.n as i32, w.k as i32);
+        let gshift = (w.group / 32).trailing_zeros() as i32;
+        let relu = relu as i32;
+        let null = 0u64;
+        let mut l = stream.launch_builder(&f);
+        l.arg(&w.lo).arg(&w.hi).arg(&w.scales).arg(x);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&n).arg(&k).arg(&gshift).arg(&relu);
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: parameters as the kernel declares them; buffer sizes checked above, every
+        // access bounded by n and k (a multiple of 128).
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q{}_gemv launch: {e:?}", w.bits))
+    }
+
+    pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4, String> {
+        Ok(DeviceQ4 {
+            n: w.n,
+            k: w.k,
+            group: w.group,
+            words: self.stream.clone_htod(&w.words).map_err(|e| format!("{e:?}"))?,
+            mma: self.stream.clone_htod(&mma_words(w)).map_err(|e| format!("{e:?}"))?,
+            mma8: self.stream.clone_htod(&mma8_words(w)).map_err(|e| format!("{e:?}"))?,
+            scales: self.stream.clone_htod(&w.scales).map_err(|e| format!("{e:?}"))?,
+        })
+    }
+
+    /// `y[b, n] = sum_k x[b, k] w[n, k] (+ bias[n])` for `batch` <= 16 rows of fp16 activations
+    /// (`x` is `[batch, w.k]`), on the stream (asynchronous).
+    pub fn q4_gemv(
+        &self,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+    ) -> Result<(), String> {
+        self.q4_gemv_on(&self.stream, w, x, bias, y, batch, false)
+    }
+
+    /// Scratch for [`Gpu::q4_gemm_w4a8`] on rows of up to `k` weights.
+    pub fn w4a8_scratch(&self, k: usize) -> Result<W4a8Scratch, String> {
+        let e = |e| format!("{e:?}");
+        Ok(W4a8Scratch {
+            k,
+            xq: self.stream.alloc_zeros::<i8>(16 * k).map_err(e)?,
+            xs: self.stream.alloc_zeros::<f32>(16).map_err(e)?,
+            xsum: self.stream.alloc_zeros::<i32>(16 * k.div_ceil(32)).map_err(e)?,
+        })
+    }
+
+    /// W4A8 on the int8 tensor cores: the batch's fp16 activations (`[batch, w.k]`, batch <= 16)
+    /// quantized per token to int8 (`max |x| / 127`), then `y = (x_q * s_x) w^T (+ bias)` with
+    /// exact int32 sums per 32 weights (two launches, on the stream).
+    pub fn q4_gemm_w4a8(
+        &self,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        scratch: &mut W4a8Scratch,
+    ) -> Result<(), String> {
+        self.q4_gemm_w4a8_instance(w, x, bias, y, batch, scratch, ("sqil_q4_mma8_t2_s8", 16, 256))
+    }
+
+    /// [`Gpu::q4_gemm_w4a8`] with a chosen instance: (entry point, rows per block, threads).
+    #[allow(clippy::too_many_arguments)]
+    pub fn q4_gemm_w4a8_instance(
+        &self,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        scratch: &mut W4a8Scratch,
+        (name, rows_per_block, threads): (&str, u32, u32),
+    ) -> Result<(), String> {
+        if self.cc.0 < 8 {
+            return Err(format!(
+                "q4_gemm_w4a8: int8 mma needs compute capability 8.0, {} has {}.{}",
+                self.name, self.cc.0, self.cc.1
+            ));
+        }
+        if batch == 0 || batch > 16 || scratch.k < w.k || x.len() < batch * w.k || y.len() < batch * w.n {
+            return Err(format!("q4_gemm_w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k));
+        }
+        let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
+        let quant = self.function("sqil_quant_tokens")?;
+        let mut l = self.stream.launch_builder(&quant);
+        l.arg(x).arg(&bt).arg(&k).arg(&mut scratch.xq).arg(&mut scratch.xs).arg(&mut scratch.xsum);
+        let cfg = LaunchConfig { grid_dim: (16, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x holds batch * k halves; the scratch holds 16 tokens of k values (checked).
+        unsafe { l.launch(cfg) }.map_err(|e| format!("quant launch: {e:?}"))?;
+        let f = self.function(name)?;
+        let gshift = (w.group / 32).trailing_zeros() as i32;
+        let relu = 0i32;
+        let null = 0u64;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&w.mma8).arg(&w.scales).arg(&scratch.xq).arg(&scratch.xs).arg(&scratch.xsum);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&n).arg(&k).arg(&bt).arg(&gshift).arg(&relu);
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: parameters as the kernel declares them; accesses bounded by n, k, batch and
+        // the 16-token scratch.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q4_mma8 launch: {e:?}"))
+    }
+
+    /// [`Gpu::q4_gemv`] on `stream`, with an optional fused ReLU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn q4_gemv_on(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        relu: bool,
+    ) -> Result<(), String> {
+        let b = *BATCHES
+            .iter()
+            .find(|&&b| b >= batch)
+            .ok_or_else(|| format!("q4_gemv: batch {batch} > {}", BATCHES[BATCHES.len() - 1]))?;
+        // Measured on an H200 (docs/cuda.md, `sqil-cuda-bench explore`): batches 5-16 on the
+        // tensor cores (compute capability 8.0 and up); rows of at least 4096 weights run
+        // split-K over the four warps of a block, four rows per block (two when k > 4096),
+        // batches up to 4; shorter rows, batches 2 to 4: four rows per warp with x in
+        // registers; otherwise one row per warp.
+        let instance = if b > 4 && self.cc.0 >= 8 {
+            // Tensor cores: 16 rows per block of eight warps, next weights prefetched.
+            ("sqil_q4_mma_t2_s8_p".to_string(), 16, 256)
+        } else if w.k >= 4096 && b <= 4 {
+            let r = if w.k <= 4096 || b > 1 { 4 } else { 2 };
+            (format!("sqil_q4_gemv_s4_r{r}_b{b}"), r as u32, 128)
+        } else if (2..=4).contains(&b) {
+            (format!("sqil_q4_gemv_r4_b{b}"), 16, 128)
+        } else {
+            (format!("sqil_q4_gemv_b{b}"), 4, 128)
+        };
+        self.q4_gemv_instance(stream, w, x, bias, y, batch, relu, (&instance.0, instance.1, instance.2))
+    }
+
+    /// Launches GEMV instance `name` (any `sqil_q4_gemv_*` or `sqil_q4_mma_*` entry point:
+    /// those take the tensor-core layout) with `rows_per_block` rows per block of `threads`
+    /// threads; `batch` must not exceed the instance's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn q4_gemv_instance(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DeviceQ4,
+        x: &CudaSlice<f16>,
+        bias: Option<&CudaSlice<f16>>,
+        y: &mut CudaSlice<f16>,
+        batch: usize,
+        relu: bool,
+        (name, rows_per_block, threads): (&str, u32, u32),
+    ) -> Result<(), String> {
+        if batch == 0 || batch > 16 || x.len() < batch * w.k || y.len() < batch * w.n {
+            return Err(format!("q4_gemv: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k));
+        }
+        let f = self.function(name)?;
+        let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
+        let gshift = (w.group / 32).trailing_zeros() as i32;
+        let relu = relu as i32;
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let null = 0u64;
+        let mut l = stream.launch_builder(&f);
+        l.arg(if name.starts_with("sqil_q4_mma_") { &w.mma } else { &w.words }).arg(&w.scales).arg(x);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&n).arg(&k).arg(&bt).arg(&gshift).arg(&relu);
+        // SAFETY: the kernel's parameters match (pointers, then five ints); buffer sizes are
+        // checked above and every access is bounded by n, k and batch.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q4_gemv launch: {e:?}"))
+    }
+}

@@ -1,0 +1,1182 @@
+//! A planned policy (`sqil_lower::Plan`) lowered for the GPU, one state at a time, independent of
+//! any device (no cudarc here: `sqil-codegen` prints a lowered policy as a standalone `.cu` file,
+//! `policy::GpuPolicy` runs one): int4 layers on the `q4_gemv` kernels (fp16 activations, bias
+//! and ReLU fused), activation quantizers and element-wise steps on `policy_ops.cu` (the
+//! observation stays fp32 up to its first step, e.g. the normalisation).
+//!
+//! Precision: activations are fp16 between steps (the CPU plan keeps f32), so actions agree with
+//! the CPU runtime within fp16 rounding ([`GPU_TOL`]); a W4A8 activation quantizer can land on
+//! the other side of a rounding boundary than on the CPU, which the tolerance covers for the
+//! policies tested.
+
+use crate::{pack_grouped, HostQ4};
+use half::f16;
+use sqil_ir::ops::{BinaryOp, Op};
+use sqil_ir::Tensor;
+use sqil_lower::{ActQuant, Step};
+use sqil_runtime::Execute;
+use sqil_runtime::Policy;
+
+/// Largest |GPU - CPU runtime| on an action relative to the largest |action| that the GPU check
+/// accepts (fp16 activations: 2^-11 relative per rounding, over a few layers).
+pub const GPU_TOL: f32 = 2e-2;
+
+/// A lowered step; `W`, `B` are the int4 weights and fp16 bias as stored on the host
+/// ([`Lowered`]) or on the device (`policy::GpuPolicy`), `A` a generic kernel's constant array.
+pub enum LStep<W, B, A> {
+    /// int4 layer on buffer `x` into `y` (one row: the GEMV kernels).
+    Q4 { w: W, bias: Option<B>, relu: bool, x: usize, y: usize },
+    /// Any other kernel (`policy_ops.cu`, or generated for the policy): its arguments in order,
+    /// `threads` threads in blocks of 256.
+    Kernel { name: String, args: Vec<KArg<A>>, threads: usize },
+}
+
+/// A constant array argument of a generic kernel step, on the host.
+#[derive(Clone, Debug)]
+pub enum HostArr {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+    U32(Vec<u32>),
+    F16(Vec<f16>),
+}
+
+/// An argument of a generic kernel step.
+#[derive(Clone, Debug)]
+pub enum KArg<A> {
+    /// An fp16 activation buffer.
+    Buf(usize),
+    /// A constant array.
+    Arr(A),
+    /// A null pointer (an absent operand).
+    Null,
+    /// The fp32 inputs from this offset.
+    In(usize),
+    I32(i32),
+    F32(f32),
+}
+
+/// A policy lowered for the GPU, independent of any device: fp16 buffers (sizes padded to 128),
+/// the steps over them, the fp32 inputs (concatenated: one copy in) and the output buffer.
+pub struct Lowered {
+    pub bufs: Vec<usize>,
+    pub steps: Vec<LStep<HostQ4, Vec<f16>, HostArr>>,
+    /// The inputs' lengths, in order; they sit one after another in one fp32 buffer.
+    pub in_lens: Vec<usize>,
+    pub in_len: usize,
+    pub output: usize,
+    pub out_len: usize,
+    pub describe: Vec<String>,
+    /// Per lowered step, the kernel and the plan step it comes from (for profiles).
+    pub labels: Vec<String>,
+    /// Generated kernels (fused element-wise chains): (name, CUDA source without fp16.cuh).
+    pub sources: Vec<(String, String)>,
+}
+
+pub(crate) fn err<E: std::fmt::Debug>(e: E) -> String {
+    format!("{e:?}")
+}
+
+type HStep = LStep<HostQ4, Vec<f16>, HostArr>;
+
+/// int4 weights in the CUDA layout: groups that are not 32, 64 or 128 (per-channel scales)
+/// expand to 32.
+fn cuda_weights(w: &sqil_kernels_cpu::PackedQ4) -> HostQ4 {
+    let q: Vec<i8> = (0..w.n * w.k).map(|i| w.get(i / w.k, i % w.k)).collect();
+    let kp = w.k.div_ceil(128) * 128;
+    let group = if matches!(w.group, 32 | 64 | 128) { w.group } else { 32 };
+    let groups = w.groups();
+    let scales: Vec<f32> = (0..w.n * kp / group)
+        .map(|i| {
+            let (r, g) = (i / (kp / group), i % (kp / group));
+            w.scales[r * groups + ((g * group) / w.group).min(groups - 1)]
+        })
+        .collect();
+    pack_grouped(&q, &scales, w.n, w.k, group)
+}
+
+fn kernel(name: &str, threads: usize, args: Vec<KArg<HostArr>>) -> HStep {
+    LStep::Kernel { name: name.to_string(), args, threads }
+}
+
+fn f32_arr(v: Vec<f32>) -> KArg<HostArr> {
+    KArg::Arr(HostArr::F32(v))
+}
+
+fn i32_arr<T: TryInto<i32> + Copy>(v: &[T]) -> KArg<HostArr> {
+    KArg::Arr(HostArr::I32(v.iter().map(|&x| x.try_into().unwrap_or(i32::MAX)).collect()))
+}
+
+fn int(v: usize) -> KArg<HostArr> {
+    KArg::I32(v as i32)
+}
+
+/// Lowers `policy` (one output, every input dimension but the batch known) for the GPU: the
+/// plan's steps over fp16 buffers, int4 layers repacked in the CUDA layout.
+///
+/// Fewer launches than plan steps (a small policy's replay time is its launch count): reshapes
+/// alias their input's buffer; data movement is deferred and composed (a transformer's Split ->
+/// Reshape -> Transpose is one copy per head layout), materialised only where something else
+/// reads it; a per-tensor activation quantizer (FakeQuant) is deferred into the input read of a
+/// float Gemm / MatMul that consumes it; a constant bias Add after an int4 layer over tokens goes
+/// into that layer's epilogue.
+pub fn lower(policy: &Policy) -> Result<Lowered, String> {
+    let plan = &policy.plan;
+    if plan.outputs.len() != 1 {
+        return Err("the GPU policy has one output".into());
+    }
+    let mut feeds = vec![];
+    for shape in policy.input_shapes() {
+        let dims: Vec<usize> = shape
+            .iter()
+            .enumerate()
+            .map(|(d, x)| if d == 0 { Some(1) } else { x.known() })
+            .collect::<Option<_>>()
+            .ok_or("the inputs' dimensions must be known")?;
+        let n: usize = dims.iter().product();
+        feeds.push(Tensor::from_f32(dims, vec![0.0; n]).map_err(err)?);
+    }
+    let in_lens: Vec<usize> = feeds.iter().map(|t| t.len()).collect();
+    let in_offs: Vec<usize> = in_lens.iter().scan(0, |a, &n| Some(std::mem::replace(a, *a + n))).collect();
+    let env = plan.trace(&feeds, 1).map_err(err)?;
+    let mut uses = vec![0usize; plan.slots];
+    for st in &plan.steps {
+        st.reads().for_each(|s| uses[s] += 1);
+    }
+    plan.outputs.iter().for_each(|&s| uses[s] += 1);
+    let mut is_const = vec![false; plan.slots];
+    for (s, _) in &plan.consts {
+        is_const[*s] = true;
+    }
+    let mut l = Lowerer {
+        plan,
+        env: &env,
+        is_const,
+        uses,
+        slot_buf: vec![usize::MAX; plan.slots],
+        bufs: vec![],
+        steps: vec![],
+        cast_done: vec![false; plan.inputs.len()],
+        in_offs,
+        in_lens: in_lens.clone(),
+        pending: Default::default(),
+        what: String::new(),
+        next_t: 0,
+        sources: vec![],
+    };
+    let mut describe = vec![];
+    let mut labels: Vec<String> = vec![];
+    for (st, d) in plan.steps.iter().zip(plan.describe()) {
+        l.what = d.clone();
+        match st {
+            // Constant steps fold (their traced values are constants), and so does Shape: one
+            // state of known shape makes a transformer's shape arithmetic constant.
+            Step::Op { op, inputs, outputs, .. }
+                if inputs.iter().flatten().all(|&s| l.is_const[s]) || matches!(op, Op::Shape { .. }) =>
+            {
+                outputs.iter().for_each(|&s| l.is_const[s] = true);
+                continue;
+            }
+            Step::Q4Linear { x, y, act, w, bias, relu, conv, .. } => {
+                l.q4(*x, *y, act, w, bias.as_deref(), *relu, conv.as_deref())?
+            }
+            Step::Op { op, inputs, outputs, .. } => l.op(op, inputs, outputs)?,
+        }
+        while labels.len() < l.steps.len() {
+            labels.push(format!("{}: {d}", step_kernel(&l.steps[labels.len()])));
+        }
+        describe.push(d);
+    }
+    let out = plan.outputs[0];
+    if l.input_of(out).is_some() {
+        return Err("the policy's output is its input".into());
+    }
+    l.what = "the policy's output".into();
+    let output = l.dyn_buf(out)?;
+    while labels.len() < l.steps.len() {
+        labels.push(format!("{}: output", step_kernel(&l.steps[labels.len()])));
+    }
+    let out_len = env[out].as_ref().map_or(0, |t| t.len());
+    let in_len = in_lens.iter().sum();
+    Ok(Lowered { bufs: l.bufs, steps: l.steps, in_lens, in_len, output, out_len, describe, labels, sources: l.sources })
+}
+
+/// A value whose steps are deferred until something reads its buffer.
+#[derive(Clone, Debug)]
+enum Pending {
+    /// Per output element, what it copies: a constant or (buffer, element).
+    Copy(Vec<Elem>),
+    /// `fq(x)`: buffer, length, quantizer (scale, zero, lo, hi).
+    Quant(usize, usize, [f32; 4]),
+    /// A chain of element-wise steps, one generated kernel when materialised.
+    Expr(Expr),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Elem {
+    Const(f32),
+    From(usize, usize),
+}
+
+/// The lowering's state: buffers per plan slot, the steps so far, deferred values.
+struct Lowerer<'a> {
+    plan: &'a sqil_lower::Plan,
+    env: &'a [Option<Tensor>],
+    is_const: Vec<bool>,
+    /// Steps (and the output) reading each slot.
+    uses: Vec<usize>,
+    slot_buf: Vec<usize>,
+    bufs: Vec<usize>,
+    steps: Vec<HStep>,
+    cast_done: Vec<bool>,
+    in_offs: Vec<usize>,
+    in_lens: Vec<usize>,
+    pending: std::collections::HashMap<usize, Pending>,
+    /// The plan step being lowered (for errors).
+    what: String,
+    /// The next local of a fused element-wise chain (`tN`).
+    next_t: usize,
+    /// Generated kernels so far.
+    sources: Vec<(String, String)>,
+}
+
+impl<'a> Lowerer<'a> {
+    fn err(&self, why: &str) -> String {
+        format!("step `{}`: not supported by the GPU policy ({why})", self.what)
+    }
+
+    fn input_of(&self, s: usize) -> Option<usize> {
+        self.plan.inputs.iter().position(|(_, slot)| *slot == s)
+    }
+
+    fn val(&self, s: usize) -> Result<&'a Tensor, String> {
+        let env: &'a [Option<Tensor>] = self.env;
+        env[s].as_ref().ok_or_else(|| self.err("a value was not computed"))
+    }
+
+    fn constant(&self, s: Option<usize>) -> Option<&'a Tensor> {
+        let env: &'a [Option<Tensor>] = self.env;
+        s.filter(|&s| self.is_const[s]).and_then(|s| env[s].as_ref())
+    }
+
+    /// A fresh buffer of `len` halves (padded to 128 with zeros: the int4 kernels read whole
+    /// groups of 128).
+    fn new_buf(&mut self, len: usize) -> usize {
+        self.bufs.push(len.div_ceil(128).max(1) * 128);
+        self.bufs.len() - 1
+    }
+
+    /// The buffer slot `s` is written to (allocated on first use).
+    fn out_buf(&mut self, s: usize) -> Result<usize, String> {
+        if self.slot_buf[s] == usize::MAX {
+            let len = self.val(s)?.len();
+            self.slot_buf[s] = self.new_buf(len);
+        }
+        Ok(self.slot_buf[s])
+    }
+
+    /// The buffer holding computed value `s`, with its deferred steps emitted and an input cast
+    /// to fp16 on first use.
+    fn dyn_buf(&mut self, s: usize) -> Result<usize, String> {
+        if let Some(p) = self.pending.remove(&s) {
+            let y = self.out_buf(s)?;
+            match p {
+                Pending::Quant(x, n, q) => {
+                    let mut e = Expr::default();
+                    let a = e.arg(EArg::Buf(x));
+                    e.fake_quant(&a, q, &mut self.next_t);
+                    self.emit_expr(e, y, n);
+                }
+                Pending::Copy(elems) => self.emit_copy(&elems, y),
+                Pending::Expr(e) => {
+                    let n = self.val(s)?.len();
+                    self.emit_expr(e, y, n);
+                }
+            }
+            return Ok(y);
+        }
+        let b = self.out_buf(s)?;
+        if let Some(i) = self.input_of(s) {
+            if !self.cast_done[i] {
+                // The fp32 input cast to fp16: a generated kernel of one read.
+                let mut e = Expr::default();
+                e.result = e.arg(EArg::In(self.in_offs[i]));
+                self.emit_expr(e, b, self.in_lens[i]);
+                self.cast_done[i] = true;
+            }
+        }
+        Ok(b)
+    }
+
+    /// The generated kernel of `e`, writing `n` values into buffer `y`.
+    fn emit_expr(&mut self, e: Expr, y: usize, n: usize) {
+        let (name, src) = e.render();
+        if !self.sources.iter().any(|(k, _)| *k == name) {
+            self.sources.push((name.clone(), src));
+        }
+        let mut args: Vec<KArg<HostArr>> = e
+            .args
+            .into_iter()
+            .map(|a| match a {
+                EArg::Buf(b) => KArg::Buf(b),
+                EArg::In(off) => KArg::In(off),
+                EArg::Const(v) => f32_arr(v),
+            })
+            .collect();
+        args.extend([KArg::Buf(y), int(n)]);
+        self.steps.push(kernel(&name, n, args));
+    }
+
+    /// Computed value `s` as an operand of the chain `e`: a deferred chain merged in, an input
+    /// not yet cast read in fp32, else its buffer. Returns the C expression of its value.
+    fn operand_expr(&mut self, e: &mut Expr, s: usize) -> Result<String, String> {
+        if let Some(Pending::Expr(p)) = self.pending.get(&s).cloned() {
+            return Ok(e.absorb(p));
+        }
+        let a = match self.input_of(s).filter(|&i| !self.cast_done[i]) {
+            Some(i) => EArg::In(self.in_offs[i]),
+            None => EArg::Buf(self.dyn_buf(s)?),
+        };
+        Ok(e.arg(a))
+    }
+
+    /// What each element of computed value `s` copies, without emitting anything: a deferred
+    /// copy's elements, else the value's own buffer element by element.
+    fn elems(&mut self, s: usize) -> Result<Vec<Elem>, String> {
+        if let Some(Pending::Copy(e)) = self.pending.get(&s) {
+            return Ok(e.clone());
+        }
+        let b = self.dyn_buf(s)?;
+        Ok((0..self.val(s)?.len()).map(|k| Elem::From(b, k)).collect())
+    }
+
+    /// Copy steps writing `elems` into buffer `y`: the constants, then one copy table per source
+    /// buffer.
+    fn emit_copy(&mut self, elems: &[Elem], y: usize) {
+        let consts: Vec<(usize, f32)> = elems
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| if let Elem::Const(v) = e { Some((i, *v)) } else { None })
+            .collect();
+        if !consts.is_empty() {
+            let (idx, v): (Vec<usize>, Vec<f32>) = consts.into_iter().unzip();
+            let m = idx.len();
+            self.steps.push(kernel("sqil_set_consts", m, vec![KArg::Buf(y), i32_arr(&idx), f32_arr(v), int(m)]));
+        }
+        let mut srcs: Vec<usize> =
+            elems.iter().filter_map(|e| if let Elem::From(b, _) = e { Some(*b) } else { None }).collect();
+        srcs.sort();
+        srcs.dedup();
+        for b in srcs {
+            let pairs: Vec<usize> = elems
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| match *e {
+                    Elem::From(bb, k) if bb == b => Some([i, k]),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let m = pairs.len() / 2;
+            self.steps.push(kernel("sqil_copy_pairs", m, vec![KArg::Buf(b), KArg::Buf(y), i32_arr(&pairs), int(m)]));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn q4(
+        &mut self,
+        x: usize,
+        y: usize,
+        act: &ActQuant,
+        w: &sqil_kernels_cpu::PackedQ4,
+        bias: Option<&[f32]>,
+        relu: bool,
+        conv: Option<&sqil_ir::lowered::conv::Im2col>,
+    ) -> Result<(), String> {
+        let xlen = self.val(x)?.len();
+        if let (ActQuant::Int { scale, zero, lo, hi }, None, true) = (act, conv, xlen == w.k) {
+            // A GEMV behind its activation quantizer: the quantizer ends the element-wise chain
+            // before it (an observation's normalisation, the cast of an input) in one kernel.
+            let mut e = Expr::default();
+            let a = self.operand_expr(&mut e, x)?;
+            e.fake_quant(&a, [*scale, *zero as f32, *lo as f32, *hi as f32], &mut self.next_t);
+            let qb = self.new_buf(xlen);
+            self.emit_expr(e, qb, xlen);
+            let yb = self.out_buf(y)?;
+            let bias = bias.map(|b| b.iter().map(|&v| f16::from_f32(v)).collect());
+            self.steps.push(LStep::Q4 { w: cuda_weights(w), bias, relu, x: qb, y: yb });
+            return Ok(());
+        }
+        let xb = self.dyn_buf(x)?;
+        // The activation quantizer: its own step before a GEMV, fused into the many-row
+        // kernels (into im2col for a convolution); a zero scale means none.
+        let quant = match act {
+            ActQuant::Int { scale, zero, lo, hi } => [*scale, *zero as f32, *lo as f32, *hi as f32],
+            ActQuant::Float => [0.0; 4],
+        };
+        let yb = self.out_buf(y)?;
+        let h = cuda_weights(w);
+        let rows = match conv {
+            Some(im) => im.table.len() / im.geo.kernel_len().max(1),
+            None => xlen / w.k.max(1),
+        };
+        if conv.is_none() && rows == 1 {
+            // Float activations (an int8 quantizer took the branch above).
+            let bias = bias.map(|b| b.iter().map(|&v| f16::from_f32(v)).collect());
+            self.steps.push(LStep::Q4 { w: h, bias, relu, x: xb, y: yb });
+            return Ok(());
+        }
+        if let Some(im) = conv {
+            // A convolution: im2col (a row per output position), then one thread per (position,
+            // channel), channels innermost.
+            if im.geo.input.len() > 2 {
+                return Err(self.err("convolutions of rank above 2"));
+            }
+            let cols = self.new_buf(rows * w.k);
+            let [qs, qz, qlo, qhi] = quant;
+            self.steps.push(kernel(
+                "sqil_im2col",
+                rows * w.k,
+                vec![
+                    KArg::Buf(xb),
+                    KArg::Arr(HostArr::U32(im.table.clone())),
+                    KArg::Buf(cols),
+                    int(rows),
+                    int(im.geo.kernel_len()),
+                    int(im.channels),
+                    int(im.geo.input_len()),
+                    KArg::F32(qs),
+                    KArg::F32(qz),
+                    KArg::F32(qlo),
+                    KArg::F32(qhi),
+                ],
+            ));
+            let args = rows_args(&h, w, cols, bias, yb, rows, relu);
+            self.steps.push(kernel("sqil_q4_conv", rows * w.n, args));
+            return Ok(());
+        }
+        // Many rows: a transformer's tokens, the quantizer applied as x is read.
+        let mut args = rows_args(&h, w, xb, bias, yb, rows, relu);
+        args.extend(quant.map(KArg::F32));
+        self.steps.push(kernel("sqil_q4_rows", rows * w.n, args));
+        Ok(())
+    }
+
+    fn op(&mut self, op: &Op, inputs: &[Option<usize>], outputs: &[usize]) -> Result<(), String> {
+        let y = outputs[0];
+        let yt = self.val(y)?.clone();
+        let n = yt.len();
+        let dynamic: Vec<usize> = inputs.iter().flatten().copied().filter(|&s| !self.is_const[s]).collect();
+        let cval = |l: &Self, j: usize| l.constant(inputs.get(j).copied().flatten());
+        match op {
+            // Reshapes alias their input (a deferred copy stays deferred).
+            Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze
+                if dynamic.len() == 1 =>
+            {
+                let x = dynamic[0];
+                match self.pending.get(&x).cloned() {
+                    Some(p) => {
+                        self.pending.insert(y, p);
+                    }
+                    None => self.slot_buf[y] = self.dyn_buf(x)?,
+                }
+            }
+            // Data movement: deferred, composed with the deferred copies it reads.
+            _ if sqil_ir::ops::movement::is_movement(op) => {
+                use sqil_ir::ops::movement::{copy_sources, CopySrc};
+                let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| self.env[s].as_ref())).collect();
+                let computed: Vec<bool> = inputs.iter().map(|s| s.is_some_and(|s| !self.is_const[s])).collect();
+                let src = copy_sources(op, &args, &computed, outputs.len(), &self.what).map_err(|e| e.to_string())?;
+                let mut from: Vec<Option<Vec<Elem>>> = vec![None; inputs.len()];
+                for (j, s) in inputs.iter().enumerate() {
+                    if let Some(s) = s.filter(|_| computed[j]) {
+                        from[j] = Some(self.elems(s)?);
+                    }
+                }
+                for (o, &yo) in outputs.iter().enumerate() {
+                    let vals = self.val(yo)?.data.to_f32_vec();
+                    let elems: Vec<Elem> = src[o]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, s)| match *s {
+                            CopySrc::Const => Elem::Const(vals[i]),
+                            CopySrc::Input(j, k) => from[j].as_ref().expect("computed input")[k],
+                        })
+                        .collect();
+                    self.pending.insert(yo, Pending::Copy(elems));
+                }
+            }
+            // A quantizer on a buffer: deferred into a float layer that reads it (or one step);
+            // on a deferred chain or an input: the chain's last statement (below).
+            Op::FakeQuant { bits, signed, .. }
+                if dynamic.len() == 1
+                    && inputs[0] == Some(dynamic[0])
+                    && !matches!(self.pending.get(&dynamic[0]), Some(Pending::Expr(_)))
+                    && self.input_of(dynamic[0]).is_none() =>
+            {
+                let (Some(s), z) = (cval(self, 1), cval(self, 2)) else { return Err(self.err("computed scale")) };
+                if s.len() != 1 || z.is_some_and(|z| z.len() != 1) {
+                    return Err(self.err("only per-tensor activation quantizers"));
+                }
+                let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
+                let q = [s.data.to_f32_vec()[0], z.map_or(0.0, |z| z.data.to_f32_vec()[0]), lo as f32, hi as f32];
+                let x = self.dyn_buf(dynamic[0])?;
+                self.pending.insert(y, Pending::Quant(x, n, q));
+            }
+            // A constant bias added to an int4 layer over tokens whose output nothing else
+            // reads: into the layer's epilogue.
+            Op::Binary(BinaryOp::Add) if self.bias_into_rows(inputs, y, &yt)? => {}
+            // Element-wise steps: deferred and chained into one generated kernel.
+            _ if self.elementwise(op, inputs, y, &yt)? => {}
+            _ => self.generic(op, inputs, outputs, &yt)?,
+        }
+        Ok(())
+    }
+
+    /// `y = h + c` where `h` is the output of the step just lowered, a `sqil_q4_rows` over tokens
+    /// without bias or ReLU (argument 10) that nothing else reads, and `c` a constant per output channel: adds
+    /// `c` to that step's epilogue and makes `y` its output. Whether it did.
+    fn bias_into_rows(&mut self, inputs: &[Option<usize>], y: usize, yt: &Tensor) -> Result<bool, String> {
+        let (Some(a), Some(b)) = (inputs.first().copied().flatten(), inputs.get(1).copied().flatten()) else {
+            return Ok(false);
+        };
+        let (h, c) = if self.is_const[b] { (a, b) } else { (b, a) };
+        let (Some(ct), false) = (self.constant(Some(c)), self.is_const[h]) else { return Ok(false) };
+        let hb = self.slot_buf[h];
+        let nn = *yt.shape.last().unwrap_or(&0);
+        let per_channel = ct.shape.last() == Some(&nn) && ct.len() == nn && self.val(h)?.shape == yt.shape;
+        let Some(LStep::Kernel { name, args, .. }) = self.steps.last_mut() else { return Ok(false) };
+        let fits = name == "sqil_q4_rows"
+            && per_channel
+            && self.uses[h] == 1
+            && hb != usize::MAX
+            && matches!(args[4], KArg::Buf(o) if o == hb)
+            && matches!(args[3], KArg::Null)
+            && matches!(args[10], KArg::I32(0));
+        if !fits {
+            return Ok(false);
+        }
+        args[3] = f32_arr(ct.data.to_f32_vec());
+        self.slot_buf[y] = hb;
+        Ok(true)
+    }
+}
+
+/// The arguments `sqil_q4_rows` and `sqil_q4_conv` share: weights, scales, input rows, fp32 bias,
+/// output, rows, n, k, padded k, group, ReLU.
+fn rows_args(
+    h: &HostQ4,
+    w: &sqil_kernels_cpu::PackedQ4,
+    x: usize,
+    bias: Option<&[f32]>,
+    y: usize,
+    rows: usize,
+    relu: bool,
+) -> Vec<KArg<HostArr>> {
+    vec![
+        KArg::Arr(HostArr::U32(h.words.clone())),
+        KArg::Arr(HostArr::F16(h.scales.clone())),
+        KArg::Buf(x),
+        bias.map_or(KArg::Null, |b| f32_arr(b.to_vec())),
+        KArg::Buf(y),
+        int(rows),
+        int(w.n),
+        int(w.k),
+        int(h.k),
+        int(h.group),
+        KArg::I32(relu as i32),
+    ]
+}
+
+fn binary_code(b: BinaryOp) -> i32 {
+    match b {
+        BinaryOp::Add => 0,
+        BinaryOp::Sub => 1,
+        BinaryOp::Mul => 2,
+        _ => 3,
+    }
+}
+
+/// The kernel a lowered step launches.
+fn step_kernel<W, B, A>(s: &LStep<W, B, A>) -> &str {
+    match s {
+        LStep::Q4 { .. } => "sqil_q4_gemv",
+        LStep::Kernel { name, .. } => name,
+    }
+}
+
+impl<'a> Lowerer<'a> {
+    fn ival(&self, inputs: &[Option<usize>], j: usize) -> Result<&'a Tensor, String> {
+        let env: &'a [Option<Tensor>] = self.env;
+        inputs
+            .get(j)
+            .copied()
+            .flatten()
+            .and_then(|s| env[s].as_ref())
+            .ok_or_else(|| self.err(&format!("input {j} missing")))
+    }
+
+    fn iconst(&self, inputs: &[Option<usize>], j: usize) -> Option<&'a Tensor> {
+        let env: &'a [Option<Tensor>] = self.env;
+        inputs.get(j).copied().flatten().filter(|&s| self.is_const[s]).and_then(|s| env[s].as_ref())
+    }
+
+    /// Defers an element-wise step as (part of) a fused chain; whether it could: operands are
+    /// computed values of the output's shape (deferred chains merged, buffers read, an input not
+    /// yet cast read in fp32) and constants (scalars as literals, arrays at the output's shape).
+    fn elementwise(&mut self, op: &Op, inputs: &[Option<usize>], y: usize, yt: &Tensor) -> Result<bool, String> {
+        let scalar = |l: &Self, j: usize| -> Option<Option<f32>> {
+            match inputs.get(j).copied().flatten() {
+                None => Some(None),
+                Some(_) => l.iconst(inputs, j).filter(|t| t.len() == 1).map(|t| Some(t.data.to_f32_vec()[0])),
+            }
+        };
+        let arity = match op {
+            Op::Binary(b) if *b != BinaryOp::Pow => 2,
+            Op::PRelu => 2,
+            Op::Unary(_) | Op::LeakyRelu { .. } | Op::Elu { .. } | Op::Gelu { .. } => 1,
+            Op::Clip if scalar(self, 1).is_some() && scalar(self, 2).is_some() => 1,
+            Op::FakeQuant { .. } if scalar(self, 1).flatten().is_some() && scalar(self, 2).is_some() => 1,
+            // A QDQ model's per-tensor QuantizeLinear / DequantizeLinear: the integers travel as
+            // exact fp16 values (at most 16 bits) between them.
+            Op::QuantizeLinear { .. } | Op::DequantizeLinear { .. }
+                if scalar(self, 1).flatten().is_some() && scalar(self, 2).is_some() =>
+            {
+                1
+            }
+            Op::BatchNorm { epsilon, training: false, .. } if inputs.len() == 5 && yt.rank() >= 2 => {
+                // Inference: one multiply-add per element with per-channel factors (computed here
+                // in double, as the IR does), expanded to the output's shape.
+                let chans = yt.shape[1];
+                let mut per = vec![];
+                for j in 1..5 {
+                    match self.iconst(inputs, j) {
+                        Some(t) if t.len() == chans => per.push(t.data.to_f64_vec()),
+                        _ => return Ok(false),
+                    }
+                }
+                let x = inputs[0].expect("checked");
+                if self.is_const[x] || self.val(x)?.shape != yt.shape {
+                    return Ok(false);
+                }
+                let inner = yt.len() / (yt.shape[0] * chans).max(1);
+                let k: Vec<f64> = per[0].iter().zip(&per[3]).map(|(s, v)| s / (v + *epsilon as f64).sqrt()).collect();
+                let a: Vec<f32> = (0..yt.len()).map(|i| k[(i / inner) % chans] as f32).collect();
+                let b: Vec<f32> = (0..yt.len())
+                    .map(|i| {
+                        let c = (i / inner) % chans;
+                        (per[1][c] - per[2][c] * k[c]) as f32
+                    })
+                    .collect();
+                let mut e = Expr::default();
+                let v = self.operand_expr(&mut e, x)?;
+                let (ka, kb) = (e.arg(EArg::Const(a)), e.arg(EArg::Const(b)));
+                let t = format!("t{}", self.next_t);
+                self.next_t += 1;
+                e.stmts.push(format!("float {t} = {v} * {ka} + {kb};"));
+                e.result = t;
+                self.pending.insert(y, Pending::Expr(e));
+                return Ok(true);
+            }
+            _ => return Ok(false),
+        };
+        let mut computed = 0;
+        for j in 0..arity {
+            let Some(s) = inputs.get(j).copied().flatten() else { return Ok(false) };
+            if !self.is_const[s] {
+                computed += 1;
+                if self.val(s)?.shape != yt.shape {
+                    return Ok(false);
+                }
+            }
+        }
+        let dtype_ok = match op {
+            Op::DequantizeLinear { .. } => true,
+            _ => self.val(inputs[0].expect("checked"))?.dtype() == sqil_ir::DType::F32,
+        };
+        if computed == 0 || !dtype_ok {
+            return Ok(false);
+        }
+        let mut e = Expr::default();
+        let mut v: Vec<String> = vec![];
+        for s in inputs.iter().take(arity) {
+            let s = s.expect("checked");
+            if self.is_const[s] {
+                let t = self.val(s)?;
+                let c = t.data.to_f32_vec();
+                if t.len() == 1 {
+                    v.push(cu_float(c[0]));
+                } else {
+                    let full = sqil_ir::ops::broadcast_indices(&t.shape, &yt.shape).into_iter().map(|i| c[i]).collect();
+                    v.push(e.arg(EArg::Const(full)));
+                }
+            } else {
+                v.push(self.operand_expr(&mut e, s)?);
+            }
+        }
+        let t = format!("t{}", self.next_t);
+        self.next_t += 1;
+        let a = &v[0];
+        let f = |x: f32| cu_float(x);
+        let stmt = match op {
+            Op::Binary(b) => {
+                let sym = match b {
+                    BinaryOp::Add => "+",
+                    BinaryOp::Sub => "-",
+                    BinaryOp::Mul => "*",
+                    BinaryOp::Div => "/",
+                    // Not an element-wise statement here (the chain's arity check keeps it out).
+                    BinaryOp::Pow => return Ok(false),
+                };
+                format!("float {t} = {a} {sym} {};", v[1])
+            }
+            Op::PRelu => format!("float {t} = {a} < 0.0f ? {a} * {} : {a};", v[1]),
+            Op::Unary(u) => format!("float {t} = {};", u.def().cuda_expr(a)),
+            Op::LeakyRelu { alpha } => format!("float {t} = {a} < 0.0f ? {} * {a} : {a};", f(*alpha)),
+            Op::Elu { alpha } => format!("float {t} = {a} < 0.0f ? {} * (expf({a}) - 1.0f) : {a};", f(*alpha)),
+            Op::Gelu { tanh: false } => format!("float {t} = 0.5f * {a} * (1.0f + erff({a} * 0.70710678118654752f));"),
+            Op::Gelu { tanh: true } => {
+                format!("float {t} = 0.5f * {a} * (1.0f + tanhf(0.79788456080286536f * ({a} + 0.044715f * {a} * {a} * {a})));")
+            }
+            Op::Clip => {
+                let (lo, hi) = (scalar(self, 1).flatten(), scalar(self, 2).flatten());
+                let mut r = a.clone();
+                if let Some(lo) = lo {
+                    r = format!("({r} < {0} ? {0} : {r})", f(lo));
+                }
+                if let Some(hi) = hi {
+                    r = format!("({r} > {0} ? {0} : {r})", f(hi));
+                }
+                format!("float {t} = {r};")
+            }
+            Op::FakeQuant { bits, signed, .. } => {
+                let sc = scalar(self, 1).flatten().expect("checked");
+                let z = scalar(self, 2).flatten().unwrap_or(0.0);
+                let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
+                e.stmts.push(fake_quant_stmts(&t, a, [sc, z, lo as f32, hi as f32]).0);
+                fake_quant_stmts(&t, a, [sc, z, lo as f32, hi as f32]).1
+            }
+            Op::QuantizeLinear { .. } => {
+                // The integer range of the output type (the zero point's, else the declared one).
+                let (lo, hi): (f32, f32) = match yt.dtype() {
+                    sqil_ir::DType::I8 => (-128.0, 127.0),
+                    sqil_ir::DType::U8 => (0.0, 255.0),
+                    sqil_ir::DType::I4 => (-8.0, 7.0),
+                    sqil_ir::DType::U4 => (0.0, 15.0),
+                    _ => return Ok(false),
+                };
+                let (sc, z) = (scalar(self, 1).flatten().expect("checked"), scalar(self, 2).flatten().unwrap_or(0.0));
+                e.stmts.push(format!("float {t}_q = rintf({a} / {}) + {};", f(sc), f(z)));
+                format!("float {t} = {t}_q < {0} ? {0} : ({t}_q > {1} ? {1} : {t}_q);", f(lo), f(hi))
+            }
+            Op::DequantizeLinear { .. } => {
+                let (sc, z) = (scalar(self, 1).flatten().expect("checked"), scalar(self, 2).flatten().unwrap_or(0.0));
+                format!("float {t} = ({a} - {}) * {};", f(z), f(sc))
+            }
+            _ => return Ok(false),
+        };
+        e.stmts.push(stmt);
+        e.result = t;
+        self.pending.insert(y, Pending::Expr(e));
+        Ok(true)
+    }
+
+    /// Ops beyond the MLP subset, each as generic kernel steps of `policy_ops.cu`.
+    fn generic(&mut self, op: &Op, inputs: &[Option<usize>], outputs: &[usize], yt: &Tensor) -> Result<(), String> {
+        // Input 0 of a float layer may stay a deferred activation quantizer: the kernel applies
+        // it as it reads (not a convolution's: it reads each input once per tap and channel).
+        let fused_in = matches!(op, Op::Gemm { .. }) || (matches!(op, Op::MatMul) && self.iconst(inputs, 1).is_some());
+        let mut quant = [0.0f32; 4];
+        let mut xb: Vec<Option<usize>> = vec![None; inputs.len()];
+        for (j, s) in inputs.iter().enumerate() {
+            let Some(s) = s.filter(|&s| !self.is_const[s]) else { continue };
+            if j == 0 && fused_in {
+                if let Some(Pending::Quant(x, _, q)) = self.pending.get(&s).cloned() {
+                    xb[0] = Some(x);
+                    quant = q;
+                    continue;
+                }
+            }
+            xb[j] = Some(self.dyn_buf(s)?);
+        }
+        let yb = outputs.iter().map(|&o| self.out_buf(o)).collect::<Result<Vec<usize>, String>>()?;
+        let [qs, qz, qlo, qhi] = quant;
+        let qargs = [KArg::F32(qs), KArg::F32(qz), KArg::F32(qlo), KArg::F32(qhi)];
+        let n = yt.len();
+        let x0 = || xb.first().copied().flatten().ok_or_else(|| self.err("the first input must be computed"));
+        // An operand: a buffer, or a constant array (fp32), with a broadcast index table unless it
+        // has the output's shape.
+        let operand = |j: usize| -> Result<[KArg<HostArr>; 3], String> {
+            let t = self.ival(inputs, j)?;
+            let idx = if t.shape == yt.shape {
+                KArg::Null
+            } else {
+                i32_arr(&sqil_ir::ops::broadcast_indices(&t.shape, &yt.shape))
+            };
+            Ok(match xb.get(j).copied().flatten() {
+                Some(b) => [KArg::Buf(b), KArg::Null, idx],
+                None => [KArg::Null, f32_arr(t.data.to_f32_vec()), idx],
+            })
+        };
+        match op {
+            Op::Binary(b) if *b != BinaryOp::Pow => {
+                let code = binary_code(*b);
+                let mut args: Vec<KArg<HostArr>> = operand(0)?.into_iter().chain(operand(1)?).collect();
+                args.extend([KArg::Buf(yb[0]), int(n), KArg::I32(code)]);
+                self.steps.push(kernel("sqil_binary_bcast", n, args));
+            }
+            Op::PRelu => {
+                let mut args: Vec<KArg<HostArr>> = operand(0)?.into_iter().chain(operand(1)?).collect();
+                args.extend([KArg::Buf(yb[0]), int(n), KArg::I32(4)]);
+                self.steps.push(kernel("sqil_binary_bcast", n, args));
+            }
+            // Per-tensor quantizers with constant scales were lowered as element-wise steps.
+            Op::FakeQuant { .. } => return Err(self.err("only per-tensor activation quantizers with constant scales")),
+            Op::Softmax { axis, .. } | Op::LayerNorm { axis, .. } => {
+                let rank = yt.rank() as i64;
+                if !(*axis == -1 || *axis == rank - 1) {
+                    return Err(self.err("only over the last axis"));
+                }
+                let dim = *yt.shape.last().unwrap_or(&1);
+                let rows = n / dim.max(1);
+                let (x, y) = (x0()?, yb[0]);
+                if let Op::LayerNorm { epsilon, .. } = op {
+                    if outputs.len() > 1 {
+                        return Err(self.err("mean / inverse std outputs"));
+                    }
+                    let bcast = |t: &Tensor| -> Vec<f32> {
+                        let v = t.data.to_f32_vec();
+                        sqil_ir::ops::broadcast_indices(&t.shape, &[dim]).into_iter().map(|i| v[i]).collect()
+                    };
+                    let scale = self.iconst(inputs, 1).ok_or_else(|| self.err("computed scale"))?;
+                    let bias = match self.iconst(inputs, 2) {
+                        Some(b) => f32_arr(bcast(b)),
+                        None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
+                        None => KArg::Null,
+                    };
+                    let args = vec![
+                        KArg::Buf(x),
+                        KArg::Buf(y),
+                        f32_arr(bcast(scale)),
+                        bias,
+                        int(rows),
+                        int(dim),
+                        KArg::F32(*epsilon),
+                    ];
+                    self.steps.push(kernel("sqil_layernorm_rows", rows * 32, args));
+                } else if dim > 512 {
+                    // Long rows (a spatial softmax): a block per row.
+                    let args = vec![KArg::Buf(x), KArg::Buf(y), int(rows), int(dim)];
+                    self.steps.push(kernel("sqil_softmax_rows_block", rows * 256, args));
+                } else {
+                    let args = vec![KArg::Buf(x), KArg::Buf(y), int(rows), int(dim)];
+                    self.steps.push(kernel("sqil_softmax_rows", rows * 32, args));
+                }
+            }
+            Op::MatMul if self.iconst(inputs, 1).is_none() => {
+                let (a, b) = (self.ival(inputs, 0)?, self.ival(inputs, 1)?);
+                let (Some(ab), Some(bb)) = (xb[0], xb[1]) else { return Err(self.err("a constant left operand")) };
+                if a.rank() < 2 || b.rank() < 2 {
+                    return Err(self.err("a computed vector operand"));
+                }
+                let (m, k, nn) = (a.shape[a.rank() - 2], a.shape[a.rank() - 1], b.shape[b.rank() - 1]);
+                let batch = &yt.shape[..yt.rank() - 2];
+                let ia = sqil_ir::ops::broadcast_indices(&a.shape[..a.rank() - 2], batch);
+                let ib = sqil_ir::ops::broadcast_indices(&b.shape[..b.rank() - 2], batch);
+                let offs: Vec<usize> = ia.iter().zip(&ib).flat_map(|(x, y)| [x * m * k, y * k * nn]).collect();
+                let args = vec![
+                    KArg::Buf(ab),
+                    KArg::Buf(bb),
+                    KArg::Buf(yb[0]),
+                    i32_arr(&offs),
+                    int(ia.len()),
+                    int(m),
+                    int(k),
+                    int(nn),
+                ];
+                self.steps.push(kernel("sqil_bmm", n, args));
+            }
+            Op::Gemm { .. } | Op::MatMul => {
+                let (trans_b, bias, alpha, beta) = match op {
+                    Op::Gemm { alpha, beta, trans_a: false, trans_b } => {
+                        (*trans_b, self.iconst(inputs, 2), *alpha, *beta)
+                    }
+                    Op::Gemm { .. } => return Err(self.err("transposed A")),
+                    _ => (false, None, 1.0, 1.0),
+                };
+                let w = self.iconst(inputs, 1).ok_or_else(|| self.err("computed weight"))?;
+                if w.rank() != 2 {
+                    return Err(self.err("weight of rank other than 2"));
+                }
+                if bias.is_none() && inputs.get(2).copied().flatten().is_some() {
+                    return Err(self.err("computed bias"));
+                }
+                let (k, nn, wk, bb) = sqil_ir::ops::dense_weight_kn(w, trans_b, alpha, bias, beta);
+                let b = bb.map_or(KArg::Null, f32_arr);
+                let rows = n / nn.max(1);
+                let mut args = vec![KArg::Buf(x0()?), f32_arr(wk), b, KArg::Buf(yb[0]), int(rows), int(k), int(nn)];
+                args.extend(qargs);
+                self.steps.push(kernel("sqil_linear_f32w", n * 32, args));
+            }
+            Op::Conv(c) => {
+                let xt = self.ival(inputs, 0)?;
+                let w = self.iconst(inputs, 1).ok_or_else(|| self.err("computed weight"))?;
+                if xt.rank() != 4 || xt.shape[0] != 1 {
+                    return Err(self.err("convolutions other than 2-D on one image"));
+                }
+                let geo = c.input_geometry(&xt.shape, &w.shape).map_err(|e| e.to_string())?;
+                let mut items = geo_items(xt.shape[1], &geo);
+                items.push(c.group as i32);
+                let bias = match self.iconst(inputs, 2) {
+                    Some(b) => f32_arr(b.data.to_f32_vec()),
+                    None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
+                    None => KArg::Null,
+                };
+                let args = vec![
+                    KArg::Buf(x0()?),
+                    KArg::Arr(HostArr::I32(items)),
+                    f32_arr(w.data.to_f32_vec()),
+                    bias,
+                    KArg::Buf(yb[0]),
+                    int(w.shape[0]),
+                ];
+                self.steps.push(kernel("sqil_conv2d_f32", n, args));
+            }
+            Op::MaxPool(p) | Op::AveragePool(p) if outputs.len() == 1 => {
+                let xt = self.ival(inputs, 0)?;
+                if xt.rank() != 4 {
+                    return Err(self.err("pooling other than 2-D"));
+                }
+                let (geo, counts) = p.windows(&xt.shape[2..]).map_err(|e| e.to_string())?;
+                let is_max = matches!(op, Op::MaxPool(_));
+                let (div, div0) = if is_max || counts.iter().all(|&c| c == counts[0]) {
+                    (KArg::Null, counts.first().copied().unwrap_or(1).max(1))
+                } else {
+                    (i32_arr(&counts.iter().map(|&c| c.max(1)).collect::<Vec<_>>()), 1)
+                };
+                let args = vec![
+                    KArg::Buf(x0()?),
+                    KArg::Arr(HostArr::I32(geo_items(xt.shape[1], &geo))),
+                    KArg::Buf(yb[0]),
+                    int(xt.shape[0] * xt.shape[1]),
+                    KArg::I32(is_max as i32),
+                    div,
+                    int(div0),
+                ];
+                self.steps.push(kernel("sqil_pool2d", n, args));
+            }
+            Op::GlobalAveragePool => {
+                let inner = self.ival(inputs, 0)?.len() / n.max(1);
+                self.steps.push(kernel(
+                    "sqil_mean_rows",
+                    n * 32,
+                    vec![KArg::Buf(x0()?), KArg::Buf(yb[0]), int(n), int(inner)],
+                ));
+            }
+            _ => return Err(self.err("op")),
+        }
+        Ok(())
+    }
+}
+
+/// A 2-D window geometry as the kernels take it (`ConvGeometry::kernel_params`).
+fn geo_items(channels: usize, g: &sqil_kernels_cpu::ConvGeometry) -> Vec<i32> {
+    g.kernel_params(channels).into_iter().map(|v| v as i32).collect()
+}
+
+/// An element-wise computation deferred so that a chain of element-wise steps runs as one
+/// generated kernel: statements over `float` locals (`tN`, unique in the lowering), each reading
+/// operands through `$k$` placeholders for `args[k]` at the thread's element `i`.
+#[derive(Clone, Debug, Default)]
+struct Expr {
+    stmts: Vec<String>,
+    result: String,
+    args: Vec<EArg>,
+}
+
+/// An operand of a fused element-wise kernel.
+#[derive(Clone, Debug, PartialEq)]
+enum EArg {
+    /// An fp16 buffer.
+    Buf(usize),
+    /// The fp32 inputs at this offset (an observation read before any cast).
+    In(usize),
+    /// An fp32 constant of the output's length.
+    Const(Vec<f32>),
+}
+
+/// A float literal for generated CUDA: exact, inf and NaN included.
+fn cu_float(v: f32) -> String {
+    if v.is_finite() {
+        format!("{v:e}f")
+    } else {
+        format!("__int_as_float({:#010x})", v.to_bits())
+    }
+}
+
+/// The statements of `t = fq(a)` (scale, zero, lo, hi), FakeQuant's rounding.
+fn fake_quant_stmts(t: &str, a: &str, [s, z, lo, hi]: [f32; 4]) -> (String, String) {
+    let (s, z, lo, hi) = (cu_float(s), cu_float(z), cu_float(lo), cu_float(hi));
+    (
+        format!("float {t}_q = rintf({a} / {s}) + {z};"),
+        format!("float {t} = (({t}_q < {lo} ? {lo} : ({t}_q > {hi} ? {hi} : {t}_q)) - {z}) * {s};"),
+    )
+}
+
+impl Expr {
+    /// Ends the chain with `fq(a)` (scale, zero, lo, hi), a fresh local from `next_t`.
+    fn fake_quant(&mut self, a: &str, q: [f32; 4], next_t: &mut usize) {
+        let t = format!("t{next_t}");
+        *next_t += 1;
+        let (st_q, st) = fake_quant_stmts(&t, a, q);
+        self.stmts.extend([st_q, st]);
+        self.result = t;
+    }
+
+    /// Argument `a` (a buffer or input once), as a placeholder.
+    fn arg(&mut self, a: EArg) -> String {
+        let k = match self.args.iter().position(|b| *b == a && !matches!(a, EArg::Const(_))) {
+            Some(k) => k,
+            None => {
+                self.args.push(a);
+                self.args.len() - 1
+            }
+        };
+        format!("${k}$")
+    }
+
+    /// `$k$` placeholders in `s` renumbered through `map`.
+    fn renumber(s: &str, map: &[usize]) -> String {
+        let mut out = String::with_capacity(s.len());
+        let mut rest = s;
+        while let Some(p) = rest.find('$') {
+            out.push_str(&rest[..p]);
+            let tail = &rest[p + 1..];
+            let end = tail.find('$').expect("closed placeholder");
+            let k: usize = tail[..end].parse().expect("placeholder index");
+            out.push_str(&format!("${}$", map[k]));
+            rest = &tail[end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+
+    /// `other`'s statements and arguments merged into `self`'s (shared buffers once, shared
+    /// statements once); returns `other`'s result name.
+    fn absorb(&mut self, other: Expr) -> String {
+        let map: Vec<usize> = other
+            .args
+            .into_iter()
+            .map(|a| match self.args.iter().position(|b| *b == a && !matches!(a, EArg::Const(_))) {
+                Some(k) => k,
+                None => {
+                    self.args.push(a);
+                    self.args.len() - 1
+                }
+            })
+            .collect();
+        for st in other.stmts {
+            let st = Expr::renumber(&st, &map);
+            if !self.stmts.contains(&st) {
+                self.stmts.push(st);
+            }
+        }
+        other.result
+    }
+
+    /// The CUDA source of a kernel computing this expression into `y[i]`, `i < n`, named
+    /// `sqil_ew_` and a hash of its body (the same chain lowered twice is one kernel).
+    fn render(&self) -> (String, String) {
+        // Locals renamed in order of definition, so equal chains give equal text.
+        let mut names: Vec<String> = vec![];
+        for st in &self.stmts {
+            let name = st.trim_start_matches("float ").split([' ', '=']).next().unwrap_or("").to_string();
+            names.push(name);
+        }
+        let rename = |s: &str| -> String {
+            let mut out = s.to_string();
+            // Longest names first, so t12 is not rewritten through t1.
+            let mut order: Vec<usize> = (0..names.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(names[i].len()));
+            for &i in &order {
+                out = out.replace(&names[i], &format!("v#{i}#"));
+            }
+            out.replace('#', "")
+        };
+        let mut body = String::new();
+        for st in &self.stmts {
+            body.push_str("    ");
+            body.push_str(&rename(st));
+            body.push('\n');
+        }
+        body.push_str(&format!("    y[i] = f_to_h({});\n", rename(&self.result)));
+        let params: Vec<String> = self
+            .args
+            .iter()
+            .enumerate()
+            .map(|(k, a)| match a {
+                EArg::Buf(_) => format!("const sqil_half *__restrict__ a{k}"),
+                _ => format!("const float *__restrict__ a{k}"),
+            })
+            .collect();
+        let mut code = body;
+        for (k, a) in self.args.iter().enumerate() {
+            let read = match a {
+                EArg::Buf(_) => format!("h_to_f(a{k}[i])"),
+                _ => format!("a{k}[i]"),
+            };
+            code = code.replace(&format!("${k}$"), &read);
+        }
+        let sig = format!("({}, sqil_half *__restrict__ y, int n)", params.join(", "));
+        let hash = code
+            .bytes()
+            .chain(sig.bytes())
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+        let name = format!("sqil_ew_{hash:016x}");
+        let src = format!(
+            "\n// Generated by sqil: a fused chain of element-wise steps.\nextern \"C\" __global__ void {name}{sig}\n{{\n    \
+             const int i = blockIdx.x * blockDim.x + threadIdx.x;\n    if (i >= n) {{\n        return;\n    }}\n{code}}}\n"
+        );
+        (name, src)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(t0: usize, buf: usize) -> Expr {
+        // erf-GELU over one buffer, with locals numbered from t0.
+        let mut e = Expr::default();
+        let x = e.arg(EArg::Buf(buf));
+        e.stmts.push(format!("float t{t0} = {x} / 1.4142135e0f;"));
+        e.stmts.push(format!("float t{} = erff(t{t0});", t0 + 1));
+        e.stmts.push(format!("float t{} = {x} * t{};", t0 + 2, t0 + 1));
+        e.result = format!("t{}", t0 + 2);
+        e
+    }
+
+    #[test]
+    fn equal_chains_render_to_one_kernel_and_merges_share_operands() {
+        let (a, b) = (chain(3, 7), chain(40, 9));
+        let ((na, sa), (nb, _)) = (a.render(), b.render());
+        assert_eq!(na, nb, "locals are renamed in order of definition");
+        assert!(sa.contains("float v1 = erff(v0);") && sa.contains("y[i] = f_to_h(v2);"), "{sa}");
+        // A chain reading its own buffer again: the buffer is one argument, shared statements once.
+        let mut m = chain(3, 7);
+        let r = m.absorb(chain(3, 7));
+        assert_eq!(r, "t5");
+        assert_eq!((m.args.len(), m.stmts.len()), (1, 3));
+        let mut m = chain(3, 7);
+        m.absorb(chain(10, 8));
+        assert_eq!(m.args, vec![EArg::Buf(7), EArg::Buf(8)]);
+        assert!(m.stmts[3].contains("$1$"), "the second chain's operand renumbered: {:?}", m.stmts);
+    }
+
+    #[test]
+    fn float_literals_are_exact() {
+        assert_eq!(cu_float(0.5), "5e-1f");
+        assert_eq!(cu_float(f32::INFINITY), "__int_as_float(0x7f800000)");
+        let v = 0.1f32;
+        assert_eq!(cu_float(v).trim_end_matches('f').parse::<f32>().unwrap(), v);
+    }
+}
