@@ -1,6 +1,8 @@
-// sqil CUDA: a policy plan's steps other than the one-row int4 layers (q4_gemv.cu) and the
-// element-wise chains (kernels generated per policy, crates/cuda/src/policy.rs), on fp16
-// activations with fp32 arithmetic.
+// sqil CUDA: a policy plan's steps (the GPU lowering, crates/cuda/src/lower.rs) other than the
+// element-wise chains generated per policy, on f32 activations. The int4 layers, float linear
+// maps and convolutions compute the CPU runtime's arithmetic operation for operation (exact
+// integer sums, the epilogue's products and sums each rounded once with __fmul_rn / __fadd_rn,
+// one __fmaf_rn chain per float output), so their outputs are the CPU's bits.
 
 // a op b: op 0 add, 1 sub, 2 mul, 3 div.
 __device__ __forceinline__ float sqil_binop(float a, float b, int op)
@@ -15,11 +17,11 @@ __device__ __forceinline__ float sqil_binop(float a, float b, int op)
 
 // ---------------------------------------------------------------------------------------------
 // The other ops of convolutional and transformer policies (`crates/cuda/src/policy.rs`, generic
-// kernel steps): fp16 buffers, fp32 arithmetic, fp32 constants. Simple one-thread-per-output (or
+// kernel steps): f32 buffers and constants. Simple one-thread-per-output (or
 // one-warp-per-row) kernels: these policies are small, and their time is launch-bound.
 
 // y[pairs[2i]] = x[pairs[2i + 1]]: one source's part of a data-movement op's output.
-extern "C" __global__ void sqil_copy_pairs(const sqil_half *__restrict__ x, sqil_half *__restrict__ y,
+extern "C" __global__ void sqil_copy_pairs(const float *__restrict__ x, float *__restrict__ y,
                                            const int *__restrict__ pairs, int m)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -29,62 +31,62 @@ extern "C" __global__ void sqil_copy_pairs(const sqil_half *__restrict__ x, sqil
 }
 
 // y[idx[i]] = v[i]: a movement op's elements that come from constants.
-extern "C" __global__ void sqil_set_consts(sqil_half *__restrict__ y, const int *__restrict__ idx,
+extern "C" __global__ void sqil_set_consts(float *__restrict__ y, const int *__restrict__ idx,
                                            const float *__restrict__ v, int m)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < m) {
-        y[idx[i]] = f_to_h(v[i]);
+        y[idx[i]] = (v[i]);
     }
 }
 
 // y[i] = a op b, each operand fp16 (ah) or fp32 (af, a constant), read at ia[i] (or i when ia is
 // null): numpy broadcasting as index tables. op 0 add, 1 sub, 2 mul, 3 div, 4 PRelu (a < 0 ? a * b : a).
-extern "C" __global__ void sqil_binary_bcast(const sqil_half *__restrict__ ah, const float *__restrict__ af,
-                                             const int *__restrict__ ia, const sqil_half *__restrict__ bh,
+extern "C" __global__ void sqil_binary_bcast(const float *__restrict__ ah, const float *__restrict__ af,
+                                             const int *__restrict__ ia, const float *__restrict__ bh,
                                              const float *__restrict__ bf, const int *__restrict__ ib,
-                                             sqil_half *__restrict__ y, int n, int op)
+                                             float *__restrict__ y, int n, int op)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) {
         return;
     }
     const int ja = ia ? ia[i] : i, jb = ib ? ib[i] : i;
-    const float a = ah ? h_to_f(ah[ja]) : af[ja];
-    const float b = bh ? h_to_f(bh[jb]) : bf[jb];
-    y[i] = f_to_h(op == 4 ? (a < 0.0f ? a * b : a) : sqil_binop(a, b, op));
+    const float a = ah ? (ah[ja]) : af[ja];
+    const float b = bh ? (bh[jb]) : bf[jb];
+    y[i] = (op == 4 ? (a < 0.0f ? a * b : a) : sqil_binop(a, b, op));
 }
 
 // Softmax over rows of `dim`: one warp per row, fp32.
-extern "C" __global__ void sqil_softmax_rows(const sqil_half *__restrict__ x, sqil_half *__restrict__ y, int rows,
+extern "C" __global__ void sqil_softmax_rows(const float *__restrict__ x, float *__restrict__ y, int rows,
                                              int dim)
 {
     const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
     if (r >= rows) {
         return;
     }
-    const sqil_half *xr = x + (long)r * dim;
+    const float *xr = x + (long)r * dim;
     float m = -3.0e38f, s = 0.0f;
     for (int j = lane; j < dim; j += 32) {
-        m = fmaxf(m, h_to_f(xr[j]));
+        m = fmaxf(m, (xr[j]));
     }
     for (int o = 16; o > 0; o /= 2) {
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     }
     for (int j = lane; j < dim; j += 32) {
-        s += expf(h_to_f(xr[j]) - m);
+        s += expf((xr[j]) - m);
     }
     for (int o = 16; o > 0; o /= 2) {
         s += __shfl_xor_sync(0xffffffffu, s, o);
     }
     for (int j = lane; j < dim; j += 32) {
-        y[(long)r * dim + j] = f_to_h(expf(h_to_f(xr[j]) - m) / s);
+        y[(long)r * dim + j] = (expf((xr[j]) - m) / s);
     }
 }
 
 // LayerNormalization over rows of `dim` (scale, and bias unless null, fp32 per column): one warp
 // per row, two passes in fp32.
-extern "C" __global__ void sqil_layernorm_rows(const sqil_half *__restrict__ x, sqil_half *__restrict__ y,
+extern "C" __global__ void sqil_layernorm_rows(const float *__restrict__ x, float *__restrict__ y,
                                                const float *__restrict__ scale, const float *__restrict__ bias,
                                                int rows, int dim, float eps)
 {
@@ -92,17 +94,17 @@ extern "C" __global__ void sqil_layernorm_rows(const sqil_half *__restrict__ x, 
     if (r >= rows) {
         return;
     }
-    const sqil_half *xr = x + (long)r * dim;
+    const float *xr = x + (long)r * dim;
     float s = 0.0f, v = 0.0f;
     for (int j = lane; j < dim; j += 32) {
-        s += h_to_f(xr[j]);
+        s += (xr[j]);
     }
     for (int o = 16; o > 0; o /= 2) {
         s += __shfl_xor_sync(0xffffffffu, s, o);
     }
     const float mean = s / (float)dim;
     for (int j = lane; j < dim; j += 32) {
-        const float d = h_to_f(xr[j]) - mean;
+        const float d = (xr[j]) - mean;
         v += d * d;
     }
     for (int o = 16; o > 0; o /= 2) {
@@ -110,14 +112,14 @@ extern "C" __global__ void sqil_layernorm_rows(const sqil_half *__restrict__ x, 
     }
     const float inv = rsqrtf(v / (float)dim + eps);
     for (int j = lane; j < dim; j += 32) {
-        y[(long)r * dim + j] = f_to_h((h_to_f(xr[j]) - mean) * inv * scale[j] + (bias ? bias[j] : 0.0f));
+        y[(long)r * dim + j] = (((xr[j]) - mean) * inv * scale[j] + (bias ? bias[j] : 0.0f));
     }
 }
 
 // Batched MatMul of two computed operands (attention): y[q] = a[offs[2q]] @ b[offs[2q + 1]],
-// [m, k] @ [k, n] per batch; one thread per output, fp32 sums.
-extern "C" __global__ void sqil_bmm(const sqil_half *__restrict__ a, const sqil_half *__restrict__ b,
-                                    sqil_half *__restrict__ y, const int *__restrict__ offs, int batches, int m, int k,
+// [m, k] @ [k, n] per batch; one thread per output, one fma chain over k (the CPU's bits).
+extern "C" __global__ void sqil_bmm(const float *__restrict__ a, const float *__restrict__ b,
+                                    float *__restrict__ y, const int *__restrict__ offs, int batches, int m, int k,
                                     int n)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -125,12 +127,12 @@ extern "C" __global__ void sqil_bmm(const sqil_half *__restrict__ a, const sqil_
         return;
     }
     const int q = i / (m * n), r = (i / n) % m, c = i % n;
-    const sqil_half *qa = a + offs[2 * q] + r * k, *qb = b + offs[2 * q + 1] + c;
+    const float *qa = a + offs[2 * q] + r * k, *qb = b + offs[2 * q + 1] + c;
     float s = 0.0f;
     for (int t = 0; t < k; t++) {
-        s += h_to_f(qa[t]) * h_to_f(qb[t * n]);
+        s = __fmaf_rn(qa[t], qb[t * n], s);
     }
-    y[i] = f_to_h(s);
+    y[i] = (s);
 }
 
 // The per-tensor activation quantizer (FakeQuant) on one value, as sqil_fake_quant; s = 0: none.
@@ -144,101 +146,237 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
     return (q - z) * s;
 }
 
-// A float layer with constant fp32 weights w[k][n]: y[r, c] = x[r] . w[:, c] + bias[c] (bias may
-// be null); one warp per output (the lanes split k: a spatial softmax's keypoint MatMul has
+// A float layer with constant fp32 weights w[k][n]: y[r, c] = x[r] . w[:, c] (+ bias[c]), x read
+// through the deferred activation quantizer fq (s = 0: none): the policy GEMM's arithmetic (one
+// fused multiply-add chain over k from +0, then the bias added), the CPU's bits. One warp per
+// output: the lanes load 32 consecutive terms at a time (coalesced, a batch ahead), and every lane
+// runs the same chain over them through shuffles (a spatial softmax's keypoint MatMul has
 // thousands of terms and a handful of outputs).
-extern "C" __global__ void sqil_linear_f32w(const sqil_half *__restrict__ x, const float *__restrict__ w,
-                                            const float *__restrict__ bias, sqil_half *__restrict__ y, int rows, int k,
+extern "C" __global__ void sqil_linear_f32w(const float *__restrict__ x, const float *__restrict__ w,
+                                            const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
                                             int n, float qs, float qz, float qlo, float qhi)
 {
-    const int i = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
-    if (i >= rows * n) {
-        return;
+    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (o >= (long)rows * n) {
+        return; // the whole warp
     }
-    const int r = i / n, c = i % n;
+    const int r = (int)(o / n), c = (int)(o % n);
+    const float *xr = x + (long)r * k;
     float s = 0.0f;
-    for (int t = lane; t < k; t += 32) {
-        s += sqil_fq(h_to_f(x[(long)r * k + t]), qs, qz, qlo, qhi) * w[(long)t * n + c];
-    }
-    for (int o = 16; o > 0; o /= 2) {
-        s += __shfl_xor_sync(0xffffffffu, s, o);
+    float xv = lane < k ? sqil_fq(xr[lane], qs, qz, qlo, qhi) : 0.0f, wv = lane < k ? w[(long)lane * n + c] : 0.0f;
+    for (int t0 = 0; t0 < k; t0 += 32) {
+        const int t1 = t0 + 32 + lane;
+        const float xn = t1 < k ? sqil_fq(xr[t1], qs, qz, qlo, qhi) : 0.0f, wn = t1 < k ? w[(long)t1 * n + c] : 0.0f;
+        const int cnt = k - t0 < 32 ? k - t0 : 32;
+        for (int j = 0; j < cnt; j++) {
+            s = __fmaf_rn(__shfl_sync(0xffffffffu, xv, j), __shfl_sync(0xffffffffu, wv, j), s);
+        }
+        xv = xn;
+        wv = wn;
     }
     if (lane == 0) {
-        y[i] = f_to_h(s + (bias ? bias[c] : 0.0f));
+        y[(long)r * n + c] = bias ? __fadd_rn(s, bias[c]) : s;
     }
 }
 
-
-// Where element e of a packed int4 word sits (q4_gemv.cu's interleaved layout: element 2s at bits
-// 4s, 2s + 1 at 16 + 4s) and its signed value.
-__device__ __forceinline__ int sqil_q4_at(const unsigned *__restrict__ words, int kp, int r, int e)
-{
-    const int i = e % 8, sh = (i % 2 == 0) ? 2 * i : 16 + 2 * (i - 1);
-    return (int)((words[r * (kp / 8) + e / 8] >> sh) & 15u) - 8;
-}
-
-// Row `r` of x ([*, k], row stride k) against output channel `c` of an int4 layer in the GEMV
-// layout (rows of kp packed weights, fp16 scales per `group`), x read through the activation
-// quantizer fq (s = 0: none): fp32 sums per group, eight weights per word load.
-__device__ __forceinline__ float sqil_q4_row_dot(const unsigned *__restrict__ words,
-                                                 const sqil_half *__restrict__ scales, const sqil_half *__restrict__ x,
-                                                 int r, int c, int k, int kp, int group, float qs, float qz, float qlo,
-                                                 float qhi)
-{
-    const sqil_half *xr = x + (long)r * k;
-    const unsigned *wr = words + (long)c * (kp / 8);
-    float s = 0.0f;
-    for (int g0 = 0; g0 < k; g0 += group) {
-        float part = 0.0f;
-        const int g1 = g0 + group < k ? g0 + group : k;
-        int e = g0;
-        for (; e + 8 <= g1; e += 8) {
-            const unsigned wd = wr[e / 8];
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                const int sh = (j % 2 == 0) ? 2 * j : 16 + 2 * (j - 1);
-                part += (float)((int)((wd >> sh) & 15u) - 8) * sqil_fq(h_to_f(xr[e + j]), qs, qz, qlo, qhi);
-            }
-        }
-        for (; e < g1; e++) {
-            part += (float)sqil_q4_at(words, kp, c, e) * sqil_fq(h_to_f(xr[e]), qs, qz, qlo, qhi);
-        }
-        s += part * h_to_f(scales[c * (kp / group) + g0 / group]);
-    }
-    return s;
-}
-
-// The epilogue of the many-row int4 kernels: bias (fp32, may be null), then ReLU if asked.
-__device__ __forceinline__ float sqil_rows_epilogue(float s, const float *__restrict__ bias, int c, int relu)
-{
-    if (bias) {
-        s += bias[c];
-    }
-    return relu && s < 0.0f ? 0.0f : s;
-}
-
-// An int4 layer over many rows (a transformer's tokens): y = fq(x) w^T (+ bias), y [rows, n]. One
-// thread per output, consecutive threads on consecutive channels of one row (x read once per
-// warp, the channels' weights from L1).
-extern "C" __global__ void sqil_q4_rows(const unsigned *__restrict__ words, const sqil_half *__restrict__ scales,
-                                        const sqil_half *__restrict__ x, const float *__restrict__ bias,
-                                        sqil_half *__restrict__ y, int rows, int n, int k, int kp, int group,
-                                        int relu, float qs, float qz, float qlo, float qhi)
+// Quantized activation levels minus the zero point, as floats (exact small integers):
+// lv[i] = clamp(rint(x[i] / s) + z, lo, hi) - z, the CPU's int8 quantizer (NaN stays NaN).
+extern "C" __global__ void sqil_levels(const float *__restrict__ x, float *__restrict__ lv, int n, float s, float z,
+                                       float lo, float hi)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < rows * n) {
-        const int r = i / n, c = i % n;
-        const float s = sqil_q4_row_dot(words, scales, x, r, c, k, kp, group, qs, qz, qlo, qhi);
-        y[(long)r * n + c] = f_to_h(sqil_rows_epilogue(s, bias, c, relu));
+    if (i < n) {
+        float q = rintf(__fdiv_rn(x[i], s)) + z;
+        q = q < lo ? lo : (q > hi ? hi : q);
+        lv[i] = q - z;
     }
+}
+
+// Signed int8 weight (c, kk) of an int4 layer: rows of k bytes per output channel, four to a word
+// (k4 words per row).
+__device__ __forceinline__ int sqil_w8(const unsigned *__restrict__ wq, int k4, int c, int kk)
+{
+    return (int)(signed char)((wq[(long)c * k4 + kk / 4] >> (8 * (kk % 4))) & 255u);
+}
+
+// The runtime's epilogue after the group sums: acc * xscale, + bias, ReLU, NaN when any input was.
+__device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const float *__restrict__ bias, int c,
+                                                  int relu, int nan)
+{
+    float out = __fmul_rn(acc, xscale);
+    if (bias) {
+        out = __fadd_rn(out, bias[c]);
+    }
+    if (relu && out < 0.0f) {
+        out = 0.0f;
+    }
+    return nan ? __int_as_float(0x7fc00000) : out;
+}
+
+// An int4 linear map on integer activations (levels from sqil_levels) over `rows` rows, y [rows,
+// n], the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
+// acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
+// makes every output NaN. One warp per output. With at least 32 groups each lane sums whole
+// groups (lane j groups j, j + 32, ...) and the lanes' products are added in group order through
+// shuffles; with fewer, the lanes split each group's terms (integer sums: any order is exact).
+extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const float *__restrict__ scales,
+                                       const float *__restrict__ bias, const float *__restrict__ lv,
+                                       float *__restrict__ y, int rows, int n, int k, int group, int groups,
+                                       float xscale, int relu)
+{
+    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (o >= (long)rows * n) {
+        return; // the whole warp
+    }
+    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
+    const float *xr = lv + (long)r * k;
+    float acc = 0.0f;
+    int nan = 0;
+    if (groups >= 32) {
+        for (int g0 = 0; g0 < groups; g0 += 32) {
+            const int g = g0 + lane;
+            float p = 0.0f;
+            if (g < groups) {
+                int s = 0;
+                const int end = (g + 1) * group < k ? (g + 1) * group : k;
+                for (int kk = g * group; kk < end; kk++) {
+                    const float v = xr[kk];
+                    if (v != v) {
+                        nan = 1;
+                    } else {
+                        s += sqil_w8(wq, k4, c, kk) * (int)v;
+                    }
+                }
+                p = __fmul_rn((float)s, scales[(long)c * groups + g]);
+            }
+            const int cnt = groups - g0 < 32 ? groups - g0 : 32;
+            for (int j = 0; j < cnt; j++) {
+                acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j));
+            }
+        }
+    } else {
+        for (int g = 0; g < groups; g++) {
+            int s = 0;
+            const int end = (g + 1) * group < k ? (g + 1) * group : k;
+            for (int kk = g * group + lane; kk < end; kk += 32) {
+                const float v = xr[kk];
+                if (v != v) {
+                    nan = 1;
+                } else {
+                    s += sqil_w8(wq, k4, c, kk) * (int)v;
+                }
+            }
+            for (int d = 16; d > 0; d /= 2) {
+                s += __shfl_xor_sync(0xffffffffu, s, d);
+            }
+            acc = __fadd_rn(acc, __fmul_rn((float)s, scales[(long)c * groups + g]));
+        }
+    }
+    nan = __any_sync(0xffffffffu, nan);
+    if (lane == 0) {
+        y[(long)r * n + c] = sqil_q4_epilogue(acc, xscale, bias, c, relu, nan);
+    }
+}
+
+// An int4 convolution of one image on integer activations (levels [channels, plane]): per output
+// position p and channel c the linear map's arithmetic over the window, in the packed rows'
+// (tap, channel) order; table[p * taps + t] is tap t's input position, 0xffffffff in padding
+// (which adds nothing). y channel-major [n, positions]. One thread per output, consecutive
+// threads on consecutive positions of one channel (its weights read once per warp, the outputs
+// written contiguously).
+extern "C" __global__ void sqil_q4_conv_int(const unsigned *__restrict__ wq, const float *__restrict__ scales,
+                                            const float *__restrict__ bias, const float *__restrict__ lv,
+                                            float *__restrict__ y, const unsigned *__restrict__ table,
+                                            int positions, int n, int k, int group, int groups, float xscale,
+                                            int relu, int taps, int channels, int plane)
+{
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)positions * n) {
+        return;
+    }
+    const int p = (int)(i % positions), c = (int)(i / positions), k4 = (k + 3) / 4;
+    float acc = 0.0f;
+    int nan = 0, s = 0, g = 0, in_group = 0, ch = 0, t = 0;
+    unsigned src = table[(long)p * taps];
+    for (int kk = 0; kk < k; kk++) {
+        if (src != 0xffffffffu) {
+            const float v = lv[(long)ch * plane + src];
+            if (v != v) {
+                nan = 1;
+            } else {
+                s += sqil_w8(wq, k4, c, kk) * (int)v;
+            }
+        }
+        if (++in_group == group || kk + 1 == k) {
+            acc = __fadd_rn(acc, __fmul_rn((float)s, scales[(long)c * groups + g]));
+            s = 0;
+            in_group = 0;
+            g++;
+        }
+        if (++ch == channels && kk + 1 < k) {
+            ch = 0;
+            src = table[(long)p * taps + ++t];
+        }
+    }
+    y[(long)c * positions + p] = sqil_q4_epilogue(acc, xscale, bias, c, relu, nan);
+}
+
+// A weight-only int4 layer on float activations, the CPU kernels' arithmetic lane for lane
+// (sqil_kernels_cpu::generic::generic_gemv_q4f32): eight lanes; per group lane l sums by fma from
+// +0 the elements l, l + 8, l + 16, l + 24 of each block of 32; each lane's sum is fma'd with the
+// group's scale into its total; the totals summed ((t0 + t4) + (t2 + t6)) + ((t1 + t5) + (t3 + t7));
+// + bias, ReLU. Eight threads per output, thread l the CPU's lane l; the totals combined by
+// shuffles in that order.
+extern "C" __global__ void sqil_q4_w16(const unsigned *__restrict__ wq, const float *__restrict__ scales,
+                                       const float *__restrict__ bias, const float *__restrict__ x,
+                                       float *__restrict__ y, int rows, int n, int k, int group, int groups, int relu)
+{
+    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 8;
+    const int l = threadIdx.x % 8;
+    const unsigned mask = 0xffu << (threadIdx.x % 32 / 8 * 8);
+    if (o >= (long)rows * n) {
+        return; // the output's eight threads together
+    }
+    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
+    const float *xr = x + (long)r * k;
+    float t = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        float a = 0.0f;
+        for (int b = g * (group / 32); b < (g + 1) * (group / 32); b++) {
+#pragma unroll
+            for (int j = 0; j < 32; j += 8) {
+                const int kk = b * 32 + j + l;
+                if (kk < k) {
+                    a = __fmaf_rn((float)sqil_w8(wq, k4, c, kk), xr[kk], a);
+                }
+            }
+        }
+        t = __fmaf_rn(a, scales[(long)c * groups + g], t);
+    }
+    const float u = __fadd_rn(t, __shfl_down_sync(mask, t, 4, 8)); // lanes 0-3: t_l + t_{l+4}
+    const float v = __fadd_rn(u, __shfl_down_sync(mask, u, 2, 8)); // lanes 0-1: u_l + u_{l+2}
+    float h = __fadd_rn(v, __shfl_down_sync(mask, v, 1, 8));       // lane 0: v_0 + v_1
+    if (l != 0) {
+        return;
+    }
+    if (bias) {
+        h = __fadd_rn(h, bias[c]);
+    }
+    if (relu && h < 0.0f) {
+        h = 0.0f;
+    }
+    y[(long)r * n + c] = h;
 }
 
 // A float 2-D convolution of one image (groups allowed): geo as the C back end's (channels, in h,
 // w, kernel h, w, strides, dilations, pads at the start, out h, w, groups); w fp32
-// [n][c / groups][kh][kw]; one thread per output.
-extern "C" __global__ void sqil_conv2d_f32(const sqil_half *__restrict__ x, const int *__restrict__ geo,
+// [n][c / groups][kh][kw]; one thread per output: one fma chain in (channel, tap) order, padding
+// skipped (an exact zero), then the bias: the CPU's bits.
+extern "C" __global__ void sqil_conv2d_f32(const float *__restrict__ x, const int *__restrict__ geo,
                                            const float *__restrict__ w, const float *__restrict__ bias,
-                                           sqil_half *__restrict__ y, int n)
+                                           float *__restrict__ y, int n)
 {
     const int c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -247,7 +385,7 @@ extern "C" __global__ void sqil_conv2d_f32(const sqil_half *__restrict__ x, cons
     }
     const int o = i / (oh * ow), oy = (i / ow) % oh, ox = i % ow;
     const int cg = c / geo[13], ng = n / geo[13], c0 = (o / ng) * cg;
-    float s = bias ? bias[o] : 0.0f;
+    float s = 0.0f;
     for (int ch = 0; ch < cg; ch++) {
         for (int ty = 0; ty < kh; ty++) {
             const int iy = oy * geo[5] + ty * geo[7] - geo[9];
@@ -257,18 +395,18 @@ extern "C" __global__ void sqil_conv2d_f32(const sqil_half *__restrict__ x, cons
             for (int tx = 0; tx < kw; tx++) {
                 const int ix = ox * geo[6] + tx * geo[8] - geo[10];
                 if (ix >= 0 && ix < wd) {
-                    s += h_to_f(x[((c0 + ch) * h + iy) * wd + ix]) * w[((o * cg + ch) * kh + ty) * kw + tx];
+                    s = __fmaf_rn(x[((c0 + ch) * h + iy) * wd + ix], w[((o * cg + ch) * kh + ty) * kw + tx], s);
                 }
             }
         }
     }
-    y[i] = f_to_h(s);
+    y[i] = bias ? __fadd_rn(s, bias[o]) : s;
 }
 
 // 2-D max or average pooling of `planes` planes (geo as sqil_conv2d_f32's); average divides by
 // div[position], or div0 when div is null; one thread per output.
-extern "C" __global__ void sqil_pool2d(const sqil_half *__restrict__ x, const int *__restrict__ geo,
-                                       sqil_half *__restrict__ y, int planes, int is_max, const int *__restrict__ div,
+extern "C" __global__ void sqil_pool2d(const float *__restrict__ x, const int *__restrict__ geo,
+                                       float *__restrict__ y, int planes, int is_max, const int *__restrict__ div,
                                        int div0)
 {
     const int h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
@@ -282,17 +420,17 @@ extern "C" __global__ void sqil_pool2d(const sqil_half *__restrict__ x, const in
         for (int tx = 0; tx < kw; tx++) {
             const int iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
             if (iy >= 0 && iy < h && ix >= 0 && ix < wd) {
-                const float v = h_to_f(x[((long)p * h + iy) * wd + ix]);
+                const float v = (x[((long)p * h + iy) * wd + ix]);
                 s += v;
                 best = fmaxf(best, v);
             }
         }
     }
-    y[i] = f_to_h(is_max ? best : s / (float)(div ? div[o] : div0));
+    y[i] = (is_max ? best : s / (float)(div ? div[o] : div0));
 }
 
 // y[r] = mean of x[r, 0..inner) (GlobalAveragePool); one warp per row.
-extern "C" __global__ void sqil_mean_rows(const sqil_half *__restrict__ x, sqil_half *__restrict__ y, int rows,
+extern "C" __global__ void sqil_mean_rows(const float *__restrict__ x, float *__restrict__ y, int rows,
                                           int inner)
 {
     const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
@@ -301,54 +439,19 @@ extern "C" __global__ void sqil_mean_rows(const sqil_half *__restrict__ x, sqil_
     }
     float s = 0.0f;
     for (int j = lane; j < inner; j += 32) {
-        s += h_to_f(x[(long)r * inner + j]);
+        s += (x[(long)r * inner + j]);
     }
     for (int o = 16; o > 0; o /= 2) {
         s += __shfl_xor_sync(0xffffffffu, s, o);
     }
     if (lane == 0) {
-        y[r] = f_to_h(s / (float)inner);
-    }
-}
-
-// im2col for an int4 convolution: cols[p, t * C + ch] = fq(x[ch, table[p * taps + t]]) (0 where
-// the table says padding, 0xffffffff): one row per output position in the packed rows' (tap,
-// channel) order, the layer's activation quantizer fq applied on the way (s = 0: none; the
-// padding is the zero point, 0).
-extern "C" __global__ void sqil_im2col(const sqil_half *__restrict__ x, const unsigned *__restrict__ table,
-                                       sqil_half *__restrict__ cols, int positions, int taps, int channels,
-                                       int plane, float qs, float qz, float qlo, float qhi)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= positions * taps * channels) {
-        return;
-    }
-    const int ch = i % channels, t = (i / channels) % taps, p = i / (channels * taps);
-    const unsigned src = table[p * taps + t];
-    cols[i] = src == 0xffffffffu ? (sqil_half)0 : f_to_h(sqil_fq(h_to_f(x[(long)ch * plane + src]), qs, qz, qlo, qhi));
-}
-
-// An int4 convolution over im2col rows (`sqil_im2col`, which applied the quantizer): y[c, p] =
-// sum_k w[c, k] cols[p, k] (+ bias, ReLU), y channel-major (the plan's layout); the same thread
-// mapping as sqil_q4_rows, channels innermost (on an H200, 20 us per 32 x 288 convolution over
-// 1681 positions against 27 us with positions innermost, whose columns every channel re-reads
-// from L2).
-extern "C" __global__ void sqil_q4_conv(const unsigned *__restrict__ words, const sqil_half *__restrict__ scales,
-                                        const sqil_half *__restrict__ cols, const float *__restrict__ bias,
-                                        sqil_half *__restrict__ y, int positions, int n, int k, int kp, int group,
-                                        int relu)
-{
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < positions * n) {
-        const int p = i / n, c = i % n;
-        const float s = sqil_q4_row_dot(words, scales, cols, p, c, k, kp, group, 0.0f, 0.0f, 0.0f, 0.0f);
-        y[(long)c * positions + p] = f_to_h(sqil_rows_epilogue(s, bias, c, relu));
+        y[r] = (s / (float)inner);
     }
 }
 
 // Softmax over long rows: one block of 256 threads per row (a spatial softmax over an image's
 // positions), fp32, reductions through shared memory.
-extern "C" __global__ void sqil_softmax_rows_block(const sqil_half *__restrict__ x, sqil_half *__restrict__ y,
+extern "C" __global__ void sqil_softmax_rows_block(const float *__restrict__ x, float *__restrict__ y,
                                                    int rows, int dim)
 {
     __shared__ float red[32];
@@ -356,10 +459,10 @@ extern "C" __global__ void sqil_softmax_rows_block(const sqil_half *__restrict__
     if (r >= rows) {
         return;
     }
-    const sqil_half *xr = x + (long)r * dim;
+    const float *xr = x + (long)r * dim;
     float m = -3.0e38f, s = 0.0f;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        m = fmaxf(m, h_to_f(xr[j]));
+        m = fmaxf(m, (xr[j]));
     }
     for (int o = 16; o > 0; o /= 2) {
         m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -374,7 +477,7 @@ extern "C" __global__ void sqil_softmax_rows_block(const sqil_half *__restrict__
     }
     __syncthreads();
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        s += expf(h_to_f(xr[j]) - m);
+        s += expf((xr[j]) - m);
     }
     for (int o = 16; o > 0; o /= 2) {
         s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -388,6 +491,6 @@ extern "C" __global__ void sqil_softmax_rows_block(const sqil_half *__restrict__
         s += red[w];
     }
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        y[(long)r * dim + j] = f_to_h(expf(h_to_f(xr[j]) - m) / s);
+        y[(long)r * dim + j] = (expf((xr[j]) - m) / s);
     }
 }

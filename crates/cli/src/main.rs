@@ -596,7 +596,11 @@ fn run(cmd: Cmd) -> Result<(), String> {
         Cmd::Build { model, target, output, prefix, selftest, selftest_states, runner } => match target {
             Target::Cuda => {
                 let n = sqil::build::build_cuda(&model, &output, &selftest, selftest_states)?;
-                println!("wrote {} ({n} bytes; build with: nvcc -O2 -o policy {})", output.display(), output.display());
+                println!(
+                    "wrote {} ({n} bytes; build with: nvcc -O2 -fmad=false -o policy {})",
+                    output.display(),
+                    output.display()
+                );
                 Ok(())
             }
             Target::Exe => {

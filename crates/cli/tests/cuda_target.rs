@@ -26,20 +26,20 @@ fn standalone_cu_for_an_mlp_policy() {
     let states = vec![vec![0.5f32; 15]];
     let want = vec![p.act(&states[0], 1).unwrap()];
     let src = sqil_codegen::cuda::emit_cu(&p, &states, &want, 0.02).unwrap();
-    assert_eq!(src.matches("extern \"C\" __global__ void __launch_bounds__(128) sqil_q4_gemv_b##B(").count(), 1);
+    assert_eq!(src.matches("extern \"C\" __global__ void sqil_q4_int(").count(), 1, "each kernel once");
     assert_eq!(src.matches("<<<").count(), l.steps.len(), "one launch per step");
-    // Three int4 layers, each behind a generated kernel: the first one fuses the observation's
-    // normalisation (Sub, Div on the fp32 input) with the activation quantizer.
-    assert_eq!(l.steps.len(), 6);
-    assert_eq!(l.sources.len(), 3, "one generated kernel per quantizer (scales are literals)");
-    assert!(l.sources[0].1.contains("rintf("), "{}", l.sources[0].1);
-    assert_eq!(src.matches("sqil_q4_gemv_b1<<<").count(), 3);
+    // The observation's normalisation (Sub, Div on the f32 input) as one generated kernel, then
+    // per int4 layer its activation levels and the integer kernel (bias and ReLU in it).
+    assert_eq!(l.steps.len(), 7);
+    assert_eq!(l.sources.len(), 1, "one generated kernel (the normalisation)");
+    assert_eq!(src.matches("sqil_levels<<<").count(), 3);
+    assert_eq!(src.matches("sqil_q4_int<<<").count(), 3);
     assert!(src.contains("cudaStreamBeginCapture") && src.contains("cudaGraphLaunch"));
     assert!(src.contains("#define STATES 1") && src.contains("static const float ST_OUT[3]"));
 }
 
-/// The convolutional and transformer policies lower too: int4 convolutions as im2col + the
-/// many-row int4 kernel, tokens through the same kernel, data movement as copy tables, attention,
+/// The convolutional and transformer policies lower too: int4 convolutions and layers over tokens
+/// as the integer kernel behind the levels kernel, data movement as copy tables, attention,
 /// LayerNorm, pooling; the standalone `.cu` launches each generic step with its arrays.
 #[test]
 fn cnn_and_transformer_policies_lower_and_emit() {
@@ -49,17 +49,25 @@ fn cnn_and_transformer_policies_lower_and_emit() {
         let kernels: Vec<&str> = l
             .steps
             .iter()
-            .filter_map(
-                |s| if let sqil_cuda::lower::LStep::Kernel { name, .. } = s { Some(name.as_str()) } else { None },
-            )
+            .map(|s| {
+                let sqil_cuda::lower::LStep::Kernel { name, .. } = s;
+                name.as_str()
+            })
             .collect();
         assert_eq!(l.in_lens.len(), p.input_sizes().len(), "{name}");
         let states = vec![vec![0.25f32; l.in_len]];
         let src = sqil_codegen::cuda::emit_cu(&p, &states, &[vec![0.0; l.out_len]], 0.02).unwrap();
         assert_eq!(src.matches("<<<").count(), l.steps.len(), "{name}: one launch per step");
         let want: &[&str] = match name {
-            "cnn" | "bc_pickplace_pixels" => &["sqil_im2col", "sqil_q4_conv"],
-            _ => &["sqil_q4_rows", "sqil_copy_pairs", "sqil_bmm", "sqil_softmax_rows", "sqil_layernorm_rows"],
+            "cnn" | "bc_pickplace_pixels" => &["sqil_levels", "sqil_q4_conv_int"],
+            _ => &[
+                "sqil_levels",
+                "sqil_q4_int",
+                "sqil_copy_pairs",
+                "sqil_bmm",
+                "sqil_softmax_rows",
+                "sqil_layernorm_rows",
+            ],
         };
         assert!(kernels.iter().any(|k| k.starts_with("sqil_ew_")), "{name}: no fused element-wise kernel");
         for k in want {
@@ -70,7 +78,8 @@ fn cnn_and_transformer_policies_lower_and_emit() {
         if sqil_cuda::nvrtc_present() {
             for (k, src) in &l.sources {
                 let full = format!("{}{src}", sqil_cuda::FP16_CUH);
-                let ptx = sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{name}: {k}: {e}"));
+                let ptx =
+                    sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{name}: {k}: {e}\n{src}"));
                 assert!(ptx.contains(&format!(".visible .entry {k}(")), "{name}: {k}");
             }
         } else {
@@ -96,8 +105,7 @@ fn unsupported_steps_are_named() {
 }
 
 /// A QDQ model as exported (per-tensor QuantizeLinear / DequantizeLinear around float layers):
-/// the pairs become statements of generated kernels (integers carried exactly in fp16), which
-/// compile with NVRTC.
+/// the pairs become statements of generated kernels, which compile with NVRTC.
 #[test]
 fn qdq_models_lower_with_their_quantizers_fused() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");

@@ -24,6 +24,13 @@ fn hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
+/// Whether kernel source `name` computes the CPU runtime's arithmetic (the policy kernels:
+/// `policy_ops.cu` and the generated element-wise chains), so a multiply and a following add must
+/// not be contracted into an fma (`--fmad=false`); the GEMV benchmark kernels may.
+fn exact_arithmetic(name: &str) -> bool {
+    !matches!(name, "q4_gemv.cu" | "bench.cu")
+}
+
 /// Compiles one kernel source to PTX for `arch` (e.g. `compute_90`), or reads it from the cache
 /// (`$SQIL_CACHE` or `~/.cache/sqil/ptx`, file `NAME-ARCH-HASH.ptx`, written atomically).
 pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, String> {
@@ -40,7 +47,11 @@ pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, Stri
     }
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
-        options: vec!["-std=c++17".into(), "-lineinfo".into()],
+        options: if exact_arithmetic(name) {
+            vec!["-std=c++17".into(), "-lineinfo".into(), "--fmad=false".into()]
+        } else {
+            vec!["-std=c++17".into(), "-lineinfo".into()]
+        },
         ..Default::default()
     };
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| format!("{name}: {e:?}"))?;

@@ -3,9 +3,8 @@
 //! and one copy out. Needs the `driver` feature (cudarc).
 
 use crate::lower::{lower, HostArr, KArg, LStep};
-use crate::{DeviceQ4, Gpu};
+use crate::Gpu;
 use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use half::f16;
 use sqil_runtime::Policy;
 use std::sync::Arc;
 
@@ -20,15 +19,14 @@ pub enum DevArr {
     F32(CudaSlice<f32>),
     I32(CudaSlice<i32>),
     U32(CudaSlice<u32>),
-    F16(CudaSlice<f16>),
 }
 
-type GStep = LStep<DeviceQ4, CudaSlice<f16>, DevArr>;
+type GStep = LStep<DevArr>;
 
 pub struct GpuPolicy {
     stream: Arc<CudaStream>,
     steps: Vec<GStep>,
-    bufs: Vec<CudaSlice<f16>>,
+    bufs: Vec<CudaSlice<f32>>,
     /// The observations, fp32, concatenated.
     input: CudaSlice<f32>,
     in_len: usize,
@@ -53,17 +51,10 @@ impl GpuPolicy {
             gpu.load_source(name, src)?;
         }
         let stream = gpu.ctx.new_stream().map_err(err)?;
-        let bufs = l.bufs.iter().map(|&n| stream.alloc_zeros::<f16>(n)).collect::<Result<Vec<_>, _>>().map_err(err)?;
+        let bufs = l.bufs.iter().map(|&n| stream.alloc_zeros::<f32>(n)).collect::<Result<Vec<_>, _>>().map_err(err)?;
         let mut steps: Vec<GStep> = vec![];
         for st in l.steps {
             steps.push(match st {
-                LStep::Q4 { w, bias, relu, x, y } => LStep::Q4 {
-                    w: gpu.upload(&w)?,
-                    bias: bias.map(|b| stream.clone_htod(&b)).transpose().map_err(err)?,
-                    relu,
-                    x,
-                    y,
-                },
                 LStep::Kernel { name, args, threads } => {
                     let args = args
                         .into_iter()
@@ -77,9 +68,6 @@ impl GpuPolicy {
                                 }
                                 KArg::Arr(HostArr::U32(v)) => {
                                     KArg::Arr(DevArr::U32(stream.clone_htod(&v).map_err(err)?))
-                                }
-                                KArg::Arr(HostArr::F16(v)) => {
-                                    KArg::Arr(DevArr::F16(stream.clone_htod(&v).map_err(err)?))
                                 }
                                 KArg::Buf(b) => KArg::Buf(b),
                                 KArg::In(o) => KArg::In(o),
@@ -143,10 +131,6 @@ impl GpuPolicy {
         let input_ptr = self.input.device_ptr(&self.stream).0;
         for st in &self.steps[range] {
             match st {
-                LStep::Q4 { w, bias, relu, x, y } => {
-                    let (xs, ys) = two(&mut self.bufs, *x, *y);
-                    gpu.q4_gemv_on(&self.stream, w, xs, bias.as_ref(), ys, 1, *relu)?;
-                }
                 LStep::Kernel { name, args, threads } => {
                     let f = gpu.function(name)?;
                     // Every argument as the value the kernel receives: device pointers (0 for
@@ -163,7 +147,6 @@ impl GpuPolicy {
                             KArg::Arr(DevArr::F32(d)) => V::P(d.device_ptr(&self.stream).0),
                             KArg::Arr(DevArr::I32(d)) => V::P(d.device_ptr(&self.stream).0),
                             KArg::Arr(DevArr::U32(d)) => V::P(d.device_ptr(&self.stream).0),
-                            KArg::Arr(DevArr::F16(d)) => V::P(d.device_ptr(&self.stream).0),
                             KArg::Null => V::P(0),
                             KArg::In(o) => V::P(input_ptr + 4 * *o as u64),
                             KArg::I32(v) => V::I(*v),
@@ -217,21 +200,10 @@ impl GpuPolicy {
             Some(g) => g.launch().map_err(err)?,
             None => self.launch(gpu)?,
         }
-        let mut out = vec![f16::ZERO; self.bufs[self.output].len()];
+        let mut out = vec![0f32; self.bufs[self.output].len()];
         self.stream.memcpy_dtoh(&self.bufs[self.output], &mut out).map_err(err)?;
         self.stream.synchronize().map_err(err)?;
-        Ok(out[..self.out_len].iter().map(|v| v.to_f32()).collect())
-    }
-}
-
-/// Two distinct buffers, the first shared and the second mutable.
-fn two(b: &mut [CudaSlice<f16>], x: usize, y: usize) -> (&CudaSlice<f16>, &mut CudaSlice<f16>) {
-    assert_ne!(x, y, "a step reads and writes the same buffer");
-    if x < y {
-        let (l, r) = b.split_at_mut(y);
-        (&l[x], &mut r[0])
-    } else {
-        let (l, r) = b.split_at_mut(x);
-        (&r[0], &mut l[y])
+        out.truncate(self.out_len);
+        Ok(out)
     }
 }

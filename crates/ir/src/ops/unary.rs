@@ -21,7 +21,8 @@ pub struct UnaryDef {
     /// without, exact in f32.
     pub c: &'static str,
     pub libm: bool,
-    /// CUDA expression of one f32 value `{a}` (f32 device functions).
+    /// CUDA expression of one f32 value `{a}`: in double and rounded once, like `f`, where it is
+    /// not exact in f32.
     pub cuda: &'static str,
 }
 
@@ -96,39 +97,39 @@ unary_ops! {
         libm: false,
         cuda: "{a} < 0.0f ? 0.0f : {a}",
     },
-    Tanh = "Tanh" { f: f64::tanh, df: |x| 1.0 - x.tanh().powi(2), c: "(float)tanh({d})", libm: true, cuda: "tanhf({a})" },
+    Tanh = "Tanh" { f: f64::tanh, df: |x| 1.0 - x.tanh().powi(2), c: "(float)tanh({d})", libm: true, cuda: "(float)tanh((double){a})" },
     Sigmoid = "Sigmoid" {
         f: sigmoid,
         df: |x| sigmoid(x) * (1.0 - sigmoid(x)),
         c: "(float)({v} >= 0.0f ? 1.0 / (1.0 + exp(-{d})) : exp({d}) / (1.0 + exp({d})))",
         libm: true,
-        cuda: "1.0f / (1.0f + expf(-{a}))",
+        cuda: "(float)({a} >= 0.0f ? 1.0 / (1.0 + exp(-(double){a})) : exp((double){a}) / (1.0 + exp((double){a})))",
     },
     Softplus = "Softplus" {
         f: softplus,
         df: |x| 1.0 / (1.0 + (-x).exp()),
         c: "(float)(({v} > 0.0f ? {d} : 0.0) + log1p(exp(-fabs({d}))))",
         libm: true,
-        cuda: "({a} > 0.0f ? {a} : 0.0f) + log1pf(expf(-fabsf({a})))",
+        cuda: "(float)(({a} > 0.0f ? (double){a} : 0.0) + log1p(exp(-fabs((double){a}))))",
     },
-    Exp = "Exp" { f: f64::exp, df: f64::exp, c: "(float)exp({d})", libm: true, cuda: "expf({a})" },
-    Log = "Log" { f: f64::ln, df: |x| 1.0 / x, c: "(float)log({d})", libm: true, cuda: "logf({a})" },
-    Sqrt = "Sqrt" { f: f64::sqrt, df: |x| 0.5 / x.sqrt(), c: "(float)sqrt({d})", libm: true, cuda: "sqrtf({a})" },
+    Exp = "Exp" { f: f64::exp, df: f64::exp, c: "(float)exp({d})", libm: true, cuda: "(float)exp((double){a})" },
+    Log = "Log" { f: f64::ln, df: |x| 1.0 / x, c: "(float)log({d})", libm: true, cuda: "(float)log((double){a})" },
+    Sqrt = "Sqrt" { f: f64::sqrt, df: |x| 0.5 / x.sqrt(), c: "(float)sqrt({d})", libm: true, cuda: "(float)sqrt((double){a})" },
     Erf = "Erf" {
         f: libm::erf,
         df: |x| 2.0 / std::f64::consts::PI.sqrt() * (-x * x).exp(),
         c: "(float)erf({d})",
         libm: true,
-        cuda: "erff({a})",
+        cuda: "(float)erf((double){a})",
     },
-    Reciprocal = "Reciprocal" { f: |x| 1.0 / x, df: |x| -1.0 / (x * x), c: "(float)(1.0 / {d})", libm: true, cuda: "1.0f / {a}" },
+    Reciprocal = "Reciprocal" { f: |x| 1.0 / x, df: |x| -1.0 / (x * x), c: "(float)(1.0 / {d})", libm: true, cuda: "(float)(1.0 / (double){a})" },
     /// `x * max(0, min(1, x / 6 + 1/2))` (MobileNetV3's activation).
     HardSwish = "HardSwish" {
         f: hard_swish,
         df: |x| if x < -3.0 { 0.0 } else if x > 3.0 { 1.0 } else { x / 3.0 + 0.5 },
         c: "(float)({d} * ({d} / 6.0 + 0.5 < 0.0 ? 0.0 : ({d} / 6.0 + 0.5 > 1.0 ? 1.0 : {d} / 6.0 + 0.5)))",
         libm: false,
-        cuda: "{a} * fminf(fmaxf({a} / 6.0f + 0.5f, 0.0f), 1.0f)",
+        cuda: "(float)((double){a} * ((double){a} / 6.0 + 0.5 < 0.0 ? 0.0 : ((double){a} / 6.0 + 0.5 > 1.0 ? 1.0 : (double){a} / 6.0 + 0.5)))",
     },
 }
 
