@@ -49,7 +49,7 @@ def sqil_bin():
 
 
 def policy_inputs(sess, d, idx):
-    """The policy's inputs for demo steps `idx` (same layouts as crates/cli/src/feeds.rs)."""
+    """The policy's inputs for demo steps `idx` (same layouts as crates/driver/src/feeds.rs)."""
     ins = sess.get_inputs()
     obs = d["observations"]
     if [i.name for i in ins] == ["image", "proprio"]:

@@ -1,8 +1,8 @@
 //! `sqil`: the command line of the sqil compiler.
 
-use clap::{Parser, Subcommand};
-use sqil::quantize::{quantize_cmd, render, QuantizeArgs};
-use sqil::{inspect, load_model as load, npy};
+use clap::{Args, Parser, Subcommand};
+use sqil_driver::quantize::{quantize_cmd, render, QuantizeArgs};
+use sqil_driver::{inspect, load_model as load, npy};
 use sqil_ir::interp::Interpreter;
 use sqil_ir::{print_graph, PrintOptions};
 use sqil_passes::quant::{QuantConfig, Recipe};
@@ -19,7 +19,51 @@ struct Cli {
 
 // Parsed once per process: the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
+/// The quantization flags `quantize`, `compile` and `allocate` share: a config file (or the
+/// defaults: W4A8, groups of 64, raw observations in float), then every flag given overrides it.
+#[derive(Args, Debug)]
+struct QuantFlags {
+    /// A quantization config (.toml or .json, e.g. from `sqil allocate`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Weight bits: 2, 3, 4 or 8 [default: 4].
+    #[arg(long)]
+    wbits: Option<u8>,
+    /// Activation bits: 4, 8, or `float` [default: 8].
+    #[arg(long)]
+    abits: Option<String>,
+    /// Weight scale groups along the reduction axis: a size (32, 64, 128), `channel` or `tensor`
+    /// [default: 64].
+    #[arg(long)]
+    group: Option<String>,
+    /// Activation calibration: minmax, percentile or mse [default: minmax].
+    #[arg(long)]
+    act_calib: Option<String>,
+    /// Extra config settings, `key=value` separated by commas (see QuantConfig).
+    #[arg(long)]
+    set: Option<String>,
+}
+
+impl QuantFlags {
+    /// The config: the file or the defaults, then the flags given.
+    fn config(&self) -> sqil_driver::Result<QuantConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => QuantConfig::load(p)?,
+            None => QuantConfig::default(),
+        };
+        let mut settings = vec![];
+        settings.extend(self.wbits.map(|b| format!("wbits={b}")));
+        settings.extend(self.abits.as_ref().map(|b| format!("abits={b}")));
+        settings.extend(self.group.as_ref().map(|g| format!("group={g}")));
+        settings.extend(self.act_calib.as_ref().map(|c| format!("calib={c}")));
+        settings.extend(self.set.clone());
+        cfg.apply_settings(&settings.join(","))?;
+        Ok(cfg)
+    }
+}
+
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Cmd {
     /// Summarise a model: per-layer op, shapes, parameters, FLOPs and size at f32 and int4.
     Inspect {
@@ -74,16 +118,8 @@ enum Cmd {
         /// the held-out episodes, the best kept) or one of them.
         #[arg(long, default_value = "all")]
         init: String,
-        #[arg(long, default_value_t = 4)]
-        wbits: u8,
-        /// 4, 8 or float.
-        #[arg(long, default_value = "8")]
-        abits: String,
-        #[arg(long, default_value = "64")]
-        group: String,
-        /// Extra quant config settings (key=value, comma separated).
-        #[arg(long)]
-        set: Option<String>,
+        #[command(flatten)]
+        quant: QuantFlags,
         /// Fraction of the demonstration episodes held out to choose the candidate (at least one).
         #[arg(long, default_value_t = 0.1)]
         val_frac: f64,
@@ -141,10 +177,6 @@ enum Cmd {
         /// Keep the activation quantizers' calibrated steps fixed (learn weights, weight steps, biases).
         #[arg(long)]
         freeze_act_steps: bool,
-        /// A quantization config (.toml/.json, e.g. from `sqil allocate`); --wbits/--abits/--group
-        /// then apply only where given explicitly via --set.
-        #[arg(long)]
-        config: Option<PathBuf>,
         /// Allocate per-layer bits under this budget (as `sqil allocate --budget`) before fine-tuning.
         #[arg(long)]
         budget: Option<String>,
@@ -164,15 +196,10 @@ enum Cmd {
         budget: String,
         #[command(flatten)]
         alloc: AllocFlags,
-        /// Base config (granularity, calibration, kept layers); the flags below override it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long, default_value = "8")]
-        abits: String,
-        #[arg(long, default_value = "64")]
-        group: String,
-        #[arg(long)]
-        set: Option<String>,
+        /// The base config (granularity, activations, calibration, kept layers; the allocation
+        /// chooses each layer's weight bits).
+        #[command(flatten)]
+        quant: QuantFlags,
         /// PTQ recipe used to quantize each layer while measuring: rtn, mse, awq, gptq.
         #[arg(long, default_value = "mse")]
         recipe: String,
@@ -192,24 +219,8 @@ enum Cmd {
         /// rtn (min-max round to nearest), mse (MSE-clipped), awq (activation-aware scaling), gptq.
         #[arg(long, default_value = "rtn")]
         recipe: String,
-        /// A quantization config (.json or .toml); the flags below override its fields.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Weight bits: 2, 3, 4 or 8.
-        #[arg(long)]
-        wbits: Option<u8>,
-        /// Activation bits: 4, 8, or `float` (16 = float).
-        #[arg(long)]
-        abits: Option<String>,
-        /// Weight scale groups along the reduction axis: a size (32, 64, 128), `channel` or `tensor`.
-        #[arg(long)]
-        group: Option<String>,
-        /// Activation calibration: minmax, percentile or mse.
-        #[arg(long)]
-        act_calib: Option<String>,
-        /// Extra config settings, `key=value` separated by commas (see QuantConfig).
-        #[arg(long)]
-        set: Option<String>,
+        #[command(flatten)]
+        quant: QuantFlags,
         /// Demonstrations (.npz, sqil-demos/1) whose states calibrate the quantizers, or .npy
         /// batches, one per graph input (repeat the flag).
         #[arg(long, required = true)]
@@ -313,20 +324,20 @@ struct SisFlags {
 }
 
 impl SisFlags {
-    fn config(&self) -> Result<sqil_train::sis::SisConfig, String> {
+    fn config(&self) -> sqil_driver::Result<sqil_train::sis::SisConfig> {
         use sqil_train::sis::{parse_groups, ImagePerturb, SisConfig, VectorPerturb};
         let image = match self.sis_image.as_str() {
             "occlude" => ImagePerturb::Occlude,
             "blur" if self.sis_blur_sigma > 0.0 => ImagePerturb::Blur { sigma: self.sis_blur_sigma },
             "blur" => return Err("--sis-blur-sigma must be > 0".into()),
-            o => return Err(format!("--sis-image `{o}`: expected occlude or blur")),
+            o => return Err(format!("--sis-image `{o}`: expected occlude or blur").into()),
         };
         let vector = match self.sis_vector.as_str() {
             "mean" => VectorPerturb::Mean,
             "noise" => VectorPerturb::Noise { scale: self.sis_noise_scale, seed: 0 },
-            o => return Err(format!("--sis-vector `{o}`: expected mean or noise")),
+            o => return Err(format!("--sis-vector `{o}`: expected mean or noise").into()),
         };
-        let groups = parse_groups(&self.sis_groups).map_err(|e| e.to_string())?;
+        let groups = parse_groups(&self.sis_groups)?;
         Ok(SisConfig { patch: self.patch, image, vector, groups })
     }
 }
@@ -364,18 +375,18 @@ impl AllocFlags {
         base: &QuantConfig,
         recipe: Recipe,
         budget: &str,
-    ) -> Result<sqil::allocate::AllocateArgs, String> {
+    ) -> sqil_driver::Result<sqil_driver::allocate::AllocateArgs> {
         let cost_model = match &self.cost_model {
             Some(p) => serde_json::from_str(&std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?)
                 .map_err(|e| format!("{}: {e}", p.display()))?,
             None => Default::default(),
         };
-        Ok(sqil::allocate::AllocateArgs {
+        Ok(sqil_driver::allocate::AllocateArgs {
             demos: demos.to_path_buf(),
             base: base.clone(),
             recipe,
-            budget: sqil_passes::quant::sensitivity::Budget::parse(budget).map_err(|e| e.to_string())?,
-            method: sqil::allocate::Method::parse(&self.method)?,
+            budget: sqil_passes::quant::sensitivity::Budget::parse(budget)?,
+            method: sqil_driver::allocate::Method::parse(&self.method)?,
             wbits: self.wbits_choices.clone(),
             abits: self.abits_choices.iter().map(|&b| if b >= 16 { 0 } else { b }).collect(),
             states: self.alloc_states,
@@ -389,65 +400,37 @@ impl AllocFlags {
     }
 }
 
-fn run(cmd: Cmd) -> Result<(), String> {
+fn run(cmd: Cmd) -> sqil_driver::Result<()> {
     match cmd {
         Cmd::Inspect { model, ir, elide, optimize, dump_ir, passes } => {
             let mut g = load(&model)?;
             if optimize {
                 let mut pm = sqil_passes::cleanup_pipeline();
                 pm.dump_ir = dump_ir;
-                pm.run(&mut g, &mut sqil_passes::PassCtx::default()).map_err(|e| e.to_string())?;
+                pm.run(&mut g, &mut sqil_passes::PassCtx::default())?;
             }
             if let Some(list) = passes {
                 let names = split_passes(&list);
                 let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                let mut pm = sqil_passes::PassManager::from_names(&names).map_err(|e| e.to_string())?;
+                let mut pm = sqil_passes::PassManager::from_names(&names)?;
                 pm.dump_ir = dump_ir;
                 let mut cx = sqil_passes::PassCtx::default();
-                pm.run(&mut g, &mut cx).map_err(|e| e.to_string())?;
+                pm.run(&mut g, &mut cx)?;
                 for n in &cx.notes {
                     eprintln!("note: {n}");
                 }
             }
             if ir {
-                print!(
-                    "{}",
-                    print_graph(&g, &PrintOptions { elide_over: elide, splat: false }).map_err(|e| e.to_string())?
-                );
+                print!("{}", print_graph(&g, &PrintOptions { elide_over: elide, splat: false })?);
             } else {
                 print!("{}", inspect::render(&inspect::summarise(&g)?, &model.display().to_string()));
             }
             Ok(())
         }
-        Cmd::Quantize {
-            model,
-            recipe,
-            config,
-            wbits,
-            abits,
-            group,
-            act_calib,
-            set,
-            calib,
-            calib_states,
-            output,
-            ir,
-            report,
-            artifact,
-        } => {
-            let mut cfg = match &config {
-                Some(p) => QuantConfig::load(p).map_err(|e| e.to_string())?,
-                None => QuantConfig::default(),
-            };
-            let mut settings = vec![];
-            settings.extend(wbits.map(|b| format!("wbits={b}")));
-            settings.extend(abits.map(|b| format!("abits={b}")));
-            settings.extend(group.map(|g| format!("group={g}")));
-            settings.extend(act_calib.map(|c| format!("calib={c}")));
-            settings.extend(set);
-            cfg.apply_settings(&settings.join(",")).map_err(|e| e.to_string())?;
+        Cmd::Quantize { model, recipe, quant, calib, calib_states, output, ir, report, artifact } => {
+            let cfg = quant.config()?;
             let args = QuantizeArgs {
-                recipe: Recipe::parse(&recipe).map_err(|e| e.to_string())?,
+                recipe: Recipe::parse(&recipe)?,
                 config: cfg,
                 calib,
                 calib_states,
@@ -466,10 +449,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             demos,
             recipe,
             init,
-            wbits,
-            abits,
-            group,
-            set,
+            quant,
             val_frac,
             val_states,
             val_every,
@@ -490,41 +470,33 @@ fn run(cmd: Cmd) -> Result<(), String> {
             output,
             resume,
             freeze_act_steps,
-            config,
             budget,
             alloc,
         } => {
-            let mut cfg = match &config {
-                Some(p) => QuantConfig::load(p).map_err(|e| e.to_string())?,
-                None => {
-                    let mut c = QuantConfig::default();
-                    c.apply_settings(&format!("wbits={wbits},abits={abits},group={group}"))
-                        .map_err(|e| e.to_string())?;
-                    c
-                }
-            };
-            cfg.apply_settings(set.as_deref().unwrap_or("")).map_err(|e| e.to_string())?;
+            let mut cfg = quant.config()?;
             if !(0.0..=1.0).contains(&top) || beta < 0.0 {
-                return Err(format!("--top must be in [0, 1] and --beta >= 0 (got {top}, {beta})"));
+                return Err(format!("--top must be in [0, 1] and --beta >= 0 (got {top}, {beta})").into());
             }
-            let init_recipe = if init == "all" { None } else { Some(Recipe::parse(&init).map_err(|e| e.to_string())?) };
+            let init_recipe = if init == "all" { None } else { Some(Recipe::parse(&init)?) };
             if steps == 0 || batch == 0 || threads == 0 {
-                return Err(format!("--steps, --batch and --threads must be > 0 (got {steps}, {batch}, {threads})"));
+                return Err(
+                    format!("--steps, --batch and --threads must be > 0 (got {steps}, {batch}, {threads})").into()
+                );
             }
             if let Some(b) = &budget {
                 let mut aa = alloc.args(&demos, &cfg, init_recipe.unwrap_or(Recipe::Gptq), b)?;
                 aa.top = top;
                 aa.beta = beta;
                 aa.sis = sis.config()?;
-                let (c, rep) = sqil::allocate::run_allocate(&model, &aa)?;
-                eprint!("{}", sqil::allocate::render(&rep));
+                let (c, rep) = sqil_driver::allocate::run_allocate(&model, &aa)?;
+                eprint!("{}", sqil_driver::allocate::render(&rep));
                 std::fs::create_dir_all(&output).map_err(|e| format!("{}: {e}", output.display()))?;
-                sqil::allocate::save_config(&c, &output.join("allocation.toml"))?;
-                let json = serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?;
-                sqil::quantize::write_atomic(&output.join("allocation.json"), json.as_bytes())?;
+                sqil_driver::allocate::save_config(&c, &output.join("allocation.toml"))?;
+                let json = serde_json::to_string_pretty(&rep)?;
+                sqil_driver::quantize::write_atomic(&output.join("allocation.json"), json.as_bytes())?;
                 cfg = c;
             }
-            let args = sqil::compile::CompileArgs {
+            let args = sqil_driver::compile::CompileArgs {
                 demos,
                 config: cfg,
                 init: init_recipe,
@@ -533,19 +505,19 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 val_every,
                 patience,
                 action_box: match action_box.as_str() {
-                    "auto" => sqil::compile::BoxSource::Metadata,
-                    "none" => sqil::compile::BoxSource::None,
-                    s => sqil::compile::BoxSource::Given(s.to_string()),
+                    "auto" => sqil_driver::compile::BoxSource::Metadata,
+                    "none" => sqil_driver::compile::BoxSource::None,
+                    s => sqil_driver::compile::BoxSource::Given(s.to_string()),
                 },
                 split_seed: seed,
                 plan_tol,
                 ship: match ship.as_str() {
-                    "best" => sqil::compile::Ship::Best,
-                    "finetuned" => sqil::compile::Ship::Finetuned,
-                    "ptq" => sqil::compile::Ship::Ptq,
-                    s => return Err(format!("--ship `{s}`: expected best, finetuned or ptq")),
+                    "best" => sqil_driver::compile::Ship::Best,
+                    "finetuned" => sqil_driver::compile::Ship::Finetuned,
+                    "ptq" => sqil_driver::compile::Ship::Ptq,
+                    s => return Err(format!("--ship `{s}`: expected best, finetuned or ptq").into()),
                 },
-                recipe: sqil::compile::FtRecipe::parse(&recipe)?,
+                recipe: sqil_driver::compile::FtRecipe::parse(&recipe)?,
                 beta,
                 top,
                 sis: sis.config()?,
@@ -564,38 +536,29 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 resume,
                 act_steps: !freeze_act_steps,
             };
-            sqil::compile::compile(&model, &args)?;
+            sqil_driver::compile::compile(&model, &args)?;
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Allocate { model, demos, budget, alloc, config, abits, group, set, recipe, output, report, plot } => {
-            let mut cfg = match &config {
-                Some(p) => QuantConfig::load(p).map_err(|e| e.to_string())?,
-                None => QuantConfig::default(),
-            };
-            let mut settings = vec![];
-            if config.is_none() {
-                settings.extend([format!("abits={abits}"), format!("group={group}")]);
-            }
-            settings.extend(set);
-            cfg.apply_settings(&settings.join(",")).map_err(|e| e.to_string())?;
-            let aa = alloc.args(&demos, &cfg, Recipe::parse(&recipe).map_err(|e| e.to_string())?, &budget)?;
-            let (c, rep) = sqil::allocate::run_allocate(&model, &aa)?;
-            print!("{}", sqil::allocate::render(&rep));
-            sqil::allocate::save_config(&c, &output)?;
+        Cmd::Allocate { model, demos, budget, alloc, quant, recipe, output, report, plot } => {
+            let cfg = quant.config()?;
+            let aa = alloc.args(&demos, &cfg, Recipe::parse(&recipe)?, &budget)?;
+            let (c, rep) = sqil_driver::allocate::run_allocate(&model, &aa)?;
+            print!("{}", sqil_driver::allocate::render(&rep));
+            sqil_driver::allocate::save_config(&c, &output)?;
             if let Some(p) = &report {
-                let json = serde_json::to_string_pretty(&rep).map_err(|e| e.to_string())?;
-                sqil::quantize::write_atomic(p, json.as_bytes())?;
+                let json = serde_json::to_string_pretty(&rep)?;
+                sqil_driver::quantize::write_atomic(p, json.as_bytes())?;
             }
             if let Some(p) = &plot {
-                sqil::quantize::write_atomic(p, sqil::allocate::plot_svg(&rep).as_bytes())?;
+                sqil_driver::quantize::write_atomic(p, sqil_driver::allocate::plot_svg(&rep).as_bytes())?;
             }
             println!("wrote {}", output.display());
             Ok(())
         }
         Cmd::Build { model, target, output, prefix, selftest, selftest_states, runner } => match target {
             Target::Cuda => {
-                let n = sqil::build::build_cuda(&model, &output, &selftest, selftest_states)?;
+                let n = sqil_driver::build::build_cuda(&model, &output, &selftest, selftest_states)?;
                 println!(
                     "wrote {} ({n} bytes; build with: nvcc -O2 -fmad=false -o policy {})",
                     output.display(),
@@ -604,14 +567,14 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 Ok(())
             }
             Target::Exe => {
-                let (r, a) = sqil::build::build_exe(&model, &output, runner.as_deref())?;
+                let (r, a) = sqil_driver::build::build_exe(&model, &output, runner.as_deref())?;
                 println!("runner {r} B + policy {a} B");
                 println!("wrote {} (run it with --info, --input OBS.npy, or states on stdin)", output.display());
                 Ok(())
             }
             Target::C => {
-                let a = sqil::build::BuildC { prefix, selftest, states: selftest_states };
-                let r = sqil::build::build_c(&model, &output, &a)?;
+                let a = sqil_driver::build::BuildC { prefix, selftest, states: selftest_states };
+                let r = sqil_driver::build::build_c(&model, &output, &a)?;
                 for d in &r.steps {
                     println!("  {d}");
                 }
@@ -628,7 +591,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 Ok(())
             }
             Target::Cpu => {
-                let plan = sqil::quantize::write_artifact(&load(&model)?, &model, &output)?;
+                let plan = sqil_driver::quantize::write_artifact(&load(&model)?, &model, &output)?;
                 for d in plan.describe() {
                     println!("  {d}");
                 }
@@ -649,7 +612,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 );
             }
             match model {
-                Some(model) => sqil::bench::bench(&model, &batch, iters, threads, profile),
+                Some(model) => sqil_driver::bench::bench(&model, &batch, iters, threads, profile),
                 None => Ok(()),
             }
         }
@@ -657,7 +620,7 @@ fn run(cmd: Cmd) -> Result<(), String> {
             sqil_runtime::keep_freed_memory();
             // A compiled CPU artifact runs on the runtime; a model (ONNX or IR) on the interpreter.
             let (g, policy) = if sqil_runtime::artifact::is_artifact(&model) {
-                let mut p = sqil_runtime::Policy::load(&model).map_err(|e| e.to_string())?;
+                let mut p = sqil_runtime::Policy::load(&model)?;
                 p.threads = threads;
                 (None, Some(p))
             } else {
@@ -675,7 +638,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
                     names.len(),
                     names.join(", "),
                     inputs.len()
-                ));
+                )
+                .into());
             }
             let mut feeds = HashMap::new();
             for (k, spec) in inputs.iter().enumerate() {
@@ -686,13 +650,13 @@ fn run(cmd: Cmd) -> Result<(), String> {
                 feeds.insert(name, npy::read(Path::new(path))?);
             }
             let outs = match (&g, &policy) {
-                (Some(g), _) => Interpreter::new(g).and_then(|i| i.run(&feeds)).map_err(|e| e.to_string())?,
+                (Some(g), _) => Interpreter::new(g).and_then(|i| i.run(&feeds))?,
                 (_, Some(p)) => {
                     let ordered = names
                         .iter()
                         .map(|n| feeds.remove(n).ok_or_else(|| format!("no input named `{n}`")))
                         .collect::<Result<Vec<_>, _>>()?;
-                    p.run(&ordered).map_err(|e| e.to_string())?
+                    p.run(&ordered)?
                 }
                 _ => unreachable!("a model or an artifact"),
             };
@@ -702,7 +666,8 @@ fn run(cmd: Cmd) -> Result<(), String> {
                     model.display(),
                     outs.len(),
                     outputs.len()
-                ));
+                )
+                .into());
             }
             for (t, p) in outs.iter().zip(&outputs) {
                 npy::write(p, t)?;

@@ -20,7 +20,7 @@ fn parameter_counts_match_pytorch() {
         // indistinguishable from parameters: the manifest records them separately.
         let want = (m["pytorch_parameters"].as_u64().unwrap() + m["pytorch_buffers"].as_u64().unwrap_or(0)) as usize;
         let g = sqil_onnx::load_model(&policies().join(file)).unwrap();
-        let s = sqil::inspect::summarise(&g).unwrap();
+        let s = sqil_driver::inspect::summarise(&g).unwrap();
         assert_eq!(
             s.params, want,
             "{file}: sqil counts {} parameters, PyTorch {want} (parameters + buffers)",
@@ -61,8 +61,8 @@ fn run_writes_outputs_matching_onnxruntime() {
         .status()
         .unwrap();
     assert!(st.success());
-    let got = sqil::npy::read(&out).unwrap();
-    let want = sqil::npy::read(&policies().join("hopper_mlp.ort0.npy")).unwrap();
+    let got = sqil_driver::npy::read(&out).unwrap();
+    let want = sqil_driver::npy::read(&policies().join("hopper_mlp.ort0.npy")).unwrap();
     assert_eq!(got.shape, want.shape);
     for (a, b) in got.as_f32().unwrap().iter().zip(want.as_f32().unwrap()) {
         assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");

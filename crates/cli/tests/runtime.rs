@@ -2,7 +2,7 @@
 //! the plan (int4 kernels where the layer allows, reference ops elsewhere) agrees with the
 //! interpreter within `PLAN_TOL`, and an artifact written and read back runs bit-identically.
 
-use sqil::quantize::{run_quantize, QuantizeArgs};
+use sqil_driver::quantize::{run_quantize, QuantizeArgs};
 use sqil_lower::Step;
 use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Execute;
@@ -36,10 +36,10 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
     let (mut q4_layers, mut q4_convs) = (0, 0);
     for name in names {
         let model = policies().join(format!("{name}.onnx"));
-        let fp = sqil::load_model(&model).unwrap();
+        let fp = sqil_driver::load_model(&model).unwrap();
         let inputs: Vec<PathBuf> =
             (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
-        let feeds: Vec<sqil_ir::Tensor> = inputs.iter().map(|p| sqil::npy::read(p).unwrap()).collect();
+        let feeds: Vec<sqil_ir::Tensor> = inputs.iter().map(|p| sqil_driver::npy::read(p).unwrap()).collect();
         for spec in configs {
             // Integer inputs everywhere: these tests check the int8 activation paths.
             let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
@@ -160,7 +160,7 @@ fn the_c_abi_runs_an_artifact() {
     }
     let dir = std::env::temp_dir().join(format!("sqil-capi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let fp = sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap();
+    let fp = sqil_driver::load_model(&policies().join("bc_hopper.onnx")).unwrap();
     // Integer inputs everywhere: these tests check the int8 activation paths.
     let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
     cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
@@ -169,7 +169,7 @@ fn the_c_abi_runs_an_artifact() {
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
     let pol = Policy::from_graph(&sim).unwrap();
     artifact::save(&dir.join("policy.bin"), &artifact::encode(&sim, &pol.plan).unwrap()).unwrap();
-    let obs = sqil::npy::read(&input).unwrap();
+    let obs = sqil_driver::npy::read(&input).unwrap();
     let batch = obs.shape[0];
     let want = pol.act(&obs.data.to_f32_vec(), batch).unwrap();
     let raw: Vec<u8> = obs.data.to_f32_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -235,7 +235,7 @@ int main(int argc, char **argv) {
 fn standalone_executable_runs_the_policy() {
     let dir = std::env::temp_dir().join(format!("sqil-exe-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let fp = sqil::load_model(&policies().join("bc_lander.onnx")).unwrap();
+    let fp = sqil_driver::load_model(&policies().join("bc_lander.onnx")).unwrap();
     let input = policies().join("bc_lander.input0.npy");
     // Integer inputs everywhere: these tests check the int8 activation paths.
     let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
@@ -252,13 +252,13 @@ fn standalone_executable_runs_the_policy() {
         .output()
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let obs = sqil::npy::read(&input).unwrap();
+    let obs = sqil_driver::npy::read(&input).unwrap();
     let want = Policy::from_graph(&sim).unwrap().run(std::slice::from_ref(&obs)).unwrap()[0].data.to_f32_vec();
     // From .npy to .npy.
     let out = dir.join("actions.npy");
     let st = std::process::Command::new(&exe).arg("--input").arg(&input).arg("--output").arg(&out).output().unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let got = sqil::npy::read(&out).unwrap().data.to_f32_vec();
+    let got = sqil_driver::npy::read(&out).unwrap().data.to_f32_vec();
     assert_eq!(
         got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
         want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
@@ -309,7 +309,7 @@ fn standalone_executable_runs_the_policy() {
 #[test]
 fn per_sample_execution_needs_independent_samples() {
     use sqil_ir::ops::Op;
-    let cnn = sqil::load_model(&policies().join("cnn.onnx")).unwrap();
+    let cnn = sqil_driver::load_model(&policies().join("cnn.onnx")).unwrap();
     assert!(sqil_lower::per_sample(&cnn));
     let mut mixed = cnn.clone();
     let y = mixed.outputs[0];
@@ -335,5 +335,5 @@ fn per_sample_execution_needs_independent_samples() {
         shape[0] = sqil_ir::Dim::Known(4);
     }
     assert!(!sqil_lower::per_sample(&fixed), "no symbolic batch");
-    assert!(!sqil_lower::per_sample(&sqil::load_model(&policies().join("bc_hopper.onnx")).unwrap()));
+    assert!(!sqil_lower::per_sample(&sqil_driver::load_model(&policies().join("bc_hopper.onnx")).unwrap()));
 }

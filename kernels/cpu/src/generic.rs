@@ -69,12 +69,28 @@ pub fn sgemm_chain(
     check_bounds(k, n, b.len(), rsb, csb, "b");
     check_bounds(m, n, c.len(), rsc, csc, "c");
     #[cfg(target_arch = "x86_64")]
+    if n < 8 && crate::isa() != crate::Isa::Generic {
+        // Few columns (a spatial softmax's keypoint MatMul: 2 columns, 1225 terms): eight
+        // outputs' chains interleaved (independent, so the FMA latency overlaps), each the same
+        // chain over p.
+        // SAFETY: isa() checked AVX2 and FMA; the bounds were checked above.
+        return unsafe {
+            crate::x86_64::avx2::avx2_sgemm_chain_narrow(m, k, n, a, (rsa, csa), b, (rsb, csb), c, (rsc, csc))
+        };
+    }
+    #[cfg(target_arch = "x86_64")]
     if csc == 1 && crate::isa() != crate::Isa::Generic {
         let rows;
         let (b, rsb) = if csb == 1 || n == 1 {
             (b, rsb)
         } else {
-            rows = (0..k * n).map(|i| b[(i / n) * rsb + (i % n) * csb]).collect::<Vec<f32>>();
+            let mut r = vec![0f32; k * n];
+            for (p, row) in r.chunks_exact_mut(n).enumerate() {
+                for (j, t) in row.iter_mut().enumerate() {
+                    *t = b[p * rsb + j * csb];
+                }
+            }
+            rows = r;
             (&rows[..], n)
         };
         // SAFETY: isa() checked AVX2 and FMA (and AVX-512 F for the wide form); the bounds were

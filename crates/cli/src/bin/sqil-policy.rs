@@ -14,7 +14,7 @@ use sqil_runtime::Policy;
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
-use sqil::build::EXE_MAGIC;
+use sqil_driver::build::EXE_MAGIC;
 
 /// The artifact appended to this executable, if any.
 fn embedded() -> Result<Option<Vec<u8>>, String> {
@@ -91,11 +91,11 @@ fn main_inner() -> Result<(), String> {
         return Ok(());
     }
     if !a.inputs.is_empty() {
-        let feeds: Vec<_> = a.inputs.iter().map(|p| sqil::npy::read(p)).collect::<Result<_, _>>()?;
+        let feeds: Vec<_> = a.inputs.iter().map(|p| sqil_driver::npy::read(p)).collect::<Result<_, _>>()?;
         let out = policy.run(&feeds).map_err(|e| e.to_string())?;
         let first = out.into_iter().next().ok_or("the policy has no outputs")?;
         match &a.output {
-            Some(p) => sqil::npy::write(p, &first)?,
+            Some(p) => sqil_driver::npy::write(p, &first)?,
             None => {
                 let v = first.data.to_f32_vec();
                 let per = v.len() / first.shape.first().copied().unwrap_or(1).max(1);

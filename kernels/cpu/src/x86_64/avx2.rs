@@ -489,6 +489,51 @@ pub unsafe fn avx2_sgemm_direct(
     }
 }
 
+/// `sgemm_chain` for few columns: eight outputs at a time, each one FMA chain over p from +0 (the
+/// same bits), the eight chains interleaved so their FMA latencies overlap.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; every accessed element of `a`, `b` and `c` is in bounds.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn avx2_sgemm_chain_narrow(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    let outputs = m * n;
+    let mut o = 0;
+    while o < outputs {
+        let cnt = (outputs - o).min(8);
+        let mut acc = [0f32; 8];
+        let mut at = [0usize; 8];
+        let mut bt = [0usize; 8];
+        for q in 0..cnt {
+            let (i, j) = ((o + q) / n, (o + q) % n);
+            at[q] = i * rsa;
+            bt[q] = j * csb;
+        }
+        for p in 0..k {
+            for q in 0..8 {
+                if q < cnt {
+                    acc[q] = (*a.get_unchecked(at[q] + p * csa)).mul_add(*b.get_unchecked(p * rsb + bt[q]), acc[q]);
+                }
+            }
+        }
+        for (q, &v) in acc.iter().enumerate().take(cnt) {
+            let (i, j) = ((o + q) / n, (o + q) % n);
+            *c.get_unchecked_mut(i * rsc + j * csc) = v;
+        }
+        o += cnt;
+    }
+}
+
 /// `generic_transpose_i8_xor` with four 8 x 8 tiles (32 columns) per register: eight rows of 32
 /// bytes loaded, the same three rounds of masked swaps on 64-bit lanes, each lane's eight bytes
 /// stored to its column; the edges (rows past a multiple of 8, columns past a multiple of 32) by

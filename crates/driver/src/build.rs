@@ -14,17 +14,17 @@ pub struct BuildC {
 }
 
 /// Loads a CPU artifact, or plans a FakeQuant simulation graph (IR text or ONNX).
-pub fn load_policy(model: &Path) -> Result<Policy, String> {
+pub fn load_policy(model: &Path) -> crate::Result<Policy> {
     if sqil_runtime::artifact::is_artifact(model) {
-        Policy::load(model).map_err(|e| e.to_string())
+        Ok(Policy::load(model)?)
     } else {
         let g = crate::load_model(model)?;
-        Policy::from_graph(&g).map_err(|e| format!("{}: {e}", model.display()))
+        Ok(Policy::from_graph(&g).map_err(|e| format!("{}: {e}", model.display()))?)
     }
 }
 
 /// Writes `{prefix}.h`, `{prefix}.c` (and `selftest.c`, `c_report.json`) into `dir`.
-pub fn build_c(model: &Path, dir: &Path, a: &BuildC) -> Result<CReport, String> {
+pub fn build_c(model: &Path, dir: &Path, a: &BuildC) -> crate::Result<CReport> {
     let policy = load_policy(model)?;
     let prog = emit(&policy, &a.prefix).map_err(|e| format!("{}: {e}", model.display()))?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -38,13 +38,14 @@ pub fn build_c(model: &Path, dir: &Path, a: &BuildC) -> Result<CReport, String> 
                 "--selftest: {} file(s) for {} policy input(s)",
                 batches.len(),
                 policy.input_shapes().len()
-            ));
+            )
+            .into());
         }
         let (states, want) = selftest_vectors(&policy, &batches, a.states)?;
-        let src = selftest(&prefix, &states, &want, C_TOL).map_err(|e| e.to_string())?;
+        let src = selftest(&prefix, &states, &want, C_TOL)?;
         crate::quantize::write_atomic(&dir.join("selftest.c"), src.as_bytes())?;
     }
-    let json = serde_json::to_string_pretty(&prog.report).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&prog.report)?;
     crate::quantize::write_atomic(&dir.join("c_report.json"), json.as_bytes())?;
     Ok(prog.report)
 }
@@ -55,7 +56,7 @@ pub fn selftest_vectors(
     policy: &Policy,
     batches: &[Tensor],
     n: usize,
-) -> Result<(Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>), String> {
+) -> crate::Result<(Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>)> {
     let rows = batches.iter().map(|b| b.shape.first().copied().unwrap_or(1)).min().unwrap_or(0).min(n);
     let (mut states, mut want) = (vec![], vec![]);
     for r in 0..rows {
@@ -65,9 +66,9 @@ pub fn selftest_vectors(
             let mut shape = b.shape.clone();
             shape[0] = 1;
             let v = b.data.to_f32_vec()[r * per..(r + 1) * per].to_vec();
-            feeds.push(Tensor::from_f32(shape, v).map_err(|e| e.to_string())?);
+            feeds.push(Tensor::from_f32(shape, v)?);
         }
-        let out = policy.run(&feeds).map_err(|e| e.to_string())?;
+        let out = policy.run(&feeds)?;
         states.push(feeds.iter().map(|t| t.data.to_f32_vec()).collect());
         want.push(out.iter().map(|t| t.data.to_f32_vec()).collect());
     }
@@ -78,10 +79,10 @@ pub fn selftest_vectors(
 pub const EXE_MAGIC: &[u8; 8] = b"SQILEXE\0";
 
 /// The artifact bytes of a model: a CPU artifact as is (checked), else the planned simulation.
-pub fn artifact_bytes(model: &Path) -> Result<Vec<u8>, String> {
+pub fn artifact_bytes(model: &Path) -> crate::Result<Vec<u8>> {
     if sqil_runtime::artifact::is_artifact(model) {
         let bytes = std::fs::read(model).map_err(|e| format!("{}: {e}", model.display()))?;
-        sqil_runtime::load_artifact_bytes(&bytes, &model.display().to_string()).map_err(|e| e.to_string())?;
+        sqil_runtime::load_artifact_bytes(&bytes, &model.display().to_string())?;
         return Ok(bytes);
     }
     crate::quantize::encode_artifact(&crate::load_model(model)?, model).map(|(_, bytes)| bytes)
@@ -89,7 +90,7 @@ pub fn artifact_bytes(model: &Path) -> Result<Vec<u8>, String> {
 
 /// `sqil build --target exe`: a copy of the `sqil-policy` runner (next to this executable unless
 /// `runner` names one) with the policy's artifact appended; returns the sizes (runner, artifact).
-pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> Result<(usize, usize), String> {
+pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> crate::Result<(usize, usize)> {
     let runner = match runner {
         Some(r) => r.to_path_buf(),
         None => {
@@ -115,7 +116,7 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> Result<(usi
     }
     let _ = std::fs::remove_file(&tmp);
     if bytes.len() >= 16 && &bytes[bytes.len() - 8..] == EXE_MAGIC {
-        return Err(format!("{}: already carries a policy; use the plain sqil-policy runner", runner.display()));
+        return Err(format!("{}: already carries a policy; use the plain sqil-policy runner", runner.display()).into());
     }
     let runner_len = bytes.len();
     let art = artifact_bytes(model)?;
@@ -135,7 +136,7 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> Result<(usi
 /// `sqil build --target cuda`: one standalone `.cu` file (see `sqil_codegen::cuda`), with the
 /// first `states` rows of `selftest` (one .npy per policy input; a state's inputs are
 /// concatenated) and the CPU runtime's actions for them as its `--selftest` data.
-pub fn build_cuda(model: &Path, out: &Path, selftest: &[PathBuf], states: usize) -> Result<usize, String> {
+pub fn build_cuda(model: &Path, out: &Path, selftest: &[PathBuf], states: usize) -> crate::Result<usize> {
     let policy = load_policy(model)?;
     // Per state, the inputs concatenated (the program reads them as one vector).
     let ts = selftest.iter().map(|p| crate::npy::read(p)).collect::<Result<Vec<_>, _>>()?;

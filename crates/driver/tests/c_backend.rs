@@ -6,9 +6,9 @@
 //! boards. Tools that are missing make the cross tests skip with a message, unless
 //! `SQIL_REQUIRE_CROSS=1` (set by tools/test.sh, which installs them) makes that a failure.
 
-use sqil::build::selftest_vectors;
-use sqil::quantize::{run_quantize, QuantizeArgs};
 use sqil_codegen::c::{emit, selftest, C_TOL};
+use sqil_driver::build::selftest_vectors;
+use sqil_driver::quantize::{run_quantize, QuantizeArgs};
 use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Policy;
 use std::path::{Path, PathBuf};
@@ -28,14 +28,14 @@ fn policies() -> PathBuf {
 /// The quantized policy and its test states (one tensor per input file).
 fn quantized(name: &str, spec: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     let model = policies().join(format!("{name}.onnx"));
-    let fp = sqil::load_model(&model).unwrap();
+    let fp = sqil_driver::load_model(&model).unwrap();
     let inputs: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
     // Integer inputs everywhere: these tests check the int8 activation paths.
     let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
     cfg.apply_settings(spec).unwrap();
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap_or_else(|e| panic!("{name} {spec}: {e}"));
-    (Policy::from_graph(&sim).unwrap(), inputs.iter().map(|p| sqil::npy::read(p).unwrap()).collect())
+    (Policy::from_graph(&sim).unwrap(), inputs.iter().map(|p| sqil_driver::npy::read(p).unwrap()).collect())
 }
 
 /// Writes policy.c / policy.h / selftest.c for `name` x `spec` (its first `states` test states)
@@ -132,7 +132,7 @@ fn generated_c_runs_int4_layers_over_tokens() {
     std::fs::create_dir_all(&dir).unwrap();
     let states: Vec<f32> = (0..8 * t * d).map(|i| ((i * 7919 % 997) as f32 / 498.5 - 1.0) * 2.0).collect();
     let input = dir.join("x.npy");
-    sqil::npy::write(&input, &Tensor::from_f32(vec![8, t, d], states).unwrap()).unwrap();
+    sqil_driver::npy::write(&input, &Tensor::from_f32(vec![8, t, d], states).unwrap()).unwrap();
     // Integer inputs everywhere: these tests check the int8 activation paths.
     let mut cfg = QuantConfig { raw_input: sqil_passes::quant::RawInput::Quant, ..Default::default() };
     cfg.apply_settings("wbits=4,abits=8,group=32").unwrap();
@@ -141,7 +141,7 @@ fn generated_c_runs_int4_layers_over_tokens() {
     assert!(policy.plan.describe().iter().any(|s| s.contains("q4 x int")), "{:?}", policy.plan.describe());
     let prog = emit(&policy, "policy").unwrap();
     assert!(prog.source.contains("for (sqil_r = 0; sqil_r < 5;"), "no loop over the tokens");
-    let (ins, want) = selftest_vectors(&policy, &[sqil::npy::read(&input).unwrap()], 4).unwrap();
+    let (ins, want) = selftest_vectors(&policy, &[sqil_driver::npy::read(&input).unwrap()], 4).unwrap();
     std::fs::write(dir.join("policy.h"), &prog.header).unwrap();
     std::fs::write(dir.join("policy.c"), &prog.source).unwrap();
     std::fs::write(dir.join("selftest.c"), selftest("policy", &ins, &want, C_TOL).unwrap()).unwrap();

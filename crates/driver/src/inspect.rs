@@ -75,8 +75,8 @@ fn flops(g: &Graph, n: sqil_ir::NodeId) -> u64 {
     }
 }
 
-pub fn summarise(g: &Graph) -> Result<Summary, String> {
-    let order = g.topo_order().map_err(|e| e.to_string())?;
+pub fn summarise(g: &Graph) -> crate::Result<Summary> {
+    let order = g.topo_order()?;
     let mut seen = HashSet::new();
     let mut rows = vec![];
     for n in order {

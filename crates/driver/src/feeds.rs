@@ -23,17 +23,19 @@ fn known(ty: &ValueType, axis: usize) -> Option<usize> {
 }
 
 /// The graph's inputs for demo steps `steps`, in batches of at most `batch`.
-pub fn policy_feeds(g: &Graph, demos: &Demos, steps: &[usize], batch: usize) -> Result<Vec<Feeds>, String> {
+pub fn policy_feeds(g: &Graph, demos: &Demos, steps: &[usize], batch: usize) -> crate::Result<Vec<Feeds>> {
     let inputs: Vec<(String, ValueType)> =
         g.inputs.iter().map(|&i| (g.node(i).outputs[0].name.clone(), g.node(i).outputs[0].ty.clone())).collect();
     let obs_dim = demos.observations.ncols();
     let obs = demos.observations.as_slice().ok_or("demo observations are not contiguous")?;
     let row = |i: usize| &obs[i * obs_dim..(i + 1) * obs_dim];
-    let check_dim = |name: &str, ty: &ValueType, axis: usize, want: usize| match known(ty, axis) {
-        Some(d) if d != want => {
-            Err(format!("input `{name}` ({ty}) expects {d} features per step; the demos have {want}"))
+    let check_dim = |name: &str, ty: &ValueType, axis: usize, want: usize| -> crate::Result<()> {
+        match known(ty, axis) {
+            Some(d) if d != want => {
+                Err(format!("input `{name}` ({ty}) expects {d} features per step; the demos have {want}").into())
+            }
+            _ => Ok(()),
         }
-        _ => Ok(()),
     };
     let mut out = vec![];
     for chunk in steps.chunks(batch.max(1)) {
@@ -43,7 +45,7 @@ pub fn policy_feeds(g: &Graph, demos: &Demos, steps: &[usize], batch: usize) -> 
             [(name, ty)] if ty.rank() == 2 => {
                 check_dim(name, ty, 1, obs_dim)?;
                 let v: Vec<f32> = chunk.iter().flat_map(|&i| row(i).iter().copied()).collect();
-                f.insert(name.clone(), Tensor::from_f32(vec![b, obs_dim], v).map_err(|e| e.to_string())?);
+                f.insert(name.clone(), Tensor::from_f32(vec![b, obs_dim], v)?);
             }
             [(name, ty)] if ty.rank() == 3 => {
                 check_dim(name, ty, 2, obs_dim)?;
@@ -51,7 +53,7 @@ pub fn policy_feeds(g: &Graph, demos: &Demos, steps: &[usize], batch: usize) -> 
                 let hist = demos.history_indices(h);
                 let v: Vec<f32> =
                     chunk.iter().flat_map(|&i| hist[i].iter().flat_map(|&j| row(j).iter().copied())).collect();
-                f.insert(name.clone(), Tensor::from_f32(vec![b, h, obs_dim], v).map_err(|e| e.to_string())?);
+                f.insert(name.clone(), Tensor::from_f32(vec![b, h, obs_dim], v)?);
             }
             [(iname, ity), (pname, pty)] if iname == "image" && pname == "proprio" => {
                 check_dim(pname, pty, 1, obs_dim)?;
@@ -66,16 +68,17 @@ pub fn policy_feeds(g: &Graph, demos: &Demos, steps: &[usize], batch: usize) -> 
                     .iter()
                     .flat_map(|&i| flat[i * per..(i + 1) * per].iter().map(|&p| p as f32 / 255.0))
                     .collect();
-                f.insert(iname.clone(), Tensor::from_f32(vec![b, sh[1], sh[2], sh[3]], v).map_err(|e| e.to_string())?);
+                f.insert(iname.clone(), Tensor::from_f32(vec![b, sh[1], sh[2], sh[3]], v)?);
                 let p: Vec<f32> = chunk.iter().flat_map(|&i| row(i).iter().copied()).collect();
-                f.insert(pname.clone(), Tensor::from_f32(vec![b, obs_dim], p).map_err(|e| e.to_string())?);
+                f.insert(pname.clone(), Tensor::from_f32(vec![b, obs_dim], p)?);
             }
             _ => {
                 let sig: Vec<String> = inputs.iter().map(|(n, t)| format!("{n}: {t}")).collect();
                 return Err(format!(
                     "cannot feed demonstrations to inputs ({}): expected [B, obs], [B, H, obs] or image + proprio",
                     sig.join(", ")
-                ));
+                )
+                .into());
             }
         }
         out.push(f);

@@ -13,8 +13,8 @@
 //!   libm functions, and every plan whose linear maps are all int4 steps must be such a program;
 //!   programs with libm (Softmax's exp, erf) are checked bit for bit all the same.
 
-use sqil::build::selftest_vectors;
 use sqil_codegen::c::{emit, selftest, C_TOL};
+use sqil_driver::build::selftest_vectors;
 use sqil_ir::ops::{AutoPad, BinaryOp, ConvAttrs, UnaryOp};
 use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueRef, ValueType};

@@ -39,28 +39,25 @@ impl QuantizeArgs {
 }
 
 /// Writes `bytes` to `path` atomically.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), String> {
-    sqil_ir::write_atomic(path, bytes).map_err(|e| e.to_string())
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> crate::Result<()> {
+    Ok(sqil_ir::write_atomic(path, bytes)?)
 }
 
 /// The float graph cleaned up, quantized, and its QDQ lowering.
-pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> Result<(Graph, Graph, QuantReport), String> {
+pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> crate::Result<(Graph, Graph, QuantReport)> {
     let fp = prepare_float(fp)?;
     let feeds = calibration_feeds(&fp, &a.calib, a.calib_states)?;
-    let (mut sim, report) = quantize(&fp, &a.config, a.recipe, &feeds).map_err(|e| e.to_string())?;
-    PassManager::from_names(&["dce"])
-        .and_then(|mut pm| pm.run(&mut sim, &mut PassCtx::default()))
-        .map_err(|e| e.to_string())?;
+    let (mut sim, report) = quantize(&fp, &a.config, a.recipe, &feeds)?;
+    PassManager::from_names(&["dce"]).and_then(|mut pm| pm.run(&mut sim, &mut PassCtx::default()))?;
     let mut lowered = sim.clone();
     PassManager::from_names(&["lower-quant", "dce"])
-        .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))
-        .map_err(|e| e.to_string())?;
+        .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))?;
     Ok((sim, lowered, report))
 }
 
 /// The float graph as quantization takes it: shapes inferred, and a model that is already QDQ
 /// dequantized to float (it is quantized afresh).
-pub fn prepare_float(fp: &Graph) -> Result<Graph, String> {
+pub fn prepare_float(fp: &Graph) -> crate::Result<Graph> {
     let mut fp = fp.clone();
     let dequantize = sqil_passes::const_fold::ConstFold { fold_dequantize: true, ..Default::default() };
     PassManager::new(vec![
@@ -68,24 +65,25 @@ pub fn prepare_float(fp: &Graph) -> Result<Graph, String> {
         Box::new(dequantize),
         Box::new(sqil_passes::dce::Dce),
     ])
-    .run(&mut fp, &mut PassCtx::default())
-    .map_err(|e| e.to_string())?;
+    .run(&mut fp, &mut PassCtx::default())?;
     Ok(fp)
 }
 
 /// Calibration batches from a demonstration file (`.npz`, `n` states spread over it) or from
 /// `.npy` files, one per graph input (one batch).
-pub fn calibration_feeds(g: &Graph, paths: &[PathBuf], n: usize) -> Result<Vec<Feeds>, String> {
+pub fn calibration_feeds(g: &Graph, paths: &[PathBuf], n: usize) -> crate::Result<Vec<Feeds>> {
     match paths {
         [] => Err("no calibration data given (--calib)".into()),
         [p] if p.extension().is_some_and(|e| e == "npz") => {
-            let demos = sqil_data::Demos::load(p).map_err(|e| e.to_string())?;
+            let demos = sqil_data::Demos::load(p)?;
             let steps = spread(demos.len(), n);
-            policy_feeds(g, &demos, &steps, 256).map_err(|e| format!("{}: {e}", p.display()))
+            Ok(policy_feeds(g, &demos, &steps, 256).map_err(|e| format!("{}: {e}", p.display()))?)
         }
         _ => {
             if paths.len() != g.inputs.len() {
-                return Err(format!("{} calibration .npy file(s) for {} graph input(s)", paths.len(), g.inputs.len()));
+                return Err(
+                    format!("{} calibration .npy file(s) for {} graph input(s)", paths.len(), g.inputs.len()).into()
+                );
             }
             let mut f = Feeds::new();
             for (p, &i) in paths.iter().zip(&g.inputs) {
@@ -97,16 +95,16 @@ pub fn calibration_feeds(g: &Graph, paths: &[PathBuf], n: usize) -> Result<Vec<F
 }
 
 /// Runs `sqil quantize` and writes its files.
-pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> Result<QuantReport, String> {
+pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> crate::Result<QuantReport> {
     let fp = crate::load_model(model)?;
     let (sim, lowered, report) = run_quantize(&fp, a)?;
-    sqil_codegen::onnx::save(&lowered, &a.out).map_err(|e| e.to_string())?;
+    sqil_codegen::onnx::save(&lowered, &a.out)?;
     if let Some(p) = &a.ir_out {
-        let text = print_graph(&sim, &PrintOptions::default()).map_err(|e| e.to_string())?;
+        let text = print_graph(&sim, &PrintOptions::default())?;
         write_atomic(p, text.as_bytes())?;
     }
     if let Some(p) = &a.report_out {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string_pretty(&report)?;
         write_atomic(p, text.as_bytes())?;
     }
     if let Some(p) = &a.artifact_out {
@@ -117,16 +115,16 @@ pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> Result<QuantReport, Strin
 
 /// Plans a quantized simulation graph for the CPU runtime and writes the artifact (IR text and
 /// packed weights) to `out`; returns the plan. `source` names the model in errors.
-pub fn write_artifact(sim: &Graph, source: &Path, out: &Path) -> Result<sqil_runtime::Plan, String> {
+pub fn write_artifact(sim: &Graph, source: &Path, out: &Path) -> crate::Result<sqil_runtime::Plan> {
     let (plan, bytes) = encode_artifact(sim, source)?;
-    sqil_runtime::artifact::save(out, &bytes).map_err(|e| e.to_string())?;
+    sqil_runtime::artifact::save(out, &bytes)?;
     Ok(plan)
 }
 
 /// The plan of a simulation graph and its CPU artifact bytes (`source` names it in errors).
-pub fn encode_artifact(sim: &Graph, source: &Path) -> Result<(sqil_runtime::Plan, Vec<u8>), String> {
+pub fn encode_artifact(sim: &Graph, source: &Path) -> crate::Result<(sqil_runtime::Plan, Vec<u8>)> {
     let plan = sqil_runtime::Plan::new(sim).map_err(|e| format!("{}: {e}", source.display()))?;
-    let bytes = sqil_runtime::artifact::encode(sim, &plan).map_err(|e| e.to_string())?;
+    let bytes = sqil_runtime::artifact::encode(sim, &plan)?;
     Ok((plan, bytes))
 }
 

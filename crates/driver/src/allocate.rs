@@ -33,12 +33,12 @@ pub enum Method {
 }
 
 impl Method {
-    pub fn parse(s: &str) -> Result<Method, String> {
+    pub fn parse(s: &str) -> crate::Result<Method> {
         Ok(match s {
             "sqil" => Method::Sqil,
             "uniform" => Method::Uniform,
             "hawq" => Method::Hawq,
-            _ => return Err(format!("unknown allocation method `{s}` (known: sqil, uniform, hawq)")),
+            _ => return Err(format!("unknown allocation method `{s}` (known: sqil, uniform, hawq)").into()),
         })
     }
 }
@@ -104,9 +104,9 @@ pub struct AllocReport {
 }
 
 /// The float policy in the canonical form quantize and compile use.
-fn canonical(model: &Path) -> Result<Graph, String> {
+fn canonical(model: &Path) -> crate::Result<Graph> {
     let mut fp = crate::load_model(model)?;
-    sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default()).map_err(|e| e.to_string())?;
+    sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default())?;
     Ok(fp)
 }
 
@@ -133,7 +133,7 @@ fn in_budget_units(budget: Budget, cost: f64, total_params: usize, fixed: f64) -
     }
 }
 
-pub fn run_allocate(model: &Path, a: &AllocateArgs) -> Result<(QuantConfig, AllocReport), String> {
+pub fn run_allocate(model: &Path, a: &AllocateArgs) -> crate::Result<(QuantConfig, AllocReport)> {
     let t0 = Instant::now();
     let fp = canonical(model)?;
     let demos = Demos::load(&a.demos).map_err(|e| format!("{}: {e}", a.demos.display()))?;
@@ -143,26 +143,25 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> Result<(QuantConfig, Allo
         eprintln!("SIS of {} states...", steps.len());
         let image = batches[0].values().any(|t| t.rank() == 4);
         let sb = policy_feeds(&fp, &demos, &steps, if image { 8 } else { 64 })?;
-        let scores = sis_with(&fp, &sb, &a.sis).map_err(|e| e.to_string())?;
+        let scores = sis_with(&fp, &sb, &a.sis)?;
         let (w, thr) = qrd_alpha(&scores, a.top, a.beta);
         (w, Some(thr))
     } else {
         (vec![1.0; steps.len()], None)
     };
-    let m = Measure::new(&fp, &a.base, a.recipe, &batches, &batches, &weights).map_err(|e| e.to_string())?;
-    let layers = allocatable_layers(&fp, &a.base).map_err(|e| e.to_string())?;
+    let m = Measure::new(&fp, &a.base, a.recipe, &batches, &batches, &weights)?;
+    let layers = allocatable_layers(&fp, &a.base)?;
     if layers.is_empty() {
-        return Err(format!("{}: no layer to allocate (all kept in float?)", model.display()));
+        return Err(format!("{}: no layer to allocate (all kept in float?)", model.display()).into());
     }
     let mut done = 0;
     let sens = sensitivity(&m, &layers, &a.wbits, &a.abits, |name| {
         done += 1;
         eprintln!("sensitivity {done}/{}: {name}", layers.len());
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let hessian = if a.method == Method::Hawq {
         eprintln!("Hessian traces ({} probes)...", a.probes);
-        Some(hessian_traces(&fp, &layers, &batches, &vec![1.0; steps.len()], a.probes, 0).map_err(|e| e.to_string())?)
+        Some(hessian_traces(&fp, &layers, &batches, &vec![1.0; steps.len()], a.probes, 0)?)
     } else {
         None
     };
@@ -171,14 +170,14 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> Result<(QuantConfig, Allo
         None => ErrorSource::Measured,
     };
     let fixed = fixed_bytes(&fp, &sens);
-    let (choices, b) = problem(&sens, a.budget, source, &a.cost_model, fixed).map_err(|e| e.to_string())?;
+    let (choices, b) = problem(&sens, a.budget, source, &a.cost_model, fixed)?;
     let total_params: usize = sens.iter().map(|s| s.params).sum();
     let best = allocate(&choices, b)
         .map_err(|e| format!("{e} (in DP units; budget {:?}, {} allocatable parameters)", a.budget, total_params))?;
     let (alloc, measured, trace): (Allocation, f64, Vec<f64>) = if a.refine > 0 {
-        refine(&m, &sens, &choices, b, &best, a.refine).map_err(|e| e.to_string())?
+        refine(&m, &sens, &choices, b, &best, a.refine)?
     } else {
-        let e = m.error(&apply(&a.base, &sens, &choices, &best)).map_err(|e| e.to_string())?.0;
+        let e = m.error(&apply(&a.base, &sens, &choices, &best))?.0;
         (best, e, vec![])
     };
     let cfg = apply(&a.base, &sens, &choices, &alloc);
@@ -224,9 +223,9 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> Result<(QuantConfig, Allo
 }
 
 /// Writes a config as TOML or JSON (by extension), atomically.
-pub fn save_config(cfg: &QuantConfig, path: &Path) -> Result<(), String> {
+pub fn save_config(cfg: &QuantConfig, path: &Path) -> crate::Result<()> {
     let text = if path.extension().is_some_and(|e| e == "json") {
-        serde_json::to_string_pretty(cfg).map_err(|e| e.to_string())?
+        serde_json::to_string_pretty(cfg)?
     } else {
         // TOML has no null: float activations are written as 16, which `QuantConfig::load` reads back.
         let c = QuantConfig { abits: cfg.abits.or(Some(16)), ..cfg.clone() };

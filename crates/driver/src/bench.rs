@@ -20,10 +20,10 @@ fn inputs(shapes: &[Vec<Dim>], batch: usize, r: &mut Rng) -> Vec<Tensor> {
         .collect()
 }
 
-pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, profile: bool) -> Result<(), String> {
+pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, profile: bool) -> crate::Result<()> {
     let artifact = sqil_runtime::artifact::is_artifact(model);
     let (policy, graph): (Option<sqil_runtime::Policy>, Option<Graph>) = if artifact {
-        let mut p = sqil_runtime::Policy::load(model).map_err(|e| e.to_string())?;
+        let mut p = sqil_runtime::Policy::load(model)?;
         p.threads = threads;
         (Some(p), None)
     } else {
@@ -36,15 +36,15 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
         }
         _ => unreachable!("a model or an artifact"),
     };
-    let interp = graph.as_ref().map(Interpreter::new).transpose().map_err(|e| e.to_string())?;
+    let interp = graph.as_ref().map(Interpreter::new).transpose()?;
     let mut r = Rng::new(0);
     for &b in batches {
         let x = inputs(&shapes, b, &mut r);
         let feeds: std::collections::HashMap<String, Tensor> = names.iter().cloned().zip(x.iter().cloned()).collect();
-        let once = || -> Result<(), String> {
+        let once = || -> crate::Result<()> {
             match (&policy, &interp) {
-                (Some(p), _) => p.run(&x).map(|_| ()).map_err(|e| e.to_string()),
-                (_, Some(it)) => it.run(&feeds).map(|_| ()).map_err(|e| e.to_string()),
+                (Some(p), _) => Ok(p.run(&x).map(|_| ())?),
+                (_, Some(it)) => Ok(it.run(&feeds).map(|_| ())?),
                 _ => unreachable!(),
             }
         };
@@ -73,9 +73,10 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
                 return Err(format!(
                     "{}: --profile needs a compiled artifact (sqil compile/quantize --artifact)",
                     model.display()
-                ));
+                )
+                .into());
             };
-            let t = p.plan.profile(&x, threads, iters).map_err(|e| e.to_string())?;
+            let t = p.plan.profile(&x, threads, iters)?;
             let total: f64 = t.iter().map(|s| s.0).sum();
             for (step, (mean, min)) in p.plan.describe().iter().zip(&t) {
                 println!(

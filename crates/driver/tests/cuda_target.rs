@@ -4,14 +4,14 @@
 //! the step named. (nvcc builds and runs these files
 //! on the GPU machine: docs/cuda.md.)
 
-use sqil::quantize::{run_quantize, QuantizeArgs};
+use sqil_driver::quantize::{run_quantize, QuantizeArgs};
 use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Policy;
 use std::path::PathBuf;
 
 fn quantized(name: &str) -> Policy {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    let fp = sqil::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
+    let fp = sqil_driver::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
     let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
     let mut config = QuantConfig::default();
     config.apply_settings("wbits=4,abits=8,group=64,raw_input=quant").unwrap();
@@ -109,7 +109,7 @@ fn unsupported_steps_are_named() {
 #[test]
 fn qdq_models_lower_with_their_quantizers_fused() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    let g = sqil::load_model(&dir.join("hopper_w4a8_qdq.onnx")).unwrap();
+    let g = sqil_driver::load_model(&dir.join("hopper_w4a8_qdq.onnx")).unwrap();
     let l = sqil_cuda::lower::lower(&Policy::from_graph(&g).unwrap()).unwrap();
     assert!(l.sources.iter().any(|(_, src)| src.contains("rintf(")), "no quantizer in the generated kernels");
     if sqil_cuda::nvrtc_present() {

@@ -6,18 +6,18 @@ use sqil_ir::{Data, Tensor};
 use std::io::BufWriter;
 use std::path::Path;
 
-fn open(path: &Path) -> Result<std::fs::File, String> {
-    std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))
+fn open(path: &Path) -> crate::Result<std::fs::File> {
+    std::fs::File::open(path).map_err(|source| crate::Error::Io { path: path.to_path_buf(), source })
 }
 
-fn to_tensor<T: Clone>(a: ArrayD<T>, wrap: fn(Vec<T>) -> Data) -> Result<Tensor, String> {
+fn to_tensor<T: Clone>(a: ArrayD<T>, wrap: fn(Vec<T>) -> Data) -> crate::Result<Tensor> {
     let shape = a.shape().to_vec();
     let v = a.as_standard_layout().iter().cloned().collect::<Vec<T>>();
-    Tensor::new(shape, wrap(v)).map_err(|e| e.to_string())
+    Ok(Tensor::new(shape, wrap(v))?)
 }
 
 /// Reads an .npy array of f32, f64, i64, i32, u8 or bool elements.
-pub fn read(path: &Path) -> Result<Tensor, String> {
+pub fn read(path: &Path) -> crate::Result<Tensor> {
     macro_rules! attempt {
         ($t:ty, $wrap:expr) => {
             if let Ok(a) = ArrayD::<$t>::read_npy(open(path)?) {
@@ -34,11 +34,12 @@ pub fn read(path: &Path) -> Result<Tensor, String> {
     Err(format!(
         "{}: not an .npy file of f32, f64, i64, i32, u8 or bool elements in C or Fortran order",
         path.display()
-    ))
+    )
+    .into())
 }
 
 /// Writes a tensor as .npy (f32, f64, i64, i32, u8, i8 or bool), atomically.
-pub fn write(path: &Path, t: &Tensor) -> Result<(), String> {
+pub fn write(path: &Path, t: &Tensor) -> crate::Result<()> {
     let tmp = path.with_extension("npy.tmp");
     let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     {
@@ -59,8 +60,8 @@ pub fn write(path: &Path, t: &Tensor) -> Result<(), String> {
             Data::U8(v) => put!(v),
             Data::I8(v) => put!(v),
             Data::Bool(v) => put!(v),
-            d => return Err(format!("{}: cannot write {} arrays as .npy", path.display(), d.dtype())),
+            d => return Err(format!("{}: cannot write {} arrays as .npy", path.display(), d.dtype()).into()),
         }
     }
-    std::fs::rename(&tmp, path).map_err(|e| err(&e))
+    Ok(std::fs::rename(&tmp, path).map_err(|e| err(&e))?)
 }

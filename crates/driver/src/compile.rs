@@ -39,13 +39,13 @@ pub enum FtRecipe {
 }
 
 impl FtRecipe {
-    pub fn parse(s: &str) -> Result<FtRecipe, String> {
+    pub fn parse(s: &str) -> crate::Result<FtRecipe> {
         Ok(match s {
             "sqil" => FtRecipe::Sqil,
             "qat" => FtRecipe::Qat,
             "distill" => FtRecipe::Distill,
             "sis-weighted" => FtRecipe::SisWeighted,
-            _ => return Err(format!("unknown recipe `{s}` (known: sqil, qat, distill, sis-weighted)")),
+            _ => return Err(format!("unknown recipe `{s}` (known: sqil, qat, distill, sis-weighted)").into()),
         })
     }
 }
@@ -175,12 +175,12 @@ struct Report {
 
 /// Demonstrated actions for the policy's output layout: `[B, A]`, or `[B, C, A]` chunks of the
 /// next C actions (the episode's last action repeated past its end).
-fn targets(demos: &Demos, steps: &[usize], out_rank: usize, chunk: usize) -> Result<Tensor, String> {
+fn targets(demos: &Demos, steps: &[usize], out_rank: usize, chunk: usize) -> crate::Result<Tensor> {
     let a = demos.actions.ncols();
     let acts = demos.actions.as_slice().ok_or("demo actions are not contiguous")?;
     if out_rank == 2 {
         let v = steps.iter().flat_map(|&i| acts[i * a..(i + 1) * a].iter().copied()).collect();
-        return Tensor::from_f32(vec![steps.len(), a], v).map_err(|e| e.to_string());
+        return Ok(Tensor::from_f32(vec![steps.len(), a], v)?);
     }
     let ends: Vec<usize> = {
         let eps = demos.episodes();
@@ -199,17 +199,13 @@ fn targets(demos: &Demos, steps: &[usize], out_rank: usize, chunk: usize) -> Res
             v.extend_from_slice(&acts[j * a..(j + 1) * a]);
         }
     }
-    Tensor::from_f32(vec![steps.len(), chunk, a], v).map_err(|e| e.to_string())
+    Ok(Tensor::from_f32(vec![steps.len(), chunk, a], v)?)
 }
 
-fn run_all(g: &Graph, batches: &[Feeds]) -> Result<Tensor, String> {
-    let it = Interpreter::new(g).map_err(|e| e.to_string())?;
-    let outs = batches
-        .iter()
-        .map(|b| it.run(b).map(|mut o| o.remove(0)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    concat_batches(outs).map_err(|e| e.to_string())
+fn run_all(g: &Graph, batches: &[Feeds]) -> crate::Result<Tensor> {
+    let it = Interpreter::new(g)?;
+    let outs = batches.iter().map(|b| it.run(b).map(|mut o| o.remove(0))).collect::<Result<Vec<_>, _>>()?;
+    Ok(concat_batches(outs)?)
 }
 
 /// Held-out episodes: `max(1, round(frac * E))` of the `E` episodes, chosen by a seeded shuffle
@@ -254,13 +250,13 @@ fn clipped(t: &Tensor, b: Option<&ActionBox>) -> Vec<f32> {
 
 /// Interval ends of clipped actions for the training loss (see `sqil_train::model`): inside the
 /// box `[v, v]`, at the upper bound `[high, BIG]`, at the lower `[-BIG, low]`.
-fn intervals(t: &Tensor, b: &ActionBox) -> Result<(Tensor, Tensor), String> {
+fn intervals(t: &Tensor, b: &ActionBox) -> crate::Result<(Tensor, Tensor)> {
     const BIG: f32 = 1e30;
     let v = clipped(t, Some(b));
     let a = b.low.len();
     let lo = v.iter().enumerate().map(|(i, &x)| if x <= b.low[i % a] { -BIG } else { x }).collect();
     let hi = v.iter().enumerate().map(|(i, &x)| if x >= b.high[i % a] { BIG } else { x }).collect();
-    let mk = |d: Vec<f32>| Tensor::from_f32(t.shape.clone(), d).map_err(|e| e.to_string());
+    let mk = |d: Vec<f32>| Tensor::from_f32(t.shape.clone(), d);
     Ok((mk(lo)?, mk(hi)?))
 }
 
@@ -309,7 +305,7 @@ impl<'a> Scorer<'a> {
         }
     }
 
-    fn score(&self, g: &Graph) -> Result<ErrorStats, String> {
+    fn score(&self, g: &Graph) -> crate::Result<ErrorStats> {
         Ok(self.stats(&run_all(g, self.batches)?))
     }
 }
@@ -327,10 +323,10 @@ pub fn render_candidates(c: &[Candidate]) -> String {
     s
 }
 
-pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
+pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let t0 = Instant::now();
     if !(a.val_frac > 0.0 && a.val_frac < 1.0) {
-        return Err(format!("--val-frac must be in (0, 1) (got {})", a.val_frac));
+        return Err(format!("--val-frac must be in (0, 1) (got {})", a.val_frac).into());
     }
     if a.max_states == 0 || a.val_states == 0 {
         return Err("--states and --val-states must be > 0".into());
@@ -340,8 +336,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
     let fp_q = crate::quantize::prepare_float(&fp_in)?;
     // The float policy as quantize saw it (same canonical form, same value names).
     let mut fp = fp_in.clone();
-    sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default()).map_err(|e| e.to_string())?;
-    let demos = Demos::load(&a.demos).map_err(|e| e.to_string())?;
+    sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default())?;
+    let demos = Demos::load(&a.demos)?;
     let dims = demos.actions.ncols();
     let abox = match &a.action_box {
         BoxSource::None => None,
@@ -382,7 +378,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
     let sis_b = if batches[0].values().any(|t| t.rank() == 4) { 8 } else { 64 };
     let all_steps: Vec<usize> = steps.iter().chain(&vsteps).copied().collect();
     let sis_batches = feeds_of(&fp, &all_steps, sis_b)?;
-    let all_scores = sis_with(&fp, &sis_batches, &a.sis).map_err(|e| e.to_string())?;
+    let all_scores = sis_with(&fp, &sis_batches, &a.sis)?;
     let (scores, vscores) = all_scores.split_at(steps.len());
     let (top_alpha, thr) = qrd_alpha(scores, a.top, a.beta);
     let critical: Vec<bool> = scores.iter().map(|&s| s >= thr).collect();
@@ -407,9 +403,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
     for r in recipes {
         let (mut sim, rep) =
             sqil_passes::quant::quantize(&fp_q, &a.config, r, &calib).map_err(|e| format!("PTQ {}: {e}", r.name()))?;
-        PassManager::from_names(&["dce"])
-            .and_then(|mut pm| pm.run(&mut sim, &mut PassCtx::default()))
-            .map_err(|e| e.to_string())?;
+        PassManager::from_names(&["dce"]).and_then(|mut pm| pm.run(&mut sim, &mut PassCtx::default()))?;
         let s = val.score(&sim)?;
         eprintln!("PTQ {:<5} held-out action MSE {:.3e} (critical {:.3e})", r.name(), s.all, s.critical);
         candidates.push(Candidate { name: format!("ptq:{}", r.name()), heldout: s, chosen: false });
@@ -428,7 +422,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
         let mut inputs = vec![];
         for &i in &fp.inputs {
             let n = fp.node(i).outputs[0].name.clone();
-            let t = concat_batches(batches.iter().map(|b| b[&n].clone()).collect()).map_err(|e| e.to_string())?;
+            let t = concat_batches(batches.iter().map(|b| b[&n].clone()).collect())?;
             inputs.push((n, t));
         }
         let data = match &abox {
@@ -439,7 +433,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
             }
             None => Dataset { inputs, target, teacher: teacher.clone(), alpha, target_hi: None, teacher_hi: None },
         };
-        let mut tg = train_graph_with(&sim, a.act_steps, abox.is_some()).map_err(|e| e.to_string())?;
+        let mut tg = train_graph_with(&sim, a.act_steps, abox.is_some())?;
         let proto: Vec<Param> = tg.params.clone();
         let with_values = |values: &[Tensor]| -> Graph {
             let ps: Vec<Param> =
@@ -447,13 +441,12 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
             with_params(&sim, &ps)
         };
         let score_fn = |values: &[Tensor]| -> sqil_ir::Result<f64> {
-            val.score(&with_values(values)).map(|s| s.score).map_err(sqil_ir::IrError::Invalid)
+            val.score(&with_values(values)).map(|s| s.score).map_err(|e| sqil_ir::IrError::Invalid(e.to_string()))
         };
         let every = if a.val_every > 0 { a.val_every } else { (a.train.steps / 20).max(1) };
         let validation = Validation { every, patience: a.patience, score: &score_fn };
         let ck = a.out.join("checkpoint.json");
-        let (log, best) =
-            train(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation)).map_err(|e| e.to_string())?;
+        let (log, best) = train(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation))?;
         let best = best.ok_or("fine-tuning gave no validated parameters")?;
         let recipe = serde_json::to_value(a.recipe).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         let ft_name = format!("{recipe}@{}", best.step);
@@ -495,22 +488,13 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
     // Outputs: the simulation IR, QDQ ONNX, the fused IR.
     let mut lowered = tuned.clone();
     PassManager::from_names(&["lower-quant", "dce"])
-        .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))
-        .map_err(|e| e.to_string())?;
-    sqil_codegen::onnx::save(&lowered, &a.out.join("model.onnx")).map_err(|e| e.to_string())?;
-    write_atomic(
-        &a.out.join("model.sqil"),
-        print_graph(&tuned, &PrintOptions::default()).map_err(|e| e.to_string())?.as_bytes(),
-    )?;
+        .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))?;
+    sqil_codegen::onnx::save(&lowered, &a.out.join("model.onnx"))?;
+    write_atomic(&a.out.join("model.sqil"), print_graph(&tuned, &PrintOptions::default())?.as_bytes())?;
     let mut fused = lowered.clone();
-    let f = sqil_passes::fuse::Fuse::default().fuse(&mut fused).map_err(|e| e.to_string())?;
-    PassManager::from_names(&["dce"])
-        .and_then(|mut pm| pm.run(&mut fused, &mut PassCtx::default()))
-        .map_err(|e| e.to_string())?;
-    write_atomic(
-        &a.out.join("model.fused.sqil"),
-        print_graph(&fused, &PrintOptions::default()).map_err(|e| e.to_string())?.as_bytes(),
-    )?;
+    let f = sqil_passes::fuse::Fuse::default().fuse(&mut fused)?;
+    PassManager::from_names(&["dce"]).and_then(|mut pm| pm.run(&mut fused, &mut PassCtx::default()))?;
+    write_atomic(&a.out.join("model.fused.sqil"), print_graph(&fused, &PrintOptions::default())?.as_bytes())?;
     // The CPU artifact (plan + packed int4 weights), checked against the simulation on the
     // validation states.
     let plan = crate::quantize::write_artifact(&tuned, model, &a.out.join("policy.bin"))?;
@@ -567,10 +551,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
         report.heldout_after.critical,
         report.seconds
     );
-    write_atomic(
-        &a.out.join("report.json"),
-        serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?.as_bytes(),
-    )?;
+    write_atomic(&a.out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     // Every output is written: a mismatch is reported, not a reason to lose the run.
     if let Some(m) = cpu_mismatch {
         return Err(format!(
@@ -578,7 +559,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> Result<(), String> {
              every output and the report were written",
             a.out.display(),
             a.plan_tol
-        ));
+        )
+        .into());
     }
     Ok(())
 }
@@ -593,15 +575,15 @@ fn check_plan(
     steps: &[usize],
     threads: usize,
     tol: f32,
-) -> Result<(f32, Option<String>), String> {
-    let it = Interpreter::new(sim).map_err(|e| e.to_string())?;
+) -> crate::Result<(f32, Option<String>)> {
+    let it = Interpreter::new(sim)?;
     let names: Vec<String> = sim.inputs.iter().map(|&i| sim.node(i).outputs[0].name.clone()).collect();
     let (mut worst, mut at) = (0f32, None);
     let mut row0 = 0;
     for b in batches {
         let feeds: Vec<Tensor> = names.iter().map(|n| b[n].clone()).collect();
-        let got = plan.run(&feeds, threads).map_err(|e| e.to_string())?.remove(0);
-        let want = it.run(b).map_err(|e| e.to_string())?.remove(0);
+        let got = plan.run(&feeds, threads)?.remove(0);
+        let want = it.run(b)?.remove(0);
         let (g, w) = (got.data.to_f32_vec(), want.data.to_f32_vec());
         let rows = got.shape[0];
         let per = g.len() / rows.max(1);
@@ -631,7 +613,7 @@ fn check_plan(
         })
         .collect();
     let feeds: Vec<Tensor> = names.iter().map(|n| one[n].clone()).collect();
-    let trace = plan.trace(&feeds, 1).map_err(|e| e.to_string())?;
+    let trace = plan.trace(&feeds, 1)?;
     // Every int4 layer's output in the simulation, from one run.
     let layers: Vec<(&str, usize, bool, sqil_ir::ValueRef)> = plan
         .steps
@@ -644,7 +626,7 @@ fn check_plan(
         })
         .collect();
     let keep: Vec<sqil_ir::ValueRef> = layers.iter().map(|l| l.3).collect();
-    let (_, kept) = it.run_keep(&one, &keep).map_err(|e| e.to_string())?;
+    let (_, kept) = it.run_keep(&one, &keep)?;
     let (mut first, mut layer) = (None, None);
     for (&(lname, y, relu, _), want) in layers.iter().zip(&kept) {
         let Some(Some(got)) = trace.get(y) else { continue };
