@@ -70,9 +70,29 @@ pub fn sgemm_chain(
     check_bounds(m, n, c.len(), rsc, csc, "c");
     #[cfg(target_arch = "x86_64")]
     if n < 8 && crate::isa() != crate::Isa::Generic {
-        // Few columns (a spatial softmax's keypoint MatMul: 2 columns, 1225 terms): eight
-        // outputs' chains interleaved (independent, so the FMA latency overlaps), each the same
-        // chain over p.
+        // Few columns (a spatial softmax's keypoint MatMul: 2 columns, 1225 terms): the same
+        // chains computed as c^T = b^T a^T, vectorized over a's rows (a transposed in blocks of
+        // eight rows, each read sequentially); with fewer than eight rows, eight outputs' chains
+        // interleaved.
+        if m >= 8 {
+            let mut at = vec![0f32; k * m];
+            for i0 in (0..m).step_by(8) {
+                let i1 = (i0 + 8).min(m);
+                for p in 0..k {
+                    for i in i0..i1 {
+                        at[p * m + i] = a[i * rsa + p * csa];
+                    }
+                }
+            }
+            let mut ct = vec![0f32; n * m];
+            sgemm_chain(n, k, m, b, (csb, rsb), &at, (m, 1), &mut ct, (m, 1));
+            for (j, row) in ct.chunks(m).enumerate() {
+                for (i, &v) in row.iter().enumerate() {
+                    c[i * rsc + j * csc] = v;
+                }
+            }
+            return;
+        }
         // SAFETY: isa() checked AVX2 and FMA; the bounds were checked above.
         return unsafe {
             crate::x86_64::avx2::avx2_sgemm_chain_narrow(m, k, n, a, (rsa, csa), b, (rsb, csb), c, (rsc, csc))
