@@ -182,14 +182,19 @@ extern "C" __global__ void sqil_linear_f32w(const float *__restrict__ x, const f
 
 // Quantized activation levels minus the zero point, as floats (exact small integers):
 // lv[i] = clamp(rint(x[i] / s) + z, lo, hi) - z, the CPU's int8 quantizer (NaN stays NaN).
+__device__ __forceinline__ float sqil_level(float x, float s, float z, float lo, float hi)
+{
+    float q = rintf(__fdiv_rn(x, s)) + z;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    return q - z;
+}
+
 extern "C" __global__ void sqil_levels(const float *__restrict__ x, float *__restrict__ lv, int n, float s, float z,
                                        float lo, float hi)
 {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
-        float q = rintf(__fdiv_rn(x[i], s)) + z;
-        q = q < lo ? lo : (q > hi ? hi : q);
-        lv[i] = q - z;
+        lv[i] = sqil_level(x[i], s, z, lo, hi);
     }
 }
 
@@ -214,16 +219,18 @@ __device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const
     return nan ? __int_as_float(0x7fc00000) : out;
 }
 
-// An int4 linear map on integer activations (levels from sqil_levels) over `rows` rows, y [rows,
-// n], the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
+// An int4 linear map on integer activations over `rows` rows, y [rows, n], the input quantized as
+// it is read (sqil_level: the CPU's int8 quantizer with scale xscale, zero qz, range [qlo, qhi]),
+// the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
 // acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
 // makes every output NaN. One warp per output. With at least 32 groups each lane sums whole
 // groups (lane j groups j, j + 32, ...) and the lanes' products are added in group order through
-// shuffles; with fewer, the lanes split each group's terms (integer sums: any order is exact).
+// shuffles; with fewer that divide 32, each group gets 32 / groups lanes; otherwise the lanes split
+// each group's terms in turn (integer sums: any order is exact).
 extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const float *__restrict__ scales,
-                                       const float *__restrict__ bias, const float *__restrict__ lv,
+                                       const float *__restrict__ bias, const float *__restrict__ x,
                                        float *__restrict__ y, int rows, int n, int k, int group, int groups,
-                                       float xscale, int relu)
+                                       float xscale, int relu, float qz, float qlo, float qhi)
 {
     const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x % 32;
@@ -231,7 +238,7 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
         return; // the whole warp
     }
     const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
-    const float *xr = lv + (long)r * k;
+    const float *xr = x + (long)r * k;
     float acc = 0.0f;
     int nan = 0;
     if (groups >= 32) {
@@ -242,7 +249,7 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
                 int s = 0;
                 const int end = (g + 1) * group < k ? (g + 1) * group : k;
                 for (int kk = g * group; kk < end; kk++) {
-                    const float v = xr[kk];
+                    const float v = sqil_level(xr[kk], xscale, qz, qlo, qhi);
                     if (v != v) {
                         nan = 1;
                     } else {
@@ -256,12 +263,33 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
                 acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j));
             }
         }
+    } else if (32 % groups == 0) {
+        // 32 / groups lanes per group, all groups at once: each segment sums its group's terms
+        // and reduces within itself; the products are then added in group order.
+        const int lpg = 32 / groups, g = lane / lpg, sub = lane % lpg;
+        int s = 0;
+        const int end = (g + 1) * group < k ? (g + 1) * group : k;
+        for (int kk = g * group + sub; kk < end; kk += lpg) {
+            const float v = sqil_level(xr[kk], xscale, qz, qlo, qhi);
+            if (v != v) {
+                nan = 1;
+            } else {
+                s += sqil_w8(wq, k4, c, kk) * (int)v;
+            }
+        }
+        for (int d = lpg / 2; d > 0; d /= 2) {
+            s += __shfl_xor_sync(0xffffffffu, s, d);
+        }
+        const float p = __fmul_rn((float)s, scales[(long)c * groups + g]);
+        for (int j = 0; j < groups; j++) {
+            acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j * lpg));
+        }
     } else {
         for (int g = 0; g < groups; g++) {
             int s = 0;
             const int end = (g + 1) * group < k ? (g + 1) * group : k;
             for (int kk = g * group + lane; kk < end; kk += 32) {
-                const float v = xr[kk];
+                const float v = sqil_level(xr[kk], xscale, qz, qlo, qhi);
                 if (v != v) {
                     nan = 1;
                 } else {

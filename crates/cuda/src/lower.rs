@@ -3,8 +3,8 @@
 //! `policy::GpuPolicy` runs one): every step a kernel of `policy_ops.cu` or an element-wise chain
 //! generated for the policy, over f32 buffers.
 //!
-//! Arithmetic: the CPU runtime's. Int4 layers sum integers exactly and apply the runtime's f32
-//! epilogue product by product (`sqil_q4_int`), weight-only layers follow its eight-lane kernel
+//! Arithmetic: the CPU runtime's. Int4 layers quantize their input as the CPU does, sum integers
+//! exactly and apply the runtime's f32 epilogue product by product (`sqil_q4_int`), weight-only layers follow its eight-lane kernel
 //! (`sqil_q4_w16`), float linear maps and convolutions its one fma chain per output; those steps
 //! give the CPU's bits. Element-wise functions run in double and round once, like the reference
 //! interpreter, and the reductions (Softmax, LayerNorm, pooling) sum in another order: actions
@@ -401,23 +401,24 @@ impl<'a> Lowerer<'a> {
         let dims = [int(rows), int(w.n), int(w.k), int(w.group), int(w.groups())];
         match *act {
             ActQuant::Int { scale, zero, lo, hi } => {
-                // The levels once, then the integer sums and the runtime's epilogue.
-                let lb = self.new_buf(xlen);
-                let q = [scale, zero as f32, lo as f32, hi as f32].map(KArg::F32);
-                let mut args = vec![KArg::Buf(xb), KArg::Buf(lb), int(xlen)];
-                args.extend(q);
-                self.steps.push(kernel("sqil_levels", xlen, args));
-                let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb)];
+                let q = [zero as f32, lo as f32, hi as f32].map(KArg::F32);
                 if conv.is_some() {
-                    // One thread per output.
-                    args.push(table);
+                    // The levels once (each is read by every window over it), then one thread
+                    // per output.
+                    let lb = self.new_buf(xlen);
+                    let mut args = vec![KArg::Buf(xb), KArg::Buf(lb), int(xlen), KArg::F32(scale)];
+                    args.extend(q);
+                    self.steps.push(kernel("sqil_levels", xlen, args));
+                    let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb), table];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32), int(taps), int(channels), int(plane)]);
                     self.steps.push(kernel("sqil_q4_conv_int", rows * w.n, args));
                 } else {
-                    // One warp per output.
+                    // One warp per output, the input quantized as it is read.
+                    let mut args = vec![wq, scales, bias, KArg::Buf(xb), KArg::Buf(yb)];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32)]);
+                    args.extend(q);
                     self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
                 }
             }

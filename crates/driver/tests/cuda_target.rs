@@ -29,10 +29,10 @@ fn standalone_cu_for_an_mlp_policy() {
     assert_eq!(src.matches("extern \"C\" __global__ void sqil_q4_int(").count(), 1, "each kernel once");
     assert_eq!(src.matches("<<<").count(), l.steps.len(), "one launch per step");
     // The observation's normalisation (Sub, Div on the f32 input) as one generated kernel, then
-    // per int4 layer its activation levels and the integer kernel (bias and ReLU in it).
-    assert_eq!(l.steps.len(), 7);
+    // per int4 layer one integer kernel (the input quantized as it is read, bias and ReLU in it).
+    assert_eq!(l.steps.len(), 4);
     assert_eq!(l.sources.len(), 1, "one generated kernel (the normalisation)");
-    assert_eq!(src.matches("sqil_levels<<<").count(), 3);
+    assert_eq!(src.matches("sqil_levels<<<").count(), 0);
     assert_eq!(src.matches("sqil_q4_int<<<").count(), 3);
     assert!(src.contains("cudaStreamBeginCapture") && src.contains("cudaGraphLaunch"));
     assert!(src.contains("#define STATES 1") && src.contains("static const float ST_OUT[3]"));
@@ -60,14 +60,7 @@ fn cnn_and_transformer_policies_lower_and_emit() {
         assert_eq!(src.matches("<<<").count(), l.steps.len(), "{name}: one launch per step");
         let want: &[&str] = match name {
             "cnn" | "bc_pickplace_pixels" => &["sqil_levels", "sqil_q4_conv_int"],
-            _ => &[
-                "sqil_levels",
-                "sqil_q4_int",
-                "sqil_copy_pairs",
-                "sqil_bmm",
-                "sqil_softmax_rows",
-                "sqil_layernorm_rows",
-            ],
+            _ => &["sqil_q4_int", "sqil_copy_pairs", "sqil_bmm", "sqil_softmax_rows", "sqil_layernorm_rows"],
         };
         assert!(kernels.iter().any(|k| k.starts_with("sqil_ew_")), "{name}: no fused element-wise kernel");
         for k in want {
