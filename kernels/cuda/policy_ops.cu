@@ -189,6 +189,12 @@ __device__ __forceinline__ float sqil_level(float x, float s, float z, float lo,
     return q - z;
 }
 
+// x quantized by sqil_level, or x itself (already a level) when s is 0.
+__device__ __forceinline__ float sqil_level_or(float x, float s, float z, float lo, float hi)
+{
+    return s == 0.0f ? x : sqil_level(x, s, z, lo, hi);
+}
+
 extern "C" __global__ void sqil_levels(const float *__restrict__ x, float *__restrict__ lv, int n, float s, float z,
                                        float lo, float hi)
 {
@@ -220,7 +226,8 @@ __device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const
 }
 
 // An int4 linear map on integer activations over `rows` rows, y [rows, n], the input quantized as
-// it is read (sqil_level: the CPU's int8 quantizer with scale xscale, zero qz, range [qlo, qhi]),
+// it is read (sqil_level: the CPU's int8 quantizer with scale qs, zero qz, range [qlo, qhi]; qs = 0:
+// x holds the levels already, from sqil_levels),
 // the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
 // acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
 // makes every output NaN. One warp per output. With at least 32 groups each lane sums whole
@@ -230,7 +237,7 @@ __device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const
 extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const float *__restrict__ scales,
                                        const float *__restrict__ bias, const float *__restrict__ x,
                                        float *__restrict__ y, int rows, int n, int k, int group, int groups,
-                                       float xscale, int relu, float qz, float qlo, float qhi)
+                                       float xscale, int relu, float qs, float qz, float qlo, float qhi)
 {
     const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
     const int lane = threadIdx.x % 32;
@@ -249,7 +256,7 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
                 int s = 0;
                 const int end = (g + 1) * group < k ? (g + 1) * group : k;
                 for (int kk = g * group; kk < end; kk++) {
-                    const float v = sqil_level(xr[kk], xscale, qz, qlo, qhi);
+                    const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
                     if (v != v) {
                         nan = 1;
                     } else {
@@ -270,7 +277,7 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
         int s = 0;
         const int end = (g + 1) * group < k ? (g + 1) * group : k;
         for (int kk = g * group + sub; kk < end; kk += lpg) {
-            const float v = sqil_level(xr[kk], xscale, qz, qlo, qhi);
+            const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
             if (v != v) {
                 nan = 1;
             } else {
@@ -289,7 +296,7 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
             int s = 0;
             const int end = (g + 1) * group < k ? (g + 1) * group : k;
             for (int kk = g * group + lane; kk < end; kk += 32) {
-                const float v = sqil_level(xr[kk], xscale, qz, qlo, qhi);
+                const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
                 if (v != v) {
                     nan = 1;
                 } else {

@@ -74,6 +74,10 @@ pub(crate) fn err<E: std::fmt::Debug>(e: E) -> String {
 
 type HStep = LStep<HostArr>;
 
+/// Output channels from which an int4 layer's input levels are computed once by `sqil_levels`
+/// (below, each output's warp quantizes the input as it reads it: one launch fewer).
+const WIDE: usize = 512;
+
 /// An int4 layer's weights for `sqil_q4_int` / `sqil_q4_w16`: per output channel a row of `k`
 /// signed bytes, four to a word (a warp's lanes read consecutive bytes of one row).
 fn int8_words(w: &sqil_kernels_cpu::PackedQ4) -> Vec<u32> {
@@ -413,11 +417,23 @@ impl<'a> Lowerer<'a> {
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32), int(taps), int(channels), int(plane)]);
                     self.steps.push(kernel("sqil_q4_conv_int", rows * w.n, args));
-                } else {
-                    // One warp per output, the input quantized as it is read.
-                    let mut args = vec![wq, scales, bias, KArg::Buf(xb), KArg::Buf(yb)];
+                } else if w.n >= WIDE {
+                    // A wide layer: the levels once (each input element is read by every output's
+                    // warp), then one warp per output.
+                    let lb = self.new_buf(xlen);
+                    let mut args = vec![KArg::Buf(xb), KArg::Buf(lb), int(xlen), KArg::F32(scale)];
+                    args.extend(q);
+                    self.steps.push(kernel("sqil_levels", xlen, args));
+                    let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb)];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32)]);
+                    args.extend([0.0f32; 4].map(KArg::F32));
+                    self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
+                } else {
+                    // One warp per output, the input quantized as it is read (one launch fewer).
+                    let mut args = vec![wq, scales, bias, KArg::Buf(xb), KArg::Buf(yb)];
+                    args.extend(dims);
+                    args.extend([KArg::F32(scale), KArg::I32(relu as i32), KArg::F32(scale)]);
                     args.extend(q);
                     self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
                 }
