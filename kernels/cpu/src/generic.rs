@@ -27,19 +27,11 @@ pub fn sgemm(
     check_bounds(m, n, c.len(), rsc, csc, "c");
     // A plain product (alpha 1, beta 0) over at most SGEMM_DIRECT_K terms with contiguous rows of
     // b and c: each output is matrixmultiply's own arithmetic there, one FMA chain over k from
-    // zero (its packed kernel with a single k block), computed without packing either operand.
-    #[cfg(target_arch = "x86_64")]
+    // zero (its packed kernel with a single k block), which is the policy GEMM's definition:
+    // computed by it, without packing either operand.
     if alpha == 1.0 && beta == 0.0 && k <= SGEMM_DIRECT_K && csb == 1 && csc == 1 && crate::isa() != crate::Isa::Generic
     {
-        // SAFETY: isa() checked AVX2 and FMA (and AVX-512 F for the wide form); the bounds were
-        // checked above.
-        return unsafe {
-            if crate::isa() == crate::Isa::Avx512Vnni {
-                crate::x86_64::avx512::avx512_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
-            } else {
-                crate::x86_64::avx2::avx2_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
-            }
-        };
+        return sgemm_chain(m, k, n, a, (rsa, csa), b, (rsb, csb), c, (rsc, csc));
     }
     sgemm_packed(m, k, n, alpha, a, (rsa, csa), b, (rsb, csb), beta, c, (rsc, csc))
 }

@@ -161,22 +161,12 @@ pub fn has_int_activations(g: &Graph, order: &[NodeId]) -> bool {
     })
 }
 
-/// A Gemm / MatMul that runs as one int4 step: the input value before any activation quantizer,
-/// how the step treats it, the packed weight and the bias.
-#[derive(Clone, Debug)]
-pub struct Q4Linear {
-    pub x: ValueRef,
-    pub act: ActQuant,
-    pub w: PackedQ4,
-    pub bias: Option<Vec<f32>>,
-}
-
 /// The int4 linear step at Gemm / MatMul node `n`, if it is one. With `stored` the weight is only
 /// shaped (an artifact supplies the packed values). With `exact_float`, a layer with float inputs
 /// is not one: it stays the reference Gemm / MatMul on its dequantized weights, the simulation's
 /// arithmetic, because a later integer activation quantizer would turn the W4 x f32 kernel's
 /// last-bit differences into whole quantization steps.
-pub fn q4_linear(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Linear>> {
+pub fn q4_linear(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Layer>> {
     let ins = g.inputs_of(n);
     let (trans_b, bias) = match &g.node(n).op {
         &Op::Gemm { alpha, beta, trans_a: false, trans_b }
@@ -204,7 +194,7 @@ pub fn q4_linear(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Resul
         return Ok(None);
     }
     let w = packed(&q, &scales, nn, k, group, stored)?;
-    Ok(Some(Q4Linear { x, act, w, bias }))
+    Ok(Some(Q4Layer { x, act, w, bias, conv: None }))
 }
 
 thread_local! {
@@ -258,7 +248,9 @@ pub fn run_q4_linear(
     Tensor::from_f32(shape, out)
 }
 
-/// An int4 step: a linear map ([`Q4Linear`]) or, with `conv`, a convolution through int8 im2col.
+/// An int4 step: the input value before any activation quantizer, how the step treats it, the
+/// packed weight and the bias; a linear map ([`q4_linear`]) or, with `conv`, a convolution through
+/// int8 im2col ([`q4_conv`]).
 #[derive(Clone, Debug)]
 pub struct Q4Layer {
     pub x: ValueRef,
@@ -294,7 +286,7 @@ pub fn q4_layer(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result
     if let Op::Conv(_) = &g.node(n).op {
         return q4_conv(g, n, stored);
     }
-    Ok(q4_linear(g, n, stored, exact_float)?.map(|l| Q4Layer { x: l.x, act: l.act, w: l.w, bias: l.bias, conv: None }))
+    q4_linear(g, n, stored, exact_float)
 }
 
 /// An int4 step on input `xt`, its ReLU (if fused) applied: a convolution's `[N, C, in...]`
