@@ -591,9 +591,13 @@ fn run(cmd: Cmd) -> sqil_driver::Result<()> {
                 Ok(())
             }
             Target::Cpu => {
-                let plan = sqil_driver::quantize::write_artifact(&load(&model)?, &model, &output)?;
+                let plan = sqil_driver::quantize::write_artifact(&load(&model)?, &model, &output)?.plan;
                 for d in plan.describe() {
                     println!("  {d}");
+                }
+                println!("fused kernels (the fusion pass's choice):");
+                for k in plan.kernels() {
+                    println!("  {k}");
                 }
                 println!("wrote {}", output.display());
                 Ok(())

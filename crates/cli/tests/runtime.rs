@@ -91,14 +91,18 @@ fn plans_agree_with_the_simulation_and_artifacts_round_trip() {
             );
             let q4 = pol.plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { .. })).count();
             let convs = pol.plan.steps.iter().filter(|s| matches!(s, Step::Q4Linear { conv: Some(_), .. })).count();
+            // The plan comes from the fusion pass's graph: every policy has a layer with an
+            // activation or bias after it, so some fused kernel runs.
+            assert!(!pol.plan.kernels.is_empty(), "{name} {spec}: no fused kernel in the plan");
             eprintln!(
-                "{name:<26} {spec:<30} int4 steps {q4:>2}/{:<3} (convolutions {convs}) max rel diff {err:.1e}",
-                pol.plan.steps.len()
+                "{name:<26} {spec:<30} int4 steps {q4:>2}/{:<3} (convolutions {convs}), fused kernels {} max rel diff {err:.1e}",
+                pol.plan.steps.len(),
+                pol.plan.kernels.len()
             );
             q4_layers += q4;
             q4_convs += convs;
             // Artifact round trip: identical results from the stored packed weights.
-            let bytes = artifact::encode(&sim, &pol.plan).unwrap();
+            let bytes = artifact::encode(&sim).unwrap().1;
             let dir = std::env::temp_dir().join(format!("sqil-rt-{}-{name}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("policy.bin");
@@ -168,7 +172,7 @@ fn the_c_abi_runs_an_artifact() {
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, cfg, vec![input.clone()], 256);
     let (sim, _, _) = run_quantize(&fp, &qa).unwrap();
     let pol = Policy::from_graph(&sim).unwrap();
-    artifact::save(&dir.join("policy.bin"), &artifact::encode(&sim, &pol.plan).unwrap()).unwrap();
+    artifact::save(&dir.join("policy.bin"), &artifact::encode(&sim).unwrap().1).unwrap();
     let obs = sqil_driver::npy::read(&input).unwrap();
     let batch = obs.shape[0];
     let want = pol.act(&obs.data.to_f32_vec(), batch).unwrap();

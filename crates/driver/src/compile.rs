@@ -164,6 +164,7 @@ struct Report {
     action_mse_after: ErrorStats,
     ptq: QuantReport,
     seconds: f64,
+    /// The fused kernels that run in policy.bin (the fusion pass's choice, as lowered).
     fused_kernels: Vec<String>,
     /// Steps of the CPU plan (policy.bin) and its largest difference from the simulation on the
     /// validation states, relative to the largest |action|.
@@ -491,14 +492,13 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))?;
     sqil_codegen::onnx::save(&lowered, &a.out.join("model.onnx"))?;
     write_atomic(&a.out.join("model.sqil"), print_graph(&tuned, &PrintOptions::default())?.as_bytes())?;
-    let mut fused = lowered.clone();
-    let f = sqil_passes::fuse::Fuse::default().fuse(&mut fused)?;
-    PassManager::from_names(&["dce"]).and_then(|mut pm| pm.run(&mut fused, &mut PassCtx::default()))?;
-    write_atomic(&a.out.join("model.fused.sqil"), print_graph(&fused, &PrintOptions::default())?.as_bytes())?;
-    // The CPU artifact (plan + packed int4 weights), checked against the simulation on the
-    // validation states.
-    let plan = crate::quantize::write_artifact(&tuned, model, &a.out.join("policy.bin"))?;
+    // The CPU artifact (the fused graph's plan + packed int4 weights), checked against the
+    // simulation on the validation states; the fused graph it was planned from.
+    let low = crate::quantize::write_artifact(&tuned, model, &a.out.join("policy.bin"))?;
+    write_atomic(&a.out.join("model.fused.sqil"), print_graph(&low.graph, &PrintOptions::default())?.as_bytes())?;
+    let plan = low.plan;
     let cpu_plan = plan.describe();
+    let fused_kernels = plan.kernels();
     let (cpu_rel_diff, cpu_mismatch) = check_plan(&plan, &tuned, &vbatches, &vsteps, a.train.threads, a.plan_tol)?;
     let hist = {
         let mx = scores.iter().cloned().fold(0.0, f64::max).max(1e-12);
@@ -538,7 +538,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         action_mse_after: trs.stats(&after),
         ptq,
         seconds: t0.elapsed().as_secs_f64(),
-        fused_kernels: f.kernels,
+        fused_kernels,
         cpu_plan,
         cpu_rel_diff,
         cpu_mismatch: cpu_mismatch.clone(),
@@ -619,9 +619,11 @@ fn check_plan(
         .steps
         .iter()
         .filter_map(|s| match s {
-            sqil_lower::Step::Q4Linear { layer, y, relu, .. } => {
-                sim.find_value(layer).map(|v| (layer.as_str(), *y, *relu, v))
-            }
+            // The layer's output in the simulation: the value of the node reading its weight.
+            sqil_lower::Step::Q4Linear { layer, y, relu, .. } => match sim.find_value(layer).map(|w| sim.uses_of(w)) {
+                Some(u) if u.len() == 1 => Some((layer.as_str(), *y, *relu, sqil_ir::ValueRef { node: u[0].0, slot: 0 })),
+                _ => None,
+            },
             _ => None,
         })
         .collect();

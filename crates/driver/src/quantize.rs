@@ -113,19 +113,21 @@ pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> crate::Result<QuantReport
     Ok(report)
 }
 
-/// Plans a quantized simulation graph for the CPU runtime and writes the artifact (IR text and
-/// packed weights) to `out`; returns the plan. `source` names the model in errors.
-pub fn write_artifact(sim: &Graph, source: &Path, out: &Path) -> crate::Result<sqil_runtime::Plan> {
-    let (plan, bytes) = encode_artifact(sim, source)?;
+/// Lowers a quantized simulation graph for the CPU runtime (fusion, then the plan) and writes
+/// the artifact (the fused graph and packed weights) to `out`; returns the lowered policy.
+/// `source` names the model in errors.
+pub fn write_artifact(sim: &Graph, source: &Path, out: &Path) -> crate::Result<sqil_lower::Lowered> {
+    let (lowered, bytes) = encode_artifact(sim, source)?;
     sqil_runtime::artifact::save(out, &bytes)?;
-    Ok(plan)
+    Ok(lowered)
 }
 
-/// The plan of a simulation graph and its CPU artifact bytes (`source` names it in errors).
-pub fn encode_artifact(sim: &Graph, source: &Path) -> crate::Result<(sqil_runtime::Plan, Vec<u8>)> {
-    let plan = sqil_runtime::Plan::new(sim).map_err(|e| format!("{}: {e}", source.display()))?;
-    let bytes = sqil_runtime::artifact::encode(sim, &plan)?;
-    Ok((plan, bytes))
+/// The lowered policy of a simulation graph and its CPU artifact bytes (`source` names it in
+/// errors).
+pub fn encode_artifact(sim: &Graph, source: &Path) -> crate::Result<(sqil_lower::Lowered, Vec<u8>)> {
+    let lowered = sqil_lower::lower(sim).map_err(|e| format!("{}: {e}", source.display()))?;
+    let bytes = sqil_runtime::artifact::encode_lowered(&lowered.graph, &lowered.plan)?;
+    Ok((lowered, bytes))
 }
 
 /// The per-layer table.

@@ -34,7 +34,7 @@ impl<'g> Interpreter<'g> {
         let exact_float = crate::lowered::has_int_activations(g, &order);
         let mut lowered = HashMap::new();
         for (pos, &n) in order.iter().enumerate() {
-            if !matches!(g.node(n).op, Op::Gemm { .. } | Op::MatMul | Op::Conv(_)) {
+            if crate::lowered::linear_site(g, n).is_none() {
                 continue;
             }
             // A weight the packed format cannot hold stays the reference op (as in the plan).
@@ -89,7 +89,13 @@ impl<'g> Interpreter<'g> {
                         .get(&l.x)
                         .ok_or_else(|| IrError::Internal(format!("{}: input not computed", g.describe(n))))?;
                     let (name, conv) = (g.describe(n), l.conv.as_deref());
-                    let y = crate::lowered::run_q4_layer(&name, &l.act, &l.w, l.bias.as_deref(), conv, false, x, 1)?;
+                    let mut y = crate::lowered::run_q4_layer(&name, &l.act, &l.w, l.bias.as_deref(), conv, false, x, 1)?;
+                    if let Op::Fused(f) = &node.op {
+                        // The fused kernel's epilogue stages, on the int4 step's result.
+                        let ins = g.inputs_of(n);
+                        let args: Vec<Option<&Tensor>> = ins.iter().map(|v| v.and_then(|v| env.get(&v))).collect();
+                        y = f.eval_after(y, &args).map_err(|e| e.context(format!("evaluating {}", g.describe(n))))?;
+                    }
                     if self.last_use.get(&l.x) == Some(&pos) {
                         env.remove(&l.x);
                     }

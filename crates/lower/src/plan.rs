@@ -14,7 +14,8 @@
 //! budget the tests hold every policy to).
 
 use sqil_ir::lowered::conv::{float_conv_table, Im2col};
-use sqil_ir::lowered::{has_int_activations, q4_layer, Q4Layer};
+use sqil_ir::lowered::{has_int_activations, linear_site, q4_layer, Q4Layer};
+use sqil_ir::ops::fused::Arg;
 use sqil_ir::ops::{Op, UnaryOp};
 use sqil_ir::{Dim, Graph, IrError, NodeId, Result, Tensor, ValueRef};
 use sqil_kernels_cpu::PackedQ4;
@@ -82,6 +83,10 @@ pub struct Plan {
     pub consts: Vec<(usize, Tensor)>,
     pub slots: usize,
     pub steps: Vec<Step>,
+    /// Per step, the fused kernel (index into `kernels`) it belongs to.
+    pub step_kernel: Vec<Option<usize>>,
+    /// The fused kernels of the graph, as the fusion pass chose them.
+    pub kernels: Vec<Kernel>,
     /// Per slot, the last step that reads it (`usize::MAX`: kept to the end, as outputs are):
     /// a step's dead inputs are dropped after it, and a ReLU or Reshape takes over its input's
     /// buffer when the input dies there (no copy, no fresh pages).
@@ -138,6 +143,22 @@ pub fn per_sample(g: &Graph) -> bool {
         // An axis attribute names the batch axis if it normalizes to 0.
         let off0 = |axis: i64| axis.rem_euclid(rank.max(1)) != 0;
         let ok = match &node.op {
+            // A fused kernel's stages: row-wise linear maps, convolutions and element-wise ops
+            // (what the fusion rules build; anything else keeps the batch together).
+            Op::Fused(f) => f.stages.iter().all(|st| {
+                conv |= matches!(st.op, Op::Conv(_));
+                matches!(
+                    st.op,
+                    Op::Conv(_)
+                        | Op::MatMul
+                        | Op::Gemm { trans_a: false, .. }
+                        | Op::Unary(_)
+                        | Op::Binary(_)
+                        | Op::LeakyRelu { .. }
+                        | Op::Gelu { .. }
+                        | Op::Clip
+                )
+            }),
             Op::Conv(_) | Op::MaxPool(_) | Op::AveragePool(_) | Op::GlobalAveragePool => {
                 conv |= matches!(node.op, Op::Conv(_));
                 true
@@ -192,21 +213,38 @@ pub enum WeightLayout {
     Conv { channels: usize },
 }
 
-/// The float weight behind a planned int4 layer (named by its output value): the Const node
-/// feeding the layer's weight FakeQuant and its layout, if that constant serves only this layer
-/// (so an artifact may store it packed only).
+/// The key of the int4 layer at node `n` (a linear node, or a fused kernel whose first stage is
+/// one): the name of its weight value, the FakeQuant of the float weight. Fusion leaves that value
+/// alone, so the key is the same in the simulation graph and the fused graph an artifact stores.
+pub fn layer_key(g: &Graph, n: NodeId) -> Option<String> {
+    let (_, ins) = linear_site(g, n)?;
+    ins.get(1).copied().flatten().map(|w| g.value(w).name.clone())
+}
+
+/// The float weight behind a planned int4 layer (named by its key, [`layer_key`]; artifacts of
+/// versions 1 and 2 named it by the layer's output value): the Const node feeding the layer's
+/// weight FakeQuant and its layout, if that constant serves only this layer (so an artifact may
+/// store it packed only).
 pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, WeightLayout)> {
-    let n = g.find_value(layer)?.node;
-    let layout = match g.node(n).op {
+    let v = g.find_value(layer)?;
+    let (n, fq) = if matches!(g.node(v.node).op, Op::FakeQuant { .. }) {
+        match g.uses_of(v).as_slice() {
+            [(u, _)] => (*u, v),
+            _ => return None,
+        }
+    } else {
+        (v.node, linear_site(g, v.node)?.1.get(1).copied().flatten()?)
+    };
+    let (op, ins) = linear_site(g, n)?;
+    if ins.get(1).copied().flatten() != Some(fq) {
+        return None;
+    }
+    let layout = match op {
         Op::Gemm { trans_b: true, .. } => WeightLayout::Nk,
         Op::Gemm { trans_b: false, .. } | Op::MatMul => WeightLayout::Kn,
-        Op::Conv(_) => {
-            let w = g.inputs_of(n).get(1).copied().flatten()?;
-            WeightLayout::Conv { channels: g.value(w).ty.shape.get(1)?.known()? }
-        }
+        Op::Conv(_) => WeightLayout::Conv { channels: g.value(fq).ty.shape.get(1)?.known()? },
         _ => return None,
     };
-    let fq = g.inputs_of(n).get(1).copied().flatten()?;
     if !matches!(g.node(fq.node).op, Op::FakeQuant { .. }) || g.uses_of(fq).len() != 1 {
         return None;
     }
@@ -238,10 +276,10 @@ type Consts = Vec<(usize, Tensor)>;
 /// Evaluates once, at planning time, every reference step whose inputs are all constants (the
 /// FakeQuant of a weight no int4 kernel absorbed, a shape computation): their results become
 /// constants and the steps disappear. Constants no remaining step reads are dropped.
-fn fold_constants(steps: Vec<Step>, consts: Consts, outputs: &[usize]) -> Result<(Vec<Step>, Consts)> {
+fn fold_constants<T>(steps: Vec<(Step, T)>, consts: Consts, outputs: &[usize]) -> Result<(Vec<(Step, T)>, Consts)> {
     let mut known: HashMap<usize, Tensor> = consts.into_iter().collect();
     let mut kept = vec![];
-    for step in steps {
+    for (step, tag) in steps {
         if let Step::Op { node, name, op, inputs, outputs, .. } = &step {
             if inputs.iter().flatten().all(|s| known.contains_key(s)) {
                 let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| known.get(&s))).collect();
@@ -252,10 +290,10 @@ fn fold_constants(steps: Vec<Step>, consts: Consts, outputs: &[usize]) -> Result
                 continue;
             }
         }
-        kept.push(step);
+        kept.push((step, tag));
     }
     let mut read: std::collections::HashSet<usize> = outputs.iter().copied().collect();
-    for step in &kept {
+    for (step, _) in &kept {
         read.extend(step.reads());
     }
     let mut consts: Consts = known.into_iter().filter(|(s, _)| read.contains(s)).collect();
@@ -290,31 +328,105 @@ fn weights_as_rows(steps: &mut [Step], consts: &mut Consts, next: &mut usize, ou
     consts.retain(|(s, _)| read.contains(s));
 }
 
-impl Plan {
-    /// Plans `g` (a verified FakeQuant simulation graph), packing its int4 weights.
-    pub fn new(g: &Graph) -> Result<Plan> {
-        Plan::with_packed(g, &HashMap::new())
+/// A fused kernel of the plan (a `Fused` node of the fusion pass).
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    /// The fused node's name.
+    pub node: String,
+    /// The fusion pass's kernel name, e.g. `gemm+bias+relu`.
+    pub kernel: String,
+}
+
+/// Slot numbering: one per value, fresh ones for the values inside fused kernels.
+#[derive(Default)]
+struct Slots {
+    map: HashMap<ValueRef, usize>,
+    next: usize,
+}
+
+impl Slots {
+    fn of(&mut self, v: ValueRef) -> usize {
+        let next = &mut self.next;
+        *self.map.entry(v).or_insert_with(|| {
+            *next += 1;
+            *next - 1
+        })
     }
 
-    /// Plans `g`, taking the packed weights of Q4 layers from `packed` (by layer node name, as an
-    /// artifact stores them) where present; they must match the layer's shape and grouping.
+    fn fresh(&mut self) -> usize {
+        self.next += 1;
+        self.next - 1
+    }
+}
+
+/// The bias of a fused kernel's stage `st` when it is `Add(stage 0, c)` (either order) with `c` a
+/// constant of `n` values along the last axis (shape `[.., n]`, ones before): an int4 step
+/// computes `y + b[j]` in its epilogue, which is that Add exactly. With integer activations a
+/// `-0.0` in `b` is made `+0.0`: that epilogue adds `+0.0` when it has no bias, so the unfused
+/// steps give `(y + 0) + b`, the same as `y + b` for every `y` and `b` except `b = -0.0`, where
+/// `(+-0 + 0) + -0 = +0 = +-0 + +0`. (The weight-only epilogue adds nothing without a bias.)
+fn epilogue_bias(
+    g: &Graph,
+    ins: &[Option<ValueRef>],
+    st: &sqil_ir::ops::fused::Stage,
+    n: usize,
+    act: &ActQuant,
+) -> Option<Vec<f32>> {
+    if !matches!(st.op, Op::Binary(sqil_ir::ops::BinaryOp::Add)) {
+        return None;
+    }
+    let c = match st.args.as_slice() {
+        [Some(Arg::Stage(0)), Some(Arg::Input(i))] | [Some(Arg::Input(i)), Some(Arg::Stage(0))] => *i,
+        _ => return None,
+    };
+    let t = g.const_value(ins.get(c).copied().flatten()?)?;
+    let shape_ok = t.shape.last() == Some(&n) && t.shape[..t.rank() - 1].iter().all(|&d| d == 1);
+    if !shape_ok || t.dtype() != sqil_ir::DType::F32 {
+        return None;
+    }
+    let int = matches!(act, ActQuant::Int { .. });
+    Some(t.data.to_f32_vec().into_iter().map(|v| if int && v == 0.0 { 0.0 } else { v }).collect())
+}
+
+/// The node values a fused kernel's first stage reads (it reads no earlier stage).
+fn stage_inputs(ins: &[Option<ValueRef>], args: &[Option<Arg>]) -> Result<Vec<Option<ValueRef>>> {
+    args.iter()
+        .map(|a| match a {
+            None => Ok(None),
+            Some(Arg::Input(i)) => Ok(ins.get(*i).copied().flatten()),
+            Some(Arg::Stage(_)) => Err(IrError::Invalid("a fused kernel's first stage reads another stage".into())),
+        })
+        .collect()
+}
+
+impl Plan {
+    /// Lowers `g` (a verified FakeQuant simulation graph): fuses it ([`crate::lower`]) and plans
+    /// the fused graph, packing its int4 weights.
+    pub fn new(g: &Graph) -> Result<Plan> {
+        Ok(crate::lower(g)?.plan)
+    }
+
+    /// Plans `g` as it is (a fused graph from [`crate::lower`], an artifact's stored graph, or an
+    /// unfused simulation graph, whose every node is then its own step), taking the packed weights
+    /// of int4 layers from `packed` (by [`layer_key`], as an artifact stores them) where present;
+    /// they must match the layer's shape and grouping.
+    ///
+    /// A `Fused` node (a kernel the fusion pass chose) becomes consecutive steps that
+    /// [`Plan::kernels`] names: its first stage (an int4 step when it is one, with a ReLU right
+    /// after it folded into the step's epilogue), then one step per later stage, the values between
+    /// them never leaving the kernel's slots. Nothing else is fused here.
     pub fn with_packed(g: &Graph, packed: &HashMap<String, PackedQ4>) -> Result<Plan> {
         let order = g.topo_order()?;
-        let mut slot: HashMap<ValueRef, usize> = HashMap::new();
-        let mut next = 0usize;
-        let mut slot_of = |v: ValueRef, slot: &mut HashMap<ValueRef, usize>| -> usize {
-            *slot.entry(v).or_insert_with(|| {
-                next += 1;
-                next - 1
-            })
-        };
-        // Which nodes become Q4 steps, and which ReLUs they absorb.
-        let mut q4: HashMap<NodeId, Q4Layer> = HashMap::new();
+        let mut slots = Slots::default();
+        // Which nodes are int4 steps.
+        let mut q4: HashMap<NodeId, (String, Q4Layer)> = HashMap::new();
         let exact_float = has_int_activations(g, &order);
         for &n in &order {
-            let key = &g.node(n).outputs[0].name;
-            if let Some(mut l) = q4_layer(g, n, packed.contains_key(key), exact_float)? {
-                if let Some(p) = packed.get(key) {
+            let Some(key) = layer_key(g, n) else { continue };
+            // Artifacts of versions 1 and 2 keyed a layer by its output value.
+            let stored = packed.get(&key).or_else(|| packed.get(&g.node(n).outputs[0].name));
+            if let Some(mut l) = q4_layer(g, n, stored.is_some(), exact_float)? {
+                if let Some(p) = stored {
                     if (p.n, p.k, p.group) != (l.w.n, l.w.k, l.w.group) {
                         return Err(IrError::Invalid(format!(
                             "layer `{key}`: stored weights are [{} x {}] g{}, the graph's [{} x {}] g{}",
@@ -323,22 +435,13 @@ impl Plan {
                     }
                     l.w = p.clone();
                 }
-                q4.insert(n, l);
-            }
-        }
-        let mut fused_relu: HashMap<NodeId, NodeId> = HashMap::new(); // relu node -> layer node
-        for &n in q4.keys() {
-            let y = ValueRef { node: n, slot: 0 };
-            let uses = g.uses_of(y);
-            if let [(u, 0)] = uses.as_slice() {
-                if matches!(g.node(*u).op, Op::Unary(UnaryOp::Relu)) && !g.outputs.contains(&y) {
-                    fused_relu.insert(*u, n);
-                }
+                q4.insert(n, (key, l));
             }
         }
         // Steps, built backwards from the outputs so absorbed quantizers are never computed.
         let mut needed: std::collections::HashSet<NodeId> = g.outputs.iter().map(|v| v.node).collect();
-        let mut steps_rev = vec![];
+        let mut steps_rev: Vec<(Step, Option<usize>)> = vec![];
+        let mut kernels = vec![];
         let mut consts = vec![];
         for &n in order.iter().rev() {
             if !needed.contains(&n) {
@@ -348,74 +451,165 @@ impl Plan {
             match &node.op {
                 Op::Input => continue,
                 Op::Const(t) => {
-                    consts.push((slot_of(ValueRef { node: n, slot: 0 }, &mut slot), t.clone()));
+                    consts.push((slots.of(ValueRef { node: n, slot: 0 }), t.clone()));
                     continue;
                 }
                 _ => {}
             }
-            // A Q4 layer is one step, written where its ReLU (if fused) would write.
-            let (layer, relu) = match fused_relu.get(&n) {
-                Some(&layer) => (Some(layer), true),
-                None if q4.contains_key(&n) => {
-                    if fused_relu.values().any(|&l| l == n) {
-                        continue; // emitted with its ReLU
-                    }
-                    (Some(n), false)
-                }
-                None => (None, false),
-            };
-            if let Some(layer) = layer {
-                needed.insert(layer);
-                let l = q4[&layer].clone();
-                needed.insert(l.x.node);
-                steps_rev.push(Step::Q4Linear {
-                    name: g.node(layer).name.clone(),
-                    layer: g.node(layer).outputs[0].name.clone(),
-                    x: slot_of(l.x, &mut slot),
-                    y: slot_of(ValueRef { node: n, slot: 0 }, &mut slot),
-                    act: l.act,
-                    w: l.w,
-                    bias: l.bias,
-                    relu,
-                    conv: l.conv,
-                });
-                continue;
-            }
             let ins = g.inputs_of(n);
-            for v in ins.iter().flatten() {
-                needed.insert(v.node);
-            }
-            let table = match (&node.op, ins.as_slice()) {
-                (Op::Conv(c), [Some(x), Some(w), ..]) => float_conv_table(g, c, *x, *w),
+            let out = ValueRef { node: n, slot: 0 };
+            let mut node_steps = vec![];
+            let fused = match &node.op {
+                Op::Fused(f) => Some(f.as_ref()),
                 _ => None,
             };
-            steps_rev.push(Step::Op {
-                node: n,
-                name: node.name.clone(),
-                op: node.op.clone(),
-                table,
-                inputs: ins.iter().map(|v| v.map(|v| slot_of(v, &mut slot))).collect(),
-                outputs: (0..node.outputs.len()).map(|s| slot_of(ValueRef { node: n, slot: s }, &mut slot)).collect(),
-            });
+            // The first stage (or the node itself).
+            let mut next_stage = 1;
+            let head_out = |slots: &mut Slots, last: bool| if last { slots.of(out) } else { slots.fresh() };
+            let n_stages = fused.map_or(1, |f| f.stages.len());
+            let mut stage_slot: Vec<usize> = vec![];
+            if let Some((key, l)) = q4.get(&n) {
+                needed.insert(l.x.node);
+                let mut bias = l.bias.clone();
+                // A constant bias Add (of a layer without one) and a ReLU right after the int4
+                // step are its epilogue: the same arithmetic (see `epilogue_bias`).
+                if let (Some(f), None, None) = (fused, &bias, &l.conv) {
+                    if let Some(b) = f.stages.get(1).and_then(|s| epilogue_bias(g, &ins, s, l.w.n, &l.act)) {
+                        bias = Some(b);
+                        next_stage = 2;
+                    }
+                }
+                let relu = fused.is_some_and(|f| {
+                    f.stages.get(next_stage).is_some_and(|s| {
+                        matches!(s.op, Op::Unary(UnaryOp::Relu)) && s.args == [Some(Arg::Stage(next_stage - 1))]
+                    })
+                });
+                if relu {
+                    next_stage += 1;
+                }
+                let y = head_out(&mut slots, next_stage >= n_stages);
+                stage_slot.extend(std::iter::repeat_n(y, next_stage));
+                node_steps.push(Step::Q4Linear {
+                    name: node.name.clone(),
+                    layer: key.clone(),
+                    x: slots.of(l.x),
+                    y,
+                    act: l.act.clone(),
+                    w: l.w.clone(),
+                    bias,
+                    relu,
+                    conv: l.conv.clone(),
+                });
+            } else {
+                let (op, op_ins): (Op, Vec<Option<ValueRef>>) = match fused {
+                    Some(f) => (f.stages[0].op.clone(), stage_inputs(&ins, &f.stages[0].args)?),
+                    None => (node.op.clone(), ins.clone()),
+                };
+                for v in op_ins.iter().flatten() {
+                    needed.insert(v.node);
+                }
+                let table = match (&op, op_ins.as_slice()) {
+                    (Op::Conv(c), [Some(x), Some(w), ..]) => float_conv_table(g, c, *x, *w),
+                    _ => None,
+                };
+                let outputs: Vec<usize> = if fused.is_some() {
+                    vec![head_out(&mut slots, n_stages == 1)]
+                } else {
+                    (0..node.outputs.len()).map(|s| slots.of(ValueRef { node: n, slot: s })).collect()
+                };
+                stage_slot.push(outputs[0]);
+                node_steps.push(Step::Op {
+                    node: n,
+                    name: node.name.clone(),
+                    op,
+                    table,
+                    inputs: op_ins.iter().map(|v| v.map(|v| slots.of(v))).collect(),
+                    outputs,
+                });
+            }
+            // The later stages of a fused kernel, one step each.
+            if let Some(f) = fused {
+                for (k, st) in f.stages.iter().enumerate().skip(next_stage) {
+                    let mut inputs = vec![];
+                    for a in &st.args {
+                        inputs.push(match a {
+                            None => None,
+                            Some(Arg::Stage(j)) => Some(stage_slot[*j]),
+                            Some(Arg::Input(i)) => {
+                                let v = ins.get(*i).copied().flatten().ok_or_else(|| {
+                                    IrError::Invalid(format!("fused node `{}`: stage {k} reads input {i}, absent", node.name))
+                                })?;
+                                needed.insert(v.node);
+                                Some(slots.of(v))
+                            }
+                        });
+                    }
+                    let y = head_out(&mut slots, k + 1 == n_stages);
+                    stage_slot.push(y);
+                    node_steps.push(Step::Op {
+                        node: n,
+                        name: node.name.clone(),
+                        op: st.op.clone(),
+                        table: None,
+                        inputs,
+                        outputs: vec![y],
+                    });
+                }
+                kernels.push(Kernel { node: node.name.clone(), kernel: f.kernel.clone() });
+            }
+            let tag = fused.map(|_| kernels.len() - 1);
+            steps_rev.extend(node_steps.into_iter().rev().map(|s| (s, tag)));
         }
         steps_rev.reverse();
         let inputs = g
             .inputs
             .iter()
-            .map(|&i| (g.node(i).outputs[0].name.clone(), slot_of(ValueRef { node: i, slot: 0 }, &mut slot)))
+            .map(|&i| (g.node(i).outputs[0].name.clone(), slots.of(ValueRef { node: i, slot: 0 })))
             .collect();
-        let outputs: Vec<usize> = g.outputs.iter().map(|&o| slot_of(o, &mut slot)).collect();
-        let (mut steps, mut consts) = fold_constants(steps_rev, consts, &outputs)?;
-        weights_as_rows(&mut steps, &mut consts, &mut next, &outputs);
+        let outputs: Vec<usize> = g.outputs.iter().map(|&o| slots.of(o)).collect();
+        let (tagged, mut consts) = fold_constants(steps_rev, consts, &outputs)?;
+        let (mut steps, mut step_kernel): (Vec<Step>, Vec<Option<usize>>) = tagged.into_iter().unzip();
+        // Kernels in execution order (they were found walking backwards).
+        kernels.reverse();
+        step_kernel.iter_mut().flatten().for_each(|k| *k = kernels.len() - 1 - *k);
+        weights_as_rows(&mut steps, &mut consts, &mut slots.next, &outputs);
         let output_names = g.outputs.iter().map(|&o| g.value(o).name.clone()).collect();
-        let mut last_use = vec![usize::MAX; next];
+        let mut last_use = vec![usize::MAX; slots.next];
         for (i, step) in steps.iter().enumerate() {
             step.reads().for_each(|s| last_use[s] = i);
         }
         for &s in &outputs {
             last_use[s] = usize::MAX;
         }
-        Ok(Plan { inputs, outputs, output_names, consts, slots: next, steps, last_use, per_sample: per_sample(g) })
+        Ok(Plan {
+            inputs,
+            outputs,
+            output_names,
+            consts,
+            slots: slots.next,
+            steps,
+            step_kernel,
+            kernels,
+            last_use,
+            per_sample: per_sample(g),
+        })
+    }
+
+    /// The fused kernels that run, one line each: the node, the kernel (the fusion pass's name,
+    /// e.g. `gemm+bias+relu`) and the steps it runs as.
+    pub fn kernels(&self) -> Vec<String> {
+        let desc = self.describe();
+        self.kernels
+            .iter()
+            .enumerate()
+            .map(|(k, kn)| {
+                let steps: Vec<&str> = (0..self.steps.len())
+                    .filter(|&i| self.step_kernel[i] == Some(k))
+                    .map(|i| desc[i].split_once(": ").map_or(desc[i].as_str(), |(_, d)| d))
+                    .collect();
+                format!("{}: {} as {}", kn.node, kn.kernel, steps.join(" -> "))
+            })
+            .collect()
     }
 
     /// Names and kinds of the steps (for reports).

@@ -3,6 +3,12 @@
 //! keeps the float constants of the steps that are not int4 kernels) and the pre-packed int4
 //! weights of every Q4 layer, behind a versioned header and a checksum.
 //!
+//! Since version 3 the graph is the fused simulation graph `sqil_lower::lower` planned (its
+//! `Fused` nodes are the plan's fused kernels; loading plans it as stored, without fusing again)
+//! and a layer's packed weights are named by its weight value (the FakeQuant of the float
+//! weight, `sqil_lower::layer_key`); versions 1 and 2 stored the unfused graph and named a layer
+//! by its output value, and load as before (every node its own step).
+//!
 //! Since version 2 the float weights of the int4 layers are not stored twice: in the IR text
 //! they are zero placeholders (`{splat 0.0}`), and loading puts back their dequantized values
 //! `q * scale` from the packed weights, which the graph's FakeQuant maps to the same values as
@@ -28,15 +34,24 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub const MAGIC: &[u8; 8] = b"SQILCPU\0";
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// FNV-1a, 64 bit.
 pub fn checksum(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// The artifact bytes of a simulation graph and its plan.
-pub fn encode(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
+/// Lowers a simulation graph (`sqil_lower::lower`: fusion, then the plan) and encodes the
+/// artifact: the fused graph and the plan's packed weights. Returns the plan and the bytes.
+pub fn encode(sim: &Graph) -> Result<(Plan, Vec<u8>)> {
+    let l = sqil_lower::lower(sim)?;
+    let bytes = encode_lowered(&l.graph, &l.plan)?;
+    Ok((l.plan, bytes))
+}
+
+/// The artifact bytes of a graph and the plan made from it (`Plan::with_packed` of that graph,
+/// or `sqil_lower::lower`'s graph and plan).
+pub fn encode_lowered(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
     let mut g = g.clone();
     for s in &plan.steps {
         if let Step::Q4Linear { layer, .. } = s {

@@ -202,17 +202,31 @@ impl PackedQ4 {
         self.k_pad / self.group
     }
 
+    /// The padded row length of `k` weights in groups of `group` (0: one group): the next
+    /// multiple of the group, or of 32 for one group.
+    pub fn padded_k(k: usize, group: usize) -> usize {
+        let k32 = k.div_ceil(QK4) * QK4;
+        if group == 0 {
+            k32
+        } else {
+            k.div_ceil(group).max(1) * group
+        }
+    }
+
     /// Packs integer weights `q` (`[n, k]` row-major, each in [-8, 7]) with scales `[n, ceil(k /
-    /// group)]`. `group` must be a multiple of 32, or 0 for one scale per channel.
+    /// group)]`. `group` must be a multiple of 32, or 0 for one scale per channel. Rows are
+    /// zero-padded to `k_pad`, the next multiple of the group (of 32 per channel), so a last group
+    /// that `k` cuts short (96 columns in groups of 64) is a whole group whose extra weights are 0
+    /// and add nothing.
     pub fn pack(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) -> Result<PackedQ4, String> {
         if q.len() != n * k {
             return Err(format!("pack: {} weights for [{n}, {k}]", q.len()));
         }
-        let k_pad = k.div_ceil(QK4) * QK4;
-        let group = if group == 0 { k_pad } else { group };
-        if !group.is_multiple_of(QK4) || (group != k_pad && !k.is_multiple_of(group)) {
-            return Err(format!("pack: group {group} must be a multiple of {QK4} that divides k = {k}"));
+        if group != 0 && !group.is_multiple_of(QK4) {
+            return Err(format!("pack: group {group} must be a multiple of {QK4}"));
         }
+        let k_pad = Self::padded_k(k, group);
+        let group = if group == 0 { k_pad } else { group };
         let groups = k_pad / group;
         if scales.len() != n * groups {
             return Err(format!("pack: {} scales for {n} channels x {groups} groups", scales.len()));

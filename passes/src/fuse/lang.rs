@@ -87,6 +87,9 @@ pub struct Mapped {
     /// The e-class of every IR value.
     pub class_of: HashMap<ValueRef, Id>,
     pub none: Id,
+    /// The classes that opaque nodes (leaves) read: values the graph needs besides its outputs
+    /// (the rewrites cannot see through a leaf to its inputs, so extraction roots them too).
+    pub opaque_reads: Vec<Id>,
 }
 
 fn structured(op: &Op, a: Id, ins: &[Id], none: Id) -> Option<FuseLang> {
@@ -113,6 +116,7 @@ pub fn build(g: &Graph) -> Result<Mapped> {
     let mut egraph = EGraph::default();
     let none = egraph.add(FuseLang::None);
     let mut class_of = HashMap::new();
+    let mut opaque_reads = vec![];
     for n in g.topo_order()? {
         let node = g.node(n);
         let ins: Vec<Option<ValueRef>> = g.inputs_of(n);
@@ -130,6 +134,7 @@ pub fn build(g: &Graph) -> Result<Mapped> {
                 class_of.insert(ValueRef { node: n, slot: 0 }, id);
             }
             None => {
+                opaque_reads.extend(in_ids.iter().copied().filter(|&c| c != none));
                 for slot in 0..node.outputs.len() {
                     let id = egraph.add(FuseLang::Leaf(leaf_symbol(n, slot)));
                     class_of.insert(ValueRef { node: n, slot }, id);
@@ -146,7 +151,7 @@ pub fn build(g: &Graph) -> Result<Mapped> {
         info.elems = elems;
     }
     egraph.rebuild();
-    Ok(Mapped { egraph, class_of, none })
+    Ok(Mapped { egraph, class_of, none, opaque_reads })
 }
 
 fn op_symbol_or_plain(op: &Op) -> Symbol {

@@ -48,7 +48,9 @@ impl Fuse {
     /// Fuses `g` in place and reports.
     pub fn fuse(&self, g: &mut Graph) -> Result<FuseReport> {
         let mapped = lang::build(g)?;
-        let roots: Vec<Id> = g.outputs.iter().map(|o| mapped.class_of[o]).collect();
+        // Everything the graph needs: its outputs and what opaque nodes read.
+        let mut roots: Vec<Id> = g.outputs.iter().map(|o| mapped.class_of[o]).collect();
+        roots.extend(&mapped.opaque_reads);
         let original: Vec<(ValueRef, Id)> = mapped.class_of.iter().map(|(v, c)| (*v, *c)).collect();
         // Cost of the input: the original node of every class.
         let before = {

@@ -1,6 +1,6 @@
 //! Lowered integer steps, defined once: which Gemm / MatMul / Conv nodes of a FakeQuant graph run
 //! as one int4 step (convolutions: `conv`, int8 im2col) (a 2-4 bit symmetric weight FakeQuant of a constant, per channel or in groups
-//! of a multiple of 32 along K, an optional constant bias, and a per-tensor activation FakeQuant
+//! of a multiple of 32 along K (a last group K cuts short is padded with zero weights), an optional constant bias, and a per-tensor activation FakeQuant
 //! with constant parameters, or float inputs), and that step's one arithmetic definition
 //! ([`run_q4_linear`]): the input quantized as FakeQuant does, exact int32 sums per group, then the
 //! f32 epilogue `(sum_g float(s_g) * scale_g) * x_scale + bias` in group order, through the int4
@@ -12,6 +12,7 @@ pub mod conv;
 
 use crate::graph::{Graph, NodeId, ValueRef};
 use crate::ops::quant::{fake_quant_range, param_index};
+use crate::ops::fused::Arg;
 use crate::ops::Op;
 use crate::tensor::Tensor;
 use crate::{IrError, Result};
@@ -80,8 +81,8 @@ pub fn q4_weight(g: &Graph, w: ValueRef, trans_b: bool, shape_only: bool) -> Res
             let b = b as usize;
             if k.div_ceil(b) == 1 {
                 0
-            } else if k.is_multiple_of(b) && b.is_multiple_of(32) {
-                b
+            } else if b.is_multiple_of(32) {
+                b // a last group that k cuts short is padded with zero weights (PackedQ4::pack)
             } else {
                 return Ok(None);
             }
@@ -95,13 +96,13 @@ pub fn q4_weight(g: &Graph, w: ValueRef, trans_b: bool, shape_only: bool) -> Res
     let (lo, hi) = fake_quant_range(bits, true);
     let (wv, sv) = (wt.data.to_f32_vec(), st.data.to_f32_vec());
     let mut q = vec![0i8; n * k];
-    let mut scales = vec![0f32; (n * k).checked_div(group).unwrap_or(n)];
+    let mut scales = vec![0f32; if group == 0 { n } else { n * k.div_ceil(group) }];
     for (i, (&v, &si)) in wv.iter().zip(&idx).enumerate() {
         let (r, c) = if trans_b { (i / k, i % k) } else { (i % n, i / n) };
         q[r * k + c] = round_even(v / sv[si]).clamp(lo as f32, hi as f32) as i8;
         let gi = match group {
             0 => r,
-            g => r * (k / g) + c / g,
+            g => r * k.div_ceil(g) + c / g,
         };
         scales[gi] = sv[si];
     }
@@ -139,15 +140,42 @@ pub fn act_quant(g: &Graph, x: ValueRef) -> Option<(ValueRef, ActQuant)> {
 /// The packed layer, or with `stored` (the caller swaps in an artifact's weights) only its shape.
 pub fn packed(q: &[i8], scales: &[f32], n: usize, k: usize, group: usize, stored: bool) -> Result<PackedQ4> {
     if stored {
-        let k_pad = k.div_ceil(32) * 32;
+        let k_pad = PackedQ4::padded_k(k, group);
         return Ok(PackedQ4::from_parts(n, k, k_pad, if group == 0 { k_pad } else { group }, vec![], vec![], vec![]));
     }
     PackedQ4::pack(q, scales, n, k, group).map_err(IrError::Internal)
 }
 
-/// The constant bias at input 2 of node `n`: `Some(None)` when absent, `None` when not constant.
-pub fn const_bias(g: &Graph, n: NodeId) -> Option<Option<Vec<f32>>> {
-    match g.inputs_of(n).get(2).copied().flatten() {
+/// The linear map a node computes first, and the values it reads: the node's own op, or for a
+/// `Fused` node (the fusion pass's kernels) its first stage when that stage reads node inputs
+/// only (a GEMM or convolution with its epilogue in the later stages). `None` otherwise.
+pub fn linear_site(g: &Graph, n: NodeId) -> Option<(&Op, Vec<Option<ValueRef>>)> {
+    let ins = g.inputs_of(n);
+    match &g.node(n).op {
+        Op::Fused(f) => {
+            let st = f.stages.first()?;
+            if !matches!(st.op, Op::Gemm { .. } | Op::MatMul | Op::Conv(_)) {
+                return None;
+            }
+            let mapped = st
+                .args
+                .iter()
+                .map(|a| match a {
+                    None => Some(None),
+                    Some(Arg::Input(i)) => Some(ins.get(*i).copied().flatten()),
+                    Some(Arg::Stage(_)) => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some((&st.op, mapped))
+        }
+        op @ (Op::Gemm { .. } | Op::MatMul | Op::Conv(_)) => Some((op, ins)),
+        _ => None,
+    }
+}
+
+/// The constant bias at input 2 of a linear site: `Some(None)` when absent, `None` when not constant.
+pub fn const_bias(g: &Graph, ins: &[Option<ValueRef>]) -> Option<Option<Vec<f32>>> {
+    match ins.get(2).copied().flatten() {
         Some(b) => g.const_value(b).map(|t| Some(t.data.to_f32_vec())),
         None => Some(None),
     }
@@ -167,12 +195,12 @@ pub fn has_int_activations(g: &Graph, order: &[NodeId]) -> bool {
 /// arithmetic, because a later integer activation quantizer would turn the W4 x f32 kernel's
 /// last-bit differences into whole quantization steps.
 pub fn q4_linear(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Layer>> {
-    let ins = g.inputs_of(n);
-    let (trans_b, bias) = match &g.node(n).op {
+    let Some((op, ins)) = linear_site(g, n) else { return Ok(None) };
+    let (trans_b, bias) = match op {
         &Op::Gemm { alpha, beta, trans_a: false, trans_b }
             if alpha == 1.0 && (beta == 1.0 || ins.get(2).copied().flatten().is_none()) =>
         {
-            let Some(bias) = const_bias(g, n) else { return Ok(None) };
+            let Some(bias) = const_bias(g, &ins) else { return Ok(None) };
             (trans_b, bias)
         }
         Op::MatMul => (false, None),
@@ -182,7 +210,7 @@ pub fn q4_linear(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Resul
     // Gemm takes [rows, k]; MatMul any [..., rows, k] (a transformer's [batch, tokens, d]),
     // run as one batch of rows.
     let rank = g.value(x).ty.rank();
-    if rank < 2 || (rank != 2 && !matches!(g.node(n).op, Op::MatMul)) {
+    if rank < 2 || (rank != 2 && !matches!(op, Op::MatMul)) {
         return Ok(None);
     }
     let Some((q, scales, nn, k, group)) = q4_weight(g, w, trans_b, stored)? else { return Ok(None) };
@@ -263,10 +291,9 @@ pub struct Q4Layer {
 /// The Q4 convolution at Conv node `n`, if it is one: int8 activations (per-tensor, zero point
 /// inside int8), a 2-4 bit weight whose scales fit the packed groups, static geometry.
 pub fn q4_conv(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
-    let Op::Conv(c) = &g.node(n).op else { return Ok(None) };
-    let ins = g.inputs_of(n);
+    let Some((Op::Conv(c), ins)) = linear_site(g, n) else { return Ok(None) };
     let (Some(x), Some(w)) = (ins[0], ins[1]) else { return Ok(None) };
-    let Some(bias) = const_bias(g, n) else { return Ok(None) };
+    let Some(bias) = const_bias(g, &ins) else { return Ok(None) };
     let Some((xq, act)) = act_quant(g, x) else { return Ok(None) };
     if !matches!(act, ActQuant::Int { zero, .. } if (-128..=127).contains(&zero)) {
         return Ok(None);
@@ -283,7 +310,7 @@ pub fn q4_conv(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
 /// The int4 step at node `n` (a Conv as [`q4_conv`], a Gemm / MatMul as [`q4_linear`], with
 /// `stored` and `exact_float` as there), if it is one.
 pub fn q4_layer(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result<Option<Q4Layer>> {
-    if let Op::Conv(_) = &g.node(n).op {
+    if let Some((Op::Conv(_), _)) = linear_site(g, n) {
         return q4_conv(g, n, stored);
     }
     q4_linear(g, n, stored, exact_float)

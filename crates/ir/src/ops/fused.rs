@@ -184,8 +184,17 @@ impl Fused {
     }
 
     pub(crate) fn eval(&self, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
-        let mut vals: Vec<Tensor> = vec![];
-        for (k, st) in self.stages.iter().enumerate() {
+        self.eval_from(vec![], inputs)
+    }
+
+    /// Evaluates the stages after the first, given the first stage's result `head` (computed by
+    /// a lowered step: an int4 GEMM or convolution, `crate::lowered`).
+    pub fn eval_after(&self, head: Tensor, inputs: &[Option<&Tensor>]) -> Result<Tensor> {
+        Ok(self.eval_from(vec![head], inputs)?.pop().expect("one output"))
+    }
+
+    fn eval_from(&self, mut vals: Vec<Tensor>, inputs: &[Option<&Tensor>]) -> Result<Vec<Tensor>> {
+        for (k, st) in self.stages.iter().enumerate().skip(vals.len()) {
             let ins: Vec<Option<&Tensor>> = st
                 .args
                 .iter()
