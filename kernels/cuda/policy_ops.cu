@@ -317,83 +317,136 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
 
 // An int4 convolution of one image on integer activations (levels [channels, plane]): per output
 // position p and channel c the linear map's arithmetic over the window, in the packed rows'
-// (tap, channel) order; table[p * taps + t] is tap t's input position, 0xffffffff in padding
-// (which adds nothing). y channel-major [n, positions]. One thread per output, consecutive
-// threads on consecutive positions of one channel (its weights read once per warp, the outputs
-// written contiguously).
-extern "C" __global__ void sqil_q4_conv_int(const unsigned *__restrict__ wq, const float *__restrict__ scales,
-                                            const float *__restrict__ bias, const float *__restrict__ lv,
-                                            float *__restrict__ y, const unsigned *__restrict__ table,
-                                            int positions, int n, int k, int group, int groups, float xscale,
-                                            int relu, int taps, int channels, int plane)
+// (tap, channel) order: per group the exact integer sum of w * level, then
+// acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue (NaN in the window
+// makes the output NaN). table[p * taps + t] is tap t's input position, 0xffffffff in padding
+// (which adds nothing). y channel-major [n, positions].
+//
+// Tiled: a block of 256 threads computes 32 positions x 16 channels (SQIL_CONV_TP x SQIL_CONV_TC;
+// blocks = ceil(positions / 32) * ceil(n / 16), the launch's thread count is blocks * 256). Per
+// chunk of 32 terms the window's levels (gathered through the table) and the weights go to shared
+// memory (levels as int16: minus the zero point they span [-255, 255]; weights as int8, four to a
+// word); each thread sums two channels of one position with dp2a.
+// Integer sums are exact in any order, and the groups (multiples of 32, or the whole row) end on
+// chunk boundaries, so the float epilogue runs in the same order as the CPU's.
+#define SQIL_CONV_TP 32
+#define SQIL_CONV_TC 16
+extern "C" __global__ void __launch_bounds__(256) sqil_q4_conv_int(
+    const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,
+    const float *__restrict__ lv, float *__restrict__ y, const unsigned *__restrict__ table, int positions, int n,
+    int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane)
 {
-    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)positions * n) {
-        return;
+    __shared__ int xs[SQIL_CONV_TP][17]; // 32 int16 per position, one word of padding (no bank conflicts)
+    __shared__ int ws[SQIL_CONV_TC][8];
+    __shared__ int nanf[SQIL_CONV_TP];
+    const int tiles_p = (positions + SQIL_CONV_TP - 1) / SQIL_CONV_TP;
+    const int p0 = (blockIdx.x % tiles_p) * SQIL_CONV_TP, c0 = (blockIdx.x / tiles_p) * SQIL_CONV_TC;
+    const int t = threadIdx.x, pl = t % SQIL_CONV_TP, cl = t / SQIL_CONV_TP * 2, k4 = (k + 3) / 4;
+    if (t < SQIL_CONV_TP) {
+        nanf[t] = 0;
     }
-    const int p = (int)(i % positions), c = (int)(i / positions), k4 = (k + 3) / 4;
-    float acc = 0.0f;
-    int nan = 0, s = 0, g = 0, in_group = 0, ch = 0, t = 0;
-    unsigned src = table[(long)p * taps];
-    for (int kk = 0; kk < k; kk++) {
-        if (src != 0xffffffffu) {
-            const float v = lv[(long)ch * plane + src];
-            if (v != v) {
-                nan = 1;
-            } else {
-                s += sqil_w8(wq, k4, c, kk) * (int)v;
+    short *xb = (short *)&xs[0][0];
+    int s0 = 0, s1 = 0, g = 0;
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int k0 = 0; k0 < k; k0 += 32) {
+        __syncthreads();
+        // The tile's window levels for terms k0 .. k0 + 31: four per thread, consecutive threads
+        // on consecutive positions.
+        for (int e = t; e < SQIL_CONV_TP * 32; e += 256) {
+            const int q = e % SQIL_CONV_TP, kl = e / SQIL_CONV_TP, kk = k0 + kl, p = p0 + q;
+            int level = 0;
+            if (kk < k && p < positions) {
+                const unsigned src = table[(long)p * taps + kk / channels];
+                if (src != 0xffffffffu) {
+                    const float v = lv[(long)(kk % channels) * plane + src];
+                    if (v != v) {
+                        nanf[q] = 1;
+                    } else {
+                        level = (int)v;
+                    }
+                }
             }
+            xb[q * 34 + kl] = (short)level;
         }
-        if (++in_group == group || kk + 1 == k) {
-            acc = __fadd_rn(acc, __fmul_rn((float)s, scales[(long)c * groups + g]));
-            s = 0;
-            in_group = 0;
+        if (t < SQIL_CONV_TC * 8) {
+            const int c = c0 + t / 8, w = k0 / 4 + t % 8;
+            ws[t / 8][t % 8] = (c < n && w < k4) ? (int)wq[(long)c * k4 + w] : 0;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+            const int x0 = xs[pl][2 * q], x1 = xs[pl][2 * q + 1]; // levels 4q, 4q + 1 and 4q + 2, 4q + 3
+            s0 = __dp2a_hi(x1, ws[cl][q], __dp2a_lo(x0, ws[cl][q], s0));
+            s1 = __dp2a_hi(x1, ws[cl + 1][q], __dp2a_lo(x0, ws[cl + 1][q], s1));
+        }
+        const int end = k0 + 32 < k ? k0 + 32 : k;
+        if (end % group == 0 || end == k) {
+            if (c0 + cl < n) {
+                a0 = __fadd_rn(a0, __fmul_rn((float)s0, scales[(long)(c0 + cl) * groups + g]));
+            }
+            if (c0 + cl + 1 < n) {
+                a1 = __fadd_rn(a1, __fmul_rn((float)s1, scales[(long)(c0 + cl + 1) * groups + g]));
+            }
+            s0 = 0;
+            s1 = 0;
             g++;
         }
-        if (++ch == channels && kk + 1 < k) {
-            ch = 0;
-            src = table[(long)p * taps + ++t];
+    }
+    __syncthreads();
+    const int p = p0 + pl;
+    if (p < positions) {
+        if (c0 + cl < n) {
+            y[(long)(c0 + cl) * positions + p] = sqil_q4_epilogue(a0, xscale, bias, c0 + cl, relu, nanf[pl]);
+        }
+        if (c0 + cl + 1 < n) {
+            y[(long)(c0 + cl + 1) * positions + p] = sqil_q4_epilogue(a1, xscale, bias, c0 + cl + 1, relu, nanf[pl]);
         }
     }
-    y[(long)c * positions + p] = sqil_q4_epilogue(acc, xscale, bias, c, relu, nan);
 }
 
 // A weight-only int4 layer on float activations, the CPU kernels' arithmetic lane for lane
 // (sqil_kernels_cpu::generic::generic_gemv_q4f32): eight lanes; per group lane l sums by fma from
 // +0 the elements l, l + 8, l + 16, l + 24 of each block of 32; each lane's sum is fma'd with the
 // group's scale into its total; the totals summed ((t0 + t4) + (t2 + t6)) + ((t1 + t5) + (t3 + t7));
-// + bias, ReLU. Eight threads per output, thread l the CPU's lane l; the totals combined by
-// shuffles in that order.
+// + bias, ReLU. A warp per output: thread l + 8 j is the CPU's lane l for groups j, j + 4, ...
+// (the groups' sums are independent), and every thread of lane l folds the four groups of each
+// round into its total in group order through shuffles; the totals are then combined by shuffles
+// in the CPU's order.
 extern "C" __global__ void sqil_q4_w16(const unsigned *__restrict__ wq, const float *__restrict__ scales,
                                        const float *__restrict__ bias, const float *__restrict__ x,
                                        float *__restrict__ y, int rows, int n, int k, int group, int groups, int relu)
 {
-    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 8;
-    const int l = threadIdx.x % 8;
-    const unsigned mask = 0xffu << (threadIdx.x % 32 / 8 * 8);
+    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32, l = lane % 8, j = lane / 8;
     if (o >= (long)rows * n) {
-        return; // the output's eight threads together
+        return; // the whole warp
     }
-    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
+    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4, bpg = group / 32;
     const float *xr = x + (long)r * k;
     float t = 0.0f;
-    for (int g = 0; g < groups; g++) {
+    for (int g0 = 0; g0 < groups; g0 += 4) {
+        const int g = g0 + j;
         float a = 0.0f;
-        for (int b = g * (group / 32); b < (g + 1) * (group / 32); b++) {
+        if (g < groups) {
+            for (int b = g * bpg; b < (g + 1) * bpg; b++) {
 #pragma unroll
-            for (int j = 0; j < 32; j += 8) {
-                const int kk = b * 32 + j + l;
-                if (kk < k) {
-                    a = __fmaf_rn((float)sqil_w8(wq, k4, c, kk), xr[kk], a);
+                for (int e = 0; e < 32; e += 8) {
+                    const int kk = b * 32 + e + l;
+                    if (kk < k) {
+                        a = __fmaf_rn((float)sqil_w8(wq, k4, c, kk), xr[kk], a);
+                    }
                 }
             }
         }
-        t = __fmaf_rn(a, scales[(long)c * groups + g], t);
+        const int cnt = groups - g0 < 4 ? groups - g0 : 4;
+        for (int q = 0; q < cnt; q++) {
+            t = __fmaf_rn(__shfl_sync(0xffffffffu, a, q * 8 + l), scales[(long)c * groups + g0 + q], t);
+        }
     }
-    const float u = __fadd_rn(t, __shfl_down_sync(mask, t, 4, 8)); // lanes 0-3: t_l + t_{l+4}
-    const float v = __fadd_rn(u, __shfl_down_sync(mask, u, 2, 8)); // lanes 0-1: u_l + u_{l+2}
-    float h = __fadd_rn(v, __shfl_down_sync(mask, v, 1, 8));       // lane 0: v_0 + v_1
-    if (l != 0) {
+    const float u = __fadd_rn(t, __shfl_down_sync(0xffffffffu, t, 4)); // lanes 0-3: t_l + t_{l+4}
+    const float v = __fadd_rn(u, __shfl_down_sync(0xffffffffu, u, 2)); // lanes 0-1: u_l + u_{l+2}
+    float h = __fadd_rn(v, __shfl_down_sync(0xffffffffu, v, 1));       // lane 0: v_0 + v_1
+    if (lane != 0) {
         return;
     }
     if (bias) {

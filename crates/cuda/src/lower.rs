@@ -114,8 +114,9 @@ fn int(v: usize) -> KArg<HostArr> {
 /// alias their input's buffer; data movement is deferred and composed (a transformer's Split ->
 /// Reshape -> Transpose is one copy per head layout), materialised only where something else
 /// reads it; a per-tensor activation quantizer (FakeQuant) is deferred into the input read of a
-/// float Gemm / MatMul that consumes it; a constant bias Add after an int4 layer over tokens goes
-/// into that layer's epilogue.
+/// float Gemm / MatMul that consumes it. Which steps form one kernel with an int4 layer (its bias,
+/// ReLU) is the plan's choice (`sqil_lower`, from the fusion pass); element-wise steps the plan
+/// leaves separate are printed as generated kernels, consecutive ones merged into one.
 pub fn lower(policy: &Policy) -> Result<Lowered, String> {
     let plan = &policy.plan;
     if plan.outputs.len() != 1 {
@@ -135,11 +136,6 @@ pub fn lower(policy: &Policy) -> Result<Lowered, String> {
     let in_lens: Vec<usize> = feeds.iter().map(|t| t.len()).collect();
     let in_offs: Vec<usize> = in_lens.iter().scan(0, |a, &n| Some(std::mem::replace(a, *a + n))).collect();
     let env = plan.trace(&feeds, 1).map_err(err)?;
-    let mut uses = vec![0usize; plan.slots];
-    for st in &plan.steps {
-        st.reads().for_each(|s| uses[s] += 1);
-    }
-    plan.outputs.iter().for_each(|&s| uses[s] += 1);
     let mut is_const = vec![false; plan.slots];
     for (s, _) in &plan.consts {
         is_const[*s] = true;
@@ -148,7 +144,6 @@ pub fn lower(policy: &Policy) -> Result<Lowered, String> {
         plan,
         env: &env,
         is_const,
-        uses,
         slot_buf: vec![usize::MAX; plan.slots],
         bufs: vec![],
         steps: vec![],
@@ -219,8 +214,6 @@ struct Lowerer<'a> {
     plan: &'a sqil_lower::Plan,
     env: &'a [Option<Tensor>],
     is_const: Vec<bool>,
-    /// Steps (and the output) reading each slot.
-    uses: Vec<usize>,
     slot_buf: Vec<usize>,
     bufs: Vec<usize>,
     steps: Vec<HStep>,
@@ -407,8 +400,8 @@ impl<'a> Lowerer<'a> {
             ActQuant::Int { scale, zero, lo, hi } => {
                 let q = [zero as f32, lo as f32, hi as f32].map(KArg::F32);
                 if conv.is_some() {
-                    // The levels once (each is read by every window over it), then one thread
-                    // per output.
+                    // The levels once (each is read by every window over it), then tiles of
+                    // outputs (`sqil_q4_conv_int`).
                     let lb = self.new_buf(xlen);
                     let mut args = vec![KArg::Buf(xb), KArg::Buf(lb), int(xlen), KArg::F32(scale)];
                     args.extend(q);
@@ -416,7 +409,9 @@ impl<'a> Lowerer<'a> {
                     let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb), table];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32), int(taps), int(channels), int(plane)]);
-                    self.steps.push(kernel("sqil_q4_conv_int", rows * w.n, args));
+                    // Tiles of 32 positions x 16 channels, 256 threads each.
+                    let blocks = rows.div_ceil(32) * w.n.div_ceil(16);
+                    self.steps.push(kernel("sqil_q4_conv_int", blocks * 256, args));
                 } else if w.n >= WIDE {
                     // A wide layer: the levels once (each input element is read by every output's
                     // warp), then one warp per output.
@@ -442,8 +437,8 @@ impl<'a> Lowerer<'a> {
                 let mut args = vec![wq, scales, bias, KArg::Buf(xb), KArg::Buf(yb)];
                 args.extend(dims);
                 args.push(KArg::I32(relu as i32));
-                // Eight threads per output.
-                self.steps.push(kernel("sqil_q4_w16", rows * w.n * 8, args));
+                // A warp per output.
+                self.steps.push(kernel("sqil_q4_w16", rows * w.n * 32, args));
             }
             ActQuant::Float => return Err(self.err("an int4 convolution on float activations")),
         }
@@ -511,49 +506,11 @@ impl<'a> Lowerer<'a> {
                 let x = self.dyn_buf(dynamic[0])?;
                 self.pending.insert(y, Pending::Quant(x, n, q));
             }
-            // A constant bias added to an int4 layer over tokens whose output nothing else
-            // reads: into the layer's epilogue.
-            Op::Binary(BinaryOp::Add) if self.bias_into_rows(inputs, y, &yt)? => {}
             // Element-wise steps: deferred and chained into one generated kernel.
             _ if self.elementwise(op, inputs, y, &yt)? => {}
             _ => self.generic(op, inputs, outputs, &yt)?,
         }
         Ok(())
-    }
-
-    /// `y = h + c` where `h` is the output of the step just lowered, a `sqil_q4_rows` over tokens
-    /// without bias or ReLU (argument 10) that nothing else reads, and `c` a constant per output channel: adds
-    /// `c` to that step's epilogue and makes `y` its output. Whether it did.
-    fn bias_into_rows(&mut self, inputs: &[Option<usize>], y: usize, yt: &Tensor) -> Result<bool, String> {
-        let (Some(a), Some(b)) = (inputs.first().copied().flatten(), inputs.get(1).copied().flatten()) else {
-            return Ok(false);
-        };
-        let (h, c) = if self.is_const[b] { (a, b) } else { (b, a) };
-        let (Some(ct), false) = (self.constant(Some(c)), self.is_const[h]) else { return Ok(false) };
-        let hb = self.slot_buf[h];
-        let nn = *yt.shape.last().unwrap_or(&0);
-        let per_channel = ct.shape.last() == Some(&nn) && ct.len() == nn && self.val(h)?.shape == yt.shape;
-        let Some(LStep::Kernel { name, args, .. }) = self.steps.last_mut() else { return Ok(false) };
-        // The int4 kernel adds its bias after the epilogue's scale, rounded once, as the Add
-        // would (a linear map without ReLU: `sqil_q4_int` args 2 bias, 4 y, 11 relu;
-        // `sqil_q4_w16` 2 bias, 4 y, 10 relu).
-        let relu_at = match name.as_str() {
-            "sqil_q4_int" => 11,
-            "sqil_q4_w16" => 10,
-            _ => return Ok(false),
-        };
-        let fits = per_channel
-            && self.uses[h] == 1
-            && hb != usize::MAX
-            && matches!(args[4], KArg::Buf(o) if o == hb)
-            && matches!(args[2], KArg::Null)
-            && matches!(args[relu_at], KArg::I32(0));
-        if !fits {
-            return Ok(false);
-        }
-        args[2] = f32_arr(ct.data.to_f32_vec());
-        self.slot_buf[y] = hb;
-        Ok(true)
     }
 }
 
