@@ -230,9 +230,7 @@ __device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const
 // x holds the levels already, from sqil_levels),
 // the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
 // acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
-// makes every output NaN. One warp per output. Groups of 32, 64 or 128 (several of them): the
-// warp reads 128 terms at a time, a group per 8, 16 or 32 lanes. Otherwise, with at least 32
-// groups each lane sums whole
+// makes every output NaN. One warp per output. With at least 32 groups each lane sums whole
 // groups (lane j groups j, j + 32, ...) and the lanes' products are added in group order through
 // shuffles; with fewer that divide 32, each group gets 32 / groups lanes; otherwise the lanes split
 // each group's terms in turn (integer sums: any order is exact).
@@ -250,40 +248,7 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
     const float *xr = x + (long)r * k;
     float acc = 0.0f;
     int nan = 0;
-    if (group <= 128 && 128 % group == 0 && groups > 1) {
-        // Groups of 32, 64 or 128: the warp reads 32 consecutive weight words (128 terms, 128 /
-        // group whole groups) at a time, lane l word l, with the four inputs it multiplies
-        // (coalesced); each group's lanes add their sums by shuffles, and the groups' products
-        // go into acc in order.
-        const int lpg = group / 4, per = 128 / group, seg = lane / lpg;
-        for (int w0 = 0; w0 < k4; w0 += 32) {
-            const int w = w0 + lane;
-            int s = 0;
-            if (w < k4) {
-                const unsigned word = wq[(long)c * k4 + w];
-#pragma unroll
-                for (int b = 0; b < 4; b++) {
-                    const int kk = 4 * w + b;
-                    if (kk < k) {
-                        const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
-                        if (v != v) {
-                            nan = 1;
-                        } else {
-                            s += (int)(signed char)((word >> (8 * b)) & 255u) * (int)v;
-                        }
-                    }
-                }
-            }
-            for (int d = lpg / 2; d > 0; d /= 2) {
-                s += __shfl_xor_sync(0xffffffffu, s, d);
-            }
-            const int g = w0 / lpg + seg;
-            const float p = g < groups ? __fmul_rn((float)s, scales[(long)c * groups + g]) : 0.0f;
-            for (int j = 0; j < per && w0 / lpg + j < groups; j++) {
-                acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j * lpg));
-            }
-        }
-    } else if (groups >= 32) {
+    if (groups >= 32) {
         for (int g0 = 0; g0 < groups; g0 += 32) {
             const int g = g0 + lane;
             float p = 0.0f;
