@@ -21,7 +21,7 @@ fn f(v: f32) -> String {
 
 /// The `.cu` source for `policy`; `states` / `expected` (per state: input values / CPU-runtime
 /// actions) become the `--selftest` data, compared within `tol` of the largest |action|.
-pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol: f32) -> Result<String, String> {
+pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol: f32) -> sqil_cuda::Result<String> {
     let l = lower(policy)?;
     let mut c = String::new();
     let _ = writeln!(

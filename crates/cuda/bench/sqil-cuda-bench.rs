@@ -70,11 +70,11 @@ fn random_dense(n: usize, k: usize, bits: u32, group: usize, seed: u64) -> (Host
     (pack_dense(&q, &s, n, k, group, bits), wf)
 }
 
-fn err<E: std::fmt::Debug>(e: E) -> String {
-    format!("{e:?}")
+fn err<E: std::fmt::Debug>(e: E) -> sqil_cuda::Error {
+    sqil_cuda::Error::Device(format!("{e:?}"))
 }
 
-fn check(gpu: &Gpu, small: bool) -> Result<bool, String> {
+fn check(gpu: &Gpu, small: bool) -> Result<bool, sqil_cuda::Error> {
     let mut ok = true;
     // Dense 3- and 2-bit GEMV (batch 1) against the float weights the ints and scales stand for.
     for &(n, k) in &[(1usize, 128usize), (37, 200), (256, 15), (300, 4096), (64, 11008)] {
@@ -193,8 +193,8 @@ fn time_flushed(
     gpu: &Gpu,
     flush: &mut CudaSlice<u8>,
     iters: usize,
-    f: impl FnMut() -> Result<(), String>,
-) -> Result<f64, String> {
+    f: impl FnMut() -> Result<(), sqil_cuda::Error>,
+) -> Result<f64, sqil_cuda::Error> {
     time_with(gpu, flush, Flush::Memset, iters, f)
 }
 
@@ -204,8 +204,8 @@ fn time_with(
     flush: &mut CudaSlice<u8>,
     how: Flush,
     iters: usize,
-    mut f: impl FnMut() -> Result<(), String>,
-) -> Result<f64, String> {
+    mut f: impl FnMut() -> Result<(), sqil_cuda::Error>,
+) -> Result<f64, sqil_cuda::Error> {
     let reader = gpu.function("sqil_flush_read")?;
     let mut sink = gpu.stream.alloc_zeros::<u32>(1).map_err(err)?;
     let start = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(err)?;
@@ -244,7 +244,7 @@ fn cublas_gemv(
     n: usize,
     k: usize,
     batch: usize,
-) -> Result<(), String> {
+) -> Result<(), sqil_cuda::Error> {
     // y[b, n] = x[b, :] . W[n, :]: column-major C (n x batch) = W^T(k x n as stored)^T x X (k x batch).
     let cfg = GemmConfig {
         transa: cublasOperation_t::CUBLAS_OP_T,
@@ -262,7 +262,7 @@ fn cublas_gemv(
     unsafe { blas.gemm(cfg, w, x, y) }.map_err(err)
 }
 
-fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
+fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), sqil_cuda::Error> {
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
     let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
     let peak = peak_bw(&gpu.name);
@@ -327,7 +327,7 @@ fn bench_gemv(gpu: &Gpu, iters: usize) -> Result<(), String> {
 
 /// Batch-1 GEMV variants against the default kernel and cuBLAS, under both flushes: one JSON
 /// line per (shape, flush, variant), each variant's outputs checked equal to the default's.
-fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), String> {
+fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), sqil_cuda::Error> {
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
     let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
     let peak = peak_bw(&gpu.name);
@@ -410,7 +410,7 @@ fn bench_explore(gpu: &Gpu, iters: usize) -> Result<(), String> {
     Ok(())
 }
 
-fn bench_vla(gpu: &Gpu, layers: usize, iters: usize) -> Result<(), String> {
+fn bench_vla(gpu: &Gpu, layers: usize, iters: usize) -> Result<(), sqil_cuda::Error> {
     let (h, m) = (4096usize, 11008usize);
     // Per layer: q, k, v, o (h -> h), gate, up (h -> m), down (m -> h).
     let shapes = [(h, h), (h, h), (h, h), (h, h), (m, h), (m, h), (h, m)];
@@ -458,17 +458,17 @@ fn bench_vla(gpu: &Gpu, layers: usize, iters: usize) -> Result<(), String> {
 /// A compiled policy on the GPU: agreement with the CPU runtime on the given states, then
 /// per-action latency (copy in, steps, copy out) eager and from the CUDA graph, and the CPU
 /// runtime's, in one run.
-fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, profile: bool) -> Result<(), String> {
+fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, profile: bool) -> Result<(), sqil_cuda::Error> {
     use ndarray_npy::ReadNpyExt;
     let policy = sqil_runtime::Policy::load(std::path::Path::new(artifact)).map_err(|e| e.to_string())?;
     let sizes = policy.input_sizes();
     if states.len() != sizes.len() {
-        return Err(format!("{artifact}: {} inputs, {} state files", sizes.len(), states.len()));
+        return Err(format!("{artifact}: {} inputs, {} state files", sizes.len(), states.len()).into());
     }
     let mut per_input = vec![];
     for p in states {
-        let f = std::fs::File::open(p).map_err(|e| format!("{p}: {e}"))?;
-        let a = ndarray::ArrayD::<f32>::read_npy(f).map_err(|e| format!("{p}: {e}"))?;
+        let f = std::fs::File::open(p).map_err(|e| sqil_cuda::Error::Device(format!("{p}: {e}")))?;
+        let a = ndarray::ArrayD::<f32>::read_npy(f).map_err(|e| sqil_cuda::Error::Device(format!("{p}: {e}")))?;
         per_input.push(a.iter().copied().collect::<Vec<f32>>());
     }
     let rows = per_input.iter().zip(&sizes).map(|(v, d)| v.len() / d).min().unwrap_or(0).min(64);
@@ -476,7 +476,7 @@ fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, prof
     let state = |r: usize| -> Vec<f32> {
         per_input.iter().zip(&sizes).flat_map(|(v, &d)| v[r * d..(r + 1) * d].iter().copied()).collect()
     };
-    let cpu = |r: usize| -> Result<Vec<f32>, String> {
+    let cpu = |r: usize| -> Result<Vec<f32>, sqil_cuda::Error> {
         let feeds = per_input
             .iter()
             .zip(policy.input_shapes())
@@ -508,7 +508,7 @@ fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, prof
         }
     }
     let rel = worst / scale;
-    let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+    let time = |f: &mut dyn FnMut() -> Result<(), sqil_cuda::Error>| -> Result<f64, sqil_cuda::Error> {
         for _ in 0..20 {
             f()?;
         }
@@ -542,7 +542,7 @@ fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, prof
         t_cpu * 1e6
     );
     if rel > sqil_cuda::policy::GPU_TOL {
-        return Err(format!("{artifact}: GPU vs CPU {rel:.2e} > GPU_TOL"));
+        return Err(format!("{artifact}: GPU vs CPU {rel:.2e} > GPU_TOL").into());
     }
     Ok(())
 }
@@ -551,7 +551,7 @@ fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, prof
 /// (the split-K grid doing nothing), the split-K GEMV's weight reads alone (R = 2, 4 rows per
 /// block), a grid-stride streaming read of the same bytes, the split-K GEMVs, and cuBLAS. The
 /// weight reads bound any int4 GEMV of these weights from below.
-fn bench_probe(gpu: &Gpu, iters: usize) -> Result<(), String> {
+fn bench_probe(gpu: &Gpu, iters: usize) -> Result<(), sqil_cuda::Error> {
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
     let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
     let mut sink = gpu.stream.alloc_zeros::<u32>(1).map_err(err)?;
@@ -654,7 +654,7 @@ fn main() {
             let states: Vec<String> = args[2..].iter().take_while(|a| !a.starts_with("--")).cloned().collect();
             bench_policy(&gpu, &args[1], &states, opt("--iters", 500), args.iter().any(|a| a == "--profile"))
         }
-        Some(other) => Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy")),
+        Some(other) => Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy").into()),
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

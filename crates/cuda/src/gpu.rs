@@ -1,6 +1,7 @@
 //! The device half of the CUDA back end (feature `driver`): NVRTC compilation with a PTX cache,
 //! the GPU context with the kernels loaded, weights on the device, launches (cudarc).
 
+use crate::error::Result;
 use crate::*;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use half::f16;
@@ -33,7 +34,7 @@ fn exact_arithmetic(name: &str) -> bool {
 
 /// Compiles one kernel source to PTX for `arch` (e.g. `compute_90`), or reads it from the cache
 /// (`$SQIL_CACHE` or `~/.cache/sqil/ptx`, file `NAME-ARCH-HASH.ptx`, written atomically).
-pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, String> {
+pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String> {
     let dir = std::env::var_os("SQIL_CACHE")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/sqil")))
@@ -43,7 +44,7 @@ pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, Stri
         return Ok(text);
     }
     if !nvrtc_present() {
-        return Err(format!("{name}: NVRTC is not installed (libnvrtc not found), kernels cannot be compiled"));
+        return Err(format!("{name}: NVRTC is not installed (libnvrtc not found), kernels cannot be compiled").into());
     }
     let opts = cudarc::nvrtc::CompileOptions {
         arch: Some(arch),
@@ -54,7 +55,7 @@ pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String, Stri
         },
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| format!("{name}: {e:?}"))?;
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| crate::Error::Device(format!("{name}: {e:?}")))?;
     let text = ptx.to_src();
     if let (Some(d), Some(f)) = (dir, file) {
         // A cache that cannot be written only costs a recompile next time.
@@ -118,17 +119,17 @@ pub struct DeviceQ4 {
 impl Gpu {
     /// Device 0 with the kernels compiled (or read from the cache); an error, not a panic, when
     /// there is no driver or no device.
-    pub fn new() -> Result<Gpu, String> {
+    pub fn new() -> Result<Gpu> {
         if !driver_present() {
             return Err("no CUDA driver (libcuda not found)".into());
         }
-        let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e:?}"))?;
+        let count = CudaContext::device_count().map_err(|e| crate::Error::Device(format!("CUDA driver: {e:?}")))?;
         if count < 1 {
             return Err("the CUDA driver reports no devices".into());
         }
-        let ctx = CudaContext::new(0).map_err(|e| format!("CUDA context: {e:?}"))?;
-        let name = ctx.name().map_err(|e| format!("{e:?}"))?;
-        let cc = ctx.compute_capability().map_err(|e| format!("{e:?}"))?;
+        let ctx = CudaContext::new(0).map_err(|e| crate::Error::Device(format!("CUDA context: {e:?}")))?;
+        let name = ctx.name().map_err(|e| crate::Error::Device(format!("{e:?}")))?;
+        let cc = ctx.compute_capability().map_err(|e| crate::Error::Device(format!("{e:?}")))?;
         let mut modules = vec![];
         let mut entries = std::collections::HashMap::new();
         for (file, src) in SOURCES {
@@ -140,20 +141,20 @@ impl Gpu {
                 }
             }
             modules
-                .push(ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| format!("{file}: load: {e:?}"))?);
+                .push(ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| crate::Error::Device(format!("{file}: load: {e:?}")))?);
         }
         let stream = ctx.default_stream();
         Ok(Gpu { ctx, stream, name, cc, modules, entries, loaded: Default::default() })
     }
 
     /// A kernel by name (looked up once, from the module whose PTX defines it).
-    pub fn function(&self, name: &str) -> Result<CudaFunction, String> {
+    pub fn function(&self, name: &str) -> Result<CudaFunction> {
         let mut loaded = self.loaded.lock().map_err(|_| "kernel cache poisoned".to_string())?;
         if let Some(f) = loaded.get(name) {
             return Ok(f.clone());
         }
         let m = self.entries.get(name).ok_or_else(|| format!("kernel {name}: no such entry point"))?;
-        let f = self.modules[*m].load_function(name).map_err(|e| format!("kernel {name}: {e:?}"))?;
+        let f = self.modules[*m].load_function(name).map_err(|e| crate::Error::Device(format!("kernel {name}: {e:?}")))?;
         loaded.insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -161,7 +162,7 @@ impl Gpu {
     /// Compiles generated kernel source `src` (fp16.cuh is prepended; PTX cached like the
     /// embedded sources) and makes its entry points available to [`Gpu::function`]. Sources
     /// already loaded under `name` are not compiled again.
-    pub fn load_source(&self, name: &str, src: &str) -> Result<(), String> {
+    pub fn load_source(&self, name: &str, src: &str) -> Result<()> {
         if self.function(name).is_ok() {
             return Ok(());
         }
@@ -170,19 +171,19 @@ impl Gpu {
         let m = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))
-            .map_err(|e| format!("{name}: load: {e:?}"))?;
+            .map_err(|e| crate::Error::Device(format!("{name}: load: {e:?}")))?;
         let mut loaded = self.loaded.lock().map_err(|_| "kernel cache poisoned".to_string())?;
         for line in ptx.lines() {
             if let Some(rest) = line.trim_start().strip_prefix(".visible .entry ") {
                 let entry: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-                let f = m.load_function(&entry).map_err(|e| format!("kernel {entry}: {e:?}"))?;
+                let f = m.load_function(&entry).map_err(|e| crate::Error::Device(format!("kernel {entry}: {e:?}")))?;
                 loaded.insert(entry, f);
             }
         }
         Ok(())
     }
 
-    pub fn upload_dense(&self, w: &HostQd) -> Result<DeviceQd, String> {
+    pub fn upload_dense(&self, w: &HostQd) -> Result<DeviceQd> {
         let e = |e| format!("{e:?}");
         let hi = if w.hi.is_empty() { vec![0u32; 2] } else { w.hi.clone() };
         Ok(DeviceQd {
@@ -207,7 +208,7 @@ impl Gpu {
         bias: Option<&CudaSlice<f16>>,
         y: &mut CudaSlice<f16>,
         relu: bool,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let name = if w.bits == 3 { "sqil_q3_gemv_s4_r4" } else { "sqil_q2_gemv_s4_r4" };
         self.qd_gemv_instance(stream, w, x, bias, y, relu, (name, 4))
     }
@@ -225,9 +226,9 @@ impl Gpu {
         y: &mut CudaSlice<f16>,
         relu: bool,
         (name, rows_per_block): (&str, u32),
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         if x.len() < w.k || y.len() < w.n {
-            return Err(format!("q{}_gemv: buffers do not fit [{}, {}]", w.bits, w.n, w.k));
+            return Err(format!("q{}_gemv: buffers do not fit [{}, {}]", w.bits, w.n, w.k).into());
         }
         let f = self.function(name)?;
         let (n, k) = (w.n as i32, w.k as i32);
@@ -248,18 +249,18 @@ impl Gpu {
         };
         // SAFETY: parameters as the kernel declares them; buffer sizes checked above, every
         // access bounded by n and k (a multiple of 128).
-        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q{}_gemv launch: {e:?}", w.bits))
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("q{}_gemv launch: {e:?}", w.bits)))
     }
 
-    pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4, String> {
+    pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4> {
         Ok(DeviceQ4 {
             n: w.n,
             k: w.k,
             group: w.group,
-            words: self.stream.clone_htod(&w.words).map_err(|e| format!("{e:?}"))?,
-            mma: self.stream.clone_htod(&mma_words(w)).map_err(|e| format!("{e:?}"))?,
-            mma8: self.stream.clone_htod(&mma8_words(w)).map_err(|e| format!("{e:?}"))?,
-            scales: self.stream.clone_htod(&w.scales).map_err(|e| format!("{e:?}"))?,
+            words: self.stream.clone_htod(&w.words).map_err(|e| crate::Error::Device(format!("{e:?}")))?,
+            mma: self.stream.clone_htod(&mma_words(w)).map_err(|e| crate::Error::Device(format!("{e:?}")))?,
+            mma8: self.stream.clone_htod(&mma8_words(w)).map_err(|e| crate::Error::Device(format!("{e:?}")))?,
+            scales: self.stream.clone_htod(&w.scales).map_err(|e| crate::Error::Device(format!("{e:?}")))?,
         })
     }
 
@@ -272,12 +273,12 @@ impl Gpu {
         bias: Option<&CudaSlice<f16>>,
         y: &mut CudaSlice<f16>,
         batch: usize,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         self.q4_gemv_on(&self.stream, w, x, bias, y, batch, false)
     }
 
     /// Scratch for [`Gpu::q4_gemm_w4a8`] on rows of up to `k` weights.
-    pub fn w4a8_scratch(&self, k: usize) -> Result<W4a8Scratch, String> {
+    pub fn w4a8_scratch(&self, k: usize) -> Result<W4a8Scratch> {
         let e = |e| format!("{e:?}");
         Ok(W4a8Scratch {
             k,
@@ -298,7 +299,7 @@ impl Gpu {
         y: &mut CudaSlice<f16>,
         batch: usize,
         scratch: &mut W4a8Scratch,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         self.q4_gemm_w4a8_instance(w, x, bias, y, batch, scratch, ("sqil_q4_mma8_t2_s8", 16, 256))
     }
 
@@ -313,15 +314,15 @@ impl Gpu {
         batch: usize,
         scratch: &mut W4a8Scratch,
         (name, rows_per_block, threads): (&str, u32, u32),
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         if self.cc.0 < 8 {
             return Err(format!(
                 "q4_gemm_w4a8: int8 mma needs compute capability 8.0, {} has {}.{}",
                 self.name, self.cc.0, self.cc.1
-            ));
+            ).into());
         }
         if batch == 0 || batch > 16 || scratch.k < w.k || x.len() < batch * w.k || y.len() < batch * w.n {
-            return Err(format!("q4_gemm_w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k));
+            return Err(format!("q4_gemm_w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());
         }
         let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
         let quant = self.function("sqil_quant_tokens")?;
@@ -329,7 +330,7 @@ impl Gpu {
         l.arg(x).arg(&bt).arg(&k).arg(&mut scratch.xq).arg(&mut scratch.xs).arg(&mut scratch.xsum);
         let cfg = LaunchConfig { grid_dim: (16, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: x holds batch * k halves; the scratch holds 16 tokens of k values (checked).
-        unsafe { l.launch(cfg) }.map_err(|e| format!("quant launch: {e:?}"))?;
+        unsafe { l.launch(cfg) }.map_err(|e| crate::Error::Device(format!("quant launch: {e:?}")))?;
         let f = self.function(name)?;
         let gshift = (w.group / 32).trailing_zeros() as i32;
         let relu = 0i32;
@@ -348,7 +349,7 @@ impl Gpu {
         };
         // SAFETY: parameters as the kernel declares them; accesses bounded by n, k, batch and
         // the 16-token scratch.
-        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q4_mma8 launch: {e:?}"))
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("q4_mma8 launch: {e:?}")))
     }
 
     /// [`Gpu::q4_gemv`] on `stream`, with an optional fused ReLU.
@@ -362,7 +363,7 @@ impl Gpu {
         y: &mut CudaSlice<f16>,
         batch: usize,
         relu: bool,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let b = *BATCHES
             .iter()
             .find(|&&b| b >= batch)
@@ -400,9 +401,9 @@ impl Gpu {
         batch: usize,
         relu: bool,
         (name, rows_per_block, threads): (&str, u32, u32),
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         if batch == 0 || batch > 16 || x.len() < batch * w.k || y.len() < batch * w.n {
-            return Err(format!("q4_gemv: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k));
+            return Err(format!("q4_gemv: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());
         }
         let f = self.function(name)?;
         let (n, k, bt) = (w.n as i32, w.k as i32, batch as i32);
@@ -423,6 +424,6 @@ impl Gpu {
         l.arg(y).arg(&n).arg(&k).arg(&bt).arg(&gshift).arg(&relu);
         // SAFETY: the kernel's parameters match (pointers, then five ints); buffer sizes are
         // checked above and every access is bounded by n, k and batch.
-        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| format!("q4_gemv launch: {e:?}"))
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("q4_gemv launch: {e:?}")))
     }
 }

@@ -11,8 +11,10 @@
 //! CUDA; [`Gpu::new`] returns an error that says why (no driver, no device) instead of
 //! panicking, and [`nvrtc_present`] tells whether kernels can be compiled here.
 
+pub use error::{Error, Result};
 use half::f16;
 
+pub mod error;
 #[cfg(feature = "driver")]
 mod gpu;
 pub mod lower;

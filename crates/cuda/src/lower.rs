@@ -10,6 +10,7 @@
 //! interpreter, and the reductions (Softmax, LayerNorm, pooling) sum in another order: actions
 //! agree with the CPU runtime within [`GPU_TOL`].
 
+use crate::error::Result;
 use sqil_ir::ops::{BinaryOp, Op};
 use sqil_ir::Tensor;
 use sqil_lower::{ActQuant, Step};
@@ -68,8 +69,8 @@ pub struct Lowered {
     pub sources: Vec<(String, String)>,
 }
 
-pub(crate) fn err<E: std::fmt::Debug>(e: E) -> String {
-    format!("{e:?}")
+pub(crate) fn err<E: std::fmt::Debug>(e: E) -> crate::Error {
+    crate::Error::Device(format!("{e:?}"))
 }
 
 type HStep = LStep<HostArr>;
@@ -117,7 +118,7 @@ fn int(v: usize) -> KArg<HostArr> {
 /// float Gemm / MatMul that consumes it. Which steps form one kernel with an int4 layer (its bias,
 /// ReLU) is the plan's choice (`sqil_lower`, from the fusion pass); element-wise steps the plan
 /// leaves separate are printed as generated kernels, consecutive ones merged into one.
-pub fn lower(policy: &Policy) -> Result<Lowered, String> {
+pub fn lower(policy: &Policy) -> Result<Lowered> {
     let plan = &policy.plan;
     if plan.outputs.len() != 1 {
         return Err("the GPU policy has one output".into());
@@ -230,15 +231,15 @@ struct Lowerer<'a> {
 }
 
 impl<'a> Lowerer<'a> {
-    fn err(&self, why: &str) -> String {
-        format!("step `{}`: not supported by the GPU policy ({why})", self.what)
+    fn err(&self, why: &str) -> crate::Error {
+        crate::Error::Unsupported(format!("step `{}`: not supported by the GPU policy ({why})", self.what))
     }
 
     fn input_of(&self, s: usize) -> Option<usize> {
         self.plan.inputs.iter().position(|(_, slot)| *slot == s)
     }
 
-    fn val(&self, s: usize) -> Result<&'a Tensor, String> {
+    fn val(&self, s: usize) -> Result<&'a Tensor> {
         let env: &'a [Option<Tensor>] = self.env;
         env[s].as_ref().ok_or_else(|| self.err("a value was not computed"))
     }
@@ -256,7 +257,7 @@ impl<'a> Lowerer<'a> {
     }
 
     /// The buffer slot `s` is written to (allocated on first use).
-    fn out_buf(&mut self, s: usize) -> Result<usize, String> {
+    fn out_buf(&mut self, s: usize) -> Result<usize> {
         if self.slot_buf[s] == usize::MAX {
             let len = self.val(s)?.len();
             self.slot_buf[s] = self.new_buf(len);
@@ -266,7 +267,7 @@ impl<'a> Lowerer<'a> {
 
     /// The buffer holding computed value `s`, with its deferred steps emitted and an input cast
     /// to fp16 on first use.
-    fn dyn_buf(&mut self, s: usize) -> Result<usize, String> {
+    fn dyn_buf(&mut self, s: usize) -> Result<usize> {
         if let Some(p) = self.pending.remove(&s) {
             let y = self.out_buf(s)?;
             match p {
@@ -318,7 +319,7 @@ impl<'a> Lowerer<'a> {
 
     /// Computed value `s` as an operand of the chain `e`: a deferred chain merged in, an input
     /// not yet cast read in fp32, else its buffer. Returns the C expression of its value.
-    fn operand_expr(&mut self, e: &mut Expr, s: usize) -> Result<String, String> {
+    fn operand_expr(&mut self, e: &mut Expr, s: usize) -> Result<String> {
         if let Some(Pending::Expr(p)) = self.pending.get(&s).cloned() {
             return Ok(e.absorb(p));
         }
@@ -331,7 +332,7 @@ impl<'a> Lowerer<'a> {
 
     /// What each element of computed value `s` copies, without emitting anything: a deferred
     /// copy's elements, else the value's own buffer element by element.
-    fn elems(&mut self, s: usize) -> Result<Vec<Elem>, String> {
+    fn elems(&mut self, s: usize) -> Result<Vec<Elem>> {
         if let Some(Pending::Copy(e)) = self.pending.get(&s) {
             return Ok(e.clone());
         }
@@ -381,7 +382,7 @@ impl<'a> Lowerer<'a> {
         bias: Option<&[f32]>,
         relu: bool,
         conv: Option<&sqil_ir::lowered::conv::Im2col>,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let xlen = self.val(x)?.len();
         let xb = self.dyn_buf(x)?;
         let yb = self.out_buf(y)?;
@@ -445,7 +446,7 @@ impl<'a> Lowerer<'a> {
         Ok(())
     }
 
-    fn op(&mut self, op: &Op, inputs: &[Option<usize>], outputs: &[usize]) -> Result<(), String> {
+    fn op(&mut self, op: &Op, inputs: &[Option<usize>], outputs: &[usize]) -> Result<()> {
         let y = outputs[0];
         let yt = self.val(y)?.clone();
         let n = yt.len();
@@ -531,7 +532,7 @@ fn step_kernel<A>(s: &LStep<A>) -> &str {
 }
 
 impl<'a> Lowerer<'a> {
-    fn ival(&self, inputs: &[Option<usize>], j: usize) -> Result<&'a Tensor, String> {
+    fn ival(&self, inputs: &[Option<usize>], j: usize) -> Result<&'a Tensor> {
         let env: &'a [Option<Tensor>] = self.env;
         inputs
             .get(j)
@@ -549,7 +550,7 @@ impl<'a> Lowerer<'a> {
     /// Defers an element-wise step as (part of) a fused chain; whether it could: operands are
     /// computed values of the output's shape (deferred chains merged, buffers read, an input not
     /// yet cast read in fp32) and constants (scalars as literals, arrays at the output's shape).
-    fn elementwise(&mut self, op: &Op, inputs: &[Option<usize>], y: usize, yt: &Tensor) -> Result<bool, String> {
+    fn elementwise(&mut self, op: &Op, inputs: &[Option<usize>], y: usize, yt: &Tensor) -> Result<bool> {
         let scalar = |l: &Self, j: usize| -> Option<Option<f32>> {
             match inputs.get(j).copied().flatten() {
                 None => Some(None),
@@ -715,7 +716,7 @@ impl<'a> Lowerer<'a> {
     }
 
     /// Ops beyond the MLP subset, each as generic kernel steps of `policy_ops.cu`.
-    fn generic(&mut self, op: &Op, inputs: &[Option<usize>], outputs: &[usize], yt: &Tensor) -> Result<(), String> {
+    fn generic(&mut self, op: &Op, inputs: &[Option<usize>], outputs: &[usize], yt: &Tensor) -> Result<()> {
         // Input 0 of a float layer may stay a deferred activation quantizer: the kernel applies
         // it as it reads (not a convolution's: it reads each input once per tap and channel).
         let fused_in = matches!(op, Op::Gemm { .. }) || (matches!(op, Op::MatMul) && self.iconst(inputs, 1).is_some());
@@ -732,14 +733,14 @@ impl<'a> Lowerer<'a> {
             }
             xb[j] = Some(self.dyn_buf(s)?);
         }
-        let yb = outputs.iter().map(|&o| self.out_buf(o)).collect::<Result<Vec<usize>, String>>()?;
+        let yb = outputs.iter().map(|&o| self.out_buf(o)).collect::<Result<Vec<usize>>>()?;
         let [qs, qz, qlo, qhi] = quant;
         let qargs = [KArg::F32(qs), KArg::F32(qz), KArg::F32(qlo), KArg::F32(qhi)];
         let n = yt.len();
         let x0 = || xb.first().copied().flatten().ok_or_else(|| self.err("the first input must be computed"));
         // An operand: a buffer, or a constant array (fp32), with a broadcast index table unless it
         // has the output's shape.
-        let operand = |j: usize| -> Result<[KArg<HostArr>; 3], String> {
+        let operand = |j: usize| -> Result<[KArg<HostArr>; 3]> {
             let t = self.ival(inputs, j)?;
             let idx = if t.shape == yt.shape {
                 KArg::Null

@@ -2,6 +2,7 @@
 //! the whole step list captured once in a CUDA graph and replayed per action, with one copy in
 //! and one copy out. Needs the `driver` feature (cudarc).
 
+use crate::error::Result;
 use crate::lower::{lower, HostArr, KArg, LStep};
 use crate::Gpu;
 use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
@@ -45,7 +46,7 @@ fn cfg(n: usize) -> LaunchConfig {
 
 impl GpuPolicy {
     /// Uploads `policy` (see [`lower`]).
-    pub fn new(gpu: &Gpu, policy: &Policy) -> Result<GpuPolicy, String> {
+    pub fn new(gpu: &Gpu, policy: &Policy) -> Result<GpuPolicy> {
         let l = lower(policy)?;
         for (name, src) in &l.sources {
             gpu.load_source(name, src)?;
@@ -76,7 +77,7 @@ impl GpuPolicy {
                                 KArg::F32(v) => KArg::F32(v),
                             })
                         })
-                        .collect::<Result<Vec<_>, String>>()?;
+                        .collect::<Result<Vec<_>>>()?;
                     LStep::Kernel { name, args, threads }
                 }
             });
@@ -97,13 +98,13 @@ impl GpuPolicy {
     }
 
     /// Launches every step on the policy's stream (no copies).
-    fn launch(&mut self, gpu: &Gpu) -> Result<(), String> {
+    fn launch(&mut self, gpu: &Gpu) -> Result<()> {
         self.launch_steps(gpu, 0..self.steps.len())
     }
 
     /// Per lowered step, its label and its median time in microseconds over `iters` eager runs
     /// on `obs` (CUDA events around each step's launch).
-    pub fn profile(&mut self, gpu: &Gpu, obs: &[f32], iters: usize) -> Result<Vec<(String, f64)>, String> {
+    pub fn profile(&mut self, gpu: &Gpu, obs: &[f32], iters: usize) -> Result<Vec<(String, f64)>> {
         self.act(gpu, obs)?;
         let ev = || gpu.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(err);
         let (a, b) = (ev()?, ev()?);
@@ -127,7 +128,7 @@ impl GpuPolicy {
     }
 
     /// Launches steps `range` on the policy's stream (no copies).
-    fn launch_steps(&mut self, gpu: &Gpu, range: std::ops::Range<usize>) -> Result<(), String> {
+    fn launch_steps(&mut self, gpu: &Gpu, range: std::ops::Range<usize>) -> Result<()> {
         let input_ptr = self.input.device_ptr(&self.stream).0;
         for st in &self.steps[range] {
             match st {
@@ -164,7 +165,7 @@ impl GpuPolicy {
                     // SAFETY: the lowering builds each kernel's argument list in the order and of
                     // the types `policy_ops.cu` declares; the buffers and arrays hold what the
                     // sizes passed beside them say (one thread per output, bounds-checked).
-                    unsafe { l.launch(cfg(*threads)) }.map_err(|e| format!("{name}: {e:?}"))?;
+                    unsafe { l.launch(cfg(*threads)) }.map_err(|e| crate::Error::Device(format!("{name}: {e:?}")))?;
                 }
             }
         }
@@ -172,7 +173,7 @@ impl GpuPolicy {
     }
 
     /// Captures the step list in a CUDA graph (once); later [`GpuPolicy::act`] calls replay it.
-    pub fn capture(&mut self, gpu: &Gpu) -> Result<(), String> {
+    pub fn capture(&mut self, gpu: &Gpu) -> Result<()> {
         // Kernels load (and warm up) outside the capture.
         self.launch(gpu)?;
         self.stream.synchronize().map_err(err)?;
@@ -191,9 +192,9 @@ impl GpuPolicy {
 
     /// One state in (its inputs concatenated), its actions out: a copy in, the graph (or the
     /// steps), a copy out.
-    pub fn act(&mut self, gpu: &Gpu, obs: &[f32]) -> Result<Vec<f32>, String> {
+    pub fn act(&mut self, gpu: &Gpu, obs: &[f32]) -> Result<Vec<f32>> {
         if obs.len() != self.in_len {
-            return Err(format!("{} values, the policy takes {}", obs.len(), self.in_len));
+            return Err(format!("{} values, the policy takes {}", obs.len(), self.in_len).into());
         }
         self.stream.memcpy_htod(obs, &mut self.input).map_err(err)?;
         match &self.graph {
