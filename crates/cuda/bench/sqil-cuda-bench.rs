@@ -458,7 +458,13 @@ fn bench_vla(gpu: &Gpu, layers: usize, iters: usize) -> Result<(), sqil_cuda::Er
 /// A compiled policy on the GPU: agreement with the CPU runtime on the given states, then
 /// per-action latency (copy in, steps, copy out) eager and from the CUDA graph, and the CPU
 /// runtime's, in one run.
-fn bench_policy(gpu: &Gpu, artifact: &str, states: &[String], iters: usize, profile: bool) -> Result<(), sqil_cuda::Error> {
+fn bench_policy(
+    gpu: &Gpu,
+    artifact: &str,
+    states: &[String],
+    iters: usize,
+    profile: bool,
+) -> Result<(), sqil_cuda::Error> {
     use ndarray_npy::ReadNpyExt;
     let policy = sqil_runtime::Policy::load(std::path::Path::new(artifact)).map_err(|e| e.to_string())?;
     let sizes = policy.input_sizes();
@@ -654,7 +660,9 @@ fn main() {
             let states: Vec<String> = args[2..].iter().take_while(|a| !a.starts_with("--")).cloned().collect();
             bench_policy(&gpu, &args[1], &states, opt("--iters", 500), args.iter().any(|a| a == "--profile"))
         }
-        Some(other) => Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy").into()),
+        Some(other) => {
+            Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy").into())
+        }
     };
     if let Err(e) = res {
         eprintln!("error: {e}");

@@ -55,7 +55,8 @@ pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String> {
         },
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| crate::Error::Device(format!("{name}: {e:?}")))?;
+    let ptx =
+        cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| crate::Error::Device(format!("{name}: {e:?}")))?;
     let text = ptx.to_src();
     if let (Some(d), Some(f)) = (dir, file) {
         // A cache that cannot be written only costs a recompile next time.
@@ -140,8 +141,10 @@ impl Gpu {
                     entries.insert(name, modules.len());
                 }
             }
-            modules
-                .push(ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx)).map_err(|e| crate::Error::Device(format!("{file}: load: {e:?}")))?);
+            modules.push(
+                ctx.load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                    .map_err(|e| crate::Error::Device(format!("{file}: load: {e:?}")))?,
+            );
         }
         let stream = ctx.default_stream();
         Ok(Gpu { ctx, stream, name, cc, modules, entries, loaded: Default::default() })
@@ -154,7 +157,8 @@ impl Gpu {
             return Ok(f.clone());
         }
         let m = self.entries.get(name).ok_or_else(|| format!("kernel {name}: no such entry point"))?;
-        let f = self.modules[*m].load_function(name).map_err(|e| crate::Error::Device(format!("kernel {name}: {e:?}")))?;
+        let f =
+            self.modules[*m].load_function(name).map_err(|e| crate::Error::Device(format!("kernel {name}: {e:?}")))?;
         loaded.insert(name.to_string(), f.clone());
         Ok(f)
     }
@@ -249,7 +253,9 @@ impl Gpu {
         };
         // SAFETY: parameters as the kernel declares them; buffer sizes checked above, every
         // access bounded by n and k (a multiple of 128).
-        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("q{}_gemv launch: {e:?}", w.bits)))
+        unsafe { l.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| crate::Error::Device(format!("q{}_gemv launch: {e:?}", w.bits)))
     }
 
     pub fn upload(&self, w: &HostQ4) -> Result<DeviceQ4> {
@@ -319,7 +325,8 @@ impl Gpu {
             return Err(format!(
                 "q4_gemm_w4a8: int8 mma needs compute capability 8.0, {} has {}.{}",
                 self.name, self.cc.0, self.cc.1
-            ).into());
+            )
+            .into());
         }
         if batch == 0 || batch > 16 || scratch.k < w.k || x.len() < batch * w.k || y.len() < batch * w.n {
             return Err(format!("q4_gemm_w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());

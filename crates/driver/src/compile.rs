@@ -621,7 +621,9 @@ fn check_plan(
         .filter_map(|s| match s {
             // The layer's output in the simulation: the value of the node reading its weight.
             sqil_lower::Step::Q4Linear { layer, y, relu, .. } => match sim.find_value(layer).map(|w| sim.uses_of(w)) {
-                Some(u) if u.len() == 1 => Some((layer.as_str(), *y, *relu, sqil_ir::ValueRef { node: u[0].0, slot: 0 })),
+                Some(u) if u.len() == 1 => {
+                    Some((layer.as_str(), *y, *relu, sqil_ir::ValueRef { node: u[0].0, slot: 0 }))
+                }
                 _ => None,
             },
             _ => None,

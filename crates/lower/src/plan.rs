@@ -537,7 +537,10 @@ impl Plan {
                             Some(Arg::Stage(j)) => Some(stage_slot[*j]),
                             Some(Arg::Input(i)) => {
                                 let v = ins.get(*i).copied().flatten().ok_or_else(|| {
-                                    IrError::Invalid(format!("fused node `{}`: stage {k} reads input {i}, absent", node.name))
+                                    IrError::Invalid(format!(
+                                        "fused node `{}`: stage {k} reads input {i}, absent",
+                                        node.name
+                                    ))
                                 })?;
                                 needed.insert(v.node);
                                 Some(slots.of(v))

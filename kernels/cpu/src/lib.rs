@@ -70,7 +70,7 @@ pub fn lanes_at_small_batch(w: &PackedQ4) -> bool {
 /// # Safety
 /// The CPU must support AVX2 and FMA; as `x86_64::avx2::avx2_channels`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn lanes_kernel<X: x86_64::avx2::LaneInput>(
+unsafe fn lanes_kernel<X: x86_64::common::LaneInput>(
     w: &PackedQ4,
     xs: &[X],
     bias: Option<&[f32]>,

@@ -11,8 +11,8 @@
 pub mod conv;
 
 use crate::graph::{Graph, NodeId, ValueRef};
-use crate::ops::quant::{fake_quant_range, param_index};
 use crate::ops::fused::Arg;
+use crate::ops::quant::{fake_quant_range, param_index};
 use crate::ops::Op;
 use crate::tensor::Tensor;
 use crate::{IrError, Result};

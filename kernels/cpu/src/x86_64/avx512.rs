@@ -4,12 +4,85 @@
 //! kernel bit for bit. Compiled everywhere; dispatched only where the CPU has AVX-512 F, BW and
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
-use super::avx2::{channels_impl, gemm_impl, gemv_rows_impl, sgemm_direct_panels, single_block, F32Lanes, LaneInput};
+use super::common::{
+    channels_impl, gemm_impl, gemv_rows_impl, sgemm_direct8, sgemm_direct_panels, short_group_inputs, single_block,
+    softmax_rows_impl, F32Lanes, LaneInput, Sums,
+};
 use crate::generic::QRow;
-use crate::packed::{PackedQ4, QK4};
+use crate::packed::{ChannelTiles, PackedQ4, QK4};
 use std::arch::x86_64::*;
 
-/// [`super::avx2::group_sums`] with the block pairs on 512-bit registers: the two blocks' 32
+/// The AVX-512 VNNI integer sums (`vpdpbusd`) and eight-lane softmax steps.
+pub(crate) struct Vnni;
+
+impl Sums for Vnni {
+    const WIDE: bool = true;
+
+    #[inline(always)]
+    unsafe fn group_sums<const NC: usize>(
+        rp: [*const u8; 4],
+        xp: [*const i8; NC],
+        i: usize,
+        end: usize,
+        m4: __m256i,
+        ones: __m256i,
+    ) -> [[__m256i; 4]; NC] {
+        group_sums_vnni::<NC>(rp, xp, i, end, m4, ones)
+    }
+
+    #[inline(always)]
+    unsafe fn lane_group<const NP: usize, X: LaneInput>(
+        base: *const i8,
+        quads: usize,
+        xs: &[X; NP],
+        pos: (&mut usize, &mut usize, &mut [*const i8; NP]),
+    ) -> [[__m256i; 4]; NP] {
+        lane_group_vnni::<NP, X>(base, quads, xs, pos)
+    }
+
+    #[inline(always)]
+    unsafe fn lane_short<const NP: usize, const J: usize, X: LaneInput>(
+        w: &PackedQ4,
+        t: &ChannelTiles,
+        (cb, _): (usize, usize),
+        xs: [X; NP],
+    ) -> [[__m256; J]; NP] {
+        // The whole block of 32 channels at once (J = 4).
+        let a = lane_short_vnni::<NP, X>(w, t, cb, xs);
+        std::array::from_fn(|c| std::array::from_fn(|j| a[c][j]))
+    }
+
+    #[inline(always)]
+    unsafe fn softmax_exp(row: &[f32], m: f64, e: &mut [f64], sum: &mut __m256d, d4: usize) -> usize {
+        let mut j = 0;
+        while j + 32 <= d4 {
+            let v = exp_nonpos8xk::<4>(std::array::from_fn(|i| {
+                _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(row.as_ptr().add(j + 8 * i))), _mm512_set1_pd(m))
+            }));
+            for (i, v) in v.iter().enumerate() {
+                _mm512_storeu_pd(e.as_mut_ptr().add(j + 8 * i), *v);
+                *sum = _mm256_add_pd(*sum, _mm512_castpd512_pd256(*v));
+                *sum = _mm256_add_pd(*sum, _mm512_extractf64x4_pd::<1>(*v));
+            }
+            j += 32;
+        }
+        j
+    }
+
+    #[inline(always)]
+    unsafe fn softmax_div(e: &[f64], total: f64, y: &mut [f32], d4: usize) -> usize {
+        let mut j = 0;
+        let vt8 = _mm512_set1_pd(total);
+        while j + 8 <= d4 {
+            let q = _mm512_div_pd(_mm512_loadu_pd(e.as_ptr().add(j)), vt8);
+            _mm256_storeu_ps(y.as_mut_ptr().add(j), _mm512_cvtpd_ps(q));
+            j += 8;
+        }
+        j
+    }
+}
+
+/// [`super::common::group_sums`] with the block pairs on 512-bit registers: the two blocks' 32
 /// nibble bytes unpack to one 64-byte vector `[b0 0-15, b1 0-15, b0 16-31, b1 16-31]` and the
 /// inputs' 128-bit lanes are reordered to match; the 16 lanes fold to the AVX2 form (8 lanes)
 /// for the shared reduction.
@@ -63,7 +136,7 @@ pub unsafe fn avx512_gemv_q4q8_rows(
     rows: std::ops::Range<usize>,
     y: &mut [f32],
 ) {
-    gemv_rows_impl::<true>(w, x, bias, rows, y)
+    gemv_rows_impl::<Vnni>(w, x, bias, rows, y)
 }
 
 /// W4A8 on a batch with VNNI (see `avx2_gemm_q4q8`).
@@ -79,13 +152,13 @@ pub unsafe fn avx512_gemm_q4q8(
     y: &mut [f32],
     strides: (usize, usize),
 ) {
-    gemm_impl::<true>(w, rows, xs.len(), |c| xs[c], bias, y, strides)
+    gemm_impl::<Vnni>(w, rows, xs.len(), |c| xs[c], bias, y, strides)
 }
 
 /// The exact int32 sums of one group (`quads` quads at `base` in the `ChannelTiles` layout: 32
 /// channels x 4 bytes per quad) of 32 channels against `NP` inputs with `vpdpbusd` on 512-bit
 /// registers (16 channels' four products summed into each int32 lane; no int16 stage), walking
-/// the inputs' runs as `avx2::channel_block` does (`pos`: its run, offset and pointers). Returned
+/// the inputs' runs as `common::channel_block` does (`pos`: its run, offset and pointers). Returned
 /// in the AVX2 kernel's form, four vectors of eight channels per input, for its epilogue.
 #[inline(always)]
 pub(crate) unsafe fn lane_group_vnni<const NP: usize, X: LaneInput>(
@@ -146,7 +219,7 @@ pub(crate) unsafe fn lane_short_vnni<const NP: usize, X: LaneInput>(
     let mut accf = [[_mm512_setzero_ps(); 2]; NP];
     let mut walk = (0usize, 0usize);
     for g in 0..groups {
-        let xp = super::avx2::short_group_inputs(&xs, w.group, &mut walk);
+        let xp = short_group_inputs(&xs, w.group, &mut walk);
         let base = t.data.as_ptr().add((cb * groups + g) * QUADS * 128);
         let mut acc = [[_mm512_setzero_si512(); 2]; NP];
         for quad in 0..QUADS {
@@ -233,11 +306,11 @@ pub unsafe fn avx512_sgemm_direct(
     if j < n {
         // The last columns: the same chains on 8 lanes and one.
         let b_rest = b.get(j..).unwrap_or(&[]); // empty when k is 0
-        super::avx2::avx2_sgemm_direct(m, k, n - j, a, (rsa, csa), b_rest, rsb, &mut c[j..], rsc);
+        sgemm_direct8(m, k, n - j, a, (rsa, csa), b_rest, rsb, &mut c[j..], rsc);
     }
 }
 
-/// `exp_nonpos` on eight lanes, `K` vectors at once step by step (`avx2::exp_nonpos4xk` on
+/// `exp_nonpos` on eight lanes, `K` vectors at once step by step (`common::exp_nonpos4xk` on
 /// 512-bit registers: the same operations per lane).
 #[inline(always)]
 pub(crate) unsafe fn exp_nonpos8xk<const K: usize>(x: [__m512d; K]) -> [__m512d; K] {
@@ -276,7 +349,7 @@ pub(crate) unsafe fn exp_nonpos8xk<const K: usize>(x: [__m512d; K]) -> [__m512d;
 /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`, `dim > 0`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
-    super::avx2::softmax_rows_impl::<true>(x, dim, out)
+    softmax_rows_impl::<Vnni>(x, dim, out)
 }
 
 /// `avx2_channels` with the integer sums by `vpdpbusd` (the same int32 sums, the same epilogue:
@@ -293,5 +366,5 @@ pub(crate) unsafe fn avx512_channels<X: LaneInput>(
     strides: (usize, usize),
     rows: std::ops::Range<usize>,
 ) {
-    channels_impl::<X, true>(w, xs, bias, y, strides, rows)
+    channels_impl::<X, Vnni>(w, xs, bias, y, strides, rows)
 }
