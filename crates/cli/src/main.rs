@@ -91,7 +91,7 @@ enum Cmd {
     Run {
         model: PathBuf,
         /// Threads for large layers (artifacts).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = positive)]
         threads: usize,
         /// Input arrays (.npy), in the model's input order, or as NAME=PATH.
         #[arg(long = "input", required = true)]
@@ -124,7 +124,7 @@ enum Cmd {
         #[arg(long, default_value_t = 0.1)]
         val_frac: f64,
         /// At most this many held-out states (spread evenly over the held-out episodes).
-        #[arg(long, default_value_t = 5000)]
+        #[arg(long, default_value_t = 5000, value_parser = size_count)]
         val_states: usize,
         /// Score the fine-tuned weights on the held-out states every N steps (0: 20 times a run).
         #[arg(long, default_value_t = 0)]
@@ -153,13 +153,13 @@ enum Cmd {
         #[command(flatten)]
         sis: SisFlags,
         /// Training states (spread evenly over the demonstrations).
-        #[arg(long, default_value_t = 20000)]
+        #[arg(long, default_value_t = 20000, value_parser = size_count)]
         states: usize,
         /// Fine-tuning steps (the default, like --lr, --step-lr, --beta and --top, was chosen on
         /// held-out demonstrations by tools/tune_defaults.py: docs/training.md).
-        #[arg(long, default_value_t = 4000)]
+        #[arg(long, default_value_t = 4000, value_parser = positive)]
         steps: usize,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = size_count)]
         batch: usize,
         #[arg(long, default_value_t = 3e-4)]
         lr: f64,
@@ -168,7 +168,7 @@ enum Cmd {
         step_lr: f64,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = positive)]
         threads: usize,
         #[arg(short, long)]
         output: PathBuf,
@@ -226,7 +226,7 @@ enum Cmd {
         #[arg(long, required = true)]
         calib: Vec<PathBuf>,
         /// Number of demonstration states used (spread evenly over the file).
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, value_parser = size_count)]
         calib_states: usize,
         /// Output: QDQ ONNX.
         #[arg(short, long)]
@@ -260,7 +260,7 @@ enum Cmd {
         #[arg(long)]
         selftest: Vec<PathBuf>,
         /// C target: how many of those states the self-test runs.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = size_count)]
         selftest_states: usize,
         /// exe target: the `sqil-policy` runner to copy (default: the one next to `sqil`).
         #[arg(long)]
@@ -271,12 +271,12 @@ enum Cmd {
     Bench {
         #[arg(required_unless_present = "peaks")]
         model: Option<PathBuf>,
-        #[arg(long, default_value = "1,64", value_delimiter = ',')]
+        #[arg(long, default_value = "1,64", value_delimiter = ',', value_parser = size_count)]
         batch: Vec<usize>,
         /// Timed runs per batch size (after 10% warm-up runs).
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 200, value_parser = positive)]
         iters: usize,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = positive)]
         threads: usize,
         /// Also print each step's share of the time (artifacts only), one JSON line per step.
         #[arg(long)]
@@ -286,6 +286,28 @@ enum Cmd {
         #[arg(long)]
         peaks: bool,
     },
+}
+
+/// A count that must be at least 1 (threads, steps, iterations).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("`{s}` is not a whole number")),
+    }
+}
+
+/// Largest batch or state count a flag may ask for: beyond it the arrays the count sizes would
+/// not fit a machine's memory for any real policy (the runs check the bytes too).
+const MAX_COUNT: usize = 1 << 24;
+
+/// A batch size or number of states: 1 to [`MAX_COUNT`].
+fn size_count(s: &str) -> Result<usize, String> {
+    let v = positive(s)?;
+    if v > MAX_COUNT {
+        return Err(format!("{v} is more than the {MAX_COUNT} this flag allows"));
+    }
+    Ok(v)
 }
 
 /// What `sqil build` writes.
@@ -305,7 +327,7 @@ enum Target {
 #[derive(clap::Args)]
 struct SisFlags {
     /// SIS: side of the square image patches.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, value_parser = positive)]
     patch: usize,
     /// SIS for images: `occlude` (per-channel dataset mean) or `blur`.
     #[arg(long, default_value = "occlude")]
@@ -355,13 +377,13 @@ struct AllocFlags {
     #[arg(long, value_delimiter = ',')]
     abits_choices: Vec<u8>,
     /// States used to measure sensitivity (spread evenly over the demonstrations).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = size_count)]
     alloc_states: usize,
     /// Rounds of greedy refinement with re-measurement after the exact solve.
     #[arg(long, default_value_t = 0)]
     refine: usize,
     /// Hutchinson probes for --alloc-method hawq.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     probes: usize,
     /// Cost model for latency budgets (JSON: bytes_per_s, int_macs_per_s, float_macs_per_s, overhead_s).
     #[arg(long)]

@@ -41,7 +41,7 @@ fn every_kernel_source_compiles_with_nvrtc() {
     }
     // A kernel that does not compile is an error naming the file, not a panic.
     let e = compile("broken.cu", "extern \"C\" __global__ void k() { undefined_thing(); }", "compute_90").unwrap_err();
-    assert!(e.contains("broken.cu"), "{e}");
+    assert!(e.to_string().contains("broken.cu"), "{e}");
     std::fs::remove_dir_all(&cache).ok();
 }
 

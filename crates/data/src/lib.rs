@@ -40,6 +40,7 @@ impl Demos {
     /// Loads and validates a `.npz` demonstration file.
     pub fn load(path: &Path) -> Result<Demos, DemosError> {
         let err = |msg: String| DemosError { path: path.to_path_buf(), msg };
+        check_npz_file(path).map_err(err)?;
         let f = File::open(path).map_err(|e| err(e.to_string()))?;
         let mut z = NpzReader::new(f).map_err(|e| err(format!("not an .npz archive: {e}")))?;
         let names = z.names().map_err(|e| err(e.to_string()))?;
@@ -188,6 +189,122 @@ impl ActionBox {
             *x = x.clamp(self.low[i % a], self.high[i % a]);
         }
     }
+}
+
+/// The largest array (bytes) an .npy file or .npz entry may declare before anything is allocated
+/// for it: `SQIL_MAX_ARRAY_BYTES`, default 16 GiB.
+pub fn max_array_bytes() -> u64 {
+    std::env::var("SQIL_MAX_ARRAY_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(16 << 30)
+}
+
+/// What an .npy header declares: the shape, the element size and the header's own length.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NpyHeader {
+    pub shape: Vec<u64>,
+    pub item_bytes: u64,
+    pub header_bytes: u64,
+}
+
+impl NpyHeader {
+    /// The data bytes the shape needs, or `None` when that overflows.
+    pub fn data_bytes(&self) -> Option<u64> {
+        self.shape.iter().try_fold(self.item_bytes, |a, &d| a.checked_mul(d))
+    }
+
+    /// Checks the declared size against the bytes that follow the header (`data_len`) and the cap
+    /// ([`max_array_bytes`]), before a reader allocates it.
+    pub fn check(&self, data_len: u64) -> Result<(), String> {
+        let need = self.data_bytes().ok_or_else(|| format!("the header's shape {:?} overflows", self.shape))?;
+        if need > max_array_bytes() {
+            return Err(format!(
+                "the header declares shape {:?} ({need} bytes), more than the {} bytes allowed (SQIL_MAX_ARRAY_BYTES)",
+                self.shape,
+                max_array_bytes()
+            ));
+        }
+        if need > data_len {
+            return Err(format!(
+                "the header declares shape {:?} ({need} bytes of data), but only {data_len} bytes follow it",
+                self.shape
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads an .npy header (format versions 1 to 3) without reading the data.
+pub fn npy_header(r: &mut impl std::io::Read) -> Result<NpyHeader, String> {
+    let mut pre = [0u8; 8];
+    r.read_exact(&mut pre).map_err(|_| "not an .npy array (shorter than its magic)".to_string())?;
+    if &pre[..6] != b"\x93NUMPY" {
+        return Err("not an .npy array (bad magic)".into());
+    }
+    let (len, prefix) = match pre[6] {
+        1 => {
+            let mut b = [0u8; 2];
+            r.read_exact(&mut b).map_err(|_| "truncated .npy header".to_string())?;
+            (u16::from_le_bytes(b) as u64, 10)
+        }
+        2 | 3 => {
+            let mut b = [0u8; 4];
+            r.read_exact(&mut b).map_err(|_| "truncated .npy header".to_string())?;
+            (u32::from_le_bytes(b) as u64, 12)
+        }
+        v => return Err(format!("unsupported .npy format version {v}")),
+    };
+    if len > 1 << 20 {
+        return Err(format!(".npy header of {len} bytes (at most 1 MiB)"));
+    }
+    let mut text = vec![0u8; len as usize];
+    r.read_exact(&mut text).map_err(|_| "truncated .npy header".to_string())?;
+    let text = String::from_utf8_lossy(&text);
+    let field = |key: &str| text.find(key).map(|i| &text[i + key.len()..]);
+    let descr = field("'descr':").ok_or("the .npy header has no 'descr'")?;
+    let descr = descr.trim_start().trim_start_matches(['\'', '"']);
+    let descr: String = descr.chars().take_while(|c| *c != '\'' && *c != '"').collect();
+    let item_bytes: u64 =
+        descr.trim_start_matches(|c: char| !c.is_ascii_digit()).parse().map_err(|_| format!("dtype `{descr}`"))?;
+    let shape = field("'shape':").ok_or("the .npy header has no 'shape'")?;
+    let shape = shape.trim_start().strip_prefix('(').ok_or("the .npy header's shape is not a tuple")?;
+    let shape = &shape[..shape.find(')').ok_or("the .npy header's shape is not a tuple")?];
+    let shape = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| d.trim_end_matches('L').parse::<u64>().map_err(|_| format!("shape entry `{d}`")))
+        .collect::<Result<Vec<u64>, String>>()?;
+    Ok(NpyHeader { shape, item_bytes, header_bytes: prefix + len })
+}
+
+/// Checks an .npy file's header against its size (see [`NpyHeader::check`]) before it is read.
+pub fn check_npy_file(path: &Path) -> Result<(), String> {
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
+    let size = f.metadata().map_err(|e| e.to_string())?.len();
+    let h = npy_header(&mut f)?;
+    h.check(size.saturating_sub(h.header_bytes))
+}
+
+/// Checks every entry of an .npz archive (its declared size, its inflation ratio, its .npy header
+/// against that size) before any is read.
+pub fn check_npz_file(path: &Path) -> Result<(), String> {
+    let f = File::open(path).map_err(|e| e.to_string())?;
+    let mut z = zip::ZipArchive::new(f).map_err(|e| format!("not an .npz archive: {e}"))?;
+    let mut total = 0u64;
+    for i in 0..z.len() {
+        let mut e = z.by_index(i).map_err(|e| format!("entry {i}: {e}"))?;
+        let name = e.name().to_string();
+        let (size, packed) = (e.size(), e.compressed_size());
+        total = total.saturating_add(size);
+        if size > max_array_bytes() || total > max_array_bytes() {
+            return Err(format!("entry `{name}` inflates to {size} bytes, more than allowed (SQIL_MAX_ARRAY_BYTES)"));
+        }
+        if size > (1 << 20) && size / packed.max(1) > 1000 {
+            return Err(format!("entry `{name}` inflates {size} / {packed} = over 1000x: refused as a zip bomb"));
+        }
+        let h = npy_header(&mut e).map_err(|m| format!("entry `{name}`: {m}"))?;
+        h.check(size.saturating_sub(h.header_bytes)).map_err(|m| format!("entry `{name}`: {m}"))?;
+    }
+    Ok(())
 }
 
 fn read<A: ReadableElement, D: ndarray::Dimension>(

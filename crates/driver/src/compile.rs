@@ -332,7 +332,6 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     if a.max_states == 0 || a.val_states == 0 {
         return Err("--states and --val-states must be > 0".into());
     }
-    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     let fp_in = crate::load_model(model)?;
     let fp_q = crate::quantize::prepare_float(&fp_in)?;
     // The float policy as quantize saw it (same canonical form, same value names).
@@ -345,6 +344,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         BoxSource::Given(s) => Some(ActionBox::parse(s, dims).map_err(|e| format!("--action-box: {e}"))?),
         BoxSource::Metadata => demos.action_box().map_err(|e| format!("{}: {e}", a.demos.display()))?,
     };
+    // The inputs are valid: now the output folder, checked writable before any work.
+    crate::ensure_writable_dir(&a.out)?;
     let (train_pool, val_pool, val_eps) = split_episodes(&demos, a.val_frac, a.split_seed);
     let steps: Vec<usize> = spread(train_pool.len(), a.max_states).into_iter().map(|i| train_pool[i]).collect();
     let vsteps: Vec<usize> = spread(val_pool.len(), a.val_states).into_iter().map(|i| val_pool[i]).collect();

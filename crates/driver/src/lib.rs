@@ -18,7 +18,46 @@ use sqil_ir::Graph;
 use std::path::Path;
 
 /// Loads an ONNX model or IR text (`.sqil`), by extension, and verifies it.
+/// Creates `dir` if needed and checks that files can be written in it (a probe file written and
+/// removed), so a run fails at its start rather than after its work.
+pub fn ensure_writable_dir(dir: &Path) -> crate::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create the output folder: {e}", dir.display()))?;
+    let probe = dir.join(format!(".sqil-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("{}: the output folder is not writable: {e}", dir.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
+/// Refuses an output path that names the same file as an input (`sqil quantize -o model.onnx`
+/// would overwrite the model it reads).
+pub fn distinct_output(input: &Path, output: &Path) -> crate::Result<()> {
+    let same = match (input.canonicalize(), output.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        return Err(
+            format!("{}: the output would overwrite the input model; choose another path", output.display()).into()
+        );
+    }
+    Ok(())
+}
+
 pub fn load_model(path: &Path) -> crate::Result<Graph> {
+    if sqil_runtime::artifact::is_artifact(path) {
+        return Err(format!(
+            "{}: a compiled CPU artifact, not a model (run it with `sqil run` or `sqil bench`)",
+            path.display()
+        )
+        .into());
+    }
+    if path.extension().is_some_and(|e| e == "bin") {
+        return Err(format!(
+            "{}: not a sqil artifact (no SQILCPU magic: empty, truncated or another format), and models are .onnx or .sqil",
+            path.display()
+        )
+        .into());
+    }
     let g = if path.extension().is_some_and(|e| e == "sqil") {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         sqil_ir::parse_graph(&text).map_err(|e| format!("{}: {e}", path.display()))?

@@ -18,6 +18,9 @@ fn to_tensor<T: Clone>(a: ArrayD<T>, wrap: fn(Vec<T>) -> Data) -> crate::Result<
 
 /// Reads an .npy array of f32, f64, i64, i32, u8 or bool elements.
 pub fn read(path: &Path) -> crate::Result<Tensor> {
+    // The header's shape against the file's size first: nothing is allocated for a shape the
+    // file cannot hold (or beyond SQIL_MAX_ARRAY_BYTES).
+    sqil_data::check_npy_file(path).map_err(|e| format!("{}: {e}", path.display()))?;
     macro_rules! attempt {
         ($t:ty, $wrap:expr) => {
             if let Ok(a) = ArrayD::<$t>::read_npy(open(path)?) {

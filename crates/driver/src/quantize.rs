@@ -87,15 +87,37 @@ pub fn calibration_feeds(g: &Graph, paths: &[PathBuf], n: usize) -> crate::Resul
             }
             let mut f = Feeds::new();
             for (p, &i) in paths.iter().zip(&g.inputs) {
-                f.insert(g.node(i).outputs[0].name.clone(), crate::npy::read(p)?);
+                let t = crate::npy::read(p)?;
+                calibration_rows_ok(&t).map_err(|e| format!("{}: {e}", p.display()))?;
+                f.insert(g.node(i).outputs[0].name.clone(), t);
             }
             Ok(vec![f])
         }
     }
 }
 
+/// A calibration batch must hold states (a leading dimension of at least one) and only finite
+/// values: a NaN or infinity would become a quantizer's range and every scale after it (the error
+/// names the first such value's row and column).
+pub fn calibration_rows_ok(t: &sqil_ir::Tensor) -> Result<(), String> {
+    let rows = t.shape.first().copied().unwrap_or(1);
+    if rows == 0 || t.is_empty() {
+        return Err(format!("no calibration states (shape {:?})", t.shape));
+    }
+    let per = t.len() / rows;
+    for (i, v) in t.data.to_f32_vec().iter().enumerate() {
+        if !v.is_finite() {
+            return Err(format!("row {}, column {}: {v} (calibration data must be finite)", i / per, i % per));
+        }
+    }
+    Ok(())
+}
+
 /// Runs `sqil quantize` and writes its files.
 pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> crate::Result<QuantReport> {
+    for out in [Some(&a.out), a.ir_out.as_ref(), a.report_out.as_ref(), a.artifact_out.as_ref()].into_iter().flatten() {
+        crate::distinct_output(model, out)?;
+    }
     let fp = crate::load_model(model)?;
     let (sim, lowered, report) = run_quantize(&fp, a)?;
     sqil_codegen::onnx::save(&lowered, &a.out)?;

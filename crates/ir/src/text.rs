@@ -310,7 +310,9 @@ impl Parser<'_> {
         if self.eat("splat") {
             let v = self.number()?;
             self.expect("}")?;
-            items = vec![v; shape.iter().product()];
+            let n = crate::tensor::checked_len(&shape, ty.dtype.bits().div_ceil(8).max(1), "a splat literal")
+                .or_else(|e| self.err(&e.to_string()))?;
+            items = vec![v; n];
         } else if !self.eat("}") {
             loop {
                 items.push(self.number()?);

@@ -94,23 +94,36 @@ fn external_bytes(t: &TensorProto, base: Option<&Path>) -> Result<Vec<u8>> {
         IrError::Invalid(format!("tensor `{}` is stored in `{loc}`, but the model was not loaded from a file", t.name))
     })?;
     let path = base.join(rel);
-    let bytes = std::fs::read(&path).map_err(|e| {
-        IrError::Invalid(format!("tensor `{}`: cannot read external data {}: {e}", t.name, path.display()))
-    })?;
-    let start = offset as usize;
-    let end = match length {
-        Some(l) => start.checked_add(l as usize),
-        None => Some(bytes.len()),
-    };
-    match end {
-        Some(end) if start <= end && end <= bytes.len() => Ok(bytes[start..end].to_vec()),
-        _ => Err(IrError::Invalid(format!(
-            "tensor `{}`: external data range {offset}+{length:?} is outside {} ({} bytes)",
-            t.name,
-            path.display(),
-            bytes.len()
-        ))),
+    let bad = |why: String| IrError::Invalid(format!("tensor `{}`: external data {}: {why}", t.name, path.display()));
+    // The file the location names, symlinks resolved: a regular file inside the model's folder
+    // (checked before opening: a FIFO or device is never opened).
+    let real = path.canonicalize().map_err(|e| bad(format!("{e}")))?;
+    let root = base.canonicalize().map_err(|e| bad(format!("the model's folder: {e}")))?;
+    if !real.starts_with(&root) {
+        return Err(bad(format!("resolves to {}, outside the model's folder", real.display())));
     }
+    let meta = std::fs::metadata(&real).map_err(|e| bad(format!("{e}")))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    let size = meta.len();
+    let end = match length {
+        Some(l) => offset.checked_add(l),
+        None => Some(size),
+    };
+    let end = match end {
+        Some(end) if offset <= end && end <= size => end,
+        _ => {
+            let len = length.map_or("to the end".to_string(), |l| format!("length {l} bytes"));
+            return Err(bad(format!("offset {offset}, {len}: beyond the end of the file ({size} bytes)")));
+        }
+    };
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(&real).map_err(|e| bad(format!("{e}")))?;
+    f.seek(SeekFrom::Start(offset)).map_err(|e| bad(format!("{e}")))?;
+    let mut bytes = vec![0u8; (end - offset) as usize];
+    f.read_exact(&mut bytes).map_err(|e| bad(format!("{e}")))?;
+    Ok(bytes)
 }
 
 /// Converts a TensorProto; `base` is the model's folder, for external data.

@@ -53,7 +53,56 @@ fn missing_external_data_names_the_file() {
     // A short data file: the offsets no longer fit.
     std::fs::write(d.join("mlp_dynamo.onnx.data"), [0u8; 64]).unwrap();
     let e = sqil_onnx::load_model(&d.join("mlp_dynamo.onnx")).unwrap_err().to_string();
-    assert!(e.contains("outside"), "{e}");
+    assert!(e.contains("beyond the end of the file (64 bytes)"), "{e}");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// mlp_dynamo.onnx's external data file, as `name` in a fresh folder `sub` of a fresh folder.
+#[cfg(unix)]
+fn model_in_subfolder(tag: &str) -> (PathBuf, PathBuf) {
+    let d = tmp(tag);
+    let sub = d.join("models").join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(policies().join("mlp_dynamo.onnx"), sub.join("mlp_dynamo.onnx")).unwrap();
+    (d, sub)
+}
+
+#[test]
+#[cfg(unix)]
+fn external_data_through_a_symlink_out_of_the_folder_is_refused() {
+    let (d, sub) = model_in_subfolder("symlink");
+    // The location is a plain name, so the text checks pass; the file it names is a symlink to
+    // a file outside the model's folder (as /etc/passwd would be).
+    let secret = d.join("secret.bin");
+    std::fs::copy(policies().join("mlp_dynamo.onnx.data"), &secret).unwrap();
+    std::os::unix::fs::symlink(&secret, sub.join("mlp_dynamo.onnx.data")).unwrap();
+    let e = sqil_onnx::load_model(&sub.join("mlp_dynamo.onnx")).expect_err("must not read outside").to_string();
+    assert!(e.contains("outside the model's folder") && e.contains("mlp_dynamo.onnx.data"), "{e}");
+    // A symlink that stays inside the folder is fine.
+    std::fs::remove_file(sub.join("mlp_dynamo.onnx.data")).unwrap();
+    std::fs::copy(&secret, sub.join("real.data")).unwrap();
+    std::os::unix::fs::symlink(sub.join("real.data"), sub.join("mlp_dynamo.onnx.data")).unwrap();
+    sqil_onnx::load_model(&sub.join("mlp_dynamo.onnx")).expect("a symlink inside the folder loads");
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+#[cfg(unix)]
+fn external_data_that_is_a_fifo_is_refused_without_blocking() {
+    let (d, sub) = model_in_subfolder("fifo");
+    let fifo = sub.join("mlp_dynamo.onnx.data");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().map(|s| s.success()).unwrap_or(false);
+    if !made {
+        eprintln!("skipping: mkfifo is not available here");
+        return;
+    }
+    // Opening a FIFO for reading blocks until a writer comes: the loader must not open it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let model = sub.join("mlp_dynamo.onnx");
+    std::thread::spawn(move || tx.send(sqil_onnx::load_model(&model).map(|_| ()).map_err(|e| e.to_string())));
+    let r = rx.recv_timeout(std::time::Duration::from_secs(20)).expect("the loader hung on a FIFO");
+    let e = r.expect_err("a FIFO is not a tensor file");
+    assert!(e.contains("not a regular file"), "{e}");
     std::fs::remove_dir_all(&d).ok();
 }
 

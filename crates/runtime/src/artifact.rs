@@ -19,7 +19,8 @@
 //! ```text
 //! magic  "SQILCPU\0"          8 bytes
 //! version u32 (= VERSION)     flags u32 (0)
-//! payload_len u64             checksum u64 (FNV-1a 64 of the payload)
+//! payload_len u64             checksum u64 (FNV-1a 64 of the 24 header bytes before it and the
+//!                             payload; versions 1 and 2: of the payload only)
 //! payload:
 //!   ir_len u64, IR text (UTF-8)
 //!   layers u32, then per layer:
@@ -38,7 +39,17 @@ pub const VERSION: u32 = 3;
 
 /// FNV-1a, 64 bit.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    fnv(0xcbf2_9ce4_8422_2325u64, bytes)
+}
+
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Since version 3 the checksum covers the header before it (magic, version, flags, length) and
+/// the payload: a changed version or flag is caught too.
+fn whole_checksum(header: &[u8], payload: &[u8]) -> u64 {
+    fnv(fnv(0xcbf2_9ce4_8422_2325u64, header), payload)
 }
 
 /// Lowers a simulation graph (`sqil_lower::lower`: fusion, then the plan) and encodes the
@@ -96,7 +107,8 @@ pub fn encode_lowered(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
     out.extend(VERSION.to_le_bytes());
     out.extend(0u32.to_le_bytes());
     out.extend((p.len() as u64).to_le_bytes());
-    out.extend(checksum(&p).to_le_bytes());
+    let sum = whole_checksum(&out, &p);
+    out.extend(sum.to_le_bytes());
     out.extend(p);
     Ok(out)
 }
@@ -109,6 +121,44 @@ pub fn restore_weights(g: &mut Graph, packed: &HashMap<String, PackedQ4>) -> Res
         if let Op::Const(t) = &mut g.node_mut(c).op {
             if t.len() == w.n * w.k && t.data.to_f32_vec().iter().all(|&v| v == 0.0) {
                 *t = Tensor::from_f32(t.shape.clone(), dequantized_weight(w, layout))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that an artifact's plan and its packed layers fit together: every stored layer is an
+/// int4 step of the plan (none renamed or left over), and every int4 step whose float weights are
+/// an all-zero placeholder runs on stored weights (a removed layer would otherwise run on zeros).
+pub fn check_layers(g: &Graph, plan: &Plan, packed: &HashMap<String, PackedQ4>, what: &str) -> Result<()> {
+    let steps: Vec<&String> = plan
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Q4Linear { layer, .. } => Some(layer),
+            _ => None,
+        })
+        .collect();
+    for key in packed.keys() {
+        // Version 1 and 2 artifacts name a layer by its output value: the step's weight's reader.
+        let by_output = |l: &&String| {
+            g.find_value(l).and_then(|w| g.uses_of(w).first().map(|u| &g.node(u.0).outputs[0].name)) == Some(key)
+        };
+        if !steps.iter().any(|l| *l == key || by_output(l)) {
+            return Err(IrError::Invalid(format!("{what}: stored layer `{key}` is not an int4 layer of the graph")));
+        }
+    }
+    for l in steps {
+        let Some((c, _)) = layer_weight(g, l) else { continue };
+        let stored = packed.contains_key(l)
+            || g.find_value(l)
+                .and_then(|w| g.uses_of(w).first().map(|u| g.node(u.0).outputs[0].name.clone()))
+                .is_some_and(|o| packed.contains_key(&o));
+        if let Op::Const(t) = &g.node(c).op {
+            if !stored && t.data.to_f32_vec().iter().all(|&v| v == 0.0) {
+                return Err(IrError::Invalid(format!(
+                    "{what}: int4 layer `{l}` has no stored weights (its float weights are a placeholder)"
+                )));
             }
         }
     }
@@ -153,7 +203,7 @@ impl<'a> Reader<'a> {
 pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, PackedQ4>)> {
     let mut r = Reader { b: bytes, at: 0, what };
     if r.take(8)? != MAGIC {
-        return Err(IrError::Invalid(format!("{what}: not a sqil CPU artifact (bad magic)")));
+        return Err(IrError::Invalid(format!("{what}: not a sqil artifact (no SQILCPU magic)")));
     }
     let version = r.u32()?;
     if !(1..=VERSION).contains(&version) {
@@ -161,12 +211,19 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, Packe
             "{what}: artifact version {version}, this runtime reads versions 1 to {VERSION}"
         )));
     }
-    let _flags = r.u32()?;
+    let flags = r.u32()?;
     let len = r.len(bytes.len())?;
     let sum = r.u64()?;
     let payload = r.take(len)?;
-    if checksum(payload) != sum {
+    let expect = if version >= 3 { whole_checksum(&bytes[..24], payload) } else { checksum(payload) };
+    if expect != sum {
         return Err(IrError::Invalid(format!("{what}: checksum mismatch (the file is corrupt)")));
+    }
+    if flags != 0 {
+        return Err(IrError::Unsupported(format!("{what}: artifact flags {flags:#x}, this runtime knows none")));
+    }
+    if r.at != bytes.len() {
+        return Err(IrError::Invalid(format!("{what}: {} bytes after the payload", bytes.len() - r.at)));
     }
     let mut r = Reader { b: payload, at: 0, what };
     let ir_len = r.len(payload.len())?;
@@ -183,13 +240,18 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, Packe
             return Err(IrError::Invalid(format!("{what}: layer `{name}` has an invalid layout")));
         }
         let groups = k_pad / group;
-        let blocks =
-            r.take(n * k_pad / 2)?.chunks_exact(16).map(|c| BlockQ4 { qs: c.try_into().expect("16") }).collect();
-        let scales =
-            r.take(4 * n * groups)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
-        let sums =
-            r.take(4 * n * groups)?.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4"))).collect();
-        packed.insert(name, PackedQ4::from_parts(n, k, k_pad, group, blocks, scales, sums));
+        let size = |a: usize, b: usize, c: usize| {
+            a.checked_mul(b).and_then(|x| x.checked_mul(c)).filter(|&x| x <= cap).ok_or_else(|| {
+                IrError::Invalid(format!("{what}: layer `{name}`: [{n} x {k}] does not fit the file ({cap} bytes)"))
+            })
+        };
+        let (nb, ns) = (size(n, k_pad / 32, 16)?, size(n, groups, 4)?);
+        let blocks = r.take(nb)?.chunks_exact(16).map(|c| BlockQ4 { qs: c.try_into().expect("16") }).collect();
+        let scales = r.take(ns)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+        let sums = r.take(ns)?.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4"))).collect();
+        if packed.insert(name.clone(), PackedQ4::from_parts(n, k, k_pad, group, blocks, scales, sums)).is_some() {
+            return Err(IrError::Invalid(format!("{what}: layer `{name}` is stored twice")));
+        }
     }
     if r.at != payload.len() {
         return Err(IrError::Invalid(format!("{what}: {} trailing bytes", payload.len() - r.at)));

@@ -571,7 +571,7 @@ pub(crate) fn constant_of_shape(s: &Tensor, value: &Tensor) -> Result<Tensor> {
     if value.len() != 1 {
         return Err(IrError::Invalid("ConstantOfShape value must have one element".into()));
     }
-    let n = shape.iter().product::<usize>();
+    let n = crate::tensor::checked_len(&shape, value.dtype().bits().div_ceil(8).max(1), "ConstantOfShape")?;
     Tensor::new(shape, value.data.gather(&vec![0; n]))
 }
 
@@ -596,5 +596,6 @@ pub(crate) fn expand(x: &Tensor, s: &Tensor) -> Result<Tensor> {
     let target = shape_arg(s, "Expand")?;
     let out = broadcast_shapes(&[&x.shape, &target])
         .ok_or_else(|| IrError::Invalid(format!("Expand: {:?} does not broadcast to {target:?}", x.shape)))?;
+    crate::tensor::checked_len(&out, x.dtype().bits().div_ceil(8).max(1), "Expand")?;
     Tensor::new(out.clone(), x.data.gather(&broadcast_indices(&x.shape, &out)))
 }
