@@ -212,7 +212,14 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, Packe
         )));
     }
     let flags = r.u32()?;
-    let len = r.len(bytes.len())?;
+    let len = r.u64()?;
+    if len > (bytes.len() as u64).saturating_sub(32) {
+        return Err(IrError::Invalid(format!(
+            "{what}: truncated: the header promises {len} bytes of payload, the file holds {}",
+            bytes.len().saturating_sub(32)
+        )));
+    }
+    let len = len as usize;
     let sum = r.u64()?;
     let payload = r.take(len)?;
     let expect = if version >= 3 { whole_checksum(&bytes[..24], payload) } else { checksum(payload) };

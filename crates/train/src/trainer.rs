@@ -155,6 +155,100 @@ struct Checkpoint {
     /// Training stopped early here; a resume returns at once.
     #[serde(default)]
     stopped: bool,
+    /// The settings that shape the run; `--resume` refuses a checkpoint whose settings differ.
+    /// (Absent in checkpoints written before they were recorded: those resume unchecked.)
+    #[serde(default)]
+    settings: Option<RunSettings>,
+}
+
+/// What a checkpoint must agree with to be continued: the training graph (its ops, quantizers and
+/// parameter shapes: a fingerprint of its text with large constants elided), the data (a
+/// fingerprint of every array), and the schedule (steps, batch, rates, clipping, seed, threads:
+/// the threads split each batch's gradient sums, so they change the arithmetic).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct RunSettings {
+    graph: String,
+    data: String,
+    steps: usize,
+    batch: usize,
+    lr: f64,
+    step_lr_scale: f64,
+    weight_decay: f64,
+    warmup: usize,
+    clip: f64,
+    seed: u64,
+    threads: usize,
+}
+
+fn fnv(h: u64, b: &[u8]) -> u64 {
+    b.iter().fold(h, |h, &x| (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+impl RunSettings {
+    fn of(tg: &TrainGraph, data: &Dataset, cfg: &TrainConfig) -> RunSettings {
+        let text = sqil_ir::print_graph(&tg.graph, &sqil_ir::PrintOptions { elide_over: Some(16), splat: false })
+            .unwrap_or_default();
+        let mut h = fnv(0xcbf2_9ce4_8422_2325, text.as_bytes());
+        for p in &tg.params {
+            h = fnv(h, p.name.as_bytes());
+            h = fnv(h, format!("{:?}", p.value.shape).as_bytes());
+        }
+        let mut dh = 0xcbf2_9ce4_8422_2325u64;
+        let mut arrays: Vec<&Tensor> = data.inputs.iter().map(|(_, t)| t).collect();
+        arrays.extend([&data.target, &data.teacher]);
+        arrays.extend(data.target_hi.iter().chain(data.teacher_hi.iter()));
+        for t in arrays {
+            dh = fnv(dh, format!("{:?}", t.shape).as_bytes());
+            for v in t.data.to_f32_vec() {
+                dh = fnv(dh, &v.to_bits().to_le_bytes());
+            }
+        }
+        for a in &data.alpha {
+            dh = fnv(dh, &a.to_bits().to_le_bytes());
+        }
+        RunSettings {
+            graph: format!("{h:016x}"),
+            data: format!("{dh:016x}"),
+            steps: cfg.steps,
+            batch: cfg.batch,
+            lr: cfg.lr,
+            step_lr_scale: cfg.step_lr_scale,
+            weight_decay: cfg.weight_decay,
+            warmup: cfg.warmup,
+            clip: cfg.clip,
+            seed: cfg.seed,
+            threads: cfg.threads,
+        }
+    }
+
+    /// The first setting that differs from `now`, named as the user knows it.
+    fn mismatch(&self, now: &RunSettings) -> Option<String> {
+        let d = |name: &str, a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| {
+            Some(format!("{name}: the checkpoint was written with {a:?}, this run has {b:?}"))
+        };
+        if self.graph != now.graph {
+            return Some(
+                "the quantized model differs (another model, --wbits/--abits/--group, recipe or config)".into(),
+            );
+        }
+        if self.data != now.data {
+            return Some("the training data differ (another --demos, --states, --seed split or SIS setting)".into());
+        }
+        match () {
+            _ if self.steps != now.steps => d("--steps", &self.steps, &now.steps),
+            _ if self.batch != now.batch => d("--batch", &self.batch, &now.batch),
+            _ if self.lr != now.lr => d("--lr", &self.lr, &now.lr),
+            _ if self.step_lr_scale != now.step_lr_scale => d("--step-lr", &self.step_lr_scale, &now.step_lr_scale),
+            _ if self.seed != now.seed => d("--seed", &self.seed, &now.seed),
+            _ if self.threads != now.threads => d("--threads", &self.threads, &now.threads),
+            _ if self.weight_decay != now.weight_decay || self.warmup != now.warmup || self.clip != now.clip => d(
+                "the schedule (weight decay, warm-up, clipping)",
+                &(self.weight_decay, self.warmup, self.clip),
+                &(now.weight_decay, now.warmup, now.clip),
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// One slice's loss, gradients (one per parameter) and row count.
@@ -274,12 +368,19 @@ pub fn train(
     let mut best: Option<Best> = None;
     let mut since_best = 0usize;
     let names: Vec<String> = tg.params.iter().map(|p| p.name.clone()).collect();
+    let settings = RunSettings::of(tg, data, cfg);
     if let (true, Some(path)) = (resume, checkpoint) {
         if path.exists() {
             let text =
                 std::fs::read_to_string(path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))?;
             let ck: Checkpoint = serde_json::from_str(&text)
                 .map_err(|e| IrError::Invalid(format!("{}: bad checkpoint: {e}", path.display())))?;
+            if let Some(why) = ck.settings.as_ref().and_then(|s| s.mismatch(&settings)) {
+                return Err(IrError::Invalid(format!(
+                    "{}: cannot resume: {why}; run without --resume (or with the same settings)",
+                    path.display()
+                )));
+            }
             load_params(&mut tg.params, ck.params, path)?;
             if let Some((step, score, saved)) = ck.best {
                 let mut tmp = tg.params.clone();
@@ -331,6 +432,7 @@ pub fn train(
                     .map(|b| (b.step, b.score, save_params(names.iter().map(|s| s.as_str()).zip(&b.params)))),
                 since_best,
                 stopped,
+                settings: Some(settings.clone()),
             };
             sqil_ir::write_atomic(
                 path,
