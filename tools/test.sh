@@ -18,6 +18,9 @@ SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRAR
 # The README's main command, in the dev profile `cargo test` just built (it broke once when a
 # second binary joined the package: `default-run` keeps `cargo run -p sqil` unambiguous).
 cargo run --locked -q -p sqil -- inspect testdata/policies/hopper_mlp.onnx > /dev/null
+# Fuzzing smoke run: every reader target for a few seconds in child processes (aborts and hangs
+# caught, not only panics); the long runs are documented in docs/fuzzing.md.
+cargo run --locked -q -p sqil-fuzz -- all --seconds 4 --out target/fuzz-ci
 # The Python tests drive target/debug/sqil (SQIL_BIN), which `cargo test` built for the CLI's tests.
 test -x target/debug/sqil
 bash tools/build_binding.sh

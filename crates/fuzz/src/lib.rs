@@ -66,14 +66,14 @@ pub fn run_target(name: &str, bytes: &[u8], scratch: &Path) {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -95,7 +95,7 @@ pub fn mutate(r: &mut Rng, seed: &[u8], other: &[u8], text: bool) -> Vec<u8> {
             3 => {
                 let at = r.below(n + 1);
                 let k = 1 + r.below(16);
-                let ins: Vec<u8> = (0..k).map(|_| r.next() as u8).collect();
+                let ins: Vec<u8> = (0..k).map(|_| r.next_u64() as u8).collect();
                 v.splice(at..at, ins);
             }
             4 if n > 1 => {

@@ -1,6 +1,7 @@
 //! `sqil-fuzz`: mutation fuzzing of sqil's readers (see the library docs).
 //!
 //!     sqil-fuzz all|TARGET [--seconds 60] [--seed 1] [--corpus testdata/fuzz] [--out target/fuzz]
+//!     sqil-fuzz replay TARGET FILE
 //!
 //! Each target runs in a child process for its share of the time; a child that dies (an abort, a
 //! hang stopped by the watchdog) has its last input saved under `<out>/crashes/` and is restarted
@@ -69,6 +70,29 @@ fn main() {
     let seconds: f64 = arg(&a, "--seconds").and_then(|s| s.parse().ok()).unwrap_or(60.0);
     let seed: u64 = arg(&a, "--seed").and_then(|s| s.parse().ok()).unwrap_or(1);
     std::fs::create_dir_all(out.join("crashes")).expect("output folder");
+    if a.get(1).map(String::as_str) == Some("replay") {
+        // `sqil-fuzz replay TARGET FILE`: one input, panics not caught (their message shows).
+        let bytes = std::fs::read(&a[3]).expect("read the input");
+        run_target(&a[2], &bytes, &out.join("replay.scratch"));
+        println!("{}: no panic", a[3]);
+        return;
+    }
+    if a.get(1).map(String::as_str) == Some("regen") {
+        // `sqil-fuzz regen TARGET SEED N FILE`: input number N of a child run with SEED (runs are
+        // deterministic), for a failure reported by a machine whose files did not come back.
+        let (t, seed, n): (&str, u64, u64) = (&a[2], a[3].parse().expect("seed"), a[4].parse().expect("index"));
+        let seeds = corpus(&corpus_dir.join(t));
+        let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        for i in 0..=n {
+            let x = &seeds[r.below(seeds.len())].1;
+            let y = &seeds[r.below(seeds.len())].1;
+            let input = if i % 8 == 0 { x.clone() } else { mutate(&mut r, x, y, t == "ir") };
+            if i == n {
+                std::fs::write(&a[5], input).expect("write");
+            }
+        }
+        return;
+    }
     if a.get(1).map(String::as_str) == Some("--child") {
         child(&a[2], seconds, seed, &corpus_dir, &out);
     }

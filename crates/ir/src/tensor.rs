@@ -399,6 +399,26 @@ pub fn strides_of(shape: &[usize]) -> Vec<usize> {
     s
 }
 
+/// The largest tensor (bytes) an op or a text literal may create: `SQIL_MAX_TENSOR_BYTES`,
+/// default 16 GiB. Checked before allocating wherever a shape comes from data (a shape input, a
+/// literal's declared shape), so a hostile model is an error, not an out-of-memory abort.
+pub fn max_tensor_bytes() -> u64 {
+    std::env::var("SQIL_MAX_TENSOR_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(16 << 30)
+}
+
+/// The element count of `shape` for elements of `elem_bytes`, or an error naming `what` when the
+/// count overflows or the bytes exceed [`max_tensor_bytes`].
+pub fn checked_len(shape: &[usize], elem_bytes: usize, what: &str) -> crate::Result<usize> {
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    match n.and_then(|n| n.checked_mul(elem_bytes.max(1)).map(|b| (n, b))) {
+        Some((n, b)) if (b as u64) <= max_tensor_bytes() => Ok(n),
+        _ => Err(crate::IrError::Invalid(format!(
+            "{what}: shape {shape:?} is larger than the {} bytes a tensor may hold (SQIL_MAX_TENSOR_BYTES)",
+            max_tensor_bytes()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,25 +446,5 @@ mod tests {
     fn wrong_length_is_an_error() {
         assert!(Tensor::from_f32(vec![2, 2], vec![1.0]).is_err());
         assert!(Data::from_le_bytes(DType::F32, &[0, 0, 0], 1).is_err());
-    }
-}
-
-/// The largest tensor (bytes) an op or a text literal may create: `SQIL_MAX_TENSOR_BYTES`,
-/// default 16 GiB. Checked before allocating wherever a shape comes from data (a shape input, a
-/// literal's declared shape), so a hostile model is an error, not an out-of-memory abort.
-pub fn max_tensor_bytes() -> u64 {
-    std::env::var("SQIL_MAX_TENSOR_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(16 << 30)
-}
-
-/// The element count of `shape` for elements of `elem_bytes`, or an error naming `what` when the
-/// count overflows or the bytes exceed [`max_tensor_bytes`].
-pub fn checked_len(shape: &[usize], elem_bytes: usize, what: &str) -> crate::Result<usize> {
-    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    match n.and_then(|n| n.checked_mul(elem_bytes.max(1)).map(|b| (n, b))) {
-        Some((n, b)) if (b as u64) <= max_tensor_bytes() => Ok(n),
-        _ => Err(crate::IrError::Invalid(format!(
-            "{what}: shape {shape:?} is larger than the {} bytes a tensor may hold (SQIL_MAX_TENSOR_BYTES)",
-            max_tensor_bytes()
-        ))),
     }
 }

@@ -311,7 +311,7 @@ impl Parser<'_> {
             let v = self.number()?;
             self.expect("}")?;
             let n = crate::tensor::checked_len(&shape, ty.dtype.bits().div_ceil(8).max(1), "a splat literal")
-                .or_else(|e| self.err(&e.to_string()))?;
+                .or_else(|e| self.err(e.to_string()))?;
             items = vec![v; n];
         } else if !self.eat("}") {
             loop {

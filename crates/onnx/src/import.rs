@@ -225,6 +225,13 @@ fn import_node(
     let ty_refs: Vec<Option<&ValueType>> = tys.iter().map(Option::as_ref).collect();
     let consts: Vec<_> = inputs.iter().map(|v| v.and_then(|v| g.const_value(v))).collect();
     let out_tys = op.infer(&ty_refs, &consts, n_out)?;
+    if out_tys.len() < n_out {
+        return Err(IrError::Invalid(format!(
+            "node `{label}` ({}) declares {n_out} outputs, the op has {}",
+            n.op_type,
+            out_tys.len()
+        )));
+    }
     let outputs: Vec<Value> = (0..n_out)
         .map(|k| {
             let name = match n.output[k].as_str() {

@@ -63,10 +63,9 @@ fn post_order(eg: &EGraph) -> Vec<Id> {
             if *i < ks.len() {
                 let k = ks[*i];
                 *i += 1;
-                if !state.contains_key(&k) {
-                    state.insert(k, false);
-                    let kk = kids(k);
-                    stack.push((k, kk, 0));
+                if let std::collections::hash_map::Entry::Vacant(e) = state.entry(k) {
+                    e.insert(false);
+                    stack.push((k, kids(k), 0));
                 }
             } else {
                 state.insert(*id, true);

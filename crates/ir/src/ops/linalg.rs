@@ -115,6 +115,9 @@ impl ConvAttrs {
     /// `(pads_begin, pads_end, output)`; a `None` input dimension gives a `None` output.
     pub fn geometry(&self, input: &[Option<usize>], kernel: &[usize], transpose: bool) -> Result<Geometry> {
         let n = kernel.len();
+        if input.len() != n {
+            return Err(IrError::Invalid(format!("the input has {} spatial dimensions, the kernel {n}", input.len())));
+        }
         let strides = Self::list(&self.strides, n, 1, "strides")?;
         let dil = Self::list(&self.dilations, n, 1, "dilations")?;
         let pads = Self::list(&self.pads, 2 * n, 0, "pads")?;

@@ -680,9 +680,6 @@ impl<'a> Ex<'a> {
 /// Normalises a possibly negative axis against `rank`; errors if out of range.
 pub fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
     let r = rank as i64;
-    if r == 0 && (axis == 0 || axis == -1) {
-        return Ok(0);
-    }
     if axis < -r || axis >= r {
         return Err(IrError::Invalid(format!("axis {axis} out of range for rank {rank}")));
     }
