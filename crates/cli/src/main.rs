@@ -671,8 +671,15 @@ fn run(cmd: Cmd) -> sqil_driver::Result<()> {
             for (k, spec) in inputs.iter().enumerate() {
                 let (name, path) = match spec.split_once('=') {
                     Some((n, p)) => (n.to_string(), p),
-                    None => (names[k].clone(), spec.as_str()),
+                    None => (names.get(k).cloned().unwrap_or_default(), spec.as_str()),
                 };
+                if !names.contains(&name) {
+                    return Err(format!(
+                        "--input {spec}: the model has no input named `{name}` (its inputs: {})",
+                        names.join(", ")
+                    )
+                    .into());
+                }
                 feeds.insert(name, npy::read(Path::new(path))?);
             }
             let outs = match (&g, &policy) {

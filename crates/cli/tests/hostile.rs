@@ -284,6 +284,14 @@ fn hostile_inputs_get_one_clear_error() {
         Some(d.join("o4.npy")),
     );
 
+    case(
+        "run --input with a name the model lacks",
+        "nope=obs.npy",
+        &["run", &p("policy.bin"), "--input", &format!("nope={obs}"), "--output", &p("o5.npy")],
+        "has no input named `nope` (its inputs: obs)",
+        Some(d.join("o5.npy")),
+    );
+
     // Outputs.
     let own = d.join("own.onnx");
     std::fs::copy(&hopper, &own).unwrap();
@@ -386,5 +394,5 @@ fn hostile_inputs_get_one_clear_error() {
     }
     std::fs::remove_dir_all(&d).ok();
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
-    assert!(cases.len() >= 25, "only {} cases", cases.len());
+    assert!(cases.len() >= 26, "only {} cases", cases.len());
 }

@@ -213,7 +213,10 @@ int main(int argc, char **argv) {
         .output()
         .unwrap();
     assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    // The library the test just built: cargo's LD_LIBRARY_PATH for tests lists target/<profile>
+    // too, where an older uplifted copy may sit, and it would win over the rpath.
     let run = std::process::Command::new(dir.join("main"))
+        .env("LD_LIBRARY_PATH", &deps)
         .arg(dir.join("policy.bin"))
         .arg(dir.join("obs.f32"))
         .arg(batch.to_string())

@@ -44,9 +44,17 @@ pub fn read(path: &Path) -> crate::Result<Tensor> {
 /// Writes a tensor as .npy (f32, f64, i64, i32, u8, i8 or bool), atomically.
 pub fn write(path: &Path, t: &Tensor) -> crate::Result<()> {
     let tmp = path.with_extension("npy.tmp");
+    let r = write_via(path, &tmp, t);
+    if r.is_err() {
+        std::fs::remove_file(&tmp).ok(); // nothing left behind on a failed write
+    }
+    r
+}
+
+fn write_via(path: &Path, tmp: &Path, t: &Tensor) -> crate::Result<()> {
     let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
     {
-        let f = BufWriter::new(std::fs::File::create(&tmp).map_err(|e| err(&e))?);
+        let f = BufWriter::new(std::fs::File::create(tmp).map_err(|e| err(&e))?);
         macro_rules! put {
             ($v:expr) => {
                 ArrayD::from_shape_vec(t.shape.clone(), $v.clone())
@@ -66,5 +74,5 @@ pub fn write(path: &Path, t: &Tensor) -> crate::Result<()> {
             d => return Err(format!("{}: cannot write {} arrays as .npy", path.display(), d.dtype()).into()),
         }
     }
-    Ok(std::fs::rename(&tmp, path).map_err(|e| err(&e))?)
+    Ok(std::fs::rename(tmp, path).map_err(|e| err(&e))?)
 }

@@ -8,6 +8,11 @@ use std::path::Path;
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let tmp = path.with_extension(format!("{ext}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(|e| IrError::Invalid(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| IrError::Invalid(format!("{}: {e}", path.display())))
+    // On any failure (a full disk, a vanished folder) the temporary file goes too.
+    let fail = |e: std::io::Error, shown: &Path| {
+        std::fs::remove_file(&tmp).ok();
+        IrError::Invalid(format!("{}: {e}", shown.display()))
+    };
+    std::fs::write(&tmp, bytes).map_err(|e| fail(e, path))?;
+    std::fs::rename(&tmp, path).map_err(|e| fail(e, path))
 }
