@@ -563,6 +563,7 @@ fn run(cmd: Cmd) -> sqil_driver::Result<()> {
             Ok(())
         }
         Cmd::Allocate { model, demos, budget, alloc, quant, recipe, output, report, plot } => {
+            sqil_driver::allocate::config_format(&output)?; // before the work, not after it
             let cfg = quant.config()?;
             let aa = alloc.args(&demos, &cfg, Recipe::parse(&recipe)?, &budget)?;
             let (c, rep) = sqil_driver::allocate::run_allocate(&model, &aa)?;

@@ -303,6 +303,20 @@ fn hostile_inputs_get_one_clear_error() {
         "would overwrite the input",
         None,
     );
+    case(
+        "allocate -o with an extension that is not .toml or .json",
+        "-o a.yaml",
+        &["allocate", &hopper, "--demos", &demos, "--budget", "3.5", "-o", &p("a.yaml")],
+        "written as .toml or .json",
+        Some(d.join("a.yaml")),
+    );
+    case(
+        "quantize --artifact into a missing folder (the .onnx must not be written first)",
+        "--artifact missing/p.bin",
+        &["quantize", &hopper, "--calib", &obs, "-o", &p("q6.onnx"), "--artifact", &p("missing/p.bin")],
+        "does not exist",
+        Some(d.join("q6.onnx")),
+    );
     std::fs::write(d.join("a-file"), b"x").unwrap();
     case(
         "compile into an output folder that cannot be created",
@@ -394,5 +408,5 @@ fn hostile_inputs_get_one_clear_error() {
     }
     std::fs::remove_dir_all(&d).ok();
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
-    assert!(cases.len() >= 26, "only {} cases", cases.len());
+    assert!(cases.len() >= 28, "only {} cases", cases.len());
 }

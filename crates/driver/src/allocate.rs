@@ -172,8 +172,9 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> crate::Result<(QuantConfi
     let fixed = fixed_bytes(&fp, &sens);
     let (choices, b) = problem(&sens, a.budget, source, &a.cost_model, fixed)?;
     let total_params: usize = sens.iter().map(|s| s.params).sum();
-    let best = allocate(&choices, b)
-        .map_err(|e| format!("{e} (in DP units; budget {:?}, {} allocatable parameters)", a.budget, total_params))?;
+    let best = allocate(&choices, b).map_err(|e| {
+        format!("the budget ({}) cannot be met with {total_params} allocatable parameters: {e}", budget_text(a.budget))
+    })?;
     let (alloc, measured, trace): (Allocation, f64, Vec<f64>) = if a.refine > 0 {
         refine(&m, &sens, &choices, b, &best, a.refine)?
     } else {
@@ -222,9 +223,19 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> crate::Result<(QuantConfi
     Ok((cfg, report))
 }
 
-/// Writes a config as TOML or JSON (by extension), atomically.
+/// Whether a config path names JSON (`.json`) or TOML (`.toml`); any other extension is an error
+/// (a `.yaml` path would otherwise receive TOML).
+pub fn config_format(path: &Path) -> crate::Result<bool> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("json") => Ok(true),
+        Some("toml") => Ok(false),
+        _ => Err(format!("{}: a quantization config is written as .toml or .json", path.display()).into()),
+    }
+}
+
+/// Writes a config as TOML or JSON (by extension: `.toml` or `.json`), atomically.
 pub fn save_config(cfg: &QuantConfig, path: &Path) -> crate::Result<()> {
-    let text = if path.extension().is_some_and(|e| e == "json") {
+    let text = if config_format(path)? {
         serde_json::to_string_pretty(cfg)?
     } else {
         // TOML has no null: float activations are written as 16, which `QuantConfig::load` reads back.
@@ -234,9 +245,19 @@ pub fn save_config(cfg: &QuantConfig, path: &Path) -> crate::Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
+/// A budget as the user gave it (`--budget`).
+pub fn budget_text(b: Budget) -> String {
+    match b {
+        Budget::Bits(v) => format!("{v} average weight bits"),
+        Budget::Bytes(v) => format!("{v:.0} bytes"),
+        Budget::Seconds(v) => format!("{:.2} us batch-1 latency", v * 1e6),
+    }
+}
+
 /// The per-layer table printed by `sqil allocate`.
 pub fn render(r: &AllocReport) -> String {
-    let mut s = format!("{}  method {:?}  budget {:?}  ({} states)\n", r.model, r.method, r.budget, r.states);
+    let mut s =
+        format!("{}  method {:?}  budget {}  ({} states)\n", r.model, r.method, budget_text(r.budget), r.states);
     let labels: Vec<String> =
         r.layers.first().map(|l| l.choices.iter().map(|c| c.label.clone()).collect()).unwrap_or_default();
     s += &format!("{:<28} {:>8} {:>7}", "layer", "params", "chosen");

@@ -28,6 +28,22 @@ pub fn ensure_writable_dir(dir: &Path) -> crate::Result<()> {
     Ok(())
 }
 
+/// Checks that `path`'s folder exists and is writable (a probe file), so a command with several
+/// outputs fails before writing the first rather than after.
+pub fn ensure_writable_parent(path: &Path) -> crate::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!("{}: the folder {} does not exist", path.display(), dir.display()).into());
+    }
+    let probe = dir.join(format!(".sqil-write-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| format!("{}: cannot write there: {e}", path.display()))?;
+    std::fs::remove_file(&probe).ok();
+    Ok(())
+}
+
 /// Refuses an output path that names the same file as an input (`sqil quantize -o model.onnx`
 /// would overwrite the model it reads).
 pub fn distinct_output(input: &Path, output: &Path) -> crate::Result<()> {

@@ -115,8 +115,10 @@ pub fn calibration_rows_ok(t: &sqil_ir::Tensor) -> Result<(), String> {
 
 /// Runs `sqil quantize` and writes its files.
 pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> crate::Result<QuantReport> {
+    // Every output checked before anything is written (a later one failing would leave the first).
     for out in [Some(&a.out), a.ir_out.as_ref(), a.report_out.as_ref(), a.artifact_out.as_ref()].into_iter().flatten() {
         crate::distinct_output(model, out)?;
+        crate::ensure_writable_parent(out)?;
     }
     let fp = crate::load_model(model)?;
     let (sim, lowered, report) = run_quantize(&fp, a)?;

@@ -280,12 +280,11 @@ fn fold_constants<T>(steps: Vec<(Step, T)>, consts: Consts, outputs: &[usize]) -
     let mut known: HashMap<usize, Tensor> = consts.into_iter().collect();
     let mut kept = vec![];
     for (step, tag) in steps {
-        if let Step::Op { node, name, op, inputs, outputs, .. } = &step {
+        if let Step::Op { name, op, inputs, outputs, .. } = &step {
             if inputs.iter().flatten().all(|s| known.contains_key(s)) {
                 let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| known.get(&s))).collect();
-                let res = op
-                    .eval(&args, outputs.len())
-                    .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
+                let res =
+                    op.eval(&args, outputs.len()).map_err(|e| e.context(format!("node `{name}` ({})", op.name())))?;
                 known.extend(outputs.iter().copied().zip(res));
                 continue;
             }

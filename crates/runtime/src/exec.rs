@@ -155,7 +155,7 @@ fn exec<'a>(
                 };
                 env[outputs[0]] = Some(Cow::Owned(y));
             }
-            Step::Op { node, name, op, inputs, outputs, table } => {
+            Step::Op { name, op, inputs, outputs, table, .. } => {
                 let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
                 let res = match (op, table, args.as_slice()) {
                     // The reference Conv with its gather table kept (same arithmetic).
@@ -165,7 +165,7 @@ fn exec<'a>(
                     }
                     _ => op.eval(&args, outputs.len()),
                 }
-                .map_err(|e| e.context(format!("node `{name}` ({node:?}, {})", op.name())))?;
+                .map_err(|e| e.context(format!("node `{name}` ({})", op.name())))?;
                 for (s, t) in outputs.iter().zip(res) {
                     env[*s] = Some(Cow::Owned(t));
                 }
