@@ -23,15 +23,16 @@ pub fn load_policy(model: &Path) -> crate::Result<Policy> {
     }
 }
 
-/// Writes `{prefix}.h`, `{prefix}.c` (and `selftest.c`, `c_report.json`) into `dir`.
+/// Writes `{prefix}.h`, `{prefix}.c` (and `selftest.c`, `c_report.json`) into `dir`. Everything
+/// is generated (and the self-test inputs read and checked) before the first file is written, so
+/// a failure leaves no partial set behind.
 pub fn build_c(model: &Path, dir: &Path, a: &BuildC) -> crate::Result<CReport> {
     let policy = load_policy(model)?;
     let prog = emit(&policy, &a.prefix).map_err(|e| format!("{}: {e}", model.display()))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let prefix = sqil_codegen::c::c_ident(&a.prefix);
-    crate::quantize::write_atomic(&dir.join(format!("{prefix}.h")), prog.header.as_bytes())?;
-    crate::quantize::write_atomic(&dir.join(format!("{prefix}.c")), prog.source.as_bytes())?;
-    if !a.selftest.is_empty() {
+    let selftest_src = if a.selftest.is_empty() {
+        None
+    } else {
         let batches: Vec<Tensor> = a.selftest.iter().map(|p| crate::npy::read(p)).collect::<Result<_, _>>()?;
         if batches.len() != policy.input_shapes().len() {
             return Err(format!(
@@ -42,10 +43,15 @@ pub fn build_c(model: &Path, dir: &Path, a: &BuildC) -> crate::Result<CReport> {
             .into());
         }
         let (states, want) = selftest_vectors(&policy, &batches, a.states)?;
-        let src = selftest(&prefix, &states, &want, C_TOL)?;
+        Some(selftest(&prefix, &states, &want, C_TOL)?)
+    };
+    let json = serde_json::to_string_pretty(&prog.report)?;
+    crate::ensure_writable_dir(dir)?;
+    crate::quantize::write_atomic(&dir.join(format!("{prefix}.h")), prog.header.as_bytes())?;
+    crate::quantize::write_atomic(&dir.join(format!("{prefix}.c")), prog.source.as_bytes())?;
+    if let Some(src) = selftest_src {
         crate::quantize::write_atomic(&dir.join("selftest.c"), src.as_bytes())?;
     }
-    let json = serde_json::to_string_pretty(&prog.report)?;
     crate::quantize::write_atomic(&dir.join("c_report.json"), json.as_bytes())?;
     Ok(prog.report)
 }

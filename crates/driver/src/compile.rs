@@ -154,7 +154,12 @@ struct Report {
     top: f64,
     beta: f64,
     act_steps: bool,
+    /// The training settings; `train.threads` is one of them: the threads split each batch's
+    /// gradient sums, so runs repeat bit for bit only with the same seed and thread count.
     train: TrainConfig,
+    /// What a rerun must keep to reproduce this one exactly (said here because --threads is
+    /// usually thought of as speed only).
+    reproducible_with: String,
     log: TrainLog,
     /// Held-out action error of the best PTQ candidate and of what shipped.
     heldout_before: ErrorStats,
@@ -531,6 +536,10 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         top: a.top,
         beta: a.beta,
         act_steps: a.act_steps,
+        reproducible_with: format!(
+            "the same model, demonstrations, flags, --seed {} and --threads {} (threads split each batch's gradient sums)",
+            a.train.seed, a.train.threads
+        ),
         train: a.train.clone(),
         log,
         heldout_before: ptq_score,
