@@ -22,8 +22,13 @@ use std::path::Path;
 /// removed), so a run fails at its start rather than after its work.
 pub fn ensure_writable_dir(dir: &Path) -> crate::Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: cannot create the output folder: {e}", dir.display()))?;
+    probe_write(dir).map_err(|e| format!("{}: the output folder is not writable: {e}", dir.display()).into())
+}
+
+/// Writes and removes a probe file in `dir`: whether files can be created there.
+fn probe_write(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(format!(".sqil-write-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| format!("{}: the output folder is not writable: {e}", dir.display()))?;
+    std::fs::write(&probe, b"")?;
     std::fs::remove_file(&probe).ok();
     Ok(())
 }
@@ -38,10 +43,7 @@ pub fn ensure_writable_parent(path: &Path) -> crate::Result<()> {
     if !dir.is_dir() {
         return Err(format!("{}: the folder {} does not exist", path.display(), dir.display()).into());
     }
-    let probe = dir.join(format!(".sqil-write-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| format!("{}: cannot write there: {e}", path.display()))?;
-    std::fs::remove_file(&probe).ok();
-    Ok(())
+    Ok(probe_write(dir).map_err(|e| format!("{}: cannot write there: {e}", path.display()))?)
 }
 
 /// Refuses an output path that names the same file as an input (`sqil quantize -o model.onnx`

@@ -19,7 +19,7 @@ pub use attrs::{Attr, AttrMap};
 pub use dtype::DType;
 pub use error::{IrError, Result};
 pub use graph::{graphs_equal, Edge, Graph, Node, NodeId, Value, ValueRef};
-pub use io::write_atomic;
+pub use io::{fnv1a, write_atomic, FNV1A_START};
 pub use ops::Op;
 pub use shape::{Dim, ValueType};
 pub use tensor::{Data, Tensor};

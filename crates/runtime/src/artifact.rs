@@ -39,17 +39,13 @@ pub const VERSION: u32 = 3;
 
 /// FNV-1a, 64 bit.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    fnv(0xcbf2_9ce4_8422_2325u64, bytes)
-}
-
-fn fnv(h: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(h, |h, &b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+    sqil_ir::fnv1a(sqil_ir::FNV1A_START, bytes)
 }
 
 /// Since version 3 the checksum covers the header before it (magic, version, flags, length) and
 /// the payload: a changed version or flag is caught too.
 fn whole_checksum(header: &[u8], payload: &[u8]) -> u64 {
-    fnv(fnv(0xcbf2_9ce4_8422_2325u64, header), payload)
+    sqil_ir::fnv1a(sqil_ir::fnv1a(sqil_ir::FNV1A_START, header), payload)
 }
 
 /// Lowers a simulation graph (`sqil_lower::lower`: fusion, then the plan) and encodes the

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use sqil_ir::interp::Interpreter;
 use sqil_ir::testing::Rng;
+use sqil_ir::{fnv1a, FNV1A_START};
 use sqil_ir::{IrError, Result, Tensor};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -180,31 +181,27 @@ struct RunSettings {
     threads: usize,
 }
 
-fn fnv(h: u64, b: &[u8]) -> u64 {
-    b.iter().fold(h, |h, &x| (h ^ x as u64).wrapping_mul(0x0000_0100_0000_01b3))
-}
-
 impl RunSettings {
     fn of(tg: &TrainGraph, data: &Dataset, cfg: &TrainConfig) -> RunSettings {
         let text = sqil_ir::print_graph(&tg.graph, &sqil_ir::PrintOptions { elide_over: Some(16), splat: false })
             .unwrap_or_default();
-        let mut h = fnv(0xcbf2_9ce4_8422_2325, text.as_bytes());
+        let mut h = fnv1a(FNV1A_START, text.as_bytes());
         for p in &tg.params {
-            h = fnv(h, p.name.as_bytes());
-            h = fnv(h, format!("{:?}", p.value.shape).as_bytes());
+            h = fnv1a(h, p.name.as_bytes());
+            h = fnv1a(h, format!("{:?}", p.value.shape).as_bytes());
         }
-        let mut dh = 0xcbf2_9ce4_8422_2325u64;
+        let mut dh = FNV1A_START;
         let mut arrays: Vec<&Tensor> = data.inputs.iter().map(|(_, t)| t).collect();
         arrays.extend([&data.target, &data.teacher]);
         arrays.extend(data.target_hi.iter().chain(data.teacher_hi.iter()));
         for t in arrays {
-            dh = fnv(dh, format!("{:?}", t.shape).as_bytes());
+            dh = fnv1a(dh, format!("{:?}", t.shape).as_bytes());
             for v in t.data.to_f32_vec() {
-                dh = fnv(dh, &v.to_bits().to_le_bytes());
+                dh = fnv1a(dh, &v.to_bits().to_le_bytes());
             }
         }
         for a in &data.alpha {
-            dh = fnv(dh, &a.to_bits().to_le_bytes());
+            dh = fnv1a(dh, &a.to_bits().to_le_bytes());
         }
         RunSettings {
             graph: format!("{h:016x}"),
