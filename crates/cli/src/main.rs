@@ -262,7 +262,8 @@ enum Cmd {
         /// C target: how many of those states the self-test runs.
         #[arg(long, default_value_t = 8, value_parser = size_count)]
         selftest_states: usize,
-        /// exe target: the `sqil-policy` runner to copy (default: the one next to `sqil`).
+        /// exe target: the runner to copy (default: `sqil-policy` next to `sqil` where it is
+        /// installed, else `sqil` itself, which runs an appended policy the same way).
         #[arg(long)]
         runner: Option<PathBuf>,
     },
@@ -590,8 +591,8 @@ fn run(cmd: Cmd) -> sqil_driver::Result<()> {
                 Ok(())
             }
             Target::Exe => {
-                let (r, a) = sqil_driver::build::build_exe(&model, &output, runner.as_deref())?;
-                println!("runner {r} B + policy {a} B");
+                let (r, a, from) = sqil_driver::build::build_exe(&model, &output, runner.as_deref())?;
+                println!("runner {r} B ({}) + policy {a} B", from.display());
                 println!("wrote {} (run it with --info, --input OBS.npy, or states on stdin)", output.display());
                 Ok(())
             }
@@ -731,6 +732,25 @@ fn split_passes(list: &str) -> Vec<String> {
 }
 
 fn main() -> ExitCode {
+    // A copy of sqil with a policy appended (`sqil build --target exe` from an installation
+    // without sqil-policy) is that policy's runner, not the compiler.
+    match sqil_driver::runner::embedded() {
+        Ok(Some(bytes)) => {
+            sqil_runtime::keep_freed_memory();
+            return match sqil_driver::runner::run(std::env::args().skip(1), Some(bytes)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,

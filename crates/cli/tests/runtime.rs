@@ -307,6 +307,42 @@ fn standalone_executable_runs_the_policy() {
     let res = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&res.stderr);
     assert!(!res.status.success() && err.contains("line 2") && err.contains("3 numbers"), "{err}");
+    // An installed sqil alone (no sqil-policy beside it, no build folder) builds the same
+    // executable from itself: the copy runs the policy, bit for bit, not the compiler.
+    let alone = dir.join("bin");
+    std::fs::create_dir_all(&alone).unwrap();
+    let sqil = alone.join("sqil");
+    std::fs::copy(env!("CARGO_BIN_EXE_sqil"), &sqil).unwrap();
+    let exe2 = dir.join("policy_bin2");
+    let st = std::process::Command::new(&sqil)
+        .args(["build", "--target", "exe", "-o"])
+        .arg(&exe2)
+        .arg(&ir)
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(String::from_utf8_lossy(&st.stdout).contains(&sqil.display().to_string()), "says which runner it copied");
+    std::fs::remove_file(&sqil).unwrap();
+    let out2 = dir.join("actions2.npy");
+    let st = std::process::Command::new(&exe2).arg("--input").arg(&input).arg("--output").arg(&out2).output().unwrap();
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let got = sqil_driver::npy::read(&out2).unwrap().data.to_f32_vec();
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    let st = std::process::Command::new(&exe2).arg("--info").output().unwrap();
+    assert!(st.status.success() && String::from_utf8_lossy(&st.stdout).contains("inputs:"));
+    // A runner that already carries a policy is refused.
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_sqil"))
+        .args(["build", "--target", "exe", "--runner"])
+        .arg(&exe2)
+        .arg("-o")
+        .arg(dir.join("policy_bin3"))
+        .arg(&ir)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&st.stderr).contains("already carries a policy"));
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -94,14 +94,23 @@ pub fn artifact_bytes(model: &Path) -> crate::Result<Vec<u8>> {
     crate::quantize::encode_artifact(&crate::load_model(model)?, model).map(|(_, bytes)| bytes)
 }
 
-/// `sqil build --target exe`: a copy of the `sqil-policy` runner (next to this executable unless
-/// `runner` names one) with the policy's artifact appended; returns the sizes (runner, artifact).
-pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> crate::Result<(usize, usize)> {
+/// `sqil build --target exe`: a copy of the runner with the policy's artifact appended; returns
+/// the sizes (runner, artifact) and the runner copied. The runner is `runner` if given, else
+/// `sqil-policy` beside this executable, else this executable itself (`sqil` runs an appended
+/// policy as `sqil-policy` does: see [`crate::runner`]), so an installed `sqil` needs nothing else.
+pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> crate::Result<(usize, usize, PathBuf)> {
+    // The model first: nothing is written for one that does not load.
+    let art = artifact_bytes(model)?;
     let runner = match runner {
         Some(r) => r.to_path_buf(),
         None => {
             let me = std::env::current_exe().map_err(|e| format!("cannot locate sqil: {e}"))?;
-            me.with_file_name(format!("sqil-policy{}", std::env::consts::EXE_SUFFIX))
+            let beside = me.with_file_name(format!("sqil-policy{}", std::env::consts::EXE_SUFFIX));
+            if beside.is_file() {
+                beside
+            } else {
+                me
+            }
         }
     };
     let mut bytes = std::fs::read(&runner).map_err(|e| {
@@ -110,6 +119,10 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> crate::Resu
             runner.display()
         )
     })?;
+    // Before strip, which would drop the appended policy without a word.
+    if bytes.len() >= 16 && &bytes[bytes.len() - 8..] == EXE_MAGIC {
+        return Err(format!("{}: already carries a policy; use the plain sqil-policy runner", runner.display()).into());
+    }
     // Debug information is most of the runner's size (39 MB -> 2.4 MB): drop it with binutils'
     // `strip` where there is one (before the artifact goes on: strip rewrites the file).
     let tmp = out.with_extension("runner.tmp");
@@ -121,11 +134,7 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> crate::Resu
         }
     }
     let _ = std::fs::remove_file(&tmp);
-    if bytes.len() >= 16 && &bytes[bytes.len() - 8..] == EXE_MAGIC {
-        return Err(format!("{}: already carries a policy; use the plain sqil-policy runner", runner.display()).into());
-    }
     let runner_len = bytes.len();
-    let art = artifact_bytes(model)?;
     bytes.extend(&art);
     bytes.extend((art.len() as u64).to_le_bytes());
     bytes.extend(EXE_MAGIC);
@@ -136,7 +145,7 @@ pub fn build_exe(model: &Path, out: &Path, runner: Option<&Path>) -> crate::Resu
         std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| format!("{}: {e}", out.display()))?;
     }
-    Ok((runner_len, art.len()))
+    Ok((runner_len, art.len(), runner))
 }
 
 /// `sqil build --target cuda`: one standalone `.cu` file (see `sqil_codegen::cuda`), with the

@@ -12,6 +12,7 @@ pub mod feeds;
 pub mod inspect;
 pub mod npy;
 pub mod quantize;
+pub mod runner;
 
 pub use error::{Error, Result};
 use sqil_ir::Graph;
