@@ -78,11 +78,16 @@ pub fn load_model(path: &Path) -> crate::Result<Graph> {
         .into());
     }
     let g = if path.extension().is_some_and(|e| e == "sqil") {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => {
+                format!("{}: not IR text (not valid UTF-8; .sqil files are sqil's text IR)", path.display())
+            }
+            _ => format!("{}: {e}", path.display()),
+        })?;
         sqil_ir::parse_graph(&text).map_err(|e| format!("{}: {e}", path.display()))?
     } else {
         sqil_onnx::load_model(path)?
     };
-    sqil_ir::verify(&g).map_err(|e| format!("{}: {e}", path.display()))?;
+    sqil_ir::verify_input(&g).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(g)
 }

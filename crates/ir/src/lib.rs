@@ -24,4 +24,4 @@ pub use ops::Op;
 pub use shape::{Dim, ValueType};
 pub use tensor::{Data, Tensor};
 pub use text::{parse_graph, print_graph, PrintOptions};
-pub use verify::verify;
+pub use verify::{verify, verify_input};

@@ -10,6 +10,20 @@ use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use std::collections::HashSet;
 
+/// [`verify`] on a graph read from the user's file (IR text, an artifact, an import): a broken
+/// invariant there is the file's fault, not sqil's, so it is reported as invalid input
+/// ("the graph is malformed: ...") rather than as an internal error.
+pub fn verify_input(g: &Graph) -> Result<()> {
+    fn to_invalid(e: IrError) -> IrError {
+        match e {
+            IrError::Internal(m) => IrError::Invalid(format!("the graph is malformed: {m}")),
+            IrError::Context { context, source } => IrError::Context { context, source: Box::new(to_invalid(*source)) },
+            e => e,
+        }
+    }
+    verify(g).map_err(to_invalid)
+}
+
 /// Checks every invariant of `g`; the error names the first offending node or value.
 pub fn verify(g: &Graph) -> Result<()> {
     let order = g.topo_order()?;

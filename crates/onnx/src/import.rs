@@ -193,7 +193,7 @@ pub fn import_model(m: &ModelProto, base: Option<&Path>, opts: &ImportOptions) -
             .ok_or_else(|| IrError::Invalid(format!("graph output `{}` is produced by no node", o.name)))?;
         g.outputs.push(v);
     }
-    sqil_ir::verify(&g).map_err(|e| e.context("the imported graph fails verification"))?;
+    sqil_ir::verify_input(&g)?;
     Ok(g)
 }
 

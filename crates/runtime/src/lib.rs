@@ -23,7 +23,7 @@ pub fn load_artifact_bytes(bytes: &[u8], what: &str) -> Result<(sqil_ir::Graph, 
     let (ir, packed) = artifact::decode(bytes, what)?;
     let mut g = sqil_ir::parse_graph(&ir).map_err(|e| e.context(what.to_string()))?;
     artifact::restore_weights(&mut g, &packed)?;
-    sqil_ir::verify(&g).map_err(|e| e.context(what.to_string()))?;
+    sqil_ir::verify_input(&g).map_err(|e| e.context(what.to_string()))?;
     let plan = Plan::with_packed(&g, &packed).map_err(|e| e.context(what.to_string()))?;
     artifact::check_layers(&g, &plan, &packed, what)?;
     Ok((g, plan))
