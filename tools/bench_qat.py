@@ -2,6 +2,13 @@
 AdamW) of the same model and batch, with the same thread count, in one run.
 
     tools/.venv-dev/bin/python tools/bench_qat.py [--threads 2] [--steps 300]
+    python tools/bench_qat.py --device cuda [--batch 256]      # on a GPU machine
+
+With `--device cuda` both sides train on the GPU in fp32 (TF32 off on both): sqil
+`compile --device cuda` (the training graph lowered to cuBLAS + generated kernels, one CUDA graph
+per step; optimizer on the CPU), PyTorch eager and torch.compile (mode max-autotune-no-cudagraphs
+is not used: the default mode), each in its own process; peak GPU memory is PyTorch's
+max_memory_allocated and sqil's training-graph buffers.
 
 The model is the hopper BC policy (testdata/policies/bc_hopper.onnx: normalisation, 15-256-256-3
 MLP) at W4A8: weights 4-bit in groups of 64 along the input axis, layer inputs 8-bit per tensor
@@ -73,6 +80,9 @@ class QMLP(torch.nn.Module):
 def torch_run(a):
     """The PyTorch side (a child process): prints its samples/s as JSON."""
     torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     m = onnx.load(ROOT / "testdata/policies/bc_hopper.onnx")
     init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     gemms = [n for n in m.graph.node if n.op_type == "Gemm"]
@@ -82,21 +92,32 @@ def torch_run(a):
     obs, act = d["observations"][:20000].astype(np.float32), d["actions"][:20000].astype(np.float32)
     model = QMLP(ws, bs, init.get("mean", obs.mean(0)), init.get("std", obs.std(0)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-    x, y = torch.tensor(obs), torch.tensor(act)
+    model = model.to(dev)
+    model.mean, model.std = model.mean.to(dev), model.std.to(dev)
+    for q in list(model.wq) + list(model.aq):
+        q.z = q.z.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    x, y = torch.tensor(obs, device=dev), torch.tensor(act, device=dev)
     teacher = y.clone()
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    fwd = torch.compile(model) if a.compile else model
     for warm in (True, False):
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(20 if warm else a.steps):
-            idx = torch.randint(0, len(x), (a.batch,), generator=g)
-            out = model(x[idx])
+            idx = torch.randint(0, len(x), (a.batch,), generator=g, device=dev)
+            out = fwd(x[idx])
             loss = ((out - y[idx]) ** 2).mean() + ((out - teacher[idx]) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-    print(json.dumps({"samples_per_s": a.steps * a.batch / dt}))
+    mem = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0
+    print(json.dumps({"samples_per_s": a.steps * a.batch / dt, "gpu_mib": mem}))
 
 
 def measured(cmd):
@@ -117,11 +138,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--sqil", default=str(ROOT / "target/release/sqil"))
+    ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--torch-child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.torch_child:
         return torch_run(a)
     common = ["--threads", str(a.threads), "--steps", str(a.steps), "--batch", str(a.batch)]
+    if a.device == "cuda":
+        return gpu_main(a, common)
     out, torch_mib = measured([sys.executable, __file__, "--torch-child", *common])
     torch_sps = json.loads(out)["samples_per_s"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +161,32 @@ def main():
           f"ratio sqil/PyTorch {sqil_sps / torch_sps:.2f}")
     print(f"  peak RSS (whole process): sqil {sqil_mib:.0f} MiB, PyTorch {torch_mib:.0f} MiB, "
           f"ratio sqil/PyTorch {sqil_mib / torch_mib:.2f}")
+
+
+def gpu_main(a, common):
+    """sqil --device cuda against PyTorch eager and torch.compile on the GPU, in one run."""
+    rows = {}
+    for name, extra in (("PyTorch eager", []), ("torch.compile", ["--compile"])):
+        out, _ = measured([sys.executable, __file__, "--torch-child", "--device", "cuda", *extra, *common])
+        rows[name] = json.loads(out)
+    with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryFile("w+") as err:
+            p = subprocess.run([a.sqil, "compile", str(ROOT / "testdata/policies/bc_hopper.onnx"),
+                                "--demos", str(ROOT / "demos/hopper.npz"), "--wbits", "4", "--abits", "8", "--group", "64",
+                                "--init", "rtn", "--recipe", "distill", "--device", "cuda", *common, "-o", tmp],
+                               stderr=err, stdout=subprocess.DEVNULL, text=True)
+            err.seek(0)
+            log = err.read()
+        if p.returncode != 0:
+            raise SystemExit(f"sqil failed:\n{log[-3000:]}")
+        rep = json.loads((pathlib.Path(tmp) / "report.json").read_text())
+    mb = [l for l in log.splitlines() if l.startswith("fine-tuning on")]
+    sqil_sps = rep["log"]["samples_per_s"]
+    print(f"LSQ-QAT step on {torch.cuda.get_device_name(0)}, bc_hopper W4A8 g64, batch {a.batch}, fp32 (TF32 off):")
+    print(f"  sqil --device cuda: {sqil_sps:.0f} samples/s ({mb[0] if mb else ''})")
+    for name, r in rows.items():
+        print(f"  {name} {torch.__version__}: {r['samples_per_s']:.0f} samples/s, peak {r['gpu_mib']:.1f} MiB; "
+              f"ratio sqil/{name} {sqil_sps / r['samples_per_s']:.2f}")
 
 
 if __name__ == "__main__":

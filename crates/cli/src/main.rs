@@ -144,6 +144,10 @@ enum Cmd {
         /// fine-tuned checkpoint, for recipe studies) or `ptq` (the best PTQ recipe, no fine-tuning).
         #[arg(long, default_value = "best")]
         ship: String,
+        /// Where the fine-tuning steps run: `cpu` (the interpreter, batches split over --threads)
+        /// or `cuda` (the training graph on the first GPU, fp32, one CUDA graph per step).
+        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+        device: String,
         /// QRD: weight of the distillation term on critical states.
         #[arg(long, default_value_t = 2.0)]
         beta: f64,
@@ -480,6 +484,7 @@ fn run(cmd: Cmd) -> sqil_driver::Result<()> {
             action_box,
             plan_tol,
             ship,
+            device,
             beta,
             top,
             sis,
@@ -539,6 +544,11 @@ fn run(cmd: Cmd) -> sqil_driver::Result<()> {
                     "finetuned" => sqil_driver::compile::Ship::Finetuned,
                     "ptq" => sqil_driver::compile::Ship::Ptq,
                     s => return Err(format!("--ship `{s}`: expected best, finetuned or ptq").into()),
+                },
+                device: if device == "cuda" {
+                    sqil_driver::gpu_train::Device::Cuda
+                } else {
+                    sqil_driver::gpu_train::Device::Cpu
                 },
                 recipe: sqil_driver::compile::FtRecipe::parse(&recipe)?,
                 beta,

@@ -17,6 +17,9 @@ use half::f16;
 pub mod error;
 #[cfg(feature = "driver")]
 mod gpu;
+pub mod graph;
+#[cfg(feature = "driver")]
+pub mod graph_exec;
 pub mod lower;
 #[cfg(feature = "driver")]
 pub mod policy;

@@ -20,7 +20,7 @@ use sqil_passes::{PassCtx, PassManager};
 use sqil_runtime::Execute;
 use sqil_train::model::{train_graph_with, with_params, Param};
 use sqil_train::sis::{qrd_alpha, sis_with, SisConfig};
-use sqil_train::trainer::{train, Dataset, TrainConfig, TrainLog, Validation};
+use sqil_train::trainer::{train_with, Dataset, GradEngine, TrainConfig, TrainLog, Validation};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -102,6 +102,8 @@ pub struct CompileArgs {
     /// Budget of the CPU plan's difference from the simulation, relative to the largest |action|.
     pub plan_tol: f32,
     pub ship: Ship,
+    /// Where the fine-tuning steps run (the optimizer, checkpoints and validation run on the CPU).
+    pub device: crate::gpu_train::Device,
 }
 
 /// Action error (mean squared, per action dimension, after clipping to the action box) against
@@ -160,6 +162,8 @@ struct Report {
     /// What a rerun must keep to reproduce this one exactly (said here because --threads is
     /// usually thought of as speed only).
     reproducible_with: String,
+    /// Where the fine-tuning steps ran.
+    device: crate::gpu_train::Device,
     log: TrainLog,
     /// Held-out action error of the best PTQ candidate and of what shipped.
     heldout_before: ErrorStats,
@@ -453,7 +457,22 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         let every = if a.val_every > 0 { a.val_every } else { (a.train.steps / 20).max(1) };
         let validation = Validation { every, patience: a.patience, score: &score_fn };
         let ck = a.out.join("checkpoint.json");
-        let (log, best) = train(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation))?;
+        let mut gpu = match a.device {
+            crate::gpu_train::Device::Cuda => {
+                Some(crate::gpu_train::GpuEngine::new(&tg, a.train.batch.min(data.len()))?)
+            }
+            crate::gpu_train::Device::Cpu => None,
+        };
+        if let Some(g) = &gpu {
+            eprintln!(
+                "fine-tuning on {} ({:.1} MB of buffers and cuBLAS workspace, {})",
+                g.device(),
+                g.bytes() as f64 / 1e6,
+                g.mode()
+            );
+        }
+        let engine = gpu.as_mut().map(|g| g as &mut dyn sqil_train::trainer::GradEngine);
+        let (log, best) = train_with(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation), engine)?;
         let best = best.ok_or("fine-tuning gave no validated parameters")?;
         let recipe = serde_json::to_value(a.recipe).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         let ft_name = format!("{recipe}@{}", best.step);
@@ -536,10 +555,17 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         top: a.top,
         beta: a.beta,
         act_steps: a.act_steps,
-        reproducible_with: format!(
-            "the same model, demonstrations, flags, --seed {} and --threads {} (threads split each batch's gradient sums)",
-            a.train.seed, a.train.threads
-        ),
+        reproducible_with: match a.device {
+            crate::gpu_train::Device::Cpu => format!(
+                "the same model, demonstrations, flags, --seed {} and --threads {} (threads split each batch's gradient sums)",
+                a.train.seed, a.train.threads
+            ),
+            crate::gpu_train::Device::Cuda => format!(
+                "the same model, demonstrations, flags, --seed {} and --device cuda on the same kind of GPU (cuBLAS picks its summation order per GPU)",
+                a.train.seed
+            ),
+        },
+        device: a.device,
         train: a.train.clone(),
         log,
         heldout_before: ptq_score,

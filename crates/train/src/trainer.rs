@@ -265,27 +265,7 @@ fn step_grads(
             .iter()
             .map(|c| {
                 s.spawn(move || {
-                    let mut feeds: HashMap<String, Tensor> = HashMap::new();
-                    for (n, t) in &data.inputs {
-                        feeds.insert(n.clone(), take_rows(t, c));
-                    }
-                    feeds.insert("train.target".into(), take_rows(&data.target, c));
-                    feeds.insert("train.teacher".into(), take_rows(&data.teacher, c));
-                    if let Some(t) = &data.target_hi {
-                        feeds.insert("train.target_hi".into(), take_rows(t, c));
-                    }
-                    if let Some(t) = &data.teacher_hi {
-                        feeds.insert("train.teacher_hi".into(), take_rows(t, c));
-                    }
-                    let mut ashape = vec![c.len()];
-                    ashape.extend(std::iter::repeat_n(1, data.target.rank() - 1));
-                    feeds.insert(
-                        "train.alpha".into(),
-                        Tensor::from_f32(ashape, c.iter().map(|&i| data.alpha[i]).collect())?,
-                    );
-                    for p in &tg.params {
-                        feeds.insert(p.name.clone(), p.value.clone());
-                    }
+                    let feeds = batch_feeds(tg, data, c)?;
                     let outs = it.run(&feeds)?;
                     let loss = outs[0].data.to_f64_vec()[0];
                     let grads = outs[1..].iter().map(|t| t.data.to_f32_vec()).collect();
@@ -333,6 +313,41 @@ fn load_params(params: &mut [Param], saved: SavedParams, path: &std::path::Path)
     Ok(())
 }
 
+/// What computes a step's loss and gradients: the CPU interpreter (the default: each batch split
+/// over `TrainConfig::threads`) or another device (`sqil_driver` runs the same training graph on
+/// the GPU). The optimizer, schedule, checkpoints and validation stay in [`train_with`].
+pub trait GradEngine {
+    /// The mean loss over rows `idx` of `data` and one gradient per parameter of `tg` (in
+    /// `tg.params` order, at their current values).
+    fn grads(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize]) -> Result<(f64, Vec<Vec<f32>>)>;
+    /// Where it runs, for logs and reports (`cpu`, `cuda:<GPU name>`).
+    fn device(&self) -> String;
+}
+
+/// The feeds of the training graph for rows `idx`: the policy inputs, targets, teachers (and
+/// their high ends), QRD weights, and the parameters' current values.
+pub fn batch_feeds(tg: &TrainGraph, data: &Dataset, idx: &[usize]) -> Result<HashMap<String, Tensor>> {
+    let mut feeds: HashMap<String, Tensor> = HashMap::new();
+    for (n, t) in &data.inputs {
+        feeds.insert(n.clone(), take_rows(t, idx));
+    }
+    feeds.insert("train.target".into(), take_rows(&data.target, idx));
+    feeds.insert("train.teacher".into(), take_rows(&data.teacher, idx));
+    if let Some(t) = &data.target_hi {
+        feeds.insert("train.target_hi".into(), take_rows(t, idx));
+    }
+    if let Some(t) = &data.teacher_hi {
+        feeds.insert("train.teacher_hi".into(), take_rows(t, idx));
+    }
+    let mut ashape = vec![idx.len()];
+    ashape.extend(std::iter::repeat_n(1, data.target.rank() - 1));
+    feeds.insert("train.alpha".into(), Tensor::from_f32(ashape, idx.iter().map(|&i| data.alpha[i]).collect())?);
+    for p in &tg.params {
+        feeds.insert(p.name.clone(), p.value.clone());
+    }
+    Ok(feeds)
+}
+
 /// Trains `tg.params` in place. With `checkpoint`, writes it every `checkpoint_every` steps and
 /// at the end; with `resume`, continues from it. With `val`, also returns the best-scoring
 /// parameters (see [`Validation`]); `tg.params` end as the last step's either way.
@@ -343,6 +358,19 @@ pub fn train(
     checkpoint: Option<&PathBuf>,
     resume: bool,
     val: Option<&Validation>,
+) -> Result<(TrainLog, Option<Best>)> {
+    train_with(tg, data, cfg, checkpoint, resume, val, None)
+}
+
+/// [`train`] with the step's loss and gradients from `engine` (None: the CPU interpreter).
+pub fn train_with(
+    tg: &mut TrainGraph,
+    data: &Dataset,
+    cfg: &TrainConfig,
+    checkpoint: Option<&PathBuf>,
+    resume: bool,
+    val: Option<&Validation>,
+    mut engine: Option<&mut dyn GradEngine>,
 ) -> Result<(TrainLog, Option<Best>)> {
     let n = data.len();
     if n == 0 {
@@ -484,7 +512,10 @@ pub fn train(
             idx.push(perm[pos]);
             pos += 1;
         }
-        let (loss, grads) = step_grads(&it, tg, data, &idx, cfg.threads)?;
+        let (loss, grads) = match engine.as_deref_mut() {
+            Some(e) => e.grads(tg, data, &idx)?,
+            None => step_grads(&it, tg, data, &idx, cfg.threads)?,
+        };
         if !loss.is_finite() {
             return Err(IrError::Invalid(format!("training diverged at step {step} (loss {loss})")));
         }

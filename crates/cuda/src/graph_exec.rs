@@ -1,0 +1,220 @@
+//! Runs a [`GraphProgram`] on the GPU: buffers allocated once, constants uploaded once, the
+//! generated kernels compiled with NVRTC (PTX cached like the others), GEMMs through cuBLAS in
+//! fp32, and the whole step list captured in one CUDA graph after a first eager run; a run is
+//! then the inputs' copies in, one graph launch, the outputs' copies out.
+
+use crate::graph::{GStep, GraphProgram};
+use crate::lower::err;
+use crate::{Gpu, Result};
+use cudarc::cublas::sys::cublasOperation_t;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use sqil_ir::Tensor;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct GpuGraph {
+    pub program: GraphProgram,
+    stream: Arc<CudaStream>,
+    bufs: Vec<CudaSlice<f32>>,
+    blas: CudaBlas,
+    funcs: HashMap<String, CudaFunction>,
+    graph: Option<CudaGraph>,
+    inputs: HashMap<String, usize>,
+    /// cuBLAS's workspace, owned here so that no GEMM allocates while the stream is captured.
+    _workspace: CudaSlice<u8>,
+    /// Why the steps run eagerly rather than from a CUDA graph, if they do.
+    pub eager_because: Option<String>,
+}
+
+/// cuBLAS workspace bytes (its documented recommendation for Hopper is 32 MiB).
+pub const WORKSPACE: usize = 32 << 20;
+
+impl GpuGraph {
+    /// Allocates and uploads `program` on `gpu` and compiles its kernels.
+    pub fn new(gpu: &Gpu, program: GraphProgram) -> Result<GpuGraph> {
+        // A stream of its own: the context's default (legacy) stream cannot be captured.
+        let stream = gpu.ctx.new_stream().map_err(err)?;
+        // SAFETY: every buffer of this graph is used from this one stream, in order.
+        unsafe { gpu.ctx.disable_event_tracking() };
+        let mut bufs: Vec<CudaSlice<f32>> =
+            program.bufs.iter().map(|&n| stream.alloc_zeros::<f32>(n)).collect::<Result<_, _>>().map_err(err)?;
+        for (b, data) in &program.consts {
+            stream.memcpy_htod(data, &mut bufs[*b]).map_err(err)?;
+        }
+        let mut funcs = HashMap::new();
+        if program.steps.iter().any(|s| matches!(s, GStep::Kernel { .. })) {
+            let h = program
+                .source
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            gpu.load_source(&format!("sqil_graph_{h:016x}"), &program.source)?;
+            for s in &program.steps {
+                if let GStep::Kernel { name, .. } = s {
+                    funcs.insert(name.clone(), gpu.function(name)?);
+                }
+            }
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(err)?;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE).map_err(err)?;
+        let wptr = workspace.device_ptr(&stream).0;
+        // SAFETY: the workspace outlives the handle's use (both owned by this GpuGraph).
+        let st = unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), wptr as *mut std::ffi::c_void, WORKSPACE)
+        };
+        if st != cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(crate::Error::Device(format!("cublasSetWorkspace: {st:?}")));
+        }
+        let inputs = program.inputs.iter().map(|(n, b, _)| (n.clone(), *b)).collect();
+        Ok(GpuGraph {
+            program,
+            stream,
+            bufs,
+            blas,
+            funcs,
+            graph: None,
+            inputs,
+            _workspace: workspace,
+            eager_because: Some("not captured".into()),
+        })
+    }
+
+    fn ptr(&self, b: usize) -> u64 {
+        self.bufs[b].device_ptr(&self.stream).0
+    }
+
+    fn launch(&self) -> Result<()> {
+        for s in &self.program.steps {
+            match s {
+                GStep::Kernel { name, out, ins, grid, block, label } => {
+                    let f = &self.funcs[name];
+                    let ptrs: Vec<u64> =
+                        std::iter::once(*out).chain(ins.iter().copied()).map(|b| self.ptr(b)).collect();
+                    let mut l = self.stream.launch_builder(f);
+                    for p in &ptrs {
+                        l.arg(p);
+                    }
+                    let cfg = LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
+                    // SAFETY: the generated kernel takes `out` then one const pointer per operand,
+                    // each buffer as large as the lowering's offsets reach (bounds from the shapes).
+                    unsafe { l.launch(cfg) }.map_err(|e| crate::Error::Device(format!("{label}: {e:?}")))?;
+                }
+                GStep::Gemm(g) => {
+                    // Row-major C = op(X) op(Y) is column-major C^T = op(Y)^T op(X)^T.
+                    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+                    let ldy = if g.ty { g.k } else { g.n };
+                    let ldx = if g.tx { g.m } else { g.k };
+                    let (alpha, beta) = (g.alpha, g.beta);
+                    // SAFETY: x, y and c hold batch matrices of the sizes given (the lowering's
+                    // shapes); alpha and beta are host scalars read during the call.
+                    unsafe {
+                        cudarc::cublas::result::sgemm_strided_batched(
+                            *self.blas.handle(),
+                            op(g.ty),
+                            op(g.tx),
+                            g.n as i32,
+                            g.m as i32,
+                            g.k as i32,
+                            &alpha,
+                            self.ptr(g.y) as *const f32,
+                            ldy as i32,
+                            g.sy as i64,
+                            self.ptr(g.x) as *const f32,
+                            ldx as i32,
+                            g.sx as i64,
+                            &beta,
+                            self.ptr(g.c) as *mut f32,
+                            g.n as i32,
+                            (g.m * g.n) as i64,
+                            g.batch as i32,
+                        )
+                    }
+                    .map_err(|e| crate::Error::Device(format!("{}: cuBLAS: {e:?}", g.label)))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the steps once eagerly, then captures them in a CUDA graph that later runs replay.
+    /// A capture the driver refuses leaves the steps eager (the reason in `eager_because`): a
+    /// slower step, not a failed run.
+    pub fn capture(&mut self) -> Result<()> {
+        self.launch()?;
+        self.stream.synchronize().map_err(err)?;
+        if let Err(e) = self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+            self.eager_because = Some(format!("{e:?}"));
+            return Ok(());
+        }
+        let r = self.launch();
+        let g = self.stream.end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        match (r, g) {
+            (Ok(()), Ok(Some(g))) => {
+                self.graph = Some(g);
+                self.eager_because = None;
+            }
+            (r, g) => {
+                let why = match (r, g) {
+                    (Err(e), _) => e.to_string(),
+                    (_, Err(e)) => format!("{e:?}"),
+                    _ => "empty CUDA graph".into(),
+                };
+                self.eager_because = Some(why);
+                // Whatever the failed capture left: a clean stream for the eager steps.
+                self.stream.synchronize().ok();
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `data` into input `name` (its full length).
+    pub fn set_input(&mut self, name: &str, data: &[f32]) -> Result<()> {
+        let b = *self.inputs.get(name).ok_or_else(|| crate::Error::Unsupported(format!("no input `{name}`")))?;
+        if data.len() != self.program.bufs[b] {
+            return Err(crate::Error::Unsupported(format!(
+                "input `{name}`: {} values, the program takes {}",
+                data.len(),
+                self.program.bufs[b]
+            )));
+        }
+        self.stream.memcpy_htod(data, &mut self.bufs[b]).map_err(err)?;
+        Ok(())
+    }
+
+    /// Runs the program (the captured graph when there is one) on the inputs set.
+    pub fn run(&mut self) -> Result<()> {
+        match &self.graph {
+            Some(g) => g.launch().map_err(err),
+            None => self.launch(),
+        }
+    }
+
+    /// Output `i`'s values.
+    pub fn output(&self, i: usize) -> Result<Vec<f32>> {
+        let (b, shape) = &self.program.outputs[i];
+        let mut v = vec![0f32; self.program.bufs[*b]];
+        self.stream.memcpy_dtoh(&self.bufs[*b], &mut v).map_err(err)?;
+        self.stream.synchronize().map_err(err)?;
+        v.truncate(shape.iter().product());
+        Ok(v)
+    }
+
+    /// Every output, as tensors of their concrete shapes.
+    pub fn outputs(&self) -> Result<Vec<Tensor>> {
+        (0..self.program.outputs.len())
+            .map(|i| Tensor::from_f32(self.program.outputs[i].1.clone(), self.output(i)?).map_err(crate::Error::Ir))
+            .collect()
+    }
+
+    /// Sets every input from `feeds` (by name; each must be f32 of the program's shape), runs,
+    /// returns the outputs.
+    pub fn run_feeds(&mut self, feeds: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
+        let names: Vec<String> = self.program.inputs.iter().map(|(n, _, _)| n.clone()).collect();
+        for n in names {
+            let t = feeds.get(&n).ok_or_else(|| crate::Error::Unsupported(format!("input `{n}` not fed")))?;
+            self.set_input(&n, &t.data.f32_cow())?;
+        }
+        self.run()?;
+        self.outputs()
+    }
+}

@@ -1,0 +1,179 @@
+//! Training graphs on the GPU (`sqil_cuda::graph`): every testdata policy's QRD training graph
+//! (forward with LSQ FakeQuant, the backward graph, the loss) lowers at a fixed batch or is
+//! refused with the op named; the generated kernels compile with NVRTC (skipped with a reason
+//! without it); and, with a GPU, one step's loss and every gradient agree with the CPU
+//! interpreter within `GRAD_TOL` (skipped with a reason without one; `SQIL_REQUIRE_GPU=1` makes a
+//! missing GPU a failure, for the device check).
+
+use sqil_driver::quantize::{run_quantize, QuantizeArgs};
+use sqil_ir::testing::Rng;
+use sqil_ir::Tensor;
+use sqil_passes::quant::{QuantConfig, Recipe};
+use sqil_train::model::{train_graph_with, TrainGraph};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn policies() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
+    // A test binary carried to another machine runs from the repository root there.
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("testdata/policies")
+    }
+}
+
+/// The MLPs the GPU trainer must take; the others are lowered too and reported.
+const MUST: &[&str] = &["bc_hopper", "bc_lander", "bc_pickplace", "hopper_mlp", "halfcheetah_mlp"];
+const ALL: &[&str] = &[
+    "bc_hopper",
+    "bc_lander",
+    "bc_pickplace",
+    "hopper_mlp",
+    "halfcheetah_mlp",
+    "bc_pickplace_transformer",
+    "bc_pickplace_pixels",
+    "cnn",
+];
+
+fn train_graph(name: &str, settings: &str, intervals: bool) -> TrainGraph {
+    let fp = sqil_driver::load_model(&policies().join(format!("{name}.onnx"))).unwrap();
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings(settings).unwrap();
+    let inputs = (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
+    let (sim, _, _) = run_quantize(&fp, &QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs, 64)).unwrap();
+    train_graph_with(&sim, true, intervals).unwrap()
+}
+
+/// A batch of `b` rows: the policy's inputs from its sample file (rows repeated), random
+/// targets and teachers near the float actions, QRD weights 1 or 2.
+fn feeds(name: &str, tg: &TrainGraph, b: usize, seed: u64) -> HashMap<String, Tensor> {
+    let mut r = Rng::new(seed);
+    let mut f = HashMap::new();
+    for (i, n) in tg.policy_inputs.iter().enumerate() {
+        let t = sqil_driver::npy::read(&policies().join(format!("{name}.input{i}.npy"))).unwrap();
+        let rows = t.shape[0];
+        let idx: Vec<usize> = (0..b).map(|k| k % rows).collect();
+        f.insert(n.clone(), sqil_train::trainer::take_rows(&t.cast(sqil_ir::DType::F32), &idx));
+    }
+    let g = &tg.graph;
+    for inp in &g.inputs {
+        let v = &g.node(*inp).outputs[0];
+        if f.contains_key(&v.name) || tg.params.iter().any(|p| p.name == v.name) {
+            continue;
+        }
+        let shape: Vec<usize> =
+            v.ty.shape.iter().map(|d| if let sqil_ir::Dim::Known(k) = d { *k } else { b }).collect();
+        let len: usize = shape.iter().product();
+        let data: Vec<f32> = if v.name == "train.alpha" {
+            (0..len).map(|_| if r.below(5) == 0 { 2.0 } else { 1.0 }).collect()
+        } else if v.name.ends_with("_hi") {
+            // High ends at or above the low ends (filled below).
+            vec![f32::NAN; len]
+        } else {
+            (0..len).map(|_| r.unit() * 2.0 - 1.0).collect()
+        };
+        f.insert(v.name.clone(), Tensor::from_f32(shape, data).unwrap());
+    }
+    for (hi, lo) in [("train.target_hi", "train.target"), ("train.teacher_hi", "train.teacher")] {
+        if let (Some(h), Some(l)) = (f.get(hi), f.get(lo)) {
+            let lv = l.data.to_f32_vec();
+            let hv: Vec<f32> = lv.iter().enumerate().map(|(i, &x)| if i % 3 == 0 { x + 0.25 } else { x }).collect();
+            let t = Tensor::from_f32(h.shape.clone(), hv).unwrap();
+            f.insert(hi.to_string(), t);
+        }
+    }
+    for p in &tg.params {
+        f.insert(p.name.clone(), p.value.clone());
+    }
+    f
+}
+
+#[test]
+fn training_graphs_lower_for_the_gpu_and_compile() {
+    let nvrtc = sqil_cuda::nvrtc_present();
+    if !nvrtc {
+        assert!(std::env::var("SQIL_REQUIRE_NVRTC").as_deref() != Ok("1"), "NVRTC missing and SQIL_REQUIRE_NVRTC=1");
+        eprintln!("NVRTC not found: lowering only, the generated kernels are not compiled");
+    }
+    let cache = std::env::temp_dir().join(format!("sqil-ptx-train-{}", std::process::id()));
+    std::env::set_var("SQIL_CACHE", &cache);
+    for name in ALL {
+        for (settings, intervals) in [("wbits=4,abits=8,group=64", false), ("wbits=3,abits=8,group=16", true)] {
+            let tg = train_graph(name, settings, intervals);
+            match sqil_cuda::graph::lower_graph(&tg.graph, 64) {
+                Ok(p) => {
+                    assert_eq!(p.outputs.len(), tg.params.len() + 1, "{name}: loss and one gradient per parameter");
+                    eprintln!(
+                        "{name:<26} {settings:<26} {} steps ({} GEMMs), {:.1} MB of buffers",
+                        p.steps.len(),
+                        p.steps.iter().filter(|s| matches!(s, sqil_cuda::graph::GStep::Gemm(_))).count(),
+                        p.bytes() as f64 / 1e6
+                    );
+                    if nvrtc {
+                        let ptx = sqil_cuda::compile("train_graph.cu", &p.source, "compute_90")
+                            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", p.source));
+                        assert!(ptx.contains(".visible .entry g0("));
+                    }
+                }
+                Err(e) => {
+                    assert!(!MUST.contains(name), "{name} ({settings}): {e}");
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(" on the GPU") || msg.contains("gradient of"),
+                        "{name}: unclear refusal: {msg}"
+                    );
+                    eprintln!("{name:<26} {settings:<26} not yet on the GPU: {msg}");
+                }
+            }
+        }
+    }
+    std::fs::remove_dir_all(&cache).ok();
+}
+
+#[test]
+fn one_training_step_on_the_gpu_matches_the_cpu() {
+    let gpu = match sqil_cuda::Gpu::new() {
+        Ok(g) => g,
+        Err(e) => {
+            assert!(std::env::var("SQIL_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU and SQIL_REQUIRE_GPU=1: {e}");
+            eprintln!("skipping the GPU comparison: {e}");
+            return;
+        }
+    };
+    let tol = sqil_cuda::graph::GRAD_TOL;
+    for name in MUST {
+        for (settings, intervals) in [("wbits=4,abits=8,group=64", false), ("wbits=3,abits=8,group=16", true)] {
+            let tg = train_graph(name, settings, intervals);
+            let b = 256;
+            let f = feeds(name, &tg, b, 7);
+            let want = sqil_ir::interp::Interpreter::new(&tg.graph).unwrap().run(&f).unwrap();
+            let prog = sqil_cuda::graph::lower_graph(&tg.graph, b).unwrap();
+            let mut gg = sqil_cuda::graph_exec::GpuGraph::new(&gpu, prog).unwrap();
+            gg.capture().unwrap();
+            if let Some(why) = &gg.eager_because {
+                eprintln!("{name}: not captured, eager: {why}");
+            }
+            let got = gg.run_feeds(&f).unwrap();
+            let mut worst = 0f32;
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                let (wv, gv) = (w.data.to_f32_vec(), g.data.to_f32_vec());
+                assert_eq!(wv.len(), gv.len(), "{name}: output {i} size");
+                let scale = wv.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+                let d = wv.iter().zip(&gv).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+                let what = if i == 0 { "loss".to_string() } else { format!("d/d {}", tg.params[i - 1].name) };
+                assert!(
+                    d <= tol,
+                    "{name} ({settings}): {what}: GPU differs by {d:.2e} of its largest value ({gv:?} vs {wv:?})"
+                );
+                worst = worst.max(d);
+            }
+            eprintln!(
+                "{name:<20} {settings:<26} loss {:.6} (GPU) vs {:.6} (CPU); {} gradients, max rel diff {worst:.1e}",
+                got[0].data.to_f32_vec()[0],
+                want[0].data.to_f32_vec()[0],
+                got.len() - 1
+            );
+        }
+    }
+}
