@@ -143,6 +143,12 @@ proptest! {
         check(Op::Softmax { axis: -1, coerce_2d: false }, &[vec![m, n]], seed, &[0.0]);
         check(Op::Softmax { axis: 0, coerce_2d: false }, &[vec![m, n]], seed, &[0.0]);
         check(Op::LayerNorm { axis: -1, epsilon: 1e-5 }, &[vec![m, n], vec![n], vec![n]], seed, &[0.0, 1.0, 0.0]);
+        // Inference-mode BatchNormalization with constant statistics: the gradient of x only.
+        let mut r = Rng::new(seed ^ 7);
+        let c = |r: &mut Rng, lo: f64| Arg::Const(t64(r, vec![n], lo));
+        let bn = Op::BatchNorm { epsilon: 1e-5, momentum: 0.9, training: false };
+        let args = [Arg::In(vec![m, n, 3], 0.0), c(&mut r, 0.0), c(&mut r, 0.0), c(&mut r, 0.0), c(&mut r, 2.0)];
+        check_args(bn, &args, seed, DType::F64);
         for op in [ReduceOp::Mean, ReduceOp::Sum] {
             check(Op::Reduce { op, keepdims: true, noop_with_empty_axes: false }, &[vec![m, n]], seed, &[0.0]);
         }

@@ -37,7 +37,9 @@ def _attrs(node):
     return out
 
 
-def build(model, dtype, device):
+def build(model, dtype, device, wq=None, aq=None):
+    """`wq(node, w)` and `aq(node, x)`, when given, wrap the constant weight and the input of
+    every Gemm, MatMul and Conv (fake quantizers for the QAT peer of `tools/bench_grad_gpu.py`)."""
     g = model.graph
 
     def place(arr):
@@ -72,6 +74,9 @@ def build(model, dtype, device):
             i = [env[a] if a else None for a in n.input]
             at = _attrs(n)
             x = i[0] if i else None
+            if wq is not None and t in ("Gemm", "MatMul", "Conv") and n.input[1] in consts:
+                x = aq(n.name, x)
+                i[1] = wq(n.name, i[1], t, at)
             if t == "Gemm":
                 a = x.T if at.get("transA", 0) else x
                 b = i[1].T if at.get("transB", 0) else i[1]

@@ -80,6 +80,10 @@ impl GraphProgram {
     }
 }
 
+/// Reductions of at most this many elements per output run a thread per output (a block per
+/// output would leave most of its threads idle: col2im sums a 3x3 window).
+const SERIAL_REDUCTION: usize = 32;
+
 /// Where a value lives during lowering.
 #[derive(Clone)]
 enum Val {
@@ -245,6 +249,19 @@ impl Lowerer {
         }
     }
 
+    /// Emits a hand-shaped kernel: `body` is its code after the signature (`out`, then `p0..`
+    /// for `ins`), run as `grid` blocks of 256 threads; writes a new buffer of `len` values.
+    fn emit_raw(&mut self, len: usize, ins: Vec<usize>, body: &str, grid: usize, label: &str) -> usize {
+        let out = self.buf(len);
+        let name = format!("g{}", self.kernels);
+        self.kernels += 1;
+        let params: String = (0..ins.len()).map(|i| format!(", const float* __restrict__ p{i}")).collect();
+        self.p.source +=
+            &format!("// {label}\nextern \"C\" __global__ void {name}(float* __restrict__ out{params}) {{\n{body}}}\n");
+        self.p.steps.push(GStep::Kernel { name, out, ins, grid: grid.max(1) as u32, block: 256, label: label.into() });
+        out
+    }
+
     /// Emits `mr` writing a new buffer of the kept dims' size; returns it.
     fn emit(&mut self, mr: MapReduce, label: &str) -> Result<usize> {
         let out_len: usize = mr.dims.iter().zip(&mr.kept).filter(|(_, k)| **k).map(|(d, _)| d).product();
@@ -272,60 +289,140 @@ impl Lowerer {
             t + "  }\n"
         };
         let coords: Vec<String> = (0..mr.dims.len()).map(|j| format!("c{j} = 0")).collect();
-        let loads: String =
-            mr.operands.iter().enumerate().map(|(i, (_, off))| format!("    float v{i} = p{i}[{off}];\n")).collect();
+        // Only the operands the expression reads as `v{i}` are loaded up front; an expression may
+        // also read `p{i}[...]` itself where a load must wait for a test (Concat, Gather).
+        let text = format!("{} {}", mr.expr, mr.guard.as_deref().unwrap_or(""));
+        let loads: String = mr
+            .operands
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| refs(&text, &format!("v{i}")))
+            .map(|(i, (_, off))| format!("    float v{i} = p{i}[{off}];\n"))
+            .collect();
         let value = |body: &str| match &mr.guard {
             Some(g) => format!("    if ({g}) {{\n{loads}    {body}\n    }}\n"),
             None => format!("{loads}    {body}\n"),
         };
-        if red_len == 1 {
-            s += &format!(
-                "  long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n  if (o >= {out_len}LL) return;\n"
-            );
+        let ins: Vec<usize> = mr.operands.iter().map(|o| o.0).collect();
+        let head = |s: &mut String, o: &str| {
+            *s += &format!("  long long o = {o};\n");
             if !coords.is_empty() {
-                s += &format!("  long long {};\n", coords.join(", "));
+                *s += &format!("  long long {};\n", coords.join(", "));
             }
-            s += &decompose("o", true);
+            *s += &decompose("o", true);
+        };
+        if red_len <= SERIAL_REDUCTION {
+            // A thread per output, the reduced elements (if any) summed in order.
+            s += &format!("  if ((long long)blockIdx.x * blockDim.x + threadIdx.x >= {out_len}LL) return;\n");
+            head(&mut s, "(long long)blockIdx.x * blockDim.x + threadIdx.x");
             s += "  double acc = 0.0;\n";
-            s += &value(&format!("acc = (double)({});", mr.expr));
-            s += &format!("  out[o] = (float)({});\n}}\n", mr.post);
-            let grid = out_len.div_ceil(256) as u32;
-            self.p.source += &s;
-            self.p.steps.push(GStep::Kernel {
-                name,
-                out,
-                ins: mr.operands.iter().map(|o| o.0).collect(),
-                grid,
-                block: 256,
-                label: label.into(),
-            });
-        } else {
-            s += "  long long o = blockIdx.x;\n";
-            if !coords.is_empty() {
-                s += &format!("  long long {};\n", coords.join(", "));
+            if red_len == 1 {
+                s += &value(&format!("acc = (double)({});", mr.expr));
+            } else {
+                s += &format!("  for (long long r = 0; r < {red_len}LL; r++) {{\n");
+                s += &decompose("r", false).replace("\n  ", "\n    ");
+                s += &value(&format!("acc += (double)({});", mr.expr));
+                s += "  }\n";
             }
-            s += &decompose("o", true);
-            s += &format!(
-                "  double acc = 0.0;\n  for (long long r = threadIdx.x; r < {red_len}LL; r += blockDim.x) {{\n"
-            );
-            s += &decompose("r", false).replace("\n  ", "\n    ");
-            s += &value(&format!("acc += (double)({});", mr.expr));
-            s += "  }\n  __shared__ double sh[256];\n  sh[threadIdx.x] = acc;\n  __syncthreads();\n";
-            s += "  for (int w = 128; w > 0; w >>= 1) {\n    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];\n    __syncthreads();\n  }\n";
+            s += &format!("  out[o] = (float)({});\n}}\n", mr.post);
+            self.p.source += &s;
+            let grid = out_len.div_ceil(256) as u32;
+            self.p.steps.push(GStep::Kernel { name, out, ins, grid, block: 256, label: label.into() });
+            return Ok(());
+        }
+        // Blocks of 256 threads over the reduced elements; with few outputs, each output's
+        // elements split over `parts` blocks whose double partial sums a second kernel adds in
+        // order (deterministic either way).
+        let parts = if out_len >= 1024 { 1 } else { red_len.div_ceil(8192).min(4096usize.div_ceil(out_len)).max(1) };
+        let chunk = red_len.div_ceil(parts);
+        head(&mut s, &format!("blockIdx.x / {parts}LL"));
+        s += &format!(
+            "  long long lo = (blockIdx.x % {parts}LL) * {chunk}LL, hi = min(lo + {chunk}LL, {red_len}LL);\n\
+             double acc = 0.0;\n  for (long long r = lo + threadIdx.x; r < hi; r += blockDim.x) {{\n"
+        );
+        s += &decompose("r", false).replace("\n  ", "\n    ");
+        s += &value(&format!("acc += (double)({});", mr.expr));
+        s += "  }\n  __shared__ double sh[256];\n  sh[threadIdx.x] = acc;\n  __syncthreads();\n";
+        s += "  for (int w = 128; w > 0; w >>= 1) {\n    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];\n    __syncthreads();\n  }\n";
+        if parts == 1 {
             s += &format!("  if (threadIdx.x == 0) {{ acc = sh[0]; out[o] = (float)({}); }}\n}}\n", mr.post);
             self.p.source += &s;
-            self.p.steps.push(GStep::Kernel {
-                name,
-                out,
-                ins: mr.operands.iter().map(|o| o.0).collect(),
-                grid: out_len as u32,
-                block: 256,
-                label: label.into(),
-            });
+            self.p.steps.push(GStep::Kernel { name, out, ins, grid: out_len as u32, block: 256, label: label.into() });
+            return Ok(());
         }
+        // Partial sums as doubles in a scratch buffer (two floats each; device allocations are
+        // 256-byte aligned).
+        s += "  if (threadIdx.x == 0) ((double*)out)[blockIdx.x] = sh[0];\n}\n";
+        self.p.source += &s;
+        let scratch = self.buf(2 * out_len * parts);
+        self.p.steps.push(GStep::Kernel {
+            name,
+            out: scratch,
+            ins,
+            grid: (out_len * parts) as u32,
+            block: 256,
+            label: format!("{label} (partial sums)"),
+        });
+        let name2 = format!("g{}", self.kernels);
+        self.kernels += 1;
+        let mut t = format!(
+            "// {label} (sum of partials)\nextern \"C\" __global__ void {name2}(float* __restrict__ out, const float* __restrict__ p0) {{\n\
+             if ((long long)blockIdx.x * blockDim.x + threadIdx.x >= {out_len}LL) return;\n"
+        );
+        head(&mut t, "(long long)blockIdx.x * blockDim.x + threadIdx.x");
+        t += &format!(
+            "  const double* part = (const double*)p0;\n  double acc = 0.0;\n\
+             for (long long k = 0; k < {parts}LL; k++) acc += part[o * {parts}LL + k];\n  out[o] = (float)({});\n}}\n",
+            mr.post
+        );
+        self.p.source += &t;
+        self.p.steps.push(GStep::Kernel {
+            name: name2,
+            out,
+            ins: vec![scratch],
+            grid: out_len.div_ceil(256) as u32,
+            block: 256,
+            label: label.into(),
+        });
         Ok(())
     }
 }
+
+/// Whether `text` names the identifier `id` (not as a prefix of a longer one: `v1` in `v10`).
+fn refs(text: &str, id: &str) -> bool {
+    text.match_indices(id).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + id.len()..].chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+    })
+}
+
+/// Block-wide sum and max of doubles (256 threads), shared by the row kernels.
+const ROW_HELPERS: &str = r#"
+__device__ double sqil_block_sum(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  double r = sh[0];
+  __syncthreads();
+  return r;
+}
+__device__ double sqil_block_max(double v, double* sh) {
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sh[threadIdx.x] = fmax(sh[threadIdx.x], sh[threadIdx.x + w]);
+    __syncthreads();
+  }
+  double r = sh[0];
+  __syncthreads();
+  return r;
+}
+"#;
 
 /// The element-wise map over `shape` with the operands broadcast to it.
 fn map(shape: &[usize], operands: Vec<(usize, &[usize])>, expr: String) -> MapReduce {
@@ -412,7 +509,7 @@ fn quant_space(
 /// Lowers `g` for the GPU with every symbolic input dimension set to `batch`.
 pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
     let mut lw = Lowerer { p: GraphProgram::default(), kernels: 0, uploaded: HashMap::new() };
-    lw.p.source = "// generated by sqil (crates/cuda/src/graph.rs)\n".into();
+    lw.p.source = format!("// generated by sqil (crates/cuda/src/graph.rs)\n{ROW_HELPERS}");
     let mut vals: HashMap<ValueRef, Val> = HashMap::new();
     let mut types: HashMap<ValueRef, ValueType> = HashMap::new();
     let order = g.topo_order().map_err(crate::Error::Ir)?;
@@ -489,6 +586,55 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                 vals.insert(v, Val::Host(t));
             }
             continue;
+        }
+        if let Op::Split { axis, .. } = &node.op {
+            let xv = ins[0].ok_or_else(|| unsupported(format!("{what}: no input")))?;
+            let xs = known(types.get(&xv).ok_or_else(|| unsupported("untyped value"))?, &what)?;
+            let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+            let x = lw.dev(xv, &vals)?;
+            let mut start = 0;
+            for (slot, t) in out_tys.iter().enumerate() {
+                let shape = known(t, &what)?;
+                let b = slab(&mut lw, x, &xs, &shape, ax, start, &format!("{what} ({slot})"))?;
+                start += shape[ax];
+                let v = ValueRef { node: n, slot };
+                types.insert(v, ValueType::new(DType::F32, shape.iter().map(|&d| Dim::Known(d)).collect()));
+                vals.insert(v, Val::Dev(b));
+            }
+            continue;
+        }
+        if let (Op::Vjp { op, wrt: 0, arity }, true) = (&node.op, matches!(node.op, Op::Vjp { .. })) {
+            if let Op::Split { axis, .. } = op.as_ref() {
+                // dx: each output's slab from its gradient (zero where an output has none).
+                let xs = known(&out_tys[0], &what)?;
+                let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+                let mut operands = vec![];
+                let mut arms = vec![];
+                let mut start = 0;
+                for dyv in ins[*arity..].iter() {
+                    let dv = dyv.ok_or_else(|| unsupported("absent"));
+                    let shape = match dyv {
+                        Some(v) => known(types.get(v).ok_or_else(|| unsupported("untyped value"))?, &what)?,
+                        None => {
+                            return Err(unsupported(format!("{what}: a Split output without a gradient on the GPU")))
+                        }
+                    };
+                    let mut c = cs(xs.len());
+                    c[ax] = format!("c{ax}-{start}LL");
+                    let i = operands.len();
+                    operands.push((lw.dev(dv?, &vals)?, offset(&c, &shape)));
+                    start += shape[ax];
+                    arms.push((start, format!("p{i}[{}]", offset(&c, &shape))));
+                }
+                let mut expr = "0.0f".to_string();
+                for (end, load) in arms.into_iter().rev() {
+                    expr = format!("(c{ax} < {end}LL ? {load} : {expr})");
+                }
+                let b = lw.emit(all_kept(&xs, operands, expr), &what)?;
+                types.insert(outv, ValueType::new(DType::F32, xs.iter().map(|&d| Dim::Known(d)).collect()));
+                vals.insert(outv, Val::Dev(b));
+                continue;
+            }
         }
         if nout != 1 {
             return Err(unsupported(format!("{what}: a node with {nout} outputs on the GPU")));
@@ -673,6 +819,147 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                 let dy = lw.dev(dyv, &vals)?;
                 vjp(&mut lw, &vals, op, &fwd, wrt, dy, &dys, &oshape, &label, &shape_of)?
             }
+            Op::Transpose { perm } => {
+                let xs = shape_of(ins[0])?;
+                let x = lw.dev(ins[0].unwrap(), &vals)?;
+                transpose_fwd(&mut lw, x, &xs, &perm_of(perm, xs.len()), &label)?
+            }
+            Op::Concat { axis } => {
+                let ax = sqil_ir::ops::norm_axis(*axis, oshape.len()).map_err(crate::Error::Ir)?;
+                let mut parts = vec![];
+                for v in ins.iter().flatten() {
+                    let sh = shape_of(Some(*v))?;
+                    if sh[ax] > 0 {
+                        parts.push((lw.dev(*v, &vals)?, sh));
+                    }
+                }
+                concat_fwd(&mut lw, &parts, ax, &oshape, &label)?
+            }
+            Op::Gather { axis } => {
+                let xs = shape_of(ins[0])?;
+                let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+                let (idx, is) = index_buffer(&mut lw, ins[1], &vals, &what)?;
+                let x = lw.dev(ins[0].unwrap(), &vals)?;
+                let ri = is.len();
+                let ioff = offset(&(ax..ax + ri).map(|j| format!("c{j}")).collect::<Vec<_>>(), &is);
+                let q = format!("((long long)p1[{ioff}] + ((long long)p1[{ioff}] < 0 ? {}LL : 0LL))", xs[ax]);
+                let mut xc: Vec<String> = (0..ax).map(|j| format!("c{j}")).collect();
+                xc.push(q);
+                xc.extend((ax + 1..xs.len()).map(|j| format!("c{}", j + ri - 1)));
+                let expr = format!("p0[{}]", offset(&xc, &xs));
+                lw.emit(all_kept(&oshape, vec![(x, "0".into()), (idx, "0".into())], expr), &label)?
+            }
+            Op::Softmax { axis, coerce_2d: false } => {
+                let xs = shape_of(ins[0])?;
+                let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+                let x = lw.dev(ins[0].unwrap(), &vals)?;
+                softmax_rows(&mut lw, x, None, &xs, ax, &label)
+            }
+            Op::LayerNorm { axis, epsilon } => {
+                let xs = shape_of(ins[0])?;
+                let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+                let d: usize = xs[ax..].iter().product();
+                let sc = ins.get(1).copied().flatten().ok_or_else(|| unsupported(format!("{what}: no scale")))?;
+                if shape_of(Some(sc))?.iter().product::<usize>() != d {
+                    return Err(unsupported(format!("{what}: a broadcast LayerNorm scale on the GPU")));
+                }
+                let x = lw.dev(ins[0].unwrap(), &vals)?;
+                let mut insb = vec![x, lw.dev(sc, &vals)?];
+                let bias = match ins.get(2).copied().flatten() {
+                    Some(b) => {
+                        if shape_of(Some(b))?.iter().product::<usize>() != d {
+                            return Err(unsupported(format!("{what}: a broadcast LayerNorm bias on the GPU")));
+                        }
+                        insb.push(lw.dev(b, &vals)?);
+                        " + (double)p2[j]"
+                    }
+                    None => "",
+                };
+                let body = ln_stats(d, *epsilon)
+                    + &format!("  for (long long j = threadIdx.x; j < {d}LL; j += 256) out[base + j] = (float)(((double)p0[base + j] - mean) * inv * (double)p1[j]{bias});\n");
+                lw.emit_raw(xs.iter().product(), insb, &body, xs.iter().product::<usize>() / d.max(1), &label)
+            }
+            Op::Conv(c) => {
+                let (xs, ws) = (shape_of(ins[0])?, shape_of(ins[1])?);
+                let g = ConvGeo::of(c, &xs, &ws, &what)?;
+                let (x, w) = (lw.dev(ins[0].unwrap(), &vals)?, lw.dev(ins[1].unwrap(), &vals)?);
+                let col = g.im2col(&mut lw, x, &label)?;
+                let (m, k, cog) = (g.m(), g.k(), g.cog());
+                let y2 = g.gemm(&mut lw, col, false, w, true, (m, k, cog), (m * k, cog * k), &label);
+                // y[n, co, oh, ow] with co = group * cog + j.
+                let off = format!("((c1/{cog}LL)*{m}LL+(c0*{}LL+c2)*{}LL+c3)*{cog}LL+c1%{cog}LL", g.oh, g.ow);
+                let mut operands = vec![(y2, off)];
+                let expr = match ins.get(2).copied().flatten() {
+                    Some(b) => {
+                        operands.push((lw.dev(b, &vals)?, "c1".into()));
+                        "__fadd_rn(v0, v1)"
+                    }
+                    None => "v0",
+                };
+                lw.emit(all_kept(&[g.n, g.co, g.oh, g.ow], operands, expr.into()), &format!("{label} (NCHW)"))?
+            }
+            Op::GlobalAveragePool => {
+                let xs = shape_of(ins[0])?;
+                let x = lw.dev(ins[0].unwrap(), &vals)?;
+                let il: usize = xs[2..].iter().product();
+                let mut mr = MapReduce {
+                    dims: xs.clone(),
+                    kept: (0..xs.len()).map(|j| j < 2).collect(),
+                    operands: vec![(x, bcast_off(&xs, &xs, 0))],
+                    expr: "v0".into(),
+                    guard: None,
+                    post: String::new(),
+                };
+                mr.post = format!("acc / {il}.0");
+                lw.emit(mr, &label)?
+            }
+            Op::BatchNorm { epsilon, training: false, .. } => {
+                let xs = shape_of(ins[0])?;
+                let mut operands = vec![(lw.dev(ins[0].unwrap(), &vals)?, bcast_off(&xs, &xs, 0))];
+                for i in 1..5 {
+                    let v = ins
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .ok_or_else(|| unsupported(format!("{what}: input {i} absent")))?;
+                    operands.push((lw.dev(v, &vals)?, "c1".into()));
+                }
+                let expr = format!(
+                    "((double)v0 - (double)v3) / sqrt((double)v4 + (double){}) * (double)v1 + (double)v2",
+                    cu_f32(*epsilon)
+                );
+                lw.emit(all_kept(&xs, operands, expr), &label)?
+            }
+            Op::PRelu => {
+                let (xs, ss) = (shape_of(ins[0])?, shape_of(ins[1])?);
+                let (x, sl) = (lw.dev(ins[0].unwrap(), &vals)?, lw.dev(ins[1].unwrap(), &vals)?);
+                lw.emit(map(&xs, vec![(x, &xs), (sl, &ss)], "v0 < 0.0f ? __fmul_rn(v1, v0) : v0".into()), &label)?
+            }
+            Op::MaxPool(pa) => {
+                let xs = shape_of(ins[0])?;
+                let x = lw.dev(ins[0].unwrap(), &vals)?;
+                let pg = PoolGeo::of(pa, &xs, &oshape, &what)?;
+                lw.emit_raw(
+                    oshape.iter().product(),
+                    vec![x],
+                    &pg.max_fwd(),
+                    oshape.iter().product::<usize>().div_ceil(256),
+                    &label,
+                )
+            }
+            Op::AveragePool(pa) => {
+                let xs = shape_of(ins[0])?;
+                let x = lw.dev(ins[0].unwrap(), &vals)?;
+                let pg = PoolGeo::of(pa, &xs, &oshape, &what)?;
+                pg.plain_average(&what)?;
+                lw.emit_raw(
+                    oshape.iter().product(),
+                    vec![x],
+                    &pg.avg_fwd(),
+                    oshape.iter().product::<usize>().div_ceil(256),
+                    &label,
+                )
+            }
             op => return Err(unsupported(format!("{what}: {} on the GPU", op.name()))),
         };
         if lw.p.bufs[result] < oshape.iter().product::<usize>() {
@@ -686,7 +973,101 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
         let shape = known(types.get(&o).ok_or_else(|| unsupported("untyped output"))?, "output")?;
         lw.p.outputs.push((b, shape));
     }
-    Ok(lw.p)
+    let mut p = lw.p;
+    reuse_buffers(&mut p);
+    Ok(p)
+}
+
+/// Shares device buffers between values whose lifetimes do not overlap (interval colouring in
+/// step order, best fit by size): a value's buffer is taken at the first step that touches it and
+/// given back after the last. Constants, inputs and outputs keep buffers of their own; a step's
+/// result never shares with a buffer the same step reads (results are placed before the
+/// step's dead inputs are given back).
+pub fn reuse_buffers(p: &mut GraphProgram) {
+    let n = p.bufs.len();
+    let mut pinned = vec![false; n];
+    for &(b, _) in &p.consts {
+        pinned[b] = true;
+    }
+    for (_, b, _) in &p.inputs {
+        pinned[*b] = true;
+    }
+    for (b, _) in &p.outputs {
+        pinned[*b] = true;
+    }
+    let touched = |s: &GStep| -> Vec<usize> {
+        match s {
+            GStep::Kernel { out, ins, .. } => std::iter::once(*out).chain(ins.iter().copied()).collect(),
+            GStep::Gemm(g) => vec![g.c, g.x, g.y],
+        }
+    };
+    let (mut first, mut last) = (vec![usize::MAX; n], vec![0usize; n]);
+    for (i, s) in p.steps.iter().enumerate() {
+        for b in touched(s) {
+            first[b] = first[b].min(i);
+            last[b] = last[b].max(i);
+        }
+    }
+    // Physical buffers: the pinned ones as they are, then shared ones.
+    let mut phys: Vec<usize> = vec![];
+    let mut map = vec![usize::MAX; n];
+    for b in 0..n {
+        if pinned[b] || first[b] == usize::MAX {
+            map[b] = phys.len();
+            phys.push(p.bufs[b]);
+        }
+    }
+    let mut free: Vec<usize> = vec![];
+    let mut starting: Vec<Vec<usize>> = vec![vec![]; p.steps.len()];
+    let mut ending: Vec<Vec<usize>> = vec![vec![]; p.steps.len()];
+    for b in (0..n).filter(|&b| map[b] == usize::MAX) {
+        starting[first[b]].push(b);
+        ending[last[b]].push(b);
+    }
+    for i in 0..p.steps.len() {
+        for &b in &starting[i] {
+            let need = p.bufs[b];
+            // Best fit: the smallest free buffer that holds it, else the largest grown.
+            let pick = free
+                .iter()
+                .enumerate()
+                .filter(|(_, &f)| phys[f] >= need)
+                .min_by_key(|(_, &f)| phys[f])
+                .map(|(k, _)| k)
+                .or_else(|| (0..free.len()).max_by_key(|&k| phys[free[k]]));
+            map[b] = match pick {
+                Some(k) => {
+                    let f = free.swap_remove(k);
+                    phys[f] = phys[f].max(need);
+                    f
+                }
+                None => {
+                    phys.push(need);
+                    phys.len() - 1
+                }
+            };
+        }
+        for &b in &ending[i] {
+            free.push(map[b]);
+        }
+    }
+    for s in &mut p.steps {
+        match s {
+            GStep::Kernel { out, ins, .. } => {
+                *out = map[*out];
+                ins.iter_mut().for_each(|b| *b = map[*b]);
+            }
+            GStep::Gemm(g) => {
+                g.c = map[g.c];
+                g.x = map[g.x];
+                g.y = map[g.y];
+            }
+        }
+    }
+    p.consts.iter_mut().for_each(|(b, _)| *b = map[*b]);
+    p.inputs.iter_mut().for_each(|(_, b, _)| *b = map[*b]);
+    p.outputs.iter_mut().for_each(|(b, _)| *b = map[*b]);
+    p.bufs = phys;
 }
 
 struct MatMulGeo {
@@ -960,6 +1341,594 @@ fn vjp(
                 lw.emit(mr, label)?
             }
         }
+        Op::Transpose { perm } if wrt == 0 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let p = perm_of(perm, xs.len());
+            let ys: Vec<usize> = p.iter().map(|&a| xs[a]).collect();
+            // dx at x coordinates: dy at y coordinate j = x coordinate perm[j].
+            let yc: Vec<String> = p.iter().map(|&a| format!("c{a}")).collect();
+            lw.emit(all_kept(&xs, vec![(dy, offset(&yc, &ys))], "v0".into()), label)?
+        }
+        Op::Concat { axis } => {
+            let ax = sqil_ir::ops::norm_axis(*axis, dys.len()).map_err(crate::Error::Ir)?;
+            let mut start = 0;
+            for v in fwd[..wrt].iter().flatten() {
+                start += shape_of(Some(*v))?[ax];
+            }
+            slab(lw, dy, dys, oshape, ax, start, label)?
+        }
+        Op::Gather { axis } if wrt == 0 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+            let (idx, is) = index_buffer(lw, fwd.get(1).copied().flatten(), vals, &what())?;
+            let nidx: usize = is.iter().product();
+            let r = xs.len();
+            let mut dims = xs.clone();
+            dims.push(nidx);
+            let mut kept = vec![true; r];
+            kept.push(false);
+            let mut flat = xs.clone();
+            flat[ax] = nidx;
+            let mut dc = cs(r);
+            dc[ax] = format!("c{r}");
+            let q = format!("((long long)p0[c{r}] + ((long long)p0[c{r}] < 0 ? {}LL : 0LL))", xs[ax]);
+            let mr = MapReduce {
+                dims,
+                kept,
+                operands: vec![(idx, format!("c{r}")), (dy, offset(&dc, &flat))],
+                expr: "(double)v1".into(),
+                guard: Some(format!("{q} == c{ax}")),
+                post: "acc".into(),
+            };
+            lw.emit(mr, label)?
+        }
+        Op::Softmax { axis, coerce_2d: false } if wrt == 0 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+            let x = lw.dev(input(0)?, vals)?;
+            softmax_rows(lw, x, Some(dy), &xs, ax, label)
+        }
+        Op::LayerNorm { axis, epsilon } if wrt <= 2 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let ax = sqil_ir::ops::norm_axis(*axis, xs.len()).map_err(crate::Error::Ir)?;
+            let d: usize = xs[ax..].iter().product();
+            let rows = xs.iter().product::<usize>() / d.max(1);
+            let x = lw.dev(input(0)?, vals)?;
+            let sc = lw.dev(input(1)?, vals)?;
+            if wrt == 0 {
+                let body = ln_stats(d, *epsilon)
+                    + &format!(
+                        "  double m1 = 0.0, m2 = 0.0;\n\
+                         for (long long j = threadIdx.x; j < {d}LL; j += 256) {{ double g = (double)p2[base + j] * (double)p1[j]; m1 += g; m2 += g * ((double)p0[base + j] - mean) * inv; }}\n\
+                         m1 = sqil_block_sum(m1, sh) / {d}.0;\n  m2 = sqil_block_sum(m2, sh) / {d}.0;\n\
+                         for (long long j = threadIdx.x; j < {d}LL; j += 256) {{ double g = (double)p2[base + j] * (double)p1[j]; double xh = ((double)p0[base + j] - mean) * inv; out[base + j] = (float)(inv * (g - m1 - xh * m2)); }}\n"
+                    );
+                lw.emit_raw(xs.iter().product(), vec![x, sc, dy], &body, rows, label)
+            } else {
+                let stats_body = ln_stats(d, *epsilon) + "  if (threadIdx.x == 0) { out[2 * blockIdx.x] = (float)mean; out[2 * blockIdx.x + 1] = (float)inv; }\n";
+                let stats = lw.emit_raw(2 * rows, vec![x], &stats_body, rows, &format!("{label} (row statistics)"));
+                let expr = if wrt == 1 { "(double)v1 * ((double)v0 - (double)v2) * (double)v3" } else { "(double)v1" };
+                let mr = MapReduce {
+                    dims: vec![rows, d],
+                    kept: vec![false, true],
+                    operands: vec![
+                        (x, format!("c0*{d}LL+c1")),
+                        (dy, format!("c0*{d}LL+c1")),
+                        (stats, "2*c0".into()),
+                        (stats, "2*c0+1".into()),
+                    ],
+                    expr: expr.into(),
+                    guard: None,
+                    post: "acc".into(),
+                };
+                lw.emit(mr, label)?
+            }
+        }
+        Op::Conv(c) if wrt <= 2 => {
+            let (xs, ws) = (shape_of(Some(input(0)?))?, shape_of(Some(input(1)?))?);
+            let g = ConvGeo::of(c, &xs, &ws, label)?;
+            if wrt == 2 {
+                let mr = MapReduce {
+                    dims: dys.to_vec(),
+                    kept: vec![false, true, false, false],
+                    operands: vec![(dy, bcast_off(dys, dys, 0))],
+                    expr: "(double)v0".into(),
+                    guard: None,
+                    post: "acc".into(),
+                };
+                return lw.emit(mr, label);
+            }
+            let dy2 = g.rows(lw, dy, label)?;
+            let (m, k, cog) = (g.m(), g.k(), g.cog());
+            if wrt == 1 {
+                // dW[group] = dy2[group]^T col[group]: [cog, k] per group, W's layout.
+                let x = lw.dev(input(0)?, vals)?;
+                let col = g.im2col(lw, x, label)?;
+                g.gemm(lw, dy2, true, col, false, (cog, m, k), (m * cog, m * k), label)
+            } else {
+                let w = lw.dev(input(1)?, vals)?;
+                let dcol = g.gemm(lw, dy2, false, w, false, (m, cog, k), (m * cog, cog * k), label);
+                // col2im: every (kh, kw) whose window row and column land on an output position.
+                let cg = g.c / g.g;
+                let th = format!("(c2+{}LL-c4*{}LL)", g.p[0], g.d[0]);
+                let tw = format!("(c3+{}LL-c5*{}LL)", g.p[1], g.d[1]);
+                let guard = format!(
+                    "{th} >= 0 && {th} % {s0}LL == 0 && {th} / {s0}LL < {}LL && {tw} >= 0 && {tw} % {s1}LL == 0 && {tw} / {s1}LL < {}LL",
+                    g.oh,
+                    g.ow,
+                    s0 = g.s[0],
+                    s1 = g.s[1]
+                );
+                let off = format!(
+                    "((c1/{cg}LL)*{m}LL+(c0*{}LL+{th}/{}LL)*{}LL+{tw}/{}LL)*{k}LL+((c1%{cg}LL)*{}LL+c4)*{}LL+c5",
+                    g.oh, g.s[0], g.ow, g.s[1], g.kh, g.kw
+                );
+                let mr = MapReduce {
+                    dims: vec![g.n, g.c, g.h, g.w, g.kh, g.kw],
+                    kept: vec![true, true, true, true, false, false],
+                    operands: vec![(dcol, off)],
+                    expr: "(double)v0".into(),
+                    guard: Some(guard),
+                    post: "acc".into(),
+                };
+                lw.emit(mr, &format!("{label} (col2im)"))?
+            }
+        }
+        Op::GlobalAveragePool if wrt == 0 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let il: usize = xs[2..].iter().product();
+            let mut ks = xs[..2].to_vec();
+            ks.extend(std::iter::repeat_n(1, xs.len() - 2));
+            lw.emit(map(&xs, vec![(dy, &ks)], format!("(double)v0 / {il}.0")), label)?
+        }
+        Op::BatchNorm { epsilon, training: false, .. } if wrt == 0 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let sc = lw.dev(input(1)?, vals)?;
+            let var = lw.dev(input(4)?, vals)?;
+            let operands = vec![(sc, "c1".into()), (var, "c1".into()), (dy, bcast_off(&xs, &xs, 0))];
+            let expr = format!("(double)v2 * (double)v0 / sqrt((double)v1 + (double){})", cu_f32(*epsilon));
+            lw.emit(all_kept(&xs, operands, expr), label)?
+        }
+        Op::PRelu if wrt <= 1 => {
+            let (xs, ss) = (shape_of(Some(input(0)?))?, shape_of(Some(input(1)?))?);
+            let (x, sl) = (lw.dev(input(0)?, vals)?, lw.dev(input(1)?, vals)?);
+            let operands =
+                vec![(x, bcast_off(&xs, &xs, 0)), (sl, bcast_off(&ss, &xs, 0)), (dy, bcast_off(&xs, &xs, 0))];
+            if wrt == 0 {
+                lw.emit(all_kept(&xs, operands, "v0 < 0.0f ? (double)v2 * (double)v1 : (double)v2".into()), label)?
+            } else {
+                let mr = MapReduce {
+                    dims: xs.clone(),
+                    kept: unbroadcast_kept(&xs, &ss)?,
+                    operands,
+                    expr: "v0 < 0.0f ? (double)v2 * (double)v0 : 0.0".into(),
+                    guard: None,
+                    post: "acc".into(),
+                };
+                lw.emit(mr, label)?
+            }
+        }
+        Op::MaxPool(pa) if wrt == 0 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let x = lw.dev(input(0)?, vals)?;
+            let pg = PoolGeo::of(pa, &xs, dys, label)?;
+            lw.emit_raw(
+                xs.iter().product(),
+                vec![x, dy],
+                &pg.max_vjp(),
+                xs.iter().product::<usize>().div_ceil(256),
+                label,
+            )
+        }
+        Op::AveragePool(pa) if wrt == 0 => {
+            let xs = shape_of(Some(input(0)?))?;
+            let pg = PoolGeo::of(pa, &xs, dys, label)?;
+            pg.plain_average(label)?;
+            lw.emit_raw(xs.iter().product(), vec![dy], &pg.avg_vjp(), xs.iter().product::<usize>().div_ceil(256), label)
+        }
         _ => return Err(unsupported(what())),
     })
+}
+
+/// A 2-D NCHW pooling window geometry.
+struct PoolGeo {
+    pl: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    k: [usize; 2],
+    s: [usize; 2],
+    d: [usize; 2],
+    pb: [usize; 2],
+    pads_zero: bool,
+    ceil: bool,
+}
+
+impl PoolGeo {
+    fn of(p: &sqil_ir::ops::PoolAttrs, xs: &[usize], ys: &[usize], what: &str) -> Result<PoolGeo> {
+        if xs.len() != 4 || ys.len() != 4 || p.kernel_shape.len() != 2 {
+            return Err(unsupported(format!("{what}: only 2-D pooling runs on the GPU")));
+        }
+        let (pb, pe, _) = p.geometry(&[Some(xs[2]), Some(xs[3])]).map_err(crate::Error::Ir)?;
+        let two = |v: &[i64]| if v.is_empty() { [1, 1] } else { [v[0] as usize, v[1] as usize] };
+        Ok(PoolGeo {
+            pl: xs[0] * xs[1],
+            h: xs[2],
+            w: xs[3],
+            oh: ys[2],
+            ow: ys[3],
+            k: [p.kernel_shape[0] as usize, p.kernel_shape[1] as usize],
+            s: two(&p.strides),
+            d: two(&p.dilations),
+            pb: [pb[0].max(0) as usize, pb[1].max(0) as usize],
+            pads_zero: pb.iter().chain(&pe).all(|&v| v == 0),
+            ceil: p.ceil_mode,
+        })
+    }
+
+    /// Averages over full windows only (no padding, no ceil-mode overhang): the divisor is the
+    /// window size whatever `count_include_pad` says.
+    fn plain_average(&self, what: &str) -> Result<()> {
+        if !self.pads_zero || self.ceil {
+            return Err(unsupported(format!("{what}: AveragePool with padding or ceil mode on the GPU")));
+        }
+        Ok(())
+    }
+
+    /// The window of output `(oh, ow)` visits `(ih, iw)` for kernel offsets `(kh, kw)`.
+    fn window(&self) -> String {
+        format!(
+            "      long long ih = oh * {}LL - {}LL + kh * {}LL, iw = ow * {}LL - {}LL + kw * {}LL;\n",
+            self.s[0], self.pb[0], self.d[0], self.s[1], self.pb[1], self.d[1]
+        )
+    }
+
+    fn out_index(&self) -> String {
+        format!(
+            "  long long o = (long long)blockIdx.x * 256 + threadIdx.x;\n  if (o >= {}LL) return;\n\
+             long long ow = o % {ow}LL, oh = (o / {ow}LL) % {}LL, pl = o / {};\n",
+            self.pl * self.oh * self.ow,
+            self.oh,
+            self.oh * self.ow,
+            ow = self.ow
+        )
+    }
+
+    fn max_fwd(&self) -> String {
+        format!(
+            "{}  double best = 0.0; int found = 0;\n  for (long long kh = 0; kh < {}LL; kh++) for (long long kw = 0; kw < {}LL; kw++) {{\n{}\
+             if (ih < 0 || ih >= {h}LL || iw < 0 || iw >= {w}LL) continue;\n\
+             double v = (double)p0[pl * {}LL + ih * {w}LL + iw];\n      if (!found || v > best) {{ best = v; found = 1; }}\n  }}\n\
+             out[o] = (float)best;\n",
+            self.out_index(),
+            self.k[0],
+            self.k[1],
+            self.window(),
+            self.h * self.w,
+            h = self.h,
+            w = self.w
+        )
+    }
+
+    /// The loop over the windows `(oh, ow)` that cover input `(jh, jw)` (through kernel offsets
+    /// `(ch, cw)`), for the gradients.
+    fn covering(&self) -> String {
+        format!(
+            "  long long jw = i % {w}LL, jh = (i / {w}LL) % {h}LL, pl = i / {hw}LL;\n  double acc = 0.0;\n\
+             for (long long ch = 0; ch < {k0}LL; ch++) for (long long cw = 0; cw < {k1}LL; cw++) {{\n\
+             long long th = jh + {p0}LL - ch * {d0}LL, tw = jw + {p1}LL - cw * {d1}LL;\n\
+             if (th < 0 || tw < 0 || th % {s0}LL != 0 || tw % {s1}LL != 0) continue;\n\
+             long long oh = th / {s0}LL, ow = tw / {s1}LL;\n    if (oh >= {oh}LL || ow >= {ow}LL) continue;\n",
+            w = self.w,
+            h = self.h,
+            hw = self.h * self.w,
+            k0 = self.k[0],
+            k1 = self.k[1],
+            p0 = self.pb[0],
+            p1 = self.pb[1],
+            d0 = self.d[0],
+            d1 = self.d[1],
+            s0 = self.s[0],
+            s1 = self.s[1],
+            oh = self.oh,
+            ow = self.ow
+        )
+    }
+
+    /// dx: every window that covers this input and whose (first) maximum it is adds its dy.
+    fn max_vjp(&self) -> String {
+        let (h, w) = (self.h, self.w);
+        format!(
+            "  long long i = (long long)blockIdx.x * 256 + threadIdx.x;\n  if (i >= {}LL) return;\n{}\
+             double best = 0.0; int found = 0; long long bh = -1, bw = -1;\n\
+             for (long long kh = 0; kh < {k0}LL; kh++) for (long long kw = 0; kw < {k1}LL; kw++) {{\n{}\
+             if (ih < 0 || ih >= {h}LL || iw < 0 || iw >= {w}LL) continue;\n\
+             double v = (double)p0[pl * {hw}LL + ih * {w}LL + iw];\n      if (!found || v > best) {{ best = v; found = 1; bh = ih; bw = iw; }}\n    }}\n\
+             if (bh == jh && bw == jw) acc += (double)p1[(pl * {}LL + oh) * {}LL + ow];\n  }}\n  out[i] = (float)acc;\n",
+            self.pl * h * w,
+            self.covering(),
+            self.window(),
+            self.oh,
+            self.ow,
+            k0 = self.k[0],
+            k1 = self.k[1],
+            hw = h * w
+        )
+    }
+
+    fn avg_fwd(&self) -> String {
+        format!(
+            "{}  double acc = 0.0;\n  for (long long kh = 0; kh < {}LL; kh++) for (long long kw = 0; kw < {}LL; kw++) {{\n{}\
+             acc += (double)p0[pl * {}LL + ih * {}LL + iw];\n  }}\n  out[o] = (float)(acc / {}.0);\n",
+            self.out_index(),
+            self.k[0],
+            self.k[1],
+            self.window(),
+            self.h * self.w,
+            self.w,
+            self.k[0] * self.k[1]
+        )
+    }
+
+    fn avg_vjp(&self) -> String {
+        format!(
+            "  long long i = (long long)blockIdx.x * 256 + threadIdx.x;\n  if (i >= {}LL) return;\n{}\
+             acc += (double)p0[(pl * {}LL + oh) * {}LL + ow] / {}.0;\n  }}\n  out[i] = (float)acc;\n",
+            self.pl * self.h * self.w,
+            self.covering(),
+            self.oh,
+            self.ow,
+            self.k[0] * self.k[1]
+        )
+    }
+}
+
+/// Gather indices as a float buffer (exact below 2^24) and their shape: host indices are
+/// uploaded once; indices computed on the device are not supported.
+fn index_buffer(
+    lw: &mut Lowerer,
+    v: Option<ValueRef>,
+    vals: &HashMap<ValueRef, Val>,
+    what: &str,
+) -> Result<(usize, Vec<usize>)> {
+    let v = v.ok_or_else(|| unsupported(format!("{what}: no indices")))?;
+    match vals.get(&v) {
+        Some(Val::Host(t)) => {
+            if let Some(&b) = lw.uploaded.get(&v) {
+                return Ok((b, t.shape.clone()));
+            }
+            let data: Vec<f32> = t.data.to_i64_vec().iter().map(|&i| i as f32).collect();
+            if t.data.to_i64_vec().iter().any(|&i| i.unsigned_abs() >= 1 << 24) {
+                return Err(unsupported(format!("{what}: indices beyond 2^24 on the GPU")));
+            }
+            let b = lw.buf(data.len());
+            lw.p.consts.push((b, data));
+            lw.uploaded.insert(v, b);
+            Ok((b, t.shape.clone()))
+        }
+        _ => Err(unsupported(format!("{what}: indices computed on the device (Gather on the GPU)"))),
+    }
+}
+
+/// Strides of `shape` as a list of (coordinate expression, stride) terms joined into an offset.
+fn offset(coords: &[String], shape: &[usize]) -> String {
+    let st = strides(shape);
+    let t: Vec<String> =
+        coords.iter().zip(&st).zip(shape).filter(|(_, &d)| d != 1).map(|((c, s), _)| format!("({c})*{s}LL")).collect();
+    if t.is_empty() {
+        "0".into()
+    } else {
+        t.join("+")
+    }
+}
+
+fn cs(n: usize) -> Vec<String> {
+    (0..n).map(|j| format!("c{j}")).collect()
+}
+
+fn all_kept(dims: &[usize], operands: Vec<(usize, String)>, expr: String) -> MapReduce {
+    MapReduce { dims: dims.to_vec(), kept: vec![true; dims.len()], operands, expr, guard: None, post: "acc".into() }
+}
+
+fn transpose_fwd(lw: &mut Lowerer, x: usize, xs: &[usize], perm: &[usize], label: &str) -> Result<usize> {
+    let ys: Vec<usize> = perm.iter().map(|&p| xs[p]).collect();
+    // y coordinate j reads x coordinate perm[j].
+    let mut xc = vec![String::new(); xs.len()];
+    for (j, &p) in perm.iter().enumerate() {
+        xc[p] = format!("c{j}");
+    }
+    lw.emit(all_kept(&ys, vec![(x, offset(&xc, xs))], "v0".into()), label)
+}
+
+fn perm_of(perm: &Option<Vec<i64>>, rank: usize) -> Vec<usize> {
+    perm.as_ref().map_or((0..rank).rev().collect(), |p| p.iter().map(|&a| a as usize).collect())
+}
+
+fn concat_fwd(lw: &mut Lowerer, parts: &[(usize, Vec<usize>)], ax: usize, out: &[usize], label: &str) -> Result<usize> {
+    let mut operands = vec![];
+    let mut expr = "0.0f".to_string();
+    let mut start = 0;
+    let mut arms = vec![];
+    for (i, (b, shape)) in parts.iter().enumerate() {
+        let mut c = cs(out.len());
+        c[ax] = format!("c{ax}-{start}LL");
+        operands.push((*b, offset(&c, shape)));
+        start += shape[ax];
+        arms.push((start, format!("p{i}[{}]", offset(&c, shape))));
+    }
+    for (end, load) in arms.into_iter().rev() {
+        expr = format!("(c{ax} < {end}LL ? {load} : {expr})");
+    }
+    lw.emit(all_kept(out, operands, expr), label)
+}
+
+/// The slab `[start, start + shape[ax])` of `src` (shape `full`) along `ax`.
+fn slab(
+    lw: &mut Lowerer,
+    src: usize,
+    full: &[usize],
+    shape: &[usize],
+    ax: usize,
+    start: usize,
+    label: &str,
+) -> Result<usize> {
+    let mut c = cs(shape.len());
+    c[ax] = format!("c{ax}+{start}LL");
+    lw.emit(all_kept(shape, vec![(src, offset(&c, full))], "v0".into()), label)
+}
+
+/// Softmax along `ax` (and, with `dy`, its gradient `p * (dy - sum(dy * p))`): a block per row.
+fn softmax_rows(lw: &mut Lowerer, x: usize, dy: Option<usize>, xs: &[usize], ax: usize, label: &str) -> usize {
+    let d = xs[ax];
+    let inner: usize = xs[ax + 1..].iter().product();
+    let rows = xs.iter().product::<usize>() / d.max(1);
+    let at = format!("base + j * {inner}LL");
+    let mut body = format!(
+        "  __shared__ double sh[256];\n  long long r = blockIdx.x;\n  long long base = (r / {inner}LL) * {}LL + r % {inner}LL;\n\
+         double m = -1.0e308;\n  for (long long j = threadIdx.x; j < {d}LL; j += 256) m = fmax(m, (double)p0[{at}]);\n\
+         m = sqil_block_max(m, sh);\n  double s = 0.0;\n  for (long long j = threadIdx.x; j < {d}LL; j += 256) s += exp((double)p0[{at}] - m);\n\
+         s = sqil_block_sum(s, sh);\n",
+        d * inner
+    );
+    let mut ins = vec![x];
+    match dy {
+        None => {
+            body += &format!("  for (long long j = threadIdx.x; j < {d}LL; j += 256) out[{at}] = (float)(exp((double)p0[{at}] - m) / s);\n")
+        }
+        Some(g) => {
+            ins.push(g);
+            body += &format!(
+                "  double t = 0.0;\n  for (long long j = threadIdx.x; j < {d}LL; j += 256) t += (double)p1[{at}] * (exp((double)p0[{at}] - m) / s);\n\
+                 t = sqil_block_sum(t, sh);\n\
+                 for (long long j = threadIdx.x; j < {d}LL; j += 256) {{ double p = exp((double)p0[{at}] - m) / s; out[{at}] = (float)(p * ((double)p1[{at}] - t)); }}\n"
+            );
+        }
+    }
+    lw.emit_raw(xs.iter().product(), ins, &body, rows, label)
+}
+
+/// LayerNorm rows of `d` values: the mean and 1/sqrt(var + eps) of row `r` as `mean`, `inv`.
+fn ln_stats(d: usize, eps: f32) -> String {
+    format!(
+        "  __shared__ double sh[256];\n  long long base = (long long)blockIdx.x * {d}LL;\n  double mean = 0.0;\n\
+         for (long long j = threadIdx.x; j < {d}LL; j += 256) mean += (double)p0[base + j];\n\
+         mean = sqil_block_sum(mean, sh) / {d}.0;\n  double var = 0.0;\n\
+         for (long long j = threadIdx.x; j < {d}LL; j += 256) {{ double u = (double)p0[base + j] - mean; var += u * u; }}\n\
+         var = sqil_block_sum(var, sh) / {d}.0;\n  double inv = 1.0 / sqrt(var + (double){});\n",
+        cu_f32(eps)
+    )
+}
+
+/// An NCHW 2-D convolution's geometry; `g` groups of `c / g` input and `co / g` output channels
+/// (im2col and the GEMMs batched over the groups).
+struct ConvGeo {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    co: usize,
+    g: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    s: [usize; 2],
+    d: [usize; 2],
+    p: [usize; 2],
+}
+
+impl ConvGeo {
+    fn of(c: &sqil_ir::ops::ConvAttrs, xs: &[usize], ws: &[usize], what: &str) -> Result<ConvGeo> {
+        let g = c.group.max(1) as usize;
+        if xs.len() != 4 || ws.len() != 4 || !xs[1].is_multiple_of(g) || !ws[0].is_multiple_of(g) || ws[1] * g != xs[1]
+        {
+            return Err(unsupported(format!("{what}: only 2-D convolutions (NCHW) run on the GPU")));
+        }
+        let (pb, _, out) = c.geometry(&[Some(xs[2]), Some(xs[3])], &[ws[2], ws[3]], false).map_err(crate::Error::Ir)?;
+        let two = |v: &[i64]| if v.is_empty() { [1, 1] } else { [v[0] as usize, v[1] as usize] };
+        if pb.iter().any(|&p| p < 0) {
+            return Err(unsupported(format!("{what}: negative padding on the GPU")));
+        }
+        Ok(ConvGeo {
+            n: xs[0],
+            c: xs[1],
+            h: xs[2],
+            w: xs[3],
+            co: ws[0],
+            g,
+            kh: ws[2],
+            kw: ws[3],
+            oh: out[0].unwrap_or(1),
+            ow: out[1].unwrap_or(1),
+            s: two(&c.strides),
+            d: two(&c.dilations),
+            p: [pb[0] as usize, pb[1] as usize],
+        })
+    }
+    /// Rows of a group's GEMM (output positions).
+    fn m(&self) -> usize {
+        self.n * self.oh * self.ow
+    }
+    /// A group's reduction length.
+    fn k(&self) -> usize {
+        self.c / self.g * self.kh * self.kw
+    }
+    /// A group's output channels.
+    fn cog(&self) -> usize {
+        self.co / self.g
+    }
+
+    /// im2col: `[g, n*oh*ow, c/g*kh*kw]`, zeros outside the image.
+    fn im2col(&self, lw: &mut Lowerer, x: usize, label: &str) -> Result<usize> {
+        let g = self;
+        let cg = g.c / g.g;
+        let dims = [g.g, g.n, g.oh, g.ow, cg, g.kh, g.kw];
+        let ih = format!("(c2*{}LL-{}LL+c5*{}LL)", g.s[0], g.p[0], g.d[0]);
+        let iw = format!("(c3*{}LL-{}LL+c6*{}LL)", g.s[1], g.p[1], g.d[1]);
+        let off = format!("c1*{}LL+(c0*{cg}LL+c4)*{}LL+{ih}*{}LL+{iw}", g.c * g.h * g.w, g.h * g.w, g.w);
+        let mut mr = all_kept(&dims, vec![(x, off)], "v0".into());
+        mr.guard = Some(format!("{ih} >= 0 && {ih} < {}LL && {iw} >= 0 && {iw} < {}LL", g.h, g.w));
+        lw.emit(mr, &format!("{label} (im2col)"))
+    }
+
+    /// dy `[n, co, oh, ow]` as `[g, n*oh*ow, co/g]`.
+    fn rows(&self, lw: &mut Lowerer, dy: usize, label: &str) -> Result<usize> {
+        let g = self;
+        let off = format!("((c1*{}LL+c0*{}LL+c4)*{}LL+c2)*{}LL+c3", g.co, g.cog(), g.oh, g.ow);
+        lw.emit(all_kept(&[g.g, g.n, g.oh, g.ow, g.cog()], vec![(dy, off)], "v0".into()), &format!("{label} (dy rows)"))
+    }
+
+    /// A GEMM batched over the groups.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        lw: &mut Lowerer,
+        x: usize,
+        tx: bool,
+        y: usize,
+        ty: bool,
+        (m, k, n): (usize, usize, usize),
+        (sx, sy): (usize, usize),
+        label: &str,
+    ) -> usize {
+        let c = lw.buf(self.g * m * n);
+        lw.p.steps.push(GStep::Gemm(GemmStep {
+            x,
+            tx,
+            y,
+            ty,
+            c,
+            m,
+            n,
+            k,
+            batch: self.g,
+            sx,
+            sy,
+            alpha: 1.0,
+            beta: 0.0,
+            label: label.into(),
+        }));
+        c
+    }
 }

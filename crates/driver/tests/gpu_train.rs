@@ -23,8 +23,17 @@ fn policies() -> PathBuf {
     }
 }
 
-/// The MLPs the GPU trainer must take; the others are lowered too and reported.
-const MUST: &[&str] = &["bc_hopper", "bc_lander", "bc_pickplace", "hopper_mlp", "halfcheetah_mlp"];
+/// The policies the GPU trainer must take (every testdata policy).
+const MUST: &[&str] = &[
+    "bc_hopper",
+    "bc_lander",
+    "bc_pickplace",
+    "hopper_mlp",
+    "halfcheetah_mlp",
+    "bc_pickplace_transformer",
+    "bc_pickplace_pixels",
+    "cnn",
+];
 const ALL: &[&str] = &[
     "bc_hopper",
     "bc_lander",
@@ -145,7 +154,9 @@ fn one_training_step_on_the_gpu_matches_the_cpu() {
     for name in MUST {
         for (settings, intervals) in [("wbits=4,abits=8,group=64", false), ("wbits=3,abits=8,group=16", true)] {
             let tg = train_graph(name, settings, intervals);
-            let b = 256;
+            // Full batches for the MLPs; the CNNs and the transformer at 16 (the CPU reference is
+            // the interpreter).
+            let b = if name.starts_with("bc_pickplace_") || *name == "cnn" { 16 } else { 256 };
             let f = feeds(name, &tg, b, 7);
             let want = sqil_ir::interp::Interpreter::new(&tg.graph).unwrap().run(&f).unwrap();
             let prog = sqil_cuda::graph::lower_graph(&tg.graph, b).unwrap();
@@ -156,10 +167,14 @@ fn one_training_step_on_the_gpu_matches_the_cpu() {
             }
             let got = gg.run_feeds(&f).unwrap();
             let mut worst = 0f32;
+            // A gradient that is zero in exact arithmetic (a bias in front of a softmax over
+            // space) is rounding noise on both sides: tensors are compared relative to their own
+            // largest value, but never to less than 1e-6 of the step's largest gradient.
+            let floor = want[1..].iter().flat_map(|t| t.data.to_f32_vec()).fold(0f32, |m, v| m.max(v.abs())) * 1e-6;
             for (i, (w, g)) in want.iter().zip(&got).enumerate() {
                 let (wv, gv) = (w.data.to_f32_vec(), g.data.to_f32_vec());
                 assert_eq!(wv.len(), gv.len(), "{name}: output {i} size");
-                let scale = wv.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+                let scale = wv.iter().fold(floor.max(1e-12), |m, v| m.max(v.abs()));
                 let d = wv.iter().zip(&gv).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
                 let what = if i == 0 { "loss".to_string() } else { format!("d/d {}", tg.params[i - 1].name) };
                 assert!(

@@ -314,6 +314,28 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
             }
         }
         Op::LogSoftmax { axis, coerce_2d: false } if wrt == 0 => out(xs, softmax_grad(x, &g, *axis, true)?),
+        Op::BatchNorm { epsilon, training: false, .. } if wrt == 0 && xs.len() >= 2 => {
+            // Inference mode is per-channel affine: dy * scale / sqrt(var + eps).
+            let (sc, var) = (f64s(get(ins, 1)?), f64s(get(ins, 4)?));
+            let (c, inner) = (xs[1], xs[2..].iter().product::<usize>());
+            if sc.len() != c || var.len() != c {
+                return Err(IrError::Invalid(format!(
+                    "BatchNormalization: {} scales, {} variances for {c} channels",
+                    sc.len(),
+                    var.len()
+                )));
+            }
+            let eps = *epsilon as f64;
+            out(
+                xs,
+                (0..x.len())
+                    .map(|i| {
+                        let ch = (i / inner.max(1)) % c;
+                        g[i] * sc[ch] / (var[ch] + eps).sqrt()
+                    })
+                    .collect(),
+            )
+        }
         Op::Unary(UnaryOp::Relu) if wrt == 0 && matches!((&x.data, &dy.data), (Data::F32(_), Data::F32(_))) => {
             let (Data::F32(xv), Data::F32(dv)) = (&x.data, &dy.data) else { unreachable!() };
             Tensor::from_f32(xs.clone(), xv.iter().zip(dv).map(|(&v, &d)| if v > 0.0 { d } else { 0.0 }).collect())

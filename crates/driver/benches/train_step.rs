@@ -1,0 +1,92 @@
+//! Samples/s of one QRD training step (forward with LSQ FakeQuant, backward, loss; the optimizer
+//! excluded on both sides) per testdata policy: `sqil_cuda::graph` on the GPU (inputs and
+//! parameters copied in, one CUDA-graph launch, loss and gradients copied out) against the CPU
+//! interpreter on the same batch (one thread, the trainer splits a batch over `--threads`), in one
+//! run. Prints one JSON line per policy.
+//!
+//!     cargo bench -p sqil-driver --bench train_step [-- BATCH]
+
+use sqil_driver::quantize::{run_quantize, QuantizeArgs};
+use sqil_passes::quant::{QuantConfig, Recipe};
+use sqil_train::trainer::{batch_feeds, Dataset};
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn main() {
+    let batch: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(256);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
+    let root = if root.exists() { root } else { PathBuf::from("testdata/policies") };
+    let gpu = match sqil_cuda::Gpu::new() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            eprintln!("no GPU ({e}): CPU only");
+            None
+        }
+    };
+    for name in
+        ["bc_hopper", "bc_pickplace", "halfcheetah_mlp", "bc_pickplace_transformer", "bc_pickplace_pixels", "cnn"]
+    {
+        let fp = sqil_driver::load_model(&root.join(format!("{name}.onnx"))).unwrap();
+        let mut cfg = QuantConfig::default();
+        cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
+        let inputs: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| root.join(format!("{name}.input{i}.npy"))).collect();
+        let (sim, _, _) = run_quantize(&fp, &QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 64)).unwrap();
+        let tg = sqil_train::model::train_graph_with(&sim, true, false).unwrap();
+        // A dataset of the sample inputs repeated, zero targets (the arithmetic does not care).
+        let mut ins = vec![];
+        for (n, p) in tg.policy_inputs.iter().zip(&inputs) {
+            let t = sqil_driver::npy::read(p).unwrap().cast(sqil_ir::DType::F32);
+            let idx: Vec<usize> = (0..batch).map(|k| k % t.shape[0]).collect();
+            ins.push((n.clone(), sqil_train::trainer::take_rows(&t, &idx)));
+        }
+        let out = sqil_runtime::Policy::from_graph(&sim)
+            .unwrap()
+            .run(&ins.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>())
+            .unwrap()
+            .remove(0);
+        let data = Dataset {
+            inputs: ins,
+            target: out.clone(),
+            teacher: out,
+            alpha: vec![1.0; batch],
+            target_hi: None,
+            teacher_hi: None,
+        };
+        let idx: Vec<usize> = (0..batch).collect();
+        let feeds = batch_feeds(&tg, &data, &idx).unwrap();
+        let it = sqil_ir::interp::Interpreter::new(&tg.graph).unwrap();
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            let t0 = Instant::now();
+            let mut n = 0;
+            while n < 3 || t0.elapsed().as_secs_f64() < 1.0 {
+                f();
+                n += 1;
+            }
+            t0.elapsed().as_secs_f64() / n as f64
+        };
+        let cpu = time(&mut || {
+            it.run(&feeds).unwrap();
+        });
+        let (gpu_s, mb, gname) = match &gpu {
+            Some(g) => {
+                let p = sqil_cuda::graph::lower_graph(&tg.graph, batch).unwrap();
+                let mb = (p.bytes() + sqil_cuda::graph_exec::WORKSPACE) as f64 / 1e6;
+                let mut gg = sqil_cuda::graph_exec::GpuGraph::new(g, p).unwrap();
+                gg.capture().unwrap();
+                let s = time(&mut || {
+                    gg.run_feeds(&feeds).unwrap();
+                });
+                (Some(s), mb, g.name.clone())
+            }
+            None => (None, 0.0, String::new()),
+        };
+        println!(
+            "{{\"policy\": \"{name}\", \"batch\": {batch}, \"cpu_interp_1thread_samples_s\": {:.0}, \"gpu\": {:?}, \"gpu_samples_s\": {}, \"gpu_mb\": {mb:.1}, \"ratio_gpu_cpu\": {}}}",
+            batch as f64 / cpu,
+            gname,
+            gpu_s.map_or("null".into(), |s| format!("{:.0}", batch as f64 / s)),
+            gpu_s.map_or("null".into(), |s| format!("{:.1}", cpu / s)),
+        );
+    }
+}
