@@ -150,6 +150,12 @@ impl Gpu {
         Ok(Gpu { ctx, stream, name, cc, modules, entries, loaded: Default::default() })
     }
 
+    /// (free, total) bytes of device memory, as the driver reports them.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.bind_to_thread().map_err(|e| crate::Error::Device(format!("{e:?}")))?;
+        cudarc::driver::result::mem_get_info().map_err(|e| crate::Error::Device(format!("cuMemGetInfo: {e:?}")))
+    }
+
     /// A kernel by name (looked up once, from the module whose PTX defines it).
     pub fn function(&self, name: &str) -> Result<CudaFunction> {
         let mut loaded = self.loaded.lock().map_err(|_| "kernel cache poisoned".to_string())?;

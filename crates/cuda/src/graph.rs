@@ -311,7 +311,11 @@ impl Lowerer {
             }
             *s += &decompose("o", true);
         };
-        if red_len <= SERIAL_REDUCTION {
+        // Short sums, and medium ones with outputs enough to fill the GPU, run a thread per
+        // output: neighbouring threads then read neighbouring elements wherever the innermost
+        // dimension is kept (a blocked weight quantizer's step gradient sums 64 rows of a column
+        // per output; a block per output would read them 64 cache lines apart).
+        if red_len <= SERIAL_REDUCTION || (red_len <= 1024 && out_len >= 16384) {
             // A thread per output, the reduced elements (if any) summed in order.
             s += &format!("  if ((long long)blockIdx.x * blockDim.x + threadIdx.x >= {out_len}LL) return;\n");
             head(&mut s, "(long long)blockIdx.x * blockDim.x + threadIdx.x");

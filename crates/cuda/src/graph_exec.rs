@@ -218,3 +218,149 @@ impl GpuGraph {
         self.outputs()
     }
 }
+
+/// AdamW on the device for a [`GpuGraph`] whose inputs include the parameters and whose outputs
+/// include their gradients: the same update as `sqil_train::optim::AdamW` (global-norm clipping,
+/// decoupled weight decay on weights, LSQ steps kept positive, moments in f32, arithmetic in
+/// double), applied in place to the parameter input buffers, so parameters stay resident and
+/// cross the bus only when read back.
+pub struct DeviceAdamW {
+    /// Per parameter: input buffer, gradient output buffer, length, kind (0 weight, 1 bias, 2 step).
+    params: Vec<(usize, usize, usize, u8)>,
+    m: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+    /// Per parameter, `PARTS` partial sums of squares of its gradient (doubles).
+    partials: CudaSlice<f64>,
+    /// [norm]
+    norm: CudaSlice<f64>,
+    /// [lr, lr of steps, 1 - b1^t, 1 - b2^t, weight decay, clip, b1, b2, eps]
+    scalars: CudaSlice<f64>,
+    sumsq: CudaFunction,
+    total: CudaFunction,
+    update: CudaFunction,
+}
+
+const PARTS: usize = 256;
+
+const ADAMW_SRC: &str = r#"
+extern "C" __global__ void sqil_adamw_sumsq(const float* __restrict__ g, long long n, double* __restrict__ partial) {
+  __shared__ double sh[256];
+  double acc = 0.0;
+  for (long long i = (long long)blockIdx.x * 256 + threadIdx.x; i < n; i += (long long)gridDim.x * 256) {
+    double v = (double)g[i];
+    acc += v * v;
+  }
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = 128; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
+}
+extern "C" __global__ void sqil_adamw_norm(const double* __restrict__ partial, long long n, double* __restrict__ norm) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  double s = 0.0;
+  for (long long i = 0; i < n; i++) s += partial[i];
+  norm[0] = sqrt(s);
+}
+extern "C" __global__ void sqil_adamw_update(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m,
+                                             float* __restrict__ v, long long n, int kind,
+                                             const double* __restrict__ sc, const double* __restrict__ norm) {
+  long long i = (long long)blockIdx.x * 256 + threadIdx.x;
+  if (i >= n) return;
+  double clip = sc[5];
+  double scale = (clip > 0.0 && norm[0] > clip) ? clip / norm[0] : 1.0;
+  double lr = kind == 2 ? sc[1] : sc[0];
+  double b1 = sc[6], b2 = sc[7];
+  double gi = (double)g[i] * scale;
+  double mi = b1 * (double)m[i] + (1.0 - b1) * gi;
+  double vi = b2 * (double)v[i] + (1.0 - b2) * gi * gi;
+  m[i] = (float)mi;
+  v[i] = (float)vi;
+  double nx = (double)x[i];
+  if (kind == 0) nx -= lr * sc[4] * nx;
+  nx -= lr * (mi / sc[2]) / (sqrt(vi / sc[3]) + sc[8]);
+  if (kind == 2) nx = fmax(nx, 1e-8);
+  x[i] = (float)nx;
+}
+"#;
+
+impl GpuGraph {
+    /// A device AdamW over `params`: (input name, gradient output index, kind: 0 weight, 1 bias,
+    /// 2 LSQ step).
+    pub fn adamw(&self, gpu: &Gpu, params: &[(String, usize, u8)]) -> Result<DeviceAdamW> {
+        gpu.load_source("sqil_adamw", ADAMW_SRC)?;
+        let mut ps = vec![];
+        let (mut m, mut v) = (vec![], vec![]);
+        for (name, out, kind) in params {
+            let b = *self.inputs.get(name).ok_or_else(|| crate::Error::Unsupported(format!("no input `{name}`")))?;
+            let (gb, shape) = self.program.outputs.get(*out).ok_or("no such gradient output")?;
+            let n: usize = shape.iter().product();
+            ps.push((b, *gb, n, *kind));
+            m.push(self.stream.alloc_zeros::<f32>(n.max(1)).map_err(err)?);
+            v.push(self.stream.alloc_zeros::<f32>(n.max(1)).map_err(err)?);
+        }
+        Ok(DeviceAdamW {
+            partials: self.stream.alloc_zeros::<f64>(PARTS * ps.len().max(1)).map_err(err)?,
+            norm: self.stream.alloc_zeros::<f64>(1).map_err(err)?,
+            scalars: self.stream.alloc_zeros::<f64>(9).map_err(err)?,
+            params: ps,
+            m,
+            v,
+            sumsq: gpu.function("sqil_adamw_sumsq")?,
+            total: gpu.function("sqil_adamw_norm")?,
+            update: gpu.function("sqil_adamw_update")?,
+        })
+    }
+
+    /// One AdamW update from the gradients of the last run. `sc`: [lr, lr of LSQ steps, 1 - b1^t,
+    /// 1 - b2^t, weight decay, clip, b1, b2, eps].
+    pub fn adamw_step(&mut self, opt: &mut DeviceAdamW, sc: [f64; 9]) -> Result<()> {
+        self.stream.memcpy_htod(&sc, &mut opt.scalars).map_err(err)?;
+        let cfg = |blocks: usize| LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let part_ptr = opt.partials.device_ptr(&self.stream).0;
+        let norm_ptr = opt.norm.device_ptr(&self.stream).0;
+        let sc_ptr = opt.scalars.device_ptr(&self.stream).0;
+        for (k, &(_, gb, n, _)) in opt.params.iter().enumerate() {
+            let (g, nn, p) = (self.ptr(gb), n as i64, part_ptr + (k * PARTS * 8) as u64);
+            let mut l = self.stream.launch_builder(&opt.sumsq);
+            l.arg(&g).arg(&nn).arg(&p);
+            // SAFETY: g holds n floats; p has PARTS doubles for this parameter.
+            unsafe { l.launch(cfg(PARTS)) }.map_err(err)?;
+        }
+        let total = (PARTS * opt.params.len()) as i64;
+        let mut l = self.stream.launch_builder(&opt.total);
+        l.arg(&part_ptr).arg(&total).arg(&norm_ptr);
+        // SAFETY: the partials hold `total` doubles; norm one.
+        unsafe { l.launch(cfg(1)) }.map_err(err)?;
+        for (k, &(xb, gb, n, kind)) in opt.params.iter().enumerate() {
+            let (x, g) = (self.ptr(xb), self.ptr(gb));
+            let (m, v) = (opt.m[k].device_ptr(&self.stream).0, opt.v[k].device_ptr(&self.stream).0);
+            let (nn, kk) = (n as i64, kind as i32);
+            let mut l = self.stream.launch_builder(&opt.update);
+            l.arg(&x).arg(&g).arg(&m).arg(&v).arg(&nn).arg(&kk).arg(&sc_ptr).arg(&norm_ptr);
+            // SAFETY: x, g, m, v hold n floats each; sc 9 doubles; norm one.
+            unsafe { l.launch(cfg(n.div_ceil(256))) }.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// Reads input `name` back (e.g. a parameter the device optimizer updated).
+    pub fn read_input(&self, name: &str) -> Result<Vec<f32>> {
+        let b = *self.inputs.get(name).ok_or_else(|| crate::Error::Unsupported(format!("no input `{name}`")))?;
+        let mut v = vec![0f32; self.program.bufs[b]];
+        self.stream.memcpy_dtoh(&self.bufs[b], &mut v).map_err(err)?;
+        self.stream.synchronize().map_err(err)?;
+        Ok(v)
+    }
+
+    /// Synchronises the stream (for timing).
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(err)
+    }
+}

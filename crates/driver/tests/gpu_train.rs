@@ -183,6 +183,37 @@ fn one_training_step_on_the_gpu_matches_the_cpu() {
                 );
                 worst = worst.max(d);
             }
+            if *name == "bc_hopper" {
+                // The device optimizer: one AdamW update in place on the GPU against the CPU's
+                // update from the same gradients (warm-up of one step, decay, clipping, LSQ steps).
+                let mut cpu = tg.params.clone();
+                let mut opt = sqil_train::optim::AdamW::new(&cpu, 1e-3, 0.01, 1, 10, 0.5);
+                opt.step_lr_scale = 0.1;
+                let grads: Vec<Vec<f32>> = got[1..].iter().map(|t| t.data.to_f32_vec()).collect();
+                opt.update(&mut cpu, &grads);
+                let kinds: Vec<(String, usize, u8)> = tg
+                    .params
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| {
+                        let kind = match p.kind {
+                            sqil_train::model::ParamKind::Weight => 0,
+                            sqil_train::model::ParamKind::Bias => 1,
+                            sqil_train::model::ParamKind::Step => 2,
+                        };
+                        (p.name.clone(), k + 1, kind)
+                    })
+                    .collect();
+                let mut dev = gg.adamw(&gpu, &kinds).unwrap();
+                gg.adamw_step(&mut dev, [1e-3, 1e-4, 1.0 - 0.9, 1.0 - 0.999, 0.01, 0.5, 0.9, 0.999, 1e-8]).unwrap();
+                for p in &cpu {
+                    let (d, c) = (gg.read_input(&p.name).unwrap(), p.value.data.to_f32_vec());
+                    let scale = c.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+                    let diff = d.iter().zip(&c).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+                    assert!(diff <= 1e-6, "{name}: device AdamW on {} differs by {diff:.1e}", p.name);
+                }
+                eprintln!("{name}: device AdamW update matches the CPU's within 1e-6");
+            }
             eprintln!(
                 "{name:<20} {settings:<26} loss {:.6} (GPU) vs {:.6} (CPU); {} gradients, max rel diff {worst:.1e}",
                 got[0].data.to_f32_vec()[0],

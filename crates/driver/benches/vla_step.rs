@@ -1,0 +1,234 @@
+//! A VLA-scale QRD fine-tuning step on the GPU: Llama-style decoder layers (hidden 4096, 32 heads,
+//! SwiGLU MLP 11008, RMSNorm, causal attention; no rotary embedding) over a sequence of already
+//! embedded tokens, an action head on the mean token, LSQ fake quantizers on every linear layer
+//! (weights 4-bit in groups of 64 along the input axis, inputs 8-bit per tensor), the QRD loss, the
+//! `grad` pass's backward graph, and AdamW on the device (parameters resident). For each depth:
+//! time per step (batch copy in, one CUDA-graph launch, the optimizer) and device memory, one JSON
+//! line; then the per-layer cost fitted and extrapolated to 32 layers.
+//!
+//!     cargo bench -p sqil-driver --bench vla_step -- [LAYERS,...] [--batch 8] [--tokens 16]
+
+use sqil_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
+use sqil_ir::testing::Rng;
+use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueRef, ValueType};
+use std::time::Instant;
+
+const H: usize = 4096;
+const HEADS: usize = 32;
+const MLP: usize = 11008;
+const ACT: usize = 7;
+
+struct B<'a> {
+    g: &'a mut Graph,
+    k: usize,
+}
+
+impl B<'_> {
+    fn name(&mut self, s: &str) -> String {
+        self.k += 1;
+        format!("{s}.{}", self.k)
+    }
+    fn op(&mut self, op: Op, ins: &[ValueRef], s: &str) -> ValueRef {
+        let n = self.name(s);
+        let ins: Vec<Option<ValueRef>> = ins.iter().map(|v| Some(*v)).collect();
+        self.g.add_inferred(n.clone(), op, &ins, n).unwrap()
+    }
+    fn konst(&mut self, t: Tensor, s: &str) -> ValueRef {
+        let n = self.name(s);
+        self.g.add_const(n, t)
+    }
+    fn ints(&mut self, v: Vec<i64>) -> ValueRef {
+        self.konst(Tensor::from_i64(vec![v.len()], v).unwrap(), "i")
+    }
+    fn bin(&mut self, b: BinaryOp, x: ValueRef, y: ValueRef) -> ValueRef {
+        self.op(Op::Binary(b), &[x, y], "b")
+    }
+    /// LSQ-quantized `x @ w` for a weight `[k, n]` (groups of 64 along k) and a per-tensor 8-bit input.
+    fn linear(&mut self, r: &mut Rng, x: ValueRef, k: usize, n: usize, s: &str) -> ValueRef {
+        let w = r.tensor(vec![k, n], (1.0 / k as f32).sqrt());
+        let wv = w.data.to_f32_vec();
+        let mut sc = vec![0f32; k / 64 * n];
+        for (i, &v) in wv.iter().enumerate() {
+            let c = &mut sc[(i / n) / 64 * n + i % n];
+            *c = c.max(v.abs() / 7.0);
+        }
+        sc.iter_mut().for_each(|c| *c = c.max(1e-6));
+        let wc = self.konst(w, &format!("{s}.w"));
+        let ws = self.konst(Tensor::from_f32(vec![k / 64, n], sc).unwrap(), &format!("{s}.ws"));
+        let wq =
+            self.op(Op::FakeQuant { bits: 4, signed: true, axis: 0, block_size: 64 }, &[wc, ws], &format!("{s}.wq"));
+        let xs = self.konst(Tensor::from_f32(vec![1], vec![0.05]).unwrap(), &format!("{s}.as"));
+        let xq = self.op(Op::FakeQuant { bits: 8, signed: true, axis: 0, block_size: 0 }, &[x, xs], &format!("{s}.aq"));
+        self.op(Op::MatMul, &[xq, wq], s)
+    }
+    fn rmsnorm(&mut self, x: ValueRef) -> ValueRef {
+        let sq = self.bin(BinaryOp::Mul, x, x);
+        let ax = self.ints(vec![-1]);
+        let ms =
+            self.op(Op::Reduce { op: ReduceOp::Mean, keepdims: true, noop_with_empty_axes: false }, &[sq, ax], "ms");
+        let eps = self.konst(Tensor::from_f32(vec![1], vec![1e-5]).unwrap(), "eps");
+        let ms = self.bin(BinaryOp::Add, ms, eps);
+        let r = self.op(Op::Unary(UnaryOp::Sqrt), &[ms], "rms");
+        let y = self.bin(BinaryOp::Div, x, r);
+        let gain = self.konst(Tensor::from_f32(vec![H], vec![1.0; H]).unwrap(), "gain");
+        self.bin(BinaryOp::Mul, y, gain)
+    }
+}
+
+fn build(layers: usize, b: usize, t: usize) -> Graph {
+    let mut g = Graph::new("vla");
+    let x0 =
+        g.add_input("tokens", ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(t), Dim::Known(H)]));
+    let mut bl = B { g: &mut g, k: 0 };
+    let mut r = Rng::new(5);
+    let hd = H / HEADS;
+    let mut mask = vec![0f32; t * t];
+    for i in 0..t {
+        for j in i + 1..t {
+            mask[i * t + j] = -1e9;
+        }
+    }
+    let mask = bl.konst(Tensor::from_f32(vec![t, t], mask).unwrap(), "mask");
+    let inv = bl.konst(Tensor::from_f32(vec![1], vec![1.0 / (hd as f32).sqrt()]).unwrap(), "inv_sqrt_d");
+    let mut x = x0;
+    let _ = b;
+    for l in 0..layers {
+        let n = bl.rmsnorm(x);
+        let heads = |bl: &mut B, v: ValueRef| {
+            let s = bl.ints(vec![0, t as i64, HEADS as i64, hd as i64]);
+            let v = bl.op(Op::Reshape { allowzero: false }, &[v, s], "heads");
+            bl.op(Op::Transpose { perm: Some(vec![0, 2, 1, 3]) }, &[v], "t")
+        };
+        let q = bl.linear(&mut r, n, H, H, &format!("l{l}.q"));
+        let k = bl.linear(&mut r, n, H, H, &format!("l{l}.k"));
+        let v = bl.linear(&mut r, n, H, H, &format!("l{l}.v"));
+        let (q, k, v) = (heads(&mut bl, q), heads(&mut bl, k), heads(&mut bl, v));
+        let kt = bl.op(Op::Transpose { perm: Some(vec![0, 1, 3, 2]) }, &[k], "kt");
+        let s = bl.op(Op::MatMul, &[q, kt], "scores");
+        let s = bl.bin(BinaryOp::Mul, s, inv);
+        let s = bl.bin(BinaryOp::Add, s, mask);
+        let p = bl.op(Op::Softmax { axis: -1, coerce_2d: false }, &[s], "p");
+        let o = bl.op(Op::MatMul, &[p, v], "attn");
+        let o = bl.op(Op::Transpose { perm: Some(vec![0, 2, 1, 3]) }, &[o], "t");
+        let sh = bl.ints(vec![0, t as i64, H as i64]);
+        let o = bl.op(Op::Reshape { allowzero: false }, &[o, sh], "merge");
+        let o = bl.linear(&mut r, o, H, H, &format!("l{l}.o"));
+        x = bl.bin(BinaryOp::Add, x, o);
+        let n2 = bl.rmsnorm(x);
+        let gate = bl.linear(&mut r, n2, H, MLP, &format!("l{l}.gate"));
+        let up = bl.linear(&mut r, n2, H, MLP, &format!("l{l}.up"));
+        let sg = bl.op(Op::Unary(UnaryOp::Sigmoid), &[gate], "sig");
+        let silu = bl.bin(BinaryOp::Mul, gate, sg);
+        let a = bl.bin(BinaryOp::Mul, silu, up);
+        let d = bl.linear(&mut r, a, MLP, H, &format!("l{l}.down"));
+        x = bl.bin(BinaryOp::Add, x, d);
+    }
+    let ax = bl.ints(vec![1]);
+    let m = bl.op(Op::Reduce { op: ReduceOp::Mean, keepdims: false, noop_with_empty_axes: false }, &[x, ax], "pool");
+    let y = bl.linear(&mut r, m, H, ACT, "head");
+    g.outputs = vec![y];
+    g
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag =
+        |f: &str, d: usize| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(d);
+    let (batch, tokens) = (flag("--batch", 8), flag("--tokens", 16));
+    let depths: Vec<usize> = args
+        .iter()
+        .find(|a| a.chars().all(|c| c.is_ascii_digit() || c == ',') && a.contains(|c: char| c.is_ascii_digit()))
+        .map(|a| a.split(',').filter_map(|s| s.parse().ok()).collect())
+        .unwrap_or(vec![1, 2]);
+    let gpu = match sqil_cuda::Gpu::new() {
+        Ok(g) => g,
+        Err(e) => {
+            // Without a GPU: the first depth built, differentiated and lowered (what the device
+            // run would execute), its size printed.
+            let layers = depths[0];
+            let tg = sqil_train::model::train_graph_with(&build(layers, batch, tokens), true, false).unwrap();
+            let p = sqil_cuda::graph::lower_graph(&tg.graph, batch).unwrap();
+            println!(
+                "{{\"layers\": {layers}, \"params\": {}, \"steps\": {}, \"program_gb\": {:.2}, \"gpu\": null}}",
+                tg.params.len(),
+                p.steps.len(),
+                p.bytes() as f64 / 1e9
+            );
+            eprintln!("no GPU ({e}): lowered only");
+            return;
+        }
+    };
+    let mut rows = vec![];
+    for &layers in &depths {
+        let t0 = Instant::now();
+        let sim = build(layers, batch, tokens);
+        let tg = sqil_train::model::train_graph_with(&sim, true, false).unwrap();
+        drop(sim);
+        let p = sqil_cuda::graph::lower_graph(&tg.graph, batch).unwrap();
+        let prog_bytes = p.bytes() + sqil_cuda::graph_exec::WORKSPACE;
+        let (free0, total) = gpu.mem_info().unwrap();
+        let mut gg = sqil_cuda::graph_exec::GpuGraph::new(&gpu, p).unwrap();
+        for pm in &tg.params {
+            gg.set_input(&pm.name, &pm.value.data.f32_cow()).unwrap();
+        }
+        let kinds: Vec<(String, usize, u8)> = tg
+            .params
+            .iter()
+            .enumerate()
+            .map(|(k, p)| (p.name.clone(), k + 1, if p.kind == sqil_train::model::ParamKind::Step { 2 } else { 0 }))
+            .collect();
+        let mut opt = gg.adamw(&gpu, &kinds).unwrap();
+        let nparams: usize =
+            tg.params.iter().filter(|p| p.kind == sqil_train::model::ParamKind::Weight).map(|p| p.value.len()).sum();
+        let mut rr = Rng::new(9);
+        let tok = rr.tensor(vec![batch, tokens, H], 1.0).data.to_f32_vec();
+        let tgt = rr.tensor(vec![batch, ACT], 1.0).data.to_f32_vec();
+        let teacher = rr.tensor(vec![batch, ACT], 1.0).data.to_f32_vec();
+        let alpha: Vec<f32> = (0..batch).map(|i| if i % 5 == 0 { 2.0 } else { 1.0 }).collect();
+        let setup_s = t0.elapsed().as_secs_f64();
+        gg.capture().unwrap();
+        let step = |gg: &mut sqil_cuda::graph_exec::GpuGraph, opt: &mut sqil_cuda::graph_exec::DeviceAdamW| {
+            gg.set_input("tokens", &tok).unwrap();
+            gg.set_input("train.target", &tgt).unwrap();
+            gg.set_input("train.teacher", &teacher).unwrap();
+            gg.set_input("train.alpha", &alpha).unwrap();
+            gg.run().unwrap();
+            gg.adamw_step(opt, [1e-5, 1e-6, 0.1, 0.001, 0.0, 1.0, 0.9, 0.999, 1e-8]).unwrap();
+        };
+        for _ in 0..2 {
+            step(&mut gg, &mut opt);
+        }
+        gg.sync().unwrap();
+        let (free1, _) = gpu.mem_info().unwrap();
+        let n = 10;
+        let t1 = Instant::now();
+        for _ in 0..n {
+            step(&mut gg, &mut opt);
+        }
+        gg.sync().unwrap();
+        let ms = t1.elapsed().as_secs_f64() * 1e3 / n as f64;
+        let loss = gg.output(0).unwrap()[0];
+        let used = (free0 - free1) as f64 / 1e9;
+        println!(
+            "{{\"gpu\": {:?}, \"layers\": {layers}, \"batch\": {batch}, \"tokens\": {tokens}, \"weights_M\": {:.0}, \"ms_per_step\": {ms:.2}, \"samples_s\": {:.1}, \"device_gb_used\": {used:.2}, \"program_gb\": {:.2}, \"device_total_gb\": {:.0}, \"loss\": {loss:.4}, \"eager\": {:?}, \"setup_s\": {setup_s:.0}}}",
+            gpu.name,
+            nparams as f64 / 1e6,
+            batch as f64 / ms * 1e3,
+            prog_bytes as f64 / 1e9,
+            total as f64 / 1e9,
+            gg.eager_because,
+        );
+        rows.push((layers as f64, ms, used));
+        drop(opt);
+        drop(gg);
+    }
+    if rows.len() >= 2 {
+        let (a, b) = (rows[0], rows[rows.len() - 1]);
+        let per_ms = (b.1 - a.1) / (b.0 - a.0);
+        let per_gb = (b.2 - a.2) / (b.0 - a.0);
+        let (ms32, gb32) = (a.1 + per_ms * (32.0 - a.0), a.2 + per_gb * (32.0 - a.0));
+        println!(
+            "{{\"extrapolated_layers\": 32, \"per_layer_ms\": {per_ms:.2}, \"per_layer_gb\": {per_gb:.2}, \"ms_per_step\": {ms32:.0}, \"device_gb\": {gb32:.0}}}"
+        );
+    }
+}
