@@ -17,7 +17,7 @@ NVRTC_LIB=$(echo "$PWD"/.venv-ci/lib/python3*/site-packages/nvidia/cu13/lib)
 SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --workspace --locked
 # The README's main command, in the dev profile `cargo test` just built (it broke once when a
 # second binary joined the package: `default-run` keeps `cargo run -p sqil` unambiguous).
-cargo run --locked -q -p sqil -- inspect testdata/policies/hopper_mlp.onnx > /dev/null
+cargo run --locked -q -p sqil -- compile testdata/policies/hopper_mlp.onnx --demos testdata/demos/hopper.npz -o out/hopper 2> /dev/null | grep -q "^fidelity"
 # Fuzzing smoke run: every reader target for a few seconds in child processes (aborts and hangs
 # caught, not only panics); the long runs are documented in docs/fuzzing.md.
 cargo run --locked -q -p sqil-fuzz -- all --seconds 4 --out target/fuzz-ci

@@ -570,7 +570,7 @@ fn run(cmd: Cmd) -> sqil_driver::Result<()> {
                 act_steps: !freeze_act_steps,
             };
             sqil_driver::compile::compile(&model, &args)?;
-            println!("wrote {}", output.display());
+            println!("{}", sqil_driver::compile::summary(&model, &output)?);
             Ok(())
         }
         Cmd::Allocate { model, demos, budget, alloc, quant, recipe, output, report, plot } => {

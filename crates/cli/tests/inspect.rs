@@ -30,6 +30,39 @@ fn parameter_counts_match_pytorch() {
     }
 }
 
+/// PyTorch's count for `Sequential(Linear(4, 8), ReLU, Linear(8, 8), ReLU, Linear(8, 1))` is
+/// 40 + 72 + 9 = 121 (`sum(p.numel())`): the last bias has one element and counts. Exported as
+/// Gemm (transB=1) or as MatMul + Add; a scalar literal (`y * 0.5`) is not a parameter.
+#[test]
+fn one_element_biases_count_and_literals_do_not() {
+    use sqil_ir::ops::{BinaryOp, UnaryOp};
+    use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueType};
+    for matmul in [false, true] {
+        let mut g = Graph::new("mlp");
+        let mut h = g.add_input("x", ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(4)]));
+        for (l, (k, n)) in [(4, 8), (8, 8), (8, 1)].into_iter().enumerate() {
+            let b = g.add_const(format!("b{l}"), Tensor::from_f32(vec![n], vec![0.1; n]).unwrap());
+            h = if matmul {
+                let w = g.add_const(format!("w{l}"), Tensor::from_f32(vec![k, n], vec![0.5; k * n]).unwrap());
+                let m = g.add_inferred(format!("mm{l}"), Op::MatMul, &[Some(h), Some(w)], format!("m{l}")).unwrap();
+                g.add_inferred(format!("add{l}"), Op::Binary(BinaryOp::Add), &[Some(m), Some(b)], format!("a{l}")).unwrap()
+            } else {
+                let w = g.add_const(format!("w{l}"), Tensor::from_f32(vec![n, k], vec![0.5; k * n]).unwrap());
+                let op = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+                g.add_inferred(format!("fc{l}"), op, &[Some(h), Some(w), Some(b)], format!("y{l}")).unwrap()
+            };
+            if l < 2 {
+                h = g.add_inferred(format!("relu{l}"), Op::Unary(UnaryOp::Relu), &[Some(h)], format!("r{l}")).unwrap();
+            }
+        }
+        let half = g.add_const("half", Tensor::from_f32(vec![1], vec![0.5]).unwrap());
+        let y = g.add_inferred("scale", Op::Binary(BinaryOp::Mul), &[Some(h), Some(half)], "y").unwrap();
+        g.outputs = vec![y];
+        let s = sqil_driver::inspect::summarise(&g).unwrap();
+        assert_eq!(s.params, 121, "matmul export: {matmul}");
+    }
+}
+
 #[test]
 fn cli_reports_bad_files_in_one_line() {
     let exe = env!("CARGO_BIN_EXE_sqil");

@@ -693,3 +693,81 @@ fn check_plan(
         )),
     ))
 }
+
+/// The one-screen summary of a finished compile in `out` (its report.json and policy.bin): what
+/// was compiled and shipped, how faithful it is on the held-out states, the size float vs packed,
+/// the CPU latency of policy.bin at batch 1 on one thread (measured now), and where the outputs are.
+pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
+    let rp = out.join("report.json");
+    let text = std::fs::read_to_string(&rp).map_err(|e| format!("{}: {e}", rp.display()))?;
+    let r: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", rp.display()))?;
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("?").to_string();
+    let g = crate::load_model(model)?;
+    let float_bytes: usize = g
+        .topo_order()?
+        .iter()
+        .filter_map(|&n| match &g.node(n).op {
+            sqil_ir::Op::Const(t) if t.dtype().is_float() => Some(t.len() * 4),
+            _ => None,
+        })
+        .sum();
+    let bin = out.join("policy.bin");
+    let bytes = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
+    let packed = bytes.len();
+    let (ir, layers) = sqil_runtime::artifact::decode(&bytes, &bin.display().to_string())?;
+    let q4: usize = layers.values().map(|l| l.n * l.k).sum();
+    let q4_bytes: usize = layers.values().map(|l| l.bytes()).sum();
+    let mut policy = sqil_runtime::Policy::load(&bin)?;
+    policy.threads = 1;
+    let obs = vec![0f32; policy.input_sizes().iter().sum()];
+    let mut lat = String::from("n/a (the policy takes several inputs: sqil bench OUT/policy.bin)");
+    if policy.input_sizes().len() == 1 {
+        for _ in 0..50 {
+            policy.act(&obs, 1)?;
+        }
+        let t0 = std::time::Instant::now();
+        let mut n = 0u32;
+        while n < 200 || t0.elapsed().as_secs_f64() < 0.2 {
+            policy.act(&obs, 1)?;
+            n += 1;
+        }
+        lat = format!(
+            "{:.1} us per action (policy.bin, batch 1, one thread, {})",
+            t0.elapsed().as_secs_f64() * 1e6 / n as f64,
+            format!("{:?} kernels", sqil_kernels_cpu::isa())
+        );
+    }
+    let (hb, ha) = (&r["heldout_before"], &r["heldout_after"]);
+    let ptq = s(&r["init"]);
+    let mismatch = match r["cpu_mismatch"].as_str() {
+        Some(m) => format!("differs from the simulation: {m}"),
+        None => format!("matches the simulation on the held-out states (max rel diff {:.1e})", f(&r["cpu_rel_diff"])),
+    };
+    let o = out.display();
+    Ok(format!(
+        "compiled   {} -> {o}\n\
+         recipe     {} at {}; shipped {}\n\
+         why        {}\n\
+         fidelity   held-out action MSE vs the float policy: {:.3e} (best PTQ, {ptq}) -> {:.3e}; critical states {:.3e} -> {:.3e}\n\
+         size       float weights {:.1} KB -> policy.bin {:.1} KB ({:.1}x smaller): {} int4 layers, {q4} weights in {:.1} KB; the rest as IR text, {:.1} KB\n\
+         latency    {lat}\n\
+         arithmetic policy.bin {mismatch}\n\
+         outputs    {o}/policy.bin (sqil run / sqil bench / sqil build), {o}/model.onnx (QDQ ONNX), {o}/model.sqil, {o}/report.json\n",
+        model.display(),
+        s(&r["recipe"]),
+        s(&r["label"]),
+        s(&r["shipped"]),
+        s(&r["decision"]),
+        f(&hb["all"]),
+        f(&ha["all"]),
+        f(&hb["critical"]),
+        f(&ha["critical"]),
+        float_bytes as f64 / 1024.0,
+        packed as f64 / 1024.0,
+        float_bytes as f64 / packed.max(1) as f64,
+        layers.len(),
+        q4_bytes as f64 / 1024.0,
+        ir.len() as f64 / 1024.0,
+    ))
+}

@@ -1,7 +1,9 @@
 //! `sqil inspect`: per-layer summary of a graph.
 //!
-//! Parameters are the floating-point constants with more than one element that a node reads,
-//! and the integer weights a DequantizeLinear decodes; not BatchNormalization's running mean and
+//! Parameters are the floating-point constants a node reads as weights, biases, normalisation
+//! scales or slopes (whatever their size: a one-unit layer's bias has one element), other
+//! floating-point constants with more than one element, and the integer weights a
+//! DequantizeLinear decodes; not BatchNormalization's running mean and
 //! variance (buffers, not parameters, as PyTorch counts them), nor quantization scales and zero
 //! points. Each constant counts once, at its first reader. FLOPs are per sample (every
 //! symbolic dimension taken as 1); a multiply-add counts 2. int4 size: 4 bits per parameter plus
@@ -97,7 +99,19 @@ pub fn summarise(g: &Graph) -> crate::Result<Summary> {
             };
             // Quantized weights count as the parameters they encode.
             let dequantized = matches!(node.op, Op::DequantizeLinear { .. }) && slot == 0;
-            if (t.dtype().is_float() || dequantized) && t.len() > 1 && !meta && seen.insert(*v) {
+            // Operands that are parameters whatever their size (a one-unit layer's bias has one
+            // element); elsewhere a one-element constant is a literal (eps, 1/sqrt(d), 0.5).
+            let param_slot = match &node.op {
+                Op::Gemm { .. } | Op::Conv(_) | Op::ConvTranspose(_) | Op::LayerNorm { .. } | Op::PRelu => slot >= 1,
+                Op::BatchNorm { .. } => slot == 1 || slot == 2,
+                Op::MatMul => true,
+                // A bias added to a MatMul (PyTorch's Linear exported as MatMul + Add).
+                Op::Binary(sqil_ir::ops::BinaryOp::Add) => ins.iter().enumerate().any(|(i, u)| {
+                    i != slot && u.is_some_and(|u| matches!(g.node(u.node).op, Op::MatMul | Op::Gemm { .. }))
+                }),
+                _ => false,
+            };
+            if (t.dtype().is_float() || dequantized) && (t.len() > 1 || param_slot) && !meta && seen.insert(*v) {
                 params += t.len();
             }
         }
