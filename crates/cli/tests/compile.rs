@@ -110,3 +110,49 @@ fn compile_rejects_bad_split_and_box_flags() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same demonstrations as plain arrays (observations, actions, episode_starts; no metadata,
+/// rewards, success or returns; float64 as numpy writes by default) compile to the same
+/// policy.bin, bit for bit; states alone (no actions) compile too, the float policy's own actions
+/// being the targets.
+#[test]
+fn plain_array_demos_compile_to_the_same_artifact() {
+    use ndarray::{Array1, Array2};
+    use ndarray_npy::{NpzReader, NpzWriter};
+    let dir = std::env::temp_dir().join(format!("sqil-compile-plain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut z = NpzReader::new(std::fs::File::open(root().join("testdata/demos/hopper.npz")).unwrap()).unwrap();
+    let obs: Array2<f32> = z.by_name("observations.npy").unwrap();
+    let act: Array2<f32> = z.by_name("actions.npy").unwrap();
+    let starts: Array1<bool> = z.by_name("episode_starts.npy").unwrap();
+    let plain = dir.join("plain.npz");
+    let mut w = NpzWriter::new(std::fs::File::create(&plain).unwrap());
+    w.add_array("observations", &obs.mapv(f64::from)).unwrap();
+    w.add_array("actions", &act.mapv(f64::from)).unwrap();
+    w.add_array("episode_starts", &starts).unwrap();
+    w.finish().unwrap();
+    let states = dir.join("states.npz");
+    let mut w = NpzWriter::new(std::fs::File::create(&states).unwrap());
+    w.add_array("observations", &obs).unwrap();
+    w.add_array("episode_starts", &starts).unwrap();
+    w.finish().unwrap();
+    let run = |demos: &Path, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos"])
+            .arg(demos)
+            .args(["--steps", "30", "--batch", "64", "--states", "500", "--val-states", "200", "--action-box=-1,1"])
+            .args(["--threads", "1", "-o"])
+            .arg(out)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}: {}", demos.display(), String::from_utf8_lossy(&o.stderr));
+        (std::fs::read(out.join("policy.bin")).unwrap(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (full, _) = run(&root().join("testdata/demos/hopper.npz"), &dir.join("full"));
+    let (same, _) = run(&plain, &dir.join("plain"));
+    assert!(full == same, "plain arrays gave another policy.bin");
+    let (_, log) = run(&states, &dir.join("states"));
+    assert!(log.contains("no `actions`: the float policy's own actions are the targets"), "{log}");
+    std::fs::remove_dir_all(&dir).ok();
+}

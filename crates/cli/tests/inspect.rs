@@ -45,7 +45,8 @@ fn one_element_biases_count_and_literals_do_not() {
             h = if matmul {
                 let w = g.add_const(format!("w{l}"), Tensor::from_f32(vec![k, n], vec![0.5; k * n]).unwrap());
                 let m = g.add_inferred(format!("mm{l}"), Op::MatMul, &[Some(h), Some(w)], format!("m{l}")).unwrap();
-                g.add_inferred(format!("add{l}"), Op::Binary(BinaryOp::Add), &[Some(m), Some(b)], format!("a{l}")).unwrap()
+                g.add_inferred(format!("add{l}"), Op::Binary(BinaryOp::Add), &[Some(m), Some(b)], format!("a{l}"))
+                    .unwrap()
             } else {
                 let w = g.add_const(format!("w{l}"), Tensor::from_f32(vec![n, k], vec![0.5; k * n]).unwrap());
                 let op = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };

@@ -1,7 +1,7 @@
 //! Demonstration datasets in the `sqil-demos/1` layout (docs/demos-format.md): loading with
 //! every rule checked, so later stages (calibration, saliency, fine-tuning) can trust them.
 
-use ndarray::{Array1, Array2, Array4, Ix1, Ix2, Ix4};
+use ndarray::{Array2, Array4, Ix1, Ix2, Ix4};
 use ndarray_npy::{NpzReader, ReadableElement};
 use std::fs::File;
 use std::ops::Range;
@@ -20,65 +20,98 @@ pub struct DemosError {
 pub struct Demos {
     /// [T, obs_dim]
     pub observations: Array2<f32>,
-    /// [T, act_dim]
-    pub actions: Array2<f32>,
-    /// [T], true at each episode's first step.
+    /// [T, act_dim]; absent in a file of states only (the float policy's actions are then the
+    /// targets).
+    pub actions: Option<Array2<f32>>,
+    /// [T], true at each episode's first step (one episode when the file does not say).
     pub episode_starts: Vec<bool>,
-    /// [T]
+    /// [T], or empty when the file has none.
     pub rewards: Vec<f32>,
-    /// [E]
+    /// [E], or empty when the file has none.
     pub success: Vec<bool>,
-    /// [E]
+    /// [E], or empty when the file has none.
     pub episode_returns: Vec<f64>,
-    /// The JSON metadata (task, env, expert, seeds, versions).
+    /// The JSON metadata (task, env, expert, seeds, versions); `{}` when the file has none.
     pub metadata: serde_json::Value,
     /// Pixel tasks: camera frames, uint8 `[T, 3, H, W]` (the policy sees them divided by 255).
     pub images: Option<Array4<u8>>,
 }
 
 impl Demos {
-    /// Loads and validates a `.npz` demonstration file.
+    /// Loads and validates a `.npz` demonstration file. Only `observations` is required (float32
+    /// or float64, `[T, obs_dim]`); `actions` (without them the float policy's own actions are the
+    /// targets), `episode_starts` (without it the file is one episode), `rewards`, `success`,
+    /// `episode_returns` (float32 or float64), `metadata` (JSON bytes) and `images` are optional,
+    /// and each one present is checked.
     pub fn load(path: &Path) -> Result<Demos, DemosError> {
         let err = |msg: String| DemosError { path: path.to_path_buf(), msg };
         check_npz_file(path).map_err(err)?;
         let f = File::open(path).map_err(|e| err(e.to_string()))?;
         let mut z = NpzReader::new(f).map_err(|e| err(format!("not an .npz archive: {e}")))?;
         let names = z.names().map_err(|e| err(e.to_string()))?;
-        let mut get1 =
-            |key: &str| -> Result<Array1<u8>, DemosError> { read::<u8, Ix1>(&mut z, &names, key).map_err(err) };
-        let meta_bytes = get1("metadata")?;
-        let metadata: serde_json::Value = serde_json::from_slice(meta_bytes.as_slice().unwrap_or_default())
-            .map_err(|e| err(format!("field `metadata`: not UTF-8 JSON: {e}")))?;
-        if metadata["format"] != "sqil-demos/1" {
-            return Err(err(format!("field `metadata`: format is {}, expected \"sqil-demos/1\"", metadata["format"])));
-        }
-        let observations: Array2<f32> = read::<f32, Ix2>(&mut z, &names, "observations").map_err(err)?;
-        let actions: Array2<f32> = read::<f32, Ix2>(&mut z, &names, "actions").map_err(err)?;
-        let episode_starts = read::<bool, Ix1>(&mut z, &names, "episode_starts").map_err(err)?.to_vec();
-        let rewards = read::<f32, Ix1>(&mut z, &names, "rewards").map_err(err)?.to_vec();
-        let success = read::<bool, Ix1>(&mut z, &names, "success").map_err(err)?.to_vec();
-        let episode_returns = read::<f64, Ix1>(&mut z, &names, "episode_returns").map_err(err)?.to_vec();
+        let has = |k: &str| names.iter().any(|n| n == k || *n == format!("{k}.npy"));
+        let metadata = if has("metadata") {
+            let meta_bytes = read::<u8, Ix1>(&mut z, &names, "metadata").map_err(err)?;
+            let m: serde_json::Value = serde_json::from_slice(meta_bytes.as_slice().unwrap_or_default())
+                .map_err(|e| err(format!("field `metadata`: not UTF-8 JSON: {e}")))?;
+            if !m.is_object() {
+                return Err(err("field `metadata`: not a JSON object".into()));
+            }
+            if !m["format"].is_null() && m["format"] != "sqil-demos/1" {
+                return Err(err(format!("field `metadata`: format is {}, expected \"sqil-demos/1\"", m["format"])));
+            }
+            m
+        } else {
+            serde_json::json!({})
+        };
+        let observations = read_f32_2d(&mut z, &names, "observations").map_err(err)?;
         let t = observations.nrows();
         if t == 0 {
             return Err(err("field `observations`: no steps".into()));
         }
-        for (field, len) in
-            [("actions", actions.nrows()), ("episode_starts", episode_starts.len()), ("rewards", rewards.len())]
-        {
-            if len != t {
-                return Err(err(format!("field `{field}` has {len} steps, `observations` has {t}")));
+        let actions = if has("actions") { Some(read_f32_2d(&mut z, &names, "actions").map_err(err)?) } else { None };
+        let episode_starts = if has("episode_starts") {
+            read::<bool, Ix1>(&mut z, &names, "episode_starts").map_err(err)?.to_vec()
+        } else {
+            (0..t).map(|i| i == 0).collect()
+        };
+        let rewards = if has("rewards") {
+            let r = read_f32_1d(&mut z, &names, "rewards").map_err(err)?;
+            if r.len() != t {
+                return Err(err(format!("field `rewards` has {} steps, `observations` has {t}", r.len())));
             }
+            r
+        } else {
+            vec![]
+        };
+        if let Some(a) = &actions {
+            if a.nrows() != t {
+                return Err(err(format!("field `actions` has {} steps, `observations` has {t}", a.nrows())));
+            }
+        }
+        if episode_starts.len() != t {
+            return Err(err(format!(
+                "field `episode_starts` has {} steps, `observations` has {t}",
+                episode_starts.len()
+            )));
         }
         if !episode_starts[0] {
             return Err(err("field `episode_starts`: the first step does not start an episode".into()));
         }
         let e = episode_starts.iter().filter(|&&s| s).count();
-        for (field, len) in [("success", success.len()), ("episode_returns", episode_returns.len())] {
-            if len != e {
+        let success =
+            if has("success") { read::<bool, Ix1>(&mut z, &names, "success").map_err(err)?.to_vec() } else { vec![] };
+        let episode_returns =
+            if has("episode_returns") { read_f64_1d(&mut z, &names, "episode_returns").map_err(err)? } else { vec![] };
+        for (field, len, present) in [
+            ("success", success.len(), has("success")),
+            ("episode_returns", episode_returns.len(), has("episode_returns")),
+        ] {
+            if present && len != e {
                 return Err(err(format!("field `{field}` has {len} entries for {e} episodes")));
             }
         }
-        let images = if names.iter().any(|n| n == "images" || n == "images.npy") {
+        let images = if has("images") {
             let im = read::<u8, Ix4>(&mut z, &names, "images").map_err(err)?;
             if im.shape()[0] != t {
                 return Err(err(format!("field `images` has {} steps, `observations` has {t}", im.shape()[0])));
@@ -88,7 +121,9 @@ impl Demos {
             None
         };
         finite("observations", observations.iter().copied(), observations.ncols()).map_err(err)?;
-        finite("actions", actions.iter().copied(), actions.ncols()).map_err(err)?;
+        if let Some(a) = &actions {
+            finite("actions", a.iter().copied(), a.ncols()).map_err(err)?;
+        }
         finite("rewards", rewards.iter().copied(), 1).map_err(err)?;
         Ok(Demos { observations, actions, episode_starts, rewards, success, episode_returns, metadata, images })
     }
@@ -117,7 +152,8 @@ impl Demos {
 
     /// The action space's bounds from the metadata (`action_low`, `action_high`: one number, or
     /// one per action dimension), if it gives them; an error names the field if they are malformed.
-    pub fn action_box(&self) -> Result<Option<ActionBox>, String> {
+    /// `dims`: the action dimension when the file has no actions (the policy's output width).
+    pub fn action_box(&self, dims: usize) -> Result<Option<ActionBox>, String> {
         let (lo, hi) = (&self.metadata["action_low"], &self.metadata["action_high"]);
         if lo.is_null() && hi.is_null() {
             return Ok(None);
@@ -132,7 +168,8 @@ impl Demos {
                 .map(|x| x.as_f64().map(|f| f as f32).ok_or_else(|| format!("field `metadata`: `{key}` holds {x}")))
                 .collect()
         };
-        ActionBox::new(nums(lo, "action_low")?, nums(hi, "action_high")?, self.actions.ncols())
+        let dims = self.actions.as_ref().map_or(dims, |a| a.ncols());
+        ActionBox::new(nums(lo, "action_low")?, nums(hi, "action_high")?, dims)
             .map(Some)
             .map_err(|e| format!("field `metadata`: {e}"))
     }
@@ -319,6 +356,28 @@ fn read<A: ReadableElement, D: ndarray::Dimension>(
     z.by_name(name).map_err(|e| format!("field `{key}`: wrong type or shape ({e}); see docs/demos-format.md"))
 }
 
+/// A 2-D float field as f32 (float64 files are common: numpy's default).
+fn read_f32_2d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Array2<f32>, String> {
+    match read::<f32, Ix2>(z, names, key) {
+        Ok(a) => Ok(a),
+        Err(e32) => read::<f64, Ix2>(z, names, key).map(|a| a.mapv(|v| v as f32)).map_err(|_| e32),
+    }
+}
+
+fn read_f32_1d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Vec<f32>, String> {
+    match read::<f32, Ix1>(z, names, key) {
+        Ok(a) => Ok(a.to_vec()),
+        Err(e32) => read::<f64, Ix1>(z, names, key).map(|a| a.iter().map(|&v| v as f32).collect()).map_err(|_| e32),
+    }
+}
+
+fn read_f64_1d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Vec<f64>, String> {
+    match read::<f64, Ix1>(z, names, key) {
+        Ok(a) => Ok(a.to_vec()),
+        Err(e64) => read::<f32, Ix1>(z, names, key).map(|a| a.iter().map(|&v| v as f64).collect()).map_err(|_| e64),
+    }
+}
+
 fn finite(field: &str, v: impl Iterator<Item = f32>, cols: usize) -> Result<(), String> {
     for (i, x) in v.enumerate() {
         if !x.is_finite() {
@@ -354,11 +413,11 @@ mod tests {
     fn the_box_comes_from_the_metadata() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/demos/hopper.npz");
         let mut d = Demos::load(&root).unwrap();
-        assert_eq!(d.action_box().unwrap(), Some(ActionBox::parse("-1,1", 3).unwrap()));
+        assert_eq!(d.action_box(3).unwrap(), Some(ActionBox::parse("-1,1", 3).unwrap()));
         d.metadata["action_high"] = serde_json::json!("big");
-        assert!(d.action_box().unwrap_err().contains("action_high"));
+        assert!(d.action_box(3).unwrap_err().contains("action_high"));
         d.metadata.as_object_mut().unwrap().remove("action_low");
         d.metadata.as_object_mut().unwrap().remove("action_high");
-        assert_eq!(d.action_box().unwrap(), None);
+        assert_eq!(d.action_box(3).unwrap(), None);
     }
 }

@@ -13,7 +13,7 @@ fn demos(task: &str) -> PathBuf {
 fn committed_demos_load() {
     for (task, obs, act) in [("hopper", 15, 3), ("lander", 8, 2), ("pickplace", 39, 4), ("pickplace-pixels", 7, 4)] {
         let d = Demos::load(&demos(task)).unwrap();
-        assert_eq!((d.observations.ncols(), d.actions.ncols()), (obs, act), "{task}");
+        assert_eq!((d.observations.ncols(), d.actions.as_ref().unwrap().ncols()), (obs, act), "{task}");
         assert_eq!(d.metadata["task"], task);
         let eps = d.episodes();
         assert_eq!(eps.len(), d.success.len());
@@ -76,9 +76,13 @@ fn broken_files_name_the_field() {
     let e = Demos::load(&p).unwrap_err().to_string();
     assert!(e.contains("d.npz") && e.contains("`observations`") && e.contains("step 2, column 1"), "{e}");
 
+    // Actions are optional (states only: the float policy's actions become the targets);
+    // observations are not.
     write(&p, ok.clone(), vec![true, false, true, false], meta, Some("actions"));
+    assert!(Demos::load(&p).unwrap().actions.is_none());
+    write(&p, ok.clone(), vec![true, false, true, false], meta, Some("observations"));
     let e = Demos::load(&p).unwrap_err().to_string();
-    assert!(e.contains("missing field `actions`"), "{e}");
+    assert!(e.contains("missing field `observations`"), "{e}");
 
     write(&p, ok.clone(), vec![false, false, true, false], meta, None);
     assert!(Demos::load(&p).unwrap_err().to_string().contains("episode_starts"));
@@ -88,5 +92,44 @@ fn broken_files_name_the_field() {
 
     std::fs::write(&p, b"not a zip").unwrap();
     assert!(Demos::load(&p).unwrap_err().to_string().contains("not an .npz"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A file of plain arrays as numpy writes them by default: only `observations` (float64), or
+/// observations and actions; no metadata, rewards, success or returns. One episode unless
+/// `episode_starts` says otherwise; float32 returns accepted.
+#[test]
+fn plain_arrays_load_with_only_observations_required() {
+    let dir = std::env::temp_dir().join(format!("sqil-demos-plain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("plain.npz");
+    let obs = Array2::<f64>::from_shape_fn((5, 3), |(i, j)| (i * 3 + j) as f64 * 0.25);
+    let mut w = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    w.add_array("observations", &obs).unwrap();
+    w.finish().unwrap();
+    let d = Demos::load(&p).unwrap();
+    assert_eq!(d.observations[[4, 2]], 3.5);
+    assert!(d.actions.is_none() && d.rewards.is_empty() && d.success.is_empty());
+    assert_eq!(d.episodes(), vec![0..5]);
+    assert_eq!(d.metadata, serde_json::json!({}));
+
+    let mut w = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    w.add_array("observations", &obs).unwrap();
+    w.add_array("actions", &Array2::<f64>::ones((5, 2))).unwrap();
+    w.add_array("episode_starts", &Array1::from(vec![true, false, false, true, false])).unwrap();
+    w.add_array("episode_returns", &Array1::<f32>::from(vec![1.5, 2.5])).unwrap();
+    w.finish().unwrap();
+    let d = Demos::load(&p).unwrap();
+    assert_eq!(d.actions.as_ref().unwrap().ncols(), 2);
+    assert_eq!(d.episode_returns, vec![1.5, 2.5]);
+    assert_eq!(d.episodes(), vec![0..3, 3..5]);
+
+    // A field present is still checked, and named.
+    let mut w = NpzWriter::new(std::fs::File::create(&p).unwrap());
+    w.add_array("observations", &obs).unwrap();
+    w.add_array("actions", &Array2::<f32>::ones((4, 2))).unwrap();
+    w.finish().unwrap();
+    let e = Demos::load(&p).unwrap_err().to_string();
+    assert!(e.contains("plain.npz") && e.contains("field `actions` has 4 steps"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -185,9 +185,15 @@ struct Report {
 
 /// Demonstrated actions for the policy's output layout: `[B, A]`, or `[B, C, A]` chunks of the
 /// next C actions (the episode's last action repeated past its end).
-fn targets(demos: &Demos, steps: &[usize], out_rank: usize, chunk: usize) -> crate::Result<Tensor> {
-    let a = demos.actions.ncols();
-    let acts = demos.actions.as_slice().ok_or("demo actions are not contiguous")?;
+fn targets(
+    demos: &Demos,
+    actions: &ndarray::Array2<f32>,
+    steps: &[usize],
+    out_rank: usize,
+    chunk: usize,
+) -> crate::Result<Tensor> {
+    let a = actions.ncols();
+    let acts = actions.as_slice().ok_or("demo actions are not contiguous")?;
     if out_rank == 2 {
         let v = steps.iter().flat_map(|&i| acts[i * a..(i + 1) * a].iter().copied()).collect();
         return Ok(Tensor::from_f32(vec![steps.len(), a], v)?);
@@ -347,11 +353,34 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let mut fp = fp_in.clone();
     sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default())?;
     let demos = Demos::load(&a.demos)?;
-    let dims = demos.actions.ncols();
+    // The action width: the demonstrations', else (states only) the float policy's output.
+    let out_dims = match fp.value(fp.outputs[0]).ty.shape.last() {
+        Some(sqil_ir::Dim::Known(k)) => Some(*k),
+        _ => None,
+    };
+    let dims = match (&demos.actions, out_dims) {
+        (Some(acts), Some(k)) if acts.ncols() != k => {
+            return Err(format!(
+                "{}: field `actions` has {} columns, the policy outputs {k} actions",
+                a.demos.display(),
+                acts.ncols()
+            )
+            .into())
+        }
+        (Some(acts), _) => acts.ncols(),
+        (None, Some(k)) => k,
+        (None, None) => {
+            return Err(format!(
+                "{}: no `actions`, and the policy's action width is not static: give the demonstrated actions",
+                a.demos.display()
+            )
+            .into())
+        }
+    };
     let abox = match &a.action_box {
         BoxSource::None => None,
         BoxSource::Given(s) => Some(ActionBox::parse(s, dims).map_err(|e| format!("--action-box: {e}"))?),
-        BoxSource::Metadata => demos.action_box().map_err(|e| format!("{}: {e}", a.demos.display()))?,
+        BoxSource::Metadata => demos.action_box(dims).map_err(|e| format!("{}: {e}", a.demos.display()))?,
     };
     // The inputs are valid: now the output folder, checked writable before any work.
     crate::ensure_writable_dir(&a.out)?;
@@ -367,10 +396,10 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let calib = feeds_of(&fp_q, &calib_steps, 256)?;
     let teacher = run_all(&fp, &batches)?;
     let vteacher = run_all(&fp, &vbatches)?;
-    if abox.is_none() {
+    if let (None, Some(acts)) = (&abox, &demos.actions) {
         // A float policy whose actions leave the demonstrated range often was probably clipped
         // by its environment: say how to tell sqil.
-        let (lo, hi) = demos.actions.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+        let (lo, hi) = acts.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
         let tv = teacher.data.to_f32_vec();
         let out = tv.iter().filter(|&&v| v < lo || v > hi).count();
         if out * 100 > tv.len() {
@@ -382,7 +411,14 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         }
     }
     let out_rank = teacher.rank();
-    let target = targets(&demos, &steps, out_rank, if out_rank == 3 { teacher.shape[1] } else { 1 })?;
+    // Without demonstrated actions the float policy's own actions are the targets.
+    let target = match &demos.actions {
+        Some(acts) => targets(&demos, acts, &steps, out_rank, if out_rank == 3 { teacher.shape[1] } else { 1 })?,
+        None => {
+            eprintln!("note: {} has no `actions`: the float policy's own actions are the targets", a.demos.display());
+            teacher.clone()
+        }
+    };
     // SIS of training and validation states together (one set of dataset means); the critical
     // threshold comes from the training states.
     eprintln!("SIS of {} + {} states...", steps.len(), vsteps.len());
@@ -733,9 +769,9 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
             n += 1;
         }
         lat = format!(
-            "{:.1} us per action (policy.bin, batch 1, one thread, {})",
+            "{:.1} us per action (policy.bin, batch 1, one thread, {:?} kernels)",
             t0.elapsed().as_secs_f64() * 1e6 / n as f64,
-            format!("{:?} kernels", sqil_kernels_cpu::isa())
+            sqil_kernels_cpu::isa()
         );
     }
     let (hb, ha) = (&r["heldout_before"], &r["heldout_after"]);

@@ -44,7 +44,7 @@ pub fn run_target(name: &str, bytes: &[u8], scratch: &Path) {
             let p = scratch.with_extension("npz");
             if std::fs::write(&p, bytes).is_ok() {
                 if let Ok(d) = sqil_data::Demos::load(&p) {
-                    let _ = d.action_box();
+                    let _ = d.action_box(d.actions.as_ref().map_or(1, |a| a.ncols()));
                     let _ = d.episodes();
                 }
             }
