@@ -1,8 +1,11 @@
-//! `import sqil`: run policies from Python with sqil's reference interpreter (ONNX, IR text), or a
-//! compiled CPU artifact (`policy.bin`) with the runtime's int4 kernels, so closed-loop evaluation
-//! (tools/eval.py) can use sqil itself rather than a peer runtime.
+//! `sqil._sqil`, the extension module of the `sqil` Python package (crates/python/python/sqil):
+//! every command of the `sqil` command line (`_run`: the same parser, defaults, checks and
+//! messages, run with the GIL released), and policies that act from Python with sqil's reference
+//! interpreter (ONNX, IR text) or a compiled CPU artifact (`policy.bin`) on the runtime's int4
+//! kernels, so closed-loop evaluation (tools/eval.py) can use sqil itself.
 //!
-//! Built by `tools/build_binding.sh` into `tools/.binding/sqil.so`.
+//! `pip install ./crates/python` builds the package (maturin); `tools/build_binding.sh` builds it
+//! into `tools/.binding/sqil/` for the repository's own tools.
 
 use numpy::{PyArrayDyn, PyReadonlyArrayDyn, ToPyArray};
 use pyo3::exceptions::PyValueError;
@@ -40,7 +43,7 @@ impl Policy {
         } else {
             sqil_onnx::load_model(p).map_err(err)?
         };
-        sqil_ir::verify(&graph).map_err(|e| err(format!("{path}: {e}")))?;
+        sqil_ir::verify_input(&graph).map_err(|e| err(format!("{path}: {e}")))?;
         Ok(Policy { graph, plan: None })
     }
 
@@ -128,10 +131,18 @@ fn load(path: &str) -> PyResult<Policy> {
     Policy::new(path)
 }
 
+/// Runs one `sqil` command (`args` without the program name) with the GIL released; a failure
+/// raises ValueError with sqil's message.
+#[pyfunction]
+fn _run(py: Python<'_>, args: Vec<String>) -> PyResult<()> {
+    py.detach(|| sqil_cli::run_args(args)).map_err(err)
+}
+
 #[pymodule]
-fn sqil(m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _sqil(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Policy>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(_run, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }
