@@ -1,0 +1,25 @@
+//! The hopper BC policy, compiled by sqil when this crate builds (see build.rs), as a safe Rust
+//! function over the generated C99: 15 observations in, 3 actions out, no allocation.
+
+mod ffi {
+    extern "C" {
+        pub fn hopper_act(input0: *const f32, output0: *mut f32);
+    }
+}
+
+/// Observation width of the compiled policy.
+pub const OBS: usize = 15;
+/// Action width of the compiled policy.
+pub const ACT: usize = 3;
+
+/// One state's actions from the 4-bit policy compiled at build time.
+pub fn act(obs: &[f32; OBS]) -> [f32; ACT] {
+    let mut out = [0f32; ACT];
+    // SAFETY: the generated `hopper_act` reads OBS floats and writes ACT floats (hopper.h), and
+    // uses only its static buffers.
+    unsafe { ffi::hopper_act(obs.as_ptr(), out.as_mut_ptr()) };
+    out
+}
+
+/// The CPU artifact the same build wrote (for comparisons).
+pub const ARTIFACT: &str = env!("SQIL_EXAMPLE_ARTIFACT");
