@@ -14,10 +14,12 @@ cargo clippy --workspace --exclude sqil-conformance --all-targets --locked -- -D
 # setup-ci.sh installed the cross compilers, QEMU and the NVRTC wheel: their tests must run, not
 # skip (NVRTC compiles every CUDA kernel with no GPU; GPU tests skip with a reason).
 NVRTC_LIB=$(echo "$PWD"/.venv-ci/lib/python3*/site-packages/nvidia/cu13/lib)
-SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --workspace --locked
+SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --workspace --locked --features sqil/hdf5
 # A user's crate outside the workspace whose build.rs compiles a policy with sqil (the library
-# API) and links the generated C; its test checks the C against the runtime bit for bit.
-(cd examples/build-script && cargo fmt -- --check && CARGO_TARGET_DIR=../../target cargo test --locked -q)
+# API) and links the generated C; its test checks the C against the runtime bit for bit. A target
+# folder of its own: its profile differs (sqil crates are not members there), and sharing one
+# folder between the two would rebuild the same files back and forth.
+(cd examples/build-script && cargo fmt -- --check && CARGO_TARGET_DIR=../../target/example-build-script cargo test --locked -q)
 # The README's main command, in the dev profile `cargo test` just built (it broke once when a
 # second binary joined the package: `default-run` keeps `cargo run -p sqil` unambiguous).
 cargo run --locked -q -p sqil -- compile testdata/policies/hopper_mlp.onnx --demos testdata/demos/hopper.npz -o out/hopper 2> /dev/null | grep -q "^fidelity"

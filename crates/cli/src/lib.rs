@@ -109,7 +109,8 @@ pub enum Cmd {
     /// OUT/report.json; checkpoints to OUT/checkpoint.json (--resume continues).
     Compile {
         model: PathBuf,
-        /// Demonstrations (.npz, sqil-demos/1): training states, actions, and SIS.
+        /// Demonstrations: training states, actions (optional), and SIS. An .npz of arrays
+        /// (docs/demos-format.md) or, built with `--features hdf5`, a robomimic .hdf5 dataset.
         #[arg(long)]
         demos: PathBuf,
         /// sqil (QRD with SIS top-p weighting), qat (BC only), distill (alpha = 1), sis-weighted.
@@ -145,6 +146,10 @@ pub enum Cmd {
         /// fine-tuned checkpoint, for recipe studies) or `ptq` (the best PTQ recipe, no fine-tuning).
         #[arg(long, default_value = "best")]
         ship: String,
+        /// HDF5 (robomimic) demonstrations: the observation keys to concatenate, in order
+        /// (default: every 1-D or 2-D key under data/demo_*/obs, sorted by name).
+        #[arg(long, value_delimiter = ',')]
+        obs_keys: Vec<String>,
         /// Where the fine-tuning steps run: `cpu` (the interpreter, batches split over --threads)
         /// or `cuda` (the training graph on the first GPU, fp32, one CUDA graph per step).
         #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
@@ -487,6 +492,7 @@ pub fn run(cmd: Cmd) -> sqil_driver::Result<()> {
             plan_tol,
             ship,
             device,
+            obs_keys,
             beta,
             top,
             sis,
@@ -547,6 +553,7 @@ pub fn run(cmd: Cmd) -> sqil_driver::Result<()> {
                     "ptq" => sqil_driver::compile::Ship::Ptq,
                     s => return Err(format!("--ship `{s}`: expected best, finetuned or ptq").into()),
                 },
+                obs_keys,
                 device: if device == "cuda" {
                     sqil_driver::gpu_train::Device::Cuda
                 } else {

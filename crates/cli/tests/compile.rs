@@ -156,3 +156,40 @@ fn plain_array_demos_compile_to_the_same_artifact() {
     assert!(log.contains("no `actions`: the float policy's own actions are the targets"), "{log}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The same demonstrations as a robomimic HDF5 dataset (written with h5py in robomimic's layout
+/// by tools/make_robomimic_demos.py: observation keys `qpos` and `qvel`, float64, gzip) compile to
+/// the same policy.bin as the .npz, bit for bit.
+#[cfg(feature = "hdf5")]
+#[test]
+fn robomimic_hdf5_demos_compile_to_the_same_artifact() {
+    let dir = std::env::temp_dir().join(format!("sqil-compile-h5-{}", std::process::id()));
+    let run = |demos: &str, extra: &[&str], out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos", demos])
+            .args(["--steps", "30", "--batch", "64", "--states", "500", "--val-states", "200", "--action-box=-1,1"])
+            .args(["--threads", "1"])
+            .args(extra)
+            .arg("-o")
+            .arg(out)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{demos}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out.join("policy.bin")).unwrap()
+    };
+    let npz = run("testdata/demos/hopper.npz", &[], &dir.join("npz"));
+    let h5 = run("testdata/demos/hopper.robomimic.hdf5", &["--obs-keys", "qpos,qvel"], &dir.join("h5"));
+    assert!(npz == h5, "the robomimic dataset gave another policy.bin");
+    // An unknown key is named, with the keys the file has.
+    let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+        .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos", "testdata/demos/hopper.robomimic.hdf5"])
+        .args(["--obs-keys", "qpos,nope", "--steps", "1", "-o"])
+        .arg(dir.join("bad"))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("data/demo_0/obs/nope") && err.contains("qpos, qvel"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

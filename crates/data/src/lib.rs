@@ -37,7 +37,32 @@ pub struct Demos {
     pub images: Option<Array4<u8>>,
 }
 
+#[cfg(feature = "hdf5")]
+pub mod robomimic;
+
 impl Demos {
+    /// Loads demonstrations by their file type: `.hdf5` / `.h5` as a robomimic dataset (with the
+    /// `hdf5` feature; `obs_keys` picks and orders its observation keys), anything else as `.npz`.
+    pub fn load_with(path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
+        let h5 = path.extension().is_some_and(|e| e == "hdf5" || e == "h5");
+        if h5 {
+            #[cfg(feature = "hdf5")]
+            return robomimic::load(path, obs_keys);
+            #[cfg(not(feature = "hdf5"))]
+            return Err(DemosError {
+                path: path.to_path_buf(),
+                msg: "an HDF5 dataset: this sqil was built without HDF5 support (cargo build --features hdf5, with libhdf5)".into(),
+            });
+        }
+        if !obs_keys.is_empty() {
+            return Err(DemosError {
+                path: path.to_path_buf(),
+                msg: "--obs-keys applies to HDF5 datasets; an .npz has one `observations` array".into(),
+            });
+        }
+        Demos::load(path)
+    }
+
     /// Loads and validates a `.npz` demonstration file. Only `observations` is required (float32
     /// or float64, `[T, obs_dim]`); `actions` (without them the float policy's own actions are the
     /// targets), `episode_starts` (without it the file is one episode), `rewards`, `success`,

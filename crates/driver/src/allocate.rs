@@ -136,7 +136,7 @@ fn in_budget_units(budget: Budget, cost: f64, total_params: usize, fixed: f64) -
 pub fn run_allocate(model: &Path, a: &AllocateArgs) -> crate::Result<(QuantConfig, AllocReport)> {
     let t0 = Instant::now();
     let fp = canonical(model)?;
-    let demos = Demos::load(&a.demos).map_err(|e| format!("{}: {e}", a.demos.display()))?;
+    let demos = Demos::load_with(&a.demos, &[]).map_err(|e| format!("{}: {e}", a.demos.display()))?;
     let steps = spread(demos.len(), a.states);
     let batches = policy_feeds(&fp, &demos, &steps, 256).map_err(|e| format!("{}: {e}", a.demos.display()))?;
     let (weights, thr) = if a.method == Method::Sqil {

@@ -104,6 +104,9 @@ pub struct CompileArgs {
     pub ship: Ship,
     /// Where the fine-tuning steps run (the optimizer, checkpoints and validation run on the CPU).
     pub device: crate::gpu_train::Device,
+    /// HDF5 (robomimic) demonstrations: the observation keys, in order (empty: every 1-D or 2-D
+    /// key, sorted by name).
+    pub obs_keys: Vec<String>,
 }
 
 /// Action error (mean squared, per action dimension, after clipping to the action box) against
@@ -352,7 +355,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     // The float policy as quantize saw it (same canonical form, same value names).
     let mut fp = fp_in.clone();
     sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default())?;
-    let demos = Demos::load(&a.demos)?;
+    let demos = Demos::load_with(&a.demos, &a.obs_keys)?;
     // The action width: the demonstrations', else (states only) the float policy's output.
     let out_dims = match fp.value(fp.outputs[0]).ty.shape.last() {
         Some(sqil_ir::Dim::Known(k)) => Some(*k),

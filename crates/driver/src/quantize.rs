@@ -75,7 +75,7 @@ pub fn calibration_feeds(g: &Graph, paths: &[PathBuf], n: usize) -> crate::Resul
     match paths {
         [] => Err("no calibration data given (--calib)".into()),
         [p] if p.extension().is_some_and(|e| e == "npz") => {
-            let demos = sqil_data::Demos::load(p)?;
+            let demos = sqil_data::Demos::load_with(p, &[])?;
             let steps = spread(demos.len(), n);
             Ok(policy_feeds(g, &demos, &steps, 256).map_err(|e| format!("{}: {e}", p.display()))?)
         }
