@@ -674,16 +674,7 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                 )?
             }
             Op::Clip => {
-                let bound = |i: usize, d: f32| -> Result<f32> {
-                    match ins.get(i).copied().flatten() {
-                        None => Ok(d),
-                        Some(v) => match vals.get(&v) {
-                            Some(Val::Host(t)) => Ok(t.data.to_f32_vec()[0]),
-                            _ => Err(unsupported(format!("{what}: bounds computed on the device"))),
-                        },
-                    }
-                };
-                let (lo, hi) = (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?);
+                let (lo, hi) = clip_bounds(&ins, &vals, &what)?;
                 let x = lw.dev(ins[0].unwrap(), &vals)?;
                 lw.emit(
                     map(
@@ -724,18 +715,7 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
             Op::Reduce { op: r @ (ReduceOp::Mean | ReduceOp::Sum), noop_with_empty_axes, .. } => {
                 let xs = shape_of(ins[0])?;
                 let x = lw.dev(ins[0].unwrap(), &vals)?;
-                let axes: Vec<usize> = match ins.get(1).copied().flatten().map(|v| vals.get(&v)) {
-                    Some(Some(Val::Host(t))) => t
-                        .data
-                        .to_i64_vec()
-                        .iter()
-                        .map(|&a| sqil_ir::ops::norm_axis(a, xs.len()))
-                        .collect::<std::result::Result<_, _>>()
-                        .map_err(crate::Error::Ir)?,
-                    Some(_) => return Err(unsupported(format!("{what}: axes computed on the device"))),
-                    None if *noop_with_empty_axes => (0..0).collect(),
-                    None => (0..xs.len()).collect(),
-                };
+                let axes = reduce_axes(ins.get(1).copied().flatten(), &vals, xs.len(), *noop_with_empty_axes, &what)?;
                 let count: usize = axes.iter().map(|&a| xs[a]).product();
                 let kept: Vec<bool> = (0..xs.len()).map(|j| !axes.contains(&j)).collect();
                 let post = if *r == ReduceOp::Mean { format!("acc / {}.0", count.max(1)) } else { "acc".into() };
@@ -1074,6 +1054,42 @@ pub fn reuse_buffers(p: &mut GraphProgram) {
     p.bufs = phys;
 }
 
+/// Clip's bounds (inputs 1 and 2 of `ins`), known on the host; absent ones unbounded.
+fn clip_bounds(ins: &[Option<ValueRef>], vals: &HashMap<ValueRef, Val>, what: &str) -> Result<(f32, f32)> {
+    let bound = |i: usize, d: f32| -> Result<f32> {
+        match ins.get(i).copied().flatten() {
+            None => Ok(d),
+            Some(v) => match vals.get(&v) {
+                Some(Val::Host(t)) => Ok(t.data.to_f32_vec()[0]),
+                _ => Err(unsupported(format!("{what}: Clip bounds computed on the device (on the GPU)"))),
+            },
+        }
+    };
+    Ok((bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?))
+}
+
+/// A Reduce's axes from its `axes` input (known on the host), normalised against `rank`.
+fn reduce_axes(
+    v: Option<ValueRef>,
+    vals: &HashMap<ValueRef, Val>,
+    rank: usize,
+    noop_with_empty_axes: bool,
+    what: &str,
+) -> Result<Vec<usize>> {
+    match v.map(|v| vals.get(&v)) {
+        Some(Some(Val::Host(t))) => t
+            .data
+            .to_i64_vec()
+            .iter()
+            .map(|&a| sqil_ir::ops::norm_axis(a, rank))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(crate::Error::Ir),
+        Some(_) => Err(unsupported(format!("{what}: Reduce axes computed on the device (on the GPU)"))),
+        None if noop_with_empty_axes => Ok(vec![]),
+        None => Ok((0..rank).collect()),
+    }
+}
+
 struct MatMulGeo {
     m: usize,
     k: usize,
@@ -1141,16 +1157,7 @@ fn vjp(
             )?
         }
         Op::Clip if wrt == 0 => {
-            let bound = |i: usize, d: f32| -> Result<f32> {
-                match fwd.get(i).copied().flatten() {
-                    None => Ok(d),
-                    Some(v) => match vals.get(&v) {
-                        Some(Val::Host(t)) => Ok(t.data.to_f32_vec()[0]),
-                        _ => Err(unsupported(what())),
-                    },
-                }
-            };
-            let (lo, hi) = (bound(1, f32::NEG_INFINITY)?, bound(2, f32::INFINITY)?);
+            let (lo, hi) = clip_bounds(fwd, vals, label)?;
             let x = lw.dev(input(0)?, vals)?;
             let xs = shape_of(Some(input(0)?))?;
             lw.emit(
@@ -1179,18 +1186,7 @@ fn vjp(
         }
         Op::Reduce { op: r @ (ReduceOp::Mean | ReduceOp::Sum), noop_with_empty_axes, .. } if wrt == 0 => {
             let xs = shape_of(Some(input(0)?))?;
-            let axes: Vec<usize> = match fwd.get(1).copied().flatten().map(|v| vals.get(&v)) {
-                Some(Some(Val::Host(t))) => t
-                    .data
-                    .to_i64_vec()
-                    .iter()
-                    .map(|&a| sqil_ir::ops::norm_axis(a, xs.len()))
-                    .collect::<std::result::Result<_, _>>()
-                    .map_err(crate::Error::Ir)?,
-                Some(_) => return Err(unsupported(what())),
-                None if *noop_with_empty_axes => vec![],
-                None => (0..xs.len()).collect(),
-            };
+            let axes = reduce_axes(fwd.get(1).copied().flatten(), vals, xs.len(), *noop_with_empty_axes, label)?;
             let count: usize = axes.iter().map(|&a| xs[a]).product();
             let scale = if *r == ReduceOp::Mean { 1.0 / count.max(1) as f64 } else { 1.0 };
             let kept_shape: Vec<usize> = (0..xs.len()).map(|d| if axes.contains(&d) { 1 } else { xs[d] }).collect();

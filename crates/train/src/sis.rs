@@ -231,8 +231,17 @@ pub fn sis_with(fp: &Graph, batches: &[Feeds], cfg: &SisConfig) -> Result<Vec<f6
     let it = Interpreter::new(fp)?;
     let mut out = vec![];
     let mut state0 = 0u64;
+    // A live bar on a terminal (hidden elsewhere): SIS runs the float policy once per perturbed
+    // position of every state, the longest CPU step of a compile for image policies.
+    let states: usize = batches.iter().map(|b| b[&names[0]].shape[0]).sum();
+    let bar = indicatif::ProgressBar::new(states as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("SIS {bar:30} {pos}/{len} states  {per_sec}  ETA {eta}")
+            .expect("valid progress template"),
+    );
     for b in batches {
         let bsz = b[&names[0]].shape[0];
+        bar.inc(bsz as u64);
         let base = it.run(b)?.remove(0);
         let positions: Vec<usize> = names.iter().zip(&perturb).map(|(n, p)| p.positions(&b[n].shape)).collect();
         let total: usize = positions.iter().sum();
@@ -277,6 +286,7 @@ pub fn sis_with(fp: &Graph, batches: &[Feeds], cfg: &SisConfig) -> Result<Vec<f6
         }
         state0 += bsz as u64;
     }
+    bar.finish_and_clear();
     Ok(out)
 }
 

@@ -108,7 +108,15 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
     let xs: Vec<ValueRef> = wsites.iter().map(|s| s.layer.x).collect();
     let (fp_out, fp_x) = observe(fp, calib, &xs)?;
     let mut reports = vec![];
+    // GPTQ over many layers takes a while: a live bar on a terminal (hidden elsewhere).
+    let bar = indicatif::ProgressBar::new(wsites.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers  ETA {eta}")
+            .expect("valid progress template"),
+    );
+    bar.set_message(format!("{} weights", recipe.name()));
     for (site, x) in wsites.iter().zip(&fp_x) {
+        bar.inc(1);
         let q = site.quantizer;
         let needs_rows = matches!(recipe, Recipe::Awq | Recipe::Gptq);
         let grouped_conv = matches!(site.layer.kind, LayerKind::Conv { group } if group != 1);
@@ -182,6 +190,7 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
             act_range: None,
         });
     }
+    bar.finish_and_clear();
     // Activation ranges on the weight-quantized graph (activations still float).
     let act_inputs = act_inputs(&g, cfg)?;
     let (_, observed) = observe(&g, calib, &act_inputs.iter().map(|a| a.0).collect::<Vec<_>>())?;
