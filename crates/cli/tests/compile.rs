@@ -193,3 +193,29 @@ fn robomimic_hdf5_demos_compile_to_the_same_artifact() {
     assert!(!o.status.success() && err.contains("data/demo_0/obs/nope") && err.contains("qpos, qvel"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A Minari dataset written by Minari's own DataCollector (tools/make_minari_demos.py: two
+/// episodes of the pybullet Hopper expert, HDF5 backend) compiles, from its folder, to the same
+/// policy.bin as the same steps as an .npz of arrays, bit for bit.
+#[cfg(feature = "hdf5")]
+#[test]
+fn minari_dataset_compiles_to_the_same_artifact() {
+    let dir = std::env::temp_dir().join(format!("sqil-compile-minari-{}", std::process::id()));
+    let run = |demos: &str, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos", demos])
+            .args(["--steps", "30", "--batch", "64", "--states", "300", "--val-states", "100", "--action-box=-1,1"])
+            .args(["--threads", "1", "--val-frac", "0.5", "-o"])
+            .arg(out)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{demos}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out.join("policy.bin")).unwrap()
+    };
+    let npz = run("testdata/demos/minari/hopper-expert-v0.npz", &dir.join("npz"));
+    let folder = run("testdata/demos/minari/hopper/expert-v0", &dir.join("minari"));
+    let file = run("testdata/demos/minari/hopper/expert-v0/data/main_data.hdf5", &dir.join("file"));
+    assert!(npz == folder && npz == file, "the Minari dataset gave another policy.bin");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -38,16 +38,18 @@ pub struct Demos {
 }
 
 #[cfg(feature = "hdf5")]
-pub mod robomimic;
+pub mod hdf5_datasets;
 
 impl Demos {
-    /// Loads demonstrations by their file type: `.hdf5` / `.h5` as a robomimic dataset (with the
-    /// `hdf5` feature; `obs_keys` picks and orders its observation keys), anything else as `.npz`.
+    /// Loads demonstrations by their file type: `.hdf5` / `.h5` as a robomimic or Minari dataset,
+    /// a Minari dataset folder (both with the `hdf5` feature; `obs_keys` picks and orders the
+    /// observation keys), anything else as `.npz`.
     pub fn load_with(path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
-        let h5 = path.extension().is_some_and(|e| e == "hdf5" || e == "h5");
+        let h5 =
+            path.extension().is_some_and(|e| e == "hdf5" || e == "h5") || path.join("data/main_data.hdf5").is_file();
         if h5 {
             #[cfg(feature = "hdf5")]
-            return robomimic::load(path, obs_keys);
+            return hdf5_datasets::load(path, obs_keys);
             #[cfg(not(feature = "hdf5"))]
             return Err(DemosError {
                 path: path.to_path_buf(),

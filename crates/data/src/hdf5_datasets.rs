@@ -1,7 +1,11 @@
-//! robomimic HDF5 datasets (`data/demo_<i>/obs/<key>`, `actions`, `rewards`; robomimic's documented
-//! layout) read into [`Demos`]: demos in the order of their number, the chosen observation keys
-//! (`obs_keys`, in that order; by default every 1-D or 2-D key, sorted by name) concatenated per
-//! step. Needs the `hdf5` feature (libhdf5).
+//! HDF5 demonstration datasets read into [`Demos`] (the `hdf5` feature, libhdf5):
+//!
+//! - robomimic (`data/demo_<i>/obs/<key>`, `actions`, `rewards`; robomimic's documented layout):
+//!   demos in the order of their number, the chosen observation keys (`obs_keys`, in that order;
+//!   by default every 1-D or 2-D key, sorted by name) concatenated per step.
+//! - Minari (a dataset folder with `data/main_data.hdf5`, or that file: `episode_<id>/observations`
+//!   with one row more than `actions`, the final observation, which is dropped; a Dict observation
+//!   space is a group whose keys `obs_keys` picks as for robomimic).
 
 use crate::{finite, max_array_bytes, Demos, DemosError};
 use hdf5_metno as hdf5;
@@ -31,10 +35,122 @@ fn read_2d(g: &hdf5::Group, name: &str, what: &str) -> Result<(Vec<f64>, usize, 
     Ok((v, rows, cols))
 }
 
-/// Loads a robomimic dataset; `obs_keys` picks and orders the observation keys.
+/// Loads an HDF5 dataset, robomimic or Minari by its layout (a folder: Minari's).
 pub fn load(path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
+    let file = if path.is_dir() { path.join("data/main_data.hdf5") } else { path.to_path_buf() };
+    let f = hdf5::File::open(&file).map_err(|e| DemosError {
+        path: file.clone(),
+        msg: format!("not an HDF5 file (or not a Minari dataset folder): {e}"),
+    })?;
+    let names = f.member_names().unwrap_or_default();
+    if names.iter().any(|n| n.starts_with("episode_")) && !names.iter().any(|n| n == "data") {
+        return minari(&f, &file, obs_keys);
+    }
+    robomimic(&f, path, obs_keys)
+}
+
+/// Reads the observation columns of one episode group: the dataset `observations` or, for a
+/// Dict space, the keys of the group `observations`; the first `t` rows (None: all).
+#[allow(clippy::type_complexity)]
+fn episode_obs(
+    g: &hdf5::Group,
+    at: &str,
+    obs_keys: &[String],
+) -> Result<(Vec<(Vec<f64>, usize)>, usize, Vec<String>), String> {
+    if let Ok(og) = g.group("observations") {
+        let keys: Vec<String> = if obs_keys.is_empty() {
+            let mut k: Vec<String> = og
+                .member_names()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|k| og.dataset(k).is_ok_and(|d| d.shape().len() <= 2))
+                .collect();
+            k.sort();
+            k
+        } else {
+            obs_keys.to_vec()
+        };
+        let mut cols = vec![];
+        let mut rows = None;
+        for k in &keys {
+            let (v, r, c) = read_2d(&og, k, &format!("{at}/observations/{k}"))?;
+            if *rows.get_or_insert(r) != r {
+                return Err(format!("`{at}/observations/{k}` has {r} rows, the other keys {}", rows.unwrap_or(0)));
+            }
+            cols.push((v, c));
+        }
+        return Ok((cols, rows.unwrap_or(0), keys));
+    }
+    if !obs_keys.is_empty() {
+        return Err(format!("`{at}/observations` is one array: --obs-keys applies to Dict observation spaces"));
+    }
+    let (v, r, c) = read_2d(g, "observations", &format!("{at}/observations"))?;
+    Ok((vec![(v, c)], r, vec!["observations".into()]))
+}
+
+/// A Minari dataset file (see the module header).
+fn minari(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     let err = |msg: String| DemosError { path: path.to_path_buf(), msg };
-    let f = hdf5::File::open(path).map_err(|e| err(format!("not an HDF5 file: {e}")))?;
+    let mut eps: Vec<(u64, String)> = f
+        .member_names()
+        .map_err(|e| err(e.to_string()))?
+        .into_iter()
+        .filter_map(|n| n.strip_prefix("episode_").and_then(|i| i.parse().ok()).map(|i| (i, n.clone())))
+        .collect();
+    eps.sort();
+    let (mut obs, mut act, mut rew, mut starts) = (vec![], vec![], vec![], vec![]);
+    let (mut width, mut act_w, mut keys_used) = (None, None, vec![]);
+    for (_, name) in &eps {
+        let g = f.group(name).map_err(|e| err(format!("`{name}`: {e}")))?;
+        let (cols, rows, keys) = episode_obs(&g, name, obs_keys).map_err(err)?;
+        let (av, t, ac) = read_2d(&g, "actions", &format!("{name}/actions")).map_err(err)?;
+        if rows != t + 1 && rows != t {
+            return Err(err(format!("`{name}/observations` has {rows} rows for {t} actions (Minari stores T + 1)")));
+        }
+        let w: usize = cols.iter().map(|c| c.1).sum();
+        if *width.get_or_insert(w) != w || *act_w.get_or_insert(ac) != ac {
+            return Err(err(format!(
+                "`{name}`: {w} observation and {ac} action values per step, the first episode differs"
+            )));
+        }
+        keys_used = keys;
+        for i in 0..t {
+            for (v, c) in &cols {
+                obs.extend(v[i * c..(i + 1) * c].iter().map(|&x| x as f32));
+            }
+            starts.push(i == 0);
+        }
+        act.extend(av.iter().map(|&x| x as f32));
+        if let Ok((v, r, _)) = read_2d(&g, "rewards", &format!("{name}/rewards")) {
+            if r == t {
+                rew.extend(v.iter().map(|&x| x as f32));
+            }
+        }
+    }
+    let t = starts.len();
+    if t == 0 {
+        return Err(err("no `episode_<id>` steps".into()));
+    }
+    let (w, ac) = (width.unwrap_or(0), act_w.unwrap_or(0));
+    let observations = Array2::from_shape_vec((t, w), obs).map_err(|e| err(e.to_string()))?;
+    let actions = Array2::from_shape_vec((t, ac), act).map_err(|e| err(e.to_string()))?;
+    finite("observations", observations.iter().copied(), w).map_err(err)?;
+    finite("actions", actions.iter().copied(), ac).map_err(err)?;
+    Ok(Demos {
+        observations,
+        actions: Some(actions),
+        episode_starts: starts,
+        rewards: if rew.len() == t { rew } else { vec![] },
+        success: vec![],
+        episode_returns: vec![],
+        metadata: serde_json::json!({"format": "sqil-demos/1", "source": "minari", "obs_keys": keys_used}),
+        images: None,
+    })
+}
+
+/// A robomimic dataset file (see the module header).
+fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
+    let err = |msg: String| DemosError { path: path.to_path_buf(), msg };
     let data = f
         .group("data")
         .map_err(|_| err("no group `data` (robomimic layout: data/demo_<i>/obs/<key>, actions)".into()))?;
