@@ -219,3 +219,27 @@ fn minari_dataset_compiles_to_the_same_artifact() {
     assert!(npz == folder && npz == file, "the Minari dataset gave another policy.bin");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A LeRobot dataset (v2.1 layout written with pyarrow by tools/make_lerobot_demos.py from the
+/// Minari test steps) compiles to the same policy.bin as those steps as an .npz, bit for bit.
+#[cfg(feature = "parquet")]
+#[test]
+fn lerobot_dataset_compiles_to_the_same_artifact() {
+    let dir = std::env::temp_dir().join(format!("sqil-compile-lerobot-{}", std::process::id()));
+    let run = |demos: &str, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos", demos])
+            .args(["--steps", "30", "--batch", "64", "--states", "300", "--val-states", "100", "--action-box=-1,1"])
+            .args(["--threads", "1", "--val-frac", "0.5", "-o"])
+            .arg(out)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{demos}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out.join("policy.bin")).unwrap()
+    };
+    let npz = run("testdata/demos/minari/hopper-expert-v0.npz", &dir.join("npz"));
+    let lerobot = run("testdata/demos/lerobot/hopper", &dir.join("lerobot"));
+    assert!(npz == lerobot, "the LeRobot dataset gave another policy.bin");
+    std::fs::remove_dir_all(&dir).ok();
+}

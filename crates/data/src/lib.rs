@@ -39,12 +39,25 @@ pub struct Demos {
 
 #[cfg(feature = "hdf5")]
 pub mod hdf5_datasets;
+#[cfg(feature = "parquet")]
+pub mod lerobot;
 
 impl Demos {
-    /// Loads demonstrations by their file type: `.hdf5` / `.h5` as a robomimic or Minari dataset,
-    /// a Minari dataset folder (both with the `hdf5` feature; `obs_keys` picks and orders the
-    /// observation keys), anything else as `.npz`.
+    /// Loads demonstrations by their file type: a LeRobot dataset folder (`meta/info.json`; the
+    /// `parquet` feature), `.hdf5` / `.h5` as a robomimic or Minari dataset or a Minari dataset
+    /// folder (the `hdf5` feature), anything else as `.npz`; `obs_keys` picks and orders the
+    /// observation keys (columns).
     pub fn load_with(path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
+        if path.join("meta/info.json").is_file() {
+            #[cfg(feature = "parquet")]
+            return lerobot::load(path, obs_keys);
+            #[cfg(not(feature = "parquet"))]
+            return Err(DemosError {
+                path: path.to_path_buf(),
+                msg: "a LeRobot dataset: this sqil was built without parquet support (cargo build --features parquet)"
+                    .into(),
+            });
+        }
         let h5 =
             path.extension().is_some_and(|e| e == "hdf5" || e == "h5") || path.join("data/main_data.hdf5").is_file();
         if h5 {

@@ -1,0 +1,150 @@
+//! LeRobot datasets (the `parquet` feature): a folder with `meta/info.json` and parquet frames
+//! under `data/` (v2.x: a file per episode, v3.0: files holding several episodes), one row per
+//! frame with `observation.state` and `action` as float lists and `episode_index`,
+//! `frame_index`. Frames are taken in file order, then by (episode, frame); `obs_keys` picks and
+//! orders the observation columns (default `observation.state`). Camera frames are not read yet.
+
+use crate::{finite, Demos, DemosError};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float32Type, Float64Type, Int64Type};
+use arrow_array::{Array, RecordBatch};
+use ndarray::Array2;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use std::path::{Path, PathBuf};
+
+/// Every parquet file under `dir`, sorted by path.
+fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            parquet_files(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "parquet") {
+            out.push(p);
+        }
+    }
+    out.sort();
+    Ok(())
+}
+
+/// Column `name` of `b` as rows of floats (a list or fixed-size list of float32/float64, or a
+/// plain numeric column: one value per row).
+fn float_rows(b: &RecordBatch, name: &str, file: &Path) -> Result<(Vec<f32>, usize), String> {
+    let col = b.column_by_name(name).ok_or_else(|| {
+        let have: Vec<String> = b.schema().fields().iter().map(|f| f.name().clone()).collect();
+        format!("{}: no column `{name}` (has: {})", file.display(), have.join(", "))
+    })?;
+    let rows = col.len();
+    let values = |a: &dyn Array| -> Result<Vec<f32>, String> {
+        if let Some(v) = a.as_primitive_opt::<Float32Type>() {
+            Ok(v.values().to_vec())
+        } else if let Some(v) = a.as_primitive_opt::<Float64Type>() {
+            Ok(v.values().iter().map(|&x| x as f32).collect())
+        } else {
+            Err(format!("{}: column `{name}` holds {:?}, not floats", file.display(), a.data_type()))
+        }
+    };
+    if col.null_count() > 0 {
+        return Err(format!("{}: column `{name}` has {} missing values", file.display(), col.null_count()));
+    }
+    let (v, width) = if let Some(l) = col.as_list_opt::<i32>() {
+        let offs = l.value_offsets();
+        let width = if rows == 0 { 0 } else { (offs[1] - offs[0]) as usize };
+        if offs.windows(2).any(|w| (w[1] - w[0]) as usize != width) {
+            return Err(format!("{}: column `{name}`: rows of different lengths", file.display()));
+        }
+        let all = values(l.values().as_ref())?;
+        let start = offs[0] as usize;
+        (all[start..start + rows * width].to_vec(), width)
+    } else if let Some(l) = col.as_fixed_size_list_opt() {
+        (values(l.values().as_ref())?, l.value_length() as usize)
+    } else {
+        (values(col.as_ref())?, 1)
+    };
+    if v.len() != rows * width {
+        return Err(format!("{}: column `{name}`: {} values for {rows} rows of {width}", file.display(), v.len()));
+    }
+    Ok((v, width))
+}
+
+fn int_rows(b: &RecordBatch, name: &str, file: &Path) -> Result<Vec<i64>, String> {
+    let col = b.column_by_name(name).ok_or_else(|| format!("{}: no column `{name}`", file.display()))?;
+    col.as_primitive_opt::<Int64Type>()
+        .map(|v| v.values().to_vec())
+        .ok_or_else(|| format!("{}: column `{name}` is {:?}, not int64", file.display(), col.data_type()))
+}
+
+/// Loads a LeRobot dataset folder.
+pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
+    let err = |msg: String| DemosError { path: dir.to_path_buf(), msg };
+    let info_path = dir.join("meta/info.json");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&info_path).map_err(|e| err(format!("meta/info.json: {e}")))?)
+            .map_err(|e| err(format!("meta/info.json: not JSON: {e}")))?;
+    let keys: Vec<String> = if obs_keys.is_empty() { vec!["observation.state".into()] } else { obs_keys.to_vec() };
+    let mut files = vec![];
+    parquet_files(&dir.join("data"), &mut files).map_err(|e| err(format!("data/: {e}")))?;
+    if files.is_empty() {
+        return Err(err("no parquet files under data/".into()));
+    }
+    // (episode, frame, observation row, action row)
+    let mut frames: Vec<(i64, i64, Vec<f32>, Vec<f32>)> = vec![];
+    let (mut width, mut act_w) = (None, None);
+    for file in &files {
+        let f = std::fs::File::open(file).map_err(|e| err(format!("{}: {e}", file.display())))?;
+        let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+            .and_then(|b| b.build())
+            .map_err(|e| err(format!("{}: not a parquet file: {e}", file.display())))?;
+        for batch in reader {
+            let b = batch.map_err(|e| err(format!("{}: {e}", file.display())))?;
+            let cols: Vec<(Vec<f32>, usize)> =
+                keys.iter().map(|k| float_rows(&b, k, file)).collect::<Result<_, _>>().map_err(err)?;
+            let (acts, aw) = float_rows(&b, "action", file).map_err(err)?;
+            let eps = int_rows(&b, "episode_index", file).map_err(err)?;
+            let fr = int_rows(&b, "frame_index", file).map_err(err)?;
+            let w: usize = cols.iter().map(|c| c.1).sum();
+            if *width.get_or_insert(w) != w || *act_w.get_or_insert(aw) != aw {
+                return Err(err(format!(
+                    "{}: {w} observation and {aw} action values per frame, other files differ",
+                    file.display()
+                )));
+            }
+            for r in 0..b.num_rows() {
+                let mut o = Vec::with_capacity(w);
+                for (v, c) in &cols {
+                    o.extend_from_slice(&v[r * c..(r + 1) * c]);
+                }
+                frames.push((eps[r], fr[r], o, acts[r * aw..(r + 1) * aw].to_vec()));
+            }
+        }
+    }
+    // Stable: frames of one episode in (episode, frame) order, episodes in index order.
+    frames.sort_by_key(|f| (f.0, f.1));
+    let t = frames.len();
+    if t == 0 {
+        return Err(err("the dataset holds no frames".into()));
+    }
+    let (w, aw) = (width.unwrap_or(0), act_w.unwrap_or(0));
+    let starts: Vec<bool> = (0..t).map(|i| i == 0 || frames[i].0 != frames[i - 1].0).collect();
+    let obs: Vec<f32> = frames.iter().flat_map(|f| f.2.iter().copied()).collect();
+    let act: Vec<f32> = frames.iter().flat_map(|f| f.3.iter().copied()).collect();
+    let observations = Array2::from_shape_vec((t, w), obs).map_err(|e| err(e.to_string()))?;
+    let actions = Array2::from_shape_vec((t, aw), act).map_err(|e| err(e.to_string()))?;
+    finite("observations", observations.iter().copied(), w).map_err(err)?;
+    finite("actions", actions.iter().copied(), aw).map_err(err)?;
+    Ok(Demos {
+        observations,
+        actions: Some(actions),
+        episode_starts: starts,
+        rewards: vec![],
+        success: vec![],
+        episode_returns: vec![],
+        metadata: serde_json::json!({
+            "format": "sqil-demos/1",
+            "source": "lerobot",
+            "codebase_version": info["codebase_version"],
+            "fps": info["fps"],
+            "obs_keys": keys,
+        }),
+        images: None,
+    })
+}
