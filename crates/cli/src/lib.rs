@@ -110,7 +110,8 @@ pub enum Cmd {
     Compile {
         model: PathBuf,
         /// Demonstrations: training states, actions (optional), and SIS. An .npz of arrays
-        /// (docs/demos-format.md) or, built with `--features hdf5`, a robomimic .hdf5 dataset.
+        /// (docs/demos-format.md); built with `--features hdf5`, a robomimic or Minari dataset;
+        /// with `--features parquet`, a LeRobot dataset folder.
         #[arg(long)]
         demos: PathBuf,
         /// sqil (QRD with SIS top-p weighting), qat (BC only), distill (alpha = 1), sis-weighted.
@@ -146,8 +147,9 @@ pub enum Cmd {
         /// fine-tuned checkpoint, for recipe studies) or `ptq` (the best PTQ recipe, no fine-tuning).
         #[arg(long, default_value = "best")]
         ship: String,
-        /// HDF5 (robomimic) demonstrations: the observation keys to concatenate, in order
-        /// (default: every 1-D or 2-D key under data/demo_*/obs, sorted by name).
+        /// HDF5 (robomimic, Minari Dict spaces) or LeRobot demonstrations: the observation keys
+        /// (columns) to concatenate, in order (default: every 1-D or 2-D key, sorted by name;
+        /// LeRobot: observation.state).
         #[arg(long, value_delimiter = ',')]
         obs_keys: Vec<String>,
         /// Where the fine-tuning steps run: `cpu` (the interpreter, batches split over --threads)
