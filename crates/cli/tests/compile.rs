@@ -38,6 +38,24 @@ fn report(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap()
 }
 
+/// A short, single-threaded compile of bc_hopper from `demos` (a file or folder, relative to the
+/// repository) with the action box given and `extra` flags; asserts success and returns
+/// policy.bin and the log. The dataset-format tests compare these bytes across formats.
+fn compile_bytes(demos: &Path, extra: &[&str], out: &Path) -> (Vec<u8>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+        .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos"])
+        .arg(demos)
+        .args(["--steps", "30", "--batch", "64", "--action-box=-1,1", "--threads", "1"])
+        .args(extra)
+        .arg("-o")
+        .arg(out)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}: {}", demos.display(), String::from_utf8_lossy(&o.stderr));
+    (std::fs::read(out.join("policy.bin")).unwrap(), String::from_utf8_lossy(&o.stderr).to_string())
+}
+
 #[test]
 fn compile_ships_the_best_held_out_candidate() {
     let dir = std::env::temp_dir().join(format!("sqil-compile-{}", std::process::id()));
@@ -136,19 +154,8 @@ fn plain_array_demos_compile_to_the_same_artifact() {
     w.add_array("observations", &obs).unwrap();
     w.add_array("episode_starts", &starts).unwrap();
     w.finish().unwrap();
-    let run = |demos: &Path, out: &Path| {
-        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
-            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos"])
-            .arg(demos)
-            .args(["--steps", "30", "--batch", "64", "--states", "500", "--val-states", "200", "--action-box=-1,1"])
-            .args(["--threads", "1", "-o"])
-            .arg(out)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}: {}", demos.display(), String::from_utf8_lossy(&o.stderr));
-        (std::fs::read(out.join("policy.bin")).unwrap(), String::from_utf8_lossy(&o.stderr).to_string())
-    };
+    let big = ["--states", "500", "--val-states", "200"];
+    let run = |demos: &Path, out: &Path| compile_bytes(demos, &big, out);
     let (full, _) = run(&root().join("testdata/demos/hopper.npz"), &dir.join("full"));
     let (same, _) = run(&plain, &dir.join("plain"));
     assert!(full == same, "plain arrays gave another policy.bin");
@@ -164,19 +171,8 @@ fn plain_array_demos_compile_to_the_same_artifact() {
 #[test]
 fn robomimic_hdf5_demos_compile_to_the_same_artifact() {
     let dir = std::env::temp_dir().join(format!("sqil-compile-h5-{}", std::process::id()));
-    let run = |demos: &str, extra: &[&str], out: &Path| {
-        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
-            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos", demos])
-            .args(["--steps", "30", "--batch", "64", "--states", "500", "--val-states", "200", "--action-box=-1,1"])
-            .args(["--threads", "1"])
-            .args(extra)
-            .arg("-o")
-            .arg(out)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{demos}: {}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read(out.join("policy.bin")).unwrap()
+    let run = |demos: &str, keys: &[&str], out: &Path| {
+        compile_bytes(Path::new(demos), &[&["--states", "500", "--val-states", "200"][..], keys].concat(), out).0
     };
     let npz = run("testdata/demos/hopper.npz", &[], &dir.join("npz"));
     let h5 = run("testdata/demos/hopper.robomimic.hdf5", &["--obs-keys", "qpos,qvel"], &dir.join("h5"));
@@ -201,18 +197,8 @@ fn robomimic_hdf5_demos_compile_to_the_same_artifact() {
 #[test]
 fn minari_dataset_compiles_to_the_same_artifact() {
     let dir = std::env::temp_dir().join(format!("sqil-compile-minari-{}", std::process::id()));
-    let run = |demos: &str, out: &Path| {
-        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
-            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos", demos])
-            .args(["--steps", "30", "--batch", "64", "--states", "300", "--val-states", "100", "--action-box=-1,1"])
-            .args(["--threads", "1", "--val-frac", "0.5", "-o"])
-            .arg(out)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{demos}: {}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read(out.join("policy.bin")).unwrap()
-    };
+    let small = ["--states", "300", "--val-states", "100", "--val-frac", "0.5"];
+    let run = |demos: &str, out: &Path| compile_bytes(Path::new(demos), &small, out).0;
     let npz = run("testdata/demos/minari/hopper-expert-v0.npz", &dir.join("npz"));
     let folder = run("testdata/demos/minari/hopper/expert-v0", &dir.join("minari"));
     let file = run("testdata/demos/minari/hopper/expert-v0/data/main_data.hdf5", &dir.join("file"));
@@ -226,18 +212,8 @@ fn minari_dataset_compiles_to_the_same_artifact() {
 #[test]
 fn lerobot_dataset_compiles_to_the_same_artifact() {
     let dir = std::env::temp_dir().join(format!("sqil-compile-lerobot-{}", std::process::id()));
-    let run = |demos: &str, out: &Path| {
-        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
-            .args(["compile", "testdata/policies/bc_hopper.onnx", "--demos", demos])
-            .args(["--steps", "30", "--batch", "64", "--states", "300", "--val-states", "100", "--action-box=-1,1"])
-            .args(["--threads", "1", "--val-frac", "0.5", "-o"])
-            .arg(out)
-            .current_dir(root())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{demos}: {}", String::from_utf8_lossy(&o.stderr));
-        std::fs::read(out.join("policy.bin")).unwrap()
-    };
+    let small = ["--states", "300", "--val-states", "100", "--val-frac", "0.5"];
+    let run = |demos: &str, out: &Path| compile_bytes(Path::new(demos), &small, out).0;
     let npz = run("testdata/demos/minari/hopper-expert-v0.npz", &dir.join("npz"));
     let lerobot = run("testdata/demos/lerobot/hopper", &dir.join("lerobot"));
     assert!(npz == lerobot, "the LeRobot dataset gave another policy.bin");

@@ -7,9 +7,8 @@
 //!   with one row more than `actions`, the final observation, which is dropped; a Dict observation
 //!   space is a group whose keys `obs_keys` picks as for robomimic).
 
-use crate::{finite, max_array_bytes, Demos, DemosError};
+use crate::{max_array_bytes, Demos, DemosError};
 use hdf5_metno as hdf5;
-use ndarray::Array2;
 use std::path::Path;
 
 /// A dataset's values as f64 (HDF5 converts the stored type) with rows and columns: 1-D is one
@@ -49,8 +48,43 @@ pub fn load(path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     robomimic(&f, path, obs_keys)
 }
 
-/// Reads the observation columns of one episode group: the dataset `observations` or, for a
-/// Dict space, the keys of the group `observations`; the first `t` rows (None: all).
+/// Observation columns: the datasets `obs_keys` (in that order; by default every 1-D or 2-D
+/// dataset, sorted by name) of group `og` at `at`, all with the same number of rows.
+#[allow(clippy::type_complexity)]
+fn key_columns(
+    og: &hdf5::Group,
+    at: &str,
+    obs_keys: &[String],
+) -> Result<(Vec<(Vec<f64>, usize)>, usize, Vec<String>), String> {
+    let keys: Vec<String> = if obs_keys.is_empty() {
+        let mut k: Vec<String> = og
+            .member_names()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|k| og.dataset(k).is_ok_and(|d| d.shape().len() <= 2))
+            .collect();
+        k.sort();
+        k
+    } else {
+        obs_keys.to_vec()
+    };
+    if keys.is_empty() {
+        return Err(format!("`{at}`: no 1-D or 2-D observation keys"));
+    }
+    let mut cols = vec![];
+    let mut rows = None;
+    for k in &keys {
+        let (v, r, c) = read_2d(og, k, &format!("{at}/{k}"))?;
+        if *rows.get_or_insert(r) != r {
+            return Err(format!("`{at}/{k}` has {r} rows, the other keys {}", rows.unwrap_or(0)));
+        }
+        cols.push((v, c));
+    }
+    Ok((cols, rows.unwrap_or(0), keys))
+}
+
+/// The observation columns of one Minari episode group: the dataset `observations` or, for a
+/// Dict space, the keys of the group `observations`.
 #[allow(clippy::type_complexity)]
 fn episode_obs(
     g: &hdf5::Group,
@@ -58,34 +92,24 @@ fn episode_obs(
     obs_keys: &[String],
 ) -> Result<(Vec<(Vec<f64>, usize)>, usize, Vec<String>), String> {
     if let Ok(og) = g.group("observations") {
-        let keys: Vec<String> = if obs_keys.is_empty() {
-            let mut k: Vec<String> = og
-                .member_names()
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .filter(|k| og.dataset(k).is_ok_and(|d| d.shape().len() <= 2))
-                .collect();
-            k.sort();
-            k
-        } else {
-            obs_keys.to_vec()
-        };
-        let mut cols = vec![];
-        let mut rows = None;
-        for k in &keys {
-            let (v, r, c) = read_2d(&og, k, &format!("{at}/observations/{k}"))?;
-            if *rows.get_or_insert(r) != r {
-                return Err(format!("`{at}/observations/{k}` has {r} rows, the other keys {}", rows.unwrap_or(0)));
-            }
-            cols.push((v, c));
-        }
-        return Ok((cols, rows.unwrap_or(0), keys));
+        return key_columns(&og, &format!("{at}/observations"), obs_keys);
     }
     if !obs_keys.is_empty() {
         return Err(format!("`{at}/observations` is one array: --obs-keys applies to Dict observation spaces"));
     }
     let (v, r, c) = read_2d(g, "observations", &format!("{at}/observations"))?;
     Ok((vec![(v, c)], r, vec!["observations".into()]))
+}
+
+/// Appends the first `t` steps of `cols` (each step's columns side by side) to `obs`, and their
+/// episode starts (a new episode at the first) to `starts`.
+fn push_steps(cols: &[(Vec<f64>, usize)], t: usize, obs: &mut Vec<f32>, starts: &mut Vec<bool>) {
+    for i in 0..t {
+        for (v, c) in cols {
+            obs.extend(v[i * c..(i + 1) * c].iter().map(|&x| x as f32));
+        }
+        starts.push(i == 0);
+    }
 }
 
 /// A Minari dataset file (see the module header).
@@ -114,12 +138,7 @@ fn minari(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, Dem
             )));
         }
         keys_used = keys;
-        for i in 0..t {
-            for (v, c) in &cols {
-                obs.extend(v[i * c..(i + 1) * c].iter().map(|&x| x as f32));
-            }
-            starts.push(i == 0);
-        }
+        push_steps(&cols, t, &mut obs, &mut starts);
         act.extend(av.iter().map(|&x| x as f32));
         if let Ok((v, r, _)) = read_2d(&g, "rewards", &format!("{name}/rewards")) {
             if r == t {
@@ -127,25 +146,8 @@ fn minari(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, Dem
             }
         }
     }
-    let t = starts.len();
-    if t == 0 {
-        return Err(err("no `episode_<id>` steps".into()));
-    }
-    let (w, ac) = (width.unwrap_or(0), act_w.unwrap_or(0));
-    let observations = Array2::from_shape_vec((t, w), obs).map_err(|e| err(e.to_string()))?;
-    let actions = Array2::from_shape_vec((t, ac), act).map_err(|e| err(e.to_string()))?;
-    finite("observations", observations.iter().copied(), w).map_err(err)?;
-    finite("actions", actions.iter().copied(), ac).map_err(err)?;
-    Ok(Demos {
-        observations,
-        actions: Some(actions),
-        episode_starts: starts,
-        rewards: if rew.len() == t { rew } else { vec![] },
-        success: vec![],
-        episode_returns: vec![],
-        metadata: serde_json::json!({"format": "sqil-demos/1", "source": "minari", "obs_keys": keys_used}),
-        images: None,
-    })
+    let metadata = serde_json::json!({"format": "sqil-demos/1", "source": "minari", "obs_keys": keys_used});
+    Demos::from_rows(path, (obs, width.unwrap_or(0)), Some((act, act_w.unwrap_or(0))), starts, rew, metadata)
 }
 
 /// A robomimic dataset file (see the module header).
@@ -171,36 +173,12 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
     for (_, name) in &demos {
         let g = data.group(name).map_err(|e| err(format!("`data/{name}`: {e}")))?;
         let og = g.group("obs").map_err(|_| err(format!("`data/{name}/obs`: missing")))?;
-        let keys: Vec<String> = if obs_keys.is_empty() {
-            let mut k: Vec<String> = og
-                .member_names()
-                .map_err(|e| err(e.to_string()))?
-                .into_iter()
-                .filter(|k| og.dataset(k).is_ok_and(|d| d.shape().len() <= 2))
-                .collect();
-            k.sort();
-            k
-        } else {
-            obs_keys.to_vec()
-        };
-        if keys.is_empty() {
-            return Err(err(format!("`data/{name}/obs`: no 1-D or 2-D observation keys")));
-        }
+        let (cols, t, keys) = key_columns(&og, &format!("data/{name}/obs"), obs_keys).map_err(err)?;
         if keys_used.is_empty() {
-            keys_used = keys.clone();
+            keys_used = keys;
         } else if keys_used != keys {
             return Err(err(format!("`data/{name}/obs`: keys {keys:?}, the first demo has {keys_used:?}")));
         }
-        let mut cols: Vec<(Vec<f64>, usize)> = vec![];
-        let mut t = None;
-        for k in &keys {
-            let (v, r, c) = read_2d(&og, k, &format!("data/{name}/obs/{k}")).map_err(err)?;
-            if *t.get_or_insert(r) != r {
-                return Err(err(format!("`data/{name}/obs/{k}` has {r} steps, the other keys {}", t.unwrap_or(0))));
-            }
-            cols.push((v, c));
-        }
-        let t = t.unwrap_or(0);
         let w: usize = cols.iter().map(|c| c.1).sum();
         if *width.get_or_insert(w) != w {
             return Err(err(format!(
@@ -208,12 +186,7 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
                 width.unwrap_or(0)
             )));
         }
-        for i in 0..t {
-            for (v, c) in &cols {
-                obs.extend(v[i * c..(i + 1) * c].iter().map(|&x| x as f32));
-            }
-            starts.push(i == 0);
-        }
+        push_steps(&cols, t, &mut obs, &mut starts);
         if g.dataset("actions").is_ok() && has_actions {
             let (v, r, c) = read_2d(&g, "actions", &format!("data/{name}/actions")).map_err(err)?;
             if r != t {
@@ -235,20 +208,6 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
             }
         }
     }
-    let t = starts.len();
-    if t == 0 {
-        return Err(err("the demos hold no steps".into()));
-    }
-    let w = width.unwrap_or(0);
-    let observations = Array2::from_shape_vec((t, w), obs).map_err(|e| err(e.to_string()))?;
-    let actions = match (has_actions, act_w) {
-        (true, Some(c)) => Some(Array2::from_shape_vec((t, c), act).map_err(|e| err(e.to_string()))?),
-        _ => None,
-    };
-    finite("observations", observations.iter().copied(), w).map_err(err)?;
-    if let Some(a) = &actions {
-        finite("actions", a.iter().copied(), a.ncols()).map_err(err)?;
-    }
     let env_args = data
         .attr("env_args")
         .ok()
@@ -261,14 +220,6 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
         "obs_keys": keys_used,
         "env_args": env_args,
     });
-    Ok(Demos {
-        observations,
-        actions,
-        episode_starts: starts,
-        rewards: if rew.len() == t { rew } else { vec![] },
-        success: vec![],
-        episode_returns: vec![],
-        metadata,
-        images: None,
-    })
+    let actions = if has_actions { act_w.map(|c| (act, c)) } else { None };
+    Demos::from_rows(path, (obs, width.unwrap_or(0)), actions, starts, rew, metadata)
 }

@@ -4,11 +4,10 @@
 //! `frame_index`. Frames are taken in file order, then by (episode, frame); `obs_keys` picks and
 //! orders the observation columns (default `observation.state`). Camera frames are not read yet.
 
-use crate::{finite, Demos, DemosError};
+use crate::{Demos, DemosError};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float32Type, Float64Type, Int64Type};
 use arrow_array::{Array, RecordBatch};
-use ndarray::Array2;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::path::{Path, PathBuf};
 
@@ -119,32 +118,15 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     }
     // Stable: frames of one episode in (episode, frame) order, episodes in index order.
     frames.sort_by_key(|f| (f.0, f.1));
-    let t = frames.len();
-    if t == 0 {
-        return Err(err("the dataset holds no frames".into()));
-    }
-    let (w, aw) = (width.unwrap_or(0), act_w.unwrap_or(0));
-    let starts: Vec<bool> = (0..t).map(|i| i == 0 || frames[i].0 != frames[i - 1].0).collect();
+    let starts: Vec<bool> = (0..frames.len()).map(|i| i == 0 || frames[i].0 != frames[i - 1].0).collect();
     let obs: Vec<f32> = frames.iter().flat_map(|f| f.2.iter().copied()).collect();
     let act: Vec<f32> = frames.iter().flat_map(|f| f.3.iter().copied()).collect();
-    let observations = Array2::from_shape_vec((t, w), obs).map_err(|e| err(e.to_string()))?;
-    let actions = Array2::from_shape_vec((t, aw), act).map_err(|e| err(e.to_string()))?;
-    finite("observations", observations.iter().copied(), w).map_err(err)?;
-    finite("actions", actions.iter().copied(), aw).map_err(err)?;
-    Ok(Demos {
-        observations,
-        actions: Some(actions),
-        episode_starts: starts,
-        rewards: vec![],
-        success: vec![],
-        episode_returns: vec![],
-        metadata: serde_json::json!({
-            "format": "sqil-demos/1",
-            "source": "lerobot",
-            "codebase_version": info["codebase_version"],
-            "fps": info["fps"],
-            "obs_keys": keys,
-        }),
-        images: None,
-    })
+    let metadata = serde_json::json!({
+        "format": "sqil-demos/1",
+        "source": "lerobot",
+        "codebase_version": info["codebase_version"],
+        "fps": info["fps"],
+        "obs_keys": keys,
+    });
+    Demos::from_rows(dir, (obs, width.unwrap_or(0)), Some((act, act_w.unwrap_or(0))), starts, vec![], metadata)
 }

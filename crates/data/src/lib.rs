@@ -168,6 +168,46 @@ impl Demos {
         Ok(Demos { observations, actions, episode_starts, rewards, success, episode_returns, metadata, images })
     }
 
+    /// Demonstrations from a reader of another format (HDF5, parquet): steps as flat rows of
+    /// `width` observations and (when present) rows of actions with their width, episode starts, rewards
+    /// (kept only when there is one per step); checked as `load` checks an .npz (at least one
+    /// step, every value finite), errors against `path`.
+    #[cfg(any(feature = "hdf5", feature = "parquet"))]
+    pub(crate) fn from_rows(
+        path: &Path,
+        (obs, width): (Vec<f32>, usize),
+        actions: Option<(Vec<f32>, usize)>,
+        episode_starts: Vec<bool>,
+        rewards: Vec<f32>,
+        metadata: serde_json::Value,
+    ) -> Result<Demos, DemosError> {
+        let err = |msg: String| DemosError { path: path.to_path_buf(), msg };
+        let t = episode_starts.len();
+        if t == 0 {
+            return Err(err("the dataset holds no steps".into()));
+        }
+        let observations = Array2::from_shape_vec((t, width), obs).map_err(|e| err(e.to_string()))?;
+        finite("observations", observations.iter().copied(), width).map_err(err)?;
+        let actions = match actions {
+            Some((a, aw)) => {
+                let a = Array2::from_shape_vec((t, aw), a).map_err(|e| err(e.to_string()))?;
+                finite("actions", a.iter().copied(), aw).map_err(err)?;
+                Some(a)
+            }
+            None => None,
+        };
+        Ok(Demos {
+            observations,
+            actions,
+            episode_starts,
+            rewards: if rewards.len() == t { rewards } else { vec![] },
+            success: vec![],
+            episode_returns: vec![],
+            metadata,
+            images: None,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.observations.nrows()
     }
