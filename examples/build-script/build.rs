@@ -18,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fp = sqil_driver::load_model(&model)?;
     let mut cfg = QuantConfig::default();
     cfg.apply_settings("wbits=4,abits=8,group=64")?;
-    let (sim, _, _) = run_quantize(&fp, &QuantizeArgs::in_memory(Recipe::Gptq, cfg, vec![calib], 256))?;
+    let (sim, _, _) = run_quantize(&fp, &QuantizeArgs::in_memory(Recipe::Gptq, cfg, vec![calib.clone()], 256))?;
     let ir = out.join("hopper.sqil");
     std::fs::write(&ir, sqil_ir::print_graph(&sim, &Default::default())?)?;
     let c = out.join("c");
@@ -31,7 +31,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .flag_if_supported("-std=c99")
         .compile("hopper_policy");
     println!("cargo:rustc-link-lib=m");
-    std::fs::write(out.join("hopper.bin"), sqil_driver::build::artifact_bytes(&ir)?)?;
-    println!("cargo:rustc-env=SQIL_EXAMPLE_ARTIFACT={}", out.join("hopper.bin").display());
+    let policy = sqil_driver::build::load_policy(&ir)?;
+    let states = sqil_driver::npy::read(&calib)?.data.to_f32_vec();
+    let want = policy.act(&states, states.len() / 15)?;
+    let le = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    std::fs::write(out.join("states.bin"), le(&states))?;
+    std::fs::write(out.join("want.bin"), le(&want))?;
     Ok(())
 }

@@ -21,5 +21,7 @@ pub fn act(obs: &[f32; OBS]) -> [f32; ACT] {
     out
 }
 
-/// The CPU artifact the same build wrote (for comparisons).
-pub const ARTIFACT: &str = env!("SQIL_EXAMPLE_ARTIFACT");
+/// The policy's sample states and the CPU runtime's actions for them, computed when this crate
+/// was built (little-endian f32; see build.rs).
+pub const STATES: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/states.bin"));
+pub const RUNTIME_ACTIONS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/want.bin"));
