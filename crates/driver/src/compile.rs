@@ -789,7 +789,7 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
          recipe     {} at {}; shipped {}\n\
          why        {}\n\
          fidelity   held-out action MSE vs the float policy: {:.3e} (best PTQ, {ptq}) -> {:.3e}; critical states {:.3e} -> {:.3e}\n\
-         size       float weights {:.1} KB -> policy.bin {:.1} KB ({:.1}x smaller): {} int4 layers, {q4} weights in {:.1} KB; the rest as IR text, {:.1} KB\n\
+         size       float weights {:.1} KB -> policy.bin {:.1} KB ({}): {} int4 layers, {q4} weights in {:.1} KB; the rest as IR text, {:.1} KB\n\
          latency    {lat}\n\
          arithmetic policy.bin {mismatch}\n\
          outputs    {o}/policy.bin (sqil run / sqil bench / sqil build), {o}/model.onnx (QDQ ONNX), {o}/model.sqil, {o}/report.json\n",
@@ -804,7 +804,11 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
         f(&ha["critical"]),
         float_bytes as f64 / 1024.0,
         packed as f64 / 1024.0,
-        float_bytes as f64 / packed.max(1) as f64,
+        if float_bytes >= packed {
+            format!("{:.1}x smaller", float_bytes as f64 / packed.max(1) as f64)
+        } else {
+            format!("{:.1}x larger: the float layers are stored as text", packed as f64 / float_bytes.max(1) as f64)
+        },
         layers.len(),
         q4_bytes as f64 / 1024.0,
         ir.len() as f64 / 1024.0,
