@@ -3,7 +3,9 @@
     tools/.venv-dev/bin/python tools/eval.py --task hopper --policy testdata/policies/bc_hopper.onnx --episodes 50 --seed 0 -o out.json
 
 POLICY: `expert`, an ONNX file (onnxruntime, graph optimisations off), or `sqil:PATH` (sqil's
-Python binding). Episode i resets with seed SEED + i.
+Python binding). Episode i resets with seed SEED + i. --jobs N runs N processes, each a
+contiguous block of the seeds with its own environment (Meta-World's task draw follows the
+environment's history, so compare results only at the same --jobs).
 """
 
 import argparse
@@ -20,9 +22,24 @@ from sqil_tools import policies, tasks  # noqa: E402
 from sqil_tools.rollout import run_episodes, wilson  # noqa: E402
 
 
-def evaluate(task_name, policy_spec, episodes, seed):
+def _block(job):
+    task_name, policy_spec, n, seed = job
     task = tasks.get(task_name)
-    eps, sps = run_episodes(task, policies.load(policy_spec, task), episodes, seed)
+    return run_episodes(task, policies.load(policy_spec, task), n, seed)
+
+
+def evaluate(task_name, policy_spec, episodes, seed, jobs=1):
+    jobs = max(1, min(jobs, episodes))
+    if jobs == 1:
+        eps, sps = _block((task_name, policy_spec, episodes, seed))
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+        sizes = [episodes // jobs + (1 if j < episodes % jobs else 0) for j in range(jobs)]
+        starts = np.cumsum([0] + sizes[:-1])
+        with ProcessPoolExecutor(jobs) as ex:
+            parts = list(ex.map(_block, [(task_name, policy_spec, n, seed + int(s0)) for n, s0 in zip(sizes, starts)]))
+        eps = [e for p, _ in parts for e in p]
+        sps = sum(s for _, s in parts)
     rets = np.array([e["return"] for e in eps])
     k = sum(e["success"] for e in eps)
     lo, hi = wilson(k, len(eps))
@@ -31,6 +48,7 @@ def evaluate(task_name, policy_spec, episodes, seed):
         "policy": policy_spec,
         "episodes": len(eps),
         "seed": seed,
+        "jobs": jobs,
         "success_rate": k / len(eps),
         "success_ci95": [lo, hi],
         "return_mean": float(rets.mean()),
@@ -47,8 +65,9 @@ def main():
     ap.add_argument("--episodes", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("-o", "--out")
+    ap.add_argument("--jobs", type=int, default=1, help="processes (contiguous blocks of seeds)")
     a = ap.parse_args()
-    r = evaluate(a.task, a.policy, a.episodes, a.seed)
+    r = evaluate(a.task, a.policy, a.episodes, a.seed, a.jobs)
     text = json.dumps(r, indent=1)
     if a.out:
         tmp = a.out + ".tmp"

@@ -30,9 +30,15 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from sqil_tools import evaljobs  # noqa: E402
 
-OUT = ROOT / "demos" / "qrd"
-POLICIES = {"hopper": ["hopper_mlp", "bc_hopper"], "lander": ["bc_lander"], "pickplace": ["bc_pickplace"],
+OUT = pathlib.Path(os.environ.get("SQIL_QRD_OUT", ROOT / "demos" / "qrd"))
+DEMOS = pathlib.Path(os.environ.get("SQIL_DEMOS_DIR", ROOT / "demos"))
+# Extra `sqil compile` flags, e.g. "--device cuda" on the GPU machine (each report says its device).
+COMPILE_FLAGS = os.environ.get("SQIL_COMPILE_FLAGS", "").split()
+POLICIES = {"hopper": ["hopper_mlp", "bc_hopper"], "lander": ["bc_lander"],
+            "pickplace": ["bc_pickplace", "bc_pickplace_transformer"], "pickplace-pixels": ["bc_pickplace_pixels"],
             "halfcheetah": ["halfcheetah_mlp"], "walker2d": ["walker2d_mlp"], "humanoid": ["humanoid_mlp"]}
+# Policies run at fewer widths (their fine-tuning needs the GPU machine's time).
+POLICY_CONFIGS = {"bc_pickplace_transformer": ["W4A8", "W3A8", "W4A4"], "bc_pickplace_pixels": ["W4A8", "W3A8", "W4A4"]}
 CONFIGS = {"W4A8": ["--wbits", "4", "--abits", "8"], "W3A8": ["--wbits", "3", "--abits", "8"],
            "W4A4": ["--wbits", "4", "--abits", "4"], "W2A8": ["--wbits", "2", "--abits", "8"]}
 VARIANTS = {"ptq": ["--ship", "ptq"], "qat": ["--recipe", "qat", "--ship", "finetuned"],
@@ -44,10 +50,19 @@ def sqil_bin():
     return os.environ.get("SQIL_BIN", str(ROOT / "target" / "release" / "sqil"))
 
 
-def compile_all(task_names, variants):
+def configs(p):
+    return POLICY_CONFIGS.get(p, list(CONFIGS))
+
+
+def compile_all(task_names, variants, policies=None, only=None):
     for t in task_names:
         for p in POLICIES[t]:
-            for cfg, flags in CONFIGS.items():
+            if policies and p not in policies:
+                continue
+            for cfg in configs(p):
+                if only and cfg not in only:
+                    continue
+                flags = CONFIGS[cfg]
                 for v, vflags in VARIANTS.items():
                     if v not in variants:
                         continue
@@ -55,7 +70,7 @@ def compile_all(task_names, variants):
                     if (out / "report.json").exists():
                         continue
                     cmd = [sqil_bin(), "compile", str(ROOT / "testdata" / "policies" / f"{p}.onnx"), "--demos",
-                           str(ROOT / "demos" / f"{t}.npz"), *flags, *vflags, "-o", str(out)]
+                           str(DEMOS / f"{t}.npz"), *flags, *vflags, *COMPILE_FLAGS, "-o", str(out)]
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
                     if res.returncode != 0 and not (out / "report.json").exists():
@@ -68,7 +83,7 @@ def same_model(task_names, variants):
     (same split, same seeds): its evaluation is then that model's, copied, not run again."""
     for t in task_names:
         for p in POLICIES[t]:
-            for c in CONFIGS:
+            for c in configs(p):
                 d = OUT / f"{p}__{c}__default"
                 if "default" not in variants or not (d / "model.onnx").exists() or (d / "eval.json").exists():
                     continue
@@ -81,19 +96,21 @@ def same_model(task_names, variants):
                         break
 
 
-def evaluate(task_names, episodes, jobs, variants):
+def evaluate(task_names, episodes, jobs, variants, policies=None, python=None, episode_jobs=1):
     work = []
     for t in task_names:
         for p in POLICIES[t]:
+            if policies and p not in policies:
+                continue
             fp = OUT / f"{p}__FP"
             fp.mkdir(parents=True, exist_ok=True)
             work.append((t, ROOT / "testdata" / "policies" / f"{p}.onnx", fp / "eval.json"))
-            work += [(t, OUT / f"{p}__{c}__{v}" / "model.onnx", OUT / f"{p}__{c}__{v}" / "eval.json") for c in CONFIGS for v in variants]
+            work += [(t, OUT / f"{p}__{c}__{v}" / "model.onnx", OUT / f"{p}__{c}__{v}" / "eval.json") for c in configs(p) for v in variants]
     # The other variants first; then compile's defaults, each copied where it is one of their
     # models and evaluated where it is not.
-    evaljobs.evaluate([w for w in work if not w[1].parent.name.endswith("__default")], episodes, jobs)
+    evaljobs.evaluate([w for w in work if not w[1].parent.name.endswith("__default")], episodes, jobs, python, episode_jobs)
     same_model(task_names, variants)
-    evaljobs.evaluate(work, episodes, jobs)
+    evaljobs.evaluate(work, episodes, jobs, python, episode_jobs)
 
 
 def load(path):
@@ -121,7 +138,7 @@ def table():
     for t, ps in POLICIES.items():
         for p in ps:
             fp = summary(load(OUT / f"{p}__FP" / "eval.json"))
-            for cfg in CONFIGS:
+            for cfg in configs(p):
                 line = {"task": t, "policy": p, "config": cfg, "fp": fp, "variants": {}}
                 for v in VARIANTS:
                     d = OUT / f"{p}__{cfg}__{v}"
@@ -131,7 +148,7 @@ def table():
                     line["variants"][v] = {"closed_loop": summary(load(d / "eval.json")), "shipped": rep["shipped"],
                                            "heldout": rep["heldout_after"], "heldout_ptq": rep["heldout_before"],
                                            "ptq_recipe": rep["init"], "plan_mismatch": rep.get("cpu_mismatch"),
-                                           "seconds": rep["seconds"]}
+                                           "seconds": rep["seconds"], "device": rep.get("device", "cpu")}
                 rows.append(line)
     (ROOT / "docs" / "sqil.json").write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -193,8 +210,14 @@ def main():
     ap.add_argument("--episodes", type=int, default=EPISODES)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--policies", nargs="+", help="only these policies of the tasks")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="only these widths")
+    ap.add_argument("--python", help="the simulators' Python (default: each task's venv)")
+    ap.add_argument("--episode-jobs", type=int, default=1,
+                    help="processes per model, each a block of the seeds (compare rows only at the same value)")
     a = ap.parse_args()
-    {"compile": lambda: compile_all(a.tasks, a.variants), "eval": lambda: evaluate(a.tasks, a.episodes, a.jobs, a.variants),
+    {"compile": lambda: compile_all(a.tasks, a.variants, a.policies, a.configs),
+     "eval": lambda: evaluate(a.tasks, a.episodes, a.jobs, a.variants, a.policies, a.python, a.episode_jobs),
      "table": table}[a.step]()
 
 

@@ -9,6 +9,7 @@
 //! candidate's score (docs/training.md, "Validation inside compile").
 
 use crate::feeds::{policy_feeds, spread};
+use crate::forward::Forward;
 use crate::quantize::write_atomic;
 use serde::Serialize;
 use sqil_data::{ActionBox, Demos};
@@ -19,7 +20,7 @@ use sqil_passes::quant::{concat_batches, Feeds, QuantConfig, QuantReport, Recipe
 use sqil_passes::{PassCtx, PassManager};
 use sqil_runtime::Execute;
 use sqil_train::model::{train_graph_with, with_params, Param};
-use sqil_train::sis::{qrd_alpha, sis_with, SisConfig};
+use sqil_train::sis::{qrd_alpha, sis_run, SisConfig};
 use sqil_train::trainer::{train_with, Dataset, GradEngine, TrainConfig, TrainLog, Validation};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -176,6 +177,8 @@ struct Report {
     action_mse_after: ErrorStats,
     ptq: QuantReport,
     seconds: f64,
+    /// Wall seconds per phase, in order (where a long compile spends its time).
+    phases: Vec<(String, f64)>,
     /// The fused kernels that run in policy.bin (the fusion pass's choice, as lowered).
     fused_kernels: Vec<String>,
     /// Steps of the CPU plan (policy.bin) and its largest difference from the simulation on the
@@ -219,12 +222,6 @@ fn targets(
         }
     }
     Ok(Tensor::from_f32(vec![steps.len(), chunk, a], v)?)
-}
-
-fn run_all(g: &Graph, batches: &[Feeds]) -> crate::Result<Tensor> {
-    let it = Interpreter::new(g)?;
-    let outs = batches.iter().map(|b| it.run(b).map(|mut o| o.remove(0))).collect::<Result<Vec<_>, _>>()?;
-    Ok(concat_batches(outs)?)
 }
 
 /// Held-out episodes: `max(1, round(frac * E))` of the `E` episodes, chosen by a seeded shuffle
@@ -281,6 +278,7 @@ fn intervals(t: &Tensor, b: &ActionBox) -> crate::Result<(Tensor, Tensor)> {
 
 /// Scores graphs on a fixed set of states against the float policy's clipped actions.
 struct Scorer<'a> {
+    fwd: &'a Forward,
     batches: &'a [Feeds],
     teacher: Vec<f32>,
     /// Per state: whether it is critical.
@@ -292,13 +290,14 @@ struct Scorer<'a> {
 impl<'a> Scorer<'a> {
     /// Scores against `teacher`'s actions (clipped to `abox`) on `batches`.
     fn new(
+        fwd: &'a Forward,
         batches: &'a [Feeds],
         teacher: &Tensor,
         critical: Vec<bool>,
         beta: f64,
         abox: Option<&'a ActionBox>,
     ) -> Self {
-        Scorer { batches, teacher: clipped(teacher, abox), critical, beta, abox }
+        Scorer { fwd, batches, teacher: clipped(teacher, abox), critical, beta, abox }
     }
 
     fn stats(&self, out: &Tensor) -> ErrorStats {
@@ -325,7 +324,7 @@ impl<'a> Scorer<'a> {
     }
 
     fn score(&self, g: &Graph) -> crate::Result<ErrorStats> {
-        Ok(self.stats(&run_all(g, self.batches)?))
+        Ok(self.stats(&self.fwd.run_all(g, self.batches, "scoring")?))
     }
 }
 
@@ -342,8 +341,23 @@ pub fn render_candidates(c: &[Candidate]) -> String {
     s
 }
 
+/// Wall time per phase of a compile.
+struct Phases {
+    last: Instant,
+    done: Vec<(String, f64)>,
+}
+
+impl Phases {
+    fn mark(&mut self, name: &str) {
+        let now = Instant::now();
+        self.done.push((name.to_string(), (now - self.last).as_secs_f64()));
+        self.last = now;
+    }
+}
+
 pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let t0 = Instant::now();
+    let mut phases = Phases { last: t0, done: vec![] };
     if !(a.val_frac > 0.0 && a.val_frac < 1.0) {
         return Err(format!("--val-frac must be in (0, 1) (got {})", a.val_frac).into());
     }
@@ -397,8 +411,13 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let vbatches = feeds_of(&fp, &vsteps, 256)?;
     let calib_steps: Vec<usize> = spread(steps.len(), 2048).into_iter().map(|i| steps[i]).collect();
     let calib = feeds_of(&fp_q, &calib_steps, 256)?;
-    let teacher = run_all(&fp, &batches)?;
-    let vteacher = run_all(&fp, &vbatches)?;
+    // Forward passes (teacher, SIS, scoring) run where fine-tuning does.
+    let fwd = match a.device {
+        crate::gpu_train::Device::Cuda => Forward::cuda()?,
+        crate::gpu_train::Device::Cpu => Forward::cpu(),
+    };
+    let teacher = fwd.run_all(&fp, &batches, "the float policy")?;
+    let vteacher = fwd.run_all(&fp, &vbatches, "the float policy")?;
     if let (None, Some(acts)) = (&abox, &demos.actions) {
         // A float policy whose actions leave the demonstrated range often was probably clipped
         // by its environment: say how to tell sqil.
@@ -424,11 +443,20 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     };
     // SIS of training and validation states together (one set of dataset means); the critical
     // threshold comes from the training states.
+    phases.mark("load + teacher");
     eprintln!("SIS of {} + {} states...", steps.len(), vsteps.len());
-    let sis_b = if batches[0].values().any(|t| t.rank() == 4) { 8 } else { 64 };
+    let sis_b = match (batches[0].values().any(|t| t.rank() == 4), a.device) {
+        (true, crate::gpu_train::Device::Cpu) => 8,
+        (true, crate::gpu_train::Device::Cuda) => 32,
+        (false, _) => 64,
+    };
     let all_steps: Vec<usize> = steps.iter().chain(&vsteps).copied().collect();
     let sis_batches = feeds_of(&fp, &all_steps, sis_b)?;
-    let all_scores = sis_with(&fp, &sis_batches, &a.sis)?;
+    let all_scores = {
+        let mut r = fwd.runner(&fp, "SIS")?;
+        sis_run(&fp, &sis_batches, &a.sis, &mut |f| r.run(f))?
+    };
+    phases.mark("SIS");
     let (scores, vscores) = all_scores.split_at(steps.len());
     let (top_alpha, thr) = qrd_alpha(scores, a.top, a.beta);
     let critical: Vec<bool> = scores.iter().map(|&s| s >= thr).collect();
@@ -441,8 +469,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         FtRecipe::SisWeighted => scores.iter().map(|&s| ((s / mean_sis.max(1e-12)) as f32).min(10.0)).collect(),
     };
     let critical_vals = vcritical.iter().filter(|&&c| c).count();
-    let val = Scorer::new(&vbatches, &vteacher, vcritical, a.beta, abox.as_ref());
-    let trs = Scorer::new(&batches, &teacher, critical, a.beta, abox.as_ref());
+    let val = Scorer::new(&fwd, &vbatches, &vteacher, vcritical, a.beta, abox.as_ref());
+    let trs = Scorer::new(&fwd, &batches, &teacher, critical, a.beta, abox.as_ref());
     // PTQ candidates, calibrated on training states, scored on validation states.
     let recipes: Vec<Recipe> = match a.init {
         Some(r) => vec![r],
@@ -463,7 +491,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     }
     let (sim, ptq, ptq_score) = best_ptq.ok_or("no PTQ recipe to try")?;
     let ptq_name = format!("ptq:{}", ptq.recipe);
-    let before = run_all(&sim, &batches)?;
+    let before = fwd.run_all(&sim, &batches, "the PTQ candidate")?;
+    phases.mark("PTQ");
     // Fine-tuning from the best PTQ candidate (unless only PTQ is asked for).
     let (tuned, shipped, decision, log) = if a.ship == Ship::Ptq {
         let d = format!("--ship ptq: the best PTQ candidate on the held-out states, {ptq_name}, without fine-tuning");
@@ -498,7 +527,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         let ck = a.out.join("checkpoint.json");
         let mut gpu = match a.device {
             crate::gpu_train::Device::Cuda => {
-                Some(crate::gpu_train::GpuEngine::new(&tg, a.train.batch.min(data.len()))?)
+                let gpu = fwd.gpu().expect("--device cuda opened the GPU").clone();
+                Some(crate::gpu_train::GpuEngine::on(gpu, &tg, a.train.batch.min(data.len()))?)
             }
             crate::gpu_train::Device::Cpu => None,
         };
@@ -543,13 +573,14 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
             (sim.clone(), ptq_name.clone(), d, log)
         }
     };
+    phases.mark("fine-tuning");
     for c in &mut candidates {
         c.chosen = c.name == shipped;
     }
     eprint!("{}", render_candidates(&candidates));
     eprintln!("{decision}");
     let heldout_after = val.score(&tuned)?;
-    let after = run_all(&tuned, &batches)?;
+    let after = fwd.run_all(&tuned, &batches, "the shipped model")?;
     // Outputs: the simulation IR, QDQ ONNX, the fused IR.
     let mut lowered = tuned.clone();
     PassManager::from_names(&["lower-quant", "dce"])
@@ -564,6 +595,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let cpu_plan = plan.describe();
     let fused_kernels = plan.kernels();
     let (cpu_rel_diff, cpu_mismatch) = check_plan(&plan, &tuned, &vbatches, &vsteps, a.train.threads, a.plan_tol)?;
+    phases.mark("artifacts + check");
     let hist = {
         let mx = scores.iter().cloned().fold(0.0, f64::max).max(1e-12);
         let mut h = vec![0usize; 20];
@@ -613,6 +645,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         action_mse_after: trs.stats(&after),
         ptq,
         seconds: t0.elapsed().as_secs_f64(),
+        phases: phases.done,
         fused_kernels,
         cpu_plan,
         cpu_rel_diff,
@@ -783,6 +816,13 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
         Some(m) => format!("differs from the simulation: {m}"),
         None => format!("matches the simulation on the held-out states (max rel diff {:.1e})", f(&r["cpu_rel_diff"])),
     };
+    let phases: Vec<String> = r["phases"]
+        .as_array()
+        .map(|v| {
+            v.iter().filter_map(|p| Some(format!("{} {:.1} s", p.get(0)?.as_str()?, p.get(1)?.as_f64()?))).collect()
+        })
+        .unwrap_or_default();
+    let time = format!("{:.1} s on {}: {}", f(&r["seconds"]), s(&r["device"]), phases.join(", "));
     let o = out.display();
     Ok(format!(
         "compiled   {} -> {o}\n\
@@ -791,6 +831,7 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
          fidelity   held-out action MSE vs the float policy: {:.3e} (best PTQ, {ptq}) -> {:.3e}; critical states {:.3e} -> {:.3e}\n\
          size       float weights {:.1} KB -> policy.bin {:.1} KB ({}): {} int4 layers, {q4} weights in {:.1} KB; the rest as IR text, {:.1} KB\n\
          latency    {lat}\n\
+         time       {time}\n\
          arithmetic policy.bin {mismatch}\n\
          outputs    {o}/policy.bin (sqil run / sqil bench / sqil build), {o}/model.onnx (QDQ ONNX), {o}/model.sqil, {o}/report.json\n",
         model.display(),

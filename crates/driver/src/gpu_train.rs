@@ -10,6 +10,7 @@ use sqil_ir::{IrError, Result};
 use sqil_train::model::TrainGraph;
 use sqil_train::trainer::{batch_feeds, Dataset, GradEngine};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Which device computes the fine-tuning steps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -29,7 +30,7 @@ fn dev_err(e: sqil_cuda::Error) -> IrError {
 /// The GPU [`GradEngine`]: one lowered program per batch size (the last batch of an epoch may be
 /// shorter), each captured in a CUDA graph.
 pub struct GpuEngine {
-    gpu: Gpu,
+    gpu: Arc<Gpu>,
     programs: HashMap<usize, GpuGraph>,
 }
 
@@ -38,6 +39,11 @@ impl GpuEngine {
     /// named before training starts).
     pub fn new(tg: &TrainGraph, batch: usize) -> Result<GpuEngine> {
         let gpu = Gpu::new().map_err(|e| IrError::Invalid(format!("--device cuda: {e}")))?;
+        GpuEngine::on(Arc::new(gpu), tg, batch)
+    }
+
+    /// [`GpuEngine::new`] on a GPU already opened (shared with the forward passes).
+    pub fn on(gpu: Arc<Gpu>, tg: &TrainGraph, batch: usize) -> Result<GpuEngine> {
         let mut e = GpuEngine { gpu, programs: HashMap::new() };
         e.program(tg, batch)?;
         Ok(e)

@@ -9,6 +9,7 @@ pub mod build;
 pub mod compile;
 pub mod error;
 pub mod feeds;
+pub mod forward;
 pub mod gpu_train;
 pub mod inspect;
 pub mod npy;

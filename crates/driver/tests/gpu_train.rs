@@ -217,3 +217,42 @@ fn one_training_step_on_the_gpu_matches_the_cpu() {
         }
     }
 }
+
+/// `sqil compile --device cuda` runs its forward passes (the float policy's actions, SIS, scoring)
+/// on the GPU: each testdata policy's float graph and SIS there against the interpreter.
+#[test]
+fn forward_passes_and_sis_on_the_gpu_match_the_cpu() {
+    let gpu = match sqil_driver::forward::Forward::cuda() {
+        Ok(g) => g,
+        Err(e) => {
+            assert!(std::env::var("SQIL_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU and SQIL_REQUIRE_GPU=1: {e}");
+            eprintln!("skipping the GPU forward comparison: {e}");
+            return;
+        }
+    };
+    let cpu = sqil_driver::forward::Forward::cpu();
+    for name in ALL {
+        let mut fp = sqil_driver::load_model(&policies().join(format!("{name}.onnx"))).unwrap();
+        sqil_passes::cleanup_pipeline().run(&mut fp, &mut sqil_passes::PassCtx::default()).unwrap();
+        let mut f = HashMap::new();
+        for (i, &inp) in fp.inputs.iter().enumerate() {
+            let t = sqil_driver::npy::read(&policies().join(format!("{name}.input{i}.npy"))).unwrap();
+            f.insert(fp.node(inp).outputs[0].name.clone(), t.cast(sqil_ir::DType::F32));
+        }
+        let batches = vec![f];
+        let (want, got) =
+            (cpu.run_all(&fp, &batches, "test").unwrap(), gpu.run_all(&fp, &batches, "test").unwrap());
+        let (wv, gv) = (want.data.to_f32_vec(), got.data.to_f32_vec());
+        let scale = wv.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let d = wv.iter().zip(&gv).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(d <= 1e-4, "{name}: GPU forward differs by {d:.2e} of the largest action");
+        let cfg = sqil_train::sis::SisConfig::default();
+        let s_cpu = sqil_train::sis::sis_with(&fp, &batches, &cfg).unwrap();
+        let mut r = gpu.runner(&fp, "SIS").unwrap();
+        let s_gpu = sqil_train::sis::sis_run(&fp, &batches, &cfg, &mut |x| r.run(x)).unwrap();
+        let top = s_cpu.iter().cloned().fold(1e-30f64, f64::max);
+        for (i, (a, b)) in s_cpu.iter().zip(&s_gpu).enumerate() {
+            assert!((a - b).abs() <= 1e-3 * top, "{name}: SIS of state {i}: GPU {b:.4e} vs CPU {a:.4e}");
+        }
+    }
+}

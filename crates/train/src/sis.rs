@@ -187,6 +187,18 @@ pub fn sis(fp: &Graph, batches: &[Feeds], patch: usize) -> Result<Vec<f64>> {
 
 /// SIS of every state of `batches` (in order) under `cfg`.
 pub fn sis_with(fp: &Graph, batches: &[Feeds], cfg: &SisConfig) -> Result<Vec<f64>> {
+    let it = Interpreter::new(fp)?;
+    sis_run(fp, batches, cfg, &mut |f: &Feeds| it.run(f).map(|mut o| o.remove(0)))
+}
+
+/// [`sis_with`] with the float policy's forward pass given as `run` (the policy's first output
+/// for a batch of feeds): the interpreter, or the same graph lowered for a GPU.
+pub fn sis_run(
+    fp: &Graph,
+    batches: &[Feeds],
+    cfg: &SisConfig,
+    run: &mut dyn FnMut(&Feeds) -> Result<Tensor>,
+) -> Result<Vec<f64>> {
     let names: Vec<String> = fp.inputs.iter().map(|&i| fp.node(i).outputs[0].name.clone()).collect();
     // Dataset means (and standard deviations of vector dimensions) per input.
     let mut perturb = vec![];
@@ -228,7 +240,6 @@ pub fn sis_with(fp: &Graph, batches: &[Feeds], cfg: &SisConfig) -> Result<Vec<f6
             Perturb::Columns { groups: gs, mean, std, how: cfg.vector }
         });
     }
-    let it = Interpreter::new(fp)?;
     let mut out = vec![];
     let mut state0 = 0u64;
     // A live bar on a terminal (hidden elsewhere): SIS runs the float policy once per perturbed
@@ -242,7 +253,7 @@ pub fn sis_with(fp: &Graph, batches: &[Feeds], cfg: &SisConfig) -> Result<Vec<f6
     for b in batches {
         let bsz = b[&names[0]].shape[0];
         bar.inc(bsz as u64);
-        let base = it.run(b)?.remove(0);
+        let base = run(b)?;
         let positions: Vec<usize> = names.iter().zip(&perturb).map(|(n, p)| p.positions(&b[n].shape)).collect();
         let total: usize = positions.iter().sum();
         // Row r = sample i, position k (over all inputs): sample i with only that position perturbed.
@@ -273,7 +284,7 @@ pub fn sis_with(fp: &Graph, batches: &[Feeds], cfg: &SisConfig) -> Result<Vec<f6
             shape[0] = bsz * total;
             feeds.insert(n.clone(), Tensor::from_f32(shape, big)?);
         }
-        let pert = it.run(&feeds)?.remove(0).data.to_f32_vec();
+        let pert = run(&feeds)?.data.to_f32_vec();
         let bv = base.data.to_f32_vec();
         let a = bv.len() / bsz;
         for i in 0..bsz {
