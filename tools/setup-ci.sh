@@ -17,6 +17,8 @@ command -v arm-none-eabi-gcc >/dev/null || pkgs="$pkgs gcc-arm-none-eabi libnewl
 command -v aarch64-linux-gnu-gcc >/dev/null || pkgs="$pkgs gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
 command -v qemu-aarch64 >/dev/null || pkgs="$pkgs qemu-user"
 command -v qemu-system-arm >/dev/null || pkgs="$pkgs qemu-system-arm"
+# The recipe benchmark's report is checked in a real headless browser.
+command -v chromium >/dev/null || pkgs="$pkgs chromium"
 # HDF5 (robomimic) demonstrations: sqil's `hdf5` feature links libhdf5.
 [ -e /usr/include/hdf5/serial/hdf5.h ] || [ -e /usr/include/hdf5.h ] || pkgs="$pkgs libhdf5-dev pkg-config"
 if [ -n "$pkgs" ]; then
