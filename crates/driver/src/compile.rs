@@ -787,7 +787,9 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
     let bin = out.join("policy.bin");
     let bytes = std::fs::read(&bin).map_err(|e| format!("{}: {e}", bin.display()))?;
     let packed = bytes.len();
-    let (ir, layers) = sqil_runtime::artifact::decode(&bytes, &bin.display().to_string())?;
+    let sqil_runtime::artifact::Decoded { ir, packed: layers, consts } =
+        sqil_runtime::artifact::decode(&bytes, &bin.display().to_string())?;
+    let const_bytes: usize = consts.values().map(|v| v.len() * 4).sum();
     let q4: usize = layers.values().map(|l| l.n * l.k).sum();
     let q4_bytes: usize = layers.values().map(|l| l.bytes()).sum();
     let mut policy = sqil_runtime::Policy::load(&bin)?;
@@ -829,7 +831,7 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
          recipe     {} at {}; shipped {}\n\
          why        {}\n\
          fidelity   held-out action MSE vs the float policy: {:.3e} (best PTQ, {ptq}) -> {:.3e}; critical states {:.3e} -> {:.3e}\n\
-         size       float weights {:.1} KB -> policy.bin {:.1} KB ({}): {} int4 layers, {q4} weights in {:.1} KB; the rest as IR text, {:.1} KB\n\
+         size       float weights {:.1} KB -> policy.bin {:.1} KB ({}): {} int4 layers, {q4} weights in {:.1} KB; float constants {:.1} KB; the graph as IR text, {:.1} KB\n\
          latency    {lat}\n\
          time       {time}\n\
          arithmetic policy.bin {mismatch}\n\
@@ -848,10 +850,11 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
         if float_bytes >= packed {
             format!("{:.1}x smaller", float_bytes as f64 / packed.max(1) as f64)
         } else {
-            format!("{:.1}x larger: the float layers are stored as text", packed as f64 / float_bytes.max(1) as f64)
+            format!("{:.1}x larger", packed as f64 / float_bytes.max(1) as f64)
         },
         layers.len(),
         q4_bytes as f64 / 1024.0,
+        const_bytes as f64 / 1024.0,
         ir.len() as f64 / 1024.0,
     ))
 }

@@ -240,8 +240,7 @@ fn forward_passes_and_sis_on_the_gpu_match_the_cpu() {
             f.insert(fp.node(inp).outputs[0].name.clone(), t.cast(sqil_ir::DType::F32));
         }
         let batches = vec![f];
-        let (want, got) =
-            (cpu.run_all(&fp, &batches, "test").unwrap(), gpu.run_all(&fp, &batches, "test").unwrap());
+        let (want, got) = (cpu.run_all(&fp, &batches, "test").unwrap(), gpu.run_all(&fp, &batches, "test").unwrap());
         let (wv, gv) = (want.data.to_f32_vec(), got.data.to_f32_vec());
         let scale = wv.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
         let d = wv.iter().zip(&gv).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;

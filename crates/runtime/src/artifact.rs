@@ -9,6 +9,11 @@
 //! weight, `sqil_lower::layer_key`); versions 1 and 2 stored the unfused graph and named a layer
 //! by its output value, and load as before (every node its own step).
 //!
+//! Since version 4 the other float constants (the layers that stay in float, biases, norms) are
+//! stored as raw f32 in a section of their own rather than as decimal text: the IR holds a zero
+//! placeholder and loading puts the stored values back (a float layer's bytes were about 2.5x its
+//! size as text; the artifact of an MLP with a float first layer was larger than its ONNX).
+//!
 //! Since version 2 the float weights of the int4 layers are not stored twice: in the IR text
 //! they are zero placeholders (`{splat 0.0}`), and loading puts back their dequantized values
 //! `q * scale` from the packed weights, which the graph's FakeQuant maps to the same values as
@@ -26,6 +31,8 @@
 //!   layers u32, then per layer:
 //!     name_len u32, name, n u64, k u64, k_pad u64, group u64,
 //!     blocks (n * k_pad / 2 bytes, the BlockQ4 layout), scales f32[n * groups], sums i32[n * groups]
+//!   (version 4) constants u32, then per constant:
+//!     name_len u32, value name, count u64, f32[count]
 //! ```
 
 use sqil_ir::{Graph, IrError, Op, Result, Tensor};
@@ -35,7 +42,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 pub const MAGIC: &[u8; 8] = b"SQILCPU\0";
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
+
+/// Float constants of at least this many elements (and not all equal, which the IR prints as a
+/// splat) go to the binary section.
+const BINARY_CONST_MIN: usize = 8;
 
 /// FNV-1a, 64 bit.
 pub fn checksum(bytes: &[u8]) -> u64 {
@@ -69,6 +80,20 @@ pub fn encode_lowered(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
             }
         }
     }
+    // The remaining float constants as raw f32, zero placeholders in the text.
+    let mut consts: Vec<(String, Vec<f32>)> = vec![];
+    for c in g.topo_order()? {
+        let name = g.node(c).outputs.first().map(|v| v.name.clone()).unwrap_or_default();
+        if let Op::Const(t) = &mut g.node_mut(c).op {
+            if t.dtype() == sqil_ir::DType::F32 && t.len() >= BINARY_CONST_MIN {
+                let v = t.data.to_f32_vec();
+                if v.iter().any(|x| x.to_bits() != v[0].to_bits()) {
+                    *t = Tensor::zeros(t.dtype(), t.shape.clone());
+                    consts.push((name, v));
+                }
+            }
+        }
+    }
     let ir_text = sqil_ir::print_graph(&g, &sqil_ir::PrintOptions { elide_over: None, splat: true })?;
     let mut p = vec![];
     p.extend((ir_text.len() as u64).to_le_bytes());
@@ -98,6 +123,15 @@ pub fn encode_lowered(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
             p.extend(s.to_le_bytes());
         }
     }
+    p.extend((consts.len() as u32).to_le_bytes());
+    for (name, v) in &consts {
+        p.extend((name.len() as u32).to_le_bytes());
+        p.extend(name.as_bytes());
+        p.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            p.extend(x.to_le_bytes());
+        }
+    }
     let mut out = Vec::with_capacity(p.len() + 32);
     out.extend(MAGIC);
     out.extend(VERSION.to_le_bytes());
@@ -107,6 +141,36 @@ pub fn encode_lowered(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
     out.extend(sum.to_le_bytes());
     out.extend(p);
     Ok(out)
+}
+
+/// Puts the stored float constants (version 4) back into their placeholders: each name must be a
+/// constant of the graph, an all-zero f32 placeholder of the same size.
+pub fn restore_consts(g: &mut Graph, consts: &HashMap<String, Vec<f32>>, what: &str) -> Result<()> {
+    let mut left: std::collections::HashSet<&String> = consts.keys().collect();
+    for c in g.topo_order()? {
+        let name = g.node(c).outputs.first().map(|v| v.name.clone()).unwrap_or_default();
+        let Some(v) = consts.get(&name) else { continue };
+        left.remove(&name);
+        if let Op::Const(t) = &mut g.node_mut(c).op {
+            if t.dtype() != sqil_ir::DType::F32 || t.len() != v.len() || t.data.to_f32_vec().iter().any(|&x| x != 0.0) {
+                return Err(IrError::Invalid(format!(
+                    "{what}: stored constant `{name}` ({} values) does not fit its placeholder ({} {:?} values)",
+                    v.len(),
+                    t.len(),
+                    t.dtype()
+                )));
+            }
+            *t = Tensor::from_f32(t.shape.clone(), v.clone())?;
+        } else {
+            return Err(IrError::Invalid(format!(
+                "{what}: stored constant `{name}` names a value that is not a constant"
+            )));
+        }
+    }
+    if let Some(n) = left.into_iter().min() {
+        return Err(IrError::Invalid(format!("{what}: stored constant `{n}` is not in the graph")));
+    }
+    Ok(())
 }
 
 /// Puts the dequantized int4 weights back into the placeholders `encode` left (see the module
@@ -194,9 +258,17 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Decodes an artifact: the IR text and the packed weights by layer name. `what` names the
-/// source in errors.
-pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, PackedQ4>)> {
+/// A decoded artifact: the IR text, the packed weights by layer name, and (version 4) the float
+/// constants by value name.
+#[derive(Debug)]
+pub struct Decoded {
+    pub ir: String,
+    pub packed: HashMap<String, PackedQ4>,
+    pub consts: HashMap<String, Vec<f32>>,
+}
+
+/// Decodes an artifact. `what` names the source in errors.
+pub fn decode(bytes: &[u8], what: &str) -> Result<Decoded> {
     let mut r = Reader { b: bytes, at: 0, what };
     if r.take(8)? != MAGIC {
         return Err(IrError::Invalid(format!("{what}: not a sqil artifact (no SQILCPU magic)")));
@@ -256,10 +328,24 @@ pub fn decode(bytes: &[u8], what: &str) -> Result<(String, HashMap<String, Packe
             return Err(IrError::Invalid(format!("{what}: layer `{name}` is stored twice")));
         }
     }
+    let mut consts = HashMap::new();
+    if version >= 4 {
+        for _ in 0..r.u32()? {
+            let nl = r.u32()? as usize;
+            let name = String::from_utf8(r.take(nl)?.to_vec())
+                .map_err(|_| IrError::Invalid(format!("{what}: bad constant name")))?;
+            let n = r.len(payload.len() / 4)?;
+            let v: Vec<f32> =
+                r.take(n * 4)?.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect();
+            if consts.insert(name.clone(), v).is_some() {
+                return Err(IrError::Invalid(format!("{what}: constant `{name}` is stored twice")));
+            }
+        }
+    }
     if r.at != payload.len() {
         return Err(IrError::Invalid(format!("{what}: {} trailing bytes", payload.len() - r.at)));
     }
-    Ok((ir.to_string(), packed))
+    Ok(Decoded { ir: ir.to_string(), packed, consts })
 }
 
 /// Writes an artifact atomically (temporary file, then rename).

@@ -20,8 +20,9 @@ pub fn load_artifact(path: &Path) -> Result<(sqil_ir::Graph, Plan)> {
 
 /// [`load_artifact`] from bytes in memory; `what` names the source in errors.
 pub fn load_artifact_bytes(bytes: &[u8], what: &str) -> Result<(sqil_ir::Graph, Plan)> {
-    let (ir, packed) = artifact::decode(bytes, what)?;
+    let artifact::Decoded { ir, packed, consts } = artifact::decode(bytes, what)?;
     let mut g = sqil_ir::parse_graph(&ir).map_err(|e| e.context(what.to_string()))?;
+    artifact::restore_consts(&mut g, &consts, what)?;
     artifact::restore_weights(&mut g, &packed)?;
     sqil_ir::verify_input(&g).map_err(|e| e.context(what.to_string()))?;
     let plan = Plan::with_packed(&g, &packed).map_err(|e| e.context(what.to_string()))?;
