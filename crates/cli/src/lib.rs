@@ -149,7 +149,8 @@ pub enum Cmd {
         ship: String,
         /// HDF5 (robomimic, Minari Dict spaces) or LeRobot demonstrations: the observation keys
         /// (columns) to concatenate, in order (default: every 1-D or 2-D key, sorted by name;
-        /// LeRobot: observation.state).
+        /// LeRobot: observation.state). A camera key ([T, H, W, C] frames; LeRobot: an image
+        /// feature) in the list is the image input (one camera; default: the first by name).
         #[arg(long, value_delimiter = ',')]
         obs_keys: Vec<String>,
         /// Where the fine-tuning steps run: `cpu` (the interpreter, batches split over --threads)

@@ -6,6 +6,10 @@
 //! - Minari (a dataset folder with `data/main_data.hdf5`, or that file: `episode_<id>/observations`
 //!   with one row more than `actions`, the final observation, which is dropped; a Dict observation
 //!   space is a group whose keys `obs_keys` picks as for robomimic).
+//!
+//! Camera frames: a 4-D uint8 key `[T, H, W, C]` (robomimic's `agentview_image`, a Minari Dict
+//! space's image) becomes the demonstrations' `images` `[T, C, H, W]`, which a policy's image input
+//! sees divided by 255: the key named in `obs_keys` (one camera), else the first 4-D key by name.
 
 use crate::{max_array_bytes, Demos, DemosError};
 use hdf5_metno as hdf5;
@@ -21,7 +25,7 @@ fn read_2d(g: &hdf5::Group, name: &str, what: &str) -> Result<(Vec<f64>, usize, 
     let (rows, cols) = match shape.as_slice() {
         [r] => (*r, 1),
         [r, c] => (*r, *c),
-        s => return Err(format!("`{what}`: shape {s:?}, expected [T] or [T, D] (images are not read from HDF5 yet)")),
+        s => return Err(format!("`{what}`: shape {s:?}, expected [T] or [T, D] (or [T, H, W, C] camera frames)")),
     };
     let bytes = (rows as u64).saturating_mul(cols as u64).saturating_mul(8);
     if bytes > max_array_bytes() {
@@ -66,9 +70,9 @@ fn key_columns(
         k.sort();
         k
     } else {
-        obs_keys.to_vec()
+        obs_keys.iter().filter(|k| og.dataset(k).map_or(true, |d| d.shape().len() != 4)).cloned().collect()
     };
-    if keys.is_empty() {
+    if keys.is_empty() && image_key(og, at, obs_keys)?.is_none() {
         return Err(format!("`{at}`: no 1-D or 2-D observation keys"));
     }
     let mut cols = vec![];
@@ -80,7 +84,90 @@ fn key_columns(
         }
         cols.push((v, c));
     }
+    if rows.is_none() {
+        // Camera frames only: the steps are the frames.
+        if let Some(k) = image_key(og, at, obs_keys)? {
+            rows = og.dataset(&k).ok().and_then(|d| d.shape().first().copied());
+        }
+    }
     Ok((cols, rows.unwrap_or(0), keys))
+}
+
+/// The camera key of observation group `og`: the 4-D key among `obs_keys` (at most one), or with
+/// no `obs_keys` the first 4-D key by name.
+fn image_key(og: &hdf5::Group, at: &str, obs_keys: &[String]) -> Result<Option<String>, String> {
+    let is4 = |k: &String| og.dataset(k).is_ok_and(|d| d.shape().len() == 4);
+    let found: Vec<String> = if obs_keys.is_empty() {
+        let mut k: Vec<String> = og.member_names().map_err(|e| e.to_string())?.into_iter().filter(is4).collect();
+        k.sort();
+        k.truncate(1);
+        k
+    } else {
+        obs_keys.iter().filter(|k| is4(k)).cloned().collect()
+    };
+    if found.len() > 1 {
+        return Err(format!("`{at}`: cameras {found:?}: a policy takes one image input, name one in --obs-keys"));
+    }
+    Ok(found.into_iter().next())
+}
+
+/// The first `t` camera frames of `og`'s image key (see [`image_key`]) as `[t, C, H, W]` bytes, and
+/// the key; `None` without one.
+#[allow(clippy::type_complexity)]
+fn read_images(
+    og: &hdf5::Group,
+    at: &str,
+    obs_keys: &[String],
+    t: usize,
+) -> Result<Option<(Vec<u8>, [usize; 4], String)>, String> {
+    let Some(key) = image_key(og, at, obs_keys)? else { return Ok(None) };
+    let what = format!("{at}/{key}");
+    let ds = og.dataset(&key).map_err(|e| format!("`{what}`: {e}"))?;
+    let sh = ds.shape();
+    let (rows, h, w, c) = (sh[0], sh[1], sh[2], sh[3]);
+    if rows < t || !matches!(c, 1 | 3 | 4) {
+        return Err(format!("`{what}`: shape {sh:?}, expected [{t}, H, W, C] frames with 1, 3 or 4 channels"));
+    }
+    if ds.dtype().map(|d| d.size()).unwrap_or(0) != 1 {
+        return Err(format!("`{what}`: camera frames must be uint8"));
+    }
+    let bytes = (rows as u64).saturating_mul((h * w * c) as u64);
+    if bytes > max_array_bytes() {
+        return Err(format!("`{what}`: {bytes} bytes of frames, more than allowed (SQIL_MAX_ARRAY_BYTES)"));
+    }
+    let v = ds.read_raw::<u8>().map_err(|e| format!("`{what}`: {e}"))?;
+    let mut out = vec![0u8; t * c * h * w];
+    for i in 0..t {
+        for y in 0..h {
+            for x in 0..w {
+                for ch in 0..c {
+                    out[((i * c + ch) * h + y) * w + x] = v[((i * h + y) * w + x) * c + ch];
+                }
+            }
+        }
+    }
+    Ok(Some((out, [t, c, h, w], key)))
+}
+
+/// Appends an episode's frames to `all`, checking their size against the first episode's.
+fn push_images(
+    all: &mut Option<(Vec<u8>, [usize; 4])>,
+    got: Option<(Vec<u8>, [usize; 4], String)>,
+    at: &str,
+) -> Result<(), String> {
+    match (all.as_mut(), got) {
+        (None, Some((v, shape, _))) => *all = Some((v, shape)),
+        (Some((a, s)), Some((v, shape, _))) => {
+            if shape[1..] != s[1..] {
+                return Err(format!("`{at}`: frames of {:?}, the first episode's are {:?}", &shape[1..], &s[1..]));
+            }
+            a.extend(v);
+            s[0] += shape[0];
+        }
+        (Some(_), None) => return Err(format!("`{at}`: no camera frames, the first episode has them")),
+        (None, None) => {}
+    }
+    Ok(())
 }
 
 /// The observation columns of one Minari episode group: the dataset `observations` or, for a
@@ -124,6 +211,7 @@ fn minari(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, Dem
     eps.sort();
     let (mut obs, mut act, mut rew, mut starts) = (vec![], vec![], vec![], vec![]);
     let (mut width, mut act_w, mut keys_used) = (None, None, vec![]);
+    let mut images = None;
     for (_, name) in &eps {
         let g = f.group(name).map_err(|e| err(format!("`{name}`: {e}")))?;
         let (cols, rows, keys) = episode_obs(&g, name, obs_keys).map_err(err)?;
@@ -138,6 +226,10 @@ fn minari(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, Dem
             )));
         }
         keys_used = keys;
+        if let Ok(og) = g.group("observations") {
+            let frames = read_images(&og, &format!("{name}/observations"), obs_keys, t).map_err(err)?;
+            push_images(&mut images, frames, name).map_err(err)?;
+        }
         push_steps(&cols, t, &mut obs, &mut starts);
         act.extend(av.iter().map(|&x| x as f32));
         if let Ok((v, r, _)) = read_2d(&g, "rewards", &format!("{name}/rewards")) {
@@ -147,7 +239,8 @@ fn minari(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, Dem
         }
     }
     let metadata = serde_json::json!({"format": "sqil-demos/1", "source": "minari", "obs_keys": keys_used});
-    Demos::from_rows(path, (obs, width.unwrap_or(0)), Some((act, act_w.unwrap_or(0))), starts, rew, metadata)
+    Demos::from_rows(path, (obs, width.unwrap_or(0)), Some((act, act_w.unwrap_or(0))), starts, rew, metadata)?
+        .with_images(path, images)
 }
 
 /// A robomimic dataset file (see the module header).
@@ -170,6 +263,7 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
     let (mut width, mut act_w) = (None, None);
     let mut keys_used: Vec<String> = vec![];
     let mut has_actions = true;
+    let (mut images, mut camera) = (None, None);
     for (_, name) in &demos {
         let g = data.group(name).map_err(|e| err(format!("`data/{name}`: {e}")))?;
         let og = g.group("obs").map_err(|_| err(format!("`data/{name}/obs`: missing")))?;
@@ -186,6 +280,12 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
                 width.unwrap_or(0)
             )));
         }
+        let at = format!("data/{name}/obs");
+        let frames = read_images(&og, &at, obs_keys, t).map_err(err)?;
+        if let Some((_, _, k)) = &frames {
+            camera.get_or_insert(k.clone());
+        }
+        push_images(&mut images, frames, &at).map_err(err)?;
         push_steps(&cols, t, &mut obs, &mut starts);
         if g.dataset("actions").is_ok() && has_actions {
             let (v, r, c) = read_2d(&g, "actions", &format!("data/{name}/actions")).map_err(err)?;
@@ -218,8 +318,9 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
         "format": "sqil-demos/1",
         "source": "robomimic",
         "obs_keys": keys_used,
+        "camera": camera,
         "env_args": env_args,
     });
     let actions = if has_actions { act_w.map(|c| (act, c)) } else { None };
-    Demos::from_rows(path, (obs, width.unwrap_or(0)), actions, starts, rew, metadata)
+    Demos::from_rows(path, (obs, width.unwrap_or(0)), actions, starts, rew, metadata)?.with_images(path, images)
 }

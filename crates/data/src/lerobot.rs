@@ -2,7 +2,12 @@
 //! under `data/` (v2.x: a file per episode, v3.0: files holding several episodes), one row per
 //! frame with `observation.state` and `action` as float lists and `episode_index`,
 //! `frame_index`. Frames are taken in file order, then by (episode, frame); `obs_keys` picks and
-//! orders the observation columns (default `observation.state`). Camera frames are not read yet.
+//! orders the observation columns (default `observation.state`).
+//!
+//! Camera frames: a feature of dtype `image` in `meta/info.json` (a struct column of PNG `bytes`,
+//! as LeRobot writes it) becomes the demonstrations' `images` `[T, C, H, W]`: the image key named
+//! in `obs_keys` (one camera), else the first by name. Cameras stored as `video` (mp4) are refused
+//! with a message: decode them to image features first.
 
 use crate::{Demos, DemosError};
 use arrow_array::cast::AsArray;
@@ -73,20 +78,92 @@ fn int_rows(b: &RecordBatch, name: &str, file: &Path) -> Result<Vec<i64>, String
 }
 
 /// Loads a LeRobot dataset folder.
+/// One camera frame: `[C, H, W]` bytes and that shape.
+type Frame = (Vec<u8>, [usize; 3]);
+
+/// Decodes one PNG frame to `[C, H, W]` bytes (8-bit gray, gray + alpha, RGB or RGBA).
+fn png_chw(bytes: &[u8], what: &str) -> Result<Frame, String> {
+    let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
+    dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+    let mut r = dec.read_info().map_err(|e| format!("{what}: not a PNG frame ({e})"))?;
+    let size = r.output_buffer_size().ok_or_else(|| format!("{what}: PNG frame too large"))?;
+    if size as u64 > crate::max_array_bytes() {
+        return Err(format!("{what}: PNG frame of {size} bytes, more than allowed (SQIL_MAX_ARRAY_BYTES)"));
+    }
+    let mut buf = vec![0u8; size];
+    let info = r.next_frame(&mut buf).map_err(|e| format!("{what}: PNG frame: {e}"))?;
+    let (h, w, c) = (info.height as usize, info.width as usize, info.color_type.samples());
+    let mut out = vec![0u8; c * h * w];
+    for y in 0..h {
+        for x in 0..w {
+            for ch in 0..c {
+                out[(ch * h + y) * w + x] = buf[y * info.line_size + x * c + ch];
+            }
+        }
+    }
+    Ok((out, [c, h, w]))
+}
+
+/// Column `name` of `b` as PNG frames, each `[C, H, W]` bytes.
+fn image_rows(b: &RecordBatch, name: &str, file: &Path) -> Result<Vec<Frame>, String> {
+    let col = b.column_by_name(name).ok_or_else(|| format!("{}: no column `{name}`", file.display()))?;
+    let st = col
+        .as_struct_opt()
+        .ok_or_else(|| format!("{}: column `{name}` holds {:?}, not image structs", file.display(), col.data_type()))?;
+    let bytes = st
+        .column_by_name("bytes")
+        .and_then(|c| c.as_binary_opt::<i32>())
+        .ok_or_else(|| format!("{}: column `{name}` has no binary field `bytes`", file.display()))?;
+    (0..b.num_rows())
+        .map(|r| {
+            if bytes.is_null(r) {
+                return Err(format!("{}: column `{name}`, row {r}: no frame bytes", file.display()));
+            }
+            png_chw(bytes.value(r), &format!("{}: column `{name}`, row {r}", file.display()))
+        })
+        .collect()
+}
+
 pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     let err = |msg: String| DemosError { path: dir.to_path_buf(), msg };
     let info_path = dir.join("meta/info.json");
     let info: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&info_path).map_err(|e| err(format!("meta/info.json: {e}")))?)
             .map_err(|e| err(format!("meta/info.json: not JSON: {e}")))?;
-    let keys: Vec<String> = if obs_keys.is_empty() { vec!["observation.state".into()] } else { obs_keys.to_vec() };
+    let dtype = |k: &str| info["features"][k]["dtype"].as_str().unwrap_or("").to_string();
+    let mut cameras: Vec<String> = if obs_keys.is_empty() {
+        let mut c: Vec<String> = info["features"]
+            .as_object()
+            .map(|f| f.keys().filter(|k| dtype(k) == "image").cloned().collect())
+            .unwrap_or_default();
+        c.sort();
+        c.truncate(1);
+        c
+    } else {
+        obs_keys.iter().filter(|k| matches!(dtype(k).as_str(), "image" | "video")).cloned().collect()
+    };
+    if let Some(v) = cameras.iter().find(|k| dtype(k) == "video") {
+        return Err(err(format!(
+            "camera `{v}` is stored as video (mp4), which sqil does not decode: store it as an image feature (PNG frames)"
+        )));
+    }
+    if cameras.len() > 1 {
+        return Err(err(format!("cameras {cameras:?}: a policy takes one image input, name one in --obs-keys")));
+    }
+    let camera = cameras.pop();
+    let keys: Vec<String> = if obs_keys.is_empty() {
+        vec!["observation.state".into()]
+    } else {
+        obs_keys.iter().filter(|k| Some(*k) != camera.as_ref()).cloned().collect()
+    };
     let mut files = vec![];
     parquet_files(&dir.join("data"), &mut files).map_err(|e| err(format!("data/: {e}")))?;
     if files.is_empty() {
         return Err(err("no parquet files under data/".into()));
     }
-    // (episode, frame, observation row, action row)
-    let mut frames: Vec<(i64, i64, Vec<f32>, Vec<f32>)> = vec![];
+    // (episode, frame, observation row, action row, camera frame)
+    type Row = (i64, i64, Vec<f32>, Vec<f32>, Option<Frame>);
+    let mut frames: Vec<Row> = vec![];
     let (mut width, mut act_w) = (None, None);
     for file in &files {
         let f = std::fs::File::open(file).map_err(|e| err(format!("{}: {e}", file.display())))?;
@@ -100,6 +177,10 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
             let (acts, aw) = float_rows(&b, "action", file).map_err(err)?;
             let eps = int_rows(&b, "episode_index", file).map_err(err)?;
             let fr = int_rows(&b, "frame_index", file).map_err(err)?;
+            let mut imgs: Vec<Option<Frame>> = match &camera {
+                Some(c) => image_rows(&b, c, file).map_err(err)?.into_iter().map(Some).collect(),
+                None => vec![None; b.num_rows()],
+            };
             let w: usize = cols.iter().map(|c| c.1).sum();
             if *width.get_or_insert(w) != w || *act_w.get_or_insert(aw) != aw {
                 return Err(err(format!(
@@ -112,7 +193,7 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
                 for (v, c) in &cols {
                     o.extend_from_slice(&v[r * c..(r + 1) * c]);
                 }
-                frames.push((eps[r], fr[r], o, acts[r * aw..(r + 1) * aw].to_vec()));
+                frames.push((eps[r], fr[r], o, acts[r * aw..(r + 1) * aw].to_vec(), imgs[r].take()));
             }
         }
     }
@@ -121,12 +202,29 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     let starts: Vec<bool> = (0..frames.len()).map(|i| i == 0 || frames[i].0 != frames[i - 1].0).collect();
     let obs: Vec<f32> = frames.iter().flat_map(|f| f.2.iter().copied()).collect();
     let act: Vec<f32> = frames.iter().flat_map(|f| f.3.iter().copied()).collect();
+    let images = match &camera {
+        None => None,
+        Some(c) => {
+            let shape = frames.first().and_then(|f| f.4.as_ref()).map(|f| f.1).unwrap_or([0; 3]);
+            let mut v = Vec::with_capacity(frames.len() * shape.iter().product::<usize>());
+            for (i, f) in frames.iter_mut().enumerate() {
+                let (px, s) = f.4.take().expect("every row has a frame");
+                if s != shape {
+                    return Err(err(format!("camera `{c}`: frame {i} is {s:?}, the first is {shape:?}")));
+                }
+                v.extend(px);
+            }
+            Some((v, [frames.len(), shape[0], shape[1], shape[2]]))
+        }
+    };
     let metadata = serde_json::json!({
         "format": "sqil-demos/1",
         "source": "lerobot",
         "codebase_version": info["codebase_version"],
         "fps": info["fps"],
         "obs_keys": keys,
+        "camera": camera,
     });
-    Demos::from_rows(dir, (obs, width.unwrap_or(0)), Some((act, act_w.unwrap_or(0))), starts, vec![], metadata)
+    Demos::from_rows(dir, (obs, width.unwrap_or(0)), Some((act, act_w.unwrap_or(0))), starts, vec![], metadata)?
+        .with_images(dir, images)
 }

@@ -208,6 +208,29 @@ impl Demos {
         })
     }
 
+    /// Adds camera frames `[T, C, H, W]` (bytes and shape) read beside the rows, checking that
+    /// there is one per step.
+    #[allow(dead_code)]
+    pub(crate) fn with_images(
+        mut self,
+        path: &Path,
+        images: Option<(Vec<u8>, [usize; 4])>,
+    ) -> Result<Demos, DemosError> {
+        if let Some((v, [t, c, h, w])) = images {
+            if t != self.len() {
+                return Err(DemosError {
+                    path: path.to_path_buf(),
+                    msg: format!("{t} camera frames for {} steps", self.len()),
+                });
+            }
+            self.images = Some(
+                Array4::from_shape_vec((t, c, h, w), v)
+                    .map_err(|e| DemosError { path: path.to_path_buf(), msg: e.to_string() })?,
+            );
+        }
+        Ok(self)
+    }
+
     pub fn len(&self) -> usize {
         self.observations.nrows()
     }

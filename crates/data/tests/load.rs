@@ -133,3 +133,73 @@ fn plain_arrays_load_with_only_observations_required() {
     assert!(e.contains("plain.npz") && e.contains("field `actions` has 4 steps"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The first 64 steps of the pixel demonstrations, cut into two episodes of 32 (as
+/// tools/make_image_demos.py writes its fixtures).
+#[cfg(any(feature = "hdf5", feature = "parquet"))]
+fn pixel_reference() -> Demos {
+    use ndarray::s;
+    let d = Demos::load(&demos("pickplace-pixels")).unwrap();
+    let mut episode_starts = vec![false; 64];
+    episode_starts[0] = true;
+    episode_starts[32] = true;
+    Demos {
+        observations: d.observations.slice(s![..64, ..]).to_owned(),
+        actions: Some(d.actions.unwrap().slice(s![..64, ..]).to_owned()),
+        episode_starts,
+        rewards: vec![],
+        success: vec![],
+        episode_returns: vec![],
+        metadata: serde_json::json!({}),
+        images: Some(d.images.unwrap().slice(s![..64, .., .., ..]).to_owned()),
+    }
+}
+
+#[cfg(any(feature = "hdf5", feature = "parquet"))]
+fn same_steps(got: &Demos, want: &Demos, what: &str) {
+    assert_eq!(got.observations, want.observations, "{what}: observations");
+    assert_eq!(got.actions, want.actions, "{what}: actions");
+    assert_eq!(got.episode_starts, want.episode_starts, "{what}: episode starts");
+    assert_eq!(got.images, want.images, "{what}: camera frames (CHW, uint8)");
+}
+
+/// robomimic's camera key (`obs/agentview_image`, [T, H, W, C] uint8) becomes the frames
+/// [T, C, H, W]; by default (the first 4-D key) and named in --obs-keys; two cameras named at once
+/// are refused.
+#[cfg(feature = "hdf5")]
+#[test]
+fn robomimic_camera_frames_load_as_images() {
+    let p = demos("pixels.robomimic").with_extension("hdf5");
+    let want = pixel_reference();
+    same_steps(&Demos::load_with(&p, &[]).unwrap(), &want, "robomimic, default keys");
+    let keys = ["robot0_proprio".to_string(), "agentview_image".to_string()];
+    let d = Demos::load_with(&p, &keys).unwrap();
+    same_steps(&d, &want, "robomimic, --obs-keys");
+    assert_eq!(d.metadata["camera"], "agentview_image");
+    let e = Demos::load_with(&p, &["agentview_image".into(), "agentview_image".into()]).unwrap_err().to_string();
+    assert!(e.contains("one image input"), "{e}");
+}
+
+/// LeRobot's `image` feature (PNG bytes in a struct column) becomes the frames; a camera stored as
+/// video is refused with a message.
+#[cfg(feature = "parquet")]
+#[test]
+fn lerobot_image_features_load_as_images() {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/demos/lerobot/pixels");
+    let d = Demos::load_with(&p, &[]).unwrap();
+    same_steps(&d, &pixel_reference(), "lerobot");
+    assert_eq!(d.metadata["camera"], "observation.image");
+    // The same dataset claiming its camera is a video.
+    let tmp = std::env::temp_dir().join(format!("sqil-lerobot-video-{}", std::process::id()));
+    std::fs::create_dir_all(tmp.join("meta")).unwrap();
+    std::fs::create_dir_all(tmp.join("data")).unwrap();
+    let info = std::fs::read_to_string(p.join("meta/info.json")).unwrap().replace("\"image\"", "\"video\"");
+    std::fs::write(tmp.join("meta/info.json"), info).unwrap();
+    for f in std::fs::read_dir(p.join("data/chunk-000")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.join("data").join(f.file_name().unwrap())).unwrap();
+    }
+    let e = Demos::load_with(&tmp, &["observation.state".into(), "observation.image".into()]).unwrap_err().to_string();
+    assert!(e.contains("stored as video"), "{e}");
+    std::fs::remove_dir_all(&tmp).ok();
+}

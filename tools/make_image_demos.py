@@ -1,0 +1,102 @@
+"""Writes the camera-frame dataset fixtures from the first 64 steps of
+testdata/demos/pickplace-pixels.npz (84x84 RGB frames + 7 proprioceptive values + 4 actions), cut
+into two episodes of 32 steps:
+
+    testdata/demos/pixels.robomimic.hdf5   robomimic's layout (h5py): data/demo_<i>/obs/agentview_image
+                                           [T, 84, 84, 3] uint8 (HWC, as robomimic stores cameras),
+                                           obs/robot0_proprio [T, 7], actions, rewards, dones
+    testdata/demos/lerobot/pixels/         LeRobot v2.1 (pyarrow): observation.image as the `image`
+                                           feature LeRobot writes (struct of PNG `bytes` and `path`,
+                                           PNGs from Pillow), observation.state, action, indices
+
+crates/data/tests/load.rs checks that both load to the same steps, actions and frames as the npz.
+
+    tools/.venv-dev/bin/python tools/make_image_demos.py
+"""
+import io
+import json
+import pathlib
+import shutil
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+STEPS, EPISODE = 64, 32
+
+
+def main():
+    d = np.load(ROOT / "testdata/demos/pickplace-pixels.npz")
+    obs, act, rew = d["observations"][:STEPS], d["actions"][:STEPS], d["rewards"][:STEPS]
+    img = d["images"][:STEPS]  # [T, 3, H, W]
+    hwc = np.ascontiguousarray(img.transpose(0, 2, 3, 1))
+    bounds = list(range(0, STEPS + 1, EPISODE))
+    out = ROOT / "testdata/demos/pixels.robomimic.hdf5"
+    with h5py.File(out, "w") as f:
+        data = f.create_group("data")
+        data.attrs["total"] = STEPS
+        data.attrs["env_args"] = json.dumps({"env_name": "pick-place-v3 (pixels)", "type": 0, "env_kwargs": {}})
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            g = data.create_group(f"demo_{i}")
+            g.attrs["num_samples"] = b - a
+            g.create_dataset("obs/agentview_image", data=hwc[a:b], compression="gzip")
+            g.create_dataset("obs/robot0_proprio", data=obs[a:b].astype(np.float32), compression="gzip")
+            g.create_dataset("actions", data=act[a:b].astype(np.float32))
+            g.create_dataset("rewards", data=rew[a:b].astype(np.float32))
+            dones = np.zeros(b - a, dtype=np.int64)
+            dones[-1] = 1
+            g.create_dataset("dones", data=dones)
+    print(f"wrote {out}")
+
+    lr = ROOT / "testdata/demos/lerobot/pixels"
+    shutil.rmtree(lr, ignore_errors=True)
+    (lr / "meta").mkdir(parents=True)
+    (lr / "data/chunk-000").mkdir(parents=True)
+    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    episodes = []
+    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        n = b - a
+        pngs = []
+        for t in range(a, b):
+            buf = io.BytesIO()
+            Image.fromarray(hwc[t]).save(buf, format="PNG")
+            pngs.append({"bytes": buf.getvalue(), "path": f"frame_{t:06d}.png"})
+        table = pa.table({
+            "observation.image": pa.array(pngs, type=img_type),
+            "observation.state": pa.array([list(map(float, r)) for r in obs[a:b]], type=pa.list_(pa.float32())),
+            "action": pa.array([list(map(float, r)) for r in act[a:b]], type=pa.list_(pa.float32())),
+            "timestamp": pa.array(np.arange(n, dtype=np.float32) / 80),
+            "frame_index": pa.array(np.arange(n, dtype=np.int64)),
+            "episode_index": pa.array(np.full(n, e, dtype=np.int64)),
+            "index": pa.array(np.arange(a, b, dtype=np.int64)),
+            "task_index": pa.array(np.zeros(n, dtype=np.int64)),
+        })
+        pq.write_table(table, lr / f"data/chunk-000/episode_{e:06d}.parquet")
+        episodes.append({"episode_index": e, "tasks": ["pick and place"], "length": n})
+    h, w = hwc.shape[1:3]
+    info = {
+        "codebase_version": "v2.1", "robot_type": "sawyer (Meta-World)", "total_episodes": len(episodes),
+        "total_frames": STEPS, "total_tasks": 1, "chunks_size": 1000, "fps": 80, "splits": {"train": "0:2"},
+        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
+        "features": {
+            "observation.image": {"dtype": "image", "shape": [int(h), int(w), 3], "names": ["height", "width", "channel"]},
+            "observation.state": {"dtype": "float32", "shape": [int(obs.shape[1])], "names": None},
+            "action": {"dtype": "float32", "shape": [int(act.shape[1])], "names": None},
+            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+            "index": {"dtype": "int64", "shape": [1], "names": None},
+            "task_index": {"dtype": "int64", "shape": [1], "names": None},
+        },
+    }
+    (lr / "meta/info.json").write_text(json.dumps(info, indent=2))
+    (lr / "meta/episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
+    (lr / "meta/tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "pick and place"}) + "\n")
+    print(f"wrote {lr}")
+
+
+if __name__ == "__main__":
+    main()
