@@ -170,6 +170,7 @@ def table():
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     flags = {"default_below_ptq": [], "sqil_crit_lower": 0, "rows": 0, "w4a8_below_99": []}
+    cuda = {l["policy"] for l in rows for v in l["variants"].values() if v.get("device") == "cuda"}
     for l in rows:
         v = l["variants"]
         cl = {k: v[k]["closed_loop"] if k in v else None for k in VARIANTS}
@@ -194,8 +195,16 @@ def table():
         f"- W4A8 rows where compile's default keeps less than 99% of the float mean return: {', '.join(flags['w4a8_below_99']) or 'none'}.",
         f"- SQIL's held-out critical-state error below QAT's: {flags['sqil_crit_lower']} of {flags['rows']} rows.",
         "",
-        f"Compiles ran on this machine ({platform.machine()}, 2 cores); closed-loop evaluation here too.",
+        f"Compiles ran on this machine ({platform.machine()}, 2 cores) unless their report says `--device cuda`: "
+        f"{', '.join(sorted(cuda)) or 'none'} compiled on one NVIDIA H200 (tools/gpu_sqil_rows.sh: training, SIS and "
+        "scoring on the GPU). Closed-loop evaluation ran here, except pickplace-pixels: on the GPU machine's 16 cores "
+        "with EGL rendering, each model's 100 episodes in 8 processes (blocks of seeds, each its own environment; "
+        "Meta-World's task draw follows an environment's history, so pixel rows compare only with each other). "
+        "The pixel task's demonstrations are 100 episodes (reset seeds 1000-1099, 10 held out), recorded there.",
     ]
+    missing = [f"{l['policy']} {l['config']}" for l in rows if l["policy"] in POLICY_CONFIGS and len(l["variants"]) < len(VARIANTS)]
+    if missing:
+        lines.append(f"Not run yet (GPU time): {', '.join(missing)} (the other variants).")
     findings = ROOT / "docs" / "sqil-findings.md"
     if findings.exists():
         lines += ["", findings.read_text().rstrip()]
