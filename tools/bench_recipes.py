@@ -185,7 +185,7 @@ class Plot:
     """A scatter/bar frame in SVG: linear or log axes, ticks, labels."""
 
     def __init__(self, w, h, x0, x1, y0, y1, xlog=False, ylog=False, xlabel="", ylabel="", title=""):
-        self.w, self.h, self.m = w, h, (60, 20, 30, 50)  # left, right, top, bottom
+        self.w, self.h, self.m = w, h, (60, 20, 46, 50)  # left, right, top (title, legend), bottom
         self.xlog, self.ylog = xlog, ylog
         f = (lambda v: math.log10(max(v, 1e-30))) if xlog else float
         g = (lambda v: math.log10(max(v, 1e-30))) if ylog else float
@@ -295,10 +295,10 @@ def pareto_svg(res, x_key):
 
 
 def legend(p, recipes):
-    x = p.m[0] + 8
+    x = p.m[0]
     for r in recipes:
-        p.add(f'<rect x="{x}" y="{p.m[2] + 6}" width="10" height="10" fill="{COLORS.get(r, "#000")}"/>'
-              f'<text x="{x + 13}" y="{p.m[2] + 15}" font-size="10">{esc(r)}</text>')
+        p.add(f'<rect x="{x}" y="{p.m[2] - 18}" width="10" height="10" fill="{COLORS.get(r, "#000")}"/>'
+              f'<text x="{x + 13}" y="{p.m[2] - 9}" font-size="10">{esc(r)}</text>')
         x += 14 + 7 * len(r) + 10
 
 
@@ -359,12 +359,15 @@ def sis_svg(res):
         return "<p>No SIS histogram.</p>"
     counts = [c for _, c in h]
     top = h[-1][0]
-    p = Plot(620, 300, 0, top, 0, max(counts) * 1.1, xlabel="SIS (state importance)", ylabel="training states",
-             title="SIS histogram of the training states")
+    # Counts on a log axis: SIS is heavy-tailed, and the few important states are the point.
+    p = Plot(620, 300, 0, top, 0.8, max(counts) * 1.5, ylog=True, xlabel="SIS (state importance)",
+             ylabel="training states (log)", title="SIS histogram of the training states")
     wbin = top / len(h)
     for i, (edge, c) in enumerate(h):
+        if c == 0:
+            continue
         x = p.X(edge - wbin)
-        p.add(f'<rect x="{x:.1f}" y="{p.Y(c):.1f}" width="{p.X(edge) - x - 1:.1f}" height="{p.Y(0) - p.Y(c):.1f}" '
+        p.add(f'<rect x="{x:.1f}" y="{p.Y(c):.1f}" width="{p.X(edge) - x - 1:.1f}" height="{p.Y(0.8) - p.Y(c):.1f}" '
               f'fill="#e91e63"><title>[{fmt(edge - wbin)}, {fmt(edge)}): {c}</title></rect>')
     return p.svg()
 
@@ -375,7 +378,7 @@ def bits_svg(res):
         return "<p>No layers.</p>"
     layers = [l["name"] for l in cells[0]["layers"]]
     cw, rh, lw = 70, 18, min(260, 12 + 7 * max(len(n) for n in layers))
-    w, h = lw + cw * len(cells) + 10, 60 + rh * len(layers) + 10
+    w, h = lw + cw * len(cells) + 70, 60 + rh * len(layers) + 10
     shade = {2: "#b71c1c", 3: "#ef6c00", 4: "#fbc02d", 8: "#7cb342", None: "#cfd8dc"}
     s = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}">',
          f'<rect width="{w}" height="{h}" fill="white"/>',
