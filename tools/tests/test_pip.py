@@ -11,7 +11,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import sys, numpy as np, sqil
-report = sqil.compile("testdata/policies/bc_hopper.onnx", "testdata/demos/hopper.npz", sys.argv[1], steps=30, states=500, val_states=200)
+seen = {}
+report = sqil.compile("testdata/policies/bc_hopper.onnx", "testdata/demos/hopper.npz", sys.argv[1], steps=30, states=500, val_states=200,
+                      progress=lambda phase, done, total: seen.__setitem__(phase, (done, total)))
+print("progress", sorted(seen.items()))
 policy = sqil.load(sys.argv[1] + "/policy.bin")
 actions = policy.act(np.zeros((4, 15), np.float32))
 print("shipped", report["shipped"], "actions", actions.shape, policy.compiled)
@@ -37,6 +40,13 @@ def test_pip_install_then_compile_from_python(tmp_path):
     assert any(l.startswith("fidelity") for l in lines), out.stdout  # compile's summary
     assert "shipped sqil@" in out.stdout or "shipped ptq:" in out.stdout, out.stdout
     assert "actions (4, 3) True" in out.stdout, out.stdout
+    # The progress callback saw every long step run to its end.
+    prog = [l for l in lines if l.startswith("progress ")][0]
+    seen = dict(eval(prog[len("progress "):]))  # noqa: S307 - our own script's printed list
+    assert seen["PTQ candidates"] == (4, 4), prog
+    # Every phase ends with done == total (fine-tuning's total is the steps run when it stops early).
+    assert all(d == t > 0 for d, t in seen.values()), prog
+    assert {"SIS", "fine-tuning", "gptq weights"} <= set(seen), prog
     err = [l for l in lines if l.startswith("error ")]
     assert err and "no/such/demos.npz" in err[0], out.stdout
     # Installed from the wheel (site-packages), not from the source tree.

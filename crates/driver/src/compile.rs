@@ -478,12 +478,14 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     };
     let mut candidates: Vec<Candidate> = vec![];
     let mut best_ptq: Option<(Graph, QuantReport, ErrorStats)> = None;
-    for r in recipes {
+    let n_recipes = recipes.len() as u64;
+    for (ri, r) in recipes.into_iter().enumerate() {
         let (mut sim, rep) =
             sqil_passes::quant::quantize(&fp_q, &a.config, r, &calib).map_err(|e| format!("PTQ {}: {e}", r.name()))?;
         PassManager::from_names(&["dce"]).and_then(|mut pm| pm.run(&mut sim, &mut PassCtx::default()))?;
         let s = val.score(&sim)?;
         eprintln!("PTQ {:<5} held-out action MSE {:.3e} (critical {:.3e})", r.name(), s.all, s.critical);
+        sqil_ir::progress::report("PTQ candidates", ri as u64 + 1, n_recipes);
         candidates.push(Candidate { name: format!("ptq:{}", r.name()), heldout: s, chosen: false });
         if best_ptq.as_ref().is_none_or(|b| s.score < b.2.score) {
             best_ptq = Some((sim, rep, s));

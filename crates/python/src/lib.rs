@@ -138,11 +138,30 @@ fn _run(py: Python<'_>, args: Vec<String>) -> PyResult<()> {
     py.detach(|| sqil_cli::run_args(args)).map_err(err)
 }
 
+/// Sets (or with None removes) the callback that receives `(phase, done, total)` from sqil's long
+/// steps (SIS, GPTQ over the layers, the PTQ candidates, fine-tuning) while a command runs. An
+/// exception in the callback is reported as unraisable and does not stop the command.
+#[pyfunction]
+#[pyo3(signature = (callback=None))]
+fn _set_progress(callback: Option<Py<PyAny>>) {
+    let hook = callback.map(|cb| -> sqil_ir::progress::Hook {
+        Box::new(move |phase: &str, done: u64, total: u64| {
+            Python::attach(|py| {
+                if let Err(e) = cb.call1(py, (phase, done, total)) {
+                    e.write_unraisable(py, None);
+                }
+            });
+        })
+    });
+    sqil_ir::progress::set_hook(hook);
+}
+
 #[pymodule]
 fn _sqil(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Policy>()?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(_run, m)?)?;
+    m.add_function(wrap_pyfunction!(_set_progress, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

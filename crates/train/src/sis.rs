@@ -296,6 +296,7 @@ pub fn sis_run(
             out.push(s / total as f64);
         }
         state0 += bsz as u64;
+        sqil_ir::progress::report("SIS", state0, states as u64);
     }
     bar.finish_and_clear();
     Ok(out)

@@ -524,6 +524,7 @@ pub fn train_with(
         window.1 += 1;
         let done = step + 1;
         bar.set_position(done as u64);
+        sqil_ir::progress::report("fine-tuning", done as u64, cfg.steps as u64);
         if done % cfg.log_every == 0 || done == cfg.steps {
             let mean = window.0 / window.1 as f64;
             log.loss.push((done, mean, opt.lr_at(step)));
@@ -547,6 +548,8 @@ pub fn train_with(
         };
         if stop && done < cfg.steps {
             bar.finish_and_clear();
+            // Finished early: the phase's total becomes the steps run.
+            sqil_ir::progress::report("fine-tuning", done as u64, done as u64);
             log.stopped_at = Some(done);
             log.seconds += t0.elapsed().as_secs_f64();
             log.samples_per_s = ((done - start) * cfg.batch) as f64 / t0.elapsed().as_secs_f64().max(1e-9);

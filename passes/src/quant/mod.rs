@@ -115,8 +115,10 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
             .expect("valid progress template"),
     );
     bar.set_message(format!("{} weights", recipe.name()));
-    for (site, x) in wsites.iter().zip(&fp_x) {
+    let phase = format!("{} weights", recipe.name());
+    for (i, (site, x)) in wsites.iter().zip(&fp_x).enumerate() {
         bar.inc(1);
+        sqil_ir::progress::report(&phase, i as u64, wsites.len() as u64);
         let q = site.quantizer;
         let needs_rows = matches!(recipe, Recipe::Awq | Recipe::Gptq);
         let grouped_conv = matches!(site.layer.kind, LayerKind::Conv { group } if group != 1);
@@ -191,6 +193,7 @@ pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) 
         });
     }
     bar.finish_and_clear();
+    sqil_ir::progress::report(&phase, wsites.len() as u64, wsites.len() as u64);
     // Activation ranges on the weight-quantized graph (activations still float).
     let act_inputs = act_inputs(&g, cfg)?;
     let (_, observed) = observe(&g, calib, &act_inputs.iter().map(|a| a.0).collect::<Vec<_>>())?;

@@ -10,7 +10,10 @@ Each function runs the `sqil` command of the same name (the same defaults, check
 `--steps 300`, `device="cuda"` is `--device cuda`, `resume=True` is `--resume`, a list repeats the
 flag. Paths may be str or os.PathLike; demonstrations and calibration states may also be numpy
 arrays (written to a temporary file). Errors raise `sqil.SqilError` (a ValueError) with sqil's
-one-line message. Progress and logs go to stderr, as on the command line.
+one-line message. Logs go to stderr, as on the command line. Progress: `progress=` on every
+function, a callable receiving `(phase, done, total)` after each unit of work of the long steps
+(SIS states, GPTQ layers, PTQ candidates, fine-tuning steps), or True for tqdm bars (one per phase,
+tqdm installed).
 """
 from __future__ import annotations
 
@@ -18,12 +21,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 
 from ._sqil import Policy, __version__, load
-from ._sqil import _run
+from ._sqil import _run, _set_progress
 
 __all__ = ["Policy", "SqilError", "allocate", "build", "compile", "load", "quantize", "run", "__version__"]
 
@@ -50,13 +53,47 @@ def _flags(flags: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def run(*args: Any, **flags: Any) -> None:
+ProgressFn = Callable[[str, int, int], None]
+
+
+class _TqdmBars:
+    """`progress=True`: one tqdm bar per phase, closed when the phase completes."""
+
+    def __init__(self) -> None:
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self._bars: dict = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        bar = self._bars.get(phase)
+        if bar is None:
+            bar = self._bars[phase] = self._tqdm(total=total, desc=phase)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            del self._bars[phase]
+
+    def close(self) -> None:
+        for b in self._bars.values():
+            b.close()
+
+
+def run(*args: Any, progress: Union[None, bool, ProgressFn] = None, **flags: Any) -> None:
     """Runs any sqil command: `sqil.run("inspect", "model.onnx", ir=True)`."""
     argv = [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args] + _flags(flags)
+    hook = _TqdmBars() if progress is True else (progress or None)
+    if hook is not None and not callable(hook):
+        raise TypeError("progress: a callable (phase, done, total), True for tqdm bars, or None")
+    _set_progress(hook)
     try:
         _run(argv)
     except ValueError as e:
         raise SqilError(str(e)) from None
+    finally:
+        _set_progress(None)
+        if isinstance(hook, _TqdmBars):
+            hook.close()
 
 
 def _as_file(data: Any, tmp: str, name: str) -> str:

@@ -1,5 +1,5 @@
 """Type stubs of the extension module (crates/python/src/lib.rs)."""
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -23,3 +23,4 @@ class Policy:
 
 def load(path: str) -> Policy: ...
 def _run(args: Sequence[str]) -> None: ...
+def _set_progress(callback: Optional[Callable[[str, int, int], None]] = None) -> None: ...
