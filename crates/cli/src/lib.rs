@@ -107,95 +107,7 @@ pub enum Cmd {
     /// Writes OUT/model.sqil (simulation), OUT/model.onnx (QDQ), OUT/model.fused.sqil,
     /// OUT/policy.bin (the CPU artifact: plan + packed int4 weights, run by `sqil run`) and
     /// OUT/report.json; checkpoints to OUT/checkpoint.json (--resume continues).
-    Compile {
-        model: PathBuf,
-        /// Demonstrations: training states, actions (optional), and SIS. An .npz of arrays
-        /// (docs/demos-format.md); built with `--features hdf5`, a robomimic or Minari dataset;
-        /// with `--features parquet`, a LeRobot dataset folder.
-        #[arg(long)]
-        demos: PathBuf,
-        /// sqil (QRD with SIS top-p weighting), qat (BC only), distill (alpha = 1), sis-weighted.
-        #[arg(long, default_value = "sqil")]
-        recipe: String,
-        /// PTQ recipe that initialises fine-tuning: `all` (rtn, mse, awq and gptq, each scored on
-        /// the held-out episodes, the best kept) or one of them.
-        #[arg(long, default_value = "all")]
-        init: String,
-        #[command(flatten)]
-        quant: QuantFlags,
-        /// Fraction of the demonstration episodes held out to choose the candidate (at least one).
-        #[arg(long, default_value_t = 0.1)]
-        val_frac: f64,
-        /// At most this many held-out states (spread evenly over the held-out episodes).
-        #[arg(long, default_value_t = 5000, value_parser = size_count)]
-        val_states: usize,
-        /// Score the fine-tuned weights on the held-out states every N steps (0: 20 times a run).
-        #[arg(long, default_value_t = 0)]
-        val_every: usize,
-        /// Stop fine-tuning after this many scorings without improvement (0: never).
-        #[arg(long, default_value_t = 8)]
-        patience: usize,
-        /// The action space's box `LOW,HIGH` (the environment clips actions to it), `none`, or
-        /// `auto`: the demonstrations' metadata (action_low / action_high) if it has them.
-        #[arg(long, default_value = "auto", allow_hyphen_values = true)]
-        action_box: String,
-        /// Budget of the final check (the CPU artifact against the simulation on the held-out
-        /// states), relative to the largest |action|.
-        #[arg(long, default_value_t = sqil_runtime::PLAN_TOL, allow_hyphen_values = true)]
-        plan_tol: f32,
-        /// What ships: `best` (the best candidate on the held-out episodes), `finetuned` (the best
-        /// fine-tuned checkpoint, for recipe studies) or `ptq` (the best PTQ recipe, no fine-tuning).
-        #[arg(long, default_value = "best")]
-        ship: String,
-        /// HDF5 (robomimic, Minari Dict spaces) or LeRobot demonstrations: the observation keys
-        /// (columns) to concatenate, in order (default: every 1-D or 2-D key, sorted by name;
-        /// LeRobot: observation.state). A camera key ([T, H, W, C] frames; LeRobot: an image
-        /// feature) in the list is the image input (one camera; default: the first by name).
-        #[arg(long, value_delimiter = ',')]
-        obs_keys: Vec<String>,
-        /// Where the fine-tuning steps run: `cpu` (the interpreter, batches split over --threads)
-        /// or `cuda` (the training graph on the first GPU, fp32, one CUDA graph per step).
-        #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
-        device: String,
-        /// QRD: weight of the distillation term on critical states.
-        #[arg(long, default_value_t = 2.0)]
-        beta: f64,
-        /// QRD: fraction of states (by SIS) that are critical.
-        #[arg(long, default_value_t = 0.2)]
-        top: f64,
-        #[command(flatten)]
-        sis: SisFlags,
-        /// Training states (spread evenly over the demonstrations).
-        #[arg(long, default_value_t = 20000, value_parser = size_count)]
-        states: usize,
-        /// Fine-tuning steps (the default, like --lr, --step-lr, --beta and --top, was chosen on
-        /// held-out demonstrations by tools/tune_defaults.py: docs/training.md).
-        #[arg(long, default_value_t = 4000, value_parser = positive)]
-        steps: usize,
-        #[arg(long, default_value_t = 256, value_parser = size_count)]
-        batch: usize,
-        #[arg(long, default_value_t = 3e-4)]
-        lr: f64,
-        /// Learning rate of the LSQ step sizes relative to --lr.
-        #[arg(long, default_value_t = 0.1)]
-        step_lr: f64,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value_t = 2, value_parser = positive)]
-        threads: usize,
-        #[arg(short, long)]
-        output: PathBuf,
-        #[arg(long)]
-        resume: bool,
-        /// Keep the activation quantizers' calibrated steps fixed (learn weights, weight steps, biases).
-        #[arg(long)]
-        freeze_act_steps: bool,
-        /// Allocate per-layer bits under this budget (as `sqil allocate --budget`) before fine-tuning.
-        #[arg(long)]
-        budget: Option<String>,
-        #[command(flatten)]
-        alloc: AllocFlags,
-    },
+    Compile(CompileCmd),
     /// Per-layer bit widths under a budget (saliency-guided by default): measures each layer's
     /// sensitivity, solves the knapsack exactly, writes a quantization config (.toml or .json)
     /// for `sqil quantize --config` / `sqil compile --config`, a JSON report and an SVG plot.
@@ -300,6 +212,98 @@ pub enum Cmd {
         #[arg(long)]
         peaks: bool,
     },
+}
+
+/// `sqil compile`'s flags (see [`Cmd::Compile`]).
+#[derive(clap::Args)]
+pub struct CompileCmd {
+    model: PathBuf,
+    /// Demonstrations: training states, actions (optional), and SIS. An .npz of arrays
+    /// (docs/demos-format.md); built with `--features hdf5`, a robomimic or Minari dataset;
+    /// with `--features parquet`, a LeRobot dataset folder.
+    #[arg(long)]
+    demos: PathBuf,
+    /// sqil (QRD with SIS top-p weighting), qat (BC only), distill (alpha = 1), sis-weighted.
+    #[arg(long, default_value = "sqil")]
+    recipe: String,
+    /// PTQ recipe that initialises fine-tuning: `all` (rtn, mse, awq and gptq, each scored on
+    /// the held-out episodes, the best kept) or one of them.
+    #[arg(long, default_value = "all")]
+    init: String,
+    #[command(flatten)]
+    quant: QuantFlags,
+    /// Fraction of the demonstration episodes held out to choose the candidate (at least one).
+    #[arg(long, default_value_t = 0.1)]
+    val_frac: f64,
+    /// At most this many held-out states (spread evenly over the held-out episodes).
+    #[arg(long, default_value_t = 5000, value_parser = size_count)]
+    val_states: usize,
+    /// Score the fine-tuned weights on the held-out states every N steps (0: 20 times a run).
+    #[arg(long, default_value_t = 0)]
+    val_every: usize,
+    /// Stop fine-tuning after this many scorings without improvement (0: never).
+    #[arg(long, default_value_t = 8)]
+    patience: usize,
+    /// The action space's box `LOW,HIGH` (the environment clips actions to it), `none`, or
+    /// `auto`: the demonstrations' metadata (action_low / action_high) if it has them.
+    #[arg(long, default_value = "auto", allow_hyphen_values = true)]
+    action_box: String,
+    /// Budget of the final check (the CPU artifact against the simulation on the held-out
+    /// states), relative to the largest |action|.
+    #[arg(long, default_value_t = sqil_runtime::PLAN_TOL, allow_hyphen_values = true)]
+    plan_tol: f32,
+    /// What ships: `best` (the best candidate on the held-out episodes), `finetuned` (the best
+    /// fine-tuned checkpoint, for recipe studies) or `ptq` (the best PTQ recipe, no fine-tuning).
+    #[arg(long, default_value = "best")]
+    ship: String,
+    /// HDF5 (robomimic, Minari Dict spaces) or LeRobot demonstrations: the observation keys
+    /// (columns) to concatenate, in order (default: every 1-D or 2-D key, sorted by name;
+    /// LeRobot: observation.state). A camera key ([T, H, W, C] frames; LeRobot: an image
+    /// feature) in the list is the image input (one camera; default: the first by name).
+    #[arg(long, value_delimiter = ',')]
+    obs_keys: Vec<String>,
+    /// Where the fine-tuning steps run: `cpu` (the interpreter, batches split over --threads)
+    /// or `cuda` (the training graph on the first GPU, fp32, one CUDA graph per step).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// QRD: weight of the distillation term on critical states.
+    #[arg(long, default_value_t = 2.0)]
+    beta: f64,
+    /// QRD: fraction of states (by SIS) that are critical.
+    #[arg(long, default_value_t = 0.2)]
+    top: f64,
+    #[command(flatten)]
+    sis: SisFlags,
+    /// Training states (spread evenly over the demonstrations).
+    #[arg(long, default_value_t = 20000, value_parser = size_count)]
+    states: usize,
+    /// Fine-tuning steps (the default, like --lr, --step-lr, --beta and --top, was chosen on
+    /// held-out demonstrations by tools/tune_defaults.py: docs/training.md).
+    #[arg(long, default_value_t = 4000, value_parser = positive)]
+    steps: usize,
+    #[arg(long, default_value_t = 256, value_parser = size_count)]
+    batch: usize,
+    #[arg(long, default_value_t = 3e-4)]
+    lr: f64,
+    /// Learning rate of the LSQ step sizes relative to --lr.
+    #[arg(long, default_value_t = 0.1)]
+    step_lr: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 2, value_parser = positive)]
+    threads: usize,
+    #[arg(short, long)]
+    output: PathBuf,
+    #[arg(long)]
+    resume: bool,
+    /// Keep the activation quantizers' calibrated steps fixed (learn weights, weight steps, biases).
+    #[arg(long)]
+    freeze_act_steps: bool,
+    /// Allocate per-layer bits under this budget (as `sqil allocate --budget`) before fine-tuning.
+    #[arg(long)]
+    budget: Option<String>,
+    #[command(flatten)]
+    alloc: AllocFlags,
 }
 
 /// A count that must be at least 1 (threads, steps, iterations).
@@ -481,110 +485,7 @@ pub fn run(cmd: Cmd) -> sqil_driver::Result<()> {
             println!("wrote {}", output.display());
             Ok(())
         }
-        Cmd::Compile {
-            model,
-            demos,
-            recipe,
-            init,
-            quant,
-            val_frac,
-            val_states,
-            val_every,
-            patience,
-            action_box,
-            plan_tol,
-            ship,
-            device,
-            obs_keys,
-            beta,
-            top,
-            sis,
-            states,
-            steps,
-            batch,
-            lr,
-            step_lr,
-            seed,
-            threads,
-            output,
-            resume,
-            freeze_act_steps,
-            budget,
-            alloc,
-        } => {
-            let mut cfg = quant.config()?;
-            if !(0.0..=1.0).contains(&top) || beta < 0.0 {
-                return Err(format!("--top must be in [0, 1] and --beta >= 0 (got {top}, {beta})").into());
-            }
-            let init_recipe = if init == "all" { None } else { Some(Recipe::parse(&init)?) };
-            if steps == 0 || batch == 0 || threads == 0 {
-                return Err(
-                    format!("--steps, --batch and --threads must be > 0 (got {steps}, {batch}, {threads})").into()
-                );
-            }
-            if let Some(b) = &budget {
-                let mut aa = alloc.args(&demos, &cfg, init_recipe.unwrap_or(Recipe::Gptq), b)?;
-                aa.top = top;
-                aa.beta = beta;
-                aa.sis = sis.config()?;
-                let (c, rep) = sqil_driver::allocate::run_allocate(&model, &aa)?;
-                eprint!("{}", sqil_driver::allocate::render(&rep));
-                std::fs::create_dir_all(&output).map_err(|e| format!("{}: {e}", output.display()))?;
-                sqil_driver::allocate::save_config(&c, &output.join("allocation.toml"))?;
-                let json = serde_json::to_string_pretty(&rep)?;
-                sqil_driver::quantize::write_atomic(&output.join("allocation.json"), json.as_bytes())?;
-                cfg = c;
-            }
-            let args = sqil_driver::compile::CompileArgs {
-                demos,
-                config: cfg,
-                init: init_recipe,
-                val_frac,
-                val_states,
-                val_every,
-                patience,
-                action_box: match action_box.as_str() {
-                    "auto" => sqil_driver::compile::BoxSource::Metadata,
-                    "none" => sqil_driver::compile::BoxSource::None,
-                    s => sqil_driver::compile::BoxSource::Given(s.to_string()),
-                },
-                split_seed: seed,
-                plan_tol,
-                ship: match ship.as_str() {
-                    "best" => sqil_driver::compile::Ship::Best,
-                    "finetuned" => sqil_driver::compile::Ship::Finetuned,
-                    "ptq" => sqil_driver::compile::Ship::Ptq,
-                    s => return Err(format!("--ship `{s}`: expected best, finetuned or ptq").into()),
-                },
-                obs_keys,
-                device: if device == "cuda" {
-                    sqil_driver::gpu_train::Device::Cuda
-                } else {
-                    sqil_driver::gpu_train::Device::Cpu
-                },
-                recipe: sqil_driver::compile::FtRecipe::parse(&recipe)?,
-                beta,
-                top,
-                sis: sis.config()?,
-                max_states: states,
-                train: sqil_train::trainer::TrainConfig {
-                    steps,
-                    batch,
-                    lr,
-                    step_lr_scale: step_lr,
-                    seed,
-                    threads,
-                    warmup: (steps / 20).max(1),
-                    ..Default::default()
-                },
-                out: output.clone(),
-                resume,
-                act_steps: !freeze_act_steps,
-            };
-            sqil_driver::compile::compile(&model, &args)?;
-            println!("{}", sqil_driver::compile::summary(&model, &output)?);
-            Ok(())
-        }
+        Cmd::Compile(c) => compile_cmd(c),
         Cmd::Allocate { model, demos, budget, alloc, quant, recipe, output, report, plot } => {
             sqil_driver::allocate::config_format(&output)?; // before the work, not after it
             let cfg = quant.config()?;
@@ -751,6 +652,137 @@ fn split_passes(list: &str) -> Vec<String> {
     }
     out.push(cur);
     out.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+}
+
+/// The compile command's inputs as the library's [`sqil_driver::compile::CompileArgs`] (before a
+/// `--budget` allocation, which needs the model and demonstrations), and the budget.
+fn compile_args(
+    c: CompileCmd,
+) -> sqil_driver::Result<(PathBuf, sqil_driver::compile::CompileArgs, Option<String>, AllocFlags)> {
+    let CompileCmd {
+        model,
+        demos,
+        recipe,
+        init,
+        quant,
+        val_frac,
+        val_states,
+        val_every,
+        patience,
+        action_box,
+        plan_tol,
+        ship,
+        device,
+        obs_keys,
+        beta,
+        top,
+        sis,
+        states,
+        steps,
+        batch,
+        lr,
+        step_lr,
+        seed,
+        threads,
+        output,
+        resume,
+        freeze_act_steps,
+        budget,
+        alloc,
+    } = c;
+    let cfg = quant.config()?;
+    if !(0.0..=1.0).contains(&top) || beta < 0.0 {
+        return Err(format!("--top must be in [0, 1] and --beta >= 0 (got {top}, {beta})").into());
+    }
+    let init_recipe = if init == "all" { None } else { Some(Recipe::parse(&init)?) };
+    if steps == 0 || batch == 0 || threads == 0 {
+        return Err(format!("--steps, --batch and --threads must be > 0 (got {steps}, {batch}, {threads})").into());
+    }
+    let args = sqil_driver::compile::CompileArgs {
+        demos,
+        config: cfg,
+        init: init_recipe,
+        val_frac,
+        val_states,
+        val_every,
+        patience,
+        action_box: match action_box.as_str() {
+            "auto" => sqil_driver::compile::BoxSource::Metadata,
+            "none" => sqil_driver::compile::BoxSource::None,
+            s => sqil_driver::compile::BoxSource::Given(s.to_string()),
+        },
+        split_seed: seed,
+        plan_tol,
+        ship: match ship.as_str() {
+            "best" => sqil_driver::compile::Ship::Best,
+            "finetuned" => sqil_driver::compile::Ship::Finetuned,
+            "ptq" => sqil_driver::compile::Ship::Ptq,
+            s => return Err(format!("--ship `{s}`: expected best, finetuned or ptq").into()),
+        },
+        obs_keys,
+        device: if device == "cuda" {
+            sqil_driver::gpu_train::Device::Cuda
+        } else {
+            sqil_driver::gpu_train::Device::Cpu
+        },
+        recipe: sqil_driver::compile::FtRecipe::parse(&recipe)?,
+        beta,
+        top,
+        sis: sis.config()?,
+        max_states: states,
+        train: sqil_train::trainer::TrainConfig {
+            steps,
+            batch,
+            lr,
+            step_lr_scale: step_lr,
+            seed,
+            threads,
+            warmup: (steps / 20).max(1),
+            ..Default::default()
+        },
+        out: output.clone(),
+        resume,
+        act_steps: !freeze_act_steps,
+    };
+    Ok((model, args, budget, alloc))
+}
+
+/// `sqil compile`: the pipeline, then its one-screen summary.
+fn compile_cmd(c: CompileCmd) -> sqil_driver::Result<()> {
+    let (model, mut args, budget, alloc) = compile_args(c)?;
+    let output = args.out.clone();
+    if let Some(b) = &budget {
+        let mut aa = alloc.args(&args.demos, &args.config, args.init.unwrap_or(Recipe::Gptq), b)?;
+        aa.top = args.top;
+        aa.beta = args.beta;
+        aa.sis = args.sis.clone();
+        let (c, rep) = sqil_driver::allocate::run_allocate(&model, &aa)?;
+        eprint!("{}", sqil_driver::allocate::render(&rep));
+        std::fs::create_dir_all(&output).map_err(|e| format!("{}: {e}", output.display()))?;
+        sqil_driver::allocate::save_config(&c, &output.join("allocation.toml"))?;
+        let json = serde_json::to_string_pretty(&rep)?;
+        sqil_driver::quantize::write_atomic(&output.join("allocation.json"), json.as_bytes())?;
+        args.config = c;
+    }
+    sqil_driver::compile::compile(&model, &args)?;
+    println!("{}", sqil_driver::compile::summary(&model, &output)?);
+    Ok(())
+}
+
+/// Parses a `sqil compile` command line (without the program name) into the library's
+/// arguments, as the command runs them (flags' defaults included; a `--budget` allocation not
+/// applied): what a build script or test compares with [`sqil_driver::compile::CompileArgs::new`].
+pub fn parse_compile<I, S>(args: I) -> sqil_driver::Result<(PathBuf, sqil_driver::compile::CompileArgs)>
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    let argv = std::iter::once(std::ffi::OsString::from("sqil")).chain(args.into_iter().map(Into::into));
+    let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string().lines().next().unwrap_or_default().to_string())?;
+    match cli.cmd {
+        Cmd::Compile(c) => compile_args(c).map(|(m, a, _, _)| (m, a)),
+        _ => Err("not a compile command".into()),
+    }
 }
 
 /// Parses `args` (without the program name) as the `sqil` command line and runs the command;

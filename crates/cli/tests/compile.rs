@@ -219,3 +219,22 @@ fn lerobot_dataset_compiles_to_the_same_artifact() {
     assert!(npz == lerobot, "the LeRobot dataset gave another policy.bin");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The library's `CompileArgs::new` is the command line's defaults: the two ways in (a build
+/// script, the CLI) compile the same thing. A flag given changes only its field.
+#[test]
+fn library_defaults_are_the_command_lines() {
+    let (model, cli) = sqil_cli::parse_compile(["compile", "m.onnx", "--demos", "d.npz", "-o", "out"]).unwrap();
+    assert_eq!(model, std::path::PathBuf::from("m.onnx"));
+    let lib = sqil_driver::compile::CompileArgs::new("d.npz", "out");
+    assert_eq!(format!("{cli:?}"), format!("{lib:?}"));
+    let (_, cli) =
+        sqil_cli::parse_compile(["compile", "m.onnx", "--demos", "d.npz", "-o", "out", "--steps", "100"]).unwrap();
+    let mut lib = sqil_driver::compile::CompileArgs::new("d.npz", "out");
+    lib.train.steps = 100;
+    lib.train.warmup = 5;
+    assert_eq!(format!("{cli:?}"), format!("{lib:?}"));
+    let e =
+        sqil_cli::parse_compile(["compile", "m.onnx", "--demos", "d.npz", "-o", "out", "--steps", "0"]).unwrap_err();
+    assert!(e.to_string().contains("steps"), "{e}");
+}

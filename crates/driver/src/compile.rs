@@ -73,6 +73,9 @@ pub enum BoxSource {
     Given(String),
 }
 
+/// Everything `sqil compile` takes but the model. [`CompileArgs::new`] gives the command line's
+/// defaults (a test checks they agree); set the public fields to change them.
+#[derive(Clone, Debug)]
 pub struct CompileArgs {
     pub demos: PathBuf,
     pub config: QuantConfig,
@@ -108,6 +111,49 @@ pub struct CompileArgs {
     /// HDF5 (robomimic) demonstrations: the observation keys, in order (empty: every 1-D or 2-D
     /// key, sorted by name).
     pub obs_keys: Vec<String>,
+}
+
+impl CompileArgs {
+    /// `sqil compile --demos DEMOS -o OUT` at every default: W4A8 in groups of 64 with the raw
+    /// observation in float, every PTQ recipe tried, SQIL (beta 2 on the top 20% of states by
+    /// SIS) for 4000 steps at batch 256, lr 3e-4 (LSQ steps at 0.1x), 10% of the episodes held out
+    /// to choose what ships, the best candidate shipped, on the CPU with 2 threads.
+    pub fn new(demos: impl Into<PathBuf>, out: impl Into<PathBuf>) -> CompileArgs {
+        let steps = 4000;
+        CompileArgs {
+            demos: demos.into(),
+            config: QuantConfig::default(),
+            init: None,
+            recipe: FtRecipe::Sqil,
+            beta: 2.0,
+            top: 0.2,
+            sis: SisConfig::default(),
+            max_states: 20000,
+            train: TrainConfig {
+                steps,
+                batch: 256,
+                lr: 3e-4,
+                step_lr_scale: 0.1,
+                seed: 0,
+                threads: 2,
+                warmup: (steps / 20).max(1),
+                ..Default::default()
+            },
+            out: out.into(),
+            resume: false,
+            act_steps: true,
+            val_frac: 0.1,
+            val_states: 5000,
+            val_every: 0,
+            patience: 8,
+            action_box: BoxSource::Metadata,
+            split_seed: 0,
+            plan_tol: sqil_runtime::PLAN_TOL,
+            ship: Ship::Best,
+            device: crate::gpu_train::Device::Cpu,
+            obs_keys: vec![],
+        }
+    }
 }
 
 /// Action error (mean squared, per action dimension, after clipping to the action box) against
