@@ -78,14 +78,27 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
             };
             let t = p.plan.profile(&x, threads, iters)?;
             let total: f64 = t.iter().map(|s| s.0).sum();
-            for (step, (mean, min)) in p.plan.describe().iter().zip(&t) {
+            let paths = p.plan.steps.iter().map(|s| match s {
+                sqil_runtime::Step::Q4Linear { .. } => "int4 kernel",
+                // Every other step runs the interpreter's own op code (f32 paths for the common
+                // ops, exact by construction): named so that a slow one is visible.
+                sqil_runtime::Step::Op { .. } => "interpreter op",
+            });
+            for ((step, (mean, min)), path) in p.plan.describe().iter().zip(&t).zip(paths) {
                 println!(
-                    "{{\"batch\": {b}, \"step\": {step:?}, \"mean_us\": {:.2}, \"min_us\": {:.2}, \"share\": {:.3}}}",
+                    "{{\"batch\": {b}, \"step\": {step:?}, \"path\": {path:?}, \"mean_us\": {:.2}, \"min_us\": {:.2}, \"share\": {:.3}}}",
                     mean * 1e6,
                     min * 1e6,
                     mean / total.max(f64::MIN_POSITIVE)
                 );
             }
+            let interp: f64 = t
+                .iter()
+                .zip(&p.plan.steps)
+                .filter(|(_, s)| matches!(s, sqil_runtime::Step::Op { .. }))
+                .map(|(x, _)| x.0)
+                .sum();
+            println!("{{\"batch\": {b}, \"interpreter_op_share\": {:.3}}}", interp / total.max(f64::MIN_POSITIVE));
         }
     }
     Ok(())

@@ -167,6 +167,33 @@ fn pow(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 pub(crate) fn prelu(x: &Tensor, slope: &Tensor) -> Result<Tensor> {
+    if let (Data::F32(xv), Data::F32(sv)) = (&x.data, &slope.data) {
+        // f32 arithmetic (one product, exact in f64 too, so the same bits as the general path);
+        // a per-channel slope (one non-1 dimension, matching x's) runs as blocks of one slope.
+        let f = |v: f32, s: f32| if v < 0.0 { v * s } else { v };
+        let lead = x.rank().saturating_sub(slope.rank());
+        let aligned: Vec<usize> = std::iter::repeat_n(1, lead).chain(slope.shape.iter().copied()).collect();
+        let non1: Vec<usize> = (0..aligned.len()).filter(|&d| aligned[d] != 1).collect();
+        if aligned.len() == x.rank() && non1.len() == 1 && aligned[non1[0]] == x.shape[non1[0]] {
+            let d = non1[0];
+            let inner: usize = x.shape[d + 1..].iter().product();
+            let c = x.shape[d];
+            let mut out = Vec::with_capacity(xv.len());
+            for (bi, block) in xv.chunks(inner.max(1)).enumerate() {
+                let s = sv[bi % c];
+                out.extend(block.iter().map(|&v| f(v, s)));
+            }
+            return Tensor::new(x.shape.clone(), Data::F32(out));
+        }
+        let (shape, v) = zip2(xv, &x.shape, sv, &slope.shape, f)?;
+        if shape != x.shape {
+            return Err(IrError::Invalid(format!(
+                "PRelu slope {:?} does not broadcast to input {:?}",
+                slope.shape, x.shape
+            )));
+        }
+        return Tensor::new(shape, Data::F32(v));
+    }
     let (xs, ss) = (x.data.to_f64_vec(), slope.data.to_f64_vec());
     let (shape, v) = zip2(&xs, &x.shape, &ss, &slope.shape, |v, s| if v < 0.0 { v * s } else { v })?;
     if shape != x.shape {

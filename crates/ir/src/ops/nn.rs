@@ -183,7 +183,6 @@ pub(crate) fn max_pool(x: &Tensor, p: &PoolAttrs, outputs: usize) -> Result<Vec<
         return Err(IrError::Invalid(format!("MaxPool needs rank >= 3, got {:?}", x.shape)));
     }
     let (geo, _) = p.conv_geometry(&x.shape[2..])?;
-    let table = geo.gather_table();
     let (il, ol) = (geo.input_len(), geo.output_len());
     let planes = x.shape[0] * x.shape[1];
     let spatial = &x.shape[2..];
@@ -201,6 +200,80 @@ pub(crate) fn max_pool(x: &Tensor, p: &PoolAttrs, outputs: usize) -> Result<Vec<
         }
         idx
     };
+    if let (Data::F32(v), 1) = (&x.data, outputs) {
+        // The f32 path the runtime serves (no indices asked): the same choice per output (the
+        // first of the window's largest values, in kernel order; comparisons are exact in f32),
+        // kernel positions in the outer loop so each pass reads the plane in order.
+        let mut out = vec![f32::NEG_INFINITY; planes * ol];
+        if geo.kernel.len() == 2 {
+            // 2-D windows read directly (kernel positions row-major, padding skipped).
+            let (h, w) = (geo.input[0] as isize, geo.input[1] as isize);
+            let (oh, ow) = (geo.output[0], geo.output[1]);
+            let (kh, kw) = (geo.kernel[0], geo.kernel[1]);
+            let (sy, sx) = (geo.strides[0] as isize, geo.strides[1] as isize);
+            let (dy, dx) = (geo.dilations[0] as isize, geo.dilations[1] as isize);
+            let (py, px) = (geo.pads_begin[0], geo.pads_begin[1]);
+            // The window's valid rows and columns (contiguous runs of kernel positions: the
+            // input index grows with the kernel index), per output row and column.
+            let valid = |o: usize, k: usize, st: isize, d: isize, p: isize, n: isize| -> (usize, usize) {
+                let at = |kk: usize| o as isize * st - p + kk as isize * d;
+                let lo = (0..k).find(|&kk| at(kk) >= 0).unwrap_or(k);
+                let hi = (lo..k).find(|&kk| at(kk) >= n).unwrap_or(k);
+                (lo, hi)
+            };
+            let rows: Vec<(usize, usize)> = (0..oh).map(|o| valid(o, kh, sy, dy, py, h)).collect();
+            let cols: Vec<(usize, usize)> = (0..ow).map(|o| valid(o, kw, sx, dx, px, w)).collect();
+            let wu = w as usize;
+            for pl in 0..planes {
+                let plane = &v[pl * il..(pl + 1) * il];
+                let dst = &mut out[pl * ol..(pl + 1) * ol];
+                for (oy, &(ky0, ky1)) in rows.iter().enumerate() {
+                    let y0 = oy as isize * sy - py;
+                    for (ox, &(kx0, kx1)) in cols.iter().enumerate() {
+                        if ky0 >= ky1 || kx0 >= kx1 {
+                            continue; // an all-padding window: -inf, as the general path
+                        }
+                        let x0 = ox as isize * sx - px;
+                        let at = |ky: usize, kx: usize| {
+                            plane[(y0 + ky as isize * dy) as usize * wu + (x0 + kx as isize * dx) as usize]
+                        };
+                        // The first valid value, then `v > best` in kernel order (branch-free).
+                        let mut best = at(ky0, kx0);
+                        for ky in ky0..ky1 {
+                            let start = if ky == ky0 { kx0 + 1 } else { kx0 };
+                            for kx in start..kx1 {
+                                let val = at(ky, kx);
+                                best = if val > best { val } else { best };
+                            }
+                        }
+                        dst[oy * ow + ox] = best;
+                    }
+                }
+            }
+            return Ok(vec![Tensor::new(pool_out_shape(x, &geo), Data::F32(out))?]);
+        }
+        let table = geo.gather_table();
+        let kl = geo.kernel_len();
+        let mut seen = vec![false; ol];
+        for pl in 0..planes {
+            let plane = &v[pl * il..(pl + 1) * il];
+            let best = &mut out[pl * ol..(pl + 1) * ol];
+            seen.iter_mut().for_each(|s| *s = false);
+            for k in 0..kl {
+                for (o, t) in table[k * ol..(k + 1) * ol].iter().enumerate() {
+                    if let Some(i) = *t {
+                        let val = plane[i];
+                        if !seen[o] || val > best[o] {
+                            best[o] = val;
+                            seen[o] = true;
+                        }
+                    }
+                }
+            }
+        }
+        return Ok(vec![Tensor::new(pool_out_shape(x, &geo), Data::F32(out))?]);
+    }
+    let table = geo.gather_table();
     let mut vals = Vec::with_capacity(planes * ol);
     let mut idxs = Vec::with_capacity(planes * ol);
     let pick = |getv: &dyn Fn(usize) -> f64, vals: &mut Vec<f64>, idxs: &mut Vec<i64>| {
