@@ -207,7 +207,16 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
     // Batches of four inputs or more with the output channels in vector lanes (no horizontal
     // reductions); a channel-major layout only on one thread (threads split channels there).
     let lanes = (xs.len() >= 4 || lanes_at_small_batch(w)) && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni);
+    // Sixteen inputs or more on AMX tiles where the CPU has them (the same arithmetic).
+    #[cfg(target_arch = "x86_64")]
+    let amx = isa() == Isa::Avx512Vnni && x86_64::amx::takes(w) && x86_64::amx::available();
     let inputs_run = |xs: &[QRow], y: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if amx && xs.len() >= 16 {
+            // SAFETY: available() checked AMX and the tile state, isa() AVX-512 F, takes() the
+            // group size; lengths asserted above; `y` holds every index of these inputs' outputs.
+            return unsafe { x86_64::amx::gemm_q4q8(w, 0..w.n, xs, bias, y, strides) };
+        }
         #[cfg(target_arch = "x86_64")]
         if lanes {
             // SAFETY: isa() checked AVX2 and FMA; lengths asserted above; `y` holds every index

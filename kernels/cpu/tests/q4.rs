@@ -82,6 +82,28 @@ proptest! {
         }
     }
 
+    /// Batches of 16 or more (AMX tiles where the CPU has them), groups of 64, 128 or one per
+    /// channel, a bias and a zero point per input.
+    #[test]
+    fn large_batches_equal_the_reference(seed in any::<u64>(), n in 1usize..200, kb in 1usize..6, batch in 16usize..70,
+                                         per_group in 0usize..3, threads in 1usize..3) {
+        let k = kb * 128;
+        let w = layer(seed, n, k, [0, 64, 128][per_group], 4);
+        let mut r = Lcg(seed ^ 9);
+        let xs: Vec<_> = (0..batch).map(|c| {
+            let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
+            quantize_input(&x, 0.02, (c % 41) as i32 - 20, &w)
+        }).collect();
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let mut want = vec![0f32; batch * n];
+        for (x, yc) in xs.iter().zip(want.chunks_mut(n)) {
+            generic_gemv_q4q8(&w, x, Some(&bias), yc);
+        }
+        let mut got = vec![0f32; batch * n];
+        gemm_q4q8(&w, &xs, Some(&bias), &mut got, threads);
+        prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+    }
+
     #[test]
     fn q4f32_kernels_match_the_reference(seed in any::<u64>(), n in 1usize..600, k in 1usize..700, per_group in 0usize..2, threads in 1usize..4) {
         let group = if per_group == 0 || k % 32 != 0 { 0 } else { 32 };

@@ -3,6 +3,7 @@
 //! neither ISA module); callers go through the dispatchers in the crate root, which check the CPU
 //! at run time.
 
+pub mod amx;
 pub mod avx2;
 pub mod avx512;
 pub mod common;
