@@ -300,6 +300,39 @@ pub unsafe fn conv_q4q8_windows_unchecked(
 
 /// Weight-only W4 GEMV on f32 activations (`x` at least `w.k_pad` long, zero-padded), with the
 /// best kernel for this CPU; bit for bit `generic::generic_gemv_q4f32` (one arithmetic on every CPU).
+/// Weight-only W4 on a batch of float inputs (`x`: `inputs` rows of `k_pad` values, zero past
+/// `k`; `y`: `[inputs, n]`), each row equal bit for bit to [`gemv_q4f32`] on it; threads split the
+/// inputs.
+pub fn gemm_q4f32(w: &PackedQ4, x: &[f32], inputs: usize, bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
+    assert!(x.len() >= inputs * w.k_pad && y.len() >= inputs * w.n && bias.is_none_or(|b| b.len() >= w.n));
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni if inputs > 1 => {
+            let t = threads.clamp(1, inputs);
+            let per = inputs.div_ceil(t);
+            // SAFETY: isa() checked AVX2 and FMA; each chunk's lengths follow from the assert.
+            let run = |xc: &[f32], yc: &mut [f32]| unsafe {
+                x86_64::avx2::avx2_gemm_q4f32(w, xc, yc.len() / w.n.max(1), bias, yc)
+            };
+            if t == 1 {
+                return run(&x[..inputs * w.k_pad], &mut y[..inputs * w.n]);
+            }
+            std::thread::scope(|s| {
+                for (xc, yc) in x[..inputs * w.k_pad].chunks(per * w.k_pad).zip(y[..inputs * w.n].chunks_mut(per * w.n))
+                {
+                    let run = &run;
+                    s.spawn(move || run(xc, yc));
+                }
+            });
+        }
+        _ => {
+            for (xc, yc) in x.chunks(w.k_pad).zip(y.chunks_mut(w.n)).take(inputs) {
+                gemv_q4f32(w, xc, bias, yc, threads);
+            }
+        }
+    }
+}
+
 pub fn gemv_q4f32(w: &PackedQ4, x: &[f32], bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
     assert!(x.len() >= w.k_pad && y.len() >= w.n && bias.is_none_or(|b| b.len() >= w.n));
     match isa() {

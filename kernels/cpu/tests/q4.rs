@@ -4,7 +4,9 @@
 
 use proptest::prelude::*;
 use sqil_kernels_cpu::generic::{generic_gemv_q4f32, generic_gemv_q4q8};
-use sqil_kernels_cpu::{gemm_q4q8, gemm_q4q8_rows, gemv_q4f32, gemv_q4q8, isa, quantize_input, Layout, PackedQ4};
+use sqil_kernels_cpu::{
+    gemm_q4f32, gemm_q4q8, gemm_q4q8_rows, gemv_q4f32, gemv_q4q8, isa, quantize_input, Layout, PackedQ4,
+};
 
 struct Lcg(u64);
 impl Lcg {
@@ -117,6 +119,31 @@ proptest! {
         generic_gemv_q4f32(&w, &x, bias, &mut want);
         gemv_q4f32(&w, &x, bias, &mut got, threads);
         // One arithmetic on every CPU: bit for bit.
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want), "{:?}", isa());
+    }
+
+    /// The batched weight-only kernel: each input row equals the reference GEMV bit for bit.
+    #[test]
+    fn q4f32_batches_match_the_reference(seed in any::<u64>(), n in 1usize..200, k in 1usize..400, batch in 1usize..11,
+                                         per_group in 0usize..2, threads in 1usize..3) {
+        let group = if per_group == 0 || k % 32 != 0 { 0 } else { 32 };
+        let w = layer(seed, n, k, group, 4);
+        let mut r = Lcg(seed ^ 11);
+        let mut x = vec![0f32; batch * w.k_pad];
+        for row in x.chunks_mut(w.k_pad) {
+            for v in &mut row[..k] {
+                *v = r.unit();
+            }
+        }
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let bias = (seed % 2 == 0).then_some(&bias[..]);
+        let mut want = vec![0f32; batch * n];
+        for (xr, yr) in x.chunks(w.k_pad).zip(want.chunks_mut(n)) {
+            generic_gemv_q4f32(&w, xr, bias, yr);
+        }
+        let mut got = vec![0f32; batch * n];
+        gemm_q4f32(&w, &x, batch, bias, &mut got, threads);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want), "{:?}", isa());
     }

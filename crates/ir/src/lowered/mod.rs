@@ -263,6 +263,14 @@ pub fn run_q4_linear(
                 }
             }
         }),
+        ActQuant::Float if rows > 1 => {
+            // The rows padded to k_pad, then one batched pass (each row the GEMV's arithmetic).
+            let mut padded = vec![0f32; rows * w.k_pad];
+            for (xr, pr) in xv.chunks(w.k).zip(padded.chunks_mut(w.k_pad)) {
+                pr[..w.k].copy_from_slice(xr);
+            }
+            sqil_kernels_cpu::gemm_q4f32(w, &padded, rows, bias, &mut out, threads);
+        }
         ActQuant::Float => {
             let mut padded = vec![0f32; w.k_pad];
             for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {

@@ -175,6 +175,71 @@ pub unsafe fn avx2_gemv_q4f32_rows(
     }
 }
 
+/// [`avx2_gemv_q4f32_rows`] on `inputs` inputs at once (`x` holds them one after another, `k_pad`
+/// values each), every output channel: the weight blocks are unpacked once per `NC` inputs and
+/// each (input, channel) pair runs the GEMV's arithmetic exactly (same fused multiply-adds in the
+/// same order, same reductions). `y` is `[inputs, n]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x` holds `inputs * k_pad` values, `y` `inputs * n`, `bias`
+/// (if any) `n`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_gemm_q4f32(w: &PackedQ4, x: &[f32], inputs: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    let mut c0 = 0;
+    while c0 < inputs {
+        match inputs - c0 {
+            1 => gemm_q4f32_block::<1>(w, x, c0, bias, y),
+            2 => gemm_q4f32_block::<2>(w, x, c0, bias, y),
+            3 => gemm_q4f32_block::<3>(w, x, c0, bias, y),
+            _ => gemm_q4f32_block::<4>(w, x, c0, bias, y),
+        }
+        c0 += (inputs - c0).min(4);
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_q4f32_block<const NC: usize>(w: &PackedQ4, x: &[f32], c0: usize, bias: Option<&[f32]>, y: &mut [f32]) {
+    let groups = w.groups();
+    let bpg = w.group / QK4;
+    let bpr = w.k_pad / QK4;
+    let eight = _mm256_set1_epi32(8);
+    let mask = _mm_set1_epi8(0x0f);
+    let xp: [*const f32; NC] = std::array::from_fn(|j| x.as_ptr().add((c0 + j) * w.k_pad));
+    for r in 0..w.n {
+        let row = w.blocks.as_ptr().add(r * bpr) as *const u8;
+        let mut total = [_mm256_setzero_ps(); NC];
+        for g in 0..groups {
+            let mut acc = [_mm256_setzero_ps(); NC];
+            for b in 0..bpg {
+                let i = g * bpg + b;
+                let raw = _mm_loadu_si128(row.add(i * 16) as *const __m128i);
+                let lo = _mm_and_si128(raw, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+                for (half, bytes) in [(0usize, lo), (16, hi)] {
+                    let q0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(bytes), eight));
+                    let q1 =
+                        _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)), eight));
+                    for j in 0..NC {
+                        let x0 = _mm256_loadu_ps(xp[j].add(i * QK4 + half));
+                        let x1 = _mm256_loadu_ps(xp[j].add(i * QK4 + half + 8));
+                        acc[j] = _mm256_fmadd_ps(q0, x0, acc[j]);
+                        acc[j] = _mm256_fmadd_ps(q1, x1, acc[j]);
+                    }
+                }
+            }
+            let sc = _mm256_set1_ps(w.scales[r * groups + g]);
+            for j in 0..NC {
+                total[j] = _mm256_fmadd_ps(acc[j], sc, total[j]);
+            }
+        }
+        for j in 0..NC {
+            let h = hsum_f32(total[j]);
+            y[(c0 + j) * w.n + r] = bias.map_or(h, |b| h + b[r]);
+        }
+    }
+}
+
 /// `quantize_level` on eight lanes `(scale, zero, lo, hi)`: divide, round half to even
 /// (`vroundps`; the scalar add-magic rounding after bounding to 2^22 gives the same integers), add
 /// the zero point, clamp with NaN kept (`vminps`/`vmaxps` return their second operand, the value,
