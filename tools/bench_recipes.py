@@ -70,22 +70,33 @@ def sqil_bin():
     return os.environ.get("SQIL_BIN", str(ROOT / "target" / "release" / "sqil"))
 
 
-def compile_cell(a, recipe, width, budget, threads):
-    out = pathlib.Path(a.out) / "cells" / cell_name(recipe, width, budget)
+def run_compile(policy, demos, out, flags):
+    """One `sqil compile POLICY --demos DEMOS FLAGS -o OUT`, resumable: done when OUT/report.json
+    exists, continued with --resume from OUT/checkpoint.json. Returns (how, seconds, the last line
+    of its log); raises RuntimeError with that line when it fails. The table scripts compile
+    through this too."""
+    out = pathlib.Path(out)
     if (out / "report.json").exists():
-        return out, "done before", 0.0
+        return "done before", 0.0, ""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sqil_bin(), "compile", str(a.policy), "--demos", str(a.demos), *width_flags(width), *RECIPES[recipe],
-           "--threads", str(threads), *(["--budget", budget] if budget else []), *a.compile_args.split(), "-o", str(out)]
-    if (out / "checkpoint.json").exists() and recipe in ("qat", "sqil", "default"):
+    cmd = [sqil_bin(), "compile", str(policy), "--demos", str(demos), *flags, "-o", str(out)]
+    if (out / "checkpoint.json").exists() and "ptq" not in flags:
         cmd.append("--resume")
     t0 = time.time()
     r = subprocess.run(cmd, capture_output=True, text=True)
     (out / "compile.log").write_text(r.stderr)
-    if r.returncode != 0:
-        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+    if r.returncode != 0 and not (out / "report.json").exists():
         raise RuntimeError(f"{out.name}: {last}")
-    return out, "compiled", time.time() - t0
+    return "compiled", time.time() - t0, last
+
+
+def compile_cell(a, recipe, width, budget, threads):
+    out = pathlib.Path(a.out) / "cells" / cell_name(recipe, width, budget)
+    flags = [*width_flags(width), *RECIPES[recipe], "--threads", str(threads),
+             *(["--budget", budget] if budget else []), *a.compile_args.split()]
+    how, secs, _ = run_compile(a.policy, a.demos, out, flags)
+    return out, how, secs
 
 
 def latency_us(policy_bin):

@@ -18,16 +18,15 @@ returns only report; nothing here chooses a setting from them.
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from bench_recipes import RECIPES, closed_loop, run_compile, width_flags  # noqa: E402
 from sqil_tools import evaljobs  # noqa: E402
 
 OUT = pathlib.Path(os.environ.get("SQIL_QRD_OUT", ROOT / "demos" / "qrd"))
@@ -39,10 +38,10 @@ POLICIES = {"hopper": ["hopper_mlp", "bc_hopper"], "lander": ["bc_lander"],
             "halfcheetah": ["halfcheetah_mlp"], "walker2d": ["walker2d_mlp"], "humanoid": ["humanoid_mlp"]}
 # Policies run at fewer widths (their fine-tuning needs the GPU machine's time).
 POLICY_CONFIGS = {"bc_pickplace_transformer": ["W4A8", "W3A8", "W4A4"], "bc_pickplace_pixels": ["W4A8", "W3A8", "W4A4"]}
-CONFIGS = {"W4A8": ["--wbits", "4", "--abits", "8"], "W3A8": ["--wbits", "3", "--abits", "8"],
-           "W4A4": ["--wbits", "4", "--abits", "4"], "W2A8": ["--wbits", "2", "--abits", "8"]}
-VARIANTS = {"ptq": ["--ship", "ptq"], "qat": ["--recipe", "qat", "--ship", "finetuned"],
-            "sqil": ["--recipe", "sqil", "--ship", "finetuned"], "default": []}
+CONFIGS = {w: width_flags(w) for w in ("W4A8", "W3A8", "W4A4", "W2A8")}
+# ptq: the best PTQ recipe (every recipe tried on the held-out states); the others as the recipe
+# benchmark (tools/bench_recipes.py) runs them.
+VARIANTS = {"ptq": ["--ship", "ptq"], "qat": RECIPES["qat"], "sqil": RECIPES["sqil"], "default": RECIPES["default"]}
 EPISODES = 100
 
 
@@ -67,14 +66,13 @@ def compile_all(task_names, variants, policies=None, only=None):
                     if v not in variants:
                         continue
                     out = OUT / f"{p}__{cfg}__{v}"
-                    if (out / "report.json").exists():
+                    try:
+                        how, _, last = run_compile(ROOT / "testdata" / "policies" / f"{p}.onnx", DEMOS / f"{t}.npz", out,
+                                                   [*flags, *vflags, *COMPILE_FLAGS])
+                    except RuntimeError as e:
+                        raise SystemExit(str(e))
+                    if how == "done before":
                         continue
-                    cmd = [sqil_bin(), "compile", str(ROOT / "testdata" / "policies" / f"{p}.onnx"), "--demos",
-                           str(DEMOS / f"{t}.npz"), *flags, *vflags, *COMPILE_FLAGS, "-o", str(out)]
-                    res = subprocess.run(cmd, capture_output=True, text=True)
-                    last = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else ""
-                    if res.returncode != 0 and not (out / "report.json").exists():
-                        raise SystemExit(f"{' '.join(cmd)}\n{res.stderr[-3000:]}")
                     print(f"{p} {cfg} {v}: {last[:200]}", flush=True)
 
 
@@ -117,13 +115,8 @@ def load(path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def summary(ev):
-    """Mean return with its 95% half-width, success rate with its Wilson interval."""
-    if ev is None:
-        return None
-    n = ev["episodes"]
-    return {"return_mean": ev["return_mean"], "return_ci95": 1.96 * ev["return_std"] / math.sqrt(max(n - 1, 1)),
-            "success_rate": ev["success_rate"], "success_ci95": ev["success_ci95"], "episodes": n}
+# Mean return with its 95% half-width, success rate with its Wilson interval.
+summary = closed_loop
 
 
 def cell(s, fp=None):

@@ -80,3 +80,15 @@ def test_report_renders_in_chromium(report, tmp_path):
     sqil_pink = int((np.abs(px - [0xE9, 0x1E, 0x63]) < 12).all(axis=1).sum())
     assert inked > 0.03, f"screenshot nearly blank ({inked:.3%} inked)"
     assert sqil_pink > 200, "no sqil-coloured marks in the plots"
+
+
+def test_table_scripts_import_and_share_the_benchmark():
+    """The table scripts load (alloc_table.py imported constants qrd_table.py had dropped, unseen)
+    and compile and summarise through the recipe benchmark's helpers."""
+    import importlib
+
+    mods = {m: importlib.import_module(m) for m in ("qrd_table", "alloc_table", "ptq_table", "artifact_table")}
+    assert mods["qrd_table"].run_compile is bench_recipes.run_compile
+    assert mods["qrd_table"].summary is bench_recipes.closed_loop
+    assert mods["alloc_table"].run_compile is bench_recipes.run_compile
+    assert mods["qrd_table"].CONFIGS["W4A4"] == ["--wbits", "4", "--abits", "4"]

@@ -158,6 +158,7 @@ pub fn run_allocate(model: &Path, a: &AllocateArgs) -> crate::Result<(QuantConfi
     let sens = sensitivity(&m, &layers, &a.wbits, &a.abits, |name| {
         done += 1;
         eprintln!("sensitivity {done}/{}: {name}", layers.len());
+        sqil_ir::progress::report("sensitivity", done as u64, layers.len() as u64);
     })?;
     let hessian = if a.method == Method::Hawq {
         eprintln!("Hessian traces ({} probes)...", a.probes);
