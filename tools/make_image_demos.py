@@ -8,6 +8,10 @@ into two episodes of 32 steps:
     testdata/demos/lerobot/pixels/         LeRobot v2.1 (pyarrow): observation.image as the `image`
                                            feature LeRobot writes (struct of PNG `bytes` and `path`,
                                            PNGs from Pillow), observation.state, action, indices
+    testdata/demos/lerobot/pixels-video/   the same with observation.image as a `video` feature: one
+                                           mp4 per episode at LeRobot's v2.1 video_path, encoded by
+                                           ffmpeg losslessly (libx264rgb, qp 0) so decoding gives
+                                           the frames back exactly
 
 crates/data/tests/load.rs checks that both load to the same steps, actions and frames as the npz.
 
@@ -17,6 +21,7 @@ import io
 import json
 import pathlib
 import shutil
+import subprocess
 
 import h5py
 import numpy as np
@@ -96,6 +101,28 @@ def main():
     (lr / "meta/episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
     (lr / "meta/tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "pick and place"}) + "\n")
     print(f"wrote {lr}")
+
+    lv = ROOT / "testdata/demos/lerobot/pixels-video"
+    shutil.rmtree(lv, ignore_errors=True)
+    shutil.copytree(lr / "meta", lv / "meta")
+    (lv / "data/chunk-000").mkdir(parents=True)
+    for e in range(len(episodes)):
+        t = pq.read_table(lr / f"data/chunk-000/episode_{e:06d}.parquet").drop_columns(["observation.image"])
+        pq.write_table(t, lv / f"data/chunk-000/episode_{e:06d}.parquet")
+        mp4 = lv / f"videos/chunk-000/observation.image/episode_{e:06d}.mp4"
+        mp4.parent.mkdir(parents=True, exist_ok=True)
+        a, b = bounds[e], bounds[e + 1]
+        subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", "80",
+                        "-i", "-", "-c:v", "libx264rgb", "-qp", "0", "-preset", "veryslow", str(mp4)],
+                       input=hwc[a:b].tobytes(), check=True)
+    info["features"]["observation.image"] = {"dtype": "video", "shape": [int(h), int(w), 3],
+                                             "names": ["height", "width", "channel"],
+                                             "info": {"video.fps": 80, "video.codec": "h264 (libx264rgb, lossless)",
+                                                      "video.pix_fmt": "rgb24"}}
+    info["video_path"] = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
+    info["total_videos"] = len(episodes)
+    (lv / "meta/info.json").write_text(json.dumps(info, indent=2))
+    print(f"wrote {lv}")
 
 
 if __name__ == "__main__":

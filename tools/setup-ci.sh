@@ -19,6 +19,8 @@ command -v qemu-aarch64 >/dev/null || pkgs="$pkgs qemu-user"
 command -v qemu-system-arm >/dev/null || pkgs="$pkgs qemu-system-arm"
 # The recipe benchmark's report is checked in a real headless browser.
 command -v chromium >/dev/null || pkgs="$pkgs chromium"
+# LeRobot cameras stored as video are decoded by the ffmpeg program.
+command -v ffmpeg >/dev/null || pkgs="$pkgs ffmpeg"
 # HDF5 (robomimic) demonstrations: sqil's `hdf5` feature links libhdf5.
 [ -e /usr/include/hdf5/serial/hdf5.h ] || [ -e /usr/include/hdf5.h ] || pkgs="$pkgs libhdf5-dev pkg-config"
 if [ -n "$pkgs" ]; then

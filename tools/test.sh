@@ -11,10 +11,10 @@ cargo fmt --all -- --check
 # second time (its tests build it anyway), about 5 minutes on 2 cores. Developers lint it with
 # `cargo clippy --workspace --all-targets` before committing.
 cargo clippy --workspace --exclude sqil-conformance --all-targets --locked -- -D warnings
-# setup-ci.sh installed the cross compilers, QEMU and the NVRTC wheel: their tests must run, not
+# setup-ci.sh installed the cross compilers, QEMU, ffmpeg and the NVRTC wheel: their tests must run, not
 # skip (NVRTC compiles every CUDA kernel with no GPU; GPU tests skip with a reason).
 NVRTC_LIB=$(echo "$PWD"/.venv-ci/lib/python3*/site-packages/nvidia/cu13/lib)
-SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --workspace --locked --features sqil/hdf5,sqil/parquet
+SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 SQIL_REQUIRE_FFMPEG=1 LD_LIBRARY_PATH="$NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --workspace --locked --features sqil/hdf5,sqil/parquet
 # A user's crate outside the workspace whose build.rs compiles a policy with sqil (the library
 # API) and links the generated C; its test checks the C against the runtime bit for bit. A target
 # folder of its own: its profile differs (sqil crates are not members there), and sharing one

@@ -6,8 +6,10 @@
 //!
 //! Camera frames: a feature of dtype `image` in `meta/info.json` (a struct column of PNG `bytes`,
 //! as LeRobot writes it) becomes the demonstrations' `images` `[T, C, H, W]`: the image key named
-//! in `obs_keys` (one camera), else the first by name. Cameras stored as `video` (mp4) are refused
-//! with a message: decode them to image features first.
+//! in `obs_keys` (one camera), else the first by name. A camera stored as `video` (v2.x layout:
+//! one mp4 per episode at `video_path`) is decoded by the `ffmpeg` program to RGB frames, frame
+//! `frame_index` of the episode's file for each row (LeRobot's timestamps are `frame_index / fps`);
+//! without ffmpeg on PATH, or in the v3.0 layout (episodes concatenated in a file), a message says so.
 
 use crate::{Demos, DemosError};
 use arrow_array::cast::AsArray;
@@ -124,6 +126,74 @@ fn image_rows(b: &RecordBatch, name: &str, file: &Path) -> Result<Vec<Frame>, St
         .collect()
 }
 
+/// Every frame of `camera`'s video for `episode` (LeRobot v2.x: `video_path` with
+/// `{episode_chunk}`, `{video_key}`, `{episode_index}`), decoded by ffmpeg to RGB, each `[3, H,
+/// W]`, one after another; and that shape.
+fn video_frames(
+    dir: &Path,
+    info: &serde_json::Value,
+    camera: &str,
+    episode: i64,
+) -> Result<(Vec<u8>, [usize; 3]), String> {
+    let template = info["video_path"].as_str().ok_or_else(|| {
+        format!(
+            "camera `{camera}` is a video, but meta/info.json has no `video_path` (LeRobot v2.x); \
+             the v3.0 layout (episodes concatenated in one file) is not read yet"
+        )
+    })?;
+    let chunk = episode / info["chunks_size"].as_i64().unwrap_or(1000).max(1);
+    let rel = template
+        .replace("{episode_chunk:03d}", &format!("{chunk:03}"))
+        .replace("{video_key}", camera)
+        .replace("{episode_index:06d}", &format!("{episode:06}"));
+    let path = dir.join(&rel);
+    if !path.is_file() {
+        return Err(format!("camera `{camera}`: episode {episode}'s video {rel} is missing"));
+    }
+    // Height and width: the feature's shape, by its names when it has them (else [H, W, C]).
+    let feat = &info["features"][camera];
+    let shape: Vec<usize> = feat["shape"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+        .unwrap_or_default();
+    let names: Vec<&str> =
+        feat["names"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+    let dim =
+        |n: &str, i: usize| names.iter().position(|x| *x == n).map_or(shape.get(i).copied(), |p| shape.get(p).copied());
+    let (h, w) = match (dim("height", 0), dim("width", 1)) {
+        (Some(h), Some(w)) if h > 0 && w > 0 => (h, w),
+        _ => return Err(format!("camera `{camera}`: meta/info.json gives no [height, width, channel] shape")),
+    };
+    let out = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-i"])
+        .arg(&path)
+        .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
+        .output()
+        .map_err(|e| format!("camera `{camera}` is a video: decoding it needs the ffmpeg program on PATH ({e})"))?;
+    if !out.status.success() {
+        let msg = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("{rel}: ffmpeg could not decode it: {}", msg.lines().next().unwrap_or("")));
+    }
+    let per = h * w * 3;
+    if out.stdout.len() % per != 0 {
+        return Err(format!(
+            "{rel}: decoded {} bytes, not whole {w}x{h} RGB frames (does the shape in meta/info.json match?)",
+            out.stdout.len()
+        ));
+    }
+    let mut chw = vec![0u8; out.stdout.len()];
+    for (src, dst) in out.stdout.chunks(per).zip(chw.chunks_mut(per)) {
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    dst[(c * h + y) * w + x] = src[(y * w + x) * 3 + c];
+                }
+            }
+        }
+    }
+    Ok((chw, [3, h, w]))
+}
+
 pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     let err = |msg: String| DemosError { path: dir.to_path_buf(), msg };
     let info_path = dir.join("meta/info.json");
@@ -134,7 +204,7 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     let mut cameras: Vec<String> = if obs_keys.is_empty() {
         let mut c: Vec<String> = info["features"]
             .as_object()
-            .map(|f| f.keys().filter(|k| dtype(k) == "image").cloned().collect())
+            .map(|f| f.keys().filter(|k| matches!(dtype(k).as_str(), "image" | "video")).cloned().collect())
             .unwrap_or_default();
         c.sort();
         c.truncate(1);
@@ -142,15 +212,11 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     } else {
         obs_keys.iter().filter(|k| matches!(dtype(k).as_str(), "image" | "video")).cloned().collect()
     };
-    if let Some(v) = cameras.iter().find(|k| dtype(k) == "video") {
-        return Err(err(format!(
-            "camera `{v}` is stored as video (mp4), which sqil does not decode: store it as an image feature (PNG frames)"
-        )));
-    }
     if cameras.len() > 1 {
         return Err(err(format!("cameras {cameras:?}: a policy takes one image input, name one in --obs-keys")));
     }
     let camera = cameras.pop();
+    let video = camera.as_ref().is_some_and(|c| dtype(c) == "video");
     let keys: Vec<String> = if obs_keys.is_empty() {
         vec!["observation.state".into()]
     } else {
@@ -178,7 +244,8 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
             let eps = int_rows(&b, "episode_index", file).map_err(err)?;
             let fr = int_rows(&b, "frame_index", file).map_err(err)?;
             let mut imgs: Vec<Option<Frame>> = match &camera {
-                Some(c) => image_rows(&b, c, file).map_err(err)?.into_iter().map(Some).collect(),
+                Some(c) if !video => image_rows(&b, c, file).map_err(err)?.into_iter().map(Some).collect(),
+                Some(_) => vec![None; b.num_rows()],
                 None => vec![None; b.num_rows()],
             };
             let w: usize = cols.iter().map(|c| c.1).sum();
@@ -199,6 +266,26 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     }
     // Stable: frames of one episode in (episode, frame) order, episodes in index order.
     frames.sort_by_key(|f| (f.0, f.1));
+    if let (Some(c), true) = (&camera, video) {
+        let mut decoded: Option<(i64, Vec<u8>, [usize; 3])> = None;
+        for f in frames.iter_mut() {
+            if decoded.as_ref().is_none_or(|d| d.0 != f.0) {
+                let (v, shape) = video_frames(dir, &info, c, f.0).map_err(err)?;
+                decoded = Some((f.0, v, shape));
+            }
+            let (_, v, shape) = decoded.as_ref().expect("decoded above");
+            let per: usize = shape.iter().product();
+            let at = usize::try_from(f.1).ok().filter(|&i| (i + 1) * per <= v.len()).ok_or_else(|| {
+                err(format!(
+                    "camera `{c}`: episode {} has {} video frames, row frame_index {} is past them",
+                    f.0,
+                    v.len() / per.max(1),
+                    f.1
+                ))
+            })?;
+            f.4 = Some((v[at * per..(at + 1) * per].to_vec(), *shape));
+        }
+    }
     let starts: Vec<bool> = (0..frames.len()).map(|i| i == 0 || frames[i].0 != frames[i - 1].0).collect();
     let obs: Vec<f32> = frames.iter().flat_map(|f| f.2.iter().copied()).collect();
     let act: Vec<f32> = frames.iter().flat_map(|f| f.3.iter().copied()).collect();

@@ -200,6 +200,36 @@ fn lerobot_image_features_load_as_images() {
         std::fs::copy(&f, tmp.join("data").join(f.file_name().unwrap())).unwrap();
     }
     let e = Demos::load_with(&tmp, &["observation.state".into(), "observation.image".into()]).unwrap_err().to_string();
-    assert!(e.contains("stored as video"), "{e}");
+    assert!(e.contains("video_path"), "{e}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+/// A camera stored as video (one mp4 per episode, LeRobot v2.1's `video_path`; encoded losslessly
+/// by tools/make_image_demos.py) is decoded by ffmpeg to the same frames as the npz. Skips with a
+/// reason without ffmpeg (`SQIL_REQUIRE_FFMPEG=1`, as CI sets, makes that a failure).
+#[cfg(feature = "parquet")]
+#[test]
+fn lerobot_video_cameras_decode_to_the_same_frames() {
+    if std::process::Command::new("ffmpeg").arg("-version").output().is_err() {
+        assert!(std::env::var("SQIL_REQUIRE_FFMPEG").as_deref() != Ok("1"), "no ffmpeg and SQIL_REQUIRE_FFMPEG=1");
+        eprintln!("skipping the LeRobot video test: no ffmpeg on PATH");
+        return;
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/demos/lerobot/pixels-video");
+    let keys = ["observation.state".to_string(), "observation.image".to_string()];
+    let d = Demos::load_with(&p, &keys).unwrap();
+    same_steps(&d, &pixel_reference(), "lerobot video");
+    same_steps(&Demos::load_with(&p, &[]).unwrap(), &pixel_reference(), "lerobot video, default keys");
+    // A missing episode file is named.
+    let tmp = std::env::temp_dir().join(format!("sqil-lerobot-novideo-{}", std::process::id()));
+    std::fs::create_dir_all(tmp.join("meta")).unwrap();
+    std::fs::create_dir_all(tmp.join("data")).unwrap();
+    std::fs::copy(p.join("meta/info.json"), tmp.join("meta/info.json")).unwrap();
+    for f in std::fs::read_dir(p.join("data/chunk-000")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.join("data").join(f.file_name().unwrap())).unwrap();
+    }
+    let e = Demos::load_with(&tmp, &keys).unwrap_err().to_string();
+    assert!(e.contains("episode_000000.mp4 is missing"), "{e}");
     std::fs::remove_dir_all(&tmp).ok();
 }
