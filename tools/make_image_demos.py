@@ -12,6 +12,9 @@ into two episodes of 32 steps:
                                            mp4 per episode at LeRobot's v2.1 video_path, encoded by
                                            ffmpeg losslessly (libx264rgb, qp 0) so decoding gives
                                            the frames back exactly
+    testdata/demos/lerobot/pixels-video-v3/ the same in LeRobot's v3.0 layout: both episodes in one
+                                           data file and one video file, each episode's offset in
+                                           meta/episodes/ (videos/<key>/from_timestamp)
 
 crates/data/tests/load.rs checks that both load to the same steps, actions and frames as the npz.
 
@@ -123,6 +126,37 @@ def main():
     info["total_videos"] = len(episodes)
     (lv / "meta/info.json").write_text(json.dumps(info, indent=2))
     print(f"wrote {lv}")
+
+    l3 = ROOT / "testdata/demos/lerobot/pixels-video-v3"
+    shutil.rmtree(l3, ignore_errors=True)
+    (l3 / "data/chunk-000").mkdir(parents=True)
+    (l3 / "meta/episodes/chunk-000").mkdir(parents=True)
+    tables = [pq.read_table(lv / f"data/chunk-000/episode_{e:06d}.parquet") for e in range(len(episodes))]
+    pq.write_table(pa.concat_tables(tables), l3 / "data/chunk-000/file-000.parquet")
+    mp4 = l3 / "videos/observation.image/chunk-000/file-000.mp4"
+    mp4.parent.mkdir(parents=True)
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", "80",
+                    "-i", "-", "-c:v", "libx264rgb", "-qp", "0", "-preset", "veryslow", str(mp4)],
+                   input=hwc[:STEPS].tobytes(), check=True)
+    key = "videos/observation.image"
+    pq.write_table(pa.table({
+        "episode_index": pa.array(range(len(episodes)), type=pa.int64()),
+        "length": pa.array([e["length"] for e in episodes], type=pa.int64()),
+        "data/chunk_index": pa.array([0] * len(episodes), type=pa.int64()),
+        "data/file_index": pa.array([0] * len(episodes), type=pa.int64()),
+        f"{key}/chunk_index": pa.array([0] * len(episodes), type=pa.int64()),
+        f"{key}/file_index": pa.array([0] * len(episodes), type=pa.int64()),
+        f"{key}/from_timestamp": pa.array([bounds[e] / 80 for e in range(len(episodes))], type=pa.float64()),
+        f"{key}/to_timestamp": pa.array([bounds[e + 1] / 80 for e in range(len(episodes))], type=pa.float64()),
+    }), l3 / "meta/episodes/chunk-000/file-000.parquet")
+    pq.write_table(pa.table({"task_index": pa.array([0], type=pa.int64()), "task": ["pick and place"]}),
+                   l3 / "meta/tasks.parquet")
+    info3 = dict(info, codebase_version="v3.0", files_size_in_mb=100, data_files_size_in_mb=100,
+                 data_path="data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet",
+                 video_path="videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4")
+    info3.pop("total_videos", None)
+    (l3 / "meta/info.json").write_text(json.dumps(info3, indent=2))
+    print(f"wrote {l3}")
 
 
 if __name__ == "__main__":

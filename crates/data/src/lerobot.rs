@@ -6,10 +6,10 @@
 //!
 //! Camera frames: a feature of dtype `image` in `meta/info.json` (a struct column of PNG `bytes`,
 //! as LeRobot writes it) becomes the demonstrations' `images` `[T, C, H, W]`: the image key named
-//! in `obs_keys` (one camera), else the first by name. A camera stored as `video` (v2.x layout:
-//! one mp4 per episode at `video_path`) is decoded by the `ffmpeg` program to RGB frames, frame
-//! `frame_index` of the episode's file for each row (LeRobot's timestamps are `frame_index / fps`);
-//! without ffmpeg on PATH, or in the v3.0 layout (episodes concatenated in a file), a message says so.
+//! in `obs_keys` (one camera), else the first by name. A camera stored as `video` is decoded by the
+//! `ffmpeg` program to RGB frames: v2.x keeps one mp4 per episode, v3.0 several episodes per file
+//! at the offsets `meta/episodes/` gives ([`VideoSource`]); each row takes frame `frame_index` of
+//! its episode (LeRobot's timestamps are `frame_index / fps`). Without ffmpeg, a message says so.
 
 use crate::{Demos, DemosError};
 use arrow_array::cast::AsArray;
@@ -79,7 +79,6 @@ fn int_rows(b: &RecordBatch, name: &str, file: &Path) -> Result<Vec<i64>, String
         .ok_or_else(|| format!("{}: column `{name}` is {:?}, not int64", file.display(), col.data_type()))
 }
 
-/// Loads a LeRobot dataset folder.
 /// One camera frame: `[C, H, W]` bytes and that shape.
 type Frame = (Vec<u8>, [usize; 3]);
 
@@ -126,47 +125,127 @@ fn image_rows(b: &RecordBatch, name: &str, file: &Path) -> Result<Vec<Frame>, St
         .collect()
 }
 
-/// Every frame of `camera`'s video for `episode` (LeRobot v2.x: `video_path` with
-/// `{episode_chunk}`, `{video_key}`, `{episode_index}`), decoded by ffmpeg to RGB, each `[3, H,
-/// W]`, one after another; and that shape.
-fn video_frames(
-    dir: &Path,
-    info: &serde_json::Value,
-    camera: &str,
-    episode: i64,
-) -> Result<(Vec<u8>, [usize; 3]), String> {
-    let template = info["video_path"].as_str().ok_or_else(|| {
-        format!(
-            "camera `{camera}` is a video, but meta/info.json has no `video_path` (LeRobot v2.x); \
-             the v3.0 layout (episodes concatenated in one file) is not read yet"
-        )
-    })?;
-    let chunk = episode / info["chunks_size"].as_i64().unwrap_or(1000).max(1);
-    let rel = template
-        .replace("{episode_chunk:03d}", &format!("{chunk:03}"))
-        .replace("{video_key}", camera)
-        .replace("{episode_index:06d}", &format!("{episode:06}"));
-    let path = dir.join(&rel);
-    if !path.is_file() {
-        return Err(format!("camera `{camera}`: episode {episode}'s video {rel} is missing"));
+/// A camera stored as video: where each episode's frames are, and the files decoded so far.
+/// LeRobot v2.x keeps one mp4 per episode (`video_path` with `{episode_chunk}`, `{video_key}`,
+/// `{episode_index}`); v3.0 concatenates episodes in files (`{chunk_index}`, `{file_index}`), each
+/// episode's place given by `meta/episodes/` (`videos/<key>/chunk_index`, `file_index`,
+/// `from_timestamp`).
+struct VideoSource<'a> {
+    dir: &'a Path,
+    camera: &'a str,
+    template: String,
+    chunks_size: i64,
+    fps: f64,
+    h: usize,
+    w: usize,
+    /// v3.0: episode -> (chunk, file, first frame in the file).
+    v3: Option<std::collections::HashMap<i64, (i64, i64, usize)>>,
+    decoded: std::collections::HashMap<PathBuf, Vec<u8>>,
+}
+
+impl<'a> VideoSource<'a> {
+    fn new(dir: &'a Path, info: &serde_json::Value, camera: &'a str) -> Result<VideoSource<'a>, String> {
+        let template = info["video_path"]
+            .as_str()
+            .ok_or_else(|| format!("camera `{camera}` is a video, but meta/info.json has no `video_path`"))?
+            .to_string();
+        // Height and width: the feature's shape, by its names when it has them (else [H, W, C]).
+        let feat = &info["features"][camera];
+        let shape: Vec<usize> = feat["shape"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+            .unwrap_or_default();
+        let names: Vec<&str> =
+            feat["names"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+        let dim = |n: &str, i: usize| {
+            names.iter().position(|x| *x == n).map_or(shape.get(i).copied(), |p| shape.get(p).copied())
+        };
+        let (h, w) = match (dim("height", 0), dim("width", 1)) {
+            (Some(h), Some(w)) if h > 0 && w > 0 => (h, w),
+            _ => return Err(format!("camera `{camera}`: meta/info.json gives no [height, width, channel] shape")),
+        };
+        let fps = info["fps"].as_f64().filter(|f| *f > 0.0).unwrap_or(30.0);
+        let v3 = if template.contains("{file_index") {
+            let mut files = vec![];
+            parquet_files(&dir.join("meta/episodes"), &mut files)
+                .map_err(|e| format!("camera `{camera}`: meta/episodes/ (LeRobot v3.0): {e}"))?;
+            let mut m = std::collections::HashMap::new();
+            for file in &files {
+                let f = std::fs::File::open(file).map_err(|e| format!("{}: {e}", file.display()))?;
+                let reader = ParquetRecordBatchReaderBuilder::try_new(f)
+                    .and_then(|b| b.build())
+                    .map_err(|e| format!("{}: not a parquet file: {e}", file.display()))?;
+                for batch in reader {
+                    let b = batch.map_err(|e| format!("{}: {e}", file.display()))?;
+                    let eps = int_rows(&b, "episode_index", file)?;
+                    let chunk = int_rows(&b, &format!("videos/{camera}/chunk_index"), file)?;
+                    let fidx = int_rows(&b, &format!("videos/{camera}/file_index"), file)?;
+                    let (from, _) = float_rows(&b, &format!("videos/{camera}/from_timestamp"), file)?;
+                    for r in 0..b.num_rows() {
+                        let first = (from[r] as f64 * fps).round().max(0.0) as usize;
+                        m.insert(eps[r], (chunk[r], fidx[r], first));
+                    }
+                }
+            }
+            Some(m)
+        } else {
+            None
+        };
+        let chunks_size = info["chunks_size"].as_i64().unwrap_or(1000).max(1);
+        Ok(VideoSource { dir, camera, template, chunks_size, fps, h, w, v3, decoded: Default::default() })
     }
-    // Height and width: the feature's shape, by its names when it has them (else [H, W, C]).
-    let feat = &info["features"][camera];
-    let shape: Vec<usize> = feat["shape"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
-        .unwrap_or_default();
-    let names: Vec<&str> =
-        feat["names"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
-    let dim =
-        |n: &str, i: usize| names.iter().position(|x| *x == n).map_or(shape.get(i).copied(), |p| shape.get(p).copied());
-    let (h, w) = match (dim("height", 0), dim("width", 1)) {
-        (Some(h), Some(w)) if h > 0 && w > 0 => (h, w),
-        _ => return Err(format!("camera `{camera}`: meta/info.json gives no [height, width, channel] shape")),
-    };
+
+    /// Frame `frame` of episode `episode`, `[3, H, W]` bytes.
+    fn frame(&mut self, episode: i64, frame: i64) -> Result<Vec<u8>, String> {
+        let camera = self.camera;
+        let (rel, first) = match &self.v3 {
+            None => {
+                let chunk = episode / self.chunks_size;
+                let rel = self
+                    .template
+                    .replace("{episode_chunk:03d}", &format!("{chunk:03}"))
+                    .replace("{video_key}", camera)
+                    .replace("{episode_index:06d}", &format!("{episode:06}"));
+                (rel, 0)
+            }
+            Some(m) => {
+                let &(chunk, file, first) = m
+                    .get(&episode)
+                    .ok_or_else(|| format!("camera `{camera}`: episode {episode} is not in meta/episodes/"))?;
+                let rel = self
+                    .template
+                    .replace("{video_key}", camera)
+                    .replace("{chunk_index:03d}", &format!("{chunk:03}"))
+                    .replace("{file_index:03d}", &format!("{file:03}"));
+                (rel, first)
+            }
+        };
+        let path = self.dir.join(&rel);
+        if !self.decoded.contains_key(&path) {
+            if !path.is_file() {
+                return Err(format!("camera `{camera}`: episode {episode}'s video {rel} is missing"));
+            }
+            let v = decode_video(&path, &rel, camera, self.h, self.w)?;
+            self.decoded.insert(path.clone(), v);
+        }
+        let v = &self.decoded[&path];
+        let per = 3 * self.h * self.w;
+        let at = usize::try_from(frame).ok().map(|f| first + f).filter(|&i| (i + 1) * per <= v.len()).ok_or_else(|| {
+            format!(
+                "camera `{camera}`: {rel} has {} frames, episode {episode}'s frame_index {frame} (at {:.3} s) is past them",
+                v.len() / per.max(1),
+                frame as f64 / self.fps
+            )
+        })?;
+        Ok(v[at * per..(at + 1) * per].to_vec())
+    }
+}
+
+/// Every frame of an mp4, decoded by the ffmpeg program to RGB and stored `[3, H, W]` each.
+fn decode_video(path: &Path, rel: &str, camera: &str, h: usize, w: usize) -> Result<Vec<u8>, String> {
     let out = std::process::Command::new("ffmpeg")
         .args(["-v", "error", "-nostdin", "-i"])
-        .arg(&path)
+        .arg(path)
         .args(["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"])
         .output()
         .map_err(|e| format!("camera `{camera}` is a video: decoding it needs the ffmpeg program on PATH ({e})"))?;
@@ -191,9 +270,10 @@ fn video_frames(
             }
         }
     }
-    Ok((chw, [3, h, w]))
+    Ok(chw)
 }
 
+/// Loads a LeRobot dataset folder.
 pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     let err = |msg: String| DemosError { path: dir.to_path_buf(), msg };
     let info_path = dir.join("meta/info.json");
@@ -267,23 +347,10 @@ pub fn load(dir: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     // Stable: frames of one episode in (episode, frame) order, episodes in index order.
     frames.sort_by_key(|f| (f.0, f.1));
     if let (Some(c), true) = (&camera, video) {
-        let mut decoded: Option<(i64, Vec<u8>, [usize; 3])> = None;
+        let mut src = VideoSource::new(dir, &info, c).map_err(err)?;
+        let shape = [3, src.h, src.w];
         for f in frames.iter_mut() {
-            if decoded.as_ref().is_none_or(|d| d.0 != f.0) {
-                let (v, shape) = video_frames(dir, &info, c, f.0).map_err(err)?;
-                decoded = Some((f.0, v, shape));
-            }
-            let (_, v, shape) = decoded.as_ref().expect("decoded above");
-            let per: usize = shape.iter().product();
-            let at = usize::try_from(f.1).ok().filter(|&i| (i + 1) * per <= v.len()).ok_or_else(|| {
-                err(format!(
-                    "camera `{c}`: episode {} has {} video frames, row frame_index {} is past them",
-                    f.0,
-                    v.len() / per.max(1),
-                    f.1
-                ))
-            })?;
-            f.4 = Some((v[at * per..(at + 1) * per].to_vec(), *shape));
+            f.4 = Some((src.frame(f.0, f.1).map_err(err)?, shape));
         }
     }
     let starts: Vec<bool> = (0..frames.len()).map(|i| i == 0 || frames[i].0 != frames[i - 1].0).collect();

@@ -220,6 +220,9 @@ fn lerobot_video_cameras_decode_to_the_same_frames() {
     let d = Demos::load_with(&p, &keys).unwrap();
     same_steps(&d, &pixel_reference(), "lerobot video");
     same_steps(&Demos::load_with(&p, &[]).unwrap(), &pixel_reference(), "lerobot video, default keys");
+    // LeRobot v3.0: both episodes in one video file, found by meta/episodes/'s offsets.
+    let v3 = p.with_file_name("pixels-video-v3");
+    same_steps(&Demos::load_with(&v3, &[]).unwrap(), &pixel_reference(), "lerobot v3.0 video");
     // A missing episode file is named.
     let tmp = std::env::temp_dir().join(format!("sqil-lerobot-novideo-{}", std::process::id()));
     std::fs::create_dir_all(tmp.join("meta")).unwrap();
