@@ -236,3 +236,16 @@ fn lerobot_video_cameras_decode_to_the_same_frames() {
     assert!(e.contains("episode_000000.mp4 is missing"), "{e}");
     std::fs::remove_dir_all(&tmp).ok();
 }
+
+/// A Minari dataset written by Minari's own DataCollector with a Dict observation holding a camera
+/// (`camera`, [T + 1, 12, 16, 3] uint8) and a state (tools/make_minari_image_demos.py): the camera
+/// becomes the frames, the state the observations, equal to the .npz of the same steps.
+#[cfg(feature = "hdf5")]
+#[test]
+fn minari_camera_frames_load_as_images() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/demos/minari-pixels");
+    let want = Demos::load(&dir.join("point-pixels-v0.npz")).unwrap();
+    let got = Demos::load_with(&dir.join("point/pixels-v0"), &["state".into(), "camera".into()]).unwrap();
+    same_steps(&got, &want, "minari, --obs-keys state,camera");
+    same_steps(&Demos::load_with(&dir.join("point/pixels-v0"), &[]).unwrap(), &want, "minari, default keys");
+}
