@@ -22,7 +22,11 @@ SQIL_REQUIRE_CROSS=1 SQIL_REQUIRE_NVRTC=1 SQIL_REQUIRE_FFMPEG=1 LD_LIBRARY_PATH=
 (cd examples/build-script && cargo fmt -- --check && CARGO_TARGET_DIR=../../target/example-build-script cargo test --locked -q)
 # The README's main command, in the dev profile `cargo test` just built (it broke once when a
 # second binary joined the package: `default-run` keeps `cargo run -p sqil` unambiguous).
-cargo run --locked -q -p sqil -- compile testdata/policies/hopper_mlp.onnx --demos testdata/demos/hopper.npz -o out/hopper 2> /dev/null | grep -q "^fidelity"
+# Output to a file, then checked: `| grep -q` closed the pipe as soon as it matched, and the lines
+# sqil still printed failed (exit 101, seen once under load before SIGPIPE got its default action).
+cargo run --locked -q -p sqil -- compile testdata/policies/hopper_mlp.onnx --demos testdata/demos/hopper.npz -o out/hopper \
+    > target/readme-compile.out 2> target/readme-compile.err || { tail -30 target/readme-compile.err; exit 1; }
+grep -q "^fidelity" target/readme-compile.out
 # Fuzzing smoke run: every reader target for a few seconds in child processes (aborts and hangs
 # caught, not only panics); the long runs are documented in docs/fuzzing.md.
 cargo run --locked -q -p sqil-fuzz -- all --seconds 4 --out target/fuzz-ci

@@ -5,6 +5,7 @@ use sqil_cli::{run, Cli};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    sqil_runtime::default_sigpipe();
     // A copy of sqil with a policy appended (`sqil build --target exe` from an installation
     // without sqil-policy) is that policy's runner, not the compiler.
     match sqil_driver::runner::embedded() {

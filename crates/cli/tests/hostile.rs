@@ -429,3 +429,28 @@ fn hostile_inputs_get_one_clear_error() {
     assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
     assert!(cases.len() >= 30, "only {} cases", cases.len());
 }
+
+/// A reader that closes the pipe early (`sqil inspect ... | head -1`) ends sqil quietly (killed by
+/// SIGPIPE, as other command-line tools), not with a panic and exit status 101.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_is_not_a_panic() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sqil"))
+        .args(["inspect", "--ir"])
+        .arg(root.join("testdata/policies/bc_pickplace_transformer.onnx"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    drop(child.stdout.take()); // the reader goes away after 16 bytes
+    let mut err = String::new();
+    child.stderr.as_mut().unwrap().read_to_string(&mut err).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!err.contains("panicked"), "sqil panicked on a closed pipe: {err}");
+    assert!(status.success() || status.signal() == Some(13), "exit {status:?}: {err}");
+}

@@ -47,6 +47,18 @@ pub fn keep_freed_memory() -> bool {
     false
 }
 
+/// Restores the default action of SIGPIPE (Rust's runtime ignores it, so writing to a closed pipe
+/// fails and `println!` panics): `sqil ... | head -1` then ends quietly, as other command-line
+/// tools do, instead of panicking with exit status 101. Process-wide: the `sqil` and
+/// `sqil-policy` binaries call it first; the library never does.
+pub fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to its default has no other effect.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// A loaded policy: its plan and the threads its large layers may use.
 pub struct Policy {
     pub plan: Plan,
