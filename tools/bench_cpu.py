@@ -88,6 +88,59 @@ def prelu_cnn(path):
     onnx.save(m, path)
 
 
+def resnet18(path, size=96, outputs=10):
+    """ResNet-18 (torchvision's layout: 7x7/2 stem, BatchNorm, 3x3/2 MaxPool, four stages of two
+    BasicBlocks with 1x1/2 projection shortcuts, global average pool) on a [N, 3, 96, 96] image,
+    the visual encoder of Diffusion Policy and ACT, with a linear action head; random weights,
+    BatchNorm statistics random too (speed does not need trained weights)."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    n = [0]
+
+    def name(p):
+        n[0] += 1
+        return f"{p}{n[0]}"
+
+    def conv_bn(x, cin, cout, k, stride, relu):
+        w, y = name("w"), name("c")
+        inits.append(numpy_helper.from_array((rng.standard_normal((cout, cin, k, k)) * np.sqrt(2 / (cin * k * k))).astype(np.float32), w))
+        nodes.append(helper.make_node("Conv", [x, w], [y], kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4))
+        bn = [name(p) for p in ("s", "b", "m", "v")]
+        vals = [1 + 0.1 * rng.standard_normal(cout), 0.1 * rng.standard_normal(cout), 0.1 * rng.standard_normal(cout),
+                1 + 0.1 * rng.random(cout)]
+        inits.extend(numpy_helper.from_array(v.astype(np.float32), nm) for v, nm in zip(vals, bn))
+        z = name("bn")
+        nodes.append(helper.make_node("BatchNormalization", [y, *bn], [z]))
+        if relu:
+            r = name("r")
+            nodes.append(helper.make_node("Relu", [z], [r]))
+            return r
+        return z
+
+    x = conv_bn("image", 3, 64, 7, 2, True)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    x, cin = "pool", 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        for b in range(2):
+            s = stride if b == 0 else 1
+            h = conv_bn(x, cin, cout, 3, s, True)
+            h = conv_bn(h, cout, cout, 3, 1, False)
+            short = conv_bn(x, cin, cout, 1, s, False) if (s != 1 or cin != cout) else x
+            a, r = name("add"), name("r")
+            nodes += [helper.make_node("Add", [h, short], [a]), helper.make_node("Relu", [a], [r])]
+            x, cin = r, cout
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["feat"])]
+    inits += [numpy_helper.from_array((rng.standard_normal((outputs, 512)) / np.sqrt(512)).astype(np.float32), "fc_w"),
+              numpy_helper.from_array(np.zeros(outputs, np.float32), "fc_b")]
+    nodes.append(helper.make_node("Gemm", ["feat", "fc_w", "fc_b"], ["action"], transB=1))
+    g = helper.make_graph(nodes, "resnet18", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+                          [helper.make_tensor_value_info("action", TensorProto.FLOAT, ["N", outputs])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
 def gemm_to_matmul(src, dst):
     """Gemm(x, W^T, b) -> MatMul + Add, the form MatMulNBits quantizes."""
     m = onnx.load(src)
@@ -188,7 +241,10 @@ def main():
         np.save(tmp / "calib.npy", np.random.default_rng(2).standard_normal((256, 64)).astype(np.float32))
         prelu_cnn(tmp / "prelu_cnn.onnx")
         np.save(tmp / "image.npy", np.random.default_rng(3).random((32, 96, 96, 3)).astype(np.float32))
-        models = {"prelu_cnn (NHWC, PRelu, MaxPool)": (tmp / "prelu_cnn.onnx", [tmp / "image.npy"]),
+        resnet18(tmp / "resnet18.onnx")
+        np.save(tmp / "image96.npy", np.random.default_rng(4).random((16, 3, 96, 96)).astype(np.float32))
+        models = {"resnet18_cnn (96x96, zoo)": (tmp / "resnet18.onnx", [tmp / "image96.npy"]),
+                  "prelu_cnn (NHWC, PRelu, MaxPool)": (tmp / "prelu_cnn.onnx", [tmp / "image.npy"]),
                   "bc_hopper": (ROOT / "testdata/policies/bc_hopper.onnx", [ROOT / "testdata/demos/hopper.npz"]),
                   "mlp4x1024": (tmp / "mlp4x1024.onnx", [tmp / "calib.npy"]),
                   "cnn (pickplace pixels)": (pol / "bc_pickplace_pixels.onnx",
