@@ -55,14 +55,18 @@ pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> crate::Result<(Graph, Graph
     Ok((sim, lowered, report))
 }
 
-/// The float graph as quantization takes it: shapes inferred, and a model that is already QDQ
-/// dequantized to float (it is quantized afresh).
+/// The float graph as quantization takes it: shapes inferred, a model that is already QDQ
+/// dequantized to float (it is quantized afresh), and inference BatchNorms folded into the
+/// Conv/Gemm before them (the weights that get quantized are the folded ones, as every deployment
+/// toolchain does; an unfolded BatchNorm ran as a separate float op between the int4 convolution
+/// and its ReLU).
 pub fn prepare_float(fp: &Graph) -> crate::Result<Graph> {
     let mut fp = fp.clone();
     let dequantize = sqil_passes::const_fold::ConstFold { fold_dequantize: true, ..Default::default() };
     PassManager::new(vec![
         Box::new(sqil_passes::shape_infer::ShapeInfer),
         Box::new(dequantize),
+        Box::new(sqil_passes::fold_batchnorm::FoldBatchNorm),
         Box::new(sqil_passes::dce::Dce),
     ])
     .run(&mut fp, &mut PassCtx::default())?;
