@@ -136,17 +136,7 @@ fn read_images(
         return Err(format!("`{what}`: {bytes} bytes of frames, more than allowed (SQIL_MAX_ARRAY_BYTES)"));
     }
     let v = ds.read_raw::<u8>().map_err(|e| format!("`{what}`: {e}"))?;
-    let mut out = vec![0u8; t * c * h * w];
-    for i in 0..t {
-        for y in 0..h {
-            for x in 0..w {
-                for ch in 0..c {
-                    out[((i * c + ch) * h + y) * w + x] = v[((i * h + y) * w + x) * c + ch];
-                }
-            }
-        }
-    }
-    Ok(Some((out, [t, c, h, w], key)))
+    Ok(Some((crate::hwc_to_chw(&v, t, (h, w, c), w * c), [t, c, h, w], key)))
 }
 
 /// Appends an episode's frames to `all`, checking their size against the first episode's.
@@ -199,16 +189,18 @@ fn push_steps(cols: &[(Vec<f64>, usize)], t: usize, obs: &mut Vec<f32>, starts: 
     }
 }
 
+/// The members named `<prefix><number>`, in the order of their number (`demo_10` after `demo_9`).
+fn numbered(names: Vec<String>, prefix: &str) -> Vec<(u64, String)> {
+    let mut v: Vec<(u64, String)> =
+        names.into_iter().filter_map(|n| n.strip_prefix(prefix).and_then(|i| i.parse().ok()).map(|i| (i, n))).collect();
+    v.sort();
+    v
+}
+
 /// A Minari dataset file (see the module header).
 fn minari(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, DemosError> {
     let err = |msg: String| DemosError { path: path.to_path_buf(), msg };
-    let mut eps: Vec<(u64, String)> = f
-        .member_names()
-        .map_err(|e| err(e.to_string()))?
-        .into_iter()
-        .filter_map(|n| n.strip_prefix("episode_").and_then(|i| i.parse().ok()).map(|i| (i, n.clone())))
-        .collect();
-    eps.sort();
+    let eps = numbered(f.member_names().map_err(|e| err(e.to_string()))?, "episode_");
     let (mut obs, mut act, mut rew, mut starts) = (vec![], vec![], vec![], vec![]);
     let (mut width, mut act_w, mut keys_used) = (None, None, vec![]);
     let mut images = None;
@@ -249,13 +241,7 @@ fn robomimic(f: &hdf5::File, path: &Path, obs_keys: &[String]) -> Result<Demos, 
     let data = f
         .group("data")
         .map_err(|_| err("no group `data` (robomimic layout: data/demo_<i>/obs/<key>, actions)".into()))?;
-    let mut demos: Vec<(u64, String)> = data
-        .member_names()
-        .map_err(|e| err(e.to_string()))?
-        .into_iter()
-        .filter_map(|n| n.strip_prefix("demo_").and_then(|i| i.parse().ok()).map(|i| (i, n.clone())))
-        .collect();
-    demos.sort();
+    let demos = numbered(data.member_names().map_err(|e| err(e.to_string()))?, "demo_");
     if demos.is_empty() {
         return Err(err("group `data` holds no `demo_<i>` groups".into()));
     }

@@ -94,15 +94,7 @@ fn png_chw(bytes: &[u8], what: &str) -> Result<Frame, String> {
     let mut buf = vec![0u8; size];
     let info = r.next_frame(&mut buf).map_err(|e| format!("{what}: PNG frame: {e}"))?;
     let (h, w, c) = (info.height as usize, info.width as usize, info.color_type.samples());
-    let mut out = vec![0u8; c * h * w];
-    for y in 0..h {
-        for x in 0..w {
-            for ch in 0..c {
-                out[(ch * h + y) * w + x] = buf[y * info.line_size + x * c + ch];
-            }
-        }
-    }
-    Ok((out, [c, h, w]))
+    Ok((crate::hwc_to_chw(&buf, 1, (h, w, c), info.line_size), [c, h, w]))
 }
 
 /// Column `name` of `b` as PNG frames, each `[C, H, W]` bytes.
@@ -260,17 +252,7 @@ fn decode_video(path: &Path, rel: &str, camera: &str, h: usize, w: usize) -> Res
             out.stdout.len()
         ));
     }
-    let mut chw = vec![0u8; out.stdout.len()];
-    for (src, dst) in out.stdout.chunks(per).zip(chw.chunks_mut(per)) {
-        for y in 0..h {
-            for x in 0..w {
-                for c in 0..3 {
-                    dst[(c * h + y) * w + x] = src[(y * w + x) * 3 + c];
-                }
-            }
-        }
-    }
-    Ok(chw)
+    Ok(crate::hwc_to_chw(&out.stdout, out.stdout.len() / per, (h, w, 3), w * 3))
 }
 
 /// Loads a LeRobot dataset folder.

@@ -37,6 +37,25 @@ pub struct Demos {
     pub images: Option<Array4<u8>>,
 }
 
+/// Camera frames stored channels last (`[frames][H][W][C]`, rows `row` bytes apart, `row >= W * C`)
+/// as the demonstrations keep them, channels first (`[frames][C][H][W]`): the layout of robomimic,
+/// Minari and LeRobot images, PNG rows and decoded video.
+#[allow(dead_code)]
+pub(crate) fn hwc_to_chw(src: &[u8], frames: usize, (h, w, c): (usize, usize, usize), row: usize) -> Vec<u8> {
+    let mut out = vec![0u8; frames * c * h * w];
+    for (i, dst) in out.chunks_mut((c * h * w).max(1)).enumerate() {
+        for y in 0..h {
+            let line = &src[(i * h + y) * row..][..w * c];
+            for x in 0..w {
+                for ch in 0..c {
+                    dst[(ch * h + y) * w + x] = line[x * c + ch];
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(feature = "hdf5")]
 pub mod hdf5_datasets;
 #[cfg(feature = "parquet")]
