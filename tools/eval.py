@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / ".binding"))
 from sqil_tools import policies, tasks  # noqa: E402
-from sqil_tools.rollout import run_episodes, wilson  # noqa: E402
+from sqil_tools.rollout import run_episodes, run_in_blocks, wilson  # noqa: E402
 
 
 def _block(job):
@@ -29,17 +29,7 @@ def _block(job):
 
 
 def evaluate(task_name, policy_spec, episodes, seed, jobs=1):
-    jobs = max(1, min(jobs, episodes))
-    if jobs == 1:
-        eps, sps = _block((task_name, policy_spec, episodes, seed))
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-        sizes = [episodes // jobs + (1 if j < episodes % jobs else 0) for j in range(jobs)]
-        starts = np.cumsum([0] + sizes[:-1])
-        with ProcessPoolExecutor(jobs) as ex:
-            parts = list(ex.map(_block, [(task_name, policy_spec, n, seed + int(s0)) for n, s0 in zip(sizes, starts)]))
-        eps = [e for p, _ in parts for e in p]
-        sps = sum(s for _, s in parts)
+    eps, sps, jobs = run_in_blocks(_block, (task_name, policy_spec), episodes, seed, jobs)
     rets = np.array([e["return"] for e in eps])
     k = sum(e["success"] for e in eps)
     lo, hi = wilson(k, len(eps))

@@ -37,7 +37,6 @@ for stage in "$@"; do
     esac
 done
 }
-export -f pixels_demos
 timeout "${SQIL_STAGE_SECONDS:-540}" bash -c "$(declare -f stages pixels_demos); out=$out; stages $*" || echo "stages stopped: $?"
 # What comes back (one file: the device returns few files): reports, evaluations, QDQ models,
 # artifacts; not the checkpoints or IR text.

@@ -25,6 +25,7 @@ import json
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -33,6 +34,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+from make_lerobot_demos import episode_table, info_v21, write_meta  # noqa: E402
+
 STEPS, EPISODE = 64, 32
 
 
@@ -66,43 +70,18 @@ def main():
     img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     episodes = []
     for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        n = b - a
         pngs = []
         for t in range(a, b):
             buf = io.BytesIO()
             Image.fromarray(hwc[t]).save(buf, format="PNG")
             pngs.append({"bytes": buf.getvalue(), "path": f"frame_{t:06d}.png"})
-        table = pa.table({
-            "observation.image": pa.array(pngs, type=img_type),
-            "observation.state": pa.array([list(map(float, r)) for r in obs[a:b]], type=pa.list_(pa.float32())),
-            "action": pa.array([list(map(float, r)) for r in act[a:b]], type=pa.list_(pa.float32())),
-            "timestamp": pa.array(np.arange(n, dtype=np.float32) / 80),
-            "frame_index": pa.array(np.arange(n, dtype=np.int64)),
-            "episode_index": pa.array(np.full(n, e, dtype=np.int64)),
-            "index": pa.array(np.arange(a, b, dtype=np.int64)),
-            "task_index": pa.array(np.zeros(n, dtype=np.int64)),
-        })
+        table = episode_table(obs, act, a, b, e, 80, first={"observation.image": pa.array(pngs, type=img_type)})
         pq.write_table(table, lr / f"data/chunk-000/episode_{e:06d}.parquet")
-        episodes.append({"episode_index": e, "tasks": ["pick and place"], "length": n})
+        episodes.append({"episode_index": e, "tasks": ["pick and place"], "length": b - a})
     h, w = hwc.shape[1:3]
-    info = {
-        "codebase_version": "v2.1", "robot_type": "sawyer (Meta-World)", "total_episodes": len(episodes),
-        "total_frames": STEPS, "total_tasks": 1, "chunks_size": 1000, "fps": 80, "splits": {"train": "0:2"},
-        "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-        "features": {
-            "observation.image": {"dtype": "image", "shape": [int(h), int(w), 3], "names": ["height", "width", "channel"]},
-            "observation.state": {"dtype": "float32", "shape": [int(obs.shape[1])], "names": None},
-            "action": {"dtype": "float32", "shape": [int(act.shape[1])], "names": None},
-            "timestamp": {"dtype": "float32", "shape": [1], "names": None},
-            "frame_index": {"dtype": "int64", "shape": [1], "names": None},
-            "episode_index": {"dtype": "int64", "shape": [1], "names": None},
-            "index": {"dtype": "int64", "shape": [1], "names": None},
-            "task_index": {"dtype": "int64", "shape": [1], "names": None},
-        },
-    }
-    (lr / "meta/info.json").write_text(json.dumps(info, indent=2))
-    (lr / "meta/episodes.jsonl").write_text("".join(json.dumps(e) + "\n" for e in episodes))
-    (lr / "meta/tasks.jsonl").write_text(json.dumps({"task_index": 0, "task": "pick and place"}) + "\n")
+    image = {"dtype": "image", "shape": [int(h), int(w), 3], "names": ["height", "width", "channel"]}
+    info = info_v21("sawyer (Meta-World)", episodes, STEPS, 80, obs.shape[1], act.shape[1], {"observation.image": image})
+    write_meta(lr, info, episodes, "pick and place")
     print(f"wrote {lr}")
 
     lv = ROOT / "testdata/demos/lerobot/pixels-video"

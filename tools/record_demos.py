@@ -2,7 +2,7 @@
 
     tools/.venv-dev/bin/python tools/record_demos.py --task hopper --episodes 50 --seed 1000 -o demos/hopper.npz
 
---jobs N records in N processes, each a contiguous block of the seeds (episodes kept in seed order).
+--jobs N records in N processes, each a contiguous block of the seeds (`rollout.run_in_blocks`).
 Each process makes its own environment: where an episode depends on more than its reset seed
 (Meta-World's task draw follows the environment's history), the episodes differ from a
 one-process recording; a recording repeats with the same --jobs.
@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from sqil_tools import tasks  # noqa: E402
-from sqil_tools.rollout import run_episodes  # noqa: E402
+from sqil_tools.rollout import run_episodes, run_in_blocks  # noqa: E402
 
 
 def _record(job):
@@ -37,17 +37,7 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="processes (contiguous blocks of seeds)")
     a = ap.parse_args()
     task = tasks.get(a.task)
-    jobs = max(1, min(a.jobs, a.episodes))
-    if jobs == 1:
-        eps, sps = _record((a.task, a.episodes, a.seed))
-    else:
-        from concurrent.futures import ProcessPoolExecutor
-        sizes = [a.episodes // jobs + (1 if j < a.episodes % jobs else 0) for j in range(jobs)]
-        starts = np.cumsum([0] + sizes[:-1])
-        with ProcessPoolExecutor(jobs) as ex:
-            parts = list(ex.map(_record, [(a.task, n, a.seed + int(s0)) for n, s0 in zip(sizes, starts)]))
-        eps = [e for p, _ in parts for e in p]
-        sps = sum(s for _, s in parts)
+    eps, sps, _ = run_in_blocks(_record, (a.task,), a.episodes, a.seed, a.jobs)
     space = task.make_env().action_space
     steps = [o for e in eps for o in e["trajectory"]["observations"]]
     images = None

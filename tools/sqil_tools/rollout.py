@@ -53,3 +53,22 @@ def wilson(successes: int, n: int, z: float = 1.96):
     c = (p + z * z / (2 * n)) / d
     h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return (max(0.0, c - h), min(1.0, c + h))
+
+
+def run_in_blocks(fn, args, episodes: int, seed: int, jobs: int):
+    """`fn((*args, n, first_seed))` (a module-level function returning `run_episodes`' pair) over
+    `jobs` processes, each a contiguous block of the seeds `seed, seed + 1, ...`, episodes kept in
+    seed order. Each process makes its own environment: where an episode depends on more than its
+    reset seed (Meta-World's task draw follows the environment's history), results repeat only at
+    the same `jobs`. Returns (episodes, steps per second summed over processes, processes used)."""
+    jobs = max(1, min(jobs, episodes))
+    if jobs == 1:
+        eps, sps = fn((*args, episodes, seed))
+        return eps, sps, 1
+    from concurrent.futures import ProcessPoolExecutor
+
+    sizes = [episodes // jobs + (1 if j < episodes % jobs else 0) for j in range(jobs)]
+    starts = np.cumsum([0] + sizes[:-1])
+    with ProcessPoolExecutor(jobs) as ex:
+        parts = list(ex.map(fn, [(*args, n, seed + int(s0)) for n, s0 in zip(sizes, starts)]))
+    return [e for p, _ in parts for e in p], sum(s for _, s in parts), jobs
