@@ -109,6 +109,31 @@ fn split_rows(
     });
 }
 
+/// Runs `f(inputs' items, their outputs)` on `threads` threads, each a contiguous block of the
+/// `inputs` inputs (`x_per` items of `x` and `y_per` values of `y` each); one thread runs in place.
+fn split_inputs<X: Sync>(
+    x: &[X],
+    x_per: usize,
+    inputs: usize,
+    y: &mut [f32],
+    y_per: usize,
+    threads: usize,
+    f: impl Fn(&[X], &mut [f32]) + Sync,
+) {
+    let (x, y) = (&x[..inputs * x_per], &mut y[..inputs * y_per]);
+    let t = threads.clamp(1, inputs.max(1));
+    if t == 1 {
+        return f(x, y);
+    }
+    let per = inputs.div_ceil(t).max(1);
+    std::thread::scope(|s| {
+        for (xc, yc) in x.chunks(per * x_per).zip(y.chunks_mut(per * y_per)) {
+            let f = &f;
+            s.spawn(move || f(xc, yc));
+        }
+    });
+}
+
 /// W4A8 GEMV `y = W x + bias` with the best kernel for this CPU, over `threads` threads for
 /// large layers. Every variant equals `generic::generic_gemv_q4q8` bit for bit.
 pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut [f32], threads: usize) {
@@ -226,19 +251,7 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
         run(0..w.n, xs, y)
     };
     match layout {
-        Layout::InputMajor => {
-            let t = threads.clamp(1, xs.len().max(1));
-            let per = xs.len().div_ceil(t).max(1);
-            if t == 1 {
-                return inputs_run(xs, &mut y[..xs.len() * w.n]);
-            }
-            std::thread::scope(|s| {
-                for (xc, yc) in xs.chunks(per).zip(y.chunks_mut(per * w.n)) {
-                    let inputs_run = &inputs_run;
-                    s.spawn(move || inputs_run(xc, yc));
-                }
-            });
-        }
+        Layout::InputMajor => split_inputs(xs, 1, xs.len(), y, w.n, threads, inputs_run),
         Layout::ChannelMajor if lanes && threads <= 1 => inputs_run(xs, y),
         Layout::ChannelStride(_) if lanes => inputs_run(xs, y),
         Layout::ChannelStride(_) => run(0..w.n, xs, y),
@@ -308,22 +321,11 @@ pub fn gemm_q4f32(w: &PackedQ4, x: &[f32], inputs: usize, bias: Option<&[f32]>, 
     match isa() {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni if inputs > 1 => {
-            let t = threads.clamp(1, inputs);
-            let per = inputs.div_ceil(t);
             // SAFETY: isa() checked AVX2 and FMA; each chunk's lengths follow from the assert.
             let run = |xc: &[f32], yc: &mut [f32]| unsafe {
                 x86_64::avx2::avx2_gemm_q4f32(w, xc, yc.len() / w.n.max(1), bias, yc)
             };
-            if t == 1 {
-                return run(&x[..inputs * w.k_pad], &mut y[..inputs * w.n]);
-            }
-            std::thread::scope(|s| {
-                for (xc, yc) in x[..inputs * w.k_pad].chunks(per * w.k_pad).zip(y[..inputs * w.n].chunks_mut(per * w.n))
-                {
-                    let run = &run;
-                    s.spawn(move || run(xc, yc));
-                }
-            });
+            split_inputs(x, w.k_pad, inputs, y, w.n, threads, run);
         }
         _ => {
             for (xc, yc) in x.chunks(w.k_pad).zip(y.chunks_mut(w.n)).take(inputs) {
