@@ -324,6 +324,127 @@ pub fn im2col(input: &[f32], channels: usize, table: &[Option<usize>], geo: &Con
     }
 }
 
+/// Depthwise convolution (one input channel per output channel: `group == C == M`) of one image
+/// `[C, spatial...]` (1-D or 2-D) into `out` (`[C, output...]`), with the arithmetic of
+/// [`im2col`] + [`sgemm_chain`] exactly: per output, one FMA chain from +0 over the taps in
+/// (row, column) order, a padding tap multiplying 0. Computed directly: each channel's plane is
+/// copied once, zero-padded and split by (row, column) phase of the strides, so that every tap
+/// reads one contiguous run covering all output rows (rows of the phase's width; the columns
+/// past the output's are computed and dropped); then each tap is one FMA pass over the run (the
+/// lanes are separate chains, so the bits are the scalar chain's).
+pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &mut [f32]) {
+    let two = |v: &[usize], one: usize| if v.len() == 1 { (one, v[0]) } else { (v[0], v[1]) };
+    assert!(matches!(geo.input.len(), 1 | 2), "depthwise_conv: 1-D or 2-D");
+    let (h, w) = two(&geo.input, 1);
+    let (kh, kw) = two(&geo.kernel, 1);
+    let (sh, sw) = two(&geo.strides, 1);
+    let (dh, dw) = two(&geo.dilations, 1);
+    let (oh, ow) = two(&geo.output, 1);
+    let (ph, pw) =
+        if geo.pads_begin.len() == 1 { (0, geo.pads_begin[0]) } else { (geo.pads_begin[0], geo.pads_begin[1]) };
+    let (il, kl, ol) = (h * w, kh * kw, oh * ow);
+    let channels = weights.len() / kl.max(1);
+    assert!(input.len() >= channels * il && out.len() >= channels * ol, "depthwise_conv: buffer sizes");
+    if ol == 0 || channels == 0 {
+        return;
+    }
+    // The padded plane's extent (every row and column a window reads), and each phase plane's:
+    // phase (ry, rx) holds padded rows ry, ry + sh, ... and columns rx, rx + sw, ...
+    let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
+    let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
+    let pl = hq * wq;
+    // One row of slack: a tap's run starts up to a row into its plane.
+    let mut phases = vec![0f32; sh * sw * pl + wq];
+    let mut acc = vec![0f32; oh * wq];
+    // Per column phase rx: its columns j read input column rx + j sw - pw, inside for j in j0..j1
+    // (the same for every row, so computed once: no divisions in the copy).
+    let cols: Vec<(usize, usize, usize)> = (0..sw)
+        .map(|rx| {
+            let first = |bound: isize| ((bound - rx as isize).max(0) as usize).div_ceil(sw).min(wq);
+            let (j0, j1) = (first(pw), first(w as isize + pw));
+            (j0, j1.max(j0), ((rx + j0 * sw) as isize - pw).max(0) as usize)
+        })
+        .collect();
+    // Where each tap's run starts, taps in (row, column) order.
+    let starts: Vec<usize> = (0..kh)
+        .flat_map(|ky| (0..kw).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| {
+            let ((ry, oy0), (rx, ox0)) = (((ky * dh) % sh, (ky * dh) / sh), ((kx * dw) % sw, (kx * dw) / sw));
+            (ry * sw + rx) * pl + oy0 * wq + ox0
+        })
+        .collect();
+    for c in 0..channels {
+        let plane = &input[c * il..(c + 1) * il];
+        let (mut ry, mut i) = (0, 0);
+        for y in 0..hp {
+            let iy = y as isize - ph;
+            let row = (iy >= 0 && (iy as usize) < h).then(|| &plane[iy as usize * w..(iy as usize + 1) * w]);
+            for (rx, &(j0, j1, x0)) in cols.iter().enumerate() {
+                let dst = &mut phases[(ry * sw + rx) * pl + i * wq..(ry * sw + rx) * pl + (i + 1) * wq];
+                let Some(row) = row else {
+                    dst.fill(0.0);
+                    continue;
+                };
+                dst[..j0].fill(0.0);
+                dst[j1..].fill(0.0);
+                if j1 == j0 {
+                } else if sw == 1 {
+                    dst[j0..j1].copy_from_slice(&row[x0..x0 + j1 - j0]);
+                } else {
+                    dst[j0..j1].iter_mut().zip(row[x0..].iter().step_by(sw)).for_each(|(d, &v)| *d = v);
+                }
+            }
+            ry += 1;
+            if ry == sh {
+                (ry, i) = (0, i + 1);
+            }
+        }
+        taps_fma(&mut acc, &weights[c * kl..(c + 1) * kl], &starts, &phases);
+        for (oy, o) in out[c * ol..(c + 1) * ol].chunks_exact_mut(ow).enumerate() {
+            o.copy_from_slice(&acc[oy * wq..oy * wq + ow]);
+        }
+    }
+}
+
+/// `acc[i] = chain over taps t of fma(w[t], src[starts[t] + i])` from +0, every i: blocks of 16
+/// outputs kept in registers through all the taps (one load and one FMA per tap and vector).
+fn taps_fma(acc: &mut [f32], w: &[f32], starts: &[usize], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA.
+        return unsafe { taps_fma_avx2(acc, w, starts, src) };
+    }
+    taps_fma_impl(acc, w, starts, src)
+}
+
+#[inline(always)]
+fn taps_fma_impl(acc: &mut [f32], w: &[f32], starts: &[usize], src: &[f32]) {
+    const B: usize = 16;
+    let n = acc.len();
+    let mut b = 0;
+    while b + B <= n {
+        let mut a = [0f32; B];
+        for (&wt, &s) in w.iter().zip(starts) {
+            let x: &[f32; B] = src[s + b..s + b + B].try_into().expect("16 values");
+            for l in 0..B {
+                a[l] = wt.mul_add(x[l], a[l]);
+            }
+        }
+        acc[b..b + B].copy_from_slice(&a);
+        b += B;
+    }
+    for (i, o) in acc.iter_mut().enumerate().skip(b) {
+        *o = w.iter().zip(starts).fold(0f32, |a, (&wt, &s)| wt.mul_add(src[s + i], a));
+    }
+}
+
+/// [`taps_fma`] compiled for AVX2 + FMA (each lane its own chain: the scalar bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn taps_fma_avx2(acc: &mut [f32], w: &[f32], starts: &[usize], src: &[f32]) {
+    taps_fma_impl(acc, w, starts, src)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -493,6 +614,30 @@ pub fn exp_nonpos(x: f64) -> f64 {
         p = p * r + c;
     }
     p * f64::from_bits(t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()).wrapping_add(1023) << 52)
+}
+
+/// sqil's logistic function, in f64 from [`exp_nonpos`] (the same bits on every CPU and in every
+/// SIMD width): `e = exp_nonpos(-|x|)`, then `1 / (1 + e)` for `x >= 0` and `e / (1 + e)` below
+/// (NaN: NaN).
+pub fn sigmoid(x: f64) -> f64 {
+    let e = exp_nonpos(-x.abs());
+    if x >= 0.0 {
+        1.0 / (1.0 + e)
+    } else {
+        e / (1.0 + e)
+    }
+}
+
+/// [`sigmoid`] of every f32 value, rounded once to f32 (`out[i] = sigmoid(x[i] as f64) as f32`);
+/// four lanes at a time with AVX2 where the CPU has it (the same operations).
+pub fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_sigmoid_f32(x, out) };
+    }
+    x.iter().zip(out).for_each(|(&v, o)| *o = sigmoid(v as f64) as f32);
 }
 
 /// Softmax of `rows` contiguous rows of `dim` values (`out` the same shape), as sqil defines it:

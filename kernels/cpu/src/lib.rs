@@ -9,7 +9,9 @@ pub mod peak;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
-pub use generic::{dgemm, im2col, quantize_input, sgemm, sgemm_chain, ConvGeometry, QRow, QuantizedInput};
+pub use generic::{
+    depthwise_conv, dgemm, im2col, quantize_input, sgemm, sgemm_chain, ConvGeometry, QRow, QuantizedInput,
+};
 pub use packed::{BlockQ4, PackedQ4};
 
 /// Whether `x` holds a NaN: blocks of 64 folded without an early exit, so the compiler vectorizes

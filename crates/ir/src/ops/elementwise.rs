@@ -58,6 +58,12 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         };
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(data) });
     }
+    if let (Data::F32(v), UnaryOp::Sigmoid) = (&t.data, u) {
+        // The definition's own operations, four lanes at a time (sigmoid_f32).
+        let mut out = vec![0f32; v.len()];
+        sqil_kernels_cpu::generic::sigmoid_f32(v, &mut out);
+        return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
+    }
     map_float(t, u.def().name, u.def().f)
 }
 
@@ -240,6 +246,25 @@ pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Re
         let lo = lo.map_or(i64::MIN, |t| t.data.to_i64_vec()[0]);
         let hi = hi.map_or(i64::MAX, |t| t.data.to_i64_vec()[0]);
         return Ok(map_int(x, |v| v.max(lo).min(hi)));
+    }
+    if let (Data::F32(v), true) =
+        (&x.data, [&lo, &hi].iter().all(|b| b.as_ref().is_none_or(|t| t.dtype() == crate::DType::F32)))
+    {
+        // f32 values and bounds: the same comparisons in f32 (exact: no rounding anywhere).
+        let lo = lo.map_or(f32::NEG_INFINITY, |t| t.data.to_f32_vec()[0]);
+        let hi = hi.map_or(f32::INFINITY, |t| t.data.to_f32_vec()[0]);
+        let out = v
+            .iter()
+            .map(|&v| {
+                let v = if v < lo { lo } else { v };
+                if v > hi {
+                    hi
+                } else {
+                    v
+                }
+            })
+            .collect();
+        return Tensor::new(x.shape.clone(), Data::F32(out));
     }
     let lo = lo.map_or(f64::NEG_INFINITY, |t| t.data.to_f64_vec()[0]);
     let hi = hi.map_or(f64::INFINITY, |t| t.data.to_f64_vec()[0]);

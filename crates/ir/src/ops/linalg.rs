@@ -9,7 +9,7 @@ use crate::error::{IrError, Result};
 use crate::shape::broadcast_shapes;
 use crate::shape::{broadcast_dims, Dim, ValueType};
 use crate::tensor::{Data, Tensor};
-use sqil_kernels_cpu::{dgemm, im2col, sgemm, sgemm_chain, ConvGeometry};
+use sqil_kernels_cpu::{depthwise_conv, dgemm, im2col, sgemm, sgemm_chain, ConvGeometry};
 
 /// Padding policy of convolutions and pools (ONNX `auto_pad`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -485,21 +485,28 @@ pub fn conv_with_table(
     let (xv, wv) = (x.data.f32_cow(), w.data.f32_cow());
     let (cg, mg) = (p.c / p.group, p.m / p.group);
     let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
+    // Depthwise (one input and one output channel per group, 1-D or 2-D): the same chains
+    // computed directly, vectorized along output rows (`depthwise_conv`), no gather.
+    let depthwise = cg == 1 && mg == 1 && p.geo.input.len() <= 2;
     let owned;
     let table = match table {
-        Some(t) if t.len() == kl * ol => t,
+        Some(t) if t.len() == kl * ol || depthwise => t,
         Some(t) => {
             return Err(IrError::Internal(format!("Conv: a gather table of {} entries for {} x {kl}", t.len(), ol)))
         }
         None => {
-            owned = p.geo.gather_table();
+            owned = if depthwise { vec![] } else { p.geo.gather_table() };
             &owned
         }
     };
-    let mut cols = vec![0f32; cg * kl * ol];
     let mut out = vec![0f32; p.n * p.m * ol];
+    let mut cols = vec![0f32; if depthwise { 0 } else { cg * kl * ol }];
     for n in 0..p.n {
-        for g in 0..p.group {
+        if depthwise {
+            let o = &mut out[n * p.m * ol..(n + 1) * p.m * ol];
+            depthwise_conv(&xv[n * p.c * il..(n + 1) * p.c * il], &wv, &p.geo, o);
+        }
+        for g in (0..p.group).filter(|_| !depthwise) {
             let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
             im2col(xs, cg, table, &p.geo, &mut cols);
             let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];

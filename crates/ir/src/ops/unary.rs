@@ -38,14 +38,9 @@ impl UnaryDef {
     }
 }
 
-fn sigmoid(x: f64) -> f64 {
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
-}
+// sqil's logistic function (`exp_nonpos` inside: the same bits on every CPU, and the f32 path
+// of the CPU runtime vectorizes it exactly).
+use sqil_kernels_cpu::generic::sigmoid;
 
 fn softplus(x: f64) -> f64 {
     // log(1 + e^x), stable for large |x|

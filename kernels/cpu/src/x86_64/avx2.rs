@@ -427,6 +427,15 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
     softmax_rows_impl::<Avx2>(x, dim, out)
 }
 
+/// [`crate::generic::sigmoid_f32`] with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_sigmoid_f32(x: &[f32], out: &mut [f32]) {
+    sigmoid_f32(x, out)
+}
+
 /// [`channel_block`] for groups of eight quads (32 values) that lie within one run (the run a
 /// multiple of the group: a convolution's per-tap scales, or a row): each group's i16 sums are
 /// widened straight into its float update, so no int32 accumulators stay live, and a group's

@@ -1,0 +1,56 @@
+//! The direct depthwise convolution against the general convolution's arithmetic (im2col with the
+//! geometry's gather table, then `sgemm_chain` per channel), bit for bit, over random 1-D and 2-D
+//! geometries: strides, dilations, padding (negative too: windows starting inside the input),
+//! signed zeros and infinities among the values.
+
+use proptest::prelude::*;
+use sqil_kernels_cpu::{depthwise_conv, im2col, sgemm_chain, ConvGeometry};
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn depthwise_equals_im2col_and_the_chain(seed in any::<u64>(), channels in 1usize..6, two_d in any::<bool>(),
+                                             h in 1usize..12, w in 1usize..20, kh in 1usize..4, kw in 1usize..6,
+                                             sh in 1usize..4, sw in 1usize..4, dh in 1usize..3, dw in 1usize..3,
+                                             ph in -1isize..3, pw in -1isize..3, extra in 0usize..3) {
+        let mut s = seed | 1;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            match s % 89 {
+                0 => -0.0,
+                1 => f32::INFINITY,
+                _ => ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0,
+            }
+        };
+        let (h, kh, sh, dh, ph) = if two_d { (h, kh, sh, dh, ph) } else { (1, 1, 1, 1, 0) };
+        // Output extent from the padded input (pads at the end: `extra`), at least one position.
+        let span = |n: usize, p: isize, k: usize, d: usize| n as isize + p + extra as isize - ((k - 1) * d + 1) as isize;
+        let (oh, ow) = (span(h, ph, kh, dh), span(w, pw, kw, dw));
+        prop_assume!(oh >= 0 && ow >= 0 && ph > -(kh as isize) && pw > -(kw as isize));
+        let (oh, ow) = (if two_d { oh as usize / sh + 1 } else { 1 }, ow as usize / sw + 1);
+        let geo = if two_d {
+            ConvGeometry { input: vec![h, w], kernel: vec![kh, kw], strides: vec![sh, sw], dilations: vec![dh, dw],
+                           pads_begin: vec![ph, pw], output: vec![oh, ow] }
+        } else {
+            ConvGeometry { input: vec![w], kernel: vec![kw], strides: vec![sw], dilations: vec![dw],
+                           pads_begin: vec![pw], output: vec![ow] }
+        };
+        let (il, kl, ol) = (h * w, kh * kw, oh * ow);
+        let x: Vec<f32> = (0..channels * il).map(|_| r()).collect();
+        let k: Vec<f32> = (0..channels * kl).map(|_| r()).collect();
+        let table = geo.gather_table();
+        let mut want = vec![0f32; channels * ol];
+        let mut cols = vec![0f32; kl * ol];
+        for c in 0..channels {
+            im2col(&x[c * il..(c + 1) * il], 1, &table, &geo, &mut cols);
+            sgemm_chain(1, kl, ol, &k[c * kl..(c + 1) * kl], (kl, 1), &cols, (ol, 1), &mut want[c * ol..(c + 1) * ol], (ol, 1));
+        }
+        let mut got = vec![7f32; channels * ol];
+        depthwise_conv(&x, &k, &geo, &mut got);
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}
