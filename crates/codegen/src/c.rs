@@ -810,10 +810,11 @@ fn emit_op(
             let _ = writeln!(
                 em.body,
                 "    {{\n        int32_t o, j;\n        for (o = 0; o < {}; o++) {{\n            \
-                 const float *row = {x} + o * {inner};\n            double mean = 0.0, var = 0.0, r;\n            \
-                 for (j = 0; j < {inner}; j++) mean += (double)row[j];\n            mean = mean / {inner}.0;\n            \
-                 for (j = 0; j < {inner}; j++) var += ((double)row[j] - mean) * ((double)row[j] - mean);\n            \
-                 var = var / {inner}.0;\n            r = 1.0 / sqrt(var + (double){});\n            \
+                 const float *row = {x} + o * {inner};\n            double s[4] = {{0.0, 0.0, 0.0, 0.0}}, mean, var, r;\n            \
+                 for (j = 0; j < {inner}; j++) s[j & 3] += (double)row[j];\n            \
+                 mean = ((s[0] + s[1]) + (s[2] + s[3])) / {inner}.0;\n            s[0] = s[1] = s[2] = s[3] = 0.0;\n            \
+                 for (j = 0; j < {inner}; j++) s[j & 3] += ((double)row[j] - mean) * ((double)row[j] - mean);\n            \
+                 var = ((s[0] + s[1]) + (s[2] + s[3])) / {inner}.0;\n            r = 1.0 / sqrt(var + (double){});\n            \
                  for (j = 0; j < {inner}; j++) {ye}[o * {inner} + j] = (float)(((double)row[j] - mean) * r * \
                  (double){sname}[j]{bterm});\n        }}\n    }}",
                 n / inner,

@@ -467,6 +467,32 @@ pub(crate) fn infer_layer_norm(cx: &Cx, axis: i64, outputs: usize) -> Result<Vec
     Ok(v)
 }
 
+/// A LayerNorm row sum as sqil defines it: four partial sums in f64 (term j into sum j mod 4, in
+/// order), added as `(s0 + s1) + (s2 + s3)` (the Softmax row sum's order): vectorizable exactly.
+fn sum4(terms: impl Iterator<Item = f64>) -> f64 {
+    let mut s = [0f64; 4];
+    for (j, t) in terms.enumerate() {
+        s[j & 3] += t;
+    }
+    (s[0] + s[1]) + (s[2] + s[3])
+}
+
+/// [`sum4`] of `f(x)` over an f32 row, four terms per step (the lanes vectorize).
+#[inline(always)]
+fn sum4_f32(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut s = [0f64; 4];
+    let mut quads = row.chunks_exact(4);
+    for q in &mut quads {
+        for l in 0..4 {
+            s[l] += f(q[l]);
+        }
+    }
+    for (l, &x) in quads.remainder().iter().enumerate() {
+        s[l] += f(x);
+    }
+    (s[0] + s[1]) + (s[2] + s[3])
+}
+
 pub(crate) fn layer_norm(
     x: &Tensor,
     scale: &Tensor,
@@ -475,7 +501,9 @@ pub(crate) fn layer_norm(
     eps: f32,
     outputs: usize,
 ) -> Result<Vec<Tensor>> {
-    let v = float_vec(x, "LayerNormalization")?;
+    if !x.dtype().is_float() {
+        float_vec(x, "LayerNormalization")?;
+    }
     let ax = norm_axis(axis, x.rank())?;
     let norm_shape = &x.shape[ax..];
     let inner: usize = norm_shape.iter().product();
@@ -491,22 +519,43 @@ pub(crate) fn layer_norm(
     };
     let s = fit(scale, "scale")?;
     let bias = b.map(|b| fit(b, "bias")).transpose()?;
-    let outer = v.len().checked_div(inner).unwrap_or(0);
-    let (mut y, mut means, mut inv) = (vec![0f64; v.len()], vec![], vec![]);
-    for o in 0..outer {
-        let row = &v[o * inner..(o + 1) * inner];
-        let mean = row.iter().sum::<f64>() / inner as f64;
-        let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / inner as f64;
-        let r = 1.0 / (var + eps as f64).sqrt();
-        for j in 0..inner {
-            y[o * inner + j] = (row[j] - mean) * r * s[j] + bias.as_ref().map_or(0.0, |b| b[j]);
+    let outer = x.len().checked_div(inner).unwrap_or(0);
+    let (mut means, mut inv) = (vec![], vec![]);
+    let bias = bias.unwrap_or_else(|| vec![0.0; inner]);
+    let y = if let Data::F32(xv) = &x.data {
+        // f32 in and out: the same operations, no f64 copies of the tensor (four lanes of
+        // partial sums and of the row update vectorize).
+        let mut y = vec![0f32; xv.len()];
+        for (row, yr) in xv.chunks_exact(inner.max(1)).zip(y.chunks_exact_mut(inner.max(1))).take(outer) {
+            let mean = sum4_f32(row, |x| x as f64) / inner as f64;
+            let var = sum4_f32(row, |x| (x as f64 - mean) * (x as f64 - mean)) / inner as f64;
+            let r = 1.0 / (var + eps as f64).sqrt();
+            for (((o, &x), &sj), &bj) in yr.iter_mut().zip(row).zip(&s).zip(&bias) {
+                *o = ((x as f64 - mean) * r * sj + bj) as f32;
+            }
+            means.push(mean);
+            inv.push(r);
         }
-        means.push(mean);
-        inv.push(r);
-    }
+        Data::F32(y)
+    } else {
+        let v = float_vec(x, "LayerNormalization")?;
+        let mut y = vec![0f64; v.len()];
+        for o in 0..outer {
+            let row = &v[o * inner..(o + 1) * inner];
+            let mean = sum4(row.iter().copied()) / inner as f64;
+            let var = sum4(row.iter().map(|x| (x - mean) * (x - mean))) / inner as f64;
+            let r = 1.0 / (var + eps as f64).sqrt();
+            for j in 0..inner {
+                y[o * inner + j] = (row[j] - mean) * r * s[j] + bias[j];
+            }
+            means.push(mean);
+            inv.push(r);
+        }
+        Data::from_f64(x.dtype(), y.into_iter())
+    };
     let mut stat_shape = x.shape[..ax].to_vec();
     stat_shape.extend(std::iter::repeat_n(1, x.rank() - ax));
-    let mut out = vec![Tensor::new(x.shape.clone(), Data::from_f64(x.dtype(), y.into_iter()))?];
+    let mut out = vec![Tensor::new(x.shape.clone(), y)?];
     for stat in [means, inv].into_iter().take(outputs.saturating_sub(1)) {
         out.push(Tensor::new(stat_shape.clone(), Data::from_f64(DType::F32, stat.into_iter()))?);
     }

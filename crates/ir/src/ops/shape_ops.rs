@@ -176,6 +176,21 @@ pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
     let st = strides_of(&x.shape);
     let shape: Vec<usize> = p.iter().map(|&a| x.shape[a]).collect();
     let strides: Vec<isize> = p.iter().map(|&a| st[a] as isize).collect();
+    // Trailing axes that stay in place move as contiguous runs (a transformer's head split
+    // [B, T, H, D] -> [B, H, T, D] copies runs of D values): f32 runs of 4 or more are copied
+    // run by run, not gathered element by element.
+    let kept = (0..p.len()).rev().take_while(|&i| p[i] == i).count();
+    let run: usize = x.shape[x.rank() - kept..].iter().product();
+    if let (Data::F32(v), true) = (&x.data, run >= 4 && kept < x.rank()) {
+        let outer = &shape[..shape.len() - kept];
+        let ost = &strides[..strides.len() - kept];
+        let starts = strided_indices(outer, ost, 0);
+        let mut out = Vec::with_capacity(x.len());
+        for s in starts {
+            out.extend_from_slice(&v[s..s + run]);
+        }
+        return Tensor::new(shape, Data::F32(out));
+    }
     Tensor::new(shape.clone(), x.data.gather(&strided_indices(&shape, &strides, 0)))
 }
 
