@@ -78,13 +78,8 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
             };
             let t = p.plan.profile(&x, threads, iters)?;
             let total: f64 = t.iter().map(|s| s.0).sum();
-            let paths = p.plan.steps.iter().map(|s| match s {
-                sqil_runtime::Step::Q4Linear { .. } => "int4 kernel",
-                // Every other step runs the interpreter's own op code (f32 paths for the common
-                // ops, exact by construction): named so that a slow one is visible.
-                sqil_runtime::Step::Op { .. } => "interpreter op",
-            });
-            for ((step, (mean, min)), path) in p.plan.describe().iter().zip(&t).zip(paths) {
+            let paths = p.plan.paths(&x, threads)?;
+            for ((step, (mean, min)), path) in p.plan.describe().iter().zip(&t).zip(&paths) {
                 println!(
                     "{{\"batch\": {b}, \"step\": {step:?}, \"path\": {path:?}, \"mean_us\": {:.2}, \"min_us\": {:.2}, \"share\": {:.3}}}",
                     mean * 1e6,
@@ -92,13 +87,31 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
                     mean / total.max(f64::MIN_POSITIVE)
                 );
             }
-            let interp: f64 = t
+            let share = |which: &str| {
+                t.iter().zip(&paths).filter(|(_, p)| **p == which).map(|(x, _)| x.0).sum::<f64>()
+                    / total.max(f64::MIN_POSITIVE)
+            };
+            // The steps still on the reference path, named: what a fast path is missing for.
+            let mut slow: Vec<&str> = p
+                .plan
+                .steps
                 .iter()
-                .zip(&p.plan.steps)
-                .filter(|(_, s)| matches!(s, sqil_runtime::Step::Op { .. }))
-                .map(|(x, _)| x.0)
-                .sum();
-            println!("{{\"batch\": {b}, \"interpreter_op_share\": {:.3}}}", interp / total.max(f64::MIN_POSITIVE));
+                .zip(&paths)
+                .filter(|(_, p)| **p == "reference (f64)")
+                .filter_map(|(s, _)| match s {
+                    sqil_runtime::Step::Op { op, .. } => Some(op.name()),
+                    _ => None,
+                })
+                .collect();
+            slow.sort_unstable();
+            slow.dedup();
+            println!(
+                "{{\"batch\": {b}, \"reference_share\": {:.3}, \"reference_ops\": {slow:?}, \"f32_kernel_share\": {:.3}, \"int4_kernel_share\": {:.3}, \"data_movement_share\": {:.3}}}",
+                share("reference (f64)"),
+                share("f32 kernel"),
+                share("int4 kernel"),
+                share("data movement")
+            );
         }
     }
     Ok(())

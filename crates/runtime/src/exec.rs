@@ -22,6 +22,10 @@ pub trait Execute {
     /// (in the order of [`Plan::describe`]): where a policy's time goes (`sqil bench --profile`;
     /// the minimum is the steadier figure on a shared machine).
     fn profile(&self, feeds: &[Tensor], threads: usize, runs: usize) -> Result<Vec<(f64, f64)>>;
+    /// Per step (in the order of [`Plan::describe`]), the implementation it runs on these
+    /// inputs: `"int4 kernel"`, or for an op step [`sqil_ir::Op::cpu_path`] ("f32 kernel",
+    /// "data movement", "reference (f64)").
+    fn paths(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<&'static str>>;
 }
 
 impl Execute for Plan {
@@ -90,6 +94,21 @@ impl Execute for Plan {
             }
         }
         Ok(stats)
+    }
+
+    fn paths(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<&'static str>> {
+        let env = self.trace(feeds, threads)?;
+        Ok(self
+            .steps
+            .iter()
+            .map(|s| match s {
+                Step::Q4Linear { .. } => "int4 kernel",
+                Step::Op { op, inputs, outputs, .. } => {
+                    let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
+                    op.cpu_path(&args, outputs.len())
+                }
+            })
+            .collect())
     }
 }
 

@@ -557,6 +557,62 @@ impl Op {
         }
     }
 
+    /// Which implementation evaluating this op on these inputs takes on the CPU (what `sqil
+    /// bench --profile` prints per step): `"f32 kernel"` where it runs on f32 values directly
+    /// (vectorized f32, or f64 lanes in registers where the definition is in f64: Softmax,
+    /// LayerNorm, Sigmoid), `"data movement"` for layout ops (no arithmetic), and
+    /// `"reference (f64)"` where the general element loop in f64 serves (correct, slow: the
+    /// steps a fast path is still missing for). Decided by the same conditions as [`Op::eval`].
+    pub fn cpu_path(&self, inputs: &[Option<&Tensor>], outputs: usize) -> &'static str {
+        const F32: &str = "f32 kernel";
+        const MOVE: &str = "data movement";
+        const REF: &str = "reference (f64)";
+        let Some(Some(x)) = inputs.first() else { return REF };
+        let f32_in = matches!(x.data, crate::tensor::Data::F32(_));
+        let all_f32 = inputs.iter().flatten().all(|t| matches!(t.data, crate::tensor::Data::F32(_)));
+        match self {
+            Op::Flatten { .. }
+            | Op::Reshape { .. }
+            | Op::Transpose { .. }
+            | Op::Squeeze
+            | Op::Unsqueeze
+            | Op::Concat { .. }
+            | Op::Split { .. }
+            | Op::Slice
+            | Op::Gather { .. }
+            | Op::Shape { .. }
+            | Op::ConstantOfShape { .. }
+            | Op::Identity
+            | Op::Cast { .. }
+            | Op::Expand => MOVE,
+            _ if !f32_in => REF,
+            Op::Unary(UnaryOp::Relu | UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sigmoid) => F32,
+            Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div) if all_f32 => F32,
+            Op::MatMul | Op::Gemm { .. } | Op::Conv(_) | Op::ConvTranspose(_) | Op::LayerNorm { .. } => F32,
+            Op::PRelu if all_f32 => F32,
+            Op::Clip if all_f32 => F32,
+            Op::MaxPool(_) if outputs == 1 => F32,
+            Op::Softmax { axis, coerce_2d } => {
+                let inner = norm_axis(*axis, x.rank()).map_or(0, |ax| x.shape[ax + 1..].iter().product::<usize>());
+                if *coerce_2d || x.rank() == 0 || inner == 1 {
+                    F32
+                } else {
+                    REF
+                }
+            }
+            Op::FakeQuant { block_size, bits, .. } => {
+                let per_tensor = inputs.get(1).copied().flatten().is_some_and(|s| s.len() == 1)
+                    && inputs.get(2).copied().flatten().is_none_or(|z| z.len() == 1);
+                if *block_size == 0 && *bits <= 16 && per_tensor {
+                    F32
+                } else {
+                    REF
+                }
+            }
+            _ => REF,
+        }
+    }
+
     /// Reference semantics: computes the outputs from concrete inputs. `outputs` is the node's
     /// number of outputs.
     pub fn eval(&self, inputs: &[Option<&Tensor>], outputs: usize) -> Result<Vec<Tensor>> {
