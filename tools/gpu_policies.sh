@@ -24,7 +24,7 @@ if [ "$mode" = prepare ]; then
     tools/.venv-dev/bin/python - "$dir" <<'PY'
 import sys, numpy as np, onnx
 sys.path.insert(0, "tools")
-from bench_cpu import mlp_4x1024
+from sqil_tools.zoo import mlp_4x1024
 mlp_4x1024(f"{sys.argv[1]}/mlp4x1024.onnx")
 np.save(f"{sys.argv[1]}/mlp4x1024.input0.npy", np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
 PY
