@@ -87,9 +87,11 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
                     mean / total.max(f64::MIN_POSITIVE)
                 );
             }
+            // (An empty float sum is -0.0: `+ 0.0` prints it as 0.)
             let share = |which: &str| {
                 t.iter().zip(&paths).filter(|(_, p)| **p == which).map(|(x, _)| x.0).sum::<f64>()
                     / total.max(f64::MIN_POSITIVE)
+                    + 0.0
             };
             // The steps still on the reference path, named: what a fast path is missing for.
             let mut slow: Vec<&str> = p

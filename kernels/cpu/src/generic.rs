@@ -628,6 +628,39 @@ pub fn sigmoid(x: f64) -> f64 {
     }
 }
 
+/// Below this magnitude [`tanh`] is its Taylor polynomial (to x^7: relative error below 2^-70).
+pub const TANH_SMALL: f64 = 1.0 / 1024.0;
+/// The Taylor coefficients of tanh after x: x^3, x^5, x^7.
+pub const TANH_TAYLOR: [f64; 3] = [-1.0 / 3.0, 2.0 / 15.0, -17.0 / 315.0];
+
+/// sqil's hyperbolic tangent, in f64 from [`exp_nonpos`] (the same bits on every CPU and SIMD
+/// width): `a = |x|`; below [`TANH_SMALL`], `a + a a^2 (c3 + a^2 (c5 + a^2 c7))`; above,
+/// `(1 - e) / (1 + e)` with `e = exp_nonpos(-2a)` (1 - e loses at most 2^-43 relative there);
+/// the sign of x put back (NaN: NaN; -0: -0).
+pub fn tanh(x: f64) -> f64 {
+    let a = x.abs();
+    let t = if a < TANH_SMALL {
+        let a2 = a * a;
+        a + a * a2 * (TANH_TAYLOR[0] + a2 * (TANH_TAYLOR[1] + a2 * TANH_TAYLOR[2]))
+    } else {
+        let e = exp_nonpos(-2.0 * a);
+        (1.0 - e) / (1.0 + e)
+    };
+    t.copysign(x)
+}
+
+/// [`tanh`] of every f32 value, rounded once to f32; four lanes at a time with AVX2 where the
+/// CPU has it (the same operations).
+pub fn tanh_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_tanh_f32(x, out) };
+    }
+    x.iter().zip(out).for_each(|(&v, o)| *o = tanh(v as f64) as f32);
+}
+
 /// [`sigmoid`] of every f32 value, rounded once to f32 (`out[i] = sigmoid(x[i] as f64) as f32`);
 /// four lanes at a time with AVX2 where the CPU has it (the same operations).
 pub fn sigmoid_f32(x: &[f32], out: &mut [f32]) {

@@ -83,3 +83,57 @@ fn sigmoid_f32_equals_its_definition() {
     });
     assert!(off.count() <= 5, "sqil's sigmoid should round like libm's almost everywhere");
 }
+
+/// The vectorized tanh against its scalar definition, bit for bit (NaN as NaN), around the
+/// polynomial's threshold, at tiny, huge and special values; and against libm's tanh.
+#[test]
+fn tanh_f32_equals_its_definition() {
+    use sqil_kernels_cpu::generic::{tanh, tanh_f32, TANH_SMALL};
+    let mut s = 0x2545f4914f6cdd1du64;
+    let t = TANH_SMALL as f32;
+    let mut vals: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1e-30,
+        -1e-30,
+        1e-8,
+        t,
+        -t,
+        t * 0.999,
+        t * 1.001,
+        20.0,
+        -20.0,
+        400.0,
+        -400.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+    ];
+    for i in 0..6000 {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+        // A third near zero (log-uniform down to 1e-12), the rest across [-12, 12].
+        vals.push(if i % 3 == 0 {
+            (10f64.powf(-12.0 * u) * if s & 1 == 0 { 1.0 } else { -1.0 }) as f32
+        } else {
+            (u * 24.0 - 12.0) as f32
+        });
+    }
+    for len in [vals.len(), 1, 3, 4, 5, 15, 16, 17, 33] {
+        let x = &vals[..len];
+        let mut got = vec![0f32; len];
+        tanh_f32(x, &mut got);
+        for (i, (&g, &v)) in got.iter().zip(x).enumerate() {
+            let want = tanh(v as f64) as f32;
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "x[{i}] = {v}: {g} vs {want}");
+        }
+    }
+    let off = vals
+        .iter()
+        .filter(|&&v| v.is_finite() && ((v as f64).tanh() as f32).to_bits() != (tanh(v as f64) as f32).to_bits());
+    assert!(off.count() <= 6, "sqil's tanh should round like libm's almost everywhere");
+}

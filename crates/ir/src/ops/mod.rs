@@ -586,7 +586,7 @@ impl Op {
             | Op::Cast { .. }
             | Op::Expand => MOVE,
             _ if !f32_in => REF,
-            Op::Unary(UnaryOp::Relu | UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sigmoid) => F32,
+            Op::Unary(UnaryOp::Relu | UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sigmoid | UnaryOp::Tanh) => F32,
             Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div) if all_f32 => F32,
             Op::MatMul | Op::Gemm { .. } | Op::Conv(_) | Op::ConvTranspose(_) | Op::LayerNorm { .. } => F32,
             Op::PRelu if all_f32 => F32,

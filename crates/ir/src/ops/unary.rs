@@ -92,7 +92,8 @@ unary_ops! {
         libm: false,
         cuda: "{a} < 0.0f ? 0.0f : {a}",
     },
-    Tanh = "Tanh" { f: f64::tanh, df: |x| 1.0 - x.tanh().powi(2), c: "(float)tanh({d})", libm: true, cuda: "(float)tanh((double){a})" },
+    /// sqil's tanh (`exp_nonpos` inside; the CPU runtime's f32 path vectorizes it exactly).
+    Tanh = "Tanh" { f: sqil_kernels_cpu::generic::tanh, df: |x| 1.0 - x.tanh().powi(2), c: "(float)tanh({d})", libm: true, cuda: "(float)tanh((double){a})" },
     Sigmoid = "Sigmoid" {
         f: sigmoid,
         df: |x| sigmoid(x) * (1.0 - sigmoid(x)),

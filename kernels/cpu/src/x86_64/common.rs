@@ -423,6 +423,46 @@ pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// [`crate::generic::tanh_f32`] on AVX2: four values per step in f64, both branches of the
+/// definition computed and the one it takes kept per lane (the same operations per lane).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn tanh_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{TANH_SMALL, TANH_TAYLOR};
+    let (one, sign) = (_mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
+    let (c3, c5, c7) = (_mm256_set1_pd(TANH_TAYLOR[0]), _mm256_set1_pd(TANH_TAYLOR[1]), _mm256_set1_pd(TANH_TAYLOR[2]));
+    let finish = |v: __m256d, a: __m256d, e: __m256d| {
+        let a2 = _mm256_mul_pd(a, a);
+        let poly = _mm256_add_pd(c5, _mm256_mul_pd(a2, c7));
+        let poly = _mm256_add_pd(c3, _mm256_mul_pd(a2, poly));
+        let small = _mm256_add_pd(a, _mm256_mul_pd(_mm256_mul_pd(a, a2), poly));
+        let big = _mm256_div_pd(_mm256_sub_pd(one, e), _mm256_add_pd(one, e));
+        let t = _mm256_blendv_pd(big, small, _mm256_cmp_pd(a, _mm256_set1_pd(TANH_SMALL), _CMP_LT_OQ));
+        // copysign(t, v): t's magnitude bits, v's sign bit.
+        _mm256_cvtpd_ps(_mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, v)))
+    };
+    let n = x.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        let v: [__m256d; 4] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
+        let a: [__m256d; 4] = std::array::from_fn(|j| _mm256_andnot_pd(sign, v[j]));
+        let e = exp_nonpos4xk::<4>(std::array::from_fn(|j| _mm256_mul_pd(a[j], _mm256_set1_pd(-2.0))));
+        for j in 0..4 {
+            _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), finish(v[j], a[j], e[j]));
+        }
+        i += 16;
+    }
+    while i + 4 <= n {
+        let v = _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i)));
+        let a = _mm256_andnot_pd(sign, v);
+        _mm_storeu_ps(out.as_mut_ptr().add(i), finish(v, a, exp_nonpos4(_mm256_mul_pd(a, _mm256_set1_pd(-2.0)))));
+        i += 4;
+    }
+    for j in i..n {
+        out[j] = crate::generic::tanh(x[j] as f64) as f32;
+    }
+}
+
 /// [`exp_nonpos4`] on `K` vectors at once, each step for all of them before the next (the
 /// polynomial's chains of dependent multiplies and adds interleave). The same operations per lane.
 #[inline]
