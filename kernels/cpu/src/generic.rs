@@ -661,6 +661,82 @@ pub fn tanh_f32(x: &[f32], out: &mut [f32]) {
     x.iter().zip(out).for_each(|(&v, o)| *o = tanh(v as f64) as f32);
 }
 
+/// `1 / (2n + 1)` for n = 0..18: the series of `atanh(s) / s` in `s^2`, used by [`log1p_unit`].
+pub const ATANH_SERIES: [f64; 18] = {
+    let mut c = [0f64; 18];
+    let mut n = 0;
+    while n < 18 {
+        c[n] = 1.0 / (2 * n + 1) as f64;
+        n += 1;
+    }
+    c
+};
+
+/// `ln(1 + t)` for `t` in [0, 1], as sqil defines it: `s = t / (2 + t)` (at most 1/3), then
+/// `2 s P(s^2)` with `P` the atanh series to s^34 by Horner (truncation below 2^-56 relative).
+/// Only `+`, `*`, `/`: the same bits in every SIMD width.
+pub fn log1p_unit(t: f64) -> f64 {
+    let s = t / (2.0 + t);
+    let z = s * s;
+    let mut p = ATANH_SERIES[17];
+    for c in ATANH_SERIES[..17].iter().rev() {
+        p = p * z + c;
+    }
+    2.0 * s * p
+}
+
+/// sqil's softplus `ln(1 + e^x)`: `max(x, 0) + log1p_unit(exp_nonpos(-|x|))` (NaN: NaN).
+pub fn softplus(x: f64) -> f64 {
+    let m = if x > 0.0 { x } else { 0.0 };
+    m + log1p_unit(exp_nonpos(-x.abs()))
+}
+
+/// The Taylor coefficients of `e^x - 1` after x: x^2 .. x^5 (used by [`elu`] below 2^-10).
+pub const EXPM1_TAYLOR: [f64; 4] = [1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0];
+
+/// sqil's `e^x - 1` for `x <= 0`: above -2^-10 the Taylor polynomial
+/// `x + x^2 (c2 + x (c3 + x (c4 + x c5)))`, below `exp_nonpos(x) - 1` (at most 2^-42 relative lost).
+pub fn expm1_nonpos(x: f64) -> f64 {
+    if x > -TANH_SMALL {
+        x + x * x * (EXPM1_TAYLOR[0] + x * (EXPM1_TAYLOR[1] + x * (EXPM1_TAYLOR[2] + x * EXPM1_TAYLOR[3])))
+    } else {
+        exp_nonpos(x) - 1.0
+    }
+}
+
+/// sqil's ELU: `x` at or above 0, else `alpha expm1_nonpos(x)` (NaN: NaN).
+pub fn elu(x: f64, alpha: f64) -> f64 {
+    if x < 0.0 {
+        alpha * expm1_nonpos(x)
+    } else {
+        x
+    }
+}
+
+/// [`softplus`] of every f32 value, rounded once to f32; four lanes at a time with AVX2 where the
+/// CPU has it (the same operations).
+pub fn softplus_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_softplus_f32(x, out) };
+    }
+    x.iter().zip(out).for_each(|(&v, o)| *o = softplus(v as f64) as f32);
+}
+
+/// [`elu`] of every f32 value, rounded once to f32; four lanes at a time with AVX2 where the CPU
+/// has it (the same operations).
+pub fn elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_elu_f32(x, alpha, out) };
+    }
+    x.iter().zip(out).for_each(|(&v, o)| *o = elu(v as f64, alpha as f64) as f32);
+}
+
 /// [`sigmoid`] of every f32 value, rounded once to f32 (`out[i] = sigmoid(x[i] as f64) as f32`);
 /// four lanes at a time with AVX2 where the CPU has it (the same operations).
 pub fn sigmoid_f32(x: &[f32], out: &mut [f32]) {

@@ -137,3 +137,88 @@ fn tanh_f32_equals_its_definition() {
         .filter(|&&v| v.is_finite() && ((v as f64).tanh() as f32).to_bits() != (tanh(v as f64) as f32).to_bits());
     assert!(off.count() <= 6, "sqil's tanh should round like libm's almost everywhere");
 }
+
+/// Random f32 values: a third near zero (log-uniform down to 1e-12, both signs), the rest across
+/// [-range, range], plus the special values.
+fn spread(seed: u64, n: usize, range: f64) -> Vec<f32> {
+    let mut s = seed;
+    let mut vals: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1e-30,
+        -1e-30,
+        30.0,
+        -30.0,
+        400.0,
+        -400.0,
+        800.0,
+        -800.0,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        -f32::MIN_POSITIVE,
+    ];
+    for i in 0..n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        let u = (s >> 11) as f64 / (1u64 << 53) as f64;
+        let sign = if s & 1 == 0 { 1.0 } else { -1.0 };
+        vals.push(if i % 3 == 0 { (10f64.powf(-12.0 * u) * sign) as f32 } else { ((u * 2.0 - 1.0) * range) as f32 });
+    }
+    vals
+}
+
+/// `simd` against `scalar` bit for bit (NaN as NaN) on every tail length, and the scalar
+/// definition against `libm` (the textbook formula in f64 with the platform's functions): the
+/// same f32 on all but `max_off` of the finite values.
+fn check_map(
+    name: &str,
+    vals: &[f32],
+    simd: impl Fn(&[f32], &mut [f32]),
+    scalar: impl Fn(f64) -> f64,
+    libm: impl Fn(f64) -> f64,
+    max_off: usize,
+) {
+    for len in [vals.len(), 1, 3, 4, 5, 15, 16, 17, 33] {
+        let x = &vals[..len];
+        let mut got = vec![0f32; len];
+        simd(x, &mut got);
+        for (i, (&g, &v)) in got.iter().zip(x).enumerate() {
+            let want = scalar(v as f64) as f32;
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "{name} x[{i}] = {v}: {g} vs {want}"
+            );
+        }
+    }
+    let off: Vec<f32> = vals
+        .iter()
+        .copied()
+        .filter(|&v| v.is_finite() && (libm(v as f64) as f32).to_bits() != (scalar(v as f64) as f32).to_bits())
+        .collect();
+    assert!(
+        off.len() <= max_off,
+        "{name}: {} values round differently from libm's, e.g. {:?}",
+        off.len(),
+        &off[..off.len().min(5)]
+    );
+}
+
+#[test]
+fn softplus_and_elu_f32_equal_their_definitions() {
+    use sqil_kernels_cpu::generic::{elu, elu_f32, softplus, softplus_f32};
+    let vals = spread(0x9e3779b97f4a7c15, 6000, 40.0);
+    check_map("softplus", &vals, softplus_f32, softplus, |x| x.max(0.0) + (-x.abs()).exp().ln_1p(), 6);
+    for alpha in [1.0f32, 0.3] {
+        check_map(
+            "elu",
+            &vals,
+            |x, y| elu_f32(x, alpha, y),
+            |x| elu(x, alpha as f64),
+            |x| if x < 0.0 { alpha as f64 * x.exp_m1() } else { x },
+            6,
+        );
+    }
+}

@@ -58,13 +58,14 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         };
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(data) });
     }
-    if let (Data::F32(v), UnaryOp::Sigmoid | UnaryOp::Tanh) = (&t.data, u) {
-        // The definitions' own operations, four lanes at a time (sigmoid_f32, tanh_f32).
+    if let (Data::F32(v), UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Softplus) = (&t.data, u) {
+        // The definitions' own operations, four lanes at a time (sigmoid_f32, tanh_f32,
+        // softplus_f32).
         let mut out = vec![0f32; v.len()];
-        if u == UnaryOp::Sigmoid {
-            sqil_kernels_cpu::generic::sigmoid_f32(v, &mut out);
-        } else {
-            sqil_kernels_cpu::generic::tanh_f32(v, &mut out);
+        match u {
+            UnaryOp::Sigmoid => sqil_kernels_cpu::generic::sigmoid_f32(v, &mut out),
+            UnaryOp::Tanh => sqil_kernels_cpu::generic::tanh_f32(v, &mut out),
+            _ => sqil_kernels_cpu::generic::softplus_f32(v, &mut out),
         }
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }

@@ -586,7 +586,11 @@ impl Op {
             | Op::Cast { .. }
             | Op::Expand => MOVE,
             _ if !f32_in => REF,
-            Op::Unary(UnaryOp::Relu | UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sigmoid | UnaryOp::Tanh) => F32,
+            Op::Unary(
+                UnaryOp::Relu | UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Softplus,
+            )
+            | Op::LeakyRelu { .. }
+            | Op::Elu { .. } => F32,
             Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div) if all_f32 => F32,
             Op::MatMul | Op::Gemm { .. } | Op::Conv(_) | Op::ConvTranspose(_) | Op::LayerNorm { .. } => F32,
             Op::PRelu if all_f32 => F32,
@@ -625,11 +629,22 @@ impl Op {
             Op::Unary(u) => one(elementwise::unary(*u, x.get(0)?)?),
             Op::LeakyRelu { alpha } => {
                 let a = *alpha;
+                if let crate::tensor::Data::F32(v) = &x.get(0)?.data {
+                    // The f32 product is the f64 product of two f32 values (exact) rounded once.
+                    let y = v.iter().map(|&v| if v < 0.0 { a * v } else { v }).collect();
+                    return one(Tensor::new(x.get(0)?.shape.clone(), crate::tensor::Data::F32(y))?);
+                }
                 one(elementwise::map_float(x.get(0)?, "LeakyRelu", |v| if v < 0.0 { a as f64 * v } else { v })?)
             }
             Op::Elu { alpha } => {
+                // sqil's ELU (`exp_nonpos` inside), vectorized on f32 values.
+                if let crate::tensor::Data::F32(v) = &x.get(0)?.data {
+                    let mut y = vec![0f32; v.len()];
+                    sqil_kernels_cpu::generic::elu_f32(v, *alpha, &mut y);
+                    return one(Tensor::new(x.get(0)?.shape.clone(), crate::tensor::Data::F32(y))?);
+                }
                 let a = *alpha as f64;
-                one(elementwise::map_float(x.get(0)?, "Elu", |v| if v < 0.0 { a * (v.exp() - 1.0) } else { v })?)
+                one(elementwise::map_float(x.get(0)?, "Elu", |v| sqil_kernels_cpu::generic::elu(v, a))?)
             }
             Op::Gelu { tanh } => one(elementwise::gelu(x.get(0)?, *tanh)?),
             Op::Binary(o) => one(elementwise::binary(*o, x.get(0)?, x.get(1)?)?),

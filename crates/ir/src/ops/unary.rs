@@ -42,10 +42,9 @@ impl UnaryDef {
 // of the CPU runtime vectorizes it exactly).
 use sqil_kernels_cpu::generic::sigmoid;
 
-fn softplus(x: f64) -> f64 {
-    // log(1 + e^x), stable for large |x|
-    x.max(0.0) + (-x.abs()).exp().ln_1p()
-}
+// sqil's softplus: `max(x, 0) + log1p(e^-|x|)` from `exp_nonpos` and a series log1p (the same
+// bits on every CPU; the CPU runtime's f32 path vectorizes it exactly).
+use sqil_kernels_cpu::generic::softplus;
 
 /// ONNX HardSwish: `x * max(0, min(1, x / 6 + 1 / 2))`.
 fn hard_swish(x: f64) -> f64 {

@@ -427,6 +427,24 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
     softmax_rows_impl::<Avx2>(x, dim, out)
 }
 
+/// [`crate::generic::softplus_f32`] with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_softplus_f32(x: &[f32], out: &mut [f32]) {
+    softplus_f32(x, out)
+}
+
+/// [`crate::generic::elu_f32`] with AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
+    elu_f32(x, alpha, out)
+}
+
 /// [`crate::generic::tanh_f32`] with AVX2.
 ///
 /// # Safety

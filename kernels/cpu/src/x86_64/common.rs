@@ -463,6 +463,79 @@ pub(crate) unsafe fn tanh_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// Four-lane map of f32 values through an f64 function of `exp_nonpos(arg(v))`: `arg` gives the
+/// exponent's argument, `finish(v, e)` the result (f64 lanes); four vectors per step.
+#[inline(always)]
+unsafe fn map_exp4(
+    x: &[f32],
+    out: &mut [f32],
+    arg: impl Fn(__m256d) -> __m256d,
+    finish: impl Fn(__m256d, __m256d) -> __m256d,
+    scalar: impl Fn(f64) -> f64,
+) {
+    let n = x.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        let v: [__m256d; 4] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
+        let e = exp_nonpos4xk::<4>(std::array::from_fn(|j| arg(v[j])));
+        for j in 0..4 {
+            _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), _mm256_cvtpd_ps(finish(v[j], e[j])));
+        }
+        i += 16;
+    }
+    while i + 4 <= n {
+        let v = _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i)));
+        _mm_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtpd_ps(finish(v, exp_nonpos4(arg(v)))));
+        i += 4;
+    }
+    for j in i..n {
+        out[j] = scalar(x[j] as f64) as f32;
+    }
+}
+
+/// [`crate::generic::softplus_f32`] on AVX2 (the same operations per lane).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn softplus_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::ATANH_SERIES;
+    let sign = _mm256_set1_pd(-0.0);
+    let two = _mm256_set1_pd(2.0);
+    let finish = |v: __m256d, t: __m256d| {
+        let s = _mm256_div_pd(t, _mm256_add_pd(two, t));
+        let z = _mm256_mul_pd(s, s);
+        let mut p = _mm256_set1_pd(ATANH_SERIES[17]);
+        for &c in ATANH_SERIES[..17].iter().rev() {
+            p = _mm256_add_pd(_mm256_mul_pd(p, z), _mm256_set1_pd(c));
+        }
+        let l = _mm256_mul_pd(_mm256_mul_pd(two, s), p);
+        // max(x, 0) as `x > 0 ? x : 0` (NaN: 0, and the NaN comes through l).
+        let m = _mm256_and_pd(v, _mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_GT_OQ));
+        _mm256_add_pd(m, l)
+    };
+    map_exp4(x, out, |v| _mm256_or_pd(v, sign), finish, crate::generic::softplus)
+}
+
+/// [`crate::generic::elu_f32`] on AVX2 (the same operations per lane; lanes at or above 0 keep x).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
+    use crate::generic::{EXPM1_TAYLOR as C, TANH_SMALL};
+    let (a, one) = (_mm256_set1_pd(alpha as f64), _mm256_set1_pd(1.0));
+    let finish = |v: __m256d, e: __m256d| {
+        let c = |i: usize| _mm256_set1_pd(C[i]);
+        let p = _mm256_add_pd(c(2), _mm256_mul_pd(v, c(3)));
+        let p = _mm256_add_pd(c(1), _mm256_mul_pd(v, p));
+        let p = _mm256_add_pd(c(0), _mm256_mul_pd(v, p));
+        let taylor = _mm256_add_pd(v, _mm256_mul_pd(_mm256_mul_pd(v, v), p));
+        let small = _mm256_cmp_pd(v, _mm256_set1_pd(-TANH_SMALL), _CMP_GT_OQ);
+        let m1 = _mm256_blendv_pd(_mm256_sub_pd(e, one), taylor, small);
+        _mm256_blendv_pd(v, _mm256_mul_pd(a, m1), _mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_LT_OQ))
+    };
+    // The exponent of a lane at or above 0 is never used: its argument is clamped to 0.
+    let arg = |v: __m256d| _mm256_min_pd(v, _mm256_setzero_pd());
+    map_exp4(x, out, arg, finish, |v| crate::generic::elu(v, alpha as f64))
+}
+
 /// [`exp_nonpos4`] on `K` vectors at once, each step for all of them before the next (the
 /// polynomial's chains of dependent multiplies and adds interleave). The same operations per lane.
 #[inline]
