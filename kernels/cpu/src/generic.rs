@@ -96,10 +96,26 @@ pub fn sgemm_chain(
         let (b, rsb) = if csb == 1 || n == 1 {
             (b, rsb)
         } else {
+            // Through 16 x 16 tiles: a transposed b (a Gemm's transB weights) copied element
+            // by element touched a new cache line per element, and rows of r at a power-of-two
+            // stride share L1 sets; a tile is read as 16 runs of b and written as 16 runs of r.
             let mut r = vec![0f32; k * n];
-            for (p, row) in r.chunks_exact_mut(n).enumerate() {
-                for (j, t) in row.iter_mut().enumerate() {
-                    *t = b[p * rsb + j * csb];
+            let mut tile = [[0f32; 16]; 16];
+            for j0 in (0..n).step_by(16) {
+                let jn = (n - j0).min(16);
+                for p0 in (0..k).step_by(16) {
+                    let pn = (k - p0).min(16);
+                    for (jj, t) in tile.iter_mut().enumerate().take(jn) {
+                        for (pp, v) in t.iter_mut().enumerate().take(pn) {
+                            *v = b[(p0 + pp) * rsb + (j0 + jj) * csb];
+                        }
+                    }
+                    for pp in 0..pn {
+                        let row = &mut r[(p0 + pp) * n + j0..(p0 + pp) * n + j0 + jn];
+                        for (jj, v) in row.iter_mut().enumerate() {
+                            *v = tile[jj][pp];
+                        }
+                    }
                 }
             }
             rows = r;
