@@ -25,7 +25,8 @@ sys.path.insert(0, str(HERE))
 from sqil_tools import zoo  # noqa: E402
 
 SQIL = os.environ.get("SQIL_BIN", str(ROOT / "target" / "debug" / "sqil"))
-FAST = {"Conv", "Sigmoid", "Clip", "LayerNormalization", "Softmax", "ConvTranspose", "MatMul"}
+FAST = {"Conv", "Sigmoid", "Tanh", "Softplus", "Clip", "LayerNormalization", "Softmax", "ConvTranspose", "MatMul",
+        "GlobalAveragePool", "ReduceMean"}
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))

@@ -77,3 +77,34 @@ fn prelu_f32_path_matches_f64_arithmetic() {
         assert_eq!(bits(&got), want, "slope {sshape:?}");
     }
 }
+
+/// The f32 paths of the reductions (ReduceMean/Sum/Max over any axes, GlobalAveragePool) take the
+/// same f64 steps in the same order as the general path: on an f32 tensor they equal the general
+/// path on its f64 copy rounded to f32, with NaN, signed zeros and ties among the values.
+#[test]
+fn reduction_f32_paths_match_the_general_path() {
+    use sqil_ir::ops::ReduceOp;
+    let mut r = Rng::new(7);
+    let shape = vec![2, 3, 5, 4];
+    let x = Tensor::new(shape.clone(), Data::F32(data(&mut r, 120))).unwrap();
+    let x64 = Tensor::new(shape, Data::F64(x.data.to_f32_vec().iter().map(|&v| v as f64).collect())).unwrap();
+    let round = |t: &Tensor| -> Vec<u32> { t.data.to_f64_vec().iter().map(|&v| (v as f32).to_bits()).collect() };
+    let canon = |v: Vec<u32>| -> Vec<u32> {
+        v.into_iter().map(|b| if f32::from_bits(b).is_nan() { u32::MAX } else { b }).collect()
+    };
+    for op in [ReduceOp::Mean, ReduceOp::Sum, ReduceOp::Max] {
+        for axes in [vec![1i64], vec![0, 2], vec![3], vec![-1, 1], vec![0, 1, 2, 3]] {
+            for keepdims in [true, false] {
+                let reduce = Op::Reduce { op, keepdims, noop_with_empty_axes: false };
+                let ax = Tensor::new(vec![axes.len()], Data::I64(axes.clone())).unwrap();
+                let fast = reduce.eval(&[Some(&x), Some(&ax)], 1).unwrap().remove(0);
+                let general = reduce.eval(&[Some(&x64), Some(&ax)], 1).unwrap().remove(0);
+                assert_eq!(fast.shape, general.shape);
+                assert_eq!(canon(bits(&fast)), canon(round(&general)), "{op:?} over {axes:?}");
+            }
+        }
+    }
+    let fast = Op::GlobalAveragePool.eval(&[Some(&x)], 1).unwrap().remove(0);
+    let general = Op::GlobalAveragePool.eval(&[Some(&x64)], 1).unwrap().remove(0);
+    assert_eq!(canon(bits(&fast)), canon(round(&general)));
+}

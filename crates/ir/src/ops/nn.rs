@@ -406,11 +406,16 @@ pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
     if x.rank() < 3 {
         return Err(IrError::Invalid(format!("GlobalAveragePool needs rank >= 3, got {:?}", x.shape)));
     }
-    let v = float_vec(x, "GlobalAveragePool")?;
     let il: usize = x.shape[2..].iter().product();
-    let out = v.chunks(il.max(1)).map(|c| c.iter().sum::<f64>() / il as f64);
     let mut shape = x.shape[..2].to_vec();
     shape.extend(std::iter::repeat_n(1, x.rank() - 2));
+    if let Data::F32(v) = &x.data {
+        // The same f64 sums, read from the f32 values (no f64 copy of the tensor).
+        let out = v.chunks(il.max(1)).map(|c| (c.iter().map(|&e| e as f64).sum::<f64>() / il as f64) as f32);
+        return Tensor::new(shape, Data::F32(out.collect()));
+    }
+    let v = float_vec(x, "GlobalAveragePool")?;
+    let out = v.chunks(il.max(1)).map(|c| c.iter().sum::<f64>() / il as f64);
     Tensor::new(shape, Data::from_f64(x.dtype(), out))
 }
 

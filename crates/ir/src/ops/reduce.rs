@@ -79,11 +79,9 @@ pub(crate) fn reduce(op: ReduceOp, x: &Tensor, axes: Option<&Tensor>, keepdims: 
         if x.dtype() == crate::DType::Bool {
             return Err(IrError::Unsupported(format!("{op:?} on bool")));
         }
-        let v = x.data.to_f64_vec();
         let init = if op == ReduceOp::Max { f64::NEG_INFINITY } else { 0.0 };
         let mut acc = vec![init; out_len];
-        for (i, &e) in v.iter().enumerate() {
-            let a = &mut acc[slot(i)];
+        let step = |a: &mut f64, e: f64| {
             *a = if op == ReduceOp::Max {
                 if e > *a || e.is_nan() {
                     e
@@ -93,6 +91,35 @@ pub(crate) fn reduce(op: ReduceOp, x: &Tensor, axes: Option<&Tensor>, keepdims: 
             } else {
                 *a + e
             };
+        };
+        match &x.data {
+            Data::F32(v) if x.rank() > 0 && x.shape[x.rank() - 1] > 0 => {
+                // The same f64 steps in the same (flat) order, read from the f32 values, the
+                // output slot advanced by an odometer over the rows (no division per element).
+                let rank = x.rank();
+                let ost: Vec<usize> = (0..rank).map(|d| if mask[d] { 0 } else { ks[d] }).collect();
+                let (inner, os_in) = (x.shape[rank - 1], ost[rank - 1]);
+                let (mut pos, mut base) = (vec![0usize; rank], 0usize);
+                for row in v.chunks_exact(inner) {
+                    for (j, &e) in row.iter().enumerate() {
+                        step(&mut acc[base + j * os_in], e as f64);
+                    }
+                    for d in (0..rank - 1).rev() {
+                        pos[d] += 1;
+                        base += ost[d];
+                        if pos[d] < x.shape[d] {
+                            break;
+                        }
+                        base -= ost[d] * x.shape[d];
+                        pos[d] = 0;
+                    }
+                }
+            }
+            _ => {
+                for (i, e) in x.data.to_f64_vec().into_iter().enumerate() {
+                    step(&mut acc[slot(i)], e);
+                }
+            }
         }
         if op == ReduceOp::Mean {
             acc.iter_mut().for_each(|a| *a /= count as f64);
