@@ -79,6 +79,13 @@ class G:
     def shape(self, dims):
         return self.const(np.array(dims, np.int64), "shape")
 
+    def head(self, x, c, outputs, path, name, size):
+        """Global average pool, a linear action head, and the model saved with an image input."""
+        feat = self.op("Flatten", [self.op("GlobalAveragePool", [x])])
+        self.nodes.append(helper.make_node("Gemm", [feat, self.weight([outputs, c], c), self.bias(outputs)], ["action"],
+                                           transB=1))
+        return self.save(path, name, [("image", ["N", 3, size, size])], [("action", ["N", outputs])])
+
     def save(self, path, name, inputs, outputs, opset=17):
         g = helper.make_graph(self.nodes, name, [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs], self.inits)
@@ -175,10 +182,7 @@ def mobilenet_v2(path, size=84, outputs=7):
             h = g.conv(h, hid, c, 1)
             x = g.op("Add", [x, h]) if (i > 0 or s == 1) and cin == c else h
             cin = c
-    x = g.relu6(g.conv(x, cin, 640, 1))
-    feat = g.op("Flatten", [g.op("GlobalAveragePool", [x])])
-    g.nodes.append(helper.make_node("Gemm", [feat, g.weight([outputs, 640], 640), g.bias(outputs)], ["action"], transB=1))
-    return g.save(path, "mobilenet_v2", [("image", ["N", 3, size, size])], [("action", ["N", outputs])])
+    return g.head(g.relu6(g.conv(x, cin, 640, 1)), 640, outputs, path, "mobilenet_v2", size)
 
 
 def efficientnet_b0(path, size=84, outputs=7):
@@ -199,10 +203,7 @@ def efficientnet_b0(path, size=84, outputs=7):
             h = g.conv(h, hid, c, 1)
             x = g.op("Add", [x, h]) if (i > 0 or s == 1) and cin == c else h
             cin = c
-    x = g.silu(g.conv(x, cin, 640, 1))
-    feat = g.op("Flatten", [g.op("GlobalAveragePool", [x])])
-    g.nodes.append(helper.make_node("Gemm", [feat, g.weight([outputs, 640], 640), g.bias(outputs)], ["action"], transB=1))
-    return g.save(path, "efficientnet_b0", [("image", ["N", 3, size, size])], [("action", ["N", outputs])])
+    return g.head(g.silu(g.conv(x, cin, 640, 1)), 640, outputs, path, "efficientnet_b0", size)
 
 
 def _attention(g, q_in, kv_in, d, heads, tq, tk):

@@ -52,90 +52,18 @@ fn dispatched_softmax_rows_equal_the_definition() {
     }
 }
 
-/// The vectorized sigmoid against its scalar definition, bit for bit (NaN as NaN), on every
-/// length's tail and on values across the range: signed zeros, the saturation ends, NaN, infinities.
+/// The vectorized sigmoid and tanh against their scalar definitions, bit for bit (NaN as NaN),
+/// around tanh's polynomial threshold, at tiny, huge and special values; and against the textbook
+/// forms with the platform's exp / tanh.
 #[test]
-fn sigmoid_f32_equals_its_definition() {
-    use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32};
-    let mut s = 0x9e3779b97f4a7c15u64;
-    let mut vals: Vec<f32> =
-        vec![0.0, -0.0, 1e-30, -1e-30, 709.0, -709.0, 800.0, -800.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY];
-    for _ in 0..5000 {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        vals.push(((s >> 11) as f64 / (1u64 << 53) as f64 * 80.0 - 40.0) as f32);
-    }
-    for len in [vals.len(), 1, 3, 4, 5, 15, 16, 17, 33] {
-        let x = &vals[..len];
-        let mut got = vec![0f32; len];
-        sigmoid_f32(x, &mut got);
-        for (i, (&g, &v)) in got.iter().zip(x).enumerate() {
-            let want = sigmoid(v as f64) as f32;
-            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "x[{i}] = {v}: {g} vs {want}");
-        }
-    }
-    // Against the textbook form with the platform's exp: the same f32 nearly always.
-    let off = vals.iter().filter(|&&v| {
-        let v = v as f64;
-        let libm = if v >= 0.0 { 1.0 / (1.0 + (-v).exp()) } else { v.exp() / (1.0 + v.exp()) };
-        v.is_finite() && (libm as f32).to_bits() != (sigmoid(v) as f32).to_bits()
-    });
-    assert!(off.count() <= 5, "sqil's sigmoid should round like libm's almost everywhere");
-}
-
-/// The vectorized tanh against its scalar definition, bit for bit (NaN as NaN), around the
-/// polynomial's threshold, at tiny, huge and special values; and against libm's tanh.
-#[test]
-fn tanh_f32_equals_its_definition() {
-    use sqil_kernels_cpu::generic::{tanh, tanh_f32, TANH_SMALL};
-    let mut s = 0x2545f4914f6cdd1du64;
+fn sigmoid_and_tanh_f32_equal_their_definitions() {
+    use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32, tanh, tanh_f32, TANH_SMALL};
     let t = TANH_SMALL as f32;
-    let mut vals: Vec<f32> = vec![
-        0.0,
-        -0.0,
-        1e-30,
-        -1e-30,
-        1e-8,
-        t,
-        -t,
-        t * 0.999,
-        t * 1.001,
-        20.0,
-        -20.0,
-        400.0,
-        -400.0,
-        f32::NAN,
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        f32::MIN_POSITIVE,
-        -f32::MIN_POSITIVE,
-    ];
-    for i in 0..6000 {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        let u = (s >> 11) as f64 / (1u64 << 53) as f64;
-        // A third near zero (log-uniform down to 1e-12), the rest across [-12, 12].
-        vals.push(if i % 3 == 0 {
-            (10f64.powf(-12.0 * u) * if s & 1 == 0 { 1.0 } else { -1.0 }) as f32
-        } else {
-            (u * 24.0 - 12.0) as f32
-        });
-    }
-    for len in [vals.len(), 1, 3, 4, 5, 15, 16, 17, 33] {
-        let x = &vals[..len];
-        let mut got = vec![0f32; len];
-        tanh_f32(x, &mut got);
-        for (i, (&g, &v)) in got.iter().zip(x).enumerate() {
-            let want = tanh(v as f64) as f32;
-            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "x[{i}] = {v}: {g} vs {want}");
-        }
-    }
-    let off = vals
-        .iter()
-        .filter(|&&v| v.is_finite() && ((v as f64).tanh() as f32).to_bits() != (tanh(v as f64) as f32).to_bits());
-    assert!(off.count() <= 6, "sqil's tanh should round like libm's almost everywhere");
+    let mut vals = spread(0x2545f4914f6cdd1d, 6000, 40.0);
+    vals.extend([709.0, -709.0, t, -t, t * 0.999, t * 1.001]);
+    let libm_sigmoid = |v: f64| if v >= 0.0 { 1.0 / (1.0 + (-v).exp()) } else { v.exp() / (1.0 + v.exp()) };
+    check_map("sigmoid", &vals, sigmoid_f32, sigmoid, libm_sigmoid, 5);
+    check_map("tanh", &vals, tanh_f32, tanh, f64::tanh, 6);
 }
 
 /// Random f32 values: a third near zero (log-uniform down to 1e-12, both signs), the rest across
