@@ -597,6 +597,13 @@ fn emit_op(
             // interpreter (`sqil_ir::ops::unary`).
             let x = dyn_in(0)?;
             let def = u.def();
+            if let sqil_ir::ops::UnaryOp::Sigmoid | sqil_ir::ops::UnaryOp::Tanh | sqil_ir::ops::UnaryOp::Softplus = u {
+                // sqil's own definitions on `exp_nonpos`: exact, no libm.
+                let name = def.name.to_lowercase();
+                activation_c(em, &name);
+                unary_f32(em, &x, &format!("(float)sqil_{name}((double)v)"));
+                return Ok(());
+            }
             if def.libm {
                 em.libm = true;
                 em.exact = false;
@@ -608,10 +615,9 @@ fn emit_op(
             unary_f32(em, &x, &format!("v < 0.0f ? (float)({} * (double)v) : v", dlit(*alpha as f64)));
         }
         Op::Elu { alpha } => {
-            em.libm = true;
-            em.exact = false;
             let x = dyn_in(0)?;
-            unary_f32(em, &x, &format!("v < 0.0f ? (float)({} * (exp((double)v) - 1.0)) : v", dlit(*alpha as f64)));
+            activation_c(em, "elu");
+            unary_f32(em, &x, &format!("(float)sqil_elu((double)v, {})", dlit(*alpha as f64)));
         }
         Op::Gelu { tanh } => {
             em.libm = true;
@@ -920,44 +926,7 @@ fn emit_op(
                 return Err(unsupported("softmax over other than the last axis"));
             }
             let dim = *yt.shape.last().unwrap_or(&1);
-            if !em.consts.contains("sqil_exp_nonpos") {
-                use sqil_kernels_cpu::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_TAYLOR};
-                let taylor: Vec<String> = EXP_TAYLOR.iter().map(|c| format!("{c:?}")).collect();
-                let _ = write!(
-                    em.consts,
-                    "/* e^x for x <= 0: x = n ln 2 + r, a degree-13 Taylor polynomial of e^r, times 2^n
-                      * from its bits; 0 at or below -708; NaN stays NaN (sqil_kernels_cpu::exp_nonpos). */
-                     static double sqil_exp_nonpos(double x)
-{{
-                         static const double c[14] = {{{}}};
-                         double t, n, r, p, s;
-    uint64_t b;
-    int k;
-                         if (!(x > -708.0)) {{
-        return x != x ? x : 0.0;
-    }}
-                         t = x * {:?} + {:?};
-    n = t - {:?};
-    r = (x - n * {:?}) - n * {:?};
-                         p = c[13];
-    for (k = 12; k >= 0; k--) {{
-        p = p * r + c[k];
-    }}
-                         memcpy(&b, &t, sizeof b);
-    b = ((b - UINT64_C({:#x})) + 1023u) << 52;
-                         memcpy(&s, &b, sizeof s);
-    return p * s;
-}}
-",
-                    taylor.join(", "),
-                    std::f64::consts::LOG2_E,
-                    EXP_MAGIC,
-                    EXP_MAGIC,
-                    EXP_LN2_HI,
-                    EXP_LN2_LO,
-                    EXP_MAGIC.to_bits()
-                );
-            }
+            exp_nonpos_c(em);
             let _ = writeln!(
                 em.body,
                 "    {{\n        int32_t o, j;\n        for (o = 0; o < {}; o++) {{\n            \
@@ -1037,4 +1006,88 @@ pub fn selftest(prefix: &str, states: &[Vec<Vec<f32>>], expected: &[Vec<Vec<f32>
         flit(tol, "tolerance")?
     );
     Ok(c)
+}
+
+/// Emits `sqil_exp_nonpos` (sqil's exponential for x <= 0: the runtime's IEEE operations, no
+/// libm) once.
+fn exp_nonpos_c(em: &mut Emitter) {
+    if em.consts.contains("sqil_exp_nonpos") {
+        return;
+    }
+    use sqil_kernels_cpu::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_TAYLOR};
+    let taylor: Vec<String> = EXP_TAYLOR.iter().map(|c| format!("{c:?}")).collect();
+    let _ = write!(
+        em.consts,
+        "/* e^x for x <= 0: x = n ln 2 + r, a degree-13 Taylor polynomial of e^r, times 2^n
+              * from its bits; 0 at or below -708; NaN stays NaN (sqil_kernels_cpu::exp_nonpos). */
+             static double sqil_exp_nonpos(double x)
+{{
+                 static const double c[14] = {{{}}};
+                 double t, n, r, p, s;
+    uint64_t b;
+    int k;
+                 if (!(x > -708.0)) {{
+return x != x ? x : 0.0;
+    }}
+                 t = x * {:?} + {:?};
+    n = t - {:?};
+    r = (x - n * {:?}) - n * {:?};
+                 p = c[13];
+    for (k = 12; k >= 0; k--) {{
+p = p * r + c[k];
+    }}
+                 memcpy(&b, &t, sizeof b);
+    b = ((b - UINT64_C({:#x})) + 1023u) << 52;
+                 memcpy(&s, &b, sizeof s);
+    return p * s;
+}}
+",
+        taylor.join(", "),
+        std::f64::consts::LOG2_E,
+        EXP_MAGIC,
+        EXP_MAGIC,
+        EXP_LN2_HI,
+        EXP_LN2_LO,
+        EXP_MAGIC.to_bits()
+    );
+}
+
+/// Emits the C twin of one of sqil's activations on `exp_nonpos` (`sqil_kernels_cpu::generic::
+/// {sigmoid, tanh, softplus, elu}`), once: the same double operations in the same order (C99
+/// does not contract them into FMAs), so the firmware gives the runtime's bits, with no libm.
+fn activation_c(em: &mut Emitter, name: &str) {
+    use sqil_kernels_cpu::generic::{ATANH_SERIES, EXPM1_TAYLOR, TANH_SMALL, TANH_TAYLOR};
+    exp_nonpos_c(em);
+    let fname = format!("sqil_{name}");
+    if em.consts.contains(&format!("double {fname}(")) {
+        return;
+    }
+    let lit = |v: f64| format!("{v:?}");
+    let body = match name {
+        "sigmoid" => "double e = sqil_exp_nonpos(x < 0.0 ? x : -x);\n    return x >= 0.0 ? 1.0 / (1.0 + e) : e / (1.0 + e);".to_string(),
+        "tanh" => format!(
+            "double a = x < 0.0 ? -x : x, t, a2;\n    uint64_t bt, bx;\n    if (a < {}) {{\n        a2 = a * a;\n        \
+             t = a + a * a2 * ({} + a2 * ({} + a2 * {}));\n    }} else {{\n        double e = sqil_exp_nonpos(-2.0 * a);\n        \
+             t = (1.0 - e) / (1.0 + e);\n    }}\n    /* copysign(t, x) */\n    memcpy(&bt, &t, sizeof bt);\n    memcpy(&bx, &x, sizeof bx);\n    \
+             bt = (bt & ~(UINT64_C(1) << 63)) | (bx & (UINT64_C(1) << 63));\n    memcpy(&t, &bt, sizeof t);\n    return t;",
+            lit(TANH_SMALL), lit(TANH_TAYLOR[0]), lit(TANH_TAYLOR[1]), lit(TANH_TAYLOR[2])
+        ),
+        "softplus" => format!(
+            "static const double c[18] = {{{}}};\n    double t = sqil_exp_nonpos(x < 0.0 ? x : -x), s, z, p;\n    int k;\n    \
+             s = t / (2.0 + t);\n    z = s * s;\n    p = c[17];\n    for (k = 16; k >= 0; k--) {{\n        p = p * z + c[k];\n    }}\n    \
+             return (x > 0.0 ? x : 0.0) + 2.0 * s * p;",
+            ATANH_SERIES.iter().map(|&c| lit(c)).collect::<Vec<_>>().join(", ")
+        ),
+        _ => format!(
+            "double m;\n    if (!(x < 0.0)) {{\n        return x;\n    }}\n    if (x > {}) {{\n        \
+             m = x + x * x * ({} + x * ({} + x * ({} + x * {})));\n    }} else {{\n        m = sqil_exp_nonpos(x) - 1.0;\n    }}\n    \
+             return alpha * m;",
+            lit(-TANH_SMALL), lit(EXPM1_TAYLOR[0]), lit(EXPM1_TAYLOR[1]), lit(EXPM1_TAYLOR[2]), lit(EXPM1_TAYLOR[3])
+        ),
+    };
+    let args = if name == "elu" { "double x, double alpha" } else { "double x" };
+    let _ = write!(
+        em.consts,
+        "/* sqil_kernels_cpu::generic::{name} */\nstatic double {fname}({args})\n{{\n    {body}\n}}\n"
+    );
 }

@@ -153,6 +153,57 @@ fn generated_c_runs_int4_layers_over_tokens() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// sqil's activations on its own exponential (Sigmoid, Tanh, Softplus, ELU) in C: the same double
+/// operations as the runtime, so the report says bit-exact and every output is (no libm linked
+/// for them). Inputs cover both branches of each definition: tiny values for the Taylor forms,
+/// large ones for saturation, signed zeros.
+#[test]
+fn generated_c_computes_the_exp_nonpos_activations_bit_for_bit() {
+    use sqil_ir::ops::UnaryOp;
+    use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueType};
+    let width = 24usize;
+    let mut g = Graph::new("activations");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![Dim::Sym("N".into()), Dim::Known(width)]));
+    for (i, op) in
+        [Op::Unary(UnaryOp::Sigmoid), Op::Unary(UnaryOp::Tanh), Op::Unary(UnaryOp::Softplus), Op::Elu { alpha: 0.7 }]
+            .into_iter()
+            .enumerate()
+    {
+        let y = g.add_inferred(format!("act{i}"), op, &[Some(x)], format!("y{i}")).unwrap();
+        g.outputs.push(y);
+    }
+    let policy = Policy::from_graph(&g).unwrap();
+    let prog = emit(&policy, "policy").unwrap();
+    assert!(prog.report.bit_exact, "the report should say bit-exact");
+    assert!(prog.source.contains("sqil_tanh") && !prog.source.contains("exp((double)"));
+    let states = 8;
+    let vals: Vec<f32> = (0..states * width)
+        .map(|i| {
+            let u = ((i * 7919 % 997) as f32 / 498.5 - 1.0) * if i % 2 == 0 { 1.0 } else { -1.0 };
+            match i % 6 {
+                0 => u * 1e-4,
+                1 => u * 30.0,
+                2 if i % 12 == 2 => -0.0,
+                _ => u * 4.0,
+            }
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("sqil-c-activations-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let batch = Tensor::from_f32(vec![states, width], vals).unwrap();
+    let (ins, want) = selftest_vectors(&policy, &[batch], states).unwrap();
+    std::fs::write(dir.join("policy.h"), &prog.header).unwrap();
+    std::fs::write(dir.join("policy.c"), &prog.source).unwrap();
+    std::fs::write(dir.join("selftest.c"), selftest("policy", &ins, &want, C_TOL).unwrap()).unwrap();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let what = "host Sigmoid, Tanh, Softplus, ELU";
+    let out = build_and_run(&dir, &cc, &[], &[], what);
+    // Every output of every state bit-identical (the selftest counts them).
+    let total = states * width * 4;
+    assert!(out.contains(&format!("selftest: {total}/{total} outputs bit-identical")), "{what}:\n{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The policies with convolutions, pooling, BatchNormalization and layout ops (`cnn`: Transpose,
 /// MaxPool, AveragePool, GlobalAveragePool, PRelu) and the transformers (shape arithmetic folded
 /// at the fixed state shape; Split, Gather, Transpose, attention's MatMul of two computed
