@@ -1,7 +1,7 @@
 """CPU inference benchmark, one run, same machine, one core for every engine (the process pins
 itself to the last CPU; children inherit it): latency at batches 1, 4, 16 and 64 of the testdata
 policies (hopper BC MLP, the pixel CNN bc_pickplace_pixels), a 4x1024 MLP and the zoo
-(`tools/sqil_tools/zoo.py`: ResNet-18, MobileNetV2, EfficientNet-B0, an ACT decoder, a diffusion
+(`tools/sqil_tools/zoo.py`: ResNet-18, MobileNetV2, MobileNetV3, EfficientNet-B0, an ACT decoder, a diffusion
 1-D U-Net step, a PRelu/MaxPool CNN), for
 
 - sqil-runtime int4: W4A8 and W4A16 artifacts (`sqil quantize --artifact`, GPTQ, groups of 64),
@@ -170,13 +170,14 @@ def main():
             "prelu_cnn (NHWC, PRelu, MaxPool)": (tmp / "prelu_cnn.onnx", [], "rtn"),
             "resnet18_cnn (96x96, zoo)": (tmp / "resnet18.onnx", [], "rtn"),
             "mobilenet_v2 (84x84, zoo)": (tmp / "mobilenet_v2.onnx", [], "rtn"),
+            "mobilenet_v3 (84x84, zoo)": (tmp / "mobilenet_v3.onnx", [], "rtn"),
             "efficientnet_b0 (84x84, zoo)": (tmp / "efficientnet_b0.onnx", [], "rtn"),
             "act_decoder (zoo)": (tmp / "act_decoder.onnx", [], "rtn"),
             "diffusion_unet1d (zoo)": (tmp / "diffusion_unet1d.onnx", [], "rtn"),
         }
         models = {k: v for k, v in models.items() if a.models in k}
         builders = {"mlp4x1024": zoo.mlp_4x1024, "prelu_cnn": zoo.prelu_cnn, "resnet18_cnn": zoo.resnet18,
-                    "mobilenet_v2": zoo.mobilenet_v2, "efficientnet_b0": zoo.efficientnet_b0,
+                    "mobilenet_v2": zoo.mobilenet_v2, "mobilenet_v3": zoo.mobilenet_v3, "efficientnet_b0": zoo.efficientnet_b0,
                     "act_decoder": zoo.act_decoder, "diffusion_unet1d": zoo.diffusion_unet1d}
         for name, (path, cal, recipe) in list(models.items()):
             stem = name.split()[0]

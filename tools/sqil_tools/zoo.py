@@ -9,6 +9,8 @@ Softmax). Every builder writes one model to `path` and returns its input shapes,
 - `prelu_cnn`: an NHWC camera CNN with PRelu and 3x3/2 MaxPool (the kind the fast path missed).
 - `resnet18`: torchvision's ResNet-18 at 96x96 (Diffusion Policy's and ACT's encoder).
 - `mobilenet_v2`: MobileNetV2 (width 0.5) at 84x84: inverted residuals, depthwise 3x3, ReLU6.
+- `mobilenet_v3`: MobileNetV3-Small's blocks at 84x84: HardSwish, HardSigmoid-gated
+  squeeze-and-excitation, depthwise 3x3 / 5x5.
 - `efficientnet_b0`: EfficientNet-B0's MBConv stages (width 0.5, depth 0.5) at 84x84: depthwise
   3x3 / 5x5, SiLU, squeeze-and-excitation.
 - `act_decoder`: ACT's transformer decoder (DETR style, post-norm): 50 learned action queries,
@@ -206,6 +208,32 @@ def efficientnet_b0(path, size=84, outputs=7):
     return g.head(g.silu(g.conv(x, cin, 640, 1)), 640, outputs, path, "efficientnet_b0", size)
 
 
+def mobilenet_v3(path, size=84, outputs=7):
+    """MobileNetV3-Small's block table (channels as torchvision's at width 1.0, 84x84): depthwise
+    3x3 / 5x5, ReLU or HardSwish, squeeze-and-excitation gated by HardSigmoid (as PyTorch exports
+    `hardsigmoid`), BatchNorm after each Conv."""
+    g = G(5)
+
+    def act(x, hs):
+        return g.op("HardSwish", [x]) if hs else g.op("Relu", [x])
+
+    x, cin = act(g.conv("image", 3, 16, 3, 2), True), 16
+    for k, exp, c, se, hs, s in [(3, 16, 16, True, False, 2), (3, 72, 24, False, False, 2), (3, 88, 24, False, False, 1),
+                                 (5, 96, 40, True, True, 2), (5, 240, 40, True, True, 1), (5, 120, 48, True, True, 1),
+                                 (5, 288, 96, True, True, 2), (5, 576, 96, True, True, 1)]:
+        h = act(g.conv(x, cin, exp, 1), hs) if exp != cin else x
+        h = act(g.conv(h, exp, exp, k, s, group=exp), hs)
+        if se:
+            sq = max(8, exp // 4)
+            z = g.op("Relu", [g.conv(g.op("GlobalAveragePool", [h]), exp, sq, 1, bias=True, bn=False)])
+            gate = g.op("HardSigmoid", [g.conv(z, sq, exp, 1, bias=True, bn=False)], alpha=1.0 / 6.0, beta=0.5)
+            h = g.op("Mul", [h, gate])
+        h = g.conv(h, exp, c, 1)
+        x = g.op("Add", [x, h]) if s == 1 and cin == c else h
+        cin = c
+    return g.head(act(g.conv(x, cin, 576, 1), True), 576, outputs, path, "mobilenet_v3", size)
+
+
 def _attention(g, q_in, kv_in, d, heads, tq, tk):
     """Multi-head attention of [N, tq, d] queries over [N, tk, d] keys/values, output projected."""
     dk = d // heads
@@ -288,5 +316,5 @@ def diffusion_unet1d(path, adim=7, horizon=16, cond=64, dims=(64, 128, 256), gro
                   [("noise", ["N", adim, horizon])])
 
 
-ZOO = {"mobilenet_v2": mobilenet_v2, "efficientnet_b0": efficientnet_b0, "act_decoder": act_decoder,
+ZOO = {"mobilenet_v2": mobilenet_v2, "mobilenet_v3": mobilenet_v3, "efficientnet_b0": efficientnet_b0, "act_decoder": act_decoder,
        "diffusion_unet1d": diffusion_unet1d}

@@ -1,8 +1,9 @@
-"""The benchmark zoo (tools/sqil_tools/zoo.py) through sqil: each model (MobileNetV2, EfficientNet-B0,
-an ACT decoder, a diffusion 1-D U-Net step) imports and runs in sqil's interpreter as onnxruntime
-(optimisations off) runs it; quantized W4A8 it compiles to a CPU artifact whose `sqil bench --profile`
-names each step's path, with the ops that now have f32 kernels (depthwise Conv, Sigmoid, Clip,
-LayerNormalization, Softmax, ConvTranspose) off the reference path. Needs the sqil CLI (SQIL_BIN,
+"""The benchmark zoo (tools/sqil_tools/zoo.py) through sqil: each model (MobileNetV2, MobileNetV3 with
+its HardSigmoid gates, EfficientNet-B0, an ACT decoder, a diffusion 1-D U-Net step) imports and runs
+in sqil's interpreter as onnxruntime (optimisations off) runs it; quantized W4A8 it compiles to a
+CPU artifact whose `sqil bench --profile` names each step's path, with the ops that have f32 kernels
+(depthwise Conv, the activations, LayerNormalization, Softmax, the reductions, ...) off the
+reference path. Needs the sqil CLI (SQIL_BIN,
 default target/debug/sqil)."""
 
 import json
@@ -26,7 +27,7 @@ from sqil_tools import zoo  # noqa: E402
 
 SQIL = os.environ.get("SQIL_BIN", str(ROOT / "target" / "debug" / "sqil"))
 FAST = {"Conv", "Sigmoid", "Tanh", "Softplus", "Clip", "LayerNormalization", "Softmax", "ConvTranspose", "MatMul",
-        "GlobalAveragePool", "ReduceMean"}
+        "GlobalAveragePool", "ReduceMean", "HardSwish"}
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))

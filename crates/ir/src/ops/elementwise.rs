@@ -58,6 +58,11 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         };
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(data) });
     }
+    if let (Data::F32(v), UnaryOp::HardSwish) = (&t.data, u) {
+        // The definition inlined into one loop over the f32 values (no call per element).
+        let out = v.iter().map(|&x| super::unary::hard_swish(x as f64) as f32).collect();
+        return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
+    }
     if let (Data::F32(v), UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Softplus) = (&t.data, u) {
         // The definitions' own operations, four lanes at a time (sigmoid_f32, tanh_f32,
         // softplus_f32).

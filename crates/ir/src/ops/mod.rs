@@ -587,7 +587,13 @@ impl Op {
             | Op::Expand => MOVE,
             _ if !f32_in => REF,
             Op::Unary(
-                UnaryOp::Relu | UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Softplus,
+                UnaryOp::Relu
+                | UnaryOp::Neg
+                | UnaryOp::Abs
+                | UnaryOp::Sigmoid
+                | UnaryOp::Tanh
+                | UnaryOp::Softplus
+                | UnaryOp::HardSwish,
             )
             | Op::LeakyRelu { .. }
             | Op::Elu { .. } => F32,

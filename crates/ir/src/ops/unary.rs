@@ -47,7 +47,7 @@ use sqil_kernels_cpu::generic::sigmoid;
 use sqil_kernels_cpu::generic::softplus;
 
 /// ONNX HardSwish: `x * max(0, min(1, x / 6 + 1 / 2))`.
-fn hard_swish(x: f64) -> f64 {
+pub(crate) fn hard_swish(x: f64) -> f64 {
     // clamp keeps NaN, as the C expression's comparisons do.
     x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
 }

@@ -107,6 +107,7 @@ pub(crate) fn table() -> HashMap<&'static str, Importer> {
     ));
     t.insert("Constant", constant);
     t.insert("Clip", clip);
+    t.insert("HardSigmoid", hard_sigmoid);
     t.insert("Squeeze", |cx| axes_input(cx, "Squeeze", 13));
     t.insert("Unsqueeze", |cx| axes_input(cx, "Unsqueeze", 13));
     t.insert("ReduceSum", |cx| axes_input(cx, "ReduceSum", 13));
@@ -152,6 +153,37 @@ fn clip(cx: &mut NodeCx) -> Result<Op> {
             }
         }
     }
+    Ok(Op::Clip)
+}
+
+/// HardSigmoid `max(0, min(1, alpha x + beta))` (MobileNetV3's gate) as the IR ops it is made of:
+/// a Mul and an Add of constants in x's type, then Clip to [0, 1] (each on the runtime's fast
+/// paths, and in every back end).
+fn hard_sigmoid(cx: &mut NodeCx) -> Result<Op> {
+    let (alpha, beta) = (cx.attrs.float("alpha", 0.2)?, cx.attrs.float("beta", 0.5)?);
+    let x =
+        cx.inputs.first().copied().flatten().ok_or_else(|| IrError::Invalid("HardSigmoid needs an input".into()))?;
+    let dtype = cx.g.value(x).ty.dtype;
+    let scalar = |v: f32| Tensor::new(vec![], sqil_ir::Data::from_f64(dtype, std::iter::once(v as f64)));
+    let name = cx.name.clone();
+    // Value names not yet in the graph (an unnamed node's are ".alpha", ...).
+    let fresh = |g: &Graph, what: &str| {
+        let mut n = format!("{name}.{what}");
+        while g.find_value(&n).is_some() {
+            n.push('_');
+        }
+        n
+    };
+    let a = cx.g.add_const(fresh(cx.g, "alpha"), scalar(alpha)?);
+    let (mul, add) = (Op::Binary(sqil_ir::ops::BinaryOp::Mul), Op::Binary(sqil_ir::ops::BinaryOp::Add));
+    let scaled = cx.g.add_inferred(format!("{name}.scale"), mul, &[Some(x), Some(a)], fresh(cx.g, "scaled"))?;
+    let b = cx.g.add_const(fresh(cx.g, "beta"), scalar(beta)?);
+    let shifted = cx.g.add_inferred(format!("{name}.shift"), add, &[Some(scaled), Some(b)], fresh(cx.g, "shifted"))?;
+    cx.inputs = vec![Some(shifted)];
+    cx.set_input(1, format!("{name}.lo"), scalar(0.0)?);
+    cx.set_input(2, format!("{name}.hi"), scalar(1.0)?);
+    cx.attrs.0.remove("alpha");
+    cx.attrs.0.remove("beta");
     Ok(Op::Clip)
 }
 
