@@ -222,12 +222,18 @@ def main():
                 # median of its rounds' medians and the minimum of their minima.
                 got = {label: [] for label in engines}
                 for _ in range(a.rounds):
-                    for label, (kind, p) in engines.items():
+                    for label, (kind, p) in list(engines.items()):
                         n = max(iters // a.rounds, 3 if heavy else 10)
                         if kind == "sqil":
                             got[label].append(sqil_time(p, batch, n))
                         elif kind == "tract":
-                            got[label].append(tract_time(p, batch, n))
+                            try:
+                                got[label].append(tract_time(p, batch, n))
+                            except subprocess.CalledProcessError as e:
+                                # A peer that cannot run the model is reported and left out of it.
+                                why = next((l for l in e.stderr.splitlines() if l.strip()), "failed")
+                                print(f"{name}: tract cannot run it: {why[:200]}", flush=True)
+                                del engines[label], got[label]
                         else:
                             got[label].append(ort_time(p, shapes, batch, n))
                 for label, r in got.items():
