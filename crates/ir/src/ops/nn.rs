@@ -409,14 +409,18 @@ pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
     let il: usize = x.shape[2..].iter().product();
     let mut shape = x.shape[..2].to_vec();
     shape.extend(std::iter::repeat_n(1, x.rank() - 2));
-    if let Data::F32(v) = &x.data {
-        // The same f64 sums, read from the f32 values (no f64 copy of the tensor).
-        let out = v.chunks(il.max(1)).map(|c| (c.iter().map(|&e| e as f64).sum::<f64>() / il as f64) as f32);
-        return Tensor::new(shape, Data::F32(out.collect()));
+    // Each plane's f64 sum in order over its count, f32 values read directly (no f64 copy).
+    fn means<T: Copy + Into<f64>>(v: &[T], il: usize) -> impl Iterator<Item = f64> + '_ {
+        v.chunks(il.max(1)).map(move |c| c.iter().map(|&e| e.into()).sum::<f64>() / il as f64)
     }
-    let v = float_vec(x, "GlobalAveragePool")?;
-    let out = v.chunks(il.max(1)).map(|c| c.iter().sum::<f64>() / il as f64);
-    Tensor::new(shape, Data::from_f64(x.dtype(), out))
+    let data = match &x.data {
+        Data::F32(v) => Data::F32(means(v, il).map(|m| m as f32).collect()),
+        _ => {
+            let v = float_vec(x, "GlobalAveragePool")?;
+            Data::from_f64(x.dtype(), means(&v, il))
+        }
+    };
+    Tensor::new(shape, data)
 }
 
 /// Softmax / LogSoftmax in f64 with sqil's exponential (`exp_nonpos`, the same bits on every
@@ -472,30 +476,46 @@ pub(crate) fn infer_layer_norm(cx: &Cx, axis: i64, outputs: usize) -> Result<Vec
     Ok(v)
 }
 
-/// A LayerNorm row sum as sqil defines it: four partial sums in f64 (term j into sum j mod 4, in
-/// order), added as `(s0 + s1) + (s2 + s3)` (the Softmax row sum's order): vectorizable exactly.
-fn sum4(terms: impl Iterator<Item = f64>) -> f64 {
-    let mut s = [0f64; 4];
-    for (j, t) in terms.enumerate() {
-        s[j & 3] += t;
-    }
-    (s[0] + s[1]) + (s[2] + s[3])
-}
-
-/// [`sum4`] of `f(x)` over an f32 row, four terms per step (the lanes vectorize).
+/// A LayerNorm row sum of `f(x)` as sqil defines it: four partial sums in f64 (term j into sum
+/// j mod 4, in order), added as `(s0 + s1) + (s2 + s3)` (the Softmax row sum's order); four terms
+/// per step, so the lanes vectorize exactly.
 #[inline(always)]
-fn sum4_f32(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+fn sum4<T: Copy + Into<f64>>(row: &[T], f: impl Fn(f64) -> f64) -> f64 {
     let mut s = [0f64; 4];
     let mut quads = row.chunks_exact(4);
     for q in &mut quads {
         for l in 0..4 {
-            s[l] += f(q[l]);
+            s[l] += f(q[l].into());
         }
     }
     for (l, &x) in quads.remainder().iter().enumerate() {
-        s[l] += f(x);
+        s[l] += f(x.into());
     }
     (s[0] + s[1]) + (s[2] + s[3])
+}
+
+/// LayerNorm over `outer` rows of `inner` values of `v` (f32 read directly, or f64): per row the
+/// mean, the variance and `r = 1 / sqrt(var + eps)` in f64, each output `(x - mean) r s_j + b_j`
+/// handed to `put(index, value)`; returns the rows' means and `r`s.
+fn norm_rows<T: Copy + Into<f64>>(
+    v: &[T],
+    (inner, outer): (usize, usize),
+    (s, bias): (&[f64], &[f64]),
+    eps: f32,
+    mut put: impl FnMut(usize, f64),
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut means, mut inv) = (vec![], vec![]);
+    for (o, row) in v.chunks_exact(inner.max(1)).take(outer).enumerate() {
+        let mean = sum4(row, |x| x) / inner as f64;
+        let var = sum4(row, |x| (x - mean) * (x - mean)) / inner as f64;
+        let r = 1.0 / (var + eps as f64).sqrt();
+        for (j, ((&x, &sj), &bj)) in row.iter().zip(s).zip(bias).enumerate() {
+            put(o * inner + j, (x.into() - mean) * r * sj + bj);
+        }
+        means.push(mean);
+        inv.push(r);
+    }
+    (means, inv)
 }
 
 pub(crate) fn layer_norm(
@@ -525,38 +545,15 @@ pub(crate) fn layer_norm(
     let s = fit(scale, "scale")?;
     let bias = b.map(|b| fit(b, "bias")).transpose()?;
     let outer = x.len().checked_div(inner).unwrap_or(0);
-    let (mut means, mut inv) = (vec![], vec![]);
     let bias = bias.unwrap_or_else(|| vec![0.0; inner]);
-    let y = if let Data::F32(xv) = &x.data {
-        // f32 in and out: the same operations, no f64 copies of the tensor (four lanes of
-        // partial sums and of the row update vectorize).
+    let ((means, inv), y) = if let Data::F32(xv) = &x.data {
+        // f32 in and out: no f64 copies of the tensor.
         let mut y = vec![0f32; xv.len()];
-        for (row, yr) in xv.chunks_exact(inner.max(1)).zip(y.chunks_exact_mut(inner.max(1))).take(outer) {
-            let mean = sum4_f32(row, |x| x as f64) / inner as f64;
-            let var = sum4_f32(row, |x| (x as f64 - mean) * (x as f64 - mean)) / inner as f64;
-            let r = 1.0 / (var + eps as f64).sqrt();
-            for (((o, &x), &sj), &bj) in yr.iter_mut().zip(row).zip(&s).zip(&bias) {
-                *o = ((x as f64 - mean) * r * sj + bj) as f32;
-            }
-            means.push(mean);
-            inv.push(r);
-        }
-        Data::F32(y)
+        (norm_rows(xv, (inner, outer), (&s, &bias), eps, |i, v| y[i] = v as f32), Data::F32(y))
     } else {
         let v = float_vec(x, "LayerNormalization")?;
         let mut y = vec![0f64; v.len()];
-        for o in 0..outer {
-            let row = &v[o * inner..(o + 1) * inner];
-            let mean = sum4(row.iter().copied()) / inner as f64;
-            let var = sum4(row.iter().map(|x| (x - mean) * (x - mean))) / inner as f64;
-            let r = 1.0 / (var + eps as f64).sqrt();
-            for j in 0..inner {
-                y[o * inner + j] = (row[j] - mean) * r * s[j] + bias[j];
-            }
-            means.push(mean);
-            inv.push(r);
-        }
-        Data::from_f64(x.dtype(), y.into_iter())
+        (norm_rows(&v, (inner, outer), (&s, &bias), eps, |i, t| y[i] = t), Data::from_f64(x.dtype(), y.into_iter()))
     };
     let mut stat_shape = x.shape[..ax].to_vec();
     stat_shape.extend(std::iter::repeat_n(1, x.rank() - ax));

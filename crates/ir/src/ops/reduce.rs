@@ -60,20 +60,17 @@ pub(crate) fn reduce(op: ReduceOp, x: &Tensor, axes: Option<&Tensor>, keepdims: 
     let kept: Vec<usize> = x.shape.iter().zip(&mask).map(|(&d, &m)| if m { 1 } else { d }).collect();
     let out_len: usize = kept.iter().product();
     let ks = strides_of(&kept);
-    let xs = strides_of(&x.shape);
-    // Output slot of every input element.
-    let slot = |flat: usize| -> usize {
-        (0..x.rank()).filter(|&d| !mask[d]).map(|d| (flat / xs[d]) % x.shape[d] * ks[d]).sum()
-    };
+    // Per axis, the step of the output slot (0 along reduced axes).
+    let ost: Vec<usize> = (0..x.rank()).map(|d| if mask[d] { 0 } else { ks[d] }).collect();
     let count = x.len().checked_div(out_len).unwrap_or(0);
     let data = if (x.dtype().is_integer() || x.dtype() == crate::DType::Bool) && op != ReduceOp::Mean {
         let v = x.data.to_i64_vec();
         let init = if op == ReduceOp::Max { i64::MIN } else { 0 };
         let mut acc = vec![init; out_len];
-        for (i, &e) in v.iter().enumerate() {
-            let a = &mut acc[slot(i)];
+        by_slot(&v, &x.shape, &ost, |s, e| {
+            let a = &mut acc[s];
             *a = if op == ReduceOp::Max { (*a).max(e) } else { a.wrapping_add(e) };
-        }
+        });
         Data::from_i64(x.dtype(), acc.into_iter())
     } else {
         if x.dtype() == crate::DType::Bool {
@@ -93,33 +90,9 @@ pub(crate) fn reduce(op: ReduceOp, x: &Tensor, axes: Option<&Tensor>, keepdims: 
             };
         };
         match &x.data {
-            Data::F32(v) if x.rank() > 0 && x.shape[x.rank() - 1] > 0 => {
-                // The same f64 steps in the same (flat) order, read from the f32 values, the
-                // output slot advanced by an odometer over the rows (no division per element).
-                let rank = x.rank();
-                let ost: Vec<usize> = (0..rank).map(|d| if mask[d] { 0 } else { ks[d] }).collect();
-                let (inner, os_in) = (x.shape[rank - 1], ost[rank - 1]);
-                let (mut pos, mut base) = (vec![0usize; rank], 0usize);
-                for row in v.chunks_exact(inner) {
-                    for (j, &e) in row.iter().enumerate() {
-                        step(&mut acc[base + j * os_in], e as f64);
-                    }
-                    for d in (0..rank - 1).rev() {
-                        pos[d] += 1;
-                        base += ost[d];
-                        if pos[d] < x.shape[d] {
-                            break;
-                        }
-                        base -= ost[d] * x.shape[d];
-                        pos[d] = 0;
-                    }
-                }
-            }
-            _ => {
-                for (i, e) in x.data.to_f64_vec().into_iter().enumerate() {
-                    step(&mut acc[slot(i)], e);
-                }
-            }
+            // f32 values read directly (no f64 copy of the tensor): the same f64 steps.
+            Data::F32(v) => by_slot(v, &x.shape, &ost, |s, e| step(&mut acc[s], e as f64)),
+            d => by_slot(&d.to_f64_vec(), &x.shape, &ost, |s, e| step(&mut acc[s], e)),
         }
         if op == ReduceOp::Mean {
             acc.iter_mut().for_each(|a| *a /= count as f64);
@@ -129,4 +102,33 @@ pub(crate) fn reduce(op: ReduceOp, x: &Tensor, axes: Option<&Tensor>, keepdims: 
     let shape: Vec<usize> =
         if keepdims { kept } else { x.shape.iter().zip(&mask).filter(|(_, &m)| !m).map(|(&d, _)| d).collect() };
     Tensor::new(shape, data)
+}
+
+/// Calls `f(slot, value)` for every element of `v` (shape `shape`) in flat order, `slot` the
+/// output index: the sum of each axis's position times its step `ost` (0 along reduced axes),
+/// advanced by an odometer row by row (no division per element).
+fn by_slot<T: Copy>(v: &[T], shape: &[usize], ost: &[usize], mut f: impl FnMut(usize, T)) {
+    let Some(&inner) = shape.last() else {
+        // A scalar: one element, one slot.
+        return v.iter().for_each(|&e| f(0, e));
+    };
+    if inner == 0 {
+        return;
+    }
+    let rank = shape.len();
+    let (mut pos, mut base) = (vec![0usize; rank], 0usize);
+    for row in v.chunks_exact(inner) {
+        for (j, &e) in row.iter().enumerate() {
+            f(base + j * ost[rank - 1], e);
+        }
+        for d in (0..rank - 1).rev() {
+            pos[d] += 1;
+            base += ost[d];
+            if pos[d] < shape[d] {
+                break;
+            }
+            base -= ost[d] * shape[d];
+            pos[d] = 0;
+        }
+    }
 }
