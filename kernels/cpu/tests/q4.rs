@@ -28,6 +28,28 @@ fn layer(seed: u64, n: usize, k: usize, group: usize, bits: u32) -> PackedQ4 {
     PackedQ4::pack(&q, &scales, n, k, group).unwrap()
 }
 
+/// A batch of `batch` random inputs of `k` values quantized for `w` (scale 0.02, zero point
+/// `zero(c)` for input c), and the reference outputs of each (`generic_gemv_q4q8`), `w.n` per input.
+fn batch_and_reference(
+    w: &PackedQ4,
+    (k, batch): (usize, usize),
+    r: &mut Lcg,
+    zero: impl Fn(usize) -> i32,
+    bias: Option<&[f32]>,
+) -> (Vec<sqil_kernels_cpu::QuantizedInput>, Vec<f32>) {
+    let xs: Vec<_> = (0..batch)
+        .map(|c| {
+            let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
+            quantize_input(&x, 0.02, zero(c), w)
+        })
+        .collect();
+    let mut want = vec![0f32; batch * w.n];
+    for (x, yc) in xs.iter().zip(want.chunks_mut(w.n)) {
+        generic_gemv_q4q8(w, x, bias, yc);
+    }
+    (xs, want)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
@@ -52,15 +74,7 @@ proptest! {
                                                 per_group in 0usize..3, threads in 1usize..4) {
         let k = kb * 64;
         let w = layer(seed, n, k, [0, 32, 64][per_group], 4);
-        let mut r = Lcg(seed ^ 5);
-        let xs: Vec<_> = (0..batch).map(|c| {
-            let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
-            quantize_input(&x, 0.02, c as i32 - 3, &w)
-        }).collect();
-        let mut want = vec![0f32; batch * n];
-        for (x, yc) in xs.iter().zip(want.chunks_mut(n)) {
-            generic_gemv_q4q8(&w, x, None, yc);
-        }
+        let (xs, want) = batch_and_reference(&w, (k, batch), &mut Lcg(seed ^ 5), |c| c as i32 - 3, None);
         let mut got = vec![0f32; batch * n];
         gemm_q4q8(&w, &xs, None, &mut got, threads);
         prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
@@ -92,15 +106,8 @@ proptest! {
         let k = kb * 128;
         let w = layer(seed, n, k, [0, 64, 128][per_group], 4);
         let mut r = Lcg(seed ^ 9);
-        let xs: Vec<_> = (0..batch).map(|c| {
-            let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
-            quantize_input(&x, 0.02, (c % 41) as i32 - 20, &w)
-        }).collect();
         let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
-        let mut want = vec![0f32; batch * n];
-        for (x, yc) in xs.iter().zip(want.chunks_mut(n)) {
-            generic_gemv_q4q8(&w, x, Some(&bias), yc);
-        }
+        let (xs, want) = batch_and_reference(&w, (k, batch), &mut r, |c| (c % 41) as i32 - 20, Some(&bias));
         let mut got = vec![0f32; batch * n];
         gemm_q4q8(&w, &xs, Some(&bias), &mut got, threads);
         prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
