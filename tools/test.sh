@@ -5,6 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
+# Compiles keep SIS scores in a cache (crates/driver/src/cache.rs): the tests use their own, empty
+# at the start, so that no result depends on an earlier run and nothing lands in ~/.cache.
+SQIL_CACHE_DIR=$(mktemp -d)
+export SQIL_CACHE_DIR
+trap 'rm -rf "$SQIL_CACHE_DIR"' EXIT
 bash tools/setup-ci.sh
 cargo fmt --all -- --check
 # Lints for every crate but the test-only conformance crate: linting it type-checks tract-onnx a

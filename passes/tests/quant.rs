@@ -217,3 +217,57 @@ fn per_feature_scales_rescue_a_raw_input_of_mixed_ranges() {
     // The input is divided by the factors in front of an 8-bit quantizer.
     assert_eq!(act_quants(&sim), vec![("fc.awq.x".to_string(), 8)]);
 }
+
+/// A convolution's input rows for GPTQ / AWQ (one row per image and output position, the taps
+/// of every input channel) are read straight from the images at the positions kept, equal to
+/// the convolution's definition with padding, strides and dilations, all rows or a spread.
+#[test]
+fn conv_input_rows_follow_the_definition() {
+    use sqil_passes::quant::layers::input_matrix;
+    let mut r = Rng::new(7);
+    let (c, h, w, m, kh, kw) = (2usize, 7usize, 6usize, 3usize, 3usize, 2usize);
+    let ws: Vec<String> =
+        r.tensor(vec![m, c, kh, kw], 1.0).data.to_f32_vec().iter().map(|v| format!("{v:?}")).collect();
+    let src = format!(
+        "graph \"g\" (%x: f32[N,{c},{h},{w}]) -> (%y) {{\n  %w = Const[value=f32[{m},{c},{kh},{kw}]{{{}}}] : f32[{m},{c},{kh},{kw}]\n  \
+         %y = Conv[auto_pad=\"NOTSET\", dilations=[2,1], group=1, kernel_shape=[{kh},{kw}], pads=[1,0,2,1], strides=[2,1]](%x, %w) @\"conv\" : f32[N,{m},3,6]\n}}\n",
+        ws.join(", ")
+    );
+    let g = sqil_ir::parse_graph(&src).unwrap();
+    let layer = find_layers(&g).unwrap().remove(0);
+    let n = 3;
+    let x = r.tensor(vec![n, c, h, w], 1.0);
+    let xv = x.data.to_f32_vec();
+    let (oh, ow) = ((h + 1 + 2 - (2 * (kh - 1) + 1)) / 2 + 1, (w + 1 - kw) + 1);
+    let k = c * kh * kw;
+    let mut want = vec![];
+    for img in 0..n {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                for ch in 0..c {
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let (iy, ix) = ((oy * 2 + ky * 2) as isize - 1, (ox + kx) as isize);
+                            let inside = iy >= 0 && (iy as usize) < h && ix >= 0 && (ix as usize) < w;
+                            want.push(if inside {
+                                xv[((img * c + ch) * h + iy as usize) * w + ix as usize]
+                            } else {
+                                0.0
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let total = n * oh * ow;
+    let (rows, got) = input_matrix(&g, &layer, &x, 10_000).unwrap();
+    assert_eq!((rows, got.len()), (total, want.len()));
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    let (rows, got) = input_matrix(&g, &layer, &x, 7).unwrap();
+    assert_eq!(rows, 7);
+    for (j, row) in got.chunks(k).enumerate() {
+        let src = j * total / 7;
+        assert_eq!(row, &want[src * k..(src + 1) * k], "kept row {j} (row {src})");
+    }
+}

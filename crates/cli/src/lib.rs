@@ -266,6 +266,13 @@ pub struct CompileCmd {
     /// or `cuda` (the training graph on the first GPU, fp32, one CUDA graph per step).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
+    /// Where SIS scores are kept between compiles of the same policy, states and SIS settings
+    /// (default: $SQIL_CACHE_DIR, else $XDG_CACHE_HOME/sqil, else ~/.cache/sqil).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Compute SIS even if the cache has it, and keep nothing.
+    #[arg(long, conflicts_with = "cache_dir")]
+    no_cache: bool,
     /// QRD: weight of the distillation term on critical states.
     #[arg(long, default_value_t = 2.0)]
     beta: f64,
@@ -673,6 +680,8 @@ fn compile_args(
         plan_tol,
         ship,
         device,
+        cache_dir,
+        no_cache,
         obs_keys,
         beta,
         top,
@@ -743,6 +752,7 @@ fn compile_args(
         out: output.clone(),
         resume,
         act_steps: !freeze_act_steps,
+        cache: if no_cache { None } else { cache_dir.or_else(sqil_driver::cache::default_dir) },
     };
     Ok((model, args, budget, alloc))
 }

@@ -238,3 +238,36 @@ fn library_defaults_are_the_command_lines() {
         sqil_cli::parse_compile(["compile", "m.onnx", "--demos", "d.npz", "-o", "out", "--steps", "0"]).unwrap_err();
     assert!(e.to_string().contains("steps"), "{e}");
 }
+
+#[test]
+fn sis_scores_come_from_the_cache_the_second_time_with_the_same_bits() {
+    let tmp = std::env::temp_dir().join(format!("sqil-sis-cache-{}", std::process::id()));
+    let cache = tmp.join("cache");
+    let c = cache.to_str().unwrap();
+    let run = |name: &str, flags: &[&str]| {
+        let out = tmp.join(name);
+        let o = compile(&out, &[&["--ship", "ptq", "--threads", "1"], flags].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (std::fs::read(out.join("policy.bin")).unwrap(), report(&out), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (first, r1, _) = run("a", &["--cache-dir", c]);
+    assert_eq!(r1["sis_from_cache"], false);
+    let (second, r2, log) = run("b", &["--cache-dir", c]);
+    assert_eq!(r2["sis_from_cache"], true, "{log}");
+    assert!(log.contains("from the cache"), "{log}");
+    assert_eq!(first, second, "the same artifact from cached scores");
+    assert_eq!(r1["sis_threshold"], r2["sis_threshold"]);
+    // Other SIS settings are another key; --no-cache computes again.
+    let (_, r3, _) = run("c", &["--cache-dir", c, "--sis-vector", "noise"]);
+    assert_eq!(r3["sis_from_cache"], false);
+    let (third, r4, _) = run("d", &["--no-cache"]);
+    assert_eq!(r4["sis_from_cache"], false);
+    assert_eq!(first, third);
+    // A damaged cache file is recomputed, not trusted.
+    for f in std::fs::read_dir(&cache).unwrap() {
+        std::fs::write(f.unwrap().path(), b"sqilsis1garbage").unwrap();
+    }
+    let (_, r5, _) = run("e", &["--cache-dir", c]);
+    assert_eq!(r5["sis_from_cache"], false);
+    std::fs::remove_dir_all(&tmp).unwrap();
+}

@@ -111,6 +111,10 @@ pub struct CompileArgs {
     /// HDF5 (robomimic) demonstrations: the observation keys, in order (empty: every 1-D or 2-D
     /// key, sorted by name).
     pub obs_keys: Vec<String>,
+    /// A folder that keeps SIS scores between compiles of the same policy, states and SIS
+    /// settings ([`crate::cache`]; by default [`crate::cache::default_dir`]); `None`: computed
+    /// every time.
+    pub cache: Option<PathBuf>,
 }
 
 impl CompileArgs {
@@ -152,6 +156,7 @@ impl CompileArgs {
             ship: Ship::Best,
             device: crate::gpu_train::Device::Cpu,
             obs_keys: vec![],
+            cache: crate::cache::default_dir(),
         }
     }
 }
@@ -202,6 +207,8 @@ struct Report {
     action_box: Option<ActionBox>,
     states: usize,
     sis_threshold: f64,
+    /// The SIS scores came from the cache (`--cache-dir`), computed by an earlier compile.
+    sis_from_cache: bool,
     sis_histogram: Vec<(f64, usize)>,
     top: f64,
     beta: f64,
@@ -498,9 +505,33 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     };
     let all_steps: Vec<usize> = steps.iter().chain(&vsteps).copied().collect();
     let sis_batches = feeds_of(&fp, &all_steps, sis_b)?;
-    let all_scores = {
-        let mut r = fwd.runner(&fp, "SIS")?;
-        sis_run(&fp, &sis_batches, &a.sis, &mut |f| r.run(f))?
+    let sis_key = match &a.cache {
+        Some(_) => Some(crate::cache::sis_key(
+            &fp,
+            &sis_batches,
+            &format!("{:?} on {} at batch {sis_b}", a.sis, fwd.device()),
+        )?),
+        None => None,
+    };
+    let cached =
+        a.cache.as_deref().zip(sis_key.as_deref()).and_then(|(d, k)| crate::cache::load(d, k, all_steps.len()));
+    let sis_cached = cached.is_some();
+    let all_scores = match cached {
+        Some(s) => {
+            eprintln!(
+                "SIS: the scores of these states from the cache ({})",
+                a.cache.as_ref().expect("cache").display()
+            );
+            s
+        }
+        None => {
+            let mut r = fwd.runner(&fp, "SIS")?;
+            let s = sis_run(&fp, &sis_batches, &a.sis, &mut |f| r.run(f))?;
+            if let (Some(d), Some(k)) = (&a.cache, &sis_key) {
+                crate::cache::store(d, k, &s);
+            }
+            s
+        }
     };
     phases.mark("SIS");
     let (scores, vscores) = all_scores.split_at(steps.len());
@@ -525,9 +556,11 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let mut candidates: Vec<Candidate> = vec![];
     let mut best_ptq: Option<(Graph, QuantReport, ErrorStats)> = None;
     let n_recipes = recipes.len() as u64;
+    // The float graph observed once for every recipe.
+    let calibration =
+        sqil_passes::quant::Calibration::new(&fp_q, &a.config, &calib).map_err(|e| format!("PTQ calibration: {e}"))?;
     for (ri, r) in recipes.into_iter().enumerate() {
-        let (mut sim, rep) =
-            sqil_passes::quant::quantize(&fp_q, &a.config, r, &calib).map_err(|e| format!("PTQ {}: {e}", r.name()))?;
+        let (mut sim, rep) = calibration.quantize(r).map_err(|e| format!("PTQ {}: {e}", r.name()))?;
         PassManager::from_names(&["dce"]).and_then(|mut pm| pm.run(&mut sim, &mut PassCtx::default()))?;
         let s = val.score(&sim)?;
         eprintln!("PTQ {:<5} held-out action MSE {:.3e} (critical {:.3e})", r.name(), s.all, s.critical);
@@ -537,6 +570,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
             best_ptq = Some((sim, rep, s));
         }
     }
+    drop(calibration);
     let (sim, ptq, ptq_score) = best_ptq.ok_or("no PTQ recipe to try")?;
     let ptq_name = format!("ptq:{}", ptq.recipe);
     let before = fwd.run_all(&sim, &batches, "the PTQ candidate")?;
@@ -642,7 +676,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let plan = low.plan;
     let cpu_plan = plan.describe();
     let fused_kernels = plan.kernels();
-    let (cpu_rel_diff, cpu_mismatch) = check_plan(&plan, &tuned, &vbatches, &vsteps, a.train.threads, a.plan_tol)?;
+    let (cpu_rel_diff, cpu_mismatch) = check_plan(&plan, &tuned, &vbatches, &vsteps, a.plan_tol)?;
     phases.mark("artifacts + check");
     let hist = {
         let mx = scores.iter().cloned().fold(0.0, f64::max).max(1e-12);
@@ -670,6 +704,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         action_box: abox.clone(),
         states: steps.len(),
         sis_threshold: thr,
+        sis_from_cache: sis_cached,
         sis_histogram: hist,
         top: a.top,
         beta: a.beta,
@@ -729,17 +764,20 @@ fn check_plan(
     sim: &Graph,
     batches: &[Feeds],
     steps: &[usize],
-    threads: usize,
     tol: f32,
 ) -> crate::Result<(f32, Option<String>)> {
     let it = Interpreter::new(sim)?;
     let names: Vec<String> = sim.inputs.iter().map(|&i| sim.node(i).outputs[0].name.clone()).collect();
     let (mut worst, mut at) = (0f32, None);
     let mut row0 = 0;
-    for b in batches {
+    // Batches on every core, each plan run on one thread (the plan's bits do not depend on it).
+    let pairs = sqil_ir::par::map(batches.len(), |i| -> crate::Result<(Tensor, Tensor)> {
+        let b = &batches[i];
         let feeds: Vec<Tensor> = names.iter().map(|n| b[n].clone()).collect();
-        let got = plan.run(&feeds, threads)?.remove(0);
-        let want = it.run(b)?.remove(0);
+        Ok((plan.run(&feeds, 1)?.remove(0), it.run(b)?.remove(0)))
+    });
+    for (b, pair) in batches.iter().zip(pairs) {
+        let (got, want) = pair?;
         let (g, w) = (got.data.to_f32_vec(), want.data.to_f32_vec());
         let rows = got.shape[0];
         let per = g.len() / rows.max(1);

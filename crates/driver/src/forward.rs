@@ -34,6 +34,14 @@ impl Forward {
         Ok(Forward { gpu: Some(Arc::new(gpu)) })
     }
 
+    /// Where the forward passes run: `cpu`, or `cuda:` and the GPU's name.
+    pub fn device(&self) -> String {
+        match &self.gpu {
+            None => "cpu".into(),
+            Some(g) => format!("cuda:{}", g.name),
+        }
+    }
+
     pub fn gpu(&self) -> Option<&Arc<Gpu>> {
         self.gpu.as_ref()
     }

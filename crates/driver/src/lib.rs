@@ -6,6 +6,7 @@
 pub mod allocate;
 pub mod bench;
 pub mod build;
+pub mod cache;
 pub mod compile;
 pub mod error;
 pub mod feeds;

@@ -9,6 +9,7 @@ pub mod interp;
 pub mod io;
 pub mod lowered;
 pub mod ops;
+pub mod par;
 pub mod progress;
 pub mod shape;
 pub mod tensor;

@@ -262,9 +262,11 @@ pub fn sis_run(
             let t = &b[n];
             let len = sample_len(t);
             let v = t.data.to_f32_vec();
-            let mut big = Vec::with_capacity(bsz * total * len);
+            let mut big = vec![0f32; bsz * total * len];
             let offset: usize = positions[..ni].iter().sum();
-            for i in 0..bsz {
+            // Sample i's `total` rows; samples are independent, so they are written on every
+            // core (an image batch's rows are hundreds of megabytes; the bits do not depend on it).
+            let fill = |i: usize, rows: &mut [f32]| {
                 let sample = &v[i * len..(i + 1) * len];
                 let blurred = match (&perturb[ni], cfg.image) {
                     (Perturb::Patches { .. }, ImagePerturb::Blur { sigma }) => {
@@ -272,14 +274,26 @@ pub fn sis_run(
                     }
                     _ => None,
                 };
-                for k in 0..total {
-                    let mut row = sample.to_vec();
+                for (k, row) in rows.chunks_exact_mut(len.max(1)).enumerate() {
+                    row.copy_from_slice(sample);
                     if k >= offset && k < offset + positions[ni] {
-                        perturb[ni].apply(&t.shape, k - offset, state0 + i as u64, &mut row, blurred.as_deref());
+                        perturb[ni].apply(&t.shape, k - offset, state0 + i as u64, row, blurred.as_deref());
                     }
-                    big.extend(row);
                 }
-            }
+            };
+            let threads = sqil_ir::par::cores().min(bsz).max(1);
+            let per = bsz.div_ceil(threads).max(1);
+            let sample_rows = (total * len).max(1);
+            std::thread::scope(|s| {
+                for (c, chunk) in big.chunks_mut(per * sample_rows).enumerate() {
+                    let fill = &fill;
+                    s.spawn(move || {
+                        for (j, rows) in chunk.chunks_exact_mut(sample_rows).enumerate() {
+                            fill(c * per + j, rows);
+                        }
+                    });
+                }
+            });
             let mut shape = t.shape.clone();
             shape[0] = bsz * total;
             feeds.insert(n.clone(), Tensor::from_f32(shape, big)?);

@@ -172,12 +172,27 @@ impl WeightView {
 /// (im2col patches for Conv, one row per output position). At most `max_rows` rows, taken evenly.
 pub fn input_matrix(g: &Graph, layer: &Layer, x: &Tensor, max_rows: usize) -> Result<(usize, Vec<f32>)> {
     let (_, k) = layer.nk();
-    let xv = x.data.to_f32_vec();
+    // Rows `src` of the full input matrix, `max_rows` of them spread evenly when there are more.
+    let picks = |total: usize| -> Vec<usize> {
+        if total <= max_rows {
+            (0..total).collect()
+        } else {
+            (0..max_rows).map(|r| r * total / max_rows).collect()
+        }
+    };
     let rows: Vec<f32> = match layer.kind {
-        LayerKind::MatMul | LayerKind::Gemm { trans_a: false, .. } => xv,
+        LayerKind::MatMul | LayerKind::Gemm { trans_a: false, .. } => {
+            let xv = x.data.to_f32_vec();
+            let total = xv.len() / k.max(1);
+            if total <= max_rows {
+                return Ok((total, xv));
+            }
+            picks(total).iter().flat_map(|&src| xv[src * k..(src + 1) * k].iter().copied()).collect()
+        }
         LayerKind::Gemm { trans_a: true, .. } => {
+            let xv = x.data.to_f32_vec();
             let m = x.shape[1];
-            (0..m * k).map(|i| xv[(i % k) * m + i / k]).collect()
+            picks(m).iter().flat_map(|&src| (0..k).map(move |kk| (kk, src))).map(|(kk, src)| xv[kk * m + src]).collect()
         }
         LayerKind::Conv { group } => {
             if group != 1 {
@@ -185,27 +200,22 @@ pub fn input_matrix(g: &Graph, layer: &Layer, x: &Tensor, max_rows: usize) -> Re
             }
             let Op::Conv(c) = &g.node(layer.node).op else { unreachable!("conv layer") };
             let geo = c.input_geometry(&x.shape, &layer.w_shape)?;
+            // im2col's `[channels * kernel_len, output_len]` table, read only at the picked
+            // positions (the whole matrix of a calibration batch can be gigabytes).
             let table = geo.gather_table();
-            let (ch, il, ol) = (x.shape[1], geo.input_len(), geo.output_len());
-            let mut cols = vec![0f32; ch * geo.kernel_len() * ol];
-            let mut out = Vec::with_capacity(x.shape[0] * ol * k);
-            for img in 0..x.shape[0] {
-                sqil_kernels_cpu::im2col(&xv[img * ch * il..(img + 1) * ch * il], ch, &table, &geo, &mut cols);
-                for o in 0..ol {
-                    out.extend((0..k).map(|kk| cols[kk * ol + o]));
+            let (ch, il, ol, kl) = (x.shape[1], geo.input_len(), geo.output_len(), geo.kernel_len());
+            let xv = x.data.to_f32_vec();
+            let mut out = Vec::with_capacity(max_rows.min(x.shape[0] * ol) * k);
+            for src in picks(x.shape[0] * ol) {
+                let (img, o) = (src / ol, src % ol);
+                let image = &xv[img * ch * il..(img + 1) * ch * il];
+                for c in 0..ch {
+                    let plane = &image[c * il..(c + 1) * il];
+                    out.extend((0..kl).map(|r| table[r * ol + o].map_or(0.0, |i| plane[i])));
                 }
             }
             out
         }
     };
-    let total = rows.len() / k.max(1);
-    if total <= max_rows {
-        return Ok((total, rows));
-    }
-    let mut picked = Vec::with_capacity(max_rows * k);
-    for r in 0..max_rows {
-        let src = r * total / max_rows;
-        picked.extend_from_slice(&rows[src * k..(src + 1) * k]);
-    }
-    Ok((max_rows, picked))
+    Ok((rows.len() / k.max(1), rows))
 }

@@ -71,13 +71,15 @@ pub fn concat_batches(parts: Vec<Tensor>) -> Result<Tensor> {
 }
 
 /// Runs `g` on every batch, returning the first output and the `keep` values, each
-/// concatenated along axis 0.
+/// concatenated along axis 0. Batches run on all the cores this process may use (each batch is
+/// one independent interpreter run, so the result does not depend on how many).
 pub fn observe(g: &Graph, calib: &[Feeds], keep: &[ValueRef]) -> Result<(Tensor, Vec<Tensor>)> {
     let it = Interpreter::new(g)?;
+    let runs = sqil_ir::par::map(calib.len(), |i| it.run_keep(&calib[i], keep));
     let mut outs = vec![];
     let mut kept: Vec<Vec<Tensor>> = vec![vec![]; keep.len()];
-    for f in calib {
-        let (o, k) = it.run_keep(f, keep)?;
+    for r in runs {
+        let (o, k) = r?;
         outs.push(o.into_iter().next().ok_or_else(|| IrError::Invalid("graph has no outputs".into()))?);
         for (slot, t) in k.into_iter().enumerate() {
             kept[slot].push(t);
@@ -98,137 +100,167 @@ fn rel(num: f64, den: f64) -> f64 {
 /// `calib`: weights first (from the float layer inputs), then activation ranges on the
 /// weight-quantized graph. Returns the FakeQuant graph (the exact simulation) and a report.
 pub fn quantize(fp: &Graph, cfg: &QuantConfig, recipe: Recipe, calib: &[Feeds]) -> Result<(Graph, QuantReport)> {
-    cfg.validate()?;
-    if calib.is_empty() {
-        return Err(IrError::Invalid("quantize: no calibration states".into()));
+    Calibration::new(fp, cfg, calib)?.quantize(recipe)
+}
+
+/// The float graph observed once on the calibration states (its actions and the float input of
+/// every layer `cfg` quantizes), for trying several recipes: each [`Calibration::quantize`] gives
+/// what [`quantize`] gives for that recipe.
+pub struct Calibration<'a> {
+    fp: &'a Graph,
+    cfg: &'a QuantConfig,
+    calib: &'a [Feeds],
+    fp_out: Tensor,
+    fp_x: Vec<Tensor>,
+}
+
+impl<'a> Calibration<'a> {
+    pub fn new(fp: &'a Graph, cfg: &'a QuantConfig, calib: &'a [Feeds]) -> Result<Calibration<'a>> {
+        cfg.validate()?;
+        if calib.is_empty() {
+            return Err(IrError::Invalid("quantize: no calibration states".into()));
+        }
+        let mut g = fp.clone();
+        let wsites = insert_weight_quant(&mut g, cfg)?;
+        let xs: Vec<ValueRef> = wsites.iter().map(|s| s.layer.x).collect();
+        let (fp_out, fp_x) = observe(fp, calib, &xs)?;
+        Ok(Calibration { fp, cfg, calib, fp_out, fp_x })
     }
-    let mut g = fp.clone();
-    let wsites = insert_weight_quant(&mut g, cfg)?;
-    // Float inputs of every quantized layer, observed on the float graph.
-    let xs: Vec<ValueRef> = wsites.iter().map(|s| s.layer.x).collect();
-    let (fp_out, fp_x) = observe(fp, calib, &xs)?;
-    let mut reports = vec![];
-    // GPTQ over many layers takes a while: a live bar on a terminal (hidden elsewhere).
-    let bar = indicatif::ProgressBar::new(wsites.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers  ETA {eta}")
-            .expect("valid progress template"),
-    );
-    bar.set_message(format!("{} weights", recipe.name()));
-    let phase = format!("{} weights", recipe.name());
-    for (i, (site, x)) in wsites.iter().zip(&fp_x).enumerate() {
-        bar.inc(1);
-        sqil_ir::progress::report(&phase, i as u64, wsites.len() as u64);
-        let q = site.quantizer;
-        let needs_rows = matches!(recipe, Recipe::Awq | Recipe::Gptq);
-        let grouped_conv = matches!(site.layer.kind, LayerKind::Conv { group } if group != 1);
-        let (rows, xm) =
-            input_matrix(&g, &site.layer, x, MAX_ROWS)
-                .or_else(|e| if grouped_conv { Ok((0, vec![])) } else { Err(e) })?;
-        // The raw observation with per-feature scales: the recipe quantizes `W * s` for inputs `x / s`.
-        let smooth = (cfg.raw_input == config::RawInput::Scaled
-            && rows > 0
-            && matches!(site.layer.kind, LayerKind::Gemm { .. } | LayerKind::MatMul)
-            && insert::is_raw_vector_input(&g, site.layer.x))
-        .then(|| smooth_scales(&site.view, &xm, rows, &site.layer.channel_of_k()));
-        let (view, xs) = match &smooth {
-            Some(s) => {
-                let chan = site.layer.channel_of_k();
-                let k = site.view.k;
-                let mut v = site.view.clone();
-                v.w.iter_mut().enumerate().for_each(|(i, w)| *w *= s[chan[i % k]]);
-                (std::borrow::Cow::Owned(v), xm.iter().enumerate().map(|(i, x)| x / s[chan[i % k]]).collect())
+
+    /// Quantizes with `recipe`: weights first (from the observed float layer inputs), then
+    /// activation ranges on the weight-quantized graph.
+    pub fn quantize(&self, recipe: Recipe) -> Result<(Graph, QuantReport)> {
+        let Calibration { fp, cfg, calib, fp_out, fp_x } = self;
+        let (fp, cfg, calib) = (*fp, *cfg, *calib);
+        let mut g = fp.clone();
+        let wsites = insert_weight_quant(&mut g, cfg)?;
+        let mut reports = vec![];
+        // GPTQ over many layers takes a while: a live bar on a terminal (hidden elsewhere).
+        let bar = indicatif::ProgressBar::new(wsites.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} layers  ETA {eta}")
+                .expect("valid progress template"),
+        );
+        bar.set_message(format!("{} weights", recipe.name()));
+        let phase = format!("{} weights", recipe.name());
+        for (i, (site, x)) in wsites.iter().zip(fp_x.iter()).enumerate() {
+            bar.inc(1);
+            sqil_ir::progress::report(&phase, i as u64, wsites.len() as u64);
+            let q = site.quantizer;
+            let needs_rows = matches!(recipe, Recipe::Awq | Recipe::Gptq);
+            let grouped_conv = matches!(site.layer.kind, LayerKind::Conv { group } if group != 1);
+            let (rows, xm) = input_matrix(&g, &site.layer, x, MAX_ROWS).or_else(|e| {
+                if grouped_conv {
+                    Ok((0, vec![]))
+                } else {
+                    Err(e)
+                }
+            })?;
+            // The raw observation with per-feature scales: the recipe quantizes `W * s` for inputs `x / s`.
+            let smooth = (cfg.raw_input == config::RawInput::Scaled
+                && rows > 0
+                && matches!(site.layer.kind, LayerKind::Gemm { .. } | LayerKind::MatMul)
+                && insert::is_raw_vector_input(&g, site.layer.x))
+            .then(|| smooth_scales(&site.view, &xm, rows, &site.layer.channel_of_k()));
+            let (view, xs) = match &smooth {
+                Some(s) => {
+                    let chan = site.layer.channel_of_k();
+                    let k = site.view.k;
+                    let mut v = site.view.clone();
+                    v.w.iter_mut().enumerate().for_each(|(i, w)| *w *= s[chan[i % k]]);
+                    (std::borrow::Cow::Owned(v), xm.iter().enumerate().map(|(i, x)| x / s[chan[i % k]]).collect())
+                }
+                None => (std::borrow::Cow::Borrowed(&site.view), xm.clone()),
+            };
+            let mut wq = match recipe {
+                _ if needs_rows && rows == 0 => round_to_nearest(&view, q, true),
+                Recipe::Rtn => round_to_nearest(&view, q, false),
+                Recipe::Mse => round_to_nearest(&view, q, true),
+                Recipe::Awq => awq(&view, q, &xs, rows, &site.layer.channel_of_k()),
+                Recipe::Gptq => {
+                    gptq(&view, q, &xs, rows, true).map_err(|e| e.context(format!("layer `{}`", site.layer.name)))?
+                }
+            };
+            if let Some(s) = smooth {
+                wq.act_scale = Some(match wq.act_scale.take() {
+                    Some(a) => s.iter().zip(&a).map(|(x, y)| x * y).collect(),
+                    None => s,
+                });
             }
-            None => (std::borrow::Cow::Borrowed(&site.view), xm.clone()),
-        };
-        let mut wq = match recipe {
-            _ if needs_rows && rows == 0 => round_to_nearest(&view, q, true),
-            Recipe::Rtn => round_to_nearest(&view, q, false),
-            Recipe::Mse => round_to_nearest(&view, q, true),
-            Recipe::Awq => awq(&view, q, &xs, rows, &site.layer.channel_of_k()),
-            Recipe::Gptq => {
-                gptq(&view, q, &xs, rows, true).map_err(|e| e.context(format!("layer `{}`", site.layer.name)))?
+            site.set(&mut g, &wq)?;
+            // Effective weights (AWQ factors undone) against the float ones.
+            let chan = site.layer.channel_of_k();
+            let k = site.view.k;
+            let mut eff = weights::simulated(&site.view, q, &wq);
+            if let Some(s) = &wq.act_scale {
+                eff.iter_mut().enumerate().for_each(|(i, v)| *v /= s[chan[i % k]]);
+                insert_input_scale(&mut g, &site.layer, s)?;
             }
-        };
-        if let Some(s) = smooth {
-            wq.act_scale = Some(match wq.act_scale.take() {
-                Some(a) => s.iter().zip(&a).map(|(x, y)| x * y).collect(),
-                None => s,
+            let w2: f64 = site.view.w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / site.view.w.len() as f64;
+            let out_err = if rows > 0 {
+                let y = weights::matmul_nt(&xm, rows, &site.view.w, site.view.n, k);
+                let yq = weights::matmul_nt(&xm, rows, &eff, site.view.n, k);
+                let y2 = y.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / y.len() as f64;
+                rel(weights::mse(&y, &yq), y2)
+            } else {
+                f64::NAN
+            };
+            let (smin, smax) = wq.scale.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
+            reports.push(LayerReport {
+                name: site.layer.name.clone(),
+                op: g.node(site.layer.node).op.name().to_string(),
+                params: site.view.w.len(),
+                wbits: Some(site.bits),
+                abits: None,
+                scale_min: smin,
+                scale_max: smax,
+                weight_rel_mse: rel(weights::mse(&site.view.w, &eff), w2),
+                output_rel_mse: out_err,
+                awq_factor_range: wq
+                    .act_scale
+                    .as_ref()
+                    .map(|s| s.iter().fold((f32::INFINITY, 0f32), |(a, b), &v| (a.min(v), b.max(v)))),
+                act_range: None,
             });
         }
-        site.set(&mut g, &wq)?;
-        // Effective weights (AWQ factors undone) against the float ones.
-        let chan = site.layer.channel_of_k();
-        let k = site.view.k;
-        let mut eff = weights::simulated(&site.view, q, &wq);
-        if let Some(s) = &wq.act_scale {
-            eff.iter_mut().enumerate().for_each(|(i, v)| *v /= s[chan[i % k]]);
-            insert_input_scale(&mut g, &site.layer, s)?;
+        bar.finish_and_clear();
+        sqil_ir::progress::report(&phase, wsites.len() as u64, wsites.len() as u64);
+        // Activation ranges on the weight-quantized graph (activations still float).
+        let act_inputs = act_inputs(&g, cfg)?;
+        let (_, observed) = observe(&g, calib, &act_inputs.iter().map(|a| a.0).collect::<Vec<_>>())?;
+        let mut params = HashMap::new();
+        let mut ranges = HashMap::new();
+        for ((v, bits), t) in act_inputs.iter().zip(&observed) {
+            let q = Quantizer { bits: *bits, symmetric: cfg.act_symmetric };
+            let (s, z) = calibrate::calibrate(&t.data.to_f32_vec(), q, cfg.act_calib, cfg.percentile);
+            let (qmin, qmax) = q.range();
+            params.insert(*v, (s, z));
+            ranges.insert(*v, ((qmin - z) * s, (qmax - z) * s));
         }
-        let w2: f64 = site.view.w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / site.view.w.len() as f64;
-        let out_err = if rows > 0 {
-            let y = weights::matmul_nt(&xm, rows, &site.view.w, site.view.n, k);
-            let yq = weights::matmul_nt(&xm, rows, &eff, site.view.n, k);
-            let y2 = y.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / y.len() as f64;
-            rel(weights::mse(&y, &yq), y2)
-        } else {
-            f64::NAN
-        };
-        let (smin, smax) = wq.scale.iter().fold((f32::INFINITY, 0f32), |(a, b), &s| (a.min(s), b.max(s)));
-        reports.push(LayerReport {
-            name: site.layer.name.clone(),
-            op: g.node(site.layer.node).op.name().to_string(),
-            params: site.view.w.len(),
-            wbits: Some(site.bits),
-            abits: None,
-            scale_min: smin,
-            scale_max: smax,
-            weight_rel_mse: rel(weights::mse(&site.view.w, &eff), w2),
-            output_rel_mse: out_err,
-            awq_factor_range: wq
-                .act_scale
-                .as_ref()
-                .map(|s| s.iter().fold((f32::INFINITY, 0f32), |(a, b), &v| (a.min(v), b.max(v)))),
-            act_range: None,
-        });
-    }
-    bar.finish_and_clear();
-    sqil_ir::progress::report(&phase, wsites.len() as u64, wsites.len() as u64);
-    // Activation ranges on the weight-quantized graph (activations still float).
-    let act_inputs = act_inputs(&g, cfg)?;
-    let (_, observed) = observe(&g, calib, &act_inputs.iter().map(|a| a.0).collect::<Vec<_>>())?;
-    let mut params = HashMap::new();
-    let mut ranges = HashMap::new();
-    for ((v, bits), t) in act_inputs.iter().zip(&observed) {
-        let q = Quantizer { bits: *bits, symmetric: cfg.act_symmetric };
-        let (s, z) = calibrate::calibrate(&t.data.to_f32_vec(), q, cfg.act_calib, cfg.percentile);
-        let (qmin, qmax) = q.range();
-        params.insert(*v, (s, z));
-        ranges.insert(*v, ((qmin - z) * s, (qmax - z) * s));
-    }
-    let asites = insert_act_quant(&mut g, cfg, &params)?;
-    for a in &asites {
-        for l in &a.layers {
-            if let Some(r) = reports.iter_mut().find(|r| &r.name == l) {
-                r.abits = Some(a.bits);
-                r.act_range = ranges.get(&a.input).copied();
+        let asites = insert_act_quant(&mut g, cfg, &params)?;
+        for a in &asites {
+            for l in &a.layers {
+                if let Some(r) = reports.iter_mut().find(|r| &r.name == l) {
+                    r.abits = Some(a.bits);
+                    r.act_range = ranges.get(&a.input).copied();
+                }
             }
         }
+        let (q_out, _) = observe(&g, calib, &[])?;
+        let (a, b) = (fp_out.data.to_f32_vec(), q_out.data.to_f32_vec());
+        let action_mse = weights::mse(&a, &b);
+        let a2 = a.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64;
+        let report = QuantReport {
+            recipe: recipe.name().into(),
+            config: cfg.clone(),
+            label: cfg.label(),
+            calibration_states: fp_out.shape.first().copied().unwrap_or(0),
+            layers: reports,
+            action_mse,
+            action_mse_rel: rel(action_mse, a2),
+        };
+        Ok((g, report))
     }
-    let (q_out, _) = observe(&g, calib, &[])?;
-    let (a, b) = (fp_out.data.to_f32_vec(), q_out.data.to_f32_vec());
-    let action_mse = weights::mse(&a, &b);
-    let a2 = a.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64;
-    let report = QuantReport {
-        recipe: recipe.name().into(),
-        config: cfg.clone(),
-        label: cfg.label(),
-        calibration_states: fp_out.shape.first().copied().unwrap_or(0),
-        layers: reports,
-        action_mse,
-        action_mse_rel: rel(action_mse, a2),
-    };
-    Ok((g, report))
 }
 
 /// SmoothQuant's per-input-channel factors at alpha 0.5: `s_c = sqrt(max|x_c| / max|W_c|)` over the
