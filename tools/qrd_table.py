@@ -53,27 +53,45 @@ def configs(p):
     return POLICY_CONFIGS.get(p, list(CONFIGS))
 
 
-def compile_all(task_names, variants, policies=None, only=None):
+def compile_all(task_names, variants, policies=None, only=None, jobs=1):
+    """Every (policy, width, variant) compile, in the order of --configs and the variants. With
+    jobs > 1, a policy's first compile runs alone (it fills the SIS cache the others read: the
+    same float policy and states), then the rest `jobs` at a time."""
+    work = []
     for t in task_names:
         for p in POLICIES[t]:
             if policies and p not in policies:
                 continue
-            for cfg in configs(p):
-                if only and cfg not in only:
+            for cfg in (only or configs(p)):
+                if cfg not in configs(p):
                     continue
-                flags = CONFIGS[cfg]
                 for v, vflags in VARIANTS.items():
-                    if v not in variants:
-                        continue
-                    out = OUT / f"{p}__{cfg}__{v}"
-                    try:
-                        how, _, last = run_compile(ROOT / "testdata" / "policies" / f"{p}.onnx", DEMOS / f"{t}.npz", out,
-                                                   [*flags, *vflags, *COMPILE_FLAGS])
-                    except RuntimeError as e:
-                        raise SystemExit(str(e))
-                    if how == "done before":
-                        continue
-                    print(f"{p} {cfg} {v}: {last[:200]}", flush=True)
+                    if v in variants:
+                        work.append((t, p, cfg, v, [*CONFIGS[cfg], *vflags, *COMPILE_FLAGS]))
+
+    def one(w):
+        t, p, cfg, v, flags = w
+        try:
+            how, secs, last = run_compile(ROOT / "testdata" / "policies" / f"{p}.onnx", DEMOS / f"{t}.npz",
+                                          OUT / f"{p}__{cfg}__{v}", flags)
+        except RuntimeError as e:
+            raise SystemExit(str(e))
+        if how != "done before":
+            print(f"{p} {cfg} {v} ({secs:.0f} s): {last[:200]}", flush=True)
+
+    first, rest, seen = [], [], set()
+    for w in work:
+        (rest if w[1] in seen else first).append(w)
+        seen.add(w[1])
+    for w in first:
+        one(w)
+    if jobs <= 1:
+        for w in rest:
+            one(w)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(jobs) as ex:
+            list(ex.map(one, rest))
 
 
 def same_model(task_names, variants):
@@ -210,7 +228,7 @@ def main():
     ap.add_argument("step", choices=["compile", "eval", "table"])
     ap.add_argument("--tasks", nargs="+", default=list(POLICIES))
     ap.add_argument("--episodes", type=int, default=EPISODES)
-    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="compiles (or models evaluated) at a time")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--policies", nargs="+", help="only these policies of the tasks")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="only these widths")
@@ -218,7 +236,7 @@ def main():
     ap.add_argument("--episode-jobs", type=int, default=1,
                     help="processes per model, each a block of the seeds (compare rows only at the same value)")
     a = ap.parse_args()
-    {"compile": lambda: compile_all(a.tasks, a.variants, a.policies, a.configs),
+    {"compile": lambda: compile_all(a.tasks, a.variants, a.policies, a.configs, a.jobs),
      "eval": lambda: evaluate(a.tasks, a.episodes, a.jobs, a.variants, a.policies, a.python, a.episode_jobs),
      "table": table}[a.step]()
 
