@@ -93,17 +93,21 @@ pub unsafe fn gemm_q4q8(
     let quads = w.group / 4;
     let cfg = config();
     asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack));
-    let mut a = vec![0i8; 16 * w.k_pad];
+    // Every input block copied once (rows past the batch zero), so that each block of 16
+    // channels' weight tiles is read once for the whole batch and used by every input block
+    // while in cache (channel blocks outside, input blocks inside).
+    let blocks = xs.len().div_ceil(16);
+    let mut a_all = vec![0i8; blocks * 16 * w.k_pad];
+    for (i, x) in xs.iter().enumerate() {
+        a_all[i * w.k_pad..(i + 1) * w.k_pad].copy_from_slice(&x.q[..w.k_pad]);
+    }
     let mut c = [0i32; 256];
     let mut acc = [0f32; 256];
-    for m0 in (0..xs.len()).step_by(16) {
-        let mrows = (xs.len() - m0).min(16);
-        for (i, x) in xs[m0..m0 + mrows].iter().enumerate() {
-            a[i * w.k_pad..(i + 1) * w.k_pad].copy_from_slice(&x.q[..w.k_pad]);
-        }
-        a[mrows * w.k_pad..].fill(0);
-        for n0 in (rows.start..rows.end).step_by(16) {
-            let (cb, half) = (n0 / 32, (n0 % 32) / 16);
+    for n0 in (rows.start..rows.end).step_by(16) {
+        let (cb, half) = (n0 / 32, (n0 % 32) / 16);
+        for m0 in (0..xs.len()).step_by(16) {
+            let mrows = (xs.len() - m0).min(16);
+            let a = &a_all[m0 * w.k_pad..(m0 + 16) * w.k_pad];
             acc.fill(0.0);
             for g in 0..groups {
                 asm!("tilezero tmm0", options(nostack));
