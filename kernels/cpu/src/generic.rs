@@ -364,6 +364,12 @@ pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &
     if ol == 0 || channels == 0 {
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if channels >= 8 && crate::isa() != crate::Isa::Generic {
+        let g = Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels };
+        // SAFETY: isa() checked AVX2 and FMA; the buffer sizes were checked above.
+        return unsafe { depthwise_lanes_avx2(input, weights, &g, out) };
+    }
     // The padded plane's extent (every row and column a window reads), and each phase plane's:
     // phase (ry, rx) holds padded rows ry, ry + sh, ... and columns rx, rx + sw, ...
     let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
@@ -420,6 +426,182 @@ pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &
             o.copy_from_slice(&acc[oy * wq..oy * wq + ow]);
         }
     }
+}
+
+/// A 2-D depthwise convolution's geometry (1-D: one row).
+#[cfg(target_arch = "x86_64")]
+struct Depthwise {
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    dh: usize,
+    dw: usize,
+    oh: usize,
+    ow: usize,
+    ph: isize,
+    pw: isize,
+    channels: usize,
+}
+
+/// [`depthwise_conv`] with channels in vector lanes, for layers of 8 channels or more (MobileNet
+/// and EfficientNet blocks: many channels on small planes, where one channel's plane is too short
+/// to fill vectors): the image copied once into a zero-padded `[row, column, channel]` buffer
+/// (channels rounded up to 8), the weights into `[tap, channel]`; per output position, each
+/// 8-channel vector is one FMA chain per lane from +0 over the taps in (row, column) order, a
+/// padding tap multiplying 0, so every lane is the scalar chain's bits; then back to
+/// `[channel, position]`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `input` and `out` hold `channels` planes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels } = *g;
+    let (il, kl, ol) = (h * w, kh * kw, oh * ow);
+    let cp = channels.next_multiple_of(8);
+    // Every padded row and column a window reads.
+    let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
+    let mut buf = vec![0f32; hp * wp * cp];
+    let cols: Vec<Option<usize>> = (0..wp)
+        .map(|x| {
+            let ix = x as isize - pw;
+            (ix >= 0 && (ix as usize) < w).then_some(ix as usize)
+        })
+        .collect();
+    // The input columns a padded row holds: x in x0..x1 reads column x - pw.
+    let x0 = cols.iter().position(Option::is_some).unwrap_or(wp);
+    let x1 = cols.iter().rposition(Option::is_some).map_or(x0, |p| p + 1);
+    for y in 0..hp {
+        let iy = y as isize - ph;
+        if iy < 0 || iy as usize >= h {
+            continue;
+        }
+        let row = iy as usize * w;
+        for c0 in (0..channels).step_by(8) {
+            let cn = (channels - c0).min(8);
+            let mut x = x0;
+            // Eight channels x eight columns through one register transpose.
+            while cn == 8 && x + 8 <= x1 {
+                let ix = (x as isize - pw) as usize;
+                let v = transpose8(std::array::from_fn(|cc| {
+                    _mm256_loadu_ps(input.as_ptr().add((c0 + cc) * il + row + ix))
+                }));
+                for (j, v) in v.iter().enumerate() {
+                    _mm256_storeu_ps(buf.as_mut_ptr().add((y * wp + x + j) * cp + c0), *v);
+                }
+                x += 8;
+            }
+            for x in x..x1 {
+                let ix = (x as isize - pw) as usize;
+                let dst = &mut buf[(y * wp + x) * cp + c0..(y * wp + x) * cp + c0 + cn];
+                for (cc, d) in dst.iter_mut().enumerate() {
+                    *d = input[(c0 + cc) * il + row + ix];
+                }
+            }
+        }
+    }
+    let mut wt = vec![0f32; kl * cp];
+    for c in 0..channels {
+        for t in 0..kl {
+            wt[t * cp + c] = weights[c * kl + t];
+        }
+    }
+    let offs: Vec<usize> = (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh * wp + kx * dw) * cp)).collect();
+    // Every element is written below (each position, every 8-channel vector up to cp).
+    let mut acc: Vec<f32> = Vec::with_capacity(ol * cp);
+    let (bp, wtp) = (buf.as_ptr(), wt.as_ptr());
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let base = (oy * sh * wp + ox * sw) * cp;
+            let dst = acc.as_mut_ptr().add((oy * ow + ox) * cp);
+            let mut c0 = 0;
+            // Four vectors (independent chains) at a time, then one.
+            while c0 + 32 <= cp {
+                let mut a = [_mm256_setzero_ps(); 4];
+                for (t, &off) in offs.iter().enumerate() {
+                    for (v, a) in a.iter_mut().enumerate() {
+                        let c = c0 + 8 * v;
+                        *a = _mm256_fmadd_ps(
+                            _mm256_loadu_ps(wtp.add(t * cp + c)),
+                            _mm256_loadu_ps(bp.add(base + off + c)),
+                            *a,
+                        );
+                    }
+                }
+                for (v, a) in a.iter().enumerate() {
+                    _mm256_storeu_ps(dst.add(c0 + 8 * v), *a);
+                }
+                c0 += 32;
+            }
+            while c0 < cp {
+                let mut a = _mm256_setzero_ps();
+                for (t, &off) in offs.iter().enumerate() {
+                    a = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(wtp.add(t * cp + c0)),
+                        _mm256_loadu_ps(bp.add(base + off + c0)),
+                        a,
+                    );
+                }
+                _mm256_storeu_ps(dst.add(c0), a);
+                c0 += 8;
+            }
+        }
+    }
+    // SAFETY: the loops above wrote all ol * cp values.
+    acc.set_len(ol * cp);
+    // Back to [channel, position], eight positions x eight channels per register transpose.
+    let o8 = ol / 8 * 8;
+    for c0 in (0..channels).step_by(8) {
+        let cn = (channels - c0).min(8);
+        for o0 in (0..o8).step_by(8) {
+            let v = transpose8(std::array::from_fn(|j| _mm256_loadu_ps(acc.as_ptr().add((o0 + j) * cp + c0))));
+            for (cc, v) in v.iter().enumerate().take(cn) {
+                _mm256_storeu_ps(out.as_mut_ptr().add((c0 + cc) * ol + o0), *v);
+            }
+        }
+        for c in c0..c0 + cn {
+            for o in o8..ol {
+                out[c * ol + o] = acc[o * cp + c];
+            }
+        }
+    }
+}
+
+/// An 8 x 8 transpose of f32 rows in registers: `out[j][i] = rows[i][j]`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
 }
 
 /// `acc[i] = chain over taps t of fma(w[t], src[starts[t] + i])` from +0, every i: blocks of 16
