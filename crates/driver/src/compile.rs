@@ -522,6 +522,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
                 "SIS: the scores of these states from the cache ({})",
                 a.cache.as_ref().expect("cache").display()
             );
+            // The phase is done: progress watchers see it complete, as when it is computed.
+            sqil_ir::progress::report("SIS", s.len() as u64, s.len() as u64);
             s
         }
         None => {
