@@ -182,15 +182,15 @@ pub fn input_matrix(g: &Graph, layer: &Layer, x: &Tensor, max_rows: usize) -> Re
     };
     let rows: Vec<f32> = match layer.kind {
         LayerKind::MatMul | LayerKind::Gemm { trans_a: false, .. } => {
-            let xv = x.data.to_f32_vec();
+            let xv = x.data.f32_cow();
             let total = xv.len() / k.max(1);
             if total <= max_rows {
-                return Ok((total, xv));
+                return Ok((total, xv.into_owned()));
             }
             picks(total).iter().flat_map(|&src| xv[src * k..(src + 1) * k].iter().copied()).collect()
         }
         LayerKind::Gemm { trans_a: true, .. } => {
-            let xv = x.data.to_f32_vec();
+            let xv = x.data.f32_cow();
             let m = x.shape[1];
             picks(m).iter().flat_map(|&src| (0..k).map(move |kk| (kk, src))).map(|(kk, src)| xv[kk * m + src]).collect()
         }
@@ -204,7 +204,7 @@ pub fn input_matrix(g: &Graph, layer: &Layer, x: &Tensor, max_rows: usize) -> Re
             // positions (the whole matrix of a calibration batch can be gigabytes).
             let table = geo.gather_table();
             let (ch, il, ol, kl) = (x.shape[1], geo.input_len(), geo.output_len(), geo.kernel_len());
-            let xv = x.data.to_f32_vec();
+            let xv = x.data.f32_cow();
             let mut out = Vec::with_capacity(max_rows.min(x.shape[0] * ol) * k);
             for src in picks(x.shape[0] * ol) {
                 let (img, o) = (src / ol, src % ol);

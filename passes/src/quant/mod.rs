@@ -66,7 +66,12 @@ pub fn concat_batches(parts: Vec<Tensor>) -> Result<Tensor> {
     }
     let mut shape = parts[0].shape.clone();
     shape[0] = parts.iter().map(|t| t.shape[0]).sum();
-    let data: Vec<f32> = parts.iter().flat_map(|t| t.data.to_f32_vec()).collect();
+    // One allocation of the final size (collecting a flat_map grew it by doubling: copies and
+    // fresh pages of a calibration set's activations, gigabytes for an image policy).
+    let mut data = Vec::with_capacity(parts.iter().map(|t| t.data.len()).sum());
+    for t in &parts {
+        data.extend_from_slice(&t.data.f32_cow());
+    }
     Tensor::from_f32(shape, data)
 }
 
@@ -232,7 +237,7 @@ impl<'a> Calibration<'a> {
         let mut ranges = HashMap::new();
         for ((v, bits), t) in act_inputs.iter().zip(&observed) {
             let q = Quantizer { bits: *bits, symmetric: cfg.act_symmetric };
-            let (s, z) = calibrate::calibrate(&t.data.to_f32_vec(), q, cfg.act_calib, cfg.percentile);
+            let (s, z) = calibrate::calibrate(&t.data.f32_cow(), q, cfg.act_calib, cfg.percentile);
             let (qmin, qmax) = q.range();
             params.insert(*v, (s, z));
             ranges.insert(*v, ((qmin - z) * s, (qmax - z) * s));
