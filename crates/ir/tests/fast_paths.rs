@@ -108,3 +108,29 @@ fn reduction_f32_paths_match_the_general_path() {
     let general = Op::GlobalAveragePool.eval(&[Some(&x64)], 1).unwrap().remove(0);
     assert_eq!(canon(bits(&fast)), canon(round(&general)));
 }
+
+/// Transpose of the last two axes (tiled f32 copy) and of trailing runs give the same values as the
+/// general gather (run on the same data as f64), for matrices smaller and larger than a tile.
+#[test]
+fn transpose_f32_paths_match_the_general_path() {
+    let mut r = Rng::new(9);
+    for (shape, perm) in [
+        (vec![2, 3, 17, 33], vec![0, 1, 3, 2]),
+        (vec![5, 7], vec![1, 0]),
+        (vec![1, 40, 16], vec![0, 2, 1]),
+        (vec![2, 0, 3], vec![0, 2, 1]),
+        (vec![2, 5, 3, 8], vec![0, 2, 1, 3]),
+        (vec![3, 4, 5], vec![2, 0, 1]),
+    ] {
+        let n: usize = shape.iter().product();
+        let v = data(&mut r, n);
+        let x = Tensor::new(shape.clone(), Data::F32(v.clone())).unwrap();
+        let x64 = Tensor::new(shape.clone(), Data::F64(v.iter().map(|&a| a as f64).collect())).unwrap();
+        let op = Op::Transpose { perm: Some(perm.clone()) };
+        let fast = op.eval(&[Some(&x)], 1).unwrap().remove(0);
+        let general = op.eval(&[Some(&x64)], 1).unwrap().remove(0);
+        assert_eq!(fast.shape, general.shape, "{shape:?} {perm:?}");
+        let want: Vec<u32> = general.data.to_f64_vec().iter().map(|&a| (a as f32).to_bits()).collect();
+        assert_eq!(bits(&fast), want, "{shape:?} {perm:?}");
+    }
+}
