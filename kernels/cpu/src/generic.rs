@@ -96,28 +96,9 @@ pub fn sgemm_chain(
         let (b, rsb) = if csb == 1 || n == 1 {
             (b, rsb)
         } else {
-            // Through 16 x 16 tiles: a transposed b (a Gemm's transB weights) copied element
-            // by element touched a new cache line per element, and rows of r at a power-of-two
-            // stride share L1 sets; a tile is read as 16 runs of b and written as 16 runs of r.
+            // A transposed b (a Gemm's transB weights) copied to rows.
             let mut r = vec![0f32; k * n];
-            let mut tile = [[0f32; 16]; 16];
-            for j0 in (0..n).step_by(16) {
-                let jn = (n - j0).min(16);
-                for p0 in (0..k).step_by(16) {
-                    let pn = (k - p0).min(16);
-                    for (jj, t) in tile.iter_mut().enumerate().take(jn) {
-                        for (pp, v) in t.iter_mut().enumerate().take(pn) {
-                            *v = b[(p0 + pp) * rsb + (j0 + jj) * csb];
-                        }
-                    }
-                    for pp in 0..pn {
-                        let row = &mut r[(p0 + pp) * n + j0..(p0 + pp) * n + j0 + jn];
-                        for (jj, v) in row.iter_mut().enumerate() {
-                            *v = tile[jj][pp];
-                        }
-                    }
-                }
-            }
+            copy_strided(b, (k, n), (rsb, csb), &mut r);
             rows = r;
             (&rows[..], n)
         };
@@ -424,6 +405,32 @@ pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &
         taps_fma(&mut acc, &weights[c * kl..(c + 1) * kl], &starts, &phases);
         for (oy, o) in out[c * ol..(c + 1) * ol].chunks_exact_mut(ow).enumerate() {
             o.copy_from_slice(&acc[oy * wq..oy * wq + ow]);
+        }
+    }
+}
+
+/// `dst[i * cols + j] = src[i * rs + j * cs]`: a strided (e.g. transposed) `rows x cols` matrix
+/// copied to contiguous rows through 16 x 16 tiles. Element by element, a transposed source
+/// touched a new cache line per element (and rows at a power-of-two stride share L1 sets); a
+/// tile is read as 16 runs along whichever axis the source has contiguous, and written as 16
+/// runs of `dst`.
+pub fn copy_strided(src: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize, usize), dst: &mut [f32]) {
+    let mut tile = [[0f32; 16]; 16];
+    for j0 in (0..cols).step_by(16) {
+        let jn = (cols - j0).min(16);
+        for i0 in (0..rows).step_by(16) {
+            let im = (rows - i0).min(16);
+            for (jj, t) in tile.iter_mut().enumerate().take(jn) {
+                for (ii, v) in t.iter_mut().enumerate().take(im) {
+                    *v = src[(i0 + ii) * rs + (j0 + jj) * cs];
+                }
+            }
+            for ii in 0..im {
+                let row = &mut dst[(i0 + ii) * cols + j0..(i0 + ii) * cols + j0 + jn];
+                for (jj, v) in row.iter_mut().enumerate() {
+                    *v = tile[jj][ii];
+                }
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ pub mod peak;
 pub mod x86_64;
 
 pub use generic::{
-    depthwise_conv, dgemm, im2col, quantize_input, sgemm, sgemm_chain, ConvGeometry, QRow, QuantizedInput,
+    copy_strided, depthwise_conv, dgemm, im2col, quantize_input, sgemm, sgemm_chain, ConvGeometry, QRow, QuantizedInput,
 };
 pub use packed::{BlockQ4, PackedQ4};
 

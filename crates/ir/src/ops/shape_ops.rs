@@ -180,28 +180,18 @@ pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
     // [B, T, H, D] -> [B, H, T, D] copies runs of D values): f32 runs of 4 or more are copied
     // run by run, not gathered element by element.
     // The last two axes swapped, the others in place (attention's K^T: [B, H, T, D] ->
-    // [B, H, D, T]): each matrix copied through 16 x 16 tiles, so that reads and writes both
-    // stay within a few cache lines (element by element, every write touched a new line).
+    // [B, H, D, T]): each matrix through the kernels' tiled strided copy.
     let r = x.rank();
     if let (Data::F32(v), true) = (
         &x.data,
         r >= 2 && p[r - 2] == r - 1 && p[r - 1] == r - 2 && p[..r - 2].iter().enumerate().all(|(i, &a)| a == i),
     ) {
-        const T: usize = 16;
         let (rows, cols) = (x.shape[r - 2], x.shape[r - 1]);
         let mat = rows * cols;
         let mut out = vec![0f32; v.len()];
         if mat > 0 {
             for (src, dst) in v.chunks_exact(mat).zip(out.chunks_exact_mut(mat)) {
-                for i0 in (0..rows).step_by(T) {
-                    for j0 in (0..cols).step_by(T) {
-                        for i in i0..(i0 + T).min(rows) {
-                            for j in j0..(j0 + T).min(cols) {
-                                dst[j * rows + i] = src[i * cols + j];
-                            }
-                        }
-                    }
-                }
+                sqil_kernels_cpu::copy_strided(src, (cols, rows), (1, cols), dst);
             }
         }
         return Tensor::new(shape, Data::F32(out));
