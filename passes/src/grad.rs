@@ -7,7 +7,7 @@
 //! Needs: a verified graph. Keeps: every existing node and value. Only float values carry
 //! gradients; a multi-output node (Split) gets one output gradient per output.
 
-use sqil_ir::ops::BinaryOp;
+use sqil_ir::ops::{BinaryOp, UnaryOp};
 use sqil_ir::{Graph, IrError, Op, Result, Tensor, ValueRef};
 use std::collections::{HashMap, HashSet};
 
@@ -53,6 +53,12 @@ pub fn grad(g: &mut Graph, loss: ValueRef, wrt: &[ValueRef]) -> Result<Vec<Value
                 continue;
             }
             let mut args: Vec<Option<ValueRef>> = ins.clone();
+            if op == Op::Unary(UnaryOp::Relu) {
+                // Relu's gradient reads its output instead (positive exactly where the input is:
+                // the same values), so the pre-activation need not stay alive for the backward
+                // pass: one activation-sized buffer less per ReLU layer.
+                args[0] = Some(ValueRef { node: n, slot: 0 });
+            }
             args.extend(dys.iter().copied());
             k += 1;
             let vjp = Op::Vjp { op: Box::new(op.clone()), wrt: i, arity: ins.len() };

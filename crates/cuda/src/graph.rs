@@ -31,7 +31,8 @@ pub const GRAD_TOL: f32 = 1e-3;
 pub enum GStep {
     /// A generated kernel of [`GraphProgram::source`]: `out` then `ins` as pointer arguments,
     /// `grid` blocks of `block` threads.
-    Kernel { name: String, out: usize, ins: Vec<usize>, grid: u32, block: u32, label: String },
+    /// `off`: element offsets added to `out` then each of `ins` (empty: none).
+    Kernel { name: String, out: usize, ins: Vec<usize>, grid: u32, block: u32, label: String, off: Vec<usize> },
     /// Row-major `c[b] = alpha op(x[b]) op(y[b]) + beta c[b]` over `batch` matrices
     /// (`op(x)` is `[m, k]`, stored `[k, m]` when `tx`; per-matrix strides `sx`, `sy`, 0 for a
     /// shared operand; `c` dense).
@@ -54,6 +55,12 @@ pub struct GemmStep {
     pub alpha: f32,
     pub beta: f32,
     pub label: String,
+    /// Split-K: when above 1 (only with `batch` 1), `c` holds `split` partial products over
+    /// consecutive `k / split` slices of the inner dimension (run as one batched GEMM, `sx` and
+    /// `sy` unused), which a generated kernel after it sums in order (see [`split_k`]).
+    pub split: usize,
+    /// Element offsets into `x`, `y` and `c` where the matrices start (a slab of a batch).
+    pub off: [usize; 3],
 }
 
 /// A graph lowered for the GPU at a fixed batch (see the module header).
@@ -111,6 +118,8 @@ struct Lowerer {
     kernels: usize,
     /// Constant buffers made from host values, by value.
     uploaded: HashMap<ValueRef, usize>,
+    /// Kernels of [`Lowerer::emit_raw_into`] by operand count and body.
+    raw_bodies: HashMap<String, String>,
 }
 
 fn unsupported(what: impl Into<String>) -> crate::Error {
@@ -253,13 +262,37 @@ impl Lowerer {
     /// for `ins`), run as `grid` blocks of 256 threads; writes a new buffer of `len` values.
     fn emit_raw(&mut self, len: usize, ins: Vec<usize>, body: &str, grid: usize, label: &str) -> usize {
         let out = self.buf(len);
-        let name = format!("g{}", self.kernels);
-        self.kernels += 1;
-        let params: String = (0..ins.len()).map(|i| format!(", const float* __restrict__ p{i}")).collect();
-        self.p.source +=
-            &format!("// {label}\nextern \"C\" __global__ void {name}(float* __restrict__ out{params}) {{\n{body}}}\n");
-        self.p.steps.push(GStep::Kernel { name, out, ins, grid: grid.max(1) as u32, block: 256, label: label.into() });
+        self.emit_raw_into(out, ins, body, grid, label, vec![]);
         out
+    }
+
+    /// [`Lowerer::emit_raw`] writing an existing buffer `out`, the pointers offset by `off`
+    /// elements (`out` then `ins`; empty for none). A body already emitted with as many operands
+    /// is launched again rather than compiled twice (the slabs of a convolution).
+    fn emit_raw_into(&mut self, out: usize, ins: Vec<usize>, body: &str, grid: usize, label: &str, off: Vec<usize>) {
+        let key = format!("{}\n{body}", ins.len());
+        let name = match self.raw_bodies.get(&key) {
+            Some(n) => n.clone(),
+            None => {
+                let name = format!("g{}", self.kernels);
+                self.kernels += 1;
+                let params: String = (0..ins.len()).map(|i| format!(", const float* __restrict__ p{i}")).collect();
+                self.p.source += &format!(
+                    "// {label}\nextern \"C\" __global__ void {name}(float* __restrict__ out{params}) {{\n{body}}}\n"
+                );
+                self.raw_bodies.insert(key, name.clone());
+                name
+            }
+        };
+        self.p.steps.push(GStep::Kernel {
+            name,
+            out,
+            ins,
+            grid: grid.max(1) as u32,
+            block: 256,
+            label: label.into(),
+            off,
+        });
     }
 
     /// Emits `mr` writing a new buffer of the kept dims' size; returns it.
@@ -272,6 +305,25 @@ impl Lowerer {
     }
 
     fn emit_into(&mut self, out: usize, mr: MapReduce, label: &str, out_len: usize, red_len: usize) -> Result<()> {
+        let (first, n0) = (self.p.source.len(), self.p.steps.len());
+        let r = self.emit_wide(out, mr, label, out_len, red_len);
+        // 32-bit index arithmetic where every index fits: a 64-bit division by a constant is
+        // several times the instructions of a 32-bit one, and coordinate decomposition is most
+        // of an element-wise kernel's work (an im2col decomposes seven coordinates per element).
+        let fits = |n: usize| n < 1 << 31;
+        let bufs_fit = self.p.steps[n0..].iter().all(|st| match st {
+            GStep::Kernel { out, ins, .. } => std::iter::once(out).chain(ins).all(|&b| fits(self.p.bufs[b])),
+            GStep::Gemm(_) => true,
+        });
+        if r.is_ok() && bufs_fit && fits(out_len.saturating_mul(red_len)) {
+            let narrowed = narrow_indices(&self.p.source[first..]);
+            self.p.source.truncate(first);
+            self.p.source += &narrowed;
+        }
+        r
+    }
+
+    fn emit_wide(&mut self, out: usize, mr: MapReduce, label: &str, out_len: usize, red_len: usize) -> Result<()> {
         let name = format!("g{}", self.kernels);
         self.kernels += 1;
         let params: Vec<String> = (0..mr.operands.len()).map(|i| format!("const float* __restrict__ p{i}")).collect();
@@ -331,7 +383,7 @@ impl Lowerer {
             s += &format!("  out[o] = (float)({});\n}}\n", mr.post);
             self.p.source += &s;
             let grid = out_len.div_ceil(256) as u32;
-            self.p.steps.push(GStep::Kernel { name, out, ins, grid, block: 256, label: label.into() });
+            self.p.steps.push(GStep::Kernel { name, out, ins, grid, block: 256, label: label.into(), off: vec![] });
             return Ok(());
         }
         // Blocks of 256 threads over the reduced elements; with few outputs, each output's
@@ -351,7 +403,15 @@ impl Lowerer {
         if parts == 1 {
             s += &format!("  if (threadIdx.x == 0) {{ acc = sh[0]; out[o] = (float)({}); }}\n}}\n", mr.post);
             self.p.source += &s;
-            self.p.steps.push(GStep::Kernel { name, out, ins, grid: out_len as u32, block: 256, label: label.into() });
+            self.p.steps.push(GStep::Kernel {
+                name,
+                out,
+                ins,
+                grid: out_len as u32,
+                block: 256,
+                label: label.into(),
+                off: vec![],
+            });
             return Ok(());
         }
         // Partial sums as doubles in a scratch buffer (two floats each; device allocations are
@@ -366,6 +426,7 @@ impl Lowerer {
             grid: (out_len * parts) as u32,
             block: 256,
             label: format!("{label} (partial sums)"),
+            off: vec![],
         });
         let name2 = format!("g{}", self.kernels);
         self.kernels += 1;
@@ -387,9 +448,34 @@ impl Lowerer {
             grid: out_len.div_ceil(256) as u32,
             block: 256,
             label: label.into(),
+            off: vec![],
         });
         Ok(())
     }
+}
+
+/// Kernel text with its 64-bit index arithmetic made 32-bit: `long long` becomes `int` and the
+/// `LL` suffix of integer literals goes (for kernels whose every index and offset is below 2^31).
+fn narrow_indices(src: &str) -> String {
+    let src = src.replace("long long", "int");
+    let b = src.as_bytes();
+    let mut out = Vec::with_capacity(src.len());
+    let mut i = 0;
+    while i < b.len() {
+        let literal_suffix = b[i] == b'L'
+            && b.get(i + 1) == Some(&b'L')
+            && i > 0
+            && b[i - 1].is_ascii_digit()
+            && !b.get(i + 2).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_');
+        if literal_suffix {
+            i += 2;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    // Only ASCII bytes were removed: still UTF-8.
+    String::from_utf8(out).unwrap_or(src)
 }
 
 /// Whether `text` names the identifier `id` (not as a prefix of a longer one: `v1` in `v10`).
@@ -510,18 +596,46 @@ fn quant_space(
     Ok((dims, kept, xo.join("+"), so.join("+"), guard, count))
 }
 
+/// `order` with every node that reads only graph inputs and constants (a weight's quantizer)
+/// moved to just before its first reader: a topological order may run all of them first, which
+/// keeps every layer's quantized weight alive through the whole forward pass.
+fn sink_leaf_ops(g: &Graph, order: Vec<sqil_ir::NodeId>) -> Vec<sqil_ir::NodeId> {
+    let leaf = |n: sqil_ir::NodeId| matches!(g.node(n).op, Op::Input | Op::Const(_));
+    let mut pending: Vec<sqil_ir::NodeId> = vec![];
+    let mut out = Vec::with_capacity(order.len());
+    for n in order {
+        if !leaf(n) && g.inputs_of(n).iter().flatten().all(|v| leaf(v.node)) {
+            pending.push(n);
+            continue;
+        }
+        for v in g.inputs_of(n).into_iter().flatten() {
+            if let Some(i) = pending.iter().position(|&p| p == v.node) {
+                out.push(pending.remove(i));
+            }
+        }
+        out.push(n);
+    }
+    out.extend(pending);
+    out
+}
+
 /// Lowers `g` for the GPU with every symbolic input dimension set to `batch`.
 pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
-    let mut lw = Lowerer { p: GraphProgram::default(), kernels: 0, uploaded: HashMap::new() };
+    let mut lw =
+        Lowerer { p: GraphProgram::default(), kernels: 0, uploaded: HashMap::new(), raw_bodies: HashMap::new() };
     lw.p.source = format!("// generated by sqil (crates/cuda/src/graph.rs)\n{ROW_HELPERS}");
     let mut vals: HashMap<ValueRef, Val> = HashMap::new();
     let mut types: HashMap<ValueRef, ValueType> = HashMap::new();
-    let order = g.topo_order().map_err(crate::Error::Ir)?;
+    let order = sink_leaf_ops(g, g.topo_order().map_err(crate::Error::Ir)?);
     for &n in &order {
         let node = g.node(n);
         let what = g.describe(n);
         let ins = g.inputs_of(n);
         let outv = ValueRef { node: n, slot: 0 };
+        if vals.contains_key(&outv) {
+            // Computed with a sibling (the fused quantizer gradients).
+            continue;
+        }
         match &node.op {
             Op::Input => {
                 let ty = &node.outputs[0].ty;
@@ -685,33 +799,7 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                     &label,
                 )?
             }
-            Op::FakeQuant { bits, signed, axis, block_size } => {
-                let xs = shape_of(ins[0])?;
-                let ss = shape_of(ins[1])?;
-                let (x, s) = (lw.dev(ins[0].unwrap(), &vals)?, lw.dev(ins[1].unwrap(), &vals)?);
-                let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
-                let so = scale_off_in_x(&xs, &ss, *axis, *block_size)?;
-                let mut operands = vec![(x, bcast_off(&xs, &xs, 0)), (s, so.clone())];
-                let z = match ins.get(2).copied().flatten() {
-                    Some(zv) => {
-                        operands.push((lw.dev(zv, &vals)?, so));
-                        "v2"
-                    }
-                    None => "0.0f",
-                };
-                let expr = format!(
-                    "__fmul_rn(__fsub_rn(fminf(fmaxf(__fadd_rn(rintf(__fdiv_rn(v0, v1)), {z}), {lo}.0f), {hi}.0f), {z}), v1)"
-                );
-                let mr = MapReduce {
-                    dims: xs.clone(),
-                    kept: vec![true; xs.len()],
-                    operands,
-                    expr,
-                    guard: None,
-                    post: "acc".into(),
-                };
-                lw.emit(mr, &label)?
-            }
+            Op::FakeQuant { .. } => fake_quant_fwd(&mut lw, &node.op, &ins, &vals, &shape_of, &label)?,
             Op::Reduce { op: r @ (ReduceOp::Mean | ReduceOp::Sum), noop_with_empty_axes, .. } => {
                 let xs = shape_of(ins[0])?;
                 let x = lw.dev(ins[0].unwrap(), &vals)?;
@@ -761,6 +849,8 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                     alpha: *alpha,
                     beta: if has_c { 1.0 } else { 0.0 },
                     label,
+                    split: 1,
+                    off: [0; 3],
                 }));
                 c
             }
@@ -785,6 +875,8 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                     alpha: 1.0,
                     beta: 0.0,
                     label,
+                    split: 1,
+                    off: [0; 3],
                 }));
                 c
             }
@@ -801,7 +893,30 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                 }
                 let dys = shape_of(Some(dyv))?;
                 let dy = lw.dev(dyv, &vals)?;
-                vjp(&mut lw, &vals, op, &fwd, wrt, dy, &dys, &oshape, &label, &shape_of)?
+                match fused_quant_grads(&mut lw, g, n, &vals, &shape_of, &label)? {
+                    Some(((mine, theirs), sibling, sib_shape)) => {
+                        let sv = ValueRef { node: sibling, slot: 0 };
+                        types
+                            .insert(sv, ValueType::new(DType::F32, sib_shape.iter().map(|&d| Dim::Known(d)).collect()));
+                        vals.insert(sv, Val::Dev(theirs));
+                        mine
+                    }
+                    None => {
+                        // The right operand of a MatMul / Gemm input gradient (dA = dY B^T): a large
+                        // quantized weight is recomputed rather than kept (`REMAT_ELEMS`).
+                        let reads_b = matches!(**op, Op::MatMul | Op::Gemm { .. }) && wrt == 0;
+                        let remat = match fwd.get(1).copied().flatten() {
+                            Some(b) if reads_b => rematerialized(&mut lw, g, b, &vals, &shape_of)?.map(|nb| (b, nb)),
+                            _ => None,
+                        };
+                        let kept = remat.map(|(b, nb)| (b, vals.insert(b, Val::Dev(nb))));
+                        let r = vjp(&mut lw, &vals, op, &fwd, wrt, dy, &dys, &oshape, &label, &shape_of);
+                        if let Some((b, Some(old))) = kept {
+                            vals.insert(b, old);
+                        }
+                        r?
+                    }
+                }
             }
             Op::Transpose { perm } => {
                 let xs = shape_of(ins[0])?;
@@ -867,20 +982,28 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
                 let (xs, ws) = (shape_of(ins[0])?, shape_of(ins[1])?);
                 let g = ConvGeo::of(c, &xs, &ws, &what)?;
                 let (x, w) = (lw.dev(ins[0].unwrap(), &vals)?, lw.dev(ins[1].unwrap(), &vals)?);
-                let col = g.im2col(&mut lw, x, &label)?;
-                let (m, k, cog) = (g.m(), g.k(), g.cog());
-                let y2 = g.gemm(&mut lw, col, false, w, true, (m, k, cog), (m * k, cog * k), &label);
-                // y[n, co, oh, ow] with co = group * cog + j.
-                let off = format!("((c1/{cog}LL)*{m}LL+(c0*{}LL+c2)*{}LL+c3)*{cog}LL+c1%{cog}LL", g.oh, g.ow);
-                let mut operands = vec![(y2, off)];
-                let expr = match ins.get(2).copied().flatten() {
-                    Some(b) => {
-                        operands.push((lw.dev(b, &vals)?, "c1".into()));
-                        "__fadd_rn(v0, v1)"
-                    }
-                    None => "v0",
-                };
-                lw.emit(all_kept(&[g.n, g.co, g.oh, g.ow], operands, expr.into()), &format!("{label} (NCHW)"))?
+                if g.g == 1 {
+                    let bias = match ins.get(2).copied().flatten() {
+                        Some(b) => Some(lw.dev(b, &vals)?),
+                        None => None,
+                    };
+                    g.forward_slabs(&mut lw, x, w, bias, &label)?
+                } else {
+                    let col = g.im2col(&mut lw, x, &label)?;
+                    let (m, k, cog) = (g.m(), g.k(), g.cog());
+                    let y2 = g.gemm(&mut lw, col, false, w, true, (m, k, cog), (m * k, cog * k), &label);
+                    // y[n, co, oh, ow] with co = group * cog + j.
+                    let off = format!("((c1/{cog}LL)*{m}LL+(c0*{}LL+c2)*{}LL+c3)*{cog}LL+c1%{cog}LL", g.oh, g.ow);
+                    let mut operands = vec![(y2, off)];
+                    let expr = match ins.get(2).copied().flatten() {
+                        Some(b) => {
+                            operands.push((lw.dev(b, &vals)?, "c1".into()));
+                            "__fadd_rn(v0, v1)"
+                        }
+                        None => "v0",
+                    };
+                    lw.emit(all_kept(&[g.n, g.co, g.oh, g.ow], operands, expr.into()), &format!("{label} (NCHW)"))?
+                }
             }
             Op::GlobalAveragePool => {
                 let xs = shape_of(ins[0])?;
@@ -957,13 +1080,74 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
         let shape = known(types.get(&o).ok_or_else(|| unsupported("untyped output"))?, "output")?;
         lw.p.outputs.push((b, shape));
     }
+    split_k(&mut lw);
     let mut p = lw.p;
     reuse_buffers(&mut p);
     Ok(p)
 }
 
-/// Shares device buffers between values whose lifetimes do not overlap (interval colouring in
-/// step order, best fit by size): a value's buffer is taken at the first step that touches it and
+/// Output tiles below which a GEMM is split along k (cuBLAS runs a GEMM's output tiles, about
+/// 128 x 128 for fp32, one per SM: a policy's few rows against a long inner dimension, as in a
+/// VLA layer's input gradient `[128, 4096] x [4096, 11008]^T` or a convolution's weight gradient
+/// summed over every pixel of the batch, leave most of a large GPU idle).
+const SPLIT_K_TILES: usize = 256;
+
+/// Floats in one slab of an ungrouped convolution's columns (64 MiB): the batch is lowered in
+/// slabs of images so that the columns, gigabytes for a whole image batch, never exist at once.
+const SLAB_FLOATS: usize = 1 << 24;
+
+/// Rewrites single GEMMs with few output tiles and a long inner dimension as split-K: the
+/// partial products of `split` slices of k in one batched GEMM into a scratch buffer, then a
+/// generated kernel that adds them in slice order (deterministic; the sum is reassociated,
+/// within [`GRAD_TOL`] of the unsplit GEMM like any change of cuBLAS's order). Slices are at
+/// least 256 long and divide k exactly (the most slices up to the target that do); the scratch
+/// holds at most 64 partial products.
+fn split_k(lw: &mut Lowerer) {
+    let steps = std::mem::take(&mut lw.p.steps);
+    for st in steps {
+        let GStep::Gemm(mut g) = st else {
+            lw.p.steps.push(st);
+            continue;
+        };
+        let tiles = g.m.div_ceil(128) * g.n.div_ceil(128);
+        let want = SPLIT_K_TILES.div_ceil(tiles).min(64).min(g.k / 256);
+        let split = (2..=want).rev().find(|&s| g.k.is_multiple_of(s)).unwrap_or(1);
+        if g.batch != 1 || g.off != [0; 3] || split < 2 {
+            lw.p.steps.push(GStep::Gemm(g));
+            continue;
+        }
+        let (c, len) = (g.c, g.m * g.n);
+        let scratch = lw.buf(split * len);
+        let accumulate = g.beta != 0.0;
+        let label = g.label.clone();
+        g.c = scratch;
+        g.beta = 0.0;
+        g.split = split;
+        lw.p.steps.push(GStep::Gemm(g));
+        let name = format!("g{}", lw.kernels);
+        lw.kernels += 1;
+        let start = if accumulate { "out[i]" } else { "0.0f" };
+        lw.p.source += &format!(
+            "// {label} (sum of {split} split-K slices)\n\
+             extern \"C\" __global__ void {name}(float* __restrict__ out, const float* __restrict__ p0) {{\n\
+             long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n  if (i >= {len}LL) return;\n\
+             float acc = {start};\n  for (int s = 0; s < {split}; s++) acc = __fadd_rn(acc, p0[i + s * {len}LL]);\n\
+             out[i] = acc;\n}}\n"
+        );
+        lw.p.steps.push(GStep::Kernel {
+            name,
+            out: c,
+            ins: vec![scratch],
+            grid: len.div_ceil(256) as u32,
+            block: 256,
+            label: format!("{label} (split-K sum)"),
+            off: vec![],
+        });
+    }
+}
+
+/// Shares device buffers between values whose lifetimes do not overlap (greedy by size, best
+/// fit): a value's buffer is taken at the first step that touches it and
 /// given back after the last. Constants, inputs and outputs keep buffers of their own; a step's
 /// result never shares with a buffer the same step reads (results are placed before the
 /// step's dead inputs are given back).
@@ -1001,39 +1185,27 @@ pub fn reuse_buffers(p: &mut GraphProgram) {
             phys.push(p.bufs[b]);
         }
     }
-    let mut free: Vec<usize> = vec![];
-    let mut starting: Vec<Vec<usize>> = vec![vec![]; p.steps.len()];
-    let mut ending: Vec<Vec<usize>> = vec![vec![]; p.steps.len()];
-    for b in (0..n).filter(|&b| map[b] == usize::MAX) {
-        starting[first[b]].push(b);
-        ending[last[b]].push(b);
-    }
-    for i in 0..p.steps.len() {
-        for &b in &starting[i] {
-            let need = p.bufs[b];
-            // Best fit: the smallest free buffer that holds it, else the largest grown.
-            let pick = free
-                .iter()
-                .enumerate()
-                .filter(|(_, &f)| phys[f] >= need)
-                .min_by_key(|(_, &f)| phys[f])
-                .map(|(k, _)| k)
-                .or_else(|| (0..free.len()).max_by_key(|&k| phys[free[k]]));
-            map[b] = match pick {
-                Some(k) => {
-                    let f = free.swap_remove(k);
-                    phys[f] = phys[f].max(need);
-                    f
-                }
-                None => {
-                    phys.push(need);
-                    phys.len() - 1
-                }
-            };
-        }
-        for &b in &ending[i] {
-            free.push(map[b]);
-        }
+    // Greedy by size: the largest values first, each into the best-fitting shared buffer whose
+    // values' lifetimes it does not overlap (a step's result and the values it reads overlap at
+    // that step, so they never share), else a new buffer of its size. A buffer is never grown
+    // after a larger value: placing in step order instead let a small, long-lived activation
+    // take (and keep) a buffer grown for a large, short-lived one.
+    let mut order: Vec<usize> = (0..n).filter(|&b| map[b] == usize::MAX).collect();
+    order.sort_by_key(|&b| (std::cmp::Reverse(p.bufs[b]), first[b]));
+    let mut lives: HashMap<usize, Vec<(usize, usize)>> = HashMap::new();
+    for b in order {
+        let (need, life) = (p.bufs[b], (first[b], last[b]));
+        let pick = lives
+            .iter()
+            .filter(|(&f, ls)| phys[f] >= need && ls.iter().all(|&(a, z)| z < life.0 || life.1 < a))
+            .min_by_key(|(&f, _)| (phys[f], f))
+            .map(|(&f, _)| f);
+        let f = pick.unwrap_or_else(|| {
+            phys.push(need);
+            phys.len() - 1
+        });
+        lives.entry(f).or_default().push(life);
+        map[b] = f;
     }
     for s in &mut p.steps {
         match s {
@@ -1099,7 +1271,8 @@ struct MatMulGeo {
     sb: usize,
 }
 
-/// Batched MatMul as strided GEMMs: equal batch dims, or a rank-2 operand shared by all.
+/// Batched MatMul as strided GEMMs: equal batch dims, or a rank-2 operand shared by all (a
+/// shared right operand folds the batch into the rows).
 fn matmul_geometry(a: &[usize], b: &[usize], out: &[usize]) -> Option<MatMulGeo> {
     if a.len() < 2 || b.len() < 2 {
         return None;
@@ -1117,7 +1290,171 @@ fn matmul_geometry(a: &[usize], b: &[usize], out: &[usize]) -> Option<MatMulGeo>
             None
         }
     };
-    Some(MatMulGeo { m, k, n, nb, sa: stride(a, m * k)?, sb: stride(b, k * n)? })
+    let (sa, sb) = (stride(a, m * k)?, stride(b, k * n)?);
+    if sb == 0 && sa != 0 {
+        // A batch of row blocks against one shared matrix (a linear layer over tokens): one
+        // GEMM over the stacked rows, not `nb` GEMMs of a few rows that each read all of B.
+        return Some(MatMulGeo { m: nb * m, k, n, nb: 1, sa: 0, sb: 0 });
+    }
+    Some(MatMulGeo { m, k, n, nb, sa, sb })
+}
+
+/// FakeQuant forward: element-wise over x, the CPU's arithmetic bit for bit.
+fn fake_quant_fwd(
+    lw: &mut Lowerer,
+    op: &Op,
+    ins: &[Option<ValueRef>],
+    vals: &HashMap<ValueRef, Val>,
+    shape_of: &dyn Fn(Option<ValueRef>) -> Result<Vec<usize>>,
+    label: &str,
+) -> Result<usize> {
+    let Op::FakeQuant { bits, signed, axis, block_size } = op else { return Err(unsupported("not a FakeQuant")) };
+    let (Some(xv), Some(sv)) = (ins.first().copied().flatten(), ins.get(1).copied().flatten()) else {
+        return Err(unsupported(format!("{label}: FakeQuant without its input or scale")));
+    };
+    let (xs, ss) = (shape_of(Some(xv))?, shape_of(Some(sv))?);
+    let (x, s) = (lw.dev(xv, vals)?, lw.dev(sv, vals)?);
+    let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
+    let so = scale_off_in_x(&xs, &ss, *axis, *block_size)?;
+    let mut operands = vec![(x, bcast_off(&xs, &xs, 0)), (s, so.clone())];
+    let z = match ins.get(2).copied().flatten() {
+        Some(zv) => {
+            operands.push((lw.dev(zv, vals)?, so));
+            "v2"
+        }
+        None => "0.0f",
+    };
+    let expr = format!(
+        "__fmul_rn(__fsub_rn(fminf(fmaxf(__fadd_rn(rintf(__fdiv_rn(v0, v1)), {z}), {lo}.0f), {hi}.0f), {z}), v1)"
+    );
+    let mr =
+        MapReduce { dims: xs.clone(), kept: vec![true; xs.len()], operands, expr, guard: None, post: "acc".into() };
+    lw.emit(mr, label)
+}
+
+/// Quantized weights of at least this many elements are fake-quantized again where the backward
+/// pass reads them rather than kept from the forward pass (what torch.compile's partitioner
+/// does too): one element-wise pass more, a weight-sized buffer less per layer for the whole
+/// step (a VLA layer's 0.8 GB). Smaller ones are kept.
+const REMAT_ELEMS: usize = 1 << 20;
+
+/// If `v` is a large FakeQuant of parameters (graph inputs or constants, alive all step anyway),
+/// the FakeQuant emitted again here, as the backward pass's own copy.
+fn rematerialized(
+    lw: &mut Lowerer,
+    g: &Graph,
+    v: ValueRef,
+    vals: &HashMap<ValueRef, Val>,
+    shape_of: &dyn Fn(Option<ValueRef>) -> Result<Vec<usize>>,
+) -> Result<Option<usize>> {
+    let node = g.node(v.node);
+    if !matches!(node.op, Op::FakeQuant { .. }) || shape_of(Some(v))?.iter().product::<usize>() < REMAT_ELEMS {
+        return Ok(None);
+    }
+    let ins = g.inputs_of(v.node);
+    let leaf = |u: &Option<ValueRef>| u.is_none_or(|u| matches!(g.node(u.node).op, Op::Input | Op::Const(_)));
+    if !ins.iter().all(leaf) {
+        return Ok(None);
+    }
+    let label = format!("{} (again for the backward pass)", g.describe(v.node));
+    fake_quant_fwd(lw, &node.op, &ins, vals, shape_of, &label).map(Some)
+}
+
+/// A weight quantizer's two gradients in one pass, when the graph asks for both: node `n` is the
+/// `Vjp` of a blocked FakeQuant (no zero point) whose output gradient `dy` feeds only it and its
+/// sibling (the same inputs, the other `wrt`), with a block of scales or more and blocks of at
+/// most 1024 (a thread per scale, as the separate step-gradient kernel runs such weights; where
+/// the innermost axis is not blocked neighbouring threads read neighbouring elements). One kernel walks
+/// each scale's block once: the input gradient (`dy` where the quantizer is not clipped, the
+/// straight-through estimator) written over `dy` in place, and the LSQ step gradient summed in
+/// the same order as the separate kernel. Two of the five passes over a weight-sized tensor and
+/// one weight-sized buffer saved (a VLA layer's 0.8 GB). Returns ((this node's result, the
+/// sibling's), the sibling, its shape).
+#[allow(clippy::type_complexity)]
+fn fused_quant_grads(
+    lw: &mut Lowerer,
+    g: &Graph,
+    n: sqil_ir::NodeId,
+    vals: &HashMap<ValueRef, Val>,
+    shape_of: &dyn Fn(Option<ValueRef>) -> Result<Vec<usize>>,
+    label: &str,
+) -> Result<Option<((usize, usize), sqil_ir::NodeId, Vec<usize>)>> {
+    let Op::Vjp { op, wrt, arity } = &g.node(n).op else { return Ok(None) };
+    let Op::FakeQuant { bits, signed, axis, block_size } = &**op else { return Ok(None) };
+    let ins = g.inputs_of(n);
+    if *wrt > 1 || *arity != 2 || ins.len() != 3 || *block_size <= 0 {
+        return Ok(None);
+    }
+    let (Some(xv), Some(sv), Some(dyv)) = (ins[0], ins[1], ins[2]) else { return Ok(None) };
+    let uses = g.uses_of(dyv);
+    let sibling = match uses.as_slice() {
+        [(a, _), (b, _)] if *a == n || *b == n => {
+            if *a == n {
+                *b
+            } else {
+                *a
+            }
+        }
+        _ => return Ok(None),
+    };
+    let same = matches!(&g.node(sibling).op, Op::Vjp { op: o2, wrt: w2, arity: 2 } if o2 == op && *w2 == 1 - *wrt);
+    if !same || g.inputs_of(sibling) != ins || g.outputs.contains(&dyv) {
+        return Ok(None);
+    }
+    // dy's buffer is overwritten: it must be a computed value's own (not an input, a constant,
+    // or shared with an alias).
+    let Some(Val::Dev(db)) = vals.get(&dyv) else { return Ok(None) };
+    let db = *db;
+    let shared = vals.iter().any(|(v, val)| *v != dyv && matches!(val, Val::Dev(b) if *b == db));
+    if shared || lw.p.inputs.iter().any(|(_, b, _)| *b == db) || lw.p.consts.iter().any(|(b, _)| *b == db) {
+        return Ok(None);
+    }
+    let (xs, ss) = (shape_of(Some(xv))?, shape_of(Some(sv))?);
+    let (dims, kept, xo, so, guard, count) = quant_space(&xs, &ss, *axis, *block_size)?;
+    let out_len: usize = dims.iter().zip(&kept).filter(|(_, k)| **k).map(|(d, _)| d).product();
+    let red_len: usize = dims.iter().zip(&kept).filter(|(_, k)| !**k).map(|(d, _)| d).product();
+    if guard.is_some() || out_len < 256 || red_len > 1024 {
+        return Ok(None);
+    }
+    let (x, s) = (lw.dev(xv, vals)?, lw.dev(sv, vals)?);
+    let (lo, hi) = sqil_ir::ops::quant::fake_quant_range(*bits, *signed);
+    let qp = (hi as f64).max(1.0);
+    let decompose = |idx: &str, which: bool| -> String {
+        let mut t = format!("  {{ long long t = {idx};\n");
+        for j in (0..dims.len()).rev().filter(|&j| kept[j] == which) {
+            t += &format!("  c{j} = t % {}LL; t /= {}LL;\n", dims[j], dims[j]);
+        }
+        t + "  }\n"
+    };
+    let coords: Vec<String> = (0..dims.len()).map(|j| format!("c{j} = 0")).collect();
+    let mut body = format!(
+        "  long long o = (long long)blockIdx.x * blockDim.x + threadIdx.x;\n  if (o >= {out_len}LL) return;\n  long long {};\n",
+        coords.join(", ")
+    );
+    body += &decompose("o", true);
+    body += &format!("  float* ds = (float*)p2;\n  const float v1 = p1[{so}];\n  double acc = 0.0;\n");
+    body += &format!("  for (long long r = 0; r < {red_len}LL; r++) {{\n");
+    body += &decompose("r", false);
+    body += &format!(
+        "    long long i = {xo};\n    float v0 = p0[i], v2 = out[i];\n\
+         float q = __fadd_rn(rintf(__fdiv_rn(v0, v1)), 0.0f);\n\
+         acc += (double)v2 * (q < {lo}.0f ? (double)({lo}.0f) : (q > {hi}.0f ? (double)({hi}.0f) : (double)__fsub_rn(rintf(__fdiv_rn(v0, v1)), __fdiv_rn(v0, v1))));\n\
+         out[i] = (q >= {lo}.0f && q <= {hi}.0f) ? v2 : 0.0f;\n  }}\n\
+         ds[o] = (float)(acc / sqrt({count} * {qp:?}));\n"
+    );
+    let ds = lw.buf(ss.iter().product());
+    let narrow = [xs.iter().product::<usize>(), out_len * red_len].iter().all(|&v| v < 1 << 31);
+    let body = if narrow { narrow_indices(&body) } else { body };
+    lw.emit_raw_into(
+        db,
+        vec![x, s, ds],
+        &body,
+        out_len.div_ceil(256),
+        &format!("{label} (both quantizer gradients)"),
+        vec![],
+    );
+    let (mine, theirs, sib_shape) = if *wrt == 0 { (db, ds, ss) } else { (ds, db, xs) };
+    Ok(Some(((mine, theirs), sibling, sib_shape)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1234,6 +1571,8 @@ fn vjp(
                 alpha: *alpha,
                 beta: 0.0,
                 label: label.into(),
+                split: 1,
+                off: [0; 3],
             }));
             c
         }
@@ -1260,6 +1599,8 @@ fn vjp(
                     alpha: 1.0,
                     beta: 0.0,
                     label: label.into(),
+                    split: 1,
+                    off: [0; 3],
                 },
                 // dB[t] = A[t]^T dY[t].
                 1 if geo.sb != 0 || nb == 1 => GemmStep {
@@ -1277,6 +1618,8 @@ fn vjp(
                     alpha: 1.0,
                     beta: 0.0,
                     label: label.into(),
+                    split: 1,
+                    off: [0; 3],
                 },
                 // A shared B: dB = sum_t A[t]^T dY[t] = A_flat^T dY_flat (rows of every t stacked).
                 1 if geo.sa != 0 => GemmStep {
@@ -1294,6 +1637,8 @@ fn vjp(
                     alpha: 1.0,
                     beta: 0.0,
                     label: label.into(),
+                    split: 1,
+                    off: [0; 3],
                 },
                 _ => return Err(unsupported(what())),
             };
@@ -1437,6 +1782,15 @@ fn vjp(
                     post: "acc".into(),
                 };
                 return lw.emit(mr, label);
+            }
+            if g.g == 1 {
+                return if wrt == 1 {
+                    let x = lw.dev(input(0)?, vals)?;
+                    g.weight_grad_slabs(lw, x, dy, label)
+                } else {
+                    let w = lw.dev(input(1)?, vals)?;
+                    Ok(g.input_grad_slabs(lw, w, dy, label))
+                };
             }
             let dy2 = g.rows(lw, dy, label)?;
             let (m, k, cog) = (g.m(), g.k(), g.cog());
@@ -1879,6 +2233,230 @@ impl ConvGeo {
         self.co / self.g
     }
 
+    /// Images per slab of the ungrouped path: a slab's columns (`[k, images, oh*ow]`) and its
+    /// outputs or output gradients in channel-major order (`[co, images, oh*ow]`) each at most
+    /// [`SLAB_FLOATS`], at least one image.
+    fn chunk(&self) -> usize {
+        let pp = self.oh * self.ow;
+        let per = (self.k() * pp).max(self.co * pp).max(1);
+        (SLAB_FLOATS / per).clamp(1, self.n.max(1))
+    }
+
+    /// (first image, images) of every slab.
+    fn slabs(&self) -> Vec<(usize, usize)> {
+        let c = self.chunk();
+        (0..self.n).step_by(c).map(|i| (i, c.min(self.n - i))).collect()
+    }
+
+    /// The index type of this convolution's kernels: 32-bit where every offset fits.
+    fn index_type(&self) -> &'static str {
+        let pp = self.oh * self.ow;
+        let most = (self.n * self.c * self.h * self.w)
+            .max(self.n * self.co * pp)
+            .max(self.chunk() * self.k().max(self.co) * pp);
+        if most < 1 << 31 {
+            "int"
+        } else {
+            "long long"
+        }
+    }
+
+    /// Transposed im2col of images `i0..i0 + cnt` into `col`: `[c*kh*kw, cnt, oh*ow]`, one row
+    /// per tap holding every output position of the slab (the image read and the columns written
+    /// along output positions: both coalesced), zeros outside the image.
+    fn im2col_t(&self, lw: &mut Lowerer, x: usize, col: usize, (i0, cnt): (usize, usize), label: &str) {
+        let g = self;
+        let (kk, pp, it) = (g.k(), g.oh * g.ow, g.index_type());
+        let total = cnt * kk * pp;
+        let body = format!(
+            "  {it} o = ({it})blockIdx.x * 256 + threadIdx.x;\n  if (o >= {total}) return;\n\
+             \x20 {it} p = o % {pp}, t = o / {pp};\n  {it} b = t % {cnt}, kk = t / {cnt};\n\
+             \x20 {it} ox = p % {ow}, oy = p / {ow};\n  {it} kx = kk % {kw}, t2 = kk / {kw};\n\
+             \x20 {it} ky = t2 % {kh}, ci = t2 / {kh};\n\
+             \x20 {it} iy = oy * {s0} - {p0} + ky * {d0}, ix = ox * {s1} - {p1} + kx * {d1};\n\
+             \x20 out[o] = (iy >= 0 && iy < {h} && ix >= 0 && ix < {w}) ? p0[(b * {c} + ci) * {hw} + iy * {w} + ix] : 0.0f;\n",
+            ow = g.ow,
+            kw = g.kw,
+            kh = g.kh,
+            s0 = g.s[0],
+            s1 = g.s[1],
+            p0 = g.p[0],
+            p1 = g.p[1],
+            d0 = g.d[0],
+            d1 = g.d[1],
+            h = g.h,
+            w = g.w,
+            c = g.c,
+            hw = g.h * g.w,
+        );
+        let off = vec![0, i0 * g.c * g.h * g.w];
+        lw.emit_raw_into(col, vec![x], &body, total.div_ceil(256), &format!("{label} (im2col slab)"), off);
+    }
+
+    /// Images `i0..i0 + cnt` of NCHW `src` (`[n, co, oh*ow]`) into `dst` as `[co, cnt, oh*ow]`
+    /// (`to_nchw` false), or the reverse, adding `bias[c]` when given; whole rows of output
+    /// positions move, so reads and writes are both coalesced.
+    #[allow(clippy::too_many_arguments)]
+    fn swap(
+        &self,
+        lw: &mut Lowerer,
+        src: usize,
+        dst: usize,
+        (i0, cnt): (usize, usize),
+        to_nchw: bool,
+        bias: Option<usize>,
+        label: &str,
+    ) {
+        let g = self;
+        let (co, pp, it) = (g.co, g.oh * g.ow, g.index_type());
+        let total = cnt * co * pp;
+        // o runs over dst; (b, c, p) from it; the source element's offset.
+        let (coords, from) = if to_nchw {
+            (format!("{it} c = t % {co}, b = t / {co};"), format!("(c * {cnt} + b) * {pp} + p"))
+        } else {
+            (format!("{it} b = t % {cnt}, c = t / {cnt};"), format!("(b * {co} + c) * {pp} + p"))
+        };
+        let add = if bias.is_some() { " + p1[c]" } else { "" };
+        let body = format!(
+            "  {it} o = ({it})blockIdx.x * 256 + threadIdx.x;\n  if (o >= {total}) return;\n\
+             \x20 {it} p = o % {pp}, t = o / {pp};\n  {coords}\n  out[o] = p0[{from}]{add};\n"
+        );
+        let base = i0 * co * pp;
+        let (off, what) = if to_nchw { (vec![base, 0, 0], "NCHW slab") } else { (vec![0, base], "channel-major slab") };
+        let ins = std::iter::once(src).chain(bias).collect();
+        lw.emit_raw_into(dst, ins, &body, total.div_ceil(256), &format!("{label} ({what})"), off);
+    }
+
+    /// The ungrouped forward, a slab of images at a time: the columns, one GEMM
+    /// `y [co, cnt*oh*ow] = W [co, k] x col [k, cnt*oh*ow]`, and the slab moved into NCHW with the
+    /// bias added. Columns exist one slab at a time.
+    fn forward_slabs(&self, lw: &mut Lowerer, x: usize, w: usize, bias: Option<usize>, label: &str) -> Result<usize> {
+        let g = self;
+        let (kk, pp, co, cb) = (g.k(), g.oh * g.ow, g.co, g.chunk());
+        let y = lw.buf(g.n * co * pp);
+        let col = lw.buf(cb * kk * pp);
+        let yt = lw.buf(cb * co * pp);
+        for (i0, cnt) in g.slabs() {
+            g.im2col_t(lw, x, col, (i0, cnt), label);
+            lw.p.steps.push(GStep::Gemm(GemmStep {
+                x: w,
+                tx: false,
+                y: col,
+                ty: false,
+                c: yt,
+                m: co,
+                n: cnt * pp,
+                k: kk,
+                batch: 1,
+                sx: 0,
+                sy: 0,
+                alpha: 1.0,
+                beta: 0.0,
+                label: label.into(),
+                split: 1,
+                off: [0; 3],
+            }));
+            g.swap(lw, yt, y, (i0, cnt), true, bias, label);
+        }
+        Ok(y)
+    }
+
+    /// The ungrouped weight gradient, a slab at a time: the output gradient in channel-major
+    /// order, the columns again, and `dW [co, k] (+)= dy [co, cnt*oh*ow] x col^T` (one GEMM,
+    /// split along its long inner dimension by [`split_k`], accumulated over the slabs in order).
+    fn weight_grad_slabs(&self, lw: &mut Lowerer, x: usize, dy: usize, label: &str) -> Result<usize> {
+        let g = self;
+        let (kk, pp, co, cb) = (g.k(), g.oh * g.ow, g.co, g.chunk());
+        let col = lw.buf(cb * kk * pp);
+        let dyt = lw.buf(cb * co * pp);
+        let dw = lw.buf(co * kk);
+        for (si, (i0, cnt)) in g.slabs().into_iter().enumerate() {
+            g.swap(lw, dy, dyt, (i0, cnt), false, None, label);
+            g.im2col_t(lw, x, col, (i0, cnt), label);
+            lw.p.steps.push(GStep::Gemm(GemmStep {
+                x: dyt,
+                tx: false,
+                y: col,
+                ty: true,
+                c: dw,
+                m: co,
+                n: kk,
+                k: cnt * pp,
+                batch: 1,
+                sx: 0,
+                sy: 0,
+                alpha: 1.0,
+                beta: if si == 0 { 0.0 } else { 1.0 },
+                label: label.into(),
+                split: 1,
+                off: [0; 3],
+            }));
+        }
+        Ok(dw)
+    }
+
+    /// The ungrouped input gradient, a slab at a time: the output gradient in channel-major
+    /// order, `dcol [k, cnt*oh*ow] = W^T [k, co] x dy [co, cnt*oh*ow]` (one GEMM), then col2im
+    /// (neighbouring threads read neighbouring output positions), each input element's taps
+    /// summed in (kh, kw) order.
+    fn input_grad_slabs(&self, lw: &mut Lowerer, w: usize, dy: usize, label: &str) -> usize {
+        let g = self;
+        let (kk, pp, co, cb) = (g.k(), g.oh * g.ow, g.co, g.chunk());
+        let dcol = lw.buf(cb * kk * pp);
+        let dyt = lw.buf(cb * co * pp);
+        let dx = lw.buf(g.n * g.c * g.h * g.w);
+        let it = g.index_type();
+        for (i0, cnt) in g.slabs() {
+            g.swap(lw, dy, dyt, (i0, cnt), false, None, label);
+            lw.p.steps.push(GStep::Gemm(GemmStep {
+                x: w,
+                tx: true,
+                y: dyt,
+                ty: false,
+                c: dcol,
+                m: kk,
+                n: cnt * pp,
+                k: co,
+                batch: 1,
+                sx: 0,
+                sy: 0,
+                alpha: 1.0,
+                beta: 0.0,
+                label: label.into(),
+                split: 1,
+                off: [0; 3],
+            }));
+            let total = cnt * g.c * g.h * g.w;
+            let body = format!(
+                "  {it} o = ({it})blockIdx.x * 256 + threadIdx.x;\n  if (o >= {total}) return;\n\
+                 \x20 {it} ix = o % {w}, t = o / {w};\n  {it} iy = t % {h}; t /= {h};\n  {it} ci = t % {c}, b = t / {c};\n\
+                 \x20 double acc = 0.0;\n\
+                 \x20 for (int ky = 0; ky < {kh}; ky++) {{\n\
+                 \x20   {it} ty = iy + {p0} - ky * {d0};\n    if (ty < 0 || ty % {s0} != 0 || ty / {s0} >= {oh}) continue;\n\
+                 \x20   for (int kx = 0; kx < {kw}; kx++) {{\n\
+                 \x20     {it} tx = ix + {p1} - kx * {d1};\n      if (tx < 0 || tx % {s1} != 0 || tx / {s1} >= {ow}) continue;\n\
+                 \x20     acc += (double)p0[(((ci * {kh} + ky) * {kw} + kx) * ({it}){cnt} + b) * {pp} + (ty / {s0}) * {ow} + tx / {s1}];\n\
+                 \x20   }}\n  }}\n  out[o] = (float)acc;\n",
+                w = g.w,
+                h = g.h,
+                c = g.c,
+                kh = g.kh,
+                kw = g.kw,
+                p0 = g.p[0],
+                p1 = g.p[1],
+                d0 = g.d[0],
+                d1 = g.d[1],
+                s0 = g.s[0],
+                s1 = g.s[1],
+                oh = g.oh,
+                ow = g.ow,
+            );
+            let off = vec![i0 * g.c * g.h * g.w, 0];
+            lw.emit_raw_into(dx, vec![dcol], &body, total.div_ceil(256), &format!("{label} (col2im slab)"), off);
+        }
+        dx
+    }
+
     /// im2col: `[g, n*oh*ow, c/g*kh*kw]`, zeros outside the image.
     fn im2col(&self, lw: &mut Lowerer, x: usize, label: &str) -> Result<usize> {
         let g = self;
@@ -1928,6 +2506,8 @@ impl ConvGeo {
             alpha: 1.0,
             beta: 0.0,
             label: label.into(),
+            split: 1,
+            off: [0; 3],
         }));
         c
     }

@@ -84,53 +84,101 @@ impl GpuGraph {
     }
 
     fn launch(&self) -> Result<()> {
-        for s in &self.program.steps {
-            match s {
-                GStep::Kernel { name, out, ins, grid, block, label } => {
-                    let f = &self.funcs[name];
-                    let ptrs: Vec<u64> =
-                        std::iter::once(*out).chain(ins.iter().copied()).map(|b| self.ptr(b)).collect();
-                    let mut l = self.stream.launch_builder(f);
-                    for p in &ptrs {
-                        l.arg(p);
+        (0..self.program.steps.len()).try_for_each(|i| self.launch_step(i))
+    }
+
+    /// Device milliseconds of every step, run eagerly `reps` times between timing events (the
+    /// mean per step; the inputs as set). For finding where a step's time goes: the events
+    /// themselves add a few microseconds per step, which the captured graph does not pay.
+    pub fn profile(&self, reps: usize) -> Result<Vec<(String, f64)>> {
+        let reps = reps.max(1);
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let mut ms = vec![0f64; self.program.steps.len()];
+        for _ in 0..reps {
+            let mut evs = vec![self.stream.record_event(timing).map_err(err)?];
+            for i in 0..self.program.steps.len() {
+                self.launch_step(i)?;
+                evs.push(self.stream.record_event(timing).map_err(err)?);
+            }
+            self.stream.synchronize().map_err(err)?;
+            for (i, w) in evs.windows(2).enumerate() {
+                ms[i] += w[0].elapsed_ms(&w[1]).map_err(err)? as f64 / reps as f64;
+            }
+        }
+        Ok(self
+            .program
+            .steps
+            .iter()
+            .zip(ms)
+            .map(|(s, t)| {
+                let what = match s {
+                    GStep::Kernel { label, grid, .. } => format!("kernel {label} [{grid} blocks]"),
+                    GStep::Gemm(g) => {
+                        format!("gemm {} [{}x{}x{} x{} split {}]", g.label, g.m, g.n, g.k, g.batch, g.split)
                     }
-                    let cfg = LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
-                    // SAFETY: the generated kernel takes `out` then one const pointer per operand,
-                    // each buffer as large as the lowering's offsets reach (bounds from the shapes).
-                    unsafe { l.launch(cfg) }.map_err(|e| crate::Error::Device(format!("{label}: {e:?}")))?;
+                };
+                (what, t)
+            })
+            .collect())
+    }
+
+    fn launch_step(&self, i: usize) -> Result<()> {
+        match &self.program.steps[i] {
+            GStep::Kernel { name, out, ins, grid, block, label, off } => {
+                let f = &self.funcs[name];
+                let ptrs: Vec<u64> = std::iter::once(*out)
+                    .chain(ins.iter().copied())
+                    .enumerate()
+                    .map(|(i, b)| self.ptr(b) + 4 * off.get(i).copied().unwrap_or(0) as u64)
+                    .collect();
+                let mut l = self.stream.launch_builder(f);
+                for p in &ptrs {
+                    l.arg(p);
                 }
-                GStep::Gemm(g) => {
-                    // Row-major C = op(X) op(Y) is column-major C^T = op(Y)^T op(X)^T.
-                    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-                    let ldy = if g.ty { g.k } else { g.n };
-                    let ldx = if g.tx { g.m } else { g.k };
-                    let (alpha, beta) = (g.alpha, g.beta);
-                    // SAFETY: x, y and c hold batch matrices of the sizes given (the lowering's
-                    // shapes); alpha and beta are host scalars read during the call.
-                    unsafe {
-                        cudarc::cublas::result::sgemm_strided_batched(
-                            *self.blas.handle(),
-                            op(g.ty),
-                            op(g.tx),
-                            g.n as i32,
-                            g.m as i32,
-                            g.k as i32,
-                            &alpha,
-                            self.ptr(g.y) as *const f32,
-                            ldy as i32,
-                            g.sy as i64,
-                            self.ptr(g.x) as *const f32,
-                            ldx as i32,
-                            g.sx as i64,
-                            &beta,
-                            self.ptr(g.c) as *mut f32,
-                            g.n as i32,
-                            (g.m * g.n) as i64,
-                            g.batch as i32,
-                        )
-                    }
-                    .map_err(|e| crate::Error::Device(format!("{}: cuBLAS: {e:?}", g.label)))?;
+                let cfg = LaunchConfig { grid_dim: (*grid, 1, 1), block_dim: (*block, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: the generated kernel takes `out` then one const pointer per operand,
+                // each buffer as large as the lowering's offsets reach (bounds from the shapes).
+                unsafe { l.launch(cfg) }.map_err(|e| crate::Error::Device(format!("{label}: {e:?}")))?;
+            }
+            GStep::Gemm(g) => {
+                // Row-major C = op(X) op(Y) is column-major C^T = op(Y)^T op(X)^T.
+                let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+                let ldy = if g.ty { g.k } else { g.n };
+                let ldx = if g.tx { g.m } else { g.k };
+                // Split-K: matrix s of the batch is slice s of k (offsets along the stored
+                // layout's k axis), each a full m x n partial product.
+                let (k, batch, sx, sy) = if g.split > 1 {
+                    let kk = g.k / g.split;
+                    (kk, g.split, if g.tx { kk * g.m } else { kk }, if g.ty { kk } else { kk * g.n })
+                } else {
+                    (g.k, g.batch, g.sx, g.sy)
+                };
+                let (alpha, beta) = (g.alpha, g.beta);
+                // SAFETY: x, y and c hold batch matrices of the sizes given (the lowering's
+                // shapes); alpha and beta are host scalars read during the call.
+                unsafe {
+                    cudarc::cublas::result::sgemm_strided_batched(
+                        *self.blas.handle(),
+                        op(g.ty),
+                        op(g.tx),
+                        g.n as i32,
+                        g.m as i32,
+                        k as i32,
+                        &alpha,
+                        (self.ptr(g.y) + 4 * g.off[1] as u64) as *const f32,
+                        ldy as i32,
+                        sy as i64,
+                        (self.ptr(g.x) + 4 * g.off[0] as u64) as *const f32,
+                        ldx as i32,
+                        sx as i64,
+                        &beta,
+                        (self.ptr(g.c) + 4 * g.off[2] as u64) as *mut f32,
+                        g.n as i32,
+                        (g.m * g.n) as i64,
+                        batch as i32,
+                    )
                 }
+                .map_err(|e| crate::Error::Device(format!("{}: cuBLAS: {e:?}", g.label)))?;
             }
         }
         Ok(())
@@ -217,6 +265,32 @@ impl GpuGraph {
         self.run()?;
         self.outputs()
     }
+}
+
+/// A profile from [`GpuGraph::profile`] summarised: steps grouped by their description with the
+/// digits taken out (layer `l3.q.wq.17` and `l0.k.wq.5` are one group), the `top` groups by time
+/// with their count, milliseconds and share, then GEMMs against generated kernels.
+pub fn profile_table(rows: &[(String, f64)], top: usize) -> String {
+    let total: f64 = rows.iter().map(|r| r.1).sum::<f64>().max(1e-12);
+    let mut groups: Vec<(String, usize, f64)> = vec![];
+    let mut at: HashMap<String, usize> = HashMap::new();
+    for (what, ms) in rows {
+        let key: String = what.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let i = *at.entry(key.clone()).or_insert_with(|| {
+            groups.push((key, 0, 0.0));
+            groups.len() - 1
+        });
+        groups[i].1 += 1;
+        groups[i].2 += ms;
+    }
+    groups.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let mut s = format!("{} steps, {total:.3} ms\n", rows.len());
+    for (key, n, ms) in groups.iter().take(top) {
+        s += &format!("{ms:9.3} ms {:5.1}% x{n:<4} {key}\n", 100.0 * ms / total);
+    }
+    let gemm: f64 = rows.iter().filter(|r| r.0.starts_with("gemm")).map(|r| r.1).sum();
+    s += &format!("GEMMs {gemm:.3} ms ({:.1}%), generated kernels {:.3} ms\n", 100.0 * gemm / total, total - gemm);
+    s
 }
 
 /// AdamW on the device for a [`GpuGraph`] whose inputs include the parameters and whose outputs

@@ -2,9 +2,13 @@
 //! excluded on both sides) per testdata policy: `sqil_cuda::graph` on the GPU (inputs and
 //! parameters copied in, one CUDA-graph launch, loss and gradients copied out) against the CPU
 //! interpreter on the same batch (one thread, the trainer splits a batch over `--threads`), in one
-//! run. Prints one JSON line per policy.
+//! run; also the GPU step alone on inputs already on the device (`gpu_device_samples_s`: one
+//! graph launch, what a PyTorch loop over device tensors times). Prints one JSON line per policy.
 //!
-//!     cargo bench -p sqil-driver --bench train_step [-- BATCH]
+//!     cargo bench -p sqil-driver --bench train_step [-- BATCH] [--only SUBSTRING] [--profile]
+//!
+//! `--profile` adds each GPU program's steps timed one by one (eager, between CUDA events) on
+//! stderr.
 
 use sqil_driver::quantize::{run_quantize, QuantizeArgs};
 use sqil_passes::quant::{QuantConfig, Recipe};
@@ -13,7 +17,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 fn main() {
-    let batch: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(256);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let batch: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(256);
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
+    let profile = args.iter().any(|a| a == "--profile");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
     let root = if root.exists() { root } else { PathBuf::from("testdata/policies") };
     let gpu = match sqil_cuda::Gpu::new() {
@@ -26,6 +33,9 @@ fn main() {
     for name in
         ["bc_hopper", "bc_pickplace", "halfcheetah_mlp", "bc_pickplace_transformer", "bc_pickplace_pixels", "cnn"]
     {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         let fp = sqil_driver::load_model(&root.join(format!("{name}.onnx"))).unwrap();
         let mut cfg = QuantConfig::default();
         cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
@@ -77,16 +87,26 @@ fn main() {
                 let s = time(&mut || {
                     gg.run_feeds(&feeds).unwrap();
                 });
-                (Some(s), mb, g.name.clone())
+                // The same step on inputs already on the device (what the PyTorch peer times).
+                let dev_s = time(&mut || {
+                    gg.run().unwrap();
+                    gg.sync().unwrap();
+                });
+                if profile {
+                    let prof = gg.profile(5).unwrap();
+                    eprintln!("profile, {name}:\n{}", sqil_cuda::graph_exec::profile_table(&prof, 30));
+                }
+                (Some((s, dev_s)), mb, g.name.clone())
             }
             None => (None, 0.0, String::new()),
         };
         println!(
-            "{{\"policy\": \"{name}\", \"batch\": {batch}, \"cpu_interp_1thread_samples_s\": {:.0}, \"gpu\": {:?}, \"gpu_samples_s\": {}, \"gpu_mb\": {mb:.1}, \"ratio_gpu_cpu\": {}}}",
+            "{{\"policy\": \"{name}\", \"batch\": {batch}, \"cpu_interp_1thread_samples_s\": {:.0}, \"gpu\": {:?}, \"gpu_samples_s\": {}, \"gpu_device_samples_s\": {}, \"gpu_mb\": {mb:.1}, \"ratio_gpu_cpu\": {}}}",
             batch as f64 / cpu,
             gname,
-            gpu_s.map_or("null".into(), |s| format!("{:.0}", batch as f64 / s)),
-            gpu_s.map_or("null".into(), |s| format!("{:.1}", cpu / s)),
+            gpu_s.map_or("null".into(), |s| format!("{:.0}", batch as f64 / s.0)),
+            gpu_s.map_or("null".into(), |s| format!("{:.0}", batch as f64 / s.1)),
+            gpu_s.map_or("null".into(), |s| format!("{:.1}", cpu / s.0)),
         );
     }
 }

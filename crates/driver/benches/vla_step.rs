@@ -6,7 +6,9 @@
 //! time per step (batch copy in, one CUDA-graph launch, the optimizer) and device memory, one JSON
 //! line; then the per-layer cost fitted and extrapolated to 32 layers.
 //!
-//!     cargo bench -p sqil-driver --bench vla_step -- [LAYERS,...] [--batch 8] [--tokens 16]
+//!     cargo bench -p sqil-driver --bench vla_step -- [LAYERS,...] [--batch 8] [--tokens 16] [--profile]
+//!
+//! `--profile` adds each depth's steps timed one by one (eager, between CUDA events) on stderr.
 
 use sqil_ir::ops::{BinaryOp, ReduceOp, UnaryOp};
 use sqil_ir::testing::Rng;
@@ -154,6 +156,25 @@ fn main() {
                 p.steps.len(),
                 p.bytes() as f64 / 1e9
             );
+            let mut bufs: Vec<(usize, usize)> = p.bufs.iter().copied().enumerate().collect();
+            bufs.sort_by_key(|b| std::cmp::Reverse(b.1));
+            for (i, n) in bufs.iter().take(20) {
+                let first = p.steps.iter().find_map(|s| match s {
+                    sqil_cuda::graph::GStep::Kernel { out, ins, label, .. } if *out == *i || ins.contains(i) => {
+                        Some(label.clone())
+                    }
+                    sqil_cuda::graph::GStep::Gemm(g) if g.c == *i || g.x == *i || g.y == *i => Some(g.label.clone()),
+                    _ => None,
+                });
+                let kind = if p.inputs.iter().any(|x| x.1 == *i) {
+                    "input"
+                } else if p.outputs.iter().any(|x| x.0 == *i) {
+                    "output"
+                } else {
+                    ""
+                };
+                eprintln!("buf {i} {:.1} MB {kind} first {first:?}", *n as f64 * 4e-6);
+            }
             eprintln!("no GPU ({e}): lowered only");
             return;
         }
@@ -218,6 +239,10 @@ fn main() {
             total as f64 / 1e9,
             gg.eager_because,
         );
+        if args.iter().any(|a| a == "--profile") {
+            let prof = gg.profile(3).unwrap();
+            eprintln!("profile, {layers} layers:\n{}", sqil_cuda::graph_exec::profile_table(&prof, 30));
+        }
         rows.push((layers as f64, ms, used));
         drop(opt);
         drop(gg);
