@@ -8,7 +8,9 @@ use crate::lower::err;
 use crate::{Gpu, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use sqil_ir::Tensor;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +27,9 @@ pub struct GpuGraph {
     _workspace: CudaSlice<u8>,
     /// Why the steps run eagerly rather than from a CUDA graph, if they do.
     pub eager_because: Option<String>,
+    /// Page-locked staging buffers of the inputs fed through [`GpuGraph::stage_input`], by
+    /// buffer: allocated on first use and reused.
+    staging: HashMap<usize, PinnedHostSlice<f32>>,
 }
 
 /// cuBLAS workspace bytes (its documented recommendation for Hopper is 32 MiB).
@@ -76,6 +81,7 @@ impl GpuGraph {
             inputs,
             _workspace: workspace,
             eager_because: Some("not captured".into()),
+            staging: HashMap::new(),
         })
     }
 
@@ -226,6 +232,23 @@ impl GpuGraph {
             )));
         }
         self.stream.memcpy_htod(data, &mut self.bufs[b]).map_err(err)?;
+        Ok(())
+    }
+
+    /// Fills input `name` through its page-locked staging buffer (`fill` writes every value; it
+    /// runs once the buffer's previous copy has left it) and copies it to the device
+    /// asynchronously: a batch gathered straight into DMA-able memory, without a per-step
+    /// allocation or the driver's own staging of pageable memory.
+    pub fn stage_input(&mut self, name: &str, fill: &mut dyn FnMut(&mut [f32])) -> Result<()> {
+        let b = *self.inputs.get(name).ok_or_else(|| crate::Error::Unsupported(format!("no input `{name}`")))?;
+        if !self.staging.contains_key(&b) {
+            // SAFETY: the buffer is written in full by `fill` before its first copy.
+            let s = unsafe { self.stream.context().alloc_pinned::<f32>(self.program.bufs[b]) }.map_err(err)?;
+            self.staging.insert(b, s);
+        }
+        let st = self.staging.get_mut(&b).expect("allocated above");
+        fill(st.as_mut_slice().map_err(err)?);
+        self.stream.memcpy_htod(st, &mut self.bufs[b]).map_err(err)?;
         Ok(())
     }
 
@@ -420,6 +443,43 @@ impl GpuGraph {
             l.arg(&x).arg(&g).arg(&m).arg(&v).arg(&nn).arg(&kk).arg(&sc_ptr).arg(&norm_ptr);
             // SAFETY: x, g, m, v hold n floats each; sc 9 doubles; norm one.
             unsafe { l.launch(cfg(n.div_ceil(256))) }.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The device AdamW's first and second moments, per parameter (for checkpoints).
+    #[allow(clippy::type_complexity)]
+    pub fn adamw_moments(&self, opt: &DeviceAdamW) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+        let read = |s: &[CudaSlice<f32>]| -> Result<Vec<Vec<f32>>> {
+            s.iter()
+                .zip(&opt.params)
+                .map(|(b, p)| {
+                    let mut v = vec![0f32; b.len()];
+                    self.stream.memcpy_dtoh(b, &mut v).map_err(err)?;
+                    v.truncate(p.2);
+                    Ok(v)
+                })
+                .collect()
+        };
+        let (m, v) = (read(&opt.m)?, read(&opt.v)?);
+        self.stream.synchronize().map_err(err)?;
+        Ok((m, v))
+    }
+
+    /// Sets the device AdamW's moments (resuming from a checkpoint), one vector per parameter of
+    /// the parameter's length.
+    pub fn set_adamw_moments(&mut self, opt: &mut DeviceAdamW, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
+        if m.len() != opt.params.len() || v.len() != opt.params.len() {
+            return Err(crate::Error::Unsupported("AdamW moments: one per parameter".into()));
+        }
+        for (k, p) in opt.params.iter().enumerate() {
+            if m[k].len() != p.2 || v[k].len() != p.2 {
+                return Err(crate::Error::Unsupported(format!("AdamW moments of parameter {k}: {} values", p.2)));
+            }
+            if p.2 > 0 {
+                self.stream.memcpy_htod(&m[k], &mut opt.m[k]).map_err(err)?;
+                self.stream.memcpy_htod(&v[k], &mut opt.v[k]).map_err(err)?;
+            }
         }
         Ok(())
     }

@@ -4,10 +4,11 @@
 //! (`sqil_train::trainer::train_with`). Per step: the batch and the current parameters copied
 //! in, one graph launch, the loss and gradients copied out.
 
-use sqil_cuda::graph_exec::GpuGraph;
+use sqil_cuda::graph_exec::{DeviceAdamW, GpuGraph};
 use sqil_cuda::Gpu;
 use sqil_ir::{IrError, Result};
-use sqil_train::model::TrainGraph;
+use sqil_train::model::{Param, ParamKind, TrainGraph};
+use sqil_train::optim::AdamW;
 use sqil_train::trainer::{batch_feeds, Dataset, GradEngine};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,6 +33,10 @@ fn dev_err(e: sqil_cuda::Error) -> IrError {
 pub struct GpuEngine {
     gpu: Arc<Gpu>,
     programs: HashMap<usize, GpuGraph>,
+    /// The device optimizer: the batch size whose program holds the live parameters, its AdamW,
+    /// and whether the device is ahead of the host copies (`tg.params`, the moments).
+    resident: Option<(usize, DeviceAdamW)>,
+    dirty: bool,
 }
 
 impl GpuEngine {
@@ -44,7 +49,7 @@ impl GpuEngine {
 
     /// [`GpuEngine::new`] on a GPU already opened (shared with the forward passes).
     pub fn on(gpu: Arc<Gpu>, tg: &TrainGraph, batch: usize) -> Result<GpuEngine> {
-        let mut e = GpuEngine { gpu, programs: HashMap::new() };
+        let mut e = GpuEngine { gpu, programs: HashMap::new(), resident: None, dirty: false };
         e.program(tg, batch)?;
         Ok(e)
     }
@@ -73,7 +78,135 @@ impl GpuEngine {
     }
 }
 
+impl GpuEngine {
+    /// Makes program `b` hold the live parameters and moments (uploading the host's, after
+    /// bringing back another program's if it was ahead).
+    fn make_resident(&mut self, tg: &TrainGraph, host: &mut [Param], opt: &mut AdamW, b: usize) -> Result<()> {
+        if self.resident.as_ref().is_some_and(|(rb, _)| *rb == b) {
+            return Ok(());
+        }
+        self.sync_host(host, opt)?;
+        self.resident = None;
+        self.program(tg, b)?;
+        let gg = self.programs.get_mut(&b).expect("lowered above");
+        let kinds: Vec<(String, usize, u8)> = tg
+            .params
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let kind = match p.kind {
+                    ParamKind::Weight => 0,
+                    ParamKind::Bias => 1,
+                    ParamKind::Step => 2,
+                };
+                (p.name.clone(), k + 1, kind)
+            })
+            .collect();
+        let mut dopt = gg.adamw(&self.gpu, &kinds).map_err(dev_err)?;
+        for p in host.iter() {
+            gg.set_input(&p.name, &p.value.data.f32_cow()).map_err(dev_err)?;
+        }
+        gg.set_adamw_moments(&mut dopt, &opt.m, &opt.v).map_err(dev_err)?;
+        self.resident = Some((b, dopt));
+        Ok(())
+    }
+
+    /// Copies the resident program's parameters and moments into `tg` and `opt` if the device
+    /// is ahead of them.
+    fn sync_host(&mut self, params: &mut [Param], opt: &mut AdamW) -> Result<()> {
+        let Some((b, dopt)) = &self.resident else { return Ok(()) };
+        if !self.dirty {
+            return Ok(());
+        }
+        let gg = &self.programs[b];
+        for p in params.iter_mut() {
+            let mut v = gg.read_input(&p.name).map_err(dev_err)?;
+            v.truncate(p.value.len());
+            p.value = sqil_ir::Tensor::from_f32(p.value.shape.clone(), v)?;
+        }
+        let (m, v) = gg.adamw_moments(dopt).map_err(dev_err)?;
+        opt.m = m;
+        opt.v = v;
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+/// Rows `idx` of `t` (batch axis first) into `dst`, as f32.
+fn gather_rows(t: &sqil_ir::Tensor, idx: &[usize], dst: &mut [f32]) {
+    let per: usize = t.shape[1..].iter().product();
+    match &t.data {
+        sqil_ir::Data::F32(v) => {
+            for (k, &i) in idx.iter().enumerate() {
+                dst[k * per..(k + 1) * per].copy_from_slice(&v[i * per..(i + 1) * per]);
+            }
+        }
+        _ => dst.copy_from_slice(&sqil_train::trainer::take_rows(t, idx).data.f32_cow()),
+    }
+}
+
 impl GradEngine for GpuEngine {
+    fn step(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize], opt: &mut AdamW) -> Result<Option<f64>> {
+        // The parameters live on the device from the first step; the host's copies (in `tg`)
+        // are read only here, when nothing is resident yet.
+        let b = idx.len();
+        if self.resident.as_ref().is_none_or(|(rb, _)| *rb != b) {
+            let mut host = tg.params.clone();
+            self.make_resident(tg, &mut host, opt, b)?;
+        }
+        let Some((_, dopt)) = self.resident.as_mut() else { return Ok(None) };
+        let gg = self.programs.get_mut(&b).expect("resident");
+        // The batch's rows gathered straight into the inputs' pinned staging buffers.
+        let mut rows: Vec<(&str, &sqil_ir::Tensor)> = data.inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        rows.push(("train.target", &data.target));
+        rows.push(("train.teacher", &data.teacher));
+        if let Some(t) = &data.target_hi {
+            rows.push(("train.target_hi", t));
+        }
+        if let Some(t) = &data.teacher_hi {
+            rows.push(("train.teacher_hi", t));
+        }
+        for (n, t) in rows {
+            if gg.program.inputs.iter().any(|(pn, _, _)| pn == n) {
+                gg.stage_input(n, &mut |dst| gather_rows(t, idx, dst)).map_err(dev_err)?;
+            }
+        }
+        gg.stage_input("train.alpha", &mut |dst| {
+            for (d, &i) in dst.iter_mut().zip(idx) {
+                *d = data.alpha[i];
+            }
+        })
+        .map_err(dev_err)?;
+        gg.run().map_err(dev_err)?;
+        let loss = gg.output(0).map_err(dev_err)?[0] as f64;
+        if !loss.is_finite() {
+            return Ok(Some(loss));
+        }
+        // The host AdamW's schedule and bias corrections for this step (its update's arithmetic
+        // is the device kernel's).
+        let lr = opt.lr_at(opt.step);
+        opt.step += 1;
+        let t = opt.step as i32;
+        let sc = [
+            lr,
+            lr * opt.step_lr_scale,
+            1.0 - opt.beta1.powi(t),
+            1.0 - opt.beta2.powi(t),
+            opt.weight_decay,
+            opt.clip,
+            opt.beta1,
+            opt.beta2,
+            opt.eps,
+        ];
+        gg.adamw_step(dopt, sc).map_err(dev_err)?;
+        self.dirty = true;
+        Ok(Some(loss))
+    }
+
+    fn read_back(&mut self, params: &mut [Param], opt: &mut AdamW) -> Result<()> {
+        self.sync_host(params, opt)
+    }
+
     fn grads(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize]) -> Result<(f64, Vec<Vec<f32>>)> {
         let feeds = batch_feeds(tg, data, idx)?;
         let gg = self.program(tg, idx.len())?;

@@ -33,6 +33,7 @@ pub struct Param {
     pub value: Tensor,
 }
 
+#[derive(Clone)]
 pub struct TrainGraph {
     /// Inputs: the policy's inputs, then `target`, `teacher`, `alpha`, then the parameters;
     /// outputs: loss, then one gradient per parameter.

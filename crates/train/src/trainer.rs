@@ -322,6 +322,18 @@ pub trait GradEngine {
     fn grads(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize]) -> Result<(f64, Vec<Vec<f32>>)>;
     /// Where it runs, for logs and reports (`cpu`, `cuda:<GPU name>`).
     fn device(&self) -> String;
+    /// The whole step where the engine keeps the parameters (the GPU: forward, backward and
+    /// `opt`'s update on the device, `opt.step` advanced here): the batch's mean loss, or None
+    /// where the engine only computes gradients and the caller updates. After such steps
+    /// `tg.params` and `opt`'s moments are stale until [`GradEngine::read_back`].
+    fn step(&mut self, _tg: &TrainGraph, _data: &Dataset, _idx: &[usize], _opt: &mut AdamW) -> Result<Option<f64>> {
+        Ok(None)
+    }
+    /// Brings parameters and optimizer moments updated by [`GradEngine::step`] back into `tg`
+    /// (`tg.params`) and `opt` (before validation, checkpoints and the end of training).
+    fn read_back(&mut self, _params: &mut [Param], _opt: &mut AdamW) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The feeds of the training graph for rows `idx`: the policy inputs, targets, teachers (and
@@ -512,14 +524,26 @@ pub fn train_with(
             idx.push(perm[pos]);
             pos += 1;
         }
-        let (loss, grads) = match engine.as_deref_mut() {
-            Some(e) => e.grads(tg, data, &idx)?,
-            None => step_grads(&it, tg, data, &idx, cfg.threads)?,
+        let on_device = match engine.as_deref_mut() {
+            Some(e) => e.step(tg, data, &idx, &mut opt)?,
+            None => None,
+        };
+        let loss = match on_device {
+            Some(loss) => loss,
+            None => {
+                let (loss, grads) = match engine.as_deref_mut() {
+                    Some(e) => e.grads(tg, data, &idx)?,
+                    None => step_grads(&it, tg, data, &idx, cfg.threads)?,
+                };
+                if loss.is_finite() {
+                    opt.update(&mut tg.params, &grads);
+                }
+                loss
+            }
         };
         if !loss.is_finite() {
             return Err(IrError::Invalid(format!("training diverged at step {step} (loss {loss})")));
         }
-        opt.update(&mut tg.params, &grads);
         window.0 += loss;
         window.1 += 1;
         let done = step + 1;
@@ -540,6 +564,16 @@ pub fn train_with(
                 );
             }
             window = (0.0, 0);
+        }
+        // Validation, checkpoints, a requested stop and the end all read the parameters.
+        let due = (every > 0 && done % every == 0)
+            || (cfg.checkpoint_every > 0 && done % cfg.checkpoint_every == 0)
+            || cfg.stop_after == Some(done)
+            || done == cfg.steps;
+        if due {
+            if let Some(e) = engine.as_deref_mut() {
+                e.read_back(&mut tg.params, &mut opt)?;
+            }
         }
         let stop = if every > 0 && (done % every == 0 || done == cfg.steps) {
             validate(tg, done, &mut log, &mut best, &mut since_best)?
