@@ -66,16 +66,37 @@ pub fn sgemm_chain(
         // chains computed as c^T = b^T a^T, vectorized over a's rows (a transposed in blocks of
         // eight rows, each read sequentially); with fewer than eight rows, eight outputs' chains
         // interleaved.
-        if m >= 8 {
-            let mut at = vec![0f32; k * m];
-            for i0 in (0..m).step_by(8) {
-                let i1 = (i0 + 8).min(m);
-                for p in 0..k {
-                    for i in i0..i1 {
-                        at[p * m + i] = a[i * rsa + p * csa];
-                    }
-                }
+        if n == 1 && csa == 1 && m >= 8 && k >= 8 {
+            // A GEMV on row-major a (a squeeze-and-excitation 1 x 1 convolution, a float layer
+            // at batch 1): eight rows' chains in the lanes of one vector, a read in 8 x 8 blocks
+            // transposed in registers; rows past a multiple of eight by the narrow kernel.
+            let m8 = m / 8 * 8;
+            // SAFETY: isa() checked AVX2 and FMA; the bounds were checked above (rows < m8 <= m,
+            // columns < k, b's k entries at stride rsb, c's m8 entries at stride rsc).
+            unsafe { gemv_rows8(m8, k, a, rsa, b, rsb, c, rsc) };
+            if m8 < m {
+                // SAFETY: as above, for the last rows.
+                unsafe {
+                    crate::x86_64::avx2::avx2_sgemm_chain_narrow(
+                        m - m8,
+                        k,
+                        1,
+                        &a[m8 * rsa..],
+                        (rsa, csa),
+                        b,
+                        (rsb, csb),
+                        &mut c[m8 * rsc..],
+                        (rsc, csc),
+                    )
+                };
             }
+            return;
+        }
+        if m >= 8 {
+            // a^T [k, m], through the tiled strided copy (element by element, every write was a
+            // new cache line: most of a 576 x 144 squeeze-and-excitation layer's time).
+            let mut at = vec![0f32; k * m];
+            copy_strided(a, (k, m), (csa, rsa), &mut at);
             let mut ct = vec![0f32; n * m];
             sgemm_chain(n, k, m, b, (csb, rsb), &at, (m, 1), &mut ct, (m, 1));
             for (j, row) in ct.chunks(m).enumerate() {
@@ -574,6 +595,38 @@ unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, ou
             for o in o8..ol {
                 out[c * ol + o] = acc[o * cp + c];
             }
+        }
+    }
+}
+
+/// `c[i * rsc] = chain over p of fma(a[i * rsa + p], b[p * rsb])` from +0 for rows i < m (a
+/// multiple of 8), eight rows per vector: each 8 x 8 block of a loaded by rows and transposed in
+/// registers, the columns past a multiple of eight gathered lane by lane. The same chains, in the
+/// same order, as the scalar definition.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_rows8(m: usize, k: usize, a: &[f32], rsa: usize, b: &[f32], rsb: usize, c: &mut [f32], rsc: usize) {
+    use std::arch::x86_64::*;
+    let k8 = k / 8 * 8;
+    let ap = a.as_ptr();
+    for i0 in (0..m).step_by(8) {
+        let mut acc = _mm256_setzero_ps();
+        for p0 in (0..k8).step_by(8) {
+            let rows: [__m256; 8] = std::array::from_fn(|i| _mm256_loadu_ps(ap.add((i0 + i) * rsa + p0)));
+            let cols = transpose8(rows);
+            for (j, col) in cols.iter().enumerate() {
+                acc = _mm256_fmadd_ps(*col, _mm256_set1_ps(*b.get_unchecked((p0 + j) * rsb)), acc);
+            }
+        }
+        for p in k8..k {
+            let col: [f32; 8] = std::array::from_fn(|i| *a.get_unchecked((i0 + i) * rsa + p));
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(col.as_ptr()), _mm256_set1_ps(*b.get_unchecked(p * rsb)), acc);
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        for (i, v) in out.iter().enumerate() {
+            *c.get_unchecked_mut((i0 + i) * rsc) = *v;
         }
     }
 }

@@ -68,3 +68,39 @@ proptest! {
         prop_assert_eq!(bits(&got), bits(&want));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Few columns and many rows (a GEMV: a squeeze-and-excitation 1 x 1 convolution, a float
+    /// layer at batch 1): rows in blocks of eight through the register-transposed path and the
+    /// rows past a multiple of eight by the narrow kernel, against the definition, bit for bit.
+    #[test]
+    fn policy_gemv_is_one_fma_chain_per_output(seed in any::<u64>(), m in 1usize..70, k in 0usize..300,
+                                               n in 1usize..4, pad in 0usize..3) {
+        let mut s = seed | 1;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0
+        };
+        let rsa = k + pad;
+        let a: Vec<f32> = (0..(m * rsa).max(1)).map(|_| r()).collect();
+        let b: Vec<f32> = (0..(k * n).max(1)).map(|_| r()).collect();
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0f32;
+                for p in 0..k {
+                    acc = a[i * rsa + p].mul_add(b[p * n + j], acc);
+                }
+                want[i * n + j] = acc;
+            }
+        }
+        let mut got = vec![7f32; m * n];
+        sgemm_chain(m, k, n, &a, (rsa, 1), &b, (n, 1), &mut got, (n, 1));
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}

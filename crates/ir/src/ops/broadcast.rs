@@ -108,11 +108,38 @@ pub fn zip2<A: Copy, B: Copy, R>(
         a.chunks(b.len()).flat_map(|r| r.iter().zip(b).map(|(&x, &y)| f(x, y))).collect()
     } else if bc.is_identity(1) && bc.is_tiled(0) && !a.is_empty() {
         b.chunks(a.len()).flat_map(|r| a.iter().zip(r).map(|(&x, &y)| f(x, y))).collect()
+    } else if let Some(inner) = bc.is_identity(0).then(|| block_len(&bc.out_shape, bsh, b.len())).flatten() {
+        // One b value per contiguous block of a (a squeeze-and-excitation gate [N, C, 1, 1]
+        // over [N, C, H, W]).
+        let mut out = Vec::with_capacity(a.len());
+        for (blk, &y) in a.chunks(inner).zip(b) {
+            out.extend(blk.iter().map(|&x| f(x, y)));
+        }
+        out
+    } else if let Some(inner) = bc.is_identity(1).then(|| block_len(&bc.out_shape, ash, a.len())).flatten() {
+        let mut out = Vec::with_capacity(b.len());
+        for (blk, &x) in b.chunks(inner).zip(a) {
+            out.extend(blk.iter().map(|&y| f(x, y)));
+        }
+        out
     } else {
         let (ia, ib) = (bc.indices(0), bc.indices(1));
         ia.iter().zip(&ib).map(|(&i, &j)| f(a[i], b[j])).collect()
     };
     Ok((bc.out_shape, out))
+}
+
+/// If an operand of shape `sh` (`len` elements) broadcast to `out` holds one value per
+/// contiguous block of the output (its shape is the output's leading dimensions, then ones), the
+/// block's length.
+fn block_len(out: &[usize], sh: &[usize], len: usize) -> Option<usize> {
+    if sh.len() > out.len() || len == 0 {
+        return None;
+    }
+    let aligned: Vec<usize> = std::iter::repeat_n(1, out.len() - sh.len()).chain(sh.iter().copied()).collect();
+    let lead = aligned.iter().rposition(|&d| d != 1)? + 1;
+    let inner: usize = out[lead..].iter().product();
+    (aligned[..lead] == out[..lead] && inner > 1 && len * inner == out.iter().product::<usize>()).then_some(inner)
 }
 
 /// Flat indices of a strided view: for each element of `out_shape` (row-major), the offset
@@ -163,5 +190,34 @@ mod tests {
         assert_eq!(broadcast_indices(&[2, 1], &[2, 3]), vec![0, 0, 0, 1, 1, 1]);
         assert_eq!(broadcast_indices(&[], &[2, 2]), vec![0, 0, 0, 0]);
         assert_eq!(broadcast_indices(&[2, 1, 2], &[2, 2, 2]), vec![0, 1, 0, 1, 2, 3, 2, 3]);
+    }
+
+    /// The fast paths of `zip2` (one value per contiguous block among them) against the general
+    /// gather by broadcast indices, both operand orders, a non-commutative op.
+    #[test]
+    fn zip2_fast_paths_equal_the_index_gather() {
+        let cases: &[(&[usize], &[usize])] = &[
+            (&[2, 3, 4, 5], &[2, 3, 1, 1]),
+            (&[2, 3, 4, 5], &[3, 1, 1]),
+            (&[2, 3, 4, 5], &[2, 1, 1, 1]),
+            (&[1, 6, 2, 2], &[1, 6, 1, 1]),
+            (&[4, 5], &[4, 1]),
+            (&[2, 3, 4], &[3, 4]),
+            (&[2, 3, 4], &[1, 3, 1]),
+            (&[2, 3, 4], &[1]),
+        ];
+        for &(big, small) in cases {
+            let a: Vec<f32> = (0..big.iter().product::<usize>()).map(|i| i as f32 * 0.5 + 1.0).collect();
+            let b: Vec<f32> = (0..small.iter().product::<usize>()).map(|i| i as f32 * 3.0 - 2.0).collect();
+            let f = |x: f32, y: f32| x - 2.0 * y;
+            for swap in [false, true] {
+                let ((x, xs), (y, ys)) = if swap { ((&b, small), (&a, big)) } else { ((&a, big), (&b, small)) };
+                let (shape, got) = zip2(x, xs, y, ys, f).unwrap();
+                let bc = Broadcast::new(&[xs, ys]).unwrap();
+                let want: Vec<f32> = bc.indices(0).iter().zip(bc.indices(1)).map(|(&i, j)| f(x[i], y[j])).collect();
+                assert_eq!(shape, bc.out_shape, "{big:?} {small:?}");
+                assert_eq!(got, want, "{big:?} {small:?} swapped {swap}");
+            }
+        }
     }
 }
