@@ -996,13 +996,17 @@ pub fn elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
 }
 
 /// [`sigmoid`] of every f32 value, rounded once to f32 (`out[i] = sigmoid(x[i] as f64) as f32`);
-/// four lanes at a time with AVX2 where the CPU has it (the same operations).
+/// four lanes at a time with AVX2, eight with AVX-512, where the CPU has them (the same
+/// operations).
 pub fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_sigmoid_f32(x, out) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx2::avx2_sigmoid_f32(x, out) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_sigmoid_f32(x, out) },
+        crate::Isa::Generic => {}
     }
     x.iter().zip(out).for_each(|(&v, o)| *o = sigmoid(v as f64) as f32);
 }

@@ -311,8 +311,12 @@ pub unsafe fn avx512_sgemm_direct(
 }
 
 /// `exp_nonpos` on eight lanes, `K` vectors at once step by step (`common::exp_nonpos4xk` on
-/// 512-bit registers: the same operations per lane).
-#[inline(always)]
+/// 512-bit registers: the same operations per lane). With its target features (not
+/// `inline(always)` without them): the closures inside take the function's features, so their
+/// intrinsics inline instead of running as calls (which made every AVX-512 user of this several
+/// times slower than the AVX2 form).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
 pub(crate) unsafe fn exp_nonpos8xk<const K: usize>(x: [__m512d; K]) -> [__m512d; K] {
     use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_TAYLOR};
     let magic = _mm512_set1_pd(EXP_MAGIC);
@@ -341,6 +345,41 @@ pub(crate) unsafe fn exp_nonpos8xk<const K: usize>(x: [__m512d; K]) -> [__m512d;
         // Lanes at or below -708 are 0; NaN lanes (unordered: kept) carry NaN through p.
         _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_NLE_UQ>(x[i], _mm512_set1_pd(-708.0)), y)
     })
+}
+
+/// [`crate::generic::sigmoid_f32`] on eight f64 lanes (`common::sigmoid_f32` on 512-bit
+/// registers: the same operations per lane, so the same bits).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_sigmoid_f32(x: &[f32], out: &mut [f32]) {
+    let one = _mm512_set1_pd(1.0);
+    let sign = _mm512_set1_epi64(i64::MIN);
+    let neg_abs = |v: __m512d| _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(v), sign));
+    let step = |v: __m512d, e: __m512d| {
+        let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v, _mm512_setzero_pd()), e, one);
+        _mm512_cvtpd_ps(_mm512_div_pd(num, _mm512_add_pd(one, e)))
+    };
+    let n = x.len();
+    let mut i = 0;
+    while i + 32 <= n {
+        let v: [__m512d; 4] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
+        let e = exp_nonpos8xk::<4>(std::array::from_fn(|j| neg_abs(v[j])));
+        for j in 0..4 {
+            _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), step(v[j], e[j]));
+        }
+        i += 32;
+    }
+    while i + 8 <= n {
+        let v = _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i)));
+        let [e] = exp_nonpos8xk::<1>([neg_abs(v)]);
+        _mm256_storeu_ps(out.as_mut_ptr().add(i), step(v, e));
+        i += 8;
+    }
+    for j in i..n {
+        out[j] = crate::generic::sigmoid(x[j] as f64) as f32;
+    }
 }
 
 /// `avx2_softmax_rows` with eight-lane exponentials and divisions (equal bit for bit).
