@@ -329,6 +329,15 @@ fn increment(pos: &mut [usize], extent: &[usize]) {
 ///
 /// Writes a `[channels * kernel_len, output_len]` row-major matrix into `out`; padded taps are 0.
 pub fn im2col(input: &[f32], channels: usize, table: &[Option<usize>], geo: &ConvGeometry, out: &mut [f32]) {
+    if matches!(geo.input.len(), 1 | 2) {
+        return im2col_direct(input, channels, geo, out);
+    }
+    im2col_table(input, channels, table, geo, out)
+}
+
+/// [`im2col`] through the geometry's gather table, element by element (the definition; 3-D
+/// geometries take it).
+pub fn im2col_table(input: &[f32], channels: usize, table: &[Option<usize>], geo: &ConvGeometry, out: &mut [f32]) {
     let (kl, ol, il) = (geo.kernel_len(), geo.output_len(), geo.input_len());
     debug_assert_eq!(out.len(), channels * kl * ol);
     for c in 0..channels {
@@ -337,6 +346,57 @@ pub fn im2col(input: &[f32], channels: usize, table: &[Option<usize>], geo: &Con
             let row = &mut out[(c * kl + r) * ol..(c * kl + r + 1) * ol];
             for (o, t) in row.iter_mut().zip(taps) {
                 *o = t.map_or(0.0, |i| plane[i]);
+            }
+        }
+    }
+}
+
+/// [`im2col`] of a 1-D or 2-D geometry computed from the geometry, no table: per tap and output
+/// row, the input row's window (a contiguous copy at stride 1, a strided one otherwise) and
+/// zeros where it falls outside the image. The same values (copies) as the table's gather.
+fn im2col_direct(input: &[f32], channels: usize, geo: &ConvGeometry, out: &mut [f32]) {
+    let two = |v: &[usize], one: usize| if v.len() == 1 { (one, v[0]) } else { (v[0], v[1]) };
+    let (h, w) = two(&geo.input, 1);
+    let (kh, kw) = two(&geo.kernel, 1);
+    let (sh, sw) = two(&geo.strides, 1);
+    let (dh, dw) = two(&geo.dilations, 1);
+    let (oh, ow) = two(&geo.output, 1);
+    let (ph, pw) =
+        if geo.pads_begin.len() == 1 { (0, geo.pads_begin[0]) } else { (geo.pads_begin[0], geo.pads_begin[1]) };
+    let (il, kl, ol) = (h * w, kh * kw, oh * ow);
+    assert!(out.len() >= channels * kl * ol && input.len() >= channels * il, "im2col: buffer sizes");
+    for c in 0..channels {
+        let plane = &input[c * il..(c + 1) * il];
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = &mut out[(c * kl + ky * kw + kx) * ol..(c * kl + ky * kw + kx + 1) * ol];
+                // Input column of output column ox: ox * sw + off; in the image for lo <= ox < hi.
+                let off = (kx * dw) as isize - pw;
+                let ceil_div = |a: isize, b: usize| if a <= 0 { 0 } else { (a as usize).div_ceil(b) };
+                let lo = ceil_div(-off, sw).min(ow);
+                let hi = ceil_div(w as isize - off, sw).clamp(lo, ow);
+                for oy in 0..oh {
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    let iy = (oy * sh) as isize - ph + (ky * dh) as isize;
+                    if iy < 0 || iy >= h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if hi == lo {
+                        continue;
+                    }
+                    if sw == 1 {
+                        let s0 = (lo as isize + off) as usize;
+                        dst[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+                    } else {
+                        for (ox, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = src[(((lo + ox) * sw) as isize + off) as usize];
+                        }
+                    }
+                }
             }
         }
     }

@@ -54,3 +54,43 @@ proptest! {
         prop_assert_eq!(bits(&got), bits(&want));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// im2col computed from the geometry (1-D and 2-D) against the gather table's definition, bit
+    /// for bit: strides, dilations, padding (negative too), several channels.
+    #[test]
+    fn direct_im2col_equals_the_table(seed in any::<u64>(), channels in 1usize..5, two_d in any::<bool>(),
+                                       h in 1usize..12, w in 1usize..20, kh in 1usize..4, kw in 1usize..6,
+                                       sh in 1usize..4, sw in 1usize..4, dh in 1usize..3, dw in 1usize..3,
+                                       ph in -1isize..3, pw in -1isize..3, extra in 0usize..3) {
+        let mut s = seed | 1;
+        let mut r = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            if s % 53 == 0 { -0.0 } else { ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0 }
+        };
+        let (h, kh, sh, dh, ph) = if two_d { (h, kh, sh, dh, ph) } else { (1, 1, 1, 1, 0) };
+        let span = |n: usize, p: isize, k: usize, d: usize| n as isize + p + extra as isize - ((k - 1) * d + 1) as isize;
+        let (oh, ow) = (span(h, ph, kh, dh), span(w, pw, kw, dw));
+        prop_assume!(oh >= 0 && ow >= 0 && ph > -(kh as isize) && pw > -(kw as isize));
+        let (oh, ow) = (if two_d { oh as usize / sh + 1 } else { 1 }, ow as usize / sw + 1);
+        let geo = if two_d {
+            ConvGeometry { input: vec![h, w], kernel: vec![kh, kw], strides: vec![sh, sw], dilations: vec![dh, dw],
+                           pads_begin: vec![ph, pw], output: vec![oh, ow] }
+        } else {
+            ConvGeometry { input: vec![w], kernel: vec![kw], strides: vec![sw], dilations: vec![dw],
+                           pads_begin: vec![pw], output: vec![ow] }
+        };
+        let x: Vec<f32> = (0..channels * h * w).map(|_| r()).collect();
+        let table = geo.gather_table();
+        let n = channels * kh * kw * oh * ow;
+        let (mut want, mut got) = (vec![7f32; n], vec![9f32; n]);
+        sqil_kernels_cpu::generic::im2col_table(&x, channels, &table, &geo, &mut want);
+        im2col(&x, channels, &table, &geo, &mut got);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}
