@@ -1043,6 +1043,29 @@ pub fn softplus_f32(x: &[f32], out: &mut [f32]) {
     x.iter().zip(out).for_each(|(&v, o)| *o = softplus(v as f64) as f32);
 }
 
+/// ONNX HardSwish as sqil computes it: `x * clamp(x / 6 + 1/2, 0, 1)` in f64 (the clamp keeps
+/// NaN, as the C expression's comparisons do).
+#[inline]
+pub fn hard_swish(x: f64) -> f64 {
+    x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
+}
+
+/// [`hard_swish`] of every f32 value, rounded once to f32; eight f64 lanes at a time with AVX-512,
+/// four with AVX2, where the CPU has them (the same operations: a division, an addition, two
+/// ordered comparisons that leave NaN, a multiplication).
+pub fn hard_swish_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_hard_swish_f32(x, out) },
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_hard_swish_f32(x, out) },
+        crate::Isa::Generic => {}
+    }
+    x.iter().zip(out).for_each(|(&v, o)| *o = hard_swish(v as f64) as f32);
+}
+
 /// [`elu`] of every f32 value, rounded once to f32; four lanes at a time with AVX2 where the CPU
 /// has it (the same operations).
 pub fn elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {

@@ -66,6 +66,24 @@ fn sigmoid_and_tanh_f32_equal_their_definitions() {
     check_map("tanh", &vals, tanh_f32, tanh, f64::tanh, 6);
 }
 
+/// HardSwish's vector forms against its scalar definition, bit for bit (special values, every
+/// remainder length of the four- and eight-lane loops).
+#[test]
+fn hard_swish_f32_equals_its_definition() {
+    use sqil_kernels_cpu::generic::{hard_swish, hard_swish_f32};
+    let mut vals = spread(11, 4000, 8.0);
+    vals.extend([-3.0, 3.0, -2.9999998, 3.0000002, 6.0, -6.0]);
+    for len in [vals.len(), 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33] {
+        let x = &vals[..len];
+        let mut got = vec![0f32; len];
+        hard_swish_f32(x, &mut got);
+        for (&g, &v) in got.iter().zip(x) {
+            let want = hard_swish(v as f64) as f32;
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "hard_swish({v}): {g} vs {want}");
+        }
+    }
+}
+
 /// Random f32 values: a third near zero (log-uniform down to 1e-12, both signs), the rest across
 /// [-range, range], plus the special values.
 fn spread(seed: u64, n: usize, range: f64) -> Vec<f32> {

@@ -59,8 +59,9 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(data) });
     }
     if let (Data::F32(v), UnaryOp::HardSwish) = (&t.data, u) {
-        // The definition inlined into one loop over the f32 values (no call per element).
-        let out = v.iter().map(|&x| super::unary::hard_swish(x as f64) as f32).collect();
+        // The definition's operations in f64 lanes (hard_swish_f32).
+        let mut out = vec![0f32; v.len()];
+        sqil_kernels_cpu::generic::hard_swish_f32(v, &mut out);
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }
     if let (Data::F32(v), UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Softplus) = (&t.data, u) {

@@ -46,11 +46,9 @@ use sqil_kernels_cpu::generic::sigmoid;
 // bits on every CPU; the CPU runtime's f32 path vectorizes it exactly).
 use sqil_kernels_cpu::generic::softplus;
 
-/// ONNX HardSwish: `x * max(0, min(1, x / 6 + 1 / 2))`.
-pub(crate) fn hard_swish(x: f64) -> f64 {
-    // clamp keeps NaN, as the C expression's comparisons do.
-    x * (x / 6.0 + 0.5).clamp(0.0, 1.0)
-}
+/// ONNX HardSwish: `x * max(0, min(1, x / 6 + 1 / 2))` (the definition lives with its vector
+/// form in the kernels).
+pub(crate) use sqil_kernels_cpu::generic::hard_swish;
 
 macro_rules! unary_ops {
     ($($(#[$doc:meta])* $v:ident = $name:literal { f: $f:expr, df: $df:expr, c: $c:expr, libm: $libm:expr, cuda: $cuda:expr $(,)? }),* $(,)?) => {
