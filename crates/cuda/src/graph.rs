@@ -2233,6 +2233,67 @@ impl ConvGeo {
         self.co / self.g
     }
 
+    /// `template` with `{name}` replaced by this geometry's values (`w`, `h`, `c`, `hw`, `kh`,
+    /// `kw`, `s0`, `s1`, `p0`, `p1`, `d0`, `d1`, `oh`, `ow`, `pp` = oh * ow, `kk` = k) and by
+    /// `extra`'s: the slab kernels' bodies.
+    fn text(&self, template: &str, extra: &[(&str, String)]) -> String {
+        let g = self;
+        let geo = [
+            ("w", g.w),
+            ("h", g.h),
+            ("c", g.c),
+            ("hw", g.h * g.w),
+            ("kh", g.kh),
+            ("kw", g.kw),
+            ("s0", g.s[0]),
+            ("s1", g.s[1]),
+            ("p0", g.p[0]),
+            ("p1", g.p[1]),
+            ("d0", g.d[0]),
+            ("d1", g.d[1]),
+            ("oh", g.oh),
+            ("ow", g.ow),
+            ("pp", g.oh * g.ow),
+            ("kk", g.k()),
+        ];
+        let mut out = template.to_string();
+        for (k, v) in geo.iter().map(|(k, v)| (*k, v.to_string())).chain(extra.iter().map(|(k, v)| (*k, v.clone()))) {
+            out = out.replace(&format!("{{{k}}}"), &v);
+        }
+        out
+    }
+
+    /// One GEMM (batch 1, no split) of this convolution's slab code.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm1(
+        lw: &mut Lowerer,
+        (x, tx): (usize, bool),
+        (y, ty): (usize, bool),
+        c: usize,
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+        label: &str,
+    ) {
+        lw.p.steps.push(GStep::Gemm(GemmStep {
+            x,
+            tx,
+            y,
+            ty,
+            c,
+            m,
+            n,
+            k,
+            batch: 1,
+            sx: 0,
+            sy: 0,
+            alpha: 1.0,
+            beta,
+            label: label.into(),
+            split: 1,
+            off: [0; 3],
+        }));
+    }
+
     /// Images per slab of the ungrouped path: a slab's columns (`[k, images, oh*ow]`) and its
     /// outputs or output gradients in channel-major order (`[co, images, oh*ow]`) each at most
     /// [`SLAB_FLOATS`], at least one image.
@@ -2268,26 +2329,14 @@ impl ConvGeo {
         let g = self;
         let (kk, pp, it) = (g.k(), g.oh * g.ow, g.index_type());
         let total = cnt * kk * pp;
-        let body = format!(
+        let body = g.text(
             "  {it} o = ({it})blockIdx.x * 256 + threadIdx.x;\n  if (o >= {total}) return;\n\
              \x20 {it} p = o % {pp}, t = o / {pp};\n  {it} b = t % {cnt}, kk = t / {cnt};\n\
              \x20 {it} ox = p % {ow}, oy = p / {ow};\n  {it} kx = kk % {kw}, t2 = kk / {kw};\n\
              \x20 {it} ky = t2 % {kh}, ci = t2 / {kh};\n\
              \x20 {it} iy = oy * {s0} - {p0} + ky * {d0}, ix = ox * {s1} - {p1} + kx * {d1};\n\
              \x20 out[o] = (iy >= 0 && iy < {h} && ix >= 0 && ix < {w}) ? p0[(b * {c} + ci) * {hw} + iy * {w} + ix] : 0.0f;\n",
-            ow = g.ow,
-            kw = g.kw,
-            kh = g.kh,
-            s0 = g.s[0],
-            s1 = g.s[1],
-            p0 = g.p[0],
-            p1 = g.p[1],
-            d0 = g.d[0],
-            d1 = g.d[1],
-            h = g.h,
-            w = g.w,
-            c = g.c,
-            hw = g.h * g.w,
+            &[("it", it.into()), ("total", total.to_string()), ("cnt", cnt.to_string())],
         );
         let off = vec![0, i0 * g.c * g.h * g.w];
         lw.emit_raw_into(col, vec![x], &body, total.div_ceil(256), &format!("{label} (im2col slab)"), off);
@@ -2338,24 +2387,7 @@ impl ConvGeo {
         let yt = lw.buf(cb * co * pp);
         for (i0, cnt) in g.slabs() {
             g.im2col_t(lw, x, col, (i0, cnt), label);
-            lw.p.steps.push(GStep::Gemm(GemmStep {
-                x: w,
-                tx: false,
-                y: col,
-                ty: false,
-                c: yt,
-                m: co,
-                n: cnt * pp,
-                k: kk,
-                batch: 1,
-                sx: 0,
-                sy: 0,
-                alpha: 1.0,
-                beta: 0.0,
-                label: label.into(),
-                split: 1,
-                off: [0; 3],
-            }));
+            ConvGeo::gemm1(lw, (w, false), (col, false), yt, (co, cnt * pp, kk), 0.0, label);
             g.swap(lw, yt, y, (i0, cnt), true, bias, label);
         }
         Ok(y)
@@ -2373,24 +2405,8 @@ impl ConvGeo {
         for (si, (i0, cnt)) in g.slabs().into_iter().enumerate() {
             g.swap(lw, dy, dyt, (i0, cnt), false, None, label);
             g.im2col_t(lw, x, col, (i0, cnt), label);
-            lw.p.steps.push(GStep::Gemm(GemmStep {
-                x: dyt,
-                tx: false,
-                y: col,
-                ty: true,
-                c: dw,
-                m: co,
-                n: kk,
-                k: cnt * pp,
-                batch: 1,
-                sx: 0,
-                sy: 0,
-                alpha: 1.0,
-                beta: if si == 0 { 0.0 } else { 1.0 },
-                label: label.into(),
-                split: 1,
-                off: [0; 3],
-            }));
+            let beta = if si == 0 { 0.0 } else { 1.0 };
+            ConvGeo::gemm1(lw, (dyt, false), (col, true), dw, (co, kk, cnt * pp), beta, label);
         }
         Ok(dw)
     }
@@ -2408,48 +2424,19 @@ impl ConvGeo {
         let it = g.index_type();
         for (i0, cnt) in g.slabs() {
             g.swap(lw, dy, dyt, (i0, cnt), false, None, label);
-            lw.p.steps.push(GStep::Gemm(GemmStep {
-                x: w,
-                tx: true,
-                y: dyt,
-                ty: false,
-                c: dcol,
-                m: kk,
-                n: cnt * pp,
-                k: co,
-                batch: 1,
-                sx: 0,
-                sy: 0,
-                alpha: 1.0,
-                beta: 0.0,
-                label: label.into(),
-                split: 1,
-                off: [0; 3],
-            }));
+            ConvGeo::gemm1(lw, (w, true), (dyt, false), dcol, (kk, cnt * pp, co), 0.0, label);
             let total = cnt * g.c * g.h * g.w;
-            let body = format!(
+            let body = g.text(
                 "  {it} o = ({it})blockIdx.x * 256 + threadIdx.x;\n  if (o >= {total}) return;\n\
                  \x20 {it} ix = o % {w}, t = o / {w};\n  {it} iy = t % {h}; t /= {h};\n  {it} ci = t % {c}, b = t / {c};\n\
                  \x20 double acc = 0.0;\n\
-                 \x20 for (int ky = 0; ky < {kh}; ky++) {{\n\
+                 \x20 for (int ky = 0; ky < {kh}; ky++) {\n\
                  \x20   {it} ty = iy + {p0} - ky * {d0};\n    if (ty < 0 || ty % {s0} != 0 || ty / {s0} >= {oh}) continue;\n\
-                 \x20   for (int kx = 0; kx < {kw}; kx++) {{\n\
+                 \x20   for (int kx = 0; kx < {kw}; kx++) {\n\
                  \x20     {it} tx = ix + {p1} - kx * {d1};\n      if (tx < 0 || tx % {s1} != 0 || tx / {s1} >= {ow}) continue;\n\
                  \x20     acc += (double)p0[(((ci * {kh} + ky) * {kw} + kx) * ({it}){cnt} + b) * {pp} + (ty / {s0}) * {ow} + tx / {s1}];\n\
-                 \x20   }}\n  }}\n  out[o] = (float)acc;\n",
-                w = g.w,
-                h = g.h,
-                c = g.c,
-                kh = g.kh,
-                kw = g.kw,
-                p0 = g.p[0],
-                p1 = g.p[1],
-                d0 = g.d[0],
-                d1 = g.d[1],
-                s0 = g.s[0],
-                s1 = g.s[1],
-                oh = g.oh,
-                ow = g.ow,
+                 \x20   }\n  }\n  out[o] = (float)acc;\n",
+                &[("it", it.into()), ("total", total.to_string()), ("cnt", cnt.to_string())],
             );
             let off = vec![i0 * g.c * g.h * g.w, 0];
             lw.emit_raw_into(dx, vec![dcol], &body, total.div_ceil(256), &format!("{label} (col2im slab)"), off);

@@ -192,13 +192,7 @@ fn main() {
         for pm in &tg.params {
             gg.set_input(&pm.name, &pm.value.data.f32_cow()).unwrap();
         }
-        let kinds: Vec<(String, usize, u8)> = tg
-            .params
-            .iter()
-            .enumerate()
-            .map(|(k, p)| (p.name.clone(), k + 1, if p.kind == sqil_train::model::ParamKind::Step { 2 } else { 0 }))
-            .collect();
-        let mut opt = gg.adamw(&gpu, &kinds).unwrap();
+        let mut opt = gg.adamw(&gpu, &sqil_driver::gpu_train::adamw_params(&tg)).unwrap();
         let nparams: usize =
             tg.params.iter().filter(|p| p.kind == sqil_train::model::ParamKind::Weight).map(|p| p.value.len()).sum();
         let mut rr = Rng::new(9);

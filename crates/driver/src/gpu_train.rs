@@ -89,20 +89,7 @@ impl GpuEngine {
         self.resident = None;
         self.program(tg, b)?;
         let gg = self.programs.get_mut(&b).expect("lowered above");
-        let kinds: Vec<(String, usize, u8)> = tg
-            .params
-            .iter()
-            .enumerate()
-            .map(|(k, p)| {
-                let kind = match p.kind {
-                    ParamKind::Weight => 0,
-                    ParamKind::Bias => 1,
-                    ParamKind::Step => 2,
-                };
-                (p.name.clone(), k + 1, kind)
-            })
-            .collect();
-        let mut dopt = gg.adamw(&self.gpu, &kinds).map_err(dev_err)?;
+        let mut dopt = gg.adamw(&self.gpu, &adamw_params(tg)).map_err(dev_err)?;
         for p in host.iter() {
             gg.set_input(&p.name, &p.value.data.f32_cow()).map_err(dev_err)?;
         }
@@ -130,6 +117,17 @@ impl GpuEngine {
         self.dirty = false;
         Ok(())
     }
+}
+
+/// The parameters of `tg` as `GpuGraph::adamw` takes them: (input name, gradient output index,
+/// kind: 0 weight, 1 bias, 2 LSQ step).
+pub fn adamw_params(tg: &TrainGraph) -> Vec<(String, usize, u8)> {
+    let code = |k: ParamKind| match k {
+        ParamKind::Weight => 0,
+        ParamKind::Bias => 1,
+        ParamKind::Step => 2,
+    };
+    tg.params.iter().enumerate().map(|(k, p)| (p.name.clone(), k + 1, code(p.kind))).collect()
 }
 
 /// Rows `idx` of `t` (batch axis first) into `dst`, as f32.

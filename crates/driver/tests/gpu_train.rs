@@ -190,20 +190,7 @@ fn one_training_step_on_the_gpu_matches_the_cpu() {
                 opt.step_lr_scale = 0.1;
                 let grads: Vec<Vec<f32>> = got[1..].iter().map(|t| t.data.to_f32_vec()).collect();
                 opt.update(&mut cpu, &grads);
-                let kinds: Vec<(String, usize, u8)> = tg
-                    .params
-                    .iter()
-                    .enumerate()
-                    .map(|(k, p)| {
-                        let kind = match p.kind {
-                            sqil_train::model::ParamKind::Weight => 0,
-                            sqil_train::model::ParamKind::Bias => 1,
-                            sqil_train::model::ParamKind::Step => 2,
-                        };
-                        (p.name.clone(), k + 1, kind)
-                    })
-                    .collect();
-                let mut dev = gg.adamw(&gpu, &kinds).unwrap();
+                let mut dev = gg.adamw(&gpu, &sqil_driver::gpu_train::adamw_params(&tg)).unwrap();
                 gg.adamw_step(&mut dev, [1e-3, 1e-4, 1.0 - 0.9, 1.0 - 0.999, 0.01, 0.5, 0.9, 0.999, 1e-8]).unwrap();
                 for p in &cpu {
                     let (d, c) = (gg.read_input(&p.name).unwrap(), p.value.data.to_f32_vec());

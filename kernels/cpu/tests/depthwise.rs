@@ -6,6 +6,48 @@
 use proptest::prelude::*;
 use sqil_kernels_cpu::{depthwise_conv, im2col, sgemm_chain, ConvGeometry};
 
+/// A random 1-D (`two_d` false: the row arguments ignored) or 2-D geometry, its output extent from
+/// the padded input (pads at the end: `extra`), at least one position; None where the window
+/// does not fit. Returns the geometry, the effective (input rows, kernel rows) and the output.
+#[allow(clippy::type_complexity)]
+fn geometry(
+    two_d: bool,
+    (h, w): (usize, usize),
+    (kh, kw): (usize, usize),
+    (sh, sw): (usize, usize),
+    (dh, dw): (usize, usize),
+    (ph, pw): (isize, isize),
+    extra: usize,
+) -> Option<(ConvGeometry, (usize, usize), (usize, usize))> {
+    let (h, kh, sh, dh, ph) = if two_d { (h, kh, sh, dh, ph) } else { (1, 1, 1, 1, 0) };
+    let span = |n: usize, p: isize, k: usize, d: usize| n as isize + p + extra as isize - ((k - 1) * d + 1) as isize;
+    let (oh, ow) = (span(h, ph, kh, dh), span(w, pw, kw, dw));
+    if oh < 0 || ow < 0 || ph <= -(kh as isize) || pw <= -(kw as isize) {
+        return None;
+    }
+    let (oh, ow) = (if two_d { oh as usize / sh + 1 } else { 1 }, ow as usize / sw + 1);
+    let geo = if two_d {
+        ConvGeometry {
+            input: vec![h, w],
+            kernel: vec![kh, kw],
+            strides: vec![sh, sw],
+            dilations: vec![dh, dw],
+            pads_begin: vec![ph, pw],
+            output: vec![oh, ow],
+        }
+    } else {
+        ConvGeometry {
+            input: vec![w],
+            kernel: vec![kw],
+            strides: vec![sw],
+            dilations: vec![dw],
+            pads_begin: vec![pw],
+            output: vec![ow],
+        }
+    };
+    Some((geo, (h, kh), (oh, ow)))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
@@ -25,19 +67,9 @@ proptest! {
                 _ => ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0,
             }
         };
-        let (h, kh, sh, dh, ph) = if two_d { (h, kh, sh, dh, ph) } else { (1, 1, 1, 1, 0) };
-        // Output extent from the padded input (pads at the end: `extra`), at least one position.
-        let span = |n: usize, p: isize, k: usize, d: usize| n as isize + p + extra as isize - ((k - 1) * d + 1) as isize;
-        let (oh, ow) = (span(h, ph, kh, dh), span(w, pw, kw, dw));
-        prop_assume!(oh >= 0 && ow >= 0 && ph > -(kh as isize) && pw > -(kw as isize));
-        let (oh, ow) = (if two_d { oh as usize / sh + 1 } else { 1 }, ow as usize / sw + 1);
-        let geo = if two_d {
-            ConvGeometry { input: vec![h, w], kernel: vec![kh, kw], strides: vec![sh, sw], dilations: vec![dh, dw],
-                           pads_begin: vec![ph, pw], output: vec![oh, ow] }
-        } else {
-            ConvGeometry { input: vec![w], kernel: vec![kw], strides: vec![sw], dilations: vec![dw],
-                           pads_begin: vec![pw], output: vec![ow] }
-        };
+        let g = geometry(two_d, (h, w), (kh, kw), (sh, sw), (dh, dw), (ph, pw), extra);
+        prop_assume!(g.is_some());
+        let (geo, (h, kh), (oh, ow)) = g.unwrap();
         let (il, kl, ol) = (h * w, kh * kw, oh * ow);
         let x: Vec<f32> = (0..channels * il).map(|_| r()).collect();
         let k: Vec<f32> = (0..channels * kl).map(|_| r()).collect();
@@ -72,18 +104,9 @@ proptest! {
             s ^= s << 17;
             if s % 53 == 0 { -0.0 } else { ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0 }
         };
-        let (h, kh, sh, dh, ph) = if two_d { (h, kh, sh, dh, ph) } else { (1, 1, 1, 1, 0) };
-        let span = |n: usize, p: isize, k: usize, d: usize| n as isize + p + extra as isize - ((k - 1) * d + 1) as isize;
-        let (oh, ow) = (span(h, ph, kh, dh), span(w, pw, kw, dw));
-        prop_assume!(oh >= 0 && ow >= 0 && ph > -(kh as isize) && pw > -(kw as isize));
-        let (oh, ow) = (if two_d { oh as usize / sh + 1 } else { 1 }, ow as usize / sw + 1);
-        let geo = if two_d {
-            ConvGeometry { input: vec![h, w], kernel: vec![kh, kw], strides: vec![sh, sw], dilations: vec![dh, dw],
-                           pads_begin: vec![ph, pw], output: vec![oh, ow] }
-        } else {
-            ConvGeometry { input: vec![w], kernel: vec![kw], strides: vec![sw], dilations: vec![dw],
-                           pads_begin: vec![pw], output: vec![ow] }
-        };
+        let g = geometry(two_d, (h, w), (kh, kw), (sh, sw), (dh, dw), (ph, pw), extra);
+        prop_assume!(g.is_some());
+        let (geo, (h, kh), (oh, ow)) = g.unwrap();
         let x: Vec<f32> = (0..channels * h * w).map(|_| r()).collect();
         let table = geo.gather_table();
         let n = channels * kh * kw * oh * ow;
