@@ -79,12 +79,9 @@ impl GpuEngine {
 }
 
 impl GpuEngine {
-    /// Makes program `b` hold the live parameters and moments (uploading the host's, after
-    /// bringing back another program's if it was ahead).
+    /// Makes program `b` hold the live parameters and moments (uploading `host`'s, after
+    /// bringing back into them another program's if it was ahead).
     fn make_resident(&mut self, tg: &TrainGraph, host: &mut [Param], opt: &mut AdamW, b: usize) -> Result<()> {
-        if self.resident.as_ref().is_some_and(|(rb, _)| *rb == b) {
-            return Ok(());
-        }
         self.sync_host(host, opt)?;
         self.resident = None;
         self.program(tg, b)?;
@@ -152,8 +149,8 @@ impl GradEngine for GpuEngine {
             let mut host = tg.params.clone();
             self.make_resident(tg, &mut host, opt, b)?;
         }
-        let Some((_, dopt)) = self.resident.as_mut() else { return Ok(None) };
-        let gg = self.programs.get_mut(&b).expect("resident");
+        let (_, dopt) = self.resident.as_mut().expect("made resident above");
+        let gg = self.programs.get_mut(&b).expect("lowered when made resident");
         // The batch's rows gathered straight into the inputs' pinned staging buffers.
         let mut rows: Vec<(&str, &sqil_ir::Tensor)> = data.inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
         rows.push(("train.target", &data.target));

@@ -176,9 +176,6 @@ pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
     let st = strides_of(&x.shape);
     let shape: Vec<usize> = p.iter().map(|&a| x.shape[a]).collect();
     let strides: Vec<isize> = p.iter().map(|&a| st[a] as isize).collect();
-    // Trailing axes that stay in place move as contiguous runs (a transformer's head split
-    // [B, T, H, D] -> [B, H, T, D] copies runs of D values): f32 runs of 4 or more are copied
-    // run by run, not gathered element by element.
     // The last two axes swapped, the others in place (attention's K^T: [B, H, T, D] ->
     // [B, H, D, T]): each matrix through the kernels' tiled strided copy.
     let r = x.rank();
@@ -196,6 +193,9 @@ pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
         }
         return Tensor::new(shape, Data::F32(out));
     }
+    // Trailing axes that stay in place move as contiguous runs (a transformer's head split
+    // [B, T, H, D] -> [B, H, T, D] copies runs of D values): f32 runs of 4 or more are copied
+    // run by run, not gathered element by element.
     let kept = (0..p.len()).rev().take_while(|&i| p[i] == i).count();
     let run: usize = x.shape[x.rank() - kept..].iter().product();
     if let (Data::F32(v), true) = (&x.data, run >= 4 && kept < x.rank()) {
