@@ -21,7 +21,7 @@ model() {
 if [ "$mode" = prepare ]; then
     SQIL=${SQIL_BIN:-target/release/sqil}
     mkdir -p "$dir"
-    tools/.venv-dev/bin/python - "$dir" <<'PY'
+    ${PYTHON:-tools/.venv-dev/bin/python} - "$dir" <<'PY'
 import sys, numpy as np, onnx
 sys.path.insert(0, "tools")
 from sqil_tools.zoo import mlp_4x1024

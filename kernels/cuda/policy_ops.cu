@@ -21,20 +21,20 @@ __device__ __forceinline__ float sqil_binop(float a, float b, int op)
 // one-warp-per-row) kernels: these policies are small, and their time is launch-bound.
 
 // y[pairs[2i]] = x[pairs[2i + 1]]: one source's part of a data-movement op's output.
-extern "C" __global__ void sqil_copy_pairs(const float *__restrict__ x, float *__restrict__ y,
+SQIL_KERNEL void sqil_copy_pairs(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y,
                                            const int *__restrict__ pairs, int m)
 {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i < m) {
         y[pairs[2 * i]] = x[pairs[2 * i + 1]];
     }
 }
 
 // y[idx[i]] = v[i]: a movement op's elements that come from constants.
-extern "C" __global__ void sqil_set_consts(float *__restrict__ y, const int *__restrict__ idx,
+SQIL_KERNEL void sqil_set_consts(SQIL_VARGS float *__restrict__ y, const int *__restrict__ idx,
                                            const float *__restrict__ v, int m)
 {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i < m) {
         y[idx[i]] = (v[i]);
     }
@@ -42,12 +42,12 @@ extern "C" __global__ void sqil_set_consts(float *__restrict__ y, const int *__r
 
 // y[i] = a op b, each operand fp16 (ah) or fp32 (af, a constant), read at ia[i] (or i when ia is
 // null): numpy broadcasting as index tables. op 0 add, 1 sub, 2 mul, 3 div, 4 PRelu (a < 0 ? a * b : a).
-extern "C" __global__ void sqil_binary_bcast(const float *__restrict__ ah, const float *__restrict__ af,
+SQIL_KERNEL void sqil_binary_bcast(SQIL_VARGS const float *__restrict__ ah, const float *__restrict__ af,
                                              const int *__restrict__ ia, const float *__restrict__ bh,
                                              const float *__restrict__ bf, const int *__restrict__ ib,
                                              float *__restrict__ y, int n, int op)
 {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i >= n) {
         return;
     }
@@ -58,10 +58,10 @@ extern "C" __global__ void sqil_binary_bcast(const float *__restrict__ ah, const
 }
 
 // Softmax over rows of `dim`: one warp per row, fp32.
-extern "C" __global__ void sqil_softmax_rows(const float *__restrict__ x, float *__restrict__ y, int rows,
+SQIL_KERNEL void sqil_softmax_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y, int rows,
                                              int dim)
 {
-    const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    const int r = (SQIL_BX * SQIL_BDIM + SQIL_TX) / 32, lane = SQIL_TX % 32;
     if (r >= rows) {
         return;
     }
@@ -86,11 +86,11 @@ extern "C" __global__ void sqil_softmax_rows(const float *__restrict__ x, float 
 
 // LayerNormalization over rows of `dim` (scale, and bias unless null, fp32 per column): one warp
 // per row, two passes in fp32.
-extern "C" __global__ void sqil_layernorm_rows(const float *__restrict__ x, float *__restrict__ y,
+SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y,
                                                const float *__restrict__ scale, const float *__restrict__ bias,
                                                int rows, int dim, float eps)
 {
-    const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    const int r = (SQIL_BX * SQIL_BDIM + SQIL_TX) / 32, lane = SQIL_TX % 32;
     if (r >= rows) {
         return;
     }
@@ -118,11 +118,11 @@ extern "C" __global__ void sqil_layernorm_rows(const float *__restrict__ x, floa
 
 // Batched MatMul of two computed operands (attention): y[q] = a[offs[2q]] @ b[offs[2q + 1]],
 // [m, k] @ [k, n] per batch; one thread per output, one fma chain over k (the CPU's bits).
-extern "C" __global__ void sqil_bmm(const float *__restrict__ a, const float *__restrict__ b,
+SQIL_KERNEL void sqil_bmm(SQIL_VARGS const float *__restrict__ a, const float *__restrict__ b,
                                     float *__restrict__ y, const int *__restrict__ offs, int batches, int m, int k,
                                     int n)
 {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i >= batches * m * n) {
         return;
     }
@@ -152,12 +152,12 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
 // output: the lanes load 32 consecutive terms at a time (coalesced, a batch ahead), and every lane
 // runs the same chain over them through shuffles (a spatial softmax's keypoint MatMul has
 // thousands of terms and a handful of outputs).
-extern "C" __global__ void sqil_linear_f32w(const float *__restrict__ x, const float *__restrict__ w,
+SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
                                             const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
                                             int n, float qs, float qz, float qlo, float qhi)
 {
-    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
+    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
+    const int lane = SQIL_TX % 32;
     if (o >= (long)rows * n) {
         return; // the whole warp
     }
@@ -195,10 +195,10 @@ __device__ __forceinline__ float sqil_level_or(float x, float s, float z, float 
     return s == 0.0f ? x : sqil_level(x, s, z, lo, hi);
 }
 
-extern "C" __global__ void sqil_levels(const float *__restrict__ x, float *__restrict__ lv, int n, float s, float z,
+SQIL_KERNEL void sqil_levels(SQIL_VARGS const float *__restrict__ x, float *__restrict__ lv, int n, float s, float z,
                                        float lo, float hi)
 {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i < n) {
         lv[i] = sqil_level(x[i], s, z, lo, hi);
     }
@@ -234,13 +234,13 @@ __device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const
 // groups (lane j groups j, j + 32, ...) and the lanes' products are added in group order through
 // shuffles; with fewer that divide 32, each group gets 32 / groups lanes; otherwise the lanes split
 // each group's terms in turn (integer sums: any order is exact).
-extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const float *__restrict__ scales,
+SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const float *__restrict__ scales,
                                        const float *__restrict__ bias, const float *__restrict__ x,
                                        float *__restrict__ y, int rows, int n, int k, int group, int groups,
                                        float xscale, int relu, float qs, float qz, float qlo, float qhi)
 {
-    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32;
+    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
+    const int lane = SQIL_TX % 32;
     if (o >= (long)rows * n) {
         return; // the whole warp
     }
@@ -331,7 +331,7 @@ extern "C" __global__ void sqil_q4_int(const unsigned *__restrict__ wq, const fl
 // chunk boundaries, so the float epilogue runs in the same order as the CPU's.
 #define SQIL_CONV_TP 32
 #define SQIL_CONV_TC 16
-extern "C" __global__ void __launch_bounds__(256) sqil_q4_conv_int(
+SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,
     const float *__restrict__ lv, float *__restrict__ y, const unsigned *__restrict__ table, int positions, int n,
     int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane)
@@ -340,8 +340,8 @@ extern "C" __global__ void __launch_bounds__(256) sqil_q4_conv_int(
     __shared__ int ws[SQIL_CONV_TC][8];
     __shared__ int nanf[SQIL_CONV_TP];
     const int tiles_p = (positions + SQIL_CONV_TP - 1) / SQIL_CONV_TP;
-    const int p0 = (blockIdx.x % tiles_p) * SQIL_CONV_TP, c0 = (blockIdx.x / tiles_p) * SQIL_CONV_TC;
-    const int t = threadIdx.x, pl = t % SQIL_CONV_TP, cl = t / SQIL_CONV_TP * 2, k4 = (k + 3) / 4;
+    const int p0 = (SQIL_BX % tiles_p) * SQIL_CONV_TP, c0 = (SQIL_BX / tiles_p) * SQIL_CONV_TC;
+    const int t = SQIL_TX, pl = t % SQIL_CONV_TP, cl = t / SQIL_CONV_TP * 2, k4 = (k + 3) / 4;
     if (t < SQIL_CONV_TP) {
         nanf[t] = 0;
     }
@@ -412,12 +412,12 @@ extern "C" __global__ void __launch_bounds__(256) sqil_q4_conv_int(
 // (the groups' sums are independent), and every thread of lane l folds the four groups of each
 // round into its total in group order through shuffles; the totals are then combined by shuffles
 // in the CPU's order.
-extern "C" __global__ void sqil_q4_w16(const unsigned *__restrict__ wq, const float *__restrict__ scales,
+SQIL_KERNEL void sqil_q4_w16(SQIL_VARGS const unsigned *__restrict__ wq, const float *__restrict__ scales,
                                        const float *__restrict__ bias, const float *__restrict__ x,
                                        float *__restrict__ y, int rows, int n, int k, int group, int groups, int relu)
 {
-    const long o = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    const int lane = threadIdx.x % 32, l = lane % 8, j = lane / 8;
+    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
+    const int lane = SQIL_TX % 32, l = lane % 8, j = lane / 8;
     if (o >= (long)rows * n) {
         return; // the whole warp
     }
@@ -462,12 +462,12 @@ extern "C" __global__ void sqil_q4_w16(const unsigned *__restrict__ wq, const fl
 // w, kernel h, w, strides, dilations, pads at the start, out h, w, groups); w fp32
 // [n][c / groups][kh][kw]; one thread per output: one fma chain in (channel, tap) order, padding
 // skipped (an exact zero), then the bias: the CPU's bits.
-extern "C" __global__ void sqil_conv2d_f32(const float *__restrict__ x, const int *__restrict__ geo,
+SQIL_KERNEL void sqil_conv2d_f32(SQIL_VARGS const float *__restrict__ x, const int *__restrict__ geo,
                                            const float *__restrict__ w, const float *__restrict__ bias,
                                            float *__restrict__ y, int n)
 {
     const int c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i >= n * oh * ow) {
         return;
     }
@@ -493,12 +493,12 @@ extern "C" __global__ void sqil_conv2d_f32(const float *__restrict__ x, const in
 
 // 2-D max or average pooling of `planes` planes (geo as sqil_conv2d_f32's); average divides by
 // div[position], or div0 when div is null; one thread per output.
-extern "C" __global__ void sqil_pool2d(const float *__restrict__ x, const int *__restrict__ geo,
+SQIL_KERNEL void sqil_pool2d(SQIL_VARGS const float *__restrict__ x, const int *__restrict__ geo,
                                        float *__restrict__ y, int planes, int is_max, const int *__restrict__ div,
                                        int div0)
 {
     const int h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i >= planes * oh * ow) {
         return;
     }
@@ -518,10 +518,10 @@ extern "C" __global__ void sqil_pool2d(const float *__restrict__ x, const int *_
 }
 
 // y[r] = mean of x[r, 0..inner) (GlobalAveragePool); one warp per row.
-extern "C" __global__ void sqil_mean_rows(const float *__restrict__ x, float *__restrict__ y, int rows,
+SQIL_KERNEL void sqil_mean_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y, int rows,
                                           int inner)
 {
-    const int r = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+    const int r = (SQIL_BX * SQIL_BDIM + SQIL_TX) / 32, lane = SQIL_TX % 32;
     if (r >= rows) {
         return;
     }
@@ -539,17 +539,17 @@ extern "C" __global__ void sqil_mean_rows(const float *__restrict__ x, float *__
 
 // Softmax over long rows: one block of 256 threads per row (a spatial softmax over an image's
 // positions), fp32, reductions through shared memory.
-extern "C" __global__ void sqil_softmax_rows_block(const float *__restrict__ x, float *__restrict__ y,
+SQIL_KERNEL void sqil_softmax_rows_block(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y,
                                                    int rows, int dim)
 {
     __shared__ float red[32];
-    const int r = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    const int r = SQIL_BX, lane = SQIL_TX % 32, warp = SQIL_TX / 32, nw = SQIL_BDIM / 32;
     if (r >= rows) {
         return;
     }
     const float *xr = x + (long)r * dim;
     float m = -3.0e38f, s = 0.0f;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    for (int j = SQIL_TX; j < dim; j += SQIL_BDIM) {
         m = fmaxf(m, (xr[j]));
     }
     for (int o = 16; o > 0; o /= 2) {
@@ -564,7 +564,7 @@ extern "C" __global__ void sqil_softmax_rows_block(const float *__restrict__ x, 
         m = fmaxf(m, red[w]);
     }
     __syncthreads();
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    for (int j = SQIL_TX; j < dim; j += SQIL_BDIM) {
         s += expf((xr[j]) - m);
     }
     for (int o = 16; o > 0; o /= 2) {
@@ -578,7 +578,7 @@ extern "C" __global__ void sqil_softmax_rows_block(const float *__restrict__ x, 
     for (int w = 0; w < nw; w++) {
         s += red[w];
     }
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+    for (int j = SQIL_TX; j < dim; j += SQIL_BDIM) {
         y[(long)r * dim + j] = (expf((xr[j]) - m) / s);
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::c::{c_array, float_literal};
 use sqil_cuda::lower::{lower, HostArr, KArg, LStep};
-use sqil_cuda::POLICY_OPS_CU;
+use sqil_cuda::{FP16_CUH, POLICY_OPS_CU};
 use sqil_runtime::Policy;
 use std::fmt::Write;
 
@@ -31,6 +31,7 @@ pub fn emit_cu(policy: &Policy, states: &[Vec<f32>], expected: &[Vec<f32>], tol:
          #include <cstdio>\n#include <cstdlib>\n#include <cstring>\n#include <vector>\n",
         l.describe.iter().map(|d| format!("//   {d}")).collect::<Vec<_>>().join("\n")
     );
+    c.push_str(FP16_CUH);
     c.push_str(POLICY_OPS_CU);
     // Kernels generated for this policy (fused element-wise chains).
     for (_, src) in &l.sources {

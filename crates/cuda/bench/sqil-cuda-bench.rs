@@ -496,17 +496,24 @@ fn bench_policy(
             .map_err(|e| e.to_string())?;
         Ok(policy.run(&feeds).map_err(|e| e.to_string())?.remove(0).data.to_f32_vec())
     };
+    use sqil_cuda::policy::Mode;
     let mut gp = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
-    let eager_first: Vec<f32> = gp.act(gpu, &state(0))?;
+    let eager: Vec<Vec<f32>> = (0..rows).map(|r| gp.act(gpu, &state(r))).collect::<Result<_, _>>()?;
     gp.capture(gpu)?;
+    let chosen = gp.mode();
     let (mut worst, mut scale) = (0f32, 1e-6f32);
-    for r in 0..rows {
+    for (r, first) in eager.iter().enumerate() {
         let s = state(r);
         let want = cpu(r)?;
-        let got = gp.act(gpu, &s)?;
-        if r == 0 {
-            // Graph replay and eager launches compute the same thing.
-            assert_eq!(got, eager_first, "graph replay differs from eager launches");
+        // Launches, graph replay and the persistent program compute the same bits.
+        let mut got = vec![];
+        for mode in [Mode::Graph, Mode::Persistent] {
+            if gp.set_mode(mode).is_ok() {
+                got = gp.act(gpu, &s)?;
+                if got != *first {
+                    return Err(format!("{artifact}: state {r}: {mode:?} differs from launches").into());
+                }
+            }
         }
         for (g, w) in got.iter().zip(&want) {
             scale = scale.max(w.abs());
@@ -534,17 +541,41 @@ fn bench_policy(
             println!("{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"step\": {label:?}, \"us\": {us:.2}}}", gpu.name);
         }
     }
-    let t_graph = time(&mut || gp.act(gpu, &s0).map(|_| ()))?;
-    let mut eager = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
-    let t_eager = time(&mut || eager.act(gpu, &s0).map(|_| ()))?;
+    // Per action, state in and action out through host memory, each path in turn.
+    let chosen_grid = gp.persistent_grid();
+    let mut per_mode = vec![];
+    for (mode, cluster) in
+        [(Mode::Steps, false), (Mode::Graph, false), (Mode::Persistent, false), (Mode::Persistent, true)]
+    {
+        if gp.has_persistent() {
+            gp.set_mode(Mode::Steps)?;
+            let _ = gp.set_persistent_cluster(cluster);
+        }
+        let ok = gp.persistent_grid().is_none_or(|g| g.1 == cluster) || mode != Mode::Persistent;
+        if ok && gp.set_mode(mode).is_ok() {
+            per_mode.push(format!("{:.2}", time(&mut || gp.act(gpu, &s0).map(|_| ()))? * 1e6));
+        } else {
+            per_mode.push("null".into());
+        }
+    }
+    gp.set_mode(Mode::Steps)?;
+    if let Some((_, c)) = chosen_grid {
+        gp.set_persistent_cluster(c)?;
+    }
+    gp.set_mode(chosen)?;
+    let t_act = time(&mut || gp.act(gpu, &s0).map(|_| ()))?;
     let t_cpu = time(&mut || cpu(0).map(|_| ()))?;
     println!(
-        "{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"steps\": {}, \"states\": {rows}, \"max_rel_err_vs_cpu\": {rel:.2e}, \"pass\": {}, \"graph_us\": {:.2}, \"eager_us\": {:.2}, \"cpu_runtime_us\": {:.2}}}",
+        "{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"steps\": {}, \"states\": {rows}, \"max_rel_err_vs_cpu\": {rel:.2e}, \"pass\": {}, \"mode\": \"{chosen:?}\", \"act_us\": {:.2}, \"eager_us\": {}, \"graph_us\": {}, \"persistent_us\": {}, \"cluster_us\": {}, \"grid\": \"{:?}\", \"cpu_runtime_us\": {:.2}}}",
         gpu.name,
         gp.describe.len(),
         rel <= sqil_cuda::policy::GPU_TOL,
-        t_graph * 1e6,
-        t_eager * 1e6,
+        t_act * 1e6,
+        per_mode[0],
+        per_mode[1],
+        per_mode[2],
+        per_mode[3],
+        chosen_grid,
         t_cpu * 1e6
     );
     if rel > sqil_cuda::policy::GPU_TOL {
@@ -633,6 +664,269 @@ fn bench_probe(gpu: &Gpu, iters: usize) -> Result<(), sqil_cuda::Error> {
     Ok(())
 }
 
+/// The fixed cost of one action, whatever the policy: a launch of an empty kernel and a stream
+/// synchronisation; the same kernel reading 16 floats from page-locked host memory and writing
+/// 16 back; a captured graph of 1 and of 5 empty kernels; and a persistent kernel answering a
+/// sequence number written to host memory (the round trip with no launch at all).
+fn bench_floor(gpu: &Gpu, iters: usize) -> Result<(), sqil_cuda::Error> {
+    use cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+    let e = |e: cudarc::driver::DriverError| sqil_cuda::Error::Device(format!("{e:?}"));
+    gpu.load_source(
+        "sqil_probe",
+        "extern \"C\" __global__ void sqil_probe_empty() {}\n\
+         extern \"C\" __global__ void sqil_probe_rt(const float *in, float *out, int n) { const int i = threadIdx.x; if (i < n) out[i] = in[i] + 1.0f; }\n\
+         extern \"C\" __global__ void sqil_probe_echo(volatile unsigned *seq, volatile unsigned *ack, unsigned rounds) {\n\
+           if (threadIdx.x != 0) return;\n\
+           for (unsigned r = 1; r <= rounds; r++) { while (seq[0] != r) {} ack[0] = r; __threadfence_system(); } }\n",
+    )?;
+    let stream = gpu.ctx.new_stream().map_err(e)?;
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let empty = gpu.function("sqil_probe_empty")?;
+    let rt = gpu.function("sqil_probe_rt")?;
+    let echo = gpu.function("sqil_probe_echo")?;
+    let med = |f: &mut dyn FnMut() -> Result<(), sqil_cuda::Error>| -> Result<f64, sqil_cuda::Error> {
+        for _ in 0..50 {
+            f()?;
+        }
+        let mut t = vec![];
+        for _ in 0..iters {
+            let t0 = std::time::Instant::now();
+            f()?;
+            t.push(t0.elapsed().as_secs_f64() * 1e6);
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    };
+    let print = |what: &str, us: f64| println!("{{\"gpu\": {:?}, \"floor\": {what:?}, \"us\": {us:.2}}}", gpu.name);
+    let t = med(&mut || {
+        // SAFETY: an empty kernel.
+        unsafe { stream.launch_builder(&empty).launch(one) }.map_err(e)?;
+        stream.synchronize().map_err(e)
+    })?;
+    print("launch + sync", t);
+    let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+    // SAFETY: zero-filled before use.
+    let mut hin = unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(16, flags) }.map_err(e)?;
+    let mut hout = unsafe { gpu.ctx.alloc_pinned_with_flags::<f32>(16, flags) }.map_err(e)?;
+    hin.as_mut_slice().map_err(e)?.fill(1.0);
+    hout.as_mut_slice().map_err(e)?.fill(0.0);
+    let dptr = |p: *mut f32| -> Result<u64, sqil_cuda::Error> {
+        let mut d = 0u64;
+        // SAFETY: p is mapped page-locked memory of this context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, p as *mut _, 0).result().map_err(e)? };
+        Ok(d)
+    };
+    let (din, dout) = (dptr(hin.as_mut_ptr().map_err(e)?)?, dptr(hout.as_mut_ptr().map_err(e)?)?);
+    let n = 16i32;
+    let t = med(&mut || {
+        let mut l = stream.launch_builder(&rt);
+        l.arg(&din).arg(&dout).arg(&n);
+        // SAFETY: 16 floats each way in mapped host memory.
+        unsafe { l.launch(one) }.map_err(e)?;
+        stream.synchronize().map_err(e)
+    })?;
+    print("launch reading and writing host memory + sync", t);
+    for nodes in [1usize, 5] {
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(e)?;
+        for _ in 0..nodes {
+            // SAFETY: an empty kernel.
+            unsafe { stream.launch_builder(&empty).launch(one) }.map_err(e)?;
+        }
+        let g = stream
+            .end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+            .map_err(e)?
+            .ok_or("empty graph")?;
+        let t = med(&mut || {
+            g.launch().map_err(e)?;
+            stream.synchronize().map_err(e)
+        })?;
+        print(&format!("graph of {nodes} empty kernels + sync"), t);
+    }
+    // The persistent kernel: seq and ack in mapped host memory.
+    let mut hs = unsafe { gpu.ctx.alloc_pinned_with_flags::<u32>(2, flags) }.map_err(e)?;
+    hs.as_mut_slice().map_err(e)?.fill(0);
+    let hp = hs.as_mut_ptr().map_err(e)?;
+    let mut ds = 0u64;
+    // SAFETY: mapped page-locked memory of this context.
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut ds, hp as *mut _, 0).result().map_err(e)? };
+    let rounds = (iters + 50) as u32;
+    let (dseq, dack) = (ds, ds + 4);
+    let mut l = stream.launch_builder(&echo);
+    l.arg(&dseq).arg(&dack).arg(&rounds);
+    // SAFETY: two words of mapped host memory; the loop below answers every round.
+    unsafe { l.launch(one) }.map_err(e)?;
+    let mut r = 0u32;
+    let t = med(&mut || {
+        r += 1;
+        // SAFETY: hp holds two u32 the kernel polls / writes; volatile accesses.
+        unsafe {
+            std::ptr::write_volatile(hp, r);
+            let t0 = std::time::Instant::now();
+            while std::ptr::read_volatile(hp.add(1)) != r {
+                if t0.elapsed().as_secs() > 2 {
+                    return Err("the persistent kernel did not answer".into());
+                }
+                std::hint::spin_loop();
+            }
+        }
+        Ok(())
+    })?;
+    stream.synchronize().map_err(e)?;
+    print("persistent kernel round trip", t);
+    // The persistent program's handshake alone, in variants (one block of 256 threads, 64
+    // values in, 8 out, host memory): 0 thread 0 polls a sequence word (volatile), the block
+    // reads the values uncached, writes the action and a fenced answer word; 1 the block polls
+    // tagged 64-bit words (ld.relaxed.sys, __syncthreads_and per round) and writes tagged words
+    // (st.relaxed.sys); 2 as 1 with volatile loads and stores; 3 as 1 with thread 0 alone
+    // polling the last word before the block reads all.
+    gpu.load_source(
+        "sqil_probe_hs",
+        r#"
+extern "C" __global__ void sqil_probe_hs(volatile unsigned *ctl, unsigned long long *obs, unsigned long long *act,
+                                         float *buf, unsigned rounds, int mode)
+{
+    __shared__ int stop;
+    for (unsigned want = 1; want <= rounds; want++) {
+        if (mode == 0) {
+            if (threadIdx.x == 0) { while (ctl[0] != want) {} }
+            __syncthreads();
+            if (threadIdx.x < 64) buf[threadIdx.x] = __ldcv((const float *)(obs + threadIdx.x));
+            __syncthreads();
+            if (threadIdx.x < 8) ((volatile float *)act)[threadIdx.x] = buf[threadIdx.x];
+            __threadfence_system();
+            __syncthreads();
+            if (threadIdx.x == 0) ctl[1] = want;
+            continue;
+        }
+        if (mode == 3 && threadIdx.x == 0) {
+            unsigned long long v;
+            do { asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(obs + 63) : "memory"); } while ((unsigned)(v >> 32) != want);
+        }
+        for (;;) {
+            int ok = 1;
+            if (threadIdx.x < 64) {
+                unsigned long long v;
+                if (mode == 2) v = ((volatile unsigned long long *)obs)[threadIdx.x];
+                else asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(obs + threadIdx.x) : "memory");
+                if ((unsigned)(v >> 32) != want) ok = 0; else buf[threadIdx.x] = __uint_as_float((unsigned)v);
+            }
+            if (threadIdx.x == 0) stop = ctl[0] == 0xffffffffu;
+            if (__syncthreads_and(ok) || stop) break;
+        }
+        __syncthreads();
+        if (threadIdx.x < 8) {
+            const unsigned long long v = ((unsigned long long)want << 32) | __float_as_uint(buf[threadIdx.x]);
+            if (mode == 2) ((volatile unsigned long long *)act)[threadIdx.x] = v;
+            else asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(act + threadIdx.x), "l"(v) : "memory");
+        }
+    }
+}
+"#,
+    )?;
+    let hs = gpu.function("sqil_probe_hs")?;
+    let scratch = stream.alloc_zeros::<f32>(64).map_err(e)?;
+    for mode in 0..4i32 {
+        let mut c = unsafe { gpu.ctx.alloc_pinned_with_flags::<u32>(2, flags) }.map_err(e)?;
+        let mut o = unsafe { gpu.ctx.alloc_pinned_with_flags::<u64>(64, flags) }.map_err(e)?;
+        let mut a = unsafe { gpu.ctx.alloc_pinned_with_flags::<u64>(8, flags) }.map_err(e)?;
+        c.as_mut_slice().map_err(e)?.fill(0);
+        o.as_mut_slice().map_err(e)?.fill(0);
+        a.as_mut_slice().map_err(e)?.fill(0);
+        let (cp, op, ap) = (c.as_mut_ptr().map_err(e)?, o.as_mut_ptr().map_err(e)?, a.as_mut_ptr().map_err(e)?);
+        let dp = |p: *mut u8| -> Result<u64, sqil_cuda::Error> {
+            let mut d = 0u64;
+            // SAFETY: mapped page-locked memory of this context.
+            unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, p as *mut _, 0).result().map_err(e)? };
+            Ok(d)
+        };
+        let (dc, dob, da) = (dp(cp as *mut u8)?, dp(op as *mut u8)?, dp(ap as *mut u8)?);
+        let rounds = (iters + 50) as u32;
+        let mut l = stream.launch_builder(&hs);
+        l.arg(&dc).arg(&dob).arg(&da).arg(&scratch).arg(&rounds).arg(&mode);
+        let block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: the words above, mapped; the loop below feeds every round.
+        unsafe { l.launch(block) }.map_err(e)?;
+        let mut r = 0u32;
+        let t = med(&mut || {
+            r += 1;
+            let t0 = std::time::Instant::now();
+            // SAFETY: the mapped words above; atomics as the device reads / writes them whole.
+            unsafe {
+                for i in 0..64 {
+                    std::sync::atomic::AtomicU64::from_ptr(op.add(i))
+                        .store(((r as u64) << 32) | (i as f32).to_bits() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                std::sync::atomic::AtomicU32::from_ptr(cp).store(r, std::sync::atomic::Ordering::Release);
+                loop {
+                    let ok = if mode == 0 {
+                        std::ptr::read_volatile(cp.add(1)) == r
+                    } else {
+                        (0..8).all(|i| {
+                            std::sync::atomic::AtomicU64::from_ptr(ap.add(i)).load(std::sync::atomic::Ordering::Relaxed)
+                                >> 32
+                                == r as u64
+                        })
+                    };
+                    if ok {
+                        break;
+                    }
+                    if t0.elapsed().as_secs() > 2 {
+                        return Err(format!("handshake {mode}: no answer").into());
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        stream.synchronize().map_err(e)?;
+        print(&format!("handshake variant {mode}"), t);
+    }
+    // The persistent program's fixed cost (observation of 64 values in, 8 out) and its cost per
+    // step: programs of 1, 4 and 16 empty steps (copy kernels with nothing to copy) over 1 to
+    // 132 blocks, each step followed by the grid barrier.
+    use sqil_cuda::lower::{KArg, LStep, Lowered};
+    for grid in [1usize, 8, 32, 132] {
+        for steps in [1usize, 4, 16] {
+            let l = Lowered {
+                bufs: vec![128],
+                steps: (0..steps)
+                    .map(|_| LStep::Kernel {
+                        name: "sqil_copy_pairs".into(),
+                        args: vec![KArg::Null, KArg::Null, KArg::Null, KArg::I32(0)],
+                        threads: grid * 256,
+                    })
+                    .collect(),
+                in_lens: vec![64],
+                in_len: 64,
+                output: 0,
+                out_len: 8,
+                describe: vec![],
+                labels: vec![],
+                sources: vec![],
+            };
+            let mut p = sqil_cuda::policy::GpuPolicy::from_lowered(gpu, l)?;
+            for cluster in [false, true] {
+                if p.set_persistent_cluster(cluster).is_err()
+                    || p.set_mode(sqil_cuda::policy::Mode::Persistent).is_err()
+                {
+                    continue;
+                }
+                let obs = vec![0.5f32; 64];
+                let t = med(&mut || p.act(gpu, &obs).map(|_| ()))?;
+                let (g, c) = p.persistent_grid().unwrap_or((0, false));
+                print(
+                    &format!(
+                        "persistent program: {steps} empty steps over {g} blocks{}",
+                        if c { " (one cluster)" } else { "" }
+                    ),
+                    t,
+                );
+                p.set_mode(sqil_cuda::policy::Mode::Steps)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |name: &str, d: usize| {
@@ -655,6 +949,7 @@ fn main() {
         Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
         Some("explore") => bench_explore(&gpu, opt("--iters", 50)),
         Some("probe") => bench_probe(&gpu, opt("--iters", 50)),
+        Some("floor") => bench_floor(&gpu, opt("--iters", 2000)),
         Some("vla") => bench_vla(&gpu, opt("--layers", 32), opt("--iters", 10)),
         Some("policy") if args.len() >= 3 => {
             let states: Vec<String> = args[2..].iter().take_while(|a| !a.starts_with("--")).cloned().collect();

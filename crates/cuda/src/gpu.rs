@@ -173,11 +173,15 @@ impl Gpu {
     /// embedded sources) and makes its entry points available to [`Gpu::function`]. Sources
     /// already loaded under `name` are not compiled again.
     pub fn load_source(&self, name: &str, src: &str) -> Result<()> {
+        self.load_full_source(name, &format!("{FP16_CUH}{src}"))
+    }
+
+    /// [`Gpu::load_source`] for a source that is complete as it is (nothing prepended).
+    pub fn load_full_source(&self, name: &str, full: &str) -> Result<()> {
         if self.function(name).is_ok() {
             return Ok(());
         }
-        let full = format!("{FP16_CUH}{src}");
-        let ptx = compile(&format!("{name}.cu"), &full, arch_for(self.cc))?;
+        let ptx = compile(&format!("{name}.cu"), full, arch_for(self.cc))?;
         let m = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx.clone()))

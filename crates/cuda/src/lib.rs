@@ -15,6 +15,7 @@ pub use error::{Error, Result};
 use half::f16;
 
 pub mod error;
+pub mod fused;
 #[cfg(feature = "driver")]
 mod gpu;
 pub mod graph;

@@ -1,12 +1,23 @@
 //! A lowered GPU policy ([`crate::lower::Lowered`]) on a device: every buffer allocated once,
-//! the whole step list captured once in a CUDA graph and replayed per action, with one copy in
-//! and one copy out. Needs the `driver` feature (cudarc).
+//! the observation and the action in page-locked host memory, and per action one of three
+//! paths, each computing the same bits:
+//! - [`Mode::Persistent`]: the whole step list as one persistent kernel ([`crate::fused`]),
+//!   launched once, that takes each observation from host memory when the host raises a sequence
+//!   number and answers with the action: nothing launched per action;
+//! - [`Mode::Graph`]: the copies and the steps captured once in a CUDA graph, replayed;
+//! - [`Mode::Steps`]: a copy in, one launch per step, a copy out.
+//!
+//! [`GpuPolicy::capture`] captures the graph, times the graph and the persistent program on the
+//! policy and keeps the faster. Needs the `driver` feature (cudarc).
 
 use crate::error::Result;
 use crate::lower::{lower, HostArr, KArg, LStep};
 use crate::Gpu;
-use cudarc::driver::{sys, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 use sqil_runtime::Policy;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 
 pub use crate::lower::{Lowered, GPU_TOL};
@@ -22,18 +33,121 @@ pub enum DevArr {
     U32(CudaSlice<u32>),
 }
 
+impl DevArr {
+    fn ptr(&self, stream: &CudaStream) -> u64 {
+        match self {
+            DevArr::F32(d) => d.device_ptr(stream).0,
+            DevArr::I32(d) => d.device_ptr(stream).0,
+            DevArr::U32(d) => d.device_ptr(stream).0,
+        }
+    }
+}
+
 type GStep = LStep<DevArr>;
+
+/// How [`GpuPolicy::act`] runs the policy (every path computes the same bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// A copy in, one launch per step, a copy out.
+    Steps,
+    /// The captured CUDA graph (copies included).
+    Graph,
+    /// The persistent program: running, answering each observation put in host memory.
+    Persistent,
+}
+
+/// The persistent program on the device: its kernel, pointer array, barrier words, grid, and
+/// whether it is running (with the last sequence number given).
+struct Persist {
+    f: CudaFunction,
+    /// The observation and the action in host memory, one 64-bit word per value: the sequence
+    /// number above the value's bits.
+    obs: Mapped<u64>,
+    act: Mapped<u64>,
+    ptrs: CudaSlice<u64>,
+    bar: CudaSlice<u64>,
+    /// Blocks when the barrier is the grid barrier (at most one per multiprocessor).
+    grid: u32,
+    /// Blocks when the grid is one thread-block cluster (compute capability 9.0 and up: at most
+    /// 16), with the hardware's cluster barrier.
+    cluster_grid: Option<u32>,
+    /// Whether the program runs as one cluster.
+    cluster: bool,
+    running: bool,
+    seq: u32,
+}
+
+/// The largest thread-block cluster a program runs as (Hopper's non-portable maximum).
+const MAX_CLUSTER: usize = 16;
+
+/// How long [`GpuPolicy::act`] waits for the persistent program's answer before it checks the
+/// program is still running, and how long before it gives up.
+const ANSWER_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+const ANSWER_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Page-locked host memory the device reads and writes directly, with its host and device
+/// addresses (taken once: `PinnedHostSlice`'s accessors synchronise an event, which a stream
+/// capture forbids).
+struct Mapped<T> {
+    _host: PinnedHostSlice<T>,
+    ptr: *mut T,
+    len: usize,
+    dev: u64,
+}
+
+// SAFETY: `ptr` points into `_host`'s allocation (which is Send); moving the pair moves no memory.
+unsafe impl<T> Send for Mapped<T> {}
+
+impl<T> Mapped<T> {
+    fn slice(&self) -> &[T] {
+        // SAFETY: `ptr` holds `len` floats, initialised in `new`, owned by `_host`; the device
+        // writes them only inside `act`, which synchronises the stream before reading.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn slice_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `slice`; `&mut self` makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy> Mapped<T> {
+    /// `len` zeroed values of page-locked, device-mapped host memory (cached: the host reads
+    /// and writes it; the device reads it uncached and fences its writes).
+    fn new(gpu: &Gpu, len: usize) -> Result<Mapped<T>> {
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: zeroed below before any read.
+        let mut host = unsafe { gpu.ctx.alloc_pinned_with_flags::<T>(len.max(1), flags) }.map_err(err)?;
+        // SAFETY: all-zero bits are a valid T (ValidAsZeroBits).
+        host.as_mut_slice().map_err(err)?.fill(unsafe { std::mem::zeroed() });
+        let ptr = host.as_mut_ptr().map_err(err)?;
+        let mut dev: sys::CUdeviceptr = 0;
+        // SAFETY: `host` was allocated by cuMemHostAlloc with DEVICEMAP in this context.
+        unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, ptr as *mut _, 0).result().map_err(err)? };
+        Ok(Mapped { _host: host, ptr, len: len.max(1), dev })
+    }
+}
 
 pub struct GpuPolicy {
     stream: Arc<CudaStream>,
     steps: Vec<GStep>,
     bufs: Vec<CudaSlice<f32>>,
-    /// The observations, fp32, concatenated.
+    /// The observations, fp32, concatenated, on the device.
     input: CudaSlice<f32>,
     in_len: usize,
     output: usize,
     out_len: usize,
+    /// The observation and the action in host memory (the copies' ends).
+    obs: Mapped<f32>,
+    act: Mapped<f32>,
+    /// The persistent program's two control words in host memory: the host's sequence number,
+    /// the program's answer.
+    ctl: Mapped<u32>,
     graph: Option<CudaGraph>,
+    persist: Option<Persist>,
+    /// Why the policy has no persistent program (when it has none).
+    pub persist_why_not: Option<String>,
+    mode: Mode,
     /// One line per step (for reports).
     pub describe: Vec<String>,
     /// Per lowered step, its kernel and plan step.
@@ -47,7 +161,12 @@ fn cfg(n: usize) -> LaunchConfig {
 impl GpuPolicy {
     /// Uploads `policy` (see [`lower`]).
     pub fn new(gpu: &Gpu, policy: &Policy) -> Result<GpuPolicy> {
-        let l = lower(policy)?;
+        Self::from_lowered(gpu, lower(policy)?)
+    }
+
+    /// Uploads a lowered policy.
+    pub fn from_lowered(gpu: &Gpu, l: Lowered) -> Result<GpuPolicy> {
+        let fusion = crate::fused::fuse(&l);
         for (name, src) in &l.sources {
             gpu.load_source(name, src)?;
         }
@@ -83,7 +202,53 @@ impl GpuPolicy {
             });
         }
         let input = stream.alloc_zeros::<f32>(l.in_len.max(1)).map_err(err)?;
+        let (persist, persist_why_not) = match fusion {
+            Ok(f) => {
+                gpu.load_full_source(&f.name, &f.src)?;
+                let ptrs: Vec<u64> = f
+                    .slots
+                    .iter()
+                    .map(|s| match s {
+                        crate::fused::Slot::Buf(b) => bufs[*b].device_ptr(&stream).0,
+                        crate::fused::Slot::In => input.device_ptr(&stream).0,
+                        crate::fused::Slot::Arr { step, arg } => match &steps[*step] {
+                            LStep::Kernel { args, .. } => match &args[*arg] {
+                                KArg::Arr(a) => a.ptr(&stream),
+                                _ => unreachable!("fuse() makes array slots of array arguments only"),
+                            },
+                        },
+                    })
+                    .collect();
+                let sms = gpu
+                    .ctx
+                    .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                    .map_err(err)?;
+                let coop =
+                    gpu.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH).map_err(err)?;
+                if coop == 0 {
+                    (None, Some("the device has no cooperative launch".to_string()))
+                } else {
+                    let p = Persist {
+                        f: gpu.function(&f.name)?,
+                        obs: Mapped::new(gpu, l.in_len)?,
+                        act: Mapped::new(gpu, l.out_len)?,
+                        ptrs: stream.clone_htod(&ptrs).map_err(err)?,
+                        bar: stream.alloc_zeros::<u64>(2).map_err(err)?,
+                        grid: f.max_blocks.min(sms.max(1) as usize) as u32,
+                        cluster_grid: (gpu.cc.0 >= 9).then(|| f.max_blocks.min(MAX_CLUSTER) as u32),
+                        cluster: gpu.cc.0 >= 9 && f.max_blocks <= MAX_CLUSTER,
+                        running: false,
+                        seq: 0,
+                    };
+                    (Some(p), None)
+                }
+            }
+            Err(why) => (None, Some(why)),
+        };
         Ok(GpuPolicy {
+            obs: Mapped::new(gpu, l.in_len)?,
+            act: Mapped::new(gpu, l.out_len)?,
+            ctl: Mapped::new(gpu, 2)?,
             stream,
             steps,
             bufs,
@@ -92,9 +257,255 @@ impl GpuPolicy {
             output: l.output,
             out_len: l.out_len,
             graph: None,
+            persist,
+            persist_why_not,
+            mode: Mode::Steps,
             describe: l.describe,
             labels: l.labels,
         })
+    }
+
+    /// The path [`GpuPolicy::act`] takes.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Whether the policy has a persistent program.
+    pub fn has_persistent(&self) -> bool {
+        self.persist.is_some()
+    }
+
+    /// Chooses the path [`GpuPolicy::act`] takes (an error when the policy has no persistent
+    /// program, or no graph before [`GpuPolicy::capture`]). Leaving [`Mode::Persistent`] stops
+    /// the program; entering it starts the program.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        match mode {
+            Mode::Persistent if self.persist.is_none() => {
+                return Err(format!("no persistent program: {}", self.persist_why_not.as_deref().unwrap_or("")).into())
+            }
+            Mode::Graph if self.graph.is_none() => return Err("no captured graph (call capture first)".into()),
+            _ => {}
+        }
+        if mode == Mode::Persistent {
+            self.start_persistent()?;
+        } else {
+            self.stop_persistent()?;
+        }
+        self.mode = mode;
+        Ok(())
+    }
+
+    /// Whether the persistent program runs as one thread-block cluster with the hardware's
+    /// barrier (else over the grid barrier); a running program is restarted in the new form.
+    pub fn set_persistent_cluster(&mut self, cluster: bool) -> Result<()> {
+        let Some(p) = self.persist.as_mut() else { return Err("no persistent program".into()) };
+        if cluster && p.cluster_grid.is_none() {
+            return Err("thread-block clusters need compute capability 9.0".into());
+        }
+        if p.cluster == cluster {
+            return Ok(());
+        }
+        let running = p.running;
+        self.stop_persistent()?;
+        self.persist.as_mut().expect("checked above").cluster = cluster;
+        if running {
+            self.start_persistent()?;
+        }
+        Ok(())
+    }
+
+    /// The persistent program's blocks and whether they form one cluster.
+    pub fn persistent_grid(&self) -> Option<(u32, bool)> {
+        self.persist
+            .as_ref()
+            .map(|p| if p.cluster { (p.cluster_grid.unwrap_or(p.grid), true) } else { (p.grid, false) })
+    }
+
+    /// Launches the persistent program (cooperatively: every block resident) with its control
+    /// words and barrier zeroed.
+    fn start_persistent(&mut self) -> Result<()> {
+        let p = self.persist.as_mut().ok_or("no persistent program")?;
+        if p.running {
+            return Ok(());
+        }
+        self.stream.memset_zeros(&mut p.bar).map_err(err)?;
+        self.stream.synchronize().map_err(err)?;
+        // The program is not running: nothing else touches these words.
+        self.ctl.slice_mut().fill(0);
+        p.obs.slice_mut().fill(0);
+        p.act.slice_mut().fill(0);
+        p.seq = 0;
+        let (pp, ctl, obs, act, bar) =
+            (p.ptrs.device_ptr(&self.stream).0, self.ctl.dev, p.obs.dev, p.act.dev, p.bar.device_ptr(&self.stream).0);
+        let cluster = p.cluster as u32;
+        if p.cluster {
+            let g = p.cluster_grid.ok_or("no cluster form on this device")?;
+            let f = p.f.cu_function();
+            // SAFETY: a plain attribute of this function (clusters over 8 blocks are allowed on
+            // Hopper as non-portable sizes).
+            unsafe {
+                sys::cuFuncSetAttribute(
+                    f,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                    (g > 8) as i32,
+                )
+                .result()
+                .map_err(err)?
+            };
+            // SAFETY: all-zero is a valid launch attribute; its id and value are set below.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: g, y: 1, z: 1 };
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: g,
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: crate::fused::STEP_BLOCK as u32,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: 0,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            let mut params: [*mut std::ffi::c_void; 6] = [
+                &pp as *const u64 as *mut _,
+                &ctl as *const u64 as *mut _,
+                &obs as *const u64 as *mut _,
+                &act as *const u64 as *mut _,
+                &bar as *const u64 as *mut _,
+                &cluster as *const u32 as *mut _,
+            ];
+            // SAFETY: the program's six parameters, in order, of the types it declares; one
+            // cluster of `g` blocks is scheduled whole, so every block is resident.
+            unsafe { sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()).result() }
+                .map_err(|e| crate::Error::Device(format!("persistent program (one cluster of {g} blocks): {e:?}")))?;
+        } else {
+            let mut l = self.stream.launch_builder(&p.f);
+            l.arg(&pp).arg(&ctl).arg(&obs).arg(&act).arg(&bar).arg(&cluster);
+            let cfg = LaunchConfig {
+                grid_dim: (p.grid, 1, 1),
+                block_dim: (crate::fused::STEP_BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the program takes (pointer array, control word, observation, action,
+            // barrier, 0), all live allocations of the sizes it was generated for; a cooperative
+            // launch makes every block resident, which its grid barrier needs.
+            unsafe { l.launch_cooperative(cfg) }
+                .map_err(|e| crate::Error::Device(format!("persistent program ({} blocks): {e:?}", p.grid)))?;
+        }
+        p.running = true;
+        Ok(())
+    }
+
+    /// Stops the persistent program (if running) and waits for it to exit.
+    fn stop_persistent(&mut self) -> Result<()> {
+        let Some(p) = self.persist.as_mut() else { return Ok(()) };
+        if !p.running {
+            return Ok(());
+        }
+        // SAFETY: the host's control word, polled by the program.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ctl.ptr) }.store(crate::fused::STOP, Release);
+        p.running = false;
+        self.stream.synchronize().map_err(err)?;
+        Ok(())
+    }
+
+    /// One action through the running persistent program: the observation (in `self.obs`) is
+    /// written tagged with the next sequence number, and the action is back when every word of
+    /// it carries that number (left in `self.act`).
+    fn run_persistent(&mut self) -> Result<()> {
+        if self.persist.as_ref().is_some_and(|p| p.seq >= crate::fused::STOP - 1) {
+            // The sequence would reach STOP: start afresh.
+            self.stop_persistent()?;
+            self.start_persistent()?;
+        }
+        let p = self.persist.as_mut().ok_or("no persistent program")?;
+        if !p.running {
+            return Err("the persistent program is not running".into());
+        }
+        p.seq += 1;
+        let seq = p.seq;
+        let tag = (seq as u64) << 32;
+        for (i, w) in p.obs.slice_mut().iter_mut().enumerate() {
+            let v = self.obs.slice().get(i).copied().unwrap_or(0.0);
+            // SAFETY: an aligned word of mapped host memory the device reads whole (an atomic
+            // store, so it never sees half of it).
+            unsafe { std::sync::atomic::AtomicU64::from_ptr(w) }.store(tag | v.to_bits() as u64, Relaxed);
+        }
+        // SAFETY: the host's control word (read by the program for big observations and STOP).
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ctl.ptr) }.store(seq, Release);
+        let answer = p.act.ptr;
+        let n = p.act.len;
+        let done = || {
+            // SAFETY: aligned words of mapped host memory the device writes whole.
+            (0..n).all(|i| {
+                unsafe { std::sync::atomic::AtomicU64::from_ptr(answer.add(i)) }.load(Relaxed) >> 32 == seq as u64
+            })
+        };
+        let t0 = std::time::Instant::now();
+        let mut spins = 0u32;
+        while !done() {
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(4096) && t0.elapsed() > ANSWER_CHECK {
+                // A program that faulted or exited never answers: say so instead of spinning.
+                // SAFETY: a query of this policy's stream.
+                let q = unsafe { sys::cuStreamQuery(self.stream.cu_stream()) };
+                if q != sys::CUresult::CUDA_ERROR_NOT_READY {
+                    p.running = false;
+                    return Err(format!("the persistent program stopped without answering ({q:?})").into());
+                }
+                if t0.elapsed() > ANSWER_LIMIT {
+                    return Err(format!("the persistent program did not answer in {ANSWER_LIMIT:?}").into());
+                }
+            }
+        }
+        std::sync::atomic::fence(Acquire);
+        let out_len = self.out_len;
+        for (o, w) in self.act.slice_mut().iter_mut().zip(p.act.slice()).take(out_len) {
+            *o = f32::from_bits(*w as u32);
+        }
+        Ok(())
+    }
+
+    /// Copies the observation (in host memory) to the device input, on the stream.
+    fn copy_in(&self) -> Result<()> {
+        if self.in_len == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ends hold at least in_len floats and live as long as the policy; the host
+        // end is page-locked, so the copy is asynchronous (and can be captured).
+        unsafe {
+            sys::cuMemcpyHtoDAsync_v2(
+                self.input.device_ptr(&self.stream).0,
+                self.obs.ptr as *const _,
+                4 * self.in_len,
+                self.stream.cu_stream(),
+            )
+            .result()
+            .map_err(err)?
+        };
+        Ok(())
+    }
+
+    /// Copies the output buffer's first out_len values to the action in host memory.
+    fn copy_out(&self) -> Result<()> {
+        if self.out_len == 0 {
+            return Ok(());
+        }
+        // SAFETY: as in copy_in; the output buffer holds at least out_len floats.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(
+                self.act.ptr as *mut _,
+                self.bufs[self.output].device_ptr(&self.stream).0,
+                4 * self.out_len,
+                self.stream.cu_stream(),
+            )
+            .result()
+            .map_err(err)?
+        };
+        Ok(())
     }
 
     /// Launches every step on the policy's stream (no copies).
@@ -105,6 +516,15 @@ impl GpuPolicy {
     /// Per lowered step, its label and its median time in microseconds over `iters` eager runs
     /// on `obs` (CUDA events around each step's launch).
     pub fn profile(&mut self, gpu: &Gpu, obs: &[f32], iters: usize) -> Result<Vec<(String, f64)>> {
+        // Steps launched on the stream would wait behind a running persistent program.
+        let mode = self.mode;
+        self.set_mode(Mode::Steps)?;
+        let r = self.profile_steps(gpu, obs, iters);
+        self.set_mode(mode)?;
+        r
+    }
+
+    fn profile_steps(&mut self, gpu: &Gpu, obs: &[f32], iters: usize) -> Result<Vec<(String, f64)>> {
         self.act(gpu, obs)?;
         let ev = || gpu.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(err);
         let (a, b) = (ev()?, ev()?);
@@ -145,9 +565,7 @@ impl GpuPolicy {
                         .iter()
                         .map(|a| match a {
                             KArg::Buf(b) => V::P(self.bufs[*b].device_ptr(&self.stream).0),
-                            KArg::Arr(DevArr::F32(d)) => V::P(d.device_ptr(&self.stream).0),
-                            KArg::Arr(DevArr::I32(d)) => V::P(d.device_ptr(&self.stream).0),
-                            KArg::Arr(DevArr::U32(d)) => V::P(d.device_ptr(&self.stream).0),
+                            KArg::Arr(a) => V::P(a.ptr(&self.stream)),
                             KArg::Null => V::P(0),
                             KArg::In(o) => V::P(input_ptr + 4 * *o as u64),
                             KArg::I32(v) => V::I(*v),
@@ -172,39 +590,96 @@ impl GpuPolicy {
         Ok(())
     }
 
-    /// Captures the step list in a CUDA graph (once); later [`GpuPolicy::act`] calls replay it.
+    /// Captures the copies and the step list in a CUDA graph (once), then times the graph and
+    /// the persistent program (when there is one) on the observation now in place and keeps the
+    /// faster for [`GpuPolicy::act`] (both compute the same bits).
     pub fn capture(&mut self, gpu: &Gpu) -> Result<()> {
+        self.set_mode(Mode::Steps)?;
         // Kernels load (and warm up) outside the capture.
         self.launch(gpu)?;
         self.stream.synchronize().map_err(err)?;
         // SAFETY: this context's buffers are all used from this one stream.
         unsafe { gpu.ctx.disable_event_tracking() };
         self.stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).map_err(err)?;
-        let r = self.launch(gpu);
+        let r = self.copy_in().and_then(|_| self.launch(gpu)).and_then(|_| self.copy_out());
         let g = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
             .map_err(err)?;
         r?;
         self.graph = Some(g.ok_or("empty CUDA graph")?);
+        self.set_mode(Mode::Graph)?;
+        if self.persist.is_some() {
+            // (time, mode, cluster): the graph, the program over the grid barrier, and as one
+            // cluster where the device has clusters.
+            let mut best = (self.time_runs(gpu, 30)?, Mode::Graph, false);
+            let clusters = self.persist.as_ref().is_some_and(|p| p.cluster_grid.is_some());
+            for cluster in [false, true] {
+                if cluster && !clusters {
+                    continue;
+                }
+                self.set_persistent_cluster(cluster)?;
+                // A device that refuses the launch leaves the other paths.
+                if self.set_mode(Mode::Persistent).is_err() {
+                    continue;
+                }
+                let t = self.time_runs(gpu, 30)?;
+                if t < best.0 {
+                    best = (t, Mode::Persistent, cluster);
+                }
+                self.set_mode(Mode::Graph)?;
+            }
+            self.set_persistent_cluster(best.2)?;
+            self.set_mode(best.1)?;
+        }
         Ok(())
     }
 
-    /// One state in (its inputs concatenated), its actions out: a copy in, the graph (or the
-    /// steps), a copy out.
+    /// The median seconds of `n` runs of the current path on the observation in place (after
+    /// five unmeasured).
+    pub fn time_runs(&mut self, gpu: &Gpu, n: usize) -> Result<f64> {
+        let mut t = vec![];
+        for i in 0..n + 5 {
+            let t0 = std::time::Instant::now();
+            self.run_current(gpu)?;
+            if i >= 5 {
+                t.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    }
+
+    /// Runs the current path on the observation in host memory, leaving the action there.
+    fn run_current(&mut self, gpu: &Gpu) -> Result<()> {
+        match self.mode {
+            Mode::Persistent => return self.run_persistent(),
+            Mode::Graph => self.graph.as_ref().ok_or("no captured graph")?.launch().map_err(err)?,
+            Mode::Steps => {
+                self.copy_in()?;
+                self.launch(gpu)?;
+                self.copy_out()?;
+            }
+        }
+        self.stream.synchronize().map_err(err)?;
+        Ok(())
+    }
+
+    /// One state in (its inputs concatenated), its actions out, by the path [`GpuPolicy::mode`]
+    /// names.
     pub fn act(&mut self, gpu: &Gpu, obs: &[f32]) -> Result<Vec<f32>> {
         if obs.len() != self.in_len {
             return Err(format!("{} values, the policy takes {}", obs.len(), self.in_len).into());
         }
-        self.stream.memcpy_htod(obs, &mut self.input).map_err(err)?;
-        match &self.graph {
-            Some(g) => g.launch().map_err(err)?,
-            None => self.launch(gpu)?,
-        }
-        let mut out = vec![0f32; self.bufs[self.output].len()];
-        self.stream.memcpy_dtoh(&self.bufs[self.output], &mut out).map_err(err)?;
-        self.stream.synchronize().map_err(err)?;
-        out.truncate(self.out_len);
-        Ok(out)
+        self.obs.slice_mut()[..self.in_len].copy_from_slice(obs);
+        self.run_current(gpu)?;
+        Ok(self.act.slice()[..self.out_len].to_vec())
+    }
+}
+
+impl Drop for GpuPolicy {
+    fn drop(&mut self) {
+        // A running persistent program would spin until the context goes.
+        let _ = self.stop_persistent();
     }
 }

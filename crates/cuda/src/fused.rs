@@ -1,0 +1,344 @@
+//! A policy's whole step list as one persistent kernel (a *persistent program*): launched once,
+//! it waits for a sequence number in page-locked host memory, reads the observation from host
+//! memory, runs every lowered step with a grid-wide barrier between steps, writes the action back
+//! to host memory and answers with the same sequence number. Nothing is launched per action.
+//!
+//! Why: measured on an H200 (`sqil-cuda-bench floor`), a kernel launch and a stream
+//! synchronisation cost 8 us, a replayed graph 5.9 us plus 0.65 us per kernel, the two copies
+//! more; a persistent kernel's round trip through host memory costs 1.7 us. A small policy's
+//! time is that fixed cost, not its arithmetic.
+//!
+//! Each step's kernel (`policy_ops.cu`, the generated element-wise chains) is compiled a second
+//! time as a device function (`SQIL_MEGA`, see `fp16.cuh`) and called once per block of its
+//! launch, with that block's index, by the program's blocks in turn (block `b` of a step runs on
+//! program block `b % grid`). Blocks are 256 threads, as every step's launch: every thread runs
+//! the code it runs in the step's own kernel with the same indices, so the outputs are the
+//! graph's bits; kernels that synchronise their block do so with all of its threads, as there.
+//!
+//! The grid is at most one block per multiprocessor and is launched cooperatively, so every block
+//! is resident (the barrier needs it); while the program runs it holds those multiprocessors
+//! (`GpuPolicy` stops it when dropped or when another path is chosen).
+
+use crate::lower::{cu_float, HostArr, KArg, LStep, Lowered};
+use std::fmt::Write;
+
+/// Threads of one block: every step's launch uses 256 (`policy.rs`).
+pub const STEP_BLOCK: usize = 256;
+
+/// Most steps a persistent program takes (its source grows with them).
+pub const MAX_STEPS: usize = 512;
+
+/// The sequence number that stops the program.
+pub const STOP: u32 = u32::MAX;
+
+/// Where one of the program's pointers points (the program reads them from one device array,
+/// so its source, and the PTX cache entry, do not depend on where the buffers are).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Activation buffer `b`.
+    Buf(usize),
+    /// Step `step`'s constant array argument `arg`.
+    Arr { step: usize, arg: usize },
+    /// The device copy of the observation.
+    In,
+}
+
+/// A persistent program for one lowered policy.
+#[derive(Clone, Debug)]
+pub struct Fused {
+    /// The kernel's name (`sqil_persist_<hash of its steps>`).
+    pub name: String,
+    /// Complete CUDA source (compile as it is: it defines `SQIL_MEGA` and includes the kernels).
+    pub src: String,
+    /// The pointer array, in order: `P[j]` is `slots[j]`.
+    pub slots: Vec<Slot>,
+    /// The most blocks any step launches (the program needs no more).
+    pub max_blocks: usize,
+}
+
+/// The kernels a persistent program can call: every kernel of `policy_ops.cu` and the generated
+/// element-wise chains.
+pub fn fusible(kernel: &str) -> bool {
+    kernel.starts_with("sqil_ew_")
+        || matches!(
+            kernel,
+            "sqil_copy_pairs"
+                | "sqil_set_consts"
+                | "sqil_binary_bcast"
+                | "sqil_softmax_rows"
+                | "sqil_softmax_rows_block"
+                | "sqil_layernorm_rows"
+                | "sqil_bmm"
+                | "sqil_linear_f32w"
+                | "sqil_levels"
+                | "sqil_q4_int"
+                | "sqil_q4_conv_int"
+                | "sqil_q4_w16"
+                | "sqil_conv2d_f32"
+                | "sqil_pool2d"
+                | "sqil_mean_rows"
+        )
+}
+
+/// The device side of the program: the grid barrier (the hardware's cluster barrier when the grid
+/// is launched as one thread-block cluster, compute capability 9.0 and up; else) over a 64-bit
+/// arrival count in device memory
+/// (`bar[0]`, zeroed at launch, never reset: the k-th barrier of a grid of g blocks is passed when
+/// the count reaches k * g), release / acquire at GPU scope (the CUDA memory model's cumulative
+/// release: writes a block made before its `__syncthreads` are visible to every block after the
+/// barrier); one block needs only `__syncthreads`.
+const RUNTIME: &str = r#"
+__device__ __forceinline__ void sqil_grid_sync(unsigned long long *count, unsigned long long &passed, unsigned cluster)
+{
+#if __CUDA_ARCH__ >= 900
+    // The whole grid is one thread-block cluster: the hardware's cluster barrier.
+    if (cluster) {
+        asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+        return;
+    }
+#endif
+    __syncthreads();
+    if (gridDim.x == 1) {
+        return;
+    }
+    passed += gridDim.x;
+    if (threadIdx.x == 0) {
+        asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(count) : "memory");
+        unsigned long long v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(count) : "memory");
+        } while (v < passed);
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ unsigned sqil_ld_acquire_sys(const unsigned *p)
+{
+    unsigned v;
+    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ unsigned long long sqil_ld_relaxed_sys64(const unsigned long long *p)
+{
+    unsigned long long v;
+    asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void sqil_st_relaxed_sys64(unsigned long long *p, unsigned long long v)
+{
+    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+"#;
+
+/// Observations of more values than this are announced by the sequence number in `ctl[0]` before
+/// block 0 reads them; smaller ones are polled directly (one round trip through host memory).
+pub const POLL_DIRECT: usize = 1024;
+
+/// Where a step runs in the program and what follows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placed {
+    /// The step is one block of element-wise work that every block computes in full (the same
+    /// bits into the same buffer), so the step after it reads only what its own block wrote and
+    /// no grid barrier separates them.
+    pub everywhere: bool,
+    /// The step is followed by `__syncthreads` only (not a grid barrier).
+    pub local_sync: bool,
+}
+
+/// Kernels that read their input buffers whole and never write one of them (so a block may
+/// start one while another block still computes, from other buffers, what it reads).
+const READS_ONLY_INPUTS: &[&str] = &["sqil_linear_f32w", "sqil_q4_int", "sqil_q4_w16", "sqil_conv2d_f32"];
+
+/// Per step, where it runs and which barrier follows it:
+/// - a step of one block runs on block 0; after it a `__syncthreads` suffices when the next
+///   step is one block too (or it is the last: block 0 reads the output);
+/// - a generated element-wise step of one block (its output buffer not among its inputs) between
+///   a step that is not one and a multi-block step of [`READS_ONLY_INPUTS`] that touches none of
+///   its input buffers runs on every block: the grid barrier before it stays (every block reads
+///   all of its input), the one after it goes;
+/// - every other step is followed by the grid barrier.
+pub fn placement(l: &Lowered) -> Vec<Placed> {
+    let blocks: Vec<usize> =
+        l.steps.iter().map(|LStep::Kernel { threads, .. }| threads.div_ceil(STEP_BLOCK).max(1)).collect();
+    let bufs = |args: &[KArg<HostArr>]| -> Vec<usize> {
+        args.iter().filter_map(|a| if let KArg::Buf(b) = a { Some(*b) } else { None }).collect()
+    };
+    let mut out = vec![Placed::default(); l.steps.len()];
+    for i in 0..l.steps.len() {
+        let LStep::Kernel { name, args, .. } = &l.steps[i];
+        let everywhere = (|| {
+            if !name.starts_with("sqil_ew_") || blocks[i] != 1 || (i > 0 && out[i - 1].everywhere) {
+                return false;
+            }
+            // Generated chains take (operands..., y, n).
+            let Some(KArg::Buf(y)) = args.len().checked_sub(2).map(|k| &args[k]) else { return false };
+            let inputs = bufs(&args[..args.len() - 2]);
+            if inputs.contains(y) {
+                return false;
+            }
+            let Some(LStep::Kernel { name: next, args: nargs, .. }) = l.steps.get(i + 1) else { return false };
+            blocks[i + 1] > 1
+                && READS_ONLY_INPUTS.contains(&next.as_str())
+                && !bufs(nargs).iter().any(|b| inputs.contains(b))
+        })();
+        out[i].everywhere = everywhere;
+    }
+    for i in 0..l.steps.len() {
+        let next_everywhere = out.get(i + 1).is_some_and(|p| p.everywhere);
+        out[i].local_sync =
+            out[i].everywhere || (!next_everywhere && blocks[i] == 1 && blocks.get(i + 1).is_none_or(|&n| n == 1));
+    }
+    out
+}
+
+/// The persistent program of `l`, or why there is none.
+pub fn fuse(l: &Lowered) -> Result<Fused, String> {
+    if l.steps.len() > MAX_STEPS {
+        return Err(format!("{} steps (at most {MAX_STEPS} are fused)", l.steps.len()));
+    }
+    let mut slots: Vec<Slot> = vec![];
+    let mut slot = |s: Slot| -> usize {
+        if let Some(j) = slots.iter().position(|x| *x == s) {
+            return j;
+        }
+        slots.push(s);
+        slots.len() - 1
+    };
+    let input = slot(Slot::In);
+    let output = slot(Slot::Buf(l.output));
+    let mut body = String::new();
+    let mut max_blocks = 1;
+    let placed = placement(l);
+    for (si, st) in l.steps.iter().enumerate() {
+        let LStep::Kernel { name, args, threads } = st;
+        if !fusible(name) {
+            return Err(format!("step {si}: no device form of kernel {name}"));
+        }
+        let mut a: Vec<String> = vec![];
+        for (ai, arg) in args.iter().enumerate() {
+            let arr = Slot::Arr { step: si, arg: ai };
+            a.push(match arg {
+                KArg::Buf(b) => format!("(float *)P[{}]", slot(Slot::Buf(*b))),
+                KArg::Arr(HostArr::F32(_)) => format!("(const float *)P[{}]", slot(arr)),
+                KArg::Arr(HostArr::I32(_)) => format!("(const int *)P[{}]", slot(arr)),
+                KArg::Arr(HostArr::U32(_)) => format!("(const unsigned *)P[{}]", slot(arr)),
+                KArg::In(o) => format!("(float *)P[{input}] + {o}"),
+                KArg::Null => "nullptr".to_string(),
+                KArg::I32(v) => format!("{v}"),
+                KArg::F32(v) => cu_float(*v),
+            });
+        }
+        let blocks = threads.div_ceil(STEP_BLOCK).max(1);
+        max_blocks = max_blocks.max(blocks);
+        let label = l.labels.get(si).map(|s| s.replace(['\n', '\r', '\\'], " ")).unwrap_or_default();
+        let sync = if placed[si].local_sync { "__syncthreads();" } else { "sqil_grid_sync(bar, passed, cluster);" };
+        if placed[si].everywhere {
+            let _ = writeln!(
+                body,
+                "        // {label} (on every block)\n        {name}(0u, threadIdx.x, {});\n        {sync}",
+                a.join(", ")
+            );
+        } else {
+            let _ = writeln!(
+                body,
+                "        // {label}\n        for (unsigned b = blockIdx.x; b < {blocks}u; b += gridDim.x) {{\n            \
+                 {name}(b, threadIdx.x, {});\n        }}\n        {sync}",
+                a.join(", ")
+            );
+        }
+    }
+    let hash = body
+        .bytes()
+        .chain(format!("{} {} {input} {output}", l.in_len, l.out_len).bytes())
+        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let name = format!("sqil_persist_{hash:016x}");
+    let mut src = String::from("#define SQIL_MEGA\n");
+    src.push_str(crate::FP16_CUH);
+    src.push_str(crate::POLICY_OPS_CU);
+    let mut seen = std::collections::HashSet::new();
+    for (k, s) in &l.sources {
+        if seen.insert(k.as_str()) {
+            src.push_str(s);
+        }
+    }
+    src.push_str(RUNTIME);
+    let (in2, out2) = (l.in_len.max(1), l.out_len.max(1));
+    // Big observations: wait for the host's sequence number before reading them.
+    let announce = if l.in_len > POLL_DIRECT {
+        format!(
+            "                if (threadIdx.x == 0) {{\n                    unsigned c;\n                    \
+             while ((c = sqil_ld_acquire_sys(ctl)) != want && c != {STOP}u) {{\n                    }}\n                    \
+             stop = c == {STOP}u;\n                }}\n                __syncthreads();\n                \
+             if (stop) {{\n                    break;\n                }}\n"
+        )
+    } else {
+        String::new()
+    };
+    let _ = write!(
+        src,
+        "\n// Generated by sqil: the policy's {steps} steps as one persistent program (crates/cuda/src/fused.rs).\n\
+         // obs / act: host memory, one 64-bit word per value (the action's sequence number above its\n\
+         // bits: each word is written and read whole, so a value is new exactly when its tag is);\n\
+         // ctl[0]: the host's sequence number (or STOP); bar: device memory [arrivals; the sequence\n\
+         // numbers block 0 took, by parity of the action: a block reads action n's after the barrier\n\
+         // that starts it, and block 0 writes the same word again only after the barrier that starts\n\
+         // action n + 1, which every block reaches after its read].\n\
+         extern \"C\" __global__ void __launch_bounds__({STEP_BLOCK}) {name}(const unsigned long long *__restrict__ P,\n    \
+         const unsigned *ctl, const unsigned long long *obs, unsigned long long *act, unsigned long long *bar,\n    \
+         unsigned cluster)\n{{\n    \
+         __shared__ int stop;\n    \
+         unsigned long long passed = 0;\n    \
+         unsigned last = 0, parity = 0;\n    \
+         for (;;) {{\n        \
+         // Block 0 waits until every observation word carries the next sequence number (or the\n        \
+         // host says stop), copying the values in as they come.\n        \
+         if (blockIdx.x == 0) {{\n            \
+         const unsigned want = last + 1u;\n            \
+         if (threadIdx.x == 0) {{\n                \
+         stop = 0;\n            \
+         }}\n            \
+         __syncthreads();\n            \
+         for (;;) {{\n{announce}                \
+         int ok = 1;\n                \
+         for (unsigned i = threadIdx.x; i < {in2}u; i += blockDim.x) {{\n                    \
+         const unsigned long long v = sqil_ld_relaxed_sys64(obs + i);\n                    \
+         if ((unsigned)(v >> 32) != want) {{\n                        \
+         ok = 0;\n                    \
+         }} else if (i < {in_len}u) {{\n                        \
+         ((float *)P[{input}])[i] = __uint_as_float((unsigned)v);\n                    \
+         }}\n                \
+         }}\n                \
+         if (threadIdx.x == 0 && sqil_ld_acquire_sys(ctl) == {STOP}u) {{\n                    \
+         stop = 1;\n                \
+         }}\n                \
+         if (__syncthreads_and(ok) || stop) {{\n                    \
+         break;\n                \
+         }}\n            \
+         }}\n            \
+         if (threadIdx.x == 0) {{\n                \
+         ((volatile unsigned *)bar)[2 + parity] = stop ? {STOP}u : want;\n            \
+         }}\n        \
+         }}\n        \
+         sqil_grid_sync(bar, passed, cluster);\n        \
+         const unsigned s = ((volatile unsigned *)bar)[2 + parity];\n        \
+         parity ^= 1u;\n        \
+         if (s == {STOP}u) {{\n            \
+         return;\n        \
+         }}\n        \
+         last = s;\n\
+         {body}        \
+         if (blockIdx.x == 0) {{\n            \
+         for (unsigned i = threadIdx.x; i < {out2}u; i += blockDim.x) {{\n                \
+         const float v = i < {out_len}u ? ((const float *)P[{output}])[i] : 0.0f;\n                \
+         sqil_st_relaxed_sys64(act + i, ((unsigned long long)s << 32) | __float_as_uint(v));\n            \
+         }}\n        \
+         }}\n    \
+         }}\n}}\n",
+        steps = l.steps.len(),
+        in_len = l.in_len,
+        out_len = l.out_len,
+    );
+    Ok(Fused { name, src, slots, max_blocks })
+}
