@@ -66,7 +66,8 @@ struct Persist {
     act: Mapped<u64>,
     ptrs: CudaSlice<u64>,
     bar: CudaSlice<u64>,
-    /// Blocks when the barrier is the grid barrier (at most one per multiprocessor).
+    /// Blocks when the barrier is the grid barrier (at most as many as the multiprocessors hold
+    /// at once).
     grid: u32,
     /// Blocks when the grid is one thread-block cluster (compute capability 9.0 and up: at most
     /// 16), with the hardware's cluster barrier.
@@ -225,16 +226,31 @@ impl GpuPolicy {
                     .map_err(err)?;
                 let coop =
                     gpu.ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH).map_err(err)?;
-                if coop == 0 {
-                    (None, Some("the device has no cooperative launch".to_string()))
+                let func = gpu.function(&f.name)?;
+                // Blocks of the program one multiprocessor holds at once (a cooperative launch
+                // takes at most that many per multiprocessor).
+                let mut per_sm: std::ffi::c_int = 0;
+                // SAFETY: an occupancy query of a loaded function.
+                unsafe {
+                    sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                        &mut per_sm,
+                        func.cu_function(),
+                        crate::fused::STEP_BLOCK as std::ffi::c_int,
+                        0,
+                    )
+                    .result()
+                    .map_err(err)?
+                };
+                if coop == 0 || per_sm < 1 {
+                    (None, Some(format!("no cooperative launch (supported: {coop}, blocks per multiprocessor: {per_sm})")))
                 } else {
                     let p = Persist {
-                        f: gpu.function(&f.name)?,
+                        f: func,
                         obs: Mapped::new(gpu, l.in_len)?,
                         act: Mapped::new(gpu, l.out_len)?,
                         ptrs: stream.clone_htod(&ptrs).map_err(err)?,
                         bar: stream.alloc_zeros::<u64>(2).map_err(err)?,
-                        grid: f.max_blocks.min(sms.max(1) as usize) as u32,
+                        grid: f.max_blocks.min((sms.max(1) * per_sm) as usize) as u32,
                         cluster_grid: (gpu.cc.0 >= 9).then(|| f.max_blocks.min(MAX_CLUSTER) as u32),
                         cluster: gpu.cc.0 >= 9 && f.max_blocks <= MAX_CLUSTER,
                         running: false,
