@@ -583,6 +583,20 @@ unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, ou
                 }
                 x += 8;
             }
+            // The last columns (fewer than eight) through one masked transpose: small planes
+            // (a 6 x 6 or 11 x 11 image) are mostly such columns.
+            if cn == 8 && x < x1 {
+                let n = x1 - x;
+                let ix = (x as isize - pw) as usize;
+                let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+                let v = transpose8(std::array::from_fn(|cc| {
+                    _mm256_maskload_ps(input.as_ptr().add((c0 + cc) * il + row + ix), mask)
+                }));
+                for (j, v) in v.iter().enumerate().take(n) {
+                    _mm256_storeu_ps(buf.as_mut_ptr().add((y * wp + x + j) * cp + c0), *v);
+                }
+                x = x1;
+            }
             for x in x..x1 {
                 let ix = (x as isize - pw) as usize;
                 let dst = &mut buf[(y * wp + x) * cp + c0..(y * wp + x) * cp + c0 + cn];
