@@ -148,6 +148,8 @@ pub struct GpuPolicy {
     persist: Option<Persist>,
     /// Why the policy has no persistent program (when it has none).
     pub persist_why_not: Option<String>,
+    /// Set when a persistent program would not answer or stop: every later call fails with it.
+    broken: Option<String>,
     mode: Mode,
     /// One line per step (for reports).
     pub describe: Vec<String>,
@@ -275,6 +277,7 @@ impl GpuPolicy {
             graph: None,
             persist,
             persist_why_not,
+            broken: None,
             mode: Mode::Steps,
             describe: l.describe,
             labels: l.labels,
@@ -295,6 +298,9 @@ impl GpuPolicy {
     /// program, or no graph before [`GpuPolicy::capture`]). Leaving [`Mode::Persistent`] stops
     /// the program; entering it starts the program.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(why.clone().into());
+        }
         match mode {
             Mode::Persistent if self.persist.is_none() => {
                 return Err(format!("no persistent program: {}", self.persist_why_not.as_deref().unwrap_or("")).into())
@@ -423,8 +429,22 @@ impl GpuPolicy {
         // SAFETY: the host's control word, polled by the program.
         unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ctl.ptr) }.store(crate::fused::STOP, Release);
         p.running = false;
-        self.stream.synchronize().map_err(err)?;
-        Ok(())
+        // Wait for the program to exit, but not forever: a program that cannot exit (its blocks
+        // never all resident, a fault) leaves the stream busy, and the policy says so from then on.
+        let t0 = std::time::Instant::now();
+        loop {
+            // SAFETY: a query of this policy's stream.
+            let q = unsafe { sys::cuStreamQuery(self.stream.cu_stream()) };
+            match q {
+                sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                sys::CUresult::CUDA_ERROR_NOT_READY if t0.elapsed() < ANSWER_LIMIT => std::thread::yield_now(),
+                q => {
+                    let why = format!("the persistent program did not stop ({q:?}); the policy's stream is unusable");
+                    self.broken = Some(why.clone());
+                    return Err(why.into());
+                }
+            }
+        }
     }
 
     /// One action through the running persistent program: the observation (in `self.obs`) is
@@ -473,7 +493,9 @@ impl GpuPolicy {
                     return Err(format!("the persistent program stopped without answering ({q:?})").into());
                 }
                 if t0.elapsed() > ANSWER_LIMIT {
-                    return Err(format!("the persistent program did not answer in {ANSWER_LIMIT:?}").into());
+                    let why = format!("the persistent program did not answer in {ANSWER_LIMIT:?}");
+                    self.broken = Some(why.clone());
+                    return Err(why.into());
                 }
             }
         }
@@ -684,6 +706,9 @@ impl GpuPolicy {
     /// One state in (its inputs concatenated), its actions out, by the path [`GpuPolicy::mode`]
     /// names.
     pub fn act(&mut self, gpu: &Gpu, obs: &[f32]) -> Result<Vec<f32>> {
+        if let Some(why) = &self.broken {
+            return Err(why.clone().into());
+        }
         if obs.len() != self.in_len {
             return Err(format!("{} values, the policy takes {}", obs.len(), self.in_len).into());
         }
