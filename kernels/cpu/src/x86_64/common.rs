@@ -818,6 +818,32 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
     }
 }
 
+/// A row of int8 values stored with the sign bit flipped (`x + 128` as unsigned bytes): a
+/// [`QRow`]'s values made ready for `vpdpbusd`'s unsigned operand once per layer, instead of by an
+/// XOR per broadcast in every block of 32 channels.
+#[derive(Clone, Copy)]
+pub(crate) struct FlippedRow<'a> {
+    q: &'a [i8],
+    zero: i32,
+    scale: f32,
+}
+
+impl LaneInput for FlippedRow<'_> {
+    const FLIPPED: bool = true;
+    fn run(&self) -> usize {
+        usize::MAX
+    }
+    fn run_ptr(&self, _: usize) -> *const i8 {
+        self.q.as_ptr()
+    }
+    fn zero(&self) -> i32 {
+        self.zero
+    }
+    fn scale(&self) -> f32 {
+        self.scale
+    }
+}
+
 /// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of inputs with the channels
 /// in vector lanes (see [`channel_block`]); output `(c, r)` goes to `y[c * cs + (r -
 /// rows_in.start) * rs]`.
@@ -831,6 +857,25 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, S: Sums>(
     rows_in: std::ops::Range<usize>,
 ) {
     debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
+    if S::WIDE && !X::FLIPPED && xs.len() >= 4 && rows_in.len() > 32 && xs.iter().all(|x| x.run() == usize::MAX) {
+        // Several inputs over several blocks: flip their bytes once (the values every block reads:
+        // `k_pad` per row), the same bytes the per-broadcast XOR makes.
+        let len = w.k_pad;
+        let mut flipped = vec![0i8; xs.len() * len];
+        for (x, dst) in xs.iter().zip(flipped.chunks_exact_mut(len)) {
+            // SAFETY: the kernel reads `k_pad` values of each row from `run_ptr(0)`.
+            let src = std::slice::from_raw_parts(x.run_ptr(0), len);
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v ^ i8::MIN;
+            }
+        }
+        let rows: Vec<FlippedRow> = xs
+            .iter()
+            .zip(flipped.chunks_exact(len))
+            .map(|(x, q)| FlippedRow { q, zero: x.zero(), scale: x.scale() })
+            .collect();
+        return channels_impl::<FlippedRow, S>(w, &rows, bias, y, (cs, rs), rows_in);
+    }
     let t = w.channel_tiles();
     let r0 = rows_in.start;
     // Groups of eight quads inside one run take the short form (a wide `S`: its 512-bit variant).
