@@ -170,6 +170,31 @@ pub(crate) unsafe fn lane_group_vnni<const NP: usize, X: LaneInput>(
     let flip = _mm512_set1_epi8(-128i8);
     let run = xs[0].run();
     let mut acc = [[_mm512_setzero_si512(); 2]; NP];
+    if run == usize::MAX {
+        // One unbounded run (a row): no run boundary to watch inside the loop.
+        let (o, p) = (*off, *xp);
+        for quad in 0..quads {
+            let wp = base.add(quad * 128);
+            let w0 = _mm512_loadu_si512(wp as *const __m512i);
+            let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
+            for c in 0..NP {
+                let x4 = std::ptr::read_unaligned(p[c].add(o + 4 * quad) as *const i32);
+                let xb = if X::FLIPPED { _mm512_set1_epi32(x4) } else { _mm512_xor_si512(_mm512_set1_epi32(x4), flip) };
+                acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], xb, w0);
+                acc[c][1] = _mm512_dpbusd_epi32(acc[c][1], xb, w1);
+            }
+        }
+        *off = o + 4 * quads;
+        return std::array::from_fn(|c| {
+            let [a, b] = acc[c];
+            [
+                _mm512_castsi512_si256(a),
+                _mm512_extracti64x4_epi64::<1>(a),
+                _mm512_castsi512_si256(b),
+                _mm512_extracti64x4_epi64::<1>(b),
+            ]
+        });
+    }
     for quad in 0..quads {
         if *off == run {
             *tap += 1;
