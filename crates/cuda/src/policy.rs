@@ -244,7 +244,10 @@ impl GpuPolicy {
                     .map_err(err)?
                 };
                 if coop == 0 || per_sm < 1 {
-                    (None, Some(format!("no cooperative launch (supported: {coop}, blocks per multiprocessor: {per_sm})")))
+                    (
+                        None,
+                        Some(format!("no cooperative launch (supported: {coop}, blocks per multiprocessor: {per_sm})")),
+                    )
                 } else {
                     let p = Persist {
                         f: func,

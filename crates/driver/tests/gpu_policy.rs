@@ -12,15 +12,8 @@ use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Policy;
 use std::path::PathBuf;
 
-fn policies() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    // A test binary carried to another machine runs from the repository root there.
-    if built.exists() {
-        built
-    } else {
-        PathBuf::from("testdata/policies")
-    }
-}
+mod common;
+use common::testdata_policies as policies;
 
 fn quantized(name: &str, settings: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     let fp = sqil_driver::load_model(&policies().join(format!("{name}.onnx"))).unwrap();
@@ -35,14 +28,7 @@ fn quantized(name: &str, settings: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
 
 #[test]
 fn every_path_computes_the_same_bits() {
-    let gpu = match sqil_cuda::Gpu::new() {
-        Ok(g) => g,
-        Err(e) => {
-            assert!(std::env::var("SQIL_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU and SQIL_REQUIRE_GPU=1: {e}");
-            eprintln!("skipping the GPU policy paths: {e}");
-            return;
-        }
-    };
+    let Some(gpu) = common::gpu_or_skip("the GPU policy paths") else { return };
     for name in [
         "bc_hopper",
         "bc_lander",

@@ -12,17 +12,9 @@ use sqil_ir::Tensor;
 use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_train::model::{train_graph_with, TrainGraph};
 use std::collections::HashMap;
-use std::path::PathBuf;
 
-fn policies() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    // A test binary carried to another machine runs from the repository root there.
-    if built.exists() {
-        built
-    } else {
-        PathBuf::from("testdata/policies")
-    }
-}
+mod common;
+use common::testdata_policies as policies;
 
 /// Every testdata policy: the GPU trainer must take each of them.
 const ALL: &[&str] = &[
@@ -137,14 +129,7 @@ fn ops_the_gpu_does_not_take_are_named() {
 
 #[test]
 fn one_training_step_on_the_gpu_matches_the_cpu() {
-    let gpu = match sqil_cuda::Gpu::new() {
-        Ok(g) => g,
-        Err(e) => {
-            assert!(std::env::var("SQIL_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU and SQIL_REQUIRE_GPU=1: {e}");
-            eprintln!("skipping the GPU comparison: {e}");
-            return;
-        }
-    };
+    let Some(gpu) = common::gpu_or_skip("the GPU comparison") else { return };
     let tol = sqil_cuda::graph::GRAD_TOL;
     for name in ALL {
         for (settings, intervals) in [("wbits=4,abits=8,group=64", false), ("wbits=3,abits=8,group=16", true)] {
@@ -255,14 +240,7 @@ fn forward_passes_and_sis_on_the_gpu_match_the_cpu() {
 /// checkpoint and resumed on a fresh engine ends bit for bit where the uninterrupted one does.
 #[test]
 fn training_with_the_optimizer_on_the_gpu_follows_the_cpu_and_resumes_exactly() {
-    let gpu_ok = match sqil_cuda::Gpu::new() {
-        Ok(_) => true,
-        Err(e) => {
-            assert!(std::env::var("SQIL_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU and SQIL_REQUIRE_GPU=1: {e}");
-            eprintln!("skipping the device optimizer run: {e}");
-            false
-        }
-    };
+    let gpu_ok = common::gpu_or_skip("the device optimizer run").is_some();
     if !gpu_ok {
         return;
     }

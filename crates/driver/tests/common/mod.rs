@@ -1,10 +1,35 @@
-//! Helpers the C back-end tests share: strict C builds, the self-test's output parsed and
-//! checked, cross tools found (or required, with `SQIL_REQUIRE_CROSS=1`).
+//! Helpers the back-end tests share: strict C builds, the self-test's output parsed and checked,
+//! cross tools found (or required, with `SQIL_REQUIRE_CROSS=1`); the testdata folder and the GPU
+//! (or the reason a GPU test skips).
 #![allow(dead_code)]
 
 use sqil_codegen::c::C_TOL;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The testdata policies: beside the crate where it was built, else `testdata/policies` under the
+/// working directory (a test binary carried to another machine runs from the repository root).
+pub fn testdata_policies() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("testdata/policies")
+    }
+}
+
+/// The first GPU, or `None` after printing why `what` skips (`SQIL_REQUIRE_GPU=1`: a missing GPU
+/// fails the test instead, for the device run).
+pub fn gpu_or_skip(what: &str) -> Option<sqil_cuda::Gpu> {
+    match sqil_cuda::Gpu::new() {
+        Ok(g) => Some(g),
+        Err(e) => {
+            assert!(std::env::var("SQIL_REQUIRE_GPU").as_deref() != Ok("1"), "no GPU and SQIL_REQUIRE_GPU=1: {e}");
+            eprintln!("skipping {what}: {e}");
+            None
+        }
+    }
+}
 
 /// Parses the self-test's `out S J BITS` lines into per-state output bits.
 pub fn parse(stdout: &str) -> Vec<Vec<u32>> {
