@@ -430,7 +430,8 @@ pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &
     if channels >= 8 && crate::isa() != crate::Isa::Generic {
         let g = Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels };
         // SAFETY: isa() checked AVX2 and FMA; the buffer sizes were checked above.
-        return unsafe { depthwise_lanes_avx2(input, weights, &g, out) };
+        let wide = crate::isa() == crate::Isa::Avx512Vnni && kh * kw <= DEPTHWISE_WIDE_TAPS;
+        return unsafe { depthwise_lanes_avx2(input, weights, &g, out, wide) };
     }
     // The padded plane's extent (every row and column a window reads), and each phase plane's:
     // phase (ry, rx) holds padded rows ry, ry + sh, ... and columns rx, rx + sw, ...
@@ -546,11 +547,12 @@ struct Depthwise {
 /// The CPU must support AVX2 and FMA; `input` and `out` hold `channels` planes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, out: &mut [f32]) {
+unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, out: &mut [f32], wide: bool) {
     use std::arch::x86_64::*;
     let Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels } = *g;
     let (il, kl, ol) = (h * w, kh * kw, oh * ow);
-    let cp = channels.next_multiple_of(8);
+    // Channels per position in the buffers: whole vectors (sixteen lanes on the wide path).
+    let cp = channels.next_multiple_of(if wide { 16 } else { 8 });
     // Every padded row and column a window reads.
     let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
     let mut buf = vec![0f32; hp * wp * cp];
@@ -616,7 +618,10 @@ unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, ou
     // Every element is written below (each position, every 8-channel vector up to cp).
     let mut acc: Vec<f32> = Vec::with_capacity(ol * cp);
     let (bp, wtp) = (buf.as_ptr(), wt.as_ptr());
-    for oy in 0..oh {
+    if wide {
+        depthwise_taps_avx512(bp, wtp, &offs, (oh, ow, sh, sw, wp, cp), acc.as_mut_ptr());
+    }
+    for oy in 0..if wide { 0 } else { oh } {
         for ox in 0..ow {
             let base = (oy * sh * wp + ox * sw) * cp;
             let dst = acc.as_mut_ptr().add((oy * ow + ox) * cp);
@@ -668,6 +673,62 @@ unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, ou
         for c in c0..c0 + cn {
             for o in o8..ol {
                 out[c * ol + o] = acc[o * cp + c];
+            }
+        }
+    }
+}
+
+/// Most taps the wide depthwise path keeps as weight vectors (5 x 5 kernels and smaller).
+#[cfg(target_arch = "x86_64")]
+const DEPTHWISE_WIDE_TAPS: usize = 25;
+
+/// [`depthwise_lanes_avx2`]'s taps on sixteen channels per vector: per block of sixteen channels
+/// the taps' weight vectors loaded once, then four output positions at a time (four independent
+/// chains), each lane one FMA chain from +0 over the taps in (row, column) order, as on the
+/// eight-lane path (the same bits). `buf` is `[row, column, cp]` with `cp` a multiple of 16;
+/// writes `acc[position * cp + channel]` for every position and channel below `cp`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F; `offs.len() <= DEPTHWISE_WIDE_TAPS`; the pointers hold the
+/// buffers [`depthwise_lanes_avx2`] builds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn depthwise_taps_avx512(
+    bp: *const f32,
+    wtp: *const f32,
+    offs: &[usize],
+    (oh, ow, sh, sw, wp, cp): (usize, usize, usize, usize, usize, usize),
+    acc: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    let kl = offs.len();
+    let mut wv = [_mm512_setzero_ps(); DEPTHWISE_WIDE_TAPS];
+    for c0 in (0..cp).step_by(16) {
+        for (t, w) in wv.iter_mut().enumerate().take(kl) {
+            *w = _mm512_loadu_ps(wtp.add(t * cp + c0));
+        }
+        for oy in 0..oh {
+            let row = oy * sh * wp;
+            let mut ox = 0;
+            while ox + 4 <= ow {
+                let mut a = [_mm512_setzero_ps(); 4];
+                for (t, &off) in offs.iter().enumerate() {
+                    for (v, a) in a.iter_mut().enumerate() {
+                        let x = _mm512_loadu_ps(bp.add((row + (ox + v) * sw) * cp + off + c0));
+                        *a = _mm512_fmadd_ps(wv[t], x, *a);
+                    }
+                }
+                for (v, a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(acc.add((oy * ow + ox + v) * cp + c0), *a);
+                }
+                ox += 4;
+            }
+            for ox in ox..ow {
+                let mut a = _mm512_setzero_ps();
+                for (t, &off) in offs.iter().enumerate() {
+                    a = _mm512_fmadd_ps(wv[t], _mm512_loadu_ps(bp.add((row + ox * sw) * cp + off + c0)), a);
+                }
+                _mm512_storeu_ps(acc.add((oy * ow + ox) * cp + c0), a);
             }
         }
     }
