@@ -62,6 +62,10 @@ pub const ROWS_PER_THREAD: usize = 256;
 /// Larger layers, whose weights stream from memory, keep the half-byte tile kernel below batch 4.
 pub const LANES_MAX_BYTES: usize = 4 << 20;
 
+/// Fewest output channels for which batches of four or more inputs take the channel-lane kernel
+/// (below, most of its 32 lanes would be padding).
+pub const LANES_MIN_CHANNELS: usize = 16;
+
 /// Whether the channel-lane kernel runs `w` at batches below four (see [`LANES_MAX_BYTES`]).
 pub fn lanes_at_small_batch(w: &PackedQ4) -> bool {
     w.n.next_multiple_of(32) * w.k_pad <= LANES_MAX_BYTES
@@ -233,7 +237,10 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
     };
     // Batches of four inputs or more with the output channels in vector lanes (no horizontal
     // reductions); a channel-major layout only on one thread (threads split channels there).
-    let lanes = (xs.len() >= 4 || lanes_at_small_batch(w)) && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni);
+    // A layer of few output channels (a policy's action head) would leave most of a 32-channel
+    // block's lanes empty: batches of four or more take the row kernels there.
+    let lanes = ((xs.len() >= 4 && w.n >= LANES_MIN_CHANNELS) || (xs.len() < 4 && lanes_at_small_batch(w)))
+        && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni);
     // Sixteen inputs or more on AMX tiles where the CPU has them (the same arithmetic).
     #[cfg(target_arch = "x86_64")]
     let amx = isa() == Isa::Avx512Vnni && x86_64::amx::takes(w) && x86_64::amx::available();
