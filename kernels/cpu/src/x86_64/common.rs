@@ -642,21 +642,29 @@ pub(crate) trait LaneInput: Copy {
     fn scale(&self) -> f32;
 }
 
-impl LaneInput for QRow<'_> {
-    const FLIPPED: bool = false;
-    fn run(&self) -> usize {
-        usize::MAX
-    }
-    fn run_ptr(&self, _: usize) -> *const i8 {
-        self.q.as_ptr()
-    }
-    fn zero(&self) -> i32 {
-        self.zero
-    }
-    fn scale(&self) -> f32 {
-        self.scale
-    }
+/// A row (`q`, `zero`, `scale` fields: one unbounded run) as a [`LaneInput`], its bytes stored
+/// as they are or with the sign bit flipped.
+macro_rules! row_lane_input {
+    ($row:ident, $flipped:expr) => {
+        impl LaneInput for $row<'_> {
+            const FLIPPED: bool = $flipped;
+            fn run(&self) -> usize {
+                usize::MAX
+            }
+            fn run_ptr(&self, _: usize) -> *const i8 {
+                self.q.as_ptr()
+            }
+            fn zero(&self) -> i32 {
+                self.zero
+            }
+            fn scale(&self) -> f32 {
+                self.scale
+            }
+        }
+    };
 }
+
+row_lane_input!(QRow, false);
 
 impl LaneInput for crate::generic::QWindow<'_> {
     const FLIPPED: bool = true;
@@ -828,21 +836,7 @@ pub(crate) struct FlippedRow<'a> {
     scale: f32,
 }
 
-impl LaneInput for FlippedRow<'_> {
-    const FLIPPED: bool = true;
-    fn run(&self) -> usize {
-        usize::MAX
-    }
-    fn run_ptr(&self, _: usize) -> *const i8 {
-        self.q.as_ptr()
-    }
-    fn zero(&self) -> i32 {
-        self.zero
-    }
-    fn scale(&self) -> f32 {
-        self.scale
-    }
-}
+row_lane_input!(FlippedRow, true);
 
 /// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of inputs with the channels
 /// in vector lanes (see [`channel_block`]); output `(c, r)` goes to `y[c * cs + (r -
