@@ -1,7 +1,8 @@
 //! A policy's whole step list as one persistent kernel (a *persistent program*): launched once,
-//! it waits for a sequence number in page-locked host memory, reads the observation from host
-//! memory, runs every lowered step with a grid-wide barrier between steps, writes the action back
-//! to host memory and answers with the same sequence number. Nothing is launched per action.
+//! it waits until the observation in page-locked host memory carries the next sequence number
+//! (one 64-bit word per value, the number above the value's bits), runs every lowered step with
+//! a grid-wide barrier between steps, and writes the action back to host memory tagged the same
+//! way. Nothing is launched per action.
 //!
 //! Why: measured on an H200 (`sqil-cuda-bench floor`), a kernel launch and a stream
 //! synchronisation cost 8 us, a replayed graph 5.9 us plus 0.65 us per kernel, the two copies
@@ -15,9 +16,10 @@
 //! the code it runs in the step's own kernel with the same indices, so the outputs are the
 //! graph's bits; kernels that synchronise their block do so with all of its threads, as there.
 //!
-//! The grid is at most one block per multiprocessor and is launched cooperatively, so every block
-//! is resident (the barrier needs it); while the program runs it holds those multiprocessors
-//! (`GpuPolicy` stops it when dropped or when another path is chosen).
+//! The grid is at most as many blocks as the multiprocessors hold at once and is launched
+//! cooperatively, or is one thread-block cluster, so every block is resident (the barrier needs
+//! it); while the program runs it holds those multiprocessors (`GpuPolicy` stops it when dropped
+//! or when another path is chosen).
 
 use crate::lower::{cu_float, HostArr, KArg, LStep, Lowered};
 use std::fmt::Write;
@@ -56,28 +58,16 @@ pub struct Fused {
     pub max_blocks: usize,
 }
 
-/// The kernels a persistent program can call: every kernel of `policy_ops.cu` and the generated
-/// element-wise chains.
+/// Whether a persistent program can call `kernel`: a generated element-wise chain, or a kernel
+/// `policy_ops.cu` declares with `SQIL_VARGS` (every one of them: the list is read from the source).
 pub fn fusible(kernel: &str) -> bool {
-    kernel.starts_with("sqil_ew_")
-        || matches!(
-            kernel,
-            "sqil_copy_pairs"
-                | "sqil_set_consts"
-                | "sqil_binary_bcast"
-                | "sqil_softmax_rows"
-                | "sqil_softmax_rows_block"
-                | "sqil_layernorm_rows"
-                | "sqil_bmm"
-                | "sqil_linear_f32w"
-                | "sqil_levels"
-                | "sqil_q4_int"
-                | "sqil_q4_conv_int"
-                | "sqil_q4_w16"
-                | "sqil_conv2d_f32"
-                | "sqil_pool2d"
-                | "sqil_mean_rows"
-        )
+    kernel.starts_with("sqil_ew_") || crate::POLICY_OPS_CU.contains(&format!(" {kernel}(SQIL_VARGS"))
+}
+
+/// Blocks of a step's launch (of [`STEP_BLOCK`] threads).
+pub fn step_blocks(step: &LStep<HostArr>) -> usize {
+    let LStep::Kernel { threads, .. } = step;
+    threads.div_ceil(STEP_BLOCK).max(1)
 }
 
 /// The device side of the program: the grid barrier (the hardware's cluster barrier when the grid
@@ -160,8 +150,7 @@ const READS_ONLY_INPUTS: &[&str] = &["sqil_linear_f32w", "sqil_q4_int", "sqil_q4
 ///   all of its input), the one after it goes;
 /// - every other step is followed by the grid barrier.
 pub fn placement(l: &Lowered) -> Vec<Placed> {
-    let blocks: Vec<usize> =
-        l.steps.iter().map(|LStep::Kernel { threads, .. }| threads.div_ceil(STEP_BLOCK).max(1)).collect();
+    let blocks: Vec<usize> = l.steps.iter().map(step_blocks).collect();
     let bufs = |args: &[KArg<HostArr>]| -> Vec<usize> {
         args.iter().filter_map(|a| if let KArg::Buf(b) = a { Some(*b) } else { None }).collect()
     };
@@ -212,7 +201,7 @@ pub fn fuse(l: &Lowered) -> Result<Fused, String> {
     let mut max_blocks = 1;
     let placed = placement(l);
     for (si, st) in l.steps.iter().enumerate() {
-        let LStep::Kernel { name, args, threads } = st;
+        let LStep::Kernel { name, args, .. } = st;
         if !fusible(name) {
             return Err(format!("step {si}: no device form of kernel {name}"));
         }
@@ -230,7 +219,7 @@ pub fn fuse(l: &Lowered) -> Result<Fused, String> {
                 KArg::F32(v) => cu_float(*v),
             });
         }
-        let blocks = threads.div_ceil(STEP_BLOCK).max(1);
+        let blocks = step_blocks(st);
         max_blocks = max_blocks.max(blocks);
         let label = l.labels.get(si).map(|s| s.replace(['\n', '\r', '\\'], " ")).unwrap_or_default();
         let sync = if placed[si].local_sync { "__syncthreads();" } else { "sqil_grid_sync(bar, passed, cluster);" };
@@ -341,4 +330,20 @@ pub fn fuse(l: &Lowered) -> Result<Fused, String> {
         out_len = l.out_len,
     );
     Ok(Fused { name, src, slots, max_blocks })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fusible;
+
+    #[test]
+    fn the_fusible_kernels_are_read_from_the_source() {
+        for k in ["sqil_copy_pairs", "sqil_q4_int", "sqil_q4_conv_int", "sqil_softmax_rows_block", "sqil_ew_0123"] {
+            assert!(fusible(k), "{k}");
+        }
+        // Not policy kernels, or a prefix of one.
+        for k in ["sqil_q4_gemv_b1", "sqil_q4", "sqil_softmax_rows_bloc", "copy_pairs"] {
+            assert!(!fusible(k), "{k}");
+        }
+    }
 }

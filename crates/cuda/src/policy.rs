@@ -64,6 +64,9 @@ struct Persist {
     /// number above the value's bits.
     obs: Mapped<u64>,
     act: Mapped<u64>,
+    /// The host's control word in host memory: the last sequence number given (read by the
+    /// program for big observations) or STOP.
+    ctl: Mapped<u32>,
     ptrs: CudaSlice<u64>,
     bar: CudaSlice<u64>,
     /// Blocks when the barrier is the grid barrier (at most as many as the multiprocessors hold
@@ -141,9 +144,6 @@ pub struct GpuPolicy {
     /// The observation and the action in host memory (the copies' ends).
     obs: Mapped<f32>,
     act: Mapped<f32>,
-    /// The persistent program's two control words in host memory: the host's sequence number,
-    /// the program's answer.
-    ctl: Mapped<u32>,
     graph: Option<CudaGraph>,
     persist: Option<Persist>,
     /// Why the policy has no persistent program (when it has none).
@@ -253,6 +253,7 @@ impl GpuPolicy {
                         f: func,
                         obs: Mapped::new(gpu, l.in_len)?,
                         act: Mapped::new(gpu, l.out_len)?,
+                        ctl: Mapped::new(gpu, 1)?,
                         ptrs: stream.clone_htod(&ptrs).map_err(err)?,
                         bar: stream.alloc_zeros::<u64>(2).map_err(err)?,
                         grid: f.max_blocks.min((sms.max(1) * per_sm) as usize) as u32,
@@ -269,7 +270,6 @@ impl GpuPolicy {
         Ok(GpuPolicy {
             obs: Mapped::new(gpu, l.in_len)?,
             act: Mapped::new(gpu, l.out_len)?,
-            ctl: Mapped::new(gpu, 2)?,
             stream,
             steps,
             bufs,
@@ -356,12 +356,12 @@ impl GpuPolicy {
         self.stream.memset_zeros(&mut p.bar).map_err(err)?;
         self.stream.synchronize().map_err(err)?;
         // The program is not running: nothing else touches these words.
-        self.ctl.slice_mut().fill(0);
+        p.ctl.slice_mut().fill(0);
         p.obs.slice_mut().fill(0);
         p.act.slice_mut().fill(0);
         p.seq = 0;
         let (pp, ctl, obs, act, bar) =
-            (p.ptrs.device_ptr(&self.stream).0, self.ctl.dev, p.obs.dev, p.act.dev, p.bar.device_ptr(&self.stream).0);
+            (p.ptrs.device_ptr(&self.stream).0, p.ctl.dev, p.obs.dev, p.act.dev, p.bar.device_ptr(&self.stream).0);
         let cluster = p.cluster as u32;
         if p.cluster {
             let g = p.cluster_grid.ok_or("no cluster form on this device")?;
@@ -430,7 +430,7 @@ impl GpuPolicy {
             return Ok(());
         }
         // SAFETY: the host's control word, polled by the program.
-        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ctl.ptr) }.store(crate::fused::STOP, Release);
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(p.ctl.ptr) }.store(crate::fused::STOP, Release);
         p.running = false;
         // Wait for the program to exit, but not forever: a program that cannot exit (its blocks
         // never all resident, a fault) leaves the stream busy, and the policy says so from then on.
@@ -473,7 +473,7 @@ impl GpuPolicy {
             unsafe { std::sync::atomic::AtomicU64::from_ptr(w) }.store(tag | v.to_bits() as u64, Relaxed);
         }
         // SAFETY: the host's control word (read by the program for big observations and STOP).
-        unsafe { std::sync::atomic::AtomicU32::from_ptr(self.ctl.ptr) }.store(seq, Release);
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(p.ctl.ptr) }.store(seq, Release);
         let answer = p.act.ptr;
         let n = p.act.len;
         let done = || {
