@@ -618,13 +618,54 @@ unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, ou
     // Every element is written below (each position, every 8-channel vector up to cp).
     let mut acc: Vec<f32> = Vec::with_capacity(ol * cp);
     let (bp, wtp) = (buf.as_ptr(), wt.as_ptr());
+    let geo = (oh, ow, sh, sw, wp, cp);
     if wide {
-        depthwise_taps_avx512(bp, wtp, &offs, (oh, ow, sh, sw, wp, cp), acc.as_mut_ptr());
+        depthwise_taps_avx512(bp, wtp, &offs, geo, acc.as_mut_ptr());
+    } else {
+        depthwise_taps_avx2(bp, wtp, &offs, geo, acc.as_mut_ptr());
     }
-    for oy in 0..if wide { 0 } else { oh } {
+    // SAFETY: the taps wrote all ol * cp values.
+    acc.set_len(ol * cp);
+    // Back to [channel, position], eight positions x eight channels per register transpose.
+    let o8 = ol / 8 * 8;
+    for c0 in (0..channels).step_by(8) {
+        let cn = (channels - c0).min(8);
+        for o0 in (0..o8).step_by(8) {
+            let v = transpose8(std::array::from_fn(|j| _mm256_loadu_ps(acc.as_ptr().add((o0 + j) * cp + c0))));
+            for (cc, v) in v.iter().enumerate().take(cn) {
+                _mm256_storeu_ps(out.as_mut_ptr().add((c0 + cc) * ol + o0), *v);
+            }
+        }
+        for c in c0..c0 + cn {
+            for o in o8..ol {
+                out[c * ol + o] = acc[o * cp + c];
+            }
+        }
+    }
+}
+
+/// [`depthwise_lanes_avx2`]'s taps on eight channels per vector: per output position, four
+/// vectors of channels (independent chains) at a time, then one; each lane one FMA chain from +0
+/// over the taps in (row, column) order. Buffers as [`depthwise_taps_avx512`] takes them, `cp` a
+/// multiple of 8.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; the pointers hold the buffers [`depthwise_lanes_avx2`]
+/// builds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_taps_avx2(
+    bp: *const f32,
+    wtp: *const f32,
+    offs: &[usize],
+    (oh, ow, sh, sw, wp, cp): (usize, usize, usize, usize, usize, usize),
+    acc: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    for oy in 0..oh {
         for ox in 0..ow {
             let base = (oy * sh * wp + ox * sw) * cp;
-            let dst = acc.as_mut_ptr().add((oy * ow + ox) * cp);
+            let dst = acc.add((oy * ow + ox) * cp);
             let mut c0 = 0;
             // Four vectors (independent chains) at a time, then one.
             while c0 + 32 <= cp {
@@ -655,24 +696,6 @@ unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, ou
                 }
                 _mm256_storeu_ps(dst.add(c0), a);
                 c0 += 8;
-            }
-        }
-    }
-    // SAFETY: the loops above wrote all ol * cp values.
-    acc.set_len(ol * cp);
-    // Back to [channel, position], eight positions x eight channels per register transpose.
-    let o8 = ol / 8 * 8;
-    for c0 in (0..channels).step_by(8) {
-        let cn = (channels - c0).min(8);
-        for o0 in (0..o8).step_by(8) {
-            let v = transpose8(std::array::from_fn(|j| _mm256_loadu_ps(acc.as_ptr().add((o0 + j) * cp + c0))));
-            for (cc, v) in v.iter().enumerate().take(cn) {
-                _mm256_storeu_ps(out.as_mut_ptr().add((c0 + cc) * ol + o0), *v);
-            }
-        }
-        for c in c0..c0 + cn {
-            for o in o8..ol {
-                out[c * ol + o] = acc[o * cp + c];
             }
         }
     }
