@@ -71,6 +71,17 @@ pub fn lanes_at_small_batch(w: &PackedQ4) -> bool {
     w.n.next_multiple_of(32) * w.k_pad <= LANES_MAX_BYTES
 }
 
+/// Whether the channel-lane kernel runs `w` on rows at batches below four: with AVX-512 VNNI (half
+/// bytes: no larger copy to read) for layers of [`LANES_MIN_CHANNELS`] channels or more, else
+/// [`lanes_at_small_batch`].
+pub fn row_lanes_at_small_batch(w: &PackedQ4) -> bool {
+    if nibble_lanes(w) {
+        w.n >= LANES_MIN_CHANNELS
+    } else {
+        lanes_at_small_batch(w)
+    }
+}
+
 /// The channel-lane W4A8 kernel for this CPU (AVX-512 VNNI sums where present, else AVX2).
 ///
 /// # Safety
@@ -88,6 +99,37 @@ unsafe fn lanes_kernel<X: x86_64::common::LaneInput>(
         x86_64::avx512::avx512_channels(w, xs, bias, y, strides, rows)
     } else {
         x86_64::avx2::avx2_channels(w, xs, bias, y, strides, rows)
+    }
+}
+
+/// Largest group the half-byte lane kernel takes: its int32 sums of whole weight bytes (up to
+/// 255) times int8 inputs stay below 2^31 over a group of at most this many weights.
+pub const NIBBLE_LANES_MAX_GROUP: usize = 65536;
+
+/// Whether rows run on the half-byte channel-lane kernel (AVX-512 VNNI, groups within
+/// [`NIBBLE_LANES_MAX_GROUP`]).
+fn nibble_lanes(w: &PackedQ4) -> bool {
+    isa() == Isa::Avx512Vnni && w.group <= NIBBLE_LANES_MAX_GROUP
+}
+
+/// The channel-lane W4A8 kernel for rows: with AVX-512 VNNI on half-byte weights
+/// (`avx512_nibble_lanes`, no sign flip of the inputs), else [`lanes_kernel`].
+///
+/// # Safety
+/// As [`lanes_kernel`]; each row's `sums` holds `w.groups()` values.
+#[cfg(target_arch = "x86_64")]
+unsafe fn row_lanes_kernel(
+    w: &PackedQ4,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    strides: (usize, usize),
+    rows: std::ops::Range<usize>,
+) {
+    if nibble_lanes(w) {
+        x86_64::avx512::avx512_nibble_lanes(w, xs, bias, y, strides, rows)
+    } else {
+        lanes_kernel(w, xs, bias, y, strides, rows)
     }
 }
 
@@ -150,9 +192,9 @@ pub fn gemv_q4q8(w: &PackedQ4, x: &QuantizedInput, bias: Option<&[f32]>, y: &mut
         #[cfg(target_arch = "x86_64")]
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above; every chunk of
         // rows starts at a multiple of 32.
-        Isa::Avx2 | Isa::Avx512Vnni if lanes_at_small_batch(w) => {
+        Isa::Avx2 | Isa::Avx512Vnni if row_lanes_at_small_batch(w) => {
             split_rows(w.n, (threads, 32), ROWS_PER_THREAD, 1, y, |rows, out| unsafe {
-                lanes_kernel(w, &[x], bias, out, (w.n, 1), rows)
+                row_lanes_kernel(w, &[x], bias, out, (w.n, 1), rows)
             })
         }
         #[cfg(target_arch = "x86_64")]
@@ -239,7 +281,7 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
     // reductions); a channel-major layout only on one thread (threads split channels there).
     // A layer of few output channels (a policy's action head) would leave most of a 32-channel
     // block's lanes empty: batches of four or more take the row kernels there.
-    let lanes = ((xs.len() >= 4 && w.n >= LANES_MIN_CHANNELS) || (xs.len() < 4 && lanes_at_small_batch(w)))
+    let lanes = ((xs.len() >= 4 && w.n >= LANES_MIN_CHANNELS) || (xs.len() < 4 && row_lanes_at_small_batch(w)))
         && matches!(isa(), Isa::Avx2 | Isa::Avx512Vnni);
     // Sixteen inputs or more on AMX tiles where the CPU has them (the same arithmetic).
     #[cfg(target_arch = "x86_64")]
@@ -255,7 +297,7 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
         if lanes {
             // SAFETY: isa() checked AVX2 and FMA; lengths asserted above; `y` holds every index
             // of these inputs' outputs.
-            return unsafe { lanes_kernel(w, xs, bias, y, strides, 0..w.n) };
+            return unsafe { row_lanes_kernel(w, xs, bias, y, strides, 0..w.n) };
         }
         run(0..w.n, xs, y)
     };

@@ -170,6 +170,9 @@ pub struct PackedQ4 {
     /// The weights again for the batch kernel that vectorises over output channels, made on
     /// first use (see [`ChannelTiles`]).
     pub channel_tiles: std::sync::OnceLock<ChannelTiles>,
+    /// The weights again as half bytes for the VNNI channel-lane kernel on rows, made on first
+    /// use (see [`NibbleTiles`]).
+    pub nibble_tiles: std::sync::OnceLock<NibbleTiles>,
 }
 
 /// A layer's signed weights one byte each, for kernels that keep eight output channels in one
@@ -182,6 +185,24 @@ pub struct ChannelTiles {
     /// Blocks of 32 channels.
     pub blocks: usize,
     pub data: Vec<i8>,
+    /// `[blocks][groups][32]`.
+    pub scales: Vec<f32>,
+    /// `[blocks][groups][32]`.
+    pub sums: Vec<i32>,
+}
+
+/// A layer's weights as unsigned half bytes (`q + 8`, in [0, 15]) for the VNNI channel-lane
+/// kernel on rows, half the bytes of [`ChannelTiles`]: per block of 32 channels (padded with zero
+/// weights, i.e. nibbles of 8), per group, per four consecutive k, 64 bytes: byte `4 c + i` holds
+/// channel `c`'s weight `i` in its low nibble and channel `16 + c`'s in its high nibble
+/// (`data[((cb * groups + g) * (group / 4) + quad) * 64 + 4 c + i]`), so a mask and a shift give
+/// the two 16-channel vectors `vpdpbusd` multiplies as its unsigned operand. Scales and weight
+/// sums as in [`ChannelTiles`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct NibbleTiles {
+    /// Blocks of 32 channels.
+    pub blocks: usize,
+    pub data: Vec<u8>,
     /// `[blocks][groups][32]`.
     pub scales: Vec<f32>,
     /// `[blocks][groups][32]`.
@@ -274,7 +295,60 @@ impl PackedQ4 {
                 }
             }
         }
-        PackedQ4 { n, k, k_pad, group, blocks, scales, sums, tile_scales, tile_sums, channel_tiles: Default::default() }
+        PackedQ4 {
+            n,
+            k,
+            k_pad,
+            group,
+            blocks,
+            scales,
+            sums,
+            tile_scales,
+            tile_sums,
+            channel_tiles: Default::default(),
+            nibble_tiles: Default::default(),
+        }
+    }
+
+    /// Scales and weight sums per (block of 32 channels, group, channel), zero for padding rows:
+    /// the lane kernels' layout.
+    fn lane_scales_sums(&self) -> (Vec<f32>, Vec<i32>) {
+        let groups = self.groups();
+        let blocks = self.n.div_ceil(32);
+        let mut scales = vec![0f32; blocks * groups * 32];
+        let mut sums = vec![0i32; blocks * groups * 32];
+        for r in 0..self.n {
+            let (cb, c) = (r / 32, r % 32);
+            for g in 0..groups {
+                scales[(cb * groups + g) * 32 + c] = self.scales[r * groups + g];
+                sums[(cb * groups + g) * 32 + c] = self.sums[r * groups + g];
+            }
+        }
+        (scales, sums)
+    }
+
+    /// [`NibbleTiles`] of this layer (built once).
+    pub fn nibble_tiles(&self) -> &NibbleTiles {
+        self.nibble_tiles.get_or_init(|| {
+            let groups = self.groups();
+            let blocks = self.n.div_ceil(32);
+            let quads = self.group / 4;
+            let mut data = vec![0x88u8; blocks * groups * quads * 64];
+            for r in 0..self.n {
+                let (cb, c) = (r / 32, r % 32);
+                let (byte, shift) = (4 * (c % 16), 4 * (c / 16));
+                for (b, block) in self.blocks[r * self.k_pad / QK4..(r + 1) * self.k_pad / QK4].iter().enumerate() {
+                    for (j, &q) in block.unpack().iter().enumerate() {
+                        let col = b * QK4 + j;
+                        let (g, quad, i) = (col / self.group, col % self.group / 4, col % 4);
+                        let at = ((cb * groups + g) * quads + quad) * 64 + byte + i;
+                        data[at] = (data[at] & !(0xF << shift)) | (((q + 8) as u8) << shift);
+                    }
+                }
+            }
+            let (scales, sums) = self.lane_scales_sums();
+            NibbleTiles { blocks, data, scales, sums }
+        })
     }
 
     /// [`ChannelTiles`] of this layer (built once).
@@ -284,13 +358,9 @@ impl PackedQ4 {
             let blocks = self.n.div_ceil(32);
             let quads = self.group / 4;
             let mut data = vec![0i8; blocks * groups * quads * 128];
-            let mut scales = vec![0f32; blocks * groups * 32];
-            let mut sums = vec![0i32; blocks * groups * 32];
             for r in 0..self.n {
                 let (cb, c) = (r / 32, r % 32);
                 for g in 0..groups {
-                    scales[(cb * groups + g) * 32 + c] = self.scales[r * groups + g];
-                    sums[(cb * groups + g) * 32 + c] = self.sums[r * groups + g];
                     for quad in 0..quads {
                         for i in 0..4 {
                             let col = g * self.group + quad * 4 + i;
@@ -299,6 +369,7 @@ impl PackedQ4 {
                     }
                 }
             }
+            let (scales, sums) = self.lane_scales_sums();
             ChannelTiles { blocks, data, scales, sums }
         })
     }

@@ -44,7 +44,7 @@ proptest! {
 
     #[test]
     fn direct_sgemm_equals_matrixmultiply(seed in any::<u64>(), m in 1usize..13, k in 0usize..SGEMM_DIRECT_K + 1,
-                                          n in 1usize..70, a_transposed in any::<bool>(), pad in 0usize..3) {
+                                          n in 1usize..300, a_transposed in any::<bool>(), pad in 0usize..3) {
         let mut s = seed | 1;
         let mut r = move || {
             s ^= s << 13;
@@ -74,7 +74,7 @@ proptest! {
     /// output over k from +0), any k and any strides (b transposed included): bit for bit.
     #[test]
     fn policy_gemm_is_one_fma_chain_per_output(seed in any::<u64>(), m in 1usize..9, k in 0usize..600,
-                                               n in 1usize..40, b_transposed in any::<bool>()) {
+                                               n in 1usize..300, b_transposed in any::<bool>()) {
         let mut r = uniform(seed);
         let a: Vec<f32> = (0..(m * k).max(1)).map(|_| r()).collect();
         let b: Vec<f32> = (0..(k * n).max(1)).map(|_| r()).collect();

@@ -454,3 +454,155 @@ pub(crate) unsafe fn avx512_channels<X: LaneInput>(
 ) {
     channels_impl::<X, Vnni>(w, xs, bias, y, strides, rows)
 }
+
+/// W4A8 of one block of 32 output channels against `NP` rows with the channels in vector lanes,
+/// the weights as half bytes ([`crate::packed::NibbleTiles`]): per quad one 64-byte load, a mask
+/// and a shift give the block's two 16-channel vectors of `q + 8` (unsigned), and `vpdpbusd`
+/// multiplies them by each row's four signed bytes broadcast (the rows as they are: no sign
+/// flip). Per group the exact `sum (q + 8) x` less `8 sum(x)` (the row's group sum) and
+/// `zero sum(q)` is `sum (x - zero) q`, the integer the other kernels reach, then the shared
+/// epilogue per lane: equal bit for bit. `SPLIT` independent accumulator sets over alternate
+/// quads (summed exactly per group) keep one or two rows from waiting on `vpdpbusd`'s latency.
+#[inline(always)]
+unsafe fn nibble_block<const NP: usize, const SPLIT: usize>(
+    w: &PackedQ4,
+    t: &crate::packed::NibbleTiles,
+    cb: usize,
+    xs: [&QRow; NP],
+) -> [[__m512; 2]; NP] {
+    let groups = w.groups();
+    let quads = w.group / 4;
+    debug_assert!(quads.is_multiple_of(SPLIT));
+    let m_hi = _mm512_set1_epi8(0xF0u8 as i8);
+    let same_zero = xs.iter().all(|x| x.zero == xs[0].zero);
+    let mut accf = [[_mm512_setzero_ps(); 2]; NP];
+    for g in 0..groups {
+        let base = t.data.as_ptr().add((cb * groups + g) * quads * 64);
+        let xo = g * w.group;
+        let mut acc = [[[_mm512_setzero_si512(); 2]; NP]; SPLIT];
+        let mut quad = 0;
+        while quad < quads {
+            for (s, acc) in acc.iter_mut().enumerate() {
+                // The whole bytes (`lo + 16 hi`) and their high halves (`16 hi`): one mask per
+                // quad; the two channel halves are separated per group.
+                let v = _mm512_loadu_si512(base.add((quad + s) * 64) as *const __m512i);
+                let hi16 = _mm512_and_si512(v, m_hi);
+                for c in 0..NP {
+                    let x4 = std::ptr::read_unaligned(xs[c].q.as_ptr().add(xo + 4 * (quad + s)) as *const i32);
+                    let xb = _mm512_set1_epi32(x4);
+                    acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], v, xb);
+                    acc[c][1] = _mm512_dpbusd_epi32(acc[c][1], hi16, xb);
+                }
+            }
+            quad += SPLIT;
+        }
+        // Per row: sum (lo + 16 hi) x and sum 16 hi x, exact (|sum| < group * 255 * 128 < 2^31:
+        // the dispatch keeps groups within `NIBBLE_LANES_MAX_GROUP`), into the low channels'
+        // sum (the difference) and the high channels' (a sixteenth, exact).
+        let halves: [[__m512i; 2]; NP] = std::array::from_fn(|c| {
+            let (mut whole, mut high) = (acc[0][c][0], acc[0][c][1]);
+            for acc in &acc[1..] {
+                whole = _mm512_add_epi32(whole, acc[c][0]);
+                high = _mm512_add_epi32(high, acc[c][1]);
+            }
+            [_mm512_sub_epi32(whole, high), _mm512_srai_epi32::<4>(high)]
+        });
+        let at = (cb * groups + g) * 32;
+        for h in 0..2 {
+            let ws = _mm512_loadu_si512(t.sums.as_ptr().add(at + 16 * h) as *const __m512i);
+            let sc = _mm512_loadu_ps(t.scales.as_ptr().add(at + 16 * h));
+            let zw0 = _mm512_mullo_epi32(_mm512_set1_epi32(xs[0].zero), ws);
+            for c in 0..NP {
+                let a = halves[c][h];
+                let zw = if same_zero { zw0 } else { _mm512_mullo_epi32(_mm512_set1_epi32(xs[c].zero), ws) };
+                let corr = _mm512_add_epi32(zw, _mm512_set1_epi32(8 * xs[c].sums[g]));
+                let v = _mm512_sub_epi32(a, corr);
+                // The epilogue's order: product rounded, then added.
+                accf[c][h] = _mm512_add_ps(accf[c][h], _mm512_mul_ps(_mm512_cvtepi32_ps(v), sc));
+            }
+        }
+    }
+    accf
+}
+
+/// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of rows with the channels in
+/// vector lanes and the weights as half bytes (see [`nibble_block`]): up to six rows per pass over a
+/// block (twelve int32 and twelve float accumulators), one or two with split accumulators; output
+/// `(c, r)` goes to `y[c * cs + (r - rows_in.start) * rs]`. Equal bit for bit to
+/// `generic::generic_q4q8_row`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI; each row's `q` holds `w.k_pad` values and its `sums`
+/// `w.groups()`; `y` holds every output index of these rows and inputs.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn avx512_nibble_lanes(
+    w: &PackedQ4,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    (cs, rs): (usize, usize),
+    rows_in: std::ops::Range<usize>,
+) {
+    debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
+    let t = w.nibble_tiles();
+    let r0 = rows_in.start;
+    let mut b = [0f32; 32];
+    for cb in r0 / 32..rows_in.end.div_ceil(32) {
+        let rows = (rows_in.end - 32 * cb).min(32);
+        b.fill(0.0);
+        if let Some(bias) = bias {
+            b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
+        }
+        let mut c = 0;
+        while c < xs.len() {
+            let mut acc = [[_mm512_setzero_ps(); 2]; 6];
+            let left = xs.len() - c;
+            let np = match left {
+                1 => {
+                    acc[0] = nibble_block::<1, 2>(w, t, cb, [&xs[c]])[0];
+                    1
+                }
+                2 => {
+                    acc[..2].copy_from_slice(&nibble_block::<2, 2>(w, t, cb, [&xs[c], &xs[c + 1]]));
+                    2
+                }
+                3 => {
+                    acc[..3].copy_from_slice(&nibble_block::<3, 1>(w, t, cb, [&xs[c], &xs[c + 1], &xs[c + 2]]));
+                    3
+                }
+                4 | 8 => {
+                    let a = nibble_block::<4, 1>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
+                    acc[..4].copy_from_slice(&a);
+                    4
+                }
+                5 | 9 => {
+                    let a = nibble_block::<5, 1>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
+                    acc[..5].copy_from_slice(&a);
+                    5
+                }
+                _ => {
+                    let a = nibble_block::<6, 1>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
+                    acc[..6].copy_from_slice(&a);
+                    6
+                }
+            };
+            for (i, acc) in acc[..np].iter().enumerate() {
+                let scale = _mm512_set1_ps(xs[c + i].scale);
+                let mut out = [0f32; 32];
+                for (h, a) in acc.iter().enumerate() {
+                    let v = _mm512_add_ps(_mm512_mul_ps(*a, scale), _mm512_loadu_ps(b.as_ptr().add(16 * h)));
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v);
+                }
+                let at = (c + i) * cs + (32 * cb - r0) * rs;
+                if rs == 1 {
+                    y[at..at + rows].copy_from_slice(&out[..rows]);
+                } else {
+                    for (l, &v) in out[..rows].iter().enumerate() {
+                        y[at + l * rs] = v;
+                    }
+                }
+            }
+            c += np;
+        }
+    }
+}

@@ -350,6 +350,20 @@ pub(crate) unsafe fn sgemm_direct_panels<F: F32Lanes>(
     // rows fall into a few L1 sets and evict each other (49 x 256 x 256: 26 -> 60+ GMAC/s on
     // AVX-512). The copy changes no arithmetic.
     let mut panel = if m >= 8 { vec![0f32; k * 2 * F::LANES] } else { vec![] };
+    if m <= 2 {
+        // One or two rows (a batch-1 layer): a tile of two vectors would be two FMA chains
+        // waiting on each other's latency; eight (four on 256-bit) keep the FMA units busy.
+        if F::LANES >= 16 {
+            while j + 8 * F::LANES <= n {
+                rows::<F, 8>(av, bv, cv, (m, k), (j, j));
+                j += 8 * F::LANES;
+            }
+        }
+        while j + 4 * F::LANES <= n {
+            rows::<F, 4>(av, bv, cv, (m, k), (j, j));
+            j += 4 * F::LANES;
+        }
+    }
     while j + 2 * F::LANES <= n {
         if panel.is_empty() {
             rows::<F, 2>(av, bv, cv, (m, k), (j, j));
