@@ -562,11 +562,17 @@ pub fn run(cmd: Cmd) -> sqil_driver::Result<()> {
             if peaks {
                 let g = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.1}"));
                 let (i8, f32) = (sqil_kernels_cpu::peak::int8_gmacs(), sqil_kernels_cpu::peak::f32_gmacs());
+                // Reads beyond the core's own caches: 8 MiB (the shared last-level cache on the
+                // machines measured), 512 MiB (memory).
+                let (l3, dram) =
+                    (sqil_kernels_cpu::peak::read_gbs(8 << 20), sqil_kernels_cpu::peak::read_gbs(512 << 20));
                 println!(
-                    "{{\"peaks\": {{\"int8_gmacs\": {}, \"int8_instruction\": \"{}\", \"f32_gmacs\": {}, \"threads\": 1}}}}",
+                    "{{\"peaks\": {{\"int8_gmacs\": {}, \"int8_instruction\": \"{}\", \"f32_gmacs\": {}, \"read_gbs_8mib\": {}, \"read_gbs_512mib\": {}, \"threads\": 1}}}}",
                     g(i8),
                     sqil_kernels_cpu::peak::int8_instruction(),
-                    g(f32)
+                    g(f32),
+                    g(l3),
+                    g(dram)
                 );
             }
             match model {

@@ -68,9 +68,42 @@ pub fn f32_gmacs() -> Option<f64> {
     None
 }
 
+/// Read bandwidth in GB/s of one core streaming over a buffer of `bytes` (best of three timed
+/// passes after a warm-up pass; passes repeated to at least 64 MiB per timing): at a few MiB the
+/// last-level cache's rate, at hundreds of MiB memory's. What a batch-1 layer whose weights do
+/// not stay in the core's own caches between runs is held against. `None` without AVX2.
+pub fn read_gbs(bytes: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        let buf = vec![1u8; bytes.max(4096).next_multiple_of(256)];
+        let passes = (64usize << 20).div_ceil(buf.len()).max(1);
+        // SAFETY: AVX2 detected above; the buffer's length is a multiple of 256 bytes.
+        let run = || (0..passes).fold(0u64, |a, _| a ^ unsafe { x86::read_all(std::hint::black_box(&buf)) });
+        run();
+        let t = best(run);
+        return Some((passes * buf.len()) as f64 / t / 1e9);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+    None
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// XOR of every 32-byte vector of `buf` (eight independent chains), folded to 64 bits.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn read_all(buf: &[u8]) -> u64 {
+        let mut acc = [_mm256_setzero_si256(); 8];
+        for chunk in buf.chunks_exact(256) {
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_xor_si256(*a, _mm256_loadu_si256(chunk.as_ptr().add(32 * i) as *const __m256i));
+            }
+        }
+        let s = acc.iter().fold(_mm256_setzero_si256(), |s, a| _mm256_xor_si256(s, *a));
+        (_mm256_extract_epi64::<0>(s) ^ _mm256_extract_epi64::<3>(s)) as u64
+    }
 
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn maddubs(w: &[i8], rounds: usize) -> u64 {
