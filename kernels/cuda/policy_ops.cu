@@ -149,9 +149,12 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
 // A float layer with constant fp32 weights w[k][n]: y[r, c] = x[r] . w[:, c] (+ bias[c]), x read
 // through the deferred activation quantizer fq (s = 0: none): the policy GEMM's arithmetic (one
 // fused multiply-add chain over k from +0, then the bias added), the CPU's bits. One warp per
-// output: the lanes load 32 consecutive terms at a time (coalesced, a batch ahead), and every lane
-// runs the same chain over them through shuffles (a spatial softmax's keypoint MatMul has
-// thousands of terms and a handful of outputs).
+// output: the lanes load 32 consecutive terms at a time (coalesced, four batches ahead, so a
+// batch's loads are in flight while three others are summed), and every lane runs the same chain
+// over them through shuffles, a batch's 64 shuffles unrolled ahead of its 32 dependent fmas (a
+// spatial softmax's keypoint MatMul has thousands of terms and a handful of outputs: the chain's
+// latency is the cost). Terms past k are skipped, not added as zeros (fma(0, 0, -0) is +0).
+#define SQIL_F32W_AHEAD 4
 SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
                                             const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
                                             int n, float qs, float qz, float qlo, float qhi)
@@ -164,16 +167,30 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
     const int r = (int)(o / n), c = (int)(o % n);
     const float *xr = x + (long)r * k;
     float s = 0.0f;
-    float xv = lane < k ? sqil_fq(xr[lane], qs, qz, qlo, qhi) : 0.0f, wv = lane < k ? w[(long)lane * n + c] : 0.0f;
-    for (int t0 = 0; t0 < k; t0 += 32) {
-        const int t1 = t0 + 32 + lane;
-        const float xn = t1 < k ? sqil_fq(xr[t1], qs, qz, qlo, qhi) : 0.0f, wn = t1 < k ? w[(long)t1 * n + c] : 0.0f;
-        const int cnt = k - t0 < 32 ? k - t0 : 32;
-        for (int j = 0; j < cnt; j++) {
-            s = __fmaf_rn(__shfl_sync(0xffffffffu, xv, j), __shfl_sync(0xffffffffu, wv, j), s);
+    float xv[SQIL_F32W_AHEAD], wv[SQIL_F32W_AHEAD];
+#pragma unroll
+    for (int d = 0; d < SQIL_F32W_AHEAD; d++) {
+        const int t = 32 * d + lane;
+        xv[d] = t < k ? sqil_fq(xr[t], qs, qz, qlo, qhi) : 0.0f;
+        wv[d] = t < k ? w[(long)t * n + c] : 0.0f;
+    }
+    for (int t0 = 0; t0 < k; t0 += 32 * SQIL_F32W_AHEAD) {
+#pragma unroll
+        for (int d = 0; d < SQIL_F32W_AHEAD; d++) {
+            const int tb = t0 + 32 * d, tn = tb + 32 * SQIL_F32W_AHEAD + lane;
+            const float xn = tn < k ? sqil_fq(xr[tn], qs, qz, qlo, qhi) : 0.0f;
+            const float wn = tn < k ? w[(long)tn * n + c] : 0.0f;
+            const int cnt = k - tb;
+#pragma unroll
+            for (int j = 0; j < 32; j++) {
+                const float xa = __shfl_sync(0xffffffffu, xv[d], j), wa = __shfl_sync(0xffffffffu, wv[d], j);
+                if (j < cnt) {
+                    s = __fmaf_rn(xa, wa, s);
+                }
+            }
+            xv[d] = xn;
+            wv[d] = wn;
         }
-        xv = xn;
-        wv = wn;
     }
     if (lane == 0) {
         y[(long)r * n + c] = bias ? __fadd_rn(s, bias[c]) : s;
@@ -209,6 +226,40 @@ SQIL_KERNEL void sqil_levels(SQIL_VARGS const float *__restrict__ x, float *__re
 __device__ __forceinline__ int sqil_w8(const unsigned *__restrict__ wq, int k4, int c, int kk)
 {
     return (int)(signed char)((wq[(long)c * k4 + kk / 4] >> (8 * (kk % 4))) & 255u);
+}
+
+// The exact integer sum over terms from, from + step, ... (< end) of weight x level for output
+// channel c, levels read through sqil_level_or (NaN sets nan and adds nothing). Eight terms'
+// inputs and weight words are loaded before any is used, so eight loads are in flight rather than
+// one per dependent step (a lane walking a group of a long row waited on each load in turn).
+__device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
+                                            int c, int from, int end, int step, float qs, float qz, float qlo,
+                                            float qhi, int *nan)
+{
+    int s = 0;
+    for (int kk0 = from; kk0 < end; kk0 += 8 * step) {
+        float v[8];
+        unsigned w[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int kk = kk0 + i * step;
+            v[i] = kk < end ? xr[kk] : 0.0f;
+            w[i] = kk < end ? wq[(long)c * k4 + kk / 4] : 0u;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int kk = kk0 + i * step;
+            if (kk < end) {
+                const float l = sqil_level_or(v[i], qs, qz, qlo, qhi);
+                if (l != l) {
+                    *nan = 1;
+                } else {
+                    s += (int)(signed char)((w[i] >> (8 * (kk % 4))) & 255u) * (int)l;
+                }
+            }
+        }
+    }
+    return s;
 }
 
 // The runtime's epilogue after the group sums: acc * xscale, + bias, ReLU, NaN when any input was.
@@ -253,16 +304,8 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
             const int g = g0 + lane;
             float p = 0.0f;
             if (g < groups) {
-                int s = 0;
                 const int end = (g + 1) * group < k ? (g + 1) * group : k;
-                for (int kk = g * group; kk < end; kk++) {
-                    const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
-                    if (v != v) {
-                        nan = 1;
-                    } else {
-                        s += sqil_w8(wq, k4, c, kk) * (int)v;
-                    }
-                }
+                const int s = sqil_q4_span(xr, wq, k4, c, g * group, end, 1, qs, qz, qlo, qhi, &nan);
                 p = __fmul_rn((float)s, scales[(long)c * groups + g]);
             }
             const int cnt = groups - g0 < 32 ? groups - g0 : 32;
@@ -274,16 +317,8 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
         // 32 / groups lanes per group, all groups at once: each segment sums its group's terms
         // and reduces within itself; the products are then added in group order.
         const int lpg = 32 / groups, g = lane / lpg, sub = lane % lpg;
-        int s = 0;
         const int end = (g + 1) * group < k ? (g + 1) * group : k;
-        for (int kk = g * group + sub; kk < end; kk += lpg) {
-            const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
-            if (v != v) {
-                nan = 1;
-            } else {
-                s += sqil_w8(wq, k4, c, kk) * (int)v;
-            }
-        }
+        int s = sqil_q4_span(xr, wq, k4, c, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan);
         for (int d = lpg / 2; d > 0; d /= 2) {
             s += __shfl_xor_sync(0xffffffffu, s, d);
         }
@@ -293,16 +328,8 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
         }
     } else {
         for (int g = 0; g < groups; g++) {
-            int s = 0;
             const int end = (g + 1) * group < k ? (g + 1) * group : k;
-            for (int kk = g * group + lane; kk < end; kk += 32) {
-                const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
-                if (v != v) {
-                    nan = 1;
-                } else {
-                    s += sqil_w8(wq, k4, c, kk) * (int)v;
-                }
-            }
+            int s = sqil_q4_span(xr, wq, k4, c, g * group + lane, end, 32, qs, qz, qlo, qhi, &nan);
             for (int d = 16; d > 0; d /= 2) {
                 s += __shfl_xor_sync(0xffffffffu, s, d);
             }
@@ -324,21 +351,33 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
 //
 // Tiled: a block of 256 threads computes 32 positions x 16 channels (SQIL_CONV_TP x SQIL_CONV_TC;
 // blocks = ceil(positions / 32) * ceil(n / 16), the launch's thread count is blocks * 256). Per
-// chunk of 32 terms the window's levels (gathered through the table) and the weights go to shared
-// memory (levels as int16: minus the zero point they span [-255, 255]; weights as int8, four to a
-// word); each thread sums two channels of one position with dp2a.
+// chunk of SQIL_CONV_KC terms the window's levels (gathered through the table: each thread one
+// position and every eighth term, all its table entries loaded, then all its levels; the term's
+// tap and channel stepped, no division per term) and the weights go to shared memory (levels as
+// int16: minus the zero point they span [-255, 255]; weights as int8, four to a word), with the
+// scales of the groups ending in the chunk; each thread sums two channels of one position with
+// dp2a, 32 terms at a time from 128-bit shared loads, in four independent chains (two per channel,
+// added per group).
 // Integer sums are exact in any order, and the groups (multiples of 32, or the whole row) end on
-// chunk boundaries, so the float epilogue runs in the same order as the CPU's.
+// 32-term boundaries, so the float epilogue runs in the same order as the CPU's.
 #define SQIL_CONV_TP 32
 #define SQIL_CONV_TC 16
+#define SQIL_CONV_KC 128
+#define SQIL_CONV_XS (SQIL_CONV_KC / 2 + 4)
+#define SQIL_CONV_GS (SQIL_CONV_KC / 32 + 1)
 SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,
     const float *__restrict__ lv, float *__restrict__ y, const unsigned *__restrict__ table, int positions, int n,
     int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane)
 {
-    __shared__ int xs[SQIL_CONV_TP][17]; // 32 int16 per position, one word of padding (no bank conflicts)
-    __shared__ int ws[SQIL_CONV_TC][8];
+    // SQIL_CONV_KC int16 per position, rows of 68 words (16-byte aligned; 128-bit reads by eight
+    // lanes at a time fall in distinct banks).
+    __shared__ __align__(16) int xs[SQIL_CONV_TP][SQIL_CONV_XS];
+    __shared__ __align__(16) int ws[SQIL_CONV_TC][SQIL_CONV_KC / 4];
     __shared__ int nanf[SQIL_CONV_TP];
+    // The scales of the groups ending in this chunk (at most SQIL_CONV_GS), loaded with its
+    // weights: a group's epilogue waits on shared memory, not on a global load.
+    __shared__ float ss[SQIL_CONV_TC][SQIL_CONV_GS];
     const int tiles_p = (positions + SQIL_CONV_TP - 1) / SQIL_CONV_TP;
     const int p0 = (SQIL_BX % tiles_p) * SQIL_CONV_TP, c0 = (SQIL_BX / tiles_p) * SQIL_CONV_TC;
     const int t = SQIL_TX, pl = t % SQIL_CONV_TP, cl = t / SQIL_CONV_TP * 2, k4 = (k + 3) / 4;
@@ -346,54 +385,80 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
         nanf[t] = 0;
     }
     short *xb = (short *)&xs[0][0];
-    int s0 = 0, s1 = 0, g = 0;
+    const int p = p0 + pl, kl0 = t / SQIL_CONV_TP;
+    const long prow = (long)(p < positions ? p : 0) * taps;
+    int s0a = 0, s0b = 0, s1a = 0, s1b = 0, g = 0, gend = group < k ? group : k;
     float a0 = 0.0f, a1 = 0.0f;
-    for (int k0 = 0; k0 < k; k0 += 32) {
+    for (int k0 = 0; k0 < k; k0 += SQIL_CONV_KC) {
         __syncthreads();
-        // The tile's window levels for terms k0 .. k0 + 31: four per thread, consecutive threads
-        // on consecutive positions.
-        for (int e = t; e < SQIL_CONV_TP * 32; e += 256) {
-            const int q = e % SQIL_CONV_TP, kl = e / SQIL_CONV_TP, kk = k0 + kl, p = p0 + q;
-            int level = 0;
-            if (kk < k && p < positions) {
-                const unsigned src = table[(long)p * taps + kk / channels];
-                if (src != 0xffffffffu) {
-                    const float v = lv[(long)(kk % channels) * plane + src];
-                    if (v != v) {
-                        nanf[q] = 1;
-                    } else {
-                        level = (int)v;
-                    }
-                }
-            }
-            xb[q * 34 + kl] = (short)level;
-        }
-        if (t < SQIL_CONV_TC * 8) {
-            const int c = c0 + t / 8, w = k0 / 4 + t % 8;
-            ws[t / 8][t % 8] = (c < n && w < k4) ? (int)wq[(long)c * k4 + w] : 0;
-        }
-        __syncthreads();
+        // This thread's terms k0 + kl0 + 8 i: position p, tap and channel stepped by eight.
+        const int per = SQIL_CONV_KC / 8;
+        unsigned src[per];
+        float v[per];
+        int tap = (k0 + kl0) / channels, ch = (k0 + kl0) % channels;
+        int chs[per];
 #pragma unroll
-        for (int q = 0; q < 8; q++) {
-            const int x0 = xs[pl][2 * q], x1 = xs[pl][2 * q + 1]; // levels 4q, 4q + 1 and 4q + 2, 4q + 3
-            s0 = __dp2a_hi(x1, ws[cl][q], __dp2a_lo(x0, ws[cl][q], s0));
-            s1 = __dp2a_hi(x1, ws[cl + 1][q], __dp2a_lo(x0, ws[cl + 1][q], s1));
+        for (int i = 0; i < per; i++) {
+            const int kk = k0 + kl0 + 8 * i;
+            src[i] = kk < k && p < positions ? table[prow + tap] : 0xffffffffu;
+            chs[i] = ch;
+            ch += 8;
+            while (ch >= channels) {
+                ch -= channels;
+                tap++;
+            }
         }
-        const int end = k0 + 32 < k ? k0 + 32 : k;
-        if (end % group == 0 || end == k) {
-            if (c0 + cl < n) {
-                a0 = __fadd_rn(a0, __fmul_rn((float)s0, scales[(long)(c0 + cl) * groups + g]));
+#pragma unroll
+        for (int i = 0; i < per; i++) {
+            v[i] = src[i] != 0xffffffffu ? lv[(long)chs[i] * plane + src[i]] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < per; i++) {
+            int level = 0;
+            if (v[i] != v[i]) {
+                nanf[pl] = 1;
+            } else {
+                level = (int)v[i];
             }
-            if (c0 + cl + 1 < n) {
-                a1 = __fadd_rn(a1, __fmul_rn((float)s1, scales[(long)(c0 + cl + 1) * groups + g]));
+            xb[pl * (2 * SQIL_CONV_XS) + kl0 + 8 * i] = (short)level;
+        }
+        for (int e = t; e < SQIL_CONV_TC * (SQIL_CONV_KC / 4); e += 256) {
+            const int c = c0 + e / (SQIL_CONV_KC / 4), w = k0 / 4 + e % (SQIL_CONV_KC / 4);
+            ws[e / (SQIL_CONV_KC / 4)][e % (SQIL_CONV_KC / 4)] = (c < n && w < k4) ? (int)wq[(long)c * k4 + w] : 0;
+        }
+        const int gs = g; // groups completed before this chunk
+        if (t < SQIL_CONV_TC * SQIL_CONV_GS) {
+            const int c = c0 + t / SQIL_CONV_GS, gi = gs + t % SQIL_CONV_GS;
+            ss[t / SQIL_CONV_GS][t % SQIL_CONV_GS] = (c < n && gi < groups) ? scales[(long)c * groups + gi] : 0.0f;
+        }
+        __syncthreads();
+        for (int k1 = 0; k1 < SQIL_CONV_KC && k0 + k1 < k; k1 += 32) {
+            const int4 *xr = (const int4 *)&xs[pl][k1 / 2];
+            const int4 *w0 = (const int4 *)&ws[cl][k1 / 4], *w1 = (const int4 *)&ws[cl + 1][k1 / 4];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                // Terms k1 + 16 h .. + 15: levels in xa (eight) and xc (eight), words in wa / wb.
+                const int4 xa = xr[2 * h], xc = xr[2 * h + 1], wa = w0[h], wb = w1[h];
+                s0a = __dp2a_hi(xa.y, wa.x, __dp2a_lo(xa.x, wa.x, s0a));
+                s0b = __dp2a_hi(xa.w, wa.y, __dp2a_lo(xa.z, wa.y, s0b));
+                s1a = __dp2a_hi(xa.y, wb.x, __dp2a_lo(xa.x, wb.x, s1a));
+                s1b = __dp2a_hi(xa.w, wb.y, __dp2a_lo(xa.z, wb.y, s1b));
+                s0a = __dp2a_hi(xc.y, wa.z, __dp2a_lo(xc.x, wa.z, s0a));
+                s0b = __dp2a_hi(xc.w, wa.w, __dp2a_lo(xc.z, wa.w, s0b));
+                s1a = __dp2a_hi(xc.y, wb.z, __dp2a_lo(xc.x, wb.z, s1a));
+                s1b = __dp2a_hi(xc.w, wb.w, __dp2a_lo(xc.z, wb.w, s1b));
             }
-            s0 = 0;
-            s1 = 0;
-            g++;
+            const int end = k0 + k1 + 32 < k ? k0 + k1 + 32 : k;
+            if (end == gend) {
+                a0 = __fadd_rn(a0, __fmul_rn((float)(s0a + s0b), ss[cl][g - gs]));
+                a1 = __fadd_rn(a1, __fmul_rn((float)(s1a + s1b), ss[cl + 1][g - gs]));
+                s0a = s0b = s1a = s1b = 0;
+                g++;
+                gend = gend + group < k ? gend + group : k;
+            }
         }
     }
     __syncthreads();
-    const int p = p0 + pl;
     if (p < positions) {
         if (c0 + cl < n) {
             y[(long)(c0 + cl) * positions + p] = sqil_q4_epilogue(a0, xscale, bias, c0 + cl, relu, nanf[pl]);
