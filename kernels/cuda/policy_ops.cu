@@ -342,6 +342,61 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
     }
 }
 
+// sqil_q4_int for a few outputs over long rows (a keypoint MatMul: 64 outputs of 1 225 terms,
+// where one warp per output left the GPU idle and each lane walked a whole group): a block of 256
+// threads per output (r, c); warp w sums groups w, w + 8, ... with its lanes on the group's terms
+// (coalesced), the exact int sum reduced by shuffles, and stores the group's product
+// float(sum) * scale; thread 0 then adds the products in group order (the CPU's order) and applies
+// the epilogue. Rounds of 256 groups.
+SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_groups(SQIL_VARGS
+    const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,
+    const float *__restrict__ x, float *__restrict__ y, int rows, int n, int k, int group, int groups, float xscale,
+    int relu, float qs, float qz, float qlo, float qhi)
+{
+    __shared__ float prod[256];
+    __shared__ int nanw[8];
+    const long o = SQIL_BX;
+    if (o >= (long)rows * n) {
+        return; // the whole block
+    }
+    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4, lane = SQIL_TX % 32, warp = SQIL_TX / 32;
+    const float *xr = x + (long)r * k;
+    float acc = 0.0f;
+    int nan = 0;
+    for (int g0 = 0; g0 < groups; g0 += 256) {
+        const int cnt = groups - g0 < 256 ? groups - g0 : 256;
+        for (int j = warp; j < cnt; j += 8) {
+            const int g = g0 + j, end = (g + 1) * group < k ? (g + 1) * group : k;
+            int s = sqil_q4_span(xr, wq, k4, c, g * group + lane, end, 32, qs, qz, qlo, qhi, &nan);
+            for (int d = 16; d > 0; d /= 2) {
+                s += __shfl_xor_sync(0xffffffffu, s, d);
+            }
+            if (lane == 0) {
+                prod[j] = __fmul_rn((float)s, scales[(long)c * groups + g]);
+            }
+        }
+        __syncthreads();
+        if (SQIL_TX == 0) {
+            for (int j = 0; j < cnt; j++) {
+                acc = __fadd_rn(acc, prod[j]);
+            }
+        }
+        __syncthreads();
+    }
+    nan = __any_sync(0xffffffffu, nan);
+    if (lane == 0) {
+        nanw[warp] = nan;
+    }
+    __syncthreads();
+    if (SQIL_TX == 0) {
+        int any = 0;
+        for (int w = 0; w < 8; w++) {
+            any |= nanw[w];
+        }
+        y[(long)r * n + c] = sqil_q4_epilogue(acc, xscale, bias, c, relu, any);
+    }
+}
+
 // An int4 convolution of one image on integer activations (levels [channels, plane]): per output
 // position p and channel c the linear map's arithmetic over the window, in the packed rows'
 // (tap, channel) order: per group the exact integer sum of w * level, then
@@ -545,16 +600,39 @@ SQIL_KERNEL void sqil_conv2d_f32(SQIL_VARGS const float *__restrict__ x, const i
             if (iy < 0 || iy >= h) {
                 continue;
             }
-            for (int tx = 0; tx < kw; tx++) {
-                const int ix = ox * geo[6] + tx * geo[8] - geo[10];
-                if (ix >= 0 && ix < wd) {
-                    s = __fmaf_rn(x[((c0 + ch) * h + iy) * wd + ix], w[((o * cg + ch) * kh + ty) * kw + tx], s);
+            const float *xrow = x + ((c0 + ch) * h + iy) * wd, *wrow = w + ((o * cg + ch) * kh + ty) * kw;
+            if (kw <= 8) {
+                // A kernel row's taps loaded together, then its chain (taps outside the image
+                // skipped, not added as zeros): the same fmas in the same order.
+                float xv[8], wv[8];
+                unsigned in = 0;
+#pragma unroll
+                for (int tx = 0; tx < 8; tx++) {
+                    const int ix = ox * geo[6] + tx * geo[8] - geo[10];
+                    const bool ok = tx < kw && ix >= 0 && ix < wd;
+                    in |= ok ? 1u << tx : 0u;
+                    xv[tx] = ok ? xrow[ix] : 0.0f;
+                    wv[tx] = ok ? wrow[tx] : 0.0f;
+                }
+#pragma unroll
+                for (int tx = 0; tx < 8; tx++) {
+                    if (in >> tx & 1u) {
+                        s = __fmaf_rn(xv[tx], wv[tx], s);
+                    }
+                }
+            } else {
+                for (int tx = 0; tx < kw; tx++) {
+                    const int ix = ox * geo[6] + tx * geo[8] - geo[10];
+                    if (ix >= 0 && ix < wd) {
+                        s = __fmaf_rn(xrow[ix], wrow[tx], s);
+                    }
                 }
             }
         }
     }
     y[i] = bias ? __fadd_rn(s, bias[o]) : s;
 }
+
 
 // 2-D max or average pooling of `planes` planes (geo as sqil_conv2d_f32's); average divides by
 // div[position], or div0 when div is null; one thread per output.

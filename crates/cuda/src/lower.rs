@@ -79,6 +79,12 @@ type HStep = LStep<HostArr>;
 /// (below, each output's warp quantizes the input as it reads it: one launch fewer).
 const WIDE: usize = 512;
 
+/// Groups per row from which a layer of at most [`OUTPUTS_FEW`] outputs (rows x channels) takes a
+/// block per output (`sqil_q4_int_groups`) instead of a warp.
+const GROUPS_LONG: usize = 16;
+
+const OUTPUTS_FEW: usize = 1024;
+
 /// An int4 layer's weights for `sqil_q4_int` / `sqil_q4_w16`: per output channel a row of `k`
 /// signed bytes, four to a word (a warp's lanes read consecutive bytes of one row).
 fn int8_words(w: &sqil_kernels_cpu::PackedQ4) -> Vec<u32> {
@@ -426,12 +432,18 @@ impl<'a> Lowerer<'a> {
                     args.extend([0.0f32; 4].map(KArg::F32));
                     self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
                 } else {
-                    // One warp per output, the input quantized as it is read (one launch fewer).
+                    // The input quantized as it is read (one launch fewer): one warp per output,
+                    // or for a few outputs over long rows a block per output, its warps on the
+                    // groups (`sqil_q4_int_groups`).
                     let mut args = vec![wq, scales, bias, KArg::Buf(xb), KArg::Buf(yb)];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32), KArg::F32(scale)]);
                     args.extend(q);
-                    self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
+                    if w.groups() >= GROUPS_LONG && rows * w.n <= OUTPUTS_FEW {
+                        self.steps.push(kernel("sqil_q4_int_groups", rows * w.n * 256, args));
+                    } else {
+                        self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
+                    }
                 }
             }
             ActQuant::Float if conv.is_none() => {
