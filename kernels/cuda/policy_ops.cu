@@ -594,6 +594,53 @@ SQIL_KERNEL void sqil_conv2d_f32(SQIL_VARGS const float *__restrict__ x, const i
     const int o = i / (oh * ow), oy = (i / ow) % oh, ox = i % ow;
     const int cg = c / geo[13], ng = n / geo[13], c0 = (o / ng) * cg;
     float s = 0.0f;
+    const int khw = kh * kw;
+    if (khw <= 16) {
+        // Up to 16 taps (3 x 3, 4 x 4): each tap's offset in a channel plane and whether it lies
+        // inside the image, once; then per input channel all its taps loaded (the next channel's
+        // while this one's chain runs) and the chain over them in (row, column) order, taps
+        // outside skipped, not added as zeros: the same fmas in the same order.
+        int off[16];
+        unsigned in = 0;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const int ty = j / kw, tx = j % kw;
+            const int iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
+            const bool ok = j < khw && iy >= 0 && iy < h && ix >= 0 && ix < wd;
+            in |= ok ? 1u << j : 0u;
+            off[j] = ok ? iy * wd + ix : 0;
+        }
+        const long plane = (long)h * wd;
+        const float *xc = x + (long)c0 * plane, *wc = w + (long)o * cg * khw;
+        float xv[16], wv[16];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            xv[j] = in >> j & 1u ? xc[off[j]] : 0.0f;
+            wv[j] = in >> j & 1u ? wc[j] : 0.0f;
+        }
+        for (int ch = 0; ch < cg; ch++) {
+            float xn[16], wn[16];
+            const bool more = ch + 1 < cg;
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                xn[j] = more && (in >> j & 1u) ? xc[(ch + 1) * plane + off[j]] : 0.0f;
+                wn[j] = more && (in >> j & 1u) ? wc[(ch + 1) * khw + j] : 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                if (in >> j & 1u) {
+                    s = __fmaf_rn(xv[j], wv[j], s);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 16; j++) {
+                xv[j] = xn[j];
+                wv[j] = wn[j];
+            }
+        }
+        y[i] = bias ? __fadd_rn(s, bias[o]) : s;
+        return;
+    }
     for (int ch = 0; ch < cg; ch++) {
         for (int ty = 0; ty < kh; ty++) {
             const int iy = oy * geo[5] + ty * geo[7] - geo[9];
