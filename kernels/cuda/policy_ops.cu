@@ -153,7 +153,8 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
 // batch's loads are in flight while three others are summed), and every lane runs the same chain
 // over them through shuffles, a batch's 64 shuffles unrolled ahead of its 32 dependent fmas (a
 // spatial softmax's keypoint MatMul has thousands of terms and a handful of outputs: the chain's
-// latency is the cost). Terms past k are skipped, not added as zeros (fma(0, 0, -0) is +0).
+// latency is the cost). Terms past k are skipped, not added as zeros (fma(0, 0, -0) is +0), and
+// batches past k not shuffled (a 15-input first layer has one partial batch).
 #define SQIL_F32W_AHEAD 4
 SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
                                             const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
@@ -178,14 +179,21 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
 #pragma unroll
         for (int d = 0; d < SQIL_F32W_AHEAD; d++) {
             const int tb = t0 + 32 * d, tn = tb + 32 * SQIL_F32W_AHEAD + lane;
+            if (tb >= k) {
+                break; // the same for the whole warp
+            }
             const float xn = tn < k ? sqil_fq(xr[tn], qs, qz, qlo, qhi) : 0.0f;
             const float wn = tn < k ? w[(long)tn * n + c] : 0.0f;
             const int cnt = k - tb;
+            if (cnt >= 32) {
 #pragma unroll
-            for (int j = 0; j < 32; j++) {
-                const float xa = __shfl_sync(0xffffffffu, xv[d], j), wa = __shfl_sync(0xffffffffu, wv[d], j);
-                if (j < cnt) {
-                    s = __fmaf_rn(xa, wa, s);
+                for (int j = 0; j < 32; j++) {
+                    s = __fmaf_rn(__shfl_sync(0xffffffffu, xv[d], j), __shfl_sync(0xffffffffu, wv[d], j), s);
+                }
+            } else {
+                // The last, partial batch (a short first layer's only one): its terms only.
+                for (int j = 0; j < cnt; j++) {
+                    s = __fmaf_rn(__shfl_sync(0xffffffffu, xv[d], j), __shfl_sync(0xffffffffu, wv[d], j), s);
                 }
             }
             xv[d] = xn;
@@ -231,7 +239,9 @@ __device__ __forceinline__ int sqil_w8(const unsigned *__restrict__ wq, int k4, 
 // The exact integer sum over terms from, from + step, ... (< end) of weight x level for output
 // channel c, levels read through sqil_level_or (NaN sets nan and adds nothing). Eight terms'
 // inputs and weight words are loaded before any is used, so eight loads are in flight rather than
-// one per dependent step (a lane walking a group of a long row waited on each load in turn).
+// one per dependent step (a lane walking a group of a long row waited on each load in turn). Used
+// where a lane walks a long stretch (a group per lane, sqil_q4_int_groups' lanes); the short
+// strided walks of sqil_q4_int's other forms measured faster as plain loops (W4A8 MLPs, H200).
 __device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
                                             int c, int from, int end, int step, float qs, float qz, float qlo,
                                             float qhi, int *nan)
@@ -317,8 +327,16 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
         // 32 / groups lanes per group, all groups at once: each segment sums its group's terms
         // and reduces within itself; the products are then added in group order.
         const int lpg = 32 / groups, g = lane / lpg, sub = lane % lpg;
+        int s = 0;
         const int end = (g + 1) * group < k ? (g + 1) * group : k;
-        int s = sqil_q4_span(xr, wq, k4, c, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan);
+        for (int kk = g * group + sub; kk < end; kk += lpg) {
+            const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
+            if (v != v) {
+                nan = 1;
+            } else {
+                s += sqil_w8(wq, k4, c, kk) * (int)v;
+            }
+        }
         for (int d = lpg / 2; d > 0; d /= 2) {
             s += __shfl_xor_sync(0xffffffffu, s, d);
         }
@@ -328,8 +346,16 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
         }
     } else {
         for (int g = 0; g < groups; g++) {
+            int s = 0;
             const int end = (g + 1) * group < k ? (g + 1) * group : k;
-            int s = sqil_q4_span(xr, wq, k4, c, g * group + lane, end, 32, qs, qz, qlo, qhi, &nan);
+            for (int kk = g * group + lane; kk < end; kk += 32) {
+                const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
+                if (v != v) {
+                    nan = 1;
+                } else {
+                    s += sqil_w8(wq, k4, c, kk) * (int)v;
+                }
+            }
             for (int d = 16; d > 0; d /= 2) {
                 s += __shfl_xor_sync(0xffffffffu, s, d);
             }
