@@ -898,14 +898,17 @@ mod tests {
 }
 
 /// Activations quantized to int8 for the W4A8 kernels: `q` (`k_pad` values, zero-padded),
-/// the zero point and scale (`x ~ (q - zero) * scale`), and per group of the weight's layout
-/// the sum of `q`.
+/// the zero point and scale (`x ~ (q - zero) * scale`), per group of the weight's layout the sum
+/// of `q`, and whether the input held a NaN.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QuantizedInput {
     pub q: Vec<i8>,
     pub zero: i32,
     pub scale: f32,
     pub sums: Vec<i32>,
+    /// Whether any of the values quantized was NaN (the int8 levels cannot hold one; FakeQuant
+    /// keeps it, and every output that sums it is NaN).
+    pub nan: bool,
 }
 
 /// Quantizes `x` as FakeQuant does (divide in f32, round half to even, add the zero point,
@@ -939,12 +942,20 @@ pub fn quantize_input_into(
     w: &crate::packed::PackedQ4,
     out: &mut QuantizedInput,
 ) {
-    out.q.clear();
     out.q.resize(w.k_pad, 0);
     let k = x.len().min(w.k_pad);
-    quantize_i8_into(&x[..k], scale, zero, lo, hi, &mut out.q[..k]);
+    out.nan = quantize_i8_into(&x[..k], scale, zero, lo, hi, &mut out.q[..k]);
     // Padding holds q = 0 against zero weights: it adds nothing to any sum the kernels use
     // (they subtract zero * the group's weight sum, which excludes padding).
+    out.q[k..].fill(0);
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic && w.group.is_multiple_of(32) && w.k_pad.is_multiple_of(w.group) {
+        // SAFETY: isa() checked AVX2; the group divides k_pad and is a multiple of 32.
+        unsafe { crate::x86_64::avx2::avx2_group_sums_i8(&out.q, w.group, &mut out.sums) };
+        out.zero = zero;
+        out.scale = scale;
+        return;
+    }
     out.sums.clear();
     out.sums.extend(out.q.chunks(w.group).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
     out.zero = zero;
@@ -952,17 +963,21 @@ pub fn quantize_input_into(
 }
 
 /// [`quantize_i8`] over a slice (`out[i]` for `x[i]`), with AVX2 intrinsics where the CPU has
-/// them (the same IEEE operations lane by lane, so the same bytes).
-pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
+/// them (the same IEEE operations lane by lane, so the same bytes). Returns whether any value
+/// quantized was NaN.
+pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if crate::isa() != crate::Isa::Generic {
         // SAFETY: isa() checked AVX2 and FMA.
         return unsafe { crate::x86_64::avx2::avx2_quantize_i8(x, scale, zero, lo, hi, out) };
     }
     let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
+    let mut nan = false;
     for (d, &v) in out.iter_mut().zip(x) {
         *d = quantize_i8(v, scale, z, lo, hi);
+        nan |= v.is_nan();
     }
+    nan
 }
 
 /// FakeQuant with one scale and zero point, `out[i] = (clamp(round_half_even(x[i] / scale) + zero,

@@ -257,8 +257,8 @@ pub fn run_q4_linear(
             sqil_kernels_cpu::gemm_q4q8(w, &xs[..rows], bias, &mut out, threads);
             // FakeQuant keeps a NaN input, and every output sums it (NaN x 0 is NaN); the int8
             // quantizer cannot hold one.
-            for (xr, yr) in xv.chunks(w.k).zip(out.chunks_mut(w.n)) {
-                if sqil_kernels_cpu::has_nan(xr) {
+            for (q, yr) in xs[..rows].iter().zip(out.chunks_mut(w.n)) {
+                if q.nan {
                     yr.fill(f32::NAN);
                 }
             }

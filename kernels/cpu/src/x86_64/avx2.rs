@@ -252,32 +252,76 @@ unsafe fn level8(x: __m256, (vs, vz, vlo, vhi): (__m256, __m256, __m256, __m256)
     _mm256_max_ps(vlo, _mm256_min_ps(vhi, y))
 }
 
+/// Levels to int32, NaN to 0 (as `as i8` does).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn level_i32(y: __m256) -> __m256i {
+    _mm256_cvtps_epi32(_mm256_and_ps(y, _mm256_cmp_ps(y, y, _CMP_ORD_Q)))
+}
+
 /// `quantize_i8` over a slice, 32 values per step: the levels ([`level8`]), NaN to 0 as `as i8`
-/// does, then packed to bytes in order.
+/// does, then packed to bytes in order. Returns whether any of the values was NaN (seen on the
+/// way: no second pass over the input).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) {
+pub unsafe fn avx2_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     let n = x.len().min(out.len());
     let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
     let v = (_mm256_set1_ps(scale), _mm256_set1_ps(z), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
-    let q = |p: *const f32| {
-        let y = level8(_mm256_loadu_ps(p), v);
-        _mm256_cvtps_epi32(_mm256_and_ps(y, _mm256_cmp_ps(y, y, _CMP_ORD_Q)))
-    };
+    // A NaN input gives a NaN level (the clamp keeps it): OR of the unordered lanes.
+    let mut bad = _mm256_setzero_ps();
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     let mut i = 0;
     while i + 32 <= n {
         let p = x.as_ptr().add(i);
-        let a = _mm256_packs_epi32(q(p), q(p.add(8)));
-        let b = _mm256_packs_epi32(q(p.add(16)), q(p.add(24)));
+        let y: [__m256; 4] = [
+            level8(_mm256_loadu_ps(p), v),
+            level8(_mm256_loadu_ps(p.add(8)), v),
+            level8(_mm256_loadu_ps(p.add(16)), v),
+            level8(_mm256_loadu_ps(p.add(24)), v),
+        ];
+        let unord = _mm256_or_ps(
+            _mm256_or_ps(_mm256_cmp_ps(y[0], y[0], _CMP_UNORD_Q), _mm256_cmp_ps(y[1], y[1], _CMP_UNORD_Q)),
+            _mm256_or_ps(_mm256_cmp_ps(y[2], y[2], _CMP_UNORD_Q), _mm256_cmp_ps(y[3], y[3], _CMP_UNORD_Q)),
+        );
+        bad = _mm256_or_ps(bad, unord);
+        let a = _mm256_packs_epi32(level_i32(y[0]), level_i32(y[1]));
+        let b = _mm256_packs_epi32(level_i32(y[2]), level_i32(y[3]));
         let v = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(a, b), order);
         _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, v);
         i += 32;
     }
+    let mut nan = _mm256_movemask_ps(bad) != 0;
     for (d, &v) in out[i..n].iter_mut().zip(&x[i..n]) {
         *d = crate::generic::quantize_i8(v, scale, z, lo, hi);
+        nan |= v.is_nan();
+    }
+    nan
+}
+
+/// The sums of `q` per group of `group` bytes (a multiple of 32; `q.len()` a multiple of it) into
+/// `sums`: each byte made unsigned (`x + 128`), `vpsadbw` against zero (eight at a time into four
+/// 64-bit lanes), less `128 group`. Exact integers: equal to the scalar sums.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[target_feature(enable = "avx2")]
+pub unsafe fn avx2_group_sums_i8(q: &[i8], group: usize, sums: &mut Vec<i32>) {
+    debug_assert!(group.is_multiple_of(32) && q.len().is_multiple_of(group));
+    let flip = _mm256_set1_epi8(i8::MIN);
+    let zero = _mm256_setzero_si256();
+    sums.clear();
+    for g in q.chunks_exact(group) {
+        let mut acc = _mm256_setzero_si256();
+        for c in g.chunks_exact(32) {
+            let v = _mm256_xor_si256(_mm256_loadu_si256(c.as_ptr() as *const __m256i), flip);
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(v, zero));
+        }
+        let t = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256::<1>(acc));
+        let total = _mm_cvtsi128_si64(t) + _mm_extract_epi64::<1>(t);
+        sums.push((total - 128 * group as i64) as i32);
     }
 }
 

@@ -588,15 +588,24 @@ pub(crate) unsafe fn avx512_nibble_lanes(
             };
             for (i, acc) in acc[..np].iter().enumerate() {
                 let scale = _mm512_set1_ps(xs[c + i].scale);
-                let mut out = [0f32; 32];
-                for (h, a) in acc.iter().enumerate() {
-                    let v = _mm512_add_ps(_mm512_mul_ps(*a, scale), _mm512_loadu_ps(b.as_ptr().add(16 * h)));
-                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v);
-                }
+                let v = [
+                    _mm512_add_ps(_mm512_mul_ps(acc[0], scale), _mm512_loadu_ps(b.as_ptr())),
+                    _mm512_add_ps(_mm512_mul_ps(acc[1], scale), _mm512_loadu_ps(b.as_ptr().add(16))),
+                ];
                 let at = (c + i) * cs + (32 * cb - r0) * rs;
                 if rs == 1 {
-                    y[at..at + rows].copy_from_slice(&out[..rows]);
+                    // Straight into the output (masked past `rows`), not through a staging copy.
+                    let dst = &mut y[at..at + rows];
+                    let (m0, m1) = (rows.min(16) as u32, rows.saturating_sub(16) as u32);
+                    _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << m0) - 1) as __mmask16, v[0]);
+                    if m1 > 0 {
+                        _mm512_mask_storeu_ps(dst.as_mut_ptr().add(16), ((1u32 << m1) - 1) as __mmask16, v[1]);
+                    }
                 } else {
+                    let mut out = [0f32; 32];
+                    for (h, v) in v.iter().enumerate() {
+                        _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), *v);
+                    }
                     for (l, &v) in out[..rows].iter().enumerate() {
                         y[at + l * rs] = v;
                     }
