@@ -56,10 +56,12 @@ pub fn isa() -> Isa {
 /// Output channels per thread below which a GEMV stays on one thread.
 pub const ROWS_PER_THREAD: usize = 256;
 
-/// Layers whose one-byte-per-weight copy (`ChannelTiles`) stays within this many bytes run the
-/// channel-lane W4A8 kernel at every batch size: it needs no horizontal reductions and about half
-/// the instructions per weight of the tile kernel, reading a weight as one byte from the cache.
-/// Larger layers, whose weights stream from memory, keep the half-byte tile kernel below batch 4.
+/// Without AVX-512 VNNI, layers whose one-byte-per-weight copy (`ChannelTiles`) stays within this
+/// many bytes run the channel-lane W4A8 kernel at every batch size: it needs no horizontal
+/// reductions and about half the instructions per weight of the tile kernel, reading a weight as
+/// one byte from the cache. Larger layers, whose weights stream from memory, keep the half-byte
+/// tile kernel below batch 4. (With VNNI, rows take the half-byte lane kernel at every size: see
+/// [`row_lanes_at_small_batch`].)
 pub const LANES_MAX_BYTES: usize = 4 << 20;
 
 /// Fewest output channels for which batches of four or more inputs take the channel-lane kernel

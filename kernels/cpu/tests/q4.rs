@@ -282,16 +282,20 @@ proptest! {
     }
 }
 
-/// Layers past `LANES_MAX_BYTES` keep the half-byte tile kernel at batches 1-3 (the lane kernel
-/// takes the smaller ones the property tests draw): both against the reference, with threads.
+/// Layers past `LANES_MAX_BYTES` keep the half-byte tile kernel at batches 1-3 on AVX2 (the lane
+/// kernel takes the smaller ones the property tests draw); with AVX-512 VNNI they take the
+/// half-byte lane kernel like every layer of 16 channels or more: against the reference, with
+/// threads.
 #[test]
-fn large_layers_take_the_tile_kernel_and_equal_the_reference() {
+fn large_layers_take_the_half_byte_kernels_and_equal_the_reference() {
     let (n, k) = (1060, 4160);
     let w = layer(3, n, k, 64, 4);
     assert!(
         !sqil_kernels_cpu::lanes_at_small_batch(&w)
             && sqil_kernels_cpu::lanes_at_small_batch(&layer(3, 64, 256, 64, 4))
     );
+    let vnni = sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni;
+    assert_eq!(sqil_kernels_cpu::row_lanes_at_small_batch(&w), vnni);
     let mut r = Lcg(9);
     let xs: Vec<_> = (0..3)
         .map(|c| {

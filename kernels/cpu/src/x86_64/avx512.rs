@@ -5,8 +5,8 @@
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
 use super::common::{
-    channels_impl, gemm_impl, gemv_rows_impl, sgemm_direct8, sgemm_direct_panels, short_group_inputs, single_block,
-    softmax_rows_impl, F32Lanes, LaneInput, Sums,
+    block_bias, channels_impl, gemm_impl, gemv_rows_impl, sgemm_direct8, sgemm_direct_panels, short_group_inputs,
+    single_block, softmax_rows_impl, F32Lanes, LaneInput, Sums,
 };
 use crate::generic::QRow;
 use crate::packed::{ChannelTiles, PackedQ4, QK4};
@@ -549,10 +549,7 @@ pub(crate) unsafe fn avx512_nibble_lanes(
     let mut b = [0f32; 32];
     for cb in r0 / 32..rows_in.end.div_ceil(32) {
         let rows = (rows_in.end - 32 * cb).min(32);
-        b.fill(0.0);
-        if let Some(bias) = bias {
-            b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
-        }
+        block_bias(bias, (cb, rows), &mut b);
         let mut c = 0;
         while c < xs.len() {
             let mut acc = [[_mm512_setzero_ps(); 2]; 6];

@@ -852,6 +852,16 @@ pub(crate) struct FlippedRow<'a> {
 
 row_lane_input!(FlippedRow, true);
 
+/// Block `cb`'s bias (its `rows` channels; zero past them, and everywhere without a bias) into `b`:
+/// what the lane kernels add per block of 32 channels.
+#[inline(always)]
+pub(crate) fn block_bias(bias: Option<&[f32]>, (cb, rows): (usize, usize), b: &mut [f32; 32]) {
+    b.fill(0.0);
+    if let Some(bias) = bias {
+        b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
+    }
+}
+
 /// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of inputs with the channels
 /// in vector lanes (see [`channel_block`]); output `(c, r)` goes to `y[c * cs + (r -
 /// rows_in.start) * rs]`.
@@ -891,10 +901,7 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, S: Sums>(
     let mut b = [0f32; 32];
     for cb in r0 / 32..rows_in.end.div_ceil(32) {
         let rows = (rows_in.end - 32 * cb).min(32);
-        b.fill(0.0);
-        if let Some(bias) = bias {
-            b[..rows].copy_from_slice(&bias[32 * cb..32 * cb + rows]);
-        }
+        block_bias(bias, (cb, rows), &mut b);
         if short {
             short_block::<X, S>(w, t, xs, &b, y, (cs, rs), (cb, rows, r0));
             continue;
