@@ -207,8 +207,10 @@ pub enum Cmd {
         /// Also print each step's share of the time (artifacts only), one JSON line per step.
         #[arg(long)]
         profile: bool,
-        /// First print this core's measured int8 (`vpmaddubsw`) and f32 (FMA) multiply-accumulate
-        /// ceilings, one JSON line: what kernel rates are held against in the same run.
+        /// First print this core's measured int8 (`vpdpbusd` / `vpmaddubsw`) and f32 (FMA)
+        /// multiply-accumulate ceilings and its read bandwidth at 8 MiB and 512 MiB, one JSON line:
+        /// what kernel rates (and batch-1 layers streaming their weights) are held against in the
+        /// same run.
         #[arg(long)]
         peaks: bool,
     },
