@@ -231,17 +231,23 @@ SQIL_KERNEL void sqil_levels(SQIL_VARGS const float *__restrict__ x, float *__re
 
 // Signed int8 weight (c, kk) of an int4 layer: rows of k bytes per output channel, four to a word
 // (k4 words per row).
+// Weight kk of a row from its word (four signed bytes, kk % 4 the byte).
+__device__ __forceinline__ int sqil_w8_of(unsigned word, int kk)
+{
+    return (int)(signed char)((word >> (8 * (kk % 4))) & 255u);
+}
+
 __device__ __forceinline__ int sqil_w8(const unsigned *__restrict__ wq, int k4, int c, int kk)
 {
-    return (int)(signed char)((wq[(long)c * k4 + kk / 4] >> (8 * (kk % 4))) & 255u);
+    return sqil_w8_of(wq[(long)c * k4 + kk / 4], kk);
 }
 
 // The exact integer sum over terms from, from + step, ... (< end) of weight x level for output
 // channel c, levels read through sqil_level_or (NaN sets nan and adds nothing). Eight terms'
 // inputs and weight words are loaded before any is used, so eight loads are in flight rather than
 // one per dependent step (a lane walking a group of a long row waited on each load in turn). Used
-// where a lane walks a long stretch (a group per lane, sqil_q4_int_groups' lanes); the short
-// strided walks of sqil_q4_int's other forms measured faster as plain loops (W4A8 MLPs, H200).
+// by sqil_q4_int's group-per-lane form and sqil_q4_int_groups; the short strided walks of
+// sqil_q4_int's other forms measured faster as plain loops (W4A8 MLPs, H200).
 __device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
                                             int c, int from, int end, int step, float qs, float qz, float qlo,
                                             float qhi, int *nan)
@@ -264,7 +270,7 @@ __device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const 
                 if (l != l) {
                     *nan = 1;
                 } else {
-                    s += (int)(signed char)((w[i] >> (8 * (kk % 4))) & 255u) * (int)l;
+                    s += sqil_w8_of(w[i], kk) * (int)l;
                 }
             }
         }

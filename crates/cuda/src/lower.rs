@@ -79,10 +79,9 @@ type HStep = LStep<HostArr>;
 /// (below, each output's warp quantizes the input as it reads it: one launch fewer).
 const WIDE: usize = 512;
 
-/// Groups per row from which a layer of at most [`OUTPUTS_FEW`] outputs (rows x channels) takes a
-/// block per output (`sqil_q4_int_groups`) instead of a warp.
+/// Groups per row from which, and outputs (rows x channels) up to which, an int4 layer on
+/// integer activations takes a block per output (`sqil_q4_int_groups`) instead of a warp.
 const GROUPS_LONG: usize = 16;
-
 const OUTPUTS_FEW: usize = 1024;
 
 /// An int4 layer's weights for `sqil_q4_int` / `sqil_q4_w16`: per output channel a row of `k`

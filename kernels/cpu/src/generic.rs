@@ -948,18 +948,15 @@ pub fn quantize_input_into(
     // Padding holds q = 0 against zero weights: it adds nothing to any sum the kernels use
     // (they subtract zero * the group's weight sum, which excludes padding).
     out.q[k..].fill(0);
+    out.zero = zero;
+    out.scale = scale;
     #[cfg(target_arch = "x86_64")]
     if crate::isa() != crate::Isa::Generic && w.group.is_multiple_of(32) && w.k_pad.is_multiple_of(w.group) {
         // SAFETY: isa() checked AVX2; the group divides k_pad and is a multiple of 32.
-        unsafe { crate::x86_64::avx2::avx2_group_sums_i8(&out.q, w.group, &mut out.sums) };
-        out.zero = zero;
-        out.scale = scale;
-        return;
+        return unsafe { crate::x86_64::avx2::avx2_group_sums_i8(&out.q, w.group, &mut out.sums) };
     }
     out.sums.clear();
     out.sums.extend(out.q.chunks(w.group).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
-    out.zero = zero;
-    out.scale = scale;
 }
 
 /// [`quantize_i8`] over a slice (`out[i]` for `x[i]`), with AVX2 intrinsics where the CPU has

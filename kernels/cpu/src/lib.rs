@@ -14,12 +14,6 @@ pub use generic::{
 };
 pub use packed::{BlockQ4, PackedQ4};
 
-/// Whether `x` holds a NaN: blocks of 64 folded without an early exit, so the compiler vectorizes
-/// the comparisons (a per-element `any` is a scalar loop with a branch per value).
-pub fn has_nan(x: &[f32]) -> bool {
-    x.chunks(64).any(|c| c.iter().fold(false, |a, v| a | v.is_nan()))
-}
-
 /// The best kernel family this CPU runs, chosen once at run time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {

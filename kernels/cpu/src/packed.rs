@@ -195,9 +195,9 @@ pub struct ChannelTiles {
 /// kernel on rows, half the bytes of [`ChannelTiles`]: per block of 32 channels (padded with zero
 /// weights, i.e. nibbles of 8), per group, per four consecutive k, 64 bytes: byte `4 c + i` holds
 /// channel `c`'s weight `i` in its low nibble and channel `16 + c`'s in its high nibble
-/// (`data[((cb * groups + g) * (group / 4) + quad) * 64 + 4 c + i]`), so a mask and a shift give
-/// the two 16-channel vectors `vpdpbusd` multiplies as its unsigned operand. Scales and weight
-/// sums as in [`ChannelTiles`].
+/// (`data[((cb * groups + g) * (group / 4) + quad) * 64 + 4 c + i]`): `vpdpbusd` takes the whole
+/// bytes (`lo + 16 hi`) and their masked high halves as its unsigned operand, and the two
+/// 16-channel sums follow per group. Scales and weight sums as in [`ChannelTiles`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct NibbleTiles {
     /// Blocks of 32 channels.

@@ -278,12 +278,14 @@ pub fn run(
         && ch.is_multiple_of(4)
         && (w.group.is_multiple_of(ch) || ch.is_multiple_of(w.group))
         && sqil_kernels_cpu::isa() != sqil_kernels_cpu::Isa::Generic;
+    // Whether any input was NaN, as the quantizer saw it (no second scan of the images).
+    let mut any_nan = false;
     SCRATCH.with_borrow_mut(|s| {
         s.planes.resize(il * ch, 0);
         s.image.resize((il + 1) * ch, 0);
         for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
             // Quantize once (plane by plane, contiguous), then transpose to channels innermost.
-            quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
+            any_nan |= quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
             if in_place {
                 // The lane kernel's form: sign bits flipped on the way (x + 128 as unsigned).
                 transpose_i8_xor(&s.planes, ch, il, &mut s.image, 0x80);
@@ -305,7 +307,9 @@ pub fn run(
             gathered(im, w, s, y, (scale, zero, pad), bias, threads);
         }
     });
-    nan_windows(im, w.n, x, images, &mut out);
+    if any_nan {
+        nan_windows(im, w.n, x, images, &mut out);
+    }
     if relu {
         super::relu_in_place(&mut out);
     }
@@ -313,12 +317,9 @@ pub fn run(
 }
 
 /// Outputs whose window holds a NaN input become NaN, as in the simulation (FakeQuant keeps a
-/// NaN, and NaN x 0 is NaN), which the int8 quantizer cannot represent. One scan when there is
-/// none.
+/// NaN, and NaN x 0 is NaN), which the int8 quantizer cannot represent. Called only when the
+/// quantizer saw a NaN.
 fn nan_windows(im: &Im2col, n: usize, x: &[f32], images: usize, out: &mut [f32]) {
-    if !sqil_kernels_cpu::has_nan(x) {
-        return;
-    }
     let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());
     for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(n * ol)).take(images) {
         let bad: Vec<bool> = (0..il).map(|p| (0..ch).any(|c| img[c * il + p].is_nan())).collect();

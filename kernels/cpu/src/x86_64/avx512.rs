@@ -456,11 +456,12 @@ pub(crate) unsafe fn avx512_channels<X: LaneInput>(
 }
 
 /// W4A8 of one block of 32 output channels against `NP` rows with the channels in vector lanes,
-/// the weights as half bytes ([`crate::packed::NibbleTiles`]): per quad one 64-byte load, a mask
-/// and a shift give the block's two 16-channel vectors of `q + 8` (unsigned), and `vpdpbusd`
-/// multiplies them by each row's four signed bytes broadcast (the rows as they are: no sign
-/// flip). Per group the exact `sum (q + 8) x` less `8 sum(x)` (the row's group sum) and
-/// `zero sum(q)` is `sum (x - zero) q`, the integer the other kernels reach, then the shared
+/// the weights as half bytes ([`crate::packed::NibbleTiles`]): per quad one 64-byte load of the
+/// block's `q + 8` (channel c low nibble, c + 16 high), and `vpdpbusd` multiplies the whole bytes
+/// and their masked high halves (unsigned) by each row's four signed bytes broadcast (the rows as
+/// they are: no sign flip); per group the difference is the low channels' sum, a sixteenth of the
+/// high halves' the high channels'. Per group the exact `sum (q + 8) x` less `8 sum(x)` (the row's
+/// group sum) and `zero sum(q)` is `sum (x - zero) q`, the integer the other kernels reach, then the shared
 /// epilogue per lane: equal bit for bit. `SPLIT` independent accumulator sets over alternate
 /// quads (summed exactly per group) keep one or two rows from waiting on `vpdpbusd`'s latency.
 #[inline(always)]
