@@ -635,6 +635,320 @@ SQIL_Q4_MMA8(2, 8)
 SQIL_Q4_MMA8(4, 8)
 
 // ---------------------------------------------------------------------------------------------
+// Exact W4A8 GEMM for batches of up to 16 rows on the int8 tensor cores, with the CPU runtime's
+// arithmetic (the same as sqil_q4_int in policy_ops.cu): each input quantized by the layer's
+// static quantizer (level = clamp(rint(x / qs) + qz, qlo, qhi) - qz), per weight group the exact
+// integer sum of weight x level, then acc += float(sum) * scale (each rounded) in group order,
+// then acc * xscale, + bias, ReLU; a NaN anywhere in a row makes that row's outputs NaN.
+//
+// sqil_w4a8_levels writes the batch's levels as the mma's A fragments (`[k / 32][32 lanes][4
+// words]`, one uint4 per lane per 32 terms: rows g and g + 8, terms 4 tig.. and 16 + 4 tig..),
+// each byte `q - qlo` (0..255), and flags a row holding a NaN with the call's epoch (so the flags
+// need no clearing). sqil_w4a8_mma: a block owns 8 T rows; its S warps split the terms, Q
+// blocks of 128 terms each per chunk, all loads of a chunk issued before the first mma.
+// mma.sync m16n8k32 u8 x s8 on (q - qlo, 16 w): the weights' nibbles (`mma8_words`, q + 8) xor 8
+// are two's-complement nibbles, so one shift and AND (or one AND) places each at the top of its
+// byte as 16 w; the int32 sums are exact and shifted back. The zero's part, (qz - qlo) sum w, comes
+// from a second mma on a fragment of ones (skipped when qz = qlo). The warps write their groups'
+// exact sums to shared memory; after each chunk one thread per (row, output) scales them and adds
+// them to its accumulator in group order, with the chunk's scales staged in shared memory.
+extern "C" __global__ void __launch_bounds__(256) sqil_w4a8_levels(const float *__restrict__ x, int batch, int k,
+                                                                   int kp, float qs, float qz, float qlo,
+                                                                   float qhi, int epoch, unsigned *__restrict__ frag,
+                                                                   int *__restrict__ nanflag)
+{
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)(kp >> 5) * 128) {
+        return;
+    }
+    const int r = (int)(i & 3), lane = (int)((i >> 2) & 31), step = (int)(i >> 7);
+    const int token = (lane >> 2) + 8 * (r & 1);
+    const int kk = step * 32 + 4 * (lane & 3) + 16 * (r >> 1);
+    unsigned word = 0;
+    bool nan = false;
+    if (token < batch) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            if (kk + j < k) {
+                const float v = x[(long)token * k + kk + j];
+                if (v != v) {
+                    nan = true;
+                } else {
+                    float q = rintf(__fdiv_rn(v, qs)) + qz;
+                    q = q < qlo ? qlo : (q > qhi ? qhi : q);
+                    word |= ((unsigned)(int)(q - qlo) & 255u) << (8 * j);
+                }
+            }
+        }
+    }
+    frag[i] = word;
+    if (nan) {
+        nanflag[token] = epoch;
+    }
+}
+
+__device__ __forceinline__ void mma_16832_u8s8(int (&c)[4], const uint4 &a, unsigned b0, unsigned b1)
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+                 : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ unsigned w4a8_word(const uint4 &v, int s)
+{
+    return (s == 0 ? v.x : s == 1 ? v.y : s == 2 ? v.z : v.w) ^ 0x88888888u;
+}
+
+// One warp's share of a chunk's weights: Q blocks of 128 terms from quad quad0, T tiles (the
+// `w4a8_words` layout: per tile of 8 rows and block of 128 terms, the 32 lanes' uint4 B fragments
+// contiguous, 512 bytes per warp), copied asynchronously into this thread's slots of one stage of
+// the ring (`ring[stage][qi][t][thread]`; a block past kq is written as zero weights). Each thread
+// reads back only its own slots, so they need no barrier, only cp.async.wait_group.
+template <int T, int Q>
+__device__ __forceinline__ void w4a8_weights_async(const uint4 *__restrict__ wm, uint4 *stage, int n, int kq, int row0,
+                                                   int quad0, int lane, int nthreads)
+{
+#pragma unroll
+    for (int qi = 0; qi < Q; qi++) {
+        const int quad = quad0 + qi;
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            uint4 *dst = stage + (qi * T + t) * nthreads + threadIdx.x;
+            const int tile = min((row0 >> 3) + t, ((n + 7) >> 3) - 1);
+            if (quad < kq) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+                const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d),
+                             "l"(wm + ((long)tile * kq + quad) * 32 + lane));
+#else
+                *dst = wm[((long)tile * kq + quad) * 32 + lane];
+#endif
+            } else {
+                *dst = make_uint4(0x88888888u, 0x88888888u, 0x88888888u, 0x88888888u);
+            }
+        }
+    }
+}
+
+// One warp's A fragments for a chunk (Q blocks of 128 terms from quad0; zero past kq; lanes whose
+// rows g and g + 8 are both past the batch load nothing).
+template <int Q>
+__device__ __forceinline__ void w4a8_levels_load(const uint4 *__restrict__ frag, int kq, int quad0, int lane,
+                                                 bool rows_live, uint4 (&av)[Q][4])
+{
+#pragma unroll
+    for (int qi = 0; qi < Q; qi++) {
+        const int quad = quad0 + qi;
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            av[qi][s] = quad < kq && rows_live ? __ldg(frag + ((long)quad * 4 + s) * 32 + lane) : make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+
+// The scales of a chunk's groups g0.. for the block's rows, copied into shared memory
+// asynchronously (no commit: the caller commits them with the chunk's weights) (`sc[8 T][cg]`, rows past n read row n - 1, groups past the layer's not copied).
+__device__ __forceinline__ void w4a8_scales_async(const float *__restrict__ scales, float *sc, int rows, int cgshift,
+                                                  int row0, int n, int g0, int groups, int nthreads)
+{
+    for (int e = threadIdx.x; e < rows << cgshift; e += nthreads) {
+        const int rr = e >> cgshift, gg = e & ((1 << cgshift) - 1);
+        if (g0 + gg < groups) {
+            const float *src = scales + (long)min(row0 + rr, n - 1) * groups + g0 + gg;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+            const unsigned dst = (unsigned)__cvta_generic_to_shared(sc + e);
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
+#else
+            sc[e] = *src;
+#endif
+        }
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// T row tiles of 8 per warp (8 T rows per block), S warps, Q blocks of 128 terms per warp per
+// chunk, D chunks in flight: chunk c + D - 1's weights are copied into the ring and its scales
+// into shared memory (one commit group) while chunk c is multiplied, so no registers wait on
+// them; the next chunk's levels are loaded into registers. The group sums go to one of two
+// buffers, so one barrier per chunk separates a chunk's sums from their adding. Dynamic shared
+// memory: part[2][cg][T * 128] ints, sc[D + 1][8 T][cg] floats, then (16-byte aligned) the ring
+// [D][Q][T][32 S] uint4; cg = S Q 128 / group groups per chunk.
+template <int T, int S, int Q, int D>
+__device__ __forceinline__ void w4a8_mma_impl(const uint4 *__restrict__ wm, const float *__restrict__ scales,
+                                              const uint4 *__restrict__ frag, const int *__restrict__ nanflag,
+                                              const float *__restrict__ bias, float *__restrict__ y, int n, int kq,
+                                              int gshift, int groups, int batch, int zp, float xscale, int relu,
+                                              int epoch)
+{
+    extern __shared__ int w4a8_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int row0 = blockIdx.x * 8 * T;
+    // Groups of 32 << gshift terms (gshift 0-4); the chunk's S Q 128 terms hold cg = 2^cgshift.
+    const int gmask = (1 << gshift) - 1;
+    const int cgshift = __ffs(S * Q * 4) - 1 - gshift;
+    const int cg = 1 << cgshift;
+    constexpr int PAIRS = T * 128, PER = (PAIRS + 32 * S - 1) / (32 * S), NT = 32 * S;
+    int *part = w4a8_smem;                                              // [2][cg][PAIRS]
+    float *scs = reinterpret_cast<float *>(w4a8_smem + 2 * cg * PAIRS); // [D + 1][8 T][cg]
+    uint4 *ring = reinterpret_cast<uint4 *>(w4a8_smem + ((2 * cg * PAIRS + (D + 1) * 8 * T * cg + 3) & ~3));
+    const int sstage = 8 * T * cg;
+    const uint4 ones = make_uint4(0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u);
+    const bool rows_live = g < batch;
+    float acc[PER];
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        acc[j] = 0.0f;
+    }
+    const int nchunks = (kq + S * Q - 1) / (S * Q);
+    // Prologue: the first D - 1 chunks' weights and scales, the first chunk's levels.
+#pragma unroll
+    for (int d = 0; d < D - 1; d++) {
+        w4a8_weights_async<T, Q>(wm, ring + d * Q * T * NT, n, kq, row0, d * S * Q + warp * Q, lane, NT);
+        w4a8_scales_async(scales, scs + d * sstage, 8 * T, cgshift, row0, n, d << cgshift, groups, NT);
+        cp_async_commit();
+    }
+    uint4 av[Q][4], an[Q][4];
+    w4a8_levels_load<Q>(frag, kq, warp * Q, lane, rows_live, av);
+    int buf = 0;
+    for (int ch = 0; ch < nchunks; ch++) {
+        const int q0 = ch * S * Q;
+        const bool more = ch + 1 < nchunks;
+        // Chunk ch + D - 1's weights and scales (past the end: zero weights, no scales; still one
+        // commit group, so chunk ch's is always the D-th newest).
+        w4a8_weights_async<T, Q>(wm, ring + ((ch + D - 1) % D) * Q * T * NT, n, kq, row0, (ch + D - 1) * S * Q + warp * Q,
+                                 lane, NT);
+        w4a8_scales_async(scales, scs + ((ch + D - 1) % (D + 1)) * sstage, 8 * T, cgshift, row0, n,
+                          (ch + D - 1) << cgshift, groups, NT);
+        cp_async_commit();
+        if (more) {
+            w4a8_levels_load<Q>(frag, kq, q0 + S * Q + warp * Q, lane, rows_live, an);
+        }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(D - 1) : "memory");
+#endif
+        const uint4 *stage = ring + (ch % D) * Q * T * NT;
+        int *pc = part + buf * cg * PAIRS;
+        int c[T][4], cw[T][4];
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                c[t][i] = 0;
+                cw[t][i] = 0;
+            }
+        }
+#pragma unroll
+        for (int qi = 0; qi < Q; qi++) {
+            uint4 wv[T];
+#pragma unroll
+            for (int t = 0; t < T; t++) {
+                wv[t] = stage[(qi * T + t) * NT + threadIdx.x];
+            }
+#pragma unroll
+            for (int s = 0; s < 4; s++) {
+#pragma unroll
+                for (int t = 0; t < T; t++) {
+                    const unsigned wd = w4a8_word(wv[t], s);
+                    const unsigned b0 = (wd << 4) & 0xF0F0F0F0u, b1 = wd & 0xF0F0F0F0u;
+                    mma_16832_u8s8(c[t], av[qi][s], b0, b1);
+                    if (zp != 0) {
+                        mma_16832_u8s8(cw[t], ones, b0, b1);
+                    }
+                }
+                const int step = (warp * Q + qi) * 4 + s; // 32-term step within the chunk
+                if (((step + 1) & gmask) == 0) {
+                    const int slot = step >> gshift;
+#pragma unroll
+                    for (int t = 0; t < T; t++) {
+#pragma unroll
+                        for (int i = 0; i < 4; i++) {
+                            pc[slot * PAIRS + t * 128 + i * 32 + lane] = (c[t][i] >> 4) - zp * (cw[t][i] >> 4);
+                            c[t][i] = 0;
+                            cw[t][i] = 0;
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads(); // every thread's copies of this chunk's scales and sums
+        const float *sc = scs + (ch % (D + 1)) * sstage;
+        const int g0 = ch << cgshift; // first group of the chunk
+        const int gend = min(cg, groups - g0);
+#pragma unroll
+        for (int j = 0; j < PER; j++) {
+            const int p = threadIdx.x + j * NT;
+            if (p < PAIRS) {
+                const int t = p >> 7, i = (p >> 5) & 3, l = p & 31;
+                const int rr = t * 8 + 2 * (l & 3) + (i & 1);
+                float a = acc[j];
+                for (int gg = 0; gg < gend; gg++) {
+                    a = __fadd_rn(a, __fmul_rn((float)pc[gg * PAIRS + p], sc[(rr << cgshift) + gg]));
+                }
+                acc[j] = a;
+            }
+        }
+        buf ^= 1;
+#pragma unroll
+        for (int qi = 0; qi < Q; qi++) {
+#pragma unroll
+            for (int s = 0; s < 4; s++) {
+                av[qi][s] = an[qi][s];
+            }
+        }
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+#pragma unroll
+    for (int j = 0; j < PER; j++) {
+        const int p = threadIdx.x + j * NT;
+        if (p < PAIRS) {
+            const int t = p >> 7, i = (p >> 5) & 3, l = p & 31;
+            const int row = row0 + t * 8 + 2 * (l & 3) + (i & 1), token = (l >> 2) + 8 * (i >> 1);
+            if (row < n && token < batch) {
+                float out = __fmul_rn(acc[j], xscale);
+                if (bias) {
+                    out = __fadd_rn(out, bias[row]);
+                }
+                if (relu && out < 0.0f) {
+                    out = 0.0f;
+                }
+                y[(long)token * n + row] = nanflag[token] == epoch ? __int_as_float(0x7fc00000) : out;
+            }
+        }
+    }
+}
+
+// Instances sqil_w4a8_mma_t{T}_s{S}_q{Q}_d{D}.
+#define SQIL_W4A8_MMA(T, S, Q, D)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * S) sqil_w4a8_mma_t##T##_s##S##_q##Q##_d##D(                  \
+        const uint4 *__restrict__ wm, const float *__restrict__ scales, const uint4 *__restrict__ frag,          \
+        const int *__restrict__ nanflag, const float *__restrict__ bias, float *__restrict__ y, int n, int kq,    \
+        int gshift, int groups, int batch, int zp, float xscale, int relu, int epoch)                             \
+    {                                                                                                              \
+        w4a8_mma_impl<T, S, Q, D>(wm, scales, frag, nanflag, bias, y, n, kq, gshift, groups, batch, zp, xscale,   \
+                                  relu, epoch);                                                                    \
+    }
+
+SQIL_W4A8_MMA(2, 8, 1, 4)
+SQIL_W4A8_MMA(2, 8, 2, 4)
+SQIL_W4A8_MMA(4, 8, 1, 4)
+SQIL_W4A8_MMA(2, 4, 2, 6)
+SQIL_W4A8_MMA(2, 8, 1, 8)
+
+// ---------------------------------------------------------------------------------------------
 // Dense 3- and 2-bit weight-only GEMV, batch 1 (the widths a bit allocation may choose; see
 // sqil_cuda::pack_dense). Per row, chunks of 64 weights: `lo`, a uint4 of four words, word i
 // holding elements 16i + 2t (bits 2t, 2t + 1) and 16i + 2t + 1 (bits 16 + 2t, 17 + 2t), t < 8, as

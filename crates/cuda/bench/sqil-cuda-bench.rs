@@ -3,6 +3,10 @@
 //! ```text
 //! sqil-cuda-bench check [--small]  # every kernel instance vs the CPU reference (exit 1 on failure)
 //! sqil-cuda-bench gemv [--iters N] # int4 GEMV vs cuBLAS FP16, batch 1/4/16, L2 flushed: JSON lines
+//! sqil-cuda-bench w4a8 [--iters N] [--shapes S]
+//!                                  # the exact W4A8 GEMM (every instance, checked bit for bit) vs
+//!                                  # cuBLAS FP16, the W4A16 GEMV and the weight-read floor, batch 1/4/16
+//! sqil-cuda-bench check-w4a8       # the exact W4A8 GEMM alone vs its reference (also part of check)
 //! sqil-cuda-bench explore [--iters N]
 //!                                  # batch-1 GEMV variants (chunks in flight, L1 policy, rows per
 //!                                  # warp, block size) and cuBLAS, L2 flushed by memset and by reads
@@ -15,7 +19,7 @@
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, LaunchConfig, PushKernelArg};
 use half::f16;
-use sqil_cuda::{dequantize, pack, pack_dense, DeviceQ4, Gpu, HostQ4, HostQd, GROUP};
+use sqil_cuda::{dequantize, pack, pack_dense, ActQuant, DeviceQ4, Gpu, HostQ4, HostQd, GROUP, W4A8_INSTANCES};
 
 /// Vendor peak HBM bandwidth (bytes/s) by device name, for the "fraction of peak" column.
 fn peak_bw(name: &str) -> f64 {
@@ -927,6 +931,237 @@ extern "C" __global__ void sqil_probe_hs(volatile unsigned *ctl, unsigned long l
     Ok(())
 }
 
+/// The CPU runtime's W4A8 arithmetic (what `sqil_q4_int` and `sqil_w4a8_mma` compute): per row
+/// of `x` the levels of its static quantizer, per output and group the exact integer sum, `acc +=
+/// float(sum) * scale` in group order, `* xscale`, `+ bias`, ReLU; a NaN input makes the row NaN.
+#[allow(clippy::too_many_arguments)]
+fn w4a8_reference(
+    q: &[i8],
+    scales: &[f32],
+    (n, k, group): (usize, usize, usize),
+    x: &[f32],
+    batch: usize,
+    quant: ActQuant,
+    xscale: f32,
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let groups = k.div_ceil(group);
+    let mut y = vec![0f32; batch * n];
+    for b in 0..batch {
+        let row = &x[b * k..(b + 1) * k];
+        let nan = row.iter().any(|v| v.is_nan());
+        let lv: Vec<i32> = row
+            .iter()
+            .map(|&v| {
+                ((v / quant.scale).round_ties_even() + quant.zero).clamp(quant.lo, quant.hi) as i32 - quant.zero as i32
+            })
+            .collect();
+        for r in 0..n {
+            let mut acc = 0f32;
+            for g in 0..groups {
+                let s: i32 = (g * group..((g + 1) * group).min(k)).map(|c| q[r * k + c] as i32 * lv[c]).sum();
+                acc += s as f32 * scales[r * groups + g];
+            }
+            let mut out = acc * xscale;
+            if let Some(bias) = bias {
+                out += bias[r];
+            }
+            if relu && out < 0.0 {
+                out = 0.0;
+            }
+            y[b * n + r] = if nan { f32::NAN } else { out };
+        }
+    }
+    y
+}
+
+fn random_w4a8(n: usize, k: usize, group: usize, seed: u64) -> (Vec<i8>, Vec<f32>) {
+    let mut r = Rng(seed | 1);
+    let q: Vec<i8> = (0..n * k).map(|_| (r.next() % 16) as i8 - 8).collect();
+    let s: Vec<f32> = (0..n * k.div_ceil(group)).map(|_| 0.01 + 0.02 * r.uniform().abs()).collect();
+    (q, s)
+}
+
+/// Every exact W4A8 instance against [`w4a8_reference`], bit for bit: odd shapes (partial last
+/// group, rows not a multiple of a block's), groups 32 to 512, an asymmetric and a symmetric
+/// quantizer, bias and ReLU, and a NaN in one row.
+fn check_w4a8(gpu: &Gpu) -> Result<bool, sqil_cuda::Error> {
+    let mut ok = true;
+    let quants = [
+        ActQuant { scale: 4.0 / 255.0, zero: 131.0, lo: 0.0, hi: 255.0 },
+        ActQuant { scale: 2.0 / 127.0, zero: 0.0, lo: -127.0, hi: 127.0 },
+        ActQuant { scale: 0.01, zero: 0.0, lo: 0.0, hi: 255.0 },
+    ];
+    let mut scratch = gpu.w4a8_levels(4096)?;
+    for &(n, k, group) in
+        &[(37usize, 200usize, 32usize), (64, 128, 64), (100, 1000, 128), (300, 4096, 256), (33, 2048, 512), (8, 96, 32)]
+    {
+        let (q, sc) = random_w4a8(n, k, group, (n * 31 + k + group) as u64);
+        let w = gpu.upload_w4a8(&q, &sc, n, k, group)?;
+        let mut r = Rng(5 + n as u64);
+        let bias: Vec<f32> = (0..n).map(|_| r.uniform()).collect();
+        let db = gpu.stream.clone_htod(&bias).map_err(err)?;
+        for (qi, &quant) in quants.iter().enumerate() {
+            for batch in [1usize, 3, 16] {
+                let mut x: Vec<f32> = (0..batch * k).map(|_| r.uniform() * 2.5).collect();
+                if batch == 3 {
+                    x[k + k / 2] = f32::NAN;
+                }
+                let dx = gpu.stream.clone_htod(&x).map_err(err)?;
+                let relu = qi == 1;
+                let want = w4a8_reference(&q, &sc, (n, k, group), &x, batch, quant, 0.37, Some(&bias), relu);
+                for (inst, &(name, ..)) in W4A8_INSTANCES.iter().enumerate() {
+                    let mut dy = gpu.stream.alloc_zeros::<f32>(batch * n).map_err(err)?;
+                    match gpu.w4a8_gemm(&w, &dx, quant, 0.37, Some(&db), relu, &mut dy, batch, &mut scratch, Some(inst))
+                    {
+                        Ok(()) => {}
+                        // An instance whose warps cannot hold a whole group says so.
+                        Err(e) if e.to_string().contains("shared memory") || e.to_string().contains("spans") => {
+                            println!("{{\"check\": \"w4a8\", \"kernel\": \"{name}\", \"group\": {group}, \"skipped\": {:?}}}", e.to_string());
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    let y = gpu.stream.clone_dtoh(&dy).map_err(err)?;
+                    let bad = y
+                        .iter()
+                        .zip(&want)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()))
+                        .count();
+                    ok &= bad == 0;
+                    let first = y
+                        .iter()
+                        .zip(&want)
+                        .position(|(a, b)| a.to_bits() != b.to_bits() && !(a.is_nan() && b.is_nan()));
+                    let first = first
+                        .map(|i| {
+                            let same = want.iter().position(|v| v.to_bits() == y[i].to_bits());
+                            // The levels as the kernel wrote them, against the host's layout.
+                            let frag = gpu.stream.clone_dtoh(&scratch.frag).unwrap_or_default();
+                            let kp = k.div_ceil(128) * 128;
+                            let mut fbad = None;
+                            for (e, &word) in frag.iter().enumerate().take(kp / 32 * 128) {
+                                let (rr, lane, step) = (e & 3, (e >> 2) & 31, e >> 7);
+                                let token = (lane >> 2) + 8 * (rr & 1);
+                                let kk = step * 32 + 4 * (lane & 3) + 16 * (rr >> 1);
+                                let mut wd = 0u32;
+                                for j in 0..4 {
+                                    if token < batch && kk + j < k {
+                                        let v = x[token * k + kk + j];
+                                        if !v.is_nan() {
+                                            let l = ((v / quant.scale).round_ties_even() + quant.zero)
+                                                .clamp(quant.lo, quant.hi)
+                                                - quant.lo;
+                                            wd |= (l as u32 & 255) << (8 * j);
+                                        }
+                                    }
+                                }
+                                if wd != word && fbad.is_none() {
+                                    fbad = Some(format!(
+                                        "frag word {e} (token {token}, term {kk}): {word:08x} vs {wd:08x}"
+                                    ));
+                                }
+                            }
+                            format!(
+                                "[{}, {}]: {} vs {} (equal to want[{same:?}]); {fbad:?}",
+                                i / n,
+                                i % n,
+                                y[i],
+                                want[i]
+                            )
+                        })
+                        .unwrap_or_default();
+                    println!(
+                        "{{\"check\": \"w4a8\", \"kernel\": \"{name}\", \"shape\": \"{k}->{n}\", \"group\": {group}, \"quant\": {qi}, \"batch\": {batch}, \"outputs_differing\": {bad}, \"first\": {first:?}, \"pass\": {}}}",
+                        bad == 0
+                    );
+                }
+            }
+        }
+    }
+    Ok(ok)
+}
+
+/// The exact W4A8 GEMM against cuBLAS FP16 and the weight-read floor, batches 1, 4 and 16, L2
+/// flushed (memset) before each call: JSON lines; every instance's outputs equal the reference.
+fn bench_w4a8(gpu: &Gpu, iters: usize, shapes: usize) -> Result<(), sqil_cuda::Error> {
+    let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
+    let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
+    let mut sink = gpu.stream.alloc_zeros::<u32>(1).map_err(err)?;
+    let reader = gpu.function("sqil_flush_read")?;
+    let rows_r4 = gpu.function("sqil_probe_rows_r4")?;
+    let mut scratch = gpu.w4a8_levels(11008)?;
+    let quant = ActQuant { scale: 1.0 / 255.0, zero: 128.0, lo: 0.0, hi: 255.0 };
+    for &(n, k) in [(4096usize, 4096usize), (11008, 4096), (4096, 11008), (8192, 8192)].iter().take(shapes) {
+        let group = GROUP;
+        let (q, sc) = random_w4a8(n, k, group, 42);
+        let w = gpu.upload_w4a8(&q, &sc, n, k, group)?;
+        let h = pack(&q, &sc, n, k);
+        let dq: DeviceQ4 = gpu.upload(&h)?;
+        let wf: Vec<f16> = dequantize(&h).iter().map(|&v| f16::from_f32(v)).collect();
+        let dwf = gpu.stream.clone_htod(&wf).map_err(err)?;
+        // The floor: the int4 bytes read alone, by a streaming grid and by the split-K GEMV's grid.
+        let words = (n * k / 32) as u64;
+        let (ni, ki) = (n as i32, k as i32);
+        let t_stream = time_flushed(gpu, &mut flush, iters, || {
+            let mut l = gpu.stream.launch_builder(&reader);
+            l.arg(&dq.words).arg(&words).arg(&mut sink);
+            let cfg = LaunchConfig { grid_dim: (132 * 16, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: reads `words` 16-byte words of `dq.words` (its n x k / 2 bytes) and may write `sink`.
+            unsafe { l.launch(cfg) }.map(|_| ()).map_err(err)
+        })?;
+        let t_rows = time_flushed(gpu, &mut flush, iters, || {
+            let mut l = gpu.stream.launch_builder(&rows_r4);
+            l.arg(&dq.words).arg(&ni).arg(&ki).arg(&mut sink);
+            let cfg =
+                LaunchConfig { grid_dim: ((n as u32).div_ceil(4), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the kernel reads the n x k / 8 words of `dq.words` and may write `sink`.
+            unsafe { l.launch(cfg) }.map(|_| ()).map_err(err)
+        })?;
+        let floor = t_stream.min(t_rows);
+        for batch in [1usize, 4, 16] {
+            let mut r = Rng(9 + batch as u64);
+            let x: Vec<f32> = (0..batch * k).map(|_| r.uniform() * 0.5).collect();
+            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let (dx, dxh) = (gpu.stream.clone_htod(&x).map_err(err)?, gpu.stream.clone_htod(&xh).map_err(err)?);
+            let mut dy = gpu.stream.alloc_zeros::<f32>(batch * n).map_err(err)?;
+            let mut dyh = gpu.stream.alloc_zeros::<f16>(batch * n).map_err(err)?;
+            let want = w4a8_reference(&q, &sc, (n, k, group), &x, batch, quant, 0.5, None, false);
+            let t_cublas =
+                time_flushed(gpu, &mut flush, iters, || cublas_gemv(&blas, &dwf, &dxh, &mut dyh, n, k, batch))?;
+            let t_w4a16 = time_flushed(gpu, &mut flush, iters, || gpu.q4_gemv(&dq, &dxh, None, &mut dyh, batch))?;
+            let t_levels =
+                time_flushed(gpu, &mut flush, iters, || gpu.w4a8_levels_into(&w, &dx, quant, batch, &mut scratch))?;
+            for (inst, &(name, ..)) in W4A8_INSTANCES.iter().enumerate() {
+                gpu.w4a8_gemm(&w, &dx, quant, 0.5, None, false, &mut dy, batch, &mut scratch, Some(inst))?;
+                let y = gpu.stream.clone_dtoh(&dy).map_err(err)?;
+                let bad = y.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                let t_total = time_flushed(gpu, &mut flush, iters, || {
+                    gpu.w4a8_gemm(&w, &dx, quant, 0.5, None, false, &mut dy, batch, &mut scratch, Some(inst))
+                })?;
+                let t_mma = time_flushed(gpu, &mut flush, iters, || {
+                    gpu.w4a8_mma(&w, 0.5, None, false, &mut dy, batch, &scratch, Some(inst))
+                })?;
+                println!(
+                    "{{\"gpu\": {:?}, \"shape\": \"{k}->{n}\", \"batch\": {batch}, \"kernel\": \"{name}\", \"outputs_differing\": {bad}, \"w4a8_us\": {:.2}, \"w4a8_mma_only_us\": {:.2}, \"levels_us\": {:.2}, \"cublas_f16_us\": {:.2}, \"w4a16_gemv_us\": {:.2}, \"read_floor_us\": {:.2}, \"vs_cublas\": {:.2}, \"mma_only_vs_cublas\": {:.2}, \"vs_floor\": {:.2}}}",
+                    gpu.name,
+                    t_total * 1e6,
+                    t_mma * 1e6,
+                    t_levels * 1e6,
+                    t_cublas * 1e6,
+                    t_w4a16 * 1e6,
+                    floor * 1e6,
+                    t_cublas / t_total,
+                    t_cublas / t_mma,
+                    t_total / floor
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let opt = |name: &str, d: usize| {
@@ -941,12 +1176,20 @@ fn main() {
     };
     eprintln!("GPU: {} (compute capability {}.{})", gpu.name, gpu.cc.0, gpu.cc.1);
     let res = match args.first().map(String::as_str) {
-        Some("check") | None => check(&gpu, args.iter().any(|a| a == "--small")).map(|ok| {
+        Some("check") | None => {
+            check(&gpu, args.iter().any(|a| a == "--small")).and_then(|ok| Ok(check_w4a8(&gpu)? && ok)).map(|ok| {
+                if !ok {
+                    std::process::exit(1)
+                }
+            })
+        }
+        Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
+        Some("w4a8") => bench_w4a8(&gpu, opt("--iters", 50), opt("--shapes", 4)),
+        Some("check-w4a8") => check_w4a8(&gpu).map(|ok| {
             if !ok {
                 std::process::exit(1)
             }
         }),
-        Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
         Some("explore") => bench_explore(&gpu, opt("--iters", 50)),
         Some("probe") => bench_probe(&gpu, opt("--iters", 50)),
         Some("floor") => bench_floor(&gpu, opt("--iters", 2000)),

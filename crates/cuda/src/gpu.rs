@@ -79,6 +79,50 @@ pub struct W4a8Scratch {
     pub xsum: CudaSlice<i32>,
 }
 
+/// int4 weights for the exact W4A8 GEMM ([`Gpu::w4a8_gemm`]): the int8 tensor-core layout
+/// ([`w4a8_words`], k padded to 128) and f32 scales per `group` weights (`[n, groups]`, the CPU
+/// runtime's scales, so the products round as they do there).
+pub struct DeviceW4a8 {
+    pub n: usize,
+    /// The layer's own row length (the last group may be partial).
+    pub k: usize,
+    pub group: usize,
+    pub groups: usize,
+    pub words: CudaSlice<u32>,
+    pub scales: CudaSlice<f32>,
+}
+
+/// The static int8 quantizer of a W4A8 layer's input, as the CPU runtime applies it: level =
+/// clamp(rint(x / scale) + zero, lo, hi) - zero (`hi - lo` at most 255).
+#[derive(Clone, Copy, Debug)]
+pub struct ActQuant {
+    pub scale: f32,
+    pub zero: f32,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+/// Scratch for [`Gpu::w4a8_gemm`]: the batch's levels as A fragments (16 rows of up to `k`
+/// terms), the per-row NaN flags and the call counter they are compared with.
+pub struct W4a8Levels {
+    pub k: usize,
+    pub frag: CudaSlice<u32>,
+    pub nanflag: CudaSlice<i32>,
+    epoch: i32,
+    /// The quantizer's zero less its lowest level (the levels are stored as `q - lo`).
+    zp: i32,
+}
+
+/// The exact W4A8 GEMM's kernel instances: (entry point, rows per block, threads, 128-term
+/// blocks per warp per chunk, chunks of weights in flight).
+pub const W4A8_INSTANCES: &[(&str, u32, u32, usize, usize)] = &[
+    ("sqil_w4a8_mma_t2_s8_q1_d4", 16, 256, 1, 4),
+    ("sqil_w4a8_mma_t2_s8_q2_d4", 16, 256, 2, 4),
+    ("sqil_w4a8_mma_t4_s8_q1_d4", 32, 256, 1, 4),
+    ("sqil_w4a8_mma_t2_s4_q2_d6", 16, 128, 2, 6),
+    ("sqil_w4a8_mma_t2_s8_q1_d8", 16, 256, 1, 8),
+];
+
 /// [`HostQd`] on the device.
 pub struct DeviceQd {
     pub n: usize,
@@ -367,6 +411,201 @@ impl Gpu {
         // SAFETY: parameters as the kernel declares them; accesses bounded by n, k, batch and
         // the 16-token scratch.
         unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("q4_mma8 launch: {e:?}")))
+    }
+
+    /// Uploads int4 weights `q` (`[n, k]`, in [-8, 7]) with f32 scales per `group` (`[n,
+    /// ceil(k / group)]`) for [`Gpu::w4a8_gemm`]; group 32, 64, 128, 256 or 512.
+    pub fn upload_w4a8(&self, q: &[i8], scales: &[f32], n: usize, k: usize, group: usize) -> Result<DeviceW4a8> {
+        if !matches!(group, 32 | 64 | 128 | 256 | 512) {
+            return Err(format!("w4a8: group {group} (the GEMM takes 32, 64, 128, 256 or 512)").into());
+        }
+        let groups = k.div_ceil(group);
+        if q.len() != n * k || scales.len() != n * groups {
+            return Err(format!(
+                "w4a8: {} weights and {} scales for [{n}, {k}] in groups of {group}",
+                q.len(),
+                scales.len()
+            )
+            .into());
+        }
+        if let Some(v) = q.iter().find(|v| !(-8..=7).contains(*v)) {
+            return Err(format!("w4a8: weight {v} outside the int4 range").into());
+        }
+        let kp = k.div_ceil(GROUP) * GROUP;
+        let host = pack_grouped(q, &vec![1.0; n * kp / GROUP], n, k, GROUP);
+        let e = |e| crate::Error::Device(format!("{e:?}"));
+        Ok(DeviceW4a8 {
+            n,
+            k,
+            group,
+            groups,
+            words: self.stream.clone_htod(&w4a8_words(&host)).map_err(e)?,
+            scales: self.stream.clone_htod(scales).map_err(e)?,
+        })
+    }
+
+    /// Scratch for [`Gpu::w4a8_gemm`] on rows of up to `k` terms.
+    pub fn w4a8_levels(&self, k: usize) -> Result<W4a8Levels> {
+        let e = |e| crate::Error::Device(format!("{e:?}"));
+        let kp = k.div_ceil(GROUP) * GROUP;
+        Ok(W4a8Levels {
+            k: kp,
+            frag: self.stream.alloc_zeros::<u32>(kp / 32 * 128).map_err(e)?,
+            nanflag: self.stream.alloc_zeros::<i32>(16).map_err(e)?,
+            epoch: 0,
+            zp: 0,
+        })
+    }
+
+    /// The exact W4A8 layer for `batch` <= 16 rows of f32 inputs (`x` is `[batch, w.k]`, `y`
+    /// `[batch, w.n]`) on the int8 tensor cores: the CPU runtime's arithmetic bit for bit (see
+    /// `sqil_w4a8_mma` in `kernels/cuda/q4_gemv.cu`). Two launches on the stream: the levels,
+    /// then the GEMM ([`W4A8_INSTANCES`]\[0\] unless `instance` names another).
+    #[allow(clippy::too_many_arguments)]
+    pub fn w4a8_gemm(
+        &self,
+        w: &DeviceW4a8,
+        x: &CudaSlice<f32>,
+        quant: ActQuant,
+        xscale: f32,
+        bias: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        scratch: &mut W4a8Levels,
+        instance: Option<usize>,
+    ) -> Result<()> {
+        self.w4a8_levels_into(w, x, quant, batch, scratch)?;
+        self.w4a8_mma(w, xscale, bias, relu, y, batch, scratch, instance)
+    }
+
+    /// The first launch of [`Gpu::w4a8_gemm`]: the batch's levels and NaN flags into `scratch`.
+    pub fn w4a8_levels_into(
+        &self,
+        w: &DeviceW4a8,
+        x: &CudaSlice<f32>,
+        quant: ActQuant,
+        batch: usize,
+        scratch: &mut W4a8Levels,
+    ) -> Result<()> {
+        if self.cc.0 < 8 {
+            return Err(format!(
+                "w4a8: int8 mma needs compute capability 8.0, {} has {}.{}",
+                self.name, self.cc.0, self.cc.1
+            )
+            .into());
+        }
+        if batch == 0 || batch > 16 || scratch.k < w.k || x.len() < batch * w.k {
+            return Err(format!("w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());
+        }
+        let integral = |v: f32| v.is_finite() && v.fract() == 0.0;
+        if !(quant.scale > 0.0
+            && quant.scale.is_finite()
+            && integral(quant.lo)
+            && integral(quant.hi)
+            && integral(quant.zero))
+            || quant.hi - quant.lo > 255.0
+            || !(quant.lo <= quant.zero && quant.zero <= quant.hi)
+        {
+            return Err(format!("w4a8: activation quantizer {quant:?} is not an 8-bit range holding its zero").into());
+        }
+        scratch.zp = (quant.zero - quant.lo) as i32;
+        scratch.epoch = if scratch.epoch == i32::MAX { 1 } else { scratch.epoch + 1 };
+        if scratch.epoch == 1 {
+            self.stream.memset_zeros(&mut scratch.nanflag).map_err(|e| crate::Error::Device(format!("{e:?}")))?;
+        }
+        let kp = w.k.div_ceil(GROUP) * GROUP;
+        let (bt, k, kpi) = (batch as i32, w.k as i32, kp as i32);
+        let f = self.function("sqil_w4a8_levels")?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(x).arg(&bt).arg(&k).arg(&kpi).arg(&quant.scale).arg(&quant.zero).arg(&quant.lo).arg(&quant.hi);
+        l.arg(&scratch.epoch).arg(&mut scratch.frag).arg(&mut scratch.nanflag);
+        let total = (kp / 32 * 128) as u32;
+        let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: x holds batch * k floats, frag kp / 32 * 128 words, nanflag 16 (checked above).
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("w4a8 levels launch: {e:?}")))
+    }
+
+    /// The second launch of [`Gpu::w4a8_gemm`], on the levels `scratch` holds (from
+    /// [`Gpu::w4a8_levels_into`] with the same batch).
+    #[allow(clippy::too_many_arguments)]
+    pub fn w4a8_mma(
+        &self,
+        w: &DeviceW4a8,
+        xscale: f32,
+        bias: Option<&CudaSlice<f32>>,
+        relu: bool,
+        y: &mut CudaSlice<f32>,
+        batch: usize,
+        scratch: &W4a8Levels,
+        instance: Option<usize>,
+    ) -> Result<()> {
+        let smem_of = |&(_, rows, threads, q, d): &(&str, u32, u32, usize, usize)| {
+            let cg = threads as usize / 32 * q * GROUP / w.group;
+            let words = (2 * cg * rows as usize / 8 * 128 + (d + 1) * rows as usize * cg).next_multiple_of(4);
+            words * 4 + d * q * rows as usize / 8 * threads as usize * 16
+        };
+        let limit = self
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| crate::Error::Device(format!("{e:?}")))? as usize;
+        let spans =
+            |&(_, _, _, q, _): &(&str, u32, u32, usize, usize)| w.group <= GROUP || (q * GROUP).is_multiple_of(w.group);
+        let inst = match instance {
+            Some(i) => W4A8_INSTANCES.get(i).ok_or_else(|| format!("w4a8: no instance {i}"))?,
+            // The first (the fastest measured) whose shared memory fits and whose warps hold whole groups.
+            None => W4A8_INSTANCES
+                .iter()
+                .find(|i| smem_of(i) <= limit && spans(i))
+                .ok_or_else(|| format!("w4a8: no instance fits group {}", w.group))?,
+        };
+        let (name, rows, threads, q, _) = *inst;
+        if smem_of(inst) > limit {
+            return Err(format!(
+                "w4a8: {name} needs {} bytes of shared memory for group {}, the device has {limit}",
+                smem_of(inst),
+                w.group
+            )
+            .into());
+        }
+        if batch == 0 || batch > 16 || scratch.k < w.k || y.len() < batch * w.n || bias.is_some_and(|b| b.len() < w.n) {
+            return Err(format!("w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());
+        }
+        if w.group > GROUP && !(q * GROUP).is_multiple_of(w.group) {
+            return Err(
+                format!("w4a8: group {} spans more than one warp's {} terms in {name}", w.group, q * GROUP).into()
+            );
+        }
+        let smem = smem_of(inst);
+        let f = self.function(name)?;
+        if smem > 48 << 10 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(|e| crate::Error::Device(format!("w4a8: {smem} bytes of shared memory: {e:?}")))?;
+        }
+        let kq = (w.k.div_ceil(GROUP)) as i32;
+        let (n, gshift, groups, bt) =
+            (w.n as i32, (w.group / 32).trailing_zeros() as i32, w.groups as i32, batch as i32);
+        let relu = relu as i32;
+        let null = 0u64;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(&w.words).arg(&w.scales).arg(&scratch.frag).arg(&scratch.nanflag);
+        match bias {
+            Some(b) => l.arg(b),
+            None => l.arg(&null),
+        };
+        l.arg(y).arg(&n).arg(&kq).arg(&gshift).arg(&groups).arg(&bt).arg(&scratch.zp).arg(&xscale).arg(&relu);
+        l.arg(&scratch.epoch);
+        let cfg = LaunchConfig {
+            grid_dim: ((w.n as u32).div_ceil(rows), 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: parameters as the kernel declares them; buffers checked above; every access is
+        // bounded by n, kq and groups, and the shared memory is sized for the instance.
+        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("w4a8 launch: {e:?}")))
     }
 
     /// [`Gpu::q4_gemv`] on `stream`, with an optional fused ReLU.

@@ -219,6 +219,31 @@ pub fn mma_words(w: &HostQ4) -> Vec<u32> {
     })
 }
 
+/// The weights of `w` for the exact W4A8 GEMM (`sqil_w4a8_mma_*`): the [`mma8_words`] uint4s
+/// regrouped per tile of 8 rows and block of 128 terms, lane `4 g + tig` holding row `8 tile + g`'s
+/// uint4 for `tig`, so a warp's 32 loads are 512 contiguous bytes; rows padded to a multiple of 8
+/// with zero weights.
+pub fn w4a8_words(w: &HostQ4) -> Vec<u32> {
+    let m = mma8_words(w);
+    let kq = w.k / 128;
+    let tiles = w.n.div_ceil(8);
+    let mut out = vec![0x8888_8888u32; tiles * kq * 128];
+    for tile in 0..tiles {
+        for j in 0..kq {
+            for lane in 0..32 {
+                let (g, tig) = (lane / 4, lane % 4);
+                let row = tile * 8 + g;
+                if row < w.n {
+                    let src = ((row * kq + j) * 4 + tig) * 4;
+                    let dst = ((tile * kq + j) * 32 + lane) * 4;
+                    out[dst..dst + 4].copy_from_slice(&m[src..src + 4]);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The weights of `w` in the int8 tensor-core kernels' layout (see `sqil_q4_mma8_*`): as
 /// [`mma_words`], byte `i` of word `wd` of lane `tig` holding element `128 j + 32 wd + 4 tig + i`
 /// (as `q + 8`) in its low nibble and that element + 16 in its high nibble.
