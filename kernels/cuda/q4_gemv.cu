@@ -657,6 +657,10 @@ extern "C" __global__ void __launch_bounds__(256) sqil_w4a8_levels(const float *
                                                                    float qhi, int epoch, unsigned *__restrict__ frag,
                                                                    int *__restrict__ nanflag)
 {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // The GEMM after it may start (programmatic dependent launch); it waits for these writes.
+    asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long)(kp >> 5) * 128) {
         return;
@@ -701,7 +705,7 @@ __device__ __forceinline__ void mma_16832_u8s8(int (&c)[4], const uint4 &a, unsi
 
 __device__ __forceinline__ unsigned w4a8_word(const uint4 &v, int s)
 {
-    return (s == 0 ? v.x : s == 1 ? v.y : s == 2 ? v.z : v.w) ^ 0x88888888u;
+    return s == 0 ? v.x : s == 1 ? v.y : s == 2 ? v.z : v.w;
 }
 
 // One warp's share of a chunk's weights: Q blocks of 128 terms from quad quad0, T tiles (the
@@ -729,7 +733,7 @@ __device__ __forceinline__ void w4a8_weights_async(const uint4 *__restrict__ wm,
                 *dst = wm[((long)tile * kq + quad) * 32 + lane];
 #endif
             } else {
-                *dst = make_uint4(0x88888888u, 0x88888888u, 0x88888888u, 0x88888888u);
+                *dst = make_uint4(0u, 0u, 0u, 0u);
             }
         }
     }
@@ -752,7 +756,8 @@ __device__ __forceinline__ void w4a8_levels_load(const uint4 *__restrict__ frag,
 }
 
 // The scales of a chunk's groups g0.. for the block's rows, copied into shared memory
-// asynchronously (no commit: the caller commits them with the chunk's weights) (`sc[8 T][cg]`, rows past n read row n - 1, groups past the layer's not copied).
+// asynchronously (no commit: the caller commits them with the chunk's weights; `sc[rows][cg + 1]`,
+// rows past n read row n - 1, groups past the layer's not copied).
 __device__ __forceinline__ void w4a8_scales_async(const float *__restrict__ scales, float *sc, int rows, int cgshift,
                                                   int row0, int n, int g0, int groups, int nthreads)
 {
@@ -760,11 +765,14 @@ __device__ __forceinline__ void w4a8_scales_async(const float *__restrict__ scal
         const int rr = e >> cgshift, gg = e & ((1 << cgshift) - 1);
         if (g0 + gg < groups) {
             const float *src = scales + (long)min(row0 + rr, n - 1) * groups + g0 + gg;
+            // Rows cg + 1 apart: the adding threads of one warp read different rows' scales from
+            // different banks.
+            float *d = sc + rr * ((1 << cgshift) + 1) + gg;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-            const unsigned dst = (unsigned)__cvta_generic_to_shared(sc + e);
+            const unsigned dst = (unsigned)__cvta_generic_to_shared(d);
             asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src));
 #else
-            sc[e] = *src;
+            *d = *src;
 #endif
         }
     }
@@ -777,12 +785,35 @@ __device__ __forceinline__ void cp_async_commit()
 #endif
 }
 
+// The (row, output) pair adding thread p takes: with at most 8 rows in the batch, token-major
+// (p = token * 8 T + row in the block), so the live pairs fill the first warps and the rest skip;
+// with more, in the mma output layout (p = t * 128 + i * 32 + lane), whose shared-memory reads do
+// not collide. Returns the mma output's tile t, element i and lane l, the row rr in the block and
+// the token (16 or more for a thread past the block's pairs).
+template <int T>
+__device__ __forceinline__ void w4a8_pair(int p, int batch, int &t, int &i, int &l, int &rr, int &token)
+{
+    if (batch <= 8) {
+        token = p / (8 * T);
+        rr = p - token * 8 * T;
+        t = rr >> 3;
+        l = 4 * (token & 7) + ((rr & 7) >> 1);
+        i = 2 * (token >> 3) + (rr & 1);
+    } else {
+        t = p >> 7;
+        i = (p >> 5) & 3;
+        l = p & 31;
+        rr = t * 8 + 2 * (l & 3) + (i & 1);
+        token = p < T * 128 ? (l >> 2) + 8 * (i >> 1) : 16; // past the pairs: no token
+    }
+}
+
 // T row tiles of 8 per warp (8 T rows per block), S warps, Q blocks of 128 terms per warp per
 // chunk, D chunks in flight: chunk c + D - 1's weights are copied into the ring and its scales
 // into shared memory (one commit group) while chunk c is multiplied, so no registers wait on
 // them; the next chunk's levels are loaded into registers. The group sums go to one of two
 // buffers, so one barrier per chunk separates a chunk's sums from their adding. Dynamic shared
-// memory: part[2][cg][T * 128] ints, sc[D + 1][8 T][cg] floats, then (16-byte aligned) the ring
+// memory: part[2][cg][T * 128] ints, sc[D + 1][8 T][cg + 1] floats, then (16-byte aligned) the ring
 // [D][Q][T][32 S] uint4; cg = S Q 128 / group groups per chunk.
 template <int T, int S, int Q, int D>
 __device__ __forceinline__ void w4a8_mma_impl(const uint4 *__restrict__ wm, const float *__restrict__ scales,
@@ -801,9 +832,9 @@ __device__ __forceinline__ void w4a8_mma_impl(const uint4 *__restrict__ wm, cons
     const int cg = 1 << cgshift;
     constexpr int PAIRS = T * 128, PER = (PAIRS + 32 * S - 1) / (32 * S), NT = 32 * S;
     int *part = w4a8_smem;                                              // [2][cg][PAIRS]
-    float *scs = reinterpret_cast<float *>(w4a8_smem + 2 * cg * PAIRS); // [D + 1][8 T][cg]
-    uint4 *ring = reinterpret_cast<uint4 *>(w4a8_smem + ((2 * cg * PAIRS + (D + 1) * 8 * T * cg + 3) & ~3));
-    const int sstage = 8 * T * cg;
+    float *scs = reinterpret_cast<float *>(w4a8_smem + 2 * cg * PAIRS); // [D + 1][8 T][cg + 1]
+    uint4 *ring = reinterpret_cast<uint4 *>(w4a8_smem + ((2 * cg * PAIRS + (D + 1) * 8 * T * (cg + 1) + 3) & ~3));
+    const int sstage = 8 * T * (cg + 1);
     const uint4 ones = make_uint4(0x01010101u, 0x01010101u, 0x01010101u, 0x01010101u);
     const bool rows_live = g < batch;
     float acc[PER];
@@ -888,13 +919,13 @@ __device__ __forceinline__ void w4a8_mma_impl(const uint4 *__restrict__ wm, cons
         const int gend = min(cg, groups - g0);
 #pragma unroll
         for (int j = 0; j < PER; j++) {
-            const int p = threadIdx.x + j * NT;
-            if (p < PAIRS) {
-                const int t = p >> 7, i = (p >> 5) & 3, l = p & 31;
-                const int rr = t * 8 + 2 * (l & 3) + (i & 1);
+            int t, i, l, rr, token;
+            w4a8_pair<T>(threadIdx.x + j * NT, batch, t, i, l, rr, token);
+            if (token < batch) {
+                const int q = t * 128 + i * 32 + l;
                 float a = acc[j];
                 for (int gg = 0; gg < gend; gg++) {
-                    a = __fadd_rn(a, __fmul_rn((float)pc[gg * PAIRS + p], sc[(rr << cgshift) + gg]));
+                    a = __fadd_rn(a, __fmul_rn((float)pc[gg * PAIRS + q], sc[rr * (cg + 1) + gg]));
                 }
                 acc[j] = a;
             }
@@ -913,10 +944,10 @@ __device__ __forceinline__ void w4a8_mma_impl(const uint4 *__restrict__ wm, cons
 #endif
 #pragma unroll
     for (int j = 0; j < PER; j++) {
-        const int p = threadIdx.x + j * NT;
-        if (p < PAIRS) {
-            const int t = p >> 7, i = (p >> 5) & 3, l = p & 31;
-            const int row = row0 + t * 8 + 2 * (l & 3) + (i & 1), token = (l >> 2) + 8 * (i >> 1);
+        int t, i, l, rr, token;
+        w4a8_pair<T>(threadIdx.x + j * NT, batch, t, i, l, rr, token);
+        const int row = row0 + rr;
+        {
             if (row < n && token < batch) {
                 float out = __fmul_rn(acc[j], xscale);
                 if (bias) {
@@ -930,6 +961,181 @@ __device__ __forceinline__ void w4a8_mma_impl(const uint4 *__restrict__ wm, cons
         }
     }
 }
+
+// sqil_w4a8_mma for layers whose every group's sums fit in shared memory at once (the common
+// case; `sqil_w4a8_mma_*` below takes the rest): warp w walks its own contiguous range of 128-term
+// blocks (whole groups) with D blocks of weights and two of levels in flight in registers (the
+// loop unrolled by D so the ring's indices are constants, pointers stepped, no predicates but the
+// lanes' live rows), and stores each group's raw mma sums (16 x the exact sum) with one 16-byte
+// store per tile. After one barrier each (row, output) thread takes its groups in order: sum / 16
+// less zero x the group's weight sum (`wsum`, from the upload), times the scale, added. Weights
+// in `w4a8_words` (two's-complement nibbles, rows padded to tiles, blocks to whole groups),
+// levels padded likewise. Dynamic shared memory: part[groups][T][32] uint4, then sc[8 T][groups +
+// 1] floats and ws[8 T][groups + 1] ints.
+template <int T, int S, int D>
+__device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, const float *__restrict__ scales,
+                                               const int *__restrict__ wsum, const uint4 *__restrict__ frag,
+                                               const int *__restrict__ nanflag, const float *__restrict__ bias,
+                                               float *__restrict__ y, int n, int kqg, int gshift, int groups,
+                                               int batch, int zp, float xscale, int relu, int epoch)
+{
+    static_assert(D % 2 == 0, "the levels' two-deep ring follows the weights' ring parity");
+    extern __shared__ uint4 w4a8_lean_smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int row0 = blockIdx.x * 8 * T;
+    constexpr int PAIRS = T * 128, PER = (PAIRS + 32 * S - 1) / (32 * S), NT = 32 * S;
+    const int gmask = (1 << gshift) - 1;
+    const int qpg = gshift > 2 ? 1 << (gshift - 2) : 1;
+    const int per = ((kqg + S - 1) / S + qpg - 1) / qpg * qpg;
+    const int qa = min(kqg, warp * per), nq = min(kqg, qa + per) - qa;
+    // The scales and weight sums in rows gs = groups + 1 apart, so the adding threads of one warp
+    // (different rows) read different banks.
+    const int gs = groups + 1;
+    uint4 *part = w4a8_lean_smem;                                          // [groups][T][32]
+    float *sc = reinterpret_cast<float *>(w4a8_lean_smem + groups * T * 32); // [8 T][gs]
+    int *ws = reinterpret_cast<int *>(sc + 8 * T * gs);                     // [8 T][gs]
+    const int tiles = (n + 7) >> 3;
+    // The block's scales and weight sums, copied while the walk runs.
+    for (int e = threadIdx.x; e < 8 * T * groups; e += NT) {
+        const int rr = e / groups, gg = e - rr * groups;
+        const long src = (long)min(row0 + rr, n - 1) * groups + gg;
+        const int dst = rr * gs + gg;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(sc + dst)),
+                     "l"(scales + src));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(ws + dst)),
+                     "l"(wsum + src));
+#else
+        sc[dst] = scales[src];
+        ws[dst] = wsum[src];
+#endif
+    }
+    cp_async_commit();
+    const uint4 *wp[T];
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+        wp[t] = wm + ((long)min((row0 >> 3) + t, tiles - 1) * kqg + qa) * 32 + lane;
+    }
+    const uint4 *ap = frag + (long)qa * 128 + lane;
+    const bool rows_live = g < batch;
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    uint4 w[D][T], a[2][4];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+#pragma unroll
+        for (int t = 0; t < T; t++) {
+            w[d][t] = d < nq ? __ldg(wp[t] + d * 32) : zero4;
+        }
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Launched as a programmatic dependent of the levels kernel: its writes are visible after this.
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+#pragma unroll
+    for (int d = 0; d < 2; d++) {
+#pragma unroll
+        for (int s = 0; s < 4; s++) {
+            a[d][s] = d < nq && rows_live ? __ldg(ap + d * 128 + s * 32) : zero4;
+        }
+    }
+    int c[T][4];
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            c[t][i] = 0;
+        }
+    }
+    for (int j0 = 0; j0 < nq; j0 += D) {
+#pragma unroll
+        for (int d = 0; d < D; d++) {
+            const int j = j0 + d;
+            if (j < nq) {
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+#pragma unroll
+                    for (int t = 0; t < T; t++) {
+                        const unsigned wd = w4a8_word(w[d][t], s);
+                        mma_16832_u8s8(c[t], a[d & 1][s], (wd << 4) & 0xF0F0F0F0u, wd & 0xF0F0F0F0u);
+                    }
+                    const int step = (qa + j) * 4 + s; // 32-term step in the row
+                    const int gi = step >> gshift;
+                    if (((step + 1) & gmask) == 0 && gi < groups) {
+#pragma unroll
+                        for (int t = 0; t < T; t++) {
+                            part[(gi * T + t) * 32 + lane] = make_uint4(c[t][0], c[t][1], c[t][2], c[t][3]);
+#pragma unroll
+                            for (int i = 0; i < 4; i++) {
+                                c[t][i] = 0;
+                            }
+                        }
+                    }
+                }
+                if (j + D < nq) {
+#pragma unroll
+                    for (int t = 0; t < T; t++) {
+                        w[d][t] = __ldg(wp[t] + (j + D) * 32);
+                    }
+                }
+                if (j + 2 < nq && rows_live) {
+#pragma unroll
+                    for (int s = 0; s < 4; s++) {
+                        a[d & 1][s] = __ldg(ap + (j + 2) * 128 + s * 32);
+                    }
+                }
+            }
+        }
+    }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+#endif
+    __syncthreads();
+    const int *pi = reinterpret_cast<const int *>(part);
+#pragma unroll
+    for (int jj = 0; jj < PER; jj++) {
+        int t, i, l, rr, token;
+        w4a8_pair<T>(threadIdx.x + jj * NT, batch, t, i, l, rr, token);
+        if (token < batch) {
+            const int row = row0 + rr;
+            if (row < n) {
+                const float *scr = sc + rr * gs;
+                const int *wsr = ws + rr * gs;
+                float acc = 0.0f;
+#pragma unroll 4
+                for (int gg = 0; gg < groups; gg++) {
+                    const int sum = (pi[((gg * T + t) * 32 + l) * 4 + i] >> 4) - zp * wsr[gg];
+                    acc = __fadd_rn(acc, __fmul_rn((float)sum, scr[gg]));
+                }
+                float out = __fmul_rn(acc, xscale);
+                if (bias) {
+                    out = __fadd_rn(out, bias[row]);
+                }
+                if (relu && out < 0.0f) {
+                    out = 0.0f;
+                }
+                y[(long)token * n + row] = nanflag[token] == epoch ? __int_as_float(0x7fc00000) : out;
+            }
+        }
+    }
+}
+
+// Instances sqil_w4a8_lean_t{T}_s{S}_d{D}.
+#define SQIL_W4A8_LEAN(T, S, D)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(32 * S) sqil_w4a8_lean_t##T##_s##S##_d##D(                        \
+        const uint4 *__restrict__ wm, const float *__restrict__ scales, const int *__restrict__ wsum,             \
+        const uint4 *__restrict__ frag, const int *__restrict__ nanflag, const float *__restrict__ bias,         \
+        float *__restrict__ y, int n, int kqg, int gshift, int groups, int batch, int zp, float xscale, int relu, \
+        int epoch)                                                                                                 \
+    {                                                                                                              \
+        w4a8_lean_impl<T, S, D>(wm, scales, wsum, frag, nanflag, bias, y, n, kqg, gshift, groups, batch, zp,      \
+                                xscale, relu, epoch);                                                              \
+    }
+
+SQIL_W4A8_LEAN(2, 8, 4)
+SQIL_W4A8_LEAN(2, 8, 8)
+SQIL_W4A8_LEAN(4, 8, 4)
+SQIL_W4A8_LEAN(1, 8, 8)
 
 // Instances sqil_w4a8_mma_t{T}_s{S}_q{Q}_d{D}.
 #define SQIL_W4A8_MMA(T, S, Q, D)                                                                                  \

@@ -3,7 +3,9 @@
 
 use crate::error::Result;
 use crate::*;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use half::f16;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,8 +90,12 @@ pub struct DeviceW4a8 {
     pub k: usize,
     pub group: usize,
     pub groups: usize,
+    /// Blocks of 128 terms per row in `words` (k padded to whole groups).
+    pub kqg: usize,
     pub words: CudaSlice<u32>,
     pub scales: CudaSlice<f32>,
+    /// Per row and group the sum of the int4 weights (`[n, groups]`): the zero point's part.
+    pub wsum: CudaSlice<i32>,
 }
 
 /// The static int8 quantizer of a W4A8 layer's input, as the CPU runtime applies it: level =
@@ -114,13 +120,17 @@ pub struct W4a8Levels {
 }
 
 /// The exact W4A8 GEMM's kernel instances: (entry point, rows per block, threads, 128-term
-/// blocks per warp per chunk, chunks of weights in flight).
+/// blocks per warp per chunk, blocks of weights in flight per warp). Chunk size 0: a
+/// `sqil_w4a8_lean_*` instance (each warp walks its own range of k, every group's sums in shared
+/// memory at once: layers whose sums fit); otherwise `sqil_w4a8_mma_*` (chunks of the row, a
+/// barrier per chunk: any length). [`Gpu::w4a8_mma`] takes the first that fits.
 pub const W4A8_INSTANCES: &[(&str, u32, u32, usize, usize)] = &[
+    ("sqil_w4a8_lean_t2_s8_d4", 16, 256, 0, 4),
+    ("sqil_w4a8_lean_t2_s8_d8", 16, 256, 0, 8),
+    ("sqil_w4a8_lean_t4_s8_d4", 32, 256, 0, 4),
+    ("sqil_w4a8_lean_t1_s8_d8", 8, 256, 0, 8),
     ("sqil_w4a8_mma_t2_s8_q1_d4", 16, 256, 1, 4),
-    ("sqil_w4a8_mma_t2_s8_q2_d4", 16, 256, 2, 4),
     ("sqil_w4a8_mma_t4_s8_q1_d4", 32, 256, 1, 4),
-    ("sqil_w4a8_mma_t2_s4_q2_d6", 16, 128, 2, 6),
-    ("sqil_w4a8_mma_t2_s8_q1_d8", 16, 256, 1, 8),
 ];
 
 /// [`HostQd`] on the device.
@@ -433,21 +443,31 @@ impl Gpu {
         }
         let kp = k.div_ceil(GROUP) * GROUP;
         let host = pack_grouped(q, &vec![1.0; n * kp / GROUP], n, k, GROUP);
+        let kqg = k.div_ceil(group.max(GROUP)) * group.max(GROUP) / GROUP;
+        let wsum: Vec<i32> = (0..n * groups)
+            .map(|i| {
+                let (r, g) = (i / groups, i % groups);
+                q[r * k + g * group..r * k + ((g + 1) * group).min(k)].iter().map(|&v| v as i32).sum()
+            })
+            .collect();
         let e = |e| crate::Error::Device(format!("{e:?}"));
         Ok(DeviceW4a8 {
             n,
             k,
             group,
             groups,
-            words: self.stream.clone_htod(&w4a8_words(&host)).map_err(e)?,
+            kqg,
+            words: self.stream.clone_htod(&w4a8_words(&host, kqg)).map_err(e)?,
             scales: self.stream.clone_htod(scales).map_err(e)?,
+            wsum: self.stream.clone_htod(&wsum).map_err(e)?,
         })
     }
 
     /// Scratch for [`Gpu::w4a8_gemm`] on rows of up to `k` terms.
     pub fn w4a8_levels(&self, k: usize) -> Result<W4a8Levels> {
         let e = |e| crate::Error::Device(format!("{e:?}"));
-        let kp = k.div_ceil(GROUP) * GROUP;
+        // Room for k padded to whole groups of up to 512 terms.
+        let kp = k.div_ceil(512) * 512;
         Ok(W4a8Levels {
             k: kp,
             frag: self.stream.alloc_zeros::<u32>(kp / 32 * 128).map_err(e)?,
@@ -495,7 +515,7 @@ impl Gpu {
             )
             .into());
         }
-        if batch == 0 || batch > 16 || scratch.k < w.k || x.len() < batch * w.k {
+        if batch == 0 || batch > 16 || scratch.k < w.kqg * GROUP || x.len() < batch * w.k {
             return Err(format!("w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());
         }
         let integral = |v: f32| v.is_finite() && v.fract() == 0.0;
@@ -514,7 +534,7 @@ impl Gpu {
         if scratch.epoch == 1 {
             self.stream.memset_zeros(&mut scratch.nanflag).map_err(|e| crate::Error::Device(format!("{e:?}")))?;
         }
-        let kp = w.k.div_ceil(GROUP) * GROUP;
+        let kp = w.kqg * GROUP;
         let (bt, k, kpi) = (batch as i32, w.k as i32, kp as i32);
         let f = self.function("sqil_w4a8_levels")?;
         let mut l = self.stream.launch_builder(&f);
@@ -541,9 +561,13 @@ impl Gpu {
         instance: Option<usize>,
     ) -> Result<()> {
         let smem_of = |&(_, rows, threads, q, d): &(&str, u32, u32, usize, usize)| {
-            let cg = threads as usize / 32 * q * GROUP / w.group;
-            let words = (2 * cg * rows as usize / 8 * 128 + (d + 1) * rows as usize * cg).next_multiple_of(4);
-            words * 4 + d * q * rows as usize / 8 * threads as usize * 16
+            let (rows, threads) = (rows as usize, threads as usize);
+            if q == 0 {
+                return w.groups * rows / 8 * 32 * 16 + 2 * rows * (w.groups + 1) * 4;
+            }
+            let cg = threads / 32 * q * GROUP / w.group;
+            let words = (2 * cg * rows / 8 * 128 + (d + 1) * rows * (cg + 1)).next_multiple_of(4);
+            words * 4 + d * q * rows / 8 * threads * 16
         };
         let limit = self
             .ctx
@@ -568,10 +592,15 @@ impl Gpu {
             )
             .into());
         }
-        if batch == 0 || batch > 16 || scratch.k < w.k || y.len() < batch * w.n || bias.is_some_and(|b| b.len() < w.n) {
+        if batch == 0
+            || batch > 16
+            || scratch.k < w.kqg * GROUP
+            || y.len() < batch * w.n
+            || bias.is_some_and(|b| b.len() < w.n)
+        {
             return Err(format!("w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());
         }
-        if w.group > GROUP && !(q * GROUP).is_multiple_of(w.group) {
+        if q > 0 && w.group > GROUP && !(q * GROUP).is_multiple_of(w.group) {
             return Err(
                 format!("w4a8: group {} spans more than one warp's {} terms in {name}", w.group, q * GROUP).into()
             );
@@ -585,13 +614,67 @@ impl Gpu {
             )
             .map_err(|e| crate::Error::Device(format!("w4a8: {smem} bytes of shared memory: {e:?}")))?;
         }
-        let kq = (w.k.div_ceil(GROUP)) as i32;
+        let kq = w.kqg as i32;
         let (n, gshift, groups, bt) =
             (w.n as i32, (w.group / 32).trailing_zeros() as i32, w.groups as i32, batch as i32);
         let relu = relu as i32;
         let null = 0u64;
+        if q == 0 && self.cc.0 >= 9 {
+            // Programmatic dependent launch: the GEMM starts while the levels kernel runs, loads its
+            // weights and scales, and waits (griddepcontrol.wait) before it reads the levels.
+            use cudarc::driver::sys;
+            let ptr = |s: &CudaSlice<u32>| s.device_ptr(&self.stream).0;
+            let (wm, sc, ws) = (ptr(&w.words), w.scales.device_ptr(&self.stream).0, w.wsum.device_ptr(&self.stream).0);
+            let (fr, nf) = (scratch.frag.device_ptr(&self.stream).0, scratch.nanflag.device_ptr(&self.stream).0);
+            let bp = bias.map(|b| b.device_ptr(&self.stream).0).unwrap_or(0);
+            let yp = y.device_ptr_mut(&self.stream).0;
+            // SAFETY: all-zero is a valid launch attribute; its id and value are set below.
+            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            let cfg = sys::CUlaunchConfig {
+                gridDimX: (w.n as u32).div_ceil(rows),
+                gridDimY: 1,
+                gridDimZ: 1,
+                blockDimX: threads,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem as u32,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            let mut params: [*mut std::ffi::c_void; 16] = [
+                &wm as *const u64 as *mut _,
+                &sc as *const u64 as *mut _,
+                &ws as *const u64 as *mut _,
+                &fr as *const u64 as *mut _,
+                &nf as *const u64 as *mut _,
+                &bp as *const u64 as *mut _,
+                &yp as *const u64 as *mut _,
+                &n as *const i32 as *mut _,
+                &kq as *const i32 as *mut _,
+                &gshift as *const i32 as *mut _,
+                &groups as *const i32 as *mut _,
+                &bt as *const i32 as *mut _,
+                &scratch.zp as *const i32 as *mut _,
+                &xscale as *const f32 as *mut _,
+                &relu as *const i32 as *mut _,
+                &scratch.epoch as *const i32 as *mut _,
+            ];
+            // SAFETY: the kernel's sixteen parameters, in order, of the types it declares; buffers
+            // checked above, every access bounded by n, kqg and groups, shared memory sized for it.
+            return unsafe {
+                sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
+            }
+            .map_err(|e| crate::Error::Device(format!("w4a8 launch: {e:?}")));
+        }
         let mut l = self.stream.launch_builder(&f);
-        l.arg(&w.words).arg(&w.scales).arg(&scratch.frag).arg(&scratch.nanflag);
+        l.arg(&w.words).arg(&w.scales);
+        if q == 0 {
+            l.arg(&w.wsum);
+        }
+        l.arg(&scratch.frag).arg(&scratch.nanflag);
         match bias {
             Some(b) => l.arg(b),
             None => l.arg(&null),

@@ -219,15 +219,17 @@ pub fn mma_words(w: &HostQ4) -> Vec<u32> {
     })
 }
 
-/// The weights of `w` for the exact W4A8 GEMM (`sqil_w4a8_mma_*`): the [`mma8_words`] uint4s
-/// regrouped per tile of 8 rows and block of 128 terms, lane `4 g + tig` holding row `8 tile + g`'s
-/// uint4 for `tig`, so a warp's 32 loads are 512 contiguous bytes; rows padded to a multiple of 8
-/// with zero weights.
-pub fn w4a8_words(w: &HostQ4) -> Vec<u32> {
+/// The weights of `w` for the exact W4A8 GEMM (`sqil_w4a8_lean_*`, `sqil_w4a8_mma_*`): the
+/// [`mma8_words`] uint4s regrouped per tile of 8 rows and block of 128 terms, lane `4 g + tig`
+/// holding row `8 tile + g`'s uint4 for `tig`, so a warp's 32 loads are 512 contiguous bytes; each
+/// nibble two's complement (`q & 15`, the kernels place it at the top of its byte as `16 q`);
+/// rows padded to a multiple of 8 and blocks to `kqg` (whole groups) with zero weights.
+pub fn w4a8_words(w: &HostQ4, kqg: usize) -> Vec<u32> {
     let m = mma8_words(w);
     let kq = w.k / 128;
+    assert!(kqg >= kq, "w4a8_words: {kqg} blocks for {kq}");
     let tiles = w.n.div_ceil(8);
-    let mut out = vec![0x8888_8888u32; tiles * kq * 128];
+    let mut out = vec![0u32; tiles * kqg * 128];
     for tile in 0..tiles {
         for j in 0..kq {
             for lane in 0..32 {
@@ -235,8 +237,10 @@ pub fn w4a8_words(w: &HostQ4) -> Vec<u32> {
                 let row = tile * 8 + g;
                 if row < w.n {
                     let src = ((row * kq + j) * 4 + tig) * 4;
-                    let dst = ((tile * kq + j) * 32 + lane) * 4;
-                    out[dst..dst + 4].copy_from_slice(&m[src..src + 4]);
+                    let dst = ((tile * kqg + j) * 32 + lane) * 4;
+                    for (o, v) in out[dst..dst + 4].iter_mut().zip(&m[src..src + 4]) {
+                        *o = v ^ 0x8888_8888;
+                    }
                 }
             }
         }
