@@ -45,7 +45,8 @@ pub enum Step {
         x: usize,
         y: usize,
         act: ActQuant,
-        w: PackedQ4,
+        /// Boxed: the weights' derived layouts made on first use make it the largest field.
+        w: Box<PackedQ4>,
         bias: Option<Vec<f32>>,
         relu: bool,
         conv: Option<Box<Im2col>>,
@@ -494,7 +495,7 @@ impl Plan {
                     x: slots.of(l.x),
                     y,
                     act: l.act.clone(),
-                    w: l.w.clone(),
+                    w: Box::new(l.w.clone()),
                     bias,
                     relu,
                     conv: l.conv.clone(),

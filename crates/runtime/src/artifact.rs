@@ -102,7 +102,7 @@ pub fn encode_lowered(g: &Graph, plan: &Plan) -> Result<Vec<u8>> {
         .steps
         .iter()
         .filter_map(|s| match s {
-            Step::Q4Linear { layer, w, .. } => Some((layer, w)),
+            Step::Q4Linear { layer, w, .. } => Some((layer, &**w)),
             _ => None,
         })
         .collect();

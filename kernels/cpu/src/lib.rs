@@ -250,6 +250,44 @@ impl Layout {
     }
 }
 
+/// A pointwise (1 x 1, stride 1, no padding) W4A8 convolution of one image with AVX-512 VNNI:
+/// `planes` the image quantized by [`generic::quantize_i8_into`], channel-major `[C][positions]`
+/// (C = `w.k`), into `y` `[w.n][positions]`; every output exactly [`generic::generic_q4q8_row`] of
+/// that position's channels (its im2col row). Positions in vector lanes: the small-channel layers
+/// of MobileNet-class CNNs (8-96 channels at 42 x 42) reach the row kernels as thousands of short
+/// rows. Returns false, writing nothing, on a CPU without AVX-512 VNNI (or with `SQIL_ISA`
+/// capping it).
+pub fn pointwise_q4q8(
+    w: &PackedQ4,
+    planes: &[i8],
+    positions: usize,
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) -> bool {
+    assert!(planes.len() >= w.k * positions && y.len() >= w.n * positions);
+    assert!(bias.is_none_or(|b| b.len() >= w.n) && (-128..=127).contains(&zero));
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512Vnni && positions > 0 {
+        thread_local! {
+            static X4: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let p_pad = positions.next_multiple_of(16);
+        return X4.with_borrow_mut(|x4| {
+            x4.resize(w.k_pad / 4 * p_pad, 0);
+            // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA).
+            unsafe {
+                x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
+                x86_64::avx512::avx512_pointwise_q4q8(w, w.quad_words(), x4, positions, p_pad, zero, scale, bias, y);
+            }
+            true
+        });
+    }
+    let _ = (planes, zero, scale, bias, y);
+    false
+}
+
 /// W4A8 on a batch of inputs with the best kernel for this CPU; every variant equals
 /// `generic::generic_q4q8_row` bit for bit. Threads split the inputs (`InputMajor`: each thread
 /// reads every weight for its inputs) or the output channels (`ChannelMajor`).

@@ -173,6 +173,9 @@ pub struct PackedQ4 {
     /// The weights again as half bytes for the VNNI channel-lane kernel on rows, made on first
     /// use (see [`NibbleTiles`]).
     pub nibble_tiles: std::sync::OnceLock<NibbleTiles>,
+    /// The weights again one signed byte each, four consecutive k per word (`[n][k_pad / 4]`,
+    /// little-endian), for the pointwise-convolution kernel's broadcasts; made on first use.
+    pub quad_words: std::sync::OnceLock<Vec<u32>>,
 }
 
 /// A layer's signed weights one byte each, for kernels that keep eight output channels in one
@@ -307,7 +310,21 @@ impl PackedQ4 {
             tile_sums,
             channel_tiles: Default::default(),
             nibble_tiles: Default::default(),
+            quad_words: Default::default(),
         }
+    }
+
+    /// [`PackedQ4::quad_words`], built on first use.
+    pub fn quad_words(&self) -> &[u32] {
+        self.quad_words.get_or_init(|| {
+            let kq = self.k_pad / 4;
+            (0..self.n * kq)
+                .map(|i| {
+                    let (r, j) = (i / kq, i % kq);
+                    u32::from_le_bytes(std::array::from_fn(|b| self.get(r, 4 * j + b) as u8))
+                })
+                .collect()
+        })
     }
 
     /// Scales and weight sums per (block of 32 channels, group, channel), zero for padding rows:

@@ -316,3 +316,40 @@ fn large_layers_take_the_half_byte_kernels_and_equal_the_reference() {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The pointwise-convolution kernel (positions in vector lanes) against the reference row of
+    /// each position's channels, bit for bit: channel counts off the four-channel words, positions
+    /// off the 16- and 32-lane blocks, groups of 32, 64 or one per channel, zero points across the
+    /// int8 range, with and without a bias. Skips (returns false) without AVX-512 VNNI.
+    #[test]
+    fn pointwise_conv_equals_the_reference_rows(seed in any::<u64>(), n in 1usize..70, ch in 1usize..100, p in 1usize..300,
+                                                 per_group in 0usize..3, zero in -120i32..120, with_bias in any::<bool>()) {
+        let group = [0, 32, 64][per_group];
+        let group = if ch.next_multiple_of(32) % group.max(1) == 0 { group } else { 32 };
+        let w = layer(seed, n, ch, group, 4);
+        let mut r = Lcg(seed ^ 11);
+        let x: Vec<f32> = (0..ch * p).map(|_| r.unit() * 3.0).collect();
+        let mut planes = vec![0i8; ch * p];
+        sqil_kernels_cpu::generic::quantize_i8_into(&x, 0.02, zero, -128, 127, &mut planes);
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let bias = with_bias.then_some(&bias[..]);
+        let mut got = vec![f32::NAN; n * p];
+        if !sqil_kernels_cpu::pointwise_q4q8(&w, &planes, p, zero, 0.02, bias, &mut got) {
+            return Ok(());
+        }
+        for o in 0..p {
+            let mut q = vec![0i8; w.k_pad];
+            for c in 0..ch {
+                q[c] = planes[c * p + o];
+            }
+            let row = sqil_kernels_cpu::generic::QRow { q: &q, sums: &[], zero, scale: 0.02 };
+            for rr in 0..n {
+                let want = sqil_kernels_cpu::generic::generic_q4q8_row(&w, row, bias, rr);
+                prop_assert_eq!(got[rr * p + o].to_bits(), want.to_bits(), "channel {} position {}", rr, o);
+            }
+        }
+    }
+}

@@ -613,3 +613,160 @@ pub(crate) unsafe fn avx512_nibble_lanes(
         }
     }
 }
+
+/// Interleaves four channel planes of an int8 image (`planes` `[C][P]`, C = `ch`) into the
+/// pointwise kernel's words: `x4[q * p_pad + o]` holds channels `4q..4q + 4` of position `o`, one
+/// byte each with the sign bit flipped (`x + 128` as unsigned, `vpdpbusd`'s unsigned operand);
+/// channels past `ch` and positions past `p` as 0x80 (zero).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW and AVX2 (the buffer sizes are asserted).
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+pub unsafe fn avx512_interleave_quads(planes: &[i8], ch: usize, p: usize, p_pad: usize, x4: &mut [u32]) {
+    let kq = x4.len() / p_pad;
+    assert!(planes.len() >= ch * p && kq * 4 >= ch && p_pad >= p);
+    let flip = _mm256_set1_epi8(i8::MIN);
+    for q in 0..kq {
+        let plane = |c: usize| if c < ch { Some(&planes[c * p..(c + 1) * p]) } else { None };
+        let ps = [plane(4 * q), plane(4 * q + 1), plane(4 * q + 2), plane(4 * q + 3)];
+        let dst = &mut x4[q * p_pad..(q + 1) * p_pad];
+        let mut o = 0;
+        while o + 32 <= p {
+            let ld = |pl: Option<&[i8]>| match pl {
+                // SAFETY: o + 32 <= p, the plane's length.
+                Some(pl) => _mm256_loadu_si256(pl.as_ptr().add(o) as *const __m256i),
+                None => _mm256_setzero_si256(),
+            };
+            let (p0, p1, p2, p3) = (ld(ps[0]), ld(ps[1]), ld(ps[2]), ld(ps[3]));
+            let (a, b) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
+            let (c, d) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
+            let (ac0, ac1) = (_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c));
+            let (bd0, bd1) = (_mm256_unpacklo_epi16(b, d), _mm256_unpackhi_epi16(b, d));
+            // Within 128-bit lanes: ac0 = positions 0-3 | 16-19, ac1 = 4-7 | 20-23, bd0 = 8-11 |
+            // 24-27, bd1 = 12-15 | 28-31.
+            let out = [
+                _mm256_permute2x128_si256::<0x20>(ac0, ac1),
+                _mm256_permute2x128_si256::<0x20>(bd0, bd1),
+                _mm256_permute2x128_si256::<0x31>(ac0, ac1),
+                _mm256_permute2x128_si256::<0x31>(bd0, bd1),
+            ];
+            for (i, v) in out.into_iter().enumerate() {
+                // SAFETY: o + 32 <= p <= p_pad words in dst.
+                _mm256_storeu_si256(dst.as_mut_ptr().add(o + 8 * i) as *mut __m256i, _mm256_xor_si256(v, flip));
+            }
+            o += 32;
+        }
+        for (oo, d) in dst.iter_mut().enumerate().skip(o) {
+            let byte = |pl: Option<&[i8]>| if oo < p { pl.map_or(0, |pl| pl[oo]) } else { 0 };
+            *d = u32::from_le_bytes([byte(ps[0]) as u8, byte(ps[1]) as u8, byte(ps[2]) as u8, byte(ps[3]) as u8])
+                ^ 0x8080_8080;
+        }
+    }
+}
+
+/// Pointwise W4A8 convolution on interleaved positions (see [`avx512_interleave_quads`]): for
+/// each output channel r and position o, per group the exact `sum_c (x - zero) q` from
+/// `vpdpbusd` on (x + 128, q) less `(128 + zero) * sum q`, then [`crate::generic::generic_q4q8_row`]'s
+/// float steps (product, then add, in group order; `* scale`, `+ bias` or `+ 0`). Sixteen
+/// positions per vector, four output channels per pass, two vectors per pass while more than 16
+/// positions are left, else one. `y` is `[n][p]`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI, AVX2 and FMA (the buffer sizes are asserted).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn avx512_pointwise_q4q8(
+    w: &PackedQ4,
+    qw: &[u32],
+    x4: &[u32],
+    p: usize,
+    p_pad: usize,
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    let kq = w.k_pad / 4;
+    assert!(qw.len() >= w.n * kq && x4.len() >= kq * p_pad && p_pad >= p.next_multiple_of(16) && y.len() >= w.n * p);
+    assert!(bias.is_none_or(|b| b.len() >= w.n));
+    let mut o0 = 0;
+    while o0 < p {
+        if p - o0 > 16 {
+            pointwise_block::<2>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, y);
+            o0 += 32;
+        } else {
+            pointwise_block::<1>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, y);
+            o0 += 16;
+        }
+    }
+}
+
+/// [`avx512_pointwise_q4q8`] for positions `o0..o0 + 16 V` (masked past `p`) of every output
+/// channel, four channels per pass.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pointwise_block<const V: usize>(
+    w: &PackedQ4,
+    qw: &[u32],
+    x4: &[u32],
+    (p, p_pad, o0): (usize, usize, usize),
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+) {
+    const R: usize = 4;
+    let (n, kq, groups) = (w.n, w.k_pad / 4, w.groups());
+    let qpg = w.group / 4;
+    let xs = _mm512_set1_ps(scale);
+    let masks: [__mmask16; V] = std::array::from_fn(|v| {
+        let left = p.saturating_sub(o0 + 16 * v).min(16);
+        ((1u32 << left) - 1) as __mmask16
+    });
+    for r0 in (0..n).step_by(R) {
+        // Rows past n repeat the last row (computed, not stored).
+        let rows: [usize; R] = std::array::from_fn(|j| (r0 + j).min(n - 1));
+        let mut accf = [[_mm512_setzero_ps(); V]; R];
+        for g in 0..groups {
+            let mut acc = [[_mm512_setzero_si512(); V]; R];
+            for q in g * qpg..((g + 1) * qpg).min(kq) {
+                let xv: [__m512i; V] = std::array::from_fn(|v| {
+                    if o0 + 16 * v < p_pad {
+                        // SAFETY: o0 + 16 v + 16 <= p_pad (a multiple of 16) words in row q.
+                        _mm512_loadu_si512(x4.as_ptr().add(q * p_pad + o0 + 16 * v) as *const _)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                for j in 0..R {
+                    let wv = _mm512_set1_epi32(*qw.get_unchecked(rows[j] * kq + q) as i32);
+                    for v in 0..V {
+                        acc[j][v] = _mm512_dpbusd_epi32(acc[j][v], xv[v], wv);
+                    }
+                }
+            }
+            for j in 0..R {
+                let corr = _mm512_set1_epi32((128 + zero) * w.sums[rows[j] * groups + g]);
+                let sc = _mm512_set1_ps(w.scales[rows[j] * groups + g]);
+                for v in 0..V {
+                    let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[j][v], corr));
+                    accf[j][v] = _mm512_add_ps(accf[j][v], _mm512_mul_ps(f, sc));
+                }
+            }
+        }
+        for (j, &r) in rows.iter().enumerate() {
+            if r0 + j >= n {
+                break;
+            }
+            let b = _mm512_set1_ps(bias.map_or(0.0, |b| b[r]));
+            for v in 0..V {
+                if masks[v] != 0 {
+                    let out = _mm512_add_ps(_mm512_mul_ps(accf[j][v], xs), b);
+                    // SAFETY: the mask keeps the store within row r's p outputs.
+                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(r * p + o0 + 16 * v), masks[v], out);
+                }
+            }
+        }
+    }
+}
