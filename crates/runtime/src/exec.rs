@@ -112,9 +112,11 @@ impl Execute for Plan {
     }
 }
 
-/// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: a ReLU of
-/// f32 values or a Reshape, whose input dies at this step and is owned (not a constant or a
-/// caller's tensor). The result equals the op's (ReLU is exact in f32; Reshape moves data).
+/// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: a ReLU, a
+/// Clip (with f32 scalar bounds or none) or a FakeQuant with one scale and zero point of f32
+/// values, or a Reshape, whose input dies at this step and is owned (not a constant or a caller's
+/// tensor). The result equals the op's (ReLU and Clip are comparisons, exact in f32, the same
+/// ones; FakeQuant runs the same kernel loop on the buffer; Reshape moves data).
 fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Option<Cow<Tensor>>]) -> bool {
     let Some(Some(x)) = inputs.first() else { return false };
     if plan.last_use[*x] != i || inputs.iter().skip(1).flatten().any(|s| s == x) {
@@ -123,6 +125,23 @@ fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Opt
     let Some(Cow::Owned(t)) = &env[*x] else { return false };
     match op {
         Op::Unary(UnaryOp::Relu) => matches!(t.data, sqil_ir::tensor::Data::F32(_)),
+        Op::Clip => {
+            let scalar = |s: Option<&Option<usize>>| match s {
+                None | Some(None) => true,
+                Some(Some(s)) => env[*s]
+                    .as_deref()
+                    .is_some_and(|b| b.is_empty() || (b.len() == 1 && b.dtype() == sqil_ir::DType::F32)),
+            };
+            matches!(t.data, sqil_ir::tensor::Data::F32(_)) && scalar(inputs.get(1)) && scalar(inputs.get(2))
+        }
+        Op::FakeQuant { bits, block_size, .. } => {
+            let arg = |k: usize| inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref());
+            matches!(t.data, sqil_ir::tensor::Data::F32(_))
+                && arg(1).is_some_and(|s| s.len() == 1)
+                && (inputs.get(2).copied().flatten().is_none() || arg(2).is_some_and(|z| z.len() == 1))
+                && *block_size == 0
+                && *bits <= 16
+        }
         Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
         _ => false,
     }
@@ -164,6 +183,34 @@ fn exec<'a>(
                         let shape = sqil_ir::ops::reshape_target(&x.shape, &spec.data.to_i64_vec(), *allowzero)?;
                         Tensor::new(shape, x.data)?
                     }
+                    Op::FakeQuant { bits, signed, block_size, .. } => {
+                        let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
+                            unreachable!("checked by in_place")
+                        };
+                        let arg = |k: usize| inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref());
+                        let scale = arg(1).ok_or_else(|| IrError::Internal("FakeQuant in place: no scale".into()))?;
+                        if !sqil_ir::ops::quant::fake_quant_f32_in_place(
+                            &mut v,
+                            scale,
+                            arg(2),
+                            *bits,
+                            *signed,
+                            *block_size,
+                        ) {
+                            return Err(IrError::Internal("FakeQuant in place: not one scale and zero point".into()));
+                        }
+                        Tensor::from_f32(shape, v)?
+                    }
+                    Op::Clip => {
+                        let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
+                            unreachable!("checked by in_place")
+                        };
+                        let bound = |k: usize| inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref());
+                        if !sqil_ir::ops::clip_f32_in_place(&mut v, bound(1), bound(2)) {
+                            return Err(IrError::Internal("Clip in place: bounds not f32 scalars".into()));
+                        }
+                        Tensor::from_f32(shape, v)?
+                    }
                     _ => {
                         let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
                             unreachable!("checked by in_place")
@@ -201,4 +248,57 @@ fn exec<'a>(
         }
     }
     Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqil_ir::Tensor;
+
+    /// A Clip or per-tensor FakeQuant whose input dies at it runs in place (and one whose input
+    /// lives on does not), with the interpreter's bits: NaN, infinities, both bounds, values on
+    /// the bounds and between levels, a subnormal.
+    #[test]
+    fn clip_and_fake_quant_in_place_equal_the_interpreter() {
+        let text = "graph \"g\" (%x: f32[N,8]) -> (%y, %z, %q) {\n\
+                    \x20 %lo = Const[value=f32[]{-1.0}] : f32[]\n\
+                    \x20 %hi = Const[value=f32[]{0.5}] : f32[]\n\
+                    \x20 %s = Const[value=f32[]{0.03}] : f32[]\n\
+                    \x20 %zp = Const[value=f32[]{3.0}] : f32[]\n\
+                    \x20 %n = Neg(%x) : f32[N,8]\n\
+                    \x20 %y = Clip(%n, %lo, %hi) : f32[N,8]\n\
+                    \x20 %m = Neg(%x) : f32[N,8]\n\
+                    \x20 %c = Clip(%m, %lo) : f32[N,8]\n\
+                    \x20 %z = Add(%c, %m) : f32[N,8]\n\
+                    \x20 %r = Neg(%x) : f32[N,8]\n\
+                    \x20 %q = FakeQuant[bits=8,signed=1](%r, %s, %zp) : f32[N,8]\n\
+                    }\n";
+        let g = sqil_ir::parse_graph(text).unwrap();
+        let vals = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1.0,
+            -0.5,
+            0.5,
+            -1.0,
+            0.0,
+            -0.0,
+            3.0,
+            -7.25,
+            1e-40,
+            0.25,
+            -2.0,
+            2.0,
+            0.75,
+        ];
+        let x = Tensor::from_f32(vec![2, 8], vals.to_vec()).unwrap();
+        let pol = crate::Policy::from_graph(&g).unwrap();
+        let got = pol.run(std::slice::from_ref(&x)).unwrap();
+        let feeds = [("x".to_string(), x)].into_iter().collect();
+        let want = sqil_ir::interp::run(&g, &feeds).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            let bits = |t: &Tensor| t.data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(a), bits(b));
+        }
+    }
 }

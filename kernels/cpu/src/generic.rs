@@ -1037,6 +1037,18 @@ pub fn fake_quant_into(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: 
     }
 }
 
+/// [`fake_quant_into`] in place: the same operations on each value, the same bits.
+pub fn fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA.
+        return unsafe { crate::x86_64::avx2::avx2_fake_quant_in_place(v, scale, zero, lo, hi) };
+    }
+    for e in v.iter_mut() {
+        *e = fake_quant_one(*e, scale, zero, lo, hi);
+    }
+}
+
 /// One value of [`fake_quant_into`]. Quotients beyond 2^22 saturate to lo or hi whatever their
 /// rounding, so they are bounded first and rounded without the libm fallback.
 #[inline]

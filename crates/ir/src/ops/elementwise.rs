@@ -243,6 +243,35 @@ pub(crate) fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     Tensor::new(bc.out_shape.clone(), both.gather(&idx))
 }
 
+/// One f32 value of Clip with f32 bounds: raised to `lo`, then capped at `hi` (numpy's order; NaN
+/// passes through).
+#[inline]
+fn clip_f32(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v < lo { lo } else { v };
+    if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
+/// Clip of f32 values in place with the bounds as Clip takes them (absent or empty: unbounded;
+/// one f32 value each), the same comparisons as [`clip`]'s f32 path. Returns false, changing
+/// nothing, for bounds that path does not take (not f32 scalars).
+pub fn clip_f32_in_place(v: &mut [f32], min: Option<&Tensor>, max: Option<&Tensor>) -> bool {
+    let bound = |t: Option<&Tensor>, none: f32| match t {
+        None => Some(none),
+        Some(t) if t.is_empty() => Some(none),
+        Some(t) if t.len() == 1 && t.dtype() == crate::DType::F32 => Some(t.data.to_f32_vec()[0]),
+        Some(_) => None,
+    };
+    let (Some(lo), Some(hi)) = (bound(min, f32::NEG_INFINITY), bound(max, f32::INFINITY)) else {
+        return false;
+    };
+    v.iter_mut().for_each(|e| *e = clip_f32(*e, lo, hi));
+    true
+}
+
 pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Result<Tensor> {
     let bound = |t: Option<&Tensor>, what: &str| -> Result<Option<Tensor>> {
         match t {
@@ -264,17 +293,7 @@ pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Re
         // f32 values and bounds: the same comparisons in f32 (exact: no rounding anywhere).
         let lo = lo.map_or(f32::NEG_INFINITY, |t| t.data.to_f32_vec()[0]);
         let hi = hi.map_or(f32::INFINITY, |t| t.data.to_f32_vec()[0]);
-        let out = v
-            .iter()
-            .map(|&v| {
-                let v = if v < lo { lo } else { v };
-                if v > hi {
-                    hi
-                } else {
-                    v
-                }
-            })
-            .collect();
+        let out = v.iter().map(|&v| clip_f32(v, lo, hi)).collect();
         return Tensor::new(x.shape.clone(), Data::F32(out));
     }
     let lo = lo.map_or(f64::NEG_INFINITY, |t| t.data.to_f64_vec()[0]);

@@ -207,6 +207,28 @@ pub(crate) fn fake_quant(
     Tensor::new(x.shape.clone(), data)
 }
 
+/// FakeQuant of f32 values in place when it has one scale and zero point (the case [`fake_quant`]
+/// runs on the kernels' loop): the same operations, the same bits. Returns false, changing
+/// nothing, otherwise (per-channel or blocked scales, an integer zero point of another shape, more
+/// than 16 bits).
+pub fn fake_quant_f32_in_place(
+    v: &mut [f32],
+    scale: &Tensor,
+    zp: Option<&Tensor>,
+    bits: u8,
+    signed: bool,
+    block: i64,
+) -> bool {
+    if !(scale.len() == 1 && block == 0 && zp.is_none_or(|z| z.len() == 1) && (2..=16).contains(&bits)) {
+        return false;
+    }
+    let (lo, hi) = fake_quant_range(bits, signed);
+    let s = scale.data.to_f32_vec()[0];
+    let z = zp.map_or(0.0, |z| z.data.to_f32_vec()[0]);
+    sqil_kernels_cpu::generic::fake_quant_in_place(v, s, z, lo as f32, hi as f32);
+    true
+}
+
 /// Round half to even, as `f32::round_ties_even` but without its libm call on baseline x86-64
 /// (shared with the CPU kernels, so simulation and kernels round alike).
 pub use sqil_kernels_cpu::generic::round_even;

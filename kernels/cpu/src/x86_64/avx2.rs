@@ -332,15 +332,37 @@ pub unsafe fn avx2_group_sums_i8(q: &[i8], group: usize, sums: &mut Vec<i32>) {
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_fake_quant(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
     let n = x.len().min(out.len());
+    fake_quant_ptr(x.as_ptr(), out.as_mut_ptr(), n, (scale, zero, lo, hi));
+}
+
+/// [`avx2_fake_quant`] on `v` in place (each value read before its own result is written).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f32) {
+    let p = v.as_mut_ptr();
+    fake_quant_ptr(p, p, v.len(), (scale, zero, lo, hi));
+}
+
+/// The body of [`avx2_fake_quant`]: `n` values from `x` to `out`, which may be the same buffer
+/// (each vector of eight is loaded before its results are stored; the tail value by value).
+///
+/// # Safety
+/// AVX2 and FMA; `x` readable and `out` writable for `n` values, either equal or disjoint.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fake_quant_ptr(x: *const f32, out: *mut f32, n: usize, (scale, zero, lo, hi): (f32, f32, f32, f32)) {
     let v @ (vs, vz, _, _) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
     let mut i = 0;
     while i + 8 <= n {
-        let y = level8(_mm256_loadu_ps(x.as_ptr().add(i)), v);
-        _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(_mm256_sub_ps(y, vz), vs));
+        let y = level8(_mm256_loadu_ps(x.add(i)), v);
+        _mm256_storeu_ps(out.add(i), _mm256_mul_ps(_mm256_sub_ps(y, vz), vs));
         i += 8;
     }
-    for (d, &v) in out[i..n].iter_mut().zip(&x[i..n]) {
-        *d = crate::generic::fake_quant_one(v, scale, zero, lo, hi);
+    while i < n {
+        *out.add(i) = crate::generic::fake_quant_one(*x.add(i), scale, zero, lo, hi);
+        i += 1;
     }
 }
 
