@@ -82,8 +82,9 @@ pub struct W4a8Scratch {
 }
 
 /// int4 weights for the exact W4A8 GEMM ([`Gpu::w4a8_gemm`]): the int8 tensor-core layout
-/// ([`w4a8_words`], k padded to 128) and f32 scales per `group` weights (`[n, groups]`, the CPU
-/// runtime's scales, so the products round as they do there).
+/// ([`w4a8_words`], rows padded to tiles of 8 and k to whole groups of at least 128 terms) and f32
+/// scales per `group` weights (`[n, groups]`, the CPU runtime's scales, so the products round as
+/// they do there).
 pub struct DeviceW4a8 {
     pub n: usize,
     /// The layer's own row length (the last group may be partial).
@@ -429,6 +430,9 @@ impl Gpu {
         if !matches!(group, 32 | 64 | 128 | 256 | 512) {
             return Err(format!("w4a8: group {group} (the GEMM takes 32, 64, 128, 256 or 512)").into());
         }
+        if n == 0 || k == 0 {
+            return Err(format!("w4a8: an empty layer [{n}, {k}]").into());
+        }
         let groups = k.div_ceil(group);
         if q.len() != n * k || scales.len() != n * groups {
             return Err(format!(
@@ -479,8 +483,9 @@ impl Gpu {
 
     /// The exact W4A8 layer for `batch` <= 16 rows of f32 inputs (`x` is `[batch, w.k]`, `y`
     /// `[batch, w.n]`) on the int8 tensor cores: the CPU runtime's arithmetic bit for bit (see
-    /// `sqil_w4a8_mma` in `kernels/cuda/q4_gemv.cu`). Two launches on the stream: the levels,
-    /// then the GEMM ([`W4A8_INSTANCES`]\[0\] unless `instance` names another).
+    /// `sqil_w4a8_lean_*` and `sqil_w4a8_mma_*` in `kernels/cuda/q4_gemv.cu`). Two launches on
+    /// the stream: the levels, then the GEMM (the first of [`W4A8_INSTANCES`] that fits, unless
+    /// `instance` names one; on Hopper a programmatic dependent of the first).
     #[allow(clippy::too_many_arguments)]
     pub fn w4a8_gemm(
         &self,
