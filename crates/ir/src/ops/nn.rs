@@ -414,6 +414,7 @@ pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
         v.chunks(il.max(1)).map(move |c| c.iter().map(|&e| e.into()).sum::<f64>() / il as f64)
     }
     let data = match &x.data {
+        Data::F32(v) if il > 0 => Data::F32(plane_means_f32(v, il)),
         Data::F32(v) => Data::F32(means(v, il).map(|m| m as f32).collect()),
         _ => {
             let v = float_vec(x, "GlobalAveragePool")?;
@@ -421,6 +422,35 @@ pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
         }
     };
     Tensor::new(shape, data)
+}
+
+/// Each plane's mean of `v` (planes of `il` values) as `global_average_pool` defines it: the f64
+/// sum in order from the neutral element `Iterator::sum` starts from, divided by `il`, rounded
+/// to f32. Eight planes at a time, each its own chain (one chain at a time waited on every add).
+fn plane_means_f32(v: &[f32], il: usize) -> Vec<f32> {
+    const P: usize = 8;
+    let init: f64 = std::iter::empty::<f64>().sum();
+    let planes = v.len() / il;
+    let mut out = Vec::with_capacity(planes);
+    let mut p0 = 0;
+    while p0 + P <= planes {
+        let rows: [&[f32]; P] = std::array::from_fn(|c| &v[(p0 + c) * il..(p0 + c + 1) * il]);
+        let mut acc = [init; P];
+        // Index by j over all eight rows (the chains advance together).
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..il {
+            for c in 0..P {
+                acc[c] += rows[c][j] as f64;
+            }
+        }
+        out.extend(acc.iter().map(|&a| (a / il as f64) as f32));
+        p0 += P;
+    }
+    for p in p0..planes {
+        let sum = v[p * il..(p + 1) * il].iter().fold(init, |a, &e| a + e as f64);
+        out.push((sum / il as f64) as f32);
+    }
+    out
 }
 
 /// Softmax / LogSoftmax in f64 with sqil's exponential (`exp_nonpos`, the same bits on every
@@ -629,4 +659,40 @@ pub(crate) fn batch_norm(x: &Ex, eps: f32, momentum: f32, training: bool, output
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The eight-chain plane means equal the definition (one in-order f64 sum per plane from
+    /// `Iterator::sum`'s start) bit for bit: plane counts off the blocks of eight, NaN, both
+    /// infinities, planes of zeros of either sign, a subnormal, mixed magnitudes.
+    #[test]
+    fn plane_means_equal_the_in_order_sums() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2e3
+        };
+        for (planes, il) in [(1usize, 1usize), (3, 5), (8, 7), (13, 49), (17, 1), (24, 121), (9, 2)] {
+            let mut v: Vec<f32> = (0..planes * il).map(|_| next()).collect();
+            v[0] = f32::NAN;
+            if planes > 2 {
+                v[il..2 * il].fill(-0.0);
+                v[2 * il] = f32::INFINITY;
+            }
+            if planes > 4 {
+                v[3 * il..4 * il].fill(0.0);
+                v[4 * il] = 1e-40;
+            }
+            if planes > 9 {
+                v[9 * il] = f32::NEG_INFINITY;
+            }
+            let want: Vec<u32> = v
+                .chunks(il)
+                .map(|c| ((c.iter().map(|&e| e as f64).sum::<f64>() / il as f64) as f32).to_bits())
+                .collect();
+            let got: Vec<u32> = super::plane_means_f32(&v, il).iter().map(|m| m.to_bits()).collect();
+            assert_eq!(got, want, "{planes} planes of {il}");
+        }
+    }
 }
