@@ -123,28 +123,23 @@ fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Opt
         return false;
     }
     let Some(Cow::Owned(t)) = &env[*x] else { return false };
+    let f32 = matches!(t.data, sqil_ir::tensor::Data::F32(_));
+    let arg = |k: usize| arg_of(inputs, env, k);
     match op {
-        Op::Unary(UnaryOp::Relu) => matches!(t.data, sqil_ir::tensor::Data::F32(_)),
-        Op::Clip => {
-            let scalar = |s: Option<&Option<usize>>| match s {
-                None | Some(None) => true,
-                Some(Some(s)) => env[*s]
-                    .as_deref()
-                    .is_some_and(|b| b.is_empty() || (b.len() == 1 && b.dtype() == sqil_ir::DType::F32)),
-            };
-            matches!(t.data, sqil_ir::tensor::Data::F32(_)) && scalar(inputs.get(1)) && scalar(inputs.get(2))
-        }
+        Op::Unary(UnaryOp::Relu) => f32,
+        Op::Clip => f32 && sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)).is_some(),
         Op::FakeQuant { bits, block_size, .. } => {
-            let arg = |k: usize| inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref());
-            matches!(t.data, sqil_ir::tensor::Data::F32(_))
-                && arg(1).is_some_and(|s| s.len() == 1)
-                && (inputs.get(2).copied().flatten().is_none() || arg(2).is_some_and(|z| z.len() == 1))
-                && *block_size == 0
-                && *bits <= 16
+            f32 && (inputs.get(2).copied().flatten().is_none() || arg(2).is_some())
+                && arg(1).is_some_and(|s| sqil_ir::ops::quant::one_scale(s, arg(2), *bits, *block_size))
         }
         Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
         _ => false,
     }
+}
+
+/// Input `k` of a step's `inputs` as computed so far (absent if the step has none there).
+fn arg_of<'e>(inputs: &[Option<usize>], env: &'e [Option<Cow<Tensor>>], k: usize) -> Option<&'e Tensor> {
+    inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref())
 }
 
 /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
@@ -183,39 +178,24 @@ fn exec<'a>(
                         let shape = sqil_ir::ops::reshape_target(&x.shape, &spec.data.to_i64_vec(), *allowzero)?;
                         Tensor::new(shape, x.data)?
                     }
-                    Op::FakeQuant { bits, signed, block_size, .. } => {
-                        let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
-                            unreachable!("checked by in_place")
-                        };
-                        let arg = |k: usize| inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref());
-                        let scale = arg(1).ok_or_else(|| IrError::Internal("FakeQuant in place: no scale".into()))?;
-                        if !sqil_ir::ops::quant::fake_quant_f32_in_place(
-                            &mut v,
-                            scale,
-                            arg(2),
-                            *bits,
-                            *signed,
-                            *block_size,
-                        ) {
-                            return Err(IrError::Internal("FakeQuant in place: not one scale and zero point".into()));
-                        }
-                        Tensor::from_f32(shape, v)?
-                    }
-                    Op::Clip => {
-                        let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
-                            unreachable!("checked by in_place")
-                        };
-                        let bound = |k: usize| inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref());
-                        if !sqil_ir::ops::clip_f32_in_place(&mut v, bound(1), bound(2)) {
-                            return Err(IrError::Internal("Clip in place: bounds not f32 scalars".into()));
-                        }
-                        Tensor::from_f32(shape, v)?
-                    }
                     _ => {
                         let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
                             unreachable!("checked by in_place")
                         };
-                        relu_in_place(&mut v);
+                        let arg = |k: usize| arg_of(inputs, &env, k);
+                        let unchecked =
+                            || IrError::Internal(format!("{} in place: not checked by in_place", op.name()));
+                        match op {
+                            Op::Clip => sqil_ir::ops::clip_f32_in_place(
+                                &mut v,
+                                sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)).ok_or_else(unchecked)?,
+                            ),
+                            Op::FakeQuant { bits, signed, .. } => {
+                                let scale = arg(1).ok_or_else(unchecked)?;
+                                sqil_ir::ops::quant::fake_quant_f32_in_place(&mut v, scale, arg(2), *bits, *signed)
+                            }
+                            _ => relu_in_place(&mut v),
+                        }
                         Tensor::from_f32(shape, v)?
                     }
                 };

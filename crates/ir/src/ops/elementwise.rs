@@ -255,21 +255,22 @@ fn clip_f32(v: f32, lo: f32, hi: f32) -> f32 {
     }
 }
 
-/// Clip of f32 values in place with the bounds as Clip takes them (absent or empty: unbounded;
-/// one f32 value each), the same comparisons as [`clip`]'s f32 path. Returns false, changing
-/// nothing, for bounds that path does not take (not f32 scalars).
-pub fn clip_f32_in_place(v: &mut [f32], min: Option<&Tensor>, max: Option<&Tensor>) -> bool {
+/// Clip's bounds as its f32 path takes them: each absent or empty (unbounded) or one f32 value;
+/// `None` for any other bound.
+pub fn clip_bounds_f32(min: Option<&Tensor>, max: Option<&Tensor>) -> Option<(f32, f32)> {
     let bound = |t: Option<&Tensor>, none: f32| match t {
         None => Some(none),
         Some(t) if t.is_empty() => Some(none),
         Some(t) if t.len() == 1 && t.dtype() == crate::DType::F32 => Some(t.data.to_f32_vec()[0]),
         Some(_) => None,
     };
-    let (Some(lo), Some(hi)) = (bound(min, f32::NEG_INFINITY), bound(max, f32::INFINITY)) else {
-        return false;
-    };
+    Some((bound(min, f32::NEG_INFINITY)?, bound(max, f32::INFINITY)?))
+}
+
+/// Clip of f32 values in place with bounds from [`clip_bounds_f32`]: the comparisons of
+/// [`clip`]'s f32 path.
+pub fn clip_f32_in_place(v: &mut [f32], (lo, hi): (f32, f32)) {
     v.iter_mut().for_each(|e| *e = clip_f32(*e, lo, hi));
-    true
 }
 
 pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Result<Tensor> {
@@ -287,12 +288,8 @@ pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Re
         let hi = hi.map_or(i64::MAX, |t| t.data.to_i64_vec()[0]);
         return Ok(map_int(x, |v| v.max(lo).min(hi)));
     }
-    if let (Data::F32(v), true) =
-        (&x.data, [&lo, &hi].iter().all(|b| b.as_ref().is_none_or(|t| t.dtype() == crate::DType::F32)))
-    {
+    if let (Data::F32(v), Some((lo, hi))) = (&x.data, clip_bounds_f32(lo.as_ref(), hi.as_ref())) {
         // f32 values and bounds: the same comparisons in f32 (exact: no rounding anywhere).
-        let lo = lo.map_or(f32::NEG_INFINITY, |t| t.data.to_f32_vec()[0]);
-        let hi = hi.map_or(f32::INFINITY, |t| t.data.to_f32_vec()[0]);
         let out = v.iter().map(|&v| clip_f32(v, lo, hi)).collect();
         return Tensor::new(x.shape.clone(), Data::F32(out));
     }

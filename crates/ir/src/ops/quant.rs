@@ -176,9 +176,7 @@ pub(crate) fn fake_quant(
     }
     let (lo, hi) = fake_quant_range(bits, signed);
     let (lo, hi) = (lo as f32, hi as f32);
-    if let (Data::F32(xv), 1, true) =
-        (&x.data, scale.len(), block == 0 && zp.is_none_or(|z| z.len() == 1) && bits <= 16)
-    {
+    if let (Data::F32(xv), true) = (&x.data, one_scale(scale, zp, bits, block)) {
         // One scale and zero point: the kernels' loop (AVX2 where the CPU has it), the same
         // IEEE operations as below (quotients beyond 2^22 saturate to lo or hi whatever their
         // rounding, since |lo|, |hi| <= 2^16).
@@ -207,26 +205,20 @@ pub(crate) fn fake_quant(
     Tensor::new(x.shape.clone(), data)
 }
 
-/// FakeQuant of f32 values in place when it has one scale and zero point (the case [`fake_quant`]
-/// runs on the kernels' loop): the same operations, the same bits. Returns false, changing
-/// nothing, otherwise (per-channel or blocked scales, an integer zero point of another shape, more
-/// than 16 bits).
-pub fn fake_quant_f32_in_place(
-    v: &mut [f32],
-    scale: &Tensor,
-    zp: Option<&Tensor>,
-    bits: u8,
-    signed: bool,
-    block: i64,
-) -> bool {
-    if !(scale.len() == 1 && block == 0 && zp.is_none_or(|z| z.len() == 1) && (2..=16).contains(&bits)) {
-        return false;
-    }
+/// Whether a FakeQuant has one scale and zero point (the case [`fake_quant`] runs on the kernels'
+/// loop and [`fake_quant_f32_in_place`] takes): one scale, no zero point or one, no blocks, at
+/// most 16 bits.
+pub fn one_scale(scale: &Tensor, zp: Option<&Tensor>, bits: u8, block: i64) -> bool {
+    scale.len() == 1 && block == 0 && zp.is_none_or(|z| z.len() == 1) && bits <= 16
+}
+
+/// FakeQuant of f32 values in place when [`one_scale`] holds: the same operations as
+/// [`fake_quant`] on that path, the same bits.
+pub fn fake_quant_f32_in_place(v: &mut [f32], scale: &Tensor, zp: Option<&Tensor>, bits: u8, signed: bool) {
     let (lo, hi) = fake_quant_range(bits, signed);
     let s = scale.data.to_f32_vec()[0];
     let z = zp.map_or(0.0, |z| z.data.to_f32_vec()[0]);
     sqil_kernels_cpu::generic::fake_quant_in_place(v, s, z, lo as f32, hi as f32);
-    true
 }
 
 /// Round half to even, as `f32::round_ties_even` but without its libm call on baseline x86-64
