@@ -10,6 +10,40 @@ use half::f16;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// One kernel parameter for [`launch_ex`]: a pointer to the value.
+pub(crate) fn param<T>(v: &T) -> *mut std::ffi::c_void {
+    v as *const T as *mut std::ffi::c_void
+}
+
+/// Launches `f` on `stream` through `cuLaunchKernelEx` with launch attributes (a cluster shape,
+/// programmatic stream serialization, or none): `(grid, block, shared memory bytes)` in one
+/// dimension, `params` one pointer per kernel parameter in order.
+///
+/// # Safety
+/// `params` must point at values of the types `f` declares, in its order, alive through the call;
+/// every access the kernel makes with them must be in bounds.
+pub(crate) unsafe fn launch_ex(
+    stream: &CudaStream,
+    f: cudarc::driver::sys::CUfunction,
+    (grid, block, smem): (u32, u32, u32),
+    attrs: &mut [cudarc::driver::sys::CUlaunchAttribute],
+    params: &mut [*mut std::ffi::c_void],
+) -> std::result::Result<(), cudarc::driver::DriverError> {
+    let cfg = cudarc::driver::sys::CUlaunchConfig {
+        gridDimX: grid,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem,
+        hStream: stream.cu_stream(),
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: attrs.len() as u32,
+    };
+    cudarc::driver::sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()).result()
+}
+
 /// Whether the NVRTC library can be loaded (kernels can be compiled on this machine).
 pub fn nvrtc_present() -> bool {
     // SAFETY: only tries to dlopen the library.
@@ -623,77 +657,35 @@ impl Gpu {
         let (n, gshift, groups, bt) =
             (w.n as i32, (w.group / 32).trailing_zeros() as i32, w.groups as i32, batch as i32);
         let relu = relu as i32;
-        let null = 0u64;
-        if q == 0 && self.cc.0 >= 9 {
-            // Programmatic dependent launch: the GEMM starts while the levels kernel runs, loads its
-            // weights and scales, and waits (griddepcontrol.wait) before it reads the levels.
-            use cudarc::driver::sys;
-            let ptr = |s: &CudaSlice<u32>| s.device_ptr(&self.stream).0;
-            let (wm, sc, ws) = (ptr(&w.words), w.scales.device_ptr(&self.stream).0, w.wsum.device_ptr(&self.stream).0);
-            let (fr, nf) = (scratch.frag.device_ptr(&self.stream).0, scratch.nanflag.device_ptr(&self.stream).0);
-            let bp = bias.map(|b| b.device_ptr(&self.stream).0).unwrap_or(0);
-            let yp = y.device_ptr_mut(&self.stream).0;
-            // SAFETY: all-zero is a valid launch attribute; its id and value are set below.
-            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-            attr.value.programmaticStreamSerializationAllowed = 1;
-            let cfg = sys::CUlaunchConfig {
-                gridDimX: (w.n as u32).div_ceil(rows),
-                gridDimY: 1,
-                gridDimZ: 1,
-                blockDimX: threads,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: smem as u32,
-                hStream: self.stream.cu_stream(),
-                attrs: &mut attr,
-                numAttrs: 1,
-            };
-            let mut params: [*mut std::ffi::c_void; 16] = [
-                &wm as *const u64 as *mut _,
-                &sc as *const u64 as *mut _,
-                &ws as *const u64 as *mut _,
-                &fr as *const u64 as *mut _,
-                &nf as *const u64 as *mut _,
-                &bp as *const u64 as *mut _,
-                &yp as *const u64 as *mut _,
-                &n as *const i32 as *mut _,
-                &kq as *const i32 as *mut _,
-                &gshift as *const i32 as *mut _,
-                &groups as *const i32 as *mut _,
-                &bt as *const i32 as *mut _,
-                &scratch.zp as *const i32 as *mut _,
-                &xscale as *const f32 as *mut _,
-                &relu as *const i32 as *mut _,
-                &scratch.epoch as *const i32 as *mut _,
-            ];
-            // SAFETY: the kernel's sixteen parameters, in order, of the types it declares; buffers
-            // checked above, every access bounded by n, kqg and groups, shared memory sized for it.
-            return unsafe {
-                sys::cuLaunchKernelEx(&cfg, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()).result()
-            }
-            .map_err(|e| crate::Error::Device(format!("w4a8 launch: {e:?}")));
-        }
-        let mut l = self.stream.launch_builder(&f);
-        l.arg(&w.words).arg(&w.scales);
+        let dev = |s: &CudaSlice<u32>| s.device_ptr(&self.stream).0;
+        let (wm, sc, ws) = (dev(&w.words), w.scales.device_ptr(&self.stream).0, w.wsum.device_ptr(&self.stream).0);
+        let (fr, nf) = (dev(&scratch.frag), scratch.nanflag.device_ptr(&self.stream).0);
+        let bp = bias.map(|b| b.device_ptr(&self.stream).0).unwrap_or(0);
+        let yp = y.device_ptr_mut(&self.stream).0;
+        // The parameters in the kernels' order (`wsum` only in the lean kernels').
+        let mut params = vec![param(&wm), param(&sc)];
         if q == 0 {
-            l.arg(&w.wsum);
+            params.push(param(&ws));
         }
-        l.arg(&scratch.frag).arg(&scratch.nanflag);
-        match bias {
-            Some(b) => l.arg(b),
-            None => l.arg(&null),
-        };
-        l.arg(y).arg(&n).arg(&kq).arg(&gshift).arg(&groups).arg(&bt).arg(&scratch.zp).arg(&xscale).arg(&relu);
-        l.arg(&scratch.epoch);
-        let cfg = LaunchConfig {
-            grid_dim: ((w.n as u32).div_ceil(rows), 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: parameters as the kernel declares them; buffers checked above; every access is
-        // bounded by n, kq and groups, and the shared memory is sized for the instance.
-        unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("w4a8 launch: {e:?}")))
+        params.extend([param(&fr), param(&nf), param(&bp), param(&yp)]);
+        params.extend([param(&n), param(&kq), param(&gshift), param(&groups), param(&bt), param(&scratch.zp)]);
+        params.extend([param(&xscale), param(&relu), param(&scratch.epoch)]);
+        // On Hopper the lean kernels start as programmatic dependents of the levels kernel: they
+        // load their weights and scales, then wait (griddepcontrol.wait) before reading the levels.
+        let mut attrs = vec![];
+        if q == 0 && self.cc.0 >= 9 {
+            // SAFETY: all-zero is a valid launch attribute; its id and value are set next.
+            let mut attr: cudarc::driver::sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+            attr.id = cudarc::driver::sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            attr.value.programmaticStreamSerializationAllowed = 1;
+            attrs.push(attr);
+        }
+        let grid = (w.n as u32).div_ceil(rows);
+        // SAFETY: the parameters point at values of the types the kernel declares, in its order,
+        // alive through the call; buffers checked above, every access bounded by n, kqg and
+        // groups, the shared memory sized for the instance.
+        unsafe { launch_ex(&self.stream, f.cu_function(), (grid, threads, smem as u32), &mut attrs, &mut params) }
+            .map_err(|e| crate::Error::Device(format!("w4a8 launch ({name}): {e:?}")))
     }
 
     /// [`Gpu::q4_gemv`] on `stream`, with an optional fused ReLU.

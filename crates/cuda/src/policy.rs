@@ -381,29 +381,12 @@ impl GpuPolicy {
             let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
             attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: g, y: 1, z: 1 };
-            let cfg = sys::CUlaunchConfig {
-                gridDimX: g,
-                gridDimY: 1,
-                gridDimZ: 1,
-                blockDimX: crate::fused::STEP_BLOCK as u32,
-                blockDimY: 1,
-                blockDimZ: 1,
-                sharedMemBytes: 0,
-                hStream: self.stream.cu_stream(),
-                attrs: &mut attr,
-                numAttrs: 1,
-            };
-            let mut params: [*mut std::ffi::c_void; 6] = [
-                &pp as *const u64 as *mut _,
-                &ctl as *const u64 as *mut _,
-                &obs as *const u64 as *mut _,
-                &act as *const u64 as *mut _,
-                &bar as *const u64 as *mut _,
-                &cluster as *const u32 as *mut _,
-            ];
+            use crate::gpu::param;
+            let mut params = [param(&pp), param(&ctl), param(&obs), param(&act), param(&bar), param(&cluster)];
+            let block = crate::fused::STEP_BLOCK as u32;
             // SAFETY: the program's six parameters, in order, of the types it declares; one
             // cluster of `g` blocks is scheduled whole, so every block is resident.
-            unsafe { sys::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut()).result() }
+            unsafe { crate::gpu::launch_ex(&self.stream, f, (g, block, 0), &mut [attr], &mut params) }
                 .map_err(|e| crate::Error::Device(format!("persistent program (one cluster of {g} blocks): {e:?}")))?;
         } else {
             let mut l = self.stream.launch_builder(&p.f);
