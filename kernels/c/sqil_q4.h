@@ -250,8 +250,10 @@ static void sqil_nan_rows(const float *x, int32_t k, float *y, int32_t n)
 
 #if defined(SQIL_USE_CONV_Q4Q8)
 /* Int4 2-D convolution of one image x [c][h][w]: the image quantized once, channels innermost
- * (qimg), each output position's window gathered in (tap, channel) order into row (padding: the
- * zero point, which adds nothing; k_pad tail: 0 against zero weights), the position's W4A8 GEMV
+ * (qimg), each output position's window gathered in (tap, channel) order into row, each tap's c
+ * bytes at a multiple of geo[13] (>= c: runs padded to whole groups; padding: the zero point,
+ * which adds nothing; bytes between runs and the k_pad tail: 0 against zero weights), the
+ * position's W4A8 GEMV
  * into tmp, written channel-major to y [n][oh][ow]: the runtime's arithmetic per (channel,
  * position). */
 static void sqil_conv_q4q8(const float *x, const int32_t *geo, const uint8_t *w, int32_t bits, const float *scales,
@@ -259,8 +261,10 @@ static void sqil_conv_q4q8(const float *x, const int32_t *geo, const uint8_t *w,
                            int32_t lo, int32_t hi, const float *bias, int relu, int8_t *qimg, int8_t *row,
                            float *tmp, float *y)
 {
-    /* geo: c, h, w, kh, kw, stride h, stride w, dilation h, dilation w, pad top, pad left, oh, ow */
+    /* geo: c, h, w, kh, kw, stride h, stride w, dilation h, dilation w, pad top, pad left, oh, ow,
+     * run */
     const int32_t c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
+    const int32_t run = geo[13];
     int32_t i, ch, oy, ox, ty, tx, o, at;
     int any_nan = 0;
     for (ch = 0; ch < c; ch++) {
@@ -282,7 +286,10 @@ static void sqil_conv_q4q8(const float *x, const int32_t *geo, const uint8_t *w,
                     } else {
                         memcpy(row + at, qimg + (iy * wd + ix) * c, (size_t)c);
                     }
-                    at += c;
+                    for (i = c; i < run; i++) {
+                        row[at + i] = 0;
+                    }
+                    at += run;
                 }
             }
             for (; at < k_pad; at++) {

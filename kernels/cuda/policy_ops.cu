@@ -455,7 +455,7 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_groups(SQIL_VARGS
 SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,
     const float *__restrict__ lv, float *__restrict__ y, const unsigned *__restrict__ table, int positions, int n,
-    int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane)
+    int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane, int run)
 {
     // SQIL_CONV_KC int16 per position, rows of 68 words (16-byte aligned; 128-bit reads by eight
     // lanes at a time fall in distinct banks).
@@ -482,16 +482,18 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
         const int per = SQIL_CONV_KC / 8;
         unsigned src[per];
         float v[per];
-        int tap = (k0 + kl0) / channels, ch = (k0 + kl0) % channels;
+        // A tap's run of `run` terms holds its `channels` (run > channels: padded to whole groups,
+        // the terms between zero).
+        int tap = (k0 + kl0) / run, ch = (k0 + kl0) % run;
         int chs[per];
 #pragma unroll
         for (int i = 0; i < per; i++) {
             const int kk = k0 + kl0 + 8 * i;
-            src[i] = kk < k && p < positions ? table[prow + tap] : 0xffffffffu;
+            src[i] = kk < k && p < positions && ch < channels ? table[prow + tap] : 0xffffffffu;
             chs[i] = ch;
             ch += 8;
-            while (ch >= channels) {
-                ch -= channels;
+            while (ch >= run) {
+                ch -= run;
                 tap++;
             }
         }

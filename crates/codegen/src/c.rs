@@ -385,7 +385,9 @@ pub fn emit(policy: &Policy, prefix: &str) -> Result<CProgram> {
                 match (act, conv_geo) {
                     (ActQuant::Int { scale, zero, lo, hi }, Some(im)) => {
                         let gname = format!("sqil_g_{id}");
-                        c_array(&mut em.consts, "int32_t", &gname, &conv_geometry_items(im.channels, &im.geo), 13);
+                        let mut geo = conv_geometry_items(im.channels, &im.geo);
+                        geo.push(im.run.to_string());
+                        c_array(&mut em.consts, "int32_t", &gname, &geo, 14);
                         em.qimg = em.qimg.max(im.channels * im.geo.input_len());
                         em.ctmp = em.ctmp.max(w.n);
                         em.uses.insert("SQIL_USE_CONV_Q4Q8");

@@ -393,13 +393,13 @@ impl<'a> Lowerer<'a> {
         let yb = self.out_buf(y)?;
         let (wq, scales) = (KArg::Arr(HostArr::U32(int8_words(w))), f32_arr(w.scales.clone()));
         let bias = bias.map_or(KArg::Null, |b| f32_arr(b.to_vec()));
-        let (rows, table, taps, channels, plane) = match conv {
+        let (rows, table, taps, channels, plane, run) = match conv {
             Some(im) => {
                 let taps = im.geo.kernel_len().max(1);
                 let table = KArg::Arr(HostArr::U32(im.table.clone()));
-                (im.table.len() / taps, table, taps, im.channels, im.geo.input_len())
+                (im.table.len() / taps, table, taps, im.channels, im.geo.input_len(), im.run)
             }
-            None => (xlen / w.k.max(1), KArg::Null, 0, 0, 0),
+            None => (xlen / w.k.max(1), KArg::Null, 0, 0, 0, 0),
         };
         let dims = [int(rows), int(w.n), int(w.k), int(w.group), int(w.groups())];
         match *act {
@@ -414,7 +414,14 @@ impl<'a> Lowerer<'a> {
                     self.steps.push(kernel("sqil_levels", xlen, args));
                     let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb), table];
                     args.extend(dims);
-                    args.extend([KArg::F32(scale), KArg::I32(relu as i32), int(taps), int(channels), int(plane)]);
+                    args.extend([
+                        KArg::F32(scale),
+                        KArg::I32(relu as i32),
+                        int(taps),
+                        int(channels),
+                        int(plane),
+                        int(run),
+                    ]);
                     // Tiles of 32 positions x 16 channels, 256 threads each.
                     let blocks = rows.div_ceil(32) * w.n.div_ceil(16);
                     self.steps.push(kernel("sqil_q4_conv_int", blocks * 256, args));

@@ -15,7 +15,7 @@
 
 use sqil_codegen::c::{emit, selftest, C_TOL};
 use sqil_driver::build::selftest_vectors;
-use sqil_ir::ops::{AutoPad, BinaryOp, ConvAttrs, UnaryOp};
+use sqil_ir::ops::{BinaryOp, UnaryOp};
 use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueRef, ValueType};
 use sqil_lower::Step;
@@ -24,11 +24,7 @@ use sqil_runtime::{Execute, Policy};
 use std::collections::HashMap;
 
 mod common;
-use common::{build_and_run, check, have};
-
-fn batch() -> Dim {
-    Dim::Sym("N".into())
-}
+use common::{batch, build_and_run, check, cnn, have};
 
 /// k -> 64 (Gemm, ReLU) -> 48 (MatMul + Add, ReLU) -> 5 (Gemm).
 fn mlp(r: &mut Rng, k: usize) -> Graph {
@@ -45,38 +41,6 @@ fn mlp(r: &mut Rng, k: usize) -> Graph {
     let m = g.add_inferred("relu2", Op::Unary(UnaryOp::Relu), &[Some(m)], "a2").unwrap();
     let (w3, b3) = (g.add_const("w3", r.tensor(vec![5, 48], 0.3)), g.add_const("b3", r.tensor(vec![5], 0.1)));
     let y = g.add_inferred("fc3", gemm, &[Some(m), Some(w3), Some(b3)], "y").unwrap();
-    g.outputs.push(y);
-    g
-}
-
-fn conv_attrs(k: i64, stride: i64, pad: i64) -> Op {
-    Op::Conv(ConvAttrs {
-        auto_pad: AutoPad::NotSet,
-        dilations: vec![1, 1],
-        group: 1,
-        kernel_shape: vec![k, k],
-        pads: vec![pad; 4],
-        strides: vec![stride, stride],
-        output_padding: vec![],
-        output_shape: vec![],
-    })
-}
-
-/// [N, c, s, s] -> Conv 3x3 to 32 + ReLU -> Conv 3x3 stride 2 to 32 + ReLU -> Flatten -> Gemm 6.
-fn cnn(r: &mut Rng, c: usize, s: usize) -> Graph {
-    let mut g = Graph::new("cnn");
-    let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(c), Dim::Known(s), Dim::Known(s)]));
-    let (w1, b1) = (g.add_const("w1", r.tensor(vec![32, c, 3, 3], 0.3)), g.add_const("b1", r.tensor(vec![32], 0.1)));
-    let h = g.add_inferred("conv1", conv_attrs(3, 1, 1), &[Some(x), Some(w1), Some(b1)], "h1").unwrap();
-    let h = g.add_inferred("relu1", Op::Unary(UnaryOp::Relu), &[Some(h)], "a1").unwrap();
-    let (w2, b2) = (g.add_const("w2", r.tensor(vec![32, 32, 3, 3], 0.1)), g.add_const("b2", r.tensor(vec![32], 0.1)));
-    let h = g.add_inferred("conv2", conv_attrs(3, 2, 1), &[Some(h), Some(w2), Some(b2)], "h2").unwrap();
-    let h = g.add_inferred("relu2", Op::Unary(UnaryOp::Relu), &[Some(h)], "a2").unwrap();
-    let f = g.add_inferred("flat", Op::Flatten { axis: 1 }, &[Some(h)], "f").unwrap();
-    let k = 32 * s.div_ceil(2) * s.div_ceil(2);
-    let (w3, b3) = (g.add_const("w3", r.tensor(vec![6, k], 0.05)), g.add_const("b3", r.tensor(vec![6], 0.1)));
-    let gemm = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
-    let y = g.add_inferred("head", gemm, &[Some(f), Some(w3), Some(b3)], "y").unwrap();
     g.outputs.push(y);
     g
 }
@@ -156,7 +120,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     let host_c = have(&cc);
     let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
     let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
-    let mut ragged = 0;
+    let (mut ragged, mut padded) = (0, 0);
     for family in ["mlp", "cnn", "attention"] {
         for (ci, spec) in CONFIGS.iter().enumerate() {
             for seed in 0..2u64 {
@@ -192,6 +156,12 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                     .steps
                     .iter()
                     .filter(|s| matches!(s, Step::Q4Linear { w, .. } if w.groups() > 1 && w.k % w.group != 0))
+                    .count();
+                // Convolutions whose taps' runs are padded to whole groups (36 channels in 32s).
+                padded += plan
+                    .steps
+                    .iter()
+                    .filter(|s| matches!(s, Step::Q4Linear { conv: Some(im), .. } if im.run > im.channels))
                     .count();
                 // Random rows, and rows on the input quantizer's rounding boundaries.
                 let mut rows: Vec<f32> = (0..24 * per).map(|i| r.unit() * ranges[i % per] * 1.5).collect();
@@ -248,8 +218,9 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs); C: {c_exact}/{c_runs} bit-exact programs");
     assert!(int_steps > 100 && conv_steps > 10, "only {int_steps} int4 steps, {conv_steps} convolutions planned");
     assert!(ragged >= 2, "only {ragged} int4 steps with a short last group");
+    assert!(padded >= 4, "only {padded} convolutions with runs padded to whole groups");
     assert!(!host_c || c_integer >= 8, "only {c_integer} integer plans reached the C back end");
 }

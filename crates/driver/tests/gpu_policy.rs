@@ -106,3 +106,45 @@ fn every_path_computes_the_same_bits() {
         }
     }
 }
+
+/// Int4 convolutions over channels that are not whole groups (the generated CNN: a 1 x 1 layer on
+/// 40 channels, its last group short, and a 3 x 3 layer on 36, its taps' runs padded to whole
+/// groups): the GPU's steps, graph and program give the CPU runtime's bits.
+#[test]
+fn convolutions_over_partial_groups_match_the_cpu() {
+    let Some(gpu) = common::gpu_or_skip("the partial-group convolutions") else { return };
+    let mut r = sqil_ir::testing::Rng::new(7);
+    let (c, s) = (6, 9);
+    let g = common::cnn(&mut r, c, s);
+    let per = c * s * s;
+    let shaped = |n: usize, v: Vec<f32>| sqil_ir::Tensor::from_f32(vec![n, c, s, s], v).unwrap();
+    let calib: Vec<f32> = (0..128 * per).map(|_| r.unit()).collect();
+    let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(128, calib))])];
+    for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=8,group=64"] {
+        let mut cfg = QuantConfig::default();
+        cfg.apply_settings(settings).unwrap();
+        let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
+        let p = Policy::from_graph(&sim).unwrap();
+        let padded = p
+            .plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s, sqil_lower::Step::Q4Linear { conv: Some(im), .. } if im.run > im.channels))
+            .count();
+        assert_eq!(padded, 1, "{settings}: {:?}", p.plan.describe());
+        let states: Vec<Vec<f32>> = (0..6).map(|_| (0..per).map(|_| r.unit() * 1.5).collect()).collect();
+        let cpu: Vec<Vec<f32>> =
+            states.iter().map(|x| p.run(&[shaped(1, x.clone())]).unwrap().remove(0).data.to_f32_vec()).collect();
+        let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{settings}: {e}"));
+        let run = |gp: &mut GpuPolicy| -> Vec<Vec<f32>> { states.iter().map(|x| gp.act(&gpu, x).unwrap()).collect() };
+        assert_eq!(run(&mut gp), cpu, "{settings}: launches");
+        gp.capture(&gpu).unwrap();
+        gp.set_mode(Mode::Graph).unwrap();
+        assert_eq!(run(&mut gp), cpu, "{settings}: graph");
+        if gp.has_persistent() {
+            gp.set_mode(Mode::Persistent).unwrap();
+            assert_eq!(run(&mut gp), cpu, "{settings}: program");
+        }
+        eprintln!("{settings}: {} states bit for bit on every path", states.len());
+    }
+}

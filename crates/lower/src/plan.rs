@@ -210,8 +210,9 @@ pub enum WeightLayout {
     Nk,
     /// `[k, n]` (MatMul, Gemm without `trans_b`).
     Kn,
-    /// A Conv weight `[n, channels, kernel...]`, packed in `(tap, channel)` order.
-    Conv { channels: usize },
+    /// A Conv weight `[n, channels, kernel...]` (`taps` the kernel's size), packed in `(tap,
+    /// channel)` order, each tap's run of channels padded as `sqil_ir::lowered::conv::conv_run`.
+    Conv { channels: usize, taps: usize },
 }
 
 /// The key of the int4 layer at node `n` (a linear node, or a fused kernel whose first stage is
@@ -243,7 +244,10 @@ pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, WeightLayout)> {
     let layout = match op {
         Op::Gemm { trans_b: true, .. } => WeightLayout::Nk,
         Op::Gemm { trans_b: false, .. } | Op::MatMul => WeightLayout::Kn,
-        Op::Conv(_) => WeightLayout::Conv { channels: g.value(fq).ty.shape.get(1)?.known()? },
+        Op::Conv(_) => {
+            let shape = g.value(fq).ty.known_shape()?;
+            WeightLayout::Conv { channels: *shape.get(1)?, taps: shape.get(2..)?.iter().product() }
+        }
         _ => return None,
     };
     if !matches!(g.node(fq.node).op, Op::FakeQuant { .. }) || g.uses_of(fq).len() != 1 {
@@ -257,7 +261,9 @@ pub fn layer_weight(g: &Graph, layer: &str) -> Option<(NodeId, WeightLayout)> {
 /// gives back exactly the same values (|q| <= 8, so `q * s / s` rounds to `q`).
 pub fn dequantized_weight(w: &PackedQ4, layout: WeightLayout) -> Vec<f32> {
     let trans_b = match layout {
-        WeightLayout::Conv { channels } => return sqil_ir::lowered::conv::dequantized_conv_weight(w, channels),
+        WeightLayout::Conv { channels, taps } => {
+            return sqil_ir::lowered::conv::dequantized_conv_weight(w, channels, taps)
+        }
         l => l == WeightLayout::Nk,
     };
     let groups = w.groups();
@@ -621,12 +627,17 @@ impl Plan {
             .iter()
             .map(|s| match s {
                 Step::Q4Linear { name, act, w, relu, conv, .. } => format!(
-                    "{name}: q4 {}{} [{} x {}] g{}{}",
+                    "{name}: q4 {}{} [{} x {}] g{}{}{}",
                     if conv.is_some() { "conv im2col " } else { "" },
                     if matches!(act, ActQuant::Float) { "x f32" } else { "x int" },
                     w.n,
                     w.k,
                     w.group,
+                    match conv {
+                        Some(im) if im.run > im.channels =>
+                            format!(" (runs of {} channels padded to {})", im.channels, im.run),
+                        _ => String::new(),
+                    },
                     if *relu { " +relu" } else { "" }
                 ),
                 Step::Op { name, op, .. } if !name.is_empty() => format!("{name}: {}", op.name()),

@@ -179,8 +179,11 @@ pub fn restore_weights(g: &mut Graph, packed: &HashMap<String, PackedQ4>) -> Res
     for (layer, w) in packed {
         let Some((c, layout)) = layer_weight(g, layer) else { continue };
         if let Op::Const(t) = &mut g.node_mut(c).op {
-            if t.len() == w.n * w.k && t.data.to_f32_vec().iter().all(|&v| v == 0.0) {
-                *t = Tensor::from_f32(t.shape.clone(), dequantized_weight(w, layout))?;
+            if t.data.to_f32_vec().iter().all(|&v| v == 0.0) {
+                let v = dequantized_weight(w, layout);
+                if v.len() == t.len() {
+                    *t = Tensor::from_f32(t.shape.clone(), v)?;
+                }
             }
         }
     }

@@ -4,6 +4,9 @@
 #![allow(dead_code)]
 
 use sqil_codegen::c::C_TOL;
+use sqil_ir::ops::{AutoPad, ConvAttrs, UnaryOp};
+use sqil_ir::testing::Rng;
+use sqil_ir::{DType, Dim, Graph, Op, ValueType};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -109,4 +112,46 @@ pub fn have(tool: &str) -> bool {
         eprintln!("skipping: {tool} not found (apt-get install gcc-arm-none-eabi libnewlib-arm-none-eabi gcc-aarch64-linux-gnu qemu-user qemu-system-arm)");
     }
     ok
+}
+
+/// The batch dimension of the generated graphs.
+pub fn batch() -> Dim {
+    Dim::Sym("N".into())
+}
+
+pub fn conv_attrs(k: i64, stride: i64, pad: i64) -> Op {
+    Op::Conv(ConvAttrs {
+        auto_pad: AutoPad::NotSet,
+        dilations: vec![1, 1],
+        group: 1,
+        kernel_shape: vec![k, k],
+        pads: vec![pad; 4],
+        strides: vec![stride, stride],
+        output_padding: vec![],
+        output_shape: vec![],
+    })
+}
+
+/// [N, c, s, s] -> Conv 3x3 to 40 + ReLU -> Conv 1x1 to 36 + ReLU -> Conv 3x3 stride 2 to 32 +
+/// ReLU -> Flatten -> Gemm 6. 40 and 36 channels are not whole groups of 32 or 64: the 1 x 1
+/// layer's last group is short, the 3 x 3 layer's runs are padded to whole groups.
+pub fn cnn(r: &mut Rng, c: usize, s: usize) -> Graph {
+    let mut g = Graph::new("cnn");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(c), Dim::Known(s), Dim::Known(s)]));
+    let (w1, b1) = (g.add_const("w1", r.tensor(vec![40, c, 3, 3], 0.3)), g.add_const("b1", r.tensor(vec![40], 0.1)));
+    let h = g.add_inferred("conv1", conv_attrs(3, 1, 1), &[Some(x), Some(w1), Some(b1)], "h1").unwrap();
+    let h = g.add_inferred("relu1", Op::Unary(UnaryOp::Relu), &[Some(h)], "a1").unwrap();
+    let (w, b) = (g.add_const("w1b", r.tensor(vec![36, 40, 1, 1], 0.2)), g.add_const("b1b", r.tensor(vec![36], 0.1)));
+    let h = g.add_inferred("conv1b", conv_attrs(1, 1, 0), &[Some(h), Some(w), Some(b)], "h1b").unwrap();
+    let h = g.add_inferred("relu1b", Op::Unary(UnaryOp::Relu), &[Some(h)], "a1b").unwrap();
+    let (w2, b2) = (g.add_const("w2", r.tensor(vec![32, 36, 3, 3], 0.1)), g.add_const("b2", r.tensor(vec![32], 0.1)));
+    let h = g.add_inferred("conv2", conv_attrs(3, 2, 1), &[Some(h), Some(w2), Some(b2)], "h2").unwrap();
+    let h = g.add_inferred("relu2", Op::Unary(UnaryOp::Relu), &[Some(h)], "a2").unwrap();
+    let f = g.add_inferred("flat", Op::Flatten { axis: 1 }, &[Some(h)], "f").unwrap();
+    let k = 32 * s.div_ceil(2) * s.div_ceil(2);
+    let (w3, b3) = (g.add_const("w3", r.tensor(vec![6, k], 0.05)), g.add_const("b3", r.tensor(vec![6], 0.1)));
+    let gemm = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+    let y = g.add_inferred("head", gemm, &[Some(f), Some(w3), Some(b3)], "y").unwrap();
+    g.outputs.push(y);
+    g
 }

@@ -7,8 +7,12 @@
 //! The reduction axis of a convolution's packed rows is ordered `(tap, channel)`, not ONNX's
 //! `(channel, tap)`: a window then gathers contiguous runs of `C` bytes, and the usual int4
 //! scale layout of a Conv weight (blocks along the input channels, one scale per output channel
-//! and tap, `[O, C / b, kh, kw]`) becomes contiguous groups of the packed row. Scales that vary
-//! within a group of a multiple of 32 are not representable: such a Conv stays a reference op.
+//! and tap, `[O, ceil(C / b), kh, kw]`) becomes contiguous groups of the packed row. Blocks that
+//! do not tile the channels (40 channels in blocks of 32, 16 channels in blocks of 32 per tap)
+//! pad each tap's run of C to the next multiple of the block (zero weights, zero bytes: see
+//! [`Im2col::run`]); a 1 x 1 convolution needs no padding (its last group is short, as a linear
+//! layer's). Scales that vary within a block of a multiple of 32, or blocks that would pad a run
+//! to more than twice its channels, are not taken: such a Conv stays a float op.
 
 use super::{weight_quant, WeightQuant};
 use crate::graph::{Graph, ValueRef};
@@ -41,11 +45,16 @@ pub struct Im2col {
     /// A 1 x 1 convolution whose every output position reads the same input position (stride 1,
     /// no padding): the image's channel planes are its im2col rows' columns as they are.
     pub pointwise: bool,
+    /// Bytes per tap in a packed row: `channels`, or with several taps and scale blocks that do
+    /// not tile the channels, `channels` rounded up to the block (the packed row's `k` is
+    /// `taps * run`; the weights past `channels` in each run are zero, and so are the row's
+    /// bytes there). Set by [`conv_weight`]'s caller from the weight's `k`.
+    pub run: usize,
 }
 
-/// A Q4 convolution's weight, ints `[n, taps * C]` in `(tap, channel)` order, its scales
-/// `[n, groups]`, `n`, `k`, `group` (0: one scale per output channel), or `None` when the
-/// quantizer's scales are not constant over such groups.
+/// A Q4 convolution's weight, ints `[n, taps * run]` in `(tap, channel)` order (`run` as
+/// [`conv_run`]), its scales `[n, groups]`, `n`, `k` (`taps * run`), `group` (0: one scale per
+/// output channel), or `None` when the quantizer's scales are not constant over such groups.
 pub type ConvWeight = (Vec<i8>, Vec<f32>, usize, usize, usize);
 
 /// The geometry of Conv node `n` on input `x` and weight FakeQuant `w`, if it is a plain
@@ -77,7 +86,7 @@ pub fn conv_geometry(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) -> Opti
         vec![]
     };
     let pointwise = taps == 1 && ol == geo.input_len() && table.iter().enumerate().all(|(o, &p)| p as usize == o);
-    Some(Im2col { channels: xs[0], table, geo, offsets, pointwise })
+    Some(Im2col { channels: xs[0], table, geo, offsets, pointwise, run: xs[0] })
 }
 
 /// The im2col gather table of a float Conv node on input `x` with weight `w` over static
@@ -86,6 +95,17 @@ pub fn float_conv_table(g: &Graph, c: &ConvAttrs, x: ValueRef, w: ValueRef) -> O
     let xs = g.value(x).ty.shape.iter().skip(1).map(|d| d.known()).collect::<Option<Vec<usize>>>()?;
     let geo = c.input_geometry(&[&[1], &xs[..]].concat(), &g.value(w).ty.known_shape()?).ok()?;
     Some(Box::new((xs, geo.gather_table())))
+}
+
+/// Bytes per tap in the packed row of a convolution over `ch` channels and `taps` taps in groups
+/// of `group` (0: one per output channel): `ch`, unless several taps meet groups that do not
+/// tile the channels, where each tap's run is padded to the next multiple of the group.
+pub fn conv_run(ch: usize, taps: usize, group: usize) -> usize {
+    if taps > 1 && group > 0 && !ch.is_multiple_of(group) {
+        ch.next_multiple_of(group)
+    } else {
+        ch
+    }
 }
 
 /// The int4 weight of a convolution (weight `w` = FakeQuant of a constant `[O, C, kernel...]`),
@@ -97,10 +117,12 @@ pub fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Option<Co
     }
     let (o, ch) = (wt.shape[0], wt.shape[1]);
     let taps: usize = wt.shape[2..].iter().product();
-    let k = taps * ch;
     let idx = param_index(&wt.shape, &st.shape, axis, block_size)?;
     // Element (o, c, t) of the ONNX layout is idx[(o * ch + c) * taps + t]. Try one scale per
-    // output channel, then groups of `gs` channels of one tap (gs a multiple of 32 dividing C).
+    // output channel, then blocks of `gs` channels of one tap (gs a multiple of 32): of the blocks
+    // the scales allow, the largest that tiles the channels (the only kind taken before partial
+    // blocks were, so earlier artifacts' stored groups and their simulation stay as they were);
+    // else, a last block short, the one padding the rows least, then the largest.
     let scale_of = |r: usize, c: usize, t: usize| idx[(r * ch + c) * taps + t];
     let uniform = |gs: Option<usize>| {
         (0..o).all(|r| {
@@ -118,17 +140,23 @@ pub fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Option<Co
     let group = if uniform(None) {
         0
     } else {
-        match (32..=ch).rev().filter(|gs| gs % 32 == 0 && ch % gs == 0).find(|&gs| uniform(Some(gs))) {
-            Some(gs) => gs,
-            None => return Ok(None),
+        let fits: Vec<usize> = (32..=ch.next_multiple_of(32)).step_by(32).filter(|&gs| uniform(Some(gs))).collect();
+        let tiling = fits.iter().rev().find(|&&gs| ch.is_multiple_of(gs)).copied();
+        match tiling.or_else(|| fits.into_iter().min_by_key(|&gs| (conv_run(ch, taps, gs), usize::MAX - gs))) {
+            // A run padded past twice its channels (a 3-channel image in blocks of 32) stays
+            // float: the padding's multiply-adds would cost more than the int8 kernels save.
+            Some(gs) if conv_run(ch, taps, gs) <= 2 * ch => gs,
+            _ => return Ok(None),
         }
     };
+    let run = conv_run(ch, taps, group);
+    let k = taps * run;
     if shape_only {
         return Ok(Some((vec![], vec![], o, k, group)));
     }
     let (lo, hi) = fake_quant_range(bits, true);
     let (wv, sv) = (wt.data.to_f32_vec(), st.data.to_f32_vec());
-    let groups = k.checked_div(group).unwrap_or(1);
+    let groups = if group == 0 { 1 } else { k.div_ceil(group) };
     let mut q = vec![0i8; o * k];
     let mut scales = vec![0f32; o * groups];
     for r in 0..o {
@@ -136,7 +164,7 @@ pub fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Option<Co
             for t in 0..taps {
                 let i = (r * ch + c) * taps + t;
                 let s = sv[idx[i]];
-                let col = t * ch + c;
+                let col = t * run + c;
                 q[r * k + col] = round_even(wv[i] / s).clamp(lo as f32, hi as f32) as i8;
                 scales[r * groups + col.checked_div(group).unwrap_or(0)] = s;
             }
@@ -145,15 +173,16 @@ pub fn conv_weight(g: &Graph, w: ValueRef, shape_only: bool) -> Result<Option<Co
     Ok(Some((q, scales, o, k, group)))
 }
 
-/// `q * scale` of a packed convolution weight back in the ONNX `[O, C, taps]` layout.
-pub fn dequantized_conv_weight(w: &PackedQ4, channels: usize) -> Vec<f32> {
-    let taps = w.k / channels;
+/// `q * scale` of a packed convolution weight (`taps` runs per row, see [`Im2col::run`]) back in
+/// the ONNX `[O, C, taps]` layout.
+pub fn dequantized_conv_weight(w: &PackedQ4, channels: usize, taps: usize) -> Vec<f32> {
+    let run = w.k / taps.max(1);
     let groups = w.groups();
-    let mut out = vec![0f32; w.n * w.k];
+    let mut out = vec![0f32; w.n * channels * taps];
     for r in 0..w.n {
         for t in 0..taps {
             for c in 0..channels {
-                let col = t * channels + c;
+                let col = t * run + c;
                 out[(r * channels + c) * taps + t] = w.get(r, col) as f32 * w.scales[r * groups + col / w.group];
             }
         }
@@ -202,9 +231,10 @@ unsafe fn copy_bytes(src: *const i8, dst: *mut i8, n: usize) {
 }
 
 /// Gathers every output position's window of the int8 image (`[positions, C]`) as a row of
-/// `rows` (`k_pad` bytes: `taps` runs of C bytes in tap order, padding = `pad`, the zero point,
-/// the tail past `k` zero) and its group sums into `sums` from the per-position channel-block
-/// sums `bsums` (`nb` blocks of `gs` channels; one group per row when `per_row`).
+/// `rows` (`k_pad` bytes: `taps` runs of C bytes in tap order, each at a multiple of `im.run`,
+/// padding = `pad`, the zero point, the bytes between runs and the tail past `k` zero) and its
+/// group sums into `sums` from the per-position channel-block sums `bsums` (`nb` blocks of `gs`
+/// channels, the last one short when `gs` does not divide C; one group per row when `per_row`).
 #[allow(clippy::too_many_arguments)]
 fn gather(
     im: &Im2col,
@@ -216,17 +246,19 @@ fn gather(
     rows: &mut [i8],
     sums: &mut [i32],
 ) {
-    let (ch, taps, il) = (im.channels, im.geo.kernel_len(), im.geo.input_len());
-    let pad_sum = pad as i32 * gs as i32;
+    let (ch, run, taps, il) = (im.channels, im.run, im.geo.kernel_len(), im.geo.input_len());
+    // A padding tap's block sums: `pad` times each block's channels.
+    let pad_sums: Vec<i32> = (0..nb).map(|b| pad as i32 * gs.min(ch - b * gs) as i32).collect();
     assert!(rows.len() >= windows.len() / taps * k_pad && sums.len() >= windows.len() / taps * groups);
-    assert!(k == taps * ch && groups == if per_row { 1 } else { taps * nb });
+    assert!(run >= ch && k == taps * run && groups == if per_row { 1 } else { taps * nb });
+    assert!(per_row || nb * gs == run || run == ch, "blocks of {gs} channels do not fill runs of {run}");
     assert!(image.len() >= im.geo.input_len() * ch);
     for ((row, sums), window) in
         rows.chunks_exact_mut(k_pad).zip(sums.chunks_exact_mut(groups)).zip(windows.chunks_exact(taps))
     {
         let mut total = 0;
         for (t, &at) in window.iter().enumerate() {
-            let dst = &mut row[t * ch..(t + 1) * ch];
+            let dst = &mut row[t * run..t * run + ch];
             let blocks = if at == u32::MAX {
                 dst.fill(pad);
                 None
@@ -238,7 +270,7 @@ fn gather(
                 Some(&bsums[p * nb..(p + 1) * nb])
             };
             for b in 0..nb {
-                let v = blocks.map_or(pad_sum, |bs| bs[b]);
+                let v = blocks.map_or(pad_sums[b], |bs| bs[b]);
                 if per_row {
                     total += v;
                 } else {
@@ -248,6 +280,9 @@ fn gather(
         }
         if per_row {
             sums[0] = total;
+        }
+        if run > ch {
+            row[..k].chunks_exact_mut(run).for_each(|r| r[ch..].fill(0));
         }
         row[k..].fill(0);
     }
@@ -285,6 +320,7 @@ pub fn run(
     let in_place = threads <= 1
         && !im.offsets.is_empty()
         && w.k == w.k_pad
+        && im.run == ch
         && ch.is_multiple_of(4)
         && (w.group.is_multiple_of(ch) || ch.is_multiple_of(w.group))
         && sqil_kernels_cpu::isa() != sqil_kernels_cpu::Isa::Generic;
@@ -374,10 +410,10 @@ fn gathered(
     // Sums of each position's channels in blocks of the group size (the whole row's channels
     // when the weight has one scale per output channel).
     let gs = if w.group >= w.k_pad { ch } else { w.group };
-    let nb = ch / gs;
+    let nb = ch.div_ceil(gs);
     s.bsums.resize(il * nb, 0);
     for (px, bs) in s.image[..il * ch].chunks_exact(ch).zip(s.bsums.chunks_exact_mut(nb)) {
-        for (sum, part) in bs.iter_mut().zip(px.chunks_exact(gs)) {
+        for (sum, part) in bs.iter_mut().zip(px.chunks(gs)) {
             *sum = part.iter().map(|&v| v as i32).sum();
         }
     }

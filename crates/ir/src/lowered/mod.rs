@@ -306,9 +306,10 @@ pub fn q4_conv(g: &Graph, n: NodeId, stored: bool) -> Result<Option<Q4Layer>> {
     if !matches!(act, ActQuant::Int { zero, .. } if (-128..=127).contains(&zero)) {
         return Ok(None);
     }
-    let Some(im) = conv_geometry(g, c, x, w) else { return Ok(None) };
+    let Some(mut im) = conv_geometry(g, c, x, w) else { return Ok(None) };
     let Some((q, scales, nn, k, group)) = conv_weight(g, w, stored)? else { return Ok(None) };
-    if bias.as_ref().is_some_and(|b| b.len() != nn) || k != im.geo.kernel_len() * im.channels {
+    im.run = conv::conv_run(im.channels, im.geo.kernel_len(), group);
+    if bias.as_ref().is_some_and(|b| b.len() != nn) || k != im.geo.kernel_len() * im.run {
         return Ok(None);
     }
     let w = packed(&q, &scales, nn, k, group, stored)?;
