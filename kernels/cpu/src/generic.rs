@@ -1114,6 +1114,54 @@ pub fn sigmoid(x: f64) -> f64 {
     }
 }
 
+/// `1 / k!` for k = 0..=10: the shorter Taylor polynomial of the screened sigmoid
+/// ([`sigmoid_screened`]; truncation below 2.3e-13 relative on |r| <= ln 2 / 2).
+pub const SCREEN_TAYLOR: [f64; 11] = [
+    1.0,
+    1.0,
+    1.0 / 2.0,
+    1.0 / 6.0,
+    1.0 / 24.0,
+    1.0 / 120.0,
+    1.0 / 720.0,
+    1.0 / 5040.0,
+    1.0 / 40320.0,
+    1.0 / 362880.0,
+    1.0 / 3628800.0,
+];
+
+/// A screened result is taken only for `|x|` below this (above: e^-|x| near f32's subnormal
+/// outputs, infinities; NaN fails the comparison too).
+pub const SCREEN_MAX_ABS: f64 = 80.0;
+
+/// The screen's margin: an f64 result whose low 29 bits (the bits f32 rounding drops) lie
+/// within this many units of the halfway pattern `2^28` is not taken. The screened value is
+/// within 2^-41 relative of [`sigmoid`]'s (the degree-10 truncation, 2.3e-13, and a few
+/// roundings on either side), i.e. within 2^12 units of the last place: a result farther than
+/// 2^16 units from halfway rounds to the f32 that [`sigmoid`]'s result rounds to. About one
+/// value in 4 096 is recomputed by the definition.
+pub const SCREEN_MARGIN: i64 = 1 << 16;
+
+/// The screened logistic function: the same form as [`sigmoid`] with fused multiply-adds and a
+/// degree-10 polynomial, and whether its f32 rounding is certain to be `sigmoid(x) as f32`
+/// (see [`SCREEN_MARGIN`]). The vector kernels compute exactly these operations per lane; a lane
+/// that is not certain is recomputed by the definition, so `sigmoid_f32` keeps [`sigmoid`]'s
+/// bits.
+pub fn sigmoid_screened(x: f64) -> (f64, bool) {
+    let a = x.abs();
+    let t = (-a).mul_add(std::f64::consts::LOG2_E, EXP_MAGIC);
+    let n = t - EXP_MAGIC;
+    let r = (-n).mul_add(EXP_LN2_LO, (-n).mul_add(EXP_LN2_HI, -a));
+    let mut p = SCREEN_TAYLOR[10];
+    for &c in SCREEN_TAYLOR[..10].iter().rev() {
+        p = p.mul_add(r, c);
+    }
+    let e = p * f64::from_bits(t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()).wrapping_add(1023) << 52);
+    let y = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    let low = (y.to_bits() & ((1 << 29) - 1)) as i64;
+    (y, a < SCREEN_MAX_ABS && (low - (1 << 28)).abs() > SCREEN_MARGIN)
+}
+
 /// Below this magnitude [`tanh`] is its Taylor polynomial (to x^7: relative error below 2^-70).
 pub const TANH_SMALL: f64 = 1.0 / 1024.0;
 /// The Taylor coefficients of tanh after x: x^3, x^5, x^7.
@@ -1247,8 +1295,10 @@ pub fn elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
 }
 
 /// [`sigmoid`] of every f32 value, rounded once to f32 (`out[i] = sigmoid(x[i] as f64) as f32`);
-/// four lanes at a time with AVX2, eight with AVX-512, where the CPU has them (the same
-/// operations).
+/// four lanes at a time with AVX2, eight with AVX-512, where the CPU has them. The vector forms
+/// first take [`sigmoid_screened`] (fused multiply-adds, a shorter polynomial) and recompute by
+/// the definition the vectors with a lane whose rounding it cannot vouch for: the same bits
+/// either way (every f32 checked, `kernels/cpu/tests/softmax.rs`).
 pub fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]

@@ -169,3 +169,86 @@ fn softplus_and_elu_f32_equal_their_definitions() {
         );
     }
 }
+
+/// f32 values whose [`sigmoid`] in f64 lies within 4 units of the last place of an f32 halfway
+/// point (the hardest cases for a faster form to round the same way), found by the exhaustive
+/// search below over every f32 in (-80, 80).
+/// (318 of them: mostly tiny values, where the result is nearly `0.5 + x / 4`; these are every
+/// sixteenth of those, and the six others.)
+const SIGMOID_NEAR_HALFWAY: [u32; 26] = [
+    0x34000000, 0x36840000, 0x37020000, 0x37420000, 0x37810000, 0x37a10000, 0x37c10000, 0x37e10000, 0xb5100000,
+    0xb6240000, 0xb6920000, 0xb6d20000, 0xb7090000, 0xb7290000, 0xb7490000, 0xb7690000, 0xb7848000, 0xb7948000,
+    0xb7a48000, 0xb7b48000, 0x3a689801, 0x3b128604, 0x3d21bc81, 0xba928601, 0xbe104170, 0xbf1964d0,
+];
+
+/// The screened sigmoid (the AVX-512 kernel's fast form, `sigmoid_screened`): within 2^12 units of
+/// the last place of the definition over a sweep of (-90, 90), so its margin of 2^16 holds with room;
+/// it screens out the values whose definition lies nearly halfway between two f32 (a margin of 0
+/// fails this); inside |x| < 80 it recomputes about one value in 4 096 (fewer than one in 1 000); and `sigmoid_f32` equals the definition
+/// on the sweep bit for bit.
+#[test]
+fn screened_sigmoid_keeps_the_definitions_bits() {
+    use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32, sigmoid_screened, SCREEN_MARGIN};
+    // Every 257th bit pattern from -90 to 90: about 8.4 million values.
+    let (lo, hi) = (90f32.to_bits(), 90f32.to_bits());
+    let mut vals: Vec<f32> = (0..lo).step_by(257).map(|b| -f32::from_bits(b)).collect();
+    vals.extend((0..hi).step_by(257).map(f32::from_bits));
+    let (mut worst, mut unsure) = (0u64, 0usize);
+    for &v in &vals {
+        let (y, sure) = sigmoid_screened(v as f64);
+        let want = sigmoid(v as f64);
+        if v.abs() < 80.0 {
+            worst = worst.max(y.to_bits().abs_diff(want.to_bits()));
+            unsure += !sure as usize;
+        }
+        if sure {
+            assert_eq!((y as f32).to_bits(), (want as f32).to_bits(), "sigmoid({v:e}): screened as sure");
+        }
+    }
+    assert!(worst < 1 << 12, "screened sigmoid {worst} units from the definition");
+    assert!((SCREEN_MARGIN as u64) >= worst << 4, "margin {SCREEN_MARGIN} against {worst}");
+    // Beyond |x| = 80 every value is recomputed (f32's subnormal outputs, infinities, NaN).
+    let inside = vals.iter().filter(|v| v.abs() < 80.0).count();
+    assert!((unsure as f64) < 1e-3 * inside as f64, "{unsure} of {inside} recomputed");
+    for &b in &SIGMOID_NEAR_HALFWAY {
+        let v = f32::from_bits(b);
+        assert!(!sigmoid_screened(v as f64).1, "sigmoid({v:e}) is nearly halfway and was not screened");
+        vals.push(v);
+    }
+    let mut got = vec![0f32; vals.len()];
+    sigmoid_f32(&vals, &mut got);
+    for (&g, &v) in got.iter().zip(&vals) {
+        let want = sigmoid(v as f64) as f32;
+        assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "sigmoid({v:e}): {g:e} vs {want:e}");
+    }
+    eprintln!("screened sigmoid: worst {worst} units, {unsure} of {inside} recomputed");
+}
+
+/// Every f32: `sigmoid_f32` equal to the definition, and the values within 4 units of halfway
+/// listed (for `SIGMOID_NEAR_HALFWAY`). Minutes on one core: `cargo test --release -p
+/// sqil-kernels-cpu --test softmax -- --ignored`.
+#[test]
+#[ignore]
+fn sigmoid_f32_equals_the_definition_on_every_f32() {
+    use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32};
+    let (mut near, mut differ) = (vec![], 0u64);
+    let chunk = 1 << 20;
+    let mut got = vec![0f32; chunk];
+    for start in (0..=u32::MAX as u64).step_by(chunk) {
+        let vals: Vec<f32> = (start..start + chunk as u64).map(|b| f32::from_bits(b as u32)).collect();
+        sigmoid_f32(&vals, &mut got);
+        for (&g, &v) in got.iter().zip(&vals) {
+            let y = sigmoid(v as f64);
+            let want = y as f32;
+            if !(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan())) {
+                differ += 1;
+            }
+            let low = (y.to_bits() & ((1 << 29) - 1)) as i64;
+            if v.abs() < 80.0 && (low - (1 << 28)).abs() <= 4 {
+                near.push(v.to_bits());
+            }
+        }
+    }
+    eprintln!("near halfway: {near:#x?}");
+    assert_eq!(differ, 0, "{differ} values differ from the definition");
+}

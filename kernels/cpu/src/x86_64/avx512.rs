@@ -394,6 +394,47 @@ pub unsafe fn avx512_hard_swish_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `generic::sigmoid_screened` on eight f64 lanes, `K` vectors interleaved: the results rounded
+/// to f32 and, per vector, the lanes whose rounding is certain to be the definition's.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], [u8; K]) {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MARGIN, SCREEN_MAX_ABS, SCREEN_TAYLOR};
+    let (magic, one) = (_mm512_set1_pd(EXP_MAGIC), _mm512_set1_pd(1.0));
+    let a: [__m512d; K] = std::array::from_fn(|i| _mm512_abs_pd(v[i]));
+    let na: [__m512d; K] = std::array::from_fn(|i| _mm512_sub_pd(_mm512_setzero_pd(), a[i]));
+    let t: [__m512d; K] =
+        std::array::from_fn(|i| _mm512_fmadd_pd(na[i], _mm512_set1_pd(std::f64::consts::LOG2_E), magic));
+    let r: [__m512d; K] = std::array::from_fn(|i| {
+        let n = _mm512_sub_pd(t[i], magic);
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI), na[i]);
+        _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO), r)
+    });
+    let mut p = [_mm512_set1_pd(SCREEN_TAYLOR[10]); K];
+    for &c in SCREEN_TAYLOR[..10].iter().rev() {
+        let c = _mm512_set1_pd(c);
+        for i in 0..K {
+            p[i] = _mm512_fmadd_pd(p[i], r[i], c);
+        }
+    }
+    let mut sure = [0u8; K];
+    let y = std::array::from_fn(|i| {
+        let bits = _mm512_add_epi64(
+            _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
+            _mm512_set1_epi64(1023),
+        );
+        let e = _mm512_mul_pd(p[i], _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits)));
+        let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[i], _mm512_setzero_pd()), e, one);
+        let y = _mm512_div_pd(num, _mm512_add_pd(one, e));
+        let low = _mm512_and_si512(_mm512_castpd_si512(y), _mm512_set1_epi64((1 << 29) - 1));
+        let off = _mm512_abs_epi64(_mm512_sub_epi64(low, _mm512_set1_epi64(1 << 28)));
+        sure[i] = _mm512_cmpgt_epi64_mask(off, _mm512_set1_epi64(SCREEN_MARGIN))
+            & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a[i], _mm512_set1_pd(SCREEN_MAX_ABS));
+        _mm512_cvtpd_ps(y)
+    });
+    (y, sure)
+}
+
 /// [`crate::generic::sigmoid_f32`] on eight f64 lanes (`common::sigmoid_f32` on 512-bit
 /// registers: the same operations per lane, so the same bits).
 ///
@@ -412,9 +453,17 @@ pub unsafe fn avx512_sigmoid_f32(x: &[f32], out: &mut [f32]) {
     let mut i = 0;
     while i + 32 <= n {
         let v: [__m512d; 4] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
-        let e = exp_nonpos8xk::<4>(std::array::from_fn(|j| neg_abs(v[j])));
+        // The screened form (`generic::sigmoid_screened`); a vector with a lane it cannot vouch
+        // for is recomputed by the definition.
+        let (y, sure) = sigmoid_screened8xk::<4>(v);
         for j in 0..4 {
-            _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), step(v[j], e[j]));
+            let y = if sure[j] == 0xff {
+                y[j]
+            } else {
+                let [e] = exp_nonpos8xk::<1>([neg_abs(v[j])]);
+                step(v[j], e)
+            };
+            _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), y);
         }
         i += 32;
     }

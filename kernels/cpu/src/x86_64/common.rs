@@ -421,9 +421,12 @@ pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     let mut i = 0;
     while i + 16 <= n {
         let v: [__m256d; 4] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
-        let e = exp_nonpos4xk::<4>(std::array::from_fn(|j| _mm256_or_pd(v[j], sign)));
+        // The screened form (`generic::sigmoid_screened`); a vector with a lane it cannot vouch
+        // for is recomputed by the definition.
+        let (y, sure) = sigmoid_screened4xk::<4>(v);
         for j in 0..4 {
-            _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), step(v[j], e[j]));
+            let y = if sure[j] { y[j] } else { step(v[j], exp_nonpos4(_mm256_or_pd(v[j], sign))) };
+            _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), y);
         }
         i += 16;
     }
@@ -435,6 +438,51 @@ pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     for j in i..n {
         out[j] = crate::generic::sigmoid(x[j] as f64) as f32;
     }
+}
+
+/// `generic::sigmoid_screened` on four f64 lanes, `K` vectors interleaved: the results rounded
+/// to f32 and, per vector, whether every lane's rounding is certain to be the definition's.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sigmoid_screened4xk<const K: usize>(v: [__m256d; K]) -> ([__m128; K], [bool; K]) {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MARGIN, SCREEN_MAX_ABS, SCREEN_TAYLOR};
+    let (magic, one, sign) = (_mm256_set1_pd(EXP_MAGIC), _mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
+    let a: [__m256d; K] = std::array::from_fn(|i| _mm256_andnot_pd(sign, v[i]));
+    let na: [__m256d; K] = std::array::from_fn(|i| _mm256_sub_pd(_mm256_setzero_pd(), a[i]));
+    let t: [__m256d; K] =
+        std::array::from_fn(|i| _mm256_fmadd_pd(na[i], _mm256_set1_pd(std::f64::consts::LOG2_E), magic));
+    let r: [__m256d; K] = std::array::from_fn(|i| {
+        let n = _mm256_sub_pd(t[i], magic);
+        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_HI), na[i]);
+        _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_LO), r)
+    });
+    let mut p = [_mm256_set1_pd(SCREEN_TAYLOR[10]); K];
+    for &c in SCREEN_TAYLOR[..10].iter().rev() {
+        let c = _mm256_set1_pd(c);
+        for i in 0..K {
+            p[i] = _mm256_fmadd_pd(p[i], r[i], c);
+        }
+    }
+    let mut sure = [false; K];
+    let y = std::array::from_fn(|i| {
+        let bits = _mm256_add_epi64(
+            _mm256_sub_epi64(_mm256_castpd_si256(t[i]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
+            _mm256_set1_epi64x(1023),
+        );
+        let e = _mm256_mul_pd(p[i], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits)));
+        let num = _mm256_blendv_pd(e, one, _mm256_cmp_pd(v[i], _mm256_setzero_pd(), _CMP_GE_OQ));
+        let y = _mm256_div_pd(num, _mm256_add_pd(one, e));
+        let low = _mm256_and_si256(_mm256_castpd_si256(y), _mm256_set1_epi64x((1 << 29) - 1));
+        let off = _mm256_sub_epi64(low, _mm256_set1_epi64x(1 << 28));
+        let far = _mm256_or_si256(
+            _mm256_cmpgt_epi64(off, _mm256_set1_epi64x(SCREEN_MARGIN)),
+            _mm256_cmpgt_epi64(_mm256_set1_epi64x(-SCREEN_MARGIN), off),
+        );
+        let inside = _mm256_castpd_si256(_mm256_cmp_pd(a[i], _mm256_set1_pd(SCREEN_MAX_ABS), _CMP_LT_OQ));
+        sure[i] = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_and_si256(far, inside))) == 0xf;
+        _mm256_cvtpd_ps(y)
+    });
+    (y, sure)
 }
 
 /// [`crate::generic::tanh_f32`] on AVX2: four values per step in f64, both branches of the
