@@ -134,3 +134,110 @@ fn transpose_f32_paths_match_the_general_path() {
         assert_eq!(bits(&fast), want, "{shape:?} {perm:?}");
     }
 }
+
+/// Values across f32's range: the test data, magnitudes from subnormal to near overflow of both
+/// signs, both infinities and zeros.
+fn wide(r: &mut Rng, n: usize) -> Vec<f32> {
+    let mut v = data(r, n);
+    for (i, e) in v.iter_mut().enumerate().filter(|(i, _)| i % 5 == 1) {
+        let mag = 10f32.powf(r.unit() * 76.0 - 38.0) * if i % 2 == 0 { 1.0 } else { -1.0 };
+        *e = mag;
+    }
+    v.extend([f32::INFINITY, f32::NEG_INFINITY, 1e-45, -1e-45, 3e38, -3e38, f32::MIN_POSITIVE, 0.0, -0.0]);
+    v
+}
+
+fn same_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{what} at {i}: {g:e} vs {w:e}");
+    }
+}
+
+/// Sqrt and Reciprocal on f32 (the f32 operations) give the general path's bits (f64, rounded
+/// once), and the profile calls them f32 kernels.
+#[test]
+fn sqrt_and_reciprocal_f32_paths_match_the_general_path() {
+    use sqil_ir::ops::UnaryOp;
+    let mut r = Rng::new(7);
+    let v = wide(&mut r, 20_000);
+    let x = Tensor::from_f32(vec![v.len()], v.clone()).unwrap();
+    let x64 = Tensor::new(vec![v.len()], Data::F64(v.iter().map(|&e| e as f64).collect())).unwrap();
+    for u in [UnaryOp::Sqrt, UnaryOp::Reciprocal] {
+        let op = Op::Unary(u);
+        assert_eq!(op.cpu_path(&[Some(&x)], 1), "f32 kernel");
+        let fast = op.eval(&[Some(&x)], 1).unwrap().remove(0).data.to_f32_vec();
+        let general: Vec<f32> =
+            op.eval(&[Some(&x64)], 1).unwrap().remove(0).data.to_f64_vec().iter().map(|&e| e as f32).collect();
+        same_bits(&fast, &general, u.def().name);
+    }
+}
+
+/// Pow by a constant 1, 2 or 0.5 runs as f32 operations with the bits of libm's pow in f64
+/// rounded once; another exponent, or one that widens the base's shape, stays on the general path.
+#[test]
+fn pow_by_one_two_and_a_half_matches_libm_pow() {
+    let mut r = Rng::new(8);
+    let v = wide(&mut r, 20_000);
+    let x = Tensor::from_f32(vec![4, v.len() / 4], v[..v.len() / 4 * 4].to_vec()).unwrap();
+    for (e, shape) in [(2.0f32, vec![]), (0.5, vec![1]), (1.0, vec![1, 1]), (2.0, vec![1, 1])] {
+        let b = Tensor::from_f32(shape.clone(), vec![e]).unwrap();
+        let op = Op::Binary(sqil_ir::ops::BinaryOp::Pow);
+        assert_eq!(op.cpu_path(&[Some(&x), Some(&b)], 1), "f32 kernel", "{e} {shape:?}");
+        let got = op.eval(&[Some(&x), Some(&b)], 1).unwrap().remove(0);
+        assert_eq!(got.shape, x.shape);
+        let want: Vec<f32> = x.data.to_f32_vec().iter().map(|&v| (v as f64).powf(e as f64) as f32).collect();
+        same_bits(&got.data.to_f32_vec(), &want, &format!("pow {e}"));
+    }
+    for (e, shape) in [(3.0f32, vec![]), (2.0, vec![1, 1, 1])] {
+        let b = Tensor::from_f32(shape, vec![e]).unwrap();
+        assert_eq!(Op::Binary(sqil_ir::ops::BinaryOp::Pow).cpu_path(&[Some(&x), Some(&b)], 1), "reference (f64)");
+    }
+}
+
+/// Where on f32 branches of the output's shape or one value selects directly, with the general
+/// (broadcast index) path's bits; other shapes keep the general path.
+#[test]
+fn where_direct_path_matches_the_general_path() {
+    let mut r = Rng::new(9);
+    let n = 6 * 7;
+    let cond = Tensor::new(vec![6, 7], Data::Bool((0..n).map(|i| i % 3 != 1).collect())).unwrap();
+    let a = Tensor::from_f32(vec![6, 7], data(&mut r, n)).unwrap();
+    let b = Tensor::from_f32(vec![6, 7], data(&mut r, n)).unwrap();
+    let one = Tensor::from_f32(vec![1], vec![-0.0]).unwrap();
+    let c1 = Tensor::new(vec![1, 1], Data::Bool(vec![false])).unwrap();
+    let f64_of = |t: &Tensor| Tensor::new(t.shape.clone(), Data::F64(t.data.to_f64_vec())).unwrap();
+    for (c, x, y) in [(&cond, &a, &b), (&cond, &one, &b), (&cond, &a, &one), (&c1, &a, &b)] {
+        assert_eq!(Op::Where.cpu_path(&[Some(c), Some(x), Some(y)], 1), "data movement");
+        let got = Op::Where.eval(&[Some(c), Some(x), Some(y)], 1).unwrap().remove(0);
+        let general = Op::Where.eval(&[Some(c), Some(&f64_of(x)), Some(&f64_of(y))], 1).unwrap().remove(0);
+        assert_eq!(got.shape, general.shape);
+        let want: Vec<f32> = general.data.to_f64_vec().iter().map(|&e| e as f32).collect();
+        same_bits(&got.data.to_f32_vec(), &want, "Where");
+    }
+    let row = Tensor::from_f32(vec![7], data(&mut r, 7)).unwrap();
+    assert_eq!(Op::Where.cpu_path(&[Some(&cond), Some(&row), Some(&b)], 1), "reference (f64)");
+}
+
+/// BatchNormalization (inference) on f32 takes the same f64 operations per element as the
+/// general path, without converting the input first: the same bits.
+#[test]
+fn batch_norm_f32_path_matches_the_general_path() {
+    let mut r = Rng::new(10);
+    let (n, c, inner) = (3, 5, 4 * 3);
+    let x = Tensor::from_f32(vec![n, c, 4, 3], wide(&mut r, n * c * inner)[..n * c * inner].to_vec()).unwrap();
+    let chan = |r: &mut Rng, lo: f32| Tensor::from_f32(vec![c], (0..c).map(|_| lo + r.unit() * 2.0).collect()).unwrap();
+    let (scale, bias, mean, var) = (chan(&mut r, -1.0), chan(&mut r, -1.0), chan(&mut r, -1.0), chan(&mut r, 0.0));
+    let op = Op::BatchNorm { epsilon: 1e-5, momentum: 0.9, training: false };
+    let ins = |x: &Tensor| -> Vec<Tensor> { vec![x.clone(), scale.clone(), bias.clone(), mean.clone(), var.clone()] };
+    let fast_in = ins(&x);
+    let refs: Vec<Option<&Tensor>> = fast_in.iter().map(Some).collect();
+    assert_eq!(op.cpu_path(&refs, 1), "f32 kernel");
+    let got = op.eval(&refs, 1).unwrap().remove(0);
+    let x64 = Tensor::new(x.shape.clone(), Data::F64(x.data.to_f64_vec())).unwrap();
+    let gen_in = ins(&x64);
+    let refs: Vec<Option<&Tensor>> = gen_in.iter().map(Some).collect();
+    let general = op.eval(&refs, 1).unwrap().remove(0);
+    let want: Vec<f32> = general.data.to_f64_vec().iter().map(|&e| e as f32).collect();
+    same_bits(&got.data.to_f32_vec(), &want, "BatchNormalization");
+}

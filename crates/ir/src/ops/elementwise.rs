@@ -58,6 +58,16 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         };
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(data) });
     }
+    if let (Data::F32(v), UnaryOp::Sqrt | UnaryOp::Reciprocal) = (&t.data, u) {
+        // IEEE square root and division are correctly rounded, and rounding their f64 result once
+        // more to f32 gives the correctly rounded f32 (double rounding is innocuous for them when
+        // 53 >= 2 * 24 + 2): so the f32 operation is the definition's bits (vectorized).
+        let data = match u {
+            UnaryOp::Sqrt => v.iter().map(|&x| x.sqrt()).collect(),
+            _ => v.iter().map(|&x| 1.0 / x).collect(),
+        };
+        return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(data) });
+    }
     if let (Data::F32(v), UnaryOp::HardSwish) = (&t.data, u) {
         // The definition's operations in f64 lanes (hard_swish_f32).
         let mut out = vec![0f32; v.len()];
@@ -166,8 +176,27 @@ pub(crate) fn binary(o: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(go!(F32, F64, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8))
 }
 
+/// The exponent of an f32 Pow that runs as f32 operations: one f32 value of 1, 2 or 0.5 that does
+/// not widen the base's shape.
+pub fn pow_f32_exponent(a: &Tensor, b: &Tensor) -> Option<f32> {
+    let Data::F32(e) = &b.data else { return None };
+    (matches!(a.data, Data::F32(_)) && e.len() == 1 && b.rank() <= a.rank() && matches!(e[0], 1.0 | 2.0 | 0.5))
+        .then_some(e[0])
+}
+
 /// `a ^ b` for any numeric base and exponent types; the result has the base's type.
 fn pow(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if let (Some(e), Data::F32(x)) = (pow_f32_exponent(a, b), &a.data) {
+        // pow(x, 2) of an f32 is exact in f64 (48 bits), which libm's pow returns exactly, so its
+        // f32 rounding is the f32 product; pow(x, 0.5) is sqrt(x) (correctly rounded, see Sqrt)
+        // except at -0 (+0) and -inf (+inf); pow(x, 1) is x.
+        let v = match e {
+            2.0 => x.iter().map(|&v| v * v).collect(),
+            0.5 => x.iter().map(|&v| if v == f32::NEG_INFINITY { f32::INFINITY } else { v.sqrt() + 0.0 }).collect(),
+            _ => x.clone(),
+        };
+        return Tensor::from_f32(a.shape.clone(), v);
+    }
     if a.dtype() == crate::DType::F32 && b.dtype() == crate::DType::F32 {
         let (shape, v) =
             zip2(a.as_f32()?, &a.shape, b.as_f32()?, &b.shape, |x: f32, y: f32| (x as f64).powf(y as f64) as f32)?;
@@ -231,10 +260,26 @@ fn data_like(dtype: crate::DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tens
     Tensor::new(shape, data)
 }
 
+/// Whether Where on these inputs takes its direct path: f32 branches, the condition and each
+/// branch either the output's shape or one value.
+pub fn where_direct(c: &Tensor, x: &Tensor, y: &Tensor) -> bool {
+    let out = [c, x, y].into_iter().max_by_key(|t| (t.rank(), t.len())).expect("three");
+    matches!((&c.data, &x.data, &y.data), (Data::Bool(_), Data::F32(_), Data::F32(_)))
+        && [c, x, y].iter().all(|t| t.shape == out.shape || (t.len() == 1 && t.rank() <= out.rank()))
+}
+
 pub(crate) fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let Data::Bool(cond) = &c.data else {
         return Err(IrError::Invalid(format!("Where condition must be bool, got {}", c.dtype())));
     };
+    if let (true, Data::F32(xv), Data::F32(yv)) = (where_direct(c, x, y), &x.data, &y.data) {
+        // A selection per element, nothing computed: each input indexed directly (one value
+        // repeated) instead of through broadcast index tables.
+        let out = [c, x, y].into_iter().max_by_key(|t| (t.rank(), t.len())).expect("three");
+        let at = |v: &[f32], i: usize| if v.len() == 1 { v[0] } else { v[i] };
+        let v = (0..out.len()).map(|i| if cond[if cond.len() == 1 { 0 } else { i }] { at(xv, i) } else { at(yv, i) });
+        return Tensor::from_f32(out.shape.clone(), v.collect());
+    }
     let bc = Broadcast::new(&[&c.shape, &x.shape, &y.shape])?;
     let (ic, ix, iy) = (bc.indices(0), bc.indices(1), bc.indices(2));
     let both = Data::concat(&[&x.data, &y.data])?;

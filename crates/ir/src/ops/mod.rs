@@ -586,6 +586,10 @@ impl Op {
             | Op::Identity
             | Op::Cast { .. }
             | Op::Expand => MOVE,
+            Op::Where => match inputs {
+                [Some(c), Some(x), Some(y)] if elementwise::where_direct(c, x, y) => MOVE,
+                _ => REF,
+            },
             _ if !f32_in => REF,
             Op::Unary(
                 UnaryOp::Relu
@@ -594,11 +598,18 @@ impl Op {
                 | UnaryOp::Sigmoid
                 | UnaryOp::Tanh
                 | UnaryOp::Softplus
-                | UnaryOp::HardSwish,
+                | UnaryOp::HardSwish
+                | UnaryOp::Sqrt
+                | UnaryOp::Reciprocal,
             )
             | Op::LeakyRelu { .. }
             | Op::Elu { .. } => F32,
             Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div) if all_f32 => F32,
+            Op::Binary(BinaryOp::Pow) => match inputs {
+                [Some(a), Some(b)] if elementwise::pow_f32_exponent(a, b).is_some() => F32,
+                _ => REF,
+            },
+            Op::BatchNorm { training: false, .. } if x.rank() >= 2 => F32,
             Op::MatMul | Op::Gemm { .. } | Op::Conv(_) | Op::ConvTranspose(_) | Op::LayerNorm { .. } => F32,
             Op::PRelu if all_f32 => F32,
             Op::Clip if all_f32 => F32,

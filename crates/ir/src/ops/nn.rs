@@ -609,6 +609,30 @@ pub(crate) fn infer_batch_norm(cx: &Cx, outputs: usize) -> Result<Vec<ValueType>
 
 pub(crate) fn batch_norm(x: &Ex, eps: f32, momentum: f32, training: bool, outputs: usize) -> Result<Vec<Tensor>> {
     let xt = x.get(0)?;
+    if let (false, Data::F32(v), true) = (training, &xt.data, xt.rank() >= 2) {
+        // Inference on f32: the same f64 operations per element, `(x - mean) * k + bias` with
+        // `k = scale / sqrt(var + eps)` per channel, without converting the input to f64 first.
+        let c = xt.shape[1];
+        let chan = |i: usize, what: &str| -> Result<Vec<f64>> {
+            let t = x.get(i)?;
+            if t.len() != c {
+                return Err(IrError::Invalid(format!(
+                    "BatchNormalization {what} has {} elements, expected {c}",
+                    t.len()
+                )));
+            }
+            Ok(t.data.to_f64_vec())
+        };
+        let (scale, bias, mean, var) = (chan(1, "scale")?, chan(2, "B")?, chan(3, "mean")?, chan(4, "var")?);
+        let inner: usize = xt.shape[2..].iter().product();
+        let mut y = Vec::with_capacity(v.len());
+        for (i, plane) in v.chunks(inner.max(1)).enumerate() {
+            let ci = i % c;
+            let (m, k, b) = (mean[ci], scale[ci] / (var[ci] + eps as f64).sqrt(), bias[ci]);
+            y.extend(plane.iter().map(|&e| ((e as f64 - m) * k + b) as f32));
+        }
+        return Ok(vec![Tensor::new(xt.shape.clone(), Data::F32(y))?]);
+    }
     let v = float_vec(xt, "BatchNormalization")?;
     if xt.rank() < 2 {
         return Err(IrError::Invalid(format!("BatchNormalization needs rank >= 2, got {:?}", xt.shape)));
