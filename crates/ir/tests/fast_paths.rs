@@ -241,3 +241,37 @@ fn batch_norm_f32_path_matches_the_general_path() {
     let want: Vec<f32> = general.data.to_f64_vec().iter().map(|&e| e as f32).collect();
     same_bits(&got.data.to_f32_vec(), &want, "BatchNormalization");
 }
+
+/// AveragePool's f32 path (every output's chain advanced tap by tap) gives the general path's
+/// bits, with and without counted padding, strides, dilations and ceil mode.
+#[test]
+fn average_pool_f32_path_matches_the_general_path() {
+    let mut r = Rng::new(11);
+    for (kernel, strides, pads, dil, ceil, count_pad) in [
+        (vec![3, 3], vec![2, 2], vec![0, 0, 0, 0], vec![1, 1], false, false),
+        (vec![2, 2], vec![2, 2], vec![0, 0, 0, 0], vec![1, 1], true, false),
+        (vec![3, 3], vec![1, 1], vec![1, 1, 1, 1], vec![1, 1], false, true),
+        (vec![3, 2], vec![2, 1], vec![1, 0, 0, 1], vec![2, 1], false, false),
+    ] {
+        let p = PoolAttrs {
+            auto_pad: AutoPad::NotSet,
+            ceil_mode: ceil,
+            count_include_pad: count_pad,
+            dilations: dil,
+            kernel_shape: kernel,
+            pads,
+            strides,
+            storage_order: 0,
+        };
+        let x =
+            Tensor::new(vec![2, 3, 11, 9], Data::F32(wide(&mut r, 2 * 3 * 11 * 9)[..2 * 3 * 11 * 9].to_vec())).unwrap();
+        let op = Op::AveragePool(p);
+        assert_eq!(op.cpu_path(&[Some(&x)], 1), "f32 kernel");
+        let fast = op.eval(&[Some(&x)], 1).unwrap().remove(0);
+        let x64 = Tensor::new(x.shape.clone(), Data::F64(x.data.to_f64_vec())).unwrap();
+        let general = op.eval(&[Some(&x64)], 1).unwrap().remove(0);
+        assert_eq!(fast.shape, general.shape);
+        let want: Vec<f32> = general.data.to_f64_vec().iter().map(|&e| e as f32).collect();
+        same_bits(&fast.data.to_f32_vec(), &want, "AveragePool");
+    }
+}

@@ -88,6 +88,43 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// 3 x 3 depthwise layers (MobileNet's) on rows of 1-40 output columns and 1-49 channels (the
+    /// vector loops' every remainder), strides 1 and 2, padding 0 and 1: the chain's bits.
+    #[test]
+    fn three_by_three_depthwise_equals_the_chain(seed in any::<u64>(), channels in 1usize..50, h in 3usize..12,
+                                                  w in 3usize..42, s in 1usize..3, p in 0isize..2) {
+        let mut st = seed | 1;
+        let mut r = move || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            match st % 89 {
+                0 => -0.0,
+                1 => f32::INFINITY,
+                _ => ((st >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0,
+            }
+        };
+        let (geo, _, (oh, ow)) = geometry(true, (h, w), (3, 3), (s, s), (1, 1), (p, p), 0).expect("a 3 x 3 window fits");
+        let (il, ol) = (h * w, oh * ow);
+        let x: Vec<f32> = (0..channels * il).map(|_| r()).collect();
+        let k: Vec<f32> = (0..channels * 9).map(|_| r()).collect();
+        let table = geo.gather_table();
+        let mut want = vec![0f32; channels * ol];
+        let mut cols = vec![0f32; 9 * ol];
+        for c in 0..channels {
+            im2col(&x[c * il..(c + 1) * il], 1, &table, &geo, &mut cols);
+            sgemm_chain(1, 9, ol, &k[c * 9..(c + 1) * 9], (9, 1), &cols, (ol, 1), &mut want[c * ol..(c + 1) * ol], (ol, 1));
+        }
+        let mut got = vec![7f32; channels * ol];
+        depthwise_conv(&x, &k, &geo, &mut got);
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
 
     /// im2col computed from the geometry (1-D and 2-D) against the gather table's definition, bit

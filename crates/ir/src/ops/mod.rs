@@ -614,6 +614,7 @@ impl Op {
             Op::PRelu if all_f32 => F32,
             Op::Clip if all_f32 => F32,
             Op::MaxPool(_) if outputs == 1 => F32,
+            Op::AveragePool(_) => F32,
             Op::GlobalAveragePool | Op::Reduce { .. } => F32,
             Op::Softmax { axis, coerce_2d } => {
                 let inner = norm_axis(*axis, x.rank()).map_or(0, |ax| x.shape[ax + 1..].iter().product::<usize>());

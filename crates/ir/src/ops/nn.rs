@@ -326,12 +326,31 @@ pub(crate) fn average_pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
     if x.rank() < 3 {
         return Err(IrError::Invalid(format!("AveragePool needs rank >= 3, got {:?}", x.shape)));
     }
-    let v = float_vec(x, "AveragePool")?;
     let (geo, pe) = p.conv_geometry(&x.shape[2..])?;
     let table = geo.gather_table();
     let (il, ol, kl) = (geo.input_len(), geo.output_len(), geo.kernel_len());
     let counts = average_pool_counts(p, &geo, &pe, &table);
     let planes = x.shape[0] * x.shape[1];
+    if let Data::F32(v) = &x.data {
+        // The f32 path the runtime serves: per output the same f64 chain (from `Iterator::sum`'s
+        // -0.0, the window's taps inside the input in kernel order), every output of a plane
+        // advanced tap by tap (independent chains), then the same division, rounded once.
+        let mut out = Vec::with_capacity(planes * ol);
+        let mut acc = vec![-0.0f64; ol];
+        for plane in v.chunks_exact(il.max(1)).take(planes) {
+            acc.fill(-0.0);
+            for taps in table.chunks_exact(ol.max(1)).take(kl) {
+                for (a, t) in acc.iter_mut().zip(taps) {
+                    if let Some(i) = *t {
+                        *a += plane[i] as f64;
+                    }
+                }
+            }
+            out.extend(acc.iter().zip(&counts).map(|(&s, &c)| (s / c.max(1) as f64) as f32));
+        }
+        return Tensor::new(pool_out_shape(x, &geo), Data::F32(out));
+    }
+    let v = float_vec(x, "AveragePool")?;
     let mut out = Vec::with_capacity(planes * ol);
     for pl in 0..planes {
         for o in 0..ol {
