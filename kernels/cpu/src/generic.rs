@@ -1247,6 +1247,98 @@ pub fn elu(x: f64, alpha: f64) -> f64 {
     }
 }
 
+/// fdlibm's erf (`s_erf.c`, Sun Microsystems 1993: "Permission to use, copy, modify, and
+/// distribute this software is freely granted, provided that this notice is preserved"; the
+/// `libm` crate's `erf` is its port, the reference semantics of Erf and Gelu) on |x| < 1.25, by
+/// the bits of its constants: 0.84375 <= |x| < 1.25 uses erx and a rational form in |x| - 1.
+pub(crate) const ERF_ERX: f64 = f64::from_bits(0x3FEB_0AC1_6000_0000);
+/// |x| < 2^-28: `0.125 * (8 x + efx8 x)`.
+pub(crate) const ERF_EFX8: f64 = f64::from_bits(0x3FF0_6EBA_8214_DB69);
+/// The numerators (constant term first) of the rational forms on |x| < 0.84375 (in x^2; padded
+/// with zeros: a zero innermost coefficient leaves every other Horner step as it was) and on
+/// [0.84375, 1.25) (in |x| - 1).
+pub(crate) const ERF_P: [[f64; 7]; 2] = [
+    [
+        f64::from_bits(0x3FC0_6EBA_8214_DB68),
+        f64::from_bits(0xBFD4_CD7D_691C_B913),
+        f64::from_bits(0xBF9D_2A51_DBD7_194F),
+        f64::from_bits(0xBF77_A291_2366_68E4),
+        f64::from_bits(0xBEF8_EAD6_1200_16AC),
+        0.0,
+        0.0,
+    ],
+    [
+        f64::from_bits(0xBF63_59B8_BEF7_7538),
+        f64::from_bits(0x3FDA_8D00_AD92_B34D),
+        f64::from_bits(0xBFD7_D240_FBB8_C3F1),
+        f64::from_bits(0x3FD4_5FCA_8051_20E4),
+        f64::from_bits(0xBFBC_6398_3D3E_28EC),
+        f64::from_bits(0x3FA2_2A36_5997_95EB),
+        f64::from_bits(0xBF61_BF38_0A96_073F),
+    ],
+];
+/// The denominators (1 first) of the same two forms.
+pub(crate) const ERF_Q: [[f64; 7]; 2] = [
+    [
+        1.0,
+        f64::from_bits(0x3FD9_7779_CDDA_DC09),
+        f64::from_bits(0x3FB0_A54C_5536_CEBA),
+        f64::from_bits(0x3F74_D022_C4D3_6B0F),
+        f64::from_bits(0x3F21_5DC9_221C_1A10),
+        f64::from_bits(0xBED0_9C43_42A2_6120),
+        0.0,
+    ],
+    [
+        1.0,
+        f64::from_bits(0x3FBB_3E66_18EE_E323),
+        f64::from_bits(0x3FE1_4AF0_92EB_6F33),
+        f64::from_bits(0x3FB2_635C_D99F_E9A7),
+        f64::from_bits(0x3FC0_2660_E763_351F),
+        f64::from_bits(0x3F8B_EDC2_6B51_DD1C),
+        f64::from_bits(0x3F88_8B54_5735_151D),
+    ],
+];
+
+/// `libm::erf` of eight values, bit for bit: with AVX-512, fdlibm's operations on the lanes with
+/// |x| < 1.25 (`avx512_erf8`) and `libm::erf` on the others (where fdlibm calls `exp`,
+/// infinities, NaN); elsewhere `libm::erf` throughout. (The vector kernels' f64 results, for
+/// tests.)
+pub fn erf_lanes(x: &[f64; 8]) -> [f64; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx512Vnni {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
+        return unsafe { crate::x86_64::avx512::avx512_erf_lanes(x) };
+    }
+    x.map(libm::erf)
+}
+
+/// Erf of every f32 value: `libm::erf(x as f64) as f32` (the interpreter's definition), bit for
+/// bit; eight lanes at a time with AVX-512 where the CPU has it ([`erf_lanes`]).
+pub fn erf_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx512Vnni {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, false) };
+    }
+    x.iter().zip(out).for_each(|(&v, o)| *o = libm::erf(v as f64) as f32);
+}
+
+/// Gelu (the erf form) of every f32 value: `0.5 * x * (1 + libm::erf(x / sqrt 2))` in f64,
+/// rounded once (the interpreter's definition), bit for bit; vectorized as [`erf_f32`].
+pub fn gelu_erf_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx512Vnni {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, true) };
+    }
+    x.iter().zip(out).for_each(|(&v, o)| {
+        let x = v as f64;
+        *o = (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+    });
+}
+
 /// [`softplus`] of every f32 value, rounded once to f32; four lanes at a time with AVX2 where the
 /// CPU has it (the same operations).
 pub fn softplus_f32(x: &[f32], out: &mut [f32]) {

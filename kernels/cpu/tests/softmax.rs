@@ -252,3 +252,74 @@ fn sigmoid_f32_equals_the_definition_on_every_f32() {
     eprintln!("near halfway: {near:#x?}");
     assert_eq!(differ, 0, "{differ} values differ from the definition");
 }
+
+/// Erf and Gelu (erf form) on f32 against their definitions with `libm::erf`, bit for bit:
+/// a sweep of every 97th f32 across (-8, 8) (each regime of fdlibm's erf, the vectorized ones
+/// and the fallback), tiny values, signed zeros, infinities, NaN, every tail length.
+#[test]
+fn erf_and_gelu_f32_equal_their_definitions() {
+    use sqil_kernels_cpu::generic::{erf_f32, erf_lanes, gelu_erf_f32};
+    // In f64 first: the vectorized regimes are fdlibm's operations, so every f64 result is
+    // libm's bit for bit (a coefficient off by one unit fails this).
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..20_000 {
+        let x: [f64; 8] = std::array::from_fn(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 3.0 * if s & 2 == 0 { 1.0 } else { 1e-3 }
+        });
+        let got = erf_lanes(&x);
+        for (g, v) in got.iter().zip(x) {
+            assert_eq!(g.to_bits(), libm::erf(v).to_bits(), "erf({v:e}) in f64");
+        }
+    }
+    let top = 8f32.to_bits();
+    let mut vals: Vec<f32> = (0..top).step_by(97).flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)]).collect();
+    vals.extend([0.0, -0.0, 1e-30, -1e-30, 3e-9, -3e-9, 0.84375, -0.84375, 1.25, -1.25, 6.0, -6.0, 40.0, -40.0]);
+    vals.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MIN_POSITIVE, 1e-45, f32::MAX, f32::MIN]);
+    let erf = |v: f32| libm::erf(v as f64) as f32;
+    let gelu = |v: f32| {
+        let x = v as f64;
+        (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+    };
+    for (name, f, def) in
+        [("erf", erf_f32 as fn(&[f32], &mut [f32]), &erf as &dyn Fn(f32) -> f32), ("gelu", gelu_erf_f32, &gelu)]
+    {
+        for len in [vals.len(), 1, 7, 8, 9, 17] {
+            let x = &vals[vals.len() - len..];
+            let mut got = vec![0f32; len];
+            f(x, &mut got);
+            for (&g, &v) in got.iter().zip(x) {
+                let want = def(v);
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{name}({v:e}): {g:e} vs {want:e}"
+                );
+            }
+        }
+    }
+}
+
+/// Every f32: Erf and Gelu's vector forms equal their definitions (minutes on one core: `cargo
+/// test --release -p sqil-kernels-cpu --test softmax -- --ignored`).
+#[test]
+#[ignore]
+fn erf_and_gelu_f32_equal_their_definitions_on_every_f32() {
+    use sqil_kernels_cpu::generic::{erf_f32, gelu_erf_f32};
+    let chunk = 1 << 20;
+    let (mut e, mut g) = (vec![0f32; chunk], vec![0f32; chunk]);
+    let mut differ = 0u64;
+    for start in (0..=u32::MAX as u64).step_by(chunk) {
+        let vals: Vec<f32> = (start..start + chunk as u64).map(|b| f32::from_bits(b as u32)).collect();
+        erf_f32(&vals, &mut e);
+        gelu_erf_f32(&vals, &mut g);
+        for ((&a, &b), &v) in e.iter().zip(&g).zip(&vals) {
+            let x = v as f64;
+            let (we, wg) = (libm::erf(x) as f32, (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32);
+            let same = |p: f32, q: f32| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan());
+            differ += !same(a, we) as u64 + !same(b, wg) as u64;
+        }
+    }
+    assert_eq!(differ, 0, "{differ} values differ from the definitions");
+}

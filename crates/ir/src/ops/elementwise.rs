@@ -74,6 +74,12 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         sqil_kernels_cpu::generic::hard_swish_f32(v, &mut out);
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }
+    if let (Data::F32(v), UnaryOp::Erf) = (&t.data, u) {
+        // libm's erf in f64 rounded once, fdlibm's operations vectorized on |x| < 1.25 (erf_f32).
+        let mut out = vec![0f32; v.len()];
+        sqil_kernels_cpu::generic::erf_f32(v, &mut out);
+        return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
+    }
     if let (Data::F32(v), UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Softplus) = (&t.data, u) {
         // The definitions' own operations, four lanes at a time (sigmoid_f32, tanh_f32,
         // softplus_f32).
@@ -92,6 +98,11 @@ pub(crate) fn gelu(t: &Tensor, tanh: bool) -> Result<Tensor> {
     if tanh {
         let c = (2.0 / std::f64::consts::PI).sqrt();
         map_float(t, "Gelu", |x| 0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh()))
+    } else if let Data::F32(v) = &t.data {
+        // The same f64 operations, erf vectorized as Erf's (gelu_erf_f32).
+        let mut out = vec![0f32; v.len()];
+        sqil_kernels_cpu::generic::gelu_erf_f32(v, &mut out);
+        Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) })
     } else {
         map_float(t, "Gelu", |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)))
     }

@@ -600,8 +600,10 @@ impl Op {
                 | UnaryOp::Softplus
                 | UnaryOp::HardSwish
                 | UnaryOp::Sqrt
-                | UnaryOp::Reciprocal,
+                | UnaryOp::Reciprocal
+                | UnaryOp::Erf,
             )
+            | Op::Gelu { tanh: false }
             | Op::LeakyRelu { .. }
             | Op::Elu { .. } => F32,
             Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div) if all_f32 => F32,

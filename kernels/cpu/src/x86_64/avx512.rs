@@ -394,6 +394,91 @@ pub unsafe fn avx512_hard_swish_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// fdlibm's erf on eight f64 lanes where |x| < 1.25 (its operations, no fused multiply-add: the
+/// same bits as `libm::erf`): the tiny form below 2^-28, the rational form in x^2 below 0.84375,
+/// erx plus the rational form in |x| - 1 above; and the mask of the lanes it does not cover.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn erf8(x: __m512d) -> (__m512d, u8) {
+    use crate::generic::{ERF_EFX8, ERF_ERX, ERF_P, ERF_Q};
+    let ax = _mm512_abs_pd(x);
+    let hi = _mm512_cmp_pd_mask::<_CMP_GE_OQ>(ax, _mm512_set1_pd(0.84375));
+    let t = _mm512_mask_blend_pd(hi, _mm512_mul_pd(x, x), _mm512_sub_pd(ax, _mm512_set1_pd(1.0)));
+    let c =
+        |k: usize, tab: &[[f64; 7]; 2]| _mm512_mask_blend_pd(hi, _mm512_set1_pd(tab[0][k]), _mm512_set1_pd(tab[1][k]));
+    let (mut p, mut q) = (c(6, &ERF_P), c(6, &ERF_Q));
+    for k in (0..6).rev() {
+        p = _mm512_add_pd(c(k, &ERF_P), _mm512_mul_pd(t, p));
+        q = _mm512_add_pd(c(k, &ERF_Q), _mm512_mul_pd(t, q));
+    }
+    let r = _mm512_div_pd(p, q);
+    let low = _mm512_add_pd(x, _mm512_mul_pd(x, r));
+    let y = _mm512_sub_pd(_mm512_set1_pd(1.0), _mm512_sub_pd(_mm512_set1_pd(1.0 - ERF_ERX), r));
+    // -y where x's sign bit is set (y is positive).
+    let sign = _mm512_set1_epi64(i64::MIN);
+    let y =
+        _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(y), _mm512_and_si512(_mm512_castpd_si512(x), sign)));
+    let tiny = _mm512_mul_pd(
+        _mm512_set1_pd(0.125),
+        _mm512_add_pd(_mm512_mul_pd(_mm512_set1_pd(8.0), x), _mm512_mul_pd(_mm512_set1_pd(ERF_EFX8), x)),
+    );
+    let e = _mm512_mask_blend_pd(hi, low, y);
+    let e =
+        _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(ax, _mm512_set1_pd(1.0 / (1u64 << 28) as f64)), e, tiny);
+    (e, !_mm512_cmp_pd_mask::<_CMP_LT_OQ>(ax, _mm512_set1_pd(1.25)))
+}
+
+/// [`erf8`] with the uncovered lanes by `libm::erf`: `libm::erf` of every lane, bit for bit.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn erf8_all(x: __m512d) -> __m512d {
+    let (e, rest) = erf8(x);
+    if rest == 0 {
+        return e;
+    }
+    let (mut xs, mut es) = ([0f64; 8], [0f64; 8]);
+    _mm512_storeu_pd(xs.as_mut_ptr(), x);
+    _mm512_storeu_pd(es.as_mut_ptr(), e);
+    for i in 0..8 {
+        if rest >> i & 1 == 1 {
+            es[i] = libm::erf(xs[i]);
+        }
+    }
+    _mm512_loadu_pd(es.as_ptr())
+}
+
+/// `generic::erf_lanes` with AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_erf_lanes(x: &[f64; 8]) -> [f64; 8] {
+    let mut out = [0f64; 8];
+    _mm512_storeu_pd(out.as_mut_ptr(), erf8_all(_mm512_loadu_pd(x.as_ptr())));
+    out
+}
+
+/// `generic::erf_f32` (or with `gelu`, `generic::gelu_erf_f32`: `0.5 * x * (1 + erf(x / sqrt
+/// 2))` in f64) on eight lanes, the tail through a zero-padded vector; each result rounded once.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
+    for (xs, os) in x.chunks(8).zip(out.chunks_mut(8)) {
+        // The chunk's lanes (all eight but in the tail); the rest read and write nothing.
+        let m: u16 = (1 << xs.len()) - 1;
+        let v = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, xs.as_ptr())));
+        let y = if gelu {
+            let e = erf8_all(_mm512_div_pd(v, _mm512_set1_pd(std::f64::consts::SQRT_2)));
+            _mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(0.5), v), _mm512_add_pd(_mm512_set1_pd(1.0), e))
+        } else {
+            erf8_all(v)
+        };
+        _mm512_mask_storeu_ps(os.as_mut_ptr(), m, _mm512_castps256_ps512(_mm512_cvtpd_ps(y)));
+    }
+}
+
 /// `generic::sigmoid_screened` on eight f64 lanes, `K` vectors interleaved: the results rounded
 /// to f32 and, per vector, the lanes whose rounding is certain to be the definition's.
 #[inline]
