@@ -275,3 +275,38 @@ fn average_pool_f32_path_matches_the_general_path() {
         same_bits(&fast.data.to_f32_vec(), &want, "AveragePool");
     }
 }
+
+/// QuantizeLinear and DequantizeLinear per tensor with an f32 scale (the runtime's path) give the
+/// per-axis general path's values when every channel has that scale and zero point: int8 and
+/// uint8, zero points at both ends, values past the range, halfway cases, NaN.
+#[test]
+fn per_tensor_quantize_linear_matches_the_general_path() {
+    let mut r = Rng::new(12);
+    let c = 6;
+    let mut v = wide(&mut r, c * 500);
+    v.truncate(c * 500);
+    // Halfway between levels of 0.05.
+    v.iter_mut().step_by(7).enumerate().for_each(|(i, e)| *e = (i as f32 - 40.0 + 0.5) * 0.05);
+    let x = Tensor::from_f32(vec![500, c], v).unwrap();
+    for (dt, z) in
+        [(sqil_ir::DType::I8, -128i64), (sqil_ir::DType::I8, 5), (sqil_ir::DType::U8, 255), (sqil_ir::DType::U8, 0)]
+    {
+        let (s1, sc) =
+            (Tensor::from_f32(vec![], vec![0.05]).unwrap(), Tensor::from_f32(vec![c], vec![0.05; c]).unwrap());
+        let zt = |n: Vec<usize>| {
+            Tensor::new(n.clone(), sqil_ir::Data::from_i64(dt, std::iter::repeat_n(z, n.iter().product()))).unwrap()
+        };
+        let (z1, zc) = (zt(vec![]), zt(vec![c]));
+        let q = Op::QuantizeLinear { axis: 1, block_size: 0, output_dtype: None, saturate: true };
+        assert_eq!(q.cpu_path(&[Some(&x), Some(&s1), Some(&z1)], 1), "f32 kernel");
+        let fast = q.eval(&[Some(&x), Some(&s1), Some(&z1)], 1).unwrap().remove(0);
+        let general = q.eval(&[Some(&x), Some(&sc), Some(&zc)], 1).unwrap().remove(0);
+        assert_eq!(fast, general, "QuantizeLinear {dt:?} zero {z}");
+        let d = Op::DequantizeLinear { axis: 1, block_size: 0 };
+        assert_eq!(d.cpu_path(&[Some(&fast), Some(&s1), Some(&z1)], 1), "f32 kernel");
+        let fast_d = d.eval(&[Some(&fast), Some(&s1), Some(&z1)], 1).unwrap().remove(0);
+        let general_d = d.eval(&[Some(&general), Some(&sc), Some(&zc)], 1).unwrap().remove(0);
+        same_bits(&fast_d.data.to_f32_vec(), &general_d.data.to_f32_vec(), "DequantizeLinear");
+        assert_eq!(d.cpu_path(&[Some(&fast), Some(&sc), Some(&zc)], 1), "reference (f64)");
+    }
+}

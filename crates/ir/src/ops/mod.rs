@@ -586,6 +586,17 @@ impl Op {
             | Op::Identity
             | Op::Cast { .. }
             | Op::Expand => MOVE,
+            Op::QuantizeLinear { block_size: b, .. } | Op::DequantizeLinear { block_size: b, .. } => match inputs {
+                [Some(x), Some(s), zp @ ..] => {
+                    let q = matches!(self, Op::QuantizeLinear { .. });
+                    if quant::per_tensor_f32(x, s, zp.first().copied().flatten(), *b, q) {
+                        F32
+                    } else {
+                        REF
+                    }
+                }
+                _ => REF,
+            },
             Op::Where => match inputs {
                 [Some(c), Some(x), Some(y)] if elementwise::where_direct(c, x, y) => MOVE,
                 _ => REF,

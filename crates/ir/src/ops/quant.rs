@@ -82,6 +82,30 @@ fn f32_or_f64(t: &Tensor, what: &str) -> Result<Vec<f64>> {
     }
 }
 
+/// A per-tensor f32 scale's value.
+fn one_f32(scale: &Tensor) -> Option<f32> {
+    match &scale.data {
+        Data::F32(v) if v.len() == 1 => Some(v[0]),
+        _ => None,
+    }
+}
+
+/// A per-tensor (or absent: 0) integer zero point's value.
+fn one_int(zp: Option<&Tensor>) -> Option<i64> {
+    match zp {
+        None => Some(0),
+        Some(z) if z.len() == 1 && z.dtype().is_integer() => Some(z.data.to_i64_vec()[0]),
+        Some(_) => None,
+    }
+}
+
+/// Whether QuantizeLinear / DequantizeLinear (`block` its block size) on these inputs takes the
+/// per-tensor f32 path (`"f32 kernel"` in `sqil bench --profile`): not blocked, one f32 scale, one
+/// integer zero point or none, and for QuantizeLinear an f32 input.
+pub fn per_tensor_f32(x: &Tensor, scale: &Tensor, zp: Option<&Tensor>, block: i64, quantize: bool) -> bool {
+    block == 0 && one_f32(scale).is_some() && one_int(zp).is_some() && (!quantize || matches!(x.data, Data::F32(_)))
+}
+
 pub(crate) fn quantize(
     x: &Tensor,
     scale: &Tensor,
@@ -92,6 +116,14 @@ pub(crate) fn quantize(
 ) -> Result<Tensor> {
     let dtype = quant_dtype(zp.map(Tensor::dtype), output_dtype)?;
     let (lo, hi) = dtype.int_range().expect("integer");
+    if let (Data::F32(xv), Some(s), Some(z), 0) = (&x.data, one_f32(scale), one_int(zp), block) {
+        // Per tensor on f32 (what the runtime serves): the same operations per value (the f32
+        // division, ties to even, the zero point and the clamp in f64, the saturating cast)
+        // without index tables or an f64 copy of the input.
+        let (lo, hi) = (lo as f64, hi as f64);
+        let q = xv.iter().map(|&v| (round_even(v / s) as f64 + z as f64).clamp(lo, hi) as i64);
+        return Tensor::new(x.shape.clone(), Data::from_i64(dtype, q));
+    }
     let idx = param_index(&x.shape, &scale.shape, axis, block)?;
     let zps = zp.map(|z| z.data.to_i64_vec());
     if let Some(z) = zp {
@@ -133,6 +165,12 @@ pub(crate) fn dequantize(x: &Tensor, scale: &Tensor, zp: Option<&Tensor>, axis: 
                 x.dtype()
             )));
         }
+    }
+    if let (Some(s), Some(z), 0) = (one_f32(scale), one_int(zp), block) {
+        // Per tensor with an f32 scale (what the runtime serves): `(q - zero) as f32 * scale`
+        // per value, written as f32 directly.
+        let y = x.data.to_i64_vec().into_iter().map(|q| (q - z) as f32 * s).collect();
+        return Tensor::new(x.shape.clone(), Data::F32(y));
     }
     let idx = param_index(&x.shape, &scale.shape, axis, block)?;
     let zps = zp.map(|z| z.data.to_i64_vec());
