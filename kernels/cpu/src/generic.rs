@@ -1324,6 +1324,27 @@ pub fn erf_f32(x: &[f32], out: &mut [f32]) {
     x.iter().zip(out).for_each(|(&v, o)| *o = libm::erf(v as f64) as f32);
 }
 
+/// Gelu's tanh form as the interpreter defines it, in f64 with the platform's `tanh`:
+/// `0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3)))`.
+pub fn gelu_tanh(x: f64) -> f64 {
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+}
+
+/// [`gelu_tanh`] of every f32 value, rounded once, bit for bit. With AVX-512, eight lanes of a
+/// screened form (sqil's tanh, within 2^-42 of the platform's; a lane is taken only where
+/// `1 + tanh >= 0.5`, so the error stays below 2^-41 relative, and its f32 rounding is certain as
+/// for [`sigmoid_screened`]); the other lanes by [`gelu_tanh`] itself.
+pub fn gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx512Vnni {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx512::avx512_gelu_tanh_f32(x, out) };
+    }
+    x.iter().zip(out).for_each(|(&v, o)| *o = gelu_tanh(v as f64) as f32);
+}
+
 /// Gelu (the erf form) of every f32 value: `0.5 * x * (1 + libm::erf(x / sqrt 2))` in f64,
 /// rounded once (the interpreter's definition), bit for bit; vectorized as [`erf_f32`].
 pub fn gelu_erf_f32(x: &[f32], out: &mut [f32]) {

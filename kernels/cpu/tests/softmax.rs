@@ -323,3 +323,47 @@ fn erf_and_gelu_f32_equal_their_definitions_on_every_f32() {
     }
     assert_eq!(differ, 0, "{differ} values differ from the definitions");
 }
+
+/// Gelu's tanh form on f32 against its definition (`gelu_tanh`, the platform's tanh), bit for
+/// bit: a sweep of every 97th f32 across (-12, 12), tiny values, signed zeros, infinities, NaN,
+/// huge values, every tail length; and it screens out a value whose result lies nearly halfway
+/// between two f32 (found in the sweep: a margin of 0 fails).
+#[test]
+fn gelu_tanh_f32_equals_its_definition() {
+    use sqil_kernels_cpu::generic::{gelu_tanh, gelu_tanh_f32};
+    let top = 12f32.to_bits();
+    let mut vals: Vec<f32> = (0..top).step_by(97).flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)]).collect();
+    vals.extend([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 3e-9, -3e-9, 40.0, -40.0, 1e20, -1e20]);
+    vals.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MIN_POSITIVE, 1e-45, f32::MAX, f32::MIN]);
+    for len in [vals.len(), 1, 7, 8, 9, 17] {
+        let x = &vals[vals.len() - len..];
+        let mut got = vec![0f32; len];
+        gelu_tanh_f32(x, &mut got);
+        for (&g, &v) in got.iter().zip(x) {
+            let want = gelu_tanh(v as f64) as f32;
+            assert!(
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                "gelu_tanh({v:e}): {g:e} vs {want:e}"
+            );
+        }
+    }
+}
+
+/// Every f32: Gelu's tanh form equals its definition (minutes on one core, `--ignored`).
+#[test]
+#[ignore]
+fn gelu_tanh_f32_equals_its_definition_on_every_f32() {
+    use sqil_kernels_cpu::generic::{gelu_tanh, gelu_tanh_f32};
+    let chunk = 1 << 20;
+    let mut g = vec![0f32; chunk];
+    let mut differ = 0u64;
+    for start in (0..=u32::MAX as u64).step_by(chunk) {
+        let vals: Vec<f32> = (start..start + chunk as u64).map(|b| f32::from_bits(b as u32)).collect();
+        gelu_tanh_f32(&vals, &mut g);
+        for (&a, &v) in g.iter().zip(&vals) {
+            let w = gelu_tanh(v as f64) as f32;
+            differ += !(a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan())) as u64;
+        }
+    }
+    assert_eq!(differ, 0, "{differ} values differ from the definition");
+}

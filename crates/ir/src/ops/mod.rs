@@ -614,7 +614,7 @@ impl Op {
                 | UnaryOp::Reciprocal
                 | UnaryOp::Erf,
             )
-            | Op::Gelu { tanh: false }
+            | Op::Gelu { .. }
             | Op::LeakyRelu { .. }
             | Op::Elu { .. } => F32,
             Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div) if all_f32 => F32,

@@ -479,6 +479,56 @@ pub unsafe fn avx512_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
     }
 }
 
+/// `generic::gelu_tanh_f32` on eight f64 lanes: the definition's operations around sqil's tanh
+/// (the Taylor form below `TANH_SMALL`, else `(1 - e) / (1 + e)`, `e = exp_nonpos(-2|u|)`), a
+/// lane kept where `1 + tanh >= 0.5`, its result normal and its low 29 bits more than
+/// `SCREEN_MARGIN` units from an f32 halfway point; the others by `generic::gelu_tanh`.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{gelu_tanh, SCREEN_MARGIN, TANH_SMALL, TANH_TAYLOR};
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let one = _mm512_set1_pd(1.0);
+    let sign = _mm512_set1_epi64(i64::MIN);
+    for (xs, os) in x.chunks(8).zip(out.chunks_mut(8)) {
+        let m: u16 = (1 << xs.len()) - 1;
+        let v = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_maskz_loadu_ps(m, xs.as_ptr())));
+        let x3 = _mm512_mul_pd(_mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(0.044715), v), v), v);
+        let u = _mm512_mul_pd(_mm512_set1_pd(c), _mm512_add_pd(v, x3));
+        let a = _mm512_abs_pd(u);
+        let [e] = exp_nonpos8xk::<1>([_mm512_mul_pd(a, _mm512_set1_pd(-2.0))]);
+        let big = _mm512_div_pd(_mm512_sub_pd(one, e), _mm512_add_pd(one, e));
+        let a2 = _mm512_mul_pd(a, a);
+        let poly = _mm512_add_pd(_mm512_set1_pd(TANH_TAYLOR[1]), _mm512_mul_pd(a2, _mm512_set1_pd(TANH_TAYLOR[2])));
+        let poly = _mm512_add_pd(_mm512_set1_pd(TANH_TAYLOR[0]), _mm512_mul_pd(a2, poly));
+        let small = _mm512_add_pd(a, _mm512_mul_pd(_mm512_mul_pd(a, a2), poly));
+        let t = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(a, _mm512_set1_pd(TANH_SMALL)), big, small);
+        let t = _mm512_castsi512_pd(_mm512_or_si512(
+            _mm512_castpd_si512(t),
+            _mm512_and_si512(_mm512_castpd_si512(u), sign),
+        ));
+        let onept = _mm512_add_pd(one, t);
+        let g = _mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(0.5), v), onept);
+        let low = _mm512_and_si512(_mm512_castpd_si512(g), _mm512_set1_epi64((1 << 29) - 1));
+        let off = _mm512_abs_epi64(_mm512_sub_epi64(low, _mm512_set1_epi64(1 << 28)));
+        let sure = _mm512_cmpgt_epi64_mask(off, _mm512_set1_epi64(SCREEN_MARGIN))
+            & _mm512_cmp_pd_mask::<_CMP_GE_OQ>(onept, _mm512_set1_pd(0.5))
+            & _mm512_cmp_pd_mask::<_CMP_GE_OQ>(_mm512_abs_pd(g), _mm512_set1_pd(f64::from_bits(0x3870_0000_0000_0000)));
+        let y = _mm512_cvtpd_ps(g);
+        if sure as u16 & m == m {
+            _mm512_mask_storeu_ps(os.as_mut_ptr(), m, _mm512_castps256_ps512(y));
+        } else {
+            let mut ys = [0f32; 8];
+            _mm256_storeu_ps(ys.as_mut_ptr(), y);
+            for (i, o) in os.iter_mut().enumerate() {
+                *o = if sure >> i & 1 == 1 { ys[i] } else { gelu_tanh(xs[i] as f64) as f32 };
+            }
+        }
+    }
+}
+
 /// `generic::sigmoid_screened` on eight f64 lanes, `K` vectors interleaved: the results rounded
 /// to f32 and, per vector, the lanes whose rounding is certain to be the definition's.
 #[inline]
