@@ -283,22 +283,8 @@ fn erf_and_gelu_f32_equal_their_definitions() {
         let x = v as f64;
         (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
     };
-    for (name, f, def) in
-        [("erf", erf_f32 as fn(&[f32], &mut [f32]), &erf as &dyn Fn(f32) -> f32), ("gelu", gelu_erf_f32, &gelu)]
-    {
-        for len in [vals.len(), 1, 7, 8, 9, 17] {
-            let x = &vals[vals.len() - len..];
-            let mut got = vec![0f32; len];
-            f(x, &mut got);
-            for (&g, &v) in got.iter().zip(x) {
-                let want = def(v);
-                assert!(
-                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                    "{name}({v:e}): {g:e} vs {want:e}"
-                );
-            }
-        }
-    }
+    check_tails("erf", &vals, erf_f32, erf);
+    check_tails("gelu", &vals, gelu_erf_f32, gelu);
 }
 
 /// Every f32: Erf and Gelu's vector forms equal their definitions (minutes on one core: `cargo
@@ -307,21 +293,11 @@ fn erf_and_gelu_f32_equal_their_definitions() {
 #[ignore]
 fn erf_and_gelu_f32_equal_their_definitions_on_every_f32() {
     use sqil_kernels_cpu::generic::{erf_f32, gelu_erf_f32};
-    let chunk = 1 << 20;
-    let (mut e, mut g) = (vec![0f32; chunk], vec![0f32; chunk]);
-    let mut differ = 0u64;
-    for start in (0..=u32::MAX as u64).step_by(chunk) {
-        let vals: Vec<f32> = (start..start + chunk as u64).map(|b| f32::from_bits(b as u32)).collect();
-        erf_f32(&vals, &mut e);
-        gelu_erf_f32(&vals, &mut g);
-        for ((&a, &b), &v) in e.iter().zip(&g).zip(&vals) {
-            let x = v as f64;
-            let (we, wg) = (libm::erf(x) as f32, (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32);
-            let same = |p: f32, q: f32| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan());
-            differ += !same(a, we) as u64 + !same(b, wg) as u64;
-        }
-    }
-    assert_eq!(differ, 0, "{differ} values differ from the definitions");
+    every_f32("erf", erf_f32, |v| libm::erf(v as f64) as f32);
+    every_f32("gelu", gelu_erf_f32, |v| {
+        let x = v as f64;
+        (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
+    });
 }
 
 /// Gelu's tanh form on f32 against its definition (`gelu_tanh`, the platform's tanh), bit for
@@ -335,18 +311,7 @@ fn gelu_tanh_f32_equals_its_definition() {
     let mut vals: Vec<f32> = (0..top).step_by(97).flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)]).collect();
     vals.extend([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 3e-9, -3e-9, 40.0, -40.0, 1e20, -1e20]);
     vals.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MIN_POSITIVE, 1e-45, f32::MAX, f32::MIN]);
-    for len in [vals.len(), 1, 7, 8, 9, 17] {
-        let x = &vals[vals.len() - len..];
-        let mut got = vec![0f32; len];
-        gelu_tanh_f32(x, &mut got);
-        for (&g, &v) in got.iter().zip(x) {
-            let want = gelu_tanh(v as f64) as f32;
-            assert!(
-                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                "gelu_tanh({v:e}): {g:e} vs {want:e}"
-            );
-        }
-    }
+    check_tails("gelu_tanh", &vals, gelu_tanh_f32, |v| gelu_tanh(v as f64) as f32);
 }
 
 /// Every f32: Gelu's tanh form equals its definition (minutes on one core, `--ignored`).
@@ -354,16 +319,35 @@ fn gelu_tanh_f32_equals_its_definition() {
 #[ignore]
 fn gelu_tanh_f32_equals_its_definition_on_every_f32() {
     use sqil_kernels_cpu::generic::{gelu_tanh, gelu_tanh_f32};
+    every_f32("gelu_tanh", gelu_tanh_f32, |v| gelu_tanh(v as f64) as f32);
+}
+
+/// `f` against `def` bit for bit (NaN as NaN) on `vals` and on tails of it of every remainder
+/// length of the vector loops.
+fn check_tails(name: &str, vals: &[f32], f: fn(&[f32], &mut [f32]), def: impl Fn(f32) -> f32) {
+    for len in [vals.len(), 1, 7, 8, 9, 17] {
+        let x = &vals[vals.len() - len..];
+        let mut got = vec![0f32; len];
+        f(x, &mut got);
+        for (&g, &v) in got.iter().zip(x) {
+            let want = def(v);
+            assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "{name}({v:e}): {g:e} vs {want:e}");
+        }
+    }
+}
+
+/// `f` against `def` on every f32, bit for bit (NaN as NaN).
+fn every_f32(name: &str, f: fn(&[f32], &mut [f32]), def: impl Fn(f32) -> f32) {
     let chunk = 1 << 20;
-    let mut g = vec![0f32; chunk];
+    let mut got = vec![0f32; chunk];
     let mut differ = 0u64;
     for start in (0..=u32::MAX as u64).step_by(chunk) {
         let vals: Vec<f32> = (start..start + chunk as u64).map(|b| f32::from_bits(b as u32)).collect();
-        gelu_tanh_f32(&vals, &mut g);
-        for (&a, &v) in g.iter().zip(&vals) {
-            let w = gelu_tanh(v as f64) as f32;
+        f(&vals, &mut got);
+        for (&a, &v) in got.iter().zip(&vals) {
+            let w = def(v);
             differ += !(a.to_bits() == w.to_bits() || (a.is_nan() && w.is_nan())) as u64;
         }
     }
-    assert_eq!(differ, 0, "{differ} values differ from the definition");
+    assert_eq!(differ, 0, "{name}: {differ} values differ from the definition");
 }
