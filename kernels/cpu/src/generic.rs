@@ -1313,13 +1313,19 @@ pub fn erf_lanes(x: &[f64; 8]) -> [f64; 8] {
 }
 
 /// Erf of every f32 value: `libm::erf(x as f64) as f32` (the interpreter's definition), bit for
-/// bit; eight lanes at a time with AVX-512 where the CPU has it ([`erf_lanes`]).
+/// bit; eight lanes at a time with AVX-512 ([`erf_lanes`]), four with AVX2, where the CPU has
+/// them.
 pub fn erf_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
     if crate::isa() == crate::Isa::Avx512Vnni {
         // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
         return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, false) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx2 {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_erf_f32(x, out, false) };
     }
     x.iter().zip(out).for_each(|(&v, o)| *o = libm::erf(v as f64) as f32);
 }
@@ -1331,7 +1337,7 @@ pub fn gelu_tanh(x: f64) -> f64 {
     0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
 }
 
-/// [`gelu_tanh`] of every f32 value, rounded once, bit for bit. With AVX-512, eight lanes of a
+/// [`gelu_tanh`] of every f32 value, rounded once, bit for bit. With AVX-512 (AVX2: four), eight lanes of a
 /// screened form (sqil's tanh, within 2^-42 of the platform's; a lane is taken only where
 /// `1 + tanh >= 0.5`, so the error stays below 2^-41 relative, and its f32 rounding is certain as
 /// for [`sigmoid_screened`]); the other lanes by [`gelu_tanh`] itself.
@@ -1341,6 +1347,11 @@ pub fn gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
     if crate::isa() == crate::Isa::Avx512Vnni {
         // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
         return unsafe { crate::x86_64::avx512::avx512_gelu_tanh_f32(x, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx2 {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_gelu_tanh_f32(x, out) };
     }
     x.iter().zip(out).for_each(|(&v, o)| *o = gelu_tanh(v as f64) as f32);
 }
@@ -1353,6 +1364,11 @@ pub fn gelu_erf_f32(x: &[f32], out: &mut [f32]) {
     if crate::isa() == crate::Isa::Avx512Vnni {
         // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
         return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, true) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx2 {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        return unsafe { crate::x86_64::avx2::avx2_erf_f32(x, out, true) };
     }
     x.iter().zip(out).for_each(|(&v, o)| {
         let x = v as f64;

@@ -623,3 +623,122 @@ pub(crate) unsafe fn avx2_channels<X: LaneInput>(
 ) {
     channels_impl::<X, Avx2>(w, xs, bias, y, strides, rows)
 }
+
+/// fdlibm's erf on four f64 lanes where |x| < 1.25 (`avx512::erf8`'s operations on 256-bit
+/// registers: the same bits as `libm::erf`), the others by `libm::erf`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn erf4_all(x: __m256d) -> __m256d {
+    use crate::generic::{ERF_EFX8, ERF_ERX, ERF_P, ERF_Q};
+    let sign = _mm256_set1_pd(-0.0);
+    let ax = _mm256_andnot_pd(sign, x);
+    let hi = _mm256_cmp_pd(ax, _mm256_set1_pd(0.84375), _CMP_GE_OQ);
+    let t = _mm256_blendv_pd(_mm256_mul_pd(x, x), _mm256_sub_pd(ax, _mm256_set1_pd(1.0)), hi);
+    let c = |k: usize, tab: &[[f64; 7]; 2]| _mm256_blendv_pd(_mm256_set1_pd(tab[0][k]), _mm256_set1_pd(tab[1][k]), hi);
+    let (mut p, mut q) = (c(6, &ERF_P), c(6, &ERF_Q));
+    for k in (0..6).rev() {
+        p = _mm256_add_pd(c(k, &ERF_P), _mm256_mul_pd(t, p));
+        q = _mm256_add_pd(c(k, &ERF_Q), _mm256_mul_pd(t, q));
+    }
+    let r = _mm256_div_pd(p, q);
+    let low = _mm256_add_pd(x, _mm256_mul_pd(x, r));
+    let y = _mm256_sub_pd(_mm256_set1_pd(1.0), _mm256_sub_pd(_mm256_set1_pd(1.0 - ERF_ERX), r));
+    // -y where x's sign bit is set (y is positive).
+    let y = _mm256_or_pd(y, _mm256_and_pd(x, sign));
+    let tiny = _mm256_mul_pd(
+        _mm256_set1_pd(0.125),
+        _mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(8.0), x), _mm256_mul_pd(_mm256_set1_pd(ERF_EFX8), x)),
+    );
+    let e = _mm256_blendv_pd(low, y, hi);
+    let e = _mm256_blendv_pd(e, tiny, _mm256_cmp_pd(ax, _mm256_set1_pd(1.0 / (1u64 << 28) as f64), _CMP_LT_OQ));
+    let covered = _mm256_movemask_pd(_mm256_cmp_pd(ax, _mm256_set1_pd(1.25), _CMP_LT_OQ));
+    if covered == 0xf {
+        return e;
+    }
+    let (mut xs, mut es) = ([0f64; 4], [0f64; 4]);
+    _mm256_storeu_pd(xs.as_mut_ptr(), x);
+    _mm256_storeu_pd(es.as_mut_ptr(), e);
+    for i in 0..4 {
+        if covered >> i & 1 == 0 {
+            es[i] = libm::erf(xs[i]);
+        }
+    }
+    _mm256_loadu_pd(es.as_ptr())
+}
+
+/// `generic::erf_f32` (with `gelu`, `generic::gelu_erf_f32`) on four lanes with AVX2, the tail by
+/// the definitions.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
+    let n = x.len() / 4 * 4;
+    for (xs, os) in x[..n].chunks_exact(4).zip(out[..n].chunks_exact_mut(4)) {
+        let v = _mm256_cvtps_pd(_mm_loadu_ps(xs.as_ptr()));
+        let y = if gelu {
+            let e = erf4_all(_mm256_div_pd(v, _mm256_set1_pd(std::f64::consts::SQRT_2)));
+            _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.5), v), _mm256_add_pd(_mm256_set1_pd(1.0), e))
+        } else {
+            erf4_all(v)
+        };
+        _mm_storeu_ps(os.as_mut_ptr(), _mm256_cvtpd_ps(y));
+    }
+    for (o, &v) in out[n..].iter_mut().zip(&x[n..]) {
+        let x = v as f64;
+        *o = if gelu { 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)) } else { libm::erf(x) } as f32;
+    }
+}
+
+/// `generic::gelu_tanh_f32` on four lanes with AVX2 (`avx512_gelu_tanh_f32`'s operations and
+/// screen), the tail and the unsure lanes by `generic::gelu_tanh`.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{gelu_tanh, SCREEN_MARGIN, TANH_SMALL, TANH_TAYLOR};
+    let c = (2.0 / std::f64::consts::PI).sqrt();
+    let (one, sign) = (_mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
+    let n = x.len() / 4 * 4;
+    for (xs, os) in x[..n].chunks_exact(4).zip(out[..n].chunks_exact_mut(4)) {
+        let v = _mm256_cvtps_pd(_mm_loadu_ps(xs.as_ptr()));
+        let x3 = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.044715), v), v), v);
+        let u = _mm256_mul_pd(_mm256_set1_pd(c), _mm256_add_pd(v, x3));
+        let a = _mm256_andnot_pd(sign, u);
+        let e = exp_nonpos4(_mm256_mul_pd(a, _mm256_set1_pd(-2.0)));
+        let big = _mm256_div_pd(_mm256_sub_pd(one, e), _mm256_add_pd(one, e));
+        let a2 = _mm256_mul_pd(a, a);
+        let poly = _mm256_add_pd(_mm256_set1_pd(TANH_TAYLOR[1]), _mm256_mul_pd(a2, _mm256_set1_pd(TANH_TAYLOR[2])));
+        let poly = _mm256_add_pd(_mm256_set1_pd(TANH_TAYLOR[0]), _mm256_mul_pd(a2, poly));
+        let small = _mm256_add_pd(a, _mm256_mul_pd(_mm256_mul_pd(a, a2), poly));
+        let t = _mm256_blendv_pd(big, small, _mm256_cmp_pd(a, _mm256_set1_pd(TANH_SMALL), _CMP_LT_OQ));
+        let t = _mm256_or_pd(t, _mm256_and_pd(u, sign));
+        let onept = _mm256_add_pd(one, t);
+        let g = _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.5), v), onept);
+        let low = _mm256_and_si256(_mm256_castpd_si256(g), _mm256_set1_epi64x((1 << 29) - 1));
+        let off = _mm256_sub_epi64(low, _mm256_set1_epi64x(1 << 28));
+        let far = _mm256_or_si256(
+            _mm256_cmpgt_epi64(off, _mm256_set1_epi64x(SCREEN_MARGIN)),
+            _mm256_cmpgt_epi64(_mm256_set1_epi64x(-SCREEN_MARGIN), off),
+        );
+        let ok = _mm256_and_pd(
+            _mm256_cmp_pd(onept, _mm256_set1_pd(0.5), _CMP_GE_OQ),
+            _mm256_cmp_pd(_mm256_andnot_pd(sign, g), _mm256_set1_pd(f64::from_bits(0x3870_0000_0000_0000)), _CMP_GE_OQ),
+        );
+        let sure = _mm256_movemask_pd(_mm256_and_pd(_mm256_castsi256_pd(far), ok));
+        let y = _mm256_cvtpd_ps(g);
+        if sure == 0xf {
+            _mm_storeu_ps(os.as_mut_ptr(), y);
+        } else {
+            let mut ys = [0f32; 4];
+            _mm_storeu_ps(ys.as_mut_ptr(), y);
+            for (i, o) in os.iter_mut().enumerate() {
+                *o = if sure >> i & 1 == 1 { ys[i] } else { gelu_tanh(xs[i] as f64) as f32 };
+            }
+        }
+    }
+    for (o, &v) in out[n..].iter_mut().zip(&x[n..]) {
+        *o = gelu_tanh(v as f64) as f32;
+    }
+}
