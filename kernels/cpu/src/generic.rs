@@ -1158,8 +1158,15 @@ pub fn sigmoid_screened(x: f64) -> (f64, bool) {
     }
     let e = p * f64::from_bits(t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()).wrapping_add(1023) << 52);
     let y = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    (y, a < SCREEN_MAX_ABS && far_from_halfway(y))
+}
+
+/// Whether `y`'s low 29 bits (the bits f32 rounding drops) lie more than [`SCREEN_MARGIN`]
+/// units from the halfway pattern `2^28`: the screen every screened kernel applies to its f64
+/// result (`far_from_halfway4` / `far_from_halfway8` on vector lanes).
+pub fn far_from_halfway(y: f64) -> bool {
     let low = (y.to_bits() & ((1 << 29) - 1)) as i64;
-    (y, a < SCREEN_MAX_ABS && (low - (1 << 28)).abs() > SCREEN_MARGIN)
+    (low - (1 << 28)).abs() > SCREEN_MARGIN
 }
 
 /// Below this magnitude [`tanh`] is its Taylor polynomial (to x^7: relative error below 2^-70).
@@ -1318,14 +1325,12 @@ pub fn erf_lanes(x: &[f64; 8]) -> [f64; 8] {
 pub fn erf_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() == crate::Isa::Avx512Vnni {
+    match crate::isa() {
         // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, false) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::isa() == crate::Isa::Avx2 {
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, false) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx2::avx2_erf_f32(x, out, false) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_erf_f32(x, out, false) },
+        crate::Isa::Generic => {}
     }
     x.iter().zip(out).for_each(|(&v, o)| *o = libm::erf(v as f64) as f32);
 }
@@ -1344,36 +1349,34 @@ pub fn gelu_tanh(x: f64) -> f64 {
 pub fn gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() == crate::Isa::Avx512Vnni {
+    match crate::isa() {
         // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx512::avx512_gelu_tanh_f32(x, out) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::isa() == crate::Isa::Avx2 {
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_gelu_tanh_f32(x, out) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx2::avx2_gelu_tanh_f32(x, out) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_gelu_tanh_f32(x, out) },
+        crate::Isa::Generic => {}
     }
     x.iter().zip(out).for_each(|(&v, o)| *o = gelu_tanh(v as f64) as f32);
 }
 
-/// Gelu (the erf form) of every f32 value: `0.5 * x * (1 + libm::erf(x / sqrt 2))` in f64,
-/// rounded once (the interpreter's definition), bit for bit; vectorized as [`erf_f32`].
+/// Gelu's erf form as the interpreter defines it, in f64 with the `libm` crate's erf:
+/// `0.5 * x * (1 + erf(x / sqrt 2))`.
+pub fn gelu_erf(x: f64) -> f64 {
+    0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+}
+
+/// [`gelu_erf`] of every f32 value, rounded once, bit for bit; vectorized as [`erf_f32`].
 pub fn gelu_erf_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() == crate::Isa::Avx512Vnni {
+    match crate::isa() {
         // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, true) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if crate::isa() == crate::Isa::Avx2 {
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_erf_f32(x, out, true) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx2::avx2_erf_f32(x, out, true) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_erf_f32(x, out, true) },
+        crate::Isa::Generic => {}
     }
-    x.iter().zip(out).for_each(|(&v, o)| {
-        let x = v as f64;
-        *o = (0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))) as f32
-    });
+    x.iter().zip(out).for_each(|(&v, o)| *o = gelu_erf(v as f64) as f32);
 }
 
 /// [`softplus`] of every f32 value, rounded once to f32; four lanes at a time with AVX2 where the

@@ -247,8 +247,6 @@ fn gather(
     sums: &mut [i32],
 ) {
     let (ch, run, taps, il) = (im.channels, im.run, im.geo.kernel_len(), im.geo.input_len());
-    // A padding tap's block sums: `pad` times each block's channels.
-    let pad_sums: Vec<i32> = (0..nb).map(|b| pad as i32 * gs.min(ch - b * gs) as i32).collect();
     assert!(rows.len() >= windows.len() / taps * k_pad && sums.len() >= windows.len() / taps * groups);
     assert!(run >= ch && k == taps * run && groups == if per_row { 1 } else { taps * nb });
     assert!(per_row || nb * gs == run || run == ch, "blocks of {gs} channels do not fill runs of {run}");
@@ -270,7 +268,8 @@ fn gather(
                 Some(&bsums[p * nb..(p + 1) * nb])
             };
             for b in 0..nb {
-                let v = blocks.map_or(pad_sums[b], |bs| bs[b]);
+                // A padding tap's block sum: `pad` times the block's channels.
+                let v = blocks.map_or(pad as i32 * gs.min(ch - b * gs) as i32, |bs| bs[b]);
                 if per_row {
                     total += v;
                 } else {

@@ -108,7 +108,7 @@ pub(crate) fn gelu(t: &Tensor, tanh: bool) -> Result<Tensor> {
         sqil_kernels_cpu::generic::gelu_erf_f32(v, &mut out);
         Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) })
     } else {
-        map_float(t, "Gelu", |x| 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)))
+        map_float(t, "Gelu", sqil_kernels_cpu::generic::gelu_erf)
     }
 }
 
@@ -275,25 +275,31 @@ fn data_like(dtype: crate::DType, shape: Vec<usize>, v: Vec<f64>) -> Result<Tens
     Tensor::new(shape, data)
 }
 
-/// Whether Where on these inputs takes its direct path: f32 branches, the condition and each
-/// branch either the output's shape or one value.
+/// Whether Where on these inputs takes its direct path ([`where_direct_shape`]).
 pub fn where_direct(c: &Tensor, x: &Tensor, y: &Tensor) -> bool {
+    where_direct_shape(c, x, y).is_some()
+}
+
+/// The output shape of Where's direct path, if it takes it: f32 branches, the condition and each
+/// branch either the output's shape or one value.
+fn where_direct_shape<'a>(c: &'a Tensor, x: &'a Tensor, y: &'a Tensor) -> Option<&'a [usize]> {
     let out = [c, x, y].into_iter().max_by_key(|t| (t.rank(), t.len())).expect("three");
-    matches!((&c.data, &x.data, &y.data), (Data::Bool(_), Data::F32(_), Data::F32(_)))
-        && [c, x, y].iter().all(|t| t.shape == out.shape || (t.len() == 1 && t.rank() <= out.rank()))
+    (matches!((&c.data, &x.data, &y.data), (Data::Bool(_), Data::F32(_), Data::F32(_)))
+        && [c, x, y].iter().all(|t| t.shape == out.shape || (t.len() == 1 && t.rank() <= out.rank())))
+    .then_some(&out.shape[..])
 }
 
 pub(crate) fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     let Data::Bool(cond) = &c.data else {
         return Err(IrError::Invalid(format!("Where condition must be bool, got {}", c.dtype())));
     };
-    if let (true, Data::F32(xv), Data::F32(yv)) = (where_direct(c, x, y), &x.data, &y.data) {
+    if let (Some(shape), Data::F32(xv), Data::F32(yv)) = (where_direct_shape(c, x, y), &x.data, &y.data) {
         // A selection per element, nothing computed: each input indexed directly (one value
         // repeated) instead of through broadcast index tables.
-        let out = [c, x, y].into_iter().max_by_key(|t| (t.rank(), t.len())).expect("three");
         let at = |v: &[f32], i: usize| if v.len() == 1 { v[0] } else { v[i] };
-        let v = (0..out.len()).map(|i| if cond[if cond.len() == 1 { 0 } else { i }] { at(xv, i) } else { at(yv, i) });
-        return Tensor::from_f32(out.shape.clone(), v.collect());
+        let n = shape.iter().product();
+        let v = (0..n).map(|i| if cond[if cond.len() == 1 { 0 } else { i }] { at(xv, i) } else { at(yv, i) });
+        return Tensor::from_f32(shape.to_vec(), v.collect());
     }
     let bc = Broadcast::new(&[&c.shape, &x.shape, &y.shape])?;
     let (ic, ix, iy) = (bc.indices(0), bc.indices(1), bc.indices(2));

@@ -626,23 +626,26 @@ pub(crate) fn infer_batch_norm(cx: &Cx, outputs: usize) -> Result<Vec<ValueType>
     Ok(v)
 }
 
+/// BatchNormalization's scale, B, mean and var (inputs 1-4) in f64, each checked to hold one
+/// value per channel of `c`.
+fn batch_norm_params(x: &Ex, c: usize) -> Result<[Vec<f64>; 4]> {
+    let chan = |i: usize, what: &str| -> Result<Vec<f64>> {
+        let t = x.get(i)?;
+        if t.len() != c {
+            return Err(IrError::Invalid(format!("BatchNormalization {what} has {} elements, expected {c}", t.len())));
+        }
+        Ok(t.data.to_f64_vec())
+    };
+    Ok([chan(1, "scale")?, chan(2, "B")?, chan(3, "mean")?, chan(4, "var")?])
+}
+
 pub(crate) fn batch_norm(x: &Ex, eps: f32, momentum: f32, training: bool, outputs: usize) -> Result<Vec<Tensor>> {
     let xt = x.get(0)?;
     if let (false, Data::F32(v), true) = (training, &xt.data, xt.rank() >= 2) {
         // Inference on f32: the same f64 operations per element, `(x - mean) * k + bias` with
         // `k = scale / sqrt(var + eps)` per channel, without converting the input to f64 first.
         let c = xt.shape[1];
-        let chan = |i: usize, what: &str| -> Result<Vec<f64>> {
-            let t = x.get(i)?;
-            if t.len() != c {
-                return Err(IrError::Invalid(format!(
-                    "BatchNormalization {what} has {} elements, expected {c}",
-                    t.len()
-                )));
-            }
-            Ok(t.data.to_f64_vec())
-        };
-        let (scale, bias, mean, var) = (chan(1, "scale")?, chan(2, "B")?, chan(3, "mean")?, chan(4, "var")?);
+        let [scale, bias, mean, var] = batch_norm_params(x, c)?;
         let inner: usize = xt.shape[2..].iter().product();
         let mut y = Vec::with_capacity(v.len());
         for (i, plane) in v.chunks(inner.max(1)).enumerate() {
@@ -657,14 +660,7 @@ pub(crate) fn batch_norm(x: &Ex, eps: f32, momentum: f32, training: bool, output
         return Err(IrError::Invalid(format!("BatchNormalization needs rank >= 2, got {:?}", xt.shape)));
     }
     let c = xt.shape[1];
-    let chan = |i: usize, what: &str| -> Result<Vec<f64>> {
-        let t = x.get(i)?;
-        if t.len() != c {
-            return Err(IrError::Invalid(format!("BatchNormalization {what} has {} elements, expected {c}", t.len())));
-        }
-        Ok(t.data.to_f64_vec())
-    };
-    let (scale, bias, mut mean, mut var) = (chan(1, "scale")?, chan(2, "B")?, chan(3, "mean")?, chan(4, "var")?);
+    let [scale, bias, mut mean, mut var] = batch_norm_params(x, c)?;
     let inner: usize = xt.shape[2..].iter().product();
     let n = xt.shape[0];
     let mut running = None;

@@ -686,7 +686,7 @@ pub unsafe fn avx2_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
     }
     for (o, &v) in out[n..].iter_mut().zip(&x[n..]) {
         let x = v as f64;
-        *o = if gelu { 0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2)) } else { libm::erf(x) } as f32;
+        *o = if gelu { crate::generic::gelu_erf(x) } else { libm::erf(x) } as f32;
     }
 }
 
@@ -697,7 +697,7 @@ pub unsafe fn avx2_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
-    use crate::generic::{gelu_tanh, SCREEN_MARGIN, TANH_SMALL, TANH_TAYLOR};
+    use crate::generic::gelu_tanh;
     let c = (2.0 / std::f64::consts::PI).sqrt();
     let (one, sign) = (_mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
     let n = x.len() / 4 * 4;
@@ -706,22 +706,10 @@ pub unsafe fn avx2_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
         let x3 = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.044715), v), v), v);
         let u = _mm256_mul_pd(_mm256_set1_pd(c), _mm256_add_pd(v, x3));
         let a = _mm256_andnot_pd(sign, u);
-        let e = exp_nonpos4(_mm256_mul_pd(a, _mm256_set1_pd(-2.0)));
-        let big = _mm256_div_pd(_mm256_sub_pd(one, e), _mm256_add_pd(one, e));
-        let a2 = _mm256_mul_pd(a, a);
-        let poly = _mm256_add_pd(_mm256_set1_pd(TANH_TAYLOR[1]), _mm256_mul_pd(a2, _mm256_set1_pd(TANH_TAYLOR[2])));
-        let poly = _mm256_add_pd(_mm256_set1_pd(TANH_TAYLOR[0]), _mm256_mul_pd(a2, poly));
-        let small = _mm256_add_pd(a, _mm256_mul_pd(_mm256_mul_pd(a, a2), poly));
-        let t = _mm256_blendv_pd(big, small, _mm256_cmp_pd(a, _mm256_set1_pd(TANH_SMALL), _CMP_LT_OQ));
-        let t = _mm256_or_pd(t, _mm256_and_pd(u, sign));
+        let t = tanh4(u, a, exp_nonpos4(_mm256_mul_pd(a, _mm256_set1_pd(-2.0))));
         let onept = _mm256_add_pd(one, t);
         let g = _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.5), v), onept);
-        let low = _mm256_and_si256(_mm256_castpd_si256(g), _mm256_set1_epi64x((1 << 29) - 1));
-        let off = _mm256_sub_epi64(low, _mm256_set1_epi64x(1 << 28));
-        let far = _mm256_or_si256(
-            _mm256_cmpgt_epi64(off, _mm256_set1_epi64x(SCREEN_MARGIN)),
-            _mm256_cmpgt_epi64(_mm256_set1_epi64x(-SCREEN_MARGIN), off),
-        );
+        let far = far_from_halfway4(g);
         let ok = _mm256_and_pd(
             _mm256_cmp_pd(onept, _mm256_set1_pd(0.5), _CMP_GE_OQ),
             _mm256_cmp_pd(_mm256_andnot_pd(sign, g), _mm256_set1_pd(f64::from_bits(0x3870_0000_0000_0000)), _CMP_GE_OQ),

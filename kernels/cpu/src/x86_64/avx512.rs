@@ -488,7 +488,7 @@ pub unsafe fn avx512_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
 /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
-    use crate::generic::{gelu_tanh, SCREEN_MARGIN, TANH_SMALL, TANH_TAYLOR};
+    use crate::generic::{gelu_tanh, TANH_SMALL, TANH_TAYLOR};
     let c = (2.0 / std::f64::consts::PI).sqrt();
     let one = _mm512_set1_pd(1.0);
     let sign = _mm512_set1_epi64(i64::MIN);
@@ -511,9 +511,7 @@ pub unsafe fn avx512_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
         ));
         let onept = _mm512_add_pd(one, t);
         let g = _mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(0.5), v), onept);
-        let low = _mm512_and_si512(_mm512_castpd_si512(g), _mm512_set1_epi64((1 << 29) - 1));
-        let off = _mm512_abs_epi64(_mm512_sub_epi64(low, _mm512_set1_epi64(1 << 28)));
-        let sure = _mm512_cmpgt_epi64_mask(off, _mm512_set1_epi64(SCREEN_MARGIN))
+        let sure = far_from_halfway8(g)
             & _mm512_cmp_pd_mask::<_CMP_GE_OQ>(onept, _mm512_set1_pd(0.5))
             & _mm512_cmp_pd_mask::<_CMP_GE_OQ>(_mm512_abs_pd(g), _mm512_set1_pd(f64::from_bits(0x3870_0000_0000_0000)));
         let y = _mm512_cvtpd_ps(g);
@@ -529,12 +527,22 @@ pub unsafe fn avx512_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// The lanes of `y` whose low 29 bits (the bits f32 rounding drops) lie more than
+/// `SCREEN_MARGIN` units from the halfway pattern `2^28`, as `generic::far_from_halfway`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn far_from_halfway8(y: __m512d) -> __mmask8 {
+    let low = _mm512_and_si512(_mm512_castpd_si512(y), _mm512_set1_epi64((1 << 29) - 1));
+    let off = _mm512_abs_epi64(_mm512_sub_epi64(low, _mm512_set1_epi64(1 << 28)));
+    _mm512_cmpgt_epi64_mask(off, _mm512_set1_epi64(crate::generic::SCREEN_MARGIN))
+}
+
 /// `generic::sigmoid_screened` on eight f64 lanes, `K` vectors interleaved: the results rounded
 /// to f32 and, per vector, the lanes whose rounding is certain to be the definition's.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], [u8; K]) {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MARGIN, SCREEN_MAX_ABS, SCREEN_TAYLOR};
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MAX_ABS, SCREEN_TAYLOR};
     let (magic, one) = (_mm512_set1_pd(EXP_MAGIC), _mm512_set1_pd(1.0));
     let a: [__m512d; K] = std::array::from_fn(|i| _mm512_abs_pd(v[i]));
     let na: [__m512d; K] = std::array::from_fn(|i| _mm512_sub_pd(_mm512_setzero_pd(), a[i]));
@@ -561,10 +569,7 @@ unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], 
         let e = _mm512_mul_pd(p[i], _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits)));
         let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[i], _mm512_setzero_pd()), e, one);
         let y = _mm512_div_pd(num, _mm512_add_pd(one, e));
-        let low = _mm512_and_si512(_mm512_castpd_si512(y), _mm512_set1_epi64((1 << 29) - 1));
-        let off = _mm512_abs_epi64(_mm512_sub_epi64(low, _mm512_set1_epi64(1 << 28)));
-        sure[i] = _mm512_cmpgt_epi64_mask(off, _mm512_set1_epi64(SCREEN_MARGIN))
-            & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a[i], _mm512_set1_pd(SCREEN_MAX_ABS));
+        sure[i] = far_from_halfway8(y) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a[i], _mm512_set1_pd(SCREEN_MAX_ABS));
         _mm512_cvtpd_ps(y)
     });
     (y, sure)

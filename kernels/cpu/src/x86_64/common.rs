@@ -445,7 +445,7 @@ pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn sigmoid_screened4xk<const K: usize>(v: [__m256d; K]) -> ([__m128; K], [bool; K]) {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MARGIN, SCREEN_MAX_ABS, SCREEN_TAYLOR};
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MAX_ABS, SCREEN_TAYLOR};
     let (magic, one, sign) = (_mm256_set1_pd(EXP_MAGIC), _mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
     let a: [__m256d; K] = std::array::from_fn(|i| _mm256_andnot_pd(sign, v[i]));
     let na: [__m256d; K] = std::array::from_fn(|i| _mm256_sub_pd(_mm256_setzero_pd(), a[i]));
@@ -472,12 +472,7 @@ unsafe fn sigmoid_screened4xk<const K: usize>(v: [__m256d; K]) -> ([__m128; K], 
         let e = _mm256_mul_pd(p[i], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits)));
         let num = _mm256_blendv_pd(e, one, _mm256_cmp_pd(v[i], _mm256_setzero_pd(), _CMP_GE_OQ));
         let y = _mm256_div_pd(num, _mm256_add_pd(one, e));
-        let low = _mm256_and_si256(_mm256_castpd_si256(y), _mm256_set1_epi64x((1 << 29) - 1));
-        let off = _mm256_sub_epi64(low, _mm256_set1_epi64x(1 << 28));
-        let far = _mm256_or_si256(
-            _mm256_cmpgt_epi64(off, _mm256_set1_epi64x(SCREEN_MARGIN)),
-            _mm256_cmpgt_epi64(_mm256_set1_epi64x(-SCREEN_MARGIN), off),
-        );
+        let far = far_from_halfway4(y);
         let inside = _mm256_castpd_si256(_mm256_cmp_pd(a[i], _mm256_set1_pd(SCREEN_MAX_ABS), _CMP_LT_OQ));
         sure[i] = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_and_si256(far, inside))) == 0xf;
         _mm256_cvtpd_ps(y)
@@ -485,24 +480,46 @@ unsafe fn sigmoid_screened4xk<const K: usize>(v: [__m256d; K]) -> ([__m128; K], 
     (y, sure)
 }
 
-/// [`crate::generic::tanh_f32`] on AVX2: four values per step in f64, both branches of the
-/// definition computed and the one it takes kept per lane (the same operations per lane).
+/// The lanes of `y` whose low 29 bits (the bits f32 rounding drops) lie more than
+/// `SCREEN_MARGIN` units from the halfway pattern `2^28` (all ones), as
+/// `generic::far_from_halfway`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn far_from_halfway4(y: __m256d) -> __m256i {
+    use crate::generic::SCREEN_MARGIN;
+    let low = _mm256_and_si256(_mm256_castpd_si256(y), _mm256_set1_epi64x((1 << 29) - 1));
+    let off = _mm256_sub_epi64(low, _mm256_set1_epi64x(1 << 28));
+    _mm256_or_si256(
+        _mm256_cmpgt_epi64(off, _mm256_set1_epi64x(SCREEN_MARGIN)),
+        _mm256_cmpgt_epi64(_mm256_set1_epi64x(-SCREEN_MARGIN), off),
+    )
+}
+
+/// sqil's tanh (`generic::tanh`) of `v` on four f64 lanes, given `a = |v|` and `e =
+/// exp_nonpos(-2a)`: both branches computed and the one the definition takes kept per lane, the
+/// sign of `v` put back (the same operations per lane).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn tanh4(v: __m256d, a: __m256d, e: __m256d) -> __m256d {
+    use crate::generic::{TANH_SMALL, TANH_TAYLOR};
+    let (one, sign) = (_mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
+    let a2 = _mm256_mul_pd(a, a);
+    let poly = _mm256_add_pd(_mm256_set1_pd(TANH_TAYLOR[1]), _mm256_mul_pd(a2, _mm256_set1_pd(TANH_TAYLOR[2])));
+    let poly = _mm256_add_pd(_mm256_set1_pd(TANH_TAYLOR[0]), _mm256_mul_pd(a2, poly));
+    let small = _mm256_add_pd(a, _mm256_mul_pd(_mm256_mul_pd(a, a2), poly));
+    let big = _mm256_div_pd(_mm256_sub_pd(one, e), _mm256_add_pd(one, e));
+    let t = _mm256_blendv_pd(big, small, _mm256_cmp_pd(a, _mm256_set1_pd(TANH_SMALL), _CMP_LT_OQ));
+    // copysign(t, v): t's magnitude bits, v's sign bit.
+    _mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, v))
+}
+
+/// [`crate::generic::tanh_f32`] on AVX2: four values per step in f64 ([`tanh4`]), the same
+/// operations per lane as the definition.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn tanh_f32(x: &[f32], out: &mut [f32]) {
-    use crate::generic::{TANH_SMALL, TANH_TAYLOR};
-    let (one, sign) = (_mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
-    let (c3, c5, c7) = (_mm256_set1_pd(TANH_TAYLOR[0]), _mm256_set1_pd(TANH_TAYLOR[1]), _mm256_set1_pd(TANH_TAYLOR[2]));
-    let finish = |v: __m256d, a: __m256d, e: __m256d| {
-        let a2 = _mm256_mul_pd(a, a);
-        let poly = _mm256_add_pd(c5, _mm256_mul_pd(a2, c7));
-        let poly = _mm256_add_pd(c3, _mm256_mul_pd(a2, poly));
-        let small = _mm256_add_pd(a, _mm256_mul_pd(_mm256_mul_pd(a, a2), poly));
-        let big = _mm256_div_pd(_mm256_sub_pd(one, e), _mm256_add_pd(one, e));
-        let t = _mm256_blendv_pd(big, small, _mm256_cmp_pd(a, _mm256_set1_pd(TANH_SMALL), _CMP_LT_OQ));
-        // copysign(t, v): t's magnitude bits, v's sign bit.
-        _mm256_cvtpd_ps(_mm256_or_pd(_mm256_andnot_pd(sign, t), _mm256_and_pd(sign, v)))
-    };
+    let sign = _mm256_set1_pd(-0.0);
+    let finish = |v: __m256d, a: __m256d, e: __m256d| _mm256_cvtpd_ps(tanh4(v, a, e));
     let n = x.len();
     let mut i = 0;
     while i + 16 <= n {
