@@ -302,8 +302,10 @@ fn erf_and_gelu_f32_equal_their_definitions_on_every_f32() {
 
 /// Gelu's tanh form on f32 against its definition (`gelu_tanh`, the platform's tanh), bit for
 /// bit: a sweep of every 97th f32 across (-12, 12), tiny values, signed zeros, infinities, NaN,
-/// huge values, every tail length; and it screens out a value whose result lies nearly halfway
-/// between two f32 (found in the sweep: a margin of 0 fails).
+/// huge values, the two nearest-halfway inputs, every tail length. The sweep fails if the
+/// cancellation guard (`1 + tanh >= 0.5`) is dropped; a margin of 0 does not fail it (the
+/// screened values stay on the definition's side of every halfway point met), and is caught by
+/// the sigmoid's test through the shared screen (`far_from_halfway`).
 #[test]
 fn gelu_tanh_f32_equals_its_definition() {
     use sqil_kernels_cpu::generic::{gelu_tanh, gelu_tanh_f32};
@@ -311,6 +313,9 @@ fn gelu_tanh_f32_equals_its_definition() {
     let mut vals: Vec<f32> = (0..top).step_by(97).flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)]).collect();
     vals.extend([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 3e-9, -3e-9, 40.0, -40.0, 1e20, -1e20]);
     vals.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MIN_POSITIVE, 1e-45, f32::MAX, f32::MIN]);
+    // The only f32 (a search over all of them) where 1 + tanh >= 0.5 and the definition lies within
+    // 2 units of an f32 halfway point.
+    vals.extend([f32::from_bits(0x37b0_a46f), f32::from_bits(0xb7b0_a46f)]);
     check_tails("gelu_tanh", &vals, gelu_tanh_f32, |v| gelu_tanh(v as f64) as f32);
 }
 
