@@ -20,11 +20,11 @@ use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueRef, ValueType};
 use sqil_lower::Step;
 use sqil_passes::quant::{quantize, QuantConfig, Recipe};
-use sqil_runtime::{Execute, Policy};
+use sqil_runtime::{Execute, Policy, FUSED};
 use std::collections::HashMap;
 
 mod common;
-use common::{batch, build_and_run, check, cnn, have};
+use common::{batch, build_and_run, check, cnn, conv_attrs, have};
 
 /// k -> 64 (Gemm, ReLU) -> 48 (MatMul + Add, ReLU) -> 5 (Gemm).
 fn mlp(r: &mut Rng, k: usize) -> Graph {
@@ -67,6 +67,44 @@ fn attention(r: &mut Rng, t: usize, d: usize) -> Graph {
     let ln = Op::LayerNorm { axis: -1, epsilon: 1e-5 };
     let n = g.add_inferred("ln", ln, &[Some(res), Some(gamma), Some(beta)], "n").unwrap();
     let y = proj(&mut g, r, "head", n, 4);
+    g.outputs.push(y);
+    g
+}
+
+/// A MobileNetV2 inverted residual block on [N, c, s, s]: Conv 1x1 to 24 + Clip(0, 6) ->
+/// depthwise Conv 3x3 (24 groups) + Clip(0, 6) -> Conv 1x1 back to c -> + x -> Conv 3x3 stride 2
+/// to 16 + ReLU -> Flatten -> Gemm 6. The plan runs each Clip and the activation quantizer after
+/// it as the epilogue of the convolution before (the int4 kernel's, the depthwise kernel's with
+/// its bias).
+fn mobile(r: &mut Rng, c: usize, s: usize) -> Graph {
+    let mut g = Graph::new("mobile");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(c), Dim::Known(s), Dim::Known(s)]));
+    let (lo, hi) = (
+        g.add_const("lo", Tensor::from_f32(vec![], vec![0.0]).unwrap()),
+        g.add_const("hi", Tensor::from_f32(vec![], vec![6.0]).unwrap()),
+    );
+    let clip = |g: &mut Graph, name: &str, h: ValueRef| {
+        g.add_inferred(name, Op::Clip, &[Some(h), Some(lo), Some(hi)], format!("{name}.y")).unwrap()
+    };
+    let (w, b) = (g.add_const("w1", r.tensor(vec![24, c, 1, 1], 0.5)), g.add_const("b1", r.tensor(vec![24], 0.5)));
+    let h = g.add_inferred("expand", conv_attrs(1, 1, 0), &[Some(x), Some(w), Some(b)], "e").unwrap();
+    let h = clip(&mut g, "clip1", h);
+    let Op::Conv(mut dw) = conv_attrs(3, 1, 1) else { unreachable!() };
+    dw.group = 24;
+    let (w, b) = (g.add_const("wd", r.tensor(vec![24, 1, 3, 3], 0.5)), g.add_const("bd", r.tensor(vec![24], 0.5)));
+    let h = g.add_inferred("depthwise", Op::Conv(dw), &[Some(h), Some(w), Some(b)], "d").unwrap();
+    let h = clip(&mut g, "clip2", h);
+    let (w, b) = (g.add_const("w2", r.tensor(vec![c, 24, 1, 1], 0.3)), g.add_const("b2", r.tensor(vec![c], 0.1)));
+    let h = g.add_inferred("project", conv_attrs(1, 1, 0), &[Some(h), Some(w), Some(b)], "p").unwrap();
+    let h = g.add_inferred("residual", Op::Binary(BinaryOp::Add), &[Some(h), Some(x)], "res").unwrap();
+    let (w, b) = (g.add_const("w3", r.tensor(vec![16, c, 3, 3], 0.2)), g.add_const("b3", r.tensor(vec![16], 0.1)));
+    let h = g.add_inferred("down", conv_attrs(3, 2, 1), &[Some(h), Some(w), Some(b)], "dn").unwrap();
+    let h = g.add_inferred("relu", Op::Unary(UnaryOp::Relu), &[Some(h)], "a").unwrap();
+    let f = g.add_inferred("flat", Op::Flatten { axis: 1 }, &[Some(h)], "f").unwrap();
+    let k = 16 * s.div_ceil(2) * s.div_ceil(2);
+    let (w, b) = (g.add_const("w4", r.tensor(vec![6, k], 0.05)), g.add_const("b4", r.tensor(vec![6], 0.1)));
+    let gemm = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+    let y = g.add_inferred("head", gemm, &[Some(f), Some(w), Some(b)], "y").unwrap();
     g.outputs.push(y);
     g
 }
@@ -120,8 +158,8 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     let host_c = have(&cc);
     let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
     let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
-    let (mut ragged, mut padded) = (0, 0);
-    for family in ["mlp", "cnn", "attention"] {
+    let (mut ragged, mut padded, mut fused) = (0, 0, 0);
+    for family in ["mlp", "cnn", "attention", "mobile"] {
         for (ci, spec) in CONFIGS.iter().enumerate() {
             for seed in 0..2u64 {
                 let mut r = Rng::new(seed * 131 + ci as u64 * 7 + family.len() as u64);
@@ -133,6 +171,10 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                     "cnn" => {
                         let (c, s) = ([4, 8][ci % 2], [6, 7][seed as usize % 2]);
                         (cnn(&mut r, c, s), vec![c, s, s])
+                    }
+                    "mobile" => {
+                        let (c, s) = ([8, 16][ci % 2], [9, 12][seed as usize % 2]);
+                        (mobile(&mut r, c, s), vec![c, s, s])
                     }
                     _ => (attention(&mut r, 5, 32), vec![5, 32]),
                 };
@@ -170,6 +212,8 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                 }
                 let n = rows.len() / per;
                 let x = shaped(n, rows);
+                // Steps a kernel runs as its epilogue (a Clip, a quantizer after a convolution).
+                fused += plan.paths(std::slice::from_ref(&x), 1).unwrap().iter().filter(|p| **p == FUSED).count();
                 let want =
                     sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap().remove(0);
                 let bits = |t: &Tensor| t.data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -218,7 +262,8 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues); C: {c_exact}/{c_runs} bit-exact programs");
+    assert!(fused >= 40, "only {fused} steps run as a kernel's epilogue");
     assert!(int_steps > 100 && conv_steps > 10, "only {int_steps} int4 steps, {conv_steps} convolutions planned");
     assert!(ragged >= 2, "only {ragged} int4 steps with a short last group");
     assert!(padded >= 4, "only {padded} convolutions with runs padded to whole groups");

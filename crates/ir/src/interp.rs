@@ -89,8 +89,7 @@ impl<'g> Interpreter<'g> {
                         .get(&l.x)
                         .ok_or_else(|| IrError::Internal(format!("{}: input not computed", g.describe(n))))?;
                     let (name, conv) = (g.describe(n), l.conv.as_deref());
-                    let mut y =
-                        crate::lowered::run_q4_layer(&name, &l.act, &l.w, l.bias.as_deref(), conv, false, x, 1)?;
+                    let mut y = crate::lowered::run_q4_layer(&name, &l.act, &l.w, l.bias.as_deref(), conv, &[], x, 1)?;
                     if let Op::Fused(f) = &node.op {
                         // The fused kernel's epilogue stages, on the int4 step's result.
                         let ins = g.inputs_of(n);

@@ -5,6 +5,7 @@
 use sqil_ir::lowered::{relu_in_place, run_q4_layer};
 use sqil_ir::ops::{Op, UnaryOp};
 use sqil_ir::{Data, IrError, Result, Tensor};
+use sqil_kernels_cpu::Post;
 use sqil_lower::{Plan, Step};
 use std::borrow::Cow;
 
@@ -97,18 +98,29 @@ impl Execute for Plan {
     }
 
     fn paths(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<&'static str>> {
-        let env = self.trace(feeds, threads)?;
-        Ok(self
+        let env: Vec<Option<Cow<Tensor>>> =
+            self.trace(feeds, threads)?.into_iter().map(|t| t.map(Cow::Owned)).collect();
+        let mut paths: Vec<&'static str> = self
             .steps
             .iter()
             .map(|s| match s {
                 Step::Q4Linear { .. } => "int4 kernel",
                 Step::Op { op, inputs, outputs, .. } => {
-                    let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_ref())).collect();
+                    let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
                     op.cpu_path(&args, outputs.len())
                 }
             })
-            .collect())
+            .collect();
+        // The steps a kernel runs as its epilogue (no time of their own).
+        for i in 0..self.steps.len() {
+            if let Some(y) = epilogue_host(self, i, &env) {
+                let (post, last) = epilogue(self, i, y, &env);
+                if !post.is_empty() {
+                    paths[i + 1..=last].fill(FUSED);
+                }
+            }
+        }
+        Ok(paths)
     }
 }
 
@@ -137,6 +149,61 @@ fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Opt
     }
 }
 
+/// What [`Execute::paths`] calls a step another step's kernel runs as its epilogue.
+pub const FUSED: &str = "epilogue (fused)";
+
+/// The output slot of step `i` if its kernel can apply element-wise ops to its outputs before
+/// storing them ([`Post`]): an int4 step, or a float Conv of f32 values.
+fn epilogue_host(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<usize> {
+    match &plan.steps[i] {
+        Step::Q4Linear { y, .. } => Some(*y),
+        Step::Op { op: Op::Conv(_), inputs, outputs, .. } if outputs.len() == 1 => {
+            let x = arg_of(inputs, env, 0)?;
+            (matches!(x.data, Data::F32(_)) && inputs.len() >= 2).then_some(outputs[0])
+        }
+        _ => None,
+    }
+}
+
+/// The element-wise steps right after step `i` (whose output is slot `y`) that its kernel runs
+/// as its epilogue, as [`Post`] ops in order, and the last such step (`i` if none): each a ReLU,
+/// a Clip with f32 scalar bounds (or none) or a FakeQuant with one scale and zero point, reading
+/// the value before it as its first input and nowhere else, where that value dies (read by no
+/// later step, not an output), its other inputs computed already. The same conditions as
+/// running in place ([`in_place`]), so the same operations on the same values: the same bits,
+/// one pass over memory fewer per op.
+fn epilogue(plan: &Plan, i: usize, y: usize, env: &[Option<Cow<Tensor>>]) -> (Vec<Post>, usize) {
+    let (mut post, mut cur, mut j) = (vec![], y, i + 1);
+    while let Some(Step::Op { op, inputs, outputs, .. }) = plan.steps.get(j) {
+        if outputs.len() != 1 || inputs.first() != Some(&Some(cur)) || plan.last_use[cur] != j {
+            break;
+        }
+        // Every other input: not the value itself, and already computed.
+        if inputs[1..].iter().flatten().any(|&s| s == cur || env[s].is_none()) {
+            break;
+        }
+        let arg = |k: usize| arg_of(inputs, env, k);
+        let p = match op {
+            Op::Unary(UnaryOp::Relu) => Post::Relu,
+            Op::Clip => match sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)) {
+                Some((lo, hi)) => Post::Clip(lo, hi),
+                None => break,
+            },
+            Op::FakeQuant { bits, signed, block_size, .. } => match arg(1) {
+                Some(s) if sqil_ir::ops::quant::one_scale(s, arg(2), *bits, *block_size) => {
+                    sqil_ir::ops::quant::fake_quant_post(s, arg(2), *bits, *signed)
+                }
+                _ => break,
+            },
+            _ => break,
+        };
+        post.push(p);
+        cur = outputs[0];
+        j += 1;
+    }
+    (post, j - 1)
+}
+
 /// Input `k` of a step's `inputs` as computed so far (absent if the step has none there).
 fn arg_of<'e>(inputs: &[Option<usize>], env: &'e [Option<Cow<Tensor>>], k: usize) -> Option<&'e Tensor> {
     inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref())
@@ -162,13 +229,29 @@ fn exec<'a>(
     for ((_, s), t) in plan.inputs.iter().zip(feeds) {
         env[*s] = Some(Cow::Borrowed(t));
     }
-    for (i, step) in plan.steps.iter().enumerate() {
+    let mut i = 0;
+    while i < plan.steps.len() {
+        let step = &plan.steps[i];
         let start = times.is_some().then(std::time::Instant::now);
+        // The element-wise steps this step's kernel runs as its epilogue, and the slot of the
+        // last one's value (the one this step then writes).
+        let (post, last, out) = match epilogue_host(plan, i, &env).filter(|_| !keep_all) {
+            Some(y) => {
+                let (post, last) = epilogue(plan, i, y, &env);
+                let out = match &plan.steps[last] {
+                    Step::Op { outputs, .. } if last > i => outputs[0],
+                    _ => y,
+                };
+                (post, last, Some(out))
+            }
+            None => (vec![], i, None),
+        };
         match step {
             Step::Q4Linear { name, x, y, act, w, bias, relu, conv, .. } => {
                 let xt = env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
-                let out = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), *relu, xt, threads)?;
-                env[*y] = Some(Cow::Owned(out));
+                let post: Vec<Post> = relu.then_some(Post::Relu).into_iter().chain(post).collect();
+                let t = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), &post, xt, threads)?;
+                env[out.unwrap_or(*y)] = Some(Cow::Owned(t));
             }
             Step::Op { op, inputs, outputs, .. } if !keep_all && in_place(plan, op, inputs, i, &env) => {
                 let x = inputs[0].and_then(|s| env[s].take()).expect("checked by in_place").into_owned();
@@ -204,28 +287,37 @@ fn exec<'a>(
             Step::Op { name, op, inputs, outputs, table, .. } => {
                 let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
                 let res = match (op, table, args.as_slice()) {
-                    // The reference Conv with its gather table kept (same arithmetic).
-                    (Op::Conv(c), Some(t), [Some(x), Some(w), b @ ..]) if x.rank() > 1 && x.shape[1..] == t.0 => {
-                        sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, Some(&t.1))
-                            .map(|y| vec![y])
+                    // The reference Conv with its gather table kept (same arithmetic), its
+                    // epilogue applied.
+                    (Op::Conv(c), t, [Some(x), Some(w), b @ ..])
+                        if out.is_some() || t.as_ref().is_some_and(|t| x.rank() > 1 && x.shape[1..] == t.0) =>
+                    {
+                        let t = t.as_ref().filter(|t| x.rank() > 1 && x.shape[1..] == t.0).map(|t| &t.1[..]);
+                        sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, t, &post).map(|y| vec![y])
                     }
                     _ => op.eval(&args, outputs.len()),
                 }
                 .map_err(|e| e.context(format!("node `{name}` ({})", op.name())))?;
-                for (s, t) in outputs.iter().zip(res) {
-                    env[*s] = Some(Cow::Owned(t));
+                if let Some(out) = out {
+                    env[out] = res.into_iter().next().map(Cow::Owned);
+                } else {
+                    for (s, t) in outputs.iter().zip(res) {
+                        env[*s] = Some(Cow::Owned(t));
+                    }
                 }
             }
         }
-        // Values no later step reads are dropped now, so their memory is reused soon.
-        for s in step.reads() {
-            if !keep_all && plan.last_use[s] == i {
+        // Values no later step reads are dropped now, so their memory is reused soon (those of
+        // the steps run as this one's epilogue too).
+        for s in plan.steps[i..=last].iter().flat_map(Step::reads) {
+            if !keep_all && plan.last_use[s] <= last {
                 env[s] = None;
             }
         }
         if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {
             t[i] += start.elapsed().as_secs_f64();
         }
+        i = last + 1;
     }
     Ok(env)
 }

@@ -388,13 +388,15 @@ fn im2col_direct(input: &[f32], channels: usize, geo: &ConvGeometry, out: &mut [
                     if hi == lo {
                         continue;
                     }
+                    let s0 = ((lo * sw) as isize + off) as usize;
                     if sw == 1 {
-                        let s0 = (lo as isize + off) as usize;
                         dst[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
+                    } else if sw == 2 && s0 + 2 * (hi - lo) <= src.len() {
+                        // Every other value: pairs, their first (vectorized as shuffles).
+                        let pairs = src[s0..s0 + 2 * (hi - lo)].chunks_exact(2);
+                        dst[lo..hi].iter_mut().zip(pairs).for_each(|(d, p)| *d = p[0]);
                     } else {
-                        for (ox, d) in dst[lo..hi].iter_mut().enumerate() {
-                            *d = src[(((lo + ox) * sw) as isize + off) as usize];
-                        }
+                        dst[lo..hi].iter_mut().zip(src[s0..].iter().step_by(sw)).for_each(|(d, &v)| *d = v);
                     }
                 }
             }
@@ -409,8 +411,16 @@ fn im2col_direct(input: &[f32], channels: usize, geo: &ConvGeometry, out: &mut [
 /// copied once, zero-padded and split by (row, column) phase of the strides, so that every tap
 /// reads one contiguous run covering all output rows (rows of the phase's width; the columns
 /// past the output's are computed and dropped); then each tap is one FMA pass over the run (the
-/// lanes are separate chains, so the bits are the scalar chain's).
-pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &mut [f32]) {
+/// lanes are separate chains, so the bits are the scalar chain's). Then, per output, `+ bias[c]`
+/// (one f32 addition, none without a bias) and the `post` ops, before it is stored.
+pub fn depthwise_conv(
+    input: &[f32],
+    weights: &[f32],
+    geo: &ConvGeometry,
+    bias: Option<&[f32]>,
+    post: &[Post],
+    out: &mut [f32],
+) {
     let two = |v: &[usize], one: usize| if v.len() == 1 { (one, v[0]) } else { (v[0], v[1]) };
     assert!(matches!(geo.input.len(), 1 | 2), "depthwise_conv: 1-D or 2-D");
     let (h, w) = two(&geo.input, 1);
@@ -423,6 +433,7 @@ pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &
     let (il, kl, ol) = (h * w, kh * kw, oh * ow);
     let channels = weights.len() / kl.max(1);
     assert!(input.len() >= channels * il && out.len() >= channels * ol, "depthwise_conv: buffer sizes");
+    assert!(bias.is_none_or(|b| b.len() >= channels), "depthwise_conv: bias size");
     if ol == 0 || channels == 0 {
         return;
     }
@@ -431,7 +442,7 @@ pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &
         let g = Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels };
         // SAFETY: isa() checked AVX2 and FMA; the buffer sizes were checked above.
         let wide = crate::isa() == crate::Isa::Avx512Vnni && kh * kw <= DEPTHWISE_WIDE_TAPS;
-        return unsafe { depthwise_lanes_avx2(input, weights, &g, out, wide) };
+        return unsafe { depthwise_lanes_avx2(input, weights, &g, (bias, post), out, wide) };
     }
     // The padded plane's extent (every row and column a window reads), and each phase plane's:
     // phase (ry, rx) holds padded rows ry, ry + sh, ... and columns rx, rx + sw, ...
@@ -485,9 +496,14 @@ pub fn depthwise_conv(input: &[f32], weights: &[f32], geo: &ConvGeometry, out: &
             }
         }
         taps_fma(&mut acc, &weights[c * kl..(c + 1) * kl], &starts, &phases);
-        for (oy, o) in out[c * ol..(c + 1) * ol].chunks_exact_mut(ow).enumerate() {
+        let o = &mut out[c * ol..(c + 1) * ol];
+        for (oy, o) in o.chunks_exact_mut(ow).enumerate() {
             o.copy_from_slice(&acc[oy * wq..oy * wq + ow]);
         }
+        if let Some(b) = bias {
+            o.iter_mut().for_each(|v| *v += b[c]);
+        }
+        post_in_place(o, post);
     }
 }
 
@@ -547,7 +563,14 @@ struct Depthwise {
 /// The CPU must support AVX2 and FMA; `input` and `out` hold `channels` planes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, out: &mut [f32], wide: bool) {
+unsafe fn depthwise_lanes_avx2(
+    input: &[f32],
+    weights: &[f32],
+    g: &Depthwise,
+    epilogue: (Option<&[f32]>, &[Post]),
+    out: &mut [f32],
+    wide: bool,
+) {
     let Depthwise { kh, kw, sh, sw, dh, dw, oh, ow, channels, .. } = *g;
     // Channels per position in the buffers: whole vectors (sixteen lanes on the wide path).
     let cp = channels.next_multiple_of(if wide { 16 } else { 8 });
@@ -555,7 +578,7 @@ unsafe fn depthwise_lanes_avx2(input: &[f32], weights: &[f32], g: &Depthwise, ou
     let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
     DEPTHWISE_SCRATCH.with_borrow_mut(|(buf, wt, acc)| {
         // SAFETY: as this function's contract (AVX2 and FMA; the buffers' sizes).
-        unsafe { depthwise_lanes_in(input, weights, g, out, wide, (hp, wp, cp), buf, wt, acc) }
+        unsafe { depthwise_lanes_in(input, weights, g, epilogue, out, wide, (hp, wp, cp), buf, wt, acc) }
     })
 }
 
@@ -579,6 +602,7 @@ unsafe fn depthwise_lanes_in(
     input: &[f32],
     weights: &[f32],
     g: &Depthwise,
+    (bias, post): (Option<&[f32]>, &[Post]),
     out: &mut [f32],
     wide: bool,
     (hp, wp, cp): (usize, usize, usize),
@@ -672,19 +696,60 @@ unsafe fn depthwise_lanes_in(
     } else {
         depthwise_taps_avx2(bp, wtp, &offs, geo, acc.as_mut_ptr());
     }
-    // Back to [channel, position], eight positions x eight channels per register transpose.
+    // Back to [channel, position] with the epilogue, one copy per epilogue form.
+    let f = PostForm::of(post);
+    let a = (acc.as_slice(), cp, channels, ol);
+    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
+        (true, ..) => depthwise_unpack::<true, false, false>(a, bias, (post, f), out),
+        (_, false, false) => depthwise_unpack::<false, false, false>(a, bias, (post, f), out),
+        (_, true, false) => depthwise_unpack::<false, true, false>(a, bias, (post, f), out),
+        (_, false, true) => depthwise_unpack::<false, false, true>(a, bias, (post, f), out),
+        (_, true, true) => depthwise_unpack::<false, true, true>(a, bias, (post, f), out),
+    }
+}
+
+/// [`depthwise_lanes_avx2`]'s outputs `acc` (`[position, cp]`) back to `[channel, position]`,
+/// eight positions x eight channels per register transpose, each position's eight channels plus
+/// their bias and through the epilogue on the way: `CHAIN` runs the ops one by one ([`post8`]),
+/// else the form's clamp and FakeQuant as `CLAMP` and `FQ` say.
+///
+/// # Safety
+/// AVX2 and FMA; `acc` holds `ol` positions of `cp >= channels` values, `out` `channels * ol`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_unpack<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
+    (acc, cp, channels, ol): (&[f32], usize, usize, usize),
+    bias: Option<&[f32]>,
+    (post, form): (&[Post], PostForm),
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let pv = crate::x86_64::avx2::PostVec8::new(form);
+    let mut bv = [0f32; 8];
     let o8 = ol / 8 * 8;
     for c0 in (0..channels).step_by(8) {
         let cn = (channels - c0).min(8);
+        if let Some(b) = bias {
+            bv[..cn].copy_from_slice(&b[c0..c0 + cn]);
+        }
+        let vb = _mm256_loadu_ps(bv.as_ptr());
         for o0 in (0..o8).step_by(8) {
-            let v = transpose8(std::array::from_fn(|j| _mm256_loadu_ps(acc.as_ptr().add((o0 + j) * cp + c0))));
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (j, r) in rows.iter_mut().enumerate() {
+                let v = _mm256_loadu_ps(acc.as_ptr().add((o0 + j) * cp + c0));
+                let v = if bias.is_some() { _mm256_add_ps(v, vb) } else { v };
+                *r = if CHAIN { post8(v, post) } else { pv.apply::<CLAMP, FQ>(v) };
+            }
+            let v = transpose8(rows);
             for (cc, v) in v.iter().enumerate().take(cn) {
                 _mm256_storeu_ps(out.as_mut_ptr().add((c0 + cc) * ol + o0), *v);
             }
         }
         for c in c0..c0 + cn {
             for o in o8..ol {
-                out[c * ol + o] = acc[o * cp + c];
+                let v = acc[o * cp + c];
+                out[c * ol + o] = post_one(bias.map_or(v, |b| v + b[c]), post);
             }
         }
     }
@@ -1047,6 +1112,115 @@ pub fn fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f3
     for e in v.iter_mut() {
         *e = fake_quant_one(*e, scale, zero, lo, hi);
     }
+}
+
+/// An element-wise op a kernel applies to its outputs before storing them (an epilogue), in
+/// the order given: the same comparisons and IEEE operations as the op's own step, so the same
+/// bits, without another pass over memory. NaN stays NaN through each of them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Post {
+    /// `x < 0 ? 0 : x` (NaN and -0 pass).
+    Relu,
+    /// `x < lo ? lo : x`, then `> hi ? hi :` (numpy's order; NaN passes).
+    Clip(f32, f32),
+    /// [`fake_quant_one`] with one scale and zero point (`|lo|, |hi| <= 2^16`).
+    FakeQuant { scale: f32, zero: f32, lo: f32, hi: f32 },
+}
+
+/// [`Post`] ops on one value, in order.
+#[inline]
+pub fn post_one(mut v: f32, post: &[Post]) -> f32 {
+    for p in post {
+        v = match *p {
+            Post::Relu => {
+                if v < 0.0 {
+                    0.0
+                } else {
+                    v
+                }
+            }
+            Post::Clip(lo, hi) => {
+                let v = if v < lo { lo } else { v };
+                if v > hi {
+                    hi
+                } else {
+                    v
+                }
+            }
+            Post::FakeQuant { scale, zero, lo, hi } => fake_quant_one(v, scale, zero, lo, hi),
+        };
+    }
+    v
+}
+
+/// [`Post`] ops on every value of `v` in place: one pass per op (the in-place kernels the ops'
+/// own steps run), for kernels that cannot apply them in registers.
+pub fn post_in_place(v: &mut [f32], post: &[Post]) {
+    for p in post {
+        // One loop per op (each a comparison or two: vectorized by the compiler).
+        match *p {
+            Post::Relu => v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e }),
+            Post::Clip(lo, hi) => v.iter_mut().for_each(|e| {
+                let x = if *e < lo { lo } else { *e };
+                *e = if x > hi { hi } else { x }
+            }),
+            Post::FakeQuant { scale, zero, lo, hi } => fake_quant_in_place(v, scale, zero, lo, hi),
+        }
+    }
+}
+
+/// A [`Post`] chain in the form vector kernels specialize on: one clamp (a ReLU is the clamp to
+/// `[0, inf]`: `x < 0 ? 0 : x` either way, -0 and NaN kept), then one FakeQuant, either absent;
+/// any other chain is run op by op (`chain`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PostForm {
+    pub clamp: Option<(f32, f32)>,
+    /// `(scale, zero, lo, hi)`.
+    pub fq: Option<(f32, f32, f32, f32)>,
+    pub chain: bool,
+}
+
+impl PostForm {
+    pub fn of(post: &[Post]) -> PostForm {
+        let mut f = PostForm::default();
+        let mut rest = post;
+        if let Some((p @ (Post::Relu | Post::Clip(..)), r)) = rest.split_first() {
+            f.clamp = Some(match *p {
+                Post::Clip(lo, hi) => (lo, hi),
+                _ => (0.0, f32::INFINITY),
+            });
+            rest = r;
+        }
+        if let Some((Post::FakeQuant { scale, zero, lo, hi }, r)) = rest.split_first() {
+            f.fq = Some((*scale, *zero, *lo, *hi));
+            rest = r;
+        }
+        if !rest.is_empty() {
+            return PostForm { chain: true, ..PostForm::default() };
+        }
+        f
+    }
+}
+
+/// [`Post`] ops on eight lanes (the ops' scalar definitions lane by lane: `vmaxps(lo, v)` is
+/// `v < lo ? lo : v` and `vminps(hi, v)` is `v > hi ? hi : v`, NaN in `v` returned as the second
+/// operand; FakeQuant through the vector quantizer [`fake_quant_in_place`] runs).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn post8(mut v: std::arch::x86_64::__m256, post: &[Post]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    for p in post {
+        v = match *p {
+            Post::Relu => _mm256_max_ps(_mm256_setzero_ps(), v),
+            Post::Clip(lo, hi) => _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v)),
+            Post::FakeQuant { scale, zero, lo, hi } => crate::x86_64::avx2::fake_quant8(v, scale, zero, lo, hi),
+        };
+    }
+    v
 }
 
 /// One value of [`fake_quant_into`]. Quotients beyond 2^22 saturate to lo or hi whatever their

@@ -10,7 +10,8 @@ pub mod peak;
 pub mod x86_64;
 
 pub use generic::{
-    copy_strided, depthwise_conv, dgemm, im2col, quantize_input, sgemm, sgemm_chain, ConvGeometry, QRow, QuantizedInput,
+    copy_strided, depthwise_conv, dgemm, im2col, post_in_place, post_one, quantize_input, sgemm, sgemm_chain,
+    ConvGeometry, Post, QRow, QuantizedInput,
 };
 pub use packed::{BlockQ4, PackedQ4};
 
@@ -255,8 +256,9 @@ impl Layout {
 /// (C = `w.k`), into `y` `[w.n][positions]`; every output exactly [`generic::generic_q4q8_row`] of
 /// that position's channels (its im2col row). Positions in vector lanes: the small-channel layers
 /// of MobileNet-class CNNs (8-96 channels at 42 x 42) reach the row kernels as thousands of short
-/// rows. Returns false, writing nothing, on a CPU without AVX-512 VNNI (or with `SQIL_ISA`
+/// rows. The `post` ops ([`Post`]) are applied to each output before it is stored. Returns false, writing nothing, on a CPU without AVX-512 VNNI (or with `SQIL_ISA`
 /// capping it).
+#[allow(clippy::too_many_arguments)]
 pub fn pointwise_q4q8(
     w: &PackedQ4,
     planes: &[i8],
@@ -264,6 +266,7 @@ pub fn pointwise_q4q8(
     zero: i32,
     scale: f32,
     bias: Option<&[f32]>,
+    post: &[Post],
     y: &mut [f32],
 ) -> bool {
     assert!(planes.len() >= w.k * positions && y.len() >= w.n * positions);
@@ -279,12 +282,23 @@ pub fn pointwise_q4q8(
             // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA).
             unsafe {
                 x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
-                x86_64::avx512::avx512_pointwise_q4q8(w, w.quad_words(), x4, positions, p_pad, zero, scale, bias, y);
+                x86_64::avx512::avx512_pointwise_q4q8(
+                    w,
+                    w.quad_words(),
+                    x4,
+                    positions,
+                    p_pad,
+                    zero,
+                    scale,
+                    bias,
+                    post,
+                    y,
+                );
             }
             true
         });
     }
-    let _ = (planes, zero, scale, bias, y);
+    let _ = (planes, zero, scale, bias, post, y);
     false
 }
 

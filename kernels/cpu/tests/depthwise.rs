@@ -81,7 +81,7 @@ proptest! {
             sgemm_chain(1, kl, ol, &k[c * kl..(c + 1) * kl], (kl, 1), &cols, (ol, 1), &mut want[c * ol..(c + 1) * ol], (ol, 1));
         }
         let mut got = vec![7f32; channels * ol];
-        depthwise_conv(&x, &k, &geo, &mut got);
+        depthwise_conv(&x, &k, &geo, None, &[], &mut got);
         let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want));
     }
@@ -91,10 +91,14 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(100))]
 
     /// 3 x 3 depthwise layers (MobileNet's) on rows of 1-40 output columns and 1-49 channels (the
-    /// vector loops' every remainder), strides 1 and 2, padding 0 and 1: the chain's bits.
+    /// vector loops' every remainder), strides 1 and 2, padding 0 and 1: the chain's bits; with
+    /// an epilogue, the chain plus the channel's bias (one f32 addition) through the ops' scalar
+    /// definitions (Clip; Clip then a FakeQuant whose levels the outputs cross).
     #[test]
     fn three_by_three_depthwise_equals_the_chain(seed in any::<u64>(), channels in 1usize..50, h in 3usize..12,
-                                                  w in 3usize..42, s in 1usize..3, p in 0isize..2) {
+                                                  w in 3usize..42, s in 1usize..3, p in 0isize..2,
+                                                  epilogue in 0usize..3) {
+        use sqil_kernels_cpu::{post_one, Post};
         let mut st = seed | 1;
         let mut r = move || {
             st ^= st << 13;
@@ -117,8 +121,19 @@ proptest! {
             im2col(&x[c * il..(c + 1) * il], 1, &table, &geo, &mut cols);
             sgemm_chain(1, 9, ol, &k[c * 9..(c + 1) * 9], (9, 1), &cols, (ol, 1), &mut want[c * ol..(c + 1) * ol], (ol, 1));
         }
+        let b: Vec<f32> = (0..channels).map(|_| r()).collect();
+        let (bias, post): (Option<&[f32]>, &[Post]) = match epilogue {
+            0 => (None, &[]),
+            1 => (Some(&b), &[Post::Clip(0.0, 6.0)]),
+            _ => (Some(&b), &[Post::Clip(-1.0, 6.0), Post::FakeQuant { scale: 0.05, zero: 3.0, lo: -128.0, hi: 127.0 }]),
+        };
+        if let Some(b) = bias {
+            for (i, v) in want.iter_mut().enumerate() {
+                *v = post_one(*v + b[i / ol], post);
+            }
+        }
         let mut got = vec![7f32; channels * ol];
-        depthwise_conv(&x, &k, &geo, &mut got);
+        depthwise_conv(&x, &k, &geo, bias, post, &mut got);
         let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want));
     }

@@ -323,10 +323,20 @@ proptest! {
     /// The pointwise-convolution kernel (positions in vector lanes) against the reference row of
     /// each position's channels, bit for bit: channel counts off the four-channel words, positions
     /// off the 16- and 32-lane blocks, groups of 32, 64 or one per channel, zero points across the
-    /// int8 range, with and without a bias. Skips (returns false) without AVX-512 VNNI.
+    /// int8 range, with and without a bias, and with each epilogue (ReLU; Clip; Clip then a
+    /// FakeQuant whose levels the outputs cross) against the ops' scalar definitions. Skips
+    /// (returns false) without AVX-512 VNNI.
     #[test]
     fn pointwise_conv_equals_the_reference_rows(seed in any::<u64>(), n in 1usize..70, ch in 1usize..100, p in 1usize..300,
-                                                 per_group in 0usize..3, zero in -120i32..120, with_bias in any::<bool>()) {
+                                                 per_group in 0usize..3, zero in -120i32..120, with_bias in any::<bool>(),
+                                                 epilogue in 0usize..4) {
+        use sqil_kernels_cpu::Post;
+        let post: &[Post] = match epilogue {
+            0 => &[],
+            1 => &[Post::Relu],
+            2 => &[Post::Clip(-0.25, 0.5)],
+            _ => &[Post::Clip(0.0, 6.0), Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 }],
+        };
         let group = [0, 32, 64][per_group];
         let group = if ch.next_multiple_of(32) % group.max(1) == 0 { group } else { 32 };
         let w = layer(seed, n, ch, group, 4);
@@ -337,7 +347,7 @@ proptest! {
         let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
         let bias = with_bias.then_some(&bias[..]);
         let mut got = vec![f32::NAN; n * p];
-        if !sqil_kernels_cpu::pointwise_q4q8(&w, &planes, p, zero, 0.02, bias, &mut got) {
+        if !sqil_kernels_cpu::pointwise_q4q8(&w, &planes, p, zero, 0.02, bias, post, &mut got) {
             return Ok(());
         }
         for o in 0..p {
@@ -347,7 +357,7 @@ proptest! {
             }
             let row = sqil_kernels_cpu::generic::QRow { q: &q, sums: &[], zero, scale: 0.02 };
             for rr in 0..n {
-                let want = sqil_kernels_cpu::generic::generic_q4q8_row(&w, row, bias, rr);
+                let want = sqil_kernels_cpu::post_one(sqil_kernels_cpu::generic::generic_q4q8_row(&w, row, bias, rr), post);
                 prop_assert_eq!(got[rr * p + o].to_bits(), want.to_bits(), "channel {} position {}", rr, o);
             }
         }

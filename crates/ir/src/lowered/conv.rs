@@ -20,7 +20,7 @@ use crate::ops::quant::{fake_quant_range, param_index};
 use crate::ops::ConvAttrs;
 use crate::Result;
 use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, transpose_i8, transpose_i8_xor, QRow, QWindow};
-use sqil_kernels_cpu::{ConvGeometry, Layout, PackedQ4};
+use sqil_kernels_cpu::{post_in_place, ConvGeometry, Layout, PackedQ4, Post};
 use std::cell::RefCell;
 
 /// A float Conv's per-image input shape (`[C, spatial...]`) and the im2col gather table of its
@@ -298,7 +298,9 @@ const POINTWISE_LONG_ROW: usize = 384;
 const BLOCK: usize = 64;
 
 /// Runs a Q4 convolution on `images` images `x` (`[N, C, input...]`, f32) with the int8 input
-/// quantizer `(scale, zero, lo, hi)`; returns `[N, O, output...]` values (ReLU applied if asked).
+/// quantizer `(scale, zero, lo, hi)`; returns `[N, O, output...]` values with the `post` ops
+/// applied (in the pointwise kernel's registers, else over each image's outputs while they are in
+/// cache).
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     im: &Im2col,
@@ -307,7 +309,7 @@ pub fn run(
     images: usize,
     (scale, zero, lo, hi): (f32, i32, i32, i32),
     bias: Option<&[f32]>,
-    relu: bool,
+    post: &[Post],
     threads: usize,
 ) -> Vec<f32> {
     let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());
@@ -341,7 +343,7 @@ pub fn run(
             any_nan |= quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
             // A 1 x 1 convolution on one thread with AVX-512 VNNI: positions in vector lanes on the
             // planes as they are (no transpose, no windows).
-            if pointwise && sqil_kernels_cpu::pointwise_q4q8(w, &s.planes, il, zero, scale, bias, y) {
+            if pointwise && sqil_kernels_cpu::pointwise_q4q8(w, &s.planes, il, zero, scale, bias, post, y) {
                 continue;
             }
             if in_place {
@@ -359,17 +361,17 @@ pub fn run(
                 let done =
                     unsafe { sqil_kernels_cpu::conv_q4q8_windows_unchecked(w, &xs, bias, y, Layout::ChannelMajor) };
                 assert!(done, "the in-place convolution kernel needs AVX2");
+                post_in_place(y, post);
                 continue;
             }
             transpose_i8(&s.planes, ch, il, &mut s.image);
             gathered(im, w, s, y, (scale, zero, pad), bias, threads);
+            post_in_place(y, post);
         }
     });
+    // (Every post op keeps NaN: applying them before the NaN windows are written is the same.)
     if any_nan {
         nan_windows(im, w.n, x, images, &mut out);
-    }
-    if relu {
-        super::relu_in_place(&mut out);
     }
     out
 }

@@ -325,9 +325,10 @@ pub fn q4_layer(g: &Graph, n: NodeId, stored: bool, exact_float: bool) -> Result
     q4_linear(g, n, stored, exact_float)
 }
 
-/// An int4 step on input `xt`, its ReLU (if fused) applied: a convolution's `[N, C, in...]`
-/// to `[N, O, out...]`, a linear map as [`run_q4_linear`]. The one arithmetic definition every
-/// back end runs; `name` is for errors.
+/// An int4 step on input `xt`, the element-wise `post` ops that follow it (its fused ReLU, a
+/// Clip, a FakeQuant: [`sqil_kernels_cpu::Post`]) applied to its outputs: a convolution's
+/// `[N, C, in...]` to `[N, O, out...]`, a linear map as [`run_q4_linear`]. The one arithmetic
+/// definition every back end runs; `name` is for errors.
 #[allow(clippy::too_many_arguments)]
 pub fn run_q4_layer(
     name: &str,
@@ -335,16 +336,16 @@ pub fn run_q4_layer(
     w: &PackedQ4,
     bias: Option<&[f32]>,
     conv: Option<&Im2col>,
-    relu: bool,
+    post: &[sqil_kernels_cpu::Post],
     xt: &Tensor,
     threads: usize,
 ) -> Result<Tensor> {
     let Some(im) = conv else {
         let mut out = run_q4_linear(name, act, w, bias, xt, threads)?;
-        if relu {
-            if let crate::tensor::Data::F32(v) = &mut out.data {
-                relu_in_place(v);
-            }
+        match &mut out.data {
+            crate::tensor::Data::F32(v) => sqil_kernels_cpu::post_in_place(v, post),
+            _ if post.is_empty() => {}
+            _ => return Err(IrError::Internal(format!("{name}: element-wise ops after a non-f32 output"))),
         }
         return Ok(out);
     };
@@ -359,7 +360,7 @@ pub fn run_q4_layer(
         )));
     }
     let images = xt.len() / per.max(1);
-    let out = conv::run(im, w, &xt.data.f32_cow(), images, (scale, zero, lo, hi), bias, relu, threads);
+    let out = conv::run(im, w, &xt.data.f32_cow(), images, (scale, zero, lo, hi), bias, post, threads);
     let mut shape = vec![images, w.n];
     shape.extend(&im.geo.output);
     Tensor::from_f32(shape, out)

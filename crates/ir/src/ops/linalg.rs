@@ -467,24 +467,30 @@ fn bias_of(b: Option<&Tensor>, m: usize) -> Result<Option<Vec<f32>>> {
 }
 
 pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
-    conv_with_table(x, w, b, c, None)
+    conv_with_table(x, w, b, c, None, &[])
 }
 
 /// Conv with the im2col gather table of its geometry given (`ConvGeometry::gather_table` for
-/// one image of `x` and `w`; a plan keeps it from run to run): the same arithmetic as the op.
+/// one image of `x` and `w`; a plan keeps it from run to run): the same arithmetic as the op,
+/// then the element-wise `post` ops that follow it in the plan (f32 `x` only), applied to each
+/// image's outputs while they are in cache (a depthwise layer's in registers, with its bias).
 pub fn conv_with_table(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     c: &ConvAttrs,
     table: Option<&[Option<usize>]>,
+    post: &[sqil_kernels_cpu::Post],
 ) -> Result<Tensor> {
     float_input(x, "Conv")?;
+    if !post.is_empty() && x.dtype() != DType::F32 {
+        return Err(IrError::Internal(format!("Conv: element-wise ops fused after a {:?} convolution", x.dtype())));
+    }
     let p = conv_plan(&x.shape, &w.shape, c, false)?;
     let bias = bias_of(b, p.m)?;
     let (xv, wv) = (x.data.f32_cow(), w.data.f32_cow());
     let (cg, mg) = (p.c / p.group, p.m / p.group);
-    let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
+    let (kl, ol) = (p.geo.kernel_len(), p.geo.output_len());
     // Depthwise (one input and one output channel per group, 1-D or 2-D): the same chains
     // computed directly, vectorized along output rows (`depthwise_conv`), no gather.
     let depthwise = cg == 1 && mg == 1 && p.geo.input.len() <= 2;
@@ -500,28 +506,57 @@ pub fn conv_with_table(
         }
     };
     let mut out = vec![0f32; p.n * p.m * ol];
-    let mut cols = vec![0f32; if depthwise { 0 } else { cg * kl * ol }];
+    // The im2col matrix, every element of which `im2col` writes: kept from call to call on this
+    // thread (a fresh one was zeroed and its pages faulted in on every call).
+    COLS.with_borrow_mut(|cols| {
+        if cols.len() < cg * kl * ol {
+            cols.resize(cg * kl * ol, 0.0);
+        }
+        conv_images(&p, (&xv, &wv), bias.as_deref(), (table, depthwise), post, &mut cols[..cg * kl * ol], &mut out)
+    });
+    let mut shape = vec![p.n, p.m];
+    shape.extend(&p.geo.output);
+    via_f32(x.dtype(), shape, out)
+}
+
+thread_local! {
+    /// [`conv_with_table`]'s im2col matrix.
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`conv_with_table`]'s images: each through the depthwise kernel, or im2col into `cols` and one
+/// chain per output per group; the bias; the post ops.
+fn conv_images(
+    p: &ConvPlan,
+    (xv, wv): (&[f32], &[f32]),
+    bias: Option<&[f32]>,
+    (table, depthwise): (&[Option<usize>], bool),
+    post: &[sqil_kernels_cpu::Post],
+    cols: &mut [f32],
+    out: &mut [f32],
+) {
+    let (cg, mg) = (p.c / p.group, p.m / p.group);
+    let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
     for n in 0..p.n {
         if depthwise {
             let o = &mut out[n * p.m * ol..(n + 1) * p.m * ol];
-            depthwise_conv(&xv[n * p.c * il..(n + 1) * p.c * il], &wv, &p.geo, o);
+            depthwise_conv(&xv[n * p.c * il..(n + 1) * p.c * il], wv, &p.geo, bias, post, o);
+            continue;
         }
-        for g in (0..p.group).filter(|_| !depthwise) {
+        for g in 0..p.group {
             let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
-            im2col(xs, cg, table, &p.geo, &mut cols);
+            im2col(xs, cg, table, &p.geo, cols);
             let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
             let o = &mut out[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
-            sgemm_chain(mg, cg * kl, ol, wg, (cg * kl, 1), &cols, (ol, 1), o, (ol, 1));
+            sgemm_chain(mg, cg * kl, ol, wg, (cg * kl, 1), cols, (ol, 1), o, (ol, 1));
         }
-        if let Some(bias) = &bias {
+        if let Some(bias) = bias {
             for (mi, bv) in bias.iter().enumerate() {
                 out[(n * p.m + mi) * ol..(n * p.m + mi + 1) * ol].iter_mut().for_each(|v| *v += bv);
             }
         }
+        sqil_kernels_cpu::post_in_place(&mut out[n * p.m * ol..(n + 1) * p.m * ol], post);
     }
-    let mut shape = vec![p.n, p.m];
-    shape.extend(&p.geo.output);
-    via_f32(x.dtype(), shape, out)
 }
 
 pub(crate) fn conv_transpose(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {

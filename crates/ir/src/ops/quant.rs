@@ -253,10 +253,19 @@ pub fn one_scale(scale: &Tensor, zp: Option<&Tensor>, bits: u8, block: i64) -> b
 /// FakeQuant of f32 values in place when [`one_scale`] holds: the same operations as
 /// [`fake_quant`] on that path, the same bits.
 pub fn fake_quant_f32_in_place(v: &mut [f32], scale: &Tensor, zp: Option<&Tensor>, bits: u8, signed: bool) {
+    sqil_kernels_cpu::post_in_place(v, &[fake_quant_post(scale, zp, bits, signed)]);
+}
+
+/// A FakeQuant for which [`one_scale`] holds as the element-wise op a kernel may apply to its
+/// outputs ([`fake_quant_f32_in_place`]'s operations).
+pub fn fake_quant_post(scale: &Tensor, zp: Option<&Tensor>, bits: u8, signed: bool) -> sqil_kernels_cpu::Post {
     let (lo, hi) = fake_quant_range(bits, signed);
-    let s = scale.data.to_f32_vec()[0];
-    let z = zp.map_or(0.0, |z| z.data.to_f32_vec()[0]);
-    sqil_kernels_cpu::generic::fake_quant_in_place(v, s, z, lo as f32, hi as f32);
+    sqil_kernels_cpu::Post::FakeQuant {
+        scale: scale.data.to_f32_vec()[0],
+        zero: zp.map_or(0.0, |z| z.data.to_f32_vec()[0]),
+        lo: lo as f32,
+        hi: hi as f32,
+    }
 }
 
 /// Round half to even, as `f32::round_ties_even` but without its libm call on baseline x86-64

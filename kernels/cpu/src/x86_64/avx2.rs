@@ -252,6 +252,56 @@ unsafe fn level8(x: __m256, (vs, vz, vlo, vhi): (__m256, __m256, __m256, __m256)
     _mm256_max_ps(vlo, _mm256_min_ps(vhi, y))
 }
 
+/// One FakeQuant of eight lanes, as [`avx2_fake_quant`] computes each vector: the levels
+/// ([`level8`]) back to values.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn fake_quant8(x: __m256, scale: f32, zero: f32, lo: f32, hi: f32) -> __m256 {
+    let v @ (vs, vz, _, _) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    _mm256_mul_ps(_mm256_sub_ps(level8(x, v), vz), vs)
+}
+
+/// The epilogue constants of a [`crate::generic::PostForm`] in eight-lane vectors (see
+/// `avx512::PostVec16`).
+#[derive(Clone, Copy)]
+pub(crate) struct PostVec8 {
+    lo: __m256,
+    hi: __m256,
+    q: (__m256, __m256, __m256, __m256),
+}
+
+impl PostVec8 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn new(f: crate::generic::PostForm) -> PostVec8 {
+        let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+        let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
+        PostVec8 {
+            lo: _mm256_set1_ps(lo),
+            hi: _mm256_set1_ps(hi),
+            q: (_mm256_set1_ps(s), _mm256_set1_ps(z), _mm256_set1_ps(qlo), _mm256_set1_ps(qhi)),
+        }
+    }
+
+    /// The form's ops on eight lanes: [`crate::generic::post8`]'s operations for a clamp then a
+    /// FakeQuant.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn apply<const CLAMP: bool, const FQ: bool>(&self, mut v: __m256) -> __m256 {
+        if CLAMP {
+            v = _mm256_min_ps(self.hi, _mm256_max_ps(self.lo, v));
+        }
+        if FQ {
+            // SAFETY: this function's target features are level8's.
+            v = _mm256_mul_ps(_mm256_sub_ps(unsafe { level8(v, self.q) }, self.q.1), self.q.0);
+        }
+        v
+    }
+}
+
 /// Levels to int32, NaN to 0 (as `as i8` does).
 #[inline]
 #[target_feature(enable = "avx2")]

@@ -853,12 +853,39 @@ pub unsafe fn avx512_interleave_quads(planes: &[i8], ch: usize, p: usize, p_pad:
     }
 }
 
+/// [`crate::generic::Post`] ops on sixteen lanes, as [`crate::generic::post8`] on eight: the
+/// same comparisons (`vmaxps`/`vminps` return their second operand, the value, when it is NaN)
+/// and the vector quantizer's operations (divide, round half to even, add the zero point,
+/// clamp, subtract it, multiply by the scale).
+///
+/// # Safety
+/// The CPU must support AVX-512 F.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
+    use crate::generic::Post;
+    for p in post {
+        v = match *p {
+            Post::Relu => _mm512_max_ps(_mm512_setzero_ps(), v),
+            Post::Clip(lo, hi) => _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v)),
+            Post::FakeQuant { scale, zero, lo, hi } => {
+                let (vs, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero));
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(v, vs));
+                let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(t, vz)));
+                _mm512_mul_ps(_mm512_sub_ps(y, vz), vs)
+            }
+        };
+    }
+    v
+}
+
 /// Pointwise W4A8 convolution on interleaved positions (see [`avx512_interleave_quads`]): for
 /// each output channel r and position o, per group the exact `sum_c (x - zero) q` from
 /// `vpdpbusd` on (x + 128, q) less `(128 + zero) * sum q`, then [`crate::generic::generic_q4q8_row`]'s
 /// float steps (product, then add, in group order; `* scale`, `+ bias` or `+ 0`). Sixteen
 /// positions per vector, four output channels per pass, two vectors per pass while more than 16
-/// positions are left, else one. `y` is `[n][p]`.
+/// positions are left, else one; the `post` ops ([`post16`]) on each vector before it is stored.
+/// `y` is `[n][p]`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VNNI, AVX2 and FMA (the buffer sizes are asserted).
@@ -873,18 +900,99 @@ pub unsafe fn avx512_pointwise_q4q8(
     zero: i32,
     scale: f32,
     bias: Option<&[f32]>,
+    post: &[crate::generic::Post],
     y: &mut [f32],
 ) {
     let kq = w.k_pad / 4;
     assert!(qw.len() >= w.n * kq && x4.len() >= kq * p_pad && p_pad >= p.next_multiple_of(16) && y.len() >= w.n * p);
     assert!(bias.is_none_or(|b| b.len() >= w.n));
+    // One copy of the kernel per epilogue form (no per-vector dispatch on the ops).
+    let f = crate::generic::PostForm::of(post);
+    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
+        (true, ..) => pointwise_blocks::<true, false, false>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y),
+        (_, false, false) => {
+            pointwise_blocks::<false, false, false>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+        }
+        (_, true, false) => {
+            pointwise_blocks::<false, true, false>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+        }
+        (_, false, true) => {
+            pointwise_blocks::<false, false, true>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+        }
+        (_, true, true) => {
+            pointwise_blocks::<false, true, true>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+        }
+    }
+}
+
+/// The epilogue constants of a [`crate::generic::PostForm`] in vectors: the clamp's bounds, the
+/// FakeQuant's scale, zero point and level bounds.
+#[derive(Clone, Copy)]
+struct PostVec16 {
+    lo: __m512,
+    hi: __m512,
+    s: __m512,
+    z: __m512,
+    qlo: __m512,
+    qhi: __m512,
+}
+
+impl PostVec16 {
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn new(f: crate::generic::PostForm) -> PostVec16 {
+        let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+        let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
+        PostVec16 {
+            lo: _mm512_set1_ps(lo),
+            hi: _mm512_set1_ps(hi),
+            s: _mm512_set1_ps(s),
+            z: _mm512_set1_ps(z),
+            qlo: _mm512_set1_ps(qlo),
+            qhi: _mm512_set1_ps(qhi),
+        }
+    }
+
+    /// The form's ops on sixteen lanes: [`post16`]'s operations for a clamp then a FakeQuant.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn apply<const CLAMP: bool, const FQ: bool>(&self, mut v: __m512) -> __m512 {
+        if CLAMP {
+            v = _mm512_min_ps(self.hi, _mm512_max_ps(self.lo, v));
+        }
+        if FQ {
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(v, self.s));
+            let y = _mm512_max_ps(self.qlo, _mm512_min_ps(self.qhi, _mm512_add_ps(t, self.z)));
+            v = _mm512_mul_ps(_mm512_sub_ps(y, self.z), self.s);
+        }
+        v
+    }
+}
+
+/// [`avx512_pointwise_q4q8`]'s blocks of positions with one epilogue form: `CHAIN` runs the ops
+/// one by one ([`post16`]), else the clamp and the FakeQuant as `CLAMP` and `FQ` say.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pointwise_blocks<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
+    w: &PackedQ4,
+    qw: &[u32],
+    x4: &[u32],
+    (p, p_pad): (usize, usize),
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    (post, form): (&[crate::generic::Post], crate::generic::PostForm),
+    y: &mut [f32],
+) {
+    let pv = PostVec16::new(form);
     let mut o0 = 0;
     while o0 < p {
         if p - o0 > 16 {
-            pointwise_block::<2>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, y);
+            pointwise_block::<2, CHAIN, CLAMP, FQ>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, (post, &pv), y);
             o0 += 32;
         } else {
-            pointwise_block::<1>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, y);
+            pointwise_block::<1, CHAIN, CLAMP, FQ>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, (post, &pv), y);
             o0 += 16;
         }
     }
@@ -895,7 +1003,7 @@ pub unsafe fn avx512_pointwise_q4q8(
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn pointwise_block<const V: usize>(
+unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     w: &PackedQ4,
     qw: &[u32],
     x4: &[u32],
@@ -903,6 +1011,7 @@ unsafe fn pointwise_block<const V: usize>(
     zero: i32,
     scale: f32,
     bias: Option<&[f32]>,
+    (post, pv): (&[crate::generic::Post], &PostVec16),
     y: &mut [f32],
 ) {
     const R: usize = 4;
@@ -952,6 +1061,7 @@ unsafe fn pointwise_block<const V: usize>(
             for v in 0..V {
                 if masks[v] != 0 {
                     let out = _mm512_add_ps(_mm512_mul_ps(accf[j][v], xs), b);
+                    let out = if CHAIN { post16(out, post) } else { pv.apply::<CLAMP, FQ>(out) };
                     // SAFETY: the mask keeps the store within row r's p outputs.
                     _mm512_mask_storeu_ps(y.as_mut_ptr().add(r * p + o0 + 16 * v), masks[v], out);
                 }
