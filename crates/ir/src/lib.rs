@@ -10,6 +10,7 @@ pub mod io;
 pub mod lowered;
 pub mod ops;
 pub mod par;
+pub mod pool;
 pub mod progress;
 pub mod shape;
 pub mod tensor;

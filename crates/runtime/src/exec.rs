@@ -307,11 +307,14 @@ fn exec<'a>(
                 }
             }
         }
-        // Values no later step reads are dropped now, so their memory is reused soon (those of
-        // the steps run as this one's epilogue too).
+        // Values no later step reads are dropped now, their memory reused by later outputs (those
+        // of the steps run as this one's epilogue too).
         for s in plan.steps[i..=last].iter().flat_map(Step::reads) {
             if !keep_all && plan.last_use[s] <= last {
-                env[s] = None;
+                // Its buffer serves a later output of the same size (this run's or the next's).
+                if let Some(Cow::Owned(t)) = env[s].take() {
+                    sqil_ir::pool::recycle(t);
+                }
             }
         }
         if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {

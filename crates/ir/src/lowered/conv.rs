@@ -314,7 +314,7 @@ pub fn run(
 ) -> Vec<f32> {
     let (ch, il, ol, taps) = (im.channels, im.geo.input_len(), im.geo.output_len(), im.geo.kernel_len());
     let pad = zero.clamp(-128, 127) as i8;
-    let mut out = vec![0f32; images * w.n * ol];
+    let mut out = crate::pool::f32_buffer(images * w.n * ol);
     // On one thread with AVX2 the kernel reads each window in place from the image (no
     // gathering): per window the byte offsets of its taps' runs, padding taps at a run of C
     // zero-point bytes kept past the image.

@@ -245,7 +245,7 @@ pub fn run_q4_linear(
     }
     let rows = xt.len() / w.k.max(1);
     let xv = xt.data.f32_cow();
-    let mut out = vec![0f32; rows * w.n];
+    let mut out = crate::pool::f32_buffer(rows * w.n);
     match act {
         ActQuant::Int { scale, zero, lo, hi } => SCRATCH.with_borrow_mut(|xs| {
             if xs.len() < rows {

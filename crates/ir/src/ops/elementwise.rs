@@ -70,20 +70,20 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
     }
     if let (Data::F32(v), UnaryOp::HardSwish) = (&t.data, u) {
         // The definition's operations in f64 lanes (hard_swish_f32).
-        let mut out = vec![0f32; v.len()];
+        let mut out = crate::pool::f32_buffer(v.len());
         sqil_kernels_cpu::generic::hard_swish_f32(v, &mut out);
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }
     if let (Data::F32(v), UnaryOp::Erf) = (&t.data, u) {
         // libm's erf in f64 rounded once, fdlibm's operations vectorized on |x| < 1.25 (erf_f32).
-        let mut out = vec![0f32; v.len()];
+        let mut out = crate::pool::f32_buffer(v.len());
         sqil_kernels_cpu::generic::erf_f32(v, &mut out);
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }
     if let (Data::F32(v), UnaryOp::Sigmoid | UnaryOp::Tanh | UnaryOp::Softplus) = (&t.data, u) {
         // The definitions' own operations, four lanes at a time (sigmoid_f32, tanh_f32,
         // softplus_f32).
-        let mut out = vec![0f32; v.len()];
+        let mut out = crate::pool::f32_buffer(v.len());
         match u {
             UnaryOp::Sigmoid => sqil_kernels_cpu::generic::sigmoid_f32(v, &mut out),
             UnaryOp::Tanh => sqil_kernels_cpu::generic::tanh_f32(v, &mut out),
@@ -97,14 +97,14 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
 pub(crate) fn gelu(t: &Tensor, tanh: bool) -> Result<Tensor> {
     if let (true, Data::F32(v)) = (tanh, &t.data) {
         // The definition (gelu_tanh), eight lanes screened with AVX-512 (gelu_tanh_f32).
-        let mut out = vec![0f32; v.len()];
+        let mut out = crate::pool::f32_buffer(v.len());
         sqil_kernels_cpu::generic::gelu_tanh_f32(v, &mut out);
         Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) })
     } else if tanh {
         map_float(t, "Gelu", sqil_kernels_cpu::generic::gelu_tanh)
     } else if let Data::F32(v) = &t.data {
         // The same f64 operations, erf vectorized as Erf's (gelu_erf_f32).
-        let mut out = vec![0f32; v.len()];
+        let mut out = crate::pool::f32_buffer(v.len());
         sqil_kernels_cpu::generic::gelu_erf_f32(v, &mut out);
         Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) })
     } else {

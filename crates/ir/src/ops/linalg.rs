@@ -505,7 +505,7 @@ pub fn conv_with_table(
             &owned
         }
     };
-    let mut out = vec![0f32; p.n * p.m * ol];
+    let mut out = crate::pool::f32_buffer(p.n * p.m * ol);
     // The im2col matrix, every element of which `im2col` writes: kept from call to call on this
     // thread (a fresh one was zeroed and its pages faulted in on every call).
     COLS.with_borrow_mut(|cols| {

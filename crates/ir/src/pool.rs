@@ -1,0 +1,99 @@
+//! Output buffers of f32 values reused from run to run on a thread: a plan's values have the same
+//! sizes every time it runs, so the buffers of the values that died in one run serve the next
+//! run's (and later steps') outputs of the same length, with no allocation, no zeroing and no
+//! fresh pages. Taken by kernels that write every value of their output ([`f32_buffer`]); given
+//! back by the executor when a value dies ([`recycle`]).
+
+use crate::tensor::{Data, Tensor};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// Buffers shorter than this are not kept (allocating them is cheap).
+const MIN_LEN: usize = 1024;
+/// At most this many buffers of one length are kept.
+const PER_LEN: usize = 8;
+/// At most this many bytes are kept per thread.
+const MAX_BYTES: usize = 256 << 20;
+
+#[derive(Default)]
+struct Pool {
+    by_len: HashMap<usize, Vec<Vec<f32>>>,
+    bytes: usize,
+    poison: bool,
+}
+
+thread_local! {
+    static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// A buffer of `n` f32 values with unspecified contents (a dead value's, or zeros): the caller
+/// writes every one of them before anything reads it. With [`poison`] on, every value is NaN
+/// (so a kernel that leaves one unwritten shows in its output).
+pub fn f32_buffer(n: usize) -> Vec<f32> {
+    POOL.with_borrow_mut(|p| {
+        let v = p.by_len.get_mut(&n).and_then(Vec::pop);
+        match v {
+            Some(mut v) => {
+                p.bytes -= n * 4;
+                if p.poison {
+                    v.fill(f32::NAN);
+                }
+                v
+            }
+            None => vec![if p.poison { f32::NAN } else { 0.0 }; n],
+        }
+    })
+}
+
+/// Gives a dead value's buffer back for [`f32_buffer`] to hand out again (f32 values of at least
+/// `MIN_LEN`, while the thread keeps fewer than `PER_LEN` of that length and `MAX_BYTES` in all;
+/// anything else is dropped).
+pub fn recycle(t: Tensor) {
+    let Data::F32(v) = t.data else { return };
+    let n = v.len();
+    if n < MIN_LEN {
+        return;
+    }
+    POOL.with_borrow_mut(|p| {
+        if p.bytes + n * 4 > MAX_BYTES {
+            return;
+        }
+        let kept = p.by_len.entry(n).or_default();
+        if kept.len() < PER_LEN {
+            kept.push(v);
+            p.bytes += n * 4;
+        }
+    });
+}
+
+/// Fills every buffer [`f32_buffer`] hands out on this thread with NaN (tests: a kernel that
+/// leaves an output value unwritten then gives a NaN, not an earlier run's value).
+pub fn poison(on: bool) {
+    POOL.with_borrow_mut(|p| p.poison = on);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_of_a_length_are_reused_and_poisoned_on_request() {
+        let t = Tensor::from_f32(vec![2048], vec![1.5; 2048]).unwrap();
+        let ptr = match &t.data {
+            Data::F32(v) => v.as_ptr(),
+            _ => unreachable!(),
+        };
+        recycle(t);
+        let v = f32_buffer(2048);
+        assert_eq!(v.as_ptr(), ptr, "the dead value's buffer is handed out again");
+        assert!(f32_buffer(2048).iter().all(|&x| x == 0.0), "a fresh buffer when none is kept");
+        recycle(Tensor::from_f32(vec![2048], v).unwrap());
+        poison(true);
+        assert!(f32_buffer(2048).iter().all(|x| x.is_nan()));
+        assert!(f32_buffer(3000).iter().all(|x| x.is_nan()));
+        poison(false);
+        // Short buffers are not kept.
+        recycle(Tensor::from_f32(vec![8], vec![2.0; 8]).unwrap());
+        assert_eq!(f32_buffer(8), vec![0.0; 8]);
+    }
+}
