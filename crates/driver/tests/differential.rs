@@ -71,29 +71,38 @@ fn attention(r: &mut Rng, t: usize, d: usize) -> Graph {
     g
 }
 
-/// A MobileNetV2 inverted residual block on [N, c, s, s]: Conv 1x1 to 24 + Clip(0, 6) ->
-/// depthwise Conv 3x3 (24 groups) + Clip(0, 6) -> Conv 1x1 back to c -> + x -> Conv 3x3 stride 2
-/// to 16 + ReLU -> Flatten -> Gemm 6. The plan runs each Clip and the activation quantizer after
-/// it as the epilogue of the convolution before (the int4 kernel's, the depthwise kernel's with
-/// its bias).
-fn mobile(r: &mut Rng, c: usize, s: usize) -> Graph {
+/// A MobileNet-class inverted residual block on [N, c, s, s]: Conv 1x1 to 24 + activation ->
+/// depthwise Conv 3x3 (24 groups) + activation -> Conv 1x1 back to c -> + x -> Conv 3x3 stride 2
+/// to 16 + ReLU -> Flatten -> Gemm 6; the activations Clip(0, 6) (MobileNetV2), or HardSwish and
+/// SiLU (MobileNetV3, EfficientNet; SiLU as Sigmoid and Mul, either order) as `act` says. The
+/// plan runs each activation and the quantizer after it as the epilogue of the convolution before
+/// (the int4 kernel's, the depthwise kernel's with its bias).
+fn mobile(r: &mut Rng, c: usize, s: usize, act: usize) -> Graph {
     let mut g = Graph::new("mobile");
     let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(c), Dim::Known(s), Dim::Known(s)]));
     let (lo, hi) = (
         g.add_const("lo", Tensor::from_f32(vec![], vec![0.0]).unwrap()),
         g.add_const("hi", Tensor::from_f32(vec![], vec![6.0]).unwrap()),
     );
-    let clip = |g: &mut Graph, name: &str, h: ValueRef| {
-        g.add_inferred(name, Op::Clip, &[Some(h), Some(lo), Some(hi)], format!("{name}.y")).unwrap()
+    let clip = |g: &mut Graph, name: &str, h: ValueRef, k: usize| match (act + k) % 3 {
+        0 => g.add_inferred(name, Op::Clip, &[Some(h), Some(lo), Some(hi)], format!("{name}.y")).unwrap(),
+        1 => g.add_inferred(name, Op::Unary(UnaryOp::HardSwish), &[Some(h)], format!("{name}.y")).unwrap(),
+        _ => {
+            let sig = g
+                .add_inferred(format!("{name}.sig"), Op::Unary(UnaryOp::Sigmoid), &[Some(h)], format!("{name}.s"))
+                .unwrap();
+            let args = if k == 0 { [Some(h), Some(sig)] } else { [Some(sig), Some(h)] };
+            g.add_inferred(name, Op::Binary(BinaryOp::Mul), &args, format!("{name}.y")).unwrap()
+        }
     };
     let (w, b) = (g.add_const("w1", r.tensor(vec![24, c, 1, 1], 0.5)), g.add_const("b1", r.tensor(vec![24], 0.5)));
     let h = g.add_inferred("expand", conv_attrs(1, 1, 0), &[Some(x), Some(w), Some(b)], "e").unwrap();
-    let h = clip(&mut g, "clip1", h);
+    let h = clip(&mut g, "clip1", h, 0);
     let Op::Conv(mut dw) = conv_attrs(3, 1, 1) else { unreachable!() };
     dw.group = 24;
     let (w, b) = (g.add_const("wd", r.tensor(vec![24, 1, 3, 3], 0.5)), g.add_const("bd", r.tensor(vec![24], 0.5)));
     let h = g.add_inferred("depthwise", Op::Conv(dw), &[Some(h), Some(w), Some(b)], "d").unwrap();
-    let h = clip(&mut g, "clip2", h);
+    let h = clip(&mut g, "clip2", h, 1);
     let (w, b) = (g.add_const("w2", r.tensor(vec![c, 24, 1, 1], 0.3)), g.add_const("b2", r.tensor(vec![c], 0.1)));
     let h = g.add_inferred("project", conv_attrs(1, 1, 0), &[Some(h), Some(w), Some(b)], "p").unwrap();
     let h = g.add_inferred("residual", Op::Binary(BinaryOp::Add), &[Some(h), Some(x)], "res").unwrap();
@@ -177,7 +186,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                     }
                     "mobile" => {
                         let (c, s) = ([8, 16][ci % 2], [9, 12][seed as usize % 2]);
-                        (mobile(&mut r, c, s), vec![c, s, s])
+                        (mobile(&mut r, c, s, ci % 3), vec![c, s, s])
                     }
                     _ => (attention(&mut r, 5, 32), vec![5, 32]),
                 };

@@ -3,7 +3,7 @@
 //! other step by the IR op's reference semantics.
 
 use sqil_ir::lowered::{relu_in_place, run_q4_layer};
-use sqil_ir::ops::{Op, UnaryOp};
+use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
 use sqil_ir::{Data, IrError, Result, Tensor};
 use sqil_kernels_cpu::Post;
 use sqil_lower::{Plan, Step};
@@ -167,7 +167,8 @@ fn epilogue_host(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<u
 
 /// The element-wise steps right after step `i` (whose output is slot `y`) that its kernel runs
 /// as its epilogue, as [`Post`] ops in order, and the last such step (`i` if none): each a ReLU,
-/// a Clip with f32 scalar bounds (or none) or a FakeQuant with one scale and zero point, reading
+/// a HardSwish, a Clip with f32 scalar bounds (or none), a FakeQuant with one scale and zero point
+/// or a SiLU (a Sigmoid and the Mul of the value by it: [`Post::Silu`]), reading
 /// the value before it as its first input and nowhere else, where that value dies (read by no
 /// later step, not an output), its other inputs computed already. The same conditions as
 /// running in place ([`in_place`]), so the same operations on the same values: the same bits,
@@ -175,7 +176,28 @@ fn epilogue_host(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<u
 fn epilogue(plan: &Plan, i: usize, y: usize, env: &[Option<Cow<Tensor>>]) -> (Vec<Post>, usize) {
     let (mut post, mut cur, mut j) = (vec![], y, i + 1);
     while let Some(Step::Op { op, inputs, outputs, .. }) = plan.steps.get(j) {
-        if outputs.len() != 1 || inputs.first() != Some(&Some(cur)) || plan.last_use[cur] != j {
+        if outputs.len() != 1 || inputs.first() != Some(&Some(cur)) {
+            break;
+        }
+        // SiLU: a Sigmoid of the value, then the product of the two, where both die.
+        if let (
+            Op::Unary(UnaryOp::Sigmoid),
+            Some(Step::Op { op: Op::Binary(BinaryOp::Mul), inputs: m, outputs: mo, .. }),
+        ) = (op, plan.steps.get(j + 1))
+        {
+            let s = outputs[0];
+            if (m.as_slice() == [Some(cur), Some(s)] || m.as_slice() == [Some(s), Some(cur)])
+                && mo.len() == 1
+                && plan.last_use[cur] == j + 1
+                && plan.last_use[s] == j + 1
+            {
+                post.push(Post::Silu);
+                cur = mo[0];
+                j += 2;
+                continue;
+            }
+        }
+        if plan.last_use[cur] != j {
             break;
         }
         // Every other input: not the value itself, and already computed.
@@ -185,6 +207,7 @@ fn epilogue(plan: &Plan, i: usize, y: usize, env: &[Option<Cow<Tensor>>]) -> (Ve
         let arg = |k: usize| arg_of(inputs, env, k);
         let p = match op {
             Op::Unary(UnaryOp::Relu) => Post::Relu,
+            Op::Unary(UnaryOp::HardSwish) => Post::HardSwish,
             Op::Clip => match sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)) {
                 Some((lo, hi)) => Post::Clip(lo, hi),
                 None => break,

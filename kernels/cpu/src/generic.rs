@@ -440,9 +440,13 @@ pub fn depthwise_conv(
     #[cfg(target_arch = "x86_64")]
     if channels >= 8 && crate::isa() != crate::Isa::Generic {
         let g = Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels };
-        // SAFETY: isa() checked AVX2 and FMA; the buffer sizes were checked above.
         let wide = crate::isa() == crate::Isa::Avx512Vnni && kh * kw <= DEPTHWISE_WIDE_TAPS;
-        return unsafe { depthwise_lanes_avx2(input, weights, &g, (bias, post), out, wide) };
+        // The ops the kernel applies in registers, then the rest over its outputs.
+        let (reg, rest) = post_split(post);
+        // SAFETY: isa() checked AVX2 and FMA; the buffer sizes were checked above.
+        unsafe { depthwise_lanes_avx2(input, weights, &g, (bias, reg), out, wide) };
+        post_in_place(&mut out[..channels * ol], rest);
+        return;
     }
     // The padded plane's extent (every row and column a window reads), and each phase plane's:
     // phase (ry, rx) holds padded rows ry, ry + sh, ... and columns rx, rx + sw, ...
@@ -1125,6 +1129,25 @@ pub enum Post {
     Clip(f32, f32),
     /// [`fake_quant_one`] with one scale and zero point (`|lo|, |hi| <= 2^16`).
     FakeQuant { scale: f32, zero: f32, lo: f32, hi: f32 },
+    /// HardSwish: [`hard_swish`] in f64, rounded once.
+    HardSwish,
+    /// SiLU as its two steps compute it: the Sigmoid rounded to f32 ([`sigmoid_f32`]), then the
+    /// f32 product with the value (either order: the same product).
+    Silu,
+}
+
+impl Post {
+    /// Whether vector kernels apply it in registers (the others run over the outputs after them,
+    /// [`post_in_place`]).
+    pub fn in_registers(self) -> bool {
+        matches!(self, Post::Relu | Post::Clip(..) | Post::FakeQuant { .. })
+    }
+}
+
+/// A chain split where vector kernels stop applying it in registers: the longest prefix of
+/// [`Post::in_registers`] ops, and the rest (for [`post_in_place`] after the kernel).
+pub fn post_split(post: &[Post]) -> (&[Post], &[Post]) {
+    post.split_at(post.iter().position(|p| !p.in_registers()).unwrap_or(post.len()))
 }
 
 /// [`Post`] ops on one value, in order.
@@ -1148,6 +1171,8 @@ pub fn post_one(mut v: f32, post: &[Post]) -> f32 {
                 }
             }
             Post::FakeQuant { scale, zero, lo, hi } => fake_quant_one(v, scale, zero, lo, hi),
+            Post::HardSwish => hard_swish(v as f64) as f32,
+            Post::Silu => v * sigmoid(v as f64) as f32,
         };
     }
     v
@@ -1165,6 +1190,23 @@ pub fn post_in_place(v: &mut [f32], post: &[Post]) {
                 *e = if x > hi { hi } else { x }
             }),
             Post::FakeQuant { scale, zero, lo, hi } => fake_quant_in_place(v, scale, zero, lo, hi),
+            // The vector kernels through a block in L1 at a time.
+            Post::HardSwish | Post::Silu => {
+                let mut t = [0f32; 256];
+                for c in v.chunks_mut(256) {
+                    let t = &mut t[..c.len()];
+                    match *p {
+                        Post::HardSwish => {
+                            hard_swish_f32(c, t);
+                            c.copy_from_slice(t);
+                        }
+                        _ => {
+                            sigmoid_f32(c, t);
+                            c.iter_mut().zip(t.iter()).for_each(|(x, s)| *x *= *s);
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -1218,6 +1260,13 @@ pub unsafe fn post8(mut v: std::arch::x86_64::__m256, post: &[Post]) -> std::arc
             Post::Relu => _mm256_max_ps(_mm256_setzero_ps(), v),
             Post::Clip(lo, hi) => _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v)),
             Post::FakeQuant { scale, zero, lo, hi } => crate::x86_64::avx2::fake_quant8(v, scale, zero, lo, hi),
+            // Not in registers (see `post_split`): lane by lane.
+            p => {
+                let mut a = [0f32; 8];
+                _mm256_storeu_ps(a.as_mut_ptr(), v);
+                a.iter_mut().for_each(|x| *x = post_one(*x, std::slice::from_ref(&p)));
+                _mm256_loadu_ps(a.as_ptr())
+            }
         };
     }
     v

@@ -277,6 +277,8 @@ pub fn pointwise_q4q8(
             static X4: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let p_pad = positions.next_multiple_of(16);
+        // The ops the kernel applies in registers, then the rest over its outputs.
+        let (post, rest) = generic::post_split(post);
         return X4.with_borrow_mut(|x4| {
             x4.resize(w.k_pad / 4 * p_pad, 0);
             // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA).
@@ -295,6 +297,7 @@ pub fn pointwise_q4q8(
                     y,
                 );
             }
+            generic::post_in_place(&mut y[..w.n * positions], rest);
             true
         });
     }

@@ -874,6 +874,13 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
                 let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(t, vz)));
                 _mm512_mul_ps(_mm512_sub_ps(y, vz), vs)
             }
+            // Not in registers (see `post_split`): lane by lane.
+            p => {
+                let mut a = [0f32; 16];
+                _mm512_storeu_ps(a.as_mut_ptr(), v);
+                a.iter_mut().for_each(|x| *x = crate::generic::post_one(*x, std::slice::from_ref(&p)));
+                _mm512_loadu_ps(a.as_ptr())
+            }
         };
     }
     v
