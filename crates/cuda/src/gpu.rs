@@ -97,7 +97,11 @@ pub fn compile(name: &str, src: &str, arch: &'static str) -> Result<String> {
     if let (Some(d), Some(f)) = (dir, file) {
         // A cache that cannot be written only costs a recompile next time.
         if std::fs::create_dir_all(&d).is_ok() {
-            let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+            // One temporary file per call (threads of a process compiling the same kernel at
+            // once shared `tmp{pid}`: one truncated it while another renamed it into place).
+            static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let tmp = f.with_extension(format!("tmp{}-{call}", std::process::id()));
             if std::fs::write(&tmp, &text).is_ok() {
                 let _ = std::fs::rename(&tmp, &f);
             }
