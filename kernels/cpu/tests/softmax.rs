@@ -181,47 +181,52 @@ const SIGMOID_NEAR_HALFWAY: [u32; 26] = [
     0xb7a48000, 0xb7b48000, 0x3a689801, 0x3b128604, 0x3d21bc81, 0xba928601, 0xbe104170, 0xbf1964d0,
 ];
 
-/// The screened sigmoid (the AVX-512 kernel's fast form, `sigmoid_screened`): within 2^12 units of
-/// the last place of the definition over a sweep of (-90, 90), so its margin of 2^16 holds with room;
-/// it screens out the values whose definition lies nearly halfway between two f32 (a margin of 0
-/// fails this); inside |x| < 80 it recomputes about one value in 4 096 (fewer than one in 1 000); and `sigmoid_f32` equals the definition
-/// on the sweep bit for bit.
+/// The screened sigmoids (the AVX2 kernel's fast form, `sigmoid_screened`, and the AVX-512
+/// kernel's, `sigmoid_screened_table`): each within 2^12 units of the last place of the definition
+/// over a sweep of (-90, 90), so the margin of 2^16 holds with room; each screens out the values
+/// whose definition lies nearly halfway between two f32 (a margin of 0 fails this); inside |x| < 80
+/// each recomputes about one value in 4 096 (fewer than one in 1 000); and `sigmoid_f32` equals the
+/// definition on the sweep bit for bit.
 #[test]
 fn screened_sigmoid_keeps_the_definitions_bits() {
-    use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32, sigmoid_screened, SCREEN_MARGIN};
+    use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32, sigmoid_screened, sigmoid_screened_table, SCREEN_MARGIN};
     // Every 257th bit pattern from -90 to 90: about 8.4 million values.
     let (lo, hi) = (90f32.to_bits(), 90f32.to_bits());
     let mut vals: Vec<f32> = (0..lo).step_by(257).map(|b| -f32::from_bits(b)).collect();
     vals.extend((0..hi).step_by(257).map(f32::from_bits));
-    let (mut worst, mut unsure) = (0u64, 0usize);
-    for &v in &vals {
-        let (y, sure) = sigmoid_screened(v as f64);
-        let want = sigmoid(v as f64);
-        if v.abs() < 80.0 {
-            worst = worst.max(y.to_bits().abs_diff(want.to_bits()));
-            unsure += !sure as usize;
+    type Screened = fn(f64) -> (f64, bool);
+    let forms: [(&str, Screened); 2] = [("degree 10", sigmoid_screened), ("table", sigmoid_screened_table)];
+    for (form, screened) in forms {
+        let (mut worst, mut unsure) = (0u64, 0usize);
+        for &v in &vals {
+            let (y, sure) = screened(v as f64);
+            let want = sigmoid(v as f64);
+            if v.abs() < 80.0 {
+                worst = worst.max(y.to_bits().abs_diff(want.to_bits()));
+                unsure += !sure as usize;
+            }
+            if sure {
+                assert_eq!((y as f32).to_bits(), (want as f32).to_bits(), "{form}: sigmoid({v:e}) screened as sure");
+            }
         }
-        if sure {
-            assert_eq!((y as f32).to_bits(), (want as f32).to_bits(), "sigmoid({v:e}): screened as sure");
+        assert!(worst < 1 << 12, "{form}: screened sigmoid {worst} units from the definition");
+        assert!((SCREEN_MARGIN as u64) >= worst << 4, "{form}: margin {SCREEN_MARGIN} against {worst}");
+        // Beyond |x| = 80 every value is recomputed (f32's subnormal outputs, infinities, NaN).
+        let inside = vals.iter().filter(|v| v.abs() < 80.0).count();
+        assert!((unsure as f64) < 1e-3 * inside as f64, "{form}: {unsure} of {inside} recomputed");
+        for &b in &SIGMOID_NEAR_HALFWAY {
+            let v = f32::from_bits(b);
+            assert!(!screened(v as f64).1, "{form}: sigmoid({v:e}) is nearly halfway and was not screened");
         }
+        eprintln!("screened sigmoid ({form}): worst {worst} units, {unsure} of {inside} recomputed");
     }
-    assert!(worst < 1 << 12, "screened sigmoid {worst} units from the definition");
-    assert!((SCREEN_MARGIN as u64) >= worst << 4, "margin {SCREEN_MARGIN} against {worst}");
-    // Beyond |x| = 80 every value is recomputed (f32's subnormal outputs, infinities, NaN).
-    let inside = vals.iter().filter(|v| v.abs() < 80.0).count();
-    assert!((unsure as f64) < 1e-3 * inside as f64, "{unsure} of {inside} recomputed");
-    for &b in &SIGMOID_NEAR_HALFWAY {
-        let v = f32::from_bits(b);
-        assert!(!sigmoid_screened(v as f64).1, "sigmoid({v:e}) is nearly halfway and was not screened");
-        vals.push(v);
-    }
+    vals.extend(SIGMOID_NEAR_HALFWAY.iter().map(|&b| f32::from_bits(b)));
     let mut got = vec![0f32; vals.len()];
     sigmoid_f32(&vals, &mut got);
     for (&g, &v) in got.iter().zip(&vals) {
         let want = sigmoid(v as f64) as f32;
         assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "sigmoid({v:e}): {g:e} vs {want:e}");
     }
-    eprintln!("screened sigmoid: worst {worst} units, {unsure} of {inside} recomputed");
 }
 
 /// Every f32: `sigmoid_f32` equal to the definition, and the values within 4 units of halfway

@@ -537,24 +537,26 @@ unsafe fn far_from_halfway8(y: __m512d) -> __mmask8 {
     _mm512_cmpgt_epi64_mask(off, _mm512_set1_epi64(crate::generic::SCREEN_MARGIN))
 }
 
-/// `generic::sigmoid_screened` on eight f64 lanes, `K` vectors interleaved: the results rounded
-/// to f32 and, per vector, the lanes whose rounding is certain to be the definition's.
+/// `generic::sigmoid_screened_table` on eight f64 lanes, `K` vectors interleaved (the table in
+/// two registers, looked up by one permute): the results rounded to f32 and, per vector, the
+/// lanes whose rounding is certain to be the definition's.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], [u8; K]) {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MAX_ABS, SCREEN_TAYLOR};
+    use crate::generic::{EXP2_16THS, EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MAX_ABS};
     let (magic, one) = (_mm512_set1_pd(EXP_MAGIC), _mm512_set1_pd(1.0));
+    let (t0, t1) = (_mm512_loadu_pd(EXP2_16THS.as_ptr()), _mm512_loadu_pd(EXP2_16THS.as_ptr().add(8)));
     let a: [__m512d; K] = std::array::from_fn(|i| _mm512_abs_pd(v[i]));
     let na: [__m512d; K] = std::array::from_fn(|i| _mm512_sub_pd(_mm512_setzero_pd(), a[i]));
     let t: [__m512d; K] =
-        std::array::from_fn(|i| _mm512_fmadd_pd(na[i], _mm512_set1_pd(std::f64::consts::LOG2_E), magic));
+        std::array::from_fn(|i| _mm512_fmadd_pd(na[i], _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
     let r: [__m512d; K] = std::array::from_fn(|i| {
         let n = _mm512_sub_pd(t[i], magic);
-        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI), na[i]);
-        _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO), r)
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI / 16.0), na[i]);
+        _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO / 16.0), r)
     });
-    let mut p = [_mm512_set1_pd(SCREEN_TAYLOR[10]); K];
-    for &c in SCREEN_TAYLOR[..10].iter().rev() {
+    let mut p = [_mm512_set1_pd(1.0 / 120.0); K];
+    for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         let c = _mm512_set1_pd(c);
         for i in 0..K {
             p[i] = _mm512_fmadd_pd(p[i], r[i], c);
@@ -562,11 +564,12 @@ unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], 
     }
     let mut sure = [0u8; K];
     let y = std::array::from_fn(|i| {
-        let bits = _mm512_add_epi64(
-            _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
-            _mm512_set1_epi64(1023),
-        );
-        let e = _mm512_mul_pd(p[i], _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits)));
+        let ni = _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64));
+        // 2^(j/16) for j = n mod 16 (the permute reads each index's low four bits), times 2^(n >> 4)
+        // by the exponent field.
+        let tab = _mm512_permutex2var_pd(t0, ni, t1);
+        let scale = _mm512_add_epi64(_mm512_castpd_si512(tab), _mm512_slli_epi64::<52>(_mm512_srai_epi64::<4>(ni)));
+        let e = _mm512_mul_pd(p[i], _mm512_castsi512_pd(scale));
         let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[i], _mm512_setzero_pd()), e, one);
         let y = _mm512_div_pd(num, _mm512_add_pd(one, e));
         sure[i] = far_from_halfway8(y) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a[i], _mm512_set1_pd(SCREEN_MAX_ABS));
