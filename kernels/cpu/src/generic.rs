@@ -750,10 +750,14 @@ unsafe fn depthwise_unpack<const CHAIN: bool, const CLAMP: bool, const FQ: bool>
                 _mm256_storeu_ps(out.as_mut_ptr().add((c0 + cc) * ol + o0), *v);
             }
         }
-        for c in c0..c0 + cn {
-            for o in o8..ol {
-                let v = acc[o * cp + c];
-                out[c * ol + o] = post_one(bias.map_or(v, |b| v + b[c]), post);
+        // The last positions (fewer than eight): one vector of eight channels each.
+        let mut t = [0f32; 8];
+        for o in o8..ol {
+            let v = _mm256_loadu_ps(acc.as_ptr().add(o * cp + c0));
+            let v = if bias.is_some() { _mm256_add_ps(v, vb) } else { v };
+            _mm256_storeu_ps(t.as_mut_ptr(), if CHAIN { post8(v, post) } else { pv.apply::<CLAMP, FQ>(v) });
+            for (cc, &v) in t.iter().enumerate().take(cn) {
+                out[(c0 + cc) * ol + o] = v;
             }
         }
     }
