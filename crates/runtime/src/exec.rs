@@ -318,6 +318,8 @@ fn exec<'a>(
                         let t = t.as_ref().filter(|t| x.rank() > 1 && x.shape[1..] == t.0).map(|t| &t.1[..]);
                         sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, t, &post).map(|y| vec![y])
                     }
+                    // (An epilogue is planned only on a Conv with these inputs.)
+                    _ if !post.is_empty() => Err(IrError::Internal("an epilogue on a step that cannot run it".into())),
                     _ => op.eval(&args, outputs.len()),
                 }
                 .map_err(|e| e.context(format!("node `{name}` ({})", op.name())))?;

@@ -84,6 +84,16 @@ fn hard_swish_f32_equals_its_definition() {
     }
 }
 
+/// HardSwish's vector forms (`x / 6` as `x * (1/6)`) equal the definition on every f32. Half a
+/// minute per ISA on one core: `cargo test --release -p sqil-kernels-cpu --test softmax --
+/// --ignored` (and with `SQIL_ISA=avx2`).
+#[test]
+#[ignore]
+fn hard_swish_f32_equals_its_definition_on_every_f32() {
+    use sqil_kernels_cpu::generic::{hard_swish, hard_swish_f32};
+    every_f32("hard_swish", hard_swish_f32, |v| hard_swish(v as f64) as f32);
+}
+
 /// Random f32 values: a third near zero (log-uniform down to 1e-12, both signs), the rest across
 /// [-range, range], plus the special values.
 fn spread(seed: u64, n: usize, range: f64) -> Vec<f32> {

@@ -567,12 +567,14 @@ pub unsafe fn avx2_elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_hard_swish_f32(x: &[f32], out: &mut [f32]) {
-    let (six, half, zero, one) = (_mm256_set1_pd(6.0), _mm256_set1_pd(0.5), _mm256_setzero_pd(), _mm256_set1_pd(1.0));
+    let (half, zero, one) = (_mm256_set1_pd(0.5), _mm256_setzero_pd(), _mm256_set1_pd(1.0));
+    let sixth = _mm256_set1_pd(1.0 / 6.0);
     let n = x.len();
     let mut i = 0;
     while i + 4 <= n {
         let v = _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i)));
-        let t = _mm256_add_pd(_mm256_div_pd(v, six), half);
+        // x / 6 as x * (1/6): see `generic::hard_swish_f32`.
+        let t = _mm256_add_pd(_mm256_mul_pd(v, sixth), half);
         // clamp: below 0 -> 0, above 1 -> 1 (ordered comparisons: NaN stays).
         let t = _mm256_blendv_pd(t, zero, _mm256_cmp_pd(t, zero, _CMP_LT_OQ));
         let t = _mm256_blendv_pd(t, one, _mm256_cmp_pd(t, one, _CMP_GT_OQ));

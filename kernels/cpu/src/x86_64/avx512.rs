@@ -378,12 +378,14 @@ pub(crate) unsafe fn exp_nonpos8xk<const K: usize>(x: [__m512d; K]) -> [__m512d;
 /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_hard_swish_f32(x: &[f32], out: &mut [f32]) {
-    let (six, half, zero, one) = (_mm512_set1_pd(6.0), _mm512_set1_pd(0.5), _mm512_setzero_pd(), _mm512_set1_pd(1.0));
+    let (half, zero, one) = (_mm512_set1_pd(0.5), _mm512_setzero_pd(), _mm512_set1_pd(1.0));
+    let sixth = _mm512_set1_pd(1.0 / 6.0);
     let n = x.len();
     let mut i = 0;
     while i + 8 <= n {
         let v = _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i)));
-        let t = _mm512_add_pd(_mm512_div_pd(v, six), half);
+        // x / 6 as x * (1/6): see `generic::hard_swish_f32`.
+        let t = _mm512_add_pd(_mm512_mul_pd(v, sixth), half);
         let t = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(t, zero), t, zero);
         let t = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GT_OQ>(t, one), t, one);
         _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtpd_ps(_mm512_mul_pd(v, t)));
