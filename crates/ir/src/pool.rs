@@ -19,30 +19,37 @@ const MAX_BYTES: usize = 256 << 20;
 struct Pool {
     by_len: HashMap<usize, Vec<Vec<f32>>>,
     bytes: usize,
-    poison: bool,
 }
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+    static POISON: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A buffer of `n` f32 values with unspecified contents (a dead value's, or zeros): the caller
 /// writes every one of them before anything reads it. With [`poison`] on, every value is NaN
 /// (so a kernel that leaves one unwritten shows in its output).
 pub fn f32_buffer(n: usize) -> Vec<f32> {
-    POOL.with_borrow_mut(|p| {
-        let v = p.by_len.get_mut(&n).and_then(Vec::pop);
-        match v {
-            Some(mut v) => {
-                p.bytes -= n * 4;
-                if p.poison {
-                    v.fill(f32::NAN);
-                }
-                v
+    let poison = POISON.get();
+    // Short buffers are never kept: no lookup (small policies' steps take microseconds).
+    let kept = if n < MIN_LEN { None } else { POOL.with_borrow_mut(|p| p.take(n)) };
+    match kept {
+        Some(mut v) => {
+            if poison {
+                v.fill(f32::NAN);
             }
-            None => vec![if p.poison { f32::NAN } else { 0.0 }; n],
+            v
         }
-    })
+        None => vec![if poison { f32::NAN } else { 0.0 }; n],
+    }
+}
+
+impl Pool {
+    fn take(&mut self, n: usize) -> Option<Vec<f32>> {
+        let v = self.by_len.get_mut(&n).and_then(Vec::pop)?;
+        self.bytes -= n * 4;
+        Some(v)
+    }
 }
 
 /// Gives a dead value's buffer back for [`f32_buffer`] to hand out again (f32 values of at least
@@ -69,7 +76,7 @@ pub fn recycle(t: Tensor) {
 /// Fills every buffer [`f32_buffer`] hands out on this thread with NaN (tests: a kernel that
 /// leaves an output value unwritten then gives a NaN, not an earlier run's value).
 pub fn poison(on: bool) {
-    POOL.with_borrow_mut(|p| p.poison = on);
+    POISON.set(on);
 }
 
 #[cfg(test)]

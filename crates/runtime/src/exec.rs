@@ -272,8 +272,17 @@ fn exec<'a>(
         match step {
             Step::Q4Linear { name, x, y, act, w, bias, relu, conv, .. } => {
                 let xt = env[*x].as_ref().ok_or_else(|| IrError::Internal(format!("{name}: input not computed")))?;
-                let post: Vec<Post> = relu.then_some(Post::Relu).into_iter().chain(post).collect();
-                let t = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), &post, xt, threads)?;
+                // Its own ReLU first (no allocation when it is the whole chain: small policies).
+                let with_relu: Vec<Post>;
+                let post: &[Post] = match (*relu, post.is_empty()) {
+                    (false, _) => &post,
+                    (true, true) => &[Post::Relu],
+                    (true, false) => {
+                        with_relu = std::iter::once(Post::Relu).chain(post.iter().copied()).collect();
+                        &with_relu
+                    }
+                };
+                let t = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), post, xt, threads)?;
                 env[out.unwrap_or(*y)] = Some(Cow::Owned(t));
             }
             Step::Op { op, inputs, outputs, .. } if !keep_all && in_place(plan, op, inputs, i, &env) => {

@@ -93,11 +93,12 @@ proptest! {
     /// 3 x 3 depthwise layers (MobileNet's) on rows of 1-40 output columns and 1-49 channels (the
     /// vector loops' every remainder), strides 1 and 2, padding 0 and 1: the chain's bits; with
     /// an epilogue, the chain plus the channel's bias (one f32 addition) through the ops' scalar
-    /// definitions (Clip; Clip then a FakeQuant whose levels the outputs cross).
+    /// definitions (Clip; Clip then a FakeQuant whose levels the outputs cross; a chain of no
+    /// single form; SiLU and HardSwish).
     #[test]
     fn three_by_three_depthwise_equals_the_chain(seed in any::<u64>(), channels in 1usize..50, h in 3usize..12,
                                                   w in 3usize..42, s in 1usize..3, p in 0isize..2,
-                                                  epilogue in 0usize..3) {
+                                                  epilogue in 0usize..5) {
         use sqil_kernels_cpu::{post_one, Post};
         let mut st = seed | 1;
         let mut r = move || {
@@ -125,7 +126,11 @@ proptest! {
         let (bias, post): (Option<&[f32]>, &[Post]) = match epilogue {
             0 => (None, &[]),
             1 => (Some(&b), &[Post::Clip(0.0, 6.0)]),
-            _ => (Some(&b), &[Post::Clip(-1.0, 6.0), Post::FakeQuant { scale: 0.05, zero: 3.0, lo: -128.0, hi: 127.0 }]),
+            2 => (Some(&b), &[Post::Clip(-1.0, 6.0), Post::FakeQuant { scale: 0.05, zero: 3.0, lo: -128.0, hi: 127.0 }]),
+            // Not one of the kernel's forms: op by op in registers.
+            3 => (Some(&b), &[Post::FakeQuant { scale: 0.05, zero: 3.0, lo: -128.0, hi: 127.0 }, Post::Relu]),
+            // SiLU and HardSwish run over the outputs after the kernel.
+            _ => (Some(&b), &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish]),
         };
         if let Some(b) = bias {
             for (i, v) in want.iter_mut().enumerate() {

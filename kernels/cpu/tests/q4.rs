@@ -324,18 +324,24 @@ proptest! {
     /// each position's channels, bit for bit: channel counts off the four-channel words, positions
     /// off the 16- and 32-lane blocks, groups of 32, 64 or one per channel, zero points across the
     /// int8 range, with and without a bias, and with each epilogue (ReLU; Clip; Clip then a
-    /// FakeQuant whose levels the outputs cross) against the ops' scalar definitions. Skips
+    /// FakeQuant whose levels the outputs cross; chains of no single form; HardSwish and SiLU)
+    /// against the ops' scalar definitions. Skips
     /// (returns false) without AVX-512 VNNI.
     #[test]
     fn pointwise_conv_equals_the_reference_rows(seed in any::<u64>(), n in 1usize..70, ch in 1usize..100, p in 1usize..300,
                                                  per_group in 0usize..3, zero in -120i32..120, with_bias in any::<bool>(),
-                                                 epilogue in 0usize..4) {
+                                                 epilogue in 0usize..6) {
         use sqil_kernels_cpu::Post;
+        let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
         let post: &[Post] = match epilogue {
             0 => &[],
             1 => &[Post::Relu],
             2 => &[Post::Clip(-0.25, 0.5)],
-            _ => &[Post::Clip(0.0, 6.0), Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 }],
+            3 => &[Post::Clip(0.0, 6.0), fq],
+            // Not one of the kernel's forms: op by op in registers.
+            4 => &[fq, Post::Clip(-0.25, 0.5), Post::Relu],
+            // HardSwish and SiLU run over the outputs after the kernel.
+            _ => &[Post::Relu, Post::HardSwish, fq, Post::Silu],
         };
         let group = [0, 32, 64][per_group];
         let group = if ch.next_multiple_of(32) % group.max(1) == 0 { group } else { 32 };
