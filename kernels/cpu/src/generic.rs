@@ -1671,9 +1671,9 @@ pub fn hard_swish(x: f64) -> f64 {
 
 /// [`hard_swish`] of every f32 value, rounded once to f32; eight f64 lanes at a time with AVX-512,
 /// four with AVX2, where the CPU has them: the same operations except `x / 6`, computed as the
-/// product `x * (1/6)` (a division was a third of the kernel's time). For an f32 `x` the two
-/// differ by at most an f64 unit, which never reaches the f32 result: checked on every f32 with
-/// AVX-512 and with AVX2 (`hard_swish_f32_equals_its_definition_on_every_f32`).
+/// product `x * (1/6)` (no division in the loop). For an f32 `x` the two differ by an f64 unit
+/// or two at most, which never reaches the f32 result: checked on every f32 with AVX-512 and
+/// with AVX2 (`hard_swish_f32_equals_its_definition_on_every_f32`).
 pub fn hard_swish_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
