@@ -2,7 +2,7 @@
 //! their one arithmetic definition (`sqil_ir::lowered::run_q4_layer`, the simulation's), every
 //! other step by the IR op's reference semantics.
 
-use sqil_ir::lowered::{relu_in_place, run_q4_layer};
+use sqil_ir::lowered::run_q4_layer;
 use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
 use sqil_ir::{Data, IrError, Result, Tensor};
 use sqil_kernels_cpu::Post;
@@ -124,28 +124,41 @@ impl Execute for Plan {
     }
 }
 
-/// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: a ReLU, a
-/// Clip (with f32 scalar bounds or none) or a FakeQuant with one scale and zero point of f32
-/// values, or a Reshape, whose input dies at this step and is owned (not a constant or a caller's
-/// tensor). The result equals the op's (ReLU and Clip are comparisons, exact in f32, the same
-/// ones; FakeQuant runs the same kernel loop on the buffer; Reshape moves data).
+/// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: an element-wise
+/// op a vector kernel applies in registers ([`post_op`], [`Post::in_registers`]: a ReLU, a Clip
+/// with f32 scalar bounds or none, a FakeQuant with one scale and zero point) on f32 values, or a
+/// Reshape, whose input dies at this step and is owned (not a constant or a caller's tensor). The
+/// result equals the op's (the same comparisons and operations on the buffer; Reshape moves data).
 fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Option<Cow<Tensor>>]) -> bool {
     let Some(Some(x)) = inputs.first() else { return false };
     if plan.last_use[*x] != i || inputs.iter().skip(1).flatten().any(|s| s == x) {
         return false;
     }
     let Some(Cow::Owned(t)) = &env[*x] else { return false };
-    let f32 = matches!(t.data, sqil_ir::tensor::Data::F32(_));
+    match op {
+        Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
+        _ => matches!(t.data, Data::F32(_)) && post_op(op, inputs, env).is_some_and(Post::in_registers),
+    }
+}
+
+/// A step's element-wise op on its first input as a [`Post`] op: a ReLU, a HardSwish, a Clip with
+/// f32 scalar bounds (or none), or a FakeQuant with one scale and zero point; its other inputs
+/// computed already and none of them the first.
+fn post_op(op: &Op, inputs: &[Option<usize>], env: &[Option<Cow<Tensor>>]) -> Option<Post> {
+    let x = inputs.first().copied().flatten()?;
+    if inputs[1..].iter().flatten().any(|&s| s == x || env[s].is_none()) {
+        return None;
+    }
     let arg = |k: usize| arg_of(inputs, env, k);
     match op {
-        Op::Unary(UnaryOp::Relu) => f32,
-        Op::Clip => f32 && sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)).is_some(),
-        Op::FakeQuant { bits, block_size, .. } => {
-            f32 && (inputs.get(2).copied().flatten().is_none() || arg(2).is_some())
-                && arg(1).is_some_and(|s| sqil_ir::ops::quant::one_scale(s, arg(2), *bits, *block_size))
+        Op::Unary(UnaryOp::Relu) => Some(Post::Relu),
+        Op::Unary(UnaryOp::HardSwish) => Some(Post::HardSwish),
+        Op::Clip => sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)).map(|(lo, hi)| Post::Clip(lo, hi)),
+        Op::FakeQuant { bits, signed, block_size, .. } => {
+            let s = arg(1).filter(|s| sqil_ir::ops::quant::one_scale(s, arg(2), *bits, *block_size))?;
+            Some(sqil_ir::ops::quant::fake_quant_post(s, arg(2), *bits, *signed))
         }
-        Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
-        _ => false,
+        _ => None,
     }
 }
 
@@ -197,29 +210,7 @@ fn epilogue(plan: &Plan, i: usize, y: usize, env: &[Option<Cow<Tensor>>]) -> (Ve
                 continue;
             }
         }
-        if plan.last_use[cur] != j {
-            break;
-        }
-        // Every other input: not the value itself, and already computed.
-        if inputs[1..].iter().flatten().any(|&s| s == cur || env[s].is_none()) {
-            break;
-        }
-        let arg = |k: usize| arg_of(inputs, env, k);
-        let p = match op {
-            Op::Unary(UnaryOp::Relu) => Post::Relu,
-            Op::Unary(UnaryOp::HardSwish) => Post::HardSwish,
-            Op::Clip => match sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)) {
-                Some((lo, hi)) => Post::Clip(lo, hi),
-                None => break,
-            },
-            Op::FakeQuant { bits, signed, block_size, .. } => match arg(1) {
-                Some(s) if sqil_ir::ops::quant::one_scale(s, arg(2), *bits, *block_size) => {
-                    sqil_ir::ops::quant::fake_quant_post(s, arg(2), *bits, *signed)
-                }
-                _ => break,
-            },
-            _ => break,
-        };
+        let Some(p) = post_op(op, inputs, env).filter(|_| plan.last_use[cur] == j) else { break };
         post.push(p);
         cur = outputs[0];
         j += 1;
@@ -297,20 +288,10 @@ fn exec<'a>(
                         let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {
                             unreachable!("checked by in_place")
                         };
-                        let arg = |k: usize| arg_of(inputs, &env, k);
-                        let unchecked =
-                            || IrError::Internal(format!("{} in place: not checked by in_place", op.name()));
-                        match op {
-                            Op::Clip => sqil_ir::ops::clip_f32_in_place(
-                                &mut v,
-                                sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)).ok_or_else(unchecked)?,
-                            ),
-                            Op::FakeQuant { bits, signed, .. } => {
-                                let scale = arg(1).ok_or_else(unchecked)?;
-                                sqil_ir::ops::quant::fake_quant_f32_in_place(&mut v, scale, arg(2), *bits, *signed)
-                            }
-                            _ => relu_in_place(&mut v),
-                        }
+                        let p = post_op(op, inputs, &env).ok_or_else(|| {
+                            IrError::Internal(format!("{} in place: not checked by in_place", op.name()))
+                        })?;
+                        sqil_kernels_cpu::post_in_place(&mut v, &[p]);
                         Tensor::from_f32(shape, v)?
                     }
                 };

@@ -1154,26 +1154,35 @@ pub fn post_split(post: &[Post]) -> (&[Post], &[Post]) {
     post.split_at(post.iter().position(|p| !p.in_registers()).unwrap_or(post.len()))
 }
 
+/// ReLU of one f32 value: `x < 0 ? 0 : x` (NaN and -0 pass).
+#[inline]
+pub fn relu_f32(v: f32) -> f32 {
+    if v < 0.0 {
+        0.0
+    } else {
+        v
+    }
+}
+
+/// Clip of one f32 value with f32 bounds: raised to `lo`, then capped at `hi` (numpy's order; NaN
+/// passes through). The definition the interpreter's Clip and the epilogues share.
+#[inline]
+pub fn clip_f32(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v < lo { lo } else { v };
+    if v > hi {
+        hi
+    } else {
+        v
+    }
+}
+
 /// [`Post`] ops on one value, in order.
 #[inline]
 pub fn post_one(mut v: f32, post: &[Post]) -> f32 {
     for p in post {
         v = match *p {
-            Post::Relu => {
-                if v < 0.0 {
-                    0.0
-                } else {
-                    v
-                }
-            }
-            Post::Clip(lo, hi) => {
-                let v = if v < lo { lo } else { v };
-                if v > hi {
-                    hi
-                } else {
-                    v
-                }
-            }
+            Post::Relu => relu_f32(v),
+            Post::Clip(lo, hi) => clip_f32(v, lo, hi),
             Post::FakeQuant { scale, zero, lo, hi } => fake_quant_one(v, scale, zero, lo, hi),
             Post::HardSwish => hard_swish(v as f64) as f32,
             Post::Silu => v * sigmoid(v as f64) as f32,
@@ -1188,11 +1197,8 @@ pub fn post_in_place(v: &mut [f32], post: &[Post]) {
     for p in post {
         // One loop per op (each a comparison or two: vectorized by the compiler).
         match *p {
-            Post::Relu => v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e }),
-            Post::Clip(lo, hi) => v.iter_mut().for_each(|e| {
-                let x = if *e < lo { lo } else { *e };
-                *e = if x > hi { hi } else { x }
-            }),
+            Post::Relu => v.iter_mut().for_each(|e| *e = relu_f32(*e)),
+            Post::Clip(lo, hi) => v.iter_mut().for_each(|e| *e = clip_f32(*e, lo, hi)),
             Post::FakeQuant { scale, zero, lo, hi } => fake_quant_in_place(v, scale, zero, lo, hi),
             // The vector kernels through a block in L1 at a time.
             Post::HardSwish | Post::Silu => {

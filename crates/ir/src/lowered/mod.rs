@@ -21,11 +21,6 @@ use sqil_kernels_cpu::generic::{quantize_input_into, round_even, QuantizedInput}
 use sqil_kernels_cpu::PackedQ4;
 use std::cell::RefCell;
 
-/// ReLU in place with the IR's semantics (`x < 0 ? 0 : x`: NaN and -0 pass).
-pub fn relu_in_place(v: &mut [f32]) {
-    v.iter_mut().for_each(|e| *e = if *e < 0.0 { 0.0 } else { *e });
-}
-
 /// How a Q4 layer's input is treated.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ActQuant {

@@ -309,18 +309,6 @@ pub(crate) fn where_(c: &Tensor, x: &Tensor, y: &Tensor) -> Result<Tensor> {
     Tensor::new(bc.out_shape.clone(), both.gather(&idx))
 }
 
-/// One f32 value of Clip with f32 bounds: raised to `lo`, then capped at `hi` (numpy's order; NaN
-/// passes through).
-#[inline]
-fn clip_f32(v: f32, lo: f32, hi: f32) -> f32 {
-    let v = if v < lo { lo } else { v };
-    if v > hi {
-        hi
-    } else {
-        v
-    }
-}
-
 /// Clip's bounds as its f32 path takes them: each absent or empty (unbounded) or one f32 value;
 /// `None` for any other bound.
 pub fn clip_bounds_f32(min: Option<&Tensor>, max: Option<&Tensor>) -> Option<(f32, f32)> {
@@ -331,12 +319,6 @@ pub fn clip_bounds_f32(min: Option<&Tensor>, max: Option<&Tensor>) -> Option<(f3
         Some(_) => None,
     };
     Some((bound(min, f32::NEG_INFINITY)?, bound(max, f32::INFINITY)?))
-}
-
-/// Clip of f32 values in place with bounds from [`clip_bounds_f32`]: the comparisons of
-/// [`clip`]'s f32 path.
-pub fn clip_f32_in_place(v: &mut [f32], (lo, hi): (f32, f32)) {
-    v.iter_mut().for_each(|e| *e = clip_f32(*e, lo, hi));
 }
 
 pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Result<Tensor> {
@@ -356,7 +338,7 @@ pub(crate) fn clip(x: &Tensor, min: Option<&Tensor>, max: Option<&Tensor>) -> Re
     }
     if let (Data::F32(v), Some((lo, hi))) = (&x.data, clip_bounds_f32(lo.as_ref(), hi.as_ref())) {
         // f32 values and bounds: the same comparisons in f32 (exact: no rounding anywhere).
-        let out = v.iter().map(|&v| clip_f32(v, lo, hi)).collect();
+        let out = v.iter().map(|&v| sqil_kernels_cpu::generic::clip_f32(v, lo, hi)).collect();
         return Tensor::new(x.shape.clone(), Data::F32(out));
     }
     let lo = lo.map_or(f64::NEG_INFINITY, |t| t.data.to_f64_vec()[0]);

@@ -244,20 +244,15 @@ pub(crate) fn fake_quant(
 }
 
 /// Whether a FakeQuant has one scale and zero point (the case [`fake_quant`] runs on the kernels'
-/// loop and [`fake_quant_f32_in_place`] takes): one scale, no zero point or one, no blocks, at
-/// most 16 bits.
+/// loop and [`fake_quant_post`] takes): one scale, no zero point or one, no blocks, at most 16
+/// bits.
 pub fn one_scale(scale: &Tensor, zp: Option<&Tensor>, bits: u8, block: i64) -> bool {
     scale.len() == 1 && block == 0 && zp.is_none_or(|z| z.len() == 1) && bits <= 16
 }
 
-/// FakeQuant of f32 values in place when [`one_scale`] holds: the same operations as
+/// A FakeQuant for which [`one_scale`] holds as the element-wise op a kernel applies to values
+/// in place or to its outputs (`sqil_kernels_cpu::post_in_place`): the same operations as
 /// [`fake_quant`] on that path, the same bits.
-pub fn fake_quant_f32_in_place(v: &mut [f32], scale: &Tensor, zp: Option<&Tensor>, bits: u8, signed: bool) {
-    sqil_kernels_cpu::post_in_place(v, &[fake_quant_post(scale, zp, bits, signed)]);
-}
-
-/// A FakeQuant for which [`one_scale`] holds as the element-wise op a kernel may apply to its
-/// outputs ([`fake_quant_f32_in_place`]'s operations).
 pub fn fake_quant_post(scale: &Tensor, zp: Option<&Tensor>, bits: u8, signed: bool) -> sqil_kernels_cpu::Post {
     let (lo, hi) = fake_quant_range(bits, signed);
     sqil_kernels_cpu::Post::FakeQuant {
