@@ -3,7 +3,7 @@
 //! other step by the IR op's reference semantics.
 
 use sqil_ir::lowered::run_q4_layer;
-use sqil_ir::ops::{BinaryOp, Op, UnaryOp};
+use sqil_ir::ops::{BinaryOp, Op, Over, UnaryOp};
 use sqil_ir::{Data, IrError, Result, Tensor};
 use sqil_kernels_cpu::Post;
 use sqil_lower::{Plan, Step};
@@ -126,8 +126,9 @@ impl Execute for Plan {
 
 /// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: an element-wise
 /// op a vector kernel applies in registers ([`post_op`], [`Post::in_registers`]: a ReLU, a Clip
-/// with f32 scalar bounds or none, a FakeQuant with one scale and zero point) on f32 values, or a
-/// Reshape, whose input dies at this step and is owned (not a constant or a caller's tensor). The
+/// with f32 scalar bounds or none, a FakeQuant with one scale and zero point) on f32 values, an
+/// f32 Add, Sub, Mul or Div whose second input broadcasts over the first in a contiguous form
+/// ([`Over`]: a bias, a residual, a gate), or a Reshape, whose input dies at this step and is owned (not a constant or a caller's tensor). The
 /// result equals the op's (the same comparisons and operations on the buffer; Reshape moves data).
 fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Option<Cow<Tensor>>]) -> bool {
     let Some(Some(x)) = inputs.first() else { return false };
@@ -137,6 +138,12 @@ fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Opt
     let Some(Cow::Owned(t)) = &env[*x] else { return false };
     match op {
         Op::Reshape { .. } => inputs.len() == 2 && inputs[1].is_some_and(|s| env[s].is_some()),
+        Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div) => {
+            let b = arg_of(inputs, env, 1);
+            inputs.len() == 2
+                && matches!(t.data, Data::F32(_))
+                && b.is_some_and(|b| matches!(b.data, Data::F32(_)) && Over::of(&t.shape, &b.shape).is_some())
+        }
         _ => matches!(t.data, Data::F32(_)) && post_op(op, inputs, env).is_some_and(Post::in_registers),
     }
 }
@@ -283,6 +290,15 @@ fn exec<'a>(
                         let spec = inputs[1].and_then(|s| env[s].as_deref()).expect("checked by in_place");
                         let shape = sqil_ir::ops::reshape_target(&x.shape, &spec.data.to_i64_vec(), *allowzero)?;
                         Tensor::new(shape, x.data)?
+                    }
+                    Op::Binary(o) => {
+                        let Tensor { shape, data: Data::F32(mut v) } = x else { unreachable!("checked by in_place") };
+                        let b = arg_of(inputs, &env, 1).and_then(|b| Some((b.as_f32().ok()?, &b.shape)));
+                        let (b, bsh) = b.expect("checked by in_place");
+                        if !sqil_ir::ops::binary_f32_in_place(*o, &mut v, &shape, b, bsh) {
+                            return Err(IrError::Internal(format!("{} in place: not checked by in_place", op.name())));
+                        }
+                        Tensor::from_f32(shape, v)?
                     }
                     _ => {
                         let Tensor { shape, data: sqil_ir::tensor::Data::F32(mut v) } = x else {

@@ -1723,6 +1723,92 @@ pub fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     x.iter().zip(out).for_each(|(&v, o)| *o = sigmoid(v as f64) as f32);
 }
 
+/// LayerNorm row sums as sqil defines them, of `R` rows at once (their dependency chains
+/// interleaved): per row four partial sums in f64 (term j into sum j mod 4, in order), added as
+/// `(s0 + s1) + (s2 + s3)` (the Softmax row sum's order), of `x - c[r]` squared (`SQUARE`) or of
+/// `x` itself; four terms per step, so the lanes vectorize exactly.
+#[inline(always)]
+fn sum4_rows<T: Copy + Into<f64>, const R: usize, const SQUARE: bool>(rows: [&[T]; R], c: [f64; R]) -> [f64; R] {
+    let n = rows[0].len();
+    let n4 = n / 4 * 4;
+    let f = |x: T, c: f64| if SQUARE { (x.into() - c) * (x.into() - c) } else { x.into() };
+    let mut s = [[0f64; 4]; R];
+    for q in (0..n4).step_by(4) {
+        for r in 0..R {
+            for l in 0..4 {
+                s[r][l] += f(rows[r][q + l], c[r]);
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        for (l, &x) in rows[r][n4..].iter().enumerate() {
+            s[r][l] += f(x, c[r]);
+        }
+        (s[r][0] + s[r][1]) + (s[r][2] + s[r][3])
+    })
+}
+
+/// LayerNorm as sqil defines it, over `outer` rows of `inner` values of `v`: per row the mean
+/// and the variance ([`sum4_rows`], four rows at a time) over `inner`, `r = 1 / sqrt(var + eps)`,
+/// all in f64, and each output `(x - mean) r s_j + b_j` in f64, converted by `put` into `out`.
+/// Returns the rows' means and `r`s.
+#[inline(always)]
+pub fn layer_norm_rows<T: Copy + Into<f64>, O>(
+    v: &[T],
+    (inner, outer): (usize, usize),
+    (s, bias): (&[f64], &[f64]),
+    eps: f32,
+    out: &mut [O],
+    put: impl Fn(f64) -> O,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut means, mut inv) = (Vec::with_capacity(outer), Vec::with_capacity(outer));
+    let n = inner as f64;
+    let mut push = |m: f64, var: f64| {
+        means.push(m);
+        inv.push(1.0 / (var + eps as f64).sqrt());
+    };
+    let rows = || v.chunks_exact(inner.max(1)).take(outer);
+    let mut it = rows();
+    loop {
+        let r4: Vec<&[T]> = it.by_ref().take(4).collect();
+        if let Ok(r4) = <[&[T]; 4]>::try_from(r4.as_slice()) {
+            let m = sum4_rows::<T, 4, false>(r4, [0.0; 4]).map(|t| t / n);
+            let var = sum4_rows::<T, 4, true>(r4, m).map(|t| t / n);
+            m.into_iter().zip(var).for_each(|(m, v)| push(m, v));
+            continue;
+        }
+        for r in r4 {
+            let m = sum4_rows::<T, 1, false>([r], [0.0])[0] / n;
+            push(m, sum4_rows::<T, 1, true>([r], [m])[0] / n);
+        }
+        break;
+    }
+    for (o, (row, y)) in rows().zip(out.chunks_exact_mut(inner.max(1))).enumerate() {
+        let (mean, r) = (means[o], inv[o]);
+        for (y, ((&x, &sj), &bj)) in y.iter_mut().zip(row.iter().zip(s).zip(bias)) {
+            *y = put((x.into() - mean) * r * sj + bj);
+        }
+    }
+    (means, inv)
+}
+
+/// [`layer_norm_rows`] of f32 values into f32 outputs, compiled for AVX2 where the CPU has it
+/// (the same operations: the same bits).
+pub fn layer_norm_f32(
+    v: &[f32],
+    shape: (usize, usize),
+    params: (&[f64], &[f64]),
+    eps: f32,
+    out: &mut [f32],
+) -> (Vec<f64>, Vec<f64>) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic {
+        // SAFETY: isa() checked AVX2 and FMA.
+        return unsafe { crate::x86_64::avx2::avx2_layer_norm_f32(v, shape, params, eps, out) };
+    }
+    layer_norm_rows(v, shape, params, eps, out, |t| t as f32)
+}
+
 /// Softmax of `rows` contiguous rows of `dim` values (`out` the same shape), as sqil defines it:
 /// in f64, the row maximum (NaN ignored), `e_j = exp_nonpos(x_j - max)`, their sum in four
 /// interleaved partial sums (element j into sum j mod 4, in order) added as `(s0 + s1) + (s2 +

@@ -28,9 +28,13 @@ fn dispatched_softmax_rows_equal_the_definition() {
         state ^= state << 17;
         (state >> 11) as f64 / (1u64 << 53) as f64
     };
-    for dim in [1, 3, 4, 7, 8, 9, 31, 1225] {
+    // Rows: one block, and several (blocks of 2048 values, the last short, rows not a multiple of
+    // four).
+    for (dim, rows) in
+        [(1, 3), (3, 3), (4, 3), (7, 3), (8, 3), (9, 3), (31, 3), (1225, 3), (49, 107), (5, 1031), (64, 70), (3000, 3)]
+    {
         for scale in [0.1, 5.0, 300.0] {
-            let mut x: Vec<f32> = (0..3 * dim).map(|_| ((next() - 0.5) * scale) as f32).collect();
+            let mut x: Vec<f32> = (0..rows * dim).map(|_| ((next() - 0.5) * scale) as f32).collect();
             if dim > 2 {
                 x[1] = f32::NAN;
                 x[dim + 2] = f32::NEG_INFINITY;
@@ -45,7 +49,7 @@ fn dispatched_softmax_rows_equal_the_definition() {
                 );
             }
             // A row without NaN sums to one.
-            let row = &b[2 * dim..];
+            let row = &b[2 * dim..3 * dim];
             let total: f64 = row.iter().map(|&v| v as f64).sum();
             assert!((total - 1.0).abs() < 1e-5 * dim as f64, "dim {dim}: sum {total}");
         }
@@ -370,4 +374,34 @@ fn every_f32(name: &str, f: fn(&[f32], &mut [f32]), def: impl Fn(f32) -> f32) {
         }
     }
     assert_eq!(differ, 0, "{name}: {differ} values differ from the definition");
+}
+
+/// The dispatched LayerNorm rows (AVX2: four rows' sums interleaved, four outputs per vector)
+/// against the definition, bit for bit (NaN as NaN): every remainder of rows by four and of
+/// values by four, a NaN and an infinity in some rows, the statistics too.
+#[test]
+fn dispatched_layer_norm_equals_the_definition() {
+    use sqil_kernels_cpu::generic::{layer_norm_f32, layer_norm_rows};
+    let vals = spread(0x9e37_79b9, 40_000, 30.0);
+    let same =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()));
+    for inner in [1, 3, 4, 5, 7, 8, 49, 255, 256] {
+        for outer in [1, 3, 4, 5, 9] {
+            let mut x = vals[..inner * outer].to_vec();
+            if outer > 3 {
+                x[inner] = f32::NAN;
+                x[3 * inner + inner / 2] = f32::INFINITY;
+            }
+            let s: Vec<f64> = (0..inner).map(|j| vals[40_000 - 1 - j] as f64 / 7.0).collect();
+            let b: Vec<f64> = (0..inner).map(|j| vals[30_000 + j] as f64 / 3.0).collect();
+            let (mut got, mut want) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            let (gm, gi) = layer_norm_f32(&x, (inner, outer), (&s, &b), 1e-5, &mut got);
+            let (wm, wi) = layer_norm_rows(&x, (inner, outer), (&s, &b), 1e-5, &mut want, |t| t as f32);
+            assert!(same(&got, &want), "inner {inner} outer {outer}: outputs differ");
+            let same64 = |a: &[f64], b: &[f64]| {
+                a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()))
+            };
+            assert!(same64(&gm, &wm) && same64(&gi, &wi), "inner {inner} outer {outer}: statistics differ");
+        }
+    }
 }

@@ -129,6 +129,41 @@ pub fn zip2<A: Copy, B: Copy, R>(
     Ok((bc.out_shape, out))
 }
 
+/// How an operand `b` (shape `bsh`) broadcasts over `a` (shape `ash`) when the result has `a`'s
+/// shape, in the forms with a contiguous inner loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Over {
+    /// The same elements in the same order.
+    Same,
+    /// One value for every element.
+    Scalar,
+    /// Whole rows: `b` repeats every `b.len()` elements (a bias against a batch).
+    Tiled,
+    /// One `b` value per contiguous block of this many elements of `a` (a gate `[N, C, 1, 1]`).
+    Block(usize),
+}
+
+impl Over {
+    /// `b` over `a` in one of the forms, where the broadcast's result has `a`'s shape (else
+    /// `None`: the general gather).
+    pub fn of(ash: &[usize], bsh: &[usize]) -> Option<Over> {
+        let bc = Broadcast::new(&[ash, bsh]).ok()?;
+        let blen: usize = bsh.iter().product();
+        if bc.out_shape != ash || blen == 0 {
+            return None;
+        }
+        if bc.is_identity(1) {
+            Some(Over::Same)
+        } else if blen == 1 {
+            Some(Over::Scalar)
+        } else if bc.is_tiled(1) {
+            Some(Over::Tiled)
+        } else {
+            block_len(&bc.out_shape, bsh, blen).map(Over::Block)
+        }
+    }
+}
+
 /// If an operand of shape `sh` (`len` elements) broadcast to `out` holds one value per
 /// contiguous block of the output (its shape is the output's leading dimensions, then ones), the
 /// block's length.

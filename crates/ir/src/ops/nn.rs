@@ -486,7 +486,7 @@ pub(crate) fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Resu
     };
     if let (Data::F32(v), 1, false) = (&x.data, inner, log) {
         // Contiguous f32 rows: the kernels' loop (AVX2 where the CPU has it), same operations.
-        let mut out = vec![0f32; v.len()];
+        let mut out = crate::pool::f32_buffer(v.len());
         sqil_kernels_cpu::generic::softmax_rows(v, dim, &mut out);
         return Tensor::new(x.shape.clone(), Data::F32(out));
     }
@@ -525,48 +525,6 @@ pub(crate) fn infer_layer_norm(cx: &Cx, axis: i64, outputs: usize) -> Result<Vec
     Ok(v)
 }
 
-/// A LayerNorm row sum of `f(x)` as sqil defines it: four partial sums in f64 (term j into sum
-/// j mod 4, in order), added as `(s0 + s1) + (s2 + s3)` (the Softmax row sum's order); four terms
-/// per step, so the lanes vectorize exactly.
-#[inline(always)]
-fn sum4<T: Copy + Into<f64>>(row: &[T], f: impl Fn(f64) -> f64) -> f64 {
-    let mut s = [0f64; 4];
-    let mut quads = row.chunks_exact(4);
-    for q in &mut quads {
-        for l in 0..4 {
-            s[l] += f(q[l].into());
-        }
-    }
-    for (l, &x) in quads.remainder().iter().enumerate() {
-        s[l] += f(x.into());
-    }
-    (s[0] + s[1]) + (s[2] + s[3])
-}
-
-/// LayerNorm over `outer` rows of `inner` values of `v` (f32 read directly, or f64): per row the
-/// mean, the variance and `r = 1 / sqrt(var + eps)` in f64, each output `(x - mean) r s_j + b_j`
-/// handed to `put(index, value)`; returns the rows' means and `r`s.
-fn norm_rows<T: Copy + Into<f64>>(
-    v: &[T],
-    (inner, outer): (usize, usize),
-    (s, bias): (&[f64], &[f64]),
-    eps: f32,
-    mut put: impl FnMut(usize, f64),
-) -> (Vec<f64>, Vec<f64>) {
-    let (mut means, mut inv) = (vec![], vec![]);
-    for (o, row) in v.chunks_exact(inner.max(1)).take(outer).enumerate() {
-        let mean = sum4(row, |x| x) / inner as f64;
-        let var = sum4(row, |x| (x - mean) * (x - mean)) / inner as f64;
-        let r = 1.0 / (var + eps as f64).sqrt();
-        for (j, ((&x, &sj), &bj)) in row.iter().zip(s).zip(bias).enumerate() {
-            put(o * inner + j, (x.into() - mean) * r * sj + bj);
-        }
-        means.push(mean);
-        inv.push(r);
-    }
-    (means, inv)
-}
-
 pub(crate) fn layer_norm(
     x: &Tensor,
     scale: &Tensor,
@@ -597,12 +555,13 @@ pub(crate) fn layer_norm(
     let bias = bias.unwrap_or_else(|| vec![0.0; inner]);
     let ((means, inv), y) = if let Data::F32(xv) = &x.data {
         // f32 in and out: no f64 copies of the tensor.
-        let mut y = vec![0f32; xv.len()];
-        (norm_rows(xv, (inner, outer), (&s, &bias), eps, |i, v| y[i] = v as f32), Data::F32(y))
+        let mut y = crate::pool::f32_buffer(xv.len());
+        (sqil_kernels_cpu::generic::layer_norm_f32(xv, (inner, outer), (&s, &bias), eps, &mut y), Data::F32(y))
     } else {
         let v = float_vec(x, "LayerNormalization")?;
         let mut y = vec![0f64; v.len()];
-        (norm_rows(&v, (inner, outer), (&s, &bias), eps, |i, t| y[i] = t), Data::from_f64(x.dtype(), y.into_iter()))
+        let stats = sqil_kernels_cpu::generic::layer_norm_rows(&v, (inner, outer), (&s, &bias), eps, &mut y, |t| t);
+        (stats, Data::from_f64(x.dtype(), y.into_iter()))
     };
     let mut stat_shape = x.shape[..ax].to_vec();
     stat_shape.extend(std::iter::repeat_n(1, x.rank() - ax));

@@ -85,12 +85,12 @@ impl Sums for Avx2 {
     }
 
     #[inline(always)]
-    unsafe fn softmax_exp(_: &[f32], _: f64, _: &mut [f64], _: &mut __m256d, _: usize) -> usize {
+    unsafe fn softmax_exp(_: &mut [f64]) -> usize {
         0
     }
 
     #[inline(always)]
-    unsafe fn softmax_div(_: &[f64], _: f64, _: &mut [f32], _: usize) -> usize {
+    unsafe fn softmax_quot(_: &[f64], _: f64, _: f64, _: &mut [f32]) -> usize {
         0
     }
 }
@@ -531,6 +531,94 @@ pub unsafe fn avx2_transpose_i8_xor(src: &[i8], rows: usize, cols: usize, dst: &
             *dp.add(c * rows + r) = *sp.add(r * cols + c) ^ xor as i8;
         }
     }
+}
+
+/// [`crate::generic::layer_norm_f32`] with AVX2: the partial sums j mod 4 are the four lanes of
+/// one vector per row (four rows' chains interleaved), the outputs four lanes at a time; the same
+/// f64 operations in the same order as [`crate::generic::layer_norm_rows`]: the same bits.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_layer_norm_f32(
+    v: &[f32],
+    (inner, outer): (usize, usize),
+    (s, bias): (&[f64], &[f64]),
+    eps: f32,
+    out: &mut [f32],
+) -> (Vec<f64>, Vec<f64>) {
+    assert!(v.len() >= inner * outer && out.len() >= inner * outer && s.len() >= inner && bias.len() >= inner);
+    let (mut means, mut inv) = (Vec::with_capacity(outer), Vec::with_capacity(outer));
+    let mut r = 0;
+    while r < outer {
+        // Four rows at a time, then one.
+        let k = if outer - r >= 4 { 4 } else { 1 };
+        let p = |i: usize| v.as_ptr().add((r + i) * inner);
+        let (m, var) = if k == 4 {
+            norm_stats::<4>([p(0), p(1), p(2), p(3)], inner)
+        } else {
+            let (m, var) = norm_stats::<1>([p(0)], inner);
+            ([m[0]; 4], [var[0]; 4])
+        };
+        for i in 0..k {
+            means.push(m[i]);
+            inv.push(1.0 / (var[i] + eps as f64).sqrt());
+        }
+        r += k;
+    }
+    let n4 = inner / 4 * 4;
+    for (o, (&mean, &ri)) in means.iter().zip(&inv).enumerate() {
+        let (x, y) = (v.as_ptr().add(o * inner), out.as_mut_ptr().add(o * inner));
+        let (vm, vr) = (_mm256_set1_pd(mean), _mm256_set1_pd(ri));
+        for j in (0..n4).step_by(4) {
+            let d = _mm256_mul_pd(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x.add(j))), vm), vr);
+            let t = _mm256_add_pd(
+                _mm256_mul_pd(d, _mm256_loadu_pd(s.as_ptr().add(j))),
+                _mm256_loadu_pd(bias.as_ptr().add(j)),
+            );
+            _mm_storeu_ps(y.add(j), _mm256_cvtpd_ps(t));
+        }
+        for j in n4..inner {
+            *y.add(j) = ((*x.add(j) as f64 - mean) * ri * s[j] + bias[j]) as f32;
+        }
+    }
+    (means, inv)
+}
+
+/// The means and variances of `R` rows of `inner` f32 values at `p` (see
+/// [`crate::generic::layer_norm_rows`]): the four partial sums of each as one vector's lanes.
+#[inline(always)]
+unsafe fn norm_stats<const R: usize>(p: [*const f32; R], inner: usize) -> ([f64; R], [f64; R]) {
+    let n4 = inner / 4 * 4;
+    let fold = |acc: __m256d, tail: &dyn Fn(usize) -> f64| {
+        let mut s = [0f64; 4];
+        _mm256_storeu_pd(s.as_mut_ptr(), acc);
+        for j in n4..inner {
+            s[j % 4] += tail(j);
+        }
+        ((s[0] + s[1]) + (s[2] + s[3])) / inner as f64
+    };
+    let mut acc = [_mm256_setzero_pd(); R];
+    for j in (0..n4).step_by(4) {
+        for r in 0..R {
+            acc[r] = _mm256_add_pd(acc[r], _mm256_cvtps_pd(_mm_loadu_ps(p[r].add(j))));
+        }
+    }
+    let m: [f64; R] = std::array::from_fn(|r| fold(acc[r], &|j| *p[r].add(j) as f64));
+    let mut acc = [_mm256_setzero_pd(); R];
+    for j in (0..n4).step_by(4) {
+        for r in 0..R {
+            let d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(p[r].add(j))), _mm256_set1_pd(m[r]));
+            acc[r] = _mm256_add_pd(acc[r], _mm256_mul_pd(d, d));
+        }
+    }
+    let var = std::array::from_fn(|r| {
+        fold(acc[r], &|j| {
+            let d = *p[r].add(j) as f64 - m[r];
+            d * d
+        })
+    });
+    (m, var)
 }
 
 /// `softmax_rows` with the maximum, exponentials and division four or eight lanes at a time; the

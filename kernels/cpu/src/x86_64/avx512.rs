@@ -53,16 +53,13 @@ impl Sums for Vnni {
     }
 
     #[inline(always)]
-    unsafe fn softmax_exp(row: &[f32], m: f64, e: &mut [f64], sum: &mut __m256d, d4: usize) -> usize {
+    unsafe fn softmax_exp(e: &mut [f64]) -> usize {
+        let (n, ep) = (e.len(), e.as_mut_ptr());
         let mut j = 0;
-        while j + 32 <= d4 {
-            let v = exp_nonpos8xk::<4>(std::array::from_fn(|i| {
-                _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(row.as_ptr().add(j + 8 * i))), _mm512_set1_pd(m))
-            }));
+        while j + 32 <= n {
+            let v = exp_nonpos8xk::<4>(std::array::from_fn(|i| _mm512_loadu_pd(ep.add(j + 8 * i))));
             for (i, v) in v.iter().enumerate() {
-                _mm512_storeu_pd(e.as_mut_ptr().add(j + 8 * i), *v);
-                *sum = _mm256_add_pd(*sum, _mm512_castpd512_pd256(*v));
-                *sum = _mm256_add_pd(*sum, _mm512_extractf64x4_pd::<1>(*v));
+                _mm512_storeu_pd(ep.add(j + 8 * i), *v);
             }
             j += 32;
         }
@@ -70,12 +67,21 @@ impl Sums for Vnni {
     }
 
     #[inline(always)]
-    unsafe fn softmax_div(e: &[f64], total: f64, y: &mut [f32], d4: usize) -> usize {
+    unsafe fn softmax_quot(e: &[f64], inv: f64, total: f64, y: &mut [f32]) -> usize {
+        use super::common::{QUOT_HI, QUOT_LO};
         let mut j = 0;
-        let vt8 = _mm512_set1_pd(total);
-        while j + 8 <= d4 {
-            let q = _mm512_div_pd(_mm512_loadu_pd(e.as_ptr().add(j)), vt8);
-            _mm256_storeu_ps(y.as_mut_ptr().add(j), _mm512_cvtpd_ps(q));
+        while j + 8 <= e.len() {
+            // quotient4's screen on eight lanes.
+            let ev = _mm512_loadu_pd(e.as_ptr().add(j));
+            let q = _mm512_mul_pd(ev, _mm512_set1_pd(inv));
+            let lo = _mm512_cvtpd_ps(_mm512_mul_pd(q, _mm512_set1_pd(QUOT_LO)));
+            let hi = _mm512_cvtpd_ps(_mm512_mul_pd(q, _mm512_set1_pd(QUOT_HI)));
+            let v = if _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(lo, hi)) == 0xff {
+                lo
+            } else {
+                _mm512_cvtpd_ps(_mm512_div_pd(ev, _mm512_set1_pd(total)))
+            };
+            _mm256_storeu_ps(y.as_mut_ptr().add(j), v);
             j += 8;
         }
         j

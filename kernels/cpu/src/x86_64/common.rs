@@ -44,11 +44,12 @@ pub(crate) trait Sums {
         at: (usize, usize),
         xs: [X; NP],
     ) -> [[__m256; J]; NP];
-    /// Softmax: the exponentials `row[j] - m` the instruction set computes wider than four
-    /// lanes, from 0, stored in `e` and added into `sum` in element order; returns the `j` reached.
-    unsafe fn softmax_exp(row: &[f32], m: f64, e: &mut [f64], sum: &mut __m256d, d4: usize) -> usize;
-    /// Softmax: the divisions `e[j] / total` done wider than four lanes, from 0; returns the `j` reached.
-    unsafe fn softmax_div(e: &[f64], total: f64, y: &mut [f32], d4: usize) -> usize;
+    /// Softmax: `e[j] = exp_nonpos(e[j])` in place for the `j` the instruction set computes wider
+    /// than four lanes, from 0; returns the `j` reached.
+    unsafe fn softmax_exp(e: &mut [f64]) -> usize;
+    /// Softmax: the quotients `(e[j] / total) as f32` ([`quotient4`]'s screen, `inv = 1 /
+    /// total`) done wider than four lanes, from 0; returns the `j` reached.
+    unsafe fn softmax_quot(e: &[f64], inv: f64, total: f64, y: &mut [f32]) -> usize;
 }
 
 /// The 32 nibbles of a block as unsigned bytes in element order (0-15 low lane, 16-31 high).
@@ -648,64 +649,163 @@ pub(crate) unsafe fn exp_nonpos4xk<const K: usize>(x: [__m256d; K]) -> [__m256d;
     })
 }
 
-/// [`avx2_softmax_rows`]; with `WIDE` (AVX-512 F) the exponentials and divisions eight lanes at a
-/// time, each vector's two halves added into the four partial sums in element order (the same
-/// operations per element, the same sums: the same bits).
+/// Values of a block of rows [`softmax_rows_impl`] takes through each pass at once (their f64
+/// exponentials, 16 KiB, stay in L1 between the passes).
+const SOFTMAX_BLOCK: usize = 2048;
+
+/// [`avx2_softmax_rows`]; with `WIDE` (AVX-512 F) the exponentials and quotients eight lanes at a
+/// time. Blocks of rows go through four passes, each over the whole block so that independent
+/// vectors keep the units busy (a row of 49 values had left the exponential's 28-step dependency
+/// chain waiting): the differences `x - max` of each row, their exponentials, the rows' sums (four
+/// rows at a time, element j into lane j mod 4 in order: the definition's four partial sums), and
+/// the quotients ([`quotient4`]). The same operations per element as the definition: the same
+/// bits.
 #[inline(always)]
 pub(crate) unsafe fn softmax_rows_impl<S: Sums>(x: &[f32], dim: usize, out: &mut [f32]) {
-    let mut e = vec![0f64; dim.next_multiple_of(4)];
+    let rows = x.len() / dim;
+    let per = (SOFTMAX_BLOCK / dim).clamp(1, rows.max(1));
+    // Taken out of the thread's slot, not borrowed in a closure: a closure would not inherit
+    // the caller's target features, and the vector helpers would not inline.
+    let (mut e, mut totals) = SOFTMAX_SCRATCH.take();
+    // Grown, never shrunk; every value read below is written first.
+    if e.len() < per * dim {
+        e.resize(per * dim, 0.0);
+    }
+    if totals.len() < per {
+        totals.resize(per, 0.0);
+    }
+    softmax_blocks::<S>(x, dim, out, per, &mut e, &mut totals);
+    SOFTMAX_SCRATCH.set((e, totals));
+}
+
+thread_local! {
+    /// [`softmax_rows_impl`]'s exponentials and row sums, kept between calls.
+    static SOFTMAX_SCRATCH: std::cell::Cell<(Vec<f64>, Vec<f64>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+}
+
+/// The passes of [`softmax_rows_impl`] over blocks of `per` rows, on its scratch buffers.
+#[inline(always)]
+unsafe fn softmax_blocks<S: Sums>(
+    x: &[f32],
+    dim: usize,
+    out: &mut [f32],
+    per: usize,
+    e: &mut [f64],
+    totals: &mut [f64],
+) {
+    let rows = x.len() / dim;
     let d4 = dim / 4 * 4;
-    for (row, y) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
-        // The maximum: vmaxps returns its second operand, the running maximum, for a NaN value.
-        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
-        let mut j = 0;
-        while j + 8 <= dim {
-            mv = _mm256_max_ps(_mm256_loadu_ps(row.as_ptr().add(j)), mv);
-            j += 8;
+    for b0 in (0..rows).step_by(per) {
+        let nb = per.min(rows - b0);
+        let n = nb * dim;
+        let xs = &x[b0 * dim..b0 * dim + n];
+        for (row, d) in xs.chunks_exact(dim).zip(e.chunks_exact_mut(dim)) {
+            // The maximum: vmaxps returns its second operand, the running maximum, for a NaN value.
+            let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut j = 0;
+            while j + 8 <= dim {
+                mv = _mm256_max_ps(_mm256_loadu_ps(row.as_ptr().add(j)), mv);
+                j += 8;
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+            let m = lanes.iter().chain(&row[j..]).fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let vm = _mm256_set1_pd(m);
+            for j in (0..d4).step_by(4) {
+                _mm256_storeu_pd(
+                    d.as_mut_ptr().add(j),
+                    _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j))), vm),
+                );
+            }
+            for j in d4..dim {
+                d[j] = row[j] as f64 - m;
+            }
         }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
-        let m = lanes.iter().chain(&row[j..]).fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
-        let vm = _mm256_set1_pd(m);
-        let mut sum = _mm256_setzero_pd();
-        // Wider exponentials first where the instruction set has them.
-        let mut j = S::softmax_exp(row, m, &mut e, &mut sum, d4);
-        // Four independent exponentials at a time (their long dependency chains overlap), added
-        // into the sum in element order.
-        while j + 16 <= d4 {
-            let v = exp_nonpos4xk::<4>(std::array::from_fn(|i| {
-                _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j + 4 * i))), vm)
-            }));
+        // The exponentials, in place: wider first where the instruction set has them, then four
+        // vectors at a time (independent chains), one, and the last values.
+        let ep = e.as_mut_ptr();
+        let mut j = S::softmax_exp(&mut e[..n]);
+        while j + 16 <= n {
+            let v = exp_nonpos4xk::<4>(std::array::from_fn(|i| _mm256_loadu_pd(ep.add(j + 4 * i))));
             for (i, v) in v.iter().enumerate() {
-                _mm256_storeu_pd(e.as_mut_ptr().add(j + 4 * i), *v);
-                sum = _mm256_add_pd(sum, *v);
+                _mm256_storeu_pd(ep.add(j + 4 * i), *v);
             }
             j += 16;
         }
-        while j < d4 {
-            let v = exp_nonpos4(_mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j))), vm));
-            _mm256_storeu_pd(e.as_mut_ptr().add(j), v);
-            sum = _mm256_add_pd(sum, v);
+        while j + 4 <= n {
+            _mm256_storeu_pd(ep.add(j), exp_nonpos4(_mm256_loadu_pd(ep.add(j))));
             j += 4;
         }
-        let mut s = [0f64; 4];
-        _mm256_storeu_pd(s.as_mut_ptr(), sum);
-        for (j, &v) in row.iter().enumerate().skip(d4) {
-            e[j] = crate::generic::exp_nonpos(v as f64 - m);
-            s[j % 4] += e[j];
+        for v in &mut e[j..n] {
+            *v = crate::generic::exp_nonpos(*v);
         }
-        let total = (s[0] + s[1]) + (s[2] + s[3]);
-        let vt = _mm256_set1_pd(total);
-        let mut j = S::softmax_div(&e, total, y, d4);
-        while j < d4 {
-            let q = _mm256_div_pd(_mm256_loadu_pd(e.as_ptr().add(j)), vt);
-            _mm_storeu_ps(y.as_mut_ptr().add(j), _mm256_cvtpd_ps(q));
-            j += 4;
+        let mut r = 0;
+        while r + 4 <= nb {
+            totals[r..r + 4].copy_from_slice(&row_totals::<4>(&e[r * dim..(r + 4) * dim], dim));
+            r += 4;
         }
-        for j in d4..dim {
-            y[j] = (e[j] / total) as f32;
+        for r in r..nb {
+            totals[r] = row_totals::<1>(&e[r * dim..(r + 1) * dim], dim)[0];
+        }
+        let ys = &mut out[b0 * dim..b0 * dim + n];
+        for ((ev, y), &total) in e.chunks_exact(dim).zip(ys.chunks_exact_mut(dim)).zip(totals.iter()) {
+            let inv = 1.0 / total;
+            let mut j = S::softmax_quot(ev, inv, total, y);
+            while j + 4 <= dim {
+                quotient4(ev.as_ptr().add(j), inv, total, y.as_mut_ptr().add(j));
+                j += 4;
+            }
+            for j in j..dim {
+                y[j] = (ev[j] / total) as f32;
+            }
         }
     }
+}
+
+/// The softmax sums of `R` consecutive rows of `dim` exponentials: per row, element j added into
+/// partial sum j mod 4 in order (one vector lane each), then `(s0 + s1) + (s2 + s3)`; the rows'
+/// chains interleaved.
+#[inline(always)]
+unsafe fn row_totals<const R: usize>(e: &[f64], dim: usize) -> [f64; R] {
+    let d4 = dim / 4 * 4;
+    let mut acc = [_mm256_setzero_pd(); R];
+    for j in (0..d4).step_by(4) {
+        for (r, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_add_pd(*a, _mm256_loadu_pd(e.as_ptr().add(r * dim + j)));
+        }
+    }
+    std::array::from_fn(|r| {
+        let mut s = [0f64; 4];
+        _mm256_storeu_pd(s.as_mut_ptr(), acc[r]);
+        for j in d4..dim {
+            s[j % 4] += e[r * dim + j];
+        }
+        (s[0] + s[1]) + (s[2] + s[3])
+    })
+}
+
+/// Below and above 1 by 2^-48: the interval [`quotient4`] rounds to f32 at both ends.
+pub(crate) const QUOT_LO: f64 = 1.0 - 1.0 / (1u64 << 48) as f64;
+pub(crate) const QUOT_HI: f64 = 1.0 + 1.0 / (1u64 << 48) as f64;
+
+/// Four of softmax's `(e / total) as f32`, where `inv = 1 / total` (rounded): `q = e * inv` is
+/// within 2^-52 relative of the exact quotient, and so of its f64 rounding `e / total` (2^-53);
+/// f32 rounding is monotonic, so where `q (1 - 2^-48)` and `q (1 + 2^-48)` (each within an f64 unit
+/// of the exact product, the interval still holding `e / total`) round to the same f32, that is
+/// the f32 of `e / total`. Where a lane's ends differ (about once in 2^24: the quotient near a
+/// halfway point of f32), or are NaN, the four are divided.
+#[inline(always)]
+pub(crate) unsafe fn quotient4(e: *const f64, inv: f64, total: f64, y: *mut f32) {
+    let ev = _mm256_loadu_pd(e);
+    let q = _mm256_mul_pd(ev, _mm256_set1_pd(inv));
+    let lo = _mm256_cvtpd_ps(_mm256_mul_pd(q, _mm256_set1_pd(QUOT_LO)));
+    let hi = _mm256_cvtpd_ps(_mm256_mul_pd(q, _mm256_set1_pd(QUOT_HI)));
+    let v = if _mm_movemask_ps(_mm_cmpeq_ps(lo, hi)) == 0xf {
+        lo
+    } else {
+        _mm256_cvtpd_ps(_mm256_div_pd(ev, _mm256_set1_pd(total)))
+    };
+    _mm_storeu_ps(y, v);
 }
 
 /// An input of the channel-lane kernel: its int8 values as runs of equal length (a row: one run;
@@ -1026,5 +1126,62 @@ pub(crate) unsafe fn sgemm_direct8(
         // spent as long on their last 2 columns as on the first 48).
         let b_rest = b.get(j..).unwrap_or(&[]);
         crate::generic::sgemm_chain(m, k, n - j, a, (rsa, csa), b_rest, (rsb, 1), &mut c[j..], (rsc, 1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Sums;
+
+    /// The quotient screen: `e = t m` over `total = t` (a small odd integer) with `m` an f32
+    /// halfway point is exactly `m`, which f32 rounds to even, while `e * (1/t)` can fall an f64
+    /// unit beside `m` and round the other way: there only the division gives the definition's
+    /// bits. Each width's screen must notice (such values among plain ones in every vector).
+    #[test]
+    fn softmax_quotients_near_f32_halfway_points_are_divided() {
+        if crate::isa() == crate::Isa::Generic {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        // The first total with values whose unscreened product rounds the wrong way.
+        let (total, mut e) = (3..200)
+            .step_by(2)
+            .map(|t| {
+                let t = t as f64;
+                let e: Vec<f64> = (0..4000u32)
+                    .map(|k| {
+                        let v = f32::from_bits(0.3f32.to_bits() + k);
+                        t * (v as f64 + (f32::from_bits(v.to_bits() + 1) as f64 - v as f64) / 2.0)
+                    })
+                    .filter(|&e| ((e * (1.0 / t)) as f32).to_bits() != ((e / t) as f32).to_bits())
+                    .take(8)
+                    .collect();
+                (t, e)
+            })
+            .find(|(_, e)| e.len() == 8)
+            .expect("a total whose reciprocal rounds products the wrong way");
+        let inv = 1.0 / total;
+        // Plain values between them.
+        e = e.iter().enumerate().flat_map(|(k, &v)| [v, 0.1 * (k + 1) as f64, 0.7, v]).collect();
+        let want: Vec<f32> = e.iter().map(|&v| (v / total) as f32).collect();
+        let mut got = vec![0f32; e.len()];
+        for j in (0..e.len()).step_by(4) {
+            // SAFETY: isa() checked AVX2; four values at j.
+            unsafe { super::quotient4(e.as_ptr().add(j), inv, total, got.as_mut_ptr().add(j)) };
+        }
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        if crate::isa() == crate::Isa::Avx512Vnni {
+            let mut got = vec![0f32; e.len()];
+            // SAFETY: isa() checked AVX-512 F; `got` holds `e.len()` values.
+            let done = unsafe { crate::x86_64::avx512::Vnni::softmax_quot(&e, inv, total, &mut got) };
+            assert_eq!(done, e.len());
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+        }
     }
 }
