@@ -380,3 +380,49 @@ fn per_sample_execution_needs_independent_samples() {
     assert!(!sqil_lower::per_sample(&fixed), "no symbolic batch");
     assert!(!sqil_lower::per_sample(&sqil_driver::load_model(&policies().join("bc_hopper.onnx")).unwrap()));
 }
+
+/// A transformer over a sequence of tokens (every MatMul over 16 rows per sample, a reduction
+/// over the token axis) runs its batch sample by sample, with the bits of the whole batch at
+/// once; with a head over one row per sample (an MLP's GEMM) it keeps its batch together.
+#[test]
+fn token_sequences_run_sample_by_sample() {
+    let vals = |n: usize, k: usize| {
+        (0..n).map(|i| format!("{:.3}", ((i * 7 + k) % 11) as f32 / 11.0 - 0.45)).collect::<Vec<_>>().join(",")
+    };
+    let text = |head: bool| {
+        let tail = if head {
+            "  %p = ReduceMean[keepdims=0](%h, %ax) : f32[N,8]\n  %y = MatMul(%p, %w2) : f32[N,4]\n"
+        } else {
+            "  %o = MatMul(%h, %w2) : f32[N,16,4]\n  %y = ReduceMean[keepdims=1](%o, %ax) : f32[N,1,4]\n"
+        };
+        format!(
+            "graph \"g\" (%x: f32[N,16,8]) -> (%y) {{\n\
+             \x20 %w = Const[value=f32[8,8]{{{}}}] : f32[8,8]\n\
+             \x20 %w2 = Const[value=f32[8,4]{{{}}}] : f32[8,4]\n\
+             \x20 %ax = Const[value=i64[1]{{1}}] : i64[1]\n\
+             \x20 %q = MatMul(%x, %w) : f32[N,16,8]\n\
+             \x20 %s = Softmax[axis=-1](%q) : f32[N,16,8]\n\
+             \x20 %ln = Const[value=f32[8]{{{}}}] : f32[8]\n\
+             \x20 %h = LayerNormalization[axis=-1](%s, %ln) : f32[N,16,8]\n{tail}}}\n",
+            vals(64, 1),
+            vals(32, 2),
+            vals(8, 3)
+        )
+    };
+    let tokens = sqil_ir::parse_graph(&text(false)).unwrap();
+    assert!(sqil_lower::per_sample(&tokens), "linear maps over 16 tokens per sample");
+    let headed = sqil_ir::parse_graph(&text(true)).unwrap();
+    assert!(!sqil_lower::per_sample(&headed), "a head over one row per sample");
+    let x = sqil_ir::Tensor::from_f32(
+        vec![5, 16, 8],
+        (0..5 * 16 * 8).map(|i| ((i * 13) % 29) as f32 / 7.0 - 2.0).collect(),
+    )
+    .unwrap();
+    let pol = Policy::from_graph(&tokens).unwrap();
+    assert!(pol.plan.per_sample);
+    let bits = |t: &sqil_ir::Tensor| t.data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    let (one, whole) =
+        (pol.run(std::slice::from_ref(&x)).unwrap(), pol.plan.run_whole(std::slice::from_ref(&x), 1).unwrap());
+    assert_eq!(one[0].shape, vec![5, 1, 4]);
+    assert_eq!(bits(&one[0]), bits(&whole[0]), "sample by sample vs the whole batch");
+}

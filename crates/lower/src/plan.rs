@@ -106,7 +106,11 @@ pub struct Plan {
 /// and every op is on a list of ops that treat the leading index
 /// independently when it is the batch (element-wise ops, convolutions, pools, row-wise linear
 /// algebra, normalizations and reshuffles along other axes). Anything else (a Shape, a reduction,
-/// an axis-0 softmax, an unknown leading dimension) keeps the whole batch together.
+/// an axis-0 softmax, an unknown leading dimension) keeps the whole batch together. Without a
+/// convolution, the same holds for a policy whose every linear map (MatMul, Gemm) reads at least
+/// [`TOKENS_MIN`] rows per sample (a transformer over a sequence of tokens: a batch of 64 at 50
+/// tokens had spilled its activations to memory between steps); a policy with a linear map over
+/// one row per sample (an MLP) keeps its batch together as one GEMM.
 pub fn per_sample(g: &Graph) -> bool {
     let lead = |v: ValueRef| g.value(v).ty.shape.first().cloned();
     let Some(Some(sym @ Dim::Sym(_))) = g.inputs.first().map(|&i| lead(ValueRef { node: i, slot: 0 })) else {
@@ -116,6 +120,20 @@ pub fn per_sample(g: &Graph) -> bool {
         return false;
     }
     let mut conv = false;
+    // Linear maps over sequences of tokens per sample, and any over fewer rows than that.
+    let (mut tokens, mut short) = (false, false);
+    let mut linear = |n: NodeId| {
+        let rows = g.inputs_of(n).first().copied().flatten().map(|x| {
+            let s = &g.value(x).ty.shape;
+            let mid = s.get(1..s.len().saturating_sub(1)).unwrap_or(&[]);
+            mid.iter().map(|d| if let Dim::Known(k) = d { *k } else { 0 }).product::<usize>()
+        });
+        if rows.is_some_and(|r| r >= TOKENS_MIN) {
+            tokens = true;
+        } else {
+            short = true;
+        }
+    };
     let Ok(order) = g.topo_order() else { return false };
     // Nodes computed from constants only (a weight's quantizer): folded when planned.
     let mut fixed = std::collections::HashSet::new();
@@ -146,8 +164,11 @@ pub fn per_sample(g: &Graph) -> bool {
         let ok = match &node.op {
             // A fused kernel's stages: row-wise linear maps, convolutions and element-wise ops
             // (what the fusion rules build; anything else keeps the batch together).
-            Op::Fused(f) => f.stages.iter().all(|st| {
+            Op::Fused(f) => f.stages.iter().enumerate().all(|(k, st)| {
                 conv |= matches!(st.op, Op::Conv(_));
+                if k == 0 && matches!(st.op, Op::MatMul | Op::Gemm { .. }) {
+                    linear(n);
+                }
                 matches!(
                     st.op,
                     Op::Conv(_)
@@ -172,16 +193,30 @@ pub fn per_sample(g: &Graph) -> bool {
             | Op::PRelu
             | Op::Where
             | Op::Clip
-            | Op::MatMul
             | Op::Reshape { .. }
             | Op::Squeeze
             | Op::Unsqueeze
             | Op::Identity
             | Op::Cast { .. }
             | Op::Expand => true,
-            Op::Gemm { trans_a, .. } => !trans_a,
+            Op::MatMul => {
+                linear(n);
+                true
+            }
+            Op::Gemm { trans_a, .. } => {
+                linear(n);
+                !trans_a
+            }
             Op::BatchNorm { training, .. } => !training,
             Op::Softmax { axis, .. } | Op::LogSoftmax { axis, .. } | Op::LayerNorm { axis, .. } => off0(*axis),
+            // Over constant axes, none of them the batch's.
+            Op::Reduce { .. } => g
+                .inputs_of(n)
+                .get(1)
+                .copied()
+                .flatten()
+                .and_then(|a| g.const_value(a))
+                .is_some_and(|t| !t.is_empty() && t.data.to_i64_vec().iter().all(|&a| off0(a))),
             Op::Flatten { axis } => *axis != 0,
             Op::Concat { axis } | Op::Split { axis, .. } | Op::Gather { axis } => off0(*axis),
             Op::Transpose { perm } => perm.as_ref().is_some_and(|p| p.first() == Some(&0)),
@@ -200,8 +235,12 @@ pub fn per_sample(g: &Graph) -> bool {
             return false;
         }
     }
-    conv
+    conv || (tokens && !short)
 }
+
+/// Rows per sample from which a linear map's batch runs sample by sample (see [`per_sample`]):
+/// each sample is then a GEMM of its own, and its activations stay in cache from step to step.
+const TOKENS_MIN: usize = 8;
 
 /// How a planned int4 layer's packed rows map to its float weight constant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
