@@ -1723,6 +1723,80 @@ pub fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     x.iter().zip(out).for_each(|(&v, o)| *o = sigmoid(v as f64) as f32);
 }
 
+/// A 2-D pooling window's geometry over one `h x w` plane: kernel `kh x kw`, strides, dilations,
+/// the padding before the first row and column, and the `oh x ow` outputs.
+#[derive(Clone, Copy, Debug)]
+pub struct Pool2d {
+    pub h: usize,
+    pub w: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sy: usize,
+    pub sx: usize,
+    pub dy: usize,
+    pub dx: usize,
+    pub py: usize,
+    pub px: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Pool2d {
+    /// The window's valid kernel positions along one axis for output `o` (a contiguous run:
+    /// the input index grows with the kernel index): `lo..hi`.
+    fn valid(o: usize, k: usize, st: usize, d: usize, p: usize, n: usize) -> (usize, usize) {
+        let at = |kk: usize| (o * st + kk * d) as isize - p as isize;
+        let lo = (0..k).find(|&kk| at(kk) >= 0).unwrap_or(k);
+        let hi = (lo..k).find(|&kk| at(kk) >= n as isize).unwrap_or(k);
+        (lo, hi)
+    }
+}
+
+/// MaxPool of one plane as sqil defines it: per output, the first valid value of its window in
+/// kernel order (rows, then columns; padding skipped), then each later one taken where `v >
+/// best` (so a NaN first value stays, later NaNs are passed over, and of equal values the first
+/// stays); an all-padding window gives -inf. With AVX2, eight outputs of a row whose windows lie
+/// inside the plane at a time (`max(v, best)` is exactly that choice), the rest as here.
+pub fn max_pool2d_f32(plane: &[f32], g: &Pool2d, dst: &mut [f32]) {
+    assert!(plane.len() >= g.h * g.w && dst.len() >= g.oh * g.ow);
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic && g.ow >= 8 {
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted above.
+        return unsafe { crate::x86_64::avx2::avx2_max_pool2d_f32(plane, g, dst) };
+    }
+    max_pool2d_cols(plane, g, dst, 0..g.oh, 0..g.ow)
+}
+
+/// [`max_pool2d_f32`]'s outputs in rows `rows` and columns `cols`, one at a time.
+pub fn max_pool2d_cols(
+    plane: &[f32],
+    g: &Pool2d,
+    dst: &mut [f32],
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    for oy in rows {
+        let (ky0, ky1) = Pool2d::valid(oy, g.kh, g.sy, g.dy, g.py, g.h);
+        for ox in cols.clone() {
+            let (kx0, kx1) = Pool2d::valid(ox, g.kw, g.sx, g.dx, g.px, g.w);
+            if ky0 >= ky1 || kx0 >= kx1 {
+                dst[oy * g.ow + ox] = f32::NEG_INFINITY;
+                continue;
+            }
+            let at = |ky: usize, kx: usize| plane[(oy * g.sy + ky * g.dy - g.py) * g.w + ox * g.sx + kx * g.dx - g.px];
+            let mut best = at(ky0, kx0);
+            for ky in ky0..ky1 {
+                let start = if ky == ky0 { kx0 + 1 } else { kx0 };
+                for kx in start..kx1 {
+                    let v = at(ky, kx);
+                    best = if v > best { v } else { best };
+                }
+            }
+            dst[oy * g.ow + ox] = best;
+        }
+    }
+}
+
 /// LayerNorm row sums as sqil defines them, of `R` rows at once (their dependency chains
 /// interleaved): per row four partial sums in f64 (term j into sum j mod 4, in order), added as
 /// `(s0 + s1) + (s2 + s3)` (the Softmax row sum's order), of `x - c[r]` squared (`SQUARE`) or of

@@ -204,54 +204,30 @@ pub(crate) fn max_pool(x: &Tensor, p: &PoolAttrs, outputs: usize) -> Result<Vec<
         // The f32 path the runtime serves (no indices asked): the same choice per output (the
         // first of the window's largest values, in kernel order; comparisons are exact in f32),
         // kernel positions in the outer loop so each pass reads the plane in order.
-        let mut out = vec![f32::NEG_INFINITY; planes * ol];
-        if geo.kernel.len() == 2 {
-            // 2-D windows read directly (kernel positions row-major, padding skipped).
-            let (h, w) = (geo.input[0] as isize, geo.input[1] as isize);
-            let (oh, ow) = (geo.output[0], geo.output[1]);
-            let (kh, kw) = (geo.kernel[0], geo.kernel[1]);
-            let (sy, sx) = (geo.strides[0] as isize, geo.strides[1] as isize);
-            let (dy, dx) = (geo.dilations[0] as isize, geo.dilations[1] as isize);
-            let (py, px) = (geo.pads_begin[0], geo.pads_begin[1]);
-            // The window's valid rows and columns (contiguous runs of kernel positions: the
-            // input index grows with the kernel index), per output row and column.
-            let valid = |o: usize, k: usize, st: isize, d: isize, p: isize, n: isize| -> (usize, usize) {
-                let at = |kk: usize| o as isize * st - p + kk as isize * d;
-                let lo = (0..k).find(|&kk| at(kk) >= 0).unwrap_or(k);
-                let hi = (lo..k).find(|&kk| at(kk) >= n).unwrap_or(k);
-                (lo, hi)
+        if geo.kernel.len() == 2 && il > 0 && geo.pads_begin.iter().all(|&p| p >= 0) {
+            // 2-D windows read directly (the kernels' loop: vectors of outputs inside the plane).
+            let [h, w] = [geo.input[0], geo.input[1]];
+            let g = sqil_kernels_cpu::generic::Pool2d {
+                h,
+                w,
+                kh: geo.kernel[0],
+                kw: geo.kernel[1],
+                sy: geo.strides[0],
+                sx: geo.strides[1],
+                dy: geo.dilations[0],
+                dx: geo.dilations[1],
+                py: geo.pads_begin[0] as usize,
+                px: geo.pads_begin[1] as usize,
+                oh: geo.output[0],
+                ow: geo.output[1],
             };
-            let rows: Vec<(usize, usize)> = (0..oh).map(|o| valid(o, kh, sy, dy, py, h)).collect();
-            let cols: Vec<(usize, usize)> = (0..ow).map(|o| valid(o, kw, sx, dx, px, w)).collect();
-            let wu = w as usize;
-            for pl in 0..planes {
-                let plane = &v[pl * il..(pl + 1) * il];
-                let dst = &mut out[pl * ol..(pl + 1) * ol];
-                for (oy, &(ky0, ky1)) in rows.iter().enumerate() {
-                    let y0 = oy as isize * sy - py;
-                    for (ox, &(kx0, kx1)) in cols.iter().enumerate() {
-                        if ky0 >= ky1 || kx0 >= kx1 {
-                            continue; // an all-padding window: -inf, as the general path
-                        }
-                        let x0 = ox as isize * sx - px;
-                        let at = |ky: usize, kx: usize| {
-                            plane[(y0 + ky as isize * dy) as usize * wu + (x0 + kx as isize * dx) as usize]
-                        };
-                        // The first valid value, then `v > best` in kernel order (branch-free).
-                        let mut best = at(ky0, kx0);
-                        for ky in ky0..ky1 {
-                            let start = if ky == ky0 { kx0 + 1 } else { kx0 };
-                            for kx in start..kx1 {
-                                let val = at(ky, kx);
-                                best = if val > best { val } else { best };
-                            }
-                        }
-                        dst[oy * ow + ox] = best;
-                    }
-                }
+            let mut out = crate::pool::f32_buffer(planes * ol);
+            for (plane, dst) in v.chunks_exact(il).zip(out.chunks_exact_mut(ol.max(1))).take(planes) {
+                sqil_kernels_cpu::generic::max_pool2d_f32(plane, &g, dst);
             }
             return Ok(vec![Tensor::new(pool_out_shape(x, &geo), Data::F32(out))?]);
         }
+        let mut out = vec![f32::NEG_INFINITY; planes * ol];
         let table = geo.gather_table();
         let kl = geo.kernel_len();
         let mut seen = vec![false; ol];

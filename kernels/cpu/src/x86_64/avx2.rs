@@ -533,6 +533,67 @@ pub unsafe fn avx2_transpose_i8_xor(src: &[i8], rows: usize, cols: usize, dst: &
     }
 }
 
+/// [`crate::generic::max_pool2d_f32`] with AVX2: in each output row whose windows' rows all lie
+/// inside the plane, the outputs whose windows' columns do too, eight at a time (at least eight
+/// of them; the last block overlapping the one before) (column stride 1:
+/// one load per kernel position; 2: sixteen values split into even and odd; else a gather),
+/// `best = max(v, best)` in kernel order from the first position (`vmaxps` returns its second
+/// operand unless the first is greater: the definition's choice); every other output by
+/// [`crate::generic::max_pool2d_cols`].
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `plane` holds `h * w` values, `dst` `oh * ow`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_max_pool2d_f32(plane: &[f32], g: &crate::generic::Pool2d, dst: &mut [f32]) {
+    use crate::generic::max_pool2d_cols;
+    // Outputs whose windows lie inside along one axis: o * s >= p and o * s + (k - 1) d - p < n.
+    let inside = |k: usize, s: usize, d: usize, p: usize, n: usize, o_n: usize| {
+        let lo = p.div_ceil(s.max(1));
+        let span = (k - 1) * d;
+        let hi = if n + p > span { ((n + p - span - 1) / s.max(1) + 1).min(o_n) } else { 0 };
+        (lo.min(o_n), hi.max(lo.min(o_n)))
+    };
+    let (y0, y1) = inside(g.kh, g.sy, g.dy, g.py, g.h, g.oh);
+    let (x0, x1) = inside(g.kw, g.sx, g.dx, g.px, g.w, g.ow);
+    if g.kh == 0 || g.kw == 0 || x1 - x0 < 8 {
+        return max_pool2d_cols(plane, g, dst, 0..g.oh, 0..g.ow);
+    }
+    max_pool2d_cols(plane, g, dst, 0..y0, 0..g.ow);
+    max_pool2d_cols(plane, g, dst, y1..g.oh, 0..g.ow);
+    let p = plane.as_ptr();
+    let idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(g.sx as i32));
+    for oy in y0..y1 {
+        max_pool2d_cols(plane, g, dst, oy..oy + 1, 0..x0);
+        max_pool2d_cols(plane, g, dst, oy..oy + 1, x1..g.ow);
+        // Blocks of eight from x0, the last one ending at x1 (overlapping the one before: the
+        // same outputs computed again, the same values).
+        for ox in (x0..x1).step_by(8).map(|o| o.min(x1 - 8)) {
+            let mut best = _mm256_setzero_ps();
+            for ky in 0..g.kh {
+                let row = p.add((oy * g.sy + ky * g.dy - g.py) * g.w);
+                for kx in 0..g.kw {
+                    let off = (oy * g.sy + ky * g.dy - g.py) * g.w + ox * g.sx + kx * g.dx - g.px;
+                    let at = row.add(ox * g.sx + kx * g.dx - g.px);
+                    let v = match g.sx {
+                        1 => _mm256_loadu_ps(at),
+                        // (Sixteen values read: the last one may lie past the plane.)
+                        2 if off + 16 <= plane.len() => {
+                            // The even values of sixteen: [0 2 8 10 4 6 12 14] by 128-bit lane,
+                            // then the 64-bit pairs in order.
+                            let (a, b) = (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)));
+                            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+                            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)))
+                        }
+                        _ => _mm256_i32gather_ps::<4>(at, idx),
+                    };
+                    best = if ky == 0 && kx == 0 { v } else { _mm256_max_ps(v, best) };
+                }
+            }
+            _mm256_storeu_ps(dst.as_mut_ptr().add(oy * g.ow + ox), best);
+        }
+    }
+}
+
 /// [`crate::generic::layer_norm_f32`] with AVX2: the partial sums j mod 4 are the four lanes of
 /// one vector per row (four rows' chains interleaved), the outputs four lanes at a time; the same
 /// f64 operations in the same order as [`crate::generic::layer_norm_rows`]: the same bits.

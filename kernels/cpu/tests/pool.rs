@@ -1,0 +1,77 @@
+//! MaxPool's kernel (AVX2: eight outputs of a row at a time inside the plane) against the
+//! definition written out here, bit for bit: geometries with padding, strides 1, 2 and 3,
+//! dilations, planes narrower than a vector, NaN (first in a window or later), signed zeros.
+
+use proptest::prelude::*;
+use sqil_kernels_cpu::generic::{max_pool2d_f32, Pool2d};
+
+/// The definition: per output, the window's positions in row-major kernel order, padding
+/// skipped; the first valid value, then each later one where `v > best`; -inf if none.
+fn reference(plane: &[f32], g: &Pool2d) -> Vec<f32> {
+    let mut out = vec![f32::NEG_INFINITY; g.oh * g.ow];
+    for oy in 0..g.oh {
+        for ox in 0..g.ow {
+            let mut best: Option<f32> = None;
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let y = (oy * g.sy + ky * g.dy) as isize - g.py as isize;
+                    let x = (ox * g.sx + kx * g.dx) as isize - g.px as isize;
+                    if y < 0 || x < 0 || y >= g.h as isize || x >= g.w as isize {
+                        continue;
+                    }
+                    let v = plane[y as usize * g.w + x as usize];
+                    best = Some(match best {
+                        Some(b) if v > b => v,
+                        Some(b) => b,
+                        None => v,
+                    });
+                }
+            }
+            if let Some(b) = best {
+                out[oy * g.ow + ox] = b;
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn max_pool_equals_the_definition(
+        seed in any::<u64>(),
+        (h, w) in (1usize..30, 1usize..40),
+        (kh, kw) in (1usize..4, 1usize..4),
+        (sy, sx) in (1usize..4, 1usize..4),
+        (dy, dx) in (1usize..3, 1usize..3),
+        (py, px) in (0usize..3, 0usize..3),
+    ) {
+        let (spy, spx) = ((kh - 1) * dy + 1, (kw - 1) * dx + 1);
+        prop_assume!(h + 2 * py >= spy && w + 2 * px >= spx && py < spy && px < spx);
+        let g = Pool2d {
+            h, w, kh, kw, sy, sx, dy, dx, py, px,
+            oh: (h + 2 * py - spy) / sy + 1,
+            ow: (w + 2 * px - spx) / sx + 1,
+        };
+        let mut s = seed | 1;
+        let plane: Vec<f32> = (0..h * w)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                match s % 17 {
+                    0 => f32::NAN,
+                    1 => 0.0,
+                    2 => -0.0,
+                    3 => f32::NEG_INFINITY,
+                    _ => ((s >> 20) % 64) as f32 / 8.0 - 4.0,
+                }
+            })
+            .collect();
+        let mut got = vec![1.5f32; g.oh * g.ow];
+        max_pool2d_f32(&plane, &g, &mut got);
+        let want = reference(&plane, &g);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want), "{:?}", g);
+    }
+}
