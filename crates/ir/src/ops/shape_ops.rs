@@ -177,13 +177,9 @@ pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
     let shape: Vec<usize> = p.iter().map(|&a| x.shape[a]).collect();
     let strides: Vec<isize> = p.iter().map(|&a| st[a] as isize).collect();
     // The last two axes swapped, the others in place (attention's K^T: [B, H, T, D] ->
-    // [B, H, D, T]): each matrix through the kernels' tiled strided copy.
-    let r = x.rank();
-    if let (Data::F32(v), true) = (
-        &x.data,
-        r >= 2 && p[r - 2] == r - 1 && p[r - 1] == r - 2 && p[..r - 2].iter().enumerate().all(|(i, &a)| a == i),
-    ) {
-        let (rows, cols) = (x.shape[r - 2], x.shape[r - 1]);
+    // [B, H, D, T]), once axes that stay neighbours are merged (NHWC -> NCHW is [N, HW, C] ->
+    // [N, C, HW]): each matrix through the kernels' tiled strided copy.
+    if let (Data::F32(v), Some((rows, cols))) = (&x.data, swapped_matrices(&x.shape, &p)) {
         let mat = rows * cols;
         let mut out = vec![0f32; v.len()];
         if mat > 0 {
@@ -209,6 +205,30 @@ pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
         return Tensor::new(shape, Data::F32(out));
     }
     Tensor::new(shape.clone(), x.data.gather(&strided_indices(&shape, &strides, 0)))
+}
+
+/// If transposing `shape` by `p` moves data as a batch of `rows x cols` matrices each
+/// transposed (the others in place), once axes that stay neighbours in the output are merged:
+/// `(rows, cols)`.
+fn swapped_matrices(shape: &[usize], p: &[usize]) -> Option<(usize, usize)> {
+    // Runs of output axes reading consecutive input axes, as (first input axis, extent).
+    let mut runs: Vec<(usize, usize)> = vec![];
+    for (i, &a) in p.iter().enumerate() {
+        match runs.last_mut() {
+            Some((first, len)) if i > 0 && a == p[i - 1] + 1 && *first + *len == a => *len += 1,
+            _ => runs.push((a, 1)),
+        }
+    }
+    let r = runs.len();
+    let size = |&(a, n): &(usize, usize)| shape[a..a + n].iter().product::<usize>();
+    // In place before the last two runs, which swap.
+    let lead_in_place = runs[..r.saturating_sub(2)].windows(2).all(|w| w[0].0 + w[0].1 == w[1].0)
+        && runs.first().is_some_and(|f| f.0 == 0 || r == 2);
+    if r >= 2 && lead_in_place && runs[r - 1].0 + runs[r - 1].1 == runs[r - 2].0 {
+        Some((size(&runs[r - 1]), size(&runs[r - 2])))
+    } else {
+        None
+    }
 }
 
 fn axes_list(axes: &[i64], rank: usize, op: &str) -> Result<Vec<usize>> {
@@ -630,4 +650,41 @@ pub(crate) fn expand(x: &Tensor, s: &Tensor) -> Result<Tensor> {
         .ok_or_else(|| IrError::Invalid(format!("Expand: {:?} does not broadcast to {target:?}", x.shape)))?;
     crate::tensor::checked_len(&out, x.dtype().bits().div_ceil(8).max(1), "Expand")?;
     Tensor::new(out.clone(), x.data.gather(&broadcast_indices(&x.shape, &out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transpose's fast paths (batches of swapped matrices once neighbouring axes are merged;
+    /// runs of trailing axes) against the element-by-element gather, and which perms are taken as
+    /// swapped matrices.
+    #[test]
+    fn transpose_fast_paths_equal_the_gather() {
+        let shape = [2usize, 3, 4, 5];
+        let x = Tensor::from_f32(shape.to_vec(), (0..120).map(|i| i as f32 * 0.5 - 7.0).collect()).unwrap();
+        type Case = (&'static [usize], Option<(usize, usize)>);
+        let perms: [Case; 9] = [
+            (&[0, 3, 1, 2], Some((12, 5))),
+            (&[0, 2, 3, 1], Some((3, 20))),
+            (&[0, 1, 3, 2], Some((4, 5))),
+            (&[1, 2, 3, 0], Some((2, 60))),
+            (&[3, 0, 1, 2], Some((24, 5))),
+            (&[2, 3, 0, 1], Some((6, 20))),
+            (&[0, 2, 1, 3], None),
+            (&[1, 0, 2, 3], None),
+            (&[3, 2, 1, 0], None),
+        ];
+        for (p, want) in perms {
+            assert_eq!(swapped_matrices(&shape, p), want, "{p:?}");
+            let p64: Vec<i64> = p.iter().map(|&a| a as i64).collect();
+            let got = transpose(&x, Some(&p64)).unwrap();
+            let st = strides_of(&shape);
+            let out: Vec<usize> = p.iter().map(|&a| shape[a]).collect();
+            let strides: Vec<isize> = p.iter().map(|&a| st[a] as isize).collect();
+            let gathered = x.data.gather(&strided_indices(&out, &strides, 0));
+            assert_eq!(got.shape, out, "{p:?}");
+            assert_eq!(got.data.to_f32_vec(), gathered.to_f32_vec(), "{p:?}");
+        }
+    }
 }
