@@ -517,6 +517,12 @@ pub fn depthwise_conv(
 /// tile is read as 16 runs along whichever axis the source has contiguous, and written as 16
 /// runs of `dst`.
 pub fn copy_strided(src: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize, usize), dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if rs == 1 && cs >= rows && rows >= 8 && cols >= 8 && crate::isa() != crate::Isa::Generic {
+        assert!(src.len() >= (cols - 1) * cs + rows && dst.len() >= rows * cols, "copy_strided: buffer sizes");
+        // SAFETY: isa() checked AVX2; the sizes are asserted above.
+        return unsafe { transpose_avx2(src, (rows, cols), cs, dst) };
+    }
     let mut tile = [[0f32; 16]; 16];
     for j0 in (0..cols).step_by(16) {
         let jn = (cols - j0).min(16);
@@ -904,6 +910,39 @@ unsafe fn gemv_rows8(m: usize, k: usize, a: &[f32], rsa: usize, b: &[f32], rsb: 
         _mm256_storeu_ps(out.as_mut_ptr(), acc);
         for (i, v) in out.iter().enumerate() {
             *c.get_unchecked_mut((i0 + i) * rsc) = *v;
+        }
+    }
+}
+
+/// [`copy_strided`] of a transposed source (`rs == 1`: `dst[i][j] = src[j * cs + i]`) through
+/// 8 x 8 register transposes, the edges (fewer than eight rows or columns) through the tiled
+/// copy: the same values moved.
+///
+/// # Safety
+/// AVX2; `src` holds `(cols - 1) * cs + rows` values and `dst` `rows * cols`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn transpose_avx2(src: &[f32], (rows, cols): (usize, usize), cs: usize, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (r8, c8) = (rows / 8 * 8, cols / 8 * 8);
+    let (sp, dp) = (src.as_ptr(), dst.as_mut_ptr());
+    for j0 in (0..c8).step_by(8) {
+        for i0 in (0..r8).step_by(8) {
+            let v = transpose8(std::array::from_fn(|jj| _mm256_loadu_ps(sp.add((j0 + jj) * cs + i0))));
+            for (ii, v) in v.iter().enumerate() {
+                _mm256_storeu_ps(dp.add((i0 + ii) * cols + j0), *v);
+            }
+        }
+    }
+    // The last rows (all columns), then the last columns of the other rows.
+    for i in r8..rows {
+        for j in 0..cols {
+            dst[i * cols + j] = src[j * cs + i];
+        }
+    }
+    for i in 0..r8 {
+        for j in c8..cols {
+            dst[i * cols + j] = src[j * cs + i];
         }
     }
 }

@@ -1,8 +1,11 @@
 //! MaxPool's kernel (AVX2: eight outputs of a row at a time inside the plane) against the
 //! definition written out here, bit for bit: geometries with padding, strides 1, 2 and 3,
 //! dilations, planes narrower than a vector, NaN (first in a window or later), signed zeros.
+//! And the strided copy (AVX2: 8 x 8 register transposes for a transposed source) against its
+//! definition.
 
 use proptest::prelude::*;
+use sqil_kernels_cpu::copy_strided;
 use sqil_kernels_cpu::generic::{max_pool2d_f32, Pool2d};
 
 /// The definition: per output, the window's positions in row-major kernel order, padding
@@ -73,5 +76,20 @@ proptest! {
         let want = reference(&plane, &g);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want), "{:?}", g);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn strided_copy_equals_its_definition(rows in 1usize..40, cols in 1usize..40, pad in 0usize..5, transposed in any::<bool>()) {
+        // A transposed source (`rs == 1`, `cs >= rows`) or a row-major one with padded rows.
+        let (rs, cs) = if transposed { (1, rows + pad) } else { (cols + pad, 1) };
+        let len = (rows - 1) * rs + (cols - 1) * cs + 1;
+        let src: Vec<f32> = (0..len).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let mut got = vec![f32::NAN; rows * cols];
+        copy_strided(&src, (rows, cols), (rs, cs), &mut got);
+        let want: Vec<f32> = (0..rows * cols).map(|t| src[(t / cols) * rs + (t % cols) * cs]).collect();
+        prop_assert_eq!(got, want);
     }
 }
