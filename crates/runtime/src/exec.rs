@@ -128,8 +128,9 @@ impl Execute for Plan {
 /// op a vector kernel applies in registers ([`post_op`], [`Post::in_registers`]: a ReLU, a Clip
 /// with f32 scalar bounds or none, a FakeQuant with one scale and zero point) on f32 values, an
 /// f32 Add, Sub, Mul or Div whose second input broadcasts over the first in a contiguous form
-/// ([`Over`]: a bias, a residual, a gate), or a Reshape, whose input dies at this step and is owned (not a constant or a caller's tensor). The
-/// result equals the op's (the same comparisons and operations on the buffer; Reshape moves data).
+/// ([`Over`]: a bias, a residual, a gate), or a Reshape, whose input dies at this step and is
+/// owned (not a constant or a caller's tensor). The result equals the op's (the same comparisons
+/// and operations on the buffer; Reshape moves data).
 fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Option<Cow<Tensor>>]) -> bool {
     let Some(Some(x)) = inputs.first() else { return false };
     if plan.last_use[*x] != i || inputs.iter().skip(1).flatten().any(|s| s == x) {
