@@ -208,6 +208,11 @@ impl Data {
         map_data!(self, v => idx.iter().map(|&i| v[i]).collect())
     }
 
+    /// The elements at flat indices `r` (a contiguous run), keeping the type.
+    pub fn range(&self, r: std::ops::Range<usize>) -> Data {
+        map_data!(self, v => v[r.clone()].to_vec())
+    }
+
     /// Concatenation of several data of the same type.
     pub fn concat(parts: &[&Data]) -> Result<Data> {
         let first = parts.first().ok_or_else(|| IrError::Internal("concat of nothing".into()))?;

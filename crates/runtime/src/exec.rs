@@ -43,7 +43,7 @@ impl Execute for Plan {
                         let per = t.len() / batch;
                         let mut shape = t.shape.clone();
                         shape[0] = 1;
-                        Tensor::new(shape, t.data.gather(&(i * per..(i + 1) * per).collect::<Vec<_>>()))
+                        Tensor::new(shape, t.data.range(i * per..(i + 1) * per))
                     })
                     .collect::<Result<_>>()?;
                 for (part, y) in parts.iter_mut().zip(self.run_whole(&one, threads)?) {

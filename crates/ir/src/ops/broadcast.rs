@@ -145,22 +145,35 @@ pub enum Over {
 
 impl Over {
     /// `b` over `a` in one of the forms, where the broadcast's result has `a`'s shape (else
-    /// `None`: the general gather).
+    /// `None`: the general gather). From the shapes alone, no allocation (small policies check
+    /// this on every element-wise step).
     pub fn of(ash: &[usize], bsh: &[usize]) -> Option<Over> {
-        let bc = Broadcast::new(&[ash, bsh]).ok()?;
         let blen: usize = bsh.iter().product();
-        if bc.out_shape != ash || blen == 0 {
+        if blen == 0 || bsh.len() > ash.len() {
             return None;
         }
-        if bc.is_identity(1) {
-            Some(Over::Same)
-        } else if blen == 1 {
-            Some(Over::Scalar)
-        } else if bc.is_tiled(1) {
-            Some(Over::Tiled)
-        } else {
-            block_len(&bc.out_shape, bsh, blen).map(Over::Block)
+        let off = ash.len() - bsh.len();
+        // The result has a's shape: each of b's dimensions is 1 or a's.
+        if bsh.iter().zip(&ash[off..]).any(|(&d, &a)| d != 1 && d != a) {
+            return None;
         }
+        let alen: usize = ash.iter().product();
+        if blen == alen {
+            return Some(Over::Same);
+        }
+        if blen == 1 {
+            return Some(Over::Scalar);
+        }
+        // Leading ones dropped, b is a's trailing dimensions: whole rows.
+        let t = &bsh[bsh.iter().take_while(|&&d| d == 1).count()..];
+        if ash.ends_with(t) {
+            return Some(Over::Tiled);
+        }
+        // a's leading dimensions then ones: one value per block of the rest.
+        let lead = off + bsh.iter().rposition(|&d| d != 1)? + 1;
+        let aligned_eq = (0..lead).all(|i| if i < off { ash[i] == 1 } else { bsh[i - off] == ash[i] });
+        let inner: usize = ash[lead..].iter().product();
+        (aligned_eq && inner > 1).then_some(Over::Block(inner))
     }
 }
 
