@@ -32,10 +32,7 @@ impl Broadcast {
     /// True if input `k`, leading 1s dropped, equals the output's trailing dimensions: its
     /// elements repeat as whole rows (a bias against a batch).
     pub fn is_tiled(&self, k: usize) -> bool {
-        let s = &self.shapes[k];
-        let lead = s.iter().take_while(|&&d| d == 1).count();
-        let t = &s[lead..];
-        t.len() <= self.out_shape.len() && self.out_shape[self.out_shape.len() - t.len()..] == *t
+        tiled(&self.out_shape, &self.shapes[k])
     }
 
     /// For each output element (row-major), the flat index into input `k`.
@@ -164,17 +161,18 @@ impl Over {
         if blen == 1 {
             return Some(Over::Scalar);
         }
-        // Leading ones dropped, b is a's trailing dimensions: whole rows.
-        let t = &bsh[bsh.iter().take_while(|&&d| d == 1).count()..];
-        if ash.ends_with(t) {
+        if tiled(ash, bsh) {
             return Some(Over::Tiled);
         }
         // a's leading dimensions then ones: one value per block of the rest.
-        let lead = off + bsh.iter().rposition(|&d| d != 1)? + 1;
-        let aligned_eq = (0..lead).all(|i| if i < off { ash[i] == 1 } else { bsh[i - off] == ash[i] });
-        let inner: usize = ash[lead..].iter().product();
-        (aligned_eq && inner > 1).then_some(Over::Block(inner))
+        block_len(ash, bsh, blen).map(Over::Block)
     }
+}
+
+/// Whether an operand of shape `sh`, leading 1s dropped, is `out`'s trailing dimensions: its
+/// elements repeat as whole rows of the output.
+fn tiled(out: &[usize], sh: &[usize]) -> bool {
+    out.ends_with(&sh[sh.iter().take_while(|&&d| d == 1).count()..])
 }
 
 /// If an operand of shape `sh` (`len` elements) broadcast to `out` holds one value per
@@ -184,10 +182,13 @@ fn block_len(out: &[usize], sh: &[usize], len: usize) -> Option<usize> {
     if sh.len() > out.len() || len == 0 {
         return None;
     }
-    let aligned: Vec<usize> = std::iter::repeat_n(1, out.len() - sh.len()).chain(sh.iter().copied()).collect();
-    let lead = aligned.iter().rposition(|&d| d != 1)? + 1;
+    // `sh` aligned to `out`'s trailing dimensions (ones before it), read in place.
+    let off = out.len() - sh.len();
+    let aligned = |i: usize| if i < off { 1 } else { sh[i - off] };
+    let lead = off + sh.iter().rposition(|&d| d != 1)? + 1;
     let inner: usize = out[lead..].iter().product();
-    (aligned[..lead] == out[..lead] && inner > 1 && len * inner == out.iter().product::<usize>()).then_some(inner)
+    ((0..lead).all(|i| aligned(i) == out[i]) && inner > 1 && len * inner == out.iter().product::<usize>())
+        .then_some(inner)
 }
 
 /// Flat indices of a strided view: for each element of `out_shape` (row-major), the offset
