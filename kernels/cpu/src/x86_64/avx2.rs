@@ -240,16 +240,69 @@ unsafe fn gemm_q4f32_block<const NC: usize>(w: &PackedQ4, x: &[f32], c0: usize, 
     }
 }
 
-/// `quantize_level` on eight lanes `(scale, zero, lo, hi)`: divide, round half to even
+/// A quantizer `(scale, zero, lo, hi)` in eight-lane vectors, with the scale's f32 reciprocal
+/// for [`round_quotient8`].
+#[derive(Clone, Copy)]
+pub(crate) struct Quant8 {
+    s: __m256,
+    r: __m256,
+    z: __m256,
+    lo: __m256,
+    hi: __m256,
+}
+
+impl Quant8 {
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn new(scale: f32, zero: f32, lo: f32, hi: f32) -> Quant8 {
+        Quant8 {
+            s: _mm256_set1_ps(scale),
+            r: _mm256_set1_ps(1.0 / scale),
+            z: _mm256_set1_ps(zero),
+            lo: _mm256_set1_ps(lo),
+            hi: _mm256_set1_ps(hi),
+        }
+    }
+}
+
+/// Relative bound used by the quotient screens ([`round_quotient8`]): twice the largest relative
+/// distance between `x * fl(1 / s)` (two roundings) and `fl(x / s)` (one), about `3 * 2^-24`.
+pub(crate) const QUOTIENT_SCREEN: f32 = 1.0 / (1 << 21) as f32;
+
+/// `round_half_even(fl(x / s))` on eight lanes, as `vroundps(vdivps(x, s))` computes it, without
+/// the division where it cannot change the integer: `q = x * r` with `r = fl(1 / s)` is within
+/// `|q| 2^-22` of `fl(x / s)` (three roundings of relative size 2^-24, subnormals aside: there
+/// `|q| < 1/8` and both round to a zero of `x / s`'s sign), so where `|q - round(q)| + |q| 2^-21 <
+/// 0.5` (one FMA, which can only round a sum of at least 0.5 to at least 0.5), `fl(x / s)`
+/// lies strictly inside the same half-open unit around `round(q)` and rounds to it. Any other
+/// lane (near a half-way point, NaN, infinite, a reciprocal that overflowed) sends the vector to
+/// the division.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn round_quotient8(x: __m256, s: __m256, r: __m256) -> __m256 {
+    const NEAR: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let q = _mm256_mul_ps(x, r);
+    let k = _mm256_round_ps(q, NEAR);
+    let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let d = _mm256_and_ps(_mm256_sub_ps(q, k), abs);
+    let t = _mm256_fmadd_ps(_mm256_and_ps(q, abs), _mm256_set1_ps(QUOTIENT_SCREEN), d);
+    let ok = _mm256_cmp_ps(t, _mm256_set1_ps(0.5), _CMP_LT_OQ);
+    if _mm256_movemask_ps(ok) == 0xff {
+        k
+    } else {
+        _mm256_round_ps(_mm256_div_ps(x, s), NEAR)
+    }
+}
+
+/// `quantize_level` on eight lanes: divide (through [`round_quotient8`]), round half to even
 /// (`vroundps`; the scalar add-magic rounding after bounding to 2^22 gives the same integers), add
 /// the zero point, clamp with NaN kept (`vminps`/`vmaxps` return their second operand, the value,
 /// when it is NaN).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn level8(x: __m256, (vs, vz, vlo, vhi): (__m256, __m256, __m256, __m256)) -> __m256 {
-    let t = _mm256_div_ps(x, vs);
-    let y = _mm256_add_ps(_mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
-    _mm256_max_ps(vlo, _mm256_min_ps(vhi, y))
+unsafe fn level8(x: __m256, q: &Quant8) -> __m256 {
+    let y = _mm256_add_ps(round_quotient8(x, q.s, q.r), q.z);
+    _mm256_max_ps(q.lo, _mm256_min_ps(q.hi, y))
 }
 
 /// One FakeQuant of eight lanes, as [`avx2_fake_quant`] computes each vector: the levels
@@ -260,8 +313,8 @@ unsafe fn level8(x: __m256, (vs, vz, vlo, vhi): (__m256, __m256, __m256, __m256)
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn fake_quant8(x: __m256, scale: f32, zero: f32, lo: f32, hi: f32) -> __m256 {
-    let v @ (vs, vz, _, _) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
-    _mm256_mul_ps(_mm256_sub_ps(level8(x, v), vz), vs)
+    let q = Quant8::new(scale, zero, lo, hi);
+    _mm256_mul_ps(_mm256_sub_ps(level8(x, &q), q.z), q.s)
 }
 
 /// The epilogue constants of a [`crate::generic::PostForm`] in eight-lane vectors (see
@@ -270,7 +323,7 @@ pub unsafe fn fake_quant8(x: __m256, scale: f32, zero: f32, lo: f32, hi: f32) ->
 pub(crate) struct PostVec8 {
     lo: __m256,
     hi: __m256,
-    q: (__m256, __m256, __m256, __m256),
+    q: Quant8,
 }
 
 impl PostVec8 {
@@ -279,11 +332,7 @@ impl PostVec8 {
     pub(crate) fn new(f: crate::generic::PostForm) -> PostVec8 {
         let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
         let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
-        PostVec8 {
-            lo: _mm256_set1_ps(lo),
-            hi: _mm256_set1_ps(hi),
-            q: (_mm256_set1_ps(s), _mm256_set1_ps(z), _mm256_set1_ps(qlo), _mm256_set1_ps(qhi)),
-        }
+        PostVec8 { lo: _mm256_set1_ps(lo), hi: _mm256_set1_ps(hi), q: Quant8::new(s, z, qlo, qhi) }
     }
 
     /// The form's ops on eight lanes: [`crate::generic::post8`]'s operations for a clamp then a
@@ -296,7 +345,7 @@ impl PostVec8 {
         }
         if FQ {
             // SAFETY: this function's target features are level8's.
-            v = _mm256_mul_ps(_mm256_sub_ps(unsafe { level8(v, self.q) }, self.q.1), self.q.0);
+            v = _mm256_mul_ps(_mm256_sub_ps(unsafe { level8(v, &self.q) }, self.q.z), self.q.s);
         }
         v
     }
@@ -319,7 +368,7 @@ unsafe fn level_i32(y: __m256) -> __m256i {
 pub unsafe fn avx2_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     let n = x.len().min(out.len());
     let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
-    let v = (_mm256_set1_ps(scale), _mm256_set1_ps(z), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let v = &Quant8::new(scale, z, lo, hi);
     // A NaN input gives a NaN level (the clamp keeps it): OR of the unordered lanes.
     let mut bad = _mm256_setzero_ps();
     let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -403,11 +452,11 @@ pub unsafe fn avx2_fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo:
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn fake_quant_ptr(x: *const f32, out: *mut f32, n: usize, (scale, zero, lo, hi): (f32, f32, f32, f32)) {
-    let v @ (vs, vz, _, _) = (_mm256_set1_ps(scale), _mm256_set1_ps(zero), _mm256_set1_ps(lo), _mm256_set1_ps(hi));
+    let q = Quant8::new(scale, zero, lo, hi);
     let mut i = 0;
     while i + 8 <= n {
-        let y = level8(_mm256_loadu_ps(x.add(i)), v);
-        _mm256_storeu_ps(out.add(i), _mm256_mul_ps(_mm256_sub_ps(y, vz), vs));
+        let y = level8(_mm256_loadu_ps(x.add(i)), &q);
+        _mm256_storeu_ps(out.add(i), _mm256_mul_ps(_mm256_sub_ps(y, q.z), q.s));
         i += 8;
     }
     while i < n {

@@ -881,7 +881,7 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
             Post::Clip(lo, hi) => _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v)),
             Post::FakeQuant { scale, zero, lo, hi } => {
                 let (vs, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero));
-                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(v, vs));
+                let t = round_quotient16(v, vs, _mm512_set1_ps(1.0 / scale));
                 let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(t, vz)));
                 _mm512_mul_ps(_mm512_sub_ps(y, vz), vs)
             }
@@ -895,6 +895,23 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
         };
     }
     v
+}
+
+/// [`super::avx2::round_quotient8`] on sixteen lanes: `round_half_even(fl(x / s))` through `r =
+/// fl(1 / s)` where the screen shows the product rounds to the same integer, else the division.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn round_quotient16(x: __m512, s: __m512, r: __m512) -> __m512 {
+    const NEAR: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let q = _mm512_mul_ps(x, r);
+    let k = _mm512_roundscale_ps::<NEAR>(q);
+    let d = _mm512_abs_ps(_mm512_sub_ps(q, k));
+    let t = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(super::avx2::QUOTIENT_SCREEN), d);
+    if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(t, _mm512_set1_ps(0.5)) == 0xffff {
+        k
+    } else {
+        _mm512_roundscale_ps::<NEAR>(_mm512_div_ps(x, s))
+    }
 }
 
 /// Pointwise W4A8 convolution on interleaved positions (see [`avx512_interleave_quads`]): for
@@ -950,6 +967,7 @@ struct PostVec16 {
     lo: __m512,
     hi: __m512,
     s: __m512,
+    r: __m512,
     z: __m512,
     qlo: __m512,
     qhi: __m512,
@@ -965,6 +983,7 @@ impl PostVec16 {
             lo: _mm512_set1_ps(lo),
             hi: _mm512_set1_ps(hi),
             s: _mm512_set1_ps(s),
+            r: _mm512_set1_ps(1.0 / s),
             z: _mm512_set1_ps(z),
             qlo: _mm512_set1_ps(qlo),
             qhi: _mm512_set1_ps(qhi),
@@ -973,13 +992,14 @@ impl PostVec16 {
 
     /// The form's ops on sixteen lanes: [`post16`]'s operations for a clamp then a FakeQuant.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
     fn apply<const CLAMP: bool, const FQ: bool>(&self, mut v: __m512) -> __m512 {
         if CLAMP {
             v = _mm512_min_ps(self.hi, _mm512_max_ps(self.lo, v));
         }
         if FQ {
-            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_div_ps(v, self.s));
+            // SAFETY: this function's target features are round_quotient16's.
+            let t = unsafe { round_quotient16(v, self.s, self.r) };
             let y = _mm512_max_ps(self.qlo, _mm512_min_ps(self.qhi, _mm512_add_ps(t, self.z)));
             v = _mm512_mul_ps(_mm512_sub_ps(y, self.z), self.s);
         }

@@ -1138,6 +1138,57 @@ mod tests {
     /// unit beside `m` and round the other way: there only the division gives the definition's
     /// bits. Each width's screen must notice (such values among plain ones in every vector).
     #[test]
+    fn quantizer_quotients_near_halfway_points_are_divided() {
+        use std::arch::x86_64::*;
+        if crate::isa() == crate::Isa::Generic {
+            eprintln!("skipped: no AVX2 on this CPU");
+            return;
+        }
+        // Values at and beside the f32 nearest to every half-way point (k + 1/2) s, multiples of
+        // s, and the special values, for scales whose reciprocal is inexact.
+        let mut cases: Vec<(f32, f32)> = Vec::new();
+        for s in [1.0f32 / 255.0, 6.0 / 255.0, 0.0123, 0.1, 3.0, 7.0e-4, 1.0e-30, 3.0e30, -0.37, 0.0] {
+            let mut xs = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0e-40, -1.0e-45, 1.0e38];
+            for k in -300i32..300 {
+                let half = ((k as f64 + 0.5) * s as f64) as f32;
+                for j in -3i32..=3 {
+                    xs.push(f32::from_bits(half.to_bits().wrapping_add_signed(j)));
+                }
+                xs.push(k as f32 * s);
+            }
+            cases.extend(xs.into_iter().map(|x| (x, s)));
+        }
+        let want: Vec<u32> = cases.iter().map(|&(x, s)| (x / s).round_ties_even().to_bits()).collect();
+        // The product alone rounds some of them the other way: the screen is what keeps the bits.
+        let products = cases.iter().zip(&want).filter(|((x, s), w)| (x * (1.0 / s)).round_ties_even().to_bits() != **w);
+        assert!(products.count() > 100, "the cases test the screen");
+        let n = cases.len() / 16 * 16;
+        let mut got = vec![0f32; n];
+        for (j, g) in got.chunks_exact_mut(8).enumerate() {
+            let c: [(f32, f32); 8] = cases[j * 8..j * 8 + 8].try_into().expect("eight");
+            // SAFETY: isa() checked AVX2; eight lanes each.
+            unsafe {
+                let (x, s) = (_mm256_loadu_ps(c.map(|c| c.0).as_ptr()), c.map(|c| c.1));
+                let (s, r) = (_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(s.map(|s| 1.0 / s).as_ptr()));
+                _mm256_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx2::round_quotient8(x, s, r));
+            }
+        }
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want[..n]);
+        if crate::isa() == crate::Isa::Avx512Vnni {
+            for (j, g) in got.chunks_exact_mut(16).enumerate() {
+                let c: [(f32, f32); 16] = cases[j * 16..j * 16 + 16].try_into().expect("sixteen");
+                // SAFETY: isa() checked AVX-512 F; sixteen lanes each.
+                unsafe {
+                    let (x, s) = (_mm512_loadu_ps(c.map(|c| c.0).as_ptr()), c.map(|c| c.1));
+                    let (s, r) = (_mm512_loadu_ps(s.as_ptr()), _mm512_loadu_ps(s.map(|s| 1.0 / s).as_ptr()));
+                    _mm512_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx512::round_quotient16(x, s, r));
+                }
+            }
+            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want[..n]);
+        }
+    }
+
+    #[test]
     fn softmax_quotients_near_f32_halfway_points_are_divided() {
         if crate::isa() == crate::Isa::Generic {
             eprintln!("skipped: no AVX2 on this CPU");
