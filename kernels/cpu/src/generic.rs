@@ -1117,14 +1117,19 @@ pub fn quantize_input_into(
     out.sums.extend(out.q.chunks(w.group).map(|c| c.iter().map(|&v| v as i32).sum::<i32>()));
 }
 
-/// [`quantize_i8`] over a slice (`out[i]` for `x[i]`), with AVX2 intrinsics where the CPU has
-/// them (the same IEEE operations lane by lane, so the same bytes). Returns whether any value
+/// [`quantize_i8`] over a slice (`out[i]` for `x[i]`), with AVX-512 or AVX2 intrinsics where the
+/// CPU has them (the same levels lane by lane, so the same bytes). Returns whether any value
 /// quantized was NaN.
 pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
+        crate::Isa::Avx512Vnni => {
+            return unsafe { crate::x86_64::avx512::avx512_quantize_i8(x, scale, zero, lo, hi, out) }
+        }
         // SAFETY: isa() checked AVX2 and FMA.
-        return unsafe { crate::x86_64::avx2::avx2_quantize_i8(x, scale, zero, lo, hi, out) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_quantize_i8(x, scale, zero, lo, hi, out) },
+        crate::Isa::Generic => {}
     }
     let (z, lo, hi) = (zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
     let mut nan = false;

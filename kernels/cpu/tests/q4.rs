@@ -212,6 +212,23 @@ fn input_quantization_matches_fake_quant_per_element() {
         for (g, s) in q.sums.iter().enumerate() {
             assert_eq!(*s, q.q[g * 32..(g + 1) * 32].iter().map(|&v| v as i32).sum::<i32>());
         }
+        // At and beside the f32 nearest to every half-way point (k + 1/2) 0.02: the vector forms'
+        // quotient screens must send these to the division.
+        let near: Vec<f32> = (-140i32..140)
+            .flat_map(|k| {
+                let half = ((k as f64 + 0.5) * 0.02) as f32;
+                (-3i32..=3).map(move |j| f32::from_bits(half.to_bits().wrapping_add_signed(j)))
+            })
+            .collect();
+        let mut out = vec![0i8; near.len()];
+        sqil_kernels_cpu::generic::quantize_i8_into(&near, 0.02, zero, -128, 127, &mut out);
+        for (&v, &o) in near.iter().zip(&out) {
+            assert_eq!(
+                o,
+                sqil_kernels_cpu::generic::quantize_i8(v, 0.02, zero as f32, -128.0, 127.0),
+                "{v:e}, zero {zero}"
+            );
+        }
     }
 }
 

@@ -897,6 +897,36 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
     v
 }
 
+/// `avx2_quantize_i8` on sixteen lanes, 64 values per step (the levels through
+/// [`round_quotient16`], clamped with NaN kept, NaN to 0 as `as i8` does, narrowed by `vpmovsdb`:
+/// the levels lie in [-128, 127]); the last values (fewer than 64) by the AVX2 form. The same
+/// bytes. Returns whether any value was NaN.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
+    let n = x.len().min(out.len());
+    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(1.0 / scale));
+    let vz = _mm512_set1_ps(zero as f32);
+    let (vlo, vhi) = (_mm512_set1_ps(lo.max(-128) as f32), _mm512_set1_ps(hi.min(127) as f32));
+    let mut ordered: __mmask16 = 0xffff;
+    let mut i = 0;
+    while i + 64 <= n {
+        for j in 0..4 {
+            let v = _mm512_loadu_ps(x.as_ptr().add(i + 16 * j));
+            let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)));
+            let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
+            ordered &= ord;
+            let l = _mm512_maskz_cvtps_epi32(ord, y);
+            _mm_storeu_si128(out.as_mut_ptr().add(i + 16 * j) as *mut __m128i, _mm512_cvtsepi32_epi8(l));
+        }
+        i += 64;
+    }
+    let rest = super::avx2::avx2_quantize_i8(&x[i..n], scale, zero, lo, hi, &mut out[i..n]);
+    ordered != 0xffff || rest
+}
+
 /// [`super::avx2::round_quotient8`] on sixteen lanes: `round_half_even(fl(x / s))` through `r =
 /// fl(1 / s)` where the screen shows the product rounds to the same integer, else the division.
 #[inline]
