@@ -1141,13 +1141,21 @@ pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out:
 }
 
 /// FakeQuant with one scale and zero point, `out[i] = (clamp(round_half_even(x[i] / scale) + zero,
-/// lo, hi) - zero) * scale` in f32 (`|lo|, |hi| <= 2^16`; NaN stays NaN), with AVX2 intrinsics
-/// where the CPU has them: the same IEEE operations lane by lane, so the same bits.
+/// lo, hi) - zero) * scale` in f32 (`|lo|, |hi| <= 2^16`; NaN stays NaN), with AVX-512 or AVX2
+/// intrinsics where the CPU has them: the same levels lane by lane, so the same bits.
 pub fn fake_quant_into(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
+    match crate::isa() {
+        crate::Isa::Avx512Vnni => {
+            let n = x.len().min(out.len());
+            // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; n values each, disjoint buffers.
+            return unsafe {
+                crate::x86_64::avx512::avx512_fake_quant_ptr(x.as_ptr(), out.as_mut_ptr(), n, (scale, zero, lo, hi))
+            };
+        }
         // SAFETY: isa() checked AVX2 and FMA.
-        return unsafe { crate::x86_64::avx2::avx2_fake_quant(x, scale, zero, lo, hi, out) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_fake_quant(x, scale, zero, lo, hi, out) },
+        crate::Isa::Generic => {}
     }
     for (d, &v) in out.iter_mut().zip(x) {
         *d = fake_quant_one(v, scale, zero, lo, hi);
@@ -1157,9 +1165,15 @@ pub fn fake_quant_into(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: 
 /// [`fake_quant_into`] in place: the same operations on each value, the same bits.
 pub fn fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f32) {
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
+    match crate::isa() {
+        crate::Isa::Avx512Vnni => {
+            let p = v.as_mut_ptr();
+            // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; in place over v's values.
+            return unsafe { crate::x86_64::avx512::avx512_fake_quant_ptr(p, p, v.len(), (scale, zero, lo, hi)) };
+        }
         // SAFETY: isa() checked AVX2 and FMA.
-        return unsafe { crate::x86_64::avx2::avx2_fake_quant_in_place(v, scale, zero, lo, hi) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_fake_quant_in_place(v, scale, zero, lo, hi) },
+        crate::Isa::Generic => {}
     }
     for e in v.iter_mut() {
         *e = fake_quant_one(*e, scale, zero, lo, hi);

@@ -178,6 +178,35 @@ fn q4q8_matches_dequantized_float_math() {
     }
 }
 
+/// The vector FakeQuant (into a buffer and in place) against its scalar definition, on the
+/// half-way neighbours of its scale, ties, the level bounds, huge values, NaN and infinities, at
+/// lengths off the vector widths.
+#[test]
+fn fake_quant_matches_its_definition_per_element() {
+    use sqil_kernels_cpu::generic::{fake_quant_in_place, fake_quant_into, fake_quant_one};
+    for (s, z, lo, hi) in
+        [(0.02f32, 0.0f32, -128.0f32, 127.0f32), (6.0 / 255.0, 128.0, 0.0, 255.0), (0.37, -3.0, -8.0, 7.0)]
+    {
+        let mut x: Vec<f32> = (-300i32..300)
+            .flat_map(|k| {
+                let half = ((k as f64 + 0.5) * s as f64) as f32;
+                (-2i32..=2).map(move |j| f32::from_bits(half.to_bits().wrapping_add_signed(j)))
+            })
+            .collect();
+        x.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e30, -1e30, 1e-40, 2.5 * s]);
+        for len in [x.len(), 77, 31, 16, 1] {
+            let want: Vec<u32> = x[..len].iter().map(|&v| fake_quant_one(v, s, z, lo, hi).to_bits()).collect();
+            let mut got = vec![0f32; len];
+            fake_quant_into(&x[..len], s, z, lo, hi, &mut got);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), want, "into, scale {s}, length {len}");
+            let mut v = x[..len].to_vec();
+            fake_quant_in_place(&mut v, s, z, lo, hi);
+            assert_eq!(bits(&v), want, "in place, scale {s}, length {len}");
+        }
+    }
+}
+
 #[test]
 fn input_quantization_matches_fake_quant_per_element() {
     // The dispatched (AVX2 where present) quantizer against the scalar definition, on values

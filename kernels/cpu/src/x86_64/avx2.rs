@@ -451,7 +451,12 @@ pub unsafe fn avx2_fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo:
 /// AVX2 and FMA; `x` readable and `out` writable for `n` values, either equal or disjoint.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn fake_quant_ptr(x: *const f32, out: *mut f32, n: usize, (scale, zero, lo, hi): (f32, f32, f32, f32)) {
+pub(crate) unsafe fn fake_quant_ptr(
+    x: *const f32,
+    out: *mut f32,
+    n: usize,
+    (scale, zero, lo, hi): (f32, f32, f32, f32),
+) {
     let q = Quant8::new(scale, zero, lo, hi);
     let mut i = 0;
     while i + 8 <= n {

@@ -927,6 +927,31 @@ pub unsafe fn avx512_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: 
     ordered != 0xffff || rest
 }
 
+/// `avx2_fake_quant` on sixteen lanes: `n` values from `x` to `out`, which may be the same buffer
+/// (each vector loaded before its result is stored), the levels through [`round_quotient16`]
+/// back to values; the last values (fewer than 16) by the AVX2 form. The same bits.
+///
+/// # Safety
+/// AVX-512 F, AVX2 and FMA; `x` readable and `out` writable for `n` values, equal or disjoint.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_fake_quant_ptr(
+    x: *const f32,
+    out: *mut f32,
+    n: usize,
+    (scale, zero, lo, hi): (f32, f32, f32, f32),
+) {
+    let (vs, vr, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(1.0 / scale), _mm512_set1_ps(zero));
+    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_loadu_ps(x.add(i));
+        let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)));
+        _mm512_storeu_ps(out.add(i), _mm512_mul_ps(_mm512_sub_ps(y, vz), vs));
+        i += 16;
+    }
+    super::avx2::fake_quant_ptr(x.add(i), out.add(i), n - i, (scale, zero, lo, hi));
+}
+
 /// [`super::avx2::round_quotient8`] on sixteen lanes: `round_half_even(fl(x / s))` through `r =
 /// fl(1 / s)` where the screen shows the product rounds to the same integer, else the division.
 #[inline]
