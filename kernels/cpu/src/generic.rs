@@ -1123,9 +1123,9 @@ pub fn quantize_input_into(
 pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     #[cfg(target_arch = "x86_64")]
     match crate::isa() {
-        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
         crate::Isa::Avx512Vnni => {
-            return unsafe { crate::x86_64::avx512::avx512_quantize_i8(x, scale, zero, lo, hi, out) }
+            // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
+            return unsafe { crate::x86_64::avx512::avx512_quantize_i8(x, scale, zero, lo, hi, out) };
         }
         // SAFETY: isa() checked AVX2 and FMA.
         crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_quantize_i8(x, scale, zero, lo, hi, out) },

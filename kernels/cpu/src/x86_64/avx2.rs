@@ -257,7 +257,7 @@ impl Quant8 {
     pub(crate) fn new(scale: f32, zero: f32, lo: f32, hi: f32) -> Quant8 {
         Quant8 {
             s: _mm256_set1_ps(scale),
-            r: _mm256_set1_ps(1.0 / scale),
+            r: _mm256_set1_ps(screen_reciprocal(scale)),
             z: _mm256_set1_ps(zero),
             lo: _mm256_set1_ps(lo),
             hi: _mm256_set1_ps(hi),
@@ -265,12 +265,25 @@ impl Quant8 {
     }
 }
 
-/// Relative bound used by the quotient screens ([`round_quotient8`]): twice the largest relative
-/// distance between `x * fl(1 / s)` (two roundings) and `fl(x / s)` (one), about `3 * 2^-24`.
+/// Relative bound used by the quotient screens ([`round_quotient8`]): above twice the largest
+/// relative distance between `x * fl(1 / s)` and `fl(x / s)` (three roundings: about `3 * 2^-24`).
 pub(crate) const QUOTIENT_SCREEN: f32 = 1.0 / (1 << 21) as f32;
 
+/// The reciprocal the quotient screens multiply by: `fl(1 / s)` where it is a normal number, else
+/// NaN (a subnormal reciprocal of a huge scale has fewer bits than the screen's bound assumes, an
+/// infinite one of a tiny scale none): then every lane takes the division.
+pub(crate) fn screen_reciprocal(scale: f32) -> f32 {
+    let r = 1.0 / scale;
+    if r.is_normal() {
+        r
+    } else {
+        f32::NAN
+    }
+}
+
 /// `round_half_even(fl(x / s))` on eight lanes, as `vroundps(vdivps(x, s))` computes it, without
-/// the division where it cannot change the integer: `q = x * r` with `r = fl(1 / s)` is within
+/// the division where it cannot change the integer: `q = x * r` with `r = fl(1 / s)` (normal: see
+/// [`screen_reciprocal`]) is within
 /// `|q| 2^-22` of `fl(x / s)` (three roundings of relative size 2^-24, subnormals aside: there
 /// `|q| < 1/8` and both round to a zero of `x / s`'s sign), so where `|q - round(q)| + |q| 2^-21 <
 /// 0.5` (one FMA, which can only round a sum of at least 0.5 to at least 0.5), `fl(x / s)`

@@ -881,7 +881,7 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
             Post::Clip(lo, hi) => _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v)),
             Post::FakeQuant { scale, zero, lo, hi } => {
                 let (vs, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero));
-                let t = round_quotient16(v, vs, _mm512_set1_ps(1.0 / scale));
+                let t = round_quotient16(v, vs, _mm512_set1_ps(super::avx2::screen_reciprocal(scale)));
                 let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(t, vz)));
                 _mm512_mul_ps(_mm512_sub_ps(y, vz), vs)
             }
@@ -907,7 +907,7 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     let n = x.len().min(out.len());
-    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(1.0 / scale));
+    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(super::avx2::screen_reciprocal(scale)));
     let vz = _mm512_set1_ps(zero as f32);
     let (vlo, vhi) = (_mm512_set1_ps(lo.max(-128) as f32), _mm512_set1_ps(hi.min(127) as f32));
     let mut ordered: __mmask16 = 0xffff;
@@ -940,7 +940,8 @@ pub unsafe fn avx512_fake_quant_ptr(
     n: usize,
     (scale, zero, lo, hi): (f32, f32, f32, f32),
 ) {
-    let (vs, vr, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(1.0 / scale), _mm512_set1_ps(zero));
+    let (vs, vr, vz) =
+        (_mm512_set1_ps(scale), _mm512_set1_ps(super::avx2::screen_reciprocal(scale)), _mm512_set1_ps(zero));
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let mut i = 0;
     while i + 16 <= n {
@@ -1038,7 +1039,7 @@ impl PostVec16 {
             lo: _mm512_set1_ps(lo),
             hi: _mm512_set1_ps(hi),
             s: _mm512_set1_ps(s),
-            r: _mm512_set1_ps(1.0 / s),
+            r: _mm512_set1_ps(super::avx2::screen_reciprocal(s)),
             z: _mm512_set1_ps(z),
             qlo: _mm512_set1_ps(qlo),
             qhi: _mm512_set1_ps(qhi),

@@ -1145,13 +1145,29 @@ mod tests {
             return;
         }
         // Values at and beside the f32 nearest to every half-way point (k + 1/2) s, multiples of
-        // s, and the special values, for scales whose reciprocal is inexact.
+        // s, and the special values, for scales whose reciprocal is inexact, subnormal (the
+        // largest scales: screen_reciprocal sends them to the division) or infinite (zero).
         let mut cases: Vec<(f32, f32)> = Vec::new();
-        for s in [1.0f32 / 255.0, 6.0 / 255.0, 0.0123, 0.1, 3.0, 7.0e-4, 1.0e-30, 3.0e30, -0.37, 0.0] {
+        for s in [
+            1.0f32 / 255.0,
+            6.0 / 255.0,
+            0.0123,
+            0.1,
+            3.0,
+            7.0e-4,
+            1.0e-30,
+            3.0e30,
+            2.0e38,
+            1.1e38,
+            3.0e38,
+            3.3e38,
+            -0.37,
+            0.0,
+        ] {
             let mut xs = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0e-40, -1.0e-45, 1.0e38];
             for k in -300i32..300 {
                 let half = ((k as f64 + 0.5) * s as f64) as f32;
-                for j in -3i32..=3 {
+                for j in -8i32..=8 {
                     xs.push(f32::from_bits(half.to_bits().wrapping_add_signed(j)));
                 }
                 xs.push(k as f32 * s);
@@ -1169,7 +1185,10 @@ mod tests {
             // SAFETY: isa() checked AVX2; eight lanes each.
             unsafe {
                 let (x, s) = (_mm256_loadu_ps(c.map(|c| c.0).as_ptr()), c.map(|c| c.1));
-                let (s, r) = (_mm256_loadu_ps(s.as_ptr()), _mm256_loadu_ps(s.map(|s| 1.0 / s).as_ptr()));
+                let (s, r) = (
+                    _mm256_loadu_ps(s.as_ptr()),
+                    _mm256_loadu_ps(s.map(crate::x86_64::avx2::screen_reciprocal).as_ptr()),
+                );
                 _mm256_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx2::round_quotient8(x, s, r));
             }
         }
@@ -1180,7 +1199,10 @@ mod tests {
                 // SAFETY: isa() checked AVX-512 F; sixteen lanes each.
                 unsafe {
                     let (x, s) = (_mm512_loadu_ps(c.map(|c| c.0).as_ptr()), c.map(|c| c.1));
-                    let (s, r) = (_mm512_loadu_ps(s.as_ptr()), _mm512_loadu_ps(s.map(|s| 1.0 / s).as_ptr()));
+                    let (s, r) = (
+                        _mm512_loadu_ps(s.as_ptr()),
+                        _mm512_loadu_ps(s.map(crate::x86_64::avx2::screen_reciprocal).as_ptr()),
+                    );
                     _mm512_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx512::round_quotient16(x, s, r));
                 }
             }
