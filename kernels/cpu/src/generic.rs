@@ -915,8 +915,8 @@ unsafe fn gemv_rows8(m: usize, k: usize, a: &[f32], rsa: usize, b: &[f32], rsb: 
 }
 
 /// [`copy_strided`] of a transposed source (`rs == 1`: `dst[i][j] = src[j * cs + i]`) through
-/// 8 x 8 register transposes, the edges (fewer than eight rows or columns) through the tiled
-/// copy: the same values moved.
+/// 8 x 8 register transposes, the edges (fewer than eight rows or columns) value by value: the
+/// same values moved.
 ///
 /// # Safety
 /// AVX2; `src` holds `(cols - 1) * cs + rows` values and `dst` `rows * cols`.
@@ -1144,18 +1144,10 @@ pub fn quantize_i8_into(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out:
 /// lo, hi) - zero) * scale` in f32 (`|lo|, |hi| <= 2^16`; NaN stays NaN), with AVX-512 or AVX2
 /// intrinsics where the CPU has them: the same levels lane by lane, so the same bits.
 pub fn fake_quant_into(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    match crate::isa() {
-        crate::Isa::Avx512Vnni => {
-            let n = x.len().min(out.len());
-            // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; n values each, disjoint buffers.
-            return unsafe {
-                crate::x86_64::avx512::avx512_fake_quant_ptr(x.as_ptr(), out.as_mut_ptr(), n, (scale, zero, lo, hi))
-            };
-        }
-        // SAFETY: isa() checked AVX2 and FMA.
-        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_fake_quant(x, scale, zero, lo, hi, out) },
-        crate::Isa::Generic => {}
+    let n = x.len().min(out.len());
+    // SAFETY: n values each, disjoint buffers.
+    if unsafe { fake_quant_vector(x.as_ptr(), out.as_mut_ptr(), n, (scale, zero, lo, hi)) } {
+        return;
     }
     for (d, &v) in out.iter_mut().zip(x) {
         *d = fake_quant_one(v, scale, zero, lo, hi);
@@ -1164,19 +1156,37 @@ pub fn fake_quant_into(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: 
 
 /// [`fake_quant_into`] in place: the same operations on each value, the same bits.
 pub fn fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f32) {
-    #[cfg(target_arch = "x86_64")]
-    match crate::isa() {
-        crate::Isa::Avx512Vnni => {
-            let p = v.as_mut_ptr();
-            // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; in place over v's values.
-            return unsafe { crate::x86_64::avx512::avx512_fake_quant_ptr(p, p, v.len(), (scale, zero, lo, hi)) };
-        }
-        // SAFETY: isa() checked AVX2 and FMA.
-        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_fake_quant_in_place(v, scale, zero, lo, hi) },
-        crate::Isa::Generic => {}
+    let p = v.as_mut_ptr();
+    // SAFETY: in place over v's values.
+    if unsafe { fake_quant_vector(p, p, v.len(), (scale, zero, lo, hi)) } {
+        return;
     }
     for e in v.iter_mut() {
         *e = fake_quant_one(*e, scale, zero, lo, hi);
+    }
+}
+
+/// [`fake_quant_into`] of `n` values from `x` to `out` (the same buffer or disjoint ones) by this
+/// CPU's vector form; false (nothing written) where it has none.
+///
+/// # Safety
+/// `x` readable and `out` writable for `n` values, equal or disjoint.
+unsafe fn fake_quant_vector(x: *const f32, out: *mut f32, n: usize, q: (f32, f32, f32, f32)) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match crate::isa() {
+            // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the buffers as this function's contract.
+            crate::Isa::Avx512Vnni => unsafe { crate::x86_64::avx512::avx512_fake_quant_ptr(x, out, n, q) },
+            // SAFETY: isa() checked AVX2 and FMA; the buffers as this function's contract.
+            crate::Isa::Avx2 => unsafe { crate::x86_64::avx2::fake_quant_ptr(x, out, n, q) },
+            crate::Isa::Generic => return false,
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, out, n, q);
+        false
     }
 }
 

@@ -265,22 +265,6 @@ impl Quant8 {
     }
 }
 
-/// Relative bound used by the quotient screens ([`round_quotient8`]): above twice the largest
-/// relative distance between `x * fl(1 / s)` and `fl(x / s)` (three roundings: about `3 * 2^-24`).
-pub(crate) const QUOTIENT_SCREEN: f32 = 1.0 / (1 << 21) as f32;
-
-/// The reciprocal the quotient screens multiply by: `fl(1 / s)` where it is a normal number, else
-/// NaN (a subnormal reciprocal of a huge scale has fewer bits than the screen's bound assumes, an
-/// infinite one of a tiny scale none): then every lane takes the division.
-pub(crate) fn screen_reciprocal(scale: f32) -> f32 {
-    let r = 1.0 / scale;
-    if r.is_normal() {
-        r
-    } else {
-        f32::NAN
-    }
-}
-
 /// `round_half_even(fl(x / s))` on eight lanes, as `vroundps(vdivps(x, s))` computes it, without
 /// the division where it cannot change the integer: `q = x * r` with `r = fl(1 / s)` (normal: see
 /// [`screen_reciprocal`]) is within
@@ -318,7 +302,7 @@ unsafe fn level8(x: __m256, q: &Quant8) -> __m256 {
     _mm256_max_ps(q.lo, _mm256_min_ps(q.hi, y))
 }
 
-/// One FakeQuant of eight lanes, as [`avx2_fake_quant`] computes each vector: the levels
+/// One FakeQuant of eight lanes, as [`fake_quant_ptr`] computes each vector: the levels
 /// ([`level8`]) back to values.
 ///
 /// # Safety
@@ -437,28 +421,9 @@ pub unsafe fn avx2_group_sums_i8(q: &[i8], group: usize, sums: &mut Vec<i32>) {
     }
 }
 
-/// `fake_quant_into` eight lanes at a time: the levels ([`level8`]) back to values.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_fake_quant(x: &[f32], scale: f32, zero: f32, lo: f32, hi: f32, out: &mut [f32]) {
-    let n = x.len().min(out.len());
-    fake_quant_ptr(x.as_ptr(), out.as_mut_ptr(), n, (scale, zero, lo, hi));
-}
-
-/// [`avx2_fake_quant`] on `v` in place (each value read before its own result is written).
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA.
-#[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_fake_quant_in_place(v: &mut [f32], scale: f32, zero: f32, lo: f32, hi: f32) {
-    let p = v.as_mut_ptr();
-    fake_quant_ptr(p, p, v.len(), (scale, zero, lo, hi));
-}
-
-/// The body of [`avx2_fake_quant`]: `n` values from `x` to `out`, which may be the same buffer
-/// (each vector of eight is loaded before its results are stored; the tail value by value).
+/// `fake_quant_into` eight lanes at a time, the levels ([`level8`]) back to values: `n` values
+/// from `x` to `out`, which may be the same buffer (each vector of eight is loaded before its
+/// results are stored; the tail value by value).
 ///
 /// # Safety
 /// AVX2 and FMA; `x` readable and `out` writable for `n` values, either equal or disjoint.

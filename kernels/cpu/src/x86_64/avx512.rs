@@ -5,8 +5,8 @@
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
 use super::common::{
-    block_bias, channels_impl, gemm_impl, gemv_rows_impl, sgemm_direct8, sgemm_direct_panels, short_group_inputs,
-    single_block, softmax_rows_impl, F32Lanes, LaneInput, Sums,
+    block_bias, channels_impl, gemm_impl, gemv_rows_impl, screen_reciprocal, sgemm_direct8, sgemm_direct_panels,
+    short_group_inputs, single_block, softmax_rows_impl, F32Lanes, LaneInput, Sums, QUOTIENT_SCREEN,
 };
 use crate::generic::QRow;
 use crate::packed::{ChannelTiles, PackedQ4, QK4};
@@ -881,7 +881,7 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
             Post::Clip(lo, hi) => _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v)),
             Post::FakeQuant { scale, zero, lo, hi } => {
                 let (vs, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero));
-                let t = round_quotient16(v, vs, _mm512_set1_ps(super::avx2::screen_reciprocal(scale)));
+                let t = round_quotient16(v, vs, _mm512_set1_ps(screen_reciprocal(scale)));
                 let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(t, vz)));
                 _mm512_mul_ps(_mm512_sub_ps(y, vz), vs)
             }
@@ -907,7 +907,7 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     let n = x.len().min(out.len());
-    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(super::avx2::screen_reciprocal(scale)));
+    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(screen_reciprocal(scale)));
     let vz = _mm512_set1_ps(zero as f32);
     let (vlo, vhi) = (_mm512_set1_ps(lo.max(-128) as f32), _mm512_set1_ps(hi.min(127) as f32));
     let mut ordered: __mmask16 = 0xffff;
@@ -927,7 +927,7 @@ pub unsafe fn avx512_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: 
     ordered != 0xffff || rest
 }
 
-/// `avx2_fake_quant` on sixteen lanes: `n` values from `x` to `out`, which may be the same buffer
+/// `avx2::fake_quant_ptr` on sixteen lanes: `n` values from `x` to `out`, which may be the same buffer
 /// (each vector loaded before its result is stored), the levels through [`round_quotient16`]
 /// back to values; the last values (fewer than 16) by the AVX2 form. The same bits.
 ///
@@ -940,8 +940,7 @@ pub unsafe fn avx512_fake_quant_ptr(
     n: usize,
     (scale, zero, lo, hi): (f32, f32, f32, f32),
 ) {
-    let (vs, vr, vz) =
-        (_mm512_set1_ps(scale), _mm512_set1_ps(super::avx2::screen_reciprocal(scale)), _mm512_set1_ps(zero));
+    let (vs, vr, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(screen_reciprocal(scale)), _mm512_set1_ps(zero));
     let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let mut i = 0;
     while i + 16 <= n {
@@ -962,7 +961,7 @@ pub(crate) unsafe fn round_quotient16(x: __m512, s: __m512, r: __m512) -> __m512
     let q = _mm512_mul_ps(x, r);
     let k = _mm512_roundscale_ps::<NEAR>(q);
     let d = _mm512_abs_ps(_mm512_sub_ps(q, k));
-    let t = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(super::avx2::QUOTIENT_SCREEN), d);
+    let t = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(QUOTIENT_SCREEN), d);
     if _mm512_cmp_ps_mask::<_CMP_LT_OQ>(t, _mm512_set1_ps(0.5)) == 0xffff {
         k
     } else {
@@ -1039,7 +1038,7 @@ impl PostVec16 {
             lo: _mm512_set1_ps(lo),
             hi: _mm512_set1_ps(hi),
             s: _mm512_set1_ps(s),
-            r: _mm512_set1_ps(super::avx2::screen_reciprocal(s)),
+            r: _mm512_set1_ps(screen_reciprocal(s)),
             z: _mm512_set1_ps(z),
             qlo: _mm512_set1_ps(qlo),
             qhi: _mm512_set1_ps(qhi),

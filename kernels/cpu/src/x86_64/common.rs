@@ -52,6 +52,22 @@ pub(crate) trait Sums {
     unsafe fn softmax_quot(e: &[f64], inv: f64, total: f64, y: &mut [f32]) -> usize;
 }
 
+/// Relative bound used by the quotient screens (`avx2::round_quotient8`, `avx512::round_quotient16`): above twice the largest
+/// relative distance between `x * fl(1 / s)` and `fl(x / s)` (three roundings: about `3 * 2^-24`).
+pub(crate) const QUOTIENT_SCREEN: f32 = 1.0 / (1 << 21) as f32;
+
+/// The reciprocal the quotient screens multiply by: `fl(1 / s)` where it is a normal number, else
+/// NaN (a subnormal reciprocal of a huge scale has fewer bits than the screen's bound assumes, an
+/// infinite one of a tiny scale none): then every lane takes the division.
+pub(crate) fn screen_reciprocal(scale: f32) -> f32 {
+    let r = 1.0 / scale;
+    if r.is_normal() {
+        r
+    } else {
+        f32::NAN
+    }
+}
+
 /// The 32 nibbles of a block as unsigned bytes in element order (0-15 low lane, 16-31 high).
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -1133,10 +1149,9 @@ pub(crate) unsafe fn sgemm_direct8(
 mod tests {
     use super::Sums;
 
-    /// The quotient screen: `e = t m` over `total = t` (a small odd integer) with `m` an f32
-    /// halfway point is exactly `m`, which f32 rounds to even, while `e * (1/t)` can fall an f64
-    /// unit beside `m` and round the other way: there only the division gives the definition's
-    /// bits. Each width's screen must notice (such values among plain ones in every vector).
+    /// The quantizers' quotient screens (`round_quotient8`, `round_quotient16`): the integers of
+    /// `x * fl(1/s)` where the screen vouches for them, else the division's, equal to
+    /// `round(x / s)` on the values where the product alone rounds the other way.
     #[test]
     fn quantizer_quotients_near_halfway_points_are_divided() {
         use std::arch::x86_64::*;
@@ -1179,37 +1194,37 @@ mod tests {
         let products = cases.iter().zip(&want).filter(|((x, s), w)| (x * (1.0 / s)).round_ties_even().to_bits() != **w);
         assert!(products.count() > 100, "the cases test the screen");
         let n = cases.len() / 16 * 16;
-        let mut got = vec![0f32; n];
-        for (j, g) in got.chunks_exact_mut(8).enumerate() {
-            let c: [(f32, f32); 8] = cases[j * 8..j * 8 + 8].try_into().expect("eight");
-            // SAFETY: isa() checked AVX2; eight lanes each.
-            unsafe {
-                let (x, s) = (_mm256_loadu_ps(c.map(|c| c.0).as_ptr()), c.map(|c| c.1));
-                let (s, r) = (
-                    _mm256_loadu_ps(s.as_ptr()),
-                    _mm256_loadu_ps(s.map(crate::x86_64::avx2::screen_reciprocal).as_ptr()),
-                );
-                _mm256_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx2::round_quotient8(x, s, r));
+        // Each width's form on the cases, `lanes` at a time: (x, s, fl(1/s)) in, the integers out.
+        type Lanes<'a> = &'a dyn Fn(&[f32], &[f32], &[f32], &mut [f32]);
+        let screened = |lanes: usize, f: Lanes| -> Vec<u32> {
+            let mut got = vec![0f32; n];
+            for (c, g) in cases[..n].chunks_exact(lanes).zip(got.chunks_exact_mut(lanes)) {
+                let (x, s): (Vec<f32>, Vec<f32>) = c.iter().copied().unzip();
+                let r: Vec<f32> = s.iter().map(|&s| super::screen_reciprocal(s)).collect();
+                f(&x, &s, &r, g);
             }
-        }
-        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want[..n]);
+            got.iter().map(|v| v.to_bits()).collect()
+        };
+        // SAFETY: isa() checked AVX2; eight lanes each.
+        let eight = |x: &[f32], s: &[f32], r: &[f32], g: &mut [f32]| unsafe {
+            let [x, s, r] = [x, s, r].map(|v| _mm256_loadu_ps(v.as_ptr()));
+            _mm256_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx2::round_quotient8(x, s, r));
+        };
+        assert_eq!(screened(8, &eight), want[..n]);
         if crate::isa() == crate::Isa::Avx512Vnni {
-            for (j, g) in got.chunks_exact_mut(16).enumerate() {
-                let c: [(f32, f32); 16] = cases[j * 16..j * 16 + 16].try_into().expect("sixteen");
-                // SAFETY: isa() checked AVX-512 F; sixteen lanes each.
-                unsafe {
-                    let (x, s) = (_mm512_loadu_ps(c.map(|c| c.0).as_ptr()), c.map(|c| c.1));
-                    let (s, r) = (
-                        _mm512_loadu_ps(s.as_ptr()),
-                        _mm512_loadu_ps(s.map(crate::x86_64::avx2::screen_reciprocal).as_ptr()),
-                    );
-                    _mm512_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx512::round_quotient16(x, s, r));
-                }
-            }
-            assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want[..n]);
+            // SAFETY: isa() checked AVX-512 F; sixteen lanes each.
+            let sixteen = |x: &[f32], s: &[f32], r: &[f32], g: &mut [f32]| unsafe {
+                let [x, s, r] = [x, s, r].map(|v| _mm512_loadu_ps(v.as_ptr()));
+                _mm512_storeu_ps(g.as_mut_ptr(), crate::x86_64::avx512::round_quotient16(x, s, r));
+            };
+            assert_eq!(screened(16, &sixteen), want[..n]);
         }
     }
 
+    /// The quotient screen: `e = t m` over `total = t` (a small odd integer) with `m` an f32
+    /// halfway point is exactly `m`, which f32 rounds to even, while `e * (1/t)` can fall an f64
+    /// unit beside `m` and round the other way: there only the division gives the definition's
+    /// bits. Each width's screen must notice (such values among plain ones in every vector).
     #[test]
     fn softmax_quotients_near_f32_halfway_points_are_divided() {
         if crate::isa() == crate::Isa::Generic {
