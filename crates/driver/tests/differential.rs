@@ -20,7 +20,7 @@ use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueRef, ValueType};
 use sqil_lower::Step;
 use sqil_passes::quant::{quantize, QuantConfig, Recipe};
-use sqil_runtime::{Execute, Policy, FUSED};
+use sqil_runtime::{Execute, Policy, FUSED, IN_PASS};
 use std::collections::HashMap;
 
 mod common;
@@ -170,7 +170,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     let host_c = have(&cc);
     let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
     let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
-    let (mut ragged, mut padded, mut fused) = (0, 0, 0);
+    let (mut ragged, mut padded, mut fused, mut inside) = (0, 0, 0, 0);
     for family in ["mlp", "cnn", "attention", "mobile"] {
         for (ci, spec) in CONFIGS.iter().enumerate() {
             for seed in 0..2u64 {
@@ -225,7 +225,10 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                 let n = rows.len() / per;
                 let x = shaped(n, rows);
                 // Steps a kernel runs as its epilogue (a Clip, a quantizer after a convolution).
-                fused += plan.paths(std::slice::from_ref(&x), 1).unwrap().iter().filter(|p| **p == FUSED).count();
+                let paths = plan.paths(std::slice::from_ref(&x), 1).unwrap();
+                fused += paths.iter().filter(|p| **p == FUSED).count();
+                // Depthwise convolutions the pointwise int4 step before them ran in its own pass.
+                inside += paths.iter().filter(|p| **p == IN_PASS).count();
                 let want =
                     sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap().remove(0);
                 let bits = |t: &Tensor| t.data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -233,6 +236,25 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                     let got = plan.run(std::slice::from_ref(&x), threads).unwrap().remove(0);
                     let differ = bits(&got).iter().zip(bits(&want)).filter(|(a, b)| **a != *b).count();
                     assert_eq!(differ, 0, "{what} threads {threads}: {differ} of {} outputs differ", got.len());
+                }
+                // A NaN in the second state (the int8 quantizer cannot carry it: the plan marks the
+                // outputs it reaches, and a pointwise step feeding a depthwise one leaves their
+                // one-pass kernel for the two steps): the simulation's values, NaN where it has NaN.
+                if family == "mobile" {
+                    let mut v = x.data.to_f32_vec();
+                    v[per + 1] = f32::NAN;
+                    let bad = shaped(n, v);
+                    let want = sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), bad.clone())])).unwrap();
+                    let got = plan.run(std::slice::from_ref(&bad), 1).unwrap();
+                    let canon = |t: &Tensor| {
+                        t.data
+                            .to_f32_vec()
+                            .iter()
+                            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+                            .collect::<Vec<_>>()
+                    };
+                    assert!(canon(&want[0]).contains(&u32::MAX), "{what}: the NaN reached no action");
+                    assert_eq!(canon(&got[0]), canon(&want[0]), "{what}: a NaN input");
                 }
                 // One sample at a time gives the batch's bits.
                 let one = plan.run(&[shaped(1, x.data.to_f32_vec()[..per].to_vec())], 1).unwrap().remove(0);
@@ -274,10 +296,87 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} depthwise convolutions in the pointwise step's pass); C: {c_exact}/{c_runs} bit-exact programs");
+    if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
+        assert!(inside >= 8, "only {inside} depthwise convolutions ran in the pointwise int4 step's pass");
+    } else {
+        eprintln!("no AVX-512 VNNI here: the one-pass pointwise + depthwise path is not checked");
+    }
     assert!(fused >= 40, "only {fused} steps run as a kernel's epilogue");
     assert!(int_steps > 100 && conv_steps > 10, "only {int_steps} int4 steps, {conv_steps} convolutions planned");
     assert!(ragged >= 2, "only {ragged} int4 steps with a short last group");
     assert!(padded >= 4, "only {padded} convolutions with runs padded to whole groups");
     assert!(!host_c || c_integer >= 8, "only {c_integer} integer plans reached the C back end");
+}
+
+/// A pointwise int4 convolution feeding a depthwise one (x -> 1 x 1 to 16 channels -> Clip(0, 6)
+/// -> 3 x 3 depthwise, stride 1 or 2 -> Clip), nothing else after: the plan's outputs are the
+/// depthwise's own, so a NaN input shows exactly which outputs the plan marks. Random states and
+/// states with a NaN each: the simulation's bits (NaN where it has NaN), the pair in one pass on
+/// AVX-512 VNNI (where the NaN state leaves the pass for the two steps).
+#[test]
+fn pointwise_into_depthwise_matches_the_simulation_with_nan_inputs() {
+    sqil_ir::pool::poison(true);
+    let mut inside = 0;
+    for (seed, spec) in ["wbits=4,abits=8,group=32,raw_input=quant", "wbits=3,abits=8,group=channel,raw_input=quant"]
+        .into_iter()
+        .enumerate()
+    {
+        for stride in [1, 2] {
+            let mut r = Rng::new(seed as u64 * 11 + stride);
+            let (c, s) = (8, 9);
+            let mut g = Graph::new("pw_dw");
+            let x = g
+                .add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(c), Dim::Known(s), Dim::Known(s)]));
+            let (lo, hi) = (
+                g.add_const("lo", Tensor::from_f32(vec![], vec![0.0]).unwrap()),
+                g.add_const("hi", Tensor::from_f32(vec![], vec![6.0]).unwrap()),
+            );
+            let (w, b) =
+                (g.add_const("w1", r.tensor(vec![16, c, 1, 1], 0.5)), g.add_const("b1", r.tensor(vec![16], 0.5)));
+            let h = g.add_inferred("expand", conv_attrs(1, 1, 0), &[Some(x), Some(w), Some(b)], "e").unwrap();
+            let h = g.add_inferred("clip1", Op::Clip, &[Some(h), Some(lo), Some(hi)], "c1").unwrap();
+            let Op::Conv(mut dw) = conv_attrs(3, stride as i64, 1) else { unreachable!() };
+            dw.group = 16;
+            let (w, b) =
+                (g.add_const("wd", r.tensor(vec![16, 1, 3, 3], 0.5)), g.add_const("bd", r.tensor(vec![16], 0.5)));
+            let h = g.add_inferred("depthwise", Op::Conv(dw), &[Some(h), Some(w), Some(b)], "d").unwrap();
+            let y = g.add_inferred("clip2", Op::Clip, &[Some(h), Some(lo), Some(hi)], "y").unwrap();
+            g.outputs.push(y);
+            let per = c * s * s;
+            let shaped = |n: usize, v: Vec<f32>| Tensor::from_f32(vec![n, c, s, s], v).unwrap();
+            let calib: Vec<f32> = (0..64 * per).map(|_| r.unit() * 2.0).collect();
+            let feeds = vec![HashMap::from([("x".to_string(), shaped(64, calib))])];
+            let mut cfg = QuantConfig::default();
+            cfg.apply_settings(spec).unwrap();
+            let (sim, _) = quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
+            let plan = Policy::from_graph(&sim).unwrap().plan;
+            let mut v: Vec<f32> = (0..4 * per).map(|_| r.unit() * 3.0).collect();
+            // NaN in the second and fourth states (a corner and an inner position).
+            v[per + 1] = f32::NAN;
+            v[3 * per + 4 * s + 5] = f32::NAN;
+            for x in [shaped(4, v.iter().map(|v| if v.is_nan() { 0.5 } else { *v }).collect()), shaped(4, v.clone())] {
+                let want = sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap();
+                let got = plan.run(std::slice::from_ref(&x), 1).unwrap();
+                let canon = |t: &Tensor| {
+                    t.data
+                        .to_f32_vec()
+                        .iter()
+                        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
+                        .collect::<Vec<_>>()
+                };
+                let (want, got) = (canon(&want[0]), canon(&got[0]));
+                let nans = want.iter().filter(|&&v| v == u32::MAX).count();
+                assert!(nans < want.len() / 2, "{spec} stride {stride}: {nans} NaN outputs");
+                assert_eq!(got, want, "{spec} stride {stride}: {nans} NaN outputs expected");
+                inside += plan.paths(std::slice::from_ref(&x), 1).unwrap().iter().filter(|p| **p == IN_PASS).count();
+            }
+        }
+    }
+    if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
+        // The NaN runs leave the pass (paths() runs the whole batch: the pass is all or nothing).
+        assert_eq!(inside, 4, "the pair ran in one pass {inside} times of the 4 NaN-free runs");
+    } else {
+        eprintln!("no AVX-512 VNNI here: the one-pass path is not taken");
+    }
 }

@@ -85,11 +85,11 @@ impl Execute for Plan {
     /// the minimum is the steadier figure on a shared machine).
     fn profile(&self, feeds: &[Tensor], threads: usize, runs: usize) -> Result<Vec<(f64, f64)>> {
         let mut stats = vec![(0.0, f64::INFINITY); self.steps.len()];
-        let mut times = vec![0.0; self.steps.len()];
+        let mut probe = Probe::new(self);
         for _ in 0..runs.max(1) {
-            times.fill(0.0);
-            exec(self, feeds, threads, Some(&mut times), false)?;
-            for (st, t) in stats.iter_mut().zip(&times) {
+            probe.times.fill(0.0);
+            exec(self, feeds, threads, Some(&mut probe), false)?;
+            for (st, t) in stats.iter_mut().zip(&probe.times) {
                 st.0 += t / runs.max(1) as f64;
                 st.1 = st.1.min(*t);
             }
@@ -111,6 +111,12 @@ impl Execute for Plan {
                 }
             })
             .collect();
+        // The depthwise convolutions an int4 step's kernel ran (no time of their own).
+        let mut probe = Probe::new(self);
+        exec(self, feeds, threads, Some(&mut probe), false)?;
+        for (p, _) in paths.iter_mut().zip(&probe.inside).filter(|(_, &inside)| inside) {
+            *p = IN_PASS;
+        }
         // The steps a kernel runs as its epilogue (no time of their own).
         for i in 0..self.steps.len() {
             if let Some(y) = epilogue_host(self, i, &env) {
@@ -173,6 +179,65 @@ fn post_op(op: &Op, inputs: &[Option<usize>], env: &[Option<Cow<Tensor>>]) -> Op
 /// What [`Execute::paths`] calls a step another step's kernel runs as its epilogue.
 pub const FUSED: &str = "epilogue (fused)";
 
+/// What [`Execute::paths`] calls a step that the step before it ran in its own pass (a depthwise
+/// convolution after a pointwise int4 one: [`sqil_ir::lowered::run_q4_into_depthwise`]); its
+/// time is that step's.
+pub const IN_PASS: &str = "fused into the step before";
+
+/// What a run records per step: wall time (seconds, added), and whether another step's kernel
+/// ran it ([`IN_PASS`]).
+struct Probe {
+    times: Vec<f64>,
+    inside: Vec<bool>,
+}
+
+impl Probe {
+    fn new(plan: &Plan) -> Probe {
+        Probe { times: vec![0.0; plan.steps.len()], inside: vec![false; plan.steps.len()] }
+    }
+}
+
+/// A depthwise Conv that a pointwise int4 step can run in its own pass: the step's index, its
+/// attributes, weight and bias slots, its epilogue and that epilogue's last step and value.
+struct DepthwiseNext<'p> {
+    step: usize,
+    attrs: &'p sqil_ir::ops::ConvAttrs,
+    w: usize,
+    b: Option<usize>,
+    post: Vec<Post>,
+    last: usize,
+    out: usize,
+}
+
+/// The Conv step right after step `last` that reads value `v` (the end of an int4 step's
+/// epilogue) as its input where `v` dies (no other step reads it, not an output), its weight and
+/// bias computed already; whether it is depthwise, and the pair takes the one-pass kernel, is
+/// [`sqil_ir::lowered::run_q4_into_depthwise`]'s to decide.
+fn depthwise_after<'p>(
+    plan: &'p Plan,
+    last: usize,
+    v: usize,
+    env: &[Option<Cow<Tensor>>],
+) -> Option<DepthwiseNext<'p>> {
+    let j = last + 1;
+    let Some(Step::Op { op: Op::Conv(attrs), inputs, outputs, .. }) = plan.steps.get(j) else { return None };
+    let ready = |k: usize| inputs.get(k).copied().flatten().filter(|&s| s != v && env[s].is_some());
+    let b = match inputs.get(2).copied().flatten() {
+        None => None,
+        Some(_) => Some(ready(2)?),
+    };
+    if outputs.len() != 1 || inputs.first() != Some(&Some(v)) || plan.last_use[v] != j || inputs.len() > 3 {
+        return None;
+    }
+    let w = ready(1)?;
+    let (post, end) = epilogue(plan, j, outputs[0], env);
+    let out = match &plan.steps[end] {
+        Step::Op { outputs: o, .. } if end > j => o[0],
+        _ => outputs[0],
+    };
+    Some(DepthwiseNext { step: j, attrs, w, b, post, last: end, out })
+}
+
 /// The output slot of step `i` if its kernel can apply element-wise ops to its outputs before
 /// storing them ([`Post`]): an int4 step, or a float Conv of f32 values.
 fn epilogue_host(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<usize> {
@@ -232,13 +297,14 @@ fn arg_of<'e>(inputs: &[Option<usize>], env: &'e [Option<Cow<Tensor>>], k: usize
 }
 
 /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
-/// buffers reused from the previous call on this thread; with `times`, adds each step's
-/// wall time to its entry; `keep_all` keeps every value (no in-place steps, nothing dropped).
+/// buffers reused from the previous call on this thread; with `probe`, adds each step's wall
+/// time to its entry and marks the steps another step's kernel ran; `keep_all` keeps every value
+/// (no in-place steps, no steps run in another's pass, nothing dropped).
 fn exec<'a>(
     plan: &'a Plan,
     feeds: &'a [Tensor],
     threads: usize,
-    mut times: Option<&mut [f64]>,
+    mut probe: Option<&mut Probe>,
     keep_all: bool,
 ) -> Result<Vec<Option<Cow<'a, Tensor>>>> {
     if feeds.len() != plan.inputs.len() {
@@ -254,10 +320,10 @@ fn exec<'a>(
     let mut i = 0;
     while i < plan.steps.len() {
         let step = &plan.steps[i];
-        let start = times.is_some().then(std::time::Instant::now);
+        let start = probe.is_some().then(std::time::Instant::now);
         // The element-wise steps this step's kernel runs as its epilogue, and the slot of the
         // last one's value (the one this step then writes).
-        let (post, last, out) = match epilogue_host(plan, i, &env).filter(|_| !keep_all) {
+        let (post, mut last, out) = match epilogue_host(plan, i, &env).filter(|_| !keep_all) {
             Some(y) => {
                 let (post, last) = epilogue(plan, i, y, &env);
                 let out = match &plan.steps[last] {
@@ -281,8 +347,32 @@ fn exec<'a>(
                         &with_relu
                     }
                 };
-                let t = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), post, xt, threads)?;
-                env[out.unwrap_or(*y)] = Some(Cow::Owned(t));
+                let v = out.unwrap_or(*y);
+                // A depthwise Conv that alone reads the value: both in one pass where they can be.
+                let next = depthwise_after(plan, last, v, &env).filter(|_| !keep_all && conv.is_some());
+                let fused = match &next {
+                    Some(d) => {
+                        let (dw_w, dw_b) = (env[d.w].as_deref(), d.b.and_then(|b| env[b].as_deref()));
+                        let dw = (dw_w.expect("checked by depthwise_after"), dw_b, d.attrs);
+                        let layer = (act, &**w, bias.as_deref(), conv.as_deref());
+                        sqil_ir::lowered::run_q4_into_depthwise(layer, post, xt, threads, dw, &d.post)
+                            .map_err(|e| e.context(format!("node `{name}` with the depthwise Conv after it")))?
+                    }
+                    None => None,
+                };
+                match (fused, next) {
+                    (Some(t), Some(d)) => {
+                        env[d.out] = Some(Cow::Owned(t));
+                        if let Some(p) = probe.as_deref_mut() {
+                            p.inside[d.step] = true;
+                        }
+                        last = d.last;
+                    }
+                    _ => {
+                        let t = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), post, xt, threads)?;
+                        env[v] = Some(Cow::Owned(t));
+                    }
+                }
             }
             Step::Op { op, inputs, outputs, .. } if !keep_all && in_place(plan, op, inputs, i, &env) => {
                 let x = inputs[0].and_then(|s| env[s].take()).expect("checked by in_place").into_owned();
@@ -349,8 +439,8 @@ fn exec<'a>(
                 }
             }
         }
-        if let (Some(t), Some(start)) = (times.as_deref_mut(), start) {
-            t[i] += start.elapsed().as_secs_f64();
+        if let (Some(p), Some(start)) = (probe.as_deref_mut(), start) {
+            p.times[i] += start.elapsed().as_secs_f64();
         }
         i = last + 1;
     }

@@ -439,7 +439,7 @@ pub fn depthwise_conv(
     }
     #[cfg(target_arch = "x86_64")]
     if channels >= 8 && crate::isa() != crate::Isa::Generic {
-        let g = Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels };
+        let g = Depthwise::of(geo, channels);
         let wide = crate::isa() == crate::Isa::Avx512Vnni && kh * kw <= DEPTHWISE_WIDE_TAPS;
         // The ops the kernel applies in registers, then the rest over its outputs.
         let (reg, rest) = post_split(post);
@@ -561,6 +561,70 @@ struct Depthwise {
     channels: usize,
 }
 
+#[cfg(target_arch = "x86_64")]
+impl Depthwise {
+    /// The geometry of a 1-D or 2-D depthwise convolution (1-D: one row).
+    fn of(geo: &ConvGeometry, channels: usize) -> Depthwise {
+        let two = |v: &[usize], one: usize| if v.len() == 1 { (one, v[0]) } else { (v[0], v[1]) };
+        let (h, w) = two(&geo.input, 1);
+        let (kh, kw) = two(&geo.kernel, 1);
+        let (sh, sw) = two(&geo.strides, 1);
+        let (dh, dw) = two(&geo.dilations, 1);
+        let (oh, ow) = two(&geo.output, 1);
+        let (ph, pw) =
+            if geo.pads_begin.len() == 1 { (0, geo.pads_begin[0]) } else { (geo.pads_begin[0], geo.pads_begin[1]) };
+        Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels }
+    }
+}
+
+/// A depthwise convolution (as [`depthwise_conv`] takes it) whose input another kernel writes.
+#[derive(Clone, Copy, Debug)]
+pub struct DepthwiseArgs<'a> {
+    /// `[channels, taps]`.
+    pub weights: &'a [f32],
+    pub geo: &'a ConvGeometry,
+    pub bias: Option<&'a [f32]>,
+    /// Its epilogue.
+    pub post: &'a [Post],
+}
+
+/// [`depthwise_conv`] of `channels` channels whose input image another kernel writes straight
+/// into the depthwise kernel's padded channels-last buffer: `fill` gets the buffer (its padding
+/// zeroed) and where each input position goes ([`PadMap`]), and writes every position the map
+/// keeps (all `cp` lanes; zeros past the channels), the values `depthwise_conv` would have read at
+/// `[c, iy, ix]`. The same outputs, bit for bit, as that image through [`depthwise_conv`] into
+/// `out`. Runs nothing and returns false where the 16-lane path does not apply (a CPU without
+/// AVX-512, fewer than 8 channels, more than 25 taps, a geometry other than 1-D or 2-D).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn depthwise_fed(
+    dw: &DepthwiseArgs,
+    channels: usize,
+    fill: impl FnOnce(&mut [f32], &PadMap),
+    out: &mut [f32],
+) -> bool {
+    let geo = dw.geo;
+    let two_d = |v: &[usize]| matches!(v.len(), 1 | 2) && v.len() == geo.input.len();
+    if !(two_d(&geo.input) && two_d(&geo.kernel) && two_d(&geo.strides) && two_d(&geo.dilations) && two_d(&geo.output))
+        || geo.pads_begin.len() != geo.input.len()
+        || channels < 8
+        || crate::isa() != crate::Isa::Avx512Vnni
+    {
+        return false;
+    }
+    let g = Depthwise::of(geo, channels);
+    let (kl, ol) = (g.kh * g.kw, g.oh * g.ow);
+    if kl == 0 || kl > DEPTHWISE_WIDE_TAPS || ol == 0 || dw.weights.len() != channels * kl || out.len() < channels * ol
+    {
+        return false;
+    }
+    assert!(dw.bias.is_none_or(|b| b.len() >= channels), "depthwise_fed: bias size");
+    let (reg, rest) = post_split(dw.post);
+    // SAFETY: isa() checked AVX-512 (with AVX2 and FMA); the sizes were checked above.
+    unsafe { depthwise_lanes_with(&g, true, fill, dw.weights, (dw.bias, reg), out) };
+    post_in_place(&mut out[..channels * ol], rest);
+    true
+}
+
 /// [`depthwise_conv`] with channels in vector lanes, for layers of 8 channels or more (MobileNet
 /// and EfficientNet blocks: many channels on small planes, where one channel's plane is too short
 /// to fill vectors): the image copied once into a zero-padded `[row, column, channel]` buffer
@@ -581,15 +645,58 @@ unsafe fn depthwise_lanes_avx2(
     out: &mut [f32],
     wide: bool,
 ) {
-    let Depthwise { kh, kw, sh, sw, dh, dw, oh, ow, channels, .. } = *g;
-    // Channels per position in the buffers: whole vectors (sixteen lanes on the wide path).
-    let cp = channels.next_multiple_of(if wide { 16 } else { 8 });
-    // Every padded row and column a window reads.
-    let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
-    DEPTHWISE_SCRATCH.with_borrow_mut(|(buf, wt, acc)| {
-        // SAFETY: as this function's contract (AVX2 and FMA; the buffers' sizes).
-        unsafe { depthwise_lanes_in(input, weights, g, epilogue, out, wide, (hp, wp, cp), buf, wt, acc) }
-    })
+    // SAFETY: as this function's contract (AVX2 and FMA; `input` holds the planes).
+    let fill = |buf: &mut [f32], m: &PadMap| unsafe { depthwise_image(input, g, m, buf) };
+    depthwise_lanes_with(g, wide, fill, weights, epilogue, out)
+}
+
+/// Where a depthwise input lands in [`depthwise_lanes_avx2`]'s zero-padded buffer `[hp, wp, cp]`:
+/// image row `iy` at buffer row `iy + ph`, column `ix` at column `ix + pw`, channel `c` at lane
+/// `c` of the position's `cp` (channels rounded up to whole vectors). Only the rows and columns
+/// some window reads are kept: image column `ix` is stored where `ix + pw` lies in `x0..x1`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PadMap {
+    pub hp: usize,
+    pub wp: usize,
+    pub cp: usize,
+    pub x0: usize,
+    pub x1: usize,
+    /// The image's extent.
+    pub h: usize,
+    pub w: usize,
+    pub ph: isize,
+    pub pw: isize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl PadMap {
+    fn of(g: &Depthwise, wide: bool) -> PadMap {
+        let Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels } = *g;
+        // Every padded row and column a window reads; channels in whole vectors (sixteen lanes
+        // on the wide path).
+        let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
+        let cp = channels.next_multiple_of(if wide { 16 } else { 8 });
+        // The buffer columns that hold input columns: x in x0..x1 reads column x - pw.
+        let x0 = (pw.max(0) as usize).min(wp);
+        let x1 = ((w as isize + pw).clamp(0, wp as isize) as usize).max(x0);
+        PadMap { hp, wp, cp, x0, x1, h, w, ph, pw }
+    }
+
+    /// The buffer offset of image position `(iy, ix)` (its first channel), if a window reads it.
+    #[inline]
+    pub fn at(&self, iy: usize, ix: usize) -> Option<usize> {
+        let (y, x) = (iy as isize + self.ph, ix as isize + self.pw);
+        (y >= 0 && (y as usize) < self.hp && x >= self.x0 as isize && (x as usize) < self.x1)
+            .then(|| (y as usize * self.wp + x as usize) * self.cp)
+    }
+
+    /// Image row `iy`'s buffer row, if a window reads it.
+    #[inline]
+    fn row(&self, iy: usize) -> Option<usize> {
+        let y = iy as isize + self.ph;
+        (y >= 0 && (y as usize) < self.hp).then_some(y as usize)
+    }
 }
 
 thread_local! {
@@ -600,56 +707,67 @@ thread_local! {
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
-/// The body of [`depthwise_lanes_avx2`] on reused buffers: only the padding of `buf` is zeroed
-/// (every other value it holds is written before use), channel lanes past `channels` zeroed too.
+/// [`depthwise_lanes_avx2`] on its reused buffers, the image written into the padded buffer by
+/// `fill` (given the buffer, its padding already zeroed, and where each input position goes:
+/// `fill` writes every position [`PadMap::at`] keeps, all `cp` lanes, zeros past the channels).
+/// Only the padding is zeroed here: every other value is written before use.
 ///
 /// # Safety
-/// As [`depthwise_lanes_avx2`].
+/// As [`depthwise_lanes_avx2`], `input` aside; `fill` writes within the buffer it is given.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn depthwise_lanes_in(
-    input: &[f32],
-    weights: &[f32],
+unsafe fn depthwise_lanes_with(
     g: &Depthwise,
-    (bias, post): (Option<&[f32]>, &[Post]),
-    out: &mut [f32],
     wide: bool,
-    (hp, wp, cp): (usize, usize, usize),
-    buf: &mut Vec<f32>,
-    wt: &mut Vec<f32>,
-    acc: &mut Vec<f32>,
+    fill: impl FnOnce(&mut [f32], &PadMap),
+    weights: &[f32],
+    epilogue: (Option<&[f32]>, &[Post]),
+    out: &mut [f32],
 ) {
-    use std::arch::x86_64::*;
-    let Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, channels } = *g;
-    let (il, kl, ol) = (h * w, kh * kw, oh * ow);
-    // Grown, never shrunk (a shrink then a growth would zero the growth again).
-    if buf.len() < hp * wp * cp {
-        buf.resize(hp * wp * cp, 0.0);
-    }
-    let cols: Vec<Option<usize>> = (0..wp)
-        .map(|x| {
-            let ix = x as isize - pw;
-            (ix >= 0 && (ix as usize) < w).then_some(ix as usize)
-        })
-        .collect();
-    // The input columns a padded row holds: x in x0..x1 reads column x - pw.
-    let x0 = cols.iter().position(Option::is_some).unwrap_or(wp);
-    let x1 = cols.iter().rposition(Option::is_some).map_or(x0, |p| p + 1);
-    for y in 0..hp {
-        let iy = y as isize - ph;
-        if iy < 0 || iy as usize >= h {
-            buf[y * wp * cp..(y + 1) * wp * cp].fill(0.0);
-            continue;
+    let m = PadMap::of(g, wide);
+    DEPTHWISE_SCRATCH.with_borrow_mut(|(buf, wt, acc)| {
+        let len = m.hp * m.wp * m.cp;
+        // Grown, never shrunk (a shrink then a growth would zero the growth again).
+        if buf.len() < len {
+            buf.resize(len, 0.0);
         }
-        buf[y * wp * cp..(y * wp + x0) * cp].fill(0.0);
-        buf[(y * wp + x1) * cp..(y + 1) * wp * cp].fill(0.0);
+        let buf = &mut buf[..len];
+        let row = m.wp * m.cp;
+        for y in 0..m.hp {
+            let iy = y as isize - m.ph;
+            if iy < 0 || iy as usize >= m.h {
+                buf[y * row..(y + 1) * row].fill(0.0);
+            } else {
+                buf[y * row..y * row + m.x0 * m.cp].fill(0.0);
+                buf[y * row + m.x1 * m.cp..(y + 1) * row].fill(0.0);
+            }
+        }
+        fill(buf, &m);
+        // SAFETY: as this function's contract.
+        unsafe { depthwise_compute(weights, g, epilogue, out, wide, &m, buf, wt, acc) }
+    })
+}
+
+/// The image `[channels, h, w]` into the padded buffer at the positions `m` keeps, eight channels
+/// x eight columns per register transpose; lanes past the channels zeroed.
+///
+/// # Safety
+/// AVX2 and FMA; `input` holds the planes, `buf` the buffer `m` describes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn depthwise_image(input: &[f32], g: &Depthwise, m: &PadMap, buf: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let Depthwise { h, w, channels, .. } = *g;
+    let (il, wp, cp, x0, x1, pw) = (h * w, m.wp, m.cp, m.x0, m.x1, m.pw);
+    assert!(input.len() >= channels * il && buf.len() >= m.hp * wp * cp);
+    for iy in 0..h {
+        let Some(y) = m.row(iy) else { continue };
         if channels < cp {
             for x in x0..x1 {
                 buf[(y * wp + x) * cp + channels..(y * wp + x + 1) * cp].fill(0.0);
             }
         }
-        let row = iy as usize * w;
+        let row = iy * w;
         for c0 in (0..channels).step_by(8) {
             let cn = (channels - c0).min(8);
             let mut x = x0;
@@ -687,11 +805,42 @@ unsafe fn depthwise_lanes_in(
             }
         }
     }
+}
+
+/// [`depthwise_lanes_avx2`] once the padded image is in `buf`: the weights by tap, the taps, and
+/// the outputs back to `[channel, position]` with the bias and epilogue.
+///
+/// # Safety
+/// As [`depthwise_lanes_avx2`]; `buf` is the buffer `m` describes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn depthwise_compute(
+    weights: &[f32],
+    g: &Depthwise,
+    (bias, post): (Option<&[f32]>, &[Post]),
+    out: &mut [f32],
+    wide: bool,
+    m: &PadMap,
+    buf: &[f32],
+    wt: &mut Vec<f32>,
+    acc: &mut Vec<f32>,
+) {
+    let Depthwise { kh, kw, sh, sw, dh, dw, oh, ow, channels, .. } = *g;
+    let (kl, ol, wp, cp) = (kh * kw, oh * ow, m.wp, m.cp);
+    // The weights by tap: `[channels, kl]` transposed through tiles into the first `kl x
+    // channels` values, then each tap's row moved out to its stride `cp` (last first, so no row
+    // is overwritten before it moves) and the lanes past `channels` zeroed. Element by element,
+    // this copy was a fifth of the step.
     wt.clear();
     wt.resize(kl * cp, 0.0);
-    for c in 0..channels {
+    copy_strided(weights, (kl, channels), (1, kl), &mut wt[..kl * channels]);
+    if cp > channels {
+        for t in (1..kl).rev() {
+            wt.copy_within(t * channels..(t + 1) * channels, t * cp);
+        }
         for t in 0..kl {
-            wt[t * cp + c] = weights[c * kl + t];
+            wt[t * cp + channels..(t + 1) * cp].fill(0.0);
         }
     }
     let offs: Vec<usize> = (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh * wp + kx * dw) * cp)).collect();
@@ -950,7 +1099,7 @@ unsafe fn transpose_avx2(src: &[f32], (rows, cols): (usize, usize), cs: usize, d
 /// An 8 x 8 transpose of f32 rows in registers: `out[j][i] = rows[i][j]`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+pub(crate) unsafe fn transpose8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
     use std::arch::x86_64::*;
     let t0 = _mm256_unpacklo_ps(r[0], r[1]);
     let t1 = _mm256_unpackhi_ps(r[0], r[1]);

@@ -273,14 +273,12 @@ pub fn pointwise_q4q8(
     assert!(bias.is_none_or(|b| b.len() >= w.n) && (-128..=127).contains(&zero));
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512Vnni && positions > 0 {
-        thread_local! {
-            static X4: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
         let p_pad = positions.next_multiple_of(16);
         // The ops the kernel applies in registers, then the rest over its outputs.
         let (post, rest) = generic::post_split(post);
         return X4.with_borrow_mut(|x4| {
-            x4.resize(w.k_pad / 4 * p_pad, 0);
+            // The quads that hold channels (the padding's weights are zero: see the kernel).
+            x4.resize(w.k.div_ceil(4) * p_pad, 0);
             // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA).
             unsafe {
                 x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
@@ -302,6 +300,63 @@ pub fn pointwise_q4q8(
         });
     }
     let _ = (planes, zero, scale, bias, post, y);
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The pointwise kernels' interleaved positions ([`x86_64::avx512::avx512_interleave_quads`]).
+    static X4: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`pointwise_q4q8`] (`post` its epilogue) whose outputs are the input image of the depthwise
+/// convolution `dw` ([`generic::depthwise_conv`]) and of nothing else, the two in one pass: the
+/// pointwise outputs go straight into the depthwise kernel's padded channels-last buffer, with
+/// no `[C, positions]` image between them to write, read back and transpose. `out` gets the
+/// depthwise's outputs, bit for bit those of the two calls. Returns false, writing nothing, where
+/// the pair does not take this path (no AVX-512 VNNI; a depthwise of fewer than 8 channels, over
+/// 25 taps or other than 1-D or 2-D; `dw`'s input not `positions` positions of `w.n` channels).
+#[allow(clippy::too_many_arguments)]
+pub fn pointwise_q4q8_depthwise(
+    w: &PackedQ4,
+    planes: &[i8],
+    positions: usize,
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    post: &[Post],
+    dw: &generic::DepthwiseArgs,
+    out: &mut [f32],
+) -> bool {
+    assert!(planes.len() >= w.k * positions);
+    assert!(bias.is_none_or(|b| b.len() >= w.n) && (-128..=127).contains(&zero));
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512Vnni && positions > 0 && dw.geo.input_len() == positions {
+        let p_pad = positions.next_multiple_of(16);
+        let (reg, rest) = generic::post_split(post);
+        return X4.with_borrow_mut(|x4| {
+            let mut fill = |buf: &mut [f32], m: &generic::PadMap| {
+                x4.resize(w.k.div_ceil(4) * p_pad, 0);
+                // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA); `m` describes `buf`.
+                unsafe {
+                    x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
+                    x86_64::avx512::avx512_pointwise_q4q8_padded(
+                        w,
+                        x4,
+                        (positions, p_pad),
+                        zero,
+                        scale,
+                        bias,
+                        (reg, rest),
+                        buf,
+                        m,
+                    );
+                }
+            };
+            generic::depthwise_fed(dw, w.n, &mut fill, out)
+        });
+    }
+    let _ = (planes, zero, scale, bias, post, dw, out);
     false
 }
 

@@ -415,3 +415,63 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(120))]
+
+    /// A pointwise W4A8 convolution feeding a depthwise convolution in one pass
+    /// (`pointwise_q4q8_depthwise`: the pointwise outputs written straight into the depthwise
+    /// kernel's padded channels-last buffer) equals the two kernels one after the other, bit for
+    /// bit: 1-D and 2-D images, 1 x 1 to 5 x 5 windows, strides 1 and 2, padding 0-2 (the
+    /// buffer's every edge; positions no window reads), 1-70 channels (fewer than 8: not taken,
+    /// nothing written), channel counts off the vector widths, each epilogue form on either side
+    /// (HardSwish and SiLU over the outputs), with and without biases. Skips without AVX-512 VNNI.
+    #[test]
+    fn pointwise_into_depthwise_equals_the_two_steps(seed in any::<u64>(), n in 1usize..70, ch in 1usize..60,
+                                                     two_d in any::<bool>(), h in 1usize..12, wd in 1usize..40,
+                                                     k in 0usize..4, s in 1usize..3, pad in 0isize..3,
+                                                     pw_post in 0usize..5, dw_post in 0usize..5, with_bias in any::<bool>()) {
+        use sqil_kernels_cpu::{depthwise_conv, ConvGeometry, Post};
+        let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
+        let posts: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
+                                   &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish]];
+        let (kh, kw) = [(1, 1), (3, 3), (5, 5), (1, 3)][k];
+        let (h, kh, s_h, p_h) = if two_d { (h.max(kh), kh, s, pad) } else { (1, 1, 1, 0) };
+        let wd = wd.max(kw);
+        let out = |n: usize, p: isize, k: usize, s: usize| (n as isize + 2 * p - k as isize) as usize / s + 1;
+        let (oh, ow) = (out(h, p_h, kh, s_h), out(wd, pad, kw, s));
+        let geo = if two_d {
+            ConvGeometry { input: vec![h, wd], kernel: vec![kh, kw], strides: vec![s_h, s], dilations: vec![1, 1],
+                           pads_begin: vec![p_h, pad], output: vec![oh, ow] }
+        } else {
+            ConvGeometry { input: vec![wd], kernel: vec![kw], strides: vec![s], dilations: vec![1],
+                           pads_begin: vec![pad], output: vec![ow] }
+        };
+        let (p, kl, ol) = (h * wd, kh * kw, oh * ow);
+        let w = layer(seed, n, ch, 32, 4);
+        let mut r = Lcg(seed ^ 5);
+        let x: Vec<f32> = (0..ch * p).map(|_| r.unit() * 3.0).collect();
+        let mut planes = vec![0i8; ch * p];
+        sqil_kernels_cpu::generic::quantize_i8_into(&x, 0.02, 4, -128, 127, &mut planes);
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let dk: Vec<f32> = (0..n * kl).map(|_| r.unit() * 2.0).collect();
+        let db: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let (bias, db) = if with_bias { (Some(&bias[..]), Some(&db[..])) } else { (None, None) };
+        let mut mid = vec![f32::NAN; n * p];
+        if !sqil_kernels_cpu::pointwise_q4q8(&w, &planes, p, 4, 0.02, bias, posts[pw_post], &mut mid) {
+            return Ok(());
+        }
+        let mut want = vec![0f32; n * ol];
+        depthwise_conv(&mid, &dk, &geo, db, posts[dw_post], &mut want);
+        let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &dk, geo: &geo, bias: db, post: posts[dw_post] };
+        let mut got = vec![f32::NAN; n * ol];
+        let done = sqil_kernels_cpu::pointwise_q4q8_depthwise(&w, &planes, p, 4, 0.02, bias, posts[pw_post], &dw, &mut got);
+        prop_assert_eq!(done, n >= 8, "taken with {} channels", n);
+        if !done {
+            prop_assert!(got.iter().all(|v| v.is_nan()), "written though not taken");
+            return Ok(());
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
+    }
+}

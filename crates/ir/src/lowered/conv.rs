@@ -19,6 +19,7 @@ use crate::graph::{Graph, ValueRef};
 use crate::ops::quant::{fake_quant_range, param_index};
 use crate::ops::ConvAttrs;
 use crate::Result;
+use sqil_kernels_cpu::generic::DepthwiseArgs;
 use sqil_kernels_cpu::generic::{quantize_i8_into, round_even, transpose_i8, transpose_i8_xor, QRow, QWindow};
 use sqil_kernels_cpu::{post_in_place, ConvGeometry, Layout, PackedQ4, Post};
 use std::cell::RefCell;
@@ -374,6 +375,45 @@ pub fn run(
         nan_windows(im, w.n, x, images, &mut out);
     }
     out
+}
+
+/// [`run`] of a pointwise convolution whose outputs (after `post`) are the input of the depthwise
+/// convolution `dw` and of nothing else, the two in one pass per image
+/// ([`sqil_kernels_cpu::pointwise_q4q8_depthwise`]: the pointwise outputs go straight into the
+/// depthwise kernel's padded channels-last buffer). Returns the depthwise's outputs (`[images,
+/// w.n, dw output...]`, its bias and epilogue applied), the same bits as [`run`] then the
+/// depthwise Conv, or `None` where this path does not apply, and the caller runs the two: not a
+/// pointwise convolution on one thread, an input NaN (which the int8 quantizer cannot carry:
+/// [`run`] marks its outputs), or a depthwise the kernel does not take.
+#[allow(clippy::too_many_arguments)]
+pub fn run_into_depthwise(
+    im: &Im2col,
+    w: &PackedQ4,
+    x: &[f32],
+    images: usize,
+    (scale, zero, lo, hi): (f32, i32, i32, i32),
+    bias: Option<&[f32]>,
+    post: &[Post],
+    threads: usize,
+    dw: &DepthwiseArgs,
+) -> Option<Vec<f32>> {
+    let (ch, il, ol) = (im.channels, im.geo.input_len(), dw.geo.output_len());
+    if !(im.pointwise && threads <= 1 && w.k == ch && (-128..=127).contains(&zero) && dw.geo.input_len() == il) {
+        return None;
+    }
+    let mut out = crate::pool::f32_buffer(images * w.n * ol);
+    SCRATCH.with_borrow_mut(|s| {
+        s.planes.resize(il * ch, 0);
+        for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
+            if quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes)
+                || !sqil_kernels_cpu::pointwise_q4q8_depthwise(w, &s.planes, il, zero, scale, bias, post, dw, y)
+            {
+                return None;
+            }
+        }
+        Some(())
+    })?;
+    Some(out)
 }
 
 /// Outputs whose window holds a NaN input become NaN, as in the simulation (FakeQuant keeps a

@@ -360,3 +360,45 @@ pub fn run_q4_layer(
     shape.extend(&im.geo.output);
     Tensor::from_f32(shape, out)
 }
+
+/// [`run_q4_layer`] of a pointwise Q4 convolution (its epilogue `post`) whose output is the input
+/// of a depthwise Conv (weights `dw_w`, bias `dw_b`, attributes `attrs`, its epilogue `dw_post`)
+/// and of nothing else, the two in one pass ([`conv::run_into_depthwise`]): the Conv's output as
+/// [`crate::ops::conv_with_table`] would give it on the Q4 step's output, bit for bit, or
+/// `Ok(None)` where the pair does not take this path (then the caller runs the two steps).
+#[allow(clippy::too_many_arguments)]
+pub fn run_q4_into_depthwise(
+    (act, w, bias, conv): (&ActQuant, &PackedQ4, Option<&[f32]>, Option<&Im2col>),
+    post: &[sqil_kernels_cpu::Post],
+    xt: &Tensor,
+    threads: usize,
+    (dw_w, dw_b, attrs): (&Tensor, Option<&Tensor>, &crate::ops::ConvAttrs),
+    dw_post: &[sqil_kernels_cpu::Post],
+) -> Result<Option<Tensor>> {
+    let (Some(im), &ActQuant::Int { scale, zero, lo, hi }) = (conv, act) else { return Ok(None) };
+    let per = im.channels * im.geo.input_len();
+    if !im.pointwise
+        || per == 0
+        || xt.shape.len() != im.geo.input.len() + 2
+        || xt.shape[1..] != [&[im.channels][..], &im.geo.input].concat()
+        || xt.dtype() != crate::DType::F32
+    {
+        return Ok(None);
+    }
+    let images = xt.len() / per;
+    let mut mid = vec![images, w.n];
+    mid.extend(&im.geo.output);
+    let Some(geo) = attrs.depthwise_geometry(&mid, &dw_w.shape).ok().flatten() else { return Ok(None) };
+    if dw_b.is_some_and(|b| b.len() != w.n) {
+        return Ok(None);
+    }
+    let (wv, bv) = (dw_w.data.f32_cow(), dw_b.map(|b| b.data.to_f32_vec()));
+    let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &wv, geo: &geo, bias: bv.as_deref(), post: dw_post };
+    let x = xt.data.f32_cow();
+    let Some(out) = conv::run_into_depthwise(im, w, &x, images, (scale, zero, lo, hi), bias, post, threads, &dw) else {
+        return Ok(None);
+    };
+    let mut shape = vec![images, w.n];
+    shape.extend(&geo.output);
+    Tensor::from_f32(shape, out).map(Some)
+}

@@ -421,6 +421,14 @@ impl ConvAttrs {
     pub fn input_geometry(&self, x: &[usize], w: &[usize]) -> Result<ConvGeometry> {
         Ok(conv_plan(x, w, self, false)?.geo)
     }
+
+    /// The geometry of this convolution over an input of shape `x` with weights of shape `w` if
+    /// it is depthwise as [`conv_with_table`] runs it (one input and one output channel per
+    /// group, 1-D or 2-D: the direct kernel), else `None`.
+    pub fn depthwise_geometry(&self, x: &[usize], w: &[usize]) -> Result<Option<ConvGeometry>> {
+        let p = conv_plan(x, w, self, false)?;
+        Ok((p.c == p.group && p.m == p.group && p.geo.input.len() <= 2).then_some(p.geo))
+    }
 }
 
 fn conv_plan(x: &[usize], w: &[usize], c: &ConvAttrs, transpose: bool) -> Result<ConvPlan> {

@@ -993,27 +993,175 @@ pub unsafe fn avx512_pointwise_q4q8(
     post: &[crate::generic::Post],
     y: &mut [f32],
 ) {
-    let kq = w.k_pad / 4;
-    assert!(qw.len() >= w.n * kq && x4.len() >= kq * p_pad && p_pad >= p.next_multiple_of(16) && y.len() >= w.n * p);
+    let (kq, live) = (w.k_pad / 4, w.k.div_ceil(4));
+    assert!(qw.len() >= w.n * kq && x4.len() >= live * p_pad && p_pad >= p.next_multiple_of(16) && y.len() >= w.n * p);
     assert!(bias.is_none_or(|b| b.len() >= w.n));
-    // One copy of the kernel per epilogue form (no per-vector dispatch on the ops).
-    let f = crate::generic::PostForm::of(post);
-    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
-        (true, ..) => pointwise_blocks::<true, false, false>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y),
-        (_, false, false) => {
-            pointwise_blocks::<false, false, false>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+    let sink = Sink { y: y.as_mut_ptr(), ys: p, tile: false };
+    pointwise_forms(w, qw, x4, (p, p_pad), zero, scale, bias, post, sink, |_| {});
+}
+
+/// [`avx512_pointwise_q4q8`] with each output position's channels written contiguously into a
+/// depthwise kernel's padded buffer (`buf`, laid out as `m` says) instead of `[n][p]`: per block
+/// of positions the kernel's rows go to a tile `[cp][32]`, the `rest` ops (those not applied in
+/// registers) over it, then 8 x 8 register transposes put each kept position's `cp` lanes (the
+/// `n` channels, then zeros) in its place. The values are the plane form's with `rest` applied
+/// over its outputs, as the plan would.
+///
+/// # Safety
+/// AVX-512 F/BW/VNNI, AVX2 and FMA (the sizes are asserted).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn avx512_pointwise_q4q8_padded(
+    w: &PackedQ4,
+    x4: &[u32],
+    (p, p_pad): (usize, usize),
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    (post, rest): (&[crate::generic::Post], &[crate::generic::Post]),
+    buf: &mut [f32],
+    m: &crate::generic::PadMap,
+) {
+    const T: usize = 32;
+    let (n, cp) = (w.n, m.cp);
+    let qw = w.quad_words();
+    assert!(x4.len() >= w.k.div_ceil(4) * p_pad && p_pad >= p.next_multiple_of(16) && p == m.h * m.w);
+    assert!(cp >= n && cp.is_multiple_of(8) && buf.len() >= m.hp * m.wp * cp);
+    assert!(bias.is_none_or(|b| b.len() >= n));
+    PADDED_TILE.with_borrow_mut(|tile| {
+        // Rows past n stay zero: the lanes past the channels (the others are written first).
+        tile.resize(cp * T, 0.0);
+        tile[n * T..cp * T].fill(0.0);
+        let (tp, bp) = (tile.as_mut_ptr(), buf.as_mut_ptr());
+        let sink = Sink { y: tp, ys: T, tile: true };
+        // The image position (row, column) of the next block's first position: blocks run in
+        // order, so it is carried along (no division per position).
+        let mut next = (0, 0);
+        // SAFETY: this function's target features; the tile holds cp rows of T values and the
+        // buffer is the one `m` describes (asserted above).
+        let flush = |o0: usize| unsafe { flush_tile((tp, T, n, cp), (p - o0).min(T), rest, (bp, m), &mut next) };
+        pointwise_forms(w, qw, x4, (p, p_pad), zero, scale, bias, post, sink, flush);
+    });
+}
+
+/// [`avx512_pointwise_q4q8_padded`]'s tile (`[cp][t]` at `tp`, rows past `n` zero) of `left`
+/// positions into the padded buffer: the `rest` ops over its `n` rows, then per 8 positions x 8
+/// channels one register transpose, each position's eight lanes stored where `m` puts it (the
+/// positions from `next`, the image position of the first, which is advanced past them). Its
+/// own function: a closure would not inherit the target features, and the intrinsics would be
+/// calls.
+///
+/// # Safety
+/// AVX2; `tp` holds `cp` rows of `t >= 8 * ceil(left / 8)` values, `bp` the buffer `m` describes.
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn flush_tile(
+    (tp, t, n, cp): (*mut f32, usize, usize, usize),
+    left: usize,
+    rest: &[crate::generic::Post],
+    (bp, m): (*mut f32, &crate::generic::PadMap),
+    next: &mut (usize, usize),
+) {
+    if left == t {
+        crate::generic::post_in_place(std::slice::from_raw_parts_mut(tp, n * t), rest);
+    } else if !rest.is_empty() {
+        // A short last block: its positions gathered into one run first (the ops over whole rows
+        // would compute every unused column too, and a call per row costs more than the values).
+        let mut run = vec![0f32; n * left];
+        for (r, d) in run.chunks_exact_mut(left).enumerate() {
+            d.copy_from_slice(std::slice::from_raw_parts(tp.add(r * t), left));
         }
-        (_, true, false) => {
-            pointwise_blocks::<false, true, false>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+        crate::generic::post_in_place(&mut run, rest);
+        for (r, d) in run.chunks_exact(left).enumerate() {
+            std::slice::from_raw_parts_mut(tp.add(r * t), left).copy_from_slice(d);
         }
-        (_, false, true) => {
-            pointwise_blocks::<false, false, true>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+    }
+    for j0 in (0..left).step_by(8) {
+        // Where each of the eight positions goes (usize::MAX: past the block, or read by no
+        // window).
+        let mut at = [usize::MAX; 8];
+        for a in at.iter_mut().take(left - j0) {
+            *a = m.at(next.0, next.1).unwrap_or(usize::MAX);
+            next.1 += 1;
+            if next.1 == m.w {
+                *next = (next.0 + 1, 0);
+            }
         }
-        (_, true, true) => {
-            pointwise_blocks::<false, true, true>(w, qw, x4, (p, p_pad), zero, scale, bias, (post, f), y)
+        let all = at.iter().all(|&a| a != usize::MAX);
+        for c0 in (0..cp).step_by(8) {
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (i, r) in rows.iter_mut().enumerate() {
+                *r = _mm256_loadu_ps(tp.add((c0 + i) * t + j0));
+            }
+            let v = crate::generic::transpose8(rows);
+            if all {
+                for j in 0..8 {
+                    _mm256_storeu_ps(bp.add(at[j] + c0), v[j]);
+                }
+            } else {
+                for j in 0..8 {
+                    if at[j] != usize::MAX {
+                        _mm256_storeu_ps(bp.add(at[j] + c0), v[j]);
+                    }
+                }
+            }
         }
     }
 }
+
+thread_local! {
+    /// [`avx512_pointwise_q4q8_padded`]'s tile of outputs, `[cp][32]`.
+    static PADDED_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Where [`pointwise_blocks`] stores its outputs: row `r`, position `o` at `y + r * ys + o`, or
+/// with `tile` at `y + r * ys + (o - o0)` for the block starting at `o0` (a tile of `ys >= 32`
+/// positions that the block's `flush` then empties).
+#[derive(Clone, Copy)]
+struct Sink {
+    y: *mut f32,
+    ys: usize,
+    tile: bool,
+}
+
+/// [`pointwise_blocks`] with one copy of the kernel per epilogue form (no per-vector dispatch on
+/// the ops); `flush(o0)` after each block of positions.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pointwise_forms(
+    w: &PackedQ4,
+    qw: &[u32],
+    x4: &[u32],
+    (p, p_pad): (usize, usize),
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    post: &[crate::generic::Post],
+    sink: Sink,
+    flush: impl FnMut(usize),
+) {
+    let f = crate::generic::PostForm::of(post);
+    let a = (w, qw, x4, (p, p_pad), zero, scale, bias, (post, f));
+    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
+        (true, ..) => pointwise_blocks::<true, false, false>(a, sink, flush),
+        (_, false, false) => pointwise_blocks::<false, false, false>(a, sink, flush),
+        (_, true, false) => pointwise_blocks::<false, true, false>(a, sink, flush),
+        (_, false, true) => pointwise_blocks::<false, false, true>(a, sink, flush),
+        (_, true, true) => pointwise_blocks::<false, true, true>(a, sink, flush),
+    }
+}
+
+/// [`pointwise_forms`]'s arguments past the sink.
+type PointwiseArgs<'a> = (
+    &'a PackedQ4,
+    &'a [u32],
+    &'a [u32],
+    (usize, usize),
+    i32,
+    f32,
+    Option<&'a [f32]>,
+    (&'a [crate::generic::Post], crate::generic::PostForm),
+);
 
 /// The epilogue constants of a [`crate::generic::PostForm`] in vectors: the clamp's bounds, the
 /// FakeQuant's scale, zero point and level bounds.
@@ -1063,29 +1211,25 @@ impl PostVec16 {
 }
 
 /// [`avx512_pointwise_q4q8`]'s blocks of positions with one epilogue form: `CHAIN` runs the ops
-/// one by one ([`post16`]), else the clamp and the FakeQuant as `CLAMP` and `FQ` say.
+/// one by one ([`post16`]), else the clamp and the FakeQuant as `CLAMP` and `FQ` say; `flush(o0)`
+/// after the block at `o0`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn pointwise_blocks<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
-    w: &PackedQ4,
-    qw: &[u32],
-    x4: &[u32],
-    (p, p_pad): (usize, usize),
-    zero: i32,
-    scale: f32,
-    bias: Option<&[f32]>,
-    (post, form): (&[crate::generic::Post], crate::generic::PostForm),
-    y: &mut [f32],
+    (w, qw, x4, (p, p_pad), zero, scale, bias, (post, form)): PointwiseArgs,
+    sink: Sink,
+    mut flush: impl FnMut(usize),
 ) {
     let pv = PostVec16::new(form);
     let mut o0 = 0;
     while o0 < p {
         if p - o0 > 16 {
-            pointwise_block::<2, CHAIN, CLAMP, FQ>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, (post, &pv), y);
+            pointwise_block::<2, CHAIN, CLAMP, FQ>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, (post, &pv), sink);
+            flush(o0);
             o0 += 32;
         } else {
-            pointwise_block::<1, CHAIN, CLAMP, FQ>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, (post, &pv), y);
+            pointwise_block::<1, CHAIN, CLAMP, FQ>(w, qw, x4, (p, p_pad, o0), zero, scale, bias, (post, &pv), sink);
+            flush(o0);
             o0 += 16;
         }
     }
@@ -1105,10 +1249,13 @@ unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, 
     scale: f32,
     bias: Option<&[f32]>,
     (post, pv): (&[crate::generic::Post], &PostVec16),
-    y: &mut [f32],
+    sink: Sink,
 ) {
     const R: usize = 4;
-    let (n, kq, groups) = (w.n, w.k_pad / 4, w.groups());
+    let y = if sink.tile { sink.y } else { sink.y.add(o0) };
+    // Quads past the last channel's hold zero weights (the padding of K to the group): they add
+    // nothing to the sums, so they are neither read nor multiplied.
+    let (n, kq, live, groups) = (w.n, w.k_pad / 4, w.k.div_ceil(4), w.groups());
     let qpg = w.group / 4;
     let xs = _mm512_set1_ps(scale);
     let masks: [__mmask16; V] = std::array::from_fn(|v| {
@@ -1121,7 +1268,7 @@ unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, 
         let mut accf = [[_mm512_setzero_ps(); V]; R];
         for g in 0..groups {
             let mut acc = [[_mm512_setzero_si512(); V]; R];
-            for q in g * qpg..((g + 1) * qpg).min(kq) {
+            for q in g * qpg..((g + 1) * qpg).min(live) {
                 let xv: [__m512i; V] = std::array::from_fn(|v| {
                     if o0 + 16 * v < p_pad {
                         // SAFETY: o0 + 16 v + 16 <= p_pad (a multiple of 16) words in row q.
@@ -1155,8 +1302,14 @@ unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, 
                 if masks[v] != 0 {
                     let out = _mm512_add_ps(_mm512_mul_ps(accf[j][v], xs), b);
                     let out = if CHAIN { post16(out, post) } else { pv.apply::<CLAMP, FQ>(out) };
-                    // SAFETY: the mask keeps the store within row r's p outputs.
-                    _mm512_mask_storeu_ps(y.as_mut_ptr().add(r * p + o0 + 16 * v), masks[v], out);
+                    if sink.tile {
+                        // SAFETY: a tile's rows hold 32 values. (Whole vectors: a masked store
+                        // cannot forward to the loads that read the tile right after.)
+                        _mm512_storeu_ps(y.add(r * sink.ys + 16 * v), out);
+                    } else {
+                        // SAFETY: the mask keeps the store within row r's p outputs.
+                        _mm512_mask_storeu_ps(y.add(r * sink.ys + 16 * v), masks[v], out);
+                    }
                 }
             }
         }
