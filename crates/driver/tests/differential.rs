@@ -227,7 +227,8 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                 // Steps a kernel runs as its epilogue (a Clip, a quantizer after a convolution).
                 let paths = plan.paths(std::slice::from_ref(&x), 1).unwrap();
                 fused += paths.iter().filter(|p| **p == FUSED).count();
-                // Depthwise convolutions the pointwise int4 step before them ran in its own pass.
+                // Steps the step before ran in its own pass (a depthwise convolution after a
+                // pointwise int4 one, a pointwise int4 one after a depthwise one).
                 inside += paths.iter().filter(|p| **p == IN_PASS).count();
                 let want =
                     sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap().remove(0);
@@ -296,9 +297,9 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} depthwise convolutions in the pointwise step's pass); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before); C: {c_exact}/{c_runs} bit-exact programs");
     if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
-        assert!(inside >= 8, "only {inside} depthwise convolutions ran in the pointwise int4 step's pass");
+        assert!(inside >= 8, "only {inside} steps ran in the pass of the step before");
     } else {
         eprintln!("no AVX-512 VNNI here: the one-pass pointwise + depthwise path is not checked");
     }
@@ -310,10 +311,11 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
 }
 
 /// A pointwise int4 convolution feeding a depthwise one (x -> 1 x 1 to 16 channels -> Clip(0, 6)
-/// -> 3 x 3 depthwise, stride 1 or 2 -> Clip), nothing else after: the plan's outputs are the
-/// depthwise's own, so a NaN input shows exactly which outputs the plan marks. Random states and
-/// states with a NaN each: the simulation's bits (NaN where it has NaN), the pair in one pass on
-/// AVX-512 VNNI (where the NaN state leaves the pass for the two steps).
+/// -> 3 x 3 depthwise, stride 1 or 2 -> Clip), then nothing or a pointwise int4 convolution to 8
+/// channels: the plan's outputs are the last convolution's own, so a NaN input shows exactly
+/// which outputs the plan marks. Random states and states with a NaN each: the simulation's bits
+/// (NaN where it has NaN), the steps in one pass on AVX-512 VNNI (where the NaN state leaves the
+/// pass for the steps one by one).
 #[test]
 fn pointwise_into_depthwise_matches_the_simulation_with_nan_inputs() {
     sqil_ir::pool::poison(true);
@@ -322,8 +324,8 @@ fn pointwise_into_depthwise_matches_the_simulation_with_nan_inputs() {
         .into_iter()
         .enumerate()
     {
-        for stride in [1, 2] {
-            let mut r = Rng::new(seed as u64 * 11 + stride);
+        for (stride, tail) in [(1, false), (2, false), (1, true), (2, true)] {
+            let mut r = Rng::new(seed as u64 * 11 + stride + 5 * tail as u64);
             let (c, s) = (8, 9);
             let mut g = Graph::new("pw_dw");
             let x = g
@@ -341,7 +343,12 @@ fn pointwise_into_depthwise_matches_the_simulation_with_nan_inputs() {
             let (w, b) =
                 (g.add_const("wd", r.tensor(vec![16, 1, 3, 3], 0.5)), g.add_const("bd", r.tensor(vec![16], 0.5)));
             let h = g.add_inferred("depthwise", Op::Conv(dw), &[Some(h), Some(w), Some(b)], "d").unwrap();
-            let y = g.add_inferred("clip2", Op::Clip, &[Some(h), Some(lo), Some(hi)], "y").unwrap();
+            let mut y = g.add_inferred("clip2", Op::Clip, &[Some(h), Some(lo), Some(hi)], "c2").unwrap();
+            if tail {
+                let (w, b) =
+                    (g.add_const("w2", r.tensor(vec![8, 16, 1, 1], 0.3)), g.add_const("b2", r.tensor(vec![8], 0.1)));
+                y = g.add_inferred("project", conv_attrs(1, 1, 0), &[Some(y), Some(w), Some(b)], "y").unwrap();
+            }
             g.outputs.push(y);
             let per = c * s * s;
             let shaped = |n: usize, v: Vec<f32>| Tensor::from_f32(vec![n, c, s, s], v).unwrap();
@@ -370,12 +377,19 @@ fn pointwise_into_depthwise_matches_the_simulation_with_nan_inputs() {
                 assert!(nans < want.len() / 2, "{spec} stride {stride}: {nans} NaN outputs");
                 assert_eq!(got, want, "{spec} stride {stride}: {nans} NaN outputs expected");
                 inside += plan.paths(std::slice::from_ref(&x), 1).unwrap().iter().filter(|p| **p == IN_PASS).count();
+                // The last convolution is int4 (so its input quantizer is the depthwise's epilogue).
+                assert!(
+                    !tail || matches!(plan.steps.last(), Some(Step::Q4Linear { .. })),
+                    "{spec}: {:?}",
+                    plan.describe()
+                );
             }
         }
     }
     if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
-        // The NaN runs leave the pass (paths() runs the whole batch: the pass is all or nothing).
-        assert_eq!(inside, 4, "the pair ran in one pass {inside} times of the 4 NaN-free runs");
+        // The NaN runs leave the pass (paths() runs the whole batch: the pass is all or nothing):
+        // per NaN-free run the depthwise, and with the tail the last convolution too.
+        assert_eq!(inside, 12, "{inside} steps ran in another's pass in the 8 NaN-free runs");
     } else {
         eprintln!("no AVX-512 VNNI here: the one-pass path is not taken");
     }

@@ -197,6 +197,61 @@ impl Probe {
     }
 }
 
+/// A pointwise int4 step that a depthwise Conv before it can feed in its own pass: the step's
+/// index, its layer, its epilogue (its ReLU first) and that epilogue's last step and value.
+struct PointwiseNext<'p> {
+    step: usize,
+    layer: sqil_ir::lowered::Q4Args<'p>,
+    post: Vec<Post>,
+    last: usize,
+    out: usize,
+}
+
+/// The pointwise Q4 convolution step right after step `last` that reads value `v` where `v`
+/// dies, if any (whether the pair takes the one-pass kernel is the kernel's to decide).
+fn pointwise_after<'p>(
+    plan: &'p Plan,
+    last: usize,
+    v: usize,
+    env: &[Option<Cow<Tensor>>],
+) -> Option<PointwiseNext<'p>> {
+    let j = last + 1;
+    let Some(Step::Q4Linear { x, y, act, w, bias, relu, conv: Some(im), .. }) = plan.steps.get(j) else { return None };
+    if *x != v || plan.last_use[v] != j || !im.pointwise {
+        return None;
+    }
+    let (mut post, end) = epilogue(plan, j, *y, env);
+    if *relu {
+        post.insert(0, Post::Relu);
+    }
+    let out = match &plan.steps[end] {
+        Step::Op { outputs, .. } if end > j => outputs[0],
+        _ => *y,
+    };
+    Some(PointwiseNext { step: j, layer: (act, &**w, bias.as_deref(), Some(&**im)), post, last: end, out })
+}
+
+/// [`sqil_ir::lowered::run_depthwise_chain`] with the pointwise step after it where that takes
+/// the one-pass path, else without it: the output and the step it ended with (`None`: the
+/// depthwise's epilogue), or `None` where neither does.
+fn chain<'p>(
+    source: std::result::Result<(sqil_ir::lowered::Q4Args, &[Post], &Tensor), &Tensor>,
+    dw: (&Tensor, Option<&Tensor>, &sqil_ir::ops::ConvAttrs, &[Post]),
+    then: Option<PointwiseNext<'p>>,
+    threads: usize,
+) -> Result<Option<(Tensor, Option<PointwiseNext<'p>>)>> {
+    if let Some(n) = then {
+        if let Some(t) = sqil_ir::lowered::run_depthwise_chain(source, dw, Some((n.layer, &n.post)), threads)? {
+            return Ok(Some((t, Some(n))));
+        }
+    }
+    // A depthwise alone gains nothing from the pass (it is the Conv step's own kernel).
+    if source.is_err() {
+        return Ok(None);
+    }
+    Ok(sqil_ir::lowered::run_depthwise_chain(source, dw, None, threads)?.map(|t| (t, None)))
+}
+
 /// A depthwise Conv that a pointwise int4 step can run in its own pass: the step's index, its
 /// attributes, weight and bias slots, its epilogue and that epilogue's last step and value.
 struct DepthwiseNext<'p> {
@@ -353,20 +408,27 @@ fn exec<'a>(
                 let fused = match &next {
                     Some(d) => {
                         let (dw_w, dw_b) = (env[d.w].as_deref(), d.b.and_then(|b| env[b].as_deref()));
-                        let dw = (dw_w.expect("checked by depthwise_after"), dw_b, d.attrs);
+                        let dw = (dw_w.expect("checked by depthwise_after"), dw_b, d.attrs, &d.post[..]);
                         let layer = (act, &**w, bias.as_deref(), conv.as_deref());
-                        sqil_ir::lowered::run_q4_into_depthwise(layer, post, xt, threads, dw, &d.post)
+                        // With the pointwise convolution the depthwise feeds, where it can.
+                        let then = pointwise_after(plan, d.last, d.out, &env);
+                        chain(Ok((layer, post, xt)), dw, then, threads)
                             .map_err(|e| e.context(format!("node `{name}` with the depthwise Conv after it")))?
                     }
                     None => None,
                 };
                 match (fused, next) {
-                    (Some(t), Some(d)) => {
-                        env[d.out] = Some(Cow::Owned(t));
+                    (Some((t, then)), Some(d)) => {
                         if let Some(p) = probe.as_deref_mut() {
                             p.inside[d.step] = true;
                         }
-                        last = d.last;
+                        (last, env[d.out]) = (d.last, Some(Cow::Owned(t)));
+                        if let Some(n) = then {
+                            if let Some(p) = probe.as_deref_mut() {
+                                p.inside[n.step] = true;
+                            }
+                            (last, env[n.out]) = (n.last, env[d.out].take());
+                        }
                     }
                     _ => {
                         let t = run_q4_layer(name, act, w, bias.as_deref(), conv.as_deref(), post, xt, threads)?;
@@ -406,25 +468,49 @@ fn exec<'a>(
             }
             Step::Op { name, op, inputs, outputs, table, .. } => {
                 let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
-                let res = match (op, table, args.as_slice()) {
-                    // The reference Conv with its gather table kept (same arithmetic), its
-                    // epilogue applied.
-                    (Op::Conv(c), t, [Some(x), Some(w), b @ ..])
-                        if out.is_some() || t.as_ref().is_some_and(|t| x.rank() > 1 && x.shape[1..] == t.0) =>
-                    {
-                        let t = t.as_ref().filter(|t| x.rank() > 1 && x.shape[1..] == t.0).map(|t| &t.1[..]);
-                        sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, t, &post).map(|y| vec![y])
+                // A depthwise Conv and the pointwise int4 step it alone feeds, in one pass.
+                let then = match (op, out, args.as_slice()) {
+                    (Op::Conv(c), Some(o), [Some(x), Some(w), b @ ..]) if !keep_all && b.len() <= 1 => {
+                        match pointwise_after(plan, last, o, &env) {
+                            Some(n) => {
+                                let dw = (*w, b.first().copied().flatten(), c, &post[..]);
+                                chain(Err(x), dw, Some(n), threads)
+                                    .map_err(|e| e.context(format!("node `{name}` with the int4 step after it")))?
+                            }
+                            None => None,
+                        }
                     }
-                    // (An epilogue is planned only on a Conv with these inputs.)
-                    _ if !post.is_empty() => Err(IrError::Internal("an epilogue on a step that cannot run it".into())),
-                    _ => op.eval(&args, outputs.len()),
-                }
-                .map_err(|e| e.context(format!("node `{name}` ({})", op.name())))?;
-                if let Some(out) = out {
-                    env[out] = res.into_iter().next().map(Cow::Owned);
+                    _ => None,
+                };
+                if let Some((t, Some(n))) = then {
+                    if let Some(p) = probe.as_deref_mut() {
+                        p.inside[n.step] = true;
+                    }
+                    (last, env[n.out]) = (n.last, Some(Cow::Owned(t)));
                 } else {
-                    for (s, t) in outputs.iter().zip(res) {
-                        env[*s] = Some(Cow::Owned(t));
+                    let res = match (op, table, args.as_slice()) {
+                        // The reference Conv with its gather table kept (same arithmetic), its
+                        // epilogue applied.
+                        (Op::Conv(c), t, [Some(x), Some(w), b @ ..])
+                            if out.is_some() || t.as_ref().is_some_and(|t| x.rank() > 1 && x.shape[1..] == t.0) =>
+                        {
+                            let t = t.as_ref().filter(|t| x.rank() > 1 && x.shape[1..] == t.0).map(|t| &t.1[..]);
+                            sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, t, &post)
+                                .map(|y| vec![y])
+                        }
+                        // (An epilogue is planned only on a Conv with these inputs.)
+                        _ if !post.is_empty() => {
+                            Err(IrError::Internal("an epilogue on a step that cannot run it".into()))
+                        }
+                        _ => op.eval(&args, outputs.len()),
+                    }
+                    .map_err(|e| e.context(format!("node `{name}` ({})", op.name())))?;
+                    if let Some(out) = out {
+                        env[out] = res.into_iter().next().map(Cow::Owned);
+                    } else {
+                        for (s, t) in outputs.iter().zip(res) {
+                            env[*s] = Some(Cow::Owned(t));
+                        }
                     }
                 }
             }

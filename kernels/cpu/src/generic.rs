@@ -593,15 +593,17 @@ pub struct DepthwiseArgs<'a> {
 /// zeroed) and where each input position goes ([`PadMap`]), and writes every position the map
 /// keeps (all `cp` lanes; zeros past the channels), the values `depthwise_conv` would have read at
 /// `[c, iy, ix]`. The same outputs, bit for bit, as that image through [`depthwise_conv`] into
-/// `out`. Runs nothing and returns false where the 16-lane path does not apply (a CPU without
-/// AVX-512, fewer than 8 channels, more than 25 taps, a geometry other than 1-D or 2-D).
+/// `out`. Returns whether a [`DwOut::Levels`] output met a NaN (nothing valid written then), or
+/// runs nothing and returns `None` where the 16-lane path does not apply (a CPU without
+/// AVX-512, fewer than 8 channels, more than 25 taps, a geometry other than 1-D or 2-D; levels
+/// after an epilogue op not applied in registers).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn depthwise_fed(
     dw: &DepthwiseArgs,
     channels: usize,
     fill: impl FnOnce(&mut [f32], &PadMap),
-    out: &mut [f32],
-) -> bool {
+    out: DwOut,
+) -> Option<bool> {
     let geo = dw.geo;
     let two_d = |v: &[usize]| matches!(v.len(), 1 | 2) && v.len() == geo.input.len();
     if !(two_d(&geo.input) && two_d(&geo.kernel) && two_d(&geo.strides) && two_d(&geo.dilations) && two_d(&geo.output))
@@ -609,20 +611,44 @@ pub(crate) fn depthwise_fed(
         || channels < 8
         || crate::isa() != crate::Isa::Avx512Vnni
     {
-        return false;
+        return None;
     }
     let g = Depthwise::of(geo, channels);
     let (kl, ol) = (g.kh * g.kw, g.oh * g.ow);
-    if kl == 0 || kl > DEPTHWISE_WIDE_TAPS || ol == 0 || dw.weights.len() != channels * kl || out.len() < channels * ol
-    {
-        return false;
+    if kl == 0 || kl > DEPTHWISE_WIDE_TAPS || ol == 0 || dw.weights.len() != channels * kl {
+        return None;
     }
     assert!(dw.bias.is_none_or(|b| b.len() >= channels), "depthwise_fed: bias size");
     let (reg, rest) = post_split(dw.post);
-    // SAFETY: isa() checked AVX-512 (with AVX2 and FMA); the sizes were checked above.
-    unsafe { depthwise_lanes_with(&g, true, fill, dw.weights, (dw.bias, reg), out) };
-    post_in_place(&mut out[..channels * ol], rest);
-    true
+    match out {
+        DwOut::Planes(out) => {
+            if out.len() < channels * ol {
+                return None;
+            }
+            // SAFETY: isa() checked AVX-512 (with AVX2 and FMA); the sizes were checked above.
+            unsafe { depthwise_lanes_with(&g, true, fill, dw.weights, (dw.bias, reg), DwOut::Planes(&mut *out)) };
+            post_in_place(&mut out[..channels * ol], rest);
+            Some(false)
+        }
+        // The levels take every op in registers.
+        DwOut::Levels { .. } if !rest.is_empty() => None,
+        // SAFETY: as above; the levels' buffer is sized by the kernel.
+        levels => Some(unsafe { depthwise_lanes_with(&g, true, fill, dw.weights, (dw.bias, reg), levels) }),
+    }
+}
+
+/// Where [`depthwise_fed`] puts the depthwise's outputs.
+#[cfg(target_arch = "x86_64")]
+pub(crate) enum DwOut<'a> {
+    /// `[channel, position]` values, as [`depthwise_conv`] writes them.
+    Planes(&'a mut [f32]),
+    /// As the int8 levels of the pointwise convolution they feed, under its input quantizer
+    /// `(scale, zero, lo, hi)`: `x4[q * p_pad + o]` holds channels `4q..4q + 4` of position `o`,
+    /// each `+ 128` as a byte, as [`crate::x86_64::avx512::avx512_interleave_quads`] lays out
+    /// [`quantize_i8_into`]'s levels of the `[channel, position]` values (`x4` is resized to
+    /// `ceil(channels / 4)` rows of `p_pad >= positions` words; the words past the positions
+    /// are left as they are). Only with every epilogue op applied in registers.
+    Levels { quant: (f32, i32, i32, i32), x4: &'a mut Vec<u32>, p_pad: usize },
 }
 
 /// [`depthwise_conv`] with channels in vector lanes, for layers of 8 channels or more (MobileNet
@@ -647,7 +673,7 @@ unsafe fn depthwise_lanes_avx2(
 ) {
     // SAFETY: as this function's contract (AVX2 and FMA; `input` holds the planes).
     let fill = |buf: &mut [f32], m: &PadMap| unsafe { depthwise_image(input, g, m, buf) };
-    depthwise_lanes_with(g, wide, fill, weights, epilogue, out)
+    depthwise_lanes_with(g, wide, fill, weights, epilogue, DwOut::Planes(out));
 }
 
 /// Where a depthwise input lands in [`depthwise_lanes_avx2`]'s zero-padded buffer `[hp, wp, cp]`:
@@ -710,7 +736,8 @@ thread_local! {
 /// [`depthwise_lanes_avx2`] on its reused buffers, the image written into the padded buffer by
 /// `fill` (given the buffer, its padding already zeroed, and where each input position goes:
 /// `fill` writes every position [`PadMap::at`] keeps, all `cp` lanes, zeros past the channels).
-/// Only the padding is zeroed here: every other value is written before use.
+/// Only the padding is zeroed here: every other value is written before use. Returns whether a
+/// [`DwOut::Levels`] output met a NaN (then its levels are not written).
 ///
 /// # Safety
 /// As [`depthwise_lanes_avx2`], `input` aside; `fill` writes within the buffer it is given.
@@ -722,8 +749,8 @@ unsafe fn depthwise_lanes_with(
     fill: impl FnOnce(&mut [f32], &PadMap),
     weights: &[f32],
     epilogue: (Option<&[f32]>, &[Post]),
-    out: &mut [f32],
-) {
+    out: DwOut,
+) -> bool {
     let m = PadMap::of(g, wide);
     DEPTHWISE_SCRATCH.with_borrow_mut(|(buf, wt, acc)| {
         let len = m.hp * m.wp * m.cp;
@@ -746,6 +773,15 @@ unsafe fn depthwise_lanes_with(
         // SAFETY: as this function's contract.
         unsafe { depthwise_compute(weights, g, epilogue, out, wide, &m, buf, wt, acc) }
     })
+}
+
+/// [`depthwise_fed`]'s fill from an image `[channels, positions]` of the geometry `geo`: the copy
+/// [`depthwise_conv`] makes.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn depthwise_image_into(input: &[f32], geo: &ConvGeometry, channels: usize, m: &PadMap, buf: &mut [f32]) {
+    assert!(crate::isa() != crate::Isa::Generic, "depthwise_image_into: AVX2");
+    // SAFETY: isa() checked AVX2 and FMA; depthwise_image asserts the sizes.
+    unsafe { depthwise_image(input, &Depthwise::of(geo, channels), m, buf) }
 }
 
 /// The image `[channels, h, w]` into the padded buffer at the positions `m` keeps, eight channels
@@ -808,7 +844,8 @@ unsafe fn depthwise_image(input: &[f32], g: &Depthwise, m: &PadMap, buf: &mut [f
 }
 
 /// [`depthwise_lanes_avx2`] once the padded image is in `buf`: the weights by tap, the taps, and
-/// the outputs back to `[channel, position]` with the bias and epilogue.
+/// the outputs back to `[channel, position]` with the bias and epilogue, or as levels (only on
+/// the wide path; returns whether one was NaN).
 ///
 /// # Safety
 /// As [`depthwise_lanes_avx2`]; `buf` is the buffer `m` describes.
@@ -819,13 +856,13 @@ unsafe fn depthwise_compute(
     weights: &[f32],
     g: &Depthwise,
     (bias, post): (Option<&[f32]>, &[Post]),
-    out: &mut [f32],
+    out: DwOut,
     wide: bool,
     m: &PadMap,
     buf: &[f32],
     wt: &mut Vec<f32>,
     acc: &mut Vec<f32>,
-) {
+) -> bool {
     let Depthwise { kh, kw, sh, sw, dh, dw, oh, ow, channels, .. } = *g;
     let (kl, ol, wp, cp) = (kh * kw, oh * ow, m.wp, m.cp);
     // The weights by tap: `[channels, kl]` transposed through tiles into the first `kl x
@@ -855,6 +892,27 @@ unsafe fn depthwise_compute(
     } else {
         depthwise_taps_avx2(bp, wtp, &offs, geo, acc.as_mut_ptr());
     }
+    let out = match out {
+        DwOut::Planes(out) => out,
+        DwOut::Levels { quant, x4, p_pad } => {
+            assert!(wide && p_pad >= ol, "depthwise levels: the 16-lane path, p_pad >= positions");
+            return LEVELS.with_borrow_mut(|stage| {
+                // Per position its cp channels' bytes, then the quads transposed to rows.
+                stage.resize(p_pad * cp / 4, 0);
+                let a = (acc.as_slice(), cp, channels, ol);
+                if crate::x86_64::avx512::avx512_depthwise_levels(a, bias, post, quant, stage) {
+                    return true;
+                }
+                let live = channels.div_ceil(4);
+                x4.resize(live * p_pad, 0);
+                // Words moved as f32 bit patterns (moves and shuffles keep every bit).
+                let src = std::slice::from_raw_parts(stage.as_ptr() as *const f32, stage.len());
+                let dst = std::slice::from_raw_parts_mut(x4.as_mut_ptr() as *mut f32, live * p_pad);
+                copy_strided(src, (live, p_pad), (1, cp / 4), dst);
+                false
+            });
+        }
+    };
     // Back to [channel, position] with the epilogue, one copy per epilogue form.
     let f = PostForm::of(post);
     let a = (acc.as_slice(), cp, channels, ol);
@@ -865,6 +923,13 @@ unsafe fn depthwise_compute(
         (_, false, true) => depthwise_unpack::<false, false, true>(a, bias, (post, f), out),
         (_, true, true) => depthwise_unpack::<false, true, true>(a, bias, (post, f), out),
     }
+    false
+}
+
+thread_local! {
+    /// [`depthwise_compute`]'s levels by position (`[p_pad][cp / 4]` words) before the transpose.
+    #[cfg(target_arch = "x86_64")]
+    static LEVELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// [`depthwise_lanes_avx2`]'s outputs `acc` (`[position, cp]`) back to `[channel, position]`,

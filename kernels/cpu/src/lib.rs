@@ -309,55 +309,159 @@ thread_local! {
     static X4: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`pointwise_q4q8`] (`post` its epilogue) whose outputs are the input image of the depthwise
-/// convolution `dw` ([`generic::depthwise_conv`]) and of nothing else, the two in one pass: the
-/// pointwise outputs go straight into the depthwise kernel's padded channels-last buffer, with
-/// no `[C, positions]` image between them to write, read back and transpose. `out` gets the
-/// depthwise's outputs, bit for bit those of the two calls. Returns false, writing nothing, where
-/// the pair does not take this path (no AVX-512 VNNI; a depthwise of fewer than 8 channels, over
-/// 25 taps or other than 1-D or 2-D; `dw`'s input not `positions` positions of `w.n` channels).
-#[allow(clippy::too_many_arguments)]
-pub fn pointwise_q4q8_depthwise(
-    w: &PackedQ4,
-    planes: &[i8],
-    positions: usize,
-    zero: i32,
-    scale: f32,
-    bias: Option<&[f32]>,
-    post: &[Post],
-    dw: &generic::DepthwiseArgs,
-    out: &mut [f32],
-) -> bool {
-    assert!(planes.len() >= w.k * positions);
-    assert!(bias.is_none_or(|b| b.len() >= w.n) && (-128..=127).contains(&zero));
-    #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512Vnni && positions > 0 && dw.geo.input_len() == positions {
-        let p_pad = positions.next_multiple_of(16);
-        let (reg, rest) = generic::post_split(post);
-        return X4.with_borrow_mut(|x4| {
-            let mut fill = |buf: &mut [f32], m: &generic::PadMap| {
-                x4.resize(w.k.div_ceil(4) * p_pad, 0);
-                // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA); `m` describes `buf`.
-                unsafe {
-                    x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
-                    x86_64::avx512::avx512_pointwise_q4q8_padded(
-                        w,
-                        x4,
-                        (positions, p_pad),
-                        zero,
-                        scale,
-                        bias,
-                        (reg, rest),
-                        buf,
-                        m,
-                    );
-                }
-            };
-            generic::depthwise_fed(dw, w.n, &mut fill, out)
-        });
+/// What feeds a depthwise convolution in [`depthwise_chain`].
+#[derive(Clone, Copy)]
+pub enum ChainIn<'a> {
+    /// Its input image, `[channels, positions]`.
+    Image(&'a [f32]),
+    /// A pointwise W4A8 convolution's outputs, as [`pointwise_q4q8`] takes its arguments: the
+    /// image quantized (`planes`, `[w.k][positions]`) under `(scale, zero)`, its `bias` and
+    /// epilogue `post`.
+    Pointwise { w: &'a PackedQ4, planes: &'a [i8], zero: i32, scale: f32, bias: Option<&'a [f32]>, post: &'a [Post] },
+}
+
+/// Where a depthwise convolution's outputs go in [`depthwise_chain`].
+pub enum ChainOut<'a> {
+    /// `[channels, output positions]`.
+    Image(&'a mut [f32]),
+    /// Into a pointwise W4A8 convolution: the outputs quantized by its input quantizer
+    /// `(scale, zero, lo, hi)` as [`generic::quantize_i8_into`] does, then [`pointwise_q4q8`]
+    /// with its `bias` and epilogue `post` into `y` (`[w.n][output positions]`).
+    Pointwise {
+        w: &'a PackedQ4,
+        quant: (f32, i32, i32, i32),
+        bias: Option<&'a [f32]>,
+        post: &'a [Post],
+        y: &'a mut [f32],
+    },
+}
+
+/// How [`depthwise_chain`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Chain {
+    /// The outputs are written.
+    Done,
+    /// Not this path's (see [`depthwise_chain`]); nothing was computed.
+    NotTaken,
+    /// A depthwise output feeding a pointwise convolution was NaN, which its int8 quantizer
+    /// cannot carry: nothing valid was written (the steps one by one mark what it reaches).
+    Nan,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The next pointwise convolution's levels in [`depthwise_chain`].
+    static X4_OUT: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A depthwise convolution `dw` ([`generic::depthwise_conv`]) with what feeds it and what it feeds
+/// in one pass, without the `[C, positions]` images between the steps: a pointwise W4A8
+/// convolution before it ([`ChainIn::Pointwise`]) writes straight into the depthwise kernel's
+/// padded channels-last buffer, and one after it ([`ChainOut::Pointwise`]) takes the depthwise
+/// outputs as its int8 levels from the kernel's channels-last results. The outputs are those of
+/// the steps one after the other, bit for bit. [`Chain::NotTaken`], nothing computed, where this
+/// path does not apply: no AVX-512 VNNI; a depthwise of fewer than 8 channels, over 25 taps or
+/// other than 1-D or 2-D; the pointwise convolutions' channels or positions not the depthwise's,
+/// a zero point outside int8; into a pointwise convolution, a depthwise epilogue op not applied
+/// in registers (HardSwish, SiLU).
+pub fn depthwise_chain(input: ChainIn, dw: &generic::DepthwiseArgs, output: ChainOut) -> Chain {
+    let channels = dw.weights.len() / dw.geo.kernel_len().max(1);
+    let positions = dw.geo.input_len();
+    if let ChainIn::Pointwise { w, planes, zero, bias, .. } = input {
+        if w.n != channels || planes.len() < w.k * positions || !(-128..=127).contains(&zero) {
+            return Chain::NotTaken;
+        }
+        assert!(bias.is_none_or(|b| b.len() >= w.n));
     }
-    let _ = (planes, zero, scale, bias, post, dw, out);
-    false
+    if let ChainIn::Image(x) = input {
+        if x.len() < channels * positions {
+            return Chain::NotTaken;
+        }
+    }
+    if let ChainOut::Pointwise { w, quant, bias, ref y, .. } = output {
+        if w.k != channels || y.len() < w.n * dw.geo.output_len() || !(-128..=127).contains(&quant.1) {
+            return Chain::NotTaken;
+        }
+        assert!(bias.is_none_or(|b| b.len() >= w.n));
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512Vnni && positions > 0 {
+        return X4.with_borrow_mut(|x4| X4_OUT.with_borrow_mut(|x4_out| chain_avx512(input, dw, output, x4, x4_out)));
+    }
+    let _ = (input, output);
+    Chain::NotTaken
+}
+
+/// [`depthwise_chain`] on AVX-512 VNNI, its arguments checked, with the interleaved levels'
+/// buffers of the pointwise convolution before and after.
+#[cfg(target_arch = "x86_64")]
+fn chain_avx512(
+    input: ChainIn,
+    dw: &generic::DepthwiseArgs,
+    output: ChainOut,
+    x4: &mut Vec<u32>,
+    x4_out: &mut Vec<u32>,
+) -> Chain {
+    let channels = dw.weights.len() / dw.geo.kernel_len().max(1);
+    let (positions, ol) = (dw.geo.input_len(), dw.geo.output_len());
+    let p_pad = positions.next_multiple_of(16);
+    let mut fill = |buf: &mut [f32], m: &generic::PadMap| match input {
+        ChainIn::Image(x) => generic::depthwise_image_into(x, dw.geo, channels, m, buf),
+        ChainIn::Pointwise { w, planes, zero, scale, bias, post } => {
+            x4.resize(w.k.div_ceil(4) * p_pad, 0);
+            // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA); `m` describes `buf`.
+            unsafe {
+                x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
+                let split = generic::post_split(post);
+                x86_64::avx512::avx512_pointwise_q4q8_padded(
+                    w,
+                    x4,
+                    (positions, p_pad),
+                    zero,
+                    scale,
+                    bias,
+                    split,
+                    buf,
+                    m,
+                );
+            }
+        }
+    };
+    match output {
+        ChainOut::Image(out) => match generic::depthwise_fed(dw, channels, &mut fill, generic::DwOut::Planes(out)) {
+            Some(_) => Chain::Done,
+            None => Chain::NotTaken,
+        },
+        ChainOut::Pointwise { w, quant, bias, post, y } => {
+            let o_pad = ol.next_multiple_of(16);
+            let levels = generic::DwOut::Levels { quant, x4: &mut *x4_out, p_pad: o_pad };
+            match generic::depthwise_fed(dw, channels, &mut fill, levels) {
+                None => Chain::NotTaken,
+                Some(true) => Chain::Nan,
+                Some(false) => {
+                    let (reg, rest) = generic::post_split(post);
+                    // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the levels hold
+                    // ceil(w.k / 4) rows of o_pad words, and `y` w.n * ol values (checked).
+                    unsafe {
+                        x86_64::avx512::avx512_pointwise_q4q8(
+                            w,
+                            w.quad_words(),
+                            x4_out,
+                            ol,
+                            o_pad,
+                            quant.1,
+                            quant.0,
+                            bias,
+                            reg,
+                            y,
+                        )
+                    };
+                    generic::post_in_place(&mut y[..w.n * ol], rest);
+                    Chain::Done
+                }
+            }
+        }
+    }
 }
 
 /// W4A8 on a batch of inputs with the best kernel for this CPU; every variant equals

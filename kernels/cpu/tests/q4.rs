@@ -417,23 +417,29 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(120))]
+    #![proptest_config(ProptestConfig::with_cases(160))]
 
-    /// A pointwise W4A8 convolution feeding a depthwise convolution in one pass
-    /// (`pointwise_q4q8_depthwise`: the pointwise outputs written straight into the depthwise
-    /// kernel's padded channels-last buffer) equals the two kernels one after the other, bit for
-    /// bit: 1-D and 2-D images, 1 x 1 to 5 x 5 windows, strides 1 and 2, padding 0-2 (the
-    /// buffer's every edge; positions no window reads), 1-70 channels (fewer than 8: not taken,
-    /// nothing written), channel counts off the vector widths, each epilogue form on either side
-    /// (HardSwish and SiLU over the outputs), with and without biases. Skips without AVX-512 VNNI.
+    /// A depthwise convolution with what feeds it and what it feeds in one pass
+    /// (`depthwise_chain`: an image or a pointwise W4A8 convolution written straight into the
+    /// depthwise kernel's padded channels-last buffer; its outputs as an image or as the next
+    /// pointwise convolution's int8 levels) equals the kernels one after the other, bit for bit:
+    /// 1-D and 2-D images, 1 x 1 to 5 x 5 windows, strides 1 and 2, padding 0-2 (the buffer's
+    /// every edge; positions no window reads), 1-70 channels (fewer than 8: not taken, nothing
+    /// written), channel counts off the vector widths, each epilogue form on every step (HardSwish
+    /// and SiLU over the outputs; before a pointwise convolution: not taken), with and without
+    /// biases, a NaN in the image (into a pointwise convolution: reported, as its quantizer cannot
+    /// carry it). Skips without AVX-512 VNNI.
     #[test]
-    fn pointwise_into_depthwise_equals_the_two_steps(seed in any::<u64>(), n in 1usize..70, ch in 1usize..60,
-                                                     two_d in any::<bool>(), h in 1usize..12, wd in 1usize..40,
-                                                     k in 0usize..4, s in 1usize..3, pad in 0isize..3,
-                                                     pw_post in 0usize..5, dw_post in 0usize..5, with_bias in any::<bool>()) {
-        use sqil_kernels_cpu::{depthwise_conv, ConvGeometry, Post};
+    fn depthwise_chain_equals_the_steps(seed in any::<u64>(), n in 1usize..70, ch in 1usize..60, two_d in any::<bool>(),
+                                        h in 1usize..12, wd in 1usize..40, k in 0usize..4, s in 1usize..3,
+                                        pad in 0isize..3, posts in (0usize..5, 0usize..5, 0usize..5),
+                                        with_bias in any::<bool>(), ends in (any::<bool>(), any::<bool>()),
+                                        nan in 0usize..4) {
+        use sqil_kernels_cpu::{depthwise_chain, depthwise_conv, Chain, ChainIn, ChainOut, ConvGeometry, Post};
+        let (pw_post, dw_post, next_post) = posts;
+        let (from_pointwise, into_pointwise) = ends;
         let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
-        let posts: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
+        let forms: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
                                    &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish]];
         let (kh, kw) = [(1, 1), (3, 3), (5, 5), (1, 3)][k];
         let (h, kh, s_h, p_h) = if two_d { (h.max(kh), kh, s, pad) } else { (1, 1, 1, 0) };
@@ -449,6 +455,9 @@ proptest! {
         };
         let (p, kl, ol) = (h * wd, kh * kw, oh * ow);
         let w = layer(seed, n, ch, 32, 4);
+        let m2 = 1 + (seed % 40) as usize;
+        let g2 = [0, 32, 64][(seed % 3) as usize];
+        let w2 = layer(seed ^ 3, m2, n, if n.next_multiple_of(32) % g2.max(1) == 0 { g2 } else { 32 }, 4);
         let mut r = Lcg(seed ^ 5);
         let x: Vec<f32> = (0..ch * p).map(|_| r.unit() * 3.0).collect();
         let mut planes = vec![0i8; ch * p];
@@ -456,19 +465,55 @@ proptest! {
         let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
         let dk: Vec<f32> = (0..n * kl).map(|_| r.unit() * 2.0).collect();
         let db: Vec<f32> = (0..n).map(|_| r.unit()).collect();
-        let (bias, db) = if with_bias { (Some(&bias[..]), Some(&db[..])) } else { (None, None) };
+        let b2: Vec<f32> = (0..m2).map(|_| r.unit()).collect();
+        let (bias, db, b2) = if with_bias { (Some(&bias[..]), Some(&db[..]), Some(&b2[..])) } else { (None, None, None) };
+        // The depthwise's input: the pointwise outputs, or an image (a NaN in it one time in four).
         let mut mid = vec![f32::NAN; n * p];
-        if !sqil_kernels_cpu::pointwise_q4q8(&w, &planes, p, 4, 0.02, bias, posts[pw_post], &mut mid) {
-            return Ok(());
+        if from_pointwise {
+            if !sqil_kernels_cpu::pointwise_q4q8(&w, &planes, p, 4, 0.02, bias, forms[pw_post], &mut mid) {
+                return Ok(());
+            }
+        } else {
+            mid = (0..n * p).map(|_| r.unit() * 3.0).collect();
+            if nan == 0 {
+                let at = (seed as usize / 7) % mid.len();
+                mid[at] = f32::NAN;
+            }
         }
-        let mut want = vec![0f32; n * ol];
-        depthwise_conv(&mid, &dk, &geo, db, posts[dw_post], &mut want);
-        let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &dk, geo: &geo, bias: db, post: posts[dw_post] };
-        let mut got = vec![f32::NAN; n * ol];
-        let done = sqil_kernels_cpu::pointwise_q4q8_depthwise(&w, &planes, p, 4, 0.02, bias, posts[pw_post], &dw, &mut got);
-        prop_assert_eq!(done, n >= 8, "taken with {} channels", n);
-        if !done {
-            prop_assert!(got.iter().all(|v| v.is_nan()), "written though not taken");
+        let mut dwo = vec![0f32; n * ol];
+        depthwise_conv(&mid, &dk, &geo, db, forms[dw_post], &mut dwo);
+        let quant = (0.05f32, -2i32, -128i32, 127i32);
+        let mut want = dwo.clone();
+        let mut dw_nan = false;
+        if into_pointwise {
+            let mut planes2 = vec![0i8; n * ol];
+            dw_nan = sqil_kernels_cpu::generic::quantize_i8_into(&dwo, quant.0, quant.1, quant.2, quant.3, &mut planes2);
+            want = vec![0f32; m2 * ol];
+            prop_assert!(sqil_kernels_cpu::pointwise_q4q8(&w2, &planes2, ol, quant.1, quant.0, b2, forms[next_post], &mut want));
+        }
+        let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &dk, geo: &geo, bias: db, post: forms[dw_post] };
+        let input = if from_pointwise {
+            ChainIn::Pointwise { w: &w, planes: &planes, zero: 4, scale: 0.02, bias, post: forms[pw_post] }
+        } else {
+            ChainIn::Image(&mid)
+        };
+        let mut got = vec![f32::NAN; want.len()];
+        let output = if into_pointwise {
+            ChainOut::Pointwise { w: &w2, quant, bias: b2, post: forms[next_post], y: &mut got }
+        } else {
+            ChainOut::Image(&mut got)
+        };
+        let done = depthwise_chain(input, &dw, output);
+        let expect = if n < 8 || (into_pointwise && dw_post == 4) {
+            Chain::NotTaken
+        } else if dw_nan {
+            Chain::Nan
+        } else {
+            Chain::Done
+        };
+        prop_assert_eq!(done, expect, "{} channels", n);
+        if done != Chain::Done {
+            prop_assert!(got.iter().all(|v| v.is_nan()), "written though not done");
             return Ok(());
         }
         let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();

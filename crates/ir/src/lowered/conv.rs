@@ -377,42 +377,93 @@ pub fn run(
     out
 }
 
-/// [`run`] of a pointwise convolution whose outputs (after `post`) are the input of the depthwise
-/// convolution `dw` and of nothing else, the two in one pass per image
-/// ([`sqil_kernels_cpu::pointwise_q4q8_depthwise`]: the pointwise outputs go straight into the
-/// depthwise kernel's padded channels-last buffer). Returns the depthwise's outputs (`[images,
-/// w.n, dw output...]`, its bias and epilogue applied), the same bits as [`run`] then the
-/// depthwise Conv, or `None` where this path does not apply, and the caller runs the two: not a
-/// pointwise convolution on one thread, an input NaN (which the int8 quantizer cannot carry:
-/// [`run`] marks its outputs), or a depthwise the kernel does not take.
-#[allow(clippy::too_many_arguments)]
-pub fn run_into_depthwise(
-    im: &Im2col,
-    w: &PackedQ4,
-    x: &[f32],
+/// What feeds a depthwise convolution in [`run_depthwise_chain`]: its input images (`[images,
+/// C, positions]` values), or a pointwise Q4 convolution on its own input (`x`, as [`run`] takes
+/// it, with its int8 quantizer, bias and epilogue).
+pub enum ChainSource<'a> {
+    Image(&'a [f32]),
+    Pointwise {
+        im: &'a Im2col,
+        w: &'a PackedQ4,
+        x: &'a [f32],
+        quant: (f32, i32, i32, i32),
+        bias: Option<&'a [f32]>,
+        post: &'a [Post],
+    },
+}
+
+/// A pointwise Q4 convolution that a depthwise convolution feeds in [`run_depthwise_chain`].
+pub struct ChainNext<'a> {
+    pub im: &'a Im2col,
+    pub w: &'a PackedQ4,
+    pub quant: (f32, i32, i32, i32),
+    pub bias: Option<&'a [f32]>,
+    pub post: &'a [Post],
+}
+
+/// A depthwise convolution `dw` with a pointwise Q4 convolution feeding it (where the source
+/// is one) and one it feeds (`next`), per image in one pass
+/// ([`sqil_kernels_cpu::depthwise_chain`]), each value between them read only by the next step:
+/// returns the last step's outputs (`[images, channels, output...]`), the same bits as [`run`]
+/// and the depthwise Conv one after the other, or `None` where this path does not apply, and the
+/// caller runs the steps: on more than one thread, a convolution that is not pointwise, an input
+/// NaN (which an int8 quantizer cannot carry: [`run`] marks its outputs), or what the kernel does
+/// not take.
+pub fn run_depthwise_chain(
+    source: ChainSource,
     images: usize,
-    (scale, zero, lo, hi): (f32, i32, i32, i32),
-    bias: Option<&[f32]>,
-    post: &[Post],
-    threads: usize,
     dw: &DepthwiseArgs,
+    next: Option<ChainNext>,
+    threads: usize,
 ) -> Option<Vec<f32>> {
-    let (ch, il, ol) = (im.channels, im.geo.input_len(), dw.geo.output_len());
-    if !(im.pointwise && threads <= 1 && w.k == ch && (-128..=127).contains(&zero) && dw.geo.input_len() == il) {
+    let (il, ol) = (dw.geo.input_len(), dw.geo.output_len());
+    let channels = dw.weights.len() / dw.geo.kernel_len().max(1);
+    let int8 = |zero: i32| (-128..=127).contains(&zero);
+    let fits = |im: &Im2col, w: &PackedQ4, zero: i32| im.pointwise && w.k == im.channels && int8(zero);
+    if threads > 1 || next.as_ref().is_some_and(|n| !fits(n.im, n.w, n.quant.1) || n.im.geo.input_len() != ol) {
         return None;
     }
-    let mut out = crate::pool::f32_buffer(images * w.n * ol);
-    SCRATCH.with_borrow_mut(|s| {
-        s.planes.resize(il * ch, 0);
-        for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
-            if quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes)
-                || !sqil_kernels_cpu::pointwise_q4q8_depthwise(w, &s.planes, il, zero, scale, bias, post, dw, y)
-            {
-                return None;
+    let per_out = next.as_ref().map_or(channels, |n| n.w.n) * ol;
+    let mut out = crate::pool::f32_buffer(images * per_out);
+    fn output<'b>(next: Option<&'b ChainNext>, y: &'b mut [f32]) -> sqil_kernels_cpu::ChainOut<'b> {
+        match next {
+            Some(n) => sqil_kernels_cpu::ChainOut::Pointwise { w: n.w, quant: n.quant, bias: n.bias, post: n.post, y },
+            None => sqil_kernels_cpu::ChainOut::Image(y),
+        }
+    }
+    let done = |c| c == sqil_kernels_cpu::Chain::Done;
+    match source {
+        ChainSource::Image(x) => {
+            for (img, y) in x.chunks_exact(channels * il).zip(out.chunks_exact_mut(per_out)).take(images) {
+                if !done(sqil_kernels_cpu::depthwise_chain(
+                    sqil_kernels_cpu::ChainIn::Image(img),
+                    dw,
+                    output(next.as_ref(), y),
+                )) {
+                    return None;
+                }
             }
         }
-        Some(())
-    })?;
+        ChainSource::Pointwise { im, w, x, quant: (scale, zero, lo, hi), bias, post } => {
+            let ch = im.channels;
+            if !fits(im, w, zero) || im.geo.input_len() != il {
+                return None;
+            }
+            SCRATCH.with_borrow_mut(|s| {
+                s.planes.resize(il * ch, 0);
+                for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(per_out)).take(images) {
+                    if quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes) {
+                        return None;
+                    }
+                    let input = sqil_kernels_cpu::ChainIn::Pointwise { w, planes: &s.planes, zero, scale, bias, post };
+                    if !done(sqil_kernels_cpu::depthwise_chain(input, dw, output(next.as_ref(), y))) {
+                        return None;
+                    }
+                }
+                Some(())
+            })?;
+        }
+    }
     Some(out)
 }
 

@@ -361,44 +361,73 @@ pub fn run_q4_layer(
     Tensor::from_f32(shape, out)
 }
 
-/// [`run_q4_layer`] of a pointwise Q4 convolution (its epilogue `post`) whose output is the input
-/// of a depthwise Conv (weights `dw_w`, bias `dw_b`, attributes `attrs`, its epilogue `dw_post`)
-/// and of nothing else, the two in one pass ([`conv::run_into_depthwise`]): the Conv's output as
-/// [`crate::ops::conv_with_table`] would give it on the Q4 step's output, bit for bit, or
-/// `Ok(None)` where the pair does not take this path (then the caller runs the two steps).
-#[allow(clippy::too_many_arguments)]
-pub fn run_q4_into_depthwise(
-    (act, w, bias, conv): (&ActQuant, &PackedQ4, Option<&[f32]>, Option<&Im2col>),
-    post: &[sqil_kernels_cpu::Post],
-    xt: &Tensor,
+/// A Q4 step's layer as [`run_q4_layer`] takes it: activation quantizer, weights, bias, im2col.
+pub type Q4Args<'a> = (&'a ActQuant, &'a PackedQ4, Option<&'a [f32]>, Option<&'a Im2col>);
+
+/// A depthwise Conv (`attrs`, weights `w`, bias `b`, its epilogue `post`) with the pointwise Q4
+/// convolution before it (`source`: the layer, its epilogue and its input) or its own input
+/// (`source` a plain tensor), and the pointwise Q4 convolution after it (`next`: the layer and
+/// its epilogue), each value between them read by the next step only, in one pass
+/// ([`conv::run_depthwise_chain`]): the last step's output as the steps would give it, bit for
+/// bit, or `Ok(None)` where the chain does not take this path (then the caller runs the steps).
+pub fn run_depthwise_chain(
+    source: Result<(Q4Args, &[sqil_kernels_cpu::Post], &Tensor), &Tensor>,
+    (w, b, attrs, post): (&Tensor, Option<&Tensor>, &crate::ops::ConvAttrs, &[sqil_kernels_cpu::Post]),
+    next: Option<(Q4Args, &[sqil_kernels_cpu::Post])>,
     threads: usize,
-    (dw_w, dw_b, attrs): (&Tensor, Option<&Tensor>, &crate::ops::ConvAttrs),
-    dw_post: &[sqil_kernels_cpu::Post],
 ) -> Result<Option<Tensor>> {
-    let (Some(im), &ActQuant::Int { scale, zero, lo, hi }) = (conv, act) else { return Ok(None) };
-    let per = im.channels * im.geo.input_len();
-    if !im.pointwise
-        || per == 0
-        || xt.shape.len() != im.geo.input.len() + 2
-        || xt.shape[1..] != [&[im.channels][..], &im.geo.input].concat()
-        || xt.dtype() != crate::DType::F32
-    {
-        return Ok(None);
-    }
-    let images = xt.len() / per;
-    let mut mid = vec![images, w.n];
-    mid.extend(&im.geo.output);
-    let Some(geo) = attrs.depthwise_geometry(&mid, &dw_w.shape).ok().flatten() else { return Ok(None) };
-    if dw_b.is_some_and(|b| b.len() != w.n) {
-        return Ok(None);
-    }
-    let (wv, bv) = (dw_w.data.f32_cow(), dw_b.map(|b| b.data.to_f32_vec()));
-    let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &wv, geo: &geo, bias: bv.as_deref(), post: dw_post };
-    let x = xt.data.f32_cow();
-    let Some(out) = conv::run_into_depthwise(im, w, &x, images, (scale, zero, lo, hi), bias, post, threads, &dw) else {
-        return Ok(None);
+    // The source's images and the depthwise's input shape.
+    let (xt, dw_in) = match source {
+        Err(x) => (x, x.shape.clone()),
+        Ok(((_, qw, _, Some(im)), _, xt)) => {
+            let mut mid = vec![xt.shape.first().copied().unwrap_or(0), qw.n];
+            mid.extend(&im.geo.output);
+            (xt, mid)
+        }
+        Ok(_) => return Ok(None),
     };
-    let mut shape = vec![images, w.n];
-    shape.extend(&geo.output);
+    let per = xt.shape.iter().skip(1).product::<usize>();
+    if xt.dtype() != crate::DType::F32 || xt.rank() < 3 || per == 0 {
+        return Ok(None);
+    }
+    let images = xt.shape[0];
+    let Some(geo) = attrs.depthwise_geometry(&dw_in, &w.shape).ok().flatten() else { return Ok(None) };
+    let channels = dw_in[1];
+    if b.is_some_and(|b| b.len() != channels) || w.len() != channels * geo.kernel_len() {
+        return Ok(None);
+    }
+    let (wv, bv) = (w.data.f32_cow(), b.map(|b| b.data.to_f32_vec()));
+    let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &wv, geo: &geo, bias: bv.as_deref(), post };
+    let x = xt.data.f32_cow();
+    let int = |a: &ActQuant| match *a {
+        ActQuant::Int { scale, zero, lo, hi } => Some((scale, zero, lo, hi)),
+        ActQuant::Float => None,
+    };
+    let src = match source {
+        Err(_) => conv::ChainSource::Image(&x),
+        Ok(((act, qw, bias, Some(im)), post, xt)) => {
+            let Some(quant) = int(act) else { return Ok(None) };
+            if xt.shape[1..] != [&[im.channels][..], &im.geo.input].concat() {
+                return Ok(None);
+            }
+            conv::ChainSource::Pointwise { im, w: qw, x: &x, quant, bias, post }
+        }
+        Ok(_) => return Ok(None),
+    };
+    let next = match next {
+        None => None,
+        Some(((act, qw, bias, Some(im)), post)) => match int(act) {
+            Some(quant) => Some(conv::ChainNext { im, w: qw, quant, bias, post }),
+            None => return Ok(None),
+        },
+        Some(_) => return Ok(None),
+    };
+    let (n_out, out_geo) = match &next {
+        Some(n) => (n.w.n, n.im.geo.output.clone()),
+        None => (channels, geo.output.clone()),
+    };
+    let Some(out) = conv::run_depthwise_chain(src, images, &dw, next, threads) else { return Ok(None) };
+    let mut shape = vec![images, n_out];
+    shape.extend(out_geo);
     Tensor::from_f32(shape, out).map(Some)
 }

@@ -1113,6 +1113,82 @@ thread_local! {
     static PADDED_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// [`crate::generic::depthwise_conv`]'s outputs (`acc`, `[position][cp]`, as the depthwise lanes
+/// kernel leaves them) as the next pointwise convolution's int8 levels, per position sixteen
+/// channels at a time: plus the bias, the `post` ops (those applied in registers, as the
+/// depthwise kernel applies them), then the quantizer `(scale, zero, lo, hi)` as
+/// [`avx512_quantize_i8`] computes it (the same levels: NaN to 0, the bounds within int8), each
+/// level `+ 128` as a byte (the pointwise kernel's unsigned form), byte `c` of position `o` at
+/// byte `o * cp + c` of `stage`. Returns whether any of the `channels` values was NaN (the caller
+/// then takes the two steps' way).
+///
+/// # Safety
+/// AVX-512 F/BW, AVX2 and FMA (the sizes are asserted).
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn avx512_depthwise_levels(
+    (acc, cp, channels, ol): (&[f32], usize, usize, usize),
+    bias: Option<&[f32]>,
+    post: &[crate::generic::Post],
+    (scale, zero, lo, hi): (f32, i32, i32, i32),
+    stage: &mut [u32],
+) -> bool {
+    assert!(cp.is_multiple_of(16) && cp >= channels && acc.len() >= ol * cp && stage.len() * 4 >= ol * cp);
+    assert!(bias.is_none_or(|b| b.len() >= channels));
+    let f = crate::generic::PostForm::of(post);
+    let a = (acc, (cp, channels, ol), bias, post, (scale, zero, lo, hi), stage);
+    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
+        (true, ..) => levels_form::<true, false, false>(a, f),
+        (_, false, false) => levels_form::<false, false, false>(a, f),
+        (_, true, false) => levels_form::<false, true, false>(a, f),
+        (_, false, true) => levels_form::<false, false, true>(a, f),
+        (_, true, true) => levels_form::<false, true, true>(a, f),
+    }
+}
+
+/// [`avx512_depthwise_levels`] with one epilogue form (as [`pointwise_blocks`] takes them).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[allow(clippy::type_complexity)]
+unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
+    (acc, (cp, channels, ol), bias, post, (scale, zero, lo, hi), stage): (
+        &[f32],
+        (usize, usize, usize),
+        Option<&[f32]>,
+        &[crate::generic::Post],
+        (f32, i32, i32, i32),
+        &mut [u32],
+    ),
+    form: crate::generic::PostForm,
+) -> bool {
+    let pv = PostVec16::new(form);
+    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(screen_reciprocal(scale)));
+    let vz = _mm512_set1_ps(zero as f32);
+    let (vlo, vhi) = (_mm512_set1_ps(lo.max(-128) as f32), _mm512_set1_ps(hi.min(127) as f32));
+    let flip = _mm_set1_epi8(i8::MIN);
+    let mut nan: __mmask16 = 0;
+    let mut bv = vec![0f32; cp];
+    if let Some(b) = bias {
+        bv[..channels].copy_from_slice(&b[..channels]);
+    }
+    for c0 in (0..cp).step_by(16) {
+        let vb = _mm512_loadu_ps(bv.as_ptr().add(c0));
+        // The lanes that hold channels (a NaN past them is no value's).
+        let real = ((1u32 << (channels - c0).min(16)) - 1) as __mmask16;
+        for o in 0..ol {
+            let v = _mm512_loadu_ps(acc.as_ptr().add(o * cp + c0));
+            let v = if bias.is_some() { _mm512_add_ps(v, vb) } else { v };
+            let v = if CHAIN { post16(v, post) } else { pv.apply::<CLAMP, FQ>(v) };
+            let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)));
+            let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
+            nan |= !ord & real;
+            let l = _mm512_cvtsepi32_epi8(_mm512_maskz_cvtps_epi32(ord, y));
+            _mm_storeu_si128(stage.as_mut_ptr().add((o * cp + c0) / 4) as *mut __m128i, _mm_xor_si128(l, flip));
+        }
+    }
+    nan != 0
+}
+
 /// Where [`pointwise_blocks`] stores its outputs: row `r`, position `o` at `y + r * ys + o`, or
 /// with `tile` at `y + r * ys + (o - o0)` for the block starting at `o0` (a tile of `ys >= 32`
 /// positions that the block's `flush` then empties).
