@@ -391,10 +391,13 @@ fn im2col_direct(input: &[f32], channels: usize, geo: &ConvGeometry, out: &mut [
                     let s0 = ((lo * sw) as isize + off) as usize;
                     if sw == 1 {
                         dst[lo..hi].copy_from_slice(&src[s0..s0 + (hi - lo)]);
-                    } else if sw == 2 && s0 + 2 * (hi - lo) <= src.len() {
-                        // Every other value: pairs, their first (vectorized as shuffles).
-                        let pairs = src[s0..s0 + 2 * (hi - lo)].chunks_exact(2);
-                        dst[lo..hi].iter_mut().zip(pairs).for_each(|(d, p)| *d = p[0]);
+                    } else if sw == 2 {
+                        // Every other value: pairs, their first (vectorized as shuffles); a last
+                        // value in the row's last column (no pair) on its own.
+                        let m = (hi - lo).min((src.len() - s0) / 2);
+                        let pairs = src[s0..s0 + 2 * m].chunks_exact(2);
+                        dst[lo..lo + m].iter_mut().zip(pairs).for_each(|(d, p)| *d = p[0]);
+                        dst[lo + m..hi].iter_mut().zip(src[s0 + 2 * m..].iter().step_by(2)).for_each(|(d, &v)| *d = v);
                     } else {
                         dst[lo..hi].iter_mut().zip(src[s0..].iter().step_by(sw)).for_each(|(d, &v)| *d = v);
                     }
