@@ -1479,7 +1479,15 @@ pub fn post_one(mut v: f32, post: &[Post]) -> f32 {
 /// [`Post`] ops on every value of `v` in place: one pass per op (the in-place kernels the ops'
 /// own steps run), for kernels that cannot apply them in registers.
 pub fn post_in_place(v: &mut [f32], post: &[Post]) {
-    for p in post {
+    let mut post = post;
+    while let Some((p, rest)) = post.split_first() {
+        post = rest;
+        // A SiLU then a FakeQuant: through the quantized level ([`silu_fake_quant_in_place`]).
+        if let (Post::Silu, Some((&Post::FakeQuant { scale, zero, lo, hi }, rest))) = (p, rest.split_first()) {
+            silu_fake_quant_in_place(v, (scale, zero, lo, hi));
+            post = rest;
+            continue;
+        }
         // One loop per op (each a comparison or two: vectorized by the compiler).
         match *p {
             Post::Relu => v.iter_mut().for_each(|e| *e = relu_f32(*e)),
@@ -1504,6 +1512,24 @@ pub fn post_in_place(v: &mut [f32], post: &[Post]) {
             }
         }
     }
+}
+
+/// [`Post::Silu`] then [`Post::FakeQuant`] `(scale, zero, lo, hi)` over `v`, the two ops' bits:
+/// with AVX-512, through the quantized level estimated in f32 and taken where its error cannot
+/// change it (`avx512_silu_fake_quant`), the definition otherwise; without, the two ops one after
+/// the other.
+pub fn silu_fake_quant_in_place(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) {
+    #[cfg(target_arch = "x86_64")]
+    let done = match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
+        crate::Isa::Avx512Vnni => unsafe { crate::x86_64::avx512::avx512_silu_fake_quant(v, (scale, zero, lo, hi)) },
+        _ => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    let rest = &mut v[done..];
+    post_in_place(rest, &[Post::Silu]);
+    post_in_place(rest, &[Post::FakeQuant { scale, zero, lo, hi }]);
 }
 
 /// A [`Post`] chain in the form vector kernels specialize on: one clamp (a ReLU is the clamp to

@@ -405,3 +405,109 @@ fn dispatched_layer_norm_equals_the_definition() {
         }
     }
 }
+
+/// SiLU then a FakeQuant in one pass (`silu_fake_quant_in_place`: with AVX-512 the level from an
+/// f32 estimate, taken only where its error cannot move it) equals the two ops' definitions
+/// (`post_one`), bit for bit: around every half-way point of the quantizer's levels that
+/// `x sigmoid(x) / scale` crosses (the roots found in f64 on both monotonic branches, then the
+/// 129 f32 values around each), random values, the clamp's bounds, and NaN, infinities, zeros,
+/// subnormals and |x| near 30, for quantizers from saturating (tiny scales) to all-zero (huge),
+/// at lengths off the vector width.
+#[test]
+fn silu_then_fake_quant_equals_the_two_ops() {
+    use sqil_kernels_cpu::generic::silu_fake_quant_in_place;
+    use sqil_kernels_cpu::{post_one, Post};
+    let silu = |x: f64| x / (1.0 + (-x).exp());
+    // Bisection for silu(x) = t on [a, b] where silu is monotonic.
+    let root = |t: f64, (mut a, mut b): (f64, f64)| {
+        let up = silu(b) > silu(a);
+        for _ in 0..200 {
+            let m = 0.5 * (a + b);
+            if (silu(m) < t) == up {
+                a = m;
+            } else {
+                b = m;
+            }
+        }
+        0.5 * (a + b)
+    };
+    let quantizers = [
+        (0.013f32, -3.0f32, -128.0f32, 127.0f32),
+        (0.05, 128.0, 0.0, 255.0),
+        (0.002, 0.0, -8.0, 7.0),
+        (0.4, 1.0, -128.0, 127.0),
+        (3e-7, 0.0, -128.0, 127.0),
+        (1e30, 0.0, -128.0, 127.0),
+    ];
+    let mut checked = 0;
+    for &(scale, zero, lo, hi) in &quantizers {
+        let mut xs: Vec<f32> = vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-45,
+            -1e-45,
+            1e-40,
+            -3e-39,
+            29.99,
+            30.0,
+            30.01,
+            -29.99,
+            -30.0,
+            -30.01,
+            1e30,
+            -1e30,
+            88.0,
+            -88.0,
+            104.0,
+            -104.0,
+        ];
+        // Half-way points k + 1/2 (in quotient units) of the levels in and around the clamp.
+        for k in (lo - zero - 3.0) as i64..=(hi - zero + 3.0) as i64 {
+            let t = (k as f64 + 0.5) * scale as f64;
+            let mut roots = vec![];
+            if t > -0.2784 {
+                roots.push(root(t, (-1.2785, 40.0)));
+            }
+            if (-0.2784..0.0).contains(&t) {
+                roots.push(root(t, (-60.0, -1.2785)));
+            }
+            for r in roots {
+                let c = r as f32;
+                for d in -64i32..=64 {
+                    xs.push(f32::from_bits(c.to_bits().wrapping_add_signed(d)));
+                }
+            }
+        }
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            xs.push(((s >> 11) as f64 / (1u64 << 53) as f64 * 24.0 - 12.0) as f32);
+        }
+        let post = [Post::Silu, Post::FakeQuant { scale, zero, lo, hi }];
+        let want: Vec<u32> =
+            xs.iter().map(|&x| post_one(x, &post)).map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect();
+        for len in [xs.len(), xs.len() - 7, 15] {
+            let mut got = xs[..len].to_vec();
+            silu_fake_quant_in_place(&mut got, (scale, zero, lo, hi));
+            for (i, (g, w)) in got.iter().zip(&want[..len]).enumerate() {
+                let g = if g.is_nan() { u32::MAX } else { g.to_bits() };
+                assert_eq!(
+                    g,
+                    *w,
+                    "x = {:e} ({:#x}), scale {scale}: got {:e}, want {:e}",
+                    xs[i],
+                    xs[i].to_bits(),
+                    f32::from_bits(g),
+                    f32::from_bits(*w)
+                );
+            }
+            checked += len;
+        }
+    }
+    assert!(checked > 300_000, "{checked} values checked");
+}

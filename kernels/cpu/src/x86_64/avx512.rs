@@ -1189,6 +1189,97 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     nan != 0
 }
 
+/// SiLU then a FakeQuant (`x * sigmoid(x)` as [`crate::generic::Post::Silu`] computes it, then
+/// `(scale, zero, lo, hi)`) in place over whole vectors of `v`, through the quantized level: only
+/// the integer level reaches the output, and an f32 estimate decides it wherever its error cannot
+/// move it. Per 16 lanes: `e^-|x|` in f32 (range reduction by a two-part `ln 2`, degree-6
+/// Taylor polynomial on `|r| <= ln 2 / 2`), `s~ = (x >= 0 ? 1 : e) / (1 + e)` (the quotient by
+/// `vrcp14ps` and one Newton step), `q~ = x s~ fl(1 / scale)`. Relative to the exact real
+/// quotient, `q~` is within about `2^-20.3` (the truncation `2^-22.5`, the reduction's and the
+/// polynomial's roundings, the reciprocal's `2^-23.5`, then four more roundings) and the
+/// definition's `fl(fl(x fl(sigmoid(x))) / scale)` within `2^-22.4` (three roundings), so where `|q~ - round(q~)| + |q~| 2^-18 < 0.5` (four times that bound, plus `2^-100`
+/// for subnormal products) both round to the same integer, and where `q~ -+ |q~| 2^-18` lies a
+/// whole level beyond `hi - zero` or `lo - zero` both clamp to the bound. Any other lane (near
+/// a half-way point, `|x| >= 30`, NaN) sends its vector to the definition, lane by lane. Then
+/// the output `(level - zero) * scale` as the FakeQuant writes it. Returns how many values were
+/// done (a multiple of 64; the caller finishes the rest).
+///
+/// # Safety
+/// AVX-512 F, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) -> usize {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split: n * LN2_HI exact for |n| < 2^12 (its low 12 bits are zero), LN2_LO the rest
+    // to f32's precision (ln 2 to about 2^-44 in all).
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7000);
+    const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
+    const MAGIC: f32 = 12_582_912.0;
+    let (vs, vz, vlo, vhi) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let rs = _mm512_set1_ps(1.0 / scale);
+    // A whole level past the clamp's bounds (integers: exact).
+    let (top, bottom) = (_mm512_set1_ps(hi - zero + 1.0), _mm512_set1_ps(lo - zero - 1.0));
+    let one = _mm512_set1_ps(1.0);
+    let taylor = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32];
+    // The estimate is only taken with a normal, finite reciprocal of a positive scale.
+    let rcp = 1.0 / scale;
+    if !(scale > 0.0 && rcp.is_normal()) {
+        return 0;
+    }
+    // Four vectors per step, each its own chain (one chain left most of the core idle).
+    const K: usize = 4;
+    let n = v.len() / (16 * K) * (16 * K);
+    let mut i = 0;
+    while i < n {
+        let x: [__m512; K] = std::array::from_fn(|j| _mm512_loadu_ps(v.as_ptr().add(i + 16 * j)));
+        let a = x.map(|x| _mm512_abs_ps(x));
+        let na = a.map(|a| _mm512_sub_ps(_mm512_setzero_ps(), a));
+        let t = na.map(|na| _mm512_fmadd_ps(na, _mm512_set1_ps(LOG2E), _mm512_set1_ps(MAGIC)));
+        let k = t.map(|t| _mm512_sub_ps(t, _mm512_set1_ps(MAGIC)));
+        let r: [__m512; K] = std::array::from_fn(|j| {
+            let r = _mm512_fnmadd_ps(k[j], _mm512_set1_ps(LN2_HI), na[j]);
+            _mm512_fnmadd_ps(k[j], _mm512_set1_ps(LN2_LO), r)
+        });
+        let mut p = [_mm512_set1_ps(taylor[0]); K];
+        for c in &taylor[1..] {
+            for j in 0..K {
+                p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(*c));
+            }
+        }
+        for j in 0..K {
+            // 2^k by the exponent field (k in [-44, 0] where the estimate is taken).
+            let ki = _mm512_cvtps_epi32(k[j]);
+            let pow = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ki, _mm512_set1_epi32(127))));
+            let e = _mm512_mul_ps(p[j], pow);
+            let num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x[j], _mm512_setzero_ps()), e, one);
+            // num / (1 + e) by a reciprocal estimate (within 2^-14) and one Newton step (within
+            // about 2^-23.5): the division was most of the kernel's time.
+            let d = _mm512_add_ps(one, e);
+            let y0 = _mm512_rcp14_ps(d);
+            let sig = _mm512_mul_ps(num, _mm512_fmadd_ps(y0, _mm512_fnmadd_ps(d, y0, one), y0));
+            let q = _mm512_mul_ps(_mm512_mul_ps(x[j], sig), rs);
+            let qr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+            let b = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 262_144.0), _mm512_set1_ps(1e-30));
+            let off = _mm512_add_ps(_mm512_abs_ps(_mm512_sub_ps(q, qr)), b);
+            let inside = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, _mm512_set1_ps(0.5));
+            let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_sub_ps(q, b), top);
+            let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_add_ps(q, b), bottom);
+            let ok = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[j], _mm512_set1_ps(30.0));
+            let at = i + 16 * j;
+            if ok & (inside | above | below) == 0xffff {
+                let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(qr, vz)));
+                _mm512_storeu_ps(v.as_mut_ptr().add(at), _mm512_mul_ps(_mm512_sub_ps(y, vz), vs));
+            } else {
+                let post = [crate::generic::Post::Silu, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
+                for e in &mut v[at..at + 16] {
+                    *e = crate::generic::post_one(*e, &post);
+                }
+            }
+        }
+        i += 16 * K;
+    }
+    n
+}
+
 /// Where [`pointwise_blocks`] stores its outputs: row `r`, position `o` at `y + r * ys + o`, or
 /// with `tile` at `y + r * ys + (o - o0)` for the block starting at `o0` (a tile of `ys >= 32`
 /// positions that the block's `flush` then empties).
