@@ -118,6 +118,11 @@ fn mobile(r: &mut Rng, c: usize, s: usize, act: usize) -> Graph {
     g
 }
 
+/// A tensor's values as bits, every NaN as one pattern (payloads may differ).
+fn canon(t: &Tensor) -> Vec<u32> {
+    t.data.to_f32_vec().iter().map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect()
+}
+
 /// The scale and zero point of the first activation quantizer reading a graph input, if any.
 fn input_quantizer(g: &Graph) -> Option<(f32, f32)> {
     g.topo_order().unwrap().into_iter().find_map(|n| match g.node(n).op {
@@ -247,13 +252,6 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                     let bad = shaped(n, v);
                     let want = sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), bad.clone())])).unwrap();
                     let got = plan.run(std::slice::from_ref(&bad), 1).unwrap();
-                    let canon = |t: &Tensor| {
-                        t.data
-                            .to_f32_vec()
-                            .iter()
-                            .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
-                            .collect::<Vec<_>>()
-                    };
                     assert!(canon(&want[0]).contains(&u32::MAX), "{what}: the NaN reached no action");
                     assert_eq!(canon(&got[0]), canon(&want[0]), "{what}: a NaN input");
                 }
@@ -365,13 +363,6 @@ fn pointwise_into_depthwise_matches_the_simulation_with_nan_inputs() {
             for x in [shaped(4, v.iter().map(|v| if v.is_nan() { 0.5 } else { *v }).collect()), shaped(4, v.clone())] {
                 let want = sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap();
                 let got = plan.run(std::slice::from_ref(&x), 1).unwrap();
-                let canon = |t: &Tensor| {
-                    t.data
-                        .to_f32_vec()
-                        .iter()
-                        .map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() })
-                        .collect::<Vec<_>>()
-                };
                 let (want, got) = (canon(&want[0]), canon(&got[0]));
                 let nans = want.iter().filter(|&&v| v == u32::MAX).count();
                 assert!(nans < want.len() / 2, "{spec} stride {stride}: {nans} NaN outputs");

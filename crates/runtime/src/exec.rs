@@ -180,8 +180,8 @@ fn post_op(op: &Op, inputs: &[Option<usize>], env: &[Option<Cow<Tensor>>]) -> Op
 pub const FUSED: &str = "epilogue (fused)";
 
 /// What [`Execute::paths`] calls a step that the step before it ran in its own pass (a depthwise
-/// convolution after a pointwise int4 one: [`sqil_ir::lowered::run_q4_into_depthwise`]); its
-/// time is that step's.
+/// convolution after a pointwise int4 one, a pointwise int4 one after a depthwise one:
+/// [`sqil_ir::lowered::run_depthwise_chain`]); its time is that step's.
 pub const IN_PASS: &str = "fused into the step before";
 
 /// What a run records per step: wall time (seconds, added), and whether another step's kernel
@@ -267,7 +267,7 @@ struct DepthwiseNext<'p> {
 /// The Conv step right after step `last` that reads value `v` (the end of an int4 step's
 /// epilogue) as its input where `v` dies (no other step reads it, not an output), its weight and
 /// bias computed already; whether it is depthwise, and the pair takes the one-pass kernel, is
-/// [`sqil_ir::lowered::run_q4_into_depthwise`]'s to decide.
+/// [`sqil_ir::lowered::run_depthwise_chain`]'s to decide.
 fn depthwise_after<'p>(
     plan: &'p Plan,
     last: usize,

@@ -424,17 +424,11 @@ pub fn depthwise_conv(
     post: &[Post],
     out: &mut [f32],
 ) {
-    let two = |v: &[usize], one: usize| if v.len() == 1 { (one, v[0]) } else { (v[0], v[1]) };
     assert!(matches!(geo.input.len(), 1 | 2), "depthwise_conv: 1-D or 2-D");
-    let (h, w) = two(&geo.input, 1);
-    let (kh, kw) = two(&geo.kernel, 1);
-    let (sh, sw) = two(&geo.strides, 1);
-    let (dh, dw) = two(&geo.dilations, 1);
-    let (oh, ow) = two(&geo.output, 1);
-    let (ph, pw) =
-        if geo.pads_begin.len() == 1 { (0, geo.pads_begin[0]) } else { (geo.pads_begin[0], geo.pads_begin[1]) };
+    let channels = weights.len() / geo.kernel_len().max(1);
+    let g = Depthwise::of(geo, channels);
+    let Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, .. } = g;
     let (il, kl, ol) = (h * w, kh * kw, oh * ow);
-    let channels = weights.len() / kl.max(1);
     assert!(input.len() >= channels * il && out.len() >= channels * ol, "depthwise_conv: buffer sizes");
     assert!(bias.is_none_or(|b| b.len() >= channels), "depthwise_conv: bias size");
     if ol == 0 || channels == 0 {
@@ -442,7 +436,6 @@ pub fn depthwise_conv(
     }
     #[cfg(target_arch = "x86_64")]
     if channels >= 8 && crate::isa() != crate::Isa::Generic {
-        let g = Depthwise::of(geo, channels);
         let wide = crate::isa() == crate::Isa::Avx512Vnni && kh * kw <= DEPTHWISE_WIDE_TAPS;
         // The ops the kernel applies in registers, then the rest over its outputs.
         let (reg, rest) = post_split(post);
@@ -547,7 +540,7 @@ pub fn copy_strided(src: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize,
 }
 
 /// A 2-D depthwise convolution's geometry (1-D: one row).
-#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
 struct Depthwise {
     h: usize,
     w: usize,
@@ -564,7 +557,6 @@ struct Depthwise {
     channels: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
 impl Depthwise {
     /// The geometry of a 1-D or 2-D depthwise convolution (1-D: one row).
     fn of(geo: &ConvGeometry, channels: usize) -> Depthwise {
