@@ -1524,6 +1524,41 @@ pub fn silu_fake_quant_in_place(v: &mut [f32], (scale, zero, lo, hi): (f32, f32,
     post_in_place(rest, &[Post::FakeQuant { scale, zero, lo, hi }]);
 }
 
+/// Per plane of `v` (`[planes][il]`, `il > 0`), the f64 sum of its values in order from `init`
+/// (`out[p] = fold(init, + v as f64)` over the plane): eight planes per f64 vector with AVX-512
+/// (the same additions in the same order per plane), the rest one value at a time, eight planes
+/// interleaved.
+pub fn plane_sums_f64(v: &[f32], il: usize, init: f64, out: &mut [f64]) {
+    assert!(il > 0 && out.len() >= v.len() / il, "plane_sums_f64: sizes");
+    let planes = v.len() / il;
+    #[cfg(target_arch = "x86_64")]
+    let done = match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the sizes are asserted above.
+        crate::Isa::Avx512Vnni => unsafe { crate::x86_64::avx512::avx512_plane_sums(v, il, init, out) },
+        _ => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    const P: usize = 8;
+    let mut p0 = done;
+    while p0 + P <= planes {
+        let rows: [&[f32]; P] = std::array::from_fn(|c| &v[(p0 + c) * il..(p0 + c + 1) * il]);
+        let mut acc = [init; P];
+        // Index by j over all eight rows (the chains advance together).
+        #[allow(clippy::needless_range_loop)]
+        for j in 0..il {
+            for c in 0..P {
+                acc[c] += rows[c][j] as f64;
+            }
+        }
+        out[p0..p0 + P].copy_from_slice(&acc);
+        p0 += P;
+    }
+    for p in p0..planes {
+        out[p] = v[p * il..(p + 1) * il].iter().fold(init, |a, &e| a + e as f64);
+    }
+}
+
 /// A [`Post`] chain in the form vector kernels specialize on: one clamp (a ReLU is the clamp to
 /// `[0, inf]`: `x < 0 ? 0 : x` either way, -0 and NaN kept), then one FakeQuant, either absent;
 /// any other chain is run op by op (`chain`).

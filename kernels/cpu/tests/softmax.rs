@@ -511,3 +511,41 @@ fn silu_then_fake_quant_equals_the_two_ops() {
     }
     assert!(checked > 300_000, "{checked} values checked");
 }
+
+/// Per-plane f64 sums (GlobalAveragePool's) equal the in-order fold from the same start, bit for
+/// bit: 1-70 planes (the 32- and 8-plane vector blocks and the rest), 1-50 values per plane (the
+/// 8-position blocks and the rest), -0.0 as the start, signed zeros, infinities, NaN and values
+/// whose sums round.
+#[test]
+fn plane_sums_equal_the_fold() {
+    use sqil_kernels_cpu::generic::plane_sums_f64;
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    for planes in 1..70usize {
+        for il in [1usize, 2, 7, 8, 9, 15, 16, 17, 36, 49, 50] {
+            let v: Vec<f32> = (0..planes * il)
+                .map(|_| match next() % 97 {
+                    0 => -0.0,
+                    1 => f32::INFINITY,
+                    2 if planes % 5 == 0 => f32::NAN,
+                    _ => {
+                        ((next() >> 11) as f64 / (1u64 << 53) as f64 * 2e3 - 1e3) as f32
+                            * [1.0, 1e-7, 3e5][(next() % 3) as usize]
+                    }
+                })
+                .collect();
+            let init = -0.0f64;
+            let want: Vec<u64> = v.chunks(il).map(|c| c.iter().fold(init, |a, &e| a + e as f64).to_bits()).collect();
+            let mut got = vec![7.0f64; planes];
+            plane_sums_f64(&v, il, init, &mut got);
+            let canon = |x: f64| if x.is_nan() { u64::MAX } else { x.to_bits() };
+            let want: Vec<u64> = want.iter().map(|&b| canon(f64::from_bits(b))).collect();
+            assert_eq!(got.iter().map(|&x| canon(x)).collect::<Vec<_>>(), want, "{planes} planes of {il}");
+        }
+    }
+}

@@ -421,31 +421,13 @@ pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
 
 /// Each plane's mean of `v` (planes of `il` values) as `global_average_pool` defines it: the f64
 /// sum in order from the neutral element `Iterator::sum` starts from, divided by `il`, rounded
-/// to f32. Eight planes at a time, each its own chain (one chain at a time waited on every add).
+/// to f32 (the sums by `plane_sums_f64`: the same additions in the same order, planes in
+/// vector lanes where the CPU has them).
 fn plane_means_f32(v: &[f32], il: usize) -> Vec<f32> {
-    const P: usize = 8;
     let init: f64 = std::iter::empty::<f64>().sum();
-    let planes = v.len() / il;
-    let mut out = Vec::with_capacity(planes);
-    let mut p0 = 0;
-    while p0 + P <= planes {
-        let rows: [&[f32]; P] = std::array::from_fn(|c| &v[(p0 + c) * il..(p0 + c + 1) * il]);
-        let mut acc = [init; P];
-        // Index by j over all eight rows (the chains advance together).
-        #[allow(clippy::needless_range_loop)]
-        for j in 0..il {
-            for c in 0..P {
-                acc[c] += rows[c][j] as f64;
-            }
-        }
-        out.extend(acc.iter().map(|&a| (a / il as f64) as f32));
-        p0 += P;
-    }
-    for p in p0..planes {
-        let sum = v[p * il..(p + 1) * il].iter().fold(init, |a, &e| a + e as f64);
-        out.push((sum / il as f64) as f32);
-    }
-    out
+    let mut sums = vec![0f64; v.len() / il];
+    sqil_kernels_cpu::generic::plane_sums_f64(v, il, init, &mut sums);
+    sums.iter().map(|&a| (a / il as f64) as f32).collect()
 }
 
 /// Softmax / LogSoftmax in f64 with sqil's exponential (`exp_nonpos`, the same bits on every

@@ -1280,6 +1280,66 @@ pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32,
     n
 }
 
+/// Per plane of `v` (`[planes][il]`), the f64 sum of its values in order from `init` (each
+/// value converted exactly, one addition at a time), for the first planes in groups of eight:
+/// eight planes in the lanes of one f64 vector (their values at eight positions transposed in
+/// registers), up to four such vectors in flight. The same additions in the same order per
+/// plane as the scalar loop. Returns how many planes were summed (a multiple of 8).
+///
+/// # Safety
+/// AVX-512 F, AVX2 and FMA; `out` holds `v.len() / il` values.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_plane_sums(v: &[f32], il: usize, init: f64, out: &mut [f64]) -> usize {
+    let planes = v.len() / il.max(1);
+    assert!(il > 0 && out.len() >= planes);
+    let mut p0 = 0;
+    while p0 + 32 <= planes {
+        plane_sums_block::<4>(v, il, init, p0, out);
+        p0 += 32;
+    }
+    while p0 + 8 <= planes {
+        plane_sums_block::<1>(v, il, init, p0, out);
+        p0 += 8;
+    }
+    p0
+}
+
+/// [`avx512_plane_sums`] for planes `p0..p0 + 8 G`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn plane_sums_block<const G: usize>(v: &[f32], il: usize, init: f64, p0: usize, out: &mut [f64]) {
+    let vp = v.as_ptr();
+    let mut acc = [_mm512_set1_pd(init); G];
+    let il8 = il / 8 * 8;
+    let mut j = 0;
+    while j < il8 {
+        for (g, a) in acc.iter_mut().enumerate() {
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (r, row) in rows.iter_mut().enumerate() {
+                *row = _mm256_loadu_ps(vp.add((p0 + 8 * g + r) * il + j));
+            }
+            // Column c: the eight planes' values at position j + c.
+            let cols = crate::generic::transpose8(rows);
+            for c in cols {
+                *a = _mm512_add_pd(*a, _mm512_cvtps_pd(c));
+            }
+        }
+        j += 8;
+    }
+    for j in il8..il {
+        for (g, a) in acc.iter_mut().enumerate() {
+            let mut col = [0f32; 8];
+            for (r, c) in col.iter_mut().enumerate() {
+                *c = *vp.add((p0 + 8 * g + r) * il + j);
+            }
+            *a = _mm512_add_pd(*a, _mm512_cvtps_pd(_mm256_loadu_ps(col.as_ptr())));
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        _mm512_storeu_pd(out.as_mut_ptr().add(p0 + 8 * g), *a);
+    }
+}
+
 /// Where [`pointwise_blocks`] stores its outputs: row `r`, position `o` at `y + r * ys + o`, or
 /// with `tile` at `y + r * ys + (o - o0)` for the block starting at `o0` (a tile of `ys >= 32`
 /// positions that the block's `flush` then empties).
