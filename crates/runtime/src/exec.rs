@@ -111,7 +111,7 @@ impl Execute for Plan {
                 }
             })
             .collect();
-        // The depthwise convolutions an int4 step's kernel ran (no time of their own).
+        // The steps another step ran in its own pass (no time of their own).
         let mut probe = Probe::new(self);
         exec(self, feeds, threads, Some(&mut probe), false)?;
         for (p, _) in paths.iter_mut().zip(&probe.inside).filter(|(_, &inside)| inside) {
