@@ -355,14 +355,7 @@ pub fn im2col_table(input: &[f32], channels: usize, table: &[Option<usize>], geo
 /// row, the input row's window (a contiguous copy at stride 1, a strided one otherwise) and
 /// zeros where it falls outside the image. The same values (copies) as the table's gather.
 fn im2col_direct(input: &[f32], channels: usize, geo: &ConvGeometry, out: &mut [f32]) {
-    let two = |v: &[usize], one: usize| if v.len() == 1 { (one, v[0]) } else { (v[0], v[1]) };
-    let (h, w) = two(&geo.input, 1);
-    let (kh, kw) = two(&geo.kernel, 1);
-    let (sh, sw) = two(&geo.strides, 1);
-    let (dh, dw) = two(&geo.dilations, 1);
-    let (oh, ow) = two(&geo.output, 1);
-    let (ph, pw) =
-        if geo.pads_begin.len() == 1 { (0, geo.pads_begin[0]) } else { (geo.pads_begin[0], geo.pads_begin[1]) };
+    let Depthwise { h, w, kh, kw, sh, sw, dh, dw, oh, ow, ph, pw, .. } = Depthwise::of(geo, channels);
     let (il, kl, ol) = (h * w, kh * kw, oh * ow);
     assert!(out.len() >= channels * kl * ol && input.len() >= channels * il, "im2col: buffer sizes");
     for c in 0..channels {
@@ -539,7 +532,8 @@ pub fn copy_strided(src: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize,
     }
 }
 
-/// A 2-D depthwise convolution's geometry (1-D: one row).
+/// A 1-D or 2-D convolution's geometry per axis (1-D: one row) and its channels: the depthwise
+/// kernels' and `im2col_direct`'s.
 #[derive(Clone, Copy)]
 struct Depthwise {
     h: usize,
@@ -558,7 +552,7 @@ struct Depthwise {
 }
 
 impl Depthwise {
-    /// The geometry of a 1-D or 2-D depthwise convolution (1-D: one row).
+    /// The geometry of a 1-D or 2-D convolution (1-D: one row).
     fn of(geo: &ConvGeometry, channels: usize) -> Depthwise {
         let two = |v: &[usize], one: usize| if v.len() == 1 { (one, v[0]) } else { (v[0], v[1]) };
         let (h, w) = two(&geo.input, 1);
