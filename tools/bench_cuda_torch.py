@@ -55,25 +55,47 @@ def policy_bench(path, iters):
             for x, h in zip(xin, hosts):
                 x.copy_(h.to(dtype), non_blocking=True)
 
+        def act():
+            # Several outputs: one action vector (sqil's GPU policy copies them out as one).
+            outs = f(*xin)
+            return outs[0] if len(outs) == 1 else torch.cat([o.reshape(-1) for o in outs])
+
         def eager():
             copy_in()
-            return f(*xin)[0].float().cpu()
+            return act().float().cpu()
 
         g = torch.cuda.CUDAGraph()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
             for _ in range(3):
-                out = f(*xin)[0]
+                out = act()
         torch.cuda.current_stream().wait_stream(s)
         with torch.cuda.graph(g):
-            out = f(*xin)[0]
+            out = act()
 
         def graph():
             copy_in()
             g.replay()
             return out.float().cpu()
 
+        # The rebuilt graph computes the model: its f32 actions against onnxruntime's (no graph
+        # optimisations) on the same state, where onnxruntime is installed.
+        check = {}
+        if dtype == torch.float32:
+            try:
+                import numpy as np
+                import onnxruntime as ort
+
+                so = ort.SessionOptions()
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+                feeds = {vi.name: h.numpy() for vi, h in zip(m.graph.input, hosts)}
+                want = np.concatenate([o.reshape(-1) for o in sess.run(None, feeds)])
+                got = eager().numpy().reshape(-1)
+                check = {"max_rel_diff_vs_onnxruntime": float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-6))}
+            except ImportError:
+                pass
         for fn, mode in ((eager, "eager"), (graph, "graph")):
             for _ in range(20):
                 fn()
@@ -84,7 +106,7 @@ def policy_bench(path, iters):
                 ts.append(time.perf_counter() - t0)
             ts.sort()
             print(json.dumps({"gpu": name, "engine": f"{label} {mode}", "policy": str(path),
-                              "us": round(ts[len(ts) // 2] * 1e6, 2)}), flush=True)
+                              "us": round(ts[len(ts) // 2] * 1e6, 2), **check}), flush=True)
 
 
 def main():

@@ -741,6 +741,67 @@ SQIL_KERNEL void sqil_pool2d(SQIL_VARGS const float *__restrict__ x, const int *
     y[i] = (is_max ? best : s / (float)(div ? div[o] : div0));
 }
 
+// ConvTranspose (2-D; 1-D lifted to one row) as the interpreter computes it: one thread per
+// output (channel mo of m, position t of ol); per tap r in order whose input position j =
+// inv[t kl + r] exists (-1: none), the fma chain over the group's cg input channels, added to
+// the output (col2im's order), then the bias. Weights [c][mg][kl] (ONNX's [C, M / group, k...]).
+SQIL_KERNEL void sqil_conv_transpose_f32(SQIL_VARGS const float *__restrict__ x, const int *__restrict__ inv,
+                                                   const float *__restrict__ w, const float *__restrict__ bias,
+                                                   float *__restrict__ y, int m, int cg, int mg, int kl, int il,
+                                                   int ol)
+{
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
+    if (i >= m * ol) {
+        return;
+    }
+    const int mo = i / ol, t = i % ol, g = mo / mg, mi = mo % mg;
+    float acc = 0.0f;
+    for (int r = 0; r < kl; r++) {
+        const int j = inv[(long)t * kl + r];
+        if (j < 0) {
+            continue;
+        }
+        float s = 0.0f;
+        for (int ci = 0; ci < cg; ci++) {
+            const long c = (long)g * cg + ci;
+            s = __fmaf_rn(w[(c * mg + mi) * kl + r], x[c * il + j], s);
+        }
+        acc = __fadd_rn(acc, s);
+    }
+    if (bias) {
+        acc = __fadd_rn(acc, bias[mo]);
+    }
+    y[i] = acc;
+}
+
+// ReduceMean (op 0), ReduceSum (1), ReduceMax (2) as the interpreter computes them: per output i
+// its `count` elements x[base[i] + off[j]] in flat order, accumulated in double (max: a NaN, once
+// seen, stays), the mean divided by the count in double, rounded to f32 once. One thread per
+// output.
+SQIL_KERNEL void sqil_reduce_f64(SQIL_VARGS const float *__restrict__ x, const int *__restrict__ base,
+                                           const int *__restrict__ off, float *__restrict__ y, int n, int count,
+                                           int op)
+{
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
+    if (i >= n) {
+        return;
+    }
+    const float *xb = x + base[i];
+    double a = op == 2 ? __longlong_as_double(0xfff0000000000000ull) : 0.0;
+    for (int j = 0; j < count; j++) {
+        const double e = (double)xb[off[j]];
+        if (op == 2) {
+            a = (e > a || e != e) ? e : a;
+        } else {
+            a = __dadd_rn(a, e);
+        }
+    }
+    if (op == 0) {
+        a = __ddiv_rn(a, (double)count);
+    }
+    y[i] = __double2float_rn(a);
+}
+
 // y[r] = mean of x[r, 0..inner) (GlobalAveragePool); one warp per row.
 SQIL_KERNEL void sqil_mean_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y, int rows,
                                           int inner)

@@ -173,6 +173,28 @@ def build(model, dtype, device, wq=None, aq=None):
                 else:
                     y = F.avg_pool2d(x, ks, st, pads[:len(ks)], bool(at.get("ceil_mode", 0)),
                                      bool(at.get("count_include_pad", 0)))
+            elif t == "HardSigmoid":
+                y = torch.clamp(at.get("alpha", 0.2) * x + at.get("beta", 0.5), 0.0, 1.0)
+            elif t in ("ReduceMean", "ReduceSum", "ReduceMax"):
+                axes = ints(i[1]) if len(i) > 1 and i[1] is not None else at.get("axes")
+                keep = bool(at.get("keepdims", 1))
+                if not axes:
+                    axes = None if not at.get("noop_with_empty_axes", 0) else []
+                if axes == []:
+                    y = x
+                elif t == "ReduceMax":
+                    y = torch.amax(x, dim=tuple(axes) if axes else tuple(range(x.dim())), keepdim=keep)
+                else:
+                    f = torch.mean if t == "ReduceMean" else torch.sum
+                    y = f(x, dim=tuple(axes) if axes else tuple(range(x.dim())), keepdim=keep)
+            elif t == "ConvTranspose":
+                k = len(i[1].shape) - 2
+                pads = at.get("pads", [0] * 2 * k)
+                if pads[:k] != pads[k:] or at.get("output_shape") or at.get("auto_pad", "NOTSET") != "NOTSET":
+                    raise SystemExit(f"onnx_torch: ConvTranspose {n.name}: asymmetric pads / output_shape")
+                conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[k]
+                y = conv(x, i[1], i[2] if len(i) > 2 else None, at.get("strides", 1), pads[:k],
+                         at.get("output_padding", 0), at.get("group", 1), at.get("dilations", 1))
             elif t == "GlobalAveragePool":
                 y = x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
             else:

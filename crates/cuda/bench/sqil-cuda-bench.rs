@@ -498,7 +498,8 @@ fn bench_policy(
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| e.to_string())?;
-        Ok(policy.run(&feeds).map_err(|e| e.to_string())?.remove(0).data.to_f32_vec())
+        // Several outputs: one action vector, concatenated in order (as the GPU policy writes it).
+        Ok(policy.run(&feeds).map_err(|e| e.to_string())?.iter().flat_map(|t| t.data.to_f32_vec()).collect())
     };
     use sqil_cuda::policy::Mode;
     let mut gp = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
@@ -903,6 +904,7 @@ extern "C" __global__ void sqil_probe_hs(volatile unsigned *ctl, unsigned long l
                 in_len: 64,
                 output: 0,
                 out_len: 8,
+                out_lens: vec![8],
                 describe: vec![],
                 labels: vec![],
                 sources: vec![],

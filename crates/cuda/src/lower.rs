@@ -61,6 +61,8 @@ pub struct Lowered {
     pub in_lens: Vec<usize>,
     pub in_len: usize,
     pub output: usize,
+    /// The outputs' lengths, in order; they sit one after another in the output buffer.
+    pub out_lens: Vec<usize>,
     pub out_len: usize,
     pub describe: Vec<String>,
     /// Per lowered step, the kernel and the plan step it comes from (for profiles).
@@ -113,8 +115,9 @@ fn int(v: usize) -> KArg<HostArr> {
     KArg::I32(v as i32)
 }
 
-/// Lowers `policy` (one output, every input dimension but the batch known) for the GPU: the
-/// plan's steps over fp16 buffers, int4 layers repacked in the CUDA layout.
+/// Lowers `policy` (every input dimension but the batch known) for the GPU: the plan's steps over
+/// f32 buffers, int4 layers repacked in the CUDA layout; several outputs are one action vector,
+/// concatenated in order (one copy out).
 ///
 /// Fewer launches than plan steps (a small policy's replay time is its launch count): reshapes
 /// alias their input's buffer; data movement is deferred and composed (a transformer's Split ->
@@ -125,8 +128,8 @@ fn int(v: usize) -> KArg<HostArr> {
 /// leaves separate are printed as generated kernels, consecutive ones merged into one.
 pub fn lower(policy: &Policy) -> Result<Lowered> {
     let plan = &policy.plan;
-    if plan.outputs.len() != 1 {
-        return Err("the GPU policy has one output".into());
+    if plan.outputs.is_empty() {
+        return Err("the policy has no output".into());
     }
     let mut feeds = vec![];
     for shape in policy.input_shapes() {
@@ -184,18 +187,47 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
         }
         describe.push(d);
     }
-    let out = plan.outputs[0];
-    if l.input_of(out).is_some() {
-        return Err("the policy's output is its input".into());
-    }
     l.what = "the policy's output".into();
-    let output = l.dyn_buf(out)?;
+    let mut out_lens = vec![];
+    for &out in &plan.outputs {
+        if l.input_of(out).is_some() {
+            return Err("the policy's output is its input".into());
+        }
+        out_lens.push(env[out].as_ref().map_or(0, |t| t.len()));
+    }
+    let output = if let [out] = plan.outputs[..] {
+        l.dyn_buf(out)?
+    } else {
+        // Several outputs: copied one after another into one buffer (one copy out).
+        let mut elems = vec![];
+        for &out in &plan.outputs {
+            if l.is_const[out] {
+                elems.extend(l.val(out)?.data.to_f32_vec().into_iter().map(Elem::Const));
+            } else {
+                elems.extend(l.elems(out)?);
+            }
+        }
+        let y = l.new_buf(elems.len());
+        l.emit_copy(&elems, y);
+        y
+    };
     while labels.len() < l.steps.len() {
         labels.push(format!("{}: output", step_kernel(&l.steps[labels.len()])));
     }
-    let out_len = env[out].as_ref().map_or(0, |t| t.len());
+    let out_len = out_lens.iter().sum();
     let in_len = in_lens.iter().sum();
-    Ok(Lowered { bufs: l.bufs, steps: l.steps, in_lens, in_len, output, out_len, describe, labels, sources: l.sources })
+    Ok(Lowered {
+        bufs: l.bufs,
+        steps: l.steps,
+        in_lens,
+        in_len,
+        output,
+        out_len,
+        out_lens,
+        describe,
+        labels,
+        sources: l.sources,
+    })
 }
 
 /// A value whose steps are deferred until something reads its buffer.
@@ -873,10 +905,10 @@ impl<'a> Lowerer<'a> {
             Op::Conv(c) => {
                 let xt = self.ival(inputs, 0)?;
                 let w = self.iconst(inputs, 1).ok_or_else(|| self.err("computed weight"))?;
-                if xt.rank() != 4 || xt.shape[0] != 1 {
-                    return Err(self.err("convolutions other than 2-D on one image"));
+                if !(3..=4).contains(&xt.rank()) || xt.shape[0] != 1 {
+                    return Err(self.err("convolutions other than 1-D or 2-D on one image"));
                 }
-                let geo = c.input_geometry(&xt.shape, &w.shape).map_err(|e| e.to_string())?;
+                let geo = geo_2d(c.input_geometry(&xt.shape, &w.shape).map_err(|e| e.to_string())?);
                 let mut items = geo_items(xt.shape[1], &geo);
                 items.push(c.group as i32);
                 let bias = match self.iconst(inputs, 2) {
@@ -896,10 +928,11 @@ impl<'a> Lowerer<'a> {
             }
             Op::MaxPool(p) | Op::AveragePool(p) if outputs.len() == 1 => {
                 let xt = self.ival(inputs, 0)?;
-                if xt.rank() != 4 {
-                    return Err(self.err("pooling other than 2-D"));
+                if !(3..=4).contains(&xt.rank()) {
+                    return Err(self.err("pooling other than 1-D or 2-D"));
                 }
                 let (geo, counts) = p.windows(&xt.shape[2..]).map_err(|e| e.to_string())?;
+                let geo = geo_2d(geo);
                 let is_max = matches!(op, Op::MaxPool(_));
                 let (div, div0) = if is_max || counts.iter().all(|&c| c == counts[0]) {
                     (KArg::Null, counts.first().copied().unwrap_or(1).max(1))
@@ -917,6 +950,76 @@ impl<'a> Lowerer<'a> {
                 ];
                 self.steps.push(kernel("sqil_pool2d", n, args));
             }
+            Op::ConvTranspose(c) => {
+                let xt = self.ival(inputs, 0)?;
+                let w = self.iconst(inputs, 1).ok_or_else(|| self.err("computed weight"))?;
+                if !(3..=4).contains(&xt.rank()) || xt.shape[0] != 1 {
+                    return Err(self.err("transposed convolutions other than 1-D or 2-D on one image"));
+                }
+                let geo = c.transpose_geometry(&xt.shape, &w.shape).map_err(|e| e.to_string())?;
+                // The interpreter's col2im table, (tap, input position) -> output position,
+                // inverted: per output position and tap, the input position or -1.
+                let (kl, il, ol) = (geo.kernel_len(), geo.output_len(), geo.input_len());
+                let mut inv = vec![-1i32; ol * kl];
+                for (r, taps) in geo.gather_table().chunks_exact(il.max(1)).enumerate() {
+                    for (j, t) in taps.iter().enumerate() {
+                        if let Some(t) = t {
+                            inv[t * kl + r] = j as i32;
+                        }
+                    }
+                }
+                let (group, c_in) = (c.group as usize, xt.shape[1]);
+                let (cg, mg) = (c_in / group.max(1), w.shape[1]);
+                let bias = match self.iconst(inputs, 2) {
+                    Some(b) => f32_arr(b.data.to_f32_vec()),
+                    None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
+                    None => KArg::Null,
+                };
+                let args = vec![
+                    KArg::Buf(x0()?),
+                    KArg::Arr(HostArr::I32(inv)),
+                    f32_arr(w.data.to_f32_vec()),
+                    bias,
+                    KArg::Buf(yb[0]),
+                    int(mg * group),
+                    int(cg),
+                    int(mg),
+                    int(kl),
+                    int(il),
+                    int(ol),
+                ];
+                self.steps.push(kernel("sqil_conv_transpose_f32", n, args));
+            }
+            Op::Reduce { op: r, noop_with_empty_axes, .. } => {
+                let xt = self.ival(inputs, 0)?;
+                let axes = match inputs.get(1).copied().flatten() {
+                    None => None,
+                    Some(_) => Some(self.iconst(inputs, 1).ok_or_else(|| self.err("computed axes"))?.data.to_i64_vec()),
+                };
+                let tables =
+                    sqil_ir::ops::reduce_tables(&xt.shape, axes, *noop_with_empty_axes).map_err(|e| e.to_string())?;
+                let code = match (r, &tables) {
+                    // Nothing reduced: a copy, which the max of one element is, bit for bit.
+                    (_, None) | (sqil_ir::ops::ReduceOp::Max, _) => 2,
+                    (sqil_ir::ops::ReduceOp::Mean, _) => 0,
+                    (sqil_ir::ops::ReduceOp::Sum, _) => 1,
+                };
+                let (base, off) = tables.unwrap_or_else(|| ((0..xt.len()).collect(), vec![0]));
+                if base.len() != n {
+                    return Err(self.err("outputs and slots disagree"));
+                }
+                let count = off.len();
+                let args = vec![
+                    KArg::Buf(x0()?),
+                    i32_arr(&base),
+                    i32_arr(&off),
+                    KArg::Buf(yb[0]),
+                    int(n),
+                    int(count),
+                    KArg::I32(code),
+                ];
+                self.steps.push(kernel("sqil_reduce_f64", n, args));
+            }
             Op::GlobalAveragePool => {
                 let inner = self.ival(inputs, 0)?.len() / n.max(1);
                 self.steps.push(kernel(
@@ -929,6 +1032,19 @@ impl<'a> Lowerer<'a> {
         }
         Ok(())
     }
+}
+
+/// A 1-D window geometry as a 2-D one of a single row (the kernels' form); 2-D as it is.
+fn geo_2d(mut g: sqil_kernels_cpu::ConvGeometry) -> sqil_kernels_cpu::ConvGeometry {
+    if g.input.len() == 1 {
+        g.input.insert(0, 1);
+        g.kernel.insert(0, 1);
+        g.strides.insert(0, 1);
+        g.dilations.insert(0, 1);
+        g.pads_begin.insert(0, 0);
+        g.output.insert(0, 1);
+    }
+    g
 }
 
 /// A 2-D window geometry as the kernels take it (`ConvGeometry::kernel_params`).

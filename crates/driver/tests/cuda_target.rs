@@ -9,6 +9,8 @@ use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Policy;
 use std::path::PathBuf;
 
+mod common;
+
 fn quantized(name: &str) -> Policy {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
     let fp = sqil_driver::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
@@ -177,4 +179,61 @@ fn persistent_programs_for_the_testdata_policies() {
         }
     }
     std::fs::remove_dir_all(&cache).ok();
+}
+
+/// The ops of a diffusion U-Net step and of pooled transformer heads (Conv1d float and int4,
+/// ConvTranspose1d, MaxPool1d, ReduceMean) and a policy of two outputs lower without a GPU: 1-D
+/// windows as one-row 2-D ones, the transposed convolution and the reduction as their kernels,
+/// the outputs copied one after another into one action vector; the standalone file and the
+/// persistent program compile with NVRTC. (`gpu_policy.rs` checks their bits on a GPU.)
+#[test]
+fn one_dimensional_ops_and_several_outputs_lower() {
+    let mut r = sqil_ir::testing::Rng::new(11);
+    let (c, len) = (4, 16);
+    let g = common::conv1d(&mut r, c, len);
+    let calib: Vec<f32> = (0..64 * c * len).map(|_| r.unit()).collect();
+    let x = sqil_ir::Tensor::from_f32(vec![64, c, len], calib).unwrap();
+    let feeds = vec![std::collections::HashMap::from([("x".to_string(), x)])];
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings("wbits=4,abits=8,group=32").unwrap();
+    let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
+    let p = Policy::from_graph(&sim).unwrap();
+    let l = sqil_cuda::lower::lower(&p).unwrap();
+    assert_eq!(l.out_lens, vec![6, 3]);
+    assert_eq!(l.out_len, 9);
+    let kernels: Vec<&str> = l
+        .steps
+        .iter()
+        .map(|s| {
+            let sqil_cuda::lower::LStep::Kernel { name, .. } = s;
+            name.as_str()
+        })
+        .collect();
+    for k in ["sqil_conv2d_f32", "sqil_q4_conv_int", "sqil_conv_transpose_f32", "sqil_pool2d", "sqil_reduce_f64"] {
+        assert!(kernels.contains(&k), "no {k} step in {kernels:?}");
+    }
+    // The two outputs gathered into the output buffer: the last steps copy into it.
+    let sqil_cuda::lower::LStep::Kernel { name, args, .. } = l.steps.last().unwrap();
+    assert_eq!(name, "sqil_copy_pairs");
+    assert!(matches!(args[1], sqil_cuda::lower::KArg::Buf(b) if b == l.output));
+    let state = vec![0.25f32; l.in_len];
+    let want = p.run(&[sqil_ir::Tensor::from_f32(vec![1, c, len], state.clone()).unwrap()]).unwrap();
+    let want: Vec<f32> = want.iter().flat_map(|t| t.data.to_f32_vec()).collect();
+    let src = sqil_codegen::cuda::emit_cu(&p, &[state], &[want], 0.02).unwrap();
+    assert_eq!(src.matches("<<<").count(), l.steps.len());
+    assert!(src.contains("#define OUT_LEN 9"));
+    let cache = std::env::temp_dir().join(format!("sqil-fused-ptx-1d-{}", std::process::id()));
+    std::env::set_var("SQIL_CACHE", &cache);
+    let f = sqil_cuda::fused::fuse(&l).unwrap();
+    if sqil_cuda::nvrtc_present() {
+        for (k, src) in &l.sources {
+            let full = format!("{}{src}", sqil_cuda::FP16_CUH);
+            sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{k}: {e}"));
+        }
+        sqil_cuda::compile(&f.name, &f.src, "compute_90").unwrap();
+    } else {
+        assert!(std::env::var("SQIL_REQUIRE_NVRTC").as_deref() != Ok("1"), "NVRTC missing and SQIL_REQUIRE_NVRTC=1");
+        eprintln!("skipping the NVRTC compiles: libnvrtc not found");
+    }
+    let _ = std::fs::remove_dir_all(cache);
 }

@@ -148,3 +148,52 @@ fn convolutions_over_partial_groups_match_the_cpu() {
         eprintln!("{settings}: {} states bit for bit on every path", states.len());
     }
 }
+
+/// A 1-D policy with two outputs (`common::conv1d`: Conv1d float and int4, ConvTranspose1d,
+/// MaxPool1d, ReduceMean, a Gemm head): the ops of a diffusion U-Net step and of a transformer's
+/// pooled head, which had no GPU lowering. Every path gives the same bits, the outputs
+/// concatenated in order, within `GPU_TOL` of the CPU runtime.
+#[test]
+fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
+    let Some(gpu) = common::gpu_or_skip("the 1-D, two-output policy") else { return };
+    let mut r = sqil_ir::testing::Rng::new(11);
+    let (c, len) = (4, 16);
+    let g = common::conv1d(&mut r, c, len);
+    let per = c * len;
+    let shaped = |n: usize, v: Vec<f32>| sqil_ir::Tensor::from_f32(vec![n, c, len], v).unwrap();
+    let calib: Vec<f32> = (0..64 * per).map(|_| r.unit()).collect();
+    let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(64, calib))])];
+    for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=float,group=32"] {
+        let mut cfg = QuantConfig::default();
+        cfg.apply_settings(settings).unwrap();
+        let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
+        let p = Policy::from_graph(&sim).unwrap();
+        let states: Vec<Vec<f32>> = (0..6).map(|_| (0..per).map(|_| r.unit() * 1.5).collect()).collect();
+        let cpu: Vec<Vec<f32>> = states
+            .iter()
+            .map(|x| p.run(&[shaped(1, x.clone())]).unwrap().iter().flat_map(|t| t.data.to_f32_vec()).collect())
+            .collect();
+        assert!(cpu.iter().all(|a| a.len() == 6 + 3));
+        let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{settings}: {e}"));
+        let run = |gp: &mut GpuPolicy| -> Vec<Vec<f32>> { states.iter().map(|x| gp.act(&gpu, x).unwrap()).collect() };
+        let steps = run(&mut gp);
+        let (mut worst, mut scale) = (0f32, 1e-6f32);
+        for (a, b) in steps.iter().flatten().zip(cpu.iter().flatten()) {
+            scale = scale.max(b.abs());
+            worst = worst.max((a - b).abs());
+        }
+        assert!(worst / scale <= GPU_TOL, "{settings}: {} from the CPU", worst / scale);
+        gp.capture(&gpu).unwrap();
+        gp.set_mode(Mode::Graph).unwrap();
+        assert_eq!(run(&mut gp), steps, "{settings}: graph");
+        if gp.has_persistent() {
+            gp.set_mode(Mode::Persistent).unwrap();
+            assert_eq!(run(&mut gp), steps, "{settings}: program");
+        }
+        eprintln!(
+            "{settings}: {} states, {:.1e} from the CPU, the same bits on every path",
+            states.len(),
+            worst / scale
+        );
+    }
+}

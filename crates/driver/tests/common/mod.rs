@@ -155,3 +155,51 @@ pub fn cnn(r: &mut Rng, c: usize, s: usize) -> Graph {
     g.outputs.push(y);
     g
 }
+
+/// A 1-D policy with the ops of a diffusion U-Net and a transformer head: [N, c, len] -> Conv1d 5
+/// to 16 + Tanh -> Conv1d 3 to 12 + ReLU -> ConvTranspose1d 4 / 2 to 6 -> MaxPool1d 2, then two
+/// outputs: ReduceMean over positions ([N, 6]) and a Gemm head on the flattened pool ([N, 3]).
+pub fn conv1d(r: &mut Rng, c: usize, len: usize) -> Graph {
+    let attrs = |k: i64, stride: i64, pad: i64| ConvAttrs {
+        auto_pad: AutoPad::NotSet,
+        dilations: vec![1],
+        group: 1,
+        kernel_shape: vec![k],
+        pads: vec![pad; 2],
+        strides: vec![stride],
+        output_padding: vec![],
+        output_shape: vec![],
+    };
+    let mut g = Graph::new("conv1d");
+    let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(c), Dim::Known(len)]));
+    let (w, b) = (g.add_const("w1", r.tensor(vec![16, c, 5], 0.3)), g.add_const("b1", r.tensor(vec![16], 0.1)));
+    let h = g.add_inferred("conv1", Op::Conv(attrs(5, 1, 2)), &[Some(x), Some(w), Some(b)], "h1").unwrap();
+    let h = g.add_inferred("tanh1", Op::Unary(UnaryOp::Tanh), &[Some(h)], "a1").unwrap();
+    let (w, b) = (g.add_const("w2", r.tensor(vec![12, 16, 3], 0.3)), g.add_const("b2", r.tensor(vec![12], 0.1)));
+    let h = g.add_inferred("conv2", Op::Conv(attrs(3, 1, 1)), &[Some(h), Some(w), Some(b)], "h2").unwrap();
+    let h = g.add_inferred("relu2", Op::Unary(UnaryOp::Relu), &[Some(h)], "a2").unwrap();
+    let (w, b) = (g.add_const("w3", r.tensor(vec![12, 6, 4], 0.3)), g.add_const("b3", r.tensor(vec![6], 0.1)));
+    let h = g.add_inferred("up", Op::ConvTranspose(attrs(4, 2, 1)), &[Some(h), Some(w), Some(b)], "h3").unwrap();
+    let pool = sqil_ir::ops::PoolAttrs {
+        auto_pad: AutoPad::NotSet,
+        ceil_mode: false,
+        count_include_pad: false,
+        dilations: vec![],
+        kernel_shape: vec![2],
+        pads: vec![],
+        strides: vec![2],
+        storage_order: 0,
+    };
+    let h = g.add_inferred("pool", Op::MaxPool(pool), &[Some(h)], "p").unwrap();
+    let axes = g.add_const("axes", sqil_ir::Tensor::from_i64(vec![1], vec![2]).unwrap());
+    let mean = Op::Reduce { op: sqil_ir::ops::ReduceOp::Mean, keepdims: false, noop_with_empty_axes: false };
+    let m = g.add_inferred("mean", mean, &[Some(h), Some(axes)], "m").unwrap();
+    let f = g.add_inferred("flat", Op::Flatten { axis: 1 }, &[Some(h)], "f").unwrap();
+    let k = 6 * len;
+    let (w, b) = (g.add_const("w4", r.tensor(vec![3, k], 0.05)), g.add_const("b4", r.tensor(vec![3], 0.1)));
+    let gemm = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: true };
+    let y = g.add_inferred("head", gemm, &[Some(f), Some(w), Some(b)], "y").unwrap();
+    g.outputs.push(m);
+    g.outputs.push(y);
+    g
+}

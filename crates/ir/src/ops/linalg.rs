@@ -422,6 +422,14 @@ impl ConvAttrs {
         Ok(conv_plan(x, w, self, false)?.geo)
     }
 
+    /// The geometry of this transposed convolution over an input of shape `x` with weights of
+    /// shape `w`, as the interpreter runs it: `input` is the output image, `output` the input
+    /// image (the convolution whose adjoint it is), so `gather_table` maps (tap, input position)
+    /// to the output position it adds into.
+    pub fn transpose_geometry(&self, x: &[usize], w: &[usize]) -> Result<ConvGeometry> {
+        Ok(conv_plan(x, w, self, true)?.geo)
+    }
+
     /// The geometry of this convolution over an input of shape `x` with weights of shape `w` if
     /// it is depthwise as [`conv_with_table`] runs it (one input and one output channel per
     /// group, 1-D or 2-D: the direct kernel), else `None`.

@@ -22,6 +22,7 @@ pub use broadcast::{broadcast_indices, Broadcast, Over};
 pub use elementwise::{binary_f32_in_place, clip_bounds_f32};
 pub use linalg::{conv_with_table, dense_weight_kn, AutoPad, ConvAttrs};
 pub use nn::PoolAttrs;
+pub use reduce::reduce_tables;
 pub use shape_ops::{reshape_target, shape_range};
 pub use unary::{UnaryDef, UnaryOp, UNARY_OPS};
 

@@ -20,6 +20,27 @@ fn reduce_axes(axes: Option<Vec<i64>>, rank: usize, noop: bool) -> Result<Option
     }
 }
 
+/// Where a reduction over `shape` reads, for back ends that run one output per thread: per output
+/// slot (in order) the flat offset of its first element, and per reduced element the offset from
+/// there, in the flat order the interpreter accumulates them. `None` when nothing is reduced
+/// (empty axes with `noop`), which is a copy.
+pub fn reduce_tables(shape: &[usize], axes: Option<Vec<i64>>, noop: bool) -> Result<Option<(Vec<usize>, Vec<usize>)>> {
+    let Some(mask) = reduce_axes(axes, shape.len(), noop)? else { return Ok(None) };
+    let st = strides_of(shape);
+    // Odometer over the axes `pick` selects: the offsets of all their positions, row-major.
+    let walk = |pick: bool| -> Vec<usize> {
+        let mut offs = vec![0usize];
+        for d in 0..shape.len() {
+            if mask[d] == pick {
+                let (len, step) = (shape[d], st[d]);
+                offs = offs.iter().flat_map(|&o| (0..len).map(move |i| o + i * step)).collect();
+            }
+        }
+        offs
+    };
+    Ok(Some((walk(false), walk(true))))
+}
+
 pub(crate) fn infer_reduce(cx: &Cx, keepdims: bool, noop: bool) -> Result<Vec<ValueType>> {
     let x = cx.ty(0)?;
     let axes = match (cx.opt_ty(1), cx.konst_i64(1)) {
@@ -130,5 +151,40 @@ fn by_slot<T: Copy>(v: &[T], shape: &[usize], ost: &[usize], mut f: impl FnMut(u
             base -= ost[d] * shape[d];
             pos[d] = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tables' walk (per output its base, per reduced element its offset, in order) is the
+    /// interpreter's: summing in f64 through them gives `reduce`'s bits for every axis set.
+    #[test]
+    fn reduce_tables_read_the_interpreters_elements() {
+        let shape = [2usize, 3, 4, 5];
+        let n: usize = shape.iter().product();
+        // Values whose f64 sums depend on the order.
+        let v: Vec<f32> = (0..n).map(|i| ((i * 7919 % 113) as f32 - 56.0) * 10f32.powi((i % 9) as i32 - 4)).collect();
+        let x = Tensor::from_f32(shape.to_vec(), v.clone()).unwrap();
+        for axes in [vec![0i64], vec![1], vec![3], vec![-1, 1], vec![0, 2], vec![0, 1, 2, 3], vec![]] {
+            let (base, off) = reduce_tables(&shape, Some(axes.clone()), false).unwrap().unwrap();
+            let want = reduce(
+                ReduceOp::Mean,
+                &x,
+                Some(&Tensor::from_i64(vec![axes.len()], axes.clone()).unwrap()),
+                true,
+                false,
+            )
+            .unwrap()
+            .data
+            .to_f32_vec();
+            assert_eq!(base.len(), want.len(), "{axes:?}");
+            for (b, w) in base.iter().zip(&want) {
+                let s = off.iter().fold(0f64, |a, &o| a + v[b + o] as f64) / off.len() as f64;
+                assert_eq!((s as f32).to_bits(), w.to_bits(), "{axes:?}");
+            }
+        }
+        assert!(reduce_tables(&shape, Some(vec![]), true).unwrap().is_none());
     }
 }
