@@ -34,7 +34,7 @@ PY
         case $p in cnn|bc_pickplace_pixels) continue ;; esac
         $SQIL quantize "$(model $p)" $calib --wbits 4 --abits float --group 32 -o "$dir/$p.w4a16.onnx" --artifact "$dir/$p.w4a16.bin" > /dev/null
     done
-    rm -f "$dir"/*.onnx.tmp "$dir"/*.w4a*.onnx
+    rm -f "$dir"/*.onnx.tmp "$dir"/*.w4a*.onnx "$dir"/mlp4x1024.onnx
     ls "$dir"
     exit 0
 fi

@@ -7,11 +7,13 @@
 # from the same seeds (the artifacts alone travel).
 #
 #   here:  bash tools/gpu_zoo.sh prepare .gpu/zoo                 # artifacts + states (needs sqil)
-#   GPU:   bash tools/gpu_zoo.sh run .gpu/zoo BENCH_BIN [--profile] > out.jsonl
+#   GPU:   bash tools/gpu_zoo.sh run .gpu/zoo BENCH_BIN [--profile] [--iters N] > out.jsonl
+#          (MODELS="a b" for some; SQIL=0 or TORCH=0 to leave out one side)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=$1 dir=$2
-MODELS="mlp_4x1024 prelu_cnn resnet18 mobilenet_v2 mobilenet_v3 efficientnet_b0 act_decoder diffusion_unet1d"
+MODELS=${MODELS:-"mlp_4x1024 prelu_cnn resnet18 mobilenet_v2 mobilenet_v3 efficientnet_b0 act_decoder diffusion_unet1d"}
+TORCH=${TORCH:-1} SQIL=${SQIL:-1}
 PY=${PYTHON:-python3}
 onnx_and_states() {
     mkdir -p "$dir"
@@ -44,8 +46,10 @@ BENCH=$3
 shift 3
 onnx_and_states
 for m in $MODELS; do
+    [ "$SQIL" = 1 ] || continue
     $BENCH policy "$dir/$m.w4a8.bin" $(ls "$dir/$m".input*.npy) "$@" || echo "{\"policy\": \"$m.w4a8\", \"error\": true}"
 done
 for m in $MODELS; do
+    [ "$TORCH" = 1 ] || continue
     $PY tools/bench_cuda_torch.py --policy "$dir/$m.onnx" || echo "{\"policy\": \"$m\", \"engine\": \"torch\", \"error\": true}"
 done

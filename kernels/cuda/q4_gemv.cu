@@ -655,17 +655,21 @@ SQIL_Q4_MMA8(4, 8)
 extern "C" __global__ void __launch_bounds__(256) sqil_w4a8_levels(const float *__restrict__ x, int batch, int k,
                                                                    int kp, float qs, float qz, float qlo,
                                                                    float qhi, int epoch, unsigned *__restrict__ frag,
-                                                                   int *__restrict__ nanflag)
+                                                                   int *__restrict__ nanflag, int half)
 {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // The GEMM after it may start (programmatic dependent launch); it waits for these writes.
     asm volatile("griddepcontrol.launch_dependents;\n" ::);
 #endif
     const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (long)(kp >> 5) * 128) {
+    // half (batches up to 8): only rows g of the fragment, two words per lane per 32 terms
+    // (`[k / 32][32 lanes][2 words]`); the GEMM puts ones in rows g + 8.
+    if (i >= (long)(kp >> 5) * (half ? 64 : 128)) {
         return;
     }
-    const int r = (int)(i & 3), lane = (int)((i >> 2) & 31), step = (int)(i >> 7);
+    const int r = half ? (int)(i & 1) << 1 : (int)(i & 3);
+    const int lane = half ? (int)((i >> 1) & 31) : (int)((i >> 2) & 31);
+    const int step = half ? (int)(i >> 6) : (int)(i >> 7);
     const int token = (lane >> 2) + 8 * (r & 1);
     const int kk = step * 32 + 4 * (lane & 3) + 16 * (r >> 1);
     unsigned word = 0;
@@ -972,7 +976,11 @@ __device__ __forceinline__ void w4a8_mma_impl(const uint4 *__restrict__ wm, cons
 // in `w4a8_words` (two's-complement nibbles, rows padded to tiles, blocks to whole groups),
 // levels padded likewise. Dynamic shared memory: part[groups][T][32] uint4, then sc[8 T][groups +
 // 1] floats and ws[8 T][groups + 1] ints.
-template <int T, int S, int D>
+//
+// H (batches up to 8): the levels in the half layout (rows g only, `uint2` per lane per 32 terms)
+// and rows g + 8 of the A fragment all ones, so the mma's rows 8-15 are each output's weight sums
+// (16 x sum w, exact) for the zero's part: half the level reads, no weight sums read.
+template <int T, int S, int D, bool H>
 __device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, const float *__restrict__ scales,
                                                const int *__restrict__ wsum, const uint4 *__restrict__ frag,
                                                const int *__restrict__ nanflag, const float *__restrict__ bias,
@@ -1004,11 +1012,16 @@ __device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, con
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(sc + dst)),
                      "l"(scales + src));
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((unsigned)__cvta_generic_to_shared(ws + dst)),
-                     "l"(wsum + src));
+        if (!H) {
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(
+                             (unsigned)__cvta_generic_to_shared(ws + dst)),
+                         "l"(wsum + src));
+        }
 #else
         sc[dst] = scales[src];
-        ws[dst] = wsum[src];
+        if (!H) {
+            ws[dst] = wsum[src];
+        }
 #endif
     }
     cp_async_commit();
@@ -1017,9 +1030,12 @@ __device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, con
     for (int t = 0; t < T; t++) {
         wp[t] = wm + ((long)min((row0 >> 3) + t, tiles - 1) * kqg + qa) * 32 + lane;
     }
+    // The levels: per 128 terms 4 x 32 uint4 (both rows) or, with H, 4 x 32 uint2 (rows g).
     const uint4 *ap = frag + (long)qa * 128 + lane;
+    const uint2 *ap2 = reinterpret_cast<const uint2 *>(frag) + (long)qa * 128 + lane;
     const bool rows_live = g < batch;
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    constexpr unsigned ONES = 0x01010101u;
     uint4 w[D][T], a[2][4];
 #pragma unroll
     for (int d = 0; d < D; d++) {
@@ -1032,11 +1048,20 @@ __device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, con
     // Launched as a programmatic dependent of the levels kernel: its writes are visible after this.
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+    // One fragment of levels for 32 terms: loaded (rows g and g + 8), or with H rows g loaded
+    // and rows g + 8 ones.
+    auto load_a = [&](int j, int s) -> uint4 {
+        if (H) {
+            const uint2 v = rows_live ? __ldg(ap2 + j * 128 + s * 32) : make_uint2(0u, 0u);
+            return make_uint4(v.x, ONES, v.y, ONES);
+        }
+        return rows_live ? __ldg(ap + j * 128 + s * 32) : zero4;
+    };
 #pragma unroll
     for (int d = 0; d < 2; d++) {
 #pragma unroll
         for (int s = 0; s < 4; s++) {
-            a[d][s] = d < nq && rows_live ? __ldg(ap + d * 128 + s * 32) : zero4;
+            a[d][s] = d < nq ? load_a(d, s) : (H ? make_uint4(0u, ONES, 0u, ONES) : zero4);
         }
     }
     int c[T][4];
@@ -1078,10 +1103,10 @@ __device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, con
                         w[d][t] = __ldg(wp[t] + (j + D) * 32);
                     }
                 }
-                if (j + 2 < nq && rows_live) {
+                if (j + 2 < nq && (H || rows_live)) {
 #pragma unroll
                     for (int s = 0; s < 4; s++) {
-                        a[d & 1][s] = __ldg(ap + (j + 2) * 128 + s * 32);
+                        a[d & 1][s] = load_a(j + 2, s);
                     }
                 }
             }
@@ -1104,7 +1129,10 @@ __device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, con
                 float acc = 0.0f;
 #pragma unroll 4
                 for (int gg = 0; gg < groups; gg++) {
-                    const int sum = (pi[((gg * T + t) * 32 + l) * 4 + i] >> 4) - zp * wsr[gg];
+                    // With H the weight sums are the mma's rows 8-15: element i + 2 (i < 2 here).
+                    const int *pg = pi + ((gg * T + t) * 32 + l) * 4;
+                    const int ws_g = H ? pg[i + 2] >> 4 : wsr[gg];
+                    const int sum = (pg[i] >> 4) - zp * ws_g;
                     acc = __fadd_rn(acc, __fmul_rn((float)sum, scr[gg]));
                 }
                 float out = __fmul_rn(acc, xscale);
@@ -1120,22 +1148,27 @@ __device__ __forceinline__ void w4a8_lean_impl(const uint4 *__restrict__ wm, con
     }
 }
 
-// Instances sqil_w4a8_lean_t{T}_s{S}_d{D}.
-#define SQIL_W4A8_LEAN(T, S, D)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(32 * S) sqil_w4a8_lean_t##T##_s##S##_d##D(                        \
+// Instances sqil_w4a8_lean_t{T}_s{S}_d{D} and, for batches up to 8 on the half levels,
+// sqil_w4a8_half_t{T}_s{S}_d{D}.
+#define SQIL_W4A8_LEAN_AS(NAME, T, S, D, H)                                                                        \
+    extern "C" __global__ void __launch_bounds__(32 * S) NAME(                                                     \
         const uint4 *__restrict__ wm, const float *__restrict__ scales, const int *__restrict__ wsum,             \
         const uint4 *__restrict__ frag, const int *__restrict__ nanflag, const float *__restrict__ bias,         \
         float *__restrict__ y, int n, int kqg, int gshift, int groups, int batch, int zp, float xscale, int relu, \
         int epoch)                                                                                                 \
     {                                                                                                              \
-        w4a8_lean_impl<T, S, D>(wm, scales, wsum, frag, nanflag, bias, y, n, kqg, gshift, groups, batch, zp,      \
-                                xscale, relu, epoch);                                                              \
+        w4a8_lean_impl<T, S, D, H>(wm, scales, wsum, frag, nanflag, bias, y, n, kqg, gshift, groups, batch, zp,   \
+                                   xscale, relu, epoch);                                                           \
     }
+#define SQIL_W4A8_LEAN(T, S, D) SQIL_W4A8_LEAN_AS(sqil_w4a8_lean_t##T##_s##S##_d##D, T, S, D, false)
+#define SQIL_W4A8_HALF(T, S, D) SQIL_W4A8_LEAN_AS(sqil_w4a8_half_t##T##_s##S##_d##D, T, S, D, true)
 
 SQIL_W4A8_LEAN(2, 8, 4)
 SQIL_W4A8_LEAN(2, 8, 8)
 SQIL_W4A8_LEAN(4, 8, 4)
 SQIL_W4A8_LEAN(1, 8, 8)
+SQIL_W4A8_HALF(2, 8, 4)
+SQIL_W4A8_HALF(4, 8, 2)
 
 // Instances sqil_w4a8_mma_t{T}_s{S}_q{Q}_d{D}.
 #define SQIL_W4A8_MMA(T, S, Q, D)                                                                                  \

@@ -1005,7 +1005,7 @@ fn check_w4a8(gpu: &Gpu) -> Result<bool, sqil_cuda::Error> {
         let bias: Vec<f32> = (0..n).map(|_| r.uniform()).collect();
         let db = gpu.stream.clone_htod(&bias).map_err(err)?;
         for (qi, &quant) in quants.iter().enumerate() {
-            for batch in [1usize, 3, 16] {
+            for batch in [1usize, 3, 8, 16] {
                 let mut x: Vec<f32> = (0..batch * k).map(|_| r.uniform() * 2.5).collect();
                 if batch == 3 {
                     x[k + k / 2] = f32::NAN;
@@ -1013,7 +1013,10 @@ fn check_w4a8(gpu: &Gpu) -> Result<bool, sqil_cuda::Error> {
                 let dx = gpu.stream.clone_htod(&x).map_err(err)?;
                 let relu = qi == 1;
                 let want = w4a8_reference(&q, &sc, (n, k, group), &x, batch, quant, 0.37, Some(&bias), relu);
-                for (inst, &(name, ..)) in W4A8_INSTANCES.iter().enumerate() {
+                for (inst, &(name, .., half)) in W4A8_INSTANCES.iter().enumerate() {
+                    if half && batch > 8 {
+                        continue;
+                    }
                     let mut dy = gpu.stream.alloc_zeros::<f32>(batch * n).map_err(err)?;
                     match gpu.w4a8_gemm(&w, &dx, quant, 0.37, Some(&db), relu, &mut dy, batch, &mut scratch, Some(inst))
                     {
@@ -1043,8 +1046,13 @@ fn check_w4a8(gpu: &Gpu) -> Result<bool, sqil_cuda::Error> {
                             let frag = gpu.stream.clone_dtoh(&scratch.frag).unwrap_or_default();
                             let kp = k.div_ceil(128) * 128;
                             let mut fbad = None;
-                            for (e, &word) in frag.iter().enumerate().take(kp / 32 * 128) {
-                                let (rr, lane, step) = (e & 3, (e >> 2) & 31, e >> 7);
+                            let words = if half { 64 } else { 128 };
+                            for (e, &word) in frag.iter().enumerate().take(kp / 32 * words) {
+                                let (rr, lane, step) = if half {
+                                    ((e & 1) << 1, (e >> 1) & 31, e >> 6)
+                                } else {
+                                    (e & 3, (e >> 2) & 31, e >> 7)
+                                };
                                 let token = (lane >> 2) + 8 * (rr & 1);
                                 let kk = step * 32 + 4 * (lane & 3) + 16 * (rr >> 1);
                                 let mut wd = 0u32;
@@ -1133,9 +1141,13 @@ fn bench_w4a8(gpu: &Gpu, iters: usize, shapes: usize) -> Result<(), sqil_cuda::E
             let t_cublas =
                 time_flushed(gpu, &mut flush, iters, || cublas_gemv(&blas, &dwf, &dxh, &mut dyh, n, k, batch))?;
             let t_w4a16 = time_flushed(gpu, &mut flush, iters, || gpu.q4_gemv(&dq, &dxh, None, &mut dyh, batch))?;
-            let t_levels =
-                time_flushed(gpu, &mut flush, iters, || gpu.w4a8_levels_into(&w, &dx, quant, batch, &mut scratch))?;
-            for (inst, &(name, ..)) in W4A8_INSTANCES.iter().enumerate() {
+            for (inst, &(name, .., half)) in W4A8_INSTANCES.iter().enumerate() {
+                if half && batch > 8 {
+                    continue;
+                }
+                let t_levels = time_flushed(gpu, &mut flush, iters, || {
+                    gpu.w4a8_levels_into(&w, &dx, quant, batch, &mut scratch, half)
+                })?;
                 gpu.w4a8_gemm(&w, &dx, quant, 0.5, None, false, &mut dy, batch, &mut scratch, Some(inst))?;
                 let y = gpu.stream.clone_dtoh(&dy).map_err(err)?;
                 let bad = y.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();

@@ -162,7 +162,9 @@ pub fn placement(l: &Lowered) -> Vec<Placed> {
             if !name.starts_with("sqil_ew_") || blocks[i] != 1 || (i > 0 && out[i - 1].everywhere) {
                 return false;
             }
-            // Generated chains take (operands..., y, n).
+            // Generated chains take (operands..., y, n), or (operands..., y, lv, n) where they
+            // write levels too: then y is among what this counts as inputs, and the chain is not
+            // run on every block (a conservative answer).
             let Some(KArg::Buf(y)) = args.len().checked_sub(2).map(|k| &args[k]) else { return false };
             let inputs = bufs(&args[..args.len() - 2]);
             if inputs.contains(y) {

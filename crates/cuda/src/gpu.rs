@@ -156,21 +156,30 @@ pub struct W4a8Levels {
     epoch: i32,
     /// The quantizer's zero less its lowest level (the levels are stored as `q - lo`).
     zp: i32,
+    /// The levels in the half layout (rows g of the fragments only, batches up to 8) for the
+    /// `sqil_w4a8_half_*` instances.
+    half: bool,
 }
 
 /// The exact W4A8 GEMM's kernel instances: (entry point, rows per block, threads, 128-term
-/// blocks per warp per chunk, blocks of weights in flight per warp). Chunk size 0: a
+/// blocks per warp per chunk, blocks of weights in flight per warp, half levels). Chunk size 0: a
 /// `sqil_w4a8_lean_*` instance (each warp walks its own range of k, every group's sums in shared
 /// memory at once: layers whose sums fit); otherwise `sqil_w4a8_mma_*` (chunks of the row, a
-/// barrier per chunk: any length). [`Gpu::w4a8_mma`] takes the first that fits.
-pub const W4A8_INSTANCES: &[(&str, u32, u32, usize, usize)] = &[
-    ("sqil_w4a8_lean_t2_s8_d4", 16, 256, 0, 4),
-    ("sqil_w4a8_lean_t2_s8_d8", 16, 256, 0, 8),
-    ("sqil_w4a8_lean_t4_s8_d4", 32, 256, 0, 4),
-    ("sqil_w4a8_lean_t1_s8_d8", 8, 256, 0, 8),
-    ("sqil_w4a8_mma_t2_s8_q1_d4", 16, 256, 1, 4),
-    ("sqil_w4a8_mma_t4_s8_q1_d4", 32, 256, 1, 4),
+/// barrier per chunk: any length). Half: a `sqil_w4a8_half_*` instance (the lean walk on the half
+/// levels, the zero's part from the mma's rows 8-15 of ones: batches up to 8). [`Gpu::w4a8_gemm`]
+/// takes the first that fits, a half instance at batches up to 8.
+pub const W4A8_INSTANCES: &[(&str, u32, u32, usize, usize, bool)] = &[
+    ("sqil_w4a8_lean_t2_s8_d4", 16, 256, 0, 4, false),
+    ("sqil_w4a8_lean_t2_s8_d8", 16, 256, 0, 8, false),
+    ("sqil_w4a8_lean_t4_s8_d4", 32, 256, 0, 4, false),
+    ("sqil_w4a8_lean_t1_s8_d8", 8, 256, 0, 8, false),
+    ("sqil_w4a8_mma_t2_s8_q1_d4", 16, 256, 1, 4, false),
+    ("sqil_w4a8_mma_t4_s8_q1_d4", 32, 256, 1, 4, false),
+    ("sqil_w4a8_half_t2_s8_d4", 16, 256, 0, 4, true),
+    ("sqil_w4a8_half_t4_s8_d2", 32, 256, 0, 2, true),
 ];
+
+type W4a8Instance = (&'static str, u32, u32, usize, usize, bool);
 
 /// [`HostQd`] on the device.
 pub struct DeviceQd {
@@ -516,7 +525,42 @@ impl Gpu {
             nanflag: self.stream.alloc_zeros::<i32>(16).map_err(e)?,
             epoch: 0,
             zp: 0,
+            half: false,
         })
+    }
+
+    /// Shared memory instance `inst` needs for `w`, and whether its warps hold whole groups.
+    fn w4a8_needs(w: &DeviceW4a8, inst: &W4a8Instance) -> (usize, bool) {
+        let &(_, rows, threads, q, d, _) = inst;
+        let (rows, threads) = (rows as usize, threads as usize);
+        let spans = w.group <= GROUP || (q * GROUP).is_multiple_of(w.group);
+        if q == 0 {
+            return (w.groups * rows / 8 * 32 * 16 + 2 * rows * (w.groups + 1) * 4, spans);
+        }
+        let cg = threads / 32 * q * GROUP / w.group;
+        let words = (2 * cg * rows / 8 * 128 + (d + 1) * rows * (cg + 1)).next_multiple_of(4);
+        (words * 4 + d * q * rows / 8 * threads * 16, spans)
+    }
+
+    /// The instance [`Gpu::w4a8_gemm`] runs for `w` at `batch` unless told: the first of
+    /// [`W4A8_INSTANCES`] that fits (shared memory, whole groups per warp), a half one at batches
+    /// up to 8 where one fits.
+    pub fn w4a8_pick(&self, w: &DeviceW4a8, batch: usize) -> Result<usize> {
+        let limit = self.smem_optin()?;
+        let fits = |i: &W4a8Instance| {
+            let (smem, spans) = Self::w4a8_needs(w, i);
+            smem <= limit && spans
+        };
+        let first = |half: bool| W4A8_INSTANCES.iter().position(|i| i.5 == half && fits(i));
+        (if batch <= 8 { first(true).or_else(|| first(false)) } else { first(false) })
+            .ok_or_else(|| format!("w4a8: no instance fits group {}", w.group).into())
+    }
+
+    fn smem_optin(&self) -> Result<usize> {
+        Ok(self
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| crate::Error::Device(format!("{e:?}")))? as usize)
     }
 
     /// The exact W4A8 layer for `batch` <= 16 rows of f32 inputs (`x` is `[batch, w.k]`, `y`
@@ -538,11 +582,17 @@ impl Gpu {
         scratch: &mut W4a8Levels,
         instance: Option<usize>,
     ) -> Result<()> {
-        self.w4a8_levels_into(w, x, quant, batch, scratch)?;
-        self.w4a8_mma(w, xscale, bias, relu, y, batch, scratch, instance)
+        let i = match instance {
+            Some(i) => i,
+            None => self.w4a8_pick(w, batch)?,
+        };
+        let half = W4A8_INSTANCES.get(i).ok_or_else(|| format!("w4a8: no instance {i}"))?.5;
+        self.w4a8_levels_into(w, x, quant, batch, scratch, half)?;
+        self.w4a8_mma(w, xscale, bias, relu, y, batch, scratch, Some(i))
     }
 
-    /// The first launch of [`Gpu::w4a8_gemm`]: the batch's levels and NaN flags into `scratch`.
+    /// The first launch of [`Gpu::w4a8_gemm`]: the batch's levels and NaN flags into `scratch`,
+    /// in the half layout (`half`, batches up to 8) or the full one.
     pub fn w4a8_levels_into(
         &self,
         w: &DeviceW4a8,
@@ -550,7 +600,11 @@ impl Gpu {
         quant: ActQuant,
         batch: usize,
         scratch: &mut W4a8Levels,
+        half: bool,
     ) -> Result<()> {
+        if half && batch > 8 {
+            return Err(format!("w4a8: the half levels hold batches up to 8, not {batch}").into());
+        }
         if self.cc.0 < 8 {
             return Err(format!(
                 "w4a8: int8 mma needs compute capability 8.0, {} has {}.{}",
@@ -573,6 +627,7 @@ impl Gpu {
             return Err(format!("w4a8: activation quantizer {quant:?} is not an 8-bit range holding its zero").into());
         }
         scratch.zp = (quant.zero - quant.lo) as i32;
+        scratch.half = half;
         scratch.epoch = if scratch.epoch == i32::MAX { 1 } else { scratch.epoch + 1 };
         if scratch.epoch == 1 {
             self.stream.memset_zeros(&mut scratch.nanflag).map_err(|e| crate::Error::Device(format!("{e:?}")))?;
@@ -582,8 +637,9 @@ impl Gpu {
         let f = self.function("sqil_w4a8_levels")?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(x).arg(&bt).arg(&k).arg(&kpi).arg(&quant.scale).arg(&quant.zero).arg(&quant.lo).arg(&quant.hi);
-        l.arg(&scratch.epoch).arg(&mut scratch.frag).arg(&mut scratch.nanflag);
-        let total = (kp / 32 * 128) as u32;
+        let hi = half as i32;
+        l.arg(&scratch.epoch).arg(&mut scratch.frag).arg(&mut scratch.nanflag).arg(&hi);
+        let total = (kp / 32 * if half { 64 } else { 128 }) as u32;
         let cfg = LaunchConfig { grid_dim: (total.div_ceil(256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: x holds batch * k floats, frag kp / 32 * 128 words, nanflag 16 (checked above).
         unsafe { l.launch(cfg) }.map(|_| ()).map_err(|e| crate::Error::Device(format!("w4a8 levels launch: {e:?}")))
@@ -603,35 +659,32 @@ impl Gpu {
         scratch: &W4a8Levels,
         instance: Option<usize>,
     ) -> Result<()> {
-        let smem_of = |&(_, rows, threads, q, d): &(&str, u32, u32, usize, usize)| {
-            let (rows, threads) = (rows as usize, threads as usize);
-            if q == 0 {
-                return w.groups * rows / 8 * 32 * 16 + 2 * rows * (w.groups + 1) * 4;
-            }
-            let cg = threads / 32 * q * GROUP / w.group;
-            let words = (2 * cg * rows / 8 * 128 + (d + 1) * rows * (cg + 1)).next_multiple_of(4);
-            words * 4 + d * q * rows / 8 * threads * 16
-        };
-        let limit = self
-            .ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(|e| crate::Error::Device(format!("{e:?}")))? as usize;
-        let spans =
-            |&(_, _, _, q, _): &(&str, u32, u32, usize, usize)| w.group <= GROUP || (q * GROUP).is_multiple_of(w.group);
+        let limit = self.smem_optin()?;
         let inst = match instance {
             Some(i) => W4A8_INSTANCES.get(i).ok_or_else(|| format!("w4a8: no instance {i}"))?,
-            // The first (the fastest measured) whose shared memory fits and whose warps hold whole groups.
+            // The first (the fastest measured) that fits and reads the levels' layout.
             None => W4A8_INSTANCES
                 .iter()
-                .find(|i| smem_of(i) <= limit && spans(i))
+                .find(|i| {
+                    let (smem, spans) = Self::w4a8_needs(w, i);
+                    smem <= limit && spans && i.5 == scratch.half
+                })
                 .ok_or_else(|| format!("w4a8: no instance fits group {}", w.group))?,
         };
-        let (name, rows, threads, q, _) = *inst;
-        if smem_of(inst) > limit {
+        let (name, rows, threads, q, _, half) = *inst;
+        let (smem, _) = Self::w4a8_needs(w, inst);
+        if smem > limit {
             return Err(format!(
-                "w4a8: {name} needs {} bytes of shared memory for group {}, the device has {limit}",
-                smem_of(inst),
+                "w4a8: {name} needs {smem} bytes of shared memory for group {}, the device has {limit}",
                 w.group
+            )
+            .into());
+        }
+        if half != scratch.half || (half && batch > 8) {
+            return Err(format!(
+                "w4a8: {name} reads the {} levels; the scratch holds the {} ones for batch {batch}",
+                if half { "half" } else { "full" },
+                if scratch.half { "half" } else { "full" }
             )
             .into());
         }
@@ -648,7 +701,6 @@ impl Gpu {
                 format!("w4a8: group {} spans more than one warp's {} terms in {name}", w.group, q * GROUP).into()
             );
         }
-        let smem = smem_of(inst);
         let f = self.function(name)?;
         if smem > 48 << 10 {
             f.set_attribute(

@@ -337,6 +337,13 @@ impl<'a> Lowerer<'a> {
 
     /// The generated kernel of `e`, writing `n` values into buffer `y`.
     fn emit_expr(&mut self, e: Expr, y: usize, n: usize) {
+        self.emit_expr_levels(e, y, n, None)
+    }
+
+    /// [`Self::emit_expr`], and with `levels` (buffer, quantizer) the values' int8 levels into
+    /// that buffer too: the kernel takes (operands..., y, lv, n).
+    fn emit_expr_levels(&mut self, mut e: Expr, y: usize, n: usize, levels: Option<(usize, [f32; 4])>) {
+        e.levels = levels.map(|(_, q)| q);
         let (name, src) = e.render();
         if !self.sources.iter().any(|(k, _)| *k == name) {
             self.sources.push((name.clone(), src));
@@ -350,7 +357,11 @@ impl<'a> Lowerer<'a> {
                 EArg::Const(v) => f32_arr(v),
             })
             .collect();
-        args.extend([KArg::Buf(y), int(n)]);
+        args.push(KArg::Buf(y));
+        if let Some((lv, _)) = levels {
+            args.push(KArg::Buf(lv));
+        }
+        args.push(int(n));
         self.steps.push(kernel(&name, n, args));
     }
 
@@ -421,8 +432,30 @@ impl<'a> Lowerer<'a> {
         conv: Option<&sqil_ir::lowered::conv::Im2col>,
     ) -> Result<()> {
         let xlen = self.val(x)?.len();
+        // The input's levels once (a convolution's or a wide layer's): where the input is a
+        // deferred element-wise chain, that chain's kernel writes them beside the values.
+        let mut levels_of_chain = None;
+        if let ActQuant::Int { scale, zero, lo, hi } = *act {
+            if (conv.is_some() || w.n >= WIDE) && matches!(self.pending.get(&x), Some(Pending::Expr(_))) {
+                let Some(Pending::Expr(e)) = self.pending.remove(&x) else { unreachable!("checked above") };
+                let (xb, lb) = (self.out_buf(x)?, self.new_buf(xlen));
+                self.emit_expr_levels(e, xb, xlen, Some((lb, [scale, zero as f32, lo as f32, hi as f32])));
+                levels_of_chain = Some(lb);
+            }
+        }
         let xb = self.dyn_buf(x)?;
         let yb = self.out_buf(y)?;
+        // The levels of x: from its chain, else one `sqil_levels` step.
+        let levels = |l: &mut Self, scale: f32, q: &[KArg<HostArr>; 3]| -> usize {
+            if let Some(lb) = levels_of_chain {
+                return lb;
+            }
+            let lb = l.new_buf(xlen);
+            let mut args = vec![KArg::Buf(xb), KArg::Buf(lb), int(xlen), KArg::F32(scale)];
+            args.extend(q.iter().cloned());
+            l.steps.push(kernel("sqil_levels", xlen, args));
+            lb
+        };
         let (wq, scales) = (KArg::Arr(HostArr::U32(int8_words(w))), f32_arr(w.scales.clone()));
         let bias = bias.map_or(KArg::Null, |b| f32_arr(b.to_vec()));
         let (rows, table, taps, channels, plane, run) = match conv {
@@ -440,10 +473,7 @@ impl<'a> Lowerer<'a> {
                 if conv.is_some() {
                     // The levels once (each is read by every window over it), then tiles of
                     // outputs (`sqil_q4_conv_int`).
-                    let lb = self.new_buf(xlen);
-                    let mut args = vec![KArg::Buf(xb), KArg::Buf(lb), int(xlen), KArg::F32(scale)];
-                    args.extend(q);
-                    self.steps.push(kernel("sqil_levels", xlen, args));
+                    let lb = levels(self, scale, &q);
                     let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb), table];
                     args.extend(dims);
                     args.extend([
@@ -460,10 +490,7 @@ impl<'a> Lowerer<'a> {
                 } else if w.n >= WIDE {
                     // A wide layer: the levels once (each input element is read by every output's
                     // warp), then one warp per output.
-                    let lb = self.new_buf(xlen);
-                    let mut args = vec![KArg::Buf(xb), KArg::Buf(lb), int(xlen), KArg::F32(scale)];
-                    args.extend(q);
-                    self.steps.push(kernel("sqil_levels", xlen, args));
+                    let lb = levels(self, scale, &q);
                     let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb)];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32)]);
@@ -1060,6 +1087,10 @@ struct Expr {
     stmts: Vec<String>,
     result: String,
     args: Vec<EArg>,
+    /// Also write the result's int8 levels (`sqil_level`: scale, zero, lo, hi) into a second
+    /// buffer, for the int4 layer that reads them (one launch and one pass fewer than
+    /// `sqil_levels` after the chain).
+    levels: Option<[f32; 4]>,
 }
 
 /// An operand of a fused element-wise kernel.
@@ -1182,13 +1213,27 @@ impl Expr {
             body.push_str(&rename(st));
             body.push('\n');
         }
-        body.push_str(&format!("    y[i] = {};\n", rename(&self.result)));
+        let r = rename(&self.result);
+        body.push_str(&format!("    y[i] = {r};\n"));
+        if let Some([s, z, lo, hi]) = self.levels {
+            // sqil_level's operations (policy_ops.cu), so the levels are the kernel's bits.
+            let (s, z, lo, hi) = (cu_float(s), cu_float(z), cu_float(lo), cu_float(hi));
+            body.push_str(&format!(
+                "    float lq = rintf(__fdiv_rn({r}, {s})) + {z};\n    lq = lq < {lo} ? {lo} : (lq > {hi} ? {hi} : lq);\n    \
+                 lv[i] = lq - {z};\n"
+            ));
+        }
         let params: Vec<String> = (0..self.args.len()).map(|k| format!("const float *__restrict__ a{k}")).collect();
         let mut code = body;
         for k in 0..self.args.len() {
             code = code.replace(&format!("${k}$"), &format!("a{k}[i]"));
         }
-        let sig = format!("{}, float *__restrict__ y, int n)", params.join(", "));
+        let outs = if self.levels.is_some() {
+            "float *__restrict__ y, float *__restrict__ lv"
+        } else {
+            "float *__restrict__ y"
+        };
+        let sig = format!("{}, {outs}, int n)", params.join(", "));
         let hash = code
             .bytes()
             .chain(sig.bytes())
