@@ -57,35 +57,56 @@ SQIL_KERNEL void sqil_binary_bcast(SQIL_VARGS const float *__restrict__ ah, cons
     y[i] = (op == 4 ? (a < 0.0f ? a * b : a) : sqil_binop(a, b, op));
 }
 
-// Softmax over rows of `dim`: one warp per row, fp32.
-SQIL_KERNEL void sqil_softmax_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y, int rows,
-                                             int dim)
+// The four partial sums lanes 0-3 of a warp hold (the others 0), added as (s0 + s1) + (s2 + s3)
+// (the CPU's Softmax and LayerNorm row sums), on every lane.
+__device__ __forceinline__ double sqil_sum4(double s)
+{
+    const double t = __dadd_rn(s, __shfl_down_sync(0xffffffffu, s, 1));
+    return __shfl_sync(0xffffffffu, __dadd_rn(t, __shfl_down_sync(0xffffffffu, t, 2)), 0);
+}
+
+// Softmax over rows of `dim` as the CPU defines it (sqil_kernels_cpu::generic::softmax_rows), so
+// the same bits: in double, the row maximum (NaN ignored), e_j = sqil_exp_nonpos(x_j - max),
+// their sum as four partial sums (term j into sum j % 4, in order) added as (s0 + s1) + (s2 +
+// s3), each e_j / sum rounded to f32. One warp per row: the lanes compute the e_j into `scratch`
+// (dim doubles per row), lanes 0-3 add the partial sums, the lanes divide.
+SQIL_KERNEL void sqil_softmax_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y,
+                                             float *__restrict__ scratch, int rows, int dim)
 {
     const int r = (SQIL_BX * SQIL_BDIM + SQIL_TX) / 32, lane = SQIL_TX % 32;
     if (r >= rows) {
         return;
     }
     const float *xr = x + (long)r * dim;
-    float m = -3.0e38f, s = 0.0f;
+    double *er = reinterpret_cast<double *>(scratch) + (long)r * dim;
+    double m = __longlong_as_double(0xfff0000000000000ull);
     for (int j = lane; j < dim; j += 32) {
-        m = fmaxf(m, (xr[j]));
+        m = fmax(m, (double)xr[j]);
     }
     for (int o = 16; o > 0; o /= 2) {
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
     }
     for (int j = lane; j < dim; j += 32) {
-        s += expf((xr[j]) - m);
+        er[j] = sqil_exp_nonpos(__dsub_rn((double)xr[j], m));
     }
-    for (int o = 16; o > 0; o /= 2) {
-        s += __shfl_xor_sync(0xffffffffu, s, o);
+    __syncwarp();
+    double s = 0.0;
+    if (lane < 4) {
+        for (int j = lane; j < dim; j += 4) {
+            s = __dadd_rn(s, er[j]);
+        }
     }
+    s = sqil_sum4(s);
     for (int j = lane; j < dim; j += 32) {
-        y[(long)r * dim + j] = (expf((xr[j]) - m) / s);
+        y[(long)r * dim + j] = __double2float_rn(__ddiv_rn(er[j], s));
     }
 }
 
-// LayerNormalization over rows of `dim` (scale, and bias unless null, fp32 per column): one warp
-// per row, two passes in fp32.
+// LayerNormalization over rows of `dim` as the CPU defines it (layer_norm_rows), so the same
+// bits: in double, the mean and then the variance as four partial sums (term j into sum j % 4,
+// in order; of x, then of (x - mean)^2) added as (s0 + s1) + (s2 + s3) and divided by dim, r = 1 /
+// sqrt(var + eps), each output ((x - mean) r) scale_j + bias_j (0 without a bias) rounded to f32.
+// One warp per row, lanes 0-3 the partial sums.
 SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y,
                                                const float *__restrict__ scale, const float *__restrict__ bias,
                                                int rows, int dim, float eps)
@@ -95,24 +116,26 @@ SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, flo
         return;
     }
     const float *xr = x + (long)r * dim;
-    float s = 0.0f, v = 0.0f;
+    const double n = (double)dim;
+    double s = 0.0;
+    if (lane < 4) {
+        for (int j = lane; j < dim; j += 4) {
+            s = __dadd_rn(s, (double)xr[j]);
+        }
+    }
+    const double mean = __ddiv_rn(sqil_sum4(s), n);
+    double v = 0.0;
+    if (lane < 4) {
+        for (int j = lane; j < dim; j += 4) {
+            const double d = __dsub_rn((double)xr[j], mean);
+            v = __dadd_rn(v, __dmul_rn(d, d));
+        }
+    }
+    const double var = __ddiv_rn(sqil_sum4(v), n);
+    const double inv = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, (double)eps)));
     for (int j = lane; j < dim; j += 32) {
-        s += (xr[j]);
-    }
-    for (int o = 16; o > 0; o /= 2) {
-        s += __shfl_xor_sync(0xffffffffu, s, o);
-    }
-    const float mean = s / (float)dim;
-    for (int j = lane; j < dim; j += 32) {
-        const float d = (xr[j]) - mean;
-        v += d * d;
-    }
-    for (int o = 16; o > 0; o /= 2) {
-        v += __shfl_xor_sync(0xffffffffu, v, o);
-    }
-    const float inv = rsqrtf(v / (float)dim + eps);
-    for (int j = lane; j < dim; j += 32) {
-        y[(long)r * dim + j] = (((xr[j]) - mean) * inv * scale[j] + (bias ? bias[j] : 0.0f));
+        const double t = __dmul_rn(__dmul_rn(__dsub_rn((double)xr[j], mean), inv), (double)scale[j]);
+        y[(long)r * dim + j] = __double2float_rn(__dadd_rn(t, bias ? (double)bias[j] : 0.0));
     }
 }
 
@@ -774,7 +797,8 @@ SQIL_KERNEL void sqil_conv_transpose_f32(SQIL_VARGS const float *__restrict__ x,
     y[i] = acc;
 }
 
-// ReduceMean (op 0), ReduceSum (1), ReduceMax (2) as the interpreter computes them: per output i
+// ReduceMean (op 0; op 3 from -0: GlobalAveragePool), ReduceSum (1), ReduceMax (2) as the
+// interpreter computes them: per output i
 // its `count` elements x[base[i] + off[j]] in flat order, accumulated in double (max: a NaN, once
 // seen, stays), the mean divided by the count in double, rounded to f32 once. One thread per
 // output.
@@ -787,7 +811,8 @@ SQIL_KERNEL void sqil_reduce_f64(SQIL_VARGS const float *__restrict__ x, const i
         return;
     }
     const float *xb = x + base[i];
-    double a = op == 2 ? __longlong_as_double(0xfff0000000000000ull) : 0.0;
+    // op 3: the mean from -0 (GlobalAveragePool's sums start where Rust's f64 `sum` does).
+    double a = op == 2 ? __longlong_as_double(0xfff0000000000000ull) : (op == 3 ? -0.0 : 0.0);
     for (int j = 0; j < count; j++) {
         const double e = (double)xb[off[j]];
         if (op == 2) {
@@ -796,49 +821,32 @@ SQIL_KERNEL void sqil_reduce_f64(SQIL_VARGS const float *__restrict__ x, const i
             a = __dadd_rn(a, e);
         }
     }
-    if (op == 0) {
+    if (op == 0 || op == 3) {
         a = __ddiv_rn(a, (double)count);
     }
     y[i] = __double2float_rn(a);
 }
 
-// y[r] = mean of x[r, 0..inner) (GlobalAveragePool); one warp per row.
-SQIL_KERNEL void sqil_mean_rows(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y, int rows,
-                                          int inner)
-{
-    const int r = (SQIL_BX * SQIL_BDIM + SQIL_TX) / 32, lane = SQIL_TX % 32;
-    if (r >= rows) {
-        return;
-    }
-    float s = 0.0f;
-    for (int j = lane; j < inner; j += 32) {
-        s += (x[(long)r * inner + j]);
-    }
-    for (int o = 16; o > 0; o /= 2) {
-        s += __shfl_xor_sync(0xffffffffu, s, o);
-    }
-    if (lane == 0) {
-        y[r] = (s / (float)inner);
-    }
-}
 
-// Softmax over long rows: one block of 256 threads per row (a spatial softmax over an image's
-// positions), fp32, reductions through shared memory.
+// Softmax over long rows (a spatial softmax over an image's positions), sqil_softmax_rows'
+// arithmetic with one block per row: every thread computes e_j into `scratch`, the first warp's
+// lanes 0-3 add the four partial sums, every thread divides.
 SQIL_KERNEL void sqil_softmax_rows_block(SQIL_VARGS const float *__restrict__ x, float *__restrict__ y,
-                                                   int rows, int dim)
+                                                   float *__restrict__ scratch, int rows, int dim)
 {
-    __shared__ float red[32];
+    __shared__ double red[32];
     const int r = SQIL_BX, lane = SQIL_TX % 32, warp = SQIL_TX / 32, nw = SQIL_BDIM / 32;
     if (r >= rows) {
         return;
     }
     const float *xr = x + (long)r * dim;
-    float m = -3.0e38f, s = 0.0f;
+    double *er = reinterpret_cast<double *>(scratch) + (long)r * dim;
+    double m = __longlong_as_double(0xfff0000000000000ull);
     for (int j = SQIL_TX; j < dim; j += SQIL_BDIM) {
-        m = fmaxf(m, (xr[j]));
+        m = fmax(m, (double)xr[j]);
     }
     for (int o = 16; o > 0; o /= 2) {
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        m = fmax(m, __shfl_xor_sync(0xffffffffu, m, o));
     }
     if (lane == 0) {
         red[warp] = m;
@@ -846,24 +854,27 @@ SQIL_KERNEL void sqil_softmax_rows_block(SQIL_VARGS const float *__restrict__ x,
     __syncthreads();
     m = red[0];
     for (int w = 1; w < nw; w++) {
-        m = fmaxf(m, red[w]);
-    }
-    __syncthreads();
-    for (int j = SQIL_TX; j < dim; j += SQIL_BDIM) {
-        s += expf((xr[j]) - m);
-    }
-    for (int o = 16; o > 0; o /= 2) {
-        s += __shfl_xor_sync(0xffffffffu, s, o);
-    }
-    if (lane == 0) {
-        red[warp] = s;
-    }
-    __syncthreads();
-    s = 0.0f;
-    for (int w = 0; w < nw; w++) {
-        s += red[w];
+        m = fmax(m, red[w]);
     }
     for (int j = SQIL_TX; j < dim; j += SQIL_BDIM) {
-        y[(long)r * dim + j] = (expf((xr[j]) - m) / s);
+        er[j] = sqil_exp_nonpos(__dsub_rn((double)xr[j], m));
+    }
+    __syncthreads();
+    if (warp == 0) {
+        double s = 0.0;
+        if (lane < 4) {
+            for (int j = lane; j < dim; j += 4) {
+                s = __dadd_rn(s, er[j]);
+            }
+        }
+        s = sqil_sum4(s);
+        if (lane == 0) {
+            red[0] = s;
+        }
+    }
+    __syncthreads();
+    const double s = red[0];
+    for (int j = SQIL_TX; j < dim; j += SQIL_BDIM) {
+        y[(long)r * dim + j] = __double2float_rn(__ddiv_rn(er[j], s));
     }
 }

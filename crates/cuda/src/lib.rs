@@ -32,18 +32,31 @@ pub use gpu::*;
 pub const SOURCES: &[(&str, &str)] = &[
     (
         "q4_gemv.cu",
-        concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/q4_gemv.cu")),
+        concat!(
+            include_str!("../../../kernels/cuda/fp16.cuh"),
+            include_str!("../../../kernels/cuda/sqil_math.cuh"),
+            include_str!("../../../kernels/cuda/q4_gemv.cu")
+        ),
     ),
     (
         "policy_ops.cu",
-        concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/policy_ops.cu")),
+        concat!(
+            include_str!("../../../kernels/cuda/fp16.cuh"),
+            include_str!("../../../kernels/cuda/sqil_math.cuh"),
+            include_str!("../../../kernels/cuda/policy_ops.cu")
+        ),
     ),
     ("bench.cu", include_str!("../../../kernels/cuda/bench.cu")),
 ];
 
 /// The kernel files as written (for the standalone `.cu` emitter in sqil-codegen, which includes
 /// each once).
-pub const FP16_CUH: &str = include_str!("../../../kernels/cuda/fp16.cuh");
+/// `fp16.cuh` and `sqil_math.cuh` (sqil's elementary functions in double, the CPU's bits), the
+/// prelude of every kernel source.
+pub const FP16_CUH: &str =
+    concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/sqil_math.cuh"));
+/// sqil's elementary functions alone (for sources with no fp16 helpers: the training graphs).
+pub const SQIL_MATH_CUH: &str = include_str!("../../../kernels/cuda/sqil_math.cuh");
 pub const Q4_GEMV_CU: &str = include_str!("../../../kernels/cuda/q4_gemv.cu");
 pub const POLICY_OPS_CU: &str = include_str!("../../../kernels/cuda/policy_ops.cu");
 

@@ -7,8 +7,11 @@
 //! exactly and apply the runtime's f32 epilogue product by product (`sqil_q4_int`), weight-only layers follow its eight-lane kernel
 //! (`sqil_q4_w16`), float linear maps and convolutions its one fma chain per output; those steps
 //! give the CPU's bits. Element-wise functions run in double and round once, like the reference
-//! interpreter, and the reductions (Softmax, LayerNorm, pooling) sum in another order: actions
-//! agree with the CPU runtime within [`GPU_TOL`].
+//! interpreter; sqil's own functions (sigmoid, tanh, softplus, ELU: `sqil_math.cuh`) by the
+//! CPU's operations, the platform's (exp, log, erf, GELU) by CUDA's. Softmax, LayerNorm,
+//! GlobalAveragePool and the Reduce ops follow the CPU's definitions (its summation order, in
+//! double); 2-D average pooling still sums in f32 in window order: actions agree with the CPU
+//! runtime within [`GPU_TOL`].
 
 use crate::error::Result;
 use sqil_ir::ops::{BinaryOp, Op};
@@ -740,7 +743,7 @@ impl<'a> Lowerer<'a> {
             Op::Unary(u) => format!("float {t} = {};", u.def().cuda_expr(a)),
             Op::LeakyRelu { alpha } => format!("float {t} = {a} < 0.0f ? (float)({} * (double){a}) : {a};", dl(*alpha)),
             Op::Elu { alpha } => {
-                format!("float {t} = {a} < 0.0f ? (float)({} * (exp((double){a}) - 1.0)) : {a};", dl(*alpha))
+                format!("float {t} = (float)sqil_elu((double){a}, {});", dl(*alpha))
             }
             Op::Gelu { tanh: false } => {
                 format!("float {t} = (float)(0.5 * (double){a} * (1.0 + erf((double){a} / 1.4142135623730951)));")
@@ -875,13 +878,16 @@ impl<'a> Lowerer<'a> {
                         KArg::F32(*epsilon),
                     ];
                     self.steps.push(kernel("sqil_layernorm_rows", rows * 32, args));
-                } else if dim > 512 {
-                    // Long rows (a spatial softmax): a block per row.
-                    let args = vec![KArg::Buf(x), KArg::Buf(y), int(rows), int(dim)];
-                    self.steps.push(kernel("sqil_softmax_rows_block", rows * 256, args));
                 } else {
-                    let args = vec![KArg::Buf(x), KArg::Buf(y), int(rows), int(dim)];
-                    self.steps.push(kernel("sqil_softmax_rows", rows * 32, args));
+                    // The exponentials in double, kept for the division: rows x dim doubles.
+                    let scratch = self.new_buf(2 * n);
+                    let args = vec![KArg::Buf(x), KArg::Buf(y), KArg::Buf(scratch), int(rows), int(dim)];
+                    if dim > 512 {
+                        // Long rows (a spatial softmax): a block per row.
+                        self.steps.push(kernel("sqil_softmax_rows_block", rows * 256, args));
+                    } else {
+                        self.steps.push(kernel("sqil_softmax_rows", rows * 32, args));
+                    }
                 }
             }
             Op::MatMul if self.iconst(inputs, 1).is_none() => {
@@ -1048,12 +1054,23 @@ impl<'a> Lowerer<'a> {
                 self.steps.push(kernel("sqil_reduce_f64", n, args));
             }
             Op::GlobalAveragePool => {
+                // The interpreter's plane means: each plane's f64 sum in order from where Rust's
+                // `sum` starts (-0), divided, rounded once (`sqil_reduce_f64`, op 3).
                 let inner = self.ival(inputs, 0)?.len() / n.max(1);
-                self.steps.push(kernel(
-                    "sqil_mean_rows",
-                    n * 32,
-                    vec![KArg::Buf(x0()?), KArg::Buf(yb[0]), int(n), int(inner)],
-                ));
+                let start: f64 = std::iter::empty::<f64>().sum();
+                let code = if start.is_sign_negative() { 3 } else { 0 };
+                let base: Vec<usize> = (0..n).map(|p| p * inner).collect();
+                let off: Vec<usize> = (0..inner).collect();
+                let args = vec![
+                    KArg::Buf(x0()?),
+                    i32_arr(&base),
+                    i32_arr(&off),
+                    KArg::Buf(yb[0]),
+                    int(n),
+                    int(inner),
+                    KArg::I32(code),
+                ];
+                self.steps.push(kernel("sqil_reduce_f64", n, args));
             }
             _ => return Err(self.err("op")),
         }

@@ -173,3 +173,119 @@ fn w4a8_layout_holds_the_weights() {
         }
     }
 }
+
+/// The GPU's elementary functions (`fp16.cuh`: sqil_exp_nonpos and the functions built on it)
+/// take the CPU's constants: ln 2's split, log2 e and the rounding constant, by their bits, and
+/// the Taylor and atanh coefficients as the same divisions (each evaluated once, correctly
+/// rounded, on both sides).
+#[test]
+fn the_gpu_elementary_functions_take_the_cpus_constants() {
+    use sqil_kernels_cpu::generic as g;
+    let src = sqil_cuda::FP16_CUH;
+    for (what, bits) in [
+        ("ln2_hi", g::EXP_LN2_HI.to_bits()),
+        ("ln2_lo", g::EXP_LN2_LO.to_bits()),
+        ("log2e", std::f64::consts::LOG2_E.to_bits()),
+    ] {
+        assert!(src.contains(&format!("{what} = __longlong_as_double({bits:#018x}LL)")), "{what}: {bits:#018x}");
+    }
+    assert_eq!(g::EXP_MAGIC, 6755399441055744.0);
+    assert!(src.contains("#define SQIL_EXP_MAGIC 6755399441055744.0"));
+    // 1 / k!, k = 0..=13, as the literal divisions the CUDA array holds.
+    let fact = |k: u64| (1..=k).product::<u64>().max(1) as f64;
+    for (k, &c) in g::EXP_TAYLOR.iter().enumerate() {
+        assert_eq!(c, 1.0 / fact(k as u64), "EXP_TAYLOR[{k}]");
+        if k >= 2 {
+            assert!(src.contains(&format!("1.0 / {}.0", fact(k as u64) as u64)), "1 / {k}! in fp16.cuh");
+        }
+    }
+    assert_eq!(g::ATANH_SERIES[17], 1.0 / 35.0);
+    assert_eq!(g::TANH_TAYLOR, [-1.0 / 3.0, 2.0 / 15.0, -17.0 / 315.0]);
+    assert_eq!(g::EXPM1_TAYLOR, [1.0 / 2.0, 1.0 / 6.0, 1.0 / 24.0, 1.0 / 120.0]);
+    assert_eq!(g::TANH_SMALL, 1.0 / 1024.0);
+}
+
+/// `sqil_math.cuh` computes the CPU's bits: the file compiled as C on the host (the CUDA
+/// rounding intrinsics as plain IEEE double operations, no contraction), each function against
+/// its definition in `sqil_kernels_cpu::generic` on 200 000 values (zeros, subnormals, the
+/// branch edges, |x| up to 800, infinities, NaN), bit for bit. (The device's double operations
+/// are the same IEEE operations; the GPU tests check the kernels that call them.)
+#[test]
+fn the_gpu_elementary_functions_are_the_cpus_on_the_host() {
+    use sqil_kernels_cpu::generic as g;
+    if std::process::Command::new("cc").arg("--version").output().is_err() {
+        assert!(std::env::var("SQIL_REQUIRE_CROSS").as_deref() != Ok("1"), "cc missing and SQIL_REQUIRE_CROSS=1");
+        eprintln!("skipping: no C compiler");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("sqil-math-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let prelude = r#"#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#define __device__
+#define __forceinline__ static inline
+#define __dadd_rn(a, b) ((a) + (b))
+#define __dsub_rn(a, b) ((a) - (b))
+#define __dmul_rn(a, b) ((a) * (b))
+#define __ddiv_rn(a, b) ((a) / (b))
+static inline double __longlong_as_double(long long v) { double d; memcpy(&d, &v, 8); return d; }
+static inline long long __double_as_longlong(double d) { long long v; memcpy(&v, &d, 8); return v; }
+"#;
+    let main = r#"
+int main(void) {
+    unsigned long long b;
+    while (scanf("%llx", &b) == 1) {
+        double x = __longlong_as_double((long long)b);
+        double r[5] = {sqil_exp_nonpos(-fabs(x)), sqil_sigmoid(x), sqil_tanh(x), sqil_softplus(x), sqil_elu(x, 0.75)};
+        for (int i = 0; i < 5; i++) printf("%llx ", (unsigned long long)__double_as_longlong(r[i]));
+        printf("\n");
+    }
+    return 0;
+}
+"#;
+    let src = format!("{prelude}{}{main}", sqil_cuda::SQIL_MATH_CUH);
+    std::fs::write(dir.join("math.c"), src).unwrap();
+    let exe = dir.join("math");
+    let out = std::process::Command::new("cc")
+        .args(["-O2", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-w"])
+        .arg(dir.join("math.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-lm")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "cc: {}", String::from_utf8_lossy(&out.stderr));
+    let mut r = sqil_ir::testing::Rng::new(3);
+    let mut xs: Vec<f64> = vec![0.0, -0.0, 1e-310, -1e-310, 1.0 / 1024.0, -1.0 / 1024.0, 708.0, -708.0, 709.0, 800.0];
+    xs.extend([f64::INFINITY, f64::NEG_INFINITY, f64::NAN]);
+    for i in 0..200_000 {
+        let u = r.unit() as f64;
+        // Mostly f32 inputs (what the kernels pass), spread over magnitudes 2^-30 .. 2^9.
+        let x = u.signum() * 2f64.powf(u.abs() * 39.0 - 30.0) * (1.0 + (i % 7) as f64 / 7.0);
+        xs.push(if i % 2 == 0 { x as f32 as f64 } else { x });
+    }
+    let input: String = xs.iter().map(|x| format!("{:x}\n", x.to_bits())).collect();
+    let mut child = std::process::Command::new(&exe)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, input.as_bytes()).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut n = 0;
+    for (line, &x) in text.lines().zip(&xs) {
+        let got: Vec<u64> = line.split_whitespace().map(|h| u64::from_str_radix(h, 16).unwrap()).collect();
+        let want = [g::exp_nonpos(-x.abs()), g::sigmoid(x), g::tanh(x), g::softplus(x), g::elu(x, 0.75)];
+        for (k, (&gb, w)) in got.iter().zip(want).enumerate() {
+            let same = gb == w.to_bits() || (w.is_nan() && f64::from_bits(gb).is_nan());
+            assert!(same, "function {k} at {x:e}: {:e} vs the CPU's {w:e}", f64::from_bits(gb));
+        }
+        n += 1;
+    }
+    assert_eq!(n, xs.len(), "the program answered every value");
+    let _ = std::fs::remove_dir_all(dir);
+}

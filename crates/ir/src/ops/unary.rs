@@ -90,20 +90,20 @@ unary_ops! {
         cuda: "{a} < 0.0f ? 0.0f : {a}",
     },
     /// sqil's tanh (`exp_nonpos` inside; the CPU runtime's f32 path vectorizes it exactly).
-    Tanh = "Tanh" { f: sqil_kernels_cpu::generic::tanh, df: |x| 1.0 - x.tanh().powi(2), c: "(float)tanh({d})", libm: true, cuda: "(float)tanh((double){a})" },
+    Tanh = "Tanh" { f: sqil_kernels_cpu::generic::tanh, df: |x| 1.0 - x.tanh().powi(2), c: "(float)tanh({d})", libm: true, cuda: "(float)sqil_tanh((double){a})" },
     Sigmoid = "Sigmoid" {
         f: sigmoid,
         df: |x| sigmoid(x) * (1.0 - sigmoid(x)),
         c: "(float)({v} >= 0.0f ? 1.0 / (1.0 + exp(-{d})) : exp({d}) / (1.0 + exp({d})))",
         libm: true,
-        cuda: "(float)({a} >= 0.0f ? 1.0 / (1.0 + exp(-(double){a})) : exp((double){a}) / (1.0 + exp((double){a})))",
+        cuda: "(float)sqil_sigmoid((double){a})",
     },
     Softplus = "Softplus" {
         f: softplus,
         df: |x| 1.0 / (1.0 + (-x).exp()),
         c: "(float)(({v} > 0.0f ? {d} : 0.0) + log1p(exp(-fabs({d}))))",
         libm: true,
-        cuda: "(float)(({a} > 0.0f ? (double){a} : 0.0) + log1p(exp(-fabs((double){a}))))",
+        cuda: "(float)sqil_softplus((double){a})",
     },
     Exp = "Exp" { f: f64::exp, df: f64::exp, c: "(float)exp({d})", libm: true, cuda: "(float)exp((double){a})" },
     Log = "Log" { f: f64::ln, df: |x| 1.0 / x, c: "(float)log({d})", libm: true, cuda: "(float)log((double){a})" },
