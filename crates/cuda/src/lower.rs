@@ -622,6 +622,16 @@ impl<'a> Lowerer<'a> {
             .ok_or_else(|| self.err(&format!("input {j} missing")))
     }
 
+    /// A layer's bias (input 2) as a constant array argument, null when absent; a computed bias
+    /// is refused.
+    fn const_bias(&self, inputs: &[Option<usize>]) -> Result<KArg<HostArr>> {
+        match self.iconst(inputs, 2) {
+            Some(b) => Ok(f32_arr(b.data.to_f32_vec())),
+            None if inputs.get(2).copied().flatten().is_some() => Err(self.err("computed bias")),
+            None => Ok(KArg::Null),
+        }
+    }
+
     fn iconst(&self, inputs: &[Option<usize>], j: usize) -> Option<&'a Tensor> {
         let env: &'a [Option<Tensor>] = self.env;
         inputs.get(j).copied().flatten().filter(|&s| self.is_const[s]).and_then(|s| env[s].as_ref())
@@ -944,11 +954,7 @@ impl<'a> Lowerer<'a> {
                 let geo = geo_2d(c.input_geometry(&xt.shape, &w.shape).map_err(|e| e.to_string())?);
                 let mut items = geo_items(xt.shape[1], &geo);
                 items.push(c.group as i32);
-                let bias = match self.iconst(inputs, 2) {
-                    Some(b) => f32_arr(b.data.to_f32_vec()),
-                    None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
-                    None => KArg::Null,
-                };
+                let bias = self.const_bias(inputs)?;
                 let args = vec![
                     KArg::Buf(x0()?),
                     KArg::Arr(HostArr::I32(items)),
@@ -1003,11 +1009,7 @@ impl<'a> Lowerer<'a> {
                 }
                 let (group, c_in) = (c.group as usize, xt.shape[1]);
                 let (cg, mg) = (c_in / group.max(1), w.shape[1]);
-                let bias = match self.iconst(inputs, 2) {
-                    Some(b) => f32_arr(b.data.to_f32_vec()),
-                    None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
-                    None => KArg::Null,
-                };
+                let bias = self.const_bias(inputs)?;
                 let args = vec![
                     KArg::Buf(x0()?),
                     KArg::Arr(HostArr::I32(inv)),
@@ -1041,17 +1043,7 @@ impl<'a> Lowerer<'a> {
                 if base.len() != n {
                     return Err(self.err("outputs and slots disagree"));
                 }
-                let count = off.len();
-                let args = vec![
-                    KArg::Buf(x0()?),
-                    i32_arr(&base),
-                    i32_arr(&off),
-                    KArg::Buf(yb[0]),
-                    int(n),
-                    int(count),
-                    KArg::I32(code),
-                ];
-                self.steps.push(kernel("sqil_reduce_f64", n, args));
+                self.steps.push(reduce_step(x0()?, yb[0], &base, &off, code));
             }
             Op::GlobalAveragePool => {
                 // The interpreter's plane means: each plane's f64 sum in order from where Rust's
@@ -1061,21 +1053,20 @@ impl<'a> Lowerer<'a> {
                 let code = if start.is_sign_negative() { 3 } else { 0 };
                 let base: Vec<usize> = (0..n).map(|p| p * inner).collect();
                 let off: Vec<usize> = (0..inner).collect();
-                let args = vec![
-                    KArg::Buf(x0()?),
-                    i32_arr(&base),
-                    i32_arr(&off),
-                    KArg::Buf(yb[0]),
-                    int(n),
-                    int(inner),
-                    KArg::I32(code),
-                ];
-                self.steps.push(kernel("sqil_reduce_f64", n, args));
+                self.steps.push(reduce_step(x0()?, yb[0], &base, &off, code));
             }
             _ => return Err(self.err("op")),
         }
         Ok(())
     }
+}
+
+/// A `sqil_reduce_f64` step: output i of buffer `y` from buffer `x`'s elements `base[i] +
+/// off[j]` in order (`code`: 0 mean, 1 sum, 2 max, 3 mean from -0).
+fn reduce_step(x: usize, y: usize, base: &[usize], off: &[usize], code: i32) -> HStep {
+    let n = base.len();
+    let args = vec![KArg::Buf(x), i32_arr(base), i32_arr(off), KArg::Buf(y), int(n), int(off.len()), KArg::I32(code)];
+    kernel("sqil_reduce_f64", n, args)
 }
 
 /// A 1-D window geometry as a 2-D one of a single row (the kernels' form); 2-D as it is.

@@ -21,6 +21,17 @@ fn quantized(name: &str) -> Policy {
     Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
 }
 
+/// The kernel of each lowered step, in order.
+fn kernel_names(l: &sqil_cuda::lower::Lowered) -> Vec<&str> {
+    l.steps
+        .iter()
+        .map(|s| {
+            let sqil_cuda::lower::LStep::Kernel { name, .. } = s;
+            name.as_str()
+        })
+        .collect()
+}
+
 #[test]
 fn standalone_cu_for_an_mlp_policy() {
     let p = quantized("bc_hopper");
@@ -48,14 +59,7 @@ fn cnn_and_transformer_policies_lower_and_emit() {
     for name in ["cnn", "bc_pickplace_pixels", "transformer", "transformer_dynamo", "bc_pickplace_transformer"] {
         let p = quantized(name);
         let l = sqil_cuda::lower::lower(&p).unwrap_or_else(|e| panic!("{name}: {e}"));
-        let kernels: Vec<&str> = l
-            .steps
-            .iter()
-            .map(|s| {
-                let sqil_cuda::lower::LStep::Kernel { name, .. } = s;
-                name.as_str()
-            })
-            .collect();
+        let kernels = kernel_names(&l);
         assert_eq!(l.in_lens.len(), p.input_sizes().len(), "{name}");
         let states = vec![vec![0.25f32; l.in_len]];
         let src = sqil_codegen::cuda::emit_cu(&p, &states, &[vec![0.0; l.out_len]], 0.02).unwrap();
@@ -201,14 +205,7 @@ fn one_dimensional_ops_and_several_outputs_lower() {
     let l = sqil_cuda::lower::lower(&p).unwrap();
     assert_eq!(l.out_lens, vec![6, 3]);
     assert_eq!(l.out_len, 9);
-    let kernels: Vec<&str> = l
-        .steps
-        .iter()
-        .map(|s| {
-            let sqil_cuda::lower::LStep::Kernel { name, .. } = s;
-            name.as_str()
-        })
-        .collect();
+    let kernels = kernel_names(&l);
     for k in ["sqil_conv2d_f32", "sqil_q4_conv_int", "sqil_conv_transpose_f32", "sqil_pool2d", "sqil_reduce_f64"] {
         assert!(kernels.contains(&k), "no {k} step in {kernels:?}");
     }
