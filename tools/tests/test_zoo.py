@@ -3,8 +3,8 @@ its HardSigmoid gates, EfficientNet-B0, an ACT decoder, a diffusion 1-D U-Net st
 in sqil's interpreter as onnxruntime (optimisations off) runs it; quantized W4A8 it compiles to a
 CPU artifact whose `sqil bench --profile` names each step's path, with the ops that have f32 kernels
 (depthwise Conv, the activations, LayerNormalization, Softmax, the reductions, ...) off the
-reference path. Needs the sqil CLI (SQIL_BIN,
-default target/debug/sqil)."""
+reference path; and it lowers for the GPU (`sqil build --target cuda`, no device needed). Needs the
+sqil CLI (SQIL_BIN, default target/debug/sqil)."""
 
 import json
 import os
@@ -39,7 +39,8 @@ def test_zoo_model_runs_in_sqil_as_in_onnxruntime_and_off_the_reference_path(nam
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
-    want = sess.run(None, {i.name: x for i, x in zip(sess.get_inputs(), xs)})[0]
+    outs = sess.run(None, {i.name: x for i, x in zip(sess.get_inputs(), xs)})
+    want = outs[0]
     ins = []
     for i, x in enumerate(xs):
         np.save(tmp_path / f"x{i}.npy", x)
@@ -70,3 +71,14 @@ def test_zoo_model_runs_in_sqil_as_in_onnxruntime_and_off_the_reference_path(nam
     assert set(summary["reference_ops"]) == on_reference
     shares = sum(summary[k] for k in ("reference_share", "f32_kernel_share", "int4_kernel_share", "data_movement_share"))
     assert abs(shares - 1.0) < 0.01
+
+    # The artifact lowers for the GPU too (no device needed): a standalone CUDA file with one
+    # launch per step, the outputs gathered into one action vector of every output's values.
+    cu = tmp_path / "policy.cu"
+    r = subprocess.run([SQIL, "build", str(art), "--target", "cuda", "-o", str(cu)], capture_output=True, text=True)
+    assert r.returncode == 0, f"{name}: {r.stderr}"
+    src = cu.read_text()
+    assert src.count("<<<") > 0 and "cudaGraphLaunch" in src
+    out_len = sum(o.size // o.shape[0] for o in outs)
+    assert f"#define OUT_LEN {out_len}" in src, f"{name}: OUT_LEN is not {out_len}"
+
