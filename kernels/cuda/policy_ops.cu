@@ -738,8 +738,12 @@ SQIL_KERNEL void sqil_conv2d_f32(SQIL_VARGS const float *__restrict__ x, const i
 }
 
 
-// 2-D max or average pooling of `planes` planes (geo as sqil_conv2d_f32's); average divides by
-// div[position], or div0 when div is null; one thread per output.
+// 2-D max or average pooling of `planes` planes (geo as sqil_conv2d_f32's) as the interpreter
+// defines them: max, the window's first value inside the input (kernel order: rows, then
+// columns) then each later one taken where v > best (a NaN first value stays, later NaNs are
+// passed over), -inf for a window wholly in the padding; average, the f64 sum from -0 of the
+// taps inside the input in kernel order divided by div[position] (div0 when div is null), rounded
+// once. One thread per output.
 SQIL_KERNEL void sqil_pool2d(SQIL_VARGS const float *__restrict__ x, const int *__restrict__ geo,
                                        float *__restrict__ y, int planes, int is_max, const int *__restrict__ div,
                                        int div0)
@@ -750,18 +754,23 @@ SQIL_KERNEL void sqil_pool2d(SQIL_VARGS const float *__restrict__ x, const int *
         return;
     }
     const int p = i / (oh * ow), o = i % (oh * ow), oy = o / ow, ox = o % ow;
-    float s = 0.0f, best = __int_as_float(0xff800000);
+    double s = -0.0;
+    float best = __int_as_float(0xff800000);
+    bool any = false;
     for (int ty = 0; ty < kh; ty++) {
         for (int tx = 0; tx < kw; tx++) {
             const int iy = oy * geo[5] + ty * geo[7] - geo[9], ix = ox * geo[6] + tx * geo[8] - geo[10];
             if (iy >= 0 && iy < h && ix >= 0 && ix < wd) {
-                const float v = (x[((long)p * h + iy) * wd + ix]);
-                s += v;
-                best = fmaxf(best, v);
+                const float v = x[((long)p * h + iy) * wd + ix];
+                s = __dadd_rn(s, (double)v);
+                if (!any || v > best) {
+                    best = v;
+                }
+                any = true;
             }
         }
     }
-    y[i] = (is_max ? best : s / (float)(div ? div[o] : div0));
+    y[i] = is_max ? best : __double2float_rn(__ddiv_rn(s, (double)(div ? div[o] : div0)));
 }
 
 // ConvTranspose (2-D; 1-D lifted to one row) as the interpreter computes it: one thread per

@@ -8,10 +8,10 @@
 //! (`sqil_q4_w16`), float linear maps and convolutions its one fma chain per output; those steps
 //! give the CPU's bits. Element-wise functions run in double and round once, like the reference
 //! interpreter; sqil's own functions (sigmoid, tanh, softplus, ELU: `sqil_math.cuh`) by the
-//! CPU's operations, the platform's (exp, log, erf, GELU) by CUDA's. Softmax, LayerNorm,
-//! GlobalAveragePool and the Reduce ops follow the CPU's definitions (its summation order, in
-//! double); 2-D average pooling still sums in f32 in window order: actions agree with the CPU
-//! runtime within [`GPU_TOL`].
+//! CPU's operations, the platform's (exp, log, erf, GELU) by CUDA's. Softmax, LayerNorm, the
+//! pools and the Reduce ops follow the CPU's definitions (its summation order, in double; its
+//! choice of maximum): actions agree with the CPU runtime within [`GPU_TOL`], which the
+//! platform's functions need.
 
 use crate::error::Result;
 use sqil_ir::ops::{BinaryOp, Op};
