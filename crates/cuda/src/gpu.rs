@@ -547,13 +547,18 @@ impl Gpu {
     /// up to 8 where one fits.
     pub fn w4a8_pick(&self, w: &DeviceW4a8, batch: usize) -> Result<usize> {
         let limit = self.smem_optin()?;
-        let fits = |i: &W4a8Instance| {
-            let (smem, spans) = Self::w4a8_needs(w, i);
-            smem <= limit && spans
-        };
-        let first = |half: bool| W4A8_INSTANCES.iter().position(|i| i.5 == half && fits(i));
+        let first = |half: bool| Self::w4a8_first(w, half, limit);
         (if batch <= 8 { first(true).or_else(|| first(false)) } else { first(false) })
             .ok_or_else(|| format!("w4a8: no instance fits group {}", w.group).into())
+    }
+
+    /// The first of [`W4A8_INSTANCES`] (the fastest measured) on the half levels or the full ones
+    /// whose shared memory fits `limit` and whose warps hold whole groups of `w`.
+    fn w4a8_first(w: &DeviceW4a8, half: bool, limit: usize) -> Option<usize> {
+        W4A8_INSTANCES.iter().position(|i| {
+            let (smem, spans) = Self::w4a8_needs(w, i);
+            i.5 == half && smem <= limit && spans
+        })
     }
 
     fn smem_optin(&self) -> Result<usize> {
@@ -660,19 +665,15 @@ impl Gpu {
         instance: Option<usize>,
     ) -> Result<()> {
         let limit = self.smem_optin()?;
-        let inst = match instance {
-            Some(i) => W4A8_INSTANCES.get(i).ok_or_else(|| format!("w4a8: no instance {i}"))?,
-            // The first (the fastest measured) that fits and reads the levels' layout.
-            None => W4A8_INSTANCES
-                .iter()
-                .find(|i| {
-                    let (smem, spans) = Self::w4a8_needs(w, i);
-                    smem <= limit && spans && i.5 == scratch.half
-                })
+        let i = match instance {
+            Some(i) => i,
+            // The first that fits and reads the levels' layout.
+            None => Self::w4a8_first(w, scratch.half, limit)
                 .ok_or_else(|| format!("w4a8: no instance fits group {}", w.group))?,
         };
+        let inst = W4A8_INSTANCES.get(i).ok_or_else(|| format!("w4a8: no instance {i}"))?;
         let (name, rows, threads, q, _, half) = *inst;
-        let (smem, _) = Self::w4a8_needs(w, inst);
+        let (smem, spans) = Self::w4a8_needs(w, inst);
         if smem > limit {
             return Err(format!(
                 "w4a8: {name} needs {smem} bytes of shared memory for group {}, the device has {limit}",
@@ -696,7 +697,7 @@ impl Gpu {
         {
             return Err(format!("w4a8: batch {batch} or buffers do not fit [{}, {}]", w.n, w.k).into());
         }
-        if q > 0 && w.group > GROUP && !(q * GROUP).is_multiple_of(w.group) {
+        if !spans {
             return Err(
                 format!("w4a8: group {} spans more than one warp's {} terms in {name}", w.group, q * GROUP).into()
             );

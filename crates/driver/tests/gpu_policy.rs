@@ -26,6 +26,43 @@ fn quantized(name: &str, settings: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     (p, inputs)
 }
 
+/// Graph `g` quantized by RTN with `settings`, calibrated on `feeds`.
+fn rtn(g: &sqil_ir::Graph, settings: &str, feeds: &[std::collections::HashMap<String, sqil_ir::Tensor>]) -> Policy {
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings(settings).unwrap();
+    let (sim, _) = sqil_passes::quant::quantize(g, &cfg, Recipe::Rtn, feeds).unwrap();
+    Policy::from_graph(&sim).unwrap()
+}
+
+/// The largest |GPU - CPU| over all actions relative to the largest |CPU action|, each state's
+/// actions of the same length.
+fn rel_from_cpu(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) -> f32 {
+    let (mut worst, mut scale) = (0f32, 1e-6f32);
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.len(), w.len(), "{what}");
+        for (a, b) in g.iter().zip(w) {
+            scale = scale.max(b.abs());
+            worst = worst.max((a - b).abs());
+        }
+    }
+    worst / scale
+}
+
+/// `states` through one launch per step, then the captured graph and (where the policy has one)
+/// the persistent program, each the launches' bits; returns the launches' actions.
+fn on_every_path(gpu: &sqil_cuda::Gpu, gp: &mut GpuPolicy, states: &[Vec<f32>], what: &str) -> Vec<Vec<f32>> {
+    let run = |gp: &mut GpuPolicy| -> Vec<Vec<f32>> { states.iter().map(|x| gp.act(gpu, x).unwrap()).collect() };
+    let steps = run(gp);
+    gp.capture(gpu).unwrap();
+    gp.set_mode(Mode::Graph).unwrap();
+    assert_eq!(run(gp), steps, "{what}: graph");
+    if gp.has_persistent() {
+        gp.set_mode(Mode::Persistent).unwrap();
+        assert_eq!(run(gp), steps, "{what}: program");
+    }
+    steps
+}
+
 #[test]
 fn every_path_computes_the_same_bits() {
     let Some(gpu) = common::gpu_or_skip("the GPU policy paths") else { return };
@@ -88,20 +125,11 @@ fn every_path_computes_the_same_bits() {
             g.set_mode(Mode::Persistent).unwrap();
             assert_eq!(run(&mut g), steps, "{name} {settings}: the restarted persistent program");
             g.set_mode(chosen).unwrap();
-            let (mut worst, mut scale) = (0f32, 1e-6f32);
-            for (r, got) in steps.iter().enumerate() {
-                let want = &cpu[r];
-                assert_eq!(got.len(), want.len(), "{name}");
-                for (a, b) in got.iter().zip(want) {
-                    scale = scale.max(b.abs());
-                    worst = worst.max((a - b).abs());
-                }
-            }
-            assert!(worst / scale <= GPU_TOL, "{name} {settings}: {} from the CPU", worst / scale);
+            let rel = rel_from_cpu(&steps, &cpu, name);
+            assert!(rel <= GPU_TOL, "{name} {settings}: {rel} from the CPU");
             eprintln!(
-                "{name} {settings}: {rows} states, chosen {chosen:?} {:?}, {:.1e} from the CPU",
-                g.persistent_grid(),
-                worst / scale
+                "{name} {settings}: {rows} states, chosen {chosen:?} {:?}, {rel:.1e} from the CPU",
+                g.persistent_grid()
             );
         }
     }
@@ -121,10 +149,7 @@ fn convolutions_over_partial_groups_match_the_cpu() {
     let calib: Vec<f32> = (0..128 * per).map(|_| r.unit()).collect();
     let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(128, calib))])];
     for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=8,group=64"] {
-        let mut cfg = QuantConfig::default();
-        cfg.apply_settings(settings).unwrap();
-        let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
-        let p = Policy::from_graph(&sim).unwrap();
+        let p = rtn(&g, settings, &feeds);
         let padded = p
             .plan
             .steps
@@ -136,15 +161,7 @@ fn convolutions_over_partial_groups_match_the_cpu() {
         let cpu: Vec<Vec<f32>> =
             states.iter().map(|x| p.run(&[shaped(1, x.clone())]).unwrap().remove(0).data.to_f32_vec()).collect();
         let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{settings}: {e}"));
-        let run = |gp: &mut GpuPolicy| -> Vec<Vec<f32>> { states.iter().map(|x| gp.act(&gpu, x).unwrap()).collect() };
-        assert_eq!(run(&mut gp), cpu, "{settings}: launches");
-        gp.capture(&gpu).unwrap();
-        gp.set_mode(Mode::Graph).unwrap();
-        assert_eq!(run(&mut gp), cpu, "{settings}: graph");
-        if gp.has_persistent() {
-            gp.set_mode(Mode::Persistent).unwrap();
-            assert_eq!(run(&mut gp), cpu, "{settings}: program");
-        }
+        assert_eq!(on_every_path(&gpu, &mut gp, &states, settings), cpu, "{settings}: launches");
         eprintln!("{settings}: {} states bit for bit on every path", states.len());
     }
 }
@@ -164,10 +181,7 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
     let calib: Vec<f32> = (0..64 * per).map(|_| r.unit()).collect();
     let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(64, calib))])];
     for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=float,group=32"] {
-        let mut cfg = QuantConfig::default();
-        cfg.apply_settings(settings).unwrap();
-        let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
-        let p = Policy::from_graph(&sim).unwrap();
+        let p = rtn(&g, settings, &feeds);
         let states: Vec<Vec<f32>> = (0..6).map(|_| (0..per).map(|_| r.unit() * 1.5).collect()).collect();
         let cpu: Vec<Vec<f32>> = states
             .iter()
@@ -175,25 +189,9 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
             .collect();
         assert!(cpu.iter().all(|a| a.len() == 6 + 3));
         let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{settings}: {e}"));
-        let run = |gp: &mut GpuPolicy| -> Vec<Vec<f32>> { states.iter().map(|x| gp.act(&gpu, x).unwrap()).collect() };
-        let steps = run(&mut gp);
-        let (mut worst, mut scale) = (0f32, 1e-6f32);
-        for (a, b) in steps.iter().flatten().zip(cpu.iter().flatten()) {
-            scale = scale.max(b.abs());
-            worst = worst.max((a - b).abs());
-        }
-        assert!(worst / scale <= GPU_TOL, "{settings}: {} from the CPU", worst / scale);
-        gp.capture(&gpu).unwrap();
-        gp.set_mode(Mode::Graph).unwrap();
-        assert_eq!(run(&mut gp), steps, "{settings}: graph");
-        if gp.has_persistent() {
-            gp.set_mode(Mode::Persistent).unwrap();
-            assert_eq!(run(&mut gp), steps, "{settings}: program");
-        }
-        eprintln!(
-            "{settings}: {} states, {:.1e} from the CPU, the same bits on every path",
-            states.len(),
-            worst / scale
-        );
+        let steps = on_every_path(&gpu, &mut gp, &states, settings);
+        let rel = rel_from_cpu(&steps, &cpu, settings);
+        assert!(rel <= GPU_TOL, "{settings}: {rel} from the CPU");
+        eprintln!("{settings}: {} states, {rel:.1e} from the CPU, the same bits on every path", states.len());
     }
 }

@@ -120,7 +120,7 @@ impl Execute for Plan {
         // The steps a kernel runs as its epilogue (no time of their own).
         for i in 0..self.steps.len() {
             if let Some(y) = epilogue_host(self, i, &env) {
-                let (post, last) = epilogue(self, i, y, &env);
+                let (post, last, _) = epilogue(self, i, y, &env);
                 if !post.is_empty() {
                     paths[i + 1..=last].fill(FUSED);
                 }
@@ -220,14 +220,10 @@ fn pointwise_after<'p>(
     if *x != v || plan.last_use[v] != j || !im.pointwise {
         return None;
     }
-    let (mut post, end) = epilogue(plan, j, *y, env);
+    let (mut post, end, out) = epilogue(plan, j, *y, env);
     if *relu {
         post.insert(0, Post::Relu);
     }
-    let out = match &plan.steps[end] {
-        Step::Op { outputs, .. } if end > j => outputs[0],
-        _ => *y,
-    };
     Some(PointwiseNext { step: j, layer: (act, &**w, bias.as_deref(), Some(&**im)), post, last: end, out })
 }
 
@@ -285,11 +281,7 @@ fn depthwise_after<'p>(
         return None;
     }
     let w = ready(1)?;
-    let (post, end) = epilogue(plan, j, outputs[0], env);
-    let out = match &plan.steps[end] {
-        Step::Op { outputs: o, .. } if end > j => o[0],
-        _ => outputs[0],
-    };
+    let (post, end, out) = epilogue(plan, j, outputs[0], env);
     Some(DepthwiseNext { step: j, attrs, w, b, post, last: end, out })
 }
 
@@ -307,14 +299,15 @@ fn epilogue_host(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<u
 }
 
 /// The element-wise steps right after step `i` (whose output is slot `y`) that its kernel runs
-/// as its epilogue, as [`Post`] ops in order, and the last such step (`i` if none): each a ReLU,
+/// as its epilogue, as [`Post`] ops in order, the last such step (`i` if none) and the slot of the
+/// value it ends with (`y` if none): each a ReLU,
 /// a HardSwish, a Clip with f32 scalar bounds (or none), a FakeQuant with one scale and zero point
 /// or a SiLU (a Sigmoid and the Mul of the value by it: [`Post::Silu`]), reading
 /// the value before it as its first input and nowhere else, where that value dies (read by no
 /// later step, not an output), its other inputs computed already. The same conditions as
 /// running in place ([`in_place`]), so the same operations on the same values: the same bits,
 /// one pass over memory fewer per op.
-fn epilogue(plan: &Plan, i: usize, y: usize, env: &[Option<Cow<Tensor>>]) -> (Vec<Post>, usize) {
+fn epilogue(plan: &Plan, i: usize, y: usize, env: &[Option<Cow<Tensor>>]) -> (Vec<Post>, usize, usize) {
     let (mut post, mut cur, mut j) = (vec![], y, i + 1);
     while let Some(Step::Op { op, inputs, outputs, .. }) = plan.steps.get(j) {
         if outputs.len() != 1 || inputs.first() != Some(&Some(cur)) {
@@ -343,7 +336,7 @@ fn epilogue(plan: &Plan, i: usize, y: usize, env: &[Option<Cow<Tensor>>]) -> (Ve
         cur = outputs[0];
         j += 1;
     }
-    (post, j - 1)
+    (post, j - 1, cur)
 }
 
 /// Input `k` of a step's `inputs` as computed so far (absent if the step has none there).
@@ -380,11 +373,7 @@ fn exec<'a>(
         // last one's value (the one this step then writes).
         let (post, mut last, out) = match epilogue_host(plan, i, &env).filter(|_| !keep_all) {
             Some(y) => {
-                let (post, last) = epilogue(plan, i, y, &env);
-                let out = match &plan.steps[last] {
-                    Step::Op { outputs, .. } if last > i => outputs[0],
-                    _ => y,
-                };
+                let (post, last, out) = epilogue(plan, i, y, &env);
                 (post, last, Some(out))
             }
             None => (vec![], i, None),

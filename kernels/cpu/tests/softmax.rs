@@ -3,6 +3,16 @@
 
 use sqil_kernels_cpu::generic::{exp_nonpos, generic_softmax_rows, softmax_rows};
 
+/// Uniform values in [0, 1) from a xorshift generator seeded with `state`.
+fn uniform(mut state: u64) -> impl FnMut() -> f64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 #[test]
 fn exp_nonpos_is_within_two_ulps_of_libm() {
     let mut worst = 0u64;
@@ -21,13 +31,7 @@ fn exp_nonpos_is_within_two_ulps_of_libm() {
 
 #[test]
 fn dispatched_softmax_rows_equal_the_definition() {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = uniform(0x2545_f491_4f6c_dd1d);
     // Rows: one block, and several (blocks of 2048 values, the last short, rows not a multiple of
     // four).
     for (dim, rows) in
@@ -556,13 +560,7 @@ fn plane_sums_equal_the_fold() {
 /// polynomial; that form was slower than the exact one and was dropped.)
 #[test]
 fn softmax_rows_equal_the_definition_on_attention_rows() {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state >> 11) as f64 / (1u64 << 53) as f64
-    };
+    let mut next = uniform(0x9e37_79b9_7f4a_7c15);
     for (dim, rows, scale) in [
         (49, 12000, 6.0),
         (50, 8000, 20.0),
