@@ -228,6 +228,65 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
     }
 }
 
+// sqil_linear_f32w for many rows (a transformer's projections of its tokens): the same chain per
+// output (fma over k in order from +0, then the bias), one thread per output instead of a warp.
+// A block of 256 threads computes 32 rows x 32 columns: per chunk of 32 terms the rows' inputs
+// (through fq) and the weights go to shared memory, and thread (w, l) runs the chains of rows
+// w, w + 8, w + 16, w + 24 of column l (four independent chains; every lane of a warp reads the
+// same input, each its own column's weight).
+#define SQIL_F32T 32
+SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_linear_f32w_tile(SQIL_VARGS const float *__restrict__ x,
+    const float *__restrict__ w, const float *__restrict__ bias, float *__restrict__ y, int rows, int k, int n,
+    float qs, float qz, float qlo, float qhi)
+{
+    __shared__ float xs[SQIL_F32T][SQIL_F32T + 1];
+    __shared__ float ws[SQIL_F32T][SQIL_F32T];
+    const int tiles_n = (n + SQIL_F32T - 1) / SQIL_F32T;
+    const int r0 = (SQIL_BX / tiles_n) * SQIL_F32T, c0 = (SQIL_BX % tiles_n) * SQIL_F32T;
+    const int t = SQIL_TX, lane = t % 32, wy = t / 32, c = c0 + lane;
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int k0 = 0; k0 < k; k0 += SQIL_F32T) {
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int e = t + 256 * j, i = e / SQIL_F32T, q = e % SQIL_F32T;
+            const int r = r0 + i, kk = k0 + q;
+            xs[i][q] = r < rows && kk < k ? sqil_fq(x[(long)r * k + kk], qs, qz, qlo, qhi) : 0.0f;
+            ws[i][q] = k0 + i < k && c0 + q < n ? w[(long)(k0 + i) * n + c0 + q] : 0.0f;
+        }
+        __syncthreads();
+        // Terms past k are skipped, not added as zeros (fma(0, 0, -0) is +0).
+        const int cnt = k - k0 < SQIL_F32T ? k - k0 : SQIL_F32T;
+        if (cnt == SQIL_F32T) {
+#pragma unroll
+            for (int q = 0; q < SQIL_F32T; q++) {
+                const float wv = ws[q][lane];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    s[i] = __fmaf_rn(xs[wy + 8 * i][q], wv, s[i]);
+                }
+            }
+        } else {
+            for (int q = 0; q < cnt; q++) {
+                const float wv = ws[q][lane];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    s[i] = __fmaf_rn(xs[wy + 8 * i][q], wv, s[i]);
+                }
+            }
+        }
+    }
+    if (c < n) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = r0 + wy + 8 * i;
+            if (r < rows) {
+                y[(long)r * n + c] = bias ? __fadd_rn(s[i], bias[c]) : s[i];
+            }
+        }
+    }
+}
+
 // Quantized activation levels minus the zero point, as floats (exact small integers):
 // lv[i] = clamp(rint(x[i] / s) + z, lo, hi) - z, the CPU's int8 quantizer (NaN stays NaN).
 __device__ __forceinline__ float sqil_level(float x, float s, float z, float lo, float hi)
@@ -478,7 +537,8 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_groups(SQIL_VARGS
 SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,
     const float *__restrict__ lv, float *__restrict__ y, const unsigned *__restrict__ table, int positions, int n,
-    int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane, int run)
+    int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane, int run, int gsplit,
+    float *__restrict__ prod, float *__restrict__ flags)
 {
     // SQIL_CONV_KC int16 per position, rows of 68 words (16-byte aligned; 128-bit reads by eight
     // lanes at a time fall in distinct banks).
@@ -489,7 +549,13 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     // weights: a group's epilogue waits on shared memory, not on a global load.
     __shared__ float ss[SQIL_CONV_TC][SQIL_CONV_GS];
     const int tiles_p = (positions + SQIL_CONV_TP - 1) / SQIL_CONV_TP;
-    const int p0 = (SQIL_BX % tiles_p) * SQIL_CONV_TP, c0 = (SQIL_BX / tiles_p) * SQIL_CONV_TC;
+    const int tiles = tiles_p * ((n + SQIL_CONV_TC - 1) / SQIL_CONV_TC);
+    // Split: block (split, tile) sums groups [split * gsplit, + gsplit) of its tile.
+    const int split = gsplit > 0 ? SQIL_BX / tiles : 0, tile = gsplit > 0 ? SQIL_BX % tiles : SQIL_BX;
+    const int p0 = (tile % tiles_p) * SQIL_CONV_TP, c0 = (tile / tiles_p) * SQIL_CONV_TC;
+    const int gfirst = split * gsplit, glast = gsplit > 0 && gfirst + gsplit < groups ? gfirst + gsplit : groups;
+    const int kbeg = gfirst * group, kend = glast * group < k ? glast * group : k;
+    const long outs = (long)n * positions;
     const int t = SQIL_TX, pl = t % SQIL_CONV_TP, cl = t / SQIL_CONV_TP * 2, k4 = (k + 3) / 4;
     if (t < SQIL_CONV_TP) {
         nanf[t] = 0;
@@ -497,9 +563,9 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     short *xb = (short *)&xs[0][0];
     const int p = p0 + pl, kl0 = t / SQIL_CONV_TP;
     const long prow = (long)(p < positions ? p : 0) * taps;
-    int s0a = 0, s0b = 0, s1a = 0, s1b = 0, g = 0, gend = group < k ? group : k;
+    int s0a = 0, s0b = 0, s1a = 0, s1b = 0, g = gfirst, gend = kbeg + group < k ? kbeg + group : k;
     float a0 = 0.0f, a1 = 0.0f;
-    for (int k0 = 0; k0 < k; k0 += SQIL_CONV_KC) {
+    for (int k0 = kbeg; k0 < kend; k0 += SQIL_CONV_KC) {
         __syncthreads();
         // This thread's terms k0 + kl0 + 8 i: position p, tap and channel stepped by eight.
         const int per = SQIL_CONV_KC / 8;
@@ -544,7 +610,7 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
             ss[t / SQIL_CONV_GS][t % SQIL_CONV_GS] = (c < n && gi < groups) ? scales[(long)c * groups + gi] : 0.0f;
         }
         __syncthreads();
-        for (int k1 = 0; k1 < SQIL_CONV_KC && k0 + k1 < k; k1 += 32) {
+        for (int k1 = 0; k1 < SQIL_CONV_KC && k0 + k1 < kend; k1 += 32) {
             const int4 *xr = (const int4 *)&xs[pl][k1 / 2];
             const int4 *w0 = (const int4 *)&ws[cl][k1 / 4], *w1 = (const int4 *)&ws[cl + 1][k1 / 4];
 #pragma unroll
@@ -562,8 +628,20 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
             }
             const int end = k0 + k1 + 32 < k ? k0 + k1 + 32 : k;
             if (end == gend) {
-                a0 = __fadd_rn(a0, __fmul_rn((float)(s0a + s0b), ss[cl][g - gs]));
-                a1 = __fadd_rn(a1, __fmul_rn((float)(s1a + s1b), ss[cl + 1][g - gs]));
+                const float m0 = __fmul_rn((float)(s0a + s0b), ss[cl][g - gs]);
+                const float m1 = __fmul_rn((float)(s1a + s1b), ss[cl + 1][g - gs]);
+                if (gsplit > 0) {
+                    // The group's products, added in group order by sqil_q4_conv_finish.
+                    if (p < positions && c0 + cl < n) {
+                        prod[g * outs + (long)(c0 + cl) * positions + p] = m0;
+                    }
+                    if (p < positions && c0 + cl + 1 < n) {
+                        prod[g * outs + (long)(c0 + cl + 1) * positions + p] = m1;
+                    }
+                } else {
+                    a0 = __fadd_rn(a0, m0);
+                    a1 = __fadd_rn(a1, m1);
+                }
                 s0a = s0b = s1a = s1b = 0;
                 g++;
                 gend = gend + group < k ? gend + group : k;
@@ -571,6 +649,13 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
         }
     }
     __syncthreads();
+    if (gsplit > 0) {
+        // NaN in this split's part of the window, per position (the first channel tile's blocks).
+        if (c0 == 0 && t < SQIL_CONV_TP && p < positions) {
+            flags[(long)split * positions + p] = nanf[pl] ? 1.0f : 0.0f;
+        }
+        return;
+    }
     if (p < positions) {
         if (c0 + cl < n) {
             y[(long)(c0 + cl) * positions + p] = sqil_q4_epilogue(a0, xscale, bias, c0 + cl, relu, nanf[pl]);
@@ -579,6 +664,30 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
             y[(long)(c0 + cl + 1) * positions + p] = sqil_q4_epilogue(a1, xscale, bias, c0 + cl + 1, relu, nanf[pl]);
         }
     }
+}
+
+// The end of a split sqil_q4_conv_int (few output tiles over long windows: its blocks split the
+// groups): per output (c, p) the group products added from +0 in group order, as the unsplit
+// kernel adds them, then sqil_q4_epilogue with the window's NaN flag from every split. prod
+// [groups, n, positions], flags [splits, positions]; one thread per output.
+SQIL_KERNEL void sqil_q4_conv_finish(SQIL_VARGS const float *__restrict__ prod, const float *__restrict__ flags,
+                                     const float *__restrict__ bias, float *__restrict__ y, int positions, int n,
+                                     int groups, int splits, float xscale, int relu)
+{
+    const long o = (long)SQIL_BX * SQIL_BDIM + SQIL_TX, outs = (long)n * positions;
+    if (o >= outs) {
+        return;
+    }
+    const int c = (int)(o / positions), p = (int)(o % positions);
+    float acc = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        acc = __fadd_rn(acc, prod[g * outs + o]);
+    }
+    int nan = 0;
+    for (int s = 0; s < splits; s++) {
+        nan |= flags[(long)s * positions + p] != 0.0f;
+    }
+    y[o] = sqil_q4_epilogue(acc, xscale, bias, c, relu, nan);
 }
 
 // A weight-only int4 layer on float activations, the CPU kernels' arithmetic lane for lane

@@ -139,8 +139,14 @@ pub struct Placed {
 
 /// Kernels that read their input buffers whole and never write one of them (so a block may
 /// start one while another block still computes, from other buffers, what it reads).
-const READS_ONLY_INPUTS: &[&str] =
-    &["sqil_linear_f32w", "sqil_q4_int", "sqil_q4_int_groups", "sqil_q4_w16", "sqil_conv2d_f32"];
+const READS_ONLY_INPUTS: &[&str] = &[
+    "sqil_linear_f32w",
+    "sqil_linear_f32w_tile",
+    "sqil_q4_int",
+    "sqil_q4_int_groups",
+    "sqil_q4_w16",
+    "sqil_conv2d_f32",
+];
 
 /// Per step, where it runs and which barrier follows it:
 /// - a step of one block runs on block 0; after it a `__syncthreads` suffices when the next

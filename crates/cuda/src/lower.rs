@@ -88,6 +88,16 @@ const WIDE: usize = 512;
 /// integer activations takes a block per output (`sqil_q4_int_groups`) instead of a warp.
 const GROUPS_LONG: usize = 16;
 const OUTPUTS_FEW: usize = 1024;
+/// Rows from which a float layer takes a thread per output in 32 x 32 tiles
+/// (`sqil_linear_f32w_tile`) instead of a warp per output (whose shuffles, two per term, bound a
+/// transformer's projections of its tokens).
+const F32_TILE_ROWS: usize = 8;
+/// A convolution with fewer output tiles than this many blocks splits its groups across blocks
+/// (`sqil_q4_conv_int`'s split, `sqil_q4_conv_finish`): a ResNet's late stages (a 3 x 3 plane of
+/// 512 channels is 32 tiles on 132 multiprocessors, each walking 4 608 terms).
+const CONV_BLOCKS: usize = 264;
+/// The fewest terms a split walks (two of the kernel's 128-term chunks).
+const CONV_SPLIT_TERMS: usize = 256;
 
 /// An int4 layer's weights for `sqil_q4_int` / `sqil_q4_w16`: per output channel a row of `k`
 /// signed bytes, four to a word (a warp's lanes read consecutive bytes of one row).
@@ -434,6 +444,10 @@ impl<'a> Lowerer<'a> {
         relu: bool,
         conv: Option<&sqil_ir::lowered::conv::Im2col>,
     ) -> Result<()> {
+        // A convolution of one position reading one input position, every channel once (a
+        // squeeze-and-excitation block's 1 x 1 layers on the pooled vector), is the linear map on
+        // the channel vector: the same arithmetic, without a 32-position tile for one position.
+        let conv = conv.filter(|im| !(im.table == [0] && im.run == im.channels && im.geo.input_len() == 1));
         let xlen = self.val(x)?.len();
         // The input's levels once (a convolution's or a wide layer's): where the input is a
         // deferred element-wise chain, that chain's kernel writes them beside the values.
@@ -477,7 +491,24 @@ impl<'a> Lowerer<'a> {
                     // The levels once (each is read by every window over it), then tiles of
                     // outputs (`sqil_q4_conv_int`).
                     let lb = levels(self, scale, &q);
-                    let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb), table];
+                    // Tiles of 32 positions x 16 channels, 256 threads each; too few of them over
+                    // long windows split the groups (whole groups of 32 terms or more).
+                    let tiles = rows.div_ceil(32) * w.n.div_ceil(16);
+                    let groups = w.groups();
+                    let splits = if tiles < CONV_BLOCKS && groups > 1 && w.group.is_multiple_of(32) {
+                        CONV_BLOCKS.div_ceil(tiles).min(w.k / CONV_SPLIT_TERMS).min(groups)
+                    } else {
+                        1
+                    };
+                    let gsplit = groups.div_ceil(splits.max(1));
+                    let splits = groups.div_ceil(gsplit);
+                    let (prod, flags) = if splits > 1 {
+                        (Some(self.new_buf(groups * rows * w.n)), Some(self.new_buf(splits * rows)))
+                    } else {
+                        (None, None)
+                    };
+                    let buf = |b: Option<usize>| b.map_or(KArg::Null, KArg::Buf);
+                    let mut args = vec![wq, scales, bias.clone(), KArg::Buf(lb), KArg::Buf(yb), table];
                     args.extend(dims);
                     args.extend([
                         KArg::F32(scale),
@@ -486,10 +517,26 @@ impl<'a> Lowerer<'a> {
                         int(channels),
                         int(plane),
                         int(run),
+                        int(if splits > 1 { gsplit } else { 0 }),
+                        buf(prod),
+                        buf(flags),
                     ]);
-                    // Tiles of 32 positions x 16 channels, 256 threads each.
-                    let blocks = rows.div_ceil(32) * w.n.div_ceil(16);
-                    self.steps.push(kernel("sqil_q4_conv_int", blocks * 256, args));
+                    self.steps.push(kernel("sqil_q4_conv_int", splits * tiles * 256, args));
+                    if splits > 1 {
+                        let args = vec![
+                            buf(prod),
+                            buf(flags),
+                            bias,
+                            KArg::Buf(yb),
+                            int(rows),
+                            int(w.n),
+                            int(groups),
+                            int(splits),
+                            KArg::F32(scale),
+                            KArg::I32(relu as i32),
+                        ];
+                        self.steps.push(kernel("sqil_q4_conv_finish", rows * w.n, args));
+                    }
                 } else if w.n >= WIDE {
                     // A wide layer: the levels once (each input element is read by every output's
                     // warp), then one warp per output.
@@ -943,7 +990,13 @@ impl<'a> Lowerer<'a> {
                 let rows = n / nn.max(1);
                 let mut args = vec![KArg::Buf(x0()?), f32_arr(wk), b, KArg::Buf(yb[0]), int(rows), int(k), int(nn)];
                 args.extend(qargs);
-                self.steps.push(kernel("sqil_linear_f32w", n * 32, args));
+                if rows >= F32_TILE_ROWS {
+                    // Many rows (tokens): tiles of 32 x 32 outputs, a thread per output.
+                    let blocks = rows.div_ceil(32) * nn.div_ceil(32);
+                    self.steps.push(kernel("sqil_linear_f32w_tile", blocks * 256, args));
+                } else {
+                    self.steps.push(kernel("sqil_linear_f32w", n * 32, args));
+                }
             }
             Op::Conv(c) => {
                 let xt = self.ival(inputs, 0)?;

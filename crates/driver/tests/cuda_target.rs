@@ -219,18 +219,73 @@ fn one_dimensional_ops_and_several_outputs_lower() {
     let src = sqil_codegen::cuda::emit_cu(&p, &[state], &[want], 0.02).unwrap();
     assert_eq!(src.matches("<<<").count(), l.steps.len());
     assert!(src.contains("#define OUT_LEN 9"));
-    let cache = std::env::temp_dir().join(format!("sqil-fused-ptx-1d-{}", std::process::id()));
+    compile_generated_and_program(&l, "1d");
+}
+
+/// `l`'s generated kernels and its persistent program compiled with NVRTC (skipped with a reason
+/// without libnvrtc, a failure with `SQIL_REQUIRE_NVRTC=1`).
+fn compile_generated_and_program(l: &sqil_cuda::lower::Lowered, tag: &str) {
+    let cache = std::env::temp_dir().join(format!("sqil-fused-ptx-{tag}-{}", std::process::id()));
     std::env::set_var("SQIL_CACHE", &cache);
-    let f = sqil_cuda::fused::fuse(&l).unwrap();
+    let f = sqil_cuda::fused::fuse(l).unwrap();
     if sqil_cuda::nvrtc_present() {
         for (k, src) in &l.sources {
             let full = format!("{}{src}", sqil_cuda::FP16_CUH);
-            sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{k}: {e}"));
+            sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{tag}: {k}: {e}"));
         }
         sqil_cuda::compile(&f.name, &f.src, "compute_90").unwrap();
     } else {
         assert!(std::env::var("SQIL_REQUIRE_NVRTC").as_deref() != Ok("1"), "NVRTC missing and SQIL_REQUIRE_NVRTC=1");
-        eprintln!("skipping the NVRTC compiles: libnvrtc not found");
+        eprintln!("skipping the NVRTC compiles of {tag}: libnvrtc not found");
     }
     let _ = std::fs::remove_dir_all(cache);
+}
+
+/// Long windows on a small plane (112 channels on 3 x 3: the first layer's 1 152 terms on 9
+/// positions, 3 output tiles) split their groups across blocks: the convolution's launch covers
+/// splits x tiles blocks and writes group products that `sqil_q4_conv_finish` adds in order. A
+/// wide plane with short windows (the testdata CNN) does not split.
+#[test]
+fn split_convolutions_lower() {
+    let mut r = sqil_ir::testing::Rng::new(11);
+    let (c, s) = (112, 3);
+    let g = common::cnn(&mut r, c, s);
+    let calib: Vec<f32> = (0..64 * c * s * s).map(|_| r.unit()).collect();
+    let x = sqil_ir::Tensor::from_f32(vec![64, c, s, s], calib).unwrap();
+    let feeds = vec![std::collections::HashMap::from([("x".to_string(), x)])];
+    let mut cfg = QuantConfig::default();
+    cfg.apply_settings("wbits=4,abits=8,group=32").unwrap();
+    let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
+    let l = sqil_cuda::lower::lower(&Policy::from_graph(&sim).unwrap()).unwrap();
+    let convs: Vec<(usize, i32)> = l
+        .steps
+        .iter()
+        .filter_map(|sqil_cuda::lower::LStep::Kernel { name, args, threads }| {
+            let gsplit = match args.get(17) {
+                Some(sqil_cuda::lower::KArg::I32(v)) => *v,
+                _ => -1,
+            };
+            (name == "sqil_q4_conv_int").then_some((*threads, gsplit))
+        })
+        .collect();
+    // conv1: 9 positions x 40 channels = 3 tiles; 112 channels per tap padded to 128, 1 152 terms
+    // = 36 groups: 4 splits of 9. The 1 x 1 layer (40 terms) does not split. conv2: 4 positions x
+    // 32 channels = 2 tiles; 36 channels per tap padded to 64, 576 terms = 18 groups: 2 splits of 9.
+    assert_eq!(convs, vec![(4 * 3 * 256, 9), (3 * 256, 0), (2 * 2 * 256, 9)], "{:?}", l.labels);
+    assert_eq!(kernel_names(&l).iter().filter(|k| **k == "sqil_q4_conv_finish").count(), 2);
+    assert_eq!(l.labels.iter().filter(|d| d.starts_with("sqil_q4_conv_finish:")).count(), 2);
+    compile_generated_and_program(&l, "split");
+    let cnn = sqil_cuda::lower::lower(&quantized("cnn")).unwrap();
+    assert!(!cnn.labels.iter().any(|d| d.starts_with("sqil_q4_conv_finish")), "{:?}", cnn.labels);
+    // On one position the 1 x 1 layer is the linear map on the channel vector.
+    let g = common::cnn(&mut r, 64, 1);
+    let calib: Vec<f32> = (0..64 * 64).map(|_| r.unit()).collect();
+    let feeds = vec![std::collections::HashMap::from([(
+        "x".to_string(),
+        sqil_ir::Tensor::from_f32(vec![64, 64, 1, 1], calib).unwrap(),
+    )])];
+    let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
+    let l = sqil_cuda::lower::lower(&Policy::from_graph(&sim).unwrap()).unwrap();
+    assert!(l.labels.iter().any(|d| d.starts_with("sqil_q4_int: relu1b:")), "{:?}", l.labels);
+    assert_eq!(l.labels.iter().filter(|d| d.starts_with("sqil_q4_conv_finish:")).count(), 2, "{:?}", l.labels);
 }

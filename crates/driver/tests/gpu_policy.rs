@@ -55,12 +55,20 @@ fn on_every_path(gpu: &sqil_cuda::Gpu, gp: &mut GpuPolicy, states: &[Vec<f32>], 
     let steps = run(gp);
     gp.capture(gpu).unwrap();
     gp.set_mode(Mode::Graph).unwrap();
-    assert_eq!(run(gp), steps, "{what}: graph");
+    assert_eq!(bits(&run(gp)), bits(&steps), "{what}: graph");
     if gp.has_persistent() {
         gp.set_mode(Mode::Persistent).unwrap();
-        assert_eq!(run(gp), steps, "{what}: program");
+        assert_eq!(bits(&run(gp)), bits(&steps), "{what}: program");
     }
     steps
+}
+
+/// Actions as bits, every NaN one value (the CPU and GPU runtimes need not share NaN payloads).
+fn bits(actions: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    actions
+        .iter()
+        .map(|a| a.iter().map(|v| if v.is_nan() { f32::NAN.to_bits() } else { v.to_bits() }).collect())
+        .collect()
 }
 
 #[test]
@@ -163,6 +171,43 @@ fn convolutions_over_partial_groups_match_the_cpu() {
         let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{settings}: {e}"));
         assert_eq!(on_every_path(&gpu, &mut gp, &states, settings), cpu, "{settings}: launches");
         eprintln!("{settings}: {} states bit for bit on every path", states.len());
+    }
+}
+
+/// Convolutions over long windows on small planes (a ResNet's late stages): too few output tiles
+/// for the GPU, so `sqil_q4_conv_int` splits the groups across blocks and `sqil_q4_conv_finish`
+/// adds the group products in order. 112 channels on a 3 x 3 plane: both 3 x 3 layers split
+/// (`cuda_target::split_convolutions_lower`), their runs padded to whole groups. 64 channels on
+/// one position: the 3 x 3 layers split too, and the 1 x 1 layer between them runs as the linear
+/// map on the channel vector (`sqil_q4_int`). Bit for bit with the CPU on every path, NaN in a
+/// window (one input value) included.
+#[test]
+fn split_and_one_position_convolutions_match_the_cpu() {
+    let Some(gpu) = common::gpu_or_skip("the split convolutions") else { return };
+    let mut r = sqil_ir::testing::Rng::new(11);
+    for (c, s) in [(112, 3), (64, 1)] {
+        let g = common::cnn(&mut r, c, s);
+        let per = c * s * s;
+        let shaped = |n: usize, v: Vec<f32>| sqil_ir::Tensor::from_f32(vec![n, c, s, s], v).unwrap();
+        let calib: Vec<f32> = (0..64 * per).map(|_| r.unit()).collect();
+        let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(64, calib))])];
+        for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=8,group=64"] {
+            let what = format!("{c} x {s} x {s}, {settings}");
+            let p = rtn(&g, settings, &feeds);
+            let mut states: Vec<Vec<f32>> = (0..5).map(|_| (0..per).map(|_| r.unit() * 1.5).collect()).collect();
+            states[4][per / 2 + 1] = f32::NAN;
+            let cpu: Vec<Vec<f32>> =
+                states.iter().map(|x| p.run(&[shaped(1, x.clone())]).unwrap().remove(0).data.to_f32_vec()).collect();
+            assert!(cpu[4].iter().any(|v| v.is_nan()), "{what}: the NaN state");
+            let labels = sqil_cuda::lower::lower(&p).unwrap().labels;
+            let finishes = labels.iter().filter(|d| d.starts_with("sqil_q4_conv_finish:")).count();
+            assert_eq!(finishes, 2, "{what}: {labels:?}");
+            let linear = labels.iter().any(|d| d.starts_with("sqil_q4_int: relu1b:"));
+            assert_eq!(linear, s == 1, "{what}: {labels:?}");
+            let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(bits(&on_every_path(&gpu, &mut gp, &states, &what)), bits(&cpu), "{what}");
+            eprintln!("{what}: {} states bit for bit on every path", states.len());
+        }
     }
 }
 
