@@ -2,7 +2,10 @@
 // exp_nonpos, sigmoid, tanh, log1p_unit, softplus): the same IEEE operations in the same order
 // (each rounded: no contraction into fused multiply-adds), the same constants, so the same bits
 // as the interpreter and the CPU runtime (crates/cuda/tests/kernels.rs checks the constants).
-// Prepended, after fp16.cuh, to every kernel source, generated ones included.
+// Prepended, after fp16.cuh, to every kernel source, generated ones included (guarded: a
+// source that carries it already may have it prepended again).
+#ifndef SQIL_MATH_CUH
+#define SQIL_MATH_CUH
 #define SQIL_EXP_MAGIC 6755399441055744.0
 __device__ __forceinline__ double sqil_exp_nonpos(double x)
 {
@@ -80,3 +83,5 @@ __device__ __forceinline__ double sqil_elu(double x, double alpha)
 {
     return x < 0.0 ? __dmul_rn(alpha, sqil_expm1_nonpos(x)) : x;
 }
+
+#endif // SQIL_MATH_CUH

@@ -275,7 +275,7 @@ impl Gpu {
     /// embedded sources) and makes its entry points available to [`Gpu::function`]. Sources
     /// already loaded under `name` are not compiled again.
     pub fn load_source(&self, name: &str, src: &str) -> Result<()> {
-        self.load_full_source(name, &format!("{FP16_CUH}{src}"))
+        self.load_full_source(name, &crate::full_source(src))
     }
 
     /// [`Gpu::load_source`] for a source that is complete as it is (nothing prepended).

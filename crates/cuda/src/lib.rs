@@ -55,8 +55,13 @@ pub const SOURCES: &[(&str, &str)] = &[
 /// prelude of every kernel source.
 pub const FP16_CUH: &str =
     concat!(include_str!("../../../kernels/cuda/fp16.cuh"), include_str!("../../../kernels/cuda/sqil_math.cuh"));
-/// sqil's elementary functions alone (for sources with no fp16 helpers: the training graphs).
+/// sqil's elementary functions alone (the host test compiles them as C).
 pub const SQIL_MATH_CUH: &str = include_str!("../../../kernels/cuda/sqil_math.cuh");
+
+/// What `Gpu::load_source` compiles for generated source `src`: the prelude, then `src`.
+pub fn full_source(src: &str) -> String {
+    format!("{FP16_CUH}{src}")
+}
 pub const Q4_GEMV_CU: &str = include_str!("../../../kernels/cuda/q4_gemv.cu");
 pub const POLICY_OPS_CU: &str = include_str!("../../../kernels/cuda/policy_ops.cu");
 

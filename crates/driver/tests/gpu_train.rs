@@ -103,8 +103,9 @@ fn training_graphs_lower_for_the_gpu_and_compile() {
                         p.bytes() as f64 / 1e6
                     );
                     if nvrtc {
-                        let ptx = sqil_cuda::compile("train_graph.cu", &p.source, "compute_90")
-                            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", p.source));
+                        let ptx =
+                            sqil_cuda::compile("train_graph.cu", &sqil_cuda::full_source(&p.source), "compute_90")
+                                .unwrap_or_else(|e| panic!("{name}: {e}\n{}", p.source));
                         assert!(ptx.contains(".visible .entry g0("));
                     }
                 }
