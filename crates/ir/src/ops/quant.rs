@@ -220,7 +220,9 @@ pub(crate) fn fake_quant(
         // rounding, since |lo|, |hi| <= 2^16).
         let s = scale.data.to_f32_vec()[0];
         let z = zp.map_or(0.0, |z| z.data.to_f32_vec()[0]);
-        let mut y = vec![0f32; xv.len()];
+        // Every value is written: a recycled buffer (a fresh one's pages fault in as they are
+        // written: 1.7 ns per value on a batch of 64 images, 0.13 ns on one).
+        let mut y = crate::pool::f32_buffer(xv.len());
         sqil_kernels_cpu::generic::fake_quant_into(xv, s, z, lo, hi, &mut y);
         return Tensor::new(x.shape.clone(), Data::F32(y));
     }
