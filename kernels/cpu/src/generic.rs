@@ -2363,8 +2363,10 @@ pub struct QRow<'a> {
 /// One input of a convolution read in place from its int8 image (`[positions, C]`, channels
 /// innermost, with one extra run of C zero-point bytes for padding), **stored with the sign bit
 /// flipped** (each byte `x + 128` as unsigned: the form the lane kernel multiplies, flipped once
-/// per image rather than once per use): the window's `taps` runs of `run` (= C) bytes start at
-/// `image[offsets[t]..]`. Equal to the im2col row of the window without gathering it.
+/// per image rather than once per use): the window's `taps` runs of `run` bytes start at
+/// `image[offsets[t]..]`. Equal to the im2col row of the window without gathering it. `run` is
+/// C, or C padded to whole groups where the weights past C in each run are zero: the bytes read
+/// there (the next position's, or past the padding run) then add nothing.
 #[derive(Clone, Copy, Debug)]
 pub struct QWindow<'a> {
     pub image: &'a [i8],

@@ -328,6 +328,54 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Runs padded past the image's C channels to whole groups (16 or 20 channels in runs of 32,
+    /// 40 in runs of 64: a layer whose channels do not fill its groups), the weights past C zero:
+    /// read in place, each run takes the next position's bytes (or the bytes past the padding
+    /// run) there, and the outputs equal the gathered im2col rows whose padded values are the
+    /// zero point, bit for bit.
+    #[test]
+    fn padded_runs_read_in_place_equal_zero_padded_rows(seed in any::<u64>(), n in 1usize..70, cs in 0usize..3,
+                                                        taps in 1usize..10, zero in -9i32..9, positions in 1usize..40) {
+        let (ch, run) = [(16, 32), (20, 32), (40, 64)][cs];
+        let group = 32;
+        let k = taps * run;
+        let mut r = Lcg(seed);
+        let q: Vec<i8> = (0..n * k).map(|i| if i % run < ch { (r.next() % 16) as i8 - 8 } else { 0 }).collect();
+        let scales: Vec<f32> = (0..n * (k / group)).map(|_| 0.01 + r.unit().abs() * 0.1).collect();
+        let w = PackedQ4::pack(&q, &scales, n, k, group).unwrap();
+        let il = 50;
+        let pad = zero as i8;
+        // The image, its zero-point run, then run - C bytes more for the padding run's reads.
+        let mut image: Vec<i8> = (0..il * ch).map(|_| (r.next() % 256) as u8 as i8).collect();
+        image.extend(std::iter::repeat_n(pad, run));
+        let offsets: Vec<u32> = (0..positions * taps)
+            .map(|_| if r.next().is_multiple_of(7) { (il * ch) as u32 } else { (r.next() as usize % il * ch) as u32 })
+            .collect();
+        let flipped: Vec<i8> = image.iter().map(|&v| v ^ i8::MIN).collect();
+        let windows: Vec<_> = offsets.chunks(taps).map(|o| sqil_kernels_cpu::generic::QWindow { image: &flipped, offsets: o, run, zero, scale: 0.03 }).collect();
+        let rows: Vec<Vec<i8>> = offsets
+            .chunks(taps)
+            .map(|o| o.iter().flat_map(|&at| (0..run).map(|j| if j < ch { image[at as usize + j] } else { pad }).collect::<Vec<_>>()).collect())
+            .collect();
+        let sums: Vec<Vec<i32>> = rows.iter().map(|q| q.chunks(group).map(|c| c.iter().map(|&v| v as i32).sum()).collect()).collect();
+        let qrows: Vec<_> = rows.iter().zip(&sums).map(|(q, s)| sqil_kernels_cpu::generic::QRow { q, sums: s, zero, scale: 0.03 }).collect();
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let mut want = vec![0f32; n * positions];
+        for (c, x) in qrows.iter().enumerate() {
+            for row in 0..n {
+                want[row * positions + c] = sqil_kernels_cpu::generic::generic_q4q8_row(&w, *x, Some(&bias), row);
+            }
+        }
+        let mut got = vec![0f32; n * positions];
+        if sqil_kernels_cpu::conv_q4q8_windows(&w, &windows, Some(&bias), &mut got, Layout::ChannelMajor) {
+            prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        }
+    }
+}
+
 /// Layers past `LANES_MAX_BYTES` keep the half-byte tile kernel at batches 1-3 on AVX2 (the lane
 /// kernel takes the smaller ones the property tests draw); with AVX-512 VNNI they take the
 /// half-byte lane kernel like every layer of 16 channels or more: against the reference, with

@@ -318,13 +318,16 @@ pub fn run(
     let mut out = crate::pool::f32_buffer(images * w.n * ol);
     // On one thread with AVX2 the kernel reads each window in place from the image (no
     // gathering): per window the byte offsets of its taps' runs, padding taps at a run of C
-    // zero-point bytes kept past the image.
+    // zero-point bytes kept past the image. A run padded past C to whole groups (16 channels in
+    // groups of 32) reads the next position's bytes there, against zero weights: it adds exactly
+    // nothing (the kernel's zero-point correction is by weight sums), so padded runs read in
+    // place too, the image followed by `run` bytes.
     let in_place = threads <= 1
         && !im.offsets.is_empty()
         && w.k == w.k_pad
-        && im.run == ch
-        && ch.is_multiple_of(4)
-        && (w.group.is_multiple_of(ch) || ch.is_multiple_of(w.group))
+        && im.run >= ch
+        && im.run.is_multiple_of(4)
+        && (w.group.is_multiple_of(im.run) || im.run.is_multiple_of(w.group))
         && sqil_kernels_cpu::isa() != sqil_kernels_cpu::Isa::Generic;
     // Positions in lanes pay off unless a few positions meet long rows (MobileNetV2 at 84 x 84,
     // one core: its 1 x 1 layers 1.2-6x faster at 9-1764 positions, except 480 channels at 9
@@ -338,7 +341,7 @@ pub fn run(
     let mut any_nan = false;
     SCRATCH.with_borrow_mut(|s| {
         s.planes.resize(il * ch, 0);
-        s.image.resize((il + 1) * ch, 0);
+        s.image.resize(il * ch + im.run.max(ch), 0);
         for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
             // Quantize once (plane by plane, contiguous), then transpose to channels innermost.
             any_nan |= quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
@@ -354,11 +357,12 @@ pub fn run(
                 let xs: Vec<QWindow> = im
                     .offsets
                     .chunks_exact(taps)
-                    .map(|offsets| QWindow { image: &s.image, offsets, run: ch, zero, scale })
+                    .map(|offsets| QWindow { image: &s.image, offsets, run: im.run, zero, scale })
                     .collect();
-                debug_assert!(im.offsets.iter().all(|&o| o as usize + ch <= s.image.len()));
+                debug_assert!(im.offsets.iter().all(|&o| o as usize + im.run <= s.image.len()));
                 // SAFETY: the offsets are positions times C, at most the padding run's
-                // `il * C` (built with the geometry), and the image holds `(il + 1) * C` bytes.
+                // `il * C` (built with the geometry), and the image holds `il * C + run` bytes
+                // (run >= C).
                 let done =
                     unsafe { sqil_kernels_cpu::conv_q4q8_windows_unchecked(w, &xs, bias, y, Layout::ChannelMajor) };
                 assert!(done, "the in-place convolution kernel needs AVX2");
