@@ -302,29 +302,63 @@ proptest! {
         prop_assume!(group == 0 || (k % group == 0 && (group % ch == 0 || ch % group == 0)));
         let w = layer(seed, n, k, group, 4);
         let mut r = Lcg(seed ^ 11);
-        let il = 50;
-        let pad = zero as i8;
-        let mut image: Vec<i8> = (0..il * ch).map(|_| (r.next() % 256) as u8 as i8).collect();
-        image.extend(std::iter::repeat_n(pad, ch));
-        let offsets: Vec<u32> = (0..positions * taps)
-            .map(|_| if r.next().is_multiple_of(7) { (il * ch) as u32 } else { (r.next() as usize % il * ch) as u32 })
-            .collect();
-        let flipped: Vec<i8> = image.iter().map(|&v| v ^ i8::MIN).collect();
-        let windows: Vec<_> = offsets.chunks(taps).map(|o| sqil_kernels_cpu::generic::QWindow { image: &flipped, offsets: o, run: ch, zero, scale: 0.03 }).collect();
+        let (image, offsets) = image_and_offsets(&mut r, ch, ch, zero as i8, positions * taps);
         let rows: Vec<Vec<i8>> = offsets.chunks(taps).map(|o| o.iter().flat_map(|&at| image[at as usize..at as usize + ch].to_vec()).collect()).collect();
-        let sums: Vec<Vec<i32>> = rows.iter().map(|q| q.chunks(if group == 0 { k } else { group }).map(|c| c.iter().map(|&v| v as i32).sum()).collect()).collect();
-        let qrows: Vec<_> = rows.iter().zip(&sums).map(|(q, s)| sqil_kernels_cpu::generic::QRow { q, sums: s, zero, scale: 0.03 }).collect();
         let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
-        let mut want = vec![0f32; n * positions];
-        for (c, x) in qrows.iter().enumerate() {
-            for row in 0..n {
-                want[row * positions + c] = sqil_kernels_cpu::generic::generic_q4q8_row(&w, *x, Some(&bias), row);
-            }
+        let (got, want) = windows_and_rows(&w, &image, &offsets, ch, &rows, zero, &bias);
+        prop_assert_eq!(got, want);
+    }
+}
+
+/// A random int8 image of 50 positions x `ch` channels followed by `tail` bytes of the zero point
+/// `pad` (its padding run), and `count` window offsets: positions times `ch`, one in seven the
+/// padding run's.
+fn image_and_offsets(r: &mut Lcg, ch: usize, tail: usize, pad: i8, count: usize) -> (Vec<i8>, Vec<u32>) {
+    let il = 50;
+    let mut image: Vec<i8> = (0..il * ch).map(|_| (r.next() % 256) as u8 as i8).collect();
+    image.extend(std::iter::repeat_n(pad, tail));
+    let offsets = (0..count)
+        .map(|_| if r.next().is_multiple_of(7) { (il * ch) as u32 } else { (r.next() as usize % il * ch) as u32 })
+        .collect();
+    (image, offsets)
+}
+
+/// `image`'s windows (`offsets`, `taps = offsets / rows` runs of `run` bytes each) read in place
+/// by `conv_q4q8_windows` and, as the reference, `rows` (the windows' im2col rows) through
+/// `generic_q4q8_row`: both outputs as bits, `[n][windows]` (the in-place side empty on a CPU
+/// without the kernel).
+fn windows_and_rows(
+    w: &PackedQ4,
+    image: &[i8],
+    offsets: &[u32],
+    run: usize,
+    rows: &[Vec<i8>],
+    zero: i32,
+    bias: &[f32],
+) -> (Vec<u32>, Vec<u32>) {
+    let (n, positions) = (w.n, rows.len());
+    let taps = offsets.len() / positions;
+    let group = if w.group == 0 { w.k } else { w.group };
+    let flipped: Vec<i8> = image.iter().map(|&v| v ^ i8::MIN).collect();
+    let windows: Vec<_> = offsets
+        .chunks(taps)
+        .map(|o| sqil_kernels_cpu::generic::QWindow { image: &flipped, offsets: o, run, zero, scale: 0.03 })
+        .collect();
+    let sums: Vec<Vec<i32>> =
+        rows.iter().map(|q| q.chunks(group).map(|c| c.iter().map(|&v| v as i32).sum()).collect()).collect();
+    let mut want = vec![0f32; n * positions];
+    for (c, (q, s)) in rows.iter().zip(&sums).enumerate() {
+        let x = sqil_kernels_cpu::generic::QRow { q, sums: s, zero, scale: 0.03 };
+        for row in 0..n {
+            want[row * positions + c] = sqil_kernels_cpu::generic::generic_q4q8_row(w, x, Some(bias), row);
         }
-        let mut got = vec![0f32; n * positions];
-        if sqil_kernels_cpu::conv_q4q8_windows(&w, &windows, Some(&bias), &mut got, Layout::ChannelMajor) {
-            prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-        }
+    }
+    let mut got = vec![0f32; n * positions];
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    if sqil_kernels_cpu::conv_q4q8_windows(w, &windows, Some(bias), &mut got, Layout::ChannelMajor) {
+        (bits(&got), bits(&want))
+    } else {
+        (bits(&want), bits(&want))
     }
 }
 
@@ -346,33 +380,16 @@ proptest! {
         let q: Vec<i8> = (0..n * k).map(|i| if i % run < ch { (r.next() % 16) as i8 - 8 } else { 0 }).collect();
         let scales: Vec<f32> = (0..n * (k / group)).map(|_| 0.01 + r.unit().abs() * 0.1).collect();
         let w = PackedQ4::pack(&q, &scales, n, k, group).unwrap();
-        let il = 50;
         let pad = zero as i8;
         // The image, its zero-point run, then run - C bytes more for the padding run's reads.
-        let mut image: Vec<i8> = (0..il * ch).map(|_| (r.next() % 256) as u8 as i8).collect();
-        image.extend(std::iter::repeat_n(pad, run));
-        let offsets: Vec<u32> = (0..positions * taps)
-            .map(|_| if r.next().is_multiple_of(7) { (il * ch) as u32 } else { (r.next() as usize % il * ch) as u32 })
-            .collect();
-        let flipped: Vec<i8> = image.iter().map(|&v| v ^ i8::MIN).collect();
-        let windows: Vec<_> = offsets.chunks(taps).map(|o| sqil_kernels_cpu::generic::QWindow { image: &flipped, offsets: o, run, zero, scale: 0.03 }).collect();
+        let (image, offsets) = image_and_offsets(&mut r, ch, run, pad, positions * taps);
         let rows: Vec<Vec<i8>> = offsets
             .chunks(taps)
             .map(|o| o.iter().flat_map(|&at| (0..run).map(|j| if j < ch { image[at as usize + j] } else { pad }).collect::<Vec<_>>()).collect())
             .collect();
-        let sums: Vec<Vec<i32>> = rows.iter().map(|q| q.chunks(group).map(|c| c.iter().map(|&v| v as i32).sum()).collect()).collect();
-        let qrows: Vec<_> = rows.iter().zip(&sums).map(|(q, s)| sqil_kernels_cpu::generic::QRow { q, sums: s, zero, scale: 0.03 }).collect();
         let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
-        let mut want = vec![0f32; n * positions];
-        for (c, x) in qrows.iter().enumerate() {
-            for row in 0..n {
-                want[row * positions + c] = sqil_kernels_cpu::generic::generic_q4q8_row(&w, *x, Some(&bias), row);
-            }
-        }
-        let mut got = vec![0f32; n * positions];
-        if sqil_kernels_cpu::conv_q4q8_windows(&w, &windows, Some(&bias), &mut got, Layout::ChannelMajor) {
-            prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
-        }
+        let (got, want) = windows_and_rows(&w, &image, &offsets, run, &rows, zero, &bias);
+        prop_assert_eq!(got, want);
     }
 }
 
