@@ -331,10 +331,13 @@ pub fn run(
         && sqil_kernels_cpu::isa() != sqil_kernels_cpu::Isa::Generic;
     // Positions in lanes pay off unless a few positions meet long rows (MobileNetV2 at 84 x 84,
     // one core: its 1 x 1 layers 1.2-6x faster at 9-1764 positions, except 480 channels at 9
-    // positions, where the row kernels were 1.2x faster).
+    // positions, where the row kernels were 1.2x faster), or there is one position (a
+    // squeeze-and-excitation layer on the pooled vector: one lane of sixteen used; MobileNetV3's
+    // [576 x 144] 7.3 -> 1.4 us on the row kernels).
     let pointwise = im.pointwise
         && threads <= 1
         && w.k == ch
+        && il > 1
         && (il >= POINTWISE_MIN_POSITIONS || ch < POINTWISE_LONG_ROW)
         && (-128..=127).contains(&zero);
     // Whether any input was NaN, as the quantizer saw it (no second scan of the images).
