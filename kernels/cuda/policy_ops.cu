@@ -287,15 +287,6 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_linear_f32w_tile(SQIL_VARGS const 
     }
 }
 
-// Quantized activation levels minus the zero point, as floats (exact small integers):
-// lv[i] = clamp(rint(x[i] / s) + z, lo, hi) - z, the CPU's int8 quantizer (NaN stays NaN).
-__device__ __forceinline__ float sqil_level(float x, float s, float z, float lo, float hi)
-{
-    float q = rintf(__fdiv_rn(x, s)) + z;
-    q = q < lo ? lo : (q > hi ? hi : q);
-    return q - z;
-}
-
 // x quantized by sqil_level, or x itself (already a level) when s is 0.
 __device__ __forceinline__ float sqil_level_or(float x, float s, float z, float lo, float hi)
 {

@@ -1,7 +1,8 @@
 // sqil's elementary functions in double, as the CPU defines them (sqil_kernels_cpu::generic:
-// exp_nonpos, sigmoid, tanh, log1p_unit, softplus): the same IEEE operations in the same order
-// (each rounded: no contraction into fused multiply-adds), the same constants, so the same bits
-// as the interpreter and the CPU runtime (crates/cuda/tests/kernels.rs checks the constants).
+// exp_nonpos, sigmoid, tanh, log1p_unit, softplus), and its int8 level quantizer (sqil_level):
+// the same IEEE operations in the same order (each rounded: no contraction into fused
+// multiply-adds), the same constants, so the same bits as the interpreter and the CPU runtime
+// (crates/cuda/tests/kernels.rs checks the constants).
 // Prepended, after fp16.cuh, to every kernel source, generated ones included (guarded: a
 // source that carries it already may have it prepended again).
 #ifndef SQIL_MATH_CUH
@@ -82,6 +83,16 @@ __device__ __forceinline__ double sqil_expm1_nonpos(double x)
 __device__ __forceinline__ double sqil_elu(double x, double alpha)
 {
     return x < 0.0 ? __dmul_rn(alpha, sqil_expm1_nonpos(x)) : x;
+}
+
+// Quantized activation levels minus the zero point, as floats (exact small integers):
+// clamp(rint(x / s) + z, lo, hi) - z, the CPU's int8 quantizer (NaN stays NaN). Here, in every
+// source's prelude, so the generated element-wise chains that write levels call it too.
+__device__ __forceinline__ float sqil_level(float x, float s, float z, float lo, float hi)
+{
+    float q = rintf(__fdiv_rn(x, s)) + z;
+    q = q < lo ? lo : (q > hi ? hi : q);
+    return q - z;
 }
 
 #endif // SQIL_MATH_CUH

@@ -1277,12 +1277,9 @@ impl Expr {
         let r = rename(&self.result);
         body.push_str(&format!("    y[i] = {r};\n"));
         if let Some([s, z, lo, hi]) = self.levels {
-            // sqil_level's operations (policy_ops.cu), so the levels are the kernel's bits.
+            // `sqil_level` (sqil_math.cuh, every source's prelude): the levels kernel's bits.
             let (s, z, lo, hi) = (cu_float(s), cu_float(z), cu_float(lo), cu_float(hi));
-            body.push_str(&format!(
-                "    float lq = rintf(__fdiv_rn({r}, {s})) + {z};\n    lq = lq < {lo} ? {lo} : (lq > {hi} ? {hi} : lq);\n    \
-                 lv[i] = lq - {z};\n"
-            ));
+            body.push_str(&format!("    lv[i] = sqil_level({r}, {s}, {z}, {lo}, {hi});\n"));
         }
         let params: Vec<String> = (0..self.args.len()).map(|k| format!("const float *__restrict__ a{k}")).collect();
         let mut code = body;

@@ -229,6 +229,7 @@ fn the_gpu_elementary_functions_are_the_cpus_on_the_host() {
 #define __dsub_rn(a, b) ((a) - (b))
 #define __dmul_rn(a, b) ((a) * (b))
 #define __ddiv_rn(a, b) ((a) / (b))
+#define __fdiv_rn(a, b) ((a) / (b))
 static inline double __longlong_as_double(long long v) { double d; memcpy(&d, &v, 8); return d; }
 static inline long long __double_as_longlong(double d) { long long v; memcpy(&v, &d, 8); return v; }
 "#;
