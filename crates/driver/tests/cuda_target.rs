@@ -195,13 +195,7 @@ fn one_dimensional_ops_and_several_outputs_lower() {
     let mut r = sqil_ir::testing::Rng::new(11);
     let (c, len) = (4, 16);
     let g = common::conv1d(&mut r, c, len);
-    let calib: Vec<f32> = (0..64 * c * len).map(|_| r.unit()).collect();
-    let x = sqil_ir::Tensor::from_f32(vec![64, c, len], calib).unwrap();
-    let feeds = vec![std::collections::HashMap::from([("x".to_string(), x)])];
-    let mut cfg = QuantConfig::default();
-    cfg.apply_settings("wbits=4,abits=8,group=32").unwrap();
-    let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
-    let p = Policy::from_graph(&sim).unwrap();
+    let p = common::rtn(&g, "wbits=4,abits=8,group=32", &common::x_feeds(&mut r, vec![64, c, len]));
     let l = sqil_cuda::lower::lower(&p).unwrap();
     assert_eq!(l.out_lens, vec![6, 3]);
     assert_eq!(l.out_len, 9);
@@ -250,13 +244,8 @@ fn split_convolutions_lower() {
     let mut r = sqil_ir::testing::Rng::new(11);
     let (c, s) = (112, 3);
     let g = common::cnn(&mut r, c, s);
-    let calib: Vec<f32> = (0..64 * c * s * s).map(|_| r.unit()).collect();
-    let x = sqil_ir::Tensor::from_f32(vec![64, c, s, s], calib).unwrap();
-    let feeds = vec![std::collections::HashMap::from([("x".to_string(), x)])];
-    let mut cfg = QuantConfig::default();
-    cfg.apply_settings("wbits=4,abits=8,group=32").unwrap();
-    let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
-    let l = sqil_cuda::lower::lower(&Policy::from_graph(&sim).unwrap()).unwrap();
+    let settings = "wbits=4,abits=8,group=32";
+    let l = sqil_cuda::lower::lower(&common::rtn(&g, settings, &common::x_feeds(&mut r, vec![64, c, s, s]))).unwrap();
     let convs: Vec<(usize, i32)> = l
         .steps
         .iter()
@@ -279,13 +268,7 @@ fn split_convolutions_lower() {
     assert!(!cnn.labels.iter().any(|d| d.starts_with("sqil_q4_conv_finish")), "{:?}", cnn.labels);
     // On one position the 1 x 1 layer is the linear map on the channel vector.
     let g = common::cnn(&mut r, 64, 1);
-    let calib: Vec<f32> = (0..64 * 64).map(|_| r.unit()).collect();
-    let feeds = vec![std::collections::HashMap::from([(
-        "x".to_string(),
-        sqil_ir::Tensor::from_f32(vec![64, 64, 1, 1], calib).unwrap(),
-    )])];
-    let (sim, _) = sqil_passes::quant::quantize(&g, &cfg, Recipe::Rtn, &feeds).unwrap();
-    let l = sqil_cuda::lower::lower(&Policy::from_graph(&sim).unwrap()).unwrap();
+    let l = sqil_cuda::lower::lower(&common::rtn(&g, settings, &common::x_feeds(&mut r, vec![64, 64, 1, 1]))).unwrap();
     assert!(l.labels.iter().any(|d| d.starts_with("sqil_q4_int: relu1b:")), "{:?}", l.labels);
     assert_eq!(l.labels.iter().filter(|d| d.starts_with("sqil_q4_conv_finish:")).count(), 2, "{:?}", l.labels);
 }

@@ -13,7 +13,7 @@ use sqil_runtime::Policy;
 use std::path::PathBuf;
 
 mod common;
-use common::testdata_policies as policies;
+use common::{rtn, testdata_policies as policies, x_feeds};
 
 fn quantized(name: &str, settings: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     let fp = sqil_driver::load_model(&policies().join(format!("{name}.onnx"))).unwrap();
@@ -24,14 +24,6 @@ fn quantized(name: &str, settings: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     let p = Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap();
     let inputs = calib.iter().map(|f| sqil_driver::npy::read(f).unwrap().cast(sqil_ir::DType::F32)).collect();
     (p, inputs)
-}
-
-/// Graph `g` quantized by RTN with `settings`, calibrated on `feeds`.
-fn rtn(g: &sqil_ir::Graph, settings: &str, feeds: &[std::collections::HashMap<String, sqil_ir::Tensor>]) -> Policy {
-    let mut cfg = QuantConfig::default();
-    cfg.apply_settings(settings).unwrap();
-    let (sim, _) = sqil_passes::quant::quantize(g, &cfg, Recipe::Rtn, feeds).unwrap();
-    Policy::from_graph(&sim).unwrap()
 }
 
 /// The largest |GPU - CPU| over all actions relative to the largest |CPU action|, each state's
@@ -154,8 +146,7 @@ fn convolutions_over_partial_groups_match_the_cpu() {
     let g = common::cnn(&mut r, c, s);
     let per = c * s * s;
     let shaped = |n: usize, v: Vec<f32>| sqil_ir::Tensor::from_f32(vec![n, c, s, s], v).unwrap();
-    let calib: Vec<f32> = (0..128 * per).map(|_| r.unit()).collect();
-    let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(128, calib))])];
+    let feeds = x_feeds(&mut r, vec![128, c, s, s]);
     for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=8,group=64"] {
         let p = rtn(&g, settings, &feeds);
         let padded = p
@@ -189,8 +180,7 @@ fn split_and_one_position_convolutions_match_the_cpu() {
         let g = common::cnn(&mut r, c, s);
         let per = c * s * s;
         let shaped = |n: usize, v: Vec<f32>| sqil_ir::Tensor::from_f32(vec![n, c, s, s], v).unwrap();
-        let calib: Vec<f32> = (0..64 * per).map(|_| r.unit()).collect();
-        let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(64, calib))])];
+        let feeds = x_feeds(&mut r, vec![64, c, s, s]);
         for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=8,group=64"] {
             let what = format!("{c} x {s} x {s}, {settings}");
             let p = rtn(&g, settings, &feeds);
@@ -223,8 +213,7 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
     let g = common::conv1d(&mut r, c, len);
     let per = c * len;
     let shaped = |n: usize, v: Vec<f32>| sqil_ir::Tensor::from_f32(vec![n, c, len], v).unwrap();
-    let calib: Vec<f32> = (0..64 * per).map(|_| r.unit()).collect();
-    let feeds = vec![std::collections::HashMap::from([("x".to_string(), shaped(64, calib))])];
+    let feeds = x_feeds(&mut r, vec![64, c, len]);
     for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=float,group=32"] {
         let p = rtn(&g, settings, &feeds);
         let states: Vec<Vec<f32>> = (0..6).map(|_| (0..per).map(|_| r.unit() * 1.5).collect()).collect();

@@ -203,3 +203,22 @@ pub fn conv1d(r: &mut Rng, c: usize, len: usize) -> Graph {
     g.outputs.push(y);
     g
 }
+
+/// Calibration feeds of a graph whose one input is `x`: a tensor of `shape` (its first axis the
+/// states) of `r.unit()` values, drawn in order.
+pub fn x_feeds(r: &mut Rng, shape: Vec<usize>) -> Vec<std::collections::HashMap<String, sqil_ir::Tensor>> {
+    let v: Vec<f32> = (0..shape.iter().product()).map(|_| r.unit()).collect();
+    vec![std::collections::HashMap::from([("x".to_string(), sqil_ir::Tensor::from_f32(shape, v).unwrap())])]
+}
+
+/// Graph `g` quantized by RTN with `settings`, calibrated on `feeds`, as a runtime policy.
+pub fn rtn(
+    g: &Graph,
+    settings: &str,
+    feeds: &[std::collections::HashMap<String, sqil_ir::Tensor>],
+) -> sqil_runtime::Policy {
+    let mut cfg = sqil_passes::quant::QuantConfig::default();
+    cfg.apply_settings(settings).unwrap();
+    let (sim, _) = sqil_passes::quant::quantize(g, &cfg, sqil_passes::quant::Recipe::Rtn, feeds).unwrap();
+    sqil_runtime::Policy::from_graph(&sim).unwrap()
+}
