@@ -532,6 +532,166 @@ pub fn copy_strided(src: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize,
     }
 }
 
+/// Input channels up to which [`conv_direct_f32`] takes a convolution (an image encoder's first
+/// layer: RGB, RGB-D, grey): beyond, im2col's GEMM reuses each gathered row over more outputs.
+pub const CONV_DIRECT_MAX_CHANNELS: usize = 4;
+
+/// Whether [`conv_direct_f32`] runs a convolution of `taps` window positions to `m` output
+/// channels: windows of 25 taps or more (5 x 5 and up, where the gathered matrix holds each input
+/// value 25 times or more), or at most 16 outputs (too few for the GEMM to repay the gather).
+/// Measured on one core (AVX-512, 3 input channels at stride 2, `cargo bench -p sqil-kernels-cpu --bench stem`):
+/// ResNet-18's 7 x 7 to 64 channels at 96 x 96 250-265 -> 174-177 us; 3 x 3 to 16 at 84 x 84
+/// 15.9-16.4 -> 14.2-14.4 us; but 3 x 3 to 32 slower (22.1-22.7 -> 25.1-25.8 us), so kept on
+/// im2col.
+pub fn conv_direct_takes(taps: usize, m: usize) -> bool {
+    taps >= 25 || m <= 16
+}
+
+/// One image of a 1-D or 2-D convolution of one group and at most
+/// [`CONV_DIRECT_MAX_CHANNELS`] input channels, computed without the im2col matrix: `out`
+/// (`[m, output positions]`) gets what [`im2col`] then [`sgemm_chain`] (`m` rows of `w`, `[m,
+/// channels * taps]`, against the gathered rows) write, bit for bit: each output the FMA chain over
+/// `(c, ky, kx)` in im2col's order from +0, padding taps included as +0 (no bias). The input
+/// planes are copied once, zero-padded and split by column phase (stride 2: even and odd
+/// columns), so every tap of a row of outputs is one contiguous vector load, and the weight is
+/// broadcast: the gathered matrix (`channels * taps` times the output's size) is never written.
+/// Returns false, having done nothing, where this path does not apply (no AVX2 and FMA, another
+/// geometry, more channels, a weight that is not finite: a padding tap's `0 * w` must add
+/// nothing, as it may be skipped elsewhere), or where [`conv_direct_takes`] declines.
+pub fn conv_direct_f32(
+    input: &[f32],
+    channels: usize,
+    w: &[f32],
+    m: usize,
+    geo: &ConvGeometry,
+    out: &mut [f32],
+) -> bool {
+    conv_direct_takes(geo.kernel.iter().product(), m) && conv_direct_run(input, channels, w, m, geo, out)
+}
+
+/// [`conv_direct_f32`] whether or not [`conv_direct_takes`] would take the layer (benchmarks and
+/// tests); false only where the direct path cannot run it.
+pub fn conv_direct_run(
+    input: &[f32],
+    channels: usize,
+    w: &[f32],
+    m: usize,
+    geo: &ConvGeometry,
+    out: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let axes = geo.input.len();
+        let same = |v: &[usize]| v.len() == axes;
+        if !(matches!(axes, 1 | 2)
+            && same(&geo.kernel)
+            && same(&geo.strides)
+            && same(&geo.dilations)
+            && same(&geo.output))
+            || geo.pads_begin.len() != axes
+            || channels == 0
+            || channels > CONV_DIRECT_MAX_CHANNELS
+            || m == 0
+            || crate::isa() == crate::Isa::Generic
+        {
+            return false;
+        }
+        let g = Depthwise::of(geo, channels);
+        let (kl, ol, il) = (g.kh * g.kw, g.oh * g.ow, g.h * g.w);
+        if kl == 0 || ol == 0 || g.sh == 0 || g.sw == 0 || g.dh == 0 || g.dw == 0 {
+            return false;
+        }
+        assert!(
+            input.len() >= channels * il && w.len() >= m * channels * kl && out.len() >= m * ol,
+            "conv_direct_f32: buffer sizes"
+        );
+        if !w[..m * channels * kl].iter().all(|v| v.is_finite()) {
+            return false;
+        }
+        let lanes = if crate::isa() == crate::Isa::Avx512Vnni { 16 } else { 8 };
+        let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+        let jl = g.ow.next_multiple_of(lanes) + (g.kw - 1) * g.dw / g.sw + 1;
+        DIRECT_PLANES.with_borrow_mut(|xp| {
+            xp.resize(channels * hp * g.sw * jl, 0.0);
+            // Each input row zero-padded (column x at x + pw, `sw * jl` values), then split by
+            // phase: value j of phase f is padded column j * sw + f.
+            let wp = g.sw * jl;
+            let (lo, take) = if g.pw >= 0 {
+                (g.pw as usize, g.w.min(wp.saturating_sub(g.pw as usize)))
+            } else {
+                (0, g.w.saturating_sub(g.pw.unsigned_abs()).min(wp))
+            };
+            let skip = if g.pw < 0 { g.pw.unsigned_abs() } else { 0 };
+            let mut padded = vec![0f32; wp];
+            for c in 0..channels {
+                let plane = &input[c * il..(c + 1) * il];
+                for y in 0..hp {
+                    let iy = y as isize - g.ph;
+                    let at = (c * hp + y) * wp;
+                    let dst = &mut xp[at..at + wp];
+                    if iy < 0 || iy >= g.h as isize || take == 0 {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w + skip..iy as usize * g.w + skip + take];
+                    if g.sw == 1 {
+                        dst[..lo.min(wp)].fill(0.0);
+                        dst[lo..lo + take].copy_from_slice(src);
+                        dst[lo + take..].fill(0.0);
+                        continue;
+                    }
+                    padded[lo..lo + take].copy_from_slice(src);
+                    if g.sw == 2 {
+                        // Pairs split into the two phases (vectorized as shuffles).
+                        let (even, odd) = dst.split_at_mut(jl);
+                        for ((e, o), p) in even.iter_mut().zip(odd.iter_mut()).zip(padded.chunks_exact(2)) {
+                            *e = p[0];
+                            *o = p[1];
+                        }
+                    } else {
+                        for (j, p) in padded.chunks_exact(g.sw).enumerate() {
+                            for (f, &v) in p.iter().enumerate() {
+                                dst[f * jl + j] = v;
+                            }
+                        }
+                    }
+                }
+            }
+            let d = crate::x86_64::common::DirectConv {
+                c: channels,
+                hp,
+                jl,
+                m,
+                kernel: (g.kh, g.kw),
+                strides: (g.sh, g.sw),
+                dilations: (g.dh, g.dw),
+                out: (g.oh, g.ow),
+            };
+            // SAFETY: isa() checked the instructions; the planes hold channels * hp * sw * jl
+            // values with hp and jl as conv_direct needs, and the sizes of w and out were
+            // asserted above.
+            unsafe {
+                if crate::isa() == crate::Isa::Avx512Vnni {
+                    crate::x86_64::avx512::avx512_conv_direct(xp, w, d, out)
+                } else {
+                    crate::x86_64::avx2::avx2_conv_direct(xp, w, d, out)
+                }
+            }
+        });
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (input, channels, w, m, geo, out);
+        false
+    }
+}
+
+thread_local! {
+    /// [`conv_direct_f32`]'s padded, phase-split input planes.
+    static DIRECT_PLANES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A 1-D or 2-D convolution's geometry per axis (1-D: one row) and its channels: the depthwise
 /// kernels' and `im2col_direct`'s.
 #[derive(Clone, Copy)]

@@ -561,9 +561,14 @@ fn conv_images(
         }
         for g in 0..p.group {
             let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
-            im2col(xs, cg, table, &p.geo, cols);
             let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
             let o = &mut out[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
+            // Few input channels (an encoder's first layer): the same chains without the
+            // gathered matrix.
+            if sqil_kernels_cpu::generic::conv_direct_f32(xs, cg, wg, mg, &p.geo, o) {
+                continue;
+            }
+            im2col(xs, cg, table, &p.geo, cols);
             sgemm_chain(mg, cg * kl, ol, wg, (cg * kl, 1), cols, (ol, 1), o, (ol, 1));
         }
         if let Some(bias) = bias {

@@ -963,3 +963,13 @@ pub unsafe fn avx2_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
         *o = gelu_tanh(v as f64) as f32;
     }
 }
+
+/// [`conv_direct`] on 8-lane vectors: four output channels by up to three vectors of columns
+/// (twelve accumulators of the sixteen registers).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; the buffers as `conv_direct` says.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn avx2_conv_direct(xp: &[f32], w: &[f32], d: DirectConv, out: &mut [f32]) {
+    conv_direct::<__m256, 4, 3>(xp, w, d, out)
+}

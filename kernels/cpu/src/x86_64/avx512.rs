@@ -1542,3 +1542,13 @@ unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, 
         }
     }
 }
+
+/// [`super::common::conv_direct`] on 16-lane vectors: eight output channels by up to three
+/// vectors of columns (24 accumulators of the 32 registers).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; the buffers as `conv_direct` says.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn avx512_conv_direct(xp: &[f32], w: &[f32], d: super::common::DirectConv, out: &mut [f32]) {
+    super::common::conv_direct::<__m512, 8, 3>(xp, w, d, out)
+}

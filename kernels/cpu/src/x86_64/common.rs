@@ -1273,3 +1273,116 @@ mod tests {
         }
     }
 }
+
+/// The shape of [`conv_direct`]'s convolution: input channels, the phase-split planes' padded
+/// rows `hp` and values per phase row `jl`; output channels; kernel, strides, dilations; output.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DirectConv {
+    pub c: usize,
+    pub hp: usize,
+    pub jl: usize,
+    pub m: usize,
+    pub kernel: (usize, usize),
+    pub strides: (usize, usize),
+    pub dilations: (usize, usize),
+    pub out: (usize, usize),
+}
+
+/// One image's convolution (one group) computed directly: per output row, `R` output channels
+/// by up to `VMAX` vectors of output columns at a time, each output the FMA chain over `(c, ky,
+/// kx)` in im2col's order from +0 (`sgemm_chain`'s chain on im2col's rows: the same bits). `xp`
+/// holds the input planes zero-padded and split by column phase: value `j` of phase `f` of padded
+/// row `y` of channel `c` at `((c * hp + y) * sw + f) * jl + j` is input column `j * sw + f` less
+/// the left padding, so tap `kx` of output columns `ox..ox + lanes` is one contiguous load at
+/// phase `(kx * dw) % sw`, offset `ox + (kx * dw) / sw`. `w` is `[m, c, kh, kw]`; `out` `[m, oh,
+/// ow]` gets the chains (no bias).
+///
+/// # Safety
+/// `F`'s instructions; `xp` holds `c * hp * sw * jl` values with `jl >= ow` rounded up to the
+/// lanes plus `(kw - 1) * dw / sw + 1`, and `hp >= (oh - 1) * sh + (kh - 1) * dh + 1`.
+#[inline(always)]
+pub(crate) unsafe fn conv_direct<F: F32Lanes, const R: usize, const VMAX: usize>(
+    xp: &[f32],
+    w: &[f32],
+    d: DirectConv,
+    out: &mut [f32],
+) {
+    let (oh, ow) = d.out;
+    let (kh, kw) = d.kernel;
+    debug_assert!(out.len() >= d.m * oh * ow && w.len() >= d.m * d.c * kh * kw);
+    let step = VMAX * F::LANES;
+    let ((sh, sw), (dh, dw)) = (d.strides, d.dilations);
+    // Where tap (c, ky, kx), in the chain's order, reads output row 0's first column.
+    let mut taps = Vec::with_capacity(d.c * kh * kw);
+    for c in 0..d.c {
+        for ky in 0..kh {
+            for kx in 0..kw {
+                taps.push(((c * d.hp + ky * dh) * sw + (kx * dw) % sw) * d.jl + (kx * dw) / sw);
+            }
+        }
+    }
+    for oy in 0..oh {
+        let row = oy * sh * sw * d.jl;
+        for r0 in (0..d.m).step_by(R) {
+            let mut ox = 0;
+            while ox < ow {
+                let at = (oy, r0, ox, row);
+                match (ow - ox).div_ceil(F::LANES).min(VMAX) {
+                    1 => conv_direct_tile::<F, R, 1>(xp, w, &taps, d, at, out),
+                    2 if VMAX >= 2 => conv_direct_tile::<F, R, 2>(xp, w, &taps, d, at, out),
+                    _ => conv_direct_tile::<F, R, VMAX>(xp, w, &taps, d, at, out),
+                }
+                ox += step;
+            }
+        }
+    }
+}
+
+/// [`conv_direct`]'s tile: output row `oy` (its planes' offset `row`), channels `r0..r0 + R` (past
+/// `m`: the last one again, not stored), columns `ox..ox + V lanes` (stored up to `ow`); `taps`
+/// the planes' offset of each tap in the chain's order.
+#[inline(always)]
+unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
+    xp: &[f32],
+    w: &[f32],
+    taps: &[usize],
+    d: DirectConv,
+    (oy, r0, ox, row): (usize, usize, usize, usize),
+    out: &mut [f32],
+) {
+    let (oh, ow) = d.out;
+    let rows: [usize; R] = std::array::from_fn(|j| (r0 + j).min(d.m - 1));
+    let wp: [*const f32; R] = std::array::from_fn(|j| w.as_ptr().add(rows[j] * taps.len()));
+    let x0 = xp.as_ptr().add(row + ox);
+    let mut acc = [[F::zero(); V]; R];
+    for (t, &off) in taps.iter().enumerate() {
+        let xrow = x0.add(off);
+        let xv: [F; V] = std::array::from_fn(|v| F::load(xrow.add(v * F::LANES)));
+        for j in 0..R {
+            let wb = F::splat(*wp[j].add(t));
+            for v in 0..V {
+                acc[j][v] = F::fmadd(xv[v], wb, acc[j][v]);
+            }
+        }
+    }
+    let ol = oh * ow;
+    for (j, acc) in acc.iter().enumerate() {
+        if r0 + j >= d.m {
+            break;
+        }
+        for (v, a) in acc.iter().enumerate() {
+            let at = ox + v * F::LANES;
+            if at >= ow {
+                break;
+            }
+            let dst = out.as_mut_ptr().add((r0 + j) * ol + oy * ow + at);
+            if at + F::LANES <= ow {
+                a.store(dst);
+            } else {
+                let mut tmp = [0f32; 16];
+                a.store(tmp.as_mut_ptr());
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, ow - at);
+            }
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! An image encoder's first convolution (three input channels, stride 2) on one core: the
+//! direct kernel (`conv_direct_f32`) against im2col then the policy GEMM (`sgemm_chain`), the
+//! path it replaces, measured in the same run; the two outputs compared bit for bit. Layers where
+//! `conv_direct_takes` declines run direct here anyway, to show why they are declined.
+//!
+//!     cargo bench -p sqil-kernels-cpu --bench stem
+
+use sqil_kernels_cpu::generic::{conv_direct_run, conv_direct_takes, im2col, sgemm_chain, ConvGeometry};
+use std::time::Instant;
+
+/// Best of three timings of `reps` calls of `f`, in microseconds per call.
+fn best(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64 * 1e6
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    println!("first-layer convolutions, one core, kernels {:?}", sqil_kernels_cpu::isa());
+    // (input channels, image side, output channels, kernel side, stride, padding, what uses it)
+    let layers = [
+        (3usize, 96usize, 64usize, 7usize, 2usize, 3isize, "ResNet-18 stem (96 x 96)"),
+        (3, 84, 16, 3, 2, 1, "MobileNetV3 stem (84 x 84)"),
+        (3, 84, 32, 3, 2, 1, "MobileNetV2 / EfficientNet-B0 stem (84 x 84)"),
+    ];
+    for (c, h, m, k, s, p, what) in layers {
+        let o = (h + 2 * p as usize - k) / s + 1;
+        let geo = ConvGeometry {
+            input: vec![h, h],
+            kernel: vec![k, k],
+            strides: vec![s, s],
+            dilations: vec![1, 1],
+            pads_begin: vec![p, p],
+            output: vec![o, o],
+        };
+        let x: Vec<f32> = (0..c * h * h).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..m * c * k * k).map(|i| ((i * 13 % 29) as f32) / 20.0 - 0.7).collect();
+        let (kl, ol) = (k * k, o * o);
+        let (mut gemm_out, mut direct_out) = (vec![0f32; m * ol], vec![0f32; m * ol]);
+        let mut cols = vec![0f32; c * kl * ol];
+        let table = geo.gather_table();
+        let t_gemm = best(200, || {
+            im2col(&x, c, &table, &geo, &mut cols);
+            sgemm_chain(m, c * kl, ol, &w, (c * kl, 1), &cols, (ol, 1), &mut gemm_out, (ol, 1));
+        });
+        let t_direct = best(200, || assert!(conv_direct_run(&x, c, &w, m, &geo, &mut direct_out)));
+        let macs = (m * c * kl * ol) as f64;
+        let same = gemm_out.iter().zip(&direct_out).all(|(a, b)| a.to_bits() == b.to_bits());
+        println!(
+            "  {what}: im2col + GEMM {t_gemm:7.1} us ({:5.1} GMAC/s), direct {t_direct:7.1} us ({:5.1} GMAC/s): {:.2}x, {}, taken: {}",
+            macs / t_gemm / 1e3,
+            macs / t_direct / 1e3,
+            t_gemm / t_direct,
+            if same { "same bits" } else { "BITS DIFFER" },
+            conv_direct_takes(kl, m)
+        );
+    }
+}

@@ -1,0 +1,124 @@
+//! The direct first-layer convolution (`conv_direct_run`) against the path it replaces, im2col
+//! then the policy GEMM (`sgemm_chain`), bit for bit: random 1-D and 2-D geometries (strides,
+//! dilations, padding on either side or negative, windows up to 7 x 7), one to four input
+//! channels, inputs with NaN, infinities and signed zeros. Run once on this CPU's kernels and
+//! once more in a child process with `SQIL_ISA=avx2` (the 8-lane form).
+
+use proptest::prelude::*;
+use sqil_kernels_cpu::generic::{conv_direct_f32, conv_direct_run, im2col, sgemm_chain, ConvGeometry};
+
+fn values(seed: u64, n: usize, specials: bool) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            match (specials, s % 61) {
+                (true, 0) => f32::NAN,
+                (true, 1) => f32::INFINITY,
+                (true, 2) => -0.0,
+                (_, 3) => 0.0,
+                _ => ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0,
+            }
+        })
+        .collect()
+}
+
+/// The output extent of one axis (None: no output).
+fn extent(input: usize, k: usize, s: usize, d: usize, pb: isize, pe: isize) -> Option<usize> {
+    let span = (d * (k - 1) + 1) as isize;
+    let room = input as isize + pb + pe - span;
+    (room >= 0).then(|| room as usize / s + 1)
+}
+
+fn check(geo: &ConvGeometry, c: usize, m: usize, seed: u64) {
+    let (kl, ol, il) = (geo.kernel_len(), geo.output_len(), geo.input_len());
+    let x = values(seed, c * il, true);
+    let w = values(seed ^ 0x5555, m * c * kl, false);
+    let mut cols = vec![0f32; c * kl * ol];
+    im2col(&x, c, &geo.gather_table(), geo, &mut cols);
+    let mut want = vec![0f32; m * ol];
+    sgemm_chain(m, c * kl, ol, &w, (c * kl, 1), &cols, (ol, 1), &mut want, (ol, 1));
+    let mut got = vec![f32::NAN; m * ol];
+    assert!(conv_direct_run(&x, c, &w, m, geo, &mut got), "not run: {geo:?}");
+    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{geo:?} c{c} m{m}: output {i} {a} vs {b}");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn direct_convolution_equals_im2col_and_gemm(
+        seed in any::<u64>(), two_d in any::<bool>(), c in 1usize..5, m in 1usize..21,
+        h in 1usize..14, w in 1usize..40, kh in 1usize..8, kw in 1usize..8, sh in 1usize..4, sw in 1usize..4,
+        dh in 1usize..3, dw in 1usize..3, pads in prop::array::uniform4(-1isize..4),
+    ) {
+        let (h, kh, sh, dh) = if two_d { (h, kh, sh, dh) } else { (1, 1, 1, 1) };
+        let (Some(oh), Some(ow)) = (extent(h, kh, sh, dh, pads[0], pads[2]), extent(w, kw, sw, dw, pads[1], pads[3])) else {
+            return Ok(());
+        };
+        let geo = if two_d {
+            ConvGeometry { input: vec![h, w], kernel: vec![kh, kw], strides: vec![sh, sw], dilations: vec![dh, dw],
+                           pads_begin: vec![pads[0], pads[1]], output: vec![oh, ow] }
+        } else {
+            ConvGeometry { input: vec![w], kernel: vec![kw], strides: vec![sw], dilations: vec![dw],
+                           pads_begin: vec![pads[1]], output: vec![ow] }
+        };
+        check(&geo, c, m, seed);
+    }
+}
+
+#[test]
+fn stems_of_the_zoo_equal_im2col_and_gemm() {
+    for (h, m, k, s, p) in [(96, 64, 7, 2, 3), (84, 16, 3, 2, 1), (84, 32, 3, 2, 1), (64, 24, 5, 1, 2)] {
+        let o = (h + 2 * p as usize - k) / s + 1;
+        let geo = ConvGeometry {
+            input: vec![h, h],
+            kernel: vec![k, k],
+            strides: vec![s, s],
+            dilations: vec![1, 1],
+            pads_begin: vec![p, p],
+            output: vec![o, o],
+        };
+        check(&geo, 3, m, 7);
+    }
+}
+
+#[test]
+fn declines_what_it_cannot_run_or_would_not_speed_up() {
+    let geo = ConvGeometry {
+        input: vec![8, 8],
+        kernel: vec![3, 3],
+        strides: vec![1, 1],
+        dilations: vec![1, 1],
+        pads_begin: vec![1, 1],
+        output: vec![8, 8],
+    };
+    let x = vec![1f32; 5 * 64];
+    let mut out = vec![0f32; 32 * 64];
+    // Five input channels: im2col's.
+    assert!(!conv_direct_run(&x, 5, &vec![0.5; 32 * 5 * 9], 32, &geo, &mut out));
+    // A weight that is not finite (a padding tap's 0 * inf is NaN on the gathered path).
+    let mut w = vec![0.5f32; 8 * 9];
+    w[4] = f32::INFINITY;
+    assert!(!conv_direct_run(&x, 1, &w, 8, &geo, &mut out));
+    // 3 x 3 to 32 channels: the GEMM is faster there.
+    assert!(!conv_direct_f32(&x, 3, &vec![0.5; 32 * 27], 32, &geo, &mut out));
+}
+
+#[test]
+fn the_avx2_form_agrees_too() {
+    if std::env::var_os("SQIL_ISA").is_some() || !std::is_x86_feature_detected!("avx2") {
+        return;
+    }
+    let me = std::env::current_exe().expect("the test binary");
+    let status = std::process::Command::new(me)
+        .args(["--exact", "direct_convolution_equals_im2col_and_gemm", "stems_of_the_zoo_equal_im2col_and_gemm"])
+        .env("SQIL_ISA", "avx2")
+        .status()
+        .expect("the test binary runs");
+    assert!(status.success(), "the AVX2 form differs (SQIL_ISA=avx2)");
+}
