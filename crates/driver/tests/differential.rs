@@ -175,7 +175,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     let host_c = have(&cc);
     let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
     let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
-    let (mut ragged, mut padded, mut fused, mut inside) = (0, 0, 0, 0);
+    let (mut ragged, mut padded, mut fused, mut inside, mut dequant) = (0, 0, 0, 0, 0);
     for family in ["mlp", "cnn", "attention", "mobile"] {
         for (ci, spec) in CONFIGS.iter().enumerate() {
             for seed in 0..2u64 {
@@ -222,6 +222,9 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                     .iter()
                     .filter(|s| matches!(s, Step::Q4Linear { conv: Some(im), .. } if im.run > im.channels))
                     .count();
+                // Float Gemms on low-bit weights that run from the levels at small batches (the
+                // batch of one below).
+                dequant += plan.steps.iter().filter(|s| matches!(s, Step::Op { dequant: Some(_), .. })).count();
                 // Random rows, and rows on the input quantizer's rounding boundaries.
                 let mut rows: Vec<f32> = (0..24 * per).map(|i| r.unit() * ranges[i % per] * 1.5).collect();
                 if let Some((s, z)) = input_quantizer(&sim) {
@@ -295,7 +298,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before, {dequant} float Gemms from weight levels); C: {c_exact}/{c_runs} bit-exact programs");
     if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
         assert!(inside >= 8, "only {inside} steps ran in the pass of the step before");
     } else {
@@ -304,6 +307,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     assert!(fused >= 40, "only {fused} steps run as a kernel's epilogue");
     assert!(int_steps > 100 && conv_steps > 10, "only {int_steps} int4 steps, {conv_steps} convolutions planned");
     assert!(ragged >= 2, "only {ragged} int4 steps with a short last group");
+    assert!(dequant >= 2, "only {dequant} float Gemms ran from their weight levels");
     assert!(padded >= 4, "only {padded} convolutions with runs padded to whole groups");
     assert!(!host_c || c_integer >= 8, "only {c_integer} integer plans reached the C back end");
 }

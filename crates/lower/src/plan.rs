@@ -18,6 +18,7 @@ use sqil_ir::lowered::{has_int_activations, linear_site, q4_layer, Q4Layer};
 use sqil_ir::ops::fused::Arg;
 use sqil_ir::ops::{Op, UnaryOp};
 use sqil_ir::{Dim, Graph, IrError, NodeId, Result, Tensor, ValueRef};
+use sqil_kernels_cpu::dequant::DequantRows;
 use sqil_kernels_cpu::PackedQ4;
 use std::collections::HashMap;
 
@@ -28,6 +29,11 @@ use std::collections::HashMap;
 /// one quantization step of that activation; that has not occurred on the test inputs, and a
 /// test failure there would name the policy and config.
 pub const PLAN_TOL: f32 = 1e-5;
+
+/// Rows up to which a float Gemm with a [`DequantRows`] weight runs from its levels: one byte per
+/// weight read instead of four, the weights rebuilt in registers; a larger batch reuses each
+/// weight over its rows, and the f32 constant's GEMM is faster.
+pub const DEQUANT_MAX_ROWS: usize = 4;
 
 pub use sqil_ir::lowered::ActQuant;
 
@@ -61,6 +67,10 @@ pub enum Step {
         /// A float Conv's im2col gather table, built once, and the per-image input shape
         /// (`[C, spatial...]`) it was built for.
         table: Option<Box<ConvTable>>,
+        /// A float Gemm's low-bit constant weight as levels and scales (checked to reproduce
+        /// the constant bit for bit), for the small batches that read it from memory every call
+        /// ([`DEQUANT_MAX_ROWS`]).
+        dequant: Option<Box<DequantRows>>,
     },
 }
 
@@ -366,6 +376,21 @@ fn weights_as_rows(steps: &mut [Step], consts: &mut Consts, next: &mut usize, ou
         *next += 1;
         *tb = false;
     }
+    // A Gemm's levels are kept only where they rebuild its constant rows bit for bit.
+    for step in steps.iter_mut() {
+        let Step::Op { op, inputs, dequant: dq @ Some(_), .. } = step else { continue };
+        let rows = match (&*op, inputs.get(1).copied().flatten()) {
+            (Op::Gemm { trans_b: false, .. }, Some(ws)) => consts.iter().find(|(s, _)| *s == ws).map(|(_, t)| t),
+            _ => None,
+        };
+        let keep = rows.is_some_and(|t| {
+            dq.as_ref()
+                .is_some_and(|d| t.shape == [d.k, d.n] && matches!(&t.data, sqil_ir::Data::F32(v) if d.reproduces(v)))
+        });
+        if !keep {
+            *dq = None;
+        }
+    }
     let mut read: std::collections::HashSet<usize> = outputs.iter().copied().collect();
     for step in steps.iter() {
         read.extend(step.reads());
@@ -557,6 +582,18 @@ impl Plan {
                     (Op::Conv(c), [Some(x), Some(w), ..]) => float_conv_table(g, c, *x, *w),
                     _ => None,
                 };
+                // A float Gemm on a FakeQuant of a constant weight: its levels and scales.
+                let dequant = match (&op, op_ins.as_slice()) {
+                    (&Op::Gemm { alpha: 1.0, trans_a: false, trans_b, .. }, [Some(_), Some(w), ..]) => {
+                        match sqil_ir::lowered::q4_weight(g, *w, trans_b, false) {
+                            Ok(Some((q, scales, n, k, group))) => {
+                                DequantRows::new(&q, &scales, n, k, group).map(Box::new)
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
                 let outputs: Vec<usize> = if fused.is_some() {
                     vec![head_out(&mut slots, n_stages == 1)]
                 } else {
@@ -568,6 +605,7 @@ impl Plan {
                     name: node.name.clone(),
                     op,
                     table,
+                    dequant,
                     inputs: op_ins.iter().map(|v| v.map(|v| slots.of(v))).collect(),
                     outputs,
                 });
@@ -599,6 +637,7 @@ impl Plan {
                         name: node.name.clone(),
                         op: st.op.clone(),
                         table: None,
+                        dequant: None,
                         inputs,
                         outputs: vec![y],
                     });

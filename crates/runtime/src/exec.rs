@@ -455,7 +455,7 @@ fn exec<'a>(
                 };
                 env[outputs[0]] = Some(Cow::Owned(y));
             }
-            Step::Op { name, op, inputs, outputs, table, .. } => {
+            Step::Op { name, op, inputs, outputs, table, dequant, .. } => {
                 let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
                 // A depthwise Conv and the pointwise int4 step it alone feeds, in one pass.
                 let then = match (op, out, args.as_slice()) {
@@ -478,6 +478,19 @@ fn exec<'a>(
                     (last, env[n.out]) = (n.last, Some(Cow::Owned(t)));
                 } else {
                     let res = match (op, table, args.as_slice()) {
+                        // A float Gemm at a small batch from its weight's levels (checked by the
+                        // plan to rebuild the constant bit for bit): the same chains, a quarter
+                        // of the bytes read.
+                        (&Op::Gemm { alpha, beta, trans_a: false, trans_b: false }, _, [Some(x), Some(_), c @ ..])
+                            if dequant.is_some()
+                                && post.is_empty()
+                                && x.rank() == 2
+                                && x.shape[0] <= sqil_lower::plan::DEQUANT_MAX_ROWS
+                                && matches!(x.data, sqil_ir::Data::F32(_)) =>
+                        {
+                            let w = dequant.as_deref().expect("checked in the guard");
+                            sqil_ir::ops::gemm_dequant(x, w, c.first().copied().flatten(), alpha, beta).map(|y| vec![y])
+                        }
                         // The reference Conv with its gather table kept (same arithmetic), its
                         // epilogue applied.
                         (Op::Conv(c), t, [Some(x), Some(w), b @ ..])

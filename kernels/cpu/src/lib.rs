@@ -3,6 +3,7 @@
 //! This crate knows nothing of ONNX or of the graph IR: it works on plain slices with explicit
 //! row and column strides, the layout convention of BLAS and of `matrixmultiply`.
 
+pub mod dequant;
 pub mod generic;
 pub mod packed;
 pub mod peak;

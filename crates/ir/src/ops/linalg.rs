@@ -372,16 +372,8 @@ pub(crate) fn gemm(
     }
     let sa = if ta { (1, m) } else { (k, 1) };
     let sb = if tb { (1, k) } else { (n, 1) };
-    let init = |out_len: usize| -> Result<Vec<f64>> {
-        let Some(c) = c.filter(|_| beta != 0.0) else { return Ok(vec![0.0; out_len]) };
-        if broadcast_shapes(&[&c.shape, &[m, n]]).as_deref() != Some(&[m, n][..]) {
-            return Err(IrError::Invalid(format!("Gemm C {:?} does not broadcast to [{m}, {n}]", c.shape)));
-        }
-        let cv = c.data.to_f64_vec();
-        Ok(broadcast_indices(&c.shape, &[m, n]).into_iter().map(|i| beta as f64 * cv[i]).collect())
-    };
     if let (Data::F64(x), Data::F64(y)) = (&a.data, &b.data) {
-        let mut out = init(m * n)?;
+        let mut out = c_term(c, beta, (m, n))?;
         dgemm(m, k, n, alpha as f64, x, sa, y, sb, 1.0, &mut out, (n, 1));
         return Tensor::new(vec![m, n], Data::F64(out));
     }
@@ -389,6 +381,29 @@ pub(crate) fn gemm(
     // (`sgemm_chain`); `alpha * chain` only when alpha is not 1, `+ beta * c` only with a C.
     let mut out = vec![0f32; m * n];
     sgemm_chain(m, k, n, &a.data.f32_cow(), sa, &b.data.f32_cow(), sb, &mut out, (n, 1));
+    gemm_epilogue(a.dtype(), out, (m, n), c, alpha, beta)
+}
+
+/// `beta * c` broadcast to `[m, n]` in f64 (zeros without a C or with beta 0).
+fn c_term(c: Option<&Tensor>, beta: f32, (m, n): (usize, usize)) -> Result<Vec<f64>> {
+    let Some(c) = c.filter(|_| beta != 0.0) else { return Ok(vec![0.0; m * n]) };
+    if broadcast_shapes(&[&c.shape, &[m, n]]).as_deref() != Some(&[m, n][..]) {
+        return Err(IrError::Invalid(format!("Gemm C {:?} does not broadcast to [{m}, {n}]", c.shape)));
+    }
+    let cv = c.data.to_f64_vec();
+    Ok(broadcast_indices(&c.shape, &[m, n]).into_iter().map(|i| beta as f64 * cv[i]).collect())
+}
+
+/// The f32 Gemm from its chains `out` (`[m, n]`): `alpha *` them when alpha is not 1, then `+ beta
+/// * c`.
+fn gemm_epilogue(
+    dtype: DType,
+    mut out: Vec<f32>,
+    (m, n): (usize, usize),
+    c: Option<&Tensor>,
+    alpha: f32,
+    beta: f32,
+) -> Result<Tensor> {
     if alpha != 1.0 {
         out.iter_mut().for_each(|v| *v *= alpha);
     }
@@ -399,12 +414,31 @@ pub(crate) fn gemm(
             out.chunks_mut(n).for_each(|r| r.iter_mut().zip(&row).for_each(|(y, b)| *y += b));
         }
         Some(_) => {
-            let cterm = init(m * n)?;
+            let cterm = c_term(c, beta, (m, n))?;
             out.iter_mut().zip(cterm).for_each(|(y, t)| *y += t as f32);
         }
         None => {}
     }
-    via_f32(a.dtype(), vec![m, n], out)
+    via_f32(dtype, vec![m, n], out)
+}
+
+/// [`gemm`] of f32 rows `a` (`[m, k]`, no transpose) against a weight held as levels and scales
+/// (`w`, the dequantized `[k, n]` B: a plan checked that it reproduces the constant bit for bit),
+/// its chains by `dequant_gemm` from the levels: the same values as `gemm` on the constant.
+pub fn gemm_dequant(
+    a: &Tensor,
+    w: &sqil_kernels_cpu::dequant::DequantRows,
+    c: Option<&Tensor>,
+    alpha: f32,
+    beta: f32,
+) -> Result<Tensor> {
+    if a.dtype() != DType::F32 || a.rank() != 2 || a.shape[1] != w.k {
+        return Err(IrError::Invalid(format!("Gemm: input {:?} against a [{} x {}] weight", a.shape, w.k, w.n)));
+    }
+    let (m, n) = (a.shape[0], w.n);
+    let mut out = vec![0f32; m * n];
+    sqil_kernels_cpu::dequant::dequant_gemm(w, &a.data.f32_cow(), m, &mut out);
+    gemm_epilogue(DType::F32, out, (m, n), c, alpha, beta)
 }
 
 struct ConvPlan {
