@@ -4,26 +4,17 @@
 //!
 //!     cargo bench -p sqil-kernels-cpu --bench conv [-- --side 39 --channels 32 --reps 200]
 
+mod common;
+use common::*;
 use sqil_kernels_cpu::generic::QWindow;
 use sqil_kernels_cpu::{conv_q4q8_windows, isa, peak, Layout, PackedQ4};
 use std::time::Instant;
-
-fn arg(name: &str, default: usize) -> usize {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn main() {
     let (side, ch, reps) = (arg("--side", 39), arg("--channels", 32), arg("--reps", 200));
     let (n, taps, out_side) = (32usize, 9usize, side - 2);
     let k = taps * ch;
-    let mut seed = 0x9e3779b97f4a7c15u64;
-    let mut rnd = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = common::xorshift();
     let q: Vec<i8> = (0..n * k).map(|_| (rnd() % 16) as i8 - 8).collect();
     let scales: Vec<f32> = (0..n * taps).map(|_| 0.01 + (rnd() % 100) as f32 * 1e-4).collect();
     let w = PackedQ4::pack(&q, &scales, n, k, ch).unwrap();

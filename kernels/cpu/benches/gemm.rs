@@ -7,36 +7,14 @@
 //! The shapes keep `n * k` fixed and move the weight block of 32 channels (`32 k` bytes) through
 //! the first two cache levels, so the printout separates the compute rate from the weight reads.
 
+mod common;
+use common::*;
 use sqil_kernels_cpu::{gemm_q4q8, isa, peak, quantize_input, PackedQ4};
-use std::time::Instant;
-
-fn arg(name: &str, default: usize) -> usize {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Best of `reps` timings of `f`, in seconds.
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let batch = arg("--batch", 64);
     let group = arg("--group", 64);
-    let mut seed = 0x9e3779b97f4a7c15u64;
-    let mut rnd = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = common::xorshift();
     let peak = peak::int8_gmacs();
     println!(
         "W4A8 GEMM, batch {batch}, group {group}, one thread, kernels {:?}; int8 ceiling ({}) {}",

@@ -8,25 +8,9 @@
 //! Effective bandwidth counts every byte a kernel must read: packed weights, group scales and
 //! group sums (W4A8), and the activations.
 
+mod common;
+use common::*;
 use sqil_kernels_cpu::{gemv_q4f32, gemv_q4q8, isa, quantize_input, sgemm, PackedQ4};
-use std::time::Instant;
-
-fn arg(name: &str, default: usize) -> usize {
-    let a: Vec<String> = std::env::args().collect();
-    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-/// Best of `reps` timings of `f`, in seconds.
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..reps)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 /// Sums `buf` on `threads` threads with 32-byte loads (the streaming-read reference).
 fn stream_read(buf: &[u64], threads: usize) -> u64 {
@@ -54,13 +38,7 @@ fn main() {
     let threads = arg("--threads", 2);
     let (n, k) = (arg("--n", 16384), arg("--k", 16384));
     let group = 64;
-    let mut seed = 0x9e3779b97f4a7c15u64;
-    let mut rnd = || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rnd = common::xorshift();
     let q: Vec<i8> = (0..n * k).map(|_| (rnd() % 16) as i8 - 8).collect();
     let scales: Vec<f32> = (0..n * k / group).map(|_| 0.01 + (rnd() % 100) as f32 * 1e-4).collect();
     let w = PackedQ4::pack(&q, &scales, n, k, group).unwrap();

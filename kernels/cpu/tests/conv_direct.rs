@@ -4,26 +4,9 @@
 //! channels, inputs with NaN, infinities and signed zeros. Run once on this CPU's kernels and
 //! once more in a child process with `SQIL_ISA=avx2` (the 8-lane form).
 
+mod common;
 use proptest::prelude::*;
 use sqil_kernels_cpu::generic::{conv_direct_f32, conv_direct_run, im2col, sgemm_chain, ConvGeometry};
-
-fn values(seed: u64, n: usize, specials: bool) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            match (specials, s % 61) {
-                (true, 0) => f32::NAN,
-                (true, 1) => f32::INFINITY,
-                (true, 2) => -0.0,
-                (_, 3) => 0.0,
-                _ => ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 4.0 - 2.0,
-            }
-        })
-        .collect()
-}
 
 /// The output extent of one axis (None: no output).
 fn extent(input: usize, k: usize, s: usize, d: usize, pb: isize, pe: isize) -> Option<usize> {
@@ -34,8 +17,8 @@ fn extent(input: usize, k: usize, s: usize, d: usize, pb: isize, pe: isize) -> O
 
 fn check(geo: &ConvGeometry, c: usize, m: usize, seed: u64) {
     let (kl, ol, il) = (geo.kernel_len(), geo.output_len(), geo.input_len());
-    let x = values(seed, c * il, true);
-    let w = values(seed ^ 0x5555, m * c * kl, false);
+    let x = common::values(seed, c * il, true);
+    let w = common::values(seed ^ 0x5555, m * c * kl, false);
     let mut cols = vec![0f32; c * kl * ol];
     im2col(&x, c, &geo.gather_table(), geo, &mut cols);
     let mut want = vec![0f32; m * ol];
@@ -111,14 +94,5 @@ fn declines_what_it_cannot_run_or_would_not_speed_up() {
 
 #[test]
 fn the_avx2_form_agrees_too() {
-    if std::env::var_os("SQIL_ISA").is_some() || !std::is_x86_feature_detected!("avx2") {
-        return;
-    }
-    let me = std::env::current_exe().expect("the test binary");
-    let status = std::process::Command::new(me)
-        .args(["--exact", "direct_convolution_equals_im2col_and_gemm", "stems_of_the_zoo_equal_im2col_and_gemm"])
-        .env("SQIL_ISA", "avx2")
-        .status()
-        .expect("the test binary runs");
-    assert!(status.success(), "the AVX2 form differs (SQIL_ISA=avx2)");
+    common::rerun_under_avx2(&["direct_convolution_equals_im2col_and_gemm", "stems_of_the_zoo_equal_im2col_and_gemm"]);
 }

@@ -3,26 +3,10 @@
 //! groups (a last group cut short), inputs with NaN, infinities and signed zeros; again in a
 //! child process with `SQIL_ISA=avx2` (the 8-lane form).
 
+mod common;
 use proptest::prelude::*;
 use sqil_kernels_cpu::dequant::{dequant_gemm, DequantRows};
 use sqil_kernels_cpu::sgemm_chain;
-
-fn values(seed: u64, n: usize) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            match s % 53 {
-                0 => f32::NAN,
-                1 => f32::NEG_INFINITY,
-                2 => -0.0,
-                _ => ((s >> 11) as f64 / (1u64 << 53) as f64) as f32 * 6.0 - 3.0,
-            }
-        })
-        .collect()
-}
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
@@ -37,7 +21,7 @@ proptest! {
         let d = DequantRows::new(&q, &scales, n, k, group).expect("valid shapes");
         let rows: Vec<f32> = (0..k * n).map(|i| d.value(i / n, i % n)).collect();
         prop_assert!(d.reproduces(&rows));
-        let x = values(seed, m * k);
+        let x = common::values(seed, m * k, true);
         let mut want = vec![0f32; m * n];
         sgemm_chain(m, k, n, &x, (k, 1), &rows, (n, 1), &mut want, (n, 1));
         let mut got = vec![f32::NAN; m * n];
@@ -60,14 +44,5 @@ fn a_value_off_by_one_bit_is_not_reproduced() {
 
 #[test]
 fn the_avx2_form_agrees_too() {
-    if std::env::var_os("SQIL_ISA").is_some() || !std::is_x86_feature_detected!("avx2") {
-        return;
-    }
-    let me = std::env::current_exe().expect("the test binary");
-    let status = std::process::Command::new(me)
-        .args(["--exact", "levels_give_the_chains_of_the_dequantized_rows"])
-        .env("SQIL_ISA", "avx2")
-        .status()
-        .expect("the test binary runs");
-    assert!(status.success(), "the AVX2 form differs (SQIL_ISA=avx2)");
+    common::rerun_under_avx2(&["levels_give_the_chains_of_the_dequantized_rows"]);
 }

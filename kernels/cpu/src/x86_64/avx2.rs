@@ -974,41 +974,12 @@ pub(crate) unsafe fn avx2_conv_direct(xp: &[f32], w: &[f32], d: DirectConv, out:
     conv_direct::<__m256, 4, 3>(xp, w, d, out)
 }
 
-/// [`crate::dequant::dequant_gemm`] for one row on 8-lane vectors: per 32 columns four chains,
-/// each weight rebuilt as `f32(level) * scale` (one rounding) before its FMA.
+/// [`crate::dequant::dequant_gemm`] for one row on 8-lane vectors (`dequant_gemv`, four vectors
+/// of columns per pass).
 ///
 /// # Safety
 /// AVX2 and FMA; `x` holds `w.k` values, `y` `w.n`.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn avx2_dequant_gemv(w: &crate::dequant::DequantRows, x: &[f32], y: &mut [f32]) {
-    const V: usize = 4;
-    let (k, n, np) = (w.k, w.n, w.n_pad);
-    let (lp, sp) = (w.levels.as_ptr(), w.scales.as_ptr());
-    let mut j0 = 0;
-    while j0 < n {
-        let nv = ((n - j0).div_ceil(8)).min(V);
-        let mut acc = [_mm256_setzero_ps(); V];
-        let mut sc = [_mm256_setzero_ps(); V];
-        for g in 0..k.div_ceil(w.group) {
-            for (v, s) in sc.iter_mut().enumerate().take(nv) {
-                *s = _mm256_loadu_ps(sp.add(g * np + j0 + 8 * v));
-            }
-            for p in g * w.group..((g + 1) * w.group).min(k) {
-                let xb = _mm256_set1_ps(*x.get_unchecked(p));
-                for v in 0..nv {
-                    let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(lp.add(p * np + j0 + 8 * v) as *const __m128i));
-                    let wv = _mm256_mul_ps(_mm256_cvtepi32_ps(q), sc[v]);
-                    acc[v] = _mm256_fmadd_ps(xb, wv, acc[v]);
-                }
-            }
-        }
-        for (v, a) in acc.iter().enumerate().take(nv) {
-            let at = j0 + 8 * v;
-            let mut out = [0f32; 8];
-            _mm256_storeu_ps(out.as_mut_ptr(), *a);
-            let left = (n - at).min(8);
-            y[at..at + left].copy_from_slice(&out[..left]);
-        }
-        j0 += 8 * V;
-    }
+    dequant_gemv::<__m256, 4>(w, x, y)
 }

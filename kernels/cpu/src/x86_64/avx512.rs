@@ -312,6 +312,14 @@ impl F32Lanes for __m512 {
     unsafe fn store(self, p: *mut f32) {
         _mm512_storeu_ps(p, self)
     }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn from_i8(p: *const i8) -> Self {
+        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+    }
 }
 
 /// `avx2_sgemm_direct` with 16-lane FMAs (`sgemm_direct_panels` on 512-bit vectors: tiles of up
@@ -1553,39 +1561,12 @@ pub(crate) unsafe fn avx512_conv_direct(xp: &[f32], w: &[f32], d: super::common:
     super::common::conv_direct::<__m512, 8, 3>(xp, w, d, out)
 }
 
-/// [`crate::dequant::dequant_gemm`] for one row on 16-lane vectors: per 128 columns eight chains,
-/// each weight rebuilt as `f32(level) * scale` (one rounding) before its FMA.
+/// [`crate::dequant::dequant_gemm`] for one row on 16-lane vectors (`common::dequant_gemv`,
+/// eight vectors of columns per pass).
 ///
 /// # Safety
 /// AVX-512 F, AVX2 and FMA; `x` holds `w.k` values, `y` `w.n`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub(crate) unsafe fn avx512_dequant_gemv(w: &crate::dequant::DequantRows, x: &[f32], y: &mut [f32]) {
-    const V: usize = 8;
-    let (k, n, np) = (w.k, w.n, w.n_pad);
-    let (lp, sp) = (w.levels.as_ptr(), w.scales.as_ptr());
-    let mut j0 = 0;
-    while j0 < n {
-        let nv = ((n - j0).div_ceil(16)).min(V);
-        let mut acc = [_mm512_setzero_ps(); V];
-        let mut sc = [_mm512_setzero_ps(); V];
-        for g in 0..k.div_ceil(w.group) {
-            for (v, s) in sc.iter_mut().enumerate().take(nv) {
-                *s = _mm512_loadu_ps(sp.add(g * np + j0 + 16 * v));
-            }
-            for p in g * w.group..((g + 1) * w.group).min(k) {
-                let xb = _mm512_set1_ps(*x.get_unchecked(p));
-                for v in 0..nv {
-                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(lp.add(p * np + j0 + 16 * v) as *const __m128i));
-                    let wv = _mm512_mul_ps(_mm512_cvtepi32_ps(q), sc[v]);
-                    acc[v] = _mm512_fmadd_ps(xb, wv, acc[v]);
-                }
-            }
-        }
-        for (v, a) in acc.iter().enumerate().take(nv) {
-            let at = j0 + 16 * v;
-            let left = (n - at).min(16);
-            _mm512_mask_storeu_ps(y.as_mut_ptr().add(at), ((1u32 << left) - 1) as __mmask16, *a);
-        }
-        j0 += 16 * V;
-    }
+    super::common::dequant_gemv::<__m512, 8>(w, x, y)
 }

@@ -274,6 +274,9 @@ pub(crate) trait F32Lanes: Copy {
     /// `a * b + c`, rounded once.
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
     unsafe fn store(self, p: *mut f32);
+    unsafe fn mul(a: Self, b: Self) -> Self;
+    /// `LANES` signed bytes at `p`, each converted to f32 (exactly).
+    unsafe fn from_i8(p: *const i8) -> Self;
 }
 
 impl F32Lanes for __m256 {
@@ -297,6 +300,14 @@ impl F32Lanes for __m256 {
     #[inline(always)]
     unsafe fn store(self, p: *mut f32) {
         _mm256_storeu_ps(p, self)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Self, b: Self) -> Self {
+        _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn from_i8(p: *const i8) -> Self {
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
     }
 }
 
@@ -1384,5 +1395,48 @@ unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, ow - at);
             }
         }
+    }
+}
+
+/// [`crate::dequant::dequant_gemm`] for one row on vectors `F`: per `V` vectors of columns `V`
+/// chains, each weight rebuilt as `f32(level) * scale` (one rounding) before its FMA, the scales
+/// loaded once per group.
+///
+/// # Safety
+/// `F`'s instructions; `x` holds `w.k` values, `y` `w.n`; the levels and scales hold `k` and
+/// `groups` rows of `n_pad` (a multiple of 16) values (`DequantRows::new`).
+#[inline(always)]
+pub(crate) unsafe fn dequant_gemv<F: F32Lanes, const V: usize>(
+    w: &crate::dequant::DequantRows,
+    x: &[f32],
+    y: &mut [f32],
+) {
+    let (k, n, np) = (w.k, w.n, w.n_pad);
+    let (lp, sp) = (w.levels.as_ptr(), w.scales.as_ptr());
+    let mut j0 = 0;
+    while j0 < n {
+        let nv = (n - j0).div_ceil(F::LANES).min(V);
+        let mut acc = [F::zero(); V];
+        let mut sc = [F::zero(); V];
+        for g in 0..k.div_ceil(w.group) {
+            for (v, s) in sc.iter_mut().enumerate().take(nv) {
+                *s = F::load(sp.add(g * np + j0 + F::LANES * v));
+            }
+            for p in g * w.group..((g + 1) * w.group).min(k) {
+                let xb = F::splat(*x.get_unchecked(p));
+                for v in 0..nv {
+                    let wv = F::mul(F::from_i8(lp.add(p * np + j0 + F::LANES * v)), sc[v]);
+                    acc[v] = F::fmadd(xb, wv, acc[v]);
+                }
+            }
+        }
+        for (v, a) in acc.iter().enumerate().take(nv) {
+            let at = j0 + F::LANES * v;
+            let mut out = [0f32; 16];
+            a.store(out.as_mut_ptr());
+            let left = (n - at).min(F::LANES);
+            y[at..at + left].copy_from_slice(&out[..left]);
+        }
+        j0 += F::LANES * V;
     }
 }
