@@ -20,7 +20,7 @@ use sqil_ir::testing::Rng;
 use sqil_ir::{DType, Dim, Graph, Op, Tensor, ValueRef, ValueType};
 use sqil_lower::Step;
 use sqil_passes::quant::{quantize, QuantConfig, Recipe};
-use sqil_runtime::{Execute, Policy, FUSED, IN_PASS};
+use sqil_runtime::{Execute, Policy, AHEAD, FUSED, IN_PASS};
 use std::collections::HashMap;
 
 mod common;
@@ -175,7 +175,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     let host_c = have(&cc);
     let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
     let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
-    let (mut ragged, mut padded, mut fused, mut inside, mut dequant) = (0, 0, 0, 0, 0);
+    let (mut ragged, mut padded, mut fused, mut inside, mut dequant, mut ahead) = (0, 0, 0, 0, 0, 0);
     for family in ["mlp", "cnn", "attention", "mobile"] {
         for (ci, spec) in CONFIGS.iter().enumerate() {
             for seed in 0..2u64 {
@@ -238,6 +238,8 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                 // Steps the step before ran in its own pass (a depthwise convolution after a
                 // pointwise int4 one, a pointwise int4 one after a depthwise one).
                 inside += paths.iter().filter(|p| **p == IN_PASS).count();
+                // Input quantizers a float convolution ran on its image (image by image).
+                ahead += paths.iter().filter(|p| **p == AHEAD).count();
                 let want =
                     sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap().remove(0);
                 let bits = |t: &Tensor| t.data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -298,7 +300,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before, {dequant} float Gemms from weight levels); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before, {dequant} float Gemms from weight levels, {ahead} input quantizers run by the convolution after them); C: {c_exact}/{c_runs} bit-exact programs");
     if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
         assert!(inside >= 8, "only {inside} steps ran in the pass of the step before");
     } else {
@@ -308,6 +310,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     assert!(int_steps > 100 && conv_steps > 10, "only {int_steps} int4 steps, {conv_steps} convolutions planned");
     assert!(ragged >= 2, "only {ragged} int4 steps with a short last group");
     assert!(dequant >= 2, "only {dequant} float Gemms ran from their weight levels");
+    assert!(ahead >= 4, "only {ahead} input quantizers ran inside the convolution after them");
     assert!(padded >= 4, "only {padded} convolutions with runs padded to whole groups");
     assert!(!host_c || c_integer >= 8, "only {c_integer} integer plans reached the C back end");
 }

@@ -117,6 +117,9 @@ impl Execute for Plan {
         for (p, _) in paths.iter_mut().zip(&probe.inside).filter(|(_, &inside)| inside) {
             *p = IN_PASS;
         }
+        for (p, _) in paths.iter_mut().zip(&probe.ahead).filter(|(_, &ahead)| ahead) {
+            *p = AHEAD;
+        }
         // The steps a kernel runs as its epilogue (no time of their own).
         for i in 0..self.steps.len() {
             if let Some(y) = epilogue_host(self, i, &env) {
@@ -179,6 +182,28 @@ fn post_op(op: &Op, inputs: &[Option<usize>], env: &[Option<Cow<Tensor>>]) -> Op
 /// What [`Execute::paths`] calls a step another step's kernel runs as its epilogue.
 pub const FUSED: &str = "epilogue (fused)";
 
+/// What [`Execute::paths`] calls a step that the step after it ran on its own input, image by
+/// image (a float convolution's input quantizer).
+pub const AHEAD: &str = "fused into the step after";
+
+/// Step `i` as the input quantizer of a float convolution right after it ([`post_op`]: a
+/// FakeQuant with one scale and zero point, on f32 values) whose output only that convolution
+/// reads, as its image: the op and the slot of the quantizer's input. The convolution then runs
+/// it image by image ([`sqil_ir::ops::conv_with_table`]'s `pre`): the same values, without a
+/// pass over the whole batch and its quantized copy.
+fn input_quantizer(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<(Post, usize)> {
+    let Step::Op { op: op @ Op::FakeQuant { .. }, inputs, outputs, .. } = &plan.steps[i] else { return None };
+    let Some(Step::Op { op: Op::Conv(_), inputs: conv_in, .. }) = plan.steps.get(i + 1) else { return None };
+    let (x, q) = (inputs.first().copied().flatten()?, *outputs.first()?);
+    let image_only = conv_in.first() == Some(&Some(q)) && conv_in[1..].iter().all(|s| *s != Some(q));
+    if outputs.len() != 1 || !image_only || plan.last_use[q] != i + 1 {
+        return None;
+    }
+    let post = post_op(op, inputs, env).filter(|p| matches!(p, Post::FakeQuant { .. }))?;
+    env[x].as_deref().filter(|t| matches!(t.data, Data::F32(_)))?;
+    Some((post, x))
+}
+
 /// What [`Execute::paths`] calls a step that the step before it ran in its own pass (a depthwise
 /// convolution after a pointwise int4 one, a pointwise int4 one after a depthwise one:
 /// [`sqil_ir::lowered::run_depthwise_chain`]); its time is that step's.
@@ -189,11 +214,14 @@ pub const IN_PASS: &str = "fused into the step before";
 struct Probe {
     times: Vec<f64>,
     inside: Vec<bool>,
+    /// The steps the step after ran on its input in its own pass ([`AHEAD`]).
+    ahead: Vec<bool>,
 }
 
 impl Probe {
     fn new(plan: &Plan) -> Probe {
-        Probe { times: vec![0.0; plan.steps.len()], inside: vec![false; plan.steps.len()] }
+        let n = plan.steps.len();
+        Probe { times: vec![0.0; n], inside: vec![false; n], ahead: vec![false; n] }
     }
 }
 
@@ -367,11 +395,27 @@ fn exec<'a>(
     }
     let mut i = 0;
     while i < plan.steps.len() {
-        let step = &plan.steps[i];
         let start = probe.is_some().then(std::time::Instant::now);
+        // A float convolution's input quantizer, run by the convolution (the step after).
+        let first = i;
+        let pre = input_quantizer(plan, i, &env).filter(|_| !keep_all);
+        if pre.is_some() {
+            if let Some(p) = probe.as_deref_mut() {
+                p.ahead[i] = true;
+            }
+            i += 1;
+        }
+        let step = &plan.steps[i];
         // The element-wise steps this step's kernel runs as its epilogue, and the slot of the
         // last one's value (the one this step then writes).
-        let (post, mut last, out) = match epilogue_host(plan, i, &env).filter(|_| !keep_all) {
+        // (With an input quantizer the convolution's image is the quantizer's f32 input.)
+        let host = match (pre, step) {
+            (Some(_), Step::Op { inputs, outputs, .. }) => {
+                (outputs.len() == 1 && inputs.len() >= 2).then(|| outputs[0])
+            }
+            _ => epilogue_host(plan, i, &env),
+        };
+        let (post, mut last, out) = match host.filter(|_| !keep_all) {
             Some(y) => {
                 let (post, last, out) = epilogue(plan, i, y, &env);
                 (post, last, Some(out))
@@ -456,10 +500,20 @@ fn exec<'a>(
                 env[outputs[0]] = Some(Cow::Owned(y));
             }
             Step::Op { name, op, inputs, outputs, table, dequant, .. } => {
-                let args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
+                let mut args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
+                // The convolution's image before its quantizer (run per image inside it).
+                let pre: Vec<Post> = match pre {
+                    Some((p, x)) => {
+                        args[0] = env[x].as_deref();
+                        vec![p]
+                    }
+                    None => vec![],
+                };
                 // A depthwise Conv and the pointwise int4 step it alone feeds, in one pass.
                 let then = match (op, out, args.as_slice()) {
-                    (Op::Conv(c), Some(o), [Some(x), Some(w), b @ ..]) if !keep_all && b.len() <= 1 => {
+                    (Op::Conv(c), Some(o), [Some(x), Some(w), b @ ..])
+                        if !keep_all && b.len() <= 1 && pre.is_empty() =>
+                    {
                         match pointwise_after(plan, last, o, &env) {
                             Some(n) => {
                                 let dw = (*w, b.first().copied().flatten(), c, &post[..]);
@@ -497,11 +551,12 @@ fn exec<'a>(
                             if out.is_some() || t.as_ref().is_some_and(|t| x.rank() > 1 && x.shape[1..] == t.0) =>
                         {
                             let t = t.as_ref().filter(|t| x.rank() > 1 && x.shape[1..] == t.0).map(|t| &t.1[..]);
-                            sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, t, &post)
+                            sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, t, (&pre, &post))
                                 .map(|y| vec![y])
                         }
-                        // (An epilogue is planned only on a Conv with these inputs.)
-                        _ if !post.is_empty() => {
+                        // (An epilogue or an input quantizer is planned only on a Conv with these
+                        // inputs.)
+                        _ if !(post.is_empty() && pre.is_empty()) => {
                             Err(IrError::Internal("an epilogue on a step that cannot run it".into()))
                         }
                         _ => op.eval(&args, outputs.len()),
@@ -519,7 +574,7 @@ fn exec<'a>(
         }
         // Values no later step reads are dropped now, their memory reused by later outputs (those
         // of the steps run as this one's epilogue too).
-        for s in plan.steps[i..=last].iter().flat_map(Step::reads) {
+        for s in plan.steps[first..=last].iter().flat_map(Step::reads) {
             if !keep_all && plan.last_use[s] <= last {
                 // Its buffer serves a later output of the same size (this run's or the next's).
                 if let Some(Cow::Owned(t)) = env[s].take() {

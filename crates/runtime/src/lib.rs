@@ -7,7 +7,7 @@ pub mod artifact;
 pub mod capi;
 pub mod exec;
 
-pub use exec::{Execute, FUSED, IN_PASS};
+pub use exec::{Execute, AHEAD, FUSED, IN_PASS};
 use sqil_ir::{IrError, Result, Tensor};
 pub use sqil_lower::{Plan, Step, PLAN_TOL};
 use std::path::Path;

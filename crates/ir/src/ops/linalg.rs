@@ -517,24 +517,26 @@ fn bias_of(b: Option<&Tensor>, m: usize) -> Result<Option<Vec<f32>>> {
 }
 
 pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
-    conv_with_table(x, w, b, c, None, &[])
+    conv_with_table(x, w, b, c, None, (&[], &[]))
 }
 
 /// Conv with the im2col gather table of its geometry given (`ConvGeometry::gather_table` for
 /// one image of `x` and `w`; a plan keeps it from run to run): the same arithmetic as the op,
-/// then the element-wise `post` ops that follow it in the plan (f32 `x` only), applied to each
-/// image's outputs while they are in cache (a depthwise layer's in registers, with its bias).
+/// on `x` after the element-wise `pre` ops that precede it in the plan (the input's quantizer:
+/// applied to one image at a time into a buffer that stays in cache, instead of a pass over the
+/// whole batch), then the `post` ops that follow it (f32 `x` only), applied to each image's
+/// outputs while they are in cache (a depthwise layer's in registers, with its bias).
 pub fn conv_with_table(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     c: &ConvAttrs,
     table: Option<&[Option<usize>]>,
-    post: &[sqil_kernels_cpu::Post],
+    (pre, post): (&[sqil_kernels_cpu::Post], &[sqil_kernels_cpu::Post]),
 ) -> Result<Tensor> {
     float_input(x, "Conv")?;
-    if !post.is_empty() && x.dtype() != DType::F32 {
-        return Err(IrError::Internal(format!("Conv: element-wise ops fused after a {:?} convolution", x.dtype())));
+    if !(post.is_empty() && pre.is_empty()) && x.dtype() != DType::F32 {
+        return Err(IrError::Internal(format!("Conv: element-wise ops fused into a {:?} convolution", x.dtype())));
     }
     let p = conv_plan(&x.shape, &w.shape, c, false)?;
     let bias = bias_of(b, p.m)?;
@@ -562,7 +564,21 @@ pub fn conv_with_table(
         if cols.len() < cg * kl * ol {
             cols.resize(cg * kl * ol, 0.0);
         }
-        conv_images(&p, (&xv, &wv), bias.as_deref(), (table, depthwise), post, &mut cols[..cg * kl * ol], &mut out)
+        if pre.is_empty() {
+            conv_images(&p, (&xv, &wv), bias.as_deref(), (table, depthwise), post, &mut cols[..cg * kl * ol], &mut out);
+            return;
+        }
+        // One image at a time through the `pre` ops, then the convolution of that image.
+        let (il, ol) = (p.geo.input_len(), p.geo.output_len());
+        let one = ConvPlan { n: 1, c: p.c, m: p.m, group: p.group, geo: p.geo.clone() };
+        PRE_IMAGE.with_borrow_mut(|img| {
+            for (xi, oi) in xv.chunks_exact(p.c * il).zip(out.chunks_exact_mut(p.m * ol)) {
+                img.clear();
+                img.extend_from_slice(xi);
+                sqil_kernels_cpu::post_in_place(img, pre);
+                conv_images(&one, (img, &wv), bias.as_deref(), (table, depthwise), post, &mut cols[..cg * kl * ol], oi);
+            }
+        });
     });
     let mut shape = vec![p.n, p.m];
     shape.extend(&p.geo.output);
@@ -570,6 +586,8 @@ pub fn conv_with_table(
 }
 
 thread_local! {
+    /// [`conv_with_table`]'s image after its `pre` ops.
+    static PRE_IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// [`conv_with_table`]'s im2col matrix.
     static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
