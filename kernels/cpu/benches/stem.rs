@@ -29,6 +29,10 @@ fn main() {
         (3usize, 96usize, 64usize, 7usize, 2usize, 3isize, "ResNet-18 stem (96 x 96)"),
         (3, 84, 16, 3, 2, 1, "MobileNetV3 stem (84 x 84)"),
         (3, 84, 32, 3, 2, 1, "MobileNetV2 / EfficientNet-B0 stem (84 x 84)"),
+        (3, 84, 64, 3, 1, 1, "3 x 3 / 1 to 64 (84 x 84)"),
+        (4, 64, 128, 3, 1, 1, "RGB-D 3 x 3 / 1 to 128 (64 x 64)"),
+        (1, 96, 32, 5, 2, 2, "grey 5 x 5 / 2 to 32 (96 x 96)"),
+        (3, 84, 64, 1, 1, 0, "1 x 1 to 64 (84 x 84)"),
     ];
     for (c, h, m, k, s, p, what) in layers {
         let o = (h + 2 * p as usize - k) / s + 1;
@@ -59,7 +63,7 @@ fn main() {
             macs / t_direct / 1e3,
             t_gemm / t_direct,
             if same { "same bits" } else { "BITS DIFFER" },
-            conv_direct_takes(kl, m)
+            conv_direct_takes(kl)
         );
     }
 }

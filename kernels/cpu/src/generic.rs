@@ -537,14 +537,14 @@ pub fn copy_strided(src: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize,
 pub const CONV_DIRECT_MAX_CHANNELS: usize = 4;
 
 /// Whether [`conv_direct_f32`] runs a convolution of `taps` window positions to `m` output
-/// channels: windows of 25 taps or more (5 x 5 and up, where the gathered matrix holds each input
-/// value 25 times or more), or at most 16 outputs (too few for the GEMM to repay the gather).
-/// Measured on one core (AVX-512, 3 input channels at stride 2, `cargo bench -p sqil-kernels-cpu --bench stem`):
-/// ResNet-18's 7 x 7 to 64 channels at 96 x 96 250-265 -> 174-177 us; 3 x 3 to 16 at 84 x 84
-/// 15.9-16.4 -> 14.2-14.4 us; but 3 x 3 to 32 slower (22.1-22.7 -> 25.1-25.8 us), so kept on
-/// im2col.
-pub fn conv_direct_takes(taps: usize, m: usize) -> bool {
-    taps >= 25 || m <= 16
+/// channels: windows of 3 x 3 and up (9 taps or more). Measured on one core (AVX-512; `cargo
+/// bench -p sqil-kernels-cpu --bench stem`, both paths in one run): ResNet-18's 7 x 7 / 2 to 64
+/// channels at 96 x 96 261 -> 175 us, the 3 x 3 / 2 stems to 16 and 32 channels at 84 x 84 16.5
+/// -> 10.9 and 22.7 -> 18.1 us, 3 x 3 / 1 to 64 and 128 channels 1.04x and 1.09x, a grey 5 x 5 / 2
+/// 1.68x; a 1 x 1 convolution to 64 channels is slower direct (25.0 -> 31.7 us: im2col is a
+/// copy there, and the GEMM reuses it over every output), so it keeps im2col.
+pub fn conv_direct_takes(taps: usize) -> bool {
+    taps >= 9
 }
 
 /// One image of a 1-D or 2-D convolution of one group and at most
@@ -566,7 +566,7 @@ pub fn conv_direct_f32(
     geo: &ConvGeometry,
     out: &mut [f32],
 ) -> bool {
-    conv_direct_takes(geo.kernel.iter().product(), m) && conv_direct_run(input, channels, w, m, geo, out)
+    conv_direct_takes(geo.kernel.iter().product()) && conv_direct_run(input, channels, w, m, geo, out)
 }
 
 /// [`conv_direct_f32`] whether or not [`conv_direct_takes`] would take the layer (benchmarks and

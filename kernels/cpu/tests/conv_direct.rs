@@ -88,8 +88,10 @@ fn declines_what_it_cannot_run_or_would_not_speed_up() {
     let mut w = vec![0.5f32; 8 * 9];
     w[4] = f32::INFINITY;
     assert!(!conv_direct_run(&x, 1, &w, 8, &geo, &mut out));
-    // 3 x 3 to 32 channels: the GEMM is faster there.
-    assert!(!conv_direct_f32(&x, 3, &vec![0.5; 32 * 27], 32, &geo, &mut out));
+    // A 1 x 1 convolution: im2col is a copy there, and the GEMM is faster.
+    let one = ConvGeometry { kernel: vec![1, 1], pads_begin: vec![0, 0], ..geo.clone() };
+    assert!(!conv_direct_f32(&x, 3, &[0.5; 32 * 3], 32, &one, &mut out));
+    assert!(conv_direct_f32(&x, 3, &[0.5; 32 * 27], 32, &geo, &mut out), "a 3 x 3 stem is taken");
 }
 
 #[test]

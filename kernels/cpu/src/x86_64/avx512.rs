@@ -320,6 +320,10 @@ impl F32Lanes for __m512 {
     unsafe fn from_i8(p: *const i8) -> Self {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
+    #[inline(always)]
+    unsafe fn store_first(self, p: *mut f32, n: usize) {
+        _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as __mmask16, self)
+    }
 }
 
 /// `avx2_sgemm_direct` with 16-lane FMAs (`sgemm_direct_panels` on 512-bit vectors: tiles of up

@@ -277,6 +277,8 @@ pub(crate) trait F32Lanes: Copy {
     unsafe fn mul(a: Self, b: Self) -> Self;
     /// `LANES` signed bytes at `p`, each converted to f32 (exactly).
     unsafe fn from_i8(p: *const i8) -> Self;
+    /// The first `n` lanes (`n <= LANES`) to `p`, nothing past them (a masked store).
+    unsafe fn store_first(self, p: *mut f32, n: usize);
 }
 
 impl F32Lanes for __m256 {
@@ -308,6 +310,11 @@ impl F32Lanes for __m256 {
     #[inline(always)]
     unsafe fn from_i8(p: *const i8) -> Self {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+    }
+    #[inline(always)]
+    unsafe fn store_first(self, p: *mut f32, n: usize) {
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_maskstore_ps(p, mask, self)
     }
 }
 
@@ -1390,9 +1397,7 @@ unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
             if at + F::LANES <= ow {
                 a.store(dst);
             } else {
-                let mut tmp = [0f32; 16];
-                a.store(tmp.as_mut_ptr());
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), dst, ow - at);
+                a.store_first(dst, ow - at);
             }
         }
     }
@@ -1432,10 +1437,7 @@ pub(crate) unsafe fn dequant_gemv<F: F32Lanes, const V: usize>(
         }
         for (v, a) in acc.iter().enumerate().take(nv) {
             let at = j0 + F::LANES * v;
-            let mut out = [0f32; 16];
-            a.store(out.as_mut_ptr());
-            let left = (n - at).min(F::LANES);
-            y[at..at + left].copy_from_slice(&out[..left]);
+            a.store_first(y.as_mut_ptr().add(at), (n - at).min(F::LANES));
         }
         j0 += F::LANES * V;
     }
