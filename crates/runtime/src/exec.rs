@@ -193,10 +193,14 @@ pub const AHEAD: &str = "fused into the step after";
 /// pass over the whole batch and its quantized copy.
 fn input_quantizer(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<(Post, usize)> {
     let Step::Op { op: op @ Op::FakeQuant { .. }, inputs, outputs, .. } = &plan.steps[i] else { return None };
-    let Some(Step::Op { op: Op::Conv(_), inputs: conv_in, .. }) = plan.steps.get(i + 1) else { return None };
+    let Some(Step::Op { op: Op::Conv(_), inputs: conv_in, outputs: conv_out, .. }) = plan.steps.get(i + 1) else {
+        return None;
+    };
     let (x, q) = (inputs.first().copied().flatten()?, *outputs.first()?);
     let image_only = conv_in.first() == Some(&Some(q)) && conv_in[1..].iter().all(|s| *s != Some(q));
-    if outputs.len() != 1 || !image_only || plan.last_use[q] != i + 1 {
+    // (The convolution then hosts its epilogue, as `epilogue_host` would with its image computed.)
+    let hosts = conv_out.len() == 1 && conv_in.len() >= 2;
+    if outputs.len() != 1 || !image_only || !hosts || plan.last_use[q] != i + 1 {
         return None;
     }
     let post = post_op(op, inputs, env).filter(|p| matches!(p, Post::FakeQuant { .. }))?;
