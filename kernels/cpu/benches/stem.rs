@@ -26,7 +26,7 @@ fn main() {
     println!("first-layer convolutions, one core, kernels {:?}", sqil_kernels_cpu::isa());
     // (input channels, image side, output channels, kernel side, stride, padding, what uses it)
     let layers = [
-        (3usize, 96usize, 64usize, 7usize, 2usize, 3isize, "ResNet-18 stem (96 x 96)"),
+        (3usize, 96usize, 64usize, 7usize, 2usize, 3usize, "ResNet-18 stem (96 x 96)"),
         (3, 84, 16, 3, 2, 1, "MobileNetV3 stem (84 x 84)"),
         (3, 84, 32, 3, 2, 1, "MobileNetV2 / EfficientNet-B0 stem (84 x 84)"),
         (3, 84, 64, 3, 1, 1, "3 x 3 / 1 to 64 (84 x 84)"),
@@ -35,15 +35,8 @@ fn main() {
         (3, 84, 64, 1, 1, 0, "1 x 1 to 64 (84 x 84)"),
     ];
     for (c, h, m, k, s, p, what) in layers {
-        let o = (h + 2 * p as usize - k) / s + 1;
-        let geo = ConvGeometry {
-            input: vec![h, h],
-            kernel: vec![k, k],
-            strides: vec![s, s],
-            dilations: vec![1, 1],
-            pads_begin: vec![p, p],
-            output: vec![o, o],
-        };
+        let geo = ConvGeometry::square(h, k, s, p);
+        let o = geo.output[0];
         let x: Vec<f32> = (0..c * h * h).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
         let w: Vec<f32> = (0..m * c * k * k).map(|i| ((i * 13 % 29) as f32) / 20.0 - 0.7).collect();
         let (kl, ol) = (k * k, o * o);

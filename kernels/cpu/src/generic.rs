@@ -261,6 +261,20 @@ pub struct ConvGeometry {
 }
 
 impl ConvGeometry {
+    /// A `k` x `k` window at stride `s` over a `side` x `side` image padded by `p` on every side,
+    /// no dilation (an image encoder's layer; the output side follows).
+    pub fn square(side: usize, k: usize, s: usize, p: usize) -> ConvGeometry {
+        let o = (side + 2 * p - k) / s + 1;
+        ConvGeometry {
+            input: vec![side, side],
+            kernel: vec![k, k],
+            strides: vec![s, s],
+            dilations: vec![1, 1],
+            pads_begin: vec![p as isize, p as isize],
+            output: vec![o, o],
+        }
+    }
+
     /// The window as the C and CUDA kernels take it (`geo` of `sqil_conv_q4q8`, `sqil_conv_f32`,
     /// `sqil_pool2d`, `sqil_conv2d_f32`): `channels`, then per axis the input extent, kernel
     /// extent, stride, dilation, padding at the start, output extent (each group axis-major).
@@ -608,7 +622,8 @@ pub fn conv_direct_run(
         if !w[..m * channels * kl].iter().all(|v| v.is_finite()) {
             return false;
         }
-        let lanes = if crate::isa() == crate::Isa::Avx512Vnni { 16 } else { 8 };
+        let wide = crate::isa() == crate::Isa::Avx512Vnni;
+        let lanes = if wide { 16 } else { 8 };
         let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
         let jl = g.ow.next_multiple_of(lanes) + (g.kw - 1) * g.dw / g.sw + 1;
         DIRECT_PLANES.with_borrow_mut(|xp| {
@@ -671,7 +686,7 @@ pub fn conv_direct_run(
             // values with hp and jl as conv_direct needs, and the sizes of w and out were
             // asserted above.
             unsafe {
-                if crate::isa() == crate::Isa::Avx512Vnni {
+                if wide {
                     crate::x86_64::avx512::avx512_conv_direct(xp, w, d, out)
                 } else {
                     crate::x86_64::avx2::avx2_conv_direct(xp, w, d, out)

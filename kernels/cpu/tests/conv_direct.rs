@@ -57,29 +57,13 @@ proptest! {
 #[test]
 fn stems_of_the_zoo_equal_im2col_and_gemm() {
     for (h, m, k, s, p) in [(96, 64, 7, 2, 3), (84, 16, 3, 2, 1), (84, 32, 3, 2, 1), (64, 24, 5, 1, 2)] {
-        let o = (h + 2 * p as usize - k) / s + 1;
-        let geo = ConvGeometry {
-            input: vec![h, h],
-            kernel: vec![k, k],
-            strides: vec![s, s],
-            dilations: vec![1, 1],
-            pads_begin: vec![p, p],
-            output: vec![o, o],
-        };
-        check(&geo, 3, m, 7);
+        check(&ConvGeometry::square(h, k, s, p), 3, m, 7);
     }
 }
 
 #[test]
 fn declines_what_it_cannot_run_or_would_not_speed_up() {
-    let geo = ConvGeometry {
-        input: vec![8, 8],
-        kernel: vec![3, 3],
-        strides: vec![1, 1],
-        dilations: vec![1, 1],
-        pads_begin: vec![1, 1],
-        output: vec![8, 8],
-    };
+    let geo = ConvGeometry::square(8, 3, 1, 1);
     let x = vec![1f32; 5 * 64];
     let mut out = vec![0f32; 32 * 64];
     // Five input channels: im2col's.
@@ -89,7 +73,7 @@ fn declines_what_it_cannot_run_or_would_not_speed_up() {
     w[4] = f32::INFINITY;
     assert!(!conv_direct_run(&x, 1, &w, 8, &geo, &mut out));
     // A 1 x 1 convolution: im2col is a copy there, and the GEMM is faster.
-    let one = ConvGeometry { kernel: vec![1, 1], pads_begin: vec![0, 0], ..geo.clone() };
+    let one = ConvGeometry::square(8, 1, 1, 0);
     assert!(!conv_direct_f32(&x, 3, &[0.5; 32 * 3], 32, &one, &mut out));
     assert!(conv_direct_f32(&x, 3, &[0.5; 32 * 27], 32, &geo, &mut out), "a 3 x 3 stem is taken");
 }

@@ -564,21 +564,10 @@ pub fn conv_with_table(
         if cols.len() < cg * kl * ol {
             cols.resize(cg * kl * ol, 0.0);
         }
-        if pre.is_empty() {
-            conv_images(&p, (&xv, &wv), bias.as_deref(), (table, depthwise), post, &mut cols[..cg * kl * ol], &mut out);
-            return;
-        }
-        // One image at a time through the `pre` ops, then the convolution of that image.
-        let (il, ol) = (p.geo.input_len(), p.geo.output_len());
-        let one = ConvPlan { n: 1, c: p.c, m: p.m, group: p.group, geo: p.geo.clone() };
         PRE_IMAGE.with_borrow_mut(|img| {
-            for (xi, oi) in xv.chunks_exact(p.c * il).zip(out.chunks_exact_mut(p.m * ol)) {
-                img.clear();
-                img.extend_from_slice(xi);
-                sqil_kernels_cpu::post_in_place(img, pre);
-                conv_images(&one, (img, &wv), bias.as_deref(), (table, depthwise), post, &mut cols[..cg * kl * ol], oi);
-            }
-        });
+            let bufs = (&mut cols[..cg * kl * ol], img);
+            conv_images(&p, (&xv, &wv), bias.as_deref(), (table, depthwise), (pre, post), bufs, &mut out)
+        })
     });
     let mut shape = vec![p.n, p.m];
     shape.extend(&p.geo.output);
@@ -592,27 +581,35 @@ thread_local! {
     static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// [`conv_with_table`]'s images: each through the depthwise kernel, or im2col into `cols` and one
-/// chain per output per group; the bias; the post ops.
+/// [`conv_with_table`]'s images: each through its `pre` ops (into `img`, when there are any),
+/// then the depthwise kernel, or im2col into `cols` and one chain per output per group; the bias;
+/// the post ops.
 fn conv_images(
     p: &ConvPlan,
     (xv, wv): (&[f32], &[f32]),
     bias: Option<&[f32]>,
     (table, depthwise): (&[Option<usize>], bool),
-    post: &[sqil_kernels_cpu::Post],
-    cols: &mut [f32],
+    (pre, post): (&[sqil_kernels_cpu::Post], &[sqil_kernels_cpu::Post]),
+    (cols, img): (&mut [f32], &mut Vec<f32>),
     out: &mut [f32],
 ) {
     let (cg, mg) = (p.c / p.group, p.m / p.group);
     let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
     for n in 0..p.n {
+        let mut image = &xv[n * p.c * il..(n + 1) * p.c * il];
+        if !pre.is_empty() {
+            img.clear();
+            img.extend_from_slice(image);
+            sqil_kernels_cpu::post_in_place(img, pre);
+            image = img;
+        }
         if depthwise {
             let o = &mut out[n * p.m * ol..(n + 1) * p.m * ol];
-            depthwise_conv(&xv[n * p.c * il..(n + 1) * p.c * il], wv, &p.geo, bias, post, o);
+            depthwise_conv(image, wv, &p.geo, bias, post, o);
             continue;
         }
         for g in 0..p.group {
-            let xs = &xv[(n * p.c + g * cg) * il..(n * p.c + (g + 1) * cg) * il];
+            let xs = &image[g * cg * il..(g + 1) * cg * il];
             let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
             let o = &mut out[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
             // Few input channels (an encoder's first layer): the same chains without the
