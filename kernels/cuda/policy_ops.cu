@@ -447,6 +447,102 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
     }
 }
 
+// dp4a on unsigned bytes a and signed bytes b: c + the four products, exact in int32.
+__device__ __forceinline__ int sqil_dp4a_us(unsigned a, unsigned b, int c)
+{
+    int d;
+    asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// sqil_q4_int over many rows (a transformer's tokens, a batch): the same arithmetic (per group the
+// exact integer sum of w x level, acc += float(sum) * scale in group order, sqil_q4_epilogue; a
+// NaN in a row makes its outputs NaN), one thread per output instead of a warp, so each input is
+// quantized once per 32 outputs rather than once per output. A block of 256 threads computes 16
+// rows x 32 outputs: per stage of 128 terms the rows' levels (as bytes q - lo = level + (z - lo),
+// four to a word) and the 32 outputs' weight words go to shared memory; thread (w, l) sums rows w
+// and w + 8 of output l with dp4a (u8 x s8), and subtracts (z - lo) x the group's weight sum (also
+// by dp4a) when the group ends. Groups must be whole multiples of 4 terms (the host checks).
+#define SQIL_QT_R 16
+#define SQIL_QT_W 32
+SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_tile(SQIL_VARGS const unsigned *__restrict__ wq,
+    const float *__restrict__ scales, const float *__restrict__ bias, const float *__restrict__ x,
+    float *__restrict__ y, int rows, int n, int k, int group, int groups, float xscale, int relu, float qs,
+    float qz, float qlo, float qhi)
+{
+    __shared__ unsigned xs[SQIL_QT_R][SQIL_QT_W + 1];
+    __shared__ unsigned ws[SQIL_QT_W][32 + 1];
+    __shared__ int nanrow[SQIL_QT_R];
+    const int tiles_n = (n + 31) / 32;
+    const int r0 = (SQIL_BX / tiles_n) * SQIL_QT_R, c0 = (SQIL_BX % tiles_n) * 32;
+    const int t = SQIL_TX, lane = t % 32, wy = t / 32, c = c0 + lane;
+    const int k4 = (k + 3) / 4, off = (int)(qz - qlo);
+    // (A persistent program calls this block after block: the last call's readers are done.)
+    __syncthreads();
+    if (t < SQIL_QT_R) {
+        nanrow[t] = 0;
+    }
+    float acc[2] = {0.0f, 0.0f};
+    int s[2] = {0, 0}, wsum = 0;
+    for (int w0 = 0; w0 < k4; w0 += SQIL_QT_W) {
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int e = t + 256 * j, i = e / SQIL_QT_W, q = e % SQIL_QT_W;
+            const int r = r0 + i, kw = w0 + q;
+            unsigned word = 0;
+            if (r < rows && kw < k4) {
+#pragma unroll
+                for (int b = 0; b < 4; b++) {
+                    const int kk = 4 * kw + b;
+                    if (kk < k) {
+                        const float v = sqil_level_or(x[(long)r * k + kk], qs, qz, qlo, qhi);
+                        if (v != v) {
+                            nanrow[i] = 1;
+                        } else {
+                            word |= ((unsigned)((int)v + off) & 255u) << (8 * b);
+                        }
+                    }
+                }
+            }
+            xs[i][q] = word;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int e = t + 256 * j, cc = e / SQIL_QT_W, q = e % SQIL_QT_W;
+            ws[q][cc] = c0 + cc < n && w0 + q < k4 ? wq[(long)(c0 + cc) * k4 + w0 + q] : 0u;
+        }
+        __syncthreads();
+        const int cnt = k4 - w0 < SQIL_QT_W ? k4 - w0 : SQIL_QT_W;
+        for (int q = 0; q < cnt; q++) {
+            const unsigned wv = ws[q][lane];
+            wsum = sqil_dp4a_us(0x01010101u, wv, wsum);
+            s[0] = sqil_dp4a_us(xs[wy][q], wv, s[0]);
+            s[1] = sqil_dp4a_us(xs[wy + 8][q], wv, s[1]);
+            const int done = 4 * (w0 + q + 1);
+            if (done % group == 0 || done >= k) {
+                const float sc = c < n ? scales[(long)c * groups + (done - 4) / group] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    acc[i] = __fadd_rn(acc[i], __fmul_rn((float)(s[i] - off * wsum), sc));
+                    s[i] = 0;
+                }
+                wsum = 0;
+            }
+        }
+    }
+    __syncthreads();
+    if (c < n) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int r = r0 + wy + 8 * i;
+            if (r < rows) {
+                y[(long)r * n + c] = sqil_q4_epilogue(acc[i], xscale, bias, c, relu, nanrow[wy + 8 * i]);
+            }
+        }
+    }
+}
+
 // sqil_q4_int for a few outputs over long rows (a keypoint MatMul: 64 outputs of 1 225 terms,
 // where one warp per output left the GPU idle and each lane walked a whole group): a block of 256
 // threads per output (r, c); warp w sums groups w, w + 8, ... with its lanes on the group's terms

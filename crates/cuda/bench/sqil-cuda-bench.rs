@@ -502,9 +502,17 @@ fn bench_policy(
         Ok(policy.run(&feeds).map_err(|e| e.to_string())?.iter().flat_map(|t| t.data.to_f32_vec()).collect())
     };
     use sqil_cuda::policy::Mode;
+    // Where the setup's time goes (stderr, one JSON line per phase).
+    let t_setup = std::time::Instant::now();
+    let phase = |what: &str| {
+        eprintln!("{{\"policy\": {artifact:?}, \"phase\": {what:?}, \"s\": {:.2}}}", t_setup.elapsed().as_secs_f64())
+    };
     let mut gp = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
+    phase("upload and compile");
     let eager: Vec<Vec<f32>> = (0..rows).map(|r| gp.act(gpu, &state(r))).collect::<Result<_, _>>()?;
+    phase("launches");
     gp.capture(gpu)?;
+    phase("capture and choice");
     let chosen = gp.mode();
     let (mut worst, mut scale) = (0f32, 1e-6f32);
     for (r, first) in eager.iter().enumerate() {
@@ -526,6 +534,7 @@ fn bench_policy(
         }
     }
     let rel = worst / scale;
+    phase("check against the CPU");
     let time = |f: &mut dyn FnMut() -> Result<(), sqil_cuda::Error>| -> Result<f64, sqil_cuda::Error> {
         for _ in 0..20 {
             f()?;
@@ -541,10 +550,12 @@ fn bench_policy(
     };
     let s0 = state(0);
     if profile {
-        let mut p = sqil_cuda::policy::GpuPolicy::new(gpu, &policy)?;
-        for (label, us) in p.profile(gpu, &s0, 50)? {
+        // The same policy (profile switches it to launches and back): a second policy's steps
+        // would wait forever behind this one's running persistent program.
+        for (label, us) in gp.profile(gpu, &s0, 50)? {
             println!("{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"step\": {label:?}, \"us\": {us:.2}}}", gpu.name);
         }
+        phase("profile");
     }
     // Per action, state in and action out through host memory, each path in turn.
     let chosen_grid = gp.persistent_grid();

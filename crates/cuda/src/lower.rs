@@ -88,6 +88,16 @@ const WIDE: usize = 512;
 /// integer activations takes a block per output (`sqil_q4_int_groups`) instead of a warp.
 const GROUPS_LONG: usize = 16;
 const OUTPUTS_FEW: usize = 1024;
+
+/// Rows (tokens, a batch) from which an int4 layer on integer activations takes a thread per
+/// output in tiles of 16 rows x 32 outputs (`sqil_q4_int_tile`: each input quantized once per 32
+/// outputs, not once per output's warp) where its groups are whole words of four terms.
+const TILE_ROWS: usize = 8;
+
+/// Threads of a `sqil_q4_int_tile` launch over `rows` x `n` outputs.
+fn tile_threads(rows: usize, n: usize) -> usize {
+    rows.div_ceil(16) * n.div_ceil(32) * 256
+}
 /// Rows from which a float layer takes a thread per output in 32 x 32 tiles
 /// (`sqil_linear_f32w_tile`) instead of a warp per output (whose shuffles, two per term, bound a
 /// transformer's projections of its tokens).
@@ -544,8 +554,15 @@ impl<'a> Lowerer<'a> {
                     let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb)];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32)]);
-                    args.extend([0.0f32; 4].map(KArg::F32));
-                    self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
+                    if rows >= TILE_ROWS && w.group.is_multiple_of(4) {
+                        // Scale 0 (x holds levels); the zero and range place them in bytes.
+                        args.push(KArg::F32(0.0));
+                        args.extend(q.clone());
+                        self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
+                    } else {
+                        args.extend([0.0f32; 4].map(KArg::F32));
+                        self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
+                    }
                 } else {
                     // The input quantized as it is read (one launch fewer): one warp per output,
                     // or for a few outputs over long rows a block per output, its warps on the
@@ -556,6 +573,8 @@ impl<'a> Lowerer<'a> {
                     args.extend(q);
                     if w.groups() >= GROUPS_LONG && rows * w.n <= OUTPUTS_FEW {
                         self.steps.push(kernel("sqil_q4_int_groups", rows * w.n * 256, args));
+                    } else if rows >= TILE_ROWS && w.group.is_multiple_of(4) {
+                        self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
                         self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
                     }

@@ -272,3 +272,21 @@ fn split_convolutions_lower() {
     assert!(l.labels.iter().any(|d| d.starts_with("sqil_q4_int: relu1b:")), "{:?}", l.labels);
     assert_eq!(l.labels.iter().filter(|d| d.starts_with("sqil_q4_conv_finish:")).count(), 2, "{:?}", l.labels);
 }
+
+/// Int4 layers over 8 rows or more (a transformer's tokens) lower to `sqil_q4_int_tile`, fewer to
+/// a warp per output; the program compiles. The GPU test `int_layers_over_many_tokens_match_the_cpu`
+/// checks the bits.
+#[test]
+fn int_layers_over_tokens_lower_to_tiles() {
+    for (t, tiles) in [(19, 3), (4, 0)] {
+        let mut r = sqil_ir::testing::Rng::new(5);
+        let g = common::tokens(&mut r, t);
+        let p = common::rtn(&g, "wbits=4,abits=8,group=32", &common::x_feeds(&mut r, vec![16, t, 12]));
+        let l = sqil_cuda::lower::lower(&p).unwrap();
+        let names = kernel_names(&l);
+        assert_eq!(names.iter().filter(|k| **k == "sqil_q4_int_tile").count(), tiles, "{t} tokens: {names:?}");
+        if tiles > 0 {
+            compile_generated_and_program(&l, "tokens");
+        }
+    }
+}

@@ -229,3 +229,33 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
         eprintln!("{settings}: {} states, {rel:.1e} from the CPU, the same bits on every path", states.len());
     }
 }
+
+/// Int4 layers over many rows (`sqil_q4_int_tile`: 19 tokens of a token-wise MLP, see
+/// `common::tokens`): short last groups, outputs not a multiple of the tile's, the wide layer on
+/// its levels, signed (Tanh) and unsigned (ReLU) inputs, groups of 32 and 64, a NaN in one token
+/// (only that token's actions NaN): the CPU's bits on every path.
+#[test]
+fn int_layers_over_many_tokens_match_the_cpu() {
+    let Some(gpu) = common::gpu_or_skip("the int4 layers over tokens") else { return };
+    let mut r = sqil_ir::testing::Rng::new(5);
+    let t = 19;
+    let g = common::tokens(&mut r, t);
+    let shaped = |v: Vec<f32>| sqil_ir::Tensor::from_f32(vec![1, t, 12], v).unwrap();
+    let feeds = x_feeds(&mut r, vec![16, t, 12]);
+    for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=8,group=64"] {
+        let p = rtn(&g, settings, &feeds);
+        let labels = sqil_cuda::lower::lower(&p).unwrap().labels;
+        let tiles = labels.iter().filter(|d| d.starts_with("sqil_q4_int_tile:")).count();
+        assert_eq!(tiles, 3, "{settings}: {labels:?}");
+        let mut states: Vec<Vec<f32>> = (0..5).map(|_| (0..t * 12).map(|_| r.unit() * 2.0).collect()).collect();
+        states[3][5 * 12 + 7] = f32::NAN;
+        let cpu: Vec<Vec<f32>> =
+            states.iter().map(|x| p.run(&[shaped(x.clone())]).unwrap().remove(0).data.to_f32_vec()).collect();
+        let nan_rows: Vec<usize> =
+            (0..t).filter(|&i| cpu[3][i * 64..(i + 1) * 64].iter().all(|v| v.is_nan())).collect();
+        assert_eq!(nan_rows, vec![5], "{settings}: the NaN token");
+        let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{settings}: {e}"));
+        assert_eq!(bits(&on_every_path(&gpu, &mut gp, &states, settings)), bits(&cpu), "{settings}");
+        eprintln!("{settings}: {} states of {t} tokens bit for bit on every path", states.len());
+    }
+}

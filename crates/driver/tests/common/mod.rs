@@ -204,6 +204,35 @@ pub fn conv1d(r: &mut Rng, c: usize, len: usize) -> Graph {
     g
 }
 
+/// A token-wise MLP (a transformer's projections and feed-forward layers): [N, t, 12] -> MatMul
+/// to 50 + Tanh -> to 40 + ReLU -> to 520 + Tanh -> to 64, every layer over the t tokens. After
+/// the float first layer the int4 layers read 50 terms (a short last group), 40 (a short last
+/// group, outputs not a multiple of 32) and 520 (the wide layer, its levels computed once).
+pub fn tokens(r: &mut Rng, t: usize) -> Graph {
+    let mut g = Graph::new("tokens");
+    let mut h = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(t), Dim::Known(12)]));
+    let dims =
+        [(12, 50, Some(UnaryOp::Tanh)), (50, 40, Some(UnaryOp::Relu)), (40, 520, Some(UnaryOp::Tanh)), (520, 64, None)];
+    for (i, (k, n, act)) in dims.into_iter().enumerate() {
+        let w = g.add_const(format!("w{i}"), r.tensor(vec![k, n], 1.0 / (k as f32).sqrt()));
+        let b = g.add_const(format!("b{i}"), r.tensor(vec![n], 0.2));
+        h = g.add_inferred(format!("mm{i}"), Op::MatMul, &[Some(h), Some(w)], format!("m{i}")).unwrap();
+        h = g
+            .add_inferred(
+                format!("add{i}"),
+                Op::Binary(sqil_ir::ops::BinaryOp::Add),
+                &[Some(h), Some(b)],
+                format!("h{i}"),
+            )
+            .unwrap();
+        if let Some(a) = act {
+            h = g.add_inferred(format!("act{i}"), Op::Unary(a), &[Some(h)], format!("a{i}")).unwrap();
+        }
+    }
+    g.outputs.push(h);
+    g
+}
+
 /// Calibration feeds of a graph whose one input is `x`: a tensor of `shape` (its first axis the
 /// states) of `r.unit()` values, drawn in order.
 pub fn x_feeds(r: &mut Rng, shape: Vec<usize>) -> Vec<std::collections::HashMap<String, sqil_ir::Tensor>> {
