@@ -230,55 +230,76 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
 
 // sqil_linear_f32w for many rows (a transformer's projections of its tokens): the same chain per
 // output (fma over k in order from +0, then the bias), one thread per output instead of a warp.
-// A block of 256 threads computes 32 rows x 32 columns: per chunk of 32 terms the rows' inputs
-// (through fq) and the weights go to shared memory, and thread (w, l) runs the chains of rows
-// w, w + 8, w + 16, w + 24 of column l (four independent chains; every lane of a warp reads the
-// same input, each its own column's weight).
-#define SQIL_F32T 32
+// A block of 256 threads computes 16 rows x 32 columns in stages of 64 terms: the rows' inputs
+// (through fq) and the weights go to shared memory, and thread (w, l) runs the chains of rows w
+// and w + 8 of column l (every lane of a warp reads the same input, each its own column's weight).
+// The next stage's inputs and weights are loaded into registers before the current stage's
+// chains run, so their latency overlaps the arithmetic.
+#define SQIL_F32T_R 16
+#define SQIL_F32T_K 64
 SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_linear_f32w_tile(SQIL_VARGS const float *__restrict__ x,
     const float *__restrict__ w, const float *__restrict__ bias, float *__restrict__ y, int rows, int k, int n,
     float qs, float qz, float qlo, float qhi)
 {
-    __shared__ float xs[SQIL_F32T][SQIL_F32T + 1];
-    __shared__ float ws[SQIL_F32T][SQIL_F32T];
-    const int tiles_n = (n + SQIL_F32T - 1) / SQIL_F32T;
-    const int r0 = (SQIL_BX / tiles_n) * SQIL_F32T, c0 = (SQIL_BX % tiles_n) * SQIL_F32T;
+    __shared__ float xs[SQIL_F32T_R][SQIL_F32T_K + 1];
+    __shared__ float ws[SQIL_F32T_K][32];
+    const int tiles_n = (n + 31) / 32;
+    const int r0 = (SQIL_BX / tiles_n) * SQIL_F32T_R, c0 = (SQIL_BX % tiles_n) * 32;
     const int t = SQIL_TX, lane = t % 32, wy = t / 32, c = c0 + lane;
-    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k0 = 0; k0 < k; k0 += SQIL_F32T) {
+    // This thread's share of a stage: four inputs of row t / 16 (terms 4 (t % 16)..), and the
+    // weights of column t % 32 for terms t / 32 + 8 j.
+    const int xi = t / 16, xq = 4 * (t % 16);
+    float xr[4], wr[8];
+#define SQIL_F32T_LOAD(K0)                                                                                 \
+    do {                                                                                                   \
+        _Pragma("unroll") for (int b = 0; b < 4; b++)                                                      \
+        {                                                                                                  \
+            const int r = r0 + xi, kk = (K0) + xq + b;                                                     \
+            xr[b] = r < rows && kk < k ? x[(long)r * k + kk] : 0.0f;                                       \
+        }                                                                                                  \
+        _Pragma("unroll") for (int j = 0; j < 8; j++)                                                      \
+        {                                                                                                  \
+            const int kk = (K0) + wy + 8 * j;                                                              \
+            wr[j] = kk < k && c < n ? w[(long)kk * n + c] : 0.0f;                                          \
+        }                                                                                                  \
+    } while (0)
+    SQIL_F32T_LOAD(0);
+    float s[2] = {0.0f, 0.0f};
+    for (int k0 = 0; k0 < k; k0 += SQIL_F32T_K) {
         __syncthreads();
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const int e = t + 256 * j, i = e / SQIL_F32T, q = e % SQIL_F32T;
-            const int r = r0 + i, kk = k0 + q;
-            xs[i][q] = r < rows && kk < k ? sqil_fq(x[(long)r * k + kk], qs, qz, qlo, qhi) : 0.0f;
-            ws[i][q] = k0 + i < k && c0 + q < n ? w[(long)(k0 + i) * n + c0 + q] : 0.0f;
+        for (int b = 0; b < 4; b++) {
+            xs[xi][xq + b] = r0 + xi < rows && k0 + xq + b < k ? sqil_fq(xr[b], qs, qz, qlo, qhi) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            ws[wy + 8 * j][lane] = wr[j];
         }
         __syncthreads();
+        if (k0 + SQIL_F32T_K < k) {
+            SQIL_F32T_LOAD(k0 + SQIL_F32T_K);
+        }
         // Terms past k are skipped, not added as zeros (fma(0, 0, -0) is +0).
-        const int cnt = k - k0 < SQIL_F32T ? k - k0 : SQIL_F32T;
-        if (cnt == SQIL_F32T) {
-#pragma unroll
-            for (int q = 0; q < SQIL_F32T; q++) {
+        const int cnt = k - k0 < SQIL_F32T_K ? k - k0 : SQIL_F32T_K;
+        if (cnt == SQIL_F32T_K) {
+#pragma unroll 16
+            for (int q = 0; q < SQIL_F32T_K; q++) {
                 const float wv = ws[q][lane];
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    s[i] = __fmaf_rn(xs[wy + 8 * i][q], wv, s[i]);
-                }
+                s[0] = __fmaf_rn(xs[wy][q], wv, s[0]);
+                s[1] = __fmaf_rn(xs[wy + 8][q], wv, s[1]);
             }
         } else {
             for (int q = 0; q < cnt; q++) {
                 const float wv = ws[q][lane];
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    s[i] = __fmaf_rn(xs[wy + 8 * i][q], wv, s[i]);
-                }
+                s[0] = __fmaf_rn(xs[wy][q], wv, s[0]);
+                s[1] = __fmaf_rn(xs[wy + 8][q], wv, s[1]);
             }
         }
     }
+#undef SQIL_F32T_LOAD
     if (c < n) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < 2; i++) {
             const int r = r0 + wy + 8 * i;
             if (r < rows) {
                 y[(long)r * n + c] = bias ? __fadd_rn(s[i], bias[c]) : s[i];
@@ -458,13 +479,17 @@ __device__ __forceinline__ int sqil_dp4a_us(unsigned a, unsigned b, int c)
 // sqil_q4_int over many rows (a transformer's tokens, a batch): the same arithmetic (per group the
 // exact integer sum of w x level, acc += float(sum) * scale in group order, sqil_q4_epilogue; a
 // NaN in a row makes its outputs NaN), one thread per output instead of a warp, so each input is
-// quantized once per 32 outputs rather than once per output. A block of 256 threads computes 16
-// rows x 32 outputs: per stage of 128 terms the rows' levels (as bytes q - lo = level + (z - lo),
-// four to a word) and the 32 outputs' weight words go to shared memory; thread (w, l) sums rows w
-// and w + 8 of output l with dp4a (u8 x s8), and subtracts (z - lo) x the group's weight sum (also
-// by dp4a) when the group ends. Groups must be whole multiples of 4 terms (the host checks).
+// quantized once per 32 outputs rather than once per output's warp. A block of 256 threads
+// computes 16 rows x 32 outputs in stages of 128 terms: the rows' levels (as bytes q - lo =
+// level + (z - lo), four to a word), the 32 outputs' weight words and the scales of the groups
+// the stage touches go to shared memory; thread (w, l) sums rows w and w + 8 of output l with
+// dp4a (u8 x s8) and subtracts (z - lo) x the group's weight sum (also by dp4a) when a group
+// ends. The next stage's inputs, weights and scales are loaded into registers before the current
+// stage is summed, so their latency overlaps the arithmetic. Groups must be at least 32 terms and
+// whole words of four (the host checks), so a stage touches at most five groups.
 #define SQIL_QT_R 16
 #define SQIL_QT_W 32
+#define SQIL_QT_G 5
 SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_tile(SQIL_VARGS const unsigned *__restrict__ wq,
     const float *__restrict__ scales, const float *__restrict__ bias, const float *__restrict__ x,
     float *__restrict__ y, int rows, int n, int k, int group, int groups, float xscale, int relu, float qs,
@@ -472,11 +497,18 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_tile(SQIL_VARGS const unsig
 {
     __shared__ unsigned xs[SQIL_QT_R][SQIL_QT_W + 1];
     __shared__ unsigned ws[SQIL_QT_W][32 + 1];
+    __shared__ float sc[SQIL_QT_G][32];
     __shared__ int nanrow[SQIL_QT_R];
     const int tiles_n = (n + 31) / 32;
     const int r0 = (SQIL_BX / tiles_n) * SQIL_QT_R, c0 = (SQIL_BX % tiles_n) * 32;
     const int t = SQIL_TX, lane = t % 32, wy = t / 32, c = c0 + lane;
     const int k4 = (k + 3) / 4, off = (int)(qz - qlo);
+    // This thread's share of a stage: two words of levels (row t / 32 and 8 + t / 32, word t % 32),
+    // four weight words (outputs t / 32 + 8 j, word t % 32), one scale (t < 160: group t / 32 of
+    // the stage, output t % 32).
+    float xr[2][4];
+    unsigned wr[4];
+    float sr = 0.0f;
     // (A persistent program calls this block after block: the last call's readers are done.)
     __syncthreads();
     if (t < SQIL_QT_R) {
@@ -484,36 +516,59 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_tile(SQIL_VARGS const unsig
     }
     float acc[2] = {0.0f, 0.0f};
     int s[2] = {0, 0}, wsum = 0;
+#define SQIL_QT_LOAD(W0)                                                                                   \
+    do {                                                                                                   \
+        _Pragma("unroll") for (int j = 0; j < 2; j++)                                                      \
+        {                                                                                                  \
+            const int r = r0 + wy + 8 * j, kw = (W0) + lane;                                               \
+            _Pragma("unroll") for (int b = 0; b < 4; b++)                                                  \
+            {                                                                                              \
+                const int kk = 4 * kw + b;                                                                 \
+                xr[j][b] = r < rows && kk < k ? x[(long)r * k + kk] : 0.0f;                                \
+            }                                                                                              \
+        }                                                                                                  \
+        _Pragma("unroll") for (int j = 0; j < 4; j++)                                                      \
+        {                                                                                                  \
+            const int cc = c0 + wy + 8 * j;                                                                \
+            wr[j] = cc < n && (W0) + lane < k4 ? wq[(long)cc * k4 + (W0) + lane] : 0u;                     \
+        }                                                                                                  \
+        if (t < SQIL_QT_G * 32) {                                                                          \
+            const int g = (4 * (W0)) / group + wy, cc = c0 + lane;                                         \
+            sr = cc < n && g < groups ? scales[(long)cc * groups + g] : 0.0f;                              \
+        }                                                                                                  \
+    } while (0)
+    SQIL_QT_LOAD(0);
     for (int w0 = 0; w0 < k4; w0 += SQIL_QT_W) {
         __syncthreads();
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            const int e = t + 256 * j, i = e / SQIL_QT_W, q = e % SQIL_QT_W;
-            const int r = r0 + i, kw = w0 + q;
+            const int i = wy + 8 * j, r = r0 + i, kw = w0 + lane;
             unsigned word = 0;
-            if (r < rows && kw < k4) {
 #pragma unroll
-                for (int b = 0; b < 4; b++) {
-                    const int kk = 4 * kw + b;
-                    if (kk < k) {
-                        const float v = sqil_level_or(x[(long)r * k + kk], qs, qz, qlo, qhi);
-                        if (v != v) {
-                            nanrow[i] = 1;
-                        } else {
-                            word |= ((unsigned)((int)v + off) & 255u) << (8 * b);
-                        }
+            for (int b = 0; b < 4; b++) {
+                if (r < rows && 4 * kw + b < k) {
+                    const float v = sqil_level_or(xr[j][b], qs, qz, qlo, qhi);
+                    if (v != v) {
+                        nanrow[i] = 1;
+                    } else {
+                        word |= ((unsigned)((int)v + off) & 255u) << (8 * b);
                     }
                 }
             }
-            xs[i][q] = word;
+            xs[i][lane] = word;
         }
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            const int e = t + 256 * j, cc = e / SQIL_QT_W, q = e % SQIL_QT_W;
-            ws[q][cc] = c0 + cc < n && w0 + q < k4 ? wq[(long)(c0 + cc) * k4 + w0 + q] : 0u;
+            ws[lane][wy + 8 * j] = wr[j];
+        }
+        if (t < SQIL_QT_G * 32) {
+            sc[wy][lane] = sr;
         }
         __syncthreads();
-        const int cnt = k4 - w0 < SQIL_QT_W ? k4 - w0 : SQIL_QT_W;
+        if (w0 + SQIL_QT_W < k4) {
+            SQIL_QT_LOAD(w0 + SQIL_QT_W);
+        }
+        const int cnt = k4 - w0 < SQIL_QT_W ? k4 - w0 : SQIL_QT_W, g0 = (4 * w0) / group;
         for (int q = 0; q < cnt; q++) {
             const unsigned wv = ws[q][lane];
             wsum = sqil_dp4a_us(0x01010101u, wv, wsum);
@@ -521,16 +576,17 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_tile(SQIL_VARGS const unsig
             s[1] = sqil_dp4a_us(xs[wy + 8][q], wv, s[1]);
             const int done = 4 * (w0 + q + 1);
             if (done % group == 0 || done >= k) {
-                const float sc = c < n ? scales[(long)c * groups + (done - 4) / group] : 0.0f;
+                const float scale = sc[(done - 4) / group - g0][lane];
 #pragma unroll
                 for (int i = 0; i < 2; i++) {
-                    acc[i] = __fadd_rn(acc[i], __fmul_rn((float)(s[i] - off * wsum), sc));
+                    acc[i] = __fadd_rn(acc[i], __fmul_rn((float)(s[i] - off * wsum), scale));
                     s[i] = 0;
                 }
                 wsum = 0;
             }
         }
     }
+#undef SQIL_QT_LOAD
     __syncthreads();
     if (c < n) {
 #pragma unroll

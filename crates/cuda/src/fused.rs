@@ -144,6 +144,7 @@ const READS_ONLY_INPUTS: &[&str] = &[
     "sqil_linear_f32w_tile",
     "sqil_q4_int",
     "sqil_q4_int_groups",
+    "sqil_q4_int_tile",
     "sqil_q4_w16",
     "sqil_conv2d_f32",
 ];

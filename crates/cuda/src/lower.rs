@@ -91,7 +91,7 @@ const OUTPUTS_FEW: usize = 1024;
 
 /// Rows (tokens, a batch) from which an int4 layer on integer activations takes a thread per
 /// output in tiles of 16 rows x 32 outputs (`sqil_q4_int_tile`: each input quantized once per 32
-/// outputs, not once per output's warp) where its groups are whole words of four terms.
+/// outputs, not once per output's warp) where its groups are whole words of four terms, 32 or more.
 const TILE_ROWS: usize = 8;
 
 /// Threads of a `sqil_q4_int_tile` launch over `rows` x `n` outputs.
@@ -554,7 +554,7 @@ impl<'a> Lowerer<'a> {
                     let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb)];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32)]);
-                    if rows >= TILE_ROWS && w.group.is_multiple_of(4) {
+                    if rows >= TILE_ROWS && w.group >= 32 && w.group.is_multiple_of(4) {
                         // Scale 0 (x holds levels); the zero and range place them in bytes.
                         args.push(KArg::F32(0.0));
                         args.extend(q.clone());
@@ -573,7 +573,7 @@ impl<'a> Lowerer<'a> {
                     args.extend(q);
                     if w.groups() >= GROUPS_LONG && rows * w.n <= OUTPUTS_FEW {
                         self.steps.push(kernel("sqil_q4_int_groups", rows * w.n * 256, args));
-                    } else if rows >= TILE_ROWS && w.group.is_multiple_of(4) {
+                    } else if rows >= TILE_ROWS && w.group >= 32 && w.group.is_multiple_of(4) {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
                         self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
@@ -1010,8 +1010,8 @@ impl<'a> Lowerer<'a> {
                 let mut args = vec![KArg::Buf(x0()?), f32_arr(wk), b, KArg::Buf(yb[0]), int(rows), int(k), int(nn)];
                 args.extend(qargs);
                 if rows >= F32_TILE_ROWS {
-                    // Many rows (tokens): tiles of 32 x 32 outputs, a thread per output.
-                    let blocks = rows.div_ceil(32) * nn.div_ceil(32);
+                    // Many rows (tokens): tiles of 16 x 32 outputs, a thread per output.
+                    let blocks = rows.div_ceil(16) * nn.div_ceil(32);
                     self.steps.push(kernel("sqil_linear_f32w_tile", blocks * 256, args));
                 } else {
                     self.steps.push(kernel("sqil_linear_f32w", n * 32, args));
