@@ -9,6 +9,12 @@
 //!
 //! [`GpuPolicy::capture`] captures the graph, times the graph and the persistent program on the
 //! policy and keeps the faster. Needs the `driver` feature (cudarc).
+//!
+//! Several policies on one GPU: a running persistent program holds its multiprocessors until it
+//! is stopped (dropping the policy, or [`GpuPolicy::set_mode`] to another path). When its grid
+//! fills the GPU (a large policy's program), another policy's launches on the same device wait
+//! behind it for as long as it runs: with several policies in one process, keep at most one of
+//! them in [`Mode::Persistent`] unless its grid leaves room ([`GpuPolicy::persistent_grid`]).
 
 use crate::error::Result;
 use crate::lower::{lower, HostArr, KArg, LStep};
