@@ -268,6 +268,11 @@ pub struct CompileCmd {
     /// or `cuda` (the training graph on the first GPU, fp32, one CUDA graph per step).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
     device: String,
+    /// With --device cuda: fine-tune data-parallel over GPUs 0..N of this machine (each GPU its
+    /// shard of every batch, gradients summed with NCCL, the same optimizer state on every GPU;
+    /// NCCL_NVLS_ENABLE=0 unless set). Checkpoints resume on any GPU count.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    gpus: u32,
     /// Where SIS scores are kept between compiles of the same policy, states and SIS settings
     /// (default: $SQIL_CACHE_DIR, else $XDG_CACHE_HOME/sqil, else ~/.cache/sqil).
     #[arg(long)]
@@ -688,6 +693,7 @@ fn compile_args(
         plan_tol,
         ship,
         device,
+        gpus,
         cache_dir,
         no_cache,
         obs_keys,
@@ -741,6 +747,14 @@ fn compile_args(
             sqil_driver::gpu_train::Device::Cuda
         } else {
             sqil_driver::gpu_train::Device::Cpu
+        },
+        gpus: {
+            // NVLink multicast off unless the user chose otherwise (it is not available on every
+            // multi-GPU host, and NCCL would fail there): set before any thread starts.
+            if gpus > 1 && std::env::var_os("NCCL_NVLS_ENABLE").is_none() {
+                std::env::set_var("NCCL_NVLS_ENABLE", "0");
+            }
+            gpus as usize
         },
         recipe: sqil_driver::compile::FtRecipe::parse(&recipe)?,
         beta,

@@ -120,6 +120,8 @@ fn compile_rejects_bad_split_and_box_flags() {
         (&["--steps", "0"][..], "--steps"),
         (&["--batch", "0"][..], "--batch"),
         (&["--states", "0"][..], "--states"),
+        (&["--gpus", "2"][..], "--gpus 2: data-parallel fine-tuning needs --device cuda"),
+        (&["--gpus", "0"][..], "--gpus"),
     ] {
         let o = compile(&dir.join("f"), flags);
         let err = String::from_utf8_lossy(&o.stderr);

@@ -223,14 +223,29 @@ impl Gpu {
     /// Device 0 with the kernels compiled (or read from the cache); an error, not a panic, when
     /// there is no driver or no device.
     pub fn new() -> Result<Gpu> {
+        Gpu::on(0)
+    }
+
+    /// How many CUDA devices the driver reports (an error, not a panic, without a driver).
+    pub fn count() -> Result<usize> {
         if !driver_present() {
             return Err("no CUDA driver (libcuda not found)".into());
         }
         let count = CudaContext::device_count().map_err(|e| crate::Error::Device(format!("CUDA driver: {e:?}")))?;
+        Ok(count.max(0) as usize)
+    }
+
+    /// Device `ordinal` with the kernels compiled (or read from the cache), as [`Gpu::new`].
+    pub fn on(ordinal: usize) -> Result<Gpu> {
+        let count = Gpu::count()?;
         if count < 1 {
             return Err("the CUDA driver reports no devices".into());
         }
-        let ctx = CudaContext::new(0).map_err(|e| crate::Error::Device(format!("CUDA context: {e:?}")))?;
+        if ordinal >= count {
+            return Err(format!("GPU {ordinal}: the CUDA driver reports {count} device(s)").into());
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| crate::Error::Device(format!("CUDA context {ordinal}: {e:?}")))?;
         let name = ctx.name().map_err(|e| crate::Error::Device(format!("{e:?}")))?;
         let cc = ctx.compute_capability().map_err(|e| crate::Error::Device(format!("{e:?}")))?;
         let mut modules = vec![];

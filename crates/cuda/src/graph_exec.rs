@@ -9,7 +9,8 @@ use crate::{Gpu, Result};
 use cudarc::cublas::sys::cublasOperation_t;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
+    sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, CudaViewMut, DevicePtr, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
 };
 use sqil_ir::Tensor;
 use std::collections::HashMap;
@@ -335,6 +336,7 @@ pub struct DeviceAdamW {
     sumsq: CudaFunction,
     total: CudaFunction,
     update: CudaFunction,
+    scale: CudaFunction,
 }
 
 const PARTS: usize = 256;
@@ -360,6 +362,10 @@ extern "C" __global__ void sqil_adamw_norm(const double* __restrict__ partial, l
   double s = 0.0;
   for (long long i = 0; i < n; i++) s += partial[i];
   norm[0] = sqrt(s);
+}
+extern "C" __global__ void sqil_grad_scale(float* __restrict__ g, long long n, float f) {
+  long long i = (long long)blockIdx.x * 256 + threadIdx.x;
+  if (i < n) g[i] *= f;
 }
 extern "C" __global__ void sqil_adamw_update(float* __restrict__ x, const float* __restrict__ g, float* __restrict__ m,
                                              float* __restrict__ v, long long n, int kind,
@@ -408,6 +414,7 @@ impl GpuGraph {
             sumsq: gpu.function("sqil_adamw_sumsq")?,
             total: gpu.function("sqil_adamw_norm")?,
             update: gpu.function("sqil_adamw_update")?,
+            scale: gpu.function("sqil_grad_scale")?,
         })
     }
 
@@ -445,6 +452,45 @@ impl GpuGraph {
             unsafe { l.launch(cfg(n.div_ceil(256))) }.map_err(err)?;
         }
         Ok(())
+    }
+
+    /// Multiplies the gradients of the last run that `opt` updates from by `factor` (a
+    /// data-parallel rank's share of the global batch, before the ranks' gradients are summed).
+    pub fn scale_grads(&mut self, opt: &DeviceAdamW, factor: f32) -> Result<()> {
+        for &(_, gb, n, _) in &opt.params {
+            let (g, nn) = (self.ptr(gb), n as i64);
+            let mut l = self.stream.launch_builder(&opt.scale);
+            l.arg(&g).arg(&nn).arg(&factor);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: g holds n floats.
+            unsafe { l.launch(cfg) }.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    /// The gradient buffers `opt` updates from, in parameter order, each its parameter's length
+    /// (for a collective that sums them in place, ordered after this graph's stream).
+    pub fn grads_mut(&mut self, opt: &DeviceAdamW) -> Result<Vec<CudaViewMut<'_, f32>>> {
+        let want: HashMap<usize, usize> = opt.params.iter().map(|&(_, gb, n, _)| (gb, n)).collect();
+        if want.len() != opt.params.len() {
+            return Err("two parameters share a gradient buffer".into());
+        }
+        let mut views: HashMap<usize, CudaViewMut<'_, f32>> = self
+            .bufs
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, b)| want.get(&i).map(|&n| (i, b.slice_mut(0..n))))
+            .collect();
+        opt.params.iter().map(|&(_, gb, _, _)| views.remove(&gb).ok_or_else(|| "no gradient buffer".into())).collect()
+    }
+
+    /// The stream this graph's steps run on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
     }
 
     /// The device AdamW's first and second moments, per parameter (for checkpoints).

@@ -14,6 +14,8 @@
 pub use error::{Error, Result};
 use half::f16;
 
+#[cfg(feature = "driver")]
+pub mod collective;
 pub mod error;
 pub mod fused;
 #[cfg(feature = "driver")]

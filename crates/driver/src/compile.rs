@@ -108,6 +108,8 @@ pub struct CompileArgs {
     pub ship: Ship,
     /// Where the fine-tuning steps run (the optimizer, checkpoints and validation run on the CPU).
     pub device: crate::gpu_train::Device,
+    /// GPUs the fine-tuning steps are spread over with `device` cuda (data-parallel, NCCL).
+    pub gpus: usize,
     /// HDF5 (robomimic) demonstrations: the observation keys, in order (empty: every 1-D or 2-D
     /// key, sorted by name).
     pub obs_keys: Vec<String>,
@@ -155,6 +157,7 @@ impl CompileArgs {
             plan_tol: sqil_runtime::PLAN_TOL,
             ship: Ship::Best,
             device: crate::gpu_train::Device::Cpu,
+            gpus: 1,
             obs_keys: vec![],
             cache: crate::cache::default_dir(),
         }
@@ -221,6 +224,8 @@ struct Report {
     reproducible_with: String,
     /// Where the fine-tuning steps ran.
     device: crate::gpu_train::Device,
+    /// GPUs the steps were spread over (0 on the CPU).
+    gpus: usize,
     log: TrainLog,
     /// Held-out action error of the best PTQ candidate and of what shipped.
     heldout_before: ErrorStats,
@@ -417,6 +422,18 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     if a.max_states == 0 || a.val_states == 0 {
         return Err("--states and --val-states must be > 0".into());
     }
+    if a.gpus == 0 || (a.gpus > 1 && a.device != crate::gpu_train::Device::Cuda) {
+        return Err(
+            format!("--gpus {}: data-parallel fine-tuning needs --device cuda and at least one GPU", a.gpus).into()
+        );
+    }
+    if a.gpus > a.train.batch {
+        return Err(format!(
+            "--gpus {} with --batch {}: every GPU needs at least one row of each batch",
+            a.gpus, a.train.batch
+        )
+        .into());
+    }
     let fp_in = crate::load_model(model)?;
     let fp_q = crate::quantize::prepare_float(&fp_in)?;
     // The float policy as quantize saw it (same canonical form, same value names).
@@ -609,12 +626,32 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         let every = if a.val_every > 0 { a.val_every } else { (a.train.steps / 20).max(1) };
         let validation = Validation { every, patience: a.patience, score: &score_fn };
         let ck = a.out.join("checkpoint.json");
+        let batch = a.train.batch.min(data.len());
         let mut gpu = match a.device {
+            crate::gpu_train::Device::Cuda if a.gpus > 1 => None,
             crate::gpu_train::Device::Cuda => {
                 let gpu = fwd.gpu().expect("--device cuda opened the GPU").clone();
-                Some(crate::gpu_train::GpuEngine::on(gpu, &tg, a.train.batch.min(data.len()))?)
+                Some(crate::gpu_train::GpuEngine::on(gpu, &tg, batch)?)
             }
             crate::gpu_train::Device::Cpu => None,
+        };
+        // Several GPUs: rank 0 on the GPU the forward passes use, the others opened here.
+        let mut gpus = match a.device {
+            crate::gpu_train::Device::Cuda if a.gpus > 1 => {
+                let first = fwd.gpu().expect("--device cuda opened the GPU").clone();
+                let count = sqil_cuda::Gpu::count().map_err(|e| format!("--gpus {}: {e}", a.gpus))?;
+                if a.gpus > count {
+                    return Err(format!("--gpus {}: this machine has {count} GPU(s)", a.gpus).into());
+                }
+                let mut devs = vec![first];
+                for i in 1..a.gpus {
+                    devs.push(std::sync::Arc::new(
+                        sqil_cuda::Gpu::on(i).map_err(|e| format!("--gpus {}: GPU {i}: {e}", a.gpus))?,
+                    ));
+                }
+                Some(crate::gpu_train::DataParallel::on(devs, &tg, batch)?)
+            }
+            _ => None,
         };
         if let Some(g) = &gpu {
             eprintln!(
@@ -624,7 +661,19 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
                 g.mode()
             );
         }
-        let engine = gpu.as_mut().map(|g| g as &mut dyn sqil_train::trainer::GradEngine);
+        if let Some(g) = &gpus {
+            eprintln!(
+                "fine-tuning data-parallel on {} ({:.1} MB of buffers and cuBLAS workspaces, {})",
+                sqil_train::trainer::GradEngine::device(g),
+                g.bytes() as f64 / 1e6,
+                g.mode()
+            );
+        }
+        let engine = match (gpu.as_mut(), gpus.as_mut()) {
+            (Some(g), _) => Some(g as &mut dyn sqil_train::trainer::GradEngine),
+            (None, Some(g)) => Some(g as &mut dyn sqil_train::trainer::GradEngine),
+            (None, None) => None,
+        };
         let (log, best) = train_with(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation), engine)?;
         let best = best.ok_or("fine-tuning gave no validated parameters")?;
         let recipe = serde_json::to_value(a.recipe).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
@@ -716,12 +765,17 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
                 "the same model, demonstrations, flags, --seed {} and --threads {} (threads split each batch's gradient sums)",
                 a.train.seed, a.train.threads
             ),
+            crate::gpu_train::Device::Cuda if a.gpus > 1 => format!(
+                "the same model, demonstrations, flags, --seed {}, --device cuda and --gpus {} on the same kind of GPUs (cuBLAS's and NCCL's summation orders depend on the GPUs and their count)",
+                a.train.seed, a.gpus
+            ),
             crate::gpu_train::Device::Cuda => format!(
                 "the same model, demonstrations, flags, --seed {} and --device cuda on the same kind of GPU (cuBLAS picks its summation order per GPU)",
                 a.train.seed
             ),
         },
         device: a.device,
+        gpus: if a.device == crate::gpu_train::Device::Cuda { a.gpus } else { 0 },
         train: a.train.clone(),
         log,
         heldout_before: ptq_score,

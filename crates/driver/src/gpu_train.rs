@@ -140,8 +140,11 @@ fn gather_rows(t: &sqil_ir::Tensor, idx: &[usize], dst: &mut [f32]) {
     }
 }
 
-impl GradEngine for GpuEngine {
-    fn step(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize], opt: &mut AdamW) -> Result<Option<f64>> {
+impl GpuEngine {
+    /// Makes the program of `idx.len()` rows hold the live parameters (from `tg` when nothing
+    /// is resident at that size), gathers rows `idx` of `data` into its inputs and launches one
+    /// step (forward and backward; the loss and gradients stay on the device).
+    fn launch_rows(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize], opt: &mut AdamW) -> Result<()> {
         // The parameters live on the device from the first step; the host's copies (in `tg`)
         // are read only here, when nothing is resident yet.
         let b = idx.len();
@@ -149,7 +152,6 @@ impl GradEngine for GpuEngine {
             let mut host = tg.params.clone();
             self.make_resident(tg, &mut host, opt, b)?;
         }
-        let (_, dopt) = self.resident.as_mut().expect("made resident above");
         let gg = self.programs.get_mut(&b).expect("lowered when made resident");
         // The batch's rows gathered straight into the inputs' pinned staging buffers.
         let mut rows: Vec<(&str, &sqil_ir::Tensor)> = data.inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -172,29 +174,59 @@ impl GradEngine for GpuEngine {
             }
         })
         .map_err(dev_err)?;
-        gg.run().map_err(dev_err)?;
-        let loss = gg.output(0).map_err(dev_err)?[0] as f64;
+        gg.run().map_err(dev_err)
+    }
+
+    /// The resident program and its device optimizer.
+    fn resident_mut(&mut self) -> Result<(&mut GpuGraph, &mut DeviceAdamW)> {
+        let (b, dopt) = self.resident.as_mut().ok_or_else(|| IrError::Internal("no resident program".into()))?;
+        let gg = self.programs.get_mut(b).ok_or_else(|| IrError::Internal("resident program missing".into()))?;
+        Ok((gg, dopt))
+    }
+
+    /// The last launched step's mean loss over its rows (waits for it).
+    fn loss(&mut self) -> Result<f64> {
+        let (gg, _) = self.resident_mut()?;
+        Ok(gg.output(0).map_err(dev_err)?[0] as f64)
+    }
+
+    /// The device AdamW update from the resident program's gradients, with the scalars of
+    /// [`adamw_scalars`].
+    fn update(&mut self, sc: [f64; 9]) -> Result<()> {
+        let (gg, dopt) = self.resident_mut()?;
+        gg.adamw_step(dopt, sc).map_err(dev_err)?;
+        self.dirty = true;
+        Ok(())
+    }
+}
+
+/// Advances `opt`'s step and returns the device AdamW's scalars for it: the host AdamW's
+/// schedule and bias corrections (its update's arithmetic is the device kernel's).
+fn adamw_scalars(opt: &mut AdamW) -> [f64; 9] {
+    let lr = opt.lr_at(opt.step);
+    opt.step += 1;
+    let t = opt.step as i32;
+    [
+        lr,
+        lr * opt.step_lr_scale,
+        1.0 - opt.beta1.powi(t),
+        1.0 - opt.beta2.powi(t),
+        opt.weight_decay,
+        opt.clip,
+        opt.beta1,
+        opt.beta2,
+        opt.eps,
+    ]
+}
+
+impl GradEngine for GpuEngine {
+    fn step(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize], opt: &mut AdamW) -> Result<Option<f64>> {
+        self.launch_rows(tg, data, idx, opt)?;
+        let loss = self.loss()?;
         if !loss.is_finite() {
             return Ok(Some(loss));
         }
-        // The host AdamW's schedule and bias corrections for this step (its update's arithmetic
-        // is the device kernel's).
-        let lr = opt.lr_at(opt.step);
-        opt.step += 1;
-        let t = opt.step as i32;
-        let sc = [
-            lr,
-            lr * opt.step_lr_scale,
-            1.0 - opt.beta1.powi(t),
-            1.0 - opt.beta2.powi(t),
-            opt.weight_decay,
-            opt.clip,
-            opt.beta1,
-            opt.beta2,
-            opt.eps,
-        ];
-        gg.adamw_step(dopt, sc).map_err(dev_err)?;
-        self.dirty = true;
+        self.update(adamw_scalars(opt))?;
         Ok(Some(loss))
     }
 
@@ -212,5 +244,163 @@ impl GradEngine for GpuEngine {
 
     fn device(&self) -> String {
         format!("cuda:{}", self.gpu.name)
+    }
+}
+
+/// Rows `idx` split over `ranks` data-parallel ranks: contiguous shards, the first
+/// `idx.len() % ranks` one row longer than the others (none empty when `idx.len() >= ranks`).
+pub fn shards(idx: &[usize], ranks: usize) -> Vec<&[usize]> {
+    let ranks = ranks.max(1);
+    let (base, extra) = (idx.len() / ranks, idx.len() % ranks);
+    let mut out = Vec::with_capacity(ranks);
+    let mut at = 0;
+    for r in 0..ranks {
+        let len = base + usize::from(r < extra);
+        out.push(&idx[at..at + len]);
+        at += len;
+    }
+    out
+}
+
+/// Data-parallel QRD fine-tuning over several GPUs of one host (`sqil compile --device cuda
+/// --gpus N`): one [`GpuEngine`] per GPU, each resident with the same parameters and AdamW
+/// moments. Per step every rank runs forward and backward on its shard of the batch
+/// ([`shards`]), scales its mean-loss gradients by its share of the batch's rows, and the ranks'
+/// gradients are summed in place by NCCL ([`sqil_cuda::collective::Collective`]) into the
+/// batch's mean gradient on every GPU; every rank then applies the same AdamW update (the same
+/// global-norm clipping, from the same sums), so the parameters stay equal across the GPUs. The
+/// trainer's checkpoints, validation and schedule are unchanged: parameters and moments are read
+/// back from rank 0, and a checkpoint resumes on any number of GPUs (the shards' sums reorder
+/// the batch's reduction, so runs on different GPU counts agree within float rounding, not bit
+/// for bit).
+pub struct DataParallel {
+    ranks: Vec<GpuEngine>,
+    group: sqil_cuda::collective::Collective,
+}
+
+impl DataParallel {
+    /// Opens GPUs 0..gpus and lowers the training graph at each rank's shard of `batch`.
+    pub fn new(gpus: usize, tg: &TrainGraph, batch: usize) -> Result<DataParallel> {
+        let count = Gpu::count().map_err(|e| IrError::Invalid(format!("--gpus {gpus}: {e}")))?;
+        if gpus == 0 || gpus > count {
+            return Err(IrError::Invalid(format!("--gpus {gpus}: this machine has {count} GPU(s)")));
+        }
+        let devs = (0..gpus)
+            .map(|i| Gpu::on(i).map(Arc::new).map_err(|e| IrError::Invalid(format!("--gpus {gpus}: GPU {i}: {e}"))))
+            .collect::<Result<Vec<_>>>()?;
+        DataParallel::on(devs, tg, batch)
+    }
+
+    /// [`DataParallel::new`] on GPUs already opened (rank i on `gpus[i]`).
+    pub fn on(gpus: Vec<Arc<Gpu>>, tg: &TrainGraph, batch: usize) -> Result<DataParallel> {
+        let n = gpus.len();
+        if n == 0 || batch < n {
+            return Err(IrError::Invalid(format!(
+                "--gpus {n} with a batch of {batch} rows: every GPU needs at least one row (raise --batch)"
+            )));
+        }
+        let idx: Vec<usize> = (0..batch).collect();
+        let sizes: Vec<usize> = shards(&idx, n).iter().map(|s| s.len()).collect();
+        let group =
+            sqil_cuda::collective::Collective::new(&gpus).map_err(|e| IrError::Invalid(format!("--gpus {n}: {e}")))?;
+        let ranks = gpus.into_iter().zip(sizes).map(|(g, b)| GpuEngine::on(g, tg, b)).collect::<Result<Vec<_>>>()?;
+        Ok(DataParallel { ranks, group })
+    }
+
+    /// GPUs in the group.
+    pub fn gpus(&self) -> usize {
+        self.ranks.len()
+    }
+
+    /// Device memory of every rank's buffers and cuBLAS workspaces, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.ranks.iter().map(GpuEngine::bytes).sum()
+    }
+
+    /// How the steps run (rank 0's: every rank has the same program).
+    pub fn mode(&self) -> String {
+        format!("{} per GPU, gradients summed by NCCL", self.ranks[0].mode())
+    }
+}
+
+impl GradEngine for DataParallel {
+    fn step(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize], opt: &mut AdamW) -> Result<Option<f64>> {
+        let parts = shards(idx, self.ranks.len());
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(IrError::Invalid(format!(
+                "a batch of {} rows over {} GPUs: every GPU needs at least one row",
+                idx.len(),
+                self.ranks.len()
+            )));
+        }
+        // Every rank's step launched before any loss is read, so the GPUs run together.
+        for (e, p) in self.ranks.iter_mut().zip(&parts) {
+            e.launch_rows(tg, data, p, opt)?;
+        }
+        let share: Vec<f64> = parts.iter().map(|p| p.len() as f64 / idx.len() as f64).collect();
+        let mut loss = 0.0;
+        for (e, w) in self.ranks.iter_mut().zip(&share) {
+            loss += e.loss()? * w;
+        }
+        if !loss.is_finite() {
+            return Ok(Some(loss));
+        }
+        // Each rank's mean gradient times its share, summed over the ranks: the batch's mean.
+        let mut streams = vec![];
+        let mut bufs = vec![];
+        for (e, w) in self.ranks.iter_mut().zip(&share) {
+            let (gg, dopt) = e.resident_mut()?;
+            gg.scale_grads(dopt, *w as f32).map_err(dev_err)?;
+            streams.push(gg.stream().clone());
+            bufs.push(gg.grads_mut(dopt).map_err(dev_err)?);
+        }
+        let after: Vec<_> = streams.iter().collect();
+        self.group.all_reduce_sum(&mut bufs, &after).map_err(dev_err)?;
+        drop(bufs);
+        let sc = adamw_scalars(opt);
+        for e in &mut self.ranks {
+            e.update(sc)?;
+        }
+        Ok(Some(loss))
+    }
+
+    fn read_back(&mut self, params: &mut [Param], opt: &mut AdamW) -> Result<()> {
+        // Every rank holds the same parameters and moments: rank 0's are read.
+        self.ranks[0].read_back(params, opt)?;
+        for e in &mut self.ranks[1..] {
+            e.dirty = false;
+        }
+        Ok(())
+    }
+
+    fn grads(&mut self, tg: &TrainGraph, data: &Dataset, idx: &[usize]) -> Result<(f64, Vec<Vec<f32>>)> {
+        // Only for callers that update on the host: the whole batch on rank 0.
+        self.ranks[0].grads(tg, data, idx)
+    }
+
+    fn device(&self) -> String {
+        let names: Vec<String> = self.ranks.iter().map(|e| e.gpu.name.clone()).collect();
+        format!("cuda x{}: {}", self.ranks.len(), names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shards;
+
+    #[test]
+    fn shards_cover_the_batch_in_order_and_differ_by_at_most_one_row() {
+        for len in 0..40usize {
+            let idx: Vec<usize> = (100..100 + len).collect();
+            for ranks in 1..9 {
+                let s = shards(&idx, ranks);
+                assert_eq!(s.len(), ranks);
+                assert_eq!(s.concat(), idx, "{len} rows over {ranks}");
+                let (lo, hi) = (s.iter().map(|p| p.len()).min().unwrap(), s.iter().map(|p| p.len()).max().unwrap());
+                assert!(hi - lo <= 1, "{len} rows over {ranks}: {lo}..{hi}");
+                assert!(s.windows(2).all(|w| w[0].len() >= w[1].len()), "longer shards first");
+                assert_eq!(len >= ranks, s.iter().all(|p| !p.is_empty()));
+            }
+        }
     }
 }

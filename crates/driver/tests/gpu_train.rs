@@ -303,3 +303,102 @@ fn training_with_the_optimizer_on_the_gpu_follows_the_cpu_and_resumes_exactly() 
     std::fs::remove_dir_all(&dir).ok();
     assert!(flat(&resumed) == pd, "resumed on the GPU: {:.3e} from the uninterrupted run", dist(&flat(&resumed), &pd));
 }
+
+/// Data-parallel fine-tuning (`DataParallel`, `sqil compile --gpus N`): a group of one GPU
+/// computes exactly the single-GPU trainer's parameters (its scale is 1 and NCCL's sum over one
+/// rank is the identity); over every GPU of the machine (when it has two or more) the run
+/// follows the single-GPU one within float rounding of the reordered batch sums, and a
+/// checkpoint written on N GPUs resumes on one. Skipped with a reason without a GPU or without
+/// NCCL (`SQIL_REQUIRE_NCCL=1` makes a missing NCCL a failure, for the multi-GPU run).
+#[test]
+fn data_parallel_training_follows_one_gpu_and_resumes_on_another_count() {
+    if common::gpu_or_skip("data-parallel training").is_none() {
+        return;
+    }
+    if !sqil_cuda::collective::nccl_present() {
+        assert!(std::env::var("SQIL_REQUIRE_NCCL").as_deref() != Ok("1"), "NCCL not found and SQIL_REQUIRE_NCCL=1");
+        eprintln!("skipping data-parallel training: NCCL (libnccl.so.2) not found on the library path");
+        return;
+    }
+    let name = "bc_hopper";
+    let tg0 = train_graph(name, "wbits=4,abits=8,group=64", false);
+    let f = feeds(name, &tg0, 512, 11);
+    let data = sqil_train::trainer::Dataset {
+        inputs: tg0.policy_inputs.iter().map(|n| (n.clone(), f[n].clone())).collect(),
+        target: f["train.target"].clone(),
+        teacher: f["train.teacher"].clone(),
+        alpha: f["train.alpha"].data.to_f32_vec(),
+        target_hi: None,
+        teacher_hi: None,
+    };
+    let cfg = sqil_train::trainer::TrainConfig {
+        steps: 30,
+        batch: 63,
+        lr: 1e-3,
+        warmup: 5,
+        log_every: 1,
+        checkpoint_every: 10,
+        seed: 3,
+        ..Default::default()
+    };
+    let flat = |tg: &TrainGraph| -> Vec<f32> { tg.params.iter().flat_map(|p| p.value.data.to_f32_vec()).collect() };
+    let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let run = |engine: &mut dyn sqil_train::trainer::GradEngine,
+               ck: Option<(&std::path::PathBuf, bool, Option<usize>)>| {
+        let mut tg = tg0.clone();
+        let c = sqil_train::trainer::TrainConfig { stop_after: ck.and_then(|c| c.2), ..cfg.clone() };
+        let (log, _) = sqil_train::trainer::train_with(
+            &mut tg,
+            &data,
+            &c,
+            ck.map(|c| c.0),
+            ck.is_some_and(|c| c.1),
+            None,
+            Some(engine),
+        )
+        .unwrap();
+        (tg, log)
+    };
+    let mut one = sqil_driver::gpu_train::GpuEngine::new(&tg0, cfg.batch).unwrap();
+    let (single, single_log) = run(&mut one, None);
+    drop(one);
+    let travelled = dist(&flat(&tg0), &flat(&single));
+    assert!(travelled > 0.0, "the single-GPU run did not move the parameters");
+    // A group of one: the single GPU's bits.
+    let mut g1 = sqil_driver::gpu_train::DataParallel::new(1, &tg0, cfg.batch).unwrap();
+    let (grouped, _) = run(&mut g1, None);
+    drop(g1);
+    assert!(
+        flat(&grouped) == flat(&single),
+        "a group of one: {:.3e} from one GPU",
+        dist(&flat(&grouped), &flat(&single))
+    );
+    eprintln!("a group of one GPU: the single-GPU parameters bit for bit");
+    let n = sqil_cuda::Gpu::count().unwrap();
+    if n < 2 {
+        eprintln!("skipping the multi-GPU half: this machine has {n} GPU");
+        return;
+    }
+    let mut gn = sqil_driver::gpu_train::DataParallel::new(n, &tg0, cfg.batch).unwrap();
+    let (multi, multi_log) = run(&mut gn, None);
+    drop(gn);
+    for ((s, a, _), (_, b, _)) in single_log.loss.iter().zip(&multi_log.loss) {
+        assert!((a - b).abs() <= 1e-3 * a.abs().max(1e-9), "step {s}: loss {b} on {n} GPUs, {a} on one");
+    }
+    let d = dist(&flat(&multi), &flat(&single));
+    assert!(d <= 0.01 * travelled, "{n} GPUs: parameters {d:.3e} from one GPU's after travelling {travelled:.3e}");
+    eprintln!("{n} GPUs: final parameters {d:.2e} from one GPU's (travelled {travelled:.2e})");
+    // Stopped at step 20 on N GPUs with a checkpoint, resumed on one.
+    let dir = std::env::temp_dir().join(format!("sqil-ddp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck = dir.join("ck.json");
+    let mut gn = sqil_driver::gpu_train::DataParallel::new(n, &tg0, cfg.batch).unwrap();
+    run(&mut gn, Some((&ck, false, Some(20))));
+    drop(gn);
+    let mut e1 = sqil_driver::gpu_train::GpuEngine::new(&tg0, cfg.batch).unwrap();
+    let (resumed, _) = run(&mut e1, Some((&ck, true, None)));
+    std::fs::remove_dir_all(&dir).ok();
+    let d = dist(&flat(&resumed), &flat(&single));
+    assert!(d <= 0.01 * travelled, "resumed on one GPU: {d:.3e} from the single-GPU run");
+    eprintln!("{n} GPUs to step 20, resumed on one: {d:.2e} from the single-GPU run");
+}
