@@ -13,6 +13,11 @@ use cudarc::driver::{CudaStream, CudaViewMut};
 use cudarc::nccl::{result as nccl, Comm, ReduceOp};
 use std::sync::Arc;
 
+/// What to do when NCCL cannot be loaded. cudarc opens `libnccl.so` (or `libnccl.so.13`, ...), not
+/// NCCL's soname `libnccl.so.2`, which is all the `nvidia-nccl-cu13` wheel and the `libnccl2`
+/// package install.
+pub const NCCL_MISSING: &str = "NCCL not found: put a `libnccl.so` link to libnccl.so.2 (the nvidia-nccl-cu13 wheel's nvidia/nccl/lib, or the libnccl2 package) in a folder on LD_LIBRARY_PATH, or train on one GPU";
+
 /// Whether the NCCL library can be loaded.
 pub fn nccl_present() -> bool {
     // SAFETY: only tries to dlopen the library.
@@ -31,7 +36,7 @@ impl Collective {
             return Err("an NCCL group needs at least one GPU".into());
         }
         if !nccl_present() {
-            return Err("NCCL (libnccl.so.2) not found: install it (the nvidia-nccl-cu13 wheel or the libnccl2 package) or train on one GPU".into());
+            return Err(NCCL_MISSING.into());
         }
         let streams: Vec<Arc<CudaStream>> = gpus
             .iter()

@@ -317,7 +317,7 @@ fn data_parallel_training_follows_one_gpu_and_resumes_on_another_count() {
     }
     if !sqil_cuda::collective::nccl_present() {
         assert!(std::env::var("SQIL_REQUIRE_NCCL").as_deref() != Ok("1"), "NCCL not found and SQIL_REQUIRE_NCCL=1");
-        eprintln!("skipping data-parallel training: NCCL (libnccl.so.2) not found on the library path");
+        eprintln!("skipping data-parallel training: {}", sqil_cuda::collective::NCCL_MISSING);
         return;
     }
     let name = "bc_hopper";
