@@ -245,27 +245,7 @@ fn training_with_the_optimizer_on_the_gpu_follows_the_cpu_and_resumes_exactly() 
     if !gpu_ok {
         return;
     }
-    let name = "bc_hopper";
-    let tg0 = train_graph(name, "wbits=4,abits=8,group=64", false);
-    let f = feeds(name, &tg0, 512, 11);
-    let data = sqil_train::trainer::Dataset {
-        inputs: tg0.policy_inputs.iter().map(|n| (n.clone(), f[n].clone())).collect(),
-        target: f["train.target"].clone(),
-        teacher: f["train.teacher"].clone(),
-        alpha: f["train.alpha"].data.to_f32_vec(),
-        target_hi: None,
-        teacher_hi: None,
-    };
-    let cfg = sqil_train::trainer::TrainConfig {
-        steps: 30,
-        batch: 64,
-        lr: 1e-3,
-        warmup: 5,
-        log_every: 1,
-        checkpoint_every: 10,
-        seed: 3,
-        ..Default::default()
-    };
+    let (tg0, data, cfg) = hopper_run(64);
     let flat = |tg: &TrainGraph| -> Vec<f32> { tg.params.iter().flat_map(|p| p.value.data.to_f32_vec()).collect() };
     let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
     let mut cpu = tg0.clone();
@@ -320,27 +300,7 @@ fn data_parallel_training_follows_one_gpu_and_resumes_on_another_count() {
         eprintln!("skipping data-parallel training: {}", sqil_cuda::collective::NCCL_MISSING);
         return;
     }
-    let name = "bc_hopper";
-    let tg0 = train_graph(name, "wbits=4,abits=8,group=64", false);
-    let f = feeds(name, &tg0, 512, 11);
-    let data = sqil_train::trainer::Dataset {
-        inputs: tg0.policy_inputs.iter().map(|n| (n.clone(), f[n].clone())).collect(),
-        target: f["train.target"].clone(),
-        teacher: f["train.teacher"].clone(),
-        alpha: f["train.alpha"].data.to_f32_vec(),
-        target_hi: None,
-        teacher_hi: None,
-    };
-    let cfg = sqil_train::trainer::TrainConfig {
-        steps: 30,
-        batch: 63,
-        lr: 1e-3,
-        warmup: 5,
-        log_every: 1,
-        checkpoint_every: 10,
-        seed: 3,
-        ..Default::default()
-    };
+    let (tg0, data, cfg) = hopper_run(63);
     let flat = |tg: &TrainGraph| -> Vec<f32> { tg.params.iter().flat_map(|p| p.value.data.to_f32_vec()).collect() };
     let dist = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
     let run = |engine: &mut dyn sqil_train::trainer::GradEngine,
@@ -401,4 +361,31 @@ fn data_parallel_training_follows_one_gpu_and_resumes_on_another_count() {
     let d = dist(&flat(&resumed), &flat(&single));
     assert!(d <= 0.01 * travelled, "resumed on one GPU: {d:.3e} from the single-GPU run");
     eprintln!("{n} GPUs to step 20, resumed on one: {d:.2e} from the single-GPU run");
+}
+
+/// bc_hopper's W4A8 training graph, 512 random training rows and a 30-step schedule at `batch`
+/// (checkpoints every 10 steps): the device-optimizer runs' setup.
+fn hopper_run(batch: usize) -> (TrainGraph, sqil_train::trainer::Dataset, sqil_train::trainer::TrainConfig) {
+    let name = "bc_hopper";
+    let tg0 = train_graph(name, "wbits=4,abits=8,group=64", false);
+    let f = feeds(name, &tg0, 512, 11);
+    let data = sqil_train::trainer::Dataset {
+        inputs: tg0.policy_inputs.iter().map(|n| (n.clone(), f[n].clone())).collect(),
+        target: f["train.target"].clone(),
+        teacher: f["train.teacher"].clone(),
+        alpha: f["train.alpha"].data.to_f32_vec(),
+        target_hi: None,
+        teacher_hi: None,
+    };
+    let cfg = sqil_train::trainer::TrainConfig {
+        steps: 30,
+        batch,
+        lr: 1e-3,
+        warmup: 5,
+        log_every: 1,
+        checkpoint_every: 10,
+        seed: 3,
+        ..Default::default()
+    };
+    (tg0, data, cfg)
 }
