@@ -1649,6 +1649,12 @@ pub fn post_in_place(v: &mut [f32], post: &[Post]) {
             post = rest;
             continue;
         }
+        // A HardSwish then a FakeQuant: the same ([`hard_swish_fake_quant_in_place`]).
+        if let (Post::HardSwish, Some((&Post::FakeQuant { scale, zero, lo, hi }, rest))) = (p, rest.split_first()) {
+            hard_swish_fake_quant_in_place(v, (scale, zero, lo, hi));
+            post = rest;
+            continue;
+        }
         // One loop per op (each a comparison or two: vectorized by the compiler).
         match *p {
             Post::Relu => v.iter_mut().for_each(|e| *e = relu_f32(*e)),
@@ -1690,6 +1696,26 @@ pub fn silu_fake_quant_in_place(v: &mut [f32], (scale, zero, lo, hi): (f32, f32,
     let done = 0;
     let rest = &mut v[done..];
     post_in_place(rest, &[Post::Silu]);
+    post_in_place(rest, &[Post::FakeQuant { scale, zero, lo, hi }]);
+}
+
+/// [`Post::HardSwish`] then [`Post::FakeQuant`] `(scale, zero, lo, hi)` over `v`, the two ops'
+/// bits: with AVX-512 through the quantized level estimated in f32 and taken where its error
+/// cannot change it (`avx512_hard_swish_fake_quant`), the definition otherwise; without, the two
+/// ops one after the other.
+pub fn hard_swish_fake_quant_in_place(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) {
+    #[cfg(target_arch = "x86_64")]
+    let done = match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
+        crate::Isa::Avx512Vnni => unsafe {
+            crate::x86_64::avx512::avx512_hard_swish_fake_quant(v, (scale, zero, lo, hi))
+        },
+        _ => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    let rest = &mut v[done..];
+    post_in_place(rest, &[Post::HardSwish]);
     post_in_place(rest, &[Post::FakeQuant { scale, zero, lo, hi }]);
 }
 

@@ -516,6 +516,94 @@ fn silu_then_fake_quant_equals_the_two_ops() {
     assert!(checked > 300_000, "{checked} values checked");
 }
 
+/// HardSwish then FakeQuant through the quantized level (`hard_swish_fake_quant_in_place`) equals
+/// the two ops one value at a time (`post_one`), bit for bit: around every half-way point of the
+/// quantizer's levels that `hard_swish(x) / scale` crosses (both roots of `x (x + 3) / 6 = t` on
+/// (-3, 3) and `x = t` above 3, then the 129 f32 values around each), around -3 and 3 (the
+/// clamp's corners), random values, and NaN, infinities, zeros, subnormals and huge values, for
+/// quantizers from saturating (tiny scales) to all-zero (huge), at lengths off the vector width.
+#[test]
+fn hard_swish_then_fake_quant_equals_the_two_ops() {
+    use sqil_kernels_cpu::generic::hard_swish_fake_quant_in_place;
+    use sqil_kernels_cpu::{post_one, Post};
+    let quantizers = [
+        (0.013f32, -3.0f32, -128.0f32, 127.0f32),
+        (0.05, 128.0, 0.0, 255.0),
+        (0.002, 0.0, -8.0, 7.0),
+        (0.4, 1.0, -128.0, 127.0),
+        (0.0235, -128.0, -128.0, 127.0),
+        (3e-7, 0.0, -128.0, 127.0),
+        (1e30, 0.0, -128.0, 127.0),
+    ];
+    let around = |xs: &mut Vec<f32>, c: f32| {
+        for d in -64i32..=64 {
+            xs.push(f32::from_bits(c.to_bits().wrapping_add_signed(d)));
+        }
+    };
+    let mut checked = 0;
+    for &(scale, zero, lo, hi) in &quantizers {
+        let mut xs: Vec<f32> = vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e-45,
+            -1e-45,
+            1e-40,
+            -3e-39,
+            1e30,
+            -1e30,
+            f32::MAX,
+            f32::MIN,
+        ];
+        for c in [3.0f32, -3.0, -1.5] {
+            around(&mut xs, c);
+        }
+        for k in (lo - zero - 3.0) as i64..=(hi - zero + 3.0) as i64 {
+            let t = (k as f64 + 0.5) * scale as f64;
+            if t >= 3.0 {
+                around(&mut xs, t as f32);
+            } else if t > -0.375 {
+                let d = (9.0 + 24.0 * t).sqrt();
+                for r in [(-3.0 + d) / 2.0, (-3.0 - d) / 2.0] {
+                    if r.abs() < 3.0 {
+                        around(&mut xs, r as f32);
+                    }
+                }
+            }
+        }
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..20_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            xs.push(((s >> 11) as f64 / (1u64 << 53) as f64 * 16.0 - 8.0) as f32);
+        }
+        let post = [Post::HardSwish, Post::FakeQuant { scale, zero, lo, hi }];
+        let want: Vec<u32> =
+            xs.iter().map(|&x| post_one(x, &post)).map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect();
+        for len in [xs.len(), xs.len() - 7, 15] {
+            let mut got = xs[..len].to_vec();
+            hard_swish_fake_quant_in_place(&mut got, (scale, zero, lo, hi));
+            for (i, (g, w)) in got.iter().zip(&want[..len]).enumerate() {
+                let g = if g.is_nan() { u32::MAX } else { g.to_bits() };
+                assert_eq!(
+                    g,
+                    *w,
+                    "x = {:e} ({:#x}), scale {scale}: got {:e}, want {:e}",
+                    xs[i],
+                    xs[i].to_bits(),
+                    f32::from_bits(g),
+                    f32::from_bits(*w)
+                );
+            }
+            checked += len;
+        }
+    }
+    assert!(checked > 300_000, "{checked} values checked");
+}
+
 /// Per-plane f64 sums (GlobalAveragePool's) equal the in-order fold from the same start, bit for
 /// bit: 1-70 planes (the 32- and 8-plane vector blocks and the rest), 1-50 values per plane (the
 /// 8-position blocks and the rest), -0.0 as the start, signed zeros, infinities, NaN and values

@@ -1201,6 +1201,71 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     nan != 0
 }
 
+/// HardSwish then a FakeQuant (`x * clamp(x / 6 + 1/2, 0, 1)` as
+/// [`crate::generic::Post::HardSwish`] computes it, in f64 rounded once to f32, then `(scale,
+/// zero, lo, hi)`) in place over whole vectors of `v`, through the quantized level, as
+/// [`avx512_silu_fake_quant`] does for SiLU: per 16 lanes the estimate `q~ = x t~ fl(1 / scale)`
+/// with `t~ = clamp(fma(x, fl(1/6), 1/2), 0, 1)` in f32. `t~` is within `2^-24` of the exact
+/// clamp (the clamp is 1-Lipschitz), so `q~` is within `|x| 2^-24 / scale` plus three roundings
+/// of the exact quotient, and the definition's `fl(fl(hard_swish(x)) / scale)` within two
+/// roundings (its f64 steps add `|x| 2^-53`): where `|q~ - round(q~)| + |x| fl(1 / scale) 2^-22 +
+/// |q~| 2^-20` (twice those bounds, plus `2^-100`) stays below 0.5 both round to the same
+/// integer, and where `q~` minus (plus) that bound lies a whole level beyond `hi - zero` (`lo -
+/// zero`) both clamp to the bound. Any other lane (near a half-way point, NaN, an infinity) sends
+/// its vector to the definition. Returns how many values were done (a multiple of 64; the caller
+/// finishes the rest).
+///
+/// # Safety
+/// AVX-512 F, AVX2 and FMA.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) -> usize {
+    let (vs, vz, vlo, vhi) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
+    let rcp = 1.0 / scale;
+    // The estimate is only taken with a normal, finite reciprocal of a positive scale.
+    if !(scale > 0.0 && rcp.is_normal()) {
+        return 0;
+    }
+    let rs = _mm512_set1_ps(rcp);
+    let xbound = _mm512_set1_ps(rcp * (1.0 / 4_194_304.0));
+    let (top, bottom) = (_mm512_set1_ps(hi - zero + 1.0), _mm512_set1_ps(lo - zero - 1.0));
+    let (sixth, half, one, zero_v) =
+        (_mm512_set1_ps(1.0 / 6.0), _mm512_set1_ps(0.5), _mm512_set1_ps(1.0), _mm512_setzero_ps());
+    const K: usize = 4;
+    let n = v.len() / (16 * K) * (16 * K);
+    let mut i = 0;
+    while i < n {
+        for j in 0..K {
+            let at = i + 16 * j;
+            let x = _mm512_loadu_ps(v.as_ptr().add(at));
+            let t = _mm512_min_ps(one, _mm512_max_ps(zero_v, _mm512_fmadd_ps(x, sixth, half)));
+            let q = _mm512_mul_ps(_mm512_mul_ps(x, t), rs);
+            let qr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+            let b = _mm512_fmadd_ps(
+                _mm512_abs_ps(x),
+                xbound,
+                _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 1_048_576.0), _mm512_set1_ps(1e-30)),
+            );
+            let off = _mm512_add_ps(_mm512_abs_ps(_mm512_sub_ps(q, qr)), b);
+            let inside = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, _mm512_set1_ps(0.5));
+            let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_sub_ps(q, b), top);
+            let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_add_ps(q, b), bottom);
+            // Finite lanes only (an infinity's estimate is not the definition's NaN or bound).
+            let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(x), _mm512_set1_ps(f32::MAX));
+            if finite & (inside | above | below) == 0xffff {
+                let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(qr, vz)));
+                _mm512_storeu_ps(v.as_mut_ptr().add(at), _mm512_mul_ps(_mm512_sub_ps(y, vz), vs));
+            } else {
+                let post = [crate::generic::Post::HardSwish, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
+                for e in &mut v[at..at + 16] {
+                    *e = crate::generic::post_one(*e, &post);
+                }
+            }
+        }
+        i += 16 * K;
+    }
+    n
+}
+
 /// SiLU then a FakeQuant (`x * sigmoid(x)` as [`crate::generic::Post::Silu`] computes it, then
 /// `(scale, zero, lo, hi)`) in place over whole vectors of `v`, through the quantized level: only
 /// the integer level reaches the output, and an f32 estimate decides it wherever its error cannot
