@@ -1685,29 +1685,21 @@ pub fn post_in_place(v: &mut [f32], post: &[Post]) {
 /// with AVX-512, through the quantized level estimated in f32 and taken where its error cannot
 /// change it (`avx512_silu_fake_quant`), the definition otherwise; without, the two ops one after
 /// the other.
-pub fn silu_fake_quant_in_place(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) {
-    #[cfg(target_arch = "x86_64")]
-    let done = match crate::isa() {
-        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
-        crate::Isa::Avx512Vnni => unsafe { crate::x86_64::avx512::avx512_silu_fake_quant(v, (scale, zero, lo, hi)) },
-        _ => 0,
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let done = 0;
-    let rest = &mut v[done..];
-    post_in_place(rest, &[Post::Silu]);
-    post_in_place(rest, &[Post::FakeQuant { scale, zero, lo, hi }]);
+pub fn silu_fake_quant_in_place(v: &mut [f32], q: (f32, f32, f32, f32)) {
+    op_fake_quant_in_place(v, Post::Silu, q);
 }
 
-/// [`Post::HardSwish`] then [`Post::FakeQuant`] `(scale, zero, lo, hi)` over `v`, the two ops'
-/// bits: with AVX-512 through the quantized level estimated in f32 and taken where its error
-/// cannot change it (`avx512_hard_swish_fake_quant`), the definition otherwise; without, the two
-/// ops one after the other.
-pub fn hard_swish_fake_quant_in_place(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) {
+/// `op` (SiLU or HardSwish) then the FakeQuant `q` over `v`: the AVX-512 kernel through the level
+/// for the whole vectors it takes, then the two ops one after the other on the rest.
+fn op_fake_quant_in_place(v: &mut [f32], op: Post, (scale, zero, lo, hi): (f32, f32, f32, f32)) {
     #[cfg(target_arch = "x86_64")]
-    let done = match crate::isa() {
+    let done = match (crate::isa(), op) {
         // SAFETY: isa() checked AVX-512 F, AVX2 and FMA.
-        crate::Isa::Avx512Vnni => unsafe {
+        (crate::Isa::Avx512Vnni, Post::Silu) => unsafe {
+            crate::x86_64::avx512::avx512_silu_fake_quant(v, (scale, zero, lo, hi))
+        },
+        // SAFETY: as above.
+        (crate::Isa::Avx512Vnni, Post::HardSwish) => unsafe {
             crate::x86_64::avx512::avx512_hard_swish_fake_quant(v, (scale, zero, lo, hi))
         },
         _ => 0,
@@ -1715,8 +1707,16 @@ pub fn hard_swish_fake_quant_in_place(v: &mut [f32], (scale, zero, lo, hi): (f32
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
     let rest = &mut v[done..];
-    post_in_place(rest, &[Post::HardSwish]);
+    post_in_place(rest, &[op]);
     post_in_place(rest, &[Post::FakeQuant { scale, zero, lo, hi }]);
+}
+
+/// [`Post::HardSwish`] then [`Post::FakeQuant`] `(scale, zero, lo, hi)` over `v`, the two ops'
+/// bits: with AVX-512 through the quantized level estimated in f32 and taken where its error
+/// cannot change it (`avx512_hard_swish_fake_quant`), the definition otherwise; without, the two
+/// ops one after the other.
+pub fn hard_swish_fake_quant_in_place(v: &mut [f32], q: (f32, f32, f32, f32)) {
+    op_fake_quant_in_place(v, Post::HardSwish, q);
 }
 
 /// Per plane of `v` (`[planes][il]`, `il > 0`), the f64 sum of its values in order from `init`

@@ -420,7 +420,7 @@ fn dispatched_layer_norm_equals_the_definition() {
 #[test]
 fn silu_then_fake_quant_equals_the_two_ops() {
     use sqil_kernels_cpu::generic::silu_fake_quant_in_place;
-    use sqil_kernels_cpu::{post_one, Post};
+    use sqil_kernels_cpu::Post;
     let silu = |x: f64| x / (1.0 + (-x).exp());
     // Bisection for silu(x) = t on [a, b] where silu is monotonic.
     let root = |t: f64, (mut a, mut b): (f64, f64)| {
@@ -445,29 +445,8 @@ fn silu_then_fake_quant_equals_the_two_ops() {
     ];
     let mut checked = 0;
     for &(scale, zero, lo, hi) in &quantizers {
-        let mut xs: Vec<f32> = vec![
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            0.0,
-            -0.0,
-            1e-45,
-            -1e-45,
-            1e-40,
-            -3e-39,
-            29.99,
-            30.0,
-            30.01,
-            -29.99,
-            -30.0,
-            -30.01,
-            1e30,
-            -1e30,
-            88.0,
-            -88.0,
-            104.0,
-            -104.0,
-        ];
+        let mut xs: Vec<f32> = SPECIAL.to_vec();
+        xs.extend([29.99, 30.0, 30.01, -29.99, -30.0, -30.01, 1e30, -1e30, 88.0, -88.0, 104.0, -104.0]);
         // Half-way points k + 1/2 (in quotient units) of the levels in and around the clamp.
         for k in (lo - zero - 3.0) as i64..=(hi - zero + 3.0) as i64 {
             let t = (k as f64 + 0.5) * scale as f64;
@@ -485,35 +464,52 @@ fn silu_then_fake_quant_equals_the_two_ops() {
                 }
             }
         }
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..20_000 {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            xs.push(((s >> 11) as f64 / (1u64 << 53) as f64 * 24.0 - 12.0) as f32);
-        }
-        let post = [Post::Silu, Post::FakeQuant { scale, zero, lo, hi }];
-        let want: Vec<u32> =
-            xs.iter().map(|&x| post_one(x, &post)).map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect();
-        for len in [xs.len(), xs.len() - 7, 15] {
-            let mut got = xs[..len].to_vec();
-            silu_fake_quant_in_place(&mut got, (scale, zero, lo, hi));
-            for (i, (g, w)) in got.iter().zip(&want[..len]).enumerate() {
-                let g = if g.is_nan() { u32::MAX } else { g.to_bits() };
-                assert_eq!(
-                    g,
-                    *w,
-                    "x = {:e} ({:#x}), scale {scale}: got {:e}, want {:e}",
-                    xs[i],
-                    xs[i].to_bits(),
-                    f32::from_bits(g),
-                    f32::from_bits(*w)
-                );
-            }
-            checked += len;
-        }
+        xs.extend(evenly(20_000, 12.0));
+        checked += op_then_quant_equals_the_two_ops(&xs, Post::Silu, (scale, zero, lo, hi), silu_fake_quant_in_place);
     }
     assert!(checked > 300_000, "{checked} values checked");
+}
+
+/// The values every through-the-level test starts from: NaN, the infinities, signed zeros and
+/// subnormals.
+const SPECIAL: [f32; 9] = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1e-45, -1e-45, 1e-40, -3e-39];
+
+/// `n` values spread evenly at random over (-half, half) ([`uniform`] from a fixed seed).
+fn evenly(n: usize, half: f64) -> Vec<f32> {
+    let mut u = uniform(0x9e37_79b9_7f4a_7c15);
+    (0..n).map(|_| (u() * 2.0 * half - half) as f32).collect()
+}
+
+/// `fused` (an op then the FakeQuant `q`, through the level) on `xs`, on all of them, all but 7
+/// and the first 15, against `op` then the FakeQuant one value at a time (`post_one`), bit for
+/// bit (NaN as NaN); returns how many values were checked.
+fn op_then_quant_equals_the_two_ops(
+    xs: &[f32],
+    op: sqil_kernels_cpu::Post,
+    q: (f32, f32, f32, f32),
+    fused: fn(&mut [f32], (f32, f32, f32, f32)),
+) -> usize {
+    let (scale, zero, lo, hi) = q;
+    let post = [op, sqil_kernels_cpu::Post::FakeQuant { scale, zero, lo, hi }];
+    let bits = |v: f32| if v.is_nan() { u32::MAX } else { v.to_bits() };
+    let want: Vec<u32> = xs.iter().map(|&x| bits(sqil_kernels_cpu::post_one(x, &post))).collect();
+    let mut checked = 0;
+    for len in [xs.len(), xs.len() - 7, 15] {
+        let mut got = xs[..len].to_vec();
+        fused(&mut got, q);
+        for (i, (g, w)) in got.iter().zip(&want[..len]).enumerate() {
+            assert_eq!(
+                bits(*g),
+                *w,
+                "{op:?}: x = {:e} ({:#x}), scale {scale}: got {g:e}, want {:e}",
+                xs[i],
+                xs[i].to_bits(),
+                f32::from_bits(*w)
+            );
+        }
+        checked += len;
+    }
+    checked
 }
 
 /// HardSwish then FakeQuant through the quantized level (`hard_swish_fake_quant_in_place`) equals
@@ -525,7 +521,7 @@ fn silu_then_fake_quant_equals_the_two_ops() {
 #[test]
 fn hard_swish_then_fake_quant_equals_the_two_ops() {
     use sqil_kernels_cpu::generic::hard_swish_fake_quant_in_place;
-    use sqil_kernels_cpu::{post_one, Post};
+    use sqil_kernels_cpu::Post;
     let quantizers = [
         (0.013f32, -3.0f32, -128.0f32, 127.0f32),
         (0.05, 128.0, 0.0, 255.0),
@@ -542,21 +538,8 @@ fn hard_swish_then_fake_quant_equals_the_two_ops() {
     };
     let mut checked = 0;
     for &(scale, zero, lo, hi) in &quantizers {
-        let mut xs: Vec<f32> = vec![
-            f32::NAN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            0.0,
-            -0.0,
-            1e-45,
-            -1e-45,
-            1e-40,
-            -3e-39,
-            1e30,
-            -1e30,
-            f32::MAX,
-            f32::MIN,
-        ];
+        let mut xs: Vec<f32> = SPECIAL.to_vec();
+        xs.extend([1e30, -1e30, f32::MAX, f32::MIN]);
         for c in [3.0f32, -3.0, -1.5] {
             around(&mut xs, c);
         }
@@ -573,33 +556,13 @@ fn hard_swish_then_fake_quant_equals_the_two_ops() {
                 }
             }
         }
-        let mut s = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..20_000 {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            xs.push(((s >> 11) as f64 / (1u64 << 53) as f64 * 16.0 - 8.0) as f32);
-        }
-        let post = [Post::HardSwish, Post::FakeQuant { scale, zero, lo, hi }];
-        let want: Vec<u32> =
-            xs.iter().map(|&x| post_one(x, &post)).map(|v| if v.is_nan() { u32::MAX } else { v.to_bits() }).collect();
-        for len in [xs.len(), xs.len() - 7, 15] {
-            let mut got = xs[..len].to_vec();
-            hard_swish_fake_quant_in_place(&mut got, (scale, zero, lo, hi));
-            for (i, (g, w)) in got.iter().zip(&want[..len]).enumerate() {
-                let g = if g.is_nan() { u32::MAX } else { g.to_bits() };
-                assert_eq!(
-                    g,
-                    *w,
-                    "x = {:e} ({:#x}), scale {scale}: got {:e}, want {:e}",
-                    xs[i],
-                    xs[i].to_bits(),
-                    f32::from_bits(g),
-                    f32::from_bits(*w)
-                );
-            }
-            checked += len;
-        }
+        xs.extend(evenly(20_000, 8.0));
+        checked += op_then_quant_equals_the_two_ops(
+            &xs,
+            Post::HardSwish,
+            (scale, zero, lo, hi),
+            hard_swish_fake_quant_in_place,
+        );
     }
     assert!(checked > 300_000, "{checked} values checked");
 }

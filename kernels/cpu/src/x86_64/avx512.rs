@@ -1201,6 +1201,40 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     nan != 0
 }
 
+/// The FakeQuant `(scale, zero, lo, hi)` of `op`'s outputs for the 16 values at `v[at..]`, from
+/// `(q, b, ok)`: an estimate `q` of each output's quotient by the scale, a bound `b` on its
+/// distance from the definition's quotient, and the lanes `ok` where the estimate may be taken.
+/// Where every lane is `ok` and no half-way point lies within `b` of its `q` (or the interval
+/// lies a whole level beyond a clamp bound), the estimate's level, written as the FakeQuant
+/// writes it (`(clamp(round(q) + zero) - zero) * scale`); otherwise the vector through the
+/// definition (`op` then the FakeQuant), value by value.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn store_levels16(
+    v: &mut [f32],
+    at: usize,
+    (q, b, ok): (__m512, __m512, __mmask16),
+    op: crate::generic::Post,
+    (scale, zero, lo, hi): (f32, f32, f32, f32),
+) {
+    let qr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
+    let off = _mm512_add_ps(_mm512_abs_ps(_mm512_sub_ps(q, qr)), b);
+    let inside = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, _mm512_set1_ps(0.5));
+    // A whole level past the clamp's bounds (integers: exact).
+    let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_sub_ps(q, b), _mm512_set1_ps(hi - zero + 1.0));
+    let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_add_ps(q, b), _mm512_set1_ps(lo - zero - 1.0));
+    if ok & (inside | above | below) == 0xffff {
+        let vz = _mm512_set1_ps(zero);
+        let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(qr, vz)));
+        _mm512_storeu_ps(v.as_mut_ptr().add(at), _mm512_mul_ps(_mm512_sub_ps(y, vz), _mm512_set1_ps(scale)));
+    } else {
+        let post = [op, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
+        for e in &mut v[at..at + 16] {
+            *e = crate::generic::post_one(*e, &post);
+        }
+    }
+}
+
 /// HardSwish then a FakeQuant (`x * clamp(x / 6 + 1/2, 0, 1)` as
 /// [`crate::generic::Post::HardSwish`] computes it, in f64 rounded once to f32, then `(scale,
 /// zero, lo, hi)`) in place over whole vectors of `v`, through the quantized level, as
@@ -1219,7 +1253,6 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
 /// AVX-512 F, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) -> usize {
-    let (vs, vz, vlo, vhi) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let rcp = 1.0 / scale;
     // The estimate is only taken with a normal, finite reciprocal of a positive scale.
     if !(scale > 0.0 && rcp.is_normal()) {
@@ -1227,7 +1260,6 @@ pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi):
     }
     let rs = _mm512_set1_ps(rcp);
     let xbound = _mm512_set1_ps(rcp * (1.0 / 4_194_304.0));
-    let (top, bottom) = (_mm512_set1_ps(hi - zero + 1.0), _mm512_set1_ps(lo - zero - 1.0));
     let (sixth, half, one, zero_v) =
         (_mm512_set1_ps(1.0 / 6.0), _mm512_set1_ps(0.5), _mm512_set1_ps(1.0), _mm512_setzero_ps());
     const K: usize = 4;
@@ -1239,27 +1271,14 @@ pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi):
             let x = _mm512_loadu_ps(v.as_ptr().add(at));
             let t = _mm512_min_ps(one, _mm512_max_ps(zero_v, _mm512_fmadd_ps(x, sixth, half)));
             let q = _mm512_mul_ps(_mm512_mul_ps(x, t), rs);
-            let qr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
             let b = _mm512_fmadd_ps(
                 _mm512_abs_ps(x),
                 xbound,
                 _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 1_048_576.0), _mm512_set1_ps(1e-30)),
             );
-            let off = _mm512_add_ps(_mm512_abs_ps(_mm512_sub_ps(q, qr)), b);
-            let inside = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, _mm512_set1_ps(0.5));
-            let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_sub_ps(q, b), top);
-            let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_add_ps(q, b), bottom);
             // Finite lanes only (an infinity's estimate is not the definition's NaN or bound).
             let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(x), _mm512_set1_ps(f32::MAX));
-            if finite & (inside | above | below) == 0xffff {
-                let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(qr, vz)));
-                _mm512_storeu_ps(v.as_mut_ptr().add(at), _mm512_mul_ps(_mm512_sub_ps(y, vz), vs));
-            } else {
-                let post = [crate::generic::Post::HardSwish, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
-                for e in &mut v[at..at + 16] {
-                    *e = crate::generic::post_one(*e, &post);
-                }
-            }
+            store_levels16(v, at, (q, b, finite), crate::generic::Post::HardSwish, (scale, zero, lo, hi));
         }
         i += 16 * K;
     }
@@ -1291,10 +1310,8 @@ pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32,
     const LN2_HI: f32 = f32::from_bits(0x3f31_7000);
     const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
     const MAGIC: f32 = 12_582_912.0;
-    let (vs, vz, vlo, vhi) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero), _mm512_set1_ps(lo), _mm512_set1_ps(hi));
     let rs = _mm512_set1_ps(1.0 / scale);
     // A whole level past the clamp's bounds (integers: exact).
-    let (top, bottom) = (_mm512_set1_ps(hi - zero + 1.0), _mm512_set1_ps(lo - zero - 1.0));
     let one = _mm512_set1_ps(1.0);
     let taylor = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32];
     // The estimate is only taken with a normal, finite reciprocal of a positive scale.
@@ -1334,23 +1351,9 @@ pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32,
             let y0 = _mm512_rcp14_ps(d);
             let sig = _mm512_mul_ps(num, _mm512_fmadd_ps(y0, _mm512_fnmadd_ps(d, y0, one), y0));
             let q = _mm512_mul_ps(_mm512_mul_ps(x[j], sig), rs);
-            let qr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
             let b = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 262_144.0), _mm512_set1_ps(1e-30));
-            let off = _mm512_add_ps(_mm512_abs_ps(_mm512_sub_ps(q, qr)), b);
-            let inside = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, _mm512_set1_ps(0.5));
-            let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_sub_ps(q, b), top);
-            let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_add_ps(q, b), bottom);
             let ok = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[j], _mm512_set1_ps(30.0));
-            let at = i + 16 * j;
-            if ok & (inside | above | below) == 0xffff {
-                let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(qr, vz)));
-                _mm512_storeu_ps(v.as_mut_ptr().add(at), _mm512_mul_ps(_mm512_sub_ps(y, vz), vs));
-            } else {
-                let post = [crate::generic::Post::Silu, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
-                for e in &mut v[at..at + 16] {
-                    *e = crate::generic::post_one(*e, &post);
-                }
-            }
+            store_levels16(v, i + 16 * j, (q, b, ok), crate::generic::Post::Silu, (scale, zero, lo, hi));
         }
         i += 16 * K;
     }
