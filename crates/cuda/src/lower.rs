@@ -94,6 +94,11 @@ const OUTPUTS_FEW: usize = 1024;
 /// outputs, not once per output's warp) where its groups are whole words of four terms, 32 or more.
 const TILE_ROWS: usize = 8;
 
+/// Whether an int4 layer on integer activations over `rows` rows runs `sqil_q4_int_tile`.
+fn tile_takes(rows: usize, w: &sqil_kernels_cpu::PackedQ4) -> bool {
+    rows >= TILE_ROWS && w.group >= 32 && w.group.is_multiple_of(4)
+}
+
 /// Threads of a `sqil_q4_int_tile` launch over `rows` x `n` outputs.
 fn tile_threads(rows: usize, n: usize) -> usize {
     rows.div_ceil(16) * n.div_ceil(32) * 256
@@ -554,7 +559,7 @@ impl<'a> Lowerer<'a> {
                     let mut args = vec![wq, scales, bias, KArg::Buf(lb), KArg::Buf(yb)];
                     args.extend(dims);
                     args.extend([KArg::F32(scale), KArg::I32(relu as i32)]);
-                    if rows >= TILE_ROWS && w.group >= 32 && w.group.is_multiple_of(4) {
+                    if tile_takes(rows, w) {
                         // Scale 0 (x holds levels); the zero and range place them in bytes.
                         args.push(KArg::F32(0.0));
                         args.extend(q.clone());
@@ -573,7 +578,7 @@ impl<'a> Lowerer<'a> {
                     args.extend(q);
                     if w.groups() >= GROUPS_LONG && rows * w.n <= OUTPUTS_FEW {
                         self.steps.push(kernel("sqil_q4_int_groups", rows * w.n * 256, args));
-                    } else if rows >= TILE_ROWS && w.group >= 32 && w.group.is_multiple_of(4) {
+                    } else if tile_takes(rows, w) {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
                         self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));

@@ -627,53 +627,29 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
         let validation = Validation { every, patience: a.patience, score: &score_fn };
         let ck = a.out.join("checkpoint.json");
         let batch = a.train.batch.min(data.len());
-        let mut gpu = match a.device {
-            crate::gpu_train::Device::Cuda if a.gpus > 1 => None,
+        // On the GPU the forward passes use (and, with --gpus N, GPUs 1..N beside it).
+        let mut engine: Option<Box<dyn GradEngine>> = match a.device {
             crate::gpu_train::Device::Cuda => {
-                let gpu = fwd.gpu().expect("--device cuda opened the GPU").clone();
-                Some(crate::gpu_train::GpuEngine::on(gpu, &tg, batch)?)
+                let first = fwd.gpu().expect("--device cuda opened the GPU").clone();
+                let (e, bytes, mode): (Box<dyn GradEngine>, usize, String) = if a.gpus > 1 {
+                    let dp = crate::gpu_train::DataParallel::new(Some(first), a.gpus, &tg, batch)?;
+                    let (bytes, mode) = (dp.bytes(), dp.mode());
+                    (Box::new(dp), bytes, mode)
+                } else {
+                    let g = crate::gpu_train::GpuEngine::on(first, &tg, batch)?;
+                    let (bytes, mode) = (g.bytes(), g.mode());
+                    (Box::new(g), bytes, mode)
+                };
+                eprintln!(
+                    "fine-tuning on {} ({:.1} MB of buffers and cuBLAS workspace, {mode})",
+                    e.device(),
+                    bytes as f64 / 1e6
+                );
+                Some(e)
             }
             crate::gpu_train::Device::Cpu => None,
         };
-        // Several GPUs: rank 0 on the GPU the forward passes use, the others opened here.
-        let mut gpus = match a.device {
-            crate::gpu_train::Device::Cuda if a.gpus > 1 => {
-                let first = fwd.gpu().expect("--device cuda opened the GPU").clone();
-                let count = sqil_cuda::Gpu::count().map_err(|e| format!("--gpus {}: {e}", a.gpus))?;
-                if a.gpus > count {
-                    return Err(format!("--gpus {}: this machine has {count} GPU(s)", a.gpus).into());
-                }
-                let mut devs = vec![first];
-                for i in 1..a.gpus {
-                    devs.push(std::sync::Arc::new(
-                        sqil_cuda::Gpu::on(i).map_err(|e| format!("--gpus {}: GPU {i}: {e}", a.gpus))?,
-                    ));
-                }
-                Some(crate::gpu_train::DataParallel::on(devs, &tg, batch)?)
-            }
-            _ => None,
-        };
-        if let Some(g) = &gpu {
-            eprintln!(
-                "fine-tuning on {} ({:.1} MB of buffers and cuBLAS workspace, {})",
-                g.device(),
-                g.bytes() as f64 / 1e6,
-                g.mode()
-            );
-        }
-        if let Some(g) = &gpus {
-            eprintln!(
-                "fine-tuning data-parallel on {} ({:.1} MB of buffers and cuBLAS workspaces, {})",
-                sqil_train::trainer::GradEngine::device(g),
-                g.bytes() as f64 / 1e6,
-                g.mode()
-            );
-        }
-        let engine = match (gpu.as_mut(), gpus.as_mut()) {
-            (Some(g), _) => Some(g as &mut dyn sqil_train::trainer::GradEngine),
-            (None, Some(g)) => Some(g as &mut dyn sqil_train::trainer::GradEngine),
-            (None, None) => None,
-        };
+        let engine = engine.as_deref_mut().map(|e| e as &mut dyn GradEngine);
         let (log, best) = train_with(&mut tg, &data, &a.train, Some(&ck), a.resume, Some(&validation), engine)?;
         let best = best.ok_or("fine-tuning gave no validated parameters")?;
         let recipe = serde_json::to_value(a.recipe).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();

@@ -279,15 +279,22 @@ pub struct DataParallel {
 }
 
 impl DataParallel {
-    /// Opens GPUs 0..gpus and lowers the training graph at each rank's shard of `batch`.
-    pub fn new(gpus: usize, tg: &TrainGraph, batch: usize) -> Result<DataParallel> {
+    /// Opens GPUs 0..gpus (GPU 0 is `first` where the caller has it open already) and lowers the
+    /// training graph at each rank's shard of `batch`.
+    pub fn new(first: Option<Arc<Gpu>>, gpus: usize, tg: &TrainGraph, batch: usize) -> Result<DataParallel> {
         let count = Gpu::count().map_err(|e| IrError::Invalid(format!("--gpus {gpus}: {e}")))?;
         if gpus == 0 || gpus > count {
             return Err(IrError::Invalid(format!("--gpus {gpus}: this machine has {count} GPU(s)")));
         }
-        let devs = (0..gpus)
-            .map(|i| Gpu::on(i).map(Arc::new).map_err(|e| IrError::Invalid(format!("--gpus {gpus}: GPU {i}: {e}"))))
-            .collect::<Result<Vec<_>>>()?;
+        let open =
+            |i: usize| Gpu::on(i).map(Arc::new).map_err(|e| IrError::Invalid(format!("--gpus {gpus}: GPU {i}: {e}")));
+        let mut devs = vec![match first {
+            Some(g) => g,
+            None => open(0)?,
+        }];
+        for i in 1..gpus {
+            devs.push(open(i)?);
+        }
         DataParallel::on(devs, tg, batch)
     }
 

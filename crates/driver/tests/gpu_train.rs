@@ -325,7 +325,7 @@ fn data_parallel_training_follows_one_gpu_and_resumes_on_another_count() {
     let travelled = dist(&flat(&tg0), &flat(&single));
     assert!(travelled > 0.0, "the single-GPU run did not move the parameters");
     // A group of one: the single GPU's bits.
-    let mut g1 = sqil_driver::gpu_train::DataParallel::new(1, &tg0, cfg.batch).unwrap();
+    let mut g1 = sqil_driver::gpu_train::DataParallel::new(None, 1, &tg0, cfg.batch).unwrap();
     let (grouped, _) = run(&mut g1, None);
     drop(g1);
     assert!(
@@ -339,7 +339,7 @@ fn data_parallel_training_follows_one_gpu_and_resumes_on_another_count() {
         eprintln!("skipping the multi-GPU half: this machine has {n} GPU");
         return;
     }
-    let mut gn = sqil_driver::gpu_train::DataParallel::new(n, &tg0, cfg.batch).unwrap();
+    let mut gn = sqil_driver::gpu_train::DataParallel::new(None, n, &tg0, cfg.batch).unwrap();
     let (multi, multi_log) = run(&mut gn, None);
     drop(gn);
     for ((s, a, _), (_, b, _)) in single_log.loss.iter().zip(&multi_log.loss) {
@@ -352,7 +352,7 @@ fn data_parallel_training_follows_one_gpu_and_resumes_on_another_count() {
     let dir = std::env::temp_dir().join(format!("sqil-ddp-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ck = dir.join("ck.json");
-    let mut gn = sqil_driver::gpu_train::DataParallel::new(n, &tg0, cfg.batch).unwrap();
+    let mut gn = sqil_driver::gpu_train::DataParallel::new(None, n, &tg0, cfg.batch).unwrap();
     run(&mut gn, Some((&ck, false, Some(20))));
     drop(gn);
     let mut e1 = sqil_driver::gpu_train::GpuEngine::new(&tg0, cfg.batch).unwrap();
