@@ -1147,10 +1147,11 @@ unsafe fn depthwise_unpack<const CHAIN: bool, const CLAMP: bool, const FQ: bool>
     }
 }
 
-/// [`depthwise_lanes_avx2`]'s taps on eight channels per vector: per output position, four
-/// vectors of channels (independent chains) at a time, then one; each lane one FMA chain from +0
-/// over the taps in (row, column) order. Buffers as [`depthwise_taps_avx512`] takes them, `cp` a
-/// multiple of 8.
+/// [`depthwise_lanes_avx2`]'s taps on eight channels per vector, as [`depthwise_taps_avx512`]
+/// runs them on sixteen: per block of eight channels, eight output positions at a time (eight
+/// independent chains, running on across output rows), each tap's weight vector loaded once for
+/// the eight, then one position at a time; each lane one FMA chain from +0 over the taps in
+/// (row, column) order. Buffers as [`depthwise_taps_avx512`] takes them, `cp` a multiple of 8.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; the pointers hold the buffers [`depthwise_lanes_avx2`]
@@ -1165,41 +1166,33 @@ unsafe fn depthwise_taps_avx2(
     acc: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    for oy in 0..oh {
-        for ox in 0..ow {
-            let base = (oy * sh * wp + ox * sw) * cp;
-            let dst = acc.add((oy * ow + ox) * cp);
-            let mut c0 = 0;
-            // Four vectors (independent chains) at a time, then one.
-            while c0 + 32 <= cp {
-                let mut a = [_mm256_setzero_ps(); 4];
-                for (t, &off) in offs.iter().enumerate() {
-                    for (v, a) in a.iter_mut().enumerate() {
-                        let c = c0 + 8 * v;
-                        *a = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(wtp.add(t * cp + c)),
-                            _mm256_loadu_ps(bp.add(base + off + c)),
-                            *a,
-                        );
-                    }
+    const P: usize = 8;
+    let ol = oh * ow;
+    let start = |o: usize| (o / ow * sh * wp + o % ow * sw) * cp;
+    for c0 in (0..cp).step_by(8) {
+        let wc = wtp.add(c0);
+        let mut o = 0;
+        while o + P <= ol {
+            let pv: [*const f32; P] = std::array::from_fn(|v| bp.add(start(o + v) + c0));
+            let mut a = [_mm256_setzero_ps(); P];
+            for (t, &off) in offs.iter().enumerate() {
+                let w = _mm256_loadu_ps(wc.add(t * cp));
+                for (v, a) in a.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(pv[v].add(off)), *a);
                 }
-                for (v, a) in a.iter().enumerate() {
-                    _mm256_storeu_ps(dst.add(c0 + 8 * v), *a);
-                }
-                c0 += 32;
             }
-            while c0 < cp {
-                let mut a = _mm256_setzero_ps();
-                for (t, &off) in offs.iter().enumerate() {
-                    a = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(wtp.add(t * cp + c0)),
-                        _mm256_loadu_ps(bp.add(base + off + c0)),
-                        a,
-                    );
-                }
-                _mm256_storeu_ps(dst.add(c0), a);
-                c0 += 8;
+            for (v, a) in a.iter().enumerate() {
+                _mm256_storeu_ps(acc.add((o + v) * cp + c0), *a);
             }
+            o += P;
+        }
+        for o in o..ol {
+            let p0 = bp.add(start(o) + c0);
+            let mut a = _mm256_setzero_ps();
+            for (t, &off) in offs.iter().enumerate() {
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(wc.add(t * cp)), _mm256_loadu_ps(p0.add(off)), a);
+            }
+            _mm256_storeu_ps(acc.add(o * cp + c0), a);
         }
     }
 }
@@ -1209,10 +1202,13 @@ unsafe fn depthwise_taps_avx2(
 const DEPTHWISE_WIDE_TAPS: usize = 25;
 
 /// [`depthwise_lanes_avx2`]'s taps on sixteen channels per vector: per block of sixteen channels
-/// the taps' weight vectors loaded once, then four output positions at a time (four independent
-/// chains), each lane one FMA chain from +0 over the taps in (row, column) order, as on the
-/// eight-lane path (the same bits). `buf` is `[row, column, cp]` with `cp` a multiple of 16;
-/// writes `acc[position * cp + channel]` for every position and channel below `cp`.
+/// the taps' weight vectors loaded once, then eight output positions at a time (eight
+/// independent chains: a 512-bit FMA's latency times the two FMA pipes of a Zen 5 core; four
+/// chains left half of them idle), running on across output rows (a 6 x 6 or 11 x 11 map is
+/// mostly rows' ends), then one at a time. Each lane is one FMA chain from +0 over the taps in
+/// (row, column) order, as on the eight-lane path (the same bits). `buf` is `[row, column, cp]`
+/// with `cp` a multiple of 16; writes `acc[position * cp + channel]` for every position and
+/// channel below `cp`.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F; `offs.len() <= DEPTHWISE_WIDE_TAPS`; the pointers hold the
@@ -1227,35 +1223,36 @@ unsafe fn depthwise_taps_avx512(
     acc: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let kl = offs.len();
-    let mut wv = [_mm512_setzero_ps(); DEPTHWISE_WIDE_TAPS];
+    const P: usize = 8;
+    let ol = oh * ow;
+    // Where position o's window starts in the buffer (its first tap at offset 0).
+    let start = |o: usize| (o / ow * sh * wp + o % ow * sw) * cp;
     for c0 in (0..cp).step_by(16) {
-        for (t, w) in wv.iter_mut().enumerate().take(kl) {
-            *w = _mm512_loadu_ps(wtp.add(t * cp + c0));
+        let wc = wtp.add(c0);
+        let mut o = 0;
+        while o + P <= ol {
+            // Per tap: its offset, its weight vector, then one FMA per position with the input
+            // read at (the position's window, the offset): a base and an index register each.
+            let pv: [*const f32; P] = std::array::from_fn(|v| bp.add(start(o + v) + c0));
+            let mut a = [_mm512_setzero_ps(); P];
+            for (t, &off) in offs.iter().enumerate() {
+                let w = _mm512_loadu_ps(wc.add(t * cp));
+                for (v, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(pv[v].add(off)), *a);
+                }
+            }
+            for (v, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(acc.add((o + v) * cp + c0), *a);
+            }
+            o += P;
         }
-        for oy in 0..oh {
-            let row = oy * sh * wp;
-            let mut ox = 0;
-            while ox + 4 <= ow {
-                let mut a = [_mm512_setzero_ps(); 4];
-                for (t, &off) in offs.iter().enumerate() {
-                    for (v, a) in a.iter_mut().enumerate() {
-                        let x = _mm512_loadu_ps(bp.add((row + (ox + v) * sw) * cp + off + c0));
-                        *a = _mm512_fmadd_ps(wv[t], x, *a);
-                    }
-                }
-                for (v, a) in a.iter().enumerate() {
-                    _mm512_storeu_ps(acc.add((oy * ow + ox + v) * cp + c0), *a);
-                }
-                ox += 4;
+        for o in o..ol {
+            let p0 = bp.add(start(o) + c0);
+            let mut a = _mm512_setzero_ps();
+            for (t, &off) in offs.iter().enumerate() {
+                a = _mm512_fmadd_ps(_mm512_loadu_ps(wc.add(t * cp)), _mm512_loadu_ps(p0.add(off)), a);
             }
-            for ox in ox..ow {
-                let mut a = _mm512_setzero_ps();
-                for (t, &off) in offs.iter().enumerate() {
-                    a = _mm512_fmadd_ps(wv[t], _mm512_loadu_ps(bp.add((row + ox * sw) * cp + off + c0)), a);
-                }
-                _mm512_storeu_ps(acc.add((oy * ow + ox) * cp + c0), a);
-            }
+            _mm512_storeu_ps(acc.add(o * cp + c0), a);
         }
     }
 }

@@ -1,8 +1,10 @@
 //! The direct depthwise convolution against the general convolution's arithmetic (im2col with the
 //! geometry's gather table, then `sgemm_chain` per channel), bit for bit, over random 1-D and 2-D
 //! geometries: strides, dilations, padding (negative too: windows starting inside the input),
-//! signed zeros and infinities among the values.
+//! signed zeros and infinities among the values. With AVX-512 the tests run once more in a child
+//! process with `SQIL_ISA=avx2` (the 8-lane taps).
 
+mod common;
 use proptest::prelude::*;
 use sqil_kernels_cpu::{depthwise_conv, im2col, sgemm_chain, ConvGeometry};
 
@@ -173,4 +175,9 @@ proptest! {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want));
     }
+}
+
+#[test]
+fn the_avx2_form_agrees_too() {
+    common::rerun_under_avx2(&["depthwise_equals_im2col_and_the_chain", "three_by_three_depthwise_equals_the_chain"]);
 }

@@ -2,6 +2,7 @@
 
 /// `n` values from a xorshift of `seed`: uniform in [-2, 2), and with `specials` now and then a
 /// NaN, an infinity of either sign, a signed zero or a zero.
+#[allow(dead_code)] // not every test binary draws values
 pub fn values(seed: u64, n: usize, specials: bool) -> Vec<f32> {
     let mut s = seed | 1;
     (0..n)
