@@ -1201,36 +1201,58 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     nan != 0
 }
 
-/// The FakeQuant `(scale, zero, lo, hi)` of `op`'s outputs for the 16 values at `v[at..]`, from
-/// `(q, b, ok)`: an estimate `q` of each output's quotient by the scale, a bound `b` on its
+/// Whether a FakeQuant's zero point and level bounds are integers with `lo <= hi`, small enough
+/// (below 2^20 in magnitude) that `lo - zero - 1/4` and `hi - zero + 1/4` are exact in f32: what
+/// [`store_levels16`]'s test assumes.
+fn integral_levels(zero: f32, lo: f32, hi: f32) -> bool {
+    let int = |x: f32| x.abs() <= 1_048_576.0 && x.fract() == 0.0;
+    int(zero) && int(lo) && int(hi) && lo <= hi
+}
+
+/// The FakeQuant `(scale, zero, lo, hi)` of `op`'s outputs for the `16 K` values at `v[at..]`,
+/// per vector from `(q, b, ok)`: an estimate `q` of each output's quotient by the scale, a bound `b` on its
 /// distance from the definition's quotient, and the lanes `ok` where the estimate may be taken.
-/// Where every lane is `ok` and no half-way point lies within `b` of its `q` (or the interval
-/// lies a whole level beyond a clamp bound), the estimate's level, written as the FakeQuant
-/// writes it (`(clamp(round(q) + zero) - zero) * scale`); otherwise the vector through the
-/// definition (`op` then the FakeQuant), value by value.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn store_levels16(
+/// With `A = lo - zero` and `B = hi - zero` (the clamp's bounds less the zero point), `q` is first
+/// clamped to `[A - 1/4, B + 1/4]` and rounded to `k`; where every lane is `ok` and `|q_c - k| + b
+/// < 1/2`, `k` is the definition's level less the zero point: inside the interval the quotient
+/// lies within `1/2` of `k` (so it rounds to `k`, which lies in `[A, B]`); at `B + 1/4` the bound
+/// is below `1/4`, so the quotient exceeds `B` and rounds to `B` or beyond, which the clamp makes
+/// `B` (and `A` below). The output is then `(k + 0) * scale`, as the FakeQuant writes `(level -
+/// zero) * scale` (the `+ 0` makes a `-0` level `+0`, as `level - zero` does). NaN lanes (the
+/// clamp keeps NaN) and infinite bounds fail the test. Otherwise the vector through the
+/// definition (`op` then the FakeQuant), value by value (that vector only).
+// Always inlined (no target_feature of its own, as `nibble_block`): a call passed the K
+// estimates through memory.
+#[inline(always)]
+unsafe fn store_levels16<const K: usize>(
     v: &mut [f32],
     at: usize,
-    (q, b, ok): (__m512, __m512, __mmask16),
+    est: [(__m512, __m512, __mmask16); K],
     op: crate::generic::Post,
     (scale, zero, lo, hi): (f32, f32, f32, f32),
 ) {
-    let qr = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(q);
-    let off = _mm512_add_ps(_mm512_abs_ps(_mm512_sub_ps(q, qr)), b);
-    let inside = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, _mm512_set1_ps(0.5));
-    // A whole level past the clamp's bounds (integers: exact).
-    let above = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_sub_ps(q, b), _mm512_set1_ps(hi - zero + 1.0));
-    let below = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(_mm512_add_ps(q, b), _mm512_set1_ps(lo - zero - 1.0));
-    if ok & (inside | above | below) == 0xffff {
-        let vz = _mm512_set1_ps(zero);
-        let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(qr, vz)));
-        _mm512_storeu_ps(v.as_mut_ptr().add(at), _mm512_mul_ps(_mm512_sub_ps(y, vz), _mm512_set1_ps(scale)));
-    } else {
-        let post = [op, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
-        for e in &mut v[at..at + 16] {
-            *e = crate::generic::post_one(*e, &post);
+    let (a, b) = (_mm512_set1_ps(lo - zero - 0.25), _mm512_set1_ps(hi - zero + 0.25));
+    // Every vector's output and test first, so the common case (all sure) has no branch between
+    // the vectors.
+    // (Loops, not closures: a closure would not inherit the caller's target features.)
+    let mut outs = [(_mm512_setzero_ps(), false); K];
+    for (o, &(q, bound, ok)) in outs.iter_mut().zip(&est) {
+        // vmaxps / vminps return their second operand, here q, when it is NaN.
+        let qc = _mm512_min_ps(b, _mm512_max_ps(a, q));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(qc);
+        let off = _mm512_add_ps(_mm512_abs_ps(_mm512_sub_ps(qc, k)), bound);
+        let sure = ok & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(off, _mm512_set1_ps(0.5)) == 0xffff;
+        *o = (_mm512_mul_ps(_mm512_add_ps(k, _mm512_setzero_ps()), _mm512_set1_ps(scale)), sure);
+    }
+    for (j, &(y, sure)) in outs.iter().enumerate() {
+        let at = at + 16 * j;
+        if sure {
+            _mm512_storeu_ps(v.as_mut_ptr().add(at), y);
+        } else {
+            let post = [op, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
+            for e in &mut v[at..at + 16] {
+                *e = crate::generic::post_one(*e, &post);
+            }
         }
     }
 }
@@ -1243,11 +1265,12 @@ unsafe fn store_levels16(
 /// clamp (the clamp is 1-Lipschitz), so `q~` is within `|x| 2^-24 / scale` plus three roundings
 /// of the exact quotient, and the definition's `fl(fl(hard_swish(x)) / scale)` within two
 /// roundings (its f64 steps add `|x| 2^-53`): where `|q~ - round(q~)| + |x| fl(1 / scale) 2^-22 +
-/// |q~| 2^-20` (twice those bounds, plus `2^-100`) stays below 0.5 both round to the same
-/// integer, and where `q~` minus (plus) that bound lies a whole level beyond `hi - zero` (`lo -
-/// zero`) both clamp to the bound. Any other lane (near a half-way point, NaN, an infinity) sends
-/// its vector to the definition. Returns how many values were done (a multiple of 64; the caller
-/// finishes the rest).
+/// |q~| 2^-20` (twice those bounds, plus `2^-100`) is the bound [`store_levels16`] tests against
+/// (with `q~` clamped first, so lanes beyond the clamp's bounds are taken too). A lane near a
+/// half-way point, NaN or an infinity (its bound is then infinite or NaN) sends its vector to the
+/// definition. Returns how many values were done (a multiple of 64; the caller finishes the
+/// rest); none unless the scale's reciprocal is normal and the levels are integers
+/// ([`integral_levels`]).
 ///
 /// # Safety
 /// AVX-512 F, AVX2 and FMA.
@@ -1255,7 +1278,7 @@ unsafe fn store_levels16(
 pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) -> usize {
     let rcp = 1.0 / scale;
     // The estimate is only taken with a normal, finite reciprocal of a positive scale.
-    if !(scale > 0.0 && rcp.is_normal()) {
+    if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
         return 0;
     }
     let rs = _mm512_set1_ps(rcp);
@@ -1266,9 +1289,8 @@ pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi):
     let n = v.len() / (16 * K) * (16 * K);
     let mut i = 0;
     while i < n {
-        for j in 0..K {
-            let at = i + 16 * j;
-            let x = _mm512_loadu_ps(v.as_ptr().add(at));
+        let est: [(__m512, __m512, __mmask16); K] = std::array::from_fn(|j| {
+            let x = _mm512_loadu_ps(v.as_ptr().add(i + 16 * j));
             let t = _mm512_min_ps(one, _mm512_max_ps(zero_v, _mm512_fmadd_ps(x, sixth, half)));
             let q = _mm512_mul_ps(_mm512_mul_ps(x, t), rs);
             let b = _mm512_fmadd_ps(
@@ -1276,10 +1298,10 @@ pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi):
                 xbound,
                 _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 1_048_576.0), _mm512_set1_ps(1e-30)),
             );
-            // Finite lanes only (an infinity's estimate is not the definition's NaN or bound).
-            let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(x), _mm512_set1_ps(f32::MAX));
-            store_levels16(v, at, (q, b, finite), crate::generic::Post::HardSwish, (scale, zero, lo, hi));
-        }
+            // An infinite or NaN input makes the bound infinite or NaN, which fails the test.
+            (q, b, 0xffff)
+        });
+        store_levels16(v, i, est, crate::generic::Post::HardSwish, (scale, zero, lo, hi));
         i += 16 * K;
     }
     n
@@ -1293,12 +1315,13 @@ pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi):
 /// `vrcp14ps` and one Newton step), `q~ = x s~ fl(1 / scale)`. Relative to the exact real
 /// quotient, `q~` is within about `2^-20.3` (the truncation `2^-22.5`, the reduction's and the
 /// polynomial's roundings, the reciprocal's `2^-23.5`, then four more roundings) and the
-/// definition's `fl(fl(x fl(sigmoid(x))) / scale)` within `2^-22.4` (three roundings), so where `|q~ - round(q~)| + |q~| 2^-18 < 0.5` (four times that bound, plus `2^-100`
-/// for subnormal products) both round to the same integer, and where `q~ -+ |q~| 2^-18` lies a
-/// whole level beyond `hi - zero` or `lo - zero` both clamp to the bound. Any other lane (near
-/// a half-way point, `|x| >= 30`, NaN) sends its vector to the definition, lane by lane. Then
-/// the output `(level - zero) * scale` as the FakeQuant writes it. Returns how many values were
-/// done (a multiple of 64; the caller finishes the rest).
+/// definition's `fl(fl(x fl(sigmoid(x))) / scale)` within `2^-22.4` (three roundings), so
+/// `|q~| 2^-18 + 2^-100` (four times that bound, the second term for subnormal products) is the
+/// bound [`store_levels16`] tests against, `q~` clamped first. A lane near a half-way point,
+/// with `|x| >= 30` or NaN sends its vector to the definition, lane by lane. Then the output
+/// `(level - zero) * scale` as the FakeQuant writes it. Returns how many values were done (a
+/// multiple of 64; the caller finishes the rest); none unless the scale's reciprocal is normal
+/// and the levels are integers ([`integral_levels`]).
 ///
 /// # Safety
 /// AVX-512 F, AVX2 and FMA.
@@ -1316,7 +1339,7 @@ pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32,
     let taylor = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32];
     // The estimate is only taken with a normal, finite reciprocal of a positive scale.
     let rcp = 1.0 / scale;
-    if !(scale > 0.0 && rcp.is_normal()) {
+    if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
         return 0;
     }
     // Four vectors per step, each its own chain (one chain left most of the core idle).
@@ -1339,11 +1362,11 @@ pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32,
                 p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(*c));
             }
         }
-        for j in 0..K {
-            // 2^k by the exponent field (k in [-44, 0] where the estimate is taken).
-            let ki = _mm512_cvtps_epi32(k[j]);
-            let pow = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ki, _mm512_set1_epi32(127))));
-            let e = _mm512_mul_ps(p[j], pow);
+        let est: [(__m512, __m512, __mmask16); K] = std::array::from_fn(|j| {
+            // p 2^k by vscalefps (k an integer in [-44, 0] where the estimate is taken, p in
+            // [0.7, 1.5]: a normal result, exact, as the product by 2^k through the exponent
+            // field was).
+            let e = _mm512_scalef_ps(p[j], k[j]);
             let num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x[j], _mm512_setzero_ps()), e, one);
             // num / (1 + e) by a reciprocal estimate (within 2^-14) and one Newton step (within
             // about 2^-23.5): the division was most of the kernel's time.
@@ -1352,9 +1375,9 @@ pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32,
             let sig = _mm512_mul_ps(num, _mm512_fmadd_ps(y0, _mm512_fnmadd_ps(d, y0, one), y0));
             let q = _mm512_mul_ps(_mm512_mul_ps(x[j], sig), rs);
             let b = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 262_144.0), _mm512_set1_ps(1e-30));
-            let ok = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[j], _mm512_set1_ps(30.0));
-            store_levels16(v, i + 16 * j, (q, b, ok), crate::generic::Post::Silu, (scale, zero, lo, hi));
-        }
+            (q, b, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[j], _mm512_set1_ps(30.0)))
+        });
+        store_levels16(v, i, est, crate::generic::Post::Silu, (scale, zero, lo, hi));
         i += 16 * K;
     }
     n
