@@ -605,39 +605,49 @@ unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], 
 /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_sigmoid_f32(x: &[f32], out: &mut [f32]) {
-    let one = _mm512_set1_pd(1.0);
-    let sign = _mm512_set1_epi64(i64::MIN);
-    let neg_abs = |v: __m512d| _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(v), sign));
-    let step = |v: __m512d, e: __m512d| {
-        let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v, _mm512_setzero_pd()), e, one);
-        _mm512_cvtpd_ps(_mm512_div_pd(num, _mm512_add_pd(one, e)))
-    };
     let n = x.len();
     let mut i = 0;
+    // Four vectors per step (eight spill: slower), then one.
     while i + 32 <= n {
-        let v: [__m512d; 4] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
-        // The screened form (`generic::sigmoid_screened`); a vector with a lane it cannot vouch
-        // for is recomputed by the definition.
-        let (y, sure) = sigmoid_screened8xk::<4>(v);
-        for j in 0..4 {
-            let y = if sure[j] == 0xff {
-                y[j]
-            } else {
-                let [e] = exp_nonpos8xk::<1>([neg_abs(v[j])]);
-                step(v[j], e)
-            };
-            _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), y);
-        }
+        sigmoid_block::<4>(x, out, i);
         i += 32;
     }
     while i + 8 <= n {
-        let v = _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i)));
-        let [e] = exp_nonpos8xk::<1>([neg_abs(v)]);
-        _mm256_storeu_ps(out.as_mut_ptr().add(i), step(v, e));
+        sigmoid_block::<1>(x, out, i);
         i += 8;
     }
     for j in i..n {
         out[j] = crate::generic::sigmoid(x[j] as f64) as f32;
+    }
+}
+
+/// [`avx512_sigmoid_f32`] on the `8 K` values at `x[i..]`: the screened form
+/// (`generic::sigmoid_screened_table`); a vector with a lane it cannot vouch for is recomputed
+/// by the definition.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn sigmoid_block<const K: usize>(x: &[f32], out: &mut [f32], i: usize) {
+    let v: [__m512d; K] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
+    let (y, sure) = sigmoid_screened8xk::<K>(v);
+    // One branch for the K vectors in the common case (a branch per vector kept the vectors'
+    // computations apart).
+    if sure.iter().all(|&s| s == 0xff) {
+        for (j, y) in y.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), *y);
+        }
+        return;
+    }
+    let one = _mm512_set1_pd(1.0);
+    for j in 0..K {
+        let y = if sure[j] == 0xff {
+            y[j]
+        } else {
+            let na = _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(v[j]), _mm512_set1_epi64(i64::MIN)));
+            let [e] = exp_nonpos8xk::<1>([na]);
+            let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[j], _mm512_setzero_pd()), e, one);
+            _mm512_cvtpd_ps(_mm512_div_pd(num, _mm512_add_pd(one, e)))
+        };
+        _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), y);
     }
 }
 
@@ -1275,36 +1285,48 @@ unsafe fn store_levels16<const K: usize>(
 /// # Safety
 /// AVX-512 F, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) -> usize {
+pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
+    let (scale, zero, lo, hi) = q4;
     let rcp = 1.0 / scale;
     // The estimate is only taken with a normal, finite reciprocal of a positive scale.
     if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
         return 0;
     }
+    // Eight vectors per step, then four (as the SiLU kernel).
+    let mut i = 0;
+    while i + 128 <= v.len() {
+        hard_swish_levels::<8>(v, i, rcp, q4);
+        i += 128;
+    }
+    if i + 64 <= v.len() {
+        hard_swish_levels::<4>(v, i, rcp, q4);
+        i += 64;
+    }
+    i
+}
+
+/// [`avx512_hard_swish_fake_quant`] on the `16 K` values at `v[i..]`, `rcp` the scale's
+/// reciprocal.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn hard_swish_levels<const K: usize>(v: &mut [f32], i: usize, rcp: f32, q4: (f32, f32, f32, f32)) {
     let rs = _mm512_set1_ps(rcp);
     let xbound = _mm512_set1_ps(rcp * (1.0 / 4_194_304.0));
     let (sixth, half, one, zero_v) =
         (_mm512_set1_ps(1.0 / 6.0), _mm512_set1_ps(0.5), _mm512_set1_ps(1.0), _mm512_setzero_ps());
-    const K: usize = 4;
-    let n = v.len() / (16 * K) * (16 * K);
-    let mut i = 0;
-    while i < n {
-        let est: [(__m512, __m512, __mmask16); K] = std::array::from_fn(|j| {
-            let x = _mm512_loadu_ps(v.as_ptr().add(i + 16 * j));
-            let t = _mm512_min_ps(one, _mm512_max_ps(zero_v, _mm512_fmadd_ps(x, sixth, half)));
-            let q = _mm512_mul_ps(_mm512_mul_ps(x, t), rs);
-            let b = _mm512_fmadd_ps(
-                _mm512_abs_ps(x),
-                xbound,
-                _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 1_048_576.0), _mm512_set1_ps(1e-30)),
-            );
-            // An infinite or NaN input makes the bound infinite or NaN, which fails the test.
-            (q, b, 0xffff)
-        });
-        store_levels16(v, i, est, crate::generic::Post::HardSwish, (scale, zero, lo, hi));
-        i += 16 * K;
-    }
-    n
+    let est: [(__m512, __m512, __mmask16); K] = std::array::from_fn(|j| {
+        let x = _mm512_loadu_ps(v.as_ptr().add(i + 16 * j));
+        let t = _mm512_min_ps(one, _mm512_max_ps(zero_v, _mm512_fmadd_ps(x, sixth, half)));
+        let q = _mm512_mul_ps(_mm512_mul_ps(x, t), rs);
+        let b = _mm512_fmadd_ps(
+            _mm512_abs_ps(x),
+            xbound,
+            _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 1_048_576.0), _mm512_set1_ps(1e-30)),
+        );
+        // An infinite or NaN input makes the bound infinite or NaN, which fails the test.
+        (q, b, 0xffff)
+    });
+    store_levels16(v, i, est, crate::generic::Post::HardSwish, q4);
 }
 
 /// SiLU then a FakeQuant (`x * sigmoid(x)` as [`crate::generic::Post::Silu`] computes it, then
@@ -1326,61 +1348,71 @@ pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], (scale, zero, lo, hi):
 /// # Safety
 /// AVX-512 F, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], (scale, zero, lo, hi): (f32, f32, f32, f32)) -> usize {
+pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
+    let (scale, zero, lo, hi) = q4;
+    // The estimate is only taken with a normal, finite reciprocal of a positive scale.
+    let rcp = 1.0 / scale;
+    if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
+        return 0;
+    }
+    let rs = _mm512_set1_ps(rcp);
+    // Eight vectors per step, each its own chain (four left a third of the kernel's time on the
+    // table on this Zen 5 core), then four.
+    let mut i = 0;
+    while i + 128 <= v.len() {
+        silu_levels::<8>(v, i, rs, q4);
+        i += 128;
+    }
+    if i + 64 <= v.len() {
+        silu_levels::<4>(v, i, rs, q4);
+        i += 64;
+    }
+    i
+}
+
+/// [`avx512_silu_fake_quant`] on the `16 K` values at `v[i..]`, `rs` the scale's reciprocal.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn silu_levels<const K: usize>(v: &mut [f32], i: usize, rs: __m512, q4: (f32, f32, f32, f32)) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split: n * LN2_HI exact for |n| < 2^12 (its low 12 bits are zero), LN2_LO the rest
     // to f32's precision (ln 2 to about 2^-44 in all).
     const LN2_HI: f32 = f32::from_bits(0x3f31_7000);
     const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
     const MAGIC: f32 = 12_582_912.0;
-    let rs = _mm512_set1_ps(1.0 / scale);
-    // A whole level past the clamp's bounds (integers: exact).
     let one = _mm512_set1_ps(1.0);
     let taylor = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0f32];
-    // The estimate is only taken with a normal, finite reciprocal of a positive scale.
-    let rcp = 1.0 / scale;
-    if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
-        return 0;
-    }
-    // Four vectors per step, each its own chain (one chain left most of the core idle).
-    const K: usize = 4;
-    let n = v.len() / (16 * K) * (16 * K);
-    let mut i = 0;
-    while i < n {
-        let x: [__m512; K] = std::array::from_fn(|j| _mm512_loadu_ps(v.as_ptr().add(i + 16 * j)));
-        let a = x.map(|x| _mm512_abs_ps(x));
-        let na = a.map(|a| _mm512_sub_ps(_mm512_setzero_ps(), a));
-        let t = na.map(|na| _mm512_fmadd_ps(na, _mm512_set1_ps(LOG2E), _mm512_set1_ps(MAGIC)));
-        let k = t.map(|t| _mm512_sub_ps(t, _mm512_set1_ps(MAGIC)));
-        let r: [__m512; K] = std::array::from_fn(|j| {
-            let r = _mm512_fnmadd_ps(k[j], _mm512_set1_ps(LN2_HI), na[j]);
-            _mm512_fnmadd_ps(k[j], _mm512_set1_ps(LN2_LO), r)
-        });
-        let mut p = [_mm512_set1_ps(taylor[0]); K];
-        for c in &taylor[1..] {
-            for j in 0..K {
-                p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(*c));
-            }
+    let x: [__m512; K] = std::array::from_fn(|j| _mm512_loadu_ps(v.as_ptr().add(i + 16 * j)));
+    let a = x.map(|x| _mm512_abs_ps(x));
+    let na = a.map(|a| _mm512_sub_ps(_mm512_setzero_ps(), a));
+    let t = na.map(|na| _mm512_fmadd_ps(na, _mm512_set1_ps(LOG2E), _mm512_set1_ps(MAGIC)));
+    let k = t.map(|t| _mm512_sub_ps(t, _mm512_set1_ps(MAGIC)));
+    let r: [__m512; K] = std::array::from_fn(|j| {
+        let r = _mm512_fnmadd_ps(k[j], _mm512_set1_ps(LN2_HI), na[j]);
+        _mm512_fnmadd_ps(k[j], _mm512_set1_ps(LN2_LO), r)
+    });
+    let mut p = [_mm512_set1_ps(taylor[0]); K];
+    for c in &taylor[1..] {
+        for j in 0..K {
+            p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(*c));
         }
-        let est: [(__m512, __m512, __mmask16); K] = std::array::from_fn(|j| {
-            // p 2^k by vscalefps (k an integer in [-44, 0] where the estimate is taken, p in
-            // [0.7, 1.5]: a normal result, exact, as the product by 2^k through the exponent
-            // field was).
-            let e = _mm512_scalef_ps(p[j], k[j]);
-            let num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x[j], _mm512_setzero_ps()), e, one);
-            // num / (1 + e) by a reciprocal estimate (within 2^-14) and one Newton step (within
-            // about 2^-23.5): the division was most of the kernel's time.
-            let d = _mm512_add_ps(one, e);
-            let y0 = _mm512_rcp14_ps(d);
-            let sig = _mm512_mul_ps(num, _mm512_fmadd_ps(y0, _mm512_fnmadd_ps(d, y0, one), y0));
-            let q = _mm512_mul_ps(_mm512_mul_ps(x[j], sig), rs);
-            let b = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 262_144.0), _mm512_set1_ps(1e-30));
-            (q, b, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[j], _mm512_set1_ps(30.0)))
-        });
-        store_levels16(v, i, est, crate::generic::Post::Silu, (scale, zero, lo, hi));
-        i += 16 * K;
     }
-    n
+    let est: [(__m512, __m512, __mmask16); K] = std::array::from_fn(|j| {
+        // p 2^k by vscalefps (k an integer in [-44, 0] where the estimate is taken, p in
+        // [0.7, 1.5]: a normal result, exact, as the product by 2^k through the exponent field
+        // was).
+        let e = _mm512_scalef_ps(p[j], k[j]);
+        let num = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GE_OQ>(x[j], _mm512_setzero_ps()), e, one);
+        // num / (1 + e) by a reciprocal estimate (within 2^-14) and one Newton step (within
+        // about 2^-23.5): the division was most of the kernel's time.
+        let d = _mm512_add_ps(one, e);
+        let y0 = _mm512_rcp14_ps(d);
+        let sig = _mm512_mul_ps(num, _mm512_fmadd_ps(y0, _mm512_fnmadd_ps(d, y0, one), y0));
+        let q = _mm512_mul_ps(_mm512_mul_ps(x[j], sig), rs);
+        let b = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(1.0 / 262_144.0), _mm512_set1_ps(1e-30));
+        (q, b, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(a[j], _mm512_set1_ps(30.0)))
+    });
+    store_levels16(v, i, est, crate::generic::Post::Silu, q4);
 }
 
 /// Per plane of `v` (`[planes][il]`), the f64 sum of its values in order from `init` (each
