@@ -809,10 +809,10 @@ pub(crate) enum DwOut<'a> {
     /// As the int8 levels of the pointwise convolution they feed, under its input quantizer
     /// `(scale, zero, lo, hi)`: `x4[q * p_pad + o]` holds channels `4q..4q + 4` of position `o`,
     /// each `+ 128` as a byte, as [`crate::x86_64::avx512::avx512_interleave_quads`] lays out
-    /// [`quantize_i8_into`]'s levels of the `[channel, position]` values (`x4` is resized to
+    /// [`quantize_i8_into`]'s levels of the `[channel, position]` values (`x4` holds at least
     /// `ceil(channels / 4)` rows of `p_pad >= positions` words; the words past the positions
     /// are left as they are). Only with every epilogue op applied in registers.
-    Levels { quant: (f32, i32, i32, i32), x4: &'a mut Vec<u32>, p_pad: usize },
+    Levels { quant: (f32, i32, i32, i32), x4: &'a mut [u32], p_pad: usize },
 }
 
 /// [`depthwise_conv`] with channels in vector lanes, for layers of 8 channels or more (MobileNet
@@ -918,11 +918,11 @@ unsafe fn depthwise_lanes_with(
     let m = PadMap::of(g, wide);
     DEPTHWISE_SCRATCH.with_borrow_mut(|(buf, wt, acc)| {
         let len = m.hp * m.wp * m.cp;
-        // Grown, never shrunk (a shrink then a growth would zero the growth again).
-        if buf.len() < len {
-            buf.resize(len, 0.0);
-        }
-        let buf = &mut buf[..len];
+        // Grown, never shrunk (a shrink then a growth would zero the growth again), from a
+        // 64-byte boundary: every position's `cp` lanes (a multiple of 16) start on one, so no
+        // 512-bit load of the taps splits a cache line (the allocator's 16-byte alignment split
+        // every one).
+        let buf = aligned64(buf, len);
         let row = m.wp * m.cp;
         for y in 0..m.hp {
             let iy = y as isize - m.ph;
@@ -1007,6 +1007,19 @@ unsafe fn depthwise_image(input: &[f32], g: &Depthwise, m: &PadMap, buf: &mut [f
     }
 }
 
+/// The first `len` values of `v` from a 64-byte boundary (`v` grown to `len` values plus a
+/// boundary's worth, never shrunk; values are kept only while `v` is not reallocated): a
+/// kernel's 512-bit loads and stores at multiples of 64 bytes from there never split a cache
+/// line, as they did from the allocator's 16-byte alignment.
+pub(crate) fn aligned64<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    let pad = 64 / std::mem::size_of::<T>().max(1);
+    if v.len() < len + pad {
+        v.resize(len + pad, T::default());
+    }
+    let at = v.as_ptr().align_offset(64).min(pad);
+    &mut v[at..at + len]
+}
+
 /// [`depthwise_lanes_avx2`] once the padded image is in `buf`: the weights by tap, the taps, and
 /// the outputs back to `[channel, position]` with the bias and epilogue, or as levels (only on
 /// the wide path; returns whether one was NaN).
@@ -1033,8 +1046,8 @@ unsafe fn depthwise_compute(
     // channels` values, then each tap's row moved out to its stride `cp` (last first, so no row
     // is overwritten before it moves) and the lanes past `channels` zeroed. Element by element,
     // this copy was a fifth of the step.
-    wt.clear();
-    wt.resize(kl * cp, 0.0);
+    let wt = aligned64(wt, kl * cp);
+    wt.fill(0.0);
     copy_strided(weights, (kl, channels), (1, kl), &mut wt[..kl * channels]);
     if cp > channels {
         for t in (1..kl).rev() {
@@ -1046,9 +1059,7 @@ unsafe fn depthwise_compute(
     }
     let offs: Vec<usize> = (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh * wp + kx * dw) * cp)).collect();
     // Every element is written below (each position, every 8-channel vector up to cp).
-    if acc.len() < ol * cp {
-        acc.resize(ol * cp, 0.0);
-    }
+    let acc = aligned64(acc, ol * cp);
     let (bp, wtp) = (buf.as_ptr(), wt.as_ptr());
     let geo = (oh, ow, sh, sw, wp, cp);
     if wide {
@@ -1062,13 +1073,13 @@ unsafe fn depthwise_compute(
             assert!(wide && p_pad >= ol, "depthwise levels: the 16-lane path, p_pad >= positions");
             return LEVELS.with_borrow_mut(|stage| {
                 // Per position its cp channels' bytes, then the quads transposed to rows.
-                stage.resize(p_pad * cp / 4, 0);
-                let a = (acc.as_slice(), cp, channels, ol);
+                let stage = aligned64(stage, p_pad * cp / 4);
+                let a = (&*acc, cp, channels, ol);
                 if crate::x86_64::avx512::avx512_depthwise_levels(a, bias, post, quant, stage) {
                     return true;
                 }
                 let live = channels.div_ceil(4);
-                x4.resize(live * p_pad, 0);
+                assert!(x4.len() >= live * p_pad, "depthwise levels: the levels' buffer");
                 // Words moved as f32 bit patterns (moves and shuffles keep every bit).
                 let src = std::slice::from_raw_parts(stage.as_ptr() as *const f32, stage.len());
                 let dst = std::slice::from_raw_parts_mut(x4.as_mut_ptr() as *mut f32, live * p_pad);
@@ -1079,7 +1090,7 @@ unsafe fn depthwise_compute(
     };
     // Back to [channel, position] with the epilogue, one copy per epilogue form.
     let f = PostForm::of(post);
-    let a = (acc.as_slice(), cp, channels, ol);
+    let a = (&*acc, cp, channels, ol);
     match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
         (true, ..) => depthwise_unpack::<true, false, false>(a, bias, (post, f), out),
         (_, false, false) => depthwise_unpack::<false, false, false>(a, bias, (post, f), out),
@@ -1227,27 +1238,50 @@ unsafe fn depthwise_taps_avx512(
     let ol = oh * ow;
     // Where position o's window starts in the buffer (its first tap at offset 0).
     let start = |o: usize| (o / ow * sh * wp + o % ow * sw) * cp;
-    for c0 in (0..cp).step_by(16) {
-        let wc = wtp.add(c0);
-        let mut o = 0;
-        while o + P <= ol {
-            // Per tap: its offset, its weight vector, then one FMA per position with the input
-            // read at (the position's window, the offset): a base and an index register each.
-            let pv: [*const f32; P] = std::array::from_fn(|v| bp.add(start(o + v) + c0));
-            let mut a = [_mm512_setzero_ps(); P];
-            for (t, &off) in offs.iter().enumerate() {
-                let w = _mm512_loadu_ps(wc.add(t * cp));
-                for (v, a) in a.iter_mut().enumerate() {
-                    *a = _mm512_fmadd_ps(w, _mm512_loadu_ps(pv[v].add(off)), *a);
+    // Positions outer, channel blocks inner: a block's eight windows are read for every channel
+    // block while they are in L1, their lines in order. Two channel blocks at a time where there
+    // are two (sixteen chains: eight were still waiting on the FMAs' latency), one otherwise.
+    let mut o = 0;
+    while o + P <= ol {
+        let base: [usize; P] = std::array::from_fn(|v| start(o + v));
+        let mut c0 = 0;
+        while c0 < cp {
+            let two = cp - c0 >= 32;
+            let wc = wtp.add(c0);
+            // Per tap: its offset, its weight vectors, then one FMA per position and channel
+            // block with the input read at (the position's window, the offset): a base and an
+            // index register each, the second block 64 bytes on.
+            let pv: [*const f32; P] = std::array::from_fn(|v| bp.add(base[v] + c0));
+            let mut a = [[_mm512_setzero_ps(); P]; 2];
+            if two {
+                for (t, &off) in offs.iter().enumerate() {
+                    let w0 = _mm512_loadu_ps(wc.add(t * cp));
+                    let w1 = _mm512_loadu_ps(wc.add(t * cp + 16));
+                    for v in 0..P {
+                        a[0][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(pv[v].add(off)), a[0][v]);
+                        a[1][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(pv[v].add(off + 16)), a[1][v]);
+                    }
+                }
+            } else {
+                for (t, &off) in offs.iter().enumerate() {
+                    let w = _mm512_loadu_ps(wc.add(t * cp));
+                    for v in 0..P {
+                        a[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(pv[v].add(off)), a[0][v]);
+                    }
                 }
             }
-            for (v, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(acc.add((o + v) * cp + c0), *a);
+            for (h, a) in a.iter().enumerate().take(1 + two as usize) {
+                for (v, a) in a.iter().enumerate() {
+                    _mm512_storeu_ps(acc.add((o + v) * cp + c0 + 16 * h), *a);
+                }
             }
-            o += P;
+            c0 += if two { 32 } else { 16 };
         }
-        for o in o..ol {
-            let p0 = bp.add(start(o) + c0);
+        o += P;
+    }
+    for o in o..ol {
+        for c0 in (0..cp).step_by(16) {
+            let (wc, p0) = (wtp.add(c0), bp.add(start(o) + c0));
             let mut a = _mm512_setzero_ps();
             for (t, &off) in offs.iter().enumerate() {
                 a = _mm512_fmadd_ps(_mm512_loadu_ps(wc.add(t * cp)), _mm512_loadu_ps(p0.add(off)), a);

@@ -279,7 +279,7 @@ pub fn pointwise_q4q8(
         let (post, rest) = generic::post_split(post);
         return X4.with_borrow_mut(|x4| {
             // The quads that hold channels (the padding's weights are zero: see the kernel).
-            x4.resize(w.k.div_ceil(4) * p_pad, 0);
+            let x4 = generic::aligned64(x4, w.k.div_ceil(4) * p_pad);
             // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA).
             unsafe {
                 x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
@@ -409,7 +409,7 @@ fn chain_avx512(
     let mut fill = |buf: &mut [f32], m: &generic::PadMap| match input {
         ChainIn::Image(x) => generic::depthwise_image_into(x, dw.geo, channels, m, buf),
         ChainIn::Pointwise { w, planes, zero, scale, bias, post } => {
-            x4.resize(w.k.div_ceil(4) * p_pad, 0);
+            let x4 = generic::aligned64(x4, w.k.div_ceil(4) * p_pad);
             // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA); `m` describes `buf`.
             unsafe {
                 x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
@@ -435,6 +435,7 @@ fn chain_avx512(
         },
         ChainOut::Pointwise { w, quant, bias, post, y } => {
             let o_pad = ol.next_multiple_of(16);
+            let x4_out = generic::aligned64(x4_out, channels.div_ceil(4) * o_pad);
             let levels = generic::DwOut::Levels { quant, x4: &mut *x4_out, p_pad: o_pad };
             match generic::depthwise_fed(dw, channels, &mut fill, levels) {
                 None => Chain::NotTaken,

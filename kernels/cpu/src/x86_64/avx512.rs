@@ -1052,7 +1052,7 @@ pub(crate) unsafe fn avx512_pointwise_q4q8_padded(
     assert!(bias.is_none_or(|b| b.len() >= n));
     PADDED_TILE.with_borrow_mut(|tile| {
         // Rows past n stay zero: the lanes past the channels (the others are written first).
-        tile.resize(cp * T, 0.0);
+        let tile = crate::generic::aligned64(tile, cp * T);
         tile[n * T..cp * T].fill(0.0);
         let (tp, bp) = (tile.as_mut_ptr(), buf.as_mut_ptr());
         let sink = Sink { y: tp, ys: T, tile: true };
