@@ -491,21 +491,26 @@ proptest! {
     /// 1-D and 2-D images, 1 x 1 to 5 x 5 windows, strides 1 and 2, padding 0-2 (the buffer's
     /// every edge; positions no window reads), 1-70 channels (fewer than 8: not taken, nothing
     /// written), channel counts off the vector widths, each epilogue form on every step (HardSwish
-    /// and SiLU over the outputs; before a pointwise convolution: not taken), with and without
-    /// biases, a NaN in the image (into a pointwise convolution: reported, as its quantizer cannot
+    /// and SiLU over the outputs; before a pointwise convolution: not taken; a clamp and the next
+    /// layer's own quantizer, whose levels are taken directly), with and without biases, a NaN
+    /// in the image (into a pointwise convolution: reported, as its quantizer cannot
     /// carry it). Skips without AVX-512 VNNI.
     #[test]
     fn depthwise_chain_equals_the_steps(seed in any::<u64>(), n in 1usize..70, ch in 1usize..60, two_d in any::<bool>(),
                                         h in 1usize..12, wd in 1usize..40, k in 0usize..4, s in 1usize..3,
-                                        pad in 0isize..3, posts in (0usize..5, 0usize..5, 0usize..5),
+                                        pad in 0isize..3, posts in (0usize..7, 0usize..7, 0usize..7),
                                         with_bias in any::<bool>(), ends in (any::<bool>(), any::<bool>()),
                                         nan in 0usize..4) {
         use sqil_kernels_cpu::{depthwise_chain, depthwise_conv, Chain, ChainIn, ChainOut, ConvGeometry, Post};
         let (pw_post, dw_post, next_post) = posts;
         let (from_pointwise, into_pointwise) = ends;
         let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
-        let forms: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
-                                   &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish]];
+        // The next pointwise convolution's input quantizer as a FakeQuant (a simulation's
+        // epilogue before that layer: its levels are taken directly).
+        let fq_next = Post::FakeQuant { scale: 0.05, zero: -2.0, lo: -128.0, hi: 127.0 };
+        let forms: [&[Post]; 7] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
+                                   &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish],
+                                   &[Post::Clip(0.0, 6.0), fq_next], &[fq_next]];
         let (kh, kw) = [(1, 1), (3, 3), (5, 5), (1, 3)][k];
         let (h, kh, s_h, p_h) = if two_d { (h.max(kh), kh, s, pad) } else { (1, 1, 1, 0) };
         let wd = wd.max(kw);

@@ -1193,6 +1193,20 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     if let Some(b) = bias {
         bv[..channels].copy_from_slice(&b[..channels]);
     }
+    // The level straight from the value where the epilogue allows (`PostVec16::level16`): a
+    // clamp (or none) then this quantizer is the quantizer's level clamped to the levels of the
+    // clamp's bounds; a FakeQuant with this scale and zero point in between changes nothing but
+    // its own bounds (the usual case: the simulation fake-quantizes what the next layer reads
+    // with the quantizer that reads it; `fl(k s)` quantizes back to `k`, as `fl(fl(k s) / s)` is
+    // within `|k| 2^-23` of it).
+    let (qlo, qhi) = (lo.max(-128) as f32, hi.min(127) as f32);
+    let direct = match form.fq {
+        _ if CHAIN => None,
+        None => Some((scale, zero as f32, qlo, qhi)),
+        Some((s, z, ql, qh)) => (s == scale && z == zero as f32 && ql >= qlo && qh <= qhi).then_some((s, z, ql, qh)),
+    };
+    let lv = PostVec16::new(crate::generic::PostForm { clamp: form.clamp, fq: direct, chain: false });
+    let same = direct.is_some() && lv.fold;
     for c0 in (0..cp).step_by(16) {
         let vb = _mm512_loadu_ps(bv.as_ptr().add(c0));
         // The lanes that hold channels (a NaN past them is no value's).
@@ -1200,8 +1214,13 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
         for o in 0..ol {
             let v = _mm512_loadu_ps(acc.as_ptr().add(o * cp + c0));
             let v = if bias.is_some() { _mm512_add_ps(v, vb) } else { v };
-            let v = if CHAIN { post16(v, post) } else { pv.apply::<CLAMP, FQ>(v) };
-            let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)));
+            let (k, sure) = if same { lv.level16(v) } else { (v, false) };
+            let y = if sure {
+                _mm512_add_ps(k, vz)
+            } else {
+                let v = if CHAIN { post16(v, post) } else { pv.apply::<CLAMP, FQ>(v) };
+                _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)))
+            };
             let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
             nan |= !ord & real;
             let l = _mm512_cvtsepi32_epi8(_mm512_maskz_cvtps_epi32(ord, y));
@@ -1526,7 +1545,9 @@ type PointwiseArgs<'a> = (
 );
 
 /// The epilogue constants of a [`crate::generic::PostForm`] in vectors: the clamp's bounds, the
-/// FakeQuant's scale, zero point and level bounds.
+/// FakeQuant's scale, zero point and level bounds, and where the level can be taken directly
+/// (`fold`), the bounds of the level less the zero point that the clamp and the FakeQuant's
+/// bounds leave, `[ka, kb]` (widened by 1/4: see [`PostVec16::level16`]).
 #[derive(Clone, Copy)]
 struct PostVec16 {
     lo: __m512,
@@ -1536,6 +1557,9 @@ struct PostVec16 {
     z: __m512,
     qlo: __m512,
     qhi: __m512,
+    ka: __m512,
+    kb: __m512,
+    fold: bool,
 }
 
 impl PostVec16 {
@@ -1544,6 +1568,18 @@ impl PostVec16 {
     fn new(f: crate::generic::PostForm) -> PostVec16 {
         let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
         let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
+        // The clamp then the FakeQuant is the FakeQuant's level clamped to the levels of the
+        // clamp's bounds (the level is a non-decreasing function of the value), so both fold
+        // into one range of levels: for a positive scale whose multiples up to the levels stay
+        // finite, integer levels, and an ordered clamp.
+        let fold = f.fq.is_some()
+            && s > 0.0
+            && s <= f32::MAX / 1_048_576.0
+            && integral_levels(z, qlo, qhi)
+            && qlo.abs().max(qhi.abs()) <= 1_048_576.0
+            && lo <= hi;
+        let level = |v: f32| crate::generic::quantize_level(v, s, z, qlo, qhi) - z;
+        let (ka, kb) = if f.clamp.is_some() { (level(lo), level(hi)) } else { (qlo - z, qhi - z) };
         PostVec16 {
             lo: _mm512_set1_ps(lo),
             hi: _mm512_set1_ps(hi),
@@ -1552,13 +1588,41 @@ impl PostVec16 {
             z: _mm512_set1_ps(z),
             qlo: _mm512_set1_ps(qlo),
             qhi: _mm512_set1_ps(qhi),
+            ka: _mm512_set1_ps(ka - 0.25),
+            kb: _mm512_set1_ps(kb + 0.25),
+            fold,
         }
     }
 
-    /// The form's ops on sixteen lanes: [`post16`]'s operations for a clamp then a FakeQuant.
+    /// With `fold`: the form's level less the zero point for each of 16 lanes, and whether every
+    /// lane's is certain. `q = v fl(1 / s)` is within `|q| QUOTIENT_SCREEN / 2` of the
+    /// definition's quotient `fl(v / s)` ([`round_quotient16`]); clamped to `[ka - 1/4, kb +
+    /// 1/4]` and rounded to `k`, it is the definition's level wherever `|q_c - k| + |q|
+    /// QUOTIENT_SCREEN < 1/2`, as [`store_levels16`] argues (inside, the quotient rounds to `k`;
+    /// at an end the quotient lies past it and the clamps give it). NaN lanes fail the test.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn level16(&self, v: __m512) -> (__m512, bool) {
+        let q = _mm512_mul_ps(v, self.r);
+        // vmaxps / vminps return their second operand, here q, when it is NaN.
+        let qc = _mm512_min_ps(self.kb, _mm512_max_ps(self.ka, q));
+        let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(qc);
+        let t = _mm512_fmadd_ps(_mm512_abs_ps(q), _mm512_set1_ps(QUOTIENT_SCREEN), _mm512_abs_ps(_mm512_sub_ps(qc, k)));
+        (k, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(t, _mm512_set1_ps(0.5)) == 0xffff)
+    }
+
+    /// The form's ops on sixteen lanes: [`post16`]'s operations for a clamp then a FakeQuant
+    /// (the level through [`PostVec16::level16`] where it is certain, `(k + 0) * s` as the
+    /// FakeQuant writes `(level - zero) * s`, the `+ 0` making a `-0` level `+0`).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn apply<const CLAMP: bool, const FQ: bool>(&self, mut v: __m512) -> __m512 {
+        if FQ && self.fold {
+            let (k, sure) = self.level16(v);
+            if sure {
+                return _mm512_mul_ps(_mm512_add_ps(k, _mm512_setzero_ps()), self.s);
+            }
+        }
         if CLAMP {
             v = _mm512_min_ps(self.hi, _mm512_max_ps(self.lo, v));
         }
