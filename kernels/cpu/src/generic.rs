@@ -1432,6 +1432,24 @@ unsafe fn taps_fma_avx2(acc: &mut [f32], w: &[f32], starts: &[usize], src: &[f32
 mod tests {
     use super::*;
 
+    /// `aligned64` gives `len` values from a 64-byte boundary for every length and element size,
+    /// growing the vector as needed, and the same slice again while the vector is not
+    /// reallocated.
+    #[test]
+    fn aligned_scratch_starts_on_a_cache_line() {
+        let mut f: Vec<f32> = Vec::new();
+        let mut w: Vec<u32> = Vec::with_capacity(3);
+        for len in [0usize, 1, 15, 16, 17, 1000, 4099] {
+            let s = aligned64(&mut f, len);
+            assert_eq!((s.len(), s.as_ptr() as usize % 64), (len, 0), "f32, {len}");
+            s.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
+            let again = aligned64(&mut f, len);
+            assert!(again.iter().enumerate().all(|(i, &v)| v == i as f32), "f32 values kept, {len}");
+            let s = aligned64(&mut w, len);
+            assert_eq!((s.len(), s.as_ptr() as usize % 64), (len, 0), "u32, {len}");
+        }
+    }
+
     #[test]
     fn sgemm_matches_naive_with_transposed_b() {
         let (m, k, n) = (3, 4, 5);

@@ -489,6 +489,21 @@ pub fn c_header() -> String {
 mod tests {
     use super::*;
 
+    /// `Aligned64` keeps its values, starts on a cache line (a copy too), and compares by value.
+    #[test]
+    fn aligned_buffers_keep_their_values_on_a_cache_line() {
+        for len in [0usize, 1, 63, 64, 65, 1000] {
+            let v: Vec<i32> = (0..len as i32).map(|i| i * 7 - 3).collect();
+            let a = Aligned64::from_slice(&v);
+            let b = a.clone();
+            assert_eq!(&*a, &v[..]);
+            assert_eq!(a, b);
+            assert_eq!((a.as_ptr() as usize % 64, b.as_ptr() as usize % 64), (0, 0), "{len}");
+            let bytes = Aligned64::from_slice(&vec![0x88u8; len]);
+            assert_eq!((bytes.len(), bytes.as_ptr() as usize % 64), (len, 0));
+        }
+    }
+
     #[test]
     fn blocks_round_trip_and_follow_the_documented_nibble_order() {
         let mut q: [i8; QK4] = std::array::from_fn(|i| (i as i8 % 16) - 8);
