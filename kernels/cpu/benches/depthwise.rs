@@ -6,23 +6,10 @@
 //!
 //!     cargo bench -p sqil-kernels-cpu --bench depthwise
 
+mod common;
+use common::best_per_call_us;
 use sqil_kernels_cpu::generic::{im2col, sgemm_chain, ConvGeometry};
 use sqil_kernels_cpu::{depthwise_conv, peak};
-use std::time::Instant;
-
-/// Best of three timings of `reps` calls of `f`, in microseconds per call.
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..reps {
-                f();
-            }
-            t.elapsed().as_secs_f64() / reps as f64 * 1e6
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     let ceiling = peak::f32_gmacs();
@@ -51,7 +38,7 @@ fn main() {
         let mut cols = vec![0f32; kl * ol];
         let table = geo.gather_table();
         let reps = (2_000_000 / (c * ol * kl)).clamp(20, 20_000);
-        let t_chain = best(reps, || {
+        let t_chain = best_per_call_us(reps, || {
             for ch in 0..c {
                 im2col(&x[ch * il..(ch + 1) * il], 1, &table, &geo, &mut cols);
                 sgemm_chain(
@@ -67,7 +54,7 @@ fn main() {
                 );
             }
         });
-        let t_direct = best(reps, || depthwise_conv(&x, &w, &geo, None, &[], &mut direct_out));
+        let t_direct = best_per_call_us(reps, || depthwise_conv(&x, &w, &geo, None, &[], &mut direct_out));
         let macs = (c * kl * ol) as f64;
         let same = chain_out.iter().zip(&direct_out).all(|(a, b)| a.to_bits() == b.to_bits());
         let of =

@@ -5,22 +5,9 @@
 //!
 //!     cargo bench -p sqil-kernels-cpu --bench stem
 
+mod common;
+use common::best_per_call_us;
 use sqil_kernels_cpu::generic::{conv_direct_run, conv_direct_takes, im2col, sgemm_chain, ConvGeometry};
-use std::time::Instant;
-
-/// Best of three timings of `reps` calls of `f`, in microseconds per call.
-fn best(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..3)
-        .map(|_| {
-            let t = Instant::now();
-            for _ in 0..reps {
-                f();
-            }
-            t.elapsed().as_secs_f64() / reps as f64 * 1e6
-        })
-        .fold(f64::INFINITY, f64::min)
-}
 
 fn main() {
     println!("first-layer convolutions, one core, kernels {:?}", sqil_kernels_cpu::isa());
@@ -43,11 +30,11 @@ fn main() {
         let (mut gemm_out, mut direct_out) = (vec![0f32; m * ol], vec![0f32; m * ol]);
         let mut cols = vec![0f32; c * kl * ol];
         let table = geo.gather_table();
-        let t_gemm = best(200, || {
+        let t_gemm = best_per_call_us(200, || {
             im2col(&x, c, &table, &geo, &mut cols);
             sgemm_chain(m, c * kl, ol, &w, (c * kl, 1), &cols, (ol, 1), &mut gemm_out, (ol, 1));
         });
-        let t_direct = best(200, || assert!(conv_direct_run(&x, c, &w, m, &geo, &mut direct_out)));
+        let t_direct = best_per_call_us(200, || assert!(conv_direct_run(&x, c, &w, m, &geo, &mut direct_out)));
         let macs = (m * c * kl * ol) as f64;
         let same = gemm_out.iter().zip(&direct_out).all(|(a, b)| a.to_bits() == b.to_bits());
         println!(

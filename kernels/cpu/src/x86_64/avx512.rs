@@ -1305,20 +1305,37 @@ unsafe fn store_levels16<const K: usize>(
 /// AVX-512 F, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
-    let (scale, zero, lo, hi) = q4;
+    level_steps(v.len(), q4, |i, eight, rcp| {
+        if eight {
+            hard_swish_levels::<8>(v, i, rcp, q4)
+        } else {
+            hard_swish_levels::<4>(v, i, rcp, q4)
+        }
+    })
+}
+
+/// The steps of the level kernels over `len` values: none unless the scale's reciprocal `rcp`
+/// is a normal number of a positive scale and the levels are integers ([`integral_levels`]);
+/// else `step(i, eight, rcp)` at each 128 values (eight vectors: four left a third of the SiLU
+/// kernel's time to its chains' latency on a Zen 5 core), then once at 64 if they are left
+/// (four vectors). Returns how many values the steps did (a multiple of 64).
+#[inline(always)]
+fn level_steps(
+    len: usize,
+    (scale, zero, lo, hi): (f32, f32, f32, f32),
+    mut step: impl FnMut(usize, bool, f32),
+) -> usize {
     let rcp = 1.0 / scale;
-    // The estimate is only taken with a normal, finite reciprocal of a positive scale.
     if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
         return 0;
     }
-    // Eight vectors per step, then four (as the SiLU kernel).
     let mut i = 0;
-    while i + 128 <= v.len() {
-        hard_swish_levels::<8>(v, i, rcp, q4);
+    while i + 128 <= len {
+        step(i, true, rcp);
         i += 128;
     }
-    if i + 64 <= v.len() {
-        hard_swish_levels::<4>(v, i, rcp, q4);
+    if i + 64 <= len {
+        step(i, false, rcp);
         i += 64;
     }
     i
@@ -1368,31 +1385,24 @@ unsafe fn hard_swish_levels<const K: usize>(v: &mut [f32], i: usize, rcp: f32, q
 /// AVX-512 F, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
-    let (scale, zero, lo, hi) = q4;
-    // The estimate is only taken with a normal, finite reciprocal of a positive scale.
-    let rcp = 1.0 / scale;
-    if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
-        return 0;
-    }
-    let rs = _mm512_set1_ps(rcp);
-    // Eight vectors per step, each its own chain (four left a third of the kernel's time on the
-    // table on this Zen 5 core), then four.
-    let mut i = 0;
-    while i + 128 <= v.len() {
-        silu_levels::<8>(v, i, rs, q4);
-        i += 128;
-    }
-    if i + 64 <= v.len() {
-        silu_levels::<4>(v, i, rs, q4);
-        i += 64;
-    }
-    i
+    level_steps(
+        v.len(),
+        q4,
+        |i, eight, rcp| {
+            if eight {
+                silu_levels::<8>(v, i, rcp, q4)
+            } else {
+                silu_levels::<4>(v, i, rcp, q4)
+            }
+        },
+    )
 }
 
-/// [`avx512_silu_fake_quant`] on the `16 K` values at `v[i..]`, `rs` the scale's reciprocal.
+/// [`avx512_silu_fake_quant`] on the `16 K` values at `v[i..]`, `rcp` the scale's reciprocal.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn silu_levels<const K: usize>(v: &mut [f32], i: usize, rs: __m512, q4: (f32, f32, f32, f32)) {
+unsafe fn silu_levels<const K: usize>(v: &mut [f32], i: usize, rcp: f32, q4: (f32, f32, f32, f32)) {
+    let rs = _mm512_set1_ps(rcp);
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split: n * LN2_HI exact for |n| < 2^12 (its low 12 bits are zero), LN2_LO the rest
     // to f32's precision (ln 2 to about 2^-44 in all).
