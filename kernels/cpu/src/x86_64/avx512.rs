@@ -1097,6 +1097,31 @@ unsafe fn flush_tile(
             std::slice::from_raw_parts_mut(tp.add(r * t), left).copy_from_slice(d);
         }
     }
+    if cp.is_multiple_of(16) && t.is_multiple_of(16) {
+        // Sixteen positions x sixteen channels per register transpose (half the shuffles per
+        // value of the eight-lane form; the tile's rows hold 32 values, so a block past `left`
+        // reads values it does not store).
+        for j0 in (0..left).step_by(16) {
+            let mut at = [usize::MAX; 16];
+            for a in at.iter_mut().take(left - j0) {
+                *a = m.at(next.0, next.1).unwrap_or(usize::MAX);
+                next.1 += 1;
+                if next.1 == m.w {
+                    *next = (next.0 + 1, 0);
+                }
+            }
+            for c0 in (0..cp).step_by(16) {
+                let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(tp.add((c0 + i) * t + j0)));
+                let v = transpose16(rows);
+                for j in 0..16 {
+                    if at[j] != usize::MAX {
+                        _mm512_storeu_ps(bp.add(at[j] + c0), v[j]);
+                    }
+                }
+            }
+        }
+        return;
+    }
     for j0 in (0..left).step_by(8) {
         // Where each of the eight positions goes (usize::MAX: past the block, or read by no
         // window).
@@ -1128,6 +1153,39 @@ unsafe fn flush_tile(
             }
         }
     }
+}
+
+/// The 16 x 16 transpose of `r` (row i lane j to row j lane i) in registers: pairs of rows
+/// interleaved by 32 then 64 bits (each 128-bit lane then holds four rows of one column), then
+/// the lanes gathered by two rounds of `vshuff32x4`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    let t: [__m512; 16] = std::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    // u[4g + k]: column 4L + k of rows 4g..4g + 4 in lane L.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        let (g, k) = (i / 4, i % 4);
+        let (a, b) = (_mm512_castps_pd(t[4 * g + k / 2]), _mm512_castps_pd(t[4 * g + 2 + k / 2]));
+        _mm512_castpd_ps(if k % 2 == 0 { _mm512_unpacklo_pd(a, b) } else { _mm512_unpackhi_pd(a, b) })
+    });
+    let mut c = [_mm512_setzero_ps(); 16];
+    for k in 0..4 {
+        let (v0, v1) = (_mm512_shuffle_f32x4::<0x88>(u[k], u[4 + k]), _mm512_shuffle_f32x4::<0xDD>(u[k], u[4 + k]));
+        let (w0, w1) =
+            (_mm512_shuffle_f32x4::<0x88>(u[8 + k], u[12 + k]), _mm512_shuffle_f32x4::<0xDD>(u[8 + k], u[12 + k]));
+        c[k] = _mm512_shuffle_f32x4::<0x88>(v0, w0);
+        c[8 + k] = _mm512_shuffle_f32x4::<0xDD>(v0, w0);
+        c[4 + k] = _mm512_shuffle_f32x4::<0x88>(v1, w1);
+        c[12 + k] = _mm512_shuffle_f32x4::<0xDD>(v1, w1);
+    }
+    c
 }
 
 thread_local! {
@@ -1770,4 +1828,34 @@ pub(crate) unsafe fn avx512_conv_direct(xp: &[f32], w: &[f32], d: super::common:
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub(crate) unsafe fn avx512_dequant_gemv(w: &crate::dequant::DequantRows, x: &[f32], y: &mut [f32]) {
     super::common::dequant_gemv::<__m512, 8>(w, x, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `transpose16` moves row i lane j to row j lane i, for every (i, j).
+    #[test]
+    fn transpose16_transposes() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("skipping transpose16: no AVX-512 F");
+            return;
+        }
+        let a: Vec<f32> = (0..256).map(|v| v as f32).collect();
+        // SAFETY: AVX-512 F checked above; each row reads 16 of the 256 values.
+        let out = unsafe {
+            let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(a.as_ptr().add(16 * i)));
+            transpose16(rows)
+        };
+        let mut got = [0f32; 256];
+        for (j, v) in out.iter().enumerate() {
+            // SAFETY: as above; row j writes 16 of the 256 values.
+            unsafe { _mm512_storeu_ps(got.as_mut_ptr().add(16 * j), *v) };
+        }
+        for i in 0..16 {
+            for j in 0..16 {
+                assert_eq!(got[16 * j + i], a[16 * i + j], "row {i} lane {j}");
+            }
+        }
+    }
 }
