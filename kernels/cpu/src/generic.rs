@@ -1158,137 +1158,45 @@ unsafe fn depthwise_unpack<const CHAIN: bool, const CLAMP: bool, const FQ: bool>
     }
 }
 
-/// [`depthwise_lanes_avx2`]'s taps on eight channels per vector, as [`depthwise_taps_avx512`]
-/// runs them on sixteen: per block of eight channels, eight output positions at a time (eight
-/// independent chains, running on across output rows), each tap's weight vector loaded once for
-/// the eight, then one position at a time; each lane one FMA chain from +0 over the taps in
-/// (row, column) order. Buffers as [`depthwise_taps_avx512`] takes them, `cp` a multiple of 8.
+/// [`depthwise_lanes_avx2`]'s taps on eight channels per vector ([`crate::x86_64::common::depthwise_taps`],
+/// one block of channels at a time: two would take all sixteen registers).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; the pointers hold the buffers [`depthwise_lanes_avx2`]
-/// builds.
+/// builds, `cp` a multiple of 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn depthwise_taps_avx2(
     bp: *const f32,
     wtp: *const f32,
     offs: &[usize],
-    (oh, ow, sh, sw, wp, cp): (usize, usize, usize, usize, usize, usize),
+    geo: (usize, usize, usize, usize, usize, usize),
     acc: *mut f32,
 ) {
-    use std::arch::x86_64::*;
-    const P: usize = 8;
-    let ol = oh * ow;
-    let start = |o: usize| (o / ow * sh * wp + o % ow * sw) * cp;
-    for c0 in (0..cp).step_by(8) {
-        let wc = wtp.add(c0);
-        let mut o = 0;
-        while o + P <= ol {
-            let pv: [*const f32; P] = std::array::from_fn(|v| bp.add(start(o + v) + c0));
-            let mut a = [_mm256_setzero_ps(); P];
-            for (t, &off) in offs.iter().enumerate() {
-                let w = _mm256_loadu_ps(wc.add(t * cp));
-                for (v, a) in a.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(pv[v].add(off)), *a);
-                }
-            }
-            for (v, a) in a.iter().enumerate() {
-                _mm256_storeu_ps(acc.add((o + v) * cp + c0), *a);
-            }
-            o += P;
-        }
-        for o in o..ol {
-            let p0 = bp.add(start(o) + c0);
-            let mut a = _mm256_setzero_ps();
-            for (t, &off) in offs.iter().enumerate() {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(wc.add(t * cp)), _mm256_loadu_ps(p0.add(off)), a);
-            }
-            _mm256_storeu_ps(acc.add(o * cp + c0), a);
-        }
-    }
+    crate::x86_64::common::depthwise_taps::<std::arch::x86_64::__m256, false>(bp, wtp, offs, geo, acc)
 }
 
 /// Most taps the wide depthwise path keeps as weight vectors (5 x 5 kernels and smaller).
 #[cfg(target_arch = "x86_64")]
 const DEPTHWISE_WIDE_TAPS: usize = 25;
 
-/// [`depthwise_lanes_avx2`]'s taps on sixteen channels per vector: per block of sixteen channels
-/// the taps' weight vectors loaded once, then eight output positions at a time (eight
-/// independent chains: a 512-bit FMA's latency times the two FMA pipes of a Zen 5 core; four
-/// chains left half of them idle), running on across output rows (a 6 x 6 or 11 x 11 map is
-/// mostly rows' ends), then one at a time. Each lane is one FMA chain from +0 over the taps in
-/// (row, column) order, as on the eight-lane path (the same bits). `buf` is `[row, column, cp]`
-/// with `cp` a multiple of 16; writes `acc[position * cp + channel]` for every position and
-/// channel below `cp`.
+/// [`depthwise_lanes_avx2`]'s taps on sixteen channels per vector
+/// ([`crate::x86_64::common::depthwise_taps`], two blocks of channels at a time where there are
+/// two).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F; `offs.len() <= DEPTHWISE_WIDE_TAPS`; the pointers hold the
-/// buffers [`depthwise_lanes_avx2`] builds.
+/// buffers [`depthwise_lanes_avx2`] builds, `cp` a multiple of 16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn depthwise_taps_avx512(
     bp: *const f32,
     wtp: *const f32,
     offs: &[usize],
-    (oh, ow, sh, sw, wp, cp): (usize, usize, usize, usize, usize, usize),
+    geo: (usize, usize, usize, usize, usize, usize),
     acc: *mut f32,
 ) {
-    use std::arch::x86_64::*;
-    const P: usize = 8;
-    let ol = oh * ow;
-    // Where position o's window starts in the buffer (its first tap at offset 0).
-    let start = |o: usize| (o / ow * sh * wp + o % ow * sw) * cp;
-    // Positions outer, channel blocks inner: a block's eight windows are read for every channel
-    // block while they are in L1, their lines in order. Two channel blocks at a time where there
-    // are two (sixteen chains: eight were still waiting on the FMAs' latency), one otherwise.
-    let mut o = 0;
-    while o + P <= ol {
-        let base: [usize; P] = std::array::from_fn(|v| start(o + v));
-        let mut c0 = 0;
-        while c0 < cp {
-            let two = cp - c0 >= 32;
-            let wc = wtp.add(c0);
-            // Per tap: its offset, its weight vectors, then one FMA per position and channel
-            // block with the input read at (the position's window, the offset): a base and an
-            // index register each, the second block 64 bytes on.
-            let pv: [*const f32; P] = std::array::from_fn(|v| bp.add(base[v] + c0));
-            let mut a = [[_mm512_setzero_ps(); P]; 2];
-            if two {
-                for (t, &off) in offs.iter().enumerate() {
-                    let w0 = _mm512_loadu_ps(wc.add(t * cp));
-                    let w1 = _mm512_loadu_ps(wc.add(t * cp + 16));
-                    for v in 0..P {
-                        a[0][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(pv[v].add(off)), a[0][v]);
-                        a[1][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(pv[v].add(off + 16)), a[1][v]);
-                    }
-                }
-            } else {
-                for (t, &off) in offs.iter().enumerate() {
-                    let w = _mm512_loadu_ps(wc.add(t * cp));
-                    for v in 0..P {
-                        a[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(pv[v].add(off)), a[0][v]);
-                    }
-                }
-            }
-            for (h, a) in a.iter().enumerate().take(1 + two as usize) {
-                for (v, a) in a.iter().enumerate() {
-                    _mm512_storeu_ps(acc.add((o + v) * cp + c0 + 16 * h), *a);
-                }
-            }
-            c0 += if two { 32 } else { 16 };
-        }
-        o += P;
-    }
-    for o in o..ol {
-        for c0 in (0..cp).step_by(16) {
-            let (wc, p0) = (wtp.add(c0), bp.add(start(o) + c0));
-            let mut a = _mm512_setzero_ps();
-            for (t, &off) in offs.iter().enumerate() {
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(wc.add(t * cp)), _mm512_loadu_ps(p0.add(off)), a);
-            }
-            _mm512_storeu_ps(acc.add(o * cp + c0), a);
-        }
-    }
+    crate::x86_64::common::depthwise_taps::<std::arch::x86_64::__m512, true>(bp, wtp, offs, geo, acc)
 }
 
 /// `c[i * rsc] = chain over p of fma(a[i * rsa + p], b[p * rsb])` from +0 for rows i < m (a

@@ -1403,6 +1403,98 @@ unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
     }
 }
 
+/// A depthwise convolution's taps on `F::LANES` channels per vector (`generic::depthwise_lanes_avx2`'s
+/// buffers: `bp` the padded image `[row, column, cp]`, `wtp` the weights by tap `[tap][cp]`,
+/// `offs` each tap's offset from a window's start; `cp` a multiple of the lanes). Eight output
+/// positions at a time, running on across output rows (a 6 x 6 or 11 x 11 map is mostly rows'
+/// ends): eight independent chains, a 512-bit FMA's latency times the two FMA pipes of a Zen 5
+/// core (four left half of them idle). Positions outer and channel blocks inner, so a block's
+/// eight windows are read for every channel block while in L1; with `TWO`, two channel blocks
+/// at a time where there are two (sixteen chains, the second block's loads at a fixed
+/// displacement from the same registers). Then the last positions one at a time. Each lane is
+/// one FMA chain from +0 over the taps in (row, column) order whatever the blocking, so every
+/// width gives the same bits; writes `acc[position * cp + channel]` for every position and
+/// channel below `cp`.
+///
+/// # Safety
+/// The caller's target features cover `F`'s instructions; the pointers hold the buffers above.
+#[inline(always)]
+pub(crate) unsafe fn depthwise_taps<F: F32Lanes, const TWO: bool>(
+    bp: *const f32,
+    wtp: *const f32,
+    offs: &[usize],
+    (oh, ow, sh, sw, wp, cp): (usize, usize, usize, usize, usize, usize),
+    acc: *mut f32,
+) {
+    let (ol, l) = (oh * ow, F::LANES);
+    // Where position o's window starts in the buffer (its first tap at offset 0).
+    let start = |o: usize| (o / ow * sh * wp + o % ow * sw) * cp;
+    let mut o = 0;
+    while o + TAP_POSITIONS <= ol {
+        let base: [usize; TAP_POSITIONS] = std::array::from_fn(|v| start(o + v));
+        let mut c0 = 0;
+        while c0 < cp {
+            // Each window a base register, each tap's offset an index register.
+            let pv: [*const f32; TAP_POSITIONS] = std::array::from_fn(|v| bp.add(base[v] + c0));
+            let out = acc.add(o * cp + c0);
+            if TWO && cp - c0 >= 2 * l {
+                store_taps(taps_block::<F, 2>(&pv, wtp.add(c0), offs, cp), out, cp);
+                c0 += 2 * l;
+            } else {
+                store_taps(taps_block::<F, 1>(&pv, wtp.add(c0), offs, cp), out, cp);
+                c0 += l;
+            }
+        }
+        o += TAP_POSITIONS;
+    }
+    for o in o..ol {
+        for c0 in (0..cp).step_by(l) {
+            let p0 = bp.add(start(o) + c0);
+            let mut a = F::zero();
+            for (t, &off) in offs.iter().enumerate() {
+                a = F::fmadd(F::load(wtp.add(t * cp + c0)), F::load(p0.add(off)), a);
+            }
+            a.store(acc.add(o * cp + c0));
+        }
+    }
+}
+
+/// Output positions per block of [`depthwise_taps`].
+const TAP_POSITIONS: usize = 8;
+
+/// [`depthwise_taps`]' chains for one block of positions (`pv`, their windows) and `B`
+/// consecutive channel blocks from the weights `wc` (loops, not closures: a closure would not
+/// take the caller's target features).
+#[inline(always)]
+unsafe fn taps_block<F: F32Lanes, const B: usize>(
+    pv: &[*const f32; TAP_POSITIONS],
+    wc: *const f32,
+    offs: &[usize],
+    cp: usize,
+) -> [[F; TAP_POSITIONS]; B] {
+    let mut a = [[F::zero(); TAP_POSITIONS]; B];
+    for (t, &off) in offs.iter().enumerate() {
+        for (h, a) in a.iter_mut().enumerate() {
+            let w = F::load(wc.add(t * cp + h * F::LANES));
+            for (v, a) in a.iter_mut().enumerate() {
+                *a = F::fmadd(w, F::load(pv[v].add(off + h * F::LANES)), *a);
+            }
+        }
+    }
+    a
+}
+
+/// [`taps_block`]'s sums to `out` (the block's first position and channel; positions `cp`
+/// apart, channel blocks `F::LANES`).
+#[inline(always)]
+unsafe fn store_taps<F: F32Lanes, const B: usize>(a: [[F; TAP_POSITIONS]; B], out: *mut f32, cp: usize) {
+    for (h, a) in a.iter().enumerate() {
+        for (v, a) in a.iter().enumerate() {
+            a.store(out.add(v * cp + h * F::LANES));
+        }
+    }
+}
+
 /// [`crate::dequant::dequant_gemm`] for one row on vectors `F`: per `V` vectors of columns `V`
 /// chains, each weight rebuilt as `f32(level) * scale` (one rounding) before its FMA, the scales
 /// loaded once per group.
