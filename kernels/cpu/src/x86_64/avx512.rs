@@ -1640,12 +1640,7 @@ impl PostVec16 {
         // clamp's bounds (the level is a non-decreasing function of the value), so both fold
         // into one range of levels: for a positive scale whose multiples up to the levels stay
         // finite, integer levels, and an ordered clamp.
-        let fold = f.fq.is_some()
-            && s > 0.0
-            && s <= f32::MAX / 1_048_576.0
-            && integral_levels(z, qlo, qhi)
-            && qlo.abs().max(qhi.abs()) <= 1_048_576.0
-            && lo <= hi;
+        let fold = f.fq.is_some() && s > 0.0 && s <= f32::MAX / 1_048_576.0 && integral_levels(z, qlo, qhi) && lo <= hi;
         let level = |v: f32| crate::generic::quantize_level(v, s, z, qlo, qhi) - z;
         let (ka, kb) = if f.clamp.is_some() { (level(lo), level(hi)) } else { (qlo - z, qhi - z) };
         PostVec16 {
