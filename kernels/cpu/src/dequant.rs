@@ -5,8 +5,15 @@
 //! four). A layer whose float input keeps the simulation's arithmetic (the first layer on a raw
 //! state) runs this at small batches, where its weights are read from memory on every call.
 
-/// The levels (`[k][n_pad]`, int8, columns padded with zeros to a multiple of 16) and the scales
-/// (`[k.div_ceil(group)][n_pad]`; `group` = k: one per column) of a `[k, n]` weight in rows.
+/// Columns per panel of [`DequantRows`]: a pass of the AVX-512 kernel (eight 16-lane vectors).
+pub const PANEL: usize = 128;
+
+/// The levels (int8) and the scales (`group` = k: one per column) of a `[k, n]` weight in rows,
+/// in panels of [`PANEL`] columns (columns padded with zeros to a multiple of 16; the last panel
+/// is narrower where n is): panel `b`, of width `wb`, holds its `[k][wb]` levels at `PANEL * b * k`
+/// and its `[k.div_ceil(group)][wb]` scales at `PANEL * b * groups`. A pass over a panel reads
+/// one contiguous run of memory, not `k` rows `n` bytes apart (which the hardware prefetcher
+/// followed poorly at batch 1, where the levels come from L3 on every call).
 #[derive(Clone, Debug)]
 pub struct DequantRows {
     pub k: usize,
@@ -27,22 +34,32 @@ impl DequantRows {
             return None;
         }
         let n_pad = n.next_multiple_of(16);
-        let mut levels = vec![0i8; k * n_pad];
-        let mut sc = vec![0f32; groups * n_pad];
+        let mut d =
+            DequantRows { k, n, n_pad, group, levels: vec![0i8; k * n_pad], scales: vec![0f32; groups * n_pad] };
         for j in 0..n {
+            let (l, s, w) = d.panel(j);
             for p in 0..k {
-                levels[p * n_pad + j] = q[j * k + p];
+                d.levels[l + p * w] = q[j * k + p];
             }
             for g in 0..groups {
-                sc[g * n_pad + j] = scales[j * groups + g];
+                d.scales[s + g * w] = scales[j * groups + g];
             }
         }
-        Some(DequantRows { k, n, n_pad, group, levels, scales: sc })
+        Some(d)
+    }
+
+    /// For column `j`: the index of its level in row 0 and of its scale in group 0, and the width
+    /// of its panel (the distance between its rows).
+    pub fn panel(&self, j: usize) -> (usize, usize, usize) {
+        let (b, c) = (j / PANEL, j % PANEL);
+        let w = (self.n_pad - b * PANEL).min(PANEL);
+        (PANEL * b * self.k + c, PANEL * b * self.k.div_ceil(self.group) + c, w)
     }
 
     /// The dequantized weight `(p, j)`: `f32(level) * scale`, one rounding.
     pub fn value(&self, p: usize, j: usize) -> f32 {
-        self.levels[p * self.n_pad + j] as f32 * self.scales[(p / self.group) * self.n_pad + j]
+        let (l, s, w) = self.panel(j);
+        self.levels[l + p * w] as f32 * self.scales[s + (p / self.group) * w]
     }
 
     /// Whether every value equals `rows` (`[k, n]`, row-major) bit for bit: the check a plan makes

@@ -1497,40 +1497,62 @@ unsafe fn store_taps<F: F32Lanes, const B: usize>(a: [[F; TAP_POSITIONS]; B], ou
 
 /// [`crate::dequant::dequant_gemm`] for one row on vectors `F`: per `V` vectors of columns `V`
 /// chains, each weight rebuilt as `f32(level) * scale` (one rounding) before its FMA, the scales
-/// loaded once per group.
+/// loaded once per group; the last columns in passes of `V / 2`, `V / 4`, ... vectors, so every
+/// pass has a constant count of chains, which stay in registers (a count known only at run time
+/// kept them on the stack: a store and a reload around every FMA).
 ///
 /// # Safety
-/// `F`'s instructions; `x` holds `w.k` values, `y` `w.n`; the levels and scales hold `k` and
-/// `groups` rows of `n_pad` (a multiple of 16) values (`DequantRows::new`).
+/// `F`'s instructions; `x` holds `w.k` values, `y` `w.n`; the levels and scales are in panels of
+/// `PANEL` columns (`DequantRows::new`), a multiple of `V * F::LANES`.
 #[inline(always)]
 pub(crate) unsafe fn dequant_gemv<F: F32Lanes, const V: usize>(
     w: &crate::dequant::DequantRows,
     x: &[f32],
     y: &mut [f32],
 ) {
-    let (k, n, np) = (w.k, w.n, w.n_pad);
-    let (lp, sp) = (w.levels.as_ptr(), w.scales.as_ptr());
+    const { assert!(crate::dequant::PANEL.is_multiple_of(V * F::LANES) && V.is_power_of_two() && V <= 8) };
     let mut j0 = 0;
-    while j0 < n {
-        let nv = (n - j0).div_ceil(F::LANES).min(V);
-        let mut acc = [F::zero(); V];
-        let mut sc = [F::zero(); V];
-        for g in 0..k.div_ceil(w.group) {
-            for (v, s) in sc.iter_mut().enumerate().take(nv) {
-                *s = F::load(sp.add(g * np + j0 + F::LANES * v));
-            }
-            for p in g * w.group..((g + 1) * w.group).min(k) {
-                let xb = F::splat(*x.get_unchecked(p));
-                for v in 0..nv {
-                    let wv = F::mul(F::from_i8(lp.add(p * np + j0 + F::LANES * v)), sc[v]);
-                    acc[v] = F::fmadd(xb, wv, acc[v]);
-                }
-            }
-        }
-        for (v, a) in acc.iter().enumerate().take(nv) {
-            let at = j0 + F::LANES * v;
-            a.store_first(y.as_mut_ptr().add(at), (n - at).min(F::LANES));
-        }
-        j0 += F::LANES * V;
+    while j0 < w.n {
+        let nv = (w.n - j0).div_ceil(F::LANES);
+        // A pass of `p` vectors from j0 (a multiple of `p * LANES`) stays inside one panel.
+        j0 = match nv {
+            _ if nv >= V => dequant_pass::<F, V>(w, x, y, j0),
+            _ if nv >= 4 && V > 4 => dequant_pass::<F, 4>(w, x, y, j0),
+            _ if nv >= 2 && V > 2 => dequant_pass::<F, 2>(w, x, y, j0),
+            _ => dequant_pass::<F, 1>(w, x, y, j0),
+        };
     }
+}
+
+/// One pass of [`dequant_gemv`]: `P` vectors of columns from `j0`, the last one's columns past
+/// `n` not stored; returns the next pass's first column.
+#[inline(always)]
+unsafe fn dequant_pass<F: F32Lanes, const P: usize>(
+    w: &crate::dequant::DequantRows,
+    x: &[f32],
+    y: &mut [f32],
+    j0: usize,
+) -> usize {
+    let (k, n) = (w.k, w.n);
+    let (l0, s0, np) = w.panel(j0);
+    let (lp, sp) = (w.levels.as_ptr().add(l0), w.scales.as_ptr().add(s0));
+    let mut acc = [F::zero(); P];
+    let mut sc = [F::zero(); P];
+    for g in 0..k.div_ceil(w.group) {
+        for (v, s) in sc.iter_mut().enumerate() {
+            *s = F::load(sp.add(g * np + F::LANES * v));
+        }
+        for p in g * w.group..((g + 1) * w.group).min(k) {
+            let xb = F::splat(*x.get_unchecked(p));
+            for v in 0..P {
+                let wv = F::mul(F::from_i8(lp.add(p * np + F::LANES * v)), sc[v]);
+                acc[v] = F::fmadd(xb, wv, acc[v]);
+            }
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        let at = j0 + F::LANES * v;
+        a.store_first(y.as_mut_ptr().add(at), n.saturating_sub(at).min(F::LANES));
+    }
+    j0 + F::LANES * P
 }
