@@ -686,8 +686,10 @@ pub(crate) unsafe fn avx512_channels<X: LaneInput>(
 /// group sum) and `zero sum(q)` is `sum (x - zero) q`, the integer the other kernels reach, then the shared
 /// epilogue per lane: equal bit for bit. `SPLIT` independent accumulator sets over alternate
 /// quads (summed exactly per group) keep one or two rows from waiting on `vpdpbusd`'s latency.
+/// `OWN_SUMS` (one row): the weights' group sums by `vpdpbusd` against ones from the bytes in
+/// registers, not read from `sums` (a tenth of a layer's bytes at groups of 64).
 #[inline(always)]
-unsafe fn nibble_block<const NP: usize, const SPLIT: usize>(
+unsafe fn nibble_block<const NP: usize, const SPLIT: usize, const OWN_SUMS: bool>(
     w: &PackedQ4,
     t: &crate::packed::NibbleTiles,
     cb: usize,
@@ -697,12 +699,14 @@ unsafe fn nibble_block<const NP: usize, const SPLIT: usize>(
     let quads = w.group / 4;
     debug_assert!(quads.is_multiple_of(SPLIT));
     let m_hi = _mm512_set1_epi8(0xF0u8 as i8);
+    let ones = _mm512_set1_epi8(1);
     let same_zero = xs.iter().all(|x| x.zero == xs[0].zero);
     let mut accf = [[_mm512_setzero_ps(); 2]; NP];
     for g in 0..groups {
         let base = t.data.as_ptr().add((cb * groups + g) * quads * 64);
         let xo = g * w.group;
         let mut acc = [[[_mm512_setzero_si512(); 2]; NP]; SPLIT];
+        let mut own = [[_mm512_setzero_si512(); 2]; SPLIT];
         let mut quad = 0;
         while quad < quads {
             for (s, acc) in acc.iter_mut().enumerate() {
@@ -710,6 +714,10 @@ unsafe fn nibble_block<const NP: usize, const SPLIT: usize>(
                 // quad; the two channel halves are separated per group.
                 let v = _mm512_loadu_si512(base.add((quad + s) * 64) as *const __m512i);
                 let hi16 = _mm512_and_si512(v, m_hi);
+                if OWN_SUMS {
+                    own[s][0] = _mm512_dpbusd_epi32(own[s][0], v, ones);
+                    own[s][1] = _mm512_dpbusd_epi32(own[s][1], hi16, ones);
+                }
                 for c in 0..NP {
                     let x4 = std::ptr::read_unaligned(xs[c].q.as_ptr().add(xo + 4 * (quad + s)) as *const i32);
                     let xb = _mm512_set1_epi32(x4);
@@ -731,8 +739,26 @@ unsafe fn nibble_block<const NP: usize, const SPLIT: usize>(
             [_mm512_sub_epi32(whole, high), _mm512_srai_epi32::<4>(high)]
         });
         let at = (cb * groups + g) * 32;
+        // The weights' sums from the bytes just read (`sum (q + 8) - 8 group`, the padding's
+        // weights included, as the stored sums have them) instead of from memory: where the
+        // weights stream from L3 at one or two rows, their bytes bound the time, not `vpdpbusd`.
+        let own: [__m512i; 2] = if OWN_SUMS {
+            let (mut whole, mut high) = (own[0][0], own[0][1]);
+            for o in &own[1..] {
+                whole = _mm512_add_epi32(whole, o[0]);
+                high = _mm512_add_epi32(high, o[1]);
+            }
+            let eight = _mm512_set1_epi32(8 * w.group as i32);
+            [
+                _mm512_sub_epi32(_mm512_sub_epi32(whole, high), eight),
+                _mm512_sub_epi32(_mm512_srai_epi32::<4>(high), eight),
+            ]
+        } else {
+            [_mm512_setzero_si512(); 2]
+        };
         for h in 0..2 {
-            let ws = _mm512_loadu_si512(t.sums.as_ptr().add(at + 16 * h) as *const __m512i);
+            let ws =
+                if OWN_SUMS { own[h] } else { _mm512_loadu_si512(t.sums.as_ptr().add(at + 16 * h) as *const __m512i) };
             let sc = _mm512_loadu_ps(t.scales.as_ptr().add(at + 16 * h));
             let zw0 = _mm512_mullo_epi32(_mm512_set1_epi32(xs[0].zero), ws);
             for c in 0..NP {
@@ -779,29 +805,29 @@ pub(crate) unsafe fn avx512_nibble_lanes(
             let left = xs.len() - c;
             let np = match left {
                 1 => {
-                    acc[0] = nibble_block::<1, 2>(w, t, cb, [&xs[c]])[0];
+                    acc[0] = nibble_block::<1, 2, true>(w, t, cb, [&xs[c]])[0];
                     1
                 }
                 2 => {
-                    acc[..2].copy_from_slice(&nibble_block::<2, 2>(w, t, cb, [&xs[c], &xs[c + 1]]));
+                    acc[..2].copy_from_slice(&nibble_block::<2, 2, false>(w, t, cb, [&xs[c], &xs[c + 1]]));
                     2
                 }
                 3 => {
-                    acc[..3].copy_from_slice(&nibble_block::<3, 1>(w, t, cb, [&xs[c], &xs[c + 1], &xs[c + 2]]));
+                    acc[..3].copy_from_slice(&nibble_block::<3, 1, false>(w, t, cb, [&xs[c], &xs[c + 1], &xs[c + 2]]));
                     3
                 }
                 4 | 8 => {
-                    let a = nibble_block::<4, 1>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
+                    let a = nibble_block::<4, 1, false>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
                     acc[..4].copy_from_slice(&a);
                     4
                 }
                 5 | 9 => {
-                    let a = nibble_block::<5, 1>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
+                    let a = nibble_block::<5, 1, false>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
                     acc[..5].copy_from_slice(&a);
                     5
                 }
                 _ => {
-                    let a = nibble_block::<6, 1>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
+                    let a = nibble_block::<6, 1, false>(w, t, cb, std::array::from_fn(|i| &xs[c + i]));
                     acc[..6].copy_from_slice(&a);
                     6
                 }
