@@ -18,7 +18,7 @@ fn extent(input: usize, k: usize, s: usize, d: usize, pb: isize, pe: isize) -> O
 fn check(geo: &ConvGeometry, c: usize, m: usize, seed: u64) {
     let (kl, ol, il) = (geo.kernel_len(), geo.output_len(), geo.input_len());
     // Specials in one case of four: a NaN or an infinity reaches every output whose window holds it.
-    let x = common::values(seed, c * il, seed % 4 == 0);
+    let x = common::values(seed, c * il, seed.is_multiple_of(4));
     let w = common::values(seed ^ 0x5555, m * c * kl, false);
     let mut cols = vec![0f32; c * kl * ol];
     im2col(&x, c, &geo.gather_table(), geo, &mut cols);
