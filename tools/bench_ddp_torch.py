@@ -5,7 +5,7 @@ weight and layer input, W4 groups of 64 / A8 per tensor; `vla`: one VLA-scale de
 clipping, fp32 with TF32 off, one process per GPU (NCCL, `NCCL_NVLS_ENABLE=0`):
 
 - throughput at 1, 2, 4, ... GPUs with the same rows per GPU: samples/s of whole steps and the
-  scaling efficiency `samples/s at N / (N x samples/s at 1)`;
+  scaling efficiency `samples/s at N / (N x samples/s at 1)` (at the first count listed, per GPU);
 - loss curves at every count with the same global batch, data and seed (each rank takes its
   contiguous shard of the global batch; the logged loss is the global batch's mean).
 
@@ -174,6 +174,7 @@ def worker(rank, world, a, name, mode, out, port):
         sync()
         dist.barrier()
         dt = time.perf_counter() - t0
+        dist.all_reduce(loss)  # the last step's global mean loss
         if rank == 0:
             out.put({"samples_s": a.steps * batch / dt, "batch": batch, "last_loss": float(loss)})
     else:
@@ -225,7 +226,8 @@ def main():
                 if mode == "throughput":
                     base = base or r["samples_s"]
                     row.update(rows_per_gpu=a.rows_per_gpu, batch=r["batch"], samples_s=round(r["samples_s"], 1),
-                               scaling_efficiency=round(r["samples_s"] / (n * base), 3), last_loss=r["last_loss"])
+                               scaling_efficiency=round(r["samples_s"] / (n * base / a.counts[0]), 3),
+                               last_loss=r["last_loss"])
                     if (name, n) in sq:
                         row["sqil_vs_ddp"] = round(sq[(name, n)] / r["samples_s"], 2)
                 else:

@@ -5,7 +5,8 @@
 //! - **throughput** at 1, 2, 4, ... GPUs (up to the machine's count) with the same rows per GPU
 //!   (weak scaling, as PyTorch DistributedDataParallel is usually run): samples/s of whole steps
 //!   (batch gathered on the host and copied in, forward, backward, the all-reduce, AdamW on every
-//!   GPU) and the scaling efficiency `samples/s at N / (N x samples/s at 1)`;
+//!   GPU) and the scaling efficiency `samples/s at N / (N x samples/s at 1)` (per GPU at the
+//!   first count run, where `--gpus` leaves 1 out);
 //! - **loss curves** at every count with the same global batch, seed and steps (what "the same
 //!   result as one GPU" means), one JSON line per count with the loss of every step.
 //!
@@ -131,7 +132,8 @@ fn main() {
                 loss = dp.step(&tg, &data, &rows(s), &mut opt).unwrap().unwrap();
             }
             let sps = (steps * batch) as f64 / t0.elapsed().as_secs_f64();
-            let base = *one.get_or_insert(sps);
+            // Per GPU at the first count run (1 unless --gpus leaves it out).
+            let base = *one.get_or_insert(sps / n as f64);
             println!(
                 "{{\"model\": \"{name}\", \"engine\": \"sqil\", \"gpu\": {gpu_name:?}, \"gpus\": {n}, \"rows_per_gpu\": {per}, \"batch\": {batch}, \"samples_s\": {sps:.1}, \"scaling_efficiency\": {:.3}, \"mode\": {:?}, \"last_loss\": {loss:.5}}}",
                 sps / (n as f64 * base),
