@@ -730,29 +730,16 @@ unsafe fn nibble_block<const NP: usize, const SPLIT: usize, const OWN_SUMS: bool
         // Per row: sum (lo + 16 hi) x and sum 16 hi x, exact (|sum| < group * 255 * 128 < 2^31:
         // the dispatch keeps groups within `NIBBLE_LANES_MAX_GROUP`), into the low channels'
         // sum (the difference) and the high channels' (a sixteenth, exact).
-        let halves: [[__m512i; 2]; NP] = std::array::from_fn(|c| {
-            let (mut whole, mut high) = (acc[0][c][0], acc[0][c][1]);
-            for acc in &acc[1..] {
-                whole = _mm512_add_epi32(whole, acc[c][0]);
-                high = _mm512_add_epi32(high, acc[c][1]);
-            }
-            [_mm512_sub_epi32(whole, high), _mm512_srai_epi32::<4>(high)]
-        });
+        let halves: [[__m512i; 2]; NP] =
+            std::array::from_fn(|c| nibble_halves::<SPLIT>(std::array::from_fn(|s| acc[s][c])));
         let at = (cb * groups + g) * 32;
         // The weights' sums from the bytes just read (`sum (q + 8) - 8 group`, the padding's
         // weights included, as the stored sums have them) instead of from memory: where the
-        // weights stream from L3 at one or two rows, their bytes bound the time, not `vpdpbusd`.
+        // weights stream from L3 at one row, their bytes bound the time, not `vpdpbusd`.
         let own: [__m512i; 2] = if OWN_SUMS {
-            let (mut whole, mut high) = (own[0][0], own[0][1]);
-            for o in &own[1..] {
-                whole = _mm512_add_epi32(whole, o[0]);
-                high = _mm512_add_epi32(high, o[1]);
-            }
             let eight = _mm512_set1_epi32(8 * w.group as i32);
-            [
-                _mm512_sub_epi32(_mm512_sub_epi32(whole, high), eight),
-                _mm512_sub_epi32(_mm512_srai_epi32::<4>(high), eight),
-            ]
+            let [lo, hi] = nibble_halves::<SPLIT>(own);
+            [_mm512_sub_epi32(lo, eight), _mm512_sub_epi32(hi, eight)]
         } else {
             [_mm512_setzero_si512(); 2]
         };
@@ -772,6 +759,19 @@ unsafe fn nibble_block<const NP: usize, const SPLIT: usize, const OWN_SUMS: bool
         }
     }
     accf
+}
+
+/// [`nibble_block`]'s split of its `SPLIT` sets of sums over the whole bytes (`lo + 16 hi`) and
+/// the high halves (`16 hi`) into the low channels' sum (the difference) and the high channels'
+/// (a sixteenth, exact).
+#[inline(always)]
+unsafe fn nibble_halves<const SPLIT: usize>(sets: [[__m512i; 2]; SPLIT]) -> [__m512i; 2] {
+    let (mut whole, mut high) = (sets[0][0], sets[0][1]);
+    for set in &sets[1..] {
+        whole = _mm512_add_epi32(whole, set[0]);
+        high = _mm512_add_epi32(high, set[1]);
+    }
+    [_mm512_sub_epi32(whole, high), _mm512_srai_epi32::<4>(high)]
 }
 
 /// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of rows with the channels in
