@@ -19,17 +19,14 @@
 //!
 //! Without a GPU or without NCCL it prints why and exits 0.
 
+mod policy;
 mod vla;
 
 use sqil_driver::gpu_train::DataParallel;
-use sqil_driver::quantize::{run_quantize, QuantizeArgs};
 use sqil_ir::testing::Rng;
-use sqil_ir::Tensor;
-use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_train::model::TrainGraph;
 use sqil_train::optim::AdamW;
 use sqil_train::trainer::{Dataset, GradEngine, TrainConfig};
-use std::path::PathBuf;
 use std::time::Instant;
 
 /// The training graph and `rows` training rows of one model.
@@ -37,24 +34,7 @@ fn model(name: &str, rows: usize) -> (TrainGraph, Dataset) {
     let mut r = Rng::new(17);
     let (tg, inputs) = match name {
         "pixels" => {
-            let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-            let fp = sqil_driver::load_model(&root.join("bc_pickplace_pixels.onnx")).unwrap();
-            let mut cfg = QuantConfig::default();
-            cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
-            let files: Vec<PathBuf> =
-                (0..fp.inputs.len()).map(|i| root.join(format!("bc_pickplace_pixels.input{i}.npy"))).collect();
-            let (sim, _, _) = run_quantize(&fp, &QuantizeArgs::in_memory(Recipe::Rtn, cfg, files.clone(), 64)).unwrap();
-            let tg = sqil_train::model::train_graph_with(&sim, true, false).unwrap();
-            let ins: Vec<(String, Tensor)> = tg
-                .policy_inputs
-                .iter()
-                .zip(&files)
-                .map(|(n, p)| {
-                    let t = sqil_driver::npy::read(p).unwrap().cast(sqil_ir::DType::F32);
-                    let idx: Vec<usize> = (0..rows).map(|k| k % t.shape[0]).collect();
-                    (n.clone(), sqil_train::trainer::take_rows(&t, &idx))
-                })
-                .collect();
+            let (_, tg, ins) = policy::w4a8("bc_pickplace_pixels", rows);
             (tg, ins)
         }
         "vla" => {

@@ -10,10 +10,9 @@
 //! `--profile` adds each GPU program's steps timed one by one (eager, between CUDA events) on
 //! stderr.
 
-use sqil_driver::quantize::{run_quantize, QuantizeArgs};
-use sqil_passes::quant::{QuantConfig, Recipe};
+mod policy;
+
 use sqil_train::trainer::{batch_feeds, Dataset};
-use std::path::PathBuf;
 use std::time::Instant;
 
 fn main() {
@@ -21,8 +20,6 @@ fn main() {
     let batch: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(256);
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
     let profile = args.iter().any(|a| a == "--profile");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    let root = if root.exists() { root } else { PathBuf::from("testdata/policies") };
     let gpu = match sqil_cuda::Gpu::new() {
         Ok(g) => Some(g),
         Err(e) => {
@@ -36,19 +33,8 @@ fn main() {
         if !name.contains(only.as_str()) {
             continue;
         }
-        let fp = sqil_driver::load_model(&root.join(format!("{name}.onnx"))).unwrap();
-        let mut cfg = QuantConfig::default();
-        cfg.apply_settings("wbits=4,abits=8,group=64").unwrap();
-        let inputs: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| root.join(format!("{name}.input{i}.npy"))).collect();
-        let (sim, _, _) = run_quantize(&fp, &QuantizeArgs::in_memory(Recipe::Rtn, cfg, inputs.clone(), 64)).unwrap();
-        let tg = sqil_train::model::train_graph_with(&sim, true, false).unwrap();
         // A dataset of the sample inputs repeated, zero targets (the arithmetic does not care).
-        let mut ins = vec![];
-        for (n, p) in tg.policy_inputs.iter().zip(&inputs) {
-            let t = sqil_driver::npy::read(p).unwrap().cast(sqil_ir::DType::F32);
-            let idx: Vec<usize> = (0..batch).map(|k| k % t.shape[0]).collect();
-            ins.push((n.clone(), sqil_train::trainer::take_rows(&t, &idx)));
-        }
+        let (sim, tg, ins) = policy::w4a8(name, batch);
         let out = sqil_runtime::Policy::from_graph(&sim)
             .unwrap()
             .run(&ins.iter().map(|(_, t)| t.clone()).collect::<Vec<_>>())
