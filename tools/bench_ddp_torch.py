@@ -39,18 +39,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 class OnnxLsq(torch.nn.Module):
-    """An ONNX policy as torch ops with an LSQ quantizer on every weight and layer input; the
-    parameters are made by the first call (`materialize`), before DDP wraps the module."""
+    """An ONNX policy as torch ops with an LSQ quantizer on every weight and layer input (also
+    `bench_grad_gpu.py`'s peer); the parameters are made by the first call, which must come
+    before an optimizer or DDP takes them."""
 
     def __init__(self, path, dev):
         super().__init__()
         self.m = onnx.load(path)
         self.mods = torch.nn.ModuleDict()
         self.params = torch.nn.ParameterDict()
-        self.dev = dev
+
+        names = {}
 
         def key(k):
-            return k.replace(".", "_")
+            # ModuleDict keys cannot hold dots: each call site's key numbered in order of first
+            # use (replacing the dots could make two sites one).
+            return names.setdefault(k, f"q{len(names)}")
 
         def wq(k, w, op, at):
             k = key(k)

@@ -21,56 +21,28 @@ import sys
 import time
 
 import numpy as np
-import onnx
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_qat import LSQ  # noqa: E402
-from sqil_tools.onnx_torch import build  # noqa: E402
+from bench_ddp_torch import OnnxLsq  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def peer(name, batch, compiled):
     dev = torch.device("cuda")
-    m = onnx.load(ROOT / f"testdata/policies/{name}.onnx")
-    mods = {}
-
-    def wq(key, w, op, at):
-        if key + ".w" not in mods:
-            w2 = w.reshape(w.shape[0], -1) if op in ("Gemm", "Conv") else w.T
-            if op == "Gemm" and not at.get("transB", 0):
-                w2 = w.T
-            k = w2.shape[1]
-            mods[key + ".w"] = LSQ(4, w2.shape, 64 if k % 64 == 0 else k).to(dev)
-            mods[key + ".w"].z = mods[key + ".w"].z.to(dev)
-            mods[key + ".p"] = torch.nn.Parameter(w.detach().clone())
-        q, p = mods[key + ".w"], mods[key + ".p"]
-        if op == "Conv" or (op == "Gemm" and at.get("transB", 0)):
-            return q(p.reshape(p.shape[0], -1)).reshape(p.shape)
-        return q(p.T).T
-
-    def aq(key, x):
-        if key + ".a" not in mods:
-            mods[key + ".a"] = LSQ(8, (1, 1), 0, zero=True).to(dev)
-            mods[key + ".a"].z = mods[key + ".a"].z.to(dev)
-        return mods[key + ".a"](x)
-
-    run = build(m, torch.float32, dev, wq, aq)
+    model = OnnxLsq(ROOT / f"testdata/policies/{name}.onnx", dev)
     xs = []
-    for i in range(len(m.graph.input)):
+    for i in range(len(model.m.graph.input)):
         a = np.load(ROOT / f"testdata/policies/{name}.input{i}.npy").astype(np.float32)
         xs.append(torch.tensor(a[np.arange(batch) % len(a)], device=dev))
-    y0 = run(*xs)[0].detach()
+    y0 = model(*xs).detach()
     target, teacher = torch.randn_like(y0), y0.clone()
     alpha = torch.ones(batch, *[1] * (y0.dim() - 1), device=dev)
-    for q in mods.values():
-        if isinstance(q, LSQ):
-            q.z = q.z.to(dev)
-    params = [p for v in mods.values() for p in (v.parameters() if isinstance(v, torch.nn.Module) else [v])]
+    params = list(model.parameters())
 
     def step():
-        out = run(*xs)[0]
+        out = model(*xs)
         d = ((out - teacher) ** 2).reshape(batch, -1).mean(1).reshape(alpha.shape)
         loss = ((out - target) ** 2).mean() + (alpha * d).mean()
         loss.backward()
