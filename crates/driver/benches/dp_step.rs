@@ -41,7 +41,8 @@ fn model(name: &str, rows: usize) -> (TrainGraph, Dataset) {
             let (tokens, layers) = (16, 1);
             let tg = sqil_train::model::train_graph_with(&vla::build(layers, rows, tokens), true, false).unwrap();
             let t = r.tensor(vec![rows, tokens, vla::H], 1.0);
-            (tg.clone(), vec![(tg.policy_inputs[0].clone(), t)])
+            let input = tg.policy_inputs[0].clone();
+            (tg, vec![(input, t)])
         }
         other => panic!("--models: unknown model {other:?} (pixels, vla)"),
     };
@@ -95,10 +96,12 @@ fn main() {
     let gpu_name = sqil_cuda::Gpu::on(0).map(|g| g.name.clone()).unwrap_or_default();
     for name in models.split(',') {
         let most = *counts.iter().max().unwrap();
+        let global = per * most;
+        // Built once per model: the throughput runs read it, each curve trains a copy.
+        let (tg, data) = model(name, global * 4);
         // Throughput: `per` rows per GPU, 3 warm-up steps, then `steps` timed.
         let mut one = None;
         for &n in &counts {
-            let (tg, data) = model(name, per * most * 2);
             let batch = per * n;
             let mut dp = DataParallel::new(None, n, &tg, batch).unwrap();
             let mut opt = AdamW::new(&tg.params, 1e-4, 0.0, 0, steps + 3, 1.0);
@@ -121,9 +124,8 @@ fn main() {
             );
         }
         // Loss curves: the same global batch, seed and steps at every count.
-        let global = per * most;
         for &n in &counts {
-            let (mut tg, data) = model(name, global * 4);
+            let mut tg = tg.clone();
             let cfg = TrainConfig {
                 steps: curve_steps,
                 batch: global,
