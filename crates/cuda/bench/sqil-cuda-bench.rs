@@ -566,6 +566,7 @@ fn bench_policy(
         if gp.has_persistent() {
             gp.set_mode(Mode::Steps)?;
             let _ = gp.set_persistent_cluster(cluster);
+            gp.set_persistent_blocks(None)?;
         }
         let ok = gp.persistent_grid().is_none_or(|g| g.1 == cluster) || mode != Mode::Persistent;
         if ok && gp.set_mode(mode).is_ok() {
@@ -574,15 +575,33 @@ fn bench_policy(
             per_mode.push("null".into());
         }
     }
+    // The program over the grid barrier capped at 1, 2, 4 and 8 blocks (the capture's other forms).
+    let mut capped = vec![];
+    if gp.has_persistent() {
+        gp.set_mode(Mode::Steps)?;
+        gp.set_persistent_cluster(false)?;
+        let full = {
+            gp.set_persistent_blocks(None)?;
+            gp.persistent_grid().map_or(0, |g| g.0)
+        };
+        for cap in [1u32, 2, 4, 8].into_iter().filter(|&c| c < full) {
+            gp.set_mode(Mode::Steps)?;
+            gp.set_persistent_blocks(Some(cap))?;
+            if gp.set_mode(Mode::Persistent).is_ok() {
+                capped.push(format!("\"{cap}\": {:.2}", time(&mut || gp.act(gpu, &s0).map(|_| ()))? * 1e6));
+            }
+        }
+    }
     gp.set_mode(Mode::Steps)?;
-    if let Some((_, c)) = chosen_grid {
+    if let Some((blocks, c)) = chosen_grid {
         gp.set_persistent_cluster(c)?;
+        gp.set_persistent_blocks((!c).then_some(blocks))?;
     }
     gp.set_mode(chosen)?;
     let t_act = time(&mut || gp.act(gpu, &s0).map(|_| ()))?;
     let t_cpu = time(&mut || cpu(0).map(|_| ()))?;
     println!(
-        "{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"steps\": {}, \"states\": {rows}, \"max_rel_err_vs_cpu\": {rel:.2e}, \"pass\": {}, \"mode\": \"{chosen:?}\", \"act_us\": {:.2}, \"eager_us\": {}, \"graph_us\": {}, \"persistent_us\": {}, \"cluster_us\": {}, \"grid\": \"{:?}\", \"cpu_runtime_us\": {:.2}}}",
+        "{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"steps\": {}, \"states\": {rows}, \"max_rel_err_vs_cpu\": {rel:.2e}, \"pass\": {}, \"mode\": \"{chosen:?}\", \"act_us\": {:.2}, \"eager_us\": {}, \"graph_us\": {}, \"persistent_us\": {}, \"cluster_us\": {}, \"capped_us\": {{{}}}, \"grid\": \"{:?}\", \"cpu_runtime_us\": {:.2}}}",
         gpu.name,
         gp.describe.len(),
         rel <= sqil_cuda::policy::GPU_TOL,
@@ -591,6 +610,7 @@ fn bench_policy(
         per_mode[1],
         per_mode[2],
         per_mode[3],
+        capped.join(", "),
         chosen_grid,
         t_cpu * 1e6
     );

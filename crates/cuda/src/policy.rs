@@ -10,11 +10,15 @@
 //! [`GpuPolicy::capture`] captures the graph, times the graph and the persistent program on the
 //! policy and keeps the faster. Needs the `driver` feature (cudarc).
 //!
-//! Several policies on one GPU: a running persistent program holds its multiprocessors until it
-//! is stopped (dropping the policy, or [`GpuPolicy::set_mode`] to another path). When its grid
-//! fills the GPU (a large policy's program), another policy's launches on the same device wait
-//! behind it for as long as it runs: with several policies in one process, keep at most one of
-//! them in [`Mode::Persistent`] unless its grid leaves room ([`GpuPolicy::persistent_grid`]).
+//! Several policies on one GPU: a running persistent program holds its blocks' share of the
+//! device until it is stopped, and a launch that needs more than the rest would wait behind it
+//! for as long as it runs. The policies of one process share the device through an arbiter:
+//! running programs may together hold at most [`program_share_limit`] of the device's resident
+//! blocks (half by default); a program that would go over it stops the others (oldest first),
+//! and another policy's launches (its graph, its steps, its upload) stop every program of the
+//! device while they hold more than the limit. A policy whose program was stopped so takes its
+//! graph (or its steps) from its next action on; [`GpuPolicy::set_mode`] to
+//! [`Mode::Persistent`] takes the program back.
 
 use crate::error::Result;
 use crate::lower::{lower, HostArr, KArg, LStep};
@@ -23,8 +27,9 @@ use cudarc::driver::{
     sys, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use sqil_runtime::Policy;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::Arc;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
 
 pub use crate::lower::{Lowered, GPU_TOL};
 
@@ -62,6 +67,116 @@ pub enum Mode {
     Persistent,
 }
 
+/// What stops a running persistent program: its control word and stream, shared by its policy
+/// and the device arbiter (which stops it for another policy's launch).
+struct Stopper {
+    /// The program's control word (in its policy's `Persist::ctl`, which outlives every use:
+    /// the policy takes its entry out of the arbiter before it is dropped).
+    ctl: *mut u32,
+    stream: Arc<CudaStream>,
+    running: AtomicBool,
+    /// Set when the arbiter stopped the program for another policy.
+    preempted: AtomicBool,
+    /// Set when the program would not stop: the stream is unusable.
+    failed: Mutex<Option<String>>,
+}
+
+// SAFETY: `ctl` is a word of page-locked host memory written only with atomic stores; the stream
+// is Send and Sync.
+unsafe impl Send for Stopper {}
+// SAFETY: as above.
+unsafe impl Sync for Stopper {}
+
+impl Stopper {
+    /// Sends STOP and waits (at most `ANSWER_LIMIT`) for the program to exit.
+    fn stop(&self) -> std::result::Result<(), String> {
+        if !self.running.swap(false, AcqRel) {
+            return Ok(());
+        }
+        // SAFETY: the program's control word (see `ctl`), polled by the program.
+        unsafe { AtomicU32::from_ptr(self.ctl) }.store(crate::fused::STOP, Release);
+        // Wait for the program to exit, but not forever: a program that cannot exit (its blocks
+        // never all resident, a fault) leaves the stream busy, and the policy says so from then on.
+        let t0 = std::time::Instant::now();
+        loop {
+            // SAFETY: a query of the program's stream.
+            let q = unsafe { sys::cuStreamQuery(self.stream.cu_stream()) };
+            match q {
+                sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                sys::CUresult::CUDA_ERROR_NOT_READY if t0.elapsed() < ANSWER_LIMIT => std::thread::yield_now(),
+                q => {
+                    let why = format!("the persistent program did not stop ({q:?}); the policy's stream is unusable");
+                    *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                    return Err(why);
+                }
+            }
+        }
+    }
+}
+
+/// A running persistent program as the arbiter sees it.
+struct Held {
+    dev: usize,
+    policy: u64,
+    /// Its blocks over the blocks of it the device holds at once.
+    share: f64,
+    stop: Arc<Stopper>,
+}
+
+/// The running persistent programs of this process, oldest first.
+static HELD: Mutex<Vec<Held>> = Mutex::new(Vec::new());
+/// How many there are (read without the lock by launches when none runs).
+static HELD_COUNT: AtomicUsize = AtomicUsize::new(0);
+/// [`program_share_limit`], as f64 bits (0.5).
+static SHARE_LIMIT: AtomicU64 = AtomicU64::new(0x3fe0_0000_0000_0000);
+/// The next policy's id.
+static NEXT_POLICY: AtomicU64 = AtomicU64::new(1);
+
+/// The share of a device's resident blocks the running persistent programs of this process may
+/// hold together (each program's share: its blocks over how many of them the device holds at
+/// once); the rest is left to other launches.
+pub fn program_share_limit() -> f64 {
+    f64::from_bits(SHARE_LIMIT.load(Relaxed))
+}
+
+/// Sets [`program_share_limit`] (clamped to `[0, 1]`; 0: a program runs only while no other
+/// policy of the process launches on its device). Programs already running keep running until
+/// the next launch or program start on their device applies the new limit.
+pub fn set_program_share_limit(share: f64) {
+    let s = if share.is_nan() { 0.0 } else { share.clamp(0.0, 1.0) };
+    SHARE_LIMIT.store(s.to_bits(), Relaxed);
+}
+
+/// Makes room on device `dev` for policy `me`: stops other policies' programs there, oldest
+/// first, until those left plus `need` (the share of the program `me` is about to start; 0 for
+/// a plain launch) fit [`program_share_limit`].
+fn make_room(dev: usize, me: u64, need: f64) -> Result<()> {
+    if need == 0.0 && HELD_COUNT.load(Acquire) == 0 {
+        return Ok(());
+    }
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let limit = program_share_limit();
+    loop {
+        let others: f64 = held.iter().filter(|h| h.dev == dev && h.policy != me).map(|h| h.share).sum();
+        if others + need <= limit {
+            return Ok(());
+        }
+        let Some(i) = held.iter().position(|h| h.dev == dev && h.policy != me) else { return Ok(()) };
+        let h = held.remove(i);
+        HELD_COUNT.fetch_sub(1, AcqRel);
+        h.stop.preempted.store(true, Release);
+        h.stop.stop().map_err(|why| format!("stopping another policy's persistent program for this one: {why}"))?;
+    }
+}
+
+/// Takes policy `me`'s entry (if any) out of the arbiter.
+fn release(me: u64) {
+    let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+    let before = held.len();
+    held.retain(|h| h.policy != me);
+    HELD_COUNT.fetch_sub(before - held.len(), AcqRel);
+}
+
 /// The persistent program on the device: its kernel, pointer array, barrier words, grid, and
 /// whether it is running (with the last sequence number given).
 struct Persist {
@@ -83,8 +198,29 @@ struct Persist {
     cluster_grid: Option<u32>,
     /// Whether the program runs as one cluster.
     cluster: bool,
-    running: bool,
+    /// At most this many blocks over the grid barrier (fewer blocks: cheaper barriers, more of
+    /// each step's blocks per program block; see [`GpuPolicy::set_persistent_blocks`]).
+    cap: Option<u32>,
+    /// Blocks of the program the device holds at once (a grid's share of the device is its
+    /// blocks over this).
+    resident: u32,
+    stop: Arc<Stopper>,
     seq: u32,
+}
+
+impl Persist {
+    fn running(&self) -> bool {
+        self.stop.running.load(Acquire)
+    }
+
+    /// The blocks the program is launched with.
+    fn blocks(&self) -> u32 {
+        if self.cluster {
+            self.cluster_grid.unwrap_or(self.grid)
+        } else {
+            self.cap.map_or(self.grid, |c| c.clamp(1, self.grid))
+        }
+    }
 }
 
 /// The largest thread-block cluster a program runs as (Hopper's non-portable maximum).
@@ -139,6 +275,9 @@ impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy> Map
 }
 
 pub struct GpuPolicy {
+    /// This policy's id and device (for the arbiter).
+    id: u64,
+    dev: usize,
     stream: Arc<CudaStream>,
     steps: Vec<GStep>,
     bufs: Vec<CudaSlice<f32>>,
@@ -176,6 +315,9 @@ impl GpuPolicy {
     /// Uploads a lowered policy.
     pub fn from_lowered(gpu: &Gpu, l: Lowered) -> Result<GpuPolicy> {
         let fusion = crate::fused::fuse(&l);
+        let (id, dev) = (NEXT_POLICY.fetch_add(1, Relaxed), gpu.ctx.ordinal());
+        // The uploads below (their memsets among them) would wait behind a program holding the device.
+        make_room(dev, id, 0.0)?;
         for (name, src) in &l.sources {
             gpu.load_source(name, src)?;
         }
@@ -255,17 +397,27 @@ impl GpuPolicy {
                         Some(format!("no cooperative launch (supported: {coop}, blocks per multiprocessor: {per_sm})")),
                     )
                 } else {
+                    let ctl = Mapped::new(gpu, 1)?;
+                    let stop = Arc::new(Stopper {
+                        ctl: ctl.ptr,
+                        stream: stream.clone(),
+                        running: AtomicBool::new(false),
+                        preempted: AtomicBool::new(false),
+                        failed: Mutex::new(None),
+                    });
                     let p = Persist {
                         f: func,
                         obs: Mapped::new(gpu, l.in_len)?,
                         act: Mapped::new(gpu, l.out_len)?,
-                        ctl: Mapped::new(gpu, 1)?,
+                        ctl,
                         ptrs: stream.clone_htod(&ptrs).map_err(err)?,
                         bar: stream.alloc_zeros::<u64>(2).map_err(err)?,
                         grid: f.max_blocks.min((sms.max(1) * per_sm) as usize) as u32,
                         cluster_grid: (gpu.cc.0 >= 9).then(|| f.max_blocks.min(MAX_CLUSTER) as u32),
                         cluster: gpu.cc.0 >= 9 && f.max_blocks <= MAX_CLUSTER,
-                        running: false,
+                        cap: None,
+                        resident: (sms.max(1) * per_sm) as u32,
+                        stop,
                         seq: 0,
                     };
                     (Some(p), None)
@@ -274,6 +426,8 @@ impl GpuPolicy {
             Err(why) => (None, Some(why)),
         };
         Ok(GpuPolicy {
+            id,
+            dev,
             obs: Mapped::new(gpu, l.in_len)?,
             act: Mapped::new(gpu, l.out_len)?,
             stream,
@@ -336,7 +490,7 @@ impl GpuPolicy {
         if p.cluster == cluster {
             return Ok(());
         }
-        let running = p.running;
+        let running = p.running();
         self.stop_persistent()?;
         self.persist.as_mut().expect("checked above").cluster = cluster;
         if running {
@@ -345,20 +499,45 @@ impl GpuPolicy {
         Ok(())
     }
 
+    /// Caps the persistent program's blocks over the grid barrier (`None`: as many as its
+    /// largest step launches, or the device holds); a running program is restarted. Any number
+    /// of blocks computes the same bits (block `b` of a step runs on program block `b % grid`);
+    /// fewer make each barrier cheaper (one block needs only its own) and run more of a step's
+    /// blocks one after another. [`GpuPolicy::capture`] times a few caps.
+    pub fn set_persistent_blocks(&mut self, cap: Option<u32>) -> Result<()> {
+        let Some(p) = self.persist.as_mut() else { return Err("no persistent program".into()) };
+        if p.cap == cap {
+            return Ok(());
+        }
+        let running = p.running();
+        self.stop_persistent()?;
+        self.persist.as_mut().expect("checked above").cap = cap;
+        if running {
+            self.start_persistent()?;
+        }
+        Ok(())
+    }
+
     /// The persistent program's blocks and whether they form one cluster.
     pub fn persistent_grid(&self) -> Option<(u32, bool)> {
-        self.persist
-            .as_ref()
-            .map(|p| if p.cluster { (p.cluster_grid.unwrap_or(p.grid), true) } else { (p.grid, false) })
+        self.persist.as_ref().map(|p| (p.blocks(), p.cluster))
     }
 
     /// Launches the persistent program (cooperatively: every block resident) with its control
-    /// words and barrier zeroed.
+    /// words and barrier zeroed, after making room for it on the device (see the module's notes).
     fn start_persistent(&mut self) -> Result<()> {
         let p = self.persist.as_mut().ok_or("no persistent program")?;
-        if p.running {
+        if p.running() {
             return Ok(());
         }
+        if let Some(why) = p.stop.failed.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            self.broken = Some(why.clone());
+            return Err(why.into());
+        }
+        let blocks = p.blocks();
+        let share = blocks as f64 / p.resident.max(1) as f64;
+        make_room(self.dev, self.id, share)?;
+        p.stop.preempted.store(false, Relaxed);
         self.stream.memset_zeros(&mut p.bar).map_err(err)?;
         self.stream.synchronize().map_err(err)?;
         // The program is not running: nothing else touches these words.
@@ -398,7 +577,7 @@ impl GpuPolicy {
             let mut l = self.stream.launch_builder(&p.f);
             l.arg(&pp).arg(&ctl).arg(&obs).arg(&act).arg(&bar).arg(&cluster);
             let cfg = LaunchConfig {
-                grid_dim: (p.grid, 1, 1),
+                grid_dim: (blocks, 1, 1),
                 block_dim: (crate::fused::STEP_BLOCK as u32, 1, 1),
                 shared_mem_bytes: 0,
             };
@@ -406,37 +585,41 @@ impl GpuPolicy {
             // barrier, 0), all live allocations of the sizes it was generated for; a cooperative
             // launch makes every block resident, which its grid barrier needs.
             unsafe { l.launch_cooperative(cfg) }
-                .map_err(|e| crate::Error::Device(format!("persistent program ({} blocks): {e:?}", p.grid)))?;
+                .map_err(|e| crate::Error::Device(format!("persistent program ({blocks} blocks): {e:?}")))?;
         }
-        p.running = true;
+        p.stop.running.store(true, Release);
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
+        held.push(Held { dev: self.dev, policy: self.id, share, stop: p.stop.clone() });
+        HELD_COUNT.fetch_add(1, AcqRel);
         Ok(())
     }
 
     /// Stops the persistent program (if running) and waits for it to exit.
     fn stop_persistent(&mut self) -> Result<()> {
         let Some(p) = self.persist.as_mut() else { return Ok(()) };
-        if !p.running {
-            return Ok(());
+        release(self.id);
+        if let Err(why) = p.stop.stop() {
+            self.broken = Some(why.clone());
+            return Err(why.into());
         }
-        // SAFETY: the host's control word, polled by the program.
-        unsafe { std::sync::atomic::AtomicU32::from_ptr(p.ctl.ptr) }.store(crate::fused::STOP, Release);
-        p.running = false;
-        // Wait for the program to exit, but not forever: a program that cannot exit (its blocks
-        // never all resident, a fault) leaves the stream busy, and the policy says so from then on.
-        let t0 = std::time::Instant::now();
-        loop {
-            // SAFETY: a query of this policy's stream.
-            let q = unsafe { sys::cuStreamQuery(self.stream.cu_stream()) };
-            match q {
-                sys::CUresult::CUDA_SUCCESS => return Ok(()),
-                sys::CUresult::CUDA_ERROR_NOT_READY if t0.elapsed() < ANSWER_LIMIT => std::thread::yield_now(),
-                q => {
-                    let why = format!("the persistent program did not stop ({q:?}); the policy's stream is unusable");
-                    self.broken = Some(why.clone());
-                    return Err(why.into());
-                }
-            }
+        Ok(())
+    }
+
+    /// Whether the arbiter stopped this policy's program for another policy's launch.
+    fn preempted(&self) -> bool {
+        self.persist.as_ref().is_some_and(|p| p.stop.preempted.load(Acquire))
+    }
+
+    /// After a preemption: the graph (or the steps) from now on.
+    fn leave_preempted(&mut self) -> Result<()> {
+        if let Some(why) =
+            self.persist.as_ref().and_then(|p| p.stop.failed.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        {
+            self.broken = Some(why.clone());
+            return Err(why.into());
         }
+        self.mode = if self.graph.is_some() { Mode::Graph } else { Mode::Steps };
+        Ok(())
     }
 
     /// One action through the running persistent program: the observation (in `self.obs`) is
@@ -449,7 +632,7 @@ impl GpuPolicy {
             self.start_persistent()?;
         }
         let p = self.persist.as_mut().ok_or("no persistent program")?;
-        if !p.running {
+        if !p.running() {
             return Err("the persistent program is not running".into());
         }
         p.seq += 1;
@@ -462,7 +645,7 @@ impl GpuPolicy {
             unsafe { std::sync::atomic::AtomicU64::from_ptr(w) }.store(tag | v.to_bits() as u64, Relaxed);
         }
         // SAFETY: the host's control word (read by the program for big observations and STOP).
-        unsafe { std::sync::atomic::AtomicU32::from_ptr(p.ctl.ptr) }.store(seq, Release);
+        unsafe { AtomicU32::from_ptr(p.ctl.ptr) }.store(seq, Release);
         let answer = p.act.ptr;
         let n = p.act.len;
         let done = || {
@@ -476,12 +659,17 @@ impl GpuPolicy {
         while !done() {
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
+            if spins.is_multiple_of(256) && p.stop.preempted.load(Acquire) {
+                // Another thread's launch stopped the program (it may have left before answering).
+                return Err("the persistent program was stopped for another policy".into());
+            }
             if spins.is_multiple_of(4096) && t0.elapsed() > ANSWER_CHECK {
                 // A program that faulted or exited never answers: say so instead of spinning.
                 // SAFETY: a query of this policy's stream.
                 let q = unsafe { sys::cuStreamQuery(self.stream.cu_stream()) };
                 if q != sys::CUresult::CUDA_ERROR_NOT_READY {
-                    p.running = false;
+                    p.stop.running.store(false, Release);
+                    release(self.id);
                     return Err(format!("the persistent program stopped without answering ({q:?})").into());
                 }
                 if t0.elapsed() > ANSWER_LIMIT {
@@ -579,6 +767,7 @@ impl GpuPolicy {
 
     /// Launches steps `range` on the policy's stream (no copies).
     fn launch_steps(&mut self, gpu: &Gpu, range: std::ops::Range<usize>) -> Result<()> {
+        make_room(self.dev, self.id, 0.0)?;
         let input_ptr = self.input.device_ptr(&self.stream).0;
         for st in &self.steps[range] {
             match st {
@@ -639,27 +828,35 @@ impl GpuPolicy {
         r?;
         self.graph = Some(g.ok_or("empty CUDA graph")?);
         self.set_mode(Mode::Graph)?;
-        if self.persist.is_some() {
-            // (time, mode, cluster): the graph, the program over the grid barrier, and as one
-            // cluster where the device has clusters.
-            let mut best = (self.time_runs(gpu, 30)?, Mode::Graph, false);
-            let clusters = self.persist.as_ref().is_some_and(|p| p.cluster_grid.is_some());
-            for cluster in [false, true] {
-                if cluster && !clusters {
-                    continue;
-                }
+        if let Some(p) = self.persist.as_ref() {
+            // The program's forms: over the grid barrier with every block, and capped at a few
+            // blocks (a small policy's steps are short: a cheaper barrier can pay for running a
+            // step's blocks in turn), and as one cluster where the device has clusters.
+            let mut forms: Vec<(bool, Option<u32>)> = vec![(false, None)];
+            if p.cluster_grid.is_some() {
+                forms.push((true, None));
+            }
+            forms.extend([1, 2, 4, 8].into_iter().filter(|&c| c < p.grid).map(|c| (false, Some(c))));
+            // (time, mode, cluster, cap): the graph first.
+            let mut best = (self.time_runs(gpu, 30)?, Mode::Graph, false, None);
+            for (cluster, cap) in forms {
+                self.set_mode(Mode::Graph)?;
                 self.set_persistent_cluster(cluster)?;
-                // A device that refuses the launch leaves the other paths.
+                self.set_persistent_blocks(cap)?;
+                // A device that refuses the launch leaves the other forms.
                 if self.set_mode(Mode::Persistent).is_err() {
                     continue;
                 }
-                let t = self.time_runs(gpu, 30)?;
+                // A form far slower than the best on a few runs is not timed further.
+                let t = self.time_runs(gpu, 3)?;
+                let t = if t < 1.5 * best.0 { self.time_runs(gpu, 30)? } else { t };
                 if t < best.0 {
-                    best = (t, Mode::Persistent, cluster);
+                    best = (t, Mode::Persistent, cluster, cap);
                 }
-                self.set_mode(Mode::Graph)?;
             }
+            self.set_mode(Mode::Graph)?;
             self.set_persistent_cluster(best.2)?;
+            self.set_persistent_blocks(best.3)?;
             self.set_mode(best.1)?;
         }
         Ok(())
@@ -682,9 +879,24 @@ impl GpuPolicy {
 
     /// Runs the current path on the observation in host memory, leaving the action there.
     fn run_current(&mut self, gpu: &Gpu) -> Result<()> {
+        if self.mode == Mode::Persistent && self.preempted() {
+            self.leave_preempted()?;
+        }
         match self.mode {
-            Mode::Persistent => return self.run_persistent(),
-            Mode::Graph => self.graph.as_ref().ok_or("no captured graph")?.launch().map_err(err)?,
+            Mode::Persistent => {
+                let r = self.run_persistent();
+                if r.is_err() && self.preempted() {
+                    // Stopped by another thread's launch while this action was in flight: again
+                    // by the graph.
+                    self.leave_preempted()?;
+                    return self.run_current(gpu);
+                }
+                return r;
+            }
+            Mode::Graph => {
+                make_room(self.dev, self.id, 0.0)?;
+                self.graph.as_ref().ok_or("no captured graph")?.launch().map_err(err)?
+            }
             Mode::Steps => {
                 self.copy_in()?;
                 self.launch(gpu)?;
@@ -696,7 +908,8 @@ impl GpuPolicy {
     }
 
     /// One state in (its inputs concatenated), its actions out, by the path [`GpuPolicy::mode`]
-    /// names.
+    /// names (the graph, or the steps, when another policy's launch stopped the program: see the
+    /// module's notes).
     pub fn act(&mut self, gpu: &Gpu, obs: &[f32]) -> Result<Vec<f32>> {
         if let Some(why) = &self.broken {
             return Err(why.clone().into());
@@ -712,7 +925,9 @@ impl GpuPolicy {
 
 impl Drop for GpuPolicy {
     fn drop(&mut self) {
-        // A running persistent program would spin until the context goes.
+        // A running persistent program would spin until the context goes; the arbiter must not
+        // keep its control word.
         let _ = self.stop_persistent();
+        release(self.id);
     }
 }

@@ -6,7 +6,7 @@
 //! reduction in another order). Skipped with a reason without a GPU; `SQIL_REQUIRE_GPU=1` makes
 //! a missing GPU a failure, for the device check.
 
-use sqil_cuda::policy::{GpuPolicy, Mode, GPU_TOL};
+use sqil_cuda::policy::{program_share_limit, set_program_share_limit, GpuPolicy, Mode, GPU_TOL};
 use sqil_driver::quantize::{run_quantize, QuantizeArgs};
 use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Policy;
@@ -14,6 +14,13 @@ use std::path::PathBuf;
 
 mod common;
 use common::{rtn, testdata_policies as policies, x_feeds};
+
+/// The tests of this file one at a time: policies of one process share the device through the
+/// arbiter, and a test that checks a path must not have it taken by another test's launch.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn quantized(name: &str, settings: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
     let fp = sqil_driver::load_model(&policies().join(format!("{name}.onnx"))).unwrap();
@@ -51,6 +58,7 @@ fn on_every_path(gpu: &sqil_cuda::Gpu, gp: &mut GpuPolicy, states: &[Vec<f32>], 
     if gp.has_persistent() {
         gp.set_mode(Mode::Persistent).unwrap();
         assert_eq!(bits(&run(gp)), bits(&steps), "{what}: program");
+        assert_eq!(gp.mode(), Mode::Persistent, "{what}: the program kept the device");
     }
     steps
 }
@@ -65,6 +73,7 @@ fn bits(actions: &[Vec<f32>]) -> Vec<Vec<u32>> {
 
 #[test]
 fn every_path_computes_the_same_bits() {
+    let _one = one_at_a_time();
     let Some(gpu) = common::gpu_or_skip("the GPU policy paths") else { return };
     for name in [
         "bc_hopper",
@@ -110,12 +119,22 @@ fn every_path_computes_the_same_bits() {
             assert!(g.has_persistent(), "{name} {settings}: {:?}", g.persist_why_not);
             g.set_mode(Mode::Persistent).unwrap();
             assert_eq!(run(&mut g), steps, "{name} {settings}: the persistent program differs from launches");
+            assert_eq!(g.mode(), Mode::Persistent, "{name} {settings}: the program kept the device");
             // Over the other barrier (one cluster / the grid barrier) where the device has both.
             let (_, cluster) = g.persistent_grid().unwrap();
             if g.set_persistent_cluster(!cluster).is_ok() {
                 assert_eq!(run(&mut g), steps, "{name} {settings}: the program with cluster={}", !cluster);
                 g.set_persistent_cluster(cluster).unwrap();
             }
+            // Over fewer blocks (each runs more of a step's blocks in turn), down to one.
+            let chosen_blocks = g.persistent_grid().unwrap().0;
+            g.set_persistent_cluster(false).unwrap();
+            for cap in [1, 3] {
+                g.set_persistent_blocks(Some(cap)).unwrap();
+                assert_eq!(run(&mut g), steps, "{name} {settings}: the program on at most {cap} blocks");
+            }
+            g.set_persistent_cluster(cluster).unwrap();
+            g.set_persistent_blocks((!cluster).then_some(chosen_blocks)).unwrap();
             // A bad observation is refused and leaves the program serving; stopping (another
             // path) and starting again gives the same bits.
             assert!(g.act(&gpu, &[0.0; 1]).is_err());
@@ -140,6 +159,7 @@ fn every_path_computes_the_same_bits() {
 /// groups): the GPU's steps, graph and program give the CPU runtime's bits.
 #[test]
 fn convolutions_over_partial_groups_match_the_cpu() {
+    let _one = one_at_a_time();
     let Some(gpu) = common::gpu_or_skip("the partial-group convolutions") else { return };
     let mut r = sqil_ir::testing::Rng::new(7);
     let (c, s) = (6, 9);
@@ -174,6 +194,7 @@ fn convolutions_over_partial_groups_match_the_cpu() {
 /// window (one input value) included.
 #[test]
 fn split_and_one_position_convolutions_match_the_cpu() {
+    let _one = one_at_a_time();
     let Some(gpu) = common::gpu_or_skip("the split convolutions") else { return };
     let mut r = sqil_ir::testing::Rng::new(11);
     for (c, s) in [(112, 3), (64, 1)] {
@@ -207,6 +228,7 @@ fn split_and_one_position_convolutions_match_the_cpu() {
 /// concatenated in order, within `GPU_TOL` of the CPU runtime.
 #[test]
 fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
+    let _one = one_at_a_time();
     let Some(gpu) = common::gpu_or_skip("the 1-D, two-output policy") else { return };
     let mut r = sqil_ir::testing::Rng::new(11);
     let (c, len) = (4, 16);
@@ -236,6 +258,7 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
 /// (only that token's actions NaN): the CPU's bits on every path.
 #[test]
 fn int_layers_over_many_tokens_match_the_cpu() {
+    let _one = one_at_a_time();
     let Some(gpu) = common::gpu_or_skip("the int4 layers over tokens") else { return };
     let mut r = sqil_ir::testing::Rng::new(5);
     let t = 19;
@@ -258,4 +281,88 @@ fn int_layers_over_many_tokens_match_the_cpu() {
         assert_eq!(bits(&on_every_path(&gpu, &mut gp, &states, settings)), bits(&cpu), "{settings}");
         eprintln!("{settings}: {} states of {t} tokens bit for bit on every path", states.len());
     }
+}
+
+/// Several policies in one process on one GPU (an ensemble, a fleet of robots served together):
+/// each policy is uploaded, captured and put on its persistent program while the earlier ones'
+/// programs run, then all act in turn. Nothing waits behind another policy's program (a launch
+/// that would stops it, and that policy takes its graph), and every policy keeps the bits it
+/// computes alone, whichever path it is left on: at the default share limit, and at 0, where
+/// every other policy's launch stops a program. A hang fails the test (a watchdog ends the process).
+#[test]
+fn several_policies_share_one_gpu() {
+    let _one = one_at_a_time();
+    let Some(gpu) = common::gpu_or_skip("several policies on one GPU") else { return };
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(std::time::Duration::from_secs(300))
+        {
+            eprintln!("several_policies_share_one_gpu: no answer in 300 s (a launch waits behind a program)");
+            std::process::exit(101);
+        }
+    });
+    let names = ["hopper_mlp", "cnn", "bc_pickplace_transformer"];
+    let policies: Vec<(Policy, Vec<Vec<f32>>)> = names
+        .iter()
+        .map(|name| {
+            let (p, inputs) = quantized(name, "wbits=4,abits=8,group=32");
+            let sizes = p.input_sizes();
+            let states = (0..4)
+                .map(|r| {
+                    inputs
+                        .iter()
+                        .zip(&sizes)
+                        .flat_map(|(t, &d)| t.data.to_f32_vec()[r * d..(r + 1) * d].to_vec())
+                        .collect()
+                })
+                .collect();
+            (p, states)
+        })
+        .collect();
+    let alone: Vec<Vec<Vec<u32>>> = policies
+        .iter()
+        .map(|(p, states)| {
+            let mut g = GpuPolicy::new(&gpu, p).unwrap();
+            bits(&states.iter().map(|x| g.act(&gpu, x).unwrap()).collect::<Vec<_>>())
+        })
+        .collect();
+    let default = program_share_limit();
+    for limit in [default, 0.0] {
+        set_program_share_limit(limit);
+        let mut gs: Vec<GpuPolicy> = vec![];
+        for (name, (p, _)) in names.iter().zip(&policies) {
+            let mut g = GpuPolicy::new(&gpu, p).unwrap_or_else(|e| panic!("limit {limit}: {name}: {e}"));
+            g.capture(&gpu).unwrap_or_else(|e| panic!("limit {limit}: {name}: {e}"));
+            if g.has_persistent() {
+                g.set_mode(Mode::Persistent).unwrap();
+            }
+            gs.push(g);
+        }
+        for round in 0..3 {
+            for (i, g) in gs.iter_mut().enumerate() {
+                let got: Vec<Vec<f32>> = policies[i]
+                    .1
+                    .iter()
+                    .map(|x| g.act(&gpu, x).unwrap_or_else(|e| panic!("limit {limit}: {}: {e}", names[i])))
+                    .collect();
+                assert_eq!(bits(&got), alone[i], "limit {limit}: {} in round {round}", names[i]);
+            }
+        }
+        let paths: Vec<Mode> = gs.iter().map(|g| g.mode()).collect();
+        eprintln!(
+            "share limit {limit}: paths after three rounds {paths:?}, grids {:?}",
+            gs.iter().map(|g| g.persistent_grid()).collect::<Vec<_>>()
+        );
+        if limit == 0.0 {
+            assert!(paths.iter().all(|&m| m != Mode::Persistent), "limit 0 leaves no program running: {paths:?}");
+        }
+        // Taking the program back stops the others' (none runs at limit 0 afterwards).
+        if gs[0].has_persistent() {
+            gs[0].set_mode(Mode::Persistent).unwrap();
+            assert_eq!(bits(&policies[0].1.iter().map(|x| gs[0].act(&gpu, x).unwrap()).collect::<Vec<_>>()), alone[0]);
+            assert_eq!(gs[0].mode(), Mode::Persistent);
+        }
+    }
+    set_program_share_limit(default);
+    done.send(()).ok();
 }
