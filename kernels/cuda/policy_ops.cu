@@ -169,7 +169,15 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
     return (q - z) * s;
 }
 
-// A float layer with constant fp32 weights w[k][n]: y[r, c] = x[r] . w[:, c] (+ bias[c]), x read
+// The interpreter's Relu (`x < 0 ? 0 : x`: NaN and -0 pass) when `relu` is set: a float layer's
+// epilogue where a Relu reads nothing else (the lowering folds it).
+__device__ __forceinline__ float sqil_relu_if(float v, int relu)
+{
+    return relu && v < 0.0f ? 0.0f : v;
+}
+
+// A float layer with constant fp32 weights w[k][n]: y[r, c] = x[r] . w[:, c] (+ bias[c]) (then the
+// Relu when `relu` is set), x read
 // through the deferred activation quantizer fq (s = 0: none): the policy GEMM's arithmetic (one
 // fused multiply-add chain over k from +0, then the bias added), the CPU's bits. One warp per
 // output: the lanes load 32 consecutive terms at a time (coalesced, four batches ahead, so a
@@ -181,7 +189,7 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
 #define SQIL_F32W_AHEAD 4
 SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
                                             const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
-                                            int n, float qs, float qz, float qlo, float qhi)
+                                            int n, float qs, float qz, float qlo, float qhi, int relu)
 {
     const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
     const int lane = SQIL_TX % 32;
@@ -224,7 +232,7 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
         }
     }
     if (lane == 0) {
-        y[(long)r * n + c] = bias ? __fadd_rn(s, bias[c]) : s;
+        y[(long)r * n + c] = sqil_relu_if(bias ? __fadd_rn(s, bias[c]) : s, relu);
     }
 }
 
@@ -239,7 +247,7 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
 #define SQIL_F32T_K 64
 SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_linear_f32w_tile(SQIL_VARGS const float *__restrict__ x,
     const float *__restrict__ w, const float *__restrict__ bias, float *__restrict__ y, int rows, int k, int n,
-    float qs, float qz, float qlo, float qhi)
+    float qs, float qz, float qlo, float qhi, int relu)
 {
     __shared__ float xs[SQIL_F32T_R][SQIL_F32T_K + 1];
     __shared__ float ws[SQIL_F32T_K][32];
@@ -302,7 +310,7 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_linear_f32w_tile(SQIL_VARGS const 
         for (int i = 0; i < 2; i++) {
             const int r = r0 + wy + 8 * i;
             if (r < rows) {
-                y[(long)r * n + c] = bias ? __fadd_rn(s[i], bias[c]) : s[i];
+                y[(long)r * n + c] = sqil_relu_if(bias ? __fadd_rn(s[i], bias[c]) : s[i], relu);
             }
         }
     }

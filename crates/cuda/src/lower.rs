@@ -177,7 +177,16 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
     for (s, _) in &plan.consts {
         is_const[*s] = true;
     }
+    let mut reads = vec![0usize; plan.slots];
+    for st in &plan.steps {
+        match st {
+            Step::Op { inputs, .. } => inputs.iter().flatten().for_each(|&s| reads[s] += 1),
+            Step::Q4Linear { x, .. } => reads[*x] += 1,
+        }
+    }
+    plan.outputs.iter().for_each(|&s| reads[s] += 1);
     let mut l = Lowerer {
+        reads,
         plan,
         env: &env,
         is_const,
@@ -293,6 +302,8 @@ struct Lowerer<'a> {
     next_t: usize,
     /// Generated kernels so far.
     sources: Vec<(String, String)>,
+    /// Per slot, how many plan steps read it (one more for a policy output).
+    reads: Vec<usize>,
 }
 
 impl<'a> Lowerer<'a> {
@@ -658,6 +669,21 @@ impl<'a> Lowerer<'a> {
                 let x = self.dyn_buf(dynamic[0])?;
                 self.pending.insert(y, Pending::Quant(x, n, q));
             }
+            // A bias Add or a Relu on what a float layer just wrote, read by nothing else: that
+            // layer's epilogue (one generated step fewer, and an int4 layer after it quantizes the
+            // values as it reads them).
+            Op::Unary(sqil_ir::ops::UnaryOp::Relu) if dynamic.len() == 1 && self.fold_into_last(dynamic[0], None) => {
+                self.slot_buf[y] = self.slot_buf[dynamic[0]];
+            }
+            Op::Binary(BinaryOp::Add)
+                if dynamic.len() == 1
+                    && inputs.len() == 2
+                    && self.val(dynamic[0])?.shape == yt.shape
+                    && self
+                        .fold_into_last(dynamic[0], inputs.iter().flatten().find(|&&s| self.is_const[s]).copied()) =>
+            {
+                self.slot_buf[y] = self.slot_buf[dynamic[0]];
+            }
             // Element-wise steps: deferred and chained into one generated kernel.
             _ if self.elementwise(op, inputs, y, &yt)? => {}
             _ => self.generic(op, inputs, outputs, &yt)?,
@@ -706,6 +732,48 @@ impl<'a> Lowerer<'a> {
     fn iconst(&self, inputs: &[Option<usize>], j: usize) -> Option<&'a Tensor> {
         let env: &'a [Option<Tensor>] = self.env;
         inputs.get(j).copied().flatten().filter(|&s| self.is_const[s]).and_then(|s| env[s].as_ref())
+    }
+
+    /// Whether computed value `x`, read by one step only (this one), is what the last step, a
+    /// float layer (`sqil_linear_f32w`, `_tile`) without a Relu, wrote to its buffer; if so, that
+    /// step now applies this step to its outputs: with `bias` (the constant slot of a bias Add,
+    /// one value per output column, where the layer has none) the bias, which it adds as a Gemm's
+    /// (`fl(s + b)`, the Add's bits), else the Relu (its last argument).
+    fn fold_into_last(&mut self, x: usize, bias: Option<usize>) -> bool {
+        if self.reads[x] != 1 || self.pending.contains_key(&x) || self.slot_buf[x] == usize::MAX {
+            return false;
+        }
+        let b = self.slot_buf[x];
+        let env: &'a [Option<Tensor>] = self.env;
+        let Some(LStep::Kernel { name, args, .. }) = self.steps.last_mut() else { return false };
+        if !matches!(name.as_str(), "sqil_linear_f32w" | "sqil_linear_f32w_tile")
+            || !matches!(args.get(3), Some(KArg::Buf(o)) if *o == b)
+            || !matches!(args.last(), Some(KArg::I32(0)))
+        {
+            return false;
+        }
+        match bias {
+            None => {
+                if let Some(KArg::I32(relu)) = args.last_mut() {
+                    *relu = 1;
+                }
+                true
+            }
+            Some(c) => {
+                let Some(t) = env[c].as_ref() else { return false };
+                let n = match args.get(6) {
+                    Some(KArg::I32(n)) => *n as usize,
+                    _ => return false,
+                };
+                // One value per column: shape [n], [1, n], [1, 1, n], ...
+                let per_column = t.shape.last() == Some(&n) && t.len() == n;
+                if !per_column || !matches!(args[2], KArg::Null) {
+                    return false;
+                }
+                args[2] = f32_arr(t.data.to_f32_vec());
+                true
+            }
+        }
     }
 
     /// Defers an element-wise step as (part of) a fused chain; whether it could: operands are
@@ -883,12 +951,19 @@ impl<'a> Lowerer<'a> {
         let fused_in = matches!(op, Op::Gemm { .. }) || (matches!(op, Op::MatMul) && self.iconst(inputs, 1).is_some());
         let mut quant = [0.0f32; 4];
         let mut xb: Vec<Option<usize>> = vec![None; inputs.len()];
+        // A float layer reading the policy's input: from the device copy of the observation
+        // itself (offset), not from a buffer a copy step would fill first.
+        let mut x_in: Option<usize> = None;
         for (j, s) in inputs.iter().enumerate() {
             let Some(s) = s.filter(|&s| !self.is_const[s]) else { continue };
             if j == 0 && fused_in {
                 if let Some(Pending::Quant(x, _, q)) = self.pending.get(&s).cloned() {
                     xb[0] = Some(x);
                     quant = q;
+                    continue;
+                }
+                if let Some(i) = self.input_of(s).filter(|_| !self.pending.contains_key(&s)) {
+                    x_in = Some(self.in_offs[i]);
                     continue;
                 }
             }
@@ -1012,8 +1087,14 @@ impl<'a> Lowerer<'a> {
                 let (k, nn, wk, bb) = sqil_ir::ops::dense_weight_kn(w, trans_b, alpha, bias, beta);
                 let b = bb.map_or(KArg::Null, f32_arr);
                 let rows = n / nn.max(1);
-                let mut args = vec![KArg::Buf(x0()?), f32_arr(wk), b, KArg::Buf(yb[0]), int(rows), int(k), int(nn)];
+                let x = match x_in {
+                    Some(o) => KArg::In(o),
+                    None => KArg::Buf(x0()?),
+                };
+                let mut args = vec![x, f32_arr(wk), b, KArg::Buf(yb[0]), int(rows), int(k), int(nn)];
                 args.extend(qargs);
+                // No Relu (a Relu after it that reads nothing else sets this: `relu_into_last`).
+                args.push(KArg::I32(0));
                 if rows >= F32_TILE_ROWS {
                     // Many rows (tokens): tiles of 16 x 32 outputs, a thread per output.
                     let blocks = rows.div_ceil(16) * nn.div_ceil(32);

@@ -21,6 +21,18 @@ fn quantized(name: &str) -> Policy {
     Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
 }
 
+/// `name` quantized W4A8 with the default raw input (the first layer in float, as `sqil quantize`
+/// and `tools/gpu_policies.sh` make it).
+fn quantized_float_first(name: &str) -> Policy {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
+    let fp = sqil_driver::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
+    let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
+    let mut config = QuantConfig::default();
+    config.apply_settings("wbits=4,abits=8,group=32").unwrap();
+    let qa = QuantizeArgs::in_memory(Recipe::Rtn, config, calib, 64);
+    Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
+}
+
 /// The kernel of each lowered step, in order.
 fn kernel_names(l: &sqil_cuda::lower::Lowered) -> Vec<&str> {
     l.steps
@@ -288,5 +300,30 @@ fn int_layers_over_tokens_lower_to_tiles() {
         if tiles > 0 {
             compile_generated_and_program(&l, "tokens");
         }
+    }
+}
+
+/// A float first layer reads the observation itself (no copy step before it), and its bias Add (a
+/// MatMul's, as Keras exports) and Relu are its epilogue: the pybullet MLPs (MatMul, Add, Relu)
+/// and the Gemm ones (Gemm, Relu) lower to the float layer, behind their observation chain where
+/// they have one (humanoid's), and one integer kernel per int4 layer, which quantizes the values
+/// as it reads them (no generated step between them). `gpu_policy.rs` checks the bits on a GPU.
+#[test]
+fn a_float_layers_input_bias_and_relu_need_no_steps_of_their_own() {
+    use sqil_cuda::lower::KArg;
+    for name in ["hopper_mlp", "halfcheetah_mlp", "walker2d_mlp", "humanoid_mlp", "bc_hopper"] {
+        let p = quantized_float_first(name);
+        let l = sqil_cuda::lower::lower(&p).unwrap();
+        let names = kernel_names(&l);
+        let first = names.iter().position(|&k| k == "sqil_linear_f32w").unwrap_or_else(|| panic!("{name}: {names:?}"));
+        assert!(first <= 1 && names[..first].iter().all(|k| k.starts_with("sqil_ew_")), "{name}: {names:?}");
+        assert_eq!(&names[first + 1..], ["sqil_q4_int", "sqil_q4_int"], "{name}: {names:?}");
+        let sqil_cuda::lower::LStep::Kernel { args, .. } = &l.steps[first];
+        assert!(matches!(args.last(), Some(KArg::I32(1))), "{name}: the Relu flag");
+        assert!(matches!(args[2], KArg::Arr(_)), "{name}: the bias");
+        if first == 0 {
+            assert!(matches!(args[0], KArg::In(0)), "{name}: reads the observation");
+        }
+        eprintln!("{name}: {names:?}");
     }
 }
