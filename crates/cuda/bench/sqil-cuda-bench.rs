@@ -575,27 +575,33 @@ fn bench_policy(
             per_mode.push("null".into());
         }
     }
-    // The program over the grid barrier capped at 1, 2, 4 and 8 blocks (the capture's other forms).
+    // The program capped at 1, 2, 4 and 8 blocks, over the grid barrier and as one cluster (the
+    // capture's other forms): "blocks" or "cluster blocks".
     let mut capped = vec![];
     if gp.has_persistent() {
-        gp.set_mode(Mode::Steps)?;
-        gp.set_persistent_cluster(false)?;
-        let full = {
-            gp.set_persistent_blocks(None)?;
-            gp.persistent_grid().map_or(0, |g| g.0)
-        };
-        for cap in [1u32, 2, 4, 8].into_iter().filter(|&c| c < full) {
+        for cluster in [false, true] {
             gp.set_mode(Mode::Steps)?;
-            gp.set_persistent_blocks(Some(cap))?;
-            if gp.set_mode(Mode::Persistent).is_ok() {
-                capped.push(format!("\"{cap}\": {:.2}", time(&mut || gp.act(gpu, &s0).map(|_| ()))? * 1e6));
+            if gp.set_persistent_cluster(cluster).is_err() {
+                continue;
+            }
+            let full = {
+                gp.set_persistent_blocks(None)?;
+                gp.persistent_grid().map_or(0, |g| g.0)
+            };
+            for cap in [1u32, 2, 4, 8].into_iter().filter(|&c| c < full) {
+                gp.set_mode(Mode::Steps)?;
+                gp.set_persistent_blocks(Some(cap))?;
+                if gp.set_mode(Mode::Persistent).is_ok() {
+                    let us = time(&mut || gp.act(gpu, &s0).map(|_| ()))? * 1e6;
+                    capped.push(format!("\"{}{cap}\": {us:.2}", if cluster { "cluster " } else { "" }));
+                }
             }
         }
     }
     gp.set_mode(Mode::Steps)?;
     if let Some((blocks, c)) = chosen_grid {
         gp.set_persistent_cluster(c)?;
-        gp.set_persistent_blocks((!c).then_some(blocks))?;
+        gp.set_persistent_blocks(Some(blocks))?;
     }
     gp.set_mode(chosen)?;
     let t_act = time(&mut || gp.act(gpu, &s0).map(|_| ()))?;

@@ -198,8 +198,8 @@ struct Persist {
     cluster_grid: Option<u32>,
     /// Whether the program runs as one cluster.
     cluster: bool,
-    /// At most this many blocks over the grid barrier (fewer blocks: cheaper barriers, more of
-    /// each step's blocks per program block; see [`GpuPolicy::set_persistent_blocks`]).
+    /// At most this many blocks (fewer blocks: cheaper barriers, more of each step's blocks per
+    /// program block; see [`GpuPolicy::set_persistent_blocks`]).
     cap: Option<u32>,
     /// Blocks of the program the device holds at once (a grid's share of the device is its
     /// blocks over this).
@@ -215,11 +215,8 @@ impl Persist {
 
     /// The blocks the program is launched with.
     fn blocks(&self) -> u32 {
-        if self.cluster {
-            self.cluster_grid.unwrap_or(self.grid)
-        } else {
-            self.cap.map_or(self.grid, |c| c.clamp(1, self.grid))
-        }
+        let most = if self.cluster { self.cluster_grid.unwrap_or(self.grid) } else { self.grid };
+        self.cap.map_or(most, |c| c.clamp(1, most))
     }
 }
 
@@ -499,8 +496,9 @@ impl GpuPolicy {
         Ok(())
     }
 
-    /// Caps the persistent program's blocks over the grid barrier (`None`: as many as its
-    /// largest step launches, or the device holds); a running program is restarted. Any number
+    /// Caps the persistent program's blocks, over the grid barrier or as one cluster (`None`: as
+    /// many as its largest step launches, or the device holds, or a cluster holds); a running
+    /// program is restarted. Any number
     /// of blocks computes the same bits (block `b` of a step runs on program block `b % grid`);
     /// fewer make each barrier cheaper (one block needs only its own) and run more of a step's
     /// blocks one after another. [`GpuPolicy::capture`] times a few caps.
@@ -549,7 +547,8 @@ impl GpuPolicy {
             (p.ptrs.device_ptr(&self.stream).0, p.ctl.dev, p.obs.dev, p.act.dev, p.bar.device_ptr(&self.stream).0);
         let cluster = p.cluster as u32;
         if p.cluster {
-            let g = p.cluster_grid.ok_or("no cluster form on this device")?;
+            p.cluster_grid.ok_or("no cluster form on this device")?;
+            let g = blocks;
             let f = p.f.cu_function();
             // SAFETY: a plain attribute of this function (clusters over 8 blocks are allowed on
             // Hopper as non-portable sizes).
@@ -831,12 +830,16 @@ impl GpuPolicy {
         if let Some(p) = self.persist.as_ref() {
             // The program's forms: over the grid barrier with every block, and capped at a few
             // blocks (a small policy's steps are short: a cheaper barrier can pay for running a
-            // step's blocks in turn), and as one cluster where the device has clusters.
+            // step's blocks in turn), and as one cluster where the device has clusters (whole,
+            // and capped).
             let mut forms: Vec<(bool, Option<u32>)> = vec![(false, None)];
             if p.cluster_grid.is_some() {
                 forms.push((true, None));
             }
             forms.extend([1, 2, 4, 8].into_iter().filter(|&c| c < p.grid).map(|c| (false, Some(c))));
+            if let Some(cg) = p.cluster_grid {
+                forms.extend([2, 4, 8].into_iter().filter(|&c| c < cg).map(|c| (true, Some(c))));
+            }
             // (time, mode, cluster, cap): the graph first.
             let mut best = (self.time_runs(gpu, 30)?, Mode::Graph, false, None);
             for (cluster, cap) in forms {

@@ -126,15 +126,24 @@ fn every_path_computes_the_same_bits() {
                 assert_eq!(run(&mut g), steps, "{name} {settings}: the program with cluster={}", !cluster);
                 g.set_persistent_cluster(cluster).unwrap();
             }
-            // Over fewer blocks (each runs more of a step's blocks in turn), down to one.
+            // Over fewer blocks (each runs more of a step's blocks in turn), down to one, over the
+            // grid barrier and as a cluster.
             let chosen_blocks = g.persistent_grid().unwrap().0;
-            g.set_persistent_cluster(false).unwrap();
-            for cap in [1, 3] {
-                g.set_persistent_blocks(Some(cap)).unwrap();
-                assert_eq!(run(&mut g), steps, "{name} {settings}: the program on at most {cap} blocks");
+            for c in [false, true] {
+                if g.set_persistent_cluster(c).is_err() {
+                    continue;
+                }
+                for cap in [1, 3] {
+                    g.set_persistent_blocks(Some(cap)).unwrap();
+                    assert_eq!(
+                        run(&mut g),
+                        steps,
+                        "{name} {settings}: the program on at most {cap} blocks, cluster={c}"
+                    );
+                }
             }
             g.set_persistent_cluster(cluster).unwrap();
-            g.set_persistent_blocks((!cluster).then_some(chosen_blocks)).unwrap();
+            g.set_persistent_blocks(Some(chosen_blocks)).unwrap();
             // A bad observation is refused and leaves the program serving; stopping (another
             // path) and starting again gives the same bits.
             assert!(g.act(&gpu, &[0.0; 1]).is_err());
