@@ -16,8 +16,9 @@
 //! running programs may together hold at most [`program_share_limit`] of the device's resident
 //! blocks (half by default); a program that would go over it stops the others (oldest first),
 //! and another policy's launches (its graph, its steps, its upload) stop every program of the
-//! device while they hold more than the limit. A policy whose program was stopped so takes its
-//! graph (or its steps) from its next action on; [`GpuPolicy::set_mode`] to
+//! device while they hold more than the limit; dropping a policy stops every program of its device
+//! (freeing page-locked memory synchronizes the device). A policy whose program was stopped so
+//! takes its graph (or its steps) from its next action on; [`GpuPolicy::set_mode`] to
 //! [`Mode::Persistent`] takes the program back.
 
 use crate::error::Result;
@@ -828,17 +829,14 @@ impl GpuPolicy {
         self.graph = Some(g.ok_or("empty CUDA graph")?);
         self.set_mode(Mode::Graph)?;
         if let Some(p) = self.persist.as_ref() {
-            // The program's forms: over the grid barrier with every block, and capped at a few
-            // blocks (a small policy's steps are short: a cheaper barrier can pay for running a
-            // step's blocks in turn), and as one cluster where the device has clusters (whole,
-            // and capped).
+            // The program's forms: over the grid barrier with every block, and as one cluster
+            // where the device has clusters. (Capped at 1 to 8 blocks, over either barrier, every
+            // testdata MLP, bc_hopper, the transformer and the CNN were slower than uncapped on an
+            // H200, 2026-12-06: the cheaper barrier never paid for running a step's blocks in
+            // turn; `set_persistent_blocks` and `sqil-cuda-bench policy` keep them measurable.)
             let mut forms: Vec<(bool, Option<u32>)> = vec![(false, None)];
             if p.cluster_grid.is_some() {
                 forms.push((true, None));
-            }
-            forms.extend([1, 2, 4, 8].into_iter().filter(|&c| c < p.grid).map(|c| (false, Some(c))));
-            if let Some(cg) = p.cluster_grid {
-                forms.extend([2, 4, 8].into_iter().filter(|&c| c < cg).map(|c| (true, Some(c))));
             }
             // (time, mode, cluster, cap): the graph first.
             let mut best = (self.time_runs(gpu, 30)?, Mode::Graph, false, None);
@@ -932,5 +930,9 @@ impl Drop for GpuPolicy {
         // keep its control word.
         let _ = self.stop_persistent();
         release(self.id);
+        // Freeing page-locked memory (the fields, next) synchronizes the whole device: it would
+        // wait forever behind another policy's program, so every program there stops first (each
+        // takes its graph from its next action).
+        let _ = make_room(self.dev, self.id, f64::INFINITY);
     }
 }

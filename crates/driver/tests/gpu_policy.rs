@@ -304,9 +304,9 @@ fn several_policies_share_one_gpu() {
     let Some(gpu) = common::gpu_or_skip("several policies on one GPU") else { return };
     let (done, wait) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(std::time::Duration::from_secs(300))
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(std::time::Duration::from_secs(120))
         {
-            eprintln!("several_policies_share_one_gpu: no answer in 300 s (a launch waits behind a program)");
+            eprintln!("several_policies_share_one_gpu: no answer in 120 s (a launch waits behind a program)");
             std::process::exit(101);
         }
     });
@@ -365,12 +365,16 @@ fn several_policies_share_one_gpu() {
         if limit == 0.0 {
             assert!(paths.iter().all(|&m| m != Mode::Persistent), "limit 0 leaves no program running: {paths:?}");
         }
-        // Taking the program back stops the others' (none runs at limit 0 afterwards).
+        // Taking the program back (at limit 0: the only program running).
+        eprintln!("share limit {limit}: {} takes its program back", names[0]);
         if gs[0].has_persistent() {
             gs[0].set_mode(Mode::Persistent).unwrap();
             assert_eq!(bits(&policies[0].1.iter().map(|x| gs[0].act(&gpu, x).unwrap()).collect::<Vec<_>>()), alone[0]);
             assert_eq!(gs[0].mode(), Mode::Persistent);
         }
+        // Dropped in turn while the others' programs run (freeing synchronizes the device).
+        drop(gs);
+        eprintln!("share limit {limit}: the policies dropped");
     }
     set_program_share_limit(default);
     done.send(()).ok();
