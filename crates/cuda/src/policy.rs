@@ -170,6 +170,13 @@ fn make_room(dev: usize, me: u64, need: f64) -> Result<()> {
     }
 }
 
+/// Stops every persistent program of this process on `gpu`'s device (their policies take their
+/// graphs from their next action): for other work on the device that could wait behind them
+/// (training, a benchmark, freeing page-locked memory, which synchronizes the device).
+pub fn stop_programs(gpu: &Gpu) -> Result<()> {
+    make_room(gpu.ctx.ordinal(), 0, f64::INFINITY)
+}
+
 /// Takes policy `me`'s entry (if any) out of the arbiter.
 fn release(me: u64) {
     let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
