@@ -30,6 +30,16 @@ SQIL_KERNEL void sqil_copy_pairs(SQIL_VARGS const float *__restrict__ x, float *
     }
 }
 
+// sqil_copy_pairs from two sources in one launch: pairs 0..m0 read x0, pairs m0..m read x1.
+SQIL_KERNEL void sqil_copy_pairs2(SQIL_VARGS const float *__restrict__ x0, const float *__restrict__ x1,
+                                            float *__restrict__ y, const int *__restrict__ pairs, int m0, int m)
+{
+    const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
+    if (i < m) {
+        y[pairs[2 * i]] = (i < m0 ? x0 : x1)[pairs[2 * i + 1]];
+    }
+}
+
 // y[idx[i]] = v[i]: a movement op's elements that come from constants.
 SQIL_KERNEL void sqil_set_consts(SQIL_VARGS float *__restrict__ y, const int *__restrict__ idx,
                                            const float *__restrict__ v, int m)
@@ -328,6 +338,18 @@ SQIL_KERNEL void sqil_levels(SQIL_VARGS const float *__restrict__ x, float *__re
     const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
     if (i < n) {
         lv[i] = sqil_level(x[i], s, z, lo, hi);
+    }
+}
+
+// A layer's output value v at index i, and with `lv` its int8 level too (sqil_level with the next
+// int4 layer's quantizer, as sqil_levels would compute it from y[i]): the layer's levels epilogue,
+// which saves that layer a sqil_levels step.
+__device__ __forceinline__ void sqil_put(float *__restrict__ y, long i, float v, float *__restrict__ lv, float ls,
+                                         float lz, float llo, float lhi)
+{
+    y[i] = v;
+    if (lv) {
+        lv[i] = sqil_level(v, ls, lz, llo, lhi);
     }
 }
 
@@ -689,7 +711,8 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,
     const float *__restrict__ lv, float *__restrict__ y, const unsigned *__restrict__ table, int positions, int n,
     int k, int group, int groups, float xscale, int relu, int taps, int channels, int plane, int run, int gsplit,
-    float *__restrict__ prod, float *__restrict__ flags)
+    float *__restrict__ prod, float *__restrict__ flags, float *__restrict__ lvout, float ls, float lz, float llo,
+    float lhi)
 {
     // SQIL_CONV_KC int16 per position, rows of 68 words (16-byte aligned; 128-bit reads by eight
     // lanes at a time fall in distinct banks).
@@ -809,10 +832,12 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
     }
     if (p < positions) {
         if (c0 + cl < n) {
-            y[(long)(c0 + cl) * positions + p] = sqil_q4_epilogue(a0, xscale, bias, c0 + cl, relu, nanf[pl]);
+            sqil_put(y, (long)(c0 + cl) * positions + p, sqil_q4_epilogue(a0, xscale, bias, c0 + cl, relu, nanf[pl]),
+                     lvout, ls, lz, llo, lhi);
         }
         if (c0 + cl + 1 < n) {
-            y[(long)(c0 + cl + 1) * positions + p] = sqil_q4_epilogue(a1, xscale, bias, c0 + cl + 1, relu, nanf[pl]);
+            sqil_put(y, (long)(c0 + cl + 1) * positions + p,
+                     sqil_q4_epilogue(a1, xscale, bias, c0 + cl + 1, relu, nanf[pl]), lvout, ls, lz, llo, lhi);
         }
     }
 }
@@ -823,7 +848,8 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_conv_int(SQIL_VARGS
 // [groups, n, positions], flags [splits, positions]; one thread per output.
 SQIL_KERNEL void sqil_q4_conv_finish(SQIL_VARGS const float *__restrict__ prod, const float *__restrict__ flags,
                                      const float *__restrict__ bias, float *__restrict__ y, int positions, int n,
-                                     int groups, int splits, float xscale, int relu)
+                                     int groups, int splits, float xscale, int relu, float *__restrict__ lvout,
+                                     float ls, float lz, float llo, float lhi)
 {
     const long o = (long)SQIL_BX * SQIL_BDIM + SQIL_TX, outs = (long)n * positions;
     if (o >= outs) {
@@ -838,7 +864,7 @@ SQIL_KERNEL void sqil_q4_conv_finish(SQIL_VARGS const float *__restrict__ prod, 
     for (int s = 0; s < splits; s++) {
         nan |= flags[(long)s * positions + p] != 0.0f;
     }
-    y[o] = sqil_q4_epilogue(acc, xscale, bias, c, relu, nan);
+    sqil_put(y, o, sqil_q4_epilogue(acc, xscale, bias, c, relu, nan), lvout, ls, lz, llo, lhi);
 }
 
 // A weight-only int4 layer on float activations, the CPU kernels' arithmetic lane for lane
@@ -901,7 +927,8 @@ SQIL_KERNEL void sqil_q4_w16(SQIL_VARGS const unsigned *__restrict__ wq, const f
 // skipped (an exact zero), then the bias: the CPU's bits.
 SQIL_KERNEL void sqil_conv2d_f32(SQIL_VARGS const float *__restrict__ x, const int *__restrict__ geo,
                                            const float *__restrict__ w, const float *__restrict__ bias,
-                                           float *__restrict__ y, int n)
+                                           float *__restrict__ y, int n, float *__restrict__ lvout, float ls,
+                                           float lz, float llo, float lhi)
 {
     const int c = geo[0], h = geo[1], wd = geo[2], kh = geo[3], kw = geo[4], oh = geo[11], ow = geo[12];
     const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;
@@ -955,7 +982,7 @@ SQIL_KERNEL void sqil_conv2d_f32(SQIL_VARGS const float *__restrict__ x, const i
                 wv[j] = wn[j];
             }
         }
-        y[i] = bias ? __fadd_rn(s, bias[o]) : s;
+        sqil_put(y, i, bias ? __fadd_rn(s, bias[o]) : s, lvout, ls, lz, llo, lhi);
         return;
     }
     for (int ch = 0; ch < cg; ch++) {
@@ -994,7 +1021,7 @@ SQIL_KERNEL void sqil_conv2d_f32(SQIL_VARGS const float *__restrict__ x, const i
             }
         }
     }
-    y[i] = bias ? __fadd_rn(s, bias[o]) : s;
+    sqil_put(y, i, bias ? __fadd_rn(s, bias[o]) : s, lvout, ls, lz, llo, lhi);
 }
 
 

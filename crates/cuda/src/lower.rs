@@ -282,6 +282,8 @@ enum Pending {
 enum Elem {
     Const(f32),
     From(usize, usize),
+    /// Element `k` of the policy's input (all inputs concatenated): read where it is, no cast step.
+    In(usize),
 }
 
 /// The lowering's state: buffers per plan slot, the steps so far, deferred values.
@@ -423,8 +425,13 @@ impl<'a> Lowerer<'a> {
         if let Some(Pending::Copy(e)) = self.pending.get(&s) {
             return Ok(e.clone());
         }
+        let n = self.val(s)?.len();
+        if let Some(i) = self.input_of(s) {
+            let off = self.in_offs[i];
+            return Ok((0..n).map(|k| Elem::In(off + k)).collect());
+        }
         let b = self.dyn_buf(s)?;
-        Ok((0..self.val(s)?.len()).map(|k| Elem::From(b, k)).collect())
+        Ok((0..n).map(|k| Elem::From(b, k)).collect())
     }
 
     /// Copy steps writing `elems` into buffer `y`: the constants, then one copy table per source
@@ -440,22 +447,40 @@ impl<'a> Lowerer<'a> {
             let m = idx.len();
             self.steps.push(kernel("sqil_set_consts", m, vec![KArg::Buf(y), i32_arr(&idx), f32_arr(v), int(m)]));
         }
-        let mut srcs: Vec<usize> =
-            elems.iter().filter_map(|e| if let Elem::From(b, _) = e { Some(*b) } else { None }).collect();
-        srcs.sort();
-        srcs.dedup();
-        for b in srcs {
-            let pairs: Vec<usize> = elems
-                .iter()
-                .enumerate()
-                .filter_map(|(i, e)| match *e {
-                    Elem::From(bb, k) if bb == b => Some([i, k]),
-                    _ => None,
-                })
-                .flatten()
-                .collect();
-            let m = pairs.len() / 2;
-            self.steps.push(kernel("sqil_copy_pairs", m, vec![KArg::Buf(b), KArg::Buf(y), i32_arr(&pairs), int(m)]));
+        // The sources (buffers, the input), in order; each one's (to, from) pairs.
+        let mut srcs: Vec<(KArg<HostArr>, Vec<usize>)> = vec![];
+        for (i, e) in elems.iter().enumerate() {
+            let (src, k) = match *e {
+                Elem::From(b, k) => (KArg::Buf(b), k),
+                Elem::In(k) => (KArg::In(0), k),
+                Elem::Const(_) => continue,
+            };
+            let same = |a: &KArg<HostArr>| match (a, &src) {
+                (KArg::Buf(a), KArg::Buf(b)) => a == b,
+                (KArg::In(_), KArg::In(_)) => true,
+                _ => false,
+            };
+            match srcs.iter_mut().find(|(a, _)| same(a)) {
+                Some((_, pairs)) => pairs.extend([i, k]),
+                None => srcs.push((src, vec![i, k])),
+            }
+        }
+        // Two sources to a step (a head's concatenation of features and the observation: one
+        // launch), one for the last of an odd count.
+        for two in srcs.chunks(2) {
+            match two {
+                [(a, pa), (b, pb)] => {
+                    let (m0, m) = (pa.len() / 2, (pa.len() + pb.len()) / 2);
+                    let pairs: Vec<usize> = pa.iter().chain(pb).copied().collect();
+                    let args = vec![a.clone(), b.clone(), KArg::Buf(y), i32_arr(&pairs), int(m0), int(m)];
+                    self.steps.push(kernel("sqil_copy_pairs2", m, args));
+                }
+                [(a, pa)] => {
+                    let m = pa.len() / 2;
+                    self.steps.push(kernel("sqil_copy_pairs", m, vec![a.clone(), KArg::Buf(y), i32_arr(pa), int(m)]));
+                }
+                _ => unreachable!("chunks of two"),
+            }
         }
     }
 
@@ -488,9 +513,13 @@ impl<'a> Lowerer<'a> {
         }
         let xb = self.dyn_buf(x)?;
         let yb = self.out_buf(y)?;
-        // The levels of x: from its chain, else one `sqil_levels` step.
+        // The levels of x: from its chain, else from the layer that just wrote x (its levels
+        // epilogue), else one `sqil_levels` step.
         let levels = |l: &mut Self, scale: f32, q: &[KArg<HostArr>; 3]| -> usize {
             if let Some(lb) = levels_of_chain {
+                return lb;
+            }
+            if let Some(lb) = l.levels_from_last(xb, xlen, scale, q) {
                 return lb;
             }
             let lb = l.new_buf(xlen);
@@ -547,9 +576,10 @@ impl<'a> Lowerer<'a> {
                         buf(prod),
                         buf(flags),
                     ]);
+                    args.extend(no_levels_out());
                     self.steps.push(kernel("sqil_q4_conv_int", splits * tiles * 256, args));
                     if splits > 1 {
-                        let args = vec![
+                        let mut args = vec![
                             buf(prod),
                             buf(flags),
                             bias,
@@ -561,6 +591,7 @@ impl<'a> Lowerer<'a> {
                             KArg::F32(scale),
                             KArg::I32(relu as i32),
                         ];
+                        args.extend(no_levels_out());
                         self.steps.push(kernel("sqil_q4_conv_finish", rows * w.n, args));
                     }
                 } else if w.n >= WIDE {
@@ -701,6 +732,12 @@ fn binary_code(b: BinaryOp) -> i32 {
     }
 }
 
+/// A layer's levels epilogue, off: (levels buffer, scale, zero, lo, hi) for `sqil_put`
+/// (`Lowerer::levels_from_last` sets them).
+fn no_levels_out() -> [KArg<HostArr>; 5] {
+    [KArg::Null, KArg::F32(0.0), KArg::F32(0.0), KArg::F32(0.0), KArg::F32(0.0)]
+}
+
 /// The kernel a lowered step launches.
 fn step_kernel<A>(s: &LStep<A>) -> &str {
     match s {
@@ -732,6 +769,33 @@ impl<'a> Lowerer<'a> {
     fn iconst(&self, inputs: &[Option<usize>], j: usize) -> Option<&'a Tensor> {
         let env: &'a [Option<Tensor>] = self.env;
         inputs.get(j).copied().flatten().filter(|&s| self.is_const[s]).and_then(|s| env[s].as_ref())
+    }
+
+    /// The levels of buffer `xb` (`xlen` values) with the quantizer (`scale`, zero, lo, hi) from
+    /// the last step, where that step is a layer with a levels epilogue (`sqil_conv2d_f32`,
+    /// `sqil_q4_conv_int` unsplit, `sqil_q4_conv_finish`) that wrote `xb` and no levels yet: it now
+    /// writes them beside the values (the same `sqil_level` of each value `sqil_levels` would
+    /// compute), into a fresh buffer, returned.
+    fn levels_from_last(&mut self, xb: usize, xlen: usize, scale: f32, q: &[KArg<HostArr>; 3]) -> Option<usize> {
+        let LStep::Kernel { name, args, .. } = self.steps.last()?;
+        let y_at = match name.as_str() {
+            "sqil_conv2d_f32" => 4,
+            "sqil_q4_conv_int" => 4,
+            "sqil_q4_conv_finish" => 3,
+            _ => return None,
+        };
+        // A split convolution's first step writes group products, not the values.
+        let split = name == "sqil_q4_conv_int" && !matches!(args.get(args.len() - 8), Some(KArg::I32(0)));
+        let lv_at = args.len().checked_sub(5)?;
+        if split || !matches!(args.get(y_at), Some(KArg::Buf(b)) if *b == xb) || !matches!(args[lv_at], KArg::Null) {
+            return None;
+        }
+        let lb = self.new_buf(xlen);
+        let LStep::Kernel { args, .. } = self.steps.last_mut()?;
+        args[lv_at] = KArg::Buf(lb);
+        args[lv_at + 1] = KArg::F32(scale);
+        args[lv_at + 2..].clone_from_slice(q);
+        Some(lb)
     }
 
     /// Whether computed value `x`, read by one step only (this one), is what the last step, a
@@ -1113,7 +1177,7 @@ impl<'a> Lowerer<'a> {
                 let mut items = geo_items(xt.shape[1], &geo);
                 items.push(c.group as i32);
                 let bias = self.const_bias(inputs)?;
-                let args = vec![
+                let mut args = vec![
                     KArg::Buf(x0()?),
                     KArg::Arr(HostArr::I32(items)),
                     f32_arr(w.data.to_f32_vec()),
@@ -1121,6 +1185,7 @@ impl<'a> Lowerer<'a> {
                     KArg::Buf(yb[0]),
                     int(w.shape[0]),
                 ];
+                args.extend(no_levels_out());
                 self.steps.push(kernel("sqil_conv2d_f32", n, args));
             }
             Op::MaxPool(p) | Op::AveragePool(p) if outputs.len() == 1 => {

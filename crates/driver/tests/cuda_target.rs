@@ -77,10 +77,27 @@ fn cnn_and_transformer_policies_lower_and_emit() {
         let src = sqil_codegen::cuda::emit_cu(&p, &states, &[vec![0.0; l.out_len]], 0.02).unwrap();
         assert_eq!(src.matches("<<<").count(), l.steps.len(), "{name}: one launch per step");
         let want: &[&str] = match name {
-            "cnn" | "bc_pickplace_pixels" => &["sqil_levels", "sqil_q4_conv_int"],
+            "cnn" | "bc_pickplace_pixels" => &["sqil_conv2d_f32", "sqil_q4_conv_int"],
             _ => &["sqil_q4_int", "sqil_copy_pairs", "sqil_bmm", "sqil_softmax_rows", "sqil_layernorm_rows"],
         };
         assert!(kernels.iter().any(|k| k.starts_with("sqil_ew_")), "{name}: no fused element-wise kernel");
+        // A convolution's levels for the int4 layer after it come from its epilogue, not a
+        // `sqil_levels` step after it.
+        for w in kernels.windows(2) {
+            let after_conv = matches!(w[0], "sqil_conv2d_f32" | "sqil_q4_conv_int" | "sqil_q4_conv_finish");
+            assert!(!(after_conv && w[1] == "sqil_levels"), "{name}: {kernels:?}");
+        }
+        if matches!(name, "cnn" | "bc_pickplace_pixels") {
+            let epilogues = l
+                .steps
+                .iter()
+                .filter(|st| {
+                    let sqil_cuda::lower::LStep::Kernel { name, args, .. } = st;
+                    name.contains("conv") && matches!(args[args.len() - 5], sqil_cuda::lower::KArg::Buf(_))
+                })
+                .count();
+            assert!(epilogues >= 1, "{name}: no convolution writes levels");
+        }
         for k in want {
             assert!(kernels.contains(k), "{name}: no {k} step in {kernels:?}");
             assert!(src.contains(&format!("{k}<<<")), "{name}: {k} not launched");
@@ -215,10 +232,11 @@ fn one_dimensional_ops_and_several_outputs_lower() {
     for k in ["sqil_conv2d_f32", "sqil_q4_conv_int", "sqil_conv_transpose_f32", "sqil_pool2d", "sqil_reduce_f64"] {
         assert!(kernels.contains(&k), "no {k} step in {kernels:?}");
     }
-    // The two outputs gathered into the output buffer: the last steps copy into it.
+    // The two outputs gathered into the output buffer: the last step copies into it, from both
+    // outputs' buffers in one launch.
     let sqil_cuda::lower::LStep::Kernel { name, args, .. } = l.steps.last().unwrap();
-    assert_eq!(name, "sqil_copy_pairs");
-    assert!(matches!(args[1], sqil_cuda::lower::KArg::Buf(b) if b == l.output));
+    assert_eq!(name, "sqil_copy_pairs2");
+    assert!(matches!(args[2], sqil_cuda::lower::KArg::Buf(b) if b == l.output));
     let state = vec![0.25f32; l.in_len];
     let want = p.run(&[sqil_ir::Tensor::from_f32(vec![1, c, len], state.clone()).unwrap()]).unwrap();
     let want: Vec<f32> = want.iter().flat_map(|t| t.data.to_f32_vec()).collect();
