@@ -495,29 +495,29 @@ impl GpuPolicy {
         if p.cluster == cluster {
             return Ok(());
         }
-        let running = p.running();
-        self.stop_persistent()?;
-        self.persist.as_mut().expect("checked above").cluster = cluster;
-        if running {
-            self.start_persistent()?;
-        }
-        Ok(())
+        self.reform(|p| p.cluster = cluster)
     }
 
     /// Caps the persistent program's blocks, over the grid barrier or as one cluster (`None`: as
     /// many as its largest step launches, or the device holds, or a cluster holds); a running
-    /// program is restarted. Any number
-    /// of blocks computes the same bits (block `b` of a step runs on program block `b % grid`);
-    /// fewer make each barrier cheaper (one block needs only its own) and run more of a step's
-    /// blocks one after another. [`GpuPolicy::capture`] times a few caps.
+    /// program is restarted. Any number of blocks computes the same bits (block `b` of a step runs
+    /// on program block `b % grid`); fewer make each barrier cheaper (one block needs only its
+    /// own) and run more of a step's blocks one after another, which measured slower on every
+    /// policy tried (`docs/cuda.md`), so [`GpuPolicy::capture`] does not try caps.
     pub fn set_persistent_blocks(&mut self, cap: Option<u32>) -> Result<()> {
         let Some(p) = self.persist.as_mut() else { return Err("no persistent program".into()) };
         if p.cap == cap {
             return Ok(());
         }
-        let running = p.running();
+        self.reform(|p| p.cap = cap)
+    }
+
+    /// Changes the persistent program's form with `change`: stopped first and started again
+    /// after where it was running.
+    fn reform(&mut self, change: impl FnOnce(&mut Persist)) -> Result<()> {
+        let running = self.persist.as_ref().is_some_and(Persist::running);
         self.stop_persistent()?;
-        self.persist.as_mut().expect("checked above").cap = cap;
+        change(self.persist.as_mut().ok_or("no persistent program")?);
         if running {
             self.start_persistent()?;
         }

@@ -11,26 +11,26 @@ use std::path::PathBuf;
 
 mod common;
 
-fn quantized(name: &str) -> Policy {
+/// Testdata policy `name` quantized (RTN, calibrated on its inputs) with `settings`.
+fn quantized_with(name: &str, settings: &str) -> Policy {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
     let fp = sqil_driver::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
     let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
     let mut config = QuantConfig::default();
-    config.apply_settings("wbits=4,abits=8,group=64,raw_input=quant").unwrap();
+    config.apply_settings(settings).unwrap();
     let qa = QuantizeArgs::in_memory(Recipe::Rtn, config, calib, 64);
     Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
+}
+
+/// `name` at W4A8, groups of 64, the raw input quantized (every layer int4).
+fn quantized(name: &str) -> Policy {
+    quantized_with(name, "wbits=4,abits=8,group=64,raw_input=quant")
 }
 
 /// `name` quantized W4A8 with the default raw input (the first layer in float, as `sqil quantize`
 /// and `tools/gpu_policies.sh` make it).
 fn quantized_float_first(name: &str) -> Policy {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    let fp = sqil_driver::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
-    let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
-    let mut config = QuantConfig::default();
-    config.apply_settings("wbits=4,abits=8,group=32").unwrap();
-    let qa = QuantizeArgs::in_memory(Recipe::Rtn, config, calib, 64);
-    Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
+    quantized_with(name, "wbits=4,abits=8,group=32")
 }
 
 /// The kernel of each lowered step, in order.
