@@ -575,8 +575,8 @@ fn bench_policy(
             per_mode.push("null".into());
         }
     }
-    // The program capped at 1, 2, 4 and 8 blocks, over the grid barrier and as one cluster (the
-    // capture's other forms): "blocks" or "cluster blocks".
+    // The program capped at 1, 2, 4 and 8 blocks, over the grid barrier and as one cluster (forms
+    // capture does not try: they measured slower): "blocks" or "cluster blocks".
     let mut capped = vec![];
     if gp.has_persistent() {
         for cluster in [false, true] {

@@ -178,13 +178,7 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
         is_const[*s] = true;
     }
     let mut reads = vec![0usize; plan.slots];
-    for st in &plan.steps {
-        match st {
-            Step::Op { inputs, .. } => inputs.iter().flatten().for_each(|&s| reads[s] += 1),
-            Step::Q4Linear { x, .. } => reads[*x] += 1,
-        }
-    }
-    plan.outputs.iter().for_each(|&s| reads[s] += 1);
+    plan.steps.iter().flat_map(Step::reads).chain(plan.outputs.iter().copied()).for_each(|s| reads[s] += 1);
     let mut l = Lowerer {
         reads,
         plan,
@@ -1157,7 +1151,7 @@ impl<'a> Lowerer<'a> {
                 };
                 let mut args = vec![x, f32_arr(wk), b, KArg::Buf(yb[0]), int(rows), int(k), int(nn)];
                 args.extend(qargs);
-                // No Relu (a Relu after it that reads nothing else sets this: `relu_into_last`).
+                // No Relu (a Relu after it that reads nothing else sets this: `fold_into_last`).
                 args.push(KArg::I32(0));
                 if rows >= F32_TILE_ROWS {
                     // Many rows (tokens): tiles of 16 x 32 outputs, a thread per output.

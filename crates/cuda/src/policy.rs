@@ -89,6 +89,11 @@ unsafe impl Send for Stopper {}
 unsafe impl Sync for Stopper {}
 
 impl Stopper {
+    /// Why the program would not stop, if it would not.
+    fn failure(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Sends STOP and waits (at most `ANSWER_LIMIT`) for the program to exit.
     fn stop(&self) -> std::result::Result<(), String> {
         if !self.running.swap(false, AcqRel) {
@@ -536,7 +541,7 @@ impl GpuPolicy {
         if p.running() {
             return Ok(());
         }
-        if let Some(why) = p.stop.failed.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(why) = p.stop.failure() {
             self.broken = Some(why.clone());
             return Err(why.into());
         }
@@ -619,9 +624,7 @@ impl GpuPolicy {
 
     /// After a preemption: the graph (or the steps) from now on.
     fn leave_preempted(&mut self) -> Result<()> {
-        if let Some(why) =
-            self.persist.as_ref().and_then(|p| p.stop.failed.lock().unwrap_or_else(|e| e.into_inner()).clone())
-        {
+        if let Some(why) = self.persist.as_ref().and_then(|p| p.stop.failure()) {
             self.broken = Some(why.clone());
             return Err(why.into());
         }
@@ -841,16 +844,13 @@ impl GpuPolicy {
             // testdata MLP, bc_hopper, the transformer and the CNN were slower than uncapped on an
             // H200, 2026-12-06: the cheaper barrier never paid for running a step's blocks in
             // turn; `set_persistent_blocks` and `sqil-cuda-bench policy` keep them measurable.)
-            let mut forms: Vec<(bool, Option<u32>)> = vec![(false, None)];
-            if p.cluster_grid.is_some() {
-                forms.push((true, None));
-            }
-            // (time, mode, cluster, cap): the graph first.
-            let mut best = (self.time_runs(gpu, 30)?, Mode::Graph, false, None);
-            for (cluster, cap) in forms {
+            let clusters = p.cluster_grid.is_some();
+            self.set_persistent_blocks(None)?;
+            // (time, mode, cluster): the graph first.
+            let mut best = (self.time_runs(gpu, 30)?, Mode::Graph, false);
+            for cluster in [false, true].into_iter().filter(|&c| !c || clusters) {
                 self.set_mode(Mode::Graph)?;
                 self.set_persistent_cluster(cluster)?;
-                self.set_persistent_blocks(cap)?;
                 // A device that refuses the launch leaves the other forms.
                 if self.set_mode(Mode::Persistent).is_err() {
                     continue;
@@ -859,12 +859,11 @@ impl GpuPolicy {
                 let t = self.time_runs(gpu, 3)?;
                 let t = if t < 1.5 * best.0 { self.time_runs(gpu, 30)? } else { t };
                 if t < best.0 {
-                    best = (t, Mode::Persistent, cluster, cap);
+                    best = (t, Mode::Persistent, cluster);
                 }
             }
             self.set_mode(Mode::Graph)?;
             self.set_persistent_cluster(best.2)?;
-            self.set_persistent_blocks(best.3)?;
             self.set_mode(best.1)?;
         }
         Ok(())
@@ -936,7 +935,6 @@ impl Drop for GpuPolicy {
         // A running persistent program would spin until the context goes; the arbiter must not
         // keep its control word.
         let _ = self.stop_persistent();
-        release(self.id);
         // Freeing page-locked memory (the fields, next) synchronizes the whole device: it would
         // wait forever behind another policy's program, so every program there stops first (each
         // takes its graph from its next action).

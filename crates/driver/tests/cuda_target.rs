@@ -4,33 +4,19 @@
 //! the step named. (nvcc builds and runs these files
 //! on the GPU machine: docs/cuda.md.)
 
-use sqil_driver::quantize::{run_quantize, QuantizeArgs};
-use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Policy;
-use std::path::PathBuf;
 
 mod common;
 
-/// Testdata policy `name` quantized (RTN, calibrated on its inputs) with `settings`.
-fn quantized_with(name: &str, settings: &str) -> Policy {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    let fp = sqil_driver::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
-    let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
-    let mut config = QuantConfig::default();
-    config.apply_settings(settings).unwrap();
-    let qa = QuantizeArgs::in_memory(Recipe::Rtn, config, calib, 64);
-    Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap()
-}
-
 /// `name` at W4A8, groups of 64, the raw input quantized (every layer int4).
 fn quantized(name: &str) -> Policy {
-    quantized_with(name, "wbits=4,abits=8,group=64,raw_input=quant")
+    common::testdata_rtn(name, "wbits=4,abits=8,group=64,raw_input=quant").0
 }
 
 /// `name` quantized W4A8 with the default raw input (the first layer in float, as `sqil quantize`
 /// and `tools/gpu_policies.sh` make it).
 fn quantized_float_first(name: &str) -> Policy {
-    quantized_with(name, "wbits=4,abits=8,group=32")
+    common::testdata_rtn(name, "wbits=4,abits=8,group=32").0
 }
 
 /// The kernel of each lowered step, in order.
@@ -137,8 +123,7 @@ fn unsupported_steps_are_named() {
 /// the pairs become statements of generated kernels, which compile with NVRTC.
 #[test]
 fn qdq_models_lower_with_their_quantizers_fused() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/policies");
-    let g = sqil_driver::load_model(&dir.join("hopper_w4a8_qdq.onnx")).unwrap();
+    let g = sqil_driver::load_model(&common::testdata_policies().join("hopper_w4a8_qdq.onnx")).unwrap();
     let l = sqil_cuda::lower::lower(&Policy::from_graph(&g).unwrap()).unwrap();
     assert!(l.sources.iter().any(|(_, src)| src.contains("rintf(")), "no quantizer in the generated kernels");
     if sqil_cuda::nvrtc_present() {

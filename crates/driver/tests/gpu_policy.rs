@@ -7,30 +7,16 @@
 //! a missing GPU a failure, for the device check.
 
 use sqil_cuda::policy::{program_share_limit, set_program_share_limit, GpuPolicy, Mode, GPU_TOL};
-use sqil_driver::quantize::{run_quantize, QuantizeArgs};
-use sqil_passes::quant::{QuantConfig, Recipe};
 use sqil_runtime::Policy;
-use std::path::PathBuf;
 
 mod common;
-use common::{rtn, testdata_policies as policies, x_feeds};
+use common::{input_row, rtn, testdata_rtn as quantized, x_feeds};
 
 /// The tests of this file one at a time: policies of one process share the device through the
 /// arbiter, and a test that checks a path must not have it taken by another test's launch.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     ONE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn quantized(name: &str, settings: &str) -> (Policy, Vec<sqil_ir::Tensor>) {
-    let fp = sqil_driver::load_model(&policies().join(format!("{name}.onnx"))).unwrap();
-    let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| policies().join(format!("{name}.input{i}.npy"))).collect();
-    let mut config = QuantConfig::default();
-    config.apply_settings(settings).unwrap();
-    let qa = QuantizeArgs::in_memory(Recipe::Rtn, config, calib.clone(), 64);
-    let p = Policy::from_graph(&run_quantize(&fp, &qa).unwrap().0).unwrap();
-    let inputs = calib.iter().map(|f| sqil_driver::npy::read(f).unwrap().cast(sqil_ir::DType::F32)).collect();
-    (p, inputs)
 }
 
 /// The largest |GPU - CPU| over all actions relative to the largest |CPU action|, each state's
@@ -94,8 +80,7 @@ fn every_path_computes_the_same_bits() {
             let rows = inputs.iter().zip(&sizes).map(|(t, d)| t.len() / d).min().unwrap().min(8);
             let (mut states, mut cpu) = (vec![], vec![]);
             for r in 0..rows {
-                let per: Vec<Vec<f32>> =
-                    inputs.iter().zip(&sizes).map(|(t, &d)| t.data.to_f32_vec()[r * d..(r + 1) * d].to_vec()).collect();
+                let per = input_row(&inputs, &sizes, r);
                 let feeds: Vec<sqil_ir::Tensor> = per
                     .iter()
                     .zip(&inputs)
@@ -316,15 +301,7 @@ fn several_policies_share_one_gpu() {
         .map(|name| {
             let (p, inputs) = quantized(name, "wbits=4,abits=8,group=32");
             let sizes = p.input_sizes();
-            let states = (0..4)
-                .map(|r| {
-                    inputs
-                        .iter()
-                        .zip(&sizes)
-                        .flat_map(|(t, &d)| t.data.to_f32_vec()[r * d..(r + 1) * d].to_vec())
-                        .collect()
-                })
-                .collect();
+            let states = (0..4).map(|r| input_row(&inputs, &sizes, r).concat()).collect();
             (p, states)
         })
         .collect();

@@ -240,6 +240,25 @@ pub fn x_feeds(r: &mut Rng, shape: Vec<usize>) -> Vec<std::collections::HashMap<
     vec![std::collections::HashMap::from([("x".to_string(), sqil_ir::Tensor::from_f32(shape, v).unwrap())])]
 }
 
+/// Testdata policy `name` quantized by RTN with `settings`, calibrated on its sample inputs
+/// (`name.input{i}.npy`), as a runtime policy, and those inputs (f32).
+pub fn testdata_rtn(name: &str, settings: &str) -> (sqil_runtime::Policy, Vec<sqil_ir::Tensor>) {
+    let dir = testdata_policies();
+    let fp = sqil_driver::load_model(&dir.join(format!("{name}.onnx"))).unwrap();
+    let calib: Vec<PathBuf> = (0..fp.inputs.len()).map(|i| dir.join(format!("{name}.input{i}.npy"))).collect();
+    let mut config = sqil_passes::quant::QuantConfig::default();
+    config.apply_settings(settings).unwrap();
+    let qa = sqil_driver::quantize::QuantizeArgs::in_memory(sqil_passes::quant::Recipe::Rtn, config, calib.clone(), 64);
+    let p = sqil_runtime::Policy::from_graph(&sqil_driver::quantize::run_quantize(&fp, &qa).unwrap().0).unwrap();
+    let inputs = calib.iter().map(|f| sqil_driver::npy::read(f).unwrap().cast(DType::F32)).collect();
+    (p, inputs)
+}
+
+/// Row `r` of each of a policy's inputs (`sizes`: each input's values per row), in input order.
+pub fn input_row(inputs: &[sqil_ir::Tensor], sizes: &[usize], r: usize) -> Vec<Vec<f32>> {
+    inputs.iter().zip(sizes).map(|(t, &d)| t.data.to_f32_vec()[r * d..(r + 1) * d].to_vec()).collect()
+}
+
 /// Graph `g` quantized by RTN with `settings`, calibrated on `feeds`, as a runtime policy.
 pub fn rtn(
     g: &Graph,
