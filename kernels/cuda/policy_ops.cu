@@ -208,6 +208,7 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
     }
     const int r = (int)(o / n), c = (int)(o % n);
     const float *xr = x + (long)r * k;
+    const float bv = bias && lane == 0 ? bias[c] : 0.0f; // loaded before the chain, used after it
     float s = 0.0f;
     float xv[SQIL_F32W_AHEAD], wv[SQIL_F32W_AHEAD];
 #pragma unroll
@@ -242,7 +243,7 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
         }
     }
     if (lane == 0) {
-        y[(long)r * n + c] = sqil_relu_if(bias ? __fadd_rn(s, bias[c]) : s, relu);
+        y[(long)r * n + c] = sqil_relu_if(bias ? __fadd_rn(s, bv) : s, relu);
     }
 }
 
@@ -370,8 +371,7 @@ __device__ __forceinline__ int sqil_w8(const unsigned *__restrict__ wq, int k4, 
 // channel c, levels read through sqil_level_or (NaN sets nan and adds nothing). Eight terms'
 // inputs and weight words are loaded before any is used, so eight loads are in flight rather than
 // one per dependent step (a lane walking a group of a long row waited on each load in turn). Used
-// by sqil_q4_int's group-per-lane form and sqil_q4_int_groups; the short strided walks of
-// sqil_q4_int's other forms measured faster as plain loops (W4A8 MLPs, H200).
+// by sqil_q4_int's group-per-lane and lanes-per-group forms and sqil_q4_int_groups.
 __device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
                                             int c, int from, int end, int step, float qs, float qz, float qlo,
                                             float qhi, int *nan)
@@ -416,6 +416,20 @@ __device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const
     return nan ? __int_as_float(0x7fc00000) : out;
 }
 
+// sqil_q4_epilogue with the bias value loaded ahead (has_bias: whether there is one): a warp's
+// lane loads it before the sums, so its round trip to memory overlaps theirs.
+__device__ __forceinline__ float sqil_q4_epilogue_v(float acc, float xscale, int has_bias, float bv, int relu, int nan)
+{
+    float out = __fmul_rn(acc, xscale);
+    if (has_bias) {
+        out = __fadd_rn(out, bv);
+    }
+    if (relu && out < 0.0f) {
+        out = 0.0f;
+    }
+    return nan ? __int_as_float(0x7fc00000) : out;
+}
+
 // An int4 linear map on integer activations over `rows` rows, y [rows, n], the input quantized as
 // it is read (sqil_level: the CPU's int8 quantizer with scale qs, zero qz, range [qlo, qhi]; qs = 0:
 // x holds the levels already, from sqil_levels),
@@ -437,6 +451,8 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
     }
     const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
     const float *xr = x + (long)r * k;
+    // The bias and (below) the scales are loaded before the sums, not after them.
+    const float bv = bias && lane == 0 ? bias[c] : 0.0f;
     float acc = 0.0f;
     int nan = 0;
     if (groups >= 32) {
@@ -444,9 +460,10 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
             const int g = g0 + lane;
             float p = 0.0f;
             if (g < groups) {
+                const float sc = scales[(long)c * groups + g];
                 const int end = (g + 1) * group < k ? (g + 1) * group : k;
                 const int s = sqil_q4_span(xr, wq, k4, c, g * group, end, 1, qs, qz, qlo, qhi, &nan);
-                p = __fmul_rn((float)s, scales[(long)c * groups + g]);
+                p = __fmul_rn((float)s, sc);
             }
             const int cnt = groups - g0 < 32 ? groups - g0 : 32;
             for (int j = 0; j < cnt; j++) {
@@ -456,21 +473,17 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
     } else if (32 % groups == 0) {
         // 32 / groups lanes per group, all groups at once: each segment sums its group's terms
         // and reduces within itself; the products are then added in group order.
+        // The lane's terms through sqil_q4_span: their loads are issued before any is quantized
+        // (in a plain loop the division's slow-path call kept each load behind the previous
+        // term's arithmetic: one round trip to L2 per term).
         const int lpg = 32 / groups, g = lane / lpg, sub = lane % lpg;
-        int s = 0;
         const int end = (g + 1) * group < k ? (g + 1) * group : k;
-        for (int kk = g * group + sub; kk < end; kk += lpg) {
-            const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
-            if (v != v) {
-                nan = 1;
-            } else {
-                s += sqil_w8(wq, k4, c, kk) * (int)v;
-            }
-        }
+        const float sc = scales[(long)c * groups + g];
+        int s = sqil_q4_span(xr, wq, k4, c, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan);
         for (int d = lpg / 2; d > 0; d /= 2) {
             s += __shfl_xor_sync(0xffffffffu, s, d);
         }
-        const float p = __fmul_rn((float)s, scales[(long)c * groups + g]);
+        const float p = __fmul_rn((float)s, sc);
         for (int j = 0; j < groups; j++) {
             acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j * lpg));
         }
@@ -494,7 +507,7 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
     }
     nan = __any_sync(0xffffffffu, nan);
     if (lane == 0) {
-        y[(long)r * n + c] = sqil_q4_epilogue(acc, xscale, bias, c, relu, nan);
+        y[(long)r * n + c] = sqil_q4_epilogue_v(acc, xscale, bias != nullptr, bv, relu, nan);
     }
 }
 
@@ -886,6 +899,7 @@ SQIL_KERNEL void sqil_q4_w16(SQIL_VARGS const unsigned *__restrict__ wq, const f
     }
     const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4, bpg = group / 32;
     const float *xr = x + (long)r * k;
+    const float bv = bias && lane == 0 ? bias[c] : 0.0f; // loaded before the sums, used after them
     float t = 0.0f;
     for (int g0 = 0; g0 < groups; g0 += 4) {
         const int g = g0 + j;
@@ -913,7 +927,7 @@ SQIL_KERNEL void sqil_q4_w16(SQIL_VARGS const unsigned *__restrict__ wq, const f
         return;
     }
     if (bias) {
-        h = __fadd_rn(h, bias[c]);
+        h = __fadd_rn(h, bv);
     }
     if (relu && h < 0.0f) {
         h = 0.0f;

@@ -468,6 +468,7 @@ fn bench_policy(
     states: &[String],
     iters: usize,
     profile: bool,
+    prefixes: bool,
 ) -> Result<(), sqil_cuda::Error> {
     use ndarray_npy::ReadNpyExt;
     let policy = sqil_runtime::Policy::load(std::path::Path::new(artifact)).map_err(|e| e.to_string())?;
@@ -622,6 +623,31 @@ fn bench_policy(
     );
     if rel > sqil_cuda::policy::GPU_TOL {
         return Err(format!("{artifact}: GPU vs CPU {rel:.2e} > GPU_TOL").into());
+    }
+    if prefixes && gp.has_persistent() {
+        // Where the program's time goes: the program of the first n steps only (n = 0: the
+        // handshake through host memory and the barrier that starts an action), in the chosen
+        // form, per action. Its action is whatever the output buffer holds: timing only.
+        let cluster = chosen_grid.is_some_and(|g| g.1);
+        drop(gp);
+        let steps = sqil_cuda::lower::lower(&policy)?.steps.len();
+        for n in 0..=steps {
+            let mut l = sqil_cuda::lower::lower(&policy)?;
+            l.steps.truncate(n);
+            l.labels.truncate(n);
+            l.describe.truncate(n);
+            let last = l.labels.last().cloned().unwrap_or_else(|| "(handshake)".into());
+            let mut p = sqil_cuda::policy::GpuPolicy::from_lowered(gpu, l)?;
+            let _ = p.set_persistent_cluster(cluster);
+            if p.set_mode(Mode::Persistent).is_err() {
+                continue;
+            }
+            let us = time(&mut || p.act(gpu, &s0).map(|_| ()))? * 1e6;
+            println!(
+                "{{\"gpu\": {:?}, \"policy\": {artifact:?}, \"prefix\": {n}, \"cluster\": {cluster}, \"last_step\": {last:?}, \"us\": {us:.2}}}",
+                gpu.name
+            );
+        }
     }
     Ok(())
 }
@@ -1218,6 +1244,7 @@ fn main() {
     let opt = |name: &str, d: usize| {
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(d)
     };
+    let flag = |name: &str| args.iter().any(|a| a == name);
     let gpu = match Gpu::new() {
         Ok(g) => g,
         Err(e) => {
@@ -1227,13 +1254,11 @@ fn main() {
     };
     eprintln!("GPU: {} (compute capability {}.{})", gpu.name, gpu.cc.0, gpu.cc.1);
     let res = match args.first().map(String::as_str) {
-        Some("check") | None => {
-            check(&gpu, args.iter().any(|a| a == "--small")).and_then(|ok| Ok(check_w4a8(&gpu)? && ok)).map(|ok| {
-                if !ok {
-                    std::process::exit(1)
-                }
-            })
-        }
+        Some("check") | None => check(&gpu, flag("--small")).and_then(|ok| Ok(check_w4a8(&gpu)? && ok)).map(|ok| {
+            if !ok {
+                std::process::exit(1)
+            }
+        }),
         Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
         Some("w4a8") => bench_w4a8(&gpu, opt("--iters", 50), opt("--shapes", 4)),
         Some("check-w4a8") => check_w4a8(&gpu).map(|ok| {
@@ -1247,7 +1272,7 @@ fn main() {
         Some("vla") => bench_vla(&gpu, opt("--layers", 32), opt("--iters", 10)),
         Some("policy") if args.len() >= 3 => {
             let states: Vec<String> = args[2..].iter().take_while(|a| !a.starts_with("--")).cloned().collect();
-            bench_policy(&gpu, &args[1], &states, opt("--iters", 500), args.iter().any(|a| a == "--profile"))
+            bench_policy(&gpu, &args[1], &states, opt("--iters", 500), flag("--profile"), flag("--prefixes"))
         }
         Some(other) => {
             Err(format!("unknown mode `{other}`: check, gemv, explore, vla or policy ARTIFACT STATES.npy").into())

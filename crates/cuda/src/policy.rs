@@ -201,7 +201,8 @@ struct Persist {
     /// The host's control word in host memory: the last sequence number given (read by the
     /// program for big observations) or STOP.
     ctl: Mapped<u32>,
-    ptrs: CudaSlice<u64>,
+    /// The program's pointers (`fused::Fused::slots`), its first parameter by value.
+    ptrs: Vec<u64>,
     bar: CudaSlice<u64>,
     /// Blocks when the barrier is the grid barrier (at most as many as the multiprocessors hold
     /// at once).
@@ -420,7 +421,7 @@ impl GpuPolicy {
                         obs: Mapped::new(gpu, l.in_len)?,
                         act: Mapped::new(gpu, l.out_len)?,
                         ctl,
-                        ptrs: stream.clone_htod(&ptrs).map_err(err)?,
+                        ptrs,
                         bar: stream.alloc_zeros::<u64>(2).map_err(err)?,
                         grid: f.max_blocks.min((sms.max(1) * per_sm) as usize) as u32,
                         cluster_grid: (gpu.cc.0 >= 9).then(|| f.max_blocks.min(MAX_CLUSTER) as u32),
@@ -556,49 +557,55 @@ impl GpuPolicy {
         p.obs.slice_mut().fill(0);
         p.act.slice_mut().fill(0);
         p.seq = 0;
-        let (pp, ctl, obs, act, bar) =
-            (p.ptrs.device_ptr(&self.stream).0, p.ctl.dev, p.obs.dev, p.act.dev, p.bar.device_ptr(&self.stream).0);
+        let (ctl, obs, act, bar) = (p.ctl.dev, p.obs.dev, p.act.dev, p.bar.device_ptr(&self.stream).0);
         let cluster = p.cluster as u32;
+        let f = p.f.cu_function();
+        // SAFETY: all-zero is a valid launch attribute; its id and value are set below.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
         if p.cluster {
             p.cluster_grid.ok_or("no cluster form on this device")?;
-            let g = blocks;
-            let f = p.f.cu_function();
             // SAFETY: a plain attribute of this function (clusters over 8 blocks are allowed on
             // Hopper as non-portable sizes).
             unsafe {
                 sys::cuFuncSetAttribute(
                     f,
                     sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-                    (g > 8) as i32,
+                    (blocks > 8) as i32,
                 )
                 .result()
                 .map_err(err)?
             };
-            // SAFETY: all-zero is a valid launch attribute; its id and value are set below.
-            let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
             attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
-            attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: g, y: 1, z: 1 };
-            use crate::gpu::param;
-            let mut params = [param(&pp), param(&ctl), param(&obs), param(&act), param(&bar), param(&cluster)];
-            let block = crate::fused::STEP_BLOCK as u32;
-            // SAFETY: the program's six parameters, in order, of the types it declares; one
-            // cluster of `g` blocks is scheduled whole, so every block is resident.
-            unsafe { crate::gpu::launch_ex(&self.stream, f, (g, block, 0), &mut [attr], &mut params) }
-                .map_err(|e| crate::Error::Device(format!("persistent program (one cluster of {g} blocks): {e:?}")))?;
+            attr.value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x: blocks, y: 1, z: 1 };
         } else {
-            let mut l = self.stream.launch_builder(&p.f);
-            l.arg(&pp).arg(&ctl).arg(&obs).arg(&act).arg(&bar).arg(&cluster);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (crate::fused::STEP_BLOCK as u32, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the program takes (pointer array, control word, observation, action,
-            // barrier, 0), all live allocations of the sizes it was generated for; a cooperative
-            // launch makes every block resident, which its grid barrier needs.
-            unsafe { l.launch_cooperative(cfg) }
-                .map_err(|e| crate::Error::Device(format!("persistent program ({blocks} blocks): {e:?}")))?;
+            attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+            attr.value.cooperative = 1;
         }
+        use crate::gpu::param;
+        // The pointers' struct: its bytes are the vector's (the launch copies them).
+        let mut params = [
+            p.ptrs.as_ptr() as *mut std::ffi::c_void,
+            param(&ctl),
+            param(&obs),
+            param(&act),
+            param(&bar),
+            param(&cluster),
+        ];
+        let form = if p.cluster { "one cluster of" } else { "a cooperative grid of" };
+        // SAFETY: the program's six parameters, in order, of the types it declares (the first a
+        // struct of `ptrs.len()` words, every one a live allocation of the size the program was
+        // generated for); one cluster is scheduled whole and a cooperative launch makes every
+        // block resident, which the program's barrier needs.
+        unsafe {
+            crate::gpu::launch_ex(
+                &self.stream,
+                f,
+                (blocks, crate::fused::STEP_BLOCK as u32, 0),
+                &mut [attr],
+                &mut params,
+            )
+        }
+        .map_err(|e| crate::Error::Device(format!("persistent program ({form} {blocks} blocks): {e:?}")))?;
         p.stop.running.store(true, Release);
         let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
         held.push(Held { dev: self.dev, policy: self.id, share, stop: p.stop.clone() });
