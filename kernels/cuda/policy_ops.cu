@@ -179,6 +179,18 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
     return (q - z) * s;
 }
 
+// A layer's output value v at index i, and with `lv` its int8 level too (sqil_level with the next
+// int4 layer's quantizer, as sqil_levels would compute it from y[i]): the layer's levels epilogue,
+// which saves that layer a sqil_levels step.
+__device__ __forceinline__ void sqil_put(float *__restrict__ y, long i, float v, float *__restrict__ lv, float ls,
+                                         float lz, float llo, float lhi)
+{
+    y[i] = v;
+    if (lv) {
+        lv[i] = sqil_level(v, ls, lz, llo, lhi);
+    }
+}
+
 // The interpreter's Relu (`x < 0 ? 0 : x`: NaN and -0 pass) when `relu` is set: a float layer's
 // epilogue where a Relu reads nothing else (the lowering folds it).
 __device__ __forceinline__ float sqil_relu_if(float v, int relu)
@@ -199,7 +211,8 @@ __device__ __forceinline__ float sqil_relu_if(float v, int relu)
 #define SQIL_F32W_AHEAD 4
 SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
                                             const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
-                                            int n, float qs, float qz, float qlo, float qhi, int relu)
+                                            int n, float qs, float qz, float qlo, float qhi, int relu,
+                                            float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
 {
     const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
     const int lane = SQIL_TX % 32;
@@ -243,7 +256,7 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
         }
     }
     if (lane == 0) {
-        y[(long)r * n + c] = sqil_relu_if(bias ? __fadd_rn(s, bv) : s, relu);
+        sqil_put(y, (long)r * n + c, sqil_relu_if(bias ? __fadd_rn(s, bv) : s, relu), lvout, ls, lz, llo, lhi);
     }
 }
 
@@ -342,18 +355,6 @@ SQIL_KERNEL void sqil_levels(SQIL_VARGS const float *__restrict__ x, float *__re
     }
 }
 
-// A layer's output value v at index i, and with `lv` its int8 level too (sqil_level with the next
-// int4 layer's quantizer, as sqil_levels would compute it from y[i]): the layer's levels epilogue,
-// which saves that layer a sqil_levels step.
-__device__ __forceinline__ void sqil_put(float *__restrict__ y, long i, float v, float *__restrict__ lv, float ls,
-                                         float lz, float llo, float lhi)
-{
-    y[i] = v;
-    if (lv) {
-        lv[i] = sqil_level(v, ls, lz, llo, lhi);
-    }
-}
-
 // Signed int8 weight (c, kk) of an int4 layer: rows of k bytes per output channel, four to a word
 // (k4 words per row).
 // Weight kk of a row from its word (four signed bytes, kk % 4 the byte).
@@ -442,7 +443,8 @@ __device__ __forceinline__ float sqil_q4_epilogue_v(float acc, float xscale, int
 SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const float *__restrict__ scales,
                                        const float *__restrict__ bias, const float *__restrict__ x,
                                        float *__restrict__ y, int rows, int n, int k, int group, int groups,
-                                       float xscale, int relu, float qs, float qz, float qlo, float qhi)
+                                       float xscale, int relu, float qs, float qz, float qlo, float qhi,
+                                       float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
 {
     const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
     const int lane = SQIL_TX % 32;
@@ -507,7 +509,8 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
     }
     nan = __any_sync(0xffffffffu, nan);
     if (lane == 0) {
-        y[(long)r * n + c] = sqil_q4_epilogue_v(acc, xscale, bias != nullptr, bv, relu, nan);
+        sqil_put(y, (long)r * n + c, sqil_q4_epilogue_v(acc, xscale, bias != nullptr, bv, relu, nan), lvout, ls, lz,
+                 llo, lhi);
     }
 }
 

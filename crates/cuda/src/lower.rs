@@ -602,21 +602,30 @@ impl<'a> Lowerer<'a> {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
                         args.extend([0.0f32; 4].map(KArg::F32));
+                        args.extend(no_levels_out());
                         self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
                     }
                 } else {
-                    // The input quantized as it is read (one launch fewer): one warp per output,
-                    // or for a few outputs over long rows a block per output, its warps on the
-                    // groups (`sqil_q4_int_groups`).
-                    let mut args = vec![wq, scales, bias, KArg::Buf(xb), KArg::Buf(yb)];
+                    // The input's levels where the layer that just wrote it can write them too
+                    // (its levels epilogue: no quantizer's division per term here, scale 0 says
+                    // x holds levels; the tile takes the zero and range to place them in bytes),
+                    // else the input quantized as it is read (one launch fewer). One warp per
+                    // output, or for a few outputs over long rows a block per output, its warps
+                    // on the groups (`sqil_q4_int_groups`).
+                    let (xin, qs) = match self.levels_from_last(xb, xlen, scale, &q) {
+                        Some(lb) => (lb, 0.0),
+                        None => (xb, scale),
+                    };
+                    let mut args = vec![wq, scales, bias, KArg::Buf(xin), KArg::Buf(yb)];
                     args.extend(dims);
-                    args.extend([KArg::F32(scale), KArg::I32(relu as i32), KArg::F32(scale)]);
+                    args.extend([KArg::F32(scale), KArg::I32(relu as i32), KArg::F32(qs)]);
                     args.extend(q);
                     if w.groups() >= GROUPS_LONG && rows * w.n <= OUTPUTS_FEW {
                         self.steps.push(kernel("sqil_q4_int_groups", rows * w.n * 256, args));
                     } else if tile_takes(rows, w) {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
+                        args.extend(no_levels_out());
                         self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
                     }
                 }
@@ -726,6 +735,9 @@ fn binary_code(b: BinaryOp) -> i32 {
     }
 }
 
+/// Where `sqil_linear_f32w` and `sqil_linear_f32w_tile` take their Relu flag.
+const F32W_RELU: usize = 11;
+
 /// A layer's levels epilogue, off: (levels buffer, scale, zero, lo, hi) for `sqil_put`
 /// (`Lowerer::levels_from_last` sets them).
 fn no_levels_out() -> [KArg<HostArr>; 5] {
@@ -767,15 +779,15 @@ impl<'a> Lowerer<'a> {
 
     /// The levels of buffer `xb` (`xlen` values) with the quantizer (`scale`, zero, lo, hi) from
     /// the last step, where that step is a layer with a levels epilogue (`sqil_conv2d_f32`,
-    /// `sqil_q4_conv_int` unsplit, `sqil_q4_conv_finish`) that wrote `xb` and no levels yet: it now
+    /// `sqil_q4_conv_int` unsplit, `sqil_q4_conv_finish`, `sqil_linear_f32w`, `sqil_q4_int`) that
+    /// wrote `xb` and no levels yet: it now
     /// writes them beside the values (the same `sqil_level` of each value `sqil_levels` would
     /// compute), into a fresh buffer, returned.
     fn levels_from_last(&mut self, xb: usize, xlen: usize, scale: f32, q: &[KArg<HostArr>; 3]) -> Option<usize> {
         let LStep::Kernel { name, args, .. } = self.steps.last()?;
         let y_at = match name.as_str() {
-            "sqil_conv2d_f32" => 4,
-            "sqil_q4_conv_int" => 4,
-            "sqil_q4_conv_finish" => 3,
+            "sqil_conv2d_f32" | "sqil_q4_conv_int" | "sqil_q4_int" => 4,
+            "sqil_q4_conv_finish" | "sqil_linear_f32w" => 3,
             _ => return None,
         };
         // A split convolution's first step writes group products, not the values.
@@ -804,17 +816,18 @@ impl<'a> Lowerer<'a> {
         let b = self.slot_buf[x];
         let env: &'a [Option<Tensor>] = self.env;
         let Some(LStep::Kernel { name, args, .. }) = self.steps.last_mut() else { return false };
+        // Both kernels take the Relu flag at 11; sqil_linear_f32w's levels epilogue follows it,
+        // and a layer writing levels already writes them of what it computes now.
         if !matches!(name.as_str(), "sqil_linear_f32w" | "sqil_linear_f32w_tile")
             || !matches!(args.get(3), Some(KArg::Buf(o)) if *o == b)
-            || !matches!(args.last(), Some(KArg::I32(0)))
+            || !matches!(args.get(F32W_RELU), Some(KArg::I32(0)))
+            || matches!(args.get(F32W_RELU + 1), Some(KArg::Buf(_)))
         {
             return false;
         }
         match bias {
             None => {
-                if let Some(KArg::I32(relu)) = args.last_mut() {
-                    *relu = 1;
-                }
+                args[F32W_RELU] = KArg::I32(1);
                 true
             }
             Some(c) => {
@@ -1158,6 +1171,7 @@ impl<'a> Lowerer<'a> {
                     let blocks = rows.div_ceil(16) * nn.div_ceil(32);
                     self.steps.push(kernel("sqil_linear_f32w_tile", blocks * 256, args));
                 } else {
+                    args.extend(no_levels_out());
                     self.steps.push(kernel("sqil_linear_f32w", n * 32, args));
                 }
             }

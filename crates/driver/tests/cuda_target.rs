@@ -309,8 +309,10 @@ fn int_layers_over_tokens_lower_to_tiles() {
 /// A float first layer reads the observation itself (no copy step before it), and its bias Add (a
 /// MatMul's, as Keras exports) and Relu are its epilogue: the pybullet MLPs (MatMul, Add, Relu)
 /// and the Gemm ones (Gemm, Relu) lower to the float layer, behind their observation chain where
-/// they have one (humanoid's), and one integer kernel per int4 layer, which quantizes the values
-/// as it reads them (no generated step between them). `gpu_policy.rs` checks the bits on a GPU.
+/// they have one (humanoid's), and one integer kernel per int4 layer (no generated step between
+/// them); each layer but the last writes the next one's input levels beside its values (its
+/// levels epilogue), which the next reads (scale 0: levels, no quantizer per term).
+/// `gpu_policy.rs` checks the bits on a GPU.
 #[test]
 fn a_float_layers_input_bias_and_relu_need_no_steps_of_their_own() {
     use sqil_cuda::lower::KArg;
@@ -322,10 +324,26 @@ fn a_float_layers_input_bias_and_relu_need_no_steps_of_their_own() {
         assert!(first <= 1 && names[..first].iter().all(|k| k.starts_with("sqil_ew_")), "{name}: {names:?}");
         assert_eq!(&names[first + 1..], ["sqil_q4_int", "sqil_q4_int"], "{name}: {names:?}");
         let sqil_cuda::lower::LStep::Kernel { args, .. } = &l.steps[first];
-        assert!(matches!(args.last(), Some(KArg::I32(1))), "{name}: the Relu flag");
+        assert!(matches!(args[11], KArg::I32(1)), "{name}: the Relu flag");
         assert!(matches!(args[2], KArg::Arr(_)), "{name}: the bias");
         if first == 0 {
             assert!(matches!(args[0], KArg::In(0)), "{name}: reads the observation");
+        }
+        // (layer, where it writes its levels): the float layer's at 12, sqil_q4_int's at 16; each
+        // int layer reads (at 3) what the layer before wrote there, with scale 0 (at 12).
+        let mut levels = match args[12] {
+            KArg::Buf(b) => b,
+            _ => panic!("{name}: the float layer writes no levels"),
+        };
+        for (j, st) in l.steps[first + 1..].iter().enumerate() {
+            let sqil_cuda::lower::LStep::Kernel { args, .. } = st;
+            assert!(matches!(args[3], KArg::Buf(b) if b == levels), "{name}: int layer {j} reads the levels");
+            assert!(matches!(args[12], KArg::F32(s) if s == 0.0), "{name}: int layer {j} quantizes again");
+            match (j, &args[16]) {
+                (0, KArg::Buf(b)) => levels = *b,
+                (1, KArg::Null) => {}
+                (_, a) => panic!("{name}: int layer {j} levels out {a:?}"),
+            }
         }
         eprintln!("{name}: {names:?}");
     }
