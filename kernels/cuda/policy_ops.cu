@@ -127,18 +127,40 @@ SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, flo
     }
     const float *xr = x + (long)r * dim;
     const double n = (double)dim;
+    // Each partial sum's terms sixteen at a time: the sixteen loads first, then the adds in order
+    // (a plain loop waited on each term's load in turn).
     double s = 0.0;
     if (lane < 4) {
-        for (int j = lane; j < dim; j += 4) {
-            s = __dadd_rn(s, (double)xr[j]);
+        for (int j0 = lane; j0 < dim; j0 += 64) {
+            float t[16];
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                t[i] = j0 + 4 * i < dim ? xr[j0 + 4 * i] : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                if (j0 + 4 * i < dim) {
+                    s = __dadd_rn(s, (double)t[i]);
+                }
+            }
         }
     }
     const double mean = __ddiv_rn(sqil_sum4(s), n);
     double v = 0.0;
     if (lane < 4) {
-        for (int j = lane; j < dim; j += 4) {
-            const double d = __dsub_rn((double)xr[j], mean);
-            v = __dadd_rn(v, __dmul_rn(d, d));
+        for (int j0 = lane; j0 < dim; j0 += 64) {
+            float t[16];
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                t[i] = j0 + 4 * i < dim ? xr[j0 + 4 * i] : 0.0f;
+            }
+#pragma unroll
+            for (int i = 0; i < 16; i++) {
+                if (j0 + 4 * i < dim) {
+                    const double d = __dsub_rn((double)t[i], mean);
+                    v = __dadd_rn(v, __dmul_rn(d, d));
+                }
+            }
         }
     }
     const double var = __ddiv_rn(sqil_sum4(v), n);
@@ -202,33 +224,29 @@ __device__ __forceinline__ float sqil_relu_if(float v, int relu)
 // Relu when `relu` is set), x read
 // through the deferred activation quantizer fq (s = 0: none): the policy GEMM's arithmetic (one
 // fused multiply-add chain over k from +0, then the bias added), the CPU's bits. One warp per
-// output: the lanes load 32 consecutive terms at a time (coalesced, four batches ahead, so a
-// batch's loads are in flight while three others are summed), and every lane runs the same chain
-// over them through shuffles, a batch's 64 shuffles unrolled ahead of its 32 dependent fmas (a
-// spatial softmax's keypoint MatMul has thousands of terms and a handful of outputs: the chain's
-// latency is the cost). Terms past k are skipped, not added as zeros (fma(0, 0, -0) is +0), and
-// batches past k not shuffled (a 15-input first layer has one partial batch).
+// `opw` outputs (1 or 2: outputs opw * warp and the next, in one row: the host passes 2 only for
+// one row or an even n), their chains interleaved over the same shuffled inputs: the lanes load
+// 32 consecutive terms at a time (coalesced, four batches ahead, so a batch's loads are in flight
+// while three others are summed; the quantizer is applied when a batch is taken up, so its
+// division does not hold the next batch's loads back), and every lane runs the same chains over
+// them through shuffles (a spatial softmax's keypoint MatMul has thousands of terms and a handful
+// of outputs: the chain's latency is the cost). Terms past k are skipped, not added as zeros
+// (fma(0, 0, -0) is +0), and batches past k not shuffled (a 15-input first layer has one partial
+// batch).
 #define SQIL_F32W_AHEAD 4
-SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
-                                            const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
-                                            int n, float qs, float qz, float qlo, float qhi, int relu,
-                                            float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
+// The chains of output c (and, with TWO, c1) of row xr: their sums s0 (s1).
+template <bool TWO>
+__device__ __forceinline__ void sqil_f32w_chains(const float *__restrict__ xr, const float *__restrict__ w, int k, int n,
+                                                 int c, int c1, int lane, float qs, float qz, float qlo, float qhi,
+                                                 float &s0, float &s1)
 {
-    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
-    const int lane = SQIL_TX % 32;
-    if (o >= (long)rows * n) {
-        return; // the whole warp
-    }
-    const int r = (int)(o / n), c = (int)(o % n);
-    const float *xr = x + (long)r * k;
-    const float bv = bias && lane == 0 ? bias[c] : 0.0f; // loaded before the chain, used after it
-    float s = 0.0f;
-    float xv[SQIL_F32W_AHEAD], wv[SQIL_F32W_AHEAD];
+    float xv[SQIL_F32W_AHEAD], wv0[SQIL_F32W_AHEAD], wv1[SQIL_F32W_AHEAD];
 #pragma unroll
     for (int d = 0; d < SQIL_F32W_AHEAD; d++) {
         const int t = 32 * d + lane;
-        xv[d] = t < k ? sqil_fq(xr[t], qs, qz, qlo, qhi) : 0.0f;
-        wv[d] = t < k ? w[(long)t * n + c] : 0.0f;
+        xv[d] = t < k ? xr[t] : 0.0f;
+        wv0[d] = t < k ? w[(long)t * n + c] : 0.0f;
+        wv1[d] = TWO && t < k ? w[(long)t * n + c1] : 0.0f;
     }
     for (int t0 = 0; t0 < k; t0 += 32 * SQIL_F32W_AHEAD) {
 #pragma unroll
@@ -237,26 +255,65 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
             if (tb >= k) {
                 break; // the same for the whole warp
             }
-            const float xn = tn < k ? sqil_fq(xr[tn], qs, qz, qlo, qhi) : 0.0f;
-            const float wn = tn < k ? w[(long)tn * n + c] : 0.0f;
+            const float xn = tn < k ? xr[tn] : 0.0f;
+            const float wn0 = tn < k ? w[(long)tn * n + c] : 0.0f;
+            const float wn1 = TWO && tn < k ? w[(long)tn * n + c1] : 0.0f;
+            const float xq = tb + lane < k ? sqil_fq(xv[d], qs, qz, qlo, qhi) : 0.0f;
             const int cnt = k - tb;
             if (cnt >= 32) {
 #pragma unroll
                 for (int j = 0; j < 32; j++) {
-                    s = __fmaf_rn(__shfl_sync(0xffffffffu, xv[d], j), __shfl_sync(0xffffffffu, wv[d], j), s);
+                    const float xj = __shfl_sync(0xffffffffu, xq, j);
+                    s0 = __fmaf_rn(xj, __shfl_sync(0xffffffffu, wv0[d], j), s0);
+                    if (TWO) {
+                        s1 = __fmaf_rn(xj, __shfl_sync(0xffffffffu, wv1[d], j), s1);
+                    }
                 }
             } else {
                 // The last, partial batch (a short first layer's only one): its terms only.
                 for (int j = 0; j < cnt; j++) {
-                    s = __fmaf_rn(__shfl_sync(0xffffffffu, xv[d], j), __shfl_sync(0xffffffffu, wv[d], j), s);
+                    const float xj = __shfl_sync(0xffffffffu, xq, j);
+                    s0 = __fmaf_rn(xj, __shfl_sync(0xffffffffu, wv0[d], j), s0);
+                    if (TWO) {
+                        s1 = __fmaf_rn(xj, __shfl_sync(0xffffffffu, wv1[d], j), s1);
+                    }
                 }
             }
             xv[d] = xn;
-            wv[d] = wn;
+            wv0[d] = wn0;
+            wv1[d] = wn1;
         }
     }
+}
+
+SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
+                                            const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
+                                            int n, float qs, float qz, float qlo, float qhi, int relu, int opw,
+                                            float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
+{
+    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32 * opw;
+    const int lane = SQIL_TX % 32;
+    if (o >= (long)rows * n) {
+        return; // the whole warp
+    }
+    const int r = (int)(o / n), c = (int)(o % n);
+    const bool two = opw == 2 && c + 1 < n; // the same for the whole warp
+    const int c1 = two ? c + 1 : c;
+    const float *xr = x + (long)r * k;
+    // The biases are loaded before the chains and used after them.
+    const float bv0 = bias && lane == 0 ? bias[c] : 0.0f, bv1 = two && bias && lane == 0 ? bias[c1] : 0.0f;
+    float s0 = 0.0f, s1 = 0.0f;
+    if (two) {
+        sqil_f32w_chains<true>(xr, w, k, n, c, c1, lane, qs, qz, qlo, qhi, s0, s1);
+    } else {
+        sqil_f32w_chains<false>(xr, w, k, n, c, c1, lane, qs, qz, qlo, qhi, s0, s1);
+    }
     if (lane == 0) {
-        sqil_put(y, (long)r * n + c, sqil_relu_if(bias ? __fadd_rn(s, bv) : s, relu), lvout, ls, lz, llo, lhi);
+        sqil_put(y, (long)r * n + c, sqil_relu_if(bias ? __fadd_rn(s0, bv0) : s0, relu), lvout, ls, lz, llo, lhi);
+        if (two) {
+            sqil_put(y, (long)r * n + c1, sqil_relu_if(bias ? __fadd_rn(s1, bv1) : s1, relu), lvout, ls, lz, llo,
+                     lhi);
+        }
     }
 }
 
@@ -431,32 +488,50 @@ __device__ __forceinline__ float sqil_q4_epilogue_v(float acc, float xscale, int
     return nan ? __int_as_float(0x7fc00000) : out;
 }
 
-// An int4 linear map on integer activations over `rows` rows, y [rows, n], the input quantized as
-// it is read (sqil_level: the CPU's int8 quantizer with scale qs, zero qz, range [qlo, qhi]; qs = 0:
-// x holds the levels already, from sqil_levels),
-// the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
-// acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
-// makes every output NaN. One warp per output. With at least 32 groups each lane sums whole
-// groups (lane j groups j, j + 32, ...) and the lanes' products are added in group order through
-// shuffles; with fewer that divide 32, each group gets 32 / groups lanes; otherwise the lanes split
-// each group's terms in turn (integer sums: any order is exact).
-SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const float *__restrict__ scales,
-                                       const float *__restrict__ bias, const float *__restrict__ x,
-                                       float *__restrict__ y, int rows, int n, int k, int group, int groups,
-                                       float xscale, int relu, float qs, float qz, float qlo, float qhi,
-                                       float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
+// sqil_q4_span for two output channels c0 and c1 of the same row (c1 only where `two`): each
+// term's input is loaded once for both.
+__device__ __forceinline__ void sqil_q4_span2(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
+                                              int c0, int c1, bool two, int from, int end, int step, float qs,
+                                              float qz, float qlo, float qhi, int *nan, int *s0, int *s1)
 {
-    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32;
-    const int lane = SQIL_TX % 32;
-    if (o >= (long)rows * n) {
-        return; // the whole warp
+    int a = 0, b = 0;
+    for (int kk0 = from; kk0 < end; kk0 += 8 * step) {
+        float v[8];
+        unsigned w0[8], w1[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int kk = kk0 + i * step;
+            v[i] = kk < end ? xr[kk] : 0.0f;
+            w0[i] = kk < end ? wq[(long)c0 * k4 + kk / 4] : 0u;
+            w1[i] = two && kk < end ? wq[(long)c1 * k4 + kk / 4] : 0u;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int kk = kk0 + i * step;
+            if (kk < end) {
+                const float l = sqil_level_or(v[i], qs, qz, qlo, qhi);
+                if (l != l) {
+                    *nan = 1;
+                } else {
+                    a += sqil_w8_of(w0[i], kk) * (int)l;
+                    b += sqil_w8_of(w1[i], kk) * (int)l;
+                }
+            }
+        }
     }
-    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
-    const float *xr = x + (long)r * k;
-    // The bias and (below) the scales are loaded before the sums, not after them.
-    const float bv = bias && lane == 0 ? bias[c] : 0.0f;
+    *s0 = a;
+    *s1 = b;
+}
+
+// sqil_q4_int's sum over groups of output channel c (every lane returns it), for the forms other
+// than lanes-per-group: with at least 32 groups each lane sums whole groups, else the lanes split
+// each group's terms in turn.
+__device__ __forceinline__ float sqil_q4_int_acc(const float *__restrict__ xr, const unsigned *__restrict__ wq,
+                                                 const float *__restrict__ scales, int k4, int c, int k, int group,
+                                                 int groups, int lane, float qs, float qz, float qlo, float qhi,
+                                                 int *nan)
+{
     float acc = 0.0f;
-    int nan = 0;
     if (groups >= 32) {
         for (int g0 = 0; g0 < groups; g0 += 32) {
             const int g = g0 + lane;
@@ -464,30 +539,13 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
             if (g < groups) {
                 const float sc = scales[(long)c * groups + g];
                 const int end = (g + 1) * group < k ? (g + 1) * group : k;
-                const int s = sqil_q4_span(xr, wq, k4, c, g * group, end, 1, qs, qz, qlo, qhi, &nan);
+                const int s = sqil_q4_span(xr, wq, k4, c, g * group, end, 1, qs, qz, qlo, qhi, nan);
                 p = __fmul_rn((float)s, sc);
             }
             const int cnt = groups - g0 < 32 ? groups - g0 : 32;
             for (int j = 0; j < cnt; j++) {
                 acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j));
             }
-        }
-    } else if (32 % groups == 0) {
-        // 32 / groups lanes per group, all groups at once: each segment sums its group's terms
-        // and reduces within itself; the products are then added in group order.
-        // The lane's terms through sqil_q4_span: their loads are issued before any is quantized
-        // (in a plain loop the division's slow-path call kept each load behind the previous
-        // term's arithmetic: one round trip to L2 per term).
-        const int lpg = 32 / groups, g = lane / lpg, sub = lane % lpg;
-        const int end = (g + 1) * group < k ? (g + 1) * group : k;
-        const float sc = scales[(long)c * groups + g];
-        int s = sqil_q4_span(xr, wq, k4, c, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan);
-        for (int d = lpg / 2; d > 0; d /= 2) {
-            s += __shfl_xor_sync(0xffffffffu, s, d);
-        }
-        const float p = __fmul_rn((float)s, sc);
-        for (int j = 0; j < groups; j++) {
-            acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j * lpg));
         }
     } else {
         for (int g = 0; g < groups; g++) {
@@ -496,7 +554,7 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
             for (int kk = g * group + lane; kk < end; kk += 32) {
                 const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
                 if (v != v) {
-                    nan = 1;
+                    *nan = 1;
                 } else {
                     s += sqil_w8(wq, k4, c, kk) * (int)v;
                 }
@@ -507,10 +565,86 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
             acc = __fadd_rn(acc, __fmul_rn((float)s, scales[(long)c * groups + g]));
         }
     }
+    return acc;
+}
+
+// An int4 linear map on integer activations over `rows` rows, y [rows, n], the input quantized as
+// it is read (sqil_level: the CPU's int8 quantizer with scale qs, zero qz, range [qlo, qhi]; qs = 0:
+// x holds the levels already, from sqil_levels),
+// the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
+// acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
+// makes every output NaN. One warp per `opw` outputs (1 or 2: outputs opw * warp and the next, in
+// one row: the host passes 2 only for one row or an even n; the lanes-per-group form sums both at
+// once over the same loaded levels, the others one after the other). With at least 32 groups each
+// lane sums whole groups (lane j groups j, j + 32, ...) and the lanes' products are added in group
+// order through shuffles; with fewer that divide 32, each group gets 32 / groups lanes; otherwise
+// the lanes split each group's terms in turn (integer sums: any order is exact).
+SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const float *__restrict__ scales,
+                                       const float *__restrict__ bias, const float *__restrict__ x,
+                                       float *__restrict__ y, int rows, int n, int k, int group, int groups,
+                                       float xscale, int relu, float qs, float qz, float qlo, float qhi, int opw,
+                                       float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
+{
+    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32 * opw;
+    const int lane = SQIL_TX % 32;
+    if (o >= (long)rows * n) {
+        return; // the whole warp
+    }
+    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
+    const bool two = opw == 2 && c + 1 < n; // the same for the whole warp
+    const int c1 = two ? c + 1 : c;
+    const float *xr = x + (long)r * k;
+    // The biases and (below) the scales are loaded before the sums, not after them.
+    const float bv0 = bias && lane == 0 ? bias[c] : 0.0f, bv1 = two && bias && lane == 0 ? bias[c1] : 0.0f;
+    float acc0 = 0.0f, acc1 = 0.0f;
+    int nan = 0;
+    if (groups < 32 && 32 % groups == 0) {
+        // 32 / groups lanes per group, all groups at once: each segment sums its group's terms
+        // and reduces within itself; the products are then added in group order.
+        // The lane's terms through sqil_q4_span2: their loads are issued before any is quantized
+        // (in a plain loop the division's slow-path call kept each load behind the previous
+        // term's arithmetic: one round trip to L2 per term).
+        const int lpg = 32 / groups, g = lane / lpg, sub = lane % lpg;
+        const int end = (g + 1) * group < k ? (g + 1) * group : k;
+        if (two) {
+            const float sc0 = scales[(long)c * groups + g], sc1 = scales[(long)c1 * groups + g];
+            int s0, s1;
+            sqil_q4_span2(xr, wq, k4, c, c1, true, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan, &s0, &s1);
+            for (int d = lpg / 2; d > 0; d /= 2) {
+                s0 += __shfl_xor_sync(0xffffffffu, s0, d);
+                s1 += __shfl_xor_sync(0xffffffffu, s1, d);
+            }
+            const float p0 = __fmul_rn((float)s0, sc0), p1 = __fmul_rn((float)s1, sc1);
+            for (int j = 0; j < groups; j++) {
+                acc0 = __fadd_rn(acc0, __shfl_sync(0xffffffffu, p0, j * lpg));
+                acc1 = __fadd_rn(acc1, __shfl_sync(0xffffffffu, p1, j * lpg));
+            }
+        } else {
+            // One output: the same without the second's loads and shuffles.
+            const float sc = scales[(long)c * groups + g];
+            int s0 = sqil_q4_span(xr, wq, k4, c, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan);
+            for (int d = lpg / 2; d > 0; d /= 2) {
+                s0 += __shfl_xor_sync(0xffffffffu, s0, d);
+            }
+            const float p0 = __fmul_rn((float)s0, sc);
+            for (int j = 0; j < groups; j++) {
+                acc0 = __fadd_rn(acc0, __shfl_sync(0xffffffffu, p0, j * lpg));
+            }
+        }
+    } else {
+        acc0 = sqil_q4_int_acc(xr, wq, scales, k4, c, k, group, groups, lane, qs, qz, qlo, qhi, &nan);
+        if (two) {
+            acc1 = sqil_q4_int_acc(xr, wq, scales, k4, c1, k, group, groups, lane, qs, qz, qlo, qhi, &nan);
+        }
+    }
     nan = __any_sync(0xffffffffu, nan);
     if (lane == 0) {
-        sqil_put(y, (long)r * n + c, sqil_q4_epilogue_v(acc, xscale, bias != nullptr, bv, relu, nan), lvout, ls, lz,
-                 llo, lhi);
+        sqil_put(y, (long)r * n + c, sqil_q4_epilogue_v(acc0, xscale, bias != nullptr, bv0, relu, nan), lvout, ls,
+                 lz, llo, lhi);
+        if (two) {
+            sqil_put(y, (long)r * n + c1, sqil_q4_epilogue_v(acc1, xscale, bias != nullptr, bv1, relu, nan), lvout,
+                     ls, lz, llo, lhi);
+        }
     }
 }
 

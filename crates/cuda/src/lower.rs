@@ -602,8 +602,10 @@ impl<'a> Lowerer<'a> {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
                         args.extend([0.0f32; 4].map(KArg::F32));
+                        let opw = pair_outputs(rows, w.n, w.groups());
+                        args.push(int(opw));
                         args.extend(no_levels_out());
-                        self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
+                        self.steps.push(kernel("sqil_q4_int", (rows * w.n).div_ceil(opw) * 32, args));
                     }
                 } else {
                     // The input's levels where the layer that just wrote it can write them too
@@ -625,8 +627,10 @@ impl<'a> Lowerer<'a> {
                     } else if tile_takes(rows, w) {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
+                        let opw = pair_outputs(rows, w.n, w.groups());
+                        args.push(int(opw));
                         args.extend(no_levels_out());
-                        self.steps.push(kernel("sqil_q4_int", rows * w.n * 32, args));
+                        self.steps.push(kernel("sqil_q4_int", (rows * w.n).div_ceil(opw) * 32, args));
                     }
                 }
             }
@@ -735,6 +739,22 @@ fn binary_code(b: BinaryOp) -> i32 {
     }
 }
 
+/// Outputs per warp of `sqil_linear_f32w` / `sqil_q4_int` (`groups`: the int layer's, 1 for a
+/// float layer): 2 where that brings a layer of 17 to 32 blocks of 256 threads down to 16 or fewer
+/// (a persistent program of a small policy then fits one thread-block cluster of 16, whose
+/// hardware barrier costs a third of the grid barrier), the two outputs' sums interleaved over the
+/// same loaded inputs (the int kernel's lanes-per-group form, groups dividing 32; its other forms
+/// would sum them one after the other), and in one row (one row, or an even row length).
+fn pair_outputs(rows: usize, n: usize, groups: usize) -> usize {
+    let warps = rows * n;
+    let form = groups < 32 && 32 % groups.max(1) == 0;
+    if form && (rows == 1 || n.is_multiple_of(2)) && warps > 16 * 8 && warps.div_ceil(2) <= 16 * 8 {
+        2
+    } else {
+        1
+    }
+}
+
 /// Where `sqil_linear_f32w` and `sqil_linear_f32w_tile` take their Relu flag.
 const F32W_RELU: usize = 11;
 
@@ -816,12 +836,12 @@ impl<'a> Lowerer<'a> {
         let b = self.slot_buf[x];
         let env: &'a [Option<Tensor>] = self.env;
         let Some(LStep::Kernel { name, args, .. }) = self.steps.last_mut() else { return false };
-        // Both kernels take the Relu flag at 11; sqil_linear_f32w's levels epilogue follows it,
-        // and a layer writing levels already writes them of what it computes now.
+        // Both kernels take the Relu flag at 11; sqil_linear_f32w's levels epilogue ends its
+        // arguments, and a layer writing levels already writes them of what it computes now.
         if !matches!(name.as_str(), "sqil_linear_f32w" | "sqil_linear_f32w_tile")
             || !matches!(args.get(3), Some(KArg::Buf(o)) if *o == b)
             || !matches!(args.get(F32W_RELU), Some(KArg::I32(0)))
-            || matches!(args.get(F32W_RELU + 1), Some(KArg::Buf(_)))
+            || (name == "sqil_linear_f32w" && matches!(args.get(args.len() - 5), Some(KArg::Buf(_))))
         {
             return false;
         }
@@ -1171,8 +1191,10 @@ impl<'a> Lowerer<'a> {
                     let blocks = rows.div_ceil(16) * nn.div_ceil(32);
                     self.steps.push(kernel("sqil_linear_f32w_tile", blocks * 256, args));
                 } else {
+                    let opw = pair_outputs(rows, nn, 1);
+                    args.push(int(opw));
                     args.extend(no_levels_out());
-                    self.steps.push(kernel("sqil_linear_f32w", n * 32, args));
+                    self.steps.push(kernel("sqil_linear_f32w", n.div_ceil(opw) * 32, args));
                 }
             }
             Op::Conv(c) => {

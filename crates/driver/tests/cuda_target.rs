@@ -329,9 +329,9 @@ fn a_float_layers_input_bias_and_relu_need_no_steps_of_their_own() {
         if first == 0 {
             assert!(matches!(args[0], KArg::In(0)), "{name}: reads the observation");
         }
-        // (layer, where it writes its levels): the float layer's at 12, sqil_q4_int's at 16; each
-        // int layer reads (at 3) what the layer before wrote there, with scale 0 (at 12).
-        let mut levels = match args[12] {
+        // Where a layer writes its levels: its last five arguments (buffer, quantizer); each int
+        // layer reads (at 3) what the layer before wrote there, with scale 0 (at 12).
+        let mut levels = match args[args.len() - 5] {
             KArg::Buf(b) => b,
             _ => panic!("{name}: the float layer writes no levels"),
         };
@@ -339,7 +339,7 @@ fn a_float_layers_input_bias_and_relu_need_no_steps_of_their_own() {
             let sqil_cuda::lower::LStep::Kernel { args, .. } = st;
             assert!(matches!(args[3], KArg::Buf(b) if b == levels), "{name}: int layer {j} reads the levels");
             assert!(matches!(args[12], KArg::F32(s) if s == 0.0), "{name}: int layer {j} quantizes again");
-            match (j, &args[16]) {
+            match (j, &args[args.len() - 5]) {
                 (0, KArg::Buf(b)) => levels = *b,
                 (1, KArg::Null) => {}
                 (_, a) => panic!("{name}: int layer {j} levels out {a:?}"),

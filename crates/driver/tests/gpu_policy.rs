@@ -246,6 +246,60 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
     }
 }
 
+/// Two outputs per warp (`sqil_linear_f32w` and `sqil_q4_int` over 129 to 256 outputs, so a small
+/// policy's program fits one cluster of 16 blocks): a one-row MLP 37 -> 256 (ReLU, the float first
+/// layer: pairs) -> 201 (Tanh: pairs, the last warp's second output past the row) -> 3 (one output
+/// per warp), a NaN in one state: the CPU's bits on every path at W4A8, within GPU_TOL at W4A16.
+#[test]
+fn paired_outputs_match_the_cpu() {
+    let _one = one_at_a_time();
+    let mut r = sqil_ir::testing::Rng::new(17);
+    use sqil_ir::ops::UnaryOp;
+    let dims = [(37, 256, Some(UnaryOp::Relu)), (256, 201, Some(UnaryOp::Tanh)), (201, 3, None)];
+    let g = common::dense_stack(&mut r, "paired", vec![common::batch(), sqil_ir::Dim::Known(37)], &dims);
+    let feeds = x_feeds(&mut r, vec![64, 37]);
+    let mut policies = vec![];
+    for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=float,group=32"] {
+        let p = rtn(&g, settings, &feeds);
+        // The routing (checked without a GPU too): per step (kernel, threads), the first two
+        // layers on 128 and 101 warps at W4A8 (the weight-only layers keep a warp per output).
+        let l = sqil_cuda::lower::lower(&p).unwrap();
+        let shape: Vec<(String, usize)> = l
+            .steps
+            .iter()
+            .map(|sqil_cuda::lower::LStep::Kernel { name, threads, .. }| (name.clone(), *threads))
+            .collect();
+        if settings.contains("abits=8") {
+            assert!(shape.iter().any(|(k, t)| k == "sqil_linear_f32w" && *t == 128 * 32), "{settings}: {shape:?}");
+            assert!(shape.iter().any(|(k, t)| k == "sqil_q4_int" && *t == 101 * 32), "{settings}: {shape:?}");
+        }
+        policies.push((settings, p));
+    }
+    let Some(gpu) = common::gpu_or_skip("two outputs per warp") else { return };
+    for (settings, p) in policies {
+        let mut states: Vec<Vec<f32>> = (0..6).map(|_| (0..37).map(|_| r.unit() * 2.0).collect()).collect();
+        states[4][9] = f32::NAN;
+        let cpu: Vec<Vec<f32>> = states
+            .iter()
+            .map(|x| {
+                let t = sqil_ir::Tensor::from_f32(vec![1, 37], x.clone()).unwrap();
+                p.run(&[t]).unwrap().remove(0).data.to_f32_vec()
+            })
+            .collect();
+        let mut gp = GpuPolicy::new(&gpu, &p).unwrap_or_else(|e| panic!("{settings}: {e}"));
+        let got = on_every_path(&gpu, &mut gp, &states, settings);
+        if settings.contains("abits=8") {
+            assert_eq!(bits(&got), bits(&cpu), "{settings}");
+        } else {
+            // Float activations: within GPU_TOL of the CPU; the NaN state NaN throughout.
+            assert!(got[4].iter().all(|v| v.is_nan()) && cpu[4].iter().all(|v| v.is_nan()), "{settings}");
+            let rel = rel_from_cpu(&[&got[..4], &got[5..]].concat(), &[&cpu[..4], &cpu[5..]].concat(), settings);
+            assert!(rel <= GPU_TOL, "{settings}: {rel} from the CPU");
+        }
+        eprintln!("{settings}: {} states match the CPU on every path, grid {:?}", states.len(), gp.persistent_grid());
+    }
+}
+
 /// Int4 layers over many rows (`sqil_q4_int_tile`: 19 tokens of a token-wise MLP, see
 /// `common::tokens`): short last groups, outputs not a multiple of the tile's, the wide layer on
 /// its levels, signed (Tanh) and unsigned (ReLU) inputs, groups of 32 and 64, a NaN in one token

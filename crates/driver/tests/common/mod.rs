@@ -209,11 +209,17 @@ pub fn conv1d(r: &mut Rng, c: usize, len: usize) -> Graph {
 /// the float first layer the int4 layers read 50 terms (a short last group), 40 (a short last
 /// group, outputs not a multiple of 32) and 520 (the wide layer, its levels computed once).
 pub fn tokens(r: &mut Rng, t: usize) -> Graph {
-    let mut g = Graph::new("tokens");
-    let mut h = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(t), Dim::Known(12)]));
     let dims =
         [(12, 50, Some(UnaryOp::Tanh)), (50, 40, Some(UnaryOp::Relu)), (40, 520, Some(UnaryOp::Tanh)), (520, 64, None)];
-    for (i, (k, n, act)) in dims.into_iter().enumerate() {
+    dense_stack(r, "tokens", vec![batch(), Dim::Known(t), Dim::Known(12)], &dims)
+}
+
+/// A stack of dense layers (MatMul, bias Add, then the activation where given) from input `x` of
+/// `shape` (its last axis the first layer's k), as `(k, n, activation)` per layer.
+pub fn dense_stack(r: &mut Rng, name: &str, shape: Vec<Dim>, dims: &[(usize, usize, Option<UnaryOp>)]) -> Graph {
+    let mut g = Graph::new(name);
+    let mut h = g.add_input("x", ValueType::new(DType::F32, shape));
+    for (i, &(k, n, act)) in dims.iter().enumerate() {
         let w = g.add_const(format!("w{i}"), r.tensor(vec![k, n], 1.0 / (k as f32).sqrt()));
         let b = g.add_const(format!("b{i}"), r.tensor(vec![n], 0.2));
         h = g.add_inferred(format!("mm{i}"), Op::MatMul, &[Some(h), Some(w)], format!("m{i}")).unwrap();
