@@ -247,6 +247,7 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
     }
     let out_len = out_lens.iter().sum();
     let in_len = in_lens.iter().sum();
+    unpair_unless_cluster(&mut l.steps);
     Ok(Lowered {
         bufs: l.bufs,
         steps: l.steps,
@@ -742,7 +743,8 @@ fn binary_code(b: BinaryOp) -> i32 {
 /// Outputs per warp of `sqil_linear_f32w` / `sqil_q4_int` (`groups`: the int layer's, 1 for a
 /// float layer): 2 where that brings a layer of 17 to 32 blocks of 256 threads down to 16 or fewer
 /// (a persistent program of a small policy then fits one thread-block cluster of 16, whose
-/// hardware barrier costs a third of the grid barrier), the two outputs' sums interleaved over the
+/// hardware barrier costs a third of the grid barrier; `unpair_unless_cluster` undoes it where
+/// another step needs more blocks anyway), the two outputs' sums interleaved over the
 /// same loaded inputs (the int kernel's lanes-per-group form, groups dividing 32; its other forms
 /// would sum them one after the other), and in one row (one row, or an even row length).
 fn pair_outputs(rows: usize, n: usize, groups: usize) -> usize {
@@ -752,6 +754,33 @@ fn pair_outputs(rows: usize, n: usize, groups: usize) -> usize {
         2
     } else {
         1
+    }
+}
+
+/// Two outputs per warp pay only where they let the policy's persistent program fit one cluster:
+/// where some step needs more than 16 blocks of 256 threads all the same, the paired layers go
+/// back to a warp per output (their opw argument, just before their levels epilogue's five, and
+/// their thread count).
+fn unpair_unless_cluster(steps: &mut [HStep]) {
+    let blocks = |s: &HStep| match s {
+        LStep::Kernel { threads, .. } => threads.div_ceil(256),
+    };
+    if steps.iter().map(blocks).max().unwrap_or(0) <= 16 {
+        return;
+    }
+    for LStep::Kernel { name, args, threads } in steps.iter_mut() {
+        // (rows, n) positions: sqil_linear_f32w (x, w, bias, y, rows, k, n, ...), sqil_q4_int
+        // (wq, scales, bias, x, y, rows, n, ...).
+        let (r_at, n_at) = match name.as_str() {
+            "sqil_linear_f32w" => (4, 6),
+            "sqil_q4_int" => (5, 6),
+            _ => continue,
+        };
+        let opw_at = args.len() - 6;
+        if let (KArg::I32(2), KArg::I32(rows), KArg::I32(n)) = (&args[opw_at], &args[r_at], &args[n_at]) {
+            *threads = *rows as usize * *n as usize * 32;
+            args[opw_at] = KArg::I32(1);
+        }
     }
 }
 

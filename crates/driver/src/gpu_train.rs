@@ -47,8 +47,12 @@ impl GpuEngine {
         GpuEngine::on(Arc::new(gpu), tg, batch)
     }
 
-    /// [`GpuEngine::new`] on a GPU already opened (shared with the forward passes).
+    /// [`GpuEngine::new`] on a GPU already opened (shared with the forward passes). A policy of
+    /// this process running its persistent program on the device is stopped first (it takes its
+    /// graph from its next action): the training's uploads, and later its frees, which
+    /// synchronize the device, would otherwise wait behind the program.
     pub fn on(gpu: Arc<Gpu>, tg: &TrainGraph, batch: usize) -> Result<GpuEngine> {
+        sqil_cuda::policy::stop_programs(&gpu).map_err(dev_err)?;
         let mut e = GpuEngine { gpu, programs: HashMap::new(), resident: None, dirty: false };
         e.program(tg, batch)?;
         Ok(e)

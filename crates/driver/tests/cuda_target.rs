@@ -348,3 +348,28 @@ fn a_float_layers_input_bias_and_relu_need_no_steps_of_their_own() {
         eprintln!("{name}: {names:?}");
     }
 }
+
+/// Two outputs per warp only where they let the persistent program fit one cluster of 16 blocks:
+/// the MLPs whose 256-output layers would take 32 blocks pair them (every step then at most 16
+/// blocks), the pick-place transformer, whose other steps take 96 blocks all the same, keeps a
+/// warp per output everywhere.
+#[test]
+fn outputs_pair_only_where_the_program_then_fits_a_cluster() {
+    use sqil_cuda::lower::{KArg, LStep};
+    let pairs = |l: &sqil_cuda::lower::Lowered| -> usize {
+        l.steps
+            .iter()
+            .filter(|LStep::Kernel { name, args, .. }| {
+                matches!(name.as_str(), "sqil_linear_f32w" | "sqil_q4_int")
+                    && matches!(args[args.len() - 6], KArg::I32(2))
+            })
+            .count()
+    };
+    for name in ["bc_hopper", "bc_lander", "humanoid_mlp"] {
+        let l = sqil_cuda::lower::lower(&quantized_float_first(name)).unwrap();
+        let most = l.steps.iter().map(|LStep::Kernel { threads, .. }| threads.div_ceil(256)).max().unwrap();
+        assert!(pairs(&l) >= 1 && most <= 16, "{name}: {} paired steps, {most} blocks", pairs(&l));
+    }
+    let l = sqil_cuda::lower::lower(&quantized_float_first("bc_pickplace_transformer")).unwrap();
+    assert_eq!(pairs(&l), 0, "the pick-place transformer");
+}

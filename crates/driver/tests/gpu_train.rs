@@ -389,3 +389,37 @@ fn hopper_run(batch: usize) -> (TrainGraph, sqil_train::trainer::Dataset, sqil_t
     };
     (tg0, data, cfg)
 }
+
+/// Training beside a policy serving from its persistent program in the same process: the
+/// engine stops the program before its uploads (the policy takes its graph from its next
+/// action), builds and drops its training programs, and the policy keeps its bits. A hang fails
+/// the test (a watchdog ends the process).
+#[test]
+fn training_beside_a_running_policy_program() {
+    let Some(gpu) = common::gpu_or_skip("training beside a policy's program") else { return };
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(std::time::Duration::from_secs(120))
+        {
+            eprintln!("training_beside_a_running_policy_program: no answer in 120 s");
+            std::process::exit(101);
+        }
+    });
+    use sqil_cuda::policy::{GpuPolicy, Mode};
+    let gpu = std::sync::Arc::new(gpu);
+    let (p, inputs) = common::testdata_rtn("hopper_mlp", "wbits=4,abits=8,group=32");
+    let state = common::input_row(&inputs, &p.input_sizes(), 0).concat();
+    let mut gp = GpuPolicy::new(&gpu, &p).unwrap();
+    gp.capture(&gpu).unwrap();
+    gp.set_mode(Mode::Persistent).unwrap();
+    let before = gp.act(&gpu, &state).unwrap();
+    let tg = train_graph("hopper_mlp", "wbits=4,abits=8,group=64", false);
+    let engine = sqil_driver::gpu_train::GpuEngine::on(gpu.clone(), &tg, 64).unwrap();
+    eprintln!("training engine beside the policy: {}", engine.mode());
+    drop(engine);
+    assert_eq!(gp.act(&gpu, &state).unwrap(), before, "the policy after the training engine");
+    assert_ne!(gp.mode(), Mode::Persistent, "the policy's program was stopped for the training");
+    gp.set_mode(Mode::Persistent).unwrap();
+    assert_eq!(gp.act(&gpu, &state).unwrap(), before, "the policy back on its program");
+    done.send(()).ok();
+}
