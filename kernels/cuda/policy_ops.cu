@@ -112,6 +112,15 @@ SQIL_KERNEL void sqil_softmax_rows(SQIL_VARGS const float *__restrict__ x, float
     }
 }
 
+// x[j0], x[j0 + 4], ..., x[j0 + 60] into t (0 past n): sixteen loads issued together.
+__device__ __forceinline__ void sqil_load16_by4(const float *__restrict__ x, int j0, int n, float *t)
+{
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        t[i] = j0 + 4 * i < n ? x[j0 + 4 * i] : 0.0f;
+    }
+}
+
 // LayerNormalization over rows of `dim` as the CPU defines it (layer_norm_rows), so the same
 // bits: in double, the mean and then the variance as four partial sums (term j into sum j % 4,
 // in order; of x, then of (x - mean)^2) added as (s0 + s1) + (s2 + s3) and divided by dim, r = 1 /
@@ -133,10 +142,7 @@ SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, flo
     if (lane < 4) {
         for (int j0 = lane; j0 < dim; j0 += 64) {
             float t[16];
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                t[i] = j0 + 4 * i < dim ? xr[j0 + 4 * i] : 0.0f;
-            }
+            sqil_load16_by4(xr, j0, dim, t);
 #pragma unroll
             for (int i = 0; i < 16; i++) {
                 if (j0 + 4 * i < dim) {
@@ -150,10 +156,7 @@ SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, flo
     if (lane < 4) {
         for (int j0 = lane; j0 < dim; j0 += 64) {
             float t[16];
-#pragma unroll
-            for (int i = 0; i < 16; i++) {
-                t[i] = j0 + 4 * i < dim ? xr[j0 + 4 * i] : 0.0f;
-            }
+            sqil_load16_by4(xr, j0, dim, t);
 #pragma unroll
             for (int i = 0; i < 16; i++) {
                 if (j0 + 4 * i < dim) {

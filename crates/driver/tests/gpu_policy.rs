@@ -341,14 +341,7 @@ fn int_layers_over_many_tokens_match_the_cpu() {
 fn several_policies_share_one_gpu() {
     let _one = one_at_a_time();
     let Some(gpu) = common::gpu_or_skip("several policies on one GPU") else { return };
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(std::time::Duration::from_secs(120))
-        {
-            eprintln!("several_policies_share_one_gpu: no answer in 120 s (a launch waits behind a program)");
-            std::process::exit(101);
-        }
-    });
+    let done = common::watchdog("several_policies_share_one_gpu", 120);
     let names = ["hopper_mlp", "cnn", "bc_pickplace_transformer"];
     let policies: Vec<(Policy, Vec<Vec<f32>>)> = names
         .iter()

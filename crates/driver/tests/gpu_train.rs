@@ -397,14 +397,7 @@ fn hopper_run(batch: usize) -> (TrainGraph, sqil_train::trainer::Dataset, sqil_t
 #[test]
 fn training_beside_a_running_policy_program() {
     let Some(gpu) = common::gpu_or_skip("training beside a policy's program") else { return };
-    let (done, wait) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(std::time::Duration::from_secs(120))
-        {
-            eprintln!("training_beside_a_running_policy_program: no answer in 120 s");
-            std::process::exit(101);
-        }
-    });
+    let done = common::watchdog("training_beside_a_running_policy_program", 120);
     use sqil_cuda::policy::{GpuPolicy, Mode};
     let gpu = std::sync::Arc::new(gpu);
     let (p, inputs) = common::testdata_rtn("hopper_mlp", "wbits=4,abits=8,group=32");

@@ -276,3 +276,18 @@ pub fn rtn(
     let (sim, _) = sqil_passes::quant::quantize(g, &cfg, sqil_passes::quant::Recipe::Rtn, feeds).unwrap();
     sqil_runtime::Policy::from_graph(&sim).unwrap()
 }
+
+/// A watchdog for a test that could hang (a launch waiting behind a running program): unless
+/// something is sent on the returned channel (or it is dropped) within `secs`, the process exits
+/// with a line naming `what`.
+pub fn watchdog(what: &'static str, secs: u64) -> std::sync::mpsc::Sender<()> {
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(std::time::Duration::from_secs(secs))
+        {
+            eprintln!("{what}: no answer in {secs} s (a launch waits behind a program)");
+            std::process::exit(101);
+        }
+    });
+    done
+}
