@@ -428,71 +428,8 @@ __device__ __forceinline__ int sqil_w8(const unsigned *__restrict__ wq, int k4, 
     return sqil_w8_of(wq[(long)c * k4 + kk / 4], kk);
 }
 
-// The exact integer sum over terms from, from + step, ... (< end) of weight x level for output
-// channel c, levels read through sqil_level_or (NaN sets nan and adds nothing). Eight terms'
-// inputs and weight words are loaded before any is used, so eight loads are in flight rather than
-// one per dependent step (a lane walking a group of a long row waited on each load in turn). Used
-// by sqil_q4_int's group-per-lane and lanes-per-group forms and sqil_q4_int_groups.
-__device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
-                                            int c, int from, int end, int step, float qs, float qz, float qlo,
-                                            float qhi, int *nan)
-{
-    int s = 0;
-    for (int kk0 = from; kk0 < end; kk0 += 8 * step) {
-        float v[8];
-        unsigned w[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const int kk = kk0 + i * step;
-            v[i] = kk < end ? xr[kk] : 0.0f;
-            w[i] = kk < end ? wq[(long)c * k4 + kk / 4] : 0u;
-        }
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const int kk = kk0 + i * step;
-            if (kk < end) {
-                const float l = sqil_level_or(v[i], qs, qz, qlo, qhi);
-                if (l != l) {
-                    *nan = 1;
-                } else {
-                    s += sqil_w8_of(w[i], kk) * (int)l;
-                }
-            }
-        }
-    }
-    return s;
-}
-
-// The runtime's epilogue after the group sums: acc * xscale, + bias, ReLU, NaN when any input was.
-__device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const float *__restrict__ bias, int c,
-                                                  int relu, int nan)
-{
-    float out = __fmul_rn(acc, xscale);
-    if (bias) {
-        out = __fadd_rn(out, bias[c]);
-    }
-    if (relu && out < 0.0f) {
-        out = 0.0f;
-    }
-    return nan ? __int_as_float(0x7fc00000) : out;
-}
-
-// sqil_q4_epilogue with the bias value loaded ahead (has_bias: whether there is one): a warp's
-// lane loads it before the sums, so its round trip to memory overlaps theirs.
-__device__ __forceinline__ float sqil_q4_epilogue_v(float acc, float xscale, int has_bias, float bv, int relu, int nan)
-{
-    float out = __fmul_rn(acc, xscale);
-    if (has_bias) {
-        out = __fadd_rn(out, bv);
-    }
-    if (relu && out < 0.0f) {
-        out = 0.0f;
-    }
-    return nan ? __int_as_float(0x7fc00000) : out;
-}
-
-// sqil_q4_span for two output channels c0 and c1 of the same row (c1 only where `two`): each
-// term's input is loaded once for both.
+// sqil_q4_span (below) for two output channels c0 and c1 of the same row (c1 only where `two`;
+// sqil_q4_span is this with `two` false): each term's input is loaded once for both.
 __device__ __forceinline__ void sqil_q4_span2(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
                                               int c0, int c1, bool two, int from, int end, int step, float qs,
                                               float qz, float qlo, float qhi, int *nan, int *s0, int *s1)
@@ -525,6 +462,49 @@ __device__ __forceinline__ void sqil_q4_span2(const float *__restrict__ xr, cons
     *s0 = a;
     *s1 = b;
 }
+
+// The exact integer sum over terms from, from + step, ... (< end) of weight x level for output
+// channel c, levels read through sqil_level_or (NaN sets nan and adds nothing). Eight terms'
+// inputs and weight words are loaded before any is used, so eight loads are in flight rather than
+// one per dependent step (a lane walking a group of a long row waited on each load in turn). Used
+// by sqil_q4_int's group-per-lane and lanes-per-group forms and sqil_q4_int_groups.
+__device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
+                                            int c, int from, int end, int step, float qs, float qz, float qlo,
+                                            float qhi, int *nan)
+{
+    int s, unused;
+    sqil_q4_span2(xr, wq, k4, c, c, false, from, end, step, qs, qz, qlo, qhi, nan, &s, &unused);
+    return s;
+}
+
+// The runtime's epilogue after the group sums: acc * xscale, + bias, ReLU, NaN when any input was.
+__device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const float *__restrict__ bias, int c,
+                                                  int relu, int nan)
+{
+    float out = __fmul_rn(acc, xscale);
+    if (bias) {
+        out = __fadd_rn(out, bias[c]);
+    }
+    if (relu && out < 0.0f) {
+        out = 0.0f;
+    }
+    return nan ? __int_as_float(0x7fc00000) : out;
+}
+
+// sqil_q4_epilogue with the bias value loaded ahead (has_bias: whether there is one): a warp's
+// lane loads it before the sums, so its round trip to memory overlaps theirs.
+__device__ __forceinline__ float sqil_q4_epilogue_v(float acc, float xscale, int has_bias, float bv, int relu, int nan)
+{
+    float out = __fmul_rn(acc, xscale);
+    if (has_bias) {
+        out = __fadd_rn(out, bv);
+    }
+    if (relu && out < 0.0f) {
+        out = 0.0f;
+    }
+    return nan ? __int_as_float(0x7fc00000) : out;
+}
+
 
 // sqil_q4_int's sum over groups of output channel c (every lane returns it), for the forms other
 // than lanes-per-group: with at least 32 groups each lane sums whole groups, else the lanes split
