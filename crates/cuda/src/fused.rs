@@ -39,7 +39,7 @@ pub const MAX_SLOTS: usize = 4000;
 /// The sequence number that stops the program.
 pub const STOP: u32 = u32::MAX;
 
-/// Where one of the program's pointers points (the program reads them from one device array,
+/// Where one of the program's pointers points (the program takes them as its first parameter,
 /// so its source, and the PTX cache entry, do not depend on where the buffers are).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Slot {

@@ -190,7 +190,7 @@ fn release(me: u64) {
     HELD_COUNT.fetch_sub(before - held.len(), AcqRel);
 }
 
-/// The persistent program on the device: its kernel, pointer array, barrier words, grid, and
+/// The persistent program on the device: its kernel, pointers, barrier words, grid, and
 /// whether it is running (with the last sequence number given).
 struct Persist {
     f: CudaFunction,
