@@ -11,8 +11,10 @@
 //!                                  # batch-1 GEMV variants (chunks in flight, L1 policy, rows per
 //!                                  # warp, block size) and cuBLAS, L2 flushed by memset and by reads
 //! sqil-cuda-bench vla [--layers L] # Llama-style decoder linears (hidden 4096, MLP 11008), batch 1
-//! sqil-cuda-bench policy ARTIFACT STATES.npy [STATES1.npy ...] [--iters N] [--profile]
-//!                                  # a compiled policy on the GPU (CUDA graph) vs the CPU runtime
+//! sqil-cuda-bench policy ARTIFACT STATES.npy [STATES1.npy ...] [--iters N] [--profile] [--prefixes]
+//!                                  # a compiled policy on the GPU (launches, CUDA graph, persistent
+//!                                  # program) vs the CPU runtime; --profile: per step; --prefixes:
+//!                                  # the program of the first n steps, per n (where its time goes)
 //! ```
 //! Without a driver or device it prints why and exits 0 (nothing to measure here).
 
