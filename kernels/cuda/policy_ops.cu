@@ -477,22 +477,9 @@ __device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const 
     return s;
 }
 
-// The runtime's epilogue after the group sums: acc * xscale, + bias, ReLU, NaN when any input was.
-__device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const float *__restrict__ bias, int c,
-                                                  int relu, int nan)
-{
-    float out = __fmul_rn(acc, xscale);
-    if (bias) {
-        out = __fadd_rn(out, bias[c]);
-    }
-    if (relu && out < 0.0f) {
-        out = 0.0f;
-    }
-    return nan ? __int_as_float(0x7fc00000) : out;
-}
-
-// sqil_q4_epilogue with the bias value loaded ahead (has_bias: whether there is one): a warp's
-// lane loads it before the sums, so its round trip to memory overlaps theirs.
+// The runtime's epilogue after the group sums: acc * xscale, + the bias value bv (where has_bias),
+// ReLU, NaN when any input was. A warp-per-output kernel loads bv before its sums, so that round
+// trip to memory overlaps theirs.
 __device__ __forceinline__ float sqil_q4_epilogue_v(float acc, float xscale, int has_bias, float bv, int relu, int nan)
 {
     float out = __fmul_rn(acc, xscale);
@@ -505,6 +492,12 @@ __device__ __forceinline__ float sqil_q4_epilogue_v(float acc, float xscale, int
     return nan ? __int_as_float(0x7fc00000) : out;
 }
 
+// sqil_q4_epilogue_v with output channel c's bias read from `bias` (null: none).
+__device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const float *__restrict__ bias, int c,
+                                                  int relu, int nan)
+{
+    return sqil_q4_epilogue_v(acc, xscale, bias != nullptr, bias ? bias[c] : 0.0f, relu, nan);
+}
 
 // sqil_q4_int's sum over groups of output channel c (every lane returns it), for the forms other
 // than lanes-per-group: with at least 32 groups each lane sums whole groups, else the lanes split
