@@ -247,7 +247,7 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
     }
     let out_len = out_lens.iter().sum();
     let in_len = in_lens.iter().sum();
-    unpair_unless_cluster(&mut l.steps);
+    pair_for_cluster(&mut l.steps);
     Ok(Lowered {
         bufs: l.bufs,
         steps: l.steps,
@@ -603,10 +603,7 @@ impl<'a> Lowerer<'a> {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
                         args.extend([0.0f32; 4].map(KArg::F32));
-                        let opw = pair_outputs(rows, w.n, w.groups());
-                        args.push(int(opw));
-                        args.extend(no_levels_out());
-                        self.steps.push(kernel("sqil_q4_int", (rows * w.n).div_ceil(opw) * 32, args));
+                        self.push_warp_layer("sqil_q4_int", args, rows * w.n);
                     }
                 } else {
                     // The input's levels where the layer that just wrote it can write them too
@@ -628,10 +625,7 @@ impl<'a> Lowerer<'a> {
                     } else if tile_takes(rows, w) {
                         self.steps.push(kernel("sqil_q4_int_tile", tile_threads(rows, w.n), args));
                     } else {
-                        let opw = pair_outputs(rows, w.n, w.groups());
-                        args.push(int(opw));
-                        args.extend(no_levels_out());
-                        self.steps.push(kernel("sqil_q4_int", (rows * w.n).div_ceil(opw) * 32, args));
+                        self.push_warp_layer("sqil_q4_int", args, rows * w.n);
                     }
                 }
             }
@@ -740,46 +734,54 @@ fn binary_code(b: BinaryOp) -> i32 {
     }
 }
 
-/// Outputs per warp of `sqil_linear_f32w` / `sqil_q4_int` (`groups`: the int layer's, 1 for a
-/// float layer): 2 where that brings a layer of 17 to 32 blocks of 256 threads down to 16 or fewer
-/// (a persistent program of a small policy then fits one thread-block cluster of 16, whose
-/// hardware barrier costs a third of the grid barrier; `unpair_unless_cluster` undoes it where
-/// another step needs more blocks anyway), the two outputs' sums interleaved over the
-/// same loaded inputs (the int kernel's lanes-per-group form, groups dividing 32; its other forms
-/// would sum them one after the other), and in one row (one row, or an even row length).
-fn pair_outputs(rows: usize, n: usize, groups: usize) -> usize {
-    let warps = rows * n;
-    let form = groups < 32 && 32 % groups.max(1) == 0;
-    if form && (rows == 1 || n.is_multiple_of(2)) && warps > 16 * 8 && warps.div_ceil(2) <= 16 * 8 {
-        2
-    } else {
-        1
-    }
+/// Arguments of a layer's levels epilogue (`no_levels_out`), the last of a kernel's that has one.
+const LEVELS_ARGS: usize = 5;
+
+/// Where `sqil_linear_f32w` and `sqil_q4_int` take their outputs per warp (`opw`): just before
+/// their levels epilogue.
+fn opw_at(args: &[KArg<HostArr>]) -> usize {
+    args.len() - LEVELS_ARGS - 1
 }
 
-/// Two outputs per warp pay only where they let the policy's persistent program fit one cluster:
-/// where some step needs more than 16 blocks of 256 threads all the same, the paired layers go
-/// back to a warp per output (their opw argument, just before their levels epilogue's five, and
-/// their thread count).
-fn unpair_unless_cluster(steps: &mut [HStep]) {
-    let blocks = |s: &HStep| match s {
-        LStep::Kernel { threads, .. } => threads.div_ceil(256),
-    };
-    if steps.iter().map(blocks).max().unwrap_or(0) <= 16 {
+/// Two outputs per warp for `sqil_linear_f32w` and `sqil_q4_int` layers of 129 to 256 outputs
+/// (17 to 32 blocks of 256 threads, then 16 or fewer), where that lets the policy's persistent
+/// program fit one thread-block cluster of 16 (whose hardware barrier costs a third of the grid
+/// barrier): every step then at most 16 blocks. Elsewhere (some step needs more blocks all the
+/// same) pairs only lengthen the chains (the pick-place transformer measured 2.6 us slower). The
+/// two outputs' sums are interleaved over the same loaded inputs (the int kernel's lanes-per-group
+/// form, groups dividing 32; its other forms would sum them one after the other), in one row (one
+/// row, or an even row length).
+fn pair_for_cluster(steps: &mut [HStep]) {
+    // Per step, its threads with pairs where it takes them.
+    let paired: Vec<Option<usize>> = steps
+        .iter()
+        .map(|LStep::Kernel { name, args, .. }| {
+            // (rows, n, groups): sqil_linear_f32w (x, w, bias, y, rows, k, n, ...), sqil_q4_int
+            // (wq, scales, bias, x, y, rows, n, k, group, groups, ...).
+            let at = |i: usize| match args[i] {
+                KArg::I32(v) => v as usize,
+                _ => 0,
+            };
+            let (rows, n, groups) = match name.as_str() {
+                "sqil_linear_f32w" => (at(4), at(6), 1),
+                "sqil_q4_int" => (at(5), at(6), at(9)),
+                _ => return None,
+            };
+            let warps = rows * n;
+            let form = groups < 32 && 32 % groups.max(1) == 0;
+            (form && (rows == 1 || n.is_multiple_of(2)) && warps > 16 * 8 && warps.div_ceil(2) <= 16 * 8)
+                .then(|| warps.div_ceil(2) * 32)
+        })
+        .collect();
+    let most = steps.iter().zip(&paired).map(|(LStep::Kernel { threads, .. }, p)| p.unwrap_or(*threads).div_ceil(256));
+    if most.max().unwrap_or(0) > 16 {
         return;
     }
-    for LStep::Kernel { name, args, threads } in steps.iter_mut() {
-        // (rows, n) positions: sqil_linear_f32w (x, w, bias, y, rows, k, n, ...), sqil_q4_int
-        // (wq, scales, bias, x, y, rows, n, ...).
-        let (r_at, n_at) = match name.as_str() {
-            "sqil_linear_f32w" => (4, 6),
-            "sqil_q4_int" => (5, 6),
-            _ => continue,
-        };
-        let opw_at = args.len() - 6;
-        if let (KArg::I32(2), KArg::I32(rows), KArg::I32(n)) = (&args[opw_at], &args[r_at], &args[n_at]) {
-            *threads = *rows as usize * *n as usize * 32;
-            args[opw_at] = KArg::I32(1);
+    for (LStep::Kernel { args, threads, .. }, p) in steps.iter_mut().zip(paired) {
+        if let Some(t) = p {
+            *threads = t;
+            let at = opw_at(args);
+            args[at] = KArg::I32(2);
         }
     }
 }
@@ -789,7 +791,7 @@ const F32W_RELU: usize = 11;
 
 /// A layer's levels epilogue, off: (levels buffer, scale, zero, lo, hi) for `sqil_put`
 /// (`Lowerer::levels_from_last` sets them).
-fn no_levels_out() -> [KArg<HostArr>; 5] {
+fn no_levels_out() -> [KArg<HostArr>; LEVELS_ARGS] {
     [KArg::Null, KArg::F32(0.0), KArg::F32(0.0), KArg::F32(0.0), KArg::F32(0.0)]
 }
 
@@ -826,6 +828,15 @@ impl<'a> Lowerer<'a> {
         inputs.get(j).copied().flatten().filter(|&s| self.is_const[s]).and_then(|s| env[s].as_ref())
     }
 
+    /// A warp-per-output layer (`sqil_linear_f32w`, `sqil_q4_int`) over `outputs` outputs: one
+    /// output per warp (`pair_for_cluster` may pair them once every step is known), no levels
+    /// epilogue (`levels_from_last` may set it).
+    fn push_warp_layer(&mut self, name: &str, mut args: Vec<KArg<HostArr>>, outputs: usize) {
+        args.push(int(1));
+        args.extend(no_levels_out());
+        self.steps.push(kernel(name, outputs * 32, args));
+    }
+
     /// The levels of buffer `xb` (`xlen` values) with the quantizer (`scale`, zero, lo, hi) from
     /// the last step, where that step is a layer with a levels epilogue (`sqil_conv2d_f32`,
     /// `sqil_q4_conv_int` unsplit, `sqil_q4_conv_finish`, `sqil_linear_f32w`, `sqil_q4_int`) that
@@ -841,7 +852,7 @@ impl<'a> Lowerer<'a> {
         };
         // A split convolution's first step writes group products, not the values.
         let split = name == "sqil_q4_conv_int" && !matches!(args.get(args.len() - 8), Some(KArg::I32(0)));
-        let lv_at = args.len().checked_sub(5)?;
+        let lv_at = args.len().checked_sub(LEVELS_ARGS)?;
         if split || !matches!(args.get(y_at), Some(KArg::Buf(b)) if *b == xb) || !matches!(args[lv_at], KArg::Null) {
             return None;
         }
@@ -870,7 +881,7 @@ impl<'a> Lowerer<'a> {
         if !matches!(name.as_str(), "sqil_linear_f32w" | "sqil_linear_f32w_tile")
             || !matches!(args.get(3), Some(KArg::Buf(o)) if *o == b)
             || !matches!(args.get(F32W_RELU), Some(KArg::I32(0)))
-            || (name == "sqil_linear_f32w" && matches!(args.get(args.len() - 5), Some(KArg::Buf(_))))
+            || (name == "sqil_linear_f32w" && matches!(args.get(args.len() - LEVELS_ARGS), Some(KArg::Buf(_))))
         {
             return false;
         }
@@ -1220,10 +1231,7 @@ impl<'a> Lowerer<'a> {
                     let blocks = rows.div_ceil(16) * nn.div_ceil(32);
                     self.steps.push(kernel("sqil_linear_f32w_tile", blocks * 256, args));
                 } else {
-                    let opw = pair_outputs(rows, nn, 1);
-                    args.push(int(opw));
-                    args.extend(no_levels_out());
-                    self.steps.push(kernel("sqil_linear_f32w", n.div_ceil(opw) * 32, args));
+                    self.push_warp_layer("sqil_linear_f32w", args, n);
                 }
             }
             Op::Conv(c) => {
