@@ -2,9 +2,8 @@
 //! ARTIFACT...` prints, per artifact, each step's kernel, threads and the plan step it comes from
 //! (which kernel each layer takes; `sqil-cuda-bench policy --profile` times them on a GPU).
 //! `--sources` prints the generated element-wise kernels too; `--program` prints instead the whole
-//! CUDA source of the policy's persistent program (to compile it offline, e.g. with NVRTC or nvcc,
-//! and read its PTX or SASS). Output closed early (`| head`): it
-//! stops quietly.
+//! CUDA source of the policy's persistent program (to compile it offline and read its PTX or SASS:
+//! `tools/sass.sh`). Output closed early (`| head`): it stops quietly.
 use std::io::Write;
 
 fn main() -> std::process::ExitCode {
