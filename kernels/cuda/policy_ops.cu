@@ -204,6 +204,14 @@ __device__ __forceinline__ float sqil_fq(float v, float s, float z, float lo, fl
     return (q - z) * s;
 }
 
+// The epilogue of a layer that applies nothing after its bias and Relu.
+struct sqil_epi_none {
+    __device__ static __forceinline__ float f(float v)
+    {
+        return v;
+    }
+};
+
 // A layer's output value v at index i, and with `lv` its int8 level too (sqil_level with the next
 // int4 layer's quantizer, as sqil_levels would compute it from y[i]): the layer's levels epilogue,
 // which saves that layer a sqil_levels step.
@@ -289,13 +297,19 @@ __device__ __forceinline__ void sqil_f32w_chains(const float *__restrict__ xr, c
     }
 }
 
-SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const float *__restrict__ w,
-                                            const float *__restrict__ bias, float *__restrict__ y, int rows, int k,
-                                            int n, float qs, float qz, float qlo, float qhi, int relu, int opw,
-                                            float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
+// The parameters of sqil_linear_f32w, and its body over an epilogue E (E::f of each output value
+// after the bias and Relu, before it is stored: a generated element-wise chain that reads only
+// this layer's output, `SQIL_F32W_EPI`; sqil_epi_none for the plain kernel).
+#define SQIL_F32W_PARAMS                                                                                            \
+    const float *__restrict__ x, const float *__restrict__ w, const float *__restrict__ bias, float *__restrict__ y,  \
+        int rows, int k, int n, float qs, float qz, float qlo, float qhi, int relu, int opw, float *__restrict__ lvout, \
+        float ls, float lz, float llo, float lhi
+#define SQIL_F32W_ARGS x, w, bias, y, rows, k, n, qs, qz, qlo, qhi, relu, opw, lvout, ls, lz, llo, lhi
+template <class E>
+__device__ __forceinline__ void sqil_linear_f32w_t(const unsigned bx, const unsigned tx, SQIL_F32W_PARAMS)
 {
-    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32 * opw;
-    const int lane = SQIL_TX % 32;
+    const long o = ((long)bx * SQIL_BDIM + tx) / 32 * opw;
+    const int lane = tx % 32;
     if (o >= (long)rows * n) {
         return; // the whole warp
     }
@@ -303,22 +317,37 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS const float *__restrict__ x, const 
     const bool two = opw == 2 && c + 1 < n; // the same for the whole warp
     const int c1 = two ? c + 1 : c;
     const float *xr = x + (long)r * k;
-    // The biases are loaded before the chains and used after them.
-    const float bv0 = bias && lane == 0 ? bias[c] : 0.0f, bv1 = two && bias && lane == 0 ? bias[c1] : 0.0f;
+    // Lane 0 stores output c, lane 1 output c1 (every lane holds both sums), through the same
+    // instructions, so an epilogue's arithmetic runs for both at once; their biases are loaded
+    // before the chains and used after them.
+    const int cl = lane == 0 ? c : c1;
+    const bool stores = lane == 0 || (two && lane == 1);
+    const float bv = bias && stores ? bias[cl] : 0.0f;
     float s0 = 0.0f, s1 = 0.0f;
     if (two) {
         sqil_f32w_chains<true>(xr, w, k, n, c, c1, lane, qs, qz, qlo, qhi, s0, s1);
     } else {
         sqil_f32w_chains<false>(xr, w, k, n, c, c1, lane, qs, qz, qlo, qhi, s0, s1);
     }
-    if (lane == 0) {
-        sqil_put(y, (long)r * n + c, sqil_relu_if(bias ? __fadd_rn(s0, bv0) : s0, relu), lvout, ls, lz, llo, lhi);
-        if (two) {
-            sqil_put(y, (long)r * n + c1, sqil_relu_if(bias ? __fadd_rn(s1, bv1) : s1, relu), lvout, ls, lz, llo,
-                     lhi);
-        }
+    if (stores) {
+        const float sl = lane == 0 ? s0 : s1;
+        sqil_put(y, (long)r * n + cl, E::f(sqil_relu_if(bias ? __fadd_rn(sl, bv) : sl, relu)), lvout, ls, lz, llo,
+                 lhi);
     }
 }
+
+SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS SQIL_F32W_PARAMS)
+{
+    sqil_linear_f32w_t<sqil_epi_none>(SQIL_BX, SQIL_TX, SQIL_F32W_ARGS);
+}
+
+// sqil_linear_f32w with the epilogue E, as kernel NAME (the lowering names it
+// sqil_linear_f32w__e<hash of E>).
+#define SQIL_F32W_EPI(NAME, E)                                                                                      \
+    SQIL_KERNEL void NAME(SQIL_VARGS SQIL_F32W_PARAMS)                                                              \
+    {                                                                                                               \
+        sqil_linear_f32w_t<E>(SQIL_BX, SQIL_TX, SQIL_F32W_ARGS);                                                    \
+    }
 
 // sqil_linear_f32w for many rows (a transformer's projections of its tokens): the same chain per
 // output (fma over k in order from +0, then the bias), one thread per output instead of a warp.
@@ -555,14 +584,19 @@ __device__ __forceinline__ float sqil_q4_int_acc(const float *__restrict__ xr, c
 // lane sums whole groups (lane j groups j, j + 32, ...) and the lanes' products are added in group
 // order through shuffles; with fewer that divide 32, each group gets 32 / groups lanes; otherwise
 // the lanes split each group's terms in turn (integer sums: any order is exact).
-SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const float *__restrict__ scales,
-                                       const float *__restrict__ bias, const float *__restrict__ x,
-                                       float *__restrict__ y, int rows, int n, int k, int group, int groups,
-                                       float xscale, int relu, float qs, float qz, float qlo, float qhi, int opw,
-                                       float *__restrict__ lvout, float ls, float lz, float llo, float lhi)
+// Its parameters, and its body over an epilogue E (as sqil_linear_f32w's: `SQIL_Q4_INT_EPI`).
+#define SQIL_Q4_INT_PARAMS                                                                                          \
+    const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,              \
+        const float *__restrict__ x, float *__restrict__ y, int rows, int n, int k, int group, int groups,          \
+        float xscale, int relu, float qs, float qz, float qlo, float qhi, int opw, float *__restrict__ lvout,       \
+        float ls, float lz, float llo, float lhi
+#define SQIL_Q4_INT_ARGS                                                                                            \
+    wq, scales, bias, x, y, rows, n, k, group, groups, xscale, relu, qs, qz, qlo, qhi, opw, lvout, ls, lz, llo, lhi
+template <class E>
+__device__ __forceinline__ void sqil_q4_int_t(const unsigned bx, const unsigned tx, SQIL_Q4_INT_PARAMS)
 {
-    const long o = ((long)SQIL_BX * SQIL_BDIM + SQIL_TX) / 32 * opw;
-    const int lane = SQIL_TX % 32;
+    const long o = ((long)bx * SQIL_BDIM + tx) / 32 * opw;
+    const int lane = tx % 32;
     if (o >= (long)rows * n) {
         return; // the whole warp
     }
@@ -570,8 +604,12 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
     const bool two = opw == 2 && c + 1 < n; // the same for the whole warp
     const int c1 = two ? c + 1 : c;
     const float *xr = x + (long)r * k;
-    // The biases and (below) the scales are loaded before the sums, not after them.
-    const float bv0 = bias && lane == 0 ? bias[c] : 0.0f, bv1 = two && bias && lane == 0 ? bias[c1] : 0.0f;
+    // Lane 0 stores output c, lane 1 output c1 (every lane holds both sums), through the same
+    // instructions (an epilogue's arithmetic for both at once). The biases and (below) the scales
+    // are loaded before the sums, not after them.
+    const int cl = lane == 0 ? c : c1;
+    const bool stores = lane == 0 || (two && lane == 1);
+    const float bv = bias && stores ? bias[cl] : 0.0f;
     float acc0 = 0.0f, acc1 = 0.0f;
     int nan = 0;
     if (groups < 32 && 32 % groups == 0) {
@@ -614,15 +652,24 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS const unsigned *__restrict__ wq, const f
         }
     }
     nan = __any_sync(0xffffffffu, nan);
-    if (lane == 0) {
-        sqil_put(y, (long)r * n + c, sqil_q4_epilogue_v(acc0, xscale, bias != nullptr, bv0, relu, nan), lvout, ls,
+    if (stores) {
+        const float al = lane == 0 ? acc0 : acc1;
+        sqil_put(y, (long)r * n + cl, E::f(sqil_q4_epilogue_v(al, xscale, bias != nullptr, bv, relu, nan)), lvout, ls,
                  lz, llo, lhi);
-        if (two) {
-            sqil_put(y, (long)r * n + c1, sqil_q4_epilogue_v(acc1, xscale, bias != nullptr, bv1, relu, nan), lvout,
-                     ls, lz, llo, lhi);
-        }
     }
 }
+
+SQIL_KERNEL void sqil_q4_int(SQIL_VARGS SQIL_Q4_INT_PARAMS)
+{
+    sqil_q4_int_t<sqil_epi_none>(SQIL_BX, SQIL_TX, SQIL_Q4_INT_ARGS);
+}
+
+// sqil_q4_int with the epilogue E, as kernel NAME (sqil_q4_int__e<hash of E>).
+#define SQIL_Q4_INT_EPI(NAME, E)                                                                                    \
+    SQIL_KERNEL void NAME(SQIL_VARGS SQIL_Q4_INT_PARAMS)                                                            \
+    {                                                                                                               \
+        sqil_q4_int_t<E>(SQIL_BX, SQIL_TX, SQIL_Q4_INT_ARGS);                                                       \
+    }
 
 // dp4a on unsigned bytes a and signed bytes b: c + the four products, exact in int32.
 __device__ __forceinline__ int sqil_dp4a_us(unsigned a, unsigned b, int c)

@@ -631,7 +631,8 @@ fn bench_policy(
         // handshake through host memory and the barrier that starts an action), in the chosen
         // form, per action. Its action is whatever the output buffer holds: timing only.
         let cluster = chosen_grid.is_some_and(|g| g.1);
-        let steps = gp.describe.len();
+        // Lowered steps (a plan step may lower to several, or to none of its own).
+        let steps = sqil_cuda::lower::lower(&policy)?.steps.len();
         drop(gp);
         for n in 0..=steps {
             let mut l = sqil_cuda::lower::lower(&policy)?;

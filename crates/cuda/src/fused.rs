@@ -68,7 +68,8 @@ pub struct Fused {
 /// Whether a persistent program can call `kernel`: a generated element-wise chain, or a kernel
 /// `policy_ops.cu` declares with `SQIL_VARGS` (every one of them: the list is read from the source).
 pub fn fusible(kernel: &str) -> bool {
-    kernel.starts_with("sqil_ew_") || crate::POLICY_OPS_CU.contains(&format!(" {kernel}(SQIL_VARGS"))
+    let base = crate::lower::base_kernel(kernel);
+    kernel.starts_with("sqil_ew_") || crate::POLICY_OPS_CU.contains(&format!(" {base}(SQIL_VARGS"))
 }
 
 /// Blocks of a step's launch (of [`STEP_BLOCK`] threads).
@@ -163,13 +164,30 @@ const READS_ONLY_INPUTS: &[&str] = &[
     "sqil_conv2d_f32",
 ];
 
+/// The buffers a step of one block may write when every block runs it in full (the same bits
+/// into the same buffers): generated element-wise chains (operands..., y, n), or (operands...,
+/// y, lv, n) where they write levels too (named `..._lv`); LayerNormalization rows (x, y, ...).
+/// None for any other kernel.
+fn everywhere_writes(name: &str, args: &[KArg<HostArr>]) -> Option<Vec<usize>> {
+    let at: Vec<usize> = if name.starts_with("sqil_ew_") {
+        let outs = if name.ends_with("_lv") { 2 } else { 1 };
+        (args.len().checked_sub(outs + 1)?..args.len() - 1).collect()
+    } else if name == "sqil_layernorm_rows" {
+        vec![1]
+    } else {
+        return None;
+    };
+    at.iter().map(|&k| if let Some(KArg::Buf(b)) = args.get(k) { Some(*b) } else { None }).collect()
+}
+
 /// Per step, where it runs and which barrier follows it:
 /// - a step of one block runs on block 0; after it a `__syncthreads` suffices when the next
 ///   step is one block too (or it is the last: block 0 reads the output);
-/// - a generated element-wise step of one block (its output buffer not among its inputs) between
-///   a step that is not one and a multi-block step of [`READS_ONLY_INPUTS`] that touches none of
-///   its input buffers runs on every block: the grid barrier before it stays (every block reads
-///   all of its input), the one after it goes;
+/// - a run of steps of one block each that [`everywhere_writes`] knows (none writing a buffer a
+///   step of the run reads) before a multi-block step of [`READS_ONLY_INPUTS`] that touches none
+///   of the run's input buffers runs on every block: the grid barrier before the run stays (every
+///   block reads all of its input), the ones inside it and after it go (a block reads only what
+///   it wrote itself, and what it writes next nobody still reads);
 /// - every other step is followed by the grid barrier.
 pub fn placement(l: &Lowered) -> Vec<Placed> {
     let blocks: Vec<usize> = l.steps.iter().map(step_blocks).collect();
@@ -177,26 +195,33 @@ pub fn placement(l: &Lowered) -> Vec<Placed> {
         args.iter().filter_map(|a| if let KArg::Buf(b) = a { Some(*b) } else { None }).collect()
     };
     let mut out = vec![Placed::default(); l.steps.len()];
-    for i in 0..l.steps.len() {
-        let LStep::Kernel { name, args, .. } = &l.steps[i];
-        let everywhere = (|| {
-            if !name.starts_with("sqil_ew_") || blocks[i] != 1 || (i > 0 && out[i - 1].everywhere) {
-                return false;
+    let mut i = 0;
+    while i < l.steps.len() {
+        // The longest run from step i, its input buffers (those of the run's steps' buffers that
+        // they do not write).
+        let (mut j, mut inputs) = (i, vec![]);
+        while j < l.steps.len() && blocks[j] == 1 {
+            let LStep::Kernel { name, args, .. } = &l.steps[j];
+            let Some(w) = everywhere_writes(name, args) else { break };
+            let r: Vec<usize> = bufs(args).into_iter().filter(|b| !w.contains(b)).collect();
+            if w.iter().any(|b| inputs.contains(b)) || bufs(args).len() != r.len() + w.len() {
+                break;
             }
-            // Generated chains take (operands..., y, n), or (operands..., y, lv, n) where they
-            // write levels too: then y is among what this counts as inputs, and the chain is not
-            // run on every block (a conservative answer).
-            let Some(KArg::Buf(y)) = args.len().checked_sub(2).map(|k| &args[k]) else { return false };
-            let inputs = bufs(&args[..args.len() - 2]);
-            if inputs.contains(y) {
-                return false;
-            }
-            let Some(LStep::Kernel { name: next, args: nargs, .. }) = l.steps.get(i + 1) else { return false };
-            blocks[i + 1] > 1
-                && READS_ONLY_INPUTS.contains(&next.as_str())
-                && !bufs(nargs).iter().any(|b| inputs.contains(b))
-        })();
-        out[i].everywhere = everywhere;
+            inputs.extend(r);
+            j += 1;
+        }
+        let next_ok = j > i
+            && l.steps.get(j).is_some_and(|LStep::Kernel { name, args, .. }| {
+                blocks[j] > 1
+                    && READS_ONLY_INPUTS.contains(&crate::lower::base_kernel(name))
+                    && !bufs(args).iter().any(|b| inputs.contains(b))
+            });
+        if next_ok {
+            out[i..j].iter_mut().for_each(|p| p.everywhere = true);
+            i = j + 1;
+        } else {
+            i += 1;
+        }
     }
     for i in 0..l.steps.len() {
         let next_everywhere = out.get(i + 1).is_some_and(|p| p.everywhere);

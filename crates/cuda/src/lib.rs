@@ -64,6 +64,17 @@ pub const SQIL_MATH_CUH: &str = include_str!("../../../kernels/cuda/sqil_math.cu
 pub fn full_source(src: &str) -> String {
     format!("{FP16_CUH}{src}")
 }
+
+/// The source a policy's generated kernel `name` (`lower::Lowered::sources`) compiles from on
+/// its own: a layer with a generated epilogue (`lower::base_kernel`) instantiates
+/// `policy_ops.cu`'s templates, so that file comes before it; a chain needs only the prelude.
+pub fn generated_source(name: &str, src: &str) -> String {
+    if lower::base_kernel(name) != name {
+        format!("{FP16_CUH}{POLICY_OPS_CU}{src}")
+    } else {
+        full_source(src)
+    }
+}
 pub const Q4_GEMV_CU: &str = include_str!("../../../kernels/cuda/q4_gemv.cu");
 pub const POLICY_OPS_CU: &str = include_str!("../../../kernels/cuda/policy_ops.cu");
 

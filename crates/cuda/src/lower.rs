@@ -194,6 +194,7 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
         what: String::new(),
         next_t: 0,
         sources: vec![],
+        next_read: 0,
     };
     let mut describe = vec![];
     let mut labels: Vec<String> = vec![];
@@ -244,6 +245,12 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
     };
     while labels.len() < l.steps.len() {
         labels.push(format!("{}: output", step_kernel(&l.steps[labels.len()])));
+    }
+    // A layer that took up a chain as its epilogue (`chain_into_last`) was renamed after its label.
+    for (label, st) in labels.iter_mut().zip(&l.steps) {
+        if let Some((_, what)) = label.split_once(": ") {
+            *label = format!("{}: {what}", step_kernel(st));
+        }
     }
     let out_len = out_lens.iter().sum();
     let in_len = in_lens.iter().sum();
@@ -301,6 +308,8 @@ struct Lowerer<'a> {
     sources: Vec<(String, String)>,
     /// Per slot, how many plan steps read it (one more for a policy output).
     reads: Vec<usize>,
+    /// The next number of a buffer read that a chain takes up (`Expr::reads`).
+    next_read: usize,
 }
 
 impl<'a> Lowerer<'a> {
@@ -379,6 +388,9 @@ impl<'a> Lowerer<'a> {
     /// [`Self::emit_expr`], and with `levels` (buffer, quantizer) the values' int8 levels into
     /// that buffer too: the kernel takes (operands..., y, lv, n).
     fn emit_expr_levels(&mut self, mut e: Expr, y: usize, n: usize, levels: Option<(usize, [f32; 4])>) {
+        if self.chain_into_last(&e, y, levels) {
+            return;
+        }
         e.levels = levels.map(|(_, q)| q);
         let (name, src) = e.render();
         if !self.sources.iter().any(|(k, _)| *k == name) {
@@ -409,7 +421,12 @@ impl<'a> Lowerer<'a> {
         }
         let a = match self.input_of(s).filter(|&i| !self.cast_done[i]) {
             Some(i) => EArg::In(self.in_offs[i]),
-            None => EArg::Buf(self.dyn_buf(s)?),
+            None => {
+                let b = self.dyn_buf(s)?;
+                e.reads.push((b, self.next_read));
+                self.next_read += 1;
+                EArg::Buf(b)
+            }
         };
         Ok(e.arg(a))
     }
@@ -495,11 +512,12 @@ impl<'a> Lowerer<'a> {
         // the channel vector: the same arithmetic, without a 32-position tile for one position.
         let conv = conv.filter(|im| !(im.table == [0] && im.run == im.channels && im.geo.input_len() == 1));
         let xlen = self.val(x)?.len();
-        // The input's levels once (a convolution's or a wide layer's): where the input is a
-        // deferred element-wise chain, that chain's kernel writes them beside the values.
+        // The input's levels once: where the input is a deferred element-wise chain, that
+        // chain's kernel writes them beside the values (no quantizer's division per term in the
+        // layer, which reads levels).
         let mut levels_of_chain = None;
         if let ActQuant::Int { scale, zero, lo, hi } = *act {
-            if (conv.is_some() || w.n >= WIDE) && matches!(self.pending.get(&x), Some(Pending::Expr(_))) {
+            if matches!(self.pending.get(&x), Some(Pending::Expr(_))) {
                 let Some(Pending::Expr(e)) = self.pending.remove(&x) else { unreachable!("checked above") };
                 let (xb, lb) = (self.out_buf(x)?, self.new_buf(xlen));
                 self.emit_expr_levels(e, xb, xlen, Some((lb, [scale, zero as f32, lo as f32, hi as f32])));
@@ -612,7 +630,7 @@ impl<'a> Lowerer<'a> {
                     // else the input quantized as it is read (one launch fewer). One warp per
                     // output, or for a few outputs over long rows a block per output, its warps
                     // on the groups (`sqil_q4_int_groups`).
-                    let (xin, qs) = match self.levels_from_last(xb, xlen, scale, &q) {
+                    let (xin, qs) = match levels_of_chain.or_else(|| self.levels_from_last(xb, xlen, scale, &q)) {
                         Some(lb) => (lb, 0.0),
                         None => (xb, scale),
                     };
@@ -762,7 +780,7 @@ fn pair_for_cluster(steps: &mut [HStep]) {
                 KArg::I32(v) => v as usize,
                 _ => 0,
             };
-            let (rows, n, groups) = match name.as_str() {
+            let (rows, n, groups) = match base_kernel(name) {
                 "sqil_linear_f32w" => (at(4), at(6), 1),
                 "sqil_q4_int" => (at(5), at(6), at(9)),
                 _ => return None,
@@ -837,6 +855,42 @@ impl<'a> Lowerer<'a> {
         self.steps.push(kernel(name, outputs * 32, args));
     }
 
+    /// Whether the chain `e` (writing `y`, and with `levels` their levels too) now runs as the
+    /// epilogue of the last step: a warp-per-output layer (`sqil_linear_f32w`, `sqil_q4_int`)
+    /// without one, that wrote the chain's one operand, which nothing else reads. That layer then
+    /// writes the chain's values into `y` (and their levels) and is named
+    /// `<layer>__e<hash>` (`SQIL_F32W_EPI`, `SQIL_Q4_INT_EPI`): one step and one round trip of the
+    /// values through L2 fewer, the same bits (the chain's arithmetic on the same f32 values).
+    fn chain_into_last(&mut self, e: &Expr, y: usize, levels: Option<(usize, [f32; 4])>) -> bool {
+        let Some((epi, src)) = e.render_epilogue() else { return false };
+        let [EArg::Buf(b)] = e.args[..] else { return false };
+        let Some(LStep::Kernel { name, args, .. }) = self.steps.last() else { return false };
+        let (y_at, mac) = match name.as_str() {
+            "sqil_linear_f32w" => (3, "SQIL_F32W_EPI"),
+            "sqil_q4_int" => (4, "SQIL_Q4_INT_EPI"),
+            _ => return false,
+        };
+        let lv_at = args.len() - LEVELS_ARGS;
+        // Every read of the slots held in b (a reshape aliases its input's buffer) is the chain's.
+        let reads: usize = (0..self.slot_buf.len()).filter(|&s| self.slot_buf[s] == b).map(|s| self.reads[s]).sum();
+        let taken = e.reads.iter().filter(|(x, _)| *x == b).count();
+        if !matches!(args[y_at], KArg::Buf(o) if o == b) || !matches!(args[lv_at], KArg::Null) || reads != taken {
+            return false;
+        }
+        let kname = format!("{name}__e{}", &epi["sqil_epi_".len()..]);
+        if !self.sources.iter().any(|(k, _)| *k == kname) {
+            self.sources.push((kname.clone(), format!("{src}{mac}({kname}, {epi})\n")));
+        }
+        let LStep::Kernel { name, args, .. } = self.steps.last_mut().expect("checked above");
+        *name = kname;
+        args[y_at] = KArg::Buf(y);
+        if let Some((lb, [scale, z, lo, hi])) = levels {
+            args[lv_at] = KArg::Buf(lb);
+            args[lv_at + 1..].clone_from_slice(&[scale, z, lo, hi].map(KArg::F32));
+        }
+        true
+    }
+
     /// The levels of buffer `xb` (`xlen` values) with the quantizer (`scale`, zero, lo, hi) from
     /// the last step, where that step is a layer with a levels epilogue (`sqil_conv2d_f32`,
     /// `sqil_q4_conv_int` unsplit, `sqil_q4_conv_finish`, `sqil_linear_f32w`, `sqil_q4_int`) that
@@ -845,7 +899,7 @@ impl<'a> Lowerer<'a> {
     /// compute), into a fresh buffer, returned.
     fn levels_from_last(&mut self, xb: usize, xlen: usize, scale: f32, q: &[KArg<HostArr>; 3]) -> Option<usize> {
         let LStep::Kernel { name, args, .. } = self.steps.last()?;
-        let y_at = match name.as_str() {
+        let y_at = match base_kernel(name) {
             "sqil_conv2d_f32" | "sqil_q4_conv_int" | "sqil_q4_int" => 4,
             "sqil_q4_conv_finish" | "sqil_linear_f32w" => 3,
             _ => return None,
@@ -1080,6 +1134,8 @@ impl<'a> Lowerer<'a> {
         // Input 0 of a float layer may stay a deferred activation quantizer: the kernel applies
         // it as it reads (not a convolution's: it reads each input once per tap and channel).
         let fused_in = matches!(op, Op::Gemm { .. }) || (matches!(op, Op::MatMul) && self.iconst(inputs, 1).is_some());
+        // Row-wise normalizations read input 0 once, where it is too.
+        let rows_in = matches!(op, Op::LayerNorm { .. } | Op::Softmax { .. });
         let mut quant = [0.0f32; 4];
         let mut xb: Vec<Option<usize>> = vec![None; inputs.len()];
         // A float layer reading the policy's input: from the device copy of the observation
@@ -1087,8 +1143,8 @@ impl<'a> Lowerer<'a> {
         let mut x_in: Option<usize> = None;
         for (j, s) in inputs.iter().enumerate() {
             let Some(s) = s.filter(|&s| !self.is_const[s]) else { continue };
-            if j == 0 && fused_in {
-                if let Some(Pending::Quant(x, _, q)) = self.pending.get(&s).cloned() {
+            if j == 0 && (fused_in || rows_in) {
+                if let Some(Pending::Quant(x, _, q)) = self.pending.get(&s).cloned().filter(|_| fused_in) {
                     xb[0] = Some(x);
                     quant = q;
                     continue;
@@ -1140,7 +1196,11 @@ impl<'a> Lowerer<'a> {
                 }
                 let dim = *yt.shape.last().unwrap_or(&1);
                 let rows = n / dim.max(1);
-                let (x, y) = (x0()?, yb[0]);
+                let x = match x_in {
+                    Some(o) => KArg::In(o),
+                    None => KArg::Buf(x0()?),
+                };
+                let y = yb[0];
                 if let Op::LayerNorm { epsilon, .. } = op {
                     if outputs.len() > 1 {
                         return Err(self.err("mean / inverse std outputs"));
@@ -1155,20 +1215,13 @@ impl<'a> Lowerer<'a> {
                         None if inputs.get(2).copied().flatten().is_some() => return Err(self.err("computed bias")),
                         None => KArg::Null,
                     };
-                    let args = vec![
-                        KArg::Buf(x),
-                        KArg::Buf(y),
-                        f32_arr(bcast(scale)),
-                        bias,
-                        int(rows),
-                        int(dim),
-                        KArg::F32(*epsilon),
-                    ];
+                    let args =
+                        vec![x, KArg::Buf(y), f32_arr(bcast(scale)), bias, int(rows), int(dim), KArg::F32(*epsilon)];
                     self.steps.push(kernel("sqil_layernorm_rows", rows * 32, args));
                 } else {
                     // The exponentials in double, kept for the division: rows x dim doubles.
                     let scratch = self.new_buf(2 * n);
-                    let args = vec![KArg::Buf(x), KArg::Buf(y), KArg::Buf(scratch), int(rows), int(dim)];
+                    let args = vec![x, KArg::Buf(y), KArg::Buf(scratch), int(rows), int(dim)];
                     if dim > 512 {
                         // Long rows (a spatial softmax): a block per row.
                         self.steps.push(kernel("sqil_softmax_rows_block", rows * 256, args));
@@ -1389,6 +1442,9 @@ struct Expr {
     /// buffer, for the int4 layer that reads them (one launch and one pass fewer than
     /// `sqil_levels` after the chain).
     levels: Option<[f32; 4]>,
+    /// The plan's reads of buffers this chain took up: (buffer, read), each read numbered once
+    /// (`Lowerer::operand_expr`), so a chain absorbed twice counts them once.
+    reads: Vec<(usize, usize)>,
 }
 
 /// An operand of a fused element-wise kernel.
@@ -1400,6 +1456,17 @@ enum EArg {
     In(usize),
     /// An fp32 constant of the output's length.
     Const(Vec<f32>),
+}
+
+/// FNV-1a of `bytes`: the hash generated kernels are named by.
+fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// The kernel `name` is a form of: a layer with a generated epilogue (`sqil_q4_int__e<hash>`) is
+/// its layer's kernel.
+pub fn base_kernel(name: &str) -> &str {
+    name.split_once("__e").map_or(name, |(b, _)| b)
 }
 
 /// An f32 attribute as an exact double literal for generated CUDA.
@@ -1477,6 +1544,11 @@ impl Expr {
                 }
             })
             .collect();
+        for r in other.reads {
+            if !self.reads.contains(&r) {
+                self.reads.push(r);
+            }
+        }
         for st in other.stmts {
             let st = Expr::renumber(&st, &map);
             if !self.stmts.contains(&st) {
@@ -1488,8 +1560,29 @@ impl Expr {
 
     /// The CUDA source of a kernel computing this expression into `y[i]`, `i < n`, named
     /// `sqil_ew_` and a hash of its body (the same chain lowered twice is one kernel).
-    fn render(&self) -> (String, String) {
-        // Locals renamed in order of definition, so equal chains give equal text.
+    /// The chain as the epilogue of the layer that writes its one operand (`render` otherwise):
+    /// `struct NAME { f(x0) }` returning the result, for `SQIL_F32W_EPI` / `SQIL_Q4_INT_EPI`.
+    /// None where it reads more than that operand or writes levels (the layer's levels epilogue
+    /// does).
+    fn render_epilogue(&self) -> Option<(String, String)> {
+        if self.args.len() != 1 || self.levels.is_some() {
+            return None;
+        }
+        let (body, r) = self.body();
+        let code = format!("{body}    return {r};\n").replace("$0$", "x0");
+        let hash = fnv(code.bytes());
+        let name = format!("sqil_epi_{hash:016x}");
+        let src = format!(
+            "\n// Generated by sqil: an element-wise chain as a layer's epilogue.\nstruct {name} {{\n    \
+             __device__ static __forceinline__ float f(const float x0)\n    {{\n{}    }}\n}};\n",
+            code.lines().map(|l| format!("    {l}\n")).collect::<String>()
+        );
+        Some((name, src))
+    }
+
+    /// The statements, locals renamed in order of definition (so equal chains give equal text),
+    /// and the result's expression; operands as `$k$`.
+    fn body(&self) -> (String, String) {
         let mut names: Vec<String> = vec![];
         for st in &self.stmts {
             let name = st.trim_start_matches("float ").split([' ', '=']).next().unwrap_or("").to_string();
@@ -1511,7 +1604,11 @@ impl Expr {
             body.push_str(&rename(st));
             body.push('\n');
         }
-        let r = rename(&self.result);
+        (body, rename(&self.result))
+    }
+
+    fn render(&self) -> (String, String) {
+        let (mut body, r) = self.body();
         body.push_str(&format!("    y[i] = {r};\n"));
         if let Some([s, z, lo, hi]) = self.levels {
             // `sqil_level` (sqil_math.cuh, every source's prelude): the levels kernel's bits.
@@ -1529,11 +1626,10 @@ impl Expr {
             "float *__restrict__ y"
         };
         let sig = format!("{}, {outs}, int n)", params.join(", "));
-        let hash = code
-            .bytes()
-            .chain(sig.bytes())
-            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
-        let name = format!("sqil_ew_{hash:016x}");
+        let hash = fnv(code.bytes().chain(sig.bytes()));
+        // A chain writing levels too ends in `_lv` (its outputs are then its last three
+        // arguments: y, lv, n).
+        let name = format!("sqil_ew_{hash:016x}{}", if self.levels.is_some() { "_lv" } else { "" });
         let src = format!(
             "\n// Generated by sqil: a fused chain of element-wise steps.\nSQIL_KERNEL void {name}(SQIL_VARGS {sig}\n{{\n    \
              const int i = SQIL_BX * SQIL_BDIM + SQIL_TX;\n    if (i >= n) {{\n        return;\n    }}\n{code}}}\n"

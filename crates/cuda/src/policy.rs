@@ -329,8 +329,16 @@ impl GpuPolicy {
         let (id, dev) = (NEXT_POLICY.fetch_add(1, Relaxed), gpu.ctx.ordinal());
         // The uploads below (their memsets among them) would wait behind a program holding the device.
         make_room(dev, id, 0.0)?;
-        for (name, src) in &l.sources {
+        // Layers with a generated epilogue (`lower::base_kernel`) instantiate policy_ops.cu's
+        // templates: compiled together after it, as one module; the chains each on their own.
+        let (epis, chains): (Vec<_>, Vec<_>) =
+            l.sources.iter().partition(|(name, _)| crate::lower::base_kernel(name) != name.as_str());
+        for (name, src) in chains {
             gpu.load_source(name, src)?;
+        }
+        if let Some((first, _)) = epis.iter().find(|(name, _)| gpu.function(name).is_err()) {
+            let all: String = epis.iter().map(|(_, src)| src.as_str()).collect();
+            gpu.load_full_source(first, &crate::generated_source(first, &all))?;
         }
         let stream = gpu.ctx.new_stream().map_err(err)?;
         let bufs = l.bufs.iter().map(|&n| stream.alloc_zeros::<f32>(n)).collect::<Result<Vec<_>, _>>().map_err(err)?;

@@ -91,7 +91,7 @@ fn cnn_and_transformer_policies_lower_and_emit() {
         // The kernels generated for the policy (fused element-wise chains) compile with NVRTC.
         if sqil_cuda::nvrtc_present() {
             for (k, src) in &l.sources {
-                let full = format!("{}{src}", sqil_cuda::FP16_CUH);
+                let full = sqil_cuda::generated_source(k, src);
                 let ptx =
                     sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{name}: {k}: {e}\n{src}"));
                 assert!(ptx.contains(&format!(".visible .entry {k}(")), "{name}: {k}");
@@ -171,11 +171,13 @@ fn persistent_programs_for_the_testdata_policies() {
             let blocks = threads.div_ceil(256).max(1);
             most = most.max(blocks);
             let call = if placed[i].everywhere {
-                // Every block computes the whole step; the next step is spread over blocks.
+                // Every block computes the whole step; the run of such steps ends before a step
+                // spread over blocks.
                 assert_eq!(blocks, 1, "{name}: step {i}");
-                assert!(k.starts_with("sqil_ew_") && placed[i].local_sync, "{name}: step {i}");
+                let known = k.starts_with("sqil_ew_") || k == "sqil_layernorm_rows";
+                assert!(known && placed[i].local_sync, "{name}: step {i}");
                 let sqil_cuda::lower::LStep::Kernel { threads: next, .. } = &l.steps[i + 1];
-                assert!(next.div_ceil(256) > 1, "{name}: step {i}");
+                assert!(placed[i + 1].everywhere || next.div_ceil(256) > 1, "{name}: step {i}");
                 format!("(on every block)\n        {k}(0u, threadIdx.x, ")
             } else {
                 format!("b < {blocks}u; b += gridDim.x) {{\n            {k}(b, threadIdx.x, ")
@@ -360,7 +362,7 @@ fn outputs_pair_only_where_the_program_then_fits_a_cluster() {
         l.steps
             .iter()
             .filter(|LStep::Kernel { name, args, .. }| {
-                matches!(name.as_str(), "sqil_linear_f32w" | "sqil_q4_int")
+                matches!(sqil_cuda::lower::base_kernel(name), "sqil_linear_f32w" | "sqil_q4_int")
                     && matches!(args[args.len() - 6], KArg::I32(2))
             })
             .count()
@@ -372,4 +374,55 @@ fn outputs_pair_only_where_the_program_then_fits_a_cluster() {
     }
     let l = sqil_cuda::lower::lower(&quantized_float_first("bc_pickplace_transformer")).unwrap();
     assert_eq!(pairs(&l), 0, "the pick-place transformer");
+}
+
+/// An element-wise chain that reads only a warp-per-output layer's output becomes that layer's
+/// epilogue (`sqil_linear_f32w__e...`, `sqil_q4_int__e...`: no step of its own), levels and all;
+/// a chain over an output something else reads too stays a step. The Elu / GELU MLP of testdata
+/// lowers to its four layers' steps. (On a GPU, `gpu_policy` checks these programs' bits.)
+#[test]
+fn chains_run_as_the_epilogue_of_the_layer_they_read() {
+    use sqil_cuda::lower::{base_kernel, KArg, LStep};
+    let l = sqil_cuda::lower::lower(&quantized_float_first("mlp")).unwrap();
+    let names = kernel_names(&l);
+    let bases: Vec<&str> = names.iter().map(|k| base_kernel(k)).collect();
+    assert_eq!(bases, ["sqil_layernorm_rows", "sqil_linear_f32w", "sqil_q4_int", "sqil_q4_int"], "{names:?}");
+    // The Elu after the float layer, the GELU chain after the [256 x 256] layer (its input read
+    // four times, all by the chain), the output Clip after the last.
+    assert!(names[1..].iter().all(|k| k.contains("__e")), "{names:?}");
+    // The first two write the next layer's levels beside the chain's values.
+    for st in &l.steps[1..3] {
+        let LStep::Kernel { args, .. } = st;
+        assert!(matches!(args[args.len() - 5], KArg::Buf(_)), "{names:?}");
+    }
+    // Its epilogues compile (after policy_ops.cu, whose templates they instantiate).
+    if sqil_cuda::nvrtc_present() {
+        for (k, src) in &l.sources {
+            let ptx = sqil_cuda::compile(k, &sqil_cuda::generated_source(k, src), "compute_90")
+                .unwrap_or_else(|e| panic!("{k}: {e}"));
+            assert!(ptx.contains(&format!(".visible .entry {k}(")), "{k}");
+        }
+    }
+    // 8 -> 16 (Tanh) -> 3, where the second output is the Tanh's input too: the Tanh stays a step.
+    use sqil_ir::ops::{BinaryOp, UnaryOp};
+    use sqil_ir::Op;
+    let mut r = sqil_ir::testing::Rng::new(5);
+    let mut g = sqil_ir::Graph::new("shared");
+    let x =
+        g.add_input("x", sqil_ir::ValueType::new(sqil_ir::DType::F32, vec![common::batch(), sqil_ir::Dim::Known(8)]));
+    let mut layer = |g: &mut sqil_ir::Graph, h, k: usize, n: usize, i: usize| {
+        let w = g.add_const(format!("w{i}"), r.tensor(vec![k, n], 0.3));
+        let b = g.add_const(format!("b{i}"), r.tensor(vec![n], 0.2));
+        let m = g.add_inferred(format!("mm{i}"), Op::MatMul, &[Some(h), Some(w)], format!("m{i}")).unwrap();
+        g.add_inferred(format!("add{i}"), Op::Binary(BinaryOp::Add), &[Some(m), Some(b)], format!("h{i}")).unwrap()
+    };
+    let h0 = layer(&mut g, x, 8, 16, 0);
+    let a0 = g.add_inferred("act0", Op::Unary(UnaryOp::Tanh), &[Some(h0)], "a0").unwrap();
+    let h1 = layer(&mut g, a0, 16, 3, 1);
+    g.outputs.extend([h1, h0]);
+    let feeds = common::x_feeds(&mut r, vec![16, 8]);
+    let l = sqil_cuda::lower::lower(&common::rtn(&g, "wbits=4,abits=8,group=8", &feeds)).unwrap();
+    let names = kernel_names(&l);
+    assert!(names.iter().all(|k| !k.contains("__e")), "{names:?}");
+    assert!(names.iter().any(|k| k.starts_with("sqil_ew_")), "{names:?}");
 }
