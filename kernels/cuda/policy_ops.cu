@@ -136,6 +136,16 @@ SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, flo
     }
     const float *xr = x + (long)r * dim;
     const double n = (double)dim;
+    // The lane's first four outputs' x, scale and bias (j = lane + 32 i) are loaded before the
+    // sums, so their round trips overlap the mean's and the variance's arithmetic.
+    float xv[4], sv[4], bv[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int j = lane + 32 * i;
+        xv[i] = j < dim ? xr[j] : 0.0f;
+        sv[i] = j < dim ? scale[j] : 0.0f;
+        bv[i] = j < dim && bias ? bias[j] : 0.0f;
+    }
     // Each partial sum's terms sixteen at a time: the sixteen loads first, then the adds in order
     // (a plain loop waited on each term's load in turn).
     double s = 0.0;
@@ -168,9 +178,18 @@ SQIL_KERNEL void sqil_layernorm_rows(SQIL_VARGS const float *__restrict__ x, flo
     }
     const double var = __ddiv_rn(sqil_sum4(v), n);
     const double inv = __ddiv_rn(1.0, __dsqrt_rn(__dadd_rn(var, (double)eps)));
-    for (int j = lane; j < dim; j += 32) {
-        const double t = __dmul_rn(__dmul_rn(__dsub_rn((double)xr[j], mean), inv), (double)scale[j]);
-        y[(long)r * dim + j] = __double2float_rn(__dadd_rn(t, bias ? (double)bias[j] : 0.0));
+    const auto out = [&](int j, float xj, float sj, float bj) {
+        const double t = __dmul_rn(__dmul_rn(__dsub_rn((double)xj, mean), inv), (double)sj);
+        y[(long)r * dim + j] = __double2float_rn(__dadd_rn(t, bias ? (double)bj : 0.0));
+    };
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (lane + 32 * i < dim) {
+            out(lane + 32 * i, xv[i], sv[i], bv[i]);
+        }
+    }
+    for (int j = lane + 128; j < dim; j += 32) {
+        out(j, xr[j], scale[j], bias ? bias[j] : 0.0f);
     }
 }
 
