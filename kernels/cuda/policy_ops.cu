@@ -360,13 +360,16 @@ SQIL_KERNEL void sqil_linear_f32w(SQIL_VARGS SQIL_F32W_PARAMS)
     sqil_linear_f32w_t<sqil_epi_none>(SQIL_BX, SQIL_TX, SQIL_F32W_ARGS);
 }
 
+// A layer body BODY<E> over PARAMS (passing ARGS) with the epilogue E, as kernel NAME.
+#define SQIL_WITH_EPI(NAME, BODY, PARAMS, ARGS, E)                                                                  \
+    SQIL_KERNEL void NAME(SQIL_VARGS PARAMS)                                                                        \
+    {                                                                                                               \
+        BODY<E>(SQIL_BX, SQIL_TX, ARGS);                                                                            \
+    }
+
 // sqil_linear_f32w with the epilogue E, as kernel NAME (the lowering names it
 // sqil_linear_f32w__e<hash of E>).
-#define SQIL_F32W_EPI(NAME, E)                                                                                      \
-    SQIL_KERNEL void NAME(SQIL_VARGS SQIL_F32W_PARAMS)                                                              \
-    {                                                                                                               \
-        sqil_linear_f32w_t<E>(SQIL_BX, SQIL_TX, SQIL_F32W_ARGS);                                                    \
-    }
+#define SQIL_F32W_EPI(NAME, E) SQIL_WITH_EPI(NAME, sqil_linear_f32w_t, SQIL_F32W_PARAMS, SQIL_F32W_ARGS, E)
 
 // sqil_linear_f32w for many rows (a transformer's projections of its tokens): the same chain per
 // output (fma over k in order from +0, then the bias), one thread per output instead of a warp.
@@ -684,11 +687,7 @@ SQIL_KERNEL void sqil_q4_int(SQIL_VARGS SQIL_Q4_INT_PARAMS)
 }
 
 // sqil_q4_int with the epilogue E, as kernel NAME (sqil_q4_int__e<hash of E>).
-#define SQIL_Q4_INT_EPI(NAME, E)                                                                                    \
-    SQIL_KERNEL void NAME(SQIL_VARGS SQIL_Q4_INT_PARAMS)                                                            \
-    {                                                                                                               \
-        sqil_q4_int_t<E>(SQIL_BX, SQIL_TX, SQIL_Q4_INT_ARGS);                                                       \
-    }
+#define SQIL_Q4_INT_EPI(NAME, E) SQIL_WITH_EPI(NAME, sqil_q4_int_t, SQIL_Q4_INT_PARAMS, SQIL_Q4_INT_ARGS, E)
 
 // dp4a on unsigned bytes a and signed bytes b: c + the four products, exact in int32.
 __device__ __forceinline__ int sqil_dp4a_us(unsigned a, unsigned b, int c)
