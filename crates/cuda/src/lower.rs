@@ -306,7 +306,8 @@ struct Lowerer<'a> {
     next_t: usize,
     /// Generated kernels so far.
     sources: Vec<(String, String)>,
-    /// Per slot, how many plan steps read it (one more for a policy output).
+    /// Per slot, how many plan steps read its values (one more for a policy output; a reshape
+    /// aliasing it, or a bias Add or Relu folded into the layer that wrote it, does not count).
     reads: Vec<usize>,
     /// The next number of a buffer read that a chain takes up (`Expr::reads`).
     next_read: usize,
@@ -675,7 +676,12 @@ impl<'a> Lowerer<'a> {
                     Some(p) => {
                         self.pending.insert(y, p);
                     }
-                    None => self.slot_buf[y] = self.dyn_buf(x)?,
+                    None => {
+                        // y aliases x's buffer: this read is not one of x's values (a chain
+                        // taking up y's reads may then take up the buffer's, `chain_into_last`).
+                        self.slot_buf[y] = self.dyn_buf(x)?;
+                        self.reads[x] = self.reads[x].saturating_sub(1);
+                    }
                 }
             }
             // Data movement: deferred, composed with the deferred copies it reads.
@@ -725,6 +731,8 @@ impl<'a> Lowerer<'a> {
             // values as it reads them).
             Op::Unary(sqil_ir::ops::UnaryOp::Relu) if dynamic.len() == 1 && self.fold_into_last(dynamic[0], None) => {
                 self.slot_buf[y] = self.slot_buf[dynamic[0]];
+                // The layer's buffer holds y now: nothing reads x's values.
+                self.reads[dynamic[0]] = 0;
             }
             Op::Binary(BinaryOp::Add)
                 if dynamic.len() == 1
@@ -734,6 +742,7 @@ impl<'a> Lowerer<'a> {
                         .fold_into_last(dynamic[0], inputs.iter().flatten().find(|&&s| self.is_const[s]).copied()) =>
             {
                 self.slot_buf[y] = self.slot_buf[dynamic[0]];
+                self.reads[dynamic[0]] = 0;
             }
             // Element-wise steps: deferred and chained into one generated kernel.
             _ if self.elementwise(op, inputs, y, &yt)? => {}
@@ -855,6 +864,12 @@ impl<'a> Lowerer<'a> {
         self.steps.push(kernel(name, outputs * 32, args));
     }
 
+    /// How many plan reads see the values in buffer `b`: those of every slot it holds (a
+    /// reshape's output aliases its input's buffer).
+    fn value_reads(&self, b: usize) -> usize {
+        (0..self.slot_buf.len()).filter(|&s| self.slot_buf[s] == b).map(|s| self.reads[s]).sum()
+    }
+
     /// Whether the chain `e` (writing `y`, and with `levels` their levels too) now runs as the
     /// epilogue of the last step: a warp-per-output layer (`sqil_linear_f32w`, `sqil_q4_int`)
     /// without one, that wrote the chain's one operand, which nothing else reads. That layer then
@@ -871,10 +886,12 @@ impl<'a> Lowerer<'a> {
             _ => return false,
         };
         let lv_at = args.len() - LEVELS_ARGS;
-        // Every read of the slots held in b (a reshape aliases its input's buffer) is the chain's.
-        let reads: usize = (0..self.slot_buf.len()).filter(|&s| self.slot_buf[s] == b).map(|s| self.reads[s]).sum();
+        // Every read of the values in b is the chain's.
         let taken = e.reads.iter().filter(|(x, _)| *x == b).count();
-        if !matches!(args[y_at], KArg::Buf(o) if o == b) || !matches!(args[lv_at], KArg::Null) || reads != taken {
+        if !matches!(args[y_at], KArg::Buf(o) if o == b)
+            || !matches!(args[lv_at], KArg::Null)
+            || self.value_reads(b) != taken
+        {
             return false;
         }
         let kname = format!("{name}__e{}", &epi["sqil_epi_".len()..]);
@@ -924,10 +941,15 @@ impl<'a> Lowerer<'a> {
     /// one value per output column, where the layer has none) the bias, which it adds as a Gemm's
     /// (`fl(s + b)`, the Add's bits), else the Relu (its last argument).
     fn fold_into_last(&mut self, x: usize, bias: Option<usize>) -> bool {
-        if self.reads[x] != 1 || self.pending.contains_key(&x) || self.slot_buf[x] == usize::MAX {
+        if self.pending.contains_key(&x) || self.slot_buf[x] == usize::MAX {
             return false;
         }
         let b = self.slot_buf[x];
+        // This step's read the only one of the buffer's values (a reshape of x, or x of a
+        // reshape, read elsewhere too would see the folded values).
+        if self.reads[x] != 1 || self.value_reads(b) != 1 {
+            return false;
+        }
         let env: &'a [Option<Tensor>] = self.env;
         let Some(LStep::Kernel { name, args, .. }) = self.steps.last_mut() else { return false };
         // Both kernels take the Relu flag at 11; sqil_linear_f32w's levels epilogue ends its
@@ -1558,8 +1580,6 @@ impl Expr {
         other.result
     }
 
-    /// The CUDA source of a kernel computing this expression into `y[i]`, `i < n`, named
-    /// `sqil_ew_` and a hash of its body (the same chain lowered twice is one kernel).
     /// The chain as the epilogue of the layer that writes its one operand (`render` otherwise):
     /// `struct NAME { f(x0) }` returning the result, for `SQIL_F32W_EPI` / `SQIL_Q4_INT_EPI`.
     /// None where it reads more than that operand or writes levels (the layer's levels epilogue
@@ -1607,6 +1627,8 @@ impl Expr {
         (body, rename(&self.result))
     }
 
+    /// The CUDA source of a kernel computing this expression into `y[i]`, `i < n`, named
+    /// `sqil_ew_` and a hash of its body (the same chain lowered twice is one kernel).
     fn render(&self) -> (String, String) {
         let (mut body, r) = self.body();
         body.push_str(&format!("    y[i] = {r};\n"));

@@ -128,8 +128,8 @@ fn qdq_models_lower_with_their_quantizers_fused() {
     assert!(l.sources.iter().any(|(_, src)| src.contains("rintf(")), "no quantizer in the generated kernels");
     if sqil_cuda::nvrtc_present() {
         for (k, src) in &l.sources {
-            let full = format!("{}{src}", sqil_cuda::FP16_CUH);
-            sqil_cuda::compile(k, &full, "compute_90").unwrap_or_else(|e| panic!("{k}: {e}"));
+            sqil_cuda::compile(k, &sqil_cuda::generated_source(k, src), "compute_90")
+                .unwrap_or_else(|e| panic!("{k}: {e}"));
         }
     }
 }
@@ -402,6 +402,24 @@ fn chains_run_as_the_epilogue_of_the_layer_they_read() {
                 .unwrap_or_else(|e| panic!("{k}: {e}"));
             assert!(ptx.contains(&format!(".visible .entry {k}(")), "{k}");
         }
+    }
+    // The same chain after a float and an int layer (Tanh after both): one epilogue struct for
+    // two layer kernels, and the program and the graph path's module compile.
+    let mut r = sqil_ir::testing::Rng::new(9);
+    let tanh = Some(sqil_ir::ops::UnaryOp::Tanh);
+    let dims = [(12, 40, tanh), (40, 24, tanh), (24, 3, None)];
+    let g = common::dense_stack(&mut r, "tanh2", vec![common::batch(), sqil_ir::Dim::Known(12)], &dims);
+    let l =
+        sqil_cuda::lower::lower(&common::rtn(&g, "wbits=4,abits=8,group=8", &common::x_feeds(&mut r, vec![16, 12])))
+            .unwrap();
+    let names = kernel_names(&l);
+    assert!(names.iter().filter(|k| k.contains("__e")).count() == 2, "{names:?}");
+    if sqil_cuda::nvrtc_present() {
+        let f = sqil_cuda::fused::fuse(&l).unwrap();
+        sqil_cuda::compile(&f.name, &f.src, "compute_90").unwrap_or_else(|e| panic!("program: {e}"));
+        let all: String = l.sources.iter().map(|(_, s)| s.as_str()).collect();
+        let (k, _) = l.sources.iter().find(|(k, _)| k.contains("__e")).unwrap();
+        sqil_cuda::compile(k, &sqil_cuda::generated_source(k, &all), "compute_90").unwrap_or_else(|e| panic!("{e}"));
     }
     // 8 -> 16 (Tanh) -> 3, where the second output is the Tanh's input too: the Tanh stays a step.
     use sqil_ir::ops::{BinaryOp, UnaryOp};

@@ -248,15 +248,16 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
 }
 
 /// Two outputs per warp (`sqil_linear_f32w` and `sqil_q4_int` over 129 to 256 outputs, so a small
-/// policy's program fits one cluster of 16 blocks): a one-row MLP 37 -> 256 (ReLU, the float first
-/// layer: pairs) -> 201 (Tanh: pairs, the last warp's second output past the row) -> 3 (one output
-/// per warp), a NaN in one state: the CPU's bits on every path at W4A8, within GPU_TOL at W4A16.
+/// policy's program fits one cluster of 16 blocks): a one-row MLP 37 -> 256 (Sigmoid, the float first
+/// layer: pairs; its bias Add folded into it, the Sigmoid its epilogue) -> 201 (Tanh: pairs, the Tanh
+/// its epilogue, the last warp's second output past the row) -> 3 (one output per warp), a NaN in
+/// one state: the CPU's bits on every path at W4A8, within GPU_TOL at W4A16.
 #[test]
 fn paired_outputs_match_the_cpu() {
     let _one = one_at_a_time();
     let mut r = sqil_ir::testing::Rng::new(17);
     use sqil_ir::ops::UnaryOp;
-    let dims = [(37, 256, Some(UnaryOp::Relu)), (256, 201, Some(UnaryOp::Tanh)), (201, 3, None)];
+    let dims = [(37, 256, Some(UnaryOp::Sigmoid)), (256, 201, Some(UnaryOp::Tanh)), (201, 3, None)];
     let g = common::dense_stack(&mut r, "paired", vec![common::batch(), sqil_ir::Dim::Known(37)], &dims);
     let feeds = x_feeds(&mut r, vec![64, 37]);
     let mut policies = vec![];
@@ -271,6 +272,7 @@ fn paired_outputs_match_the_cpu() {
             .map(|sqil_cuda::lower::LStep::Kernel { name, threads, .. }| (name.clone(), *threads))
             .collect();
         if settings.contains("abits=8") {
+            assert!(shape.iter().filter(|(k, _)| k.contains("__e")).count() == 2, "{settings}: {shape:?}");
             assert!(
                 shape.iter().any(|(k, t)| base_kernel(k) == "sqil_linear_f32w" && *t == 128 * 32),
                 "{settings}: {shape:?}"
