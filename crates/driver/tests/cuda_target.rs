@@ -407,13 +407,18 @@ fn chains_run_as_the_epilogue_of_the_layer_they_read() {
     // two layer kernels, and the program and the graph path's module compile.
     let mut r = sqil_ir::testing::Rng::new(9);
     let tanh = Some(sqil_ir::ops::UnaryOp::Tanh);
-    let dims = [(12, 40, tanh), (40, 24, tanh), (24, 3, None)];
+    let dims = [(12, 64, tanh), (64, 32, tanh), (32, 3, None)];
     let g = common::dense_stack(&mut r, "tanh2", vec![common::batch(), sqil_ir::Dim::Known(12)], &dims);
     let l =
-        sqil_cuda::lower::lower(&common::rtn(&g, "wbits=4,abits=8,group=8", &common::x_feeds(&mut r, vec![16, 12])))
+        sqil_cuda::lower::lower(&common::rtn(&g, "wbits=4,abits=8,group=32", &common::x_feeds(&mut r, vec![16, 12])))
             .unwrap();
     let names = kernel_names(&l);
+    let bases: Vec<&str> = names.iter().map(|k| base_kernel(k)).collect();
+    assert_eq!(bases, ["sqil_linear_f32w", "sqil_q4_int", "sqil_q4_int"], "{names:?}");
     assert!(names.iter().filter(|k| k.contains("__e")).count() == 2, "{names:?}");
+    let epis: std::collections::HashSet<&str> =
+        names.iter().filter_map(|k| k.split_once("__e").map(|(_, h)| h)).collect();
+    assert_eq!(epis.len(), 1, "one chain, one epilogue: {names:?}");
     if sqil_cuda::nvrtc_present() {
         let f = sqil_cuda::fused::fuse(&l).unwrap();
         sqil_cuda::compile(&f.name, &f.src, "compute_90").unwrap_or_else(|e| panic!("program: {e}"));
