@@ -287,10 +287,8 @@ pub fn fuse(l: &Lowered) -> Result<Fused, String> {
             );
         }
     }
-    let hash = body
-        .bytes()
-        .chain(format!("{} {} {input} {output}", l.in_len, l.out_len).bytes())
-        .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+    let tail = format!("{} {} {input} {output}", l.in_len, l.out_len);
+    let hash = sqil_ir::fnv1a(sqil_ir::fnv1a(sqil_ir::FNV1A_START, body.as_bytes()), tail.as_bytes());
     let name = format!("sqil_persist_{hash:016x}");
     let mut src = String::from("#define SQIL_MEGA\n");
     src.push_str(crate::FP16_CUH);

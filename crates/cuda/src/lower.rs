@@ -1480,11 +1480,6 @@ enum EArg {
     Const(Vec<f32>),
 }
 
-/// FNV-1a of `bytes`: the hash generated kernels are named by.
-fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
-    bytes.fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
-}
-
 /// The kernel `name` is a form of: a layer with a generated epilogue (`sqil_q4_int__e<hash>`) is
 /// its layer's kernel.
 pub fn base_kernel(name: &str) -> &str {
@@ -1590,7 +1585,7 @@ impl Expr {
         }
         let (body, r) = self.body();
         let code = format!("{body}    return {r};\n").replace("$0$", "x0");
-        let hash = fnv(code.bytes());
+        let hash = sqil_ir::fnv1a(sqil_ir::FNV1A_START, code.as_bytes());
         let name = format!("sqil_epi_{hash:016x}");
         // Guarded: the same chain after two layers is one struct in the program's source.
         let guard = format!("SQIL_EPI_{hash:016X}");
@@ -1650,7 +1645,7 @@ impl Expr {
             "float *__restrict__ y"
         };
         let sig = format!("{}, {outs}, int n)", params.join(", "));
-        let hash = fnv(code.bytes().chain(sig.bytes()));
+        let hash = sqil_ir::fnv1a(sqil_ir::fnv1a(sqil_ir::FNV1A_START, code.as_bytes()), sig.as_bytes());
         // A chain writing levels too ends in `_lv` (its outputs are then its last three
         // arguments: y, lv, n).
         let name = format!("sqil_ew_{hash:016x}{}", if self.levels.is_some() { "_lv" } else { "" });
