@@ -631,11 +631,11 @@ fn bench_policy(
         // handshake through host memory and the barrier that starts an action), in the chosen
         // form, per action. Its action is whatever the output buffer holds: timing only.
         let cluster = chosen_grid.is_some_and(|g| g.1);
-        // Lowered steps (a plan step may lower to several, or to none of its own).
-        let steps = sqil_cuda::lower::lower(&policy)?.steps.len();
+        // Lowered once; each prefix is a copy cut after n of its steps.
+        let whole = sqil_cuda::lower::lower(&policy)?;
         drop(gp);
-        for n in 0..=steps {
-            let mut l = sqil_cuda::lower::lower(&policy)?;
+        for n in 0..=whole.steps.len() {
+            let mut l = whole.clone();
             l.steps.truncate(n);
             l.labels.truncate(n);
             l.describe.truncate(n);

@@ -28,6 +28,7 @@ pub const GPU_TOL: f32 = 1e-6;
 /// A lowered step: a kernel (`policy_ops.cu`, or generated for the policy) with its arguments in
 /// order, `threads` threads in blocks of 256; `A` a constant array as stored on the host
 /// ([`HostArr`]) or on the device.
+#[derive(Clone)]
 pub enum LStep<A> {
     Kernel { name: String, args: Vec<KArg<A>>, threads: usize },
 }
@@ -57,6 +58,7 @@ pub enum KArg<A> {
 
 /// A policy lowered for the GPU, independent of any device: fp16 buffers (sizes padded to 128),
 /// the steps over them, the fp32 inputs (concatenated: one copy in) and the output buffer.
+#[derive(Clone)]
 pub struct Lowered {
     pub bufs: Vec<usize>,
     pub steps: Vec<LStep<HostArr>>,
