@@ -3,9 +3,10 @@
 //! ```text
 //! sqil-cuda-bench check [--small]  # every kernel instance vs the CPU reference (exit 1 on failure)
 //! sqil-cuda-bench gemv [--iters N] # int4 GEMV vs cuBLAS FP16, batch 1/4/16, L2 flushed: JSON lines
-//! sqil-cuda-bench w4a8 [--iters N] [--shapes S]
+//! sqil-cuda-bench w4a8 [--iters N] [--shapes S] [--only half_t2,lean_t2]
 //!                                  # the exact W4A8 GEMM (every instance, checked bit for bit) vs
 //!                                  # cuBLAS FP16, the W4A16 GEMV and the weight-read floor, batch 1/4/16
+//!                                  # (--only: the instances whose names contain one of these)
 //! sqil-cuda-bench check-w4a8       # the exact W4A8 GEMM alone vs its reference (also part of check)
 //! sqil-cuda-bench explore [--iters N]
 //!                                  # batch-1 GEMV variants (chunks in flight, L1 policy, rows per
@@ -1161,7 +1162,7 @@ fn check_w4a8(gpu: &Gpu) -> Result<bool, sqil_cuda::Error> {
 
 /// The exact W4A8 GEMM against cuBLAS FP16 and the weight-read floor, batches 1, 4 and 16, L2
 /// flushed (memset) before each call: JSON lines; every instance's outputs equal the reference.
-fn bench_w4a8(gpu: &Gpu, iters: usize, shapes: usize) -> Result<(), sqil_cuda::Error> {
+fn bench_w4a8(gpu: &Gpu, iters: usize, shapes: usize, only: Option<&str>) -> Result<(), sqil_cuda::Error> {
     let blas = CudaBlas::new(gpu.stream.clone()).map_err(err)?;
     let mut flush = gpu.stream.alloc_zeros::<u8>(512 << 20).map_err(err)?;
     let mut sink = gpu.stream.alloc_zeros::<u32>(1).map_err(err)?;
@@ -1208,7 +1209,7 @@ fn bench_w4a8(gpu: &Gpu, iters: usize, shapes: usize) -> Result<(), sqil_cuda::E
                 time_flushed(gpu, &mut flush, iters, || cublas_gemv(&blas, &dwf, &dxh, &mut dyh, n, k, batch))?;
             let t_w4a16 = time_flushed(gpu, &mut flush, iters, || gpu.q4_gemv(&dq, &dxh, None, &mut dyh, batch))?;
             for (inst, &(name, .., half)) in W4A8_INSTANCES.iter().enumerate() {
-                if half && batch > 8 {
+                if (half && batch > 8) || only.is_some_and(|o| !o.split(',').any(|p| name.contains(p))) {
                     continue;
                 }
                 let t_levels = time_flushed(gpu, &mut flush, iters, || {
@@ -1263,7 +1264,10 @@ fn main() {
             }
         }),
         Some("gemv") => bench_gemv(&gpu, opt("--iters", 50)),
-        Some("w4a8") => bench_w4a8(&gpu, opt("--iters", 50), opt("--shapes", 4)),
+        Some("w4a8") => {
+            let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1));
+            bench_w4a8(&gpu, opt("--iters", 50), opt("--shapes", 4), only.map(String::as_str))
+        }
         Some("check-w4a8") => check_w4a8(&gpu).map(|ok| {
             if !ok {
                 std::process::exit(1)
