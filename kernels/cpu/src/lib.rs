@@ -104,6 +104,11 @@ unsafe fn lanes_kernel<X: x86_64::common::LaneInput>(
 /// 255) times int8 inputs stay below 2^31 over a group of at most this many weights.
 pub const NIBBLE_LANES_MAX_GROUP: usize = 65536;
 
+/// Fewest rows that run on the one-byte row-lane kernel (`avx512_byte_rows`: each block's half
+/// bytes unpacked once per call, then fewer instructions per row and group) rather than the
+/// half-byte one (`avx512_nibble_lanes`).
+pub const BYTE_ROWS_MIN: usize = 24;
+
 /// Whether rows run on the half-byte channel-lane kernel (AVX-512 VNNI, groups within
 /// [`NIBBLE_LANES_MAX_GROUP`]).
 fn nibble_lanes(w: &PackedQ4) -> bool {
@@ -124,7 +129,9 @@ unsafe fn row_lanes_kernel(
     strides: (usize, usize),
     rows: std::ops::Range<usize>,
 ) {
-    if nibble_lanes(w) {
+    if nibble_lanes(w) && xs.len() >= BYTE_ROWS_MIN {
+        x86_64::avx512::avx512_byte_rows(w, xs, bias, y, strides, rows)
+    } else if nibble_lanes(w) {
         x86_64::avx512::avx512_nibble_lanes(w, xs, bias, y, strides, rows)
     } else {
         lanes_kernel(w, xs, bias, y, strides, rows)

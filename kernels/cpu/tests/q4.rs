@@ -71,10 +71,13 @@ proptest! {
 
     #[test]
     fn q4q8_batched_kernels_equal_the_reference(seed in any::<u64>(), n in 1usize..300, kb in 1usize..6, batch in 1usize..20,
-                                                per_group in 0usize..3, threads in 1usize..4) {
+                                                per_group in 0usize..3, threads in 1usize..4, shared in any::<bool>()) {
         let k = kb * 64;
         let w = layer(seed, n, k, [0, 32, 64][per_group], 4);
-        let (xs, want) = batch_and_reference(&w, (k, batch), &mut Lcg(seed ^ 5), |c| c as i32 - 3, None);
+        // One zero point for the whole batch (a layer's static quantizer: the kernels' shared
+        // corrections) or one per input.
+        let zero = |c: usize| if shared { 4 } else { c as i32 - 3 };
+        let (xs, want) = batch_and_reference(&w, (k, batch), &mut Lcg(seed ^ 5), zero, None);
         let mut got = vec![0f32; batch * n];
         gemm_q4q8(&w, &xs, None, &mut got, threads);
         prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
@@ -99,15 +102,16 @@ proptest! {
     }
 
     /// Batches of 16 or more (AMX tiles where the CPU has them), groups of 64, 128 or one per
-    /// channel, a bias and a zero point per input.
+    /// channel, a bias and a zero point per input or one for all.
     #[test]
     fn large_batches_equal_the_reference(seed in any::<u64>(), n in 1usize..200, kb in 1usize..6, batch in 16usize..70,
-                                         per_group in 0usize..3, threads in 1usize..3) {
+                                         per_group in 0usize..3, threads in 1usize..3, shared in any::<bool>()) {
         let k = kb * 128;
         let w = layer(seed, n, k, [0, 64, 128][per_group], 4);
         let mut r = Lcg(seed ^ 9);
         let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
-        let (xs, want) = batch_and_reference(&w, (k, batch), &mut r, |c| (c % 41) as i32 - 20, Some(&bias));
+        let zero = |c: usize| if shared { -7 } else { (c % 41) as i32 - 20 };
+        let (xs, want) = batch_and_reference(&w, (k, batch), &mut r, zero, Some(&bias));
         let mut got = vec![0f32; batch * n];
         gemm_q4q8(&w, &xs, Some(&bias), &mut got, threads);
         prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
@@ -426,6 +430,22 @@ fn large_layers_take_the_half_byte_kernels_and_equal_the_reference() {
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "batch {batch}, {threads} threads");
         }
     }
+    // A batch for the one-byte row kernel, whose blocks of a layer this size are unpacked from
+    // the half bytes per call (no byte copy kept), with the batch's one zero point.
+    let batch = sqil_kernels_cpu::BYTE_ROWS_MIN + 1;
+    let xs: Vec<_> = (0..batch)
+        .map(|_| {
+            let x: Vec<f32> = (0..k).map(|_| r.unit() * 3.0).collect();
+            quantize_input(&x, 0.02, -5, &w)
+        })
+        .collect();
+    let mut want = vec![0f32; batch * n];
+    for (x, yc) in xs.iter().zip(want.chunks_mut(n)) {
+        generic_gemv_q4q8(&w, x, Some(&bias), yc);
+    }
+    let mut got = vec![0f32; batch * n];
+    gemm_q4q8(&w, &xs, Some(&bias), &mut got, 1);
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "batch {batch}");
 }
 
 proptest! {

@@ -832,30 +832,234 @@ pub(crate) unsafe fn avx512_nibble_lanes(
                     6
                 }
             };
-            for (i, acc) in acc[..np].iter().enumerate() {
-                let scale = _mm512_set1_ps(xs[c + i].scale);
-                let v = [
-                    _mm512_add_ps(_mm512_mul_ps(acc[0], scale), _mm512_loadu_ps(b.as_ptr())),
-                    _mm512_add_ps(_mm512_mul_ps(acc[1], scale), _mm512_loadu_ps(b.as_ptr().add(16))),
+            lane_rows_out(&acc[..np], &xs[c..c + np], &b, y, (cs, rs), (c, 32 * cb - r0, rows));
+            c += np;
+        }
+    }
+}
+
+/// The row-lane kernels' last step for one block of 32 channels and the rows `xs` (the batch's
+/// rows `c..`): each row's float sums times its scale, plus the block's bias `b` (product rounded,
+/// then added), stored to `y[(c + i) * cs + (o + l) * rs]` for the block's `rows` live channels.
+#[inline(always)]
+unsafe fn lane_rows_out(
+    acc: &[[__m512; 2]],
+    xs: &[QRow],
+    b: &[f32; 32],
+    y: &mut [f32],
+    (cs, rs): (usize, usize),
+    (c, o, rows): (usize, usize, usize),
+) {
+    for (i, acc) in acc.iter().enumerate() {
+        let scale = _mm512_set1_ps(xs[i].scale);
+        let v = [
+            _mm512_add_ps(_mm512_mul_ps(acc[0], scale), _mm512_loadu_ps(b.as_ptr())),
+            _mm512_add_ps(_mm512_mul_ps(acc[1], scale), _mm512_loadu_ps(b.as_ptr().add(16))),
+        ];
+        let at = (c + i) * cs + o * rs;
+        if rs == 1 {
+            // Straight into the output (masked past `rows`), not through a staging copy.
+            let dst = &mut y[at..at + rows];
+            let (m0, m1) = (rows.min(16) as u32, rows.saturating_sub(16) as u32);
+            _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << m0) - 1) as __mmask16, v[0]);
+            if m1 > 0 {
+                _mm512_mask_storeu_ps(dst.as_mut_ptr().add(16), ((1u32 << m1) - 1) as __mmask16, v[1]);
+            }
+        } else {
+            let mut out = [0f32; 32];
+            for (h, v) in v.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), *v);
+            }
+            for (l, &v) in out[..rows].iter().enumerate() {
+                y[at + l * rs] = v;
+            }
+        }
+    }
+}
+
+/// W4A8 of one block of 32 output channels against `NP` rows with the channels in vector lanes
+/// and the weights one signed byte each (`wb`: the block's half bytes unpacked by
+/// [`unpack_nibble_block`], the [`ChannelTiles`] layout): per quad two 64-byte loads (the block's
+/// 32 channels), each row's four bytes with the sign bit flipped (`x + 128`, unsigned, flipped
+/// once per call into `xf`) broadcast, and `vpdpbusd` into int32 lanes that start each group at
+/// `-(128 + zero) sum(q)` (`start`, for one zero shared by the rows; else per row from `zeros`),
+/// so the group's sum is `sum (x - zero) q` with no correction after it; then per group one
+/// conversion, product and addition per lane (the epilogue's order: product rounded, then added).
+/// Equal bit for bit to the other kernels. Against [`nibble_block`]: per row and group 6
+/// instructions besides `vpdpbusd` instead of 12, and no mask per quad per row pass.
+#[inline(always)]
+unsafe fn byte_block<const NP: usize>(
+    w: &PackedQ4,
+    (scales, sums): (&[f32], &[i32]),
+    (cb, wb): (usize, *const i8),
+    xf: [*const u8; NP],
+    start: &[i32],
+    zeros: Option<[i32; NP]>,
+) -> [[__m512; 2]; NP] {
+    let groups = w.groups();
+    let quads = w.group / 4;
+    let mut accf = [[_mm512_setzero_ps(); 2]; NP];
+    for g in 0..groups {
+        let base = wb.add(g * quads * 128);
+        let at = (cb * groups + g) * 32;
+        let mut acc: [[__m512i; 2]; NP] = match zeros {
+            None => {
+                let st = [
+                    _mm512_loadu_si512(start.as_ptr().add(32 * g) as *const __m512i),
+                    _mm512_loadu_si512(start.as_ptr().add(32 * g + 16) as *const __m512i),
                 ];
-                let at = (c + i) * cs + (32 * cb - r0) * rs;
-                if rs == 1 {
-                    // Straight into the output (masked past `rows`), not through a staging copy.
-                    let dst = &mut y[at..at + rows];
-                    let (m0, m1) = (rows.min(16) as u32, rows.saturating_sub(16) as u32);
-                    _mm512_mask_storeu_ps(dst.as_mut_ptr(), ((1u32 << m0) - 1) as __mmask16, v[0]);
-                    if m1 > 0 {
-                        _mm512_mask_storeu_ps(dst.as_mut_ptr().add(16), ((1u32 << m1) - 1) as __mmask16, v[1]);
-                    }
-                } else {
-                    let mut out = [0f32; 32];
-                    for (h, v) in v.iter().enumerate() {
-                        _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), *v);
-                    }
-                    for (l, &v) in out[..rows].iter().enumerate() {
-                        y[at + l * rs] = v;
-                    }
+                [st; NP]
+            }
+            Some(z) => std::array::from_fn(|c| {
+                let zc = _mm512_set1_epi32(-(128 + z[c]));
+                std::array::from_fn(|h| {
+                    _mm512_mullo_epi32(zc, _mm512_loadu_si512(sums.as_ptr().add(at + 16 * h) as *const __m512i))
+                })
+            }),
+        };
+        let xo = g * w.group;
+        // Four quads per step (groups hold a multiple of eight): one address per row per step,
+        // the rest displacements, so the loop's scalar work stays off the vector ports.
+        for q4 in (0..quads).step_by(4) {
+            let xr: [*const u8; NP] = std::array::from_fn(|c| xf[c].add(xo + 4 * q4));
+            for u in 0..4 {
+                let wp = base.add((q4 + u) * 128);
+                let w0 = _mm512_loadu_si512(wp as *const __m512i);
+                let w1 = _mm512_loadu_si512(wp.add(64) as *const __m512i);
+                for c in 0..NP {
+                    let xb = _mm512_set1_epi32(std::ptr::read_unaligned(xr[c].add(4 * u) as *const i32));
+                    acc[c][0] = _mm512_dpbusd_epi32(acc[c][0], xb, w0);
+                    acc[c][1] = _mm512_dpbusd_epi32(acc[c][1], xb, w1);
                 }
+            }
+        }
+        for h in 0..2 {
+            let sc = _mm512_loadu_ps(scales.as_ptr().add(at + 16 * h));
+            for c in 0..NP {
+                accf[c][h] = _mm512_add_ps(accf[c][h], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[c][h]), sc));
+            }
+        }
+    }
+    accf
+}
+
+/// Block `cb` of the half-byte tiles as signed bytes in the [`ChannelTiles`] layout (per quad the
+/// low nibbles, channels 0-15, then the high ones, channels 16-31, each less 8), into `wb`
+/// (`groups * group * 32` bytes): five instructions per quad, once per block and call.
+#[inline(always)]
+unsafe fn unpack_nibble_block(t: &crate::packed::NibbleTiles, cb: usize, quads_per_block: usize, wb: &mut [i8]) {
+    debug_assert!(wb.len() >= quads_per_block * 128);
+    let (m4, eight) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(8));
+    let src = t.data.as_ptr().add(cb * quads_per_block * 64);
+    for quad in 0..quads_per_block {
+        let v = _mm512_loadu_si512(src.add(quad * 64) as *const __m512i);
+        let lo = _mm512_sub_epi8(_mm512_and_si512(v, m4), eight);
+        let hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16::<4>(v), m4), eight);
+        _mm512_storeu_si512(wb.as_mut_ptr().add(quad * 128) as *mut __m512i, lo);
+        _mm512_storeu_si512(wb.as_mut_ptr().add(quad * 128 + 64) as *mut __m512i, hi);
+    }
+}
+
+/// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of rows with the channels in
+/// vector lanes and the weights one signed byte each (see [`byte_block`]): up to six rows per pass
+/// over a block (twelve int32 and twelve float accumulators); output `(c, r)` goes to
+/// `y[c * cs + (r - rows_in.start) * rs]`. Equal bit for bit to `generic::generic_q4q8_row`.
+/// Taken over [`avx512_nibble_lanes`] for batches of [`crate::BYTE_ROWS_MIN`] rows or more: half
+/// the instructions per row and group besides `vpdpbusd` (the 4x1024 MLP at 64 rows: 1095-1098 ->
+/// 975-996 us per batch here, min of 1000, three interleaved rounds).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI; each row's `q` holds `w.k_pad` values; `y` holds
+/// every output index of these rows and inputs; `w.group` is at most
+/// [`crate::NIBBLE_LANES_MAX_GROUP`] (int32 sums exact).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn avx512_byte_rows(
+    w: &PackedQ4,
+    xs: &[QRow],
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    (cs, rs): (usize, usize),
+    rows_in: std::ops::Range<usize>,
+) {
+    debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
+    if xs.is_empty() {
+        return;
+    }
+    let (groups, k) = (w.groups(), w.k_pad);
+    let quads_per_block = groups * w.group / 4;
+    // The weights as signed bytes: the layer's byte copy where it stays within
+    // `LANES_MAX_BYTES` (built on first use, as the AVX2 lane kernel's; 10% faster here at 64
+    // rows), else each block unpacked from the half bytes once per call (L1- or L2-resident
+    // across the block's row passes; no second copy of a large layer kept).
+    let bytes = crate::lanes_at_small_batch(w).then(|| w.channel_tiles());
+    let halves = if bytes.is_none() { Some(w.nibble_tiles()) } else { None };
+    let (scales, sums): (&[f32], &[i32]) = match (bytes, halves) {
+        (Some(c), _) => (&c.scales, &c.sums),
+        (None, Some(t)) => (&t.scales, &t.sums),
+        (None, None) => unreachable!("one of the two layouts is built"),
+    };
+    // 64-byte aligned: each 64-byte load then touches one cache line (a split load costs two).
+    let mut wb_buf = vec![0i8; if bytes.is_some() { 0 } else { quads_per_block * 128 } + 64];
+    let off = wb_buf.as_ptr().align_offset(64);
+    let wb = &mut wb_buf[off..off + if bytes.is_some() { 0 } else { quads_per_block * 128 }];
+    // The rows' bytes as `vpdpbusd`'s unsigned operand (`x + 128`), flipped once per call.
+    let mut xf = vec![0u8; xs.len() * k];
+    let flip = _mm512_set1_epi8(-128i8);
+    for (c, x) in xs.iter().enumerate() {
+        let (src, dst) = (x.q.as_ptr(), xf.as_mut_ptr().add(c * k));
+        for i in (0..k).step_by(64) {
+            let m: __mmask64 = if k - i >= 64 { !0 } else { (1u64 << (k - i)) - 1 };
+            let v = _mm512_maskz_loadu_epi8(m, src.add(i));
+            _mm512_mask_storeu_epi8(dst.add(i) as *mut i8, m, _mm512_xor_si512(v, flip));
+        }
+    }
+    let same_zero = xs.iter().all(|x| x.zero == xs[0].zero);
+    // Per group of the block, `-(128 + zero) sum(q)` for the rows' shared zero.
+    let mut start = vec![0i32; groups * 32];
+    let zc = _mm512_set1_epi32(-(128 + xs[0].zero));
+    let r0 = rows_in.start;
+    let mut b = [0f32; 32];
+    for cb in r0 / 32..rows_in.end.div_ceil(32) {
+        let rows = (rows_in.end - 32 * cb).min(32);
+        block_bias(bias, (cb, rows), &mut b);
+        let wbase = match (bytes, halves) {
+            (Some(c), _) => c.data.as_ptr().add(cb * quads_per_block * 128),
+            (None, Some(t)) => {
+                unpack_nibble_block(t, cb, quads_per_block, wb);
+                wb.as_ptr()
+            }
+            (None, None) => unreachable!("one of the two layouts is built"),
+        };
+        if same_zero {
+            for (i, st) in start.chunks_exact_mut(16).enumerate() {
+                let ws = _mm512_loadu_si512(sums.as_ptr().add(cb * groups * 32 + 16 * i) as *const __m512i);
+                _mm512_storeu_si512(st.as_mut_ptr() as *mut __m512i, _mm512_mullo_epi32(zc, ws));
+            }
+        }
+        let mut c = 0;
+        while c < xs.len() {
+            let np = match xs.len() - c {
+                left @ 1..=6 => left,
+                7 | 8 => 4,
+                9 => 5,
+                _ => 6,
+            };
+            let p = |i: usize| xf.as_ptr().add((c + i) * k);
+            let z = |i: usize| xs[c + i].zero;
+            macro_rules! pass {
+                ($n:literal) => {{
+                    let zeros = if same_zero { None } else { Some(std::array::from_fn::<i32, $n, _>(z)) };
+                    let a = byte_block::<$n>(w, (scales, sums), (cb, wbase), std::array::from_fn(p), &start, zeros);
+                    lane_rows_out(&a, &xs[c..c + $n], &b, y, (cs, rs), (c, 32 * cb - r0, rows));
+                }};
+            }
+            match np {
+                1 => pass!(1),
+                2 => pass!(2),
+                3 => pass!(3),
+                4 => pass!(4),
+                5 => pass!(5),
+                _ => pass!(6),
             }
             c += np;
         }
