@@ -255,7 +255,7 @@ __device__ __forceinline__ float sqil_relu_if(float v, int relu)
 // through the deferred activation quantizer fq (s = 0: none): the policy GEMM's arithmetic (one
 // fused multiply-add chain over k from +0, then the bias added), the CPU's bits. One warp per
 // `opw` outputs (1 or 2: outputs opw * warp and the next, in one row: the host passes 2 only for
-// one row or an even n), their chains interleaved over the same shuffled inputs: the lanes load
+// one row or an even n; 0: a thread per output, see sqil_linear_f32w_t), their chains interleaved over the same shuffled inputs: the lanes load
 // 32 consecutive terms at a time (coalesced, four batches ahead, so a batch's loads are in flight
 // while three others are summed; the quantizer is applied when a batch is taken up, so its
 // division does not hold the next batch's loads back), and every lane runs the same chains over
@@ -327,6 +327,25 @@ __device__ __forceinline__ void sqil_f32w_chains(const float *__restrict__ xr, c
 template <class E>
 __device__ __forceinline__ void sqil_linear_f32w_t(const unsigned bx, const unsigned tx, SQIL_F32W_PARAMS)
 {
+    if (opw == 0) {
+        // A thread per output (the lowering's choice for a short first layer too wide for a
+        // cluster of 16 blocks at a warp per output, `fit_cluster`): the same chain, each thread
+        // loading its terms itself (the row's inputs the same for every thread, the weights of
+        // consecutive outputs consecutive), no shuffles.
+        const long o = (long)bx * SQIL_BDIM + tx;
+        if (o >= (long)rows * n) {
+            return;
+        }
+        const int r = (int)(o / n), c = (int)(o % n);
+        const float *xr = x + (long)r * k;
+        const float bv = bias ? bias[c] : 0.0f;
+        float s = 0.0f;
+        for (int t = 0; t < k; t++) {
+            s = __fmaf_rn(sqil_fq(xr[t], qs, qz, qlo, qhi), w[(long)t * n + c], s);
+        }
+        sqil_put(y, o, E::f(sqil_relu_if(bias ? __fadd_rn(s, bv) : s, relu)), lvout, ls, lz, llo, lhi);
+        return;
+    }
     const long o = ((long)bx * SQIL_BDIM + tx) / 32 * opw;
     const int lane = tx % 32;
     if (o >= (long)rows * n) {
@@ -550,46 +569,27 @@ __device__ __forceinline__ float sqil_q4_epilogue(float acc, float xscale, const
     return sqil_q4_epilogue_v(acc, xscale, bias != nullptr, bias ? bias[c] : 0.0f, relu, nan);
 }
 
-// sqil_q4_int's sum over groups of output channel c (every lane returns it), for the forms other
-// than lanes-per-group: with at least 32 groups each lane sums whole groups, else the lanes split
-// each group's terms in turn.
+// sqil_q4_int's sum over groups of output channel c (every lane returns it) for 32 groups or more
+// (fewer take the lanes-per-group form): each lane sums whole groups (lane j groups j, j + 32,
+// ...), and the lanes' products are added in group order through shuffles.
 __device__ __forceinline__ float sqil_q4_int_acc(const float *__restrict__ xr, const unsigned *__restrict__ wq,
                                                  const float *__restrict__ scales, int k4, int c, int k, int group,
                                                  int groups, int lane, float qs, float qz, float qlo, float qhi,
                                                  int *nan)
 {
     float acc = 0.0f;
-    if (groups >= 32) {
-        for (int g0 = 0; g0 < groups; g0 += 32) {
-            const int g = g0 + lane;
-            float p = 0.0f;
-            if (g < groups) {
-                const float sc = scales[(long)c * groups + g];
-                const int end = (g + 1) * group < k ? (g + 1) * group : k;
-                const int s = sqil_q4_span(xr, wq, k4, c, g * group, end, 1, qs, qz, qlo, qhi, nan);
-                p = __fmul_rn((float)s, sc);
-            }
-            const int cnt = groups - g0 < 32 ? groups - g0 : 32;
-            for (int j = 0; j < cnt; j++) {
-                acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j));
-            }
-        }
-    } else {
-        for (int g = 0; g < groups; g++) {
-            int s = 0;
+    for (int g0 = 0; g0 < groups; g0 += 32) {
+        const int g = g0 + lane;
+        float p = 0.0f;
+        if (g < groups) {
+            const float sc = scales[(long)c * groups + g];
             const int end = (g + 1) * group < k ? (g + 1) * group : k;
-            for (int kk = g * group + lane; kk < end; kk += 32) {
-                const float v = sqil_level_or(xr[kk], qs, qz, qlo, qhi);
-                if (v != v) {
-                    *nan = 1;
-                } else {
-                    s += sqil_w8(wq, k4, c, kk) * (int)v;
-                }
-            }
-            for (int d = 16; d > 0; d /= 2) {
-                s += __shfl_xor_sync(0xffffffffu, s, d);
-            }
-            acc = __fadd_rn(acc, __fmul_rn((float)s, scales[(long)c * groups + g]));
+            const int s = sqil_q4_span(xr, wq, k4, c, g * group, end, 1, qs, qz, qlo, qhi, nan);
+            p = __fmul_rn((float)s, sc);
+        }
+        const int cnt = groups - g0 < 32 ? groups - g0 : 32;
+        for (int j = 0; j < cnt; j++) {
+            acc = __fadd_rn(acc, __shfl_sync(0xffffffffu, p, j));
         }
     }
     return acc;
@@ -602,10 +602,12 @@ __device__ __forceinline__ float sqil_q4_int_acc(const float *__restrict__ xr, c
 // acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
 // makes every output NaN. One warp per `opw` outputs (1 or 2: outputs opw * warp and the next, in
 // one row: the host passes 2 only for one row or an even n; the lanes-per-group form sums both at
-// once over the same loaded levels, the others one after the other). With at least 32 groups each
-// lane sums whole groups (lane j groups j, j + 32, ...) and the lanes' products are added in group
-// order through shuffles; with fewer that divide 32, each group gets 32 / groups lanes; otherwise
-// the lanes split each group's terms in turn (integer sums: any order is exact).
+// once over the same loaded levels, the group-per-lane form one after the other). With at least
+// 32 groups each lane sums whole groups (lane j groups j, j + 32, ...) and the lanes' products are
+// added in group order through shuffles; with fewer, each group gets the same power of two of
+// lanes, as many as fit (integer sums: any order is exact). (Before, groups not dividing 32 had
+// the whole warp split each group's terms in turn, one reduction per group: the 10 groups of a
+// 300-term layer took 10 us at two outputs per warp.)
 // Its parameters, and its body over an epilogue E (as sqil_linear_f32w's: `SQIL_Q4_INT_EPI`).
 #define SQIL_Q4_INT_PARAMS                                                                                          \
     const unsigned *__restrict__ wq, const float *__restrict__ scales, const float *__restrict__ bias,              \
@@ -634,16 +636,23 @@ __device__ __forceinline__ void sqil_q4_int_t(const unsigned bx, const unsigned 
     const float bv = bias && stores ? bias[cl] : 0.0f;
     float acc0 = 0.0f, acc1 = 0.0f;
     int nan = 0;
-    if (groups < 32 && 32 % groups == 0) {
-        // 32 / groups lanes per group, all groups at once: each segment sums its group's terms
-        // and reduces within itself; the products are then added in group order.
+    if (groups < 32) {
+        // lpg lanes per group (the most, a power of two, with lpg * groups <= 32), all groups at
+        // once: each segment sums its group's terms and reduces within itself; the products are
+        // then added in group order. Lanes past the groups (10 groups: lanes 20-31) sum nothing.
         // The lane's terms through sqil_q4_span2: their loads are issued before any is quantized
         // (in a plain loop the division's slow-path call kept each load behind the previous
         // term's arithmetic: one round trip to L2 per term).
-        const int lpg = 32 / groups, g = lane / lpg, sub = lane % lpg;
+        int lpg = 32;
+        while (lpg * groups > 32) {
+            lpg >>= 1;
+        }
+        const int g = lane / lpg, sub = lane % lpg;
+        const bool live = g < groups;
         const int end = (g + 1) * group < k ? (g + 1) * group : k;
         if (two) {
-            const float sc0 = scales[(long)c * groups + g], sc1 = scales[(long)c1 * groups + g];
+            const float sc0 = live ? scales[(long)c * groups + g] : 0.0f;
+            const float sc1 = live ? scales[(long)c1 * groups + g] : 0.0f;
             int s0, s1;
             sqil_q4_span2(xr, wq, k4, c, c1, true, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan, &s0, &s1);
             for (int d = lpg / 2; d > 0; d /= 2) {
@@ -657,7 +666,7 @@ __device__ __forceinline__ void sqil_q4_int_t(const unsigned bx, const unsigned 
             }
         } else {
             // One output: the same without the second's loads and shuffles.
-            const float sc = scales[(long)c * groups + g];
+            const float sc = live ? scales[(long)c * groups + g] : 0.0f;
             int s0 = sqil_q4_span(xr, wq, k4, c, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan);
             for (int d = lpg / 2; d > 0; d /= 2) {
                 s0 += __shfl_xor_sync(0xffffffffu, s0, d);

@@ -256,7 +256,7 @@ pub fn lower(policy: &Policy) -> Result<Lowered> {
     }
     let out_len = out_lens.iter().sum();
     let in_len = in_lens.iter().sum();
-    pair_for_cluster(&mut l.steps);
+    fit_cluster(&mut l.steps);
     Ok(Lowered {
         bufs: l.bufs,
         steps: l.steps,
@@ -773,47 +773,68 @@ fn opw_at(args: &[KArg<HostArr>]) -> usize {
 }
 
 /// Two outputs per warp for `sqil_linear_f32w` and `sqil_q4_int` layers of 129 to 256 outputs
-/// (17 to 32 blocks of 256 threads, then 16 or fewer), where that lets the policy's persistent
-/// program fit one thread-block cluster of 16 (whose hardware barrier costs a third of the grid
-/// barrier): every step then at most 16 blocks. Elsewhere (some step needs more blocks all the
-/// same) pairs only lengthen the chains (the pick-place transformer measured 2.6 us slower). The
-/// two outputs' sums are interleaved over the same loaded inputs (the int kernel's lanes-per-group
-/// form, groups dividing 32; its other forms would sum them one after the other), in one row (one
-/// row, or an even row length).
-fn pair_for_cluster(steps: &mut [HStep]) {
-    // Per step, its threads with pairs where it takes them.
-    let paired: Vec<Option<usize>> = steps
+/// (17 to 32 blocks of 256 threads, then 16 or fewer), and a thread per output for
+/// `sqil_linear_f32w` layers of more outputs over at most [`THREAD_FORM_MAX_K`] terms (a first
+/// layer from a short observation to a wide hidden layer: 7 -> 300 took 38 blocks), where that lets
+/// the policy's persistent program fit one thread-block cluster of 16 (whose hardware barrier
+/// costs a third of the grid barrier): every step then at most 16 blocks. Elsewhere (some step
+/// needs more blocks all the same) pairs only lengthen the chains (the pick-place transformer
+/// measured 2.6 us slower). The two outputs' sums are interleaved over the same loaded inputs in
+/// the int kernel's lanes-per-group form (fewer than 32 groups); its group-per-lane form sums them
+/// one after the other, a longer step, taken last; pairs are in one row (one row, or an even row
+/// length). A thread per output runs the same chain alone.
+fn fit_cluster(steps: &mut [HStep]) {
+    // Per step, its outputs per warp (0: a thread per output) and threads where it changes.
+    let fitted: Vec<Option<(i32, usize)>> = steps
         .iter()
         .map(|LStep::Kernel { name, args, .. }| {
-            // (rows, n, groups): sqil_linear_f32w (x, w, bias, y, rows, k, n, ...), sqil_q4_int
+            // (rows, k, n, groups): sqil_linear_f32w (x, w, bias, y, rows, k, n, ...), sqil_q4_int
             // (wq, scales, bias, x, y, rows, n, k, group, groups, ...).
             let at = |i: usize| match args[i] {
                 KArg::I32(v) => v as usize,
                 _ => 0,
             };
-            let (rows, n, groups) = match base_kernel(name) {
-                "sqil_linear_f32w" => (at(4), at(6), 1),
-                "sqil_q4_int" => (at(5), at(6), at(9)),
+            let f32w = base_kernel(name) == "sqil_linear_f32w";
+            let (rows, k, n, groups) = match base_kernel(name) {
+                "sqil_linear_f32w" => (at(4), at(5), at(6), 1),
+                "sqil_q4_int" => (at(5), at(7), at(6), at(9)),
                 _ => return None,
             };
             let warps = rows * n;
-            let form = groups < 32 && 32 % groups.max(1) == 0;
-            (form && (rows == 1 || n.is_multiple_of(2)) && warps > 16 * 8 && warps.div_ceil(2) <= 16 * 8)
-                .then(|| warps.div_ceil(2) * 32)
+            if warps <= 16 * 8 {
+                return None;
+            }
+            let form = groups < 32;
+            let pairs = (rows == 1 || n.is_multiple_of(2)) && warps.div_ceil(2) <= 16 * 8;
+            if pairs && form {
+                Some((2, warps.div_ceil(2) * 32))
+            } else if f32w && k <= THREAD_FORM_MAX_K && warps <= 16 * 256 {
+                Some((0, warps))
+            } else if pairs {
+                // The two sums one after the other (a longer step), where that completes the cluster.
+                Some((2, warps.div_ceil(2) * 32))
+            } else {
+                None
+            }
         })
         .collect();
-    let most = steps.iter().zip(&paired).map(|(LStep::Kernel { threads, .. }, p)| p.unwrap_or(*threads).div_ceil(256));
+    let most =
+        steps.iter().zip(&fitted).map(|(LStep::Kernel { threads, .. }, f)| f.map_or(*threads, |f| f.1).div_ceil(256));
     if most.max().unwrap_or(0) > 16 {
         return;
     }
-    for (LStep::Kernel { args, threads, .. }, p) in steps.iter_mut().zip(paired) {
-        if let Some(t) = p {
+    for (LStep::Kernel { args, threads, .. }, f) in steps.iter_mut().zip(fitted) {
+        if let Some((opw, t)) = f {
             *threads = t;
             let at = opw_at(args);
-            args[at] = KArg::I32(2);
+            args[at] = KArg::I32(opw);
         }
     }
 }
+
+/// Most terms of a `sqil_linear_f32w` layer that `fit_cluster` runs a thread per output: one
+/// warp's batch of terms, whose chain a warp per output runs through shuffles on every lane.
+pub const THREAD_FORM_MAX_K: usize = 32;
 
 /// Where `sqil_linear_f32w` and `sqil_linear_f32w_tile` take their Relu flag.
 const F32W_RELU: usize = 11;
@@ -858,7 +879,7 @@ impl<'a> Lowerer<'a> {
     }
 
     /// A warp-per-output layer (`sqil_linear_f32w`, `sqil_q4_int`) over `outputs` outputs: one
-    /// output per warp (`pair_for_cluster` may pair them once every step is known), no levels
+    /// output per warp (`fit_cluster` may pair them once every step is known), no levels
     /// epilogue (`levels_from_last` may set it).
     fn push_warp_layer(&mut self, name: &str, mut args: Vec<KArg<HostArr>>, outputs: usize) {
         args.push(int(1));

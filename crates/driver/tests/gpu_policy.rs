@@ -254,17 +254,51 @@ fn one_dimensional_ops_and_several_outputs_match_the_cpu() {
 /// one state: the CPU's bits on every path at W4A8, within GPU_TOL at W4A16.
 #[test]
 fn paired_outputs_match_the_cpu() {
-    let _one = one_at_a_time();
-    let mut r = sqil_ir::testing::Rng::new(17);
     use sqil_ir::ops::UnaryOp;
-    let dims = [(37, 256, Some(UnaryOp::Sigmoid)), (256, 201, Some(UnaryOp::Tanh)), (201, 3, None)];
-    let g = common::dense_stack(&mut r, "paired", vec![common::batch(), sqil_ir::Dim::Known(37)], &dims);
-    let feeds = x_feeds(&mut r, vec![64, 37]);
+    // The first two layers on 128 and 101 warps at W4A8 (the weight-only layers keep a warp per
+    // output).
+    dense_stack_matches_the_cpu(
+        "paired",
+        17,
+        &[(37, 256, Some(UnaryOp::Sigmoid)), (256, 201, Some(UnaryOp::Tanh)), (201, 3, None)],
+        &[("sqil_linear_f32w", 128 * 32), ("sqil_q4_int", 101 * 32)],
+    );
+}
+
+/// A short observation into a wide float first layer (`fit_cluster`: 7 -> 300 at a thread per
+/// output, its Sigmoid the epilogue) -> 129 (Tanh; on 10 groups of 32, so its pairs are summed one
+/// after the other, the step that completes the cluster) -> 1: the first layer on 300 threads and
+/// the second on 65 warps at W4A8, so every step fits a cluster of 16 blocks; the CPU's bits on
+/// every path at W4A8, within GPU_TOL at W4A16, a NaN in one state.
+#[test]
+fn a_thread_per_output_matches_the_cpu() {
+    use sqil_ir::ops::UnaryOp;
+    dense_stack_matches_the_cpu(
+        "threads",
+        23,
+        &[(7, 300, Some(UnaryOp::Sigmoid)), (300, 129, Some(UnaryOp::Tanh)), (129, 1, None)],
+        &[("sqil_linear_f32w", 300), ("sqil_q4_int", 65 * 32)],
+    );
+}
+
+/// A one-row MLP of `dims` (each layer's activation its epilogue) as a W4A8 and a weight-only
+/// policy: at W4A8 two chains as epilogues and, per `(kernel, threads)` of `routing`, a step of
+/// that kernel on that many threads (checked without a GPU too); then on the GPU six states, one
+/// with a NaN: the CPU's bits on every path at W4A8, within GPU_TOL at W4A16.
+fn dense_stack_matches_the_cpu(
+    name: &str,
+    seed: u64,
+    dims: &[(usize, usize, Option<sqil_ir::ops::UnaryOp>)],
+    routing: &[(&str, usize)],
+) {
+    let _one = one_at_a_time();
+    let mut r = sqil_ir::testing::Rng::new(seed);
+    let inputs = dims[0].0;
+    let g = common::dense_stack(&mut r, name, vec![common::batch(), sqil_ir::Dim::Known(inputs)], dims);
+    let feeds = x_feeds(&mut r, vec![64, inputs]);
     let mut policies = vec![];
     for settings in ["wbits=4,abits=8,group=32", "wbits=4,abits=float,group=32"] {
         let p = rtn(&g, settings, &feeds);
-        // The routing (checked without a GPU too): per step (kernel, threads), the first two
-        // layers on 128 and 101 warps at W4A8 (the weight-only layers keep a warp per output).
         let l = sqil_cuda::lower::lower(&p).unwrap();
         let shape: Vec<(String, usize)> = l
             .steps
@@ -273,25 +307,23 @@ fn paired_outputs_match_the_cpu() {
             .collect();
         if settings.contains("abits=8") {
             assert!(shape.iter().filter(|(k, _)| k.contains("__e")).count() == 2, "{settings}: {shape:?}");
-            assert!(
-                shape.iter().any(|(k, t)| base_kernel(k) == "sqil_linear_f32w" && *t == 128 * 32),
-                "{settings}: {shape:?}"
-            );
-            assert!(
-                shape.iter().any(|(k, t)| base_kernel(k) == "sqil_q4_int" && *t == 101 * 32),
-                "{settings}: {shape:?}"
-            );
+            for &(kernel, threads) in routing {
+                assert!(
+                    shape.iter().any(|(k, t)| base_kernel(k) == kernel && *t == threads),
+                    "{settings}: {kernel} on {threads} threads: {shape:?}"
+                );
+            }
         }
         policies.push((settings, p));
     }
-    let Some(gpu) = common::gpu_or_skip("two outputs per warp") else { return };
+    let Some(gpu) = common::gpu_or_skip(name) else { return };
     for (settings, p) in policies {
-        let mut states: Vec<Vec<f32>> = (0..6).map(|_| (0..37).map(|_| r.unit() * 2.0).collect()).collect();
-        states[4][9] = f32::NAN;
+        let mut states: Vec<Vec<f32>> = (0..6).map(|_| (0..inputs).map(|_| r.unit() * 2.0).collect()).collect();
+        states[4][inputs / 2] = f32::NAN;
         let cpu: Vec<Vec<f32>> = states
             .iter()
             .map(|x| {
-                let t = sqil_ir::Tensor::from_f32(vec![1, 37], x.clone()).unwrap();
+                let t = sqil_ir::Tensor::from_f32(vec![1, inputs], x.clone()).unwrap();
                 p.run(&[t]).unwrap().remove(0).data.to_f32_vec()
             })
             .collect();
