@@ -600,8 +600,9 @@ __device__ __forceinline__ float sqil_q4_int_acc(const float *__restrict__ xr, c
 // x holds the levels already, from sqil_levels),
 // the CPU runtime's arithmetic: per group the exact integer sum of w * level, then
 // acc += float(sum) * scale (each rounded) in group order, then sqil_q4_epilogue; NaN in the row
-// makes every output NaN. One warp per `opw` outputs (1 or 2: outputs opw * warp and the next, in
-// one row: the host passes 2 only for one row or an even n; the lanes-per-group form sums both at
+// makes every output NaN. One warp per `opw` outputs (1, 2 or 4, sqil_q4_int_four: outputs opw *
+// warp and the next, in one row: the host passes 2 or 4 only for one row or n a multiple; the
+// lanes-per-group form sums both at
 // once over the same loaded levels, the group-per-lane form one after the other). With at least
 // 32 groups each lane sums whole groups (lane j groups j, j + 32, ...) and the lanes' products are
 // added in group order through shuffles; with fewer, each group gets the same power of two of
@@ -616,9 +617,120 @@ __device__ __forceinline__ float sqil_q4_int_acc(const float *__restrict__ xr, c
         float ls, float lz, float llo, float lhi
 #define SQIL_Q4_INT_ARGS                                                                                            \
     wq, scales, bias, x, y, rows, n, k, group, groups, xscale, relu, qs, qz, qlo, qhi, opw, lvout, ls, lz, llo, lhi
+// sqil_q4_span for four output channels ch[0..3] of the same row: each term's input is loaded
+// once for all four (sqil_q4_int's four outputs per warp).
+__device__ __forceinline__ void sqil_q4_span4(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
+                                              const int (&ch)[4], int from, int end, int step, float qs, float qz,
+                                              float qlo, float qhi, int *nan, int (&s)[4])
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        s[i] = 0;
+    }
+    for (int kk0 = from; kk0 < end; kk0 += 4 * step) {
+        float v[4];
+        unsigned w[4][4];
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            const int kk = kk0 + t * step;
+            v[t] = kk < end ? xr[kk] : 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                w[i][t] = kk < end ? wq[(long)ch[i] * k4 + kk / 4] : 0u;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+            const int kk = kk0 + t * step;
+            if (kk < end) {
+                const float l = sqil_level_or(v[t], qs, qz, qlo, qhi);
+                if (l != l) {
+                    *nan = 1;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) {
+                        s[i] += sqil_w8_of(w[i][t], kk) * (int)l;
+                    }
+                }
+            }
+        }
+    }
+}
+
+// sqil_q4_int with four outputs per warp (opw 4: outputs c..c + 3 of one row, `fit_cluster`'s
+// choice where two per warp still leave a step over 16 blocks, e.g. a 512-wide hidden layer):
+// with fewer than 32 groups the lanes-per-group form over the four channels at once (each term's
+// level computed once), else the group-per-lane sums one channel after the other; lanes 0-3 store
+// the outputs through the same instructions. The same arithmetic per output, so the same bits.
+template <class E>
+__device__ __forceinline__ void sqil_q4_int_four(const unsigned bx, const unsigned tx, SQIL_Q4_INT_PARAMS)
+{
+    const long o = ((long)bx * SQIL_BDIM + tx) / 32 * 4;
+    const int lane = tx % 32;
+    if (o >= (long)rows * n) {
+        return; // the whole warp
+    }
+    const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4;
+    const int m = n - c < 4 ? n - c : 4; // this warp's outputs (the last of a row may have fewer)
+    int ch[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        ch[i] = c + (i < m ? i : 0);
+    }
+    const float *xr = x + (long)r * k;
+    const bool stores = lane < m;
+    const int cl = c + (stores ? lane : 0);
+    const float bv = bias && stores ? bias[cl] : 0.0f;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int nan = 0;
+    if (groups < 32) {
+        int lpg = 32;
+        while (lpg * groups > 32) {
+            lpg >>= 1;
+        }
+        const int g = lane / lpg, sub = lane % lpg;
+        const bool live = g < groups;
+        const int end = (g + 1) * group < k ? (g + 1) * group : k;
+        float sc[4], p[4];
+        int sm[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            sc[i] = live ? scales[(long)ch[i] * groups + g] : 0.0f;
+        }
+        sqil_q4_span4(xr, wq, k4, ch, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan, sm);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            for (int d = lpg / 2; d > 0; d /= 2) {
+                sm[i] += __shfl_xor_sync(0xffffffffu, sm[i], d);
+            }
+            p[i] = __fmul_rn((float)sm[i], sc[i]);
+        }
+        for (int j = 0; j < groups; j++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                acc[i] = __fadd_rn(acc[i], __shfl_sync(0xffffffffu, p[i], j * lpg));
+            }
+        }
+    } else {
+        for (int i = 0; i < m; i++) {
+            acc[i] = sqil_q4_int_acc(xr, wq, scales, k4, ch[i], k, group, groups, lane, qs, qz, qlo, qhi, &nan);
+        }
+    }
+    nan = __any_sync(0xffffffffu, nan);
+    if (stores) {
+        const float al = lane == 0 ? acc[0] : lane == 1 ? acc[1] : lane == 2 ? acc[2] : acc[3];
+        sqil_put(y, (long)r * n + cl, E::f(sqil_q4_epilogue_v(al, xscale, bias != nullptr, bv, relu, nan)), lvout, ls,
+                 lz, llo, lhi);
+    }
+}
+
 template <class E>
 __device__ __forceinline__ void sqil_q4_int_t(const unsigned bx, const unsigned tx, SQIL_Q4_INT_PARAMS)
 {
+    if (opw == 4) {
+        sqil_q4_int_four<E>(bx, tx, SQIL_Q4_INT_ARGS);
+        return;
+    }
     const long o = ((long)bx * SQIL_BDIM + tx) / 32 * opw;
     const int lane = tx % 32;
     if (o >= (long)rows * n) {

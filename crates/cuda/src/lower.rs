@@ -773,7 +773,8 @@ fn opw_at(args: &[KArg<HostArr>]) -> usize {
 }
 
 /// Two outputs per warp for `sqil_linear_f32w` and `sqil_q4_int` layers of 129 to 256 outputs
-/// (17 to 32 blocks of 256 threads, then 16 or fewer), and a thread per output for
+/// (17 to 32 blocks of 256 threads, then 16 or fewer), four for `sqil_q4_int` layers of up to 512
+/// (`sqil_q4_int_four`: a 512-wide hidden layer), and a thread per output for
 /// `sqil_linear_f32w` layers of more outputs over at most [`THREAD_FORM_MAX_K`] terms (a first
 /// layer from a short observation to a wide hidden layer: 7 -> 300 took 38 blocks), where that lets
 /// the policy's persistent program fit one thread-block cluster of 16 (whose hardware barrier
@@ -805,14 +806,20 @@ fn fit_cluster(steps: &mut [HStep]) {
                 return None;
             }
             let form = groups < 32;
-            let pairs = (rows == 1 || n.is_multiple_of(2)) && warps.div_ceil(2) <= 16 * 8;
-            if pairs && form {
-                Some((2, warps.div_ceil(2) * 32))
+            // `per` outputs per warp fit 16 blocks (four only in the int kernel).
+            let fits = |per: usize| (rows == 1 || n.is_multiple_of(per)) && warps.div_ceil(per) <= 16 * 8;
+            let per = |per: usize| Some((per as i32, warps.div_ceil(per) * 32));
+            if fits(2) && form {
+                per(2)
             } else if f32w && k <= THREAD_FORM_MAX_K && warps <= 16 * 256 {
                 Some((0, warps))
-            } else if pairs {
-                // The two sums one after the other (a longer step), where that completes the cluster.
-                Some((2, warps.div_ceil(2) * 32))
+            } else if !f32w && fits(4) && form {
+                per(4)
+            } else if fits(2) {
+                // The sums one after the other (a longer step), where that completes the cluster.
+                per(2)
+            } else if !f32w && fits(4) {
+                per(4)
             } else {
                 None
             }

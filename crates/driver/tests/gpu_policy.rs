@@ -281,8 +281,28 @@ fn a_thread_per_output_matches_the_cpu() {
     );
 }
 
+/// Four outputs per warp (`sqil_q4_int_four`, where two still leave a step over 16 blocks): 24 ->
+/// 1030 (Tanh; a thread per output) -> 512 (Sigmoid; 33 groups: the group-per-lane sums one channel
+/// after the other) -> 512 (Tanh; 16 groups: the lanes-per-group form over four channels at once)
+/// -> 3: the CPU's bits on every path at W4A8.
+#[test]
+fn four_outputs_per_warp_match_the_cpu() {
+    use sqil_ir::ops::UnaryOp;
+    dense_stack_matches_the_cpu(
+        "fours",
+        29,
+        &[
+            (24, 1030, Some(UnaryOp::Tanh)),
+            (1030, 512, Some(UnaryOp::Sigmoid)),
+            (512, 512, Some(UnaryOp::Tanh)),
+            (512, 3, None),
+        ],
+        &[("sqil_linear_f32w", 1030), ("sqil_q4_int", 128 * 32)],
+    );
+}
+
 /// A one-row MLP of `dims` (each layer's activation its epilogue) as a W4A8 and a weight-only
-/// policy: at W4A8 two chains as epilogues and, per `(kernel, threads)` of `routing`, a step of
+/// policy: at W4A8 every activation an epilogue and, per `(kernel, threads)` of `routing`, a step of
 /// that kernel on that many threads (checked without a GPU too); then on the GPU six states, one
 /// with a NaN: the CPU's bits on every path at W4A8, within GPU_TOL at W4A16.
 fn dense_stack_matches_the_cpu(
@@ -306,7 +326,8 @@ fn dense_stack_matches_the_cpu(
             .map(|sqil_cuda::lower::LStep::Kernel { name, threads, .. }| (name.clone(), *threads))
             .collect();
         if settings.contains("abits=8") {
-            assert!(shape.iter().filter(|(k, _)| k.contains("__e")).count() == 2, "{settings}: {shape:?}");
+            let chains = dims.iter().filter(|d| d.2.is_some()).count();
+            assert!(shape.iter().filter(|(k, _)| k.contains("__e")).count() == chains, "{settings}: {shape:?}");
             for &(kernel, threads) in routing {
                 assert!(
                     shape.iter().any(|(k, t)| base_kernel(k) == kernel && *t == threads),
