@@ -367,6 +367,14 @@ pub(crate) unsafe fn sgemm_direct_panels<F: F32Lanes>(
         (j, jb): (usize, usize),
     ) {
         let mut i = 0;
+        // Six rows of two vectors where there are 32 registers (512-bit lanes): twelve FMA chains
+        // in flight rather than eight, more than the two units' latency needs.
+        if F::LANES >= 16 && V == 2 {
+            while i + 6 <= m {
+                tile::<F, 6, V>(a, b, c, k, (i, j, jb));
+                i += 6;
+            }
+        }
         while i + 4 <= m {
             tile::<F, 4, V>(a, b, c, k, (i, j, jb));
             i += 4;
