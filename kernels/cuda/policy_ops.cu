@@ -617,6 +617,23 @@ __device__ __forceinline__ float sqil_q4_int_acc(const float *__restrict__ xr, c
         float ls, float lz, float llo, float lhi
 #define SQIL_Q4_INT_ARGS                                                                                            \
     wq, scales, bias, x, y, rows, n, k, group, groups, xscale, relu, qs, qz, qlo, qhi, opw, lvout, ls, lz, llo, lhi
+// sqil_q4_int's lanes-per-group form (fewer than 32 groups): lpg lanes per group, the most (a power
+// of two) with lpg * groups <= 32, returned; this lane's group g (live: one of the row's), its
+// place sub in the group's lanes, and the group's end (its terms g * group + sub, + lpg, ... < end).
+__device__ __forceinline__ int sqil_lanes_per_group(int groups, int group, int k, int lane, int &g, int &sub,
+                                                    int &end, bool &live)
+{
+    int lpg = 32;
+    while (lpg * groups > 32) {
+        lpg >>= 1;
+    }
+    g = lane / lpg;
+    sub = lane % lpg;
+    live = g < groups;
+    end = (g + 1) * group < k ? (g + 1) * group : k;
+    return lpg;
+}
+
 // sqil_q4_span for four output channels ch[0..3] of the same row: each term's input is loaded
 // once for all four (sqil_q4_int's four outputs per warp).
 __device__ __forceinline__ void sqil_q4_span4(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
@@ -684,13 +701,9 @@ __device__ __forceinline__ void sqil_q4_int_four(const unsigned bx, const unsign
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     int nan = 0;
     if (groups < 32) {
-        int lpg = 32;
-        while (lpg * groups > 32) {
-            lpg >>= 1;
-        }
-        const int g = lane / lpg, sub = lane % lpg;
-        const bool live = g < groups;
-        const int end = (g + 1) * group < k ? (g + 1) * group : k;
+        int g, sub, end;
+        bool live;
+        const int lpg = sqil_lanes_per_group(groups, group, k, lane, g, sub, end, live);
         float sc[4], p[4];
         int sm[4];
 #pragma unroll
@@ -755,13 +768,9 @@ __device__ __forceinline__ void sqil_q4_int_t(const unsigned bx, const unsigned 
         // The lane's terms through sqil_q4_span2: their loads are issued before any is quantized
         // (in a plain loop the division's slow-path call kept each load behind the previous
         // term's arithmetic: one round trip to L2 per term).
-        int lpg = 32;
-        while (lpg * groups > 32) {
-            lpg >>= 1;
-        }
-        const int g = lane / lpg, sub = lane % lpg;
-        const bool live = g < groups;
-        const int end = (g + 1) * group < k ? (g + 1) * group : k;
+        int g, sub, end;
+        bool live;
+        const int lpg = sqil_lanes_per_group(groups, group, k, lane, g, sub, end, live);
         if (two) {
             const float sc0 = live ? scales[(long)c * groups + g] : 0.0f;
             const float sc1 = live ? scales[(long)c1 * groups + g] : 0.0f;
