@@ -8,7 +8,8 @@
 #
 #   here:  bash tools/gpu_zoo.sh prepare .gpu/zoo                 # artifacts + states (needs sqil)
 #   GPU:   bash tools/gpu_zoo.sh run .gpu/zoo BENCH_BIN [--profile] [--iters N] > out.jsonl
-#          (MODELS="a b" for some; SQIL=0 or TORCH=0 to leave out one side)
+#          (MODELS="a b" for some, any builder of tools/sqil_tools/zoo.py: the MLPs td3_mlp sac_mlp
+#          wide_mlp short_obs_mlp humanoid_td3_mlp too; SQIL=0 or TORCH=0 to leave out one side)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=$1 dir=$2

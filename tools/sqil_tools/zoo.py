@@ -6,6 +6,12 @@ Softmax). Every builder writes one model to `path` and returns its input shapes,
 (symbolic "N").
 
 - `mlp_4x1024`: obs [N, 64] -> 4 x (Gemm 1024 + ReLU) -> Gemm 16.
+- The MLP policies of common sizes (`dense_mlp`, Gemm + activation per layer, as PyTorch exports
+  `nn.Linear`): `td3_mlp` 17 -> 400 -> 300 -> 6 (ReLU, ReLU, Tanh; TD3 / DDPG's actor),
+  `sac_mlp` 17 -> 256 -> 256 -> 12 (SAC's mean and log-std), `wide_mlp` 24 -> 512 -> 512 -> 8,
+  `short_obs_mlp` 7 -> 300 (SiLU as x * Sigmoid(x)) -> 129 (Elu 0.7) -> 1 (Tanh), and
+  `humanoid_td3_mlp` 376 -> 400 -> 300 -> 17: the shapes on which the GPU programs fell off their
+  cluster of 16 blocks before the twelfth session (docs/cuda.md).
 - `prelu_cnn`: an NHWC camera CNN with PRelu and 3x3/2 MaxPool (the kind the fast path missed).
 - `resnet18`: torchvision's ResNet-18 at 96x96 (Diffusion Policy's and ACT's encoder).
 - `mobilenet_v2`: MobileNetV2 (width 0.5) at 84x84: inverted residuals, depthwise 3x3, ReLU6.
@@ -116,6 +122,53 @@ def mlp_4x1024(path):
     # IR version 9 whatever onnx makes by default (1.23 writes 14, which sqil refuses by name).
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
     return [["N", 64]]
+
+
+def dense_mlp(path, dims, acts, name="mlp"):
+    """obs [N, dims[0]] -> Gemm dims[i + 1] + acts[i] per layer (acts: "relu", "tanh", "silu" as x *
+    Sigmoid(x), ("elu", alpha), or None)."""
+    rng = np.random.default_rng(len(dims) * 1000 + dims[0])
+    nodes, inits, prev = [], [], "obs"
+    for i, (k, n) in enumerate(zip(dims[:-1], dims[1:])):
+        w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
+        b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"h{i}"], transB=1))
+        prev = f"h{i}"
+        act = acts[i]
+        if act == "silu":
+            nodes.append(helper.make_node("Sigmoid", [prev], [f"s{i}"]))
+            nodes.append(helper.make_node("Mul", [prev, f"s{i}"], [f"a{i}"]))
+        elif isinstance(act, tuple) and act[0] == "elu":
+            nodes.append(helper.make_node("Elu", [prev], [f"a{i}"], alpha=act[1]))
+        elif act is not None:
+            nodes.append(helper.make_node({"relu": "Relu", "tanh": "Tanh"}[act], [prev], [f"a{i}"]))
+        if act is not None:
+            prev = f"a{i}"
+    g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("obs", TensorProto.FLOAT, ["N", dims[0]])],
+                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", dims[-1]])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), path)
+    return [["N", dims[0]]]
+
+
+def td3_mlp(path):
+    return dense_mlp(path, [17, 400, 300, 6], ["relu", "relu", "tanh"], "td3_mlp")
+
+
+def sac_mlp(path):
+    return dense_mlp(path, [17, 256, 256, 12], ["relu", "relu", None], "sac_mlp")
+
+
+def wide_mlp(path):
+    return dense_mlp(path, [24, 512, 512, 8], ["relu", "relu", "tanh"], "wide_mlp")
+
+
+def short_obs_mlp(path):
+    return dense_mlp(path, [7, 300, 129, 1], ["silu", ("elu", 0.7), "tanh"], "short_obs_mlp")
+
+
+def humanoid_td3_mlp(path):
+    return dense_mlp(path, [376, 400, 300, 17], ["relu", "relu", "tanh"], "humanoid_td3_mlp")
 
 
 def prelu_cnn(path):
@@ -317,4 +370,5 @@ def diffusion_unet1d(path, adim=7, horizon=16, cond=64, dims=(64, 128, 256), gro
 
 
 ZOO = {"mobilenet_v2": mobilenet_v2, "mobilenet_v3": mobilenet_v3, "efficientnet_b0": efficientnet_b0, "act_decoder": act_decoder,
-       "diffusion_unet1d": diffusion_unet1d}
+       "diffusion_unet1d": diffusion_unet1d, "td3_mlp": td3_mlp, "sac_mlp": sac_mlp, "wide_mlp": wide_mlp,
+       "short_obs_mlp": short_obs_mlp, "humanoid_td3_mlp": humanoid_td3_mlp}
