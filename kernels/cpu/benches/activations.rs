@@ -1,0 +1,33 @@
+//! The exact f32 sigmoid (`sigmoid_f32`: the definition's f64 logistic rounded to f32, by the
+//! screened vector form with the definition for the lanes it cannot vouch for) on one core,
+//! against the definition computed value by value, measured in the same run; outputs compared bit
+//! for bit. Sizes: an EfficientNet-B0 block's depthwise output at 84 x 84 input (48 channels x 42
+//! x 42) and a squeeze-and-excitation gate (1 152 channels).
+//!
+//!     cargo bench -p sqil-kernels-cpu --bench activations
+
+mod common;
+use common::best_per_call_us;
+use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32};
+
+fn main() {
+    println!("exact sigmoid, one core, kernels {:?}", sqil_kernels_cpu::isa());
+    for (n, what) in [(48 * 42 * 42, "48 x 42 x 42 activations"), (1152, "1 152 gates")] {
+        // Pre-activations spread as a network's are: mostly within a few units of 0, some far.
+        let x: Vec<f32> = (0..n).map(|i| (((i * 7919) % 10007) as f32 / 10007.0 - 0.5) * 12.0).collect();
+        let (mut fast, mut def) = (vec![0f32; n], vec![0f32; n]);
+        let t_def = best_per_call_us(50, || {
+            for (o, &v) in def.iter_mut().zip(&x) {
+                *o = sigmoid(v as f64) as f32;
+            }
+        });
+        let t_fast = best_per_call_us(200, || sigmoid_f32(&x, &mut fast));
+        let same = fast.iter().zip(&def).all(|(a, b)| a.to_bits() == b.to_bits());
+        println!(
+            "  {what}: definition {t_def:8.1} us, sigmoid_f32 {t_fast:7.1} us ({:.2} ns a value): {:.2}x, {}",
+            t_fast * 1e3 / n as f64,
+            t_def / t_fast,
+            if same { "same bits" } else { "BITS DIFFER" }
+        );
+    }
+}
