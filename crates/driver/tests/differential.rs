@@ -46,8 +46,11 @@ fn mlp(r: &mut Rng, k: usize) -> Graph {
 }
 
 /// One attention block on [N, t, d]: Q, K, V projections, softmax(Q K^T * c) V, output
-/// projection, residual, LayerNorm, a 4-action head per token.
-fn attention(r: &mut Rng, t: usize, d: usize) -> Graph {
+/// projection, residual, LayerNorm, a 4-action head per token. With more than one head, Q, K and V
+/// split into heads as exporters write it (Reshape to [N, t, h, d / h], Transpose to heads first;
+/// K^T by a second Transpose, or by one [0, 2, 3, 1]), and the heads' outputs put back (Transpose,
+/// Reshape to [N, t, d]): the plan reads those Transposes through strides (`Fold`).
+fn attention(r: &mut Rng, t: usize, d: usize, heads: usize) -> Graph {
     let mut g = Graph::new("attention");
     let x = g.add_input("x", ValueType::new(DType::F32, vec![batch(), Dim::Known(t), Dim::Known(d)]));
     let proj = |g: &mut Graph, r: &mut Rng, name: &str, x: ValueRef, n: usize| {
@@ -55,12 +58,40 @@ fn attention(r: &mut Rng, t: usize, d: usize) -> Graph {
         g.add_inferred(name, Op::MatMul, &[Some(x), Some(w)], format!("{name}.y")).unwrap()
     };
     let (q, k, v) = (proj(&mut g, r, "q", x, d), proj(&mut g, r, "k", x, d), proj(&mut g, r, "v", x, d));
-    let kt = g.add_inferred("kT", Op::Transpose { perm: Some(vec![0, 2, 1]) }, &[Some(k)], "kt").unwrap();
+    let shape = |g: &mut Graph, name: &str, dims: &[i64]| {
+        g.add_const(name, Tensor::new(vec![dims.len()], sqil_ir::Data::I64(dims.to_vec())).unwrap())
+    };
+    let transpose = |g: &mut Graph, name: &str, x: ValueRef, perm: &[i64]| {
+        g.add_inferred(name, Op::Transpose { perm: Some(perm.to_vec()) }, &[Some(x)], format!("{name}.y")).unwrap()
+    };
+    let (q, kt, v) = if heads == 1 {
+        (q, transpose(&mut g, "kT", k, &[0, 2, 1]), v)
+    } else {
+        let hs = shape(&mut g, "heads", &[0, t as i64, heads as i64, (d / heads) as i64]);
+        let split = |g: &mut Graph, name: &str, y: ValueRef| {
+            let rs = Op::Reshape { allowzero: false };
+            g.add_inferred(format!("{name}.split"), rs, &[Some(y), Some(hs)], format!("{name}.s")).unwrap()
+        };
+        let (qs, ks, vs) = (split(&mut g, "q", q), split(&mut g, "k", k), split(&mut g, "v", v));
+        let kt = if heads == 2 {
+            let kh = transpose(&mut g, "k.heads", ks, &[0, 2, 1, 3]);
+            transpose(&mut g, "kT", kh, &[0, 1, 3, 2])
+        } else {
+            transpose(&mut g, "kT", ks, &[0, 2, 3, 1])
+        };
+        (transpose(&mut g, "q.heads", qs, &[0, 2, 1, 3]), kt, transpose(&mut g, "v.heads", vs, &[0, 2, 1, 3]))
+    };
     let s = g.add_inferred("scores", Op::MatMul, &[Some(q), Some(kt)], "s").unwrap();
-    let c = g.add_const("c", Tensor::from_f32(vec![], vec![1.0 / (d as f32).sqrt()]).unwrap());
+    let c = g.add_const("c", Tensor::from_f32(vec![], vec![1.0 / ((d / heads) as f32).sqrt()]).unwrap());
     let s = g.add_inferred("scale", Op::Binary(BinaryOp::Mul), &[Some(s), Some(c)], "sc").unwrap();
     let p = g.add_inferred("softmax", Op::Softmax { axis: -1, coerce_2d: false }, &[Some(s)], "p").unwrap();
-    let a = g.add_inferred("mix", Op::MatMul, &[Some(p), Some(v)], "a").unwrap();
+    let mut a = g.add_inferred("mix", Op::MatMul, &[Some(p), Some(v)], "a").unwrap();
+    if heads > 1 {
+        let back = transpose(&mut g, "merge", a, &[0, 2, 1, 3]);
+        let ms = shape(&mut g, "merged", &[0, t as i64, d as i64]);
+        let rs = Op::Reshape { allowzero: false };
+        a = g.add_inferred("merge.reshape", rs, &[Some(back), Some(ms)], "am").unwrap();
+    }
     let o = proj(&mut g, r, "out", a, d);
     let res = g.add_inferred("residual", Op::Binary(BinaryOp::Add), &[Some(o), Some(x)], "res").unwrap();
     let (gamma, beta) = (g.add_const("ln.g", r.tensor(vec![d], 1.0)), g.add_const("ln.b", r.tensor(vec![d], 0.1)));
@@ -176,6 +207,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
     let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
     let (mut ragged, mut padded, mut fused, mut inside, mut dequant, mut ahead) = (0, 0, 0, 0, 0, 0);
+    let mut folded = 0;
     for family in ["mlp", "cnn", "attention", "mobile"] {
         for (ci, spec) in CONFIGS.iter().enumerate() {
             for seed in 0..2u64 {
@@ -193,7 +225,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                         let (c, s) = ([8, 16][ci % 2], [9, 12][seed as usize % 2]);
                         (mobile(&mut r, c, s, ci % 3), vec![c, s, s])
                     }
-                    _ => (attention(&mut r, 5, 32), vec![5, 32]),
+                    _ => (attention(&mut r, 5, 32, [1, 2, 4][(seed as usize + ci) % 3]), vec![5, 32]),
                 };
                 let per: usize = sample.iter().product();
                 let shaped = |n: usize, v: Vec<f32>| Tensor::from_f32([&[n][..], &sample].concat(), v).unwrap();
@@ -237,9 +269,14 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                 fused += paths.iter().filter(|p| **p == FUSED).count();
                 // Steps the step before ran in its own pass (a depthwise convolution after a
                 // pointwise int4 one, a pointwise int4 one after a depthwise one).
-                inside += paths.iter().filter(|p| **p == IN_PASS).count();
-                // Input quantizers a float convolution ran on its image (image by image).
-                ahead += paths.iter().filter(|p| **p == AHEAD).count();
+                let desc = plan.describe();
+                let is_transpose = |i: usize| desc[i].ends_with(": Transpose");
+                inside += (0..paths.len()).filter(|&i| paths[i] == IN_PASS && !is_transpose(i)).count();
+                // Input quantizers a float convolution ran on its image (image by image), and
+                // Transposes a MatMul read through strides (or wrote its product in their order).
+                ahead += (0..paths.len()).filter(|&i| paths[i] == AHEAD && !is_transpose(i)).count();
+                folded +=
+                    (0..paths.len()).filter(|&i| (paths[i] == AHEAD || paths[i] == IN_PASS) && is_transpose(i)).count();
                 let want =
                     sqil_ir::interp::run(&sim, &HashMap::from([("x".to_string(), x.clone())])).unwrap().remove(0);
                 let bits = |t: &Tensor| t.data.to_f32_vec().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
@@ -300,7 +337,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before, {dequant} float Gemms from weight levels, {ahead} input quantizers run by the convolution after them); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before, {dequant} float Gemms from weight levels, {ahead} input quantizers run by the convolution after them, {folded} Transposes read through strides); C: {c_exact}/{c_runs} bit-exact programs");
     if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
         assert!(inside >= 8, "only {inside} steps ran in the pass of the step before");
     } else {
@@ -312,6 +349,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     assert!(dequant >= 2, "only {dequant} float Gemms ran from their weight levels");
     assert!(ahead >= 4, "only {ahead} input quantizers ran inside the convolution after them");
     assert!(padded >= 4, "only {padded} convolutions with runs padded to whole groups");
+    assert!(folded >= 20, "only {folded} Transposes read through strides by a MatMul");
     assert!(!host_c || c_integer >= 8, "only {c_integer} integer plans reached the C back end");
 }
 

@@ -16,7 +16,8 @@
 pub mod plan;
 
 pub use plan::{
-    dequantized_weight, layer_key, layer_weight, per_sample, ConvTable, Kernel, Plan, Step, WeightLayout, PLAN_TOL,
+    dequantized_weight, layer_key, layer_weight, per_sample, transpose_folds, ConvTable, Fold, Kernel, Plan, Step,
+    WeightLayout, PLAN_TOL,
 };
 pub use sqil_ir::lowered::ActQuant;
 use sqil_ir::{Graph, Result};

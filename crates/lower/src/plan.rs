@@ -75,6 +75,14 @@ pub enum Step {
 }
 
 impl Step {
+    /// The slots this step writes.
+    pub fn outputs_of(&self) -> Vec<usize> {
+        match self {
+            Step::Q4Linear { y, .. } => vec![*y],
+            Step::Op { outputs, .. } => outputs.clone(),
+        }
+    }
+
     /// The slots this step reads.
     pub fn reads(&self) -> impl Iterator<Item = usize> + '_ {
         let (x, inputs): (Option<usize>, &[Option<usize>]) = match self {
@@ -108,6 +116,81 @@ pub struct Plan {
     /// the core's cache from layer to layer (a layer at a time, a batch of 64 images' outputs
     /// spill to memory between layers). The same kernels, so the same bits.
     pub per_sample: bool,
+    /// Per step, whether it runs as planned or folds into a MatMul's strides ([`Fold`]).
+    pub folds: Vec<Fold>,
+}
+
+/// How a step folds a Transpose into a MatMul (see [`transpose_folds`]): the runtime reads the
+/// transposed value through strides instead of copying it (attention's head split, K^T, and the
+/// heads put back together), with the same arithmetic, so the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fold {
+    /// Runs as planned.
+    No,
+    /// A Transpose whose value one later MatMul alone reads (directly, or through more such
+    /// Transposes): not materialized; the MatMul reads its input through strides.
+    View,
+    /// A MatMul whose value the next step alone reads, a Transpose that is not itself a
+    /// [`Fold::View`]: it writes its product in that order, as that step's value.
+    Transposed,
+}
+
+/// Per step of `steps`, its [`Fold`]: a Transpose of one input whose value is read once, by a
+/// MatMul (or by a Transpose folded the same way), is a view where its source lives on unchanged
+/// until that MatMul (the Transpose is the source's last reader, or the source is read after the
+/// MatMul: no step between takes it over in place); a MatMul whose value the next step, a
+/// Transpose, alone reads writes it transposed. Plan outputs are always materialized.
+pub fn transpose_folds(steps: &[Step], last_use: &[usize], outputs: &[usize]) -> Vec<Fold> {
+    let slots = last_use.len();
+    let mut readers = vec![0usize; slots];
+    let mut producer = vec![usize::MAX; slots];
+    for (i, st) in steps.iter().enumerate() {
+        st.reads().for_each(|s| readers[s] += 1);
+        if let Step::Op { outputs, .. } = st {
+            outputs.iter().for_each(|&o| producer[o] = i);
+        }
+    }
+    let once = |s: usize| readers[s] == 1 && !outputs.contains(&s);
+    // A Transpose step's source slot, where it is one.
+    let transpose_of = |t: usize, s: usize| -> Option<usize> {
+        match steps.get(t)? {
+            Step::Op { op: Op::Transpose { .. }, inputs, outputs, .. } if outputs[..] == [s] && inputs.len() == 1 => {
+                inputs[0]
+            }
+            _ => None,
+        }
+    };
+    let mut folds = vec![Fold::No; steps.len()];
+    for (j, st) in steps.iter().enumerate() {
+        let Step::Op { op: Op::MatMul, inputs, outputs, .. } = st else { continue };
+        if inputs.len() != 2 || outputs.len() != 1 {
+            continue;
+        }
+        for x in inputs.iter().flatten() {
+            // The chain of Transposes back from the MatMul's input, each value read once.
+            let (mut s, mut chain) = (*x, vec![]);
+            while let Some(src) = (s < slots && once(s)).then(|| transpose_of(producer[s], s)).flatten() {
+                chain.push(producer[s]);
+                s = src;
+            }
+            // s: the chain's source, read by the chain's first step (its last element).
+            if let Some(&first) = chain.last() {
+                if last_use[s] == first || last_use[s] > j {
+                    chain.iter().for_each(|&t| folds[t] = Fold::View);
+                }
+            }
+        }
+    }
+    for (j, st) in steps.iter().enumerate() {
+        let Step::Op { op: Op::MatMul, inputs, outputs, .. } = st else { continue };
+        if inputs.len() == 2 && outputs.len() == 1 && once(outputs[0]) && folds.get(j + 1) == Some(&Fold::No) {
+            let next = steps[j + 1].outputs_of();
+            if next.len() == 1 && transpose_of(j + 1, next[0]) == Some(outputs[0]) {
+                folds[j] = Fold::Transposed;
+            }
+        }
+    }
+    folds
 }
 
 /// Whether graph `g`'s batch can run one sample at a time: it has a convolution, every input's
@@ -668,6 +751,7 @@ impl Plan {
         for &s in &outputs {
             last_use[s] = usize::MAX;
         }
+        let folds = transpose_folds(&steps, &last_use, &outputs);
         Ok(Plan {
             inputs,
             outputs,
@@ -679,6 +763,7 @@ impl Plan {
             kernels,
             last_use,
             per_sample: per_sample(g),
+            folds,
         })
     }
 

@@ -6,7 +6,7 @@ use sqil_ir::lowered::run_q4_layer;
 use sqil_ir::ops::{BinaryOp, Op, Over, UnaryOp};
 use sqil_ir::{Data, IrError, Result, Tensor};
 use sqil_kernels_cpu::Post;
-use sqil_lower::{Plan, Step};
+use sqil_lower::{Fold, Plan, Step};
 use std::borrow::Cow;
 
 /// Running a [`Plan`] on the CPU.
@@ -182,8 +182,9 @@ fn post_op(op: &Op, inputs: &[Option<usize>], env: &[Option<Cow<Tensor>>]) -> Op
 /// What [`Execute::paths`] calls a step another step's kernel runs as its epilogue.
 pub const FUSED: &str = "epilogue (fused)";
 
-/// What [`Execute::paths`] calls a step that the step after it ran on its own input, image by
-/// image (a float convolution's input quantizer).
+/// What [`Execute::paths`] calls a step that a later step ran on its own input: a float
+/// convolution's input quantizer (image by image, by the convolution right after it), or a
+/// Transpose a later MatMul reads through strides ([`Fold::View`]).
 pub const AHEAD: &str = "fused into the step after";
 
 /// Step `i` as the input quantizer of a float convolution right after it ([`post_op`]: a
@@ -210,7 +211,8 @@ fn input_quantizer(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option
 
 /// What [`Execute::paths`] calls a step that the step before it ran in its own pass (a depthwise
 /// convolution after a pointwise int4 one, a pointwise int4 one after a depthwise one:
-/// [`sqil_ir::lowered::run_depthwise_chain`]); its time is that step's.
+/// [`sqil_ir::lowered::run_depthwise_chain`]; a Transpose of a MatMul's product, which the MatMul
+/// wrote in its order, [`Fold::Transposed`]); its time is that step's.
 pub const IN_PASS: &str = "fused into the step before";
 
 /// What a run records per step: wall time (seconds, added), and whether another step's kernel
@@ -376,6 +378,126 @@ fn arg_of<'e>(inputs: &[Option<usize>], env: &'e [Option<Cow<Tensor>>], k: usize
     inputs.get(k).copied().flatten().and_then(|s| env[s].as_deref())
 }
 
+/// A folded Transpose's value ([`Fold::View`]): slot `src`'s f32 data read through `strides` as
+/// the logical `shape`.
+struct View {
+    src: usize,
+    shape: Vec<usize>,
+    strides: Vec<usize>,
+}
+
+/// Step `i`, a [`Fold::View`] Transpose, as a view of its input (itself a view, or an f32 tensor
+/// read contiguous); `None` (run as planned) where the input is neither or the permutation is
+/// not one (the op then says so).
+fn transpose_view(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>], views: &[(usize, View)]) -> Option<View> {
+    let Step::Op { op: Op::Transpose { perm }, inputs, .. } = &plan.steps[i] else { return None };
+    let x = inputs.first().copied().flatten()?;
+    let (src, shape, strides) = match views.iter().find(|(s, _)| *s == x) {
+        Some((_, v)) => (v.src, v.shape.clone(), v.strides.clone()),
+        None => {
+            let t = env[x].as_deref().filter(|t| matches!(t.data, Data::F32(_)))?;
+            let mut st = vec![1usize; t.rank()];
+            for d in (0..t.rank().saturating_sub(1)).rev() {
+                st[d] = st[d + 1] * t.shape[d + 1];
+            }
+            (x, t.shape.clone(), st)
+        }
+    };
+    let p = sqil_ir::ops::transpose_perm(perm.as_deref(), shape.len()).ok()?;
+    Some(View { src, shape: p.iter().map(|&a| shape[a]).collect(), strides: p.iter().map(|&a| strides[a]).collect() })
+}
+
+/// Step `i` as a MatMul reading folded Transposes through strides and, where it is
+/// [`Fold::Transposed`], writing its product in the next step's order as that step's value
+/// (`sqil_ir::ops::matmul_strided`: the same chains, so the bits of the planned steps): the last
+/// step it covered; `None` to run it as planned, its views copied out first.
+fn strided_matmul(
+    plan: &Plan,
+    i: usize,
+    env: &mut [Option<Cow<Tensor>>],
+    views: &mut Vec<(usize, View)>,
+) -> Result<Option<usize>> {
+    let Step::Op { op: Op::MatMul, name, inputs, outputs, .. } = &plan.steps[i] else { return Ok(None) };
+    let view_of = |views: &[(usize, View)], s: &usize| views.iter().position(|(v, _)| v == s);
+    let transposed = plan.folds[i] == Fold::Transposed;
+    if !transposed && !inputs.iter().flatten().any(|s| view_of(views, s).is_some()) {
+        return Ok(None);
+    }
+    let operand = |s: usize| -> Option<sqil_ir::ops::StridedF32<'_>> {
+        match view_of(views, &s) {
+            Some(k) => {
+                let v = &views[k].1;
+                let data = env[v.src].as_deref()?.as_f32().ok()?;
+                Some(sqil_ir::ops::StridedF32 { data, shape: v.shape.clone(), strides: v.strides.clone() })
+            }
+            None => {
+                let t = env[s].as_deref()?;
+                let data = t.as_f32().ok()?;
+                let mut st = vec![1usize; t.rank()];
+                for d in (0..t.rank().saturating_sub(1)).rev() {
+                    st[d] = st[d + 1] * t.shape[d + 1];
+                }
+                Some(sqil_ir::ops::StridedF32 { data, shape: t.shape.clone(), strides: st })
+            }
+        }
+    };
+    let ab = match (inputs.len(), outputs.len()) {
+        (2, 1) => inputs[0].zip(inputs[1]).and_then(|(a, b)| Some((operand(a)?, operand(b)?))),
+        _ => None,
+    };
+    let next_perm = |rank: usize| match plan.steps.get(i + 1) {
+        Some(Step::Op { op: Op::Transpose { perm }, outputs: o, .. }) if o.len() == 1 => {
+            sqil_ir::ops::transpose_perm(perm.as_deref(), rank).ok().map(|p| (p, o[0]))
+        }
+        _ => None,
+    };
+    let ready = ab.filter(|(a, b)| a.shape.len() >= 2 && b.shape.len() >= 2).and_then(|(a, b)| {
+        let rank = a.shape.len().max(b.shape.len());
+        match transposed {
+            true => next_perm(rank).map(|p| (a, b, Some(p))),
+            false => Some((a, b, None)),
+        }
+    });
+    let Some((a, b, out)) = ready else {
+        // Not on f32 values of rank 2 or more: the views copied out, the step run as planned.
+        for s in inputs.iter().flatten() {
+            if let Some(k) = view_of(views, s) {
+                let (slot, v) = views.remove(k);
+                let t = env[v.src]
+                    .as_deref()
+                    .ok_or_else(|| IrError::Internal(format!("node `{name}`: view source gone")))?;
+                let st: Vec<isize> = v.strides.iter().map(|&d| d as isize).collect();
+                let idx = sqil_ir::ops::strided_indices(&v.shape, &st, 0);
+                env[slot] = Some(Cow::Owned(Tensor::new(v.shape.clone(), t.data.gather(&idx))?));
+            }
+        }
+        return Ok(None);
+    };
+    let y = sqil_ir::ops::matmul_strided(&a, &b, out.as_ref().map(|(p, _)| &p[..]))
+        .map_err(|e| e.context(format!("node `{name}` (MatMul)")))?;
+    let (slot, last) = match out {
+        Some((_, o)) => (o, i + 1),
+        None => (outputs[0], i),
+    };
+    env[slot] = Some(Cow::Owned(y));
+    // The views read here are done with; a source no view reads any more is dropped where no
+    // later step reads it.
+    let mut done = vec![];
+    for s in inputs.iter().flatten() {
+        if let Some(k) = view_of(views, s) {
+            done.push(views.remove(k).1.src);
+        }
+    }
+    for src in done {
+        if !views.iter().any(|(_, v)| v.src == src) && plan.last_use[src] <= last {
+            if let Some(Cow::Owned(t)) = env[src].take() {
+                sqil_ir::pool::recycle(t);
+            }
+        }
+    }
+    Ok(Some(last))
+}
+
 /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
 /// buffers reused from the previous call on this thread; with `probe`, adds each step's wall
 /// time to its entry and marks the steps another step's kernel ran; `keep_all` keeps every value
@@ -397,9 +519,46 @@ fn exec<'a>(
     for ((_, s), t) in plan.inputs.iter().zip(feeds) {
         env[*s] = Some(Cow::Borrowed(t));
     }
+    // Folded Transposes' values (`Plan::folds`), by slot: at most a few live at once.
+    let mut views: Vec<(usize, View)> = Vec::new();
     let mut i = 0;
     while i < plan.steps.len() {
         let start = probe.is_some().then(std::time::Instant::now);
+        if !keep_all && plan.folds.get(i) == Some(&Fold::View) {
+            if let Some(v) = transpose_view(plan, i, &env, &views) {
+                // Its value a view (its source kept until the MatMul that reads it).
+                let x = plan.steps[i].reads().next();
+                views.retain(|(s, _)| Some(*s) != x);
+                views.push((plan.steps[i].outputs_of()[0], v));
+                if let (Some(p), Some(start)) = (probe.as_deref_mut(), start) {
+                    p.ahead[i] = true;
+                    p.times[i] += start.elapsed().as_secs_f64();
+                }
+                i += 1;
+                continue;
+            }
+        }
+        if !keep_all {
+            if let Some(last) = strided_matmul(plan, i, &mut env, &mut views)? {
+                for s in plan.steps[i..=last].iter().flat_map(Step::reads) {
+                    if plan.last_use[s] <= last && !views.iter().any(|(_, v)| v.src == s) {
+                        if let Some(Cow::Owned(t)) = env[s].take() {
+                            sqil_ir::pool::recycle(t);
+                        }
+                    }
+                }
+                if let Some(p) = probe.as_deref_mut() {
+                    if last > i {
+                        p.inside[last] = true;
+                    }
+                    if let Some(start) = start {
+                        p.times[i] += start.elapsed().as_secs_f64();
+                    }
+                }
+                i = last + 1;
+                continue;
+            }
+        }
         // A float convolution's input quantizer, run by the convolution (the step after).
         let first = i;
         let pre = input_quantizer(plan, i, &env).filter(|_| !keep_all);
@@ -579,7 +738,7 @@ fn exec<'a>(
         // Values no later step reads are dropped now, their memory reused by later outputs (those
         // of the steps run as this one's epilogue too).
         for s in plan.steps[first..=last].iter().flat_map(Step::reads) {
-            if !keep_all && plan.last_use[s] <= last {
+            if !keep_all && plan.last_use[s] <= last && !views.iter().any(|(_, v)| v.src == s) {
                 // Its buffer serves a later output of the same size (this run's or the next's).
                 if let Some(Cow::Owned(t)) = env[s].take() {
                     sqil_ir::pool::recycle(t);

@@ -352,6 +352,103 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     via_f32(a.dtype(), out_shape, out)
 }
 
+/// An f32 value read through strides: element `(i_0, .., i_{r-1})` of the logical `shape` is
+/// `data[sum of i_d strides[d]]` (a Transpose of a contiguous value, not materialized).
+#[derive(Clone, Debug)]
+pub struct StridedF32<'a> {
+    pub data: &'a [f32],
+    pub shape: Vec<usize>,
+    pub strides: Vec<usize>,
+}
+
+/// MatMul of two f32 operands of rank 2 or more read through strides, as [`matmul`] on the
+/// materialized operands computes it: each output the policy GEMM's chain (`sgemm_chain`, any
+/// strides, the same chain), batch dimensions broadcast as MatMul broadcasts them. The product is
+/// written contiguous or, with `out_perm`, in the order `Transpose(perm)` of it would have
+/// (contiguous in that order): the bits of MatMul then Transpose, without either copy.
+pub fn matmul_strided(a: &StridedF32, b: &StridedF32, out_perm: Option<&[usize]>) -> Result<Tensor> {
+    let (ra, rb) = (a.shape.len(), b.shape.len());
+    if ra < 2 || rb < 2 || a.strides.len() != ra || b.strides.len() != rb {
+        return Err(IrError::Internal(format!("strided MatMul of shapes {:?} and {:?}", a.shape, b.shape)));
+    }
+    let (m, k) = (a.shape[ra - 2], a.shape[ra - 1]);
+    let (k2, n) = (b.shape[rb - 2], b.shape[rb - 1]);
+    if k != k2 {
+        return Err(IrError::Invalid(format!("MatMul inner dimensions differ: {:?} @ {:?}", a.shape, b.shape)));
+    }
+    let (ab, bb) = (&a.shape[..ra - 2], &b.shape[..rb - 2]);
+    let batch = broadcast_shapes(&[ab, bb]).ok_or_else(|| {
+        IrError::Invalid(format!("MatMul batch dims do not broadcast: {:?} @ {:?}", a.shape, b.shape))
+    })?;
+    let mut oshape = batch.clone();
+    oshape.extend([m, n]);
+    let r = oshape.len();
+    let (shape, so) = match out_perm {
+        Some(p) => {
+            let mut seen = vec![false; r];
+            if p.len() != r || p.iter().any(|&d| d >= r || std::mem::replace(&mut seen[d], true)) {
+                return Err(IrError::Internal(format!("MatMul written as Transpose {p:?} of rank {r}")));
+            }
+            // The result is contiguous in the permuted order; the product's axis p[i] has the
+            // result's stride i.
+            let shape: Vec<usize> = p.iter().map(|&d| oshape[d]).collect();
+            let sy = contiguous_strides(&shape);
+            let mut so = vec![0; r];
+            for (i, &d) in p.iter().enumerate() {
+                so[d] = sy[i];
+            }
+            (shape, so)
+        }
+        None => (oshape.clone(), contiguous_strides(&oshape)),
+    };
+    let total: usize = shape.iter().product();
+    let mut out = vec![0f32; total];
+    if total == 0 || k == 0 {
+        return Tensor::from_f32(shape, out);
+    }
+    // Each operand's batch axes align with the batch's last ones; an axis of 1 broadcasts.
+    let offset = |idx: &[usize], dims: &[usize], strides: &[usize]| -> usize {
+        let skip = idx.len() - dims.len();
+        dims.iter().zip(strides).zip(&idx[skip..]).map(|((&d, &s), &i)| if d == 1 { 0 } else { i * s }).sum()
+    };
+    let nb: usize = batch.iter().product();
+    let mut idx = vec![0usize; batch.len()];
+    for _ in 0..nb {
+        let oa = offset(&idx, ab, &a.strides[..ra - 2]);
+        let ob = offset(&idx, bb, &b.strides[..rb - 2]);
+        let oc: usize = idx.iter().zip(&so).map(|(&i, &s)| i * s).sum();
+        sgemm_chain(
+            m,
+            k,
+            n,
+            &a.data[oa..],
+            (a.strides[ra - 2], a.strides[ra - 1]),
+            &b.data[ob..],
+            (b.strides[rb - 2], b.strides[rb - 1]),
+            &mut out[oc..],
+            (so[r - 2], so[r - 1]),
+        );
+        // The next batch index, last axis fastest.
+        for d in (0..idx.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < batch[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Tensor::from_f32(shape, out)
+}
+
+/// Row-major strides of `shape`.
+fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+    let mut st = vec![1; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        st[d] = st[d + 1] * shape[d + 1];
+    }
+    st
+}
+
 pub(crate) fn gemm(
     a: &Tensor,
     b: &Tensor,

@@ -18,12 +18,12 @@ mod reduce;
 mod shape_ops;
 pub mod unary;
 
-pub use broadcast::{broadcast_indices, Broadcast, Over};
+pub use broadcast::{broadcast_indices, strided_indices, Broadcast, Over};
 pub use elementwise::{binary_f32_in_place, clip_bounds_f32};
-pub use linalg::{conv_with_table, dense_weight_kn, gemm_dequant, AutoPad, ConvAttrs};
+pub use linalg::{conv_with_table, dense_weight_kn, gemm_dequant, matmul_strided, AutoPad, ConvAttrs, StridedF32};
 pub use nn::PoolAttrs;
 pub use reduce::reduce_tables;
-pub use shape_ops::{reshape_target, shape_range};
+pub use shape_ops::{reshape_target, shape_range, transpose_perm};
 pub use unary::{UnaryDef, UnaryOp, UNARY_OPS};
 
 use crate::attrs::{Attr, AttrMap};

@@ -153,6 +153,11 @@ pub(crate) fn reshape(x: &Tensor, shape: &Tensor, allowzero: bool) -> Result<Ten
     x.clone().reshaped(target)
 }
 
+/// A Transpose's permutation of a value of rank `rank` (`perm` absent: the axes reversed), checked.
+pub fn transpose_perm(perm: Option<&[i64]>, rank: usize) -> Result<Vec<usize>> {
+    perm_of(perm, rank)
+}
+
 fn perm_of(perm: Option<&[i64]>, rank: usize) -> Result<Vec<usize>> {
     let p: Vec<usize> = match perm {
         None => (0..rank).rev().collect(),
