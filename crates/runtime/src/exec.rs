@@ -33,19 +33,10 @@ impl Execute for Plan {
     /// Runs the plan; `feeds` in the graph's input order. `threads` for large layers. A batch
     /// of a [`Plan::per_sample`] plan runs one sample at a time.
     fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
-        let batch = feeds.first().and_then(|t| t.shape.first().copied()).unwrap_or(0);
-        if self.per_sample && batch > 1 && feeds.iter().all(|t| t.shape.first() == Some(&batch)) {
+        if let Some(batch) = sample_by_sample(self, feeds) {
             let mut parts: Vec<Vec<Tensor>> = vec![vec![]; self.outputs.len()];
             for i in 0..batch {
-                let one: Vec<Tensor> = feeds
-                    .iter()
-                    .map(|t| {
-                        let per = t.len() / batch;
-                        let mut shape = t.shape.clone();
-                        shape[0] = 1;
-                        Tensor::new(shape, t.data.range(i * per..(i + 1) * per))
-                    })
-                    .collect::<Result<_>>()?;
+                let one = sample(feeds, batch, i)?;
                 for (part, y) in parts.iter_mut().zip(self.run_whole(&one, threads)?) {
                     if y.shape.first() != Some(&1) {
                         return Err(IrError::Internal(format!("per-sample run gave an output of shape {:?}", y.shape)));
@@ -86,9 +77,20 @@ impl Execute for Plan {
     fn profile(&self, feeds: &[Tensor], threads: usize, runs: usize) -> Result<Vec<(f64, f64)>> {
         let mut stats = vec![(0.0, f64::INFINITY); self.steps.len()];
         let mut probe = Probe::new(self);
+        // As `run` runs it: a per-sample plan's batch one sample at a time (each step's time the
+        // sum over the samples).
+        let samples: Vec<Vec<Tensor>> = match sample_by_sample(self, feeds) {
+            Some(batch) => (0..batch).map(|i| sample(feeds, batch, i)).collect::<Result<_>>()?,
+            None => vec![],
+        };
         for _ in 0..runs.max(1) {
             probe.times.fill(0.0);
-            exec(self, feeds, threads, Some(&mut probe), false)?;
+            if samples.is_empty() {
+                exec(self, feeds, threads, Some(&mut probe), false)?;
+            }
+            for one in &samples {
+                exec(self, one, threads, Some(&mut probe), false)?;
+            }
             for (st, t) in stats.iter_mut().zip(&probe.times) {
                 st.0 += t / runs.max(1) as f64;
                 st.1 = st.1.min(*t);
@@ -131,6 +133,27 @@ impl Execute for Plan {
         }
         Ok(paths)
     }
+}
+
+/// The batch size where `run` takes `feeds` one sample at a time ([`Plan::per_sample`], a batch
+/// of two or more leading every input).
+fn sample_by_sample(plan: &Plan, feeds: &[Tensor]) -> Option<usize> {
+    let batch = feeds.first().and_then(|t| t.shape.first().copied()).unwrap_or(0);
+    (plan.per_sample && batch > 1 && feeds.iter().all(|t| t.shape.first() == Some(&batch))).then_some(batch)
+}
+
+/// Sample `i` of a batch of `batch` (every input's leading dimension), each input of shape
+/// `[1, ...]`.
+fn sample(feeds: &[Tensor], batch: usize, i: usize) -> Result<Vec<Tensor>> {
+    feeds
+        .iter()
+        .map(|t| {
+            let per = t.len() / batch;
+            let mut shape = t.shape.clone();
+            shape[0] = 1;
+            Tensor::new(shape, t.data.range(i * per..(i + 1) * per))
+        })
+        .collect()
 }
 
 /// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: an element-wise
