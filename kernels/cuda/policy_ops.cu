@@ -498,39 +498,54 @@ __device__ __forceinline__ int sqil_w8(const unsigned *__restrict__ wq, int k4, 
     return sqil_w8_of(wq[(long)c * k4 + kk / 4], kk);
 }
 
-// sqil_q4_span (below) for two output channels c0 and c1 of the same row (c1 only where `two`;
-// sqil_q4_span is this with `two` false): each term's input is loaded once for both.
-__device__ __forceinline__ void sqil_q4_span2(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
-                                              int c0, int c1, bool two, int from, int end, int step, float qs,
-                                              float qz, float qlo, float qhi, int *nan, int *s0, int *s1)
+// sqil_q4_span (below) for C output channels ch[0..C-1] of the same row, B terms a batch: each
+// term's input is loaded once for all C channels, and a batch's inputs and weight words are all
+// loaded before any is used (sqil_q4_span: one channel, eight terms; sqil_q4_int's two outputs per
+// warp: two, eight; its four: four, four).
+template <int C, int B>
+__device__ __forceinline__ void sqil_q4_span_n(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
+                                               const int (&ch)[C], int from, int end, int step, float qs, float qz,
+                                               float qlo, float qhi, int *nan, int (&s)[C])
 {
-    int a = 0, b = 0;
-    for (int kk0 = from; kk0 < end; kk0 += 8 * step) {
-        float v[8];
-        unsigned w0[8], w1[8];
+    // Local sums, stored once at the end (summing into the caller's array compiled to a
+    // different, longer loop).
+    int a[C];
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const int kk = kk0 + i * step;
-            v[i] = kk < end ? xr[kk] : 0.0f;
-            w0[i] = kk < end ? wq[(long)c0 * k4 + kk / 4] : 0u;
-            w1[i] = two && kk < end ? wq[(long)c1 * k4 + kk / 4] : 0u;
+    for (int i = 0; i < C; i++) {
+        a[i] = 0;
+    }
+    for (int kk0 = from; kk0 < end; kk0 += B * step) {
+        float v[B];
+        unsigned w[C][B];
+#pragma unroll
+        for (int t = 0; t < B; t++) {
+            const int kk = kk0 + t * step;
+            v[t] = kk < end ? xr[kk] : 0.0f;
+#pragma unroll
+            for (int i = 0; i < C; i++) {
+                w[i][t] = kk < end ? wq[(long)ch[i] * k4 + kk / 4] : 0u;
+            }
         }
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const int kk = kk0 + i * step;
+        for (int t = 0; t < B; t++) {
+            const int kk = kk0 + t * step;
             if (kk < end) {
-                const float l = sqil_level_or(v[i], qs, qz, qlo, qhi);
+                const float l = sqil_level_or(v[t], qs, qz, qlo, qhi);
                 if (l != l) {
                     *nan = 1;
                 } else {
-                    a += sqil_w8_of(w0[i], kk) * (int)l;
-                    b += sqil_w8_of(w1[i], kk) * (int)l;
+#pragma unroll
+                    for (int i = 0; i < C; i++) {
+                        a[i] += sqil_w8_of(w[i][t], kk) * (int)l;
+                    }
                 }
             }
         }
     }
-    *s0 = a;
-    *s1 = b;
+#pragma unroll
+    for (int i = 0; i < C; i++) {
+        s[i] = a[i];
+    }
 }
 
 // The exact integer sum over terms from, from + step, ... (< end) of weight x level for output
@@ -542,9 +557,10 @@ __device__ __forceinline__ int sqil_q4_span(const float *__restrict__ xr, const 
                                             int c, int from, int end, int step, float qs, float qz, float qlo,
                                             float qhi, int *nan)
 {
-    int s, unused;
-    sqil_q4_span2(xr, wq, k4, c, c, false, from, end, step, qs, qz, qlo, qhi, nan, &s, &unused);
-    return s;
+    const int ch[1] = {c};
+    int s[1];
+    sqil_q4_span_n<1, 8>(xr, wq, k4, ch, from, end, step, qs, qz, qlo, qhi, nan, s);
+    return s[0];
 }
 
 // The runtime's epilogue after the group sums: acc * xscale, + the bias value bv (where has_bias),
@@ -634,46 +650,6 @@ __device__ __forceinline__ int sqil_lanes_per_group(int groups, int group, int k
     return lpg;
 }
 
-// sqil_q4_span for four output channels ch[0..3] of the same row: each term's input is loaded
-// once for all four (sqil_q4_int's four outputs per warp).
-__device__ __forceinline__ void sqil_q4_span4(const float *__restrict__ xr, const unsigned *__restrict__ wq, int k4,
-                                              const int (&ch)[4], int from, int end, int step, float qs, float qz,
-                                              float qlo, float qhi, int *nan, int (&s)[4])
-{
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        s[i] = 0;
-    }
-    for (int kk0 = from; kk0 < end; kk0 += 4 * step) {
-        float v[4];
-        unsigned w[4][4];
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            const int kk = kk0 + t * step;
-            v[t] = kk < end ? xr[kk] : 0.0f;
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                w[i][t] = kk < end ? wq[(long)ch[i] * k4 + kk / 4] : 0u;
-            }
-        }
-#pragma unroll
-        for (int t = 0; t < 4; t++) {
-            const int kk = kk0 + t * step;
-            if (kk < end) {
-                const float l = sqil_level_or(v[t], qs, qz, qlo, qhi);
-                if (l != l) {
-                    *nan = 1;
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) {
-                        s[i] += sqil_w8_of(w[i][t], kk) * (int)l;
-                    }
-                }
-            }
-        }
-    }
-}
-
 // sqil_q4_int with four outputs per warp (opw 4: outputs c..c + 3 of one row, `fit_cluster`'s
 // choice where two per warp still leave a step over 16 blocks, e.g. a 512-wide hidden layer):
 // with fewer than 32 groups the lanes-per-group form over the four channels at once (each term's
@@ -710,7 +686,7 @@ __device__ __forceinline__ void sqil_q4_int_four(const unsigned bx, const unsign
         for (int i = 0; i < 4; i++) {
             sc[i] = live ? scales[(long)ch[i] * groups + g] : 0.0f;
         }
-        sqil_q4_span4(xr, wq, k4, ch, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan, sm);
+        sqil_q4_span_n<4, 4>(xr, wq, k4, ch, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan, sm);
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             for (int d = lpg / 2; d > 0; d /= 2) {
@@ -765,7 +741,7 @@ __device__ __forceinline__ void sqil_q4_int_t(const unsigned bx, const unsigned 
         // lpg lanes per group (the most, a power of two, with lpg * groups <= 32), all groups at
         // once: each segment sums its group's terms and reduces within itself; the products are
         // then added in group order. Lanes past the groups (10 groups: lanes 20-31) sum nothing.
-        // The lane's terms through sqil_q4_span2: their loads are issued before any is quantized
+        // The lane's terms through sqil_q4_span_n: their loads are issued before any is quantized
         // (in a plain loop the division's slow-path call kept each load behind the previous
         // term's arithmetic: one round trip to L2 per term).
         int g, sub, end;
@@ -774,8 +750,10 @@ __device__ __forceinline__ void sqil_q4_int_t(const unsigned bx, const unsigned 
         if (two) {
             const float sc0 = live ? scales[(long)c * groups + g] : 0.0f;
             const float sc1 = live ? scales[(long)c1 * groups + g] : 0.0f;
-            int s0, s1;
-            sqil_q4_span2(xr, wq, k4, c, c1, true, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan, &s0, &s1);
+            const int ch[2] = {c, c1};
+            int sp[2];
+            sqil_q4_span_n<2, 8>(xr, wq, k4, ch, g * group + sub, end, lpg, qs, qz, qlo, qhi, &nan, sp);
+            int s0 = sp[0], s1 = sp[1];
             for (int d = lpg / 2; d > 0; d /= 2) {
                 s0 += __shfl_xor_sync(0xffffffffu, s0, d);
                 s1 += __shfl_xor_sync(0xffffffffu, s1, d);
@@ -969,18 +947,22 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_groups(SQIL_VARGS
     }
     const int r = (int)(o / n), c = (int)(o % n), k4 = (k + 3) / 4, lane = SQIL_TX % 32, warp = SQIL_TX / 32;
     const float *xr = x + (long)r * k;
+    // The bias and each group's scale are loaded before the sums (after them, each was one more
+    // round trip to memory at the step's end).
+    const float bv = bias && SQIL_TX == 0 ? bias[c] : 0.0f;
     float acc = 0.0f;
     int nan = 0;
     for (int g0 = 0; g0 < groups; g0 += 256) {
         const int cnt = groups - g0 < 256 ? groups - g0 : 256;
         for (int j = warp; j < cnt; j += 8) {
             const int g = g0 + j, end = (g + 1) * group < k ? (g + 1) * group : k;
+            const float sc = lane == 0 ? scales[(long)c * groups + g] : 0.0f;
             int s = sqil_q4_span(xr, wq, k4, c, g * group + lane, end, 32, qs, qz, qlo, qhi, &nan);
             for (int d = 16; d > 0; d /= 2) {
                 s += __shfl_xor_sync(0xffffffffu, s, d);
             }
             if (lane == 0) {
-                prod[j] = __fmul_rn((float)s, scales[(long)c * groups + g]);
+                prod[j] = __fmul_rn((float)s, sc);
             }
         }
         __syncthreads();
@@ -1001,7 +983,7 @@ SQIL_KERNEL void SQIL_LAUNCH_BOUNDS(256) sqil_q4_int_groups(SQIL_VARGS
         for (int w = 0; w < 8; w++) {
             any |= nanw[w];
         }
-        y[(long)r * n + c] = sqil_q4_epilogue(acc, xscale, bias, c, relu, any);
+        y[(long)r * n + c] = sqil_q4_epilogue_v(acc, xscale, bias != nullptr, bv, relu, any);
     }
 }
 
