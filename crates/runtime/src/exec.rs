@@ -553,9 +553,9 @@ fn exec<'a>(
                 let x = plan.steps[i].reads().next();
                 views.retain(|(s, _)| Some(*s) != x);
                 views.push((plan.steps[i].outputs_of()[0], v));
-                if let (Some(p), Some(start)) = (probe.as_deref_mut(), start) {
+                // (No time of its own: the MatMul that reads it reads it in place.)
+                if let Some(p) = probe.as_deref_mut() {
                     p.ahead[i] = true;
-                    p.times[i] += start.elapsed().as_secs_f64();
                 }
                 i += 1;
                 continue;
