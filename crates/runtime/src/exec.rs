@@ -419,11 +419,7 @@ fn transpose_view(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>], views: &[(
         Some((_, v)) => (v.src, v.shape.clone(), v.strides.clone()),
         None => {
             let t = env[x].as_deref().filter(|t| matches!(t.data, Data::F32(_)))?;
-            let mut st = vec![1usize; t.rank()];
-            for d in (0..t.rank().saturating_sub(1)).rev() {
-                st[d] = st[d + 1] * t.shape[d + 1];
-            }
-            (x, t.shape.clone(), st)
+            (x, t.shape.clone(), sqil_ir::ops::contiguous_strides(&t.shape))
         }
     };
     let p = sqil_ir::ops::transpose_perm(perm.as_deref(), shape.len()).ok()?;
@@ -456,11 +452,11 @@ fn strided_matmul(
             None => {
                 let t = env[s].as_deref()?;
                 let data = t.as_f32().ok()?;
-                let mut st = vec![1usize; t.rank()];
-                for d in (0..t.rank().saturating_sub(1)).rev() {
-                    st[d] = st[d + 1] * t.shape[d + 1];
-                }
-                Some(sqil_ir::ops::StridedF32 { data, shape: t.shape.clone(), strides: st })
+                Some(sqil_ir::ops::StridedF32 {
+                    data,
+                    shape: t.shape.clone(),
+                    strides: sqil_ir::ops::contiguous_strides(&t.shape),
+                })
             }
         }
     };

@@ -440,8 +440,8 @@ pub fn matmul_strided(a: &StridedF32, b: &StridedF32, out_perm: Option<&[usize]>
     Tensor::from_f32(shape, out)
 }
 
-/// Row-major strides of `shape`.
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
+/// Row-major strides of `shape` (the strides a [`StridedF32`] of a contiguous value has).
+pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
     let mut st = vec![1; shape.len()];
     for d in (0..shape.len().saturating_sub(1)).rev() {
         st[d] = st[d + 1] * shape[d + 1];
