@@ -76,10 +76,10 @@ pub enum Step {
 
 impl Step {
     /// The slots this step writes.
-    pub fn outputs_of(&self) -> Vec<usize> {
+    pub fn outputs_of(&self) -> &[usize] {
         match self {
-            Step::Q4Linear { y, .. } => vec![*y],
-            Step::Op { outputs, .. } => outputs.clone(),
+            Step::Q4Linear { y, .. } => std::slice::from_ref(y),
+            Step::Op { outputs, .. } => outputs,
         }
     }
 

@@ -419,7 +419,7 @@ fn transpose_view(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>], views: &[(
         Some((_, v)) => (v.src, v.shape.clone(), v.strides.clone()),
         None => {
             let t = env[x].as_deref().filter(|t| matches!(t.data, Data::F32(_)))?;
-            (x, t.shape.clone(), sqil_ir::ops::contiguous_strides(&t.shape))
+            (x, t.shape.clone(), sqil_ir::tensor::strides_of(&t.shape))
         }
     };
     let p = sqil_ir::ops::transpose_perm(perm.as_deref(), shape.len()).ok()?;
@@ -455,7 +455,7 @@ fn strided_matmul(
                 Some(sqil_ir::ops::StridedF32 {
                     data,
                     shape: t.shape.clone(),
-                    strides: sqil_ir::ops::contiguous_strides(&t.shape),
+                    strides: sqil_ir::tensor::strides_of(&t.shape),
                 })
             }
         }
@@ -508,13 +508,19 @@ fn strided_matmul(
         }
     }
     for src in done {
-        if !views.iter().any(|(_, v)| v.src == src) && plan.last_use[src] <= last {
-            if let Some(Cow::Owned(t)) = env[src].take() {
-                sqil_ir::pool::recycle(t);
-            }
-        }
+        drop_dead(plan, env, views, src, last);
     }
     Ok(Some(last))
+}
+
+/// Drops slot `s`'s value where no step after `last` reads it and no folded Transpose's view reads
+/// through it; its buffer serves a later output of the same size (this run's or the next's).
+fn drop_dead(plan: &Plan, env: &mut [Option<Cow<Tensor>>], views: &[(usize, View)], s: usize, last: usize) {
+    if plan.last_use[s] <= last && !views.iter().any(|(_, v)| v.src == s) {
+        if let Some(Cow::Owned(t)) = env[s].take() {
+            sqil_ir::pool::recycle(t);
+        }
+    }
 }
 
 /// Runs the plan with constants and inputs borrowed, not copied, and the int8 activation
@@ -560,11 +566,7 @@ fn exec<'a>(
         if !keep_all {
             if let Some(last) = strided_matmul(plan, i, &mut env, &mut views)? {
                 for s in plan.steps[i..=last].iter().flat_map(Step::reads) {
-                    if plan.last_use[s] <= last && !views.iter().any(|(_, v)| v.src == s) {
-                        if let Some(Cow::Owned(t)) = env[s].take() {
-                            sqil_ir::pool::recycle(t);
-                        }
-                    }
+                    drop_dead(plan, &mut env, &views, s, last);
                 }
                 if let Some(p) = probe.as_deref_mut() {
                     if last > i {
@@ -756,12 +758,9 @@ fn exec<'a>(
         }
         // Values no later step reads are dropped now, their memory reused by later outputs (those
         // of the steps run as this one's epilogue too).
-        for s in plan.steps[first..=last].iter().flat_map(Step::reads) {
-            if !keep_all && plan.last_use[s] <= last && !views.iter().any(|(_, v)| v.src == s) {
-                // Its buffer serves a later output of the same size (this run's or the next's).
-                if let Some(Cow::Owned(t)) = env[s].take() {
-                    sqil_ir::pool::recycle(t);
-                }
+        if !keep_all {
+            for s in plan.steps[first..=last].iter().flat_map(Step::reads) {
+                drop_dead(plan, &mut env, &views, s, last);
             }
         }
         if let (Some(p), Some(start)) = (probe.as_deref_mut(), start) {

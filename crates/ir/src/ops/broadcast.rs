@@ -119,11 +119,13 @@ pub fn zip2<A: Copy, B: Copy, R>(
             out.extend(blk.iter().map(|&y| f(x, y)));
         }
         out
-    } else if let Some(rows) = RowBroadcast::of(&bc.out_shape, ash, bsh) {
+    } else if let Some((run, ia, ib)) = common_runs(&bc.out_shape, ash, bsh) {
         // Both broadcast over leading axes and agree on a run of trailing ones (ACT's learned
-        // queries [1, 50, 256] added to [N, 1, 256]): run by run, no index vectors.
-        let mut out = Vec::with_capacity(rows.count * rows.run);
-        rows.each(|oa, ob| out.extend(a[oa..oa + rows.run].iter().zip(&b[ob..ob + rows.run]).map(|(&x, &y)| f(x, y))));
+        // queries [1, 50, 256] added to [N, 1, 256]): run by run, one index per run.
+        let mut out = Vec::with_capacity(ia.len() * run);
+        for (&i, &j) in ia.iter().zip(&ib) {
+            out.extend(a[i * run..(i + 1) * run].iter().zip(&b[j * run..(j + 1) * run]).map(|(&x, &y)| f(x, y)));
+        }
         out
     } else {
         let (ia, ib) = (bc.indices(0), bc.indices(1));
@@ -132,68 +134,27 @@ pub fn zip2<A: Copy, B: Copy, R>(
     Ok((bc.out_shape, out))
 }
 
-/// Two operands broadcast to `out` that both span its last axes in full (`run` values, at least
-/// [`RowBroadcast::RUN_MIN`]), each broadcast or not over the axes before: the `count` runs of the
-/// output in order, each operand's run at an offset stepped per leading axis.
-struct RowBroadcast {
-    run: usize,
-    count: usize,
-    lead: Vec<usize>,
-    /// Per leading axis, each operand's stride (0 where it broadcasts).
-    strides: Vec<(usize, usize)>,
+/// Where two operands broadcast to `out` both span its last axes in full, `run` values (at least
+/// [`RUN_MIN`]): `run` and, per run of the output in order, the index of each operand's run (the
+/// leading axes' [`broadcast_indices`], in units of `run`).
+fn common_runs(out: &[usize], ash: &[usize], bsh: &[usize]) -> Option<(usize, Vec<usize>, Vec<usize>)> {
+    let r = out.len();
+    if ash.len() > r || bsh.len() > r {
+        return None;
+    }
+    let pad = |sh: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, r - sh.len()).chain(sh.iter().copied()).collect() };
+    let (pa, pb) = (pad(ash), pad(bsh));
+    let full = (0..r).rev().take_while(|&d| pa[d] == out[d] && pb[d] == out[d]).count();
+    let run: usize = out[r - full..].iter().product();
+    if full == 0 || run < RUN_MIN {
+        return None;
+    }
+    let lead = &out[..r - full];
+    Some((run, broadcast_indices(&pa[..r - full], lead), broadcast_indices(&pb[..r - full], lead)))
 }
 
-impl RowBroadcast {
-    /// Runs shorter than this go through the index gather.
-    const RUN_MIN: usize = 8;
-
-    fn of(out: &[usize], ash: &[usize], bsh: &[usize]) -> Option<RowBroadcast> {
-        let r = out.len();
-        if ash.len() > r || bsh.len() > r {
-            return None;
-        }
-        let pad =
-            |sh: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, r - sh.len()).chain(sh.iter().copied()).collect() };
-        let (pa, pb) = (pad(ash), pad(bsh));
-        let full = (0..r).rev().take_while(|&d| pa[d] == out[d] && pb[d] == out[d]).count();
-        let run: usize = out[r - full..].iter().product();
-        if full == 0 || run < Self::RUN_MIN {
-            return None;
-        }
-        let lead = out[..r - full].to_vec();
-        let stride = |p: &[usize]| -> Vec<usize> {
-            let mut st = vec![0; r - full];
-            let mut acc = run;
-            for d in (0..r - full).rev() {
-                st[d] = if p[d] == 1 { 0 } else { acc };
-                acc *= p[d];
-            }
-            st
-        };
-        let strides = stride(&pa).into_iter().zip(stride(&pb)).collect();
-        Some(RowBroadcast { run, count: lead.iter().product(), lead, strides })
-    }
-
-    /// `f(offset in a, offset in b)` for each run of the output, in order.
-    fn each(&self, mut f: impl FnMut(usize, usize)) {
-        let mut pos = vec![0usize; self.lead.len()];
-        let (mut oa, mut ob) = (0usize, 0usize);
-        for _ in 0..self.count {
-            f(oa, ob);
-            for d in (0..pos.len()).rev() {
-                pos[d] += 1;
-                oa += self.strides[d].0;
-                ob += self.strides[d].1;
-                if pos[d] < self.lead[d] {
-                    break;
-                }
-                oa -= self.strides[d].0 * pos[d];
-                ob -= self.strides[d].1 * pos[d];
-                pos[d] = 0;
-            }
-        }
-    }
-}
+/// Runs shorter than this go through the element-wise index gather.
+const RUN_MIN: usize = 8;
 
 /// How an operand `b` (shape `bsh`) broadcasts over `a` (shape `ash`) when the result has `a`'s
 /// shape, in the forms with a contiguous inner loop.

@@ -1,14 +1,14 @@
 //! MatMul, Gemm, Conv and ConvTranspose. Float work is done by the GEMM kernels of
 //! `sqil-kernels-cpu` (f32, or f64 for f64 tensors); f16/bf16 are computed in f32.
 
-use super::broadcast::broadcast_indices;
+use super::broadcast::{broadcast_indices, strided_indices};
 use super::Cx;
 use crate::attrs::{Attr, AttrMap};
 use crate::dtype::DType;
 use crate::error::{IrError, Result};
 use crate::shape::broadcast_shapes;
 use crate::shape::{broadcast_dims, Dim, ValueType};
-use crate::tensor::{Data, Tensor};
+use crate::tensor::{strides_of, Data, Tensor};
 use sqil_kernels_cpu::{depthwise_conv, dgemm, im2col, sgemm, sgemm_chain, ConvGeometry};
 
 /// Padding policy of convolutions and pools (ONNX `auto_pad`).
@@ -353,7 +353,8 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// An f32 value read through strides: element `(i_0, .., i_{r-1})` of the logical `shape` is
-/// `data[sum of i_d strides[d]]` (a Transpose of a contiguous value, not materialized).
+/// `data[sum of i_d strides[d]]` (a Transpose of a contiguous value, not materialized; a
+/// contiguous value has `crate::tensor::strides_of(shape)`).
 #[derive(Clone, Debug)]
 pub struct StridedF32<'a> {
     pub data: &'a [f32],
@@ -392,31 +393,30 @@ pub fn matmul_strided(a: &StridedF32, b: &StridedF32, out_perm: Option<&[usize]>
             // The result is contiguous in the permuted order; the product's axis p[i] has the
             // result's stride i.
             let shape: Vec<usize> = p.iter().map(|&d| oshape[d]).collect();
-            let sy = contiguous_strides(&shape);
+            let sy = strides_of(&shape);
             let mut so = vec![0; r];
             for (i, &d) in p.iter().enumerate() {
                 so[d] = sy[i];
             }
             (shape, so)
         }
-        None => (oshape.clone(), contiguous_strides(&oshape)),
+        None => (oshape.clone(), strides_of(&oshape)),
     };
     let total: usize = shape.iter().product();
     let mut out = vec![0f32; total];
     if total == 0 || k == 0 {
         return Tensor::from_f32(shape, out);
     }
-    // Each operand's batch axes align with the batch's last ones; an axis of 1 broadcasts.
-    let offset = |idx: &[usize], dims: &[usize], strides: &[usize]| -> usize {
-        let skip = idx.len() - dims.len();
-        dims.iter().zip(strides).zip(&idx[skip..]).map(|((&d, &s), &i)| if d == 1 { 0 } else { i * s }).sum()
+    // Each matrix's offset per batch index: an operand's batch axes align with the batch's last
+    // ones, and an axis of 1 (or one it lacks) broadcasts (stride 0).
+    let lead = |dims: &[usize], strides: &[usize]| -> Vec<isize> {
+        let off = batch.len() - dims.len();
+        (0..batch.len()).map(|d| if d < off || dims[d - off] == 1 { 0 } else { strides[d - off] as isize }).collect()
     };
-    let nb: usize = batch.iter().product();
-    let mut idx = vec![0usize; batch.len()];
-    for _ in 0..nb {
-        let oa = offset(&idx, ab, &a.strides[..ra - 2]);
-        let ob = offset(&idx, bb, &b.strides[..rb - 2]);
-        let oc: usize = idx.iter().zip(&so).map(|(&i, &s)| i * s).sum();
+    let (ia, ib) = (lead(ab, &a.strides[..ra - 2]), lead(bb, &b.strides[..rb - 2]));
+    let ic: Vec<isize> = so[..r - 2].iter().map(|&s| s as isize).collect();
+    let offsets = strided_indices(&batch, &ia, 0).into_iter().zip(strided_indices(&batch, &ib, 0));
+    for ((oa, ob), oc) in offsets.zip(strided_indices(&batch, &ic, 0)) {
         sgemm_chain(
             m,
             k,
@@ -428,25 +428,8 @@ pub fn matmul_strided(a: &StridedF32, b: &StridedF32, out_perm: Option<&[usize]>
             &mut out[oc..],
             (so[r - 2], so[r - 1]),
         );
-        // The next batch index, last axis fastest.
-        for d in (0..idx.len()).rev() {
-            idx[d] += 1;
-            if idx[d] < batch[d] {
-                break;
-            }
-            idx[d] = 0;
-        }
     }
     Tensor::from_f32(shape, out)
-}
-
-/// Row-major strides of `shape` (the strides a [`StridedF32`] of a contiguous value has).
-pub fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut st = vec![1; shape.len()];
-    for d in (0..shape.len().saturating_sub(1)).rev() {
-        st[d] = st[d + 1] * shape[d + 1];
-    }
-    st
 }
 
 pub(crate) fn gemm(

@@ -20,9 +20,7 @@ pub mod unary;
 
 pub use broadcast::{broadcast_indices, strided_indices, Broadcast, Over};
 pub use elementwise::{binary_f32_in_place, clip_bounds_f32};
-pub use linalg::{
-    contiguous_strides, conv_with_table, dense_weight_kn, gemm_dequant, matmul_strided, AutoPad, ConvAttrs, StridedF32,
-};
+pub use linalg::{conv_with_table, dense_weight_kn, gemm_dequant, matmul_strided, AutoPad, ConvAttrs, StridedF32};
 pub use nn::PoolAttrs;
 pub use reduce::reduce_tables;
 pub use shape_ops::{reshape_target, shape_range, transpose_perm};

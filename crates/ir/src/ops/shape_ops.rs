@@ -155,10 +155,6 @@ pub(crate) fn reshape(x: &Tensor, shape: &Tensor, allowzero: bool) -> Result<Ten
 
 /// A Transpose's permutation of a value of rank `rank` (`perm` absent: the axes reversed), checked.
 pub fn transpose_perm(perm: Option<&[i64]>, rank: usize) -> Result<Vec<usize>> {
-    perm_of(perm, rank)
-}
-
-fn perm_of(perm: Option<&[i64]>, rank: usize) -> Result<Vec<usize>> {
     let p: Vec<usize> = match perm {
         None => (0..rank).rev().collect(),
         Some(p) => p.iter().map(|&a| norm_axis(a, rank)).collect::<Result<_>>()?,
@@ -172,12 +168,12 @@ fn perm_of(perm: Option<&[i64]>, rank: usize) -> Result<Vec<usize>> {
 
 pub(crate) fn infer_transpose(cx: &Cx, perm: Option<&[i64]>) -> Result<Vec<ValueType>> {
     let x = cx.ty(0)?;
-    let p = perm_of(perm, x.rank())?;
+    let p = transpose_perm(perm, x.rank())?;
     one(x.dtype, p.iter().map(|&a| x.shape[a].clone()).collect())
 }
 
 pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
-    let p = perm_of(perm, x.rank())?;
+    let p = transpose_perm(perm, x.rank())?;
     let st = strides_of(&x.shape);
     let shape: Vec<usize> = p.iter().map(|&a| x.shape[a]).collect();
     let strides: Vec<isize> = p.iter().map(|&a| st[a] as isize).collect();
