@@ -93,6 +93,8 @@ def build(model, dtype, device, wq=None, aq=None):
                 y = UNARY[t](x)
             elif t == "LeakyRelu":
                 y = F.leaky_relu(x, at.get("alpha", 0.01))
+            elif t == "Elu":
+                y = F.elu(x, at.get("alpha", 1.0))
             elif t == "PRelu":
                 y = torch.where(x < 0, x * i[1], x)
             elif t == "Gelu":
