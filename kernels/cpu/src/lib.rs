@@ -509,6 +509,10 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
     let amx = isa() == Isa::Avx512Vnni && x86_64::amx::takes(w) && x86_64::amx::available();
     let inputs_run = |xs: &[QRow], y: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
+        if head_lanes(w, xs, bias, y, strides) {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if amx && xs.len() >= 16 {
             // SAFETY: available() checked AMX and the tile state, isa() AVX-512 F, takes() the
             // group size; lengths asserted above; `y` holds every index of these inputs' outputs.
@@ -533,6 +537,58 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
             split_rows(w.n, (threads, 4), min_rows, xs.len(), y, |rows, yc| run(rows, xs, yc))
         }
     }
+}
+
+/// Fewest rows a layer of fewer than [`LANES_MIN_CHANNELS`] output channels runs with the rows in
+/// vector lanes ([`head_lanes`]).
+pub const HEAD_LANES_MIN_ROWS: usize = 16;
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// [`head_lanes`]' rows in the pointwise kernel's layout and its `[n][rows]` outputs.
+    static HEAD: std::cell::RefCell<(Vec<u32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// W4A8 of a batch of rows (one zero point and scale) on a layer of few output channels (a
+/// policy's action head) with the rows in vector lanes: [`pointwise_q4q8`]'s kernel with the rows
+/// as its positions, each row's four-value quads moved straight into the kernel's interleaved
+/// layout (no byte transpose), its `[n][rows]` outputs then written where `strides` puts output
+/// `(row c, channel r)`: `y[c * strides.0 + r * strides.1]`. The channel-lane kernels would leave
+/// most of a 32-channel block's lanes empty here and the row kernels reduce every group across
+/// lanes; both kernels are [`generic::generic_q4q8_row`] per output, so the bits are the same.
+/// Returns false, having done nothing, without AVX-512 VNNI, below [`HEAD_LANES_MIN_ROWS`] rows,
+/// from [`LANES_MIN_CHANNELS`] channels, or where the rows' quantizers differ.
+#[cfg(target_arch = "x86_64")]
+fn head_lanes(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [f32], (cs, rs): (usize, usize)) -> bool {
+    let Some(first) = xs.first() else { return false };
+    let (zero, scale) = (first.zero, first.scale);
+    if isa() != Isa::Avx512Vnni
+        || xs.len() < HEAD_LANES_MIN_ROWS
+        || w.n >= LANES_MIN_CHANNELS
+        || !(-128..=127).contains(&zero)
+        || !xs.iter().all(|x| x.zero == zero && x.scale.to_bits() == scale.to_bits())
+    {
+        return false;
+    }
+    let (p, live) = (xs.len(), w.k.div_ceil(4));
+    let p_pad = p.next_multiple_of(16);
+    HEAD.with_borrow_mut(|(x4, yt)| {
+        let x4 = generic::aligned64(x4, live * p_pad);
+        let rows: Vec<&[i8]> = xs.iter().map(|x| x.q).collect();
+        yt.resize(w.n * p, 0.0);
+        // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the kernels assert the sizes
+        // (every row holds `k_pad` >= 4 * live values: the caller asserts it).
+        unsafe {
+            x86_64::avx512::avx512_rows_to_quads(&rows, w.k, p_pad, x4);
+            x86_64::avx512::avx512_pointwise_q4q8(w, w.quad_words(), x4, p, p_pad, zero, scale, bias, &[], yt)
+        };
+        for (r, row) in yt.chunks_exact(p).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                y[c * cs + r * rs] = v;
+            }
+        }
+    });
+    true
 }
 
 /// W4A8 of convolution windows read in place from their int8 image (see [`generic::QWindow`])

@@ -117,6 +117,33 @@ proptest! {
         prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
     }
 
+    /// Action heads (fewer than 16 output channels) on batches of 16 or more: the rows in vector
+    /// lanes where the CPU has AVX-512 VNNI and the rows share their quantizer, the row kernels
+    /// otherwise; any length (quads cut short), groups of 32, 64 or one per channel, every layout.
+    #[test]
+    fn action_heads_on_batches_equal_the_reference(seed in any::<u64>(), n in 1usize..20, k in 1usize..700,
+                                                   batch in 14usize..90, per_group in 0usize..3, threads in 1usize..3,
+                                                   shared in any::<bool>(), zero in -128i32..128) {
+        let group = [0, 32, 64][per_group];
+        let mut r = Lcg(seed ^ 5);
+        let q: Vec<i8> = (0..n * k).map(|_| (r.next() % 16) as i8 - 8).collect();
+        let groups = PackedQ4::padded_k(k, group).checked_div(group).unwrap_or(1);
+        let scales: Vec<f32> = (0..n * groups).map(|_| 0.01 + r.unit().abs() * 0.1).collect();
+        let w = PackedQ4::pack(&q, &scales, n, k, group).unwrap();
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let zero = |c: usize| if shared { zero } else { (c % 41) as i32 - 20 };
+        let (xs, want) = batch_and_reference(&w, (k, batch), &mut r, zero, Some(&bias));
+        let mut got = vec![0f32; batch * n];
+        gemm_q4q8(&w, &xs, Some(&bias), &mut got, threads);
+        prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        let rows: Vec<_> = xs.iter().map(|x| x.row()).collect();
+        let mut t = vec![0f32; batch * n];
+        gemm_q4q8_rows(&w, &rows, Some(&bias), &mut t, Layout::ChannelMajor, 1);
+        for (c, rr) in (0..batch).flat_map(|c| (0..n).map(move |rr| (c, rr))) {
+            prop_assert_eq!(t[rr * batch + c].to_bits(), want[c * n + rr].to_bits(), "channel-major: input {} channel {}", c, rr);
+        }
+    }
+
     #[test]
     fn q4f32_kernels_match_the_reference(seed in any::<u64>(), n in 1usize..600, k in 1usize..700, per_group in 0usize..2, threads in 1usize..4) {
         let group = if per_group == 0 || k % 32 != 0 { 0 } else { 32 };
