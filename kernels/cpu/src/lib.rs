@@ -509,14 +509,16 @@ pub fn gemm_q4q8_rows(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [
     let amx = isa() == Isa::Avx512Vnni && x86_64::amx::takes(w) && x86_64::amx::available();
     let inputs_run = |xs: &[QRow], y: &mut [f32]| {
         #[cfg(target_arch = "x86_64")]
-        if head_lanes(w, xs, bias, y, strides) {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
         if amx && xs.len() >= 16 {
             // SAFETY: available() checked AMX and the tile state, isa() AVX-512 F, takes() the
             // group size; lengths asserted above; `y` holds every index of these inputs' outputs.
             return unsafe { x86_64::amx::gemm_q4q8(w, 0..w.n, xs, bias, y, strides) };
+        }
+        // A head of few channels: the rows in vector lanes (after AMX, which was not measured
+        // against it: no AMX here).
+        #[cfg(target_arch = "x86_64")]
+        if head_lanes(w, xs, bias, y, strides) {
+            return;
         }
         #[cfg(target_arch = "x86_64")]
         if lanes {
