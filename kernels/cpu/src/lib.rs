@@ -577,12 +577,11 @@ fn head_lanes(w: &PackedQ4, xs: &[QRow], bias: Option<&[f32]>, y: &mut [f32], (c
     let p_pad = p.next_multiple_of(16);
     HEAD.with_borrow_mut(|(x4, yt)| {
         let x4 = generic::aligned64(x4, live * p_pad);
-        let rows: Vec<&[i8]> = xs.iter().map(|x| x.q).collect();
         yt.resize(w.n * p, 0.0);
         // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the kernels assert the sizes
         // (every row holds `k_pad` >= 4 * live values: the caller asserts it).
         unsafe {
-            x86_64::avx512::avx512_rows_to_quads(&rows, w.k, p_pad, x4);
+            x86_64::avx512::avx512_rows_to_quads(xs, w.k, p_pad, x4);
             x86_64::avx512::avx512_pointwise_q4q8(w, w.quad_words(), x4, p, p_pad, zero, scale, bias, &[], yt)
         };
         for (r, row) in yt.chunks_exact(p).enumerate() {

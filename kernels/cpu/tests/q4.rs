@@ -23,7 +23,7 @@ fn layer(seed: u64, n: usize, k: usize, group: usize, bits: u32) -> PackedQ4 {
     let mut r = Lcg(seed);
     let half = 1i32 << (bits - 1);
     let q: Vec<i8> = (0..n * k).map(|_| (r.next() as i32 % (2 * half) - half) as i8).collect();
-    let groups = (k.div_ceil(32) * 32).checked_div(group).unwrap_or(1);
+    let groups = PackedQ4::padded_k(k, group).checked_div(group).unwrap_or(1);
     let scales: Vec<f32> = (0..n * groups).map(|_| 0.01 + r.unit().abs() * 0.1).collect();
     PackedQ4::pack(&q, &scales, n, k, group).unwrap()
 }
@@ -124,12 +124,8 @@ proptest! {
     fn action_heads_on_batches_equal_the_reference(seed in any::<u64>(), n in 1usize..20, k in 1usize..700,
                                                    batch in 6usize..90, per_group in 0usize..3, threads in 1usize..3,
                                                    shared in any::<bool>(), zero in -128i32..128) {
-        let group = [0, 32, 64][per_group];
+        let w = layer(seed, n, k, [0, 32, 64][per_group], 4);
         let mut r = Lcg(seed ^ 5);
-        let q: Vec<i8> = (0..n * k).map(|_| (r.next() % 16) as i8 - 8).collect();
-        let groups = PackedQ4::padded_k(k, group).checked_div(group).unwrap_or(1);
-        let scales: Vec<f32> = (0..n * groups).map(|_| 0.01 + r.unit().abs() * 0.1).collect();
-        let w = PackedQ4::pack(&q, &scales, n, k, group).unwrap();
         let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
         let zero = |c: usize| if shared { zero } else { (c % 41) as i32 - 20 };
         let (xs, want) = batch_and_reference(&w, (k, batch), &mut r, zero, Some(&bias));

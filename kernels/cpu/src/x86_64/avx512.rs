@@ -1066,7 +1066,7 @@ pub(crate) unsafe fn avx512_byte_rows(
     }
 }
 
-/// Rows of int8 values (`rows[o]`: position `o`, at least `4 * ceil(k / 4)` values each) into the
+/// Rows' int8 values (`rows[o].q`: position `o`, at least `4 * ceil(k / 4)` values each) into the
 /// pointwise kernel's words, as [`avx512_interleave_quads`] writes them from planes: `x4[q * p_pad
 /// + o]` holds values `4q..4q + 4` of row `o`, each byte with its sign bit flipped; values past `k`
 /// and rows past `rows.len()` (up to `p_pad`, a multiple of 16) as 0x80 (zero). Sixteen rows by
@@ -1076,10 +1076,10 @@ pub(crate) unsafe fn avx512_byte_rows(
 /// # Safety
 /// The CPU must support AVX-512 F/BW (the sizes are asserted).
 #[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn avx512_rows_to_quads(rows: &[&[i8]], k: usize, p_pad: usize, x4: &mut [u32]) {
+pub unsafe fn avx512_rows_to_quads(rows: &[QRow], k: usize, p_pad: usize, x4: &mut [u32]) {
     let live = k.div_ceil(4);
     assert!(p_pad.is_multiple_of(16) && p_pad >= rows.len() && x4.len() >= live * p_pad);
-    assert!(rows.iter().all(|r| r.len() >= 4 * live));
+    assert!(rows.iter().all(|r| r.q.len() >= 4 * live));
     let flip = _mm512_set1_epi8(i8::MIN);
     for o0 in (0..p_pad).step_by(16) {
         for q0 in (0..live).step_by(16) {
@@ -1090,7 +1090,7 @@ pub unsafe fn avx512_rows_to_quads(rows: &[&[i8]], k: usize, p_pad: usize, x4: &
             let r: [__m512; 16] = std::array::from_fn(|i| {
                 let v = match rows.get(o0 + i) {
                     // SAFETY: the row holds 4 * live >= 4 * q0 + bytes values.
-                    Some(row) => _mm512_maskz_loadu_epi8(m, row.as_ptr().add(4 * q0)),
+                    Some(row) => _mm512_maskz_loadu_epi8(m, row.q.as_ptr().add(4 * q0)),
                     None => _mm512_setzero_si512(),
                 };
                 _mm512_castsi512_ps(_mm512_xor_si512(v, flip))
