@@ -206,7 +206,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
     let host_c = have(&cc);
     let aarch64 = have("aarch64-linux-gnu-gcc") && have("qemu-aarch64");
     let (mut int_steps, mut conv_steps, mut runs, mut c_exact, mut c_runs, mut c_integer) = (0, 0, 0, 0, 0, 0);
-    let (mut ragged, mut padded, mut fused, mut inside, mut dequant, mut ahead) = (0, 0, 0, 0, 0, 0);
+    let (mut ragged, mut padded, mut fused, mut inside, mut dequant, mut ahead, mut taps) = (0, 0, 0, 0, 0, 0, 0);
     let mut folded = 0;
     for family in ["mlp", "cnn", "attention", "mobile"] {
         for (ci, spec) in CONFIGS.iter().enumerate() {
@@ -257,6 +257,8 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                 // Float Gemms on low-bit weights that run from the levels at small batches (the
                 // batch of one below).
                 dequant += plan.steps.iter().filter(|s| matches!(s, Step::Op { dequant: Some(_), .. })).count();
+                // Depthwise Convs whose weights the plan laid out by tap for their kernel.
+                taps += plan.steps.iter().filter(|s| matches!(s, Step::Op { taps: Some(_), .. })).count();
                 // Random rows, and rows on the input quantizer's rounding boundaries.
                 let mut rows: Vec<f32> = (0..24 * per).map(|i| r.unit() * ranges[i % per] * 1.5).collect();
                 if let Some((s, z)) = input_quantizer(&sim) {
@@ -337,7 +339,8 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
             }
         }
     }
-    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before, {dequant} float Gemms from weight levels, {ahead} input quantizers run by the convolution after them, {folded} Transposes read through strides); C: {c_exact}/{c_runs} bit-exact programs");
+    eprintln!("{runs} simulation == plan runs ({int_steps} int4 steps, {conv_steps} convolutions, {ragged} with a short last group, {padded} with padded runs, {fused} steps run as epilogues, {inside} steps in the pass of the step before, {dequant} float Gemms from weight levels, {taps} depthwise Convs with weights laid out by tap, {ahead} input quantizers run by the convolution after them, {folded} Transposes read through strides); C: {c_exact}/{c_runs} bit-exact programs");
+    assert!(taps > 0, "no depthwise Conv had its weights laid out by tap");
     if sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
         assert!(inside >= 8, "only {inside} steps ran in the pass of the step before");
     } else {

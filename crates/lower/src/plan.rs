@@ -19,6 +19,7 @@ use sqil_ir::ops::fused::Arg;
 use sqil_ir::ops::{Op, UnaryOp};
 use sqil_ir::{Dim, Graph, IrError, NodeId, Result, Tensor, ValueRef};
 use sqil_kernels_cpu::dequant::DequantRows;
+use sqil_kernels_cpu::generic::DepthwiseTaps;
 use sqil_kernels_cpu::PackedQ4;
 use std::collections::HashMap;
 
@@ -71,6 +72,9 @@ pub enum Step {
         /// the constant bit for bit), for the small batches that read it from memory every call
         /// ([`DEQUANT_MAX_ROWS`]).
         dequant: Option<Box<DequantRows>>,
+        /// A depthwise Conv's constant weight laid out by tap for its kernel (see
+        /// [`depthwise_taps`]).
+        taps: Option<Box<DepthwiseTaps>>,
     },
 }
 
@@ -481,6 +485,22 @@ fn weights_as_rows(steps: &mut [Step], consts: &mut Consts, next: &mut usize, ou
     consts.retain(|(s, _)| read.contains(s));
 }
 
+/// A depthwise Conv's constant weight (`[C, 1, kernel...]`, group C, 1-D or 2-D) laid out by tap
+/// once, for the depthwise kernel that would otherwise lay it out on every call
+/// ([`DepthwiseTaps`]; the same values, so the same bits).
+fn depthwise_taps(steps: &mut [Step], consts: &Consts) {
+    for step in steps.iter_mut() {
+        let Step::Op { op: Op::Conv(c), inputs, taps, .. } = step else { continue };
+        let Some(Some(ws)) = inputs.get(1).copied() else { continue };
+        let Some(w) = consts.iter().find(|(s, _)| *s == ws).map(|(_, t)| t) else { continue };
+        let sqil_ir::Data::F32(v) = &w.data else { continue };
+        if !matches!(w.rank(), 3 | 4) || w.shape[1] != 1 || c.group < 1 || c.group as usize != w.shape[0] {
+            continue;
+        }
+        *taps = DepthwiseTaps::new(v, w.shape[0], w.shape[2..].iter().product()).map(Box::new);
+    }
+}
+
 /// A fused kernel of the plan (a `Fused` node of the fusion pass).
 #[derive(Clone, Debug)]
 pub struct Kernel {
@@ -689,6 +709,7 @@ impl Plan {
                     op,
                     table,
                     dequant,
+                    taps: None,
                     inputs: op_ins.iter().map(|v| v.map(|v| slots.of(v))).collect(),
                     outputs,
                 });
@@ -721,6 +742,7 @@ impl Plan {
                         op: st.op.clone(),
                         table: None,
                         dequant: None,
+                        taps: None,
                         inputs,
                         outputs: vec![y],
                     });
@@ -743,6 +765,7 @@ impl Plan {
         kernels.reverse();
         step_kernel.iter_mut().flatten().for_each(|k| *k = kernels.len() - 1 - *k);
         weights_as_rows(&mut steps, &mut consts, &mut slots.next, &outputs);
+        depthwise_taps(&mut steps, &consts);
         let output_names = g.outputs.iter().map(|&o| g.value(o).name.clone()).collect();
         let mut last_use = vec![usize::MAX; slots.next];
         for (i, step) in steps.iter().enumerate() {

@@ -289,7 +289,7 @@ fn pointwise_after<'p>(
 /// depthwise's epilogue), or `None` where neither does.
 fn chain<'p>(
     source: std::result::Result<(sqil_ir::lowered::Q4Args, &[Post], &Tensor), &Tensor>,
-    dw: (&Tensor, Option<&Tensor>, &sqil_ir::ops::ConvAttrs, &[Post]),
+    dw: sqil_ir::lowered::DepthwiseLayer,
     then: Option<PointwiseNext<'p>>,
     threads: usize,
 ) -> Result<Option<(Tensor, Option<PointwiseNext<'p>>)>> {
@@ -310,6 +310,7 @@ fn chain<'p>(
 struct DepthwiseNext<'p> {
     step: usize,
     attrs: &'p sqil_ir::ops::ConvAttrs,
+    taps: Option<&'p sqil_kernels_cpu::generic::DepthwiseTaps>,
     w: usize,
     b: Option<usize>,
     post: Vec<Post>,
@@ -328,7 +329,7 @@ fn depthwise_after<'p>(
     env: &[Option<Cow<Tensor>>],
 ) -> Option<DepthwiseNext<'p>> {
     let j = last + 1;
-    let Some(Step::Op { op: Op::Conv(attrs), inputs, outputs, .. }) = plan.steps.get(j) else { return None };
+    let Some(Step::Op { op: Op::Conv(attrs), inputs, outputs, taps, .. }) = plan.steps.get(j) else { return None };
     let ready = |k: usize| inputs.get(k).copied().flatten().filter(|&s| s != v && env[s].is_some());
     let b = match inputs.get(2).copied().flatten() {
         None => None,
@@ -339,7 +340,7 @@ fn depthwise_after<'p>(
     }
     let w = ready(1)?;
     let (post, end, out) = epilogue(plan, j, outputs[0], env);
-    Some(DepthwiseNext { step: j, attrs, w, b, post, last: end, out })
+    Some(DepthwiseNext { step: j, attrs, taps: taps.as_deref(), w, b, post, last: end, out })
 }
 
 /// The output slot of step `i` if its kernel can apply element-wise ops to its outputs before
@@ -625,7 +626,7 @@ fn exec<'a>(
                 let fused = match &next {
                     Some(d) => {
                         let (dw_w, dw_b) = (env[d.w].as_deref(), d.b.and_then(|b| env[b].as_deref()));
-                        let dw = (dw_w.expect("checked by depthwise_after"), dw_b, d.attrs, &d.post[..]);
+                        let dw = (dw_w.expect("checked by depthwise_after"), dw_b, d.attrs, &d.post[..], d.taps);
                         let layer = (act, &**w, bias.as_deref(), conv.as_deref());
                         // With the pointwise convolution the depthwise feeds, where it can.
                         let then = pointwise_after(plan, d.last, d.out, &env);
@@ -683,7 +684,7 @@ fn exec<'a>(
                 };
                 env[outputs[0]] = Some(Cow::Owned(y));
             }
-            Step::Op { name, op, inputs, outputs, table, dequant, .. } => {
+            Step::Op { name, op, inputs, outputs, table, dequant, taps, .. } => {
                 let mut args: Vec<Option<&Tensor>> = inputs.iter().map(|s| s.and_then(|s| env[s].as_deref())).collect();
                 // The convolution's image before its quantizer (run per image inside it).
                 let pre: Vec<Post> = match pre {
@@ -700,7 +701,7 @@ fn exec<'a>(
                     {
                         match pointwise_after(plan, last, o, &env) {
                             Some(n) => {
-                                let dw = (*w, b.first().copied().flatten(), c, &post[..]);
+                                let dw = (*w, b.first().copied().flatten(), c, &post[..], taps.as_deref());
                                 chain(Err(x), dw, Some(n), threads)
                                     .map_err(|e| e.context(format!("node `{name}` with the int4 step after it")))?
                             }

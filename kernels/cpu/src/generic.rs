@@ -750,6 +750,67 @@ pub struct DepthwiseArgs<'a> {
     pub bias: Option<&'a [f32]>,
     /// Its epilogue.
     pub post: &'a [Post],
+    /// `weights` already laid out by tap ([`DepthwiseTaps::new`] of these weights), made once
+    /// when the layer was planned: without it every call lays them out again (a 576-channel 5 x
+    /// 5 layer's 14 400 weights transposed per image).
+    pub taps: Option<&'a DepthwiseTaps>,
+}
+
+/// A depthwise convolution's weights `[channels, taps]` laid out as the 16-lane kernel reads
+/// them, `[tap][cp]` (`cp` the channels rounded up to 16, zeros past them), from a 64-byte
+/// boundary: what [`depthwise_fed`] otherwise builds on every call.
+#[derive(Debug, PartialEq)]
+pub struct DepthwiseTaps {
+    data: Vec<f32>,
+    at: usize,
+    channels: usize,
+    taps: usize,
+    cp: usize,
+}
+
+impl DepthwiseTaps {
+    /// The layout of `weights` (`[channels, taps]`), or `None` where the 16-lane kernel does
+    /// not run such a layer (fewer than 8 channels, more than 25 taps, or sizes that disagree).
+    pub fn new(weights: &[f32], channels: usize, taps: usize) -> Option<DepthwiseTaps> {
+        if channels < 8 || taps == 0 || taps > DEPTHWISE_WIDE_TAPS || weights.len() != channels * taps {
+            return None;
+        }
+        let cp = channels.next_multiple_of(16);
+        let mut data = vec![];
+        let at = {
+            let v = aligned64(&mut data, taps * cp);
+            for (c, row) in weights.chunks_exact(taps).enumerate() {
+                for (t, &w) in row.iter().enumerate() {
+                    v[t * cp + c] = w;
+                }
+            }
+            v.as_ptr() as usize
+        };
+        let at = (at - data.as_ptr() as usize) / std::mem::size_of::<f32>();
+        Some(DepthwiseTaps { data, at, channels, taps, cp })
+    }
+
+    /// The values, `[tap][cp]`.
+    fn values(&self) -> &[f32] {
+        &self.data[self.at..self.at + self.taps * self.cp]
+    }
+
+    /// `[tap][cp]`, if laid out for `channels` channels of `taps` taps at `cp` lanes.
+    fn for_layer(&self, channels: usize, taps: usize, cp: usize) -> Option<&[f32]> {
+        (self.channels == channels && self.taps == taps && self.cp == cp).then(|| self.values())
+    }
+}
+
+/// A copy on a fresh 64-byte boundary (a derived clone would keep the offset into an allocation
+/// aligned differently).
+impl Clone for DepthwiseTaps {
+    fn clone(&self) -> DepthwiseTaps {
+        let mut data = vec![];
+        let v = aligned64(&mut data, self.taps * self.cp);
+        v.copy_from_slice(self.values());
+        let at = (v.as_ptr() as usize - data.as_ptr() as usize) / std::mem::size_of::<f32>();
+        DepthwiseTaps { data, at, ..*self }
+    }
 }
 
 /// [`depthwise_conv`] of `channels` channels whose input image another kernel writes straight
@@ -790,14 +851,16 @@ pub(crate) fn depthwise_fed(
                 return None;
             }
             // SAFETY: isa() checked AVX-512 (with AVX2 and FMA); the sizes were checked above.
-            unsafe { depthwise_lanes_with(&g, true, fill, dw.weights, (dw.bias, reg), DwOut::Planes(&mut *out)) };
+            unsafe {
+                depthwise_lanes_with(&g, true, fill, (dw.weights, dw.taps), (dw.bias, reg), DwOut::Planes(&mut *out))
+            };
             post_in_place(&mut out[..channels * ol], rest);
             Some(false)
         }
         // The levels take every op in registers.
         DwOut::Levels { .. } if !rest.is_empty() => None,
         // SAFETY: as above; the levels' buffer is sized by the kernel.
-        levels => Some(unsafe { depthwise_lanes_with(&g, true, fill, dw.weights, (dw.bias, reg), levels) }),
+        levels => Some(unsafe { depthwise_lanes_with(&g, true, fill, (dw.weights, dw.taps), (dw.bias, reg), levels) }),
     }
 }
 
@@ -837,7 +900,7 @@ unsafe fn depthwise_lanes_avx2(
 ) {
     // SAFETY: as this function's contract (AVX2 and FMA; `input` holds the planes).
     let fill = |buf: &mut [f32], m: &PadMap| unsafe { depthwise_image(input, g, m, buf) };
-    depthwise_lanes_with(g, wide, fill, weights, epilogue, DwOut::Planes(out));
+    depthwise_lanes_with(g, wide, fill, (weights, None), epilogue, DwOut::Planes(out));
 }
 
 /// Where a depthwise input lands in [`depthwise_lanes_avx2`]'s zero-padded buffer `[hp, wp, cp]`:
@@ -911,7 +974,7 @@ unsafe fn depthwise_lanes_with(
     g: &Depthwise,
     wide: bool,
     fill: impl FnOnce(&mut [f32], &PadMap),
-    weights: &[f32],
+    weights: (&[f32], Option<&DepthwiseTaps>),
     epilogue: (Option<&[f32]>, &[Post]),
     out: DwOut,
 ) -> bool {
@@ -1030,7 +1093,7 @@ pub(crate) fn aligned64<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn depthwise_compute(
-    weights: &[f32],
+    weights: (&[f32], Option<&DepthwiseTaps>),
     g: &Depthwise,
     (bias, post): (Option<&[f32]>, &[Post]),
     out: DwOut,
@@ -1042,21 +1105,28 @@ unsafe fn depthwise_compute(
 ) -> bool {
     let Depthwise { kh, kw, sh, sw, dh, dw, oh, ow, channels, .. } = *g;
     let (kl, ol, wp, cp) = (kh * kw, oh * ow, m.wp, m.cp);
-    // The weights by tap: `[channels, kl]` transposed through tiles into the first `kl x
-    // channels` values, then each tap's row moved out to its stride `cp` (last first, so no row
-    // is overwritten before it moves) and the lanes past `channels` zeroed. Element by element,
-    // this copy was a fifth of the step.
-    let wt = aligned64(wt, kl * cp);
-    wt.fill(0.0);
-    copy_strided(weights, (kl, channels), (1, kl), &mut wt[..kl * channels]);
-    if cp > channels {
-        for t in (1..kl).rev() {
-            wt.copy_within(t * channels..(t + 1) * channels, t * cp);
+    let (weights, planned) = weights;
+    // The weights by tap: as planned, or `[channels, kl]` transposed through tiles into the first
+    // `kl x channels` values, then each tap's row moved out to its stride `cp` (last first, so no
+    // row is overwritten before it moves) and the lanes past `channels` zeroed. Element by
+    // element, this copy was a fifth of the step.
+    let wt: &[f32] = match planned.and_then(|t| t.for_layer(channels, kl, cp)) {
+        Some(t) => t,
+        None => {
+            let wt = aligned64(wt, kl * cp);
+            wt.fill(0.0);
+            copy_strided(weights, (kl, channels), (1, kl), &mut wt[..kl * channels]);
+            if cp > channels {
+                for t in (1..kl).rev() {
+                    wt.copy_within(t * channels..(t + 1) * channels, t * cp);
+                }
+                for t in 0..kl {
+                    wt[t * cp + channels..(t + 1) * cp].fill(0.0);
+                }
+            }
+            wt
         }
-        for t in 0..kl {
-            wt[t * cp + channels..(t + 1) * cp].fill(0.0);
-        }
-    }
+    };
     let offs: Vec<usize> = (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh * wp + kx * dw) * cp)).collect();
     // Every element is written below (each position, every 8-channel vector up to cp).
     let acc = aligned64(acc, ol * cp);

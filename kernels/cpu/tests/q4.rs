@@ -537,13 +537,14 @@ proptest! {
     /// and SiLU over the outputs; before a pointwise convolution: not taken; a clamp and the next
     /// layer's own quantizer, whose levels are taken directly), with and without biases, a NaN
     /// in the image (into a pointwise convolution: reported, as its quantizer cannot
-    /// carry it). Skips without AVX-512 VNNI.
+    /// carry it), with the weights laid out by tap when planned (`DepthwiseTaps`) or on the
+    /// call. Skips without AVX-512 VNNI.
     #[test]
     fn depthwise_chain_equals_the_steps(seed in any::<u64>(), n in 1usize..70, ch in 1usize..60, two_d in any::<bool>(),
                                         h in 1usize..12, wd in 1usize..40, k in 0usize..4, s in 1usize..3,
                                         pad in 0isize..3, posts in (0usize..7, 0usize..7, 0usize..7),
                                         with_bias in any::<bool>(), ends in (any::<bool>(), any::<bool>()),
-                                        nan in 0usize..4) {
+                                        nan in 0usize..4, planned in any::<bool>()) {
         use sqil_kernels_cpu::{depthwise_chain, depthwise_conv, Chain, ChainIn, ChainOut, ConvGeometry, Post};
         let (pw_post, dw_post, next_post) = posts;
         let (from_pointwise, into_pointwise) = ends;
@@ -607,7 +608,15 @@ proptest! {
                 return Ok(());
             }
         }
-        let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &dk, geo: &geo, bias: db, post: forms[dw_post] };
+        let taps = sqil_kernels_cpu::generic::DepthwiseTaps::new(&dk, n, kl).filter(|_| planned);
+        prop_assert_eq!(taps.is_some(), planned && n >= 8, "laid out by tap: {} channels", n);
+        let dw = sqil_kernels_cpu::generic::DepthwiseArgs {
+            weights: &dk,
+            geo: &geo,
+            bias: db,
+            post: forms[dw_post],
+            taps: taps.as_ref(),
+        };
         let input = if from_pointwise {
             ChainIn::Pointwise { w: &w, planes: &planes, zero: 4, scale: 0.02, bias, post: forms[pw_post] }
         } else {

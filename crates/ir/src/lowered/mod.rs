@@ -364,6 +364,16 @@ pub fn run_q4_layer(
 /// A Q4 step's layer as [`run_q4_layer`] takes it: activation quantizer, weights, bias, im2col.
 pub type Q4Args<'a> = (&'a ActQuant, &'a PackedQ4, Option<&'a [f32]>, Option<&'a Im2col>);
 
+/// A depthwise Conv as [`run_depthwise_chain`] takes it: weights, bias, attributes, epilogue, and
+/// the weights laid out by tap when the plan made that layout.
+pub type DepthwiseLayer<'a> = (
+    &'a Tensor,
+    Option<&'a Tensor>,
+    &'a crate::ops::ConvAttrs,
+    &'a [sqil_kernels_cpu::Post],
+    Option<&'a sqil_kernels_cpu::generic::DepthwiseTaps>,
+);
+
 /// A depthwise Conv (`attrs`, weights `w`, bias `b`, its epilogue `post`) with the pointwise Q4
 /// convolution before it (`source`: the layer, its epilogue and its input) or its own input
 /// (`source` a plain tensor), and the pointwise Q4 convolution after it (`next`: the layer and
@@ -372,7 +382,7 @@ pub type Q4Args<'a> = (&'a ActQuant, &'a PackedQ4, Option<&'a [f32]>, Option<&'a
 /// bit, or `Ok(None)` where the chain does not take this path (then the caller runs the steps).
 pub fn run_depthwise_chain(
     source: Result<(Q4Args, &[sqil_kernels_cpu::Post], &Tensor), &Tensor>,
-    (w, b, attrs, post): (&Tensor, Option<&Tensor>, &crate::ops::ConvAttrs, &[sqil_kernels_cpu::Post]),
+    (w, b, attrs, post, taps): DepthwiseLayer,
     next: Option<(Q4Args, &[sqil_kernels_cpu::Post])>,
     threads: usize,
 ) -> Result<Option<Tensor>> {
@@ -397,7 +407,7 @@ pub fn run_depthwise_chain(
         return Ok(None);
     }
     let (wv, bv) = (w.data.f32_cow(), b.map(|b| b.data.to_f32_vec()));
-    let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &wv, geo: &geo, bias: bv.as_deref(), post };
+    let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &wv, geo: &geo, bias: bv.as_deref(), post, taps };
     let x = xt.data.f32_cow();
     let int = |a: &ActQuant| match *a {
         ActQuant::Int { scale, zero, lo, hi } => Some((scale, zero, lo, hi)),
