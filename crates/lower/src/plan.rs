@@ -114,11 +114,12 @@ pub struct Plan {
     /// a step's dead inputs are dropped after it, and a ReLU or Reshape takes over its input's
     /// buffer when the input dies there (no copy, no fresh pages).
     pub last_use: Vec<usize>,
-    /// Whether a batch runs sample by sample through the whole plan (see [`per_sample`]): a
-    /// convolutional policy whose every value keeps the batch as its leading dimension and whose
-    /// every op treats the leading index independently. One image's activations then stay in
-    /// the core's cache from layer to layer (a layer at a time, a batch of 64 images' outputs
-    /// spill to memory between layers). The same kernels, so the same bits.
+    /// Whether a batch runs a few samples at a time through the whole plan (see [`per_sample`];
+    /// the runtime's `SAMPLE_CHUNK` samples): a convolutional policy whose every value keeps the
+    /// batch as its leading dimension and whose every op treats the leading index independently.
+    /// A few images' activations then stay in the core's cache from layer to layer (a layer at a
+    /// time, a batch of 64 images' outputs spill to memory between layers). The same kernels, so
+    /// the same bits.
     pub per_sample: bool,
     /// Per step, whether it runs as planned or folds into a MatMul's strides ([`Fold`]).
     pub folds: Vec<Fold>,
