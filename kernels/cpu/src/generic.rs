@@ -565,7 +565,8 @@ pub fn conv_direct_takes(taps: usize) -> bool {
 /// [`CONV_DIRECT_MAX_CHANNELS`] input channels, computed without the im2col matrix: `out`
 /// (`[m, output positions]`) gets what [`im2col`] then [`sgemm_chain`] (`m` rows of `w`, `[m,
 /// channels * taps]`, against the gathered rows) write, bit for bit: each output the FMA chain over
-/// `(c, ky, kx)` in im2col's order from +0, padding taps included as +0 (no bias). The input
+/// `(c, ky, kx)` in im2col's order from +0, padding taps included as +0, then `+ bias[r]` (one
+/// addition, as the convolution's bias pass adds it; none without a bias) as it is stored. The input
 /// planes are copied once, zero-padded and split by column phase (stride 2: even and odd
 /// columns), so every tap of a row of outputs is one contiguous vector load, and the weight is
 /// broadcast: the gathered matrix (`channels * taps` times the output's size) is never written.
@@ -578,9 +579,10 @@ pub fn conv_direct_f32(
     w: &[f32],
     m: usize,
     geo: &ConvGeometry,
+    bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> bool {
-    conv_direct_takes(geo.kernel.iter().product()) && conv_direct_run(input, channels, w, m, geo, out)
+    conv_direct_takes(geo.kernel.iter().product()) && conv_direct_run(input, channels, w, m, geo, bias, out)
 }
 
 /// [`conv_direct_f32`] whether or not [`conv_direct_takes`] would take the layer (benchmarks and
@@ -591,6 +593,7 @@ pub fn conv_direct_run(
     w: &[f32],
     m: usize,
     geo: &ConvGeometry,
+    bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -619,6 +622,7 @@ pub fn conv_direct_run(
             input.len() >= channels * il && w.len() >= m * channels * kl && out.len() >= m * ol,
             "conv_direct_f32: buffer sizes"
         );
+        assert!(bias.is_none_or(|b| b.len() >= m), "conv_direct_f32: bias size");
         if !w[..m * channels * kl].iter().all(|v| v.is_finite()) {
             return false;
         }
@@ -687,9 +691,9 @@ pub fn conv_direct_run(
             // asserted above.
             unsafe {
                 if wide {
-                    crate::x86_64::avx512::avx512_conv_direct(xp, w, d, out)
+                    crate::x86_64::avx512::avx512_conv_direct(xp, w, d, bias, out)
                 } else {
-                    crate::x86_64::avx2::avx2_conv_direct(xp, w, d, out)
+                    crate::x86_64::avx2::avx2_conv_direct(xp, w, d, bias, out)
                 }
             }
         });
@@ -697,7 +701,7 @@ pub fn conv_direct_run(
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (input, channels, w, m, geo, out);
+        let _ = (input, channels, w, m, geo, bias, out);
         false
     }
 }

@@ -1,7 +1,7 @@
 //! The direct first-layer convolution (`conv_direct_run`) against the path it replaces, im2col
 //! then the policy GEMM (`sgemm_chain`), bit for bit: random 1-D and 2-D geometries (strides,
 //! dilations, padding on either side or negative, windows up to 7 x 7), one to four input
-//! channels, inputs with NaN, infinities and signed zeros. Run once on this CPU's kernels and
+//! channels, inputs with NaN, infinities and signed zeros, with and without a bias. Run once on this CPU's kernels and
 //! once more in a child process with `SQIL_ISA=avx2` (the 8-lane form).
 
 mod common;
@@ -24,8 +24,16 @@ fn check(geo: &ConvGeometry, c: usize, m: usize, seed: u64) {
     im2col(&x, c, &geo.gather_table(), geo, &mut cols);
     let mut want = vec![0f32; m * ol];
     sgemm_chain(m, c * kl, ol, &w, (c * kl, 1), &cols, (ol, 1), &mut want, (ol, 1));
+    // A bias in one case of two: added after each chain, as the convolution's bias pass does.
+    let bias = common::values(seed ^ 0x3333, m, false);
+    let bias = (seed % 2 == 1).then_some(&bias[..]);
+    if let Some(b) = bias {
+        for (row, bv) in want.chunks_exact_mut(ol).zip(b) {
+            row.iter_mut().for_each(|v| *v += bv);
+        }
+    }
     let mut got = vec![f32::NAN; m * ol];
-    assert!(conv_direct_run(&x, c, &w, m, geo, &mut got), "not run: {geo:?}");
+    assert!(conv_direct_run(&x, c, &w, m, geo, bias, &mut got), "not run: {geo:?}");
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{geo:?} c{c} m{m}: output {i} {a} vs {b}");
     }
@@ -58,7 +66,9 @@ proptest! {
 #[test]
 fn stems_of_the_zoo_equal_im2col_and_gemm() {
     for (h, m, k, s, p) in [(96, 64, 7, 2, 3), (84, 16, 3, 2, 1), (84, 32, 3, 2, 1), (64, 24, 5, 1, 2)] {
-        check(&ConvGeometry::square(h, k, s, p), 3, m, 7);
+        for seed in [6, 7] {
+            check(&ConvGeometry::square(h, k, s, p), 3, m, seed);
+        }
     }
 }
 
@@ -68,15 +78,15 @@ fn declines_what_it_cannot_run_or_would_not_speed_up() {
     let x = vec![1f32; 5 * 64];
     let mut out = vec![0f32; 32 * 64];
     // Five input channels: im2col's.
-    assert!(!conv_direct_run(&x, 5, &vec![0.5; 32 * 5 * 9], 32, &geo, &mut out));
+    assert!(!conv_direct_run(&x, 5, &vec![0.5; 32 * 5 * 9], 32, &geo, None, &mut out));
     // A weight that is not finite (a padding tap's 0 * inf is NaN on the gathered path).
     let mut w = vec![0.5f32; 8 * 9];
     w[4] = f32::INFINITY;
-    assert!(!conv_direct_run(&x, 1, &w, 8, &geo, &mut out));
+    assert!(!conv_direct_run(&x, 1, &w, 8, &geo, None, &mut out));
     // A 1 x 1 convolution: im2col is a copy there, and the GEMM is faster.
     let one = ConvGeometry::square(8, 1, 1, 0);
-    assert!(!conv_direct_f32(&x, 3, &[0.5; 32 * 3], 32, &one, &mut out));
-    assert!(conv_direct_f32(&x, 3, &[0.5; 32 * 27], 32, &geo, &mut out), "a 3 x 3 stem is taken");
+    assert!(!conv_direct_f32(&x, 3, &[0.5; 32 * 3], 32, &one, None, &mut out));
+    assert!(conv_direct_f32(&x, 3, &[0.5; 32 * 27], 32, &geo, None, &mut out), "a 3 x 3 stem is taken");
 }
 
 #[test]

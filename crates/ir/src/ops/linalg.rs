@@ -677,11 +677,21 @@ fn conv_images(
     let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
     for n in 0..p.n {
         let mut image = &xv[n * p.c * il..(n + 1) * p.c * il];
-        if !pre.is_empty() {
-            img.clear();
-            img.extend_from_slice(image);
-            sqil_kernels_cpu::post_in_place(img, pre);
-            image = img;
+        match pre {
+            [] => {}
+            // One quantizer (a float first layer's input): from the image into the buffer in
+            // one pass, the values the in-place op would leave there.
+            &[sqil_kernels_cpu::Post::FakeQuant { scale, zero, lo, hi }] => {
+                img.resize(image.len(), 0.0);
+                sqil_kernels_cpu::generic::fake_quant_into(image, scale, zero, lo, hi, img);
+                image = img;
+            }
+            _ => {
+                img.clear();
+                img.extend_from_slice(image);
+                sqil_kernels_cpu::post_in_place(img, pre);
+                image = img;
+            }
         }
         if depthwise {
             let o = &mut out[n * p.m * ol..(n + 1) * p.m * ol];
@@ -692,17 +702,18 @@ fn conv_images(
             let xs = &image[g * cg * il..(g + 1) * cg * il];
             let wg = &wv[g * mg * cg * kl..(g + 1) * mg * cg * kl];
             let o = &mut out[(n * p.m + g * mg) * ol..(n * p.m + (g + 1) * mg) * ol];
+            let bg = bias.map(|b| &b[g * mg..(g + 1) * mg]);
             // Few input channels (an encoder's first layer): the same chains without the
-            // gathered matrix.
-            if sqil_kernels_cpu::generic::conv_direct_f32(xs, cg, wg, mg, &p.geo, o) {
+            // gathered matrix, the bias added as each is stored.
+            if sqil_kernels_cpu::generic::conv_direct_f32(xs, cg, wg, mg, &p.geo, bg, o) {
                 continue;
             }
             im2col(xs, cg, table, &p.geo, cols);
             sgemm_chain(mg, cg * kl, ol, wg, (cg * kl, 1), cols, (ol, 1), o, (ol, 1));
-        }
-        if let Some(bias) = bias {
-            for (mi, bv) in bias.iter().enumerate() {
-                out[(n * p.m + mi) * ol..(n * p.m + mi + 1) * ol].iter_mut().for_each(|v| *v += bv);
+            if let Some(bg) = bg {
+                for (row, bv) in o.chunks_exact_mut(ol).zip(bg) {
+                    row.iter_mut().for_each(|v| *v += bv);
+                }
             }
         }
         sqil_kernels_cpu::post_in_place(&mut out[n * p.m * ol..(n + 1) * p.m * ol], post);

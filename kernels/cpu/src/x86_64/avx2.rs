@@ -970,8 +970,8 @@ pub unsafe fn avx2_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
 /// # Safety
 /// The CPU must support AVX2 and FMA; the buffers as `conv_direct` says.
 #[target_feature(enable = "avx2,fma")]
-pub(crate) unsafe fn avx2_conv_direct(xp: &[f32], w: &[f32], d: DirectConv, out: &mut [f32]) {
-    conv_direct::<__m256, 4, 3>(xp, w, d, out)
+pub(crate) unsafe fn avx2_conv_direct(xp: &[f32], w: &[f32], d: DirectConv, bias: Option<&[f32]>, out: &mut [f32]) {
+    conv_direct::<__m256, 4, 3>(xp, w, d, bias, out)
 }
 
 /// [`crate::dequant::dequant_gemm`] for one row on 8-lane vectors (`dequant_gemv`, four vectors

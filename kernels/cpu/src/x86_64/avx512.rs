@@ -317,6 +317,10 @@ impl F32Lanes for __m512 {
         _mm512_mul_ps(a, b)
     }
     #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
     unsafe fn from_i8(p: *const i8) -> Self {
         _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
     }
@@ -2078,8 +2082,14 @@ unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, 
 /// # Safety
 /// The CPU must support AVX-512 F, AVX2 and FMA; the buffers as `conv_direct` says.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn avx512_conv_direct(xp: &[f32], w: &[f32], d: super::common::DirectConv, out: &mut [f32]) {
-    super::common::conv_direct::<__m512, 8, 3>(xp, w, d, out)
+pub(crate) unsafe fn avx512_conv_direct(
+    xp: &[f32],
+    w: &[f32],
+    d: super::common::DirectConv,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    super::common::conv_direct::<__m512, 8, 3>(xp, w, d, bias, out)
 }
 
 /// [`crate::dequant::dequant_gemm`] for one row on 16-lane vectors (`common::dequant_gemv`,

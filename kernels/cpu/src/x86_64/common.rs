@@ -275,6 +275,8 @@ pub(crate) trait F32Lanes: Copy {
     unsafe fn fmadd(a: Self, b: Self, c: Self) -> Self;
     unsafe fn store(self, p: *mut f32);
     unsafe fn mul(a: Self, b: Self) -> Self;
+    /// `a + b`, rounded once.
+    unsafe fn add(a: Self, b: Self) -> Self;
     /// `LANES` signed bytes at `p`, each converted to f32 (exactly).
     unsafe fn from_i8(p: *const i8) -> Self;
     /// The first `n` lanes (`n <= LANES`) to `p`, nothing past them (a masked store).
@@ -306,6 +308,10 @@ impl F32Lanes for __m256 {
     #[inline(always)]
     unsafe fn mul(a: Self, b: Self) -> Self {
         _mm256_mul_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        _mm256_add_ps(a, b)
     }
     #[inline(always)]
     unsafe fn from_i8(p: *const i8) -> Self {
@@ -1331,11 +1337,13 @@ pub(crate) unsafe fn conv_direct<F: F32Lanes, const R: usize, const VMAX: usize>
     xp: &[f32],
     w: &[f32],
     d: DirectConv,
+    bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let (oh, ow) = d.out;
     let (kh, kw) = d.kernel;
     debug_assert!(out.len() >= d.m * oh * ow && w.len() >= d.m * d.c * kh * kw);
+    debug_assert!(bias.is_none_or(|b| b.len() >= d.m));
     let step = VMAX * F::LANES;
     let ((sh, sw), (dh, dw)) = (d.strides, d.dilations);
     // Where tap (c, ky, kx), in the chain's order, reads output row 0's first column.
@@ -1354,9 +1362,9 @@ pub(crate) unsafe fn conv_direct<F: F32Lanes, const R: usize, const VMAX: usize>
             while ox < ow {
                 let at = (oy, r0, ox, row);
                 match (ow - ox).div_ceil(F::LANES).min(VMAX) {
-                    1 => conv_direct_tile::<F, R, 1>(xp, w, &taps, d, at, out),
-                    2 if VMAX >= 2 => conv_direct_tile::<F, R, 2>(xp, w, &taps, d, at, out),
-                    _ => conv_direct_tile::<F, R, VMAX>(xp, w, &taps, d, at, out),
+                    1 => conv_direct_tile::<F, R, 1>(xp, w, &taps, d, at, bias, out),
+                    2 if VMAX >= 2 => conv_direct_tile::<F, R, 2>(xp, w, &taps, d, at, bias, out),
+                    _ => conv_direct_tile::<F, R, VMAX>(xp, w, &taps, d, at, bias, out),
                 }
                 ox += step;
             }
@@ -1366,7 +1374,8 @@ pub(crate) unsafe fn conv_direct<F: F32Lanes, const R: usize, const VMAX: usize>
 
 /// [`conv_direct`]'s tile: output row `oy` (its planes' offset `row`), channels `r0..r0 + R` (past
 /// `m`: the last one again, not stored), columns `ox..ox + V lanes` (stored up to `ow`); `taps`
-/// the planes' offset of each tap in the chain's order.
+/// the planes' offset of each tap in the chain's order; each chain's `+ bias[channel]` (one
+/// addition) as it is stored.
 #[inline(always)]
 unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
     xp: &[f32],
@@ -1374,6 +1383,7 @@ unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
     taps: &[usize],
     d: DirectConv,
     (oy, r0, ox, row): (usize, usize, usize, usize),
+    bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let (oh, ow) = d.out;
@@ -1396,11 +1406,16 @@ unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
         if r0 + j >= d.m {
             break;
         }
+        let b = bias.map(|b| F::splat(b[r0 + j]));
         for (v, a) in acc.iter().enumerate() {
             let at = ox + v * F::LANES;
             if at >= ow {
                 break;
             }
+            let a = &match b {
+                Some(b) => F::add(*a, b),
+                None => *a,
+            };
             let dst = out.as_mut_ptr().add((r0 + j) * ol + oy * ow + at);
             if at + F::LANES <= ow {
                 a.store(dst);
