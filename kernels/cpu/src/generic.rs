@@ -912,7 +912,7 @@ unsafe fn depthwise_lanes_avx2(
 /// `c` of the position's `cp` (channels rounded up to whole vectors). Only the rows and columns
 /// some window reads are kept: image column `ix` is stored where `ix + pw` lies in `x0..x1`.
 #[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PadMap {
     pub hp: usize,
     pub wp: usize,
@@ -962,12 +962,18 @@ thread_local! {
     #[cfg(target_arch = "x86_64")]
     static DEPTHWISE_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// The padded image buffer's start and the map whose padding it holds zeroed (the last
+    /// call's: `fill` writes only the positions its map keeps, so the padding stays zero for the
+    /// next call of the same map, the next image of the same layer).
+    #[cfg(target_arch = "x86_64")]
+    static DEPTHWISE_ZEROED: std::cell::Cell<Option<(usize, PadMap)>> = const { std::cell::Cell::new(None) };
 }
 
 /// [`depthwise_lanes_avx2`] on its reused buffers, the image written into the padded buffer by
 /// `fill` (given the buffer, its padding already zeroed, and where each input position goes:
 /// `fill` writes every position [`PadMap::at`] keeps, all `cp` lanes, zeros past the channels).
-/// Only the padding is zeroed here: every other value is written before use. Returns whether a
+/// Only the padding is zeroed here, and only when the last call's map or buffer differed (the
+/// next image of a layer finds it zero): every other value is written before use. Returns whether a
 /// [`DwOut::Levels`] output met a NaN (then its levels are not written).
 ///
 /// # Safety
@@ -991,14 +997,19 @@ unsafe fn depthwise_lanes_with(
         // every one).
         let buf = aligned64(buf, len);
         let row = m.wp * m.cp;
-        for y in 0..m.hp {
-            let iy = y as isize - m.ph;
-            if iy < 0 || iy as usize >= m.h {
-                buf[y * row..(y + 1) * row].fill(0.0);
-            } else {
-                buf[y * row..y * row + m.x0 * m.cp].fill(0.0);
-                buf[y * row + m.x1 * m.cp..(y + 1) * row].fill(0.0);
+        // Where the last call was the same map on the same buffer, its padding is still zero.
+        let zeroed = Some((buf.as_ptr() as usize, m));
+        if DEPTHWISE_ZEROED.get() != zeroed {
+            for y in 0..m.hp {
+                let iy = y as isize - m.ph;
+                if iy < 0 || iy as usize >= m.h {
+                    buf[y * row..(y + 1) * row].fill(0.0);
+                } else {
+                    buf[y * row..y * row + m.x0 * m.cp].fill(0.0);
+                    buf[y * row + m.x1 * m.cp..(y + 1) * row].fill(0.0);
+                }
             }
+            DEPTHWISE_ZEROED.set(zeroed);
         }
         fill(buf, &m);
         // SAFETY: as this function's contract.

@@ -1,7 +1,8 @@
 //! The direct depthwise convolution against the general convolution's arithmetic (im2col with the
 //! geometry's gather table, then `sgemm_chain` per channel), bit for bit, over random 1-D and 2-D
 //! geometries: strides, dilations, padding (negative too: windows starting inside the input),
-//! signed zeros and infinities among the values. With AVX-512 the tests run once more in a child
+//! signed zeros and infinities among the values; each layer twice in a row (the second call on the
+//! padding the first left). With AVX-512 the tests run once more in a child
 //! process with `SQIL_ISA=avx2` (the 8-lane taps).
 
 mod common;
@@ -86,6 +87,11 @@ proptest! {
         depthwise_conv(&x, &k, &geo, None, &[], &mut got);
         let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want));
+        // The same layer again (the next image; the kernel finds the padding it zeroed for the
+        // first call still zero and keeps it): the same outputs.
+        let mut again = vec![7f32; channels * ol];
+        depthwise_conv(&x, &k, &geo, None, &[], &mut again);
+        prop_assert_eq!(bits(&again), bits(&want), "the same layer a second time");
     }
 }
 

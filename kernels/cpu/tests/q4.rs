@@ -629,6 +629,24 @@ proptest! {
             ChainOut::Image(&mut got)
         };
         let done = depthwise_chain(input, &dw, output);
+        // The same layer again (the next image: its padding left zero by the first call): the
+        // same outputs.
+        if done == Chain::Done {
+            let input = if from_pointwise {
+                ChainIn::Pointwise { w: &w, planes: &planes, zero: 4, scale: 0.02, bias, post: forms[pw_post] }
+            } else {
+                ChainIn::Image(&mid)
+            };
+            let mut again = vec![f32::NAN; want.len()];
+            let output = if into_pointwise {
+                ChainOut::Pointwise { w: &w2, quant, bias: b2, post: forms[next_post], y: &mut again }
+            } else {
+                ChainOut::Image(&mut again)
+            };
+            prop_assert_eq!(depthwise_chain(input, &dw, output), Chain::Done);
+            let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&again), bits(&want), "the same layer a second time");
+        }
         let vnni = sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni;
         let expect = if n < 8 || (into_pointwise && dw_post == 4) || !vnni {
             Chain::NotTaken
