@@ -180,14 +180,55 @@ fn everywhere_writes(name: &str, args: &[KArg<HostArr>]) -> Option<Vec<usize>> {
     at.iter().map(|&k| if let Some(KArg::Buf(b)) = args.get(k) { Some(*b) } else { None }).collect()
 }
 
+/// Most blocks of a float layer at a thread per output (`sqil_linear_f32w`, `opw` 0) that every
+/// block computes in full (see [`placement`]), and most terms per output over those blocks (each
+/// thread runs one chain per block in turn): a short first layer, cheaper run twice per block than
+/// waited for across a grid barrier. Measured on an H100 (three interleaved rounds, median of 400
+/// actions; `docs/data/gpu-short-first-layer-2026-12-06-s15-h100.txt`): a TD3-sized 17 -> 400
+/// (2 x 17 terms) 10.61-10.86 -> 10.32-10.34 us; 7 -> 300 with a SiLU or Sigmoid epilogue (2 x 7)
+/// 9.12-9.42 -> 8.79-9.12 and 9.40-9.69 -> 9.62-9.94, a wash; 24 -> 512 (2 x 24) 11.88-12.16 ->
+/// 11.92-12.27, slower, so it keeps its barrier.
+pub const EVERYWHERE_MAX_BLOCKS: usize = 4;
+/// See [`EVERYWHERE_MAX_BLOCKS`]: blocks times terms per output.
+pub const EVERYWHERE_MAX_WORK: i32 = 40;
+
+/// [`everywhere_writes`] for a step of `blocks` blocks: any of those one-block steps, or a float
+/// layer at a thread per output (`opw` 0) of at most [`EVERYWHERE_MAX_BLOCKS`] blocks and
+/// [`EVERYWHERE_MAX_WORK`] terms over them, which writes its outputs `y` and, if any, their levels `lvout`
+/// (and reads only its input, weights and bias).
+fn everywhere_step(name: &str, args: &[KArg<HostArr>], blocks: usize) -> Option<Vec<usize>> {
+    if blocks == 1 {
+        if let Some(w) = everywhere_writes(name, args) {
+            return Some(w);
+        }
+    }
+    let short = blocks <= EVERYWHERE_MAX_BLOCKS
+        && matches!(args.get(5), Some(KArg::I32(k)) if *k as i64 * blocks as i64 <= EVERYWHERE_MAX_WORK as i64);
+    let thread_form = matches!(args.get(12), Some(KArg::I32(0)));
+    if crate::lower::base_kernel(name) != "sqil_linear_f32w" || args.len() != 18 || !short || !thread_form {
+        return None;
+    }
+    let mut w = vec![];
+    for k in [3, 13] {
+        match &args[k] {
+            KArg::Buf(b) => w.push(*b),
+            KArg::Null if k == 13 => {}
+            _ => return None,
+        }
+    }
+    Some(w)
+}
+
 /// Per step, where it runs and which barrier follows it:
 /// - a step of one block runs on block 0; after it a `__syncthreads` suffices when the next
 ///   step is one block too (or it is the last: block 0 reads the output);
-/// - a run of steps of one block each that [`everywhere_writes`] knows (none writing a buffer a
-///   step of the run reads) before a multi-block step of [`READS_ONLY_INPUTS`] that touches none
-///   of the run's input buffers runs on every block: the grid barrier before the run stays (every
-///   block reads all of its input), the ones inside it and after it go (a block reads only what
-///   it wrote itself, and what it writes next nobody still reads);
+/// - a run of steps of one block each that [`everywhere_writes`] knows, or short float layers at a
+///   thread per output ([`everywhere_step`]; none writing a buffer a step of the run reads),
+///   before a multi-block step of [`READS_ONLY_INPUTS`] that touches none of the run's input
+///   buffers runs on every block (each block running every block's share of a step in turn):
+///   the grid barrier before the run stays (every block reads all of its input), the ones inside
+///   it and after it go (a block reads only what it wrote itself, and what it writes next nobody
+///   still reads);
 /// - every other step is followed by the grid barrier.
 pub fn placement(l: &Lowered) -> Vec<Placed> {
     let blocks: Vec<usize> = l.steps.iter().map(step_blocks).collect();
@@ -200,9 +241,9 @@ pub fn placement(l: &Lowered) -> Vec<Placed> {
         // The longest run from step i, its input buffers (those of the run's steps' buffers that
         // they do not write).
         let (mut j, mut inputs) = (i, vec![]);
-        while j < l.steps.len() && blocks[j] == 1 {
+        while j < l.steps.len() {
             let LStep::Kernel { name, args, .. } = &l.steps[j];
-            let Some(w) = everywhere_writes(name, args) else { break };
+            let Some(w) = everywhere_step(name, args, blocks[j]) else { break };
             let r: Vec<usize> = bufs(args).into_iter().filter(|b| !w.contains(b)).collect();
             if w.iter().any(|b| inputs.contains(b)) || bufs(args).len() != r.len() + w.len() {
                 break;
@@ -272,10 +313,17 @@ pub fn fuse(l: &Lowered) -> Result<Fused, String> {
         max_blocks = max_blocks.max(blocks);
         let label = l.labels.get(si).map(|s| s.replace(['\n', '\r', '\\'], " ")).unwrap_or_default();
         let sync = if placed[si].local_sync { "__syncthreads();" } else { "sqil_grid_sync(bar, passed, cluster);" };
-        if placed[si].everywhere {
+        if placed[si].everywhere && blocks == 1 {
             let _ = writeln!(
                 body,
                 "        // {label} (on every block)\n        {name}(0u, threadIdx.x, {});\n        {sync}",
+                a.join(", ")
+            );
+        } else if placed[si].everywhere {
+            let _ = writeln!(
+                body,
+                "        // {label} (every block runs all {blocks})\n        for (unsigned b = 0; b < {blocks}u; b++) {{\n            \
+                 {name}(b, threadIdx.x, {});\n        }}\n        {sync}",
                 a.join(", ")
             );
         } else {

@@ -173,12 +173,17 @@ fn persistent_programs_for_the_testdata_policies() {
             let call = if placed[i].everywhere {
                 // Every block computes the whole step; the run of such steps ends before a step
                 // spread over blocks.
-                assert_eq!(blocks, 1, "{name}: step {i}");
                 let known = k.starts_with("sqil_ew_") || k == "sqil_layernorm_rows";
-                assert!(known && placed[i].local_sync, "{name}: step {i}");
+                let short_float = sqil_cuda::lower::base_kernel(k) == "sqil_linear_f32w";
+                assert!((blocks == 1 && known) || (short_float && blocks <= 4), "{name}: step {i}");
+                assert!(placed[i].local_sync, "{name}: step {i}");
                 let sqil_cuda::lower::LStep::Kernel { threads: next, .. } = &l.steps[i + 1];
                 assert!(placed[i + 1].everywhere || next.div_ceil(256) > 1, "{name}: step {i}");
-                format!("(on every block)\n        {k}(0u, threadIdx.x, ")
+                if blocks == 1 {
+                    format!("(on every block)\n        {k}(0u, threadIdx.x, ")
+                } else {
+                    format!("(every block runs all {blocks})\n        for (unsigned b = 0; b < {blocks}u; b++) {{\n            {k}(b, threadIdx.x, ")
+                }
             } else {
                 format!("b < {blocks}u; b += gridDim.x) {{\n            {k}(b, threadIdx.x, ")
             };
@@ -348,6 +353,47 @@ fn a_float_layers_input_bias_and_relu_need_no_steps_of_their_own() {
             }
         }
         eprintln!("{name}: {names:?}");
+    }
+}
+
+/// A short float first layer at a thread per output (a TD3-sized actor's 17 -> 400: two blocks of
+/// 17-term chains) runs on every block of the persistent program, each block computing both
+/// blocks' outputs, so the next layer reads what its own block wrote: no grid barrier between
+/// them. A layer of more terms per thread over its blocks (a 24 -> 512: 2 x 24) or more blocks
+/// keeps its barrier. The programs compile with NVRTC.
+/// (On a GPU, `gpu_policy`'s thread-per-output test checks such a program's bits.)
+#[test]
+fn a_short_first_layer_runs_on_every_block() {
+    use sqil_ir::ops::UnaryOp;
+    let relu = Some(UnaryOp::Relu);
+    for (dims, everywhere) in [
+        (vec![(17, 400, relu), (400, 300, relu), (300, 6, Some(UnaryOp::Tanh))], true),
+        (vec![(7, 300, Some(UnaryOp::Sigmoid)), (300, 129, Some(UnaryOp::Tanh)), (129, 1, None)], true),
+        // Two blocks of 24 terms (measured slower on every block), five blocks of outputs, or 376
+        // terms: the barrier stays.
+        (vec![(24, 512, relu), (512, 512, relu), (512, 8, Some(UnaryOp::Tanh))], false),
+        (vec![(7, 1030, relu), (1030, 64, relu), (64, 3, None)], false),
+        (vec![(376, 400, relu), (400, 300, relu), (300, 17, None)], false),
+    ] {
+        let mut r = sqil_ir::testing::Rng::new(3);
+        let k = dims[0].0;
+        let g = common::dense_stack(&mut r, "short", vec![common::batch(), sqil_ir::Dim::Known(k)], &dims);
+        let p = common::rtn(&g, "wbits=4,abits=8,group=32", &common::x_feeds(&mut r, vec![16, k]));
+        let l = sqil_cuda::lower::lower(&p).unwrap();
+        let placed = sqil_cuda::fused::placement(&l);
+        let f = sqil_cuda::fused::fuse(&l).unwrap();
+        let sqil_cuda::lower::LStep::Kernel { name, threads, .. } = &l.steps[0];
+        let blocks = threads.div_ceil(256);
+        assert_eq!(sqil_cuda::lower::base_kernel(name), "sqil_linear_f32w", "{dims:?}");
+        assert_eq!(placed[0].everywhere, everywhere, "{dims:?}: {blocks} blocks");
+        assert_eq!(placed[0].local_sync, everywhere, "{dims:?}");
+        let runs_all = format!("(every block runs all {blocks})\n        for (unsigned b = 0; b < {blocks}u; b++) {{");
+        assert_eq!(f.src.contains(&runs_all), everywhere && blocks > 1, "{dims:?}");
+        let local = placed.iter().filter(|p| p.local_sync).count();
+        assert_eq!(f.src.matches("sqil_grid_sync(bar, passed, cluster);").count(), 1 + l.steps.len() - local);
+        if sqil_cuda::nvrtc_present() {
+            sqil_cuda::compile(&f.name, &f.src, "compute_90").unwrap_or_else(|e| panic!("{dims:?}: {e}"));
+        }
     }
 }
 
