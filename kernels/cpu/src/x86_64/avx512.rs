@@ -1358,15 +1358,21 @@ unsafe fn flush_tile(
         crate::generic::post_in_place(std::slice::from_raw_parts_mut(tp, n * t), rest);
     } else if !rest.is_empty() {
         // A short last block: its positions gathered into one run first (the ops over whole rows
-        // would compute every unused column too, and a call per row costs more than the values).
-        let mut run = vec![0f32; n * left];
-        for (r, d) in run.chunks_exact_mut(left).enumerate() {
-            d.copy_from_slice(std::slice::from_raw_parts(tp.add(r * t), left));
-        }
-        crate::generic::post_in_place(&mut run, rest);
-        for (r, d) in run.chunks_exact(left).enumerate() {
-            std::slice::from_raw_parts_mut(tp.add(r * t), left).copy_from_slice(d);
-        }
+        // would compute every unused column too, and a call per row costs more than the values),
+        // in a buffer kept between calls (every value is written before it is read).
+        SHORT_RUN.with_borrow_mut(|run| {
+            if run.len() < n * left {
+                run.resize(n * left, 0.0);
+            }
+            let run = &mut run[..n * left];
+            for (r, d) in run.chunks_exact_mut(left).enumerate() {
+                d.copy_from_slice(std::slice::from_raw_parts(tp.add(r * t), left));
+            }
+            crate::generic::post_in_place(run, rest);
+            for (r, d) in run.chunks_exact(left).enumerate() {
+                std::slice::from_raw_parts_mut(tp.add(r * t), left).copy_from_slice(d);
+            }
+        });
     }
     if cp.is_multiple_of(16) && t.is_multiple_of(16) {
         // Sixteen positions x sixteen channels per register transpose (half the shuffles per
@@ -1462,6 +1468,9 @@ pub(crate) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 thread_local! {
     /// [`avx512_pointwise_q4q8_padded`]'s tile of outputs, `[cp][32]`.
     static PADDED_TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`flush_tile`]'s short last block of positions, gathered for the ops not applied in
+    /// registers.
+    static SHORT_RUN: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// [`crate::generic::depthwise_conv`]'s outputs (`acc`, `[position][cp]`, as the depthwise lanes
