@@ -156,9 +156,9 @@ fn sample_by_sample(plan: &Plan, feeds: &[Tensor]) -> Option<usize> {
 /// Four together, at batch 64 on this project's 2-vCPU Xeon (one thread, min of runs; the same
 /// bits, as every op treats the samples independently): MobileNetV3 19.8 -> 17.7-18.7 ms,
 /// EfficientNet-B0 46.7 -> 43.8, MobileNetV2 32.1 -> 30.0, the ACT decoder 87.8 -> 77.7,
-/// ResNet-18 187 -> 183, the pixel, PReLU and U-Net policies within their noise (+-1.5%). Eight
-/// were as good on the MobileNets and 1-3% slower on the pixel and PReLU CNNs; the whole batch
-/// 55% slower on the PReLU CNN.
+/// ResNet-18 187 -> 183, the U-Net step the same, the pixel and PReLU CNNs 1-2% slower (their
+/// activations are larger). Eight were as good on the MobileNets and 1-3% slower on the pixel
+/// and PReLU CNNs; the whole batch 55% slower on the PReLU CNN.
 pub const SAMPLE_CHUNK: usize = 4;
 
 /// Samples `range` of a batch of `batch` (every input's leading dimension), each input of shape
