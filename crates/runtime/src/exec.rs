@@ -35,8 +35,7 @@ impl Execute for Plan {
     fn run(&self, feeds: &[Tensor], threads: usize) -> Result<Vec<Tensor>> {
         if let Some(batch) = sample_by_sample(self, feeds) {
             let mut parts: Vec<Vec<Tensor>> = vec![vec![]; self.outputs.len()];
-            for at in (0..batch).step_by(SAMPLE_CHUNK) {
-                let chunk = at..(at + SAMPLE_CHUNK).min(batch);
+            for chunk in sample_runs(batch) {
                 let n = chunk.len();
                 for (part, y) in parts.iter_mut().zip(self.run_whole(&samples(feeds, batch, chunk)?, threads)?) {
                     if y.shape.first() != Some(&n) {
@@ -84,10 +83,7 @@ impl Execute for Plan {
         // As `run` runs it: a per-sample plan's batch a few samples at a time (each step's time
         // the sum over the runs).
         let samples: Vec<Vec<Tensor>> = match sample_by_sample(self, feeds) {
-            Some(batch) => (0..batch)
-                .step_by(SAMPLE_CHUNK)
-                .map(|at| samples(feeds, batch, at..(at + SAMPLE_CHUNK).min(batch)))
-                .collect::<Result<_>>()?,
+            Some(batch) => sample_runs(batch).map(|run| samples(feeds, batch, run)).collect::<Result<_>>()?,
             None => vec![],
         };
         for _ in 0..runs.max(1) {
@@ -160,6 +156,11 @@ fn sample_by_sample(plan: &Plan, feeds: &[Tensor]) -> Option<usize> {
 /// activations are larger). Eight were as good on the MobileNets and 1-3% slower on the pixel
 /// and PReLU CNNs; the whole batch 55% slower on the PReLU CNN.
 pub const SAMPLE_CHUNK: usize = 4;
+
+/// The runs of [`SAMPLE_CHUNK`] samples (the last one shorter) a batch of `batch` takes.
+fn sample_runs(batch: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..batch).step_by(SAMPLE_CHUNK).map(move |at| at..(at + SAMPLE_CHUNK).min(batch))
+}
 
 /// Samples `range` of a batch of `batch` (every input's leading dimension), each input of shape
 /// `[range.len(), ...]`.

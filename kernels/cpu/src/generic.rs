@@ -783,11 +783,7 @@ impl DepthwiseTaps {
         let mut data = vec![];
         let at = {
             let v = aligned64(&mut data, taps * cp);
-            for (c, row) in weights.chunks_exact(taps).enumerate() {
-                for (t, &w) in row.iter().enumerate() {
-                    v[t * cp + c] = w;
-                }
-            }
+            lay_out_by_tap(weights, channels, taps, v);
             v.as_ptr() as usize
         };
         let at = (at - data.as_ptr() as usize) / std::mem::size_of::<f32>();
@@ -802,6 +798,26 @@ impl DepthwiseTaps {
     /// `[tap][cp]`, if laid out for `channels` channels of `taps` taps at `cp` lanes.
     fn for_layer(&self, channels: usize, taps: usize, cp: usize) -> Option<&[f32]> {
         (self.channels == channels && self.taps == taps && self.cp == cp).then(|| self.values())
+    }
+}
+
+/// Depthwise weights `[channels, taps]` into `wt` as `[tap][cp]` (`cp = wt.len() / taps`, at least
+/// `channels`; zeros past the channels): the layout the lanes kernels read, made per call
+/// ([`depthwise_compute`]) or once ([`DepthwiseTaps`]). `[channels, taps]` transposed through tiles
+/// into the first `taps x channels` values, then each tap's row moved out to its stride `cp` (last
+/// first, so no row is overwritten before it moves) and the lanes past `channels` zeroed. Element
+/// by element, this copy was a fifth of the depthwise step.
+fn lay_out_by_tap(weights: &[f32], channels: usize, taps: usize, wt: &mut [f32]) {
+    let cp = wt.len() / taps;
+    wt.fill(0.0);
+    copy_strided(weights, (taps, channels), (1, taps), &mut wt[..taps * channels]);
+    if cp > channels {
+        for t in (1..taps).rev() {
+            wt.copy_within(t * channels..(t + 1) * channels, t * cp);
+        }
+        for t in 0..taps {
+            wt[t * cp + channels..(t + 1) * cp].fill(0.0);
+        }
     }
 }
 
@@ -1121,24 +1137,12 @@ unsafe fn depthwise_compute(
     let Depthwise { kh, kw, sh, sw, dh, dw, oh, ow, channels, .. } = *g;
     let (kl, ol, wp, cp) = (kh * kw, oh * ow, m.wp, m.cp);
     let (weights, planned) = weights;
-    // The weights by tap: as planned, or `[channels, kl]` transposed through tiles into the first
-    // `kl x channels` values, then each tap's row moved out to its stride `cp` (last first, so no
-    // row is overwritten before it moves) and the lanes past `channels` zeroed. Element by
-    // element, this copy was a fifth of the step.
+    // The weights by tap: as planned, or laid out now.
     let wt: &[f32] = match planned.and_then(|t| t.for_layer(channels, kl, cp)) {
         Some(t) => t,
         None => {
             let wt = aligned64(wt, kl * cp);
-            wt.fill(0.0);
-            copy_strided(weights, (kl, channels), (1, kl), &mut wt[..kl * channels]);
-            if cp > channels {
-                for t in (1..kl).rev() {
-                    wt.copy_within(t * channels..(t + 1) * channels, t * cp);
-                }
-                for t in 0..kl {
-                    wt[t * cp + channels..(t + 1) * cp].fill(0.0);
-                }
-            }
+            lay_out_by_tap(weights, channels, kl, wt);
             wt
         }
     };
