@@ -266,8 +266,8 @@ impl Layout {
 /// (C = `w.k`), into `y` `[w.n][positions]`; every output exactly [`generic::generic_q4q8_row`] of
 /// that position's channels (its im2col row). Positions in vector lanes: the small-channel layers
 /// of MobileNet-class CNNs (8-96 channels at 42 x 42) reach the row kernels as thousands of short
-/// rows. The `post` ops ([`Post`]) are applied to each output before it is stored. Returns false, writing nothing, on a CPU without AVX-512 VNNI (or with `SQIL_ISA`
-/// capping it).
+/// rows. The `post` ops ([`Post`]) are applied to each output before it is stored. Returns false,
+/// writing nothing, on a CPU without AVX-512 VNNI (or with `SQIL_ISA` capping it).
 #[allow(clippy::too_many_arguments)]
 pub fn pointwise_q4q8(
     w: &PackedQ4,
@@ -279,25 +279,53 @@ pub fn pointwise_q4q8(
     post: &[Post],
     y: &mut [f32],
 ) -> bool {
-    assert!(planes.len() >= w.k * positions && y.len() >= w.n * positions);
+    pointwise_q4q8_images(w, planes, (1, positions), zero, scale, bias, post, y)
+}
+
+/// [`pointwise_q4q8`] of `images` images of `positions` positions each, one after the other in
+/// `planes` (each `[C][positions]`) and in `y` (each `[w.n][positions]`): the same outputs, with
+/// the images' positions side by side in the vector lanes where each has at least
+/// [`POINTWISE_IMAGE_MIN_POSITIONS`] (one image at a time otherwise). On a small map one image
+/// fills a few lanes of each vector (9 of 16 on a 3 x 3 map); several fill them, and each weight
+/// read serves them all (`cargo bench -p sqil-kernels-cpu --bench pointwise`).
+#[allow(clippy::too_many_arguments)]
+pub fn pointwise_q4q8_images(
+    w: &PackedQ4,
+    planes: &[i8],
+    (images, positions): (usize, usize),
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    post: &[Post],
+    y: &mut [f32],
+) -> bool {
+    let all = images * positions;
+    assert!(planes.len() >= w.k * all && y.len() >= w.n * all);
     assert!(bias.is_none_or(|b| b.len() >= w.n) && (-128..=127).contains(&zero));
     #[cfg(target_arch = "x86_64")]
-    if isa() == Isa::Avx512Vnni && positions > 0 {
-        let p_pad = positions.next_multiple_of(16);
+    if isa() == Isa::Avx512Vnni && all > 0 {
+        if images > 1 && positions < POINTWISE_IMAGE_MIN_POSITIONS {
+            let (per_in, per_out) = (w.k * positions, w.n * positions);
+            for (x, y) in planes.chunks_exact(per_in).zip(y.chunks_exact_mut(per_out)).take(images) {
+                pointwise_q4q8_images(w, x, (1, positions), zero, scale, bias, post, y);
+            }
+            return true;
+        }
+        let p_pad = all.next_multiple_of(16);
         // The ops the kernel applies in registers, then the rest over its outputs.
         let (post, rest) = generic::post_split(post);
         return X4.with_borrow_mut(|x4| {
             // The quads that hold channels (the padding's weights are zero: see the kernel).
             let x4 = generic::aligned64(x4, w.k.div_ceil(4) * p_pad);
-            // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA).
+            // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA); each image has at least
+            // the positions the kernel needs (checked above).
             unsafe {
-                x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
-                x86_64::avx512::avx512_pointwise_q4q8(
+                x86_64::avx512::avx512_interleave_quads_images(planes, w.k, (images, positions), p_pad, x4);
+                x86_64::avx512::avx512_pointwise_q4q8_images(
                     w,
                     w.quad_words(),
                     x4,
-                    positions,
-                    p_pad,
+                    (images, positions, p_pad),
                     zero,
                     scale,
                     bias,
@@ -305,13 +333,17 @@ pub fn pointwise_q4q8(
                     y,
                 );
             }
-            generic::post_in_place(&mut y[..w.n * positions], rest);
+            generic::post_in_place(&mut y[..w.n * all], rest);
             true
         });
     }
     let _ = (planes, zero, scale, bias, post, y);
     false
 }
+
+/// The fewest positions per image with which [`pointwise_q4q8_images`] puts several images side
+/// by side in the vector lanes (a vector of 16 lanes then spans at most three images).
+pub const POINTWISE_IMAGE_MIN_POSITIONS: usize = 8;
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {

@@ -525,6 +525,53 @@ proptest! {
 }
 
 proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Several images side by side in the pointwise kernel's lanes (`pointwise_q4q8_images`)
+    /// give each image's outputs as the kernel on that image alone, bit for bit, in place in the
+    /// images' output: 1-5 images of 1-70 positions (below 8 positions, one at a time; a vector
+    /// of 16 lanes spanning two or three images; image edges off the 16-lane vectors and the
+    /// 32-position blocks), each epilogue form (in registers; HardSwish over the outputs), with
+    /// and without a bias. Values past the images' outputs are left alone. Skips without AVX-512
+    /// VNNI.
+    #[test]
+    fn pointwise_images_side_by_side_equal_each_image_alone(seed in any::<u64>(), n in 1usize..40, ch in 1usize..80,
+                                                             p in 1usize..70, images in 1usize..6, zero in -120i32..120,
+                                                             with_bias in any::<bool>(), epilogue in 0usize..4) {
+        use sqil_kernels_cpu::Post;
+        let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
+        let post: &[Post] = match epilogue {
+            0 => &[],
+            1 => &[Post::Clip(0.0, 6.0), fq],
+            2 => &[fq, Post::Clip(-0.25, 0.5), Post::Relu],
+            _ => &[Post::HardSwish, fq],
+        };
+        let w = layer(seed, n, ch, 32, 4);
+        let mut r = Lcg(seed ^ 5);
+        let x: Vec<f32> = (0..images * ch * p).map(|_| r.unit() * 3.0).collect();
+        let mut planes = vec![0i8; images * ch * p];
+        sqil_kernels_cpu::generic::quantize_i8_into(&x, 0.02, zero, -128, 127, &mut planes);
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let bias = with_bias.then_some(&bias[..]);
+        // One value past the outputs, which must stay as it is.
+        let mut got = vec![f32::NAN; images * n * p + 1];
+        got[images * n * p] = 7.0;
+        if !sqil_kernels_cpu::pointwise_q4q8_images(&w, &planes, (images, p), zero, 0.02, bias, post, &mut got) {
+            return Ok(());
+        }
+        prop_assert_eq!(got[images * n * p], 7.0);
+        for g in 0..images {
+            let mut want = vec![f32::NAN; n * p];
+            let one = &planes[g * ch * p..(g + 1) * ch * p];
+            prop_assert!(sqil_kernels_cpu::pointwise_q4q8(&w, one, p, zero, 0.02, bias, post, &mut want));
+            for (i, (a, b)) in got[g * n * p..(g + 1) * n * p].iter().zip(&want).enumerate() {
+                prop_assert_eq!(a.to_bits(), b.to_bits(), "image {} channel {} position {}", g, i / p, i % p);
+            }
+        }
+    }
+}
+
+proptest! {
     #![proptest_config(ProptestConfig::with_cases(160))]
 
     /// A depthwise convolution with what feeds it and what it feeds in one pass

@@ -294,6 +294,17 @@ fn gather(
 const POINTWISE_MIN_POSITIONS: usize = 64;
 const POINTWISE_LONG_ROW: usize = 384;
 
+/// Maps of up to this many positions run several images side by side in the pointwise kernel's
+/// lanes ([`sqil_kernels_cpu::pointwise_q4q8_images`]), [`POINTWISE_IMAGES`] at a time. Per
+/// image, four images against one on this project's 2-vCPU Xeon (one core, `cargo bench -p
+/// sqil-kernels-cpu --bench pointwise`, the same bits): MobileNetV3's 3 x 3 layers 1.4-1.5x,
+/// MobileNetV2's and EfficientNet-B0's 320 -> 1280 head 1.5x, MobileNetV3's 6 x 6 layers
+/// 1.2-1.3x; an 11 x 11 map (121 positions, 94% of the lanes used by one image) 0.9x.
+const POINTWISE_GROUP_MAX_POSITIONS: usize = 64;
+/// How many images [`POINTWISE_GROUP_MAX_POSITIONS`] puts side by side: a plan's batch comes
+/// in runs of four (`sqil_runtime::exec::SAMPLE_CHUNK`).
+const POINTWISE_IMAGES: usize = 4;
+
 /// Output positions per block on one thread: a block's int8 rows (`BLOCK * k_pad` bytes) stay
 /// in the L1/L2 cache between the gather and the kernel.
 const BLOCK: usize = 64;
@@ -333,26 +344,42 @@ pub fn run(
     // one core: its 1 x 1 layers 1.2-6x faster at 9-1764 positions, except 480 channels at 9
     // positions, where the row kernels were 1.2x faster), or there is one position (a
     // squeeze-and-excitation layer on the pooled vector: one lane of sixteen used; MobileNetV3's
-    // [576 x 144] 7.3 -> 1.4 us on the row kernels).
+    // [576 x 144] 7.3 -> 1.4 us on the row kernels). Several images of a small map side by side
+    // fill the lanes whatever the rows' length (MobileNetV3's [96 x 576] on 3 x 3, batch 64:
+    // 552 us on the row kernels, 481 four images at a time in the lanes).
+    let group = if (sqil_kernels_cpu::POINTWISE_IMAGE_MIN_POSITIONS..=POINTWISE_GROUP_MAX_POSITIONS).contains(&il) {
+        POINTWISE_IMAGES.min(images).max(1)
+    } else {
+        1
+    };
     let pointwise = im.pointwise
         && threads <= 1
         && w.k == ch
         && il > 1
-        && (il >= POINTWISE_MIN_POSITIONS || ch < POINTWISE_LONG_ROW)
+        && (group > 1 || il >= POINTWISE_MIN_POSITIONS || ch < POINTWISE_LONG_ROW)
         && (-128..=127).contains(&zero);
     // Whether any input was NaN, as the quantizer saw it (no second scan of the images).
     let mut any_nan = false;
     SCRATCH.with_borrow_mut(|s| {
+        // A 1 x 1 convolution on one thread with AVX-512 VNNI: positions in vector lanes on the
+        // planes as they are (no transpose, no windows), `group` images at a time.
+        if pointwise && sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
+            s.planes.resize(group * il * ch, 0);
+            for (imgs, y) in x.chunks(group * ch * il).zip(out.chunks_mut(group * w.n * ol)) {
+                let n = imgs.len() / (ch * il);
+                for (img, planes) in imgs.chunks_exact(ch * il).zip(s.planes.chunks_exact_mut(ch * il)) {
+                    any_nan |= quantize_i8_into(img, scale, zero, lo, hi, planes);
+                }
+                let done = sqil_kernels_cpu::pointwise_q4q8_images(w, &s.planes, (n, il), zero, scale, bias, post, y);
+                assert!(done, "the pointwise kernel needs AVX-512 VNNI");
+            }
+            return;
+        }
         s.planes.resize(il * ch, 0);
         s.image.resize(il * ch + im.run.max(ch), 0);
         for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(w.n * ol)) {
             // Quantize once (plane by plane, contiguous), then transpose to channels innermost.
             any_nan |= quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes);
-            // A 1 x 1 convolution on one thread with AVX-512 VNNI: positions in vector lanes on the
-            // planes as they are (no transpose, no windows).
-            if pointwise && sqil_kernels_cpu::pointwise_q4q8(w, &s.planes, il, zero, scale, bias, post, y) {
-                continue;
-            }
             if in_place {
                 // The lane kernel's form: sign bits flipped on the way (x + 128 as unsigned).
                 transpose_i8_xor(&s.planes, ch, il, &mut s.image, 0x80);

@@ -1116,45 +1116,81 @@ pub unsafe fn avx512_rows_to_quads(rows: &[QRow], k: usize, p_pad: usize, x4: &m
 /// The CPU must support AVX-512 F/BW and AVX2 (the buffer sizes are asserted).
 #[target_feature(enable = "avx512f,avx512bw,avx2")]
 pub unsafe fn avx512_interleave_quads(planes: &[i8], ch: usize, p: usize, p_pad: usize, x4: &mut [u32]) {
+    avx512_interleave_quads_images(planes, ch, (1, p), p_pad, x4)
+}
+
+/// [`avx512_interleave_quads`] of `images` images of `p` positions each (`planes` holds them one
+/// after the other, each `[C][p]`), side by side: position `o` of image `g` at word `g * p + o`
+/// of each row; the words from `images * p` to `p_pad` as 0x80 (zero).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW and AVX2 (the buffer sizes are asserted).
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+pub unsafe fn avx512_interleave_quads_images(
+    planes: &[i8],
+    ch: usize,
+    (images, p): (usize, usize),
+    p_pad: usize,
+    x4: &mut [u32],
+) {
     let kq = x4.len() / p_pad;
-    assert!(planes.len() >= ch * p && kq * 4 >= ch && p_pad >= p);
-    let flip = _mm256_set1_epi8(i8::MIN);
+    assert!(planes.len() >= images * ch * p && kq * 4 >= ch && p_pad >= images * p);
     for q in 0..kq {
-        let plane = |c: usize| if c < ch { Some(&planes[c * p..(c + 1) * p]) } else { None };
-        let ps = [plane(4 * q), plane(4 * q + 1), plane(4 * q + 2), plane(4 * q + 3)];
-        let dst = &mut x4[q * p_pad..(q + 1) * p_pad];
-        let mut o = 0;
-        while o + 32 <= p {
-            let ld = |pl: Option<&[i8]>| match pl {
-                // SAFETY: o + 32 <= p, the plane's length.
-                Some(pl) => _mm256_loadu_si256(pl.as_ptr().add(o) as *const __m256i),
-                None => _mm256_setzero_si256(),
-            };
-            let (p0, p1, p2, p3) = (ld(ps[0]), ld(ps[1]), ld(ps[2]), ld(ps[3]));
-            let (a, b) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
-            let (c, d) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
-            let (ac0, ac1) = (_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c));
-            let (bd0, bd1) = (_mm256_unpacklo_epi16(b, d), _mm256_unpackhi_epi16(b, d));
-            // Within 128-bit lanes: ac0 = positions 0-3 | 16-19, ac1 = 4-7 | 20-23, bd0 = 8-11 |
-            // 24-27, bd1 = 12-15 | 28-31.
-            let out = [
-                _mm256_permute2x128_si256::<0x20>(ac0, ac1),
-                _mm256_permute2x128_si256::<0x20>(bd0, bd1),
-                _mm256_permute2x128_si256::<0x31>(ac0, ac1),
-                _mm256_permute2x128_si256::<0x31>(bd0, bd1),
-            ];
-            for (i, v) in out.into_iter().enumerate() {
-                // SAFETY: o + 32 <= p <= p_pad words in dst.
-                _mm256_storeu_si256(dst.as_mut_ptr().add(o + 8 * i) as *mut __m256i, _mm256_xor_si256(v, flip));
-            }
-            o += 32;
-        }
-        for (oo, d) in dst.iter_mut().enumerate().skip(o) {
-            let byte = |pl: Option<&[i8]>| if oo < p { pl.map_or(0, |pl| pl[oo]) } else { 0 };
-            *d = u32::from_le_bytes([byte(ps[0]) as u8, byte(ps[1]) as u8, byte(ps[2]) as u8, byte(ps[3]) as u8])
-                ^ 0x8080_8080;
+        let row = &mut x4[q * p_pad..(q + 1) * p_pad];
+        for g in 0..images {
+            let image = &planes[g * ch * p..(g + 1) * ch * p];
+            // The last image's run goes on to the row's end (zeros past its positions).
+            let end = if g + 1 == images { p_pad } else { (g + 1) * p };
+            interleave_run(image, ch, p, q, &mut row[g * p..end]);
         }
     }
+}
+
+/// Row `q` of [`avx512_interleave_quads`] for one image: `dst[o]` the quad of channels `4q..4q +
+/// 4` of position `o`, 0x80 bytes past `p` positions and `ch` channels. 32 positions per step,
+/// the last step's loads masked at `p` (a 3 x 3 map is one step).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx2")]
+unsafe fn interleave_run(planes: &[i8], ch: usize, p: usize, q: usize, dst: &mut [u32]) {
+    let flip = _mm256_set1_epi8(i8::MIN);
+    let plane = |c: usize| if c < ch { Some(&planes[c * p..(c + 1) * p]) } else { None };
+    let ps = [plane(4 * q), plane(4 * q + 1), plane(4 * q + 2), plane(4 * q + 3)];
+    let len = dst.len();
+    let mut o = 0;
+    while o < p && o < len {
+        let keep: u64 = if p - o >= 32 { u32::MAX as u64 } else { (1u64 << (p - o)) - 1 };
+        let ld = |pl: Option<&[i8]>| match pl {
+            // SAFETY: the mask keeps the bytes below p, the plane's length.
+            Some(pl) => _mm512_castsi512_si256(_mm512_maskz_loadu_epi8(keep, pl.as_ptr().add(o))),
+            None => _mm256_setzero_si256(),
+        };
+        let (p0, p1, p2, p3) = (ld(ps[0]), ld(ps[1]), ld(ps[2]), ld(ps[3]));
+        let (a, b) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
+        let (c, d) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
+        let (ac0, ac1) = (_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c));
+        let (bd0, bd1) = (_mm256_unpacklo_epi16(b, d), _mm256_unpackhi_epi16(b, d));
+        // Within 128-bit lanes: ac0 = positions 0-3 | 16-19, ac1 = 4-7 | 20-23, bd0 = 8-11 |
+        // 24-27, bd1 = 12-15 | 28-31.
+        let out = [
+            _mm256_permute2x128_si256::<0x20>(ac0, ac1),
+            _mm256_permute2x128_si256::<0x20>(bd0, bd1),
+            _mm256_permute2x128_si256::<0x31>(ac0, ac1),
+            _mm256_permute2x128_si256::<0x31>(bd0, bd1),
+        ];
+        for (i, v) in out.into_iter().enumerate() {
+            let (at, v) = (o + 8 * i, _mm512_castsi256_si512(_mm256_xor_si256(v, flip)));
+            // Words past p hold zeros (0x80 bytes); those past the run are not stored.
+            let words = len.saturating_sub(at).min(8);
+            // SAFETY: the mask keeps the store within dst.
+            _mm512_mask_storeu_epi32(
+                dst.as_mut_ptr().add(at.min(len)) as *mut i32,
+                ((1u32 << words) - 1) as __mmask16,
+                v,
+            );
+        }
+        o += 32;
+    }
+    dst[o.min(len)..].fill(0x8080_8080);
 }
 
 /// [`crate::generic::Post`] ops on sixteen lanes, as [`crate::generic::post8`] on eight: the
@@ -1289,8 +1325,38 @@ pub unsafe fn avx512_pointwise_q4q8(
     let (kq, live) = (w.k_pad / 4, w.k.div_ceil(4));
     assert!(qw.len() >= w.n * kq && x4.len() >= live * p_pad && p_pad >= p.next_multiple_of(16) && y.len() >= w.n * p);
     assert!(bias.is_none_or(|b| b.len() >= w.n));
-    let sink = Sink { y: y.as_mut_ptr(), ys: p, tile: false };
+    let sink = Sink { y: y.as_mut_ptr(), ys: p, tile: false, image: w.n * p };
     pointwise_forms(w, qw, x4, (p, p_pad), zero, scale, bias, post, sink, |_| {});
+}
+
+/// [`avx512_pointwise_q4q8`] on `images` images of `p` positions each, side by side in the
+/// vector lanes (`x4` from [`avx512_interleave_quads_images`], `p_pad >= images * p` rounded up
+/// to 16): `y` holds the images' outputs one after the other, each `[n][p]`, the values of
+/// [`avx512_pointwise_q4q8`] on each image alone (every lane is its position's own sums). On a
+/// small map (MobileNets' and EfficientNet's last blocks, 3 x 3 and 6 x 6) one image fills a few
+/// lanes of each vector; several fill them, and each weight read serves them all.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VNNI, AVX2 and FMA (the buffer sizes are asserted).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn avx512_pointwise_q4q8_images(
+    w: &PackedQ4,
+    qw: &[u32],
+    x4: &[u32],
+    (images, p, p_pad): (usize, usize, usize),
+    zero: i32,
+    scale: f32,
+    bias: Option<&[f32]>,
+    post: &[crate::generic::Post],
+    y: &mut [f32],
+) {
+    let (kq, live, all) = (w.k_pad / 4, w.k.div_ceil(4), images * p);
+    assert!(images == 1 || p >= crate::POINTWISE_IMAGE_MIN_POSITIONS);
+    assert!(qw.len() >= w.n * kq && x4.len() >= live * p_pad && p_pad >= all.next_multiple_of(16));
+    assert!(y.len() >= w.n * all && bias.is_none_or(|b| b.len() >= w.n));
+    let sink = Sink { y: y.as_mut_ptr(), ys: p, tile: false, image: w.n * p };
+    pointwise_forms(w, qw, x4, (all, p_pad), zero, scale, bias, post, sink, |_| {});
 }
 
 /// [`avx512_pointwise_q4q8`] with each output position's channels written contiguously into a
@@ -1326,7 +1392,7 @@ pub(crate) unsafe fn avx512_pointwise_q4q8_padded(
         let tile = crate::generic::aligned64(tile, cp * T);
         tile[n * T..cp * T].fill(0.0);
         let (tp, bp) = (tile.as_mut_ptr(), buf.as_mut_ptr());
-        let sink = Sink { y: tp, ys: T, tile: true };
+        let sink = Sink { y: tp, ys: T, tile: true, image: 0 };
         // The image position (row, column) of the next block's first position: blocks run in
         // order, so it is carried along (no division per position).
         let mut next = (0, 0);
@@ -1844,13 +1910,22 @@ unsafe fn plane_sums_block<const G: usize>(v: &[f32], il: usize, init: f64, p0: 
 
 /// Where [`pointwise_blocks`] stores its outputs: row `r`, position `o` at `y + r * ys + o`, or
 /// with `tile` at `y + r * ys + (o - o0)` for the block starting at `o0` (a tile of `ys >= 32`
-/// positions that the block's `flush` then empties).
+/// positions that the block's `flush` then empties). Positions of several images side by side
+/// (`ys` positions each, [`avx512_pointwise_q4q8_images`]): position `o` of row `r` is image
+/// `g = o / ys`'s position `o - g ys`, at `y + g * image + r * ys + (o - g ys)`.
 #[derive(Clone, Copy)]
 struct Sink {
     y: *mut f32,
     ys: usize,
     tile: bool,
+    /// Values per image's outputs (`n * ys`); with one image, `ys` is every position.
+    image: usize,
 }
+
+/// Up to how many images one vector of 16 positions spans where each image has at least
+/// [`crate::POINTWISE_IMAGE_MIN_POSITIONS`] (8) positions: a store per image part.
+const IMAGE_PARTS: usize = 3;
+const _: () = assert!(15usize.div_ceil(crate::POINTWISE_IMAGE_MIN_POSITIONS) < IMAGE_PARTS);
 
 /// [`pointwise_blocks`] with one copy of the kernel per epilogue form (no per-vector dispatch on
 /// the ops); `flush(o0)` after each block of positions.
@@ -2031,6 +2106,24 @@ unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, 
         let left = p.saturating_sub(o0 + 16 * v).min(16);
         ((1u32 << left) - 1) as __mmask16
     });
+    // Several images side by side: each vector's lanes split by image, each part with its
+    // image's displacement from the one-image address (`g * (image - ys)`).
+    let several = !sink.tile && sink.ys < p;
+    let parts: [[(__mmask16, usize); IMAGE_PARTS]; V] = std::array::from_fn(|v| {
+        let mut part = [(0, 0); IMAGE_PARTS];
+        if several {
+            let o = o0 + 16 * v;
+            for (i, slot) in part.iter_mut().enumerate() {
+                let g = o / sink.ys + i;
+                let (a, b) = ((g * sink.ys).max(o), ((g + 1) * sink.ys).min(o + 16).min(p));
+                if a < b {
+                    let bits = ((1u32 << (b - o)) - 1) & !((1u32 << (a - o)) - 1);
+                    *slot = (bits as __mmask16, g * (sink.image - sink.ys));
+                }
+            }
+        }
+        part
+    });
     for r0 in (0..n).step_by(R) {
         // Rows past n repeat the last row (computed, not stored).
         let rows: [usize; R] = std::array::from_fn(|j| (r0 + j).min(n - 1));
@@ -2075,6 +2168,15 @@ unsafe fn pointwise_block<const V: usize, const CHAIN: bool, const CLAMP: bool, 
                         // SAFETY: a tile's rows hold 32 values. (Whole vectors: a masked store
                         // cannot forward to the loads that read the tile right after.)
                         _mm512_storeu_ps(y.add(r * sink.ys + 16 * v), out);
+                    } else if several {
+                        for &(mask, shift) in &parts[v] {
+                            if mask != 0 {
+                                // SAFETY: the mask's lanes are image g's positions, stored in
+                                // its row r (the address of lane 0 lies between the start of
+                                // `y` and that of the first stored lane).
+                                _mm512_mask_storeu_ps(y.add(r * sink.ys + 16 * v + shift), mask, out);
+                            }
+                        }
                     } else {
                         // SAFETY: the mask keeps the store within row r's p outputs.
                         _mm512_mask_storeu_ps(y.add(r * sink.ys + 16 * v), masks[v], out);
