@@ -838,14 +838,17 @@ impl Clone for DepthwiseTaps {
 /// zeroed) and where each input position goes ([`PadMap`]), and writes every position the map
 /// keeps (all `cp` lanes; zeros past the channels), the values `depthwise_conv` would have read at
 /// `[c, iy, ix]`. The same outputs, bit for bit, as that image through [`depthwise_conv`] into
-/// `out`. Returns whether a [`DwOut::Levels`] output met a NaN (nothing valid written then), or
+/// `out`. With `images` images, the buffer holds one padded image after another
+/// ([`PadMap::len`] values each), `fill` writes them all, and the outputs are each image's one
+/// after the other (as planes), or side by side (as levels: image `i`'s position `o` at word
+/// `i * positions + o` of each row). Returns whether a [`DwOut::Levels`] output met a NaN (nothing valid written then), or
 /// runs nothing and returns `None` where the 16-lane path does not apply (a CPU without
 /// AVX-512, fewer than 8 channels, more than 25 taps, a geometry other than 1-D or 2-D; levels
 /// after an epilogue op not applied in registers).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn depthwise_fed(
     dw: &DepthwiseArgs,
-    channels: usize,
+    (channels, images): (usize, usize),
     fill: impl FnOnce(&mut [f32], &PadMap),
     out: DwOut,
 ) -> Option<bool> {
@@ -867,20 +870,21 @@ pub(crate) fn depthwise_fed(
     let (reg, rest) = post_split(dw.post);
     match out {
         DwOut::Planes(out) => {
-            if out.len() < channels * ol {
+            if out.len() < images * channels * ol {
                 return None;
             }
+            let planes = DwOut::Planes(&mut *out);
             // SAFETY: isa() checked AVX-512 (with AVX2 and FMA); the sizes were checked above.
-            unsafe {
-                depthwise_lanes_with(&g, true, fill, (dw.weights, dw.taps), (dw.bias, reg), DwOut::Planes(&mut *out))
-            };
-            post_in_place(&mut out[..channels * ol], rest);
+            unsafe { depthwise_lanes_with(&g, (true, images), fill, (dw.weights, dw.taps), (dw.bias, reg), planes) };
+            post_in_place(&mut out[..images * channels * ol], rest);
             Some(false)
         }
         // The levels take every op in registers.
         DwOut::Levels { .. } if !rest.is_empty() => None,
         // SAFETY: as above; the levels' buffer is sized by the kernel.
-        levels => Some(unsafe { depthwise_lanes_with(&g, true, fill, (dw.weights, dw.taps), (dw.bias, reg), levels) }),
+        levels => Some(unsafe {
+            depthwise_lanes_with(&g, (true, images), fill, (dw.weights, dw.taps), (dw.bias, reg), levels)
+        }),
     }
 }
 
@@ -894,7 +898,9 @@ pub(crate) enum DwOut<'a> {
     /// each `+ 128` as a byte, as [`crate::x86_64::avx512::avx512_interleave_quads`] lays out
     /// [`quantize_i8_into`]'s levels of the `[channel, position]` values (`x4` holds at least
     /// `ceil(channels / 4)` rows of `p_pad >= positions` words; the words past the positions
-    /// are left as they are). Only with every epilogue op applied in registers.
+    /// hold whatever was there: no output reads them). Several images' positions side by side
+    /// (image `i`'s position `o` at word `i * positions + o`). Only with every epilogue op
+    /// applied in registers.
     Levels { quant: (f32, i32, i32, i32), x4: &'a mut [u32], p_pad: usize },
 }
 
@@ -920,7 +926,7 @@ unsafe fn depthwise_lanes_avx2(
 ) {
     // SAFETY: as this function's contract (AVX2 and FMA; `input` holds the planes).
     let fill = |buf: &mut [f32], m: &PadMap| unsafe { depthwise_image(input, g, m, buf) };
-    depthwise_lanes_with(g, wide, fill, (weights, None), epilogue, DwOut::Planes(out));
+    depthwise_lanes_with(g, (wide, 1), fill, (weights, None), epilogue, DwOut::Planes(out));
 }
 
 /// Where a depthwise input lands in [`depthwise_lanes_avx2`]'s zero-padded buffer `[hp, wp, cp]`:
@@ -964,6 +970,11 @@ impl PadMap {
             .then(|| (y as usize * self.wp + x as usize) * self.cp)
     }
 
+    /// The buffer's values for one image.
+    pub fn len(&self) -> usize {
+        self.hp * self.wp * self.cp
+    }
+
     /// Image row `iy`'s buffer row, if a window reads it.
     #[inline]
     fn row(&self, iy: usize) -> Option<usize> {
@@ -973,63 +984,101 @@ impl PadMap {
 }
 
 thread_local! {
-    /// [`depthwise_lanes_avx2`]'s buffers, kept between calls (the padded image, the weights by
+    /// [`depthwise_lanes_avx2`]'s buffers, kept between calls (the padded images, the weights by
     /// tap, the outputs by position): allocating and zeroing them was a tenth of MobileNetV2.
+    /// (A padded buffer per map, whose padding would never need zeroing again, was slower:
+    /// MobileNetV3 at batch 1 282 -> 297 us, EfficientNet-B0 692 -> 719, each layer's buffer
+    /// cold where the shared one is in cache.)
     #[cfg(target_arch = "x86_64")]
     static DEPTHWISE_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
-    /// The padded image buffer's start and the map whose padding it holds zeroed (the last
-    /// call's: `fill` writes only the positions its map keeps, so the padding stays zero for the
-    /// next call of the same map, the next image of the same layer).
+    /// The padded buffer's start, the map and the number of images whose padding it holds zeroed
+    /// (the last call's: `fill` writes only the positions its map keeps, so the padding stays zero
+    /// for the next call of the same map, the next images of the same layer).
     #[cfg(target_arch = "x86_64")]
-    static DEPTHWISE_ZEROED: std::cell::Cell<Option<(usize, PadMap)>> = const { std::cell::Cell::new(None) };
+    static DEPTHWISE_ZEROED: std::cell::Cell<Option<(usize, PadMap, usize)>> = const { std::cell::Cell::new(None) };
 }
 
-/// [`depthwise_lanes_avx2`] on its reused buffers, the image written into the padded buffer by
-/// `fill` (given the buffer, its padding already zeroed, and where each input position goes:
-/// `fill` writes every position [`PadMap::at`] keeps, all `cp` lanes, zeros past the channels).
-/// Only the padding is zeroed here, and only when the last call's map or buffer differed (the
-/// next image of a layer finds it zero): every other value is written before use. Returns whether a
+/// [`depthwise_lanes_avx2`] on its reused buffers, `images` images written into the padded
+/// buffers (one after the other, [`PadMap::len`] values each) by `fill` (given them, their padding
+/// zero, and where each input position goes: `fill` writes every position [`PadMap::at`] keeps,
+/// all `cp` lanes, zeros past the channels), then each image's taps. Only the padding is zeroed
+/// here, and only when the last call's map, image count or buffer differed (the next images of a
+/// layer find it zero): every other value is written before use. Returns whether a
 /// [`DwOut::Levels`] output met a NaN (then its levels are not written).
 ///
 /// # Safety
-/// As [`depthwise_lanes_avx2`], `input` aside; `fill` writes within the buffer it is given.
+/// As [`depthwise_lanes_avx2`], `input` aside; `fill` writes within the buffers it is given, and
+/// only where the map keeps positions.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn depthwise_lanes_with(
     g: &Depthwise,
-    wide: bool,
+    (wide, images): (bool, usize),
     fill: impl FnOnce(&mut [f32], &PadMap),
     weights: (&[f32], Option<&DepthwiseTaps>),
     epilogue: (Option<&[f32]>, &[Post]),
     out: DwOut,
 ) -> bool {
     let m = PadMap::of(g, wide);
+    let (channels, ol, len) = (g.channels, g.oh * g.ow, m.len());
     DEPTHWISE_SCRATCH.with_borrow_mut(|(buf, wt, acc)| {
-        let len = m.hp * m.wp * m.cp;
         // Grown, never shrunk (a shrink then a growth would zero the growth again), from a
         // 64-byte boundary: every position's `cp` lanes (a multiple of 16) start on one, so no
         // 512-bit load of the taps splits a cache line (the allocator's 16-byte alignment split
         // every one).
-        let buf = aligned64(buf, len);
+        let buf = aligned64(buf, images * len);
         let row = m.wp * m.cp;
-        // Where the last call was the same map on the same buffer, its padding is still zero.
-        let zeroed = Some((buf.as_ptr() as usize, m));
+        // Where the last call was the same map and images on the same buffer, its padding is
+        // still zero.
+        let zeroed = Some((buf.as_ptr() as usize, m, images));
         if DEPTHWISE_ZEROED.get() != zeroed {
-            for y in 0..m.hp {
-                let iy = y as isize - m.ph;
-                if iy < 0 || iy as usize >= m.h {
-                    buf[y * row..(y + 1) * row].fill(0.0);
-                } else {
-                    buf[y * row..y * row + m.x0 * m.cp].fill(0.0);
-                    buf[y * row + m.x1 * m.cp..(y + 1) * row].fill(0.0);
+            for block in buf.chunks_exact_mut(len) {
+                for y in 0..m.hp {
+                    let iy = y as isize - m.ph;
+                    if iy < 0 || iy as usize >= m.h {
+                        block[y * row..(y + 1) * row].fill(0.0);
+                    } else {
+                        block[y * row..y * row + m.x0 * m.cp].fill(0.0);
+                        block[y * row + m.x1 * m.cp..(y + 1) * row].fill(0.0);
+                    }
                 }
             }
             DEPTHWISE_ZEROED.set(zeroed);
         }
         fill(buf, &m);
-        // SAFETY: as this function's contract.
-        unsafe { depthwise_compute(weights, g, epilogue, out, wide, &m, buf, wt, acc) }
+        let blocks = buf.chunks_exact(len);
+        match out {
+            DwOut::Planes(out) => {
+                for (block, out) in blocks.zip(out.chunks_exact_mut(channels * ol)) {
+                    // SAFETY: as this function's contract.
+                    unsafe { depthwise_compute(weights, g, epilogue, DwSink::Planes(out), wide, &m, block, wt, acc) };
+                }
+                false
+            }
+            DwOut::Levels { quant, x4, p_pad } => {
+                assert!(wide && p_pad >= images * ol, "depthwise levels: the 16-lane path, p_pad >= positions");
+                LEVELS.with_borrow_mut(|stage| {
+                    // Per position its cp channels' bytes (the images' positions one after the
+                    // other), then the quads transposed to rows.
+                    let stage = aligned64(stage, p_pad * m.cp / 4);
+                    for (block, part) in blocks.zip(stage.chunks_exact_mut(ol * m.cp / 4)) {
+                        // SAFETY: as this function's contract.
+                        let sink = DwSink::Levels(quant, part);
+                        if unsafe { depthwise_compute(weights, g, epilogue, sink, wide, &m, block, wt, acc) } {
+                            return true;
+                        }
+                    }
+                    let live = channels.div_ceil(4);
+                    assert!(x4.len() >= live * p_pad, "depthwise levels: the levels' buffer");
+                    // Words moved as f32 bit patterns (moves and shuffles keep every bit).
+                    let src = std::slice::from_raw_parts(stage.as_ptr() as *const f32, stage.len());
+                    let dst = std::slice::from_raw_parts_mut(x4.as_mut_ptr() as *mut f32, live * p_pad);
+                    copy_strided(src, (live, p_pad), (1, m.cp / 4), dst);
+                    false
+                })
+            }
+        }
     })
 }
 
@@ -1114,9 +1163,18 @@ pub(crate) fn aligned64<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> &mut [
     &mut v[at..at + len]
 }
 
+/// Where [`depthwise_compute`] puts one image's outputs: `[channel, position]` values, or the
+/// levels of the pointwise convolution they feed under its quantizer, by position (`[position][cp
+/// / 4]` words, as [`crate::x86_64::avx512::avx512_depthwise_levels`] writes them).
+#[cfg(target_arch = "x86_64")]
+enum DwSink<'a> {
+    Planes(&'a mut [f32]),
+    Levels((f32, i32, i32, i32), &'a mut [u32]),
+}
+
 /// [`depthwise_lanes_avx2`] once the padded image is in `buf`: the weights by tap, the taps, and
-/// the outputs back to `[channel, position]` with the bias and epilogue, or as levels (only on
-/// the wide path; returns whether one was NaN).
+/// the outputs back to `[channel, position]` with the bias and epilogue, or as levels by position
+/// (only on the wide path; returns whether one was NaN).
 ///
 /// # Safety
 /// As [`depthwise_lanes_avx2`]; `buf` is the buffer `m` describes.
@@ -1127,7 +1185,7 @@ unsafe fn depthwise_compute(
     weights: (&[f32], Option<&DepthwiseTaps>),
     g: &Depthwise,
     (bias, post): (Option<&[f32]>, &[Post]),
-    out: DwOut,
+    out: DwSink,
     wide: bool,
     m: &PadMap,
     buf: &[f32],
@@ -1157,24 +1215,10 @@ unsafe fn depthwise_compute(
         depthwise_taps_avx2(bp, wtp, &offs, geo, acc.as_mut_ptr());
     }
     let out = match out {
-        DwOut::Planes(out) => out,
-        DwOut::Levels { quant, x4, p_pad } => {
-            assert!(wide && p_pad >= ol, "depthwise levels: the 16-lane path, p_pad >= positions");
-            return LEVELS.with_borrow_mut(|stage| {
-                // Per position its cp channels' bytes, then the quads transposed to rows.
-                let stage = aligned64(stage, p_pad * cp / 4);
-                let a = (&*acc, cp, channels, ol);
-                if crate::x86_64::avx512::avx512_depthwise_levels(a, bias, post, quant, stage) {
-                    return true;
-                }
-                let live = channels.div_ceil(4);
-                assert!(x4.len() >= live * p_pad, "depthwise levels: the levels' buffer");
-                // Words moved as f32 bit patterns (moves and shuffles keep every bit).
-                let src = std::slice::from_raw_parts(stage.as_ptr() as *const f32, stage.len());
-                let dst = std::slice::from_raw_parts_mut(x4.as_mut_ptr() as *mut f32, live * p_pad);
-                copy_strided(src, (live, p_pad), (1, cp / 4), dst);
-                false
-            });
+        DwSink::Planes(out) => out,
+        DwSink::Levels(quant, stage) => {
+            assert!(wide, "depthwise levels: the 16-lane path");
+            return crate::x86_64::avx512::avx512_depthwise_levels((&*acc, cp, channels, ol), bias, post, quant, stage);
         }
     };
     // Back to [channel, position] with the epilogue, one copy per epilogue form.
@@ -1191,7 +1235,7 @@ unsafe fn depthwise_compute(
 }
 
 thread_local! {
-    /// [`depthwise_compute`]'s levels by position (`[p_pad][cp / 4]` words) before the transpose.
+    /// [`depthwise_lanes_with`]'s levels by position (`[p_pad][cp / 4]` words) before the transpose.
     #[cfg(target_arch = "x86_64")]
     static LEVELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }

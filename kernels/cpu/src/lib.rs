@@ -407,37 +407,55 @@ thread_local! {
 /// a zero point outside int8; into a pointwise convolution, a depthwise epilogue op not applied
 /// in registers (HardSwish, SiLU).
 pub fn depthwise_chain(input: ChainIn, dw: &generic::DepthwiseArgs, output: ChainOut) -> Chain {
+    depthwise_chain_images(1, input, dw, output)
+}
+
+/// [`depthwise_chain`] on `images` images, one after the other in each buffer of `input` and
+/// `output` (each image's as [`depthwise_chain`] takes it): the same outputs, with the pointwise
+/// convolutions' positions of all the images side by side in the vector lanes
+/// ([`pointwise_q4q8_images`]; each image then needs [`POINTWISE_IMAGE_MIN_POSITIONS`] output
+/// positions where the chain feeds a pointwise convolution, else [`Chain::NotTaken`]).
+pub fn depthwise_chain_images(images: usize, input: ChainIn, dw: &generic::DepthwiseArgs, output: ChainOut) -> Chain {
     let channels = dw.weights.len() / dw.geo.kernel_len().max(1);
-    let positions = dw.geo.input_len();
+    let (positions, ol) = (dw.geo.input_len(), dw.geo.output_len());
+    if images == 0 {
+        return Chain::NotTaken;
+    }
     if let ChainIn::Pointwise { w, planes, zero, bias, .. } = input {
-        if w.n != channels || planes.len() < w.k * positions || !(-128..=127).contains(&zero) {
+        if w.n != channels || planes.len() < images * w.k * positions || !(-128..=127).contains(&zero) {
             return Chain::NotTaken;
         }
         assert!(bias.is_none_or(|b| b.len() >= w.n));
     }
     if let ChainIn::Image(x) = input {
-        if x.len() < channels * positions {
+        if x.len() < images * channels * positions {
             return Chain::NotTaken;
         }
     }
     if let ChainOut::Pointwise { w, quant, bias, ref y, .. } = output {
-        if w.k != channels || y.len() < w.n * dw.geo.output_len() || !(-128..=127).contains(&quant.1) {
+        if w.k != channels || y.len() < images * w.n * ol || !(-128..=127).contains(&quant.1) {
+            return Chain::NotTaken;
+        }
+        if images > 1 && ol < POINTWISE_IMAGE_MIN_POSITIONS {
             return Chain::NotTaken;
         }
         assert!(bias.is_none_or(|b| b.len() >= w.n));
     }
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx512Vnni && positions > 0 {
-        return X4.with_borrow_mut(|x4| X4_OUT.with_borrow_mut(|x4_out| chain_avx512(input, dw, output, x4, x4_out)));
+        return X4.with_borrow_mut(|x4| {
+            X4_OUT.with_borrow_mut(|x4_out| chain_avx512(images, input, dw, output, x4, x4_out))
+        });
     }
     let _ = (input, output);
     Chain::NotTaken
 }
 
-/// [`depthwise_chain`] on AVX-512 VNNI, its arguments checked, with the interleaved levels'
-/// buffers of the pointwise convolution before and after.
+/// [`depthwise_chain_images`] on AVX-512 VNNI, its arguments checked, with the interleaved
+/// levels' buffers of the pointwise convolution before and after.
 #[cfg(target_arch = "x86_64")]
 fn chain_avx512(
+    images: usize,
     input: ChainIn,
     dw: &generic::DepthwiseArgs,
     output: ChainOut,
@@ -446,19 +464,24 @@ fn chain_avx512(
 ) -> Chain {
     let channels = dw.weights.len() / dw.geo.kernel_len().max(1);
     let (positions, ol) = (dw.geo.input_len(), dw.geo.output_len());
-    let p_pad = positions.next_multiple_of(16);
+    let p_pad = (images * positions).next_multiple_of(16);
     let mut fill = |buf: &mut [f32], m: &generic::PadMap| match input {
-        ChainIn::Image(x) => generic::depthwise_image_into(x, dw.geo, channels, m, buf),
+        ChainIn::Image(x) => {
+            for (x, buf) in x.chunks_exact(channels * positions).zip(buf.chunks_exact_mut(m.len())) {
+                generic::depthwise_image_into(x, dw.geo, channels, m, buf)
+            }
+        }
         ChainIn::Pointwise { w, planes, zero, scale, bias, post } => {
             let x4 = generic::aligned64(x4, w.k.div_ceil(4) * p_pad);
-            // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA); `m` describes `buf`.
+            // SAFETY: isa() checked AVX-512 F/BW/VNNI (and AVX2, FMA); `m` describes each of
+            // the images' buffers in `buf`.
             unsafe {
-                x86_64::avx512::avx512_interleave_quads(planes, w.k, positions, p_pad, x4);
+                x86_64::avx512::avx512_interleave_quads_images(planes, w.k, (images, positions), p_pad, x4);
                 let split = generic::post_split(post);
                 x86_64::avx512::avx512_pointwise_q4q8_padded(
                     w,
                     x4,
-                    (positions, p_pad),
+                    (images * positions, p_pad),
                     zero,
                     scale,
                     bias,
@@ -469,29 +492,30 @@ fn chain_avx512(
             }
         }
     };
+    let fed = (channels, images);
     match output {
-        ChainOut::Image(out) => match generic::depthwise_fed(dw, channels, &mut fill, generic::DwOut::Planes(out)) {
+        ChainOut::Image(out) => match generic::depthwise_fed(dw, fed, &mut fill, generic::DwOut::Planes(out)) {
             Some(_) => Chain::Done,
             None => Chain::NotTaken,
         },
         ChainOut::Pointwise { w, quant, bias, post, y } => {
-            let o_pad = ol.next_multiple_of(16);
+            let o_pad = (images * ol).next_multiple_of(16);
             let x4_out = generic::aligned64(x4_out, channels.div_ceil(4) * o_pad);
             let levels = generic::DwOut::Levels { quant, x4: &mut *x4_out, p_pad: o_pad };
-            match generic::depthwise_fed(dw, channels, &mut fill, levels) {
+            match generic::depthwise_fed(dw, fed, &mut fill, levels) {
                 None => Chain::NotTaken,
                 Some(true) => Chain::Nan,
                 Some(false) => {
                     let (reg, rest) = generic::post_split(post);
                     // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the levels hold
-                    // ceil(w.k / 4) rows of o_pad words, and `y` w.n * ol values (checked).
+                    // ceil(w.k / 4) rows of o_pad words, `y` w.n * ol values per image, and
+                    // several images have POINTWISE_IMAGE_MIN_POSITIONS positions each (checked).
                     unsafe {
-                        x86_64::avx512::avx512_pointwise_q4q8(
+                        x86_64::avx512::avx512_pointwise_q4q8_images(
                             w,
                             w.quad_words(),
                             x4_out,
-                            ol,
-                            o_pad,
+                            (images, ol, o_pad),
                             quant.1,
                             quant.0,
                             bias,
@@ -499,7 +523,7 @@ fn chain_avx512(
                             y,
                         )
                     };
-                    generic::post_in_place(&mut y[..w.n * ol], rest);
+                    generic::post_in_place(&mut y[..images * w.n * ol], rest);
                     Chain::Done
                 }
             }

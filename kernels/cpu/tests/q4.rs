@@ -704,3 +704,102 @@ proptest! {
         prop_assert_eq!(bits(&got), bits(&want));
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// A chain over several images (`depthwise_chain_images`: the pointwise convolutions'
+    /// positions of all of them side by side in the lanes, one padded buffer per image) gives each
+    /// image's outputs as the chain on that image alone (which the test above holds to the steps),
+    /// bit for bit: 1-4 images, 1-D and 2-D maps of 1 to 60 positions, each end a pointwise
+    /// convolution or not, each epilogue form, a NaN in one image's input one time in four (into
+    /// a pointwise convolution: reported for the run), with and without biases. Into a pointwise
+    /// convolution, several images of fewer than 8 output positions each are not taken. Then
+    /// one image and the images again (the padding's memo across image counts). Skips without
+    /// AVX-512 VNNI.
+    #[test]
+    fn depthwise_chain_images_equal_each_image_alone(seed in any::<u64>(), n in 8usize..40, ch in 1usize..40,
+                                                     two_d in any::<bool>(), h in 1usize..8, wd in 1usize..12,
+                                                     k in 0usize..4, s in 1usize..3, pad in 0isize..3,
+                                                     posts in (0usize..5, 0usize..5, 0usize..5), with_bias in any::<bool>(),
+                                                     ends in (any::<bool>(), any::<bool>()), images in 1usize..5,
+                                                     nan in 0usize..4) {
+        use sqil_kernels_cpu::{depthwise_chain, depthwise_chain_images, Chain, ChainIn, ChainOut, ConvGeometry, Post};
+        let (pw_post, dw_post, next_post) = posts;
+        let (from_pointwise, into_pointwise) = ends;
+        let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
+        let forms: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
+                                   &[Post::HardSwish, fq]];
+        let (kh, kw) = [(1, 1), (3, 3), (5, 5), (1, 3)][k];
+        let (h, kh, s_h, p_h) = if two_d { (h.max(kh), kh, s, pad) } else { (1, 1, 1, 0) };
+        let wd = wd.max(kw);
+        let out = |n: usize, p: isize, k: usize, s: usize| (n as isize + 2 * p - k as isize) as usize / s + 1;
+        let (oh, ow) = (out(h, p_h, kh, s_h), out(wd, pad, kw, s));
+        let geo = if two_d {
+            ConvGeometry { input: vec![h, wd], kernel: vec![kh, kw], strides: vec![s_h, s], dilations: vec![1, 1],
+                           pads_begin: vec![p_h, pad], output: vec![oh, ow] }
+        } else {
+            ConvGeometry { input: vec![wd], kernel: vec![kw], strides: vec![s], dilations: vec![1],
+                           pads_begin: vec![pad], output: vec![ow] }
+        };
+        let (p, kl, ol) = (h * wd, kh * kw, oh * ow);
+        let w = layer(seed, n, ch, 32, 4);
+        let m2 = 1 + (seed % 40) as usize;
+        let w2 = layer(seed ^ 3, m2, n, 32, 4);
+        let mut r = Lcg(seed ^ 5);
+        let x: Vec<f32> = (0..images * ch * p).map(|_| r.unit() * 3.0).collect();
+        let mut planes = vec![0i8; images * ch * p];
+        sqil_kernels_cpu::generic::quantize_i8_into(&x, 0.02, 4, -128, 127, &mut planes);
+        let mut mid: Vec<f32> = (0..images * n * p).map(|_| r.unit() * 3.0).collect();
+        if nan == 0 {
+            let at = (seed as usize / 7) % mid.len();
+            mid[at] = f32::NAN;
+        }
+        let bias: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let dk: Vec<f32> = (0..n * kl).map(|_| r.unit() * 2.0).collect();
+        let db: Vec<f32> = (0..n).map(|_| r.unit()).collect();
+        let b2: Vec<f32> = (0..m2).map(|_| r.unit()).collect();
+        let (bias, db, b2) = if with_bias { (Some(&bias[..]), Some(&db[..]), Some(&b2[..])) } else { (None, None, None) };
+        let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &dk, geo: &geo, bias: db, post: forms[dw_post], taps: None };
+        let quant = (0.05f32, -2i32, -128i32, 127i32);
+        let per_out = if into_pointwise { m2 * ol } else { n * ol };
+        // Images `at..at + count` through the chain.
+        let run = |at: usize, count: usize, y: &mut [f32]| {
+            let input = if from_pointwise {
+                let planes = &planes[at * ch * p..(at + count) * ch * p];
+                ChainIn::Pointwise { w: &w, planes, zero: 4, scale: 0.02, bias, post: forms[pw_post] }
+            } else {
+                ChainIn::Image(&mid[at * n * p..(at + count) * n * p])
+            };
+            let output = if into_pointwise {
+                ChainOut::Pointwise { w: &w2, quant, bias: b2, post: forms[next_post], y }
+            } else {
+                ChainOut::Image(y)
+            };
+            if count == 1 { depthwise_chain(input, &dw, output) } else { depthwise_chain_images(count, input, &dw, output) }
+        };
+        let mut alone = vec![f32::NAN; images * per_out];
+        let states: Vec<Chain> = (0..images).map(|i| run(i, 1, &mut alone[i * per_out..(i + 1) * per_out])).collect();
+        let mut got = vec![f32::NAN; images * per_out];
+        let done = run(0, images, &mut got);
+        let expect = if (images > 1 && into_pointwise && ol < 8) || states.contains(&Chain::NotTaken) {
+            Chain::NotTaken
+        } else if states.contains(&Chain::Nan) {
+            Chain::Nan
+        } else {
+            Chain::Done
+        };
+        prop_assert_eq!(done, expect, "each alone: {:?}", states);
+        if done != Chain::Done {
+            return Ok(());
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&alone));
+        // One image, then all of them again: the same outputs.
+        let mut one = vec![f32::NAN; per_out];
+        prop_assert_eq!(run(0, 1, &mut one), Chain::Done);
+        let mut again = vec![f32::NAN; images * per_out];
+        prop_assert_eq!(run(0, images, &mut again), Chain::Done);
+        prop_assert_eq!(bits(&again), bits(&alone));
+    }
+}

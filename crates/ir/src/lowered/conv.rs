@@ -466,14 +466,23 @@ pub fn run_depthwise_chain(
         }
     }
     let done = |c| c == sqil_kernels_cpu::Chain::Done;
+    // Several images side by side in the pointwise convolutions' lanes where their maps are
+    // small (as `run`'s pointwise path), each image then having the positions the kernel needs.
+    let pointwise_in = matches!(source, ChainSource::Pointwise { .. });
+    let small = (pointwise_in && il <= POINTWISE_GROUP_MAX_POSITIONS)
+        || (next.is_some() && ol <= POINTWISE_GROUP_MAX_POSITIONS);
+    let group = if small && (next.is_none() || ol >= sqil_kernels_cpu::POINTWISE_IMAGE_MIN_POSITIONS) {
+        POINTWISE_IMAGES.min(images).max(1)
+    } else {
+        1
+    };
+    let outs = out.chunks_mut(group * per_out);
     match source {
         ChainSource::Image(x) => {
-            for (img, y) in x.chunks_exact(channels * il).zip(out.chunks_exact_mut(per_out)).take(images) {
-                if !done(sqil_kernels_cpu::depthwise_chain(
-                    sqil_kernels_cpu::ChainIn::Image(img),
-                    dw,
-                    output(next.as_ref(), y),
-                )) {
+            for (imgs, y) in x.get(..images * channels * il)?.chunks(group * channels * il).zip(outs) {
+                let n = imgs.len() / (channels * il);
+                let input = sqil_kernels_cpu::ChainIn::Image(imgs);
+                if !done(sqil_kernels_cpu::depthwise_chain_images(n, input, dw, output(next.as_ref(), y))) {
                     return None;
                 }
             }
@@ -484,13 +493,17 @@ pub fn run_depthwise_chain(
                 return None;
             }
             SCRATCH.with_borrow_mut(|s| {
-                s.planes.resize(il * ch, 0);
-                for (img, y) in x.chunks_exact(ch * il).zip(out.chunks_exact_mut(per_out)).take(images) {
-                    if quantize_i8_into(img, scale, zero, lo, hi, &mut s.planes) {
-                        return None;
+                s.planes.resize(group * il * ch, 0);
+                for (imgs, y) in x.get(..images * ch * il)?.chunks(group * ch * il).zip(outs) {
+                    let n = imgs.len() / (ch * il);
+                    for (img, planes) in imgs.chunks_exact(ch * il).zip(s.planes.chunks_exact_mut(ch * il)) {
+                        if quantize_i8_into(img, scale, zero, lo, hi, planes) {
+                            return None;
+                        }
                     }
-                    let input = sqil_kernels_cpu::ChainIn::Pointwise { w, planes: &s.planes, zero, scale, bias, post };
-                    if !done(sqil_kernels_cpu::depthwise_chain(input, dw, output(next.as_ref(), y))) {
+                    let planes = &s.planes[..n * ch * il];
+                    let input = sqil_kernels_cpu::ChainIn::Pointwise { w, planes, zero, scale, bias, post };
+                    if !done(sqil_kernels_cpu::depthwise_chain_images(n, input, dw, output(next.as_ref(), y))) {
                         return None;
                     }
                 }

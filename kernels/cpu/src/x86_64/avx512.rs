@@ -1364,7 +1364,9 @@ pub unsafe fn avx512_pointwise_q4q8_images(
 /// of positions the kernel's rows go to a tile `[cp][32]`, the `rest` ops (those not applied in
 /// registers) over it, then 8 x 8 register transposes put each kept position's `cp` lanes (the
 /// `n` channels, then zeros) in its place. The values are the plane form's with `rest` applied
-/// over its outputs, as the plan would.
+/// over its outputs, as the plan would. `p` positions may be several images' (`m.h * m.w` each,
+/// side by side as [`avx512_interleave_quads_images`] lays them out), each into its own padded
+/// image in `buf`, one after the other ([`crate::generic::PadMap::len`] values each).
 ///
 /// # Safety
 /// AVX-512 F/BW/VNNI, AVX2 and FMA (the sizes are asserted).
@@ -1384,8 +1386,9 @@ pub(crate) unsafe fn avx512_pointwise_q4q8_padded(
     const T: usize = 32;
     let (n, cp) = (w.n, m.cp);
     let qw = w.quad_words();
-    assert!(x4.len() >= w.k.div_ceil(4) * p_pad && p_pad >= p.next_multiple_of(16) && p == m.h * m.w);
-    assert!(cp >= n && cp.is_multiple_of(8) && buf.len() >= m.hp * m.wp * cp);
+    let images = p / (m.h * m.w).max(1);
+    assert!(x4.len() >= w.k.div_ceil(4) * p_pad && p_pad >= p.next_multiple_of(16) && p == images * m.h * m.w);
+    assert!(cp >= n && cp.is_multiple_of(8) && buf.len() >= images * m.len());
     assert!(bias.is_none_or(|b| b.len() >= n));
     PADDED_TILE.with_borrow_mut(|tile| {
         // Rows past n stay zero: the lanes past the channels (the others are written first).
@@ -1393,9 +1396,9 @@ pub(crate) unsafe fn avx512_pointwise_q4q8_padded(
         tile[n * T..cp * T].fill(0.0);
         let (tp, bp) = (tile.as_mut_ptr(), buf.as_mut_ptr());
         let sink = Sink { y: tp, ys: T, tile: true, image: 0 };
-        // The image position (row, column) of the next block's first position: blocks run in
-        // order, so it is carried along (no division per position).
-        let mut next = (0, 0);
+        // The image position (row, column, and the image's buffer offset) of the next block's
+        // first position: blocks run in order, so it is carried along (no division per position).
+        let mut next = (0, 0, 0);
         // SAFETY: this function's target features; the tile holds cp rows of T values and the
         // buffer is the one `m` describes (asserted above).
         let flush = |o0: usize| unsafe { flush_tile((tp, T, n, cp), (p - o0).min(T), rest, (bp, m), &mut next) };
@@ -1406,19 +1409,20 @@ pub(crate) unsafe fn avx512_pointwise_q4q8_padded(
 /// [`avx512_pointwise_q4q8_padded`]'s tile (`[cp][t]` at `tp`, rows past `n` zero) of `left`
 /// positions into the padded buffer: the `rest` ops over its `n` rows, then per 8 positions x 8
 /// channels one register transpose, each position's eight lanes stored where `m` puts it (the
-/// positions from `next`, the image position of the first, which is advanced past them). Its
-/// own function: a closure would not inherit the target features, and the intrinsics would be
-/// calls.
+/// positions from `next`, the image position of the first and its image's buffer offset, which
+/// is advanced past them). Its own function: a closure would not inherit the target features,
+/// and the intrinsics would be calls.
 ///
 /// # Safety
-/// AVX2; `tp` holds `cp` rows of `t >= 8 * ceil(left / 8)` values, `bp` the buffer `m` describes.
+/// AVX2; `tp` holds `cp` rows of `t >= 8 * ceil(left / 8)` values, `bp` the buffers `m` describes
+/// for every image the positions reach.
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn flush_tile(
     (tp, t, n, cp): (*mut f32, usize, usize, usize),
     left: usize,
     rest: &[crate::generic::Post],
     (bp, m): (*mut f32, &crate::generic::PadMap),
-    next: &mut (usize, usize),
+    next: &mut (usize, usize, usize),
 ) {
     if left == t {
         crate::generic::post_in_place(std::slice::from_raw_parts_mut(tp, n * t), rest);
@@ -1440,6 +1444,19 @@ unsafe fn flush_tile(
             }
         });
     }
+    // Where the position at `next` goes (usize::MAX: read by no window), and `next` moved on
+    // to the following position (the next image's first after an image's last).
+    let advance = |next: &mut (usize, usize, usize)| {
+        let at = m.at(next.0, next.1).map_or(usize::MAX, |a| a + next.2);
+        next.1 += 1;
+        if next.1 == m.w {
+            *next = (next.0 + 1, 0, next.2);
+            if next.0 == m.h {
+                *next = (0, 0, next.2 + m.len());
+            }
+        }
+        at
+    };
     if cp.is_multiple_of(16) && t.is_multiple_of(16) {
         // Sixteen positions x sixteen channels per register transpose (half the shuffles per
         // value of the eight-lane form; the tile's rows hold 32 values, so a block past `left`
@@ -1447,11 +1464,7 @@ unsafe fn flush_tile(
         for j0 in (0..left).step_by(16) {
             let mut at = [usize::MAX; 16];
             for a in at.iter_mut().take(left - j0) {
-                *a = m.at(next.0, next.1).unwrap_or(usize::MAX);
-                next.1 += 1;
-                if next.1 == m.w {
-                    *next = (next.0 + 1, 0);
-                }
+                *a = advance(next);
             }
             for c0 in (0..cp).step_by(16) {
                 let rows: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(tp.add((c0 + i) * t + j0)));
@@ -1470,11 +1483,7 @@ unsafe fn flush_tile(
         // window).
         let mut at = [usize::MAX; 8];
         for a in at.iter_mut().take(left - j0) {
-            *a = m.at(next.0, next.1).unwrap_or(usize::MAX);
-            next.1 += 1;
-            if next.1 == m.w {
-                *next = (next.0 + 1, 0);
-            }
+            *a = advance(next);
         }
         let all = at.iter().all(|&a| a != usize::MAX);
         for c0 in (0..cp).step_by(8) {
