@@ -34,7 +34,8 @@ fn main() {
             im2col(&x, c, &table, &geo, &mut cols);
             sgemm_chain(m, c * kl, ol, &w, (c * kl, 1), &cols, (ol, 1), &mut gemm_out, (ol, 1));
         });
-        let t_direct = best_per_call_us(200, || assert!(conv_direct_run(&x, c, &w, m, &geo, None, &mut direct_out)));
+        let t_direct =
+            best_per_call_us(200, || assert!(conv_direct_run((&x, None), c, &w, m, &geo, None, &mut direct_out)));
         let macs = (m * c * kl * ol) as f64;
         let same = gemm_out.iter().zip(&direct_out).all(|(a, b)| a.to_bits() == b.to_bits());
         println!(

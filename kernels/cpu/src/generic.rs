@@ -567,14 +567,15 @@ pub fn conv_direct_takes(taps: usize) -> bool {
 /// channels * taps]`, against the gathered rows) write, bit for bit: each output the FMA chain over
 /// `(c, ky, kx)` in im2col's order from +0, padding taps included as +0, then `+ bias[r]` (one
 /// addition, as the convolution's bias pass adds it; none without a bias) as it is stored. The input
-/// planes are copied once, zero-padded and split by column phase (stride 2: even and odd
-/// columns), so every tap of a row of outputs is one contiguous vector load, and the weight is
+/// planes are copied once (through the input's quantizer `quant`, `(scale, zero, lo, hi)` as
+/// [`fake_quant_into`] applies it, where there is one: the float first layer's FakeQuant, in the
+/// same pass), zero-padded and split by column phase (stride 2: even and odd columns), so every tap of a row of outputs is one contiguous vector load, and the weight is
 /// broadcast: the gathered matrix (`channels * taps` times the output's size) is never written.
 /// Returns false, having done nothing, where this path does not apply (no AVX2 and FMA, another
 /// geometry, more channels, a weight that is not finite: a padding tap's `0 * w` must add
 /// nothing, as it may be skipped elsewhere), or where [`conv_direct_takes`] declines.
 pub fn conv_direct_f32(
-    input: &[f32],
+    input: (&[f32], Option<FakeQuantArgs>),
     channels: usize,
     w: &[f32],
     m: usize,
@@ -585,10 +586,13 @@ pub fn conv_direct_f32(
     conv_direct_takes(geo.kernel.iter().product()) && conv_direct_run(input, channels, w, m, geo, bias, out)
 }
 
+/// A FakeQuant's `(scale, zero, lo, hi)`, as [`fake_quant_into`] takes them.
+pub type FakeQuantArgs = (f32, f32, f32, f32);
+
 /// [`conv_direct_f32`] whether or not [`conv_direct_takes`] would take the layer (benchmarks and
 /// tests); false only where the direct path cannot run it.
 pub fn conv_direct_run(
-    input: &[f32],
+    (input, quant): (&[f32], Option<FakeQuantArgs>),
     channels: usize,
     w: &[f32],
     m: usize,
@@ -642,6 +646,11 @@ pub fn conv_direct_run(
             };
             let skip = if g.pw < 0 { g.pw.unsigned_abs() } else { 0 };
             let mut padded = vec![0f32; wp];
+            // A row of the image, through the quantizer where there is one.
+            let put = |src: &[f32], dst: &mut [f32]| match quant {
+                Some((scale, zero, lo, hi)) => fake_quant_into(src, scale, zero, lo, hi, dst),
+                None => dst.copy_from_slice(src),
+            };
             for c in 0..channels {
                 let plane = &input[c * il..(c + 1) * il];
                 for y in 0..hp {
@@ -655,15 +664,23 @@ pub fn conv_direct_run(
                     let src = &plane[iy as usize * g.w + skip..iy as usize * g.w + skip + take];
                     if g.sw == 1 {
                         dst[..lo.min(wp)].fill(0.0);
-                        dst[lo..lo + take].copy_from_slice(src);
+                        put(src, &mut dst[lo..lo + take]);
                         dst[lo + take..].fill(0.0);
                         continue;
                     }
-                    padded[lo..lo + take].copy_from_slice(src);
+                    put(src, &mut padded[lo..lo + take]);
                     if g.sw == 2 {
-                        // Pairs split into the two phases (vectorized as shuffles).
+                        // Pairs split into the two phases.
                         let (even, odd) = dst.split_at_mut(jl);
-                        for ((e, o), p) in even.iter_mut().zip(odd.iter_mut()).zip(padded.chunks_exact(2)) {
+                        let mut j = 0;
+                        if wide {
+                            // SAFETY: isa() checked AVX-512 F; the three runs hold jl, jl and
+                            // 2 jl values.
+                            j = unsafe { crate::x86_64::avx512::avx512_deinterleave2(&padded, even, odd) };
+                        }
+                        for ((e, o), p) in
+                            even[j..].iter_mut().zip(odd[j..].iter_mut()).zip(padded[2 * j..].chunks_exact(2))
+                        {
                             *e = p[0];
                             *o = p[1];
                         }

@@ -1,12 +1,13 @@
 //! The direct first-layer convolution (`conv_direct_run`) against the path it replaces, im2col
 //! then the policy GEMM (`sgemm_chain`), bit for bit: random 1-D and 2-D geometries (strides,
 //! dilations, padding on either side or negative, windows up to 7 x 7), one to four input
-//! channels, inputs with NaN, infinities and signed zeros, with and without a bias. Run once on this CPU's kernels and
+//! channels, inputs with NaN, infinities and signed zeros, with and without a bias, with and without
+//! the input's quantizer applied as the planes are copied. Run once on this CPU's kernels and
 //! once more in a child process with `SQIL_ISA=avx2` (the 8-lane form).
 
 mod common;
 use proptest::prelude::*;
-use sqil_kernels_cpu::generic::{conv_direct_f32, conv_direct_run, im2col, sgemm_chain, ConvGeometry};
+use sqil_kernels_cpu::generic::{conv_direct_f32, conv_direct_run, fake_quant_into, im2col, sgemm_chain, ConvGeometry};
 
 /// The output extent of one axis (None: no output).
 fn extent(input: usize, k: usize, s: usize, d: usize, pb: isize, pe: isize) -> Option<usize> {
@@ -20,8 +21,15 @@ fn check(geo: &ConvGeometry, c: usize, m: usize, seed: u64) {
     // Specials in one case of four: a NaN or an infinity reaches every output whose window holds it.
     let x = common::values(seed, c * il, seed.is_multiple_of(4));
     let w = common::values(seed ^ 0x5555, m * c * kl, false);
+    // The input's quantizer in one case of three (levels the values cross, NaN kept): the
+    // kernel's outputs are the convolution of the quantized image.
+    let quant = (seed % 3 == 2).then_some((0.05f32, 3.0f32, -128.0f32, 127.0f32));
+    let mut xq = x.clone();
+    if let Some((s, z, lo, hi)) = quant {
+        fake_quant_into(&x, s, z, lo, hi, &mut xq);
+    }
     let mut cols = vec![0f32; c * kl * ol];
-    im2col(&x, c, &geo.gather_table(), geo, &mut cols);
+    im2col(&xq, c, &geo.gather_table(), geo, &mut cols);
     let mut want = vec![0f32; m * ol];
     sgemm_chain(m, c * kl, ol, &w, (c * kl, 1), &cols, (ol, 1), &mut want, (ol, 1));
     // A bias in one case of two: added after each chain, as the convolution's bias pass does.
@@ -33,7 +41,7 @@ fn check(geo: &ConvGeometry, c: usize, m: usize, seed: u64) {
         }
     }
     let mut got = vec![f32::NAN; m * ol];
-    assert!(conv_direct_run(&x, c, &w, m, geo, bias, &mut got), "not run: {geo:?}");
+    assert!(conv_direct_run((&x, quant), c, &w, m, geo, bias, &mut got), "not run: {geo:?}");
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
         assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "{geo:?} c{c} m{m}: output {i} {a} vs {b}");
     }
@@ -78,15 +86,15 @@ fn declines_what_it_cannot_run_or_would_not_speed_up() {
     let x = vec![1f32; 5 * 64];
     let mut out = vec![0f32; 32 * 64];
     // Five input channels: im2col's.
-    assert!(!conv_direct_run(&x, 5, &vec![0.5; 32 * 5 * 9], 32, &geo, None, &mut out));
+    assert!(!conv_direct_run((&x, None), 5, &vec![0.5; 32 * 5 * 9], 32, &geo, None, &mut out));
     // A weight that is not finite (a padding tap's 0 * inf is NaN on the gathered path).
     let mut w = vec![0.5f32; 8 * 9];
     w[4] = f32::INFINITY;
-    assert!(!conv_direct_run(&x, 1, &w, 8, &geo, None, &mut out));
+    assert!(!conv_direct_run((&x, None), 1, &w, 8, &geo, None, &mut out));
     // A 1 x 1 convolution: im2col is a copy there, and the GEMM is faster.
     let one = ConvGeometry::square(8, 1, 1, 0);
-    assert!(!conv_direct_f32(&x, 3, &[0.5; 32 * 3], 32, &one, None, &mut out));
-    assert!(conv_direct_f32(&x, 3, &[0.5; 32 * 27], 32, &geo, None, &mut out), "a 3 x 3 stem is taken");
+    assert!(!conv_direct_f32((&x, None), 3, &[0.5; 32 * 3], 32, &one, None, &mut out));
+    assert!(conv_direct_f32((&x, None), 3, &[0.5; 32 * 27], 32, &geo, None, &mut out), "a 3 x 3 stem is taken");
 }
 
 #[test]

@@ -675,10 +675,30 @@ fn conv_images(
 ) {
     let (cg, mg) = (p.c / p.group, p.m / p.group);
     let (kl, ol, il) = (p.geo.kernel_len(), p.geo.output_len(), p.geo.input_len());
+    // A lone quantizer on the input of a one-group convolution (a float first layer's): the
+    // direct kernel applies it as it copies the image into its planes; the image is quantized
+    // on its own only where that kernel declines the layer.
+    let lone = match pre {
+        &[sqil_kernels_cpu::Post::FakeQuant { scale, zero, lo, hi }] if p.group == 1 && !depthwise => {
+            Some((scale, zero, lo, hi))
+        }
+        _ => None,
+    };
     for n in 0..p.n {
         let mut image = &xv[n * p.c * il..(n + 1) * p.c * il];
         match pre {
             [] => {}
+            _ if lone.is_some() => {
+                let o = &mut out[n * p.m * ol..(n + 1) * p.m * ol];
+                if sqil_kernels_cpu::generic::conv_direct_f32((image, lone), cg, wv, mg, &p.geo, bias, o) {
+                    sqil_kernels_cpu::post_in_place(o, post);
+                    continue;
+                }
+                let (scale, zero, lo, hi) = lone.expect("a lone quantizer");
+                img.resize(image.len(), 0.0);
+                sqil_kernels_cpu::generic::fake_quant_into(image, scale, zero, lo, hi, img);
+                image = img;
+            }
             // One quantizer (a float first layer's input): from the image into the buffer in
             // one pass, the values the in-place op would leave there.
             &[sqil_kernels_cpu::Post::FakeQuant { scale, zero, lo, hi }] => {
@@ -705,7 +725,7 @@ fn conv_images(
             let bg = bias.map(|b| &b[g * mg..(g + 1) * mg]);
             // Few input channels (an encoder's first layer): the same chains without the
             // gathered matrix, the bias added as each is stored.
-            if sqil_kernels_cpu::generic::conv_direct_f32(xs, cg, wg, mg, &p.geo, bg, o) {
+            if sqil_kernels_cpu::generic::conv_direct_f32((xs, None), cg, wg, mg, &p.geo, bg, o) {
                 continue;
             }
             im2col(xs, cg, table, &p.geo, cols);

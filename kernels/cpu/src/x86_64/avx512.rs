@@ -1281,6 +1281,26 @@ pub unsafe fn avx512_fake_quant_ptr(
     super::avx2::fake_quant_ptr(x.add(i), out.add(i), n - i, (scale, zero, lo, hi));
 }
 
+/// Splits `pairs` into its even- and odd-indexed values, sixteen pairs per step (two loads, two
+/// two-source permutes): `even[j] = pairs[2 j]`, `odd[j] = pairs[2 j + 1]` for `j` below the
+/// returned count, a multiple of 16 (the caller does the rest).
+///
+/// # Safety
+/// AVX-512 F.
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn avx512_deinterleave2(pairs: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
+    let n = (pairs.len() / 2).min(even.len()).min(odd.len()) / 16 * 16;
+    let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for j in (0..n).step_by(16) {
+        // SAFETY: 2 j + 32 <= pairs.len() and j + 16 <= even.len(), odd.len() (n above).
+        let (a, b) = (_mm512_loadu_ps(pairs.as_ptr().add(2 * j)), _mm512_loadu_ps(pairs.as_ptr().add(2 * j + 16)));
+        _mm512_storeu_ps(even.as_mut_ptr().add(j), _mm512_permutex2var_ps(a, ie, b));
+        _mm512_storeu_ps(odd.as_mut_ptr().add(j), _mm512_permutex2var_ps(a, io, b));
+    }
+    n
+}
+
 /// [`super::avx2::round_quotient8`] on sixteen lanes: `round_half_even(fl(x / s))` through `r =
 /// fl(1 / s)` where the screen shows the product rounds to the same integer, else the division.
 #[inline]
