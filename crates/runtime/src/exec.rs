@@ -37,7 +37,11 @@ impl Execute for Plan {
             let mut parts: Vec<Vec<Tensor>> = vec![vec![]; self.outputs.len()];
             for chunk in sample_runs(batch) {
                 let n = chunk.len();
-                for (part, y) in parts.iter_mut().zip(self.run_whole(&samples(feeds, batch, chunk)?, threads)?) {
+                let one = samples(feeds, batch, chunk)?;
+                let outs = self.run_whole(&one, threads)?;
+                // The run's inputs back to the pool: the next run's come from it (no fresh pages).
+                one.into_iter().for_each(sqil_ir::pool::recycle);
+                for (part, y) in parts.iter_mut().zip(outs) {
                     if y.shape.first() != Some(&n) {
                         return Err(IrError::Internal(format!(
                             "a run of {n} samples gave an output of shape {:?}",
@@ -163,7 +167,7 @@ fn sample_runs(batch: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
 }
 
 /// Samples `range` of a batch of `batch` (every input's leading dimension), each input of shape
-/// `[range.len(), ...]`.
+/// `[range.len(), ...]`; f32 values in buffers from the pool ([`sqil_ir::pool`]).
 fn samples(feeds: &[Tensor], batch: usize, range: std::ops::Range<usize>) -> Result<Vec<Tensor>> {
     feeds
         .iter()
@@ -171,7 +175,16 @@ fn samples(feeds: &[Tensor], batch: usize, range: std::ops::Range<usize>) -> Res
             let per = t.len() / batch;
             let mut shape = t.shape.clone();
             shape[0] = range.len();
-            Tensor::new(shape, t.data.range(range.start * per..range.end * per))
+            let values = range.start * per..range.end * per;
+            let data = match &t.data {
+                Data::F32(v) => {
+                    let mut part = sqil_ir::pool::f32_buffer(values.len());
+                    part.copy_from_slice(&v[values]);
+                    Data::F32(part)
+                }
+                other => other.range(values),
+            };
+            Tensor::new(shape, data)
         })
         .collect()
 }
