@@ -1355,16 +1355,31 @@ pub(crate) unsafe fn conv_direct<F: F32Lanes, const R: usize, const VMAX: usize>
             }
         }
     }
+    // The weights by block of R channels, tap-major within it (`[block][tap][R]`, channels past
+    // `m` repeating the last one): a tile's broadcasts then read one pointer at fixed offsets
+    // (R pointers, one per channel, did not fit the registers beside 24 accumulators and were
+    // reloaded from the stack at every tap).
+    let nt = taps.len();
+    let blocks = d.m.div_ceil(R);
+    let mut wt = vec![0f32; blocks * nt * R];
+    for (b, block) in wt.chunks_exact_mut(nt * R).enumerate() {
+        for (t, at) in block.chunks_exact_mut(R).enumerate() {
+            for (j, v) in at.iter_mut().enumerate() {
+                *v = w[(b * R + j).min(d.m - 1) * nt + t];
+            }
+        }
+    }
     for oy in 0..oh {
         let row = oy * sh * sw * d.jl;
         for r0 in (0..d.m).step_by(R) {
+            let wb = &wt[r0 / R * nt * R..(r0 / R + 1) * nt * R];
             let mut ox = 0;
             while ox < ow {
                 let at = (oy, r0, ox, row);
                 match (ow - ox).div_ceil(F::LANES).min(VMAX) {
-                    1 => conv_direct_tile::<F, R, 1>(xp, w, &taps, d, at, bias, out),
-                    2 if VMAX >= 2 => conv_direct_tile::<F, R, 2>(xp, w, &taps, d, at, bias, out),
-                    _ => conv_direct_tile::<F, R, VMAX>(xp, w, &taps, d, at, bias, out),
+                    1 => conv_direct_tile::<F, R, 1>(xp, wb, &taps, d, at, bias, out),
+                    2 if VMAX >= 2 => conv_direct_tile::<F, R, 2>(xp, wb, &taps, d, at, bias, out),
+                    _ => conv_direct_tile::<F, R, VMAX>(xp, wb, &taps, d, at, bias, out),
                 }
                 ox += step;
             }
@@ -1373,9 +1388,9 @@ pub(crate) unsafe fn conv_direct<F: F32Lanes, const R: usize, const VMAX: usize>
 }
 
 /// [`conv_direct`]'s tile: output row `oy` (its planes' offset `row`), channels `r0..r0 + R` (past
-/// `m`: the last one again, not stored), columns `ox..ox + V lanes` (stored up to `ow`); `taps`
-/// the planes' offset of each tap in the chain's order; each chain's `+ bias[channel]` (one
-/// addition) as it is stored.
+/// `m`: the last one again, not stored; their weights `wb`, `[tap][R]`), columns `ox..ox + V
+/// lanes` (stored up to `ow`); `taps` the planes' offset of each tap in the chain's order; each
+/// chain's `+ bias[channel]` (one addition) as it is stored.
 #[inline(always)]
 unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
     xp: &[f32],
@@ -1387,17 +1402,16 @@ unsafe fn conv_direct_tile<F: F32Lanes, const R: usize, const V: usize>(
     out: &mut [f32],
 ) {
     let (oh, ow) = d.out;
-    let rows: [usize; R] = std::array::from_fn(|j| (r0 + j).min(d.m - 1));
-    let wp: [*const f32; R] = std::array::from_fn(|j| w.as_ptr().add(rows[j] * taps.len()));
-    let x0 = xp.as_ptr().add(row + ox);
+    debug_assert!(w.len() >= taps.len() * R);
+    let (x0, wp) = (xp.as_ptr().add(row + ox), w.as_ptr());
     let mut acc = [[F::zero(); V]; R];
     for (t, &off) in taps.iter().enumerate() {
         let xrow = x0.add(off);
         let xv: [F; V] = std::array::from_fn(|v| F::load(xrow.add(v * F::LANES)));
-        for j in 0..R {
-            let wb = F::splat(*wp[j].add(t));
+        for (j, acc) in acc.iter_mut().enumerate() {
+            let wb = F::splat(*wp.add(t * R + j));
             for v in 0..V {
-                acc[j][v] = F::fmadd(xv[v], wb, acc[j][v]);
+                acc[v] = F::fmadd(xv[v], wb, acc[v]);
             }
         }
     }
