@@ -571,6 +571,44 @@ proptest! {
     }
 }
 
+/// The chain tests' depthwise geometry: a window of `[(1, 1), (3, 3), (5, 5), (1, 3)][k]` with
+/// stride `s` and padding `pad` on an `h x wd` map (the window's size at least; `two_d` false: a
+/// 1-D row of `wd`), and its `(input positions, taps, output positions)`.
+fn chain_geometry(
+    two_d: bool,
+    (h, wd): (usize, usize),
+    k: usize,
+    s: usize,
+    pad: isize,
+) -> (sqil_kernels_cpu::ConvGeometry, (usize, usize, usize)) {
+    use sqil_kernels_cpu::ConvGeometry;
+    let (kh, kw) = [(1, 1), (3, 3), (5, 5), (1, 3)][k];
+    let (h, kh, s_h, p_h) = if two_d { (h.max(kh), kh, s, pad) } else { (1, 1, 1, 0) };
+    let wd = wd.max(kw);
+    let out = |n: usize, p: isize, k: usize, s: usize| (n as isize + 2 * p - k as isize) as usize / s + 1;
+    let (oh, ow) = (out(h, p_h, kh, s_h), out(wd, pad, kw, s));
+    let geo = if two_d {
+        ConvGeometry {
+            input: vec![h, wd],
+            kernel: vec![kh, kw],
+            strides: vec![s_h, s],
+            dilations: vec![1, 1],
+            pads_begin: vec![p_h, pad],
+            output: vec![oh, ow],
+        }
+    } else {
+        ConvGeometry {
+            input: vec![wd],
+            kernel: vec![kw],
+            strides: vec![s],
+            dilations: vec![1],
+            pads_begin: vec![pad],
+            output: vec![ow],
+        }
+    };
+    (geo, (h * wd, kh * kw, oh * ow))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(160))]
 
@@ -592,7 +630,7 @@ proptest! {
                                         pad in 0isize..3, posts in (0usize..7, 0usize..7, 0usize..7),
                                         with_bias in any::<bool>(), ends in (any::<bool>(), any::<bool>()),
                                         nan in 0usize..4, planned in any::<bool>()) {
-        use sqil_kernels_cpu::{depthwise_chain, depthwise_conv, Chain, ChainIn, ChainOut, ConvGeometry, Post};
+        use sqil_kernels_cpu::{depthwise_chain, depthwise_conv, Chain, ChainIn, ChainOut, Post};
         let (pw_post, dw_post, next_post) = posts;
         let (from_pointwise, into_pointwise) = ends;
         let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
@@ -602,19 +640,7 @@ proptest! {
         let forms: [&[Post]; 7] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
                                    &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish],
                                    &[Post::Clip(0.0, 6.0), fq_next], &[fq_next]];
-        let (kh, kw) = [(1, 1), (3, 3), (5, 5), (1, 3)][k];
-        let (h, kh, s_h, p_h) = if two_d { (h.max(kh), kh, s, pad) } else { (1, 1, 1, 0) };
-        let wd = wd.max(kw);
-        let out = |n: usize, p: isize, k: usize, s: usize| (n as isize + 2 * p - k as isize) as usize / s + 1;
-        let (oh, ow) = (out(h, p_h, kh, s_h), out(wd, pad, kw, s));
-        let geo = if two_d {
-            ConvGeometry { input: vec![h, wd], kernel: vec![kh, kw], strides: vec![s_h, s], dilations: vec![1, 1],
-                           pads_begin: vec![p_h, pad], output: vec![oh, ow] }
-        } else {
-            ConvGeometry { input: vec![wd], kernel: vec![kw], strides: vec![s], dilations: vec![1],
-                           pads_begin: vec![pad], output: vec![ow] }
-        };
-        let (p, kl, ol) = (h * wd, kh * kw, oh * ow);
+        let (geo, (p, kl, ol)) = chain_geometry(two_d, (h, wd), k, s, pad);
         let w = layer(seed, n, ch, 32, 4);
         let m2 = 1 + (seed % 40) as usize;
         let g2 = [0, 32, 64][(seed % 3) as usize];
@@ -724,25 +750,13 @@ proptest! {
                                                      posts in (0usize..5, 0usize..5, 0usize..5), with_bias in any::<bool>(),
                                                      ends in (any::<bool>(), any::<bool>()), images in 1usize..5,
                                                      nan in 0usize..4) {
-        use sqil_kernels_cpu::{depthwise_chain, depthwise_chain_images, Chain, ChainIn, ChainOut, ConvGeometry, Post};
+        use sqil_kernels_cpu::{depthwise_chain, depthwise_chain_images, Chain, ChainIn, ChainOut, Post};
         let (pw_post, dw_post, next_post) = posts;
         let (from_pointwise, into_pointwise) = ends;
         let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
         let forms: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
                                    &[Post::HardSwish, fq]];
-        let (kh, kw) = [(1, 1), (3, 3), (5, 5), (1, 3)][k];
-        let (h, kh, s_h, p_h) = if two_d { (h.max(kh), kh, s, pad) } else { (1, 1, 1, 0) };
-        let wd = wd.max(kw);
-        let out = |n: usize, p: isize, k: usize, s: usize| (n as isize + 2 * p - k as isize) as usize / s + 1;
-        let (oh, ow) = (out(h, p_h, kh, s_h), out(wd, pad, kw, s));
-        let geo = if two_d {
-            ConvGeometry { input: vec![h, wd], kernel: vec![kh, kw], strides: vec![s_h, s], dilations: vec![1, 1],
-                           pads_begin: vec![p_h, pad], output: vec![oh, ow] }
-        } else {
-            ConvGeometry { input: vec![wd], kernel: vec![kw], strides: vec![s], dilations: vec![1],
-                           pads_begin: vec![pad], output: vec![ow] }
-        };
-        let (p, kl, ol) = (h * wd, kh * kw, oh * ow);
+        let (geo, (p, kl, ol)) = chain_geometry(two_d, (h, wd), k, s, pad);
         let w = layer(seed, n, ch, 32, 4);
         let m2 = 1 + (seed % 40) as usize;
         let w2 = layer(seed ^ 3, m2, n, 32, 4);
