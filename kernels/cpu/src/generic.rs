@@ -569,8 +569,9 @@ pub fn conv_direct_takes(taps: usize) -> bool {
 /// addition, as the convolution's bias pass adds it; none without a bias) as it is stored. The input
 /// planes are copied once (through the input's quantizer `quant`, `(scale, zero, lo, hi)` as
 /// [`fake_quant_into`] applies it, where there is one: the float first layer's FakeQuant, in the
-/// same pass), zero-padded and split by column phase (stride 2: even and odd columns), so every tap of a row of outputs is one contiguous vector load, and the weight is
-/// broadcast: the gathered matrix (`channels * taps` times the output's size) is never written.
+/// same pass), zero-padded and split by column phase (stride 2: even and odd columns), so every
+/// tap of a row of outputs is one contiguous vector load, and the weight is broadcast: the
+/// gathered matrix (`channels * taps` times the output's size) is never written.
 /// Returns false, having done nothing, where this path does not apply (no AVX2 and FMA, another
 /// geometry, more channels, a weight that is not finite: a padding tap's `0 * w` must add
 /// nothing, as it may be skipped elsewhere), or where [`conv_direct_takes`] declines.
@@ -858,10 +859,10 @@ impl Clone for DepthwiseTaps {
 /// `out`. With `images` images, the buffer holds one padded image after another
 /// ([`PadMap::len`] values each), `fill` writes them all, and the outputs are each image's one
 /// after the other (as planes), or side by side (as levels: image `i`'s position `o` at word
-/// `i * positions + o` of each row). Returns whether a [`DwOut::Levels`] output met a NaN (nothing valid written then), or
-/// runs nothing and returns `None` where the 16-lane path does not apply (a CPU without
-/// AVX-512, fewer than 8 channels, more than 25 taps, a geometry other than 1-D or 2-D; levels
-/// after an epilogue op not applied in registers).
+/// `i * positions + o` of each row). Returns whether a [`DwOut::Levels`] output met a NaN
+/// (nothing valid written then), or runs nothing and returns `None` where the 16-lane path does
+/// not apply (a CPU without AVX-512, fewer than 8 channels, more than 25 taps, a geometry other
+/// than 1-D or 2-D; levels after an epilogue op not applied in registers).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn depthwise_fed(
     dw: &DepthwiseArgs,
