@@ -305,6 +305,16 @@ const POINTWISE_GROUP_MAX_POSITIONS: usize = 64;
 /// in runs of four (`sqil_runtime::exec::SAMPLE_CHUNK`).
 const POINTWISE_IMAGES: usize = 4;
 
+/// How many of `images` images go side by side into the pointwise kernel's lanes at a time: up
+/// to [`POINTWISE_IMAGES`] where the maps `fit` ([`POINTWISE_GROUP_MAX_POSITIONS`]), else one.
+fn lane_group(fit: bool, images: usize) -> usize {
+    if fit {
+        POINTWISE_IMAGES.min(images).max(1)
+    } else {
+        1
+    }
+}
+
 /// Output positions per block on one thread: a block's int8 rows (`BLOCK * k_pad` bytes) stay
 /// in the L1/L2 cache between the gather and the kernel.
 const BLOCK: usize = 64;
@@ -347,11 +357,8 @@ pub fn run(
     // [576 x 144] 7.3 -> 1.4 us on the row kernels). Several images of a small map side by side
     // fill the lanes whatever the rows' length (MobileNetV3's [96 x 576] on 3 x 3, batch 64:
     // 552 us on the row kernels, 481 four images at a time in the lanes).
-    let group = if (sqil_kernels_cpu::POINTWISE_IMAGE_MIN_POSITIONS..=POINTWISE_GROUP_MAX_POSITIONS).contains(&il) {
-        POINTWISE_IMAGES.min(images).max(1)
-    } else {
-        1
-    };
+    let fit = (sqil_kernels_cpu::POINTWISE_IMAGE_MIN_POSITIONS..=POINTWISE_GROUP_MAX_POSITIONS).contains(&il);
+    let group = lane_group(fit, images);
     let pointwise = im.pointwise
         && threads <= 1
         && w.k == ch
@@ -367,9 +374,8 @@ pub fn run(
             s.planes.resize(group * il * ch, 0);
             for (imgs, y) in x.chunks(group * ch * il).zip(out.chunks_mut(group * w.n * ol)) {
                 let n = imgs.len() / (ch * il);
-                for (img, planes) in imgs.chunks_exact(ch * il).zip(s.planes.chunks_exact_mut(ch * il)) {
-                    any_nan |= quantize_i8_into(img, scale, zero, lo, hi, planes);
-                }
+                // The images one after the other, as the planes hold them (one value at a time).
+                any_nan |= quantize_i8_into(imgs, scale, zero, lo, hi, &mut s.planes[..imgs.len()]);
                 let done = sqil_kernels_cpu::pointwise_q4q8_images(w, &s.planes, (n, il), zero, scale, bias, post, y);
                 assert!(done, "the pointwise kernel needs AVX-512 VNNI");
             }
@@ -471,11 +477,7 @@ pub fn run_depthwise_chain(
     let pointwise_in = matches!(source, ChainSource::Pointwise { .. });
     let small = (pointwise_in && il <= POINTWISE_GROUP_MAX_POSITIONS)
         || (next.is_some() && ol <= POINTWISE_GROUP_MAX_POSITIONS);
-    let group = if small && (next.is_none() || ol >= sqil_kernels_cpu::POINTWISE_IMAGE_MIN_POSITIONS) {
-        POINTWISE_IMAGES.min(images).max(1)
-    } else {
-        1
-    };
+    let group = lane_group(small && (next.is_none() || ol >= sqil_kernels_cpu::POINTWISE_IMAGE_MIN_POSITIONS), images);
     let outs = out.chunks_mut(group * per_out);
     match source {
         ChainSource::Image(x) => {
@@ -496,12 +498,11 @@ pub fn run_depthwise_chain(
                 s.planes.resize(group * il * ch, 0);
                 for (imgs, y) in x.get(..images * ch * il)?.chunks(group * ch * il).zip(outs) {
                     let n = imgs.len() / (ch * il);
-                    for (img, planes) in imgs.chunks_exact(ch * il).zip(s.planes.chunks_exact_mut(ch * il)) {
-                        if quantize_i8_into(img, scale, zero, lo, hi, planes) {
-                            return None;
-                        }
+                    let planes = &mut s.planes[..imgs.len()];
+                    if quantize_i8_into(imgs, scale, zero, lo, hi, planes) {
+                        return None;
                     }
-                    let planes = &s.planes[..n * ch * il];
+                    let planes = &*planes;
                     let input = sqil_kernels_cpu::ChainIn::Pointwise { w, planes, zero, scale, bias, post };
                     if !done(sqil_kernels_cpu::depthwise_chain_images(n, input, dw, output(next.as_ref(), y))) {
                         return None;

@@ -1342,11 +1342,7 @@ pub unsafe fn avx512_pointwise_q4q8(
     post: &[crate::generic::Post],
     y: &mut [f32],
 ) {
-    let (kq, live) = (w.k_pad / 4, w.k.div_ceil(4));
-    assert!(qw.len() >= w.n * kq && x4.len() >= live * p_pad && p_pad >= p.next_multiple_of(16) && y.len() >= w.n * p);
-    assert!(bias.is_none_or(|b| b.len() >= w.n));
-    let sink = Sink { y: y.as_mut_ptr(), ys: p, tile: false, image: w.n * p };
-    pointwise_forms(w, qw, x4, (p, p_pad), zero, scale, bias, post, sink, |_| {});
+    avx512_pointwise_q4q8_images(w, qw, x4, (1, p, p_pad), zero, scale, bias, post, y)
 }
 
 /// [`avx512_pointwise_q4q8`] on `images` images of `p` positions each, side by side in the
