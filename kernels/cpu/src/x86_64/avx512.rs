@@ -556,9 +556,13 @@ pub unsafe fn avx512_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn far_from_halfway8(y: __m512d) -> __mmask8 {
-    let low = _mm512_and_si512(_mm512_castpd_si512(y), _mm512_set1_epi64((1 << 29) - 1));
-    let off = _mm512_abs_epi64(_mm512_sub_epi64(low, _mm512_set1_epi64(1 << 28)));
-    _mm512_cmpgt_epi64_mask(off, _mm512_set1_epi64(crate::generic::SCREEN_MARGIN))
+    // `u = (bits - (2^28 - M)) mod 2^29` is `low - 2^28 + M` where that lies in [0, 2^29) and
+    // past 2^28 + M where it wrapped, so `|low - 2^28| <= M` exactly when `u <= 2 M`: three
+    // instructions (the absolute difference took four).
+    use crate::generic::SCREEN_MARGIN;
+    let shifted = _mm512_sub_epi64(_mm512_castpd_si512(y), _mm512_set1_epi64((1 << 28) - SCREEN_MARGIN));
+    let u = _mm512_and_si512(shifted, _mm512_set1_epi64((1 << 29) - 1));
+    _mm512_cmpgt_epu64_mask(u, _mm512_set1_epi64(2 * SCREEN_MARGIN))
 }
 
 /// `generic::sigmoid_screened_table` on eight f64 lanes, `K` vectors interleaved (the table in
@@ -569,14 +573,20 @@ unsafe fn far_from_halfway8(y: __m512d) -> __mmask8 {
 unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], [u8; K]) {
     use crate::generic::{EXP2_16THS, EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MAX_ABS};
     let (magic, one) = (_mm512_set1_pd(EXP_MAGIC), _mm512_set1_pd(1.0));
-    let (t0, t1) = (_mm512_loadu_pd(EXP2_16THS.as_ptr()), _mm512_loadu_pd(EXP2_16THS.as_ptr().add(8)));
+    // The table less each index's `j << 48`: adding the bits of `t` shifted left by 48 (n's low
+    // 16 bits, two's complement, where `t = EXP_MAGIC + n` exactly) then adds `(n - j) << 48 =
+    // (n >> 4) << 52`, the exponent of 2^(n >> 4), in integer arithmetic modulo 2^64: the same
+    // bits as subtracting the magic's bits, shifting right by 4 and left by 52 (two instructions
+    // fewer per vector).
+    let skew: [i64; 16] = std::array::from_fn(|j| EXP2_16THS[j].to_bits() as i64 - ((j as i64) << 48));
+    let (t0, t1) = (_mm512_loadu_si512(skew.as_ptr().cast()), _mm512_loadu_si512(skew.as_ptr().add(8).cast()));
     let a: [__m512d; K] = std::array::from_fn(|i| _mm512_abs_pd(v[i]));
-    let na: [__m512d; K] = std::array::from_fn(|i| _mm512_sub_pd(_mm512_setzero_pd(), a[i]));
+    // -a c + magic and -(n HI) - a: the same roundings as with -a formed first.
     let t: [__m512d; K] =
-        std::array::from_fn(|i| _mm512_fmadd_pd(na[i], _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
+        std::array::from_fn(|i| _mm512_fnmadd_pd(a[i], _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
     let r: [__m512d; K] = std::array::from_fn(|i| {
         let n = _mm512_sub_pd(t[i], magic);
-        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI / 16.0), na[i]);
+        let r = _mm512_fnmsub_pd(n, _mm512_set1_pd(EXP_LN2_HI / 16.0), a[i]);
         _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO / 16.0), r)
     });
     let mut p = [_mm512_set1_pd(1.0 / 120.0); K];
@@ -588,11 +598,11 @@ unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], 
     }
     let mut sure = [0u8; K];
     let y = std::array::from_fn(|i| {
-        let ni = _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64));
-        // 2^(j/16) for j = n mod 16 (the permute reads each index's low four bits), times 2^(n >> 4)
-        // by the exponent field.
-        let tab = _mm512_permutex2var_pd(t0, ni, t1);
-        let scale = _mm512_add_epi64(_mm512_castpd_si512(tab), _mm512_slli_epi64::<52>(_mm512_srai_epi64::<4>(ni)));
+        let tb = _mm512_castpd_si512(t[i]);
+        // 2^(j/16) for j = n mod 16 (the permute reads each index's low four bits, which are n's:
+        // the magic's are zero), times 2^(n >> 4) by the exponent field.
+        let tab = _mm512_permutex2var_epi64(t0, tb, t1);
+        let scale = _mm512_add_epi64(tab, _mm512_slli_epi64::<48>(tb));
         let e = _mm512_mul_pd(p[i], _mm512_castsi512_pd(scale));
         let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[i], _mm512_setzero_pd()), e, one);
         let y = _mm512_div_pd(num, _mm512_add_pd(one, e));
