@@ -313,7 +313,7 @@ pub fn pointwise_q4q8_images(
         }
         let p_pad = all.next_multiple_of(16);
         // The ops the kernel applies in registers, then the rest over its outputs.
-        let (post, rest) = generic::post_split(post);
+        let (post, rest) = x86_64::avx512::pointwise_split(post);
         return X4.with_borrow_mut(|x4| {
             // The quads that hold channels (the padding's weights are zero: see the kernel).
             let x4 = generic::aligned64(x4, w.k.div_ceil(4) * p_pad);
@@ -477,7 +477,7 @@ fn chain_avx512(
             // the images' buffers in `buf`.
             unsafe {
                 x86_64::avx512::avx512_interleave_quads_images(planes, w.k, (images, positions), p_pad, x4);
-                let split = generic::post_split(post);
+                let split = x86_64::avx512::pointwise_split(post);
                 x86_64::avx512::avx512_pointwise_q4q8_padded(
                     w,
                     x4,
@@ -506,7 +506,7 @@ fn chain_avx512(
                 None => Chain::NotTaken,
                 Some(true) => Chain::Nan,
                 Some(false) => {
-                    let (reg, rest) = generic::post_split(post);
+                    let (reg, rest) = x86_64::avx512::pointwise_split(post);
                     // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the levels hold
                     // ceil(w.k / 4) rows of o_pad words, `y` w.n * ol values per image, and
                     // several images have POINTWISE_IMAGE_MIN_POSITIONS positions each (checked).

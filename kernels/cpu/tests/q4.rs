@@ -472,21 +472,25 @@ fn large_layers_take_the_half_byte_kernels_and_equal_the_reference() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// The pointwise-convolution kernel (positions in vector lanes) against the reference row of
     /// each position's channels, bit for bit: channel counts off the four-channel words, positions
     /// off the 16- and 32-lane blocks, groups of 32, 64 or one per channel, zero points across the
     /// int8 range, with and without a bias, and with each epilogue (ReLU; Clip; Clip then a
-    /// FakeQuant whose levels the outputs cross; chains of no single form; HardSwish and SiLU)
-    /// against the ops' scalar definitions. Skips
-    /// (returns false) without AVX-512 VNNI.
+    /// FakeQuant whose levels the outputs cross; chains of no single form; HardSwish and SiLU
+    /// over the outputs; HardSwish then a FakeQuant in registers through the level, SiLU then a
+    /// FakeQuant over the outputs, each at a scale where some vectors hold a lane the estimate
+    /// cannot vouch for and go through the definition: a wrong value there fails this, checked)
+    /// against the ops' scalar definitions. Skips (returns false) without AVX-512 VNNI.
     #[test]
     fn pointwise_conv_equals_the_reference_rows(seed in any::<u64>(), n in 1usize..70, ch in 1usize..100, p in 1usize..300,
                                                  per_group in 0usize..3, zero in -120i32..120, with_bias in any::<bool>(),
-                                                 epilogue in 0usize..6) {
+                                                 epilogue in 0usize..9) {
         use sqil_kernels_cpu::Post;
         let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
+        let fine = Post::FakeQuant { scale: 0.31, zero: 5.0, lo: -128.0, hi: 127.0 };
+        let wide = Post::FakeQuant { scale: 0.03, zero: 5.0, lo: -2048.0, hi: 2047.0 };
         let post: &[Post] = match epilogue {
             0 => &[],
             1 => &[Post::Relu],
@@ -495,7 +499,11 @@ proptest! {
             // Not one of the kernel's forms: op by op in registers.
             4 => &[fq, Post::Clip(-0.25, 0.5), Post::Relu],
             // HardSwish and SiLU run over the outputs after the kernel.
-            _ => &[Post::Relu, Post::HardSwish, fq, Post::Silu],
+            5 => &[Post::Relu, Post::HardSwish, fq, Post::Silu],
+            // An activation then a FakeQuant: through the level in the kernel's epilogue.
+            6 => &[Post::HardSwish, wide],
+            7 => &[Post::Silu, fine],
+            _ => &[Post::Silu, fine, Post::Clip(-1.0, 1.0)],
         };
         let group = [0, 32, 64][per_group];
         let group = if ch.next_multiple_of(32) % group.max(1) == 0 { group } else { 32 };
