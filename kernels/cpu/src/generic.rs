@@ -1222,15 +1222,26 @@ unsafe fn depthwise_compute(
             wt
         }
     };
-    let offs: Vec<usize> = (0..kh).flat_map(|ky| (0..kw).map(move |kx| (ky * dh * wp + kx * dw) * cp)).collect();
+    // Each tap's offset from a window's start (on the stack up to 5 x 5: a call per image and
+    // layer allocated it).
+    let tap_off = |t: usize| (t / kw * dh * wp + t % kw * dw) * cp;
+    let mut on_stack = [0usize; DEPTHWISE_WIDE_TAPS];
+    let on_heap: Vec<usize>;
+    let offs: &[usize] = if kl <= DEPTHWISE_WIDE_TAPS {
+        on_stack.iter_mut().take(kl).enumerate().for_each(|(t, o)| *o = tap_off(t));
+        &on_stack[..kl]
+    } else {
+        on_heap = (0..kl).map(tap_off).collect();
+        &on_heap
+    };
     // Every element is written below (each position, every 8-channel vector up to cp).
     let acc = aligned64(acc, ol * cp);
     let (bp, wtp) = (buf.as_ptr(), wt.as_ptr());
     let geo = (oh, ow, sh, sw, wp, cp);
     if wide {
-        depthwise_taps_avx512(bp, wtp, &offs, geo, acc.as_mut_ptr());
+        depthwise_taps_avx512(bp, wtp, offs, geo, acc.as_mut_ptr());
     } else {
-        depthwise_taps_avx2(bp, wtp, &offs, geo, acc.as_mut_ptr());
+        depthwise_taps_avx2(bp, wtp, offs, geo, acc.as_mut_ptr());
     }
     let out = match out {
         DwSink::Planes(out) => out,

@@ -406,7 +406,7 @@ pub fn run_depthwise_chain(
     if b.is_some_and(|b| b.len() != channels) || w.len() != channels * geo.kernel_len() {
         return Ok(None);
     }
-    let (wv, bv) = (w.data.f32_cow(), b.map(|b| b.data.to_f32_vec()));
+    let (wv, bv) = (w.data.f32_cow(), b.map(|b| b.data.f32_cow()));
     let dw = sqil_kernels_cpu::generic::DepthwiseArgs { weights: &wv, geo: &geo, bias: bv.as_deref(), post, taps };
     let x = xt.data.f32_cow();
     let int = |a: &ActQuant| match *a {

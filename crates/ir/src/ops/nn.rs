@@ -425,9 +425,23 @@ pub(crate) fn global_average_pool(x: &Tensor) -> Result<Tensor> {
 /// vector lanes where the CPU has them).
 fn plane_means_f32(v: &[f32], il: usize) -> Vec<f32> {
     let init: f64 = std::iter::empty::<f64>().sum();
-    let mut sums = vec![0f64; v.len() / il];
-    sqil_kernels_cpu::generic::plane_sums_f64(v, il, init, &mut sums);
-    sums.iter().map(|&a| (a / il as f64) as f32).collect()
+    let planes = v.len() / il;
+    let mut out = crate::pool::f32_buffer(planes);
+    // The sums in a buffer kept per thread (a squeeze-and-excitation block pools once per image:
+    // allocating the sums each time showed in the allocator's profile).
+    PLANE_SUMS.with_borrow_mut(|sums| {
+        sums.resize(planes, 0.0);
+        sqil_kernels_cpu::generic::plane_sums_f64(v, il, init, sums);
+        for (o, &a) in out.iter_mut().zip(sums.iter()) {
+            *o = (a / il as f64) as f32;
+        }
+    });
+    out
+}
+
+thread_local! {
+    /// [`plane_means_f32`]'s f64 sums.
+    static PLANE_SUMS: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Softmax / LogSoftmax in f64 with sqil's exponential (`exp_nonpos`, the same bits on every
