@@ -9,7 +9,12 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Buffers shorter than this are not kept (allocating them is cheap).
-const MIN_LEN: usize = 1024;
+const MIN_LEN: usize = 64;
+/// Buffers shorter than this are kept in a short list searched by length (no hashing: a small
+/// policy's step takes microseconds); longer ones by length in a map.
+const SHORT_LEN: usize = 1024;
+/// At most this many short buffers are kept.
+const SHORT_KEPT: usize = 32;
 /// At most this many buffers of one length are kept.
 const PER_LEN: usize = 8;
 /// At most this many bytes are kept per thread.
@@ -19,6 +24,7 @@ const MAX_BYTES: usize = 256 << 20;
 struct Pool {
     by_len: HashMap<usize, Vec<Vec<f32>>>,
     bytes: usize,
+    short: Vec<Vec<f32>>,
 }
 
 thread_local! {
@@ -46,6 +52,10 @@ pub fn f32_buffer(n: usize) -> Vec<f32> {
 
 impl Pool {
     fn take(&mut self, n: usize) -> Option<Vec<f32>> {
+        if n < SHORT_LEN {
+            let at = self.short.iter().rposition(|v| v.len() == n)?;
+            return Some(self.short.swap_remove(at));
+        }
         let v = self.by_len.get_mut(&n).and_then(Vec::pop)?;
         self.bytes -= n * 4;
         Some(v)
@@ -62,6 +72,12 @@ pub fn recycle(t: Tensor) {
         return;
     }
     POOL.with_borrow_mut(|p| {
+        if n < SHORT_LEN {
+            if p.short.len() < SHORT_KEPT {
+                p.short.push(v);
+            }
+            return;
+        }
         if p.bytes + n * 4 > MAX_BYTES {
             return;
         }
@@ -99,7 +115,16 @@ mod tests {
         assert!(f32_buffer(2048).iter().all(|x| x.is_nan()));
         assert!(f32_buffer(3000).iter().all(|x| x.is_nan()));
         poison(false);
-        // Short buffers are not kept.
+        // Short buffers are kept in the short list; the shortest are not kept.
+        let t = Tensor::from_f32(vec![100], vec![2.0; 100]).unwrap();
+        let ptr = match &t.data {
+            Data::F32(v) => v.as_ptr(),
+            _ => unreachable!(),
+        };
+        recycle(t);
+        assert!(f32_buffer(99).iter().all(|&x| x == 0.0), "another length: a fresh buffer");
+        let again = f32_buffer(100);
+        assert_eq!(again.as_ptr(), ptr, "a short buffer is handed out again");
         recycle(Tensor::from_f32(vec![8], vec![2.0; 8]).unwrap());
         assert_eq!(f32_buffer(8), vec![0.0; 8]);
     }
