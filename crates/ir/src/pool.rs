@@ -63,8 +63,9 @@ impl Pool {
 }
 
 /// Gives a dead value's buffer back for [`f32_buffer`] to hand out again (f32 values of at least
-/// `MIN_LEN`, while the thread keeps fewer than `PER_LEN` of that length and `MAX_BYTES` in all;
-/// anything else is dropped).
+/// `MIN_LEN`: below `SHORT_LEN` while the thread keeps fewer than `SHORT_KEPT` short buffers,
+/// above while it keeps fewer than `PER_LEN` of that length and `MAX_BYTES` in all; anything else
+/// is dropped).
 pub fn recycle(t: Tensor) {
     let Data::F32(v) = t.data else { return };
     let n = v.len();

@@ -1485,8 +1485,8 @@ pub(crate) unsafe fn depthwise_taps<F: F32Lanes, const TWO: bool>(
         o += TAP_POSITIONS;
     }
     // The last positions one at a time, each over several channel blocks at once (one chain
-    // per block: a block alone waited on the FMA's latency at every tap, 25 taps of a 5 x 5
-    // window in a row; a 6 x 6 map's last four positions were most of its taps' time).
+    // per block: a block alone waits on the FMA's latency at every tap; a 3 x 3 map ends with
+    // one such position, a 6 x 6 map with four).
     for o in o..ol {
         let mut c0 = 0;
         while c0 < cp {
