@@ -500,7 +500,8 @@ proptest! {
             4 => &[fq, Post::Clip(-0.25, 0.5), Post::Relu],
             // HardSwish and SiLU run over the outputs after the kernel.
             5 => &[Post::Relu, Post::HardSwish, fq, Post::Silu],
-            // An activation then a FakeQuant: through the level in the kernel's epilogue.
+            // HardSwish then a FakeQuant: through the level in the kernel's epilogue; SiLU then
+            // a FakeQuant: the level pass over the outputs.
             6 => &[Post::HardSwish, wide],
             7 => &[Post::Silu, fine],
             _ => &[Post::Silu, fine, Post::Clip(-1.0, 1.0)],

@@ -686,19 +686,15 @@ fn conv_images(
     };
     for n in 0..p.n {
         let mut image = &xv[n * p.c * il..(n + 1) * p.c * il];
+        if lone.is_some() {
+            let o = &mut out[n * p.m * ol..(n + 1) * p.m * ol];
+            if sqil_kernels_cpu::generic::conv_direct_f32((image, lone), cg, wv, mg, &p.geo, bias, o) {
+                sqil_kernels_cpu::post_in_place(o, post);
+                continue;
+            }
+        }
         match pre {
             [] => {}
-            _ if lone.is_some() => {
-                let o = &mut out[n * p.m * ol..(n + 1) * p.m * ol];
-                if sqil_kernels_cpu::generic::conv_direct_f32((image, lone), cg, wv, mg, &p.geo, bias, o) {
-                    sqil_kernels_cpu::post_in_place(o, post);
-                    continue;
-                }
-                let (scale, zero, lo, hi) = lone.expect("a lone quantizer");
-                img.resize(image.len(), 0.0);
-                sqil_kernels_cpu::generic::fake_quant_into(image, scale, zero, lo, hi, img);
-                image = img;
-            }
             // One quantizer (a float first layer's input): from the image into the buffer in
             // one pass, the values the in-place op would leave there.
             &[sqil_kernels_cpu::Post::FakeQuant { scale, zero, lo, hi }] => {

@@ -1707,12 +1707,26 @@ unsafe fn store_levels16<const K: usize>(
         if sure {
             _mm512_storeu_ps(v.as_mut_ptr().add(at), y);
         } else {
-            let post = [op, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
-            for e in &mut v[at..at + 16] {
-                *e = crate::generic::post_one(*e, &post);
-            }
+            definition_levels(&mut v[at..at + 16], op, (scale, zero, lo, hi));
         }
     }
+}
+
+/// `op` then the FakeQuant `(scale, zero, lo, hi)` by their definitions, value by value: the
+/// level kernels' path for a vector whose estimate they cannot vouch for.
+#[inline(always)]
+fn definition_levels(v: &mut [f32], op: crate::generic::Post, (scale, zero, lo, hi): (f32, f32, f32, f32)) {
+    let post = [op, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
+    for e in v {
+        *e = crate::generic::post_one(*e, &post);
+    }
+}
+
+/// The scale's reciprocal where the level kernels take a FakeQuant `(scale, zero, lo, hi)`: a
+/// positive scale with a normal reciprocal and integer levels ([`integral_levels`]).
+fn level_reciprocal((scale, zero, lo, hi): (f32, f32, f32, f32)) -> Option<f32> {
+    let rcp = 1.0 / scale;
+    (scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)).then_some(rcp)
 }
 
 /// [`store_levels16`]'s outputs and tests: per vector of estimates `(q, b, ok)`, the FakeQuant's
@@ -1766,9 +1780,8 @@ pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f3
     })
 }
 
-/// The steps of the level kernels over `len` values: none unless the scale's reciprocal `rcp`
-/// is a normal number of a positive scale and the levels are integers ([`integral_levels`]);
-/// else `step(i, eight, rcp)` at each 128 values (eight vectors: four left a third of the SiLU
+/// The steps of the level kernels over `len` values: none unless they take the FakeQuant
+/// ([`level_reciprocal`]); else `step(i, eight, rcp)` at each 128 values (eight vectors: four left a third of the SiLU
 /// kernel's time to its chains' latency on a Zen 5 core), then once at 64 if they are left
 /// (four vectors). Returns how many values the steps did (a multiple of 64).
 #[inline(always)]
@@ -1777,10 +1790,7 @@ fn level_steps(
     (scale, zero, lo, hi): (f32, f32, f32, f32),
     mut step: impl FnMut(usize, bool, f32),
 ) -> usize {
-    let rcp = 1.0 / scale;
-    if !(scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)) {
-        return 0;
-    }
+    let Some(rcp) = level_reciprocal((scale, zero, lo, hi)) else { return 0 };
     let mut i = 0;
     while i + 128 <= len {
         step(i, true, rcp);
@@ -2043,10 +2053,9 @@ pub(crate) struct ActLevels {
 pub(crate) fn act_levels(post: &[crate::generic::Post]) -> Option<ActLevels> {
     use crate::generic::Post;
     match post {
-        [Post::HardSwish, Post::FakeQuant { scale, zero, lo, hi }, ..] => {
-            let rcp = 1.0 / scale;
-            (*scale > 0.0 && rcp.is_normal() && integral_levels(*zero, *lo, *hi))
-                .then_some(ActLevels { q4: (*scale, *zero, *lo, *hi), rcp })
+        &[Post::HardSwish, Post::FakeQuant { scale, zero, lo, hi }, ..] => {
+            let q4 = (scale, zero, lo, hi);
+            level_reciprocal(q4).map(|rcp| ActLevels { q4, rcp })
         }
         _ => None,
     }
@@ -2347,13 +2356,9 @@ unsafe fn act_outputs<const K: usize>(pre: [__m512; K], idle: [__mmask16; K], ac
         y[i] = if sure {
             out
         } else {
-            let (scale, zero, lo, hi) = act.q4;
-            let ops = [crate::generic::Post::HardSwish, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
             let mut v = [0f32; 16];
             _mm512_storeu_ps(v.as_mut_ptr(), pre[i]);
-            for e in &mut v {
-                *e = crate::generic::post_one(*e, &ops);
-            }
+            definition_levels(&mut v, crate::generic::Post::HardSwish, act.q4);
             _mm512_loadu_ps(v.as_ptr())
         };
     }

@@ -1474,13 +1474,11 @@ pub(crate) unsafe fn depthwise_taps<F: F32Lanes, const TWO: bool>(
             // Each window a base register, each tap's offset an index register.
             let pv: [*const f32; TAP_POSITIONS] = std::array::from_fn(|v| bp.add(base[v] + c0));
             let out = acc.add(o * cp + c0);
-            if TWO && cp - c0 >= 2 * l {
-                store_taps(taps_block::<F, 2>(&pv, wtp.add(c0), offs, cp), out, cp);
-                c0 += 2 * l;
+            c0 += l * if TWO && cp - c0 >= 2 * l {
+                store_taps(taps_block::<F, 2, TAP_POSITIONS>(&pv, wtp.add(c0), offs, cp), out, cp)
             } else {
-                store_taps(taps_block::<F, 1>(&pv, wtp.add(c0), offs, cp), out, cp);
-                c0 += l;
-            }
+                store_taps(taps_block::<F, 1, TAP_POSITIONS>(&pv, wtp.add(c0), offs, cp), out, cp)
+            };
         }
         o += TAP_POSITIONS;
     }
@@ -1490,59 +1488,32 @@ pub(crate) unsafe fn depthwise_taps<F: F32Lanes, const TWO: bool>(
     for o in o..ol {
         let mut c0 = 0;
         while c0 < cp {
-            let (p0, out) = (bp.add(start(o) + c0), acc.add(o * cp + c0));
-            c0 += match (cp - c0) / l {
-                8.. => store_channels(channels_block::<F, 8>(p0, wtp.add(c0), offs, cp), out),
-                4.. => store_channels(channels_block::<F, 4>(p0, wtp.add(c0), offs, cp), out),
-                2.. => store_channels(channels_block::<F, 2>(p0, wtp.add(c0), offs, cp), out),
-                _ => store_channels(channels_block::<F, 1>(p0, wtp.add(c0), offs, cp), out),
+            let (pv, wc, out) = ([bp.add(start(o) + c0)], wtp.add(c0), acc.add(o * cp + c0));
+            c0 += l * match (cp - c0) / l {
+                8.. => store_taps(taps_block::<F, 8, 1>(&pv, wc, offs, cp), out, cp),
+                4.. => store_taps(taps_block::<F, 4, 1>(&pv, wc, offs, cp), out, cp),
+                2.. => store_taps(taps_block::<F, 2, 1>(&pv, wc, offs, cp), out, cp),
+                _ => store_taps(taps_block::<F, 1, 1>(&pv, wc, offs, cp), out, cp),
             };
         }
     }
 }
 
-/// [`depthwise_taps`]' chains for one position (its window from `p0`) over `B` consecutive
-/// channel blocks from the weights `wc`: `B` independent chains, each over the taps in order.
-#[inline(always)]
-unsafe fn channels_block<F: F32Lanes, const B: usize>(
-    p0: *const f32,
-    wc: *const f32,
-    offs: &[usize],
-    cp: usize,
-) -> [F; B] {
-    let mut a = [F::zero(); B];
-    for (t, &off) in offs.iter().enumerate() {
-        for (h, a) in a.iter_mut().enumerate() {
-            *a = F::fmadd(F::load(wc.add(t * cp + h * F::LANES)), F::load(p0.add(off + h * F::LANES)), *a);
-        }
-    }
-    a
-}
-
-/// [`channels_block`]'s sums to `out` (the position's first channel); returns the channels
-/// stored.
-#[inline(always)]
-unsafe fn store_channels<F: F32Lanes, const B: usize>(a: [F; B], out: *mut f32) -> usize {
-    for (h, a) in a.iter().enumerate() {
-        a.store(out.add(h * F::LANES));
-    }
-    B * F::LANES
-}
-
 /// Output positions per block of [`depthwise_taps`].
 const TAP_POSITIONS: usize = 8;
 
-/// [`depthwise_taps`]' chains for one block of positions (`pv`, their windows) and `B`
-/// consecutive channel blocks from the weights `wc` (loops, not closures: a closure would not
-/// take the caller's target features).
+/// [`depthwise_taps`]' chains for `P` positions (`pv`, their windows) and `B` consecutive
+/// channel blocks from the weights `wc`: `B * P` independent chains,
+/// each over the taps in order (loops, not closures: a closure would not take the caller's
+/// target features).
 #[inline(always)]
-unsafe fn taps_block<F: F32Lanes, const B: usize>(
-    pv: &[*const f32; TAP_POSITIONS],
+unsafe fn taps_block<F: F32Lanes, const B: usize, const P: usize>(
+    pv: &[*const f32; P],
     wc: *const f32,
     offs: &[usize],
     cp: usize,
-) -> [[F; TAP_POSITIONS]; B] {
-    let mut a = [[F::zero(); TAP_POSITIONS]; B];
+) -> [[F; P]; B] {
+    let mut a = [[F::zero(); P]; B];
     for (t, &off) in offs.iter().enumerate() {
         for (h, a) in a.iter_mut().enumerate() {
             let w = F::load(wc.add(t * cp + h * F::LANES));
@@ -1555,14 +1526,15 @@ unsafe fn taps_block<F: F32Lanes, const B: usize>(
 }
 
 /// [`taps_block`]'s sums to `out` (the block's first position and channel; positions `cp`
-/// apart, channel blocks `F::LANES`).
+/// apart, channel blocks `F::LANES`); returns the channel blocks stored.
 #[inline(always)]
-unsafe fn store_taps<F: F32Lanes, const B: usize>(a: [[F; TAP_POSITIONS]; B], out: *mut f32, cp: usize) {
+unsafe fn store_taps<F: F32Lanes, const B: usize, const P: usize>(a: [[F; P]; B], out: *mut f32, cp: usize) -> usize {
     for (h, a) in a.iter().enumerate() {
         for (v, a) in a.iter().enumerate() {
             a.store(out.add(v * cp + h * F::LANES));
         }
     }
+    B
 }
 
 /// [`crate::dequant::dequant_gemm`] for one row on vectors `F`: per `V` vectors of columns `V`
