@@ -3,7 +3,7 @@
 //! path it replaces, measured in the same run; the two outputs compared bit for bit. Layers where
 //! `conv_direct_takes` declines run direct here anyway, to show why they are declined.
 //!
-//!     cargo bench -p sqil-kernels-cpu --bench stem
+//!     cargo bench -p sqil-kernels-cpu --bench stem [-- --only I [--quant 1]]
 
 mod common;
 use common::best_per_call_us;
@@ -21,7 +21,15 @@ fn main() {
         (1, 96, 32, 5, 2, 2, "grey 5 x 5 / 2 to 32 (96 x 96)"),
         (3, 84, 64, 1, 1, 0, "1 x 1 to 64 (84 x 84)"),
     ];
-    for (c, h, m, k, s, p, what) in layers {
+    // `--only I`: layer I alone, the direct kernel only, many more calls (for a profiler).
+    let only = common::arg("--only", usize::MAX);
+    for (i, (c, h, m, k, s, p, what)) in layers.into_iter().enumerate() {
+        if only != usize::MAX {
+            if i == only {
+                profile_direct(c, h, m, k, s, p);
+            }
+            continue;
+        }
         let geo = ConvGeometry::square(h, k, s, p);
         let o = geo.output[0];
         let x: Vec<f32> = (0..c * h * h).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
@@ -47,4 +55,17 @@ fn main() {
             conv_direct_takes(kl)
         );
     }
+}
+
+/// Layer `(c, h, m, k, s, p)` by the direct kernel alone, 20 000 calls (`--only`).
+fn profile_direct(c: usize, h: usize, m: usize, k: usize, s: usize, p: usize) {
+    let geo = ConvGeometry::square(h, k, s, p);
+    let o = geo.output[0];
+    let x: Vec<f32> = (0..c * h * h).map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0).collect();
+    let w: Vec<f32> = (0..m * c * k * k).map(|i| ((i * 13 % 29) as f32) / 20.0 - 0.7).collect();
+    let mut out = vec![0f32; m * o * o];
+    // `--quant 1`: through an int8 input quantizer, as a quantized policy's first layer.
+    let quant = (common::arg("--quant", 0) == 1).then_some((0.02f32, 0.0f32, -128.0f32, 127.0f32));
+    let t = best_per_call_us(20_000, || assert!(conv_direct_run((&x, quant), c, &w, m, &geo, None, &mut out)));
+    println!("  direct {t:.1} us per call");
 }

@@ -634,9 +634,12 @@ pub fn conv_direct_run(
         let wide = crate::isa() == crate::Isa::Avx512Vnni;
         let lanes = if wide { 16 } else { 8 };
         let hp = (g.oh - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-        let jl = g.ow.next_multiple_of(lanes) + (g.kw - 1) * g.dw / g.sw + 1;
-        DIRECT_PLANES.with_borrow_mut(|xp| {
-            xp.resize(channels * hp * g.sw * jl, 0.0);
+        // Whole vectors per phase row, from a 64-byte boundary (the split's stores aligned).
+        let jl = (g.ow.next_multiple_of(lanes) + (g.kw - 1) * g.dw / g.sw + 1).next_multiple_of(lanes);
+        DIRECT_PLANES.with_borrow_mut(|(xp, quantized)| {
+            xp.resize(channels * hp * g.sw * jl + 16, 0.0);
+            let start = xp.as_ptr().align_offset(64).min(16);
+            let xp = &mut xp[start..];
             // Each input row zero-padded (column x at x + pw, `sw * jl` values), then split by
             // phase: value j of phase f is padded column j * sw + f.
             let wp = g.sw * jl;
@@ -646,14 +649,18 @@ pub fn conv_direct_run(
                 (0, g.w.saturating_sub(g.pw.unsigned_abs()).min(wp))
             };
             let skip = if g.pw < 0 { g.pw.unsigned_abs() } else { 0 };
-            let mut padded = vec![0f32; wp];
-            // A row of the image, through the quantizer where there is one.
-            let put = |src: &[f32], dst: &mut [f32]| match quant {
-                Some((scale, zero, lo, hi)) => fake_quant_into(src, scale, zero, lo, hi, dst),
-                None => dst.copy_from_slice(src),
-            };
+            let mut padded = vec![];
             for c in 0..channels {
-                let plane = &input[c * il..(c + 1) * il];
+                let mut plane = &input[c * il..(c + 1) * il];
+                // Stride 1 quantizes each row into place below, and the AVX-512 split of stride 2
+                // each vector as it loads it; the other strides' splits read the plane through
+                // the quantizer first, in one pass.
+                let split2 = g.sw == 2 && wide;
+                if let (Some((qs, qz, qlo, qhi)), true) = (quant, g.sw > 1 && !split2) {
+                    quantized.resize(il, 0.0);
+                    fake_quant_into(plane, qs, qz, qlo, qhi, quantized);
+                    plane = quantized;
+                }
                 for y in 0..hp {
                     let iy = y as isize - g.ph;
                     let at = (c * hp + y) * wp;
@@ -665,31 +672,25 @@ pub fn conv_direct_run(
                     let src = &plane[iy as usize * g.w + skip..iy as usize * g.w + skip + take];
                     if g.sw == 1 {
                         dst[..lo.min(wp)].fill(0.0);
-                        put(src, &mut dst[lo..lo + take]);
+                        match quant {
+                            Some((qs, qz, qlo, qhi)) => fake_quant_into(src, qs, qz, qlo, qhi, &mut dst[lo..]),
+                            None => dst[lo..lo + take].copy_from_slice(src),
+                        }
                         dst[lo + take..].fill(0.0);
                         continue;
                     }
-                    put(src, &mut padded[lo..lo + take]);
-                    if g.sw == 2 {
-                        // Pairs split into the two phases.
+                    if split2 {
                         let (even, odd) = dst.split_at_mut(jl);
-                        let mut j = 0;
-                        if wide {
-                            // SAFETY: isa() checked AVX-512 F; the three runs hold jl, jl and
-                            // 2 jl values.
-                            j = unsafe { crate::x86_64::avx512::avx512_deinterleave2(&padded, even, odd) };
-                        }
-                        for ((e, o), p) in
-                            even[j..].iter_mut().zip(odd[j..].iter_mut()).zip(padded[2 * j..].chunks_exact(2))
-                        {
-                            *e = p[0];
-                            *o = p[1];
-                        }
-                    } else {
-                        for (j, p) in padded.chunks_exact(g.sw).enumerate() {
-                            for (f, &v) in p.iter().enumerate() {
-                                dst[f * jl + j] = v;
-                            }
+                        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; even and odd hold jl
+                        // values each.
+                        unsafe { crate::x86_64::avx512::avx512_phase_split2(src, lo, even, odd, quant) };
+                        continue;
+                    }
+                    padded.resize(wp, 0.0);
+                    padded[lo..lo + take].copy_from_slice(src);
+                    for (j, p) in padded.chunks_exact(g.sw).enumerate() {
+                        for (f, &v) in p.iter().enumerate() {
+                            dst[f * jl + j] = v;
                         }
                     }
                 }
@@ -725,8 +726,10 @@ pub fn conv_direct_run(
 }
 
 thread_local! {
-    /// [`conv_direct_f32`]'s padded, phase-split input planes.
-    static DIRECT_PLANES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// [`conv_direct_f32`]'s padded, phase-split input planes, and a plane through the input's
+    /// quantizer.
+    static DIRECT_PLANES: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A 1-D or 2-D convolution's geometry per axis (1-D: one row) and its channels: the depthwise

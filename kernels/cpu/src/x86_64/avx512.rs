@@ -1273,42 +1273,102 @@ pub unsafe fn avx512_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: 
 /// # Safety
 /// AVX-512 F, AVX2 and FMA; `x` readable and `out` writable for `n` values, equal or disjoint.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn avx512_fake_quant_ptr(
-    x: *const f32,
-    out: *mut f32,
-    n: usize,
-    (scale, zero, lo, hi): (f32, f32, f32, f32),
-) {
-    let (vs, vr, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(screen_reciprocal(scale)), _mm512_set1_ps(zero));
-    let (vlo, vhi) = (_mm512_set1_ps(lo), _mm512_set1_ps(hi));
+pub unsafe fn avx512_fake_quant_ptr(x: *const f32, out: *mut f32, n: usize, q: (f32, f32, f32, f32)) {
+    let fq = FakeQuant16::new(q);
     let mut i = 0;
     while i + 16 <= n {
-        let v = _mm512_loadu_ps(x.add(i));
-        let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)));
-        _mm512_storeu_ps(out.add(i), _mm512_mul_ps(_mm512_sub_ps(y, vz), vs));
+        _mm512_storeu_ps(out.add(i), fq.apply(_mm512_loadu_ps(x.add(i))));
         i += 16;
     }
-    super::avx2::fake_quant_ptr(x.add(i), out.add(i), n - i, (scale, zero, lo, hi));
+    super::avx2::fake_quant_ptr(x.add(i), out.add(i), n - i, q);
 }
 
-/// Splits `pairs` into its even- and odd-indexed values, sixteen pairs per step (two loads, two
-/// two-source permutes): `even[j] = pairs[2 j]`, `odd[j] = pairs[2 j + 1]` for `j` below the
-/// returned count, a multiple of 16 (the caller does the rest).
+/// A FakeQuant `(scale, zero, lo, hi)` on sixteen lanes (its constants broadcast once): the level
+/// through [`round_quotient16`], clamped (NaN stays NaN), then `(level - zero) * scale`.
+struct FakeQuant16 {
+    s: __m512,
+    r: __m512,
+    z: __m512,
+    lo: __m512,
+    hi: __m512,
+}
+
+impl FakeQuant16 {
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn new((scale, zero, lo, hi): (f32, f32, f32, f32)) -> FakeQuant16 {
+        FakeQuant16 {
+            s: _mm512_set1_ps(scale),
+            r: _mm512_set1_ps(screen_reciprocal(scale)),
+            z: _mm512_set1_ps(zero),
+            lo: _mm512_set1_ps(lo),
+            hi: _mm512_set1_ps(hi),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn apply(&self, v: __m512) -> __m512 {
+        let y =
+            _mm512_max_ps(self.lo, _mm512_min_ps(self.hi, _mm512_add_ps(round_quotient16(v, self.s, self.r), self.z)));
+        _mm512_mul_ps(_mm512_sub_ps(y, self.z), self.s)
+    }
+}
+
+/// One zero-padded input row split into its two column phases (a stride-2 direct convolution's
+/// planes), through the input's quantizer `quant` where there is one: with `padded[x] = fq(src[x -
+/// lo])` for `lo <= x < lo + src.len()` and `+0` elsewhere (`fq` the FakeQuant as
+/// [`avx512_fake_quant_ptr`] computes it, or none), `even[j] = padded[2 j]` and `odd[j] = padded[2
+/// j + 1]` for every `j < even.len()`. Sixteen values of each phase per step: two loads straight
+/// from the row, masked where they reach past it (the padding), quantized, and two two-source
+/// permutes; no padded copy of the row is written first (its stores, reloaded at once at another
+/// alignment, could not be forwarded: the copy and split were a quarter of MobileNetV3's stem
+/// without a quantizer).
 ///
 /// # Safety
-/// AVX-512 F.
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn avx512_deinterleave2(pairs: &[f32], even: &mut [f32], odd: &mut [f32]) -> usize {
-    let n = (pairs.len() / 2).min(even.len()).min(odd.len()) / 16 * 16;
+/// AVX-512 F, AVX2 and FMA; `even` and `odd` hold the same number of values.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn avx512_phase_split2(
+    src: &[f32],
+    lo: usize,
+    even: &mut [f32],
+    odd: &mut [f32],
+    quant: Option<(f32, f32, f32, f32)>,
+) {
+    debug_assert_eq!(even.len(), odd.len());
+    let (n, len) = (even.len(), src.len() as i64);
     let ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     let io = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    for j in (0..n).step_by(16) {
-        // SAFETY: 2 j + 32 <= pairs.len() and j + 16 <= even.len(), odd.len() (n above).
-        let (a, b) = (_mm512_loadu_ps(pairs.as_ptr().add(2 * j)), _mm512_loadu_ps(pairs.as_ptr().add(2 * j + 16)));
-        _mm512_storeu_ps(even.as_mut_ptr().add(j), _mm512_permutex2var_ps(a, ie, b));
-        _mm512_storeu_ps(odd.as_mut_ptr().add(j), _mm512_permutex2var_ps(a, io, b));
+    let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let q = quant.map(|q| FakeQuant16::new(q));
+    // Sixteen padded values from x on: the row's lanes loaded and quantized, the others +0 (a
+    // masked-off lane is not read, so the address may lie outside the row).
+    let load = |x: i64| -> __m512 {
+        let at = x - lo as i64;
+        let mask = if at >= 0 && at + 16 <= len {
+            0xffff
+        } else if at >= len || at + 16 <= 0 {
+            return _mm512_setzero_ps(); // all padding: nothing to load or quantize
+        } else {
+            let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(at as i32));
+            _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512())
+                & _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(len as i32))
+        };
+        let v = _mm512_maskz_loadu_ps(mask, src.as_ptr().wrapping_offset(at as isize));
+        match &q {
+            Some(q) => _mm512_maskz_mov_ps(mask, q.apply(v)),
+            None => v,
+        }
+    };
+    let mut j = 0;
+    while j < n {
+        let (a, b) = (load(2 * j as i64), load(2 * j as i64 + 16));
+        let (e, o) = (_mm512_permutex2var_ps(a, ie, b), _mm512_permutex2var_ps(a, io, b));
+        let keep = if j + 16 <= n { 0xffff } else { (1u32 << (n - j)) as u16 - 1 };
+        _mm512_mask_storeu_ps(even.as_mut_ptr().add(j), keep, e);
+        _mm512_mask_storeu_ps(odd.as_mut_ptr().add(j), keep, o);
+        j += 16;
     }
-    n
 }
 
 /// [`super::avx2::round_quotient8`] on sixteen lanes: `round_half_even(fl(x / s))` through `r =
