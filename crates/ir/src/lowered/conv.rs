@@ -302,7 +302,7 @@ const POINTWISE_LONG_ROW: usize = 384;
 /// 1.2-1.3x; an 11 x 11 map (121 positions, 94% of the lanes used by one image) 0.9x.
 const POINTWISE_GROUP_MAX_POSITIONS: usize = 64;
 /// How many images [`POINTWISE_GROUP_MAX_POSITIONS`] puts side by side: a plan's batch comes
-/// in runs of four (`sqil_runtime::exec::SAMPLE_CHUNK`).
+/// in runs of four or eight (`sqil_runtime::exec::sample_chunk`).
 const POINTWISE_IMAGES: usize = 4;
 
 /// How many of `images` images go side by side into the pointwise kernel's lanes at a time: up
