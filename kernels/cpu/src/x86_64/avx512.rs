@@ -1218,12 +1218,7 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
         v = match *p {
             Post::Relu => _mm512_max_ps(_mm512_setzero_ps(), v),
             Post::Clip(lo, hi) => _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v)),
-            Post::FakeQuant { scale, zero, lo, hi } => {
-                let (vs, vz) = (_mm512_set1_ps(scale), _mm512_set1_ps(zero));
-                let t = round_quotient16(v, vs, _mm512_set1_ps(screen_reciprocal(scale)));
-                let y = _mm512_max_ps(_mm512_set1_ps(lo), _mm512_min_ps(_mm512_set1_ps(hi), _mm512_add_ps(t, vz)));
-                _mm512_mul_ps(_mm512_sub_ps(y, vz), vs)
-            }
+            Post::FakeQuant { scale, zero, lo, hi } => FakeQuant16::new((scale, zero, lo, hi)).apply(v),
             // Not in registers (see `post_split`): lane by lane.
             p => {
                 let mut a = [0f32; 16];
@@ -1246,15 +1241,12 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_quantize_i8(x: &[f32], scale: f32, zero: i32, lo: i32, hi: i32, out: &mut [i8]) -> bool {
     let n = x.len().min(out.len());
-    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(screen_reciprocal(scale)));
-    let vz = _mm512_set1_ps(zero as f32);
-    let (vlo, vhi) = (_mm512_set1_ps(lo.max(-128) as f32), _mm512_set1_ps(hi.min(127) as f32));
+    let fq = FakeQuant16::new((scale, zero as f32, lo.max(-128) as f32, hi.min(127) as f32));
     let mut ordered: __mmask16 = 0xffff;
     let mut i = 0;
     while i + 64 <= n {
         for j in 0..4 {
-            let v = _mm512_loadu_ps(x.as_ptr().add(i + 16 * j));
-            let y = _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)));
+            let y = fq.level(_mm512_loadu_ps(x.as_ptr().add(i + 16 * j)));
             let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
             ordered &= ord;
             let l = _mm512_maskz_cvtps_epi32(ord, y);
@@ -1284,7 +1276,9 @@ pub unsafe fn avx512_fake_quant_ptr(x: *const f32, out: *mut f32, n: usize, q: (
 }
 
 /// A FakeQuant `(scale, zero, lo, hi)` on sixteen lanes (its constants broadcast once): the level
-/// through [`round_quotient16`], clamped (NaN stays NaN), then `(level - zero) * scale`.
+/// through [`round_quotient16`], clamped (NaN stays NaN; [`FakeQuant16::level`]), then `(level -
+/// zero) * scale` ([`FakeQuant16::apply`]).
+#[derive(Clone, Copy)]
 struct FakeQuant16 {
     s: __m512,
     r: __m512,
@@ -1309,9 +1303,14 @@ impl FakeQuant16 {
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     unsafe fn apply(&self, v: __m512) -> __m512 {
-        let y =
-            _mm512_max_ps(self.lo, _mm512_min_ps(self.hi, _mm512_add_ps(round_quotient16(v, self.s, self.r), self.z)));
-        _mm512_mul_ps(_mm512_sub_ps(y, self.z), self.s)
+        _mm512_mul_ps(_mm512_sub_ps(self.level(v), self.z), self.s)
+    }
+
+    /// The clamped level as a float (NaN stays NaN): what [`avx512_quantize_i8`] stores as int8.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn level(&self, v: __m512) -> __m512 {
+        _mm512_max_ps(self.lo, _mm512_min_ps(self.hi, _mm512_add_ps(round_quotient16(v, self.s, self.r), self.z)))
     }
 }
 
@@ -1683,9 +1682,7 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     form: crate::generic::PostForm,
 ) -> bool {
     let pv = PostVec16::new(form);
-    let (vs, vr) = (_mm512_set1_ps(scale), _mm512_set1_ps(screen_reciprocal(scale)));
-    let vz = _mm512_set1_ps(zero as f32);
-    let (vlo, vhi) = (_mm512_set1_ps(lo.max(-128) as f32), _mm512_set1_ps(hi.min(127) as f32));
+    let fq = FakeQuant16::new((scale, zero as f32, lo.max(-128) as f32, hi.min(127) as f32));
     let flip = _mm_set1_epi8(i8::MIN);
     let mut nan: __mmask16 = 0;
     let mut bv = vec![0f32; cp];
@@ -1715,10 +1712,9 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
             let v = if bias.is_some() { _mm512_add_ps(v, vb) } else { v };
             let (k, sure) = if same { lv.level16(v) } else { (v, false) };
             let y = if sure {
-                _mm512_add_ps(k, vz)
+                _mm512_add_ps(k, fq.z)
             } else {
-                let v = if CHAIN { post16(v, post) } else { pv.apply::<CLAMP, FQ>(v) };
-                _mm512_max_ps(vlo, _mm512_min_ps(vhi, _mm512_add_ps(round_quotient16(v, vs, vr), vz)))
+                fq.level(if CHAIN { post16(v, post) } else { pv.apply::<CLAMP, FQ>(v) })
             };
             let ord = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(y, y);
             nan |= !ord & real;
@@ -2152,11 +2148,7 @@ type PointwiseArgs<'a> = (
 struct PostVec16 {
     lo: __m512,
     hi: __m512,
-    s: __m512,
-    r: __m512,
-    z: __m512,
-    qlo: __m512,
-    qhi: __m512,
+    fq: FakeQuant16,
     ka: __m512,
     kb: __m512,
     fold: bool,
@@ -2164,7 +2156,7 @@ struct PostVec16 {
 
 impl PostVec16 {
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
     fn new(f: crate::generic::PostForm) -> PostVec16 {
         let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
         let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
@@ -2178,11 +2170,8 @@ impl PostVec16 {
         PostVec16 {
             lo: _mm512_set1_ps(lo),
             hi: _mm512_set1_ps(hi),
-            s: _mm512_set1_ps(s),
-            r: _mm512_set1_ps(screen_reciprocal(s)),
-            z: _mm512_set1_ps(z),
-            qlo: _mm512_set1_ps(qlo),
-            qhi: _mm512_set1_ps(qhi),
+            // SAFETY: this function's target features are FakeQuant16::new's.
+            fq: unsafe { FakeQuant16::new((s, z, qlo, qhi)) },
             ka: _mm512_set1_ps(ka - 0.25),
             kb: _mm512_set1_ps(kb + 0.25),
             fold,
@@ -2198,7 +2187,7 @@ impl PostVec16 {
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
     fn level16(&self, v: __m512) -> (__m512, bool) {
-        let q = _mm512_mul_ps(v, self.r);
+        let q = _mm512_mul_ps(v, self.fq.r);
         // vmaxps / vminps return their second operand, here q, when it is NaN.
         let qc = _mm512_min_ps(self.kb, _mm512_max_ps(self.ka, q));
         let k = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(qc);
@@ -2215,17 +2204,15 @@ impl PostVec16 {
         if FQ && self.fold {
             let (k, sure) = self.level16(v);
             if sure {
-                return _mm512_mul_ps(_mm512_add_ps(k, _mm512_setzero_ps()), self.s);
+                return _mm512_mul_ps(_mm512_add_ps(k, _mm512_setzero_ps()), self.fq.s);
             }
         }
         if CLAMP {
             v = _mm512_min_ps(self.hi, _mm512_max_ps(self.lo, v));
         }
         if FQ {
-            // SAFETY: this function's target features are round_quotient16's.
-            let t = unsafe { round_quotient16(v, self.s, self.r) };
-            let y = _mm512_max_ps(self.qlo, _mm512_min_ps(self.qhi, _mm512_add_ps(t, self.z)));
-            v = _mm512_mul_ps(_mm512_sub_ps(y, self.z), self.s);
+            // SAFETY: this function's target features are FakeQuant16::apply's.
+            v = unsafe { self.fq.apply(v) };
         }
         v
     }
