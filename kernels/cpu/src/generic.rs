@@ -2543,6 +2543,17 @@ pub fn layer_norm_f32(
 /// interleaved partial sums (element j into sum j mod 4, in order) added as `(s0 + s1) + (s2 +
 /// s3)`, each `e_j / sum` rounded to f32. With AVX2 where the CPU has it: the same operations.
 pub fn softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    softmax_rows_as(x, dim, out, false)
+}
+
+/// LogSoftmax of contiguous rows as sqil defines it: [`softmax_rows`]'s maximum and sum, then
+/// each `(x_j - max) - ln(sum)` in f64, rounded to f32. The same operations with AVX2 or AVX-512.
+pub fn log_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    softmax_rows_as(x, dim, out, true)
+}
+
+/// [`softmax_rows`] (`log` false) or [`log_softmax_rows`] (`log` true), dispatched.
+fn softmax_rows_as(x: &[f32], dim: usize, out: &mut [f32], log: bool) {
     assert_eq!(x.len(), out.len());
     if dim == 0 {
         return;
@@ -2550,16 +2561,25 @@ pub fn softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match crate::isa() {
         // SAFETY: isa() checked AVX-512 F/BW/VNNI, AVX2 and FMA; the lengths are asserted equal.
-        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_softmax_rows(x, dim, out) },
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_softmax_rows(x, dim, out, log) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_softmax_rows(x, dim, out) },
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_softmax_rows(x, dim, out, log) },
         crate::Isa::Generic => {}
     }
-    generic_softmax_rows(x, dim, out)
+    generic_softmax_rows_as(x, dim, out, log)
 }
 
 /// [`softmax_rows`] in plain Rust (the definition the SIMD variant is tested against).
 pub fn generic_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    generic_softmax_rows_as(x, dim, out, false)
+}
+
+/// [`log_softmax_rows`] in plain Rust (the definition the SIMD variant is tested against).
+pub fn generic_log_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
+    generic_softmax_rows_as(x, dim, out, true)
+}
+
+fn generic_softmax_rows_as(x: &[f32], dim: usize, out: &mut [f32], log: bool) {
     assert_eq!(x.len(), out.len());
     if dim == 0 {
         return;
@@ -2573,8 +2593,15 @@ pub fn generic_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
             s[j % 4] += *d;
         }
         let s = (s[0] + s[1]) + (s[2] + s[3]);
-        for (d, &v) in y.iter_mut().zip(&e) {
-            *d = (v / s) as f32;
+        if log {
+            let ls = s.ln();
+            for (d, &v) in y.iter_mut().zip(row) {
+                *d = (v as f64 - m - ls) as f32;
+            }
+        } else {
+            for (d, &v) in y.iter_mut().zip(&e) {
+                *d = (v / s) as f32;
+            }
         }
     }
 }

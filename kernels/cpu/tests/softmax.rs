@@ -1,7 +1,9 @@
-//! sqil's softmax exponential and row softmax: accuracy against libm, and the dispatched (AVX2)
-//! rows equal to the plain definition bit for bit.
+//! sqil's softmax exponential and row softmax (and LogSoftmax): accuracy against libm, and the
+//! dispatched (AVX2, AVX-512) rows equal to the plain definition bit for bit.
 
-use sqil_kernels_cpu::generic::{exp_nonpos, generic_softmax_rows, softmax_rows};
+use sqil_kernels_cpu::generic::{
+    exp_nonpos, generic_log_softmax_rows, generic_softmax_rows, log_softmax_rows, softmax_rows,
+};
 
 /// Uniform values in [0, 1) from a xorshift generator seeded with `state`.
 fn uniform(mut state: u64) -> impl FnMut() -> f64 {
@@ -50,6 +52,16 @@ fn dispatched_softmax_rows_equal_the_definition() {
                 assert!(
                     p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
                     "dim {dim} scale {scale} at {i}: {p} vs {q}"
+                );
+            }
+            // LogSoftmax: the same rows.
+            let (mut la, mut lb) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+            log_softmax_rows(&x, dim, &mut la);
+            generic_log_softmax_rows(&x, dim, &mut lb);
+            for (i, (p, q)) in la.iter().zip(&lb).enumerate() {
+                assert!(
+                    p.to_bits() == q.to_bits() || (p.is_nan() && q.is_nan()),
+                    "log: dim {dim} scale {scale} at {i}: {p} vs {q}"
                 );
             }
             // A row without NaN sums to one.

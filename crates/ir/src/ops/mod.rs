@@ -630,14 +630,7 @@ impl Op {
             Op::MaxPool(_) if outputs == 1 => F32,
             Op::AveragePool(_) => F32,
             Op::GlobalAveragePool | Op::Reduce { .. } => F32,
-            Op::Softmax { axis, coerce_2d } => {
-                let inner = norm_axis(*axis, x.rank()).map_or(0, |ax| x.shape[ax + 1..].iter().product::<usize>());
-                if *coerce_2d || x.rank() == 0 || inner == 1 {
-                    F32
-                } else {
-                    REF
-                }
-            }
+            Op::Softmax { .. } | Op::LogSoftmax { .. } => F32,
             Op::FakeQuant { block_size, bits, .. } => {
                 let per_tensor = inputs.get(1).copied().flatten().is_some_and(|s| s.len() == 1)
                     && inputs.get(2).copied().flatten().is_none_or(|z| z.len() == 1);

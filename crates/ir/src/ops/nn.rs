@@ -456,10 +456,32 @@ pub(crate) fn softmax(x: &Tensor, axis: i64, coerce_2d: bool, log: bool) -> Resu
     } else {
         (x.shape[ax], x.shape[ax + 1..].iter().product::<usize>())
     };
-    if let (Data::F32(v), 1, false) = (&x.data, inner, log) {
-        // Contiguous f32 rows: the kernels' loop (AVX2 where the CPU has it), same operations.
+    if let Data::F32(v) = &x.data {
+        // f32 rows: the kernels' loop (AVX2 or AVX-512 where the CPU has it), same operations.
+        let rows =
+            if log { sqil_kernels_cpu::generic::log_softmax_rows } else { sqil_kernels_cpu::generic::softmax_rows };
         let mut out = crate::pool::f32_buffer(v.len());
-        sqil_kernels_cpu::generic::softmax_rows(v, dim, &mut out);
+        if inner == 1 || v.is_empty() {
+            rows(v, dim, &mut out);
+        } else {
+            // Not the innermost axis: each `[dim, inner]` block transposed to `inner` rows of
+            // `dim` values, run as rows, and transposed back (each output the same operations
+            // on the same values in the same order).
+            let (mut t, mut r) = (vec![0f32; dim * inner], vec![0f32; dim * inner]);
+            for (xb, ob) in v.chunks_exact(dim * inner).zip(out.chunks_exact_mut(dim * inner)) {
+                for (j, xr) in xb.chunks_exact(inner).enumerate() {
+                    for (i, &a) in xr.iter().enumerate() {
+                        t[i * dim + j] = a;
+                    }
+                }
+                rows(&t, dim, &mut r);
+                for (j, or) in ob.chunks_exact_mut(inner).enumerate() {
+                    for (i, o) in or.iter_mut().enumerate() {
+                        *o = r[i * dim + j];
+                    }
+                }
+            }
+        }
         return Tensor::new(x.shape.clone(), Data::F32(out));
     }
     let v = float_vec(x, "Softmax")?;

@@ -714,14 +714,15 @@ unsafe fn norm_stats<const R: usize>(p: [*const f32; R], inner: usize) -> ([f64;
     (m, var)
 }
 
-/// `softmax_rows` with the maximum, exponentials and division four or eight lanes at a time; the
-/// four partial sums are the four lanes of one vector (element j into lane j mod 4).
+/// `softmax_rows` (`log_softmax_rows` with `log`) with the maximum, exponentials and division (or
+/// the subtractions) four or eight lanes at a time; the four partial sums are the four lanes of
+/// one vector (element j into lane j mod 4).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`, `dim > 0`.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
-    softmax_rows_impl::<Avx2>(x, dim, out)
+pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32], log: bool) {
+    softmax_rows_impl::<Avx2>(x, dim, out, log)
 }
 
 /// [`crate::generic::softplus_f32`] with AVX2.

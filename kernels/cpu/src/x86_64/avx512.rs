@@ -665,13 +665,14 @@ unsafe fn sigmoid_block<const K: usize>(x: &[f32], out: &mut [f32], i: usize) {
     }
 }
 
-/// `avx2_softmax_rows` with eight-lane exponentials and divisions (equal bit for bit).
+/// `avx2_softmax_rows` with eight-lane exponentials and divisions (equal bit for bit); `log`:
+/// LogSoftmax.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`, `dim > 0`.
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn avx512_softmax_rows(x: &[f32], dim: usize, out: &mut [f32]) {
-    softmax_rows_impl::<Vnni>(x, dim, out)
+pub unsafe fn avx512_softmax_rows(x: &[f32], dim: usize, out: &mut [f32], log: bool) {
+    softmax_rows_impl::<Vnni>(x, dim, out, log)
 }
 
 /// `avx2_channels` with the integer sums by `vpdpbusd` (the same int32 sums, the same epilogue:

@@ -709,7 +709,7 @@ const SOFTMAX_BLOCK: usize = 2048;
 /// the quotients ([`quotient4`]). The same operations per element as the definition: the same
 /// bits.
 #[inline(always)]
-pub(crate) unsafe fn softmax_rows_impl<S: Sums>(x: &[f32], dim: usize, out: &mut [f32]) {
+pub(crate) unsafe fn softmax_rows_impl<S: Sums>(x: &[f32], dim: usize, out: &mut [f32], log: bool) {
     let rows = x.len() / dim;
     let per = (SOFTMAX_BLOCK / dim).clamp(1, rows.max(1));
     // Taken out of the thread's slot, not borrowed in a closure: a closure would not inherit
@@ -719,10 +719,11 @@ pub(crate) unsafe fn softmax_rows_impl<S: Sums>(x: &[f32], dim: usize, out: &mut
     if e.len() < per * dim {
         e.resize(per * dim, 0.0);
     }
-    if totals.len() < per {
-        totals.resize(per, 0.0);
+    // The rows' sums, then (for LogSoftmax) their maxima.
+    if totals.len() < 2 * per {
+        totals.resize(2 * per, 0.0);
     }
-    softmax_blocks::<S>(x, dim, out, per, &mut e, &mut totals);
+    softmax_blocks::<S>(x, dim, out, (per, log), &mut e, &mut totals);
     SOFTMAX_SCRATCH.set((e, totals));
 }
 
@@ -737,17 +738,18 @@ unsafe fn softmax_blocks<S: Sums>(
     x: &[f32],
     dim: usize,
     out: &mut [f32],
-    per: usize,
+    (per, log): (usize, bool),
     e: &mut [f64],
     totals: &mut [f64],
 ) {
     let rows = x.len() / dim;
+    let (totals, maxima) = totals.split_at_mut(per);
     let d4 = dim / 4 * 4;
     for b0 in (0..rows).step_by(per) {
         let nb = per.min(rows - b0);
         let n = nb * dim;
         let xs = &x[b0 * dim..b0 * dim + n];
-        for (row, d) in xs.chunks_exact(dim).zip(e.chunks_exact_mut(dim)) {
+        for ((row, d), mx) in xs.chunks_exact(dim).zip(e.chunks_exact_mut(dim)).zip(maxima.iter_mut()) {
             // The maximum: vmaxps returns its second operand, the running maximum, for a NaN value.
             let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
             let mut j = 0;
@@ -758,6 +760,7 @@ unsafe fn softmax_blocks<S: Sums>(
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
             let m = lanes.iter().chain(&row[j..]).fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            *mx = m;
             let vm = _mm256_set1_pd(m);
             for j in (0..d4).step_by(4) {
                 _mm256_storeu_pd(
@@ -796,6 +799,22 @@ unsafe fn softmax_blocks<S: Sums>(
             totals[r] = row_totals::<1>(&e[r * dim..(r + 1) * dim], dim)[0];
         }
         let ys = &mut out[b0 * dim..b0 * dim + n];
+        if log {
+            // `(x - max) - ln(total)` per value, as the definition's f64 operations.
+            for (((row, y), &total), &m) in
+                xs.chunks_exact(dim).zip(ys.chunks_exact_mut(dim)).zip(totals.iter()).zip(maxima.iter())
+            {
+                let (vm, vl) = (_mm256_set1_pd(m), _mm256_set1_pd(total.ln()));
+                for j in (0..d4).step_by(4) {
+                    let v = _mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j)));
+                    _mm_storeu_ps(y.as_mut_ptr().add(j), _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_sub_pd(v, vm), vl)));
+                }
+                for j in d4..dim {
+                    y[j] = (row[j] as f64 - m - total.ln()) as f32;
+                }
+            }
+            continue;
+        }
         for ((ev, y), &total) in e.chunks_exact(dim).zip(ys.chunks_exact_mut(dim)).zip(totals.iter()) {
             let inv = 1.0 / total;
             let mut j = S::softmax_quot(ev, inv, total, y);
