@@ -2093,6 +2093,59 @@ pub fn sigmoid_screened_table(x: f64) -> (f64, bool) {
     (y, a < SCREEN_MAX_ABS && far_from_halfway(y))
 }
 
+/// The screened exponential takes only `EXP_SCREEN_LO < x < EXP_SCREEN_HI`: there `e^x` is a
+/// normal f32 (from about 1.6e-38 to 1.7e38), so f32 rounding drops the f64 result's low 29 bits
+/// (below: a subnormal or zero f32, rounded at another place; above: near or past f32's largest).
+pub const EXP_SCREEN_LO: f64 = -87.0;
+/// See [`EXP_SCREEN_LO`].
+pub const EXP_SCREEN_HI: f64 = 88.0;
+
+/// The screened exponential of [`exp_f32`]: [`sigmoid_screened_table`]'s `e^x = 2^k 2^(j/16) e^r`
+/// for `x = (16 k + j) ln 2 / 16 + r` (any sign), e^r by the degree-5 Taylor polynomial, and
+/// whether its f32 rounding is certain to be `x.exp() as f32`: within 2^-41 of `e^x` (the
+/// truncation 2^-42.7, the table's and the operations' roundings), so, as [`SCREEN_MARGIN`]
+/// argues, a result past the margin rounds to the f32 that `e^x` and libm's `exp` (within an
+/// ulp of it) round to. The AVX-512 kernel computes these operations per lane.
+pub fn exp_screened(x: f64) -> (f64, bool) {
+    let t = x.mul_add(16.0 * std::f64::consts::LOG2_E, EXP_MAGIC);
+    let n = t - EXP_MAGIC;
+    // n (below 2^11 in magnitude where the screen passes) times the split ln 2 / 16 is exact.
+    let r = (-n).mul_add(EXP_LN2_LO / 16.0, (-n).mul_add(EXP_LN2_HI / 16.0, x));
+    let mut p: f64 = 1.0 / 120.0;
+    for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    let ni = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i64;
+    let scale = f64::from_bits(EXP2_16THS[(ni & 15) as usize].to_bits().wrapping_add(((ni >> 4) << 52) as u64));
+    let y = p * scale;
+    (y, x > EXP_SCREEN_LO && x < EXP_SCREEN_HI && far_from_halfway(y))
+}
+
+/// `Exp` on f32 values as sqil defines it (libm's `exp` in f64, rounded to f32): the screened
+/// exponential where its rounding is certain, else the definition, so the definition's bits.
+/// Eight lanes at a time with AVX-512, four with AVX2 (a degree-10 polynomial, no table).
+pub fn exp_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_exp_f32(x, out) },
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_exp_f32(x, out) },
+        crate::Isa::Generic => {}
+    }
+    generic_exp_f32(x, out)
+}
+
+/// [`exp_f32`] one value at a time ([`exp_screened`], else the definition).
+pub fn generic_exp_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(x) {
+        let (y, sure) = exp_screened(v as f64);
+        *o = if sure { y as f32 } else { (v as f64).exp() as f32 };
+    }
+}
+
 /// Whether `y`'s low 29 bits (the bits f32 rounding drops) lie more than [`SCREEN_MARGIN`]
 /// units from the halfway pattern `2^28`: the screen every screened kernel applies to its f64
 /// result (`far_from_halfway4` / `far_from_halfway8` on vector lanes).

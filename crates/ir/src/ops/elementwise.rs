@@ -74,6 +74,12 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         sqil_kernels_cpu::generic::hard_swish_f32(v, &mut out);
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }
+    if let (Data::F32(v), UnaryOp::Exp) = (&t.data, u) {
+        // libm's exp in f64 rounded once, through a screened vector exponential (exp_f32).
+        let mut out = crate::pool::f32_buffer(v.len());
+        sqil_kernels_cpu::generic::exp_f32(v, &mut out);
+        return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
+    }
     if let (Data::F32(v), UnaryOp::Erf) = (&t.data, u) {
         // libm's erf in f64 rounded once, fdlibm's operations vectorized on |x| < 1.25 (erf_f32).
         let mut out = crate::pool::f32_buffer(v.len());

@@ -610,6 +610,7 @@ impl Op {
                 | UnaryOp::Sigmoid
                 | UnaryOp::Tanh
                 | UnaryOp::Softplus
+                | UnaryOp::Exp
                 | UnaryOp::HardSwish
                 | UnaryOp::Sqrt
                 | UnaryOp::Reciprocal

@@ -665,6 +665,62 @@ unsafe fn sigmoid_block<const K: usize>(x: &[f32], out: &mut [f32], i: usize) {
     }
 }
 
+/// [`crate::generic::exp_f32`] on eight f64 lanes, four vectors per step: the operations of
+/// [`crate::generic::exp_screened`] per lane (the table in two registers, looked up by one
+/// permute, as [`sigmoid_screened8xk`]); a vector with a lane the screen cannot vouch for, and the
+/// last values, by the definition.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_exp_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{EXP2_16THS, EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_SCREEN_HI, EXP_SCREEN_LO};
+    const K: usize = 4;
+    let n = x.len();
+    let magic = _mm512_set1_pd(EXP_MAGIC);
+    // The table less each index's `j << 48` (see sigmoid_screened8xk).
+    let skew: [i64; 16] = std::array::from_fn(|j| EXP2_16THS[j].to_bits() as i64 - ((j as i64) << 48));
+    let (t0, t1) = (_mm512_loadu_si512(skew.as_ptr().cast()), _mm512_loadu_si512(skew.as_ptr().add(8).cast()));
+    let (lo, hi) = (_mm512_set1_pd(EXP_SCREEN_LO), _mm512_set1_pd(EXP_SCREEN_HI));
+    let mut i = 0;
+    while i + 8 * K <= n {
+        let v: [__m512d; K] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
+        let t: [__m512d; K] =
+            std::array::from_fn(|j| _mm512_fmadd_pd(v[j], _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
+        let r: [__m512d; K] = std::array::from_fn(|j| {
+            let m = _mm512_sub_pd(t[j], magic);
+            let r = _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_HI / 16.0), v[j]);
+            _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_LO / 16.0), r)
+        });
+        let mut p = [_mm512_set1_pd(1.0 / 120.0); K];
+        for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            let c = _mm512_set1_pd(c);
+            for j in 0..K {
+                p[j] = _mm512_fmadd_pd(p[j], r[j], c);
+            }
+        }
+        let mut sure = true;
+        let y: [__m256; K] = std::array::from_fn(|j| {
+            let tb = _mm512_castpd_si512(t[j]);
+            let tab = _mm512_permutex2var_epi64(t0, tb, t1);
+            let scale = _mm512_add_epi64(tab, _mm512_slli_epi64::<48>(tb));
+            let y = _mm512_mul_pd(p[j], _mm512_castsi512_pd(scale));
+            let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v[j], lo) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v[j], hi);
+            sure &= (far_from_halfway8(y) & inside) == 0xff;
+            _mm512_cvtpd_ps(y)
+        });
+        if sure {
+            for (j, y) in y.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), *y);
+            }
+        } else {
+            crate::generic::generic_exp_f32(&x[i..i + 8 * K], &mut out[i..i + 8 * K]);
+        }
+        i += 8 * K;
+    }
+    crate::generic::generic_exp_f32(&x[i..], &mut out[i..]);
+}
+
 /// `avx2_softmax_rows` with eight-lane exponentials and divisions (equal bit for bit); `log`:
 /// LogSoftmax.
 ///
