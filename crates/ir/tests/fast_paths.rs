@@ -340,20 +340,24 @@ fn softmax_f32_paths_match_the_general_path() {
     }
 }
 
-/// Exp on f32 (the screened vector exponential) equals the general f64 path rounded to f32, bit
-/// for bit, over values from subnormal to overflowing results, and takes the f32 path.
+/// Exp and Log on f32 (the screened vector forms) equal the general f64 path rounded to f32, bit
+/// for bit, over values from subnormal to overflowing results (and zero, negative and NaN inputs
+/// for Log), and take the f32 path.
 #[test]
-fn exp_f32_path_matches_the_general_path() {
+fn exp_and_log_f32_paths_match_the_general_path() {
+    use sqil_ir::ops::UnaryOp;
     let mut r = Rng::new(12);
     let mut v: Vec<f32> = wide(&mut r, 300);
     v.extend((0..700).map(|_| (r.unit() * 2.0 - 1.0) * 100.0));
     let x = Tensor::new(vec![v.len()], Data::F32(v.clone())).unwrap();
     let x64 = Tensor::new(vec![v.len()], Data::F64(v.iter().map(|&a| a as f64).collect())).unwrap();
-    let op = Op::Unary(sqil_ir::ops::UnaryOp::Exp);
-    assert_eq!(op.cpu_path(&[Some(&x)], 1), "f32 kernel");
-    let fast = op.eval(&[Some(&x)], 1).unwrap().remove(0);
-    let general = op.eval(&[Some(&x64)], 1).unwrap().remove(0);
     let canon = |b: u32| if f32::from_bits(b).is_nan() { u32::MAX } else { b };
-    let want: Vec<u32> = general.data.to_f64_vec().iter().map(|&a| canon((a as f32).to_bits())).collect();
-    assert_eq!(bits(&fast).into_iter().map(canon).collect::<Vec<_>>(), want);
+    for u in [UnaryOp::Exp, UnaryOp::Log] {
+        let op = Op::Unary(u);
+        assert_eq!(op.cpu_path(&[Some(&x)], 1), "f32 kernel");
+        let fast = op.eval(&[Some(&x)], 1).unwrap().remove(0);
+        let general = op.eval(&[Some(&x64)], 1).unwrap().remove(0);
+        let want: Vec<u32> = general.data.to_f64_vec().iter().map(|&a| canon((a as f32).to_bits())).collect();
+        assert_eq!(bits(&fast).into_iter().map(canon).collect::<Vec<_>>(), want, "{u:?}");
+    }
 }

@@ -2146,6 +2146,66 @@ pub fn generic_exp_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `1 / (2 i + 1)` for i = 0..8: [`log_screened`]'s series `log m = 2 s (1 + s^2 / 3 + s^4 / 5 +
+/// ... + s^14 / 15)` in `z = s^2` (truncation below 2^-44.8 relative for `|s| <= 0.1716`).
+pub const LOG_SERIES: [f64; 8] = [1.0, 1.0 / 3.0, 1.0 / 5.0, 1.0 / 7.0, 1.0 / 9.0, 1.0 / 11.0, 1.0 / 13.0, 1.0 / 15.0];
+
+/// The screened natural logarithm of [`log_f32`] for `x` an f32 value in f64: `x = 2^e m` with `m`
+/// in `[sqrt(1/2), sqrt(2))` (from the bits: the exponent field, then one halving), `s = (m - 1) /
+/// (m + 1)` (the subtraction exact), `log m = 2 s P(s^2)` ([`LOG_SERIES`]), then `e ln 2_lo + log m`
+/// and `e ln 2_hi` (exact for |e| < 2^11) added. Within 2^-41 of `ln x` (the truncation, the
+/// division's and the series' roundings; where `e != 0`, `|log m| <= ln 2 / 2 <= |e ln 2| / 2`, so
+/// the sum does not cancel), and whether its f32 rounding is certain to be `x.ln() as f32`: `x`
+/// positive and finite and the result past [`SCREEN_MARGIN`]. The vector kernels compute these
+/// operations per lane.
+pub fn log_screened(x: f64) -> (f64, bool) {
+    let bits = x.to_bits();
+    // 2^52 + the exponent field, exactly; less 2^52 + 1023: the unbiased exponent as an f64.
+    let mut e = f64::from_bits(0x4330_0000_0000_0000 | (bits >> 52)) - (LOG_TWO52 + 1023.0);
+    let mut m = f64::from_bits((bits & ((1 << 52) - 1)) | (1023 << 52));
+    if m > std::f64::consts::SQRT_2 {
+        m *= 0.5;
+        e += 1.0;
+    }
+    let s = (m - 1.0) / (m + 1.0);
+    let z = s * s;
+    let mut p = LOG_SERIES[7];
+    for &c in LOG_SERIES[..7].iter().rev() {
+        p = p.mul_add(z, c);
+    }
+    let lm = (2.0 * s) * p;
+    let y = e.mul_add(EXP_LN2_HI, e.mul_add(EXP_LN2_LO, lm));
+    (y, x > 0.0 && x < f64::INFINITY && far_from_halfway(y))
+}
+
+/// `2^52`, for [`log_screened`]'s exponent (the exponent field placed below it as an integer).
+pub const LOG_TWO52: f64 = 4_503_599_627_370_496.0;
+
+/// `Log` on f32 values as sqil defines it (libm's natural logarithm in f64, rounded to f32): the
+/// screened logarithm where its rounding is certain, else the definition, so the definition's
+/// bits. Eight lanes at a time with AVX-512, four with AVX2.
+pub fn log_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_log_f32(x, out) },
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_log_f32(x, out) },
+        crate::Isa::Generic => {}
+    }
+    generic_log_f32(x, out)
+}
+
+/// [`log_f32`] one value at a time ([`log_screened`], else the definition).
+pub fn generic_log_f32(x: &[f32], out: &mut [f32]) {
+    assert_eq!(x.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(x) {
+        let (y, sure) = log_screened(v as f64);
+        *o = if sure { y as f32 } else { (v as f64).ln() as f32 };
+    }
+}
+
 /// Whether `y`'s low 29 bits (the bits f32 rounding drops) lie more than [`SCREEN_MARGIN`]
 /// units from the halfway pattern `2^28`: the screen every screened kernel applies to its f64
 /// result (`far_from_halfway4` / `far_from_halfway8` on vector lanes).

@@ -74,10 +74,14 @@ pub(crate) fn unary(u: UnaryOp, t: &Tensor) -> Result<Tensor> {
         sqil_kernels_cpu::generic::hard_swish_f32(v, &mut out);
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }
-    if let (Data::F32(v), UnaryOp::Exp) = (&t.data, u) {
-        // libm's exp in f64 rounded once, through a screened vector exponential (exp_f32).
+    if let (Data::F32(v), UnaryOp::Exp | UnaryOp::Log) = (&t.data, u) {
+        // libm's exp or log in f64 rounded once, through a screened vector form (exp_f32,
+        // log_f32).
         let mut out = crate::pool::f32_buffer(v.len());
-        sqil_kernels_cpu::generic::exp_f32(v, &mut out);
+        match u {
+            UnaryOp::Exp => sqil_kernels_cpu::generic::exp_f32(v, &mut out),
+            _ => sqil_kernels_cpu::generic::log_f32(v, &mut out),
+        }
         return Ok(Tensor { shape: t.shape.clone(), data: Data::F32(out) });
     }
     if let (Data::F32(v), UnaryOp::Erf) = (&t.data, u) {

@@ -611,6 +611,7 @@ impl Op {
                 | UnaryOp::Tanh
                 | UnaryOp::Softplus
                 | UnaryOp::Exp
+                | UnaryOp::Log
                 | UnaryOp::HardSwish
                 | UnaryOp::Sqrt
                 | UnaryOp::Reciprocal

@@ -781,6 +781,61 @@ pub unsafe fn avx2_exp_f32(x: &[f32], out: &mut [f32]) {
     crate::generic::generic_exp_f32(&x[i..], &mut out[i..]);
 }
 
+/// [`crate::generic::log_f32`] on four f64 lanes, two vectors per step: the operations of
+/// [`crate::generic::log_screened`] per lane; a vector with a lane the screen cannot vouch for,
+/// and the last values, by the definition.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_log_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, LOG_SERIES, LOG_TWO52};
+    const K: usize = 2;
+    let n = x.len();
+    let one = _mm256_set1_pd(1.0);
+    let mut i = 0;
+    while i + 4 * K <= n {
+        let v: [__m256d; K] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
+        let mut sure = true;
+        let y: [__m128; K] = std::array::from_fn(|j| {
+            let bits = _mm256_castpd_si256(v[j]);
+            let ef = _mm256_or_si256(_mm256_srli_epi64::<52>(bits), _mm256_set1_epi64x(0x4330_0000_0000_0000));
+            let e = _mm256_sub_pd(_mm256_castsi256_pd(ef), _mm256_set1_pd(LOG_TWO52 + 1023.0));
+            let mb = _mm256_or_si256(
+                _mm256_and_si256(bits, _mm256_set1_epi64x((1 << 52) - 1)),
+                _mm256_set1_epi64x(1023 << 52),
+            );
+            let m = _mm256_castsi256_pd(mb);
+            let big = _mm256_cmp_pd::<_CMP_GT_OQ>(m, _mm256_set1_pd(std::f64::consts::SQRT_2));
+            let m = _mm256_blendv_pd(m, _mm256_mul_pd(m, _mm256_set1_pd(0.5)), big);
+            let e = _mm256_blendv_pd(e, _mm256_add_pd(e, one), big);
+            let s = _mm256_div_pd(_mm256_sub_pd(m, one), _mm256_add_pd(m, one));
+            let z = _mm256_mul_pd(s, s);
+            let mut p = _mm256_set1_pd(LOG_SERIES[7]);
+            for &c in LOG_SERIES[..7].iter().rev() {
+                p = _mm256_fmadd_pd(p, z, _mm256_set1_pd(c));
+            }
+            let lm = _mm256_mul_pd(_mm256_add_pd(s, s), p);
+            let y = _mm256_fmadd_pd(e, _mm256_set1_pd(EXP_LN2_HI), _mm256_fmadd_pd(e, _mm256_set1_pd(EXP_LN2_LO), lm));
+            let inside = _mm256_and_pd(
+                _mm256_cmp_pd::<_CMP_GT_OQ>(v[j], _mm256_setzero_pd()),
+                _mm256_cmp_pd::<_CMP_LT_OQ>(v[j], _mm256_set1_pd(f64::INFINITY)),
+            );
+            sure &= _mm256_movemask_pd(_mm256_and_pd(inside, _mm256_castsi256_pd(far_from_halfway4(y)))) == 0xf;
+            _mm256_cvtpd_ps(y)
+        });
+        if sure {
+            for (j, y) in y.iter().enumerate() {
+                _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), *y);
+            }
+        } else {
+            crate::generic::generic_log_f32(&x[i..i + 4 * K], &mut out[i..i + 4 * K]);
+        }
+        i += 4 * K;
+    }
+    crate::generic::generic_log_f32(&x[i..], &mut out[i..]);
+}
+
 /// [`crate::generic::softplus_f32`] with AVX2.
 ///
 /// # Safety

@@ -721,6 +721,59 @@ pub unsafe fn avx512_exp_f32(x: &[f32], out: &mut [f32]) {
     crate::generic::generic_exp_f32(&x[i..], &mut out[i..]);
 }
 
+/// [`crate::generic::log_f32`] on eight f64 lanes, two vectors per step: the operations of
+/// [`crate::generic::log_screened`] per lane; a vector with a lane the screen cannot vouch for,
+/// and the last values, by the definition.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_log_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, LOG_SERIES, LOG_TWO52};
+    const K: usize = 2;
+    let n = x.len();
+    let one = _mm512_set1_pd(1.0);
+    let mut i = 0;
+    while i + 8 * K <= n {
+        let v: [__m512d; K] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
+        let mut sure = true;
+        let y: [__m256; K] = std::array::from_fn(|j| {
+            let bits = _mm512_castpd_si512(v[j]);
+            let ef = _mm512_or_si512(_mm512_srli_epi64::<52>(bits), _mm512_set1_epi64(0x4330_0000_0000_0000));
+            let e = _mm512_sub_pd(_mm512_castsi512_pd(ef), _mm512_set1_pd(LOG_TWO52 + 1023.0));
+            let mb = _mm512_or_si512(
+                _mm512_and_si512(bits, _mm512_set1_epi64((1 << 52) - 1)),
+                _mm512_set1_epi64(1023 << 52),
+            );
+            let m = _mm512_castsi512_pd(mb);
+            let big = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(m, _mm512_set1_pd(std::f64::consts::SQRT_2));
+            let m = _mm512_mask_mul_pd(m, big, m, _mm512_set1_pd(0.5));
+            let e = _mm512_mask_add_pd(e, big, e, one);
+            let s = _mm512_div_pd(_mm512_sub_pd(m, one), _mm512_add_pd(m, one));
+            let z = _mm512_mul_pd(s, s);
+            let mut p = _mm512_set1_pd(LOG_SERIES[7]);
+            for &c in LOG_SERIES[..7].iter().rev() {
+                p = _mm512_fmadd_pd(p, z, _mm512_set1_pd(c));
+            }
+            let lm = _mm512_mul_pd(_mm512_add_pd(s, s), p);
+            let y = _mm512_fmadd_pd(e, _mm512_set1_pd(EXP_LN2_HI), _mm512_fmadd_pd(e, _mm512_set1_pd(EXP_LN2_LO), lm));
+            let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v[j], _mm512_setzero_pd())
+                & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v[j], _mm512_set1_pd(f64::INFINITY));
+            sure &= (far_from_halfway8(y) & inside) == 0xff;
+            _mm512_cvtpd_ps(y)
+        });
+        if sure {
+            for (j, y) in y.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), *y);
+            }
+        } else {
+            crate::generic::generic_log_f32(&x[i..i + 8 * K], &mut out[i..i + 8 * K]);
+        }
+        i += 8 * K;
+    }
+    crate::generic::generic_log_f32(&x[i..], &mut out[i..]);
+}
+
 /// `avx2_softmax_rows` with eight-lane exponentials and divisions (equal bit for bit); `log`:
 /// LogSoftmax.
 ///
