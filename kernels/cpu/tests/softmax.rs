@@ -653,6 +653,54 @@ fn softmax_rows_equal_the_definition_on_attention_rows() {
     }
 }
 
+/// An f32 map over a slice (input, output).
+type Form = fn(&[f32], &mut [f32]);
+
+/// A screened f32 map's forms, `(name, function)`: the dispatched one, the scalar one, and the AVX2
+/// and AVX-512 kernels where the CPU has them (wrapped, their instructions checked first).
+macro_rules! forms {
+    ($dispatched:ident, $generic:ident, $avx2:ident, $avx512:ident) => {{
+        let mut forms: Vec<(&str, Form)> = vec![("dispatched", $dispatched), ("generic", $generic)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            fn avx2(x: &[f32], y: &mut [f32]) {
+                // SAFETY: pushed only where the CPU has AVX2 and FMA; equal lengths.
+                unsafe { sqil_kernels_cpu::x86_64::avx2::$avx2(x, y) }
+            }
+            fn avx512(x: &[f32], y: &mut [f32]) {
+                // SAFETY: pushed only where the CPU has AVX-512 F, AVX2 and FMA; equal lengths.
+                unsafe { sqil_kernels_cpu::x86_64::avx512::$avx512(x, y) }
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                forms.push(("avx2", avx2));
+                if is_x86_feature_detected!("avx512f") {
+                    forms.push(("avx512", avx512));
+                }
+            }
+        }
+        forms
+    }};
+}
+
+/// Every form on `vals` and on every remainder length of the vector loops (its first values)
+/// against `def` in f64 rounded to f32, bit for bit (NaN as NaN).
+fn check_forms(vals: &[f32], def: fn(f64) -> f64, forms: Vec<(&str, Form)>) {
+    for (name, f) in forms {
+        for len in [vals.len(), 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40, 41] {
+            let x = &vals[..len];
+            let mut got = vec![0f32; len];
+            f(x, &mut got);
+            for (i, (&g, &v)) in got.iter().zip(x).enumerate() {
+                let want = def(v as f64) as f32;
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "{name} x[{i}] = {v:e}: {g:e} vs {want:e}"
+                );
+            }
+        }
+    }
+}
+
 /// `exp_f32` (dispatched), the AVX2 and AVX-512 forms where the CPU has them, and the scalar form
 /// against the definition (libm's `exp` in f64, rounded to f32), bit for bit: one f32 in 331 of
 /// each sign up to 104 (past both ends of the screen: subnormal, zero and infinite results), the
@@ -665,42 +713,7 @@ fn exp_f32_equals_its_definition() {
     let (lo, hi) = (EXP_SCREEN_LO as f32, EXP_SCREEN_HI as f32);
     vals.extend([lo, hi, lo.next_up(), hi.next_down(), 88.72, 88.73, -103.97, -104.0, 1e-40, -1e-40]);
     vals.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::MAX, f32::MIN, 0.0, -0.0]);
-    type Form = fn(&[f32], &mut [f32]);
-    let mut forms: Vec<(&str, Form)> = vec![("exp_f32", exp_f32), ("generic", generic_exp_f32)];
-    #[cfg(target_arch = "x86_64")]
-    {
-        fn avx2(x: &[f32], y: &mut [f32]) {
-            // SAFETY: pushed only where the CPU has AVX2 and FMA; equal lengths.
-            unsafe { sqil_kernels_cpu::x86_64::avx2::avx2_exp_f32(x, y) }
-        }
-        fn avx512(x: &[f32], y: &mut [f32]) {
-            // SAFETY: pushed only where the CPU has AVX-512 F, AVX2 and FMA; equal lengths.
-            unsafe { sqil_kernels_cpu::x86_64::avx512::avx512_exp_f32(x, y) }
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            forms.push(("avx2", avx2));
-            if is_x86_feature_detected!("avx512f") {
-                forms.push(("avx512", avx512));
-            }
-        }
-    }
-    let mut screened = 0usize;
-    for (name, f) in forms {
-        for len in [vals.len(), 1, 3, 4, 5, 8, 9, 15, 16, 17, 31, 32, 33, 40, 41] {
-            let x = &vals[..len];
-            let mut got = vec![0f32; len];
-            f(x, &mut got);
-            for (i, (&g, &v)) in got.iter().zip(x).enumerate() {
-                let want = (v as f64).exp() as f32;
-                assert!(
-                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                    "{name} x[{i}] = {v:e}: {g:e} vs {want:e}"
-                );
-            }
-        }
-        screened += 1;
-    }
-    assert!(screened >= 2);
+    check_forms(&vals, f64::exp, forms!(exp_f32, generic_exp_f32, avx2_exp_f32, avx512_exp_f32));
     // Most values in the screen's range are taken by it (the screen is not a fallback in disguise).
     let inside: Vec<f32> = vals.iter().copied().filter(|v| (lo..hi).contains(v)).collect();
     let taken = inside.iter().filter(|&&v| sqil_kernels_cpu::generic::exp_screened(v as f64).1).count();
@@ -735,39 +748,7 @@ fn log_f32_equals_its_definition() {
         f32::INFINITY,
         f32::NEG_INFINITY,
     ]);
-    type Form = fn(&[f32], &mut [f32]);
-    let mut forms: Vec<(&str, Form)> = vec![("log_f32", log_f32), ("generic", generic_log_f32)];
-    #[cfg(target_arch = "x86_64")]
-    {
-        fn avx2(x: &[f32], y: &mut [f32]) {
-            // SAFETY: pushed only where the CPU has AVX2 and FMA; equal lengths.
-            unsafe { sqil_kernels_cpu::x86_64::avx2::avx2_log_f32(x, y) }
-        }
-        fn avx512(x: &[f32], y: &mut [f32]) {
-            // SAFETY: pushed only where the CPU has AVX-512 F, AVX2 and FMA; equal lengths.
-            unsafe { sqil_kernels_cpu::x86_64::avx512::avx512_log_f32(x, y) }
-        }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            forms.push(("avx2", avx2));
-            if is_x86_feature_detected!("avx512f") {
-                forms.push(("avx512", avx512));
-            }
-        }
-    }
-    for (name, f) in forms {
-        for len in [vals.len(), 1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 33] {
-            let x = &vals[..len];
-            let mut got = vec![0f32; len];
-            f(x, &mut got);
-            for (i, (&g, &v)) in got.iter().zip(x).enumerate() {
-                let want = (v as f64).ln() as f32;
-                assert!(
-                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
-                    "{name} x[{i}] = {v:e}: {g:e} vs {want:e}"
-                );
-            }
-        }
-    }
+    check_forms(&vals, f64::ln, forms!(log_f32, generic_log_f32, avx2_log_f32, avx512_log_f32));
     // Most positive finite values are taken by the screen.
     let pos: Vec<f32> = vals.iter().copied().filter(|v| *v > 0.0 && v.is_finite()).collect();
     let taken = pos.iter().filter(|&&v| log_screened(v as f64).1).count();

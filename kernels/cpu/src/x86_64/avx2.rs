@@ -725,48 +725,25 @@ pub unsafe fn avx2_softmax_rows(x: &[f32], dim: usize, out: &mut [f32], log: boo
     softmax_rows_impl::<Avx2>(x, dim, out, log)
 }
 
-/// [`crate::generic::exp_f32`] on four f64 lanes, four vectors per step: `e^x = 2^n e^r` for `x =
-/// n ln 2 + r` (`|r| <= ln 2 / 2`, n's split product exact for |n| < 2^11), e^r by the degree-10
-/// Taylor polynomial (`SCREEN_TAYLOR`: truncation below 2.3e-13 relative), within 2^-41 of `e^x`
-/// as the screen's margin needs (`generic::SCREEN_MARGIN`); a vector with a lane the screen
-/// cannot vouch for, and the last values, by the definition.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+/// The loop of the screened f32 maps on four f64 lanes ([`avx2_exp_f32`], [`avx2_log_f32`]): `K`
+/// vectors per step through `est` (each vector's f64 results and, as all-ones lanes, those its
+/// range allows; all `K` at once, so it can interleave their chains), stored rounded to f32 where the screen ([`far_from_halfway4`]) takes every lane
+/// of the step, else the step by `exact` (the definition); the last values by `exact`.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn avx2_exp_f32(x: &[f32], out: &mut [f32]) {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_SCREEN_HI, EXP_SCREEN_LO, SCREEN_TAYLOR};
-    const K: usize = 4;
+unsafe fn screened_map4<const K: usize>(
+    x: &[f32],
+    out: &mut [f32],
+    est: impl Fn([__m256d; K]) -> [(__m256d, __m256d); K],
+    exact: fn(&[f32], &mut [f32]),
+) {
     let n = x.len();
-    let magic = _mm256_set1_pd(EXP_MAGIC);
-    let (lo, hi) = (_mm256_set1_pd(EXP_SCREEN_LO), _mm256_set1_pd(EXP_SCREEN_HI));
     let mut i = 0;
     while i + 4 * K <= n {
-        let v: [__m256d; K] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
-        let t: [__m256d; K] =
-            std::array::from_fn(|j| _mm256_fmadd_pd(v[j], _mm256_set1_pd(std::f64::consts::LOG2_E), magic));
-        let r: [__m256d; K] = std::array::from_fn(|j| {
-            let m = _mm256_sub_pd(t[j], magic);
-            let r = _mm256_fnmadd_pd(m, _mm256_set1_pd(EXP_LN2_HI), v[j]);
-            _mm256_fnmadd_pd(m, _mm256_set1_pd(EXP_LN2_LO), r)
-        });
-        let mut p = [_mm256_set1_pd(SCREEN_TAYLOR[10]); K];
-        for &c in SCREEN_TAYLOR[..10].iter().rev() {
-            let c = _mm256_set1_pd(c);
-            for j in 0..K {
-                p[j] = _mm256_fmadd_pd(p[j], r[j], c);
-            }
-        }
         let mut sure = true;
-        let y: [__m128; K] = std::array::from_fn(|j| {
-            // 2^n by the exponent field: n + 1023 shifted into place (n in the low bits of t).
-            let bits = _mm256_add_epi64(
-                _mm256_sub_epi64(_mm256_castpd_si256(t[j]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
-                _mm256_set1_epi64x(1023),
-            );
-            let y = _mm256_mul_pd(p[j], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits)));
-            let inside = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(v[j], lo), _mm256_cmp_pd::<_CMP_LT_OQ>(v[j], hi));
-            sure &= _mm256_movemask_pd(_mm256_and_pd(inside, _mm256_castsi256_pd(far_from_halfway4(y)))) == 0xf;
+        let v = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
+        let y: [__m128; K] = est(v).map(|(y, ok)| {
+            sure &= _mm256_movemask_pd(_mm256_and_pd(ok, _mm256_castsi256_pd(far_from_halfway4(y)))) == 0xf;
             _mm256_cvtpd_ps(y)
         });
         if sure {
@@ -774,31 +751,64 @@ pub unsafe fn avx2_exp_f32(x: &[f32], out: &mut [f32]) {
                 _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), *y);
             }
         } else {
-            crate::generic::generic_exp_f32(&x[i..i + 4 * K], &mut out[i..i + 4 * K]);
+            exact(&x[i..i + 4 * K], &mut out[i..i + 4 * K]);
         }
         i += 4 * K;
     }
-    crate::generic::generic_exp_f32(&x[i..], &mut out[i..]);
+    exact(&x[i..], &mut out[i..]);
 }
 
-/// [`crate::generic::log_f32`] on four f64 lanes, two vectors per step: the operations of
-/// [`crate::generic::log_screened`] per lane; a vector with a lane the screen cannot vouch for,
-/// and the last values, by the definition.
+/// [`crate::generic::exp_f32`] on four f64 lanes, four vectors per step ([`screened_map4`]): `e^x =
+/// 2^n e^r` for `x = n ln 2 + r` (`|r| <= ln 2 / 2`, n's split product exact for |n| < 2^11), e^r
+/// by the degree-10 Taylor polynomial (`SCREEN_TAYLOR`: truncation below 2.3e-13 relative), within
+/// 2^-41 of `e^x` as the screen's margin needs (`generic::SCREEN_MARGIN`).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_exp_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_SCREEN_HI, EXP_SCREEN_LO, SCREEN_TAYLOR};
+    let magic = _mm256_set1_pd(EXP_MAGIC);
+    let (lo, hi) = (_mm256_set1_pd(EXP_SCREEN_LO), _mm256_set1_pd(EXP_SCREEN_HI));
+    let est = |v: [__m256d; 4]| {
+        let t = v.map(|v| _mm256_fmadd_pd(v, _mm256_set1_pd(std::f64::consts::LOG2_E), magic));
+        let r: [__m256d; 4] = std::array::from_fn(|j| {
+            let m = _mm256_sub_pd(t[j], magic);
+            let r = _mm256_fnmadd_pd(m, _mm256_set1_pd(EXP_LN2_HI), v[j]);
+            _mm256_fnmadd_pd(m, _mm256_set1_pd(EXP_LN2_LO), r)
+        });
+        let mut p = [_mm256_set1_pd(SCREEN_TAYLOR[10]); 4];
+        for &c in SCREEN_TAYLOR[..10].iter().rev() {
+            for j in 0..4 {
+                p[j] = _mm256_fmadd_pd(p[j], r[j], _mm256_set1_pd(c));
+            }
+        }
+        std::array::from_fn(|j| {
+            // 2^n by the exponent field: n + 1023 shifted into place (n in the low bits of t).
+            let bits = _mm256_add_epi64(
+                _mm256_sub_epi64(_mm256_castpd_si256(t[j]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
+                _mm256_set1_epi64x(1023),
+            );
+            let inside = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(v[j], lo), _mm256_cmp_pd::<_CMP_LT_OQ>(v[j], hi));
+            (_mm256_mul_pd(p[j], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits))), inside)
+        })
+    };
+    screened_map4::<4>(x, out, est, crate::generic::generic_exp_f32)
+}
+
+/// [`crate::generic::log_f32`] on four f64 lanes, two vectors per step ([`screened_map4`]): the
+/// operations of [`crate::generic::log_screened`] per lane.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_log_f32(x: &[f32], out: &mut [f32]) {
     use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, LOG_SERIES, LOG_TWO52};
-    const K: usize = 2;
-    let n = x.len();
     let one = _mm256_set1_pd(1.0);
-    let mut i = 0;
-    while i + 4 * K <= n {
-        let v: [__m256d; K] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
-        let mut sure = true;
-        let y: [__m128; K] = std::array::from_fn(|j| {
-            let bits = _mm256_castpd_si256(v[j]);
+    let est = |vs: [__m256d; 2]| {
+        std::array::from_fn(|j| {
+            let v = vs[j];
+            let bits = _mm256_castpd_si256(v);
             let ef = _mm256_or_si256(_mm256_srli_epi64::<52>(bits), _mm256_set1_epi64x(0x4330_0000_0000_0000));
             let e = _mm256_sub_pd(_mm256_castsi256_pd(ef), _mm256_set1_pd(LOG_TWO52 + 1023.0));
             let mb = _mm256_or_si256(
@@ -818,22 +828,13 @@ pub unsafe fn avx2_log_f32(x: &[f32], out: &mut [f32]) {
             let lm = _mm256_mul_pd(_mm256_add_pd(s, s), p);
             let y = _mm256_fmadd_pd(e, _mm256_set1_pd(EXP_LN2_HI), _mm256_fmadd_pd(e, _mm256_set1_pd(EXP_LN2_LO), lm));
             let inside = _mm256_and_pd(
-                _mm256_cmp_pd::<_CMP_GT_OQ>(v[j], _mm256_setzero_pd()),
-                _mm256_cmp_pd::<_CMP_LT_OQ>(v[j], _mm256_set1_pd(f64::INFINITY)),
+                _mm256_cmp_pd::<_CMP_GT_OQ>(v, _mm256_setzero_pd()),
+                _mm256_cmp_pd::<_CMP_LT_OQ>(v, _mm256_set1_pd(f64::INFINITY)),
             );
-            sure &= _mm256_movemask_pd(_mm256_and_pd(inside, _mm256_castsi256_pd(far_from_halfway4(y)))) == 0xf;
-            _mm256_cvtpd_ps(y)
-        });
-        if sure {
-            for (j, y) in y.iter().enumerate() {
-                _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), *y);
-            }
-        } else {
-            crate::generic::generic_log_f32(&x[i..i + 4 * K], &mut out[i..i + 4 * K]);
-        }
-        i += 4 * K;
-    }
-    crate::generic::generic_log_f32(&x[i..], &mut out[i..]);
+            (y, inside)
+        })
+    };
+    screened_map4::<2>(x, out, est, crate::generic::generic_log_f32)
 }
 
 /// [`crate::generic::softplus_f32`] with AVX2.

@@ -665,48 +665,25 @@ unsafe fn sigmoid_block<const K: usize>(x: &[f32], out: &mut [f32], i: usize) {
     }
 }
 
-/// [`crate::generic::exp_f32`] on eight f64 lanes, four vectors per step: the operations of
-/// [`crate::generic::exp_screened`] per lane (the table in two registers, looked up by one
-/// permute, as [`sigmoid_screened8xk`]); a vector with a lane the screen cannot vouch for, and the
-/// last values, by the definition.
-///
-/// # Safety
-/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+/// The loop of the screened f32 maps on eight f64 lanes ([`avx512_exp_f32`], [`avx512_log_f32`]):
+/// `K` vectors per step through `est` (each vector's f64 results and the lanes its range
+/// allows; all `K` at once, so it can interleave their chains), stored rounded to f32 where the screen ([`far_from_halfway8`]) takes every lane of
+/// the step, else the step by `exact` (the definition); the last values by `exact`.
+#[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub unsafe fn avx512_exp_f32(x: &[f32], out: &mut [f32]) {
-    use crate::generic::{EXP2_16THS, EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_SCREEN_HI, EXP_SCREEN_LO};
-    const K: usize = 4;
+unsafe fn screened_map8<const K: usize>(
+    x: &[f32],
+    out: &mut [f32],
+    est: impl Fn([__m512d; K]) -> [(__m512d, __mmask8); K],
+    exact: fn(&[f32], &mut [f32]),
+) {
     let n = x.len();
-    let magic = _mm512_set1_pd(EXP_MAGIC);
-    // The table less each index's `j << 48` (see sigmoid_screened8xk).
-    let skew: [i64; 16] = std::array::from_fn(|j| EXP2_16THS[j].to_bits() as i64 - ((j as i64) << 48));
-    let (t0, t1) = (_mm512_loadu_si512(skew.as_ptr().cast()), _mm512_loadu_si512(skew.as_ptr().add(8).cast()));
-    let (lo, hi) = (_mm512_set1_pd(EXP_SCREEN_LO), _mm512_set1_pd(EXP_SCREEN_HI));
     let mut i = 0;
     while i + 8 * K <= n {
-        let v: [__m512d; K] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
-        let t: [__m512d; K] =
-            std::array::from_fn(|j| _mm512_fmadd_pd(v[j], _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
-        let r: [__m512d; K] = std::array::from_fn(|j| {
-            let m = _mm512_sub_pd(t[j], magic);
-            let r = _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_HI / 16.0), v[j]);
-            _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_LO / 16.0), r)
-        });
-        let mut p = [_mm512_set1_pd(1.0 / 120.0); K];
-        for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            let c = _mm512_set1_pd(c);
-            for j in 0..K {
-                p[j] = _mm512_fmadd_pd(p[j], r[j], c);
-            }
-        }
         let mut sure = true;
-        let y: [__m256; K] = std::array::from_fn(|j| {
-            let tb = _mm512_castpd_si512(t[j]);
-            let tab = _mm512_permutex2var_epi64(t0, tb, t1);
-            let scale = _mm512_add_epi64(tab, _mm512_slli_epi64::<48>(tb));
-            let y = _mm512_mul_pd(p[j], _mm512_castsi512_pd(scale));
-            let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v[j], lo) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v[j], hi);
-            sure &= (far_from_halfway8(y) & inside) == 0xff;
+        let v = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
+        let y: [__m256; K] = est(v).map(|(y, ok)| {
+            sure &= (far_from_halfway8(y) & ok) == 0xff;
             _mm512_cvtpd_ps(y)
         });
         if sure {
@@ -714,31 +691,63 @@ pub unsafe fn avx512_exp_f32(x: &[f32], out: &mut [f32]) {
                 _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), *y);
             }
         } else {
-            crate::generic::generic_exp_f32(&x[i..i + 8 * K], &mut out[i..i + 8 * K]);
+            exact(&x[i..i + 8 * K], &mut out[i..i + 8 * K]);
         }
         i += 8 * K;
     }
-    crate::generic::generic_exp_f32(&x[i..], &mut out[i..]);
+    exact(&x[i..], &mut out[i..]);
 }
 
-/// [`crate::generic::log_f32`] on eight f64 lanes, two vectors per step: the operations of
-/// [`crate::generic::log_screened`] per lane; a vector with a lane the screen cannot vouch for,
-/// and the last values, by the definition.
+/// [`crate::generic::exp_f32`] on eight f64 lanes, four vectors per step ([`screened_map8`]): the
+/// operations of [`crate::generic::exp_screened`] per lane (the table in two registers, looked up
+/// by one permute, as [`sigmoid_screened8xk`]).
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_exp_f32(x: &[f32], out: &mut [f32]) {
+    use crate::generic::{EXP2_16THS, EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_SCREEN_HI, EXP_SCREEN_LO};
+    let magic = _mm512_set1_pd(EXP_MAGIC);
+    // The table less each index's `j << 48` (see sigmoid_screened8xk).
+    let skew: [i64; 16] = std::array::from_fn(|j| EXP2_16THS[j].to_bits() as i64 - ((j as i64) << 48));
+    let (t0, t1) = (_mm512_loadu_si512(skew.as_ptr().cast()), _mm512_loadu_si512(skew.as_ptr().add(8).cast()));
+    let (lo, hi) = (_mm512_set1_pd(EXP_SCREEN_LO), _mm512_set1_pd(EXP_SCREEN_HI));
+    let est = |v: [__m512d; 4]| {
+        let t = v.map(|v| _mm512_fmadd_pd(v, _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
+        let r: [__m512d; 4] = std::array::from_fn(|j| {
+            let m = _mm512_sub_pd(t[j], magic);
+            let r = _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_HI / 16.0), v[j]);
+            _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_LO / 16.0), r)
+        });
+        let mut p = [_mm512_set1_pd(1.0 / 120.0); 4];
+        for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            for j in 0..4 {
+                p[j] = _mm512_fmadd_pd(p[j], r[j], _mm512_set1_pd(c));
+            }
+        }
+        std::array::from_fn(|j| {
+            let tb = _mm512_castpd_si512(t[j]);
+            let scale = _mm512_add_epi64(_mm512_permutex2var_epi64(t0, tb, t1), _mm512_slli_epi64::<48>(tb));
+            let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v[j], lo) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v[j], hi);
+            (_mm512_mul_pd(p[j], _mm512_castsi512_pd(scale)), inside)
+        })
+    };
+    screened_map8::<4>(x, out, est, crate::generic::generic_exp_f32)
+}
+
+/// [`crate::generic::log_f32`] on eight f64 lanes, two vectors per step ([`screened_map8`]): the
+/// operations of [`crate::generic::log_screened`] per lane.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_log_f32(x: &[f32], out: &mut [f32]) {
     use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, LOG_SERIES, LOG_TWO52};
-    const K: usize = 2;
-    let n = x.len();
     let one = _mm512_set1_pd(1.0);
-    let mut i = 0;
-    while i + 8 * K <= n {
-        let v: [__m512d; K] = std::array::from_fn(|j| _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j))));
-        let mut sure = true;
-        let y: [__m256; K] = std::array::from_fn(|j| {
-            let bits = _mm512_castpd_si512(v[j]);
+    let est = |vs: [__m512d; 2]| {
+        std::array::from_fn(|j| {
+            let v = vs[j];
+            let bits = _mm512_castpd_si512(v);
             let ef = _mm512_or_si512(_mm512_srli_epi64::<52>(bits), _mm512_set1_epi64(0x4330_0000_0000_0000));
             let e = _mm512_sub_pd(_mm512_castsi512_pd(ef), _mm512_set1_pd(LOG_TWO52 + 1023.0));
             let mb = _mm512_or_si512(
@@ -757,21 +766,12 @@ pub unsafe fn avx512_log_f32(x: &[f32], out: &mut [f32]) {
             }
             let lm = _mm512_mul_pd(_mm512_add_pd(s, s), p);
             let y = _mm512_fmadd_pd(e, _mm512_set1_pd(EXP_LN2_HI), _mm512_fmadd_pd(e, _mm512_set1_pd(EXP_LN2_LO), lm));
-            let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v[j], _mm512_setzero_pd())
-                & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v[j], _mm512_set1_pd(f64::INFINITY));
-            sure &= (far_from_halfway8(y) & inside) == 0xff;
-            _mm512_cvtpd_ps(y)
-        });
-        if sure {
-            for (j, y) in y.iter().enumerate() {
-                _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), *y);
-            }
-        } else {
-            crate::generic::generic_log_f32(&x[i..i + 8 * K], &mut out[i..i + 8 * K]);
-        }
-        i += 8 * K;
-    }
-    crate::generic::generic_log_f32(&x[i..], &mut out[i..]);
+            let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v, _mm512_setzero_pd())
+                & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v, _mm512_set1_pd(f64::INFINITY));
+            (y, inside)
+        })
+    };
+    screened_map8::<2>(x, out, est, crate::generic::generic_log_f32)
 }
 
 /// `avx2_softmax_rows` with eight-lane exponentials and divisions (equal bit for bit); `log`:
