@@ -349,14 +349,11 @@ impl GradEngine for DataParallel {
             e.launch_rows(tg, data, p, opt)?;
         }
         let share: Vec<f64> = parts.iter().map(|p| p.len() as f64 / idx.len() as f64).collect();
-        let mut loss = 0.0;
-        for (e, w) in self.ranks.iter_mut().zip(&share) {
-            loss += e.loss()? * w;
-        }
-        if !loss.is_finite() {
-            return Ok(Some(loss));
-        }
-        // Each rank's mean gradient times its share, summed over the ranks: the batch's mean.
+        // Each rank's mean gradient times its share, summed over the ranks (the batch's mean),
+        // queued behind each rank's backward pass before the host waits for any loss: the
+        // reduction starts as each GPU's backward ends, not after the host has read every loss
+        // and issued it. A step whose loss is not finite then skips the update as before (its
+        // gradients are rewritten by the next step's backward pass).
         let mut streams = vec![];
         let mut bufs = vec![];
         for (e, w) in self.ranks.iter_mut().zip(&share) {
@@ -368,6 +365,13 @@ impl GradEngine for DataParallel {
         let after: Vec<_> = streams.iter().collect();
         self.group.all_reduce_sum(&mut bufs, &after).map_err(dev_err)?;
         drop(bufs);
+        let mut loss = 0.0;
+        for (e, w) in self.ranks.iter_mut().zip(&share) {
+            loss += e.loss()? * w;
+        }
+        if !loss.is_finite() {
+            return Ok(Some(loss));
+        }
         let sc = adamw_scalars(opt);
         for e in &mut self.ranks {
             e.update(sc)?;
