@@ -2139,10 +2139,16 @@ pub fn exp_f32(x: &[f32], out: &mut [f32]) {
 
 /// [`exp_f32`] one value at a time ([`exp_screened`], else the definition).
 pub fn generic_exp_f32(x: &[f32], out: &mut [f32]) {
+    screened_scalar(x, out, exp_screened, f64::exp)
+}
+
+/// A screened f32 map one value at a time: `screened`'s result where its rounding is certain,
+/// else `def` (the definition), each in f64 rounded to f32.
+fn screened_scalar(x: &[f32], out: &mut [f32], screened: fn(f64) -> (f64, bool), def: fn(f64) -> f64) {
     assert_eq!(x.len(), out.len());
     for (o, &v) in out.iter_mut().zip(x) {
-        let (y, sure) = exp_screened(v as f64);
-        *o = if sure { y as f32 } else { (v as f64).exp() as f32 };
+        let (y, sure) = screened(v as f64);
+        *o = if sure { y as f32 } else { def(v as f64) as f32 };
     }
 }
 
@@ -2199,11 +2205,7 @@ pub fn log_f32(x: &[f32], out: &mut [f32]) {
 
 /// [`log_f32`] one value at a time ([`log_screened`], else the definition).
 pub fn generic_log_f32(x: &[f32], out: &mut [f32]) {
-    assert_eq!(x.len(), out.len());
-    for (o, &v) in out.iter_mut().zip(x) {
-        let (y, sure) = log_screened(v as f64);
-        *o = if sure { y as f32 } else { (v as f64).ln() as f32 };
-    }
+    screened_scalar(x, out, log_screened, f64::ln)
 }
 
 /// Whether `y`'s low 29 bits (the bits f32 rounding drops) lie more than [`SCREEN_MARGIN`]

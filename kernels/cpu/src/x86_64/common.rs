@@ -804,13 +804,14 @@ unsafe fn softmax_blocks<S: Sums>(
             for (((row, y), &total), &m) in
                 xs.chunks_exact(dim).zip(ys.chunks_exact_mut(dim)).zip(totals.iter()).zip(maxima.iter())
             {
-                let (vm, vl) = (_mm256_set1_pd(m), _mm256_set1_pd(total.ln()));
+                let ls = total.ln();
+                let (vm, vl) = (_mm256_set1_pd(m), _mm256_set1_pd(ls));
                 for j in (0..d4).step_by(4) {
                     let v = _mm256_cvtps_pd(_mm_loadu_ps(row.as_ptr().add(j)));
                     _mm_storeu_ps(y.as_mut_ptr().add(j), _mm256_cvtpd_ps(_mm256_sub_pd(_mm256_sub_pd(v, vm), vl)));
                 }
                 for j in d4..dim {
-                    y[j] = (row[j] as f64 - m - total.ln()) as f32;
+                    y[j] = (row[j] as f64 - m - ls) as f32;
                 }
             }
             continue;
