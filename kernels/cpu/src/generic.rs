@@ -2037,16 +2037,26 @@ pub const SCREEN_MARGIN: i64 = 1 << 16;
 /// bits.
 pub fn sigmoid_screened(x: f64) -> (f64, bool) {
     let a = x.abs();
-    let t = (-a).mul_add(std::f64::consts::LOG2_E, EXP_MAGIC);
+    let e = exp_taylor10(-a);
+    let y = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    (y, a < SCREEN_MAX_ABS && far_from_halfway(y))
+}
+
+/// `e^x = 2^n e^r` for `x = n ln 2 + r` (`|r| <= ln 2 / 2`; n's split product exact for |n| <
+/// 2^11), e^r by the degree-10 Taylor polynomial (`SCREEN_TAYLOR`: truncation below 2.3e-13
+/// relative): within 2^-41 of `e^x` for `|x| < 708`, as [`SCREEN_MARGIN`] needs. The estimate of
+/// [`sigmoid_screened`] (at `-|x|`) and of the AVX2 exponential and sigmoid kernels, which compute
+/// these operations per lane.
+#[inline]
+pub fn exp_taylor10(x: f64) -> f64 {
+    let t = x.mul_add(std::f64::consts::LOG2_E, EXP_MAGIC);
     let n = t - EXP_MAGIC;
-    let r = (-n).mul_add(EXP_LN2_LO, (-n).mul_add(EXP_LN2_HI, -a));
+    let r = (-n).mul_add(EXP_LN2_LO, (-n).mul_add(EXP_LN2_HI, x));
     let mut p = SCREEN_TAYLOR[10];
     for &c in SCREEN_TAYLOR[..10].iter().rev() {
         p = p.mul_add(r, c);
     }
-    let e = p * f64::from_bits(t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()).wrapping_add(1023) << 52);
-    let y = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
-    (y, a < SCREEN_MAX_ABS && far_from_halfway(y))
+    p * f64::from_bits(t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()).wrapping_add(1023) << 52)
 }
 
 /// `2^(j/16)` for j = 0..16, each the nearest f64 (computed to 60 digits): the table of
@@ -2070,27 +2080,34 @@ pub const EXP2_16THS: [f64; 16] = [
     f64::from_bits(0x3ffea4afa2a490da),
 ];
 
-/// [`sigmoid_screened`] with a table: `e^-|x| = 2^k 2^(j/16) e^r` for `-|x| = (16 k + j) ln 2 /
-/// 16 + r`, `|r| <= ln 2 / 32`, e^r by its degree-5 Taylor polynomial (truncation below 1.4e-13
-/// relative: 2^-42.7), then the same division and screen. Within 2^-41 of [`sigmoid`]'s
-/// result, as the screen's margin needs; five multiply-adds fewer than the degree-10 form, one
-/// table lookup more (a register permute with AVX-512). The AVX-512 kernel computes exactly these
-/// operations per lane.
+/// [`sigmoid_screened`] with the table exponential: `e^-|x|` by [`exp_table16`], then the same
+/// division and screen. Within 2^-41 of [`sigmoid`]'s result, as the screen's margin needs; five
+/// multiply-adds fewer than the degree-10 form, one table lookup more (a register permute with
+/// AVX-512). The AVX-512 kernel computes exactly these operations per lane.
 pub fn sigmoid_screened_table(x: f64) -> (f64, bool) {
     let a = x.abs();
-    let t = (-a).mul_add(16.0 * std::f64::consts::LOG2_E, EXP_MAGIC);
+    let e = exp_table16(-a);
+    let y = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
+    (y, a < SCREEN_MAX_ABS && far_from_halfway(y))
+}
+
+/// `e^x = 2^k 2^(j/16) e^r` for `x = (16 k + j) ln 2 / 16 + r` (any sign, `|r| <= ln 2 / 32`),
+/// e^r by its degree-5 Taylor polynomial (truncation below 1.4e-13 relative: 2^-42.7): within
+/// 2^-41 of `e^x` (the truncation, the table's and the operations' roundings) for `|x| < 708`.
+/// The estimate of [`exp_screened`] and of [`sigmoid_screened_table`] (at `-|x|`); the AVX-512
+/// kernels compute these operations per lane.
+#[inline]
+pub fn exp_table16(x: f64) -> f64 {
+    let t = x.mul_add(16.0 * std::f64::consts::LOG2_E, EXP_MAGIC);
     let n = t - EXP_MAGIC;
-    // n (below 2^11 in magnitude where the screen passes) times the split ln 2 / 16 is exact.
-    let r = (-n).mul_add(EXP_LN2_LO / 16.0, (-n).mul_add(EXP_LN2_HI / 16.0, -a));
+    // n (below 2^11 in magnitude where a screen passes) times the split ln 2 / 16 is exact.
+    let r = (-n).mul_add(EXP_LN2_LO / 16.0, (-n).mul_add(EXP_LN2_HI / 16.0, x));
     let mut p: f64 = 1.0 / 120.0;
     for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         p = p.mul_add(r, c);
     }
     let ni = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i64;
-    let scale = f64::from_bits(EXP2_16THS[(ni & 15) as usize].to_bits().wrapping_add(((ni >> 4) << 52) as u64));
-    let e = p * scale;
-    let y = if x >= 0.0 { 1.0 } else { e } / (1.0 + e);
-    (y, a < SCREEN_MAX_ABS && far_from_halfway(y))
+    p * f64::from_bits(EXP2_16THS[(ni & 15) as usize].to_bits().wrapping_add(((ni >> 4) << 52) as u64))
 }
 
 /// The screened exponential takes only `EXP_SCREEN_LO < x < EXP_SCREEN_HI`: there `e^x` is a
@@ -2100,24 +2117,12 @@ pub const EXP_SCREEN_LO: f64 = -87.0;
 /// See [`EXP_SCREEN_LO`].
 pub const EXP_SCREEN_HI: f64 = 88.0;
 
-/// The screened exponential of [`exp_f32`]: [`sigmoid_screened_table`]'s `e^x = 2^k 2^(j/16) e^r`
-/// for `x = (16 k + j) ln 2 / 16 + r` (any sign), e^r by the degree-5 Taylor polynomial, and
-/// whether its f32 rounding is certain to be `x.exp() as f32`: within 2^-41 of `e^x` (the
-/// truncation 2^-42.7, the table's and the operations' roundings), so, as [`SCREEN_MARGIN`]
-/// argues, a result past the margin rounds to the f32 that `e^x` and libm's `exp` (within an
+/// The screened exponential of [`exp_f32`]: [`exp_table16`], and whether its f32 rounding is
+/// certain to be `x.exp() as f32`: within 2^-41 of `e^x`, so, as [`SCREEN_MARGIN`] argues, a
+/// result past the margin rounds to the f32 that `e^x` and libm's `exp` (within an
 /// ulp of it) round to. The AVX-512 kernel computes these operations per lane.
 pub fn exp_screened(x: f64) -> (f64, bool) {
-    let t = x.mul_add(16.0 * std::f64::consts::LOG2_E, EXP_MAGIC);
-    let n = t - EXP_MAGIC;
-    // n (below 2^11 in magnitude where the screen passes) times the split ln 2 / 16 is exact.
-    let r = (-n).mul_add(EXP_LN2_LO / 16.0, (-n).mul_add(EXP_LN2_HI / 16.0, x));
-    let mut p: f64 = 1.0 / 120.0;
-    for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p.mul_add(r, c);
-    }
-    let ni = t.to_bits().wrapping_sub(EXP_MAGIC.to_bits()) as i64;
-    let scale = f64::from_bits(EXP2_16THS[(ni & 15) as usize].to_bits().wrapping_add(((ni >> 4) << 52) as u64));
-    let y = p * scale;
+    let y = exp_table16(x);
     (y, x > EXP_SCREEN_LO && x < EXP_SCREEN_HI && far_from_halfway(y))
 }
 

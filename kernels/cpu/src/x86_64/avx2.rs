@@ -758,39 +758,21 @@ unsafe fn screened_map4<const K: usize>(
     exact(&x[i..], &mut out[i..]);
 }
 
-/// [`crate::generic::exp_f32`] on four f64 lanes, four vectors per step ([`screened_map4`]): `e^x =
-/// 2^n e^r` for `x = n ln 2 + r` (`|r| <= ln 2 / 2`, n's split product exact for |n| < 2^11), e^r
-/// by the degree-10 Taylor polynomial (`SCREEN_TAYLOR`: truncation below 2.3e-13 relative), within
-/// 2^-41 of `e^x` as the screen's margin needs (`generic::SCREEN_MARGIN`).
+/// [`crate::generic::exp_f32`] on four f64 lanes, four vectors per step ([`screened_map4`]): the
+/// degree-10 estimate `generic::exp_taylor10` per lane ([`exp_taylor4xk`]), within 2^-41 of `e^x`
+/// as the screen's margin needs (`generic::SCREEN_MARGIN`).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_exp_f32(x: &[f32], out: &mut [f32]) {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_SCREEN_HI, EXP_SCREEN_LO, SCREEN_TAYLOR};
-    let magic = _mm256_set1_pd(EXP_MAGIC);
+    use crate::generic::{EXP_SCREEN_HI, EXP_SCREEN_LO};
     let (lo, hi) = (_mm256_set1_pd(EXP_SCREEN_LO), _mm256_set1_pd(EXP_SCREEN_HI));
     let est = |v: [__m256d; 4]| {
-        let t = v.map(|v| _mm256_fmadd_pd(v, _mm256_set1_pd(std::f64::consts::LOG2_E), magic));
-        let r: [__m256d; 4] = std::array::from_fn(|j| {
-            let m = _mm256_sub_pd(t[j], magic);
-            let r = _mm256_fnmadd_pd(m, _mm256_set1_pd(EXP_LN2_HI), v[j]);
-            _mm256_fnmadd_pd(m, _mm256_set1_pd(EXP_LN2_LO), r)
-        });
-        let mut p = [_mm256_set1_pd(SCREEN_TAYLOR[10]); 4];
-        for &c in SCREEN_TAYLOR[..10].iter().rev() {
-            for j in 0..4 {
-                p[j] = _mm256_fmadd_pd(p[j], r[j], _mm256_set1_pd(c));
-            }
-        }
+        let y = exp_taylor4xk::<4>(v);
         std::array::from_fn(|j| {
-            // 2^n by the exponent field: n + 1023 shifted into place (n in the low bits of t).
-            let bits = _mm256_add_epi64(
-                _mm256_sub_epi64(_mm256_castpd_si256(t[j]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
-                _mm256_set1_epi64x(1023),
-            );
             let inside = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(v[j], lo), _mm256_cmp_pd::<_CMP_LT_OQ>(v[j], hi));
-            (_mm256_mul_pd(p[j], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits))), inside)
+            (y[j], inside)
         })
     };
     screened_map4::<4>(x, out, est, crate::generic::generic_exp_f32)

@@ -565,48 +565,64 @@ unsafe fn far_from_halfway8(y: __m512d) -> __mmask8 {
     _mm512_cmpgt_epu64_mask(u, _mm512_set1_epi64(2 * SCREEN_MARGIN))
 }
 
-/// `generic::sigmoid_screened_table` on eight f64 lanes, `K` vectors interleaved (the table in
-/// two registers, looked up by one permute): the results rounded to f32 and, per vector, the
-/// lanes whose rounding is certain to be the definition's.
+/// The table of [`exp_table8xk`] in two registers: `2^(j/16)` (`generic::EXP2_16THS`) less each
+/// index's `j << 48`. Adding the bits of `t` shifted left by 48 (n's low 16 bits, two's
+/// complement, where `t = EXP_MAGIC + n` exactly) then adds `(n - j) << 48 = (n >> 4) << 52`,
+/// the exponent of 2^(n >> 4), in integer arithmetic modulo 2^64: the same bits as subtracting
+/// the magic's bits, shifting right by 4 and left by 52 (two instructions fewer per vector).
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], [u8; K]) {
-    use crate::generic::{EXP2_16THS, EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MAX_ABS};
-    let (magic, one) = (_mm512_set1_pd(EXP_MAGIC), _mm512_set1_pd(1.0));
-    // The table less each index's `j << 48`: adding the bits of `t` shifted left by 48 (n's low
-    // 16 bits, two's complement, where `t = EXP_MAGIC + n` exactly) then adds `(n - j) << 48 =
-    // (n >> 4) << 52`, the exponent of 2^(n >> 4), in integer arithmetic modulo 2^64: the same
-    // bits as subtracting the magic's bits, shifting right by 4 and left by 52 (two instructions
-    // fewer per vector).
-    let skew: [i64; 16] = std::array::from_fn(|j| EXP2_16THS[j].to_bits() as i64 - ((j as i64) << 48));
-    let (t0, t1) = (_mm512_loadu_si512(skew.as_ptr().cast()), _mm512_loadu_si512(skew.as_ptr().add(8).cast()));
-    let a: [__m512d; K] = std::array::from_fn(|i| _mm512_abs_pd(v[i]));
-    // -a c + magic and -(n HI) - a: the same roundings as with -a formed first.
-    let t: [__m512d; K] =
-        std::array::from_fn(|i| _mm512_fnmadd_pd(a[i], _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
-    let r: [__m512d; K] = std::array::from_fn(|i| {
-        let n = _mm512_sub_pd(t[i], magic);
-        let r = _mm512_fnmsub_pd(n, _mm512_set1_pd(EXP_LN2_HI / 16.0), a[i]);
+unsafe fn exp2_16ths_skewed() -> (__m512i, __m512i) {
+    let skew: [i64; 16] = std::array::from_fn(|j| crate::generic::EXP2_16THS[j].to_bits() as i64 - ((j as i64) << 48));
+    (_mm512_loadu_si512(skew.as_ptr().cast()), _mm512_loadu_si512(skew.as_ptr().add(8).cast()))
+}
+
+/// `generic::exp_table16` on eight f64 lanes, `K` vectors interleaved (its stages one after
+/// another over the `K` vectors), the table `tab` ([`exp2_16ths_skewed`]) looked up by one
+/// permute: the estimate of the exponential and of the sigmoid (at `-|x|`).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn exp_table8xk<const K: usize>(x: [__m512d; K], tab: (__m512i, __m512i)) -> [__m512d; K] {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC};
+    let magic = _mm512_set1_pd(EXP_MAGIC);
+    let t = x.map(|x| _mm512_fmadd_pd(x, _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
+    let r: [__m512d; K] = std::array::from_fn(|j| {
+        let n = _mm512_sub_pd(t[j], magic);
+        let r = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI / 16.0), x[j]);
         _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO / 16.0), r)
     });
     let mut p = [_mm512_set1_pd(1.0 / 120.0); K];
     for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
         let c = _mm512_set1_pd(c);
-        for i in 0..K {
-            p[i] = _mm512_fmadd_pd(p[i], r[i], c);
+        for j in 0..K {
+            p[j] = _mm512_fmadd_pd(p[j], r[j], c);
         }
     }
-    let mut sure = [0u8; K];
-    let y = std::array::from_fn(|i| {
-        let tb = _mm512_castpd_si512(t[i]);
+    std::array::from_fn(|j| {
+        let tb = _mm512_castpd_si512(t[j]);
         // 2^(j/16) for j = n mod 16 (the permute reads each index's low four bits, which are n's:
         // the magic's are zero), times 2^(n >> 4) by the exponent field.
-        let tab = _mm512_permutex2var_epi64(t0, tb, t1);
-        let scale = _mm512_add_epi64(tab, _mm512_slli_epi64::<48>(tb));
-        let e = _mm512_mul_pd(p[i], _mm512_castsi512_pd(scale));
-        let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[i], _mm512_setzero_pd()), e, one);
-        let y = _mm512_div_pd(num, _mm512_add_pd(one, e));
-        sure[i] = far_from_halfway8(y) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(a[i], _mm512_set1_pd(SCREEN_MAX_ABS));
+        let scale = _mm512_add_epi64(_mm512_permutex2var_epi64(tab.0, tb, tab.1), _mm512_slli_epi64::<48>(tb));
+        _mm512_mul_pd(p[j], _mm512_castsi512_pd(scale))
+    })
+}
+
+/// `generic::sigmoid_screened_table` on eight f64 lanes, `K` vectors interleaved
+/// ([`exp_table8xk`] at `-|v|`): the results rounded to f32 and, per vector, the lanes whose
+/// rounding is certain to be the definition's.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn sigmoid_screened8xk<const K: usize>(v: [__m512d; K]) -> ([__m256; K], [u8; K]) {
+    let one = _mm512_set1_pd(1.0);
+    // -|v|: the sign bit set.
+    let na = v.map(|v| _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(v), _mm512_set1_epi64(i64::MIN))));
+    let e = exp_table8xk::<K>(na, exp2_16ths_skewed());
+    let mut sure = [0u8; K];
+    let y = std::array::from_fn(|i| {
+        let num = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[i], _mm512_setzero_pd()), e[i], one);
+        let y = _mm512_div_pd(num, _mm512_add_pd(one, e[i]));
+        let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(na[i], _mm512_set1_pd(-crate::generic::SCREEN_MAX_ABS));
+        sure[i] = far_from_halfway8(y) & inside;
         _mm512_cvtpd_ps(y)
     });
     (y, sure)
@@ -699,37 +715,20 @@ unsafe fn screened_map8<const K: usize>(
 }
 
 /// [`crate::generic::exp_f32`] on eight f64 lanes, four vectors per step ([`screened_map8`]): the
-/// operations of [`crate::generic::exp_screened`] per lane (the table in two registers, looked up
-/// by one permute, as [`sigmoid_screened8xk`]).
+/// operations of [`crate::generic::exp_screened`] per lane ([`exp_table8xk`]).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_exp_f32(x: &[f32], out: &mut [f32]) {
-    use crate::generic::{EXP2_16THS, EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_SCREEN_HI, EXP_SCREEN_LO};
-    let magic = _mm512_set1_pd(EXP_MAGIC);
-    // The table less each index's `j << 48` (see sigmoid_screened8xk).
-    let skew: [i64; 16] = std::array::from_fn(|j| EXP2_16THS[j].to_bits() as i64 - ((j as i64) << 48));
-    let (t0, t1) = (_mm512_loadu_si512(skew.as_ptr().cast()), _mm512_loadu_si512(skew.as_ptr().add(8).cast()));
+    use crate::generic::{EXP_SCREEN_HI, EXP_SCREEN_LO};
+    let tab = exp2_16ths_skewed();
     let (lo, hi) = (_mm512_set1_pd(EXP_SCREEN_LO), _mm512_set1_pd(EXP_SCREEN_HI));
     let est = |v: [__m512d; 4]| {
-        let t = v.map(|v| _mm512_fmadd_pd(v, _mm512_set1_pd(16.0 * std::f64::consts::LOG2_E), magic));
-        let r: [__m512d; 4] = std::array::from_fn(|j| {
-            let m = _mm512_sub_pd(t[j], magic);
-            let r = _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_HI / 16.0), v[j]);
-            _mm512_fnmadd_pd(m, _mm512_set1_pd(EXP_LN2_LO / 16.0), r)
-        });
-        let mut p = [_mm512_set1_pd(1.0 / 120.0); 4];
-        for c in [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            for j in 0..4 {
-                p[j] = _mm512_fmadd_pd(p[j], r[j], _mm512_set1_pd(c));
-            }
-        }
+        let y = exp_table8xk::<4>(v, tab);
         std::array::from_fn(|j| {
-            let tb = _mm512_castpd_si512(t[j]);
-            let scale = _mm512_add_epi64(_mm512_permutex2var_epi64(t0, tb, t1), _mm512_slli_epi64::<48>(tb));
             let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v[j], lo) & _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v[j], hi);
-            (_mm512_mul_pd(p[j], _mm512_castsi512_pd(scale)), inside)
+            (y[j], inside)
         })
     };
     screened_map8::<4>(x, out, est, crate::generic::generic_exp_f32)

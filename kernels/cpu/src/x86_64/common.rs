@@ -489,20 +489,17 @@ pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// `generic::sigmoid_screened` on four f64 lanes, `K` vectors interleaved: the results rounded
-/// to f32 and, per vector, whether every lane's rounding is certain to be the definition's.
+/// `generic::exp_taylor10` on four f64 lanes, `K` vectors interleaved (its stages one after
+/// another over the `K` vectors): the estimate of the AVX2 exponential and sigmoid (at `-|x|`).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sigmoid_screened4xk<const K: usize>(v: [__m256d; K]) -> ([__m128; K], [bool; K]) {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_MAX_ABS, SCREEN_TAYLOR};
-    let (magic, one, sign) = (_mm256_set1_pd(EXP_MAGIC), _mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
-    let a: [__m256d; K] = std::array::from_fn(|i| _mm256_andnot_pd(sign, v[i]));
-    let na: [__m256d; K] = std::array::from_fn(|i| _mm256_sub_pd(_mm256_setzero_pd(), a[i]));
-    let t: [__m256d; K] =
-        std::array::from_fn(|i| _mm256_fmadd_pd(na[i], _mm256_set1_pd(std::f64::consts::LOG2_E), magic));
+pub(crate) unsafe fn exp_taylor4xk<const K: usize>(x: [__m256d; K]) -> [__m256d; K] {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_TAYLOR};
+    let magic = _mm256_set1_pd(EXP_MAGIC);
+    let t = x.map(|x| _mm256_fmadd_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E), magic));
     let r: [__m256d; K] = std::array::from_fn(|i| {
         let n = _mm256_sub_pd(t[i], magic);
-        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_HI), na[i]);
+        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_HI), x[i]);
         _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_LO), r)
     });
     let mut p = [_mm256_set1_pd(SCREEN_TAYLOR[10]); K];
@@ -512,17 +509,33 @@ unsafe fn sigmoid_screened4xk<const K: usize>(v: [__m256d; K]) -> ([__m128; K], 
             p[i] = _mm256_fmadd_pd(p[i], r[i], c);
         }
     }
-    let mut sure = [false; K];
-    let y = std::array::from_fn(|i| {
+    std::array::from_fn(|i| {
+        // 2^n by the exponent field: n + 1023 shifted into place (n in the low bits of t).
         let bits = _mm256_add_epi64(
             _mm256_sub_epi64(_mm256_castpd_si256(t[i]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
             _mm256_set1_epi64x(1023),
         );
-        let e = _mm256_mul_pd(p[i], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits)));
-        let num = _mm256_blendv_pd(e, one, _mm256_cmp_pd(v[i], _mm256_setzero_pd(), _CMP_GE_OQ));
-        let y = _mm256_div_pd(num, _mm256_add_pd(one, e));
+        _mm256_mul_pd(p[i], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits)))
+    })
+}
+
+/// `generic::sigmoid_screened` on four f64 lanes, `K` vectors interleaved ([`exp_taylor4xk`] at
+/// `-|v|`): the results rounded to f32 and, per vector, whether every lane's rounding is certain
+/// to be the definition's.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sigmoid_screened4xk<const K: usize>(v: [__m256d; K]) -> ([__m128; K], [bool; K]) {
+    let (one, sign) = (_mm256_set1_pd(1.0), _mm256_set1_pd(-0.0));
+    // -|v|: the sign bit set.
+    let na: [__m256d; K] = v.map(|v| _mm256_or_pd(v, sign));
+    let e = exp_taylor4xk::<K>(na);
+    let mut sure = [false; K];
+    let y = std::array::from_fn(|i| {
+        let num = _mm256_blendv_pd(e[i], one, _mm256_cmp_pd(v[i], _mm256_setzero_pd(), _CMP_GE_OQ));
+        let y = _mm256_div_pd(num, _mm256_add_pd(one, e[i]));
         let far = far_from_halfway4(y);
-        let inside = _mm256_castpd_si256(_mm256_cmp_pd(a[i], _mm256_set1_pd(SCREEN_MAX_ABS), _CMP_LT_OQ));
+        let inside =
+            _mm256_castpd_si256(_mm256_cmp_pd(na[i], _mm256_set1_pd(-crate::generic::SCREEN_MAX_ABS), _CMP_GT_OQ));
         sure[i] = _mm256_movemask_pd(_mm256_castsi256_pd(_mm256_and_si256(far, inside))) == 0xf;
         _mm256_cvtpd_ps(y)
     });
