@@ -13,6 +13,7 @@ pub mod lower_quant;
 pub mod manager;
 pub mod quant;
 pub mod shape_infer;
+pub mod widen_half;
 
 pub use manager::{Pass, PassCtx, PassManager, PassStat};
 
@@ -27,6 +28,7 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(insert_fake_quant::InsertFakeQuant::default()),
         Box::new(lower_quant::LowerQuant),
         Box::new(fuse::Fuse::default()),
+        Box::new(widen_half::WidenHalf),
     ]
 }
 

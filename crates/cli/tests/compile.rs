@@ -273,3 +273,86 @@ fn sis_scores_come_from_the_cache_the_second_time_with_the_same_bits() {
     assert_eq!(r5["sis_from_cache"], false);
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// A half-precision export of a policy (tools/make_half_policies.py: bc_hopper with float16
+/// weights, inputs and outputs; and with float16 weights behind float32 inputs and outputs, Casts
+/// at the boundary) compiles as the float32 model with the float16-rounded weights does: the
+/// all-float16 one to the same policy.bin bit for bit, the Cast-bounded one to a policy with the
+/// same actions. Its QDQ model.onnx keeps the float16 signature (a drop-in for the export): run on
+/// float16 states it gives policy.bin's actions rounded to float16. Float16 demonstrations
+/// compile as the same values in float64 do.
+#[test]
+fn half_precision_exports_and_demos_compile_as_their_values_in_f32() {
+    use ndarray::{Array1, Array2};
+    use ndarray_npy::{NpzReader, NpzWriter};
+    use sqil_ir::DType;
+    let dir = std::env::temp_dir().join(format!("sqil-compile-half-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let compile_model = |model: &str, demos: &Path, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+            .args(["compile", model, "--demos"])
+            .arg(demos)
+            .args(["--steps", "30", "--batch", "64", "--action-box=-1,1", "--threads", "1", "-o"])
+            .arg(out)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{model}: {}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read(out.join("policy.bin")).unwrap()
+    };
+    let run = |model: &Path, input: &str, out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_sqil"))
+            .arg("run")
+            .arg(model)
+            .args(["--input", input, "--output"])
+            .arg(out)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}: {}", model.display(), String::from_utf8_lossy(&o.stderr));
+        sqil_driver::npy::read(out).unwrap()
+    };
+    let hopper = root().join("testdata/demos/hopper.npz");
+    let p = "testdata/policies/";
+    let reference = compile_model(&format!("{p}bc_hopper_f16r.onnx"), &hopper, &dir.join("ref"));
+    let half = compile_model(&format!("{p}bc_hopper_f16.onnx"), &hopper, &dir.join("half"));
+    assert!(half == reference, "the float16 export gave another policy.bin than its weights in f32");
+    compile_model(&format!("{p}bc_hopper_f16io32.onnx"), &hopper, &dir.join("io32"));
+    let x32 = "testdata/policies/bc_hopper.input0.npy";
+    let a_ref = run(&dir.join("ref/policy.bin"), x32, &dir.join("a_ref.npy"));
+    let a_io32 = run(&dir.join("io32/policy.bin"), x32, &dir.join("a_io32.npy"));
+    assert_eq!(a_ref.data, a_io32.data, "the Cast-bounded float16 export acts otherwise");
+    // The QDQ export keeps float16 inputs and outputs.
+    let x16 = "testdata/policies/bc_hopper_f16.input0.npy";
+    let qdq = sqil_onnx::load_model(&dir.join("half/model.onnx")).unwrap();
+    assert_eq!(qdq.value(sqil_ir::ValueRef { node: qdq.inputs[0], slot: 0 }).ty.dtype, DType::F16);
+    assert_eq!(qdq.value(qdq.outputs[0]).ty.dtype, DType::F16);
+    let q = run(&dir.join("half/model.onnx"), x16, &dir.join("q.npy"));
+    let a16 = run(&dir.join("half/policy.bin"), x16, &dir.join("a16.npy"));
+    assert_eq!(q.dtype(), DType::F16);
+    assert_eq!(q.data, a16.cast(DType::F16).data, "model.onnx on float16 states is not policy.bin's actions");
+    // Float16 demonstrations: the same artifact as their values in float64.
+    let mut z = NpzReader::new(std::fs::File::open(&hopper).unwrap()).unwrap();
+    let obs: Array2<f32> = z.by_name("observations.npy").unwrap();
+    let act: Array2<f32> = z.by_name("actions.npy").unwrap();
+    let starts: Array1<bool> = z.by_name("episode_starts.npy").unwrap();
+    let h = |a: &Array2<f32>| a.mapv(|v| sqil_data::Half(sqil_data::half::f16::from_f32(v)));
+    let wide = |a: &Array2<f32>| a.mapv(|v| f64::from(sqil_data::half::f16::from_f32(v)));
+    for (name, f16) in [("d16.npz", true), ("d64.npz", false)] {
+        let mut w = NpzWriter::new(std::fs::File::create(dir.join(name)).unwrap());
+        if f16 {
+            w.add_array("observations", &h(&obs)).unwrap();
+            w.add_array("actions", &h(&act)).unwrap();
+        } else {
+            w.add_array("observations", &wide(&obs)).unwrap();
+            w.add_array("actions", &wide(&act)).unwrap();
+        }
+        w.add_array("episode_starts", &starts).unwrap();
+        w.finish().unwrap();
+    }
+    let m = format!("{p}bc_hopper.onnx");
+    let d16 = compile_model(&m, &dir.join("d16.npz"), &dir.join("d16"));
+    let d64 = compile_model(&m, &dir.join("d64.npz"), &dir.join("d64"));
+    assert!(d16 == d64, "float16 demonstrations gave another policy.bin than their values in float64");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -429,3 +429,61 @@ fn token_sequences_run_sample_by_sample() {
     const { assert!(5 > sqil_runtime::exec::SAMPLE_CHUNK, "the batch of five runs in more than one part") };
     assert_eq!(bits(&one[0]), bits(&whole[0]), "a few samples at a time vs the whole batch");
 }
+
+/// A float16 policy (tools/make_half_policies.py) runs on the interpreter in float16 within two
+/// float16 units (at the largest action's magnitude: both round every op's result to float16, and
+/// accumulate differently) of onnxruntime's float16 outputs; its artifact (`sqil quantize --artifact`,
+/// computed in f32) takes float16 states as their exact f32 values, and refuses an integer array
+/// naming the input; `sqil bench` times the float16 model.
+#[test]
+fn half_precision_policies_and_inputs() {
+    use sqil_ir::DType;
+    let dir = std::env::temp_dir().join(format!("sqil-half-run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sqil = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sqil")).args(args).output().expect("run sqil")
+    };
+    let model = policies().join("bc_hopper_f16.onnx");
+    let x16 = policies().join("bc_hopper_f16.input0.npy");
+    let y = dir.join("y.npy");
+    let o = sqil(&["run".as_ref(), model.as_ref(), "--input".as_ref(), x16.as_ref(), "--output".as_ref(), y.as_ref()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (got, want) = (
+        sqil_driver::npy::read(&y).unwrap(),
+        sqil_driver::npy::read(&policies().join("bc_hopper_f16.ort0.npy")).unwrap(),
+    );
+    assert_eq!((got.dtype(), &got.shape), (DType::F16, &want.shape));
+    let want = want.data.to_f32_vec();
+    let ulp = sqil_data::half::f16::EPSILON.to_f32() * want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (a, b) in got.data.to_f32_vec().iter().zip(want) {
+        assert!((a - b).abs() <= 2.0 * ulp, "interpreter {a} vs onnxruntime {b} (float16 unit {ulp})");
+    }
+    // The artifact of the float16 model: float16 states as their f32 values.
+    let (q, art) = (dir.join("q.onnx"), dir.join("q.bin"));
+    let o = sqil(&[
+        "quantize".as_ref(),
+        model.as_ref(),
+        "--recipe".as_ref(),
+        "rtn".as_ref(),
+        "--calib".as_ref(),
+        x16.as_ref(),
+        "-o".as_ref(),
+        q.as_ref(),
+        "--artifact".as_ref(),
+        art.as_ref(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let policy = Policy::load(&art).unwrap();
+    let x = sqil_driver::npy::read(&x16).unwrap();
+    assert_eq!(x.dtype(), DType::F16);
+    let a = policy.run(std::slice::from_ref(&x)).unwrap();
+    let b = policy.run(&[x.cast(DType::F32)]).unwrap();
+    assert_eq!(a[0].data, b[0].data, "float16 states act otherwise than their f32 values");
+    let e = policy.run(&[x.cast(DType::I64)]).unwrap_err().to_string();
+    assert!(e.contains("input `obs`") && e.contains("expects f32") && e.contains("i64"), "{e}");
+    // `sqil bench` feeds each input its own element type (float16 here).
+    let o =
+        sqil(&["bench".as_ref(), model.as_ref(), "--batch".as_ref(), "2".as_ref(), "--iters".as_ref(), "3".as_ref()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -771,6 +771,12 @@ pub fn lower_graph(g: &Graph, batch: usize) -> Result<GraphProgram> {
             Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze => {
                 lw.dev(ins[0].ok_or_else(|| unsupported("no input"))?, &vals)?
             }
+            // f32 to f32 (a half-precision model's casts once widened): the value itself.
+            Op::Cast { to: DType::F32, .. }
+                if ins[0].and_then(|v| types.get(&v)).is_some_and(|t| t.dtype == DType::F32) =>
+            {
+                lw.dev(ins[0].ok_or_else(|| unsupported("no input"))?, &vals)?
+            }
             Op::Unary(u) => {
                 let x = lw.dev(ins[0].unwrap(), &vals)?;
                 let xs = shape_of(ins[0])?;
@@ -1476,6 +1482,8 @@ fn vjp(
         |i: usize| fwd.get(i).copied().flatten().ok_or_else(|| unsupported(format!("{}: an absent input", what())));
     Ok(match op {
         Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze if wrt == 0 => dy,
+        // Only f32 -> f32 Casts reach the backward pass (the forward lowering takes no other).
+        Op::Cast { to: DType::F32, .. } if wrt == 0 => dy,
         Op::Unary(u) if wrt == 0 => {
             let df = unary_df(*u).ok_or_else(|| unsupported(what()))?;
             let x = lw.dev(input(0)?, vals)?;

@@ -56,6 +56,9 @@ pub(crate) fn hwc_to_chw(src: &[u8], frames: usize, (h, w, c): (usize, usize, us
     out
 }
 
+/// The `half` crate, whose `f16` the [`Half`] element wraps.
+pub use half;
+
 #[cfg(feature = "hdf5")]
 pub mod hdf5_datasets;
 #[cfg(feature = "parquet")]
@@ -97,8 +100,8 @@ impl Demos {
         Demos::load(path)
     }
 
-    /// Loads and validates a `.npz` demonstration file. Only `observations` is required (float32
-    /// or float64, `[T, obs_dim]`); `actions` (without them the float policy's own actions are the
+    /// Loads and validates a `.npz` demonstration file. Only `observations` is required (float32,
+    /// float64 or float16, `[T, obs_dim]`); `actions` (without them the float policy's own actions are the
     /// targets), `episode_starts` (without it the file is one episode), `rewards`, `success`,
     /// `episode_returns` (float32 or float64), `metadata` (JSON bytes) and `images` are optional,
     /// and each one present is checked.
@@ -478,19 +481,73 @@ fn read<A: ReadableElement, D: ndarray::Dimension>(
     z.by_name(name).map_err(|e| format!("field `{key}`: wrong type or shape ({e}); see docs/demos-format.md"))
 }
 
-/// A 2-D float field as f32 (float64 files are common: numpy's default).
-fn read_f32_2d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Array2<f32>, String> {
-    match read::<f32, Ix2>(z, names, key) {
-        Ok(a) => Ok(a),
-        Err(e32) => read::<f64, Ix2>(z, names, key).map(|a| a.mapv(|v| v as f32)).map_err(|_| e32),
+/// An IEEE binary16 element of an .npy array (`<f2`, `>f2`): ndarray-npy reads and writes only
+/// its built-in element types, and half-precision pipelines save float16 observations and inputs.
+/// Every float16 value is exactly an f32 (`f32::from(h.0)`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Half(pub half::f16);
+
+impl ReadableElement for Half {
+    fn read_to_end_exact_vec<R: std::io::Read>(
+        mut reader: R,
+        type_desc: &py_literal::Value,
+        len: usize,
+    ) -> Result<Vec<Half>, ndarray_npy::ReadDataError> {
+        let little = match type_desc {
+            py_literal::Value::String(s) if s == "<f2" => true,
+            py_literal::Value::String(s) if s == ">f2" => false,
+            other => return Err(ndarray_npy::ReadDataError::WrongDescriptor(other.clone())),
+        };
+        let mut bytes = vec![0u8; len.checked_mul(2).ok_or(ndarray_npy::ReadDataError::MissingData)?];
+        reader.read_exact(&mut bytes).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => ndarray_npy::ReadDataError::MissingData,
+            _ => ndarray_npy::ReadDataError::Io(e),
+        })?;
+        let extra = reader.read_to_end(&mut Vec::new())?;
+        if extra > 0 {
+            return Err(ndarray_npy::ReadDataError::ExtraBytes(extra));
+        }
+        Ok(bytes
+            .chunks_exact(2)
+            .map(|b| {
+                let b = [b[0], b[1]];
+                Half(half::f16::from_bits(if little { u16::from_le_bytes(b) } else { u16::from_be_bytes(b) }))
+            })
+            .collect())
     }
 }
 
-fn read_f32_1d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Vec<f32>, String> {
-    match read::<f32, Ix1>(z, names, key) {
-        Ok(a) => Ok(a.to_vec()),
-        Err(e32) => read::<f64, Ix1>(z, names, key).map(|a| a.iter().map(|&v| v as f32).collect()).map_err(|_| e32),
+impl ndarray_npy::WritableElement for Half {
+    fn type_descriptor() -> py_literal::Value {
+        py_literal::Value::String("<f2".into())
     }
+
+    fn write<W: std::io::Write>(&self, mut writer: W) -> Result<(), ndarray_npy::WriteDataError> {
+        Ok(writer.write_all(&self.0.to_bits().to_le_bytes())?)
+    }
+
+    fn write_slice<W: std::io::Write>(slice: &[Half], mut writer: W) -> Result<(), ndarray_npy::WriteDataError> {
+        let bytes: Vec<u8> = slice.iter().flat_map(|h| h.0.to_bits().to_le_bytes()).collect();
+        Ok(writer.write_all(&bytes)?)
+    }
+}
+
+/// A 2-D float field as f32: stored as float32, float64 (numpy's default; rounded) or float16
+/// (exact).
+fn read_f32_2d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Array2<f32>, String> {
+    read::<f32, Ix2>(z, names, key).or_else(|e32| {
+        (read::<f64, Ix2>(z, names, key).map(|a| a.mapv(|v| v as f32)))
+            .or_else(|_| read::<Half, Ix2>(z, names, key).map(|a| a.mapv(|v| f32::from(v.0))))
+            .map_err(|_| e32)
+    })
+}
+
+fn read_f32_1d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Vec<f32>, String> {
+    read::<f32, Ix1>(z, names, key).map(|a| a.to_vec()).or_else(|e32| {
+        (read::<f64, Ix1>(z, names, key).map(|a| a.iter().map(|&v| v as f32).collect()))
+            .or_else(|_| read::<Half, Ix1>(z, names, key).map(|a| a.iter().map(|v| f32::from(v.0)).collect()))
+            .map_err(|_| e32)
+    })
 }
 
 fn read_f64_1d(z: &mut NpzReader<File>, names: &[String], key: &str) -> Result<Vec<f64>, String> {

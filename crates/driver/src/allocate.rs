@@ -105,7 +105,7 @@ pub struct AllocReport {
 
 /// The float policy in the canonical form quantize and compile use.
 fn canonical(model: &Path) -> crate::Result<Graph> {
-    let mut fp = crate::load_model(model)?;
+    let mut fp = crate::widened(&crate::load_model(model)?)?;
     sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default())?;
     Ok(fp)
 }

@@ -3,23 +3,25 @@
 
 use sqil_ir::interp::Interpreter;
 use sqil_ir::testing::Rng;
-use sqil_ir::{Dim, Graph, Tensor};
+use sqil_ir::{DType, Dim, Graph, Tensor};
 use sqil_runtime::Execute;
 use std::path::Path;
 use std::time::Instant;
 
 /// Random inputs for `shapes` with the batch dimension set to `batch`: uniform in [-1, 1), like
-/// an observation. (Not the tests' `Rng::tensor`, whose edge cases include subnormal values: a
+/// an observation, as each input's element type (a float16 policy's in float16; an integer
+/// input's, such as token ids, truncated toward zero). (Not the tests' `Rng::tensor`, whose edge cases include subnormal values: a
 /// float layer's FMAs on subnormal operands take microcode assists on Intel cores, and timed
 /// with them the 4x1024 MLP's float first layer ran 6x slower than on real observations.)
-fn inputs(shapes: &[Vec<Dim>], batch: usize, r: &mut Rng) -> Vec<Tensor> {
+fn inputs(shapes: &[Vec<Dim>], dtypes: &[DType], batch: usize, r: &mut Rng) -> Vec<Tensor> {
     shapes
         .iter()
-        .map(|s| {
+        .zip(dtypes)
+        .map(|(s, &dt)| {
             let shape: Vec<usize> =
                 s.iter().enumerate().map(|(i, d)| if i == 0 { batch } else { d.known().unwrap_or(1) }).collect();
             let v = (0..shape.iter().product::<usize>()).map(|_| r.unit()).collect();
-            Tensor::from_f32(shape, v).expect("sized")
+            Tensor::from_f32(shape, v).expect("sized").cast(dt)
         })
         .collect()
 }
@@ -40,10 +42,15 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
         }
         _ => unreachable!("a model or an artifact"),
     };
+    let dtypes: Vec<DType> = match (&policy, &graph) {
+        (Some(p), _) => p.input_dtypes().to_vec(),
+        (_, Some(g)) => g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.dtype).collect(),
+        _ => unreachable!("a model or an artifact"),
+    };
     let interp = graph.as_ref().map(Interpreter::new).transpose()?;
     let mut r = Rng::new(0);
     for &b in batches {
-        let x = inputs(&shapes, b, &mut r);
+        let x = inputs(&shapes, &dtypes, b, &mut r);
         let feeds: std::collections::HashMap<String, Tensor> = names.iter().cloned().zip(x.iter().cloned()).collect();
         let once = || -> crate::Result<()> {
             match (&policy, &interp) {

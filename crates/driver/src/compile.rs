@@ -437,7 +437,7 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let fp_in = crate::load_model(model)?;
     let fp_q = crate::quantize::prepare_float(&fp_in)?;
     // The float policy as quantize saw it (same canonical form, same value names).
-    let mut fp = fp_in.clone();
+    let mut fp = crate::widened(&fp_in)?;
     sqil_passes::cleanup_pipeline().run(&mut fp, &mut PassCtx::default())?;
     let demos = Demos::load_with(&a.demos, &a.obs_keys)?;
     // The action width: the demonstrations', else (states only) the float policy's output.
@@ -694,6 +694,8 @@ pub fn compile(model: &Path, a: &CompileArgs) -> crate::Result<()> {
     let mut lowered = tuned.clone();
     PassManager::from_names(&["lower-quant", "dce"])
         .and_then(|mut pm| pm.run(&mut lowered, &mut PassCtx::default()))?;
+    // A half-precision model's QDQ export keeps its input and output types (a drop-in).
+    sqil_passes::widen_half::restore_io_types(&mut lowered, &fp_in);
     sqil_codegen::onnx::save(&lowered, &a.out.join("model.onnx"))?;
     write_atomic(&a.out.join("model.sqil"), print_graph(&tuned, &PrintOptions::default())?.as_bytes())?;
     // The CPU artifact (the fused graph's plan + packed int4 weights), checked against the
@@ -898,7 +900,7 @@ pub fn summary(model: &Path, out: &Path) -> crate::Result<String> {
         .topo_order()?
         .iter()
         .filter_map(|&n| match &g.node(n).op {
-            sqil_ir::Op::Const(t) if t.dtype().is_float() => Some(t.len() * 4),
+            sqil_ir::Op::Const(t) if t.dtype().is_float() => Some(t.packed_bytes()),
             _ => None,
         })
         .sum();

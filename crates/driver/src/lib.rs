@@ -65,6 +65,25 @@ pub fn distinct_output(input: &Path, output: &Path) -> crate::Result<()> {
     Ok(())
 }
 
+/// A model as the quantizing commands (`quantize`, `compile`, `allocate`) compute it: a
+/// half-precision one (float16 or bfloat16 weights or values) widened to f32 (`widen-half`).
+pub fn widened(g: &Graph) -> crate::Result<Graph> {
+    let mut g = g.clone();
+    sqil_passes::PassManager::new(vec![Box::new(sqil_passes::widen_half::WidenHalf)])
+        .run(&mut g, &mut sqil_passes::PassCtx::default())?;
+    Ok(g)
+}
+
+/// A calibration or demonstration batch for a widened model: float16 and bfloat16 arrays as f32
+/// (exact); anything else as it is.
+pub fn widened_feed(t: sqil_ir::Tensor) -> sqil_ir::Tensor {
+    if sqil_passes::widen_half::is_half(t.dtype()) {
+        t.cast(sqil_ir::DType::F32)
+    } else {
+        t
+    }
+}
+
 pub fn load_model(path: &Path) -> crate::Result<Graph> {
     if sqil_runtime::artifact::is_artifact(path) {
         return Err(format!(

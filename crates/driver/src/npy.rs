@@ -16,7 +16,7 @@ fn to_tensor<T: Clone>(a: ArrayD<T>, wrap: fn(Vec<T>) -> Data) -> crate::Result<
     Ok(Tensor::new(shape, wrap(v))?)
 }
 
-/// Reads an .npy array of f32, f64, i64, i32, u8 or bool elements.
+/// Reads an .npy array of f32, f64, f16, i64, i32, u8 or bool elements.
 pub fn read(path: &Path) -> crate::Result<Tensor> {
     // The header's shape against the file's size first: nothing is allocated for a shape the
     // file cannot hold (or beyond SQIL_MAX_ARRAY_BYTES).
@@ -30,18 +30,21 @@ pub fn read(path: &Path) -> crate::Result<Tensor> {
     }
     attempt!(f32, Data::F32);
     attempt!(f64, Data::F64);
+    if let Ok(a) = ArrayD::<sqil_data::Half>::read_npy(open(path)?) {
+        return to_tensor(a.mapv(|h| h.0), Data::F16);
+    }
     attempt!(i64, Data::I64);
     attempt!(i32, Data::I32);
     attempt!(u8, Data::U8);
     attempt!(bool, Data::Bool);
     Err(format!(
-        "{}: not an .npy file of f32, f64, i64, i32, u8 or bool elements in C or Fortran order",
+        "{}: not an .npy file of f32, f64, f16, i64, i32, u8 or bool elements in C or Fortran order",
         path.display()
     )
     .into())
 }
 
-/// Writes a tensor as .npy (f32, f64, i64, i32, u8, i8 or bool), atomically.
+/// Writes a tensor as .npy (f32, f64, f16, i64, i32, u8, i8 or bool), atomically.
 pub fn write(path: &Path, t: &Tensor) -> crate::Result<()> {
     let tmp = path.with_extension("npy.tmp");
     let r = write_via(path, &tmp, t);
@@ -66,6 +69,7 @@ fn write_via(path: &Path, tmp: &Path, t: &Tensor) -> crate::Result<()> {
         match &t.data {
             Data::F32(v) => put!(v),
             Data::F64(v) => put!(v),
+            Data::F16(v) => put!(v.iter().map(|&h| sqil_data::Half(h)).collect::<Vec<_>>()),
             Data::I64(v) => put!(v),
             Data::I32(v) => put!(v),
             Data::U8(v) => put!(v),

@@ -55,7 +55,8 @@ pub fn run_quantize(fp: &Graph, a: &QuantizeArgs) -> crate::Result<(Graph, Graph
     Ok((sim, lowered, report))
 }
 
-/// The float graph as quantization takes it: shapes inferred, a model that is already QDQ
+/// The float graph as quantization takes it: half precision widened to f32 (`widen-half`), shapes
+/// inferred, a model that is already QDQ
 /// dequantized to float (it is quantized afresh), and inference BatchNorms folded into the
 /// Conv/Gemm before them (the weights that get quantized are the folded ones, as every deployment
 /// toolchain does; an unfolded BatchNorm ran as a separate float op between the int4 convolution
@@ -64,6 +65,7 @@ pub fn prepare_float(fp: &Graph) -> crate::Result<Graph> {
     let mut fp = fp.clone();
     let dequantize = sqil_passes::const_fold::ConstFold { fold_dequantize: true, ..Default::default() };
     PassManager::new(vec![
+        Box::new(sqil_passes::widen_half::WidenHalf),
         Box::new(sqil_passes::shape_infer::ShapeInfer),
         Box::new(dequantize),
         Box::new(sqil_passes::fold_batchnorm::FoldBatchNorm),
@@ -91,7 +93,7 @@ pub fn calibration_feeds(g: &Graph, paths: &[PathBuf], n: usize) -> crate::Resul
             }
             let mut f = Feeds::new();
             for (p, &i) in paths.iter().zip(&g.inputs) {
-                let t = crate::npy::read(p)?;
+                let t = crate::widened_feed(crate::npy::read(p)?);
                 calibration_rows_ok(&t).map_err(|e| format!("{}: {e}", p.display()))?;
                 f.insert(g.node(i).outputs[0].name.clone(), t);
             }
@@ -125,7 +127,9 @@ pub fn quantize_cmd(model: &Path, a: &QuantizeArgs) -> crate::Result<QuantReport
         crate::ensure_writable_parent(out)?;
     }
     let fp = crate::load_model(model)?;
-    let (sim, lowered, report) = run_quantize(&fp, a)?;
+    let (sim, mut lowered, report) = run_quantize(&fp, a)?;
+    // A half-precision model's QDQ export keeps its input and output types (a drop-in).
+    sqil_passes::widen_half::restore_io_types(&mut lowered, &fp);
     sqil_codegen::onnx::save(&lowered, &a.out)?;
     if let Some(p) = &a.ir_out {
         let text = print_graph(&sim, &PrintOptions::default())?;

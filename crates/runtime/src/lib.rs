@@ -64,13 +64,15 @@ pub struct Policy {
     pub plan: Plan,
     pub threads: usize,
     input_shapes: Vec<Vec<sqil_ir::Dim>>,
+    input_dtypes: Vec<sqil_ir::DType>,
 }
 
 impl Policy {
     /// Plans a simulation graph directly (no artifact).
     pub fn from_graph(g: &sqil_ir::Graph) -> Result<Policy> {
         let input_shapes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.shape.clone()).collect();
-        Ok(Policy { plan: Plan::new(g)?, threads: 1, input_shapes })
+        let input_dtypes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.dtype).collect();
+        Ok(Policy { plan: Plan::new(g)?, threads: 1, input_shapes, input_dtypes })
     }
 
     /// Loads an artifact written by `sqil compile` (`policy.bin`).
@@ -87,7 +89,13 @@ impl Policy {
 
     fn with_plan(g: &sqil_ir::Graph, plan: Plan) -> Policy {
         let input_shapes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.shape.clone()).collect();
-        Policy { plan, threads: 1, input_shapes }
+        let input_dtypes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.dtype).collect();
+        Policy { plan, threads: 1, input_shapes, input_dtypes }
+    }
+
+    /// The inputs' element types as the graph declares them.
+    pub fn input_dtypes(&self) -> &[sqil_ir::DType] {
+        &self.input_dtypes
     }
 
     /// The inputs' shapes as the graph declares them (the first dimension is the batch).
@@ -102,7 +110,25 @@ impl Policy {
 
     /// Runs on tensors in the policy's input order; returns the outputs.
     pub fn run(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        self.plan.run(inputs, self.threads)
+        // Each input of the graph's element type; a float16 or bfloat16 array for an f32 input is
+        // widened first (exactly), as the model it was compiled from would take it.
+        let mut widened: Vec<Tensor> = vec![];
+        for (k, t) in inputs.iter().enumerate() {
+            let Some(&want) = self.input_dtypes.get(k) else { break };
+            if t.dtype() == want {
+                continue;
+            }
+            if want == sqil_ir::DType::F32 && matches!(t.dtype(), sqil_ir::DType::F16 | sqil_ir::DType::BF16) {
+                if widened.is_empty() {
+                    widened = inputs.to_vec();
+                }
+                widened[k] = t.cast(want);
+                continue;
+            }
+            let name = self.plan.inputs.get(k).map_or("?", |(n, _)| n.as_str());
+            return Err(IrError::Invalid(format!("input `{name}`: expects {want} values, got {}", t.dtype())));
+        }
+        self.plan.run(if widened.is_empty() { inputs } else { &widened }, self.threads)
     }
 
     /// Actions for `batch` states of a single-input vector policy: `obs` is `[batch, d]`

@@ -213,6 +213,8 @@ pub fn vjp(op: &Op, ins: &[Option<&Tensor>], dy: &Tensor, wrt: usize) -> Result<
     };
     match op {
         Op::Identity | Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze | Op::Unsqueeze if wrt == 0 => out(xs, g),
+        // A float-to-float Cast passes the gradient through (straight through its rounding).
+        Op::Cast { to, .. } if wrt == 0 && to.is_float() && x.dtype().is_float() => out(xs, g),
         Op::Transpose { perm } if wrt == 0 => {
             let r = xs.len();
             let perm: Vec<usize> =
