@@ -106,8 +106,14 @@ pub fn restore_io_types(g: &mut Graph, original: &Graph) -> usize {
         g.value_mut(v).ty.dtype = half;
         restored += 1;
     }
+    // An f32 result the signature lists twice gets one Cast.
+    let mut narrowed: std::collections::HashMap<sqil_ir::ValueRef, sqil_ir::ValueRef> = Default::default();
     for k in 0..g.outputs.len().min(original.outputs.len()) {
         let (o, oo) = (g.outputs[k], original.outputs[k]);
+        if let Some(&c) = narrowed.get(&o) {
+            g.outputs[k] = c;
+            continue;
+        }
         let (Some(half), DType::F32) = (half_at(original, oo), g.value(o).ty.dtype) else { continue };
         let name = g.value(o).name.clone();
         let mut ty = g.value(o).ty.clone();
@@ -120,6 +126,7 @@ pub fn restore_io_types(g: &mut Graph, original: &Graph) -> usize {
             vec![sqil_ir::Value { name, ty }],
         );
         g.outputs[k] = sqil_ir::ValueRef { node: cast, slot: 0 };
+        narrowed.insert(o, g.outputs[k]);
         restored += 1;
     }
     restored
@@ -193,7 +200,8 @@ mod tests {
         let mut original = Graph::new("o");
         let x = original.add_input("x", ValueType::new(DType::BF16, vec![Dim::Known(2)]));
         let n = original.add_inferred("neg", Op::Unary(sqil_ir::ops::UnaryOp::Neg), &[Some(x)], "y").unwrap();
-        original.outputs.push(n);
+        // The same result listed twice: one Cast serves both.
+        original.outputs.extend([n, n]);
         let mut g = original.clone();
         WidenHalf.run(&mut g, &mut PassCtx::default()).unwrap();
         assert_eq!(g.value(g.outputs[0]).ty.dtype, DType::F32);
@@ -201,6 +209,7 @@ mod tests {
         sqil_ir::verify(&g).unwrap();
         assert_eq!(g.value(g.outputs[0]).ty.dtype, DType::BF16);
         assert_eq!(g.value(g.outputs[0]).name, "y");
+        assert_eq!(g.outputs[0], g.outputs[1]);
         let x = Tensor::from_f32(vec![2], vec![1.5, -3.0]).unwrap().cast(DType::BF16);
         let feeds = HashMap::from([("x".to_string(), x)]);
         let y = Interpreter::new(&g).unwrap().run(&feeds).unwrap().remove(0);
