@@ -1,4 +1,4 @@
-//! The zoo encoders' 1 x 1 W4A8 convolutions on small maps, one core: one image's positions in
+//! The zoo encoders' 1 x 1 W4A8 convolutions (small maps, and three at 21 x 21 and 42 x 42), one core: one image's positions in
 //! vector lanes (`pointwise_q4q8`) against several images' positions side by side in the lanes
 //! (`pointwise_q4q8_images`), per image; the outputs compared bit for bit.
 //!
@@ -19,6 +19,9 @@ fn main() {
         (240, 40, 36, "MobileNetV3 40 -> 240, 6 x 6"),
         (40, 240, 36, "MobileNetV3 240 -> 40, 6 x 6"),
         (144, 24, 121, "24 -> 144, 11 x 11"),
+        (48, 8, 1764, "8 -> 48, 42 x 42"),
+        (8, 48, 1764, "48 -> 8, 42 x 42"),
+        (96, 16, 441, "16 -> 96, 21 x 21"),
     ];
     for (n, k, p, what) in layers {
         let mut rnd = xorshift();

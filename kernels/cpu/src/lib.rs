@@ -266,8 +266,10 @@ impl Layout {
 /// (C = `w.k`), into `y` `[w.n][positions]`; every output exactly [`generic::generic_q4q8_row`] of
 /// that position's channels (its im2col row). Positions in vector lanes: the small-channel layers
 /// of MobileNet-class CNNs (8-96 channels at 42 x 42) reach the row kernels as thousands of short
-/// rows. The `post` ops ([`Post`]) are applied to each output before it is stored. Returns false,
-/// writing nothing, on a CPU without AVX-512 VNNI (or with `SQIL_ISA` capping it).
+/// rows. The `post` ops ([`Post`]) are applied to each output before it is stored. AVX-512 VNNI:
+/// sixteen lanes, four channels per `vpdpbusd`; AVX2: eight lanes, two channels per `vpmaddwd`
+/// (`x86_64::avx2::avx2_pointwise_q4q8`, one image at a time, the `post` ops over its outputs).
+/// Returns false, writing nothing, on a CPU without AVX2 (or with `SQIL_ISA=generic`).
 #[allow(clippy::too_many_arguments)]
 pub fn pointwise_q4q8(
     w: &PackedQ4,
@@ -334,6 +336,19 @@ pub fn pointwise_q4q8_images(
                 );
             }
             generic::post_in_place(&mut y[..w.n * all], rest);
+            true
+        });
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 && all > 0 {
+        let (per_in, per_out) = (w.k * positions, w.n * positions);
+        return X4.with_borrow_mut(|x2| {
+            x2.resize(w.k.div_ceil(2) * positions.next_multiple_of(8), 0);
+            for (x, y) in planes.chunks_exact(per_in).zip(y.chunks_exact_mut(per_out)).take(images) {
+                // SAFETY: isa() checked AVX2 and FMA; the sizes are asserted above and x2 sized here.
+                unsafe { x86_64::avx2::avx2_pointwise_q4q8(w, x, positions, (zero, scale), bias, x2, y) };
+                generic::post_in_place(y, post);
+            }
             true
         });
     }

@@ -176,6 +176,9 @@ pub struct PackedQ4 {
     /// The weights again one signed byte each, four consecutive k per word (`[n][k_pad / 4]`,
     /// little-endian), for the pointwise-convolution kernel's broadcasts; made on first use.
     pub quad_words: std::sync::OnceLock<Vec<u32>>,
+    /// The weights again as signed 16-bit values, two consecutive k per word (`[n][k_pad / 2]`,
+    /// little-endian), for the AVX2 pointwise-convolution kernel's broadcasts; made on first use.
+    pub pair_words: std::sync::OnceLock<Vec<u32>>,
 }
 
 /// A buffer of plain values (integers, floats) that starts on a 64-byte boundary: the lane
@@ -364,7 +367,22 @@ impl PackedQ4 {
             channel_tiles: Default::default(),
             nibble_tiles: Default::default(),
             quad_words: Default::default(),
+            pair_words: Default::default(),
         }
+    }
+
+    /// [`PackedQ4::pair_words`], built on first use.
+    pub fn pair_words(&self) -> &[u32] {
+        self.pair_words.get_or_init(|| {
+            let kp = self.k_pad / 2;
+            (0..self.n * kp)
+                .map(|i| {
+                    let (r, j) = (i / kp, i % kp);
+                    let lo = self.get(r, 2 * j) as i16 as u16 as u32;
+                    lo | (self.get(r, 2 * j + 1) as i16 as u16 as u32) << 16
+                })
+                .collect()
+        })
     }
 
     /// [`PackedQ4::quad_words`], built on first use.

@@ -292,6 +292,11 @@ fn gather(
 /// row kernels with at least this many positions, or with rows shorter than
 /// [`POINTWISE_LONG_ROW`] channels.
 const POINTWISE_MIN_POSITIONS: usize = 64;
+
+/// With AVX2 (eight lanes, two channels per `vpmaddwd`), the fewest positions per image with which
+/// a 1 x 1 convolution takes the pointwise kernel; below, the row kernels (MobileNetV3's layers on
+/// 3 x 3 and 6 x 6 maps were slower in the lanes).
+const AVX2_POINTWISE_MIN_POSITIONS: usize = 100;
 const POINTWISE_LONG_ROW: usize = 384;
 
 /// Maps of up to this many positions run several images side by side in the pointwise kernel's
@@ -368,16 +373,21 @@ pub fn run(
     // Whether any input was NaN, as the quantizer saw it (no second scan of the images).
     let mut any_nan = false;
     SCRATCH.with_borrow_mut(|s| {
-        // A 1 x 1 convolution on one thread with AVX-512 VNNI: positions in vector lanes on the
-        // planes as they are (no transpose, no windows), `group` images at a time.
-        if pointwise && sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni {
+        // A 1 x 1 convolution on one thread with AVX-512 VNNI or AVX2: positions in vector lanes
+        // on the planes as they are (no transpose, no windows), `group` images at a time.
+        let lanes = match sqil_kernels_cpu::isa() {
+            sqil_kernels_cpu::Isa::Avx512Vnni => true,
+            sqil_kernels_cpu::Isa::Avx2 => il >= AVX2_POINTWISE_MIN_POSITIONS,
+            sqil_kernels_cpu::Isa::Generic => false,
+        };
+        if pointwise && lanes {
             s.planes.resize(group * il * ch, 0);
             for (imgs, y) in x.chunks(group * ch * il).zip(out.chunks_mut(group * w.n * ol)) {
                 let n = imgs.len() / (ch * il);
                 // The images one after the other, as the planes hold them (one value at a time).
                 any_nan |= quantize_i8_into(imgs, scale, zero, lo, hi, &mut s.planes[..imgs.len()]);
                 let done = sqil_kernels_cpu::pointwise_q4q8_images(w, &s.planes, (n, il), zero, scale, bias, post, y);
-                assert!(done, "the pointwise kernel needs AVX-512 VNNI");
+                assert!(done, "the pointwise kernel needs AVX2");
             }
             return;
         }

@@ -1078,3 +1078,110 @@ pub(crate) unsafe fn avx2_conv_direct(xp: &[f32], w: &[f32], d: DirectConv, bias
 pub(crate) unsafe fn avx2_dequant_gemv(w: &crate::dequant::DequantRows, x: &[f32], y: &mut [f32]) {
     dequant_gemv::<__m256, 4>(w, x, y)
 }
+
+/// [`crate::pointwise_q4q8`] on AVX2 for one image: positions in the eight lanes, each output
+/// exactly `generic::generic_q4q8_row` of its position's channels (no `post`). The input planes
+/// (`[w.k][positions]` bytes) are first interleaved two channels per 32-bit word as 16-bit values
+/// (`x2`: `[k.div_ceil(2)][p_pad]`, zero past the channels and the positions), so one `vpmaddwd`
+/// against a broadcast weight pair ([`PackedQ4::pair_words`]) adds two channels' products for
+/// eight positions, exactly in i32. Per group: its integer sums less `zero` times the group's
+/// weight sum, converted to f32 (round to nearest, as `as f32`), multiplied by the group's scale
+/// and added to the f32 total (separately rounded, as the row's `acc += s as f32 * scale`); then
+/// `total * scale + bias` (the bias, else +0.0, added as the row adds it). Four vectors of
+/// positions per step share each weight broadcast; the last step takes the one to three vectors
+/// left (`p_pad` is `positions` rounded up to 8).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `planes` holds `w.k * positions` bytes, `y` `w.n *
+/// positions` values, `bias` (if any) `w.n`; `x2` has `k.div_ceil(2) * p_pad` words.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_pointwise_q4q8(
+    w: &PackedQ4,
+    planes: &[i8],
+    positions: usize,
+    (zero, scale): (i32, f32),
+    bias: Option<&[f32]>,
+    x2: &mut [u32],
+    y: &mut [f32],
+) {
+    let (pairs, p_pad) = (w.k.div_ceil(2), positions.next_multiple_of(8));
+    debug_assert!(x2.len() >= pairs * p_pad && planes.len() >= w.k * positions && y.len() >= w.n * positions);
+    for cp in 0..pairs {
+        let row = &mut x2[cp * p_pad..(cp + 1) * p_pad];
+        let (c0, c1) = (2 * cp, 2 * cp + 1);
+        for (p, v) in row.iter_mut().enumerate() {
+            let at =
+                |c: usize| if c < w.k && p < positions { planes[c * positions + p] as i16 as u16 as u32 } else { 0 };
+            *v = at(c0) | at(c1) << 16;
+        }
+    }
+    let wp = w.pair_words();
+    let kp = w.k_pad / 2;
+    for r in 0..w.n {
+        let args = PointwiseRow { w, wr: &wp[r * kp..(r + 1) * kp], r, pairs, p_pad, positions, zero, scale, bias };
+        let out = y.as_mut_ptr().add(r * positions);
+        let mut p0 = 0;
+        while p0 + 32 <= p_pad {
+            pointwise_row_block::<4>(&args, x2, p0, out);
+            p0 += 32;
+        }
+        match (p_pad - p0) / 8 {
+            3 => pointwise_row_block::<3>(&args, x2, p0, out),
+            2 => pointwise_row_block::<2>(&args, x2, p0, out),
+            1 => pointwise_row_block::<1>(&args, x2, p0, out),
+            _ => {}
+        }
+    }
+}
+
+/// One output channel of [`avx2_pointwise_q4q8`]: its weight pairs `wr` and what the steps share.
+struct PointwiseRow<'a> {
+    w: &'a PackedQ4,
+    wr: &'a [u32],
+    r: usize,
+    pairs: usize,
+    p_pad: usize,
+    positions: usize,
+    zero: i32,
+    scale: f32,
+    bias: Option<&'a [f32]>,
+}
+
+/// `V` vectors of positions from `p0` of one output channel ([`avx2_pointwise_q4q8`]), stored
+/// where they are positions (the last vector's lanes past them dropped).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pointwise_row_block<const V: usize>(a: &PointwiseRow, x2: &[u32], p0: usize, out: *mut f32) {
+    let (groups, pairs_per_group) = (a.w.groups(), a.w.group / 2);
+    let mut total = [_mm256_setzero_ps(); V];
+    for g in 0..groups {
+        let mut s = [_mm256_setzero_si256(); V];
+        // Pairs past the channels hold zeros on both sides: not read.
+        for cp in g * pairs_per_group..((g + 1) * pairs_per_group).min(a.pairs) {
+            let wv = _mm256_set1_epi32(a.wr[cp] as i32);
+            let xs = x2.as_ptr().add(cp * a.p_pad + p0);
+            for (v, s) in s.iter_mut().enumerate() {
+                let x = _mm256_loadu_si256(xs.add(8 * v).cast());
+                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(x, wv));
+            }
+        }
+        let corr = _mm256_set1_epi32(a.zero.wrapping_mul(a.w.sums[a.r * groups + g]));
+        let sc = _mm256_set1_ps(a.w.scales[a.r * groups + g]);
+        for (t, s) in total.iter_mut().zip(s) {
+            *t = _mm256_add_ps(*t, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, corr)), sc));
+        }
+    }
+    let (xscale, b) = (_mm256_set1_ps(a.scale), _mm256_set1_ps(a.bias.map_or(0.0, |b| b[a.r])));
+    for (v, t) in total.iter().enumerate() {
+        let yv = _mm256_add_ps(_mm256_mul_ps(*t, xscale), b);
+        let p = p0 + 8 * v;
+        if p + 8 <= a.positions {
+            _mm256_storeu_ps(out.add(p), yv);
+        } else if p < a.positions {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), yv);
+            std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(p), a.positions - p);
+        }
+    }
+}
