@@ -16,13 +16,8 @@ use sqil_ir::{DType, Graph, Op, Result, Tensor};
 
 pub struct WidenHalf;
 
-/// Whether `d` is a half-precision float type.
-pub fn is_half(d: DType) -> bool {
-    matches!(d, DType::F16 | DType::BF16)
-}
-
 fn widen(t: &mut Tensor) -> bool {
-    let half = is_half(t.dtype());
+    let half = t.dtype().is_half();
     if half {
         *t = t.cast(DType::F32);
     }
@@ -41,8 +36,9 @@ impl Pass for WidenHalf {
         let ids: Vec<_> = g.g.node_indices().collect();
         for &n in &ids {
             if let Op::Cast { to, .. } = g.node(n).op {
-                let from_half = g.inputs_of(n).first().copied().flatten().is_some_and(|v| is_half(g.value(v).ty.dtype));
-                if from_half || is_half(to) {
+                let from_half =
+                    g.inputs_of(n).first().copied().flatten().is_some_and(|v| g.value(v).ty.dtype.is_half());
+                if from_half || to.is_half() {
                     casts.push(n);
                 }
             }
@@ -51,11 +47,11 @@ impl Pass for WidenHalf {
             let node = g.node_mut(n);
             match &mut node.op {
                 Op::Const(t) | Op::ConstantOfShape { value: t } => consts += widen(t) as usize,
-                Op::Cast { to, .. } if is_half(*to) => *to = DType::F32,
+                Op::Cast { to, .. } if to.is_half() => *to = DType::F32,
                 _ => {}
             }
             for v in &mut node.outputs {
-                if is_half(v.ty.dtype) {
+                if v.ty.dtype.is_half() {
                     v.ty.dtype = DType::F32;
                     values += 1;
                 }
@@ -85,7 +81,7 @@ impl Pass for WidenHalf {
 /// result keeps its name; the f32 value is renamed `NAME.f32`). So a quantized ONNX exported from
 /// a half-precision model is a drop-in replacement for it. Returns how many were restored.
 pub fn restore_io_types(g: &mut Graph, original: &Graph) -> usize {
-    let half_at = |gr: &Graph, v: sqil_ir::ValueRef| Some(gr.value(v).ty.dtype).filter(|&d| is_half(d));
+    let half_at = |gr: &Graph, v: sqil_ir::ValueRef| Some(gr.value(v).ty.dtype).filter(|d| d.is_half());
     let mut restored = 0;
     for (k, &n) in g.inputs.clone().iter().enumerate() {
         let Some(&on) = original.inputs.get(k) else { break };
@@ -169,10 +165,10 @@ mod tests {
         sqil_ir::verify(&g).unwrap();
         for n in g.topo_order().unwrap() {
             for v in &g.node(n).outputs {
-                assert!(!is_half(v.ty.dtype), "{} is still {}", v.name, v.ty.dtype);
+                assert!(!v.ty.dtype.is_half(), "{} is still {}", v.name, v.ty.dtype);
             }
             if let Op::Const(t) | Op::ConstantOfShape { value: t } = &g.node(n).op {
-                assert!(!is_half(t.dtype()));
+                assert!(!t.dtype().is_half());
             }
             // The output's f32 -> f32 cast is gone; the bf16 -> f16 one is now f32 -> f32, gone too.
             assert!(!matches!(g.node(n).op, Op::Cast { .. }), "{}", g.describe(n));

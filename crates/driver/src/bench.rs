@@ -8,20 +8,20 @@ use sqil_runtime::Execute;
 use std::path::Path;
 use std::time::Instant;
 
-/// Random inputs for `shapes` with the batch dimension set to `batch`: uniform in [-1, 1), like
-/// an observation, as each input's element type (a float16 policy's in float16; an integer
-/// input's, such as token ids, truncated toward zero). (Not the tests' `Rng::tensor`, whose edge cases include subnormal values: a
-/// float layer's FMAs on subnormal operands take microcode assists on Intel cores, and timed
-/// with them the 4x1024 MLP's float first layer ran 6x slower than on real observations.)
-fn inputs(shapes: &[Vec<Dim>], dtypes: &[DType], batch: usize, r: &mut Rng) -> Vec<Tensor> {
-    shapes
+/// Random inputs of `types` (each input's shape and element type) with the batch dimension set to
+/// `batch`: uniform in [-1, 1), like an observation, as the input's element type (a float16
+/// policy's in float16; an integer input's, such as token ids, truncated toward zero). (Not the
+/// tests' `Rng::tensor`, whose edge cases include subnormal values: a float layer's FMAs on
+/// subnormal operands take microcode assists on Intel cores, and timed with them the 4x1024 MLP's
+/// float first layer ran 6x slower than on real observations.)
+fn inputs(types: &[(Vec<Dim>, DType)], batch: usize, r: &mut Rng) -> Vec<Tensor> {
+    types
         .iter()
-        .zip(dtypes)
-        .map(|(s, &dt)| {
+        .map(|(s, dt)| {
             let shape: Vec<usize> =
                 s.iter().enumerate().map(|(i, d)| if i == 0 { batch } else { d.known().unwrap_or(1) }).collect();
             let v = (0..shape.iter().product::<usize>()).map(|_| r.unit()).collect();
-            Tensor::from_f32(shape, v).expect("sized").cast(dt)
+            Tensor::from_f32(shape, v).expect("sized").cast(*dt)
         })
         .collect()
 }
@@ -35,22 +35,25 @@ pub fn bench(model: &Path, batches: &[usize], iters: usize, threads: usize, prof
     } else {
         (None, Some(crate::load_model(model)?))
     };
-    let (shapes, names): (Vec<Vec<Dim>>, Vec<String>) = match (&policy, &graph) {
-        (Some(p), _) => (p.input_shapes().to_vec(), p.plan.inputs.iter().map(|(n, _)| n.clone()).collect()),
-        (_, Some(g)) => {
-            g.inputs.iter().map(|&i| (g.node(i).outputs[0].ty.shape.clone(), g.node(i).outputs[0].name.clone())).unzip()
-        }
-        _ => unreachable!("a model or an artifact"),
-    };
-    let dtypes: Vec<DType> = match (&policy, &graph) {
-        (Some(p), _) => p.input_dtypes().to_vec(),
-        (_, Some(g)) => g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.dtype).collect(),
+    let (types, names): (Vec<(Vec<Dim>, DType)>, Vec<String>) = match (&policy, &graph) {
+        (Some(p), _) => (
+            p.input_shapes().iter().cloned().zip(p.input_dtypes().iter().copied()).collect(),
+            p.plan.inputs.iter().map(|(n, _)| n.clone()).collect(),
+        ),
+        (_, Some(g)) => g
+            .inputs
+            .iter()
+            .map(|&i| {
+                let v = &g.node(i).outputs[0];
+                ((v.ty.shape.clone(), v.ty.dtype), v.name.clone())
+            })
+            .unzip(),
         _ => unreachable!("a model or an artifact"),
     };
     let interp = graph.as_ref().map(Interpreter::new).transpose()?;
     let mut r = Rng::new(0);
     for &b in batches {
-        let x = inputs(&shapes, &dtypes, b, &mut r);
+        let x = inputs(&types, b, &mut r);
         let feeds: std::collections::HashMap<String, Tensor> = names.iter().cloned().zip(x.iter().cloned()).collect();
         let once = || -> crate::Result<()> {
             match (&policy, &interp) {

@@ -77,7 +77,7 @@ pub fn widened(g: &Graph) -> crate::Result<Graph> {
 /// A calibration or demonstration batch for a widened model: float16 and bfloat16 arrays as f32
 /// (exact); anything else as it is.
 pub fn widened_feed(t: sqil_ir::Tensor) -> sqil_ir::Tensor {
-    if sqil_passes::widen_half::is_half(t.dtype()) {
+    if t.dtype().is_half() {
         t.cast(sqil_ir::DType::F32)
     } else {
         t

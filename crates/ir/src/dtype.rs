@@ -81,6 +81,11 @@ impl DType {
         matches!(self, DType::F32 | DType::F64 | DType::F16 | DType::BF16)
     }
 
+    /// A half-precision float type (float16 or bfloat16): every value exactly an f32.
+    pub fn is_half(self) -> bool {
+        matches!(self, DType::F16 | DType::BF16)
+    }
+
     pub fn is_integer(self) -> bool {
         !self.is_float() && self != DType::Bool
     }

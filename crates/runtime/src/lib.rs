@@ -70,9 +70,7 @@ pub struct Policy {
 impl Policy {
     /// Plans a simulation graph directly (no artifact).
     pub fn from_graph(g: &sqil_ir::Graph) -> Result<Policy> {
-        let input_shapes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.shape.clone()).collect();
-        let input_dtypes = g.inputs.iter().map(|&i| g.node(i).outputs[0].ty.dtype).collect();
-        Ok(Policy { plan: Plan::new(g)?, threads: 1, input_shapes, input_dtypes })
+        Ok(Policy::with_plan(g, Plan::new(g)?))
     }
 
     /// Loads an artifact written by `sqil compile` (`policy.bin`).
@@ -118,7 +116,7 @@ impl Policy {
             if t.dtype() == want {
                 continue;
             }
-            if want == sqil_ir::DType::F32 && matches!(t.dtype(), sqil_ir::DType::F16 | sqil_ir::DType::BF16) {
+            if want == sqil_ir::DType::F32 && t.dtype().is_half() {
                 if widened.is_empty() {
                     widened = inputs.to_vec();
                 }
