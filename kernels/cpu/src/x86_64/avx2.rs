@@ -880,12 +880,28 @@ pub unsafe fn avx2_sigmoid_f32(x: &[f32], out: &mut [f32]) {
     sigmoid_f32(x, out)
 }
 
-/// [`channel_block`] for groups of eight quads (32 values) that lie within one run (the run a
-/// multiple of the group: a convolution's per-tap scales, or a row): each group's i16 sums are
-/// widened straight into its float update, so no int32 accumulators stay live, and a group's
-/// quads run without a run check. Same arithmetic, so the same bits.
+/// [`channel_block`] for groups of a multiple of eight quads (32 values) that lie within one run
+/// (the run a multiple of the group: a convolution's per-tap scales, or a row): each eight quads'
+/// i16 sums are widened (`vpmaddwd`) and added in int32, a group's quads run without a run
+/// check, and the group's exact sum goes straight into its float update. Same arithmetic, so the
+/// same bits.
 #[inline(always)]
 pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: LaneInput>(
+    w: &PackedQ4,
+    t: &ChannelTiles,
+    at: (usize, usize),
+    xs: [X; NP],
+) -> [[__m256; J]; NP] {
+    // Groups of 32 on their own instance: one block of eight quads, its count known.
+    if w.group == 32 {
+        block_short::<NP, J, X, true>(w, t, at, xs)
+    } else {
+        block_short::<NP, J, X, false>(w, t, at, xs)
+    }
+}
+
+#[inline(always)]
+unsafe fn block_short<const NP: usize, const J: usize, X: LaneInput, const G32: bool>(
     w: &PackedQ4,
     t: &ChannelTiles,
     (cb, j0): (usize, usize),
@@ -893,7 +909,10 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: Lan
 ) -> [[__m256; J]; NP] {
     let groups = w.groups();
     const QUADS: usize = 8;
-    debug_assert!(w.group == 4 * QUADS && (xs[0].run() == usize::MAX || xs[0].run().is_multiple_of(w.group)));
+    let subs = if G32 { 1 } else { w.group / (4 * QUADS) };
+    debug_assert!(
+        w.group.is_multiple_of(4 * QUADS) && (xs[0].run() == usize::MAX || xs[0].run().is_multiple_of(w.group))
+    );
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128i8);
     let zc: [__m256i; NP] = std::array::from_fn(|c| _mm256_set1_epi32(128 + xs[c].zero()));
@@ -902,16 +921,25 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: Lan
     let mut walk = (0usize, 0usize);
     for g in 0..groups {
         let xp = short_group_inputs(&xs, w.group, &mut walk);
-        let base = t.data.as_ptr().add((cb * groups + g) * QUADS * 128);
-        let mut acc16 = [[_mm256_setzero_si256(); J]; NP];
-        for quad in 0..QUADS {
-            let wp = base.add(quad * 128 + 32 * j0);
-            let wv: [__m256i; J] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
+        let base = t.data.as_ptr().add((cb * groups + g) * subs * QUADS * 128);
+        let mut acc = [[_mm256_setzero_si256(); J]; NP];
+        for s in 0..subs {
+            let mut acc16 = [[_mm256_setzero_si256(); J]; NP];
+            for quad in 0..QUADS {
+                let wp = base.add((s * QUADS + quad) * 128 + 32 * j0);
+                let wv: [__m256i; J] = std::array::from_fn(|j| _mm256_loadu_si256(wp.add(32 * j) as *const __m256i));
+                for c in 0..NP {
+                    let x4 = std::ptr::read_unaligned(xp[c].add(4 * (s * QUADS + quad)) as *const i32);
+                    let xb =
+                        if X::FLIPPED { _mm256_set1_epi32(x4) } else { _mm256_xor_si256(_mm256_set1_epi32(x4), flip) };
+                    for j in 0..J {
+                        acc16[c][j] = _mm256_add_epi16(acc16[c][j], _mm256_maddubs_epi16(xb, wv[j]));
+                    }
+                }
+            }
             for c in 0..NP {
-                let x4 = std::ptr::read_unaligned(xp[c].add(4 * quad) as *const i32);
-                let xb = if X::FLIPPED { _mm256_set1_epi32(x4) } else { _mm256_xor_si256(_mm256_set1_epi32(x4), flip) };
                 for j in 0..J {
-                    acc16[c][j] = _mm256_add_epi16(acc16[c][j], _mm256_maddubs_epi16(xb, wv[j]));
+                    acc[c][j] = _mm256_add_epi32(acc[c][j], _mm256_madd_epi16(acc16[c][j], ones));
                 }
             }
         }
@@ -922,7 +950,7 @@ pub(crate) unsafe fn channel_block_short<const NP: usize, const J: usize, X: Lan
             let zw0 = _mm256_mullo_epi32(zc[0], ws);
             for c in 0..NP {
                 let zw = if same_zero { zw0 } else { _mm256_mullo_epi32(zc[c], ws) };
-                let v = _mm256_sub_epi32(_mm256_madd_epi16(acc16[c][j], ones), zw);
+                let v = _mm256_sub_epi32(acc[c][j], zw);
                 // The epilogue's order: product rounded, then added.
                 accf[c][j] = _mm256_add_ps(accf[c][j], _mm256_mul_ps(_mm256_cvtepi32_ps(v), sc));
             }

@@ -1072,6 +1072,17 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
                 stage_part::<X, 2, S>(w, t, (cb, 2 * h), &xs[c0..c0 + np_all], b, &mut tile);
             }
         }
+        if rs == 1 {
+            // One row of outputs per input (a batch of GEMVs): each input's channels together,
+            // not one store per input per channel a row apart.
+            for i in 0..np_all {
+                let at = 32 * cb - r0 + (c0 + i) * cs;
+                for (l, row) in tile[..rows].iter().enumerate() {
+                    y[at + l] = row[i];
+                }
+            }
+            continue;
+        }
         for (l, row) in tile[..rows].iter().enumerate() {
             let at = (32 * cb + l - r0) * rs + c0 * cs;
             if cs == 1 && np_all == TILE {
@@ -1108,6 +1119,15 @@ pub(crate) fn block_bias(bias: Option<&[f32]>, (cb, rows): (usize, usize), b: &m
     }
 }
 
+/// Fewest output rows for which the AVX2 lane kernel flips its inputs' sign bits once per call
+/// rather than per broadcast (see [`channels_impl`]).
+pub(crate) const FLIP_MIN_ROWS_AVX2: usize = 128;
+
+thread_local! {
+    /// [`channels_impl`]'s flipped copy of its inputs.
+    static FLIP_SCRATCH: std::cell::Cell<Vec<i8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 /// W4A8 of rows `rows_in` of `w` (start a multiple of 32) on a batch of inputs with the channels
 /// in vector lanes (see [`channel_block`]); output `(c, r)` goes to `y[c * cs + (r -
 /// rows_in.start) * rs]`.
@@ -1121,11 +1141,17 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, S: Sums>(
     rows_in: std::ops::Range<usize>,
 ) {
     debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
-    if S::WIDE && !X::FLIPPED && xs.len() >= 4 && rows_in.len() > 32 && xs.iter().all(|x| x.run() == usize::MAX) {
-        // Several inputs over several blocks: flip their bytes once (the values every block reads:
-        // `k_pad` per row), the same bytes the per-broadcast XOR makes.
+    // Several inputs over several blocks: flip their bytes once (the values every block reads:
+    // `k_pad` per row), the same bytes the per-broadcast XOR makes. On AVX2 only from
+    // [`FLIP_MIN_ROWS_AVX2`] rows: the copy of a convolution's im2col rows for two blocks had
+    // cost more than the XORs it saved.
+    let flip_rows = if S::WIDE { 33 } else { FLIP_MIN_ROWS_AVX2 };
+    if !X::FLIPPED && xs.len() >= 4 && rows_in.len() >= flip_rows && xs.iter().all(|x| x.run() == usize::MAX) {
         let len = w.k_pad;
-        let mut flipped = vec![0i8; xs.len() * len];
+        // A buffer kept per thread: no allocation (nor fresh pages) per call.
+        let mut flipped = FLIP_SCRATCH.take();
+        flipped.clear();
+        flipped.resize(xs.len() * len, 0);
         for (x, dst) in xs.iter().zip(flipped.chunks_exact_mut(len)) {
             // SAFETY: the kernel reads `k_pad` values of each row from `run_ptr(0)`.
             let src = std::slice::from_raw_parts(x.run_ptr(0), len);
@@ -1138,12 +1164,18 @@ pub(crate) unsafe fn channels_impl<X: LaneInput, S: Sums>(
             .zip(flipped.chunks_exact(len))
             .map(|(x, q)| FlippedRow { q, zero: x.zero(), scale: x.scale() })
             .collect();
-        return channels_impl::<FlippedRow, S>(w, &rows, bias, y, (cs, rs), rows_in);
+        channels_impl::<FlippedRow, S>(w, &rows, bias, y, (cs, rs), rows_in);
+        drop(rows);
+        FLIP_SCRATCH.set(flipped);
+        return;
     }
     let t = w.channel_tiles();
     let r0 = rows_in.start;
-    // Groups of eight quads inside one run take the short form (a wide `S`: its 512-bit variant).
-    let short = w.group == 32 && xs.first().is_some_and(|x| x.run() == usize::MAX || x.run().is_multiple_of(w.group));
+    // Groups of eight quads inside one run take the short form (a wide `S`: its 512-bit variant);
+    // on AVX2 groups of any multiple of eight quads from four inputs (one input ran faster on
+    // the long form: the whole block per pass over it).
+    let short = (w.group == 32 || (!S::WIDE && w.group.is_multiple_of(32) && xs.len() >= 4))
+        && xs.first().is_some_and(|x| x.run() == usize::MAX || x.run().is_multiple_of(w.group));
     let mut b = [0f32; 32];
     for cb in r0 / 32..rows_in.end.div_ceil(32) {
         let rows = (rows_in.end - 32 * cb).min(32);
