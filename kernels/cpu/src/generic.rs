@@ -1824,6 +1824,14 @@ fn op_fake_quant_in_place(v: &mut [f32], op: Post, (scale, zero, lo, hi): (f32, 
         (crate::Isa::Avx512Vnni, Post::HardSwish) => unsafe {
             crate::x86_64::avx512::avx512_hard_swish_fake_quant(v, (scale, zero, lo, hi))
         },
+        // SAFETY: isa() checked AVX2 and FMA.
+        (crate::Isa::Avx2, Post::Silu) => unsafe {
+            crate::x86_64::avx2::avx2_silu_fake_quant(v, (scale, zero, lo, hi))
+        },
+        // SAFETY: as above.
+        (crate::Isa::Avx2, Post::HardSwish) => unsafe {
+            crate::x86_64::avx2::avx2_hard_swish_fake_quant(v, (scale, zero, lo, hi))
+        },
         _ => 0,
     };
     #[cfg(not(target_arch = "x86_64"))]

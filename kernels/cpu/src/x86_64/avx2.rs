@@ -980,6 +980,158 @@ pub(crate) unsafe fn avx2_channels<X: LaneInput>(
     channels_impl::<X, Avx2>(w, xs, bias, y, strides, rows)
 }
 
+/// `|x|` on eight lanes (the sign bit cleared).
+#[inline(always)]
+unsafe fn abs8(x: __m256) -> __m256 {
+    _mm256_andnot_ps(_mm256_set1_ps(-0.0), x)
+}
+
+/// The FakeQuant `(scale, zero, lo, hi)` of `op`'s outputs for the `8 K` values at `v[at..]`, per
+/// vector from `(q, b, ok)` (an estimate of each output's quotient by the scale, a bound on its
+/// distance from the definition's quotient, the lanes where the estimate may be taken, as a
+/// movemask): `avx512::store_levels16`'s test and output on eight lanes. With `A = lo - zero`
+/// and `B = hi - zero`, `q` is clamped to `[A - 1/4, B + 1/4]` and rounded to `k`; where every
+/// lane is `ok` and `|q_c - k| + b < 1/2`, `k` is the definition's level less the zero point, and
+/// the output is `(k + 0) * scale` (the FakeQuant's `(level - zero) * scale`, `-0` made `+0`).
+/// NaN lanes (`vmaxps` / `vminps` keep their second operand, `q`, when it is NaN) and infinite
+/// bounds fail the test; such a vector goes through the definition value by value.
+#[inline(always)]
+unsafe fn store_levels8<const K: usize>(
+    v: &mut [f32],
+    at: usize,
+    est: [(__m256, __m256, i32); K],
+    op: crate::generic::Post,
+    (scale, zero, lo, hi): (f32, f32, f32, f32),
+) {
+    let (a, b) = (_mm256_set1_ps(lo - zero - 0.25), _mm256_set1_ps(hi - zero + 0.25));
+    let mut outs = [(_mm256_setzero_ps(), false); K];
+    for (o, &(q, bound, ok)) in outs.iter_mut().zip(&est) {
+        let qc = _mm256_min_ps(b, _mm256_max_ps(a, q));
+        let k = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(qc);
+        let off = _mm256_add_ps(abs8(_mm256_sub_ps(qc, k)), bound);
+        let near = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(off, _mm256_set1_ps(0.5)));
+        *o = (_mm256_mul_ps(_mm256_add_ps(k, _mm256_setzero_ps()), _mm256_set1_ps(scale)), ok & near == 0xff);
+    }
+    for (j, &(y, sure)) in outs.iter().enumerate() {
+        let at = at + 8 * j;
+        if sure {
+            _mm256_storeu_ps(v.as_mut_ptr().add(at), y);
+        } else {
+            definition_levels(&mut v[at..at + 8], op, (scale, zero, lo, hi));
+        }
+    }
+}
+
+/// SiLU then a FakeQuant in place over whole vectors of `v`, through the quantized level:
+/// `avx512_silu_fake_quant`'s estimate and test on eight lanes. Per lane `e = e^-x` in f32 (the
+/// same range reduction and degree-6 Taylor polynomial; `2^k` made from its exponent bits, `k` an
+/// integer in `[-116, 116]` where the estimate is taken, so `p 2^k` is exact as `vscalefps`'s),
+/// `s~ = 1 / (1 + e)` by a correctly rounded division (within `2^-24`, closer than the AVX-512
+/// form's reciprocal estimate and Newton step, `2^-23.5`), `q~ = x s~ fl(1 / scale)`: within about
+/// `2^-20.5` of the exact quotient, so the same bound `|q~| 2^-18 + 2^-100` holds with over four
+/// times the room. A lane with `|x| >= 80` or NaN sends its vector to the definition. Returns how
+/// many values were done (a multiple of 32; the caller finishes the rest); none unless the
+/// scale's reciprocal is normal and the levels are integers.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_silu_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
+    level_steps(v.len(), 64, q4, |i, eight, rcp| {
+        if eight {
+            let x: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(v.as_ptr().add(i + 8 * j)));
+            store_levels8(v, i, silu_est8(x, rcp), crate::generic::Post::Silu, q4)
+        } else {
+            let x: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(v.as_ptr().add(i + 8 * j)));
+            store_levels8(v, i, silu_est8(x, rcp), crate::generic::Post::Silu, q4)
+        }
+    })
+}
+
+/// [`avx2_silu_fake_quant`]'s estimates `(q, b, ok)` of `K` vectors `x`, `rcp` the scale's
+/// reciprocal.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_est8<const K: usize>(x: [__m256; K], rcp: f32) -> [(__m256, __m256, i32); K] {
+    let rs = _mm256_set1_ps(rcp);
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split as the AVX-512 form splits it: n * LN2_HI exact for |n| < 2^12.
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7000);
+    const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
+    const MAGIC: f32 = 12_582_912.0;
+    let one = _mm256_set1_ps(1.0);
+    let taylor = [1.0 / 720.0, -1.0 / 120.0, 1.0 / 24.0, -1.0 / 6.0, 0.5, -1.0, 1.0f32];
+    // k = -round(x log2 e), r = x + k ln 2 in [-ln 2 / 2, ln 2 / 2]: e^-x = 2^k e^-r.
+    let t = x.map(|x| _mm256_fmadd_ps(x, _mm256_set1_ps(-LOG2E), _mm256_set1_ps(MAGIC)));
+    let k = t.map(|t| _mm256_sub_ps(t, _mm256_set1_ps(MAGIC)));
+    let r: [__m256; K] = std::array::from_fn(|j| {
+        let r = _mm256_fmadd_ps(k[j], _mm256_set1_ps(LN2_HI), x[j]);
+        _mm256_fmadd_ps(k[j], _mm256_set1_ps(LN2_LO), r)
+    });
+    let mut p = [_mm256_set1_ps(taylor[0]); K];
+    for c in &taylor[1..] {
+        for j in 0..K {
+            p[j] = _mm256_fmadd_ps(p[j], r[j], _mm256_set1_ps(*c));
+        }
+    }
+    std::array::from_fn(|j| {
+        // 2^k from its exponent bits (k an integer-valued float; garbage only on lanes not taken).
+        let two_k = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(k[j]),
+            _mm256_set1_epi32(127),
+        )));
+        let e = _mm256_mul_ps(p[j], two_k);
+        let sig = _mm256_div_ps(one, _mm256_add_ps(one, e));
+        let q = _mm256_mul_ps(_mm256_mul_ps(x[j], sig), rs);
+        let b = _mm256_fmadd_ps(abs8(q), _mm256_set1_ps(1.0 / 262_144.0), _mm256_set1_ps(1e-30));
+        let ok = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(abs8(x[j]), _mm256_set1_ps(80.0)));
+        (q, b, ok)
+    })
+}
+
+/// HardSwish then a FakeQuant in place over whole vectors of `v`, through the quantized level:
+/// `avx512_hard_swish_fake_quant`'s estimate `q~ = x t~ fl(1 / scale)`, `t~ = clamp(fma(x,
+/// fl(1/6), 1/2), 0, 1)`, and its bound `|x| fl(1 / scale) 2^-22 + |q~| 2^-20 + 2^-100`, on eight
+/// lanes ([`store_levels8`]'s test). Returns how many values were done (a multiple of 32); none
+/// unless the scale's reciprocal is normal and the levels are integers.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_hard_swish_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
+    level_steps(v.len(), 64, q4, |i, eight, rcp| {
+        if eight {
+            let x: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(v.as_ptr().add(i + 8 * j)));
+            store_levels8(v, i, hard_swish_est8(x, rcp), crate::generic::Post::HardSwish, q4)
+        } else {
+            let x: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(v.as_ptr().add(i + 8 * j)));
+            store_levels8(v, i, hard_swish_est8(x, rcp), crate::generic::Post::HardSwish, q4)
+        }
+    })
+}
+
+/// [`avx2_hard_swish_fake_quant`]'s estimates `(q, b, ok)` of `K` vectors `x`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hard_swish_est8<const K: usize>(x: [__m256; K], rcp: f32) -> [(__m256, __m256, i32); K] {
+    let rs = _mm256_set1_ps(rcp);
+    let xbound = _mm256_set1_ps(rcp * (1.0 / 4_194_304.0));
+    let (sixth, half, one, zero_v) =
+        (_mm256_set1_ps(1.0 / 6.0), _mm256_set1_ps(0.5), _mm256_set1_ps(1.0), _mm256_setzero_ps());
+    std::array::from_fn(|j| {
+        let x = x[j];
+        let t = _mm256_min_ps(one, _mm256_max_ps(zero_v, _mm256_fmadd_ps(x, sixth, half)));
+        let q = _mm256_mul_ps(_mm256_mul_ps(x, t), rs);
+        let b = _mm256_fmadd_ps(
+            abs8(x),
+            xbound,
+            _mm256_fmadd_ps(abs8(q), _mm256_set1_ps(1.0 / 1_048_576.0), _mm256_set1_ps(1e-30)),
+        );
+        // An infinite or NaN input makes the bound infinite or NaN, which fails the test.
+        (q, b, 0xff)
+    })
+}
+
 /// fdlibm's erf on four f64 lanes where |x| < 1.25 (`avx512::erf8`'s operations on 256-bit
 /// registers: the same bits as `libm::erf`), the others by `libm::erf`.
 #[inline]
@@ -1211,5 +1363,48 @@ unsafe fn pointwise_row_block<const V: usize>(a: &PointwiseRow, x2: &[u32], p0: 
             _mm256_storeu_ps(lanes.as_mut_ptr(), yv);
             std::ptr::copy_nonoverlapping(lanes.as_ptr(), out.add(p), a.positions - p);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX2 SiLU level kernel's estimate `x sigma~(x)` (with a reciprocal of 1) is within
+    /// `2^-20.5` of `x / (1 + e^-x)` (relative, in f64) on every lane it takes, and takes every
+    /// lane with `|x| < 80`: one f32 in 997 of each sign up to 80, the bound its level test rests
+    /// on with over four times the room (products of subnormal size within their rounding).
+    #[test]
+    fn silu_estimate_is_within_its_bound() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            eprintln!("skipping silu_estimate_is_within_its_bound: no AVX2 and FMA");
+            return;
+        }
+        let top = 80f32.to_bits();
+        let xs: Vec<f32> = (0..top)
+            .step_by(997)
+            .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
+            .chain([79.99, -79.99, 30.0, -30.0, 1e-30, -1e-30])
+            .collect();
+        let mut worst = 0f64;
+        for c in xs.chunks_exact(8) {
+            // SAFETY: AVX2 and FMA checked above; 8 values.
+            let [(q, _, ok)] = unsafe { silu_est8([_mm256_loadu_ps(c.as_ptr())], 1.0) };
+            assert_eq!(ok, 0xff, "a lane below 80 not taken: {c:?}");
+            let mut got = [0f32; 8];
+            // SAFETY: as above; 8 values.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), q) };
+            for (&x, &g) in c.iter().zip(&got) {
+                let x = x as f64;
+                let want = x / (1.0 + (-x).exp());
+                if want.abs() >= f32::MIN_POSITIVE as f64 {
+                    worst = worst.max(((g as f64 - want) / want).abs());
+                } else {
+                    assert!((g as f64 - want).abs() <= 2f64.powi(-149), "x {x}: {g} against {want}");
+                }
+            }
+        }
+        assert!(worst < 2f64.powf(-20.5), "worst relative error 2^{:.2}", worst.log2());
+        eprintln!("SiLU estimate (AVX2): worst relative error 2^{:.2} over {} values", worst.log2(), xs.len());
     }
 }

@@ -5,8 +5,9 @@
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
 use super::common::{
-    block_bias, channels_impl, gemm_impl, gemv_rows_impl, screen_reciprocal, sgemm_direct8, sgemm_direct_panels,
-    short_group_inputs, single_block, softmax_rows_impl, F32Lanes, LaneInput, Sums, QUOTIENT_SCREEN,
+    block_bias, channels_impl, definition_levels, gemm_impl, gemv_rows_impl, integral_levels, level_reciprocal,
+    level_steps, screen_reciprocal, sgemm_direct8, sgemm_direct_panels, short_group_inputs, single_block,
+    softmax_rows_impl, F32Lanes, LaneInput, Sums, QUOTIENT_SCREEN,
 };
 use crate::generic::QRow;
 use crate::packed::{ChannelTiles, PackedQ4, QK4};
@@ -1844,14 +1845,6 @@ unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
     nan != 0
 }
 
-/// Whether a FakeQuant's zero point and level bounds are integers with `lo <= hi`, small enough
-/// (below 2^20 in magnitude) that `lo - zero - 1/4` and `hi - zero + 1/4` are exact in f32: what
-/// [`store_levels16`]'s test assumes.
-fn integral_levels(zero: f32, lo: f32, hi: f32) -> bool {
-    let int = |x: f32| x.abs() <= 1_048_576.0 && x.fract() == 0.0;
-    int(zero) && int(lo) && int(hi) && lo <= hi
-}
-
 /// The FakeQuant `(scale, zero, lo, hi)` of `op`'s outputs for the `16 K` values at `v[at..]`,
 /// per vector from `(q, b, ok)`: an estimate `q` of each output's quotient by the scale, a bound `b` on its
 /// distance from the definition's quotient, and the lanes `ok` where the estimate may be taken.
@@ -1885,23 +1878,6 @@ unsafe fn store_levels16<const K: usize>(
             definition_levels(&mut v[at..at + 16], op, (scale, zero, lo, hi));
         }
     }
-}
-
-/// `op` then the FakeQuant `(scale, zero, lo, hi)` by their definitions, value by value: the
-/// level kernels' path for a vector whose estimate they cannot vouch for.
-#[inline(always)]
-fn definition_levels(v: &mut [f32], op: crate::generic::Post, (scale, zero, lo, hi): (f32, f32, f32, f32)) {
-    let post = [op, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
-    for e in v {
-        *e = crate::generic::post_one(*e, &post);
-    }
-}
-
-/// The scale's reciprocal where the level kernels take a FakeQuant `(scale, zero, lo, hi)`: a
-/// positive scale with a normal reciprocal and integer levels ([`integral_levels`]).
-fn level_reciprocal((scale, zero, lo, hi): (f32, f32, f32, f32)) -> Option<f32> {
-    let rcp = 1.0 / scale;
-    (scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)).then_some(rcp)
 }
 
 /// [`store_levels16`]'s outputs and tests: per vector of estimates `(q, b, ok)`, the FakeQuant's
@@ -1946,36 +1922,13 @@ unsafe fn levels16<const K: usize>(
 /// AVX-512 F, AVX2 and FMA.
 #[target_feature(enable = "avx512f,avx2,fma")]
 pub unsafe fn avx512_hard_swish_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
-    level_steps(v.len(), q4, |i, eight, rcp| {
+    level_steps(v.len(), 128, q4, |i, eight, rcp| {
         if eight {
             hard_swish_levels::<8>(v, i, rcp, q4)
         } else {
             hard_swish_levels::<4>(v, i, rcp, q4)
         }
     })
-}
-
-/// The steps of the level kernels over `len` values: none unless they take the FakeQuant
-/// ([`level_reciprocal`]); else `step(i, eight, rcp)` at each 128 values (eight vectors: four left a third of the SiLU
-/// kernel's time to its chains' latency on a Zen 5 core), then once at 64 if they are left
-/// (four vectors). Returns how many values the steps did (a multiple of 64).
-#[inline(always)]
-fn level_steps(
-    len: usize,
-    (scale, zero, lo, hi): (f32, f32, f32, f32),
-    mut step: impl FnMut(usize, bool, f32),
-) -> usize {
-    let Some(rcp) = level_reciprocal((scale, zero, lo, hi)) else { return 0 };
-    let mut i = 0;
-    while i + 128 <= len {
-        step(i, true, rcp);
-        i += 128;
-    }
-    if i + 64 <= len {
-        step(i, false, rcp);
-        i += 64;
-    }
-    i
 }
 
 /// [`avx512_hard_swish_fake_quant`] on the `16 K` values at `v[i..]`, `rcp` the scale's
@@ -2034,6 +1987,7 @@ unsafe fn hard_swish_est<const K: usize>(x: [__m512; K], rcp: f32) -> [(__m512, 
 pub unsafe fn avx512_silu_fake_quant(v: &mut [f32], q4: (f32, f32, f32, f32)) -> usize {
     level_steps(
         v.len(),
+        128,
         q4,
         |i, eight, rcp| {
             if eight {

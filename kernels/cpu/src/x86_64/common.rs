@@ -1242,6 +1242,56 @@ pub(crate) unsafe fn sgemm_direct8(
     }
 }
 
+/// Whether a FakeQuant's zero point and level bounds are integers with `lo <= hi`, small enough
+/// (below 2^20 in magnitude) that `lo - zero - 1/4` and `hi - zero + 1/4` are exact in f32: what
+/// the level tests (`store_levels16`, `store_levels8`) assume.
+pub(crate) fn integral_levels(zero: f32, lo: f32, hi: f32) -> bool {
+    let int = |x: f32| x.abs() <= 1_048_576.0 && x.fract() == 0.0;
+    int(zero) && int(lo) && int(hi) && lo <= hi
+}
+
+/// `op` then the FakeQuant `(scale, zero, lo, hi)` by their definitions, value by value: the
+/// level kernels' path for a vector whose estimate they cannot vouch for.
+#[inline(always)]
+pub(crate) fn definition_levels(v: &mut [f32], op: crate::generic::Post, (scale, zero, lo, hi): (f32, f32, f32, f32)) {
+    let post = [op, crate::generic::Post::FakeQuant { scale, zero, lo, hi }];
+    for e in v {
+        *e = crate::generic::post_one(*e, &post);
+    }
+}
+
+/// The scale's reciprocal where the level kernels take a FakeQuant `(scale, zero, lo, hi)`: a
+/// positive scale with a normal reciprocal and integer levels ([`integral_levels`]).
+pub(crate) fn level_reciprocal((scale, zero, lo, hi): (f32, f32, f32, f32)) -> Option<f32> {
+    let rcp = 1.0 / scale;
+    (scale > 0.0 && rcp.is_normal() && integral_levels(zero, lo, hi)).then_some(rcp)
+}
+
+/// The steps of the level kernels over `len` values: none unless they take the FakeQuant
+/// ([`level_reciprocal`]); else `step(i, eight, rcp)` at each `wide` values (eight vectors: four
+/// left a third of the SiLU kernel's time to its chains' latency on a Zen 5 core), then once at
+/// `wide / 2` if they are left (four vectors). Returns how many values the steps did (a multiple
+/// of `wide / 2`).
+#[inline(always)]
+pub(crate) fn level_steps(
+    len: usize,
+    wide: usize,
+    (scale, zero, lo, hi): (f32, f32, f32, f32),
+    mut step: impl FnMut(usize, bool, f32),
+) -> usize {
+    let Some(rcp) = level_reciprocal((scale, zero, lo, hi)) else { return 0 };
+    let mut i = 0;
+    while i + wide <= len {
+        step(i, true, rcp);
+        i += wide;
+    }
+    if i + wide / 2 <= len {
+        step(i, false, rcp);
+        i += wide / 2;
+    }
+    i
+}
+
 #[cfg(test)]
 mod tests {
     use super::Sums;
