@@ -104,6 +104,13 @@ unsafe fn lanes_kernel<X: x86_64::common::LaneInput>(
 /// 255) times int8 inputs stay below 2^31 over a group of at most this many weights.
 pub const NIBBLE_LANES_MAX_GROUP: usize = 65536;
 
+/// Most rows that run on the AVX2 half-byte channel-lane kernel (`avx2_nibble_rows`: half the
+/// weight bytes of the byte-tile kernel, each block unpacked in registers per row). Measured on
+/// this project's AVX2 host (AMD EPYC, Zen 3), the 4x1024 MLP W4A8, five interleaved rounds:
+/// batch 1 70.7-79 -> 53.4-57.8 us, batch 2 101.8-116.8 -> 100.2-105.3; at batch 3 the byte
+/// tiles' two-row pass was ahead (154 vs 162 us).
+pub const AVX2_NIBBLE_ROWS_MAX: usize = 2;
+
 /// Fewest rows that run on the one-byte row-lane kernel (`avx512_byte_rows`: half the
 /// instructions per row and group besides `vpdpbusd`, on the layer's byte copy within
 /// [`LANES_MAX_BYTES`], else on each block unpacked per call) rather than the half-byte one
@@ -135,6 +142,8 @@ unsafe fn row_lanes_kernel(
         x86_64::avx512::avx512_byte_rows(w, xs, bias, y, strides, rows)
     } else if nibble_lanes(w) {
         x86_64::avx512::avx512_nibble_lanes(w, xs, bias, y, strides, rows)
+    } else if isa() == Isa::Avx2 && xs.len() <= AVX2_NIBBLE_ROWS_MAX && w.group <= NIBBLE_LANES_MAX_GROUP {
+        x86_64::avx2::avx2_nibble_rows(w, xs, bias, y, strides, rows)
     } else {
         lanes_kernel(w, xs, bias, y, strides, rows)
     }
