@@ -2013,15 +2013,8 @@ unsafe fn silu_levels<const K: usize>(v: &mut [f32], i: usize, rcp: f32, q4: (f3
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn silu_est<const K: usize>(x: [__m512; K], rcp: f32) -> [(__m512, __m512, __mmask16); K] {
     let rs = _mm512_set1_ps(rcp);
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split: n * LN2_HI exact for |n| < 2^12 (its low 12 bits are zero), LN2_LO the rest
-    // to f32's precision (ln 2 to about 2^-44 in all).
-    const LN2_HI: f32 = f32::from_bits(0x3f31_7000);
-    const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
-    const MAGIC: f32 = 12_582_912.0;
+    use super::common::exp_neg_f32::{LN2_HI, LN2_LO, LOG2E, MAGIC, TAYLOR};
     let one = _mm512_set1_ps(1.0);
-    // e^-r's Taylor polynomial (alternating signs), highest power first.
-    let taylor = [1.0 / 720.0, -1.0 / 120.0, 1.0 / 24.0, -1.0 / 6.0, 0.5, -1.0, 1.0f32];
     // k = -round(x log2 e), r = x + k ln 2 in [-ln 2 / 2, ln 2 / 2]: e^-x = 2^k e^-r.
     let t = x.map(|x| _mm512_fmadd_ps(x, _mm512_set1_ps(-LOG2E), _mm512_set1_ps(MAGIC)));
     let k = t.map(|t| _mm512_sub_ps(t, _mm512_set1_ps(MAGIC)));
@@ -2029,8 +2022,8 @@ unsafe fn silu_est<const K: usize>(x: [__m512; K], rcp: f32) -> [(__m512, __m512
         let r = _mm512_fmadd_ps(k[j], _mm512_set1_ps(LN2_HI), x[j]);
         _mm512_fmadd_ps(k[j], _mm512_set1_ps(LN2_LO), r)
     });
-    let mut p = [_mm512_set1_ps(taylor[0]); K];
-    for c in &taylor[1..] {
+    let mut p = [_mm512_set1_ps(TAYLOR[0]); K];
+    for c in &TAYLOR[1..] {
         for j in 0..K {
             p[j] = _mm512_fmadd_ps(p[j], r[j], _mm512_set1_ps(*c));
         }

@@ -1292,6 +1292,19 @@ pub(crate) fn level_steps(
     i
 }
 
+/// The constants of the SiLU level kernels' f32 `e^-x` (`avx512::silu_est`, `avx2::silu_est8`):
+/// `k = -round(x log2 e)` by the `MAGIC` addition, `r = x + k ln 2` with `ln 2` split so that
+/// `k * LN2_HI` is exact for `|k| < 2^12` (its low 12 bits are zero) and `LN2_LO` the rest to f32's
+/// precision (`ln 2` to about `2^-44` in all), then `e^-r` by its degree-6 Taylor polynomial
+/// (alternating signs, highest power first).
+pub(crate) mod exp_neg_f32 {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = f32::from_bits(0x3f31_7000);
+    pub const LN2_LO: f32 = (std::f64::consts::LN_2 - LN2_HI as f64) as f32;
+    pub const MAGIC: f32 = 12_582_912.0;
+    pub const TAYLOR: [f32; 7] = [1.0 / 720.0, -1.0 / 120.0, 1.0 / 24.0, -1.0 / 6.0, 0.5, -1.0, 1.0];
+}
+
 #[cfg(test)]
 mod tests {
     use super::Sums;
