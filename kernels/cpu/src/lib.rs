@@ -105,11 +105,12 @@ unsafe fn lanes_kernel<X: x86_64::common::LaneInput>(
 pub const NIBBLE_LANES_MAX_GROUP: usize = 65536;
 
 /// Most rows that run on the AVX2 half-byte channel-lane kernel (`avx2_nibble_rows`: half the
-/// weight bytes of the byte-tile kernel, each block unpacked in registers per row). Measured on
-/// this project's AVX2 host (AMD EPYC, Zen 3), the 4x1024 MLP W4A8, five interleaved rounds:
-/// batch 1 70.7-79 -> 53.4-57.8 us, batch 2 101.8-116.8 -> 100.2-105.3; at batch 3 the byte
-/// tiles' two-row pass was ahead (154 vs 162 us).
-pub const AVX2_NIBBLE_ROWS_MAX: usize = 2;
+/// weight bytes of the byte-tile kernel, unpacked in registers once per quad for two rows).
+/// Measured on this project's AVX2 host (AMD EPYC, Zen 3), the 4x1024 MLP W4A8, interleaved
+/// rounds: batch 1 70.7-79 -> 53.4-57.8 us, batch 2 91-101 either way, batch 3 155-171 -> 142-150
+/// (bc_hopper batch 3 7.1-7.4 -> 6.8-6.9 us); at batch 4 the byte tiles' short form measured the
+/// same (170-186 vs 176-183 us), so it keeps batch 4.
+pub const AVX2_NIBBLE_ROWS_MAX: usize = 3;
 
 /// Fewest rows that run on the one-byte row-lane kernel (`avx512_byte_rows`: half the
 /// instructions per row and group besides `vpdpbusd`, on the layer's byte copy within

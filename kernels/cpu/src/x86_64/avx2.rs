@@ -1136,8 +1136,9 @@ unsafe fn hard_swish_est8<const K: usize>(x: [__m256; K], rcp: f32) -> [(__m256,
 /// sums over eight quads (each pair at most 2 * 15 * 128, so eight fit), widened and added in
 /// int32 per group; the group's exact `sum (x - zero) q` is that sum less `8 sum x` (the row's
 /// group sum) and `zero sum q`, then the shared float epilogue in its order, so every output is
-/// `generic_q4q8_row`'s bit for bit. One row per pass over a block; output `(c, r)` goes to
-/// `y[c * cs + (r - rows_in.start) * rs]`.
+/// `generic_q4q8_row`'s bit for bit. Two rows per pass over a block (sharing each quad's
+/// unpacked weights), the last alone; output `(c, r)` goes to `y[c * cs + (r - rows_in.start) *
+/// rs]`.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; each row's `q` holds `w.k_pad` values and its `sums`
@@ -1154,69 +1155,102 @@ pub unsafe fn avx2_nibble_rows(
 ) {
     debug_assert!(rows_in.start.is_multiple_of(32) && rows_in.end <= w.n);
     let t = w.nibble_tiles();
-    let (groups, quads) = (w.groups(), w.group / 4);
-    let m4 = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
     let r0 = rows_in.start;
     let mut b = [0f32; 32];
     for cb in r0 / 32..rows_in.end.div_ceil(32) {
         let rows = (rows_in.end - 32 * cb).min(32);
         block_bias(bias, (cb, rows), &mut b);
-        for (c, x) in xs.iter().enumerate() {
-            let zc = _mm256_set1_epi32(x.zero);
-            let mut accf = [_mm256_setzero_ps(); 4];
-            for g in 0..groups {
-                let base = t.data.as_ptr().add((cb * groups + g) * quads * 64);
-                let xp = x.q.as_ptr().add(g * w.group);
-                let mut acc = [_mm256_setzero_si256(); 4];
-                for s in 0..quads / 8 {
-                    let mut a16 = [_mm256_setzero_si256(); 4];
-                    for quad in 8 * s..8 * s + 8 {
-                        let pa = _mm256_loadu_si256(base.add(quad * 64) as *const __m256i);
-                        let pb = _mm256_loadu_si256(base.add(quad * 64 + 32) as *const __m256i);
-                        let xb = _mm256_set1_epi32(std::ptr::read_unaligned(xp.add(4 * quad) as *const i32));
-                        // Channels 0-7, 8-15, 16-23, 24-31.
-                        let wv = [
-                            _mm256_and_si256(pa, m4),
-                            _mm256_and_si256(pb, m4),
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(pa), m4),
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(pb), m4),
-                        ];
-                        for j in 0..4 {
-                            a16[j] = _mm256_add_epi16(a16[j], _mm256_maddubs_epi16(wv[j], xb));
-                        }
-                    }
-                    for j in 0..4 {
-                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(a16[j], ones));
-                    }
-                }
-                // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
-                let corr = _mm256_set1_epi32(8 * *x.sums.get_unchecked(g));
-                let at = (cb * groups + g) * 32;
-                for j in 0..4 {
-                    let ws = _mm256_loadu_si256(t.sums.as_ptr().add(at + 8 * j) as *const __m256i);
-                    let sc = _mm256_loadu_ps(t.scales.as_ptr().add(at + 8 * j));
-                    let v = _mm256_sub_epi32(_mm256_sub_epi32(acc[j], corr), _mm256_mullo_epi32(zc, ws));
-                    // The epilogue's order: product rounded, then added.
-                    accf[j] = _mm256_add_ps(accf[j], _mm256_mul_ps(_mm256_cvtepi32_ps(v), sc));
-                }
-            }
-            let mut out = [0f32; 32];
-            let scale = _mm256_set1_ps(x.scale);
-            for (j, a) in accf.iter().enumerate() {
-                let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
-                _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
-            }
-            let at = c * cs + (32 * cb - r0) * rs;
-            if rs == 1 {
-                y[at..at + rows].copy_from_slice(&out[..rows]);
+        let mut c = 0;
+        while c < xs.len() {
+            // Two rows per pass share each quad's unpacked weights; the last alone.
+            let (outs, np): ([[f32; 32]; 2], usize) = if c + 2 <= xs.len() {
+                (nibble_block::<2>(w, t, cb, [xs[c], xs[c + 1]], &b), 2)
             } else {
-                for (l, &v) in out[..rows].iter().enumerate() {
-                    y[at + l * rs] = v;
+                let [o] = nibble_block::<1>(w, t, cb, [xs[c]], &b);
+                ([o, [0f32; 32]], 1)
+            };
+            for (i, out) in outs[..np].iter().enumerate() {
+                let at = (c + i) * cs + (32 * cb - r0) * rs;
+                if rs == 1 {
+                    y[at..at + rows].copy_from_slice(&out[..rows]);
+                } else {
+                    for (l, &v) in out[..rows].iter().enumerate() {
+                        y[at + l * rs] = v;
+                    }
+                }
+            }
+            c += np;
+        }
+    }
+}
+
+/// [`avx2_nibble_rows`] on block `cb` (32 channels) for `NP` rows: each row's 32 outputs
+/// (scaled, plus `b`, the block's bias).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nibble_block<const NP: usize>(
+    w: &PackedQ4,
+    t: &crate::packed::NibbleTiles,
+    cb: usize,
+    xs: [QRow; NP],
+    b: &[f32; 32],
+) -> [[f32; 32]; NP] {
+    let (groups, quads) = (w.groups(), w.group / 4);
+    let m4 = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut accf = [[_mm256_setzero_ps(); 4]; NP];
+    for g in 0..groups {
+        let base = t.data.as_ptr().add((cb * groups + g) * quads * 64);
+        let xp: [*const i8; NP] = std::array::from_fn(|c| xs[c].q.as_ptr().add(g * w.group));
+        let mut acc = [[_mm256_setzero_si256(); 4]; NP];
+        for s in 0..quads / 8 {
+            let mut a16 = [[_mm256_setzero_si256(); 4]; NP];
+            for quad in 8 * s..8 * s + 8 {
+                let pa = _mm256_loadu_si256(base.add(quad * 64) as *const __m256i);
+                let pb = _mm256_loadu_si256(base.add(quad * 64 + 32) as *const __m256i);
+                // Channels 0-7, 8-15, 16-23, 24-31.
+                let wv = [
+                    _mm256_and_si256(pa, m4),
+                    _mm256_and_si256(pb, m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(pa), m4),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(pb), m4),
+                ];
+                for c in 0..NP {
+                    let xb = _mm256_set1_epi32(std::ptr::read_unaligned(xp[c].add(4 * quad) as *const i32));
+                    for j in 0..4 {
+                        a16[c][j] = _mm256_add_epi16(a16[c][j], _mm256_maddubs_epi16(wv[j], xb));
+                    }
+                }
+            }
+            for c in 0..NP {
+                for j in 0..4 {
+                    acc[c][j] = _mm256_add_epi32(acc[c][j], _mm256_madd_epi16(a16[c][j], ones));
                 }
             }
         }
+        let at = (cb * groups + g) * 32;
+        for j in 0..4 {
+            let ws = _mm256_loadu_si256(t.sums.as_ptr().add(at + 8 * j) as *const __m256i);
+            let sc = _mm256_loadu_ps(t.scales.as_ptr().add(at + 8 * j));
+            for c in 0..NP {
+                // sum (q + 8) x - 8 sum x - zero sum q = sum (x - zero) q.
+                let corr = _mm256_set1_epi32(8 * *xs[c].sums.get_unchecked(g));
+                let zw = _mm256_mullo_epi32(_mm256_set1_epi32(xs[c].zero), ws);
+                let v = _mm256_sub_epi32(_mm256_sub_epi32(acc[c][j], corr), zw);
+                // The epilogue's order: product rounded, then added.
+                accf[c][j] = _mm256_add_ps(accf[c][j], _mm256_mul_ps(_mm256_cvtepi32_ps(v), sc));
+            }
+        }
     }
+    std::array::from_fn(|c| {
+        let mut out = [0f32; 32];
+        let scale = _mm256_set1_ps(xs[c].scale);
+        for (j, a) in accf[c].iter().enumerate() {
+            let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), _mm256_loadu_ps(b.as_ptr().add(8 * j)));
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * j), v);
+        }
+        out
+    })
 }
 
 /// fdlibm's erf on four f64 lanes where |x| < 1.25 (`avx512::erf8`'s operations on 256-bit
