@@ -373,29 +373,27 @@ impl PackedQ4 {
 
     /// [`PackedQ4::pair_words`], built on first use.
     pub fn pair_words(&self) -> &[u32] {
-        self.pair_words.get_or_init(|| {
-            let kp = self.k_pad / 2;
-            (0..self.n * kp)
-                .map(|i| {
-                    let (r, j) = (i / kp, i % kp);
-                    let lo = self.get(r, 2 * j) as i16 as u16 as u32;
-                    lo | (self.get(r, 2 * j + 1) as i16 as u16 as u32) << 16
-                })
-                .collect()
-        })
+        self.pair_words.get_or_init(|| self.signed_words(2))
     }
 
     /// [`PackedQ4::quad_words`], built on first use.
     pub fn quad_words(&self) -> &[u32] {
-        self.quad_words.get_or_init(|| {
-            let kq = self.k_pad / 4;
-            (0..self.n * kq)
-                .map(|i| {
-                    let (r, j) = (i / kq, i % kq);
-                    u32::from_le_bytes(std::array::from_fn(|b| self.get(r, 4 * j + b) as u8))
-                })
-                .collect()
-        })
+        self.quad_words.get_or_init(|| self.signed_words(4))
+    }
+
+    /// The weights as signed values `32 / per` bits wide, `per` consecutive k per little-endian
+    /// word (`[n][k_pad / per]`; `per` divides 32), each block unpacked once.
+    fn signed_words(&self, per: usize) -> Vec<u32> {
+        let bits = 32 / per;
+        let mask = u32::MAX >> (32 - bits);
+        let blocks = &self.blocks[..self.n * self.k_pad / QK4];
+        let mut words = Vec::with_capacity(self.n * self.k_pad / per);
+        for block in blocks {
+            for lane in block.unpack().chunks_exact(per) {
+                words.push(lane.iter().enumerate().fold(0, |wd, (i, &q)| wd | (q as i32 as u32 & mask) << (bits * i)));
+            }
+        }
+        words
     }
 
     /// Scales and weight sums per (block of 32 channels, group, channel), zero for padding rows:
