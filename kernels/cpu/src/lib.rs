@@ -277,8 +277,9 @@ impl Layout {
 /// that position's channels (its im2col row). Positions in vector lanes: the small-channel layers
 /// of MobileNet-class CNNs (8-96 channels at 42 x 42) reach the row kernels as thousands of short
 /// rows. The `post` ops ([`Post`]) are applied to each output before it is stored. AVX-512 VNNI:
-/// sixteen lanes, four channels per `vpdpbusd`; AVX2: eight lanes, two channels per `vpmaddwd`
-/// (`x86_64::avx2::avx2_pointwise_q4q8`, one image at a time, the `post` ops over its outputs).
+/// sixteen lanes, four channels per `vpdpbusd`; AVX2: eight lanes, four channels per `vpmaddubsw`
+/// (`x86_64::avx2::avx2_pointwise_q4q8`, one image at a time, the `post` ops in registers where
+/// they are clamps and FakeQuants).
 /// Returns false, writing nothing, on a CPU without AVX2 (or with `SQIL_ISA=generic`).
 #[allow(clippy::too_many_arguments)]
 pub fn pointwise_q4q8(
@@ -352,12 +353,15 @@ pub fn pointwise_q4q8_images(
     #[cfg(target_arch = "x86_64")]
     if isa() == Isa::Avx2 && all > 0 {
         let (per_in, per_out) = (w.k * positions, w.n * positions);
-        return X4.with_borrow_mut(|x2| {
-            x2.resize(w.k.div_ceil(2) * positions.next_multiple_of(8), 0);
+        // The ops the kernel applies in registers, then the rest over its outputs.
+        let (reg, rest) = generic::post_split(post);
+        return X4.with_borrow_mut(|x4| {
+            let x4 = generic::aligned64(x4, w.k.div_ceil(4) * positions.next_multiple_of(8));
             for (x, y) in planes.chunks_exact(per_in).zip(y.chunks_exact_mut(per_out)).take(images) {
-                // SAFETY: isa() checked AVX2 and FMA; the sizes are asserted above and x2 sized here.
-                unsafe { x86_64::avx2::avx2_pointwise_q4q8(w, x, positions, (zero, scale), bias, x2, y) };
-                generic::post_in_place(y, post);
+                // SAFETY: isa() checked AVX2 and FMA; the sizes are asserted above and x2 sized
+                // here (x4); `reg` holds ops applied in registers only.
+                unsafe { x86_64::avx2::avx2_pointwise_q4q8(w, x, positions, (zero, scale), bias, reg, x4, y) };
+                generic::post_in_place(y, rest);
             }
             true
         });

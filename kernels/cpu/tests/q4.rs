@@ -482,7 +482,7 @@ proptest! {
     /// over the outputs; HardSwish then a FakeQuant in registers through the level, SiLU then a
     /// FakeQuant over the outputs, each at a scale where some vectors hold a lane the estimate
     /// cannot vouch for and go through the definition: a wrong value there fails this, checked)
-    /// against the ops' scalar definitions. Skips (returns false) without AVX-512 VNNI.
+    /// against the ops' scalar definitions (AVX-512 VNNI and AVX2). Skips without AVX2.
     #[test]
     fn pointwise_conv_equals_the_reference_rows(seed in any::<u64>(), n in 1usize..70, ch in 1usize..100, p in 1usize..300,
                                                  per_group in 0usize..3, zero in -120i32..120, with_bias in any::<bool>(),

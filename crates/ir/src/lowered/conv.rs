@@ -293,7 +293,7 @@ fn gather(
 /// [`POINTWISE_LONG_ROW`] channels.
 const POINTWISE_MIN_POSITIONS: usize = 64;
 
-/// With AVX2 (eight lanes, two channels per `vpmaddwd`), the fewest positions per image with which
+/// With AVX2 (eight lanes, four channels per `vpmaddubsw`), the fewest positions per image with which
 /// a 1 x 1 convolution takes the pointwise kernel; below, the row kernels (MobileNetV3's layers on
 /// 3 x 3 and 6 x 6 maps were slower in the lanes).
 const AVX2_POINTWISE_MIN_POSITIONS: usize = 100;

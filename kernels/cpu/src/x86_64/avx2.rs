@@ -1381,20 +1381,27 @@ pub(crate) unsafe fn avx2_dequant_gemv(w: &crate::dequant::DequantRows, x: &[f32
 }
 
 /// [`crate::pointwise_q4q8`] on AVX2 for one image: positions in the eight lanes, each output
-/// exactly `generic::generic_q4q8_row` of its position's channels (no `post`). The input planes
-/// (`[w.k][positions]` bytes) are first interleaved two channels per 32-bit word as 16-bit values
-/// (`x2`: `[k.div_ceil(2)][p_pad]`, zero past the channels and the positions), so one `vpmaddwd`
-/// against a broadcast weight pair ([`PackedQ4::pair_words`]) adds two channels' products for
-/// eight positions, exactly in i32. Per group: its integer sums less `zero` times the group's
-/// weight sum, converted to f32 (round to nearest, as `as f32`), multiplied by the group's scale
-/// and added to the f32 total (separately rounded, as the row's `acc += s as f32 * scale`); then
+/// exactly `generic::generic_q4q8_row` of its position's channels, then the ops `post` (the
+/// longest prefix of ops applied in registers, [`crate::generic::post_split`]'s first part) on
+/// the way to memory. The input planes (`[w.k][positions]` bytes) are first interleaved four
+/// channels per 32-bit word with the sign bits flipped (`x4`: `[k.div_ceil(4)][p_pad]`, `x + 128`
+/// as unsigned bytes, 0x80 past the channels and the positions; [`interleave_quads`], the
+/// AVX-512 kernel's layout), so one `vpmaddubsw` against a broadcast weight quad
+/// ([`PackedQ4::quad_words`]) gives two 16-bit sums of two channels' products for eight
+/// positions. Each such sum is at most 2 x 255 x 8 = 4080 in size, so eight quads' add in 16 bits
+/// exactly (at most 32 640) before one `vpmaddwd` by ones widens them to int32. Per group: its
+/// integer sums less `128 + zero` times the group's weight sum (the flip's 128 and the zero
+/// point), converted to f32 (round to nearest, as `as f32`), multiplied by the group's scale and
+/// added to the f32 total (separately rounded, as the row's `acc += s as f32 * scale`); then
 /// `total * scale + bias` (the bias, else +0.0, added as the row adds it). Four vectors of
 /// positions per step share each weight broadcast; the last step takes the one to three vectors
-/// left (`p_pad` is `positions` rounded up to 8).
+/// left (`p_pad` is `positions` rounded up to 8). Quads past the last channel hold zero weights
+/// (K padded to the group): they add nothing, so they are not read.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `planes` holds `w.k * positions` bytes, `y` `w.n *
-/// positions` values, `bias` (if any) `w.n`; `x2` has `k.div_ceil(2) * p_pad` words.
+/// positions` values, `bias` (if any) `w.n`; `x4` has `k.div_ceil(4) * p_pad` words; every op
+/// of `post` is applied in registers ([`crate::generic::Post::in_registers`]).
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_pointwise_q4q8(
@@ -1403,45 +1410,100 @@ pub unsafe fn avx2_pointwise_q4q8(
     positions: usize,
     (zero, scale): (i32, f32),
     bias: Option<&[f32]>,
-    x2: &mut [u32],
+    post: &[crate::generic::Post],
+    x4: &mut [u32],
     y: &mut [f32],
 ) {
-    let (pairs, p_pad) = (w.k.div_ceil(2), positions.next_multiple_of(8));
-    debug_assert!(x2.len() >= pairs * p_pad && planes.len() >= w.k * positions && y.len() >= w.n * positions);
-    for cp in 0..pairs {
-        let row = &mut x2[cp * p_pad..(cp + 1) * p_pad];
-        let (c0, c1) = (2 * cp, 2 * cp + 1);
-        for (p, v) in row.iter_mut().enumerate() {
-            let at =
-                |c: usize| if c < w.k && p < positions { planes[c * positions + p] as i16 as u16 as u32 } else { 0 };
-            *v = at(c0) | at(c1) << 16;
-        }
-    }
-    let wp = w.pair_words();
-    let kp = w.k_pad / 2;
+    let (live, p_pad) = (w.k.div_ceil(4), positions.next_multiple_of(8));
+    assert!(x4.len() >= live * p_pad && planes.len() >= w.k * positions && y.len() >= w.n * positions);
+    assert!(bias.is_none_or(|b| b.len() >= w.n) && post.iter().all(|p| p.in_registers()));
+    interleave_quads(planes, w.k, positions, p_pad, &mut x4[..live * p_pad]);
+    let qw = w.quad_words();
+    let kq = w.k_pad / 4;
+    let form = crate::generic::PostForm::of(post);
+    let pv = PostVec8::new(form);
     for r in 0..w.n {
-        let args = PointwiseRow { w, wr: &wp[r * kp..(r + 1) * kp], r, pairs, p_pad, positions, zero, scale, bias };
+        let args = PointwiseRow { w, wr: &qw[r * kq..(r + 1) * kq], r, live, p_pad, positions, zero, scale, bias };
         let out = y.as_mut_ptr().add(r * positions);
-        let mut p0 = 0;
-        while p0 + 32 <= p_pad {
-            pointwise_row_block::<4>(&args, x2, p0, out);
-            p0 += 32;
-        }
-        match (p_pad - p0) / 8 {
-            3 => pointwise_row_block::<3>(&args, x2, p0, out),
-            2 => pointwise_row_block::<2>(&args, x2, p0, out),
-            1 => pointwise_row_block::<1>(&args, x2, p0, out),
-            _ => {}
+        match (form.chain, form.clamp.is_some(), form.fq.is_some()) {
+            (true, ..) => pointwise_row::<true, false, false>(&args, x4, out, (post, &pv)),
+            (_, false, false) => pointwise_row::<false, false, false>(&args, x4, out, (post, &pv)),
+            (_, true, false) => pointwise_row::<false, true, false>(&args, x4, out, (post, &pv)),
+            (_, false, true) => pointwise_row::<false, false, true>(&args, x4, out, (post, &pv)),
+            (_, true, true) => pointwise_row::<false, true, true>(&args, x4, out, (post, &pv)),
         }
     }
 }
 
-/// One output channel of [`avx2_pointwise_q4q8`]: its weight pairs `wr` and what the steps share.
+/// The planes `[k][positions]` (bytes) as [`avx2_pointwise_q4q8`]'s quad words: `x4[q * p_pad +
+/// p]` holds channels `4q..4q + 4` of position `p`, one byte each with the sign bit flipped
+/// (`x + 128` as unsigned), 0x80 (zero) past `k` and past the positions (`x4.len() / p_pad`
+/// rows). 32 positions of four channels per step: bytes interleaved by pairs, then by pairs of
+/// pairs; the last step's bytes through a stack copy.
+///
+/// # Safety
+/// AVX2; `planes` holds `k * positions` bytes, `p_pad >= positions`, `x4.len()` a multiple of
+/// `p_pad` with at least `k.div_ceil(4)` rows.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn interleave_quads(planes: &[i8], k: usize, positions: usize, p_pad: usize, x4: &mut [u32]) {
+    let kq = x4.len() / p_pad.max(1);
+    assert!(planes.len() >= k * positions && p_pad >= positions && kq * 4 >= k);
+    let flip = _mm256_set1_epi8(i8::MIN);
+    for q in 0..kq {
+        let dst = x4.as_mut_ptr().add(q * p_pad);
+        let plane = |c: usize| (c < k).then(|| planes.as_ptr().add(c * positions));
+        let ps = [plane(4 * q), plane(4 * q + 1), plane(4 * q + 2), plane(4 * q + 3)];
+        let mut o = 0;
+        while o < positions {
+            let n = (positions - o).min(32);
+            let ld = |pl: Option<*const i8>| match pl {
+                Some(pl) if n == 32 => _mm256_loadu_si256(pl.add(o).cast()),
+                Some(pl) => {
+                    let mut t = [0i8; 32];
+                    std::ptr::copy_nonoverlapping(pl.add(o), t.as_mut_ptr(), n);
+                    _mm256_loadu_si256(t.as_ptr().cast())
+                }
+                None => _mm256_setzero_si256(),
+            };
+            let (p0, p1, p2, p3) = (ld(ps[0]), ld(ps[1]), ld(ps[2]), ld(ps[3]));
+            let (a, b) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
+            let (c, d) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
+            let (ac0, ac1) = (_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c));
+            let (bd0, bd1) = (_mm256_unpacklo_epi16(b, d), _mm256_unpackhi_epi16(b, d));
+            // Within 128-bit lanes: ac0 = positions 0-3 | 16-19, ac1 = 4-7 | 20-23, bd0 = 8-11 |
+            // 24-27, bd1 = 12-15 | 28-31.
+            let out = [
+                _mm256_permute2x128_si256::<0x20>(ac0, ac1),
+                _mm256_permute2x128_si256::<0x20>(bd0, bd1),
+                _mm256_permute2x128_si256::<0x31>(ac0, ac1),
+                _mm256_permute2x128_si256::<0x31>(bd0, bd1),
+            ];
+            // Words past the positions hold 0x80 bytes (zeros); those past p_pad are not stored.
+            for (i, v) in out.into_iter().enumerate() {
+                let at = o + 8 * i;
+                if at + 8 <= p_pad {
+                    _mm256_storeu_si256(dst.add(at).cast(), _mm256_xor_si256(v, flip));
+                } else if at < p_pad {
+                    let mut t = [0u32; 8];
+                    _mm256_storeu_si256(t.as_mut_ptr().cast(), _mm256_xor_si256(v, flip));
+                    std::ptr::copy_nonoverlapping(t.as_ptr(), dst.add(at), p_pad - at);
+                }
+            }
+            o += 32;
+        }
+        for at in o.min(p_pad)..p_pad {
+            *dst.add(at) = 0x8080_8080;
+        }
+    }
+}
+
+/// One output channel of [`avx2_pointwise_q4q8`]: its weight quads `wr` and what the steps share.
 struct PointwiseRow<'a> {
     w: &'a PackedQ4,
     wr: &'a [u32],
     r: usize,
-    pairs: usize,
+    /// The quads that hold channels.
+    live: usize,
     p_pad: usize,
     positions: usize,
     zero: i32,
@@ -1449,25 +1511,65 @@ struct PointwiseRow<'a> {
     bias: Option<&'a [f32]>,
 }
 
-/// `V` vectors of positions from `p0` of one output channel ([`avx2_pointwise_q4q8`]), stored
-/// where they are positions (the last vector's lanes past them dropped).
+/// Every position of one output channel ([`avx2_pointwise_q4q8`]): four vectors per step, the
+/// last step the one to three left.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn pointwise_row_block<const V: usize>(a: &PointwiseRow, x2: &[u32], p0: usize, out: *mut f32) {
-    let (groups, pairs_per_group) = (a.w.groups(), a.w.group / 2);
+unsafe fn pointwise_row<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
+    a: &PointwiseRow,
+    x4: &[u32],
+    out: *mut f32,
+    post: (&[crate::generic::Post], &PostVec8),
+) {
+    let mut p0 = 0;
+    while p0 + 32 <= a.p_pad {
+        pointwise_row_block::<4, CHAIN, CLAMP, FQ>(a, x4, p0, out, post);
+        p0 += 32;
+    }
+    match (a.p_pad - p0) / 8 {
+        3 => pointwise_row_block::<3, CHAIN, CLAMP, FQ>(a, x4, p0, out, post),
+        2 => pointwise_row_block::<2, CHAIN, CLAMP, FQ>(a, x4, p0, out, post),
+        1 => pointwise_row_block::<1, CHAIN, CLAMP, FQ>(a, x4, p0, out, post),
+        _ => {}
+    }
+}
+
+/// `V` vectors of positions from `p0` of one output channel ([`avx2_pointwise_q4q8`]), through the
+/// epilogue (`CHAIN`: the ops one by one, [`crate::generic::post8`]; else the form's clamp and
+/// FakeQuant as `CLAMP` and `FQ` say) and stored where they are positions (the last vector's
+/// lanes past them dropped).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pointwise_row_block<const V: usize, const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
+    a: &PointwiseRow,
+    x4: &[u32],
+    p0: usize,
+    out: *mut f32,
+    (post, pv): (&[crate::generic::Post], &PostVec8),
+) {
+    let (groups, qpg) = (a.w.groups(), a.w.group / 4);
+    let ones = _mm256_set1_epi16(1);
     let mut total = [_mm256_setzero_ps(); V];
     for g in 0..groups {
         let mut s = [_mm256_setzero_si256(); V];
-        // Pairs past the channels hold zeros on both sides: not read.
-        for cp in g * pairs_per_group..((g + 1) * pairs_per_group).min(a.pairs) {
-            let wv = _mm256_set1_epi32(a.wr[cp] as i32);
-            let xs = x2.as_ptr().add(cp * a.p_pad + p0);
-            for (v, s) in s.iter_mut().enumerate() {
-                let x = _mm256_loadu_si256(xs.add(8 * v).cast());
-                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(x, wv));
+        let (mut q, end) = (g * qpg, ((g + 1) * qpg).min(a.live));
+        while q < end {
+            // Eight quads' 16-bit sums (exact: see avx2_pointwise_q4q8), then widened.
+            let stop = (q + 8).min(end);
+            let mut h = [_mm256_setzero_si256(); V];
+            for q in q..stop {
+                let wv = _mm256_set1_epi32(*a.wr.get_unchecked(q) as i32);
+                let xs = x4.as_ptr().add(q * a.p_pad + p0);
+                for (v, h) in h.iter_mut().enumerate() {
+                    *h = _mm256_add_epi16(*h, _mm256_maddubs_epi16(_mm256_loadu_si256(xs.add(8 * v).cast()), wv));
+                }
             }
+            for (s, h) in s.iter_mut().zip(h) {
+                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(h, ones));
+            }
+            q = stop;
         }
-        let corr = _mm256_set1_epi32(a.zero.wrapping_mul(a.w.sums[a.r * groups + g]));
+        let corr = _mm256_set1_epi32((128 + a.zero).wrapping_mul(a.w.sums[a.r * groups + g]));
         let sc = _mm256_set1_ps(a.w.scales[a.r * groups + g]);
         for (t, s) in total.iter_mut().zip(s) {
             *t = _mm256_add_ps(*t, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s, corr)), sc));
@@ -1476,6 +1578,7 @@ unsafe fn pointwise_row_block<const V: usize>(a: &PointwiseRow, x2: &[u32], p0: 
     let (xscale, b) = (_mm256_set1_ps(a.scale), _mm256_set1_ps(a.bias.map_or(0.0, |b| b[a.r])));
     for (v, t) in total.iter().enumerate() {
         let yv = _mm256_add_ps(_mm256_mul_ps(*t, xscale), b);
+        let yv = if CHAIN { crate::generic::post8(yv, post) } else { pv.apply::<CLAMP, FQ>(yv) };
         let p = p0 + 8 * v;
         if p + 8 <= a.positions {
             _mm256_storeu_ps(out.add(p), yv);
