@@ -781,8 +781,9 @@ pub struct DepthwiseArgs<'a> {
     pub taps: Option<&'a DepthwiseTaps>,
 }
 
-/// A depthwise convolution's weights `[channels, taps]` laid out as the 16-lane kernel reads
-/// them, `[tap][cp]` (`cp` the channels rounded up to 16, zeros past them), from a 64-byte
+/// A depthwise convolution's weights `[channels, taps]` laid out as the lanes kernel reads
+/// them, `[tap][cp]` (`cp` the channels rounded up to the kernel's lanes, 16 with AVX-512, else
+/// 8; zeros past them), from a 64-byte
 /// boundary: what [`depthwise_fed`] otherwise builds on every call.
 #[derive(Debug, PartialEq)]
 pub struct DepthwiseTaps {
@@ -794,12 +795,16 @@ pub struct DepthwiseTaps {
 }
 
 impl DepthwiseTaps {
-    /// The layout of `weights` (`[channels, taps]`), or `None` where the 16-lane kernel does
+    /// The layout of `weights` (`[channels, taps]`), or `None` where the lanes kernel does
     /// not run such a layer (fewer than 8 channels, more than 25 taps, or sizes that disagree).
     pub fn new(weights: &[f32], channels: usize, taps: usize) -> Option<DepthwiseTaps> {
         if channels < 8 || taps == 0 || taps > DEPTHWISE_WIDE_TAPS || weights.len() != channels * taps {
             return None;
         }
+        // The lanes of this CPU's kernel: sixteen with AVX-512, else eight.
+        #[cfg(target_arch = "x86_64")]
+        let cp = channels.next_multiple_of(if crate::isa() == crate::Isa::Avx512Vnni { 16 } else { 8 });
+        #[cfg(not(target_arch = "x86_64"))]
         let cp = channels.next_multiple_of(16);
         let mut data = vec![];
         let at = {
@@ -864,7 +869,7 @@ impl Clone for DepthwiseTaps {
 /// after the other (as planes), or side by side (as levels: image `i`'s position `o` at word
 /// `i * positions + o` of each row). Returns whether a [`DwOut::Levels`] output met a NaN
 /// (nothing valid written then), or runs nothing and returns `None` where the 16-lane path does
-/// not apply (a CPU without AVX-512, fewer than 8 channels, more than 25 taps, a geometry other
+/// not apply (a CPU without AVX2, fewer than 8 channels, more than 25 taps, a geometry other
 /// than 1-D or 2-D; levels after an epilogue op not applied in registers).
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn depthwise_fed(
@@ -878,10 +883,12 @@ pub(crate) fn depthwise_fed(
     if !(two_d(&geo.input) && two_d(&geo.kernel) && two_d(&geo.strides) && two_d(&geo.dilations) && two_d(&geo.output))
         || geo.pads_begin.len() != geo.input.len()
         || channels < 8
-        || crate::isa() != crate::Isa::Avx512Vnni
+        || crate::isa() == crate::Isa::Generic
     {
         return None;
     }
+    // Sixteen channels per vector with AVX-512, eight with AVX2.
+    let wide = crate::isa() == crate::Isa::Avx512Vnni;
     let g = Depthwise::of(geo, channels);
     let (kl, ol) = (g.kh * g.kw, g.oh * g.ow);
     if kl == 0 || kl > DEPTHWISE_WIDE_TAPS || ol == 0 || dw.weights.len() != channels * kl {
@@ -895,8 +902,9 @@ pub(crate) fn depthwise_fed(
                 return None;
             }
             let planes = DwOut::Planes(&mut *out);
-            // SAFETY: isa() checked AVX-512 (with AVX2 and FMA); the sizes were checked above.
-            unsafe { depthwise_lanes_with(&g, (true, images), fill, (dw.weights, dw.taps), (dw.bias, reg), planes) };
+            // SAFETY: isa() checked AVX2 and FMA (and AVX-512 where `wide`); the sizes were
+            // checked above.
+            unsafe { depthwise_lanes_with(&g, (wide, images), fill, (dw.weights, dw.taps), (dw.bias, reg), planes) };
             post_in_place(&mut out[..images * channels * ol], rest);
             Some(false)
         }
@@ -904,7 +912,7 @@ pub(crate) fn depthwise_fed(
         DwOut::Levels { .. } if !rest.is_empty() => None,
         // SAFETY: as above; the levels' buffer is sized by the kernel.
         levels => Some(unsafe {
-            depthwise_lanes_with(&g, (true, images), fill, (dw.weights, dw.taps), (dw.bias, reg), levels)
+            depthwise_lanes_with(&g, (wide, images), fill, (dw.weights, dw.taps), (dw.bias, reg), levels)
         }),
     }
 }
@@ -1078,7 +1086,7 @@ unsafe fn depthwise_lanes_with(
                 false
             }
             DwOut::Levels { quant, x4, p_pad } => {
-                assert!(wide && p_pad >= images * ol, "depthwise levels: the 16-lane path, p_pad >= positions");
+                assert!(p_pad >= images * ol, "depthwise levels: p_pad >= positions");
                 LEVELS.with_borrow_mut(|stage| {
                     // Per position its cp channels' bytes (the images' positions one after the
                     // other), then the quads transposed to rows.
@@ -1195,7 +1203,7 @@ enum DwSink<'a> {
 
 /// [`depthwise_lanes_avx2`] once the padded image is in `buf`: the weights by tap, the taps, and
 /// the outputs back to `[channel, position]` with the bias and epilogue, or as levels by position
-/// (only on the wide path; returns whether one was NaN).
+/// (returns whether one was NaN).
 ///
 /// # Safety
 /// As [`depthwise_lanes_avx2`]; `buf` is the buffer `m` describes.
@@ -1248,9 +1256,11 @@ unsafe fn depthwise_compute(
     }
     let out = match out {
         DwSink::Planes(out) => out,
-        DwSink::Levels(quant, stage) => {
-            assert!(wide, "depthwise levels: the 16-lane path");
+        DwSink::Levels(quant, stage) if wide => {
             return crate::x86_64::avx512::avx512_depthwise_levels((&*acc, cp, channels, ol), bias, post, quant, stage);
+        }
+        DwSink::Levels(quant, stage) => {
+            return crate::x86_64::avx2::avx2_depthwise_levels((&*acc, cp, channels, ol), bias, post, quant, stage);
         }
     };
     // Back to [channel, position] with the epilogue, one copy per epilogue form.

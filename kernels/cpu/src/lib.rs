@@ -431,7 +431,7 @@ thread_local! {
 /// padded channels-last buffer, and one after it ([`ChainOut::Pointwise`]) takes the depthwise
 /// outputs as its int8 levels from the kernel's channels-last results. The outputs are those of
 /// the steps one after the other, bit for bit. [`Chain::NotTaken`], nothing computed, where this
-/// path does not apply: no AVX-512 VNNI; a depthwise of fewer than 8 channels, over 25 taps or
+/// path does not apply: no AVX2; a depthwise of fewer than 8 channels, over 25 taps or
 /// other than 1-D or 2-D; the pointwise convolutions' channels or positions not the depthwise's,
 /// a zero point outside int8; into a pointwise convolution, a depthwise epilogue op not applied
 /// in registers (HardSwish, SiLU).
@@ -476,8 +476,108 @@ pub fn depthwise_chain_images(images: usize, input: ChainIn, dw: &generic::Depth
             X4_OUT.with_borrow_mut(|x4_out| chain_avx512(images, input, dw, output, x4, x4_out))
         });
     }
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx2 && positions > 0 {
+        // One image at a time (the AVX2 pointwise kernel takes one image's positions).
+        let (per_in, per_out) = (dw.geo.input_len(), dw.geo.output_len());
+        let mut output = output;
+        for i in 0..images {
+            let input = match input {
+                ChainIn::Image(x) => ChainIn::Image(&x[i * channels * per_in..(i + 1) * channels * per_in]),
+                ChainIn::Pointwise { w, planes, zero, scale, bias, post } => {
+                    let planes = &planes[i * w.k * per_in..(i + 1) * w.k * per_in];
+                    ChainIn::Pointwise { w, planes, zero, scale, bias, post }
+                }
+            };
+            let out = match output {
+                ChainOut::Image(ref mut y) => {
+                    ChainOut::Image(&mut y[i * channels * per_out..(i + 1) * channels * per_out])
+                }
+                ChainOut::Pointwise { w, quant, bias, post, ref mut y } => {
+                    let y = &mut y[i * w.n * per_out..(i + 1) * w.n * per_out];
+                    ChainOut::Pointwise { w, quant, bias, post, y }
+                }
+            };
+            let done = X4.with_borrow_mut(|x4| X4_OUT.with_borrow_mut(|x4_out| chain_avx2(input, dw, out, x4, x4_out)));
+            if done != Chain::Done {
+                return done;
+            }
+        }
+        return Chain::Done;
+    }
     let _ = (input, output);
     Chain::NotTaken
+}
+
+thread_local! {
+    /// [`chain_avx2`]'s pointwise outputs before the depthwise kernel's buffer, `[n][positions]`.
+    #[cfg(target_arch = "x86_64")]
+    static CHAIN_IMAGE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`depthwise_chain`] of one image on AVX2, its arguments checked, with the quad words' buffers
+/// of the pointwise convolutions before and after: a pointwise convolution before the depthwise
+/// one writes its outputs as an image (its ops not applied in registers over them), which is
+/// copied into the depthwise kernel's buffer; the depthwise outputs go to the next pointwise
+/// convolution as its levels (`avx2_depthwise_levels`) with no image, quantizer pass or
+/// interleave between them.
+#[cfg(target_arch = "x86_64")]
+fn chain_avx2(
+    input: ChainIn,
+    dw: &generic::DepthwiseArgs,
+    output: ChainOut,
+    x4: &mut Vec<u32>,
+    x4_out: &mut Vec<u32>,
+) -> Chain {
+    let channels = dw.weights.len() / dw.geo.kernel_len().max(1);
+    let (positions, ol) = (dw.geo.input_len(), dw.geo.output_len());
+    let fill = |buf: &mut [f32], m: &generic::PadMap| match input {
+        ChainIn::Image(x) => generic::depthwise_image_into(x, dw.geo, channels, m, buf),
+        ChainIn::Pointwise { w, planes, zero, scale, bias, post } => CHAIN_IMAGE.with_borrow_mut(|image| {
+            let image = generic::aligned64(image, w.n * positions);
+            let x4 = generic::aligned64(x4, w.k.div_ceil(4) * positions.next_multiple_of(8));
+            let (reg, rest) = generic::post_split(post);
+            // SAFETY: isa() checked AVX2 and FMA; the sizes were checked by the caller and the
+            // buffers sized here; `reg` holds ops applied in registers only.
+            unsafe { x86_64::avx2::avx2_pointwise_q4q8(w, planes, positions, (zero, scale), bias, reg, x4, image) };
+            generic::post_in_place(image, rest);
+            generic::depthwise_image_into(image, dw.geo, channels, m, buf)
+        }),
+    };
+    let fed = (channels, 1);
+    match output {
+        ChainOut::Image(out) => match generic::depthwise_fed(dw, fed, fill, generic::DwOut::Planes(out)) {
+            Some(_) => Chain::Done,
+            None => Chain::NotTaken,
+        },
+        ChainOut::Pointwise { w, quant, bias, post, y } => {
+            let o_pad = ol.next_multiple_of(8);
+            let x4_out = generic::aligned64(x4_out, channels.div_ceil(4) * o_pad);
+            let levels = generic::DwOut::Levels { quant, x4: &mut *x4_out, p_pad: o_pad };
+            match generic::depthwise_fed(dw, fed, fill, levels) {
+                None => Chain::NotTaken,
+                Some(true) => Chain::Nan,
+                Some(false) => {
+                    let (reg, rest) = generic::post_split(post);
+                    // SAFETY: isa() checked AVX2 and FMA; the levels hold ceil(w.k / 4) rows of
+                    // o_pad words (w.k is the depthwise's channels), `y` w.n * ol values.
+                    unsafe {
+                        x86_64::avx2::avx2_pointwise_q4q8_quads(
+                            w,
+                            x4_out,
+                            (ol, o_pad),
+                            (quant.1, quant.0),
+                            bias,
+                            reg,
+                            y,
+                        )
+                    };
+                    generic::post_in_place(&mut y[..w.n * ol], rest);
+                    Chain::Done
+                }
+            }
+        }
+    }
 }
 
 /// [`depthwise_chain_images`] on AVX-512 VNNI, its arguments checked, with the interleaved

@@ -174,11 +174,9 @@ pub struct PackedQ4 {
     /// use (see [`NibbleTiles`]).
     pub nibble_tiles: std::sync::OnceLock<NibbleTiles>,
     /// The weights again one signed byte each, four consecutive k per word (`[n][k_pad / 4]`,
-    /// little-endian), for the pointwise-convolution kernel's broadcasts; made on first use.
+    /// little-endian), for the pointwise-convolution kernels' broadcasts (AVX-512 and AVX2); made on
+    /// first use.
     pub quad_words: std::sync::OnceLock<Vec<u32>>,
-    /// The weights again as signed 16-bit values, two consecutive k per word (`[n][k_pad / 2]`,
-    /// little-endian), for the AVX2 pointwise-convolution kernel's broadcasts; made on first use.
-    pub pair_words: std::sync::OnceLock<Vec<u32>>,
 }
 
 /// A buffer of plain values (integers, floats) that starts on a 64-byte boundary: the lane
@@ -367,13 +365,7 @@ impl PackedQ4 {
             channel_tiles: Default::default(),
             nibble_tiles: Default::default(),
             quad_words: Default::default(),
-            pair_words: Default::default(),
         }
-    }
-
-    /// [`PackedQ4::pair_words`], built on first use.
-    pub fn pair_words(&self) -> &[u32] {
-        self.pair_words.get_or_init(|| self.signed_words(2))
     }
 
     /// [`PackedQ4::quad_words`], built on first use.

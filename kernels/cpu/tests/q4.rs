@@ -541,8 +541,7 @@ proptest! {
     /// images' output: 1-5 images of 1-70 positions (below 8 positions, one at a time; a vector
     /// of 16 lanes spanning two or three images; image edges off the 16-lane vectors and the
     /// 32-position blocks), each epilogue form (in registers; HardSwish over the outputs), with
-    /// and without a bias. Values past the images' outputs are left alone. Skips without AVX-512
-    /// VNNI.
+    /// and without a bias. Values past the images' outputs are left alone. Skips without AVX2.
     #[test]
     fn pointwise_images_side_by_side_equal_each_image_alone(seed in any::<u64>(), n in 1usize..40, ch in 1usize..80,
                                                              p in 1usize..70, images in 1usize..6, zero in -120i32..120,
@@ -632,7 +631,7 @@ proptest! {
     /// layer's own quantizer, whose levels are taken directly), with and without biases, a NaN
     /// in the image (into a pointwise convolution: reported, as its quantizer cannot
     /// carry it), with the weights laid out by tap when planned (`DepthwiseTaps`) or on the
-    /// call. Skips without AVX-512 VNNI.
+    /// call. AVX-512 VNNI and AVX2; skips without AVX2.
     #[test]
     fn depthwise_chain_equals_the_steps(seed in any::<u64>(), n in 1usize..70, ch in 1usize..60, two_d in any::<bool>(),
                                         h in 1usize..12, wd in 1usize..40, k in 0usize..4, s in 1usize..3,
@@ -685,7 +684,7 @@ proptest! {
             let mut planes2 = vec![0i8; n * ol];
             dw_nan = sqil_kernels_cpu::generic::quantize_i8_into(&dwo, quant.0, quant.1, quant.2, quant.3, &mut planes2);
             want = vec![0f32; m2 * ol];
-            // (No AVX-512 VNNI: no pointwise kernel, nothing to chain; skipped.)
+            // (No AVX2: no pointwise kernel, nothing to chain; skipped.)
             if !sqil_kernels_cpu::pointwise_q4q8(&w2, &planes2, ol, quant.1, quant.0, b2, forms[next_post], &mut want) {
                 return Ok(());
             }
@@ -722,8 +721,8 @@ proptest! {
             let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { u32::MAX } else { x.to_bits() }).collect::<Vec<_>>();
             prop_assert_eq!(bits(&again), bits(&want), "the same layer a second time");
         }
-        let vnni = sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx512Vnni;
-        let expect = if n < 8 || (into_pointwise && dw_post == 4) || !vnni {
+        let vector = sqil_kernels_cpu::isa() != sqil_kernels_cpu::Isa::Generic;
+        let expect = if n < 8 || (into_pointwise && dw_post == 4) || !vector {
             Chain::NotTaken
         } else if dw_nan {
             Chain::Nan
@@ -750,8 +749,8 @@ proptest! {
     /// convolution or not, each epilogue form, a NaN in one image's input one time in four (into
     /// a pointwise convolution: reported for the run), with and without biases. Into a pointwise
     /// convolution, several images of fewer than 8 output positions each are not taken. Then
-    /// one image and the images again (the padding's memo across image counts). Skips without
-    /// AVX-512 VNNI.
+    /// one image and the images again (the padding's memo across image counts). AVX-512 VNNI and
+    /// AVX2 (one image at a time there); skips without AVX2.
     #[test]
     fn depthwise_chain_images_equal_each_image_alone(seed in any::<u64>(), n in 8usize..40, ch in 1usize..40,
                                                      two_d in any::<bool>(), h in 1usize..8, wd in 1usize..12,

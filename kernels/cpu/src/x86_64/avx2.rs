@@ -1415,9 +1415,30 @@ pub unsafe fn avx2_pointwise_q4q8(
     y: &mut [f32],
 ) {
     let (live, p_pad) = (w.k.div_ceil(4), positions.next_multiple_of(8));
-    assert!(x4.len() >= live * p_pad && planes.len() >= w.k * positions && y.len() >= w.n * positions);
-    assert!(bias.is_none_or(|b| b.len() >= w.n) && post.iter().all(|p| p.in_registers()));
+    assert!(x4.len() >= live * p_pad && planes.len() >= w.k * positions);
     interleave_quads(planes, w.k, positions, p_pad, &mut x4[..live * p_pad]);
+    avx2_pointwise_q4q8_quads(w, x4, (positions, p_pad), (zero, scale), bias, post, y)
+}
+
+/// [`avx2_pointwise_q4q8`] on input already in its quad words (`x4`, `[k.div_ceil(4)][p_pad]`,
+/// as [`interleave_quads`] lays them out, or the depthwise kernel's levels; words past the
+/// positions are computed and dropped, whatever they hold).
+///
+/// # Safety
+/// AVX2 and FMA; every op of `post` is applied in registers (the sizes are asserted).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn avx2_pointwise_q4q8_quads(
+    w: &PackedQ4,
+    x4: &[u32],
+    (positions, p_pad): (usize, usize),
+    (zero, scale): (i32, f32),
+    bias: Option<&[f32]>,
+    post: &[crate::generic::Post],
+    y: &mut [f32],
+) {
+    let live = w.k.div_ceil(4);
+    assert!(p_pad.is_multiple_of(8) && p_pad >= positions && x4.len() >= live * p_pad && y.len() >= w.n * positions);
+    assert!(bias.is_none_or(|b| b.len() >= w.n) && post.iter().all(|p| p.in_registers()));
     let qw = w.quad_words();
     let kq = w.k_pad / 4;
     let form = crate::generic::PostForm::of(post);
@@ -1433,6 +1454,85 @@ pub unsafe fn avx2_pointwise_q4q8(
             (_, true, true) => pointwise_row::<false, true, true>(&args, x4, out, (post, &pv)),
         }
     }
+}
+
+/// [`crate::generic::depthwise_conv`]'s outputs (`acc`, `[position][cp]`, as the depthwise lanes
+/// kernel leaves them) as the next pointwise convolution's int8 levels, per position eight
+/// channels at a time: plus the bias, the `post` ops (those applied in registers, as the
+/// depthwise kernel applies them), then the quantizer `(scale, zero, lo, hi)` as
+/// [`avx2_quantize_i8`] computes it (the same levels: NaN to 0, the bounds within int8), each
+/// level `+ 128` as a byte (the pointwise kernel's unsigned form), byte `c` of position `o` at
+/// byte `o * cp + c` of `stage`: `avx512::avx512_depthwise_levels` on eight lanes. Returns
+/// whether any of the `channels` values was NaN (the caller then takes the two steps' way).
+///
+/// # Safety
+/// AVX2 and FMA (the sizes are asserted).
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn avx2_depthwise_levels(
+    (acc, cp, channels, ol): (&[f32], usize, usize, usize),
+    bias: Option<&[f32]>,
+    post: &[crate::generic::Post],
+    quant: (f32, i32, i32, i32),
+    stage: &mut [u32],
+) -> bool {
+    assert!(cp.is_multiple_of(8) && cp >= channels && acc.len() >= ol * cp && stage.len() * 4 >= ol * cp);
+    assert!(bias.is_none_or(|b| b.len() >= channels) && post.iter().all(|p| p.in_registers()));
+    let f = crate::generic::PostForm::of(post);
+    let a = (acc, (cp, channels, ol), bias, post, quant, stage);
+    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
+        (true, ..) => levels_form::<true, false, false>(a, f),
+        (_, false, false) => levels_form::<false, false, false>(a, f),
+        (_, true, false) => levels_form::<false, true, false>(a, f),
+        (_, false, true) => levels_form::<false, false, true>(a, f),
+        (_, true, true) => levels_form::<false, true, true>(a, f),
+    }
+}
+
+/// [`avx2_depthwise_levels`] with one epilogue form.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::type_complexity)]
+unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
+    (acc, (cp, channels, ol), bias, post, (scale, zero, lo, hi), stage): (
+        &[f32],
+        (usize, usize, usize),
+        Option<&[f32]>,
+        &[crate::generic::Post],
+        (f32, i32, i32, i32),
+        &mut [u32],
+    ),
+    form: crate::generic::PostForm,
+) -> bool {
+    let pv = PostVec8::new(form);
+    let q = Quant8::new(scale, zero as f32, lo.max(-128) as f32, hi.min(127) as f32);
+    let flip = _mm_set1_epi8(i8::MIN);
+    // The levels' bytes 0-3 of each 128-bit lane (after two packs) to the low 8 bytes.
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    let mut nan = _mm256_setzero_ps();
+    let mut bv = [0f32; 8];
+    for c0 in (0..cp).step_by(8) {
+        let cn = channels.saturating_sub(c0).min(8);
+        if let Some(b) = bias {
+            bv = [0.0; 8];
+            bv[..cn].copy_from_slice(&b[c0..c0 + cn]);
+        }
+        let vb = _mm256_loadu_ps(bv.as_ptr());
+        // The lanes that hold channels (a NaN past them is no value's).
+        let real = _mm256_cmpgt_epi32(_mm256_set1_epi32(cn as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        let real = _mm256_castsi256_ps(real);
+        for o in 0..ol {
+            let v = _mm256_loadu_ps(acc.as_ptr().add(o * cp + c0));
+            let v = if bias.is_some() { _mm256_add_ps(v, vb) } else { v };
+            let v = if CHAIN { crate::generic::post8(v, post) } else { pv.apply::<CLAMP, FQ>(v) };
+            let y = level8(v, &q);
+            nan = _mm256_or_ps(nan, _mm256_and_ps(real, _mm256_cmp_ps(y, y, _CMP_UNORD_Q)));
+            let l = level_i32(y);
+            let b = _mm256_packs_epi16(_mm256_packs_epi32(l, l), _mm256_setzero_si256());
+            let b = _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, order));
+            _mm_storel_epi64(stage.as_mut_ptr().add((o * cp + c0) / 4).cast(), _mm_xor_si128(b, flip));
+        }
+    }
+    _mm256_movemask_ps(nan) != 0
 }
 
 /// The planes `[k][positions]` (bytes) as [`avx2_pointwise_q4q8`]'s quad words: `x4[q * p_pad +
