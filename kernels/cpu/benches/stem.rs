@@ -52,7 +52,7 @@ fn main() {
             macs / t_direct / 1e3,
             t_gemm / t_direct,
             if same { "same bits" } else { "BITS DIFFER" },
-            conv_direct_takes(kl)
+            conv_direct_takes(kl, m)
         );
     }
 }

@@ -551,13 +551,23 @@ pub fn copy_strided(src: &[f32], (rows, cols): (usize, usize), (rs, cs): (usize,
 pub const CONV_DIRECT_MAX_CHANNELS: usize = 4;
 
 /// Whether [`conv_direct_f32`] runs a convolution of `taps` window positions to `m` output
-/// channels: windows of 3 x 3 and up (9 taps or more). Measured on one core (AVX-512; `cargo
-/// bench -p sqil-kernels-cpu --bench stem`, both paths in one run): ResNet-18's 7 x 7 / 2 to 64
-/// channels at 96 x 96 261 -> 175 us, the 3 x 3 / 2 stems to 16 and 32 channels at 84 x 84 16.5
-/// -> 10.9 and 22.7 -> 18.1 us, 3 x 3 / 1 to 64 and 128 channels 1.04x and 1.09x, a grey 5 x 5 / 2
-/// 1.68x; a 1 x 1 convolution to 64 channels is slower direct (25.0 -> 31.7 us: im2col is a
-/// copy there, and the GEMM reuses it over every output), so it keeps im2col.
-pub fn conv_direct_takes(taps: usize) -> bool {
+/// channels: windows of 3 x 3 and up (9 taps or more), and with AVX2 only (eight lanes, six
+/// channels per pass) at least 576 products per output position (`m * taps`: 64 channels at 3
+/// x 3, 32 at 5 x 5, 12 at 7 x 7). Measured on one core (`cargo bench -p sqil-kernels-cpu
+/// --bench stem`, both paths in one run). AVX-512: ResNet-18's 7 x 7 / 2 to 64 channels at 96 x
+/// 96 261 -> 175 us, the 3 x 3 / 2 stems to 16 and 32 channels at 84 x 84 16.5 -> 10.9 and 22.7
+/// -> 18.1 us, 3 x 3 / 1 to 64 and 128 channels 1.04x and 1.09x, a grey 5 x 5 / 2 1.68x; a 1 x 1
+/// convolution to 64 channels is slower direct (25.0 -> 31.7 us: im2col is a copy there, and the
+/// GEMM reuses it over every output), so it keeps im2col. AVX2 (AMD EPYC): ResNet-18's stem 612
+/// -> 506 us, 3 x 3 / 1 to 64 and 128 channels 1.08x and 1.22x, the grey 5 x 5 / 2 1.13x, but the
+/// 3 x 3 / 2 stems to 16 and 32 channels 0.67x and 0.75x (34.5 and 53.5 us by im2col): their
+/// channels fill few six-channel passes (16 in three) and 42 columns waste 6 of 48 lanes.
+pub fn conv_direct_takes(taps: usize, m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() == crate::Isa::Avx2 {
+        return taps >= 9 && m * taps >= 576;
+    }
+    let _ = m;
     taps >= 9
 }
 
@@ -584,7 +594,7 @@ pub fn conv_direct_f32(
     bias: Option<&[f32]>,
     out: &mut [f32],
 ) -> bool {
-    conv_direct_takes(geo.kernel.iter().product()) && conv_direct_run(input, channels, w, m, geo, bias, out)
+    conv_direct_takes(geo.kernel.iter().product(), m) && conv_direct_run(input, channels, w, m, geo, bias, out)
 }
 
 /// A FakeQuant's `(scale, zero, lo, hi)`, as [`fake_quant_into`] takes them.

@@ -94,7 +94,11 @@ fn declines_what_it_cannot_run_or_would_not_speed_up() {
     // A 1 x 1 convolution: im2col is a copy there, and the GEMM is faster.
     let one = ConvGeometry::square(8, 1, 1, 0);
     assert!(!conv_direct_f32((&x, None), 3, &[0.5; 32 * 3], 32, &one, None, &mut out));
-    assert!(conv_direct_f32((&x, None), 3, &[0.5; 32 * 27], 32, &geo, None, &mut out), "a 3 x 3 stem is taken");
+    let mut wide = vec![0f32; 64 * 64];
+    assert!(conv_direct_f32((&x, None), 3, &[0.5; 64 * 27], 64, &geo, None, &mut wide), "a 3 x 3 stem to 64 is taken");
+    // To 32 channels: taken with AVX-512, not with AVX2 (im2col and the GEMM measured faster there).
+    let avx2 = sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx2;
+    assert_eq!(conv_direct_f32((&x, None), 3, &[0.5; 32 * 27], 32, &geo, None, &mut out), !avx2, "a 3 x 3 stem to 32");
 }
 
 #[test]

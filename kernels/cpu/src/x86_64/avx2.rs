@@ -1360,14 +1360,18 @@ pub unsafe fn avx2_gelu_tanh_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// [`conv_direct`] on 8-lane vectors: four output channels by up to three vectors of columns
-/// (twelve accumulators of the sixteen registers).
+/// [`conv_direct`] on 8-lane vectors: six output channels by up to two vectors of columns
+/// (twelve accumulators, two input vectors and a broadcast weight: fifteen of the sixteen
+/// registers). Four channels by three vectors (twelve accumulators and three input vectors) left
+/// no register for the weight: one accumulator lived on the stack, its FMA chain through a store
+/// and a load each tap, and the kernel ran at half speed (`cargo bench --bench stem`, this AVX2
+/// EPYC: ResNet-18's 7 x 7 / 2 stem 1062 -> 506 us, MobileNetV2's 3 x 3 / 2 110 -> 71 us).
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; the buffers as `conv_direct` says.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn avx2_conv_direct(xp: &[f32], w: &[f32], d: DirectConv, bias: Option<&[f32]>, out: &mut [f32]) {
-    conv_direct::<__m256, 4, 3>(xp, w, d, bias, out)
+    conv_direct::<__m256, 6, 2>(xp, w, d, bias, out)
 }
 
 /// [`crate::dequant::dequant_gemm`] for one row on 8-lane vectors (`dequant_gemv`, four vectors
