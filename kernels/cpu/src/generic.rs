@@ -1276,13 +1276,7 @@ unsafe fn depthwise_compute(
     // Back to [channel, position] with the epilogue, one copy per epilogue form.
     let f = PostForm::of(post);
     let a = (&*acc, cp, channels, ol);
-    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
-        (true, ..) => depthwise_unpack::<true, false, false>(a, bias, (post, f), out),
-        (_, false, false) => depthwise_unpack::<false, false, false>(a, bias, (post, f), out),
-        (_, true, false) => depthwise_unpack::<false, true, false>(a, bias, (post, f), out),
-        (_, false, true) => depthwise_unpack::<false, false, true>(a, bias, (post, f), out),
-        (_, true, true) => depthwise_unpack::<false, true, true>(a, bias, (post, f), out),
-    }
+    by_post_form!(f, depthwise_unpack(a, bias, (post, f), out));
     false
 }
 
@@ -1914,6 +1908,25 @@ pub struct PostForm {
     pub fq: Option<(f32, f32, f32, f32)>,
     pub chain: bool,
 }
+
+/// Calls `$f::<CHAIN, CLAMP, FQ>(args)` with the const parameters of the [`PostForm`] `$form`:
+/// `CHAIN` where its ops run one by one, else whether it has a clamp and a FakeQuant (each
+/// epilogue form its own instance of the kernel, as the kernels take them).
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_post_form {
+    ($form:expr, $f:ident($($arg:expr),* $(,)?)) => {{
+        let form: $crate::generic::PostForm = $form;
+        match (form.chain, form.clamp.is_some(), form.fq.is_some()) {
+            (true, ..) => $f::<true, false, false>($($arg),*),
+            (_, false, false) => $f::<false, false, false>($($arg),*),
+            (_, true, false) => $f::<false, true, false>($($arg),*),
+            (_, false, true) => $f::<false, false, true>($($arg),*),
+            (_, true, true) => $f::<false, true, true>($($arg),*),
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use by_post_form;
 
 impl PostForm {
     pub fn of(post: &[Post]) -> PostForm {

@@ -1450,13 +1450,7 @@ pub(crate) unsafe fn avx2_pointwise_q4q8_quads(
     for r in 0..w.n {
         let args = PointwiseRow { w, wr: &qw[r * kq..(r + 1) * kq], r, live, p_pad, positions, zero, scale, bias };
         let out = y.as_mut_ptr().add(r * positions);
-        match (form.chain, form.clamp.is_some(), form.fq.is_some()) {
-            (true, ..) => pointwise_row::<true, false, false>(&args, x4, out, (post, &pv)),
-            (_, false, false) => pointwise_row::<false, false, false>(&args, x4, out, (post, &pv)),
-            (_, true, false) => pointwise_row::<false, true, false>(&args, x4, out, (post, &pv)),
-            (_, false, true) => pointwise_row::<false, false, true>(&args, x4, out, (post, &pv)),
-            (_, true, true) => pointwise_row::<false, true, true>(&args, x4, out, (post, &pv)),
-        }
+        crate::generic::by_post_form!(form, pointwise_row(&args, x4, out, (post, &pv)));
     }
 }
 
@@ -1483,28 +1477,14 @@ pub(crate) unsafe fn avx2_depthwise_levels(
     assert!(bias.is_none_or(|b| b.len() >= channels) && post.iter().all(|p| p.in_registers()));
     let f = crate::generic::PostForm::of(post);
     let a = (acc, (cp, channels, ol), bias, post, quant, stage);
-    match (f.chain, f.clamp.is_some(), f.fq.is_some()) {
-        (true, ..) => levels_form::<true, false, false>(a, f),
-        (_, false, false) => levels_form::<false, false, false>(a, f),
-        (_, true, false) => levels_form::<false, true, false>(a, f),
-        (_, false, true) => levels_form::<false, false, true>(a, f),
-        (_, true, true) => levels_form::<false, true, true>(a, f),
-    }
+    crate::generic::by_post_form!(f, levels_form(a, f))
 }
 
 /// [`avx2_depthwise_levels`] with one epilogue form.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::type_complexity)]
 unsafe fn levels_form<const CHAIN: bool, const CLAMP: bool, const FQ: bool>(
-    (acc, (cp, channels, ol), bias, post, (scale, zero, lo, hi), stage): (
-        &[f32],
-        (usize, usize, usize),
-        Option<&[f32]>,
-        &[crate::generic::Post],
-        (f32, i32, i32, i32),
-        &mut [u32],
-    ),
+    (acc, (cp, channels, ol), bias, post, (scale, zero, lo, hi), stage): super::common::LevelsArgs,
     form: crate::generic::PostForm,
 ) -> bool {
     let pv = PostVec8::new(form);
@@ -1570,18 +1550,7 @@ pub(crate) unsafe fn interleave_quads(planes: &[i8], k: usize, positions: usize,
                 None => _mm256_setzero_si256(),
             };
             let (p0, p1, p2, p3) = (ld(ps[0]), ld(ps[1]), ld(ps[2]), ld(ps[3]));
-            let (a, b) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
-            let (c, d) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
-            let (ac0, ac1) = (_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c));
-            let (bd0, bd1) = (_mm256_unpacklo_epi16(b, d), _mm256_unpackhi_epi16(b, d));
-            // Within 128-bit lanes: ac0 = positions 0-3 | 16-19, ac1 = 4-7 | 20-23, bd0 = 8-11 |
-            // 24-27, bd1 = 12-15 | 28-31.
-            let out = [
-                _mm256_permute2x128_si256::<0x20>(ac0, ac1),
-                _mm256_permute2x128_si256::<0x20>(bd0, bd1),
-                _mm256_permute2x128_si256::<0x31>(ac0, ac1),
-                _mm256_permute2x128_si256::<0x31>(bd0, bd1),
-            ];
+            let out = quads32(p0, p1, p2, p3);
             // Words past the positions hold 0x80 bytes (zeros); those past p_pad are not stored.
             for (i, v) in out.into_iter().enumerate() {
                 let at = o + 8 * i;

@@ -1305,6 +1305,44 @@ pub(crate) mod exp_neg_f32 {
     pub const TAYLOR: [f32; 7] = [1.0 / 720.0, -1.0 / 120.0, 1.0 / 24.0, -1.0 / 6.0, 0.5, -1.0, 1.0];
 }
 
+/// The arguments of the depthwise levels kernels (`avx2::avx2_depthwise_levels`,
+/// `avx512::avx512_depthwise_levels`) past the epilogue form: the outputs by position (`acc`)
+/// with `(cp, channels, positions)`, the bias, the epilogue ops, the next layer's quantizer
+/// `(scale, zero, lo, hi)` and the levels' bytes (`stage`).
+pub(crate) type LevelsArgs<'a> = (
+    &'a [f32],
+    (usize, usize, usize),
+    Option<&'a [f32]>,
+    &'a [crate::generic::Post],
+    (f32, i32, i32, i32),
+    &'a mut [u32],
+);
+
+/// Four channels' 32 bytes (`p0..p3`, positions in order) as four vectors of 32-bit words, one
+/// per position with channel `c` in byte `c`, positions 0-7, 8-15, 16-23 and 24-31: bytes
+/// interleaved by pairs of channels, then by pairs of pairs, then the 128-bit halves put in
+/// order. The pointwise kernels' quad layout (`avx2::interleave_quads`,
+/// `avx512::avx512_interleave_quads`).
+///
+/// # Safety
+/// AVX2.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn quads32(p0: __m256i, p1: __m256i, p2: __m256i, p3: __m256i) -> [__m256i; 4] {
+    let (a, b) = (_mm256_unpacklo_epi8(p0, p1), _mm256_unpackhi_epi8(p0, p1));
+    let (c, d) = (_mm256_unpacklo_epi8(p2, p3), _mm256_unpackhi_epi8(p2, p3));
+    let (ac0, ac1) = (_mm256_unpacklo_epi16(a, c), _mm256_unpackhi_epi16(a, c));
+    let (bd0, bd1) = (_mm256_unpacklo_epi16(b, d), _mm256_unpackhi_epi16(b, d));
+    // Within 128-bit lanes: ac0 = positions 0-3 | 16-19, ac1 = 4-7 | 20-23, bd0 = 8-11 | 24-27,
+    // bd1 = 12-15 | 28-31.
+    [
+        _mm256_permute2x128_si256::<0x20>(ac0, ac1),
+        _mm256_permute2x128_si256::<0x20>(bd0, bd1),
+        _mm256_permute2x128_si256::<0x31>(ac0, ac1),
+        _mm256_permute2x128_si256::<0x31>(bd0, bd1),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::Sums;
