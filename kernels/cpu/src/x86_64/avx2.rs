@@ -314,13 +314,18 @@ pub unsafe fn fake_quant8(x: __m256, scale: f32, zero: f32, lo: f32, hi: f32) ->
     _mm256_mul_ps(_mm256_sub_ps(level8(x, &q), q.z), q.s)
 }
 
-/// The epilogue constants of a [`crate::generic::PostForm`] in eight-lane vectors (see
-/// `avx512::PostVec16`).
+/// The epilogue constants of a [`crate::generic::PostForm`] in eight-lane vectors: the clamp's
+/// bounds, the FakeQuant's quantizer and, where the level can be taken directly (`fold`), the
+/// bounds of the level less the zero point that the clamp and the FakeQuant's bounds leave, `[ka,
+/// kb]` widened by 1/4 (`avx512::PostVec16` on eight lanes).
 #[derive(Clone, Copy)]
 pub(crate) struct PostVec8 {
     lo: __m256,
     hi: __m256,
     q: Quant8,
+    ka: __m256,
+    kb: __m256,
+    fold: bool,
 }
 
 impl PostVec8 {
@@ -329,14 +334,58 @@ impl PostVec8 {
     pub(crate) fn new(f: crate::generic::PostForm) -> PostVec8 {
         let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
         let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
-        PostVec8 { lo: _mm256_set1_ps(lo), hi: _mm256_set1_ps(hi), q: Quant8::new(s, z, qlo, qhi) }
+        // The clamp then the FakeQuant is the FakeQuant's level clamped to the levels of the
+        // clamp's bounds (the level is a non-decreasing function of the value), so both fold into
+        // one range of levels: for a positive scale whose multiples up to the levels stay finite,
+        // integer levels, and an ordered clamp.
+        let fold = f.fq.is_some() && s > 0.0 && s <= f32::MAX / 1_048_576.0 && integral_levels(z, qlo, qhi) && lo <= hi;
+        let level = |v: f32| crate::generic::quantize_level(v, s, z, qlo, qhi) - z;
+        let (ka, kb) = if f.clamp.is_some() { (level(lo), level(hi)) } else { (qlo - z, qhi - z) };
+        PostVec8 {
+            lo: _mm256_set1_ps(lo),
+            hi: _mm256_set1_ps(hi),
+            q: Quant8::new(s, z, qlo, qhi),
+            ka: _mm256_set1_ps(ka - 0.25),
+            kb: _mm256_set1_ps(kb + 0.25),
+            fold,
+        }
+    }
+
+    /// With `fold`: the form's level less the zero point for each of 8 lanes, and whether every
+    /// lane's is certain. `q = v fl(1 / s)` is within `|q| QUOTIENT_SCREEN / 2` of the
+    /// definition's quotient `fl(v / s)` ([`round_quotient8`]); clamped to `[ka - 1/4, kb + 1/4]`
+    /// and rounded to `k`, it is the definition's level wherever `|q_c - k| + |q|
+    /// QUOTIENT_SCREEN < 1/2` (inside, the quotient rounds to `k`; at an end the quotient lies
+    /// past it and the clamps give it: `avx512::PostVec16::level16`). NaN lanes fail the test.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn level8_folded(&self, v: __m256) -> (__m256, bool) {
+        const NEAR: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let abs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let q = _mm256_mul_ps(v, self.q.r);
+        // vmaxps / vminps return their second operand, here q, when it is NaN.
+        let qc = _mm256_min_ps(self.kb, _mm256_max_ps(self.ka, q));
+        let k = _mm256_round_ps(qc, NEAR);
+        let t = _mm256_fmadd_ps(
+            _mm256_and_ps(q, abs),
+            _mm256_set1_ps(QUOTIENT_SCREEN),
+            _mm256_and_ps(_mm256_sub_ps(qc, k), abs),
+        );
+        (k, _mm256_movemask_ps(_mm256_cmp_ps(t, _mm256_set1_ps(0.5), _CMP_LT_OQ)) == 0xff)
     }
 
     /// The form's ops on eight lanes: [`crate::generic::post8`]'s operations for a clamp then a
-    /// FakeQuant.
+    /// FakeQuant (the level through [`PostVec8::level8_folded`] where it is certain, `(k + 0) *
+    /// s` as the FakeQuant writes `(level - zero) * s`, the `+ 0` making a `-0` level `+0`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub(crate) fn apply<const CLAMP: bool, const FQ: bool>(&self, mut v: __m256) -> __m256 {
+        if FQ && self.fold {
+            let (k, sure) = self.level8_folded(v);
+            if sure {
+                return _mm256_mul_ps(_mm256_add_ps(k, _mm256_setzero_ps()), self.q.s);
+            }
+        }
         if CLAMP {
             v = _mm256_min_ps(self.hi, _mm256_max_ps(self.lo, v));
         }
