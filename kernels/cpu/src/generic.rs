@@ -813,7 +813,7 @@ impl DepthwiseTaps {
         }
         // The lanes of this CPU's kernel: sixteen with AVX-512, else eight.
         #[cfg(target_arch = "x86_64")]
-        let cp = channels.next_multiple_of(if crate::isa() == crate::Isa::Avx512Vnni { 16 } else { 8 });
+        let cp = lane_channels(channels, crate::isa() == crate::Isa::Avx512Vnni);
         #[cfg(not(target_arch = "x86_64"))]
         let cp = channels.next_multiple_of(16);
         let mut data = vec![];
@@ -968,6 +968,14 @@ unsafe fn depthwise_lanes_avx2(
     depthwise_lanes_with(g, (wide, 1), fill, (weights, None), epilogue, DwOut::Planes(out));
 }
 
+/// `channels` rounded up to whole vectors of the depthwise lanes kernel: sixteen lanes on the
+/// wide (AVX-512) path, eight on AVX2. The buffers ([`PadMap`]) and the weights by tap
+/// ([`DepthwiseTaps`]) both hold this many lanes per position or tap.
+#[cfg(target_arch = "x86_64")]
+fn lane_channels(channels: usize, wide: bool) -> usize {
+    channels.next_multiple_of(if wide { 16 } else { 8 })
+}
+
 /// Where a depthwise input lands in [`depthwise_lanes_avx2`]'s zero-padded buffer `[hp, wp, cp]`:
 /// image row `iy` at buffer row `iy + ph`, column `ix` at column `ix + pw`, channel `c` at lane
 /// `c` of the position's `cp` (channels rounded up to whole vectors). Only the rows and columns
@@ -994,7 +1002,7 @@ impl PadMap {
         // Every padded row and column a window reads; channels in whole vectors (sixteen lanes
         // on the wide path).
         let (hp, wp) = ((oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1);
-        let cp = channels.next_multiple_of(if wide { 16 } else { 8 });
+        let cp = lane_channels(channels, wide);
         // The buffer columns that hold input columns: x in x0..x1 reads column x - pw.
         let x0 = (pw.max(0) as usize).min(wp);
         let x1 = ((w as isize + pw).clamp(0, wp as isize) as usize).max(x0);

@@ -358,8 +358,8 @@ pub fn pointwise_q4q8_images(
         return X4.with_borrow_mut(|x4| {
             let x4 = generic::aligned64(x4, w.k.div_ceil(4) * positions.next_multiple_of(8));
             for (x, y) in planes.chunks_exact(per_in).zip(y.chunks_exact_mut(per_out)).take(images) {
-                // SAFETY: isa() checked AVX2 and FMA; the sizes are asserted above and x2 sized
-                // here (x4); `reg` holds ops applied in registers only.
+                // SAFETY: isa() checked AVX2 and FMA; the sizes are asserted above and x4 sized
+                // here; `reg` holds ops applied in registers only.
                 unsafe { x86_64::avx2::avx2_pointwise_q4q8(w, x, positions, (zero, scale), bias, reg, x4, y) };
                 generic::post_in_place(y, rest);
             }

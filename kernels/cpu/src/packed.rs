@@ -370,22 +370,17 @@ impl PackedQ4 {
 
     /// [`PackedQ4::quad_words`], built on first use.
     pub fn quad_words(&self) -> &[u32] {
-        self.quad_words.get_or_init(|| self.signed_words(4))
-    }
-
-    /// The weights as signed values `32 / per` bits wide, `per` consecutive k per little-endian
-    /// word (`[n][k_pad / per]`; `per` divides 32), each block unpacked once.
-    fn signed_words(&self, per: usize) -> Vec<u32> {
-        let bits = 32 / per;
-        let mask = u32::MAX >> (32 - bits);
-        let blocks = &self.blocks[..self.n * self.k_pad / QK4];
-        let mut words = Vec::with_capacity(self.n * self.k_pad / per);
-        for block in blocks {
-            for lane in block.unpack().chunks_exact(per) {
-                words.push(lane.iter().enumerate().fold(0, |wd, (i, &q)| wd | (q as i32 as u32 & mask) << (bits * i)));
+        // Each block unpacked once (get() per weight unpacks the whole block each time).
+        self.quad_words.get_or_init(|| {
+            let blocks = &self.blocks[..self.n * self.k_pad / QK4];
+            let mut words = Vec::with_capacity(self.n * self.k_pad / 4);
+            for block in blocks {
+                for q in block.unpack().chunks_exact(4) {
+                    words.push(u32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]));
+                }
             }
-        }
-        words
+            words
+        })
     }
 
     /// Scales and weight sums per (block of 32 channels, group, channel), zero for padding rows:

@@ -334,19 +334,13 @@ impl PostVec8 {
     pub(crate) fn new(f: crate::generic::PostForm) -> PostVec8 {
         let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
         let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
-        // The clamp then the FakeQuant is the FakeQuant's level clamped to the levels of the
-        // clamp's bounds (the level is a non-decreasing function of the value), so both fold into
-        // one range of levels: for a positive scale whose multiples up to the levels stay finite,
-        // integer levels, and an ordered clamp.
-        let fold = f.fq.is_some() && s > 0.0 && s <= f32::MAX / 1_048_576.0 && integral_levels(z, qlo, qhi) && lo <= hi;
-        let level = |v: f32| crate::generic::quantize_level(v, s, z, qlo, qhi) - z;
-        let (ka, kb) = if f.clamp.is_some() { (level(lo), level(hi)) } else { (qlo - z, qhi - z) };
+        let (fold, ka, kb) = folded_levels(f);
         PostVec8 {
             lo: _mm256_set1_ps(lo),
             hi: _mm256_set1_ps(hi),
             q: Quant8::new(s, z, qlo, qhi),
-            ka: _mm256_set1_ps(ka - 0.25),
-            kb: _mm256_set1_ps(kb + 0.25),
+            ka: _mm256_set1_ps(ka),
+            kb: _mm256_set1_ps(kb),
             fold,
         }
     }

@@ -5,9 +5,9 @@
 //! VNNI (tested there: the property tests run whatever kernel the CPU dispatches).
 
 use super::common::{
-    block_bias, channels_impl, definition_levels, gemm_impl, gemv_rows_impl, integral_levels, level_reciprocal,
-    level_steps, screen_reciprocal, sgemm_direct8, sgemm_direct_panels, short_group_inputs, single_block,
-    softmax_rows_impl, F32Lanes, LaneInput, Sums, QUOTIENT_SCREEN,
+    block_bias, channels_impl, definition_levels, gemm_impl, gemv_rows_impl, level_reciprocal, level_steps,
+    screen_reciprocal, sgemm_direct8, sgemm_direct_panels, short_group_inputs, single_block, softmax_rows_impl,
+    F32Lanes, LaneInput, Sums, QUOTIENT_SCREEN,
 };
 use crate::generic::QRow;
 use crate::packed::{ChannelTiles, PackedQ4, QK4};
@@ -2201,20 +2201,14 @@ impl PostVec16 {
     fn new(f: crate::generic::PostForm) -> PostVec16 {
         let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
         let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
-        // The clamp then the FakeQuant is the FakeQuant's level clamped to the levels of the
-        // clamp's bounds (the level is a non-decreasing function of the value), so both fold
-        // into one range of levels: for a positive scale whose multiples up to the levels stay
-        // finite, integer levels, and an ordered clamp.
-        let fold = f.fq.is_some() && s > 0.0 && s <= f32::MAX / 1_048_576.0 && integral_levels(z, qlo, qhi) && lo <= hi;
-        let level = |v: f32| crate::generic::quantize_level(v, s, z, qlo, qhi) - z;
-        let (ka, kb) = if f.clamp.is_some() { (level(lo), level(hi)) } else { (qlo - z, qhi - z) };
+        let (fold, ka, kb) = super::common::folded_levels(f);
         PostVec16 {
             lo: _mm512_set1_ps(lo),
             hi: _mm512_set1_ps(hi),
             // SAFETY: this function's target features are FakeQuant16::new's.
             fq: unsafe { FakeQuant16::new((s, z, qlo, qhi)) },
-            ka: _mm512_set1_ps(ka - 0.25),
-            kb: _mm512_set1_ps(kb + 0.25),
+            ka: _mm512_set1_ps(ka),
+            kb: _mm512_set1_ps(kb),
             fold,
         }
     }

@@ -1343,6 +1343,22 @@ pub(crate) unsafe fn quads32(p0: __m256i, p1: __m256i, p2: __m256i, p3: __m256i)
     ]
 }
 
+/// The folded epilogue of a clamp then a FakeQuant (`PostForm` `f`), as the vector epilogues
+/// (`avx2::PostVec8`, `avx512::PostVec16`) take it: whether the pair folds into one range of
+/// levels, and that range less the zero point widened by 1/4, `(ka - 1/4, kb + 1/4)`. The clamp
+/// then the FakeQuant is the FakeQuant's level clamped to the levels of the clamp's bounds (the
+/// level is a non-decreasing function of the value), so both fold into one range of levels: for
+/// a positive scale whose multiples up to the levels stay finite, integer levels, and an ordered
+/// clamp. Without a clamp the range is the FakeQuant's own levels.
+pub(crate) fn folded_levels(f: crate::generic::PostForm) -> (bool, f32, f32) {
+    let (lo, hi) = f.clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let (s, z, qlo, qhi) = f.fq.unwrap_or((1.0, 0.0, 0.0, 0.0));
+    let fold = f.fq.is_some() && s > 0.0 && s <= f32::MAX / 1_048_576.0 && integral_levels(z, qlo, qhi) && lo <= hi;
+    let level = |v: f32| crate::generic::quantize_level(v, s, z, qlo, qhi) - z;
+    let (ka, kb) = if f.clamp.is_some() { (level(lo), level(hi)) } else { (qlo - z, qhi - z) };
+    (fold, ka - 0.25, kb + 0.25)
+}
+
 #[cfg(test)]
 mod tests {
     use super::Sums;
