@@ -999,9 +999,18 @@ pub(crate) unsafe fn short_group_inputs<const NP: usize, X: LaneInput>(
     xp
 }
 
+/// Where [`stage_part`] puts a block's outputs.
+pub(crate) enum PartOut<'a> {
+    /// Column `c` of the tile for input `c` of the part's inputs.
+    Tile(&'a mut [[f32; SHORT_TILE]; 32]),
+    /// Straight to the outputs, input `c`'s eight channels `8 j .. 8 j + 8` at `at + c * cs + 8 j`
+    /// (a batch of GEMVs' rows, all 32 channels of the block inside each: `rs` 1).
+    Rows { y: *mut f32, at: usize, cs: usize },
+}
+
 /// Channels `8 j0 .. 8 (j0 + J)` of block `cb` on `xs` (the short form, up to six inputs at a time;
-/// with a wide `S` the whole block, `J` = 4, on 512-bit registers), scaled, biased and staged into
-/// `tile` (column `c` for input `c` of `xs`).
+/// with a wide `S` the whole block, `J` = 4, on 512-bit registers), scaled, biased and written
+/// where `out` says.
 #[inline(always)]
 pub(crate) unsafe fn stage_part<X: LaneInput, const J: usize, S: Sums>(
     w: &PackedQ4,
@@ -1009,7 +1018,7 @@ pub(crate) unsafe fn stage_part<X: LaneInput, const J: usize, S: Sums>(
     (cb, j0): (usize, usize),
     xs: &[X],
     b: &[f32; 32],
-    tile: &mut [[f32; SHORT_TILE]; 32],
+    out: &mut PartOut,
 ) {
     let mut c = 0;
     while c < xs.len() {
@@ -1030,11 +1039,17 @@ pub(crate) unsafe fn stage_part<X: LaneInput, const J: usize, S: Sums>(
         for (i, acc) in acc[..np].iter().enumerate() {
             let scale = _mm256_set1_ps(xs[c + i].scale());
             for (j, a) in acc.iter().enumerate() {
-                let mut out = [0f32; 8];
                 let bj = _mm256_loadu_ps(b.as_ptr().add(8 * (j0 + j)));
-                _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(_mm256_mul_ps(*a, scale), bj));
-                for (l, &v) in out.iter().enumerate() {
-                    tile[8 * (j0 + j) + l][c + i] = v;
+                let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), bj);
+                match out {
+                    PartOut::Rows { y, at, cs } => _mm256_storeu_ps(y.add(*at + (c + i) * *cs + 8 * (j0 + j)), v),
+                    PartOut::Tile(tile) => {
+                        let mut lanes = [0f32; 8];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+                        for (l, &v) in lanes.iter().enumerate() {
+                            tile[8 * (j0 + j) + l][c + i] = v;
+                        }
+                    }
                 }
             }
         }
@@ -1061,15 +1076,32 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
     (cb, rows, r0): (usize, usize, usize),
 ) {
     const TILE: usize = SHORT_TILE;
+    if rs == 1 && rows == 32 {
+        // A batch of GEMVs' rows with the whole block inside each: every vector of eight
+        // channels is eight consecutive outputs of one input, stored where it goes (staged, each
+        // value was a scalar store into the tile and a copy out of it).
+        let at = 32 * cb - r0;
+        assert!(xs.is_empty() || at + (xs.len() - 1) * cs + 32 <= y.len(), "short_block: output rows");
+        let mut out = PartOut::Rows { y: y.as_mut_ptr(), at, cs };
+        if S::WIDE {
+            stage_part::<X, 4, S>(w, t, (cb, 0), xs, b, &mut out);
+        } else {
+            for h in 0..2 {
+                stage_part::<X, 2, S>(w, t, (cb, 2 * h), xs, b, &mut out);
+            }
+        }
+        return;
+    }
     let mut tile = [[0f32; TILE]; 32];
     for c0 in (0..xs.len()).step_by(TILE) {
         let np_all = (xs.len() - c0).min(TILE);
+        let mut out = PartOut::Tile(&mut tile);
         if S::WIDE {
             // All 32 channels at once on 512-bit registers.
-            stage_part::<X, 4, S>(w, t, (cb, 0), &xs[c0..c0 + np_all], b, &mut tile);
+            stage_part::<X, 4, S>(w, t, (cb, 0), &xs[c0..c0 + np_all], b, &mut out);
         } else {
             for h in 0..2 {
-                stage_part::<X, 2, S>(w, t, (cb, 2 * h), &xs[c0..c0 + np_all], b, &mut tile);
+                stage_part::<X, 2, S>(w, t, (cb, 2 * h), &xs[c0..c0 + np_all], b, &mut out);
             }
         }
         if rs == 1 {
