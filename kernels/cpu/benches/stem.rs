@@ -19,6 +19,7 @@ fn main() {
         (3, 84, 64, 3, 1, 1, "3 x 3 / 1 to 64 (84 x 84)"),
         (4, 64, 128, 3, 1, 1, "RGB-D 3 x 3 / 1 to 128 (64 x 64)"),
         (1, 96, 32, 5, 2, 2, "grey 5 x 5 / 2 to 32 (96 x 96)"),
+        (3, 64, 16, 5, 2, 2, "testdata NHWC CNN 5 x 5 / 2 to 16 (64 x 64)"),
         (3, 84, 64, 1, 1, 0, "1 x 1 to 64 (84 x 84)"),
     ];
     // `--only I`: layer I alone, the direct kernel only, many more calls (for a profiler).

@@ -552,20 +552,21 @@ pub const CONV_DIRECT_MAX_CHANNELS: usize = 4;
 
 /// Whether [`conv_direct_f32`] runs a convolution of `taps` window positions to `m` output
 /// channels: windows of 3 x 3 and up (9 taps or more), and with AVX2 only (eight lanes, six
-/// channels per pass) at least 576 products per output position (`m * taps`: 64 channels at 3
-/// x 3, 32 at 5 x 5, 12 at 7 x 7). Measured on one core (`cargo bench -p sqil-kernels-cpu
-/// --bench stem`, both paths in one run). AVX-512: ResNet-18's 7 x 7 / 2 to 64 channels at 96 x
-/// 96 261 -> 175 us, the 3 x 3 / 2 stems to 16 and 32 channels at 84 x 84 16.5 -> 10.9 and 22.7
-/// -> 18.1 us, 3 x 3 / 1 to 64 and 128 channels 1.04x and 1.09x, a grey 5 x 5 / 2 1.68x; a 1 x 1
-/// convolution to 64 channels is slower direct (25.0 -> 31.7 us: im2col is a copy there, and the
-/// GEMM reuses it over every output), so it keeps im2col. AVX2 (AMD EPYC): ResNet-18's stem 612
-/// -> 506 us, 3 x 3 / 1 to 64 and 128 channels 1.08x and 1.22x, the grey 5 x 5 / 2 1.13x, but the
-/// 3 x 3 / 2 stems to 16 and 32 channels 0.67x and 0.75x (34.5 and 53.5 us by im2col): their
-/// channels fill few six-channel passes (16 in three) and 42 columns waste 6 of 48 lanes.
+/// channels per pass) windows of 5 x 5 and up, or 3 x 3 to at least 128 channels (`m * taps >=
+/// 1152`). Measured on one core (`cargo bench -p sqil-kernels-cpu --bench stem`, both paths in one
+/// run). AVX-512: ResNet-18's 7 x 7 / 2 to 64 channels at 96 x 96 261 -> 175 us, the 3 x 3 / 2
+/// stems to 16 and 32 channels at 84 x 84 16.5 -> 10.9 and 22.7 -> 18.1 us, 3 x 3 / 1 to 64 and
+/// 128 channels 1.04x and 1.09x, a grey 5 x 5 / 2 1.68x; a 1 x 1 convolution to 64 channels is
+/// slower direct (25.0 -> 31.7 us: im2col is a copy there, and the GEMM reuses it over every
+/// output), so it keeps im2col. AVX2 (AMD EPYC, three runs, with the vector phase split of stride
+/// 2): ResNet-18's stem 1.23x, testdata's NHWC 5 x 5 / 2 to 16 channels 2.3-2.5x (91 -> 37 us), a
+/// grey 5 x 5 / 2 to 32 1.1-1.2x, 3 x 3 / 1 to 128 channels 1.13x, but 3 x 3 / 1 to 64 0.96x and
+/// the 3 x 3 / 2 stems to 16 and 32 channels 0.84-0.98x and 0.77-0.86x: their channels fill few
+/// six-channel passes (16 in three) against nine taps, and 42 columns waste 6 of 48 lanes.
 pub fn conv_direct_takes(taps: usize, m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     if crate::isa() == crate::Isa::Avx2 {
-        return taps >= 9 && m * taps >= 576;
+        return taps >= 25 || (taps >= 9 && m * taps >= 1152);
     }
     let _ = m;
     taps >= 9
@@ -662,10 +663,10 @@ pub fn conv_direct_run(
             let mut padded = vec![];
             for c in 0..channels {
                 let mut plane = &input[c * il..(c + 1) * il];
-                // Stride 1 quantizes each row into place below, and the AVX-512 split of stride 2
+                // Stride 1 quantizes each row into place below, and the vector split of stride 2
                 // each vector as it loads it; the other strides' splits read the plane through
                 // the quantizer first, in one pass.
-                let split2 = g.sw == 2 && wide;
+                let split2 = g.sw == 2;
                 if let (Some((qs, qz, qlo, qhi)), true) = (quant, g.sw > 1 && !split2) {
                     quantized.resize(il, 0.0);
                     fake_quant_into(plane, qs, qz, qlo, qhi, quantized);
@@ -691,9 +692,15 @@ pub fn conv_direct_run(
                     }
                     if split2 {
                         let (even, odd) = dst.split_at_mut(jl);
-                        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; even and odd hold jl
-                        // values each.
-                        unsafe { crate::x86_64::avx512::avx512_phase_split2(src, lo, even, odd, quant) };
+                        // SAFETY: isa() checked AVX-512 F where wide, else AVX2 and FMA (this path
+                        // runs on one or the other); even and odd hold jl values each.
+                        unsafe {
+                            if wide {
+                                crate::x86_64::avx512::avx512_phase_split2(src, lo, even, odd, quant)
+                            } else {
+                                crate::x86_64::avx2::avx2_phase_split2(src, lo, even, odd, quant)
+                            }
+                        };
                         continue;
                     }
                     padded.resize(wp, 0.0);

@@ -94,11 +94,19 @@ fn declines_what_it_cannot_run_or_would_not_speed_up() {
     // A 1 x 1 convolution: im2col is a copy there, and the GEMM is faster.
     let one = ConvGeometry::square(8, 1, 1, 0);
     assert!(!conv_direct_f32((&x, None), 3, &[0.5; 32 * 3], 32, &one, None, &mut out));
-    let mut wide = vec![0f32; 64 * 64];
-    assert!(conv_direct_f32((&x, None), 3, &[0.5; 64 * 27], 64, &geo, None, &mut wide), "a 3 x 3 stem to 64 is taken");
-    // To 32 channels: taken with AVX-512, not with AVX2 (im2col and the GEMM measured faster there).
+    // 3 x 3 to 32 and 64 channels: taken with AVX-512, not with AVX2 (im2col and the GEMM
+    // measured as fast or faster there); to 128 on both.
     let avx2 = sqil_kernels_cpu::isa() == sqil_kernels_cpu::Isa::Avx2;
+    let mut wide = vec![0f32; 128 * 64];
+    assert_eq!(conv_direct_f32((&x, None), 3, &[0.5; 64 * 27], 64, &geo, None, &mut wide), !avx2, "a 3 x 3 stem to 64");
+    assert!(
+        conv_direct_f32((&x, None), 3, &[0.5; 128 * 27], 128, &geo, None, &mut wide),
+        "a 3 x 3 stem to 128 is taken"
+    );
     assert_eq!(conv_direct_f32((&x, None), 3, &[0.5; 32 * 27], 32, &geo, None, &mut out), !avx2, "a 3 x 3 stem to 32");
+    // A 5 x 5 window to 16 channels (testdata's NHWC CNN's stem): taken on both.
+    let five = ConvGeometry::square(8, 5, 2, 2);
+    assert!(conv_direct_f32((&x, None), 3, &[0.5; 16 * 75], 16, &five, None, &mut out), "a 5 x 5 stem to 16 is taken");
 }
 
 #[test]
