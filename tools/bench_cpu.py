@@ -1,6 +1,8 @@
 """CPU inference benchmark, one run, same machine, one core for every engine (the process pins
-itself to the last CPU; children inherit it): latency at batches 1, 4, 16 and 64 of the testdata
-policies (hopper BC MLP, the pixel CNN bc_pickplace_pixels), a 4x1024 MLP and the zoo
+itself to the last CPU; children inherit it): latency at batches 1, 4, 16 and 64 of every testdata
+policy (hopper BC MLP and the pixel CNN bc_pickplace_pixels first, then the pybullet MLPs, the
+random-weight MLP, transformer and NHWC CNN, the lander and pick-place BC policies, each quantized
+with its committed sample inputs as calibration: `--models testdata` runs those), a 4x1024 MLP and the zoo
 (`tools/sqil_tools/zoo.py`: ResNet-18, MobileNetV2, MobileNetV3, EfficientNet-B0, an ACT decoder, a diffusion
 1-D U-Net step, a PRelu/MaxPool CNN), for
 
@@ -165,6 +167,11 @@ def main():
         models = {
             "bc_hopper": (pol / "bc_hopper.onnx", [ROOT / "testdata/demos/hopper.npz"], "gptq"),
             "mlp4x1024": (tmp / "mlp4x1024.onnx", calib("mlp", [64]), "gptq"),
+            # The rest of testdata's policies, each calibrated on its committed sample inputs.
+            **{f"{stem} (testdata)": (pol / f"{stem}.onnx", sorted(pol.glob(f"{stem}.input*.npy")), "gptq")
+               for stem in ["hopper_mlp", "halfcheetah_mlp", "walker2d_mlp", "humanoid_mlp", "mlp", "transformer",
+                            "bc_lander", "bc_pickplace", "bc_pickplace_transformer"]},
+            "nhwc cnn (testdata)": (pol / "cnn.onnx", sorted(pol.glob("cnn.input*.npy")), "gptq"),
             "cnn (pickplace pixels)": (pol / "bc_pickplace_pixels.onnx",
                                        [pol / "bc_pickplace_pixels.input0.npy", pol / "bc_pickplace_pixels.input1.npy"], "gptq"),
             "prelu_cnn (NHWC, PRelu, MaxPool)": (tmp / "prelu_cnn.onnx", [], "rtn"),
