@@ -213,6 +213,53 @@ impl Data {
         map_data!(self, v => v[r.clone()].to_vec())
     }
 
+    /// `outer` runs of `len` elements, run `o` from flat index `o * stride + start`, one after
+    /// another, keeping the type: a part of a row-major tensor cut along one axis (a Split's
+    /// output), copied run by run rather than element by element.
+    pub fn runs(&self, outer: usize, stride: usize, start: usize, len: usize) -> Data {
+        map_data!(self, v => {
+            let mut out = Vec::with_capacity(outer * len);
+            for o in 0..outer {
+                out.extend_from_slice(&v[o * stride + start..o * stride + start + len]);
+            }
+            out
+        })
+    }
+
+    /// Parts of the same type joined along one axis of a row-major layout: for each of `outer`
+    /// rows, part `k`'s run `o` (`chunks[k]` elements from `o * chunks[k]`) in order (a Concat's
+    /// output), copied run by run.
+    pub fn join_runs(parts: &[&Data], chunks: &[usize], outer: usize) -> Result<Data> {
+        let first = parts.first().ok_or_else(|| IrError::Internal("join of nothing".into()))?;
+        if parts.len() != chunks.len() {
+            return Err(IrError::Internal("join_runs: a chunk per part".into()));
+        }
+        let total: usize = chunks.iter().sum::<usize>() * outer;
+        let mut out = map_data!(first, v => {
+            let _ = v;
+            Vec::with_capacity(total)
+        });
+        for p in parts {
+            if p.dtype() != out.dtype() {
+                return Err(IrError::Invalid(format!("concat of mixed types {} and {}", out.dtype(), p.dtype())));
+            }
+        }
+        for o in 0..outer {
+            for (p, &c) in parts.iter().zip(chunks) {
+                macro_rules! ext {
+                    ($($var:ident),*) => {
+                        match (&mut out, p) {
+                            $((Data::$var(d), Data::$var(s)) => d.extend_from_slice(&s[o * c..(o + 1) * c]),)*
+                            _ => unreachable!("types checked above"),
+                        }
+                    };
+                }
+                ext!(F32, F64, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, Bool, I4, U4);
+            }
+        }
+        Ok(out)
+    }
+
     /// Concatenation of several data of the same type.
     pub fn concat(parts: &[&Data]) -> Result<Data> {
         let first = parts.first().ok_or_else(|| IrError::Internal("concat of nothing".into()))?;

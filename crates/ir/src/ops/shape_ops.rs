@@ -360,20 +360,10 @@ pub(crate) fn concat(xs: &[&Tensor], axis: i64) -> Result<Tensor> {
     }
     let outer: usize = first.shape[..ax].iter().product();
     let chunks: Vec<usize> = xs.iter().map(|t| t.shape[ax..].iter().product()).collect();
-    let mut offsets = vec![0usize];
-    for t in xs {
-        offsets.push(offsets.last().expect("nonempty") + t.len());
-    }
-    let mut idx = Vec::with_capacity(offsets[xs.len()]);
-    for o in 0..outer {
-        for (k, &c) in chunks.iter().enumerate() {
-            idx.extend(offsets[k] + o * c..offsets[k] + (o + 1) * c);
-        }
-    }
-    let all = Data::concat(&xs.iter().map(|t| &t.data).collect::<Vec<_>>())?;
+    let joined = Data::join_runs(&xs.iter().map(|t| &t.data).collect::<Vec<_>>(), &chunks, outer)?;
     let mut shape = first.shape.clone();
     shape[ax] = xs.iter().map(|t| t.shape[ax]).sum();
-    Tensor::new(shape, all.gather(&idx))
+    Tensor::new(shape, joined)
 }
 
 fn split_sizes(dim: usize, split: Option<Vec<i64>>, outputs: usize) -> Result<Vec<usize>> {
@@ -424,18 +414,17 @@ pub(crate) fn infer_split(cx: &Cx, axis: i64, outputs: usize) -> Result<Vec<Valu
 pub(crate) fn split(x: &Tensor, split: Option<&Tensor>, axis: i64, outputs: usize) -> Result<Vec<Tensor>> {
     let ax = norm_axis(axis, x.rank())?;
     let sizes = split_sizes(x.shape[ax], split.map(|s| s.data.to_i64_vec()), outputs)?;
-    let st = strides_of(&x.shape);
-    let strides: Vec<isize> = st.iter().map(|&s| s as isize).collect();
+    // Each output is one run of `n * inner` values per index of the axes before `ax`.
+    let outer: usize = x.shape[..ax].iter().product();
+    let inner: usize = x.shape[ax + 1..].iter().product();
+    let stride = x.shape[ax] * inner;
     let mut start = 0;
     sizes
         .into_iter()
         .map(|n| {
             let mut shape = x.shape.clone();
             shape[ax] = n;
-            let t = Tensor::new(
-                shape.clone(),
-                x.data.gather(&strided_indices(&shape, &strides, (start * st[ax]) as isize)),
-            );
+            let t = Tensor::new(shape, x.data.runs(outer, stride, start * inner, n * inner));
             start += n;
             t
         })
