@@ -2,13 +2,14 @@
 //! screened vector form with the definition for the lanes it cannot vouch for) on one core,
 //! against the definition computed value by value, measured in the same run; outputs compared bit
 //! for bit. Sizes: an EfficientNet-B0 block's depthwise output at 84 x 84 input (48 channels x 42
-//! x 42) and a squeeze-and-excitation gate (1 152 channels).
+//! x 42) and a squeeze-and-excitation gate (1 152 channels). Then Erf and Gelu's erf form the same
+//! way against `libm::erf` (a transformer's feed-forward activations: 64 x 8 x 128 values).
 //!
 //!     cargo bench -p sqil-kernels-cpu --bench activations
 
 mod common;
 use common::best_per_call_us;
-use sqil_kernels_cpu::generic::{sigmoid, sigmoid_f32};
+use sqil_kernels_cpu::generic::{erf_f32, gelu_erf, gelu_erf_f32, sigmoid, sigmoid_f32};
 
 fn main() {
     println!("exact sigmoid, one core, kernels {:?}", sqil_kernels_cpu::isa());
@@ -25,6 +26,26 @@ fn main() {
         let same = fast.iter().zip(&def).all(|(a, b)| a.to_bits() == b.to_bits());
         println!(
             "  {what}: definition {t_def:8.1} us, sigmoid_f32 {t_fast:7.1} us ({:.2} ns a value): {:.2}x, {}",
+            t_fast * 1e3 / n as f64,
+            t_def / t_fast,
+            if same { "same bits" } else { "BITS DIFFER" }
+        );
+    }
+    let n = 64 * 8 * 128;
+    let x: Vec<f32> = (0..n).map(|i| (((i * 7919) % 10007) as f32 / 10007.0 - 0.5) * 8.0).collect();
+    type Pair = (fn(&[f32], &mut [f32]), fn(f64) -> f64);
+    let forms: [(&str, Pair); 2] = [("Erf", (erf_f32, libm::erf)), ("Gelu (erf)", (gelu_erf_f32, gelu_erf))];
+    for (what, (fast_fn, def_fn)) in forms {
+        let (mut fast, mut def) = (vec![0f32; n], vec![0f32; n]);
+        let t_def = best_per_call_us(20, || {
+            for (o, &v) in def.iter_mut().zip(&x) {
+                *o = def_fn(v as f64) as f32;
+            }
+        });
+        let t_fast = best_per_call_us(100, || fast_fn(&x, &mut fast));
+        let same = fast.iter().zip(&def).all(|(a, b)| a.to_bits() == b.to_bits());
+        println!(
+            "  {what}, {n} values in (-4, 4): definition {t_def:8.1} us, vector form {t_fast:7.1} us ({:.2} ns a value): {:.2}x, {}",
             t_fast * 1e3 / n as f64,
             t_def / t_fast,
             if same { "same bits" } else { "BITS DIFFER" }

@@ -1377,69 +1377,234 @@ unsafe fn nibble_block<const NP: usize>(
     })
 }
 
-/// fdlibm's erf on four f64 lanes where |x| < 1.25 (`avx512::erf8`'s operations on 256-bit
-/// registers: the same bits as `libm::erf`), the others by `libm::erf`.
+/// fdlibm's erf on `K` vectors of four f64 lanes (each step over the `K` vectors before the
+/// next, so the chains' latencies overlap) where |x| < 1.25 (`avx512::erf8`'s operations on
+/// 256-bit registers: the same f64 bits as `libm::erf`), an estimate where 1.25 <= |x| < 6
+/// ([`erf_tail4`], within 2^-44: the kernels take it where [`far_from_halfway4`] vouches for its
+/// f32 rounding), and per vector as bit masks the lanes of the estimate and those left to
+/// `libm::erf` (NaN, |x| >= 6).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn erf4_all(x: __m256d) -> __m256d {
+unsafe fn erf4_est<const K: usize>(x: [__m256d; K]) -> ([__m256d; K], [i32; K], [i32; K]) {
     use crate::generic::{ERF_EFX8, ERF_ERX, ERF_P, ERF_Q};
     let sign = _mm256_set1_pd(-0.0);
-    let ax = _mm256_andnot_pd(sign, x);
-    let hi = _mm256_cmp_pd(ax, _mm256_set1_pd(0.84375), _CMP_GE_OQ);
-    let t = _mm256_blendv_pd(_mm256_mul_pd(x, x), _mm256_sub_pd(ax, _mm256_set1_pd(1.0)), hi);
-    let c = |k: usize, tab: &[[f64; 7]; 2]| _mm256_blendv_pd(_mm256_set1_pd(tab[0][k]), _mm256_set1_pd(tab[1][k]), hi);
-    let (mut p, mut q) = (c(6, &ERF_P), c(6, &ERF_Q));
+    let mut ax = [_mm256_setzero_pd(); K];
+    let mut hi = [_mm256_setzero_pd(); K];
+    let mut t = [_mm256_setzero_pd(); K];
+    let mut p = [_mm256_setzero_pd(); K];
+    let mut q = [_mm256_setzero_pd(); K];
+    // (Loops, not `array::from_fn`: its closures were compiled apart, without this function's
+    // target features, and every intrinsic in them became a call.)
+    for i in 0..K {
+        ax[i] = _mm256_andnot_pd(sign, x[i]);
+        hi[i] = _mm256_cmp_pd(ax[i], _mm256_set1_pd(0.84375), _CMP_GE_OQ);
+        t[i] = _mm256_blendv_pd(_mm256_mul_pd(x[i], x[i]), _mm256_sub_pd(ax[i], _mm256_set1_pd(1.0)), hi[i]);
+        p[i] = _mm256_blendv_pd(_mm256_set1_pd(ERF_P[0][6]), _mm256_set1_pd(ERF_P[1][6]), hi[i]);
+        q[i] = _mm256_blendv_pd(_mm256_set1_pd(ERF_Q[0][6]), _mm256_set1_pd(ERF_Q[1][6]), hi[i]);
+    }
     for k in (0..6).rev() {
-        p = _mm256_add_pd(c(k, &ERF_P), _mm256_mul_pd(t, p));
-        q = _mm256_add_pd(c(k, &ERF_Q), _mm256_mul_pd(t, q));
-    }
-    let r = _mm256_div_pd(p, q);
-    let low = _mm256_add_pd(x, _mm256_mul_pd(x, r));
-    let y = _mm256_sub_pd(_mm256_set1_pd(1.0), _mm256_sub_pd(_mm256_set1_pd(1.0 - ERF_ERX), r));
-    // -y where x's sign bit is set (y is positive).
-    let y = _mm256_or_pd(y, _mm256_and_pd(x, sign));
-    let tiny = _mm256_mul_pd(
-        _mm256_set1_pd(0.125),
-        _mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(8.0), x), _mm256_mul_pd(_mm256_set1_pd(ERF_EFX8), x)),
-    );
-    let e = _mm256_blendv_pd(low, y, hi);
-    let e = _mm256_blendv_pd(e, tiny, _mm256_cmp_pd(ax, _mm256_set1_pd(1.0 / (1u64 << 28) as f64), _CMP_LT_OQ));
-    let covered = _mm256_movemask_pd(_mm256_cmp_pd(ax, _mm256_set1_pd(1.25), _CMP_LT_OQ));
-    if covered == 0xf {
-        return e;
-    }
-    let (mut xs, mut es) = ([0f64; 4], [0f64; 4]);
-    _mm256_storeu_pd(xs.as_mut_ptr(), x);
-    _mm256_storeu_pd(es.as_mut_ptr(), e);
-    for i in 0..4 {
-        if covered >> i & 1 == 0 {
-            es[i] = libm::erf(xs[i]);
+        for i in 0..K {
+            let cp = _mm256_blendv_pd(_mm256_set1_pd(ERF_P[0][k]), _mm256_set1_pd(ERF_P[1][k]), hi[i]);
+            let cq = _mm256_blendv_pd(_mm256_set1_pd(ERF_Q[0][k]), _mm256_set1_pd(ERF_Q[1][k]), hi[i]);
+            p[i] = _mm256_add_pd(cp, _mm256_mul_pd(t[i], p[i]));
+            q[i] = _mm256_add_pd(cq, _mm256_mul_pd(t[i], q[i]));
         }
     }
-    _mm256_loadu_pd(es.as_ptr())
+    let mut e = [_mm256_setzero_pd(); K];
+    let mut tails = [0i32; K];
+    let mut rests = [0i32; K];
+    for i in 0..K {
+        let (x, ax) = (x[i], ax[i]);
+        let r = _mm256_div_pd(p[i], q[i]);
+        let low = _mm256_add_pd(x, _mm256_mul_pd(x, r));
+        let y = _mm256_sub_pd(_mm256_set1_pd(1.0), _mm256_sub_pd(_mm256_set1_pd(1.0 - ERF_ERX), r));
+        // -y where x's sign bit is set (y is positive).
+        let y = _mm256_or_pd(y, _mm256_and_pd(x, sign));
+        let tiny = _mm256_mul_pd(
+            _mm256_set1_pd(0.125),
+            _mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(8.0), x), _mm256_mul_pd(_mm256_set1_pd(ERF_EFX8), x)),
+        );
+        let v = _mm256_blendv_pd(low, y, hi[i]);
+        e[i] = _mm256_blendv_pd(v, tiny, _mm256_cmp_pd(ax, _mm256_set1_pd(1.0 / (1u64 << 28) as f64), _CMP_LT_OQ));
+        let covered = _mm256_movemask_pd(_mm256_cmp_pd(ax, _mm256_set1_pd(1.25), _CMP_LT_OQ));
+        if covered == 0xf {
+            continue;
+        }
+        let tail = _mm256_movemask_pd(_mm256_cmp_pd(ax, _mm256_set1_pd(6.0), _CMP_LT_OQ)) & !covered;
+        (tails[i], rests[i]) = (tail, 0xf & !covered & !tail);
+        if tail != 0 {
+            e[i] = _mm256_blendv_pd(e[i], erf_tail4(x, ax), _mm256_castsi256_pd(lane_mask4(tail)));
+        }
+    }
+    (e, tails, rests)
 }
 
-/// `generic::erf_f32` (with `gelu`, `generic::gelu_erf_f32`) on four lanes with AVX2, the tail by
-/// the definitions.
+/// `1 / q` to within 2^-45 for `|q|` between 2^-100 and 2^100: `vrcpps`'s estimate (within 1.5 x
+/// 2^-12 on Intel and AMD alike) refined by two Newton steps in f64 (each squaring the error).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn recip4(q: __m256d) -> __m256d {
+    let one = _mm256_set1_pd(1.0);
+    let r = _mm256_cvtps_pd(_mm_rcp_ps(_mm256_cvtpd_ps(q)));
+    let r = _mm256_fmadd_pd(r, _mm256_fnmadd_pd(q, r, one), r);
+    _mm256_fmadd_pd(r, _mm256_fnmadd_pd(q, r, one), r)
+}
+
+/// All-ones in the lanes whose bit is set in `bits` (four lanes).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lane_mask4(bits: i32) -> __m256i {
+    let b = _mm256_and_si256(_mm256_set1_epi64x(bits as i64), _mm256_setr_epi64x(1, 2, 4, 8));
+    _mm256_cmpeq_epi64(b, _mm256_setr_epi64x(1, 2, 4, 8))
+}
+
+/// erfc's rational forms in `s = 1 / x^2` on [1.25, 1 / 0.35) and [1 / 0.35, 6): fdlibm's `ra`
+/// / `sa` and `rb` / `sb` (`s_erf.c`, as `libm::erf` has them), padded with leading zeros to one
+/// length (a zero highest coefficient leaves Horner's form as it was).
+const ERFC_R: [[f64; 8]; 2] = [
+    [
+        f64::from_bits(0xBF84_3412_600D_6435),
+        f64::from_bits(0xBFE6_3416_E4BA_7360),
+        f64::from_bits(0xC025_1E04_41B0_E726),
+        f64::from_bits(0xC04F_300A_E4CB_A38D),
+        f64::from_bits(0xC064_4CB1_8428_2266),
+        f64::from_bits(0xC067_135C_EBCC_ABB2),
+        f64::from_bits(0xC054_5265_57E4_D2F2),
+        f64::from_bits(0xC023_A0EF_C69A_C25C),
+    ],
+    [
+        f64::from_bits(0xBF84_3412_39E8_6F4A),
+        f64::from_bits(0xBFE9_93BA_70C2_85DE),
+        f64::from_bits(0xC031_C209_555F_995A),
+        f64::from_bits(0xC064_145D_43C5_ED98),
+        f64::from_bits(0xC083_EC88_1375_F228),
+        f64::from_bits(0xC090_0461_6A2E_5992),
+        f64::from_bits(0xC07E_384E_9BDC_383F),
+        0.0,
+    ],
+];
+/// See [`ERFC_R`] (the constant term 1 first).
+const ERFC_S: [[f64; 9]; 2] = [
+    [
+        1.0,
+        f64::from_bits(0x4033_A6B9_BD70_7687),
+        f64::from_bits(0x4061_350C_526A_E721),
+        f64::from_bits(0x407B_290D_D58A_1A71),
+        f64::from_bits(0x4084_2B19_21EC_2868),
+        f64::from_bits(0x407A_D021_5770_0314),
+        f64::from_bits(0x405B_28A3_EE48_AE2C),
+        f64::from_bits(0x401A_47EF_8E48_4A93),
+        f64::from_bits(0xBFAE_EFF2_EE74_9A62),
+    ],
+    [
+        1.0,
+        f64::from_bits(0x403E_568B_261D_5190),
+        f64::from_bits(0x4074_5CAE_221B_9F0A),
+        f64::from_bits(0x4098_02EB_189D_5118),
+        f64::from_bits(0x40A8_FFB7_688C_246A),
+        f64::from_bits(0x40A3_F219_CEDF_3BE6),
+        f64::from_bits(0x407D_A874_E79F_E763),
+        f64::from_bits(0xC036_70E2_4271_2D62),
+        0.0,
+    ],
+];
+
+/// An estimate of erf(x) for 1.25 <= |x| < 6 (`a = |x|`): fdlibm's erfc form `t = e^(-x^2 -
+/// 0.5625 + R(s) / S(s)) / |x|` with the exponential in one piece by [`exp_taylor4xk`] (within
+/// 2^-41; fdlibm splits x^2 to keep it exact, whose rounding here, at most 2^-48 of an exponent
+/// below 37, adds 2^-48), then `1 - t` with x's sign. `t` is at most erfc(1.25) = 0.077, so the
+/// estimate is within 0.077 x 2^-40.9 + 2^-53 of erf, under 2^-44 of a result of at least 0.92:
+/// far inside the screen's 2^-36 ([`crate::generic::SCREEN_MARGIN`] units of 2^-52). The
+/// kernels take it where [`far_from_halfway4`] vouches for its f32 rounding.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn erf_tail4(x: __m256d, a: __m256d) -> __m256d {
+    let one = _mm256_set1_pd(1.0);
+    let far = _mm256_cmp_pd(a, _mm256_set1_pd(1.0 / 0.35), _CMP_GE_OQ);
+    let s = recip4(_mm256_mul_pd(a, a));
+    let cr = |k: usize| _mm256_blendv_pd(_mm256_set1_pd(ERFC_R[0][k]), _mm256_set1_pd(ERFC_R[1][k]), far);
+    let cs = |k: usize| _mm256_blendv_pd(_mm256_set1_pd(ERFC_S[0][k]), _mm256_set1_pd(ERFC_S[1][k]), far);
+    let mut r = cr(7);
+    for k in (0..7).rev() {
+        r = _mm256_fmadd_pd(r, s, cr(k));
+    }
+    let mut q = cs(8);
+    for k in (0..8).rev() {
+        q = _mm256_fmadd_pd(q, s, cs(k));
+    }
+    let arg = _mm256_fnmadd_pd(a, a, _mm256_fmsub_pd(r, recip4(q), _mm256_set1_pd(0.5625)));
+    let [ex] = exp_taylor4xk::<1>([arg]);
+    let y = _mm256_fnmadd_pd(ex, recip4(a), one);
+    _mm256_or_pd(y, _mm256_and_pd(x, _mm256_set1_pd(-0.0)))
+}
+
+/// `generic::erf_f32` (with `gelu`, `generic::gelu_erf_f32`) on four lanes with AVX2: fdlibm's
+/// operations below 1.25 (the same f64 bits), the estimate of [`erf_tail4`] to 6 where its f32
+/// rounding is certain to be the definition's (for Gelu only where `x / sqrt 2 > -2`, so that
+/// `1 + erf` keeps its error relative to itself under 2^-40: erfc(2) = 0.0047), the other lanes and
+/// the tail by the definitions.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
     let n = x.len() / 4 * 4;
-    for (xs, os) in x[..n].chunks_exact(4).zip(out[..n].chunks_exact_mut(4)) {
-        let v = _mm256_cvtps_pd(_mm_loadu_ps(xs.as_ptr()));
-        let y = if gelu {
-            let e = erf4_all(_mm256_div_pd(v, _mm256_set1_pd(std::f64::consts::SQRT_2)));
-            _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.5), v), _mm256_add_pd(_mm256_set1_pd(1.0), e))
-        } else {
-            erf4_all(v)
-        };
-        _mm_storeu_ps(os.as_mut_ptr(), _mm256_cvtpd_ps(y));
+    let definition = if gelu { definition_gelu_erf } else { definition_erf };
+    // Two vectors per step (their chains interleaved), then one.
+    let mut i = 0;
+    while i + 8 <= n {
+        erf_step::<2>(&x[i..i + 8], &mut out[i..i + 8], gelu, definition);
+        i += 8;
+    }
+    while i + 4 <= n {
+        erf_step::<1>(&x[i..i + 4], &mut out[i..i + 4], gelu, definition);
+        i += 4;
     }
     for (o, &v) in out[n..].iter_mut().zip(&x[n..]) {
-        let x = v as f64;
-        *o = if gelu { crate::generic::gelu_erf(x) } else { libm::erf(x) } as f32;
+        *o = definition(v);
+    }
+}
+
+fn definition_erf(v: f32) -> f32 {
+    libm::erf(v as f64) as f32
+}
+
+fn definition_gelu_erf(v: f32) -> f32 {
+    crate::generic::gelu_erf(v as f64) as f32
+}
+
+/// [`avx2_erf_f32`] on `4 K` values (`xs`, `os`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn erf_step<const K: usize>(xs: &[f32], os: &mut [f32], gelu: bool, definition: fn(f32) -> f32) {
+    let v: [__m256d; K] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(xs.as_ptr().add(4 * j))));
+    // x / sqrt 2 as the definition divides (the lanes below 1.25 are its f64 bits).
+    let mut xin = v;
+    if gelu {
+        for x in &mut xin {
+            *x = _mm256_div_pd(*x, _mm256_set1_pd(std::f64::consts::SQRT_2));
+        }
+    }
+    let (e, tail, rest) = erf4_est::<K>(xin);
+    for j in 0..K {
+        let y = if gelu {
+            _mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(0.5), v[j]), _mm256_add_pd(_mm256_set1_pd(1.0), e[j]))
+        } else {
+            e[j]
+        };
+        let o = &mut os[4 * j..4 * j + 4];
+        _mm_storeu_ps(o.as_mut_ptr(), _mm256_cvtpd_ps(y));
+        if tail[j] | rest[j] != 0 {
+            let mut unsure = rest[j] | (tail[j] & !_mm256_movemask_pd(_mm256_castsi256_pd(far_from_halfway4(y))));
+            if gelu {
+                unsure |= tail[j] & _mm256_movemask_pd(_mm256_cmp_pd(xin[j], _mm256_set1_pd(-2.0), _CMP_LE_OQ));
+            }
+            for (l, (o, &v)) in o.iter_mut().zip(&xs[4 * j..4 * j + 4]).enumerate() {
+                if unsure >> l & 1 != 0 {
+                    *o = definition(v);
+                }
+            }
+        }
     }
 }
 
@@ -1827,5 +1992,52 @@ mod tests {
         }
         assert!(worst < 2f64.powf(-20.5), "worst relative error 2^{:.2}", worst.log2());
         eprintln!("SiLU estimate (AVX2): worst relative error 2^{:.2} over {} values", worst.log2(), xs.len());
+    }
+
+    /// `erf4_est` on a sweep of |x| < 6 (one f32 in 61 of each sign): below 1.25 `libm::erf`'s
+    /// f64 bits; from there the estimate, within 2^12 units of the last place of `libm::erf`, so
+    /// the screen's margin of 2^16 units holds with sixteen times the room; and the sweep meets
+    /// estimates nearly halfway between two f32 that the screen sends to the definition (a margin
+    /// of 0 would take some wrongly).
+    #[test]
+    fn erf_estimate_is_within_the_screen() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            eprintln!("skipping erf_estimate_is_within_the_screen: no AVX2 and FMA");
+            return;
+        }
+        let hi = 6f32.to_bits();
+        let mut xs: Vec<f64> =
+            (0..hi).step_by(61).flat_map(|b| [f32::from_bits(b) as f64, -f32::from_bits(b) as f64]).collect();
+        xs.extend([0.0, -0.0, 1.25, -1.25, 0.84375, 1.0 / 0.35, 5.999, 1e-300]);
+        xs.truncate(xs.len() / 4 * 4);
+        let (mut worst, mut screened, mut tails) = (0u64, 0usize, 0usize);
+        for c in xs.chunks_exact(4) {
+            // SAFETY: AVX2 and FMA checked above; four values.
+            let (got, tail, rest, far) = unsafe {
+                let ([y], [tail], [rest]) = erf4_est::<1>([_mm256_loadu_pd(c.as_ptr())]);
+                let mut got = [0f64; 4];
+                _mm256_storeu_pd(got.as_mut_ptr(), y);
+                (got, tail, rest, _mm256_movemask_pd(_mm256_castsi256_pd(far_from_halfway4(y))))
+            };
+            assert_eq!(rest, 0, "{c:?}: a lane below 6 left to libm");
+            for (i, (&x, &g)) in c.iter().zip(&got).enumerate() {
+                let want = libm::erf(x);
+                if tail >> i & 1 == 0 {
+                    assert_eq!(g.to_bits(), want.to_bits(), "erf({x:e}) below 1.25");
+                    continue;
+                }
+                tails += 1;
+                worst = worst.max(g.to_bits().abs_diff(want.to_bits()));
+                if far >> i & 1 != 0 {
+                    assert_eq!((g as f32).to_bits(), (want as f32).to_bits(), "erf({x:e}) screened as sure");
+                } else {
+                    screened += 1;
+                }
+            }
+        }
+        assert!(worst < 1 << 12, "erf estimate {worst} units from libm::erf");
+        assert!(crate::generic::SCREEN_MARGIN as u64 >= worst << 4);
+        assert!(screened > 0 && screened * 1000 < tails, "{screened} of {tails} screened out");
+        eprintln!("erf tail estimate: worst {worst} units, {screened} of {tails} screened out");
     }
 }
