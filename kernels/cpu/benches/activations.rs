@@ -17,45 +17,45 @@ fn main() {
     for (n, what) in [(48 * 42 * 42, "48 x 42 x 42 activations"), (1152, "1 152 gates")] {
         // Pre-activations spread as a network's are: mostly within a few units of 0, some far.
         let x: Vec<f32> = (0..n).map(|i| (((i * 7919) % 10007) as f32 / 10007.0 - 0.5) * 12.0).collect();
-        let (mut fast, mut def) = (vec![0f32; n], vec![0f32; n]);
-        let t_def = best_per_call_us(50, || {
-            for (o, &v) in def.iter_mut().zip(&x) {
-                *o = sigmoid(v as f64) as f32;
-            }
-        });
-        let t_fast = best_per_call_us(200, || sigmoid_f32(&x, &mut fast));
-        let same = fast.iter().zip(&def).all(|(a, b)| a.to_bits() == b.to_bits());
-        println!(
-            "  {what}: definition {t_def:8.1} us, sigmoid_f32 {t_fast:7.1} us ({:.2} ns a value): {:.2}x, {}",
-            t_fast * 1e3 / n as f64,
-            t_def / t_fast,
-            if same { "same bits" } else { "BITS DIFFER" }
-        );
+        compare(what, &x, (50, 200), sigmoid_f32, sigmoid);
     }
     let n = 64 * 8 * 128;
     let x: Vec<f32> = (0..n).map(|i| (((i * 7919) % 10007) as f32 / 10007.0 - 0.5) * 8.0).collect();
-    type Pair = (fn(&[f32], &mut [f32]), fn(f64) -> f64);
     let elu1 = |x: &[f32], y: &mut [f32]| elu_f32(x, 1.0, y);
+    type Pair = (fn(&[f32], &mut [f32]), fn(f64) -> f64);
     let forms: [(&str, Pair); 4] = [
         ("Erf", (erf_f32, libm::erf)),
         ("Gelu (erf)", (gelu_erf_f32, gelu_erf)),
         ("Tanh", (tanh_f32, tanh)),
         ("Elu", (elu1, |x| elu(x, 1.0))),
     ];
-    for (what, (fast_fn, def_fn)) in forms {
-        let (mut fast, mut def) = (vec![0f32; n], vec![0f32; n]);
-        let t_def = best_per_call_us(20, || {
-            for (o, &v) in def.iter_mut().zip(&x) {
-                *o = def_fn(v as f64) as f32;
-            }
-        });
-        let t_fast = best_per_call_us(100, || fast_fn(&x, &mut fast));
-        let same = fast.iter().zip(&def).all(|(a, b)| a.to_bits() == b.to_bits());
-        println!(
-            "  {what}, {n} values in (-4, 4): definition {t_def:8.1} us, vector form {t_fast:7.1} us ({:.2} ns a value): {:.2}x, {}",
-            t_fast * 1e3 / n as f64,
-            t_def / t_fast,
-            if same { "same bits" } else { "BITS DIFFER" }
-        );
+    for (what, (fast, def)) in forms {
+        compare(&format!("{what}, {n} values in (-4, 4)"), &x, (20, 100), fast, def);
     }
+}
+
+/// The vector form `fast` against the definition `def` value by value (`reps` calls each), the
+/// outputs compared bit for bit.
+fn compare(
+    what: &str,
+    x: &[f32],
+    (def_reps, fast_reps): (usize, usize),
+    fast: fn(&[f32], &mut [f32]),
+    def: fn(f64) -> f64,
+) {
+    let n = x.len();
+    let (mut got, mut want) = (vec![0f32; n], vec![0f32; n]);
+    let t_def = best_per_call_us(def_reps, || {
+        for (o, &v) in want.iter_mut().zip(x) {
+            *o = def(v as f64) as f32;
+        }
+    });
+    let t_fast = best_per_call_us(fast_reps, || fast(x, &mut got));
+    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+    println!(
+        "  {what}: definition {t_def:8.1} us, vector form {t_fast:7.1} us ({:.2} ns a value): {:.2}x, {}",
+        t_fast * 1e3 / n as f64,
+        t_def / t_fast,
+        if same { "same bits" } else { "BITS DIFFER" }
+    );
 }
