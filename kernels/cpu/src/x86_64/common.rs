@@ -1076,10 +1076,11 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
     (cb, rows, r0): (usize, usize, usize),
 ) {
     const TILE: usize = SHORT_TILE;
-    if rs == 1 && rows == 32 {
+    if rs == 1 && rows == 32 && !S::WIDE {
         // A batch of GEMVs' rows with the whole block inside each: every vector of eight
         // channels is eight consecutive outputs of one input, stored where it goes (staged, each
-        // value was a scalar store into the tile and a copy out of it).
+        // value was a scalar store into the tile and a copy out of it). AVX2 only until the
+        // 512-bit form has run on an AVX-512 CPU (its staging path is the verified one).
         let at = 32 * cb - r0;
         assert!(xs.is_empty() || at + (xs.len() - 1) * cs + 32 <= y.len(), "short_block: output rows");
         let mut out = PartOut::Rows { y: y.as_mut_ptr(), at, cs };
