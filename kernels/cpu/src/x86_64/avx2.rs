@@ -1019,15 +1019,10 @@ const EXPM1_TAYLOR13: [f64; 14] = {
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn expm1_est4<const K: usize>(u: [__m256d; K]) -> [__m256d; K] {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC};
-    let magic = _mm256_set1_pd(EXP_MAGIC);
-    let mut t = u;
-    let mut r = u;
+    let (mut t, mut r) = (u, u);
     let mut p = [_mm256_set1_pd(EXPM1_TAYLOR13[13]); K];
     for i in 0..K {
-        t[i] = _mm256_fmadd_pd(u[i], _mm256_set1_pd(std::f64::consts::LOG2_E), magic);
-        let n = _mm256_sub_pd(t[i], magic);
-        r[i] = _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_LO), _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_HI), u[i]));
+        (t[i], r[i]) = exp_split4(u[i]);
     }
     for &c in EXPM1_TAYLOR13[1..13].iter().rev() {
         for i in 0..K {
@@ -1036,12 +1031,7 @@ unsafe fn expm1_est4<const K: usize>(u: [__m256d; K]) -> [__m256d; K] {
     }
     let mut out = [_mm256_setzero_pd(); K];
     for i in 0..K {
-        // 2^n by the exponent field: n + 1023 shifted into place (n in the low bits of t).
-        let bits = _mm256_add_epi64(
-            _mm256_sub_epi64(_mm256_castpd_si256(t[i]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
-            _mm256_set1_epi64x(1023),
-        );
-        let s = _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits));
+        let s = pow2_of4(t[i]);
         let em1 = _mm256_mul_pd(r[i], p[i]);
         out[i] = _mm256_fmadd_pd(s, em1, _mm256_sub_pd(s, _mm256_set1_pd(1.0)));
     }
@@ -2147,23 +2137,13 @@ mod tests {
             (0..top).step_by(61).flat_map(|b| [f32::from_bits(b) as f64, -f32::from_bits(b) as f64]).collect();
         xs.extend([0.0, -0.0, -0.5, 0.25, -0.25, 1.0 / 1024.0, -1.0 / 1024.0, 349.0, -699.0]);
         xs.truncate(xs.len() / 4 * 4);
-        type Def = Box<dyn Fn(f64) -> f64>;
-        type Est = Box<dyn Fn(__m256d) -> (__m256d, __m256d)>;
-        let forms: [(&str, Def, Est); 2] = [
-            // SAFETY (each estimate): AVX2 and FMA checked above.
-            ("elu", Box::new(|x| elu(x, 1.0)), Box::new(|v| unsafe { elu_est4::<1>([v], 1.0)[0] })),
-            (
-                "elu 0.3",
-                Box::new(|x| elu(x, 0.3f32 as f64)),
-                Box::new(|v| unsafe { elu_est4::<1>([v], 0.3f32 as f64)[0] }),
-            ),
-        ];
-        for (what, def, est) in forms {
+        for alpha in [1.0, 0.3f32 as f64] {
+            let what = format!("elu {alpha}");
             let (mut worst, mut screened, mut left, mut covered) = (0u64, 0usize, 0usize, 0usize);
             for c in xs.chunks_exact(4) {
                 // SAFETY: AVX2 and FMA checked above; four values.
                 let (got, takes, far) = unsafe {
-                    let (y, takes) = est(_mm256_loadu_pd(c.as_ptr()));
+                    let [(y, takes)] = elu_est4::<1>([_mm256_loadu_pd(c.as_ptr())], alpha);
                     let mut got = [0f64; 4];
                     _mm256_storeu_pd(got.as_mut_ptr(), y);
                     (got, _mm256_movemask_pd(takes), _mm256_movemask_pd(_mm256_castsi256_pd(far_from_halfway4(y))))
@@ -2175,7 +2155,7 @@ mod tests {
                         continue;
                     }
                     covered += 1;
-                    let want = def(x);
+                    let want = elu(x, alpha);
                     worst = worst.max(g.to_bits().abs_diff(want.to_bits()));
                     if far >> i & 1 != 0 {
                         assert_eq!((g as f32).to_bits(), (want as f32).to_bits(), "{what}({x:e}) screened as sure");

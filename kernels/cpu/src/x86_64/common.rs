@@ -447,11 +447,7 @@ pub(crate) unsafe fn exp_nonpos4(x: __m256d) -> __m256d {
     for &c in EXP_TAYLOR[..13].iter().rev() {
         p = _mm256_add_pd(_mm256_mul_pd(p, r), _mm256_set1_pd(c));
     }
-    let bits = _mm256_add_epi64(
-        _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
-        _mm256_set1_epi64x(1023),
-    );
-    let y = _mm256_mul_pd(p, _mm256_castsi256_pd(_mm256_slli_epi64(bits, 52)));
+    let y = _mm256_mul_pd(p, pow2_of4(t));
     // Lanes at or below -708 are 0; NaN lanes (unordered: kept) carry NaN through p.
     _mm256_and_pd(y, _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_NLE_UQ))
 }
@@ -489,19 +485,43 @@ pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
+/// `2^n` on four f64 lanes from `t = x log2 e + EXP_MAGIC` (n in t's low bits: the reductions of
+/// the f64 exponentials), by the exponent field: n + 1023 shifted into place.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn pow2_of4(t: __m256d) -> __m256d {
+    use crate::generic::EXP_MAGIC;
+    let bits = _mm256_add_epi64(
+        _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
+        _mm256_set1_epi64x(1023),
+    );
+    _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits))
+}
+
+/// The fused reduction of the screened exponentials (`generic::exp_taylor10`'s): `x = n ln 2 + r`
+/// with `t = fma(x, log2 e, EXP_MAGIC)` (for [`pow2_of4`]) and `r` by two fused multiply-adds with
+/// the split ln 2 (`n` times its high part exact for |n| < 2^11).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn exp_split4(x: __m256d) -> (__m256d, __m256d) {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC};
+    let magic = _mm256_set1_pd(EXP_MAGIC);
+    let t = _mm256_fmadd_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E), magic);
+    let n = _mm256_sub_pd(t, magic);
+    let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_HI), x);
+    (t, _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_LO), r))
+}
+
 /// `generic::exp_taylor10` on four f64 lanes, `K` vectors interleaved (its stages one after
 /// another over the `K` vectors): the estimate of the AVX2 exponential and sigmoid (at `-|x|`).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn exp_taylor4xk<const K: usize>(x: [__m256d; K]) -> [__m256d; K] {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_TAYLOR};
-    let magic = _mm256_set1_pd(EXP_MAGIC);
-    let t = x.map(|x| _mm256_fmadd_pd(x, _mm256_set1_pd(std::f64::consts::LOG2_E), magic));
-    let r: [__m256d; K] = std::array::from_fn(|i| {
-        let n = _mm256_sub_pd(t[i], magic);
-        let r = _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_HI), x[i]);
-        _mm256_fnmadd_pd(n, _mm256_set1_pd(EXP_LN2_LO), r)
-    });
+    use crate::generic::SCREEN_TAYLOR;
+    let (mut t, mut r) = (x, x);
+    for i in 0..K {
+        (t[i], r[i]) = exp_split4(x[i]);
+    }
     let mut p = [_mm256_set1_pd(SCREEN_TAYLOR[10]); K];
     for &c in SCREEN_TAYLOR[..10].iter().rev() {
         let c = _mm256_set1_pd(c);
@@ -509,14 +529,7 @@ pub(crate) unsafe fn exp_taylor4xk<const K: usize>(x: [__m256d; K]) -> [__m256d;
             p[i] = _mm256_fmadd_pd(p[i], r[i], c);
         }
     }
-    std::array::from_fn(|i| {
-        // 2^n by the exponent field: n + 1023 shifted into place (n in the low bits of t).
-        let bits = _mm256_add_epi64(
-            _mm256_sub_epi64(_mm256_castpd_si256(t[i]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
-            _mm256_set1_epi64x(1023),
-        );
-        _mm256_mul_pd(p[i], _mm256_castsi256_pd(_mm256_slli_epi64::<52>(bits)))
-    })
+    std::array::from_fn(|i| _mm256_mul_pd(p[i], pow2_of4(t[i])))
 }
 
 /// `generic::sigmoid_screened` on four f64 lanes, `K` vectors interleaved ([`exp_taylor4xk`] at
@@ -701,11 +714,7 @@ pub(crate) unsafe fn exp_nonpos4xk<const K: usize>(x: [__m256d; K]) -> [__m256d;
         }
     }
     std::array::from_fn(|i| {
-        let bits = _mm256_add_epi64(
-            _mm256_sub_epi64(_mm256_castpd_si256(t[i]), _mm256_set1_epi64x(EXP_MAGIC.to_bits() as i64)),
-            _mm256_set1_epi64x(1023),
-        );
-        let y = _mm256_mul_pd(p[i], _mm256_castsi256_pd(_mm256_slli_epi64(bits, 52)));
+        let y = _mm256_mul_pd(p[i], pow2_of4(t[i]));
         _mm256_and_pd(y, _mm256_cmp_pd(x[i], _mm256_set1_pd(-708.0), _CMP_NLE_UQ))
     })
 }
@@ -1057,6 +1066,26 @@ pub(crate) unsafe fn stage_part<X: LaneInput, const J: usize, S: Sums>(
     }
 }
 
+/// [`stage_part`] over all 32 channels of block `cb`: at once on 512-bit registers with a wide `S`,
+/// else in two halves of 16.
+#[inline(always)]
+unsafe fn stage_block<X: LaneInput, S: Sums>(
+    w: &PackedQ4,
+    t: &ChannelTiles,
+    cb: usize,
+    xs: &[X],
+    b: &[f32; 32],
+    out: &mut PartOut,
+) {
+    if S::WIDE {
+        stage_part::<X, 4, S>(w, t, (cb, 0), xs, b, out);
+    } else {
+        for h in 0..2 {
+            stage_part::<X, 2, S>(w, t, (cb, 2 * h), xs, b, out);
+        }
+    }
+}
+
 /// Inputs staged per block by the short form before each channel's outputs are written.
 pub(crate) const SHORT_TILE: usize = 12;
 
@@ -1083,28 +1112,13 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
         // 512-bit form has run on an AVX-512 CPU (its staging path is the verified one).
         let at = 32 * cb - r0;
         assert!(xs.is_empty() || at + (xs.len() - 1) * cs + 32 <= y.len(), "short_block: output rows");
-        let mut out = PartOut::Rows { y: y.as_mut_ptr(), at, cs };
-        if S::WIDE {
-            stage_part::<X, 4, S>(w, t, (cb, 0), xs, b, &mut out);
-        } else {
-            for h in 0..2 {
-                stage_part::<X, 2, S>(w, t, (cb, 2 * h), xs, b, &mut out);
-            }
-        }
+        stage_block::<X, S>(w, t, cb, xs, b, &mut PartOut::Rows { y: y.as_mut_ptr(), at, cs });
         return;
     }
     let mut tile = [[0f32; TILE]; 32];
     for c0 in (0..xs.len()).step_by(TILE) {
         let np_all = (xs.len() - c0).min(TILE);
-        let mut out = PartOut::Tile(&mut tile);
-        if S::WIDE {
-            // All 32 channels at once on 512-bit registers.
-            stage_part::<X, 4, S>(w, t, (cb, 0), &xs[c0..c0 + np_all], b, &mut out);
-        } else {
-            for h in 0..2 {
-                stage_part::<X, 2, S>(w, t, (cb, 2 * h), &xs[c0..c0 + np_all], b, &mut out);
-            }
-        }
+        stage_block::<X, S>(w, t, cb, &xs[c0..c0 + np_all], b, &mut PartOut::Tile(&mut tile));
         if rs == 1 {
             // One row of outputs per input (a batch of GEMVs): each input's channels together,
             // not one store per input per channel a row apart.
