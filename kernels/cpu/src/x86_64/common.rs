@@ -1105,11 +1105,10 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
     (cb, rows, r0): (usize, usize, usize),
 ) {
     const TILE: usize = SHORT_TILE;
-    if rs == 1 && rows == 32 && !S::WIDE {
+    if rs == 1 && rows == 32 {
         // A batch of GEMVs' rows with the whole block inside each: every vector of eight
         // channels is eight consecutive outputs of one input, stored where it goes (staged, each
-        // value was a scalar store into the tile and a copy out of it). AVX2 only until the
-        // 512-bit form has run on an AVX-512 CPU (its staging path is the verified one).
+        // value was a scalar store into the tile and a copy out of it).
         let at = 32 * cb - r0;
         assert!(xs.is_empty() || at + (xs.len() - 1) * cs + 32 <= y.len(), "short_block: output rows");
         stage_block::<X, S>(w, t, cb, xs, b, &mut PartOut::Rows { y: y.as_mut_ptr(), at, cs });
