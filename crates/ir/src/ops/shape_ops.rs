@@ -182,7 +182,8 @@ pub(crate) fn transpose(x: &Tensor, perm: Option<&[i64]>) -> Result<Tensor> {
     // [N, C, HW]): each matrix through the kernels' tiled strided copy.
     if let (Data::F32(v), Some((rows, cols))) = (&x.data, swapped_matrices(&x.shape, &p)) {
         let mat = rows * cols;
-        let mut out = vec![0f32; v.len()];
+        // (Every value written by the copies: a dead value's buffer, not a zeroed one.)
+        let mut out = crate::pool::f32_buffer(v.len());
         if mat > 0 {
             for (src, dst) in v.chunks_exact(mat).zip(out.chunks_exact_mut(mat)) {
                 sqil_kernels_cpu::copy_strided(src, (cols, rows), (1, cols), dst);
