@@ -3,14 +3,16 @@
 //! against the definition computed value by value, measured in the same run; outputs compared bit
 //! for bit. Sizes: an EfficientNet-B0 block's depthwise output at 84 x 84 input (48 channels x 42
 //! x 42) and a squeeze-and-excitation gate (1 152 channels). Then Erf and Gelu's erf form (against
-//! `libm::erf`), Tanh and Elu the same way (a transformer's feed-forward activations: 64 x 8 x 128
+//! `libm::erf`), Tanh, Elu and Softplus the same way (a transformer's feed-forward activations: 64 x 8 x 128
 //! values).
 //!
 //!     cargo bench -p sqil-kernels-cpu --bench activations
 
 mod common;
 use common::best_per_call_us;
-use sqil_kernels_cpu::generic::{elu, elu_f32, erf_f32, gelu_erf, gelu_erf_f32, sigmoid, sigmoid_f32, tanh, tanh_f32};
+use sqil_kernels_cpu::generic::{
+    elu, elu_f32, erf_f32, gelu_erf, gelu_erf_f32, sigmoid, sigmoid_f32, softplus, softplus_f32, tanh, tanh_f32,
+};
 
 fn main() {
     println!("exact sigmoid, one core, kernels {:?}", sqil_kernels_cpu::isa());
@@ -23,11 +25,12 @@ fn main() {
     let x: Vec<f32> = (0..n).map(|i| (((i * 7919) % 10007) as f32 / 10007.0 - 0.5) * 8.0).collect();
     let elu1 = |x: &[f32], y: &mut [f32]| elu_f32(x, 1.0, y);
     type Pair = (fn(&[f32], &mut [f32]), fn(f64) -> f64);
-    let forms: [(&str, Pair); 4] = [
+    let forms: [(&str, Pair); 5] = [
         ("Erf", (erf_f32, libm::erf)),
         ("Gelu (erf)", (gelu_erf_f32, gelu_erf)),
         ("Tanh", (tanh_f32, tanh)),
         ("Elu", (elu1, |x| elu(x, 1.0))),
+        ("Softplus", (softplus_f32, softplus)),
     ];
     for (what, (fast, def)) in forms {
         compare(&format!("{what}, {n} values in (-4, 4)"), &x, (20, 100), fast, def);

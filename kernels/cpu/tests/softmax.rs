@@ -259,13 +259,13 @@ fn screened_sigmoid_keeps_the_definitions_bits() {
     }
 }
 
-/// ELU (screened: an estimate taken where the screen vouches for every lane of a step, else the
-/// definition's vector form) and tanh equal to their definitions bit for bit on every 257th f32
+/// ELU and softplus (screened: an estimate taken where the screen vouches for every lane of a
+/// step, else the definition's vector form) and tanh equal to their definitions bit for bit on every 257th f32
 /// from -90 to 90 (about 8.4 million values, so steps of both kinds), NaN as NaN, and at the edges
 /// of the estimate's range.
 #[test]
-fn elu_and_tanh_keep_the_definitions_bits_on_a_dense_sweep() {
-    use sqil_kernels_cpu::generic::{elu, elu_f32, tanh, tanh_f32};
+fn elu_softplus_and_tanh_keep_the_definitions_bits_on_a_dense_sweep() {
+    use sqil_kernels_cpu::generic::{elu, elu_f32, softplus, softplus_f32, tanh, tanh_f32};
     let top = 90f32.to_bits();
     let mut vals: Vec<f32> = (0..top).step_by(257).map(|b| -f32::from_bits(b)).collect();
     vals.extend((0..top).step_by(257).map(f32::from_bits));
@@ -276,6 +276,13 @@ fn elu_and_tanh_keep_the_definitions_bits_on_a_dense_sweep() {
     for (&g, &v) in got.iter().zip(&vals) {
         let want = tanh(v as f64) as f32;
         assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "tanh({v:e}): {g:e} vs {want:e}");
+    }
+    vals.extend([87.0, -87.0, 86.99999, -86.99999, 88.0, -88.0, 1e30, -1e30]);
+    let mut got = vec![0f32; vals.len()];
+    softplus_f32(&vals, &mut got);
+    for (&g, &v) in got.iter().zip(&vals) {
+        let want = softplus(v as f64) as f32;
+        assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "softplus({v:e}): {g:e} vs {want:e}");
     }
     for alpha in [1.0f32, 0.3, 0.0] {
         elu_f32(&vals, alpha, &mut got);
