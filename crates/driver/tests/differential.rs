@@ -104,8 +104,9 @@ fn attention(r: &mut Rng, t: usize, d: usize, heads: usize) -> Graph {
 
 /// A MobileNet-class inverted residual block on [N, c, s, s]: Conv 1x1 to 24 + activation ->
 /// depthwise Conv 3x3 (24 groups) + activation -> Conv 1x1 back to c -> + x -> Conv 3x3 stride 2
-/// to 16 + ReLU -> Flatten -> Gemm 6; the activations Clip(0, 6) (MobileNetV2), or HardSwish and
-/// SiLU (MobileNetV3, EfficientNet; SiLU as Sigmoid and Mul, either order) as `act` says. The
+/// to 16 + ReLU -> Flatten -> Gemm 6; the activations Clip(0, 6) (MobileNetV2), HardSwish and
+/// SiLU (MobileNetV3, EfficientNet; SiLU as Sigmoid and Mul, either order), or LeakyRelu (0.1)
+/// as `act` says. The
 /// plan runs each activation and the quantizer after it as the epilogue of the convolution before
 /// (the int4 kernel's, the depthwise kernel's with its bias).
 fn mobile(r: &mut Rng, c: usize, s: usize, act: usize) -> Graph {
@@ -115,9 +116,10 @@ fn mobile(r: &mut Rng, c: usize, s: usize, act: usize) -> Graph {
         g.add_const("lo", Tensor::from_f32(vec![], vec![0.0]).unwrap()),
         g.add_const("hi", Tensor::from_f32(vec![], vec![6.0]).unwrap()),
     );
-    let clip = |g: &mut Graph, name: &str, h: ValueRef, k: usize| match (act + k) % 3 {
+    let clip = |g: &mut Graph, name: &str, h: ValueRef, k: usize| match (act + k) % 4 {
         0 => g.add_inferred(name, Op::Clip, &[Some(h), Some(lo), Some(hi)], format!("{name}.y")).unwrap(),
         1 => g.add_inferred(name, Op::Unary(UnaryOp::HardSwish), &[Some(h)], format!("{name}.y")).unwrap(),
+        3 => g.add_inferred(name, Op::LeakyRelu { alpha: 0.1 }, &[Some(h)], format!("{name}.y")).unwrap(),
         _ => {
             let sig = g
                 .add_inferred(format!("{name}.sig"), Op::Unary(UnaryOp::Sigmoid), &[Some(h)], format!("{name}.s"))
@@ -225,7 +227,7 @@ fn simulation_plan_and_c_agree_bit_for_bit() {
                         // 7 x 7: a small map, whose pointwise layers run four images side by
                         // side in the kernel's lanes.
                         let (c, s) = ([8, 16][ci % 2], [7, 9, 12][(seed as usize + ci) % 3]);
-                        (mobile(&mut r, c, s, ci % 3), vec![c, s, s])
+                        (mobile(&mut r, c, s, ci % 4), vec![c, s, s])
                     }
                     _ => (attention(&mut r, 5, 32, [1, 2, 4][(seed as usize + ci) % 3]), vec![5, 32]),
                 };

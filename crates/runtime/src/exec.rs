@@ -213,7 +213,7 @@ fn samples(feeds: &[Tensor], batch: usize, range: std::ops::Range<usize>) -> Res
 }
 
 /// Whether step `i` (`op` on slots `inputs`) can run in place on its first input: an element-wise
-/// op a vector kernel applies in registers ([`post_op`], [`Post::in_registers`]: a ReLU, a Clip
+/// op a vector kernel applies in registers ([`post_op`], [`Post::in_registers`]: a ReLU, a LeakyRelu, a Clip
 /// with f32 scalar bounds or none, a FakeQuant with one scale and zero point) on f32 values, an
 /// f32 Add, Sub, Mul or Div whose second input broadcasts over the first in a contiguous form
 /// ([`Over`]: a bias, a residual, a gate), or a Reshape, whose input dies at this step and is
@@ -237,8 +237,8 @@ fn in_place(plan: &Plan, op: &Op, inputs: &[Option<usize>], i: usize, env: &[Opt
     }
 }
 
-/// A step's element-wise op on its first input as a [`Post`] op: a ReLU, a HardSwish, a Clip with
-/// f32 scalar bounds (or none), or a FakeQuant with one scale and zero point; its other inputs
+/// A step's element-wise op on its first input as a [`Post`] op: a ReLU, a LeakyRelu, a HardSwish,
+/// a Clip with f32 scalar bounds (or none), or a FakeQuant with one scale and zero point; its other inputs
 /// computed already and none of them the first.
 fn post_op(op: &Op, inputs: &[Option<usize>], env: &[Option<Cow<Tensor>>]) -> Option<Post> {
     let x = inputs.first().copied().flatten()?;
@@ -249,6 +249,7 @@ fn post_op(op: &Op, inputs: &[Option<usize>], env: &[Option<Cow<Tensor>>]) -> Op
     match op {
         Op::Unary(UnaryOp::Relu) => Some(Post::Relu),
         Op::Unary(UnaryOp::HardSwish) => Some(Post::HardSwish),
+        Op::LeakyRelu { alpha } => Some(Post::LeakyRelu(*alpha)),
         Op::Clip => sqil_ir::ops::clip_bounds_f32(arg(1), arg(2)).map(|(lo, hi)| Post::Clip(lo, hi)),
         Op::FakeQuant { bits, signed, block_size, .. } => {
             let s = arg(1).filter(|s| sqil_ir::ops::quant::one_scale(s, arg(2), *bits, *block_size))?;
@@ -414,7 +415,7 @@ fn epilogue_host(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<u
 
 /// The element-wise steps right after step `i` (whose output is slot `y`) that its kernel runs
 /// as its epilogue, as [`Post`] ops in order, the last such step (`i` if none) and the slot of the
-/// value it ends with (`y` if none): each a ReLU,
+/// value it ends with (`y` if none): each a ReLU, a LeakyRelu,
 /// a HardSwish, a Clip with f32 scalar bounds (or none), a FakeQuant with one scale and zero point
 /// or a SiLU (a Sigmoid and the Mul of the value by it: [`Post::Silu`]), reading
 /// the value before it as its first input and nowhere else, where that value dies (read by no

@@ -1770,13 +1770,27 @@ pub enum Post {
     /// SiLU as its two steps compute it: the Sigmoid rounded to f32 ([`sigmoid_f32`]), then the
     /// f32 product with the value (either order: the same product).
     Silu,
+    /// LeakyRelu with slope `alpha`: [`leaky_relu_f32`].
+    LeakyRelu(f32),
 }
 
 impl Post {
     /// Whether vector kernels apply it in registers (the others run over the outputs after them,
     /// [`post_in_place`]).
     pub fn in_registers(self) -> bool {
-        matches!(self, Post::Relu | Post::Clip(..) | Post::FakeQuant { .. })
+        matches!(self, Post::Relu | Post::Clip(..) | Post::FakeQuant { .. } | Post::LeakyRelu(_))
+    }
+}
+
+/// LeakyRelu of one f32 value: `x < 0 ? alpha x : x` (NaN and -0 pass). The interpreter's
+/// definition forms `alpha x` in f64 and rounds it once: the product of two f32 is exact in f64,
+/// so that is the correctly rounded f32 product, this one.
+#[inline]
+pub fn leaky_relu_f32(v: f32, alpha: f32) -> f32 {
+    if v < 0.0 {
+        alpha * v
+    } else {
+        v
     }
 }
 
@@ -1818,6 +1832,7 @@ pub fn post_one(mut v: f32, post: &[Post]) -> f32 {
             Post::FakeQuant { scale, zero, lo, hi } => fake_quant_one(v, scale, zero, lo, hi),
             Post::HardSwish => hard_swish(v as f64) as f32,
             Post::Silu => v * sigmoid(v as f64) as f32,
+            Post::LeakyRelu(a) => leaky_relu_f32(v, a),
         };
     }
     v
@@ -1845,6 +1860,7 @@ pub fn post_in_place(v: &mut [f32], post: &[Post]) {
         match *p {
             Post::Relu => v.iter_mut().for_each(|e| *e = relu_f32(*e)),
             Post::Clip(lo, hi) => v.iter_mut().for_each(|e| *e = clip_f32(*e, lo, hi)),
+            Post::LeakyRelu(a) => v.iter_mut().for_each(|e| *e = leaky_relu_f32(*e, a)),
             Post::FakeQuant { scale, zero, lo, hi } => fake_quant_in_place(v, scale, zero, lo, hi),
             // The vector kernels through a block in L1 at a time.
             Post::HardSwish | Post::Silu => {
@@ -2015,6 +2031,12 @@ pub unsafe fn post8(mut v: std::arch::x86_64::__m256, post: &[Post]) -> std::arc
         v = match *p {
             Post::Relu => _mm256_max_ps(_mm256_setzero_ps(), v),
             Post::Clip(lo, hi) => _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), v)),
+            // `v < 0` ordered: NaN and -0 keep `v`.
+            Post::LeakyRelu(a) => _mm256_blendv_ps(
+                v,
+                _mm256_mul_ps(v, _mm256_set1_ps(a)),
+                _mm256_cmp_ps::<_CMP_LT_OQ>(v, _mm256_setzero_ps()),
+            ),
             Post::FakeQuant { scale, zero, lo, hi } => crate::x86_64::avx2::fake_quant8(v, scale, zero, lo, hi),
             // Not in registers (see `post_split`): lane by lane.
             p => {

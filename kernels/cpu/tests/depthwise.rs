@@ -136,7 +136,7 @@ proptest! {
             1 => (Some(&b), &[Post::Clip(0.0, 6.0)]),
             2 => (Some(&b), &[Post::Clip(-1.0, 6.0), Post::FakeQuant { scale: 0.05, zero: 3.0, lo: -128.0, hi: 127.0 }]),
             // Not one of the kernel's forms: op by op in registers.
-            3 => (Some(&b), &[Post::FakeQuant { scale: 0.05, zero: 3.0, lo: -128.0, hi: 127.0 }, Post::Relu]),
+            3 => (Some(&b), &[Post::FakeQuant { scale: 0.05, zero: 3.0, lo: -128.0, hi: 127.0 }, Post::LeakyRelu(0.1)]),
             // SiLU and HardSwish run over the outputs after the kernel.
             _ => (Some(&b), &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish]),
         };

@@ -497,7 +497,7 @@ proptest! {
             2 => &[Post::Clip(-0.25, 0.5)],
             3 => &[Post::Clip(0.0, 6.0), fq],
             // Not one of the kernel's forms: op by op in registers.
-            4 => &[fq, Post::Clip(-0.25, 0.5), Post::Relu],
+            4 => &[fq, Post::Clip(-0.25, 0.5), Post::LeakyRelu(0.1)],
             // HardSwish and SiLU run over the outputs after the kernel.
             5 => &[Post::Relu, Post::HardSwish, fq, Post::Silu],
             // HardSwish then a FakeQuant: through the level in the kernel's epilogue; SiLU then
@@ -551,7 +551,7 @@ proptest! {
         let post: &[Post] = match epilogue {
             0 => &[],
             1 => &[Post::Clip(0.0, 6.0), fq],
-            2 => &[fq, Post::Clip(-0.25, 0.5), Post::Relu],
+            2 => &[fq, Post::Clip(-0.25, 0.5), Post::LeakyRelu(0.1)],
             _ => &[Post::HardSwish, fq],
         };
         let w = layer(seed, n, ch, 32, 4);
@@ -645,7 +645,7 @@ proptest! {
         // The next pointwise convolution's input quantizer as a FakeQuant (a simulation's
         // epilogue before that layer: its levels are taken directly).
         let fq_next = Post::FakeQuant { scale: 0.05, zero: -2.0, lo: -128.0, hi: 127.0 };
-        let forms: [&[Post]; 7] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
+        let forms: [&[Post]; 7] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5), Post::LeakyRelu(0.3)],
                                    &[Post::Clip(-1.0, 6.0), Post::Silu, Post::HardSwish],
                                    &[Post::Clip(0.0, 6.0), fq_next], &[fq_next]];
         let (geo, (p, kl, ol)) = chain_geometry(two_d, (h, wd), k, s, pad);
@@ -762,7 +762,7 @@ proptest! {
         let (pw_post, dw_post, next_post) = posts;
         let (from_pointwise, into_pointwise) = ends;
         let fq = Post::FakeQuant { scale: 0.013, zero: -3.0, lo: -128.0, hi: 127.0 };
-        let forms: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5)],
+        let forms: [&[Post]; 5] = [&[], &[Post::Relu], &[Post::Clip(0.0, 6.0), fq], &[fq, Post::Clip(-0.25, 0.5), Post::LeakyRelu(0.3)],
                                    &[Post::HardSwish, fq]];
         let (geo, (p, kl, ol)) = chain_geometry(two_d, (h, wd), k, s, pad);
         let w = layer(seed, n, ch, 32, 4);

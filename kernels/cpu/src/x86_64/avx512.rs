@@ -1328,6 +1328,11 @@ pub unsafe fn post16(mut v: __m512, post: &[crate::generic::Post]) -> __m512 {
             Post::Relu => _mm512_max_ps(_mm512_setzero_ps(), v),
             Post::Clip(lo, hi) => _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), v)),
             Post::FakeQuant { scale, zero, lo, hi } => FakeQuant16::new((scale, zero, lo, hi)).apply(v),
+            // `v < 0` ordered: NaN and -0 keep `v`.
+            Post::LeakyRelu(a) => {
+                let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, _mm512_setzero_ps());
+                _mm512_mask_mul_ps(v, neg, v, _mm512_set1_ps(a))
+            }
             // Not in registers (see `post_split`): lane by lane.
             p => {
                 let mut a = [0f32; 16];
