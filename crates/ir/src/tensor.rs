@@ -217,6 +217,14 @@ impl Data {
     /// another, keeping the type: a part of a row-major tensor cut along one axis (a Split's
     /// output), copied run by run rather than element by element.
     pub fn runs(&self, outer: usize, stride: usize, start: usize, len: usize) -> Data {
+        if let Data::F32(v) = self {
+            // (Through `copy_f32`: `memcpy`'s `rep movsb` is slow on misaligned pairs.)
+            let mut out = crate::pool::f32_buffer(outer * len);
+            for (o, d) in out.chunks_exact_mut(len.max(1)).enumerate().take(outer) {
+                sqil_kernels_cpu::copy_f32(&v[o * stride + start..o * stride + start + len], d);
+            }
+            return Data::F32(out);
+        }
         map_data!(self, v => {
             let mut out = Vec::with_capacity(outer * len);
             for o in 0..outer {
@@ -237,12 +245,25 @@ impl Data {
         let total: usize = chunks.iter().sum::<usize>() * outer;
         let mut out = map_data!(first, v => {
             let _ = v;
-            Vec::with_capacity(total)
+            Vec::with_capacity(if matches!(first, Data::F32(_)) { 0 } else { total })
         });
         for p in parts {
             if p.dtype() != out.dtype() {
                 return Err(IrError::Invalid(format!("concat of mixed types {} and {}", out.dtype(), p.dtype())));
             }
+        }
+        if let Data::F32(d) = &mut out {
+            // (Through `copy_f32`, as `runs`; every value written.)
+            *d = crate::pool::f32_buffer(total);
+            let mut at = 0;
+            for o in 0..outer {
+                for (p, &c) in parts.iter().zip(chunks) {
+                    let Data::F32(s) = p else { unreachable!("types checked above") };
+                    sqil_kernels_cpu::copy_f32(&s[o * c..(o + 1) * c], &mut d[at..at + c]);
+                    at += c;
+                }
+            }
+            return Ok(out);
         }
         for o in 0..outer {
             for (p, &c) in parts.iter().zip(chunks) {
@@ -263,6 +284,17 @@ impl Data {
     /// Concatenation of several data of the same type.
     pub fn concat(parts: &[&Data]) -> Result<Data> {
         let first = parts.first().ok_or_else(|| IrError::Internal("concat of nothing".into()))?;
+        if parts.iter().all(|p| matches!(p, Data::F32(_))) {
+            // (Through `copy_f32`, as `runs`; every value written.)
+            let mut out = crate::pool::f32_buffer(parts.iter().map(|p| p.len()).sum());
+            let mut at = 0;
+            for p in parts {
+                let Data::F32(s) = p else { unreachable!("checked above") };
+                sqil_kernels_cpu::copy_f32(s, &mut out[at..at + s.len()]);
+                at += s.len();
+            }
+            return Ok(Data::F32(out));
+        }
         let mut out = map_data!(first, v => Vec::with_capacity(v.len() * parts.len()));
         for p in parts {
             if p.dtype() != out.dtype() {

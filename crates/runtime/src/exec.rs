@@ -202,7 +202,7 @@ fn samples(feeds: &[Tensor], batch: usize, range: std::ops::Range<usize>) -> Res
             let data = match &t.data {
                 Data::F32(v) => {
                     let mut part = sqil_ir::pool::f32_buffer(values.len());
-                    part.copy_from_slice(&v[values]);
+                    sqil_kernels_cpu::copy_f32(&v[values], &mut part);
                     Data::F32(part)
                 }
                 other => other.range(values),

@@ -11,7 +11,7 @@ pub mod peak;
 pub mod x86_64;
 
 pub use generic::{
-    copy_strided, depthwise_conv, dgemm, im2col, post_in_place, post_one, quantize_input, sgemm, sgemm_chain,
+    copy_f32, copy_strided, depthwise_conv, dgemm, im2col, post_in_place, post_one, quantize_input, sgemm, sgemm_chain,
     ConvGeometry, Post, QRow, QuantizedInput,
 };
 pub use packed::{BlockQ4, PackedQ4};

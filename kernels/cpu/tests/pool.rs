@@ -5,8 +5,8 @@
 //! definition.
 
 use proptest::prelude::*;
-use sqil_kernels_cpu::copy_strided;
 use sqil_kernels_cpu::generic::{max_pool2d_f32, Pool2d};
+use sqil_kernels_cpu::{copy_f32, copy_strided};
 
 /// The definition: per output, the window's positions in row-major kernel order, padding
 /// skipped; the first valid value, then each later one where `v > best`; -inf if none.
@@ -81,6 +81,18 @@ proptest! {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
+    #[test]
+    fn vector_copy_equals_the_slice_copy(len in 0usize..5000, from in 0usize..9, to in 0usize..9) {
+        // Source and destination at every relative offset (the case `memcpy` is slow on), the
+        // vector loop's lengths (1024 and up) and the tails; NaN bits kept.
+        let src: Vec<f32> = (0..len + from).map(|i| if i % 7 == 3 { f32::from_bits(0x7fc0_1234) } else { i as f32 * 0.5 - 9.0 }).collect();
+        let mut got = vec![0f32; len + to];
+        copy_f32(&src[from..], &mut got[to..]);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got[to..]), bits(&src[from..]));
+        prop_assert!(got[..to].iter().all(|&v| v == 0.0));
+    }
+
     #[test]
     fn strided_copy_equals_its_definition(rows in 1usize..40, cols in 1usize..40, pad in 0usize..5, transposed in any::<bool>()) {
         // A transposed source (`rs == 1`, `cs >= rows`) or a row-major one with padded rows.

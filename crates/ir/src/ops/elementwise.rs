@@ -186,7 +186,8 @@ pub(crate) fn binary(o: BinaryOp, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // (no index gather; the buffer from the pool).
         if Over::of(&a.shape, &b.shape).is_some() {
             let mut out = crate::pool::f32_buffer(x.len());
-            out.copy_from_slice(x);
+            // (`copy_f32`: `memcpy`'s `rep movsb` is slow on misaligned pairs.)
+            sqil_kernels_cpu::copy_f32(x, &mut out);
             if binary_f32_in_place(o, &mut out, &a.shape, y, &b.shape) {
                 return Ok(Tensor { shape: a.shape.clone(), data: Data::F32(out) });
             }
