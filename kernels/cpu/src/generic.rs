@@ -2694,6 +2694,54 @@ pub fn max_pool2d_f32(plane: &[f32], g: &Pool2d, dst: &mut [f32]) {
     max_pool2d_cols(plane, g, dst, 0..g.oh, 0..g.ow)
 }
 
+/// [`max_pool2d_f32`] over `planes` planes stored one after another in `src` (`h * w` values
+/// each) into `dst` (`oh * ow` each). The classic 2 x 2 window of stride 2 without padding or
+/// dilation runs as pairs of input rows ([`max_pool_row_pairs`]; every plane's pairs at once
+/// where the planes' rows pair up end to end, `h = 2 oh`); other geometries plane by plane.
+pub fn max_pool2d_planes(src: &[f32], planes: usize, g: &Pool2d, dst: &mut [f32]) {
+    let (il, ol) = (g.h * g.w, g.oh * g.ow);
+    assert!(src.len() >= planes * il && dst.len() >= planes * ol, "max_pool2d_planes: buffer sizes");
+    let classic =
+        (g.kh, g.kw, g.sy, g.sx, g.py, g.px) == (2, 2, 2, 2, 0, 0) && g.oh == g.h / 2 && g.ow == g.w / 2 && g.ow > 0;
+    if classic && g.h == 2 * g.oh {
+        return max_pool_row_pairs(&src[..planes * il], g.w, g.ow, &mut dst[..planes * ol]);
+    }
+    for (plane, out) in src.chunks_exact(il.max(1)).zip(dst.chunks_exact_mut(ol.max(1))).take(planes) {
+        if classic {
+            // (An odd last row: unread.)
+            max_pool_row_pairs(&plane[..2 * g.oh * g.w], g.w, g.ow, out);
+        } else {
+            max_pool2d_f32(plane, g, out);
+        }
+    }
+}
+
+/// The 2 x 2 / 2 max pool of rows of `w` values taken in pairs (rows `2r` and `2r + 1` give
+/// output row `r` of `ow` values, `2 ow <= w`): per output the definition's order, the window's
+/// first value, then each later one where it is greater (`x01`, `x10`, `x11`; NaN in the first
+/// kept, later NaN passed over). Eight outputs per step with AVX2 (each row's sixteen values split
+/// into even and odd, `vmaxps(v, best)` being `v > best ? v : best`), the rest one at a time.
+pub fn max_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) {
+    let rows = dst.len() / ow.max(1);
+    assert!(2 * ow <= w && src.len() >= 2 * rows * w && dst.len() == rows * ow, "max_pool_row_pairs: sizes");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic && ow >= 8 {
+        // SAFETY: isa() checked AVX2; the sizes are asserted above.
+        done = unsafe { crate::x86_64::avx2::avx2_max_pool_row_pairs(src, w, ow, dst) };
+    }
+    for r in 0..rows {
+        let (a, b) = (&src[2 * r * w..], &src[(2 * r + 1) * w..]);
+        for o in done..ow {
+            let mut best = a[2 * o];
+            for v in [a[2 * o + 1], b[2 * o], b[2 * o + 1]] {
+                best = if v > best { v } else { best };
+            }
+            dst[r * ow + o] = best;
+        }
+    }
+}
+
 /// [`max_pool2d_f32`]'s outputs in rows `rows` and columns `cols`, one at a time.
 pub fn max_pool2d_cols(
     plane: &[f32],

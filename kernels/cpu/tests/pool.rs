@@ -1,11 +1,12 @@
 //! MaxPool's kernel (AVX2: eight outputs of a row at a time inside the plane) against the
 //! definition written out here, bit for bit: geometries with padding, strides 1, 2 and 3,
-//! dilations, planes narrower than a vector, NaN (first in a window or later), signed zeros.
+//! dilations, planes narrower than a vector, NaN (first in a window or later), signed zeros; and
+//! over several planes at once (the 2 x 2 / 2 window as pairs of rows).
 //! And the strided copy (AVX2: 8 x 8 register transposes for a transposed source) against its
 //! definition.
 
 use proptest::prelude::*;
-use sqil_kernels_cpu::generic::{max_pool2d_f32, Pool2d};
+use sqil_kernels_cpu::generic::{max_pool2d_f32, max_pool2d_planes, Pool2d};
 use sqil_kernels_cpu::{copy_f32, copy_strided};
 
 /// The definition: per output, the window's positions in row-major kernel order, padding
@@ -76,6 +77,43 @@ proptest! {
         let want = reference(&plane, &g);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want), "{:?}", g);
+    }
+
+    #[test]
+    fn max_pool_over_planes_equals_the_definition(
+        seed in any::<u64>(),
+        (h, w) in (1usize..20, 1usize..40),
+        planes in 1usize..5,
+        classic in any::<bool>(),
+    ) {
+        // The 2 x 2 / 2 window (rows paired across planes where h is even, an odd last row left
+        // out), or a 3 x 3 / 2 window with padding 1 (plane by plane).
+        let g = if classic {
+            prop_assume!(h >= 2 && w >= 2);
+            Pool2d { h, w, kh: 2, kw: 2, sy: 2, sx: 2, dy: 1, dx: 1, py: 0, px: 0, oh: h / 2, ow: w / 2 }
+        } else {
+            Pool2d { h, w, kh: 3, kw: 3, sy: 2, sx: 2, dy: 1, dx: 1, py: 1, px: 1, oh: (h - 1) / 2 + 1, ow: (w - 1) / 2 + 1 }
+        };
+        let mut s = seed | 1;
+        let src: Vec<f32> = (0..planes * h * w)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                match s % 17 {
+                    0 => f32::NAN,
+                    1 => 0.0,
+                    2 => -0.0,
+                    3 => f32::NEG_INFINITY,
+                    _ => ((s >> 20) % 64) as f32 / 8.0 - 4.0,
+                }
+            })
+            .collect();
+        let mut got = vec![1.5f32; planes * g.oh * g.ow];
+        max_pool2d_planes(&src, planes, &g, &mut got);
+        let want: Vec<f32> = src.chunks_exact(h * w).flat_map(|p| reference(p, &g)).collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want), "{:?} x {}", g, planes);
     }
 }
 

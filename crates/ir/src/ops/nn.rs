@@ -222,9 +222,7 @@ pub(crate) fn max_pool(x: &Tensor, p: &PoolAttrs, outputs: usize) -> Result<Vec<
                 ow: geo.output[1],
             };
             let mut out = crate::pool::f32_buffer(planes * ol);
-            for (plane, dst) in v.chunks_exact(il).zip(out.chunks_exact_mut(ol.max(1))).take(planes) {
-                sqil_kernels_cpu::generic::max_pool2d_f32(plane, &g, dst);
-            }
+            sqil_kernels_cpu::generic::max_pool2d_planes(v, planes, &g, &mut out);
             return Ok(vec![Tensor::new(pool_out_shape(x, &geo), Data::F32(out))?]);
         }
         let mut out = vec![f32::NEG_INFINITY; planes * ol];

@@ -750,6 +750,42 @@ pub unsafe fn avx2_max_pool2d_f32(plane: &[f32], g: &crate::generic::Pool2d, dst
     }
 }
 
+/// [`crate::generic::max_pool_row_pairs`] with AVX2: the first `ow / 8 * 8` outputs of every row
+/// (returned), eight per step: each input row's sixteen values split into even and odd lanes,
+/// then `best = x00`, `vmaxps(x01, best)`, `vmaxps(x10, best)`, `vmaxps(x11, best)` (`v > best ?
+/// v : best`, the definition's order and choice).
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `2 ow <= w`, `src` holds `2 w` values per row of `dst`
+/// (`dst.len()` a multiple of `ow`).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_max_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) -> usize {
+    let o8 = ow / 8 * 8;
+    let rows = dst.len() / ow;
+    // Even / odd of sixteen values: [0 2 8 10 4 6 12 14] by 128-bit lane, then the 64-bit pairs
+    // in order.
+    let split = |p: *const f32| {
+        let (x, y) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+        let e = _mm256_shuffle_ps::<0b10_00_10_00>(x, y);
+        let o = _mm256_shuffle_ps::<0b11_01_11_01>(x, y);
+        (
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e))),
+            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o))),
+        )
+    };
+    for r in 0..rows {
+        let (a, b) = (src.as_ptr().add(2 * r * w), src.as_ptr().add((2 * r + 1) * w));
+        let d = dst.as_mut_ptr().add(r * ow);
+        for o in (0..o8).step_by(8) {
+            let (x00, x01) = split(a.add(2 * o));
+            let (x10, x11) = split(b.add(2 * o));
+            let best = _mm256_max_ps(x11, _mm256_max_ps(x10, _mm256_max_ps(x01, x00)));
+            _mm256_storeu_ps(d.add(o), best);
+        }
+    }
+    o8
+}
+
 /// [`crate::generic::layer_norm_f32`] with AVX2: the partial sums j mod 4 are the four lanes of
 /// one vector per row (four rows' chains interleaved), the outputs four lanes at a time; the same
 /// f64 operations in the same order as [`crate::generic::layer_norm_rows`]: the same bits.
