@@ -2742,6 +2742,28 @@ pub fn max_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) {
     }
 }
 
+/// The 2 x 2 / 2 average pool (no padding, so four values in every window) of rows of `w` values
+/// taken in pairs, as sqil's AveragePool defines it: per output the f64 chain `-0 + x00 + x01 +
+/// x10 + x11` in kernel order, divided by 4, rounded once to f32. Four outputs per step with AVX2
+/// (the same operations per lane), the rest one at a time.
+pub fn avg_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) {
+    let rows = dst.len() / ow.max(1);
+    assert!(2 * ow <= w && src.len() >= 2 * rows * w && dst.len() == rows * ow, "avg_pool_row_pairs: sizes");
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if crate::isa() != crate::Isa::Generic && ow >= 4 {
+        // SAFETY: isa() checked AVX2; the sizes are asserted above.
+        done = unsafe { crate::x86_64::avx2::avx2_avg_pool_row_pairs(src, w, ow, dst) };
+    }
+    for r in 0..rows {
+        let (a, b) = (&src[2 * r * w..], &src[(2 * r + 1) * w..]);
+        for o in done..ow {
+            let s = -0.0 + a[2 * o] as f64 + a[2 * o + 1] as f64 + b[2 * o] as f64 + b[2 * o + 1] as f64;
+            dst[r * ow + o] = (s / 4.0) as f32;
+        }
+    }
+}
+
 /// [`max_pool2d_f32`]'s outputs in rows `rows` and columns `cols`, one at a time.
 pub fn max_pool2d_cols(
     plane: &[f32],

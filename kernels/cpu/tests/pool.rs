@@ -1,12 +1,13 @@
 //! MaxPool's kernel (AVX2: eight outputs of a row at a time inside the plane) against the
 //! definition written out here, bit for bit: geometries with padding, strides 1, 2 and 3,
 //! dilations, planes narrower than a vector, NaN (first in a window or later), signed zeros; and
-//! over several planes at once (the 2 x 2 / 2 window as pairs of rows).
+//! over several planes at once (the 2 x 2 / 2 window as pairs of rows). AveragePool's 2 x 2 / 2
+//! rows the same way against its f64 chain.
 //! And the strided copy (AVX2: 8 x 8 register transposes for a transposed source) against its
 //! definition.
 
 use proptest::prelude::*;
-use sqil_kernels_cpu::generic::{max_pool2d_f32, max_pool2d_planes, Pool2d};
+use sqil_kernels_cpu::generic::{avg_pool_row_pairs, max_pool2d_f32, max_pool2d_planes, Pool2d};
 use sqil_kernels_cpu::{copy_f32, copy_strided};
 
 /// The definition: per output, the window's positions in row-major kernel order, padding
@@ -77,6 +78,44 @@ proptest! {
         let want = reference(&plane, &g);
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want), "{:?}", g);
+    }
+
+    #[test]
+    fn average_pool_row_pairs_equal_the_definition(seed in any::<u64>(), rows in 1usize..6, w in 2usize..40) {
+        // Values of every magnitude (the f64 sum rounds where exponents differ; +-2^60 and +-1
+        // often in one window, where the order decides what cancels), NaN, infinities and signed
+        // zeros; an odd width leaves its last column out.
+        let ow = w / 2;
+        let mut s = seed | 1;
+        let src: Vec<f32> = (0..2 * rows * w)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                match s % 23 {
+                    0 => f32::NAN,
+                    1 => 0.0,
+                    2 => -0.0,
+                    3 => f32::INFINITY,
+                    4 => 3.0e38,
+                    // Far apart magnitudes: a sum's order decides what cancels.
+                    5..=8 => [1.152_921_5e18, -1.152_921_5e18, 1.0, -1.0][(s % 23 - 5) as usize],
+                    _ => f32::from_bits(((s >> 11) as u32 & 0x807f_ffff) | ((((s >> 40) % 60) as u32 + 100) << 23)),
+                }
+            })
+            .collect();
+        let mut got = vec![1.5f32; rows * ow];
+        avg_pool_row_pairs(&src, w, ow, &mut got);
+        let want: Vec<f32> = (0..rows * ow)
+            .map(|i| {
+                let (r, o) = (i / ow, i % ow);
+                let at = |y: usize, x: usize| src[(2 * r + y) * w + 2 * o + x] as f64;
+                let sum = [(0, 0), (0, 1), (1, 0), (1, 1)].iter().fold(-0.0f64, |acc, &(y, x)| acc + at(y, x));
+                (sum / 4.0) as f32
+            })
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|x| if x.is_nan() { 0x7fc0_0000 } else { x.to_bits() }).collect::<Vec<_>>();
+        prop_assert_eq!(bits(&got), bits(&want));
     }
 
     #[test]

@@ -301,10 +301,34 @@ pub(crate) fn average_pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
         return Err(IrError::Invalid(format!("AveragePool needs rank >= 3, got {:?}", x.shape)));
     }
     let (geo, pe) = p.conv_geometry(&x.shape[2..])?;
+    let planes = x.shape[0] * x.shape[1];
+    if let (Data::F32(v), &[h, w]) = (&x.data, &geo.input[..]) {
+        // The 2 x 2 / 2 window without padding (four values in every window, whichever way the
+        // padding counts): the same chain and division over pairs of rows, every plane's at once
+        // where their rows pair up end to end.
+        let classic = geo.kernel == [2, 2]
+            && geo.strides == [2, 2]
+            && geo.dilations == [1, 1]
+            && geo.pads_begin.iter().all(|&b| b == 0)
+            && pe.iter().all(|&e| e == 0)
+            && geo.output == [h / 2, w / 2]
+            && w >= 2;
+        if classic && v.len() == planes * h * w {
+            let (oh, ow) = (h / 2, w / 2);
+            let mut out = crate::pool::f32_buffer(planes * oh * ow);
+            if h % 2 == 0 {
+                sqil_kernels_cpu::generic::avg_pool_row_pairs(v, w, ow, &mut out);
+            } else {
+                for (plane, o) in v.chunks_exact(h * w).zip(out.chunks_exact_mut((oh * ow).max(1))) {
+                    sqil_kernels_cpu::generic::avg_pool_row_pairs(&plane[..2 * oh * w], w, ow, o);
+                }
+            }
+            return Tensor::new(pool_out_shape(x, &geo), Data::F32(out));
+        }
+    }
     let table = geo.gather_table();
     let (il, ol, kl) = (geo.input_len(), geo.output_len(), geo.kernel_len());
     let counts = average_pool_counts(p, &geo, &pe, &table);
-    let planes = x.shape[0] * x.shape[1];
     if let Data::F32(v) = &x.data {
         // The f32 path the runtime serves: per output the same f64 chain (from `Iterator::sum`'s
         // -0.0, the window's taps inside the input in kernel order), every output of a plane
@@ -653,6 +677,48 @@ pub(crate) fn batch_norm(x: &Ex, eps: f32, momentum: f32, training: bool, output
 
 #[cfg(test)]
 mod tests {
+    /// AveragePool's 2 x 2 / 2 window (the row-pair kernel: planes paired end to end, or plane
+    /// by plane when the height is odd) equals the definition's chain per output, with widths
+    /// and heights odd and even, mixed magnitudes and signed zeros.
+    #[test]
+    fn average_pool_two_by_two_equals_the_chain() {
+        use super::*;
+        let mut seed = 11u64;
+        let mut next = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            match seed >> 60 {
+                0 => -0.0,
+                1 => 1.0e18,
+                2 => -1.0e18,
+                _ => ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2e3,
+            }
+        };
+        let p = PoolAttrs {
+            auto_pad: AutoPad::NotSet,
+            ceil_mode: false,
+            count_include_pad: false,
+            dilations: vec![],
+            kernel_shape: vec![2, 2],
+            pads: vec![],
+            strides: vec![2, 2],
+            storage_order: 0,
+        };
+        for shape in [[2usize, 3, 6, 7], [1, 2, 5, 4], [1, 1, 8, 16], [3, 1, 3, 9], [1, 1, 2, 2]] {
+            let [n, c, h, w] = shape;
+            let v: Vec<f32> = (0..n * c * h * w).map(|_| next()).collect();
+            let y = average_pool(&Tensor::from_f32(shape.to_vec(), v.clone()).unwrap(), &p).unwrap();
+            let (oh, ow) = (h / 2, w / 2);
+            assert_eq!(y.shape, vec![n, c, oh, ow]);
+            let got = y.as_f32().unwrap();
+            for (i, g) in got.iter().enumerate() {
+                let (pl, oy, ox) = (i / (oh * ow), i / ow % oh, i % ow);
+                let at = |dy: usize, dx: usize| v[pl * h * w + (2 * oy + dy) * w + 2 * ox + dx] as f64;
+                let want = ((-0.0 + at(0, 0) + at(0, 1) + at(1, 0) + at(1, 1)) / 4.0) as f32;
+                assert_eq!(g.to_bits(), want.to_bits(), "{shape:?} output {i}");
+            }
+        }
+    }
+
     /// The eight-chain plane means equal the definition (one in-order f64 sum per plane from
     /// `Iterator::sum`'s start) bit for bit: plane counts off the blocks of eight, NaN, both
     /// infinities, planes of zeros of either sign, a subnormal, mixed magnitudes.

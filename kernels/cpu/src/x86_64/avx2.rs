@@ -786,6 +786,35 @@ pub unsafe fn avx2_max_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mu
     o8
 }
 
+/// [`crate::generic::avg_pool_row_pairs`] with AVX2: the first `ow / 4 * 4` outputs of every row
+/// (returned), four per step: each input row's eight values split into even and odd (one
+/// permute), widened to f64, added in the definition's order from -0, divided by 4, rounded once.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; `2 ow <= w`, `src` holds `2 w` values per row of `dst`
+/// (`dst.len()` a multiple of `ow`).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn avx2_avg_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) -> usize {
+    let o4 = ow / 4 * 4;
+    let rows = dst.len() / ow;
+    let idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    let (zero, four) = (_mm256_set1_pd(-0.0), _mm256_set1_pd(4.0));
+    for r in 0..rows {
+        let (a, b) = (src.as_ptr().add(2 * r * w), src.as_ptr().add((2 * r + 1) * w));
+        let d = dst.as_mut_ptr().add(r * ow);
+        for o in (0..o4).step_by(4) {
+            let x = _mm256_permutevar8x32_ps(_mm256_loadu_ps(a.add(2 * o)), idx);
+            let y = _mm256_permutevar8x32_ps(_mm256_loadu_ps(b.add(2 * o)), idx);
+            let mut s = _mm256_add_pd(zero, _mm256_cvtps_pd(_mm256_castps256_ps128(x)));
+            s = _mm256_add_pd(s, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(x)));
+            s = _mm256_add_pd(s, _mm256_cvtps_pd(_mm256_castps256_ps128(y)));
+            s = _mm256_add_pd(s, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(y)));
+            _mm_storeu_ps(d.add(o), _mm256_cvtpd_ps(_mm256_div_pd(s, four)));
+        }
+    }
+    o4
+}
+
 /// [`crate::generic::layer_norm_f32`] with AVX2: the partial sums j mod 4 are the four lanes of
 /// one vector per row (four rows' chains interleaved), the outputs four lanes at a time; the same
 /// f64 operations in the same order as [`crate::generic::layer_norm_rows`]: the same bits.
