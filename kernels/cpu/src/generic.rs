@@ -2722,22 +2722,40 @@ pub fn max_pool2d_planes(src: &[f32], planes: usize, g: &Pool2d, dst: &mut [f32]
 /// kept, later NaN passed over). Eight outputs per step with AVX2 (each row's sixteen values split
 /// into even and odd, `vmaxps(v, best)` being `v > best ? v : best`), the rest one at a time.
 pub fn max_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) {
-    let rows = dst.len() / ow.max(1);
-    assert!(2 * ow <= w && src.len() >= 2 * rows * w && dst.len() == rows * ow, "max_pool_row_pairs: sizes");
+    check_row_pairs(src, w, ow, dst);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::isa() != crate::Isa::Generic && ow >= 8 {
-        // SAFETY: isa() checked AVX2; the sizes are asserted above.
+        // SAFETY: isa() checked AVX2; the sizes are checked above.
         done = unsafe { crate::x86_64::avx2::avx2_max_pool_row_pairs(src, w, ow, dst) };
     }
-    for r in 0..rows {
+    row_pairs_from(src, (w, ow, done), dst, |[x00, x01, x10, x11]| {
+        let mut best = x00;
+        for v in [x01, x10, x11] {
+            best = if v > best { v } else { best };
+        }
+        best
+    });
+}
+
+/// The sizes the row-pair pools take: `2 ow <= w`, two rows of `src` per row of `dst`.
+fn check_row_pairs(src: &[f32], w: usize, ow: usize, dst: &[f32]) {
+    let rows = dst.len() / ow.max(1);
+    assert!(2 * ow <= w && src.len() >= 2 * rows * w && dst.len() == rows * ow, "row-pair pool: sizes");
+}
+
+/// The row-pair pools' outputs from column `done` on, one at a time: `window([x00, x01, x10,
+/// x11])` of each.
+fn row_pairs_from(
+    src: &[f32],
+    (w, ow, done): (usize, usize, usize),
+    dst: &mut [f32],
+    window: impl Fn([f32; 4]) -> f32,
+) {
+    for (r, out) in dst.chunks_exact_mut(ow.max(1)).enumerate() {
         let (a, b) = (&src[2 * r * w..], &src[(2 * r + 1) * w..]);
         for o in done..ow {
-            let mut best = a[2 * o];
-            for v in [a[2 * o + 1], b[2 * o], b[2 * o + 1]] {
-                best = if v > best { v } else { best };
-            }
-            dst[r * ow + o] = best;
+            out[o] = window([a[2 * o], a[2 * o + 1], b[2 * o], b[2 * o + 1]]);
         }
     }
 }
@@ -2747,21 +2765,14 @@ pub fn max_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) {
 /// x10 + x11` in kernel order, divided by 4, rounded once to f32. Four outputs per step with AVX2
 /// (the same operations per lane), the rest one at a time.
 pub fn avg_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) {
-    let rows = dst.len() / ow.max(1);
-    assert!(2 * ow <= w && src.len() >= 2 * rows * w && dst.len() == rows * ow, "avg_pool_row_pairs: sizes");
+    check_row_pairs(src, w, ow, dst);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if crate::isa() != crate::Isa::Generic && ow >= 4 {
-        // SAFETY: isa() checked AVX2; the sizes are asserted above.
+        // SAFETY: isa() checked AVX2; the sizes are checked above.
         done = unsafe { crate::x86_64::avx2::avx2_avg_pool_row_pairs(src, w, ow, dst) };
     }
-    for r in 0..rows {
-        let (a, b) = (&src[2 * r * w..], &src[(2 * r + 1) * w..]);
-        for o in done..ow {
-            let s = -0.0 + a[2 * o] as f64 + a[2 * o + 1] as f64 + b[2 * o] as f64 + b[2 * o + 1] as f64;
-            dst[r * ow + o] = (s / 4.0) as f32;
-        }
-    }
+    row_pairs_from(src, (w, ow, done), dst, |x| (x.iter().fold(-0.0f64, |s, &v| s + v as f64) / 4.0) as f32);
 }
 
 /// [`max_pool2d_f32`]'s outputs in rows `rows` and columns `cols`, one at a time.

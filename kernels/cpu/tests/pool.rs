@@ -6,6 +6,7 @@
 //! And the strided copy (AVX2: 8 x 8 register transposes for a transposed source) against its
 //! definition.
 
+mod common;
 use proptest::prelude::*;
 use sqil_kernels_cpu::generic::{avg_pool_row_pairs, max_pool2d_f32, max_pool2d_planes, Pool2d};
 use sqil_kernels_cpu::{copy_f32, copy_strided};
@@ -40,6 +41,29 @@ fn reference(plane: &[f32], g: &Pool2d) -> Vec<f32> {
     out
 }
 
+/// `n` pool inputs from `seed`: NaN, signed zeros and -inf among eighths in [-4, 4) (ties and
+/// NaN in every position of a window).
+fn pool_values(seed: u64, n: usize) -> Vec<f32> {
+    let mut next = common::xorshift(seed);
+    (0..n)
+        .map(|_| {
+            let s = next();
+            match s % 17 {
+                0 => f32::NAN,
+                1 => 0.0,
+                2 => -0.0,
+                3 => f32::NEG_INFINITY,
+                _ => ((s >> 20) % 64) as f32 / 8.0 - 4.0,
+            }
+        })
+        .collect()
+}
+
+/// The values' bits (NaN payloads as they are).
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
     #[test]
@@ -58,26 +82,10 @@ proptest! {
             oh: (h + 2 * py - spy) / sy + 1,
             ow: (w + 2 * px - spx) / sx + 1,
         };
-        let mut s = seed | 1;
-        let plane: Vec<f32> = (0..h * w)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                match s % 17 {
-                    0 => f32::NAN,
-                    1 => 0.0,
-                    2 => -0.0,
-                    3 => f32::NEG_INFINITY,
-                    _ => ((s >> 20) % 64) as f32 / 8.0 - 4.0,
-                }
-            })
-            .collect();
+        let plane = pool_values(seed, h * w);
         let mut got = vec![1.5f32; g.oh * g.ow];
         max_pool2d_f32(&plane, &g, &mut got);
-        let want = reference(&plane, &g);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        prop_assert_eq!(bits(&got), bits(&want), "{:?}", g);
+        prop_assert_eq!(bits(&got), bits(&reference(&plane, &g)), "{:?}", g);
     }
 
     #[test]
@@ -86,12 +94,10 @@ proptest! {
         // often in one window, where the order decides what cancels), NaN, infinities and signed
         // zeros; an odd width leaves its last column out.
         let ow = w / 2;
-        let mut s = seed | 1;
+        let mut next = common::xorshift(seed);
         let src: Vec<f32> = (0..2 * rows * w)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = next();
                 match s % 23 {
                     0 => f32::NAN,
                     1 => 0.0,
@@ -133,25 +139,10 @@ proptest! {
         } else {
             Pool2d { h, w, kh: 3, kw: 3, sy: 2, sx: 2, dy: 1, dx: 1, py: 1, px: 1, oh: (h - 1) / 2 + 1, ow: (w - 1) / 2 + 1 }
         };
-        let mut s = seed | 1;
-        let src: Vec<f32> = (0..planes * h * w)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                match s % 17 {
-                    0 => f32::NAN,
-                    1 => 0.0,
-                    2 => -0.0,
-                    3 => f32::NEG_INFINITY,
-                    _ => ((s >> 20) % 64) as f32 / 8.0 - 4.0,
-                }
-            })
-            .collect();
+        let src = pool_values(seed, planes * h * w);
         let mut got = vec![1.5f32; planes * g.oh * g.ow];
         max_pool2d_planes(&src, planes, &g, &mut got);
         let want: Vec<f32> = src.chunks_exact(h * w).flat_map(|p| reference(p, &g)).collect();
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got), bits(&want), "{:?} x {}", g, planes);
     }
 }
@@ -165,7 +156,6 @@ proptest! {
         let src: Vec<f32> = (0..len + from).map(|i| if i % 7 == 3 { f32::from_bits(0x7fc0_1234) } else { i as f32 * 0.5 - 9.0 }).collect();
         let mut got = vec![0f32; len + to];
         copy_f32(&src[from..], &mut got[to..]);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         prop_assert_eq!(bits(&got[to..]), bits(&src[from..]));
         prop_assert!(got[..to].iter().all(|&v| v == 0.0));
     }

@@ -2233,102 +2233,89 @@ mod tests {
         eprintln!("erf tail estimate: worst {worst} units, {screened} of {tails} screened out");
     }
 
-    /// The softplus estimate (`softplus_est4`) against its definition on a sweep (one f32 in 61
-    /// of each sign up to 90): on every lane it covers, within 2^12 units of the definition's f64
-    /// result (the screen's margin of 2^16 holds with sixteen times the room), and where the
-    /// screen vouches, the definition's f32; it covers every lane with |x| < 87; and the screen
-    /// meets results nearly halfway.
-    #[test]
-    fn softplus_estimate_is_within_the_screen() {
-        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
-            eprintln!("skipping softplus_estimate_is_within_the_screen: no AVX2 and FMA");
-            return;
-        }
-        use crate::generic::softplus;
-        let top = 90f32.to_bits();
-        let mut xs: Vec<f64> =
-            (0..top).step_by(61).flat_map(|b| [f32::from_bits(b) as f64, -f32::from_bits(b) as f64]).collect();
-        xs.extend([0.0, -0.0, -0.5, 0.25, 86.9, -86.9, 1e-30, -1e-30]);
-        xs.truncate(xs.len() / 4 * 4);
-        let (mut worst, mut screened, mut covered) = (0u64, 0usize, 0usize);
+    /// An estimate on four lanes (`est`: each value and whether it covers the lane) against the
+    /// definition `def` over `xs`: on every lane it covers, within 2^12 units of the definition's
+    /// f64 result (the screen's margin of 2^16 holds with sixteen times the room), and where the
+    /// screen vouches, the definition's f32; the lanes it leaves must satisfy `may_leave`; and
+    /// the screen meets some results nearly halfway, fewer than one in 500.
+    fn check_estimate(
+        what: &str,
+        xs: &[f64],
+        est: impl Fn(__m256d) -> (__m256d, __m256d),
+        def: impl Fn(f64) -> f64,
+        may_leave: impl Fn(f64) -> bool,
+    ) {
+        let (mut worst, mut screened, mut left, mut covered) = (0u64, 0usize, 0usize, 0usize);
         for c in xs.chunks_exact(4) {
-            // SAFETY: AVX2 and FMA checked above; four values.
+            // SAFETY: the callers checked AVX2 and FMA; four values.
             let (got, takes, far) = unsafe {
-                let [(y, takes)] = softplus_est4::<1>([_mm256_loadu_pd(c.as_ptr())]);
+                let (y, takes) = est(_mm256_loadu_pd(c.as_ptr()));
                 let mut got = [0f64; 4];
                 _mm256_storeu_pd(got.as_mut_ptr(), y);
                 (got, _mm256_movemask_pd(takes), _mm256_movemask_pd(_mm256_castsi256_pd(far_from_halfway4(y))))
             };
             for (i, (&x, &g)) in c.iter().zip(&got).enumerate() {
                 if takes >> i & 1 == 0 {
-                    assert!(x.abs() >= 87.0, "softplus({x:e}) not covered");
+                    assert!(may_leave(x), "{what}({x:e}) not covered");
+                    left += 1;
                     continue;
                 }
                 covered += 1;
-                let want = softplus(x);
+                let want = def(x);
                 worst = worst.max(g.to_bits().abs_diff(want.to_bits()));
                 if far >> i & 1 != 0 {
-                    assert_eq!((g as f32).to_bits(), (want as f32).to_bits(), "softplus({x:e}) screened as sure");
+                    assert_eq!((g as f32).to_bits(), (want as f32).to_bits(), "{what}({x:e}) screened as sure");
                 } else {
                     screened += 1;
                 }
             }
         }
-        assert!(worst < 1 << 12, "softplus: estimate {worst} units from the definition");
+        assert!(worst < 1 << 12, "{what}: estimate {worst} units from the definition");
         assert!(crate::generic::SCREEN_MARGIN as u64 >= worst << 4);
-        assert!(screened > 0 && screened * 500 < covered, "softplus: {screened} of {covered} screened out");
-        eprintln!("softplus estimate: worst {worst} units, {screened} of {covered} screened out");
+        assert!(screened > 0 && screened * 500 < covered, "{what}: {screened} of {covered} screened out");
+        eprintln!("{what} estimate: worst {worst} units, {screened} of {covered} screened out, {left} left");
     }
 
-    /// The ELU estimate (`elu_est4`) against its definition on a sweep
-    /// (one f32 in 61 of each sign up to 90), alpha 1 and 0.3: on every lane it covers, within 2^12
-    /// units of the definition's f64 result (the screen's margin of 2^16 holds with sixteen times
-    /// the room), and where the screen vouches, the definition's f32; it covers every lane but
-    /// tiny and huge ones; and the screen meets results nearly halfway (a margin of 0 would take
-    /// them).
+    /// Every `step`th f32 bit pattern of each sign up to 90, and `extra`, as f64 (a multiple of
+    /// four values).
+    fn sweep(step: usize, extra: &[f64]) -> Vec<f64> {
+        let top = 90f32.to_bits();
+        let mut xs: Vec<f64> =
+            (0..top).step_by(step).flat_map(|b| [f32::from_bits(b) as f64, -f32::from_bits(b) as f64]).collect();
+        xs.extend(extra);
+        xs.truncate(xs.len() / 4 * 4);
+        xs
+    }
+
+    /// The softplus estimate (`softplus_est4`) against its definition on a sweep (one f32 in 61
+    /// of each sign up to 90): [`check_estimate`]; it covers every lane with |x| < 87.
+    #[test]
+    fn softplus_estimate_is_within_the_screen() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            eprintln!("skipping softplus_estimate_is_within_the_screen: no AVX2 and FMA");
+            return;
+        }
+        let xs = sweep(61, &[0.0, -0.0, -0.5, 0.25, 86.9, -86.9, 1e-30, -1e-30]);
+        // SAFETY (in the closure): AVX2 and FMA checked above.
+        let est = |v| unsafe { softplus_est4::<1>([v])[0] };
+        check_estimate("softplus", &xs, est, crate::generic::softplus, |x| x.abs() >= 87.0);
+    }
+
+    /// The ELU estimate (`elu_est4`) against its definition on a sweep (one f32 in 61 of each
+    /// sign up to 90), alpha 1 and 0.3: [`check_estimate`]; it covers every lane but tiny and
+    /// huge ones.
     #[test]
     fn elu_estimate_is_within_the_screen() {
         if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
             eprintln!("skipping elu_estimate_is_within_the_screen: no AVX2 and FMA");
             return;
         }
-        use crate::generic::elu;
-        let top = 90f32.to_bits();
-        let mut xs: Vec<f64> =
-            (0..top).step_by(61).flat_map(|b| [f32::from_bits(b) as f64, -f32::from_bits(b) as f64]).collect();
-        xs.extend([0.0, -0.0, -0.5, 0.25, -0.25, 1.0 / 1024.0, -1.0 / 1024.0, 349.0, -699.0]);
-        xs.truncate(xs.len() / 4 * 4);
+        let xs = sweep(61, &[0.0, -0.0, -0.5, 0.25, -0.25, 1.0 / 1024.0, -1.0 / 1024.0, 349.0, -699.0]);
         for alpha in [1.0, 0.3f32 as f64] {
-            let what = format!("elu {alpha}");
-            let (mut worst, mut screened, mut left, mut covered) = (0u64, 0usize, 0usize, 0usize);
-            for c in xs.chunks_exact(4) {
-                // SAFETY: AVX2 and FMA checked above; four values.
-                let (got, takes, far) = unsafe {
-                    let [(y, takes)] = elu_est4::<1>([_mm256_loadu_pd(c.as_ptr())], alpha);
-                    let mut got = [0f64; 4];
-                    _mm256_storeu_pd(got.as_mut_ptr(), y);
-                    (got, _mm256_movemask_pd(takes), _mm256_movemask_pd(_mm256_castsi256_pd(far_from_halfway4(y))))
-                };
-                for (i, (&x, &g)) in c.iter().zip(&got).enumerate() {
-                    if takes >> i & 1 == 0 {
-                        assert!(x.abs() < 2f64.powi(-120) || x.abs() > 340.0, "{what}({x:e}) not covered");
-                        left += 1;
-                        continue;
-                    }
-                    covered += 1;
-                    let want = elu(x, alpha);
-                    worst = worst.max(g.to_bits().abs_diff(want.to_bits()));
-                    if far >> i & 1 != 0 {
-                        assert_eq!((g as f32).to_bits(), (want as f32).to_bits(), "{what}({x:e}) screened as sure");
-                    } else {
-                        screened += 1;
-                    }
-                }
-            }
-            assert!(worst < 1 << 12, "{what}: estimate {worst} units from the definition");
-            assert!(crate::generic::SCREEN_MARGIN as u64 >= worst << 4);
-            assert!(screened > 0 && screened * 500 < covered, "{what}: {screened} of {covered} screened out");
-            eprintln!("{what} estimate: worst {worst} units, {screened} of {covered} screened out, {left} left");
+            // SAFETY (in the closure): AVX2 and FMA checked above.
+            let est = |v| unsafe { elu_est4::<1>([v], alpha)[0] };
+            let leave = |x: f64| x.abs() < 2f64.powi(-120) || x.abs() > 340.0;
+            check_estimate(&format!("elu {alpha}"), &xs, est, |x| crate::generic::elu(x, alpha), leave);
         }
     }
 }

@@ -1,15 +1,25 @@
 //! Helpers the kernel tests share.
 
+/// A xorshift stream from `seed`.
+#[allow(dead_code)] // not every test binary draws values
+pub fn xorshift(seed: u64) -> impl FnMut() -> u64 {
+    let mut s = seed | 1;
+    move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    }
+}
+
 /// `n` values from a xorshift of `seed`: uniform in [-2, 2), and with `specials` now and then a
 /// NaN, an infinity of either sign, a signed zero or a zero.
 #[allow(dead_code)] // not every test binary draws values
 pub fn values(seed: u64, n: usize, specials: bool) -> Vec<f32> {
-    let mut s = seed | 1;
+    let mut next = xorshift(seed);
     (0..n)
         .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
+            let s = next();
             match (specials, s % 61) {
                 (true, 0) => f32::NAN,
                 (true, 1) => f32::INFINITY,
@@ -25,6 +35,7 @@ pub fn values(seed: u64, n: usize, specials: bool) -> Vec<f32> {
 /// Runs `tests` (exact names) of this test binary again in a child process with
 /// `SQIL_ISA=avx2`, so the 8-lane forms are checked on a CPU that would dispatch to AVX-512; does
 /// nothing inside that child or on a CPU without AVX2.
+#[allow(dead_code)] // not every test binary reruns itself
 pub fn rerun_under_avx2(tests: &[&str]) {
     if std::env::var_os("SQIL_ISA").is_some() || !std::is_x86_feature_detected!("avx2") {
         return;
