@@ -2669,6 +2669,17 @@ pub struct Pool2d {
 }
 
 impl Pool2d {
+    /// The classic 2 x 2 window of stride 2 without padding or dilation, `h / 2 x w / 2` outputs
+    /// (at least one column): each output reads rows `2r, 2r + 1` and columns `2o, 2o + 1`, all
+    /// inside the plane. (A dilation of 2 with odd sides gives the same output size, and is not
+    /// this window.)
+    pub fn two_by_two(&self) -> bool {
+        (self.kh, self.kw, self.sy, self.sx, self.dy, self.dx, self.py, self.px) == (2, 2, 2, 2, 1, 1, 0, 0)
+            && self.oh == self.h / 2
+            && self.ow == self.w / 2
+            && self.ow > 0
+    }
+
     /// The window's valid kernel positions along one axis for output `o` (a contiguous run:
     /// the input index grows with the kernel index): `lo..hi`.
     fn valid(o: usize, k: usize, st: usize, d: usize, p: usize, n: usize) -> (usize, usize) {
@@ -2696,23 +2707,38 @@ pub fn max_pool2d_f32(plane: &[f32], g: &Pool2d, dst: &mut [f32]) {
 
 /// [`max_pool2d_f32`] over `planes` planes stored one after another in `src` (`h * w` values
 /// each) into `dst` (`oh * ow` each). The classic 2 x 2 window of stride 2 without padding or
-/// dilation runs as pairs of input rows ([`max_pool_row_pairs`]; every plane's pairs at once
-/// where the planes' rows pair up end to end, `h = 2 oh`); other geometries plane by plane.
+/// dilation runs as pairs of input rows ([`row_pair_planes`] of [`max_pool_row_pairs`]); other
+/// geometries plane by plane.
 pub fn max_pool2d_planes(src: &[f32], planes: usize, g: &Pool2d, dst: &mut [f32]) {
+    if g.two_by_two() {
+        return row_pair_planes(src, planes, g, dst, max_pool_row_pairs);
+    }
     let (il, ol) = (g.h * g.w, g.oh * g.ow);
     assert!(src.len() >= planes * il && dst.len() >= planes * ol, "max_pool2d_planes: buffer sizes");
-    let classic =
-        (g.kh, g.kw, g.sy, g.sx, g.py, g.px) == (2, 2, 2, 2, 0, 0) && g.oh == g.h / 2 && g.ow == g.w / 2 && g.ow > 0;
-    if classic && g.h == 2 * g.oh {
-        return max_pool_row_pairs(&src[..planes * il], g.w, g.ow, &mut dst[..planes * ol]);
+    for (plane, out) in src.chunks_exact(il.max(1)).zip(dst.chunks_exact_mut(ol.max(1))).take(planes) {
+        max_pool2d_f32(plane, g, out);
+    }
+}
+
+/// A row-pair pool (`pool(rows, w, ow, out)`: [`max_pool_row_pairs`], [`avg_pool_row_pairs`])
+/// over `planes` planes of the 2 x 2 / 2 geometry `g` ([`Pool2d::two_by_two`]) stored one after
+/// another: every plane's rows in one call where the planes' rows pair up end to end (`h = 2
+/// oh`), else plane by plane, each plane's odd last row unread.
+pub fn row_pair_planes(
+    src: &[f32],
+    planes: usize,
+    g: &Pool2d,
+    dst: &mut [f32],
+    pool: fn(&[f32], usize, usize, &mut [f32]),
+) {
+    assert!(g.two_by_two(), "row_pair_planes: not a 2 x 2 / 2 window");
+    let (il, ol) = (g.h * g.w, g.oh * g.ow);
+    assert!(src.len() >= planes * il && dst.len() >= planes * ol, "row_pair_planes: buffer sizes");
+    if g.h == 2 * g.oh {
+        return pool(&src[..planes * il], g.w, g.ow, &mut dst[..planes * ol]);
     }
     for (plane, out) in src.chunks_exact(il.max(1)).zip(dst.chunks_exact_mut(ol.max(1))).take(planes) {
-        if classic {
-            // (An odd last row: unread.)
-            max_pool_row_pairs(&plane[..2 * g.oh * g.w], g.w, g.ow, out);
-        } else {
-            max_pool2d_f32(plane, g, out);
-        }
+        pool(&plane[..2 * g.oh * g.w], g.w, g.ow, out);
     }
 }
 

@@ -129,15 +129,21 @@ proptest! {
         seed in any::<u64>(),
         (h, w) in (1usize..20, 1usize..40),
         planes in 1usize..5,
-        classic in any::<bool>(),
+        form in 0usize..3,
     ) {
         // The 2 x 2 / 2 window (rows paired across planes where h is even, an odd last row left
-        // out), or a 3 x 3 / 2 window with padding 1 (plane by plane).
-        let g = if classic {
-            prop_assume!(h >= 2 && w >= 2);
-            Pool2d { h, w, kh: 2, kw: 2, sy: 2, sx: 2, dy: 1, dx: 1, py: 0, px: 0, oh: h / 2, ow: w / 2 }
-        } else {
-            Pool2d { h, w, kh: 3, kw: 3, sy: 2, sx: 2, dy: 1, dx: 1, py: 1, px: 1, oh: (h - 1) / 2 + 1, ow: (w - 1) / 2 + 1 }
+        // out), a 3 x 3 / 2 window with padding 1 (plane by plane), or a 2 x 2 / 2 window of
+        // dilation 2 (with odd sides the classic window's output size: not taken for it).
+        let g = match form {
+            0 => {
+                prop_assume!(h >= 2 && w >= 2);
+                Pool2d { h, w, kh: 2, kw: 2, sy: 2, sx: 2, dy: 1, dx: 1, py: 0, px: 0, oh: h / 2, ow: w / 2 }
+            }
+            1 => Pool2d { h, w, kh: 3, kw: 3, sy: 2, sx: 2, dy: 1, dx: 1, py: 1, px: 1, oh: (h - 1) / 2 + 1, ow: (w - 1) / 2 + 1 },
+            _ => {
+                prop_assume!(h >= 3 && w >= 3);
+                Pool2d { h, w, kh: 2, kw: 2, sy: 2, sx: 2, dy: 2, dx: 2, py: 0, px: 0, oh: (h - 3) / 2 + 1, ow: (w - 3) / 2 + 1 }
+            }
         };
         let src = pool_values(seed, planes * h * w);
         let mut got = vec![1.5f32; planes * g.oh * g.ow];

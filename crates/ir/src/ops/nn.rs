@@ -178,6 +178,28 @@ fn pool_out_shape(x: &Tensor, geo: &ConvGeometry) -> Vec<usize> {
     s
 }
 
+/// A 2-D pooling geometry as the kernels take it (`Pool2d`), where it is one: two spatial axes,
+/// no padding before them that is negative.
+fn pool2d(geo: &ConvGeometry) -> Option<sqil_kernels_cpu::generic::Pool2d> {
+    if geo.kernel.len() != 2 || geo.pads_begin.iter().any(|&p| p < 0) {
+        return None;
+    }
+    Some(sqil_kernels_cpu::generic::Pool2d {
+        h: geo.input[0],
+        w: geo.input[1],
+        kh: geo.kernel[0],
+        kw: geo.kernel[1],
+        sy: geo.strides[0],
+        sx: geo.strides[1],
+        dy: geo.dilations[0],
+        dx: geo.dilations[1],
+        py: geo.pads_begin[0] as usize,
+        px: geo.pads_begin[1] as usize,
+        oh: geo.output[0],
+        ow: geo.output[1],
+    })
+}
+
 pub(crate) fn max_pool(x: &Tensor, p: &PoolAttrs, outputs: usize) -> Result<Vec<Tensor>> {
     if x.rank() < 3 {
         return Err(IrError::Invalid(format!("MaxPool needs rank >= 3, got {:?}", x.shape)));
@@ -204,23 +226,8 @@ pub(crate) fn max_pool(x: &Tensor, p: &PoolAttrs, outputs: usize) -> Result<Vec<
         // The f32 path the runtime serves (no indices asked): the same choice per output (the
         // first of the window's largest values, in kernel order; comparisons are exact in f32),
         // kernel positions in the outer loop so each pass reads the plane in order.
-        if geo.kernel.len() == 2 && il > 0 && geo.pads_begin.iter().all(|&p| p >= 0) {
+        if let Some(g) = pool2d(&geo).filter(|_| il > 0) {
             // 2-D windows read directly (the kernels' loop: vectors of outputs inside the plane).
-            let [h, w] = [geo.input[0], geo.input[1]];
-            let g = sqil_kernels_cpu::generic::Pool2d {
-                h,
-                w,
-                kh: geo.kernel[0],
-                kw: geo.kernel[1],
-                sy: geo.strides[0],
-                sx: geo.strides[1],
-                dy: geo.dilations[0],
-                dx: geo.dilations[1],
-                py: geo.pads_begin[0] as usize,
-                px: geo.pads_begin[1] as usize,
-                oh: geo.output[0],
-                ow: geo.output[1],
-            };
             let mut out = crate::pool::f32_buffer(planes * ol);
             sqil_kernels_cpu::generic::max_pool2d_planes(v, planes, &g, &mut out);
             return Ok(vec![Tensor::new(pool_out_shape(x, &geo), Data::F32(out))?]);
@@ -302,29 +309,18 @@ pub(crate) fn average_pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
     }
     let (geo, pe) = p.conv_geometry(&x.shape[2..])?;
     let planes = x.shape[0] * x.shape[1];
-    if let (Data::F32(v), &[h, w]) = (&x.data, &geo.input[..]) {
+    if let (Data::F32(v), Some(g)) = (&x.data, pool2d(&geo).filter(|g| g.two_by_two() && pe.iter().all(|&e| e == 0))) {
         // The 2 x 2 / 2 window without padding (four values in every window, whichever way the
-        // padding counts): the same chain and division over pairs of rows, every plane's at once
-        // where their rows pair up end to end.
-        let classic = geo.kernel == [2, 2]
-            && geo.strides == [2, 2]
-            && geo.dilations == [1, 1]
-            && geo.pads_begin.iter().all(|&b| b == 0)
-            && pe.iter().all(|&e| e == 0)
-            && geo.output == [h / 2, w / 2]
-            && w >= 2;
-        if classic && v.len() == planes * h * w {
-            let (oh, ow) = (h / 2, w / 2);
-            let mut out = crate::pool::f32_buffer(planes * oh * ow);
-            if h % 2 == 0 {
-                sqil_kernels_cpu::generic::avg_pool_row_pairs(v, w, ow, &mut out);
-            } else {
-                for (plane, o) in v.chunks_exact(h * w).zip(out.chunks_exact_mut((oh * ow).max(1))) {
-                    sqil_kernels_cpu::generic::avg_pool_row_pairs(&plane[..2 * oh * w], w, ow, o);
-                }
-            }
-            return Tensor::new(pool_out_shape(x, &geo), Data::F32(out));
-        }
+        // padding counts): the same chain and division over pairs of rows.
+        let mut out = crate::pool::f32_buffer(planes * g.oh * g.ow);
+        sqil_kernels_cpu::generic::row_pair_planes(
+            v,
+            planes,
+            &g,
+            &mut out,
+            sqil_kernels_cpu::generic::avg_pool_row_pairs,
+        );
+        return Tensor::new(pool_out_shape(x, &geo), Data::F32(out));
     }
     let table = geo.gather_table();
     let (il, ol, kl) = (geo.input_len(), geo.output_len(), geo.kernel_len());
