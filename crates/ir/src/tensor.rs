@@ -242,19 +242,15 @@ impl Data {
         if parts.len() != chunks.len() {
             return Err(IrError::Internal("join_runs: a chunk per part".into()));
         }
-        let total: usize = chunks.iter().sum::<usize>() * outer;
-        let mut out = map_data!(first, v => {
-            let _ = v;
-            Vec::with_capacity(if matches!(first, Data::F32(_)) { 0 } else { total })
-        });
         for p in parts {
-            if p.dtype() != out.dtype() {
-                return Err(IrError::Invalid(format!("concat of mixed types {} and {}", out.dtype(), p.dtype())));
+            if p.dtype() != first.dtype() {
+                return Err(IrError::Invalid(format!("concat of mixed types {} and {}", first.dtype(), p.dtype())));
             }
         }
-        if let Data::F32(d) = &mut out {
+        let total: usize = chunks.iter().sum::<usize>() * outer;
+        if let Data::F32(_) = first {
             // (Through `copy_f32`, as `runs`; every value written.)
-            *d = crate::pool::f32_buffer(total);
+            let mut d = crate::pool::f32_buffer(total);
             let mut at = 0;
             for o in 0..outer {
                 for (p, &c) in parts.iter().zip(chunks) {
@@ -263,8 +259,12 @@ impl Data {
                     at += c;
                 }
             }
-            return Ok(out);
+            return Ok(Data::F32(d));
         }
+        let mut out = map_data!(first, v => {
+            let _ = v;
+            Vec::with_capacity(total)
+        });
         for o in 0..outer {
             for (p, &c) in parts.iter().zip(chunks) {
                 macro_rules! ext {
@@ -281,36 +281,13 @@ impl Data {
         Ok(out)
     }
 
-    /// Concatenation of several data of the same type.
+    /// Concatenation of several data of the same type: [`Data::join_runs`] of one run each.
     pub fn concat(parts: &[&Data]) -> Result<Data> {
-        let first = parts.first().ok_or_else(|| IrError::Internal("concat of nothing".into()))?;
-        if parts.iter().all(|p| matches!(p, Data::F32(_))) {
-            // (Through `copy_f32`, as `runs`; every value written.)
-            let mut out = crate::pool::f32_buffer(parts.iter().map(|p| p.len()).sum());
-            let mut at = 0;
-            for p in parts {
-                let Data::F32(s) = p else { unreachable!("checked above") };
-                sqil_kernels_cpu::copy_f32(s, &mut out[at..at + s.len()]);
-                at += s.len();
-            }
-            return Ok(Data::F32(out));
+        if parts.is_empty() {
+            return Err(IrError::Internal("concat of nothing".into()));
         }
-        let mut out = map_data!(first, v => Vec::with_capacity(v.len() * parts.len()));
-        for p in parts {
-            if p.dtype() != out.dtype() {
-                return Err(IrError::Invalid(format!("concat of mixed types {} and {}", out.dtype(), p.dtype())));
-            }
-            macro_rules! ext {
-                ($($var:ident),*) => {
-                    match (&mut out, p) {
-                        $((Data::$var(o), Data::$var(s)) => o.extend_from_slice(s),)*
-                        _ => unreachable!("types checked above"),
-                    }
-                };
-            }
-            ext!(F32, F64, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, Bool, I4, U4);
-        }
-        Ok(out)
+        let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+        Data::join_runs(parts, &lens, 1)
     }
 
     /// Raw bytes of a little-endian, ONNX-style packed serialisation (int4 two per byte,

@@ -553,11 +553,7 @@ pub(crate) unsafe fn avx2_phase_split2(
     while j < n {
         let at = 2 * j as i64 - lo as i64;
         let (a, b) = (load(src, at, q.as_ref()), load(src, at + 8, q.as_ref()));
-        // Per 128-bit lane [a0 a2 b0 b2 | a4 a6 b4 b6], then the 64-bit pairs in order.
-        let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-        let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
-        let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)));
-        let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o)));
+        let (e, o) = even_odd8(a, b);
         if j + 8 <= n {
             _mm256_storeu_ps(even.as_mut_ptr().add(j), e);
             _mm256_storeu_ps(odd.as_mut_ptr().add(j), o);
@@ -734,11 +730,8 @@ pub unsafe fn avx2_max_pool2d_f32(plane: &[f32], g: &crate::generic::Pool2d, dst
                         1 => _mm256_loadu_ps(at),
                         // (Sixteen values read: the last one may lie past the plane.)
                         2 if off + 16 <= plane.len() => {
-                            // The even values of sixteen: [0 2 8 10 4 6 12 14] by 128-bit lane,
-                            // then the 64-bit pairs in order.
-                            let (a, b) = (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)));
-                            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
-                            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)))
+                            // The even values of sixteen.
+                            even_odd8(_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))).0
                         }
                         _ => _mm256_i32gather_ps::<4>(at, idx),
                     };
@@ -748,6 +741,19 @@ pub unsafe fn avx2_max_pool2d_f32(plane: &[f32], g: &crate::generic::Pool2d, dst
             _mm256_storeu_ps(dst.as_mut_ptr().add(oy * g.ow + ox), best);
         }
     }
+}
+
+/// The even and the odd values of sixteen (`a` then `b`), each in order: per 128-bit lane
+/// `[a0 a2 b0 b2 | a4 a6 b4 b6]` (and the odd ones), then the 64-bit pairs put in order. The
+/// stride-2 phase split, the stride-2 max pool and the 2 x 2 row-pair pool.
+#[inline(always)]
+unsafe fn even_odd8(a: __m256, b: __m256) -> (__m256, __m256) {
+    let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+    let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+    (
+        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e))),
+        _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o))),
+    )
 }
 
 /// [`crate::generic::max_pool_row_pairs`] with AVX2: the first `ow / 8 * 8` outputs of every row
@@ -762,17 +768,7 @@ pub unsafe fn avx2_max_pool2d_f32(plane: &[f32], g: &crate::generic::Pool2d, dst
 pub unsafe fn avx2_max_pool_row_pairs(src: &[f32], w: usize, ow: usize, dst: &mut [f32]) -> usize {
     let o8 = ow / 8 * 8;
     let rows = dst.len() / ow;
-    // Even / odd of sixteen values: [0 2 8 10 4 6 12 14] by 128-bit lane, then the 64-bit pairs
-    // in order.
-    let split = |p: *const f32| {
-        let (x, y) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
-        let e = _mm256_shuffle_ps::<0b10_00_10_00>(x, y);
-        let o = _mm256_shuffle_ps::<0b11_01_11_01>(x, y);
-        (
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e))),
-            _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o))),
-        )
-    };
+    let split = |p: *const f32| even_odd8(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
     for r in 0..rows {
         let (a, b) = (src.as_ptr().add(2 * r * w), src.as_ptr().add((2 * r + 1) * w));
         let d = dst.as_mut_ptr().add(r * ow);
