@@ -943,7 +943,7 @@ unsafe fn screened_map4<const K: usize>(
     exact(&x[i..], &mut out[i..]);
 }
 
-/// [`crate::generic::exp_f32`] on four f64 lanes, four vectors per step ([`screened_map4`]): the
+/// [`crate::generic::exp_f32`] on four f64 lanes, eight vectors per step ([`screened_map4`]): the
 /// degree-10 estimate `generic::exp_taylor10` per lane ([`exp_taylor4xk`]), within 2^-41 of `e^x`
 /// as the screen's margin needs (`generic::SCREEN_MARGIN`).
 ///
@@ -953,14 +953,14 @@ unsafe fn screened_map4<const K: usize>(
 pub unsafe fn avx2_exp_f32(x: &[f32], out: &mut [f32]) {
     use crate::generic::{EXP_SCREEN_HI, EXP_SCREEN_LO};
     let (lo, hi) = (_mm256_set1_pd(EXP_SCREEN_LO), _mm256_set1_pd(EXP_SCREEN_HI));
-    let est = |v: [__m256d; 4]| {
-        let y = exp_taylor4xk::<4>(v);
+    let est = |v: [__m256d; 8]| {
+        let y = exp_taylor4xk::<8>(v);
         std::array::from_fn(|j| {
             let inside = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(v[j], lo), _mm256_cmp_pd::<_CMP_LT_OQ>(v[j], hi));
             (y[j], inside)
         })
     };
-    screened_map4::<4>(x, out, est, crate::generic::generic_exp_f32)
+    screened_map4::<8>(x, out, est, crate::generic::generic_exp_f32)
 }
 
 /// [`crate::generic::log_f32`] on four f64 lanes, two vectors per step ([`screened_map4`]): the
@@ -1004,7 +1004,7 @@ pub unsafe fn avx2_log_f32(x: &[f32], out: &mut [f32]) {
     screened_map4::<2>(x, out, est, crate::generic::generic_log_f32)
 }
 
-/// [`crate::generic::softplus_f32`] with AVX2, four vectors per step ([`screened_map4`]): the
+/// [`crate::generic::softplus_f32`] with AVX2, eight vectors per step ([`screened_map4`]): the
 /// estimate [`softplus_est4`], taken where the screen vouches for the f32 rounding of every lane
 /// of a step; other steps by the definition's vector form (`common::softplus_f32`, the same bits
 /// as `generic::softplus`).
@@ -1013,7 +1013,7 @@ pub unsafe fn avx2_log_f32(x: &[f32], out: &mut [f32]) {
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_softplus_f32(x: &[f32], out: &mut [f32]) {
-    screened_map4::<4>(x, out, |v| softplus_est4::<4>(v), |x: &[f32], o: &mut [f32]| softplus_f32(x, o))
+    screened_map4::<8>(x, out, |v| softplus_est4::<8>(v), |x: &[f32], o: &mut [f32]| softplus_f32(x, o))
 }
 
 /// Terms of the atanh series in [`softplus_est4`]'s `ln(1 + t)`: with `s <= 1/3` the first left
@@ -1062,7 +1062,7 @@ unsafe fn softplus_est4<const K: usize>(v: [__m256d; K]) -> [(__m256d, __m256d);
     out
 }
 
-/// [`crate::generic::elu_f32`] with AVX2, four vectors per step ([`screened_map4`]): `x` itself at
+/// [`crate::generic::elu_f32`] with AVX2, eight vectors per step ([`screened_map4`]): `x` itself at
 /// or above 0, else `alpha m` with `m` an estimate of `e^x - 1` ([`expm1_est4`], within 2^-41),
 /// taken where the screen vouches for the f32 rounding (every lane of the step); other steps by
 /// the definition's vector form (`common::elu_f32`, the same bits as `generic::elu`).
@@ -1071,7 +1071,7 @@ unsafe fn softplus_est4<const K: usize>(v: [__m256d; K]) -> [(__m256d, __m256d);
 /// The CPU must support AVX2 and FMA; `x.len() == out.len()`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn avx2_elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
-    screened_map4::<4>(x, out, |v| elu_est4::<4>(v, alpha as f64), |x: &[f32], o: &mut [f32]| elu_f32(x, alpha, o))
+    screened_map4::<8>(x, out, |v| elu_est4::<8>(v, alpha as f64), |x: &[f32], o: &mut [f32]| elu_f32(x, alpha, o))
 }
 
 /// [`avx2_elu_f32`]'s estimate on `K` vectors: per vector the values and the lanes it covers

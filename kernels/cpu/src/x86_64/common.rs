@@ -452,8 +452,10 @@ pub(crate) unsafe fn exp_nonpos4(x: __m256d) -> __m256d {
     _mm256_and_pd(y, _mm256_cmp_pd(x, _mm256_set1_pd(-708.0), _CMP_NLE_UQ))
 }
 
-/// [`crate::generic::sigmoid_f32`] on AVX2: four values per step in f64, `exp_nonpos` on four
-/// lanes (four vectors interleaved), the same operations as the scalar definition per lane.
+/// [`crate::generic::sigmoid_f32`] on AVX2: the screened estimate on eight vectors of four f64
+/// lanes at a time (eight independent chains: with four, the degree-10 polynomial's dependent
+/// multiply-adds left the units idle, 2.28 -> 1.42 ns a value), a vector it cannot vouch for by
+/// the definition's operations (`exp_nonpos` on four lanes); the last values four at a time.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
@@ -464,16 +466,16 @@ pub(crate) unsafe fn sigmoid_f32(x: &[f32], out: &mut [f32]) {
     };
     let n = x.len();
     let mut i = 0;
-    while i + 16 <= n {
-        let v: [__m256d; 4] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
+    while i + 32 <= n {
+        let v: [__m256d; 8] = std::array::from_fn(|j| _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i + 4 * j))));
         // The screened form (`generic::sigmoid_screened`); a vector with a lane it cannot vouch
         // for is recomputed by the definition.
-        let (y, sure) = sigmoid_screened4xk::<4>(v);
-        for j in 0..4 {
+        let (y, sure) = sigmoid_screened4xk::<8>(v);
+        for j in 0..8 {
             let y = if sure[j] { y[j] } else { step(v[j], exp_nonpos4(_mm256_or_pd(v[j], sign))) };
             _mm_storeu_ps(out.as_mut_ptr().add(i + 4 * j), y);
         }
-        i += 16;
+        i += 32;
     }
     while i + 4 <= n {
         let v = _mm256_cvtps_pd(_mm_loadu_ps(x.as_ptr().add(i)));
