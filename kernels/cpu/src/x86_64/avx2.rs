@@ -1568,7 +1568,7 @@ unsafe fn nibble_block<const NP: usize>(
 /// fdlibm's erf on `K` vectors of four f64 lanes (each step over the `K` vectors before the
 /// next, so the chains' latencies overlap) where |x| < 1.25 (`avx512::erf8`'s operations on
 /// 256-bit registers: the same f64 bits as `libm::erf`), an estimate where 1.25 <= |x| < 6
-/// ([`erf_tail4`], within 2^-44: the kernels take it where [`far_from_halfway4`] vouches for its
+/// ([`erf_tail4xk`], within 2^-44: the kernels take it where [`far_from_halfway4`] vouches for its
 /// f32 rounding), and per vector as bit masks the lanes of the estimate and those left to
 /// `libm::erf` (NaN, |x| >= 6).
 #[inline]
@@ -1601,6 +1601,7 @@ unsafe fn erf4_est<const K: usize>(x: [__m256d; K]) -> ([__m256d; K], [i32; K], 
     let mut e = [_mm256_setzero_pd(); K];
     let mut tails = [0i32; K];
     let mut rests = [0i32; K];
+    let mut any_tail = false;
     for i in 0..K {
         let (x, ax) = (x[i], ax[i]);
         let r = _mm256_div_pd(p[i], q[i]);
@@ -1615,13 +1616,18 @@ unsafe fn erf4_est<const K: usize>(x: [__m256d; K]) -> ([__m256d; K], [i32; K], 
         let v = _mm256_blendv_pd(low, y, hi[i]);
         e[i] = _mm256_blendv_pd(v, tiny, _mm256_cmp_pd(ax, _mm256_set1_pd(1.0 / (1u64 << 28) as f64), _CMP_LT_OQ));
         let covered = _mm256_movemask_pd(_mm256_cmp_pd(ax, _mm256_set1_pd(1.25), _CMP_LT_OQ));
-        if covered == 0xf {
-            continue;
-        }
         let tail = _mm256_movemask_pd(_mm256_cmp_pd(ax, _mm256_set1_pd(6.0), _CMP_LT_OQ)) & !covered;
         (tails[i], rests[i]) = (tail, 0xf & !covered & !tail);
-        if tail != 0 {
-            e[i] = _mm256_blendv_pd(e[i], erf_tail4(x, ax), _mm256_castsi256_pd(lane_mask4(tail)));
+        any_tail |= tail != 0;
+    }
+    // The tail's estimate for every vector at once where any has a tail lane (its chains
+    // interleaved like the rest), blended into the lanes that take it.
+    if any_tail {
+        let t = erf_tail4xk::<K>(x, ax);
+        for i in 0..K {
+            if tails[i] != 0 {
+                e[i] = _mm256_blendv_pd(e[i], t[i], _mm256_castsi256_pd(lane_mask4(tails[i])));
+            }
         }
     }
     (e, tails, rests)
@@ -1706,28 +1712,49 @@ const ERFC_S: [[f64; 9]; 2] = [
 /// kernels take it where [`far_from_halfway4`] vouches for its f32 rounding.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn erf_tail4(x: __m256d, a: __m256d) -> __m256d {
+unsafe fn erf_tail4xk<const K: usize>(x: [__m256d; K], a: [__m256d; K]) -> [__m256d; K] {
     let one = _mm256_set1_pd(1.0);
-    let far = _mm256_cmp_pd(a, _mm256_set1_pd(1.0 / 0.35), _CMP_GE_OQ);
-    let s = recip4(_mm256_mul_pd(a, a));
-    let cr = |k: usize| _mm256_blendv_pd(_mm256_set1_pd(ERFC_R[0][k]), _mm256_set1_pd(ERFC_R[1][k]), far);
-    let cs = |k: usize| _mm256_blendv_pd(_mm256_set1_pd(ERFC_S[0][k]), _mm256_set1_pd(ERFC_S[1][k]), far);
-    let mut r = cr(7);
-    for k in (0..7).rev() {
-        r = _mm256_fmadd_pd(r, s, cr(k));
+    let mut far = [one; K];
+    let mut s = [one; K];
+    for i in 0..K {
+        far[i] = _mm256_cmp_pd(a[i], _mm256_set1_pd(1.0 / 0.35), _CMP_GE_OQ);
+        s[i] = recip4(_mm256_mul_pd(a[i], a[i]));
     }
-    let mut q = cs(8);
+    // The coefficient of the form each lane takes.
+    #[inline(always)]
+    unsafe fn pick<const N: usize>(c: &[[f64; N]; 2], k: usize, far: __m256d) -> __m256d {
+        _mm256_blendv_pd(_mm256_set1_pd(c[0][k]), _mm256_set1_pd(c[1][k]), far)
+    }
+    let mut r = [one; K];
+    let mut q = [one; K];
+    for i in 0..K {
+        r[i] = pick(&ERFC_R, 7, far[i]);
+        q[i] = pick(&ERFC_S, 8, far[i]);
+    }
+    // Horner's steps, R's seven and S's eight, each over the K vectors.
     for k in (0..8).rev() {
-        q = _mm256_fmadd_pd(q, s, cs(k));
+        for i in 0..K {
+            if k < 7 {
+                r[i] = _mm256_fmadd_pd(r[i], s[i], pick(&ERFC_R, k, far[i]));
+            }
+            q[i] = _mm256_fmadd_pd(q[i], s[i], pick(&ERFC_S, k, far[i]));
+        }
     }
-    let arg = _mm256_fnmadd_pd(a, a, _mm256_fmsub_pd(r, recip4(q), _mm256_set1_pd(0.5625)));
-    let [ex] = exp_taylor4xk::<1>([arg]);
-    let y = _mm256_fnmadd_pd(ex, recip4(a), one);
-    _mm256_or_pd(y, _mm256_and_pd(x, _mm256_set1_pd(-0.0)))
+    let mut arg = [one; K];
+    for i in 0..K {
+        arg[i] = _mm256_fnmadd_pd(a[i], a[i], _mm256_fmsub_pd(r[i], recip4(q[i]), _mm256_set1_pd(0.5625)));
+    }
+    let ex = exp_taylor4xk::<K>(arg);
+    let mut y = [one; K];
+    for i in 0..K {
+        y[i] = _mm256_fnmadd_pd(ex[i], recip4(a[i]), one);
+        y[i] = _mm256_or_pd(y[i], _mm256_and_pd(x[i], _mm256_set1_pd(-0.0)));
+    }
+    y
 }
 
 /// `generic::erf_f32` (with `gelu`, `generic::gelu_erf_f32`) on four lanes with AVX2: fdlibm's
-/// operations below 1.25 (the same f64 bits), the estimate of [`erf_tail4`] to 6 where its f32
+/// operations below 1.25 (the same f64 bits), the estimate of [`erf_tail4xk`] to 6 where its f32
 /// rounding is certain to be the definition's (for Gelu only where `x / sqrt 2 > -2`, so that
 /// `1 + erf` keeps its error relative to itself under 2^-40: erfc(2) = 0.0047), the other lanes and
 /// the tail by the definitions.
@@ -1738,11 +1765,11 @@ unsafe fn erf_tail4(x: __m256d, a: __m256d) -> __m256d {
 pub unsafe fn avx2_erf_f32(x: &[f32], out: &mut [f32], gelu: bool) {
     let n = x.len() / 4 * 4;
     let definition = if gelu { definition_gelu_erf } else { definition_erf };
-    // Two vectors per step (their chains interleaved), then one.
+    // Four vectors per step (their chains interleaved), then one.
     let mut i = 0;
-    while i + 8 <= n {
-        erf_step::<2>(&x[i..i + 8], &mut out[i..i + 8], gelu, definition);
-        i += 8;
+    while i + 16 <= n {
+        erf_step::<4>(&x[i..i + 16], &mut out[i..i + 16], gelu, definition);
+        i += 16;
     }
     while i + 4 <= n {
         erf_step::<1>(&x[i..i + 4], &mut out[i..i + 4], gelu, definition);
