@@ -1150,9 +1150,9 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
 /// XOR per broadcast in every block of 32 channels.
 #[derive(Clone, Copy)]
 pub(crate) struct FlippedRow<'a> {
-    q: &'a [i8],
-    zero: i32,
-    scale: f32,
+    pub(crate) q: &'a [i8],
+    pub(crate) zero: i32,
+    pub(crate) scale: f32,
 }
 
 row_lane_input!(FlippedRow, true);
