@@ -1010,13 +1010,13 @@ pub(crate) unsafe fn short_group_inputs<const NP: usize, X: LaneInput>(
     xp
 }
 
-/// Where [`stage_part`] puts a block's outputs.
-pub(crate) enum PartOut<'a> {
-    /// Column `c` of the tile for input `c` of the part's inputs.
-    Tile(&'a mut [[f32; SHORT_TILE]; 32]),
-    /// Straight to the outputs, input `c`'s eight channels `8 j .. 8 j + 8` at `at + c * cs + 8 j`
-    /// (a batch of GEMVs' rows, all 32 channels of the block inside each: `rs` 1).
-    Rows { y: *mut f32, at: usize, cs: usize },
+/// Where [`stage_part`] puts a block's outputs: input `c`'s eight channels `8 j .. 8 j + 8` at
+/// `y + at + c * cs + 8 j` (a batch of GEMVs' rows with all 32 channels of the block inside each,
+/// or [`short_block`]'s staging tile).
+pub(crate) struct PartOut {
+    y: *mut f32,
+    at: usize,
+    cs: usize,
 }
 
 /// Channels `8 j0 .. 8 (j0 + J)` of block `cb` on `xs` (the short form, up to six inputs at a time;
@@ -1052,16 +1052,8 @@ pub(crate) unsafe fn stage_part<X: LaneInput, const J: usize, S: Sums>(
             for (j, a) in acc.iter().enumerate() {
                 let bj = _mm256_loadu_ps(b.as_ptr().add(8 * (j0 + j)));
                 let v = _mm256_add_ps(_mm256_mul_ps(*a, scale), bj);
-                match out {
-                    PartOut::Rows { y, at, cs } => _mm256_storeu_ps(y.add(*at + (c + i) * *cs + 8 * (j0 + j)), v),
-                    PartOut::Tile(tile) => {
-                        let mut lanes = [0f32; 8];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                        for (l, &v) in lanes.iter().enumerate() {
-                            tile[8 * (j0 + j) + l][c + i] = v;
-                        }
-                    }
-                }
+                let PartOut { y, at, cs } = out;
+                _mm256_storeu_ps(y.add(*at + (c + i) * *cs + 8 * (j0 + j)), v);
             }
         }
         c += np;
@@ -1089,12 +1081,12 @@ unsafe fn stage_block<X: LaneInput, S: Sums>(
 }
 
 /// Inputs staged per block by the short form before each channel's outputs are written.
-pub(crate) const SHORT_TILE: usize = 12;
+pub(crate) const SHORT_TILE: usize = 16;
 
 /// The short form's block of 32 channels on every input: half the block (16 channels, two
 /// registers) at a time against up to six inputs (twelve i16 accumulators, two weight registers
 /// and a broadcast: no spills; with VNNI the whole block on 512-bit registers), the outputs
-/// staged per twelve inputs so each channel's are written together (contiguous when the inputs
+/// staged per sixteen inputs so each channel's are written together (contiguous when the inputs
 /// are adjacent in `y`: a convolution's channel-major output).
 #[inline(always)]
 pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
@@ -1113,33 +1105,43 @@ pub(crate) unsafe fn short_block<X: LaneInput, S: Sums>(
         // value was a scalar store into the tile and a copy out of it).
         let at = 32 * cb - r0;
         assert!(xs.is_empty() || at + (xs.len() - 1) * cs + 32 <= y.len(), "short_block: output rows");
-        stage_block::<X, S>(w, t, cb, xs, b, &mut PartOut::Rows { y: y.as_mut_ptr(), at, cs });
+        stage_block::<X, S>(w, t, cb, xs, b, &mut PartOut { y: y.as_mut_ptr(), at, cs });
         return;
     }
-    let mut tile = [[0f32; TILE]; 32];
+    // Staged input-major (each input's 32 channels a vector store at a time), then written.
+    let mut tile = [[0f32; 32]; TILE];
     for c0 in (0..xs.len()).step_by(TILE) {
         let np_all = (xs.len() - c0).min(TILE);
-        stage_block::<X, S>(w, t, cb, &xs[c0..c0 + np_all], b, &mut PartOut::Tile(&mut tile));
+        let staged = &mut PartOut { y: tile.as_mut_ptr().cast(), at: 0, cs: 32 };
+        stage_block::<X, S>(w, t, cb, &xs[c0..c0 + np_all], b, staged);
         if rs == 1 {
-            // One row of outputs per input (a batch of GEMVs): each input's channels together,
-            // not one store per input per channel a row apart.
-            for i in 0..np_all {
+            // One row of outputs per input (a batch of GEMVs, the block's last channels).
+            for (i, row) in tile[..np_all].iter().enumerate() {
                 let at = 32 * cb - r0 + (c0 + i) * cs;
-                for (l, row) in tile[..rows].iter().enumerate() {
-                    y[at + l] = row[i];
-                }
+                y[at..at + rows].copy_from_slice(&row[..rows]);
             }
             continue;
         }
-        for (l, row) in tile[..rows].iter().enumerate() {
-            let at = (32 * cb + l - r0) * rs + c0 * cs;
-            if cs == 1 && np_all == TILE {
-                // A fixed length: inlined moves, not a call.
-                y[at..at + TILE].copy_from_slice(row);
-            } else {
-                for (i, &v) in row[..np_all].iter().enumerate() {
-                    y[at + i * cs] = v;
+        // Channel-major (a convolution's output): where the inputs are adjacent in `y`, eight
+        // inputs by eight channels through a register transpose, each channel's eight outputs
+        // one store (value by value, the stores had cost as much as the products on short
+        // rows); the rest value by value.
+        let mut i0 = 0;
+        while cs == 1 && i0 + 8 <= np_all {
+            for j in 0..rows.div_ceil(8) {
+                let v = crate::generic::transpose8(std::array::from_fn(|i| {
+                    _mm256_loadu_ps(tile[i0 + i].as_ptr().add(8 * j))
+                }));
+                for (l, v) in v.iter().enumerate().take(rows - 8 * j) {
+                    let at = (32 * cb + 8 * j + l - r0) * rs + c0 + i0;
+                    _mm256_storeu_ps(y[at..at + 8].as_mut_ptr(), *v);
                 }
+            }
+            i0 += 8;
+        }
+        for (i, row) in tile[..np_all].iter().enumerate().skip(i0) {
+            for (l, &v) in row[..rows].iter().enumerate() {
+                y[(32 * cb + l - r0) * rs + (c0 + i) * cs] = v;
             }
         }
     }
