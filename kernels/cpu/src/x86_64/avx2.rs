@@ -1977,7 +1977,7 @@ pub(crate) unsafe fn avx2_pointwise_q4q8_quads(
 pub(crate) const CHANNEL_LANES_MAX_POSITIONS: usize = 64;
 
 thread_local! {
-    /// [`pointwise_by_channels`]'s image, `[positions][k_pad]` bytes, and its outputs by position.
+    /// [`pointwise_by_channels`]'s image, `[p_pad][k_pad]` bytes, and its outputs by position.
     static BY_CHANNELS: std::cell::RefCell<(Vec<i8>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -1997,19 +1997,36 @@ unsafe fn pointwise_by_channels(
     y: &mut [f32],
 ) {
     let (live, kq, n) = (w.k.div_ceil(4), w.k_pad / 4, w.n);
-    BY_CHANNELS.with_borrow_mut(|(image, by_position)| {
-        image.resize(positions * w.k_pad, 0);
-        by_position.resize(positions * n, 0.0);
-        let words = image.as_mut_ptr().cast::<u32>();
-        for p in 0..positions {
-            for q in 0..live {
-                words.add(p * kq + q).write_unaligned(x4[q * p_pad + p]);
-            }
-            for q in live..kq {
-                words.add(p * kq + q).write_unaligned(0x8080_8080);
+    // The buffers taken from the thread's for the call (the work in this function's body: a
+    // closure would not have its target features, and the intrinsics would be calls).
+    let (mut image, mut by_position) = BY_CHANNELS.take();
+    // Rows for every padded position (the transposes write eight), kept for the first.
+    image.resize(p_pad * w.k_pad, 0);
+    by_position.resize(positions * n, 0.0);
+    let words = image.as_mut_ptr().cast::<u32>();
+    // Eight quads of eight positions per register transpose, the last quads one at a time, then
+    // the zero levels past them.
+    let live8 = live / 8 * 8;
+    for p0 in (0..positions).step_by(8) {
+        for q0 in (0..live8).step_by(8) {
+            let v = crate::generic::transpose8(std::array::from_fn(|i| {
+                _mm256_loadu_ps(x4.as_ptr().add((q0 + i) * p_pad + p0).cast())
+            }));
+            for (j, v) in v.iter().enumerate() {
+                _mm256_storeu_ps(words.add((p0 + j) * kq + q0).cast(), *v);
             }
         }
-        let image = &*image;
+    }
+    for p in 0..positions {
+        for q in live8..live {
+            words.add(p * kq + q).write_unaligned(x4[q * p_pad + p]);
+        }
+        for q in live..kq {
+            words.add(p * kq + q).write_unaligned(0x8080_8080);
+        }
+    }
+    {
+        let image = &image[..];
         let rows: [FlippedRow; CHANNEL_LANES_MAX_POSITIONS] = std::array::from_fn(|p| {
             let p = p.min(positions - 1);
             FlippedRow { q: &image[p * w.k_pad..(p + 1) * w.k_pad], zero, scale }
@@ -2017,29 +2034,29 @@ unsafe fn pointwise_by_channels(
         // Position-major (each position's channels stored a vector at a time), then transposed
         // to channel-major eight positions by eight channels at a time: written channel-major
         // by the kernel, value by value, the stores had cost as much as the products.
-        avx2_channels(w, &rows[..positions], bias, by_position, (n, 1), 0..n);
-        let (src, dst) = (by_position.as_ptr(), y.as_mut_ptr());
-        let (p8, n8) = (positions / 8 * 8, n / 8 * 8);
-        for p0 in (0..p8).step_by(8) {
-            for c0 in (0..n8).step_by(8) {
-                let v =
-                    crate::generic::transpose8(std::array::from_fn(|j| _mm256_loadu_ps(src.add((p0 + j) * n + c0))));
-                for (j, v) in v.iter().enumerate() {
-                    _mm256_storeu_ps(dst.add((c0 + j) * positions + p0), *v);
-                }
-            }
-            for c in n8..n {
-                for p in p0..p0 + 8 {
-                    *dst.add(c * positions + p) = *src.add(p * n + c);
-                }
+        avx2_channels(w, &rows[..positions], bias, &mut by_position, (n, 1), 0..n);
+    }
+    let (src, dst) = (by_position.as_ptr(), y.as_mut_ptr());
+    let (p8, n8) = (positions / 8 * 8, n / 8 * 8);
+    for p0 in (0..p8).step_by(8) {
+        for c0 in (0..n8).step_by(8) {
+            let v = crate::generic::transpose8(std::array::from_fn(|j| _mm256_loadu_ps(src.add((p0 + j) * n + c0))));
+            for (j, v) in v.iter().enumerate() {
+                _mm256_storeu_ps(dst.add((c0 + j) * positions + p0), *v);
             }
         }
-        for p in p8..positions {
-            for c in 0..n {
+        for c in n8..n {
+            for p in p0..p0 + 8 {
                 *dst.add(c * positions + p) = *src.add(p * n + c);
             }
         }
-    });
+    }
+    for p in p8..positions {
+        for c in 0..n {
+            *dst.add(c * positions + p) = *src.add(p * n + c);
+        }
+    }
+    BY_CHANNELS.set((image, by_position));
     crate::generic::post_in_place(&mut y[..w.n * positions], post);
 }
 
