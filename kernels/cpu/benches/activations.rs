@@ -4,7 +4,8 @@
 //! for bit. Sizes: an EfficientNet-B0 block's depthwise output at 84 x 84 input (48 channels x 42
 //! x 42) and a squeeze-and-excitation gate (1 152 channels). Then Erf and Gelu's erf form (against
 //! `libm::erf`), Tanh, Elu and Softplus the same way (a transformer's feed-forward activations: 64 x 8 x 128
-//! values; Erf and Gelu also on values spread about normally).
+//! values; Erf and Gelu also on values spread about normally, Erf on the narrower spread of a
+//! transformer's Gelu input).
 //!
 //!     cargo bench -p sqil-kernels-cpu --bench activations
 
@@ -49,6 +50,10 @@ fn main() {
     for (what, (fast, def)) in forms.into_iter().take(2) {
         compare(&format!("{what}, {n} values about normal (0, 1)"), &xn, (20, 100), fast, def);
     }
+    // Erf's input in Gelu's erf form after a layer norm (testdata's transformer: x / sqrt 2 with
+    // x about normal, sd 0.4): every lane below 1.25, fdlibm's rational forms only.
+    let xs: Vec<f32> = xn.iter().map(|v| v * 0.4).collect();
+    compare(&format!("Erf, {n} values about normal (0, 0.4)"), &xs, (20, 100), forms[0].1 .0, forms[0].1 .1);
 }
 
 /// The vector form `fast` against the definition `def` value by value (`reps` calls each), the

@@ -1652,57 +1652,6 @@ unsafe fn lane_mask4(bits: i32) -> __m256i {
     _mm256_cmpeq_epi64(b, _mm256_setr_epi64x(1, 2, 4, 8))
 }
 
-/// erfc's rational forms in `s = 1 / x^2` on [1.25, 1 / 0.35) and [1 / 0.35, 6): fdlibm's `ra`
-/// / `sa` and `rb` / `sb` (`s_erf.c`, as `libm::erf` has them), padded with leading zeros to one
-/// length (a zero highest coefficient leaves Horner's form as it was).
-const ERFC_R: [[f64; 8]; 2] = [
-    [
-        f64::from_bits(0xBF84_3412_600D_6435),
-        f64::from_bits(0xBFE6_3416_E4BA_7360),
-        f64::from_bits(0xC025_1E04_41B0_E726),
-        f64::from_bits(0xC04F_300A_E4CB_A38D),
-        f64::from_bits(0xC064_4CB1_8428_2266),
-        f64::from_bits(0xC067_135C_EBCC_ABB2),
-        f64::from_bits(0xC054_5265_57E4_D2F2),
-        f64::from_bits(0xC023_A0EF_C69A_C25C),
-    ],
-    [
-        f64::from_bits(0xBF84_3412_39E8_6F4A),
-        f64::from_bits(0xBFE9_93BA_70C2_85DE),
-        f64::from_bits(0xC031_C209_555F_995A),
-        f64::from_bits(0xC064_145D_43C5_ED98),
-        f64::from_bits(0xC083_EC88_1375_F228),
-        f64::from_bits(0xC090_0461_6A2E_5992),
-        f64::from_bits(0xC07E_384E_9BDC_383F),
-        0.0,
-    ],
-];
-/// See [`ERFC_R`] (the constant term 1 first).
-const ERFC_S: [[f64; 9]; 2] = [
-    [
-        1.0,
-        f64::from_bits(0x4033_A6B9_BD70_7687),
-        f64::from_bits(0x4061_350C_526A_E721),
-        f64::from_bits(0x407B_290D_D58A_1A71),
-        f64::from_bits(0x4084_2B19_21EC_2868),
-        f64::from_bits(0x407A_D021_5770_0314),
-        f64::from_bits(0x405B_28A3_EE48_AE2C),
-        f64::from_bits(0x401A_47EF_8E48_4A93),
-        f64::from_bits(0xBFAE_EFF2_EE74_9A62),
-    ],
-    [
-        1.0,
-        f64::from_bits(0x403E_568B_261D_5190),
-        f64::from_bits(0x4074_5CAE_221B_9F0A),
-        f64::from_bits(0x4098_02EB_189D_5118),
-        f64::from_bits(0x40A8_FFB7_688C_246A),
-        f64::from_bits(0x40A3_F219_CEDF_3BE6),
-        f64::from_bits(0x407D_A874_E79F_E763),
-        f64::from_bits(0xC036_70E2_4271_2D62),
-        0.0,
-    ],
-];
-
 /// An estimate of erf(x) for 1.25 <= |x| < 6 (`a = |x|`): fdlibm's erfc form `t = e^(-x^2 -
 /// 0.5625 + R(s) / S(s)) / |x|` with the exponential in one piece by [`exp_taylor4xk`] (within
 /// 2^-41; fdlibm splits x^2 to keep it exact, whose rounding here, at most 2^-48 of an exponent

@@ -1830,3 +1830,54 @@ unsafe fn dequant_pass<F: F32Lanes, const P: usize>(
     }
     j0 + F::LANES * P
 }
+
+/// erfc's rational forms in `s = 1 / x^2` on [1.25, 1 / 0.35) and [1 / 0.35, 6): fdlibm's `ra`
+/// / `sa` and `rb` / `sb` (`s_erf.c`, as `libm::erf` has them), padded with leading zeros to one
+/// length (a zero highest coefficient leaves Horner's form as it was).
+pub(crate) const ERFC_R: [[f64; 8]; 2] = [
+    [
+        f64::from_bits(0xBF84_3412_600D_6435),
+        f64::from_bits(0xBFE6_3416_E4BA_7360),
+        f64::from_bits(0xC025_1E04_41B0_E726),
+        f64::from_bits(0xC04F_300A_E4CB_A38D),
+        f64::from_bits(0xC064_4CB1_8428_2266),
+        f64::from_bits(0xC067_135C_EBCC_ABB2),
+        f64::from_bits(0xC054_5265_57E4_D2F2),
+        f64::from_bits(0xC023_A0EF_C69A_C25C),
+    ],
+    [
+        f64::from_bits(0xBF84_3412_39E8_6F4A),
+        f64::from_bits(0xBFE9_93BA_70C2_85DE),
+        f64::from_bits(0xC031_C209_555F_995A),
+        f64::from_bits(0xC064_145D_43C5_ED98),
+        f64::from_bits(0xC083_EC88_1375_F228),
+        f64::from_bits(0xC090_0461_6A2E_5992),
+        f64::from_bits(0xC07E_384E_9BDC_383F),
+        0.0,
+    ],
+];
+/// See [`ERFC_R`] (the constant term 1 first).
+pub(crate) const ERFC_S: [[f64; 9]; 2] = [
+    [
+        1.0,
+        f64::from_bits(0x4033_A6B9_BD70_7687),
+        f64::from_bits(0x4061_350C_526A_E721),
+        f64::from_bits(0x407B_290D_D58A_1A71),
+        f64::from_bits(0x4084_2B19_21EC_2868),
+        f64::from_bits(0x407A_D021_5770_0314),
+        f64::from_bits(0x405B_28A3_EE48_AE2C),
+        f64::from_bits(0x401A_47EF_8E48_4A93),
+        f64::from_bits(0xBFAE_EFF2_EE74_9A62),
+    ],
+    [
+        1.0,
+        f64::from_bits(0x403E_568B_261D_5190),
+        f64::from_bits(0x4074_5CAE_221B_9F0A),
+        f64::from_bits(0x4098_02EB_189D_5118),
+        f64::from_bits(0x40A8_FFB7_688C_246A),
+        f64::from_bits(0x40A3_F219_CEDF_3BE6),
+        f64::from_bits(0x407D_A874_E79F_E763),
+        f64::from_bits(0xC036_70E2_4271_2D62),
+        0.0,
+    ],
+];
