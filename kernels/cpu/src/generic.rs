@@ -113,25 +113,32 @@ pub fn sgemm_chain(
     }
     #[cfg(target_arch = "x86_64")]
     if csc == 1 && crate::isa() != crate::Isa::Generic {
-        let rows;
-        let (b, rsb) = if csb == 1 || n == 1 {
-            (b, rsb)
-        } else {
-            // A transposed b (a Gemm's transB weights) copied to rows.
-            let mut r = vec![0f32; k * n];
-            copy_strided(b, (k, n), (rsb, csb), &mut r);
-            rows = r;
+        // A transposed b (a Gemm's transB weights, an attention head's keys) copied to rows,
+        // in the thread's buffer (a zeroed allocation per call had cost an attention head's
+        // small products more than their copy).
+        let copied = !(csb == 1 || n == 1);
+        let mut rows = if copied { SGEMM_ROWS.take() } else { Vec::new() };
+        let (b, rsb) = if copied {
+            rows.resize(k * n, 0.0);
+            rows.truncate(k * n);
+            copy_strided(b, (k, n), (rsb, csb), &mut rows);
             (&rows[..], n)
+        } else {
+            (b, rsb)
         };
         // SAFETY: isa() checked AVX2 and FMA (and AVX-512 F for the wide form); the bounds were
         // checked above (a copied b is k x n with rows of n).
-        return unsafe {
+        unsafe {
             if crate::isa() == crate::Isa::Avx512Vnni {
                 crate::x86_64::avx512::avx512_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
             } else {
                 crate::x86_64::avx2::avx2_sgemm_direct(m, k, n, a, (rsa, csa), b, rsb, c, rsc)
             }
-        };
+        }
+        if copied {
+            SGEMM_ROWS.set(rows);
+        }
+        return;
     }
     for i in 0..m {
         for j in 0..n {
@@ -142,6 +149,11 @@ pub fn sgemm_chain(
             c[i * rsc + j * csc] = acc;
         }
     }
+}
+
+thread_local! {
+    /// [`sgemm_chain`]'s copy of a transposed b.
+    static SGEMM_ROWS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The longest reduction [`sgemm`] computes directly: matrixmultiply's f32 k-block (`kc`), below

@@ -398,7 +398,15 @@ pub(crate) unsafe fn sgemm_direct_panels<F: F32Lanes>(
     // b's rows lie `rsb` floats apart, and at power-of-two strides (256, 1024 columns) a panel's
     // rows fall into a few L1 sets and evict each other (49 x 256 x 256: 26 -> 60+ GMAC/s on
     // AVX-512). The copy changes no arithmetic.
-    let mut panel = if m >= 8 { vec![0f32; k * 2 * F::LANES] } else { vec![] };
+    // (Only where a panel of two vectors exists; the thread's buffer, taken for the call and
+    // given back: a zeroed allocation per call cost an attention head's small products 5% of a
+    // transformer's time at batch 64, and every value is written before it is read.)
+    let with_panel = m >= 8 && n >= 2 * F::LANES;
+    let mut panel = if with_panel { SGEMM_PANEL.take() } else { Vec::new() };
+    if with_panel {
+        panel.resize(k * 2 * F::LANES, 0.0);
+        panel.truncate(k * 2 * F::LANES);
+    }
     if m <= 2 {
         // One or two rows (a batch-1 layer): a tile of two vectors would be two FMA chains
         // waiting on each other's latency; eight (four on 256-bit) keep the FMA units busy.
@@ -428,7 +436,15 @@ pub(crate) unsafe fn sgemm_direct_panels<F: F32Lanes>(
         rows::<F, 1>(av, bv, cv, (m, k), (j, j));
         j += F::LANES;
     }
+    if with_panel {
+        SGEMM_PANEL.set(panel);
+    }
     j
+}
+
+thread_local! {
+    /// [`sgemm_direct_panels`]'s copy of a panel of b.
+    static SGEMM_PANEL: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `exp_nonpos` on four lanes: the same operations (the 2^n bits by 64-bit integer lanes).
