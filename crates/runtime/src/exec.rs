@@ -409,6 +409,12 @@ fn epilogue_host(plan: &Plan, i: usize, env: &[Option<Cow<Tensor>>]) -> Option<u
             let x = arg_of(inputs, env, 0)?;
             (matches!(x.data, Data::F32(_)) && inputs.len() >= 2).then_some(outputs[0])
         }
+        // A float Gemm or MatMul (a policy's float first layer): its epilogue over its output
+        // while that is in cache, the step after it not dispatched.
+        Step::Op { op: Op::Gemm { .. } | Op::MatMul, inputs, outputs, .. } if outputs.len() == 1 => {
+            let (x, w) = (arg_of(inputs, env, 0)?, arg_of(inputs, env, 1)?);
+            (matches!(x.data, Data::F32(_)) && matches!(w.data, Data::F32(_))).then_some(outputs[0])
+        }
         _ => None,
     }
 }
@@ -779,7 +785,7 @@ fn exec<'a>(
                         // of the bytes read.
                         (&Op::Gemm { alpha, beta, trans_a: false, trans_b: false }, _, [Some(x), Some(_), c @ ..])
                             if dequant.is_some()
-                                && post.is_empty()
+                                && pre.is_empty()
                                 && x.rank() == 2
                                 && x.shape[0] <= sqil_lower::plan::DEQUANT_MAX_ROWS
                                 && matches!(x.data, sqil_ir::Data::F32(_)) =>
@@ -796,13 +802,26 @@ fn exec<'a>(
                             sqil_ir::ops::conv_with_table(x, w, b.first().copied().flatten(), c, t, (&pre, &post))
                                 .map(|y| vec![y])
                         }
-                        // (An epilogue or an input quantizer is planned only on a Conv with these
-                        // inputs.)
+                        // A float Gemm or MatMul with its epilogue (applied below).
+                        (Op::Gemm { .. } | Op::MatMul, _, _) if pre.is_empty() => op.eval(&args, outputs.len()),
+                        // (An epilogue or an input quantizer is planned only on a Conv, a Gemm or a
+                        // MatMul with these inputs.)
                         _ if !(post.is_empty() && pre.is_empty()) => {
                             Err(IrError::Internal("an epilogue on a step that cannot run it".into()))
                         }
                         _ => op.eval(&args, outputs.len()),
                     }
+                    .and_then(|mut res| {
+                        // The Gemm's or MatMul's epilogue: the steps' own operations on each value
+                        // in order (as they run in place), one pass over its output.
+                        if matches!(op, Op::Gemm { .. } | Op::MatMul) && !post.is_empty() {
+                            match res.first_mut().map(|t| &mut t.data) {
+                                Some(Data::F32(v)) => sqil_kernels_cpu::post_in_place(v, &post),
+                                _ => return Err(IrError::Internal("an epilogue on a non-f32 product".into())),
+                            }
+                        }
+                        Ok(res)
+                    })
                     .map_err(|e| e.context(format!("node `{name}` ({})", op.name())))?;
                     if let Some(out) = out {
                         env[out] = res.into_iter().next().map(Cow::Owned);
