@@ -491,7 +491,7 @@ fn gemm_epilogue(
         // A bias row ([n] or [1, n]): beta * c is exact in f64 and rounded once, as below.
         Some((c, Data::F32(cv))) if cv.len() == n && c.shape.last() == Some(&n) => {
             let row: Vec<f32> = cv.iter().map(|&v| (beta as f64 * v as f64) as f32).collect();
-            out.chunks_mut(n).for_each(|r| r.iter_mut().zip(&row).for_each(|(y, b)| *y += b));
+            sqil_kernels_cpu::generic::add_row_in_place(&mut out, &row);
         }
         Some(_) => {
             let cterm = c_term(c, beta, (m, n))?;
