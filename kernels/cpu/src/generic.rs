@@ -2482,9 +2482,12 @@ pub fn tanh(x: f64) -> f64 {
 pub fn tanh_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_tanh_f32(x, out) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx2::avx2_tanh_f32(x, out) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_tanh_f32(x, out) },
+        _ => {}
     }
     x.iter().zip(out).for_each(|(&v, o)| *o = tanh(v as f64) as f32);
 }

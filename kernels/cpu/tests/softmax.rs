@@ -391,6 +391,15 @@ fn gelu_tanh_f32_equals_its_definition() {
     check_tails("gelu_tanh", &vals, gelu_tanh_f32, |v| gelu_tanh(v as f64) as f32);
 }
 
+/// Every f32: tanh's vector form (eight f64 lanes on AVX-512, four on AVX2) equals its definition
+/// (minutes on one core, `--ignored`).
+#[test]
+#[ignore]
+fn tanh_f32_equals_its_definition_on_every_f32() {
+    use sqil_kernels_cpu::generic::{tanh, tanh_f32};
+    every_f32("tanh", tanh_f32, |v| tanh(v as f64) as f32);
+}
+
 /// Every f32: Gelu's tanh form equals its definition (minutes on one core, `--ignored`).
 #[test]
 #[ignore]

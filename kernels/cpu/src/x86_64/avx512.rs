@@ -707,6 +707,56 @@ unsafe fn erf_step8<const K: usize>(xs: *const f32, os: *mut f32, last: u8, gelu
     }
 }
 
+/// sqil's tanh (`generic::tanh`) on eight f64 lanes given `a = |v|` and `e = exp_nonpos(-2a)`:
+/// `common::tanh4`'s operations on 512-bit registers (the Taylor form below `TANH_SMALL`, else
+/// `(1 - e) / (1 + e)`, v's sign put back): the same bits per lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tanh8(v: __m512d, a: __m512d, e: __m512d) -> __m512d {
+    use crate::generic::{TANH_SMALL, TANH_TAYLOR};
+    let one = _mm512_set1_pd(1.0);
+    let a2 = _mm512_mul_pd(a, a);
+    let poly = _mm512_add_pd(_mm512_set1_pd(TANH_TAYLOR[1]), _mm512_mul_pd(a2, _mm512_set1_pd(TANH_TAYLOR[2])));
+    let poly = _mm512_add_pd(_mm512_set1_pd(TANH_TAYLOR[0]), _mm512_mul_pd(a2, poly));
+    let small = _mm512_add_pd(a, _mm512_mul_pd(_mm512_mul_pd(a, a2), poly));
+    let big = _mm512_div_pd(_mm512_sub_pd(one, e), _mm512_add_pd(one, e));
+    let t = _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(a, _mm512_set1_pd(TANH_SMALL)), big, small);
+    // copysign(t, v): t's magnitude bits, v's sign bit.
+    let sign = _mm512_set1_epi64(i64::MIN);
+    _mm512_castsi512_pd(_mm512_or_si512(
+        _mm512_andnot_si512(sign, _mm512_castpd_si512(t)),
+        _mm512_and_si512(sign, _mm512_castpd_si512(v)),
+    ))
+}
+
+/// `generic::tanh_f32` on AVX-512: four vectors of eight f64 lanes per step ([`exp_nonpos8xk`]
+/// and [`tanh8`], the definition's operations per lane, so its bits), the last values (fewer than
+/// 32) by the AVX2 form. (The AVX2 form on four lanes had served AVX-512 CPUs: 2.23 ns a value.)
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_tanh_f32(x: &[f32], out: &mut [f32]) {
+    let n = x.len();
+    let mut i = 0;
+    while i + 32 <= n {
+        let mut v = [_mm512_setzero_pd(); 4];
+        let mut a = v;
+        let mut arg = v;
+        for j in 0..4 {
+            v[j] = _mm512_cvtps_pd(_mm256_loadu_ps(x.as_ptr().add(i + 8 * j)));
+            a[j] = _mm512_abs_pd(v[j]);
+            arg[j] = _mm512_mul_pd(a[j], _mm512_set1_pd(-2.0));
+        }
+        let e = exp_nonpos8xk::<4>(arg);
+        for j in 0..4 {
+            _mm256_storeu_ps(out.as_mut_ptr().add(i + 8 * j), _mm512_cvtpd_ps(tanh8(v[j], a[j], e[j])));
+        }
+        i += 32;
+    }
+    super::common::tanh_f32(&x[i..], &mut out[i..]);
+}
+
 /// `generic::gelu_tanh_f32` on eight f64 lanes: the definition's operations around sqil's tanh
 /// (the Taylor form below `TANH_SMALL`, else `(1 - e) / (1 + e)`, `e = exp_nonpos(-2|u|)`), a
 /// lane kept where `1 + tanh >= 0.5`, its result normal and its low 29 bits more than
