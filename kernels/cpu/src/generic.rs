@@ -2711,9 +2711,12 @@ pub fn hard_swish_f32(x: &[f32], out: &mut [f32]) {
 pub fn elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
-    if crate::isa() != crate::Isa::Generic {
+    match crate::isa() {
+        // SAFETY: isa() checked AVX-512 F, AVX2 and FMA; the lengths are asserted equal.
+        crate::Isa::Avx512Vnni => return unsafe { crate::x86_64::avx512::avx512_elu_f32(x, alpha, out) },
         // SAFETY: isa() checked AVX2 and FMA; the lengths are asserted equal.
-        return unsafe { crate::x86_64::avx2::avx2_elu_f32(x, alpha, out) };
+        crate::Isa::Avx2 => return unsafe { crate::x86_64::avx2::avx2_elu_f32(x, alpha, out) },
+        _ => {}
     }
     x.iter().zip(out).for_each(|(&v, o)| *o = elu(v as f64, alpha as f64) as f32);
 }

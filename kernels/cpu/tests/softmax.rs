@@ -400,6 +400,15 @@ fn tanh_f32_equals_its_definition_on_every_f32() {
     every_f32("tanh", tanh_f32, |v| tanh(v as f64) as f32);
 }
 
+/// Every f32: ELU's screened vector form (alpha 1) equals its definition (minutes on one core,
+/// `--ignored`).
+#[test]
+#[ignore]
+fn elu_f32_equals_its_definition_on_every_f32() {
+    use sqil_kernels_cpu::generic::{elu, elu_f32};
+    every_f32("elu", |x, o| elu_f32(x, 1.0, o), |v| elu(v as f64, 1.0) as f32);
+}
+
 /// Every f32: Gelu's tanh form equals its definition (minutes on one core, `--ignored`).
 #[test]
 #[ignore]

@@ -1110,7 +1110,7 @@ unsafe fn elu_takes4(v: __m256d, y: __m256d) -> __m256d {
 }
 
 /// `1 / k!` for k = 0..=13: [`expm1_est4`]'s Taylor polynomial.
-const EXPM1_TAYLOR13: [f64; 14] = {
+pub(crate) const EXPM1_TAYLOR13: [f64; 14] = {
     let mut c = [1f64; 14];
     let mut k = 1;
     while k < 14 {

@@ -707,6 +707,73 @@ unsafe fn erf_step8<const K: usize>(xs: *const f32, os: *mut f32, last: u8, gelu
     }
 }
 
+/// `avx2::expm1_est4` on eight f64 lanes, `K` vectors interleaved (the same estimate per lane:
+/// within 2^-41 of `e^u - 1` for `-700 < u <= 0`).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn expm1_est8<const K: usize>(u: [__m512d; K]) -> [__m512d; K] {
+    use super::avx2::EXPM1_TAYLOR13;
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC};
+    let magic = _mm512_set1_pd(EXP_MAGIC);
+    let (mut t, mut r) = (u, u);
+    for i in 0..K {
+        t[i] = _mm512_fmadd_pd(u[i], _mm512_set1_pd(std::f64::consts::LOG2_E), magic);
+        let n = _mm512_sub_pd(t[i], magic);
+        r[i] = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO), _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI), u[i]));
+    }
+    let mut p = [_mm512_set1_pd(EXPM1_TAYLOR13[13]); K];
+    for &c in EXPM1_TAYLOR13[1..13].iter().rev() {
+        for i in 0..K {
+            p[i] = _mm512_fmadd_pd(p[i], r[i], _mm512_set1_pd(c));
+        }
+    }
+    let mut out = p;
+    for i in 0..K {
+        let bits = _mm512_add_epi64(
+            _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
+            _mm512_set1_epi64(1023),
+        );
+        let s = _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits));
+        let em1 = _mm512_mul_pd(r[i], p[i]);
+        out[i] = _mm512_fmadd_pd(s, em1, _mm512_sub_pd(s, _mm512_set1_pd(1.0)));
+    }
+    out
+}
+
+/// `generic::elu_f32` on AVX-512: `avx2_elu_f32`'s screened estimate (`alpha (e^x - 1)` by
+/// [`expm1_est8`] below 0, x itself from 0) on four vectors of eight f64 lanes a step, taken where
+/// the screen vouches for the f32 rounding of every lane of the step (the lanes it covers:
+/// `avx2::elu_takes4`'s), else the step by the definition's vector form; the last values by it.
+///
+/// # Safety
+/// The CPU must support AVX-512 F, AVX2 and FMA; `x.len() == out.len()`.
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub unsafe fn avx512_elu_f32(x: &[f32], alpha: f32, out: &mut [f32]) {
+    let a = _mm512_set1_pd(alpha as f64);
+    let est = |v: [__m512d; 4]| {
+        let mut u = v;
+        for u in &mut u {
+            *u = _mm512_min_pd(*u, _mm512_setzero_pd());
+        }
+        let m = expm1_est8::<4>(u);
+        let mut out = [(_mm512_setzero_pd(), 0 as __mmask8); 4];
+        for j in 0..4 {
+            let neg = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(v[j], _mm512_setzero_pd());
+            let y = _mm512_mask_blend_pd(neg, v[j], _mm512_mul_pd(a, m[j]));
+            // x >= 0, or -700 < x < 0 where |y| is 0 or at least 2^-125 (a normal f32 result);
+            // NaN is not covered.
+            let ay = _mm512_abs_pd(y);
+            let normal = _mm512_cmp_pd_mask::<_CMP_GE_OQ>(ay, _mm512_set1_pd(f64::from_bits(0x3820_0000_0000_0000)))
+                | _mm512_cmp_pd_mask::<_CMP_EQ_OQ>(ay, _mm512_setzero_pd());
+            let pos = _mm512_cmp_pd_mask::<_CMP_GE_OQ>(v[j], _mm512_setzero_pd());
+            let inside = _mm512_cmp_pd_mask::<_CMP_GT_OQ>(v[j], _mm512_set1_pd(-700.0)) & normal;
+            out[j] = (y, pos | inside);
+        }
+        out
+    };
+    screened_map8::<4>(x, out, est, |x: &[f32], o: &mut [f32]| super::common::elu_f32(x, alpha, o))
+}
+
 /// sqil's tanh (`generic::tanh`) on eight f64 lanes given `a = |v|` and `e = exp_nonpos(-2a)`:
 /// `common::tanh4`'s operations on 512-bit registers (the Taylor form below `TANH_SMALL`, else
 /// `(1 - e) / (1 + e)`, v's sign put back): the same bits per lane.
@@ -955,7 +1022,7 @@ unsafe fn screened_map8<const K: usize>(
     x: &[f32],
     out: &mut [f32],
     est: impl Fn([__m512d; K]) -> [(__m512d, __mmask8); K],
-    exact: fn(&[f32], &mut [f32]),
+    exact: impl Fn(&[f32], &mut [f32]),
 ) {
     let n = x.len();
     let mut i = 0;
