@@ -488,13 +488,10 @@ pub unsafe fn avx512_erf_lanes(x: &[f64; 8]) -> [f64; 8] {
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn exp_taylor8xk<const K: usize>(x: [__m512d; K]) -> [__m512d; K] {
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, SCREEN_TAYLOR};
-    let magic = _mm512_set1_pd(EXP_MAGIC);
+    use crate::generic::SCREEN_TAYLOR;
     let (mut t, mut r) = (x, x);
     for i in 0..K {
-        t[i] = _mm512_fmadd_pd(x[i], _mm512_set1_pd(std::f64::consts::LOG2_E), magic);
-        let n = _mm512_sub_pd(t[i], magic);
-        r[i] = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO), _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI), x[i]));
+        (t[i], r[i]) = exp_split8(x[i]);
     }
     let mut p = [_mm512_set1_pd(SCREEN_TAYLOR[10]); K];
     for &c in SCREEN_TAYLOR[..10].iter().rev() {
@@ -504,13 +501,33 @@ unsafe fn exp_taylor8xk<const K: usize>(x: [__m512d; K]) -> [__m512d; K] {
         }
     }
     for i in 0..K {
-        let bits = _mm512_add_epi64(
-            _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
-            _mm512_set1_epi64(1023),
-        );
-        p[i] = _mm512_mul_pd(p[i], _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits)));
+        p[i] = _mm512_mul_pd(p[i], pow2_of8(t[i]));
     }
     p
+}
+
+/// `common::exp_split4` on eight lanes: `x = n ln 2 + r` with `t = fma(x, log2 e, EXP_MAGIC)` (n
+/// in t's low bits, for [`pow2_of8`]) and `r` by two fused multiply-adds with the split ln 2.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn exp_split8(x: __m512d) -> (__m512d, __m512d) {
+    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC};
+    let magic = _mm512_set1_pd(EXP_MAGIC);
+    let t = _mm512_fmadd_pd(x, _mm512_set1_pd(std::f64::consts::LOG2_E), magic);
+    let n = _mm512_sub_pd(t, magic);
+    (t, _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO), _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI), x)))
+}
+
+/// `common::pow2_of4` on eight lanes: `2^n` from `t` of [`exp_split8`] by the exponent field.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn pow2_of8(t: __m512d) -> __m512d {
+    use crate::generic::EXP_MAGIC;
+    let bits = _mm512_add_epi64(
+        _mm512_sub_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
+        _mm512_set1_epi64(1023),
+    );
+    _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits))
 }
 
 /// `1 / q` to within 2^-45 for `|q|` between 2^-100 and 2^100: `vrcp14pd`'s estimate (within
@@ -713,13 +730,9 @@ unsafe fn erf_step8<const K: usize>(xs: *const f32, os: *mut f32, last: u8, gelu
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn expm1_est8<const K: usize>(u: [__m512d; K]) -> [__m512d; K] {
     use super::avx2::EXPM1_TAYLOR13;
-    use crate::generic::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC};
-    let magic = _mm512_set1_pd(EXP_MAGIC);
     let (mut t, mut r) = (u, u);
     for i in 0..K {
-        t[i] = _mm512_fmadd_pd(u[i], _mm512_set1_pd(std::f64::consts::LOG2_E), magic);
-        let n = _mm512_sub_pd(t[i], magic);
-        r[i] = _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_LO), _mm512_fnmadd_pd(n, _mm512_set1_pd(EXP_LN2_HI), u[i]));
+        (t[i], r[i]) = exp_split8(u[i]);
     }
     let mut p = [_mm512_set1_pd(EXPM1_TAYLOR13[13]); K];
     for &c in EXPM1_TAYLOR13[1..13].iter().rev() {
@@ -729,11 +742,7 @@ unsafe fn expm1_est8<const K: usize>(u: [__m512d; K]) -> [__m512d; K] {
     }
     let mut out = p;
     for i in 0..K {
-        let bits = _mm512_add_epi64(
-            _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
-            _mm512_set1_epi64(1023),
-        );
-        let s = _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits));
+        let s = pow2_of8(t[i]);
         let em1 = _mm512_mul_pd(r[i], p[i]);
         out[i] = _mm512_fmadd_pd(s, em1, _mm512_sub_pd(s, _mm512_set1_pd(1.0)));
     }
