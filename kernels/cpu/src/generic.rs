@@ -2597,7 +2597,7 @@ pub(crate) const ERF_Q: [[f64; 7]; 2] = [
 ];
 
 /// `libm::erf` of eight values, bit for bit: with AVX-512, fdlibm's operations on the lanes with
-/// |x| < 1.25 (`avx512_erf8`) and `libm::erf` on the others (where fdlibm calls `exp`,
+/// |x| < 1.25 (`avx512::erf8`) and `libm::erf` on the others (where fdlibm calls `exp`,
 /// infinities, NaN); elsewhere `libm::erf` throughout. (The vector kernels' f64 results, for
 /// tests.)
 pub fn erf_lanes(x: &[f64; 8]) -> [f64; 8] {
@@ -2610,8 +2610,8 @@ pub fn erf_lanes(x: &[f64; 8]) -> [f64; 8] {
 }
 
 /// Erf of every f32 value: `libm::erf(x as f64) as f32` (the interpreter's definition), bit for
-/// bit; eight lanes at a time with AVX-512 ([`erf_lanes`]), four with AVX2, where the CPU has
-/// them.
+/// bit; eight lanes at a time with AVX-512, four with AVX2, where the CPU has them: fdlibm's
+/// operations below 1.25, a screened estimate of the tail to 6, the definition elsewhere.
 pub fn erf_f32(x: &[f32], out: &mut [f32]) {
     assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]

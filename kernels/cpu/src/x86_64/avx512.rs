@@ -385,11 +385,7 @@ pub(crate) unsafe fn exp_nonpos8xk<const K: usize>(x: [__m512d; K]) -> [__m512d;
         }
     }
     std::array::from_fn(|i| {
-        let bits = _mm512_add_epi64(
-            _mm512_sub_epi64(_mm512_castpd_si512(t[i]), _mm512_set1_epi64(EXP_MAGIC.to_bits() as i64)),
-            _mm512_set1_epi64(1023),
-        );
-        let y = _mm512_mul_pd(p[i], _mm512_castsi512_pd(_mm512_slli_epi64::<52>(bits)));
+        let y = _mm512_mul_pd(p[i], pow2_of8(t[i]));
         // Lanes at or below -708 are 0; NaN lanes (unordered: kept) carry NaN through p.
         _mm512_maskz_mov_pd(_mm512_cmp_pd_mask::<_CMP_NLE_UQ>(x[i], _mm512_set1_pd(-708.0)), y)
     })
@@ -419,45 +415,12 @@ pub unsafe fn avx512_hard_swish_f32(x: &[f32], out: &mut [f32]) {
     }
 }
 
-/// fdlibm's erf on eight f64 lanes where |x| < 1.25 (its operations, no fused multiply-add: the
-/// same bits as `libm::erf`): the tiny form below 2^-28, the rational form in x^2 below 0.84375,
-/// erx plus the rational form in |x| - 1 above; and the mask of the lanes it does not cover.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn erf8(x: __m512d) -> (__m512d, u8) {
-    use crate::generic::{ERF_EFX8, ERF_ERX, ERF_P, ERF_Q};
-    let ax = _mm512_abs_pd(x);
-    let hi = _mm512_cmp_pd_mask::<_CMP_GE_OQ>(ax, _mm512_set1_pd(0.84375));
-    let t = _mm512_mask_blend_pd(hi, _mm512_mul_pd(x, x), _mm512_sub_pd(ax, _mm512_set1_pd(1.0)));
-    let c =
-        |k: usize, tab: &[[f64; 7]; 2]| _mm512_mask_blend_pd(hi, _mm512_set1_pd(tab[0][k]), _mm512_set1_pd(tab[1][k]));
-    let (mut p, mut q) = (c(6, &ERF_P), c(6, &ERF_Q));
-    for k in (0..6).rev() {
-        p = _mm512_add_pd(c(k, &ERF_P), _mm512_mul_pd(t, p));
-        q = _mm512_add_pd(c(k, &ERF_Q), _mm512_mul_pd(t, q));
-    }
-    let r = _mm512_div_pd(p, q);
-    let low = _mm512_add_pd(x, _mm512_mul_pd(x, r));
-    let y = _mm512_sub_pd(_mm512_set1_pd(1.0), _mm512_sub_pd(_mm512_set1_pd(1.0 - ERF_ERX), r));
-    // -y where x's sign bit is set (y is positive).
-    let sign = _mm512_set1_epi64(i64::MIN);
-    let y =
-        _mm512_castsi512_pd(_mm512_or_si512(_mm512_castpd_si512(y), _mm512_and_si512(_mm512_castpd_si512(x), sign)));
-    let tiny = _mm512_mul_pd(
-        _mm512_set1_pd(0.125),
-        _mm512_add_pd(_mm512_mul_pd(_mm512_set1_pd(8.0), x), _mm512_mul_pd(_mm512_set1_pd(ERF_EFX8), x)),
-    );
-    let e = _mm512_mask_blend_pd(hi, low, y);
-    let e =
-        _mm512_mask_blend_pd(_mm512_cmp_pd_mask::<_CMP_LT_OQ>(ax, _mm512_set1_pd(1.0 / (1u64 << 28) as f64)), e, tiny);
-    (e, !_mm512_cmp_pd_mask::<_CMP_LT_OQ>(ax, _mm512_set1_pd(1.25)))
-}
-
 /// [`erf8`] with the uncovered lanes by `libm::erf`: `libm::erf` of every lane, bit for bit.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn erf8_all(x: __m512d) -> __m512d {
-    let (e, rest) = erf8(x);
+    let ([e], _, [tail], [rest]) = erf8::<1>([x]);
+    let rest = tail | rest;
     if rest == 0 {
         return e;
     }
@@ -592,16 +555,16 @@ unsafe fn erf_tail8xk<const K: usize>(x: [__m512d; K], a: [__m512d; K]) -> [__m5
     y
 }
 
-/// fdlibm's erf on `K` vectors of eight f64 lanes ([`erf8`]: the same f64 bits as `libm::erf`
-/// where |x| < 1.25), [`erf_tail8xk`]'s estimate where 1.25 <= |x| < 6 (for every vector of the
-/// step at once where any has such a lane), and per vector the masks of the estimate's lanes and
-/// of those left to `libm::erf` (NaN, |x| >= 6): `avx2::erf4_est` on 512-bit registers.
+/// fdlibm's erf on `K` vectors of eight f64 lanes where |x| < 1.25 (its operations, no fused
+/// multiply-add: the same bits as `libm::erf`): the tiny form below 2^-28, the rational form in
+/// x^2 below 0.84375, erx plus the rational form in |x| - 1 above; each step over the K vectors
+/// before the next (one vector's chain of dependent multiplies and adds, then the division, left
+/// the units idle). Per vector `|x|`, the mask of the lanes with 1.25 <= |x| < 6 (the tail) and of
+/// the others it does not cover (|x| >= 6, NaN).
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma")]
-pub(crate) unsafe fn erf8_est<const K: usize>(x: [__m512d; K]) -> ([__m512d; K], [u8; K], [u8; K]) {
+unsafe fn erf8<const K: usize>(x: [__m512d; K]) -> ([__m512d; K], [__m512d; K], [u8; K], [u8; K]) {
     use crate::generic::{ERF_EFX8, ERF_ERX, ERF_P, ERF_Q};
-    // erf8's operations, each step over the K vectors before the next (one vector's chain of
-    // dependent multiplies and adds, then the division, left the units idle).
     let mut ax = x;
     let mut hi = [0 as __mmask8; K];
     let mut t = x;
@@ -626,7 +589,6 @@ pub(crate) unsafe fn erf8_est<const K: usize>(x: [__m512d; K]) -> ([__m512d; K],
     let mut e = x;
     let mut tails = [0u8; K];
     let mut rests = [0u8; K];
-    let mut any_tail = false;
     for i in 0..K {
         let r = _mm512_div_pd(p[i], q[i]);
         let low = _mm512_add_pd(x[i], _mm512_mul_pd(x[i], r));
@@ -646,11 +608,20 @@ pub(crate) unsafe fn erf8_est<const K: usize>(x: [__m512d; K]) -> ([__m512d; K],
         let covered = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(ax[i], _mm512_set1_pd(1.25));
         tails[i] = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(ax[i], _mm512_set1_pd(6.0)) & !covered;
         rests[i] = !covered & !tails[i];
-        any_tail |= tails[i] != 0;
     }
+    (e, ax, tails, rests)
+}
+
+/// [`erf8`] on `K` vectors with [`erf_tail8xk`]'s estimate in the tail's lanes (for every vector
+/// of the step at once where any has such a lane), and per vector the masks of the estimate's
+/// lanes and of those left to `libm::erf` (NaN, |x| >= 6): `avx2::erf4_est` on 512-bit registers.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma")]
+pub(crate) unsafe fn erf8_est<const K: usize>(x: [__m512d; K]) -> ([__m512d; K], [u8; K], [u8; K]) {
+    let (mut e, ax, tails, rests) = erf8::<K>(x);
     // The tail's estimate for every vector at once where any has a tail lane (its chains
     // interleaved like the rest), blended into the lanes that take it.
-    if any_tail {
+    if tails.iter().any(|&t| t != 0) {
         let t = erf_tail8xk::<K>(x, ax);
         for i in 0..K {
             e[i] = _mm512_mask_blend_pd(tails[i], e[i], t[i]);
